@@ -1,0 +1,142 @@
+"""What a stage of a chain must provide.
+
+A chain is ``z_l = f_l(z_{l-1}; x_l)``, ``l = 1..L`` (math.md §1). For a batch of ``B`` examples,
+activations are stored per example, flattened: ``z_l`` has shape ``(B, d_l)`` and the activation
+space has dimension ``a_l = B * d_l``. Stages act on each example separately, so ``Jz``, ``Hzz`` and
+``Hxz`` are block-diagonal over examples and are never formed as ``a x a`` matrices.
+
+Symbols (math.md) -> names used in code:
+
+=============  =====================================  ==========================
+symbol         meaning                                 method of :class:`Blocks`
+=============  =====================================  ==========================
+``Jx_l``       ``df_l/dx_l``  (a_l x p_l)             ``jx``, ``jxT``
+``Jz_l``       ``df_l/dz_{l-1}`` (a_l x a_{l-1})      ``jz``, ``jzT``
+``Hxx_l``      ``sum_k b_l[k] d2f_l[k]/dx dx``        ``hxx``
+``Hxz_l``      ``sum_k b_l[k] d2f_l[k]/dx dz``        ``hxz``, ``hxzT``
+``Hzz_l``      ``sum_k b_l[k] d2f_l[k]/dz dz``        ``hzz``
+``Q..``        Riccati blocks given ``Sigma_l``       ``riccati``
+=============  =====================================  ==========================
+
+Vectors in parameter space have shape ``(p, k)``; vectors in activation space ``(B, d, k)``;
+``Sigma`` has shape ``(B, d, B, d)``. ``k`` is the number of right-hand sides.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class RiccatiBlocks:
+    """The stage's blocks of one backward Riccati step (math.md §2), damping not yet added.
+
+    ``Qxx0 = Hxx + Jx^T Sigma Jx`` (p, p); ``Qxz = Hxz + Jx^T Sigma Jz`` (p, B, d_in);
+    ``Qzz = Hzz + Jz^T Sigma Jz`` (B, d_in, B, d_in), or None when not requested.
+    """
+
+    Qxx0: Tensor
+    Qxz: Tensor
+    Qzz: Tensor | None
+
+
+class Blocks(abc.ABC):
+    """First- and second-order blocks of one stage at a linearization point.
+
+    ``second_order=False`` (Gauss-Newton) means every ``H..`` block is zero.
+    """
+
+    p: int
+    batch: int
+    d_in: int
+    d_out: int
+
+    @abc.abstractmethod
+    def jx(self, v: Tensor) -> Tensor:
+        """``Jx v``: (p, k) -> (B, d_out, k)."""
+
+    @abc.abstractmethod
+    def jxT(self, s: Tensor) -> Tensor:
+        """``Jx^T s``: (B, d_out, k) -> (p, k)."""
+
+    @abc.abstractmethod
+    def jz(self, t: Tensor) -> Tensor:
+        """``Jz t``: (B, d_in, k) -> (B, d_out, k)."""
+
+    @abc.abstractmethod
+    def jzT(self, s: Tensor) -> Tensor:
+        """``Jz^T s``: (B, d_out, k) -> (B, d_in, k)."""
+
+    @abc.abstractmethod
+    def hxx(self, v: Tensor) -> Tensor:
+        """``Hxx v``: (p, k) -> (p, k)."""
+
+    @abc.abstractmethod
+    def hxz(self, t: Tensor) -> Tensor:
+        """``Hxz t``: (B, d_in, k) -> (p, k)."""
+
+    @abc.abstractmethod
+    def hxzT(self, v: Tensor) -> Tensor:
+        """``Hxz^T v``: (p, k) -> (B, d_in, k)."""
+
+    @abc.abstractmethod
+    def hzz(self, t: Tensor) -> Tensor:
+        """``Hzz t``: (B, d_in, k) -> (B, d_in, k)."""
+
+    @abc.abstractmethod
+    def riccati(self, Sigma: Tensor, need_qzz: bool = True) -> RiccatiBlocks:
+        """The blocks ``Qxx0, Qxz, Qzz`` of math.md §2 for the downstream ``Sigma`` (B, d_out, B, d_out)."""
+
+
+def sandwich_blockdiag(J: Tensor, Sigma: Tensor) -> Tensor:
+    """``J^T Sigma J`` for a per-example block-diagonal ``J`` (B, d_out, d_in) and dense ``Sigma``.
+
+    Returns (B, d_in, B, d_in). Two batched products, ``O(a_out^2 d_in)``; no ``a x a`` Jacobian.
+    """
+    right = torch.einsum("nomq,mqj->nomj", Sigma, J)
+    return torch.einsum("noi,nomj->nimj", J, right)
+
+
+def add_blockdiag(dense: Tensor, blocks: Tensor) -> Tensor:
+    """``dense + blockdiag(blocks)`` with dense (B, d, B, d) and blocks (B, d, d); returns a new tensor."""
+    out = dense.clone()
+    idx = torch.arange(blocks.shape[0], device=blocks.device)
+    out[idx, :, idx, :] += blocks
+    return out
+
+
+class Stage(abc.ABC):
+    """One stage ``z_out = f(z_in; x)`` of a chain, acting on each example separately.
+
+    Attributes:
+        index: position in the chain (0-based), used in error messages.
+        modules: the ``nn.Module`` objects this stage is made of (for messages).
+        params: the trainable parameters ``x_l``, in ``model.parameters()`` order.
+    """
+
+    index: int
+    modules: tuple[nn.Module, ...]
+    params: list[nn.Parameter]
+
+    @property
+    def p(self) -> int:
+        """Number of trainable parameters of this stage."""
+        return sum(t.numel() for t in self.params)
+
+    @property
+    def name(self) -> str:
+        """``'stage 3 (Linear+Tanh)'``: how errors refer to this stage."""
+        kinds = "+".join(type(m).__name__ for m in self.modules)
+        return f"stage {self.index} ({kinds})"
+
+    @abc.abstractmethod
+    def forward(self, z: Tensor) -> Tensor:
+        """``f(z; x)`` on a batch ``z`` of shape (B, ...); returns (B, ...)."""
+
+    @abc.abstractmethod
+    def linearize(self, z_in: Tensor, b_out: Tensor, second_order: bool) -> Blocks:
+        """Blocks at input ``z_in`` (B, ...) with backprop vector ``b_out = dz_L/dz_out`` (B, d_out)."""
