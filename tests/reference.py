@@ -1,0 +1,138 @@
+"""Dense autograd references (torch.func) for every curvature quantity, and random chains.
+
+The one place tests get "the truth" from: gradient and Hessian by ``torch.func.grad``/``hessian``
+of the loss as a function of the flat parameter vector; the Gauss-Newton matrix as
+``J^T Lambda J`` with ``J = jacrev`` of the outputs and ``Lambda`` the loss Hessian in the outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev
+
+ACTIVATIONS = {
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "softplus": nn.Softplus,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU,
+    "elu": nn.ELU,
+    "relu": nn.ReLU,
+    "identity": nn.Identity,
+    "none": None,
+}
+LOSSES = ["ce", "ce_probs", "ce_smooth", "mse", "bce", "ce_sum", "mse_sum", "bce_sum"]
+
+
+class Residual(nn.Module):
+    """``z + tanh(W z + c)``: a per-example stage that only the generic oracle handles."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return z + torch.tanh(self.lin(z))
+
+
+def flat_loss_fn(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor):
+    """``x -> loss`` with ``x`` the flat vector of trainable parameters in ``model.parameters()`` order."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def unflat(x: Tensor) -> dict[str, Tensor]:
+        out, i = {}, 0
+        for n, p in named:
+            out[n] = x[i : i + p.numel()].view_as(p)
+            i += p.numel()
+        return out
+
+    x0 = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def outputs(x: Tensor) -> Tensor:
+        return functional_call(model, unflat(x), (inputs,))
+
+    def loss(x: Tensor) -> Tensor:
+        return loss_fn(outputs(x), targets)
+
+    return x0, loss, outputs
+
+
+def dense_gradient_hessian(model, loss_fn, inputs, targets) -> tuple[Tensor, Tensor]:
+    x0, loss, _ = flat_loss_fn(model, loss_fn, inputs, targets)
+    return torch.func.grad(loss)(x0), torch.func.hessian(loss)(x0)
+
+
+def dense_gauss_newton(model, loss_fn, inputs, targets) -> Tensor:
+    x0, _, outputs = flat_loss_fn(model, loss_fn, inputs, targets)
+    y = outputs(x0).detach()
+    J = jacrev(outputs)(x0).reshape(y.numel(), -1)
+    Lam = torch.func.hessian(lambda yy: loss_fn(yy, targets))(y).reshape(y.numel(), y.numel())
+    return J.T @ Lam @ J
+
+
+@dataclass
+class Problem:
+    model: nn.Sequential
+    loss_fn: nn.Module
+    inputs: Tensor
+    targets: Tensor
+    description: str
+
+
+def make_loss(kind: str, batch: int, classes: int, gen: torch.Generator, dtype) -> tuple[nn.Module, Tensor]:
+    red = "sum" if kind.endswith("_sum") else "mean"
+    base = kind.removesuffix("_sum")
+    if base in ("ce", "ce_smooth"):
+        t = torch.randint(0, classes, (batch,), generator=gen)
+        return nn.CrossEntropyLoss(reduction=red, label_smoothing=0.1 if base == "ce_smooth" else 0.0), t
+    if base == "ce_probs":
+        t = torch.softmax(torch.randn(batch, classes, generator=gen, dtype=dtype), -1)
+        return nn.CrossEntropyLoss(reduction=red), t
+    if base == "mse":
+        return nn.MSELoss(reduction=red), torch.randn(batch, classes, generator=gen, dtype=dtype)
+    if base == "bce":
+        return nn.BCEWithLogitsLoss(reduction=red), torch.rand(batch, classes, generator=gen, dtype=dtype)
+    raise ValueError(kind)
+
+
+@st.composite
+def chains(draw, max_depth: int = 12, max_width: int = 9, max_batch: int = 8, residual: bool = True) -> Problem:
+    """Random float64 chains: depth, widths, activations (fused and standalone), biases, losses."""
+    depth = draw(st.integers(1, max_depth))
+    widths = [draw(st.integers(1, max_width)) for _ in range(depth + 1)]
+    batch = draw(st.integers(1, max_batch))
+    loss_kind = draw(st.sampled_from(LOSSES))
+    if loss_kind.startswith("ce"):
+        widths[-1] = max(widths[-1], 2)
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    desc = []
+    for i in range(depth):
+        bias = draw(st.booleans())
+        layers.append(nn.Linear(widths[i], widths[i + 1], bias=bias))
+        desc.append(f"L{widths[i]}>{widths[i + 1]}{'b' if bias else ''}")
+        if i < depth - 1:
+            act = draw(st.sampled_from(sorted(ACTIVATIONS)))
+            if ACTIVATIONS[act] is not None:
+                layers.append(ACTIVATIONS[act]())
+                desc.append(act)
+            if draw(st.integers(0, 7)) == 0:  # standalone activation -> generic stage
+                layers.append(nn.Tanh())
+                desc.append("tanh*")
+            if residual and draw(st.integers(0, 5)) == 0:
+                layers.append(Residual(widths[i + 1]))
+                desc.append("res")
+    model = nn.Sequential(*layers).double()
+    with torch.no_grad():  # larger weights than default init: more curvature, more indefiniteness
+        for p in model.parameters():
+            p.mul_(draw(st.sampled_from([1.0, 2.0])))
+    inputs = torch.randn(batch, widths[0], generator=gen, dtype=torch.float64)
+    loss_fn, targets = make_loss(loss_kind, batch, widths[-1], gen, torch.float64)
+    return Problem(model, loss_fn, inputs, targets, f"B={batch} {' '.join(desc)} {loss_kind}")

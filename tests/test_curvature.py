@@ -1,0 +1,228 @@
+"""Every curvature quantity against the dense torch.func reference, on random float64 chains."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from reference import chains, dense_gauss_newton, dense_gradient_hessian
+
+import hessinv
+
+import os
+N_CHAINS = int(os.environ.get("HESSINV_N_CHAINS", "300"))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def pick_indefinite_shift(ev: torch.Tensor) -> float | None:
+    """A shift ``s`` with ``H + sI`` indefinite and ``cond(H + sI) <= 1e6``: mid of the widest
+    gap between negative eigenvalues (or between the last negative and the first non-negative)."""
+    scale = float(ev.abs().max())
+    neg = ev[ev < -1e-6 * scale]
+    if neg.numel() == 0:
+        return None
+    nxt = ev[neg.numel() :]
+    cands = torch.cat([neg, nxt[:1]])
+    gaps = cands[1:] - cands[:-1]
+    if gaps.numel() == 0:
+        return None
+    i = int(gaps.argmax())
+    if gaps[i] < 2e-6 * scale:
+        return None
+    return -float(cands[i] + cands[i + 1]) / 2
+
+
+@settings(max_examples=N_CHAINS)
+@given(chains())
+def test_hessian_against_dense(prob):
+    """Gradient, products, to_dense, PD and indefinite solves, inertia, PD test: all vs autograd."""
+    g_ref, H_ref = dense_gradient_hessian(prob.model, prob.loss_fn, prob.inputs, prob.targets)
+    H = hessinv.hessian(prob.model, prob.loss_fn, prob.inputs, prob.targets)
+    n = H.shape[0]
+    scale = float(H_ref.abs().max()) + 1e-300
+    assert H.shape == (n, n) == tuple(H_ref.shape), prob.description
+    assert (H.gradient - g_ref).abs().max() <= 1e-10 * max(1.0, float(g_ref.abs().max())), prob.description
+    assert torch.allclose(H.loss, prob.loss_fn(prob.model(prob.inputs), prob.targets))
+
+    V = torch.randn(n, 3, dtype=torch.float64)
+    assert rel(H @ V, H_ref @ V) <= 1e-9, prob.description
+    assert rel(H @ V[:, 0], H_ref @ V[:, 0]) <= 1e-9, prob.description
+    assert (H.to_dense() - H_ref).abs().max() <= 1e-9 * scale, prob.description
+
+    ev = torch.linalg.eigvalsh(H_ref)
+    I = torch.eye(n, dtype=torch.float64)
+    # PD shift: H + eps I positive definite with condition number <= ~1e3
+    eps = -float(ev[0]) + 1e-3 * scale + 1e-8
+    F = H.factor(eps)
+    assert F.positive_definite and F.inertia == (0, 0, n), prob.description
+    assert H.is_positive_definite(eps)
+    rhs = torch.randn(n, 2, dtype=torch.float64)
+    x, info = F.solve(rhs, return_info=True)
+    assert rel(x, torch.linalg.solve(H_ref + eps * I, rhs)) <= 1e-7, prob.description
+    assert info.residual <= 1e-12
+
+    s = pick_indefinite_shift(ev)
+    if s is not None:
+        Fi = H.factor(s)
+        shifted = ev + s
+        assert Fi.inertia == (int((shifted < 0).sum()), 0, int((shifted > 0).sum())), prob.description
+        assert not Fi.positive_definite and not H.is_positive_definite(s)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", hessinv.AccuracyWarning)
+            xi = Fi.solve(H.gradient)
+        assert rel(xi, torch.linalg.solve(H_ref + s * I, g_ref)) <= 1e-6, prob.description
+
+
+@settings(max_examples=60)
+@given(chains(max_depth=6))
+def test_gauss_newton_against_dense(prob):
+    """G @ v, to_dense and the Cholesky-only solve equal J^T Lambda J from autograd."""
+    G_ref = dense_gauss_newton(prob.model, prob.loss_fn, prob.inputs, prob.targets)
+    G = hessinv.gauss_newton(prob.model, prob.loss_fn, prob.inputs, prob.targets)
+    n = G.shape[0]
+    scale = float(G_ref.abs().max()) + 1e-300
+    assert (G.to_dense() - G_ref).abs().max() <= 1e-12 * max(scale, 1.0), prob.description
+    V = torch.randn(n, 2, dtype=torch.float64)
+    assert rel(G @ V, G_ref @ V) <= 1e-9
+    eps = 1e-2 * scale + 1e-6
+    F = G.factor(eps)
+    assert F.positive_definite, prob.description
+    rhs = torch.randn(n, dtype=torch.float64)
+    assert rel(F.solve(rhs), torch.linalg.solve(G_ref + eps * torch.eye(n, dtype=torch.float64), rhs)) <= 1e-7
+
+
+@settings(max_examples=40)
+@given(chains(max_depth=5, max_width=6))
+def test_min_eigenvalue_and_inertia_with_tolerance(prob):
+    """Bisection on the PD test finds lambda_min; zero counts use the documented tolerance."""
+    _, H_ref = dense_gradient_hessian(prob.model, prob.loss_fn, prob.inputs, prob.targets)
+    H = hessinv.hessian(prob.model, prob.loss_fn, prob.inputs, prob.targets)
+    ev = torch.linalg.eigvalsh(H_ref)
+    nrm = H.norm_estimate()
+    assert nrm <= float(ev.abs().max()) * (1 + 1e-9) + 1e-300
+    lam = H.min_eigenvalue(tol=1e-10)
+    assert abs(lam - float(ev[0])) <= 1e-9 * max(1.0, float(ev.abs().max())), prob.description
+    tol = 1e-6 * max(float(ev.abs().max()), 1e-12)
+    near = ((ev.abs() - tol).abs() < 0.5 * tol).any()
+    if not near:
+        inertia = H.inertia(0.0, tol=tol)
+        expect = (int((ev < -tol).sum()), int((ev.abs() <= tol).sum()), int((ev > tol).sum()))
+        assert tuple(inertia) == expect, prob.description
+
+
+@pytest.mark.parametrize("curv", [hessinv.hessian, hessinv.gauss_newton])
+def test_solve_many_rhs_and_reuse(curv):
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    X, y = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+    H = curv(net, torch.nn.CrossEntropyLoss(), X, y)
+    F = H.factor(0.5)
+    R = torch.randn(H.shape[0], 4, dtype=torch.float64)
+    X4 = F.solve(R)
+    for j in range(4):
+        assert torch.allclose(F.solve(R[:, j]), X4[:, j], atol=1e-12)
+    assert torch.allclose(H @ X4 + 0.5 * X4, R, atol=1e-10)
+    assert torch.allclose(H.solve(R, damping=0.5), X4, atol=1e-12)
+
+
+def test_as_linear_operator_matches_products():
+    import numpy as np
+
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.GELU(), torch.nn.Linear(4, 2)).double()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    H = hessinv.hessian(net, torch.nn.MSELoss(), X, y)
+    A = H.as_linear_operator()
+    v = np.random.default_rng(0).standard_normal(H.shape[0])
+    assert A.shape == H.shape
+    assert np.allclose(A @ v, (H @ torch.from_numpy(v)).numpy(), atol=1e-13)
+    M = np.random.default_rng(1).standard_normal((H.shape[0], 3))
+    assert np.allclose(A @ M, (H @ torch.from_numpy(M)).numpy(), atol=1e-13)
+
+
+@settings(max_examples=15)
+@given(chains(max_depth=6, residual=False))
+def test_float32_solve_with_float64_refinement(prob):
+    """A float32 model: the float32 factorization refined with float64 residuals reaches 1e-6."""
+    model32 = prob.model.float()
+    X = prob.inputs.float()
+    t = prob.targets.float() if prob.targets.is_floating_point() else prob.targets
+    H = hessinv.hessian(model32, prob.loss_fn, X, t)
+    assert H.dtype == torch.float32 and H.gradient.dtype == torch.float32
+    _, H_ref = dense_gradient_hessian(model32.double(), prob.loss_fn, X.double(), prob.targets)
+    model32.float()
+    ev = torch.linalg.eigvalsh(H_ref)
+    scale = float(ev.abs().max()) + 1e-30
+    eps = -float(ev[0]) + 0.05 * scale + 1e-4  # cond(H + eps I) <= ~40
+    rhs = torch.randn(H.shape[0], dtype=torch.float32)
+    x, info = H.solve(rhs, damping=eps, return_info=True)
+    assert x.dtype == torch.float32
+    ref = torch.linalg.solve(H_ref + eps * torch.eye(H.shape[0], dtype=torch.float64), rhs.double())
+    assert rel(x.double(), ref) <= 1e-6, prob.description
+    assert info.residual <= 1e-10
+
+
+def test_residual_stage_uses_generic_oracle():
+    from reference import Residual
+
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), Residual(5), torch.nn.Sigmoid(), torch.nn.Linear(5, 3)
+    ).double()
+    chain = hessinv.Chain(net, torch.nn.CrossEntropyLoss())
+    kinds = [type(s).__name__ for s in chain.stages]
+    assert kinds == ["DenseStage", "GenericStage", "GenericStage", "DenseStage"]
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    H = hessinv.hessian(net, torch.nn.CrossEntropyLoss(), X, y)
+    _, H_ref = dense_gradient_hessian(net, torch.nn.CrossEntropyLoss(), X, y)
+    assert torch.allclose(H.to_dense(), H_ref, atol=1e-12)
+
+
+def test_dense_stage_equals_generic_oracle():
+    """The structured Linear+activation blocks equal the torch.func blocks of the same module pair."""
+    from hessinv.stages import DenseStage, GenericStage
+
+    torch.manual_seed(4)
+    lin, act = torch.nn.Linear(4, 3).double(), torch.nn.Softplus()
+    z = torch.randn(5, 4, dtype=torch.float64)
+    b = torch.randn(5, 3, dtype=torch.float64)
+    dense = DenseStage(0, lin, act).linearize(z, b, True)
+    generic = GenericStage(0, torch.nn.Sequential(lin, act)).linearize(z, b, True)
+    Sigma = torch.randn(5 * 3, 5 * 3, dtype=torch.float64)
+    Sigma = (Sigma @ Sigma.T).view(5, 3, 5, 3)
+    rd, rg = dense.riccati(Sigma), generic.riccati(Sigma)
+    for a, c in [(rd.Qxx0, rg.Qxx0), (rd.Qxz, rg.Qxz), (rd.Qzz, rg.Qzz)]:
+        assert torch.allclose(a, c, atol=1e-12)
+    v, t = torch.randn(dense.p, 2, dtype=torch.float64), torch.randn(5, 4, 2, dtype=torch.float64)
+    s = torch.randn(5, 3, 2, dtype=torch.float64)
+    for name, arg in [("jx", v), ("jxT", s), ("jz", t), ("jzT", s), ("hxx", v), ("hxz", t), ("hxzT", v), ("hzz", t)]:
+        assert torch.allclose(getattr(dense, name)(arg), getattr(generic, name)(arg), atol=1e-12), name
+
+
+def test_reshape_stages_and_list_of_stages():
+    torch.manual_seed(5)
+    stages = [torch.nn.Flatten(), torch.nn.Linear(6, 4), torch.nn.ELU(), torch.nn.Identity(), torch.nn.Linear(4, 2)]
+    net = torch.nn.Sequential(*stages).double()
+    X, y = torch.randn(3, 2, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    H_list = hessinv.hessian(list(net), torch.nn.MSELoss(), X, y)
+    _, H_ref = dense_gradient_hessian(net, torch.nn.MSELoss(), X, y)
+    assert torch.allclose(H_list.to_dense(), H_ref, atol=1e-12)
+
+
+def test_eval_mode_batchnorm_and_frozen_parameters():
+    torch.manual_seed(6)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(5, 2)
+    ).double()
+    net[0].bias.requires_grad_(False)
+    net.eval()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 2, (6,))
+    H = hessinv.hessian(net, torch.nn.CrossEntropyLoss(), X, y)
+    _, H_ref = dense_gradient_hessian(net, torch.nn.CrossEntropyLoss(), X, y)
+    assert H.shape[0] == sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert torch.allclose(H.to_dense(), H_ref, atol=1e-12)
