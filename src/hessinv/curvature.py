@@ -155,7 +155,9 @@ class CurvatureOperator:
         """Whether ``H + shift I`` is positive definite: every Riccati pivot has a Cholesky factor."""
         names = self._names
         try:
-            _, _, pd = riccati_factor(self.blocks, float(shift), names, self.gradient, stop_if_indefinite=True)
+            _, _, pd = riccati_factor(
+                self.blocks, float(shift), names, self.gradient, stop_if_indefinite=True, strict=False
+            )
         except SingularError:
             return False
         return pd
@@ -186,10 +188,12 @@ class CurvatureOperator:
         shift = float(shift)
         if tol is None:
             tol = math.sqrt(torch.finfo(self.dtype).eps) * max(self.norm_estimate(), 1e-30)
+        def count(s: float) -> Inertia:
+            return riccati_factor(self.blocks, s, self._names, self.gradient, strict=False)[1]
+
         if tol == 0:
-            return self.factor(shift).inertia
-        neg = self.factor(shift + tol).inertia.negative
-        pos = self.factor(shift - tol).inertia.positive
+            return count(shift)
+        neg, pos = count(shift + tol).negative, count(shift - tol).positive
         return Inertia(neg, self.shape[0] - neg - pos, pos)
 
     def min_eigenvalue(self, tol: float = 1e-8) -> float:

@@ -48,11 +48,14 @@ class Inertia(NamedTuple):
 class Pivot:
     """A factored pivot ``Qxx_l``: Cholesky when positive definite, else a symmetric eigendecomposition.
 
-    The eigendecomposition gives the pivot's inertia exactly and a backward-stable solve; a pivot
-    eigenvalue below ``p * u * max|lambda|`` makes the pivot singular (:class:`SingularError`).
+    The eigendecomposition gives the pivot's inertia exactly and a backward-stable solve. With
+    ``strict`` (solves), a pivot eigenvalue below ``p * u * max|lambda|`` makes the pivot singular
+    (:class:`SingularError`); without it (inertia counts), only an exactly zero eigenvalue does:
+    an ill-conditioned but invertible pivot still gives a valid congruence, so the counts stay right
+    for eigenvalues farther than the rounding error from the shift.
     """
 
-    def __init__(self, Q: Tensor, stage: int, name: str, damping: float):
+    def __init__(self, Q: Tensor, stage: int, name: str, damping: float, strict: bool = True):
         self.p = Q.shape[0]
         if not torch.isfinite(Q).all():
             raise NonFiniteError(f"{name}: the Riccati pivot Qxx contains NaN or infinity")
@@ -64,7 +67,7 @@ class Pivot:
             return
         lam, V = torch.linalg.eigh(Q)
         tol = self.p * torch.finfo(Q.dtype).eps * lam.abs().max().clamp_min(torch.finfo(Q.dtype).tiny)
-        if (lam.abs() <= tol).any():
+        if (lam.abs() <= (tol if strict else 0.0)).any():
             raise SingularError(
                 f"{name}: pivot Qxx is singular at damping {damping:g} "
                 f"(smallest |eigenvalue| {lam.abs().min().item():.3g}); H + eps I is singular or "
@@ -88,12 +91,17 @@ class StageFactor(NamedTuple):
 
 
 def riccati_factor(
-    blocks: list[Blocks], damping: float, names: list[str], like: Tensor, stop_if_indefinite: bool = False
+    blocks: list[Blocks],
+    damping: float,
+    names: list[str],
+    like: Tensor,
+    stop_if_indefinite: bool = False,
+    strict: bool = True,
 ) -> tuple[list[StageFactor | None], Inertia, bool]:
     """Backward sweep over ``blocks`` (model stages, then the loss stage).
 
     ``like`` gives the dtype and device. Returns the per-stage factors (None for parameter-free stages), the inertia of ``H + eps I``,
-    and whether it is positive definite. With ``stop_if_indefinite`` the sweep stops at the first
+    and whether it is positive definite. ``strict`` is passed to :class:`Pivot`. With ``stop_if_indefinite`` the sweep stops at the first
     pivot without a Cholesky factor (the PD test), and the returned factors are incomplete.
     """
     out: list[StageFactor | None] = [None] * len(blocks)
@@ -108,7 +116,7 @@ def riccati_factor(
             Sigma = rb.Qzz
             continue
         Qxx = rb.Qxx0 + damping * torch.eye(blk.p, dtype=dtype, device=device)
-        piv = Pivot(Qxx, l, names[l], damping)
+        piv = Pivot(Qxx, l, names[l], damping, strict)
         neg, pos = neg + piv.inertia.negative, pos + piv.inertia.positive
         pd = pd and piv.cholesky
         if not pd and stop_if_indefinite:

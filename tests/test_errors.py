@@ -1,0 +1,147 @@
+"""Every documented error path: bad input gets a named exception that names the stage."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import hessinv
+from hessinv import (
+    DtypeMismatchError,
+    NonFiniteError,
+    NotAChainError,
+    ShapeMismatchError,
+    SingularError,
+    UnsupportedStageError,
+)
+
+
+def small(dtype=torch.float64):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(dtype)
+    return net, torch.randn(5, 3, dtype=dtype), torch.randint(0, 2, (5,))
+
+
+def test_errors_are_hessinv_errors_and_builtins():
+    assert issubclass(ShapeMismatchError, ValueError)
+    assert issubclass(DtypeMismatchError, TypeError)
+    assert issubclass(NonFiniteError, FloatingPointError)
+    assert issubclass(SingularError, RuntimeError)
+    for e in (ShapeMismatchError, DtypeMismatchError, NonFiniteError, SingularError, UnsupportedStageError):
+        assert issubclass(e, hessinv.HessinvError)
+
+
+@pytest.mark.parametrize("mixer", [nn.BatchNorm1d(4), nn.Dropout(0.5)])
+def test_training_mode_mixers_rejected_with_stage_name(mixer):
+    net = nn.Sequential(nn.Linear(3, 4), mixer, nn.Tanh(), nn.Linear(4, 2)).double()
+    with pytest.raises(UnsupportedStageError, match=rf"stage 1 \({type(mixer).__name__}\).*training mode"):
+        hessinv.hessian(net, nn.CrossEntropyLoss(), torch.randn(5, 3, dtype=torch.float64), torch.zeros(5).long())
+
+
+class BatchMean(nn.Module):
+    def forward(self, z):
+        return z - z.mean(0, keepdim=True)
+
+
+def test_custom_stage_that_mixes_examples_is_detected():
+    net = nn.Sequential(nn.Linear(3, 4), BatchMean(), nn.Linear(4, 2)).double()
+    with pytest.raises(UnsupportedStageError, match=r"stage 1 \(BatchMean\) mixes examples"):
+        hessinv.hessian(net, nn.CrossEntropyLoss(), torch.randn(5, 3, dtype=torch.float64), torch.zeros(5).long())
+
+
+def test_not_a_chain():
+    with pytest.raises(NotAChainError, match="nn.Sequential"):
+        hessinv.hessian(nn.Linear(3, 2), nn.MSELoss(), torch.randn(4, 3), torch.randn(4, 2))
+    lin = nn.Linear(3, 3)
+    with pytest.raises(NotAChainError, match="shared"):
+        hessinv.Chain(nn.Sequential(lin, nn.Tanh(), lin), nn.MSELoss())
+    with pytest.raises(NotAChainError, match="no trainable"):
+        hessinv.Chain(nn.Sequential(nn.Tanh()), nn.MSELoss())
+
+
+def test_batch_shape_and_dtype_mismatches():
+    net, X, y = small()
+    loss = nn.CrossEntropyLoss()
+    with pytest.raises(ShapeMismatchError, match="batch sizes differ"):
+        hessinv.hessian(net, loss, X, y[:4])
+    with pytest.raises(DtypeMismatchError, match="float32"):
+        hessinv.hessian(net, loss, X.float(), y)
+    with pytest.raises(ShapeMismatchError, match=r"stage 0 \(Linear\+Tanh\)"):
+        hessinv.hessian(net, loss, torch.randn(5, 7, dtype=torch.float64), y)
+    with pytest.raises(ShapeMismatchError, match="out of range"):
+        hessinv.hessian(net, loss, X, y + 5)
+    with pytest.raises(ShapeMismatchError, match="targets"):
+        hessinv.hessian(net, nn.MSELoss(), X, torch.randn(5, 3, dtype=torch.float64))
+    H = hessinv.hessian(net, loss, X, y)
+    with pytest.raises(ShapeMismatchError, match=r"shape \(26,\)"):
+        H @ torch.ones(25, dtype=torch.float64)
+    with pytest.raises(DtypeMismatchError):
+        H @ torch.ones(26, dtype=torch.float32)
+    with pytest.raises(ShapeMismatchError):
+        H.solve(torch.ones(3, 26, dtype=torch.float64), damping=1.0)
+
+
+def test_non_finite_values():
+    net, X, y = small()
+    loss = nn.CrossEntropyLoss()
+    Xn = X.clone()
+    Xn[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="inputs"):
+        hessinv.hessian(net, loss, Xn, y)
+    with pytest.raises(NonFiniteError, match="targets"):
+        hessinv.hessian(net, nn.MSELoss(), X, torch.full((5, 2), float("inf"), dtype=torch.float64))
+    H = hessinv.hessian(net, loss, X, y)
+    with pytest.raises(NonFiniteError):
+        H @ torch.full((26,), float("nan"), dtype=torch.float64)
+    with pytest.raises(NonFiniteError, match="damping"):
+        H.factor(float("nan"))
+    with torch.no_grad():
+        net[2].weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"stage 1 \(Linear\)"):
+        hessinv.hessian(net, loss, X, y)
+
+
+def test_non_finite_loss():
+    net = nn.Sequential(nn.Linear(2, 2)).double()
+    with torch.no_grad():
+        net[0].weight.fill_(1e308)
+    with pytest.raises(NonFiniteError):
+        hessinv.hessian(net, nn.MSELoss(), torch.full((2, 2), 1e10, dtype=torch.float64), torch.zeros(2, 2).double())
+
+
+def test_unsupported_losses():
+    net, X, y = small()
+    with pytest.raises(UnsupportedStageError, match="weights"):
+        hessinv.hessian(net, nn.CrossEntropyLoss(weight=torch.ones(2, dtype=torch.float64)), X, y)
+    with pytest.raises(UnsupportedStageError, match="reduction"):
+        hessinv.hessian(net, nn.CrossEntropyLoss(reduction="none"), X, y)
+    with pytest.raises(UnsupportedStageError, match="unsupported loss"):
+        hessinv.hessian(net, nn.L1Loss(), X, torch.randn(5, 2, dtype=torch.float64))
+
+
+def test_singular_damping_raises_with_stage():
+    # a purely linear chain with MSE: H = X^T X (x) I is PSD and rank-deficient when features > batch
+    net = nn.Sequential(nn.Linear(6, 2, bias=False)).double()
+    X, y = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    H = hessinv.hessian(net, nn.MSELoss(), X, y)
+    with pytest.raises(SingularError, match=r"stage 0 \(Linear\).*damping 0") as err:
+        H.factor(0.0)
+    assert err.value.stage == 0 and err.value.damping == 0.0
+    assert H.inertia(0.0).zero == 12 - 6  # rank 3 per output x 2 outputs
+    assert not H.is_positive_definite(0.0)
+
+
+def test_accuracy_warning_when_refinement_cannot_reach_accuracy():
+    torch.manual_seed(3)  # a draw whose pivot is not flagged singular, yet cond(H + eps I) ~ 1e17
+    net = nn.Sequential(nn.Linear(4, 2, bias=False)).double()
+    X = torch.randn(8, 4, dtype=torch.float64)
+    X[:, 3] = X[:, 2] * (1 + 1e-9)  # nearly collinear features: cond ~ 1e18
+    H = hessinv.hessian(net, nn.MSELoss(), X, torch.randn(8, 2, dtype=torch.float64))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        _, info = H.solve(torch.randn(8, dtype=torch.float64), damping=1e-17, return_info=True)
+    assert info.residual > 1e-8
+    assert any(issubclass(x.category, hessinv.AccuracyWarning) for x in w)
