@@ -1,0 +1,761 @@
+r"""Alignment and contraction: how well a step direction points at the minimizer (docs/theory.md).
+
+Symbols (docs/theory.md §0, §2, §4) -> names:
+
+=====================================================  =========================================
+symbol                                                 code
+=====================================================  =========================================
+``x``, ``x*``, ``e = x - x*``                          ``x``, ``x_star``, ``x - x_star``
+step ``x+ = x - eta d``                                ``d``, ``eta`` (``d`` is *subtracted*)
+``cos(theta) = <d, e> / (|d| |e|)``                    :func:`alignment`
+``rho = eta |d| / |e|``                                :func:`step_ratio`
+``|e+|^2 / |e|^2``                                     :func:`observed_contraction`
+best step: ``1 - cos^2(theta)`` (Thm 1)                :func:`predicted_contraction` (``rho=None``)
+step taken: ``1 - 2 rho cos(theta) + rho^2`` (Lem 1)   :func:`predicted_contraction` (``rho``)
+``cos(bar theta)``, ``nu``, ``bar rho`` (Thm 4)        :func:`stochastic_contraction`
+=====================================================  =========================================
+
+Sign convention: a direction ``d`` is *good* when it points from ``x*`` to ``x`` (``cos > 0``), because
+the step subtracts it. The gradient, the Newton direction ``(H + lambda I)^{-1} g`` and Adam's
+``m_hat / (sqrt(v_hat) + eps)`` all follow this convention.
+
+Everything is computed in float64 on flat parameter vectors (the ``parameters_to_vector`` order of
+the trainable parameters, which is the order of ``H.gradient``), in the Euclidean geometry unless a
+``metric`` ``W`` (SPD; a matrix or a callable ``v -> W v``) is passed, e.g. ``metric=H`` for the
+``H``-geometry in which a quadratic's loss is ``F - F* = 1/2 |e|_H^2``.
+
+Quantities that are undefined (``d = 0`` or ``x = x*``) are returned as ``nan``, never as a number.
+
+>>> import torch
+>>> x_star = torch.zeros(2, dtype=torch.float64)
+>>> x = torch.tensor([1.0, 1.0], dtype=torch.float64)
+>>> d = torch.tensor([1.0, 0.0], dtype=torch.float64)      # 45 degrees off
+>>> round(alignment(d, x, x_star), 12), round(predicted_contraction(alignment(d, x, x_star)), 12)
+(0.707106781187, 0.5)
+>>> observed_contraction(x, x - 1.0 * d, x_star)            # eta = 1 is the best step here
+0.5
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hessinv.curvature import CurvatureOperator, GaussNewton, Hessian
+from hessinv.errors import AccuracyWarning, SingularError
+from hessinv.riccati import Inertia
+
+__all__ = [
+    "flat_parameters", "set_flat_parameters", "alignment", "step_ratio", "predicted_contraction",
+    "observed_contraction", "best_step", "StepRecord", "analyze_step", "AlignmentTracker",
+    "gradient_direction", "NewtonDirection", "newton_direction", "adam_direction", "direction_alignments",
+    "StochasticContraction", "stochastic_contraction", "MinimizerEstimate", "estimate_minimizer",
+]  # fmt: skip
+
+Metric = Tensor | Callable[[Tensor], Tensor] | None
+_CURVATURES: dict[str, type[CurvatureOperator]] = {"hessian": Hessian, "gauss_newton": GaussNewton}
+
+
+# -- flat parameter vectors ---------------------------------------------------------------------
+def _trainable(model: nn.Module | Iterable[Tensor]) -> list[Tensor]:
+    params = model.parameters() if isinstance(model, nn.Module) else model
+    return [p for p in params if p.requires_grad]
+
+
+def flat_parameters(model: nn.Module | Iterable[Tensor]) -> Tensor:
+    """A float64 copy of the trainable parameters as one vector (``parameters_to_vector`` order)."""
+    return torch.cat([p.detach().reshape(-1).to(torch.float64) for p in _trainable(model)])
+
+
+@torch.no_grad()
+def set_flat_parameters(model: nn.Module | Iterable[Tensor], x: Tensor) -> None:
+    """Write the flat vector ``x`` into the trainable parameters (cast to each parameter's dtype)."""
+    params = _trainable(model)
+    n = sum(p.numel() for p in params)
+    if x.dim() != 1 or x.numel() != n:
+        raise ValueError(f"x must be a vector of length {n}, got shape {tuple(x.shape)}")
+    offset = 0
+    for p in params:
+        k = p.numel()
+        p.copy_(x[offset : offset + k].view_as(p).to(p.dtype))
+        offset += k
+
+
+# -- the one-step quantities --------------------------------------------------------------------
+def _vec(v: Tensor, name: str) -> Tensor:
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
+    return v.detach().reshape(-1).to(torch.float64)
+
+
+def _inner(u: Tensor, v: Tensor, metric: Metric) -> float:
+    if metric is None:
+        return float(u @ v)
+    if isinstance(metric, Tensor):
+        return float(u @ (metric.to(torch.float64) @ v))
+    if isinstance(metric, CurvatureOperator):
+        Wv = metric @ v.to(metric.dtype)
+    else:
+        Wv = metric(v)
+    return float(u @ Wv.detach().reshape(-1).to(torch.float64))
+
+
+def _norm(u: Tensor, metric: Metric) -> float:
+    return math.sqrt(max(_inner(u, u, metric), 0.0))
+
+
+def alignment(d: Tensor, x: Tensor, x_star: Tensor, metric: Metric = None) -> float:
+    r"""``cos(theta) = <d, x - x*> / (|d| |x - x*|)`` in ``[-1, 1]``; ``nan`` if ``d = 0`` or ``x = x*``.
+
+    With ``metric=W`` the inner product is ``<u, v>_W = u^T W v`` (theory.md §1).
+
+    >>> import torch
+    >>> e = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    >>> alignment(e, e, torch.zeros(2, dtype=torch.float64)), alignment(-e, e, 0 * e)
+    (1.0, -1.0)
+    """
+    d, e = _vec(d, "d"), _vec(x, "x") - _vec(x_star, "x_star")
+    if d.shape != e.shape:
+        raise ValueError(f"d has {d.numel()} entries, x - x_star has {e.numel()}")
+    nd, ne = _norm(d, metric), _norm(e, metric)
+    if nd == 0.0 or ne == 0.0 or not (math.isfinite(nd) and math.isfinite(ne)):
+        return math.nan
+    return max(-1.0, min(1.0, _inner(d, e, metric) / (nd * ne)))
+
+
+def step_ratio(d: Tensor, x: Tensor, x_star: Tensor, eta: float = 1.0, metric: Metric = None) -> float:
+    r"""``rho = eta |d| / |x - x*|`` (Lemma 1); ``nan`` if ``x = x*``."""
+    ne = _norm(_vec(x, "x") - _vec(x_star, "x_star"), metric)
+    return math.nan if ne == 0.0 else abs(float(eta)) * _norm(_vec(d, "d"), metric) / ne
+
+
+def predicted_contraction(cos_theta: float, rho: float | None = None) -> float:
+    r"""The predicted ``|e+|^2 / |e|^2``.
+
+    * ``rho=None``: the best step size's factor (Theorem 1), ``1 - cos^2(theta)`` if ``cos > 0``, else
+      ``1`` (the best ``eta >= 0`` is then 0).
+    * ``rho`` given: the factor of the step taken (Lemma 1), ``1 - 2 rho cos(theta) + rho^2``.
+      This is an identity: it equals the observed factor whenever the update was ``x - eta d``.
+
+    >>> predicted_contraction(0.6), predicted_contraction(0.6, rho=0.6), predicted_contraction(-0.5)
+    (0.64, 0.64, 1.0)
+    >>> predicted_contraction(1.0, rho=2.0)   # overshoot by a factor 2: back to the same distance
+    1.0
+    """
+    c = float(cos_theta)
+    if math.isnan(c):
+        return math.nan
+    if rho is None:
+        return 1.0 - c * c if c > 0 else 1.0
+    r = float(rho)
+    return 1.0 - 2.0 * r * c + r * r
+
+
+def observed_contraction(x: Tensor, x_next: Tensor, x_star: Tensor, metric: Metric = None) -> float:
+    r"""``|x_next - x*|^2 / |x - x*|^2``; ``nan`` if ``x = x*``."""
+    xs = _vec(x_star, "x_star")
+    e, e_next = _vec(x, "x") - xs, _vec(x_next, "x_next") - xs
+    ee = _inner(e, e, metric)
+    return math.nan if ee == 0.0 else _inner(e_next, e_next, metric) / ee
+
+
+def best_step(d: Tensor, x: Tensor, x_star: Tensor, metric: Metric = None) -> float:
+    r"""The oracle step ``eta* = <d, e> / |d|^2`` of Theorem 1 (it needs ``x*``); ``nan`` if ``d = 0``."""
+    d, e = _vec(d, "d"), _vec(x, "x") - _vec(x_star, "x_star")
+    dd = _inner(d, d, metric)
+    return math.nan if dd == 0.0 else _inner(d, e, metric) / dd
+
+
+# -- one recorded step --------------------------------------------------------------------------
+@dataclass
+class StepRecord:
+    """One step ``x_t -> x_{t+1}``, seen as ``x_{t+1} = x_t - d`` with ``d = x_t - x_{t+1}`` (``eta = 1``).
+
+    Attributes:
+        step: index ``t``.
+        error: ``|x_t - x*|``.
+        step_norm: ``|x_t - x_{t+1}|`` (``eta |d|`` for any split into ``eta`` and ``d``).
+        cos_theta: alignment of the step taken (``nan`` for a zero step).
+        rho: ``step_norm / error``.
+        predicted_best: ``1 - cos^2`` (or 1 if ``cos <= 0``): what the best step size along the same
+            direction would have achieved (Theorem 1).
+        predicted_step: ``1 - 2 rho cos + rho^2``: the identity of Lemma 1 for the step taken.
+        observed: ``|x_{t+1} - x*|^2 / |x_t - x*|^2``.
+        loss: the loss at ``x_t`` if it was passed, else None.
+        alignments: ``cos(theta)`` at ``x_t`` of named directions (gradient, Newton, ...), if passed.
+    """
+
+    step: int
+    error: float
+    step_norm: float
+    cos_theta: float
+    rho: float
+    predicted_best: float
+    predicted_step: float
+    observed: float
+    loss: float | None = None
+    alignments: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict (``nan`` becomes None)."""
+        return _json_safe(asdict(self))
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def analyze_step(
+    x: Tensor,
+    x_next: Tensor,
+    x_star: Tensor,
+    *,
+    step: int = 0,
+    loss: float | None = None,
+    directions: Mapping[str, Tensor] | None = None,
+) -> StepRecord:
+    r"""Measure one step ``x -> x_next`` against ``x*`` (see :class:`StepRecord`).
+
+    ``directions`` are named directions evaluated at ``x`` (e.g. the gradient there); their
+    alignments with ``x - x*`` are recorded too.
+
+    >>> import torch
+    >>> x, xs = torch.tensor([2.0, 0.0], dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    >>> r = analyze_step(x, torch.tensor([1.0, 1.0], dtype=torch.float64), xs)
+    >>> [round(v, 12) for v in (r.cos_theta, r.rho, r.observed, r.predicted_step, r.predicted_best)]
+    [0.707106781187, 0.707106781187, 0.5, 0.5, 0.5]
+    """
+    x, x_next, xs = _vec(x, "x"), _vec(x_next, "x_next"), _vec(x_star, "x_star")
+    d = x - x_next
+    err, sn = float((x - xs).norm()), float(d.norm())
+    cos = alignment(d, x, xs)
+    rho = math.nan if err == 0.0 else sn / err
+    if sn == 0.0 and err > 0.0:
+        pred_step = 1.0  # no move: Lemma 1 with rho = 0
+    else:
+        pred_step = predicted_contraction(cos, rho)
+    aligns = {k: alignment(v, x, xs) for k, v in (directions or {}).items()}
+    return StepRecord(
+        step=int(step),
+        error=err,
+        step_norm=sn,
+        cos_theta=cos,
+        rho=rho,
+        predicted_best=predicted_contraction(cos),
+        predicted_step=pred_step,
+        observed=observed_contraction(x, x_next, xs),
+        loss=None if loss is None else float(loss),
+        alignments=aligns,
+    )
+
+
+class AlignmentTracker:
+    r"""Record alignment and contraction of every step an optimizer takes, from parameter differences.
+
+    The direction of step ``t`` is read off the parameters, ``d_t = x_t - x_{t+1}``, so momentum,
+    weight decay, clipping or a trust region are all included: the tracker measures what was done.
+
+    Usage::
+
+        tracker = AlignmentTracker(model, x_star)      # snapshots x_0
+        for t in range(T):
+            dirs = {"gradient": g}                      # optional: directions at x_t
+            opt.step()                                  # any optimizer
+            rec = tracker.update(directions=dirs, loss=loss_t)   # records x_t -> x_{t+1}
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 1, bias=False)).double()
+    >>> with torch.no_grad():
+    ...     _ = net[0].weight.copy_(torch.tensor([[3.0, 4.0]]))
+    >>> tracker = AlignmentTracker(net, torch.zeros(2, dtype=torch.float64))
+    >>> with torch.no_grad():
+    ...     _ = net[0].weight.mul_(0.5)                  # halve the error: a perfectly aligned step
+    >>> rec = tracker.update()
+    >>> rec.cos_theta, rec.observed, rec.predicted_best
+    (1.0, 0.25, 0.0)
+    """
+
+    def __init__(self, model: nn.Module | Iterable[Tensor], x_star: Tensor):
+        self._params = _trainable(model)
+        self.x_star = _vec(x_star, "x_star").clone()
+        self._x = flat_parameters(self._params)
+        if self._x.shape != self.x_star.shape:
+            raise ValueError(f"x_star has {self.x_star.numel()} entries, the model {self._x.numel()}")
+        self.records: list[StepRecord] = []
+
+    @property
+    def x(self) -> Tensor:
+        """The parameters at the start of the next step (float64 copy)."""
+        return self._x.clone()
+
+    @property
+    def error(self) -> float:
+        """``|x - x*|`` now."""
+        return float((self._x - self.x_star).norm())
+
+    def reset(self) -> None:
+        """Re-snapshot the parameters without recording a step (after moving them by other means)."""
+        self._x = flat_parameters(self._params)
+
+    def update(self, directions: Mapping[str, Tensor] | None = None, loss: float | None = None) -> StepRecord:
+        """Record the step from the last snapshot to the current parameters, then re-snapshot."""
+        x_next = flat_parameters(self._params)
+        rec = analyze_step(
+            self._x, x_next, self.x_star, step=len(self.records), loss=loss, directions=directions
+        )
+        self.records.append(rec)
+        self._x = x_next
+        return rec
+
+    def column(self, name: str) -> list[float]:
+        """One attribute over all records, e.g. ``tracker.column("cos_theta")``; ``alignments.<key>`` too."""
+        if name.startswith("alignments."):
+            key = name.split(".", 1)[1]
+            return [r.alignments.get(key, math.nan) for r in self.records]
+        return [getattr(r, name) for r in self.records]
+
+    def summary(self) -> dict[str, float]:
+        """Median alignment, geometric-mean observed / predicted factors, the largest identity gap."""
+        recs = [r for r in self.records if math.isfinite(r.observed)]
+        if not recs:
+            return {"steps": 0}
+        cos = sorted(r.cos_theta for r in recs if math.isfinite(r.cos_theta))
+
+        def gmean(v: Sequence[float]) -> float:
+            v = [max(a, 1e-300) for a in v if math.isfinite(a)]
+            return math.exp(sum(math.log(a) for a in v) / len(v)) if v else math.nan
+
+        return {
+            "steps": len(recs),
+            "median_cos_theta": cos[len(cos) // 2] if cos else math.nan,
+            "geomean_observed": gmean([r.observed for r in recs]),
+            "geomean_predicted_best": gmean([r.predicted_best for r in recs]),
+            "max_identity_gap": max(abs(r.observed - r.predicted_step) for r in recs),
+            "initial_error": recs[0].error,
+            "final_error": float((self._x - self.x_star).norm()),
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        """All records and the summary, JSON-friendly."""
+        return _json_safe({"summary": self.summary(), "records": [asdict(r) for r in self.records]})
+
+
+# -- named directions at the current point ------------------------------------------------------
+def gradient_direction(
+    model: nn.Module | Sequence[nn.Module], loss_fn: nn.Module, inputs: Tensor, targets: Tensor
+) -> Tensor:
+    """The gradient ``g`` of ``loss_fn(model(inputs), targets)`` (flat; model dtype), by backprop."""
+    params = _trainable(model if isinstance(model, nn.Module) else nn.ModuleList(model))
+    net = model if isinstance(model, nn.Module) else nn.Sequential(*model)
+    with torch.enable_grad():
+        grads = torch.autograd.grad(loss_fn(net(inputs), targets), params)
+    return torch.cat([g.reshape(-1) for g in grads]).detach()
+
+
+@dataclass
+class NewtonDirection:
+    r"""A shifted Newton direction ``d = (C + lambda I)^{-1} g`` (``C`` = Hessian or Gauss-Newton).
+
+    Attributes:
+        direction: ``d`` (flat, model dtype).
+        damping: ``lambda``.
+        min_eigenvalue: ``lambda_min(C)`` if it was computed (``C`` was not positive definite), else None.
+        inertia: inertia of ``C + lambda I`` (positive definite unless a fixed damping was asked for).
+        gradient: ``g``.
+        loss: the loss at the point.
+    """
+
+    direction: Tensor
+    damping: float
+    min_eigenvalue: float | None
+    inertia: Inertia
+    gradient: Tensor
+    loss: float
+
+
+def _min_eigenvalue(op: CurvatureOperator) -> float:
+    """``lambda_min`` of a curvature operator: dense (``n`` products at once, then ``eigvalsh``) for
+    ``n <= 2000``; else Lanczos (ARPACK) on the ``O(L)`` product, with bisection on the Cholesky test
+    (:meth:`CurvatureOperator.min_eigenvalue`) as the fallback. Callers re-check positive
+    definiteness of the shifted matrix with a factorization."""
+    n = op.shape[0]
+    if n <= 2000:
+        A = op.to_dense().double()
+        return float(torch.linalg.eigvalsh(0.5 * (A + A.T))[0])
+    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+
+    try:
+        vals = eigsh(op.as_linear_operator(), k=1, which="SA", tol=1e-8, maxiter=20 * n,
+                     return_eigenvectors=False)  # fmt: skip
+        return float(vals[0])
+    except ArpackNoConvergence:
+        return op.min_eigenvalue()
+
+
+def newton_direction(
+    model: nn.Module | Sequence[nn.Module],
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    curvature: str = "hessian",
+    damping: float | None = None,
+    delta: float = 1e-8,
+    operator: CurvatureOperator | None = None,
+    gradient: Tensor | None = None,
+) -> NewtonDirection:
+    r"""The (shifted) Newton direction ``d = (C + lambda I)^{-1} g`` at the model's current parameters.
+
+    ``C`` is the Hessian (``curvature="hessian"``) or the Gauss-Newton matrix (``"gauss_newton"``) of
+    the loss on ``(inputs, targets)``; pass ``operator`` to reuse one already built at this point.
+    ``g`` is that batch's gradient unless ``gradient`` is given (e.g. the full-batch gradient with a
+    mini-batch curvature, the sub-sampled Newton direction of theory.md §4.1).
+
+    ``damping=None`` (default) chooses ``lambda`` as in theory.md §5.3:
+
+    * ``lambda = 0`` (pure Newton) if ``C`` is positive definite (one Riccati factorization at 0);
+    * else ``lambda = max(0, -lambda_min(C)) + delta * ||C||``, the smallest shift that makes ``d`` a
+      descent direction, up to the margin ``delta``. The factorization's inertia certifies that
+      ``C + lambda I`` is positive definite; the margin grows tenfold until it is.
+
+    A float ``damping`` is used as is (it may leave ``C + lambda I`` indefinite).
+
+    >>> import torch
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> X = torch.randn(20, 3, dtype=torch.float64); w = torch.randn(3, 1, dtype=torch.float64)
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 1, bias=False)).double()
+    >>> nd = newton_direction(net, torch.nn.MSELoss(), X, X @ w)    # a quadratic: Newton hits x*
+    >>> nd.damping, abs(alignment(nd.direction, flat_parameters(net), w.reshape(-1)) - 1) < 1e-12
+    (0.0, True)
+    """
+    if curvature not in _CURVATURES:
+        raise ValueError(f"curvature must be one of {sorted(_CURVATURES)}, got {curvature!r}")
+    op = operator if operator is not None else _CURVATURES[curvature](model, loss_fn, inputs, targets)
+    g = op.gradient if gradient is None else gradient.detach().reshape(-1).to(op.dtype)
+    lam_min: float | None = None
+    if damping is not None:
+        lam = float(damping)
+        F = op.factor(lam)
+    else:
+        lam, F = 0.0, None
+        try:
+            F0 = op.factor(0.0)
+            if F0.inertia.negative == 0:
+                F = F0
+        except SingularError:
+            pass
+        if F is None:
+            lam_min = _min_eigenvalue(op)
+            scale = max(op.norm_estimate(), abs(lam_min), torch.finfo(torch.float64).tiny)
+            margin = max(float(delta), 1e-15) * scale
+            for _ in range(12):
+                lam = max(0.0, -lam_min) + margin
+                try:
+                    F = op.factor(lam)
+                    if F.inertia.negative == 0:
+                        break
+                except SingularError:
+                    pass
+                F, margin = None, 10.0 * margin
+            if F is None:
+                raise SingularError(f"C + lambda I stays indefinite (lambda_min ~ {lam_min:g})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AccuracyWarning)
+        d = F.solve(g)
+    return NewtonDirection(d, lam, lam_min, F.inertia, g, float(op.loss))
+
+
+def adam_direction(optimizer: torch.optim.Optimizer, gradient: Tensor | None = None) -> Tensor:
+    r"""The direction ``d`` of the step ``torch.optim.Adam`` / ``AdamW`` would take next: ``x+ = x - lr d``.
+
+    With ``m, v`` the optimizer's moment estimates, ``t`` its step count, and ``g`` the gradient
+    (``gradient``, flat in the parameter order of the optimizer's groups, or else each ``p.grad``)::
+
+        g <- g + wd x                      (Adam's L2 weight decay)
+        m' = b1 m + (1 - b1) g,   v' = b2 v + (1 - b2) g^2
+        d  = (m' / (1 - b1^(t+1))) / (sqrt(v' / (1 - b2^(t+1))) + eps)      (v' -> max(v_max, v'): amsgrad)
+        d <- d + wd x                      (AdamW's decoupled weight decay)
+
+    The optimizer's state is not changed. Each group's ``lr`` must be the same for ``d`` to be a
+    direction; the returned ``d`` excludes ``lr``. ``maximize=True`` is not supported.
+    """
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        raise TypeError(f"expected torch.optim.Adam or AdamW, got {type(optimizer).__name__}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if gradient is not None:
+        gradient = gradient.detach().reshape(-1)
+        if gradient.numel() != sum(p.numel() for p in params):
+            raise ValueError("gradient has the wrong length for the optimizer's parameters")
+    out: list[Tensor] = []
+    offset = 0
+    for group in optimizer.param_groups:
+        if group.get("maximize", False):
+            raise NotImplementedError("maximize=True is not supported")
+        b1, b2 = group["betas"]
+        b1, b2, eps, wd = float(b1), float(b2), float(group["eps"]), float(group["weight_decay"])
+        decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay"))
+        for p in group["params"]:
+            k = p.numel()
+            if gradient is not None:
+                g = gradient[offset : offset + k].view_as(p).to(torch.float64)
+            elif p.grad is not None:
+                g = p.grad.detach().to(torch.float64)
+            else:
+                raise ValueError("no gradient: pass `gradient` or call backward() first")
+            offset += k
+            x = p.detach().to(torch.float64)
+            if wd != 0 and not decoupled:
+                g = g + wd * x
+            st = optimizer.state.get(p, {})
+            t = int(float(st["step"])) if "step" in st else 0
+            m = st["exp_avg"].to(torch.float64) if "exp_avg" in st else torch.zeros_like(g)
+            v = st["exp_avg_sq"].to(torch.float64) if "exp_avg_sq" in st else torch.zeros_like(g)
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            if group.get("amsgrad", False) and "max_exp_avg_sq" in st:
+                v = torch.maximum(st["max_exp_avg_sq"].to(torch.float64), v)
+            bc1, bc2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+            d = (m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps)
+            if wd != 0 and decoupled:
+                d = d + wd * x
+            out.append(d.reshape(-1))
+    return torch.cat(out)
+
+
+def direction_alignments(
+    model: nn.Module | Sequence[nn.Module],
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    x_star: Tensor,
+    which: Sequence[str] = ("gradient", "newton", "gauss_newton"),
+    *,
+    adam: torch.optim.Optimizer | None = None,
+    delta: float = 1e-8,
+) -> dict[str, float]:
+    r"""``cos(theta)`` at the current parameters of named directions.
+
+    ``which`` may contain ``"gradient"``, ``"newton"`` (Hessian, shifted as in :func:`newton_direction`),
+    ``"gauss_newton"`` (``(G + lambda I)^{-1} g``, same rule), and ``"adam"`` (needs ``adam``: the
+    step that optimizer would take next with the gradient at this point).
+    """
+    x = flat_parameters(model if isinstance(model, nn.Module) else nn.ModuleList(model))
+    out: dict[str, float] = {}
+    g: Tensor | None = None
+    for name in which:
+        if name == "gradient" or name == "adam":
+            if g is None:
+                g = gradient_direction(model, loss_fn, inputs, targets)
+            if name == "gradient":
+                out[name] = alignment(g, x, x_star)
+            else:
+                if adam is None:
+                    raise ValueError("'adam' needs the optimizer: pass adam=<torch.optim.Adam>")
+                out[name] = alignment(adam_direction(adam, g), x, x_star)
+        elif name in ("newton", "gauss_newton"):
+            curvature = "hessian" if name == "newton" else name
+            nd = newton_direction(model, loss_fn, inputs, targets, curvature=curvature, delta=delta)
+            out[name] = alignment(nd.direction, x, x_star)
+        else:
+            raise ValueError(f"unknown direction {name!r}; use gradient, newton, gauss_newton or adam")
+    return out
+
+
+# -- stochastic directions (Theorem 4) -----------------------------------------------------------
+@dataclass
+class StochasticContraction:
+    r"""Theorem 4 for directions drawn at one point ``x`` (the expectation is over the given draws).
+
+    Attributes:
+        cos_bar: alignment of the mean direction ``m``.
+        nu: variance ratio ``tr Cov d / |m|^2``.
+        rho_bar: ``eta |m| / |e|``.
+        predicted: ``1 - 2 rho_bar cos_bar + (1 + nu) rho_bar^2``: the expected factor at ``eta``.
+        predicted_best: ``(sin^2 + nu) / (1 + nu)`` at the best ``eta`` (1 if ``cos_bar <= 0``).
+        best_eta: that ``eta``, ``<m, e> / (|m|^2 + tr Cov d)``.
+        observed_mean: the mean over the draws of ``|e - eta d_i|^2 / |e|^2``.
+        samples: number of draws.
+    """
+
+    cos_bar: float
+    nu: float
+    rho_bar: float
+    predicted: float
+    predicted_best: float
+    best_eta: float
+    observed_mean: float
+    samples: int
+
+
+def stochastic_contraction(samples: Tensor, x: Tensor, x_star: Tensor, eta: float) -> StochasticContraction:
+    r"""Theorem 4 evaluated on ``k`` draws ``samples[i]`` (e.g. mini-batch gradients) of a direction at ``x``.
+
+    The mean ``m`` and ``tr Cov`` are those of the empirical distribution of the draws (``1/k``
+    normalization), so ``predicted`` equals ``observed_mean`` up to rounding; with few draws both
+    estimate the expectation over batches.
+
+    >>> import torch
+    >>> e = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    >>> draws = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)   # m = e, tr Cov = 1
+    >>> s = stochastic_contraction(draws, e, 0 * e, eta=0.5)
+    >>> s.cos_bar, s.nu, s.predicted, s.observed_mean, s.predicted_best
+    (1.0, 1.0, 0.5, 0.5, 0.5)
+    """
+    D = samples.detach().to(torch.float64).reshape(samples.shape[0], -1)
+    e = _vec(x, "x") - _vec(x_star, "x_star")
+    if D.shape[1] != e.numel():
+        raise ValueError(f"samples have {D.shape[1]} entries, x - x_star has {e.numel()}")
+    k = D.shape[0]
+    m = D.mean(0)
+    tr_cov = float(((D - m) ** 2).sum(1).mean())
+    nm, ne = float(m.norm()), float(e.norm())
+    cos = alignment(m, e, torch.zeros_like(e))
+    nu = tr_cov / nm**2 if nm > 0 else math.inf
+    rho = float(eta) * nm / ne if ne > 0 else math.nan
+    pred = 1 - 2 * rho * cos + (1 + nu) * rho**2 if nm > 0 else 1 + (float(eta) ** 2) * tr_cov / ne**2
+    best_eta = max(float(m @ e), 0.0) / (nm**2 + tr_cov) if nm**2 + tr_cov > 0 else math.nan
+    best = (1 - cos**2 + nu) / (1 + nu) if (nm > 0 and cos > 0) else 1.0
+    obs = float(((e - float(eta) * D) ** 2).sum(1).mean()) / ne**2 if ne > 0 else math.nan
+    return StochasticContraction(cos, nu, rho, pred, best, best_eta, obs, k)
+
+
+# -- the reference point x* ----------------------------------------------------------------------
+@dataclass
+class MinimizerEstimate:
+    """Result of :func:`estimate_minimizer`.
+
+    Attributes:
+        x: the estimated minimizer (flat, float64).
+        gradient_norm: ``|g(x)|`` there.
+        loss: the loss there.
+        iterations: Newton iterations taken.
+        converged: ``gradient_norm <= gtol``.
+        min_eigenvalue: ``lambda_min`` of the curvature at ``x`` (>0: a strict local minimizer).
+        history: ``(loss, |g|, lambda)`` per iteration.
+    """
+
+    x: Tensor
+    gradient_norm: float
+    loss: float
+    iterations: int
+    converged: bool
+    min_eigenvalue: float
+    history: list[tuple[float, float, float]]
+
+
+def estimate_minimizer(
+    model: nn.Module | Sequence[nn.Module],
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    x0: Tensor | None = None,
+    curvature: str = "hessian",
+    gtol: float = 1e-12,
+    max_iter: int = 200,
+) -> MinimizerEstimate:
+    r"""Estimate ``x*`` by running damped Newton on one fixed batch, in float64, until ``|g| <= gtol``.
+
+    The model is copied (and converted to float64); it is not changed. Start at ``x0`` (flat) or at
+    the model's parameters. Each iteration solves ``(C + lambda I) d = g`` with
+    ``lambda = max(0, -lambda_min(C)) + mu`` (:func:`newton_direction`'s rule plus a
+    Levenberg–Marquardt margin ``mu``) and takes ``x - d`` if it lowers the loss (or, once the loss
+    is at rounding level, the gradient norm); ``mu`` shrinks tenfold after an accepted step and grows
+    tenfold after a rejected one, so the iteration ends as pure Newton, quadratically convergent at a
+    nondegenerate minimizer (theory.md §6). Which minimizer it finds depends on ``x0`` (symmetries:
+    theory.md §6); a positive ``min_eigenvalue`` at the end certifies a strict local minimizer.
+
+    >>> import torch
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> X = torch.randn(30, 2, dtype=torch.float64)
+    >>> y = torch.tanh(X @ torch.tensor([[1.0], [-2.0]], dtype=torch.float64))
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 1, bias=False), torch.nn.Tanh()).double()
+    >>> est = estimate_minimizer(net, torch.nn.MSELoss(), X, y)
+    >>> est.converged, [round(v, 8) for v in est.x.tolist()]
+    (True, [1.0, -2.0])
+    """
+    if curvature not in _CURVATURES:
+        raise ValueError(f"curvature must be one of {sorted(_CURVATURES)}, got {curvature!r}")
+    net = copy.deepcopy(model if isinstance(model, nn.Module) else nn.Sequential(*model)).double()
+    X = inputs.detach().double() if inputs.is_floating_point() else inputs.detach()
+    Y = targets.detach().double() if targets.is_floating_point() else targets.detach()
+    if x0 is not None:
+        set_flat_parameters(net, _vec(x0, "x0"))
+    Op = _CURVATURES[curvature]
+
+    def loss_at() -> float:
+        with torch.no_grad():
+            return float(loss_fn(net(X), Y))
+
+    def grad_norm() -> float:
+        return float(gradient_direction(net, loss_fn, X, Y).norm())
+
+    history: list[tuple[float, float, float]] = []
+    mu_rel, it = 1e-4, 0
+    op = Op(net, loss_fn, X, Y)
+    gnorm = float(op.gradient.norm())
+    radius = 0.5 * max(float(flat_parameters(net).norm()), 1.0)  # step-length cap (a crude trust region)
+    while gnorm > gtol and it < max_iter:
+        it += 1
+        f0, x = float(op.loss), flat_parameters(net)
+        scale = max(op.norm_estimate(), 1e-300)
+        lam_base: float | None = None  # max(0, -lambda_min), computed only when C + mu I is indefinite
+        accepted, lam = False, math.nan
+        for _ in range(80):
+            lam = (lam_base or 0.0) + mu_rel * scale
+            try:
+                F = op.factor(lam)
+                if F.inertia.negative:
+                    if lam_base is None:
+                        lam_base = max(0.0, -_min_eigenvalue(op))
+                        continue
+                    raise SingularError("C + lambda I is indefinite")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", AccuracyWarning)
+                    d = F.solve(op.gradient).to(torch.float64)
+            except SingularError:
+                mu_rel *= 10.0
+                continue
+            step = float(d.norm())
+            if not math.isfinite(step) or step > radius:  # |d| decreases as lambda grows
+                mu_rel *= 10.0
+                continue
+            set_flat_parameters(net, x - d)
+            f1 = loss_at()
+            tiny = 10 * torch.finfo(torch.float64).eps * abs(f0)
+            if f1 < f0 - tiny or (f1 <= f0 + tiny and grad_norm() < gnorm):
+                accepted = True
+                break
+            set_flat_parameters(net, x)
+            mu_rel, radius = 10.0 * mu_rel, 0.5 * step
+        history.append((f0, gnorm, lam))
+        if not accepted:
+            break
+        mu_rel, radius = max(mu_rel / 10.0, 1e-16), max(radius, 4.0 * step)
+        op = Op(net, loss_fn, X, Y)
+        gnorm = float(op.gradient.norm())
+    lam_min = _min_eigenvalue(op)
+    return MinimizerEstimate(
+        x=flat_parameters(net),
+        gradient_norm=gnorm,
+        loss=float(op.loss),
+        iterations=it,
+        converged=gnorm <= gtol,
+        min_eigenvalue=lam_min,
+        history=history,
+    )
