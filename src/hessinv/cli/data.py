@@ -1,0 +1,371 @@
+"""Datasets for ``hessinv train``: all generated or read locally, never downloaded.
+
+* ``digits``: scikit-learn's bundled 8x8 digits (1797 images, 10 classes, 64 features).
+* ``mnist1d``: generated with the ``mnist1d`` package's ``make_dataset`` (40 features, 10 classes).
+* ``regression``: a smooth synthetic function of 4 inputs, to be fitted to high precision (MSE).
+* a path to the user's own ``.npz`` or ``.csv`` file.
+
+``.npz`` files hold ``X`` (or ``x``/``features``/``inputs``) and ``y`` (or ``labels``/``targets``),
+optionally with ``X_test``/``y_test``; ``.csv`` files hold one example per row, the last column
+being the label or target (an optional header line is skipped). Integer-valued labels with at
+most 100 distinct values make a classification task, anything else regression (``task=`` overrides).
+
+Features are standardized with the training split's mean and standard deviation.
+
+>>> ds = load_dataset("regression", seed=0, n_samples=100)
+>>> ds.task, ds.X_train.shape, ds.y_train.shape, ds.X_test.shape
+('regression', torch.Size([80, 4]), torch.Size([80, 1]), torch.Size([20, 4]))
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["DATASETS", "DataError", "Dataset", "load_dataset", "load_file", "save_dataset"]
+
+DATASETS = ("digits", "mnist1d", "regression")
+MAX_CLASSES = 100
+_X_KEYS = ("X", "x", "features", "inputs", "data")
+_Y_KEYS = ("y", "labels", "targets", "target", "label")
+
+
+class DataError(Exception):
+    """A dataset name is unknown or a data file cannot be read; the message says which and why."""
+
+
+@dataclass
+class Dataset:
+    """A train/test split as tensors.
+
+    Classification targets are ``int64`` class indices ``0..n_classes-1``; regression targets are
+    ``(N, k)`` floats. ``output_dim`` is the width the model's last layer needs.
+    """
+
+    name: str
+    task: str  # "classification" | "regression"
+    X_train: Tensor
+    y_train: Tensor
+    X_test: Tensor
+    y_test: Tensor
+    n_classes: int | None = None
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.X_train.shape[1])
+
+    @property
+    def output_dim(self) -> int:
+        return int(self.n_classes) if self.task == "classification" else int(self.y_train.shape[1])
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Dataset:
+        def cv(t: Tensor, floating: bool) -> Tensor:
+            return t.to(device=device, dtype=dtype if floating and dtype is not None else t.dtype)
+
+        reg = self.task == "regression"
+        return Dataset(
+            self.name,
+            self.task,
+            cv(self.X_train, True),
+            cv(self.y_train, reg),
+            cv(self.X_test, True),
+            cv(self.y_test, reg),
+            self.n_classes,
+        )
+
+    def describe(self) -> str:
+        kind = (
+            f"{self.n_classes} classes" if self.task == "classification" else f"{self.output_dim} target(s)"
+        )
+        return (
+            f"{self.name}: {len(self.X_train)} train / {len(self.X_test)} test examples, "
+            f"{self.input_dim} features, {kind}"
+        )
+
+
+# -- built-in datasets --------------------------------------------------------------------------
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled ``digits.csv.gz``, read directly (importing sklearn costs seconds)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            A = np.loadtxt(path, delimiter=",")
+            return A[:, :-1].astype(np.float64), A[:, -1].astype(np.int64)
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise DataError(f"the digits dataset needs scikit-learn ({e}); pip install scikit-learn") from None
+    X, y = load_digits(return_X_y=True)
+    return X.astype(np.float64), y.astype(np.int64)
+
+
+def _mnist1d(seed: int, n_samples: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``mnist1d.data.make_dataset`` (offline; it seeds the global RNGs, which we restore)."""
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise DataError(f"the mnist1d package is not importable ({e}); pip install mnist1d") from e
+    args = get_dataset_args()
+    args.num_samples = int(n_samples or args.num_samples)
+    args.num_samples = max(args.num_samples, 10)
+    args.seed = int(seed)
+    args.train_split = 1.0  # we split ourselves, like every other dataset
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        d = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return np.asarray(d["x"], dtype=np.float64), np.asarray(d["y"], dtype=np.int64)
+
+
+def regression_function(X: np.ndarray) -> np.ndarray:
+    """The smooth target of the ``regression`` dataset, for ``X`` of shape (N, 4) in [-1, 1]^4."""
+    x1, x2, x3, x4 = X.T
+    return (np.sin(np.pi * x1) * np.cos(0.5 * np.pi * x2) + 0.5 * x3 * x4 + 0.25 * np.tanh(2 * x1 + x4))[
+        :, None
+    ]
+
+
+def _regression(seed: int, n_samples: int | None) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(-1.0, 1.0, size=(int(n_samples or 2000), 4))
+    return X, regression_function(X)
+
+
+# -- files --------------------------------------------------------------------------------------
+def _pick(arrays: dict[str, np.ndarray], keys: tuple[str, ...], suffix: str, path: Path) -> np.ndarray | None:
+    for k in keys:
+        if k + suffix in arrays:
+            return arrays[k + suffix]
+    return None
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise DataError(f"cannot read {path} as .npz: {e}") from None
+    X, y = _pick(arrays, _X_KEYS, "", path), _pick(arrays, _Y_KEYS, "", path)
+    if X is None or y is None:
+        raise DataError(
+            f"{path} must contain features under one of {list(_X_KEYS)} and labels/targets under one of "
+            f"{list(_Y_KEYS)}; it has {sorted(arrays)}"
+        )
+    Xt, yt = _pick(arrays, _X_KEYS, "_test", path), _pick(arrays, _Y_KEYS, "_test", path)
+    if (Xt is None) != (yt is None):
+        raise DataError(f"{path}: X_test and y_test must come together")
+    return X, y, Xt, yt
+
+
+def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, newline="") as fh:
+            sample = fh.read(4096)
+            fh.seek(0)
+            try:
+                dialect = csv.Sniffer().sniff(sample, delimiters=",;\t ")
+            except csv.Error:
+                dialect = csv.excel
+            rows = [r for r in csv.reader(fh, dialect) if r and any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    if not rows:
+        raise DataError(f"{path} is empty")
+
+    def floats(row: list[str]) -> list[float] | None:
+        try:
+            return [float(c) for c in row if c.strip() != ""]
+        except ValueError:
+            return None
+
+    if floats(rows[0]) is None:  # a header line
+        rows = rows[1:]
+    data = []
+    for i, r in enumerate(rows):
+        v = floats(r)
+        if v is None:
+            raise DataError(f"{path}: row {i + 1} has a non-numeric value: {r[:8]}")
+        data.append(v)
+    if not data:
+        raise DataError(f"{path} has a header but no data rows")
+    widths = {len(r) for r in data}
+    if len(widths) != 1:
+        raise DataError(f"{path}: rows have different numbers of columns {sorted(widths)}")
+    A = np.asarray(data, dtype=np.float64)
+    if A.shape[1] < 2:
+        raise DataError(f"{path}: need at least 2 columns (features..., label); got {A.shape[1]}")
+    return A[:, :-1], A[:, -1]
+
+
+def load_file(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """``(X, y, X_test, y_test)`` from a ``.npz`` or ``.csv`` file (the test arrays may be None)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"{path} is not a file")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return _read_npz(path)
+    if suffix in (".csv", ".tsv", ".txt"):
+        X, y = _read_csv(path)
+        return X, y, None, None
+    raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .npz or .csv")
+
+
+def save_dataset(path: str | Path, X: np.ndarray, y: np.ndarray) -> Path:
+    """Write ``X`` (N, d) and ``y`` (N,) as ``.npz`` or ``.csv`` (by suffix) readable by :func:`load_file`."""
+    path = Path(path)
+    X, y = np.asarray(X), np.asarray(y)
+    if path.suffix.lower() == ".npz":
+        np.savez(path, X=X, y=y)
+    elif path.suffix.lower() == ".csv":
+        A = np.column_stack([X.reshape(len(X), -1), y.reshape(len(y), -1)])
+        header = ",".join([f"x{i}" for i in range(A.shape[1] - 1)] + ["y"])
+        fmt = "%.17g" if not np.issubdtype(y.dtype, np.integer) else ["%.17g"] * (A.shape[1] - 1) + ["%d"]
+        np.savetxt(path, A, delimiter=",", header=header, comments="", fmt=fmt)
+    else:
+        raise DataError(f"{path}: unsupported file type; use .npz or .csv")
+    return path
+
+
+# -- assembling a Dataset -----------------------------------------------------------------------
+def _as_features(X: np.ndarray, what: str) -> np.ndarray:
+    X = np.asarray(X)
+    if X.dtype.kind not in "biuf":
+        raise DataError(f"{what}: features must be numeric, got dtype {X.dtype}")
+    if X.ndim == 1:
+        X = X[:, None]
+    X = X.reshape(len(X), -1).astype(np.float64)
+    if not np.isfinite(X).all():
+        raise DataError(f"{what}: features contain NaN or infinity")
+    return X
+
+
+def _infer_task(y: np.ndarray) -> str:
+    y = np.asarray(y)
+    if y.ndim > 1 and y.shape[1] > 1:
+        return "regression"
+    v = y.reshape(-1)
+    if v.dtype.kind in "biu":
+        return "classification"
+    if (
+        v.dtype.kind == "f"
+        and np.isfinite(v).all()
+        and np.all(v == np.round(v))
+        and len(np.unique(v)) <= MAX_CLASSES
+    ):
+        return "classification"
+    return "regression"
+
+
+def _split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(n * test_fraction))
+    n_test = min(max(n_test, 1), n - 1)
+    return perm[n_test:], perm[:n_test]
+
+
+def load_dataset(
+    name: str,
+    *,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    n_samples: int | None = None,
+    task: str = "auto",
+    standardize: bool = True,
+) -> Dataset:
+    """A :class:`Dataset` (float64 CPU tensors) by name or file path; deterministic in ``seed``.
+
+    ``n_samples`` caps the number of examples (train + test; built-ins generate that many).
+    Raises :class:`DataError` for an unknown name or an unreadable/malformed file.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"test fraction must be in (0, 1), got {test_fraction}")
+    Xt = yt = None
+    key = name.lower()
+    if key == "digits":
+        X, y = _digits()
+        label = "digits"
+    elif key == "mnist1d":
+        X, y = _mnist1d(seed, n_samples)
+        label = "mnist1d"
+    elif key == "regression":
+        X, y = _regression(seed, n_samples)
+        label = "regression"
+    elif Path(name).suffix.lower() in (".npz", ".csv", ".tsv", ".txt") or Path(name).exists():
+        X, y, Xt, yt = load_file(name)
+        label = Path(name).name
+    else:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or a .npz/.csv file")
+
+    X = _as_features(X, label)
+    y = np.asarray(y)
+    if len(y) != len(X):
+        raise DataError(f"{label}: {len(X)} feature rows but {len(y)} labels/targets")
+    if len(X) < 2:
+        raise DataError(f"{label}: need at least 2 examples, got {len(X)}")
+    if Xt is not None:
+        Xt = _as_features(Xt, label + " (test)")
+        yt = np.asarray(yt)
+        if Xt.shape[1] != X.shape[1] or len(yt) != len(Xt):
+            raise DataError(
+                f"{label}: test arrays {Xt.shape}/{yt.shape} do not match train {X.shape}/{y.shape}"
+            )
+    if task == "auto":
+        task = _infer_task(y)
+    if task not in ("classification", "regression"):
+        raise DataError(f"unknown task {task!r}; use auto, classification or regression")
+
+    if Xt is None:
+        if n_samples is not None and key not in ("mnist1d", "regression") and n_samples < len(X):
+            keep = np.random.default_rng(seed + 1).permutation(len(X))[: max(int(n_samples), 2)]
+            X, y = X[np.sort(keep)], y[np.sort(keep)]
+        tr, te = _split(len(X), test_fraction, seed)
+        X, Xt, y, yt = X[tr], X[te], y[tr], y[te]
+
+    n_classes = None
+    if task == "classification":
+        yy = np.concatenate([y.reshape(-1), yt.reshape(-1)])
+        if yy.dtype.kind == "f" and not np.all(yy == np.round(yy)):
+            raise DataError(f"{label}: classification labels must be integers")
+        classes = np.unique(yy)
+        if len(classes) < 2:
+            raise DataError(f"{label}: classification needs at least 2 classes, got {len(classes)}")
+        y = np.searchsorted(classes, y.reshape(-1)).astype(np.int64)
+        yt = np.searchsorted(classes, yt.reshape(-1)).astype(np.int64)
+        n_classes = len(classes)
+        ytr_t, yte_t = torch.from_numpy(y), torch.from_numpy(yt)
+    else:
+        if y.dtype.kind not in "biuf":
+            raise DataError(f"{label}: regression targets must be numeric")
+        y = y.reshape(len(y), -1).astype(np.float64)
+        yt = yt.reshape(len(yt), -1).astype(np.float64)
+        if not (np.isfinite(y).all() and np.isfinite(yt).all()):
+            raise DataError(f"{label}: targets contain NaN or infinity")
+        ytr_t, yte_t = torch.from_numpy(y), torch.from_numpy(yt)
+
+    if standardize:
+        mu, sd = X.mean(0), X.std(0)
+        sd = np.where(sd > 1e-12, sd, 1.0)
+        X, Xt = (X - mu) / sd, (Xt - mu) / sd
+    return Dataset(
+        label,
+        task,
+        torch.from_numpy(np.ascontiguousarray(X)),
+        ytr_t,
+        torch.from_numpy(np.ascontiguousarray(Xt)),
+        yte_t,
+        n_classes,
+    )

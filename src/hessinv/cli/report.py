@@ -1,0 +1,122 @@
+"""Live progress and the final table of ``hessinv train`` (rich), on stderr/stdout."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from hessinv.cli.data import Dataset
+from hessinv.cli.train import RunResult, TrainConfig, time_to_target_table
+
+__all__ = ["Reporter"]
+
+
+def _fmt(x: Any, spec: str = ".4g") -> str:
+    return format(x, spec) if isinstance(x, (int, float)) and math.isfinite(x) else str(x)
+
+
+class Reporter:
+    """One progress bar per optimizer (total = budget seconds or steps), then the table."""
+
+    def __init__(self, cfg: TrainConfig, ds: Dataset, quiet: bool = False):
+        self.cfg, self.ds, self.quiet = cfg, ds, quiet
+        wide = None if sys.stdout.isatty() else 160  # a readable table in logs and pipes
+        self.console = Console(file=sys.stdout, highlight=False, width=wide)
+        self.err = Console(file=sys.stderr, highlight=False)
+        self.progress_bar: Progress | None = None
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> Reporter:
+        cfg = self.cfg
+        if not self.quiet:
+            budget = f"{cfg.budget:g} s" if cfg.budget is not None else f"{cfg.steps} steps"
+            if cfg.budget is not None and cfg.steps is not None:
+                budget = f"{cfg.budget:g} s or {cfg.steps} steps"
+            bs = "full batch" if cfg.batch_size is None else f"batch {cfg.batch_size}"
+            self.err.print(f"[bold]hessinv train[/bold]  {self.ds.describe()}")
+            self.err.print(
+                f"model: depth {cfg.depth}, width {cfg.width}, {cfg.activation}"
+                f"{', residual' if cfg.residual else ''}, "
+                f"{cfg.dtype} on {cfg.device}; {bs}; {budget} per optimizer"
+                + (f"; target train loss {cfg.target_loss:g}" if cfg.target_loss is not None else "")
+            )
+            self.progress_bar = Progress(
+                TextColumn("{task.fields[name]:>13}"),
+                BarColumn(bar_width=28),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=self.err,
+                transient=False,
+            )
+            self.progress_bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress_bar is not None:
+            self.progress_bar.__exit__(*exc)
+            self.progress_bar = None
+
+    def run_started(self, name: str, lr: float) -> None:
+        if self.progress_bar is None:
+            return
+        total = self.cfg.budget if self.cfg.budget is not None else float(self.cfg.steps or 1)
+        if name in self.tasks:
+            self.progress_bar.reset(self.tasks[name], total=total)
+        else:
+            self.tasks[name] = self.progress_bar.add_task("", total=total, name=name, info=f"lr {lr:g}")
+
+    def progress(self, name: str, rec: dict[str, Any]) -> None:
+        if self.progress_bar is None:
+            return
+        if "tuning" in rec:
+            if name not in self.tasks:
+                self.tasks[name] = self.progress_bar.add_task("", total=1.0, name=name, info="")
+            self.progress_bar.update(
+                self.tasks[name], info=f"tuning: lr {rec['tuning']:g} -> train loss {_fmt(rec['train_loss'])}"
+            )
+            return
+        if name not in self.tasks:
+            return
+        done = rec["time"] if self.cfg.budget is not None else rec["step"]
+        if self.cfg.budget is not None and self.cfg.steps is not None:
+            done = max(rec["time"], self.cfg.budget * rec["step"] / self.cfg.steps)
+        info = (
+            f"step {rec['step']:>6}  train {_fmt(rec.get('train_loss'))}  test {_fmt(rec.get('test_loss'))}"
+        )
+        if "test_acc" in rec:
+            info += f"  acc {100 * rec['test_acc']:.1f}%"
+        self.progress_bar.update(self.tasks[name], completed=done, info=info)
+
+    def finish(self, results: list[RunResult], summary: dict[str, Any]) -> None:
+        cfg = self.cfg
+        head, rows = time_to_target_table(results, cfg.target_loss, self.ds.task)
+        target = "none" if cfg.target_loss is None else f"{cfg.target_loss:g}"
+        table = Table(title=f"time to train loss <= {target} (training time, evaluation excluded)")
+        for h in head:
+            table.add_column(h, justify="left" if h in ("optimizer", "status") else "right")
+        for r in rows:
+            style = None if r[2] == "ok" else "red"
+            table.add_row(*r, style=style)
+        self.console.print(table)
+        for r in results:
+            if r.status != "ok":
+                self.err.print(f"[red]{r.name}: {r.status}[/red]: {r.message}")
+            if r.tuning:
+                grid = ", ".join(f"{k}: {_fmt(v, '.3g')}" for k, v in r.tuning.items())
+                self.console.print(f"{r.name}: lr {r.lr:g} chosen from the grid (final train loss) {grid}")
+        load, cpus = summary.get("load_average_at_end"), os.cpu_count() or 1
+        if load and load[1] > cpus:
+            self.err.print(
+                f"[yellow]note[/yellow]: the load average was {load[1]:.1f} on {cpus} CPUs: other "
+                "processes slowed these timings down (the multi-threaded curvature sweeps more than "
+                "the first-order steps)"
+            )
+        self.console.print(f"logs, summary.json, table.md and loss.png in {cfg.out}")
+        if "plot_error" in summary:
+            self.err.print(f"[red]the plot could not be drawn[/red]: {summary['plot_error']}")

@@ -1,0 +1,545 @@
+"""The ``hessinv train`` job: every optimizer from the same initialization on the same data.
+
+Each optimizer gets the same wall-clock (or step) budget; the clock counts optimizer steps
+only -- evaluation and logging are paused out of it. Train/test loss and accuracy are evaluated
+on the whole splits at geometrically spaced steps and at least every ``budget / eval_points``
+seconds. A run whose loss becomes NaN/inf is stopped and marked ``diverged``; a run whose
+optimizer raises is marked ``failed``; the others continue.
+
+Outputs in ``out``: ``<optimizer>.jsonl`` (one line per step), ``summary.json``, ``table.md``,
+``loss.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import hessinv
+from hessinv.cli.baselines import FirstOrder, HessianFree
+from hessinv.cli.data import Dataset
+from hessinv.cli.models import build_model
+
+__all__ = [
+    "OPTIMIZERS",
+    "DEFAULT_LR",
+    "LR_GRID",
+    "TrainConfig",
+    "RunResult",
+    "UserError",
+    "make_optimizer",
+    "run_one",
+    "train",
+    "time_to_target_table",
+]
+
+OPTIMIZERS = ("newton", "gauss-newton", "adam", "sgd", "lbfgs", "hessian-free")
+DEFAULT_LR = {"newton": 1.0, "gauss-newton": 1.0, "adam": 3e-3, "sgd": 0.1, "lbfgs": 1.0, "hessian-free": 1.0}
+LR_GRID = {
+    "sgd": (0.01, 0.03, 0.1, 0.3),
+    "adam": (1e-3, 3e-3, 1e-2, 3e-2),
+    "lbfgs": (0.1, 0.3, 1.0),
+}
+FULL_BATCH = ("lbfgs",)  # optimizers that always see the whole training split
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported in one line, exit status 2."""
+
+
+class RunFailed(Exception):
+    """An optimizer could not be built or stepped (not a divergence)."""
+
+
+@dataclass
+class TrainConfig:
+    optimizers: list[str] = field(default_factory=lambda: ["newton", "gauss-newton", "adam", "sgd"])
+    depth: int = 16
+    width: int = 8
+    activation: str = "tanh"
+    residual: bool = False
+    init: str = "torch"
+    batch_size: int | None = 64  # None: full batch
+    budget: float | None = 35.0  # seconds per optimizer (training time only)
+    steps: int | None = None  # steps per optimizer
+    target_loss: float | None = None
+    lrs: dict[str, float] = field(default_factory=dict)
+    tune: bool = True
+    tune_budget: float = 2.5  # seconds per grid point
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float64"
+    eval_points: int = 120  # evaluations at least every budget / eval_points seconds
+    newton_damping: str | float = "trust-region"  # hessinv.optim.Newton(damping=...)
+    curvature_batch_size: int | None = None  # hessinv.optim.Newton(curvature_batch_size=...)
+    out: Path = Path("runs/default")
+
+
+@dataclass
+class RunResult:
+    name: str
+    lr: float
+    status: str = "ok"  # ok | diverged | failed | interrupted
+    message: str = ""
+    steps: int = 0
+    train_time: float = 0.0
+    time_to_target: float | None = None
+    steps_to_target: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # evaluation records
+    tuning: dict[str, float] = field(default_factory=dict)  # lr -> final train loss
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+    def best(self, key: str = "train_loss") -> float:
+        vals = [h[key] for h in self.history if key in h and math.isfinite(h[key])]
+        return min(vals) if vals else math.nan
+
+    def to_json(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "history"}
+        d["final"] = self.final
+        d["best_train_loss"] = _finite_or_none(self.best("train_loss"))
+        d["evaluations"] = len(self.history)
+        return d
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _jsonable(x: Any) -> Any:
+    if is_dataclass(x) and not isinstance(x, type):
+        x = asdict(x)
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Tensor):
+        return _jsonable(x.item()) if x.numel() == 1 else None
+    if isinstance(x, float):
+        return x if math.isfinite(x) else str(x)
+    if isinstance(x, (int, str, bool)) or x is None:
+        return x
+    if hasattr(x, "item"):
+        return _jsonable(x.item())
+    return str(x)
+
+
+# -- optimizers -----------------------------------------------------------------------------------
+def make_optimizer(
+    name: str, model: nn.Module, loss_fn: nn.Module, lr: float, cfg: TrainConfig | None = None
+):
+    """An object with ``step(inputs, targets) -> loss before the step`` for an optimizer name."""
+    cfg = cfg or TrainConfig()
+    if name in ("newton", "gauss-newton"):
+        try:
+            from hessinv.optim import Newton
+        except Exception as e:  # the optimizer package may be missing or broken
+            raise RunFailed(f"hessinv.optim.Newton is not available ({type(e).__name__}: {e})") from None
+        return Newton(
+            model,
+            loss_fn,
+            curvature="hessian" if name == "newton" else "gauss_newton",
+            lr=lr,
+            damping=cfg.newton_damping,
+            curvature_batch_size=cfg.curvature_batch_size,
+            seed=cfg.seed,
+        )
+    if name == "hessian-free":
+        return HessianFree(model, loss_fn, lr=lr)
+    if name in FirstOrder.KINDS:
+        return FirstOrder(model, loss_fn, name, lr)
+    raise UserError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, loss_fn: nn.Module, ds: Dataset, chunk: int = 8192) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for split, X, y in (("train", ds.X_train, ds.y_train), ("test", ds.X_test, ds.y_test)):
+        tot, correct = 0.0, 0
+        for i in range(0, len(X), chunk):
+            yp = model(X[i : i + chunk])
+            yb = y[i : i + chunk]
+            tot += float(loss_fn(yp, yb)) * len(yb)
+            if ds.task == "classification":
+                correct += int((yp.argmax(1) == yb).sum())
+        out[f"{split}_loss"] = tot / len(X)
+        if ds.task == "classification":
+            out[f"{split}_acc"] = correct / len(X)
+    return out
+
+
+class Batches:
+    """Shuffled mini-batches, reshuffled every epoch, from a seeded generator (full batch if None)."""
+
+    def __init__(self, X: Tensor, y: Tensor, batch_size: int | None, seed: int):
+        self.X, self.y, self.n = X, y, len(X)
+        self.bs = self.n if batch_size is None or batch_size >= self.n else int(batch_size)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.perm: Tensor | None = None
+        self.pos = self.n
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        if self.bs == self.n:
+            return self.X, self.y
+        if self.pos + self.bs > self.n:
+            self.perm = torch.randperm(self.n, generator=self.gen).to(self.X.device)
+            self.pos = 0
+        idx = self.perm[self.pos : self.pos + self.bs]  # type: ignore[index]
+        self.pos += self.bs
+        return self.X[idx], self.y[idx]
+
+
+def _geometric_steps(ratio: float = 1.1, limit: int = 10**9) -> set[int]:
+    s, k = set(range(0, 21)), 20.0
+    while k < limit:
+        k = max(k * ratio, k + 1)
+        s.add(int(k))
+        if len(s) > 400:
+            break
+    return s
+
+
+_EVAL_STEPS = _geometric_steps()
+ProgressFn = Callable[[str, dict[str, Any]], None]
+
+
+def run_one(
+    name: str,
+    lr: float,
+    ds: Dataset,
+    init_model: nn.Module,
+    loss_fn: nn.Module,
+    cfg: TrainConfig,
+    budget: float | None,
+    steps: int | None,
+    log_path: Path | None = None,
+    progress: ProgressFn | None = None,
+    final_only: bool = False,
+) -> RunResult:
+    """Train a copy of ``init_model`` with one optimizer until the budget or step limit.
+
+    ``final_only``: evaluate at the start and the end only (learning-rate tuning).
+    """
+    res = RunResult(name, lr)
+    model = copy.deepcopy(init_model)
+    batch_size = None if name in FULL_BATCH else cfg.batch_size
+    batches = Batches(ds.X_train, ds.y_train, batch_size, cfg.seed)
+    log = open(log_path, "w") if log_path is not None else None  # noqa: SIM115
+    k, clock = 0, 0.0
+    cuda = ds.X_train.device.type == "cuda"
+    interval = (budget / cfg.eval_points) if budget else 0.0
+    step_interval = max(1, (steps or 0) // cfg.eval_points)
+    try:
+        try:
+            opt = make_optimizer(name, model, loss_fn, lr, cfg)
+        except RunFailed as e:
+            res.status, res.message = "failed", str(e)
+            return res
+        except Exception as e:
+            res.status, res.message = "failed", f"cannot build the optimizer: {type(e).__name__}: {e}"
+            return res
+
+        def record(rec: dict[str, Any]) -> bool:
+            """Evaluate, store and log; False if the model diverged."""
+            ev = evaluate(model, loss_fn, ds)
+            rec.update(ev)
+            res.history.append(rec)
+            if (
+                cfg.target_loss is not None
+                and res.time_to_target is None
+                and ev["train_loss"] <= cfg.target_loss
+            ):
+                res.time_to_target, res.steps_to_target = rec["time"], rec["step"]
+            if progress is not None:
+                progress(name, rec)
+            return math.isfinite(ev["train_loss"])
+
+        first = {"step": 0, "time": 0.0}
+        if not record(first):
+            res.status, res.message = "diverged", "the loss at the initial point is not finite"
+            return res
+        if log:
+            log.write(json.dumps(_jsonable(first)) + "\n")
+        clock, last_eval = 0.0, 0.0
+        k = 0
+        while True:
+            if (budget is not None and clock >= budget) or (steps is not None and k >= steps):
+                break
+            xb, yb = batches.next()
+            t0 = time.perf_counter()
+            try:
+                loss = opt.step(xb, yb)
+                if cuda:
+                    torch.cuda.synchronize(xb.device)  # count the step's queued kernels in its time
+            except hessinv.NonFiniteError as e:
+                res.status, res.message = "diverged", f"step {k + 1}: {e}"
+                break
+            except Exception as e:  # any other failure ends this run only, with a one-line reason
+                res.status, res.message = "failed", f"step {k + 1}: {type(e).__name__}: {e}"
+                break
+            finally:
+                clock += time.perf_counter() - t0
+            k += 1
+            loss = float(loss)
+            rec: dict[str, Any] = {"step": k, "time": clock, "batch_loss": loss}
+            stats = getattr(opt, "last_stats", None)
+            if stats is not None:
+                rec["stats"] = _jsonable(stats)
+            if not math.isfinite(loss):
+                res.status, res.message = "diverged", f"step {k}: the loss is {loss}"
+                if log:
+                    log.write(json.dumps(_jsonable(rec)) + "\n")
+                break
+            due = not final_only and (
+                k in _EVAL_STEPS
+                or (interval and clock - last_eval >= interval)
+                or (steps is not None and (k % step_interval == 0 or k == steps))
+                or (budget is not None and clock >= budget)
+            )
+            if due:
+                last_eval = clock
+                ok = record(rec)
+                if not ok:
+                    res.status, res.message = (
+                        "diverged",
+                        f"step {k}: the training loss is {rec['train_loss']}",
+                    )
+            if log:
+                log.write(json.dumps(_jsonable(rec)) + "\n")
+            if res.status != "ok":
+                break
+        res.steps, res.train_time = k, clock
+        if res.status == "ok" and res.history[-1]["step"] != k and not record({"step": k, "time": clock}):
+            res.status, res.message = (
+                "diverged",
+                f"step {k}: the training loss is {res.history[-1]['train_loss']}",
+            )
+        elif res.status == "failed" and res.history[-1]["step"] != k:
+            record({"step": k, "time": clock})  # where the failed run stopped
+    except KeyboardInterrupt:  # keep what was done; the caller stops the job
+        res.status, res.message = "interrupted", f"interrupted by the user after {k} steps"
+        res.steps, res.train_time = k, clock
+    finally:
+        if log:
+            log.close()
+    return res
+
+
+def tune_lr(
+    name: str,
+    ds: Dataset,
+    init_model: nn.Module,
+    loss_fn: nn.Module,
+    cfg: TrainConfig,
+    progress: ProgressFn | None = None,
+) -> tuple[float, dict[str, float]]:
+    """The grid lr with the lowest final train loss after a short run (diverged: inf)."""
+    scores: dict[str, float] = {}
+    short_steps = None if cfg.steps is None else max(1, cfg.steps // 10)
+    short_budget = cfg.tune_budget if cfg.budget is not None else None
+    if short_budget is None and short_steps is None:
+        short_budget = cfg.tune_budget
+    for lr in LR_GRID[name]:
+        r = run_one(name, lr, ds, init_model, loss_fn, cfg, short_budget, short_steps, final_only=True)
+        if r.status == "interrupted":
+            raise KeyboardInterrupt
+        loss = r.final.get("train_loss", math.inf) if r.status == "ok" else math.inf
+        scores[f"{lr:g}"] = loss if math.isfinite(loss) else math.inf
+        if progress is not None:
+            progress(name, {"tuning": lr, "train_loss": loss})
+    best = min(scores, key=lambda k: scores[k])
+    return float(best), scores
+
+
+# -- the job ----------------------------------------------------------------------------------------
+def loss_for(ds: Dataset) -> nn.Module:
+    return nn.CrossEntropyLoss() if ds.task == "classification" else nn.MSELoss()
+
+
+def _fmt_time(t: float | None) -> str:
+    return "—" if t is None else f"{t:.2f}"
+
+
+def time_to_target_table(
+    results: list[RunResult], target: float | None, task: str
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the time-to-target table (fastest first; missed targets last)."""
+    head = [
+        "optimizer",
+        "lr",
+        "status",
+        "time to target (s)",
+        "steps to target",
+        "steps",
+        "train time (s)",
+        "final train loss",
+        "final test loss",
+    ]
+    if task == "classification":
+        head.append("final test acc")
+
+    def key(r: RunResult) -> tuple:
+        final = r.final.get("train_loss", math.inf)
+        return (
+            r.time_to_target is None,
+            r.time_to_target or 0.0,
+            r.status != "ok",
+            final if math.isfinite(final) else math.inf,
+        )
+
+    rows = []
+    for r in sorted(results, key=key):
+        f = r.final
+        row = [
+            r.name,
+            f"{r.lr:g}",
+            r.status,
+            _fmt_time(r.time_to_target),
+            "—" if r.steps_to_target is None else str(r.steps_to_target),
+            str(r.steps),
+            f"{r.train_time:.1f}",
+            f"{f['train_loss']:.4g}" if "train_loss" in f else "—",
+            f"{f['test_loss']:.4g}" if "test_loss" in f else "—",
+        ]
+        if task == "classification":
+            row.append(f"{100 * f['test_acc']:.1f}%" if "test_acc" in f else "—")
+        rows.append(row)
+    return head, rows
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def train(
+    ds: Dataset,
+    cfg: TrainConfig,
+    progress: ProgressFn | None = None,
+    on_run_start: Callable[[str, float], None] | None = None,
+) -> tuple[list[RunResult], dict[str, Any]]:
+    """Run every optimizer of ``cfg``; write logs, ``summary.json``, ``table.md``, ``loss.png``."""
+    from hessinv.cli.plots import plot_runs
+
+    for name in cfg.optimizers:
+        if name not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    dtype = {"float64": torch.float64, "float32": torch.float32}[cfg.dtype]
+    device = torch.device(cfg.device)
+    ds = ds.to(dtype=dtype, device=device)
+    loss_fn = loss_for(ds)
+    init_model = build_model(
+        ds.input_dim,
+        ds.output_dim,
+        cfg.depth,
+        cfg.width,
+        cfg.activation,
+        cfg.residual,
+        cfg.init,
+        cfg.seed,
+        dtype,
+        device,
+    )
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output directory {out}: {e}") from None
+
+    results: list[RunResult] = []
+    interrupted = False
+    for name in cfg.optimizers:
+        lr = cfg.lrs.get(name, DEFAULT_LR[name])
+        tuning: dict[str, float] = {}
+        try:
+            if cfg.tune and name in LR_GRID and name not in cfg.lrs:
+                lr, tuning = tune_lr(name, ds, init_model, loss_fn, cfg, progress)
+            if on_run_start is not None:
+                on_run_start(name, lr)
+            r = run_one(
+                name, lr, ds, init_model, loss_fn, cfg, cfg.budget, cfg.steps, out / f"{name}.jsonl", progress
+            )
+        except KeyboardInterrupt:  # during tuning
+            r = RunResult(name, lr, "interrupted", "interrupted by the user while tuning")
+        interrupted = r.status == "interrupted"
+        r.tuning = tuning
+        results.append(r)
+        if interrupted:
+            break
+
+    n_params = sum(p.numel() for p in init_model.parameters())
+    summary = {
+        "hessinv_version": hessinv.__version__,
+        "torch_version": torch.__version__,
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "load_average_at_end": _load_average(),  # other processes slow every timing down
+        "dataset": {
+            "name": ds.name,
+            "task": ds.task,
+            "train": len(ds.X_train),
+            "test": len(ds.X_test),
+            "features": ds.input_dim,
+            "classes": ds.n_classes,
+        },
+        "model": {
+            "depth": cfg.depth,
+            "width": cfg.width,
+            "activation": cfg.activation,
+            "residual": cfg.residual,
+            "init": cfg.init,
+            "parameters": n_params,
+            "dtype": cfg.dtype,
+            "device": cfg.device,
+        },
+        "config": {
+            "optimizers": cfg.optimizers,
+            "batch_size": cfg.batch_size,
+            "budget_s": cfg.budget,
+            "steps": cfg.steps,
+            "target_loss": cfg.target_loss,
+            "tune": cfg.tune,
+            "seed": cfg.seed,
+            "lr_overrides": cfg.lrs,
+        },
+        "runs": {r.name: r.to_json() for r in results},
+        "interrupted": interrupted,
+    }
+    head, rows = time_to_target_table(results, cfg.target_loss, ds.task)
+    summary["table"] = [dict(zip(head, r, strict=True)) for r in rows]
+    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+    title = (
+        f"{ds.name}: depth {cfg.depth}, width {cfg.width} {cfg.activation}"
+        f"{' residual' if cfg.residual else ''} MLP ({n_params} parameters)"
+    )
+    target = "none" if cfg.target_loss is None else f"{cfg.target_loss:g}"
+    md = f"# {title}\n\nTime to reach train loss <= {target} (training time only, evaluation excluded).\n\n"
+    (out / "table.md").write_text(md + markdown_table(head, rows))
+    try:
+        plot_runs(results, out / "loss.png", title=title, target=cfg.target_loss)
+    except Exception as e:  # a plotting problem must not lose the logs
+        summary["plot_error"] = f"{type(e).__name__}: {e}"
+        (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+    return results, summary

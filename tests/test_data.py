@@ -1,0 +1,155 @@
+"""The offline data loaders of ``hessinv train``: shapes, determinism, file round-trips, errors."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from hessinv.cli.data import DataError, load_dataset, load_file, regression_function, save_dataset
+
+
+def test_digits_shapes_and_split():
+    ds = load_dataset("digits", seed=0)
+    assert ds.task == "classification" and ds.n_classes == 10
+    assert ds.X_train.shape[1] == 64 and ds.input_dim == 64 and ds.output_dim == 10
+    assert len(ds.X_train) + len(ds.X_test) == 1797
+    assert len(ds.X_test) == round(0.2 * 1797)
+    assert ds.X_train.dtype == torch.float64 and ds.y_train.dtype == torch.int64
+    assert int(ds.y_train.min()) == 0 and int(ds.y_train.max()) == 9
+    # standardized with the training statistics
+    assert torch.allclose(ds.X_train.mean(0), torch.zeros(64, dtype=torch.float64), atol=1e-12)
+
+
+def test_digits_match_sklearn():
+    from sklearn.datasets import load_digits
+
+    from hessinv.cli.data import _digits
+
+    X, y = _digits()
+    Xs, ys = load_digits(return_X_y=True)
+    assert np.array_equal(X, Xs) and np.array_equal(y, ys)
+
+
+def test_digits_deterministic_by_seed():
+    a, b, c = load_dataset("digits", seed=1), load_dataset("digits", seed=1), load_dataset("digits", seed=2)
+    assert torch.equal(a.X_train, b.X_train) and torch.equal(a.y_test, b.y_test)
+    assert not torch.equal(a.y_train, c.y_train)
+
+
+def test_digits_subsample():
+    ds = load_dataset("digits", seed=0, n_samples=200, test_fraction=0.25)
+    assert (len(ds.X_train), len(ds.X_test)) == (150, 50)
+
+
+def test_mnist1d_offline_and_deterministic():
+    np.random.seed(123)
+    random.seed(123)
+    before = (np.random.get_state()[1].copy(), random.getstate())
+    a = load_dataset("mnist1d", seed=3, n_samples=300)
+    # make_dataset seeds the global generators; the loader must put them back
+    assert np.array_equal(np.random.get_state()[1], before[0]) and random.getstate() == before[1]
+    b = load_dataset("mnist1d", seed=3, n_samples=300)
+    c = load_dataset("mnist1d", seed=4, n_samples=300)
+    assert a.task == "classification" and a.n_classes == 10 and a.input_dim == 40
+    assert len(a.X_train) + len(a.X_test) == 300 and len(a.X_test) == 60
+    assert torch.equal(a.X_train, b.X_train) and torch.equal(a.y_train, b.y_train)
+    assert not torch.equal(a.X_train, c.X_train)
+
+
+def test_regression_dataset():
+    ds = load_dataset("regression", seed=0, n_samples=500)
+    assert ds.task == "regression" and ds.output_dim == 1 and ds.input_dim == 4
+    assert ds.y_train.shape == (400, 1) and ds.y_train.dtype == torch.float64
+    assert torch.equal(ds.y_train, load_dataset("regression", seed=0, n_samples=500).y_train)
+    X = np.random.default_rng(0).uniform(-1, 1, (5, 4))
+    assert regression_function(X).shape == (5, 1)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".csv"])
+def test_file_round_trip_classification(tmp_path, suffix):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(50, 3))
+    y = rng.integers(3, 6, size=50)  # labels 3..5 are remapped to 0..2
+    path = save_dataset(tmp_path / f"d{suffix}", X, y)
+    Xr, yr, _, _ = load_file(path)
+    np.testing.assert_array_equal(Xr, X)  # %.17g round-trips float64 exactly
+    np.testing.assert_array_equal(yr, y)
+    ds = load_dataset(str(path), seed=0, standardize=False)
+    assert ds.task == "classification" and ds.n_classes == 3
+    assert len(ds.X_train) == 40 and len(ds.X_test) == 10
+    allX = torch.cat([ds.X_train, ds.X_test])
+    assert sorted(map(tuple, allX.tolist())) == sorted(map(tuple, X.tolist()))
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".csv"])
+def test_file_round_trip_regression(tmp_path, suffix):
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(40, 2)), rng.normal(size=40)
+    ds = load_dataset(str(save_dataset(tmp_path / f"r{suffix}", X, y)), seed=0)
+    assert ds.task == "regression" and ds.output_dim == 1 and ds.y_train.shape == (32, 1)
+
+
+def test_npz_with_own_test_split_and_task_override(tmp_path):
+    rng = np.random.default_rng(2)
+    np.savez(
+        tmp_path / "s.npz",
+        features=rng.normal(size=(30, 4)),
+        labels=rng.integers(0, 2, 30),
+        features_test=rng.normal(size=(7, 4)),
+        labels_test=rng.integers(0, 2, 7),
+    )
+    ds = load_dataset(str(tmp_path / "s.npz"))
+    assert (len(ds.X_train), len(ds.X_test), ds.n_classes) == (30, 7, 2)
+    reg = load_dataset(str(tmp_path / "s.npz"), task="regression")
+    assert reg.task == "regression" and reg.y_train.dtype == torch.float64
+
+
+def test_csv_without_header(tmp_path):
+    p = tmp_path / "plain.csv"
+    p.write_text("0.5,1.0,0\n1.5,2.0,1\n2.5,3.0,0\n3.5,4.0,1\n4.5,5.0,1\n")
+    ds = load_dataset(str(p), test_fraction=0.4)
+    assert ds.input_dim == 2 and ds.n_classes == 2 and len(ds.X_test) == 2
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("a,b,y\n1,2,x\n", "non-numeric"),
+        ("x,y\n", "no data rows"),
+        ("1,2,3\n1,2\n", "different numbers of columns"),
+        ("1\n2\n", "at least 2 columns"),
+    ],
+)
+def test_bad_csv(tmp_path, content, match):
+    p = tmp_path / "bad.csv"
+    p.write_text(content)
+    with pytest.raises(DataError, match=match):
+        load_dataset(str(p))
+
+
+def test_unreadable_and_missing_files(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(str(tmp_path / "nope.npz"))
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"\x00\x01 this is not a zip file")
+    with pytest.raises(DataError, match="cannot read"):
+        load_dataset(str(garbage))
+    np.savez(tmp_path / "keys.npz", a=np.zeros((3, 2)), b=np.zeros(3))
+    with pytest.raises(DataError, match="must contain features"):
+        load_dataset(str(tmp_path / "keys.npz"))
+    other = tmp_path / "data.json"
+    other.write_text("{}")
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_dataset(str(other))
+    nan = tmp_path / "nan.npz"
+    np.savez(nan, X=np.array([[1.0], [np.nan], [2.0]]), y=np.array([0, 1, 0]))
+    with pytest.raises(DataError, match="NaN"):
+        load_dataset(str(nan))
+
+
+def test_unknown_dataset():
+    with pytest.raises(DataError, match="unknown dataset 'imagenet'"):
+        load_dataset("imagenet")
