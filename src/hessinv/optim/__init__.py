@@ -1,0 +1,30 @@
+"""Optimizers built on the exact curvature: :class:`Newton` and its damping rules.
+
+==========================  ====================================================================
+name                        what
+==========================  ====================================================================
+:class:`Newton`             ``torch.optim.Optimizer``: ``step(inputs, targets)`` takes one
+                            Hessian- (or Gauss-Newton-) preconditioned step
+:class:`StepStats`          what one step did: losses, predicted/actual decrease, ``lambda``,
+                            radius, inertia, sweep counts and times
+:class:`TrustRegion`        default damping: exact Moré–Sorensen subproblem + ratio test
+:class:`LevenbergMarquardt` damping adapted by Nielsen's rule (for Gauss-Newton)
+:class:`FixedDamping`       ``H + eps I`` with a fixed ``eps``, every step taken (experiments)
+==========================  ====================================================================
+
+>>> import torch, hessinv.optim
+>>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+>>> opt = hessinv.optim.Newton(net, torch.nn.CrossEntropyLoss(), seed=0)
+>>> loss = opt.step(torch.randn(8, 4), torch.randint(0, 2, (8,)))
+>>> opt.last_stats.step, opt.last_stats.predicted_decrease > 0
+(1, True)
+"""
+
+from hessinv.optim.damping import DampingRule, FixedDamping, LevenbergMarquardt, Proposal
+from hessinv.optim.newton import Newton, StepStats
+from hessinv.optim.trust_region import SubproblemSolution, TrustRegion, solve_subproblem
+
+__all__ = [
+    "Newton", "StepStats", "TrustRegion", "LevenbergMarquardt", "FixedDamping", "DampingRule",
+    "Proposal", "solve_subproblem", "SubproblemSolution",
+]  # fmt: skip

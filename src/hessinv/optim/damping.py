@@ -1,0 +1,267 @@
+"""Damping rules: how the Newton optimizer turns ``H`` and ``g`` into a step ``s = -(H + lambda I)^{-1} g``.
+
+Every rule is a small object with one contract (optax style): its mutable state is a plain ``dict``
+of Python numbers (so it goes into ``state_dict`` as is), and
+
+================================  ================================================================
+method                            does
+================================  ================================================================
+``init() -> state``               the state before the first step
+``propose(sweeps, g, state)``     a :class:`Proposal`: the step ``s`` (before ``lr``) and its ``lambda``
+``update(state, proposal, rho)``  ``(new_state, accepted)`` from the ratio ``rho`` of actual to
+                                  predicted decrease of the step that was tried
+================================  ================================================================
+
+Rules here: :class:`LevenbergMarquardt` (``lambda`` adapted by Nielsen's rule from ``rho``; meant for
+the Gauss-Newton matrix, kept positive definite for the Hessian too) and :class:`FixedDamping`
+(``lambda = eps`` every step, every step taken: the published baseline that goes uphill along
+negative curvature when ``H + eps I`` is indefinite). The default rule, the trust region, lives in
+:mod:`hessinv.optim.trust_region`.
+
+Symbols -> names: ``lambda`` -> ``damping``, ``nu`` -> ``nu``, ``rho`` -> ``rho``, ``g`` -> ``gradient``.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from hessinv.curvature import CurvatureOperator
+from hessinv.errors import SingularError
+from hessinv.riccati import Inertia, StageFactor, riccati_factor, riccati_solve
+
+__all__ = ["DampingRule", "LevenbergMarquardt", "FixedDamping", "Proposal", "Sweeps", "RiccatiFactor"]
+
+State = dict[str, Any]
+
+
+class RiccatiFactor(NamedTuple):
+    """``H + damping I`` factored by the backward Riccati sweep (see :mod:`hessinv.riccati`)."""
+
+    factors: list[StageFactor | None]
+    damping: float
+    inertia: Inertia
+    positive_definite: bool
+
+
+class Sweeps:
+    """The factorizations, solves and products of one optimizer step on one operator, counted and timed.
+
+    Solves are unrefined (one backward and one forward sweep); the trust-region ratio test catches
+    what rounding would spoil. The positive-definiteness test stops at the first pivot without a
+    Cholesky factor, so a failed test costs a fraction of a factorization.
+    """
+
+    def __init__(self, op: CurvatureOperator):
+        self.op = op
+        self.sizes = [blk.p for blk in op.blocks]
+        self.names = list(getattr(op, "_names", [f"block {i}" for i in range(len(op.blocks))]))
+        self.factorizations = self.solves = self.products = 0
+        self.time_factor = self.time_solve = 0.0
+
+    def cholesky(self, damping: float) -> RiccatiFactor | None:
+        """The factorization of ``H + damping I`` if it is positive definite, else None."""
+        t = time.perf_counter()
+        self.factorizations += 1
+        try:
+            factors, inertia, pd = riccati_factor(
+                self.op.blocks, float(damping), self.names, self.op.gradient, stop_if_indefinite=True
+            )
+        except SingularError:
+            pd = False
+        self.time_factor += time.perf_counter() - t
+        return RiccatiFactor(factors, float(damping), inertia, True) if pd else None
+
+    def factor(self, damping: float) -> RiccatiFactor:
+        """The full factorization of ``H + damping I`` (indefinite allowed; singular raises)."""
+        t = time.perf_counter()
+        self.factorizations += 1
+        try:
+            factors, inertia, pd = riccati_factor(
+                self.op.blocks, float(damping), self.names, self.op.gradient
+            )
+        finally:
+            self.time_factor += time.perf_counter() - t
+        return RiccatiFactor(factors, float(damping), inertia, pd)
+
+    def solve(self, F: RiccatiFactor, rhs: Tensor) -> Tensor:
+        """``(H + damping I)^{-1} rhs`` for ``rhs`` of shape (n,), without refinement."""
+        t = time.perf_counter()
+        self.solves += 1
+        parts = list(torch.split(rhs.reshape(-1, 1), self.sizes, dim=0))
+        x = torch.cat(riccati_solve(self.op.blocks, F.factors, parts), dim=0)[:, 0]
+        self.time_solve += time.perf_counter() - t
+        return x
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H v`` (the ``O(L)`` product)."""
+        t = time.perf_counter()
+        self.products += 1
+        out = self.op @ v
+        self.time_solve += time.perf_counter() - t
+        return out
+
+
+@dataclass
+class Proposal:
+    """A step proposed by a damping rule, before ``lr`` scales it.
+
+    Attributes:
+        step: ``s`` with ``(H + damping I) s = -g`` (plus, in the trust region's hard case, a multiple of
+            an eigenvector for ``lambda_min``).
+        damping: ``lambda``.
+        factor: the factorization of ``H + lambda I`` the step was solved with.
+        radius: the trust-region radius the step was computed for (None for other rules).
+        boundary: ``||s|| = radius`` (trust region only).
+        hard_case: the Moré–Sorensen hard case occurred (trust region only).
+        lambda_lower: a proved lower bound on ``-lambda_min(H)`` (``-inf`` if nothing was proved).
+            Positive means ``H`` has a negative eigenvalue.
+        positive_definite_at_zero: whether ``H`` itself passed the Cholesky test (None: not tested).
+        direction: an estimate of the eigenvector of ``lambda_min(H)`` (trust region only; None if none).
+        fallback: a shorter step to try if ``step`` is rejected (the trust region's hard case).
+    """
+
+    step: Tensor
+    damping: float
+    factor: RiccatiFactor
+    radius: float | None = None
+    boundary: bool = False
+    hard_case: bool = False
+    lambda_lower: float = -math.inf
+    positive_definite_at_zero: bool | None = None
+    direction: Tensor | None = None
+    fallback: Tensor | None = None
+
+
+class DampingRule(abc.ABC):
+    """The contract every damping rule follows (see the module docstring)."""
+
+    #: what ``Newton(damping=...)`` and the state dict call the rule
+    name: str = "rule"
+    #: a step is accepted iff ``rho > eta``
+    eta: float = 0.0
+
+    def accept(self, rho: float) -> bool:
+        """Whether a step with ratio ``rho`` is accepted (used for backtracked steps too)."""
+        return rho > self.eta
+
+    @abc.abstractmethod
+    def init(self) -> State:
+        """The rule's state before the first step."""
+
+    @abc.abstractmethod
+    def propose(self, sweeps: Sweeps, gradient: Tensor, state: State) -> Proposal:
+        """The step to try, for the curvature in ``sweeps.op`` and the (batch) gradient."""
+
+    @abc.abstractmethod
+    def update(self, state: State, proposal: Proposal, rho: float) -> tuple[State, bool]:
+        """``(new_state, accepted)`` given ``rho`` = actual / predicted decrease of the tried step."""
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
+    value = float(value)
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return value
+
+
+class LevenbergMarquardt(DampingRule):
+    """Levenberg–Marquardt damping with Nielsen's update.
+
+    ``s = -(H + lambda I)^{-1} g``. A step is accepted when ``rho > eta``; then
+    ``lambda <- lambda * max(1/3, 1 - (2 rho - 1)^3)`` and ``nu <- 2``; otherwise
+    ``lambda <- lambda * nu`` and ``nu <- 2 nu`` (Nielsen 1999, as in levmar and Ceres).
+    If ``H + lambda I`` is not positive definite (possible for the Hessian, never for Gauss-Newton
+    with ``lambda > 0``), ``lambda`` is multiplied by 4 until it is, so the step is always a descent
+    direction. The first ``lambda`` defaults to ``1e-3 * ||H||`` (a power-iteration estimate).
+
+    >>> LevenbergMarquardt(damping=1.0).init()
+    {'damping': 1.0, 'nu': 2.0}
+    """
+
+    name = "levenberg-marquardt"
+
+    def __init__(
+        self,
+        damping: float | None = None,
+        eta: float = 1e-4,
+        min_damping: float = 1e-12,
+        max_damping: float = 1e12,
+    ):
+        self.damping = None if damping is None else _check_positive("damping", damping)
+        self.eta = _check_positive("eta", eta, allow_zero=True)
+        self.min_damping = _check_positive("min_damping", min_damping)
+        self.max_damping = _check_positive("max_damping", max_damping)
+        if self.min_damping > self.max_damping:
+            raise ValueError(f"min_damping {min_damping} exceeds max_damping {max_damping}")
+
+    def __repr__(self) -> str:
+        return f"LevenbergMarquardt(damping={self.damping}, eta={self.eta})"
+
+    def init(self) -> State:
+        return {"damping": -1.0 if self.damping is None else self.damping, "nu": 2.0}
+
+    def propose(self, sweeps: Sweeps, gradient: Tensor, state: State) -> Proposal:
+        lam = float(state["damping"])
+        if lam <= 0:  # first step: scale by the curvature
+            lam = min(max(1e-3 * sweeps.op.norm_estimate(iters=10), self.min_damping), self.max_damping)
+        F = sweeps.cholesky(lam)
+        while F is None:
+            if lam >= self.max_damping:
+                raise SingularError(
+                    f"H + lambda I is not positive definite even at lambda = {lam:g}", damping=lam
+                )
+            lam = min(4 * lam, self.max_damping)
+            F = sweeps.cholesky(lam)
+        step = -sweeps.solve(F, gradient)
+        return Proposal(step, lam, F)
+
+    def update(self, state: State, proposal: Proposal, rho: float) -> tuple[State, bool]:
+        lam, nu = proposal.damping, float(state["nu"])
+        accepted = self.accept(rho)
+        if accepted:
+            lam, nu = lam * max(1 / 3, 1 - (2 * min(rho, 1.0) - 1) ** 3), 2.0
+        else:
+            lam, nu = lam * nu, 2 * nu
+        lam = min(max(lam, self.min_damping), self.max_damping)
+        return {"damping": lam, "nu": nu}, accepted
+
+
+class FixedDamping(DampingRule):
+    """``s = -(H + eps I)^{-1} g`` with a fixed ``eps``, every step taken (for experiments).
+
+    With an indefinite ``H + eps I`` this step can go uphill (its predicted decrease is negative):
+    this is the baseline the trust region exists to beat. Raises :class:`~hessinv.SingularError`
+    when ``H + eps I`` is singular.
+
+    >>> FixedDamping(0.1).init()
+    {}
+    """
+
+    name = "fixed"
+
+    def __init__(self, damping: float):
+        self.damping = _check_positive("damping", damping, allow_zero=True)
+
+    def __repr__(self) -> str:
+        return f"FixedDamping({self.damping})"
+
+    def init(self) -> State:
+        return {}
+
+    def propose(self, sweeps: Sweeps, gradient: Tensor, state: State) -> Proposal:
+        F = sweeps.factor(self.damping)
+        return Proposal(-sweeps.solve(F, gradient), self.damping, F)
+
+    def accept(self, rho: float) -> bool:
+        return True
+
+    def update(self, state: State, proposal: Proposal, rho: float) -> tuple[State, bool]:
+        return dict(state), True

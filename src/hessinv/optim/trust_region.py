@@ -1,0 +1,351 @@
+r"""The trust-region subproblem, solved exactly (Moré–Sorensen) with the Riccati factorization.
+
+The subproblem, for the curvature ``H`` (indefinite allowed), gradient ``g`` and radius ``Delta``::
+
+    minimize  m(s) = g^T s + 1/2 s^T H s   subject to  ||s|| <= Delta
+
+has a global solution ``s* = -(H + lambda* I)^{-1} g`` with ``lambda* >= max(0, -lambda_min(H))``
+and ``lambda* (Delta - ||s*||) = 0`` (Gay 1981; Moré & Sorensen 1983). Because the Riccati sweep is
+Gaussian elimination of ``H + lambda I`` itself, *"every pivot has a Cholesky factor"* is exactly
+*"``H + lambda I`` is positive definite"* (math.md §2): the test that keeps ``lambda`` above
+``-lambda_min`` costs one sweep that stops at the first bad pivot, and ``lambda_min`` is never computed.
+
+Symbols -> names:
+
+===========================  ===================================================================
+symbol                       code
+===========================  ===================================================================
+``Delta``                    ``radius``
+``lambda``                   ``lam``; bracket ``[lam_lo, lam_hi]`` for ``lambda*``
+``s(lambda)``                ``s = -(H + lam I)^{-1} g``
+``phi(lambda)``              ``1/||s|| - 1/Delta`` (concave, increasing on ``(-lambda_min, inf)``)
+``||q||^2``                  ``s^T (H + lam I)^{-1} s`` (one more solve on the same factorization)
+``u``                        unit vector with small ``u^T (H + lam I) u`` (inverse iteration)
+``tau``                      ``||s + tau u|| = Delta`` (the hard case)
+===========================  ===================================================================
+
+Newton's method on the secular equation ``phi(lambda) = 0`` is
+
+    lambda+ = lambda + (||s||^2 / ||q||^2) (||s|| - Delta) / Delta
+
+(``d||s||/dlambda = -||q||^2 / ||s||``). From the left of ``lambda*`` (``||s|| > Delta``) the iterates
+increase monotonically to ``lambda*``; from the right they may leave the positive definite region,
+which the bracket safeguard catches. A ``lambda`` whose sweep fails the Cholesky test raises the lower
+end of the bracket; an interior solve (``||s|| < Delta``, ``lambda > 0``) lowers the upper end and,
+through the Rayleigh quotient of ``u``, gives ``lambda - u^T (H + lambda I) u <= -lambda_min``.
+
+Termination (``sigma = rtol (2 - rtol)``, so ``1 - sigma = (1 - rtol)^2``); each gives
+``m(s) <= (1 - sigma) m*`` (checked against a dense eigendecomposition in the tests):
+
+* boundary: ``| ||s|| - Delta | <= rtol Delta`` (Moré & Sorensen's test; a step outside the ball is
+  then scaled onto the sphere, which keeps it a descent direction of the model);
+* interior: ``lambda (Delta^2 - ||s||^2) <= sigma / (1 - sigma) (s^T (H + lambda I) s + lambda ||s||^2)``
+  -- the Lagrangian bound ``m* >= m(s) - lambda (Delta^2 - ||s||^2) / 2`` and
+  ``-m(s) = (s^T (H + lambda I) s + lambda ||s||^2) / 2``; covers ``lambda = 0`` and a singular positive
+  semi-definite ``H`` (cross-entropy's Hessian always is: softmax ignores a common shift of the logits);
+* hard case: ``tau^2 u^T (H + lambda I) u <= sigma (s^T (H + lambda I) s + lambda Delta^2)``
+  -- then ``s + tau u`` qualifies (Moré & Sorensen 1983, Lemma 3.4).
+
+Warm starts: ``lambda = 0`` is tried first (a Newton step inside the region costs one factorization),
+unless the caller passes the previous step's eigenvector estimate ``direction``, whose Rayleigh
+quotient already proves negative curvature; then the previous ``lambda`` starts the iteration.
+
+Example: the step on a small tanh chain lies in the ball, and ``H + lambda I`` is positive definite.
+
+>>> import torch, hessinv
+>>> from hessinv.optim.damping import Sweeps
+>>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+<torch._C.Generator object at ...>
+>>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+>>> H = hessinv.hessian(net, torch.nn.MSELoss(), torch.randn(16, 3, dtype=torch.float64),
+...                     torch.randn(16, 1, dtype=torch.float64))
+>>> sol = solve_subproblem(Sweeps(H), H.gradient, radius=0.5)
+>>> bool(sol.step.norm() <= 0.5 * (1 + 1e-12)), bool(H.is_positive_definite(sol.damping))
+(True, True)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hessinv.optim.damping import DampingRule, Proposal, RiccatiFactor, State, Sweeps, _check_positive
+
+__all__ = ["TrustRegion", "SubproblemSolution", "solve_subproblem"]
+
+
+@dataclass
+class SubproblemSolution:
+    """What :func:`solve_subproblem` returns.
+
+    Attributes:
+        step: ``s`` with ``||s|| <= radius``.
+        damping: ``lambda``; ``H + lambda I`` is positive definite.
+        factor: the factorization of ``H + lambda I``.
+        boundary: ``||s|| = radius``.
+        hard_case: ``s`` includes a multiple of the (approximate) eigenvector of ``lambda_min``.
+        iterations: factorizations spent.
+        lambda_lower: proved lower bound on ``-lambda_min(H)`` (``-inf``: nothing proved).
+        positive_definite_at_zero: whether ``H`` itself passed the Cholesky test (None: not tried).
+        direction: the latest estimate of the eigenvector of ``lambda_min(H)`` (None if none was
+            made); pass it as ``direction`` to the next solve.
+        alternative: in the hard case, the step with the other root ``tau'`` (also on the sphere,
+            with a model value no lower; for experiments). None otherwise.
+        fallback: in the hard case, ``s = -(H + lambda I)^{-1} g`` alone: the exact solution of the
+            subproblem with the smaller radius ``||s||`` (what to try if ``step`` is rejected).
+    """
+
+    step: Tensor
+    damping: float
+    factor: RiccatiFactor
+    boundary: bool
+    hard_case: bool
+    iterations: int
+    lambda_lower: float
+    positive_definite_at_zero: bool | None
+    direction: Tensor | None = None
+    alternative: Tensor | None = None
+    fallback: Tensor | None = None
+
+
+def _dot(a: Tensor, b: Tensor) -> float:
+    return float(torch.dot(a.double(), b.double()))
+
+
+def _safeguard(lo: float, hi: float) -> float:
+    """A point strictly inside ``(lo, hi)``, geometric when possible (Moré–Sorensen's rule)."""
+    return max(math.sqrt(max(lo, 0.0) * hi), 1e-3 * hi, lo + 1e-2 * (hi - lo))
+
+
+def _inverse_iteration(
+    sweeps: Sweeps, F: RiccatiFactor, iters: int, start: Tensor | None = None
+) -> tuple[Tensor, float]:
+    """A unit ``u`` and ``u^T (H + lambda I) u`` by inverse iteration with the (PD) factorization ``F``.
+
+    With ``w = (H + lambda I)^{-1} v``: ``u = w / ||w||`` has ``u^T (H + lambda I) u = (v . w) / ||w||^2``,
+    so no product with ``H`` is needed. The start vector is ``start`` (e.g. the previous step's ``u``)
+    or a fixed seeded one, so steps are reproducible.
+    """
+    if start is None:
+        gen = torch.Generator(device="cpu").manual_seed(1234)
+        start = torch.randn(sweeps.op.shape[0], generator=gen, dtype=torch.float64)
+    v = start.to(dtype=sweeps.op.dtype, device=sweeps.op.device)
+    v = v / v.norm()
+    rq = math.inf
+    for _ in range(max(iters, 1)):
+        w = sweeps.solve(F, v)
+        wn = float(w.norm())
+        if not math.isfinite(wn) or wn == 0.0:
+            break
+        rq = _dot(v, w) / wn**2
+        v = w / wn
+    return v, max(rq, 0.0)
+
+
+def _boundary_taus(s: Tensor, u: Tensor, radius: float, lam: float, uAu: float) -> tuple[float, float]:
+    """The roots ``tau`` of ``||s + tau u|| = radius`` (``u`` unit), the smaller model value first."""
+    su, ss = _dot(s, u), _dot(s, s)
+    disc = math.sqrt(max(su * su + radius * radius - ss, 0.0))
+    roots = sorted((-su - disc, -su + disc), key=lambda t: -t * lam * su + 0.5 * t * t * (uAu - lam))
+    # m(s + tau u) - m(s) = -tau lam (s.u) + tau^2/2 (u^T H u),  u^T H u = uAu - lam
+    return roots[0], roots[1]
+
+
+def solve_subproblem(
+    sweeps: Sweeps,
+    gradient: Tensor,
+    radius: float,
+    *,
+    damping_init: float = 0.0,
+    direction: Tensor | None = None,
+    rtol: float = 0.1,
+    max_iter: int = 30,
+    inverse_iterations: int = 3,
+) -> SubproblemSolution:
+    """Solve ``min g^T s + 1/2 s^T H s  s.t. ||s|| <= radius`` to relative accuracy ``rtol``.
+
+    Args:
+        sweeps: the operator ``H`` (``sweeps.op``) with counters for factorizations and solves.
+        gradient: ``g`` (may differ from ``sweeps.op.gradient``, e.g. a larger batch than the curvature).
+        radius: ``Delta > 0``.
+        damping_init: a guess for ``lambda*`` (the previous step's).
+        direction: a guess for the eigenvector of ``lambda_min(H)`` (the previous step's ``u``). Its
+            Rayleigh quotient proves ``-lambda_min >= -u^T H u`` for one product with ``H``, which spares
+            failing Cholesky tests below that bound, and it starts the inverse iteration.
+            Without a proof of negative curvature, ``lambda = 0`` is tried first, so a Newton step
+            inside the region costs one factorization.
+        rtol: boundary tolerance; the model value is within a factor ``1 - rtol (2 - rtol)`` of optimal.
+        max_iter: factorizations after which the best step at hand is returned.
+        inverse_iterations: solves per estimate of the eigenvector of ``lambda_min`` (hard case).
+    """
+    if not (math.isfinite(radius) and radius > 0):
+        raise ValueError(f"radius must be finite and > 0, got {radius}")
+    g = gradient
+    gnorm = float(g.double().norm())
+    sigma = rtol * (2 - rtol)
+    lo, hi = 0.0, math.inf  # bracket for lambda*
+    lam_psd = -math.inf  # proved: -lambda_min(H) >= lam_psd
+    pd0: bool | None = None
+    interior: tuple | None = None  # (F, s, u, uAu) of the latest PD interior point
+    u_last: Tensor | None = None
+    lam = 0.0
+    if direction is not None and direction.shape == g.shape and bool(torch.isfinite(direction).all()):
+        u_last = direction / direction.norm()
+        rq = _dot(u_last, sweeps.matvec(u_last))  # >= lambda_min(H)
+        lam_psd = max(lam_psd, -rq)
+        if -rq > 0:  # H is indefinite: lambda* > -rq, skip the test at 0
+            lo = -rq
+            lam = max(damping_init, 1.05 * lo)
+    it = 0
+
+    def result(step: Tensor, F: RiccatiFactor, boundary: bool, hard: bool) -> SubproblemSolution:
+        return SubproblemSolution(step, F.damping, F, boundary, hard, it, lam_psd, pd0, u_last)
+
+    def hard_step(F: RiccatiFactor, s: Tensor, u: Tensor, uAu: float) -> SubproblemSolution:
+        tau, tau_other = _boundary_taus(s, u, radius, F.damping, uAu)
+        sol = result(s + tau * u, F, True, True)
+        sol.alternative, sol.fallback = s + tau_other * u, s
+        return sol
+
+    def grow(lam: float) -> float:
+        return max(4.0 * lam, gnorm / radius, 1e-12)
+
+    while True:
+        it += 1
+        F = sweeps.cholesky(lam)
+        if lam == 0.0 and pd0 is None:
+            pd0 = F is not None
+        if F is None:  # lam <= -lambda_min: raise the lower end
+            lam_psd = max(lam_psd, lam)
+            lo = max(lo, lam)
+            if math.isfinite(hi):
+                if interior is not None and (hi - lo <= 1e-12 * hi or it > max_iter):
+                    return hard_step(*interior)
+                lam = _safeguard(lo, hi)
+            elif lam == 0.0:
+                lam = damping_init if damping_init > 0 else gnorm / radius
+                if lam <= 0.0:  # g = 0 at a point of negative curvature
+                    lam = max(sweeps.op.norm_estimate(iters=10), 1e-12)
+            else:
+                lam = grow(lam)
+            continue
+
+        s = -sweeps.solve(F, g)
+        snorm = float(s.double().norm())
+        if not math.isfinite(snorm):  # numerically singular despite Cholesky: treat as too small
+            lo = max(lo, lam)
+            lam = _safeguard(lo, hi) if math.isfinite(hi) else grow(lam)
+            continue
+        if abs(snorm - radius) <= rtol * radius:
+            return result(s * min(1.0, radius / snorm), F, True, False)
+        if snorm > radius:  # lam < lambda*: Newton from the left (monotone)
+            lo = max(lo, lam)
+            if it >= max_iter:
+                return result(s * (radius / snorm), F, True, False)
+            w = sweeps.solve(F, s)
+            qq = _dot(s, w)
+            lam_new = lam + (snorm * snorm / qq) * (snorm - radius) / radius if qq > 0 else math.inf
+            if not lo < lam_new < hi:
+                lam_new = _safeguard(lo, hi) if math.isfinite(hi) else grow(lam)
+            lam = lam_new
+            continue
+
+        # interior: ||s|| < (1 - rtol) Delta
+        curv = -_dot(g, s)  # s^T (H + lam I) s
+        if lam * (radius**2 - snorm**2) <= sigma / (1 - sigma) * (curv + lam * snorm**2):
+            return result(s, F, False, False)
+        hi = min(hi, lam)
+        u, uAu = _inverse_iteration(sweeps, F, inverse_iterations, u_last)
+        u_last = u
+        lam_psd = max(lam_psd, lam - uAu)
+        lo = max(lo, lam - uAu)
+        interior = (F, s, u, uAu)
+        tau = _boundary_taus(s, u, radius, lam, uAu)[0]
+        if tau * tau * uAu <= sigma * (curv + lam * radius**2) or it >= max_iter or hi - lo <= 1e-12 * hi:
+            return hard_step(F, s, u, uAu)
+        w = sweeps.solve(F, s)
+        qq = _dot(s, w)
+        lam_new = lam + (snorm * snorm / qq) * (snorm - radius) / radius if qq > 0 else -math.inf
+        lam = lam_new if lo < lam_new < hi else _safeguard(lo, hi)
+
+
+class TrustRegion(DampingRule):
+    """Trust-region damping: each step solves the subproblem exactly (:func:`solve_subproblem`).
+
+    ``lambda`` is whatever puts the step on the sphere ``||s|| = radius`` (or 0 for an interior Newton
+    step), never below ``-lambda_min(H)``: the step is a descent direction of the model even where
+    ``H`` is indefinite, and along negative curvature it goes *down*. The radius follows the ratio
+    ``rho`` of actual to predicted decrease: a step is accepted iff ``rho > eta``; the radius becomes
+    ``shrink * min(radius, ||s||)`` if ``rho < 0.25`` and ``min(grow * radius, max_radius)`` if
+    ``rho > 0.75`` on the boundary.
+
+    >>> tr = TrustRegion(radius=0.5)
+    >>> tr.init()
+    {'radius': 0.5, 'damping': 0.0, 'direction': None}
+    """
+
+    name = "trust-region"
+
+    def __init__(
+        self,
+        radius: float = 1.0,
+        max_radius: float = 1e4,
+        eta: float = 1e-4,
+        shrink: float = 0.25,
+        grow: float = 2.0,
+        rtol: float = 0.1,
+        max_iter: int = 30,
+    ):
+        self.radius = _check_positive("radius", radius)
+        self.max_radius = _check_positive("max_radius", max_radius)
+        self.eta = _check_positive("eta", eta, allow_zero=True)
+        self.shrink = _check_positive("shrink", shrink)
+        self.grow = _check_positive("grow", grow)
+        self.rtol = _check_positive("rtol", rtol)
+        if not (self.eta < 0.25):
+            raise ValueError(f"eta must be < 0.25 (the shrink threshold), got {eta}")
+        if not (self.shrink < 1 < self.grow):
+            raise ValueError(f"need shrink < 1 < grow, got shrink={shrink}, grow={grow}")
+        if not (self.rtol < 1):
+            raise ValueError(f"rtol must be in (0, 1), got {rtol}")
+        if self.radius > self.max_radius:
+            raise ValueError(f"radius {radius} exceeds max_radius {max_radius}")
+        if int(max_iter) < 1:
+            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+        self.max_iter = int(max_iter)
+
+    def __repr__(self) -> str:
+        return f"TrustRegion(radius={self.radius}, max_radius={self.max_radius}, eta={self.eta})"
+
+    def init(self) -> State:
+        return {"radius": self.radius, "damping": 0.0, "direction": None}
+
+    def propose(self, sweeps: Sweeps, gradient: Tensor, state: State) -> Proposal:
+        radius = float(state["radius"])
+        sol = solve_subproblem(
+            sweeps,
+            gradient,
+            radius,
+            damping_init=float(state["damping"]),
+            direction=state.get("direction"),
+            rtol=self.rtol,
+            max_iter=self.max_iter,
+        )
+        return Proposal(
+            sol.step, sol.damping, sol.factor, radius, sol.boundary, sol.hard_case,
+            sol.lambda_lower, sol.positive_definite_at_zero, sol.direction, sol.fallback,
+        )  # fmt: skip
+
+    def update(self, state: State, proposal: Proposal, rho: float) -> tuple[State, bool]:
+        radius = float(state["radius"])
+        snorm = float(proposal.step.double().norm())
+        if rho < 0.25:
+            radius = self.shrink * min(radius, snorm) if snorm > 0 else self.shrink * radius
+        elif rho > 0.75 and proposal.boundary:
+            radius = min(self.grow * radius, self.max_radius)
+        radius = max(radius, 1e-300)
+        direction = proposal.direction if proposal.direction is not None else state.get("direction")
+        return {"radius": radius, "damping": proposal.damping, "direction": direction}, self.accept(rho)

@@ -1,0 +1,444 @@
+"""hessinv.optim: the trust-region subproblem against a dense eigendecomposition, and the Newton optimizer.
+
+Every check recomputes what it asserts from outside the optimizer (dense ``H`` from the operator's
+products, losses from the model itself), so the optimizer's own statistics are tested, not trusted.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import hessinv
+import hessinv.optim as ho
+from hessinv.optim.damping import Sweeps
+
+F64 = torch.float64
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def tanh_chain(seed: int = 0, dtype=F64, scale: float = 2.0, widths=(3, 6, 6, 2)) -> nn.Sequential:
+    """A small tanh chain; weights scaled up so that its Hessian is indefinite."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            layers.append(nn.Tanh())
+    net = nn.Sequential(*layers).to(dtype)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(scale)
+    return net
+
+
+def regression_data(seed: int, batch: int, d_in: int, d_out: int, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, d_in, generator=gen, dtype=dtype), torch.randn(
+        batch, d_out, generator=gen, dtype=dtype
+    )
+
+
+def flat(net: nn.Module) -> torch.Tensor:
+    return torch.nn.utils.parameters_to_vector(net.parameters()).detach().clone()
+
+
+def loss_of(net, loss_fn, X, y) -> float:
+    with torch.no_grad():
+        return float(loss_fn(net(X), y))
+
+
+def dense_trs(H: torch.Tensor, g: torch.Tensor, radius: float) -> tuple[torch.Tensor, float]:
+    """The global minimizer of g.s + s.H.s/2 on ||s|| <= radius by eigendecomposition (hard case too)."""
+    lam, V = torch.linalg.eigh(H)
+    gt = V.T @ g
+    l1 = float(lam[0])
+    tol = 1e-9 * max(1.0, float(lam.abs().max()))
+
+    def s_of(mu: float) -> torch.Tensor:
+        return -(V @ (gt / (lam + mu)))
+
+    if l1 > tol and float(s_of(0.0).norm()) <= radius:
+        return s_of(0.0), 0.0
+    lo = max(0.0, -l1)
+    bottom = (lam - l1).abs() <= tol
+    if float(gt[bottom].norm()) <= 1e-10 * max(1.0, float(g.norm())):  # possible hard case
+        coef = torch.where(bottom, torch.zeros_like(gt), gt / (lam + lo).where(~bottom, torch.ones_like(lam)))
+        s = -(V @ coef)
+        if float(s.norm()) <= radius:
+            return s + math.sqrt(max(radius**2 - float(s @ s), 0.0)) * V[:, 0], lo
+    a, b = lo, lo + 1.0
+    while float(s_of(b).norm()) > radius:
+        b *= 2
+    for _ in range(300):
+        m = 0.5 * (a + b)
+        a, b = (m, b) if float(s_of(m).norm()) > radius else (a, m)
+    return s_of(b), b
+
+
+def model_value(H, g, s) -> float:
+    return float(g @ s + 0.5 * s @ H @ s)
+
+
+@pytest.fixture(scope="module")
+def indefinite_problem():
+    net = tanh_chain(seed=3)
+    X, y = regression_data(1, 8, 3, 2)
+    op = hessinv.hessian(net, nn.MSELoss(), X, y)
+    H = op.to_dense()
+    assert float(torch.linalg.eigvalsh(H)[0]) < -1e-3  # the premise: H is indefinite here
+    return net, X, y, op, H
+
+
+# -- the trust-region subproblem -------------------------------------------------------------------
+@pytest.mark.parametrize("radius", [1e-3, 0.1, 1.0, 10.0, 1e3])
+@pytest.mark.parametrize("rtol", [0.1, 0.01])
+def test_subproblem_matches_dense_solution(indefinite_problem, radius, rtol):
+    _, _, _, op, H = indefinite_problem
+    g = op.gradient
+    sol = ho.solve_subproblem(Sweeps(op), g, radius, rtol=rtol)
+    s_ref, lam_ref = dense_trs(H, g, radius)
+    m, m_ref = model_value(H, g, sol.step), model_value(H, g, s_ref)
+    sigma = rtol * (2 - rtol)
+    assert float(sol.step.norm()) <= radius * (1 + 1e-12)
+    assert m <= (1 - sigma) * m_ref < 0  # within the Moré–Sorensen guarantee of the optimum
+    lmin = float(torch.linalg.eigvalsh(H)[0])
+    assert sol.damping >= -lmin - 1e-12  # lambda certified above -lambda_min
+    assert sol.lambda_lower <= -lmin + 1e-9  # a proved bound is a true bound
+    assert sol.positive_definite_at_zero is False
+
+
+@pytest.mark.parametrize("hint", ["eigenvector", "random"])
+def test_subproblem_with_a_direction_hint(indefinite_problem, hint):
+    """A guess for the eigenvector of lambda_min (the previous step's) bounds -lambda_min from below."""
+    _, _, _, op, H = indefinite_problem
+    lam, V = torch.linalg.eigh(H)
+    u = (
+        V[:, 0]
+        if hint == "eigenvector"
+        else torch.randn(H.shape[0], generator=torch.Generator().manual_seed(0), dtype=F64)
+    )
+    g = op.gradient
+    for radius in (0.1, 10.0):
+        sol = ho.solve_subproblem(Sweeps(op), g, radius, direction=u)
+        s_ref, _ = dense_trs(H, g, radius)
+        assert float(sol.step.norm()) <= radius * (1 + 1e-12)
+        assert model_value(H, g, sol.step) <= (1 - 0.19) * model_value(H, g, s_ref)
+        assert sol.damping >= -float(lam[0]) and sol.lambda_lower <= -float(lam[0]) + 1e-9
+        if hint == "eigenvector":  # its Rayleigh quotient is lambda_min itself; 0 is not tried
+            assert sol.lambda_lower == pytest.approx(-float(lam[0]), rel=1e-9)
+            assert sol.positive_definite_at_zero is None
+        assert sol.direction is not None and sol.direction.shape == g.shape
+
+
+def test_subproblem_hard_case(indefinite_problem):
+    """g orthogonal to the eigenvector of lambda_min and a large radius: s(lambda) alone is too short."""
+    _, _, _, op, H = indefinite_problem
+    lam, V = torch.linalg.eigh(H)
+    u1 = V[:, 0]
+    g = op.gradient - (op.gradient @ u1) * u1
+    radius = 5.0 * float((V.T @ g / (lam - lam[0]).clamp_min(1e-300))[1:].norm())  # beyond ||s(-lambda_1)||
+    sol = ho.solve_subproblem(Sweeps(op), g, radius, rtol=0.05)
+    s_ref, lam_ref = dense_trs(H, g, radius)
+    assert lam_ref == pytest.approx(-float(lam[0]))  # the reference is in the hard case too
+    assert sol.hard_case and sol.boundary
+    assert float(sol.step.norm()) == pytest.approx(radius, rel=1e-9)
+    assert float(sol.alternative.norm()) == pytest.approx(
+        radius, rel=1e-9
+    )  # the other root, also on the sphere
+    assert model_value(H, g, sol.step) <= model_value(H, g, sol.alternative)
+    assert model_value(H, g, sol.step) <= (1 - 0.05 * 1.95) * model_value(H, g, s_ref)
+
+
+def test_subproblem_saddle_with_zero_gradient(indefinite_problem):
+    """At a stationary point with negative curvature the step escapes along it, down the model."""
+    _, _, _, op, H = indefinite_problem
+    g = torch.zeros_like(op.gradient)
+    sol = ho.solve_subproblem(Sweeps(op), g, 0.3)
+    lmin = float(torch.linalg.eigvalsh(H)[0])
+    assert float(sol.step.norm()) == pytest.approx(0.3, rel=1e-9)
+    # model value 1/2 s^T H s reaches at least (1 - sigma) of its optimum lmin * r^2 / 2
+    assert model_value(H, g, sol.step) <= (1 - 0.19) * 0.5 * lmin * 0.3**2
+
+
+def test_subproblem_interior_newton_step_on_positive_definite_problem():
+    net = nn.Sequential(nn.Linear(4, 1)).double()
+    X, y = regression_data(0, 32, 4, 1)
+    op = hessinv.hessian(net, nn.MSELoss(), X, y)
+    sweeps = Sweeps(op)
+    sol = ho.solve_subproblem(sweeps, op.gradient, 1e6)
+    newton = -torch.linalg.solve(op.to_dense(), op.gradient)
+    assert sol.damping == 0.0 and not sol.boundary and sol.positive_definite_at_zero
+    assert torch.allclose(sol.step, newton, rtol=1e-9, atol=1e-12)
+    assert sweeps.factorizations == 1  # a Newton step inside the region costs one factorization
+
+
+# -- Newton: convergence and the ratio rule -------------------------------------------------------
+def test_linear_least_squares_converges_in_three_steps():
+    torch.manual_seed(0)
+    X = torch.randn(64, 5, dtype=F64)
+    y = X @ torch.randn(5, 1, dtype=F64) + 0.1 * torch.randn(64, 1, dtype=F64)
+    net = nn.Sequential(nn.Linear(5, 1)).double()
+    opt = ho.Newton(net, nn.MSELoss(), seed=0)
+    for _ in range(3):
+        opt.step(X, y)
+    g = hessinv.hessian(net, nn.MSELoss(), X, y).gradient
+    x_star = torch.linalg.lstsq(torch.cat([X, torch.ones(64, 1, dtype=F64)], 1), y).solution[:, 0]
+    assert float(g.norm()) < 1e-10
+    assert torch.allclose(flat(net), x_star, atol=1e-10)
+
+
+def test_steps_follow_the_ratio_rule_where_hessian_is_indefinite():
+    """Recomputed from outside: every accepted step has rho > eta, every rejected one leaves x unchanged."""
+    net = tanh_chain(seed=3)
+    X, y = regression_data(1, 8, 3, 2)
+    loss_fn = nn.MSELoss()
+    stats: list[ho.StepStats] = []
+    opt = ho.Newton(net, loss_fn, damping=ho.TrustRegion(radius=2.0), seed=0, callback=stats.append)
+    eta, saw_negative, saw_reject, saw_accept = 1e-4, False, False, False
+    f_start = loss_of(net, loss_fn, X, y)
+    for _ in range(15):
+        x0, f0 = flat(net), loss_of(net, loss_fn, X, y)
+        op = hessinv.hessian(net, loss_fn, X, y)
+        H, g = op.to_dense(), op.gradient
+        saw_negative |= float(torch.linalg.eigvalsh(H)[0]) < 0
+        returned = opt.step(X, y)
+        st = opt.last_stats
+        x1, f1 = flat(net), loss_of(net, loss_fn, X, y)
+        assert float(returned) == pytest.approx(f0, rel=1e-12)
+        assert st.predicted_decrease > 0
+        if st.accepted:
+            saw_accept = True
+            d = x1 - x0
+            pred = -(float(g @ d) + 0.5 * float(d @ H @ d))
+            assert pred > 0 and pred == pytest.approx(st.predicted_decrease, rel=1e-8)
+            delta = 10 * torch.finfo(F64).eps * abs(f0)
+            assert (f0 - f1 + delta) / (pred + delta) > eta
+            assert f1 <= f0 + delta
+            assert float(d.norm()) <= st.radius * (1 + 1e-12)
+        else:
+            saw_reject = True
+            assert torch.equal(x1, x0)
+    assert saw_negative and saw_accept
+    assert stats[0].negative_curvature is True and len(stats) == 15
+    assert loss_of(net, loss_fn, X, y) < 0.5 * f_start
+    # the radius shrank after every rejected step, and after every hard-case step replaced by its
+    # interior part s(lambda) (the fallback: taken only when it passes the same rule, checked above)
+    for a, b in itertools.pairwise(stats):
+        if not a.accepted or a.fallback:
+            assert b.radius < a.radius
+        if a.fallback:
+            assert a.hard_case and a.step_norm < a.radius
+    assert saw_reject or any(s.fallback for s in stats)
+
+
+def test_fixed_damping_takes_the_plain_damped_step_even_uphill(indefinite_problem):
+    net, X, y, op, H = indefinite_problem
+    net = copy.deepcopy(net)
+    eps = 1e-3
+    x0 = flat(net)
+    opt = ho.Newton(net, nn.MSELoss(), damping=eps)
+    opt.step(X, y)
+    expected = -torch.linalg.solve(H + eps * torch.eye(H.shape[0], dtype=F64), op.gradient)
+    assert torch.allclose(flat(net) - x0, expected, rtol=1e-7, atol=1e-10)
+    st = opt.last_stats
+    assert st.accepted and st.damping == eps
+    assert st.inertia.negative == int((torch.linalg.eigvalsh(H) + eps < 0).sum()) > 0  # indefinite H + eps I
+
+
+def test_inertia_statistics_match_dense_eigenvalues(indefinite_problem):
+    net, X, y, _, H = indefinite_problem
+    opt = ho.Newton(copy.deepcopy(net), nn.MSELoss(), track_inertia=True, seed=0)
+    opt.step(X, y)
+    ev = torch.linalg.eigvalsh(H)
+    st = opt.last_stats
+    assert st.inertia_at_zero.negative == int((ev < 0).sum())
+    assert st.inertia == (0, 0, H.shape[0])  # H + lambda I is positive definite
+    assert st.damping > -float(ev[0])
+
+
+def test_float32_model():
+    net = tanh_chain(seed=5, dtype=torch.float32, scale=1.5)
+    X, y = regression_data(2, 16, 3, 2, dtype=torch.float32)
+    loss_fn = nn.MSELoss()
+    opt = ho.Newton(net, loss_fn, seed=0)
+    f_start = loss_of(net, loss_fn, X, y)
+    for _ in range(10):
+        f0 = loss_of(net, loss_fn, X, y)
+        opt.step(X, y)
+        st = opt.last_stats
+        f1 = loss_of(net, loss_fn, X, y)
+        assert math.isfinite(st.rho) and st.predicted_decrease > 0
+        if st.accepted:
+            assert f1 <= f0 + 10 * torch.finfo(torch.float32).eps * f0
+        else:
+            assert f1 == f0
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert loss_of(net, loss_fn, X, y) < 0.5 * f_start
+
+
+def test_gauss_newton_with_levenberg_marquardt():
+    # linear least squares: G = H, so LM converges to the solution as lambda falls
+    torch.manual_seed(1)
+    X = torch.randn(40, 4, dtype=F64)
+    y = X @ torch.randn(4, 1, dtype=F64)
+    net = nn.Sequential(nn.Linear(4, 1)).double()
+    opt = ho.Newton(net, nn.MSELoss(), curvature="gauss_newton", damping="levenberg-marquardt")
+    lams = []
+    while float(hessinv.gauss_newton(net, nn.MSELoss(), X, y).gradient.norm()) > 1e-10:
+        opt.step(X, y)
+        lams.append(opt.last_stats.damping)
+        assert opt.last_stats.accepted and opt.last_stats.radius is None  # quadratic model is exact
+        assert len(lams) <= 25
+    assert all(b == pytest.approx(a / 3) for a, b in itertools.pairwise(lams))  # rho = 1: lambda / 3
+    # a tanh chain: monotone decrease, positive predicted decrease
+    net = tanh_chain(seed=2)
+    X, y = regression_data(4, 8, 3, 2)
+    opt = ho.Newton(net, nn.MSELoss(), curvature="gauss_newton", damping=ho.LevenbergMarquardt(damping=1.0))
+    losses = []
+    for _ in range(10):
+        losses.append(float(opt.step(X, y)))
+        assert opt.last_stats.predicted_decrease > 0
+    assert all(b <= a for a, b in itertools.pairwise(losses)) and losses[-1] < losses[0]
+
+
+def test_curvature_subsample_uses_full_batch_gradient():
+    """The step solves (H_S + eps I) d = -g with H_S on some subset S of the batch and g on all of it."""
+    net = tanh_chain(seed=7, widths=(2, 3, 1))
+    X, y = regression_data(3, 6, 2, 1)
+    loss_fn, eps = nn.MSELoss(), 0.5
+    x0 = flat(net)
+    g_full = hessinv.hessian(net, loss_fn, X, y).gradient
+    opt = ho.Newton(net, loss_fn, damping=eps, curvature_batch_size=3, seed=11)
+    opt.step(X, y)
+    d = flat(net) - x0
+    assert opt.last_stats.curvature_batch_size == 3 and opt.last_stats.batch_size == 6
+    net_at_x0 = copy.deepcopy(net)
+    torch.nn.utils.vector_to_parameters(x0, net_at_x0.parameters())
+    matches_full, matches_sub = [], []
+    for S in itertools.combinations(range(6), 3):
+        idx = torch.tensor(S)
+        op = hessinv.hessian(net_at_x0, loss_fn, X[idx], y[idx])
+        A = op.to_dense() + eps * torch.eye(op.shape[0], dtype=F64)
+        matches_full.append(torch.allclose(d, -torch.linalg.solve(A, g_full), rtol=1e-8, atol=1e-12))
+        matches_sub.append(torch.allclose(d, -torch.linalg.solve(A, op.gradient), rtol=1e-8, atol=1e-12))
+    assert sum(matches_full) == 1 and not any(matches_sub)
+
+
+# -- torch.optim behaviour ------------------------------------------------------------------------
+@pytest.mark.parametrize("damping", ["trust-region", "levenberg-marquardt"])
+def test_resume_is_bit_exact(damping):
+    X, y = regression_data(5, 10, 3, 2)
+    loss_fn = nn.MSELoss()
+    net = tanh_chain(seed=1)
+    opt = ho.Newton(net, loss_fn, damping=damping, curvature_batch_size=5, seed=123)
+    for _ in range(3):
+        opt.step(X, y)
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
+    for _ in range(2):
+        opt.step(X, y)
+    buf.seek(0)
+    ckpt = torch.load(buf)  # weights_only: the state dict holds only plain types and tensors
+    net2 = tanh_chain(seed=99)
+    net2.load_state_dict(ckpt["model"])
+    opt2 = ho.Newton(net2, loss_fn, damping=damping, curvature_batch_size=5, seed=0)
+    opt2.load_state_dict(ckpt["opt"])
+    assert opt2.steps == 3
+    for _ in range(2):
+        opt2.step(X, y)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net2.parameters(), strict=True))
+    assert opt2.steps == 5 and opt2.rule_state.keys() == opt.rule_state.keys()
+    for key, value in opt.rule_state.items():
+        assert (
+            torch.equal(value, opt2.rule_state[key])
+            if torch.is_tensor(value)
+            else value == opt2.rule_state[key]
+        )
+    with pytest.raises(ValueError, match="curvature"):
+        ho.Newton(tanh_chain(), loss_fn, curvature="gauss_newton", damping=damping).load_state_dict(
+            opt.state_dict()
+        )
+
+
+def test_lr_scheduler_scales_the_step():
+    net = tanh_chain(seed=4)
+    X, y = regression_data(6, 8, 3, 2)
+    loss_fn, eps = nn.MSELoss(), 0.1
+    opt = ho.Newton(net, loss_fn, damping=eps)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.25)
+    opt.step(X, y)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.25
+    x1 = flat(net)
+    s = -hessinv.hessian(net, loss_fn, X, y).solve(hessinv.hessian(net, loss_fn, X, y).gradient, damping=eps)
+    opt.step(X, y)
+    assert torch.allclose(flat(net) - x1, 0.25 * s, rtol=1e-8, atol=1e-12)
+    assert opt.last_stats.lr == 0.25
+    assert opt.last_stats.step_norm == pytest.approx(0.25 * float(s.norm()), rel=1e-8)
+
+
+def test_param_groups_hold_the_model_parameters_and_stats_serialize():
+    net = tanh_chain()
+    seen = []
+    opt = ho.Newton(net, nn.MSELoss(), callback=seen.append, seed=0)
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in net.parameters()]
+    X, y = regression_data(0, 4, 3, 2)
+    opt.step(X, y)
+    assert seen == [opt.last_stats]
+    d = json.loads(json.dumps(opt.last_stats.as_dict()))
+    assert d["step"] == 1 and d["factorizations"] >= 1 and d["time_total"] >= d["time_factor"] >= 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"curvature": "fisher"}, "curvature must be one of"),
+        ({"damping": "adaptive"}, "damping must be"),
+        ({"damping": -1.0}, "fixed damping must be"),
+        ({"damping": float("nan")}, "fixed damping must be"),
+        ({"lr": 0.0}, "lr must be"),
+        ({"lr": float("inf")}, "lr must be"),
+        ({"curvature_batch_size": 0}, "curvature_batch_size"),
+        ({"curvature_batch_size": 2.5}, "curvature_batch_size"),
+        ({"backtracking": -1}, "backtracking"),
+        ({"callback": 3}, "callback"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ho.Newton(tanh_chain(), nn.MSELoss(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: ho.TrustRegion(radius=-1.0), "radius"),
+        (lambda: ho.TrustRegion(radius=10.0, max_radius=1.0), "exceeds max_radius"),
+        (lambda: ho.TrustRegion(eta=0.5), "eta"),
+        (lambda: ho.TrustRegion(shrink=2.0), "shrink"),
+        (lambda: ho.LevenbergMarquardt(damping=0.0), "damping"),
+        (lambda: ho.FixedDamping(-0.1), "damping"),
+    ],
+)
+def test_bad_rule_arguments_raise_value_error(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_param_groups_changed_by_hand_raise():
+    opt = ho.Newton(tanh_chain(), nn.MSELoss())
+    opt.param_groups[0]["lr"] = float("nan")
+    with pytest.raises(ValueError, match="lr must be"):
+        opt.step(*regression_data(0, 4, 3, 2))
+    opt = ho.Newton(tanh_chain(), nn.MSELoss())
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(3, dtype=F64))]})
+    with pytest.raises(ValueError, match="one parameter group"):
+        opt.step(*regression_data(0, 4, 3, 2))
