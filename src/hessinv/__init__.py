@@ -36,3 +36,5 @@ __all__ = [
     "ShapeMismatchError", "DtypeMismatchError", "NonFiniteError", "SingularError", "AccuracyWarning",
 ]  # fmt: skip
 __version__ = "0.1.0"
+
+from hessinv import diagnostics, optim  # noqa: E402  (submodules that use the names above)

@@ -95,24 +95,16 @@ class CurvatureOperator:
         t: Tensor | None = None  # t_0 = 0
         for l, blk in enumerate(blocks[:-1]):
             t_in[l] = t
-            jt = None if t is None else blk.jz(t)
-            jv = blk.jx(vs[l]) if blk.p else None
-            t = jv if jt is None else (jt if jv is None else jt + jv)
+            t = blk.hvp_forward(t, vs[l] if blk.p else None)
         t_in[-1] = t
         out: list[Tensor] = [None] * len(blocks)  # type: ignore[list-item]
         s = V.new_zeros(1, 1, V.shape[1])
         for l in range(len(blocks) - 1, -1, -1):
             blk, v, tl = blocks[l], vs[l], t_in[l]
-            if blk.p:
-                o = blk.jxT(s) + blk.hxx(v)
-                out[l] = o if tl is None else o + blk.hxz(tl)
-            else:
-                out[l] = v
+            o, s_new = blk.hvp_backward(s, v if blk.p else None, tl, need_s=l > 0)
+            out[l] = o if blk.p else v
             if l > 0:
-                s_new = blk.jzT(s)
-                if blk.p:
-                    s_new = s_new + blk.hxzT(v)
-                s = s_new if tl is None else s_new + blk.hzz(tl)
+                s = s_new
         return torch.cat(out, dim=0)
 
     def __matmul__(self, v: Tensor) -> Tensor:
@@ -286,13 +278,18 @@ class Factorization:
     ) -> Tensor | tuple[Tensor, SolveInfo]:
         """``(H + eps I)^{-1} rhs`` for ``rhs`` of shape (n,) or (n, k).
 
-        With ``refine`` (default), iterative refinement ``x += F^{-1}(rhs - (H + eps I) x)`` runs
+        With ``refine=False`` this is the bare ``O(L)`` sweep (no residual is computed;
+        ``last_info.residual`` is NaN). With ``refine`` (default), iterative refinement ``x += F^{-1}(rhs - (H + eps I) x)`` runs
         with float64 residuals (the ``O(L)`` product) until the residual stops improving. The
         achieved relative residual is in ``self.last_info`` (and returned with ``return_info``);
         an :class:`~hessinv.AccuracyWarning` is issued when it exceeds ``sqrt(u)`` of the model dtype.
         """
         R, vec = self.op._as_matrix(rhs, "rhs")
         X = self._raw(R)
+        if not refine:  # no residual either: the caller asked for the raw sweep
+            self.last_info = SolveInfo(float("nan"), 0)
+            out = X[:, 0] if vec else X
+            return (out, self.last_info) if return_info else out
         op64 = self.op._residual_operator()
         R64 = R.double()
         rnorm = R64.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
@@ -305,7 +302,7 @@ class Factorization:
         res, rel = residual(X64)
         steps = 0
         target = 4 * torch.finfo(torch.float64).eps
-        while refine and steps < max_refine and rel > target:
+        while steps < max_refine and rel > target:
             cand = X64 + self._raw(res.to(self.op.dtype)).double()
             res_c, rel_c = residual(cand)
             if not rel_c < 0.9 * rel:
