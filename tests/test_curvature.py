@@ -64,7 +64,7 @@ def test_hessian_against_dense(prob):
     rhs = torch.randn(n, 2, dtype=torch.float64)
     x, info = F.solve(rhs, return_info=True)
     assert rel(x, torch.linalg.solve(H_ref + eps * I, rhs)) <= 1e-7, prob.description
-    assert info.residual <= 1e-12
+    assert info.residual <= 1e-11  # ~ n u cond(H + eps I), cond <= ~1e3
 
     s = pick_indefinite_shift(ev)
     if s is not None:

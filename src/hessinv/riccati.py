@@ -6,7 +6,8 @@ Symbols (math.md §2) -> names:
 symbol              code
 ==================  =====================================================================
 ``Sigma_l``         ``Sigma`` (B, d_l, B, d_l): curvature of the cost-to-go in ``z_l``
-``Qxx_l``           ``pivot`` (factored: Cholesky, or eigendecomposition if indefinite)
+``Qxx_l``           ``pivot`` (factored: Cholesky, or eigendecomposition if indefinite;
+                    :class:`LowRankPivot` through its rank-``B d`` part for wide Linear stages)
 ``Qxz_l``           ``Qxz`` (p_l, a_{l-1})
 ``K_l``             ``Qxx^{-1} Qxz`` (transient; applied as ``pivot.solve(Qxz y)``)
 ``k_l, r_l``        backward solve sweep;  ``x_l, y_l``: forward solve sweep
@@ -28,9 +29,11 @@ This is block Gaussian elimination of ``H + eps I`` itself, last stage first, so
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from hessinv.errors import NonFiniteError, SingularError
@@ -57,7 +60,8 @@ class Pivot:
 
     def __init__(self, Q: Tensor, stage: int, name: str, damping: float, strict: bool = True):
         self.p = Q.shape[0]
-        if not torch.isfinite(Q).all():
+        # one reduction: a finite sum means finite entries (NaN and +-inf propagate); check exactly otherwise
+        if not torch.isfinite(Q.sum()) and not torch.isfinite(Q).all():
             raise NonFiniteError(f"{name}: the Riccati pivot Qxx contains NaN or infinity")
         L, info = torch.linalg.cholesky_ex(Q)
         self.cholesky = int(info) == 0
@@ -80,14 +84,175 @@ class Pivot:
 
     def solve(self, R: Tensor) -> Tensor:
         """``Qxx^{-1} R`` for R of shape (p, m)."""
-        if self.cholesky:
-            return torch.cholesky_solve(R, self.L)
+        if self.cholesky:  # two triangular solves (cholesky_solve's per-call overhead is higher)
+            return torch.linalg.solve_triangular(
+                self.L.mT, torch.linalg.solve_triangular(self.L, R, upper=False), upper=True
+            )
         return self.V @ ((self.V.T @ R) / self.lam[:, None])
+
+    def schur(self, Qzz: Tensor, Qxz: Tensor, overwrite: bool = False) -> Tensor:
+        """``Qzz - Qxz^T Qxx^{-1} Qxz`` (a, a), exactly symmetric; with ``overwrite``, in ``Qzz``'s memory.
+
+        Cholesky: ``W = L^{-1} Qxz``, then ``Qzz - W^T W`` (``p^2 a + 1.5 p a^2`` flops: the lower
+        block triangle of ``W^T W`` in two products, mirrored; against ``2 p^2 a + 2 p a^2`` for
+        ``Qxz^T (Qxx^{-1} Qxz)``); eigendecomposition: ``W = V^T Qxz``, ``Qzz - W^T diag(1/lambda) W``.
+        """
+        if self.cholesky:  # W^T = Qxz^T L^{-T}, solved on the right: W comes out row-major
+            W = torch.linalg.solve_triangular(self.L.mT, Qxz.mT, upper=True, left=False).mT
+            Wl = W
+        else:
+            W = self.V.T @ Qxz
+            Wl = W / self.lam[:, None]
+        W, Wl, scale = _normalize(W, Wl, Qzz)
+        S = _sym_update(Qzz, Wl, W, scale, overwrite)
+        return flush_negligible(S, _diagmax(S), inplace=True)
+
+
+def _maxabs(A: Tensor) -> float:
+    if not A.is_contiguous() and A.mT.is_contiguous():  # aminmax is 3x slower on strided memory
+        A = A.mT
+    lo, hi = torch.aminmax(A)
+    return max(-float(lo), float(hi))
+
+
+def _diagmax(A: Tensor) -> float:
+    """``max |A_ii|``: a cheap lower estimate of ``max |A|`` (equal for positive semidefinite ``A``)."""
+    return float(A.diagonal().abs().max()) if A.numel() else 0.0
+
+
+def _sym_update(S: Tensor, Wl: Tensor, W: Tensor, scale: float, overwrite: bool) -> Tensor:
+    """``S - scale Wl^T W`` for a symmetric result (``Wl^T W`` symmetric): the lower block triangle by
+    two products, the upper right block mirrored from the lower left. In ``S``'s memory if ``overwrite``."""
+    S = S if overwrite else S.clone()
+    if scale == 0.0:
+        return S
+    a = S.shape[0]
+    h = a // 2
+    S[:h].addmm_(Wl[:, :h].T, W, alpha=-scale)
+    S[h:, h:].addmm_(Wl[:, h:].T, W[:, h:], alpha=-scale)
+    S[h:, :h] = S[:h, h:].mT
+    return S
+
+
+def flush_negligible(A: Tensor, scale: float | None = None, inplace: bool = False) -> Tensor:
+    """On CPU, ``A`` without the entries below both ``u * scale`` and ``sqrt(tiny / u)``, as a new
+    tensor (in ``A``'s memory with ``inplace``); ``A`` itself on other devices. ``scale`` is
+    ``max|A|`` or an estimate of it from below (default: ``max|A|``).
+
+    A perturbation below the rounding error of every normwise backward-stable step that follows, and
+    none at all unless a block holds numbers below ~1e-146 (float64) / ~4e-16 (float32). It keeps
+    subnormal numbers out of the sweep: far from the loss of a deep chain the blocks scale like the
+    backprop vector (1e-270 at L=1024 on a tanh MLP), products of them underflow, and CPUs process
+    subnormals ~100x slower (a 3x slower factorization at L=1024 in float64, at L=64 in float32).
+    NaN and infinity are kept.
+    """
+    if A.device.type != "cpu" or not A.numel():
+        return A
+    fi = torch.finfo(A.dtype)
+    m = _maxabs(A) if scale is None else scale
+    lambd = min(m * fi.eps, math.sqrt(fi.tiny / fi.eps))
+    return torch.ops.aten.hardshrink.out(A, lambd, out=A) if inplace else F.hardshrink(A, lambd)
+
+
+def _normalize(W: Tensor, Wl: Tensor, Qzz: Tensor) -> tuple[Tensor, Tensor, float]:
+    """``(W', Wl', s)`` with ``s Wl'^T W' = Wl^T W`` (the update ``Qxz^T Qxx^{-1} Qxz``), on CPU.
+
+    Unchanged (``s = 1``) unless the products of entries would be subnormal -- far from the loss of a
+    deep chain the update is ~ b^2 -- then ``W' = 2^-e W``, ``Wl' = 2^-f Wl`` with entries below 1 and
+    ``s = 2^{e+f}`` (exact: powers of two); ``s = 0`` when the update is entirely below the smallest
+    normal number or below ``u * max|Qzz|`` (what :func:`flush_negligible` would remove anyway).
+    """
+    if W.device.type != "cpu" or not W.numel():
+        return W, Wl, 1.0
+    fi = torch.finfo(W.dtype)
+    m = _maxabs(W)
+    ml = m if Wl is W else _maxabs(Wl)
+    if m * ml >= fi.tiny / fi.eps or not math.isfinite(m * ml):
+        return W, Wl, 1.0
+    bound = m * ml * W.shape[0]  # >= every entry of the update
+    if bound < fi.tiny or bound < fi.eps * _maxabs(Qzz):
+        return W, Wl, 0.0
+    e, f = max(math.frexp(m)[1], -1000), max(math.frexp(ml)[1], -1000)
+    return W * math.ldexp(1.0, -e), Wl * math.ldexp(1.0, -f), math.ldexp(1.0, e + f)
+
+
+def _shifted(Q0: Tensor, damping: float, overwrite: bool = False) -> Tensor:
+    """``Q0 + damping I`` (negligible tiny entries flushed on CPU, see :func:`flush_negligible`), as a
+    new tensor or, with ``overwrite``, in ``Q0``'s memory."""
+    Q = Q0 if overwrite else Q0.clone()
+    Q = flush_negligible(Q, max(_diagmax(Q), abs(damping)), inplace=True)
+    Q.diagonal().add_(damping)
+    return Q
+
+
+class LowRankPivot:
+    """A pivot ``Qxx = eps I_p + U A U^T`` with ``U = Qz (x) I_d`` (``Qz``: (m1, B), orthonormal
+    columns; ``p = m1 d``; ``A``: (r, r), ``r = B d``), factored through ``eps I_r + A`` (Woodbury).
+
+    Its eigenvalues are ``eps`` (``p - r`` times, on the complement of ``range(U)``) and those of
+    ``eps I_r + A``, so inertia, the Cholesky test and solves need only an ``r x r`` factorization:
+    ``Qxx^{-1} = U (eps I + A)^{-1} U^T + (I - U U^T) / eps``. ``C = Qxz^T (I - U U^T) Qxz`` (a, a)
+    for the ``Qxz`` that :meth:`schur` will see (None: zero) comes from the stage's structure.
+
+    A Linear+activation stage has this form (math.md §3: ``Qxx0 = Jt^T M Jt``, ``Jt = Z (x) I``,
+    ``Z^T = Qz Rz``, ``A = (Rz (x) I) M (Rz (x) I)^T``); it pays when the inputs are wider than the
+    batch: ``r^3 / 3 + O(p r a)`` flops instead of ``p^3 / 3 + p^2 a + 2 p a^2``. Same interface as
+    :class:`Pivot`; rows in the stage's input-major order.
+    """
+
+    def __init__(
+        self, Qz: Tensor, A: Tensor, C: Tensor | None, p: int, stage: int, name: str, damping: float,
+        strict: bool = True,
+    ):
+        self.Qz, self.C, self.p, self.eps = Qz, C, p, damping
+        r = A.shape[0]
+        top = float((A.diagonal() + damping).abs().max()) if r else 0.0  # ~ max |eigenvalue| if PD
+        self.inner = Pivot(_shifted(A, damping, overwrite=True), stage, name, damping, strict)
+        if not self.inner.cholesky:
+            top = float(self.inner.lam.abs().max())
+        tol = p * torch.finfo(A.dtype).eps * max(top, abs(damping), torch.finfo(A.dtype).tiny)
+        if p > r and abs(damping) <= (tol if strict else 0.0):
+            raise SingularError(
+                f"{name}: pivot Qxx is singular at damping {damping:g} (eigenvalue {damping:g} on the "
+                f"{p - r} directions the stage's inputs do not reach); H + eps I is singular or nearly so "
+                "-- choose another damping",
+                stage=stage,
+                damping=damping,
+            )
+        k = p - r
+        inner = self.inner.inertia
+        self.inertia = Inertia(
+            inner.negative + (k if damping < 0 else 0), 0, inner.positive + (k if damping > 0 else 0)
+        )
+        self.cholesky = self.inner.cholesky and damping > 0
+
+    def _UT(self, R: Tensor) -> Tensor:
+        """``U^T R``: (p, k) -> (r, k)."""
+        return (self.Qz.T @ R.reshape(self.Qz.shape[0], -1)).reshape(-1, R.shape[1])
+
+    def _U(self, Y: Tensor) -> Tensor:
+        """``U Y``: (r, k) -> (p, k)."""
+        return (self.Qz @ Y.reshape(self.Qz.shape[1], -1)).reshape(-1, Y.shape[1])
+
+    def solve(self, R: Tensor) -> Tensor:
+        """``Qxx^{-1} R`` for R of shape (p, m)."""
+        P = self._UT(R)
+        return self._U(self.inner.solve(P)) + (R - self._U(P)) / self.eps
+
+    def schur(self, Qzz: Tensor, Qxz: Tensor, overwrite: bool = False) -> Tensor:
+        """``Qzz - Qxz^T Qxx^{-1} Qxz = Qzz - P^T (eps I + A)^{-1} P - C / eps`` with ``P = U^T Qxz``."""
+        S = self.inner.schur(Qzz, self._UT(Qxz), overwrite)
+        if self.C is None:
+            return S
+        S.sub_(self.C, alpha=1.0 / self.eps)
+        return flush_negligible(S, _diagmax(S), inplace=True)
 
 
 class StageFactor(NamedTuple):
-    pivot: Pivot
-    Qxz: Tensor  # (p, a_in)
+    pivot: Pivot | LowRankPivot
+    Qxz: Tensor  # (p, a_in), rows in the stage's Riccati order (``order``) when ``order`` is not None
+    order: Tensor | None = None  # see :class:`RiccatiBlocks`: Riccati row q is model parameter order[q]
+    inverse: Tensor | None = None
 
 
 def riccati_factor(
@@ -100,9 +265,10 @@ def riccati_factor(
 ) -> tuple[list[StageFactor | None], Inertia, bool]:
     """Backward sweep over ``blocks`` (model stages, then the loss stage).
 
-    ``like`` gives the dtype and device. Returns the per-stage factors (None for parameter-free stages), the inertia of ``H + eps I``,
-    and whether it is positive definite. ``strict`` is passed to :class:`Pivot`. With ``stop_if_indefinite`` the sweep stops at the first
-    pivot without a Cholesky factor (the PD test), and the returned factors are incomplete.
+    ``like`` gives the dtype and device. Returns the per-stage factors (None for parameter-free
+    stages), the inertia of ``H + eps I``, and whether it is positive definite. ``strict`` is passed
+    to :class:`Pivot`. With ``stop_if_indefinite`` the sweep stops at the first pivot without a
+    Cholesky factor (the PD test), and the returned factors are incomplete.
     """
     out: list[StageFactor | None] = [None] * len(blocks)
     dtype, device = like.dtype, like.device
@@ -111,27 +277,31 @@ def riccati_factor(
     pd = True
     for l in range(len(blocks) - 1, -1, -1):
         blk = blocks[l]
-        rb = blk.riccati(Sigma, need_qzz=l > 0)
+        rb = blk.riccati_native(Sigma, need_qzz=l > 0)
         if blk.p == 0:
             Sigma = rb.Qzz
             continue
-        Qxx = rb.Qxx0 + damping * torch.eye(blk.p, dtype=dtype, device=device)
-        piv = Pivot(Qxx, l, names[l], damping, strict)
+        if rb.lowrank is not None:
+            Qz, A, C = rb.lowrank
+            piv: Pivot | LowRankPivot = LowRankPivot(Qz, A, C, blk.p, l, names[l], damping, strict)
+        else:
+            piv = Pivot(_shifted(rb.Qxx0, damping, overwrite=True), l, names[l], damping, strict)
         neg, pos = neg + piv.inertia.negative, pos + piv.inertia.positive
         pd = pd and piv.cholesky
         if not pd and stop_if_indefinite:
             return out, Inertia(neg, 0, pos), False
         Qxz = rb.Qxz.reshape(blk.p, -1)
-        out[l] = StageFactor(piv, Qxz)
+        out[l] = StageFactor(piv, Qxz, rb.order, rb.inverse)
         if l > 0:
             a = Qxz.shape[1]
-            S = rb.Qzz.reshape(a, a) - Qxz.T @ piv.solve(Qxz)
-            Sigma = (0.5 * (S + S.T)).reshape(rb.Qzz.shape)
+            # rb.Qzz is the stage's own fresh tensor unless the stage passed Sigma through
+            Sigma = piv.schur(rb.Qzz.reshape(a, a), Qxz, overwrite=rb.Qzz is not Sigma).view(rb.Qzz.shape)
     return out, Inertia(neg, 0, pos), pd
 
 
 def riccati_solve(blocks: list[Blocks], factors: list[StageFactor | None], rhs: list[Tensor]) -> list[Tensor]:
-    """Solve ``(H + eps I) x = g`` with the factored sweep; ``rhs[l]`` is (p_l, k), returns the same shapes."""
+    """Solve ``(H + eps I) x = g`` with the factored sweep; ``rhs[l]`` is (p_l, k); returns the same
+    shapes."""
     n_blocks = len(blocks)
     k = rhs[0].shape[1]
     last = max(l for l in range(n_blocks) if blocks[l].p > 0)
@@ -140,7 +310,8 @@ def riccati_solve(blocks: list[Blocks], factors: list[StageFactor | None], rhs: 
     for l in range(n_blocks - 1, -1, -1):
         blk, f = blocks[l], factors[l]
         if f is not None:
-            ks[l] = f.pivot.solve(rhs[l] + blk.jxT(r))
+            g = rhs[l] + blk.jxT(r)
+            ks[l] = f.pivot.solve(g if f.order is None else g[f.order])
             if l > 0:
                 r = blk.jzT(r) - (f.Qxz.T @ ks[l]).view(blk.batch, blk.d_in, k)
         elif l > 0:
@@ -151,9 +322,9 @@ def riccati_solve(blocks: list[Blocks], factors: list[StageFactor | None], rhs: 
         blk, f = blocks[l], factors[l]
         if f is not None:
             x = ks[l] if y is None else ks[l] - f.pivot.solve(f.Qxz @ y.reshape(-1, k))
-            xs[l] = x
+            xs[l] = x if f.inverse is None else x[f.inverse]
             if l < last:
-                y = blk.jx(x) if y is None else blk.jx(x) + blk.jz(y)
+                y = blk.jx(xs[l]) if y is None else blk.jx(xs[l]) + blk.jz(y)
         elif y is not None:
             y = blk.jz(y)
     return xs

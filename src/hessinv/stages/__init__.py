@@ -5,4 +5,7 @@ from hessinv.stages.generic import GenericStage, ReshapeStage
 from hessinv.stages.losses import LossStage
 from hessinv.stages.protocol import Blocks, RiccatiBlocks, Stage
 
-__all__ = ["Blocks", "RiccatiBlocks", "Stage", "DenseStage", "GenericStage", "ReshapeStage", "LossStage", "ELEMENTWISE"]
+__all__ = [
+    "Blocks", "RiccatiBlocks", "Stage", "DenseStage", "GenericStage", "ReshapeStage", "LossStage",
+    "ELEMENTWISE",
+]

@@ -13,11 +13,18 @@ block      closed form (indices: example n, output unit i, input j,k; params ord
 ``Hzz``    ``W^T diag((b s'')_n) W`` per example
 =========  ===================================================================================
 
-Riccati products use ``Sigma' = diag(s') Sigma diag(s')`` (``Sigma`` seen at the pre-activation):
-``Jx^T Sigma Jx = sum_{n,m} zt_n Sigma'[n,i,m,i'] zt_m^T`` and ``Jx^T Sigma Jz``, ``Jz^T Sigma Jz`` with
-``W`` -- batched contractions costing ``O(a^2 w + a p)`` instead of ``O(a^2 p + a p^2)``.
-Parameters are handled internally in the augmented order ``P[i, j] = [W | c]`` and permuted to
-``model.parameters()`` order (weight row-major, then bias) at the boundary.
+Riccati products: write ``Jx = diag(s') Jt`` with ``Jt[(n,i),(i',j)] = delta_{ii'} zt_n[j]`` and
+``Jz = diag(s') Wb`` (``Wb = blockdiag_n W``). Then ``Hxx = Jt^T diag(b s'') Jt``, the first term of
+``Hxz`` is ``Jt^T diag(b s'') Wb`` and ``Hzz = Wb^T diag(b s'') Wb``, so with one ``a x a`` matrix
+``M = diag(s') Sigma diag(s') + diag(b s'')``::
+
+    Qxx0 = Jt^T M Jt,    Qxz = Jt^T M Wb + [(i,j),(n,c)] (b s')_{n,i} delta_{jc},    Qzz = Wb^T M Wb
+
+-- five plain or batched matrix products costing ``O(a^2 w + a p w)``, no ``a x p`` Jacobian.
+Parameters are handled internally in the input-major order of the augmented ``P[i, j] = [W | c]``
+(row ``j * d + i``), in which every product above lands contiguous, and permuted to
+``model.parameters()`` order (weight row-major, then bias) at the boundary; the Riccati blocks stay
+in it (:meth:`DenseLayerBlocks.riccati_native`, :attr:`RiccatiBlocks.order`).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad
 
-from hessinv.stages.protocol import Blocks, RiccatiBlocks, Stage, add_blockdiag
+from hessinv.stages.protocol import Blocks, RiccatiBlocks, Stage
 
 #: Modules treated as elementwise activations ``s`` (fused into a preceding Linear).
 #: ReLU-type activations have ``s'' = 0`` almost everywhere, so their curvature terms vanish.
@@ -36,10 +43,36 @@ ELEMENTWISE = (
 )  # fmt: skip
 
 
+def _tanh(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    s = torch.tanh(u)
+    d1 = 1 - s * s
+    return s, d1, -2 * s * d1
+
+
+def _sigmoid(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    s = torch.sigmoid(u)
+    d1 = s * (1 - s)
+    return s, d1, d1 * (1 - 2 * s)
+
+
+def _relu(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.relu(u), (u > 0).to(u.dtype), torch.zeros_like(u)
+
+
+#: Closed forms (the formulas autograd's backward uses), exact module types only.
+_CLOSED_FORM = {nn.Tanh: _tanh, nn.Sigmoid: _sigmoid, nn.ReLU: _relu}
+
+
 def activation_derivatives(act: nn.Module | None, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(s(u), s'(u), s''(u))`` of an elementwise activation (identity when ``act`` is None)."""
+    """``(s(u), s'(u), s''(u))`` of an elementwise activation (identity when ``act`` is None).
+
+    Closed forms for ``Tanh``, ``Sigmoid`` and ``ReLU``; ``torch.func.grad`` for the others.
+    """
     if act is None:
         return u, torch.ones_like(u), torch.zeros_like(u)
+    closed = _CLOSED_FORM.get(type(act))
+    if closed is not None:
+        return closed(u)
 
     def total(v: Tensor) -> Tensor:
         return act(v).sum()
@@ -66,6 +99,10 @@ class DenseStage(Stage):
             idx = torch.cat([idx, d * m + torch.arange(d).view(d, 1)], dim=1)
         self.aug_to_model = idx.reshape(-1)
         self.model_to_aug = torch.argsort(self.aug_to_model)
+        # model index of the Riccati (input-major) position j * d + i
+        self.riccati_to_model = idx.T.reshape(-1)
+        self.model_to_riccati = torch.empty_like(self.riccati_to_model)
+        self.model_to_riccati[self.riccati_to_model] = torch.arange(d * m1)
         self.d, self.m, self.m1 = d, m, m1
 
     def forward(self, z: Tensor) -> Tensor:
@@ -77,7 +114,8 @@ class DenseStage(Stage):
         u = self.linear(z).detach()
         _, sp, spp = activation_derivatives(self.act, u)
         zt = torch.cat([z, torch.ones_like(z[:, :1])], dim=1) if self.bias else z
-        return DenseLayerBlocks(self, zt, self.linear.weight.detach(), sp, b_out if second_order else None, spp)
+        W = self.linear.weight.detach().clone()
+        return DenseLayerBlocks(self, zt, W, sp, b_out if second_order else None, spp)
 
 
 class DenseLayerBlocks(Blocks):
@@ -88,92 +126,157 @@ class DenseLayerBlocks(Blocks):
         self.batch, self.d_in = zt.shape[0], stage.m
         self.d_out, self.p = stage.d, stage.d * stage.m1
         dev = zt.device
-        self._a2m, self._m2a = stage.aug_to_model.to(dev), stage.model_to_aug.to(dev)
+        self._r2m, self._m2r = stage.riccati_to_model.to(dev), stage.model_to_riccati.to(dev)
         # second-order weights: (b s'') and (b s'); None for Gauss-Newton or when s'' == 0
         self.bpp = None if b is None else b * spp
         self.bsp = None if b is None else b * sp
+        self._qr: tuple[Tensor, Tensor] | None = None  # thin QR of zt^T, for the low-rank pivot
 
     # -- parameter order conversions -------------------------------------------------------
-    def _aug(self, v: Tensor) -> Tensor:
-        """(p, k) in model order -> (d, m1, k) augmented."""
-        return v[self._a2m].view(self.d_out, self.stage.m1, -1)
+    # Products work in the input-major order (j, i) (row j * d + i) of the Riccati blocks: a vector
+    # there is a (m1, d * k) matrix, so every product is one plain or batched matmul.
+    def _nat(self, v: Tensor) -> Tensor:
+        """(p, k) in model order -> (m1, d * k) in the input-major order."""
+        return v[self._r2m].view(self.stage.m1, -1)
 
     def _model(self, V: Tensor) -> Tensor:
-        """(d, m1, k) augmented -> (p, k) in model order."""
-        return V.reshape(self.p, -1)[self._m2a]
+        """(m1, d, k) or (m1, d * k) in the input-major order -> (p, k) in model order."""
+        return V.reshape(self.p, -1)[self._m2r]
 
-    def _pad_bias(self, V: Tensor) -> Tensor:
-        """(d, m, k) weight-only part -> (d, m1, k) with zero bias column."""
-        if not self.stage.bias:
-            return V
-        return torch.cat([V, V.new_zeros(V.shape[0], 1, V.shape[2])], dim=1)
+    def _Z(self, v: Tensor) -> Tensor:
+        """``Jt v``: (p, k) model order -> (B, d, k) (``Jx v`` without the ``s'`` factor)."""
+        return (self.zt @ self._nat(v)).view(self.batch, self.d_out, -1)
+
+    def _ZT(self, s: Tensor) -> Tensor:
+        """``Jt^T s``: (B, d, k) -> (m1, d * k) input-major."""
+        return self.zt.T @ s.reshape(self.batch, -1)
 
     # -- first order --------------------------------------------------------------------------
     def jx(self, v: Tensor) -> Tensor:
-        return self.sp[:, :, None] * torch.einsum("nj,ijk->nik", self.zt, self._aug(v))
+        return self.sp[:, :, None] * self._Z(v)
 
     def jxT(self, s: Tensor) -> Tensor:
-        return self._model(torch.einsum("nj,nik->ijk", self.zt, self.sp[:, :, None] * s))
+        return self._model(self._ZT(self.sp[:, :, None] * s))
 
     def jz(self, t: Tensor) -> Tensor:
-        return self.sp[:, :, None] * torch.einsum("ic,nck->nik", self.W, t)
+        return self.sp[:, :, None] * torch.matmul(self.W, t)
 
     def jzT(self, s: Tensor) -> Tensor:
-        return torch.einsum("ic,nik->nck", self.W, self.sp[:, :, None] * s)
+        return torch.matmul(self.W.T, self.sp[:, :, None] * s)
 
     # -- second order ------------------------------------------------------------------------
     def hxx(self, v: Tensor) -> Tensor:
         if self.bpp is None:
             return torch.zeros_like(v)
-        U = torch.einsum("nj,ijk->nik", self.zt, self._aug(v))
-        return self._model(torch.einsum("nj,nik->ijk", self.zt, self.bpp[:, :, None] * U))
+        return self._model(self._ZT(self.bpp[:, :, None] * self._Z(v)))
 
     def hxz(self, t: Tensor) -> Tensor:
         if self.bpp is None:
             return t.new_zeros(self.p, t.shape[-1])
-        A = torch.einsum("ic,nck->nik", self.W, t)
-        out = torch.einsum("nj,nik->ijk", self.zt, self.bpp[:, :, None] * A)
-        out = out + self._pad_bias(torch.einsum("ni,njk->ijk", self.bsp, t))
+        out = self._ZT(self.bpp[:, :, None] * torch.matmul(self.W, t)).view(self.stage.m1, self.d_out, -1)
+        # + sum_n bsp[n, i] t[n, j, k] on the weight rows j < m
+        out[: self.d_in] += torch.matmul(self.bsp.T, t.transpose(0, 1))
         return self._model(out)
 
     def hxzT(self, v: Tensor) -> Tensor:
         if self.bpp is None:
             return v.new_zeros(self.batch, self.d_in, v.shape[-1])
-        V = self._aug(v)
-        U = torch.einsum("nj,ijk->nik", self.zt, V)
-        out = torch.einsum("ic,nik->nck", self.W, self.bpp[:, :, None] * U)
-        return out + torch.einsum("ni,ick->nck", self.bsp, V[:, : self.d_in])
+        V = self._nat(v)
+        U = (self.zt @ V).view(self.batch, self.d_out, -1)
+        out = torch.matmul(self.W.T, self.bpp[:, :, None] * U)
+        # + sum_i bsp[n, i] V[c, i, k] for c < m
+        Vw = V.view(self.stage.m1, self.d_out, -1)[: self.d_in]
+        return out + torch.matmul(self.bsp, Vw).transpose(0, 1)
 
     def hzz(self, t: Tensor) -> Tensor:
         if self.bpp is None:
             return torch.zeros_like(t)
-        A = torch.einsum("ic,nck->nik", self.W, t)
-        return torch.einsum("ic,nik->nck", self.W, self.bpp[:, :, None] * A)
+        return torch.matmul(self.W.T, self.bpp[:, :, None] * torch.matmul(self.W, t))
+
+    # -- fused steps of H v (the protocol's defaults, sharing the products) ------------------
+    def hvp_forward(self, t: Tensor | None, v: Tensor | None) -> Tensor | None:
+        u = None if v is None else self._Z(v)
+        if t is not None:
+            wt = torch.matmul(self.W, t)
+            u = wt if u is None else u + wt
+        return None if u is None else self.sp[:, :, None] * u
+
+    def hvp_backward(
+        self, s: Tensor, v: Tensor | None, t: Tensor | None, need_s: bool = True
+    ) -> tuple[Tensor | None, Tensor | None]:
+        # G = s' s + (b s'') (Jt v + Wb t):  Jx^T s + Hxx v + Hxz t = Jt^T G (+ bsp term in t),
+        #                                    Jz^T s + Hxz^T v + Hzz t = Wb^T G (+ bsp term in v)
+        G = self.sp[:, :, None] * s
+        vn = None if v is None else self._nat(v)
+        if self.bpp is not None:
+            U = None if vn is None else (self.zt @ vn).view(self.batch, self.d_out, -1)
+            if t is not None:
+                wt = torch.matmul(self.W, t)
+                U = wt if U is None else U + wt
+            if U is not None:
+                G = G + self.bpp[:, :, None] * U
+        out = self._ZT(G).view(self.stage.m1, self.d_out, -1)
+        if self.bsp is not None and t is not None:
+            out[: self.d_in] += torch.matmul(self.bsp.T, t.transpose(0, 1))
+        s_new = None
+        if need_s:
+            s_new = torch.matmul(self.W.T, G)
+            if self.bsp is not None and vn is not None:
+                Vw = vn.view(self.stage.m1, self.d_out, -1)[: self.d_in]
+                s_new = s_new + torch.matmul(self.bsp, Vw).transpose(0, 1)
+        return self._model(out), s_new
 
     # -- Riccati ---------------------------------------------------------------------------------
+    #: The Riccati sweep factors ``Qxx`` through its rank-``B d`` part (Woodbury,
+    #: :class:`hessinv.riccati.LowRankPivot`) when ``m1 >= LOWRANK_RATIO * B`` (inputs wider than the batch).
+    LOWRANK_RATIO = 1.5
+
     def riccati(self, Sigma: Tensor, need_qzz: bool = True) -> RiccatiBlocks:
+        rb, inv = self.riccati_native(Sigma, need_qzz, lowrank=False), self._m2r
+        assert rb.Qxx0 is not None
+        return RiccatiBlocks(rb.Qxx0[inv][:, inv], rb.Qxz[inv], rb.Qzz)
+
+    def riccati_native(
+        self, Sigma: Tensor, need_qzz: bool = True, lowrank: bool | None = None
+    ) -> RiccatiBlocks:
+        """The Riccati blocks in the input-major order ``(j, i)`` (see the module docstring).
+
+        With ``lowrank`` (default: when ``m1 >= LOWRANK_RATIO * B``), ``Qxx0`` is returned factored:
+        ``Z^T = Qz Rz`` (thin QR), ``Qxx0 = (Qz (x) I) A (Qz (x) I)^T`` with
+        ``A = (Rz (x) I) M (Rz (x) I)^T`` of size ``B d`` (:attr:`RiccatiBlocks.lowrank`).
+        """
         B, d, m, m1, p = self.batch, self.d_out, self.d_in, self.stage.m1, self.p
-        zt, W, sp = self.zt, self.W, self.sp
-        Sp = sp[:, :, None, None] * Sigma * sp[None, None, :, :]  # Sigma at the pre-activation
-        # Jx^T Sigma Jx [(i,j),(i',j')] = sum_{n,m} zt[n,j] Sp[n,i,m,i'] zt[m,j']
-        X = torch.einsum("nimq,ml->niql", Sp, zt)  # (B, d, d, m1)
-        Qxx = torch.einsum("nj,niql->ijql", zt, X)  # (d, m1, d, m1)
-        R = torch.einsum("nimq,qc->nimc", Sp, W)  # Sigma' W: (B, d, B, m)
-        Qxz = torch.einsum("nj,nimc->ijmc", zt, R)  # (d, m1, B, m)
-        Qzz = torch.einsum("ia,nimc->namc", W, R) if need_qzz else None
+        if lowrank is None:
+            lowrank = m1 >= self.LOWRANK_RATIO * B
+        lowrank = lowrank and m1 >= B  # the rank-B d form needs B <= m1
+        zt, W, sp, a = self.zt, self.W, self.sp, self.batch * self.d_out
+        M = (Sigma.reshape(B, d, B, d) * sp[:, :, None, None]).contiguous()
+        M.mul_(sp)  # diag(s') Sigma diag(s'): Sigma at the pre-activation
         if self.bpp is not None:
-            # Hxx: block-diagonal over output units i
-            hxx = torch.einsum("ni,nj,nl->ijl", self.bpp, zt, zt)  # (d, m1, m1)
-            ii = torch.arange(d, device=zt.device)
-            Qxx[ii, :, ii, :] += hxx
-            # Hxz[(i,j),(n,c)] = bpp[n,i] zt[n,j] W[i,c] + bsp[n,i] delta_{jc}
-            Qxz = Qxz + torch.einsum("ni,nj,ic->ijnc", self.bpp, zt, W)
-            eye = torch.eye(m, m1, dtype=zt.dtype, device=zt.device)  # delta_{jc}, zero bias row
-            Qxz = Qxz + torch.einsum("ni,cj->ijnc", self.bsp, eye)
-            if Qzz is not None:
-                Qzz = add_blockdiag(Qzz, torch.einsum("ia,ni,ic->nac", W, self.bpp, W))
-        # permute to model order
-        to_model = self._m2a
-        Qxx = Qxx.reshape(p, p)[to_model][:, to_model]
-        Qxz = Qxz.reshape(p, B, m)[to_model]
-        return RiccatiBlocks(Qxx, Qxz, Qzz)
+            M.view(a, a).diagonal().add_(self.bpp.reshape(-1))
+        ztT = zt.T
+        low = None
+        if lowrank:
+            if self._qr is None:
+                self._qr = torch.linalg.qr(ztT)  # Qz (m1, B), Rz (B, B)
+            Qz, Rz = self._qr
+            T = (Rz @ M.view(B, d * a)).view(a, B, d)  # [(b,i), n', i'] = sum_n Rz[b,n] M[n,i,n',i']
+            # Qxz = Jt^T M Wb + E, (I - U U^T) Jt^T = 0, so (I - U U^T) Qxz = (Pi (x) I) E with
+            # Pi = I - Qz Qz^T, and C = Qxz^T (I - U U^T) Qxz = [(n,c),(n',c')] (bsp bsp^T)[n,n'] Pi[c,c']
+            C = None
+            if need_qzz and self.bsp is not None:
+                Pi = (torch.eye(m1, dtype=zt.dtype, device=zt.device) - Qz @ Qz.T)[:m, :m]
+                C = ((self.bsp @ self.bsp.T)[:, None, :, None] * Pi[None, :, None, :]).reshape(B * m, B * m)
+            low = (Qz, torch.matmul(Rz, T).view(a, a), C)
+            Qxx = None
+        else:
+            # Qxx0[(l,q),(j,i)] = sum_{n',n} zt[n',l] M[n',q,n,i] zt[n,j]
+            Y = (ztT @ M.view(B, d * a)).view(p, B, d)
+            Qxx = torch.matmul(ztT, Y).view(p, p)
+        # R = M Wb: (n, i, n', c);  Qxz[(j,i),(n',c)] = sum_n zt[n,j] R[n,i,n',c]
+        R = (M.view(a * B, d) @ W).view(B, d, B * m)
+        Qxz = (ztT @ R.view(B, -1)).view(m1, d, B, m)
+        if self.bsp is not None:  # + (b s')_{n,i} delta_{jc}, j < m
+            Qxz[:m].diagonal(dim1=0, dim2=3).add_(self.bsp.T[:, :, None])
+        Qzz = torch.matmul(W.T, R).view(B, m, B, m) if need_qzz else None
+        return RiccatiBlocks(Qxx, Qxz.view(p, B, m), Qzz, self._r2m, self._m2r, low)

@@ -105,7 +105,9 @@ class LossStage:
 
                 return ell, (1.0 / B if red == "mean" else 1.0)
             if t.shape != (B,):
-                raise ShapeMismatchError(f"{self.name}: class-index targets must be ({B},); got {tuple(t.shape)}")
+                raise ShapeMismatchError(
+                    f"{self.name}: class-index targets must be ({B},); got {tuple(t.shape)}"
+                )
             ign = loss_fn.ignore_index
             kept = int((t != ign).sum())
             valid = t[t != ign]

@@ -37,11 +37,27 @@ class RiccatiBlocks:
 
     ``Qxx0 = Hxx + Jx^T Sigma Jx`` (p, p); ``Qxz = Hxz + Jx^T Sigma Jz`` (p, B, d_in);
     ``Qzz = Hzz + Jz^T Sigma Jz`` (B, d_in, B, d_in), or None when not requested.
+
+    ``order``: when not None, the rows of ``Qxx0``/``Qxz`` (and columns of ``Qxx0``) follow the
+    stage's own parameter order, in which the blocks are cheapest to form: row ``q`` is model
+    parameter ``order[q]``; ``inverse`` is its inverse permutation (``order[inverse] = arange``).
+    A symmetric permutation leaves the pivot's inertia unchanged; the solve permutes vectors.
+
+    The sweep takes ownership: it may overwrite ``Qxx0``, ``Qzz`` and the ``A`` of ``lowrank`` in
+    place, so return fresh tensors (``Qzz`` may be the ``Sigma`` passed in, which is never overwritten).
+
+    ``lowrank``: when not None, ``(Qz, A, C)`` with ``Qxx0 = U A U^T``, ``U = Qz (x) I`` (``Qz`` with
+    orthonormal columns, ``A`` of size ``r < p``) and ``C = Qxz^T (I - U U^T) Qxz`` (None: zero), and
+    ``Qxx0`` is None: the sweep factors the pivot through ``eps I_r + A``
+    (:class:`hessinv.riccati.LowRankPivot`).
     """
 
-    Qxx0: Tensor
+    Qxx0: Tensor | None
     Qxz: Tensor
     Qzz: Tensor | None
+    order: Tensor | None = None
+    inverse: Tensor | None = None
+    lowrank: tuple[Tensor, Tensor, Tensor | None] | None = None
 
 
 class Blocks(abc.ABC):
@@ -90,6 +106,39 @@ class Blocks(abc.ABC):
     @abc.abstractmethod
     def riccati(self, Sigma: Tensor, need_qzz: bool = True) -> RiccatiBlocks:
         """The blocks ``Qxx0, Qxz, Qzz`` of math.md §2 for the downstream ``Sigma`` (B, d_out, B, d_out)."""
+
+    def hvp_forward(self, t: Tensor | None, v: Tensor | None) -> Tensor | None:
+        """Forward step of ``H v`` (math.md §1): ``Jz t + Jx v`` (``None`` for a zero ``t`` or ``v``;
+        ``v`` is None when ``p = 0``). Stages may override it with a fused version."""
+        jt = None if t is None else self.jz(t)
+        jv = None if v is None else self.jx(v)
+        return jv if jt is None else (jt if jv is None else jt + jv)
+
+    def hvp_backward(
+        self, s: Tensor, v: Tensor | None, t: Tensor | None, need_s: bool = True
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Backward step of ``H v``: ``(Jx^T s + Hxx v + Hxz t, Jz^T s + Hxz^T v + Hzz t)`` (the first
+        None when ``p = 0``, the second None without ``need_s``; ``t`` None for zero). Stages may
+        override it with a fused version."""
+        out = None
+        if self.p:
+            out = self.jxT(s) + self.hxx(v)
+            if t is not None:
+                out = out + self.hxz(t)
+        s_new = None
+        if need_s:
+            s_new = self.jzT(s)
+            if self.p:
+                s_new = s_new + self.hxzT(v)
+            if t is not None:
+                s_new = s_new + self.hzz(t)
+        return out, s_new
+
+    def riccati_native(self, Sigma: Tensor, need_qzz: bool = True) -> RiccatiBlocks:
+        """:meth:`riccati` with parameters in the order in which the stage forms them cheapest
+        (given by :attr:`RiccatiBlocks.order`); the Riccati sweep calls this one. Defaults to
+        :meth:`riccati` (model order)."""
+        return self.riccati(Sigma, need_qzz)
 
 
 def sandwich_blockdiag(J: Tensor, Sigma: Tensor) -> Tensor:
