@@ -28,15 +28,19 @@ def main(depth: int = 32, width: int = 8, batch: int = 64, damping: float = 1e-2
     model = nn.Sequential(*layers, nn.Linear(width, 10)).double()
     loss_fn = nn.CrossEntropyLoss()
     n = sum(p.numel() for p in model.parameters())
-    print(f"digits: {batch} examples; chain of {depth} Linear layers (width {width}, tanh); n = {n} parameters")
+    print(
+        f"digits: {batch} examples; chain of {depth} Linear layers (width {width}, tanh); n = {n} parameters"
+    )
 
     t0 = time.perf_counter()
     H = hessinv.hessian(model, loss_fn, X, y)
     t1 = time.perf_counter()
     x, info = H.solve(H.gradient, damping=damping, return_info=True)
     t2 = time.perf_counter()
-    print(f"hessinv   derivatives {t1 - t0:6.2f} s   factor+solve {t2 - t1:6.2f} s   "
-          f"relative residual {info.residual:.1e}")
+    print(
+        f"hessinv   derivatives {t1 - t0:6.2f} s   factor+solve {t2 - t1:6.2f} s   "
+        f"relative residual {info.residual:.1e}"
+    )
 
     names = [k for k, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
@@ -54,16 +58,20 @@ def main(depth: int = 32, width: int = 8, batch: int = 64, damping: float = 1e-2
     t5 = time.perf_counter()
     err = float((x - xd).norm() / xd.norm())
     print(f"dense     hessian     {t4 - t3:6.2f} s   solve        {t5 - t4:6.2f} s")
-    print(f"agreement |x - x_dense| / |x_dense| = {err:.1e}; speed-up {(t5 - t3) / (t2 - t0):.0f}x "
-          f"(end to end, derivatives included)")
+    print(
+        f"agreement |x - x_dense| / |x_dense| = {err:.1e}; speed-up {(t5 - t3) / (t2 - t0):.0f}x "
+        f"(end to end, derivatives included)"
+    )
     lam = H.min_eigenvalue()
     ev = torch.linalg.eigvalsh(Hd)
     print(f"lambda_min(H) = {lam:.6e} by bisection (dense eigvalsh: {float(ev[0]):.6e})")
     tol = torch.finfo(torch.float64).eps ** 0.5 * H.norm_estimate()
     neg, zero, pos = H.inertia(0.0, tol=tol)
     dense = (int((ev < -tol).sum()), int((ev.abs() <= tol).sum()), int((ev > tol).sum()))
-    print(f"inertia of H at 0: {neg} negative, {zero} zero (|lambda| <= {tol:.1e}), {pos} positive; "
-          f"dense eigvalsh: {dense}")
+    print(
+        f"inertia of H at 0: {neg} negative, {zero} zero (|lambda| <= {tol:.1e}), {pos} positive; "
+        f"dense eigvalsh: {dense}"
+    )
 
 
 if __name__ == "__main__":

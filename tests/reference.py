@@ -101,7 +101,9 @@ def make_loss(kind: str, batch: int, classes: int, gen: torch.Generator, dtype) 
 
 
 @st.composite
-def chains(draw, max_depth: int = 12, max_width: int = 9, max_batch: int = 8, residual: bool = True) -> Problem:
+def chains(
+    draw, max_depth: int = 12, max_width: int = 9, max_batch: int = 8, residual: bool = True
+) -> Problem:
     """Random float64 chains: depth, widths, activations (fused and standalone), biases, losses."""
     depth = draw(st.integers(1, max_depth))
     widths = [draw(st.integers(1, max_width)) for _ in range(depth + 1)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -11,7 +12,6 @@ from reference import chains, dense_gauss_newton, dense_gradient_hessian
 
 import hessinv
 
-import os
 N_CHAINS = int(os.environ.get("HESSINV_N_CHAINS", "300"))
 
 
@@ -200,13 +200,28 @@ def test_dense_stage_equals_generic_oracle():
         assert torch.allclose(a, c, atol=1e-12)
     v, t = torch.randn(dense.p, 2, dtype=torch.float64), torch.randn(5, 4, 2, dtype=torch.float64)
     s = torch.randn(5, 3, 2, dtype=torch.float64)
-    for name, arg in [("jx", v), ("jxT", s), ("jz", t), ("jzT", s), ("hxx", v), ("hxz", t), ("hxzT", v), ("hzz", t)]:
+    for name, arg in [
+        ("jx", v),
+        ("jxT", s),
+        ("jz", t),
+        ("jzT", s),
+        ("hxx", v),
+        ("hxz", t),
+        ("hxzT", v),
+        ("hzz", t),
+    ]:
         assert torch.allclose(getattr(dense, name)(arg), getattr(generic, name)(arg), atol=1e-12), name
 
 
 def test_reshape_stages_and_list_of_stages():
     torch.manual_seed(5)
-    stages = [torch.nn.Flatten(), torch.nn.Linear(6, 4), torch.nn.ELU(), torch.nn.Identity(), torch.nn.Linear(4, 2)]
+    stages = [
+        torch.nn.Flatten(),
+        torch.nn.Linear(6, 4),
+        torch.nn.ELU(),
+        torch.nn.Identity(),
+        torch.nn.Linear(4, 2),
+    ]
     net = torch.nn.Sequential(*stages).double()
     X, y = torch.randn(3, 2, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
     H_list = hessinv.hessian(list(net), torch.nn.MSELoss(), X, y)
@@ -217,7 +232,11 @@ def test_reshape_stages_and_list_of_stages():
 def test_eval_mode_batchnorm_and_frozen_parameters():
     torch.manual_seed(6)
     net = torch.nn.Sequential(
-        torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(5, 2)
+        torch.nn.Linear(4, 5),
+        torch.nn.BatchNorm1d(5),
+        torch.nn.Tanh(),
+        torch.nn.Dropout(0.3),
+        torch.nn.Linear(5, 2),
     ).double()
     net[0].bias.requires_grad_(False)
     net.eval()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
@@ -38,7 +36,9 @@ def test_errors_are_hessinv_errors_and_builtins():
 def test_training_mode_mixers_rejected_with_stage_name(mixer):
     net = nn.Sequential(nn.Linear(3, 4), mixer, nn.Tanh(), nn.Linear(4, 2)).double()
     with pytest.raises(UnsupportedStageError, match=rf"stage 1 \({type(mixer).__name__}\).*training mode"):
-        hessinv.hessian(net, nn.CrossEntropyLoss(), torch.randn(5, 3, dtype=torch.float64), torch.zeros(5).long())
+        hessinv.hessian(
+            net, nn.CrossEntropyLoss(), torch.randn(5, 3, dtype=torch.float64), torch.zeros(5).long()
+        )
 
 
 class BatchMean(nn.Module):
@@ -49,7 +49,9 @@ class BatchMean(nn.Module):
 def test_custom_stage_that_mixes_examples_is_detected():
     net = nn.Sequential(nn.Linear(3, 4), BatchMean(), nn.Linear(4, 2)).double()
     with pytest.raises(UnsupportedStageError, match=r"stage 1 \(BatchMean\) mixes examples"):
-        hessinv.hessian(net, nn.CrossEntropyLoss(), torch.randn(5, 3, dtype=torch.float64), torch.zeros(5).long())
+        hessinv.hessian(
+            net, nn.CrossEntropyLoss(), torch.randn(5, 3, dtype=torch.float64), torch.zeros(5).long()
+        )
 
 
 def test_not_a_chain():
@@ -109,7 +111,9 @@ def test_non_finite_loss():
     with torch.no_grad():
         net[0].weight.fill_(1e308)
     with pytest.raises(NonFiniteError):
-        hessinv.hessian(net, nn.MSELoss(), torch.full((2, 2), 1e10, dtype=torch.float64), torch.zeros(2, 2).double())
+        hessinv.hessian(
+            net, nn.MSELoss(), torch.full((2, 2), 1e10, dtype=torch.float64), torch.zeros(2, 2).double()
+        )
 
 
 def test_unsupported_losses():

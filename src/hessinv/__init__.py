@@ -37,4 +37,4 @@ __all__ = [
 ]  # fmt: skip
 __version__ = "0.1.0"
 
-from hessinv import diagnostics, optim  # noqa: E402  (submodules that use the names above)
+from hessinv import diagnostics, optim  # noqa: E402, F401  (submodules built on the names above)

@@ -37,7 +37,9 @@ def _flatten_modules(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     if isinstance(model, (nn.Sequential, nn.ModuleList, list, tuple)):
         out: list[nn.Module] = []
         for m in model:
-            out.extend(_flatten_modules(m) if isinstance(m, (nn.Sequential, nn.ModuleList, list, tuple)) else [m])
+            out.extend(
+                _flatten_modules(m) if isinstance(m, (nn.Sequential, nn.ModuleList, list, tuple)) else [m]
+            )
         return out
     raise NotAChainError(
         f"expected an nn.Sequential or a list of modules, got {type(model).__name__}; "
@@ -85,7 +87,9 @@ def split_stages(model: nn.Module | Sequence[nn.Module]) -> list[Stage]:
     for s in stages:
         for t in s.params:
             if id(t) in seen:
-                raise NotAChainError(f"a parameter is shared by stage {seen[id(t)]} and {s.name}: not a chain")
+                raise NotAChainError(
+                    f"a parameter is shared by stage {seen[id(t)]} and {s.name}: not a chain"
+                )
             seen[id(t)] = s.index
     return stages
 
@@ -169,7 +173,9 @@ class Chain:
             except (RuntimeError, ValueError) as e:
                 if isinstance(e, (UnsupportedStageError, NonFiniteError)):
                     raise
-                raise ShapeMismatchError(f"{s.name} failed on input of shape {tuple(zs[-1].shape)}: {e}") from e
+                raise ShapeMismatchError(
+                    f"{s.name} failed on input of shape {tuple(zs[-1].shape)}: {e}"
+                ) from e
         return zs
 
     @torch.no_grad()

@@ -26,10 +26,24 @@ import torch
 from torch import Tensor, nn
 
 from hessinv.chain import Chain
-from hessinv.errors import AccuracyWarning, DtypeMismatchError, NonFiniteError, ShapeMismatchError, SingularError
+from hessinv.errors import (
+    AccuracyWarning,
+    DtypeMismatchError,
+    NonFiniteError,
+    ShapeMismatchError,
+    SingularError,
+)
 from hessinv.riccati import Inertia, riccati_factor, riccati_solve
 
-__all__ = ["CurvatureOperator", "Hessian", "GaussNewton", "Factorization", "SolveInfo", "hessian", "gauss_newton"]
+__all__ = [
+    "CurvatureOperator",
+    "Hessian",
+    "GaussNewton",
+    "Factorization",
+    "SolveInfo",
+    "hessian",
+    "gauss_newton",
+]
 
 
 @dataclass
@@ -70,16 +84,22 @@ class CurvatureOperator:
         self._norm: float | None = None
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(n={self.shape[0]}, stages={len(self.chain.stages)}, dtype={self.dtype})"
+        return (
+            f"{type(self).__name__}(n={self.shape[0]}, stages={len(self.chain.stages)}, dtype={self.dtype})"
+        )
 
     # -- vectors --------------------------------------------------------------------------------
     def _as_matrix(self, v: Tensor, what: str = "vector") -> tuple[Tensor, bool]:
         if not isinstance(v, Tensor):
             raise TypeError(f"{what} must be a torch.Tensor")
         if v.dtype != self.dtype or v.device != self.device:
-            raise DtypeMismatchError(f"{what} is {v.dtype} on {v.device}; operator is {self.dtype} on {self.device}")
+            raise DtypeMismatchError(
+                f"{what} is {v.dtype} on {v.device}; operator is {self.dtype} on {self.device}"
+            )
         if v.dim() not in (1, 2) or v.shape[0] != self.shape[0]:
-            raise ShapeMismatchError(f"{what} must have shape ({self.shape[0]},) or ({self.shape[0]}, k); got {tuple(v.shape)}")
+            raise ShapeMismatchError(
+                f"{what} must have shape ({self.shape[0]},) or ({self.shape[0]}, k); got {tuple(v.shape)}"
+            )
         if not torch.isfinite(v).all():
             raise NonFiniteError(f"{what} contains NaN or infinity")
         return (v[:, None] if v.dim() == 1 else v), v.dim() == 1
@@ -128,7 +148,11 @@ class CurvatureOperator:
             return (self @ T.reshape(self.shape[0], -1)).double().cpu().numpy()
 
         return LinearOperator(
-            self.shape, matvec=lambda x: mm(x).ravel(), matmat=mm, rmatvec=lambda x: mm(x).ravel(), dtype=np.float64
+            self.shape,
+            matvec=lambda x: mm(x).ravel(),
+            matmat=mm,
+            rmatvec=lambda x: mm(x).ravel(),
+            dtype=np.float64,
         )
 
     # -- factorization -------------------------------------------------------------------------
@@ -180,6 +204,7 @@ class CurvatureOperator:
         shift = float(shift)
         if tol is None:
             tol = math.sqrt(torch.finfo(self.dtype).eps) * max(self.norm_estimate(), 1e-30)
+
         def count(s: float) -> Inertia:
             return riccati_factor(self.blocks, s, self._names, self.gradient, strict=False)[1]
 
@@ -279,9 +304,9 @@ class Factorization:
         """``(H + eps I)^{-1} rhs`` for ``rhs`` of shape (n,) or (n, k).
 
         With ``refine=False`` this is the bare ``O(L)`` sweep (no residual is computed;
-        ``last_info.residual`` is NaN). With ``refine`` (default), iterative refinement ``x += F^{-1}(rhs - (H + eps I) x)`` runs
-        with float64 residuals (the ``O(L)`` product) until the residual stops improving. The
-        achieved relative residual is in ``self.last_info`` (and returned with ``return_info``);
+        ``last_info.residual`` is NaN). With ``refine`` (default), iterative refinement
+        ``x += F^{-1}(rhs - (H + eps I) x)`` runs with float64 residuals (the ``O(L)`` product)
+        until the residual stops improving. The achieved relative residual is in ``self.last_info`` (and returned with ``return_info``);
         an :class:`~hessinv.AccuracyWarning` is issued when it exceeds ``sqrt(u)`` of the model dtype.
         """
         R, vec = self.op._as_matrix(rhs, "rhs")
