@@ -306,8 +306,9 @@ class Factorization:
         With ``refine=False`` this is the bare ``O(L)`` sweep (no residual is computed;
         ``last_info.residual`` is NaN). With ``refine`` (default), iterative refinement
         ``x += F^{-1}(rhs - (H + eps I) x)`` runs with float64 residuals (the ``O(L)`` product)
-        until the residual stops improving. The achieved relative residual is in ``self.last_info`` (and returned with ``return_info``);
-        an :class:`~hessinv.AccuracyWarning` is issued when it exceeds ``sqrt(u)`` of the model dtype.
+        until the residual stops improving. The achieved relative residual is in ``self.last_info``
+        (and returned with ``return_info``); an :class:`~hessinv.AccuracyWarning` is issued when it
+        exceeds ``sqrt(u)`` of the model dtype.
         """
         R, vec = self.op._as_matrix(rhs, "rhs")
         X = self._raw(R)
