@@ -299,6 +299,19 @@ def riccati_factor(
     return out, Inertia(neg, 0, pos), pd
 
 
+def _mm(A: Tensor, X: Tensor) -> Tensor:
+    """``A @ X`` for a thin ``X``; on CPU a tiny ``X`` is first scaled by a power of two (exact), so
+    that its products with the small entries of ``A`` far from the loss do not go subnormal."""
+    if not X.is_cpu or not X.numel():
+        return A @ X
+    m = _maxabs(X)
+    fi = torch.finfo(X.dtype)
+    if not 0.0 < m < math.ldexp(1.0, math.frexp(fi.tiny)[1] // 4):  # 2^-256 (float64), 2^-32 (float32)
+        return A @ X
+    e = math.frexp(m)[1]
+    return (A @ (X * math.ldexp(1.0, -e))) * math.ldexp(1.0, e)
+
+
 def riccati_solve(blocks: list[Blocks], factors: list[StageFactor | None], rhs: list[Tensor]) -> list[Tensor]:
     """Solve ``(H + eps I) x = g`` with the factored sweep; ``rhs[l]`` is (p_l, k); returns the same
     shapes."""
@@ -313,7 +326,7 @@ def riccati_solve(blocks: list[Blocks], factors: list[StageFactor | None], rhs: 
             g = rhs[l] + blk.jxT(r)
             ks[l] = f.pivot.solve(g if f.order is None else g[f.order])
             if l > 0:
-                r = blk.jzT(r) - (f.Qxz.T @ ks[l]).view(blk.batch, blk.d_in, k)
+                r = blk.jzT(r) - _mm(f.Qxz.T, ks[l]).view(blk.batch, blk.d_in, k)
         elif l > 0:
             r = blk.jzT(r)
     xs: list[Tensor] = [r.new_zeros(0, k)] * n_blocks
@@ -321,7 +334,7 @@ def riccati_solve(blocks: list[Blocks], factors: list[StageFactor | None], rhs: 
     for l in range(last + 1):
         blk, f = blocks[l], factors[l]
         if f is not None:
-            x = ks[l] if y is None else ks[l] - f.pivot.solve(f.Qxz @ y.reshape(-1, k))
+            x = ks[l] if y is None else ks[l] - f.pivot.solve(_mm(f.Qxz, y.reshape(-1, k)))
             xs[l] = x if f.inverse is None else x[f.inverse]
             if l < last:
                 y = blk.jx(xs[l]) if y is None else blk.jx(xs[l]) + blk.jz(y)

@@ -174,10 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     g.add_argument(
         "--threads",
-        type=_positive_int,
-        default=None,
-        help="torch CPU threads (default: torch's choice); 1 keeps the curvature sweeps steady on a "
-        "busy machine",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1; 0 = torch's choice). The per-stage blocks are small: at "
+        "load 2.8 on 2 cores, one thread gave Newton 36 steps in 8 s against 5 steps in 35 s with two",
     )
     g = t.add_argument_group("output")
     g.add_argument("--out", default=None, help=f"output directory (default {DEFAULT_OUT})")
@@ -249,7 +249,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise UserError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
     lrs = _parse_lrs(args.lr)
     device = _resolve_device(args.device)
-    if args.threads is not None:
+    if args.threads < 0:
+        raise UserError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads > 0:
         import torch
 
         torch.set_num_threads(args.threads)
