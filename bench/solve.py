@@ -124,29 +124,14 @@ def dense_solve(Hd: torch.Tensor, eps: float, g: torch.Tensor, device: str) -> t
     return x, time.perf_counter() - t0
 
 
-def ldu_run(H, eps: float, g: torch.Tensor, device: str, rounds: int) -> dict:
-    """The forward block LDU, timed in ``rounds`` rounds interleaved with hessinv's factor+solve (best
-    of 3 per round), so that both see the same machine load; best time of each."""
+def ldu_run(H, eps: float, g: torch.Tensor, device: str, repeat: int) -> dict:
     sync(device)
     t0 = time.perf_counter()
     stages = densify(H)
     sync(device)
     t_dens = time.perf_counter() - t0
-    t_ldu, t_hi, x = math.inf, math.inf, None
-    for _ in range(rounds):
-        t, _ = best_of(lambda: H.factor(eps).solve(g), 3, 1, device)
-        t_hi = min(t_hi, t)
-        x = None
-        t, x = best_of(lambda: forward_ldu_solve(stages, g, eps), 1, 0, device)
-        t_ldu = min(t_ldu, t)
-    return {
-        "densify_s": t_dens,
-        "factor_solve_s": t_ldu,
-        "hessinv_factor_solve_s": t_hi,
-        "ratio": t_ldu / t_hi,
-        "residual": residual(H, x, g, eps),
-        "_x": x,
-    }
+    t, x = best_of(lambda: forward_ldu_solve(stages, g, eps), repeat, 0, device)
+    return {"densify_s": t_dens, "factor_solve_s": t, "residual": residual(H, x, g, eps), "_x": x}
 
 
 class _Stop(Exception):
@@ -240,6 +225,56 @@ def _memprobe(spec: str) -> None:
     print(
         json.dumps({"peak_bytes": peak - base, "how": "increase of the peak RSS (VmHWM) in a fresh process"})
     )
+
+
+def steady_allocator() -> str:
+    """Keep freed memory mapped (glibc ``mallopt``), so that a timed run reuses the pages of the run
+    before it, as in a loop of factorizations. With glibc's defaults every run of a factorization pays
+    first-touch page faults for all the memory it keeps (1 page fault per 4 KiB)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-1, 1 << 30) == 1 and libc.mallopt(-3, 32 << 20) == 1  # M_TRIM_, M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        ok = False
+    return "glibc mallopt(M_TRIM_THRESHOLD=1 GiB, M_MMAP_THRESHOLD=32 MiB)" if ok else "default"
+
+
+def cold_run(w: int, B: int, L: int, eps: float) -> dict:
+    """hessinv factor+solve and the forward LDU with glibc's default allocator (fresh process)."""
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--default-allocator",
+        "--coldprobe",
+        f"{w},{B},{L},{eps}",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _coldprobe(spec: str) -> None:
+    w, B, L = (int(v) for v in spec.split(",")[:3])
+    eps = float(spec.split(",")[3])
+    P = tanh_mlp(w, B, L)
+    H = hessinv.hessian(P.model, P.loss_fn, P.inputs, P.targets)
+    g = H.gradient
+    fault0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t_h, _ = best_of(lambda: H.factor(eps).solve(g), 5, 1)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - fault0) / 6
+    stages = densify(H)
+    t_l, _ = best_of(lambda: forward_ldu_solve(stages, g, eps), 2, 0)
+    res = {
+        "w": w,
+        "B": B,
+        "L": L,
+        "hessinv_factor_solve_s": t_h,
+        "forward_ldu_s": t_l,
+        "ratio": t_l / t_h,
+        "hessinv_page_faults_per_run": faults,
+    }
+    print(json.dumps(res))
 
 
 def factor_flops(H) -> float:
@@ -336,6 +371,7 @@ def run_config(w: int, B: int, L: int, device: str, dense_max_n: int, repeat: in
         log(f"  {P.label} {kind}: forward LDU")
         fl = ldu_run(H, eps, g, device, 3 if repeat > 3 else 1)
         fl["error"] = rel(fl["_x"], ref)
+        fl["ratio"] = fl["factor_solve_s"] / hi["factor_solve_s"]
         row["forward_ldu"] = fl
         log(f"  {P.label} {kind}: MINRES")
         mr = minres_run(H, eps, g, rtol=max(hi["residual"], 1e-14), budget_s=120.0)
@@ -600,8 +636,7 @@ def render(results: list[dict]) -> str:
         "(unknowns `x_l, t_l, lambda_l` per stage) eliminated input -> loss by block LDU with dense LU "
         "inside each block (`bench/forward_ldu.py`); its blocks are densified from hessinv's per-stage "
         "blocks "
-        "(densify time listed separately, not in the ratio; the ratio pairs the LDU with hessinv's "
-        "factor+solve timed in alternation with it).",
+        "(densify time listed separately, not in the ratio).",
         "- **MINRES**: `scipy.sparse.linalg.minres` on `H.as_linear_operator()` (shift `-eps`), "
         "stopped at hessinv's achieved relative residual (floored at 1e-14); HVPs counted.",
         "- *error*: relative 2-norm error against the dense solve where it exists, else against hessinv's "
@@ -629,7 +664,8 @@ def _render_one(res: dict) -> list[str]:
     L = [
         head,
         "",
-        f"Run {m['date']}, torch {m['torch']}, python {m['python']}, mode `{res['settings']['mode']}`. "
+        f"Run {m['date']}, torch {m['torch']}, python {m['python']}, mode `{res['settings']['mode']}`, "
+        f"allocator: {m.get('allocator', 'default')}. "
         f"Load average (1/5/15 min) at start {m['load_average_start']}, at end {m.get('load_average_end')} "
         "(other processes share this machine).",
         "",
@@ -752,6 +788,18 @@ def _render_one(res: dict) -> list[str]:
             "Cholesky `p^3/3`, the triangular solve `p^2 a` and the Schur update `2 p a^2`.",
             "",
         ]
+    cold = res.get("cold")
+    if cold:
+        L += [
+            "Allocator: the timings keep freed memory mapped (`mallopt`), so a repeated run reuses the "
+            "pages of the one before (the steady state of a loop of factorizations). With glibc's defaults "
+            "each run faults in all the memory it keeps (4 KiB at a time; "
+            f"{cold['hessinv_page_faults_per_run']:.0f} page faults per factor+solve at "
+            f"w={cold['w']}, B={cold['B']}, L={cold['L']}): hessinv "
+            f"factor+solve {_t(cold['hessinv_factor_solve_s'])}, forward LDU {_t(cold['forward_ldu_s'])}, "
+            f"ratio **{cold['ratio']:.1f}x** (fresh process, same machine).",
+            "",
+        ]
     th = res.get("threads")
     if th:
         L += [
@@ -812,13 +860,19 @@ def main() -> None:
     ap.add_argument(
         "--render-only", action="store_true", help="only rebuild the markdown from bench/results/"
     )
+    ap.add_argument("--default-allocator", action="store_true", help="do not call mallopt (see docs)")
     ap.add_argument("--memprobe", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--coldprobe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads or torch.device(args.device).type == "cpu":
         torch.set_num_threads(args.threads or 1)
     if args.memprobe:
         _memprobe(args.memprobe)
         return
+    if args.coldprobe:
+        _coldprobe(args.coldprobe)
+        return
+    args.allocator = "default" if args.default_allocator else steady_allocator()
     if not args.render_only:
         run(args)
     if not args.no_md:
@@ -844,6 +898,7 @@ def run(args) -> None:
         "machine": machine_info(device),
         "settings": {"mode": "quick" if quick else "full", "eps": EPS, "repeat": repeat},
     }
+    res["machine"]["allocator"] = args.allocator
     log(f"machine: {res['machine']}")
     configs = [(16, 16, 8), (16, 16, 24), (16, 16, 64)] if not quick else [(16, 16, 8), (16, 16, 64)]
     dense_max_n = 7000 if not quick else 2500
@@ -864,6 +919,9 @@ def run(args) -> None:
     if not cuda and (os.cpu_count() or 1) >= 2:
         log("threads")
         res["threads"] = threads_run(16, 16, 64)
+    if not cuda and args.allocator != "default":
+        log("default allocator")
+        res["cold"] = cold_run(16, 16, 64, EPS)
     log("low-rank pivot")
     lr = [(16, 4, 16), (32, 8, 8)] if quick else [(16, 16, 16), (16, 4, 16), (32, 8, 16), (64, 16, 4)]
     res["lowrank"] = lowrank_run(lr, device, repeat)
