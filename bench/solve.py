@@ -639,6 +639,8 @@ def render(results: list[dict]) -> str:
         "(densify time listed separately, not in the ratio).",
         "- **MINRES**: `scipy.sparse.linalg.minres` on `H.as_linear_operator()` (shift `-eps`), "
         "stopped at hessinv's achieved relative residual (floored at 1e-14); HVPs counted.",
+        "- hessinv's solve refines until the residual stops improving (about 1e-14 at the hard eps, one "
+        "extra sweep); the forward LDU is not refined.",
         "- *error*: relative 2-norm error against the dense solve where it exists, else against hessinv's "
         "refined solution; *residual*: `|g - (H + eps I) x| / |g|` with the O(L) product.",
         "- How hessinv gets there (math.md §2-3): per Linear+activation stage the Riccati blocks come from "
@@ -805,9 +807,10 @@ def _render_one(res: dict) -> list[str]:
         L += [
             f"Threads (w={th['w']}, B={th['B']}, L={th['L']}, factor+solve): 1 thread "
             f"{_t(th['threads_1_s'])}, 2 threads {_t(th['threads_2_s'])} (load average "
-            f"{th['load_average']}). The per-stage blocks (a few hundred rows) gain little from a second "
-            "thread, and while another process holds a core every parallel region waits for it, so the "
-            "figures above use one thread (the dense, MINRES and forward-LDU baselines too).",
+            f"{th['load_average']}). All other figures use one thread: the per-stage blocks (a few hundred "
+            "rows) gain little from a second one, and while another process holds a core every parallel "
+            "region waits for it (on this shared machine 2 threads were up to 50x slower during "
+            "development). The baselines run with the same setting.",
             "",
         ]
     lr = res.get("lowrank")
