@@ -194,7 +194,7 @@ class Chain:
         y = zs[-1]
         loss_stage = LossStage(len(self.stages), self.loss_fn, targets, y)
         with torch.no_grad():
-            loss = loss_stage.forward(y)
+            loss_blocks, loss = loss_stage.linearize(y)
             reference = self.loss_fn(y, targets)
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the loss is {loss.item()}")
@@ -202,7 +202,7 @@ class Chain:
             raise UnsupportedStageError(
                 f"{loss_stage.name}: per-example decomposition {loss.item()} != loss {reference.item()}"
             )
-        blocks: list[Blocks] = [loss_stage.linearize(y)]
+        blocks: list[Blocks] = [loss_blocks]
         b = torch.ones(1, 1, 1, dtype=self.dtype, device=self.device)
         b = blocks[0].jzT(b)
         grads: list[Tensor] = []

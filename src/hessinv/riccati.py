@@ -277,7 +277,7 @@ def riccati_factor(
     pd = True
     for l in range(len(blocks) - 1, -1, -1):
         blk = blocks[l]
-        rb = blk.riccati_native(Sigma, need_qzz=l > 0)
+        rb = blk.riccati_native(Sigma, coupled=l > 0)
         if blk.p == 0:
             Sigma = rb.Qzz
             continue

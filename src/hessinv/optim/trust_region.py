@@ -298,6 +298,7 @@ class TrustRegion(DampingRule):
         grow: float = 2.0,
         rtol: float = 0.1,
         max_iter: int = 30,
+        inverse_iterations: int = 3,
     ):
         self.radius = _check_positive("radius", radius)
         self.max_radius = _check_positive("max_radius", max_radius)
@@ -316,6 +317,9 @@ class TrustRegion(DampingRule):
         if int(max_iter) < 1:
             raise ValueError(f"max_iter must be >= 1, got {max_iter}")
         self.max_iter = int(max_iter)
+        if int(inverse_iterations) < 1:
+            raise ValueError(f"inverse_iterations must be >= 1, got {inverse_iterations}")
+        self.inverse_iterations = int(inverse_iterations)
 
     def __repr__(self) -> str:
         return f"TrustRegion(radius={self.radius}, max_radius={self.max_radius}, eta={self.eta})"
@@ -333,6 +337,7 @@ class TrustRegion(DampingRule):
             direction=state.get("direction"),
             rtol=self.rtol,
             max_iter=self.max_iter,
+            inverse_iterations=self.inverse_iterations,
         )
         return Proposal(
             sol.step, sol.damping, sol.factor, radius, sol.boundary, sol.hard_case,

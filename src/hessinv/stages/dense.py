@@ -231,13 +231,13 @@ class DenseLayerBlocks(Blocks):
     #: :class:`hessinv.riccati.LowRankPivot`) when ``m1 >= LOWRANK_RATIO * B`` (inputs wider than the batch).
     LOWRANK_RATIO = 1.5
 
-    def riccati(self, Sigma: Tensor, need_qzz: bool = True) -> RiccatiBlocks:
-        rb, inv = self.riccati_native(Sigma, need_qzz, lowrank=False), self._m2r
+    def riccati(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
+        rb, inv = self.riccati_native(Sigma, coupled, lowrank=False), self._m2r
         assert rb.Qxx0 is not None
         return RiccatiBlocks(rb.Qxx0[inv][:, inv], rb.Qxz[inv], rb.Qzz)
 
     def riccati_native(
-        self, Sigma: Tensor, need_qzz: bool = True, lowrank: bool | None = None
+        self, Sigma: Tensor, coupled: bool = True, lowrank: bool | None = None
     ) -> RiccatiBlocks:
         """The Riccati blocks in the input-major order ``(j, i)`` (see the module docstring).
 
@@ -264,7 +264,7 @@ class DenseLayerBlocks(Blocks):
             # Qxz = Jt^T M Wb + E, (I - U U^T) Jt^T = 0, so (I - U U^T) Qxz = (Pi (x) I) E with
             # Pi = I - Qz Qz^T, and C = Qxz^T (I - U U^T) Qxz = [(n,c),(n',c')] (bsp bsp^T)[n,n'] Pi[c,c']
             C = None
-            if need_qzz and self.bsp is not None:
+            if coupled and self.bsp is not None:
                 Pi = (torch.eye(m1, dtype=zt.dtype, device=zt.device) - Qz @ Qz.T)[:m, :m]
                 C = ((self.bsp @ self.bsp.T)[:, None, :, None] * Pi[None, :, None, :]).reshape(B * m, B * m)
             low = (Qz, torch.matmul(Rz, T).view(a, a), C)
@@ -273,10 +273,12 @@ class DenseLayerBlocks(Blocks):
             # Qxx0[(l,q),(j,i)] = sum_{n',n} zt[n',l] M[n',q,n,i] zt[n,j]
             Y = (ztT @ M.view(B, d * a)).view(p, B, d)
             Qxx = torch.matmul(ztT, Y).view(p, p)
+        if not coupled:  # the first stage: its input is data, no Qxz or Qzz
+            return RiccatiBlocks(Qxx, zt.new_empty(p, B, 0), None, self._r2m, self._m2r, low)
         # R = M Wb: (n, i, n', c);  Qxz[(j,i),(n',c)] = sum_n zt[n,j] R[n,i,n',c]
         R = (M.view(a * B, d) @ W).view(B, d, B * m)
         Qxz = (ztT @ R.view(B, -1)).view(m1, d, B, m)
         if self.bsp is not None:  # + (b s')_{n,i} delta_{jc}, j < m
             Qxz[:m].diagonal(dim1=0, dim2=3).add_(self.bsp.T[:, :, None])
-        Qzz = torch.matmul(W.T, R).view(B, m, B, m) if need_qzz else None
+        Qzz = torch.matmul(W.T, R).view(B, m, B, m)
         return RiccatiBlocks(Qxx, Qxz.view(p, B, m), Qzz, self._r2m, self._m2r, low)

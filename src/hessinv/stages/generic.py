@@ -56,18 +56,20 @@ class DenseBlocks(Blocks):
     def hzz(self, t: Tensor) -> Tensor:
         return torch.zeros_like(t) if self.Hzz is None else torch.bmm(self.Hzz, t)
 
-    def riccati(self, Sigma: Tensor, need_qzz: bool = True) -> RiccatiBlocks:
+    def riccati(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
         B, o = self.batch, self.d_out
         JxF = self.Jx.reshape(B * o, self.p)
         SJx = Sigma.reshape(B * o, B * o) @ JxF  # (a_out, p)
         Qxx0 = JxF.T @ SJx
         if self.Hxx is not None:
             Qxx0 = Qxx0 + self.Hxx
+        if not coupled:
+            return RiccatiBlocks(Qxx0, Qxx0.new_empty(self.p, B, 0), None)
         Qxz = torch.einsum("nop,noi->pni", SJx.reshape(B, o, self.p), self.Jz)
         if self.Hxz is not None:
             Qxz = Qxz + self.Hxz.transpose(0, 1)
         Qzz = None
-        if need_qzz:
+        if coupled:
             Qzz = sandwich_blockdiag(self.Jz, Sigma)
             if self.Hzz is not None:
                 Qzz = add_blockdiag(Qzz, self.Hzz)
@@ -185,6 +187,6 @@ class IdentityBlocks(Blocks):
     def hzz(self, t: Tensor) -> Tensor:
         return torch.zeros_like(t)
 
-    def riccati(self, Sigma: Tensor, need_qzz: bool = True) -> RiccatiBlocks:
+    def riccati(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
         empty = Sigma.new_zeros(0, 0)
-        return RiccatiBlocks(empty, Sigma.new_zeros(0, self.batch, self.d_in), Sigma if need_qzz else None)
+        return RiccatiBlocks(empty, Sigma.new_zeros(0, self.batch, self.d_in), Sigma if coupled else None)

@@ -13,12 +13,9 @@ probabilities), ``MSELoss``, ``BCEWithLogitsLoss``, each with ``reduction='mean'
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import grad, hessian, vmap
 
 from hessinv.errors import ShapeMismatchError, UnsupportedStageError
 from hessinv.stages.protocol import Blocks, RiccatiBlocks, add_blockdiag
@@ -56,10 +53,10 @@ class LossBlocks(Blocks):
     def hzz(self, t: Tensor) -> Tensor:
         return torch.zeros_like(t) if self.Lam is None else torch.bmm(self.Lam, t)
 
-    def riccati(self, Sigma: Tensor, need_qzz: bool = True) -> RiccatiBlocks:
+    def riccati(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
         B, C = self.G.shape
         Qzz = None
-        if need_qzz:
+        if coupled:
             Qzz = Sigma.reshape(()) * torch.einsum("ni,mj->nimj", self.G, self.G)
             if self.Lam is not None:
                 Qzz = add_blockdiag(Qzz, self.Lam)
@@ -67,7 +64,21 @@ class LossBlocks(Blocks):
 
 
 class LossStage:
-    """The fused loss: per-example terms, their scale, and their derivatives.
+    """The fused loss: per-example terms, their scale, and their derivatives in closed form.
+
+    With ``p = softmax(y_n)``, the target distribution ``q_n`` (one-hot or given probabilities, label
+    smoothing applied: ``q <- (1 - eps) q + eps / C``) and ``|q| = sum_c q_c``:
+
+    ===============  ===========================  ==================  ==========================
+    loss             ``ell(y_n)``                 gradient            Hessian
+    ===============  ===========================  ==================  ==========================
+    cross-entropy    ``-q . log p``               ``|q| p - q``       ``|q| (diag p - p p^T)``
+    MSE              ``||y_n - t_n||^2``          ``2 (y_n - t_n)``   ``2 I``
+    BCE with logits  ``sum softplus(y) - t y``    ``sigma(y) - t``    ``diag(sigma (1 - sigma))``
+    ===============  ===========================  ==================  ==========================
+
+    (examples with ``ignore_index`` contribute nothing). ``linearize`` checks that ``scale * sum_n ell``
+    matches the module's own loss.
 
     Args:
         loss_fn: a supported ``nn.Module`` loss.
@@ -77,11 +88,11 @@ class LossStage:
     def __init__(self, index: int, loss_fn: nn.Module, targets: Tensor, output: Tensor):
         self.index, self.loss_fn, self.targets = index, loss_fn, targets
         self.name = f"stage {index} ({type(loss_fn).__name__})"
-        self.ell, self.scale = self._per_example(loss_fn, targets, output)
+        self.kind, self.q, self.scale = self._per_example(loss_fn, targets, output)
 
-    def _per_example(
-        self, loss_fn: nn.Module, t: Tensor, y: Tensor
-    ) -> tuple[Callable[[Tensor, Tensor], Tensor], float]:
+    def _per_example(self, loss_fn: nn.Module, t: Tensor, y: Tensor) -> tuple[str, Tensor | None, float]:
+        """``(kind, q, scale)``: ``q`` the smoothed target distribution (cross-entropy; zero rows for
+        ignored examples), else None."""
         red = getattr(loss_fn, "reduction", None)
         if red not in ("mean", "sum"):
             raise UnsupportedStageError(f"{self.name}: reduction={red!r}; use 'mean' or 'sum'")
@@ -99,55 +110,51 @@ class LossStage:
                     raise ShapeMismatchError(
                         f"{self.name}: probability targets {tuple(t.shape)} != outputs {tuple(y.shape)}"
                     )
-
-                def ell(yn: Tensor, tn: Tensor) -> Tensor:
-                    return -((1 - eps) * tn + eps / C).mul(F.log_softmax(yn, -1)).sum()
-
-                return ell, (1.0 / B if red == "mean" else 1.0)
+                return "ce", ((1 - eps) * t + eps / C).to(y.dtype), (1.0 / B if red == "mean" else 1.0)
             if t.shape != (B,):
                 raise ShapeMismatchError(
                     f"{self.name}: class-index targets must be ({B},); got {tuple(t.shape)}"
                 )
-            ign = loss_fn.ignore_index
-            kept = int((t != ign).sum())
-            valid = t[t != ign]
+            keep = t != loss_fn.ignore_index
+            kept = int(keep.sum())
+            valid = t[keep]
             if valid.numel() and (valid.min() < 0 or valid.max() >= C):
                 raise ShapeMismatchError(f"{self.name}: class index out of range [0, {C})")
-
-            def ell(yn: Tensor, tn: Tensor) -> Tensor:
-                logp = F.log_softmax(yn, -1)
-                nll = -logp.gather(0, tn.clamp(0, C - 1).view(1)).squeeze(0)
-                val = (1 - eps) * nll - eps * logp.mean()
-                return torch.where(tn == ign, torch.zeros_like(val), val)
-
-            return ell, (1.0 / max(kept, 1) if red == "mean" else 1.0)
+            q = F.one_hot(t.clamp(0, C - 1), C).to(y.dtype).mul_(1 - eps).add_(eps / C)
+            q.mul_(keep[:, None].to(y.dtype))
+            return "ce", q, (1.0 / max(kept, 1) if red == "mean" else 1.0)
         if isinstance(loss_fn, (nn.MSELoss, nn.BCEWithLogitsLoss)):
             if t.shape != y.shape:
                 raise ShapeMismatchError(f"{self.name}: targets {tuple(t.shape)} != outputs {tuple(y.shape)}")
+            scale = 1.0 / (B * C) if red == "mean" else 1.0
             if isinstance(loss_fn, nn.BCEWithLogitsLoss):
                 if loss_fn.weight is not None or loss_fn.pos_weight is not None:
                     raise UnsupportedStageError(f"{self.name}: weight/pos_weight are not supported")
-
-                def ell(yn: Tensor, tn: Tensor) -> Tensor:
-                    return (F.softplus(yn) - tn * yn).sum()
-
-            else:
-
-                def ell(yn: Tensor, tn: Tensor) -> Tensor:
-                    return (yn - tn).pow(2).sum()
-
-            return ell, (1.0 / (B * C) if red == "mean" else 1.0)
+                return "bce", None, scale
+            return "mse", None, scale
         raise UnsupportedStageError(
             f"{self.name}: unsupported loss; use CrossEntropyLoss, MSELoss or BCEWithLogitsLoss"
         )
 
-    def forward(self, y: Tensor) -> Tensor:
-        """The scalar loss ``z_L``."""
-        return self.scale * vmap(self.ell)(y, self.targets).sum()
+    def derivatives(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-example ``(ell (B,), gradient (B, C), Hessian (B, C, C))``, unscaled (see the class table)."""
+        t, q = self.targets, self.q
+        if self.kind == "ce":
+            assert q is not None
+            logp = F.log_softmax(y, -1)
+            p = logp.exp()
+            mass = q.sum(-1, keepdim=True)
+            lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+            return -(q * logp).sum(-1), mass * p - q, lam.mul_(mass[:, :, None])
+        if self.kind == "bce":
+            sig = torch.sigmoid(y)
+            return (F.softplus(y) - t * y).sum(-1), sig - t, torch.diag_embed(sig * (1 - sig))
+        r = y - t
+        eye = torch.eye(y.shape[1], dtype=y.dtype, device=y.device)
+        return r.square().sum(-1), 2 * r, (2 * eye).expand(y.shape[0], -1, -1).contiguous()
 
-    def linearize(self, y: Tensor) -> LossBlocks:
-        """Per-example gradient and Hessian of the loss (Lambda is kept for Gauss-Newton too)."""
-        y = y.detach()
-        G = self.scale * vmap(grad(self.ell))(y, self.targets)
-        Lam = self.scale * vmap(hessian(self.ell))(y, self.targets)
-        return LossBlocks(G, Lam)
+    def linearize(self, y: Tensor) -> tuple[LossBlocks, Tensor]:
+        """Per-example gradient and Hessian of the loss (Lambda is kept for Gauss-Newton too), and the
+        loss ``scale * sum_n ell``."""
+        ell, G, Lam = self.derivatives(y.detach())
+        return LossBlocks(self.scale * G, Lam.mul_(self.scale)), self.scale * ell.sum()

@@ -36,7 +36,8 @@ class RiccatiBlocks:
     """The stage's blocks of one backward Riccati step (math.md §2), damping not yet added.
 
     ``Qxx0 = Hxx + Jx^T Sigma Jx`` (p, p); ``Qxz = Hxz + Jx^T Sigma Jz`` (p, B, d_in);
-    ``Qzz = Hzz + Jz^T Sigma Jz`` (B, d_in, B, d_in), or None when not requested.
+    ``Qzz = Hzz + Jz^T Sigma Jz`` (B, d_in, B, d_in). For the first stage (``coupled=False``: its input
+    is data, not a variable) neither is needed: ``Qzz`` is None and ``Qxz`` may have ``d_in = 0``.
 
     ``order``: when not None, the rows of ``Qxx0``/``Qxz`` (and columns of ``Qxx0``) follow the
     stage's own parameter order, in which the blocks are cheapest to form: row ``q`` is model
@@ -104,8 +105,9 @@ class Blocks(abc.ABC):
         """``Hzz t``: (B, d_in, k) -> (B, d_in, k)."""
 
     @abc.abstractmethod
-    def riccati(self, Sigma: Tensor, need_qzz: bool = True) -> RiccatiBlocks:
-        """The blocks ``Qxx0, Qxz, Qzz`` of math.md §2 for the downstream ``Sigma`` (B, d_out, B, d_out)."""
+    def riccati(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
+        """The blocks ``Qxx0, Qxz, Qzz`` of math.md §2 for the downstream ``Sigma`` (B, d_out, B, d_out);
+        with ``coupled=False`` only ``Qxx0`` (see :class:`RiccatiBlocks`)."""
 
     def hvp_forward(self, t: Tensor | None, v: Tensor | None) -> Tensor | None:
         """Forward step of ``H v`` (math.md §1): ``Jz t + Jx v`` (``None`` for a zero ``t`` or ``v``;
@@ -134,11 +136,11 @@ class Blocks(abc.ABC):
                 s_new = s_new + self.hzz(t)
         return out, s_new
 
-    def riccati_native(self, Sigma: Tensor, need_qzz: bool = True) -> RiccatiBlocks:
+    def riccati_native(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
         """:meth:`riccati` with parameters in the order in which the stage forms them cheapest
         (given by :attr:`RiccatiBlocks.order`); the Riccati sweep calls this one. Defaults to
         :meth:`riccati` (model order)."""
-        return self.riccati(Sigma, need_qzz)
+        return self.riccati(Sigma, coupled)
 
 
 def sandwich_blockdiag(J: Tensor, Sigma: Tensor) -> Tensor:
