@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from reference import chains, dense_gauss_newton, dense_gradient_hessian
 
 import hessinv
+from hessinv.riccati import riccati_quadratic
 
 N_CHAINS = int(os.environ.get("HESSINV_N_CHAINS", "300"))
 
@@ -65,6 +66,9 @@ def test_hessian_against_dense(prob):
     x, info = F.solve(rhs, return_info=True)
     assert rel(x, torch.linalg.solve(H_ref + eps * I, rhs)) <= 1e-7, prob.description
     assert info.residual <= 1e-11  # ~ n u cond(H + eps I), cond <= ~1e3
+    # the backward half alone gives the quadratic form r^T (H + eps I)^{-1} r
+    quad = riccati_quadratic(H.blocks, F.factors, H._split(rhs))
+    assert rel(quad, (rhs * torch.linalg.solve(H_ref + eps * I, rhs)).sum(0)) <= 1e-7, prob.description
 
     s = pick_indefinite_shift(ev)
     if s is not None:
@@ -76,6 +80,9 @@ def test_hessian_against_dense(prob):
             warnings.simplefilter("error", hessinv.AccuracyWarning)
             xi = Fi.solve(H.gradient)
         assert rel(xi, torch.linalg.solve(H_ref + s * I, g_ref)) <= 1e-6, prob.description
+        qi = riccati_quadratic(H.blocks, Fi.factors, H._split(g_ref[:, None]))
+        tol = 1e-6 * float(g_ref.norm() * xi.norm())
+        assert abs(float(qi[0]) - float(g_ref @ xi)) <= tol, prob.description
 
 
 @settings(max_examples=60)

@@ -312,29 +312,55 @@ def _mm(A: Tensor, X: Tensor) -> Tensor:
     return (A @ (X * math.ldexp(1.0, -e))) * math.ldexp(1.0, e)
 
 
+def _backward(
+    blocks: list[Blocks], factors: list[StageFactor | None], rhs: list[Tensor], quadratic: bool = False
+) -> tuple[list[Tensor | None], Tensor | None]:
+    """The backward sweep: ``k_l = Qxx_l^{-1} ghat_l`` with ``ghat_l = g_l + Jx^T r_l`` (Riccati order),
+    and (with ``quadratic``) ``sum_l ghat_l . k_l`` per column, which is ``g^T (H + eps I)^{-1} g``
+    (the sweep is block Gaussian elimination ``H + eps I = U D U^T``, and ``ghat = U^{-1} g``)."""
+    k = rhs[0].shape[1]
+    ks: list[Tensor | None] = [None] * len(blocks)
+    quad = rhs[0].new_zeros(k) if quadratic else None
+    r = rhs[0].new_zeros(1, 1, k)
+    for l in range(len(blocks) - 1, -1, -1):
+        blk, f = blocks[l], factors[l]
+        if f is not None:
+            g = rhs[l] + blk.jxT(r)
+            g = g if f.order is None else g[f.order]
+            kl = ks[l] = f.pivot.solve(g)
+            if quad is not None:
+                quad += (g * kl).sum(0)
+            if l > 0:
+                r = blk.jzT(r) - _mm(f.Qxz.T, kl).view(blk.batch, blk.d_in, k)
+        elif l > 0:
+            r = blk.jzT(r)
+    return ks, quad
+
+
+def riccati_quadratic(blocks: list[Blocks], factors: list[StageFactor | None], rhs: list[Tensor]) -> Tensor:
+    """``g^T (H + eps I)^{-1} g`` per column of ``g`` (``rhs[l]``: (p_l, k)) from the backward sweep alone
+    (half a solve); exact for any invertible factorization, positive definite or not."""
+    quad = _backward(blocks, factors, rhs, quadratic=True)[1]
+    assert quad is not None
+    return quad
+
+
 def riccati_solve(blocks: list[Blocks], factors: list[StageFactor | None], rhs: list[Tensor]) -> list[Tensor]:
     """Solve ``(H + eps I) x = g`` with the factored sweep; ``rhs[l]`` is (p_l, k); returns the same
     shapes."""
     n_blocks = len(blocks)
     k = rhs[0].shape[1]
     last = max(l for l in range(n_blocks) if blocks[l].p > 0)
-    ks: list[Tensor | None] = [None] * n_blocks
-    r = rhs[0].new_zeros(1, 1, k)
-    for l in range(n_blocks - 1, -1, -1):
-        blk, f = blocks[l], factors[l]
-        if f is not None:
-            g = rhs[l] + blk.jxT(r)
-            ks[l] = f.pivot.solve(g if f.order is None else g[f.order])
-            if l > 0:
-                r = blk.jzT(r) - _mm(f.Qxz.T, ks[l]).view(blk.batch, blk.d_in, k)
-        elif l > 0:
-            r = blk.jzT(r)
+    ks = _backward(blocks, factors, rhs)[0]
+    r = rhs[0]
     xs: list[Tensor] = [r.new_zeros(0, k)] * n_blocks
     y: Tensor | None = None  # y_0 = 0
     for l in range(last + 1):
         blk, f = blocks[l], factors[l]
         if f is not None:
-            x = ks[l] if y is None else ks[l] - f.pivot.solve(_mm(f.Qxz, y.reshape(-1, k)))
+            kl = ks[l]
+            assert kl is not None
+            x = kl if y is None else kl - f.pivot.solve(_mm(f.Qxz, y.reshape(-1, k)))
             xs[l] = x if f.inverse is None else x[f.inverse]
             if l < last:
                 y = blk.jx(xs[l]) if y is None else blk.jx(xs[l]) + blk.jz(y)

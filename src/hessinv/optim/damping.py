@@ -34,7 +34,7 @@ from torch import Tensor
 
 from hessinv.curvature import CurvatureOperator
 from hessinv.errors import SingularError
-from hessinv.riccati import Inertia, StageFactor, riccati_factor, riccati_solve
+from hessinv.riccati import Inertia, StageFactor, riccati_factor, riccati_quadratic, riccati_solve
 
 __all__ = ["DampingRule", "LevenbergMarquardt", "FixedDamping", "Proposal", "Sweeps", "RiccatiFactor"]
 
@@ -98,6 +98,15 @@ class Sweeps:
         x = torch.cat(riccati_solve(self.op.blocks, F.factors, parts), dim=0)[:, 0]
         self.time_solve += time.perf_counter() - t
         return x
+
+    def quadratic(self, F: RiccatiFactor, v: Tensor) -> float:
+        """``v^T (H + damping I)^{-1} v`` from the backward sweep alone (half a solve; counted as one)."""
+        t = time.perf_counter()
+        self.solves += 1
+        parts = list(torch.split(v.reshape(-1, 1), self.sizes, dim=0))
+        q = float(riccati_quadratic(self.op.blocks, F.factors, parts)[0])
+        self.time_solve += time.perf_counter() - t
+        return q
 
     def matvec(self, v: Tensor) -> Tensor:
         """``H v`` (the ``O(L)`` product)."""

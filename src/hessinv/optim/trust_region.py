@@ -19,7 +19,7 @@ symbol                       code
 ``lambda``                   ``lam``; bracket ``[lam_lo, lam_hi]`` for ``lambda*``
 ``s(lambda)``                ``s = -(H + lam I)^{-1} g``
 ``phi(lambda)``              ``1/||s|| - 1/Delta`` (concave, increasing on ``(-lambda_min, inf)``)
-``||q||^2``                  ``s^T (H + lam I)^{-1} s`` (one more solve on the same factorization)
+``||q||^2``                  ``s^T (H + lam I)^{-1} s`` (backward half of a solve, same factorization)
 ``u``                        unit vector with small ``u^T (H + lam I) u`` (inverse iteration)
 ``tau``                      ``||s + tau u|| = Delta`` (the hard case)
 ===========================  ===================================================================
@@ -245,8 +245,7 @@ def solve_subproblem(
             lo = max(lo, lam)
             if it >= max_iter:
                 return result(s * (radius / snorm), F, True, False)
-            w = sweeps.solve(F, s)
-            qq = _dot(s, w)
+            qq = sweeps.quadratic(F, s)
             lam_new = lam + (snorm * snorm / qq) * (snorm - radius) / radius if qq > 0 else math.inf
             if not lo < lam_new < hi:
                 lam_new = _safeguard(lo, hi) if math.isfinite(hi) else grow(lam)
@@ -266,8 +265,7 @@ def solve_subproblem(
         tau = _boundary_taus(s, u, radius, lam, uAu)[0]
         if tau * tau * uAu <= sigma * (curv + lam * radius**2) or it >= max_iter or hi - lo <= 1e-12 * hi:
             return hard_step(F, s, u, uAu)
-        w = sweeps.solve(F, s)
-        qq = _dot(s, w)
+        qq = sweeps.quadratic(F, s)
         lam_new = lam + (snorm * snorm / qq) * (snorm - radius) / radius if qq > 0 else -math.inf
         lam = lam_new if lo < lam_new < hi else _safeguard(lo, hi)
 
