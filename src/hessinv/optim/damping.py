@@ -134,6 +134,8 @@ class Proposal:
         positive_definite_at_zero: whether ``H`` itself passed the Cholesky test (None: not tested).
         direction: an estimate of the eigenvector of ``lambda_min(H)`` (trust region only; None if none).
         fallback: a shorter step to try if ``step`` is rejected (the trust region's hard case).
+        secular_slope: ``||s||^2 / s^T (H + lambda I)^{-1} s`` at a boundary step (trust region only),
+            the slope of Newton's update of ``lambda`` for a new radius (None if not computed).
     """
 
     step: Tensor
@@ -146,6 +148,7 @@ class Proposal:
     positive_definite_at_zero: bool | None = None
     direction: Tensor | None = None
     fallback: Tensor | None = None
+    secular_slope: float | None = None
 
 
 class DampingRule(abc.ABC):
