@@ -215,4 +215,4 @@ class Chain:
         gradient = torch.cat(grads[::-1])
         if not torch.isfinite(gradient).all():
             raise NonFiniteError("the gradient contains NaN or infinity")
-        return Linearization(blocks, gradient, loss, self.sizes, zs[0][0].numel())
+        return Linearization(blocks, gradient, reference.to(loss.dtype), self.sizes, zs[0][0].numel())

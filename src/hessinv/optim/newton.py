@@ -359,10 +359,9 @@ class Newton(torch.optim.Optimizer):
             op = self._operator(inputs[idx], targets[idx])
             g = self._gradient(inputs, targets)
         else:
-            loss0 = self.chain.loss(inputs, targets)
             rng = ns["rng"]
             op = self._operator(inputs, targets)
-            g = op.gradient
+            loss0, g = op.loss, op.gradient  # the loss module's value at the linearization point
         t_deriv = time.perf_counter() - t_start
 
         # 2. proposal
