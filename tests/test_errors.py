@@ -106,6 +106,20 @@ def test_non_finite_values():
         hessinv.hessian(net, loss, X, y)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [(0, 0), (3, 1), (5, 5)])
+def test_non_finite_pivot_is_an_error(bad, where):
+    """A non-finite entry of a Riccati pivot (diagonal or off it, placed symmetrically) is named."""
+    from hessinv.riccati import Pivot
+
+    A = torch.randn(6, 6, dtype=torch.float64)
+    Q = A @ A.T + 6 * torch.eye(6, dtype=torch.float64)
+    i, j = where
+    Q[i, j] = Q[j, i] = bad
+    with pytest.raises(NonFiniteError, match="stage 2"):
+        Pivot(Q, 2, "stage 2", 0.0)
+
+
 def test_non_finite_loss():
     net = nn.Sequential(nn.Linear(2, 2)).double()
     with torch.no_grad():

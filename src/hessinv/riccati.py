@@ -60,15 +60,16 @@ class Pivot:
 
     def __init__(self, Q: Tensor, stage: int, name: str, damping: float, strict: bool = True):
         self.p = Q.shape[0]
-        # one reduction: a finite sum means finite entries (NaN and +-inf propagate); check exactly otherwise
-        if not torch.isfinite(Q.sum()) and not torch.isfinite(Q).all():
-            raise NonFiniteError(f"{name}: the Riccati pivot Qxx contains NaN or infinity")
         L, info = torch.linalg.cholesky_ex(Q)
         self.cholesky = int(info) == 0
-        if self.cholesky:
+        # NaN or infinity in Q's lower triangle (all that Cholesky reads; Q is symmetric) reaches L's
+        # diagonal, so a finite diagonal certifies a finite Q without a pass over it
+        if self.cholesky and bool(torch.isfinite(L.diagonal().sum())):
             self.L = L
             self.inertia = Inertia(0, 0, self.p)
             return
+        if not torch.isfinite(Q).all():
+            raise NonFiniteError(f"{name}: the Riccati pivot Qxx contains NaN or infinity")
         lam, V = torch.linalg.eigh(Q)
         tol = self.p * torch.finfo(Q.dtype).eps * lam.abs().max().clamp_min(torch.finfo(Q.dtype).tiny)
         if (lam.abs() <= (tol if strict else 0.0)).any():

@@ -271,8 +271,10 @@ class DenseLayerBlocks(Blocks):
             Qxx = None
         else:
             # Qxx0[(l,q),(j,i)] = sum_{n',n} zt[n',l] M[n',q,n,i] zt[n,j]
+            # as one product on Y's transpose [n, (l,q), i] (a broadcast batched product would copy
+            # zt^T p times and run p tiny products), then [j, (l,q), i] -> [(l,q), (j,i)]
             Y = (ztT @ M.view(B, d * a)).view(p, B, d)
-            Qxx = torch.matmul(ztT, Y).view(p, p)
+            Qxx = (ztT @ Y.transpose(0, 1).reshape(B, p * d)).view(m1, p, d).transpose(0, 1).reshape(p, p)
         if not coupled:  # the first stage: its input is data, no Qxz or Qzz
             return RiccatiBlocks(Qxx, zt.new_empty(p, B, 0), None, self._r2m, self._m2r, low)
         # R = M Wb: (n, i, n', c);  Qxz[(j,i),(n',c)] = sum_n zt[n,j] R[n,i,n',c]
