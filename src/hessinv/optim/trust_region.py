@@ -289,6 +289,20 @@ class TrustRegion(DampingRule):
     ``shrink * min(radius, ||s||)`` if ``rho < 0.25`` and ``min(grow * radius, max_radius)`` if
     ``rho > 0.75`` on the boundary.
 
+    Args:
+        radius: the first radius ``Delta`` (in parameter units).
+        max_radius: the radius never grows beyond this.
+        eta: acceptance threshold on ``rho`` (``0 <= eta < 0.25``).
+        shrink, grow: radius factors after a poor (``rho < 0.25``) and a very good boundary step.
+        rtol: the subproblem's boundary tolerance (its model value is within ``1 - rtol (2 - rtol)`` of
+            the optimum; see :func:`solve_subproblem`).
+        max_iter: factorizations per subproblem after which the best step at hand is returned.
+        inverse_iterations: solves per eigenvector estimate in the hard case.
+
+    The state carries ``lambda`` for the next start (Newton's secular update to the new radius), the
+    latest eigenvector estimate of ``lambda_min`` and whether ``H`` was indefinite (then the next
+    subproblem skips the test at ``lambda = 0``).
+
     >>> tr = TrustRegion(radius=0.5)
     >>> tr.init()
     {'radius': 0.5, 'damping': 0.0, 'direction': None, 'indefinite': False}
