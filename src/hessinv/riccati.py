@@ -353,8 +353,7 @@ def riccati_solve(blocks: list[Blocks], factors: list[StageFactor | None], rhs: 
     k = rhs[0].shape[1]
     last = max(l for l in range(n_blocks) if blocks[l].p > 0)
     ks = _backward(blocks, factors, rhs)[0]
-    r = rhs[0]
-    xs: list[Tensor] = [r.new_zeros(0, k)] * n_blocks
+    xs: list[Tensor] = [rhs[0].new_zeros(0, k)] * n_blocks
     y: Tensor | None = None  # y_0 = 0
     for l in range(last + 1):
         blk, f = blocks[l], factors[l]

@@ -60,7 +60,6 @@ class Sweeps:
 
     def __init__(self, op: CurvatureOperator):
         self.op = op
-        self.sizes = [blk.p for blk in op.blocks]
         self.names = list(getattr(op, "_names", [f"block {i}" for i in range(len(op.blocks))]))
         self.factorizations = self.solves = self.products = 0
         self.time_factor = self.time_solve = 0.0
@@ -94,7 +93,7 @@ class Sweeps:
         """``(H + damping I)^{-1} rhs`` for ``rhs`` of shape (n,), without refinement."""
         t = time.perf_counter()
         self.solves += 1
-        parts = list(torch.split(rhs.reshape(-1, 1), self.sizes, dim=0))
+        parts = self.op._split(rhs.reshape(-1, 1))
         x = torch.cat(riccati_solve(self.op.blocks, F.factors, parts), dim=0)[:, 0]
         self.time_solve += time.perf_counter() - t
         return x
@@ -103,7 +102,7 @@ class Sweeps:
         """``v^T (H + damping I)^{-1} v`` from the backward sweep alone (half a solve; counted as one)."""
         t = time.perf_counter()
         self.solves += 1
-        parts = list(torch.split(v.reshape(-1, 1), self.sizes, dim=0))
+        parts = self.op._split(v.reshape(-1, 1))
         q = float(riccati_quadratic(self.op.blocks, F.factors, parts)[0])
         self.time_solve += time.perf_counter() - t
         return q
