@@ -33,6 +33,7 @@ from hessinv.errors import (
     ShapeMismatchError,
     SingularError,
 )
+from hessinv.lowrank import WoodburyFactor, gauss_newton_root
 from hessinv.riccati import Inertia, riccati_factor, riccati_solve
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "Hessian",
     "GaussNewton",
     "Factorization",
+    "WoodburyFactorization",
     "SolveInfo",
     "hessian",
     "gauss_newton",
@@ -268,9 +270,34 @@ class Hessian(CurvatureOperator):
 class GaussNewton(CurvatureOperator):
     """The generalized Gauss-Newton matrix ``G = J^T Lambda J`` (``Lambda`` = the loss Hessian
     in the model outputs, ``J`` = their Jacobian in the parameters); positive semi-definite for
-    convex losses, so ``G + eps I`` with ``eps > 0`` always factors by Cholesky."""
+    convex losses, so ``G + eps I`` with ``eps > 0`` always factors by Cholesky.
+
+    Its rank is at most ``batch x outputs``, so besides the Riccati sweep it factors through its
+    square root ``G = U^T S U`` (:mod:`hessinv.lowrank`): ``factor(damping=D)`` with a per-parameter
+    damping vector ``D`` (or ``method="woodbury"``) uses Woodbury's identity.
+    """
 
     second_order = False
+    _root: tuple[Tensor, Tensor] | None = None
+
+    def root(self) -> tuple[Tensor, Tensor]:
+        """``(U, S)``: ``G = U^T diag(S) U``, ``U`` of shape (r, n) (cached; one backward sweep with ``r``
+        right-hand sides, :func:`hessinv.lowrank.gauss_newton_root`)."""
+        if self._root is None:
+            self._root = gauss_newton_root(self.blocks, self.dtype)
+        return self._root
+
+    def factor(self, damping: float | Tensor = 0.0, method: str = "auto") -> Factorization:
+        """Factor ``G + D``. ``D`` is a number (``method="auto"``/``"riccati"``: the Riccati sweep;
+        ``"woodbury"``: through ``G``'s square root) or a (n,) tensor of per-parameter damping
+        (always Woodbury)."""
+        if method not in ("auto", "riccati", "woodbury"):
+            raise ValueError(f"method must be 'auto', 'riccati' or 'woodbury', got {method!r}")
+        if isinstance(damping, Tensor) or method == "woodbury":
+            if method == "riccati":
+                raise ValueError("a per-parameter damping needs method='woodbury' (or 'auto')")
+            return WoodburyFactorization(self, damping)
+        return Factorization(self, float(damping))
 
 
 class Factorization:
@@ -298,6 +325,13 @@ class Factorization:
         xs = riccati_solve(self.op.blocks, self.factors, self.op._split(R))
         return torch.cat(xs, dim=0)
 
+    def _damping_text(self) -> str:
+        return f"{self.damping:g}"
+
+    def _shift(self, X: Tensor) -> Tensor:
+        """``eps X`` (the damping's part of ``(H + eps I) X``)."""
+        return self.damping * X
+
     def solve(
         self, rhs: Tensor, refine: bool = True, max_refine: int = 5, return_info: bool = False
     ) -> Tensor | tuple[Tensor, SolveInfo]:
@@ -322,7 +356,7 @@ class Factorization:
         X64 = X.double()
 
         def residual(X_: Tensor) -> tuple[Tensor, float]:
-            res = R64 - op64._apply(X_.to(op64.dtype)).double() - self.damping * X_
+            res = R64 - op64._apply(X_.to(op64.dtype)).double() - self._shift(X_)
             return res, float((res.norm(dim=0) / rnorm).max())
 
         res, rel = residual(X64)
@@ -337,7 +371,7 @@ class Factorization:
         self.last_info = SolveInfo(rel, steps)
         if rel > math.sqrt(torch.finfo(self.op.dtype).eps):
             warnings.warn(
-                f"solve at damping {self.damping:g} reached relative residual {rel:.2e} only",
+                f"solve at damping {self._damping_text()} reached relative residual {rel:.2e} only",
                 AccuracyWarning,
                 stacklevel=2,
             )
@@ -358,3 +392,34 @@ def gauss_newton(
 ) -> GaussNewton:
     """The generalized Gauss-Newton matrix of ``loss_fn(model(inputs), targets)``."""
     return GaussNewton(model, loss_fn, inputs, targets)
+
+
+class WoodburyFactorization(Factorization):
+    """``G + D`` for the Gauss-Newton matrix through its square root (:class:`hessinv.lowrank.WoodburyFactor`).
+
+    ``damping`` is a number or a per-parameter (n,) tensor ``D`` (no zero entry). Same interface as
+    :class:`Factorization` (``solve`` with refinement, ``inertia``, ``positive_definite``, ``logdet``).
+    """
+
+    def __init__(self, op: GaussNewton, damping: float | Tensor):
+        if not isinstance(damping, Tensor) and not math.isfinite(damping):
+            raise NonFiniteError(f"damping must be finite, got {damping}")
+        self.op, self.damping = op, damping
+        U, S = op.root()
+        self.woodbury = WoodburyFactor(U, S, damping)
+        self.inertia, self.positive_definite = self.woodbury.inertia, self.woodbury.positive_definite
+        self.last_info = None
+        self._f64 = None
+
+    def _raw(self, R: Tensor) -> Tensor:
+        return self.woodbury.solve(R)
+
+    def _shift(self, X: Tensor) -> Tensor:
+        return self.woodbury.D.double()[:, None] * X
+
+    def _damping_text(self) -> str:
+        return "D (per parameter)" if isinstance(self.damping, Tensor) else f"{self.damping:g}"
+
+    def logdet(self) -> float:
+        """``log|det(G + D)|``."""
+        return self.woodbury.logdet()
