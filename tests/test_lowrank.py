@@ -76,3 +76,26 @@ def test_bad_diagonal_damping_is_named():
         G.factor(damping=torch.zeros(8, dtype=torch.float64))
     with pytest.raises(ValueError):
         G.factor(0.1, method="cholesky")
+
+
+@settings(max_examples=30, deadline=None)
+@given(chains(max_depth=5, max_width=6, max_batch=5))
+def test_abs_modified_factorization(prob):
+    """modify='abs' gives a positive definite M = L|D|L^T: equal to H + eps I where that factors by
+    Cholesky, and always a descent direction (g^T M^{-1} g > 0)."""
+    H = hessinv.hessian(prob.model, prob.loss_fn, prob.inputs, prob.targets)
+    n = H.shape[0]
+    H_ref = H.to_dense()
+    eps = 1e-3 * (float(H_ref.abs().max()) + 1e-3)
+    F = H.factor(eps, modify="abs")
+    assert F.positive_definite and F.inertia == hessinv.Inertia(0, 0, n)
+    g = torch.randn(n, dtype=torch.float64)
+    d = F.solve(g)
+    assert float(g @ d) > 0, prob.description
+    if H.is_positive_definite(eps):
+        ref = torch.linalg.solve(H_ref + eps * torch.eye(n, dtype=torch.float64), g)
+        assert float((d - ref).norm() / ref.norm()) <= 1e-6, prob.description
+    # M is symmetric positive definite: the solve map is, too
+    E = F.solve(torch.eye(n, dtype=torch.float64))
+    assert float((E - E.T).abs().max()) <= 1e-8 * float(E.abs().max())
+    assert float(torch.linalg.eigvalsh(0.5 * (E + E.T)).min()) > 0

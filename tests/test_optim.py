@@ -186,7 +186,7 @@ def test_linear_least_squares_converges_in_three_steps():
     X = torch.randn(64, 5, dtype=F64)
     y = X @ torch.randn(5, 1, dtype=F64) + 0.1 * torch.randn(64, 1, dtype=F64)
     net = nn.Sequential(nn.Linear(5, 1)).double()
-    opt = ho.Newton(net, nn.MSELoss(), seed=0)
+    opt = ho.Newton(net, nn.MSELoss(), seed=0, mode="trust-region")
     for _ in range(3):
         opt.step(X, y)
     g = hessinv.hessian(net, nn.MSELoss(), X, y).gradient
@@ -268,7 +268,7 @@ def test_float32_model():
     net = tanh_chain(seed=5, dtype=torch.float32, scale=1.5)
     X, y = regression_data(2, 16, 3, 2, dtype=torch.float32)
     loss_fn = nn.MSELoss()
-    opt = ho.Newton(net, loss_fn, seed=0)
+    opt = ho.Newton(net, loss_fn, seed=0, mode="trust-region")
     f_start = loss_of(net, loss_fn, X, y)
     for _ in range(10):
         f0 = loss_of(net, loss_fn, X, y)
@@ -388,7 +388,7 @@ def test_lr_scheduler_scales_the_step():
 def test_param_groups_hold_the_model_parameters_and_stats_serialize():
     net = tanh_chain()
     seen = []
-    opt = ho.Newton(net, nn.MSELoss(), callback=seen.append, seed=0)
+    opt = ho.Newton(net, nn.MSELoss(), callback=seen.append, seed=0, mode="trust-region")
     assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in net.parameters()]
     X, y = regression_data(0, 4, 3, 2)
     opt.step(X, y)
@@ -414,7 +414,7 @@ def test_param_groups_hold_the_model_parameters_and_stats_serialize():
 )
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        ho.Newton(tanh_chain(), nn.MSELoss(), **kwargs)
+        ho.Newton(tanh_chain(), nn.MSELoss(), **kwargs, mode="trust-region")
 
 
 @pytest.mark.parametrize(
@@ -434,11 +434,11 @@ def test_bad_rule_arguments_raise_value_error(make, match):
 
 
 def test_param_groups_changed_by_hand_raise():
-    opt = ho.Newton(tanh_chain(), nn.MSELoss())
+    opt = ho.Newton(tanh_chain(), nn.MSELoss(), mode="trust-region")
     opt.param_groups[0]["lr"] = float("nan")
     with pytest.raises(ValueError, match="lr must be"):
         opt.step(*regression_data(0, 4, 3, 2))
-    opt = ho.Newton(tanh_chain(), nn.MSELoss())
+    opt = ho.Newton(tanh_chain(), nn.MSELoss(), mode="trust-region")
     opt.add_param_group({"params": [nn.Parameter(torch.zeros(3, dtype=F64))]})
-    with pytest.raises(ValueError, match="one parameter group"):
+    with pytest.raises(ValueError, match="trainable parameters"):
         opt.step(*regression_data(0, 4, 3, 2))

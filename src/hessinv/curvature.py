@@ -158,12 +158,16 @@ class CurvatureOperator:
         )
 
     # -- factorization -------------------------------------------------------------------------
-    def factor(self, damping: float = 0.0) -> Factorization:
+    def factor(self, damping: float = 0.0, modify: str | None = None) -> Factorization:
         """Factor ``H + damping * I`` with the backward Riccati sweep (reusable for many solves).
 
-        Raises :class:`SingularError` if a pivot is singular at this damping.
+        Raises :class:`SingularError` if a pivot is singular at this damping. ``modify="abs"`` (needs
+        ``damping > 0``) factors instead the positive definite ``M = L |D| L^T``: each Riccati pivot's
+        eigenvalues below ``damping`` replaced by ``max(|lambda|, damping)`` (modified Cholesky per pivot
+        block, math.md §6); ``M = H + damping I`` where every pivot is already above ``damping``.
+        Solves with it are not refined (``M`` is not ``H + damping I``).
         """
-        return Factorization(self, float(damping))
+        return Factorization(self, float(damping), modify=_check_modify(modify))
 
     def solve(self, rhs: Tensor, damping: float = 0.0, **kw) -> Tensor | tuple[Tensor, SolveInfo]:
         """``(H + damping I)^{-1} rhs``; shortcut for ``self.factor(damping).solve(rhs, **kw)``."""
@@ -248,6 +252,14 @@ class CurvatureOperator:
         return self._twin
 
 
+def _check_modify(modify: str | None) -> bool:
+    if modify is None:
+        return False
+    if modify != "abs":
+        raise ValueError(f"modify must be None or 'abs', got {modify!r}")
+    return True
+
+
 class Hessian(CurvatureOperator):
     """The exact Hessian ``d2 z_L / dx2`` of the loss on one batch (math.md §1).
 
@@ -287,7 +299,9 @@ class GaussNewton(CurvatureOperator):
             self._root = gauss_newton_root(self.blocks, self.dtype)
         return self._root
 
-    def factor(self, damping: float | Tensor = 0.0, method: str = "auto") -> Factorization:
+    def factor(
+        self, damping: float | Tensor = 0.0, method: str = "auto", modify: str | None = None
+    ) -> Factorization:
         """Factor ``G + D``. ``D`` is a number (``method="auto"``/``"riccati"``: the Riccati sweep;
         ``"woodbury"``: through ``G``'s square root) or a (n,) tensor of per-parameter damping
         (always Woodbury)."""
@@ -297,7 +311,7 @@ class GaussNewton(CurvatureOperator):
             if method == "riccati":
                 raise ValueError("a per-parameter damping needs method='woodbury' (or 'auto')")
             return WoodburyFactorization(self, damping)
-        return Factorization(self, float(damping))
+        return Factorization(self, float(damping), modify=_check_modify(modify))
 
 
 class Factorization:
@@ -311,12 +325,12 @@ class Factorization:
         last_info: the :class:`SolveInfo` of the latest solve.
     """
 
-    def __init__(self, op: CurvatureOperator, damping: float):
+    def __init__(self, op: CurvatureOperator, damping: float, modify: bool = False):
         if not math.isfinite(damping):
             raise NonFiniteError(f"damping must be finite, got {damping}")
-        self.op, self.damping = op, damping
+        self.op, self.damping, self.modified = op, damping, modify
         self.factors, self.inertia, self.positive_definite = riccati_factor(
-            op.blocks, damping, op._names, op.gradient
+            op.blocks, damping, op._names, op.gradient, modify=modify
         )
         self.last_info: SolveInfo | None = None
         self._f64: Factorization | None = None
@@ -346,7 +360,7 @@ class Factorization:
         """
         R, vec = self.op._as_matrix(rhs, "rhs")
         X = self._raw(R)
-        if not refine:  # no residual either: the caller asked for the raw sweep
+        if not refine or getattr(self, "modified", False):  # no residual either: the caller asked for the raw sweep
             self.last_info = SolveInfo(float("nan"), 0)
             out = X[:, 0] if vec else X
             return (out, self.last_info) if return_info else out

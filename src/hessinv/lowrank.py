@@ -105,8 +105,8 @@ class WoodburyFactor:
         self.D = Dv
         self._Dinv = 1.0 / Dv
         self.Ud = U * self._Dinv  # U D^{-1}
-        U64 = U.double()
-        K = torch.diag(S.double()) + (U64 * self._Dinv.double()) @ U64.T
+        # K in the model's dtype (r^2 n flops, the refresh's main cost), factored in float64
+        K = torch.diag(S.double()) + (self.Ud @ U.T).double()
         K = 0.5 * (K + K.T)
         L, info = torch.linalg.cholesky_ex(K)
         self.cholesky = int(info) == 0
@@ -127,6 +127,9 @@ class WoodburyFactor:
             self._lam, self._V = lam, Vk
             k_pos = int((lam > 0).sum())
             self._logdetK = float(lam.abs().log().sum())
+        # K^{-1} explicitly (r x r), so that a solve is three thin products in the model's dtype
+        eye = torch.eye(K.shape[0], dtype=torch.float64, device=K.device)
+        self._Kinv = self._kinv(eye).to(U.dtype)
         neg = d_neg + k_pos - s_pos
         self.inertia = Inertia(neg, 0, n - neg)
         self.positive_definite = neg == 0
@@ -144,8 +147,7 @@ class WoodburyFactor:
     def solve(self, R: Tensor) -> Tensor:
         """``(D + U^T S U)^{-1} R`` for R of shape (n, k)."""
         A = R * self._Dinv[:, None]
-        W = self._kinv(self.U @ A).to(R.dtype)
-        return A - self.Ud.T @ W
+        return A - self.Ud.T @ (self._Kinv @ (self.U @ A))
 
     def logdet(self) -> float:
         """``log|det(D + U^T S U)|``."""
