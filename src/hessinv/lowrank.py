@@ -105,8 +105,11 @@ class WoodburyFactor:
         self.D = Dv
         self._Dinv = 1.0 / Dv
         self.Ud = U * self._Dinv  # U D^{-1}
-        # K in the model's dtype (r^2 n flops, the refresh's main cost), factored in float64
-        K = torch.diag(S.double()) + (self.Ud @ U.T).double()
+        # K in float64: D^{-1} spans many orders of magnitude (Adam's sqrt(v) is tiny where gradients
+        # vanish), and a float32 Gram matrix would lose K's small eigenvalues (r^2 n flops)
+        U64 = U.double()
+        K = torch.diag(S.double()) + (U64 * self._Dinv.double()) @ U64.T
+        K = 0.5 * (K + K.T)
         K = 0.5 * (K + K.T)
         L, info = torch.linalg.cholesky_ex(K)
         self.cholesky = int(info) == 0
@@ -127,9 +130,6 @@ class WoodburyFactor:
             self._lam, self._V = lam, Vk
             k_pos = int((lam > 0).sum())
             self._logdetK = float(lam.abs().log().sum())
-        # K^{-1} explicitly (r x r), so that a solve is three thin products in the model's dtype
-        eye = torch.eye(K.shape[0], dtype=torch.float64, device=K.device)
-        self._Kinv = self._kinv(eye).to(U.dtype)
         neg = d_neg + k_pos - s_pos
         self.inertia = Inertia(neg, 0, n - neg)
         self.positive_definite = neg == 0
@@ -147,7 +147,7 @@ class WoodburyFactor:
     def solve(self, R: Tensor) -> Tensor:
         """``(D + U^T S U)^{-1} R`` for R of shape (n, k)."""
         A = R * self._Dinv[:, None]
-        return A - self.Ud.T @ (self._Kinv @ (self.U @ A))
+        return A - self.Ud.T @ self._kinv(self.U @ A).to(R.dtype)
 
     def logdet(self) -> float:
         """``log|det(D + U^T S U)|``."""

@@ -263,7 +263,7 @@ class Newton(torch.optim.Optimizer):
         damping: str | float | DampingRule | None = None,
         diagonal_damping: float = 500.0,
         curvature_batch_size: int | None = None,
-        refresh: int = 10,
+        refresh: int = 20,
         momentum: float = 0.9,
         beta2: float = 0.99,
         seed: int | None = None,

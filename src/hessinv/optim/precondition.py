@@ -10,7 +10,8 @@ second moment of the gradients (Adam's):
 On the batch's curvature subspace (rank ``r <= B_c C``) the step follows the exact curvature; on its
 complement ``(G + D)^{-1} g = g / D``, an Adam step of size ``1 / damping``. ``D_t`` is refreshed with
 the factorization and, during the first ``warmup`` steps (while ``v`` is still a short average),
-every step. The factorization is :class:`hessinv.lowrank.WoodburyFactor` (``G = U^T S U`` from one
+every step, and between refreshes whenever ``D_t`` has drifted by more than ``stale_ratio`` from the
+``D_k`` the factorization holds (a cheap test: one pass over ``n`` numbers). The factorization is :class:`hessinv.lowrank.WoodburyFactor` (``G = U^T S U`` from one
 backward sweep of ``r`` right-hand sides): ``r^2 n`` flops to refresh, ``4 r n`` per solve, against
 ``O(L p^3)`` for a Riccati factorization (math.md §6).
 
@@ -91,6 +92,9 @@ class Preconditioner:
         refresh: rebuild the curvature every this many calls.
         beta2, eps: the second-moment average of ``D``.
         warmup: for the first ``warmup`` calls ``D`` is refreshed every call.
+        stale_ratio: between refreshes, ``K`` is rebuilt for the current ``D_t`` (same curvature, ``r^2 n``
+            flops) as soon as some entry of ``D_t`` leaves ``[D_k / stale_ratio, stale_ratio D_k]``: a
+            gradient spike raises ``v`` at once, and the step stays damped as Adam's would.
         seed: seed of the generator that draws curvature batches.
     """
 
@@ -102,10 +106,11 @@ class Preconditioner:
         curvature: str = "gauss_newton",
         damping: float = 500.0,
         curvature_batch_size: int = 8,
-        refresh: int = 10,
+        refresh: int = 20,
         beta2: float = 0.99,
         eps: float = 1e-8,
         warmup: int = 20,
+        stale_ratio: float = 2.0,
         seed: int | None = None,
     ):
         self.model, self.loss_fn = model, loss_fn
@@ -119,6 +124,9 @@ class Preconditioner:
             raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
         self.beta2, self.eps = float(beta2), float(_positive("eps", eps))
         self.warmup = _positive("warmup", warmup, integer=True, allow_zero=True)
+        self.stale_ratio = float(_positive("stale_ratio", stale_ratio))
+        if self.stale_ratio <= 1:
+            raise ValueError(f"stale_ratio must be > 1, got {stale_ratio!r}")
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -181,9 +189,19 @@ class Preconditioner:
             else:
                 self._op = Hessian(self.model, self.loss_fn, Xc, yc)
                 self._factor = self._op.factor(self.damping, modify="abs")
-        elif self.curvature == "gauss_newton" and self.state["t"] <= self.warmup:
-            self._factor = self._factor.with_damping(self.diagonal())
+        elif self.curvature == "gauss_newton":
+            D = self.diagonal()
+            if self.state["t"] <= self.warmup or self._stale(D):
+                self._factor = self._factor.with_damping(D)
+                self.state["redamped"] = self.state.get("redamped", 0) + 1
         self.time_refresh += time.perf_counter() - t0
+
+    def _stale(self, D: Tensor) -> bool:
+        """The cheap staleness test: ``D_t`` left ``[D_k / r, r D_k]`` somewhere (``r = stale_ratio``), e.g.
+        after a gradient spike -- then the stored ``K`` is rebuilt for ``D_t`` (same curvature)."""
+        ratio = D / self._factor.D
+        lo, hi = torch.aminmax(ratio)
+        return bool(hi > self.stale_ratio) or bool(lo < 1.0 / self.stale_ratio)
 
     def solve(self, g: Tensor) -> Tensor:
         """``(C + D)^{-1} g`` with the stored factorization (no refinement), for ``g`` of shape (n,)."""
