@@ -6,6 +6,7 @@ the rank-0 results come back through files and are compared here with a single-p
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 F64 = torch.float64
+START = "fork" if sys.platform.startswith("linux") else "spawn"  # fork: no re-import of torch (seconds)
 STEPS, REFRESH, LOCAL_BATCH, CURV = 8, 4, 6, 5
 
 
@@ -97,7 +99,7 @@ def _raising_worker(rank: int, world: int) -> None:
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("dist")
-    hd.launch(_worker, 2, (str(out),), timeout=60, join_timeout=240)
+    hd.launch(_worker, 2, (str(out),), timeout=60, join_timeout=240, start_method=START)
     return torch.load(Path(out) / "results.pt", weights_only=False)
 
 
@@ -142,7 +144,7 @@ def test_rotate_and_average_differ_from_one_process(two_process_results):
 def test_a_rank_that_raises_stops_the_job_with_a_clear_error():
     t0 = time.monotonic()
     with pytest.raises(DistributedError, match=r"rank 1 of 2 failed(.|\n)*rank one fails on purpose"):
-        hd.launch(_raising_worker, 2, timeout=30, join_timeout=120)
+        hd.launch(_raising_worker, 2, timeout=30, join_timeout=120, start_method=START)
     assert time.monotonic() - t0 < 60  # stopped, not waited out
 
 
