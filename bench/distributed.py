@@ -40,7 +40,15 @@ from hessinv.cli.train import Batches, evaluate  # noqa: E402
 from hessinv.optim import distributed as hd  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distributed.json"
-CONFIGS = [(1, "-"), (2, "sharded"), (2, "replicated"), (2, "rotate"), (2, "average"), (4, "sharded"), (4, "average")]
+CONFIGS = [
+    (1, "-"),
+    (2, "sharded"),
+    (2, "replicated"),
+    (2, "rotate"),
+    (2, "average"),
+    (4, "sharded"),
+    (4, "average"),
+]
 
 
 def _worker(rank: int, world: int, cfg: dict, out: str) -> None:
@@ -49,10 +57,12 @@ def _worker(rank: int, world: int, cfg: dict, out: str) -> None:
     model = build_model(ds.input_dim, ds.output_dim, cfg["depth"], cfg["width"], "tanh", seed=0)
     loss_fn = torch.nn.CrossEntropyLoss()
     opt = ho.Newton(
-        model, loss_fn, mode="precondition", seed=0, lr=cfg["lr"], curvature_batch_size=cfg["curvature_batch"],
-        refresh=cfg["refresh"],
+        model, loss_fn, mode="precondition", seed=0, lr=cfg["lr"],
+        curvature_batch_size=cfg["curvature_batch"], refresh=cfg["refresh"],
     )  # fmt: skip
-    stepper = opt.step if cfg["strategy"] == "-" else hd.DataParallel(opt, model, loss_fn, cfg["strategy"]).step
+    stepper = (
+        opt.step if cfg["strategy"] == "-" else hd.DataParallel(opt, model, loss_fn, cfg["strategy"]).step
+    )
     batches = Batches(ds.X_train, ds.y_train, cfg["batch"], seed=0)
     clock = cpu = 0.0
     k, reached, steps_to_target, curve = 0, None, None, []
@@ -64,7 +74,12 @@ def _worker(rank: int, world: int, cfg: dict, out: str) -> None:
             curve.append((k, clock, loss))
             if reached is None and loss <= cfg["target"]:
                 reached, steps_to_target = clock, k
-            stop = reached is not None or clock >= cfg["budget"] or k >= cfg["max_steps"] or not math.isfinite(loss)
+            stop = (
+                reached is not None
+                or clock >= cfg["budget"]
+                or k >= cfg["max_steps"]
+                or not math.isfinite(loss)
+            )
             if world > 1:
                 stop = hd.agree_stop(stop)
             if stop:
@@ -149,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             rec = json.loads(Path(out).read_text())
             print(
                 f"{nproc} x {strategy:10s}: {rec['steps_per_s']:.1f} steps/s, target "
-                f"{rec['time_to_target_s']} s / {rec['steps_to_target']} steps, load {rec['load_average_end']}",
+                f"{rec['time_to_target_s']} s / {rec['steps_to_target']} steps, "
+                f"load {rec['load_average_end']}",
                 flush=True,
             )
             records.append(rec)
@@ -157,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     table = _table(records, cores)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": info, "config": base, "runs": records, "table": table}, indent=1))
+    args.out.write_text(
+        json.dumps({"machine": info, "config": base, "runs": records, "table": table}, indent=1)
+    )
     return 0
 
 

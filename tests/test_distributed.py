@@ -158,3 +158,33 @@ def test_shard_needs_an_even_split():
     with pytest.raises(DistributedError, match="divisible by 2"):
         hd.shard(torch.zeros(5, 2), 0, 2)
     assert torch.equal(hd.shard(torch.arange(6), 1, 2), torch.arange(3, 6))
+
+
+def test_cli_nproc_2_writes_the_single_process_outputs(tmp_path, monkeypatch):
+    import json
+
+    from hessinv.cli import distributed as hcd
+    from hessinv.cli import main
+
+    monkeypatch.setattr(hcd, "START_METHOD", START)
+    args = ["train", "--steps", "5", "--optimizers", "gauss-newton,adam", "--depth", "3", "--width", "6",
+            "--samples", "300", "--batch-size", "32", "--no-tune", "--quiet"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--nproc", "2", "--out", str(tmp_path / "two")]) == 0
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["distributed"]["processes"] == 2 and "distributed" not in one
+    for f in ("gauss-newton.jsonl", "adam.jsonl", "table.md", "loss.png"):
+        assert (tmp_path / "two" / f).is_file()
+    for name in ("gauss-newton", "adam"):
+        a, b = one["runs"][name], two["runs"][name]
+        assert a["steps"] == b["steps"] == 5 and b["status"] == "ok"
+        for key in ("train_loss", "test_loss"):
+            assert abs(a["final"][key] - b["final"][key]) <= 1e-9 * abs(a["final"][key])
+
+
+def test_cli_nproc_needs_a_divisible_batch(tmp_path, capsys):
+    from hessinv.cli import main
+
+    rc = main(["train", "--nproc", "2", "--batch-size", "33", "--steps", "1", "--out", str(tmp_path)])
+    assert rc == 2 and "multiple of 2" in capsys.readouterr().err

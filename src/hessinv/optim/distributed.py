@@ -173,7 +173,9 @@ def launch(
                     "were stopped (raise join_timeout for longer jobs)"
                 )
     except mp.ProcessRaisedException as e:
-        raise DistributedError(f"rank {e.error_index} of {nprocs} failed; the job was stopped:\n{e}") from None
+        raise DistributedError(
+            f"rank {e.error_index} of {nprocs} failed; the job was stopped:\n{e}"
+        ) from None
     except mp.ProcessExitedException as e:
         raise DistributedError(
             f"rank {e.error_index} of {nprocs} exited with code {e.exit_code}; the job was stopped"
@@ -249,7 +251,9 @@ class DistributedPreconditioner(Preconditioner):
     group: Any
 
     @classmethod
-    def wrap(cls, pc: Preconditioner, strategy: str = DEFAULT_STRATEGY, group: Any = None) -> DistributedPreconditioner:
+    def wrap(
+        cls, pc: Preconditioner, strategy: str = DEFAULT_STRATEGY, group: Any = None
+    ) -> DistributedPreconditioner:
         """The distributed version of ``pc`` (same settings and state), for the process ``group``."""
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -379,11 +383,23 @@ class DataParallel:
         strategy, group: see :func:`distribute`.
     """
 
-    def __init__(self, opt: Any, model: nn.Module, loss_fn: nn.Module, strategy: str = DEFAULT_STRATEGY, group: Any = None):
+    def __init__(
+        self,
+        opt: Any,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        strategy: str = DEFAULT_STRATEGY,
+        group: Any = None,
+    ):
         from torch.nn.parallel import DistributedDataParallel
 
         self.rank, self.world_size = _group_info(group)
-        self.opt, self.model, self.loss_fn, self.group = distribute(opt, strategy, group), model, loss_fn, group
+        self.opt, self.model, self.loss_fn, self.group = (
+            distribute(opt, strategy, group),
+            model,
+            loss_fn,
+            group,
+        )
         dev = next(model.parameters()).device
         self.ddp = DistributedDataParallel(
             model, device_ids=[dev] if dev.type == "cuda" else None, process_group=group
