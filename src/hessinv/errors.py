@@ -17,6 +17,8 @@ DtypeMismatchError         inputs, targets or vectors have a dtype/device other 
 NonFiniteError             inputs, parameters, the loss or a curvature block is NaN/inf
 SingularError              ``H + eps I`` cannot be factored at the requested damping (a pivot
                            ``Qxx_l`` of the Riccati sweep is singular to working precision)
+DistributedError           a data-parallel job cannot run or a rank failed / timed out
+                           (:mod:`hessinv.optim.distributed`)
 =========================  ===============================================================
 """
 
@@ -30,6 +32,7 @@ __all__ = [
     "DtypeMismatchError",
     "NonFiniteError",
     "SingularError",
+    "DistributedError",
     "AccuracyWarning",
 ]
 
@@ -70,6 +73,10 @@ class SingularError(HessinvError, RuntimeError):
         super().__init__(message)
         self.stage = stage
         self.damping = damping
+
+
+class DistributedError(HessinvError, RuntimeError):
+    """A data-parallel job could not start, one of its ranks failed, or it ran past its timeout."""
 
 
 class AccuracyWarning(UserWarning):

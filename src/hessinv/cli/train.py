@@ -283,8 +283,10 @@ def run_one(
             log.write(json.dumps(_jsonable(first)) + "\n")
         clock, last_eval = 0.0, 0.0
         k = 0
+        agree = getattr(opt, "agree_stop", None)  # data-parallel runs (--nproc): every rank stops together
         while True:
-            if (budget is not None and clock >= budget) or (steps is not None and k >= steps):
+            stop = (budget is not None and clock >= budget) or (steps is not None and k >= steps)
+            if agree(stop) if agree is not None else stop:
                 break
             xb, yb = batches.next()
             t0 = time.perf_counter()

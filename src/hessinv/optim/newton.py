@@ -473,7 +473,7 @@ class Newton(torch.optim.Optimizer):
         returns the batch loss before the step."""
         if callable(inputs) and not isinstance(inputs, Tensor):
             closure, inputs = inputs, None
-        g = None
+        g = loss = None
         if closure is not None:
             loss, (inputs, targets), g = self._run_closure(closure, inputs, targets)
         if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
@@ -483,7 +483,7 @@ class Newton(torch.optim.Optimizer):
             )
         mode = self._resolve_mode(inputs, targets)
         if mode == "precondition":
-            return self._step_precondition(inputs, targets, g)
+            return self._step_precondition(inputs, targets, g, loss)
         return self._step_trust_region(inputs, targets)
 
     def _resolve_mode(self, inputs: Tensor, targets: Tensor) -> str:
@@ -541,7 +541,9 @@ class Newton(torch.optim.Optimizer):
         return loss_t, (inputs.detach(), targets.detach()), g
 
     @torch.no_grad()
-    def _step_precondition(self, inputs: Tensor, targets: Tensor, g: Tensor | None) -> Tensor:
+    def _step_precondition(
+        self, inputs: Tensor, targets: Tensor, g: Tensor | None, closure_loss: Tensor | None = None
+    ) -> Tensor:
         """``x <- x - lr (C_k + D_t)^{-1} m_t / (1 - momentum^t)`` (see the class docstring)."""
         t_start = time.perf_counter()
         ns = self._newton
@@ -554,8 +556,8 @@ class Newton(torch.optim.Optimizer):
             if g is None:
                 loss0, g = self._loss_and_gradient(inputs, targets)
                 self._write_grad(g)
-            else:
-                loss0 = self.chain.loss(inputs, targets)
+            else:  # the closure's loss is the batch loss here (no second forward pass)
+                loss0 = closure_loss if closure_loss is not None else self.chain.loss(inputs, targets)
         except (RuntimeError, ValueError):
             self.chain.check_inputs(inputs, targets)
             raise

@@ -175,18 +175,24 @@ class Preconditioner:
         idx = torch.randperm(B, generator=self.generator)[:k].sort().values.to(inputs.device)
         return inputs[idx], targets[idx]
 
+    def curvature_root(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """``(U, S)`` with ``G = U^T diag(S) U`` the Gauss-Newton matrix of a curvature batch drawn from
+        ``(inputs, targets)`` (the step :mod:`hessinv.optim.distributed` shares between ranks)."""
+        Xc, yc = self._curvature_batch(inputs, targets)
+        op = GaussNewton(self.model, self.loss_fn, Xc, yc)
+        return gauss_newton_root(op.blocks, op.dtype)
+
     def update(self, inputs: Tensor, targets: Tensor) -> None:
         """Rebuild the curvature on a curvature batch drawn from ``(inputs, targets)`` when due; refresh
         ``D`` when due or during warm-up."""
         t0 = time.perf_counter()
         if self.due():
-            Xc, yc = self._curvature_batch(inputs, targets)
             self.state["refreshes"] += 1
             if self.curvature == "gauss_newton":
-                op = GaussNewton(self.model, self.loss_fn, Xc, yc)
-                U, S = gauss_newton_root(op.blocks, op.dtype)
+                U, S = self.curvature_root(inputs, targets)
                 self._factor = WoodburyFactor(U, S, self.diagonal())
             else:
+                Xc, yc = self._curvature_batch(inputs, targets)
                 self._op = Hessian(self.model, self.loss_fn, Xc, yc)
                 self._factor = self._op.factor(self.damping, modify="abs")
         elif self.curvature == "gauss_newton":
