@@ -561,9 +561,9 @@ class Newton(torch.optim.Optimizer):
         except (RuntimeError, ValueError):
             self.chain.check_inputs(inputs, targets)
             raise
-        if not bool(torch.isfinite(g).all()):
+        if not bool(torch.isfinite(g).all()) or not bool(torch.isfinite(loss0)):
             self.chain.check_inputs(inputs, targets)
-            raise NonFiniteError("the gradient contains NaN or infinity")
+            raise NonFiniteError(f"the loss ({float(loss0)}) or the gradient contains NaN or infinity")
         t_deriv = time.perf_counter() - t_start
         pc.observe(g)
         refreshed = pc.due()

@@ -142,14 +142,22 @@ class Preconditioner:
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Step count, second moments and the generator (the stored curvature is rebuilt on resume)."""
-        return {"t": self.state["t"], "v": self.state["v"].clone(), "refreshes": self.state["refreshes"],
-                "rng": self.generator.get_state()}  # fmt: skip
+        """Step count, second moments, the generator and the stored Gauss-Newton factor (``U``, ``S``, ``D``:
+        ``K`` is refactored from them bit for bit), so that a resumed run is bit-identical."""
+        sd = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.state.items()}
+        sd["rng"] = self.generator.get_state()
+        f = self._factor
+        if isinstance(f, WoodburyFactor):
+            sd["factor"] = {"U": f.U.clone(), "S": f.S.clone(), "D": f.D.clone()}
+        return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.state = {"t": int(sd["t"]), "v": sd["v"].clone(), "refreshes": int(sd["refreshes"])}
-        self.generator.set_state(sd["rng"])
-        self._factor = None  # rebuilt at the next call
+        sd = dict(sd)
+        self.generator.set_state(sd.pop("rng"))
+        f = sd.pop("factor", None)
+        self.state = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in sd.items()}
+        # a Hessian factorization is not stored: it is rebuilt at the next call
+        self._factor = None if f is None else WoodburyFactor(f["U"], f["S"], f["D"])
 
     # -- the pieces -------------------------------------------------------------------------------
     def observe(self, g: Tensor) -> None:
