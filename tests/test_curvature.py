@@ -174,7 +174,7 @@ def test_float32_solve_with_float64_refinement(prob):
     assert info.residual <= 1e-10
 
 
-def test_residual_stage_uses_generic_oracle():
+def test_residual_block_is_a_structured_stage():
     from reference import Residual
 
     torch.manual_seed(3)
@@ -183,7 +183,8 @@ def test_residual_stage_uses_generic_oracle():
     ).double()
     chain = hessinv.Chain(net, torch.nn.CrossEntropyLoss())
     kinds = [type(s).__name__ for s in chain.stages]
-    assert kinds == ["DenseStage", "GenericStage", "GenericStage", "DenseStage"]
+    assert kinds == ["DenseStage", "DenseStage", "ElementwiseStage", "DenseStage"]
+    assert chain.stages[1].name == "stage 1 (Linear+tanh+residual)"
     X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
     H = hessinv.hessian(net, torch.nn.CrossEntropyLoss(), X, y)
     _, H_ref = dense_gradient_hessian(net, torch.nn.CrossEntropyLoss(), X, y)

@@ -14,7 +14,11 @@ NotAChainError             the model is not an ``nn.Sequential`` / list of modul
 ShapeMismatchError         inputs/targets have inconsistent batch sizes or feature shapes,
                            or a vector has the wrong length
 DtypeMismatchError         inputs, targets or vectors have a dtype/device other than the model's
-NonFiniteError             inputs, parameters, the loss or a curvature block is NaN/inf
+NonFiniteError             inputs, parameters, buffers, the loss or a curvature block is NaN/inf
+InvalidArgumentError       an argument of the wrong kind or out of range: numpy arrays for
+                           tensors, a string damping, an empty right-hand side, a damping
+                           too large to represent ``H + eps I``, targets that leave nothing to
+                           average
 SingularError              ``H + eps I`` cannot be factored at the requested damping (a pivot
                            ``Qxx_l`` of the Riccati sweep is singular to working precision)
 =========================  ===============================================================
@@ -29,6 +33,7 @@ __all__ = [
     "ShapeMismatchError",
     "DtypeMismatchError",
     "NonFiniteError",
+    "InvalidArgumentError",
     "SingularError",
     "AccuracyWarning",
 ]
@@ -56,6 +61,14 @@ class DtypeMismatchError(HessinvError, TypeError):
 
 class NonFiniteError(HessinvError, FloatingPointError):
     """NaN or infinity in inputs, parameters, the loss, or a curvature block."""
+
+
+class InvalidArgumentError(HessinvError, ValueError, TypeError):
+    """An argument of the wrong kind (a numpy array, a string) or an out-of-range value.
+
+    Subclasses both ``ValueError`` and ``TypeError``: code that caught the builtin error torch or
+    Python raised before keeps working.
+    """
 
 
 class SingularError(HessinvError, RuntimeError):
