@@ -158,7 +158,9 @@ def test_unsupported_losses():
         hessinv.hessian(net, nn.CrossEntropyLoss(reduction="none"), X, y)
     with pytest.raises(UnsupportedStageError, match=r"stage 2 \(<lambda>\) mixes examples"):
         hessinv.hessian(net, lambda out, t: out.sum(0).square().sum(), X, y)
-    with pytest.raises(UnsupportedStageError, match=r"CosineEmbeddingLoss.*loss_fn\(outputs, targets\) failed"):
+    with pytest.raises(
+        UnsupportedStageError, match=r"CosineEmbeddingLoss.*loss_fn\(outputs, targets\) failed"
+    ):
         hessinv.hessian(net, nn.CosineEmbeddingLoss(), X, y)
     with pytest.raises(UnsupportedStageError, match="GaussianNLLLoss needs a variance"):
         hessinv.hessian(net, nn.GaussianNLLLoss(), X, torch.randn(5, 2, dtype=torch.float64))

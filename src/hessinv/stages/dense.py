@@ -105,8 +105,19 @@ def _relu(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return torch.relu(u), (u > 0).to(u.dtype), torch.zeros_like(u)
 
 
-#: Closed forms (the formulas autograd's backward uses), exact module types only.
-_CLOSED_FORM = {nn.Tanh: _tanh, nn.Sigmoid: _sigmoid, nn.ReLU: _relu}
+def _hardsigmoid(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # torch's hardsigmoid backward uses a single-precision 1/6 (off by 3e-8 in float64)
+    inside = ((u > -3) & (u < 3)).to(u.dtype)
+    return torch.nn.functional.hardsigmoid(u), inside / 6, torch.zeros_like(u)
+
+
+#: Closed forms, exact module types only.
+_CLOSED_FORM = {nn.Tanh: _tanh, nn.Sigmoid: _sigmoid, nn.ReLU: _relu, nn.Hardsigmoid: _hardsigmoid}
+#: Piecewise-linear activations: ``s'' = 0`` almost everywhere (autograd has no double backward
+#: for some of them, e.g. ``hardsigmoid_backward``).
+_PIECEWISE_LINEAR = (
+    nn.Hardsigmoid, nn.Hardtanh, nn.ReLU6, nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.LeakyReLU, nn.RReLU,
+)  # fmt: skip
 
 
 def activation_derivatives(act: nn.Module | None, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -121,10 +132,11 @@ def activation_derivatives(act: nn.Module | None, u: Tensor) -> tuple[Tensor, Te
     if closed is not None:
         return closed(u)
     v = u.detach().clone().requires_grad_(True)
+    linear = isinstance(act, _PIECEWISE_LINEAR)
     with torch.enable_grad():
         s = act(v)
-        (d1,) = torch.autograd.grad(s.sum(), v, create_graph=True)
-        if d1.requires_grad:
+        (d1,) = torch.autograd.grad(s.sum(), v, create_graph=not linear)
+        if d1.requires_grad and not linear:
             (d2,) = torch.autograd.grad(d1.sum(), v, allow_unused=True, materialize_grads=True)
         else:
             d2 = torch.zeros_like(v)

@@ -207,30 +207,48 @@ class GenericStage(Stage):
                 if second_order:
                     Hzz[:, i, :] = d[1].reshape(B, d_in)
             blocks = DenseBlocks(Jx, Jz, Hxx, Hxz, Hzz)
-            if B > 1:
-                self._probe(blocks, gx, gz, u, z, params, second_order)
+            self._probe(blocks, gx, gz, u, z, params, second_order)
         return blocks
 
     def _probe(self, blk: DenseBlocks, gx, gz, u, z, params, second_order: bool) -> None:
-        """Check the per-example blocks against the whole-batch autograd products on a random probe."""
+        """Check the per-example blocks against the whole-batch autograd products on a random probe,
+        and the symmetry of the second derivatives."""
         B, d_in = gz.shape
         gen = torch.Generator(device="cpu").manual_seed(1234 + self.index)
         v = torch.randn(blk.p, 1, generator=gen, dtype=torch.float64).to(gz)
         t = torch.randn(B, d_in, 1, generator=gen, dtype=torch.float64).to(gz)
         s = (gx * v[:, 0]).sum() + (gz * t[..., 0]).sum()
         d = _grads(s, [u, z, *params])
-        pairs = [(blk.jx(v) + blk.jz(t), d[0][..., None])]
-        if second_order:
-            hv = torch.cat([g.reshape(-1) for g in d[2:]]) if params else gz.new_zeros(0)
-            pairs.append((blk.hxx(v) + blk.hxz(t), hv[:, None]))
-            pairs.append((blk.hxzT(v) + blk.hzz(t), d[1].reshape(B, d_in, 1)))
-        tol = 1e3 * torch.finfo(gz.dtype).eps
-        for ours, ref in pairs:
-            scale = float(ours.abs().max().clamp_min(ref.abs().max()))
-            if float((ours - ref).abs().max()) > tol * max(scale, 1.0) * (1 + blk.p + d_in) ** 0.5:
-                raise UnsupportedStageError(
-                    f"{self.name} mixes examples: its derivatives couple different examples of the batch"
-                )
+        tol = 1e3 * torch.finfo(gz.dtype).eps * (1 + blk.p + d_in) ** 0.5
+
+        def close(ours: Tensor, ref: Tensor) -> bool:
+            if ours.numel() == 0:
+                return True
+            scale = max(float(ours.abs().max()), float(ref.abs().max()), 1.0)
+            return float((ours - ref).abs().max()) <= tol * scale
+
+        if not close(blk.jx(v) + blk.jz(t), d[0][..., None]):
+            raise UnsupportedStageError(
+                f"{self.name} mixes examples: its derivatives couple different examples of the batch"
+            )
+        if not second_order:
+            return
+        hv = torch.cat([g.reshape(-1) for g in d[2:]]) if params else gz.new_zeros(0)
+        symmetric = close(blk.Hxx, blk.Hxx.T) and close(blk.Hzz, blk.Hzz.transpose(1, 2))
+        consistent = close(blk.hxx(v) + blk.hxz(t), hv[:, None]) and close(
+            blk.hxzT(v) + blk.hzz(t), d[1].reshape(B, d_in, 1)
+        )
+        if not symmetric or (B == 1 and not consistent):
+            raise UnsupportedStageError(
+                f"{self.name}: autograd's second derivatives of this stage are not symmetric: torch has no "
+                "exact double backward for an operation in it (e.g. weight_norm's _weight_norm); its Hessian "
+                "cannot be taken exactly (the Gauss-Newton matrix can)"
+            )
+        if not consistent:
+            raise UnsupportedStageError(
+                f"{self.name} mixes examples (its second derivatives couple different examples of the batch), "
+                "or torch's double backward of an operation in it is inexact"
+            )
 
 
 class ReshapeStage(Stage):

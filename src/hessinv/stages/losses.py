@@ -20,6 +20,7 @@ outputs per example), then one probe pass that checks ``Lambda`` is block-diagon
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -35,9 +36,18 @@ _FUNCTIONAL = {
     F.mse_loss: nn.MSELoss,
     F.binary_cross_entropy_with_logits: nn.BCEWithLogitsLoss,
 }
-#: Losses whose targets are class indices (any integer dtype is converted to int64).
+#: Losses whose targets are class indices (any integer dtype is converted to int64) ...
 _INDEX_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss, nn.MultiMarginLoss)
 _INDEX_FUNCTIONS = (F.cross_entropy, F.nll_loss, F.multi_margin_loss)
+#: ... and losses whose targets are real numbers (integer targets become the model's dtype).
+_REAL_LOSSES = (
+    nn.MSELoss, nn.BCEWithLogitsLoss, nn.BCELoss, nn.HuberLoss, nn.SmoothL1Loss, nn.L1Loss, nn.KLDivLoss,
+    nn.PoissonNLLLoss, nn.GaussianNLLLoss, nn.SoftMarginLoss, nn.MultiLabelSoftMarginLoss,
+)  # fmt: skip
+_REAL_FUNCTIONS = (
+    F.mse_loss, F.binary_cross_entropy_with_logits, F.binary_cross_entropy, F.huber_loss, F.smooth_l1_loss,
+    F.l1_loss, F.kl_div, F.poisson_nll_loss, F.soft_margin_loss, F.multilabel_soft_margin_loss,
+)  # fmt: skip
 
 
 def loss_name(loss_fn: Callable) -> str:
@@ -50,13 +60,13 @@ def loss_name(loss_fn: Callable) -> str:
 def prepare_targets(loss_fn: Callable, targets: Tensor, dtype: torch.dtype) -> Tensor:
     """Targets as the loss expects them: class indices of any integer (or bool) dtype become int64
     for the index losses (cross-entropy with a target per example, NLL); integer or bool targets of
-    the other losses become the model's floating dtype."""
+    the regression/binary losses become the model's floating dtype; other losses get them as given."""
     if targets.is_floating_point() or targets.is_complex():
         return targets
-    index = isinstance(loss_fn, _INDEX_LOSSES) or loss_fn in _INDEX_FUNCTIONS
-    if index and targets.dim() == 1:
-        return targets.long()
-    if not index:
+    fn = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
+    if isinstance(fn, _INDEX_LOSSES) or fn in _INDEX_FUNCTIONS:
+        return targets.long() if targets.dim() == 1 else targets
+    if isinstance(fn, _REAL_LOSSES) or fn in _REAL_FUNCTIONS:
         return targets.to(dtype)
     return targets
 
@@ -64,7 +74,10 @@ def prepare_targets(loss_fn: Callable, targets: Tensor, dtype: torch.dtype) -> T
 def closed_form(loss_fn: Callable) -> nn.Module | None:
     """The closed-form loss module equivalent to ``loss_fn``, or None (autograd path)."""
     if not isinstance(loss_fn, nn.Module):
-        cls = _FUNCTIONAL.get(loss_fn)  # type: ignore[call-overload]
+        try:
+            cls = _FUNCTIONAL.get(loss_fn)  # type: ignore[call-overload]
+        except TypeError:  # unhashable callable
+            cls = None
         return None if cls is None else cls()
     red = getattr(loss_fn, "reduction", None)
     if red not in ("mean", "sum"):
