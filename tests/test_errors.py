@@ -192,3 +192,40 @@ def test_accuracy_warning_when_refinement_cannot_reach_accuracy(monkeypatch):
     assert info.refinement_steps == 5
     assert info.residual == pytest.approx(0.5**6, rel=1e-6)
     assert (H @ x + x - H.gradient).norm() / H.gradient.norm() == pytest.approx(0.5**6, rel=1e-6)
+
+
+def test_bad_arguments_are_named():
+    """The bad-input list of issue 12: each a named error that says what is wrong."""
+    import numpy as np
+
+    from hessinv import InvalidArgumentError
+
+    net, X, y = small()
+    loss = nn.CrossEntropyLoss()
+    with pytest.raises(InvalidArgumentError, match=r"inputs must be a torch.Tensor, got numpy.ndarray"):
+        hessinv.hessian(net, loss, X.numpy(), y)
+    with pytest.raises(InvalidArgumentError, match=r"targets must be a torch.Tensor"):
+        hessinv.hessian(net, loss, X, y.numpy())
+    H = hessinv.hessian(net, loss, X, y)
+    with pytest.raises(InvalidArgumentError, match="damping must be a real number, got str"):
+        H.factor("1e-3")
+    with pytest.raises(InvalidArgumentError, match="damping must be a real number"):
+        H.solve(H.gradient, damping=None)
+    with pytest.raises(InvalidArgumentError, match=r"damping 1.7e\+308 is too large for torch.float64"):
+        H.solve(H.gradient, damping=1.7e308)
+    with pytest.raises(InvalidArgumentError, match=r"rhs has shape \(26, 0\): no columns"):
+        H.solve(torch.empty(26, 0, dtype=torch.float64), damping=1.0)
+    with pytest.raises(InvalidArgumentError, match=r"vector must be a torch.Tensor, got numpy.ndarray"):
+        H @ np.ones(26)
+    with pytest.raises(NonFiniteError, match="shift must be finite, got nan"):
+        H.inertia(float("nan"))
+    with pytest.raises(NonFiniteError, match="shift must be finite"):
+        H.is_positive_definite(float("inf"))
+    with pytest.raises(InvalidArgumentError, match="loss_fn must be callable"):
+        hessinv.hessian(net, "cross_entropy", X, y)
+    # accepted spellings of a real damping: Python, numpy and 0-d tensor scalars
+    x = H.solve(H.gradient, damping=1.0)
+    for eps in (np.float64(1.0), torch.tensor(1.0), 1):
+        assert torch.allclose(H.solve(H.gradient, damping=eps), x)
+    # the errors keep their old builtin bases
+    assert issubclass(InvalidArgumentError, ValueError) and issubclass(InvalidArgumentError, TypeError)

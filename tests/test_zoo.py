@@ -31,6 +31,15 @@ B, D_IN, W, C = 5, 3, 4, 3
 DT = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one torch thread (several threads on a loaded machine cost 20x here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @dataclass
 class Case:
     model: nn.Module | list

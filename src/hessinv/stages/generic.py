@@ -246,8 +246,8 @@ class GenericStage(Stage):
             )
         if not consistent:
             raise UnsupportedStageError(
-                f"{self.name} mixes examples (its second derivatives couple different examples of the batch), "
-                "or torch's double backward of an operation in it is inexact"
+                f"{self.name} mixes examples (its second derivatives couple different examples of the "
+                "batch), or torch's double backward of an operation in it is inexact"
             )
 
 
