@@ -7,10 +7,12 @@ Errors about a stage name its index in the chain and its module type.
 =========================  ===============================================================
 error                      raised when
 =========================  ===============================================================
-UnsupportedStageError      a stage mixes examples (BatchNorm/Dropout in training mode), or a
-                           loss/stage configuration hessinv cannot differentiate exactly
-NotAChainError             the model is not an ``nn.Sequential`` / list of modules, or one
-                           parameter is used by two stages
+UnsupportedStageError      a stage or loss mixes examples or is random (BatchNorm/Dropout in
+                           training mode), has hooks that change gradients, or cannot be
+                           differentiated exactly twice
+NotAChainError             the model's ``forward`` is not a chain (several inputs or outputs,
+                           untraceable), a parameter is used by two stages, or a trainable
+                           parameter is unused or used out of ``model.parameters()`` order
 ShapeMismatchError         inputs/targets have inconsistent batch sizes or feature shapes,
                            or a vector has the wrong length
 DtypeMismatchError         inputs, targets or vectors have a dtype/device other than the model's

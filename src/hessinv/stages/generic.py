@@ -129,6 +129,9 @@ class GenericStage(Stage):
         label: what error messages call it (default: the module's type).
     """
 
+    #: Refuse a stage whose dense blocks (Jx, Jz, Hxx, Hxz, Hzz) would hold more numbers than this.
+    MAX_BLOCK_ENTRIES = 2**28
+
     def __init__(
         self,
         index: int,
@@ -182,6 +185,12 @@ class GenericStage(Stage):
         u = b_out.detach().reshape(B, -1).clone().requires_grad_(True)
         zf = z.reshape(B, -1)
         d_in, d_out, p = zf.shape[1], u.shape[1], self.p
+        size = B * d_out * (p + d_in) + p * p + B * d_in * (p + d_in)
+        if size > self.MAX_BLOCK_ENTRIES:
+            raise UnsupportedStageError(
+                f"{self.name}: its dense per-example blocks would hold {size:.3g} numbers (p={p}, "
+                f"d_in={d_in}, d_out={d_out}, B={B}); split it into a chain of smaller stages"
+            )
         with torch.enable_grad():
             out = self._call(z).reshape(B, -1)
             if out.shape != u.shape:
