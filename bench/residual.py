@@ -59,21 +59,19 @@ def run(variant: str, depth: int, B: int, repeats: int) -> dict:
     model, X, y = problem(depth, B, variant == "generic")
     rec: dict = {"variant": variant, "depth": depth, "B": B}
     best: dict[str, tuple[float, float]] = {}
+
+    def timed(name: str, fn):
+        w0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        w, c = time.perf_counter() - w0, time.process_time() - c0
+        if name not in best or w < best[name][0]:
+            best[name] = (w, c)
+        return out
+
     for _ in range(repeats):
-        for name, fn in (
-            ("hessian", lambda: hessinv.hessian(model, nn.CrossEntropyLoss(), X, y)),
-            ("factor", lambda: H.factor(1e-3)),
-            ("solve", lambda: F.solve(H.gradient)),
-        ):
-            w0, c0 = time.perf_counter(), time.process_time()
-            out = fn()
-            w1, c1 = time.perf_counter(), time.process_time()
-            if name == "hessian":
-                H = out
-            elif name == "factor":
-                F = out
-            if name not in best or w1 - w0 < best[name][0]:
-                best[name] = (w1 - w0, c1 - c0)
+        H = timed("hessian", lambda: hessinv.hessian(model, nn.CrossEntropyLoss(), X, y))
+        F = timed("factor", lambda: H.factor(1e-3))  # noqa: B023
+        timed("solve", lambda: F.solve(H.gradient))  # noqa: B023
     rec["stages"] = sorted({type(s).__name__ for s in H.chain.stages})
     rec["n"] = H.shape[0]
     rec["residual"] = F.last_info.residual
@@ -93,10 +91,8 @@ def main() -> None:
     records = []
     for v in args.variants.split(","):
         rec = run(v, args.depth, args.batch, args.repeats)
-        rec.update(
-            torch=torch.__version__, hessinv=os.path.dirname(hessinv.__file__), threads=torch.get_num_threads(),
-            load=os.getloadavg(), machine=platform.processor() or platform.machine(),
-        )  # fmt: skip
+        rec.update(torch=torch.__version__, hessinv=os.path.dirname(hessinv.__file__))
+        rec.update(threads=torch.get_num_threads(), load=os.getloadavg(), machine=platform.machine())
         print(json.dumps(rec), flush=True)
         records.append(rec)
     if args.out:
