@@ -258,6 +258,21 @@ class FunctionalNet(nn.Module):
         return h.sigmoid() @ self.w2
 
 
+class FunctionalActivations(nn.Module):
+    """Linear layers with activations written as calls: each pair is read as one structured stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(D_IN, W), nn.Linear(W, W), nn.Linear(W, W)
+        self.l4 = nn.Linear(W, C)
+
+    def forward(self, x):
+        x = F.leaky_relu(self.l1(x), 0.1)
+        x = F.softplus(self.l2(x), beta=2.0)
+        x = self.l3(x).tanh()
+        return F.gelu(self.l4(x), approximate="tanh")
+
+
 class SequentialWithForward(nn.Sequential):
     """A Sequential subclass whose forward is not its children in order (issue 12, item 2)."""
 
@@ -276,6 +291,9 @@ entry("residual_pre_layernorm")(
     lambda: Case(ResNet(2, pre_ln=True).double(), nn.CrossEntropyLoss(), X(), classes())
 )
 entry("functional_custom_module")(lambda: Case(FunctionalNet(), nn.CrossEntropyLoss(), X(), classes()))
+entry("functional_activations_traced")(
+    lambda: Case(FunctionalActivations().double(), nn.CrossEntropyLoss(), X(), classes())
+)
 entry("sequential_subclass_forward")(
     lambda: Case(
         SequentialWithForward(nn.Linear(D_IN, W), nn.Linear(W, C)).double(),
@@ -626,6 +644,16 @@ def test_weight_norm_gauss_newton(kind):
     assert rel(G @ V, G_ref @ V) <= 1e-10
     x = G.solve(G.gradient, damping=0.1)
     assert rel(x, torch.linalg.solve(G_ref + 0.1 * torch.eye(n, dtype=DT), G.gradient)) <= 1e-10
+
+
+def test_traced_activations_are_structured_stages():
+    chain = hessinv.Chain(FunctionalActivations(), nn.CrossEntropyLoss())
+    assert [s.name for s in chain.stages] == [
+        "stage 0 (Linear+leaky_relu)",
+        "stage 1 (Linear+softplus)",
+        "stage 2 (Linear+tanh)",
+        "stage 3 (Linear+gelu)",
+    ]
 
 
 def test_zoo_size():

@@ -34,6 +34,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from hessinv.errors import UnsupportedStageError
 from hessinv.stages.protocol import Blocks, RiccatiBlocks, Stage
 
 #: Modules treated as elementwise activations ``s`` (fused into a preceding Linear); exact types only
@@ -129,17 +130,22 @@ def activation_derivatives(act: nn.Module | None, u: Tensor) -> tuple[Tensor, Te
     if act is None:
         return u, torch.ones_like(u), torch.zeros_like(u)
     closed = _CLOSED_FORM.get(type(act))
+    if isinstance(act, FunctionActivation) and act.fn is torch.nn.functional.hardsigmoid:
+        closed = _hardsigmoid
     if closed is not None:
         return closed(u)
     v = u.detach().clone().requires_grad_(True)
     linear = isinstance(act, _PIECEWISE_LINEAR)
-    with torch.enable_grad():
-        s = act(v)
-        (d1,) = torch.autograd.grad(s.sum(), v, create_graph=not linear)
-        if d1.requires_grad and not linear:
-            (d2,) = torch.autograd.grad(d1.sum(), v, allow_unused=True, materialize_grads=True)
-        else:
-            d2 = torch.zeros_like(v)
+    try:
+        with torch.enable_grad():
+            s = act(v)
+            (d1,) = torch.autograd.grad(s.sum(), v, create_graph=not linear)
+            if d1.requires_grad and not linear:
+                (d2,) = torch.autograd.grad(d1.sum(), v, allow_unused=True, materialize_grads=True)
+            else:
+                d2 = torch.zeros_like(v)
+    except RuntimeError as e:
+        raise UnsupportedStageError(f"activation {act}: autograd cannot differentiate it twice: {e}") from e
     return s.detach(), d1.detach(), d2.detach()
 
 

@@ -179,6 +179,12 @@ class GenericStage(Stage):
         return out
 
     def linearize(self, z_in: Tensor, b_out: Tensor, second_order: bool) -> Blocks:
+        try:
+            return self._linearize(z_in, b_out, second_order)
+        except RuntimeError as e:  # e.g. "derivative for aten::... is not implemented"
+            raise UnsupportedStageError(f"{self.name}: autograd cannot differentiate it twice: {e}") from e
+
+    def _linearize(self, z_in: Tensor, b_out: Tensor, second_order: bool) -> Blocks:
         B = z_in.shape[0]
         params = self.params
         z = z_in.detach().clone().requires_grad_(True)
