@@ -332,7 +332,7 @@ class GaussNewton(CurvatureOperator):
             if method == "riccati":
                 raise ValueError("a per-parameter damping needs method='woodbury' (or 'auto')")
             return WoodburyFactorization(self, damping)
-        return Factorization(self, float(damping), modify=_check_modify(modify))
+        return Factorization(self, check_real(damping, "damping"), modify=_check_modify(modify))
 
 
 class Factorization:
