@@ -142,10 +142,10 @@ def _specs(m, top: bool) -> list[tuple]:
             f"{type(m).__name__}.forward could not be traced with torch.fx ({type(e).__name__}: {e}); "
             "write the model as an nn.Sequential of stages, or make forward traceable"
         ) from e
-    return _graph_specs(fx.GraphModule(tracer.root, graph), type(m).__name__)
+    return _graph_specs(tracer.root, graph, type(m).__name__)
 
 
-def _node_label(gm: fx.GraphModule, n: fx.Node) -> str:
+def _node_label(gm: nn.Module, n: fx.Node) -> str:
     if n.op == "call_module":
         return type(gm.get_submodule(n.target)).__name__
     if n.op == "call_function":
@@ -159,7 +159,7 @@ def _no_nodes(args, kwargs) -> bool:
     return not found
 
 
-def _activation(gm: fx.GraphModule, n: fx.Node, z: fx.Node) -> nn.Module | None:
+def _activation(gm: nn.Module, n: fx.Node, z: fx.Node) -> nn.Module | None:
     """The elementwise activation node ``n`` applies to ``z``, as a module, or None."""
     if not n.args or n.args[0] is not z or not _no_nodes(n.args[1:], n.kwargs):
         return None
@@ -173,7 +173,7 @@ def _activation(gm: fx.GraphModule, n: fx.Node, z: fx.Node) -> nn.Module | None:
     return None
 
 
-def _segment_spec(gm: fx.GraphModule, z: fx.Node, nodes: list[fx.Node], free: set[fx.Node], owner: str):
+def _segment_spec(gm: nn.Module, z: fx.Node, nodes: list[fx.Node], owner: str):
     """One stage ``z -> nodes[-1]`` read from the traced graph."""
     if len(nodes) == 1:
         n = nodes[0]
@@ -232,9 +232,9 @@ def _params_of(m: nn.Module) -> list[nn.Parameter]:
     return [t for t in m.parameters() if t.requires_grad]
 
 
-def _graph_specs(gm: fx.GraphModule, owner: str) -> list[tuple]:
-    """Cut a traced graph into stages (module docstring)."""
-    g = gm.graph
+def _graph_specs(gm: nn.Module, g: fx.Graph, owner: str) -> list[tuple]:
+    """Cut the graph ``g`` traced from ``gm`` into stages (module docstring)."""
+    g.owning_module = gm  # for the purity check of dead-code elimination (no GraphModule compiled)
     g.eliminate_dead_code()
     nodes = list(g.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
@@ -254,7 +254,6 @@ def _graph_specs(gm: fx.GraphModule, owner: str) -> list[tuple]:
         if n.op not in ("placeholder", "output") and any(a in depset for a in n.all_input_nodes):
             dep.append(n)
             depset.add(n)
-    free = {n for n in nodes if n not in depset and n.op not in ("placeholder", "output")}
     if result not in depset:
         raise NotAChainError(f"{owner}.forward returns {result.name}, which does not depend on the input")
     if dep[-1] is not result:
@@ -273,7 +272,7 @@ def _graph_specs(gm: fx.GraphModule, owner: str) -> list[tuple]:
         if k == len(dep) - 1 or (
             alive <= k and not any(u.op == "call_function" and u.target is operator.getitem for u in n.users)
         ):
-            specs.extend(_segment_spec(gm, dep[start], dep[start + 1 : k + 1], free, owner))
+            specs.extend(_segment_spec(gm, dep[start], dep[start + 1 : k + 1], owner))
             start = k
         alive = max(alive, last_use[k])
     return specs
