@@ -404,7 +404,7 @@ for _kind in ("orthogonal", "spectral_norm", "old_spectral_norm"):
 for _kind in ("weight_norm", "old_weight_norm"):
     entry(f"refused_hessian_{_kind}")(
         lambda k=_kind: refused(
-            _param(k), UnsupportedStageError, r"stage 1 \(\w+\): autograd's second derivatives"
+            _param(k), UnsupportedStageError, r"^stage 1 \(\w+\): autograd's second derivatives"
         )
     )
 

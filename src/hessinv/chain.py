@@ -39,6 +39,7 @@ from torch.nn.utils import parametrize
 
 from hessinv.errors import (
     DtypeMismatchError,
+    HessinvError,
     InvalidArgumentError,
     NonFiniteError,
     NotAChainError,
@@ -494,7 +495,7 @@ class Chain:
             try:
                 z = s.forward(zs[-1])
             except (RuntimeError, ValueError, TypeError, IndexError) as e:
-                if isinstance(e, (UnsupportedStageError, NonFiniteError)):
+                if isinstance(e, HessinvError):
                     raise
                 raise ShapeMismatchError(
                     f"{s.name} failed on input of shape {tuple(zs[-1].shape)}: {e}"

@@ -238,6 +238,8 @@ class GenericStage(Stage):
     def linearize(self, z_in: Tensor, b_out: Tensor, second_order: bool) -> Blocks:
         try:
             return self._linearize(z_in, b_out, second_order)
+        except UnsupportedStageError:  # (a RuntimeError too)
+            raise
         except RuntimeError as e:  # e.g. "derivative for aten::... is not implemented"
             raise UnsupportedStageError(f"{self.name}: autograd cannot differentiate it twice: {e}") from e
 
