@@ -138,3 +138,57 @@ def chains(
     inputs = torch.randn(batch, widths[0], generator=gen, dtype=torch.float64)
     loss_fn, targets = make_loss(loss_kind, batch, widths[-1], gen, torch.float64)
     return Problem(model, loss_fn, inputs, targets, f"B={batch} {' '.join(desc)} {loss_kind}")
+
+
+# -- plain autograd (double backward) references: the zoo's truth ---------------------------------
+# torch.func is not used here: in torch 2.13 its mixed weight x input second derivative of an affine
+# layer_norm is wrong. These call the model itself (hooks, parametrizations and all) and
+# differentiate with respect to its real leaf parameters.
+def trainable(model) -> list[Tensor]:
+    mods = list(model) if isinstance(model, (list, tuple)) else [model]
+    out, seen = [], set()
+    for m in mods:
+        for p in m.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def _rows(vec: Tensor, wrt: list[Tensor]) -> Tensor:
+    """The Jacobian of a vector ``vec`` (graph kept) in ``wrt``, one backward pass per entry."""
+    if not vec.requires_grad:  # e.g. the loss gradient of a loss linear in the outputs
+        return vec.new_zeros(vec.numel(), sum(t.numel() for t in wrt))
+    rows = []
+    for k in range(vec.numel()):
+        gs = torch.autograd.grad(vec[k], wrt, retain_graph=True, allow_unused=True, materialize_grads=True)
+        rows.append(torch.cat([g.reshape(-1) for g in gs]))
+    return torch.stack(rows)
+
+
+def _call(model, inputs: Tensor) -> Tensor:
+    if isinstance(model, (list, tuple)):
+        for m in model:
+            inputs = m(inputs)
+        return inputs
+    return model(inputs)
+
+
+def autograd_gradient_hessian(model, loss_fn, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradient and Hessian of ``loss_fn(model(inputs), targets)`` by plain double backward."""
+    params = trainable(model)
+    loss = loss_fn(_call(model, inputs), targets)
+    gs = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, materialize_grads=True)
+    g = torch.cat([x.reshape(-1) for x in gs])
+    return g.detach(), _rows(g, params)
+
+
+def autograd_gauss_newton(model, loss_fn, inputs: Tensor, targets: Tensor) -> Tensor:
+    """``J^T Lambda J`` with ``J`` the Jacobian of the outputs and ``Lambda`` the loss Hessian in them."""
+    params = trainable(model)
+    y = _call(model, inputs)
+    J = _rows(y.reshape(-1), params)
+    yy = y.detach().requires_grad_(True)
+    (gy,) = torch.autograd.grad(loss_fn(yy, targets), yy, create_graph=True)
+    Lam = _rows(gy.reshape(-1), [yy])
+    return J.T @ Lam @ J

@@ -22,6 +22,7 @@ from hessinv.errors import (
     AccuracyWarning,
     DtypeMismatchError,
     HessinvError,
+    InvalidArgumentError,
     NonFiniteError,
     NotAChainError,
     ShapeMismatchError,
@@ -34,6 +35,7 @@ __all__ = [
     "hessian", "gauss_newton", "Hessian", "GaussNewton", "CurvatureOperator", "Factorization",
     "SolveInfo", "Inertia", "Chain", "HessinvError", "UnsupportedStageError", "NotAChainError",
     "ShapeMismatchError", "DtypeMismatchError", "NonFiniteError", "SingularError", "AccuracyWarning",
+    "InvalidArgumentError",
 ]  # fmt: skip
 __version__ = "0.1.0"
 

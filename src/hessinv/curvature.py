@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hessinv.chain import Chain
+from hessinv.chain import Chain, check_real
 from hessinv.errors import (
     AccuracyWarning,
     DtypeMismatchError,
+    InvalidArgumentError,
     NonFiniteError,
     ShapeMismatchError,
     SingularError,
@@ -93,7 +94,9 @@ class CurvatureOperator:
     # -- vectors --------------------------------------------------------------------------------
     def _as_matrix(self, v: Tensor, what: str = "vector") -> tuple[Tensor, bool]:
         if not isinstance(v, Tensor):
-            raise TypeError(f"{what} must be a torch.Tensor")
+            raise InvalidArgumentError(
+                f"{what} must be a torch.Tensor, got {type(v).__module__}.{type(v).__name__}"
+            )
         if v.dtype != self.dtype or v.device != self.device:
             raise DtypeMismatchError(
                 f"{what} is {v.dtype} on {v.device}; operator is {self.dtype} on {self.device}"
@@ -102,6 +105,8 @@ class CurvatureOperator:
             raise ShapeMismatchError(
                 f"{what} must have shape ({self.shape[0]},) or ({self.shape[0]}, k); got {tuple(v.shape)}"
             )
+        if v.dim() == 2 and v.shape[1] == 0:
+            raise InvalidArgumentError(f"{what} has shape {tuple(v.shape)}: no columns to multiply or solve")
         if not torch.isfinite(v).all():
             raise NonFiniteError(f"{what} contains NaN or infinity")
         return (v[:, None] if v.dim() == 1 else v), v.dim() == 1
@@ -167,7 +172,7 @@ class CurvatureOperator:
         block, math.md §6); ``M = H + damping I`` where every pivot is already above ``damping``.
         Solves with it are not refined (``M`` is not ``H + damping I``).
         """
-        return Factorization(self, float(damping), modify=_check_modify(modify))
+        return Factorization(self, check_real(damping, "damping"), modify=_check_modify(modify))
 
     def solve(self, rhs: Tensor, damping: float = 0.0, **kw) -> Tensor | tuple[Tensor, SolveInfo]:
         """``(H + damping I)^{-1} rhs``; shortcut for ``self.factor(damping).solve(rhs, **kw)``."""
@@ -175,6 +180,7 @@ class CurvatureOperator:
 
     def is_positive_definite(self, shift: float = 0.0) -> bool:
         """Whether ``H + shift I`` is positive definite: every Riccati pivot has a Cholesky factor."""
+        shift = _check_shift(shift, self.dtype)
         names = self._names
         try:
             _, _, pd = riccati_factor(
@@ -207,7 +213,7 @@ class CurvatureOperator:
         zero up to rounding count as zero. Two Riccati factorizations, at ``shift - tol`` and
         ``shift + tol``; ``tol=0`` uses one factorization at ``shift``.
         """
-        shift = float(shift)
+        shift = _check_shift(shift, self.dtype)
         if tol is None:
             tol = math.sqrt(torch.finfo(self.dtype).eps) * max(self.norm_estimate(), 1e-30)
 
@@ -258,6 +264,21 @@ def _check_modify(modify: str | None) -> bool:
     if modify != "abs":
         raise ValueError(f"modify must be None or 'abs', got {modify!r}")
     return True
+
+
+def _check_shift(shift, dtype: torch.dtype, what: str = "shift") -> float:
+    """A finite real ``shift``/``damping`` small enough that ``H + shift I`` is representable: at most
+    ``1e-4 sqrt(max float)`` (1.3e150 in float64, 1.8e15 in float32), beyond which the sweep's
+    products overflow or the solve loses its accuracy."""
+    shift = check_real(shift, what)
+    if not math.isfinite(shift):
+        raise NonFiniteError(f"{what} must be finite, got {shift}")
+    limit = 1e-4 * math.sqrt(torch.finfo(dtype).max)
+    if abs(shift) > limit:
+        raise InvalidArgumentError(
+            f"{what} {shift:g} is too large for {dtype}: |{what}| must be <= {limit:.2g}"
+        )
+    return shift
 
 
 class Hessian(CurvatureOperator):
@@ -311,7 +332,7 @@ class GaussNewton(CurvatureOperator):
             if method == "riccati":
                 raise ValueError("a per-parameter damping needs method='woodbury' (or 'auto')")
             return WoodburyFactorization(self, damping)
-        return Factorization(self, float(damping), modify=_check_modify(modify))
+        return Factorization(self, check_real(damping, "damping"), modify=_check_modify(modify))
 
 
 class Factorization:
@@ -326,8 +347,7 @@ class Factorization:
     """
 
     def __init__(self, op: CurvatureOperator, damping: float, modify: bool = False):
-        if not math.isfinite(damping):
-            raise NonFiniteError(f"damping must be finite, got {damping}")
+        damping = _check_shift(damping, op.dtype, "damping")
         self.op, self.damping, self.modified = op, damping, modify
         self.factors, self.inertia, self.positive_definite = riccati_factor(
             op.blocks, damping, op._names, op.gradient, modify=modify

@@ -7,14 +7,20 @@ Errors about a stage name its index in the chain and its module type.
 =========================  ===============================================================
 error                      raised when
 =========================  ===============================================================
-UnsupportedStageError      a stage mixes examples (BatchNorm/Dropout in training mode), or a
-                           loss/stage configuration hessinv cannot differentiate exactly
-NotAChainError             the model is not an ``nn.Sequential`` / list of modules, or one
-                           parameter is used by two stages
+UnsupportedStageError      a stage or loss mixes examples or is random (BatchNorm/Dropout in
+                           training mode), has hooks that change gradients, or cannot be
+                           differentiated exactly twice
+NotAChainError             the model's ``forward`` is not a chain (several inputs or outputs,
+                           untraceable), a parameter is used by two stages, or a trainable
+                           parameter is unused or used out of ``model.parameters()`` order
 ShapeMismatchError         inputs/targets have inconsistent batch sizes or feature shapes,
                            or a vector has the wrong length
 DtypeMismatchError         inputs, targets or vectors have a dtype/device other than the model's
-NonFiniteError             inputs, parameters, the loss or a curvature block is NaN/inf
+NonFiniteError             inputs, parameters, buffers, the loss or a curvature block is NaN/inf
+InvalidArgumentError       an argument of the wrong kind or out of range: numpy arrays for
+                           tensors, a string damping, an empty right-hand side, a damping
+                           too large to represent ``H + eps I``, targets that leave nothing to
+                           average
 SingularError              ``H + eps I`` cannot be factored at the requested damping (a pivot
                            ``Qxx_l`` of the Riccati sweep is singular to working precision)
 DistributedError           a data-parallel job cannot run or a rank failed / timed out
@@ -31,6 +37,7 @@ __all__ = [
     "ShapeMismatchError",
     "DtypeMismatchError",
     "NonFiniteError",
+    "InvalidArgumentError",
     "SingularError",
     "DistributedError",
     "AccuracyWarning",
@@ -59,6 +66,14 @@ class DtypeMismatchError(HessinvError, TypeError):
 
 class NonFiniteError(HessinvError, FloatingPointError):
     """NaN or infinity in inputs, parameters, the loss, or a curvature block."""
+
+
+class InvalidArgumentError(HessinvError, ValueError, TypeError):
+    """An argument of the wrong kind (a numpy array, a string) or an out-of-range value.
+
+    Subclasses both ``ValueError`` and ``TypeError``: code that caught the builtin error torch or
+    Python raised before keeps working.
+    """
 
 
 class SingularError(HessinvError, RuntimeError):
