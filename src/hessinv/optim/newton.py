@@ -254,7 +254,7 @@ class Newton(torch.optim.Optimizer):
     def __init__(
         self,
         model: nn.Module | Sequence[nn.Module],
-        loss_fn: nn.Module | None = None,
+        loss_fn: nn.Module | Callable[[Tensor, Tensor], Tensor] | None = None,
         *,
         params: Any = None,
         lr: float = 1.0,
@@ -277,9 +277,10 @@ class Newton(torch.optim.Optimizer):
                 "Newton(model, loss_fn, params=model.parameters()) -- got "
                 f"{type(model).__name__} as the model"
             )
-        if not isinstance(loss_fn, nn.Module):
+        if not callable(loss_fn):
             raise ValueError(
-                f"loss_fn must be a torch.nn loss module (e.g. nn.CrossEntropyLoss()), got {type(loss_fn).__name__}"
+                "loss_fn must be a loss module (e.g. nn.CrossEntropyLoss()) or a function "
+                f"loss_fn(outputs, targets), got {type(loss_fn).__name__}"
             )
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
@@ -520,7 +521,9 @@ class Newton(torch.optim.Optimizer):
             if len(args) >= 2 and isinstance(args[1], Tensor):
                 seen["targets"] = args[1]
 
-        handles = [first.register_forward_pre_hook(on_model), self.loss_fn.register_forward_pre_hook(on_loss)]
+        handles = [first.register_forward_pre_hook(on_model)]
+        if isinstance(self.loss_fn, nn.Module):
+            handles.append(self.loss_fn.register_forward_pre_hook(on_loss))
         try:
             with torch.enable_grad():
                 loss = closure()
@@ -602,7 +605,7 @@ class Newton(torch.optim.Optimizer):
             z = inputs
             for stage in self.chain.stages:
                 z = stage.forward(z)
-            loss = self.loss_fn(z, targets)
+            loss = self.loss_fn(z, self.chain.prepare_targets(targets))
             grads = torch.autograd.grad(loss, self.chain.params)
         return loss.detach(), torch.cat([gr.reshape(-1) for gr in grads])
 
