@@ -429,7 +429,9 @@ class Peer:
         self.opt.zero_grad(set_to_none=True)  # also frees the graph kept by create_graph
         loss = self.loss_fn(self.model(inputs), targets)
         loss.backward(create_graph=self.spec.create_graph)
-        gnorm = float(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in self.opt.param_groups[0]["params"])))
+        gnorm = float(
+            torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in self.opt.param_groups[0]["params"]))
+        )
         self.opt.step()
         f = loss.item()
         self.last_stats = FirstOrderStats(f, gnorm)
