@@ -474,6 +474,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("/tmp/hessinv-train-suite"))
     p.add_argument("--name", default="train_suite", help="file name stem of the outputs")
     p.add_argument("--resume", action="store_true", help="reuse the runs already in <out>/<name>.json")
+    p.add_argument(
+        "--reuse", type=Path, action="append", default=[], metavar="JSON",
+        help="also reuse the runs of another record (same task, optimizer, lr, seed and budget), e.g. the "
+        "baselines' bench/results/train_suite_baselines.json beside new hessinv rows",
+    )  # fmt: skip
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
 
@@ -498,10 +503,12 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     jpath = a.out / f"{a.name}.json"
     done: dict[tuple, dict] = {}
-    if a.resume and jpath.exists():
-        for r in json.loads(jpath.read_text())["runs"]:
+    for src in [*a.reuse, *([jpath] if a.resume and jpath.exists() else [])]:
+        old = json.loads(Path(src).read_text())["runs"]
+        for r in old:
+            r.setdefault("reused_from", str(src))
             done[_key(r)] = r
-        print(f"resuming: {len(done)} runs from {jpath}")
+        print(f"reusing {len(old)} runs from {src}")
     record: dict[str, Any] = {
         "benchmark": "train_suite",
         "machine": machine_info("cpu"),
@@ -531,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         r = used.get(key)
         if r is None and key in done:
             r = dict(done[key], phases=[])
-            print(f"    {o} lr={lr} seed={seed}: reused from {jpath.name}")
+            print(f"    {o} lr={lr} seed={seed}: reused from {r['reused_from']}")
         if r is None:
             r = dict(run_one(task, ds, o, reg[o], lr, seed, b), phases=[])
         if phase not in r["phases"]:
