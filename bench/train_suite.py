@@ -159,6 +159,12 @@ TASKS: dict[str, Task] = {
 # extra hessinv rows beside the default "hessinv": name -> keyword arguments of hessinv.optim.Newton
 HESSINV_VARIANTS: dict[str, dict[str, Any]] = {
     "hessinv-gn": {"curvature": "gauss_newton"},
+    # the same amortized preconditioner on the Hessian (Riccati sweep, |pivot| modification)
+    "hessinv-hessian": {"mode": "precondition", "curvature": "hessian", "damping": 1.0},
+    # the full-batch trust region used on mini-batches (the default before the amortized mode)
+    "hessinv-tr": {"mode": "trust-region", "curvature_batch_size": 16},
+    "hessinv-d100": {"diagonal_damping": 100.0},
+    "hessinv-d200": {"diagonal_damping": 200.0},
 }
 LR_GRIDS: dict[str, tuple[float, ...]] = {
     "adam": (1e-3, 3e-3, 1e-2),
