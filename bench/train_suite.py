@@ -457,6 +457,22 @@ def plot(record: dict[str, Any], tname: str, path: Path) -> None:
     plt.close(fig)
 
 
+def compact_json(record: dict[str, Any]) -> str:
+    """The record as JSON, one curve point per line, numbers of the curves to 6 significant digits."""
+    rec = dict(record)
+    rec["runs"] = [
+        dict(r, curve=[[float(f"{x:.6g}") for x in c] for c in r["curve"]]) for r in record["runs"]
+    ]
+    text = json.dumps(rec, indent=1, default=float)
+    # a curve point [t, cpu, step, metric, test loss, train loss] on one line
+    import re
+
+    return (
+        re.sub(r"\[\n\s+([^\[\]{}]*?)\n\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+        + "\n"
+    )
+
+
 # -- the suite --------------------------------------------------------------------------------------
 def _key(r: dict) -> tuple:
     return (r["task"], r["optimizer"], r["lr"], r["seed"], r["budget_s"])
@@ -535,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         record["machine"]["load_average_end"] = load_average()
-        jpath.write_text(json.dumps(record, indent=1, default=float) + "\n")
+        jpath.write_text(compact_json(record))
 
     used: dict[tuple, dict] = {}
 
