@@ -439,7 +439,9 @@ def test_param_groups_changed_by_hand_raise():
     with pytest.raises(ValueError, match="lr must be"):
         opt.step(*regression_data(0, 4, 3, 2))
     opt = ho.Newton(tanh_chain(), nn.MSELoss(), mode="trust-region")
-    opt.add_param_group({"params": [nn.Parameter(torch.zeros(3, dtype=F64))]})
+    with pytest.raises(ValueError, match="add_param_group"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3, dtype=F64))]})
+    opt.param_groups.append({"params": [nn.Parameter(torch.zeros(3, dtype=F64))], "lr": 1.0})
     with pytest.raises(ValueError, match="trainable parameters"):
         opt.step(*regression_data(0, 4, 3, 2))
 

@@ -320,6 +320,7 @@ class Newton(torch.optim.Optimizer):
         self.last_stats: StepStats | None = None
         self._rejected: tuple | None = None  # (batch key, loss, operator) after a rejected step
         super().__init__(_param_groups(params, self.chain.params), {"lr": float(lr)})
+        self._groups_frozen = True
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         self._generator = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -425,6 +426,17 @@ class Newton(torch.optim.Optimizer):
         return torch.cat(
             [torch.full((p.numel(),), lrs[id(p)], dtype=p.dtype, device=p.device) for p in self.chain.params]
         )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Only while building the optimizer: the curvature is of the whole model, so a group with other
+        tensors is refused at once (build a new ``Newton`` over the model, with ``params=`` groups)."""
+        if getattr(self, "_groups_frozen", False):
+            raise ValueError(
+                "Newton's parameter groups must hold exactly the model's trainable parameters; "
+                "add_param_group after construction is not supported: build a new Newton with "
+                "params=[{'params': ..., 'lr': ...}, ...]"
+            )
+        super().add_param_group(param_group)
 
     def _write_grad(self, g: Tensor) -> None:
         """``p.grad <- g`` (the batch gradient) for every trainable parameter."""
