@@ -202,7 +202,14 @@ class LowRankPivot:
     """
 
     def __init__(
-        self, Qz: Tensor, A: Tensor, C: Tensor | None, p: int, stage: int, name: str, damping: float,
+        self,
+        Qz: Tensor,
+        A: Tensor,
+        C: Tensor | None,
+        p: int,
+        stage: int,
+        name: str,
+        damping: float,
         strict: bool = True,
     ):
         self.Qz, self.C, self.p, self.eps = Qz, C, p, damping
