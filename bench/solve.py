@@ -3,14 +3,20 @@ solve, MINRES, and the published forward block-LDU order (issue 3).
 
 Everything runs in one process on the same chain, batch and right-hand side (the gradient), in
 float64 unless stated; times are best-of-N wall times after a warm-up, with one torch thread on CPU
-(``--threads``; the JSON records a 1- vs 2-thread comparison). Results go to
-``bench/results/solve_<device>.json`` and ``docs/benchmarks.md`` is regenerated from every
-``bench/results/solve_*.json`` present (so CPU and GPU figures sit side by side).
+(``--threads``; the JSON records a 1- vs 2-thread comparison). Progress goes to stderr and each
+section's results to stdout as soon as they are measured.
+
+Results go to ``--out`` (default ``runs/bench``): ``solve_<device>.json`` (rewritten after every
+section, so an interrupted run keeps what it measured) and ``benchmarks.md`` rendered from it. The
+repository's recorded results (``bench/results/solve_<device>.json``, and ``docs/benchmarks.md``
+regenerated from every ``bench/results/solve_*.json`` so CPU and GPU figures sit side by side) are
+rewritten only with ``--update-repo``.
 
     .venv/bin/python bench/solve.py                  # full run (~4-6 min on the 2-core CPU box)
     .venv/bin/python bench/solve.py --quick          # ~1-2 min (writes solve_<device>_quick.json)
     .venv/bin/python bench/solve.py --device cuda    # the same on a GPU (same sizes; GPU memory peaks)
-    .venv/bin/python bench/solve.py --render-only    # rebuild docs/benchmarks.md from the JSON files
+    .venv/bin/python bench/solve.py --update-repo    # re-record bench/results/ and docs/benchmarks.md
+    .venv/bin/python bench/solve.py --render-only --update-repo   # docs/benchmarks.md from the JSON
 
 A ``_quick`` file is rendered only for a device without a full run.
 
@@ -44,8 +50,9 @@ from forward_ldu import densify, forward_ldu_solve  # noqa: E402
 
 import hessinv  # noqa: E402
 
-RESULTS = HERE / "results"
+RESULTS = HERE / "results"  # the recorded results (--update-repo)
 DOC = ROOT / "docs" / "benchmarks.md"
+DEFAULT_OUT = Path("runs/bench")
 EPS = 1.0  # damping of the main runs: H + I is positive definite on these chains (checked, reported)
 
 
@@ -336,6 +343,11 @@ def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
+def say(*a) -> None:
+    """A result, on stdout, as soon as it is measured."""
+    print(*a, flush=True)
+
+
 # --------------------------------------------------------------------------------------- sections
 def run_config(w: int, B: int, L: int, device: str, dense_max_n: int, repeat: int, hard: bool) -> list[dict]:
     """One chain: hessinv, dense, forward LDU, MINRES at eps = 1 (and at a hard eps, if asked)."""
@@ -417,6 +429,10 @@ def depth_sweep(w: int, B: int, Ls: list[int], device: str) -> dict:
         for k in ("derivatives_s", "factor_s", "solve_s", "factor_solve_s", "residual"):
             out[k].append(hi[k])
         out["positive_definite"].append(hi["positive_definite"])
+        say(
+            f"  L={L} n={P.n}: derivatives {_t(hi['derivatives_s'])}, factor {_t(hi['factor_s'])}, "
+            f"solve {_t(hi['solve_s'])} (unrefined {_t(hi['solve_unrefined_s'])})"
+        )
         del hi
         gc.collect()
     out["slope_factor_solve"] = fit_slope(out["L"], out["factor_solve_s"])
@@ -439,8 +455,8 @@ def float32_run(w: int, B: int, L: int, device: str, repeat: int) -> dict:
             "factor_s": t_fac,
             "solve_s": t_sol,
             "factor_solve_s": t_fac + t_sol,
-        "solve_unrefined_s": t_raw,
-        "factor_solve_unrefined_s": t_fac + t_raw,
+            "solve_unrefined_s": t_raw,
+            "factor_solve_unrefined_s": t_fac + t_raw,
             "residual": info.residual,
             "refinement_steps": info.refinement_steps,
             "unrefined_solve_s": t_raw,
@@ -869,21 +885,55 @@ def result_files() -> list[Path]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a ~1-2 minute run")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on CPU, see docs)")
     ap.add_argument(
-        "--json", type=Path, default=None, help="JSON output (default bench/results/solve_<device>.json)"
+        "--quick", action="store_true", help="a ~1-2 minute run with fewer sizes (default: the full run)"
     )
-    ap.add_argument("--md", type=Path, default=DOC, help="markdown output (default docs/benchmarks.md)")
-    ap.add_argument("--no-md", action="store_true", help="do not regenerate the markdown")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     ap.add_argument(
-        "--render-only", action="store_true", help="only rebuild the markdown from bench/results/"
+        "--threads", type=int, default=None, help="torch threads (default: 1 on CPU, torch's choice on CUDA)"
     )
-    ap.add_argument("--default-allocator", action="store_true", help="do not call mallopt (see docs)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"output directory for solve_<device>[_quick].json and benchmarks.md (default: {DEFAULT_OUT})",
+    )
+    ap.add_argument(
+        "--update-repo",
+        action="store_true",
+        help="write the recorded results instead: bench/results/solve_<device>[_quick].json and "
+        "docs/benchmarks.md from every bench/results/solve_*.json (default: off)",
+    )
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="JSON output file (default: <out>/solve_<device>[_quick].json)",
+    )
+    ap.add_argument(
+        "--md", type=Path, default=None, help="markdown output file (default: <out>/benchmarks.md)"
+    )
+    ap.add_argument("--no-md", action="store_true", help="do not render the markdown (default: render it)")
+    ap.add_argument(
+        "--render-only",
+        action="store_true",
+        help="measure nothing; render the markdown from bench/results/ (default: off)",
+    )
+    ap.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="do not call mallopt (see docs/benchmarks.md) (default: keep freed memory mapped)",
+    )
     ap.add_argument("--memprobe", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--coldprobe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from hessinv.cli.choices import UserError, resolve_device
+
+    try:
+        args.device = resolve_device(args.device)
+    except UserError as e:  # e.g. --device cuda without CUDA: one line, exit status 2
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
     if args.threads or torch.device(args.device).type == "cpu":
         torch.set_num_threads(args.threads or 1)
     if args.memprobe:
@@ -892,21 +942,42 @@ def main() -> None:
     if args.coldprobe:
         _coldprobe(args.coldprobe)
         return
-    args.allocator = "default" if args.default_allocator else steady_allocator()
+    results_dir = RESULTS if args.update_repo else args.out
+    if args.md is None:
+        args.md = DOC if args.update_repo else args.out / "benchmarks.md"
+    if args.json is None:
+        quick = "_quick" if args.quick else ""
+        args.json = results_dir / f"solve_{torch.device(args.device).type}{quick}.json"
     if not args.render_only:
+        args.allocator = "default" if args.default_allocator else steady_allocator()
         run(args)
     if not args.no_md:
-        files = result_files()
-        if (
-            args.json is not None
-            and args.json.exists()
-            and args.json.resolve() not in [f.resolve() for f in files]
-        ):
-            files.append(args.json)
+        if args.update_repo or args.render_only:
+            files = result_files()
+            if args.json.exists() and args.json.resolve() not in [f.resolve() for f in files]:
+                files.append(args.json)
+        else:
+            files = [args.json]
         results = [json.loads(f.read_text()) for f in files]
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(render(results))
         log(f"wrote {args.md}")
+
+
+def _say_config(r: dict) -> None:
+    h, d, f, mr = r["hessinv"], r.get("dense"), r["forward_ldu"], r["minres"]
+    line = (
+        f"w={r['w']} B={r['B']} L={r['L']} n={r['n']} {r['eps_kind']}: hessinv total {_t(h['total_s'])} "
+        f"(derivatives {_t(h['derivatives_s'])}, factor {_t(h['factor_s'])}, solve {_t(h['solve_s'])}), "
+        f"residual {_e(h['residual'])}"
+    )
+    if d:
+        line += (
+            f"; dense {_t(d['total_s'])} ({d['ratio']:.0f}x), error vs dense {_e(h.get('error_vs_dense'))}"
+        )
+    line += f"; forward LDU {_t(f['factor_solve_s'])} ({f['ratio']:.1f}x)"
+    line += f"; MINRES {mr['hvps']} HVPs {_t(mr['time_s'])}" + ("" if mr["converged"] else " (not converged)")
+    say(line)
 
 
 def run(args) -> None:
@@ -919,7 +990,14 @@ def run(args) -> None:
         "settings": {"mode": "quick" if quick else "full", "eps": EPS, "repeat": repeat},
     }
     res["machine"]["allocator"] = args.allocator
+    out = args.json
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every section: an interrupted run keeps what it measured
+        out.write_text(json.dumps(strip(res), indent=1))
+
     log(f"machine: {res['machine']}")
+    log(f"results: {out} (rewritten after every section)")
     configs = [(16, 16, 8), (16, 16, 24), (16, 16, 64)] if not quick else [(16, 16, 8), (16, 16, 64)]
     dense_max_n = 7000 if not quick else 2500
     res["configs"] = []
@@ -929,32 +1007,59 @@ def run(args) -> None:
         mem = peak_memory(w, B, Lc, EPS, device)
         rows[0]["hessinv"]["memory"] = mem
         res["configs"] += rows
+        for r in rows:
+            _say_config(r)
+        say(f"w={w} B={B} L={Lc}: peak memory {mem['peak_bytes'] / 2**20:.0f} MiB ({mem['how']})")
+        save()
     Ls = [16, 32, 64, 128, 256, 512, 1024] if not quick else [16, 32, 64, 128, 256]
     log("depth sweep")
-    res["depth_sweep"] = depth_sweep(16, 16, Ls, device)
+    ds = res["depth_sweep"] = depth_sweep(16, 16, Ls, device)
+    say(
+        "depth sweep w=16 B=16: factor+solve "
+        + ", ".join(f"L={L} {_t(t)}" for L, t in zip(ds["L"], ds["factor_solve_s"], strict=True))
+        + f"; slope {ds['slope_factor_solve']:.3f}"
+    )
+    save()
     log("float32")
-    res["float32"] = float32_run(16, 16, 64, device, repeat)
+    f32 = res["float32"] = float32_run(16, 16, 64, device, repeat)
+    say(
+        f"float32 factor at w=16 B=16 L=64: {f32['speedup_factor']:.2f}x faster than float64, refined "
+        f"residual {_e(f32['float32']['residual'])} in {f32['float32']['refinement_steps']} steps"
+    )
+    save()
     log("flops")
-    res["flops"] = flops_run(16, 16, 64, device, repeat)
+    fl = res["flops"] = flops_run(16, 16, 64, device, repeat)
+    say(
+        f"factorization {fl['gflops']:.1f} GFlop/s, "
+        f"dense Cholesky (n=p) {fl['cholesky_gflops_p']:.1f} GFlop/s"
+    )
+    save()
     if not cuda and (os.cpu_count() or 1) >= 2:
         log("threads")
-        res["threads"] = threads_run(16, 16, 64)
+        th = res["threads"] = threads_run(16, 16, 64)
+        say(f"threads: factor+solve 1 thread {_t(th['threads_1_s'])}, 2 threads {_t(th['threads_2_s'])}")
+        save()
     if not cuda and args.allocator != "default":
         log("default allocator")
-        res["cold"] = cold_run(16, 16, 64, EPS)
+        cold = res["cold"] = cold_run(16, 16, 64, EPS)
+        say(f"default allocator: forward LDU / hessinv {cold['ratio']:.1f}x")
+        save()
     log("low-rank pivot")
     lr = [(16, 4, 16), (32, 8, 8)] if quick else [(16, 16, 16), (16, 4, 16), (32, 8, 16), (64, 16, 4)]
     res["lowrank"] = lowrank_run(lr, device, repeat)
+    for r in res["lowrank"]:
+        say(
+            f"low-rank pivot w={r['w']} B={r['B']} L={r['L']} (default {r['default']}): dense pivot "
+            f"{_t(r['dense']['factor_s'])}, low-rank {_t(r['low-rank']['factor_s'])} ({r['speedup']:.1f}x)"
+        )
     res["machine"]["load_average_end"] = load_average()
     if cuda:
         res["machine"]["note"] = "MINRES runs on the CPU (scipy) with each product on the GPU"
     res["targets"] = check_targets(res)
-    out = args.json or RESULTS / f"solve_{torch.device(device).type}{'_quick' if quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(strip(res), indent=1))
+    save()
     log(f"wrote {out}")
     for t in res["targets"]:
-        log(f"  {'MET ' if t['met'] else 'MISS'} {t['target']}: {t['figure']}")
+        say(f"  {'MET ' if t['met'] else 'MISS'} {t['target']}: {t['figure']}")
 
 
 if __name__ == "__main__":
