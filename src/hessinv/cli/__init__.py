@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="N | NAME=N | none",
         help="step budget per optimizer: one number for all, NAME=N for one (repeatable or "
-        f"comma-separated), or none (default: {steps_default})",
+        f"comma-separated), or none (default: {steps_default}; any other: none)",
     )
     g.add_argument(
         "--budget",
@@ -334,7 +334,7 @@ def _parse_lrs(items: list[str]) -> dict[str, float]:
 
 def _parse_steps(items: list[str], opts: list[str]) -> dict[str, int | None]:
     """The step budget of each optimizer in ``opts`` from the --steps values (later ones win)."""
-    steps: dict[str, int | None] = {o: DEFAULT_STEPS[o] for o in opts}
+    steps: dict[str, int | None] = {o: DEFAULT_STEPS.get(o) for o in opts}  # unlisted: time budget only
 
     def count(text: str) -> int | None:
         return None if text.lower() == "none" else positive_int(text)
