@@ -31,6 +31,7 @@ import argparse
 import re
 import runpy
 import sys
+import textwrap
 from pathlib import Path
 
 from hessinv import __version__
@@ -39,9 +40,11 @@ from hessinv.cli.choices import (
     DAMPINGS,
     DATA_FORMAT,
     DATASETS,
+    DEFAULT_LR,
     DEFAULT_STEPS,
     DEFAULT_TARGET,
     INITS,
+    LR_GRID,
     OPTIMIZERS,
     UserError,
     canonical,
@@ -56,7 +59,6 @@ __all__ = ["main", "parse_duration", "build_parser"]
 DEFAULT_OPTIMIZERS = "newton,gauss-newton,adam,sgd"
 DEFAULT_BUDGET = 120.0  # seconds per optimizer: a cap; the default job stops at DEFAULT_STEPS first
 DEFAULT_OUT = "runs/{data}"
-DEFAULT_TUNE_FRACTION = 10  # a learning-rate grid point runs 1/10 of the optimizer's budget
 
 
 def parse_duration(text: str) -> float:
@@ -165,10 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         help="second-order vs first-order training, with logs, a table and plots",
-        description="Train one deep MLP chain from the same initialization with several optimizers, "
-        "each until its step budget or the time budget, whichever comes first, and compare their "
-        "time to a target training loss. Writes <optimizer>.jsonl, summary.json, table.md and loss.png "
-        "under --out. Option names and optimizer names may use - or _ (gauss-newton = gauss_newton).",
+        description=textwrap.fill(
+            "Train one deep MLP chain from the same initialization with several optimizers, each until "
+            "its step budget or the time budget, whichever comes first, and compare their time to a "
+            "target training loss. Writes <optimizer>.jsonl, summary.json, table.md and loss.png under "
+            "--out. Names of optimizers, activations and damping rules may be spelled with - or _ "
+            "(gauss-newton = gauss_newton).",
+            100,
+        ),
         epilog=DATA_FORMAT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -261,22 +267,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=LR",
         help="learning rate of an optimizer, e.g. --lr adam=1e-3 (repeatable or comma-separated) "
-        "(default: newton, gauss-newton, lbfgs, hessian-free 1; adam and sgd tuned, see --tune)",
+        f"(default: {', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items() if k not in LR_GRID)}; "
+        f"{'/'.join(LR_GRID)} from their grids with --tune, else "
+        f"{', '.join(f'{k} {DEFAULT_LR[k]:g}' for k in LR_GRID)})",
     )
     g.add_argument(
         "--tune",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="pick the sgd/adam/lbfgs learning rates not given with --lr from a small grid (lowest "
-        "train loss after 1/10 of the budget) (default: on)",
+        help=f"pick the {'/'.join(LR_GRID)} learning rates not given with --lr from a small grid "
+        f"({'; '.join(k + ' ' + ', '.join(f'{v:g}' for v in g) for k, g in LR_GRID.items())}): the lowest "
+        "train loss after 1/10 of the step and time budgets (default: on)",
     )
     g.add_argument(
         "--tune-budget",
         type=parse_duration,
         default=None,
         metavar="TIME",
-        help="time cap of one grid point of --tune (default: --budget / 10; the step cap is always "
-        "the optimizer's steps / 10)",
+        help="time cap of one grid point of --tune (default: --budget / 10, or 2.5s with --budget "
+        "none; the step cap is the optimizer's steps / 10)",
     )
     g.add_argument(
         "--newton-damping",
@@ -308,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         "load 2.8 on 2 cores, one thread gave Newton 36 steps in 8 s against 5 steps in 35 s with two",
     )
     g = t.add_argument_group("output")
-    g.add_argument("--out", default=None, help=f"output directory (default: {DEFAULT_OUT}, e.g. runs/digits)")
+    g.add_argument("--out", default=None, help="output directory (default: runs/<data>, e.g. runs/digits)")
     g.add_argument("--quiet", action="store_true", help="no live progress, only the table (default: off)")
 
     b = sub.add_parser(

@@ -20,10 +20,12 @@ __all__ = [
     "DAMPINGS",
     "DATASETS",
     "DATA_FORMAT",
+    "DEFAULT_LR",
     "DEFAULT_STEPS",
     "DEFAULT_TARGET",
     "DeviceUnavailableError",
     "INITS",
+    "LR_GRID",
     "OPTIMIZERS",
     "UserError",
     "canonical",
@@ -43,6 +45,13 @@ DEFAULT_STEPS = {
     "sgd": 12000,
     "lbfgs": 600,
     "hessian-free": 400,
+}
+# learning rates: the default of each optimizer, and the grid --tune picks from (sgd/adam/lbfgs)
+DEFAULT_LR = {"newton": 1.0, "gauss-newton": 1.0, "adam": 3e-3, "sgd": 0.1, "lbfgs": 1.0, "hessian-free": 1.0}
+LR_GRID = {
+    "sgd": (0.01, 0.03, 0.1, 0.3),
+    "adam": (1e-3, 3e-3, 1e-2, 3e-2),
+    "lbfgs": (0.1, 0.3, 1.0),
 }
 DEFAULT_TARGET = {"digits": 1.0, "mnist1d": 1.0, "regression": 1e-4}  # train loss of the table
 DATASETS = ("digits", "mnist1d", "regression")

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 import hessinv
 from hessinv.cli.baselines import FirstOrder, HessianFree
-from hessinv.cli.choices import OPTIMIZERS, UserError
+from hessinv.cli.choices import DEFAULT_LR, LR_GRID, OPTIMIZERS, UserError
 from hessinv.cli.data import Dataset
 from hessinv.cli.models import build_model
 
@@ -47,12 +47,6 @@ __all__ = [
     "time_to_target_table",
 ]
 
-DEFAULT_LR = {"newton": 1.0, "gauss-newton": 1.0, "adam": 3e-3, "sgd": 0.1, "lbfgs": 1.0, "hessian-free": 1.0}
-LR_GRID = {
-    "sgd": (0.01, 0.03, 0.1, 0.3),
-    "adam": (1e-3, 3e-3, 1e-2, 3e-2),
-    "lbfgs": (0.1, 0.3, 1.0),
-}
 FULL_BATCH = ("lbfgs",)  # optimizers that always see the whole training split
 
 
