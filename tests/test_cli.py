@@ -574,3 +574,17 @@ def test_bench_solve_writes_to_its_output_directory(tmp_path, capsys):
     assert main(["bench", "solve", "--render-only", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "benchmarks.md").read_text().startswith("# Benchmarks")
     assert doc.read_bytes() == before  # the tracked file is rewritten only with --update-repo
+
+
+def test_chance_level_is_the_most_frequent_test_class():
+    import torch
+
+    from hessinv.cli.data import Dataset
+    from hessinv.cli.train import chance_level
+
+    X = torch.zeros(6, 2, dtype=torch.float64)
+    ds = Dataset(
+        "t", "classification", X, torch.tensor([0, 1, 2, 2, 2, 2]), X[:5], torch.tensor([1, 1, 1, 0, 2]), 3
+    )
+    assert chance_level(ds) == pytest.approx(0.6)
+    assert chance_level(Dataset("r", "regression", X, X[:, :1], X, X[:, :1])) is None
