@@ -24,7 +24,9 @@ Two more measurements:
 * a check of Theorem 4 along the SGD run: every few steps, the expected factor predicted from 32
   mini-batch gradients drawn at the current point against the factors the SGD steps achieved.
 
-Outputs ``bench/results/alignment.json`` and ``docs/figures/alignment.png``; prints a summary.
+Outputs ``alignment.json`` and ``alignment.png`` in ``--out`` (default ``runs/bench``; the recorded
+``bench/results/alignment.json`` and ``docs/figures/alignment.png`` with ``--update-repo``); prints a
+summary.
 ``python bench/alignment.py --quick`` is a smoke run (fewer steps and radii, under a minute).
 """
 
@@ -350,10 +352,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--hessian-batch", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="smoke run: fewer steps, radii and checks")
     ap.add_argument("--no-verify", action="store_true", help="skip estimate_minimizer (saves ~15 s)")
-    ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "alignment.json")
-    ap.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "alignment.png")
+    ap.add_argument(
+        "--out", type=Path, default=Path("runs/bench"), help="output directory (default: runs/bench)"
+    )
+    ap.add_argument(
+        "--update-repo",
+        action="store_true",
+        help="write the recorded bench/results/alignment.json and docs/figures/alignment.png (default: off)",
+    )
+    ap.add_argument("--json", type=Path, default=None, help="JSON output (default: <out>/alignment.json)")
+    ap.add_argument("--figure", type=Path, default=None, help="figure output (default: <out>/alignment.png)")
     ap.add_argument("--replot", action="store_true", help="only redraw the figure from the JSON")
     args = ap.parse_args(argv)
+    if args.json is None:
+        args.json = (
+            ROOT / "bench" / "results" / "alignment.json" if args.update_repo else args.out / "alignment.json"
+        )
+    if args.figure is None:
+        args.figure = (
+            ROOT / "docs" / "figures" / "alignment.png" if args.update_repo else args.out / "alignment.png"
+        )
+    args.figure.parent.mkdir(parents=True, exist_ok=True)
     if args.replot:
         out = json.loads(args.json.read_text())
         plot(out["runs"], out["radius_sweep"], args.figure)

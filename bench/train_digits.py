@@ -265,7 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--newton", action="append", default=[], metavar="NAME=JSON", help="extra Newton config")
-    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "train_digits.json"))
+    ap.add_argument(
+        "--json",
+        default="runs/bench/train_digits.json",
+        help="JSON output (default: runs/bench/train_digits.json; the recorded results are "
+        "bench/results/train_digits*.json)",
+    )
     args = ap.parse_args(argv)
 
     extra = {}

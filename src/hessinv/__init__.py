@@ -6,37 +6,79 @@
 ...                     torch.randn(8, 1, dtype=torch.float64))
 >>> H.shape
 (21, 21)
+
+The names below are imported on first use (PEP 562), so that ``import hessinv`` -- and the
+``hessinv`` command line's ``--help`` -- does not pay for importing torch.
 """
 
-from hessinv.chain import Chain
-from hessinv.curvature import (
-    CurvatureOperator,
-    Factorization,
-    GaussNewton,
-    Hessian,
-    SolveInfo,
-    gauss_newton,
-    hessian,
-)
-from hessinv.errors import (
-    AccuracyWarning,
-    DtypeMismatchError,
-    HessinvError,
-    InvalidArgumentError,
-    NonFiniteError,
-    NotAChainError,
-    ShapeMismatchError,
-    SingularError,
-    UnsupportedStageError,
-)
-from hessinv.riccati import Inertia
+from __future__ import annotations
 
-__all__ = [
-    "hessian", "gauss_newton", "Hessian", "GaussNewton", "CurvatureOperator", "Factorization",
-    "SolveInfo", "Inertia", "Chain", "HessinvError", "UnsupportedStageError", "NotAChainError",
-    "ShapeMismatchError", "DtypeMismatchError", "NonFiniteError", "SingularError", "AccuracyWarning",
-    "InvalidArgumentError",
-]  # fmt: skip
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from hessinv import diagnostics, optim  # noqa: E402, F401  (submodules built on the names above)
+# public name -> the module that defines it
+_EXPORTS = {
+    "hessian": "hessinv.curvature",
+    "gauss_newton": "hessinv.curvature",
+    "Hessian": "hessinv.curvature",
+    "GaussNewton": "hessinv.curvature",
+    "CurvatureOperator": "hessinv.curvature",
+    "Factorization": "hessinv.curvature",
+    "SolveInfo": "hessinv.curvature",
+    "Inertia": "hessinv.riccati",
+    "Chain": "hessinv.chain",
+    "HessinvError": "hessinv.errors",
+    "UnsupportedStageError": "hessinv.errors",
+    "NotAChainError": "hessinv.errors",
+    "ShapeMismatchError": "hessinv.errors",
+    "DtypeMismatchError": "hessinv.errors",
+    "NonFiniteError": "hessinv.errors",
+    "SingularError": "hessinv.errors",
+    "AccuracyWarning": "hessinv.errors",
+    "InvalidArgumentError": "hessinv.errors",
+    "WoodburyFactorization": "hessinv.curvature",
+}
+_SUBMODULES = ("diagnostics", "optim", "errors", "curvature", "riccati", "chain", "stages", "cli", "lowrank")
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from hessinv import diagnostics, optim  # noqa: F401
+    from hessinv.chain import Chain  # noqa: F401
+    from hessinv.curvature import (  # noqa: F401
+        CurvatureOperator,
+        Factorization,
+        GaussNewton,
+        Hessian,
+        SolveInfo,
+        gauss_newton,
+        hessian,
+    )
+    from hessinv.errors import (  # noqa: F401
+        AccuracyWarning,
+        DtypeMismatchError,
+        HessinvError,
+        NonFiniteError,
+        NotAChainError,
+        ShapeMismatchError,
+        SingularError,
+        UnsupportedStageError,
+    )
+    from hessinv.riccati import Inertia  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"hessinv.{name}")
+    else:
+        raise AttributeError(f"module 'hessinv' has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

@@ -5,37 +5,59 @@
 
 ::
 
-    hessinv train      # digits, depth-16 width-8 tanh chain, newton/gauss-newton/adam/sgd, 35 s each
+    hessinv train      # digits, depth-16 width-8 tanh chain, newton/gauss-newton/adam/sgd, fixed steps
     hessinv train --data mnist1d --depth 24 --width 16 \
         --optimizers newton,gauss-newton,adam,sgd,lbfgs,hessian-free \
-        --budget 120s --target-loss 0.05 --out runs/mnist1d
+        --budget 120s --steps none --target-loss 0.05 --out runs/mnist1d
     hessinv train --data my.csv --steps 500 --lr adam=1e-3 --no-tune
     hessinv bench solve --quick
 
 ``hessinv train`` writes ``<optimizer>.jsonl`` (one line per step: step, training time, batch loss,
 the optimizer's statistics, and train/test loss and accuracy where evaluated), ``summary.json``,
 ``table.md`` (time to the target train loss) and ``loss.png`` to ``--out`` (default
-``runs/<data>``). The budget counts optimizer steps only; evaluation is excluded.
+``runs/<data>``). Each optimizer stops at its step budget or the time budget, whichever comes
+first; the time counts optimizer steps only (evaluation excluded).
 
 Exit status: 0 when the job ran (at least one optimizer finished without diverging), 1 when
 every run diverged or failed, 2 for a usage error (unknown dataset or optimizer, unreadable data
-file, bad option), 130 when interrupted.
+file, bad option, unavailable device), 130 when interrupted.
+
+Importing this module imports neither torch nor matplotlib: ``hessinv --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import runpy
 import sys
+import textwrap
 from pathlib import Path
 
-__all__ = ["main", "parse_duration"]
+from hessinv import __version__
+from hessinv.cli.choices import (
+    ACTIVATIONS,
+    DAMPINGS,
+    DATA_FORMAT,
+    DATASETS,
+    DEFAULT_LR,
+    DEFAULT_STEPS,
+    DEFAULT_TARGET,
+    INITS,
+    LR_GRID,
+    OPTIMIZERS,
+    UserError,
+    canonical,
+    parse_per_optimizer,
+    positive_float,
+    positive_int,
+    resolve_device,
+)
 
-DEFAULT_TARGET = {"digits": 1.0, "mnist1d": 1.0, "regression": 1e-4}
+__all__ = ["main", "parse_duration", "build_parser"]
+
 DEFAULT_OPTIMIZERS = "newton,gauss-newton,adam,sgd"
-DEFAULT_BUDGET = 35.0  # seconds per optimizer: the default job takes about 3 minutes
+DEFAULT_BUDGET = 120.0  # seconds per optimizer: a cap; the default job stops at DEFAULT_STEPS first
 DEFAULT_OUT = "runs/{data}"
 
 
@@ -58,14 +80,25 @@ def parse_duration(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+def _budget(text: str) -> float | None:
+    return None if text.strip().lower() == "none" else parse_duration(text)
+
+
+def _argtype(convert):
+    """An argparse type from a converter that raises ValueError with the reason."""
+
+    def parse(text: str):
+        try:
+            return convert(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
+_positive_int = _argtype(positive_int)
+_positive_float = _argtype(positive_float)
 
 
 def _batch_size(text: str) -> int | None:
@@ -74,14 +107,37 @@ def _batch_size(text: str) -> int | None:
     return _positive_int(text)
 
 
-def _positive_float(text: str) -> float:
+def _test_fraction(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"--test-fraction must be in (0, 1), got {text}")
     return v
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def _choice(names, what: str):
+    """An argparse type accepting ``names`` in either spelling (``_`` or ``-``, any case)."""
+
+    def parse(text: str) -> str:
+        c = canonical(text)
+        if c not in names:
+            raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(names)})")
+        return c
+
+    parse.__name__ = what
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,92 +147,173 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from hessinv.cli.models import ACTIVATIONS, INITS
-    from hessinv.cli.train import OPTIMIZERS
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        torch = version("torch")  # the installed distribution, without importing torch
+    except PackageNotFoundError:
+        torch = "not installed"
+    return f"hessinv {__version__} (torch {torch}, python {sys.version.split()[0]})"
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hessinv", description="Exact curvature of deep chains: training jobs and benchmarks.")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="{train,bench}")
     sub.required = True
 
+    steps_default = ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items())
     t = sub.add_parser(
         "train",
         help="second-order vs first-order training, with logs, a table and plots",
-        description="Train one deep MLP chain from the same initialization with several optimizers, "
-        "each for the same wall-clock budget, and compare their time to a target training loss. "
-        "Writes <optimizer>.jsonl, summary.json, table.md and loss.png under --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=textwrap.fill(
+            "Train one deep MLP chain from the same initialization with several optimizers, each until "
+            "its step budget or the time budget, whichever comes first, and compare their time to a "
+            "target training loss. Writes <optimizer>.jsonl, summary.json, table.md and loss.png under "
+            "--out. Names of optimizers, activations and damping rules may be spelled with - or _ "
+            "(gauss-newton = gauss_newton).",
+            100,
+        ),
+        epilog=DATA_FORMAT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = t.add_argument_group("data")
     g.add_argument(
-        "--data", default="digits", help="digits | mnist1d | regression | path to a .npz/.csv file"
+        "--data",
+        default="digits",
+        help=f"{' | '.join(DATASETS)} | path to a .npz/.csv file (format below) (default: digits)",
     )
-    g.add_argument("--task", default="auto", choices=["auto", "classification", "regression"])
-    g.add_argument("--samples", type=_positive_int, default=None, help="number of examples (train + test)")
-    g.add_argument("--test-fraction", type=float, default=0.2)
+    g.add_argument(
+        "--task",
+        default="auto",
+        type=_choice(("auto", "classification", "regression"), "task"),
+        help="auto | classification | regression (default: auto, from the labels; see below)",
+    )
+    g.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=None,
+        help="number of examples, train + test (default: all of them; digits 1797, mnist1d 5000, "
+        "regression 2000)",
+    )
+    g.add_argument(
+        "--test-fraction",
+        type=_test_fraction,
+        default=0.2,
+        help="fraction held out as the test split (default: 0.2)",
+    )
     g = t.add_argument_group("model")
-    g.add_argument("--depth", type=_positive_int, default=16, help="number of Linear layers")
-    g.add_argument("--width", type=_positive_int, default=8)
-    g.add_argument("--activation", default="tanh", choices=sorted(ACTIVATIONS))
-    g.add_argument("--residual", action="store_true", help="residual blocks z + act(W z + b)")
-    g.add_argument("--init", default="torch", choices=INITS)
-    g.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    g.add_argument("--depth", type=_positive_int, default=16, help="number of Linear layers (default: 16)")
+    g.add_argument("--width", type=_positive_int, default=8, help="hidden width (default: 8)")
+    g.add_argument(
+        "--activation",
+        default="tanh",
+        type=_choice(tuple(ACTIVATIONS), "activation"),
+        help=f"{' | '.join(ACTIVATIONS)} (default: tanh)",
+    )
+    g.add_argument("--residual", action="store_true", help="residual blocks z + act(W z + b) (default: off)")
+    g.add_argument(
+        "--init",
+        default="torch",
+        type=_choice(INITS, "init"),
+        help="torch (PyTorch's default uniform) | xavier | orthogonal (default: torch)",
+    )
+    g.add_argument(
+        "--dtype",
+        default="float64",
+        type=_choice(("float64", "float32"), "dtype"),
+        help="float64 | float32 (default: float64)",
+    )
     g = t.add_argument_group("optimization")
     g.add_argument(
-        "--optimizers", default=DEFAULT_OPTIMIZERS, help=f"comma-separated, from {','.join(OPTIMIZERS)}"
+        "--optimizers",
+        default=DEFAULT_OPTIMIZERS,
+        help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default: {DEFAULT_OPTIMIZERS})",
+    )
+    g.add_argument(
+        "--steps",
+        action="append",
+        default=[],
+        metavar="N | NAME=N | none",
+        help="step budget per optimizer: one number for all, NAME=N for one (repeatable or "
+        f"comma-separated), or none (default: {steps_default}; any other: none)",
     )
     g.add_argument(
         "--budget",
-        type=parse_duration,
-        default=None,
-        help=f"wall-clock training time per optimizer, e.g. 120s or 2m (default {DEFAULT_BUDGET:g}s, "
-        "or none with --steps)",
+        type=_budget,
+        default=DEFAULT_BUDGET,
+        metavar="TIME | none",
+        help="wall-clock training time per optimizer, e.g. 120s or 2m, or none; each optimizer stops "
+        f"at its step budget or this, whichever comes first (default: {DEFAULT_BUDGET:g}s)",
     )
-    g.add_argument("--steps", type=_positive_int, default=None, help="steps per optimizer")
     g.add_argument(
-        "--batch-size", type=_batch_size, default=64, help="mini-batch size, or 'full' (lbfgs: always full)"
+        "--batch-size",
+        type=_batch_size,
+        default=64,
+        help="mini-batch size, or 'full' (lbfgs always uses the full batch) (default: 64)",
     )
     g.add_argument(
         "--target-loss",
         type=_positive_float,
         default=None,
-        help="train loss for the time-to-target table (default: per dataset; digits 0.1, "
-        "mnist1d 0.5, regression 1e-4)",
+        help="train loss of the time-to-target table (default: per dataset: "
+        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_TARGET.items())
+        + "; none for a data file)",
     )
     g.add_argument(
         "--lr",
         action="append",
         default=[],
         metavar="NAME=LR",
-        help="learning rate of an optimizer, e.g. --lr adam=1e-3 (repeatable or comma-separated)",
+        help="learning rate of an optimizer, e.g. --lr adam=1e-3 (repeatable or comma-separated) "
+        f"(default: {', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items() if k not in LR_GRID)}; "
+        f"{'/'.join(LR_GRID)} from their grids with --tune, else "
+        f"{', '.join(f'{k} {DEFAULT_LR[k]:g}' for k in LR_GRID)})",
     )
     g.add_argument(
         "--tune",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="pick the sgd/adam/lbfgs learning rates from a small grid (best train loss after a short run) "
-        "unless given with --lr",
+        help=f"pick the {'/'.join(LR_GRID)} learning rates not given with --lr from a small grid "
+        f"({'; '.join(k + ' ' + ', '.join(f'{v:g}' for v in g) for k, g in LR_GRID.items())}): the lowest "
+        "train loss after 1/10 of the step and time budgets (default: on)",
     )
-    g.add_argument("--tune-budget", type=parse_duration, default=2.5, help="per grid point (s)")
+    g.add_argument(
+        "--tune-budget",
+        type=parse_duration,
+        default=None,
+        metavar="TIME",
+        help="time cap of one grid point of --tune (default: --budget / 10, or 2.5s with --budget "
+        "none; the step cap is the optimizer's steps / 10)",
+    )
     g.add_argument(
         "--newton-damping",
         default="trust-region",
-        choices=["trust-region", "levenberg-marquardt"],
-        help="damping rule of newton and gauss-newton (hessinv.optim.Newton(damping=...))",
+        type=_choice(DAMPINGS, "damping"),
+        help="damping rule of newton-tr and gauss-newton, hessinv.optim.Newton(damping=...): "
+        f"{' | '.join(DAMPINGS)} (default: trust-region)",
     )
     g.add_argument(
         "--curvature-batch-size",
         type=_positive_int,
         default=None,
-        help="newton/gauss-newton: build the curvature on this many examples of each batch",
+        help="newton/newton-tr/gauss-newton: build the curvature on this many examples of each batch "
+        "(default: 8 for newton's amortized mode, the whole batch for the trust region)",
     )
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed of the data split, initialization and batches (default: 0)"
+    )
+    g.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu | cuda | cuda:N | auto (cuda if available) (default: cpu)",
+    )
     g.add_argument(
         "--threads",
-        type=int,
+        type=_non_negative_int,
         default=1,
-        help="torch CPU threads (default 1; 0 = torch's choice). The per-stage blocks are small: at "
+        help="torch CPU threads, 0 = torch's choice (default: 1). The per-stage blocks are small: at "
         "load 2.8 on 2 cores, one thread gave Newton 36 steps in 8 s against 5 steps in 35 s with two",
     )
     g.add_argument(
@@ -193,64 +330,54 @@ def build_parser() -> argparse.ArgumentParser:
         "rotate, average (docs/benchmarks.md)",
     )
     g = t.add_argument_group("output")
-    g.add_argument("--out", default=None, help=f"output directory (default {DEFAULT_OUT})")
-    g.add_argument("--quiet", action="store_true", help="no live progress, only the table")
+    g.add_argument("--out", default=None, help="output directory (default: runs/<data>, e.g. runs/digits)")
+    g.add_argument("--quiet", action="store_true", help="no live progress, only the table (default: off)")
 
     b = sub.add_parser(
-        "bench", help="benchmarks (solve)", description="Benchmarks from the repository's bench/."
+        "bench",
+        help="benchmarks (solve)",
+        description="Benchmarks from the repository's bench/ (run from a checkout). "
+        "`hessinv bench solve --help` lists the benchmark's own options.",
     )
-    b.add_argument("what", choices=["solve"], help="which benchmark")
+    b.add_argument("what", choices=["solve"], help="which benchmark: solve (bench/solve.py)")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed on to the benchmark")
     return p
 
 
 def _parse_lrs(items: list[str]) -> dict[str, float]:
-    from hessinv.cli.train import OPTIMIZERS, UserError
-
-    out: dict[str, float] = {}
-    for item in items:
-        for part in filter(None, (s.strip() for s in item.split(","))):
-            name, sep, val = part.partition("=")
-            if not sep:
-                raise UserError(f"--lr expects NAME=LR (e.g. adam=1e-3), got {part!r}")
-            name = name.strip()
-            if name not in OPTIMIZERS:
-                raise UserError(f"--lr: unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-            try:
-                v = float(val)
-            except ValueError:
-                raise UserError(f"--lr {name}: not a number: {val!r}") from None
-            if not (v > 0 and math.isfinite(v)):
-                raise UserError(f"--lr {name}: the learning rate must be positive, got {val}")
-            out[name] = v
-    return out
-
-
-def _resolve_device(text: str) -> str:
-    import torch
-
-    from hessinv.cli.train import UserError
-
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if text.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {text}: CUDA is not available on this machine (use --device cpu)")
+    def lr(text: str) -> float:
         try:
-            torch.device(text)
-        except RuntimeError as e:
-            raise UserError(f"--device {text}: {e}") from None
-        return text
-    if text != "cpu":
-        raise UserError(f"unknown device {text!r}; use cpu, cuda, cuda:N or auto")
-    return text
+            return positive_float(text)
+        except ValueError:
+            raise ValueError(f"the learning rate must be a positive number, got {text!r}") from None
+
+    return parse_per_optimizer(items, "--lr", lr, "LR", "adam=1e-3")
+
+
+def _parse_steps(items: list[str], opts: list[str]) -> dict[str, int | None]:
+    """The step budget of each optimizer in ``opts`` from the --steps values (later ones win)."""
+    steps: dict[str, int | None] = {o: DEFAULT_STEPS.get(o) for o in opts}  # unlisted: time budget only
+
+    def count(text: str) -> int | None:
+        return None if text.lower() == "none" else positive_int(text)
+
+    for item in items:
+        if "=" in item:
+            steps.update(parse_per_optimizer([item], "--steps", count, "N", "adam=5000"))
+        else:
+            try:
+                n = count(item.strip())
+            except ValueError as e:
+                raise UserError(f"--steps: {e} (or NAME=N, or none)") from None
+            steps = {o: n for o in opts}
+    return {o: steps[o] for o in opts}
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from hessinv.cli.data import DataError, load_dataset
-    from hessinv.cli.train import OPTIMIZERS, TrainConfig, UserError, train
+    from hessinv.cli.train import TrainConfig, train
 
-    opts = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    opts = [canonical(o) for o in args.optimizers.split(",") if o.strip()]
     if not opts:
         raise UserError("--optimizers is empty")
     for o in opts:
@@ -258,19 +385,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise UserError(f"unknown optimizer {o!r}; choose from {', '.join(OPTIMIZERS)}")
     if len(set(opts)) != len(opts):
         raise UserError(f"--optimizers lists an optimizer twice: {args.optimizers}")
-    if not 0 < args.test_fraction < 1:
-        raise UserError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
     lrs = _parse_lrs(args.lr)
-    device = _resolve_device(args.device)
-    if args.threads < 0:
-        raise UserError(f"--threads must be >= 0, got {args.threads}")
+    steps = _parse_steps(args.steps, opts)
+    budget = args.budget
+    if budget is None and any(steps[o] is None for o in opts):
+        raise UserError(
+            "--budget none with no step budget for "
+            + ", ".join(o for o in opts if steps[o] is None)
+            + ": the run would never stop"
+        )
+    device = resolve_device(args.device)
     if args.threads > 0:
         import torch
 
         torch.set_num_threads(args.threads)
-    budget = args.budget
-    if budget is None and args.steps is None:
-        budget = DEFAULT_BUDGET
     try:
         ds = load_dataset(
             args.data,
@@ -295,7 +423,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         init=args.init,
         batch_size=args.batch_size,
         budget=budget,
-        steps=args.steps,
+        steps=steps,
         target_loss=target,
         lrs=lrs,
         tune=args.tune,
@@ -332,8 +460,6 @@ def _find_bench(name: str) -> Path | None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from hessinv.cli.train import UserError
-
     path = _find_bench(args.what)
     if path is None:
         raise UserError(
@@ -354,8 +480,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hessinv`` console script; returns the exit status."""
-    from hessinv.cli.train import UserError
-
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

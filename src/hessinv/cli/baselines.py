@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import hessinv
+from hessinv.cli.choices import PEER_LR
 
 __all__ = [
     "CGResult", "FirstOrder", "HFStats", "HessianFree", "FirstOrderStats", "conjugate_gradient",
@@ -375,10 +376,10 @@ class PeerSpec:
 
 
 PEERS: dict[str, PeerSpec] = {
-    "soap": PeerSpec("heavyball", "heavyball", "SOAP", 3e-3, False),
-    "psgd": PeerSpec("heavyball", "heavyball", "PSGDKron", 1e-3, False),
-    "adahessian": PeerSpec("pytorch_optimizer", "pytorch-optimizer", "AdaHessian", 0.1, True),
-    "sophiah": PeerSpec("pytorch_optimizer", "pytorch-optimizer", "SophiaH", 0.06, True),
+    "soap": PeerSpec("heavyball", "heavyball", "SOAP", PEER_LR["soap"], False),
+    "psgd": PeerSpec("heavyball", "heavyball", "PSGDKron", PEER_LR["psgd"], False),
+    "adahessian": PeerSpec("pytorch_optimizer", "pytorch-optimizer", "AdaHessian", PEER_LR["adahessian"], True),
+    "sophiah": PeerSpec("pytorch_optimizer", "pytorch-optimizer", "SophiaH", PEER_LR["sophiah"], True),
 }
 
 

@@ -5,12 +5,9 @@
 * ``regression``: a smooth synthetic function of 4 inputs, to be fitted to high precision (MSE).
 * a path to the user's own ``.npz`` or ``.csv`` file.
 
-``.npz`` files hold ``X`` (or ``x``/``features``/``inputs``) and ``y`` (or ``labels``/``targets``),
-optionally with ``X_test``/``y_test``; ``.csv`` files hold one example per row, the last column
-being the label or target (an optional header line is skipped). Integer-valued labels with at
-most 100 distinct values make a classification task, anything else regression (``task=`` overrides).
-
-Features are standardized with the training split's mean and standard deviation.
+The file format is :data:`hessinv.cli.choices.DATA_FORMAT` (also in ``hessinv train --help``):
+``.npz`` files hold ``X`` and ``y`` (optionally ``X_test``/``y_test``); ``.csv`` files hold one
+example per row, the last column being the label or target.
 
 >>> ds = load_dataset("regression", seed=0, n_samples=100)
 >>> ds.task, ds.X_train.shape, ds.y_train.shape, ds.X_test.shape
@@ -28,10 +25,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hessinv.cli.choices import DATASETS
+
 __all__ = ["DATASETS", "DataError", "Dataset", "load_dataset", "load_file", "save_dataset"]
 
-DATASETS = ("digits", "mnist1d", "regression")
-MAX_CLASSES = 100
+MAX_CLASSES = 100  # see DATA_FORMAT
 _X_KEYS = ("X", "x", "features", "inputs", "data")
 _Y_KEYS = ("y", "labels", "targets", "target", "label")
 

@@ -16,18 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from hessinv.cli import choices
+from hessinv.cli.choices import INITS
+
 __all__ = ["ACTIVATIONS", "INITS", "ResidualBlock", "build_model"]
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "tanh": nn.Tanh,
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "sigmoid": nn.Sigmoid,
-    "softplus": nn.Softplus,
-    "silu": nn.SiLU,
-    "elu": nn.ELU,
-}
-INITS = ("torch", "xavier", "orthogonal")
+ACTIVATIONS: dict[str, type[nn.Module]] = {k: getattr(nn, v) for k, v in choices.ACTIVATIONS.items()}
 
 
 class ResidualBlock(nn.Module):

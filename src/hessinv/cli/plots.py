@@ -1,5 +1,9 @@
-"""The ``loss.png`` figure of ``hessinv train``: train (solid) and test (dashed) loss of every
-optimizer, against steps (left, log axis) and against training wall-clock time (right).
+"""The ``loss.png`` figure of ``hessinv train``.
+
+Top row: train (solid) and test (dashed) loss of every optimizer against steps (log axis) and
+against training wall-clock time. Bottom row (classification): test accuracy against steps and
+time, with the chance level (always predicting the test split's most frequent class) marked. The target
+loss, the time each optimizer reached it and runs that stopped early (x) are in the legend.
 
 Drawn with matplotlib's object API on an Agg canvas (no pyplot, no display needed).
 """
@@ -25,17 +29,45 @@ COLORS = {
 }
 
 
+def _loss_axis(ax, lo: float, hi: float, positive: bool) -> None:
+    """Log scale with plain-number ticks (1, 2, 5 per decade) when the losses span a decade or more,
+    else a linear scale: a log axis over 0.4-2.5 has no labelled tick."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    if positive and hi / lo >= 10:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(0.8 * lo, 1.25 * hi)
+    else:
+        pad = 0.05 * (hi - lo if hi > lo else abs(hi) or 1.0)
+        ax.set_ylim(lo - pad, hi + pad)
+
+
 def plot_runs(
-    results: list[RunResult], path: str | Path, title: str = "", target: float | None = None
+    results: list[RunResult],
+    path: str | Path,
+    title: str = "",
+    target: float | None = None,
+    chance: float | None = None,
 ) -> Path:
-    """Write the two-panel loss figure to ``path`` (PNG) and return the path."""
+    """Write the loss (and accuracy) figure to ``path`` (PNG) and return the path.
+
+    ``chance``: the chance-level test accuracy to mark on the accuracy panels (None: no accuracy
+    panels unless the runs have ``test_acc``, and no chance line).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import PercentFormatter
 
-    fig = Figure(figsize=(12, 4.8), dpi=110)
+    has_acc = any("test_acc" in e for r in results for e in r.history)
+    rows = 2 if has_acc else 1
+    fig = Figure(figsize=(14, 4.4 * rows + 0.4), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
-    ax_s, ax_t = fig.subplots(1, 2)
-    positive = True
+    axes = fig.subplots(rows, 2, squeeze=False)
+    ax_s, ax_t = axes[0]
     starts = [
         r.history[0][k]
         for r in results
@@ -46,20 +78,29 @@ def plot_runs(
     starts = [v for v in starts if math.isfinite(v)]
     ceiling = 3 * max(starts) if starts else math.inf  # diverging runs leave the plot at the top
     lows: list[float] = []
+    positive = True
+    handles: list = []
+    reached_any = False
     for r in results:
         h = [e for e in r.history if "train_loss" in e]
         if not h:
             continue
         color = COLORS.get(r.name)
         label = f"{r.name} (lr {r.lr:g})" + ("" if r.status == "ok" else f" [{r.status}]")
+        if r.time_to_target is not None:
+            label += f", target at {r.time_to_target:.1f} s / step {r.steps_to_target}"
         steps = [e["step"] + 1 for e in h]
         times = [e["time"] for e in h]
-        for key, ls, lab in (("train_loss", "-", label), ("test_loss", "--", None)):
-            ys = [e[key] if math.isfinite(e[key]) else math.nan for e in h]
+        for key, ls in (("train_loss", "-"), ("test_loss", "--")):
+            ys = [min(e[key], ceiling) if math.isfinite(e[key]) else math.nan for e in h if key in e]
+            if len(ys) != len(h):
+                continue
             positive = positive and all(y > 0 for y in ys if math.isfinite(y))
             lows += [y for y in ys if math.isfinite(y)]
-            ax_s.plot(steps, ys, ls, color=color, label=lab, lw=1.6 if ls == "-" else 1.1)
-            ax_t.plot(times, ys, ls, color=color, label=lab, lw=1.6 if ls == "-" else 1.1)
+            lw = 1.6 if ls == "-" else 1.1
+            ax_s.plot(steps, ys, ls, color=color, lw=lw)
+            ax_t.plot(times, ys, ls, color=color, lw=lw)
+        handles.append(Line2D([], [], color=color, lw=1.6, label=label))
         if r.status != "ok":
             ys = [e["train_loss"] for e in h if math.isfinite(e["train_loss"])]
             if ys:
@@ -67,30 +108,64 @@ def plot_runs(
                 ax_s.plot(steps[len(ys) - 1], y_end, "x", color=color, ms=9, mew=2, clip_on=False)
                 ax_t.plot(times[len(ys) - 1], y_end, "x", color=color, ms=9, mew=2, clip_on=False)
         if r.time_to_target is not None:
-            ax_t.axvline(r.time_to_target, color=color, lw=0.8, ls=":")
+            reached_any = True
+            ax_t.axvline(r.time_to_target, color=color, lw=0.9, ls=":")
+            if r.steps_to_target is not None:
+                ax_s.axvline(r.steps_to_target + 1, color=color, lw=0.9, ls=":")
+        if has_acc:
+            ax_as, ax_at = axes[1]
+            acc = [(e["step"] + 1, e["time"], e["test_acc"]) for e in h if "test_acc" in e]
+            if acc:
+                s_, t_, a_ = zip(*acc, strict=True)
+                ax_as.plot(s_, a_, "-", color=color, lw=1.6)
+                ax_at.plot(t_, a_, "-", color=color, lw=1.6)
+    handles += [
+        Line2D([], [], color="0.3", lw=1.6, ls="-", label="train loss"),
+        Line2D([], [], color="0.3", lw=1.1, ls="--", label="test loss"),
+    ]
+    if any(r.status != "ok" for r in results):
+        handles.append(
+            Line2D([], [], color="0.3", ls="", marker="x", mew=2, label="stopped (diverged/failed)")
+        )
+    if target is not None:
+        handles.append(Line2D([], [], color="0.2", lw=1.2, ls="-.", label=f"target train loss {target:g}"))
+    if reached_any:
+        handles.append(Line2D([], [], color="0.3", lw=0.9, ls=":", label="reached the target (step / time)"))
+    lo = min(lows + ([target] if target is not None else [])) if lows else 1.0
+    hi = max(lows) if lows else 1.0
     for ax, xl in ((ax_s, "step + 1"), (ax_t, "training wall-clock time (s)")):
         if target is not None:
-            ax.axhline(
-                target, color="0.4", lw=0.9, ls=":", label=f"target {target:g}" if ax is ax_s else None
-            )
-        if positive:
-            ax.set_yscale("log")
-        if lows and math.isfinite(ceiling):
-            lo = min(lows + ([target] if target is not None else []))
-            hi = min(ceiling, max(lows))
-            ax.set_ylim(
-                0.7 * lo if positive else lo - 0.05 * abs(lo), 1.15 * hi if positive else hi + 0.05 * abs(hi)
-            )
+            ax.axhline(target, color="0.2", lw=1.2, ls="-.")
+        _loss_axis(ax, lo, hi, positive)
         ax.set_xlabel(xl)
-        ax.set_ylabel("loss (solid: train, dashed: test)")
+        ax.set_ylabel("loss")
         ax.grid(True, which="major", alpha=0.3)
     ax_s.set_xscale("log")
     ax_s.set_title("loss vs steps")
     ax_t.set_title("loss vs time")
-    ax_s.legend(fontsize=8, loc="best")
+    fig.legend(handles=handles, fontsize=8, loc="outside right upper")
+    if has_acc:
+        ax_as, ax_at = axes[1]
+        for ax, xl in ((ax_as, "step + 1"), (ax_at, "training wall-clock time (s)")):
+            if chance is not None:
+                ax.axhline(
+                    chance,
+                    color="0.4",
+                    lw=1.2,
+                    ls="--",
+                    label=f"chance: most frequent class ({100 * chance:.1f}%)",
+                )
+                ax.legend(fontsize=8, loc="lower right")
+            ax.set_ylim(0, 1)
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+            ax.set_xlabel(xl)
+            ax.set_ylabel("test accuracy")
+            ax.grid(True, which="major", alpha=0.3)
+        ax_as.set_xscale("log")
+        ax_as.set_title("test accuracy vs steps")
+        ax_at.set_title("test accuracy vs time")
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
     return path

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from hessinv.cli.data import Dataset
-from hessinv.cli.train import RunResult, TrainConfig, time_to_target_table
+from hessinv.cli.train import RunResult, TrainConfig, budget_text, time_to_target_table
 
 __all__ = ["Reporter"]
 
@@ -22,7 +22,8 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
 
 
 class Reporter:
-    """One progress bar per optimizer (total = budget seconds or steps), then the table."""
+    """One progress bar per optimizer (the fraction of its step or time budget used, whichever is
+    larger), then the table."""
 
     def __init__(self, cfg: TrainConfig, ds: Dataset, quiet: bool = False):
         self.cfg, self.ds, self.quiet = cfg, ds, quiet
@@ -35,15 +36,12 @@ class Reporter:
     def __enter__(self) -> Reporter:
         cfg = self.cfg
         if not self.quiet:
-            budget = f"{cfg.budget:g} s" if cfg.budget is not None else f"{cfg.steps} steps"
-            if cfg.budget is not None and cfg.steps is not None:
-                budget = f"{cfg.budget:g} s or {cfg.steps} steps"
             bs = "full batch" if cfg.batch_size is None else f"batch {cfg.batch_size}"
             self.err.print(f"[bold]hessinv train[/bold]  {self.ds.describe()}")
             self.err.print(
                 f"model: depth {cfg.depth}, width {cfg.width}, {cfg.activation}"
                 f"{', residual' if cfg.residual else ''}, "
-                f"{cfg.dtype} on {cfg.device}; {bs}; {budget} per optimizer"
+                f"{cfg.dtype} on {cfg.device}; {bs}; {budget_text(cfg)}"
                 + (f"; target train loss {cfg.target_loss:g}" if cfg.target_loss is not None else "")
             )
             self.progress_bar = Progress(
@@ -65,11 +63,10 @@ class Reporter:
     def run_started(self, name: str, lr: float) -> None:
         if self.progress_bar is None:
             return
-        total = self.cfg.budget if self.cfg.budget is not None else float(self.cfg.steps or 1)
         if name in self.tasks:
-            self.progress_bar.reset(self.tasks[name], total=total)
+            self.progress_bar.reset(self.tasks[name], total=1.0)
         else:
-            self.tasks[name] = self.progress_bar.add_task("", total=total, name=name, info=f"lr {lr:g}")
+            self.tasks[name] = self.progress_bar.add_task("", total=1.0, name=name, info=f"lr {lr:g}")
 
     def progress(self, name: str, rec: dict[str, Any]) -> None:
         if self.progress_bar is None:
@@ -83,12 +80,11 @@ class Reporter:
             return
         if name not in self.tasks:
             return
-        done = rec["time"] if self.cfg.budget is not None else rec["step"]
-        if self.cfg.budget is not None and self.cfg.steps is not None:
-            done = max(rec["time"], self.cfg.budget * rec["step"] / self.cfg.steps)
-        info = (
-            f"step {rec['step']:>6}  train {_fmt(rec.get('train_loss'))}  test {_fmt(rec.get('test_loss'))}"
-        )
+        steps, budget = self.cfg.steps_for(name), self.cfg.budget
+        done = max(rec["step"] / steps if steps else 0.0, rec["time"] / budget if budget else 0.0)
+        of = f"/{steps}" if steps else ""
+        info = f"step {rec['step']:>6}{of}  train {_fmt(rec.get('train_loss'))}"
+        info += f"  test {_fmt(rec.get('test_loss'))}"
         if "test_acc" in rec:
             info += f"  acc {100 * rec['test_acc']:.1f}%"
         self.progress_bar.update(self.tasks[name], completed=done, info=info)

@@ -1,10 +1,12 @@
 """The ``hessinv train`` job: every optimizer from the same initialization on the same data.
 
-Each optimizer gets the same wall-clock (or step) budget; the clock counts optimizer steps
-only -- evaluation and logging are paused out of it. Train/test loss and accuracy are evaluated
-on the whole splits at geometrically spaced steps and at least every ``budget / eval_points``
-seconds. A run whose loss becomes NaN/inf is stopped and marked ``diverged``; a run whose
-optimizer raises is marked ``failed``; the others continue.
+Each optimizer runs until its step budget or the wall-clock budget, whichever comes first (either
+may be ``None``); the clock counts optimizer steps only -- evaluation and logging are paused out of
+it. Train/test loss and accuracy are evaluated on the whole splits at geometrically spaced steps and
+every ``steps / eval_points`` steps (with a step budget, so that the logs do not depend on the
+machine's load), or every ``budget / eval_points`` seconds (time budget only). A run whose loss
+becomes NaN/inf is stopped and marked ``diverged``; a run whose optimizer raises is marked
+``failed``; the others continue.
 
 Outputs in ``out``: ``<optimizer>.jsonl`` (one line per step), ``summary.json``, ``table.md``,
 ``loss.png``.
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 
 import hessinv
 from hessinv.cli.baselines import PEERS, FirstOrder, HessianFree, Peer, peer_available
+from hessinv.cli.choices import DEFAULT_LR, LR_GRID, OPTIMIZERS, UserError
 from hessinv.cli.data import Dataset
 from hessinv.cli.models import build_model
 
@@ -44,20 +47,7 @@ __all__ = [
     "time_to_target_table",
 ]
 
-OPTIMIZERS = ("newton", "gauss-newton", "adam", "sgd", "lbfgs", "hessian-free", *PEERS)
-DEFAULT_LR = {"newton": 1.0, "gauss-newton": 1.0, "adam": 3e-3, "sgd": 0.1, "lbfgs": 1.0, "hessian-free": 1.0}
-DEFAULT_LR.update({k: spec.default_lr for k, spec in PEERS.items()})  # peers: the library defaults
-LR_GRID = {
-    "sgd": (0.01, 0.03, 0.1, 0.3),
-    "adam": (1e-3, 3e-3, 1e-2, 3e-2),
-    "lbfgs": (0.1, 0.3, 1.0),
-}
-LR_GRID.update({k: spec.lr_grid for k, spec in PEERS.items()})
 FULL_BATCH = ("lbfgs",)  # optimizers that always see the whole training split
-
-
-class UserError(Exception):
-    """A mistake in the command line or its inputs: reported in one line, exit status 2."""
 
 
 class RunFailed(Exception):
@@ -73,12 +63,12 @@ class TrainConfig:
     residual: bool = False
     init: str = "torch"
     batch_size: int | None = 64  # None: full batch
-    budget: float | None = 35.0  # seconds per optimizer (training time only)
-    steps: int | None = None  # steps per optimizer
+    budget: float | None = 35.0  # seconds per optimizer (training time only); None: no time limit
+    steps: int | dict[str, int] | None = None  # steps per optimizer (one for all, or by name)
     target_loss: float | None = None
     lrs: dict[str, float] = field(default_factory=dict)
     tune: bool = True
-    tune_budget: float = 2.5  # seconds per grid point
+    tune_budget: float | None = None  # seconds per grid point (None: budget / 10, or 2.5 s)
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float64"
@@ -87,6 +77,10 @@ class TrainConfig:
     curvature_batch_size: int | None = None  # hessinv.optim.Newton(curvature_batch_size=...)
     out: Path = Path("runs/default")
 
+    def steps_for(self, name: str) -> int | None:
+        """The step budget of optimizer ``name`` (None: no step limit)."""
+        return self.steps.get(name) if isinstance(self.steps, dict) else self.steps
+
 
 @dataclass
 class RunResult:
@@ -94,6 +88,7 @@ class RunResult:
     lr: float
     status: str = "ok"  # ok | diverged | failed | interrupted
     message: str = ""
+    stopped_by: str | None = None  # "steps" or "time": which budget ended an ok run
     steps: int = 0
     train_time: float = 0.0
     time_to_target: float | None = None
@@ -152,15 +147,18 @@ def make_optimizer(
 ):
     """An object with ``step(inputs, targets) -> loss before the step`` for an optimizer name."""
     cfg = cfg or TrainConfig()
-    if name in ("newton", "gauss-newton"):
+    if name in ("newton", "newton-tr", "gauss-newton"):
         try:
             from hessinv.optim import Newton
         except Exception as e:  # the optimizer package may be missing or broken
             raise RunFailed(f"hessinv.optim.Newton is not available ({type(e).__name__}: {e})") from None
-        return Newton(
+        if name == "newton":  # the library default: amortized on mini-batches, trust region on a full batch
+            return Newton(model, loss_fn, lr=lr, seed=cfg.seed, curvature_batch_size=cfg.curvature_batch_size)
+        return Newton(  # a trust-region (or Levenberg-Marquardt) Newton step on every batch
             model,
             loss_fn,
-            curvature="hessian" if name == "newton" else "gauss_newton",
+            mode="trust-region",
+            curvature="hessian" if name == "newton-tr" else "gauss_newton",
             lr=lr,
             damping=cfg.newton_damping,
             curvature_batch_size=cfg.curvature_batch_size,
@@ -252,7 +250,7 @@ def run_one(
     log = open(log_path, "w") if log_path is not None else None  # noqa: SIM115
     k, clock = 0, 0.0
     cuda = ds.X_train.device.type == "cuda"
-    interval = (budget / cfg.eval_points) if budget else 0.0
+    interval = (budget / cfg.eval_points) if budget and steps is None else 0.0
     step_interval = max(1, (steps or 0) // cfg.eval_points)
     try:
         try:
@@ -289,8 +287,13 @@ def run_one(
         k = 0
         agree = getattr(opt, "agree_stop", None)  # data-parallel runs (--nproc): every rank stops together
         while True:
-            stop = (budget is not None and clock >= budget) or (steps is not None and k >= steps)
-            if agree(stop) if agree is not None else stop:
+            stop_by = (
+                "steps" if steps is not None and k >= steps
+                else "time" if budget is not None and clock >= budget
+                else None
+            )  # fmt: skip
+            if agree(stop_by is not None) if agree is not None else stop_by is not None:
+                res.stopped_by = stop_by or "another rank"
                 break
             xb, yb = batches.next()
             t0 = time.perf_counter()
@@ -362,10 +365,11 @@ def tune_lr(
 ) -> tuple[float, dict[str, float]]:
     """The grid lr with the lowest final train loss after a short run (diverged: inf)."""
     scores: dict[str, float] = {}
-    short_steps = None if cfg.steps is None else max(1, cfg.steps // 10)
-    short_budget = cfg.tune_budget if cfg.budget is not None else None
-    if short_budget is None and short_steps is None:
-        short_budget = cfg.tune_budget
+    steps = cfg.steps_for(name)
+    short_steps = None if steps is None else max(1, steps // 10)
+    short_budget = cfg.tune_budget
+    if short_budget is None:
+        short_budget = cfg.budget / 10 if cfg.budget is not None else 2.5
     for lr in LR_GRID[name]:
         r = run_one(name, lr, ds, init_model, loss_fn, cfg, short_budget, short_steps, final_only=True)
         if r.status == "interrupted":
@@ -398,6 +402,7 @@ def time_to_target_table(
         "time to target (s)",
         "steps to target",
         "steps",
+        "stopped by",
         "train time (s)",
         "final train loss",
         "final test loss",
@@ -424,6 +429,7 @@ def time_to_target_table(
             _fmt_time(r.time_to_target),
             "—" if r.steps_to_target is None else str(r.steps_to_target),
             str(r.steps),
+            r.stopped_by or "—",
             f"{r.train_time:.1f}",
             f"{f['train_loss']:.4g}" if "train_loss" in f else "—",
             f"{f['test_loss']:.4g}" if "test_loss" in f else "—",
@@ -432,6 +438,29 @@ def time_to_target_table(
             row.append(f"{100 * f['test_acc']:.1f}%" if "test_acc" in f else "—")
         rows.append(row)
     return head, rows
+
+
+def budget_text(cfg: TrainConfig) -> str:
+    """``each optimizer stops after N steps or 120 s, whichever comes first`` and the like."""
+    steps = {cfg.steps_for(n) for n in cfg.optimizers}
+    if steps == {None}:
+        s = None
+    elif len(steps) == 1:
+        s = f"{steps.pop()} steps"
+    else:
+        s = "the steps listed (" + ", ".join(f"{n} {cfg.steps_for(n)}" for n in cfg.optimizers) + ")"
+    t = None if cfg.budget is None else f"{cfg.budget:g} s of training"
+    if s and t:
+        return f"each optimizer stops after {s} or {t}, whichever comes first"
+    return f"each optimizer stops after {s or t}"
+
+
+def chance_level(ds: Dataset) -> float | None:
+    """Chance-level test accuracy: that of always predicting the test split's most frequent class
+    (``>= 1 / classes``; None for regression)."""
+    if ds.task != "classification":
+        return None
+    return float(torch.bincount(ds.y_test.cpu()).max()) / len(ds.y_test)
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
@@ -491,7 +520,16 @@ def train(
             if on_run_start is not None:
                 on_run_start(name, lr)
             r = run_one(
-                name, lr, ds, init_model, loss_fn, cfg, cfg.budget, cfg.steps, out / f"{name}.jsonl", progress
+                name,
+                lr,
+                ds,
+                init_model,
+                loss_fn,
+                cfg,
+                cfg.budget,
+                cfg.steps_for(name),
+                out / f"{name}.jsonl",
+                progress,
             )
         except KeyboardInterrupt:  # during tuning
             r = RunResult(name, lr, "interrupted", "interrupted by the user while tuning")
@@ -530,7 +568,7 @@ def train(
             "optimizers": cfg.optimizers,
             "batch_size": cfg.batch_size,
             "budget_s": cfg.budget,
-            "steps": cfg.steps,
+            "steps": {name: cfg.steps_for(name) for name in cfg.optimizers},
             "target_loss": cfg.target_loss,
             "tune": cfg.tune,
             "seed": cfg.seed,
@@ -547,10 +585,13 @@ def train(
         f"{' residual' if cfg.residual else ''} MLP ({n_params} parameters)"
     )
     target = "none" if cfg.target_loss is None else f"{cfg.target_loss:g}"
-    md = f"# {title}\n\nTime to reach train loss <= {target} (training time only, evaluation excluded).\n\n"
+    md = (
+        f"# {title}\n\nTime to reach train loss <= {target} (training time only, evaluation excluded); "
+        f"{budget_text(cfg)}.\n\n"
+    )
     (out / "table.md").write_text(md + markdown_table(head, rows))
     try:
-        plot_runs(results, out / "loss.png", title=title, target=cfg.target_loss)
+        plot_runs(results, out / "loss.png", title=title, target=cfg.target_loss, chance=chance_level(ds))
     except Exception as e:  # a plotting problem must not lose the logs
         summary["plot_error"] = f"{type(e).__name__}: {e}"
         (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
