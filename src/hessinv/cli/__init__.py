@@ -321,13 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         help="data-parallel processes on this machine (torch.distributed: gloo on CPU, NCCL on CUDA); "
-        "--batch-size is the global batch (see hessinv.cli.distributed)",
+        "--batch-size is the global batch (see hessinv.cli.distributed) (default: 1)",
     )
     g.add_argument(
         "--dist-strategy",
         default=None,
-        help="with --nproc > 1: how the ranks share Newton's curvature: sharded (default), replicated, "
-        "rotate, average (docs/benchmarks.md)",
+        help="with --nproc > 1: how the ranks share Newton's curvature: sharded, replicated, rotate, "
+        "average (docs/distributed.md) (default: sharded)",
     )
     g = t.add_argument_group("output")
     g.add_argument("--out", default=None, help="output directory (default: runs/<data>, e.g. runs/digits)")
