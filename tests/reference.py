@@ -138,3 +138,59 @@ def chains(
     inputs = torch.randn(batch, widths[0], generator=gen, dtype=torch.float64)
     loss_fn, targets = make_loss(loss_kind, batch, widths[-1], gen, torch.float64)
     return Problem(model, loss_fn, inputs, targets, f"B={batch} {' '.join(desc)} {loss_kind}")
+
+
+# -- plain torch.autograd double backward (no torch.func): the reference of the application tests ---------
+def _params(model: nn.Module) -> list[Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _flat(ts) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def _jacobian_rows(out: Tensor, params: list[Tensor]) -> Tensor:
+    """``d out / d params`` (out.numel(), n) by one backward per entry of ``out`` (graph kept)."""
+    rows = []
+    for o in out.reshape(-1):
+        g = torch.autograd.grad(o, params, retain_graph=True, allow_unused=True)
+        rows.append(_flat([torch.zeros_like(p) if t is None else t for t, p in zip(g, params, strict=True)]))
+    return torch.stack(rows)
+
+
+def autograd_hessian(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
+    """The dense Hessian of the loss by plain autograd double backward."""
+    params = _params(model)
+    g = torch.autograd.grad(loss_fn(model(inputs), targets), params, create_graph=True)
+    return _jacobian_rows(_flat(g), params).detach()
+
+
+def autograd_gauss_newton(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
+    """``J^T Lambda J`` by plain autograd: ``J`` row by row, ``Lambda`` by double backward in the outputs."""
+    params = _params(model)
+    y = model(inputs)
+    J = _jacobian_rows(y, params).detach()
+    yy = y.detach().requires_grad_(True)
+    gy = torch.autograd.grad(loss_fn(yy, targets), yy, create_graph=True)[0]
+    Lam = _jacobian_rows(gy, [yy]).detach()
+    return J.T @ Lam @ J
+
+
+def autograd_per_example_gradients(
+    model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor
+) -> Tensor:
+    """(N, n): gradient of each example's own loss, one backward each."""
+    params = _params(model)
+    rows = []
+    for i in range(len(inputs)):
+        g = torch.autograd.grad(
+            loss_fn(model(inputs[i : i + 1]), targets[i : i + 1]), params, allow_unused=True
+        )
+        rows.append(_flat([torch.zeros_like(p) if t is None else t for t, p in zip(g, params, strict=True)]))
+    return torch.stack(rows)
+
+
+def autograd_output_jacobian(model: nn.Module, inputs: Tensor) -> Tensor:
+    """(N, C, n): Jacobian of each example's outputs in the parameters."""
+    params = _params(model)
+    return torch.stack([_jacobian_rows(model(inputs[i : i + 1])[0], params) for i in range(len(inputs))])

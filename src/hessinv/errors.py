@@ -17,6 +17,8 @@ DtypeMismatchError         inputs, targets or vectors have a dtype/device other 
 NonFiniteError             inputs, parameters, the loss or a curvature block is NaN/inf
 SingularError              ``H + eps I`` cannot be factored at the requested damping (a pivot
                            ``Qxx_l`` of the Riccati sweep is singular to working precision)
+IndefiniteError            a quantity that needs ``H + eps I`` positive definite (a Gaussian
+                           posterior, its samples) met an indefinite one
 =========================  ===============================================================
 """
 
@@ -30,6 +32,7 @@ __all__ = [
     "DtypeMismatchError",
     "NonFiniteError",
     "SingularError",
+    "IndefiniteError",
     "AccuracyWarning",
 ]
 
@@ -70,6 +73,11 @@ class SingularError(HessinvError, RuntimeError):
         super().__init__(message)
         self.stage = stage
         self.damping = damping
+
+
+class IndefiniteError(HessinvError, ValueError):
+    """``H + eps I`` is indefinite where a positive definite matrix is needed (a posterior covariance,
+    a square root); use the Gauss-Newton matrix or a larger damping / prior precision."""
 
 
 class AccuracyWarning(UserWarning):
