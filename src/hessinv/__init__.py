@@ -22,6 +22,7 @@ from hessinv.errors import (
     AccuracyWarning,
     DtypeMismatchError,
     HessinvError,
+    IndefiniteError,
     NonFiniteError,
     NotAChainError,
     ShapeMismatchError,
@@ -33,8 +34,10 @@ from hessinv.riccati import Inertia
 __all__ = [
     "hessian", "gauss_newton", "Hessian", "GaussNewton", "CurvatureOperator", "Factorization",
     "SolveInfo", "Inertia", "Chain", "HessinvError", "UnsupportedStageError", "NotAChainError",
-    "ShapeMismatchError", "DtypeMismatchError", "NonFiniteError", "SingularError", "AccuracyWarning",
+    "ShapeMismatchError", "DtypeMismatchError", "NonFiniteError", "SingularError", "IndefiniteError",
+    "AccuracyWarning",
 ]  # fmt: skip
 __version__ = "0.1.0"
 
-from hessinv import diagnostics, optim  # noqa: E402, F401  (submodules built on the names above)
+# submodules built on the names above: diagnostics, optimizers, applications of the exact inverse
+from hessinv import diagnostics, influence, laplace, optim, spectrum  # noqa: E402, F401
