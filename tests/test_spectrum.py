@@ -143,3 +143,20 @@ def test_count_at_an_exact_null_space():
     assert spectrum.eigenvalue_counts(G, [0.0]).tolist() == [0]
     assert spectrum.num_negative_eigenvalues(G) == 0
     assert spectrum.eigenvalue_counts(G, [1e-300, 1e3]).tolist()[1] == G.shape[0]
+
+
+def test_cli_spectrum_writes_json_and_plot(tmp_path, capsys):
+    import json
+
+    from hessinv.cli import main
+
+    out = tmp_path / "spec"
+    args = ["spectrum", "--samples", "120", "--batch", "16", "--depth", "2", "--width", "3", "--bins", "5"]
+    assert main([*args, "--curvature", "gauss-newton", "--out", str(out)]) == 0
+    rec = json.loads((out / "spectrum.json").read_text())
+    assert sum(rec["counts"]) + rec["below"] + rec["above"] == rec["n_params"]
+    assert rec["eigenvalues_below_zero"] == 0 and rec["logdet_sign"] == 1.0  # Gauss-Newton: PSD
+    assert (out / "spectrum.png").stat().st_size > 0
+    assert "eigenvalues < 0" in capsys.readouterr().out
+    assert main([*args, "--range", "0.5,0.1", "--out", str(out)]) == 2
+    assert main([*args, "--bins", "0", "--out", str(out)]) == 2

@@ -2,6 +2,7 @@
 
 ``hessinv train``  second-order vs first-order training on real data, with logs, a table and plots.
 ``hessinv bench solve ...``  the solve benchmark (``bench/solve.py`` of the repository).
+``hessinv spectrum``  the exact eigenvalue histogram of the curvature, with a plot (``cli/spectrum.py``).
 
 ::
 
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     from hessinv.cli.train import OPTIMIZERS
 
     p = _Parser(prog="hessinv", description="Exact curvature of deep chains: training jobs and benchmarks.")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="{train,bench}")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="{train,bench,spectrum}")
     sub.required = True
 
     t = sub.add_parser(
@@ -188,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("what", choices=["solve"], help="which benchmark")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed on to the benchmark")
+
+    from hessinv.cli.spectrum import add_parser as add_spectrum
+
+    add_spectrum(sub)
     return p
 
 
@@ -347,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _cmd_train(args)
+        if args.command == "spectrum":
+            from hessinv.cli.spectrum import run as run_spectrum
+
+            return run_spectrum(args)
         return _cmd_bench(args)
     except UserError as e:
         print(f"hessinv: error: {e}", file=sys.stderr)
