@@ -433,7 +433,7 @@ def bench_spectrum(quick: bool) -> dict:
         mass = np.array(
             [
                 np.trapezoid(d[(g >= a) & (g < b)], g[(g >= a) & (g < b)])
-                for a, b in zip(edges[:-1], edges[1:])
+                for a, b in zip(edges[:-1], edges[1:], strict=True)
             ]
         )
         mass = mass / mass.sum()
