@@ -140,57 +140,80 @@ def chains(
     return Problem(model, loss_fn, inputs, targets, f"B={batch} {' '.join(desc)} {loss_kind}")
 
 
-# -- plain torch.autograd double backward (no torch.func): the reference of the application tests ---------
-def _params(model: nn.Module) -> list[Tensor]:
-    return [p for p in model.parameters() if p.requires_grad]
+# -- plain autograd (double backward) references: the zoo's truth ---------------------------------
+# torch.func is not used here: in torch 2.13 its mixed weight x input second derivative of an affine
+# layer_norm is wrong. These call the model itself (hooks, parametrizations and all) and
+# differentiate with respect to its real leaf parameters.
+def trainable(model) -> list[Tensor]:
+    mods = list(model) if isinstance(model, (list, tuple)) else [model]
+    out, seen = [], set()
+    for m in mods:
+        for p in m.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
 
 
-def _flat(ts) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in ts])
-
-
-def _jacobian_rows(out: Tensor, params: list[Tensor]) -> Tensor:
-    """``d out / d params`` (out.numel(), n) by one backward per entry of ``out`` (graph kept)."""
+def _rows(vec: Tensor, wrt: list[Tensor]) -> Tensor:
+    """The Jacobian of a vector ``vec`` (graph kept) in ``wrt``, one backward pass per entry."""
+    if not vec.requires_grad:  # e.g. the loss gradient of a loss linear in the outputs
+        return vec.new_zeros(vec.numel(), sum(t.numel() for t in wrt))
     rows = []
-    for o in out.reshape(-1):
-        g = torch.autograd.grad(o, params, retain_graph=True, allow_unused=True)
-        rows.append(_flat([torch.zeros_like(p) if t is None else t for t, p in zip(g, params, strict=True)]))
+    for k in range(vec.numel()):
+        gs = torch.autograd.grad(vec[k], wrt, retain_graph=True, allow_unused=True, materialize_grads=True)
+        rows.append(torch.cat([g.reshape(-1) for g in gs]))
     return torch.stack(rows)
 
 
-def autograd_hessian(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
-    """The dense Hessian of the loss by plain autograd double backward."""
-    params = _params(model)
-    g = torch.autograd.grad(loss_fn(model(inputs), targets), params, create_graph=True)
-    return _jacobian_rows(_flat(g), params).detach()
+def _call(model, inputs: Tensor) -> Tensor:
+    if isinstance(model, (list, tuple)):
+        for m in model:
+            inputs = m(inputs)
+        return inputs
+    return model(inputs)
 
 
-def autograd_gauss_newton(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
-    """``J^T Lambda J`` by plain autograd: ``J`` row by row, ``Lambda`` by double backward in the outputs."""
-    params = _params(model)
-    y = model(inputs)
-    J = _jacobian_rows(y, params).detach()
+def autograd_gradient_hessian(model, loss_fn, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradient and Hessian of ``loss_fn(model(inputs), targets)`` by plain double backward."""
+    params = trainable(model)
+    loss = loss_fn(_call(model, inputs), targets)
+    gs = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, materialize_grads=True)
+    g = torch.cat([x.reshape(-1) for x in gs])
+    return g.detach(), _rows(g, params)
+
+
+def autograd_gauss_newton(model, loss_fn, inputs: Tensor, targets: Tensor) -> Tensor:
+    """``J^T Lambda J`` with ``J`` the Jacobian of the outputs and ``Lambda`` the loss Hessian in them."""
+    params = trainable(model)
+    y = _call(model, inputs)
+    J = _rows(y.reshape(-1), params)
     yy = y.detach().requires_grad_(True)
-    gy = torch.autograd.grad(loss_fn(yy, targets), yy, create_graph=True)[0]
-    Lam = _jacobian_rows(gy, [yy]).detach()
+    (gy,) = torch.autograd.grad(loss_fn(yy, targets), yy, create_graph=True)
+    Lam = _rows(gy.reshape(-1), [yy])
     return J.T @ Lam @ J
 
 
-def autograd_per_example_gradients(
-    model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor
-) -> Tensor:
-    """(N, n): gradient of each example's own loss, one backward each."""
-    params = _params(model)
+# -- application tests (influence, Laplace, spectrum): built on the plain-autograd helpers above ---------
+def autograd_hessian(model, loss_fn, inputs: Tensor, targets: Tensor) -> Tensor:
+    """The dense Hessian of the loss by plain double backward."""
+    return autograd_gradient_hessian(model, loss_fn, inputs, targets)[1]
+
+
+def autograd_per_example_gradients(model, loss_fn, inputs: Tensor, targets: Tensor) -> Tensor:
+    """(N, n): the gradient of each example's own loss, one backward pass each."""
+    params = trainable(model)
     rows = []
     for i in range(len(inputs)):
-        g = torch.autograd.grad(
-            loss_fn(model(inputs[i : i + 1]), targets[i : i + 1]), params, allow_unused=True
-        )
-        rows.append(_flat([torch.zeros_like(p) if t is None else t for t, p in zip(g, params, strict=True)]))
+        loss = loss_fn(_call(model, inputs[i : i + 1]), targets[i : i + 1])
+        gs = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+        rows.append(torch.cat([g.reshape(-1) for g in gs]))
     return torch.stack(rows)
 
 
-def autograd_output_jacobian(model: nn.Module, inputs: Tensor) -> Tensor:
-    """(N, C, n): Jacobian of each example's outputs in the parameters."""
-    params = _params(model)
-    return torch.stack([_jacobian_rows(model(inputs[i : i + 1])[0], params) for i in range(len(inputs))])
+def autograd_output_jacobian(model, inputs: Tensor) -> Tensor:
+    """(N, C, n): the Jacobian of each example's outputs in the parameters."""
+    params = trainable(model)
+    return torch.stack(
+        [_rows(_call(model, inputs[i : i + 1]).reshape(-1), params) for i in range(len(inputs))]
+    )

@@ -308,7 +308,8 @@ def test_parse_duration():
 
 
 def test_optimizer_names():
-    assert OPTIMIZERS == ("newton", "gauss-newton", "adam", "sgd", "lbfgs", "hessian-free")
+    assert OPTIMIZERS[:6] == ("newton", "gauss-newton", "adam", "sgd", "lbfgs", "hessian-free")
+    assert OPTIMIZERS[6:] == ("soap", "psgd", "adahessian", "sophiah")  # the bench extra's peers
 
 
 # -- bench -----------------------------------------------------------------------------------------------

@@ -174,7 +174,7 @@ def test_float32_solve_with_float64_refinement(prob):
     assert info.residual <= 1e-10
 
 
-def test_residual_stage_uses_generic_oracle():
+def test_residual_block_is_a_structured_stage():
     from reference import Residual
 
     torch.manual_seed(3)
@@ -183,29 +183,43 @@ def test_residual_stage_uses_generic_oracle():
     ).double()
     chain = hessinv.Chain(net, torch.nn.CrossEntropyLoss())
     kinds = [type(s).__name__ for s in chain.stages]
-    assert kinds == ["DenseStage", "GenericStage", "GenericStage", "DenseStage"]
+    assert kinds == ["DenseStage", "DenseStage", "ElementwiseStage", "DenseStage"]
+    assert chain.stages[1].name == "stage 1 (Linear+tanh+residual)"
     X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
     H = hessinv.hessian(net, torch.nn.CrossEntropyLoss(), X, y)
     _, H_ref = dense_gradient_hessian(net, torch.nn.CrossEntropyLoss(), X, y)
     assert torch.allclose(H.to_dense(), H_ref, atol=1e-12)
 
 
-def test_dense_stage_equals_generic_oracle():
-    """The structured Linear+activation blocks equal the torch.func blocks of the same module pair."""
+class _ResidualSoftplus(torch.nn.Module):
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, z):
+        return z + torch.nn.functional.softplus(self.lin(z))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_dense_stage_equals_generic_oracle(residual):
+    """The structured Linear+activation blocks (plain and residual ``z + s(W z + c)``) equal the
+    plain-autograd blocks of the generic oracle on the same module."""
     from hessinv.stages import DenseStage, GenericStage
 
     torch.manual_seed(4)
-    lin, act = torch.nn.Linear(4, 3).double(), torch.nn.Softplus()
-    z = torch.randn(5, 4, dtype=torch.float64)
+    d_in = 3 if residual else 4
+    lin, act = torch.nn.Linear(d_in, 3).double(), torch.nn.Softplus()
+    z = torch.randn(5, d_in, dtype=torch.float64)
     b = torch.randn(5, 3, dtype=torch.float64)
-    dense = DenseStage(0, lin, act).linearize(z, b, True)
-    generic = GenericStage(0, torch.nn.Sequential(lin, act)).linearize(z, b, True)
+    dense = DenseStage(0, lin, act, residual=residual).linearize(z, b, True)
+    module = _ResidualSoftplus(lin) if residual else torch.nn.Sequential(lin, act)
+    generic = GenericStage(0, module).linearize(z, b, True)
     Sigma = torch.randn(5 * 3, 5 * 3, dtype=torch.float64)
     Sigma = (Sigma @ Sigma.T).view(5, 3, 5, 3)
     rd, rg = dense.riccati(Sigma), generic.riccati(Sigma)
     for a, c in [(rd.Qxx0, rg.Qxx0), (rd.Qxz, rg.Qxz), (rd.Qzz, rg.Qzz)]:
         assert torch.allclose(a, c, atol=1e-12)
-    v, t = torch.randn(dense.p, 2, dtype=torch.float64), torch.randn(5, 4, 2, dtype=torch.float64)
+    v, t = torch.randn(dense.p, 2, dtype=torch.float64), torch.randn(5, d_in, 2, dtype=torch.float64)
     s = torch.randn(5, 3, 2, dtype=torch.float64)
     for name, arg in [
         ("jx", v),

@@ -48,15 +48,37 @@ class BatchMean(nn.Module):
 
 def test_custom_stage_that_mixes_examples_is_detected():
     net = nn.Sequential(nn.Linear(3, 4), BatchMean(), nn.Linear(4, 2)).double()
-    with pytest.raises(UnsupportedStageError, match=r"stage 1 \(BatchMean\) mixes examples"):
+    with pytest.raises(UnsupportedStageError, match=r"stage 1 \(BatchMean: mean\+sub\) mixes examples"):
         hessinv.hessian(
             net, nn.CrossEntropyLoss(), torch.randn(5, 3, dtype=torch.float64), torch.zeros(5).long()
         )
 
 
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x, mask):
+        return self.lin(x) * mask
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y, y.tanh()
+
+
 def test_not_a_chain():
-    with pytest.raises(NotAChainError, match="nn.Sequential"):
-        hessinv.hessian(nn.Linear(3, 2), nn.MSELoss(), torch.randn(4, 3), torch.randn(4, 2))
+    X, Y = torch.randn(4, 3), torch.randn(4, 2)
+    with pytest.raises(NotAChainError, match=r"TwoInputs.forward takes 2 inputs \(x, mask\)"):
+        hessinv.hessian(TwoInputs(), nn.MSELoss(), X, Y)
+    with pytest.raises(NotAChainError, match="TwoOutputs.forward returns tuple"):
+        hessinv.hessian(TwoOutputs(), nn.MSELoss(), X, Y)
     lin = nn.Linear(3, 3)
     with pytest.raises(NotAChainError, match="shared"):
         hessinv.Chain(nn.Sequential(lin, nn.Tanh(), lin), nn.MSELoss())
@@ -132,12 +154,16 @@ def test_non_finite_loss():
 
 def test_unsupported_losses():
     net, X, y = small()
-    with pytest.raises(UnsupportedStageError, match="weights"):
-        hessinv.hessian(net, nn.CrossEntropyLoss(weight=torch.ones(2, dtype=torch.float64)), X, y)
-    with pytest.raises(UnsupportedStageError, match="reduction"):
+    with pytest.raises(UnsupportedStageError, match="reduction='mean' or 'sum'"):
         hessinv.hessian(net, nn.CrossEntropyLoss(reduction="none"), X, y)
-    with pytest.raises(UnsupportedStageError, match="unsupported loss"):
-        hessinv.hessian(net, nn.L1Loss(), X, torch.randn(5, 2, dtype=torch.float64))
+    with pytest.raises(UnsupportedStageError, match=r"stage 2 \(<lambda>\) mixes examples"):
+        hessinv.hessian(net, lambda out, t: out.sum(0).square().sum(), X, y)
+    with pytest.raises(
+        UnsupportedStageError, match=r"CosineEmbeddingLoss.*loss_fn\(outputs, targets\) failed"
+    ):
+        hessinv.hessian(net, nn.CosineEmbeddingLoss(), X, y)
+    with pytest.raises(UnsupportedStageError, match="GaussianNLLLoss needs a variance"):
+        hessinv.hessian(net, nn.GaussianNLLLoss(), X, torch.randn(5, 2, dtype=torch.float64))
 
 
 def test_singular_damping_raises_with_stage():
@@ -166,3 +192,40 @@ def test_accuracy_warning_when_refinement_cannot_reach_accuracy(monkeypatch):
     assert info.refinement_steps == 5
     assert info.residual == pytest.approx(0.5**6, rel=1e-6)
     assert (H @ x + x - H.gradient).norm() / H.gradient.norm() == pytest.approx(0.5**6, rel=1e-6)
+
+
+def test_bad_arguments_are_named():
+    """The bad-input list of issue 12: each a named error that says what is wrong."""
+    import numpy as np
+
+    from hessinv import InvalidArgumentError
+
+    net, X, y = small()
+    loss = nn.CrossEntropyLoss()
+    with pytest.raises(InvalidArgumentError, match=r"inputs must be a torch.Tensor, got numpy.ndarray"):
+        hessinv.hessian(net, loss, X.numpy(), y)
+    with pytest.raises(InvalidArgumentError, match=r"targets must be a torch.Tensor"):
+        hessinv.hessian(net, loss, X, y.numpy())
+    H = hessinv.hessian(net, loss, X, y)
+    with pytest.raises(InvalidArgumentError, match="damping must be a real number, got str"):
+        H.factor("1e-3")
+    with pytest.raises(InvalidArgumentError, match="damping must be a real number"):
+        H.solve(H.gradient, damping=None)
+    with pytest.raises(InvalidArgumentError, match=r"damping 1.7e\+308 is too large for torch.float64"):
+        H.solve(H.gradient, damping=1.7e308)
+    with pytest.raises(InvalidArgumentError, match=r"rhs has shape \(26, 0\): no columns"):
+        H.solve(torch.empty(26, 0, dtype=torch.float64), damping=1.0)
+    with pytest.raises(InvalidArgumentError, match=r"vector must be a torch.Tensor, got numpy.ndarray"):
+        H @ np.ones(26)
+    with pytest.raises(NonFiniteError, match="shift must be finite, got nan"):
+        H.inertia(float("nan"))
+    with pytest.raises(NonFiniteError, match="shift must be finite"):
+        H.is_positive_definite(float("inf"))
+    with pytest.raises(InvalidArgumentError, match="loss_fn must be callable"):
+        hessinv.hessian(net, "cross_entropy", X, y)
+    # accepted spellings of a real damping: Python, numpy and 0-d tensor scalars
+    x = H.solve(H.gradient, damping=1.0)
+    for eps in (np.float64(1.0), torch.tensor(1.0), 1):
+        assert torch.allclose(H.solve(H.gradient, damping=eps), x)
+    # the errors keep their old builtin bases
+    assert issubclass(InvalidArgumentError, ValueError) and issubclass(InvalidArgumentError, TypeError)

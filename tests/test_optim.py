@@ -186,7 +186,7 @@ def test_linear_least_squares_converges_in_three_steps():
     X = torch.randn(64, 5, dtype=F64)
     y = X @ torch.randn(5, 1, dtype=F64) + 0.1 * torch.randn(64, 1, dtype=F64)
     net = nn.Sequential(nn.Linear(5, 1)).double()
-    opt = ho.Newton(net, nn.MSELoss(), seed=0)
+    opt = ho.Newton(net, nn.MSELoss(), seed=0, mode="trust-region")
     for _ in range(3):
         opt.step(X, y)
     g = hessinv.hessian(net, nn.MSELoss(), X, y).gradient
@@ -268,7 +268,7 @@ def test_float32_model():
     net = tanh_chain(seed=5, dtype=torch.float32, scale=1.5)
     X, y = regression_data(2, 16, 3, 2, dtype=torch.float32)
     loss_fn = nn.MSELoss()
-    opt = ho.Newton(net, loss_fn, seed=0)
+    opt = ho.Newton(net, loss_fn, seed=0, mode="trust-region")
     f_start = loss_of(net, loss_fn, X, y)
     for _ in range(10):
         f0 = loss_of(net, loss_fn, X, y)
@@ -388,7 +388,7 @@ def test_lr_scheduler_scales_the_step():
 def test_param_groups_hold_the_model_parameters_and_stats_serialize():
     net = tanh_chain()
     seen = []
-    opt = ho.Newton(net, nn.MSELoss(), callback=seen.append, seed=0)
+    opt = ho.Newton(net, nn.MSELoss(), callback=seen.append, seed=0, mode="trust-region")
     assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in net.parameters()]
     X, y = regression_data(0, 4, 3, 2)
     opt.step(X, y)
@@ -414,7 +414,7 @@ def test_param_groups_hold_the_model_parameters_and_stats_serialize():
 )
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        ho.Newton(tanh_chain(), nn.MSELoss(), **kwargs)
+        ho.Newton(tanh_chain(), nn.MSELoss(), **kwargs, mode="trust-region")
 
 
 @pytest.mark.parametrize(
@@ -434,11 +434,133 @@ def test_bad_rule_arguments_raise_value_error(make, match):
 
 
 def test_param_groups_changed_by_hand_raise():
-    opt = ho.Newton(tanh_chain(), nn.MSELoss())
+    opt = ho.Newton(tanh_chain(), nn.MSELoss(), mode="trust-region")
     opt.param_groups[0]["lr"] = float("nan")
     with pytest.raises(ValueError, match="lr must be"):
         opt.step(*regression_data(0, 4, 3, 2))
-    opt = ho.Newton(tanh_chain(), nn.MSELoss())
-    opt.add_param_group({"params": [nn.Parameter(torch.zeros(3, dtype=F64))]})
-    with pytest.raises(ValueError, match="one parameter group"):
+    opt = ho.Newton(tanh_chain(), nn.MSELoss(), mode="trust-region")
+    with pytest.raises(ValueError, match="add_param_group"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3, dtype=F64))]})
+    opt.param_groups.append({"params": [nn.Parameter(torch.zeros(3, dtype=F64))], "lr": 1.0})
+    with pytest.raises(ValueError, match="trainable parameters"):
         opt.step(*regression_data(0, 4, 3, 2))
+
+
+# -- precondition mode (mini-batches) ---------------------------------------------------------------
+def _stream(seed: int, n: int = 256, d: int = 6, c: int = 3, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=gen, dtype=dtype)
+    y = (X[:, :c].argmax(1) + (X[:, c:2 * c].sum(1) > 0).long()) % c
+    return X, y
+
+
+def _mlp(seed: int = 0, dtype=torch.float32) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+
+def test_precondition_step_equals_woodbury_direction_from_outside():
+    """One mini-batch step is -lr (G_c + D)^{-1} m with G_c the curvature batch's Gauss-Newton matrix,
+    D = delta (|g| + eps) at step 1 (v = (1 - beta2) g^2, bias-corrected), m = g."""
+    X, y = _stream(0, dtype=F64)
+    net, loss_fn = _mlp(dtype=F64), nn.CrossEntropyLoss()
+    opt = ho.Newton(net, loss_fn, seed=3, curvature_batch_size=64, lr=0.5)  # curvature batch = the batch
+    x0 = flat(net)
+    Xb, yb = X[:64], y[:64]
+    G = hessinv.gauss_newton(net, loss_fn, Xb, yb)
+    g = G.gradient
+    D = 500.0 * (g.abs() + 1e-8)
+    ref = torch.linalg.solve(G.to_dense() + torch.diag(D), g)
+    opt.step(Xb, yb)
+    assert opt.last_stats.mode == "precondition" and opt.last_stats.refreshed
+    assert torch.allclose(x0 - flat(net), 0.5 * ref, rtol=1e-8, atol=1e-12)
+    grads = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+    assert torch.allclose(grads, g, rtol=1e-10, atol=1e-14)  # .grad holds the batch gradient
+
+
+def test_precondition_mode_trains_and_auto_switches_on_full_batch():
+    X, y = _stream(1)
+    net, loss_fn = _mlp(), nn.CrossEntropyLoss()
+    opt = ho.Newton(net, loss_fn, seed=0, diagonal_damping=100.0)  # Adam-like steps of 1e-2 off the subspace
+    start = loss_of(net, loss_fn, X, y)
+    for _ in range(20):
+        for i in range(0, 256, 32):
+            opt.step(X[i : i + 32], y[i : i + 32])
+            assert opt.last_stats.mode == "precondition"
+    assert loss_of(net, loss_fn, X, y) < 0.7 * start
+    # the same batch twice in a row: full-batch training -> trust region from then on
+    opt2 = ho.Newton(_mlp(), loss_fn, seed=0)
+    opt2.step(X[:32], y[:32])
+    opt2.step(X[:32].clone(), y[:32].clone())
+    assert opt2.last_stats.mode == "trust-region"
+
+
+def test_precondition_resume_is_bit_exact():
+    X, y = _stream(2)
+    loss_fn = nn.CrossEntropyLoss()
+    net = _mlp()
+    opt = ho.Newton(net, loss_fn, seed=5, refresh=3)
+    for i in range(0, 128, 32):
+        opt.step(X[i : i + 32], y[i : i + 32])
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
+    for i in range(128, 256, 32):
+        opt.step(X[i : i + 32], y[i : i + 32])
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    net2 = _mlp(seed=9)
+    net2.load_state_dict(ck["model"])
+    opt2 = ho.Newton(net2, loss_fn, seed=0, refresh=3)
+    opt2.load_state_dict(ck["opt"])
+    for i in range(128, 256, 32):
+        opt2.step(X[i : i + 32], y[i : i + 32])
+    assert torch.equal(flat(net), flat(net2))
+
+
+def test_param_groups_per_group_lr_and_closure_form():
+    X, y = _stream(3)
+    loss_fn = nn.CrossEntropyLoss()
+    net_a, net_b = _mlp(), _mlp()
+    pa = list(net_a.parameters())
+    opt_a = ho.Newton(net_a, loss_fn, seed=1, params=[{"params": pa[:4], "lr": 0.5}, {"params": pa[4:]}])
+    opt_b = ho.Newton(net_b, loss_fn, seed=1)
+    xa, xb = flat(net_a), flat(net_b)
+    opt_a.step(X[:32], y[:32])
+    opt_b.step(X[:32], y[:32])
+    da, db = flat(net_a) - xa, flat(net_b) - xb
+    k = sum(p.numel() for p in pa[:4])
+    assert torch.allclose(da[:k], 0.5 * db[:k], rtol=1e-5, atol=1e-8)
+    assert torch.allclose(da[k:], db[k:], rtol=1e-5, atol=1e-8)
+
+    def closure():
+        opt_b.zero_grad()
+        loss = loss_fn(net_b(X[32:64]), y[32:64])
+        loss.backward()
+        return loss
+
+    net_c = copy.deepcopy(net_b)
+    opt_c = ho.Newton(net_c, loss_fn, seed=1)
+    opt_c.load_state_dict(opt_b.state_dict())
+    opt_b.step(closure)
+    opt_c.step(X[32:64], y[32:64])
+    assert torch.allclose(flat(net_b), flat(net_c), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="exactly once"):
+        ho.Newton(_mlp(), loss_fn, params=pa[:2])
+    with pytest.raises(ValueError, match="needs the model"):
+        ho.Newton(net_a.parameters(), loss_fn)
+
+
+def test_preconditioner_mode_with_sgd_equals_newton_without_momentum():
+    X, y = _stream(4, dtype=F64)
+    loss_fn = nn.CrossEntropyLoss()
+    net_a, net_b = _mlp(dtype=F64), _mlp(dtype=F64)
+    pre = ho.Preconditioner(net_a, loss_fn, seed=2)
+    sgd = torch.optim.SGD(net_a.parameters(), lr=0.3)
+    opt = ho.Newton(net_b, loss_fn, seed=1, momentum=0.0, lr=0.3)  # its preconditioner is seeded seed + 1
+    for i in range(0, 96, 32):
+        sgd.zero_grad()
+        loss_fn(net_a(X[i : i + 32]), y[i : i + 32]).backward()
+        pre.precondition_(X[i : i + 32], y[i : i + 32])
+        sgd.step()
+        opt.step(X[i : i + 32], y[i : i + 32])
+    assert torch.allclose(flat(net_a), flat(net_b), rtol=1e-9, atol=1e-12)

@@ -23,6 +23,7 @@ from hessinv.errors import (
     DtypeMismatchError,
     HessinvError,
     IndefiniteError,
+    InvalidArgumentError,
     NonFiniteError,
     NotAChainError,
     ShapeMismatchError,
@@ -34,8 +35,8 @@ from hessinv.riccati import Inertia
 __all__ = [
     "hessian", "gauss_newton", "Hessian", "GaussNewton", "CurvatureOperator", "Factorization",
     "SolveInfo", "Inertia", "Chain", "HessinvError", "UnsupportedStageError", "NotAChainError",
-    "ShapeMismatchError", "DtypeMismatchError", "NonFiniteError", "SingularError", "IndefiniteError",
-    "AccuracyWarning",
+    "ShapeMismatchError", "DtypeMismatchError", "NonFiniteError", "SingularError", "AccuracyWarning",
+    "InvalidArgumentError", "IndefiniteError",
 ]  # fmt: skip
 __version__ = "0.1.0"
 

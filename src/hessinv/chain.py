@@ -1,12 +1,24 @@
 """Split a model + loss into stages, run the forward pass, and linearize every stage.
 
-``Chain(model, loss_fn)`` turns an ``nn.Sequential`` (nested ones are flattened) or a plain list of
-modules into stages ``z_l = f_l(z_{l-1}; x_l)`` (math.md §1):
+``Chain(model, loss_fn)`` reads the model as stages ``z_l = f_l(z_{l-1}; x_l)`` (math.md §1):
 
-* ``Linear`` followed by an elementwise activation -> one structured :class:`DenseStage`;
-* ``Identity`` / ``Flatten`` -> :class:`ReshapeStage` (a no-op on per-example flat activations);
-* any other module -> :class:`GenericStage` (``torch.func``, vectorized over examples);
+* an ``nn.Sequential`` (or a list of modules) is read child by child; any other ``nn.Module`` (a
+  custom module, a ``Sequential`` subclass with its own ``forward``) is traced with ``torch.fx``
+  and its graph is cut into stages at every node through which all later computation flows (a
+  *cut*: the one value alive between two stages). ``z + f(z)`` residual blocks are single stages.
+  A graph with more than one input or output is refused with :class:`NotAChainError`;
+* ``Linear`` followed by an elementwise activation (module, ``torch.tanh(x)``, ``F.gelu(x)``,
+  ``x.relu()``) -> one structured :class:`DenseStage`; ``z + act(Linear(z))`` -> a residual
+  :class:`DenseStage`; a standalone activation -> :class:`ElementwiseStage`;
+* ``Identity`` / ``Flatten`` / eval-mode ``Dropout`` -> :class:`ReshapeStage` (no-ops on per-example
+  flat activations);
+* anything else (a module with hooks or parametrizations, normalizations, convolutions, a traced
+  piece of a custom ``forward``) -> :class:`GenericStage` (plain autograd on the real parameters);
 * the loss -> the last, parameter-free :class:`LossStage`; targets ride along.
+
+Modules that are random or use batch statistics in training mode, backward hooks and global module
+hooks are refused with :class:`UnsupportedStageError`: hessinv never differentiates a function other
+than the one the model computes.
 
 ``linearize`` does one forward pass keeping every ``z_l``, then one backward pass that computes
 ``b_{l-1} = Jz_l^T b_l`` (backprop, ``b_L = 1``), the gradient ``g_l = Jx_l^T b_l``, and each
@@ -15,85 +27,364 @@ stage's blocks at its own ``(z_{l-1}, b_l)``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch.nn.utils import parametrize
 
 from hessinv.errors import (
     DtypeMismatchError,
+    HessinvError,
+    InvalidArgumentError,
     NonFiniteError,
     NotAChainError,
     ShapeMismatchError,
     UnsupportedStageError,
 )
-from hessinv.stages import ELEMENTWISE, Blocks, DenseStage, GenericStage, LossStage, ReshapeStage, Stage
+from hessinv.stages import (
+    Blocks,
+    DenseStage,
+    ElementwiseStage,
+    FunctionActivation,
+    GenericStage,
+    LossStage,
+    ReshapeStage,
+    Stage,
+    is_elementwise,
+)
+from hessinv.stages.losses import closed_form, loss_name, prepare_targets
 
-_MIXERS = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.AlphaDropout)
+_DROPOUT = (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+#: Elementwise functions recognised in traced code (first argument: the activation).
+_ACT_FUNCTIONS = {
+    torch.tanh, torch.sigmoid, torch.relu, F.relu, F.tanh, F.sigmoid, F.gelu, F.silu, F.elu, F.softplus,
+    F.leaky_relu, F.mish, F.celu, F.selu, F.softsign, F.tanhshrink, F.hardtanh, F.relu6, F.logsigmoid,
+    F.hardsigmoid, F.hardswish, F.hardshrink, F.softshrink, torch.special.expit,
+}  # fmt: skip
+_ACT_METHODS = {"tanh", "sigmoid", "relu", "tanh_", "sigmoid_", "relu_"}
+_ADD = (operator.add, torch.add, operator.iadd)
 
 
-def _flatten_modules(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
-    if isinstance(model, (nn.Sequential, nn.ModuleList, list, tuple)):
-        out: list[nn.Module] = []
-        for m in model:
-            out.extend(
-                _flatten_modules(m) if isinstance(m, (nn.Sequential, nn.ModuleList, list, tuple)) else [m]
-            )
-        return out
-    raise NotAChainError(
-        f"expected an nn.Sequential or a list of modules, got {type(model).__name__}; "
-        "wrap a single module as nn.Sequential(module)"
+# -- reading a model ------------------------------------------------------------------------------
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    """An ``nn.Linear`` whose ``weight``/``bias`` are trainable leaf parameters and nothing else runs."""
+    return (
+        type(m) is nn.Linear
+        and isinstance(m.weight, nn.Parameter)
+        and all(t.requires_grad for t in m.parameters())
+        and not _hooked(m)
+        and not parametrize.is_parametrized(m)
     )
 
 
 def _is_reshape(m: nn.Module) -> bool:
-    if isinstance(m, nn.Identity):
+    if _hooked(m):
+        return False
+    if type(m) is nn.Identity:
         return True
-    if isinstance(m, nn.Flatten):
+    if type(m) is nn.Flatten:
         return m.start_dim >= 1 or m.start_dim < -1
-    return isinstance(m, nn.Unflatten) and (m.dim >= 1)
+    if type(m) is nn.Unflatten:
+        return m.dim >= 1
+    return isinstance(m, _DROPOUT) and (not m.training or m.p == 0)
+
+
+def _leaf_spec(m: nn.Module, label: str | None = None) -> tuple:
+    if _plain_linear(m):
+        return ("linear", m)
+    if is_elementwise(m):
+        return ("act", m)
+    if _is_reshape(m):
+        return ("reshape", m)
+    return ("generic", m, None, label)
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's default tracer, except that modules whose call runs more than their ``forward``
+    (hooks, parametrizations) stay whole: they are called, hooks and all, never traced through."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if _hooked(m) or parametrize.is_parametrized(m):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _is_container(m) -> bool:
+    return isinstance(m, (list, tuple, nn.ModuleList)) or (
+        isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward and not _hooked(m)
+    )
+
+
+def _specs(m, top: bool) -> list[tuple]:
+    """The stage specifications of ``m`` in chain order (see :func:`split_stages`)."""
+    if _is_container(m):
+        return [s for child in m for s in _specs(child, False)]
+    if not isinstance(m, nn.Module):
+        raise NotAChainError(f"expected an nn.Module or a list of modules, got {type(m).__name__}")
+    tracer = _Tracer()
+    if tracer.is_leaf_module(m, "") or _hooked(m):
+        return [_leaf_spec(m)]
+    try:
+        graph = tracer.trace(m)
+    except Exception as e:  # noqa: BLE001 - any tracing failure
+        if not top:  # a piece of a Sequential: call it whole
+            return [_leaf_spec(m)]
+        raise NotAChainError(
+            f"{type(m).__name__}.forward could not be traced with torch.fx ({type(e).__name__}: {e}); "
+            "write the model as an nn.Sequential of stages, or make forward traceable"
+        ) from e
+    return _graph_specs(tracer.root, graph, type(m).__name__)
+
+
+def _node_label(gm: nn.Module, n: fx.Node) -> str:
+    if n.op == "call_module":
+        return type(gm.get_submodule(n.target)).__name__
+    if n.op == "call_function":
+        return getattr(n.target, "__name__", str(n.target))
+    return str(n.target)
+
+
+def _no_nodes(args, kwargs) -> bool:
+    found: list[fx.Node] = []
+    fx.node.map_arg((args, kwargs), lambda n: found.append(n))
+    return not found
+
+
+def _activation(gm: nn.Module, n: fx.Node, z: fx.Node) -> nn.Module | None:
+    """The elementwise activation node ``n`` applies to ``z``, as a module, or None."""
+    if not n.args or n.args[0] is not z or not _no_nodes(n.args[1:], n.kwargs):
+        return None
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        return m if len(n.args) == 1 and not n.kwargs and is_elementwise(m) else None
+    if n.op == "call_function" and n.target in _ACT_FUNCTIONS:
+        return FunctionActivation(n.target, tuple(n.args[1:]), n.kwargs)
+    if n.op == "call_method" and n.target in _ACT_METHODS:
+        return FunctionActivation(n.target, tuple(n.args[1:]), n.kwargs)
+    return None
+
+
+def _segment_spec(gm: nn.Module, z: fx.Node, nodes: list[fx.Node], owner: str):
+    """One stage ``z -> nodes[-1]`` read from the traced graph."""
+    if len(nodes) == 1:
+        n = nodes[0]
+        if n.op == "call_module" and n.args == (z,) and not n.kwargs:
+            return [_leaf_spec(gm.get_submodule(n.target))]
+        act = _activation(gm, n, z)
+        if act is not None:
+            return [("act", act)]
+    # z + act(Linear(z)) and z + Linear(z)
+    last = nodes[-1]
+    if (
+        len(nodes) in (2, 3)
+        and last.op == "call_function"
+        and last.target in _ADD
+        and not last.kwargs
+        and len(last.args) == 2
+        and z in last.args
+    ):
+        y = last.args[1] if last.args[0] is z else last.args[0]
+        lin = nodes[0]
+        act = None if len(nodes) == 2 else _activation(gm, nodes[1], lin)
+        if (
+            y is nodes[-2]
+            and lin.op == "call_module"
+            and lin.args == (z,)
+            and not lin.kwargs
+            and _plain_linear(gm.get_submodule(lin.target))
+            and (len(nodes) == 2 or act is not None)
+            and len(lin.users) == 1
+        ):
+            linear = gm.get_submodule(lin.target)
+            if linear.in_features == linear.out_features:
+                return [("residual", linear, act)]
+    # anything else: the traced piece, called as a module
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {z: graph.placeholder("z")}
+
+    def copy(n: fx.Node) -> fx.Node:
+        if n not in env:
+            for a in n.all_input_nodes:
+                copy(a)
+            env[n] = graph.node_copy(n, lambda a: env[a])
+        return env[n]
+
+    for n in nodes:
+        copy(n)
+    graph.output(env[nodes[-1]])
+    piece = fx.GraphModule(gm, graph)
+    label = "+".join(_node_label(gm, n) for n in nodes)
+    if len(label) > 60:
+        label = label[:57] + "..."
+    return [("generic", piece, _params_of(piece), f"{owner}: {label}")]
+
+
+def _params_of(m: nn.Module) -> list[nn.Parameter]:
+    return [t for t in m.parameters() if t.requires_grad]
+
+
+def _graph_specs(gm: nn.Module, g: fx.Graph, owner: str) -> list[tuple]:
+    """Cut the graph ``g`` traced from ``gm`` into stages (module docstring)."""
+    g.owning_module = gm  # for the purity check of dead-code elimination (no GraphModule compiled)
+    g.eliminate_dead_code()
+    nodes = list(g.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    (out_node,) = [n for n in nodes if n.op == "output"]
+    if len(inputs) != 1:
+        names = ", ".join(n.name for n in inputs)
+        raise NotAChainError(f"{owner}.forward takes {len(inputs)} inputs ({names}); a chain takes one")
+    result = out_node.args[0]
+    if not isinstance(result, fx.Node):
+        raise NotAChainError(
+            f"{owner}.forward returns {type(result).__name__}, not one tensor; a chain has one output"
+        )
+    # nodes that depend on the input, in graph order; the rest (parameters, constants) are free
+    dep: list[fx.Node] = [inputs[0]]
+    depset = {inputs[0]}
+    for n in nodes:
+        if n.op not in ("placeholder", "output") and any(a in depset for a in n.all_input_nodes):
+            dep.append(n)
+            depset.add(n)
+    if result not in depset:
+        raise NotAChainError(f"{owner}.forward returns {result.name}, which does not depend on the input")
+    if dep[-1] is not result:
+        raise NotAChainError(f"{owner}: node {dep[-1].name} runs after the output {result.name} is computed")
+    pos = {n: i for i, n in enumerate(dep)}
+    last_use = []
+    for n in dep:
+        uses = [pos[u] for u in n.users if u in pos]
+        if out_node in n.users:
+            uses.append(len(dep))
+        last_use.append(max(uses, default=pos[n]))
+    specs: list[tuple] = []
+    start, alive = 0, last_use[0]
+    for k in range(1, len(dep)):
+        n = dep[k]
+        if k == len(dep) - 1 or (
+            alive <= k and not any(u.op == "call_function" and u.target is operator.getitem for u in n.users)
+        ):
+            specs.extend(_segment_spec(gm, dep[start], dep[start + 1 : k + 1], owner))
+            start = k
+        alive = max(alive, last_use[k])
+    return specs
+
+
+def _check_modules(stage: Stage, mods) -> None:
+    """Refuse modules that are random or mix examples, and hooks that change gradients."""
+    for m in mods:
+        kind = type(m).__name__
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+            raise UnsupportedStageError(
+                f"{stage.name}: {kind} uses batch statistics (training mode or track_running_stats=False), "
+                "which mixes examples; call model.eval() first"
+            )
+        if isinstance(m, _DROPOUT) and m.training and m.p > 0:
+            raise UnsupportedStageError(
+                f"{stage.name}: {kind} in training mode is random; call model.eval() first"
+            )
+        if isinstance(m, nn.RReLU) and m.training:
+            raise UnsupportedStageError(
+                f"{stage.name}: RReLU in training mode draws random slopes; call model.eval() first"
+            )
+        if m._backward_hooks or m._backward_pre_hooks:
+            raise UnsupportedStageError(
+                f"{stage.name}: {kind} has a backward hook, which changes the gradients autograd reports; "
+                "remove it to take derivatives"
+            )
+    for t in stage.params:
+        if getattr(t, "_backward_hooks", None):
+            raise UnsupportedStageError(
+                f"{stage.name}: a parameter has a gradient hook (Tensor.register_hook), which changes what "
+                "autograd reports; remove it"
+            )
 
 
 def split_stages(model: nn.Module | Sequence[nn.Module]) -> list[Stage]:
-    """The stages of ``model``, fusing ``Linear`` with a following elementwise activation."""
-    mods = _flatten_modules(model)
-    if not mods:
+    """The stages of ``model`` (module docstring), in chain order."""
+    glob = nn.modules.module
+    for what in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks"):
+        if getattr(glob, what, None):
+            raise UnsupportedStageError(
+                "global module hooks are registered (torch.nn.modules.module.register_module_*_hook); "
+                "they may change any module's output or gradients: remove them"
+            )
+    specs = _specs(model, True)
+    if not specs:
         raise NotAChainError("the model has no stages")
     stages: list[Stage] = []
     i = 0
-    while i < len(mods):
-        m, k = mods[i], len(stages)
-        for sub in m.modules():
-            if isinstance(sub, _MIXERS) and sub.training and not (isinstance(sub, nn.Dropout) and sub.p == 0):
-                raise UnsupportedStageError(
-                    f"stage {k} ({type(m).__name__}): {type(sub).__name__} in training mode mixes examples "
-                    "or is random; call model.eval() first"
-                )
-        trainable = all(t.requires_grad for t in m.parameters(recurse=False))
-        if isinstance(m, nn.Linear) and type(m) is nn.Linear and trainable:
-            nxt = mods[i + 1] if i + 1 < len(mods) else None
-            if nxt is not None and isinstance(nxt, ELEMENTWISE) and not list(nxt.parameters()):
-                stages.append(DenseStage(k, m, nxt))
-                i += 2
-                continue
-            stages.append(DenseStage(k, m))
-        elif _is_reshape(m):
-            stages.append(ReshapeStage(k, m))
+    while i < len(specs):
+        spec, k = specs[i], len(stages)
+        kind = spec[0]
+        if kind == "linear":
+            act = specs[i + 1][1] if i + 1 < len(specs) and specs[i + 1][0] == "act" else None
+            stages.append(DenseStage(k, spec[1], act))
+            i += 1 if act is None else 2
         else:
-            stages.append(GenericStage(k, m))
-        i += 1
-    seen: dict[int, int] = {}
-    for s in stages:
-        for t in s.params:
-            if id(t) in seen:
-                raise NotAChainError(
-                    f"a parameter is shared by stage {seen[id(t)]} and {s.name}: not a chain"
-                )
-            seen[id(t)] = s.index
+            if kind == "act":
+                stages.append(ElementwiseStage(k, spec[1]))
+            elif kind == "reshape":
+                stages.append(ReshapeStage(k, spec[1]))
+            elif kind == "residual":
+                stages.append(DenseStage(k, spec[1], spec[2], residual=True))
+            else:
+                stages.append(GenericStage(k, spec[1], spec[2], spec[3]))
+            i += 1
+        s = stages[-1]
+        _check_modules(s, [m for top in s.modules for m in top.modules()])
+    _check_parameters(model, stages)
     return stages
 
 
+def _check_parameters(model, stages: list[Stage]) -> None:
+    """Each trainable parameter in exactly one stage, stages in ``model.parameters()`` order."""
+    mods = list(model) if isinstance(model, (list, tuple)) else [model]
+    named: list[tuple[str, nn.Parameter]] = []
+    seen_ids: set[int] = set()
+    for i, m in enumerate(mods):
+        for n, t in m.named_parameters():
+            if t.requires_grad and id(t) not in seen_ids:
+                seen_ids.add(id(t))
+                named.append((n if len(mods) == 1 else f"[{i}].{n}", t))
+    order = {id(t): j for j, (_, t) in enumerate(named)}
+    names = {id(t): n for n, t in named}
+    owner: dict[int, int] = {}
+    for s in stages:
+        s.params.sort(key=lambda t: order.get(id(t), -1))
+        for t in s.params:
+            if id(t) in owner:
+                raise NotAChainError(
+                    f"parameter {names.get(id(t), '?')} is shared by stage {owner[id(t)]} and {s.name}: "
+                    "not a chain"
+                )
+            owner[id(t)] = s.index
+    flat = [id(t) for s in stages for t in s.params]
+    for n, t in named:
+        if id(t) not in owner:
+            raise NotAChainError(
+                f"parameter {n} is trainable but the forward pass does not use it; "
+                "freeze it (requires_grad_(False)) or remove it"
+            )
+    if flat != [id(t) for _, t in named]:
+        first = next(j for j, (a, (_, t)) in enumerate(zip(flat, named, strict=False)) if a != id(t))
+        raise NotAChainError(
+            f"forward uses parameter {names[flat[first]]} before {named[first][0]}, but model.parameters() "
+            "lists them the other way round; hessinv orders the curvature like model.parameters(): "
+            "define the submodules in the order forward uses them"
+        )
+
+
+# -- the chain ------------------------------------------------------------------------------------
 @dataclass
 class Linearization:
     """Everything the curvature sweeps need at one point: blocks, gradient, loss.
@@ -108,6 +399,24 @@ class Linearization:
     input_dim: int
 
 
+def _tensor(x, what: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        hint = "; convert with torch.as_tensor(...)" if type(x).__module__.startswith("numpy") else ""
+        raise InvalidArgumentError(
+            f"{what} must be a torch.Tensor, got {type(x).__module__}.{type(x).__name__}{hint}"
+        )
+    return x
+
+
+def check_real(x, what: str) -> float:
+    """``float(x)`` for a real number (Python, numpy or 0-d tensor), else :class:`InvalidArgumentError`."""
+    if isinstance(x, Tensor) and x.numel() == 1 and not x.is_complex():
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise InvalidArgumentError(f"{what} must be a real number, got {type(x).__name__} {x!r}")
+    return float(x)
+
+
 class Chain:
     """A model + loss seen as a chain of stages.
 
@@ -120,7 +429,11 @@ class Chain:
     26
     """
 
-    def __init__(self, model: nn.Module | Sequence[nn.Module], loss_fn: nn.Module):
+    def __init__(self, model: nn.Module | Sequence[nn.Module], loss_fn: Callable):
+        if not callable(loss_fn):
+            raise InvalidArgumentError(
+                f"loss_fn must be callable (loss_fn(outputs, targets)), got {loss_fn!r}"
+            )
         self.model, self.loss_fn = model, loss_fn
         self.stages = split_stages(model)
         self.params = [t for s in self.stages for t in s.params]
@@ -131,15 +444,22 @@ class Chain:
         if len(dtypes) > 1 or len(devices) > 1:
             raise DtypeMismatchError(f"parameters must share one dtype and device; got {dtypes}, {devices}")
         self.dtype, self.device = dtypes.pop(), devices.pop()
-        if not self.dtype.is_floating_point:
-            raise DtypeMismatchError(f"parameters must be floating point, got {self.dtype}")
+        if self.dtype not in (torch.float32, torch.float64):
+            raise DtypeMismatchError(
+                f"parameters are {self.dtype}; hessinv works in float32 or float64 (half precision cannot "
+                "hold the curvature): convert with model.float() or model.double()"
+            )
         self.sizes = [s.p for s in self.stages]
         self.num_params = sum(self.sizes)
 
+    def prepare_targets(self, targets) -> Tensor:
+        """``targets`` as the loss expects them (class indices of any integer dtype -> int64, ...)."""
+        return prepare_targets(self.loss_fn, _tensor(targets, "targets"), self.dtype)
+
     def check_inputs(self, inputs: Tensor, targets: Tensor) -> None:
         """Raise a named error for a dtype/device/batch mismatch or non-finite values."""
-        if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
-            raise TypeError("inputs and targets must be tensors")
+        _tensor(inputs, "inputs")
+        _tensor(targets, "targets")
         if inputs.dtype != self.dtype or inputs.device != self.device:
             raise DtypeMismatchError(
                 f"inputs are {inputs.dtype} on {inputs.device}, model is {self.dtype} on {self.device}"
@@ -162,6 +482,10 @@ class Chain:
             for t in s.params:
                 if not torch.isfinite(t).all():
                     raise NonFiniteError(f"{s.name}: parameters contain NaN or infinity")
+            for m in s.modules:
+                for name, buf in m.named_buffers():
+                    if buf.is_floating_point() and not torch.isfinite(buf).all():
+                        raise NonFiniteError(f"{s.name}: buffer {name} contains NaN or infinity")
 
     @torch.no_grad()
     def forward(self, inputs: Tensor) -> list[Tensor]:
@@ -169,20 +493,24 @@ class Chain:
         zs = [inputs]
         for s in self.stages:
             try:
-                zs.append(s.forward(zs[-1]))
-            except (RuntimeError, ValueError) as e:
-                if isinstance(e, (UnsupportedStageError, NonFiniteError)):
+                z = s.forward(zs[-1])
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                if isinstance(e, HessinvError):
                     raise
                 raise ShapeMismatchError(
                     f"{s.name} failed on input of shape {tuple(zs[-1].shape)}: {e}"
                 ) from e
+            if not isinstance(z, Tensor) or z.dim() < 1 or z.shape[0] != inputs.shape[0]:
+                what = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+                raise NotAChainError(f"{s.name} returns {what}, not a tensor with the batch dimension first")
+            zs.append(z)
         return zs
 
     @torch.no_grad()
     def loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """The scalar loss ``z_L`` (no derivatives)."""
         self.check_inputs(inputs, targets)
-        return self.loss_fn(self.forward(inputs)[-1], targets)
+        return self.loss_fn(self.forward(inputs)[-1], self.prepare_targets(targets))
 
     def linearize(self, inputs: Tensor, targets: Tensor, second_order: bool = True) -> Linearization:
         """Forward and backward pass: every stage's blocks, the gradient, the loss.
@@ -190,18 +518,22 @@ class Chain:
         ``second_order=False`` drops every stage's ``H..`` blocks except the loss's (Gauss-Newton).
         """
         self.check_inputs(inputs, targets)
+        targets = self.prepare_targets(targets)
         zs = self.forward(inputs)
         y = zs[-1]
         loss_stage = LossStage(len(self.stages), self.loss_fn, targets, y)
         with torch.no_grad():
             loss_blocks, loss = loss_stage.linearize(y)
-            reference = self.loss_fn(y, targets)
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the loss is {loss.item()}")
-        if not torch.allclose(loss, reference.to(loss.dtype), rtol=1e-4, atol=1e-6):
-            raise UnsupportedStageError(
-                f"{loss_stage.name}: per-example decomposition {loss.item()} != loss {reference.item()}"
-            )
+        if loss_stage.closed is not None:
+            with torch.no_grad():
+                reference = loss_stage.call(y)
+            if not torch.allclose(loss, reference.to(loss.dtype), rtol=1e-4, atol=1e-6):
+                raise UnsupportedStageError(
+                    f"{loss_stage.name}: per-example decomposition {loss.item()} != loss {reference.item()}"
+                )
+            loss = reference.to(loss.dtype)
         blocks: list[Blocks] = [loss_blocks]
         b = torch.ones(1, 1, 1, dtype=self.dtype, device=self.device)
         b = blocks[0].jzT(b)
@@ -215,4 +547,7 @@ class Chain:
         gradient = torch.cat(grads[::-1])
         if not torch.isfinite(gradient).all():
             raise NonFiniteError("the gradient contains NaN or infinity")
-        return Linearization(blocks, gradient, reference.to(loss.dtype), self.sizes, zs[0][0].numel())
+        return Linearization(blocks, gradient, loss, self.sizes, zs[0][0].numel())
+
+
+__all__ = ["Chain", "Linearization", "split_stages", "check_real", "closed_form", "loss_name"]

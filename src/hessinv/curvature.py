@@ -25,15 +25,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hessinv.chain import Chain
+from hessinv.chain import Chain, check_real
 from hessinv.errors import (
     AccuracyWarning,
     DtypeMismatchError,
     IndefiniteError,
+    InvalidArgumentError,
     NonFiniteError,
     ShapeMismatchError,
     SingularError,
 )
+from hessinv.lowrank import WoodburyFactor, gauss_newton_root
 from hessinv.riccati import Inertia, riccati_factor, riccati_forward, riccati_solve
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "Hessian",
     "GaussNewton",
     "Factorization",
+    "WoodburyFactorization",
     "SolveInfo",
     "hessian",
     "gauss_newton",
@@ -93,7 +96,9 @@ class CurvatureOperator:
     # -- vectors --------------------------------------------------------------------------------
     def _as_matrix(self, v: Tensor, what: str = "vector") -> tuple[Tensor, bool]:
         if not isinstance(v, Tensor):
-            raise TypeError(f"{what} must be a torch.Tensor")
+            raise InvalidArgumentError(
+                f"{what} must be a torch.Tensor, got {type(v).__module__}.{type(v).__name__}"
+            )
         if v.dtype != self.dtype or v.device != self.device:
             raise DtypeMismatchError(
                 f"{what} is {v.dtype} on {v.device}; operator is {self.dtype} on {self.device}"
@@ -102,6 +107,8 @@ class CurvatureOperator:
             raise ShapeMismatchError(
                 f"{what} must have shape ({self.shape[0]},) or ({self.shape[0]}, k); got {tuple(v.shape)}"
             )
+        if v.dim() == 2 and v.shape[1] == 0:
+            raise InvalidArgumentError(f"{what} has shape {tuple(v.shape)}: no columns to multiply or solve")
         if not torch.isfinite(v).all():
             raise NonFiniteError(f"{what} contains NaN or infinity")
         return (v[:, None] if v.dim() == 1 else v), v.dim() == 1
@@ -158,12 +165,16 @@ class CurvatureOperator:
         )
 
     # -- factorization -------------------------------------------------------------------------
-    def factor(self, damping: float = 0.0) -> Factorization:
+    def factor(self, damping: float = 0.0, modify: str | None = None) -> Factorization:
         """Factor ``H + damping * I`` with the backward Riccati sweep (reusable for many solves).
 
-        Raises :class:`SingularError` if a pivot is singular at this damping.
+        Raises :class:`SingularError` if a pivot is singular at this damping. ``modify="abs"`` (needs
+        ``damping > 0``) factors instead the positive definite ``M = L |D| L^T``: each Riccati pivot's
+        eigenvalues below ``damping`` replaced by ``max(|lambda|, damping)`` (modified Cholesky per pivot
+        block, math.md §6); ``M = H + damping I`` where every pivot is already above ``damping``.
+        Solves with it are not refined (``M`` is not ``H + damping I``).
         """
-        return Factorization(self, float(damping))
+        return Factorization(self, check_real(damping, "damping"), modify=_check_modify(modify))
 
     def solve(self, rhs: Tensor, damping: float = 0.0, **kw) -> Tensor | tuple[Tensor, SolveInfo]:
         """``(H + damping I)^{-1} rhs``; shortcut for ``self.factor(damping).solve(rhs, **kw)``."""
@@ -171,6 +182,7 @@ class CurvatureOperator:
 
     def is_positive_definite(self, shift: float = 0.0) -> bool:
         """Whether ``H + shift I`` is positive definite: every Riccati pivot has a Cholesky factor."""
+        shift = _check_shift(shift, self.dtype)
         names = self._names
         try:
             _, _, pd = riccati_factor(
@@ -203,7 +215,7 @@ class CurvatureOperator:
         zero up to rounding count as zero. Two Riccati factorizations, at ``shift - tol`` and
         ``shift + tol``; ``tol=0`` uses one factorization at ``shift``.
         """
-        shift = float(shift)
+        shift = _check_shift(shift, self.dtype)
         if tol is None:
             tol = math.sqrt(torch.finfo(self.dtype).eps) * max(self.norm_estimate(), 1e-30)
 
@@ -248,6 +260,29 @@ class CurvatureOperator:
         return self._twin
 
 
+def _check_modify(modify: str | None) -> bool:
+    if modify is None:
+        return False
+    if modify != "abs":
+        raise ValueError(f"modify must be None or 'abs', got {modify!r}")
+    return True
+
+
+def _check_shift(shift, dtype: torch.dtype, what: str = "shift") -> float:
+    """A finite real ``shift``/``damping`` small enough that ``H + shift I`` is representable: at most
+    ``1e-4 sqrt(max float)`` (1.3e150 in float64, 1.8e15 in float32), beyond which the sweep's
+    products overflow or the solve loses its accuracy."""
+    shift = check_real(shift, what)
+    if not math.isfinite(shift):
+        raise NonFiniteError(f"{what} must be finite, got {shift}")
+    limit = 1e-4 * math.sqrt(torch.finfo(dtype).max)
+    if abs(shift) > limit:
+        raise InvalidArgumentError(
+            f"{what} {shift:g} is too large for {dtype}: |{what}| must be <= {limit:.2g}"
+        )
+    return shift
+
+
 class Hessian(CurvatureOperator):
     """The exact Hessian ``d2 z_L / dx2`` of the loss on one batch (math.md §1).
 
@@ -270,9 +305,36 @@ class Hessian(CurvatureOperator):
 class GaussNewton(CurvatureOperator):
     """The generalized Gauss-Newton matrix ``G = J^T Lambda J`` (``Lambda`` = the loss Hessian
     in the model outputs, ``J`` = their Jacobian in the parameters); positive semi-definite for
-    convex losses, so ``G + eps I`` with ``eps > 0`` always factors by Cholesky."""
+    convex losses, so ``G + eps I`` with ``eps > 0`` always factors by Cholesky.
+
+    Its rank is at most ``batch x outputs``, so besides the Riccati sweep it factors through its
+    square root ``G = U^T S U`` (:mod:`hessinv.lowrank`): ``factor(damping=D)`` with a per-parameter
+    damping vector ``D`` (or ``method="woodbury"``) uses Woodbury's identity.
+    """
 
     second_order = False
+    _root: tuple[Tensor, Tensor] | None = None
+
+    def root(self) -> tuple[Tensor, Tensor]:
+        """``(U, S)``: ``G = U^T diag(S) U``, ``U`` of shape (r, n) (cached; one backward sweep with ``r``
+        right-hand sides, :func:`hessinv.lowrank.gauss_newton_root`)."""
+        if self._root is None:
+            self._root = gauss_newton_root(self.blocks, self.dtype)
+        return self._root
+
+    def factor(
+        self, damping: float | Tensor = 0.0, method: str = "auto", modify: str | None = None
+    ) -> Factorization:
+        """Factor ``G + D``. ``D`` is a number (``method="auto"``/``"riccati"``: the Riccati sweep;
+        ``"woodbury"``: through ``G``'s square root) or a (n,) tensor of per-parameter damping
+        (always Woodbury)."""
+        if method not in ("auto", "riccati", "woodbury"):
+            raise ValueError(f"method must be 'auto', 'riccati' or 'woodbury', got {method!r}")
+        if isinstance(damping, Tensor) or method == "woodbury":
+            if method == "riccati":
+                raise ValueError("a per-parameter damping needs method='woodbury' (or 'auto')")
+            return WoodburyFactorization(self, damping)
+        return Factorization(self, check_real(damping, "damping"), modify=_check_modify(modify))
 
 
 class Factorization:
@@ -286,12 +348,11 @@ class Factorization:
         last_info: the :class:`SolveInfo` of the latest solve.
     """
 
-    def __init__(self, op: CurvatureOperator, damping: float):
-        if not math.isfinite(damping):
-            raise NonFiniteError(f"damping must be finite, got {damping}")
-        self.op, self.damping = op, damping
+    def __init__(self, op: CurvatureOperator, damping: float, modify: bool = False):
+        damping = _check_shift(damping, op.dtype, "damping")
+        self.op, self.damping, self.modified = op, damping, modify
         self.factors, self.inertia, self.positive_definite = riccati_factor(
-            op.blocks, damping, op._names, op.gradient
+            op.blocks, damping, op._names, op.gradient, modify=modify
         )
         self.last_info: SolveInfo | None = None
         self._f64: Factorization | None = None
@@ -300,19 +361,30 @@ class Factorization:
         xs = riccati_solve(self.op.blocks, self.factors, self.op._split(R))
         return torch.cat(xs, dim=0)
 
-    def slogdet(self) -> tuple[float, float]:
-        """``(sign, log|det(H + eps I)|)`` like :func:`torch.linalg.slogdet`, from the pivots alone.
+    def _riccati_only(self, what: str) -> None:
+        if getattr(self, "factors", None) is None:
+            raise InvalidArgumentError(
+                f"{what} needs the Riccati factorization (factor(..., method='riccati'))"
+            )
+        if self.modified and any(f.pivot.modified for f in self.factors if f is not None):
+            raise InvalidArgumentError(
+                f"{what}: this factorization modified its pivots (modify='abs'), so it is not one of "
+                "H + eps I; factor without modify"
+            )
 
-        The sweep is a block congruence ``H + eps I = U D U^T`` with unit block-triangular ``U`` and
-        ``D = diag(Qxx_l)``, so ``det(H + eps I) = prod_l det Qxx_l`` and the sign is
-        ``(-1)^(number of negative eigenvalues)`` (the inertia). The sum is accumulated in float64.
-        """
-        logabs = sum(f.pivot.logdet() for f in self.factors if f is not None)
-        return (-1.0 if self.inertia.negative % 2 else 1.0), float(logabs)
+    def slogdet(self) -> tuple[float, float]:
+        """``(sign, log|det(H + eps I)|)`` like :func:`torch.linalg.slogdet`: the sign is
+        ``(-1)^(number of negative eigenvalues)`` (the inertia), the log from :meth:`logdet`."""
+        return (-1.0 if self.inertia.negative % 2 else 1.0), self.logdet()
 
     def logdet(self) -> float:
-        """``log|det(H + eps I)| = sum_l log|det Qxx_l|`` (see :meth:`slogdet` for the sign)."""
-        return self.slogdet()[1]
+        """``log|det(H + eps I)| = sum_l log|det Qxx_l|``, from the pivots alone (in float64).
+
+        The sweep is a block congruence ``H + eps I = U D U^T`` with unit block-triangular ``U`` and
+        ``D = diag(Qxx_l)``, so ``det(H + eps I) = prod_l det Qxx_l``.
+        """
+        self._riccati_only("logdet")
+        return float(sum(f.pivot.logdet() for f in self.factors if f is not None))
 
     def inverse_sqrt(self, Z: Tensor) -> Tensor:
         """``S Z`` for an ``n x n`` square root ``S S^T = (H + eps I)^{-1}``; ``Z``: (n,) or (n, k).
@@ -323,6 +395,7 @@ class Factorization:
         order; ``S S^T`` does not.) Raises :class:`IndefiniteError` unless ``H + eps I`` is positive
         definite.
         """
+        self._riccati_only("inverse_sqrt")
         if self.inertia.negative:
             raise IndefiniteError(
                 f"H + eps I at damping {self.damping:g} has {self.inertia.negative} negative eigenvalues: "
@@ -341,6 +414,13 @@ class Factorization:
         z = torch.randn(self.op.shape[0], k, generator=generator, dtype=self.op.dtype, device=dev)
         return self.inverse_sqrt(z.to(self.op.device))
 
+    def _damping_text(self) -> str:
+        return f"{self.damping:g}"
+
+    def _shift(self, X: Tensor) -> Tensor:
+        """``eps X`` (the damping's part of ``(H + eps I) X``)."""
+        return self.damping * X
+
     def solve(
         self, rhs: Tensor, refine: bool = True, max_refine: int = 5, return_info: bool = False
     ) -> Tensor | tuple[Tensor, SolveInfo]:
@@ -355,7 +435,7 @@ class Factorization:
         """
         R, vec = self.op._as_matrix(rhs, "rhs")
         X = self._raw(R)
-        if not refine:  # no residual either: the caller asked for the raw sweep
+        if not refine or getattr(self, "modified", False):  # no residual either: the caller asked for the raw sweep
             self.last_info = SolveInfo(float("nan"), 0)
             out = X[:, 0] if vec else X
             return (out, self.last_info) if return_info else out
@@ -365,7 +445,7 @@ class Factorization:
         X64 = X.double()
 
         def residual(X_: Tensor) -> tuple[Tensor, float]:
-            res = R64 - op64._apply(X_.to(op64.dtype)).double() - self.damping * X_
+            res = R64 - op64._apply(X_.to(op64.dtype)).double() - self._shift(X_)
             return res, float((res.norm(dim=0) / rnorm).max())
 
         res, rel = residual(X64)
@@ -380,7 +460,7 @@ class Factorization:
         self.last_info = SolveInfo(rel, steps)
         if rel > math.sqrt(torch.finfo(self.op.dtype).eps):
             warnings.warn(
-                f"solve at damping {self.damping:g} reached relative residual {rel:.2e} only",
+                f"solve at damping {self._damping_text()} reached relative residual {rel:.2e} only",
                 AccuracyWarning,
                 stacklevel=2,
             )
@@ -411,3 +491,34 @@ def curvature_class(name: str) -> type[CurvatureOperator]:
     if key in ("gauss_newton", "ggn", "gn"):
         return GaussNewton
     raise ValueError(f"curvature must be 'hessian' or 'gauss_newton', got {name!r}")
+
+
+class WoodburyFactorization(Factorization):
+    """``G + D`` for the Gauss-Newton matrix through its square root (:class:`hessinv.lowrank.WoodburyFactor`).
+
+    ``damping`` is a number or a per-parameter (n,) tensor ``D`` (no zero entry). Same interface as
+    :class:`Factorization` (``solve`` with refinement, ``inertia``, ``positive_definite``, ``logdet``).
+    """
+
+    def __init__(self, op: GaussNewton, damping: float | Tensor):
+        if not isinstance(damping, Tensor) and not math.isfinite(damping):
+            raise NonFiniteError(f"damping must be finite, got {damping}")
+        self.op, self.damping = op, damping
+        U, S = op.root()
+        self.woodbury = WoodburyFactor(U, S, damping)
+        self.inertia, self.positive_definite = self.woodbury.inertia, self.woodbury.positive_definite
+        self.last_info = None
+        self._f64 = None
+
+    def _raw(self, R: Tensor) -> Tensor:
+        return self.woodbury.solve(R)
+
+    def _shift(self, X: Tensor) -> Tensor:
+        return self.woodbury.D.double()[:, None] * X
+
+    def _damping_text(self) -> str:
+        return "D (per parameter)" if isinstance(self.damping, Tensor) else f"{self.damping:g}"
+
+    def logdet(self) -> float:
+        """``log|det(G + D)|``."""
+        return self.woodbury.logdet()

@@ -7,18 +7,26 @@ Errors about a stage name its index in the chain and its module type.
 =========================  ===============================================================
 error                      raised when
 =========================  ===============================================================
-UnsupportedStageError      a stage mixes examples (BatchNorm/Dropout in training mode), or a
-                           loss/stage configuration hessinv cannot differentiate exactly
-NotAChainError             the model is not an ``nn.Sequential`` / list of modules, or one
-                           parameter is used by two stages
+UnsupportedStageError      a stage or loss mixes examples or is random (BatchNorm/Dropout in
+                           training mode), has hooks that change gradients, or cannot be
+                           differentiated exactly twice
+NotAChainError             the model's ``forward`` is not a chain (several inputs or outputs,
+                           untraceable), a parameter is used by two stages, or a trainable
+                           parameter is unused or used out of ``model.parameters()`` order
 ShapeMismatchError         inputs/targets have inconsistent batch sizes or feature shapes,
                            or a vector has the wrong length
 DtypeMismatchError         inputs, targets or vectors have a dtype/device other than the model's
-NonFiniteError             inputs, parameters, the loss or a curvature block is NaN/inf
+NonFiniteError             inputs, parameters, buffers, the loss or a curvature block is NaN/inf
+InvalidArgumentError       an argument of the wrong kind or out of range: numpy arrays for
+                           tensors, a string damping, an empty right-hand side, a damping
+                           too large to represent ``H + eps I``, targets that leave nothing to
+                           average
 SingularError              ``H + eps I`` cannot be factored at the requested damping (a pivot
                            ``Qxx_l`` of the Riccati sweep is singular to working precision)
 IndefiniteError            a quantity that needs ``H + eps I`` positive definite (a Gaussian
                            posterior, its samples) met an indefinite one
+DistributedError           a data-parallel job cannot run or a rank failed / timed out
+                           (:mod:`hessinv.optim.distributed`)
 =========================  ===============================================================
 """
 
@@ -31,8 +39,10 @@ __all__ = [
     "ShapeMismatchError",
     "DtypeMismatchError",
     "NonFiniteError",
+    "InvalidArgumentError",
     "SingularError",
     "IndefiniteError",
+    "DistributedError",
     "AccuracyWarning",
 ]
 
@@ -61,6 +71,14 @@ class NonFiniteError(HessinvError, FloatingPointError):
     """NaN or infinity in inputs, parameters, the loss, or a curvature block."""
 
 
+class InvalidArgumentError(HessinvError, ValueError, TypeError):
+    """An argument of the wrong kind (a numpy array, a string) or an out-of-range value.
+
+    Subclasses both ``ValueError`` and ``TypeError``: code that caught the builtin error torch or
+    Python raised before keeps working.
+    """
+
+
 class SingularError(HessinvError, RuntimeError):
     """``H + eps I`` could not be factored at the requested damping.
 
@@ -78,6 +96,8 @@ class SingularError(HessinvError, RuntimeError):
 class IndefiniteError(HessinvError, ValueError):
     """``H + eps I`` is indefinite where a positive definite matrix is needed (a posterior covariance,
     a square root); use the Gauss-Newton matrix or a larger damping / prior precision."""
+class DistributedError(HessinvError, RuntimeError):
+    """A data-parallel job could not start, one of its ranks failed, or it ran past its timeout."""
 
 
 class AccuracyWarning(UserWarning):

@@ -58,8 +58,11 @@ class Pivot:
     for eigenvalues farther than the rounding error from the shift.
     """
 
-    def __init__(self, Q: Tensor, stage: int, name: str, damping: float, strict: bool = True):
+    def __init__(
+        self, Q: Tensor, stage: int, name: str, damping: float, strict: bool = True, modify: bool = False
+    ):
         self.p = Q.shape[0]
+        self.modified = False
         L, info = torch.linalg.cholesky_ex(Q)
         self.cholesky = int(info) == 0
         # NaN or infinity in Q's lower triangle (all that Cholesky reads; Q is symmetric) reaches L's
@@ -71,6 +74,11 @@ class Pivot:
         if not torch.isfinite(Q).all():
             raise NonFiniteError(f"{name}: the Riccati pivot Qxx contains NaN or infinity")
         lam, V = torch.linalg.eigh(Q)
+        if modify:  # |Qxx|, eigenvalues floored at the damping: positive definite (math.md §6)
+            self.modified = bool((lam < damping).any())
+            self.lam, self.V = lam.abs().clamp_min(max(damping, torch.finfo(Q.dtype).tiny)), V
+            self.inertia = Inertia(0, 0, self.p)
+            return
         tol = self.p * torch.finfo(Q.dtype).eps * lam.abs().max().clamp_min(torch.finfo(Q.dtype).tiny)
         if (lam.abs() <= (tol if strict else 0.0)).any():
             raise SingularError(
@@ -219,12 +227,13 @@ class LowRankPivot:
 
     def __init__(
         self, Qz: Tensor, A: Tensor, C: Tensor | None, p: int, stage: int, name: str, damping: float,
-        strict: bool = True,
+        strict: bool = True, modify: bool = False,
     ):
         self.Qz, self.C, self.p, self.eps = Qz, C, p, damping
         r = A.shape[0]
         top = float((A.diagonal() + damping).abs().max()) if r else 0.0  # ~ max |eigenvalue| if PD
-        self.inner = Pivot(_shifted(A, damping, overwrite=True), stage, name, damping, strict)
+        self.inner = Pivot(_shifted(A, damping, overwrite=True), stage, name, damping, strict, modify)
+        self.modified = self.inner.modified
         if not self.inner.cholesky:
             top = float(self.inner.lam.abs().max())
         tol = p * torch.finfo(A.dtype).eps * max(top, abs(damping), torch.finfo(A.dtype).tiny)
@@ -241,7 +250,7 @@ class LowRankPivot:
         self.inertia = Inertia(
             inner.negative + (k if damping < 0 else 0), 0, inner.positive + (k if damping > 0 else 0)
         )
-        self.cholesky = self.inner.cholesky and damping > 0
+        self.cholesky = (self.inner.cholesky or modify) and damping > 0
 
     def _UT(self, R: Tensor) -> Tensor:
         """``U^T R``: (p, k) -> (r, k)."""
@@ -292,14 +301,21 @@ def riccati_factor(
     like: Tensor,
     stop_if_indefinite: bool = False,
     strict: bool = True,
+    modify: bool = False,
 ) -> tuple[list[StageFactor | None], Inertia, bool]:
     """Backward sweep over ``blocks`` (model stages, then the loss stage).
 
     ``like`` gives the dtype and device. Returns the per-stage factors (None for parameter-free
     stages), the inertia of ``H + eps I``, and whether it is positive definite. ``strict`` is passed
     to :class:`Pivot`. With ``stop_if_indefinite`` the sweep stops at the first pivot without a
-    Cholesky factor (the PD test), and the returned factors are incomplete.
+    Cholesky factor (the PD test), and the returned factors are incomplete. With ``modify`` (needs
+    ``damping > 0``) every pivot's eigenvalues below ``damping`` are replaced by ``max(|lambda|,
+    damping)``: the factors are then those of a positive definite ``M = L |D| L^T`` that equals
+    ``H + eps I`` where that is positive definite with pivots above ``eps`` (math.md §6), and the
+    returned inertia is ``M``'s.
     """
+    if modify and not damping > 0:
+        raise ValueError(f"modify needs a damping > 0, got {damping}")
     out: list[StageFactor | None] = [None] * len(blocks)
     dtype, device = like.dtype, like.device
     Sigma = torch.zeros(1, 1, 1, 1, dtype=dtype, device=device)
@@ -313,11 +329,11 @@ def riccati_factor(
             continue
         if rb.lowrank is not None:
             Qz, A, C = rb.lowrank
-            piv: Pivot | LowRankPivot = LowRankPivot(Qz, A, C, blk.p, l, names[l], damping, strict)
+            piv: Pivot | LowRankPivot = LowRankPivot(Qz, A, C, blk.p, l, names[l], damping, strict, modify)
         else:
-            piv = Pivot(_shifted(rb.Qxx0, damping, overwrite=True), l, names[l], damping, strict)
+            piv = Pivot(_shifted(rb.Qxx0, damping, overwrite=True), l, names[l], damping, strict, modify)
         neg, pos = neg + piv.inertia.negative, pos + piv.inertia.positive
-        pd = pd and piv.cholesky
+        pd = pd and (piv.cholesky or modify)
         if not pd and stop_if_indefinite:
             return out, Inertia(neg, 0, pos), False
         Qxz = rb.Qxz.reshape(blk.p, -1)

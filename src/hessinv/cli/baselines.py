@@ -5,6 +5,10 @@
   Hessian-free optimization", ICML 2010). ``G v`` is hessinv's ``O(L)`` Gauss-Newton product.
 * :class:`FirstOrder` -- ``torch.optim.SGD`` (momentum), ``Adam`` or ``LBFGS`` behind the same
   ``step(inputs, targets)`` interface.
+* :class:`Peer` -- the practitioners' preconditioners from the optional ``bench`` extra
+  (``pip install -e .[bench]``): heavyball ``SOAP`` and ``PSGDKron``, pytorch-optimizer
+  ``AdaHessian`` and ``SophiaH`` (these two estimate a Hessian diagonal by Hutchinson probes, so
+  their backward pass keeps the graph: ``create_graph=True``). Registry: :data:`PEERS`.
 
 Every ``step`` returns the loss on the batch *before* the step and leaves its statistics in
 ``opt.last_stats``.
@@ -22,7 +26,10 @@ True
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +38,10 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import hessinv
 
-__all__ = ["CGResult", "FirstOrder", "HFStats", "HessianFree", "FirstOrderStats", "conjugate_gradient"]
+__all__ = [
+    "CGResult", "FirstOrder", "HFStats", "HessianFree", "FirstOrderStats", "conjugate_gradient",
+    "MissingPackage", "PEERS", "PeerSpec", "Peer", "peer_available",
+]  # fmt: skip
 
 
 # -- conjugate gradient ---------------------------------------------------------------------------
@@ -341,3 +351,92 @@ class FirstOrder:
             self.opt.step()
         self.last_stats = FirstOrderStats(first[0], gnorm[0], evals[0], restarted)
         return first[0]
+
+
+# -- peer preconditioners (optional packages) -------------------------------------------------------
+class MissingPackage(ImportError):
+    """An optimizer needs a package that is not installed; the message says what to install."""
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """Where a peer optimizer lives, its library default ``lr`` and whether it needs ``create_graph``."""
+
+    module: str  # import name
+    package: str  # pip name
+    cls: str
+    default_lr: float
+    create_graph: bool  # Hutchinson Hessian-diagonal probes need the graph of the gradient
+
+    @property
+    def lr_grid(self) -> tuple[float, float, float]:
+        """The library default and a factor 3 either side."""
+        return (self.default_lr / 3, self.default_lr, self.default_lr * 3)
+
+
+PEERS: dict[str, PeerSpec] = {
+    "soap": PeerSpec("heavyball", "heavyball", "SOAP", 3e-3, False),
+    "psgd": PeerSpec("heavyball", "heavyball", "PSGDKron", 1e-3, False),
+    "adahessian": PeerSpec("pytorch_optimizer", "pytorch-optimizer", "AdaHessian", 0.1, True),
+    "sophiah": PeerSpec("pytorch_optimizer", "pytorch-optimizer", "SophiaH", 0.06, True),
+}
+
+
+def peer_available(kind: str) -> bool:
+    """Whether the package behind a peer optimizer is importable (without importing it)."""
+    return importlib.util.find_spec(PEERS[kind].module) is not None
+
+
+def _peer_class(kind: str, on_cpu: bool) -> type:
+    spec = PEERS[kind]
+    try:
+        mod = importlib.import_module(spec.module)
+    except ImportError as e:
+        raise MissingPackage(
+            f"optimizer {kind!r} needs the {spec.package} package ({e}); "
+            f"pip install 'hessinv[bench]' (or pip install {spec.package})"
+        ) from None
+    if spec.module == "heavyball" and on_cpu:
+        mod.utils.compile_mode = None  # torch.compile on CPU: minutes of compilation, no gain
+    return getattr(mod, spec.cls)
+
+
+class Peer:
+    """heavyball ``SOAP``/``PSGDKron`` or pytorch-optimizer ``AdaHessian``/``SophiaH`` (library defaults).
+
+    ``lr=None`` takes the library's default; ``options`` go to the optimizer's constructor.
+    Raises :class:`MissingPackage` when the package is not installed.
+    """
+
+    KINDS = tuple(PEERS)
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, kind: str, lr: float | None = None, **options):
+        if kind not in PEERS:
+            raise ValueError(f"unknown peer optimizer {kind!r}; choose from {', '.join(PEERS)}")
+        self.model, self.loss_fn, self.kind = model, loss_fn, kind
+        self.spec = PEERS[kind]
+        params = _params(model)
+        cls = _peer_class(kind, all(p.device.type == "cpu" for p in params))
+        self.lr = self.spec.default_lr if lr is None else float(lr)
+        if self.spec.module == "heavyball" and params and params[0].dtype == torch.float64:
+            # heavyball keeps its state in float32 by default and then fails on float64 parameters
+            options = {"storage_dtype": "float64", **options}
+            if self.spec.cls == "PSGDKron":
+                options = {"q_dtype": "float64", **options}
+        self.opt = cls(params, lr=self.lr, **options)
+        self.last_stats: FirstOrderStats | None = None
+
+    def step(self, inputs: Tensor, targets: Tensor) -> float:
+        self.opt.zero_grad(set_to_none=True)  # also frees the graph kept by create_graph
+        loss = self.loss_fn(self.model(inputs), targets)
+        with warnings.catch_warnings():
+            # create_graph's parameter <-> gradient reference cycle: broken by zero_grad(set_to_none)
+            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+            loss.backward(create_graph=self.spec.create_graph)
+        gnorm = float(
+            torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in self.opt.param_groups[0]["params"]))
+        )
+        self.opt.step()
+        f = loss.item()
+        self.last_stats = FirstOrderStats(f, gnorm)
+        return f

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 import hessinv
-from hessinv.cli.baselines import FirstOrder, HessianFree
+from hessinv.cli.baselines import PEERS, FirstOrder, HessianFree, Peer, peer_available
 from hessinv.cli.data import Dataset
 from hessinv.cli.models import build_model
 
@@ -44,13 +44,15 @@ __all__ = [
     "time_to_target_table",
 ]
 
-OPTIMIZERS = ("newton", "gauss-newton", "adam", "sgd", "lbfgs", "hessian-free")
+OPTIMIZERS = ("newton", "gauss-newton", "adam", "sgd", "lbfgs", "hessian-free", *PEERS)
 DEFAULT_LR = {"newton": 1.0, "gauss-newton": 1.0, "adam": 3e-3, "sgd": 0.1, "lbfgs": 1.0, "hessian-free": 1.0}
+DEFAULT_LR.update({k: spec.default_lr for k, spec in PEERS.items()})  # peers: the library defaults
 LR_GRID = {
     "sgd": (0.01, 0.03, 0.1, 0.3),
     "adam": (1e-3, 3e-3, 1e-2, 3e-2),
     "lbfgs": (0.1, 0.3, 1.0),
 }
+LR_GRID.update({k: spec.lr_grid for k, spec in PEERS.items()})
 FULL_BATCH = ("lbfgs",)  # optimizers that always see the whole training split
 
 
@@ -168,6 +170,8 @@ def make_optimizer(
         return HessianFree(model, loss_fn, lr=lr)
     if name in FirstOrder.KINDS:
         return FirstOrder(model, loss_fn, name, lr)
+    if name in Peer.KINDS:
+        return Peer(model, loss_fn, name, lr)
     raise UserError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
 
 
@@ -283,8 +287,10 @@ def run_one(
             log.write(json.dumps(_jsonable(first)) + "\n")
         clock, last_eval = 0.0, 0.0
         k = 0
+        agree = getattr(opt, "agree_stop", None)  # data-parallel runs (--nproc): every rank stops together
         while True:
-            if (budget is not None and clock >= budget) or (steps is not None and k >= steps):
+            stop = (budget is not None and clock >= budget) or (steps is not None and k >= steps)
+            if agree(stop) if agree is not None else stop:
                 break
             xb, yb = batches.next()
             t0 = time.perf_counter()
@@ -446,6 +452,12 @@ def train(
     for name in cfg.optimizers:
         if name not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+        if name in PEERS and not peer_available(name):
+            spec = PEERS[name]
+            raise UserError(
+                f"optimizer {name!r} needs the {spec.package} package; "
+                f"pip install 'hessinv[bench]' (or pip install {spec.package})"
+            )
     dtype = {"float64": torch.float64, "float32": torch.float32}[cfg.dtype]
     device = torch.device(cfg.device)
     ds = ds.to(dtype=dtype, device=device)

@@ -4,7 +4,9 @@
 name                        what
 ==========================  ====================================================================
 :class:`Newton`             ``torch.optim.Optimizer``: ``step(inputs, targets)`` takes one
-                            Hessian- (or Gauss-Newton-) preconditioned step
+                            curvature-preconditioned step (mini-batch: amortized; full batch:
+                            trust region)
+:class:`Preconditioner`     ``p.grad <- (C + D)^{-1} p.grad`` for any ``torch.optim`` optimizer
 :class:`StepStats`          what one step did: losses, predicted/actual decrease, ``lambda``,
                             radius, inertia, sweep counts and times
 :class:`TrustRegion`        default damping: exact Moré–Sorensen subproblem + ratio test
@@ -16,15 +18,16 @@ name                        what
 >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
 >>> opt = hessinv.optim.Newton(net, torch.nn.CrossEntropyLoss(), seed=0)
 >>> loss = opt.step(torch.randn(8, 4), torch.randint(0, 2, (8,)))
->>> opt.last_stats.step, opt.last_stats.predicted_decrease > 0
-(1, True)
+>>> opt.last_stats.step, opt.last_stats.predicted_decrease > 0, opt.last_stats.mode
+(1, True, 'precondition')
 """
 
 from hessinv.optim.damping import DampingRule, FixedDamping, LevenbergMarquardt, Proposal
 from hessinv.optim.newton import Newton, StepStats
+from hessinv.optim.precondition import Preconditioner
 from hessinv.optim.trust_region import SubproblemSolution, TrustRegion, solve_subproblem
 
 __all__ = [
-    "Newton", "StepStats", "TrustRegion", "LevenbergMarquardt", "FixedDamping", "DampingRule",
+    "Newton", "StepStats", "Preconditioner", "TrustRegion", "LevenbergMarquardt", "FixedDamping", "DampingRule",
     "Proposal", "solve_subproblem", "SubproblemSolution",
 ]  # fmt: skip

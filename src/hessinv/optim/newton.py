@@ -67,12 +67,14 @@ from hessinv.chain import Chain
 from hessinv.curvature import CurvatureOperator, GaussNewton, Hessian
 from hessinv.errors import NonFiniteError, SingularError
 from hessinv.optim.damping import DampingRule, FixedDamping, LevenbergMarquardt, Sweeps
+from hessinv.optim.precondition import Preconditioner, normalize_curvature
 from hessinv.optim.trust_region import TrustRegion
 from hessinv.riccati import Inertia
 
 __all__ = ["Newton", "StepStats"]
 
 _CURVATURES = {"hessian": Hessian, "gauss_newton": GaussNewton}
+_MODES = ("auto", "trust-region", "precondition")
 _RULES: dict[str, Callable[[], DampingRule]] = {
     "trust-region": TrustRegion,
     "levenberg-marquardt": LevenbergMarquardt,
@@ -111,6 +113,12 @@ class StepStats:
         time_derivatives: building ``H`` (blocks, gradient) and the losses, seconds.
         time_factor, time_solve: factorizations; solves and ``H``-products, seconds.
         time_total: the whole step, seconds.
+        mode: ``"trust-region"`` or ``"precondition"`` (see :class:`Newton`).
+        refreshed: the preconditioner rebuilt its curvature on this step (``"precondition"`` mode).
+
+    In ``"precondition"`` mode there is no ratio test: ``loss_after`` and ``rho`` are NaN, every step is
+    accepted, ``predicted_decrease`` is the first-order ``-g^T d``, ``damping`` is the preconditioner's
+    damping scale and ``factorizations`` counts curvature refreshes.
     """
 
     step: int
@@ -139,6 +147,8 @@ class StepStats:
     time_factor: float
     time_solve: float
     time_total: float
+    mode: str = "trust-region"
+    refreshed: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict (inertias as lists)."""
@@ -171,51 +181,116 @@ def _rule_from(damping: str | float | DampingRule) -> DampingRule:
 
 
 class Newton(torch.optim.Optimizer):
-    """SGD preconditioned by the exact Hessian (or Gauss-Newton matrix) of the batch loss.
+    """SGD preconditioned by the exact Hessian or Gauss-Newton matrix of the loss: mini-batch and full-batch.
+
+    Two modes, chosen by ``mode``:
+
+    * ``"precondition"`` (mini-batches): every gradient ``g_t`` of a batch goes into a momentum average
+      ``m_t = momentum m_{t-1} + (1 - momentum) g_t`` and the step is ``-lr (C_k + D_t)^{-1} m_t / (1 -
+      momentum^t)`` with a stored factorization of the damped curvature ``C_k`` of a small curvature
+      batch drawn from the current batch, refreshed every ``refresh`` steps, and a per-parameter damping
+      ``D_t`` from the gradients' second moments (:class:`~hessinv.optim.Preconditioner`). Cost per
+      step: one gradient and one ``O(r n)`` solve, plus a refresh every ``refresh`` steps.
+    * ``"trust-region"`` (full batch, or one fixed batch): the exact trust-region Newton step on the
+      Hessian, judged by the ratio test (see the module docstring).
+    * ``"auto"`` (default): ``"precondition"``, switching to ``"trust-region"`` for good when a step is
+      given the same batch as the step before (same values: full-batch training). Passing a
+      trust-region setting (``damping``, ``track_inertia``, ``backtracking``) selects ``"trust-region"``.
 
     Args:
-        model: an ``nn.Sequential`` (or list of modules) that :func:`hessinv.hessian` accepts; its
-            trainable parameters form the single parameter group.
+        model: a chain-shaped model that :func:`hessinv.hessian` accepts.
         loss_fn: the loss module (e.g. ``nn.CrossEntropyLoss()``).
-        lr: a multiplier on the step (``d = lr * s``); LR schedulers act on it.
-        curvature: ``"hessian"`` (default) or ``"gauss_newton"``.
-        damping: ``"trust-region"`` (default: exact Moré–Sorensen subproblem, radius from the ratio
-            test), ``"levenberg-marquardt"``, a float ``eps`` (fixed damping, every step taken), or a
-            rule object (:class:`~hessinv.optim.TrustRegion`, :class:`~hessinv.optim.LevenbergMarquardt`,
-            :class:`~hessinv.optim.FixedDamping`) to set its parameters.
-        curvature_batch_size: build the curvature on this many examples drawn at random (without
-            replacement) from each batch; the gradient and the ratio test use the whole batch.
-            None (default): the whole batch.
-        seed: seed of the optimizer's own generator for that subsampling (default: drawn from
-            ``torch``'s global generator). Its state is in ``state_dict``.
-        track_inertia: also compute the inertia of ``H`` itself each step (two extra factorizations).
+        params: the parameters to optimize as ``torch.optim`` expects them -- an iterable of tensors or
+            of group dicts (``{"params": [...], "lr": ...}``) for per-group ``lr``; together they must be
+            exactly the model's trainable parameters. Default: all of them, one group.
+        lr: a multiplier on the step (``d = lr * s``); LR schedulers act on it (per group).
+        mode: ``"auto"``, ``"precondition"`` or ``"trust-region"`` (see above).
+        curvature: ``"hessian"`` or ``"gauss_newton"`` (``"gauss-newton"`` too). Default: the Hessian
+            for the trust region, Gauss-Newton for preconditioning (where it trains better and is cheaper,
+            docs/benchmarks.md).
+        damping: trust-region mode: ``"trust-region"`` (default: exact Moré–Sorensen subproblem, radius
+            from the ratio test), ``"levenberg-marquardt"``, a float ``eps`` (fixed damping, every step
+            taken), or a rule object (:class:`~hessinv.optim.TrustRegion`, ...). Precondition mode with
+            ``curvature="hessian"``: the scalar damping (default 1.0).
+        diagonal_damping: precondition mode: the scale ``delta`` of ``D = delta (sqrt(v) + eps)``; off
+            the curvature batch's subspace a step is an Adam step of size ``lr / delta``.
+        curvature_batch_size: build the curvature on this many examples drawn at random from each batch
+            (precondition mode default 8; trust-region default: the whole batch).
+        refresh: precondition mode: rebuild the curvature every this many steps.
+        momentum, beta2: precondition mode: the gradient average and the second-moment average.
+        seed: seed of the optimizer's own generator for the subsampling (default: drawn from ``torch``'s
+            global generator). Its state is in ``state_dict``.
+        track_inertia: also compute the inertia of ``H`` itself each trust-region step.
         callback: called with the :class:`StepStats` of every step.
 
-    ``step(inputs, targets)`` needs the batch, unlike ``torch.optim`` optimizers that take a closure;
-    it returns the batch loss *before* the step. ``state_dict()`` holds the rule's state (radius,
-    damping), the step count and the subsampling generator, so that a resumed run is bit-identical.
+    ``step(inputs, targets)`` returns the batch loss *before* the step and writes the batch gradient into
+    every ``p.grad``. ``step(closure)`` follows ``torch.optim``: the closure zeroes the gradients, runs the
+    model and the loss *module* ``loss_fn`` on a batch, calls ``backward()`` and returns the loss; the
+    optimizer takes the gradient from ``.grad`` and the batch from the model and loss calls it watched
+    (or pass ``inputs=``/``targets=``). ``state_dict()`` holds the rule's state, the moments, the step
+    count and the generators, so that a resumed run is bit-identical.
+
+    >>> import torch, hessinv.optim
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    >>> loss_fn = torch.nn.CrossEntropyLoss()
+    >>> X, y = torch.randn(512, 10), torch.randint(0, 3, (512,))
+    >>> opt = hessinv.optim.Newton(net, loss_fn, seed=0)
+    >>> first = loss_fn(net(X), y).item()
+    >>> for epoch in range(3):
+    ...     for i in range(0, 512, 32):                      # mini-batches: the preconditioned mode
+    ...         loss = opt.step(X[i:i + 32], y[i:i + 32])
+    >>> loss_fn(net(X), y).item() < first, opt.last_stats.mode
+    (True, 'precondition')
+    >>> def closure():                                       # the torch.optim closure form
+    ...     opt.zero_grad()
+    ...     loss = loss_fn(net(X[:32]), y[:32])
+    ...     loss.backward()
+    ...     return loss.detach()
+    >>> loss = opt.step(closure)
     """
 
     def __init__(
         self,
         model: nn.Module | Sequence[nn.Module],
-        loss_fn: nn.Module,
+        loss_fn: nn.Module | Callable[[Tensor, Tensor], Tensor] | None = None,
         *,
+        params: Any = None,
         lr: float = 1.0,
-        curvature: str = "hessian",
-        damping: str | float | DampingRule = "trust-region",
+        mode: str = "auto",
+        curvature: str | None = None,
+        damping: str | float | DampingRule | None = None,
+        diagonal_damping: float = 500.0,
         curvature_batch_size: int | None = None,
+        refresh: int = 20,
+        momentum: float = 0.9,
+        beta2: float = 0.99,
         seed: int | None = None,
         track_inertia: bool = False,
         backtracking: int = 0,
         callback: Callable[[StepStats], None] | None = None,
     ):
-        if not isinstance(loss_fn, nn.Module):
-            raise ValueError(f"loss_fn must be a torch.nn loss module, got {type(loss_fn).__name__}")
+        if not _is_model(model):
+            raise ValueError(
+                "Newton needs the model and its loss to build the curvature: "
+                "Newton(model, loss_fn, params=model.parameters()) -- got "
+                f"{type(model).__name__} as the model"
+            )
+        if not callable(loss_fn):
+            raise ValueError(
+                "loss_fn must be a loss module (e.g. nn.CrossEntropyLoss()) or a function "
+                f"loss_fn(outputs, targets), got {type(loss_fn).__name__}"
+            )
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-        if curvature not in _CURVATURES:
-            raise ValueError(f"curvature must be one of {sorted(_CURVATURES)}, got {curvature!r}")
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if curvature is not None:
+            try:
+                curvature = normalize_curvature(curvature)
+            except ValueError:
+                raise ValueError(f"curvature must be one of {sorted(_CURVATURES)}, got {curvature!r}") from None
         if curvature_batch_size is not None and (
             isinstance(curvature_batch_size, bool)
             or not isinstance(curvature_batch_size, int)
@@ -228,26 +303,47 @@ class Newton(torch.optim.Optimizer):
             raise ValueError(f"backtracking must be an int >= 0, got {backtracking!r}")
         if callback is not None and not callable(callback):
             raise ValueError("callback must be callable")
-        self.rule = _rule_from(damping)
+        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        if mode == "auto" and (damping is not None or track_inertia or backtracking):
+            mode = "trust-region"
+        self.mode = mode
+        self.rule = _rule_from("trust-region" if damping is None or mode == "precondition" else damping)
         self.model, self.loss_fn = model, loss_fn
         self.chain = Chain(model, loss_fn)
-        self.curvature = curvature
+        self.curvature = curvature or "hessian"  # the trust region's
         self.curvature_batch_size = curvature_batch_size
         self.track_inertia = bool(track_inertia)
         self.backtracking = backtracking
         self.callback = callback
+        self.momentum = float(momentum)
         self.last_stats: StepStats | None = None
         self._rejected: tuple | None = None  # (batch key, loss, operator) after a rejected step
-        super().__init__(self.chain.params, {"lr": float(lr)})
+        super().__init__(_param_groups(params, self.chain.params), {"lr": float(lr)})
+        self._groups_frozen = True
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         self._generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        self.preconditioner: Preconditioner | None = None
+        if mode != "trust-region":
+            pc_curv = curvature or "gauss_newton"
+            pc_damping = diagonal_damping
+            if pc_curv == "hessian":
+                pc_damping = float(damping) if isinstance(damping, (int, float)) else 1.0
+            self.preconditioner = Preconditioner(
+                model, loss_fn, curvature=pc_curv, damping=pc_damping,
+                curvature_batch_size=curvature_batch_size or 8, refresh=refresh, beta2=beta2,
+                seed=int(seed) + 1,
+            )  # fmt: skip
         self._newton: dict[str, Any] = {
             "step": 0,
             "rule": self.rule.init(),
             "rng": self._generator.get_state(),
-            "curvature": curvature,
+            "curvature": self.curvature,
             "damping": self.rule.name,
+            "mode": mode,
+            "momentum": None,
+            "previous": None,  # auto mode: the previous batch, to recognize full-batch training
         }
 
     # -- state ------------------------------------------------------------------------------------
@@ -262,9 +358,16 @@ class Newton(torch.optim.Optimizer):
         return dict(self._newton["rule"])
 
     def state_dict(self) -> dict[str, Any]:
-        """``torch.optim`` state dict plus ``"newton"``: step count, rule state, generator state."""
+        """``torch.optim`` state dict plus ``"newton"``: step count, mode, rule state, momentum, generators
+        and the preconditioner's state."""
         sd = super().state_dict()
-        sd["newton"] = copy.deepcopy(self._newton)
+        ns = {k: v for k, v in self._newton.items() if k != "previous"}
+        sd["newton"] = copy.deepcopy(ns)
+        sd["newton"]["previous"] = None if self._newton["previous"] is None else tuple(
+            t.clone() for t in self._newton["previous"]
+        )
+        if self.preconditioner is not None:
+            sd["newton"]["preconditioner"] = self.preconditioner.state_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -277,34 +380,71 @@ class Newton(torch.optim.Optimizer):
                 f"state dict is for curvature={ns.get('curvature')!r}, damping={ns.get('damping')!r}; "
                 f"this optimizer has curvature={self.curvature!r}, damping={self.rule.name!r}"
             )
+        if ns.get("mode", "trust-region") != "trust-region" and self.preconditioner is None:
+            raise ValueError(f"state dict is for mode={ns.get('mode')!r}; this optimizer has mode='trust-region'")
         super().load_state_dict(sd)
+        ns = dict(ns)
+        pcs = ns.pop("preconditioner", None)
+        if pcs is not None and self.preconditioner is not None:
+            self.preconditioner.load_state_dict(pcs)
+        ns.setdefault("mode", "trust-region")
+        ns.setdefault("momentum", None)
+        ns.setdefault("previous", None)
         self._newton = copy.deepcopy(ns)
+        self.mode = ns["mode"]
         self._rejected = None
 
     # -- one step ---------------------------------------------------------------------------------
     def _operator(self, inputs: Tensor, targets: Tensor) -> CurvatureOperator:
         return _CURVATURES[self.curvature](self.model, self.loss_fn, inputs, targets)
 
-    def _gradient(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        """The gradient of the batch loss by backprop (when the curvature batch is a subset)."""
-        with torch.enable_grad():
-            z = inputs
-            for stage in self.chain.stages:
-                z = stage.forward(z)
-            grads = torch.autograd.grad(self.loss_fn(z, targets), self.chain.params)
-        return torch.cat([gr.reshape(-1) for gr in grads])
-
-    def _learning_rate(self) -> float:
-        """The ``lr`` of the single parameter group, validated."""
-        groups = self.param_groups
-        if len(groups) != 1 or [id(p) for p in groups[0]["params"]] != [id(p) for p in self.chain.params]:
+    def _learning_rate(self) -> float | Tensor:
+        """The step multiplier: the groups' common ``lr``, or a per-parameter (n,) vector when they differ."""
+        order = {id(p): i for i, p in enumerate(self.chain.params)}
+        seen: list[int] = []
+        lrs: dict[int, float] = {}
+        for group in self.param_groups:
+            lr = group["lr"]
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr >= 0):
+                raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+            for p in group["params"]:
+                if id(p) not in order:
+                    raise ValueError(
+                        "Newton's parameter groups must hold exactly the model's trainable parameters; "
+                        "a group holds a tensor that is not one of them (add_param_group with other "
+                        "parameters is not supported: build a new Newton over the whole model)"
+                    )
+                seen.append(id(p))
+                lrs[id(p)] = float(lr)
+        if sorted(seen) != sorted(order):
             raise ValueError(
-                "Newton takes one parameter group holding exactly the model's trainable parameters"
+                "Newton's parameter groups must hold each trainable parameter of the model exactly once"
             )
-        lr = float(groups[0]["lr"])
-        if not (math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"lr must be a finite number >= 0, got {groups[0]['lr']!r}")
-        return lr
+        values = set(lrs.values())
+        if len(values) == 1:
+            return values.pop()
+        return torch.cat(
+            [torch.full((p.numel(),), lrs[id(p)], dtype=p.dtype, device=p.device) for p in self.chain.params]
+        )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Only while building the optimizer: the curvature is of the whole model, so a group with other
+        tensors is refused at once (build a new ``Newton`` over the model, with ``params=`` groups)."""
+        if getattr(self, "_groups_frozen", False):
+            raise ValueError(
+                "Newton's parameter groups must hold exactly the model's trainable parameters; "
+                "add_param_group after construction is not supported: build a new Newton with "
+                "params=[{'params': ..., 'lr': ...}, ...]"
+            )
+        super().add_param_group(param_group)
+
+    def _write_grad(self, g: Tensor) -> None:
+        """``p.grad <- g`` (the batch gradient) for every trainable parameter."""
+        offset = 0
+        for p in self.chain.params:
+            k = p.numel()
+            p.grad = g[offset : offset + k].view_as(p)  # views of a fresh g (no copy)
+            offset += k
 
     @torch.no_grad()
     def _apply(self, d: Tensor) -> None:
@@ -336,9 +476,154 @@ class Newton(torch.optim.Optimizer):
             return inertia0
         return Inertia(0, 0, op.shape[0]) if proposal.positive_definite_at_zero else None
 
+    def step(  # type: ignore[override]
+        self,
+        inputs: Tensor | Callable[[], Any] | None = None,
+        targets: Tensor | None = None,
+        closure: Callable[[], Any] | None = None,
+    ) -> Tensor:
+        """One step on the batch ``(inputs, targets)`` -- or ``step(closure)`` (see the class docstring);
+        returns the batch loss before the step."""
+        if callable(inputs) and not isinstance(inputs, Tensor):
+            closure, inputs = inputs, None
+        g = loss = None
+        if closure is not None:
+            loss, (inputs, targets), g = self._run_closure(closure, inputs, targets)
+        if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+            raise TypeError(
+                "Newton.step needs the batch: step(inputs, targets), or step(closure) with a closure that "
+                "calls the model and loss_fn (or step(closure, inputs=..., targets=...))"
+            )
+        mode = self._resolve_mode(inputs, targets)
+        if mode == "precondition":
+            return self._step_precondition(inputs, targets, g, loss)
+        return self._step_trust_region(inputs, targets)
+
+    def _resolve_mode(self, inputs: Tensor, targets: Tensor) -> str:
+        """``"auto"``: precondition, until a step gets the same batch as the step before."""
+        ns = self._newton
+        if ns["mode"] != "auto":
+            return ns["mode"]
+        prev = ns["previous"]
+        if (
+            prev is not None
+            and prev[0].shape == inputs.shape
+            and prev[1].shape == targets.shape
+            and torch.equal(prev[0], inputs)
+            and torch.equal(prev[1], targets)
+        ):
+            ns["mode"] = self.mode = "trust-region"
+            ns["previous"] = None
+            return "trust-region"
+        ns["previous"] = (inputs.detach().clone(), targets.detach().clone())
+        return "precondition"
+
+    def _run_closure(
+        self, closure: Callable[[], Any], inputs: Tensor | None, targets: Tensor | None
+    ) -> tuple[Tensor, tuple[Tensor | None, Tensor | None], Tensor]:
+        """Run a ``torch.optim`` closure, watching the model's input and the loss module's target."""
+        seen: dict[str, Tensor] = {}
+        first = self.model if isinstance(self.model, nn.Module) else self.model[0]
+
+        def on_model(_m: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], Tensor):
+                seen["inputs"] = args[0]
+
+        def on_loss(_m: nn.Module, args: tuple) -> None:
+            if len(args) >= 2 and isinstance(args[1], Tensor):
+                seen["targets"] = args[1]
+
+        handles = [first.register_forward_pre_hook(on_model)]
+        if isinstance(self.loss_fn, nn.Module):
+            handles.append(self.loss_fn.register_forward_pre_hook(on_loss))
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        finally:
+            for h in handles:
+                h.remove()
+        inputs = inputs if inputs is not None else seen.get("inputs")
+        targets = targets if targets is not None else seen.get("targets")
+        if inputs is None or targets is None:
+            raise TypeError(
+                "the closure did not call the model and loss_fn (module) on a batch; pass it: "
+                "step(closure, inputs=X, targets=y)"
+            )
+        if any(p.grad is None for p in self.chain.params):
+            raise ValueError("the closure must call backward() on the loss: some parameters have no .grad")
+        g = torch.cat([p.grad.reshape(-1) for p in self.chain.params]).detach()
+        loss_t = loss.detach() if isinstance(loss, Tensor) else torch.as_tensor(float(loss))
+        return loss_t, (inputs.detach(), targets.detach()), g
+
     @torch.no_grad()
-    def step(self, inputs: Tensor, targets: Tensor) -> Tensor:  # type: ignore[override]
-        """One Newton step on the batch ``(inputs, targets)``; returns the batch loss before the step."""
+    def _step_precondition(
+        self, inputs: Tensor, targets: Tensor, g: Tensor | None, closure_loss: Tensor | None = None
+    ) -> Tensor:
+        """``x <- x - lr (C_k + D_t)^{-1} m_t / (1 - momentum^t)`` (see the class docstring)."""
+        t_start = time.perf_counter()
+        ns = self._newton
+        pc = self.preconditioner
+        assert pc is not None
+        lr = self._learning_rate()
+        if ns["step"] == 0:
+            self.chain.check_inputs(inputs, targets)  # named errors; later batches: on failure only
+        try:
+            if g is None:
+                loss0, g = self._loss_and_gradient(inputs, targets)
+                self._write_grad(g)
+            else:  # the closure's loss is the batch loss here (no second forward pass)
+                loss0 = closure_loss if closure_loss is not None else self.chain.loss(inputs, targets)
+        except (RuntimeError, ValueError):
+            self.chain.check_inputs(inputs, targets)
+            raise
+        if not bool(torch.isfinite(g).all()) or not bool(torch.isfinite(loss0)):
+            self.chain.check_inputs(inputs, targets)
+            raise NonFiniteError(f"the loss ({float(loss0)}) or the gradient contains NaN or infinity")
+        t_deriv = time.perf_counter() - t_start
+        pc.observe(g)
+        refreshed = pc.due()
+        t = time.perf_counter()
+        pc.update(inputs, targets)
+        t_factor = time.perf_counter() - t
+        t = time.perf_counter()
+        m = ns["momentum"]
+        m = g.clone() * (1 - self.momentum) if m is None else m.mul_(self.momentum).add_(g, alpha=1 - self.momentum)
+        step = ns["step"] + 1
+        direction = pc.solve(m / (1 - self.momentum**step))
+        d = _scaled(direction, lr)
+        self._apply(-d)
+        t_solve = time.perf_counter() - t
+        ns.update(step=step, momentum=m)
+        batch = int(inputs.shape[0])
+        lr_f = float(self.param_groups[0]["lr"])
+        stats = StepStats(
+            step=step, loss=float(loss0), loss_after=math.nan, predicted_decrease=float(g @ d),
+            actual_decrease=math.nan, rho=math.nan, accepted=True, damping=pc.damping, radius=None,
+            step_norm=float(d.norm()), boundary=False, hard_case=False, inertia=None, inertia_at_zero=None,
+            negative_curvature=None, lr=lr_f, batch_size=batch,
+            curvature_batch_size=min(pc.curvature_batch_size, batch), factorizations=int(refreshed),
+            solves=1, fallback=False, backtracks=0, time_derivatives=t_deriv, time_factor=t_factor,
+            time_solve=t_solve, time_total=time.perf_counter() - t_start, mode="precondition",
+            refreshed=refreshed,
+        )  # fmt: skip
+        self.last_stats = stats
+        if self.callback is not None:
+            self.callback(stats)
+        return loss0.detach()
+
+    def _loss_and_gradient(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch loss and its gradient by backprop."""
+        with torch.enable_grad():
+            z = inputs
+            for stage in self.chain.stages:
+                z = stage.forward(z)
+            loss = self.loss_fn(z, self.chain.prepare_targets(targets))
+            grads = torch.autograd.grad(loss, self.chain.params)
+        return loss.detach(), torch.cat([gr.reshape(-1) for gr in grads])
+
+    @torch.no_grad()
+    def _step_trust_region(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """One trust-region Newton step on the batch ``(inputs, targets)`` (the module docstring)."""
         t_start = time.perf_counter()
         ns = self._newton
         lr = self._learning_rate()
@@ -357,7 +642,7 @@ class Newton(torch.optim.Optimizer):
             idx = torch.randperm(batch, generator=self._generator)[:k].sort().values.to(inputs.device)
             rng = self._generator.get_state()
             op = self._operator(inputs[idx], targets[idx])
-            g = self._gradient(inputs, targets)
+            g = self._loss_and_gradient(inputs, targets)[1]
         else:
             rng = ns["rng"]
             op = self._operator(inputs, targets)
@@ -394,7 +679,8 @@ class Newton(torch.optim.Optimizer):
 
         # Every product with H comes before the trial point: the operator's blocks read the live
         # parameters, which the trial moves.
-        d = proposal.step * lr if lr != 1.0 else proposal.step
+        self._write_grad(g)
+        d = _scaled(proposal.step, lr)
         d64 = d.double()
         gd, dHd, step_norm = float(g64 @ d64), float(d64 @ sweeps.matvec(d).double()), float(d64.norm())
         inertia0 = self._inertia_at_zero(op, sweeps, proposal)
@@ -403,7 +689,7 @@ class Newton(torch.optim.Optimizer):
         used_fallback = False
         if not accepted and proposal.fallback is not None:
             self._restore(backup)  # the operator is valid again at the restored (bitwise) point
-            e = proposal.fallback * lr if lr != 1.0 else proposal.fallback
+            e = _scaled(proposal.fallback, lr)
             e64 = e.double()
             fb = (e, float(g64 @ e64), float(e64 @ sweeps.matvec(e).double()), float(e64.norm()))
             f1b, predb, rhob = trial(*fb, 1.0)
@@ -439,7 +725,7 @@ class Newton(torch.optim.Optimizer):
             actual_decrease=actual, rho=rho, accepted=accepted, damping=proposal.damping,
             radius=proposal.radius, step_norm=step_norm, boundary=proposal.boundary,
             hard_case=proposal.hard_case, inertia=proposal.factor.inertia, inertia_at_zero=inertia0,
-            negative_curvature=negative_curvature, lr=lr, batch_size=batch,
+            negative_curvature=negative_curvature, lr=float(self.param_groups[0]["lr"]), batch_size=batch,
             curvature_batch_size=k if subsample else batch, factorizations=sweeps.factorizations,
             solves=sweeps.solves, fallback=used_fallback, backtracks=backtracks, time_derivatives=t_deriv,
             time_factor=sweeps.time_factor, time_solve=sweeps.time_solve,
@@ -449,3 +735,35 @@ class Newton(torch.optim.Optimizer):
         if self.callback is not None:
             self.callback(stats)
         return loss0.detach()
+
+
+def _scaled(v: Tensor, lr: float | Tensor) -> Tensor:
+    """``lr * v`` (``v`` itself for ``lr == 1``)."""
+    return v * lr if isinstance(lr, Tensor) or lr != 1.0 else v
+
+
+def _is_model(model: Any) -> bool:
+    if isinstance(model, nn.Module):
+        return True
+    return isinstance(model, (list, tuple)) and bool(model) and all(isinstance(m, nn.Module) for m in model)
+
+
+def _param_groups(params: Any, trainable: list[Tensor]) -> list[dict[str, Any]]:
+    """``torch.optim`` parameter groups over exactly the model's trainable parameters."""
+    if params is None:
+        return [{"params": list(trainable)}]
+    items = list(params)
+    if not items:
+        raise ValueError("params is empty; omit it to optimize every trainable parameter")
+    groups = [dict(i) if isinstance(i, dict) else None for i in items]
+    if all(gr is None for gr in groups):
+        groups = [{"params": items}]
+    elif any(gr is None for gr in groups):
+        raise ValueError("params must be all tensors or all group dicts, not a mix")
+    ids = [id(p) for gr in groups for p in (gr["params"] if not isinstance(gr["params"], Tensor) else [gr["params"]])]
+    if sorted(ids) != sorted(id(p) for p in trainable):
+        raise ValueError(
+            "params must hold each trainable parameter of the model exactly once (the curvature is of "
+            "the whole model); freeze a parameter with requires_grad_(False) to leave it out"
+        )
+    return groups

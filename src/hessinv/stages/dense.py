@@ -29,18 +29,65 @@ in it (:meth:`DenseLayerBlocks.riccati_native`, :attr:`RiccatiBlocks.order`).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
-from torch.func import grad
 
+from hessinv.errors import UnsupportedStageError
 from hessinv.stages.protocol import Blocks, RiccatiBlocks, Stage
 
-#: Modules treated as elementwise activations ``s`` (fused into a preceding Linear).
-#: ReLU-type activations have ``s'' = 0`` almost everywhere, so their curvature terms vanish.
+#: Modules treated as elementwise activations ``s`` (fused into a preceding Linear); exact types only
+#: (a subclass may override ``forward``). ReLU-type activations have ``s'' = 0`` almost everywhere,
+#: so their curvature terms vanish. ``RReLU`` only in eval mode (fixed slope).
 ELEMENTWISE = (
     nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.SiLU, nn.ELU, nn.ReLU, nn.LeakyReLU, nn.CELU,
     nn.SELU, nn.Mish, nn.Softsign, nn.Tanhshrink, nn.Hardtanh, nn.ReLU6, nn.LogSigmoid,
+    nn.Hardsigmoid, nn.Hardswish, nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.RReLU,
 )  # fmt: skip
+
+
+class FunctionActivation(nn.Module):
+    """An elementwise function (``torch.tanh``, ``F.gelu(x, approximate='tanh')``, ``x.relu()``) as a
+    module: ``fn(z, *args, **kwargs)``. Made by the chain reader from traced ``forward`` code."""
+
+    def __init__(self, fn, args: tuple = (), kwargs: dict | None = None, name: str | None = None):
+        super().__init__()
+        self.fn, self.args, self.kwargs = fn, args, dict(kwargs or {})
+        self._hessinv_label = name or (fn if isinstance(fn, str) else getattr(fn, "__name__", str(fn)))
+
+    def forward(self, z: Tensor) -> Tensor:
+        if isinstance(self.fn, str):  # a tensor method
+            return getattr(z, self.fn)(*self.args, **self.kwargs)
+        return self.fn(z, *self.args, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return self._hessinv_label
+
+
+def is_elementwise(m: nn.Module) -> bool:
+    """Whether ``m`` is a parameter-free elementwise activation the structured stages handle."""
+    if isinstance(m, FunctionActivation):
+        return True
+    if type(m) not in ELEMENTWISE or list(m.parameters()) or m._forward_hooks or m._forward_pre_hooks:
+        return False
+    return not (isinstance(m, nn.RReLU) and m.training)
+
+
+def out_of_place(act: nn.Module | None) -> nn.Module | None:
+    """``act`` itself, or a copy of it that does not work in place (``inplace=True`` modules, calls)."""
+    if act is None:
+        return None
+    if isinstance(act, FunctionActivation) and (
+        act.kwargs.get("inplace") or (isinstance(act.fn, str) and act.fn.endswith("_"))
+    ):
+        fn = act.fn.rstrip("_") if isinstance(act.fn, str) else act.fn
+        kwargs = {k: v for k, v in act.kwargs.items() if k != "inplace"}
+        return FunctionActivation(fn, act.args, kwargs, act._hessinv_label)
+    if getattr(act, "inplace", False):
+        act = copy.copy(act)
+        act.inplace = False
+    return act
 
 
 def _tanh(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -59,35 +106,63 @@ def _relu(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return torch.relu(u), (u > 0).to(u.dtype), torch.zeros_like(u)
 
 
-#: Closed forms (the formulas autograd's backward uses), exact module types only.
-_CLOSED_FORM = {nn.Tanh: _tanh, nn.Sigmoid: _sigmoid, nn.ReLU: _relu}
+def _hardsigmoid(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # torch's hardsigmoid backward uses a single-precision 1/6 (off by 3e-8 in float64)
+    inside = ((u > -3) & (u < 3)).to(u.dtype)
+    return torch.nn.functional.hardsigmoid(u), inside / 6, torch.zeros_like(u)
+
+
+#: Closed forms, exact module types only.
+_CLOSED_FORM = {nn.Tanh: _tanh, nn.Sigmoid: _sigmoid, nn.ReLU: _relu, nn.Hardsigmoid: _hardsigmoid}
+#: Piecewise-linear activations: ``s'' = 0`` almost everywhere (autograd has no double backward
+#: for some of them, e.g. ``hardsigmoid_backward``).
+_PIECEWISE_LINEAR = (
+    nn.Hardsigmoid, nn.Hardtanh, nn.ReLU6, nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.LeakyReLU, nn.RReLU,
+)  # fmt: skip
 
 
 def activation_derivatives(act: nn.Module | None, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(s(u), s'(u), s''(u))`` of an elementwise activation (identity when ``act`` is None).
 
-    Closed forms for ``Tanh``, ``Sigmoid`` and ``ReLU``; ``torch.func.grad`` for the others.
+    Closed forms for ``Tanh``, ``Sigmoid`` and ``ReLU``; plain autograd double backward for the
+    others (``act`` must not work in place: see :func:`out_of_place`).
     """
     if act is None:
         return u, torch.ones_like(u), torch.zeros_like(u)
     closed = _CLOSED_FORM.get(type(act))
+    if isinstance(act, FunctionActivation) and act.fn is torch.nn.functional.hardsigmoid:
+        closed = _hardsigmoid
     if closed is not None:
         return closed(u)
-
-    def total(v: Tensor) -> Tensor:
-        return act(v).sum()
-
-    def d1(v: Tensor) -> Tensor:
-        return grad(total)(v).sum()
-
-    return act(u), grad(total)(u), grad(d1)(u)
+    v = u.detach().clone().requires_grad_(True)
+    linear = isinstance(act, _PIECEWISE_LINEAR)
+    try:
+        with torch.enable_grad():
+            s = act(v)
+            (d1,) = torch.autograd.grad(s.sum(), v, create_graph=not linear)
+            if d1.requires_grad and not linear:
+                (d2,) = torch.autograd.grad(d1.sum(), v, allow_unused=True, materialize_grads=True)
+            else:
+                d2 = torch.zeros_like(v)
+    except RuntimeError as e:
+        raise UnsupportedStageError(f"activation {act}: autograd cannot differentiate it twice: {e}") from e
+    return s.detach(), d1.detach(), d2.detach()
 
 
 class DenseStage(Stage):
-    """``z_out = s(W z_in + c)`` with optional bias and optional elementwise activation ``s``."""
+    """``z_out = s(W z_in + c)`` with optional bias and optional elementwise activation ``s``; with
+    ``residual=True`` (a square ``W``) the residual block ``z_out = z_in + s(W z_in + c)``.
 
-    def __init__(self, index: int, linear: nn.Linear, act: nn.Module | None = None):
-        self.index, self.linear, self.act = index, linear, act
+    The residual block has the blocks of the plain one except ``Jz = I + diag(s') W``: the identity
+    path is linear, so it adds no second-order term. Its Riccati blocks (module docstring) become,
+    with ``P = diag(s') Sigma``: ``Qxz = Jt^T (M Wb + P) + E`` and
+    ``Qzz = Wb^T (M Wb + P) + (Wb^T P)^T + Sigma``.
+    """
+
+    def __init__(self, index: int, linear: nn.Linear, act: nn.Module | None = None, residual: bool = False):
+        self.index, self.linear, self.act, self.residual = index, linear, out_of_place(act), residual
+        if residual and linear.in_features != linear.out_features:
+            raise ValueError("a residual Linear stage needs in_features == out_features")
         self.modules = (linear,) if act is None else (linear, act)
         self.params = [t for t in (linear.weight, linear.bias) if t is not None]
         d, m = linear.out_features, linear.in_features
@@ -105,9 +180,15 @@ class DenseStage(Stage):
         self.model_to_riccati[self.riccati_to_model] = torch.arange(d * m1)
         self.d, self.m, self.m1 = d, m, m1
 
+    @property
+    def name(self) -> str:
+        base = super().name
+        return base[:-1] + "+residual)" if self.residual else base
+
     def forward(self, z: Tensor) -> Tensor:
         u = self.linear(z)
-        return u if self.act is None else self.act(u)
+        out = u if self.act is None else self.act(u)
+        return z + out if self.residual else out
 
     def linearize(self, z_in: Tensor, b_out: Tensor, second_order: bool) -> Blocks:
         z = z_in.detach()
@@ -123,6 +204,7 @@ class DenseLayerBlocks(Blocks):
 
     def __init__(self, stage: DenseStage, zt: Tensor, W: Tensor, sp: Tensor, b: Tensor | None, spp: Tensor):
         self.stage, self.zt, self.W, self.sp = stage, zt, W, sp
+        self.residual = stage.residual
         self.batch, self.d_in = zt.shape[0], stage.m
         self.d_out, self.p = stage.d, stage.d * stage.m1
         dev = zt.device
@@ -159,10 +241,12 @@ class DenseLayerBlocks(Blocks):
         return self._model(self._ZT(self.sp[:, :, None] * s))
 
     def jz(self, t: Tensor) -> Tensor:
-        return self.sp[:, :, None] * torch.matmul(self.W, t)
+        out = self.sp[:, :, None] * torch.matmul(self.W, t)
+        return out + t if self.residual else out
 
     def jzT(self, s: Tensor) -> Tensor:
-        return torch.matmul(self.W.T, self.sp[:, :, None] * s)
+        out = torch.matmul(self.W.T, self.sp[:, :, None] * s)
+        return out + s if self.residual else out
 
     # -- second order ------------------------------------------------------------------------
     def hxx(self, v: Tensor) -> Tensor:
@@ -199,7 +283,10 @@ class DenseLayerBlocks(Blocks):
         if t is not None:
             wt = torch.matmul(self.W, t)
             u = wt if u is None else u + wt
-        return None if u is None else self.sp[:, :, None] * u
+        if u is None:
+            return None
+        out = self.sp[:, :, None] * u
+        return out + t if self.residual and t is not None else out
 
     def hvp_backward(
         self, s: Tensor, v: Tensor | None, t: Tensor | None, need_s: bool = True
@@ -224,6 +311,8 @@ class DenseLayerBlocks(Blocks):
             if self.bsp is not None and vn is not None:
                 Vw = vn.view(self.stage.m1, self.d_out, -1)[: self.d_in]
                 s_new = s_new + torch.matmul(self.bsp, Vw).transpose(0, 1)
+            if self.residual:
+                s_new = s_new + s
         return self._model(out), s_new
 
     # -- Riccati ---------------------------------------------------------------------------------
@@ -279,8 +368,71 @@ class DenseLayerBlocks(Blocks):
             return RiccatiBlocks(Qxx, zt.new_empty(p, B, 0), None, self._r2m, self._m2r, low)
         # R = M Wb: (n, i, n', c);  Qxz[(j,i),(n',c)] = sum_n zt[n,j] R[n,i,n',c]
         R = (M.view(a * B, d) @ W).view(B, d, B * m)
+        if self.residual:  # R = M Wb + P, P = diag(s') Sigma (m == d)
+            P = sp[:, :, None, None] * Sigma.reshape(B, d, B, d)
+            R = R + P.view(B, d, B * m)
         Qxz = (ztT @ R.view(B, -1)).view(m1, d, B, m)
         if self.bsp is not None:  # + (b s')_{n,i} delta_{jc}, j < m
             Qxz[:m].diagonal(dim1=0, dim2=3).add_(self.bsp.T[:, :, None])
         Qzz = torch.matmul(W.T, R).view(B, m, B, m)
+        if self.residual:  # + (Wb^T P)^T + Sigma
+            K = torch.matmul(W.T, P.view(B, d, B * d)).view(B, m, B, m)
+            Qzz = Qzz + K.permute(2, 3, 0, 1) + Sigma.reshape(B, m, B, m)
         return RiccatiBlocks(Qxx, Qxz.view(p, B, m), Qzz, self._r2m, self._m2r, low)
+
+
+class ElementwiseStage(Stage):
+    """A standalone elementwise activation ``z_out = s(z_in)`` (no parameters): ``Jz = diag(s')``,
+    ``Hzz = diag(b s'')``, so ``Qzz = diag(s') Sigma diag(s') + diag(b s'')``."""
+
+    def __init__(self, index: int, act: nn.Module):
+        self.index, self.modules, self.act, self.params = index, (act,), out_of_place(act), []
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.act(z)
+
+    def linearize(self, z_in: Tensor, b_out: Tensor, second_order: bool) -> Blocks:
+        u = z_in.detach().reshape(z_in.shape[0], -1)
+        _, sp, spp = activation_derivatives(self.act, u)
+        return ElementwiseBlocks(sp, b_out.reshape(sp.shape) * spp if second_order else None)
+
+
+class ElementwiseBlocks(Blocks):
+    """Blocks of :class:`ElementwiseStage`: diagonal per example."""
+
+    def __init__(self, sp: Tensor, bpp: Tensor | None):
+        self.sp, self.bpp = sp, bpp
+        self.batch, self.d_in = sp.shape
+        self.d_out, self.p = self.d_in, 0
+
+    def jx(self, v: Tensor) -> Tensor:
+        return v.new_zeros(self.batch, self.d_out, v.shape[-1])
+
+    def jxT(self, s: Tensor) -> Tensor:
+        return s.new_zeros(0, s.shape[-1])
+
+    def jz(self, t: Tensor) -> Tensor:
+        return self.sp[:, :, None] * t
+
+    jzT = jz
+
+    def hxx(self, v: Tensor) -> Tensor:
+        return v
+
+    def hxz(self, t: Tensor) -> Tensor:
+        return t.new_zeros(0, t.shape[-1])
+
+    def hxzT(self, v: Tensor) -> Tensor:
+        return v.new_zeros(self.batch, self.d_in, v.shape[-1])
+
+    def hzz(self, t: Tensor) -> Tensor:
+        return torch.zeros_like(t) if self.bpp is None else self.bpp[:, :, None] * t
+
+    def riccati(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
+        B, d = self.batch, self.d_in
+        Qzz = None
+        if coupled:
+            Qzz = Sigma.reshape(B, d, B, d) * self.sp[:, :, None, None] * self.sp
+            if self.bpp is not None:
+                Qzz.view(B * d, B * d).diagonal().add_(self.bpp.reshape(-1))
+        return RiccatiBlocks(Sigma.new_zeros(0, 0), Sigma.new_zeros(0, B, d), Qzz)

@@ -7,18 +7,88 @@ target, and ``s`` the reduction's scale (``1/B`` for CE/`mean`, ``1/(B*C)`` for 
 Gauss-Newton matrix). Keeping the loss as its own parameter-free stage is the same Hessian as
 fusing it into the last layer (math.md §1), and keeps ``Lambda`` in one place.
 
-Supported: ``CrossEntropyLoss`` (class indices with ``ignore_index`` and ``label_smoothing``, or class
-probabilities), ``MSELoss``, ``BCEWithLogitsLoss``, each with ``reduction='mean'`` or ``'sum'``.
+Closed forms (the fast path): ``CrossEntropyLoss`` (class indices with ``ignore_index`` and
+``label_smoothing``, or class probabilities), ``MSELoss``, ``BCEWithLogitsLoss``, each with
+``reduction='mean'`` or ``'sum'``, also as ``F.cross_entropy`` / ``F.mse_loss`` /
+``F.binary_cross_entropy_with_logits``. Any other loss ``loss_fn(outputs, targets)`` that returns a
+scalar sum of per-example terms (``NLLLoss``, ``HuberLoss``, ``SmoothL1Loss``, ``L1Loss``,
+``KLDivLoss``, class-weighted cross-entropy, a ``lambda``, ...) goes through plain autograd: one
+backward pass for ``Jz`` and ``C`` double-backward passes for the per-example ``Lambda`` (``C`` the
+outputs per example), then one probe pass that checks ``Lambda`` is block-diagonal over examples
+(else :class:`UnsupportedStageError`: the loss mixes examples).
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hessinv.errors import ShapeMismatchError, UnsupportedStageError
+from hessinv.errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError, UnsupportedStageError
 from hessinv.stages.protocol import Blocks, RiccatiBlocks, add_blockdiag
+
+#: Functional forms of the closed-form losses (default arguments only) -> their modules.
+_FUNCTIONAL = {
+    F.cross_entropy: nn.CrossEntropyLoss,
+    F.mse_loss: nn.MSELoss,
+    F.binary_cross_entropy_with_logits: nn.BCEWithLogitsLoss,
+}
+#: Losses whose targets are class indices (any integer dtype is converted to int64) ...
+_INDEX_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss, nn.MultiMarginLoss)
+_INDEX_FUNCTIONS = (F.cross_entropy, F.nll_loss, F.multi_margin_loss)
+#: ... and losses whose targets are real numbers (integer targets become the model's dtype).
+_REAL_LOSSES = (
+    nn.MSELoss, nn.BCEWithLogitsLoss, nn.BCELoss, nn.HuberLoss, nn.SmoothL1Loss, nn.L1Loss, nn.KLDivLoss,
+    nn.PoissonNLLLoss, nn.GaussianNLLLoss, nn.SoftMarginLoss, nn.MultiLabelSoftMarginLoss,
+)  # fmt: skip
+_REAL_FUNCTIONS = (
+    F.mse_loss, F.binary_cross_entropy_with_logits, F.binary_cross_entropy, F.huber_loss, F.smooth_l1_loss,
+    F.l1_loss, F.kl_div, F.poisson_nll_loss, F.soft_margin_loss, F.multilabel_soft_margin_loss,
+)  # fmt: skip
+
+
+def loss_name(loss_fn: Callable) -> str:
+    """``'CrossEntropyLoss'``, ``'cross_entropy'``, ``'<lambda>'``: how messages call a loss."""
+    if isinstance(loss_fn, nn.Module):
+        return type(loss_fn).__name__
+    return getattr(loss_fn, "__name__", type(loss_fn).__name__)
+
+
+def prepare_targets(loss_fn: Callable, targets: Tensor, dtype: torch.dtype) -> Tensor:
+    """Targets as the loss expects them: class indices of any integer (or bool) dtype become int64
+    for the index losses (cross-entropy with a target per example, NLL); integer or bool targets of
+    the regression/binary losses become the model's floating dtype; other losses get them as given."""
+    if targets.is_floating_point() or targets.is_complex():
+        return targets
+    fn = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
+    if isinstance(fn, _INDEX_LOSSES) or fn in _INDEX_FUNCTIONS:
+        return targets.long() if targets.dim() == 1 else targets
+    if isinstance(fn, _REAL_LOSSES) or fn in _REAL_FUNCTIONS:
+        return targets.to(dtype)
+    return targets
+
+
+def closed_form(loss_fn: Callable) -> nn.Module | None:
+    """The closed-form loss module equivalent to ``loss_fn``, or None (autograd path)."""
+    if not isinstance(loss_fn, nn.Module):
+        try:
+            cls = _FUNCTIONAL.get(loss_fn)  # type: ignore[call-overload]
+        except TypeError:  # unhashable callable
+            cls = None
+        return None if cls is None else cls()
+    red = getattr(loss_fn, "reduction", None)
+    if red not in ("mean", "sum"):
+        return None
+    if type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None:
+        return loss_fn
+    if type(loss_fn) is nn.MSELoss:
+        return loss_fn
+    if type(loss_fn) is nn.BCEWithLogitsLoss and loss_fn.weight is None and loss_fn.pos_weight is None:
+        return loss_fn
+    return None
 
 
 class LossBlocks(Blocks):
@@ -64,10 +134,10 @@ class LossBlocks(Blocks):
 
 
 class LossStage:
-    """The fused loss: per-example terms, their scale, and their derivatives in closed form.
+    """The fused loss: per-example terms, their scale, and their derivatives.
 
-    With ``p = softmax(y_n)``, the target distribution ``q_n`` (one-hot or given probabilities, label
-    smoothing applied: ``q <- (1 - eps) q + eps / C``) and ``|q| = sum_c q_c``:
+    Closed forms, with ``p = softmax(y_n)``, the target distribution ``q_n`` (one-hot or given
+    probabilities, label smoothing applied: ``q <- (1 - eps) q + eps / C``) and ``|q| = sum_c q_c``:
 
     ===============  ===========================  ==================  ==========================
     loss             ``ell(y_n)``                 gradient            Hessian
@@ -78,32 +148,33 @@ class LossStage:
     ===============  ===========================  ==================  ==========================
 
     (examples with ``ignore_index`` contribute nothing). ``linearize`` checks that ``scale * sum_n ell``
-    matches the module's own loss.
+    matches the module's own loss. Any other loss: plain autograd (module docstring).
 
     Args:
-        loss_fn: a supported ``nn.Module`` loss.
-        targets: the batch's targets (they "ride along" the chain, seed §Notation).
+        loss_fn: the loss, ``loss_fn(outputs, targets) -> scalar``.
+        targets: the batch's targets (they "ride along" the chain, seed §Notation), already passed
+            through :func:`prepare_targets`.
     """
 
-    def __init__(self, index: int, loss_fn: nn.Module, targets: Tensor, output: Tensor):
+    def __init__(self, index: int, loss_fn: Callable, targets: Tensor, output: Tensor):
         self.index, self.loss_fn, self.targets = index, loss_fn, targets
-        self.name = f"stage {index} ({type(loss_fn).__name__})"
-        self.kind, self.q, self.scale = self._per_example(loss_fn, targets, output)
+        self.name = f"stage {index} ({loss_name(loss_fn)})"
+        self.closed = closed_form(loss_fn)
+        if self.closed is not None:
+            self.kind, self.q, self.scale = self._per_example(self.closed, targets, output)
+        else:
+            self.kind, self.q, self.scale = "autograd", None, 1.0
 
     def _per_example(self, loss_fn: nn.Module, t: Tensor, y: Tensor) -> tuple[str, Tensor | None, float]:
         """``(kind, q, scale)``: ``q`` the smoothed target distribution (cross-entropy; zero rows for
         ignored examples), else None."""
-        red = getattr(loss_fn, "reduction", None)
-        if red not in ("mean", "sum"):
-            raise UnsupportedStageError(f"{self.name}: reduction={red!r}; use 'mean' or 'sum'")
+        red = loss_fn.reduction
         if y.dim() != 2:
             raise UnsupportedStageError(
                 f"{self.name}: model output must be (batch, features); got shape {tuple(y.shape)}"
             )
         B, C = y.shape
         if isinstance(loss_fn, nn.CrossEntropyLoss):
-            if loss_fn.weight is not None:
-                raise UnsupportedStageError(f"{self.name}: class weights are not supported")
             eps = float(loss_fn.label_smoothing)
             if t.is_floating_point():  # class probabilities
                 if t.shape != y.shape:
@@ -117,24 +188,21 @@ class LossStage:
                 )
             keep = t != loss_fn.ignore_index
             kept = int(keep.sum())
+            if kept == 0 and red == "mean":
+                raise InvalidArgumentError(
+                    f"{self.name}: every target equals ignore_index={loss_fn.ignore_index}, so the mean "
+                    "loss is 0/0; give the batch at least one target to learn from"
+                )
             valid = t[keep]
             if valid.numel() and (valid.min() < 0 or valid.max() >= C):
                 raise ShapeMismatchError(f"{self.name}: class index out of range [0, {C})")
             q = F.one_hot(t.clamp(0, C - 1), C).to(y.dtype).mul_(1 - eps).add_(eps / C)
             q.mul_(keep[:, None].to(y.dtype))
             return "ce", q, (1.0 / max(kept, 1) if red == "mean" else 1.0)
-        if isinstance(loss_fn, (nn.MSELoss, nn.BCEWithLogitsLoss)):
-            if t.shape != y.shape:
-                raise ShapeMismatchError(f"{self.name}: targets {tuple(t.shape)} != outputs {tuple(y.shape)}")
-            scale = 1.0 / (B * C) if red == "mean" else 1.0
-            if isinstance(loss_fn, nn.BCEWithLogitsLoss):
-                if loss_fn.weight is not None or loss_fn.pos_weight is not None:
-                    raise UnsupportedStageError(f"{self.name}: weight/pos_weight are not supported")
-                return "bce", None, scale
-            return "mse", None, scale
-        raise UnsupportedStageError(
-            f"{self.name}: unsupported loss; use CrossEntropyLoss, MSELoss or BCEWithLogitsLoss"
-        )
+        if t.shape != y.shape:
+            raise ShapeMismatchError(f"{self.name}: targets {tuple(t.shape)} != outputs {tuple(y.shape)}")
+        scale = 1.0 / (B * C) if red == "mean" else 1.0
+        return ("bce" if isinstance(loss_fn, nn.BCEWithLogitsLoss) else "mse"), None, scale
 
     def derivatives(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-example ``(ell (B,), gradient (B, C), Hessian (B, C, C))``, unscaled (see the class table)."""
@@ -153,8 +221,59 @@ class LossStage:
         eye = torch.eye(y.shape[1], dtype=y.dtype, device=y.device)
         return r.square().sum(-1), 2 * r, (2 * eye).expand(y.shape[0], -1, -1).contiguous()
 
+    def call(self, y: Tensor) -> Tensor:
+        """``loss_fn(y, targets)``, its failures and non-scalar results as named errors."""
+        try:
+            out = self.loss_fn(y, self.targets)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            hint = ""
+            if isinstance(self.loss_fn, nn.GaussianNLLLoss):
+                hint = (
+                    "; GaussianNLLLoss needs a variance: pass e.g. "
+                    "lambda y, t: nn.GaussianNLLLoss()(y[:, :k], t, F.softplus(y[:, k:])) "
+                    "with the model predicting mean and variance"
+                )
+            raise UnsupportedStageError(f"{self.name}: loss_fn(outputs, targets) failed: {e}{hint}") from e
+        if not isinstance(out, Tensor) or out.numel() != 1:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise UnsupportedStageError(
+                f"{self.name}: the loss returned {shape}, not a scalar; use reduction='mean' or 'sum'"
+            )
+        return out.reshape(())
+
     def linearize(self, y: Tensor) -> tuple[LossBlocks, Tensor]:
         """Per-example gradient and Hessian of the loss (Lambda is kept for Gauss-Newton too), and the
         loss ``scale * sum_n ell``."""
+        if self.kind == "autograd":
+            return self._autograd(y)
         ell, G, Lam = self.derivatives(y.detach())
         return LossBlocks(self.scale * G, Lam.mul_(self.scale)), self.scale * ell.sum()
+
+    def _autograd(self, y: Tensor) -> tuple[LossBlocks, Tensor]:
+        """``G = dL/dy`` and the per-example ``Lambda_n = d2 L / dy_n dy_n`` by plain autograd."""
+        from hessinv.stages.generic import _grads
+
+        B = y.shape[0]
+        y = y.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self.call(y)
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"{self.name}: the loss is {loss.item()}")
+            G = _grads(loss, [y], create_graph=True)[0].reshape(B, -1)
+            C = G.shape[1]
+            Lam = y.new_zeros(B, C, C)
+            for c in range(C):
+                Lam[:, c, :] = _grads(G[:, c].sum(), [y])[0].reshape(B, C)
+            if B > 1:
+                gen = torch.Generator(device="cpu").manual_seed(4321)
+                V = torch.randn(B, C, generator=gen, dtype=torch.float64).to(G)
+                ref = _grads((G * V).sum(), [y])[0].reshape(B, C)
+                ours = torch.bmm(Lam, V[:, :, None])[..., 0]
+                tol = 1e3 * torch.finfo(G.dtype).eps * (1 + C) ** 0.5
+                if float((ours - ref).abs().max()) > tol * max(
+                    float(ref.abs().max()), float(ours.abs().max()), 1e-300
+                ):
+                    raise UnsupportedStageError(
+                        f"{self.name} mixes examples: it is not a sum of per-example terms of the outputs"
+                    )
+        return LossBlocks(G.detach(), Lam), loss.detach()

@@ -181,7 +181,7 @@ class Stage(abc.ABC):
     @property
     def name(self) -> str:
         """``'stage 3 (Linear+Tanh)'``: how errors refer to this stage."""
-        kinds = "+".join(type(m).__name__ for m in self.modules)
+        kinds = "+".join(getattr(m, "_hessinv_label", None) or type(m).__name__ for m in self.modules)
         return f"stage {self.index} ({kinds})"
 
     @abc.abstractmethod

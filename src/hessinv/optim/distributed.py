@@ -1,0 +1,452 @@
+r"""Data-parallel :class:`~hessinv.optim.Newton` on ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+
+The gradient of a step is DDP's all-reduce (``DistributedDataParallel``: every rank takes its shard of
+the global batch); the momentum and the Adam-style damping ``D_t`` are then the same on every rank,
+since they are functions of that averaged gradient. What remains is the curvature ``C_k`` of a refresh,
+which :class:`DistributedPreconditioner` makes identical on every rank by one of four strategies:
+
+==============  =======================================================================================
+strategy        refresh ``k`` (every ``refresh`` steps)
+==============  =======================================================================================
+``sharded``     the curvature batch is drawn from the *global* batch (the same indices on every rank);
+                each rank builds the Gauss-Newton root ``U_r`` (rows of ``G = U^T diag(S) U``) of the
+                examples it holds, scaled by ``sqrt(n_r / k)``, and the roots are all-gathered:
+                ``G`` is exactly the single-process one, each rank sweeps ``k / world`` examples
+``replicated``  the same global curvature batch, but its *examples* are all-gathered and every rank
+                builds the whole curvature (works for ``curvature="hessian"`` too)
+``rotate``      rank ``k mod world`` builds the curvature of its own curvature batch and broadcasts
+                ``(U, S)`` (Distributed-Shampoo style turn taking)
+``average``     every rank factors its own curvature batch and the *directions* are averaged
+                (GIANT, Wang et al. 2018): one extra all-reduce of ``n`` numbers every step
+==============  =======================================================================================
+
+With ``sharded`` or ``replicated`` a run on ``W`` ranks with local batches ``B`` is the single-process
+run with the global batch ``W B`` (rank ``r`` holding rows ``[r B, (r + 1) B)``), up to the rounding
+of the all-reduce. Which trains fastest per second is measured in ``bench/distributed.py``
+(docs/benchmarks.md): ``sharded`` is the default.
+
+Use inside a DDP loop (``model`` is the plain chain; DDP wraps it for the gradient)::
+
+    torch.distributed.init_process_group("gloo", ...)
+    opt = hessinv.optim.Newton(model, loss_fn, mode="precondition", seed=0)
+    distribute(opt, "sharded")                   # same parameters, generators, curvature everywhere
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(ddp(X_local), y_local)
+        loss.backward()                          # DDP averages .grad over the ranks
+        return loss
+
+    opt.step(closure)
+
+or :class:`DataParallel` (``step(X_global, y_global)``: shards the batch, the closure above, the
+loss averaged over the ranks). :func:`launch` starts ``N`` local processes over gloo with timeouts: a
+rank that raises stops the job with :class:`~hessinv.errors.DistributedError` (no hang).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from hessinv.curvature import GaussNewton
+from hessinv.errors import DistributedError
+from hessinv.lowrank import gauss_newton_root
+from hessinv.optim.precondition import Preconditioner
+
+__all__ = [
+    "STRATEGIES",
+    "DEFAULT_STRATEGY",
+    "DistributedPreconditioner",
+    "DataParallel",
+    "distribute",
+    "launch",
+    "free_port",
+    "init_process_group",
+    "shard",
+    "save_on_rank0",
+]
+
+STRATEGIES = ("sharded", "replicated", "rotate", "average")
+DEFAULT_STRATEGY = "sharded"
+
+
+# -- process groups ---------------------------------------------------------------------------------
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (bound to port 0, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _backend(backend: str | None, device: torch.device | str | None) -> str:
+    if backend is not None:
+        return backend
+    if device is not None and torch.device(device).type == "cuda" and dist.is_nccl_available():
+        return "nccl"
+    return "gloo"
+
+
+def init_process_group(
+    rank: int,
+    world_size: int,
+    port: int,
+    *,
+    backend: str | None = None,
+    device: torch.device | str | None = None,
+    timeout: float = 60.0,
+) -> None:
+    """``torch.distributed.init_process_group`` on ``tcp://127.0.0.1:port`` with a ``timeout`` (seconds)
+    for start-up and for every collective: a rank waiting on a dead peer raises instead of hanging.
+    Backend: NCCL for a CUDA ``device``, else gloo (over the loopback interface)."""
+    if not dist.is_available():
+        raise DistributedError("this torch build has no torch.distributed")
+    if sys.platform.startswith("linux") and os.path.exists("/sys/class/net/lo"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(
+        _backend(backend, device),
+        init_method=f"tcp://127.0.0.1:{int(port)}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
+
+
+def _entry(rank: int, fn: Callable, world: int, port: int, backend, device, timeout, threads, args) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    init_process_group(rank, world, port, backend=backend, device=device, timeout=timeout)
+    fn(rank, world, *args)
+    dist.barrier()  # leave together: a rank tearing down while a peer still talks to it can abort
+    dist.destroy_process_group()
+
+
+def launch(
+    fn: Callable[..., None],
+    nprocs: int,
+    args: tuple = (),
+    *,
+    backend: str | None = None,
+    device: torch.device | str | None = None,
+    timeout: float = 60.0,
+    join_timeout: float | None = None,
+    threads: int = 1,
+    start_method: str = "spawn",
+) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``nprocs`` fresh (spawned) processes joined in one process
+    group (:func:`init_process_group`; ``timeout`` for every collective). ``fn`` must be importable (a
+    module-level function). When a rank raises or dies the others are stopped and
+    :class:`~hessinv.errors.DistributedError` carries its traceback; ``join_timeout`` (seconds) bounds the
+    whole job. ``threads``: torch threads per process (0: torch's choice). ``start_method="fork"`` starts
+    faster (no re-import; Linux, CPU only); ``fn`` and ``args`` then need not be picklable."""
+    import torch.multiprocessing as mp
+
+    if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
+        raise ValueError(f"nprocs must be an int >= 1, got {nprocs!r}")
+    port = free_port()
+    ctx = mp.start_processes(
+        _entry,
+        args=(fn, nprocs, port, backend, device, timeout, threads, tuple(args)),
+        nprocs=nprocs,
+        join=False,
+        start_method=start_method,
+    )
+    deadline = None if join_timeout is None else time.monotonic() + join_timeout
+    try:
+        while not ctx.join(timeout=0.5):  # raises (and stops the others) when a rank fails
+            if deadline is not None and time.monotonic() > deadline:
+                raise DistributedError(
+                    f"the {nprocs}-process job did not finish within {join_timeout:g} s; its processes "
+                    "were stopped (raise join_timeout for longer jobs)"
+                )
+    except mp.ProcessRaisedException as e:
+        raise DistributedError(
+            f"rank {e.error_index} of {nprocs} failed; the job was stopped:\n{e}"
+        ) from None
+    except mp.ProcessExitedException as e:
+        raise DistributedError(
+            f"rank {e.error_index} of {nprocs} exited with code {e.exit_code}; the job was stopped"
+        ) from None
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+        for p in ctx.processes:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+
+
+def _group_info(group) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise DistributedError(
+            "torch.distributed is not initialized: call torch.distributed.init_process_group (or run under "
+            "hessinv.optim.distributed.launch / torchrun) first"
+        )
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def shard(x: Tensor, rank: int, world: int) -> Tensor:
+    """Rows ``[rank B, (rank + 1) B)`` of a global batch of ``world B`` rows."""
+    n = int(x.shape[0])
+    if n % world:
+        raise DistributedError(
+            f"the global batch ({n} examples) does not split evenly over {world} ranks: use a batch size "
+            f"divisible by {world}"
+        )
+    b = n // world
+    return x[rank * b : (rank + 1) * b]
+
+
+def _gather_rows(t: Tensor, group) -> list[Tensor]:
+    """All-gather tensors whose first dimension differs between ranks (padded, then trimmed)."""
+    world = dist.get_world_size(group)
+    count = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    sizes = [int(c) for c in counts]
+    m = max(sizes)
+    padded = t.new_zeros((m, *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded.contiguous(), group=group)
+    return [o[:s] for o, s in zip(out, sizes, strict=True)]
+
+
+def _same_everywhere(value: int, what: str, group) -> None:
+    """Raise the same DistributedError on every rank if ``value`` differs between ranks."""
+    world = dist.get_world_size(group)
+    v = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend(group) == "nccl":
+        v = v.cuda()
+    vs = [torch.zeros_like(v) for _ in range(world)]
+    dist.all_gather(vs, v, group=group)
+    values = [int(x) for x in vs]
+    if len(set(values)) > 1:
+        raise DistributedError(f"{what} differs between ranks: {values}; every rank needs the same")
+
+
+# -- the preconditioner ---------------------------------------------------------------------------------
+class DistributedPreconditioner(Preconditioner):
+    """A :class:`~hessinv.optim.Preconditioner` whose curvature is the same on every rank (module docstring).
+
+    Built from a preconditioner by :meth:`wrap` (normally through :func:`distribute`). Every rank must
+    call :meth:`update` / :meth:`solve` at the same steps with local batches of the same size.
+    """
+
+    strategy: str
+    group: Any
+
+    @classmethod
+    def wrap(
+        cls, pc: Preconditioner, strategy: str = DEFAULT_STRATEGY, group: Any = None
+    ) -> DistributedPreconditioner:
+        """The distributed version of ``pc`` (same settings and state), for the process ``group``."""
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if pc.curvature == "hessian" and strategy in ("sharded", "rotate"):
+            raise DistributedError(
+                f"strategy {strategy!r} shares the Gauss-Newton root (U, S); with curvature='hessian' use "
+                "'replicated' or 'average'"
+            )
+        _group_info(group)
+        new = cls.__new__(cls)
+        new.__dict__.update(pc.__dict__)
+        new.strategy, new.group = strategy, group
+        return new
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def _global_draw(self, B: int) -> tuple[Tensor, int]:
+        """This rank's rows of a curvature batch drawn from the global batch (``world * B`` rows, rank
+        ``r`` holding ``[r B, (r + 1) B)``) exactly as one process draws it from that batch; and ``k``."""
+        _same_everywhere(B, "the local batch size", self.group)
+        Bg, k = self.world_size * B, self.curvature_batch_size
+        if k >= Bg:
+            idx = torch.arange(Bg)
+        else:
+            idx = torch.randperm(Bg, generator=self.generator)[:k].sort().values
+        lo = self.rank * B
+        return idx[(idx >= lo) & (idx < lo + B)] - lo, int(idx.numel())
+
+    def _curvature_batch(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        if self.strategy != "replicated":
+            return super()._curvature_batch(inputs, targets)
+        local, _ = self._global_draw(int(inputs.shape[0]))
+        local = local.to(inputs.device)
+        X = torch.cat(_gather_rows(inputs[local].contiguous(), self.group))
+        y = torch.cat(_gather_rows(targets[local].contiguous(), self.group))
+        return X, y
+
+    def _root(self, X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        op = GaussNewton(self.model, self.loss_fn, X, y)
+        return gauss_newton_root(op.blocks, op.dtype)
+
+    def curvature_root(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        if self.strategy == "sharded":
+            local, k = self._global_draw(int(inputs.shape[0]))
+            n = self.chain.num_params
+            if local.numel():
+                local = local.to(inputs.device)
+                U, S = self._root(inputs[local], targets[local])
+                U = U * math.sqrt(local.numel() / k)  # this shard's share of the mean over k examples
+            else:
+                U = torch.zeros(0, n, dtype=self.chain.dtype, device=self.chain.device)
+                S = torch.zeros(0, dtype=self.chain.dtype, device=self.chain.device)
+            return torch.cat(_gather_rows(U, self.group)), torch.cat(_gather_rows(S, self.group))
+        if self.strategy == "rotate":
+            _same_everywhere(int(inputs.shape[0]), "the local batch size", self.group)
+            owner = (self.state["refreshes"] - 1) % self.world_size
+            Xc, yc = self._curvature_batch(inputs, targets)  # every rank draws: generators stay in step
+            if self.rank == owner:
+                U, S = self._root(Xc, yc)
+                head = torch.tensor([U.shape[0]], dtype=torch.int64, device=U.device)
+            else:
+                head = torch.zeros(1, dtype=torch.int64, device=self.chain.device)
+            src = owner if self.group is None else dist.get_global_rank(self.group, owner)
+            dist.broadcast(head, src, group=self.group)
+            if self.rank != owner:
+                r = int(head)
+                U = torch.empty(r, self.chain.num_params, dtype=self.chain.dtype, device=self.chain.device)
+                S = torch.empty(r, dtype=self.chain.dtype, device=self.chain.device)
+            dist.broadcast(U, src, group=self.group)
+            dist.broadcast(S, src, group=self.group)
+            return U, S
+        # replicated (global curvature batch from _curvature_batch) and average (this rank's own)
+        return super().curvature_root(inputs, targets)
+
+    def solve(self, g: Tensor) -> Tensor:
+        d = super().solve(g)
+        if self.strategy == "average":
+            d = d.contiguous().clone()
+            dist.all_reduce(d, group=self.group)
+            d /= self.world_size
+        return d
+
+
+def distribute(opt: Any, strategy: str = DEFAULT_STRATEGY, group: Any = None) -> Any:
+    """Make a :class:`~hessinv.optim.Newton` in precondition mode data-parallel (in place; returns it).
+
+    Broadcasts rank 0's parameters and the optimizer's generators (so every rank draws the same
+    curvature indices) and swaps its preconditioner for a :class:`DistributedPreconditioner`. The
+    gradient must come from DDP (the closure form of ``step``, or :class:`DataParallel`). ``mode="auto"``
+    is pinned to ``"precondition"`` (the trust-region mode is a full-batch method: not data-parallel).
+    """
+    _group_info(group)
+    pc = getattr(opt, "preconditioner", None)
+    if pc is None:
+        raise DistributedError(
+            "this Newton is in trust-region mode, which is not data-parallel; build it with "
+            "mode='precondition' (mini-batches)"
+        )
+    if opt.mode == "auto":
+        opt.mode = opt._newton["mode"] = "precondition"
+    src = 0 if group is None else dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        for p in opt.chain.params:
+            dist.broadcast(p.data, src, group=group)
+    states = [pc.generator.get_state(), opt._generator.get_state()]
+    dist.broadcast_object_list(states, src=src, group=group)
+    pc.generator.set_state(states[0])
+    opt._generator.set_state(states[1])
+    opt._newton["rng"] = opt._generator.get_state()
+    opt.preconditioner = DistributedPreconditioner.wrap(pc, strategy, group)
+    return opt
+
+
+class DataParallel:
+    """``loss = dp.step(X, y)`` on the *global* batch: this rank's shard (:func:`shard`) through DDP, one
+    :class:`~hessinv.optim.Newton` step, and the global batch loss (averaged over the ranks).
+
+    Args:
+        opt: a ``Newton`` over ``model`` (made data-parallel here by :func:`distribute`).
+        model, loss_fn: the plain chain and its loss module.
+        strategy, group: see :func:`distribute`.
+    """
+
+    def __init__(
+        self,
+        opt: Any,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        strategy: str = DEFAULT_STRATEGY,
+        group: Any = None,
+    ):
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.rank, self.world_size = _group_info(group)
+        self.opt, self.model, self.loss_fn, self.group = (
+            distribute(opt, strategy, group),
+            model,
+            loss_fn,
+            group,
+        )
+        dev = next(model.parameters()).device
+        self.ddp = DistributedDataParallel(
+            model, device_ids=[dev] if dev.type == "cuda" else None, process_group=group
+        )
+
+    @property
+    def last_stats(self) -> Any:
+        return self.opt.last_stats
+
+    def step(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        X, y = shard(inputs, self.rank, self.world_size), shard(targets, self.rank, self.world_size)
+
+        def closure() -> Tensor:
+            self.opt.zero_grad()
+            loss = self.loss_fn(self.ddp(X), y)
+            loss.backward()
+            return loss.detach()
+
+        loss = self.opt.step(X, y, closure=closure).detach().clone().reshape(1)
+        dist.all_reduce(loss, group=self.group)
+        return (loss / self.world_size).reshape(())
+
+    def agree_stop(self, stop: bool) -> bool:
+        """``True`` on every rank when any rank wants to stop (a wall-clock budget ends on one step)."""
+        return agree_stop(stop, self.group)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.opt.load_state_dict(sd)
+
+
+def agree_stop(stop: bool, group: Any = None) -> bool:
+    """Any rank's ``stop`` (an all-reduce MAX of one number): every rank leaves a loop at the same step."""
+    t = torch.tensor([1.0 if stop else 0.0])
+    if dist.get_backend(group) == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item() > 0)
+
+
+def save_on_rank0(obj: Any, path: str | os.PathLike, group: Any = None) -> None:
+    """``torch.save(obj, path)`` on rank 0 (atomically: a temporary file, then a rename), then a barrier,
+    so that every rank may read ``path`` when this returns."""
+    if dist.get_rank(group) == 0:
+        tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    dist.barrier(group=group)

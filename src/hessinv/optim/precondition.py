@@ -1,0 +1,249 @@
+r"""Amortized exact-curvature preconditioning: ``g -> (G_k + D_t)^{-1} g``.
+
+``G_k`` is the Gauss-Newton matrix of a small *curvature batch* (``curvature_batch_size`` examples
+drawn from a training batch), rebuilt every ``refresh`` steps; between refreshes the stored
+factorization preconditions every gradient. ``D_t`` is a per-parameter damping from the running
+second moment of the gradients (Adam's):
+
+    ``v_t = beta2 v_{t-1} + (1 - beta2) g_t^2``,   ``D_t = damping * (sqrt(v_t / (1 - beta2^t)) + eps)``.
+
+On the batch's curvature subspace (rank ``r <= B_c C``) the step follows the exact curvature; on its
+complement ``(G + D)^{-1} g = g / D``, an Adam step of size ``1 / damping``. ``D_t`` is refreshed with
+the factorization and, during the first ``warmup`` steps (while ``v`` is still a short average),
+every step, and between refreshes whenever ``D_t`` has drifted by more than ``stale_ratio`` from the
+``D_k`` the factorization holds (a cheap test: one pass over ``n`` numbers). The factorization is :class:`hessinv.lowrank.WoodburyFactor` (``G = U^T S U`` from one
+backward sweep of ``r`` right-hand sides): ``r^2 n`` flops to refresh, ``4 r n`` per solve, against
+``O(L p^3)`` for a Riccati factorization (math.md §6).
+
+``curvature="hessian"`` uses the Riccati sweep instead, with a scalar damping: every pivot's negative
+eigenvalues replaced by their absolute value (:meth:`hessinv.Hessian.factor` with ``modify="abs"``:
+a positive definite ``L |D| L^T`` equal to ``H + lambda I`` wherever that is positive definite).
+
+The same object serves two uses: :class:`hessinv.optim.Newton` (momentum, then this preconditioner)
+and the *preconditioner mode* -- ``precondition_()`` turns every ``p.grad`` into the preconditioned
+direction so that any ``torch.optim`` optimizer applies it:
+
+>>> import torch, hessinv.optim
+>>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+<torch._C.Generator object at ...>
+>>> net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+>>> loss_fn = torch.nn.CrossEntropyLoss()
+>>> X, y = torch.randn(256, 10), torch.randint(0, 3, (256,))
+>>> pre = hessinv.optim.Preconditioner(net, loss_fn, curvature_batch_size=8, seed=0)
+>>> sgd = torch.optim.SGD(net.parameters(), lr=1.0, momentum=0.9)  # the direction is already scaled
+>>> first = loss_fn(net(X), y).item()
+>>> for i in range(0, 256, 32):
+...     sgd.zero_grad()
+...     loss_fn(net(X[i:i + 32]), y[i:i + 32]).backward()
+...     _ = pre.precondition_(X[i:i + 32], y[i:i + 32])   # p.grad <- (G + D)^{-1} p.grad
+...     sgd.step()
+>>> loss_fn(net(X), y).item() < first
+True
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hessinv.chain import Chain
+from hessinv.curvature import GaussNewton, Hessian
+from hessinv.errors import ShapeMismatchError
+from hessinv.lowrank import WoodburyFactor, gauss_newton_root
+
+__all__ = ["Preconditioner", "normalize_curvature"]
+
+
+def normalize_curvature(name: str) -> str:
+    """``"hessian"`` or ``"gauss_newton"``; accepts ``gauss-newton``, ``GN``, ``ggn`` spellings."""
+    key = str(name).lower().replace("-", "_")
+    key = {"gn": "gauss_newton", "ggn": "gauss_newton", "h": "hessian"}.get(key, key)
+    if key not in ("hessian", "gauss_newton"):
+        raise ValueError(f"curvature must be 'hessian' or 'gauss_newton' (or 'gauss-newton'), got {name!r}")
+    return key
+
+
+def _positive(name: str, value: Any, integer: bool = False, allow_zero: bool = False) -> Any:
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        kind = "an int" if integer else "a finite number"
+        raise ValueError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return value
+
+
+class Preconditioner:
+    """``g -> (C + D)^{-1} g`` with ``C`` the exact curvature of a curvature batch, refreshed every ``refresh``
+    steps (see the module docstring for the math).
+
+    Args:
+        model: a chain-shaped model that :func:`hessinv.gauss_newton` accepts.
+        loss_fn: its loss module.
+        curvature: ``"gauss_newton"`` (default; Woodbury, per-parameter damping) or ``"hessian"``
+            (Riccati sweep, pivots' negative eigenvalues by absolute value, scalar damping).
+        damping: the scale ``delta`` of ``D = delta (sqrt(v) + eps)`` (Gauss-Newton), or the scalar
+            ``lambda`` of ``H + lambda I`` (Hessian). Steps off the curvature subspace are Adam steps of
+            size ``1 / damping``.
+        curvature_batch_size: examples of each training batch the curvature is built on.
+        refresh: rebuild the curvature every this many calls.
+        beta2, eps: the second-moment average of ``D``.
+        warmup: for the first ``warmup`` calls ``D`` is refreshed every call.
+        stale_ratio: between refreshes, ``K`` is rebuilt for the current ``D_t`` (same curvature, ``r^2 n``
+            flops) as soon as some entry of ``D_t`` leaves ``[D_k / stale_ratio, stale_ratio D_k]``: a
+            gradient spike raises ``v`` at once, and the step stays damped as Adam's would.
+        seed: seed of the generator that draws curvature batches.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Sequence[nn.Module],
+        loss_fn: nn.Module,
+        *,
+        curvature: str = "gauss_newton",
+        damping: float = 500.0,
+        curvature_batch_size: int = 8,
+        refresh: int = 20,
+        beta2: float = 0.99,
+        eps: float = 1e-8,
+        warmup: int = 20,
+        stale_ratio: float = 2.0,
+        seed: int | None = None,
+    ):
+        self.model, self.loss_fn = model, loss_fn
+        self.chain = Chain(model, loss_fn)
+        self.params = self.chain.params
+        self.curvature = normalize_curvature(curvature)
+        self.damping = float(_positive("damping", damping))
+        self.curvature_batch_size = _positive("curvature_batch_size", curvature_batch_size, integer=True)
+        self.refresh = _positive("refresh", refresh, integer=True)
+        if not (isinstance(beta2, (int, float)) and 0 <= beta2 < 1):
+            raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
+        self.beta2, self.eps = float(beta2), float(_positive("eps", eps))
+        self.warmup = _positive("warmup", warmup, integer=True, allow_zero=True)
+        self.stale_ratio = float(_positive("stale_ratio", stale_ratio))
+        if self.stale_ratio <= 1:
+            raise ValueError(f"stale_ratio must be > 1, got {stale_ratio!r}")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        n = self.chain.num_params
+        self.state: dict[str, Any] = {
+            "t": 0,
+            "v": torch.zeros(n, dtype=self.chain.dtype, device=self.chain.device),
+            "refreshes": 0,
+        }
+        self._factor: WoodburyFactor | Any = None
+        self._op: Any = None
+        self.time_refresh = 0.0
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Step count, second moments, the generator and the stored Gauss-Newton factor (``U``, ``S``, ``D``:
+        ``K`` is refactored from them bit for bit), so that a resumed run is bit-identical."""
+        sd = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.state.items()}
+        sd["rng"] = self.generator.get_state()
+        f = self._factor
+        if isinstance(f, WoodburyFactor):
+            sd["factor"] = {"U": f.U.clone(), "S": f.S.clone(), "D": f.D.clone()}
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        sd = dict(sd)
+        self.generator.set_state(sd.pop("rng"))
+        f = sd.pop("factor", None)
+        self.state = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in sd.items()}
+        # a Hessian factorization is not stored: it is rebuilt at the next call
+        self._factor = None if f is None else WoodburyFactor(f["U"], f["S"], f["D"])
+
+    # -- the pieces -------------------------------------------------------------------------------
+    def observe(self, g: Tensor) -> None:
+        """Add the gradient ``g`` (n,) to the second-moment average."""
+        st = self.state
+        st["t"] += 1
+        st["v"].mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+
+    def diagonal(self) -> Tensor:
+        """``D = damping (sqrt(v / (1 - beta2^t)) + eps)`` (n,)."""
+        t = max(self.state["t"], 1)
+        return self.damping * ((self.state["v"] / (1 - self.beta2**t)).sqrt() + self.eps)
+
+    def due(self) -> bool:
+        """Whether the next :meth:`update` rebuilds the curvature."""
+        return self._factor is None or (self.state["t"] - 1) % self.refresh == 0
+
+    def _curvature_batch(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        B = int(inputs.shape[0])
+        k = self.curvature_batch_size
+        if k >= B:
+            return inputs, targets
+        idx = torch.randperm(B, generator=self.generator)[:k].sort().values.to(inputs.device)
+        return inputs[idx], targets[idx]
+
+    def curvature_root(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """``(U, S)`` with ``G = U^T diag(S) U`` the Gauss-Newton matrix of a curvature batch drawn from
+        ``(inputs, targets)`` (the step :mod:`hessinv.optim.distributed` shares between ranks)."""
+        Xc, yc = self._curvature_batch(inputs, targets)
+        op = GaussNewton(self.model, self.loss_fn, Xc, yc)
+        return gauss_newton_root(op.blocks, op.dtype)
+
+    def update(self, inputs: Tensor, targets: Tensor) -> None:
+        """Rebuild the curvature on a curvature batch drawn from ``(inputs, targets)`` when due; refresh
+        ``D`` when due or during warm-up."""
+        t0 = time.perf_counter()
+        if self.due():
+            self.state["refreshes"] += 1
+            if self.curvature == "gauss_newton":
+                U, S = self.curvature_root(inputs, targets)
+                self._factor = WoodburyFactor(U, S, self.diagonal())
+            else:
+                Xc, yc = self._curvature_batch(inputs, targets)
+                self._op = Hessian(self.model, self.loss_fn, Xc, yc)
+                self._factor = self._op.factor(self.damping, modify="abs")
+        elif self.curvature == "gauss_newton":
+            D = self.diagonal()
+            if self.state["t"] <= self.warmup or self._stale(D):
+                self._factor = self._factor.with_damping(D)
+                self.state["redamped"] = self.state.get("redamped", 0) + 1
+        self.time_refresh += time.perf_counter() - t0
+
+    def _stale(self, D: Tensor) -> bool:
+        """The cheap staleness test: ``D_t`` left ``[D_k / r, r D_k]`` somewhere (``r = stale_ratio``), e.g.
+        after a gradient spike -- then the stored ``K`` is rebuilt for ``D_t`` (same curvature)."""
+        ratio = D / self._factor.D
+        lo, hi = torch.aminmax(ratio)
+        return bool(hi > self.stale_ratio) or bool(lo < 1.0 / self.stale_ratio)
+
+    def solve(self, g: Tensor) -> Tensor:
+        """``(C + D)^{-1} g`` with the stored factorization (no refinement), for ``g`` of shape (n,)."""
+        if self._factor is None:
+            raise RuntimeError("no curvature yet: call update(inputs, targets) first")
+        if g.shape != (self.chain.num_params,):
+            raise ShapeMismatchError(f"g must have shape ({self.chain.num_params},), got {tuple(g.shape)}")
+        if self.curvature == "gauss_newton":
+            return self._factor.solve(g[:, None])[:, 0]
+        return self._factor.solve(g, refine=False)
+
+    # -- preconditioner mode ------------------------------------------------------------------------
+    def gradient(self) -> Tensor:
+        """The flat ``p.grad`` of the model's trainable parameters (zeros where a grad is None)."""
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
+
+    @torch.no_grad()
+    def precondition_(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """Turn every ``p.grad`` into the preconditioned direction ``(C + D)^{-1} g`` (in place), for any
+        ``torch.optim`` optimizer to apply; ``(inputs, targets)`` is the batch the gradient came from
+        (its curvature batch is drawn from it). Returns the direction (flat)."""
+        g = self.gradient()
+        self.observe(g)
+        self.update(inputs, targets)
+        d = self.solve(g)
+        offset = 0
+        for p in self.params:
+            k = p.numel()
+            p.grad = d[offset : offset + k].view_as(p).clone()
+            offset += k
+        return d

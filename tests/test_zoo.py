@@ -1,0 +1,661 @@
+"""The model zoo: every entry is exact or refused with a named error -- nothing in between.
+
+Exact entries are checked in float64 against plain ``torch.autograd`` double backward of the model
+itself (hooks, parametrizations and all; ``reference.autograd_*``, not torch.func): the gradient,
+Hessian and Gauss-Newton products, a positive-definite solve and the inertia at a shift inside a
+spectral gap, each to 1e-10. Refused entries must raise the named error with the expected message.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import autograd_gauss_newton, autograd_gradient_hessian
+from torch import nn
+
+import hessinv
+from hessinv import (
+    DtypeMismatchError,
+    InvalidArgumentError,
+    NonFiniteError,
+    NotAChainError,
+    UnsupportedStageError,
+)
+
+B, D_IN, W, C = 5, 3, 4, 3
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one torch thread (several threads on a loaded machine cost 20x here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@dataclass
+class Case:
+    model: nn.Module | list
+    loss_fn: Callable
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    ref_targets: torch.Tensor | None = None  # what the reference loss is given (default: targets)
+    error: tuple[type, str] | None = None  # (named error, regex of its message)
+    ref_model: nn.Module | None = None  # the same function for the reference (default: model)
+
+
+ZOO: dict[str, Callable[[], Case]] = {}
+
+
+def entry(name: str):
+    def deco(fn):
+        ZOO[name] = fn
+        return fn
+
+    return deco
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def X(*shape) -> torch.Tensor:
+    return torch.randn(B, *(shape or (D_IN,)), dtype=DT)
+
+
+def classes(c: int = C) -> torch.Tensor:
+    return torch.randint(0, c, (B,))
+
+
+def randomize(module: nn.Module) -> nn.Module:
+    """Non-trivial affine parameters (norm layers start at weight 1, bias 0)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    return module
+
+
+def ce_case(*mods, x=None, seed=0) -> Case:
+    gen(seed)
+    model = nn.Sequential(*mods).double()
+    return Case(model, nn.CrossEntropyLoss(), X() if x is None else x, classes())
+
+
+# -- every activation torch ships, fused after a Linear, in place or not --------------------------
+ACTS = {
+    "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softplus": lambda: nn.Softplus(beta=2.0), "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU, "elu": nn.ELU, "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.2), "celu": nn.CELU, "selu": nn.SELU, "mish": nn.Mish,
+    "softsign": nn.Softsign, "tanhshrink": nn.Tanhshrink, "hardtanh": nn.Hardtanh, "relu6": nn.ReLU6,
+    "logsigmoid": nn.LogSigmoid, "hardsigmoid": nn.Hardsigmoid, "hardswish": nn.Hardswish,
+    "hardshrink": lambda: nn.Hardshrink(0.1), "softshrink": lambda: nn.Softshrink(0.1),
+    "threshold": lambda: nn.Threshold(0.1, -0.5), "rrelu_eval": lambda: nn.RReLU().eval(),
+    "prelu": nn.PReLU, "prelu_channels": lambda: nn.PReLU(W), "softmax": lambda: nn.Softmax(dim=1),
+    "log_softmax": lambda: nn.LogSoftmax(dim=1), "softmin": lambda: nn.Softmin(dim=1),
+}  # fmt: skip
+for _name, _act in ACTS.items():
+    entry(f"act_{_name}")(lambda a=_act: ce_case(nn.Linear(D_IN, W), a(), nn.Linear(W, C)))
+for _name in ("elu", "silu", "leaky_relu", "hardtanh", "selu", "celu", "mish", "relu", "relu6"):
+    _cls = {"leaky_relu": nn.LeakyReLU, "relu6": nn.ReLU6}.get(_name) or getattr(nn, _name.upper(), None)
+    _cls = _cls or {"silu": nn.SiLU, "hardtanh": nn.Hardtanh, "mish": nn.Mish, "relu": nn.ReLU}[_name]
+    entry(f"inplace_{_name}")(
+        lambda c=_cls: ce_case(
+            nn.Linear(D_IN, W),
+            c(inplace=True),
+            nn.Linear(W, W),
+            nn.Identity(),
+            c(inplace=True),
+            nn.Linear(W, C),
+        )
+    )
+
+
+class HardsigmoidRef(nn.Module):
+    """``relu6(x + 3) / 6``: Hardsigmoid with a double backward (torch has none for hardsigmoid)."""
+
+    def forward(self, x):
+        return F.relu6(x + 3) / 6
+
+
+def _hardsigmoid() -> Case:
+    case = ce_case(nn.Linear(D_IN, W), nn.Hardsigmoid(), nn.Linear(W, C))
+    case.ref_model = nn.Sequential(case.model[0], HardsigmoidRef(), case.model[2])
+    return case
+
+
+ZOO["act_hardsigmoid"] = _hardsigmoid
+entry("glu")(lambda: ce_case(nn.Linear(D_IN, 2 * W), nn.GLU(), nn.Linear(W, C)))
+entry("no_bias")(lambda: ce_case(nn.Linear(D_IN, W, bias=False), nn.Tanh(), nn.Linear(W, C, bias=False)))
+entry("standalone_acts")(
+    lambda: ce_case(nn.Linear(D_IN, W), nn.Tanh(), nn.Sigmoid(), nn.GELU(), nn.Linear(W, C))
+)
+entry("nested_sequential")(
+    lambda: ce_case(
+        nn.Sequential(nn.Linear(D_IN, W), nn.Tanh()), nn.Sequential(nn.Sequential(nn.Linear(W, W)), nn.ELU())
+    )
+)
+entry("identity_eval_dropout")(
+    lambda: ce_case(nn.Linear(D_IN, W), nn.Identity(), nn.Softplus(), nn.Dropout(0.5).eval(), nn.Linear(W, C))
+)
+
+
+# -- losses and reductions ---------------------------------------------------------------------------
+def loss_case(loss_fn, targets_fn, out=C, head=(), ref=None) -> Case:
+    gen(1)
+    model = nn.Sequential(nn.Linear(D_IN, W), nn.Tanh(), nn.Linear(W, out), *head).double()
+    t = targets_fn()
+    return Case(model, loss_fn, X(), t, ref(t) if ref else None)
+
+
+def _probs():
+    return torch.softmax(torch.randn(B, C, dtype=DT), 1)
+
+
+for _red in ("mean", "sum"):
+    entry(f"ce_{_red}")(lambda r=_red: loss_case(nn.CrossEntropyLoss(reduction=r), classes))
+    entry(f"mse_{_red}")(
+        lambda r=_red: loss_case(nn.MSELoss(reduction=r), lambda: torch.randn(B, C, dtype=DT))
+    )
+    entry(f"bce_{_red}")(
+        lambda r=_red: loss_case(nn.BCEWithLogitsLoss(reduction=r), lambda: torch.rand(B, C, dtype=DT))
+    )
+    entry(f"huber_{_red}")(
+        lambda r=_red: loss_case(nn.HuberLoss(reduction=r, delta=0.5), lambda: torch.randn(B, C, dtype=DT))
+    )
+entry("ce_ignore_index")(lambda: loss_case(nn.CrossEntropyLoss(ignore_index=1), classes))
+entry("ce_label_smoothing")(lambda: loss_case(nn.CrossEntropyLoss(label_smoothing=0.2), classes))
+entry("ce_probabilities")(lambda: loss_case(nn.CrossEntropyLoss(), _probs))
+entry("ce_class_weights")(
+    lambda: loss_case(nn.CrossEntropyLoss(weight=torch.rand(C, dtype=DT) + 0.5), classes)
+)
+entry("ce_functional")(lambda: loss_case(F.cross_entropy, classes))
+entry("ce_functional_partial")(
+    lambda: loss_case(functools.partial(F.cross_entropy, label_smoothing=0.1), classes)
+)
+entry("mse_functional")(lambda: loss_case(F.mse_loss, lambda: torch.randn(B, C, dtype=DT)))
+for _dt in (torch.int32, torch.uint8, torch.int16):
+    entry(f"ce_targets_{str(_dt)[6:]}")(
+        lambda d=_dt: loss_case(nn.CrossEntropyLoss(), lambda: classes().to(d), ref=lambda t: t.long())
+    )
+entry("ce_targets_bool")(
+    lambda: loss_case(nn.CrossEntropyLoss(), lambda: classes(2).bool(), out=2, ref=lambda t: t.long())
+)
+entry("bce_targets_int64")(
+    lambda: loss_case(nn.BCEWithLogitsLoss(), lambda: torch.randint(0, 2, (B, C)), ref=lambda t: t.to(DT))
+)
+entry("bce_pos_weight")(
+    lambda: loss_case(
+        nn.BCEWithLogitsLoss(pos_weight=torch.rand(C, dtype=DT) + 0.5), lambda: torch.rand(B, C, dtype=DT)
+    )
+)
+entry("nll_after_log_softmax")(lambda: loss_case(nn.NLLLoss(), classes, head=(nn.LogSoftmax(dim=1),)))
+entry("nll_functional_sum")(
+    lambda: loss_case(functools.partial(F.nll_loss, reduction="sum"), classes, head=(nn.LogSoftmax(dim=1),))
+)
+entry("smooth_l1")(lambda: loss_case(nn.SmoothL1Loss(beta=0.5), lambda: torch.randn(B, C, dtype=DT)))
+entry("l1")(lambda: loss_case(nn.L1Loss(), lambda: torch.randn(B, C, dtype=DT)))
+entry("kl_div_batchmean")(
+    lambda: loss_case(nn.KLDivLoss(reduction="batchmean"), _probs, head=(nn.LogSoftmax(dim=1),))
+)
+entry("poisson_nll")(lambda: loss_case(nn.PoissonNLLLoss(), lambda: torch.rand(B, C, dtype=DT) * 3))
+entry("gaussian_nll_heteroscedastic")(
+    lambda: loss_case(
+        lambda y, t: nn.GaussianNLLLoss()(y[:, :2], t, F.softplus(y[:, 2:])),
+        lambda: torch.randn(B, 2, dtype=DT),
+        out=4,
+    )
+)
+
+
+# -- residual blocks and custom modules -----------------------------------------------------------
+class Residual(nn.Module):
+    def __init__(self, width: int, act=torch.tanh, norm: bool = False):
+        super().__init__()
+        self.norm = randomize(nn.LayerNorm(width)) if norm else None
+        self.lin = nn.Linear(width, width)
+        self.act = act
+
+    def forward(self, z):
+        h = self.lin(self.norm(z) if self.norm is not None else z)
+        return z + self.act(h)
+
+
+class ResNet(nn.Module):
+    """A traced custom module: input layer, a loop of residual blocks, a head."""
+
+    def __init__(self, depth: int = 3, pre_ln: bool = False):
+        super().__init__()
+        self.inp = nn.Linear(D_IN, W)
+        self.blocks = nn.ModuleList(Residual(W, norm=pre_ln) for _ in range(depth))
+        self.head = nn.Linear(W, C)
+
+    def forward(self, x):
+        x = torch.tanh(self.inp(x))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(x)
+
+
+class FunctionalNet(nn.Module):
+    """Parameters used directly (F.linear, x @ w) and functional activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(W, D_IN, dtype=DT))
+        self.b1 = nn.Parameter(torch.randn(W, dtype=DT))
+        self.w2 = nn.Parameter(torch.randn(W, C, dtype=DT))
+
+    def forward(self, x):
+        h = F.gelu(F.linear(x, self.w1, self.b1))
+        return h.sigmoid() @ self.w2
+
+
+class FunctionalActivations(nn.Module):
+    """Linear layers with activations written as calls: each pair is read as one structured stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(D_IN, W), nn.Linear(W, W), nn.Linear(W, W)
+        self.l4 = nn.Linear(W, C)
+
+    def forward(self, x):
+        x = F.leaky_relu(self.l1(x), 0.1)
+        x = F.softplus(self.l2(x), beta=2.0)
+        x = self.l3(x).tanh()
+        return F.gelu(self.l4(x), approximate="tanh")
+
+
+class SequentialWithForward(nn.Sequential):
+    """A Sequential subclass whose forward is not its children in order (issue 12, item 2)."""
+
+    def forward(self, x):
+        return self[1](torch.tanh(self[0](x)) * 2.0)
+
+
+entry("residual_in_sequential")(
+    lambda: ce_case(nn.Linear(D_IN, W), nn.Tanh(), Residual(W), Residual(W, F.elu))
+)
+entry("residual_no_activation")(
+    lambda: ce_case(nn.Linear(D_IN, W), Residual(W, lambda h: h), nn.Linear(W, C))
+)
+entry("residual_traced_resnet")(lambda: Case(ResNet().double(), nn.CrossEntropyLoss(), X(), classes()))
+entry("residual_pre_layernorm")(
+    lambda: Case(ResNet(2, pre_ln=True).double(), nn.CrossEntropyLoss(), X(), classes())
+)
+entry("functional_custom_module")(lambda: Case(FunctionalNet(), nn.CrossEntropyLoss(), X(), classes()))
+entry("functional_activations_traced")(
+    lambda: Case(FunctionalActivations().double(), nn.CrossEntropyLoss(), X(), classes())
+)
+entry("sequential_subclass_forward")(
+    lambda: Case(
+        SequentialWithForward(nn.Linear(D_IN, W), nn.Linear(W, C)).double(),
+        nn.CrossEntropyLoss(),
+        X(),
+        classes(),
+    )
+)
+entry("single_linear_module")(
+    lambda: Case(nn.Linear(D_IN, C).double(), nn.MSELoss(), X(), torch.randn(B, C, dtype=DT))
+)
+entry("list_of_modules")(
+    lambda: Case(
+        [nn.Linear(D_IN, W).double(), nn.Tanh(), nn.Linear(W, C).double()],
+        nn.CrossEntropyLoss(),
+        X(),
+        classes(),
+    )
+)
+
+# -- normalizations, convolutions, pooling --------------------------------------------------------
+entry("layernorm_affine_mid")(
+    lambda: ce_case(nn.Linear(D_IN, W), nn.Tanh(), randomize(nn.LayerNorm(W)), nn.Linear(W, C))
+)
+entry("layernorm_default_init")(
+    lambda: ce_case(nn.Linear(D_IN, W), nn.Tanh(), nn.LayerNorm(W), nn.Linear(W, C))
+)
+entry("layernorm_no_affine")(
+    lambda: ce_case(nn.Linear(D_IN, W), nn.LayerNorm(W, elementwise_affine=False), nn.Tanh(), nn.Linear(W, C))
+)
+entry("rmsnorm")(lambda: ce_case(nn.Linear(D_IN, W), randomize(nn.RMSNorm(W)), nn.Tanh(), nn.Linear(W, C)))
+entry("groupnorm")(
+    lambda: ce_case(nn.Linear(D_IN, W), randomize(nn.GroupNorm(2, W)), nn.Tanh(), nn.Linear(W, C))
+)
+entry("instancenorm_after_conv1d")(
+    lambda: ce_case(
+        nn.Conv1d(2, 3, 3), randomize(nn.InstanceNorm1d(3, affine=True)), nn.Tanh(), nn.Flatten(),
+        nn.Linear(12, C), x=X(2, 6),
+    )
+)  # fmt: skip
+entry("instancenorm_no_affine")(
+    lambda: ce_case(nn.Conv1d(2, 3, 3), nn.InstanceNorm1d(3), nn.Flatten(), nn.Linear(12, C), x=X(2, 6))
+)
+entry("conv1d_maxpool")(
+    lambda: ce_case(
+        nn.Conv1d(2, 2, 3, padding=1), nn.Tanh(), nn.MaxPool1d(2), nn.Flatten(), nn.Linear(6, C), x=X(2, 6)
+    )
+)
+entry("conv2d_avgpool")(
+    lambda: ce_case(
+        nn.Conv2d(1, 2, 3), nn.Softplus(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8, C), x=X(1, 6, 6)
+    )
+)
+entry("conv2d_adaptive_pool_batchnorm_eval")(
+    lambda: ce_case(
+        nn.Conv2d(1, 2, 3), randomize(nn.BatchNorm2d(2)).eval(), nn.SiLU(), nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(), nn.Linear(8, C), x=X(1, 5, 5),
+    )
+)  # fmt: skip
+entry("unflatten_conv1d")(
+    lambda: ce_case(
+        nn.Linear(D_IN, 8), nn.Unflatten(1, (2, 4)), nn.Conv1d(2, 1, 2), nn.Flatten(), nn.Linear(3, C)
+    )
+)
+entry("batchnorm1d_eval")(
+    lambda: ce_case(nn.Linear(D_IN, W), randomize(nn.BatchNorm1d(W)).eval(), nn.Tanh(), nn.Linear(W, C))
+)
+
+
+def _frozen(what: str) -> Case:
+    case = ce_case(nn.Linear(D_IN, W), nn.Tanh(), nn.Linear(W, W), nn.ELU(), nn.Linear(W, C))
+    if what == "layer":
+        case.model[0].requires_grad_(False)
+    else:
+        case.model[2].bias.requires_grad_(False)
+    return case
+
+
+entry("frozen_first_layer")(lambda: _frozen("layer"))
+entry("frozen_bias")(lambda: _frozen("bias"))
+
+
+# -- parametrizations, old-style reparametrizations, hooks ----------------------------------------
+def _param(kind: str) -> Case:
+    case = ce_case(nn.Linear(D_IN, W), nn.Tanh(), nn.Linear(W, W), nn.Tanh(), nn.Linear(W, C))
+    P = torch.nn.utils.parametrizations
+    lin = case.model[2]
+    if kind == "weight_norm":
+        P.weight_norm(lin)
+    elif kind == "orthogonal":
+        P.orthogonal(lin)
+    elif kind == "spectral_norm":
+        P.spectral_norm(lin)
+        case.model.eval()
+    elif kind == "old_weight_norm":
+        torch.nn.utils.weight_norm(lin)
+    elif kind == "old_spectral_norm":
+        torch.nn.utils.spectral_norm(lin)
+        case.model(case.inputs)  # a few power iterations, then fixed
+        case.model.eval()
+    return case
+
+
+for _kind in ("orthogonal", "spectral_norm", "old_spectral_norm"):
+    entry(f"parametrization_{_kind}")(lambda k=_kind: _param(k))
+# torch 2.13's double backward of _weight_norm is not symmetric (d grad_g / dv = 0): no exact Hessian.
+# Its Gauss-Newton matrix (first derivatives only) is exact: test_weight_norm_gauss_newton.
+for _kind in ("weight_norm", "old_weight_norm"):
+    entry(f"refused_hessian_{_kind}")(
+        lambda k=_kind: refused(
+            _param(k), UnsupportedStageError, r"^stage 1 \(\w+\): autograd's second derivatives"
+        )
+    )
+
+
+def _hooked(kind: str) -> Case:
+    case = ce_case(nn.Linear(D_IN, W), nn.Tanh(), nn.Linear(W, C))
+    lin = case.model[0]
+    if kind == "forward":
+        lin.register_forward_hook(lambda m, i, o: torch.sin(o) + o)
+    else:
+        lin.register_forward_pre_hook(lambda m, i: (i[0] * 0.5 + 1.0,))
+    return case
+
+
+entry("forward_hook_on_fused_linear")(lambda: _hooked("forward"))
+entry("forward_pre_hook")(lambda: _hooked("pre"))
+
+
+# -- refused, with a named error ------------------------------------------------------------------
+def refused(case: Case, error: type, match: str) -> Case:
+    case.error = (error, match)
+    return case
+
+
+class BatchMean(nn.Module):
+    def forward(self, z):
+        return z - z.mean(0, keepdim=True)
+
+
+class FunctionalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D_IN, C)
+
+    def forward(self, x):
+        return F.dropout(self.lin(x), 0.5)
+
+
+class Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D_IN, C)
+        self.spare = nn.Linear(C, C)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class Backwards(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.second = nn.Linear(W, C)
+        self.first = nn.Linear(D_IN, W)
+
+    def forward(self, x):
+        return self.second(torch.tanh(self.first(x)))
+
+
+def _bn_nan() -> Case:
+    case = ce_case(nn.Linear(D_IN, W), nn.BatchNorm1d(W).eval(), nn.Linear(W, C))
+    case.model[1].running_var[0] = float("nan")
+    return case
+
+
+def _half(dtype) -> Case:
+    case = ce_case(nn.Linear(D_IN, W), nn.Tanh(), nn.Linear(W, C))
+    case.model.to(dtype)
+    case.inputs = case.inputs.to(dtype)
+    return case
+
+
+def _backward_hook() -> Case:
+    case = ce_case(nn.Linear(D_IN, W), nn.Tanh(), nn.Linear(W, C))
+    case.model[2].register_full_backward_hook(lambda m, gi, go: None)
+    return case
+
+
+def _param_hook() -> Case:
+    case = ce_case(nn.Conv1d(2, 2, 3), nn.Flatten(), nn.Linear(8, C), x=X(2, 6))
+    case.model[0].weight.register_hook(lambda g: 2 * g)
+    return case
+
+
+def _shared() -> Case:
+    gen(0)
+    lin = nn.Linear(W, W)
+    return Case(
+        nn.Sequential(nn.Linear(D_IN, W), lin, nn.Tanh(), lin).double(),
+        nn.MSELoss(),
+        X(),
+        torch.randn(B, W, dtype=DT),
+    )
+
+
+entry("refused_batchnorm_training")(
+    lambda: refused(
+        ce_case(nn.Linear(D_IN, W), nn.BatchNorm1d(W), nn.Linear(W, C)),
+        UnsupportedStageError, r"stage 1 \(BatchNorm1d\): BatchNorm1d uses batch statistics.*model.eval",
+    )
+)  # fmt: skip
+entry("refused_batchnorm_no_running_stats")(
+    lambda: refused(
+        ce_case(nn.Linear(D_IN, W), nn.BatchNorm1d(W, track_running_stats=False).eval(), nn.Linear(W, C)),
+        UnsupportedStageError, "uses batch statistics",
+    )
+)  # fmt: skip
+entry("refused_dropout_training")(
+    lambda: refused(
+        ce_case(nn.Linear(D_IN, W), nn.Dropout(0.3), nn.Linear(W, C)),
+        UnsupportedStageError, r"stage 1 \(Dropout\): Dropout in training mode is random",
+    )
+)  # fmt: skip
+entry("refused_rrelu_training")(
+    lambda: refused(
+        ce_case(nn.Linear(D_IN, W), nn.RReLU(), nn.Linear(W, C)),
+        UnsupportedStageError,
+        "RReLU in training mode",
+    )
+)
+entry("refused_functional_dropout")(
+    lambda: refused(
+        Case(FunctionalDropout().double(), nn.CrossEntropyLoss(), X(), classes()),
+        UnsupportedStageError, r"stage 1 \(FunctionalDropout: dropout\) returns different outputs",
+    )
+)  # fmt: skip
+entry("refused_old_spectral_norm_training")(
+    lambda: refused(
+        ce_case(nn.Linear(D_IN, W), torch.nn.utils.spectral_norm(nn.Linear(W, C))),
+        UnsupportedStageError, r"stage 1 \(Linear\) updates its buffers",
+    )
+)  # fmt: skip
+entry("refused_spectral_norm_training")(
+    lambda: refused(
+        ce_case(nn.Linear(D_IN, W), torch.nn.utils.parametrizations.spectral_norm(nn.Linear(W, C))),
+        UnsupportedStageError, r"stage 1 \(ParametrizedLinear\) updates its buffers",
+    )
+)  # fmt: skip
+entry("refused_batch_mixing_module")(
+    lambda: refused(
+        ce_case(nn.Linear(D_IN, W), BatchMean(), nn.Linear(W, C)),
+        UnsupportedStageError, r"stage 1 \(BatchMean: mean\+sub\) mixes examples",
+    )
+)  # fmt: skip
+entry("refused_nan_batchnorm_buffer")(
+    lambda: refused(_bn_nan(), NonFiniteError, r"stage 1 \(BatchNorm1d\): buffer running_var contains NaN")
+)
+entry("refused_bfloat16")(
+    lambda: refused(_half(torch.bfloat16), DtypeMismatchError, "bfloat16; hessinv works in")
+)
+entry("refused_float16")(
+    lambda: refused(_half(torch.float16), DtypeMismatchError, "float16; hessinv works in")
+)
+entry("refused_unused_parameter")(
+    lambda: refused(
+        Case(Unused().double(), nn.CrossEntropyLoss(), X(), classes()),
+        NotAChainError, "parameter spare.weight is trainable but the forward pass does not use it",
+    )
+)  # fmt: skip
+entry("refused_parameter_order")(
+    lambda: refused(
+        Case(Backwards().double(), nn.CrossEntropyLoss(), X(), classes()),
+        NotAChainError, "forward uses parameter first.weight before second.weight",
+    )
+)  # fmt: skip
+entry("refused_backward_hook")(
+    lambda: refused(_backward_hook(), UnsupportedStageError, "has a backward hook")
+)
+entry("refused_parameter_gradient_hook")(
+    lambda: refused(_param_hook(), UnsupportedStageError, "gradient hook")
+)
+entry("refused_shared_parameter")(lambda: refused(_shared(), NotAChainError, "shared by stage 1"))
+entry("refused_all_targets_ignored")(
+    lambda: refused(
+        loss_case(nn.CrossEntropyLoss(), lambda: torch.full((B,), -100)),
+        InvalidArgumentError, "every target equals ignore_index=-100",
+    )
+)  # fmt: skip
+entry("refused_loss_mixing_examples")(
+    lambda: refused(
+        loss_case(lambda y, t: (y - y.mean(0)).square().sum(), lambda: torch.randn(B, C, dtype=DT)),
+        UnsupportedStageError, "mixes examples: it is not a sum of per-example terms",
+    )
+)  # fmt: skip
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo(name):
+    case = ZOO[name]()
+    args = (case.model, case.loss_fn, case.inputs, case.targets)
+    if case.error is not None:
+        error, match = case.error
+        with pytest.raises(error, match=match):
+            hessinv.hessian(*args)
+        return
+    ref_t = case.targets if case.ref_targets is None else case.ref_targets
+    ref_model = case.model if case.ref_model is None else case.ref_model
+    g_ref, H_ref = autograd_gradient_hessian(ref_model, case.loss_fn, case.inputs, ref_t)
+    H = hessinv.hessian(*args)
+    n = H_ref.shape[0]
+    assert H.shape == (n, n)
+    assert rel(H.gradient, g_ref) <= 1e-10
+    V = torch.randn(n, 2, dtype=DT)
+    assert rel(H @ V, H_ref @ V) <= 1e-10
+    # a positive-definite solve at a moderate condition number
+    ev = torch.linalg.eigvalsh(H_ref)
+    scale = float(ev.abs().max())
+    eps = max(0.0, -float(ev[0])) + 0.5 * scale
+    I = torch.eye(n, dtype=DT)
+    x = H.solve(g_ref, damping=eps)
+    assert rel(x, torch.linalg.solve(H_ref + eps * I, g_ref)) <= 1e-10
+    # inertia at a shift in the middle of the widest spectral gap
+    gaps = ev[1:] - ev[:-1]
+    i = int(gaps.argmax())
+    if float(gaps[i]) > 1e-6 * scale:
+        shift = -float(ev[i] + ev[i + 1]) / 2
+        inertia = H.inertia(shift, tol=0.0)
+        assert (inertia.negative, inertia.positive) == (i + 1, n - i - 1)
+    # Gauss-Newton products
+    G_ref = autograd_gauss_newton(ref_model, case.loss_fn, case.inputs, ref_t)
+    G = hessinv.gauss_newton(*args)
+    assert float((G @ V - G_ref @ V).norm()) <= 1e-10 * float((G_ref @ V).norm()) + 1e-13 * float(V.norm())
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "old_weight_norm"])
+def test_weight_norm_gauss_newton(kind):
+    """weight_norm: the Gauss-Newton matrix in the real parameters (g, v) is exact; n counts g and v."""
+    case = _param(kind)
+    G = hessinv.gauss_newton(case.model, case.loss_fn, case.inputs, case.targets)
+    G_ref = autograd_gauss_newton(case.model, case.loss_fn, case.inputs, case.targets)
+    n = sum(p.numel() for p in case.model.parameters())
+    assert G.shape == (n, n) == tuple(G_ref.shape)
+    V = torch.randn(n, 2, dtype=DT)
+    assert rel(G @ V, G_ref @ V) <= 1e-10
+    x = G.solve(G.gradient, damping=0.1)
+    assert rel(x, torch.linalg.solve(G_ref + 0.1 * torch.eye(n, dtype=DT), G.gradient)) <= 1e-10
+
+
+def test_traced_activations_are_structured_stages():
+    chain = hessinv.Chain(FunctionalActivations(), nn.CrossEntropyLoss())
+    assert [s.name for s in chain.stages] == [
+        "stage 0 (Linear+leaky_relu)",
+        "stage 1 (Linear+softplus)",
+        "stage 2 (Linear+tanh)",
+        "stage 3 (Linear+gelu)",
+    ]
+
+
+def test_zoo_size():
+    """The issue's bar: at least 60 entries."""
+    assert len(ZOO) >= 60
