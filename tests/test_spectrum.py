@@ -160,3 +160,21 @@ def test_cli_spectrum_writes_json_and_plot(tmp_path, capsys):
     assert "eigenvalues < 0" in capsys.readouterr().out
     assert main([*args, "--range", "0.5,0.1", "--out", str(out)]) == 2
     assert main([*args, "--bins", "0", "--out", str(out)]) == 2
+
+
+def test_riccati_only_quantities_refuse_other_factorizations():
+    from hessinv.errors import InvalidArgumentError
+
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    G = hessinv.gauss_newton(net, torch.nn.CrossEntropyLoss(), X, y)
+    W = G.factor(0.3, method="woodbury")
+    assert W.slogdet() == (1.0, pytest.approx(G.factor(0.3).logdet(), rel=1e-10))
+    with pytest.raises(InvalidArgumentError, match="Riccati"):
+        W.inverse_sqrt(torch.eye(G.shape[0], dtype=torch.float64))
+    H = hessinv.hessian(net, torch.nn.CrossEntropyLoss(), X, y)
+    M = H.factor(1e-3, modify="abs")
+    assert any(f.pivot.modified for f in M.factors if f is not None)
+    with pytest.raises(InvalidArgumentError, match="modif"):
+        M.logdet()
