@@ -20,7 +20,7 @@ from hessinv.influence import InfluenceFunction, influence_scores, output_jacobi
 REF = {"hessian": autograd_hessian, "gauss_newton": autograd_gauss_newton}
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(
     prob=chains(max_depth=4, max_width=6, max_batch=8),
     kind=st.sampled_from(["hessian", "gauss-newton"]),
@@ -62,7 +62,7 @@ class _no_warning:
         return self._cm.__exit__(*a)
 
 
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(prob=chains(max_depth=4, max_width=6, max_batch=6))
 def test_per_example_gradients_and_jacobians(prob):
     m, lf, X, y = prob.model, prob.loss_fn, prob.inputs, prob.targets

@@ -39,7 +39,7 @@ def separated_shifts(lam: torch.Tensor, rel: float = 1e-6) -> list[float]:
     ]
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(prob=chains(max_depth=5, max_width=6, max_batch=5), kind=st.sampled_from(sorted(OPS)))
 def test_counts_match_dense_eigenvalues(prob, kind):
     H, D = dense(prob, kind)
@@ -50,7 +50,7 @@ def test_counts_match_dense_eigenvalues(prob, kind):
     assert got.tolist() == want, prob.description
 
 
-@settings(max_examples=25)
+@settings(max_examples=10)
 @given(
     prob=chains(max_depth=5, max_width=6, max_batch=5),
     kind=st.sampled_from(sorted(OPS)),
@@ -73,7 +73,7 @@ def test_logdet_and_sign_match_dense(prob, kind, eps):
     assert f.inertia.negative == int((lam < 0).sum())
 
 
-@settings(max_examples=15)
+@settings(max_examples=8)
 @given(prob=chains(max_depth=4, max_width=6, max_batch=5), kind=st.sampled_from(sorted(OPS)))
 def test_inverse_sqrt_is_a_square_root_of_the_inverse(prob, kind):
     H, D = dense(prob, kind)
