@@ -192,3 +192,28 @@ def autograd_gauss_newton(model, loss_fn, inputs: Tensor, targets: Tensor) -> Te
     (gy,) = torch.autograd.grad(loss_fn(yy, targets), yy, create_graph=True)
     Lam = _rows(gy.reshape(-1), [yy])
     return J.T @ Lam @ J
+
+
+# -- application tests (influence, Laplace, spectrum): built on the plain-autograd helpers above ---------
+def autograd_hessian(model, loss_fn, inputs: Tensor, targets: Tensor) -> Tensor:
+    """The dense Hessian of the loss by plain double backward."""
+    return autograd_gradient_hessian(model, loss_fn, inputs, targets)[1]
+
+
+def autograd_per_example_gradients(model, loss_fn, inputs: Tensor, targets: Tensor) -> Tensor:
+    """(N, n): the gradient of each example's own loss, one backward pass each."""
+    params = trainable(model)
+    rows = []
+    for i in range(len(inputs)):
+        loss = loss_fn(_call(model, inputs[i : i + 1]), targets[i : i + 1])
+        gs = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+        rows.append(torch.cat([g.reshape(-1) for g in gs]))
+    return torch.stack(rows)
+
+
+def autograd_output_jacobian(model, inputs: Tensor) -> Tensor:
+    """(N, C, n): the Jacobian of each example's outputs in the parameters."""
+    params = trainable(model)
+    return torch.stack(
+        [_rows(_call(model, inputs[i : i + 1]).reshape(-1), params) for i in range(len(inputs))]
+    )

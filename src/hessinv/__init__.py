@@ -38,9 +38,13 @@ _EXPORTS = {
     "SingularError": "hessinv.errors",
     "AccuracyWarning": "hessinv.errors",
     "InvalidArgumentError": "hessinv.errors",
+    "IndefiniteError": "hessinv.errors",
     "WoodburyFactorization": "hessinv.curvature",
 }
-_SUBMODULES = ("diagnostics", "optim", "errors", "curvature", "riccati", "chain", "stages", "cli", "lowrank")
+_SUBMODULES = (
+    "diagnostics", "optim", "errors", "curvature", "riccati", "chain", "stages", "cli", "lowrank",
+    "influence", "laplace", "spectrum",
+)  # fmt: skip
 
 __all__ = list(_EXPORTS)
 

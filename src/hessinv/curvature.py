@@ -29,13 +29,14 @@ from hessinv.chain import Chain, check_real
 from hessinv.errors import (
     AccuracyWarning,
     DtypeMismatchError,
+    IndefiniteError,
     InvalidArgumentError,
     NonFiniteError,
     ShapeMismatchError,
     SingularError,
 )
 from hessinv.lowrank import WoodburyFactor, gauss_newton_root
-from hessinv.riccati import Inertia, riccati_factor, riccati_solve
+from hessinv.riccati import Inertia, riccati_factor, riccati_forward, riccati_solve
 
 __all__ = [
     "CurvatureOperator",
@@ -46,6 +47,7 @@ __all__ = [
     "SolveInfo",
     "hessian",
     "gauss_newton",
+    "curvature_class",
 ]
 
 
@@ -359,6 +361,59 @@ class Factorization:
         xs = riccati_solve(self.op.blocks, self.factors, self.op._split(R))
         return torch.cat(xs, dim=0)
 
+    def _riccati_only(self, what: str) -> None:
+        if getattr(self, "factors", None) is None:
+            raise InvalidArgumentError(
+                f"{what} needs the Riccati factorization (factor(..., method='riccati'))"
+            )
+        if self.modified and any(f.pivot.modified for f in self.factors if f is not None):
+            raise InvalidArgumentError(
+                f"{what}: this factorization modified its pivots (modify='abs'), so it is not one of "
+                "H + eps I; factor without modify"
+            )
+
+    def slogdet(self) -> tuple[float, float]:
+        """``(sign, log|det(H + eps I)|)`` like :func:`torch.linalg.slogdet`: the sign is
+        ``(-1)^(number of negative eigenvalues)`` (the inertia), the log from :meth:`logdet`."""
+        return (-1.0 if self.inertia.negative % 2 else 1.0), self.logdet()
+
+    def logdet(self) -> float:
+        """``log|det(H + eps I)| = sum_l log|det Qxx_l|``, from the pivots alone (in float64).
+
+        The sweep is a block congruence ``H + eps I = U D U^T`` with unit block-triangular ``U`` and
+        ``D = diag(Qxx_l)``, so ``det(H + eps I) = prod_l det Qxx_l``.
+        """
+        self._riccati_only("logdet")
+        return float(sum(f.pivot.logdet() for f in self.factors if f is not None))
+
+    def inverse_sqrt(self, Z: Tensor) -> Tensor:
+        """``S Z`` for an ``n x n`` square root ``S S^T = (H + eps I)^{-1}``; ``Z``: (n,) or (n, k).
+
+        With ``Qxx_l = C_l C_l^T`` (each pivot's Cholesky factor, or ``V lambda^{1/2}``) the sweep's
+        congruence ``H + eps I = U D U^T`` is ``(U C)(U C)^T``, and ``S = (U C)^{-T}``: one triangular
+        solve per pivot, then the forward half of a solve. (``S`` depends on the stages' internal row
+        order; ``S S^T`` does not.) Raises :class:`IndefiniteError` unless ``H + eps I`` is positive
+        definite.
+        """
+        self._riccati_only("inverse_sqrt")
+        if self.inertia.negative:
+            raise IndefiniteError(
+                f"H + eps I at damping {self.damping:g} has {self.inertia.negative} negative eigenvalues: "
+                "no Gaussian with this precision exists; use the Gauss-Newton matrix or a larger damping"
+            )
+        R, vec = self.op._as_matrix(Z, "Z")
+        zs = self.op._split(R)
+        ks = [None if f is None else f.pivot.inverse_sqrt(z) for f, z in zip(self.factors, zs, strict=True)]
+        X = torch.cat(riccati_forward(self.op.blocks, self.factors, ks), dim=0)
+        return X[:, 0] if vec else X
+
+    def sample(self, k: int = 1, generator: torch.Generator | None = None) -> Tensor:
+        """``k`` independent samples of ``N(0, (H + eps I)^{-1})``, the columns of an (n, k) tensor:
+        ``S z`` for white ``z`` (:meth:`inverse_sqrt`)."""
+        dev = generator.device if generator is not None else self.op.device
+        z = torch.randn(self.op.shape[0], k, generator=generator, dtype=self.op.dtype, device=dev)
+        return self.inverse_sqrt(z.to(self.op.device))
+
     def _damping_text(self) -> str:
         return f"{self.damping:g}"
 
@@ -426,6 +481,16 @@ def gauss_newton(
 ) -> GaussNewton:
     """The generalized Gauss-Newton matrix of ``loss_fn(model(inputs), targets)``."""
     return GaussNewton(model, loss_fn, inputs, targets)
+
+
+def curvature_class(name: str) -> type[CurvatureOperator]:
+    """The operator class for ``"hessian"`` or ``"gauss_newton"`` (also ``"gauss-newton"``, ``"ggn"``)."""
+    key = name.lower().replace("-", "_")
+    if key in ("hessian", "h"):
+        return Hessian
+    if key in ("gauss_newton", "ggn", "gn"):
+        return GaussNewton
+    raise ValueError(f"curvature must be 'hessian' or 'gauss_newton', got {name!r}")
 
 
 class WoodburyFactorization(Factorization):

@@ -23,6 +23,8 @@ InvalidArgumentError       an argument of the wrong kind or out of range: numpy 
                            average
 SingularError              ``H + eps I`` cannot be factored at the requested damping (a pivot
                            ``Qxx_l`` of the Riccati sweep is singular to working precision)
+IndefiniteError            a quantity that needs ``H + eps I`` positive definite (a Gaussian
+                           posterior, its samples) met an indefinite one
 DistributedError           a data-parallel job cannot run or a rank failed / timed out
                            (:mod:`hessinv.optim.distributed`)
 =========================  ===============================================================
@@ -39,6 +41,7 @@ __all__ = [
     "NonFiniteError",
     "InvalidArgumentError",
     "SingularError",
+    "IndefiniteError",
     "DistributedError",
     "AccuracyWarning",
 ]
@@ -90,6 +93,9 @@ class SingularError(HessinvError, RuntimeError):
         self.damping = damping
 
 
+class IndefiniteError(HessinvError, ValueError):
+    """``H + eps I`` is indefinite where a positive definite matrix is needed (a posterior covariance,
+    a square root); use the Gauss-Newton matrix or a larger damping / prior precision."""
 class DistributedError(HessinvError, RuntimeError):
     """A data-parallel job could not start, one of its ranks failed, or it ran past its timeout."""
 

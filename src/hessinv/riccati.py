@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hessinv.errors import NonFiniteError, SingularError
+from hessinv.errors import IndefiniteError, NonFiniteError, SingularError
 from hessinv.stages import Blocks
 
 
@@ -98,6 +98,22 @@ class Pivot:
                 self.L.mT, torch.linalg.solve_triangular(self.L, R, upper=False), upper=True
             )
         return self.V @ ((self.V.T @ R) / self.lam[:, None])
+
+    def logdet(self) -> float:
+        """``log|det Qxx|`` (in float64): ``2 sum log L_ii`` (Cholesky) or ``sum log|lambda_i|``."""
+        if self.cholesky:
+            return 2.0 * float(self.L.diagonal().double().log().sum())
+        return float(self.lam.double().abs().log().sum())
+
+    def inverse_sqrt(self, Z: Tensor) -> Tensor:
+        """``S Z`` for a square root ``S S^T = Qxx^{-1}`` of a positive definite pivot: ``L^{-T} Z``
+        (Cholesky) or ``V diag(lambda)^{-1/2} Z``. Z: (p, m). ``S Z`` has covariance ``Qxx^{-1}`` for
+        white noise ``Z``."""
+        if self.cholesky:
+            return torch.linalg.solve_triangular(self.L.mT, Z, upper=True)
+        if bool((self.lam < 0).any()):
+            raise IndefiniteError("inverse_sqrt: the pivot Qxx is indefinite; it has no real square root")
+        return self.V @ (Z / self.lam.sqrt()[:, None])
 
     def schur(self, Qzz: Tensor, Qxz: Tensor, overwrite: bool = False) -> Tensor:
         """``Qzz - Qxz^T Qxx^{-1} Qxz`` (a, a), exactly symmetric; with ``overwrite``, in ``Qzz``'s memory.
@@ -249,6 +265,19 @@ class LowRankPivot:
         P = self._UT(R)
         return self._U(self.inner.solve(P)) + (R - self._U(P)) / self.eps
 
+    def logdet(self) -> float:
+        """``log|det Qxx| = log|det(eps I_r + A)| + (p - r) log|eps|``."""
+        k = self.p - self.inner.p
+        return self.inner.logdet() + (k * math.log(abs(self.eps)) if k else 0.0)
+
+    def inverse_sqrt(self, Z: Tensor) -> Tensor:
+        """``S Z`` with ``S S^T = Qxx^{-1}``: ``S = U S_r U^T + (I - U U^T) / sqrt(eps)``, ``S_r`` the
+        inner pivot's root (the two terms act on orthogonal ranges, so their covariances add)."""
+        if self.eps <= 0 and self.p > self.inner.p:
+            raise IndefiniteError("inverse_sqrt: the pivot Qxx is not positive definite (damping <= 0)")
+        P = self._UT(Z)
+        return self._U(self.inner.inverse_sqrt(P)) + (Z - self._U(P)) / math.sqrt(self.eps)
+
     def schur(self, Qzz: Tensor, Qxz: Tensor, overwrite: bool = False) -> Tensor:
         """``Qzz - Qxz^T Qxx^{-1} Qxz = Qzz - P^T (eps I + A)^{-1} P - C / eps`` with ``P = U^T Qxz``."""
         S = self.inner.schur(Qzz, self._UT(Qxz), overwrite)
@@ -365,11 +394,21 @@ def riccati_quadratic(blocks: list[Blocks], factors: list[StageFactor | None], r
 def riccati_solve(blocks: list[Blocks], factors: list[StageFactor | None], rhs: list[Tensor]) -> list[Tensor]:
     """Solve ``(H + eps I) x = g`` with the factored sweep; ``rhs[l]`` is (p_l, k); returns the same
     shapes."""
+    return riccati_forward(blocks, factors, _backward(blocks, factors, rhs)[0])
+
+
+def riccati_forward(
+    blocks: list[Blocks], factors: list[StageFactor | None], ks: list[Tensor | None]
+) -> list[Tensor]:
+    """The forward sweep ``x = U^{-T} k`` of the block factorization ``H + eps I = U D U^T``: ``ks[l]``
+    (p_l, k) in the stage's Riccati row order, None for parameter-free stages; returns model order.
+    With ``k = D^{-1} U^{-1} g`` (the backward sweep) this is the solve; with ``k_l = S_l z_l``
+    (``S_l S_l^T = Qxx_l^{-1}``, white ``z``) a sample of ``N(0, (H + eps I)^{-1})``."""
     n_blocks = len(blocks)
-    k = rhs[0].shape[1]
+    like = next(t for t in ks if t is not None)
+    k = like.shape[1]
     last = max(l for l in range(n_blocks) if blocks[l].p > 0)
-    ks = _backward(blocks, factors, rhs)[0]
-    xs: list[Tensor] = [rhs[0].new_zeros(0, k)] * n_blocks
+    xs: list[Tensor] = [like.new_zeros(0, k)] * n_blocks
     y: Tensor | None = None  # y_0 = 0
     for l in range(last + 1):
         blk, f = blocks[l], factors[l]

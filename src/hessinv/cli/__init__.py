@@ -2,6 +2,7 @@
 
 ``hessinv train``  second-order vs first-order training on real data, with logs, a table and plots.
 ``hessinv bench solve ...``  the solve benchmark (``bench/solve.py`` of the repository).
+``hessinv spectrum``  the exact eigenvalue histogram of the curvature, with a plot (``cli/spectrum.py``).
 
 ::
 
@@ -160,7 +161,7 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hessinv", description="Exact curvature of deep chains: training jobs and benchmarks.")
     p.add_argument("--version", action="version", version=_version())
-    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="{train,bench}")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="{train,bench,spectrum}")
     sub.required = True
 
     steps_default = ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items())
@@ -341,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("what", choices=["solve"], help="which benchmark: solve (bench/solve.py)")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed on to the benchmark")
+
+    from hessinv.cli.spectrum import add_parser as add_spectrum
+
+    add_spectrum(sub)
     return p
 
 
@@ -488,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _cmd_train(args)
+        if args.command == "spectrum":
+            from hessinv.cli.spectrum import run as run_spectrum
+
+            return run_spectrum(args)
         return _cmd_bench(args)
     except UserError as e:
         print(f"hessinv: error: {e}", file=sys.stderr)

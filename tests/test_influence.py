@@ -1,0 +1,93 @@
+"""Influence scores, self-influence and per-example gradients against dense references (plain autograd
+double backward and one backward per example), on random float64 chains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import (
+    autograd_gauss_newton,
+    autograd_hessian,
+    autograd_output_jacobian,
+    autograd_per_example_gradients,
+    chains,
+)
+
+from hessinv.influence import InfluenceFunction, influence_scores, output_jacobians, per_example_gradients
+
+REF = {"hessian": autograd_hessian, "gauss_newton": autograd_gauss_newton}
+
+
+@settings(max_examples=10)
+@given(
+    prob=chains(max_depth=4, max_width=6, max_batch=8),
+    kind=st.sampled_from(["hessian", "gauss-newton"]),
+    damping=st.sampled_from([1e-3, 0.1, 1.0]),
+    batch=st.booleans(),
+)
+def test_scores_match_dense(prob, kind, damping, batch):
+    m, lf, X, y = prob.model, prob.loss_fn, prob.inputs, prob.targets
+    Xc, yc = (X[: max(1, len(X) // 2)], y[: max(1, len(X) // 2)]) if batch else (X, y)
+    D = REF[kind.replace("-", "_")](m, lf, Xc, yc)
+    A = D + damping * torch.eye(D.shape[0], dtype=D.dtype)
+    lam = torch.linalg.eigvalsh(A)
+    if float(lam.abs().min()) < 1e-6 * max(float(lam.abs().max()), 1.0):
+        return  # (nearly) singular: no reference accurate enough
+    Gtr = autograd_per_example_gradients(m, lf, X, y)
+    Xt, yt = X.flip(0)[:3], y.flip(0)[:3]
+    Gte = autograd_per_example_gradients(m, lf, Xt, yt)
+    want = -Gte @ torch.linalg.solve(A, Gtr.T)
+    inf = InfluenceFunction(m, lf, curvature=kind, damping=damping)
+    with pytest.warns(UserWarning, match="indefinite") if bool((lam < 0).any()) else _no_warning():
+        inf.fit(X, y, *((Xc, yc) if batch else (None, None)))
+    assert inf.inertia.negative == int((lam < 0).sum())
+    scale = float(Gte.norm(dim=1).max() * Gtr.norm(dim=1).max() / lam.abs().min())
+    got = inf.influences(Xt, yt)
+    assert torch.allclose(got, want, rtol=1e-7, atol=1e-9 * scale), prob.description
+    self_want = (Gtr * torch.linalg.solve(A, Gtr.T).T).sum(1)
+    assert torch.allclose(inf.self_influence(), self_want, rtol=1e-7, atol=1e-9 * scale), prob.description
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._cm = warnings.catch_warnings()
+        self._cm.__enter__()
+        warnings.simplefilter("error", UserWarning)
+
+    def __exit__(self, *a):
+        return self._cm.__exit__(*a)
+
+
+@settings(max_examples=6)
+@given(prob=chains(max_depth=4, max_width=6, max_batch=6))
+def test_per_example_gradients_and_jacobians(prob):
+    m, lf, X, y = prob.model, prob.loss_fn, prob.inputs, prob.targets
+    want = autograd_per_example_gradients(m, lf, X, y)
+    assert torch.allclose(per_example_gradients(m, lf, X, y, chunk=4), want, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(
+        output_jacobians(m, X, chunk=4), autograd_output_jacobian(m, X), rtol=1e-10, atol=1e-12
+    )
+
+
+def test_functional_form_and_errors():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    X, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)
+    lf = torch.nn.MSELoss()
+    s = influence_scores(
+        net, lf, (X, y), (X[:2], y[:2]), curvature="ggn", damping=0.1, curvature_batch=(X[:5], y[:5])
+    )
+    inf = InfluenceFunction(net, lf, "gauss_newton", 0.1).fit(X, y, X[:5], y[:5])
+    assert torch.equal(s, inf.influences(X[:2], y[:2]))
+    # the training set may be replaced at scoring time; the same examples give the same scores
+    assert torch.allclose(inf.influences(X[:2], y[:2], X, y), s)
+    with pytest.raises(ValueError, match="curvature"):
+        InfluenceFunction(net, lf, "fisher")
+    with pytest.raises(RuntimeError, match="fit"):
+        InfluenceFunction(net, lf).influences(X, y)
+    with pytest.raises(ValueError, match="both"):
+        InfluenceFunction(net, lf).fit(X, y, X[:2])

@@ -1,0 +1,163 @@
+"""Laplace: marginal likelihood, predictive variance, posterior covariance and samples against dense
+references (plain autograd double backward + ``torch.linalg``), on random small float64 chains."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import autograd_gauss_newton, autograd_hessian, autograd_output_jacobian
+
+from hessinv.errors import IndefiniteError
+from hessinv.laplace import Laplace
+
+
+def problem(
+    seed: int, likelihood: str, depth: int = 2, width: int = 4, d_in: int = 3, C: int = 2, N: int = 9
+):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    layers: list[torch.nn.Module] = [torch.nn.Linear(d_in, width), torch.nn.Tanh()]
+    for _ in range(depth - 2):
+        layers += [torch.nn.Linear(width, width), torch.nn.Tanh()]
+    net = torch.nn.Sequential(*layers, torch.nn.Linear(width, C)).double()
+    X = torch.randn(N, d_in, generator=g, dtype=torch.float64)
+    y = (
+        torch.randint(0, C, (N,), generator=g)
+        if likelihood == "classification"
+        else torch.randn(N, C, generator=g, dtype=torch.float64)
+    )
+    return net, X, y
+
+
+def dense_laplace(net, X, y, likelihood, curvature, delta, sigma, mu0=0.0):
+    """Everything from the dense precision: (lml, P, J)."""
+    lf = (
+        torch.nn.CrossEntropyLoss(reduction="sum")
+        if likelihood == "classification"
+        else torch.nn.MSELoss(reduction="sum")
+    )
+    D = (autograd_hessian if curvature == "hessian" else autograd_gauss_newton)(net, lf, X, y)
+    c = 1.0 if likelihood == "classification" else 0.5 / sigma**2
+    n = D.shape[0]
+    P = c * D + delta * torch.eye(n, dtype=D.dtype)
+    theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    with torch.no_grad():
+        loss = float(lf(net(X), y))
+    if likelihood == "classification":
+        ll = -loss
+    else:
+        ll = -loss / (2 * sigma**2) - y.numel() * math.log(sigma * math.sqrt(2 * math.pi))
+    sign, logdet = torch.linalg.slogdet(P)
+    lml = ll - 0.5 * (float(logdet) - n * math.log(delta) + delta * float(((theta - mu0) ** 2).sum()))
+    return lml, P, sign
+
+
+@settings(max_examples=6)
+@given(
+    seed=st.integers(0, 10_000),
+    likelihood=st.sampled_from(["classification", "regression"]),
+    curvature=st.sampled_from(["gauss_newton", "hessian"]),
+    delta=st.sampled_from([1e-2, 0.5, 3.0]),
+    sigma=st.sampled_from([0.3, 1.0, 2.0]),
+    depth=st.integers(1, 3),
+)
+def test_marginal_likelihood_and_predictive_match_dense(seed, likelihood, curvature, delta, sigma, depth):
+    if likelihood == "classification":
+        sigma = 1.0
+    net, X, y = problem(seed, likelihood, depth=depth)
+    lml, P, sign = dense_laplace(net, X, y, likelihood, curvature, delta, sigma, mu0=0.1)
+    la = Laplace(
+        net, likelihood, curvature=curvature, prior_precision=delta, sigma_noise=sigma, prior_mean=0.1
+    )
+    la.fit(X, y)
+    if float(torch.linalg.eigvalsh(P)[0]) <= 0:
+        assert curvature == "hessian"
+        with pytest.raises(IndefiniteError):
+            la.log_marginal_likelihood()
+        return
+    assert la.log_marginal_likelihood() == pytest.approx(lml, rel=1e-10, abs=1e-9 * P.shape[0])
+    Pi = torch.linalg.inv(P)
+    assert torch.allclose(la.posterior_covariance(), Pi, rtol=1e-8, atol=1e-11 * float(Pi.abs().max()))
+    Xt = X[:4] + 0.5
+    J = autograd_output_jacobian(net, Xt)
+    f_var = torch.einsum("icn,nm,idm->icd", J, Pi, J)
+    if likelihood == "regression":
+        f_mu, got = la(Xt)
+        assert torch.allclose(f_mu, net(Xt).detach())
+    else:
+        got = la.functional_variance(output_jacobians_of(net, Xt))
+        probs = la(Xt, link_approx="probit")
+        kappa = 1 / torch.sqrt(1 + math.pi / 8 * f_var.diagonal(dim1=1, dim2=2))
+        assert torch.allclose(probs, torch.softmax(kappa * net(Xt).detach(), -1), rtol=1e-9, atol=1e-12)
+    assert torch.allclose(got, f_var, rtol=1e-8, atol=1e-11 * float(f_var.abs().max())), (seed, depth)
+
+
+def output_jacobians_of(net, X):
+    from hessinv.influence import output_jacobians
+
+    return output_jacobians(net, X)
+
+
+def test_optimize_prior_precision_finds_the_dense_maximum():
+    net, X, y = problem(3, "classification", depth=3)
+    la = Laplace(net, "classification").fit(X, y)
+    delta = la.optimize_prior_precision(tol=1e-8)
+    assert la.prior_precision == delta
+    f = [
+        dense_laplace(net, X, y, "classification", "gauss_newton", delta * math.exp(h), 1.0)[0]
+        for h in (-1e-2, 0, 1e-2)
+    ]
+    assert f[1] >= max(f[0], f[2]) - 1e-9
+    assert f[1] > max(f[0], f[2]) - 1e-3  # a strict interior maximum in log delta (not a bound)
+    assert 1e-6 < delta < 1e6
+
+
+def test_optimize_prior_and_noise_for_regression():
+    net, X, y = problem(4, "regression", depth=2, width=3, N=10)
+    la = Laplace(net, "regression", sigma_noise=1.0).fit(X, y)
+    delta = la.optimize_prior_precision(optimize_sigma_noise=True, tol=1e-6)
+    sigma = la.sigma_noise
+    best = dense_laplace(net, X, y, "regression", "gauss_newton", delta, sigma)[0]
+    assert la.log_marginal_likelihood() == pytest.approx(best, rel=1e-10)
+    for dd, ds in [(1.05, 1), (1 / 1.05, 1), (1, 1.05), (1, 1 / 1.05)]:
+        assert dense_laplace(net, X, y, "regression", "gauss_newton", delta * dd, sigma * ds)[0] < best
+
+
+def test_samples_have_the_posterior_covariance():
+    net, X, y = problem(5, "regression", depth=2, width=3, d_in=2, C=1, N=6)
+    la = Laplace(net, "regression", prior_precision=2.0, sigma_noise=0.5).fit(X, y)
+    k = 40000
+    S = la.sample(k, generator=torch.Generator().manual_seed(1))
+    assert S.shape == (k, la.n_params)
+    Sigma = la.posterior_covariance()
+    C = torch.cov(S.T)
+    se = ((Sigma.diagonal()[:, None] * Sigma.diagonal()[None, :] + Sigma**2) / k).sqrt()
+    assert float(((C - Sigma).abs() / se).max()) < 6.0
+    assert float(((S.mean(0) - la.mean).abs() / (Sigma.diagonal() / k).sqrt()).max()) < 6.0
+
+
+def test_mc_link_and_nn_predictive_and_loader():
+    net, X, y = problem(6, "classification", depth=2, C=3)
+    loader = [(X[:5], y[:5]), (X[5:], y[5:])]
+    la = Laplace(net, "classification", prior_precision=1e8).fit(loader)  # posterior ~ a point mass
+    mc = la(X, link_approx="mc", n_samples=50, generator=torch.Generator().manual_seed(0))
+    sm = torch.softmax(net(X).detach(), -1)
+    assert torch.allclose(mc, sm, atol=1e-3)
+    assert torch.allclose(
+        la(X, pred_type="nn", n_samples=20, generator=torch.Generator().manual_seed(0)), sm, atol=1e-3
+    )
+    la2 = Laplace(net, "classification", prior_precision=0.1).fit(X, y)
+    g = torch.Generator().manual_seed(0)
+    mc2, pr2 = la2(X, link_approx="mc", n_samples=20000, generator=g), la2(X, link_approx="probit")
+    assert torch.allclose(mc2.sum(1), torch.ones(len(X), dtype=mc2.dtype))
+    assert float((mc2 - pr2).abs().max()) < 0.05  # the probit approximation of the same Gaussian integral
+    with pytest.raises(ValueError, match="link_approx"):
+        la2(X, link_approx="laplace")
+    with pytest.raises(ValueError, match="likelihood"):
+        Laplace(net, "poisson")
+    with pytest.raises(RuntimeError, match="fit"):
+        Laplace(net, "classification").log_marginal_likelihood()

@@ -1,0 +1,180 @@
+"""log|det|, its sign, eigenvalue counts, histograms and the posterior square root against dense
+references (plain autograd double backward + ``torch.linalg``), on random float64 chains."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import autograd_gauss_newton, autograd_hessian, chains
+
+import hessinv
+from hessinv import spectrum
+from hessinv.errors import IndefiniteError
+
+OPS = {
+    "hessian": (hessinv.Hessian, autograd_hessian),
+    "gauss_newton": (hessinv.GaussNewton, autograd_gauss_newton),
+}
+
+
+def dense(prob, kind):
+    cls, ref = OPS[kind]
+    return cls(prob.model, prob.loss_fn, prob.inputs, prob.targets), ref(
+        prob.model, prob.loss_fn, prob.inputs, prob.targets
+    )
+
+
+def separated_shifts(lam: torch.Tensor, rel: float = 1e-6) -> list[float]:
+    """Shifts between consecutive distinct eigenvalues (gaps above ``rel * ||H||``), plus beyond both ends."""
+    lam = lam.sort().values
+    scale = max(float(lam.abs().max()), 1e-12)
+    mids = [0.5 * float(a + b) for a, b in zip(lam[:-1], lam[1:], strict=True) if float(b - a) > rel * scale]
+    return [
+        float(lam[0]) - 0.1 * scale - 1e-3,
+        *mids[:: max(1, len(mids) // 6)],
+        float(lam[-1]) + 0.1 * scale + 1e-3,
+    ]
+
+
+@settings(max_examples=10)
+@given(prob=chains(max_depth=5, max_width=6, max_batch=5), kind=st.sampled_from(sorted(OPS)))
+def test_counts_match_dense_eigenvalues(prob, kind):
+    H, D = dense(prob, kind)
+    lam = torch.linalg.eigvalsh(D)
+    shifts = separated_shifts(lam)
+    got = spectrum.eigenvalue_counts(H, shifts)
+    want = [int((lam < s).sum()) for s in shifts]
+    assert got.tolist() == want, prob.description
+
+
+@settings(max_examples=10)
+@given(
+    prob=chains(max_depth=5, max_width=6, max_batch=5),
+    kind=st.sampled_from(sorted(OPS)),
+    eps=st.sampled_from([1e-2, 0.3, 1.0, -0.2, -2.0]),
+)
+def test_logdet_and_sign_match_dense(prob, kind, eps):
+    H, D = dense(prob, kind)
+    n = D.shape[0]
+    A = D + eps * torch.eye(n, dtype=D.dtype)
+    lam = torch.linalg.eigvalsh(A)
+    if float(lam.abs().min()) < 1e-6 * max(float(lam.abs().max()), 1.0):
+        return  # singular to the accuracy of the dense reference
+    sign, ref = torch.linalg.slogdet(A)
+    f = H.factor(eps)
+    s, got = f.slogdet()
+    assert s == float(sign), prob.description
+    assert got == pytest.approx(float(ref), rel=1e-9, abs=1e-8 * n), prob.description
+    assert f.logdet() == got
+    assert spectrum.logdet(H, eps) == (s, got)
+    assert f.inertia.negative == int((lam < 0).sum())
+
+
+@settings(max_examples=8)
+@given(prob=chains(max_depth=4, max_width=6, max_batch=5), kind=st.sampled_from(sorted(OPS)))
+def test_inverse_sqrt_is_a_square_root_of_the_inverse(prob, kind):
+    H, D = dense(prob, kind)
+    n = D.shape[0]
+    eps = 1.0 + max(0.0, -float(torch.linalg.eigvalsh(D)[0]))  # positive definite H + eps I
+    f = H.factor(eps)
+    S = f.inverse_sqrt(torch.eye(n, dtype=D.dtype))
+    Ci = torch.linalg.inv(D + eps * torch.eye(n, dtype=D.dtype))
+    assert torch.allclose(S @ S.T, Ci, rtol=1e-8, atol=1e-10 * float(Ci.abs().max())), prob.description
+
+
+def test_samples_have_the_inverse_as_covariance():
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
+    X, y = torch.randn(2, 6, dtype=torch.float64), torch.tensor([0, 1])  # wide input: low-rank pivot
+    G = hessinv.gauss_newton(net, torch.nn.CrossEntropyLoss(), X, y)
+    f = G.factor(0.5)
+    assert any(type(fl.pivot).__name__ == "LowRankPivot" for fl in f.factors if fl is not None)
+    k = 40000
+    Z = f.sample(k, generator=torch.Generator().manual_seed(0))
+    C = Z @ Z.T / k
+    Ci = torch.linalg.inv(autograd_gauss_newton(net, torch.nn.CrossEntropyLoss(), X, y) + 0.5 * torch.eye(29))
+    # entrywise standard error of a sample covariance: sqrt((C_ii C_jj + C_ij^2) / k)
+    se = ((Ci.diagonal()[:, None] * Ci.diagonal()[None, :] + Ci**2) / k).sqrt()
+    assert float(((C - Ci).abs() / se).max()) < 6.0
+
+
+def test_sample_of_an_indefinite_matrix_raises():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    H = hessinv.hessian(
+        net, torch.nn.MSELoss(), torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2).double()
+    )
+    f = H.factor(-5.0)
+    assert f.inertia.negative > 0
+    with pytest.raises(IndefiniteError, match="negative eigenvalues"):
+        f.sample(2)
+
+
+def test_histogram_counts_and_range():
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+    X, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    H = hessinv.hessian(net, torch.nn.CrossEntropyLoss(), X, y)
+    lam = torch.linalg.eigvalsh(autograd_hessian(net, torch.nn.CrossEntropyLoss(), X, y)).numpy()
+    lo, hi = spectrum.spectral_range(H)
+    assert lo <= lam.min() and lam.max() < hi
+    h = spectrum.spectral_histogram(H, bins=9)
+    assert h.below == 0 and h.above == 0 and h.n == H.shape[0]
+    edges = h.edges
+    assert h.counts.tolist() == np.histogram(lam, edges)[0].tolist()  # no eigenvalue on an inner edge here
+    h2 = spectrum.spectral_histogram(H, bins=[-0.01, 0.0, 0.01])
+    assert h2.below == int((lam < -0.01).sum()) and h2.above == int((lam >= 0.01).sum())
+    with pytest.raises(ValueError):
+        spectrum.spectral_histogram(H, bins=[0.1, 0.0])
+
+
+def test_count_at_an_exact_null_space():
+    """A Gauss-Newton matrix with a null space: N(0) counts none of its (numerically zero) eigenvalues."""
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    G = hessinv.gauss_newton(
+        net, torch.nn.CrossEntropyLoss(), torch.randn(2, 6).double(), torch.tensor([0, 1])
+    )
+    assert spectrum.eigenvalue_counts(G, [0.0]).tolist() == [0]
+    assert spectrum.num_negative_eigenvalues(G) == 0
+    assert spectrum.eigenvalue_counts(G, [1e-300, 1e3]).tolist()[1] == G.shape[0]
+
+
+def test_cli_spectrum_writes_json_and_plot(tmp_path, capsys):
+    import json
+
+    from hessinv.cli import main
+
+    out = tmp_path / "spec"
+    args = ["spectrum", "--samples", "120", "--batch", "16", "--depth", "2", "--width", "3", "--bins", "5"]
+    assert main([*args, "--curvature", "gauss-newton", "--out", str(out)]) == 0
+    rec = json.loads((out / "spectrum.json").read_text())
+    assert sum(rec["counts"]) + rec["below"] + rec["above"] == rec["n_params"]
+    assert rec["eigenvalues_below_zero"] == 0 and rec["logdet_sign"] == 1.0  # Gauss-Newton: PSD
+    assert (out / "spectrum.png").stat().st_size > 0
+    assert "eigenvalues < 0" in capsys.readouterr().out
+    assert main([*args, "--range", "0.5,0.1", "--out", str(out)]) == 2
+    assert main([*args, "--bins", "0", "--out", str(out)]) == 2
+
+
+def test_riccati_only_quantities_refuse_other_factorizations():
+    from hessinv.errors import InvalidArgumentError
+
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    G = hessinv.gauss_newton(net, torch.nn.CrossEntropyLoss(), X, y)
+    W = G.factor(0.3, method="woodbury")
+    assert W.slogdet() == (1.0, pytest.approx(G.factor(0.3).logdet(), rel=1e-10))
+    with pytest.raises(InvalidArgumentError, match="Riccati"):
+        W.inverse_sqrt(torch.eye(G.shape[0], dtype=torch.float64))
+    H = hessinv.hessian(net, torch.nn.CrossEntropyLoss(), X, y)
+    M = H.factor(1e-3, modify="abs")
+    assert any(f.pivot.modified for f in M.factors if f is not None)
+    with pytest.raises(InvalidArgumentError, match="modif"):
+        M.logdet()
