@@ -44,7 +44,7 @@ OPTIMIZERS = ("newton", "newton-tr", "gauss-newton", "adam", "sgd", "lbfgs", "he
 # (a first-order step costs ~3 ms, an amortized newton step ~5 ms, a trust-region step ~150 ms on the
 # default chain and batch).
 DEFAULT_STEPS = {
-    "newton": 6000,
+    "newton": 15000,
     "newton-tr": 250,
     "gauss-newton": 250,
     "adam": 12000,
