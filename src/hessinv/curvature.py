@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,11 +51,14 @@ class SolveInfo:
     """How accurate a solve is: ``residual = max_j |rhs_j - (H + eps I) x_j| / |rhs_j|``.
 
     The residual is evaluated in float64 (also for float32 models), after ``refinement_steps``
-    steps of iterative refinement.
+    steps of iterative refinement and, where refinement stalled (a perturbed factorization, see
+    :class:`Factorization`), ``krylov_iterations`` iterations of flexible GMRES preconditioned by the
+    factorization.
     """
 
     residual: float
     refinement_steps: int
+    krylov_iterations: int = 0
 
 
 class CurvatureOperator:
@@ -276,11 +279,23 @@ class GaussNewton(CurvatureOperator):
 class Factorization:
     """``H + eps I`` factored by the backward Riccati sweep; solve many right-hand sides with it.
 
+    Each pivot ``Qxx_l`` is factored by Cholesky if positive definite, else by a symmetric indefinite
+    ``LDL^T`` with Bunch–Kaufman pivoting inside the block (math.md §2). A pivot block can be singular
+    while ``H + eps I`` is not (the elimination order across stages is fixed); such near-singular
+    pivots are perturbed statically (eigenvalues of ``D`` below ``sqrt(u) max|Qxx|`` moved to
+    ``+-sqrt(u) max|Qxx|``), the factorization is then that of a nearby matrix, and :meth:`solve`
+    recovers the exact solution by iterative refinement and, if that stalls, flexible GMRES
+    preconditioned by the factorization. When pivots were perturbed, a probe solve with a random
+    right-hand side checks at construction that ``H + eps I`` is nonsingular to working precision;
+    :class:`SingularError` is raised only where it is not.
+
     Attributes:
         damping: ``eps``.
-        inertia: ``(negative, zero, positive)`` eigenvalue counts of ``H + eps I``
-            (zero is always 0: a singular pivot raises :class:`SingularError` instead).
-        positive_definite: whether every pivot had a Cholesky factor.
+        inertia: ``(negative, zero, positive)`` eigenvalue counts of ``H + eps I`` (exact, by
+            Sylvester's law, when ``inertia_certified``; else those of the perturbed matrix).
+        inertia_certified: whether no pivot was perturbed (the inertia is then an exact count).
+        perturbed: ``{stage index: number of perturbed pivot eigenvalues}`` (empty if none).
+        positive_definite: whether every pivot is positive definite (unperturbed).
         last_info: the :class:`SolveInfo` of the latest solve.
     """
 
@@ -289,14 +304,74 @@ class Factorization:
             raise NonFiniteError(f"damping must be finite, got {damping}")
         self.op, self.damping = op, damping
         self.factors, self.inertia, self.positive_definite = riccati_factor(
-            op.blocks, damping, op._names, op.gradient
+            op.blocks, damping, op._names, op.gradient, perturb=True
         )
+        self.perturbed: dict[int, int] = {
+            l: f.pivot.perturbed for l, f in enumerate(self.factors) if f is not None and f.pivot.perturbed
+        }
+        self.inertia_certified = not self.perturbed
         self.last_info: SolveInfo | None = None
-        self._f64: Factorization | None = None
+        if self.perturbed:
+            self._check_nonsingular()
+
+    def _check_nonsingular(self) -> None:
+        """Raise :class:`SingularError` if a random right-hand side cannot be solved to ``sqrt(u)``."""
+        g = torch.Generator(device="cpu").manual_seed(0)
+        b = torch.randn(self.op.shape[0], 1, generator=g, dtype=torch.float64)
+        _, info = self._solve64(b, max_refine=5)
+        if info.residual > math.sqrt(torch.finfo(self.op.dtype).eps):
+            stages = ", ".join(f"{self.op._names[l]} ({c})" for l, c in sorted(self.perturbed.items()))
+            first = max(self.perturbed)
+            raise SingularError(
+                f"{stages}: pivot Qxx perturbed at damping {self.damping:g} (number of perturbed "
+                "eigenvalues in parentheses), and H + eps I is singular to working precision: a random "
+                f"right-hand side still leaves relative residual {info.residual:.2e} after "
+                f"{info.refinement_steps} refinement steps and {info.krylov_iterations} GMRES iterations. "
+                "Choose another damping (eps > 0 for a Gauss-Newton matrix; eps > -H.min_eigenvalue() "
+                "for a positive definite H + eps I)",
+                stage=first,
+                damping=self.damping,
+            )
 
     def _raw(self, R: Tensor) -> Tensor:
         xs = riccati_solve(self.op.blocks, self.factors, self.op._split(R))
         return torch.cat(xs, dim=0)
+
+    def _solve64(self, R64: Tensor, max_refine: int, X64: Tensor | None = None) -> tuple[Tensor, SolveInfo]:
+        """Refined solve of ``(H + eps I) X = R64`` in float64; returns ``X`` (float64) and its info."""
+        op64 = self.op._residual_operator()
+        dtype = self.op.dtype
+        if X64 is None:
+            X64 = self._raw(R64.to(dtype)).double()
+        rnorm = R64.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
+
+        def apply(X_: Tensor) -> Tensor:
+            return op64._apply(X_.to(op64.dtype)).double() + self.damping * X_
+
+        def residual(X_: Tensor) -> tuple[Tensor, float]:
+            res = R64 - apply(X_)
+            return res, float((res.norm(dim=0) / rnorm).max())
+
+        res, rel = residual(X64)
+        steps = 0
+        target = 4 * torch.finfo(torch.float64).eps
+        stalled = False
+        while steps < max_refine and rel > target:
+            cand = X64 + self._raw(res.to(dtype)).double()
+            res_c, rel_c = residual(cand)
+            if not rel_c < 0.9 * rel:
+                stalled = True
+                break
+            X64, res, rel, steps = cand, res_c, rel_c, steps + 1
+        its = 0
+        if stalled and rel > 1e-14:  # refinement stalled above float64 accuracy: Krylov, F as preconditioner
+            for j in range(X64.shape[1]):
+                if float(res[:, j].norm() / rnorm[j]) <= 1e-14:
+                    continue
+                x, k = fgmres(apply, lambda v: self._raw(v.to(dtype)).double(), R64[:, j], X64[:, j], 1e-14)
+                X64[:, j], its = x, its + k
+            res, rel = residual(X64)
+        return X64, SolveInfo(rel, steps, its)
 
     def solve(
         self, rhs: Tensor, refine: bool = True, max_refine: int = 5, return_info: bool = False
@@ -306,9 +381,10 @@ class Factorization:
         With ``refine=False`` this is the bare ``O(L)`` sweep (no residual is computed;
         ``last_info.residual`` is NaN). With ``refine`` (default), iterative refinement
         ``x += F^{-1}(rhs - (H + eps I) x)`` runs with float64 residuals (the ``O(L)`` product)
-        until the residual stops improving. The achieved relative residual is in ``self.last_info``
-        (and returned with ``return_info``); an :class:`~hessinv.AccuracyWarning` is issued when it
-        exceeds ``sqrt(u)`` of the model dtype.
+        until the residual stops improving; if it stalls above float64 accuracy (a perturbed
+        factorization), flexible GMRES preconditioned by the factorization takes over. The achieved
+        relative residual is in ``self.last_info`` (and returned with ``return_info``); an
+        :class:`~hessinv.AccuracyWarning` is issued when it exceeds ``sqrt(u)`` of the model dtype.
         """
         R, vec = self.op._as_matrix(rhs, "rhs")
         X = self._raw(R)
@@ -316,25 +392,8 @@ class Factorization:
             self.last_info = SolveInfo(float("nan"), 0)
             out = X[:, 0] if vec else X
             return (out, self.last_info) if return_info else out
-        op64 = self.op._residual_operator()
-        R64 = R.double()
-        rnorm = R64.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
-        X64 = X.double()
-
-        def residual(X_: Tensor) -> tuple[Tensor, float]:
-            res = R64 - op64._apply(X_.to(op64.dtype)).double() - self.damping * X_
-            return res, float((res.norm(dim=0) / rnorm).max())
-
-        res, rel = residual(X64)
-        steps = 0
-        target = 4 * torch.finfo(torch.float64).eps
-        while steps < max_refine and rel > target:
-            cand = X64 + self._raw(res.to(self.op.dtype)).double()
-            res_c, rel_c = residual(cand)
-            if not rel_c < 0.9 * rel:
-                break
-            X64, res, rel, steps = cand, res_c, rel_c, steps + 1
-        self.last_info = SolveInfo(rel, steps)
+        X64, self.last_info = self._solve64(R.double(), max_refine, X.double())
+        rel = self.last_info.residual
         if rel > math.sqrt(torch.finfo(self.op.dtype).eps):
             warnings.warn(
                 f"solve at damping {self.damping:g} reached relative residual {rel:.2e} only",
@@ -344,6 +403,57 @@ class Factorization:
         X = X64.to(self.op.dtype)
         out = X[:, 0] if vec else X
         return (out, self.last_info) if return_info else out
+
+    def logdet(self) -> float:
+        """``log |det(H + eps I)|`` from the pivots (of the perturbed matrix if pivots were perturbed)."""
+        return sum(f.pivot.logdet() for f in self.factors if f is not None)
+
+
+def fgmres(
+    apply: Callable[[Tensor], Tensor],
+    precond: Callable[[Tensor], Tensor],
+    b: Tensor,
+    x0: Tensor,
+    tol: float,
+    restart: int = 30,
+    max_restarts: int = 4,
+) -> tuple[Tensor, int]:
+    """Flexible GMRES (Saad 1993) for ``A x = b``, right-preconditioned by ``precond`` (which may be
+    inexact, e.g. a float32 sweep): minimizes ``|b - A x|`` over ``x0 + span(Z)``, ``z_j = M^{-1} v_j``.
+    Stops at relative residual ``tol``, on stagnation, or after ``max_restarts`` cycles of ``restart``
+    iterations. Returns ``x`` and the number of iterations (one ``precond`` and one ``apply`` each)."""
+    bnorm = float(b.norm()) or 1.0
+    x, total = x0.clone(), 0
+    best = float("inf")
+    for _ in range(max_restarts):
+        r = b - apply(x[:, None])[:, 0]
+        beta = float(r.norm())
+        if beta / bnorm <= tol or not beta < 0.99 * best:
+            break
+        best = beta
+        V, Z = [r / beta], []
+        Hm = np.zeros((restart + 1, restart))
+        y = np.zeros(0)
+        for j in range(restart):
+            z = precond(V[j][:, None])[:, 0]
+            w = apply(z[:, None])[:, 0]
+            Z.append(z)
+            for _ in range(2):  # classical Gram-Schmidt, twice
+                Vm = torch.stack(V, dim=1)
+                h = Vm.T @ w
+                w = w - Vm @ h
+                Hm[: j + 1, j] += h.numpy() if h.is_cpu else h.cpu().numpy()
+            Hm[j + 1, j] = float(w.norm())
+            total += 1
+            e1 = np.zeros(j + 2)
+            e1[0] = beta
+            y = np.linalg.lstsq(Hm[: j + 2, : j + 1], e1, rcond=None)[0]
+            est = float(np.linalg.norm(e1 - Hm[: j + 2, : j + 1] @ y))
+            if est / bnorm <= tol or Hm[j + 1, j] <= 1e-300:
+                break
+            V.append(w / Hm[j + 1, j])
+        x = x + torch.stack(Z, dim=1) @ torch.as_tensor(y, dtype=x.dtype, device=x.device)
+    return x, total
 
 
 def hessian(
