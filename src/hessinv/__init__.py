@@ -11,6 +11,7 @@
 from hessinv.chain import Chain
 from hessinv.curvature import (
     CurvatureOperator,
+    Eigenpairs,
     Factorization,
     GaussNewton,
     Hessian,
@@ -22,6 +23,7 @@ from hessinv.errors import (
     AccuracyWarning,
     DtypeMismatchError,
     HessinvError,
+    InvalidArgumentError,
     NonFiniteError,
     NotAChainError,
     ShapeMismatchError,
@@ -34,6 +36,7 @@ __all__ = [
     "hessian", "gauss_newton", "Hessian", "GaussNewton", "CurvatureOperator", "Factorization",
     "SolveInfo", "Inertia", "Chain", "HessinvError", "UnsupportedStageError", "NotAChainError",
     "ShapeMismatchError", "DtypeMismatchError", "NonFiniteError", "SingularError", "AccuracyWarning",
+    "InvalidArgumentError", "Eigenpairs",
 ]  # fmt: skip
 __version__ = "0.1.0"
 

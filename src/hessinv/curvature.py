@@ -20,6 +20,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from hessinv.chain import Chain
 from hessinv.errors import (
     AccuracyWarning,
     DtypeMismatchError,
+    InvalidArgumentError,
     NonFiniteError,
     ShapeMismatchError,
     SingularError,
@@ -41,6 +43,7 @@ __all__ = [
     "GaussNewton",
     "Factorization",
     "SolveInfo",
+    "Eigenpairs",
     "hessian",
     "gauss_newton",
 ]
@@ -59,6 +62,56 @@ class SolveInfo:
     residual: float
     refinement_steps: int
     krylov_iterations: int = 0
+
+
+class Eigenpairs(NamedTuple):
+    """Eigenvalues of ``H`` found by shift-invert Lanczos, with their certificate.
+
+    Attributes:
+        values: (k,) float64, ascending.
+        vectors: (n, k) float64 orthonormal eigenvectors (columns in the order of ``values``).
+        residuals: (k,) ``|H v - lambda v|`` (float64 products): each ``values[i]`` is within
+            ``residuals[i]`` of an eigenvalue of ``H``.
+        interval: ``(lo, hi)``: the inertia count says that ``H`` has exactly ``k`` eigenvalues in it.
+        certified: whether that count matched (no eigenvalue missed in ``interval``); False only
+            when a count could not be made exactly (a perturbed pivot) or did not match after retries.
+        factorizations: Riccati sweeps used (factorizations and inertia counts).
+        solves: solves with the shift-invert factorization.
+    """
+
+    values: Tensor
+    vectors: Tensor
+    residuals: Tensor
+    interval: tuple[float, float]
+    certified: bool
+    factorizations: int
+    solves: int
+
+
+#: Operators up to this size get their eigenvalue estimates from the dense matrix (then certified).
+_DENSE_EIG = 64
+
+
+def _check_tol(tol: float, name: str = "tol", allow_zero: bool = False) -> float:
+    """``tol`` as a float; :class:`InvalidArgumentError` unless it is finite and positive (or zero)."""
+    try:
+        t = float(tol)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{name} must be a number, got {tol!r}") from None
+    if not math.isfinite(t) or t < 0 or (t == 0 and not allow_zero):
+        need = "finite and >= 0" if allow_zero else "finite and > 0"
+        raise InvalidArgumentError(f"{name} must be {need}, got {tol!r}")
+    return t
+
+
+def _check_shift(shift: float, name: str = "shift") -> float:
+    try:
+        s = float(shift)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{name} must be a number, got {shift!r}") from None
+    if not math.isfinite(s):
+        raise InvalidArgumentError(f"{name} must be finite, got {shift!r}")
+    return s
 
 
 class CurvatureOperator:
@@ -172,6 +225,7 @@ class CurvatureOperator:
 
     def is_positive_definite(self, shift: float = 0.0) -> bool:
         """Whether ``H + shift I`` is positive definite: every Riccati pivot has a Cholesky factor."""
+        shift = _check_shift(shift)
         names = self._names
         try:
             _, _, pd = riccati_factor(
@@ -202,11 +256,14 @@ class CurvatureOperator:
 
         ``tol`` defaults to ``sqrt(u) * ||H||`` (``u`` the unit roundoff), so that eigenvalues that are
         zero up to rounding count as zero. Two Riccati factorizations, at ``shift - tol`` and
-        ``shift + tol``; ``tol=0`` uses one factorization at ``shift``.
+        ``shift + tol``; ``tol=0`` uses one factorization at ``shift``. Exact counts (Sylvester's law;
+        no pivot is perturbed here). Raises :class:`InvalidArgumentError` for a NaN or infinite
+        ``shift`` or a ``tol`` that is negative or not finite.
         """
-        shift = float(shift)
+        shift = _check_shift(shift)
         if tol is None:
             tol = math.sqrt(torch.finfo(self.dtype).eps) * max(self.norm_estimate(), 1e-30)
+        tol = _check_tol(tol, allow_zero=True)
 
         def count(s: float) -> Inertia:
             return riccati_factor(self.blocks, s, self._names, self.gradient, strict=False)[1]
@@ -216,11 +273,222 @@ class CurvatureOperator:
         neg, pos = count(shift + tol).negative, count(shift - tol).positive
         return Inertia(neg, self.shape[0] - neg - pos, pos)
 
-    def min_eigenvalue(self, tol: float = 1e-8) -> float:
-        """``lambda_min(H)`` to within ``tol * max(||H||, 1)`` by bisection on the positive-definiteness test.
+    def _count_below(self, x: float) -> int:
+        """The number of eigenvalues of ``H`` below ``x`` (one Riccati sweep, exact count); ``x`` is moved
+        by a few ulps if a pivot is exactly singular there."""
+        for i in range(4):
+            try:
+                return riccati_factor(self.blocks, -x, self._names, self.gradient, strict=False)[1].negative
+            except SingularError:
+                x = x + (abs(x) + 1e-300) * 4 * torch.finfo(self.dtype).eps * 4**i
+        raise SingularError(f"no exact inertia count near {x:g}")
 
-        Each step is one Riccati sweep that stops at the first pivot without a Cholesky factor.
+    def _lanczos_extremes(self, steps: int = 20) -> tuple[float, float, float]:
+        """``(theta_min, theta_max, beta)``: extreme Ritz values of ``steps`` Lanczos steps on ``H``
+        (products only; ``theta_min >= lambda_min``, ``theta_max <= lambda_max``) and the last
+        off-diagonal, a scale for how far the Ritz values may still be from the extremes."""
+        n = self.shape[0]
+        m = min(steps, n)
+        g = torch.Generator(device="cpu").manual_seed(1)
+        q = torch.randn(n, generator=g, dtype=torch.float64)
+        q = q / q.norm()
+        Q = [q]
+        alpha, beta = [], []
+        for j in range(m):
+            w = self._apply(Q[j][:, None].to(self.dtype).to(self.device))[:, 0].double().cpu()
+            alpha.append(float(Q[j] @ w))
+            Qm = torch.stack(Q, dim=1)
+            w = w - Qm @ (Qm.T @ w)
+            w = w - Qm @ (Qm.T @ w)
+            b = float(w.norm())
+            if j == m - 1 or b <= 1e-14 * max(abs(a) for a in alpha):
+                beta.append(b)
+                break
+            beta.append(b)
+            Q.append(w / b)
+        T = np.diag(alpha) + np.diag(beta[: len(alpha) - 1], 1) + np.diag(beta[: len(alpha) - 1], -1)
+        th = np.linalg.eigvalsh(T)
+        return float(th[0]), float(th[-1]), float(beta[-1])
+
+    def _shift_invert(
+        self, F: Factorization, sigma: float, k: int, tol: float
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
+        """The ``k`` eigenpairs of ``H`` nearest ``sigma`` by Lanczos on ``(H - sigma I)^{-1}`` (ARPACK,
+        ``scipy.sparse.linalg.eigsh`` with ``OPinv`` = sweeps with ``F``), then Rayleigh quotients and
+        residuals in float64. Returns values (ascending), vectors, residual norms, and the solve count."""
+        from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
+
+        n = self.shape[0]
+        nsolves = 0
+
+        def opinv(x: np.ndarray) -> np.ndarray:
+            nonlocal nsolves
+            nsolves += 1
+            X = torch.as_tensor(np.asarray(x, dtype=np.float64).reshape(n, -1))
+            Y = F._raw(X.to(self.dtype).to(self.device)).double().cpu().numpy()
+            return Y.reshape(x.shape)
+
+        OP = LinearOperator((n, n), matvec=opinv, dtype=np.float64)
+        ncv = min(n, max(2 * k + 1, k + 8))
+        v0 = np.random.default_rng(0).standard_normal(n)
+        atol = max(tol, 10 * torch.finfo(self.dtype).eps)
+        try:
+            if k >= n - 1 or n <= _DENSE_EIG:
+                raise ArpackError(-9999)  # small operators go dense
+            vecs = eigsh(
+                self.as_linear_operator(), k=k, sigma=sigma, which="LM", OPinv=OP, tol=atol, ncv=ncv, v0=v0
+            )[1]
+        except (ArpackError, ArpackNoConvergence):  # ARPACK needs k < n and a nonzero Krylov space
+            w, U = np.linalg.eigh(self.to_dense().double().cpu().numpy())
+            idx = np.sort(np.argsort(np.abs(w - sigma), kind="stable")[:k])
+            vecs = U[:, idx]
+        V = torch.as_tensor(vecs, dtype=torch.float64)
+        V, _ = torch.linalg.qr(V)
+        op64 = self._residual_operator()
+        HV = op64._apply(V.to(op64.dtype).to(op64.device)).double().cpu()
+        lam = (V * HV).sum(0)
+        res = (HV - V * lam).norm(dim=0)
+        order = torch.argsort(lam)
+        return lam[order], V[:, order], res[order], nsolves
+
+    def _definite_shift(self, below: bool, start: float, step: float) -> tuple[Factorization, float, int]:
+        """A factorization of ``H - sigma I`` with ``sigma`` below (``below``) or above every eigenvalue,
+        found from ``start`` by steps growing 4x; returns it, ``sigma`` and the sweeps spent."""
+        sweeps = 0
+        sigma = start
+        for _ in range(60):
+            sweeps += 1
+            if below:
+                try:
+                    factors, inertia, pd = riccati_factor(
+                        self.blocks, -sigma, self._names, self.gradient, stop_if_indefinite=True, strict=False
+                    )
+                except SingularError:
+                    pd = False
+                if pd:
+                    return Factorization(self, -sigma, _factors=(factors, inertia, pd)), sigma, sweeps
+            else:
+                try:
+                    F = Factorization(self, -sigma)
+                    if F.inertia_certified and F.inertia.positive == 0:
+                        return F, sigma, sweeps
+                except SingularError:
+                    pass
+            sigma = sigma - step if below else sigma + step
+            step *= 4
+        raise SingularError("no definite shift found (H has non-finite eigenvalues?)")
+
+    def eigenpairs(self, k: int = 1, which: str = "smallest", sigma: float | None = None, tol: float = 1e-10):
+        """The ``k`` smallest, largest, or nearest-``sigma`` eigenpairs of ``H``, certified by inertia.
+
+        Shift-invert Lanczos (ARPACK through ``scipy.sparse.linalg.eigsh``) on ``(H - s I)^{-1}``, applied
+        by the sweeps of one Riccati factorization at ``s``: for ``which="smallest"`` (``"largest"``),
+        ``s`` is below (above) every eigenvalue (a shift where the factorization is definite, from a
+        short Lanczos run on ``H``), so that the nearest eigenvalues to ``s`` are the smallest (largest);
+        for ``which="nearest"``, ``s = sigma``. Values are Rayleigh quotients with float64 products;
+        an inertia count (one more sweep; two for ``"nearest"``) then checks that ``H`` has exactly
+        ``k`` eigenvalues in the interval they span (widened by ``tol * max(||H||, 1)`` and by the
+        residuals): no eigenvalue was missed. If the count says otherwise, ``k`` is raised to the count
+        and the Lanczos run repeated (twice at most). ``tol``: relative accuracy asked of ARPACK.
+
+        Raises :class:`InvalidArgumentError` for ``tol <= 0`` or NaN, a NaN ``sigma``, or a bad ``k``.
         """
+        tol = _check_tol(tol)
+        n = self.shape[0]
+        if not isinstance(k, int) or not 1 <= k <= n:
+            raise InvalidArgumentError(f"k must be an integer in [1, {n}], got {k!r}")
+        if which not in ("smallest", "largest", "nearest"):
+            raise InvalidArgumentError(f"which must be 'smallest', 'largest' or 'nearest', got {which!r}")
+        if which == "nearest":
+            if sigma is None:
+                raise InvalidArgumentError("which='nearest' needs sigma")
+            sigma = _check_shift(sigma, "sigma")
+        lo_r, hi_r, beta = self._lanczos_extremes()
+        scale = max(abs(lo_r), abs(hi_r), 1.0)
+        step = max(beta, 1e-3 * (hi_r - lo_r), 1e-8 * scale)
+        if which == "nearest":
+            assert sigma is not None
+            F, s, sweeps = Factorization(self, -sigma), sigma, 1
+        elif which == "smallest":
+            F, s, sweeps = self._definite_shift(True, lo_r - step, step)
+        else:
+            F, s, sweeps = self._definite_shift(False, hi_r + step, step)
+        delta = tol * scale
+        kk, solves, certified = k, 0, False
+        for _ in range(3):
+            vals, vecs, res, ns = self._shift_invert(F, s, min(kk, n), tol)
+            solves += ns
+            pad = delta + float(res.max())
+            if which == "smallest":
+                vals, vecs, res = vals[:k], vecs[:, :k], res[:k]
+                lo, hi = s, float(vals[-1]) + pad
+                count = self._count_below(hi)
+                sweeps += 1
+            elif which == "largest":
+                vals, vecs, res = vals[-k:], vecs[:, -k:], res[-k:]
+                lo, hi = float(vals[0]) - pad, s
+                count = n - self._count_below(lo)
+                sweeps += 1
+            else:
+                idx = torch.argsort((vals - s).abs())[:k].sort().values
+                vals, vecs, res = vals[idx], vecs[:, idx], res[idx]
+                r = float((vals - s).abs().max()) + pad
+                lo, hi = s - r, s + r
+                count = self._count_below(hi) - self._count_below(lo)
+                sweeps += 2
+            certified = F.inertia_certified if which == "nearest" else True
+            if count == k:
+                break
+            certified = False
+            if count < k or kk >= n:
+                break
+            kk = count + (count - k)  # more Ritz pairs than there are eigenvalues in the interval
+        return Eigenpairs(vals, vecs, res, (lo, hi), certified and count == k, sweeps, solves)
+
+    def min_eigenvalue(self, tol: float = 1e-8) -> float:
+        """``lambda_min(H)`` to within ``tol * max(||H||, 1)``, certified by an inertia count.
+
+        Lanczos on the ``O(L)`` products (ARPACK, ``which="SA"``) gives ``lambda`` and its residual
+        ``rho = |H v - lambda v|`` (float64), so an eigenvalue lies within ``rho`` of ``lambda``; one
+        positive-definiteness sweep at ``lambda - rho - tol * max(||H||, 1)`` then proves that none lies
+        below. If that certificate fails (Lanczos missed the smallest eigenvalue), shift-invert Lanczos
+        with a factorization below the spectrum (:meth:`eigenpairs`) takes over, and bisection on the
+        positive-definiteness test is the last resort. Raises :class:`InvalidArgumentError` for
+        ``tol <= 0`` or NaN.
+        """
+        tol = _check_tol(tol)
+        from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, eigsh
+
+        n = self.shape[0]
+        eps_m = torch.finfo(self.dtype).eps
+        try:
+            if n <= _DENSE_EIG:  # small: the dense matrix, then the same certificate
+                w, vecs = torch.linalg.eigh(self.to_dense().double().cpu())
+                vecs = vecs[:, :1].numpy()
+            else:
+                v0 = np.random.default_rng(0).standard_normal(n)
+                vecs = eigsh(self.as_linear_operator(), k=1, which="SA", tol=min(tol, 1e-6), v0=v0)[1]
+        except (ArpackError, ArpackNoConvergence):
+            vecs = None
+        if vecs is not None:
+            op64 = self._residual_operator()
+            v = torch.as_tensor(vecs[:, 0], dtype=torch.float64)
+            v = v / v.norm()
+            Hv = op64._apply(v[:, None].to(op64.dtype).to(op64.device))[:, 0].double().cpu()
+            lam = float(v @ Hv)
+            rho = float((Hv - lam * v).norm())
+            scale = max(abs(lam), float(Hv.norm()), 1.0)
+            if rho <= max(tol, 10 * eps_m) * scale and self.is_positive_definite(-(lam - rho - tol * scale)):
+                return lam
+        e = self.eigenpairs(1, "smallest", tol=min(tol, 1e-6))
+        lam = float(e.values[0])
+        scale = max(abs(e.interval[0]), abs(lam), 1.0)  # interval[0]: the definite shift, beyond |lambda|
+        if e.certified and float(e.residuals[0]) <= max(tol, 10 * eps_m) * scale:
+            return lam
+        return self._min_eigenvalue_bisection(tol)
+
+    def _min_eigenvalue_bisection(self, tol: float) -> float:
+        """``lambda_min(H)`` by bisection on the positive-definiteness test (one sweep per step)."""
         scale = max(self.norm_estimate(), 1e-30)
         hi = 1.1 * scale
         while not self.is_positive_definite(hi):
@@ -299,11 +567,11 @@ class Factorization:
         last_info: the :class:`SolveInfo` of the latest solve.
     """
 
-    def __init__(self, op: CurvatureOperator, damping: float):
+    def __init__(self, op: CurvatureOperator, damping: float, _factors: tuple | None = None):
         if not math.isfinite(damping):
             raise NonFiniteError(f"damping must be finite, got {damping}")
         self.op, self.damping = op, damping
-        self.factors, self.inertia, self.positive_definite = riccati_factor(
+        self.factors, self.inertia, self.positive_definite = _factors or riccati_factor(
             op.blocks, damping, op._names, op.gradient, perturb=True
         )
         self.perturbed: dict[int, int] = {
@@ -364,7 +632,9 @@ class Factorization:
                 break
             X64, res, rel, steps = cand, res_c, rel_c, steps + 1
         its = 0
-        if stalled and rel > 1e-14:  # refinement stalled above float64 accuracy: Krylov, F as preconditioner
+        # refinement stalled above float64 accuracy, or is slow on a perturbed factorization (a
+        # preconditioner by design): flexible GMRES, with F as preconditioner
+        if (stalled or self.perturbed) and rel > 1e-14:
             for j in range(X64.shape[1]):
                 if float(res[:, j].norm() / rnorm[j]) <= 1e-14:
                     continue

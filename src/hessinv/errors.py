@@ -15,8 +15,8 @@ ShapeMismatchError         inputs/targets have inconsistent batch sizes or featu
                            or a vector has the wrong length
 DtypeMismatchError         inputs, targets or vectors have a dtype/device other than the model's
 NonFiniteError             inputs, parameters, the loss or a curvature block is NaN/inf
-SingularError              ``H + eps I`` cannot be factored at the requested damping (a pivot
-                           ``Qxx_l`` of the Riccati sweep is singular to working precision)
+SingularError              ``H + eps I`` is singular to working precision at the requested damping
+InvalidArgumentError       an argument out of its domain (a tolerance <= 0 or NaN, a NaN shift)
 =========================  ===============================================================
 """
 
@@ -30,6 +30,7 @@ __all__ = [
     "DtypeMismatchError",
     "NonFiniteError",
     "SingularError",
+    "InvalidArgumentError",
     "AccuracyWarning",
 ]
 
@@ -70,6 +71,10 @@ class SingularError(HessinvError, RuntimeError):
         super().__init__(message)
         self.stage = stage
         self.damping = damping
+
+
+class InvalidArgumentError(HessinvError, ValueError):
+    """An argument outside its domain: a tolerance that is not a positive finite number, a NaN shift."""
 
 
 class AccuracyWarning(UserWarning):

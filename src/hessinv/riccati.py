@@ -48,6 +48,15 @@ class Inertia(NamedTuple):
     positive: int
 
 
+#: Static pivot perturbation threshold, relative to ``max|Qxx|``; None: ``sqrt(u)`` of the dtype.
+PERTURB_THRESHOLD: float | None = None
+
+
+def _perturb_tau(dtype: torch.dtype, scale: float) -> float:
+    rel = math.sqrt(torch.finfo(dtype).eps) if PERTURB_THRESHOLD is None else PERTURB_THRESHOLD
+    return rel * scale
+
+
 class Pivot:
     """A factored pivot ``Qxx_l``: Cholesky when positive definite, else a symmetric indefinite
     ``P^T Qxx P = L D L^T`` (Bunch–Kaufman pivoting inside the block; ``D`` block diagonal with 1x1 and
@@ -114,7 +123,7 @@ class Pivot:
         qmax = max(_maxabs(Q), fi.tiny)
         small = torch.minimum(lo.abs(), hi.abs())
         if perturb:
-            tau = math.sqrt(fi.eps) * qmax
+            tau = _perturb_tau(Q.dtype, qmax)
             if bool((small < tau).any()):
                 d, e, self.perturbed = _perturb_blocks(d, e, two, tau)
                 lo, hi = _block_eigenvalues(d, e, two)
@@ -380,7 +389,7 @@ class LowRankPivot:
         k = p - r
         self.perturbed = self.inner.perturbed
         if perturb:  # the eigenvalue eps on the complement of range(U): perturbed like a D block's
-            tau = math.sqrt(fi.eps) * max(top, abs(damping), fi.tiny)
+            tau = _perturb_tau(A.dtype, max(top, abs(damping), fi.tiny))
             if k > 0 and abs(damping) < tau:
                 self.eps = -tau if damping < 0 else tau
                 self.perturbed += k

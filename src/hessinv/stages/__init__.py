@@ -6,6 +6,12 @@ from hessinv.stages.losses import LossStage
 from hessinv.stages.protocol import Blocks, RiccatiBlocks, Stage
 
 __all__ = [
-    "Blocks", "RiccatiBlocks", "Stage", "DenseStage", "GenericStage", "ReshapeStage", "LossStage",
+    "Blocks",
+    "RiccatiBlocks",
+    "Stage",
+    "DenseStage",
+    "GenericStage",
+    "ReshapeStage",
+    "LossStage",
     "ELEMENTWISE",
 ]
