@@ -579,6 +579,7 @@ class Factorization:
         }
         self.inertia_certified = not self.perturbed
         self.last_info: SolveInfo | None = None
+        self._f64: Factorization | None = None
         if self.perturbed:
             self._check_nonsingular()
 
@@ -587,6 +588,9 @@ class Factorization:
         g = torch.Generator(device="cpu").manual_seed(0)
         b = torch.randn(self.op.shape[0], 1, generator=g, dtype=torch.float64)
         _, info = self._solve64(b, max_refine=5)
+        if self._f64 is not None:  # float32 sweep too inaccurate: the float64 factorization's counts
+            self.inertia, self.inertia_certified = self._f64.inertia, self._f64.inertia_certified
+            self.positive_definite = self._f64.positive_definite
         if info.residual > math.sqrt(torch.finfo(self.op.dtype).eps):
             stages = ", ".join(f"{self.op._names[l]} ({c})" for l, c in sorted(self.perturbed.items()))
             first = max(self.perturbed)
@@ -605,7 +609,9 @@ class Factorization:
         xs = riccati_solve(self.op.blocks, self.factors, self.op._split(R))
         return torch.cat(xs, dim=0)
 
-    def _solve64(self, R64: Tensor, max_refine: int, X64: Tensor | None = None) -> tuple[Tensor, SolveInfo]:
+    def _solve64(
+        self, R64: Tensor, max_refine: int, X64: Tensor | None = None, float64: bool = False
+    ) -> tuple[Tensor, SolveInfo]:
         """Refined solve of ``(H + eps I) X = R64`` in float64; returns ``X`` (float64) and its info."""
         op64 = self.op._residual_operator()
         dtype = self.op.dtype
@@ -638,10 +644,29 @@ class Factorization:
             for j in range(X64.shape[1]):
                 if float(res[:, j].norm() / rnorm[j]) <= 1e-14:
                     continue
-                x, k = fgmres(apply, lambda v: self._raw(v.to(dtype)).double(), R64[:, j], X64[:, j], 1e-14)
+                # below float64, a float64 factorization is the fallback: a short GMRES budget
+                budget = (30, 4) if dtype == torch.float64 or float64 else (20, 1)
+                x, k = fgmres(
+                    apply, lambda v: self._raw(v.to(dtype)).double(), R64[:, j], X64[:, j], 1e-14, *budget
+                )
                 X64[:, j], its = x, its + k
             res, rel = residual(X64)
+        if rel > 1e-12 and dtype != torch.float64 and not float64:
+            # a float32 factorization too inaccurate to precondition (cond(H + eps I) u32 >~ 1): solve
+            # with the float64 twin's factorization instead (factored once, kept)
+            X2, info2 = self._float64()._solve64(R64, max_refine, float64=True)
+            if info2.residual < rel:
+                return X2, SolveInfo(
+                    info2.residual, steps + info2.refinement_steps, its + info2.krylov_iterations
+                )
         return X64, SolveInfo(rel, steps, its)
+
+    def _float64(self) -> Factorization:
+        """The factorization of the float64 twin operator (for float32 models whose own sweep cannot
+        precondition the system)."""
+        if self._f64 is None:
+            self._f64 = Factorization(self.op._residual_operator(), self.damping)
+        return self._f64
 
     def solve(
         self, rhs: Tensor, refine: bool = True, max_refine: int = 5, return_info: bool = False

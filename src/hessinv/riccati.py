@@ -48,12 +48,16 @@ class Inertia(NamedTuple):
     positive: int
 
 
-#: Static pivot perturbation threshold, relative to ``max|Qxx|``; None: ``sqrt(u)`` of the dtype.
+#: Static pivot perturbation threshold, relative to ``max|Qxx|``; None: ``p * u`` (``p`` the pivot's
+#: order, ``u`` the unit roundoff): only pivots singular to working precision are perturbed. (The
+#: ``sqrt(u)`` of sparse direct solvers perturbs far too often here: ``max|Qxx|`` carries the large
+#: ``Jx^T Sigma Jx`` term of deep chains while eigenvalues near ``eps`` are legitimate; Bunch–Kaufman
+#: is backward stable without it.)
 PERTURB_THRESHOLD: float | None = None
 
 
-def _perturb_tau(dtype: torch.dtype, scale: float) -> float:
-    rel = math.sqrt(torch.finfo(dtype).eps) if PERTURB_THRESHOLD is None else PERTURB_THRESHOLD
+def _perturb_tau(dtype: torch.dtype, scale: float, p: int) -> float:
+    rel = p * torch.finfo(dtype).eps if PERTURB_THRESHOLD is None else PERTURB_THRESHOLD
     return rel * scale
 
 
@@ -123,7 +127,7 @@ class Pivot:
         qmax = max(_maxabs(Q), fi.tiny)
         small = torch.minimum(lo.abs(), hi.abs())
         if perturb:
-            tau = _perturb_tau(Q.dtype, qmax)
+            tau = _perturb_tau(Q.dtype, qmax, self.p)
             if bool((small < tau).any()):
                 d, e, self.perturbed = _perturb_blocks(d, e, two, tau)
                 lo, hi = _block_eigenvalues(d, e, two)
@@ -199,7 +203,8 @@ class Pivot:
 
 
 def _ldl(Q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Bunch–Kaufman ``P^T Q P = L D L^T``: returns ``L`` (unit lower triangular), ``perm`` (``P^T R =
+    """Bunch–Kaufman ``P^T Q P = L D L^T``: returns ``L`` (unit lower triangular; only its strict lower
+    triangle is meaningful, as the triangular solves with ``unitriangular=True`` read), ``perm`` (``P^T R =
     R[perm]``), ``D``'s diagonal ``d``, its subdiagonal ``e`` (``e[k]`` couples rows ``k, k+1``; zero
     outside 2x2 blocks) and ``two`` (True at the first row of each 2x2 block).
 
@@ -209,8 +214,7 @@ def _ldl(Q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """
     from scipy.linalg import lapack
 
-    Qc = Q.cpu()
-    LD, piv, _ = torch.linalg.ldl_factor_ex(Qc)
+    LD, piv, _ = torch.linalg.ldl_factor_ex(Q.cpu())
     ipiv = piv.numpy()
     syconv = lapack.dsyconv if Q.dtype == torch.float64 else lapack.ssyconv
     a, e, _ = syconv(LD.numpy(), ipiv, lower=1)
@@ -229,10 +233,8 @@ def _ldl(Q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
             perm[k + 1], perm[kp] = perm[kp], perm[k + 1]
             two[k] = True
             k += 2
-    A = torch.from_numpy(a)
-    d = A.diagonal().clone()
-    L = A.tril_(-1)
-    L.diagonal().fill_(1.0)
+    L = torch.from_numpy(a)  # only its strict lower triangle is read (unit-triangular solves)
+    d = L.diagonal().clone()
     dev = Q.device
     et = torch.from_numpy(e).to(Q.dtype)
     twot = torch.tensor(two)
@@ -389,7 +391,7 @@ class LowRankPivot:
         k = p - r
         self.perturbed = self.inner.perturbed
         if perturb:  # the eigenvalue eps on the complement of range(U): perturbed like a D block's
-            tau = _perturb_tau(A.dtype, max(top, abs(damping), fi.tiny))
+            tau = _perturb_tau(A.dtype, max(top, abs(damping), fi.tiny), p)
             if k > 0 and abs(damping) < tau:
                 self.eps = -tau if damping < 0 else tau
                 self.perturbed += k
