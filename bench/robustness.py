@@ -1,3 +1,4 @@
+# ruff: noqa: E501
 """Robustness grid of the solver (issue 11): no refusal of a nonsingular system, accuracy, speed.
 
 Bias-free tanh chains (``L - 1`` hidden ``Linear(w, w, bias=False) + Tanh``, a last ``Linear(w, 10)``,
@@ -17,7 +18,6 @@ Writes ``bench/results/robustness.json`` and prints markdown for ``docs/benchmar
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
