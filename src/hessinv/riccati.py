@@ -151,15 +151,16 @@ class Pivot:
         self.dinv = torch.where(two, torch.roll(d, -1) / det, 1.0 / d)
         second = torch.cat([two.new_zeros(1), two[:-1]])
         self.dinv = torch.where(second, torch.roll(d, 1) / torch.roll(det, 1), self.dinv)
-        self.einv = torch.where(two, -e / det, torch.zeros_like(e))  # (k, k+1) entry of D^{-1}
+        self.ks = torch.nonzero(two).flatten()  # first rows of the 2x2 blocks
+        self.einv = (-e / det)[self.ks][:, None]  # (k, k+1) entries of D^{-1}
 
     def _dsolve(self, W: Tensor) -> Tensor:
         """``D^{-1} W``."""
         Y = self.dinv[:, None] * W
-        if bool(self.two.any()):
-            ei = self.einv[:-1, None]
-            Y[:-1] += ei * W[1:]
-            Y[1:] += ei * W[:-1]
+        if self.ks.numel():
+            k, k1 = self.ks, self.ks + 1
+            Y[k] += self.einv * W[k1]
+            Y[k1] += self.einv * W[k]
         return Y
 
     def solve(self, R: Tensor) -> Tensor:
