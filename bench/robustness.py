@@ -97,6 +97,8 @@ def run_case(w, B, L, init, dtype, eps, dense) -> dict:
         solve_s=t_sol,
         end_to_end_s=t_der + twin_der + t_fac + t_sol,
         residual=resid(x),
+        residual_refined=info.residual,
+        float64_fallback=F._f64 is not None,
         unrefined_residual=resid(x_raw),
         refinement_steps=info.refinement_steps,
         krylov_iterations=info.krylov_iterations,
@@ -207,15 +209,26 @@ def render(res: dict) -> str:
         f"Run {m['date']}, torch {m['torch']}, one thread; load average at start {m['load_average_start']}, "
         f"at end {m.get('load_average_end')}; total {res.get('total_s', 0):.0f} s.",
         "",
-        "| init | w, B, L | n | dtype | eps | refused | factor | solve | end to end | residual | unrefined | "
-        "steps / GMRES | perturbed | inertia ok | error vs dense | cond |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Bias-free tanh chains (kaiming-normal with tanh gain, or PyTorch's default init), CE loss, `g` the "
+        "gradient; `H.factor(eps)` then `F.solve(g)` (refined). *residual (refined iterate)*: "
+        "`SolveInfo.residual`, of the float64 iterate; *residual (returned x)*: of the solution as returned, "
+        "in the model's dtype (for float32 this includes rounding `x` to float32, ~u32 cond); "
+        "*unrefined*: `F.solve(g, refine=False)`; both with the float64 O(L) product. *perturbed*: pivot "
+        "eigenvalues perturbed statically (then the inertia is not certified); *float64 fallback*: the "
+        "float32 sweep could not precondition (cond u32 >~ 1), so the float64 twin was factored. Dense "
+        "references (eigh of `H.to_dense()`) only for n <= 4200 to keep the run short. One timed run per "
+        "case (best_of repeat 1), one thread, on a shared 2-core machine (load average below).",
+        "",
+        "| init | w, B, L | n | dtype | eps | refused | factor | solve | end to end | residual (refined iterate) | "
+        "residual (returned x) | unrefined | steps / GMRES | perturbed | float64 fallback | inertia ok | "
+        "error vs dense | cond |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in res["cases"]:
         if c["refused"]:
             lines.append(
                 f"| {c['init']} | {c['w']}, {c['B']}, {c['L']} | {c['n']} | {c['dtype']} | {c['eps']:g} | **yes** |"
-                + " - |" * 10
+                + " - |" * 12
             )
             continue
         ok = c.get("inertia_matches")
@@ -227,8 +240,9 @@ def render(res: dict) -> str:
         lines.append(
             f"| {c['init']} | {c['w']}, {c['B']}, {c['L']} | {c['n']} | {c['dtype']} | {c['eps']:g} | no | "
             f"{c['factor_s'] * 1e3:.0f} ms | {c['solve_s'] * 1e3:.0f} ms | {c['end_to_end_s'] * 1e3:.0f} ms | "
-            f"{_f(c['residual'])} | {_f(c['unrefined_residual'])} | {c['refinement_steps']} / {c['krylov_iterations']} | "
-            f"{c['perturbed']} | {ok_s} | {_f(c.get('error_vs_dense'))} | {_f(c.get('cond'))} |"
+            f"{_f(c['residual_refined'])} | {_f(c['residual'])} | {_f(c['unrefined_residual'])} | "
+            f"{c['refinement_steps']} / {c['krylov_iterations']} | {c['perturbed']} | "
+            f"{'yes' if c['float64_fallback'] else 'no'} | {ok_s} | {_f(c.get('error_vs_dense'))} | {_f(c.get('cond'))} |"
         )
     lines += [
         "",
