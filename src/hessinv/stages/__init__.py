@@ -6,12 +6,6 @@ from hessinv.stages.losses import LossStage
 from hessinv.stages.protocol import Blocks, RiccatiBlocks, Stage
 
 __all__ = [
-    "Blocks",
-    "RiccatiBlocks",
-    "Stage",
-    "DenseStage",
-    "GenericStage",
-    "ReshapeStage",
-    "LossStage",
+    "Blocks", "RiccatiBlocks", "Stage", "DenseStage", "GenericStage", "ReshapeStage", "LossStage",
     "ELEMENTWISE",
 ]
