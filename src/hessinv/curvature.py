@@ -351,6 +351,20 @@ class CurvatureOperator:
         order = torch.argsort(lam)
         return lam[order], V[:, order], res[order], nsolves
 
+    def _nonsingular_shift(self, sigma: float, step: float) -> tuple[Factorization, float, int]:
+        """A factorization of ``H - s I`` at ``s = sigma`` or, where ``H - sigma I`` is singular (e.g.
+        ``sigma`` an exact eigenvalue), at the nearest of ``sigma +- step, +- 4 step, ...`` that is not
+        (shift-invert needs an invertible shift, not an exact one)."""
+        sweeps = 0
+        for i in range(8):
+            for s in (sigma,) if i == 0 else (sigma + step * 4 ** (i - 1), sigma - step * 4 ** (i - 1)):
+                sweeps += 1
+                try:
+                    return Factorization(self, -s), s, sweeps
+                except SingularError:
+                    pass
+        raise SingularError(f"H - s I is singular for every shift s tried near {sigma:g}")
+
     def _definite_shift(self, below: bool, start: float, step: float) -> tuple[Factorization, float, int]:
         """A factorization of ``H - sigma I`` with ``sigma`` below (``below``) or above every eigenvalue,
         found from ``start`` by steps growing 4x; returns it, ``sigma`` and the sweeps spent."""
@@ -408,7 +422,7 @@ class CurvatureOperator:
         step = max(beta, 1e-3 * (hi_r - lo_r), 1e-8 * scale)
         if which == "nearest":
             assert sigma is not None
-            F, s, sweeps = Factorization(self, -sigma), sigma, 1
+            F, s, sweeps = self._nonsingular_shift(sigma, 1e-6 * scale)
         elif which == "smallest":
             F, s, sweeps = self._definite_shift(True, lo_r - step, step)
         else:
