@@ -962,7 +962,13 @@ def main() -> None:
             files = [args.json]
         results = [json.loads(f.read_text()) for f in files]
         args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(render(results))
+        text = render(results)
+        rob = ROOT / "bench" / "results" / "robustness.json"
+        if rob.exists():  # the robustness grid of bench/robustness.py (issue 11), rendered by it
+            from robustness import render as render_robustness
+
+            text += "\n" + render_robustness(json.loads(rob.read_text())) + "\n"
+        args.md.write_text(text)
         log(f"wrote {args.md}")
 
 

@@ -40,6 +40,7 @@ _EXPORTS = {
     "InvalidArgumentError": "hessinv.errors",
     "IndefiniteError": "hessinv.errors",
     "WoodburyFactorization": "hessinv.curvature",
+    "Eigenpairs": "hessinv.curvature",
 }
 _SUBMODULES = (
     "diagnostics", "optim", "errors", "curvature", "riccati", "chain", "stages", "cli", "lowrank",

@@ -18,8 +18,9 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ __all__ = [
     "Factorization",
     "WoodburyFactorization",
     "SolveInfo",
+    "Eigenpairs",
     "hessian",
     "gauss_newton",
     "curvature_class",
@@ -56,11 +58,54 @@ class SolveInfo:
     """How accurate a solve is: ``residual = max_j |rhs_j - (H + eps I) x_j| / |rhs_j|``.
 
     The residual is evaluated in float64 (also for float32 models), after ``refinement_steps``
-    steps of iterative refinement.
+    steps of iterative refinement and, where refinement stalled (a perturbed factorization, see
+    :class:`Factorization`), ``krylov_iterations`` iterations of flexible GMRES preconditioned by the
+    factorization.
     """
 
     residual: float
     refinement_steps: int
+    krylov_iterations: int = 0
+
+
+class Eigenpairs(NamedTuple):
+    """Eigenvalues of ``H`` found by shift-invert Lanczos, with their certificate.
+
+    Attributes:
+        values: (k,) float64, ascending.
+        vectors: (n, k) float64 orthonormal eigenvectors (columns in the order of ``values``).
+        residuals: (k,) ``|H v - lambda v|`` (float64 products): each ``values[i]`` is within
+            ``residuals[i]`` of an eigenvalue of ``H``.
+        interval: ``(lo, hi)``: the inertia count says that ``H`` has exactly ``k`` eigenvalues in it.
+        certified: whether that count matched (no eigenvalue missed in ``interval``); False only
+            when a count could not be made exactly (a perturbed pivot) or did not match after retries.
+        factorizations: Riccati sweeps used (factorizations and inertia counts).
+        solves: solves with the shift-invert factorization.
+    """
+
+    values: Tensor
+    vectors: Tensor
+    residuals: Tensor
+    interval: tuple[float, float]
+    certified: bool
+    factorizations: int
+    solves: int
+
+
+#: Operators up to this size get their eigenvalue estimates from the dense matrix (then certified).
+_DENSE_EIG = 64
+
+
+def _check_tol(tol: float, name: str = "tol", allow_zero: bool = False) -> float:
+    """``tol`` as a float; :class:`InvalidArgumentError` unless it is finite and positive (or zero)."""
+    try:
+        t = float(tol)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{name} must be a number, got {tol!r}") from None
+    if not math.isfinite(t) or t < 0 or (t == 0 and not allow_zero):
+        need = "finite and >= 0" if allow_zero else "finite and > 0"
+        raise InvalidArgumentError(f"{name} must be {need}, got {tol!r}")
+    return t
 
 
 class CurvatureOperator:
@@ -213,11 +258,14 @@ class CurvatureOperator:
 
         ``tol`` defaults to ``sqrt(u) * ||H||`` (``u`` the unit roundoff), so that eigenvalues that are
         zero up to rounding count as zero. Two Riccati factorizations, at ``shift - tol`` and
-        ``shift + tol``; ``tol=0`` uses one factorization at ``shift``.
+        ``shift + tol``; ``tol=0`` uses one factorization at ``shift``. Exact counts (Sylvester's law;
+        no pivot is perturbed here). Raises :class:`InvalidArgumentError` for a NaN or infinite
+        ``shift`` or a ``tol`` that is negative or not finite.
         """
         shift = _check_shift(shift, self.dtype)
         if tol is None:
             tol = math.sqrt(torch.finfo(self.dtype).eps) * max(self.norm_estimate(), 1e-30)
+        tol = _check_tol(tol, allow_zero=True)
 
         def count(s: float) -> Inertia:
             return riccati_factor(self.blocks, s, self._names, self.gradient, strict=False)[1]
@@ -227,11 +275,236 @@ class CurvatureOperator:
         neg, pos = count(shift + tol).negative, count(shift - tol).positive
         return Inertia(neg, self.shape[0] - neg - pos, pos)
 
-    def min_eigenvalue(self, tol: float = 1e-8) -> float:
-        """``lambda_min(H)`` to within ``tol * max(||H||, 1)`` by bisection on the positive-definiteness test.
+    def _count_below(self, x: float) -> int:
+        """The number of eigenvalues of ``H`` below ``x`` (one Riccati sweep, exact count); ``x`` is moved
+        by a few ulps if a pivot is exactly singular there."""
+        for i in range(4):
+            try:
+                return riccati_factor(self.blocks, -x, self._names, self.gradient, strict=False)[1].negative
+            except SingularError:
+                x = x + (abs(x) + 1e-300) * 4 * torch.finfo(self.dtype).eps * 4**i
+        raise SingularError(f"no exact inertia count near {x:g}")
 
-        Each step is one Riccati sweep that stops at the first pivot without a Cholesky factor.
+    def _lanczos_extremes(self, steps: int = 20) -> tuple[float, float, float]:
+        """``(theta_min, theta_max, beta)``: extreme Ritz values of ``steps`` Lanczos steps on ``H``
+        (products only; ``theta_min >= lambda_min``, ``theta_max <= lambda_max``) and the last
+        off-diagonal, a scale for how far the Ritz values may still be from the extremes."""
+        n = self.shape[0]
+        m = min(steps, n)
+        g = torch.Generator(device="cpu").manual_seed(1)
+        q = torch.randn(n, generator=g, dtype=torch.float64)
+        q = q / q.norm()
+        Q = [q]
+        alpha, beta = [], []
+        for j in range(m):
+            w = self._apply(Q[j][:, None].to(self.dtype).to(self.device))[:, 0].double().cpu()
+            alpha.append(float(Q[j] @ w))
+            Qm = torch.stack(Q, dim=1)
+            w = w - Qm @ (Qm.T @ w)
+            w = w - Qm @ (Qm.T @ w)
+            b = float(w.norm())
+            if j == m - 1 or b <= 1e-14 * max(abs(a) for a in alpha):
+                beta.append(b)
+                break
+            beta.append(b)
+            Q.append(w / b)
+        T = np.diag(alpha) + np.diag(beta[: len(alpha) - 1], 1) + np.diag(beta[: len(alpha) - 1], -1)
+        th = np.linalg.eigvalsh(T)
+        return float(th[0]), float(th[-1]), float(beta[-1])
+
+    def _shift_invert(
+        self, F: Factorization, sigma: float, k: int, tol: float
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
+        """The ``k`` eigenpairs of ``H`` nearest ``sigma`` by Lanczos on ``(H - sigma I)^{-1}`` (ARPACK,
+        ``scipy.sparse.linalg.eigsh`` with ``OPinv`` = sweeps with ``F``), then Rayleigh quotients and
+        residuals in float64. Returns values (ascending), vectors, residual norms, and the solve count."""
+        from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
+
+        n = self.shape[0]
+        nsolves = 0
+
+        def opinv(x: np.ndarray) -> np.ndarray:
+            nonlocal nsolves
+            nsolves += 1
+            X = torch.as_tensor(np.asarray(x, dtype=np.float64).reshape(n, -1))
+            Y = F._raw(X.to(self.dtype).to(self.device)).double().cpu().numpy()
+            return Y.reshape(x.shape)
+
+        OP = LinearOperator((n, n), matvec=opinv, dtype=np.float64)
+        ncv = min(n, max(2 * k + 1, k + 8))
+        v0 = np.random.default_rng(0).standard_normal(n)
+        atol = max(tol, 10 * torch.finfo(self.dtype).eps)
+        try:
+            if k >= n - 1 or n <= _DENSE_EIG:
+                raise ArpackError(-9999)  # small operators go dense
+            vecs = eigsh(
+                self.as_linear_operator(), k=k, sigma=sigma, which="LM", OPinv=OP, tol=atol, ncv=ncv, v0=v0
+            )[1]
+        except (ArpackError, ArpackNoConvergence):  # ARPACK needs k < n and a nonzero Krylov space
+            w, U = np.linalg.eigh(self.to_dense().double().cpu().numpy())
+            idx = np.sort(np.argsort(np.abs(w - sigma), kind="stable")[:k])
+            vecs = U[:, idx]
+        V = torch.as_tensor(vecs, dtype=torch.float64)
+        V, _ = torch.linalg.qr(V)
+        op64 = self._residual_operator()
+        HV = op64._apply(V.to(op64.dtype).to(op64.device)).double().cpu()
+        lam = (V * HV).sum(0)
+        res = (HV - V * lam).norm(dim=0)
+        order = torch.argsort(lam)
+        return lam[order], V[:, order], res[order], nsolves
+
+    def _nonsingular_shift(self, sigma: float, step: float) -> tuple[Factorization, float, int]:
+        """A factorization of ``H - s I`` at ``s = sigma`` or, where ``H - sigma I`` is singular (e.g.
+        ``sigma`` an exact eigenvalue), at the nearest of ``sigma +- step, +- 4 step, ...`` that is not
+        (shift-invert needs an invertible shift, not an exact one)."""
+        sweeps = 0
+        for i in range(8):
+            for s in (sigma,) if i == 0 else (sigma + step * 4 ** (i - 1), sigma - step * 4 ** (i - 1)):
+                sweeps += 1
+                try:
+                    return Factorization(self, -s), s, sweeps
+                except SingularError:
+                    pass
+        raise SingularError(f"H - s I is singular for every shift s tried near {sigma:g}")
+
+    def _definite_shift(self, below: bool, start: float, step: float) -> tuple[Factorization, float, int]:
+        """A factorization of ``H - sigma I`` with ``sigma`` below (``below``) or above every eigenvalue,
+        found from ``start`` by steps growing 4x; returns it, ``sigma`` and the sweeps spent."""
+        sweeps = 0
+        sigma = start
+        for _ in range(60):
+            sweeps += 1
+            if below:
+                try:
+                    factors, inertia, pd = riccati_factor(
+                        self.blocks, -sigma, self._names, self.gradient, stop_if_indefinite=True, strict=False
+                    )
+                except SingularError:
+                    pd = False
+                if pd:
+                    return Factorization(self, -sigma, _factors=(factors, inertia, pd)), sigma, sweeps
+            else:
+                try:
+                    F = Factorization(self, -sigma)
+                    if F.inertia_certified and F.inertia.positive == 0:
+                        return F, sigma, sweeps
+                except SingularError:
+                    pass
+            sigma = sigma - step if below else sigma + step
+            step *= 4
+        raise SingularError("no definite shift found (H has non-finite eigenvalues?)")
+
+    def eigenpairs(self, k: int = 1, which: str = "smallest", sigma: float | None = None, tol: float = 1e-10):
+        """The ``k`` smallest, largest, or nearest-``sigma`` eigenpairs of ``H``, certified by inertia.
+
+        Shift-invert Lanczos (ARPACK through ``scipy.sparse.linalg.eigsh``) on ``(H - s I)^{-1}``, applied
+        by the sweeps of one Riccati factorization at ``s``: for ``which="smallest"`` (``"largest"``),
+        ``s`` is below (above) every eigenvalue (a shift where the factorization is definite, from a
+        short Lanczos run on ``H``), so that the nearest eigenvalues to ``s`` are the smallest (largest);
+        for ``which="nearest"``, ``s = sigma``. Values are Rayleigh quotients with float64 products;
+        an inertia count (one more sweep; two for ``"nearest"``) then checks that ``H`` has exactly
+        ``k`` eigenvalues in the interval they span (widened by ``tol * max(||H||, 1)`` and by the
+        residuals): no eigenvalue was missed. If the count says otherwise, ``k`` is raised to the count
+        and the Lanczos run repeated (twice at most). ``tol``: relative accuracy asked of ARPACK.
+
+        Raises :class:`InvalidArgumentError` for ``tol <= 0`` or NaN, a NaN ``sigma``, or a bad ``k``.
         """
+        tol = _check_tol(tol)
+        n = self.shape[0]
+        if not isinstance(k, int) or not 1 <= k <= n:
+            raise InvalidArgumentError(f"k must be an integer in [1, {n}], got {k!r}")
+        if which not in ("smallest", "largest", "nearest"):
+            raise InvalidArgumentError(f"which must be 'smallest', 'largest' or 'nearest', got {which!r}")
+        if which == "nearest":
+            if sigma is None:
+                raise InvalidArgumentError("which='nearest' needs sigma")
+            sigma = _check_shift(sigma, self.dtype, "sigma")
+        lo_r, hi_r, beta = self._lanczos_extremes()
+        scale = max(abs(lo_r), abs(hi_r), 1.0)
+        step = max(beta, 1e-3 * (hi_r - lo_r), 1e-8 * scale)
+        if which == "nearest":
+            assert sigma is not None
+            F, s, sweeps = self._nonsingular_shift(sigma, 1e-6 * scale)
+        elif which == "smallest":
+            F, s, sweeps = self._definite_shift(True, lo_r - step, step)
+        else:
+            F, s, sweeps = self._definite_shift(False, hi_r + step, step)
+        delta = tol * scale
+        kk, solves, certified = k, 0, False
+        for _ in range(3):
+            vals, vecs, res, ns = self._shift_invert(F, s, min(kk, n), tol)
+            solves += ns
+            pad = delta + float(res.max())
+            if which == "smallest":
+                vals, vecs, res = vals[:k], vecs[:, :k], res[:k]
+                lo, hi = s, float(vals[-1]) + pad
+                count = self._count_below(hi)
+                sweeps += 1
+            elif which == "largest":
+                vals, vecs, res = vals[-k:], vecs[:, -k:], res[-k:]
+                lo, hi = float(vals[0]) - pad, s
+                count = n - self._count_below(lo)
+                sweeps += 1
+            else:
+                idx = torch.argsort((vals - s).abs())[:k].sort().values
+                vals, vecs, res = vals[idx], vecs[:, idx], res[idx]
+                r = float((vals - s).abs().max()) + pad
+                lo, hi = s - r, s + r
+                count = self._count_below(hi) - self._count_below(lo)
+                sweeps += 2
+            certified = F.inertia_certified if which == "nearest" else True
+            if count == k:
+                break
+            certified = False
+            if count < k or kk >= n:
+                break
+            kk = count + (count - k)  # more Ritz pairs than there are eigenvalues in the interval
+        return Eigenpairs(vals, vecs, res, (lo, hi), certified and count == k, sweeps, solves)
+
+    def min_eigenvalue(self, tol: float = 1e-8) -> float:
+        """``lambda_min(H)`` to within ``tol * max(||H||, 1)``, certified by an inertia count.
+
+        Lanczos on the ``O(L)`` products (ARPACK, ``which="SA"``) gives ``lambda`` and its residual
+        ``rho = |H v - lambda v|`` (float64), so an eigenvalue lies within ``rho`` of ``lambda``; one
+        positive-definiteness sweep at ``lambda - rho - tol * max(||H||, 1)`` then proves that none lies
+        below. If that certificate fails (Lanczos missed the smallest eigenvalue), shift-invert Lanczos
+        with a factorization below the spectrum (:meth:`eigenpairs`) takes over, and bisection on the
+        positive-definiteness test is the last resort. Raises :class:`InvalidArgumentError` for
+        ``tol <= 0`` or NaN.
+        """
+        tol = _check_tol(tol)
+        from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, eigsh
+
+        n = self.shape[0]
+        eps_m = torch.finfo(self.dtype).eps
+        try:
+            if n <= _DENSE_EIG:  # small: the dense matrix, then the same certificate
+                w, vecs = torch.linalg.eigh(self.to_dense().double().cpu())
+                vecs = vecs[:, :1].numpy()
+            else:
+                v0 = np.random.default_rng(0).standard_normal(n)
+                vecs = eigsh(self.as_linear_operator(), k=1, which="SA", tol=min(tol, 1e-6), v0=v0)[1]
+        except (ArpackError, ArpackNoConvergence):
+            vecs = None
+        if vecs is not None:
+            op64 = self._residual_operator()
+            v = torch.as_tensor(vecs[:, 0], dtype=torch.float64)
+            v = v / v.norm()
+            Hv = op64._apply(v[:, None].to(op64.dtype).to(op64.device))[:, 0].double().cpu()
+            lam = float(v @ Hv)
+            rho = float((Hv - lam * v).norm())
+            scale = max(abs(lam), float(Hv.norm()), 1.0)
+            if rho <= max(tol, 10 * eps_m) * scale and self.is_positive_definite(-(lam - rho - tol * scale)):
+                return lam
+        e = self.eigenpairs(1, "smallest", tol=min(tol, 1e-6))
+        lam = float(e.values[0])
+        scale = max(abs(e.interval[0]), abs(lam), 1.0)  # interval[0]: the definite shift, beyond |lambda|
+        if e.certified and float(e.residuals[0]) <= max(tol, 10 * eps_m) * scale:
+            return lam
+        return self._min_eigenvalue_bisection(tol)
+
+    def _min_eigenvalue_bisection(self, tol: float) -> float:
+        """``lambda_min(H)`` by bisection on the positive-definiteness test (one sweep per step)."""
         scale = max(self.norm_estimate(), 1e-30)
         hi = 1.1 * scale
         while not self.is_positive_definite(hi):
@@ -340,22 +613,64 @@ class GaussNewton(CurvatureOperator):
 class Factorization:
     """``H + eps I`` factored by the backward Riccati sweep; solve many right-hand sides with it.
 
+    Each pivot ``Qxx_l`` is factored by Cholesky if positive definite, else by a symmetric indefinite
+    ``LDL^T`` with Bunch–Kaufman pivoting inside the block (math.md §2). A pivot block can be singular
+    while ``H + eps I`` is not (the elimination order across stages is fixed); such near-singular
+    pivots are perturbed statically (eigenvalues of ``D`` below ``sqrt(u) max|Qxx|`` moved to
+    ``+-sqrt(u) max|Qxx|``), the factorization is then that of a nearby matrix, and :meth:`solve`
+    recovers the exact solution by iterative refinement and, if that stalls, flexible GMRES
+    preconditioned by the factorization. When pivots were perturbed, a probe solve with a random
+    right-hand side checks at construction that ``H + eps I`` is nonsingular to working precision;
+    :class:`SingularError` is raised only where it is not.
+
     Attributes:
         damping: ``eps``.
-        inertia: ``(negative, zero, positive)`` eigenvalue counts of ``H + eps I``
-            (zero is always 0: a singular pivot raises :class:`SingularError` instead).
-        positive_definite: whether every pivot had a Cholesky factor.
+        inertia: ``(negative, zero, positive)`` eigenvalue counts of ``H + eps I`` (exact, by
+            Sylvester's law, when ``inertia_certified``; else those of the perturbed matrix).
+        inertia_certified: whether no pivot was perturbed (the inertia is then an exact count).
+        perturbed: ``{stage index: number of perturbed pivot eigenvalues}`` (empty if none).
+        positive_definite: whether every pivot is positive definite (unperturbed).
         last_info: the :class:`SolveInfo` of the latest solve.
     """
 
-    def __init__(self, op: CurvatureOperator, damping: float, modify: bool = False):
+    def __init__(
+        self, op: CurvatureOperator, damping: float, modify: bool = False, _factors: tuple | None = None
+    ):
         damping = _check_shift(damping, op.dtype, "damping")
         self.op, self.damping, self.modified = op, damping, modify
-        self.factors, self.inertia, self.positive_definite = riccati_factor(
-            op.blocks, damping, op._names, op.gradient, modify=modify
+        self.factors, self.inertia, self.positive_definite = _factors or riccati_factor(
+            op.blocks, damping, op._names, op.gradient, perturb=not modify, modify=modify
         )
+        self.perturbed: dict[int, int] = {
+            l: f.pivot.perturbed for l, f in enumerate(self.factors) if f is not None and f.pivot.perturbed
+        }
+        self.inertia_certified = not self.perturbed
         self.last_info: SolveInfo | None = None
         self._f64: Factorization | None = None
+        if self.perturbed:
+            self._check_nonsingular()
+
+    def _check_nonsingular(self) -> None:
+        """Raise :class:`SingularError` if a random right-hand side cannot be solved to ``sqrt(u)``."""
+        g = torch.Generator(device="cpu").manual_seed(0)
+        b = torch.randn(self.op.shape[0], 1, generator=g, dtype=torch.float64)
+        _, info = self._solve64(b, max_refine=5)
+        if self._f64 is not None:  # float32 sweep too inaccurate: the float64 factorization's counts
+            self.inertia, self.inertia_certified = self._f64.inertia, self._f64.inertia_certified
+            self.positive_definite = self._f64.positive_definite
+        if info.residual > math.sqrt(torch.finfo(self.op.dtype).eps):
+            stages = ", ".join(f"{self.op._names[l]} ({c})" for l, c in sorted(self.perturbed.items()))
+            first = max(self.perturbed)
+            raise SingularError(
+                f"{stages}: pivot Qxx perturbed at damping {self.damping:g} (number of perturbed "
+                "eigenvalues in parentheses), and H + eps I is singular to working precision: a random "
+                f"right-hand side still leaves relative residual {info.residual:.2e} after "
+                f"{info.refinement_steps} refinement steps and {info.krylov_iterations} GMRES iterations. "
+                "Choose another damping (eps > 0 for a Gauss-Newton matrix; eps > -H.min_eigenvalue() "
+                "for a positive definite H + eps I)",
+                stage=first,
+                damping=self.damping,
+            )
 
     def _raw(self, R: Tensor) -> Tensor:
         xs = riccati_solve(self.op.blocks, self.factors, self.op._split(R))
@@ -421,6 +736,65 @@ class Factorization:
         """``eps X`` (the damping's part of ``(H + eps I) X``)."""
         return self.damping * X
 
+    def _solve64(
+        self, R64: Tensor, max_refine: int, X64: Tensor | None = None, float64: bool = False
+    ) -> tuple[Tensor, SolveInfo]:
+        """Refined solve of ``(H + eps I) X = R64`` in float64; returns ``X`` (float64) and its info."""
+        op64 = self.op._residual_operator()
+        dtype = self.op.dtype
+        if X64 is None:
+            X64 = self._raw(R64.to(dtype)).double()
+        rnorm = R64.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
+
+        def apply(X_: Tensor) -> Tensor:
+            return op64._apply(X_.to(op64.dtype)).double() + self._shift(X_)
+
+        def residual(X_: Tensor) -> tuple[Tensor, float]:
+            res = R64 - apply(X_)
+            return res, float((res.norm(dim=0) / rnorm).max())
+
+        res, rel = residual(X64)
+        steps = 0
+        target = 4 * torch.finfo(torch.float64).eps
+        stalled = False
+        while steps < max_refine and rel > target:
+            cand = X64 + self._raw(res.to(dtype)).double()
+            res_c, rel_c = residual(cand)
+            if not rel_c < 0.9 * rel:
+                stalled = True
+                break
+            X64, res, rel, steps = cand, res_c, rel_c, steps + 1
+        its = 0
+        # refinement stalled above float64 accuracy, or is slow on a perturbed factorization (a
+        # preconditioner by design): flexible GMRES, with F as preconditioner
+        if (stalled or self.perturbed) and rel > 1e-14:
+            for j in range(X64.shape[1]):
+                if float(res[:, j].norm() / rnorm[j]) <= 1e-14:
+                    continue
+                # below float64, a float64 factorization is the fallback: a short GMRES budget
+                budget = (30, 4) if dtype == torch.float64 or float64 else (20, 1)
+                x, k = fgmres(
+                    apply, lambda v: self._raw(v.to(dtype)).double(), R64[:, j], X64[:, j], 1e-14, *budget
+                )
+                X64[:, j], its = x, its + k
+            res, rel = residual(X64)
+        if rel > 1e-12 and dtype != torch.float64 and not float64:
+            # a float32 factorization too inaccurate to precondition (cond(H + eps I) u32 >~ 1): solve
+            # with the float64 twin's factorization instead (factored once, kept)
+            X2, info2 = self._float64()._solve64(R64, max_refine, float64=True)
+            if info2.residual < rel:
+                return X2, SolveInfo(
+                    info2.residual, steps + info2.refinement_steps, its + info2.krylov_iterations
+                )
+        return X64, SolveInfo(rel, steps, its)
+
+    def _float64(self) -> Factorization:
+        """The factorization of the float64 twin operator (for float32 models whose own sweep cannot
+        precondition the system)."""
+        if self._f64 is None:
+            self._f64 = Factorization(self.op._residual_operator(), self.damping)
+        return self._f64
+
     def solve(
         self, rhs: Tensor, refine: bool = True, max_refine: int = 5, return_info: bool = False
     ) -> Tensor | tuple[Tensor, SolveInfo]:
@@ -429,9 +803,10 @@ class Factorization:
         With ``refine=False`` this is the bare ``O(L)`` sweep (no residual is computed;
         ``last_info.residual`` is NaN). With ``refine`` (default), iterative refinement
         ``x += F^{-1}(rhs - (H + eps I) x)`` runs with float64 residuals (the ``O(L)`` product)
-        until the residual stops improving. The achieved relative residual is in ``self.last_info``
-        (and returned with ``return_info``); an :class:`~hessinv.AccuracyWarning` is issued when it
-        exceeds ``sqrt(u)`` of the model dtype.
+        until the residual stops improving; if it stalls above float64 accuracy (a perturbed
+        factorization), flexible GMRES preconditioned by the factorization takes over. The achieved
+        relative residual is in ``self.last_info`` (and returned with ``return_info``); an
+        :class:`~hessinv.AccuracyWarning` is issued when it exceeds ``sqrt(u)`` of the model dtype.
         """
         R, vec = self.op._as_matrix(rhs, "rhs")
         X = self._raw(R)
@@ -439,25 +814,8 @@ class Factorization:
             self.last_info = SolveInfo(float("nan"), 0)
             out = X[:, 0] if vec else X
             return (out, self.last_info) if return_info else out
-        op64 = self.op._residual_operator()
-        R64 = R.double()
-        rnorm = R64.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
-        X64 = X.double()
-
-        def residual(X_: Tensor) -> tuple[Tensor, float]:
-            res = R64 - op64._apply(X_.to(op64.dtype)).double() - self._shift(X_)
-            return res, float((res.norm(dim=0) / rnorm).max())
-
-        res, rel = residual(X64)
-        steps = 0
-        target = 4 * torch.finfo(torch.float64).eps
-        while steps < max_refine and rel > target:
-            cand = X64 + self._raw(res.to(self.op.dtype)).double()
-            res_c, rel_c = residual(cand)
-            if not rel_c < 0.9 * rel:
-                break
-            X64, res, rel, steps = cand, res_c, rel_c, steps + 1
-        self.last_info = SolveInfo(rel, steps)
+        X64, self.last_info = self._solve64(R.double(), max_refine, X.double())
+        rel = self.last_info.residual
         if rel > math.sqrt(torch.finfo(self.op.dtype).eps):
             warnings.warn(
                 f"solve at damping {self._damping_text()} reached relative residual {rel:.2e} only",
@@ -467,6 +825,57 @@ class Factorization:
         X = X64.to(self.op.dtype)
         out = X[:, 0] if vec else X
         return (out, self.last_info) if return_info else out
+
+    def logdet(self) -> float:
+        """``log |det(H + eps I)|`` from the pivots (of the perturbed matrix if pivots were perturbed)."""
+        return sum(f.pivot.logdet() for f in self.factors if f is not None)
+
+
+def fgmres(
+    apply: Callable[[Tensor], Tensor],
+    precond: Callable[[Tensor], Tensor],
+    b: Tensor,
+    x0: Tensor,
+    tol: float,
+    restart: int = 30,
+    max_restarts: int = 4,
+) -> tuple[Tensor, int]:
+    """Flexible GMRES (Saad 1993) for ``A x = b``, right-preconditioned by ``precond`` (which may be
+    inexact, e.g. a float32 sweep): minimizes ``|b - A x|`` over ``x0 + span(Z)``, ``z_j = M^{-1} v_j``.
+    Stops at relative residual ``tol``, on stagnation, or after ``max_restarts`` cycles of ``restart``
+    iterations. Returns ``x`` and the number of iterations (one ``precond`` and one ``apply`` each)."""
+    bnorm = float(b.norm()) or 1.0
+    x, total = x0.clone(), 0
+    best = float("inf")
+    for _ in range(max_restarts):
+        r = b - apply(x[:, None])[:, 0]
+        beta = float(r.norm())
+        if beta / bnorm <= tol or not beta < 0.99 * best:
+            break
+        best = beta
+        V, Z = [r / beta], []
+        Hm = np.zeros((restart + 1, restart))
+        y = np.zeros(0)
+        for j in range(restart):
+            z = precond(V[j][:, None])[:, 0]
+            w = apply(z[:, None])[:, 0]
+            Z.append(z)
+            for _ in range(2):  # classical Gram-Schmidt, twice
+                Vm = torch.stack(V, dim=1)
+                h = Vm.T @ w
+                w = w - Vm @ h
+                Hm[: j + 1, j] += h.numpy() if h.is_cpu else h.cpu().numpy()
+            Hm[j + 1, j] = float(w.norm())
+            total += 1
+            e1 = np.zeros(j + 2)
+            e1[0] = beta
+            y = np.linalg.lstsq(Hm[: j + 2, : j + 1], e1, rcond=None)[0]
+            est = float(np.linalg.norm(e1 - Hm[: j + 2, : j + 1] @ y))
+            if est / bnorm <= tol or Hm[j + 1, j] <= 1e-300:
+                break
+            V.append(w / Hm[j + 1, j])
+        x = x + torch.stack(Z, dim=1) @ torch.as_tensor(y, dtype=x.dtype, device=x.device)
+    return x, total
 
 
 def hessian(
@@ -507,11 +916,20 @@ class WoodburyFactorization(Factorization):
         U, S = op.root()
         self.woodbury = WoodburyFactor(U, S, damping)
         self.inertia, self.positive_definite = self.woodbury.inertia, self.woodbury.positive_definite
+        self.factors, self.modified = None, False
+        self.perturbed: dict[int, int] = {}
+        self.inertia_certified = True  # Haynsworth's inertia additivity: exact, nothing perturbed
         self.last_info = None
         self._f64 = None
 
     def _raw(self, R: Tensor) -> Tensor:
         return self.woodbury.solve(R)
+
+    def _float64(self) -> Factorization:
+        if self._f64 is None:
+            D = self.damping.double() if isinstance(self.damping, Tensor) else self.damping
+            self._f64 = WoodburyFactorization(self.op._residual_operator(), D)
+        return self._f64
 
     def _shift(self, X: Tensor) -> Tensor:
         return self.woodbury.D.double()[:, None] * X

@@ -20,7 +20,7 @@ NonFiniteError             inputs, parameters, buffers, the loss or a curvature 
 InvalidArgumentError       an argument of the wrong kind or out of range: numpy arrays for
                            tensors, a string damping, an empty right-hand side, a damping
                            too large to represent ``H + eps I``, targets that leave nothing to
-                           average
+                           average, a tolerance <= 0 or NaN, a NaN shift
 SingularError              ``H + eps I`` cannot be factored at the requested damping (a pivot
                            ``Qxx_l`` of the Riccati sweep is singular to working precision)
 IndefiniteError            a quantity that needs ``H + eps I`` positive definite (a Gaussian
@@ -96,6 +96,8 @@ class SingularError(HessinvError, RuntimeError):
 class IndefiniteError(HessinvError, ValueError):
     """``H + eps I`` is indefinite where a positive definite matrix is needed (a posterior covariance,
     a square root); use the Gauss-Newton matrix or a larger damping / prior precision."""
+
+
 class DistributedError(HessinvError, RuntimeError):
     """A data-parallel job could not start, one of its ranks failed, or it ran past its timeout."""
 

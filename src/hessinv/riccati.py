@@ -48,48 +48,125 @@ class Inertia(NamedTuple):
     positive: int
 
 
-class Pivot:
-    """A factored pivot ``Qxx_l``: Cholesky when positive definite, else a symmetric eigendecomposition.
+#: Static pivot perturbation threshold, relative to ``max|Qxx|``; None: ``p * u`` (``p`` the pivot's
+#: order, ``u`` the unit roundoff): only pivots singular to working precision are perturbed. (The
+#: ``sqrt(u)`` of sparse direct solvers perturbs far too often here: ``max|Qxx|`` carries the large
+#: ``Jx^T Sigma Jx`` term of deep chains while eigenvalues near ``eps`` are legitimate; Bunch–Kaufman
+#: is backward stable without it.)
+PERTURB_THRESHOLD: float | None = None
 
-    The eigendecomposition gives the pivot's inertia exactly and a backward-stable solve. With
-    ``strict`` (solves), a pivot eigenvalue below ``p * u * max|lambda|`` makes the pivot singular
-    (:class:`SingularError`); without it (inertia counts), only an exactly zero eigenvalue does:
-    an ill-conditioned but invertible pivot still gives a valid congruence, so the counts stay right
-    for eigenvalues farther than the rounding error from the shift.
+
+def _perturb_tau(dtype: torch.dtype, scale: float, p: int) -> float:
+    rel = p * torch.finfo(dtype).eps if PERTURB_THRESHOLD is None else PERTURB_THRESHOLD
+    return rel * scale
+
+
+class Pivot:
+    """A factored pivot ``Qxx_l``: Cholesky when positive definite, else a symmetric indefinite
+    ``P^T Qxx P = L D L^T`` (Bunch–Kaufman pivoting inside the block; ``D`` block diagonal with 1x1 and
+    2x2 blocks).
+
+    Both give the pivot's inertia exactly (Sylvester: ``inertia(Qxx) = inertia(D)``) and a
+    backward-stable solve; Bunch–Kaufman costs about a Cholesky (``p^3/3`` flops), so an indefinite
+    pivot is not much slower than a definite one. A pivot whose ``D`` has an eigenvalue of modulus below
+    ``tau`` is near-singular; what happens then depends on the mode:
+
+    - ``perturb`` (factorizations for solves, :class:`~hessinv.Factorization`): static pivot
+      perturbation as in sparse direct solvers (MUMPS, SuperLU_DIST, PARDISO): each such eigenvalue of a
+      ``D`` block is replaced by ``sign * tau`` with ``tau = sqrt(u) max|Qxx|``, so the sweep factors a
+      matrix within ``sqrt(u)`` of ``H + eps I``; solves are recovered by iterative refinement or a
+      Krylov method preconditioned by the perturbed factorization. ``perturbed`` counts the
+      replaced eigenvalues (the inertia is then no longer certified).
+    - ``strict`` without ``perturb``: an eigenvalue of ``D`` below ``p * u * max|Qxx|`` raises
+      :class:`SingularError`.
+    - neither (inertia counts): only an exactly zero eigenvalue raises; an ill-conditioned but
+      invertible pivot still gives a valid congruence.
+
+    ``cholesky_first=False`` skips the Cholesky attempt (the sweep does so after an indefinite pivot,
+    when the next one is most likely indefinite too).
     """
 
     def __init__(
-        self, Q: Tensor, stage: int, name: str, damping: float, strict: bool = True, modify: bool = False
+        self,
+        Q: Tensor,
+        stage: int,
+        name: str,
+        damping: float,
+        strict: bool = True,
+        perturb: bool = False,
+        cholesky_first: bool = True,
+        modify: bool = False,
     ):
         self.p = Q.shape[0]
-        self.modified = False
-        L, info = torch.linalg.cholesky_ex(Q)
-        self.cholesky = int(info) == 0
-        # NaN or infinity in Q's lower triangle (all that Cholesky reads; Q is symmetric) reaches L's
-        # diagonal, so a finite diagonal certifies a finite Q without a pass over it
-        if self.cholesky and bool(torch.isfinite(L.diagonal().sum())):
-            self.L = L
-            self.inertia = Inertia(0, 0, self.p)
-            return
+        self.perturbed = 0
+        self.modified = 0  # eigenvalues of D replaced by max(|lambda|, damping) (``modify``)
+        self.stage, self.name, self.damping = stage, name, damping
+        if cholesky_first:
+            L, info = torch.linalg.cholesky_ex(Q)
+            # NaN or infinity in Q's lower triangle (all that Cholesky reads; Q is symmetric) reaches L's
+            # diagonal, so a finite diagonal certifies a finite Q without a pass over it
+            if int(info) == 0 and bool(torch.isfinite(L.diagonal().sum())):
+                self.cholesky = True
+                self.L = L
+                self.inertia = Inertia(0, 0, self.p)
+                return
+        self.cholesky = False
         if not torch.isfinite(Q).all():
             raise NonFiniteError(f"{name}: the Riccati pivot Qxx contains NaN or infinity")
-        lam, V = torch.linalg.eigh(Q)
-        if modify:  # |Qxx|, eigenvalues floored at the damping: positive definite (math.md §6)
-            self.modified = bool((lam < damping).any())
-            self.lam, self.V = lam.abs().clamp_min(max(damping, torch.finfo(Q.dtype).tiny)), V
-            self.inertia = Inertia(0, 0, self.p)
-            return
-        tol = self.p * torch.finfo(Q.dtype).eps * lam.abs().max().clamp_min(torch.finfo(Q.dtype).tiny)
-        if (lam.abs() <= (tol if strict else 0.0)).any():
-            raise SingularError(
-                f"{name}: pivot Qxx is singular at damping {damping:g} "
-                f"(smallest |eigenvalue| {lam.abs().min().item():.3g}); H + eps I is singular or "
-                "nearly so -- choose another damping",
-                stage=stage,
-                damping=damping,
-            )
-        self.lam, self.V = lam, V
-        self.inertia = Inertia(int((lam < 0).sum()), 0, int((lam > 0).sum()))
+        self._factor_indefinite(Q, strict, perturb, modify)
+
+    @property
+    def positive_definite(self) -> bool:
+        """Whether the (unperturbed) pivot is positive definite."""
+        return self.inertia.negative == 0 and self.inertia.zero == 0 and not self.perturbed
+
+    def _factor_indefinite(self, Q: Tensor, strict: bool, perturb: bool, modify: bool = False) -> None:
+        self.L, self.perm, d, e, two = _ldl(Q)
+        self.iperm = torch.empty_like(self.perm)
+        self.iperm[self.perm] = torch.arange(self.p, device=self.perm.device)
+        lo, hi = _block_eigenvalues(d, e, two)  # per diagonal entry: both eigenvalues of its block
+        fi = torch.finfo(Q.dtype)
+        qmax = max(_maxabs(Q), fi.tiny)
+        small = torch.minimum(lo.abs(), hi.abs())
+        if modify:  # |D| floored at the damping: P L |D| L^T P^T is positive definite (math.md §6)
+            d, e, self.modified = _modify_blocks(d, e, two, max(self.damping, fi.tiny))
+            lo, hi = _block_eigenvalues(d, e, two)
+        elif perturb:
+            tau = _perturb_tau(Q.dtype, qmax, self.p)
+            if bool((small < tau).any()):
+                d, e, self.perturbed = _perturb_blocks(d, e, two, tau)
+                lo, hi = _block_eigenvalues(d, e, two)
+        else:
+            tol = self.p * fi.eps * qmax if strict else 0.0
+            if bool((small <= tol).any()):
+                raise SingularError(
+                    f"{self.name}: pivot Qxx is singular at damping {self.damping:g} (smallest |eigenvalue| "
+                    f"of its LDL^T factor {float(small.min()):.3g}); H + eps I is singular or nearly so "
+                    "-- choose another damping",
+                    stage=self.stage,
+                    damping=self.damping,
+                )
+        # count each block once: 1x1 blocks by d, a 2x2 block (rows k, k+1) by its two eigenvalues at k
+        first = ~torch.cat([two.new_zeros(1), two[:-1]])
+        neg = int(((lo < 0) & first).sum()) + int(((hi < 0) & two).sum())
+        zero = int(((lo == 0) & first).sum()) + int(((hi == 0) & two).sum())
+        self.inertia = Inertia(neg, zero, self.p - neg - zero)
+        self.d, self.e, self.two = d, e, two
+        det = d * torch.roll(d, -1) - e * e  # at the first row of each 2x2 block
+        self.dinv = torch.where(two, torch.roll(d, -1) / det, 1.0 / d)
+        second = torch.cat([two.new_zeros(1), two[:-1]])
+        self.dinv = torch.where(second, torch.roll(d, 1) / torch.roll(det, 1), self.dinv)
+        self.ks = torch.nonzero(two).flatten()  # first rows of the 2x2 blocks
+        self.einv = (-e / det)[self.ks][:, None]  # (k, k+1) entries of D^{-1}
+
+    def _dsolve(self, W: Tensor) -> Tensor:
+        """``D^{-1} W``."""
+        Y = self.dinv[:, None] * W
+        if self.ks.numel():
+            k, k1 = self.ks, self.ks + 1
+            Y[k] += self.einv * W[k1]
+            Y[k1] += self.einv * W[k]
+        return Y
 
     def solve(self, R: Tensor) -> Tensor:
         """``Qxx^{-1} R`` for R of shape (p, m)."""
@@ -97,40 +174,137 @@ class Pivot:
             return torch.linalg.solve_triangular(
                 self.L.mT, torch.linalg.solve_triangular(self.L, R, upper=False), upper=True
             )
-        return self.V @ ((self.V.T @ R) / self.lam[:, None])
+        Y = torch.linalg.solve_triangular(self.L, R[self.perm], upper=False, unitriangular=True)
+        Z = torch.linalg.solve_triangular(self.L.mT, self._dsolve(Y), upper=True, unitriangular=True)
+        return Z[self.iperm]
 
     def logdet(self) -> float:
-        """``log|det Qxx|`` (in float64): ``2 sum log L_ii`` (Cholesky) or ``sum log|lambda_i|``."""
+        """``log |det Qxx|`` (of the perturbed pivot if ``perturbed``)."""
         if self.cholesky:
-            return 2.0 * float(self.L.diagonal().double().log().sum())
-        return float(self.lam.double().abs().log().sum())
+            return 2.0 * float(self.L.diagonal().log().sum())
+        lo, hi = _block_eigenvalues(self.d, self.e, self.two)
+        first = ~torch.cat([self.two.new_zeros(1), self.two[:-1]])
+        return float(
+            torch.where(first, lo.abs().log(), 0.0).sum() + torch.where(self.two, hi.abs().log(), 0.0).sum()
+        )
 
     def inverse_sqrt(self, Z: Tensor) -> Tensor:
         """``S Z`` for a square root ``S S^T = Qxx^{-1}`` of a positive definite pivot: ``L^{-T} Z``
-        (Cholesky) or ``V diag(lambda)^{-1/2} Z``. Z: (p, m). ``S Z`` has covariance ``Qxx^{-1}`` for
-        white noise ``Z``."""
+        (Cholesky). Z: (p, m). ``S Z`` has covariance ``Qxx^{-1}`` for white noise ``Z``."""
         if self.cholesky:
             return torch.linalg.solve_triangular(self.L.mT, Z, upper=True)
-        if bool((self.lam < 0).any()):
-            raise IndefiniteError("inverse_sqrt: the pivot Qxx is indefinite; it has no real square root")
-        return self.V @ (Z / self.lam.sqrt()[:, None])
+        raise IndefiniteError("inverse_sqrt: the pivot Qxx is not positive definite; it has no real square root")
 
     def schur(self, Qzz: Tensor, Qxz: Tensor, overwrite: bool = False) -> Tensor:
         """``Qzz - Qxz^T Qxx^{-1} Qxz`` (a, a), exactly symmetric; with ``overwrite``, in ``Qzz``'s memory.
 
         Cholesky: ``W = L^{-1} Qxz``, then ``Qzz - W^T W`` (``p^2 a + 1.5 p a^2`` flops: the lower
         block triangle of ``W^T W`` in two products, mirrored; against ``2 p^2 a + 2 p a^2`` for
-        ``Qxz^T (Qxx^{-1} Qxz)``); eigendecomposition: ``W = V^T Qxz``, ``Qzz - W^T diag(1/lambda) W``.
+        ``Qxz^T (Qxx^{-1} Qxz)``); ``LDL^T``: ``W = L^{-1} P^T Qxz``, ``Qzz - W^T D^{-1} W`` (same flops).
         """
         if self.cholesky:  # W^T = Qxz^T L^{-T}, solved on the right: W comes out row-major
             W = torch.linalg.solve_triangular(self.L.mT, Qxz.mT, upper=True, left=False).mT
             Wl = W
         else:
-            W = self.V.T @ Qxz
-            Wl = W / self.lam[:, None]
+            W = torch.linalg.solve_triangular(
+                self.L.mT, Qxz[self.perm].mT, upper=True, left=False, unitriangular=True
+            ).mT
+            Wl = self._dsolve(W)
         W, Wl, scale = _normalize(W, Wl, Qzz)
         S = _sym_update(Qzz, Wl, W, scale, overwrite)
         return flush_negligible(S, _diagmax(S), inplace=True)
+
+
+def _ldl(Q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Bunch–Kaufman ``P^T Q P = L D L^T``: returns ``L`` (unit lower triangular; only its strict lower
+    triangle is meaningful, as the triangular solves with ``unitriangular=True`` read), ``perm`` (``P^T R =
+    R[perm]``), ``D``'s diagonal ``d``, its subdiagonal ``e`` (``e[k]`` couples rows ``k, k+1``; zero
+    outside 2x2 blocks) and ``two`` (True at the first row of each 2x2 block).
+
+    LAPACK's ``sytrf`` (``torch.linalg.ldl_factor``) stores ``L`` as a product of permutations and
+    elementary factors; ``syconv`` (scipy) applies the permutations to ``L``'s columns so that one
+    permutation and one unit triangular matrix remain (``sytrs2``'s form), solvable with ``trsm``.
+    """
+    from scipy.linalg import lapack
+
+    LD, piv, _ = torch.linalg.ldl_factor_ex(Q.cpu())
+    ipiv = piv.numpy()
+    syconv = lapack.dsyconv if Q.dtype == torch.float64 else lapack.ssyconv
+    a, e, _ = syconv(LD.numpy(), ipiv, lower=1)
+    p = Q.shape[0]
+    ip = ipiv.tolist()
+    perm = list(range(p))
+    two = [False] * p
+    k = 0
+    while k < p:  # sytrs2's row interchanges, in order
+        if ip[k] > 0:
+            kp = ip[k] - 1
+            perm[k], perm[kp] = perm[kp], perm[k]
+            k += 1
+        else:
+            kp = -ip[k + 1] - 1
+            perm[k + 1], perm[kp] = perm[kp], perm[k + 1]
+            two[k] = True
+            k += 2
+    L = torch.from_numpy(a)  # only its strict lower triangle is read (unit-triangular solves)
+    d = L.diagonal().clone()
+    dev = Q.device
+    et = torch.from_numpy(e).to(Q.dtype)
+    twot = torch.tensor(two)
+    et = torch.where(twot, et, torch.zeros_like(et))
+    return (L.to(dev), torch.tensor(perm, device=dev), d.to(dev), et.to(dev), twot.to(dev))
+
+
+def _block_eigenvalues(d: Tensor, e: Tensor, two: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row ``k``: the eigenvalues ``(lo, hi)`` of ``D``'s block that starts at ``k`` (``lo = hi = d_k``
+    for a 1x1 block; for a 2x2 block, both at its first row, ``d_k`` at its second row)."""
+    dn = torch.roll(d, -1)
+    mid, rad = 0.5 * (d + dn), torch.hypot(0.5 * (d - dn), e)
+    lo = torch.where(two, mid - rad, d)
+    hi = torch.where(two, mid + rad, d)
+    return lo, hi
+
+
+def _perturb_blocks(d: Tensor, e: Tensor, two: Tensor, tau: float) -> tuple[Tensor, Tensor, int]:
+    """``D`` with every block eigenvalue of modulus below ``tau`` moved to ``+-tau`` (its sign kept; 0 goes
+    to ``+tau``), eigenvectors unchanged. Returns the new ``d, e`` and the number of moved eigenvalues."""
+    d, e = d.clone(), e.clone()
+    count = 0
+    second = torch.cat([two.new_zeros(1), two[:-1]])
+    ones = (~two & ~second) & (d.abs() < tau)
+    if bool(ones.any()):
+        count += int(ones.sum())
+        d[ones] = torch.where(d[ones] < 0, -tau, tau).to(d.dtype)
+    for k in torch.nonzero(two).flatten().tolist():
+        B = torch.stack([torch.stack([d[k], e[k]]), torch.stack([e[k], d[k + 1]])])
+        lam, V = torch.linalg.eigh(B)
+        small = lam.abs() < tau
+        if bool(small.any()):
+            count += int(small.sum())
+            lam = torch.where(small, torch.where(lam < 0, -tau, tau).to(lam.dtype), lam)
+            B = (V * lam) @ V.T
+            d[k], d[k + 1], e[k] = B[0, 0], B[1, 1], B[1, 0]
+    return d, e, count
+
+
+def _modify_blocks(d: Tensor, e: Tensor, two: Tensor, floor: float) -> tuple[Tensor, Tensor, int]:
+    """``D`` with every block eigenvalue ``lambda`` replaced by ``max(|lambda|, floor)`` (eigenvectors
+    unchanged): the modified Cholesky of Cheng & Higham, per 1x1/2x2 block of Bunch–Kaufman's ``D``.
+    Returns the new ``d, e`` and the number of changed eigenvalues."""
+    d, e = d.clone(), e.clone()
+    second = torch.cat([two.new_zeros(1), two[:-1]])
+    ones = (~two & ~second) & (d < floor)
+    count = int(ones.sum())
+    d[ones] = d[ones].abs().clamp_min(floor)
+    for k in torch.nonzero(two).flatten().tolist():
+        B = torch.stack([torch.stack([d[k], e[k]]), torch.stack([e[k], d[k + 1]])])
+        lam, V = torch.linalg.eigh(B)
+        low = lam < floor
+        if bool(low.any()):
+            count += int(low.sum())
+            B = (V * lam.abs().clamp_min(floor)) @ V.T
+            d[k], d[k + 1], e[k] = B[0, 0], B[1, 1], B[1, 0]
+    return d, e, count
 
 
 def _maxabs(A: Tensor) -> float:
@@ -226,31 +400,72 @@ class LowRankPivot:
     """
 
     def __init__(
-        self, Qz: Tensor, A: Tensor, C: Tensor | None, p: int, stage: int, name: str, damping: float,
-        strict: bool = True, modify: bool = False,
+        self,
+        Qz: Tensor,
+        A: Tensor,
+        C: Tensor | None,
+        p: int,
+        stage: int,
+        name: str,
+        damping: float,
+        strict: bool = True,
+        perturb: bool = False,
+        cholesky_first: bool = True,
+        modify: bool = False,
     ):
         self.Qz, self.C, self.p, self.eps = Qz, C, p, damping
         r = A.shape[0]
         top = float((A.diagonal() + damping).abs().max()) if r else 0.0  # ~ max |eigenvalue| if PD
-        self.inner = Pivot(_shifted(A, damping, overwrite=True), stage, name, damping, strict, modify)
+        self.inner = Pivot(
+            _shifted(A, damping, overwrite=True), stage, name, damping, strict, perturb, cholesky_first,
+            modify,
+        )  # fmt: skip
         self.modified = self.inner.modified
         if not self.inner.cholesky:
-            top = float(self.inner.lam.abs().max())
-        tol = p * torch.finfo(A.dtype).eps * max(top, abs(damping), torch.finfo(A.dtype).tiny)
-        if p > r and abs(damping) <= (tol if strict else 0.0):
-            raise SingularError(
-                f"{name}: pivot Qxx is singular at damping {damping:g} (eigenvalue {damping:g} on the "
-                f"{p - r} directions the stage's inputs do not reach); H + eps I is singular or nearly so "
-                "-- choose another damping",
-                stage=stage,
-                damping=damping,
-            )
+            top = max(top, float(self.inner.d.abs().max()) if r else 0.0)
+        fi = torch.finfo(A.dtype)
         k = p - r
+        self.perturbed = self.inner.perturbed
+        if perturb:  # the eigenvalue eps on the complement of range(U): perturbed like a D block's
+            tau = _perturb_tau(A.dtype, max(top, abs(damping), fi.tiny), p)
+            if k > 0 and abs(damping) < tau:
+                self.eps = -tau if damping < 0 else tau
+                self.perturbed += k
+        else:
+            tol = p * fi.eps * max(top, abs(damping), fi.tiny)
+            if k > 0 and abs(damping) <= (tol if strict else 0.0):
+                raise SingularError(
+                    f"{name}: pivot Qxx is singular at damping {damping:g} (eigenvalue {damping:g} on the "
+                    f"{k} directions the stage's inputs do not reach); H + eps I is singular or nearly so "
+                    "-- choose another damping",
+                    stage=stage,
+                    damping=damping,
+                )
         inner = self.inner.inertia
         self.inertia = Inertia(
-            inner.negative + (k if damping < 0 else 0), 0, inner.positive + (k if damping > 0 else 0)
+            inner.negative + (k if self.eps < 0 else 0),
+            inner.zero,
+            inner.positive + (k if self.eps > 0 else 0),
         )
-        self.cholesky = (self.inner.cholesky or modify) and damping > 0
+        self.cholesky = self.inner.cholesky and damping > 0
+
+    @property
+    def positive_definite(self) -> bool:
+        """Whether the (unperturbed) pivot is positive definite."""
+        return self.inertia.negative == 0 and self.inertia.zero == 0 and not self.perturbed
+
+    def logdet(self) -> float:
+        """``log |det Qxx| = log |det(eps I_r + A)| + (p - r) log |eps|`` (perturbed values if
+        ``perturbed``)."""
+        return self.inner.logdet() + (self.p - self.inner.p) * math.log(abs(self.eps))
+
+    def inverse_sqrt(self, Z: Tensor) -> Tensor:
+        """``S Z`` with ``S S^T = Qxx^{-1}``: ``S = U S_r U^T + (I - U U^T) / sqrt(eps)``, ``S_r`` the
+        inner pivot's root (the two terms act on orthogonal ranges, so their covariances add)."""
+        if self.eps <= 0 and self.p > self.inner.p:
+            raise IndefiniteError("inverse_sqrt: the pivot Qxx is not positive definite (damping <= 0)")
+        P = self._UT(Z)
+        return self._U(self.inner.inverse_sqrt(P)) + (Z - self._U(P)) / math.sqrt(self.eps)
 
     def _UT(self, R: Tensor) -> Tensor:
         """``U^T R``: (p, k) -> (r, k)."""
@@ -264,19 +479,6 @@ class LowRankPivot:
         """``Qxx^{-1} R`` for R of shape (p, m)."""
         P = self._UT(R)
         return self._U(self.inner.solve(P)) + (R - self._U(P)) / self.eps
-
-    def logdet(self) -> float:
-        """``log|det Qxx| = log|det(eps I_r + A)| + (p - r) log|eps|``."""
-        k = self.p - self.inner.p
-        return self.inner.logdet() + (k * math.log(abs(self.eps)) if k else 0.0)
-
-    def inverse_sqrt(self, Z: Tensor) -> Tensor:
-        """``S Z`` with ``S S^T = Qxx^{-1}``: ``S = U S_r U^T + (I - U U^T) / sqrt(eps)``, ``S_r`` the
-        inner pivot's root (the two terms act on orthogonal ranges, so their covariances add)."""
-        if self.eps <= 0 and self.p > self.inner.p:
-            raise IndefiniteError("inverse_sqrt: the pivot Qxx is not positive definite (damping <= 0)")
-        P = self._UT(Z)
-        return self._U(self.inner.inverse_sqrt(P)) + (Z - self._U(P)) / math.sqrt(self.eps)
 
     def schur(self, Qzz: Tensor, Qxz: Tensor, overwrite: bool = False) -> Tensor:
         """``Qzz - Qxz^T Qxx^{-1} Qxz = Qzz - P^T (eps I + A)^{-1} P - C / eps`` with ``P = U^T Qxz``."""
@@ -301,26 +503,30 @@ def riccati_factor(
     like: Tensor,
     stop_if_indefinite: bool = False,
     strict: bool = True,
+    perturb: bool = False,
     modify: bool = False,
 ) -> tuple[list[StageFactor | None], Inertia, bool]:
     """Backward sweep over ``blocks`` (model stages, then the loss stage).
 
     ``like`` gives the dtype and device. Returns the per-stage factors (None for parameter-free
     stages), the inertia of ``H + eps I``, and whether it is positive definite. ``strict`` is passed
-    to :class:`Pivot`. With ``stop_if_indefinite`` the sweep stops at the first pivot without a
-    Cholesky factor (the PD test), and the returned factors are incomplete. With ``modify`` (needs
-    ``damping > 0``) every pivot's eigenvalues below ``damping`` are replaced by ``max(|lambda|,
-    damping)``: the factors are then those of a positive definite ``M = L |D| L^T`` that equals
-    ``H + eps I`` where that is positive definite with pivots above ``eps`` (math.md §6), and the
-    returned inertia is ``M``'s.
+    and ``perturb`` to :class:`Pivot` (with ``perturb``, near-singular pivots are perturbed instead of
+    raising :class:`SingularError`; each pivot's ``perturbed`` counts the moved eigenvalues, and the
+    returned inertia is that of the perturbed matrix). With ``stop_if_indefinite`` the sweep stops at
+    the first pivot that is not positive definite (the PD test), and the returned factors are
+    incomplete. With ``modify`` (needs ``damping > 0``) every pivot without a Cholesky factor has the
+    eigenvalues of its ``D`` blocks replaced by ``max(|lambda|, damping)``: the factors are then those
+    of a positive definite ``M = L |D| L^T`` that equals ``H + eps I`` wherever every pivot is positive
+    definite (math.md §6), and the returned inertia is ``M``'s.
     """
     if modify and not damping > 0:
         raise ValueError(f"modify needs a damping > 0, got {damping}")
     out: list[StageFactor | None] = [None] * len(blocks)
     dtype, device = like.dtype, like.device
     Sigma = torch.zeros(1, 1, 1, 1, dtype=dtype, device=device)
-    neg = pos = 0
+    neg = zero = pos = 0
     pd = True
+    cholesky_first = True
     for l in range(len(blocks) - 1, -1, -1):
         blk = blocks[l]
         rb = blk.riccati_native(Sigma, coupled=l > 0)
@@ -329,20 +535,33 @@ def riccati_factor(
             continue
         if rb.lowrank is not None:
             Qz, A, C = rb.lowrank
-            piv: Pivot | LowRankPivot = LowRankPivot(Qz, A, C, blk.p, l, names[l], damping, strict, modify)
+            piv: Pivot | LowRankPivot = LowRankPivot(
+                Qz, A, C, blk.p, l, names[l], damping, strict, perturb, cholesky_first, modify
+            )
         else:
-            piv = Pivot(_shifted(rb.Qxx0, damping, overwrite=True), l, names[l], damping, strict, modify)
-        neg, pos = neg + piv.inertia.negative, pos + piv.inertia.positive
-        pd = pd and (piv.cholesky or modify)
+            piv = Pivot(
+                _shifted(rb.Qxx0, damping, overwrite=True),
+                l,
+                names[l],
+                damping,
+                strict,
+                perturb,
+                cholesky_first,
+                modify,
+            )
+        neg, zero, pos = neg + piv.inertia.negative, zero + piv.inertia.zero, pos + piv.inertia.positive
+        pd = pd and piv.positive_definite
+        # after an indefinite pivot the next one is most likely indefinite too: skip the Cholesky try
+        cholesky_first = stop_if_indefinite or piv.inertia.negative == 0
         if not pd and stop_if_indefinite:
-            return out, Inertia(neg, 0, pos), False
+            return out, Inertia(neg, zero, pos), False
         Qxz = rb.Qxz.reshape(blk.p, -1)
         out[l] = StageFactor(piv, Qxz, rb.order, rb.inverse)
         if l > 0:
             a = Qxz.shape[1]
             # rb.Qzz is the stage's own fresh tensor unless the stage passed Sigma through
             Sigma = piv.schur(rb.Qzz.reshape(a, a), Qxz, overwrite=rb.Qzz is not Sigma).view(rb.Qzz.shape)
-    return out, Inertia(neg, 0, pos), pd
+    return out, Inertia(neg, zero, pos), pd
 
 
 def _mm(A: Tensor, X: Tensor) -> Tensor:
