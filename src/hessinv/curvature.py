@@ -32,6 +32,7 @@ from hessinv.errors import (
     DtypeMismatchError,
     IndefiniteError,
     InvalidArgumentError,
+    NonFiniteArgumentError,
     NonFiniteError,
     ShapeMismatchError,
     SingularError,
@@ -547,7 +548,7 @@ def _check_shift(shift, dtype: torch.dtype, what: str = "shift") -> float:
     products overflow or the solve loses its accuracy."""
     shift = check_real(shift, what)
     if not math.isfinite(shift):
-        raise NonFiniteError(f"{what} must be finite, got {shift}")
+        raise NonFiniteArgumentError(f"{what} must be finite, got {shift}")
     limit = 1e-4 * math.sqrt(torch.finfo(dtype).max)
     if abs(shift) > limit:
         raise InvalidArgumentError(
@@ -696,7 +697,8 @@ class Factorization:
         """``log|det(H + eps I)| = sum_l log|det Qxx_l|``, from the pivots alone (in float64).
 
         The sweep is a block congruence ``H + eps I = U D U^T`` with unit block-triangular ``U`` and
-        ``D = diag(Qxx_l)``, so ``det(H + eps I) = prod_l det Qxx_l``.
+        ``D = diag(Qxx_l)``, so ``det(H + eps I) = prod_l det Qxx_l`` (of the perturbed matrix if
+        pivots were perturbed: see ``inertia_certified``).
         """
         self._riccati_only("logdet")
         return float(sum(f.pivot.logdet() for f in self.factors if f is not None))
@@ -826,9 +828,6 @@ class Factorization:
         out = X[:, 0] if vec else X
         return (out, self.last_info) if return_info else out
 
-    def logdet(self) -> float:
-        """``log |det(H + eps I)|`` from the pivots (of the perturbed matrix if pivots were perturbed)."""
-        return sum(f.pivot.logdet() for f in self.factors if f is not None)
 
 
 def fgmres(

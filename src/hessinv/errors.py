@@ -43,6 +43,7 @@ __all__ = [
     "SingularError",
     "IndefiniteError",
     "DistributedError",
+    "NonFiniteArgumentError",
     "AccuracyWarning",
 ]
 
@@ -100,6 +101,10 @@ class IndefiniteError(HessinvError, ValueError):
 
 class DistributedError(HessinvError, RuntimeError):
     """A data-parallel job could not start, one of its ranks failed, or it ran past its timeout."""
+
+
+class NonFiniteArgumentError(NonFiniteError, InvalidArgumentError):
+    """A NaN or infinite argument (a shift, a damping, a tolerance): both non-finite and invalid."""
 
 
 class AccuracyWarning(UserWarning):
