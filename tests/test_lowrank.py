@@ -21,7 +21,9 @@ def autograd_gauss_newton(prob) -> torch.Tensor:
     yy = y.detach().clone().requires_grad_(True)
     (gy,) = torch.autograd.grad(prob.loss_fn(yy, prob.targets), yy, create_graph=True)
     gy = gy.reshape(-1)
-    Lam = torch.stack([torch.autograd.grad(gy[i], yy, retain_graph=True)[0].reshape(-1) for i in range(gy.numel())])
+    Lam = torch.stack(
+        [torch.autograd.grad(gy[i], yy, retain_graph=True)[0].reshape(-1) for i in range(gy.numel())]
+    )
     return J.T @ Lam @ J
 
 
@@ -68,8 +70,12 @@ def test_scalar_damping_woodbury_equals_riccati():
 
 def test_bad_diagonal_damping_is_named():
     net = torch.nn.Sequential(torch.nn.Linear(3, 2)).double()
-    G = hessinv.gauss_newton(net, torch.nn.MSELoss(), torch.randn(4, 3, dtype=torch.float64),
-                             torch.randn(4, 2, dtype=torch.float64))
+    G = hessinv.gauss_newton(
+        net,
+        torch.nn.MSELoss(),
+        torch.randn(4, 3, dtype=torch.float64),
+        torch.randn(4, 2, dtype=torch.float64),
+    )
     with pytest.raises(hessinv.ShapeMismatchError):
         G.factor(damping=torch.ones(3, dtype=torch.float64))
     with pytest.raises(hessinv.SingularError):

@@ -812,7 +812,9 @@ class Factorization:
         """
         R, vec = self.op._as_matrix(rhs, "rhs")
         X = self._raw(R)
-        if not refine or getattr(self, "modified", False):  # no residual either: the caller asked for the raw sweep
+        if not refine or getattr(
+            self, "modified", False
+        ):  # no residual either: the caller asked for the raw sweep
             self.last_info = SolveInfo(float("nan"), 0)
             out = X[:, 0] if vec else X
             return (out, self.last_info) if return_info else out
@@ -827,7 +829,6 @@ class Factorization:
         X = X64.to(self.op.dtype)
         out = X[:, 0] if vec else X
         return (out, self.last_info) if return_info else out
-
 
 
 def fgmres(
@@ -902,7 +903,8 @@ def curvature_class(name: str) -> type[CurvatureOperator]:
 
 
 class WoodburyFactorization(Factorization):
-    """``G + D`` for the Gauss-Newton matrix through its square root (:class:`hessinv.lowrank.WoodburyFactor`).
+    """``G + D`` for the Gauss-Newton matrix through its square root
+    (:class:`hessinv.lowrank.WoodburyFactor`).
 
     ``damping`` is a number or a per-parameter (n,) tensor ``D`` (no zero entry). Same interface as
     :class:`Factorization` (``solve`` with refinement, ``inertia``, ``positive_definite``, ``logdet``).

@@ -92,7 +92,9 @@ class WoodburyFactor:
         n = U.shape[1]
         if isinstance(damping, Tensor):
             if damping.shape != (n,):
-                raise ShapeMismatchError(f"a diagonal damping must have shape ({n},), got {tuple(damping.shape)}")
+                raise ShapeMismatchError(
+                    f"a diagonal damping must have shape ({n},), got {tuple(damping.shape)}"
+                )
             Dv = damping.to(U.dtype)
         else:
             Dv = torch.full((n,), float(damping), dtype=U.dtype, device=U.device)

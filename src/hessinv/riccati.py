@@ -193,7 +193,9 @@ class Pivot:
         (Cholesky). Z: (p, m). ``S Z`` has covariance ``Qxx^{-1}`` for white noise ``Z``."""
         if self.cholesky:
             return torch.linalg.solve_triangular(self.L.mT, Z, upper=True)
-        raise IndefiniteError("inverse_sqrt: the pivot Qxx is not positive definite; it has no real square root")
+        raise IndefiniteError(
+            "inverse_sqrt: the pivot Qxx is not positive definite; it has no real square root"
+        )
 
     def schur(self, Qzz: Tensor, Qxz: Tensor, overwrite: bool = False) -> Tensor:
         """``Qzz - Qxz^T Qxx^{-1} Qxz`` (a, a), exactly symmetric; with ``overwrite``, in ``Qzz``'s memory.

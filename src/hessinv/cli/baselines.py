@@ -378,7 +378,9 @@ class PeerSpec:
 PEERS: dict[str, PeerSpec] = {
     "soap": PeerSpec("heavyball", "heavyball", "SOAP", PEER_LR["soap"], False),
     "psgd": PeerSpec("heavyball", "heavyball", "PSGDKron", PEER_LR["psgd"], False),
-    "adahessian": PeerSpec("pytorch_optimizer", "pytorch-optimizer", "AdaHessian", PEER_LR["adahessian"], True),
+    "adahessian": PeerSpec(
+        "pytorch_optimizer", "pytorch-optimizer", "AdaHessian", PEER_LR["adahessian"], True
+    ),
     "sophiah": PeerSpec("pytorch_optimizer", "pytorch-optimizer", "SophiaH", PEER_LR["sophiah"], True),
 }
 

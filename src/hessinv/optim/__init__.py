@@ -28,6 +28,7 @@ from hessinv.optim.precondition import Preconditioner
 from hessinv.optim.trust_region import SubproblemSolution, TrustRegion, solve_subproblem
 
 __all__ = [
-    "Newton", "StepStats", "Preconditioner", "TrustRegion", "LevenbergMarquardt", "FixedDamping", "DampingRule",
+    "Newton", "StepStats", "Preconditioner", "TrustRegion", "LevenbergMarquardt", "FixedDamping",
+    "DampingRule",
     "Proposal", "solve_subproblem", "SubproblemSolution",
 ]  # fmt: skip

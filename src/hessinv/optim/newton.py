@@ -290,7 +290,9 @@ class Newton(torch.optim.Optimizer):
             try:
                 curvature = normalize_curvature(curvature)
             except ValueError:
-                raise ValueError(f"curvature must be one of {sorted(_CURVATURES)}, got {curvature!r}") from None
+                raise ValueError(
+                    f"curvature must be one of {sorted(_CURVATURES)}, got {curvature!r}"
+                ) from None
         if curvature_batch_size is not None and (
             isinstance(curvature_batch_size, bool)
             or not isinstance(curvature_batch_size, int)
@@ -363,8 +365,8 @@ class Newton(torch.optim.Optimizer):
         sd = super().state_dict()
         ns = {k: v for k, v in self._newton.items() if k != "previous"}
         sd["newton"] = copy.deepcopy(ns)
-        sd["newton"]["previous"] = None if self._newton["previous"] is None else tuple(
-            t.clone() for t in self._newton["previous"]
+        sd["newton"]["previous"] = (
+            None if self._newton["previous"] is None else tuple(t.clone() for t in self._newton["previous"])
         )
         if self.preconditioner is not None:
             sd["newton"]["preconditioner"] = self.preconditioner.state_dict()
@@ -381,7 +383,9 @@ class Newton(torch.optim.Optimizer):
                 f"this optimizer has curvature={self.curvature!r}, damping={self.rule.name!r}"
             )
         if ns.get("mode", "trust-region") != "trust-region" and self.preconditioner is None:
-            raise ValueError(f"state dict is for mode={ns.get('mode')!r}; this optimizer has mode='trust-region'")
+            raise ValueError(
+                f"state dict is for mode={ns.get('mode')!r}; this optimizer has mode='trust-region'"
+            )
         super().load_state_dict(sd)
         ns = dict(ns)
         pcs = ns.pop("preconditioner", None)
@@ -405,7 +409,11 @@ class Newton(torch.optim.Optimizer):
         lrs: dict[int, float] = {}
         for group in self.param_groups:
             lr = group["lr"]
-            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr >= 0):
+            if (
+                isinstance(lr, bool)
+                or not isinstance(lr, (int, float))
+                or not (math.isfinite(lr) and lr >= 0)
+            ):
                 raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
             for p in group["params"]:
                 if id(p) not in order:
@@ -587,7 +595,11 @@ class Newton(torch.optim.Optimizer):
         t_factor = time.perf_counter() - t
         t = time.perf_counter()
         m = ns["momentum"]
-        m = g.clone() * (1 - self.momentum) if m is None else m.mul_(self.momentum).add_(g, alpha=1 - self.momentum)
+        m = (
+            g.clone() * (1 - self.momentum)
+            if m is None
+            else m.mul_(self.momentum).add_(g, alpha=1 - self.momentum)
+        )
         step = ns["step"] + 1
         direction = pc.solve(m / (1 - self.momentum**step))
         d = _scaled(direction, lr)
@@ -760,7 +772,11 @@ def _param_groups(params: Any, trainable: list[Tensor]) -> list[dict[str, Any]]:
         groups = [{"params": items}]
     elif any(gr is None for gr in groups):
         raise ValueError("params must be all tensors or all group dicts, not a mix")
-    ids = [id(p) for gr in groups for p in (gr["params"] if not isinstance(gr["params"], Tensor) else [gr["params"]])]
+    ids = [
+        id(p)
+        for gr in groups
+        for p in (gr["params"] if not isinstance(gr["params"], Tensor) else [gr["params"]])
+    ]
     if sorted(ids) != sorted(id(p) for p in trainable):
         raise ValueError(
             "params must hold each trainable parameter of the model exactly once (the curvature is of "

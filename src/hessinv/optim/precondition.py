@@ -11,7 +11,8 @@ On the batch's curvature subspace (rank ``r <= B_c C``) the step follows the exa
 complement ``(G + D)^{-1} g = g / D``, an Adam step of size ``1 / damping``. ``D_t`` is refreshed with
 the factorization and, during the first ``warmup`` steps (while ``v`` is still a short average),
 every step, and between refreshes whenever ``D_t`` has drifted by more than ``stale_ratio`` from the
-``D_k`` the factorization holds (a cheap test: one pass over ``n`` numbers). The factorization is :class:`hessinv.lowrank.WoodburyFactor` (``G = U^T S U`` from one
+``D_k`` the factorization holds (a cheap test: one pass over ``n`` numbers). The factorization is
+:class:`hessinv.lowrank.WoodburyFactor` (``G = U^T S U`` from one
 backward sweep of ``r`` right-hand sides): ``r^2 n`` flops to refresh, ``4 r n`` per solve, against
 ``O(L p^3)`` for a Riccati factorization (math.md §6).
 
@@ -70,14 +71,21 @@ def normalize_curvature(name: str) -> str:
 
 def _positive(name: str, value: Any, integer: bool = False, allow_zero: bool = False) -> Any:
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+    if (
+        isinstance(value, bool)
+        or not ok_type
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not allow_zero)
+    ):
         kind = "an int" if integer else "a finite number"
         raise ValueError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
     return value
 
 
 class Preconditioner:
-    """``g -> (C + D)^{-1} g`` with ``C`` the exact curvature of a curvature batch, refreshed every ``refresh``
+    """``g -> (C + D)^{-1} g`` with ``C`` the exact curvature of a curvature batch, refreshed every
+    ``refresh``
     steps (see the module docstring for the math).
 
     Args:
@@ -230,7 +238,9 @@ class Preconditioner:
     # -- preconditioner mode ------------------------------------------------------------------------
     def gradient(self) -> Tensor:
         """The flat ``p.grad`` of the model's trainable parameters (zeros where a grad is None)."""
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
+        return torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params]
+        )
 
     @torch.no_grad()
     def precondition_(self, inputs: Tensor, targets: Tensor) -> Tensor:
