@@ -161,7 +161,9 @@ def test_float32_solve_with_float64_refinement(prob):
     t = prob.targets.float() if prob.targets.is_floating_point() else prob.targets
     H = hessinv.hessian(model32, prob.loss_fn, X, t)
     assert H.dtype == torch.float32 and H.gradient.dtype == torch.float32
-    _, H_ref = dense_gradient_hessian(model32.double(), prob.loss_fn, X.double(), prob.targets)
+    # the reference is the same (float32-rounded) problem: weights, inputs and targets as the model sees them
+    t64 = t.double() if t.is_floating_point() else t
+    _, H_ref = dense_gradient_hessian(model32.double(), prob.loss_fn, X.double(), t64)
     model32.float()
     ev = torch.linalg.eigvalsh(H_ref)
     scale = float(ev.abs().max()) + 1e-30

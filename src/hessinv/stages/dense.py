@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from hessinv.errors import UnsupportedStageError
-from hessinv.stages.protocol import Blocks, RiccatiBlocks, Stage
+from hessinv.stages.protocol import Blocks, ParameterFreeBlocks, RiccatiBlocks, Stage
 
 #: Modules treated as elementwise activations ``s`` (fused into a preceding Linear); exact types only
 #: (a subclass may override ``forward``). ReLU-type activations have ``s'' = 0`` almost everywhere,
@@ -397,7 +397,7 @@ class ElementwiseStage(Stage):
         return ElementwiseBlocks(sp, b_out.reshape(sp.shape) * spp if second_order else None)
 
 
-class ElementwiseBlocks(Blocks):
+class ElementwiseBlocks(ParameterFreeBlocks):
     """Blocks of :class:`ElementwiseStage`: diagonal per example."""
 
     def __init__(self, sp: Tensor, bpp: Tensor | None):
@@ -405,25 +405,10 @@ class ElementwiseBlocks(Blocks):
         self.batch, self.d_in = sp.shape
         self.d_out, self.p = self.d_in, 0
 
-    def jx(self, v: Tensor) -> Tensor:
-        return v.new_zeros(self.batch, self.d_out, v.shape[-1])
-
-    def jxT(self, s: Tensor) -> Tensor:
-        return s.new_zeros(0, s.shape[-1])
-
     def jz(self, t: Tensor) -> Tensor:
         return self.sp[:, :, None] * t
 
     jzT = jz
-
-    def hxx(self, v: Tensor) -> Tensor:
-        return v
-
-    def hxz(self, t: Tensor) -> Tensor:
-        return t.new_zeros(0, t.shape[-1])
-
-    def hxzT(self, v: Tensor) -> Tensor:
-        return v.new_zeros(self.batch, self.d_in, v.shape[-1])
 
     def hzz(self, t: Tensor) -> Tensor:
         return torch.zeros_like(t) if self.bpp is None else self.bpp[:, :, None] * t

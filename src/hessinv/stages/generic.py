@@ -39,7 +39,14 @@ import torch
 from torch import Tensor, nn
 
 from hessinv.errors import UnsupportedStageError
-from hessinv.stages.protocol import Blocks, RiccatiBlocks, Stage, add_blockdiag, sandwich_blockdiag
+from hessinv.stages.protocol import (
+    Blocks,
+    ParameterFreeBlocks,
+    RiccatiBlocks,
+    Stage,
+    add_blockdiag,
+    sandwich_blockdiag,
+)
 
 
 class DenseBlocks(Blocks):
@@ -343,31 +350,16 @@ class ReshapeStage(Stage):
         return IdentityBlocks(z_in.shape[0], b_out.shape[1])
 
 
-class IdentityBlocks(Blocks):
+class IdentityBlocks(ParameterFreeBlocks):
     """Blocks of ``z_out = z_in``: ``Jz = I``, no parameters, no curvature."""
 
     def __init__(self, batch: int, d: int):
         self.batch, self.d_in, self.d_out, self.p = batch, d, d, 0
 
-    def jx(self, v: Tensor) -> Tensor:
-        return v.new_zeros(self.batch, self.d_out, v.shape[-1])
-
-    def jxT(self, s: Tensor) -> Tensor:
-        return s.new_zeros(0, s.shape[-1])
-
     def jz(self, t: Tensor) -> Tensor:
         return t
 
     jzT = jz
-
-    def hxx(self, v: Tensor) -> Tensor:
-        return v
-
-    def hxz(self, t: Tensor) -> Tensor:
-        return t.new_zeros(0, t.shape[-1])
-
-    def hxzT(self, v: Tensor) -> Tensor:
-        return v.new_zeros(self.batch, self.d_in, v.shape[-1])
 
     def hzz(self, t: Tensor) -> Tensor:
         return torch.zeros_like(t)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hessinv.errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError, UnsupportedStageError
-from hessinv.stages.protocol import Blocks, RiccatiBlocks, add_blockdiag
+from hessinv.stages.protocol import ParameterFreeBlocks, RiccatiBlocks, add_blockdiag
 
 #: Functional forms of the closed-form losses (default arguments only) -> their modules.
 _FUNCTIONAL = {
@@ -91,7 +91,7 @@ def closed_form(loss_fn: Callable) -> nn.Module | None:
     return None
 
 
-class LossBlocks(Blocks):
+class LossBlocks(ParameterFreeBlocks):
     """``Jz = G`` (per-example gradients, (B, C)) and ``Hzz = Lambda`` ((B, C, C), or None)."""
 
     def __init__(self, G: Tensor, Lam: Tensor | None):
@@ -102,23 +102,11 @@ class LossBlocks(Blocks):
     def jx(self, v: Tensor) -> Tensor:
         return v.new_zeros(1, 1, v.shape[-1])
 
-    def jxT(self, s: Tensor) -> Tensor:
-        return s.new_zeros(0, s.shape[-1])
-
     def jz(self, t: Tensor) -> Tensor:
         return torch.einsum("nc,nck->k", self.G, t).view(1, 1, -1)
 
     def jzT(self, s: Tensor) -> Tensor:
         return self.G[:, :, None] * s[0, 0][None, None, :]
-
-    def hxx(self, v: Tensor) -> Tensor:
-        return v
-
-    def hxz(self, t: Tensor) -> Tensor:
-        return t.new_zeros(0, t.shape[-1])
-
-    def hxzT(self, v: Tensor) -> Tensor:
-        return v.new_zeros(self.batch, self.d_in, v.shape[-1])
 
     def hzz(self, t: Tensor) -> Tensor:
         return torch.zeros_like(t) if self.Lam is None else torch.bmm(self.Lam, t)

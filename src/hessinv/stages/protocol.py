@@ -143,6 +143,28 @@ class Blocks(abc.ABC):
         return self.riccati(Sigma, coupled)
 
 
+class ParameterFreeBlocks(Blocks):
+    """Blocks of a stage without parameters (``p = 0``): ``Jx``, ``Hxx`` and ``Hxz`` are empty; the
+    subclass gives ``Jz``, ``Hzz`` and the Riccati blocks."""
+
+    p = 0
+
+    def jx(self, v: Tensor) -> Tensor:
+        return v.new_zeros(self.batch, self.d_out, v.shape[-1])
+
+    def jxT(self, s: Tensor) -> Tensor:
+        return s.new_zeros(0, s.shape[-1])
+
+    def hxx(self, v: Tensor) -> Tensor:
+        return v
+
+    def hxz(self, t: Tensor) -> Tensor:
+        return t.new_zeros(0, t.shape[-1])
+
+    def hxzT(self, v: Tensor) -> Tensor:
+        return v.new_zeros(self.batch, self.d_in, v.shape[-1])
+
+
 def sandwich_blockdiag(J: Tensor, Sigma: Tensor) -> Tensor:
     """``J^T Sigma J`` for a per-example block-diagonal ``J`` (B, d_out, d_in) and dense ``Sigma``.
 
