@@ -33,7 +33,7 @@ def _range(text: str) -> tuple[float, float]:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``spectrum`` on the ``hessinv`` subparsers."""
-    from hessinv.cli.models import ACTIVATIONS
+    from hessinv.cli.choices import ACTIVATIONS  # torch-free: ``hessinv --help`` stays fast
 
     s = sub.add_parser(
         "spectrum",
@@ -51,7 +51,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--depth", type=int, default=8, help="number of Linear layers")
     s.add_argument("--width", type=int, default=8)
     s.add_argument("--activation", default="tanh", choices=sorted(ACTIVATIONS))
-    s.add_argument("--curvature", default="hessian", choices=["hessian", "gauss-newton"])
+    s.add_argument(
+        "--curvature", default="hessian", type=lambda v: v.lower().replace("_", "-"),
+        choices=["hessian", "gauss-newton"], help="hessian | gauss-newton (gauss_newton too)",
+    )  # fmt: skip
     s.add_argument(
         "--train-steps", type=int, default=0, help="Adam steps (lr 1e-2, full batch) before the analysis"
     )
