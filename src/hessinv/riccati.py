@@ -29,6 +29,7 @@ This is block Gaussian elimination of ``H + eps I`` itself, last stage first, so
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -38,6 +39,32 @@ from torch import Tensor
 
 from hessinv.errors import IndefiniteError, NonFiniteError, SingularError
 from hessinv.stages import Blocks
+
+
+#: Sweeps whose blocks are all at most this size (parameters and batch activations per stage) run on one
+#: CPU thread: their small products gain nothing from more, and on a loaded machine oversubscribed BLAS
+#: threads made them up to 17x slower (docs/benchmarks.md). Larger blocks keep torch's thread count.
+SMALL_BLOCKS = 512
+
+
+def _one_thread_if_small(fn):
+    """Run a sweep over ``blocks`` (its first argument) on one CPU thread when every block is small."""
+
+    @functools.wraps(fn)
+    def wrapper(blocks, *args, **kwargs):
+        threads = torch.get_num_threads()
+        if threads == 1 or not blocks:
+            return fn(blocks, *args, **kwargs)
+        big = max(max(b.p, b.batch * b.d_out) for b in blocks)
+        if big > SMALL_BLOCKS or any(not t.is_cpu for t in args if isinstance(t, Tensor)):
+            return fn(blocks, *args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return fn(blocks, *args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
 
 
 class Inertia(NamedTuple):
@@ -498,6 +525,7 @@ class StageFactor(NamedTuple):
     inverse: Tensor | None = None
 
 
+@_one_thread_if_small
 def riccati_factor(
     blocks: list[Blocks],
     damping: float,
@@ -604,6 +632,7 @@ def _backward(
     return ks, quad
 
 
+@_one_thread_if_small
 def riccati_quadratic(blocks: list[Blocks], factors: list[StageFactor | None], rhs: list[Tensor]) -> Tensor:
     """``g^T (H + eps I)^{-1} g`` per column of ``g`` (``rhs[l]``: (p_l, k)) from the backward sweep alone
     (half a solve); exact for any invertible factorization, positive definite or not."""
@@ -612,12 +641,14 @@ def riccati_quadratic(blocks: list[Blocks], factors: list[StageFactor | None], r
     return quad
 
 
+@_one_thread_if_small
 def riccati_solve(blocks: list[Blocks], factors: list[StageFactor | None], rhs: list[Tensor]) -> list[Tensor]:
     """Solve ``(H + eps I) x = g`` with the factored sweep; ``rhs[l]`` is (p_l, k); returns the same
     shapes."""
     return riccati_forward(blocks, factors, _backward(blocks, factors, rhs)[0])
 
 
+@_one_thread_if_small
 def riccati_forward(
     blocks: list[Blocks], factors: list[StageFactor | None], ks: list[Tensor | None]
 ) -> list[Tensor]:
