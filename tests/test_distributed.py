@@ -188,3 +188,41 @@ def test_cli_nproc_needs_a_divisible_batch(tmp_path, capsys):
 
     rc = main(["train", "--nproc", "2", "--batch-size", "33", "--steps", "1", "--out", str(tmp_path)])
     assert rc == 2 and "multiple of 2" in capsys.readouterr().err
+
+
+# -- data-parallel influence scores (hessinv.influence.distributed_influence_scores) ---------------------
+def _influence_problem():
+    """A tiny float64 chain, 11 training examples (an uneven split: 6 + 5), 3 test points, a curvature
+    batch for the Hessian case."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(14, 3, generator=g, dtype=F64), torch.randint(0, 3, (14,), generator=g)
+    train, test = (X[:11], y[:11]), (X[11:], y[11:])
+    cases = {
+        "gauss_newton": {"curvature": "gauss_newton", "damping": 1e-2},
+        "hessian_batch": {"curvature": "hessian", "damping": 1.0, "curvature_batch": (X[:7], y[:7])},
+    }
+    return model, nn.CrossEntropyLoss(), train, test, cases
+
+
+def _influence_worker(rank: int, world: int, out: str) -> None:
+    from hessinv.influence import distributed_influence_scores
+
+    model, lf, train, test, cases = _influence_problem()
+    got = {k: distributed_influence_scores(model, lf, train, test, **kw) for k, kw in cases.items()}
+    torch.save(got, f"{out}/influence{rank}.pt")
+
+
+def test_distributed_influence_scores_match_one_process(tmp_path):
+    from hessinv.influence import influence_scores
+
+    hd.launch(_influence_worker, 2, (str(tmp_path),), timeout=30, join_timeout=120, start_method=START)
+    model, lf, train, test, cases = _influence_problem()
+    ranks = [torch.load(tmp_path / f"influence{r}.pt", weights_only=False) for r in range(2)]
+    for name, kw in cases.items():
+        want = influence_scores(model, lf, train, test, **kw)
+        assert want.shape == (3, 11) and want.dtype == F64
+        for r in range(2):
+            torch.testing.assert_close(ranks[r][name], want, rtol=0, atol=1e-10)
+        assert torch.equal(ranks[0][name], ranks[1][name])  # every rank returns the same gathered matrix

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +41,13 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from hessinv.curvature import CurvatureOperator, Factorization, curvature_class
 
-__all__ = ["InfluenceFunction", "influence_scores", "per_example_gradients", "output_jacobians"]
+__all__ = [
+    "InfluenceFunction",
+    "influence_scores",
+    "distributed_influence_scores",
+    "per_example_gradients",
+    "output_jacobians",
+]
 
 
 def _trainable(model: nn.Module) -> tuple[list[str], dict[str, Tensor]]:
@@ -196,3 +203,39 @@ def influence_scores(
     cx, cy = curvature_batch if curvature_batch is not None else (None, None)
     inf = InfluenceFunction(model, loss_fn, curvature, damping).fit(*train, cx, cy)
     return inf.influences(*test)
+
+
+def distributed_influence_scores(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    curvature: str = "hessian",
+    damping: float = 0.0,
+    curvature_batch: tuple[Tensor, Tensor] | None = None,
+    group: Any = None,
+) -> Tensor:
+    """:func:`influence_scores` split over the ranks of a ``torch.distributed`` process ``group``.
+
+    Every rank passes the same ``model``, data and settings. Each rank factors the same ``H + lambda I``
+    (on ``curvature_batch``, default the whole training set: deterministic, so the same on every rank),
+    solves ``(H + lambda I)^{-1} grad L(test_j)`` once, and scores only its contiguous shard of the
+    training set (``torch.tensor_split`` of the ``N`` examples into ``world_size`` parts, rank order);
+    the ``(n_test, N_r)`` blocks are all-gathered in rank order, so every rank returns the full
+    ``(n_test, N)`` matrix of the single-process call (up to the rounding of the shorter products).
+    Run it under :func:`hessinv.optim.distributed.launch` or ``torchrun``.
+    """
+    from hessinv.errors import DistributedError
+    from hessinv.optim.distributed import _gather_rows, _group_info, _same_everywhere
+
+    rank, world = _group_info(group)
+    X, y = train
+    n = int(X.shape[0])
+    _same_everywhere(n, "the number of training examples", group)
+    if n < world:
+        raise DistributedError(f"{n} training examples for {world} ranks: use at most {n} processes")
+    Xr, yr = torch.tensor_split(X, world)[rank], torch.tensor_split(y, world)[rank]
+    Xc, yc = curvature_batch if curvature_batch is not None else (X, y)
+    inf = InfluenceFunction(model, loss_fn, curvature, damping).fit(Xr, yr, Xc, yc)
+    block = inf.influences(*test)  # (n_test, N_r)
+    return torch.cat(_gather_rows(block.T.contiguous(), group)).T
