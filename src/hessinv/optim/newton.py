@@ -1,6 +1,12 @@
-r"""``Newton``: SGD preconditioned by the exact (stochastic) Hessian, downhill even where ``H`` is indefinite.
+r"""``Newton``: SGD preconditioned by the exact curvature of the batch -- amortized on mini-batches, the
+exact-Hessian trust region on a full batch.
 
-One call of :meth:`Newton.step` on a batch ``(X, y)``:
+*Mini-batches* (``mode="precondition"``, what ``mode="auto"`` does while the batches change): the
+momentum of the gradients is preconditioned by a stored factorization of the damped Gauss-Newton matrix
+of a small curvature batch (:class:`hessinv.optim.Preconditioner`, math.md §6); see :class:`Newton`.
+
+*Full batch* (``mode="trust-region"``, what ``mode="auto"`` switches to when a step gets the batch of
+the step before): one call of :meth:`Newton.step` on a batch ``(X, y)``:
 
 1. *derivatives*: the curvature operator ``H`` (Hessian, or Gauss-Newton ``G``) of the loss on the
    curvature batch (all of ``X``, or a random subset of ``curvature_batch_size`` examples), and the
@@ -36,7 +42,9 @@ unless ``curvature_batch_size`` subsamples it): the step is built to decrease th
 judges it there, with the subsampled curvature in the model (the sub-sampled trust region of Xu,
 Roosta & Mahoney 2020).
 
-Example (a linear least-squares chain: the Hessian is exact and constant, so Newton converges at once):
+Example (a linear least-squares chain, full batch: after one preconditioned step ``mode="auto"`` sees the
+same batch again and takes trust-region Newton steps; the Hessian is exact and constant, so they converge
+at once):
 
 >>> import torch, hessinv, hessinv.optim
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -47,8 +55,8 @@ Example (a linear least-squares chain: the Hessian is exact and constant, so New
 >>> opt = hessinv.optim.Newton(net, torch.nn.MSELoss())
 >>> losses = [float(opt.step(X, y)) for _ in range(3)]
 >>> g = hessinv.hessian(net, torch.nn.MSELoss(), X, y).gradient
->>> bool(g.norm() < 1e-10), opt.last_stats.accepted
-(True, True)
+>>> bool(g.norm() < 1e-10), opt.last_stats.accepted, opt.last_stats.mode
+(True, True, 'trust-region')
 """
 
 from __future__ import annotations
