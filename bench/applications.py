@@ -447,13 +447,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="influence,laplace,spectrum")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "applications.json"))
+    ap.add_argument(
+        "--out",
+        default="runs/bench/applications.json",
+        help="JSON output (default: runs/bench/applications.json; "
+        "the record is bench/results/applications.json)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     rec: dict = {"machine": machine_info("cpu")}
     for part in args.only.split(","):
         rec[part] = globals()[f"bench_{part}"](args.quick)
     rec["load_average_end"] = load_average()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rec, indent=1))
     print(f"wrote {args.out}")
 

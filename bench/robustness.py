@@ -191,7 +191,13 @@ def main() -> None:
         print(json.dumps(r), flush=True)
     res["machine"]["load_average_end"] = load_average()
     res["total_s"] = time.perf_counter() - t0
-    path = os.path.join(os.path.dirname(__file__), "results", "robustness.json")
+    # the recorded file only when asked (HESSINV_UPDATE_REPO=1); else runs/bench/ (outside the records)
+    if os.environ.get("HESSINV_UPDATE_REPO") == "1":
+        path = os.path.join(os.path.dirname(__file__), "results", "robustness.json")
+    else:
+        os.makedirs(os.path.join("runs", "bench"), exist_ok=True)
+        path = os.path.join("runs", "bench", "robustness.json")
+    print(f"writing {path}", flush=True)
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
     print(render(res))

@@ -40,7 +40,6 @@ from torch import Tensor
 from hessinv.errors import IndefiniteError, NonFiniteError, SingularError
 from hessinv.stages import Blocks
 
-
 #: Sweeps whose blocks are all at most this size (parameters and batch activations per stage) run on one
 #: CPU thread: their small products gain nothing from more, and on a loaded machine oversubscribed BLAS
 #: threads made them up to 17x slower (docs/benchmarks.md). Larger blocks keep torch's thread count.
