@@ -119,10 +119,21 @@ class CurvatureOperator:
     second_order: bool = True
 
     def __init__(
-        self, model: nn.Module | Sequence[nn.Module], loss_fn: nn.Module, inputs: Tensor, targets: Tensor
+        self,
+        model: nn.Module | Sequence[nn.Module],
+        loss_fn: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        *,
+        chain: Chain | None = None,
     ):
+        """``chain``: the :class:`~hessinv.Chain` of ``(model, loss_fn)`` when the caller already holds one
+        (an optimizer that builds an operator every few steps: splitting a traced model into stages
+        costs milliseconds); by default it is built here."""
         self.model, self.loss_fn, self.inputs, self.targets = model, loss_fn, inputs, targets
-        self.chain = Chain(model, loss_fn)
+        if chain is not None and (chain.model is not model or chain.loss_fn is not loss_fn):
+            raise InvalidArgumentError("chain= must be the Chain of this model and loss_fn")
+        self.chain = chain if chain is not None else Chain(model, loss_fn)
         lin = self.chain.linearize(inputs, targets, second_order=self.second_order)
         self.blocks, self._sizes = lin.blocks, lin.sizes + [0]
         self.gradient: Tensor = lin.gradient

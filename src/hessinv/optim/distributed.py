@@ -298,7 +298,7 @@ class DistributedPreconditioner(Preconditioner):
         return X, y
 
     def _root(self, X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        op = GaussNewton(self.model, self.loss_fn, X, y)
+        op = GaussNewton(self.model, self.loss_fn, X, y, chain=self.chain)
         return gauss_newton_root(op.blocks, op.dtype)
 
     def curvature_root(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:

@@ -195,7 +195,7 @@ class Preconditioner:
         """``(U, S)`` with ``G = U^T diag(S) U`` the Gauss-Newton matrix of a curvature batch drawn from
         ``(inputs, targets)`` (the step :mod:`hessinv.optim.distributed` shares between ranks)."""
         Xc, yc = self._curvature_batch(inputs, targets)
-        op = GaussNewton(self.model, self.loss_fn, Xc, yc)
+        op = GaussNewton(self.model, self.loss_fn, Xc, yc, chain=self.chain)
         return gauss_newton_root(op.blocks, op.dtype)
 
     def update(self, inputs: Tensor, targets: Tensor) -> None:
@@ -209,7 +209,7 @@ class Preconditioner:
                 self._factor = WoodburyFactor(U, S, self.diagonal())
             else:
                 Xc, yc = self._curvature_batch(inputs, targets)
-                self._op = Hessian(self.model, self.loss_fn, Xc, yc)
+                self._op = Hessian(self.model, self.loss_fn, Xc, yc, chain=self.chain)
                 self._factor = self._op.factor(self.damping, modify="abs")
         elif self.curvature == "gauss_newton":
             D = self.diagonal()
