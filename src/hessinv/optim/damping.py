@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from hessinv.curvature import CurvatureOperator
-from hessinv.errors import SingularError
+from hessinv.errors import InvalidArgumentError, SingularError
 from hessinv.riccati import Inertia, StageFactor, riccati_factor, riccati_quadratic, riccati_solve
 
 __all__ = ["DampingRule", "LevenbergMarquardt", "FixedDamping", "Proposal", "Sweeps", "RiccatiFactor"]
@@ -179,7 +179,9 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
     value = float(value)
     ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
-        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+        raise InvalidArgumentError(
+            f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}"
+        )
     return value
 
 
@@ -211,7 +213,7 @@ class LevenbergMarquardt(DampingRule):
         self.min_damping = _check_positive("min_damping", min_damping)
         self.max_damping = _check_positive("max_damping", max_damping)
         if self.min_damping > self.max_damping:
-            raise ValueError(f"min_damping {min_damping} exceeds max_damping {max_damping}")
+            raise InvalidArgumentError(f"min_damping {min_damping} exceeds max_damping {max_damping}")
 
     def __repr__(self) -> str:
         return f"LevenbergMarquardt(damping={self.damping}, eta={self.eta})"

@@ -73,7 +73,7 @@ from torch import Tensor, nn
 
 from hessinv.chain import Chain
 from hessinv.curvature import CurvatureOperator, GaussNewton, Hessian
-from hessinv.errors import NonFiniteError, SingularError
+from hessinv.errors import InvalidArgumentError, NonFiniteError, SingularError
 from hessinv.optim.damping import DampingRule, FixedDamping, LevenbergMarquardt, Sweeps
 from hessinv.optim.precondition import Preconditioner, normalize_curvature
 from hessinv.optim.trust_region import TrustRegion
@@ -170,19 +170,19 @@ def _rule_from(damping: str | float | DampingRule) -> DampingRule:
     if isinstance(damping, DampingRule):
         return damping
     if isinstance(damping, bool):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"damping must be 'trust-region', 'levenberg-marquardt', a float >= 0 or a rule; got {damping!r}"
         )
     if isinstance(damping, (int, float)):
         if not (math.isfinite(damping) and damping >= 0):
-            raise ValueError(f"a fixed damping must be a finite float >= 0, got {damping!r}")
+            raise InvalidArgumentError(f"a fixed damping must be a finite float >= 0, got {damping!r}")
         return FixedDamping(float(damping))
     if isinstance(damping, str):
         key = damping.lower().replace("_", "-")
         key = {"lm": "levenberg-marquardt", "tr": "trust-region"}.get(key, key)
         if key in _RULES:
             return _RULES[key]()
-    raise ValueError(
+    raise InvalidArgumentError(
         "damping must be 'trust-region', 'levenberg-marquardt', a float >= 0 or a DampingRule; "
         f"got {damping!r}"
     )
@@ -280,25 +280,25 @@ class Newton(torch.optim.Optimizer):
         callback: Callable[[StepStats], None] | None = None,
     ):
         if not _is_model(model):
-            raise ValueError(
+            raise InvalidArgumentError(
                 "Newton needs the model and its loss to build the curvature: "
                 "Newton(model, loss_fn, params=model.parameters()) -- got "
                 f"{type(model).__name__} as the model"
             )
         if not callable(loss_fn):
-            raise ValueError(
+            raise InvalidArgumentError(
                 "loss_fn must be a loss module (e.g. nn.CrossEntropyLoss()) or a function "
                 f"loss_fn(outputs, targets), got {type(loss_fn).__name__}"
             )
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+            raise InvalidArgumentError(f"lr must be a finite number > 0, got {lr!r}")
         if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+            raise InvalidArgumentError(f"mode must be one of {_MODES}, got {mode!r}")
         if curvature is not None:
             try:
                 curvature = normalize_curvature(curvature)
             except ValueError:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"curvature must be one of {sorted(_CURVATURES)}, got {curvature!r}"
                 ) from None
         if curvature_batch_size is not None and (
@@ -306,15 +306,15 @@ class Newton(torch.optim.Optimizer):
             or not isinstance(curvature_batch_size, int)
             or curvature_batch_size < 1
         ):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"curvature_batch_size must be None or an int >= 1, got {curvature_batch_size!r}"
             )
         if isinstance(backtracking, bool) or not isinstance(backtracking, int) or backtracking < 0:
-            raise ValueError(f"backtracking must be an int >= 0, got {backtracking!r}")
+            raise InvalidArgumentError(f"backtracking must be an int >= 0, got {backtracking!r}")
         if callback is not None and not callable(callback):
-            raise ValueError("callback must be callable")
+            raise InvalidArgumentError("callback must be callable")
         if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+            raise InvalidArgumentError(f"momentum must be in [0, 1), got {momentum!r}")
         if mode == "auto" and (damping is not None or track_inertia or backtracking):
             mode = "trust-region"
         self.mode = mode
@@ -384,14 +384,14 @@ class Newton(torch.optim.Optimizer):
         sd = dict(state_dict)
         ns = sd.pop("newton", None)
         if not isinstance(ns, dict) or not {"step", "rule", "rng"} <= set(ns):
-            raise ValueError("not a Newton optimizer state dict (no 'newton' entry)")
+            raise InvalidArgumentError("not a Newton optimizer state dict (no 'newton' entry)")
         if ns.get("curvature") != self.curvature or ns.get("damping") != self.rule.name:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"state dict is for curvature={ns.get('curvature')!r}, damping={ns.get('damping')!r}; "
                 f"this optimizer has curvature={self.curvature!r}, damping={self.rule.name!r}"
             )
         if ns.get("mode", "trust-region") != "trust-region" and self.preconditioner is None:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"state dict is for mode={ns.get('mode')!r}; this optimizer has mode='trust-region'"
             )
         super().load_state_dict(sd)
@@ -422,10 +422,10 @@ class Newton(torch.optim.Optimizer):
                 or not isinstance(lr, (int, float))
                 or not (math.isfinite(lr) and lr >= 0)
             ):
-                raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+                raise InvalidArgumentError(f"lr must be a finite number >= 0, got {lr!r}")
             for p in group["params"]:
                 if id(p) not in order:
-                    raise ValueError(
+                    raise InvalidArgumentError(
                         "Newton's parameter groups must hold exactly the model's trainable parameters; "
                         "a group holds a tensor that is not one of them (add_param_group with other "
                         "parameters is not supported: build a new Newton over the whole model)"
@@ -433,7 +433,7 @@ class Newton(torch.optim.Optimizer):
                 seen.append(id(p))
                 lrs[id(p)] = float(lr)
         if sorted(seen) != sorted(order):
-            raise ValueError(
+            raise InvalidArgumentError(
                 "Newton's parameter groups must hold each trainable parameter of the model exactly once"
             )
         values = set(lrs.values())
@@ -447,7 +447,7 @@ class Newton(torch.optim.Optimizer):
         """Only while building the optimizer: the curvature is of the whole model, so a group with other
         tensors is refused at once (build a new ``Newton`` over the model, with ``params=`` groups)."""
         if getattr(self, "_groups_frozen", False):
-            raise ValueError(
+            raise InvalidArgumentError(
                 "Newton's parameter groups must hold exactly the model's trainable parameters; "
                 "add_param_group after construction is not supported: build a new Newton with "
                 "params=[{'params': ..., 'lr': ...}, ...]"
@@ -566,7 +566,9 @@ class Newton(torch.optim.Optimizer):
                 "step(closure, inputs=X, targets=y)"
             )
         if any(p.grad is None for p in self.chain.params):
-            raise ValueError("the closure must call backward() on the loss: some parameters have no .grad")
+            raise InvalidArgumentError(
+                "the closure must call backward() on the loss: some parameters have no .grad"
+            )
         g = torch.cat([p.grad.reshape(-1) for p in self.chain.params]).detach()
         loss_t = loss.detach() if isinstance(loss, Tensor) else torch.as_tensor(float(loss))
         return loss_t, (inputs.detach(), targets.detach()), g
@@ -777,19 +779,19 @@ def _param_groups(params: Any, trainable: list[Tensor]) -> list[dict[str, Any]]:
         return [{"params": list(trainable)}]
     items = list(params)
     if not items:
-        raise ValueError("params is empty; omit it to optimize every trainable parameter")
+        raise InvalidArgumentError("params is empty; omit it to optimize every trainable parameter")
     groups = [dict(i) if isinstance(i, dict) else None for i in items]
     if all(gr is None for gr in groups):
         groups = [{"params": items}]
     elif any(gr is None for gr in groups):
-        raise ValueError("params must be all tensors or all group dicts, not a mix")
+        raise InvalidArgumentError("params must be all tensors or all group dicts, not a mix")
     ids = [
         id(p)
         for gr in groups
         for p in (gr["params"] if not isinstance(gr["params"], Tensor) else [gr["params"]])
     ]
     if sorted(ids) != sorted(id(p) for p in trainable):
-        raise ValueError(
+        raise InvalidArgumentError(
             "params must hold each trainable parameter of the model exactly once (the curvature is of "
             "the whole model); freeze a parameter with requires_grad_(False) to leave it out"
         )

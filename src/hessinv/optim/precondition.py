@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from hessinv.chain import Chain
 from hessinv.curvature import GaussNewton, Hessian
-from hessinv.errors import ShapeMismatchError
+from hessinv.errors import InvalidArgumentError, ShapeMismatchError
 from hessinv.lowrank import WoodburyFactor, gauss_newton_root
 
 __all__ = ["Preconditioner", "normalize_curvature"]
@@ -65,7 +65,9 @@ def normalize_curvature(name: str) -> str:
     key = str(name).lower().replace("-", "_")
     key = {"gn": "gauss_newton", "ggn": "gauss_newton", "h": "hessian"}.get(key, key)
     if key not in ("hessian", "gauss_newton"):
-        raise ValueError(f"curvature must be 'hessian' or 'gauss_newton' (or 'gauss-newton'), got {name!r}")
+        raise InvalidArgumentError(
+            f"curvature must be 'hessian' or 'gauss_newton' (or 'gauss-newton'), got {name!r}"
+        )
     return key
 
 
@@ -79,7 +81,7 @@ def _positive(name: str, value: Any, integer: bool = False, allow_zero: bool = F
         or (value == 0 and not allow_zero)
     ):
         kind = "an int" if integer else "a finite number"
-        raise ValueError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
     return value
 
 
@@ -129,12 +131,12 @@ class Preconditioner:
         self.curvature_batch_size = _positive("curvature_batch_size", curvature_batch_size, integer=True)
         self.refresh = _positive("refresh", refresh, integer=True)
         if not (isinstance(beta2, (int, float)) and 0 <= beta2 < 1):
-            raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
+            raise InvalidArgumentError(f"beta2 must be in [0, 1), got {beta2!r}")
         self.beta2, self.eps = float(beta2), float(_positive("eps", eps))
         self.warmup = _positive("warmup", warmup, integer=True, allow_zero=True)
         self.stale_ratio = float(_positive("stale_ratio", stale_ratio))
         if self.stale_ratio <= 1:
-            raise ValueError(f"stale_ratio must be > 1, got {stale_ratio!r}")
+            raise InvalidArgumentError(f"stale_ratio must be > 1, got {stale_ratio!r}")
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         self.generator = torch.Generator(device="cpu").manual_seed(int(seed))

@@ -76,6 +76,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hessinv.errors import InvalidArgumentError
 from hessinv.optim.damping import DampingRule, Proposal, RiccatiFactor, State, Sweeps, _check_positive
 
 __all__ = ["TrustRegion", "SubproblemSolution", "solve_subproblem"]
@@ -189,7 +190,7 @@ def solve_subproblem(
             (for a caller that expects ``H`` to be indefinite, e.g. because the previous one was).
     """
     if not (math.isfinite(radius) and radius > 0):
-        raise ValueError(f"radius must be finite and > 0, got {radius}")
+        raise InvalidArgumentError(f"radius must be finite and > 0, got {radius}")
     g = gradient
     gnorm = float(g.double().norm())
     sigma = rtol * (2 - rtol)
@@ -328,18 +329,18 @@ class TrustRegion(DampingRule):
         self.grow = _check_positive("grow", grow)
         self.rtol = _check_positive("rtol", rtol)
         if not (self.eta < 0.25):
-            raise ValueError(f"eta must be < 0.25 (the shrink threshold), got {eta}")
+            raise InvalidArgumentError(f"eta must be < 0.25 (the shrink threshold), got {eta}")
         if not (self.shrink < 1 < self.grow):
-            raise ValueError(f"need shrink < 1 < grow, got shrink={shrink}, grow={grow}")
+            raise InvalidArgumentError(f"need shrink < 1 < grow, got shrink={shrink}, grow={grow}")
         if not (self.rtol < 1):
-            raise ValueError(f"rtol must be in (0, 1), got {rtol}")
+            raise InvalidArgumentError(f"rtol must be in (0, 1), got {rtol}")
         if self.radius > self.max_radius:
-            raise ValueError(f"radius {radius} exceeds max_radius {max_radius}")
+            raise InvalidArgumentError(f"radius {radius} exceeds max_radius {max_radius}")
         if int(max_iter) < 1:
-            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+            raise InvalidArgumentError(f"max_iter must be >= 1, got {max_iter}")
         self.max_iter = int(max_iter)
         if int(inverse_iterations) < 1:
-            raise ValueError(f"inverse_iterations must be >= 1, got {inverse_iterations}")
+            raise InvalidArgumentError(f"inverse_iterations must be >= 1, got {inverse_iterations}")
         self.inverse_iterations = int(inverse_iterations)
 
     def __repr__(self) -> str:
