@@ -604,7 +604,7 @@ class GaussNewton(CurvatureOperator):
         """``(U, S)``: ``G = U^T diag(S) U``, ``U`` of shape (r, n) (cached; one backward sweep with ``r``
         right-hand sides, :func:`hessinv.lowrank.gauss_newton_root`)."""
         if self._root is None:
-            self._root = gauss_newton_root(self.blocks, self.dtype)
+            self._root = gauss_newton_root(self.blocks, self.dtype, self.device)
         return self._root
 
     def factor(

@@ -43,12 +43,12 @@ from hessinv.riccati import Inertia
 __all__ = ["gauss_newton_root", "WoodburyFactor"]
 
 
-def gauss_newton_root(blocks: list, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def gauss_newton_root(blocks: list, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """``(U, S)`` with ``G = U^T diag(S) U`` for the Gauss-Newton matrix of ``blocks`` (model stages,
     then the loss stage): ``U`` is (r, n), ``S`` holds ``+-1`` (r,). See the module docstring."""
     loss = blocks[-1]
     B, C = loss.batch, loss.d_in
-    eye = torch.eye(C, dtype=dtype, device=_device(blocks)).expand(B, C, C).contiguous()
+    eye = torch.eye(C, dtype=dtype, device=device).expand(B, C, C).contiguous()
     Lam = loss.hzz(eye)  # (B, C, C): column j is Lambda_n e_j
     Lam = 0.5 * (Lam + Lam.mT)
     mu, V = torch.linalg.eigh(Lam.double())
@@ -70,14 +70,6 @@ def gauss_newton_root(blocks: list, dtype: torch.dtype) -> tuple[Tensor, Tensor]
     U = torch.cat(parts, dim=0).T.contiguous()
     S = torch.sign(mu[n_idx, j_idx]).to(dtype)
     return U, S
-
-
-def _device(blocks: list) -> torch.device:
-    for blk in blocks:
-        for v in vars(blk).values():
-            if isinstance(v, Tensor):
-                return v.device
-    return torch.device("cpu")
 
 
 class WoodburyFactor:

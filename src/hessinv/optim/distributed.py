@@ -62,7 +62,6 @@ from torch import Tensor, nn
 
 from hessinv.curvature import GaussNewton
 from hessinv.errors import DistributedError
-from hessinv.lowrank import gauss_newton_root
 from hessinv.optim.precondition import Preconditioner
 
 __all__ = [
@@ -299,7 +298,7 @@ class DistributedPreconditioner(Preconditioner):
 
     def _root(self, X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         op = GaussNewton(self.model, self.loss_fn, X, y, chain=self.chain)
-        return gauss_newton_root(op.blocks, op.dtype)
+        return op.root()
 
     def curvature_root(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         if self.strategy == "sharded":

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from hessinv.chain import Chain
 from hessinv.curvature import GaussNewton, Hessian
 from hessinv.errors import InvalidArgumentError, ShapeMismatchError
-from hessinv.lowrank import WoodburyFactor, gauss_newton_root
+from hessinv.lowrank import WoodburyFactor
 
 __all__ = ["Preconditioner", "normalize_curvature"]
 
@@ -198,7 +198,7 @@ class Preconditioner:
         ``(inputs, targets)`` (the step :mod:`hessinv.optim.distributed` shares between ranks)."""
         Xc, yc = self._curvature_batch(inputs, targets)
         op = GaussNewton(self.model, self.loss_fn, Xc, yc, chain=self.chain)
-        return gauss_newton_root(op.blocks, op.dtype)
+        return op.root()
 
     def update(self, inputs: Tensor, targets: Tensor) -> None:
         """Rebuild the curvature on a curvature batch drawn from ``(inputs, targets)`` when due; refresh
