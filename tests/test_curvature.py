@@ -69,6 +69,14 @@ def test_hessian_against_dense(prob):
     # the backward half alone gives the quadratic form r^T (H + eps I)^{-1} r
     quad = riccati_quadratic(H.blocks, F.factors, H._split(rhs))
     assert rel(quad, (rhs * torch.linalg.solve(H_ref + eps * I, rhs)).sum(0)) <= 1e-7, prob.description
+    q0 = float(rhs[:, 0] @ torch.linalg.solve(H_ref + eps * I, rhs[:, 0]))
+    assert abs(F.inverse_quadratic(rhs[:, 0]) - q0) <= 1e-7 * abs(q0), prob.description
+    # the trust region's test-and-factor: the factorization where PD, None below -lambda_min
+    Fp = H.factor_if_positive_definite(eps)
+    assert Fp is not None and Fp.inertia == (0, 0, n) and Fp.damping == eps, prob.description
+    assert rel(Fp.solve(rhs, refine=False), torch.linalg.solve(H_ref + eps * I, rhs)) <= 1e-7
+    below = -float(ev[0]) - 1e-3 * scale
+    assert H.factor_if_positive_definite(below) is None, prob.description
 
     s = pick_indefinite_shift(ev)
     if s is not None:

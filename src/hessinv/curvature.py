@@ -38,7 +38,7 @@ from hessinv.errors import (
     SingularError,
 )
 from hessinv.lowrank import WoodburyFactor, gauss_newton_root
-from hessinv.riccati import Inertia, riccati_factor, riccati_forward, riccati_solve
+from hessinv.riccati import Inertia, riccati_factor, riccati_forward, riccati_quadratic, riccati_solve
 
 __all__ = [
     "CurvatureOperator",
@@ -237,17 +237,38 @@ class CurvatureOperator:
         """``(H + damping I)^{-1} rhs``; shortcut for ``self.factor(damping).solve(rhs, **kw)``."""
         return self.factor(damping).solve(rhs, **kw)
 
-    def is_positive_definite(self, shift: float = 0.0) -> bool:
-        """Whether ``H + shift I`` is positive definite: every Riccati pivot has a Cholesky factor."""
-        shift = _check_shift(shift, self.dtype)
-        names = self._names
+    def factor_if_positive_definite(self, damping: float = 0.0) -> Factorization | None:
+        """The factorization of ``H + damping I`` if it is positive definite, else None.
+
+        ``H + eps I`` is positive definite iff every Riccati pivot ``Qxx_l`` is (Sylvester's law for the
+        sweep's block congruence), so the test *is* the factorization: each pivot tries Cholesky and
+        the sweep stops at the first that has none. A failed test costs a fraction of a factorization
+        (and proves ``eps <= -lambda_min(H)``); a passed one returns the factorization, ready to solve.
+        This is the call a trust-region or Levenberg-Marquardt loop makes at each trial damping.
+
+        >>> import torch, hessinv
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+        >>> X, y = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1] * 3)
+        >>> H = hessinv.hessian(net, torch.nn.CrossEntropyLoss(), X, y)
+        >>> H.factor_if_positive_definite(-10.0) is None     # H - 10 I is not positive definite
+        True
+        >>> F = H.factor_if_positive_definite(10.0)
+        >>> F.positive_definite, F.inertia.negative
+        (True, 0)
+        """
+        damping = _check_shift(damping, self.dtype, "damping")
         try:
-            _, _, pd = riccati_factor(
-                self.blocks, float(shift), names, self.gradient, stop_if_indefinite=True, strict=False
+            factors, inertia, pd = riccati_factor(
+                self.blocks, damping, self._names, self.gradient, stop_if_indefinite=True
             )
         except SingularError:
-            return False
-        return pd
+            return None
+        return Factorization(self, damping, _factors=(factors, inertia, True)) if pd else None
+
+    def is_positive_definite(self, shift: float = 0.0) -> bool:
+        """Whether ``H + shift I`` is positive definite: every Riccati pivot has a Cholesky factor."""
+        return self.factor_if_positive_definite(_check_shift(shift, self.dtype)) is not None
 
     def norm_estimate(self, iters: int = 30) -> float:
         """An estimate of ``||H||_2`` by power iteration (a lower bound, usually within 1%)."""
@@ -415,8 +436,9 @@ class CurvatureOperator:
         short Lanczos run on ``H``), so that the nearest eigenvalues to ``s`` are the smallest (largest);
         for ``which="nearest"``, ``s = sigma``. Values are Rayleigh quotients with float64 products;
         an inertia count (one more sweep; two for ``"nearest"``) then checks that ``H`` has exactly
-        ``k`` eigenvalues in the interval they span (widened by ``tol * max(||H||, 1)`` and by the
-        residuals): no eigenvalue was missed. If the count says otherwise, ``k`` is raised to the count
+        ``k`` eigenvalues in the interval they span (widened by ``tol * max(||H||, 1)`` plus the
+        residuals, and at least by ``sqrt(u) max(||H||, 1)``, the sweep's backward error with margin):
+        no eigenvalue was missed. If the count says otherwise, ``k`` is raised to the count
         and the Lanczos run repeated (twice at most). ``tol``: relative accuracy asked of ARPACK.
 
         Raises :class:`InvalidArgumentError` for ``tol <= 0`` or NaN, a NaN ``sigma``, or a bad ``k``.
@@ -446,7 +468,10 @@ class CurvatureOperator:
         for _ in range(3):
             vals, vecs, res, ns = self._shift_invert(F, s, min(kk, n), tol)
             solves += ns
-            pad = delta + float(res.max())
+            # the inertia counts are exact for a matrix within the sweep's backward error of H: an
+            # eigenvalue that close to an end of the interval may be counted on either side, so the
+            # interval is widened by at least sqrt(u) ||H||
+            pad = max(delta + float(res.max()), math.sqrt(torch.finfo(self.dtype).eps) * scale)
             if which == "smallest":
                 vals, vecs, res = vals[:k], vecs[:, :k], res[:k]
                 lo, hi = s, float(vals[-1]) + pad
@@ -698,6 +723,15 @@ class Factorization:
                 f"{what}: this factorization modified its pivots (modify='abs'), so it is not one of "
                 "H + eps I; factor without modify"
             )
+
+    def inverse_quadratic(self, v: Tensor) -> float:
+        """``v^T (H + eps I)^{-1} v`` for ``v`` of shape (n,), unrefined: for the Riccati factorization
+        ``sum_l k_l^T Qxx_l^{-1} k_l`` from the backward half of a solve alone (``H + eps I = U D U^T``
+        gives ``v^T (U D U^T)^{-1} v = k^T D^{-1} k`` with ``k = U^{-1} v``)."""
+        R, _ = self.op._as_matrix(v, "v")
+        if getattr(self, "factors", None) is None:
+            return float((R * self._raw(R)).sum())
+        return float(riccati_quadratic(self.op.blocks, self.factors, self.op._split(R))[0])
 
     def slogdet(self) -> tuple[float, float]:
         """``(sign, log|det(H + eps I)|)`` like :func:`torch.linalg.slogdet`: the sign is

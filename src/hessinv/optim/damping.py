@@ -27,83 +27,63 @@ import abc
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
-import torch
 from torch import Tensor
 
-from hessinv.curvature import CurvatureOperator
+from hessinv.curvature import CurvatureOperator, Factorization
 from hessinv.errors import InvalidArgumentError, SingularError
-from hessinv.riccati import Inertia, StageFactor, riccati_factor, riccati_quadratic, riccati_solve
 
-__all__ = ["DampingRule", "LevenbergMarquardt", "FixedDamping", "Proposal", "Sweeps", "RiccatiFactor"]
+__all__ = ["DampingRule", "LevenbergMarquardt", "FixedDamping", "Proposal", "Sweeps"]
 
 State = dict[str, Any]
-
-
-class RiccatiFactor(NamedTuple):
-    """``H + damping I`` factored by the backward Riccati sweep (see :mod:`hessinv.riccati`)."""
-
-    factors: list[StageFactor | None]
-    damping: float
-    inertia: Inertia
-    positive_definite: bool
 
 
 class Sweeps:
     """The factorizations, solves and products of one optimizer step on one operator, counted and timed.
 
-    Solves are unrefined (one backward and one forward sweep); the trust-region ratio test catches
-    what rounding would spoil. The positive-definiteness test stops at the first pivot without a
-    Cholesky factor, so a failed test costs a fraction of a factorization.
+    A thin meter around the public API: ``op.factor_if_positive_definite`` (the trust region's and
+    Levenberg-Marquardt's test-and-factor), ``op.factor``, unrefined ``Factorization.solve`` (the
+    trust-region ratio test catches what rounding would spoil), ``Factorization.inverse_quadratic``
+    and ``op @ v``.
     """
 
     def __init__(self, op: CurvatureOperator):
         self.op = op
-        self.names = list(getattr(op, "_names", [f"block {i}" for i in range(len(op.blocks))]))
         self.factorizations = self.solves = self.products = 0
         self.time_factor = self.time_solve = 0.0
 
-    def cholesky(self, damping: float) -> RiccatiFactor | None:
+    def cholesky(self, damping: float) -> Factorization | None:
         """The factorization of ``H + damping I`` if it is positive definite, else None."""
         t = time.perf_counter()
         self.factorizations += 1
-        try:
-            factors, inertia, pd = riccati_factor(
-                self.op.blocks, float(damping), self.names, self.op.gradient, stop_if_indefinite=True
-            )
-        except SingularError:
-            pd = False
+        F = self.op.factor_if_positive_definite(float(damping))
         self.time_factor += time.perf_counter() - t
-        return RiccatiFactor(factors, float(damping), inertia, True) if pd else None
+        return F
 
-    def factor(self, damping: float) -> RiccatiFactor:
+    def factor(self, damping: float) -> Factorization:
         """The full factorization of ``H + damping I`` (indefinite allowed; singular raises)."""
         t = time.perf_counter()
         self.factorizations += 1
         try:
-            factors, inertia, pd = riccati_factor(
-                self.op.blocks, float(damping), self.names, self.op.gradient
-            )
+            return self.op.factor(float(damping))
         finally:
             self.time_factor += time.perf_counter() - t
-        return RiccatiFactor(factors, float(damping), inertia, pd)
 
-    def solve(self, F: RiccatiFactor, rhs: Tensor) -> Tensor:
+    def solve(self, F: Factorization, rhs: Tensor) -> Tensor:
         """``(H + damping I)^{-1} rhs`` for ``rhs`` of shape (n,), without refinement."""
         t = time.perf_counter()
         self.solves += 1
-        parts = self.op._split(rhs.reshape(-1, 1))
-        x = torch.cat(riccati_solve(self.op.blocks, F.factors, parts), dim=0)[:, 0]
+        x = F.solve(rhs, refine=False)
         self.time_solve += time.perf_counter() - t
+        assert isinstance(x, Tensor)
         return x
 
-    def quadratic(self, F: RiccatiFactor, v: Tensor) -> float:
+    def quadratic(self, F: Factorization, v: Tensor) -> float:
         """``v^T (H + damping I)^{-1} v`` from the backward sweep alone (half a solve; counted as one)."""
         t = time.perf_counter()
         self.solves += 1
-        parts = self.op._split(v.reshape(-1, 1))
-        q = float(riccati_quadratic(self.op.blocks, F.factors, parts)[0])
+        q = F.inverse_quadratic(v)
         self.time_solve += time.perf_counter() - t
         return q
 
@@ -139,7 +119,7 @@ class Proposal:
 
     step: Tensor
     damping: float
-    factor: RiccatiFactor
+    factor: Factorization
     radius: float | None = None
     boundary: bool = False
     hard_case: bool = False

@@ -590,7 +590,7 @@ class Newton(torch.optim.Optimizer):
                 loss0, g = self._loss_and_gradient(inputs, targets)
                 self._write_grad(g)
             else:  # the closure's loss is the batch loss here (no second forward pass)
-                loss0 = closure_loss if closure_loss is not None else self.chain.loss(inputs, targets)
+                loss0 = closure_loss if closure_loss is not None else self._batch_loss(inputs, targets)
         except (RuntimeError, ValueError):
             self.chain.check_inputs(inputs, targets)
             raise
@@ -633,16 +633,21 @@ class Newton(torch.optim.Optimizer):
             self.callback(stats)
         return loss0.detach()
 
+    def _batch_loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """The batch loss at the current parameters, through the model's own forward (the function
+        itself, fastest) or, for a list of stages, their forwards."""
+        if isinstance(self.model, nn.Module):
+            z = self.model(inputs)
+        else:
+            z = inputs
+            for stage in self.chain.stages:
+                z = stage.forward(z)
+        return self.loss_fn(z, self.chain.prepare_targets(targets))
+
     def _loss_and_gradient(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """The batch loss and its gradient by backprop."""
         with torch.enable_grad():
-            if isinstance(self.model, nn.Module):  # the model's own forward: the function itself, fastest
-                z = self.model(inputs)
-            else:
-                z = inputs
-                for stage in self.chain.stages:
-                    z = stage.forward(z)
-            loss = self.loss_fn(z, self.chain.prepare_targets(targets))
+            loss = self._batch_loss(inputs, targets)
             grads = torch.autograd.grad(loss, self.chain.params)
         return loss.detach(), torch.cat([gr.reshape(-1) for gr in grads])
 
@@ -662,12 +667,12 @@ class Newton(torch.optim.Optimizer):
         if cached is not None and not subsample and cached[0] == self._batch_key(inputs, targets):
             loss0, op, g, rng = cached[1], cached[2], cached[2].gradient, ns["rng"]
         elif subsample:
-            loss0 = self.chain.loss(inputs, targets)
+            self.chain.check_inputs(inputs, targets)
             self._generator.set_state(ns["rng"])
             idx = torch.randperm(batch, generator=self._generator)[:k].sort().values.to(inputs.device)
             rng = self._generator.get_state()
             op = self._operator(inputs[idx], targets[idx])
-            g = self._loss_and_gradient(inputs, targets)[1]
+            loss0, g = self._loss_and_gradient(inputs, targets)
         else:
             rng = ns["rng"]
             op = self._operator(inputs, targets)
@@ -695,7 +700,7 @@ class Newton(torch.optim.Optimizer):
             self._restore(backup)
             self._apply(d if scale == 1.0 else scale * d)
             try:
-                f_t = float(self.chain.loss(inputs, targets))
+                f_t = float(self._batch_loss(inputs, targets))
             except NonFiniteError:
                 f_t = math.nan
             if not math.isfinite(f_t) or pred_t + delta <= 0:

@@ -76,8 +76,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hessinv.curvature import Factorization
 from hessinv.errors import InvalidArgumentError
-from hessinv.optim.damping import DampingRule, Proposal, RiccatiFactor, State, Sweeps, _check_positive
+from hessinv.optim.damping import DampingRule, Proposal, State, Sweeps, _check_positive
 
 __all__ = ["TrustRegion", "SubproblemSolution", "solve_subproblem"]
 
@@ -105,7 +106,7 @@ class SubproblemSolution:
 
     step: Tensor
     damping: float
-    factor: RiccatiFactor
+    factor: Factorization
     boundary: bool
     hard_case: bool
     iterations: int
@@ -126,7 +127,7 @@ def _safeguard(lo: float, hi: float) -> float:
 
 
 def _inverse_iteration(
-    sweeps: Sweeps, F: RiccatiFactor, iters: int, start: Tensor | None = None
+    sweeps: Sweeps, F: Factorization, iters: int, start: Tensor | None = None
 ) -> tuple[Tensor, float]:
     """A unit ``u`` and ``u^T (H + lambda I) u`` by inverse iteration with the (PD) factorization ``F``.
 
@@ -211,10 +212,10 @@ def solve_subproblem(
         lam = damping_init
     it = 0
 
-    def result(step: Tensor, F: RiccatiFactor, boundary: bool, hard: bool) -> SubproblemSolution:
+    def result(step: Tensor, F: Factorization, boundary: bool, hard: bool) -> SubproblemSolution:
         return SubproblemSolution(step, F.damping, F, boundary, hard, it, lam_psd, pd0, u_last)
 
-    def hard_step(F: RiccatiFactor, s: Tensor, u: Tensor, uAu: float) -> SubproblemSolution:
+    def hard_step(F: Factorization, s: Tensor, u: Tensor, uAu: float) -> SubproblemSolution:
         tau, tau_other = _boundary_taus(s, u, radius, F.damping, uAu)
         sol = result(s + tau * u, F, True, True)
         sol.alternative, sol.fallback = s + tau_other * u, s
