@@ -8,6 +8,7 @@ import math
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -201,3 +202,79 @@ def test_nan_shift_is_named():
         H.is_positive_definite(math.nan)
     with pytest.raises(InvalidArgumentError, match="sigma"):
         H.eigenpairs(1, "nearest", sigma=math.nan)
+
+
+def test_block_map_against_eigh():
+    """Modified Cholesky / perturbation per Bunch-Kaufman block: each block's eigenvalues mapped, its
+    eigenvectors kept (against dense eigh of the block diagonal)."""
+    from hessinv.riccati import _block_eigenvalues, _map_blocks
+
+    g = torch.Generator().manual_seed(5)
+    p = 9
+    d = torch.randn(p, generator=g, dtype=torch.float64).numpy()
+    e = torch.randn(p, generator=g, dtype=torch.float64).numpy()
+    k = np.array([0, 3, 6])  # 2x2 blocks at rows (0,1), (3,4), (6,7); 1x1 at 2, 5, 8
+    e[np.setdiff1d(np.arange(p), k)] = 0.0
+
+    def dense(d_, e_):
+        D = np.diag(d_)
+        D[k, k + 1] = D[k + 1, k] = e_[k]
+        return D
+
+    ev = _block_eigenvalues(d, e, k)
+    assert np.allclose(np.sort(ev), np.linalg.eigvalsh(dense(d, e)))
+    floor = lambda x: np.maximum(np.abs(x), 0.5)  # noqa: E731
+    perturb = lambda x: np.where(np.abs(x) < 0.3, np.where(x < 0, -0.3, 0.3), x)  # noqa: E731
+    for f in (floor, perturb):
+        d2, e2, ev2, count = _map_blocks(d, e, k, ev, f)
+        lam, V = np.linalg.eigh(dense(d, e))
+        assert np.allclose(dense(d2, e2), (V * f(lam)) @ V.T, atol=1e-12)
+        assert np.allclose(np.sort(ev2), np.sort(f(lam))) and count == int((f(lam) != lam).sum())
+
+
+def test_modified_pivot_is_positive_definite():
+    """modify: |D| floored at the damping gives an SPD pivot with at least one change per negative
+    eigenvalue of Q; a positive definite Q (Cholesky) is left as it is."""
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(30, 30, generator=g, dtype=torch.float64)
+    Q = A + A.T
+    piv = Pivot(Q.clone(), 0, "stage 0", 0.1, cholesky_first=False, modify=True)
+    Minv = piv.solve(torch.eye(30, dtype=torch.float64))
+    assert torch.allclose(Minv, Minv.T, atol=1e-10) and float(torch.linalg.eigvalsh(Minv).min()) > 0
+    assert piv.inertia == (0, 0, 30) and piv.modified >= int((torch.linalg.eigvalsh(Q) < 0).sum())
+
+
+def test_float32_tiny_right_hand_side():
+    """A float32 sweep on a right-hand side of size 1e-30 (a deep chain's vanishing gradient, or its
+    residual) used to underflow inside the sweep: columns are scaled by powers of two first."""
+    model, X, y = readme_problem(0)
+    H = hessinv.hessian(model, nn.CrossEntropyLoss(), X, y)
+    F = H.factor(damping=1e-2)
+    x1 = F.solve(H.gradient)
+    x2, info = F.solve(H.gradient * 1e-30, return_info=True)
+    assert info.residual < 1e-12 and torch.allclose(x2.double() * 1e30, x1.double(), rtol=1e-4, atol=0)
+    raw = F.solve(H.gradient[:, None] * 1e-30, refine=False).double() * 1e30
+    assert rel(raw, F.solve(H.gradient[:, None], refine=False).double()) < 1e-3
+
+
+def test_float32_perturbed_sweep_uses_the_float64_twin():
+    """A float32 sweep that must perturb pivots (cond near 1/sqrt(u32) or beyond) hands over to the float64
+    twin at once: residual <= 1e-12, and the inertia is exact (against dense eigvalsh)."""
+    torch.manual_seed(1)
+    layers: list[nn.Module] = []
+    for _ in range(15):  # bias-free tanh chain, width 8, kaiming-normal (tanh gain): cond ~1e7 at eps 1e-3
+        layers += [nn.Linear(8, 8, bias=False), nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(8, 10, bias=False))
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="tanh")
+    X, y, loss_fn = torch.randn(8, 8), torch.randint(0, 10, (8,)), nn.CrossEntropyLoss()
+    H = hessinv.hessian(model, loss_fn, X, y)
+    F = H.factor(1e-3)
+    assert F.perturbed and F._f64 is not None
+    x, info = F.solve(H.gradient, return_info=True)
+    assert x.dtype == torch.float32 and info.residual < 1e-12
+    H64 = hessinv.hessian(model.double(), loss_fn, X.double(), y)
+    ev = torch.linalg.eigvalsh(H64.to_dense())
+    assert F.inertia == count(ev, 1e-3) and F.inertia_certified
+    assert F.logdet() == pytest.approx(float((ev + 1e-3).abs().log().sum()), rel=1e-8)

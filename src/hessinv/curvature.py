@@ -408,14 +408,9 @@ class CurvatureOperator:
         for _ in range(60):
             sweeps += 1
             if below:
-                try:
-                    factors, inertia, pd = riccati_factor(
-                        self.blocks, -sigma, self._names, self.gradient, stop_if_indefinite=True, strict=False
-                    )
-                except SingularError:
-                    pd = False
-                if pd:
-                    return Factorization(self, -sigma, _factors=(factors, inertia, pd)), sigma, sweeps
+                Fp = self.factor_if_positive_definite(-sigma)
+                if Fp is not None:
+                    return Fp, sigma, sweeps
             else:
                 try:
                     F = Factorization(self, -sigma)
@@ -684,7 +679,14 @@ class Factorization:
         self.inertia_certified = not self.perturbed
         self.last_info: SolveInfo | None = None
         self._f64: Factorization | None = None
-        if self.perturbed:
+        if self.perturbed and op.dtype != torch.float64 and not modify:
+            # a sweep below float64 that had to perturb pivots: cond(H + eps I) is near 1 / sqrt(u) of
+            # the model dtype or beyond, where its factorization rarely preconditions refinement or
+            # GMRES; the float64 twin is factored at once (solves, inertia and log-det come from it)
+            self._f64 = Factorization(op._residual_operator(), damping)
+            self.inertia, self.inertia_certified = self._f64.inertia, self._f64.inertia_certified
+            self.positive_definite = self._f64.positive_definite
+        elif self.perturbed:
             self._check_nonsingular()
 
     def _check_nonsingular(self) -> None:
@@ -710,8 +712,12 @@ class Factorization:
             )
 
     def _raw(self, R: Tensor) -> Tensor:
-        xs = riccati_solve(self.op.blocks, self.factors, self.op._split(R))
-        return torch.cat(xs, dim=0)
+        """The bare sweep ``F^{-1} R``. Each column is first scaled by a power of two (exact) to unit
+        max-norm and scaled back after: a residual of a tiny right-hand side (gradients of a deep chain
+        can be ``1e-16``, their residuals ``1e-30``) would otherwise underflow inside a float32 sweep."""
+        s = _pow2_scale(R)
+        xs = riccati_solve(self.op.blocks, self.factors, self.op._split(R / s))
+        return torch.cat(xs, dim=0) * s
 
     def _riccati_only(self, what: str) -> None:
         if getattr(self, "factors", None) is None:
@@ -746,6 +752,8 @@ class Factorization:
         pivots were perturbed: see ``inertia_certified``).
         """
         self._riccati_only("logdet")
+        if self._f64 is not None and self.perturbed:
+            return self._f64.logdet()
         return float(sum(f.pivot.logdet() for f in self.factors if f is not None))
 
     def inverse_sqrt(self, Z: Tensor) -> Tensor:
@@ -789,6 +797,8 @@ class Factorization:
         """Refined solve of ``(H + eps I) X = R64`` in float64; returns ``X`` (float64) and its info."""
         op64 = self.op._residual_operator()
         dtype = self.op.dtype
+        if self._f64 is not None and self.perturbed and not float64:  # see __init__
+            return self._f64._solve64(R64, max_refine, X64, float64=True)
         if X64 is None:
             X64 = self._raw(R64.to(dtype)).double()
         rnorm = R64.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
@@ -802,7 +812,11 @@ class Factorization:
 
         res, rel = residual(X64)
         steps = 0
-        target = 4 * torch.finfo(torch.float64).eps
+        # float64 models: as accurate as float64 residuals allow. Below float64 the returned x is
+        # rounded to the model dtype anyway; the float64 iterate stops at 1e-13 (each further step
+        # is a sweep plus a float64 product for digits the caller never sees)
+        target = 4 * torch.finfo(torch.float64).eps if dtype == torch.float64 else 1e-13
+        krylov_above = 1e-14 if dtype == torch.float64 else 1e-13
         stalled = False
         while steps < max_refine and rel > target:
             cand = X64 + self._raw(res.to(dtype)).double()
@@ -814,14 +828,19 @@ class Factorization:
         its = 0
         # refinement stalled above float64 accuracy, or is slow on a perturbed factorization (a
         # preconditioner by design): flexible GMRES, with F as preconditioner
-        if (stalled or self.perturbed) and rel > 1e-14:
+        if (stalled or self.perturbed) and rel > krylov_above:
             for j in range(X64.shape[1]):
-                if float(res[:, j].norm() / rnorm[j]) <= 1e-14:
+                if float(res[:, j].norm() / rnorm[j]) <= krylov_above:
                     continue
                 # below float64, a float64 factorization is the fallback: a short GMRES budget
                 budget = (30, 4) if dtype == torch.float64 or float64 else (20, 1)
                 x, k = fgmres(
-                    apply, lambda v: self._raw(v.to(dtype)).double(), R64[:, j], X64[:, j], 1e-14, *budget
+                    apply,
+                    lambda v: self._raw(v.to(dtype)).double(),
+                    R64[:, j],
+                    X64[:, j],
+                    krylov_above,
+                    *budget,
                 )
                 X64[:, j], its = x, its + k
             res, rel = residual(X64)
@@ -856,7 +875,10 @@ class Factorization:
         :class:`~hessinv.AccuracyWarning` is issued when it exceeds ``sqrt(u)`` of the model dtype.
         """
         R, vec = self.op._as_matrix(rhs, "rhs")
-        X = self._raw(R)
+        if self._f64 is not None and self.perturbed:  # the float64 twin's sweep (see __init__)
+            X = self._f64._raw(R.double()).to(R.dtype)
+        else:
+            X = self._raw(R)
         if not refine or getattr(
             self, "modified", False
         ):  # no residual either: the caller asked for the raw sweep
@@ -874,6 +896,13 @@ class Factorization:
         X = X64.to(self.op.dtype)
         out = X[:, 0] if vec else X
         return (out, self.last_info) if return_info else out
+
+
+def _pow2_scale(R: Tensor) -> Tensor:
+    """Per column of ``R`` (n, k): the power of two nearest its max-norm (1 for a zero column), (1, k)."""
+    m = R.abs().amax(dim=0, keepdim=True)
+    e = torch.where(m > 0, torch.frexp(m).exponent, 0).to(R.dtype)
+    return torch.pow(torch.tensor(2.0, dtype=R.dtype, device=R.device), e)
 
 
 def fgmres(

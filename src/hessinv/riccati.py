@@ -33,6 +33,7 @@ import functools
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -137,8 +138,6 @@ class Pivot:
                 self.inertia = Inertia(0, 0, self.p)
                 return
         self.cholesky = False
-        if not torch.isfinite(Q).all():
-            raise NonFiniteError(f"{name}: the Riccati pivot Qxx contains NaN or infinity")
         self._factor_indefinite(Q, strict, perturb, modify)
 
     @property
@@ -147,51 +146,64 @@ class Pivot:
         return self.inertia.negative == 0 and self.inertia.zero == 0 and not self.perturbed
 
     def _factor_indefinite(self, Q: Tensor, strict: bool, perturb: bool, modify: bool = False) -> None:
-        self.L, self.perm, d, e, two = _ldl(Q)
-        self.iperm = torch.empty_like(self.perm)
-        self.iperm[self.perm] = torch.arange(self.p, device=self.perm.device)
-        lo, hi = _block_eigenvalues(d, e, two)  # per diagonal entry: both eigenvalues of its block
-        fi = torch.finfo(Q.dtype)
-        qmax = max(_maxabs(Q), fi.tiny)
-        small = torch.minimum(lo.abs(), hi.abs())
+        # the p x p bookkeeping runs in numpy: a microsecond per operation where torch's small ops
+        # cost several (the indefinite pivot must not cost much more than a Cholesky one)
+        A = Q.detach().cpu().numpy()
+        fi = np.finfo(A.dtype)
+        qmax = max(float(A.max()), -float(A.min()))  # NaN propagates
+        if not math.isfinite(qmax):
+            raise NonFiniteError(f"{self.name}: the Riccati pivot Qxx contains NaN or infinity")
+        qmax = max(qmax, float(fi.tiny))
+        L, perm, d, e, two = _ldl(A)
+        k = np.flatnonzero(two)  # first rows of the 2x2 blocks
+        ev = _block_eigenvalues(d, e, k)
         if modify:  # |D| floored at the damping: P L |D| L^T P^T is positive definite (math.md §6)
-            d, e, self.modified = _modify_blocks(d, e, two, max(self.damping, fi.tiny))
-            lo, hi = _block_eigenvalues(d, e, two)
+            floor = max(self.damping, float(fi.tiny))
+            d, e, ev, self.modified = _map_blocks(d, e, k, ev, lambda x: np.maximum(np.abs(x), floor))
         elif perturb:
             tau = _perturb_tau(Q.dtype, qmax, self.p)
-            if bool((small < tau).any()):
-                d, e, self.perturbed = _perturb_blocks(d, e, two, tau)
-                lo, hi = _block_eigenvalues(d, e, two)
+            if float(np.abs(ev).min()) < tau:
+                d, e, ev, self.perturbed = _map_blocks(
+                    d, e, k, ev, lambda x: np.where(np.abs(x) < tau, np.where(x < 0, -tau, tau), x)
+                )
         else:
-            tol = self.p * fi.eps * qmax if strict else 0.0
-            if bool((small <= tol).any()):
+            small = float(np.abs(ev).min())
+            if small <= (self.p * float(fi.eps) * qmax if strict else 0.0):
                 raise SingularError(
                     f"{self.name}: pivot Qxx is singular at damping {self.damping:g} (smallest |eigenvalue| "
-                    f"of its LDL^T factor {float(small.min()):.3g}); H + eps I is singular or nearly so "
-                    "-- choose another damping",
+                    f"of its LDL^T factor {small:.3g}); H + eps I is singular or nearly so -- choose "
+                    "another damping",
                     stage=self.stage,
                     damping=self.damping,
                 )
-        # count each block once: 1x1 blocks by d, a 2x2 block (rows k, k+1) by its two eigenvalues at k
-        first = ~torch.cat([two.new_zeros(1), two[:-1]])
-        neg = int(((lo < 0) & first).sum()) + int(((hi < 0) & two).sum())
-        zero = int(((lo == 0) & first).sum()) + int(((hi == 0) & two).sum())
+        # Sylvester: the inertia of Qxx is that of D
+        neg, zero = int(np.count_nonzero(ev < 0)), int(np.count_nonzero(ev == 0))
         self.inertia = Inertia(neg, zero, self.p - neg - zero)
-        self.d, self.e, self.two = d, e, two
-        det = d * torch.roll(d, -1) - e * e  # at the first row of each 2x2 block
-        self.dinv = torch.where(two, torch.roll(d, -1) / det, 1.0 / d)
-        second = torch.cat([two.new_zeros(1), two[:-1]])
-        self.dinv = torch.where(second, torch.roll(d, 1) / torch.roll(det, 1), self.dinv)
-        self.ks = torch.nonzero(two).flatten()  # first rows of the 2x2 blocks
-        self.einv = (-e / det)[self.ks][:, None]  # (k, k+1) entries of D^{-1}
+        aev = np.abs(ev)
+        self.top = float(aev.max())
+        with np.errstate(divide="ignore"):  # a zero 1x1 block (inertia counts only) gives inf, as it must
+            self._logdet = float(np.log(aev).sum())
+            dinv = 1.0 / d
+        self.off: Tensor | None = None
+        if k.size:  # D^{-1} on a 2x2 block [[a, b], [b, c]]: [[c, -b], [-b, a]] / (a c - b^2)
+            a, c, b = d[k], d[k + 1], e[k]
+            det = a * c - b * b
+            dinv[k], dinv[k + 1] = c / det, a / det
+            off = np.zeros(self.p - 1)
+            off[k] = -b / det  # the (k, k+1) entries
+            self.off = torch.from_numpy(off.astype(A.dtype)[:, None]).to(Q.device)
+        dev = Q.device
+        self.L = torch.from_numpy(L).to(dev)
+        self.perm = torch.from_numpy(perm).to(dev)
+        self.iperm = torch.from_numpy(np.argsort(perm)).to(dev)
+        self.dinv = torch.from_numpy(dinv.astype(A.dtype)[:, None]).to(dev)
 
     def _dsolve(self, W: Tensor) -> Tensor:
-        """``D^{-1} W``."""
-        Y = self.dinv[:, None] * W
-        if self.ks.numel():
-            k, k1 = self.ks, self.ks + 1
-            Y[k] += self.einv * W[k1]
-            Y[k1] += self.einv * W[k]
+        """``D^{-1} W`` (``D^{-1}`` is tridiagonal: a diagonal and the ``(k, k+1)`` entries of 2x2 blocks)."""
+        Y = self.dinv * W
+        if self.off is not None:
+            Y[:-1].addcmul_(self.off, W[1:])
+            Y[1:].addcmul_(self.off, W[:-1])
         return Y
 
     def solve(self, R: Tensor) -> Tensor:
@@ -208,11 +220,7 @@ class Pivot:
         """``log |det Qxx|`` (of the perturbed pivot if ``perturbed``)."""
         if self.cholesky:
             return 2.0 * float(self.L.diagonal().log().sum())
-        lo, hi = _block_eigenvalues(self.d, self.e, self.two)
-        first = ~torch.cat([self.two.new_zeros(1), self.two[:-1]])
-        return float(
-            torch.where(first, lo.abs().log(), 0.0).sum() + torch.where(self.two, hi.abs().log(), 0.0).sum()
-        )
+        return self._logdet
 
     def inverse_sqrt(self, Z: Tensor) -> Tensor:
         """``S Z`` for a square root ``S S^T = Qxx^{-1}`` of a positive definite pivot: ``L^{-T} Z``
@@ -243,26 +251,29 @@ class Pivot:
         return flush_negligible(S, _diagmax(S), inplace=True)
 
 
-def _ldl(Q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Bunch–Kaufman ``P^T Q P = L D L^T``: returns ``L`` (unit lower triangular; only its strict lower
-    triangle is meaningful, as the triangular solves with ``unitriangular=True`` read), ``perm`` (``P^T R =
-    R[perm]``), ``D``'s diagonal ``d``, its subdiagonal ``e`` (``e[k]`` couples rows ``k, k+1``; zero
-    outside 2x2 blocks) and ``two`` (True at the first row of each 2x2 block).
+def _ldl(A: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Bunch–Kaufman ``P^T A P = L D L^T`` of a symmetric numpy matrix: returns ``L`` (unit lower
+    triangular; only its strict lower triangle is meaningful, as the triangular solves with
+    ``unitriangular=True`` read), ``perm`` (``P^T R = R[perm]``), ``D``'s diagonal ``d``, its
+    subdiagonal ``e`` (``e[k]`` couples rows ``k, k+1``; zero outside 2x2 blocks) and ``two`` (True at the
+    first row of each 2x2 block).
 
     LAPACK's ``sytrf`` (``torch.linalg.ldl_factor``) stores ``L`` as a product of permutations and
-    elementary factors; ``syconv`` (scipy) applies the permutations to ``L``'s columns so that one
-    permutation and one unit triangular matrix remain (``sytrs2``'s form), solvable with ``trsm``.
+    elementary factors; ``syconv`` applies the permutations to ``L``'s columns so that one permutation
+    and one unit triangular matrix remain (``sytrs2``'s form), solvable with ``trsm``.
     """
     from scipy.linalg import lapack
 
-    LD, piv, _ = torch.linalg.ldl_factor_ex(Q.cpu())
+    # sytrf through torch: it follows torch's thread setting (scipy's OpenBLAS would use every core,
+    # which a loaded machine punishes); syconv is O(p^2) bookkeeping
+    LD, piv, _ = torch.linalg.ldl_factor_ex(torch.from_numpy(A))
     ipiv = piv.numpy()
-    syconv = lapack.dsyconv if Q.dtype == torch.float64 else lapack.ssyconv
-    a, e, _ = syconv(LD.numpy(), ipiv, lower=1)
-    p = Q.shape[0]
+    syconv = lapack.dsyconv if A.dtype == np.float64 else lapack.ssyconv
+    L, e, _ = syconv(LD.numpy(), ipiv, lower=1)
+    p = A.shape[0]
     ip = ipiv.tolist()
     perm = list(range(p))
-    two = [False] * p
+    two = np.zeros(p, dtype=bool)
     k = 0
     while k < p:  # sytrs2's row interchanges, in order
         if ip[k] > 0:
@@ -274,65 +285,44 @@ def _ldl(Q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
             perm[k + 1], perm[kp] = perm[kp], perm[k + 1]
             two[k] = True
             k += 2
-    L = torch.from_numpy(a)  # only its strict lower triangle is read (unit-triangular solves)
-    d = L.diagonal().clone()
-    dev = Q.device
-    et = torch.from_numpy(e).to(Q.dtype)
-    twot = torch.tensor(two)
-    et = torch.where(twot, et, torch.zeros_like(et))
-    return (L.to(dev), torch.tensor(perm, device=dev), d.to(dev), et.to(dev), twot.to(dev))
+    d = np.diagonal(L).astype(np.float64)
+    e = np.where(two, e, 0.0).astype(np.float64)
+    return L, np.asarray(perm, dtype=np.int64), d, e, two
 
 
-def _block_eigenvalues(d: Tensor, e: Tensor, two: Tensor) -> tuple[Tensor, Tensor]:
-    """Per row ``k``: the eigenvalues ``(lo, hi)`` of ``D``'s block that starts at ``k`` (``lo = hi = d_k``
-    for a 1x1 block; for a 2x2 block, both at its first row, ``d_k`` at its second row)."""
-    dn = torch.roll(d, -1)
-    mid, rad = 0.5 * (d + dn), torch.hypot(0.5 * (d - dn), e)
-    lo = torch.where(two, mid - rad, d)
-    hi = torch.where(two, mid + rad, d)
-    return lo, hi
+def _block_eigenvalues(d: np.ndarray, e: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """The ``p`` eigenvalues of ``D``: ``d`` on 1x1 blocks; for the 2x2 block at rows ``k, k+1`` its
+    smaller eigenvalue at ``k`` and its larger at ``k + 1``."""
+    if not k.size:
+        return d
+    a, c, b = d[k], d[k + 1], e[k]
+    mid, rad = 0.5 * (a + c), np.hypot(0.5 * (a - c), b)
+    ev = d.copy()
+    ev[k], ev[k + 1] = mid - rad, mid + rad
+    return ev
 
 
-def _perturb_blocks(d: Tensor, e: Tensor, two: Tensor, tau: float) -> tuple[Tensor, Tensor, int]:
-    """``D`` with every block eigenvalue of modulus below ``tau`` moved to ``+-tau`` (its sign kept; 0 goes
-    to ``+tau``), eigenvectors unchanged. Returns the new ``d, e`` and the number of moved eigenvalues."""
-    d, e = d.clone(), e.clone()
-    count = 0
-    second = torch.cat([two.new_zeros(1), two[:-1]])
-    ones = (~two & ~second) & (d.abs() < tau)
-    if bool(ones.any()):
-        count += int(ones.sum())
-        d[ones] = torch.where(d[ones] < 0, -tau, tau).to(d.dtype)
-    for k in torch.nonzero(two).flatten().tolist():
-        B = torch.stack([torch.stack([d[k], e[k]]), torch.stack([e[k], d[k + 1]])])
-        lam, V = torch.linalg.eigh(B)
-        small = lam.abs() < tau
-        if bool(small.any()):
-            count += int(small.sum())
-            lam = torch.where(small, torch.where(lam < 0, -tau, tau).to(lam.dtype), lam)
-            B = (V * lam) @ V.T
-            d[k], d[k + 1], e[k] = B[0, 0], B[1, 1], B[1, 0]
-    return d, e, count
-
-
-def _modify_blocks(d: Tensor, e: Tensor, two: Tensor, floor: float) -> tuple[Tensor, Tensor, int]:
-    """``D`` with every block eigenvalue ``lambda`` replaced by ``max(|lambda|, floor)`` (eigenvectors
-    unchanged): the modified Cholesky of Cheng & Higham, per 1x1/2x2 block of Bunch–Kaufman's ``D``.
-    Returns the new ``d, e`` and the number of changed eigenvalues."""
-    d, e = d.clone(), e.clone()
-    second = torch.cat([two.new_zeros(1), two[:-1]])
-    ones = (~two & ~second) & (d < floor)
-    count = int(ones.sum())
-    d[ones] = d[ones].abs().clamp_min(floor)
-    for k in torch.nonzero(two).flatten().tolist():
-        B = torch.stack([torch.stack([d[k], e[k]]), torch.stack([e[k], d[k + 1]])])
-        lam, V = torch.linalg.eigh(B)
-        low = lam < floor
-        if bool(low.any()):
-            count += int(low.sum())
-            B = (V * lam.abs().clamp_min(floor)) @ V.T
-            d[k], d[k + 1], e[k] = B[0, 0], B[1, 1], B[1, 0]
-    return d, e, count
+def _map_blocks(d, e, k, ev, f) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """``D`` with every eigenvalue ``lambda`` replaced by ``f(lambda)``, eigenvectors unchanged (a 2x2
+    block ``[[a, b], [b, c]]`` at rows ``k, k+1`` is rotated by ``theta = atan2(2 b, a - c) / 2``, its
+    eigenvalues mapped, and rotated back). Returns the new ``d, e``, their eigenvalues
+    (:func:`_block_eigenvalues`) and the number of eigenvalues ``f`` changed. Used for the modified
+    Cholesky of Cheng & Higham per Bunch–Kaufman block (``f = max(|.|, floor)``) and for static pivot
+    perturbation (``|lambda| < tau -> +-tau``)."""
+    count = int(np.count_nonzero(f(ev) != ev))
+    ones = np.ones(d.shape[0], dtype=bool)
+    ones[k] = False
+    ones[k + 1] = False
+    d, e = d.copy(), e.copy()
+    d[ones] = f(d[ones])
+    if k.size:
+        a, c, b = d[k], d[k + 1], e[k]
+        theta = 0.5 * np.arctan2(2 * b, a - c)
+        cs, sn = np.cos(theta), np.sin(theta)
+        m1 = f(a * cs * cs + 2 * b * cs * sn + c * sn * sn)  # the eigenvalue of (cs, sn)
+        m2 = f(a * sn * sn - 2 * b * cs * sn + c * cs * cs)  # the eigenvalue of (-sn, cs)
+        d[k], d[k + 1], e[k] = m1 * cs * cs + m2 * sn * sn, m1 * sn * sn + m2 * cs * cs, (m1 - m2) * cs * sn
+    return d, e, _block_eigenvalues(d, e, k), count
 
 
 def _maxabs(A: Tensor) -> float:
@@ -450,7 +440,7 @@ class LowRankPivot:
         )  # fmt: skip
         self.modified = self.inner.modified
         if not self.inner.cholesky:
-            top = max(top, float(self.inner.d.abs().max()) if r else 0.0)
+            top = max(top, self.inner.top)
         fi = torch.finfo(A.dtype)
         k = p - r
         self.perturbed = self.inner.perturbed
