@@ -130,7 +130,9 @@ def test_two_processes_match_one_process_with_the_global_batch(two_process_resul
     ref = _single_process(strategy)
     got = two_process_results[strategy]["final"]
     assert not torch.equal(ref, _model_flat := _flat(_model()))  # it trained
-    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-11)
+    # the all-reduced and the direct gradient differ in the last bits; the default eigenbasis amplifies
+    # that by 1/gap of the Kronecker factors' eigenvalues (ties are broken 1e-8 apart): ~1e-7 relative
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-9)
     del _model_flat
 
 

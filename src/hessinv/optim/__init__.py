@@ -24,11 +24,11 @@ name                        what
 
 from hessinv.optim.damping import DampingRule, FixedDamping, LevenbergMarquardt, Proposal
 from hessinv.optim.newton import Newton, StepStats
-from hessinv.optim.precondition import Preconditioner
+from hessinv.optim.precondition import EigenBasis, Preconditioner
 from hessinv.optim.trust_region import SubproblemSolution, TrustRegion, solve_subproblem
 
 __all__ = [
-    "Newton", "StepStats", "Preconditioner", "TrustRegion", "LevenbergMarquardt", "FixedDamping",
-    "DampingRule",
+    "Newton", "StepStats", "Preconditioner", "EigenBasis", "TrustRegion", "LevenbergMarquardt",
+    "FixedDamping", "DampingRule",
     "Proposal", "solve_subproblem", "SubproblemSolution",
 ]  # fmt: skip

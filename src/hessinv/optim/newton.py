@@ -222,6 +222,9 @@ class Newton(torch.optim.Optimizer):
             ``curvature="hessian"``: the scalar damping (default 1.0).
         diagonal_damping: precondition mode: the scale ``delta`` of ``D = delta (sqrt(v) + eps)``; off
             the curvature batch's subspace a step is an Adam step of size ``lr / delta``.
+        basis: precondition mode (Gauss-Newton): ``"eigen"`` (default) takes ``D`` diagonal, and ``v``, in
+            the eigenbasis of each weight's Kronecker gradient statistics (SOAP's basis;
+            :class:`~hessinv.optim.EigenBasis`); ``"identity"`` in the parameters (Adam's).
         curvature_batch_size: build the curvature on this many examples drawn at random from each batch
             (precondition mode default 8; trust-region default: the whole batch).
         refresh: precondition mode: rebuild the curvature every this many steps.
@@ -270,6 +273,7 @@ class Newton(torch.optim.Optimizer):
         curvature: str | None = None,
         damping: str | float | DampingRule | None = None,
         diagonal_damping: float = 500.0,
+        basis: str = "eigen",
         curvature_batch_size: int | None = None,
         refresh: int = 20,
         momentum: float = 0.9,
@@ -343,7 +347,7 @@ class Newton(torch.optim.Optimizer):
             self.preconditioner = Preconditioner(
                 model, loss_fn, curvature=pc_curv, damping=pc_damping,
                 curvature_batch_size=curvature_batch_size or 8, refresh=refresh, beta2=beta2,
-                seed=int(seed) + 1,
+                basis=basis, seed=int(seed) + 1,
             )  # fmt: skip
         self._newton: dict[str, Any] = {
             "step": 0,

@@ -8,7 +8,11 @@ second moment of the gradients (Adam's):
     ``v_t = beta2 v_{t-1} + (1 - beta2) g_t^2``,   ``D_t = damping * (sqrt(v_t / (1 - beta2^t)) + eps)``.
 
 On the batch's curvature subspace (rank ``r <= B_c C``) the step follows the exact curvature; on its
-complement ``(G + D)^{-1} g = g / D``, an Adam step of size ``1 / damping``. ``D_t`` is refreshed with
+complement ``(G + D)^{-1} g = g / D``, an Adam step of size ``1 / damping``. With ``basis="eigen"``
+(default) ``D = Q D' Q^T`` is diagonal in the eigenbasis ``Q`` of each weight's Kronecker gradient
+statistics (:class:`EigenBasis`; SOAP's basis), and ``v`` holds the second moments of the rotated
+gradients: ``(G + Q D' Q^T)^{-1} = Q ((U Q)^T S (U Q) + D')^{-1} Q^T``, the same Woodbury solve on
+rotated rows of ``U`` (docs/math.md §6). ``D_t`` is refreshed with
 the factorization and, during the first ``warmup`` steps (while ``v`` is still a short average),
 every step, and between refreshes whenever ``D_t`` has drifted by more than ``stale_ratio`` from the
 ``D_k`` the factorization holds (a cheap test: one pass over ``n`` numbers). The factorization is
@@ -57,7 +61,7 @@ from hessinv.curvature import GaussNewton, Hessian
 from hessinv.errors import InvalidArgumentError, ShapeMismatchError
 from hessinv.lowrank import WoodburyFactor
 
-__all__ = ["Preconditioner", "normalize_curvature"]
+__all__ = ["Preconditioner", "EigenBasis", "normalize_curvature"]
 
 
 def normalize_curvature(name: str) -> str:
@@ -85,6 +89,90 @@ def _positive(name: str, value: Any, integer: bool = False, allow_zero: bool = F
     return value
 
 
+def _eigenvectors(M: Tensor) -> Tensor:
+    """Eigenvectors of the symmetric ``M`` (ascending eigenvalues), ties broken by a ramp of ``1e-8
+    max|M_ii|`` on the diagonal: early on ``M = G G^T`` has a large null space, whose basis ``eigh`` would
+    pick from rounding noise (two processes with all-reduced gradients would then disagree with one)."""
+    M64 = M.double()
+    a = M64.shape[0]
+    ramp = torch.arange(a, dtype=torch.float64, device=M.device) * (
+        1e-8 * float(M64.diagonal().abs().max()) / a
+    )
+    return torch.linalg.eigh(M64 + torch.diag(ramp)).eigenvectors.to(M.dtype)
+
+
+class EigenBasis:
+    """Per weight matrix ``W`` (``a x b``; a conv kernel as ``(out, rest)``), Shampoo's Kronecker factors
+    ``L = E[G G^T]``, ``R = E[G^T G]`` of its gradients (exponential averages, factor ``beta``) and their
+    eigenvectors ``Q_L``, ``Q_R``; :meth:`rotate` maps the flat parameter vector to the basis
+    ``X -> Q_L^T X Q_R`` (orthogonal: :meth:`unrotate` is its inverse and transpose), the identity on
+    every other parameter. Adam's second moments taken in this basis are SOAP's (Vyas et al. 2024).
+    Weights with a side above ``max_dim`` (eigendecompositions ``O(max_dim^3)``) stay unrotated.
+    """
+
+    def __init__(self, params: Sequence[Tensor], beta: float = 0.95, max_dim: int = 1024):
+        self.beta = beta
+        self.blocks: list[tuple[int, int, int]] = []  # (offset, a, b)
+        o = 0
+        for p in params:
+            k = p.numel()
+            a = int(p.shape[0]) if p.dim() >= 2 else 1
+            b = k // a
+            if p.dim() >= 2 and a > 1 and b > 1 and max(a, b) <= max_dim:
+                self.blocks.append((o, a, b))
+            o += k
+        like = params[0] if len(params) else torch.zeros(())
+        kw = {"dtype": like.dtype, "device": like.device}
+        self.L = [torch.zeros(a, a, **kw) for _, a, _ in self.blocks]
+        self.R = [torch.zeros(b, b, **kw) for _, _, b in self.blocks]
+        self.QL = [torch.eye(a, **kw) for _, a, _ in self.blocks]
+        self.QR = [torch.eye(b, **kw) for _, _, b in self.blocks]
+
+    def accumulate(self, g: Tensor) -> None:
+        """``L <- beta L + (1 - beta) G G^T``, ``R <- beta R + (1 - beta) G^T G`` for every weight."""
+        for (o, a, b), L, R in zip(self.blocks, self.L, self.R, strict=True):
+            G = g[o : o + a * b].view(a, b)
+            L.mul_(self.beta).addmm_(G, G.T, alpha=1 - self.beta)
+            R.mul_(self.beta).addmm_(G.T, G, alpha=1 - self.beta)
+
+    def refresh(self, v: Tensor | None = None) -> None:
+        """``Q_L, Q_R`` <- the eigenvectors of ``L, R`` (ascending eigenvalues). ``v`` (n,), second moments
+        kept in the old basis, is carried over in place: a diagonal ``diag(v)`` rotated by ``P = P_L (x)
+        P_R`` (``P_L = Q_L'^T Q_L``) has diagonal ``(P_L o P_L) V (P_R o P_R)^T`` per weight."""
+        for i, (L, R) in enumerate(zip(self.L, self.R, strict=True)):
+            QL, QR = _eigenvectors(L), _eigenvectors(R)
+            if v is not None:
+                o, a, b = self.blocks[i]
+                V = v[o : o + a * b].view(a, b)
+                V.copy_((QL.T @ self.QL[i]).square() @ V @ (QR.T @ self.QR[i]).square().T)
+            self.QL[i], self.QR[i] = QL, QR
+
+    def _map(self, X: Tensor, inverse: bool) -> Tensor:
+        if not self.blocks:
+            return X
+        vec = X.dim() == 1
+        Y = X.clone() if not vec else X[None].clone()
+        for (o, a, b), QL, QR in zip(self.blocks, self.QL, self.QR, strict=True):
+            W = Y[:, o : o + a * b].view(-1, a, b)
+            W.copy_(QL @ W @ QR.T if inverse else QL.T @ W @ QR)
+        return Y[0] if vec else Y
+
+    def rotate(self, X: Tensor) -> Tensor:
+        """``X`` (n,) or (m, n) in the eigenbasis (per weight ``Q_L^T W Q_R``)."""
+        return self._map(X, inverse=False)
+
+    def unrotate(self, X: Tensor) -> Tensor:
+        """The inverse of :meth:`rotate` (per weight ``Q_L W Q_R^T``)."""
+        return self._map(X, inverse=True)
+
+    def state(self) -> dict[str, list[Tensor]]:
+        return {k: [t.clone() for t in getattr(self, k)] for k in ("L", "R", "QL", "QR")}
+
+    def load(self, sd: dict[str, list[Tensor]]) -> None:
+        for k in ("L", "R", "QL", "QR"):
+            setattr(self, k, [t.clone() for t in sd[k]])
+
+
 class Preconditioner:
     """``g -> (C + D)^{-1} g`` with ``C`` the exact curvature of a curvature batch, refreshed every
     ``refresh``
@@ -105,6 +193,8 @@ class Preconditioner:
         stale_ratio: between refreshes, ``K`` is rebuilt for the current ``D_t`` (same curvature, ``r^2 n``
             flops) as soon as some entry of ``D_t`` leaves ``[D_k / stale_ratio, stale_ratio D_k]``: a
             gradient spike raises ``v`` at once, and the step stays damped as Adam's would.
+        basis: ``"eigen"`` (default): ``D`` diagonal in each weight's eigenbasis (:class:`EigenBasis`);
+            ``"identity"``: ``D`` diagonal in the parameters (Adam's). Gauss-Newton curvature only.
         seed: seed of the generator that draws curvature batches.
     """
 
@@ -121,6 +211,7 @@ class Preconditioner:
         eps: float = 1e-8,
         warmup: int = 20,
         stale_ratio: float = 2.0,
+        basis: str = "eigen",
         seed: int | None = None,
     ):
         self.model, self.loss_fn = model, loss_fn
@@ -137,6 +228,11 @@ class Preconditioner:
         self.stale_ratio = float(_positive("stale_ratio", stale_ratio))
         if self.stale_ratio <= 1:
             raise InvalidArgumentError(f"stale_ratio must be > 1, got {stale_ratio!r}")
+        if basis not in ("identity", "eigen"):
+            raise InvalidArgumentError(f"basis must be 'identity' or 'eigen', got {basis!r}")
+        self.basis: EigenBasis | None = (
+            EigenBasis(self.params) if basis == "eigen" and self.curvature == "gauss_newton" else None
+        )
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -159,12 +255,17 @@ class Preconditioner:
         f = self._factor
         if isinstance(f, WoodburyFactor):
             sd["factor"] = {"U": f.U.clone(), "S": f.S.clone(), "D": f.D.clone()}
+        if self.basis is not None:
+            sd["basis"] = self.basis.state()
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         sd = dict(sd)
         self.generator.set_state(sd.pop("rng"))
         f = sd.pop("factor", None)
+        b = sd.pop("basis", None)
+        if b is not None and self.basis is not None:
+            self.basis.load(b)
         self.state = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in sd.items()}
         # a Hessian factorization is not stored: it is rebuilt at the next call
         self._factor = None if f is None else WoodburyFactor(f["U"], f["S"], f["D"])
@@ -174,6 +275,9 @@ class Preconditioner:
         """Add the gradient ``g`` (n,) to the second-moment average."""
         st = self.state
         st["t"] += 1
+        if self.basis is not None:  # second moments in the eigenbasis (SOAP)
+            self.basis.accumulate(g)
+            g = self.basis.rotate(g)
         st["v"].mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
 
     def diagonal(self) -> Tensor:
@@ -208,6 +312,9 @@ class Preconditioner:
             self.state["refreshes"] += 1
             if self.curvature == "gauss_newton":
                 U, S = self.curvature_root(inputs, targets)
+                if self.basis is not None:  # G = U^T S U = Q (U Q)^T S (U Q) Q^T: factor in Q's basis
+                    self.basis.refresh(self.state["v"])
+                    U = self.basis.rotate(U)
                 self._factor = WoodburyFactor(U, S, self.diagonal())
             else:
                 Xc, yc = self._curvature_batch(inputs, targets)
@@ -234,7 +341,9 @@ class Preconditioner:
         if g.shape != (self.chain.num_params,):
             raise ShapeMismatchError(f"g must have shape ({self.chain.num_params},), got {tuple(g.shape)}")
         if self.curvature == "gauss_newton":
-            return self._factor.solve(g[:, None])[:, 0]
+            if self.basis is None:
+                return self._factor.solve(g[:, None])[:, 0]
+            return self.basis.unrotate(self._factor.solve(self.basis.rotate(g)[:, None])[:, 0])
         return self._factor.solve(g, refine=False)
 
     # -- preconditioner mode ------------------------------------------------------------------------
