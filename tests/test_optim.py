@@ -450,7 +450,7 @@ def test_param_groups_changed_by_hand_raise():
 def _stream(seed: int, n: int = 256, d: int = 6, c: int = 3, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(n, d, generator=gen, dtype=dtype)
-    y = (X[:, :c].argmax(1) + (X[:, c:2 * c].sum(1) > 0).long()) % c
+    y = (X[:, :c].argmax(1) + (X[:, c : 2 * c].sum(1) > 0).long()) % c
     return X, y
 
 
