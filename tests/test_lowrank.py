@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from reference import chains, flat_loss_fn
 
 import hessinv
+from hessinv.lowrank import WoodburyFactor
 
 
 def autograd_gauss_newton(prob) -> torch.Tensor:
@@ -105,3 +106,28 @@ def test_abs_modified_factorization(prob):
     E = F.solve(torch.eye(n, dtype=torch.float64))
     assert float((E - E.T).abs().max()) <= 1e-8 * float(E.abs().max())
     assert float(torch.linalg.eigvalsh(0.5 * (E + E.T)).min()) > 0
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_woodbury_update_damping_against_dense(signed):
+    """A few entries of D changed in place (rank-|J| update of K) equals the factorization of the new
+    D + U^T S U: solves, log|det| and inertia against dense, K against a rebuild."""
+    g = torch.Generator().manual_seed(7)
+    r, n = 6, 40
+    U = torch.randn(r, n, generator=g, dtype=torch.float64)
+    S = torch.ones(r, dtype=torch.float64)
+    if signed:
+        S[::2] = -1.0
+    D = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    F = WoodburyFactor(U, S, D)
+    J = torch.tensor([3, 17, 29])
+    D2 = D.clone()
+    D2[J] = torch.tensor([5.0, 0.01, 2.5], dtype=torch.float64)
+    F.update_damping(J, D2[J])
+    A = torch.diag(D2) + U.T @ torch.diag(S) @ U
+    R = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    assert torch.allclose(F.solve(R), torch.linalg.solve(A, R), rtol=1e-9, atol=1e-11)
+    ev = torch.linalg.eigvalsh(A)
+    assert F.logdet() == pytest.approx(float(ev.abs().log().sum()), rel=1e-10)
+    assert F.inertia.negative == int((ev < 0).sum()) and torch.equal(F.D, D2)
+    assert torch.allclose(F.K, WoodburyFactor(U, S, D2).K, rtol=1e-12, atol=1e-12)

@@ -43,6 +43,15 @@ from hessinv.riccati import Inertia
 __all__ = ["gauss_newton_root", "WoodburyFactor"]
 
 
+def _check_damping(Dv: Tensor) -> None:
+    if not bool((Dv != 0).all()) or not bool(torch.isfinite(Dv).all()):
+        raise SingularError(
+            "the diagonal damping has a zero or non-finite entry: D + G is singular there -- "
+            "use a damping with every entry > 0",
+            damping=float(Dv.abs().min()) if Dv.numel() else 0.0,
+        )
+
+
 def gauss_newton_root(blocks: list, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """``(U, S)`` with ``G = U^T diag(S) U`` for the Gauss-Newton matrix of ``blocks`` (model stages,
     then the loss stage): ``U`` is (r, n), ``S`` holds ``+-1`` (r,). See the module docstring."""
@@ -76,10 +85,12 @@ class WoodburyFactor:
     """``D + U^T diag(S) U`` factored through ``K = diag(S) + U D^{-1} U^T`` (r x r, float64).
 
     ``D``: a nonzero number or a (n,) tensor with no zero entry. ``solve`` costs ``4 r n`` flops;
-    :meth:`with_damping` refactors for a new ``D`` reusing ``U`` (``r^2 n`` flops).
+    :meth:`with_damping` refactors for a new ``D`` reusing ``U`` (``r^2 n`` flops);
+    :meth:`update_damping` changes ``D`` on ``k`` entries in place (``2 r^2 k`` flops).
+    ``K`` may be passed (a checkpoint's), else it is formed.
     """
 
-    def __init__(self, U: Tensor, S: Tensor, damping: float | Tensor):
+    def __init__(self, U: Tensor, S: Tensor, damping: float | Tensor, K: Tensor | None = None, _U64=None):
         self.U, self.S = U, S
         n = U.shape[1]
         if isinstance(damping, Tensor):
@@ -90,25 +101,25 @@ class WoodburyFactor:
             Dv = damping.to(U.dtype)
         else:
             Dv = torch.full((n,), float(damping), dtype=U.dtype, device=U.device)
-        if not bool((Dv != 0).all()) or not bool(torch.isfinite(Dv).all()):
-            raise SingularError(
-                "the diagonal damping has a zero or non-finite entry: D + G is singular there -- "
-                "use a damping with every entry > 0",
-                damping=float(Dv.abs().min()),
-            )
+        _check_damping(Dv)
         self.D = Dv
         self._Dinv = 1.0 / Dv
         self.Ud = U * self._Dinv  # U D^{-1}
         # K in float64: D^{-1} spans many orders of magnitude (Adam's sqrt(v) is tiny where gradients
         # vanish), and a float32 Gram matrix would lose K's small eigenvalues (r^2 n flops)
-        U64 = U.double()
-        K = torch.diag(S.double()) + (U64 * self._Dinv.double()) @ U64.T
+        self._U64 = U.double() if _U64 is None else _U64
+        if K is None:
+            K = torch.diag(S.double()) + (self._U64 * self._Dinv.double()) @ self._U64.T
+        self._factor_K(K)
+
+    def _factor_K(self, K: Tensor) -> None:
+        """Cholesky of ``K`` (eigh where it is not positive definite), the inertia and ``log|det K|``."""
         K = 0.5 * (K + K.T)
-        K = 0.5 * (K + K.T)
+        self.K = K
         L, info = torch.linalg.cholesky_ex(K)
         self.cholesky = int(info) == 0
-        d_neg = int((Dv < 0).sum())
-        s_pos = int((S > 0).sum())
+        d_neg = int((self.D < 0).sum())
+        s_pos = int((self.S > 0).sum())
         if self.cholesky:
             self._L = L
             k_pos = K.shape[0]
@@ -125,12 +136,28 @@ class WoodburyFactor:
             k_pos = int((lam > 0).sum())
             self._logdetK = float(lam.abs().log().sum())
         neg = d_neg + k_pos - s_pos
+        n = self.U.shape[1]
         self.inertia = Inertia(neg, 0, n - neg)
         self.positive_definite = neg == 0
 
     def with_damping(self, damping: float | Tensor) -> WoodburyFactor:
         """The factorization of ``D' + G`` for a new damping ``D'`` (same ``U``, ``S``)."""
-        return WoodburyFactor(self.U, self.S, damping)
+        return WoodburyFactor(self.U, self.S, damping, _U64=self._U64)
+
+    def update_damping(self, idx: Tensor, values: Tensor) -> None:
+        """``D[idx] = values``, in place: ``K += U_J diag(1 / values - 1 / D_J) U_J^T`` (``J = idx``) and a
+        new ``r x r`` factorization; exact, for when a few entries of ``D`` moved (a gradient spike)."""
+        values = values.to(self.D.dtype)
+        _check_damping(values)
+        U_J = self._U64[:, idx]
+        delta = 1.0 / values.double() - self._Dinv[idx].double()
+        K = self.K + (U_J * delta) @ U_J.T
+        self.D = self.D.clone()
+        self.D[idx] = values
+        self._Dinv = self._Dinv.clone()
+        self._Dinv[idx] = 1.0 / values
+        self.Ud[:, idx] = self.U[:, idx] * self._Dinv[idx]
+        self._factor_K(K)
 
     def _kinv(self, W: Tensor) -> Tensor:
         W64 = W.double()

@@ -14,8 +14,9 @@ statistics (:class:`EigenBasis`; SOAP's basis), and ``v`` holds the second momen
 gradients: ``(G + Q D' Q^T)^{-1} = Q ((U Q)^T S (U Q) + D')^{-1} Q^T``, the same Woodbury solve on
 rotated rows of ``U`` (docs/math.md §6). ``D_t`` is refreshed with
 the factorization and, during the first ``warmup`` steps (while ``v`` is still a short average),
-every step, and between refreshes whenever ``D_t`` has drifted by more than ``stale_ratio`` from the
-``D_k`` the factorization holds (a cheap test: one pass over ``n`` numbers). The factorization is
+every step, and between refreshes on the entries where ``D_t`` has drifted by more than ``stale_ratio``
+from the ``D_k`` the factorization holds (a cheap test: one pass over ``n`` numbers; typically 1-3 of
+17k entries, so ``K`` takes a rank-|J| update instead of an ``r^2 n`` rebuild). The factorization is
 :class:`hessinv.lowrank.WoodburyFactor` (``G = U^T S U`` from one
 backward sweep of ``r`` right-hand sides): ``r^2 n`` flops to refresh, ``4 r n`` per solve, against
 ``O(L p^3)`` for a Riccati factorization (math.md §6).
@@ -190,9 +191,10 @@ class Preconditioner:
         refresh: rebuild the curvature every this many calls.
         beta2, eps: the second-moment average of ``D``.
         warmup: for the first ``warmup`` calls ``D`` is refreshed every call.
-        stale_ratio: between refreshes, ``K`` is rebuilt for the current ``D_t`` (same curvature, ``r^2 n``
-            flops) as soon as some entry of ``D_t`` leaves ``[D_k / stale_ratio, stale_ratio D_k]``: a
-            gradient spike raises ``v`` at once, and the step stays damped as Adam's would.
+        stale_ratio: between refreshes, every entry of ``D_t`` that leaves ``[D_k / stale_ratio,
+            stale_ratio D_k]`` is taken into ``K`` (same curvature; ``2 r^2`` flops per entry, a rebuild of
+            ``r^2 n`` when more than ``r`` moved): a gradient spike raises ``v`` at once, and the step
+            stays damped as Adam's would.
         basis: ``"eigen"`` (default): ``D`` diagonal in each weight's eigenbasis (:class:`EigenBasis`);
             ``"identity"``: ``D`` diagonal in the parameters (Adam's). Gauss-Newton curvature only.
         seed: seed of the generator that draws curvature batches.
@@ -248,13 +250,14 @@ class Preconditioner:
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Step count, second moments, the generator and the stored Gauss-Newton factor (``U``, ``S``, ``D``:
-        ``K`` is refactored from them bit for bit), so that a resumed run is bit-identical."""
+        """Step count, second moments, the generator and the stored Gauss-Newton factor (``U``, ``S``, ``D``
+        and ``K``, which rank-|J| updates made more than a function of the others), so that a resumed
+        run is bit-identical."""
         sd = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.state.items()}
         sd["rng"] = self.generator.get_state()
         f = self._factor
         if isinstance(f, WoodburyFactor):
-            sd["factor"] = {"U": f.U.clone(), "S": f.S.clone(), "D": f.D.clone()}
+            sd["factor"] = {"U": f.U.clone(), "S": f.S.clone(), "D": f.D.clone(), "K": f.K.clone()}
         if self.basis is not None:
             sd["basis"] = self.basis.state()
         return sd
@@ -268,7 +271,7 @@ class Preconditioner:
             self.basis.load(b)
         self.state = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in sd.items()}
         # a Hessian factorization is not stored: it is rebuilt at the next call
-        self._factor = None if f is None else WoodburyFactor(f["U"], f["S"], f["D"])
+        self._factor = None if f is None else WoodburyFactor(f["U"], f["S"], f["D"], K=f.get("K"))
 
     # -- the pieces -------------------------------------------------------------------------------
     def observe(self, g: Tensor) -> None:
@@ -322,17 +325,28 @@ class Preconditioner:
                 self._factor = self._op.factor(self.damping, modify="abs")
         elif self.curvature == "gauss_newton":
             D = self.diagonal()
-            if self.state["t"] <= self.warmup or self._stale(D):
+            if self.state["t"] <= self.warmup:
                 self._factor = self._factor.with_damping(D)
                 self.state["redamped"] = self.state.get("redamped", 0) + 1
+            else:
+                J = self._stale(D)
+                if J.numel():  # a few entries moved (a gradient spike): a rank-|J| update of K
+                    if J.numel() <= self._factor.rank:
+                        self._factor.update_damping(J, D[J])
+                    else:
+                        self._factor = self._factor.with_damping(D)
+                    self.state["redamped"] = self.state.get("redamped", 0) + 1
         self.time_refresh += time.perf_counter() - t0
 
-    def _stale(self, D: Tensor) -> bool:
-        """The cheap staleness test: ``D_t`` left ``[D_k / r, r D_k]`` somewhere (``r = stale_ratio``), e.g.
-        after a gradient spike -- then the stored ``K`` is rebuilt for ``D_t`` (same curvature)."""
+    def _stale(self, D: Tensor) -> Tensor:
+        """The cheap staleness test: the entries where ``D_t`` left ``[D_k / r, r D_k]`` (``r =
+        stale_ratio``), e.g. after a gradient spike. The stored ``K`` then takes ``D_t`` there (same
+        curvature): a rank-|J| update, or a rebuild when more than ``rank`` entries moved."""
         ratio = D / self._factor.D
         lo, hi = torch.aminmax(ratio)
-        return bool(hi > self.stale_ratio) or bool(lo < 1.0 / self.stale_ratio)
+        if not (bool(hi > self.stale_ratio) or bool(lo < 1.0 / self.stale_ratio)):
+            return ratio.new_zeros(0, dtype=torch.long)
+        return torch.nonzero((ratio > self.stale_ratio) | (ratio < 1.0 / self.stale_ratio)).flatten()
 
     def solve(self, g: Tensor) -> Tensor:
         """``(C + D)^{-1} g`` with the stored factorization (no refinement), for ``g`` of shape (n,)."""
