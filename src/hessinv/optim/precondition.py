@@ -109,6 +109,17 @@ class EigenBasis:
     ``X -> Q_L^T X Q_R`` (orthogonal: :meth:`unrotate` is its inverse and transpose), the identity on
     every other parameter. Adam's second moments taken in this basis are SOAP's (Vyas et al. 2024).
     Weights with a side above ``max_dim`` (eigendecompositions ``O(max_dim^3)``) stay unrotated.
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    >>> basis = EigenBasis(list(net.parameters()))
+    >>> basis.blocks                       # (offset, rows, columns) of each weight; biases stay as they are
+    [(0, 4, 3), (16, 2, 4)]
+    >>> n = sum(p.numel() for p in net.parameters())
+    >>> basis.accumulate(torch.randn(n)); basis.refresh()
+    >>> x = torch.randn(n)
+    >>> bool(torch.allclose(basis.unrotate(basis.rotate(x)), x, atol=1e-6))
+    True
     """
 
     def __init__(self, params: Sequence[Tensor], beta: float = 0.95, max_dim: int = 1024):
@@ -167,9 +178,11 @@ class EigenBasis:
         return self._map(X, inverse=True)
 
     def state(self) -> dict[str, list[Tensor]]:
+        """Copies of ``L``, ``R``, ``Q_L``, ``Q_R`` (for a checkpoint)."""
         return {k: [t.clone() for t in getattr(self, k)] for k in ("L", "R", "QL", "QR")}
 
     def load(self, sd: dict[str, list[Tensor]]) -> None:
+        """Restore what :meth:`state` returned."""
         for k in ("L", "R", "QL", "QR"):
             setattr(self, k, [t.clone() for t in sd[k]])
 
