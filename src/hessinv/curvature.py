@@ -665,6 +665,8 @@ class Factorization:
         last_info: the :class:`SolveInfo` of the latest solve.
     """
 
+    _twin_only = False  # solves, inertia and log-det from the float64 twin alone (see __init__)
+
     def __init__(
         self, op: CurvatureOperator, damping: float, modify: bool = False, _factors: tuple | None = None
     ):
@@ -679,7 +681,8 @@ class Factorization:
         self.inertia_certified = not self.perturbed
         self.last_info: SolveInfo | None = None
         self._f64: Factorization | None = None
-        if self.perturbed and op.dtype != torch.float64 and not modify:
+        self._twin_only = bool(self.perturbed) and op.dtype != torch.float64 and not modify
+        if self._twin_only:
             # a sweep below float64 that had to perturb pivots: cond(H + eps I) is near 1 / sqrt(u) of
             # the model dtype or beyond, where its factorization rarely preconditions refinement or
             # GMRES; the float64 twin is factored at once (solves, inertia and log-det come from it)
@@ -752,7 +755,8 @@ class Factorization:
         pivots were perturbed: see ``inertia_certified``).
         """
         self._riccati_only("logdet")
-        if self._f64 is not None and self.perturbed:
+        if self._twin_only:
+            assert self._f64 is not None
             return self._f64.logdet()
         return float(sum(f.pivot.logdet() for f in self.factors if f is not None))
 
@@ -795,10 +799,11 @@ class Factorization:
         self, R64: Tensor, max_refine: int, X64: Tensor | None = None, float64: bool = False
     ) -> tuple[Tensor, SolveInfo]:
         """Refined solve of ``(H + eps I) X = R64`` in float64; returns ``X`` (float64) and its info."""
+        if self._twin_only and not float64:  # see __init__
+            assert self._f64 is not None
+            return self._f64._solve64(R64, max_refine, X64, float64=True)
         op64 = self.op._residual_operator()
         dtype = self.op.dtype
-        if self._f64 is not None and self.perturbed and not float64:  # see __init__
-            return self._f64._solve64(R64, max_refine, X64, float64=True)
         if X64 is None:
             X64 = self._raw(R64.to(dtype)).double()
         rnorm = R64.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
@@ -875,7 +880,8 @@ class Factorization:
         :class:`~hessinv.AccuracyWarning` is issued when it exceeds ``sqrt(u)`` of the model dtype.
         """
         R, vec = self.op._as_matrix(rhs, "rhs")
-        if self._f64 is not None and self.perturbed:  # the float64 twin's sweep (see __init__)
+        if self._twin_only:  # the float64 twin's sweep (see __init__)
+            assert self._f64 is not None
             X = self._f64._raw(R.double()).to(R.dtype)
         else:
             X = self._raw(R)
