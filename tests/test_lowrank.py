@@ -131,3 +131,30 @@ def test_woodbury_update_damping_against_dense(signed):
     assert F.logdet() == pytest.approx(float(ev.abs().log().sum()), rel=1e-10)
     assert F.inertia.negative == int((ev < 0).sum()) and torch.equal(F.D, D2)
     assert torch.allclose(F.K, WoodburyFactor(U, S, D2).K, rtol=1e-12, atol=1e-12)
+
+
+def test_woodbury_gram_in_low_precision_only_within_its_bound():
+    """gram_tol: K = I + U D^{-1} U^T formed in float32 when r u32 max K_ii <= gram_tol (then within that
+    bound of the float64 K, relative to lambda_min(K) >= 1); otherwise -- a large D^{-1}, or a sign in S
+    -- formed in float64 exactly as without gram_tol."""
+    g = torch.Generator().manual_seed(3)
+    r, n = 8, 500
+    U = torch.randn(r, n, generator=g)
+    S = torch.ones(r)
+    D = torch.rand(n, generator=g) * 400 + 100
+    K64 = WoodburyFactor(U, S, D).K
+    fast = WoodburyFactor(U, S, D, gram_tol=1e-3)
+    assert float((fast.K - K64).abs().max()) <= 1e-3 and not torch.equal(fast.K, K64)
+    small = D * 1e-4  # max K_ii ~ 5e4: bound 8 * 6e-8 * 5e4 = 0.02 > 1e-3 -> float64
+    assert torch.equal(WoodburyFactor(U, S, small, gram_tol=1e-3).K, WoodburyFactor(U, S, small).K)
+    S2 = S.clone()
+    S2[0] = -1.0
+    assert torch.equal(WoodburyFactor(U, S2, D, gram_tol=1e-3).K, WoodburyFactor(U, S2, D).K)
+    # a rebuild for new damping keeps the setting; a rank-|J| update works without the float64 U
+    F2 = fast.with_damping(D * 2)
+    assert F2.gram_tol == 1e-3 and F2._U64 is None
+    J = torch.tensor([1, 7])
+    F2.update_damping(J, torch.tensor([3.0, 900.0]))
+    D3 = D * 2
+    D3[J] = torch.tensor([3.0, 900.0])
+    assert torch.allclose(F2.K, WoodburyFactor(U, S, D3).K, rtol=1e-5, atol=1e-5)

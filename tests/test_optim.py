@@ -515,7 +515,8 @@ def test_eigen_basis_step_against_dense():
 
 
 def test_eigen_basis_rotation_and_moment_transport():
-    """rotate = Q^T, unrotate = Q; a refresh carries the second moments over as diag(P diag(v) P^T)."""
+    """rotate = Q^T, unrotate = Q; a refresh carries the second moments over as diag(P diag(v) P^T) and a
+    vector kept in the basis (the momentum) as P m."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3, bias=False)).double()
     params = list(net.parameters())
@@ -532,10 +533,11 @@ def test_eigen_basis_rotation_and_moment_transport():
     for _ in range(2):
         basis.accumulate(torch.randn(n, dtype=F64))
     v = torch.rand(n, dtype=F64)
-    v_new = v.clone()
-    basis.refresh(v_new)
+    v_new, m = v.clone(), basis.rotate(x)
+    basis.refresh(v_new, carry=(m,))
     P = _dense_basis(basis, n).T @ Q_old  # old basis -> new basis
     assert torch.allclose(v_new, (P @ torch.diag(v) @ P.T).diagonal())
+    assert torch.allclose(m, basis.rotate(x)) and not torch.allclose(m, Q_old.T @ x)
 
 
 def test_precondition_mode_trains_and_auto_switches_on_full_batch():

@@ -87,10 +87,22 @@ class WoodburyFactor:
     ``D``: a nonzero number or a (n,) tensor with no zero entry. ``solve`` costs ``4 r n`` flops;
     :meth:`with_damping` refactors for a new ``D`` reusing ``U`` (``r^2 n`` flops);
     :meth:`update_damping` changes ``D`` on ``k`` entries in place (``2 r^2 k`` flops).
-    ``K`` may be passed (a checkpoint's), else it is formed.
+    ``K`` may be passed (a checkpoint's), else it is formed: in float64 by default, or -- ``gram_tol``
+    given, ``U`` below float64 and ``S = +1`` (a convex loss: ``K = I + W W^T``, ``W = U D^{-1/2}``, so
+    ``lambda_min(K) >= 1``) -- in ``U``'s dtype when its rounding error bound relative to
+    ``lambda_min(K)``, ``r u max_i K_ii``, is at most ``gram_tol`` (about 3x faster; for an unrefined
+    preconditioner, :class:`hessinv.optim.Preconditioner`).
     """
 
-    def __init__(self, U: Tensor, S: Tensor, damping: float | Tensor, K: Tensor | None = None, _U64=None):
+    def __init__(
+        self,
+        U: Tensor,
+        S: Tensor,
+        damping: float | Tensor,
+        K: Tensor | None = None,
+        _U64: Tensor | None = None,
+        gram_tol: float | None = None,
+    ):
         self.U, self.S = U, S
         n = U.shape[1]
         if isinstance(damping, Tensor):
@@ -105,12 +117,27 @@ class WoodburyFactor:
         self.D = Dv
         self._Dinv = 1.0 / Dv
         self.Ud = U * self._Dinv  # U D^{-1}
-        # K in float64: D^{-1} spans many orders of magnitude (Adam's sqrt(v) is tiny where gradients
-        # vanish), and a float32 Gram matrix would lose K's small eigenvalues (r^2 n flops)
-        self._U64 = U.double() if _U64 is None else _U64
-        if K is None:
-            K = torch.diag(S.double()) + (self._U64 * self._Dinv.double()) @ self._U64.T
-        self._factor_K(K)
+        self._U64, self.gram_tol = _U64, gram_tol
+        self._factor_K(self._gram() if K is None else K)
+
+    def _gram(self) -> Tensor:
+        """``K = diag(S) + U D^{-1} U^T`` (``r^2 n`` flops), float64. Formed in float64 unless ``gram_tol``
+        allows ``U``'s dtype (class docstring): ``D^{-1}`` spans many orders of magnitude (Adam's
+        ``sqrt(v)`` is tiny where gradients vanish), and a low-precision Gram matrix can lose ``K``'s
+        small eigenvalues."""
+        U, S = self.U, self.S
+        if self.gram_tol is not None and U.dtype != torch.float64 and bool((S > 0).all()):
+            K = torch.diag(S) + self.Ud @ U.T
+            if U.shape[0] * torch.finfo(U.dtype).eps * float(K.diagonal().max()) <= self.gram_tol:
+                return K.double()
+        return torch.diag(S.double()) + (self.U64 * self._Dinv.double()) @ self.U64.T
+
+    @property
+    def U64(self) -> Tensor:
+        """``U`` in float64 (cached)."""
+        if self._U64 is None:
+            self._U64 = self.U.double()
+        return self._U64
 
     def _factor_K(self, K: Tensor) -> None:
         """Cholesky of ``K`` (eigh where it is not positive definite), the inertia and ``log|det K|``."""
@@ -142,14 +169,14 @@ class WoodburyFactor:
 
     def with_damping(self, damping: float | Tensor) -> WoodburyFactor:
         """The factorization of ``D' + G`` for a new damping ``D'`` (same ``U``, ``S``)."""
-        return WoodburyFactor(self.U, self.S, damping, _U64=self._U64)
+        return WoodburyFactor(self.U, self.S, damping, _U64=self._U64, gram_tol=self.gram_tol)
 
     def update_damping(self, idx: Tensor, values: Tensor) -> None:
         """``D[idx] = values``, in place: ``K += U_J diag(1 / values - 1 / D_J) U_J^T`` (``J = idx``) and a
         new ``r x r`` factorization; exact, for when a few entries of ``D`` moved (a gradient spike)."""
         values = values.to(self.D.dtype)
         _check_damping(values)
-        U_J = self._U64[:, idx]
+        U_J = (self._U64 if self._U64 is not None else self.U)[:, idx].double()
         delta = 1.0 / values.double() - self._Dinv[idx].double()
         K = self.K + (U_J * delta) @ U_J.T
         self.D = self.D.clone()

@@ -333,8 +333,8 @@ class DistributedPreconditioner(Preconditioner):
         # replicated (global curvature batch from _curvature_batch) and average (this rank's own)
         return super().curvature_root(inputs, targets)
 
-    def solve(self, g: Tensor) -> Tensor:
-        d = super().solve(g)
+    def solve(self, g: Tensor, rotated: bool = False) -> Tensor:
+        d = super().solve(g, rotated)
         if self.strategy == "average":
             d = d.contiguous().clone()
             dist.all_reduce(d, group=self.group)

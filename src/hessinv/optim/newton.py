@@ -372,8 +372,8 @@ class Newton(torch.optim.Optimizer):
         return dict(self._newton["rule"])
 
     def state_dict(self) -> dict[str, Any]:
-        """``torch.optim`` state dict plus ``"newton"``: step count, mode, rule state, momentum, generators
-        and the preconditioner's state."""
+        """``torch.optim`` state dict plus ``"newton"``: step count, mode, rule state, momentum (in the
+        preconditioner's basis), generators and the preconditioner's state."""
         sd = super().state_dict()
         ns = {k: v for k, v in self._newton.items() if k != "previous"}
         sd["newton"] = copy.deepcopy(ns)
@@ -602,20 +602,18 @@ class Newton(torch.optim.Optimizer):
             self.chain.check_inputs(inputs, targets)
             raise NonFiniteError(f"the loss ({float(loss0)}) or the gradient contains NaN or infinity")
         t_deriv = time.perf_counter() - t_start
-        pc.observe(g)
+        # the momentum is kept in the preconditioner's basis (one rotation per step fewer); a basis
+        # refresh carries it over
+        gr = pc.observe(g)
+        m = ns["momentum"]
+        m = gr * (1 - self.momentum) if m is None else m.mul_(self.momentum).add_(gr, alpha=1 - self.momentum)
         refreshed = pc.due()
         t = time.perf_counter()
-        pc.update(inputs, targets)
+        pc.update(inputs, targets, carry=(m,))
         t_factor = time.perf_counter() - t
         t = time.perf_counter()
-        m = ns["momentum"]
-        m = (
-            g.clone() * (1 - self.momentum)
-            if m is None
-            else m.mul_(self.momentum).add_(g, alpha=1 - self.momentum)
-        )
         step = ns["step"] + 1
-        direction = pc.solve(m / (1 - self.momentum**step))
+        direction = pc.solve(m / (1 - self.momentum**step), rotated=True)
         d = _scaled(direction, lr)
         self._apply(-d)
         t_solve = time.perf_counter() - t

@@ -64,6 +64,10 @@ from hessinv.lowrank import WoodburyFactor
 
 __all__ = ["Preconditioner", "EigenBasis", "normalize_curvature"]
 
+# the preconditioner's solve is not refined: K = I + W W^T formed in the model's dtype when its rounding
+# bound is within 1e-3 of lambda_min(K) = 1 (typically max K_ii is 1-6 at the default damping)
+_GRAM_TOL = 1e-3
+
 
 def normalize_curvature(name: str) -> str:
     """``"hessian"`` or ``"gauss_newton"``; accepts ``gauss-newton``, ``GN``, ``ggn`` spellings."""
@@ -91,15 +95,17 @@ def _positive(name: str, value: Any, integer: bool = False, allow_zero: bool = F
 
 
 def _eigenvectors(M: Tensor) -> Tensor:
-    """Eigenvectors of the symmetric ``M`` (ascending eigenvalues), ties broken by a ramp of ``1e-8
-    max|M_ii|`` on the diagonal: early on ``M = G G^T`` has a large null space, whose basis ``eigh`` would
-    pick from rounding noise (two processes with all-reduced gradients would then disagree with one)."""
+    """Eigenvectors of the symmetric ``M`` (``(..., a, a)``, ascending eigenvalues), ties broken by a ramp
+    of ``1e-8 max|M_ii|`` on the diagonal: early on ``M = G G^T`` has a large null space, whose basis
+    ``eigh`` would pick from rounding noise (two processes with all-reduced gradients would then disagree
+    with one)."""
     M64 = M.double()
-    a = M64.shape[0]
-    ramp = torch.arange(a, dtype=torch.float64, device=M.device) * (
-        1e-8 * float(M64.diagonal().abs().max()) / a
-    )
-    return torch.linalg.eigh(M64 + torch.diag(ramp)).eigenvectors.to(M.dtype)
+    a = M64.shape[-1]
+    top = M64.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True)  # (..., 1)
+    ramp = torch.arange(a, dtype=torch.float64, device=M.device) * (1e-8 / a) * top
+    # contiguous: eigh returns column-major factors, and a resumed run (whose loaded Q are row-major)
+    # must multiply with the same memory layout to stay bit-identical
+    return torch.linalg.eigh(M64 + torch.diag_embed(ramp)).eigenvectors.to(M.dtype).contiguous()
 
 
 class EigenBasis:
@@ -109,6 +115,8 @@ class EigenBasis:
     ``X -> Q_L^T X Q_R`` (orthogonal: :meth:`unrotate` is its inverse and transpose), the identity on
     every other parameter. Adam's second moments taken in this basis are SOAP's (Vyas et al. 2024).
     Weights with a side above ``max_dim`` (eigendecompositions ``O(max_dim^3)``) stay unrotated.
+    Weights of equal shape are stacked: one batched product per shape (a deep chain of equal stages
+    rotates in a few calls, not a few per stage).
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
@@ -121,6 +129,8 @@ class EigenBasis:
     >>> bool(torch.allclose(basis.unrotate(basis.rotate(x)), x, atol=1e-6))
     True
     """
+
+    _FIELDS = ("L", "R", "QL", "QR")
 
     def __init__(self, params: Sequence[Tensor], beta: float = 0.95, max_dim: int = 1024):
         self.beta = beta
@@ -135,38 +145,104 @@ class EigenBasis:
             o += k
         like = params[0] if len(params) else torch.zeros(())
         kw = {"dtype": like.dtype, "device": like.device}
-        self.L = [torch.zeros(a, a, **kw) for _, a, _ in self.blocks]
-        self.R = [torch.zeros(b, b, **kw) for _, _, b in self.blocks]
-        self.QL = [torch.eye(a, **kw) for _, a, _ in self.blocks]
-        self.QR = [torch.eye(b, **kw) for _, _, b in self.blocks]
+        # groups of equally shaped weights: (a, b, the flat indices of their entries (G a b,))
+        shapes = list(dict.fromkeys((a, b) for _, a, b in self.blocks))
+        self._where: list[tuple[int, int]] = []  # block i -> (group, member)
+        self._groups: list[tuple[int, int, Tensor]] = []
+        for a, b in shapes:
+            offs = [o for o, aa, bb in self.blocks if (aa, bb) == (a, b)]
+            idx = torch.cat([torch.arange(o, o + a * b) for o in offs]).to(like.device)
+            self._groups.append((a, b, idx))
+        for _, a, b in self.blocks:
+            gi = shapes.index((a, b))
+            self._where.append((gi, sum(1 for w in self._where if w[0] == gi)))
+        self._L, self._R, self._QL, self._QR = [], [], [], []
+        for a, b, idx in self._groups:
+            G = int(idx.numel()) // (a * b)
+            self._L.append(torch.zeros(G, a, a, **kw))
+            self._R.append(torch.zeros(G, b, b, **kw))
+            self._QL.append(torch.eye(a, **kw).repeat(G, 1, 1))
+            self._QR.append(torch.eye(b, **kw).repeat(G, 1, 1))
+
+    def _per_block(self, name: str) -> list[Tensor]:
+        stacks = getattr(self, "_" + name)
+        return [stacks[g][j] for g, j in self._where]
+
+    @property
+    def L(self) -> list[Tensor]:
+        """``L`` of each weight (views, in :attr:`blocks` order)."""
+        return self._per_block("L")
+
+    @property
+    def R(self) -> list[Tensor]:
+        """``R`` of each weight (views)."""
+        return self._per_block("R")
+
+    @property
+    def QL(self) -> list[Tensor]:
+        """``Q_L`` of each weight (views)."""
+        return self._per_block("QL")
+
+    @property
+    def QR(self) -> list[Tensor]:
+        """``Q_R`` of each weight (views)."""
+        return self._per_block("QR")
+
+    def _gather(self, X: Tensor, g: int) -> Tensor:
+        """The weights of group ``g`` in ``X`` (m, n) as (m, G, a, b) (a view for a single weight)."""
+        a, b, idx = self._groups[g]
+        if idx.numel() == a * b:
+            o = self.blocks[self._where.index((g, 0))][0]
+            return X[:, o : o + a * b].view(X.shape[0], 1, a, b)
+        return X.index_select(1, idx).view(X.shape[0], -1, a, b)
+
+    def _scatter(self, X: Tensor, g: int, W: Tensor) -> None:
+        """Write ``W`` (m, G, a, b) into the weights of group ``g`` in ``X`` (m, n)."""
+        a, b, idx = self._groups[g]
+        if idx.numel() == a * b:
+            o = self.blocks[self._where.index((g, 0))][0]
+            X[:, o : o + a * b] = W.reshape(X.shape[0], -1)
+        else:
+            X.index_copy_(1, idx, W.reshape(X.shape[0], -1))
 
     def accumulate(self, g: Tensor) -> None:
         """``L <- beta L + (1 - beta) G G^T``, ``R <- beta R + (1 - beta) G^T G`` for every weight."""
-        for (o, a, b), L, R in zip(self.blocks, self.L, self.R, strict=True):
-            G = g[o : o + a * b].view(a, b)
-            L.mul_(self.beta).addmm_(G, G.T, alpha=1 - self.beta)
-            R.mul_(self.beta).addmm_(G.T, G, alpha=1 - self.beta)
+        for gi in range(len(self._groups)):
+            G = self._gather(g[None], gi)[0]
+            self._L[gi].mul_(self.beta).baddbmm_(G, G.mT, alpha=1 - self.beta)
+            self._R[gi].mul_(self.beta).baddbmm_(G.mT, G, alpha=1 - self.beta)
 
-    def refresh(self, v: Tensor | None = None) -> None:
-        """``Q_L, Q_R`` <- the eigenvectors of ``L, R`` (ascending eigenvalues). ``v`` (n,), second moments
-        kept in the old basis, is carried over in place: a diagonal ``diag(v)`` rotated by ``P = P_L (x)
-        P_R`` (``P_L = Q_L'^T Q_L``) has diagonal ``(P_L o P_L) V (P_R o P_R)^T`` per weight."""
-        for i, (L, R) in enumerate(zip(self.L, self.R, strict=True)):
-            QL, QR = _eigenvectors(L), _eigenvectors(R)
+    def refresh(self, v: Tensor | None = None, carry: Sequence[Tensor] = ()) -> None:
+        """``Q_L, Q_R`` <- the eigenvectors of ``L, R`` (ascending eigenvalues). With ``P_L = Q_L'^T Q_L``,
+        ``P_R = Q_R'^T Q_R`` (new basis ``'`` against old), everything kept in the old basis is carried
+        over in place: the second moments ``v`` (n,) -- a diagonal ``diag(v)`` rotated by ``P_L (x) P_R``
+        has diagonal ``(P_L o P_L) V (P_R o P_R)^T`` per weight -- and each vector of ``carry`` (n,), whose
+        weight blocks ``M`` become ``P_L M P_R^T`` (e.g. a momentum kept in the basis)."""
+        for gi in range(len(self._groups)):
+            QL, QR = _eigenvectors(self._L[gi]), _eigenvectors(self._R[gi])
+            PL, PR = QL.mT @ self._QL[gi], QR.mT @ self._QR[gi]
             if v is not None:
-                o, a, b = self.blocks[i]
-                V = v[o : o + a * b].view(a, b)
-                V.copy_((QL.T @ self.QL[i]).square() @ V @ (QR.T @ self.QR[i]).square().T)
-            self.QL[i], self.QR[i] = QL, QR
+                V = self._gather(v[None], gi)[0]
+                self._scatter(v[None], gi, PL.square() @ V @ PR.square().mT)
+            for c in carry:
+                M = self._gather(c[None], gi)[0]
+                self._scatter(c[None], gi, PL @ M @ PR.mT)
+            self._QL[gi], self._QR[gi] = QL, QR
 
     def _map(self, X: Tensor, inverse: bool) -> Tensor:
         if not self.blocks:
             return X
         vec = X.dim() == 1
         Y = X.clone() if not vec else X[None].clone()
-        for (o, a, b), QL, QR in zip(self.blocks, self.QL, self.QR, strict=True):
-            W = Y[:, o : o + a * b].view(-1, a, b)
-            W.copy_(QL @ W @ QR.T if inverse else QL.T @ W @ QR)
+        left = self._QL if inverse else [Q.mT for Q in self._QL]  # (G, a, a) per group
+        right = [Q.mT for Q in self._QR] if inverse else self._QR
+        if Y.shape[0] == 1:  # a vector: one batched product per group of equal weights
+            for gi in range(len(self._groups)):
+                self._scatter(Y, gi, left[gi] @ self._gather(Y, gi)[0] @ right[gi])
+        else:  # many rows (U at a refresh): per weight, its rows in place (GEMMs over all rows)
+            for (o, a, b), (g, j) in zip(self.blocks, self._where, strict=True):
+                W = Y[:, o : o + a * b].view(-1, a, b)
+                W.copy_(left[g][j] @ W @ right[g][j])
         return Y[0] if vec else Y
 
     def rotate(self, X: Tensor) -> Tensor:
@@ -178,13 +254,16 @@ class EigenBasis:
         return self._map(X, inverse=True)
 
     def state(self) -> dict[str, list[Tensor]]:
-        """Copies of ``L``, ``R``, ``Q_L``, ``Q_R`` (for a checkpoint)."""
-        return {k: [t.clone() for t in getattr(self, k)] for k in ("L", "R", "QL", "QR")}
+        """Copies of ``L``, ``R``, ``Q_L``, ``Q_R`` of each weight (for a checkpoint)."""
+        return {k: [t.clone() for t in getattr(self, k)] for k in self._FIELDS}
 
     def load(self, sd: dict[str, list[Tensor]]) -> None:
         """Restore what :meth:`state` returned."""
-        for k in ("L", "R", "QL", "QR"):
-            setattr(self, k, [t.clone() for t in sd[k]])
+        for k in self._FIELDS:
+            stacks = [t.clone() for t in getattr(self, "_" + k)]
+            for (g, j), t in zip(self._where, sd[k], strict=True):
+                stacks[g][j] = t
+            setattr(self, "_" + k, stacks)
 
 
 class Preconditioner:
@@ -284,17 +363,22 @@ class Preconditioner:
             self.basis.load(b)
         self.state = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in sd.items()}
         # a Hessian factorization is not stored: it is rebuilt at the next call
-        self._factor = None if f is None else WoodburyFactor(f["U"], f["S"], f["D"], K=f.get("K"))
+        self._factor = (
+            None if f is None else WoodburyFactor(f["U"], f["S"], f["D"], K=f.get("K"), gram_tol=_GRAM_TOL)
+        )
 
     # -- the pieces -------------------------------------------------------------------------------
-    def observe(self, g: Tensor) -> None:
-        """Add the gradient ``g`` (n,) to the second-moment average."""
+    def observe(self, g: Tensor) -> Tensor:
+        """Add the gradient ``g`` (n,) to the second-moment average; return ``g`` in the preconditioner's
+        basis (rotated by :class:`EigenBasis`, or ``g`` itself), which ``solve(..., rotated=True)``
+        takes."""
         st = self.state
         st["t"] += 1
         if self.basis is not None:  # second moments in the eigenbasis (SOAP)
             self.basis.accumulate(g)
             g = self.basis.rotate(g)
         st["v"].mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+        return g
 
     def diagonal(self) -> Tensor:
         """``D = damping (sqrt(v / (1 - beta2^t)) + eps)`` (n,)."""
@@ -320,18 +404,19 @@ class Preconditioner:
         op = GaussNewton(self.model, self.loss_fn, Xc, yc, chain=self.chain)
         return op.root()
 
-    def update(self, inputs: Tensor, targets: Tensor) -> None:
+    def update(self, inputs: Tensor, targets: Tensor, carry: Sequence[Tensor] = ()) -> None:
         """Rebuild the curvature on a curvature batch drawn from ``(inputs, targets)`` when due; refresh
-        ``D`` when due or during warm-up."""
+        ``D`` when due or during warm-up. The vectors of ``carry`` (n,), kept in the preconditioner's
+        basis (what :meth:`observe` returns), follow it in place when the basis is refreshed."""
         t0 = time.perf_counter()
         if self.due():
             self.state["refreshes"] += 1
             if self.curvature == "gauss_newton":
                 U, S = self.curvature_root(inputs, targets)
                 if self.basis is not None:  # G = U^T S U = Q (U Q)^T S (U Q) Q^T: factor in Q's basis
-                    self.basis.refresh(self.state["v"])
+                    self.basis.refresh(self.state["v"], carry)
                     U = self.basis.rotate(U)
-                self._factor = WoodburyFactor(U, S, self.diagonal())
+                self._factor = WoodburyFactor(U, S, self.diagonal(), gram_tol=_GRAM_TOL)
             else:
                 Xc, yc = self._curvature_batch(inputs, targets)
                 self._op = Hessian(self.model, self.loss_fn, Xc, yc, chain=self.chain)
@@ -361,8 +446,10 @@ class Preconditioner:
             return ratio.new_zeros(0, dtype=torch.long)
         return torch.nonzero((ratio > self.stale_ratio) | (ratio < 1.0 / self.stale_ratio)).flatten()
 
-    def solve(self, g: Tensor) -> Tensor:
-        """``(C + D)^{-1} g`` with the stored factorization (no refinement), for ``g`` of shape (n,)."""
+    def solve(self, g: Tensor, rotated: bool = False) -> Tensor:
+        """``(C + D)^{-1} g`` with the stored factorization (no refinement), for ``g`` of shape (n,); with
+        ``rotated``, ``g`` is given in the preconditioner's basis (as :meth:`observe` returns it: one
+        rotation per step saved). The result is in the parameters' coordinates."""
         if self._factor is None:
             raise RuntimeError("no curvature yet: call update(inputs, targets) first")
         if g.shape != (self.chain.num_params,):
@@ -370,7 +457,8 @@ class Preconditioner:
         if self.curvature == "gauss_newton":
             if self.basis is None:
                 return self._factor.solve(g[:, None])[:, 0]
-            return self.basis.unrotate(self._factor.solve(self.basis.rotate(g)[:, None])[:, 0])
+            gr = g if rotated else self.basis.rotate(g)
+            return self.basis.unrotate(self._factor.solve(gr[:, None])[:, 0])
         return self._factor.solve(g, refine=False)
 
     # -- preconditioner mode ------------------------------------------------------------------------
