@@ -278,3 +278,68 @@ def test_float32_perturbed_sweep_uses_the_float64_twin():
     ev = torch.linalg.eigvalsh(H64.to_dense())
     assert F.inertia == count(ev, 1e-3) and F.inertia_certified
     assert F.logdet() == pytest.approx(float((ev + 1e-3).abs().log().sum()), rel=1e-8)
+
+
+@settings(max_examples=max(N_CHAINS // 2, 3))
+@given(chains(max_depth=6, max_width=6, max_batch=5), st.sampled_from(["gap", 0.1, 1.0]))
+def test_mixed_precision_factorization_against_dense(prob, damping):
+    """precision="mixed" on random float64 chains (indefinite shifts included): float64 solutions with
+    relative residual <= 1e-12 wherever cond <= 1e10 (a float64 factorization takes over where the
+    float32 one cannot precondition), the dense solve's error, the float32 sweep's inertia wherever no
+    eigenvalue of H + eps I lies within 1e-4 ||H|| of zero, and log|det| from float64 pivots."""
+    g_ref, H_ref = dense_gradient_hessian(prob.model, prob.loss_fn, prob.inputs, prob.targets)
+    ev = torch.linalg.eigvalsh(H_ref)
+    eps = pick_shift(ev) if damping == "gap" else damping
+    if eps is None:
+        return
+    n = H_ref.shape[0]
+    shifted = ev + eps
+    if float(shifted.abs().min()) < 1e-9 * max(float(shifted.abs().max()), 1.0):
+        return  # singular to about working precision: not this test's subject
+    cond = float(shifted.abs().max() / shifted.abs().min())
+    H = hessinv.hessian(prob.model, prob.loss_fn, prob.inputs, prob.targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hessinv.AccuracyWarning)
+        F = H.factor(eps, precision="mixed")
+        x, info = F.solve(g_ref, return_info=True)
+    assert isinstance(F, hessinv.MixedFactorization) and x.dtype == torch.float64
+    if cond <= 1e10:
+        assert info.residual <= 1e-12, (prob.description, info, cond)
+        ref = torch.linalg.solve(H_ref + eps * torch.eye(n, dtype=torch.float64), g_ref)
+        assert rel(x, ref) < 1e-12 * cond + 1e-14, prob.description
+    scale = float(ev.abs().max()) + abs(eps)
+    if float(shifted.abs().min()) > 1e-4 * scale:
+        assert F.inertia == count(ev, eps), prob.description
+    assert not F.inertia_certified or F._low is None
+    assert F.logdet() == pytest.approx(float(shifted.abs().log().sum()), rel=1e-9, abs=1e-9 * n)
+
+
+def test_mixed_precision_is_validated_and_falls_back_to_float64():
+    """Named errors for a bad precision or a mixed factorization of a modified / Woodbury matrix; a float32
+    sweep that must perturb a pivot (cond ~1e7) makes the whole factorization float64 (certified inertia,
+    residual <= 1e-12)."""
+    model, X, y = readme_problem(0, dtype=torch.float64)
+    H = hessinv.hessian(model, nn.CrossEntropyLoss(), X, y)
+    with pytest.raises(InvalidArgumentError, match="precision"):
+        H.factor(1e-2, precision="half")
+    with pytest.raises(InvalidArgumentError, match="modify"):
+        H.factor(1e-2, modify="abs", precision="mixed")
+    G = hessinv.gauss_newton(model, nn.CrossEntropyLoss(), X, y)
+    with pytest.raises(InvalidArgumentError, match="Riccati"):
+        G.factor(torch.ones(G.shape[0], dtype=torch.float64), precision="mixed")
+    torch.manual_seed(1)
+    layers: list[nn.Module] = []
+    for _ in range(15):  # the chain of test_float32_perturbed_sweep_uses_the_float64_twin, in float64
+        layers += [nn.Linear(8, 8, bias=False), nn.Tanh()]
+    deep = nn.Sequential(*layers, nn.Linear(8, 10, bias=False))
+    for m in deep:
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="tanh")
+    deep = deep.double()
+    H = hessinv.hessian(deep, nn.CrossEntropyLoss(), torch.randn(8, 8).double(), torch.randint(0, 10, (8,)))
+    F = H.factor(1e-3, precision="mixed")
+    assert F._low is None and F.inertia_certified
+    x, info = F.solve(H.gradient, return_info=True)
+    assert info.residual < 1e-12
+    ev = torch.linalg.eigvalsh(H.to_dense())
+    assert F.inertia == count(ev, 1e-3)

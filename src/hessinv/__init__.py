@@ -40,6 +40,7 @@ _EXPORTS = {
     "InvalidArgumentError": "hessinv.errors",
     "IndefiniteError": "hessinv.errors",
     "WoodburyFactorization": "hessinv.curvature",
+    "MixedFactorization": "hessinv.curvature",
     "Eigenpairs": "hessinv.curvature",
 }
 _SUBMODULES = (
@@ -57,6 +58,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         Factorization,
         GaussNewton,
         Hessian,
+        MixedFactorization,
         SolveInfo,
         gauss_newton,
         hessian,

@@ -46,6 +46,7 @@ __all__ = [
     "GaussNewton",
     "Factorization",
     "WoodburyFactorization",
+    "MixedFactorization",
     "SolveInfo",
     "Eigenpairs",
     "hessian",
@@ -222,7 +223,9 @@ class CurvatureOperator:
         )
 
     # -- factorization -------------------------------------------------------------------------
-    def factor(self, damping: float = 0.0, modify: str | None = None) -> Factorization:
+    def factor(
+        self, damping: float = 0.0, modify: str | None = None, precision: str = "working"
+    ) -> Factorization:
         """Factor ``H + damping * I`` with the backward Riccati sweep (reusable for many solves).
 
         Raises :class:`SingularError` if a pivot is singular at this damping. ``modify="abs"`` (needs
@@ -230,8 +233,12 @@ class CurvatureOperator:
         eigenvalues below ``damping`` replaced by ``max(|lambda|, damping)`` (modified Cholesky per pivot
         block, math.md §6); ``M = H + damping I`` where every pivot is already above ``damping``.
         Solves with it are not refined (``M`` is not ``H + damping I``).
+
+        ``precision="mixed"`` (float64 operators): the sweep runs in float32 -- about half the time --
+        and every solve is refined in float64 to float64 accuracy (:class:`MixedFactorization`); a
+        float32 model's factorization is always of this kind.
         """
-        return Factorization(self, check_real(damping, "damping"), modify=_check_modify(modify))
+        return _factorization(self, damping, modify, precision)
 
     def solve(self, rhs: Tensor, damping: float = 0.0, **kw) -> Tensor | tuple[Tensor, SolveInfo]:
         """``(H + damping I)^{-1} rhs``; shortcut for ``self.factor(damping).solve(rhs, **kw)``."""
@@ -558,11 +565,28 @@ class CurvatureOperator:
         if self.dtype == torch.float64:
             return self
         if self._twin is None:
-            model = copy.deepcopy(self.model)
-            model = model.double() if isinstance(model, nn.Module) else [m.double() for m in model]
-            targets = self.targets.double() if self.targets.is_floating_point() else self.targets
-            self._twin = type(self)(model, self.loss_fn, self.inputs.double(), targets)
+            self._twin = self._converted(torch.float64)
         return self._twin
+
+    def _converted(self, dtype: torch.dtype) -> CurvatureOperator:
+        """The same operator on a copy of the model, inputs and targets in ``dtype``."""
+        model = copy.deepcopy(self.model)
+        model = model.to(dtype) if isinstance(model, nn.Module) else [m.to(dtype) for m in model]
+        targets = self.targets.to(dtype) if self.targets.is_floating_point() else self.targets
+        return type(self)(model, self.loss_fn, self.inputs.to(dtype), targets)
+
+
+def _factorization(
+    op: CurvatureOperator, damping: float, modify: str | None, precision: str
+) -> Factorization:
+    if precision not in ("working", "mixed"):
+        raise InvalidArgumentError(f"precision must be 'working' or 'mixed', got {precision!r}")
+    damping, modify_ = check_real(damping, "damping"), _check_modify(modify)
+    if precision == "mixed" and op.dtype == torch.float64:
+        if modify_:
+            raise InvalidArgumentError("precision='mixed' refines solves of H + eps I: it excludes modify")
+        return MixedFactorization(op, damping)
+    return Factorization(op, damping, modify=modify_)
 
 
 def _check_modify(modify: str | None) -> bool:
@@ -628,18 +652,24 @@ class GaussNewton(CurvatureOperator):
         return self._root
 
     def factor(
-        self, damping: float | Tensor = 0.0, method: str = "auto", modify: str | None = None
+        self,
+        damping: float | Tensor = 0.0,
+        method: str = "auto",
+        modify: str | None = None,
+        precision: str = "working",
     ) -> Factorization:
         """Factor ``G + D``. ``D`` is a number (``method="auto"``/``"riccati"``: the Riccati sweep;
         ``"woodbury"``: through ``G``'s square root) or a (n,) tensor of per-parameter damping
-        (always Woodbury)."""
+        (always Woodbury). ``precision``: as :meth:`CurvatureOperator.factor` (Riccati sweep only)."""
         if method not in ("auto", "riccati", "woodbury"):
             raise ValueError(f"method must be 'auto', 'riccati' or 'woodbury', got {method!r}")
         if isinstance(damping, Tensor) or method == "woodbury":
             if method == "riccati":
                 raise ValueError("a per-parameter damping needs method='woodbury' (or 'auto')")
+            if precision != "working":
+                raise InvalidArgumentError("precision='mixed' is for the Riccati sweep (a scalar damping)")
             return WoodburyFactorization(self, damping)
-        return Factorization(self, check_real(damping, "damping"), modify=_check_modify(modify))
+        return _factorization(self, damping, modify, precision)
 
 
 class Factorization:
@@ -666,6 +696,11 @@ class Factorization:
     """
 
     _twin_only = False  # solves, inertia and log-det from the float64 twin alone (see __init__)
+
+    @property
+    def _sweep_dtype(self) -> torch.dtype:
+        """The precision the sweep runs in."""
+        return self.op.dtype
 
     def __init__(
         self, op: CurvatureOperator, damping: float, modify: bool = False, _factors: tuple | None = None
@@ -804,6 +839,7 @@ class Factorization:
             return self._f64._solve64(R64, max_refine, X64, float64=True)
         op64 = self.op._residual_operator()
         dtype = self.op.dtype
+        low = self._sweep_dtype != torch.float64 and not float64  # a float64 factorization can take over
         if X64 is None:
             X64 = self._raw(R64.to(dtype)).double()
         rnorm = R64.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
@@ -838,7 +874,7 @@ class Factorization:
                 if float(res[:, j].norm() / rnorm[j]) <= krylov_above:
                     continue
                 # below float64, a float64 factorization is the fallback: a short GMRES budget
-                budget = (30, 4) if dtype == torch.float64 or float64 else (20, 1)
+                budget = (20, 1) if low else (30, 4)
                 x, k = fgmres(
                     apply,
                     lambda v: self._raw(v.to(dtype)).double(),
@@ -849,7 +885,7 @@ class Factorization:
                 )
                 X64[:, j], its = x, its + k
             res, rel = residual(X64)
-        if rel > 1e-12 and dtype != torch.float64 and not float64:
+        if rel > 1e-12 and low:
             # a float32 factorization too inaccurate to precondition (cond(H + eps I) u32 >~ 1): solve
             # with the float64 twin's factorization instead (factored once, kept)
             X2, info2 = self._float64()._solve64(R64, max_refine, float64=True)
@@ -902,6 +938,68 @@ class Factorization:
         X = X64.to(self.op.dtype)
         out = X[:, 0] if vec else X
         return (out, self.last_info) if return_info else out
+
+
+class MixedFactorization(Factorization):
+    """``H + eps I`` of a float64 operator factored by a float32 sweep, every solve refined in float64
+    (``op.factor(eps, precision="mixed")``; mixed-precision iterative refinement, as LAPACK's
+    ``dsgesv``): the sweep's ``O(L (p^3 + p^2 a + p a^2))`` flops run at float32 speed, and while
+    ``cond(H + eps I) u32 < 1`` each refinement step ``x += F^{-1}(b - (H + eps I) x)`` (float64
+    residual, the ``O(L)`` product) gains ``log10(1 / (cond u32))`` digits, to float64 accuracy.
+    Beyond that -- refinement and GMRES stall above ``1e-12`` -- the solve falls back to a float64
+    factorization (made once, kept); so does the whole factorization if the float32 sweep must perturb
+    a pivot.
+
+    ``inertia`` is the float32 sweep's count: exact for ``H + eps I`` unless an eigenvalue lies within
+    the float32 rounding of zero, so ``inertia_certified`` is False (``precision="working"`` certifies
+    it). :meth:`logdet`, :meth:`inverse_sqrt` and :meth:`sample` use the float64 factorization.
+
+    >>> import torch, hessinv
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    >>> X, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    >>> H = hessinv.hessian(net, torch.nn.CrossEntropyLoss(), X, y)
+    >>> F = H.factor(0.1, precision="mixed")
+    >>> x = F.solve(H.gradient)
+    >>> x.dtype, F.last_info.residual < 1e-14
+    (torch.float64, True)
+    """
+
+    def __init__(self, op: CurvatureOperator, damping: float):
+        self._low: CurvatureOperator | None = op._converted(torch.float32)
+        damping = _check_shift(damping, torch.float32, "damping")
+        low = self._low
+        factors = riccati_factor(low.blocks, damping, low._names, low.gradient, perturb=True)
+        if any(f is not None and f.pivot.perturbed for f in factors[0]):
+            self._low = None  # float32 pivots too near singular to precondition: float64 throughout
+            super().__init__(op, damping)
+            return
+        super().__init__(op, damping, _factors=factors)
+        self.inertia_certified = False
+
+    @property
+    def _sweep_dtype(self) -> torch.dtype:
+        return torch.float64 if self._low is None else torch.float32
+
+    def _raw(self, R: Tensor) -> Tensor:
+        if self._low is None:
+            return super()._raw(R)
+        s = _pow2_scale(R)
+        xs = riccati_solve(self._low.blocks, self.factors, self._low._split((R / s).float()))
+        return torch.cat(xs, dim=0).double() * s
+
+    def inverse_quadratic(self, v: Tensor) -> float:
+        if self._low is None:
+            return super().inverse_quadratic(v)
+        R, _ = self.op._as_matrix(v, "v")
+        return float(riccati_quadratic(self._low.blocks, self.factors, self._low._split(R.float()))[0])
+
+    def logdet(self) -> float:
+        return super().logdet() if self._low is None else self._float64().logdet()
+
+    def inverse_sqrt(self, Z: Tensor) -> Tensor:
+        return super().inverse_sqrt(Z) if self._low is None else self._float64().inverse_sqrt(Z)
 
 
 def _pow2_scale(R: Tensor) -> Tensor:
