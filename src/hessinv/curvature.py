@@ -865,28 +865,34 @@ class Factorization:
             if not rel_c < 0.9 * rel:
                 stalled = True
                 break
+            slow = rel_c > 0.1 * rel  # contraction ~ cond(H + eps I) u of the sweep
             X64, res, rel, steps = cand, res_c, rel_c, steps + 1
+            if low and slow and rel > 1e-12:
+                # a float32 sweep contracting by less than 10x per step (cond u32 >~ 0.1): the steps
+                # left (a sweep and a float64 product each) cost more than the float64 factorization
+                stalled = True
+                break
         its = 0
         # refinement stalled above float64 accuracy, or is slow on a perturbed factorization (a
-        # preconditioner by design): flexible GMRES, with F as preconditioner
-        if (stalled or self.perturbed) and rel > krylov_above:
+        # preconditioner by design): flexible GMRES, with F as preconditioner. Below float64 the
+        # float64 factorization takes over instead (a sweep per GMRES iteration costs more)
+        if not low and (stalled or self.perturbed) and rel > krylov_above:
             for j in range(X64.shape[1]):
                 if float(res[:, j].norm() / rnorm[j]) <= krylov_above:
                     continue
-                # below float64, a float64 factorization is the fallback: a short GMRES budget
-                budget = (20, 1) if low else (30, 4)
                 x, k = fgmres(
                     apply,
                     lambda v: self._raw(v.to(dtype)).double(),
                     R64[:, j],
                     X64[:, j],
                     krylov_above,
-                    *budget,
+                    30,
+                    4,
                 )
                 X64[:, j], its = x, its + k
             res, rel = residual(X64)
         if rel > 1e-12 and low:
-            # a float32 factorization too inaccurate to precondition (cond(H + eps I) u32 >~ 1): solve
+            # a float32 factorization too inaccurate to precondition (cond(H + eps I) u32 >~ 0.1): solve
             # with the float64 twin's factorization instead (factored once, kept)
             X2, info2 = self._float64()._solve64(R64, max_refine, float64=True)
             if info2.residual < rel:
