@@ -98,6 +98,10 @@ def test_functional_form_and_errors():
         InfluenceFunction(net, lf, "fisher")
     with pytest.raises(InvalidArgumentError, match="precision"):
         InfluenceFunction(net, lf, precision="single")
+    mixed = influence_scores(
+        net, lf, (X, y), (X[:2], y[:2]), "ggn", 0.1, curvature_batch=(X[:5], y[:5]), precision="mixed"
+    )
+    assert torch.allclose(mixed, s, rtol=1e-10, atol=1e-12 * float(s.abs().max()))
     with pytest.raises(RuntimeError, match="fit"):
         InfluenceFunction(net, lf).influences(X, y)
     with pytest.raises(ValueError, match="both"):

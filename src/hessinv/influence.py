@@ -212,10 +212,11 @@ def influence_scores(
     curvature: str = "hessian",
     damping: float = 0.0,
     curvature_batch: tuple[Tensor, Tensor] | None = None,
+    precision: str = "working",
 ) -> Tensor:
     """``(n_test, N)`` influence scores in one call; see :class:`InfluenceFunction`."""
     cx, cy = curvature_batch if curvature_batch is not None else (None, None)
-    inf = InfluenceFunction(model, loss_fn, curvature, damping).fit(*train, cx, cy)
+    inf = InfluenceFunction(model, loss_fn, curvature, damping, precision).fit(*train, cx, cy)
     return inf.influences(*test)
 
 
@@ -228,6 +229,7 @@ def distributed_influence_scores(
     damping: float = 0.0,
     curvature_batch: tuple[Tensor, Tensor] | None = None,
     group: Any = None,
+    precision: str = "working",
 ) -> Tensor:
     """:func:`influence_scores` split over the ranks of a ``torch.distributed`` process ``group``.
 
@@ -250,6 +252,6 @@ def distributed_influence_scores(
         raise DistributedError(f"{n} training examples for {world} ranks: use at most {n} processes")
     Xr, yr = torch.tensor_split(X, world)[rank], torch.tensor_split(y, world)[rank]
     Xc, yc = curvature_batch if curvature_batch is not None else (X, y)
-    inf = InfluenceFunction(model, loss_fn, curvature, damping).fit(Xr, yr, Xc, yc)
+    inf = InfluenceFunction(model, loss_fn, curvature, damping, precision).fit(Xr, yr, Xc, yc)
     block = inf.influences(*test)  # (n_test, N_r)
     return torch.cat(_gather_rows(block.T.contiguous(), group)).T
