@@ -158,3 +158,28 @@ def test_woodbury_gram_in_low_precision_only_within_its_bound():
     D3 = D * 2
     D3[J] = torch.tensor([3.0, 900.0])
     assert torch.allclose(F2.K, WoodburyFactor(U, S, D3).K, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(chains(max_depth=5, max_width=6, max_batch=4))
+def test_root_built_in_a_rotated_basis(prob):
+    """gauss_newton_root(rotation=basis.blocks_in) -- Linear rows rotated factor by factor, other stages'
+    rows after -- equals the root rotated afterwards (basis.rotate(U)), for random orthogonal bases."""
+    from hessinv.optim import EigenBasis
+
+    G = hessinv.gauss_newton(prob.model, prob.loss_fn, prob.inputs, prob.targets)
+    U, S = G.root()
+    params = [p for p in prob.model.parameters() if p.requires_grad]
+    basis = EigenBasis(params)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        basis.accumulate(torch.randn(U.shape[1], generator=gen, dtype=U.dtype))
+    basis.refresh()
+    U_rot, S_rot = G.root(basis.blocks_in)
+    assert torch.equal(S_rot, S)
+    assert torch.allclose(U_rot, basis.rotate(U), rtol=1e-10, atol=1e-12 * float(U.abs().max())), (
+        prob.description
+    )
+    # without a rotation the Linear stages' outer-product rows are the plain root
+    U0, _ = G.root(lambda offset, size: [])
+    assert torch.allclose(U0, U, rtol=1e-12, atol=1e-14 * float(U.abs().max()))

@@ -34,6 +34,8 @@ log|det K|`` (``|det S| = 1``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -52,9 +54,21 @@ def _check_damping(Dv: Tensor) -> None:
         )
 
 
-def gauss_newton_root(blocks: list, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+#: ``rotation(offset, size)``: the weight blocks ``(offset, a, b, Q_L, Q_R)`` inside the flat parameter
+#: range ``[offset, offset + size)`` whose rows are to be returned rotated, ``Q_L^T W Q_R``
+Rotation = Callable[[int, int], list[tuple[int, int, int, Tensor, Tensor]]]
+
+
+def gauss_newton_root(
+    blocks: list, dtype: torch.dtype, device: torch.device, rotation: Rotation | None = None
+) -> tuple[Tensor, Tensor]:
     """``(U, S)`` with ``G = U^T diag(S) U`` for the Gauss-Newton matrix of ``blocks`` (model stages,
-    then the loss stage): ``U`` is (r, n), ``S`` holds ``+-1`` (r,). See the module docstring."""
+    then the loss stage): ``U`` is (r, n), ``S`` holds ``+-1`` (r,). See the module docstring.
+
+    With ``rotation`` (e.g. :meth:`hessinv.optim.EigenBasis.blocks_in`) the rows come out in a rotated
+    basis: every weight block ``W`` it names as ``Q_L^T W Q_R``. A Linear stage's rows are outer products
+    ``delta z^T`` per example, so it rotates ``delta`` and ``z`` before forming them (``B (a^2 r + b^2)``
+    flops instead of ``r (a^2 b + a b^2)``); other stages' rows are rotated after."""
     loss = blocks[-1]
     B, C = loss.batch, loss.d_in
     eye = torch.eye(C, dtype=dtype, device=device).expand(B, C, C).contiguous()
@@ -69,14 +83,24 @@ def gauss_newton_root(blocks: list, dtype: torch.dtype, device: torch.device) ->
     cols = (V[n_idx, :, j_idx] * mu[n_idx, j_idx].abs().sqrt()[:, None]).to(dtype)  # (r, C)
     s = torch.zeros(B, C, r, dtype=dtype, device=cols.device)
     s[n_idx, :, torch.arange(r, device=cols.device)] = cols
-    parts: list[Tensor] = [s.new_zeros(0, r)] * (len(blocks) - 1)
+    parts: list[Tensor] = [s.new_zeros(r, 0)] * (len(blocks) - 1)
+    offsets = [0]
+    for blk in blocks[:-2]:
+        offsets.append(offsets[-1] + blk.p)
     for l in range(len(blocks) - 2, -1, -1):
         blk = blocks[l]
         if blk.p:
-            parts[l] = blk.jxT(s)
+            rot = rotation(offsets[l], blk.p) if rotation is not None else []
+            rows = blk.jxT_rows(s, rot) if hasattr(blk, "jxT_rows") else None
+            if rows is None:  # generic: (p, r) rows, rotated after
+                rows = blk.jxT(s).T.contiguous()
+                for o, a, b, QL, QR in rot:
+                    W = rows[:, o - offsets[l] : o - offsets[l] + a * b].view(-1, a, b)
+                    W.copy_(QL.mT @ W @ QR)
+            parts[l] = rows
         if l > 0:
             s = blk.jzT(s)
-    U = torch.cat(parts, dim=0).T.contiguous()
+    U = torch.cat(parts, dim=1)
     S = torch.sign(mu[n_idx, j_idx]).to(dtype)
     return U, S
 

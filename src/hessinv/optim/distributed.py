@@ -60,7 +60,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from hessinv.curvature import GaussNewton
 from hessinv.errors import DistributedError
 from hessinv.optim.precondition import Preconditioner
 
@@ -295,10 +294,6 @@ class DistributedPreconditioner(Preconditioner):
         X = torch.cat(_gather_rows(inputs[local].contiguous(), self.group))
         y = torch.cat(_gather_rows(targets[local].contiguous(), self.group))
         return X, y
-
-    def _root(self, X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        op = GaussNewton(self.model, self.loss_fn, X, y, chain=self.chain)
-        return op.root()
 
     def curvature_root(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         if self.strategy == "sharded":

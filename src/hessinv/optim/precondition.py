@@ -245,6 +245,15 @@ class EigenBasis:
                 W.copy_(left[g][j] @ W @ right[g][j])
         return Y[0] if vec else Y
 
+    def blocks_in(self, offset: int, size: int) -> list[tuple[int, int, int, Tensor, Tensor]]:
+        """``(offset, a, b, Q_L, Q_R)`` of the weights inside the flat range ``[offset, offset + size)``
+        (the ``rotation`` of :func:`hessinv.lowrank.gauss_newton_root`: ``U``'s rows built in the basis)."""
+        return [
+            (o, a, b, self._QL[g][j], self._QR[g][j])
+            for (o, a, b), (g, j) in zip(self.blocks, self._where, strict=True)
+            if offset <= o and o + a * b <= offset + size
+        ]
+
     def rotate(self, X: Tensor) -> Tensor:
         """``X`` (n,) or (m, n) in the eigenbasis (per weight ``Q_L^T W Q_R``)."""
         return self._map(X, inverse=False)
@@ -399,10 +408,16 @@ class Preconditioner:
 
     def curvature_root(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """``(U, S)`` with ``G = U^T diag(S) U`` the Gauss-Newton matrix of a curvature batch drawn from
-        ``(inputs, targets)`` (the step :mod:`hessinv.optim.distributed` shares between ranks)."""
+        ``(inputs, targets)``, ``U``'s rows in the preconditioner's basis (the step
+        :mod:`hessinv.optim.distributed` shares between ranks)."""
         Xc, yc = self._curvature_batch(inputs, targets)
-        op = GaussNewton(self.model, self.loss_fn, Xc, yc, chain=self.chain)
-        return op.root()
+        return self._root(Xc, yc)
+
+    def _root(self, X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(U, S)`` of the Gauss-Newton matrix on ``(X, y)``, rows in the basis (built there: a Linear
+        weight's rows are outer products, rotated factor by factor)."""
+        op = GaussNewton(self.model, self.loss_fn, X, y, chain=self.chain)
+        return op.root(None if self.basis is None else self.basis.blocks_in)
 
     def update(self, inputs: Tensor, targets: Tensor, carry: Sequence[Tensor] = ()) -> None:
         """Rebuild the curvature on a curvature batch drawn from ``(inputs, targets)`` when due; refresh
@@ -412,10 +427,9 @@ class Preconditioner:
         if self.due():
             self.state["refreshes"] += 1
             if self.curvature == "gauss_newton":
-                U, S = self.curvature_root(inputs, targets)
                 if self.basis is not None:  # G = U^T S U = Q (U Q)^T S (U Q) Q^T: factor in Q's basis
                     self.basis.refresh(self.state["v"], carry)
-                    U = self.basis.rotate(U)
+                U, S = self.curvature_root(inputs, targets)  # rows in Q's basis (U Q)
                 self._factor = WoodburyFactor(U, S, self.diagonal(), gram_tol=_GRAM_TOL)
             else:
                 Xc, yc = self._curvature_batch(inputs, targets)

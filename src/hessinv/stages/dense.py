@@ -240,6 +240,28 @@ class DenseLayerBlocks(Blocks):
     def jxT(self, s: Tensor) -> Tensor:
         return self._model(self._ZT(self.sp[:, :, None] * s))
 
+    def jxT_rows(self, s: Tensor, rotation: list) -> Tensor | None:
+        """``(Jx^T s)^T`` as (k, p) rows in model order, built as outer products: row ``q`` of the
+        weight block is ``sum_n t_{n,q} z_n^T`` (``t = s' s``), of the bias ``sum_n t_{n,q}``. With
+        ``rotation`` = ``[(offset, d, m, Q_L, Q_R)]`` naming this stage's weight, the weight rows come out
+        as ``Q_L^T G Q_R`` by rotating ``t`` and ``z`` first (see :func:`hessinv.lowrank.gauss_newton_root`);
+        None for any other rotation (the caller then rotates the rows)."""
+        st = self.stage
+        d, m = st.d, st.m
+        t = self.sp[:, :, None] * s  # (B, d, k)
+        z = self.zt[:, :m]
+        tw, zw = t, z
+        if rotation:
+            if len(rotation) != 1 or rotation[0][1:3] != (d, m):
+                return None
+            QL, QR = rotation[0][3], rotation[0][4]
+            tw, zw = torch.matmul(QL.mT, t), z @ QR
+        k = t.shape[-1]
+        rows = [torch.einsum("nik,nj->kij", tw, zw).reshape(k, d * m)]
+        if st.bias:
+            rows.append(t.sum(0).T)
+        return torch.cat(rows, dim=1) if len(rows) > 1 else rows[0].contiguous()
+
     def jz(self, t: Tensor) -> Tensor:
         out = self.sp[:, :, None] * torch.matmul(self.W, t)
         return out + t if self.residual else out
