@@ -134,9 +134,9 @@ def test_woodbury_update_damping_against_dense(signed):
 
 
 def test_woodbury_gram_in_low_precision_only_within_its_bound():
-    """gram_tol: K = I + U D^{-1} U^T formed in float32 when r u32 max K_ii <= gram_tol (then within that
-    bound of the float64 K, relative to lambda_min(K) >= 1); otherwise -- a large D^{-1}, or a sign in S
-    -- formed in float64 exactly as without gram_tol."""
+    """gram_tol: K = I + U D^{-1} U^T formed in float32 when sqrt(n r) u32 max K_ii <= gram_tol (then
+    within that bound of the float64 K, relative to lambda_min(K) >= 1); otherwise -- a large D^{-1}, or
+    a sign in S -- formed in float64 exactly as without gram_tol."""
     g = torch.Generator().manual_seed(3)
     r, n = 8, 500
     U = torch.randn(r, n, generator=g)
@@ -145,7 +145,7 @@ def test_woodbury_gram_in_low_precision_only_within_its_bound():
     K64 = WoodburyFactor(U, S, D).K
     fast = WoodburyFactor(U, S, D, gram_tol=1e-3)
     assert float((fast.K - K64).abs().max()) <= 1e-3 and not torch.equal(fast.K, K64)
-    small = D * 1e-4  # max K_ii ~ 5e4: bound 8 * 6e-8 * 5e4 = 0.02 > 1e-3 -> float64
+    small = D * 1e-4  # max K_ii ~ 5e4: sqrt(500 * 8) * 6e-8 * 5e4 = 0.19 > 1e-3 -> float64
     assert torch.equal(WoodburyFactor(U, S, small, gram_tol=1e-3).K, WoodburyFactor(U, S, small).K)
     S2 = S.clone()
     S2[0] = -1.0

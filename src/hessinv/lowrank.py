@@ -34,6 +34,7 @@ log|det K|`` (``|det S| = 1``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -113,9 +114,11 @@ class WoodburyFactor:
     :meth:`update_damping` changes ``D`` on ``k`` entries in place (``2 r^2 k`` flops).
     ``K`` may be passed (a checkpoint's), else it is formed: in float64 by default, or -- ``gram_tol``
     given, ``U`` below float64 and ``S = +1`` (a convex loss: ``K = I + W W^T``, ``W = U D^{-1/2}``, so
-    ``lambda_min(K) >= 1``) -- in ``U``'s dtype when its rounding error bound relative to
-    ``lambda_min(K)``, ``r u max_i K_ii``, is at most ``gram_tol`` (about 3x faster; for an unrefined
-    preconditioner, :class:`hessinv.optim.Preconditioner`).
+    ``lambda_min(K) >= 1``) -- in ``U``'s dtype when the expected rounding error of ``K`` relative to
+    ``lambda_min(K)``, ``sqrt(n r) u max_i K_ii`` (each entry a sum of ``n`` products, rounding errors
+    of random sign: ``sqrt(n) u sqrt(K_ii K_jj)``; over the ``r x r`` matrix a further ``sqrt(r)``), is at
+    most ``gram_tol`` (about 3x faster; for an unrefined preconditioner,
+    :class:`hessinv.optim.Preconditioner`). The worst case is ``n r u max_i K_ii``.
     """
 
     def __init__(
@@ -152,7 +155,8 @@ class WoodburyFactor:
         U, S = self.U, self.S
         if self.gram_tol is not None and U.dtype != torch.float64 and bool((S > 0).all()):
             K = torch.diag(S) + self.Ud @ U.T
-            if U.shape[0] * torch.finfo(U.dtype).eps * float(K.diagonal().max()) <= self.gram_tol:
+            r, n = U.shape
+            if math.sqrt(n * r) * torch.finfo(U.dtype).eps * float(K.diagonal().max()) <= self.gram_tol:
                 return K.double()
         return torch.diag(S.double()) + (self.U64 * self._Dinv.double()) @ self.U64.T
 
