@@ -275,7 +275,7 @@ class Newton(torch.optim.Optimizer):
         diagonal_damping: float = 500.0,
         basis: str = "eigen",
         curvature_batch_size: int | None = None,
-        refresh: int = 20,
+        refresh: int = 10,
         momentum: float = 0.9,
         beta2: float = 0.99,
         seed: int | None = None,

@@ -310,7 +310,7 @@ class Preconditioner:
         curvature: str = "gauss_newton",
         damping: float = 500.0,
         curvature_batch_size: int = 8,
-        refresh: int = 20,
+        refresh: int = 10,
         beta2: float = 0.99,
         eps: float = 1e-8,
         warmup: int = 20,
