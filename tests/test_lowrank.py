@@ -183,3 +183,18 @@ def test_root_built_in_a_rotated_basis(prob):
     # without a rotation the Linear stages' outer-product rows are the plain root
     U0, _ = G.root(lambda offset, size: [])
     assert torch.allclose(U0, U, rtol=1e-12, atol=1e-14 * float(U.abs().max()))
+    # K = diag(S) + U D^{-1} U^T from the rows' outer-product structure equals the Gram matrix
+    for rotation in (None, basis.blocks_in):
+        factors: list = []
+        Ur, Sr = G.root(rotation, factors)
+        n_linear = sum(isinstance(m, torch.nn.Linear) for m in prob.model.modules())
+        assert 1 <= len(factors) <= n_linear or Ur.shape[0] == 0, prob.description
+        for off, d, m, T, Z, idx in factors:  # the structure reproduces the rows
+            rows = (T[:, :, None] * Z[idx][:, None, :]).reshape(-1, d * m)
+            assert torch.allclose(
+                rows, Ur[:, off : off + d * m], rtol=1e-12, atol=1e-14 * float(Ur.abs().max())
+            )
+        Dinv = torch.rand(Ur.shape[1], generator=gen, dtype=Ur.dtype) * 10 + 0.1
+        K_ref = torch.diag(Sr) + (Ur * Dinv) @ Ur.T
+        K = hessinv.lowrank.structured_gram(Ur, Sr, Dinv, factors)
+        assert torch.allclose(K, K_ref, rtol=1e-11, atol=1e-12 * float(K_ref.abs().max())), prob.description

@@ -644,12 +644,13 @@ class GaussNewton(CurvatureOperator):
     second_order = False
     _root: tuple[Tensor, Tensor] | None = None
 
-    def root(self, rotation=None) -> tuple[Tensor, Tensor]:
+    def root(self, rotation=None, factors: list | None = None) -> tuple[Tensor, Tensor]:
         """``(U, S)``: ``G = U^T diag(S) U``, ``U`` of shape (r, n) (one backward sweep with ``r``
         right-hand sides, :func:`hessinv.lowrank.gauss_newton_root`; cached). With ``rotation``, ``U``'s
-        rows in that basis (not cached)."""
-        if rotation is not None:
-            return gauss_newton_root(self.blocks, self.dtype, self.device, rotation)
+        rows in that basis; ``factors`` receives the Linear weights' outer-product structure (neither
+        cached)."""
+        if rotation is not None or factors is not None:
+            return gauss_newton_root(self.blocks, self.dtype, self.device, rotation, factors)
         if self._root is None:
             self._root = gauss_newton_root(self.blocks, self.dtype, self.device)
         return self._root

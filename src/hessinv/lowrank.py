@@ -43,7 +43,7 @@ from torch import Tensor
 from hessinv.errors import ShapeMismatchError, SingularError
 from hessinv.riccati import Inertia
 
-__all__ = ["gauss_newton_root", "WoodburyFactor"]
+__all__ = ["gauss_newton_root", "structured_gram", "WoodburyFactor"]
 
 
 def _check_damping(Dv: Tensor) -> None:
@@ -61,7 +61,11 @@ Rotation = Callable[[int, int], list[tuple[int, int, int, Tensor, Tensor]]]
 
 
 def gauss_newton_root(
-    blocks: list, dtype: torch.dtype, device: torch.device, rotation: Rotation | None = None
+    blocks: list,
+    dtype: torch.dtype,
+    device: torch.device,
+    rotation: Rotation | None = None,
+    factors: list | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(U, S)`` with ``G = U^T diag(S) U`` for the Gauss-Newton matrix of ``blocks`` (model stages,
     then the loss stage): ``U`` is (r, n), ``S`` holds ``+-1`` (r,). See the module docstring.
@@ -69,7 +73,11 @@ def gauss_newton_root(
     With ``rotation`` (e.g. :meth:`hessinv.optim.EigenBasis.blocks_in`) the rows come out in a rotated
     basis: every weight block ``W`` it names as ``Q_L^T W Q_R``. A Linear stage's rows are outer products
     ``delta z^T`` per example, so it rotates ``delta`` and ``z`` before forming them (``B (a^2 r + b^2)``
-    flops instead of ``r (a^2 b + a b^2)``); other stages' rows are rotated after."""
+    flops instead of ``r (a^2 b + a b^2)``); other stages' rows are rotated after.
+
+    ``factors``, if a list, receives for each such Linear weight ``(offset, d, m, T, Z, idx)``: its rows
+    are ``U[q, offset:offset + d m] = vec(T[q] Z[idx[q]]^T)`` (``T`` (r, d), ``Z`` (B, m), ``idx`` the
+    example of row ``q``), the structure :func:`structured_gram` uses."""
     loss = blocks[-1]
     B, C = loss.batch, loss.d_in
     eye = torch.eye(C, dtype=dtype, device=device).expand(B, C, C).contiguous()
@@ -92,7 +100,10 @@ def gauss_newton_root(
         blk = blocks[l]
         if blk.p:
             rot = rotation(offsets[l], blk.p) if rotation is not None else []
-            rows = blk.jxT_rows(s, rot) if hasattr(blk, "jxT_rows") else None
+            got: list | None = [] if factors is not None else None
+            rows = blk.jxT_rows(s, rot, got) if hasattr(blk, "jxT_rows") else None
+            if rows is not None and got:
+                _record_factors(factors, offsets[l], got[0], n_idx)
             if rows is None:  # generic: (p, r) rows, rotated after
                 rows = blk.jxT(s).T.contiguous()
                 for o, a, b, QL, QR in rot:
@@ -104,6 +115,52 @@ def gauss_newton_root(
     U = torch.cat(parts, dim=1)
     S = torch.sign(mu[n_idx, j_idx]).to(dtype)
     return U, S
+
+
+def _record_factors(factors: list, offset: int, tz: tuple[Tensor, Tensor], n_idx: Tensor) -> None:
+    """Append ``(offset, d, m, T, Z, idx)`` for a Linear weight's rows formed from ``t`` (B, d, r) and
+    ``z`` (B, m) -- if every column of ``t`` is nonzero at its own example only (each row of ``U`` is one
+    example's; a stage mixing examples would break it, and is then left to the dense Gram matrix)."""
+    t, z = tz
+    r = t.shape[-1]
+    q = torch.arange(r, device=t.device)
+    own = t[n_idx, :, q]  # (r, d)
+    others = t.clone()
+    others[n_idx, :, q] = 0
+    if bool(others.any()):
+        return
+    factors.append((offset, t.shape[1], z.shape[1], own, z, n_idx))
+
+
+def structured_gram(U: Tensor, S: Tensor, Dinv: Tensor, factors: list) -> Tensor:
+    """``K = diag(S) + U diag(Dinv) U^T`` (r x r, float64) using the outer-product structure of the
+    Linear weights' rows (``factors`` from :func:`gauss_newton_root`): with rows ``vec(T_q z_{n(q)}^T)``,
+    ``K_qp += sum_i T_qi T_pi w_{n(q) n(p) i}``, ``w_{nn'} = Dinv_W (z_n o z_n')`` -- ``B^2 d m + r^2 d``
+    flops per weight instead of ``r^2 d m``; the other columns by the dense product."""
+    r, n = U.shape
+    K = torch.diag(S.double())
+    Dinv64 = Dinv.double()
+    covered = torch.zeros(n, dtype=torch.bool, device=U.device)
+    for off, d, m, T, Z, idx in factors:
+        Dw = Dinv64[off : off + d * m].view(d, m)
+        Z64 = Z.double()
+        B = Z64.shape[0]
+        w = (Z64[:, None, :] * Z64[None, :, :]) @ Dw.T  # (B, B, d): w_ab = Dinv_W (z_a o z_b)
+        # rows grouped by example (idx ascending), padded to C per example: K_ab = T_a diag(w_ab) T_b^T
+        counts = torch.bincount(idx, minlength=B)
+        C = int(counts.max())
+        sel = idx * C + (torch.arange(r, device=idx.device) - (torch.cumsum(counts, 0) - counts)[idx])
+        Tp = torch.zeros(B * C, d, dtype=torch.float64, device=U.device)
+        Tp[sel] = T.double()
+        Tp = Tp.view(B, C, d)
+        Kp = (Tp[:, None] * w[:, :, None, :]) @ Tp[None].mT  # (B, B, C, C)
+        K += Kp.permute(0, 2, 1, 3).reshape(B * C, B * C)[sel][:, sel]
+        covered[off : off + d * m] = True
+    rest = (~covered).nonzero().flatten()
+    if rest.numel():
+        Ur = U[:, rest].double()
+        K += (Ur * Dinv64[rest]) @ Ur.T
+    return 0.5 * (K + K.T)
 
 
 class WoodburyFactor:

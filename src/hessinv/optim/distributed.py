@@ -306,6 +306,7 @@ class DistributedPreconditioner(Preconditioner):
             else:
                 U = torch.zeros(0, n, dtype=self.chain.dtype, device=self.chain.device)
                 S = torch.zeros(0, dtype=self.chain.dtype, device=self.chain.device)
+            self._root_factors = None  # this rank's rows only: K from the gathered rows
             return torch.cat(_gather_rows(U, self.group)), torch.cat(_gather_rows(S, self.group))
         if self.strategy == "rotate":
             _same_everywhere(int(inputs.shape[0]), "the local batch size", self.group)
@@ -324,6 +325,7 @@ class DistributedPreconditioner(Preconditioner):
                 S = torch.empty(r, dtype=self.chain.dtype, device=self.chain.device)
             dist.broadcast(U, src, group=self.group)
             dist.broadcast(S, src, group=self.group)
+            self._root_factors = None  # the owner's alone: every rank forms K the same way
             return U, S
         # replicated (global curvature batch from _curvature_batch) and average (this rank's own)
         return super().curvature_root(inputs, targets)

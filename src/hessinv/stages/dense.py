@@ -240,12 +240,13 @@ class DenseLayerBlocks(Blocks):
     def jxT(self, s: Tensor) -> Tensor:
         return self._model(self._ZT(self.sp[:, :, None] * s))
 
-    def jxT_rows(self, s: Tensor, rotation: list) -> Tensor | None:
+    def jxT_rows(self, s: Tensor, rotation: list, factors: list | None = None) -> Tensor | None:
         """``(Jx^T s)^T`` as (k, p) rows in model order, built as outer products: row ``q`` of the
         weight block is ``sum_n t_{n,q} z_n^T`` (``t = s' s``), of the bias ``sum_n t_{n,q}``. With
         ``rotation`` = ``[(offset, d, m, Q_L, Q_R)]`` naming this stage's weight, the weight rows come out
         as ``Q_L^T G Q_R`` by rotating ``t`` and ``z`` first (see :func:`hessinv.lowrank.gauss_newton_root`);
-        None for any other rotation (the caller then rotates the rows)."""
+        None for any other rotation (the caller then rotates the rows). ``factors``, if a list, receives
+        ``(t, z)`` of the weight rows as formed ((B, d, k) and (B, m), rotated if asked)."""
         st = self.stage
         d, m = st.d, st.m
         t = self.sp[:, :, None] * s  # (B, d, k)
@@ -257,6 +258,8 @@ class DenseLayerBlocks(Blocks):
             QL, QR = rotation[0][3], rotation[0][4]
             tw, zw = torch.matmul(QL.mT, t), z @ QR
         k = t.shape[-1]
+        if factors is not None:
+            factors.append((tw, zw))
         rows = [torch.einsum("nik,nj->kij", tw, zw).reshape(k, d * m)]
         if st.bias:
             rows.append(t.sum(0).T)
