@@ -576,11 +576,17 @@ class CurvatureOperator:
         return type(self)(model, self.loss_fn, self.inputs.to(dtype), targets)
 
 
+def check_precision(precision: str) -> str:
+    """``precision`` of :meth:`CurvatureOperator.factor`: ``"working"`` or ``"mixed"``."""
+    if precision not in ("working", "mixed"):
+        raise InvalidArgumentError(f"precision must be 'working' or 'mixed', got {precision!r}")
+    return precision
+
+
 def _factorization(
     op: CurvatureOperator, damping: float, modify: str | None, precision: str
 ) -> Factorization:
-    if precision not in ("working", "mixed"):
-        raise InvalidArgumentError(f"precision must be 'working' or 'mixed', got {precision!r}")
+    check_precision(precision)
     damping, modify_ = check_real(damping, "damping"), _check_modify(modify)
     if precision == "mixed" and op.dtype == torch.float64:
         if modify_:
@@ -702,9 +708,15 @@ class Factorization:
     _twin_only = False  # solves, inertia and log-det from the float64 twin alone (see __init__)
 
     @property
+    def _sweep_op(self) -> CurvatureOperator:
+        """The operator whose blocks the sweep factored: ``op`` (its float32 copy for
+        :class:`MixedFactorization`)."""
+        return self.op
+
+    @property
     def _sweep_dtype(self) -> torch.dtype:
         """The precision the sweep runs in."""
-        return self.op.dtype
+        return self._sweep_op.dtype
 
     def __init__(
         self, op: CurvatureOperator, damping: float, modify: bool = False, _factors: tuple | None = None
@@ -757,9 +769,10 @@ class Factorization:
         """The bare sweep ``F^{-1} R``. Each column is first scaled by a power of two (exact) to unit
         max-norm and scaled back after: a residual of a tiny right-hand side (gradients of a deep chain
         can be ``1e-16``, their residuals ``1e-30``) would otherwise underflow inside a float32 sweep."""
+        sop = self._sweep_op
         s = _pow2_scale(R)
-        xs = riccati_solve(self.op.blocks, self.factors, self.op._split(R / s))
-        return torch.cat(xs, dim=0) * s
+        xs = riccati_solve(sop.blocks, self.factors, sop._split((R / s).to(sop.dtype)))
+        return torch.cat(xs, dim=0).to(R.dtype) * s
 
     def _riccati_only(self, what: str) -> None:
         if getattr(self, "factors", None) is None:
@@ -779,7 +792,8 @@ class Factorization:
         R, _ = self.op._as_matrix(v, "v")
         if getattr(self, "factors", None) is None:
             return float((R * self._raw(R)).sum())
-        return float(riccati_quadratic(self.op.blocks, self.factors, self.op._split(R))[0])
+        sop = self._sweep_op
+        return float(riccati_quadratic(sop.blocks, self.factors, sop._split(R.to(sop.dtype)))[0])
 
     def slogdet(self) -> tuple[float, float]:
         """``(sign, log|det(H + eps I)|)`` like :func:`torch.linalg.slogdet`: the sign is
@@ -989,21 +1003,8 @@ class MixedFactorization(Factorization):
         self.inertia_certified = False
 
     @property
-    def _sweep_dtype(self) -> torch.dtype:
-        return torch.float64 if self._low is None else torch.float32
-
-    def _raw(self, R: Tensor) -> Tensor:
-        if self._low is None:
-            return super()._raw(R)
-        s = _pow2_scale(R)
-        xs = riccati_solve(self._low.blocks, self.factors, self._low._split((R / s).float()))
-        return torch.cat(xs, dim=0).double() * s
-
-    def inverse_quadratic(self, v: Tensor) -> float:
-        if self._low is None:
-            return super().inverse_quadratic(v)
-        R, _ = self.op._as_matrix(v, "v")
-        return float(riccati_quadratic(self._low.blocks, self.factors, self._low._split(R.float()))[0])
+    def _sweep_op(self) -> CurvatureOperator:
+        return self.op if self._low is None else self._low
 
     def logdet(self) -> float:
         return super().logdet() if self._low is None else self._float64().logdet()

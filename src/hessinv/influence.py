@@ -39,8 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from hessinv.curvature import CurvatureOperator, Factorization, curvature_class
-from hessinv.errors import InvalidArgumentError
+from hessinv.curvature import CurvatureOperator, Factorization, check_precision, curvature_class
 
 __all__ = [
     "InfluenceFunction",
@@ -121,9 +120,7 @@ class InfluenceFunction:
         self.model, self.loss_fn = model, loss_fn
         self.curvature_cls = curvature_class(curvature)
         self.damping = float(damping)
-        if precision not in ("working", "mixed"):
-            raise InvalidArgumentError(f"precision must be 'working' or 'mixed', got {precision!r}")
-        self.precision = precision
+        self.precision = check_precision(precision)
         self.operator: CurvatureOperator | None = None
         self.factorization: Factorization | None = None
         self.train_gradients: Tensor | None = None

@@ -136,7 +136,8 @@ def structured_gram(U: Tensor, S: Tensor, Dinv: Tensor, factors: list) -> Tensor
     """``K = diag(S) + U diag(Dinv) U^T`` (r x r, float64) using the outer-product structure of the
     Linear weights' rows (``factors`` from :func:`gauss_newton_root`): with rows ``vec(T_q z_{n(q)}^T)``,
     ``K_qp += sum_i T_qi T_pi w_{n(q) n(p) i}``, ``w_{nn'} = Dinv_W (z_n o z_n')`` -- ``B^2 d m + r^2 d``
-    flops per weight instead of ``r^2 d m``; the other columns by the dense product."""
+    flops per weight instead of ``r^2 d m``; the other columns by the dense product. Symmetric up to
+    rounding (:class:`WoodburyFactor` symmetrizes what it is given)."""
     r, n = U.shape
     K = torch.diag(S.double())
     Dinv64 = Dinv.double()
@@ -160,7 +161,7 @@ def structured_gram(U: Tensor, S: Tensor, Dinv: Tensor, factors: list) -> Tensor
     if rest.numel():
         Ur = U[:, rest].double()
         K += (Ur * Dinv64[rest]) @ Ur.T
-    return 0.5 * (K + K.T)
+    return K
 
 
 class WoodburyFactor:

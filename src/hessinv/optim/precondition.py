@@ -150,10 +150,12 @@ class EigenBasis:
         shapes = list(dict.fromkeys((a, b) for _, a, b in self.blocks))
         self._where: list[tuple[int, int]] = []  # block i -> (group, member)
         self._groups: list[tuple[int, int, Tensor]] = []
+        self._single: list[int | None] = []  # a group's offset when it is one weight (sliced, not indexed)
         for a, b in shapes:
             offs = [o for o, aa, bb in self.blocks if (aa, bb) == (a, b)]
             idx = torch.cat([torch.arange(o, o + a * b) for o in offs]).to(like.device)
             self._groups.append((a, b, idx))
+            self._single.append(offs[0] if len(offs) == 1 else None)
         for _, a, b in self.blocks:
             gi = shapes.index((a, b))
             self._where.append((gi, sum(1 for w in self._where if w[0] == gi)))
@@ -192,16 +194,16 @@ class EigenBasis:
     def _gather(self, X: Tensor, g: int) -> Tensor:
         """The weights of group ``g`` in ``X`` (m, n) as (m, G, a, b) (a view for a single weight)."""
         a, b, idx = self._groups[g]
-        if idx.numel() == a * b:
-            o = self.blocks[self._where.index((g, 0))][0]
+        o = self._single[g]
+        if o is not None:
             return X[:, o : o + a * b].view(X.shape[0], 1, a, b)
         return X.index_select(1, idx).view(X.shape[0], -1, a, b)
 
     def _scatter(self, X: Tensor, g: int, W: Tensor) -> None:
         """Write ``W`` (m, G, a, b) into the weights of group ``g`` in ``X`` (m, n)."""
         a, b, idx = self._groups[g]
-        if idx.numel() == a * b:
-            o = self.blocks[self._where.index((g, 0))][0]
+        o = self._single[g]
+        if o is not None:
             X[:, o : o + a * b] = W.reshape(X.shape[0], -1)
         else:
             X.index_copy_(1, idx, W.reshape(X.shape[0], -1))
