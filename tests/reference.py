@@ -217,3 +217,14 @@ def autograd_output_jacobian(model, inputs: Tensor) -> Tensor:
     return torch.stack(
         [_rows(_call(model, inputs[i : i + 1]).reshape(-1), params) for i in range(len(inputs))]
     )
+
+
+def attainable_residual(A: Tensor, x: Tensor, b: Tensor, tol: float = 1e-12) -> float:
+    """``max(tol, 32 u ||A||_2 max_j ||x_j|| / ||b_j||)``: the relative residual ``|b - A x| / |b|`` a
+    backward-stable solve can promise (its backward error is a few ``u``; the residual of the exact
+    solution rounded to float64 is already ``u ||A|| ||x||``, which exceeds ``1e-12 |b|`` when ``b``
+    leans on ``A``'s small eigenvalues and ``cond(A) >~ 1e4``)."""
+    u = torch.finfo(torch.float64).eps
+    X, Bm = (x[:, None], b[:, None]) if x.dim() == 1 else (x, b)
+    ratio = float((X.double().norm(dim=0) / Bm.double().norm(dim=0)).max())
+    return max(tol, 32 * u * float(torch.linalg.matrix_norm(A.double(), 2)) * ratio)

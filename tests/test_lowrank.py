@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import chains, flat_loss_fn
+from reference import attainable_residual, chains, flat_loss_fn
 
 import hessinv
 from hessinv.lowrank import WoodburyFactor
@@ -52,7 +52,7 @@ def test_woodbury_against_dense(prob, seed, signed):
     ref = torch.linalg.solve(A, rhs)
     cond = float(ev.abs().max() / ev.abs().min())
     assert float((x - ref).norm() / ref.norm()) <= 1e-12 * cond + 1e-10, prob.description
-    assert F.last_info.residual <= 1e-12
+    assert F.last_info.residual <= attainable_residual(A, x, rhs)  # 1e-12 unless b leans on small eigenvalues
     assert F.inertia == hessinv.Inertia(int((ev < 0).sum()), 0, int((ev > 0).sum())), prob.description
     assert F.positive_definite == bool((ev > 0).all())
     assert abs(F.logdet() - float(ev.abs().log().sum())) <= 1e-9 * max(1.0, abs(F.logdet())), prob.description
