@@ -92,43 +92,48 @@ def gauss_newton_root(
     cols = (V[n_idx, :, j_idx] * mu[n_idx, j_idx].abs().sqrt()[:, None]).to(dtype)  # (r, C)
     s = torch.zeros(B, C, r, dtype=dtype, device=cols.device)
     s[n_idx, :, torch.arange(r, device=cols.device)] = cols
-    parts: list[Tensor] = [s.new_zeros(r, 0)] * (len(blocks) - 1)
     offsets = [0]
-    for blk in blocks[:-2]:
+    for blk in blocks[:-1]:
         offsets.append(offsets[-1] + blk.p)
+    U = s.new_empty(r, offsets[-1])
+    own: Tensor | None = n_idx  # column q nonzero at example own[q] only, while no stage couples examples
     for l in range(len(blocks) - 2, -1, -1):
         blk = blocks[l]
         if blk.p:
             rot = rotation(offsets[l], blk.p) if rotation is not None else []
             got: list | None = [] if factors is not None else None
-            rows = blk.jxT_rows(s, rot, got) if hasattr(blk, "jxT_rows") else None
+            cols = U[:, offsets[l] : offsets[l + 1]]
+            rows = blk.jxT_rows(s, rot, got, own, out=cols) if hasattr(blk, "jxT_rows") else None
             if rows is not None and got:
-                _record_factors(factors, offsets[l], got[0], n_idx)
+                _record_factors(factors, offsets[l], got[0], n_idx, checked=own is not None)
             if rows is None:  # generic: (p, r) rows, rotated after
-                rows = blk.jxT(s).T.contiguous()
+                cols.copy_(blk.jxT(s).T)
                 for o, a, b, QL, QR in rot:
-                    W = rows[:, o - offsets[l] : o - offsets[l] + a * b].view(-1, a, b)
+                    W = cols[:, o - offsets[l] : o - offsets[l] + a * b].unflatten(1, (a, b))
                     W.copy_(QL.mT @ W @ QR)
-            parts[l] = rows
         if l > 0:
             s = blk.jzT(s)
-    U = torch.cat(parts, dim=1)
+            own = own if blk.per_example else None
     S = torch.sign(mu[n_idx, j_idx]).to(dtype)
     return U, S
 
 
-def _record_factors(factors: list, offset: int, tz: tuple[Tensor, Tensor], n_idx: Tensor) -> None:
+def _record_factors(
+    factors: list, offset: int, tz: tuple[Tensor, Tensor], n_idx: Tensor, checked: bool = False
+) -> None:
     """Append ``(offset, d, m, T, Z, idx)`` for a Linear weight's rows formed from ``t`` (B, d, r) and
     ``z`` (B, m) -- if every column of ``t`` is nonzero at its own example only (each row of ``U`` is one
-    example's; a stage mixing examples would break it, and is then left to the dense Gram matrix)."""
+    example's; a stage mixing examples would break it, and is then left to the dense Gram matrix).
+    ``checked``: known to hold (every stage above keeps examples apart, ``Blocks.per_example``)."""
     t, z = tz
     r = t.shape[-1]
     q = torch.arange(r, device=t.device)
     own = t[n_idx, :, q]  # (r, d)
-    others = t.clone()
-    others[n_idx, :, q] = 0
-    if bool(others.any()):
-        return
+    if not checked:
+        others = t.clone()
+        others[n_idx, :, q] = 0
+        if bool(others.any()):
+            return
     factors.append((offset, t.shape[1], z.shape[1], own, z, n_idx))
 
 

@@ -202,6 +202,8 @@ class DenseStage(Stage):
 class DenseLayerBlocks(Blocks):
     """Structured blocks of :class:`DenseStage` (see the module docstring for the formulas)."""
 
+    per_example = True
+
     def __init__(self, stage: DenseStage, zt: Tensor, W: Tensor, sp: Tensor, b: Tensor | None, spp: Tensor):
         self.stage, self.zt, self.W, self.sp = stage, zt, W, sp
         self.residual = stage.residual
@@ -240,13 +242,23 @@ class DenseLayerBlocks(Blocks):
     def jxT(self, s: Tensor) -> Tensor:
         return self._model(self._ZT(self.sp[:, :, None] * s))
 
-    def jxT_rows(self, s: Tensor, rotation: list, factors: list | None = None) -> Tensor | None:
+    def jxT_rows(
+        self,
+        s: Tensor,
+        rotation: list,
+        factors: list | None = None,
+        own: Tensor | None = None,
+        out: Tensor | None = None,
+    ) -> Tensor | None:
         """``(Jx^T s)^T`` as (k, p) rows in model order, built as outer products: row ``q`` of the
         weight block is ``sum_n t_{n,q} z_n^T`` (``t = s' s``), of the bias ``sum_n t_{n,q}``. With
         ``rotation`` = ``[(offset, d, m, Q_L, Q_R)]`` naming this stage's weight, the weight rows come out
         as ``Q_L^T G Q_R`` by rotating ``t`` and ``z`` first (see :func:`hessinv.lowrank.gauss_newton_root`);
-        None for any other rotation (the caller then rotates the rows). ``factors``, if a list, receives
-        ``(t, z)`` of the weight rows as formed ((B, d, k) and (B, m), rotated if asked)."""
+        None for any other rotation (the caller then rotates the rows). ``own`` (k,), if given, says that
+        column ``q`` of ``s`` is nonzero at example ``own[q]`` only: row ``q`` is then the single outer
+        product ``t_{own[q],q} z_{own[q]}^T`` (``k d m`` flops instead of ``B k d m``). ``factors``, if a
+        list, receives ``(t, z)`` of the weight rows as formed ((B, d, k) and (B, m), rotated if asked).
+        ``out`` (k, p), if given, receives the rows (e.g. a column slice of the caller's ``U``)."""
         st = self.stage
         d, m = st.d, st.m
         t = self.sp[:, :, None] * s  # (B, d, k)
@@ -260,10 +272,16 @@ class DenseLayerBlocks(Blocks):
         k = t.shape[-1]
         if factors is not None:
             factors.append((tw, zw))
-        rows = [torch.einsum("nik,nj->kij", tw, zw).reshape(k, d * m)]
+        out = t.new_empty(k, self.p) if out is None else out
+        W = out[:, : d * m].unflatten(1, (d, m))
+        if own is not None:
+            q = torch.arange(k, device=t.device)
+            W.copy_(tw[own, :, q][:, :, None] * zw[own][:, None, :])
+        else:
+            W.copy_(torch.einsum("nik,nj->kij", tw, zw))
         if st.bias:
-            rows.append(t.sum(0).T)
-        return torch.cat(rows, dim=1) if len(rows) > 1 else rows[0].contiguous()
+            out[:, d * m :] = t.sum(0).T
+        return out
 
     def jz(self, t: Tensor) -> Tensor:
         out = self.sp[:, :, None] * torch.matmul(self.W, t)
@@ -424,6 +442,8 @@ class ElementwiseStage(Stage):
 
 class ElementwiseBlocks(ParameterFreeBlocks):
     """Blocks of :class:`ElementwiseStage`: diagonal per example."""
+
+    per_example = True
 
     def __init__(self, sp: Tensor, bpp: Tensor | None):
         self.sp, self.bpp = sp, bpp
