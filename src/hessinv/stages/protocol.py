@@ -72,7 +72,8 @@ class Blocks(abc.ABC):
     d_in: int
     d_out: int
     #: ``Jz^T`` maps each example's rows to the same example's rows only (no batch coupling): a
-    #: right-hand side nonzero at one example per column stays so (see :func:`hessinv.lowrank.gauss_newton_root`)
+    #: right-hand side nonzero at one example per column stays so
+    #: (see :func:`hessinv.lowrank.gauss_newton_root`)
     per_example: bool = False
 
     @abc.abstractmethod
