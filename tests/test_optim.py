@@ -19,6 +19,7 @@ from torch import nn
 import hessinv
 import hessinv.optim as ho
 from hessinv.optim.damping import Sweeps
+from hessinv.optim.precondition import _EIGH_MAX, _eigenvectors, _power_step
 
 F64 = torch.float64
 
@@ -514,11 +515,14 @@ def test_eigen_basis_step_against_dense():
     assert torch.allclose(x0 - flat(net), 0.5 * ref, rtol=1e-7, atol=1e-12)
 
 
-def test_eigen_basis_rotation_and_moment_transport():
+@pytest.mark.parametrize("wide", [False, True])
+def test_eigen_basis_rotation_and_moment_transport(wide):
     """rotate = Q^T, unrotate = Q; a refresh carries the second moments over as diag(P diag(v) P^T) and a
-    vector kept in the basis (the momentum) as P m."""
+    vector kept in the basis (the momentum) as P m. ``wide``: sides above _EIGH_MAX, whose later refreshes
+    take one step of orthogonal iteration instead of eigh."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3, bias=False)).double()
+    h = _EIGH_MAX + 6 if wide else 4
+    net = nn.Sequential(nn.Linear(5, h), nn.Tanh(), nn.Linear(h, 3, bias=False)).double()
     params = list(net.parameters())
     basis = ho.EigenBasis(params, beta=0.5)
     n = sum(p.numel() for p in params)
@@ -538,6 +542,36 @@ def test_eigen_basis_rotation_and_moment_transport():
     P = _dense_basis(basis, n).T @ Q_old  # old basis -> new basis
     assert torch.allclose(v_new, (P @ torch.diag(v) @ P.T).diagonal())
     assert torch.allclose(m, basis.rotate(x)) and not torch.allclose(m, Q_old.T @ x)
+    Q = _dense_basis(basis, n)
+    assert torch.allclose(Q.T @ Q, torch.eye(n, dtype=F64), atol=1e-12)
+
+
+def test_power_step_is_orthogonal_and_tracks_the_eigenbasis():
+    """One step of orthogonal iteration returns an orthogonal Q; repeated on a fixed M (distinct
+    eigenvalues) it converges to M's eigenvectors, sorted by descending eigenvalue; on a slowly moving M
+    (an exponential average) a step per refresh keeps Q^T M Q nearly diagonal."""
+    gen = torch.Generator().manual_seed(0)
+    a = 80
+    V = torch.linalg.qr(torch.randn(a, a, generator=gen, dtype=F64)).Q
+    lam = torch.logspace(0, -3, a, dtype=F64)
+    M = V @ torch.diag(lam) @ V.T
+    Q = torch.linalg.qr(torch.randn(a, a, generator=gen, dtype=F64)).Q
+    for _ in range(3):
+        Q = _power_step(M, Q)
+        assert torch.allclose(Q.T @ Q, torch.eye(a, dtype=F64), atol=1e-12)
+    Q = _eigenvectors(M)  # from the eigenbasis, a step stays there (columns reordered, signs free)
+    Q2 = _power_step(M, Q)
+    assert torch.allclose((Q2.T @ M @ Q2).diagonal(), lam, rtol=1e-9)
+    G = torch.randn(a, 30, generator=gen, dtype=F64)
+    L = G @ G.T
+    Q = _eigenvectors(L)
+    for _ in range(50):  # L drifts by 5% per refresh
+        G2 = torch.randn(a, 30, generator=gen, dtype=F64)
+        L = 0.95 * L + 0.05 * G2 @ G2.T
+        Q = _power_step(L, Q)
+    off = Q.T @ L @ Q
+    off.diagonal().zero_()
+    assert float(off.norm()) < 0.1 * float(L.norm())
 
 
 def test_precondition_mode_trains_and_auto_switches_on_full_batch():

@@ -109,6 +109,11 @@ def _eigenvectors(M: Tensor) -> Tensor:
     return torch.linalg.eigh(M64 + torch.diag_embed(ramp)).eigenvectors.to(M.dtype).contiguous()
 
 
+#: sides of Kronecker factors refreshed by an exact eigendecomposition at every refresh; wider ones by
+#: one step of orthogonal iteration (:meth:`EigenBasis._next`)
+_EIGH_MAX = 64
+
+
 def _power_step(M: Tensor, Q: Tensor) -> Tensor:
     """One step of orthogonal (subspace) iteration towards the eigenvectors of the symmetric ``M`` from
     the orthogonal ``Q`` (both ``(..., a, a)``): ``Q``'s columns sorted by their Rayleigh quotients
@@ -252,10 +257,11 @@ class EigenBasis:
 
     @staticmethod
     def _next(M: Tensor, Q: Tensor) -> Tensor:
-        """The refreshed basis: ``eigh`` at the first refresh (``Q`` still the identity), then one step of
-        orthogonal iteration from the current ``Q`` (:func:`_power_step`)."""
+        """The refreshed basis: the eigenvectors (``eigh``) of sides up to :data:`_EIGH_MAX` and at the first
+        refresh (``Q`` still the identity); of wider sides, one step of orthogonal iteration from the
+        current ``Q`` (:func:`_power_step`), where the eigendecomposition's cost shows in the step."""
         a = Q.shape[-1]
-        if bool((Q == torch.eye(a, dtype=Q.dtype, device=Q.device)).all()):
+        if a <= _EIGH_MAX or bool((Q == torch.eye(a, dtype=Q.dtype, device=Q.device)).all()):
             return _eigenvectors(M)
         return _power_step(M, Q)
 
