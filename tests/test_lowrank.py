@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -198,3 +200,27 @@ def test_root_built_in_a_rotated_basis(prob):
         K_ref = torch.diag(Sr) + (Ur * Dinv) @ Ur.T
         K = hessinv.lowrank.structured_gram(Ur, Sr, Dinv, factors)
         assert torch.allclose(K, K_ref, rtol=1e-11, atol=1e-12 * float(K_ref.abs().max())), prob.description
+        # solves through the structure (U not read) equal the dense Woodbury solve and the dense matrix's
+        if Ur.shape[0] == 0:
+            continue
+        D = 1.0 / Dinv
+        with mock.patch.object(hessinv.lowrank, "_STRUCTURED_SOLVE", 1):  # every weight by its structure
+            Fs = WoodburyFactor(Ur, Sr, D, factors=factors)
+        Fd = WoodburyFactor(Ur, Sr, D)
+        R = torch.randn(Ur.shape[1], 3, generator=gen, dtype=Ur.dtype)
+        A = Ur.T @ (Sr[:, None] * Ur) + torch.diag(D)
+        x_ref = torch.linalg.solve(A, R)
+        tol = 1e-9 * float(x_ref.abs().max())
+        for F in (Fs, Fd):
+            assert torch.allclose(F.solve(R), x_ref, rtol=1e-9, atol=tol), prob.description
+        J = torch.arange(0, Ur.shape[1], 3)
+        D2 = D.clone()
+        D2[J] *= 4.0
+        Fs.update_damping(J, D2[J])  # a rank-|J| update, then with_damping: both keep the structure
+        x2 = torch.linalg.solve(A + torch.diag(D2 - D), R)
+        with mock.patch.object(hessinv.lowrank, "_STRUCTURED_SOLVE", 1):
+            F2 = Fs.with_damping(D2)
+        for F in (Fs, F2):
+            assert F._solve_factors and torch.allclose(
+                F.solve(R), x2, rtol=1e-9, atol=1e-9 * float(x2.abs().max())
+            )

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from hessinv.chain import Chain
 from hessinv.curvature import GaussNewton, Hessian
 from hessinv.errors import InvalidArgumentError, ShapeMismatchError
-from hessinv.lowrank import WoodburyFactor, structured_gram
+from hessinv.lowrank import WoodburyFactor
 
 __all__ = ["Preconditioner", "EigenBasis", "normalize_curvature"]
 
@@ -396,6 +396,10 @@ class Preconditioner:
         f = self._factor
         if isinstance(f, WoodburyFactor):
             sd["factor"] = {"U": f.U.clone(), "S": f.S.clone(), "D": f.D.clone(), "K": f.K.clone()}
+            if f.factors:
+                sd["factor"]["factors"] = [
+                    tuple(x.clone() if isinstance(x, Tensor) else x for x in t) for t in f.factors
+                ]
         if self.basis is not None:
             sd["basis"] = self.basis.state()
         return sd
@@ -410,7 +414,11 @@ class Preconditioner:
         self.state = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in sd.items()}
         # a Hessian factorization is not stored: it is rebuilt at the next call
         self._factor = (
-            None if f is None else WoodburyFactor(f["U"], f["S"], f["D"], K=f.get("K"), gram_tol=_GRAM_TOL)
+            None
+            if f is None
+            else WoodburyFactor(
+                f["U"], f["S"], f["D"], K=f.get("K"), gram_tol=_GRAM_TOL, factors=f.get("factors")
+            )
         )
 
     # -- the pieces -------------------------------------------------------------------------------
@@ -470,11 +478,11 @@ class Preconditioner:
                     self.basis.refresh(self.state["v"], carry)
                 self._root_factors = None
                 U, S = self.curvature_root(inputs, targets)  # rows in Q's basis (U Q)
-                D = self.diagonal()
-                # K from the rows' outer-product structure where the root left it (a few ms less per
-                # refresh on wide Linear weights), else the Gram matrix
-                K = None if not self._root_factors else structured_gram(U, S, 1.0 / D, self._root_factors)
-                self._factor = WoodburyFactor(U, S, D, K=K, gram_tol=_GRAM_TOL)
+                # K and every solve from the Linear rows' outer-product structure where the root left
+                # it (a few ms less per refresh, and U not read per step), else from U itself
+                self._factor = WoodburyFactor(
+                    U, S, self.diagonal(), gram_tol=_GRAM_TOL, factors=self._root_factors
+                )
             else:
                 Xc, yc = self._curvature_batch(inputs, targets)
                 self._op = Hessian(self.model, self.loss_fn, Xc, yc, chain=self.chain)
