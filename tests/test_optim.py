@@ -515,6 +515,23 @@ def test_eigen_basis_step_against_dense():
     assert torch.allclose(x0 - flat(net), 0.5 * ref, rtol=1e-7, atol=1e-12)
 
 
+def test_preconditioner_does_not_alias_the_callers_batch():
+    """A bias-free Linear on the raw input, unrotated: the Woodbury factor's Linear structure must not
+    keep a view of the caller's batch -- refilling the batch buffer after update() (a reused input
+    buffer) must not change the stored preconditioner."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Tanh(), nn.Linear(64, 3))
+    pre = ho.Preconditioner(net, nn.CrossEntropyLoss(), basis="identity", damping=1.0, curvature_batch_size=8)
+    X, y = torch.randn(8, 64), torch.randint(0, 3, (8,))
+    g = torch.randn(sum(p.numel() for p in net.parameters()))
+    pre.observe(g)
+    pre.update(X, y)
+    assert pre._factor._solve_factors  # the structured solve is in use
+    before = pre.solve(g)
+    X.copy_(torch.randn_like(X))
+    assert torch.equal(pre.solve(g), before)
+
+
 @pytest.mark.parametrize("wide", [False, True])
 def test_eigen_basis_rotation_and_moment_transport(wide):
     """rotate = Q^T, unrotate = Q; a refresh carries the second moments over as diag(P diag(v) P^T) and a

@@ -134,7 +134,9 @@ def _record_factors(
         others[n_idx, :, q] = 0
         if bool(others.any()):
             return
-    factors.append((offset, t.shape[1], z.shape[1], own, z, n_idx))
+    # z may be the caller's input batch itself (a bias-free first layer, unrotated): the factor outlives
+    # the call (solves until the next refresh), so it keeps its own copy
+    factors.append((offset, t.shape[1], z.shape[1], own, z.clone(), n_idx))
 
 
 def structured_gram(U: Tensor, S: Tensor, Dinv: Tensor, factors: list) -> Tensor:

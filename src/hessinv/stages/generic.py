@@ -353,6 +353,8 @@ class ReshapeStage(Stage):
 class IdentityBlocks(ParameterFreeBlocks):
     """Blocks of ``z_out = z_in``: ``Jz = I``, no parameters, no curvature."""
 
+    per_example = True
+
     def __init__(self, batch: int, d: int):
         self.batch, self.d_in, self.d_out, self.p = batch, d, d, 0
 
