@@ -165,6 +165,7 @@ HESSINV_VARIANTS: dict[str, dict[str, Any]] = {
     "hessinv-tr": {"mode": "trust-region", "curvature_batch_size": 16},
     "hessinv-d100": {"diagonal_damping": 100.0},
     "hessinv-d200": {"diagonal_damping": 200.0},
+    "hessinv-d300": {"diagonal_damping": 300.0},
     # D diagonal in the parameters (Adam's second moments) instead of in the eigenbasis (the default)
     "hessinv-identity": {"basis": "identity"},
 }
