@@ -52,6 +52,8 @@ from hessinv.stages.protocol import (
 class DenseBlocks(Blocks):
     """Blocks stored densely per example (math.md §1 table). ``H..`` may be None (= zero)."""
 
+    per_example = True  # Jz is one block per example (a stage that mixes examples is rejected)
+
     def __init__(self, Jx: Tensor, Jz: Tensor, Hxx: Tensor | None, Hxz: Tensor | None, Hzz: Tensor | None):
         self.Jx, self.Jz, self.Hxx, self.Hxz, self.Hzz = Jx, Jz, Hxx, Hxz, Hzz
         self.batch, self.d_out, self.d_in = Jz.shape
