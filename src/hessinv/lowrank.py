@@ -139,6 +139,14 @@ def _record_factors(
     factors.append((offset, t.shape[1], z.shape[1], own, z.clone(), n_idx))
 
 
+def _uncovered(n: int, factors: list, device: torch.device) -> Tensor:
+    """The indices of the ``n`` columns of ``U`` outside every Linear weight of ``factors``."""
+    covered = torch.zeros(n, dtype=torch.bool, device=device)
+    for off, d, m, *_ in factors:
+        covered[off : off + d * m] = True
+    return (~covered).nonzero().flatten()
+
+
 def structured_gram(U: Tensor, S: Tensor, Dinv: Tensor, factors: list) -> Tensor:
     """``K = diag(S) + U diag(Dinv) U^T`` (r x r, float64) using the outer-product structure of the
     Linear weights' rows (``factors`` from :func:`gauss_newton_root`): with rows ``vec(T_q z_{n(q)}^T)``,
@@ -148,7 +156,6 @@ def structured_gram(U: Tensor, S: Tensor, Dinv: Tensor, factors: list) -> Tensor
     r, n = U.shape
     K = torch.diag(S.double())
     Dinv64 = Dinv.double()
-    covered = torch.zeros(n, dtype=torch.bool, device=U.device)
     for off, d, m, T, Z, idx in factors:
         Dw = Dinv64[off : off + d * m].view(d, m)
         Z64 = Z.double()
@@ -163,8 +170,7 @@ def structured_gram(U: Tensor, S: Tensor, Dinv: Tensor, factors: list) -> Tensor
         Tp = Tp.view(B, C, d)
         Kp = (Tp[:, None] * w[:, :, None, :]) @ Tp[None].mT  # (B, B, C, C)
         K += Kp.permute(0, 2, 1, 3).reshape(B * C, B * C)[sel][:, sel]
-        covered[off : off + d * m] = True
-    rest = (~covered).nonzero().flatten()
+    rest = _uncovered(n, factors, U.device)
     if rest.numel():
         Ur = U[:, rest].double()
         K += (Ur * Dinv64[rest]) @ Ur.T
@@ -223,10 +229,7 @@ class WoodburyFactor:
         # columns); the other columns densely
         self._solve_factors = [f for f in self.factors or [] if f[1] * f[2] >= _STRUCTURED_SOLVE]
         if self._solve_factors:
-            covered = torch.zeros(n, dtype=torch.bool, device=U.device)
-            for off, d, m, *_ in self._solve_factors:
-                covered[off : off + d * m] = True
-            self._rest = (~covered).nonzero().flatten()
+            self._rest = _uncovered(n, self._solve_factors, U.device)
             self._U_rest = U[:, self._rest]
         self._factor_K(self._gram() if K is None else K)
 

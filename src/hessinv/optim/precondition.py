@@ -95,18 +95,24 @@ def _positive(name: str, value: Any, integer: bool = False, allow_zero: bool = F
     return value
 
 
-def _eigenvectors(M: Tensor) -> Tensor:
-    """Eigenvectors of the symmetric ``M`` (``(..., a, a)``, ascending eigenvalues), ties broken by a ramp
-    of ``1e-8 max|M_ii|`` on the diagonal: early on ``M = G G^T`` has a large null space, whose basis
-    ``eigh`` would pick from rounding noise (two processes with all-reduced gradients would then disagree
-    with one)."""
+def _tie_broken(M: Tensor) -> Tensor:
+    """``M`` (``(..., a, a)``, symmetric) in float64 plus a ramp ``i * 1e-8 max|M_ii| / a`` on the diagonal:
+    early on ``M = G G^T`` has a large null space, whose basis ``eigh`` (or an orthogonal iteration)
+    would pick from rounding noise (two processes with all-reduced gradients would then disagree with
+    one)."""
     M64 = M.double()
     a = M64.shape[-1]
     top = M64.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True)  # (..., 1)
     ramp = torch.arange(a, dtype=torch.float64, device=M.device) * (1e-8 / a) * top
+    return M64 + torch.diag_embed(ramp)
+
+
+def _eigenvectors(M: Tensor) -> Tensor:
+    """Eigenvectors of the symmetric ``M`` (``(..., a, a)``, ascending eigenvalues), ties broken by
+    :func:`_tie_broken`."""
     # contiguous: eigh returns column-major factors, and a resumed run (whose loaded Q are row-major)
     # must multiply with the same memory layout to stay bit-identical
-    return torch.linalg.eigh(M64 + torch.diag_embed(ramp)).eigenvectors.to(M.dtype).contiguous()
+    return torch.linalg.eigh(_tie_broken(M)).eigenvectors.to(M.dtype).contiguous()
 
 
 #: sides of Kronecker factors refreshed by an exact eigendecomposition at every refresh; wider ones by
@@ -119,14 +125,10 @@ def _power_step(M: Tensor, Q: Tensor) -> Tensor:
     the orthogonal ``Q`` (both ``(..., a, a)``): ``Q``'s columns sorted by their Rayleigh quotients
     ``diag(Q^T M Q)``, descending, then ``qr(M Q)`` (SOAP's refresh after its first ``eigh``, Vyas et
     al. 2024): a QR instead of an eigendecomposition (100 x 100: 0.36 ms against 0.64), and the
-    exponential average ``M`` moves little between refreshes, so one step tracks its eigenbasis. The
-    same tie-breaking ramp as :func:`_eigenvectors` keeps the null space deterministic."""
-    M64, Q64 = M.double(), Q.double()
-    a = M64.shape[-1]
-    top = M64.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True)
-    ramp = torch.arange(a, dtype=torch.float64, device=M.device) * (1e-8 / a) * top
-    M64 = M64 + torch.diag_embed(ramp)
-    Y = M64 @ Q64
+    exponential average ``M`` moves little between refreshes, so one step tracks its eigenbasis. Ties
+    broken as in :func:`_eigenvectors`."""
+    Q64 = Q.double()
+    Y = _tie_broken(M) @ Q64
     order = (Q64 * Y).sum(-2).argsort(dim=-1, descending=True)  # Rayleigh quotients q_j^T M q_j
     Y = torch.gather(Y, -1, order[..., None, :].expand_as(Y))
     return torch.linalg.qr(Y).Q.to(M.dtype).contiguous()
