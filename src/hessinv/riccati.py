@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hessinv import linalg
 from hessinv.errors import IndefiniteError, NonFiniteError, SingularError
 from hessinv.stages import Blocks
 
@@ -129,10 +130,8 @@ class Pivot:
         self.modified = 0  # eigenvalues of D replaced by max(|lambda|, damping) (``modify``)
         self.stage, self.name, self.damping = stage, name, damping
         if cholesky_first:
-            L, info = torch.linalg.cholesky_ex(Q)
-            # NaN or infinity in Q's lower triangle (all that Cholesky reads; Q is symmetric) reaches L's
-            # diagonal, so a finite diagonal certifies a finite Q without a pass over it
-            if int(info) == 0 and bool(torch.isfinite(L.diagonal().sum())):
+            L = linalg.cholesky(Q)  # None: not positive definite, or not finite
+            if L is not None:
                 self.cholesky = True
                 self.L = L
                 self.inertia = Inertia(0, 0, self.p)
@@ -209,11 +208,11 @@ class Pivot:
     def solve(self, R: Tensor) -> Tensor:
         """``Qxx^{-1} R`` for R of shape (p, m)."""
         if self.cholesky:  # two triangular solves (cholesky_solve's per-call overhead is higher)
-            return torch.linalg.solve_triangular(
-                self.L.mT, torch.linalg.solve_triangular(self.L, R, upper=False), upper=True
+            return linalg.solve_triangular(
+                self.L.mT, linalg.solve_triangular(self.L, R, upper=False), upper=True
             )
-        Y = torch.linalg.solve_triangular(self.L, R[self.perm], upper=False, unitriangular=True)
-        Z = torch.linalg.solve_triangular(self.L.mT, self._dsolve(Y), upper=True, unitriangular=True)
+        Y = linalg.solve_triangular(self.L, R[self.perm], upper=False, unitriangular=True)
+        Z = linalg.solve_triangular(self.L.mT, self._dsolve(Y), upper=True, unitriangular=True)
         return Z[self.iperm]
 
     def logdet(self) -> float:
@@ -226,7 +225,7 @@ class Pivot:
         """``S Z`` for a square root ``S S^T = Qxx^{-1}`` of a positive definite pivot: ``L^{-T} Z``
         (Cholesky). Z: (p, m). ``S Z`` has covariance ``Qxx^{-1}`` for white noise ``Z``."""
         if self.cholesky:
-            return torch.linalg.solve_triangular(self.L.mT, Z, upper=True)
+            return linalg.solve_triangular(self.L.mT, Z, upper=True)
         raise IndefiniteError(
             "inverse_sqrt: the pivot Qxx is not positive definite; it has no real square root"
         )
@@ -239,10 +238,10 @@ class Pivot:
         ``Qxz^T (Qxx^{-1} Qxz)``); ``LDL^T``: ``W = L^{-1} P^T Qxz``, ``Qzz - W^T D^{-1} W`` (same flops).
         """
         if self.cholesky:  # W^T = Qxz^T L^{-T}, solved on the right: W comes out row-major
-            W = torch.linalg.solve_triangular(self.L.mT, Qxz.mT, upper=True, left=False).mT
+            W = linalg.solve_triangular(self.L.mT, Qxz.mT, upper=True, left=False).mT
             Wl = W
         else:
-            W = torch.linalg.solve_triangular(
+            W = linalg.solve_triangular(
                 self.L.mT, Qxz[self.perm].mT, upper=True, left=False, unitriangular=True
             ).mT
             Wl = self._dsolve(W)

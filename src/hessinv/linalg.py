@@ -1,0 +1,130 @@
+"""Dense kernels of the sweep on CPU: Cholesky and triangular solves through scipy's LAPACK.
+
+The Riccati sweep spends much of its time in ``potrf`` (the pivots' Cholesky factors) and ``trsm``
+(``Qxx^{-1} Qxz`` and the solves). torch's CPU builds call MKL, whose ``potrf`` and ``trsm`` are 2-4x
+slower than OpenBLAS's on AMD processors (256 x 256, float64, one thread: ``cholesky_ex`` 0.64 ms
+against 0.16 ms; ``solve_triangular`` with 256 right-hand sides 0.95 ms against 0.50 ms) while its
+matrix products are on par. scipy ships OpenBLAS, so CPU float32/float64 blocks go there; the
+thread count of scipy's BLAS follows torch's (``torch.set_num_threads``, and the one-thread rule of
+small sweeps, :data:`hessinv.riccati.SMALL_BLOCKS`), so the library never runs more BLAS threads
+than torch is told to. Other devices and dtypes, and a scipy whose BLAS threads cannot be
+controlled, use torch's kernels. The results agree with torch's to rounding (both backward stable).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from torch import Tensor
+
+#: Blocks with fewer rows than this use torch's kernels (the call overheads are about equal there).
+MIN_SCIPY = 16
+#: Triangular solves with fewer right-hand sides than this use torch's: MKL's ``trsv``-like kernels
+#: for a few vectors are 1.3-4x faster than OpenBLAS's ``trsm`` (256 x 256, 1-16 right-hand sides).
+MIN_RHS = 32
+
+
+@functools.lru_cache(maxsize=1)
+def _scipy_blas():
+    """scipy's BLAS thread control (a threadpoolctl library controller), or None: scipy's kernels
+    are then not used (they would run an uncontrolled number of threads)."""
+    try:
+        import scipy.linalg.lapack  # noqa: F401  (loads scipy's BLAS so threadpoolctl can see it)
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    for lib in ThreadpoolController().lib_controllers:
+        if lib.user_api == "blas" and "scipy" in str(lib.filepath) and "numpy" not in str(lib.filepath):
+            return [lib, None]
+    return None
+
+
+def _scipy_ready(*tensors: Tensor) -> bool:
+    """Whether scipy's kernels take these tensors (CPU, float32/float64, at least :data:`MIN_SCIPY`
+    rows), its thread count set to torch's."""
+    t = tensors[0]
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or t.shape[0] < MIN_SCIPY:
+        return False
+    if any(x.dtype != t.dtype or x.device.type != "cpu" for x in tensors[1:]):
+        return False
+    ctl = _scipy_blas()
+    if ctl is None:
+        return False
+    threads = torch.get_num_threads()
+    if ctl[1] != threads:
+        ctl[0].set_num_threads(threads)
+        ctl[1] = threads
+    return True
+
+
+def _fortran(A: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``(F, transposed)``: a Fortran-ordered array equal to ``A`` (``transposed=False``) or to ``A^T``
+    (``transposed=True``: ``A`` was C-ordered), without a copy where the layout allows."""
+    if A.flags.f_contiguous:
+        return A, False
+    if A.flags.c_contiguous:
+        return A.T, True
+    return np.asfortranarray(A), False
+
+
+def cholesky(Q: Tensor) -> Tensor | None:
+    """The lower Cholesky factor ``L`` of a symmetric ``Q`` (``Q = L L^T``, only ``Q``'s lower triangle
+    read), or None when ``Q`` is not positive definite or not finite. ``Q`` is not modified. Only ``L``'s
+    lower triangle is meaningful: every consumer here (:func:`solve_triangular`, ``torch.linalg.
+    solve_triangular``, ``torch.cholesky_solve``, ``L.diagonal()``) reads no more.
+
+    Example:
+        >>> Q = torch.tensor([[4.0, 2.0], [2.0, 5.0]], dtype=torch.float64)
+        >>> cholesky(Q).tril()
+        tensor([[2., 0.],
+                [1., 2.]], dtype=torch.float64)
+        >>> cholesky(-Q) is None
+        True
+    """
+    if _scipy_ready(Q):
+        from scipy.linalg import lapack
+
+        potrf = lapack.dpotrf if Q.dtype == torch.float64 else lapack.spotrf
+        A, transposed = _fortran(Q.detach().numpy())
+        # the lower triangle of Q is the upper one of Q^T: factor Q^T = U^T U, then L = U^T
+        C, info = potrf(A, lower=0 if transposed else 1, clean=0, overwrite_a=0)
+        L = torch.from_numpy(C.T if transposed else C)
+    else:
+        L, info = torch.linalg.cholesky_ex(Q)
+    # NaN or infinity in Q's lower triangle (all that Cholesky reads) reaches L's diagonal, so a finite
+    # diagonal certifies a finite Q without a pass over it
+    if int(info) != 0 or not bool(torch.isfinite(L.diagonal().sum())):
+        return None
+    return L
+
+
+def solve_triangular(
+    A: Tensor, B: Tensor, *, upper: bool, left: bool = True, unitriangular: bool = False
+) -> Tensor:
+    """``A^{-1} B`` (``left``) or ``B A^{-1}`` for a triangular ``A`` (only the triangle named by ``upper``
+    read; its diagonal taken as ones with ``unitriangular``): ``torch.linalg.solve_triangular`` for 2-D
+    tensors, on scipy's ``trsm`` where :func:`_scipy_ready` and there are at least :data:`MIN_RHS`
+    right-hand sides. A C-ordered operand is passed as its
+    Fortran-ordered transpose (``A X = B  <=>  X^T A^T = B^T``), so no operand is copied but the result.
+
+    Example:
+        >>> A = torch.tensor([[2.0, 0.0], [1.0, 4.0]], dtype=torch.float64)
+        >>> solve_triangular(A, torch.tensor([[2.0], [9.0]], dtype=torch.float64), upper=False)
+        tensor([[1.],
+                [2.]], dtype=torch.float64)
+    """
+    if B.numel() == 0 or B.shape[int(not left)] < MIN_RHS or not _scipy_ready(A, B):
+        return torch.linalg.solve_triangular(A, B, upper=upper, left=left, unitriangular=unitriangular)
+    from scipy.linalg import blas
+
+    trsm = blas.dtrsm if A.dtype == torch.float64 else blas.strsm
+    a, ta = _fortran(A.detach().numpy())
+    lower = upper if ta else not upper  # the triangle of a (A or A^T) that holds A's
+    b, tb = _fortran(B.detach().numpy())
+    # a transposed B turns the problem around: op(A) X = B  <=>  X^T op(A)^T = B^T
+    side = int(left) ^ int(tb) ^ 1  # trsm's side: 0 = left
+    trans = int(ta) ^ int(tb)
+    X = trsm(1.0, a, b, side=side, lower=int(lower), trans_a=trans, diag=int(unitriangular))
+    return torch.from_numpy(X.T if tb else X)

@@ -1,0 +1,119 @@
+"""The sweep's dense kernels (``hessinv.linalg``: scipy's LAPACK on CPU) against torch's, in every memory
+layout the sweep hands them, and a sweep whose blocks are large enough to use them against dense."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import autograd_gradient_hessian
+from torch import nn
+
+import hessinv
+from hessinv import linalg
+
+
+def _layout(X: torch.Tensor, fortran: bool) -> torch.Tensor:
+    return X.mT.contiguous().mT if fortran else X.contiguous()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 70),
+    m=st.integers(1, 70),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    upper=st.booleans(),
+    left=st.booleans(),
+    unit=st.booleans(),
+    fa=st.booleans(),
+    fb=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_solve_triangular_matches_torch(n, m, dtype, upper, left, unit, fa, fb, seed):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    A = A + (3 + n**0.5) * torch.eye(n, dtype=torch.float64)  # well conditioned triangles
+    # the other triangle holds garbage: neither kernel may read it
+    A = A.to(dtype)
+    B = torch.randn(*((n, m) if left else (m, n)), generator=g, dtype=dtype)
+    A, B = _layout(A, fa), _layout(B, fb)
+    want = torch.linalg.solve_triangular(A.double(), B.double(), upper=upper, left=left, unitriangular=unit)
+    got = linalg.solve_triangular(A, B, upper=upper, left=left, unitriangular=unit)
+    assert got.shape == want.shape and got.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 1e-11
+    assert float((got.double() - want).norm() / want.norm()) < tol
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 90),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    fortran=st.booleans(),
+    definite=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cholesky_matches_torch_and_refuses_indefinite(n, dtype, fortran, definite, seed):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, n, generator=g, dtype=torch.float64)
+    Q = X @ X.T + n * torch.eye(n, dtype=torch.float64)
+    if not definite:
+        Q[n // 2, n // 2] = -1.0 - Q[n // 2].abs().sum()  # a negative diagonal entry: indefinite
+    Q = _layout(Q.to(dtype), fortran)
+    before = Q.clone()
+    L = linalg.cholesky(Q)
+    assert torch.equal(Q, before)  # the input is not modified
+    if not definite:
+        assert L is None
+        return
+    assert L is not None and L.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-13
+    Lt = L.tril().double()
+    assert float((Lt @ Lt.T - Q.double()).norm() / Q.double().norm()) < tol
+    # only the lower triangle is meaningful, and the consumers read only that
+    R = torch.randn(n, 3, generator=g, dtype=dtype)
+    x = linalg.solve_triangular(L.mT, linalg.solve_triangular(L, R, upper=False), upper=True)
+    assert float((Q.double() @ x.double() - R.double()).norm() / R.double().norm()) < 100 * tol
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_cholesky_of_non_finite_is_refused(bad):
+    Q = 20 * torch.eye(20, dtype=torch.float64)
+    Q[5, 3] = bad
+    assert linalg.cholesky(Q) is None
+
+
+def test_kernels_follow_torch_thread_count():
+    ctl = linalg._scipy_blas()
+    if ctl is None:
+        pytest.skip("scipy's BLAS threads are not controllable here: torch's kernels are used")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        linalg.cholesky(20 * torch.eye(20, dtype=torch.float64))
+        assert ctl[0].get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("damping", [1e-3, 10.0])
+def test_sweep_with_large_blocks_against_dense(damping):
+    """Stages of 8 x 8 + 8 parameters and 24-row batch activations: the pivots and the solves go
+    through scipy's kernels (indefinite pivots at the small damping, Cholesky at the large one)."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(3):
+        layers += [nn.Linear(8, 8), nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(8, 3)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    X = torch.randn(24, 8, dtype=torch.float64)
+    y = torch.randint(0, 3, (24,))
+    g, Hd = autograd_gradient_hessian(model, loss_fn, X, y)
+    H = hessinv.hessian(model, loss_fn, X, y)
+    F = H.factor(damping)
+    A = Hd + damping * torch.eye(Hd.shape[0], dtype=torch.float64)
+    x = F.solve(g)
+    assert float((A @ x - g).norm() / g.norm()) < 1e-10
+    ev = torch.linalg.eigvalsh(A)
+    assert F.inertia.negative == int((ev < 0).sum())
+    assert F.logdet() == pytest.approx(float(ev.abs().log().sum()), rel=1e-9, abs=1e-9)
