@@ -115,7 +115,7 @@ def solve_triangular(
         tensor([[1.],
                 [2.]], dtype=torch.float64)
     """
-    if B.numel() == 0 or B.shape[int(not left)] < MIN_RHS or not _scipy_ready(A, B):
+    if B.numel() == 0 or B.shape[1 if left else 0] < MIN_RHS or not _scipy_ready(A, B):
         return torch.linalg.solve_triangular(A, B, upper=upper, left=left, unitriangular=unitriangular)
     from scipy.linalg import blas
 
