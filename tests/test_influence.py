@@ -16,7 +16,9 @@ from reference import (
     autograd_per_example_gradients,
     chains,
 )
+from torch import nn
 
+import hessinv
 from hessinv.errors import InvalidArgumentError
 from hessinv.influence import InfluenceFunction, influence_scores, output_jacobians, per_example_gradients
 
@@ -71,15 +73,46 @@ class _no_warning:
         return self._cm.__exit__(*a)
 
 
-@settings(max_examples=6)
+@settings(max_examples=12)
 @given(prob=chains(max_depth=4, max_width=6, max_batch=6))
 def test_per_example_gradients_and_jacobians(prob):
     m, lf, X, y = prob.model, prob.loss_fn, prob.inputs, prob.targets
     want = autograd_per_example_gradients(m, lf, X, y)
     assert torch.allclose(per_example_gradients(m, lf, X, y, chunk=4), want, rtol=1e-10, atol=1e-12)
+    # the one-pass form through the chain, where every stage has one (Linear + activation stages)
+    direct = hessinv.Chain(m, lf).per_example_gradients(X, y)
+    if " res" not in prob.description:
+        assert direct is not None
+    if direct is not None:
+        assert torch.allclose(direct, want, rtol=1e-10, atol=1e-12)
     assert torch.allclose(
         output_jacobians(m, X, chunk=4), autograd_output_jacobian(m, X), rtol=1e-10, atol=1e-12
     )
+
+
+@pytest.mark.parametrize("case", ["weighted_ce", "frozen", "wide_chunked", "float32"])
+def test_per_example_gradients_one_pass_cases(case):
+    """Class-weighted CE (each example's own loss normalizes by its own weight, unlike its share of
+    the batch loss), frozen parameters, several chunks of a wide model, float32."""
+    torch.manual_seed(0)
+    dtype = torch.float32 if case == "float32" else torch.float64
+    w = 40 if case == "wide_chunked" else 7
+    m = nn.Sequential(nn.Linear(5, w), nn.GELU(), nn.Linear(w, w, bias=False), nn.Tanh(), nn.Linear(w, 3)).to(
+        dtype
+    )
+    lf = (
+        nn.CrossEntropyLoss(weight=torch.tensor([0.2, 1.0, 3.0], dtype=dtype))
+        if case == "weighted_ce"
+        else nn.CrossEntropyLoss()
+    )
+    if case == "frozen":
+        m[2].weight.requires_grad_(False)
+    X, y = torch.randn(23, 5, dtype=dtype), torch.randint(0, 3, (23,))
+    want = autograd_per_example_gradients(m, lf, X, y)
+    got = per_example_gradients(m, lf, X, y, chunk=10 if case == "wide_chunked" else 1024)
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    assert got.shape == want.shape and torch.allclose(got, want, **tol)
+    assert hessinv.Chain(m, lf).per_example_gradients(X, y) is not None
 
 
 def test_functional_form_and_errors():

@@ -39,6 +39,7 @@ from hessinv.errors import (
 )
 from hessinv.lowrank import WoodburyFactor, gauss_newton_root
 from hessinv.riccati import Inertia, riccati_factor, riccati_forward, riccati_quadratic, riccati_solve
+from hessinv.stages import Blocks
 
 __all__ = [
     "CurvatureOperator",
@@ -601,6 +602,37 @@ class CurvatureOperator:
         targets = self.targets.to(dtype) if self.targets.is_floating_point() else self.targets
         return type(self)(model, self.loss_fn, self.inputs.to(dtype), targets)
 
+    def _rounded(self, dtype: torch.dtype) -> CurvatureOperator:
+        """This operator with its blocks and gradient rounded to ``dtype`` (the float32 sweep operator of
+        :class:`MixedFactorization`): the same matrix up to one rounding of each block entry -- closer
+        to this one than a linearization in ``dtype`` would be -- for a fraction of a millisecond
+        instead of a model copy, a traced chain and a linearization. Products, the chain and the
+        model are shared; its float64 twin is this operator."""
+        low = copy.copy(self)
+        low.blocks = [_rounded_blocks(b, dtype) for b in self.blocks]
+        low.gradient, low.dtype = self.gradient.to(dtype), dtype
+        low._twin, low._norm = (self if self.dtype == torch.float64 else None), None
+        if "_root" in vars(low):  # a cached Gauss-Newton root is this operator's
+            low._root = None
+        return low
+
+
+def _rounded_blocks(blk: Blocks, dtype: torch.dtype) -> Blocks:
+    """A shallow copy of ``blk`` with every floating tensor attribute (and those inside tuples) in
+    ``dtype``; index tensors, numbers and the stage are shared."""
+
+    def cast(v):
+        if isinstance(v, Tensor) and v.is_floating_point():
+            return v.to(dtype)
+        if isinstance(v, tuple) and any(isinstance(x, Tensor) for x in v):
+            return tuple(cast(x) for x in v)
+        return v
+
+    out = copy.copy(blk)
+    for k, v in vars(blk).items():
+        setattr(out, k, cast(v))
+    return out
+
 
 def check_precision(precision: str) -> str:
     """``precision`` of :meth:`CurvatureOperator.factor`: ``"working"`` or ``"mixed"``."""
@@ -1017,7 +1049,7 @@ class MixedFactorization(Factorization):
     """
 
     def __init__(self, op: CurvatureOperator, damping: float):
-        self._low: CurvatureOperator | None = op._converted(torch.float32)
+        self._low: CurvatureOperator | None = op._rounded(torch.float32)
         damping = _check_shift(damping, torch.float32, "damping")
         low = self._low
         factors = riccati_factor(low.blocks, damping, low._names, low.gradient, perturb=True)

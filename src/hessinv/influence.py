@@ -39,7 +39,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
+from hessinv.chain import Chain
 from hessinv.curvature import CurvatureOperator, Factorization, check_precision, curvature_class
+from hessinv.errors import HessinvError
 
 __all__ = [
     "InfluenceFunction",
@@ -64,11 +66,30 @@ def _chunked(fn: Callable[[Tensor, Tensor], Tensor], X: Tensor, y: Tensor, chunk
 
 
 def per_example_gradients(
-    model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor, chunk: int = 1024
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    chunk: int = 1024,
+    chain: Chain | None = None,
 ) -> Tensor:
     """``(N, n)``: row ``i`` is ``grad_x loss_fn(model(inputs[i:i+1]), targets[i:i+1])``, the
     gradient of example ``i``'s own loss in the trainable parameters (``parameters_to_vector`` order),
-    vectorized with ``torch.func.vmap(grad)``; ``chunk`` examples at a time."""
+    ``chunk`` examples at a time: by one batched backward pass through the chain where every stage
+    has a per-example form (:meth:`hessinv.Chain.per_example_gradients`; ``chain``: the model's, if
+    already built), else vectorized with ``torch.func.vmap(grad)``."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    chain = _per_example_chain(model, loss_fn, trainable, chain)
+    if chain is not None and len(inputs):
+        G = chain.per_example_gradients(inputs[:chunk], targets[:chunk])
+        if G is not None:
+            if len(inputs) <= chunk:
+                return G
+            rest = [
+                chain.per_example_gradients(inputs[i : i + chunk], targets[i : i + chunk])
+                for i in range(chunk, len(inputs), chunk)
+            ]
+            return torch.cat([G, *rest])
     names, params = _trainable(model)
 
     def loss(p: dict[str, Tensor], x: Tensor, t: Tensor) -> Tensor:
@@ -76,6 +97,20 @@ def per_example_gradients(
 
     g = vmap(grad(loss), in_dims=(None, 0, 0))
     return _chunked(lambda X, y: _flatten(g(params, X, y), names, 1), inputs, targets, chunk)
+
+
+def _per_example_chain(
+    model: nn.Module, loss_fn: nn.Module, params: list[Tensor], chain: Chain | None = None
+) -> Chain | None:
+    """The model as a :class:`hessinv.Chain` (``chain`` if given) whose parameters are the trainable
+    ones in ``parameters()`` order, or None (not a chain: ``vmap`` then)."""
+    if chain is None:
+        try:
+            chain = Chain(model, loss_fn)
+        except HessinvError:
+            return None
+    same = len(chain.params) == len(params) and all(a is b for a, b in zip(chain.params, params, strict=True))
+    return chain if same else None
 
 
 def output_jacobians(model: nn.Module, inputs: Tensor, chunk: int = 1024) -> Tensor:
@@ -146,7 +181,7 @@ class InfluenceFunction:
                 "curvature -- use curvature='gauss_newton' or a larger damping",
                 stacklevel=2,
             )
-        self.train_gradients = per_example_gradients(self.model, self.loss_fn, inputs, targets)
+        self.train_gradients = self._gradients(inputs, targets)
         return self
 
     @property
@@ -163,12 +198,16 @@ class InfluenceFunction:
             raise RuntimeError("call fit(inputs, targets) first")
         return self.factorization
 
+    def _gradients(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        chain = None if self.operator is None else self.operator.chain
+        return per_example_gradients(self.model, self.loss_fn, inputs, targets, chain=chain)
+
     def _train_grads(self, inputs: Tensor | None, targets: Tensor | None) -> Tensor:
         if inputs is None:
             if self.train_gradients is None:
                 raise RuntimeError("call fit(inputs, targets) first")
             return self.train_gradients
-        return per_example_gradients(self.model, self.loss_fn, inputs, targets)
+        return self._gradients(inputs, targets)
 
     def inverse_hvp(self, vectors: Tensor, chunk: int = 2048) -> Tensor:
         """``(H + lambda I)^{-1} V`` for ``vectors`` V of shape (k, n), as (k, n): batched solves of
@@ -191,7 +230,7 @@ class InfluenceFunction:
         """
         fac = self._fac()
         Gtr = self._train_grads(inputs, targets)
-        Gte = per_example_gradients(self.model, self.loss_fn, test_inputs, test_targets).to(fac.op.dtype)
+        Gte = self._gradients(test_inputs, test_targets).to(fac.op.dtype)
         return -(self.inverse_hvp(Gte) @ Gtr.T)
 
     def self_influence(self, inputs: Tensor | None = None, targets: Tensor | None = None) -> Tensor:

@@ -283,6 +283,17 @@ class DenseLayerBlocks(Blocks):
             out[:, d * m :] = t.sum(0).T
         return out
 
+    def per_example_jxT(self, s: Tensor, out: Tensor | None = None) -> Tensor:
+        """Row ``n``: the outer product ``t_n z_n^T`` (``t = s' s_n``) on the weight, ``t_n`` on the bias
+        (model order: ``weight.flatten()``, then ``bias``)."""
+        st = self.stage
+        t = self.sp * s  # (B, d)
+        out = t.new_empty(self.batch, self.p) if out is None else out
+        torch.mul(t[:, :, None], self.zt[:, None, : st.m], out=out[:, : st.d * st.m].view(-1, st.d, st.m))
+        if st.bias:
+            out[:, st.d * st.m :] = t
+        return out
+
     def jz(self, t: Tensor) -> Tensor:
         out = self.sp[:, :, None] * torch.matmul(self.W, t)
         return out + t if self.residual else out

@@ -84,6 +84,13 @@ class Blocks(abc.ABC):
     def jxT(self, s: Tensor) -> Tensor:
         """``Jx^T s``: (B, d_out, k) -> (p, k)."""
 
+    def per_example_jxT(self, s: Tensor, out: Tensor | None = None) -> Tensor | None:
+        """``(B, p)``: row ``n`` is ``Jx_n^T s_n``, example ``n``'s own contribution to ``Jx^T s`` for
+        ``s`` (B, d_out) (per-example gradients, :meth:`hessinv.Chain.per_example_gradients`), written
+        into ``out`` (B, p) if given; None where the stage has no such form (the caller falls back to
+        ``torch.func.vmap``)."""
+        return None
+
     @abc.abstractmethod
     def jz(self, t: Tensor) -> Tensor:
         """``Jz t``: (B, d_in, k) -> (B, d_out, k)."""
@@ -158,6 +165,9 @@ class ParameterFreeBlocks(Blocks):
 
     def jxT(self, s: Tensor) -> Tensor:
         return s.new_zeros(0, s.shape[-1])
+
+    def per_example_jxT(self, s: Tensor, out: Tensor | None = None) -> Tensor:
+        return s.new_zeros(s.shape[0], 0) if out is None else out
 
     def hxx(self, v: Tensor) -> Tensor:
         return v
