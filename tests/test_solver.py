@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import chains, dense_gradient_hessian
+from reference import autograd_gradient_hessian, chains, dense_gradient_hessian
 from torch import nn
 
 import hessinv
@@ -343,3 +343,50 @@ def test_mixed_precision_is_validated_and_falls_back_to_float64():
     assert info.residual < 1e-12
     ev = torch.linalg.eigvalsh(H.to_dense())
     assert F.inertia == count(ev, 1e-3)
+
+
+def _dead_relu_net(width: int, batch: int, seed: int):
+    """A ReLU net whose Hessian has a large exact null space (units dead on the whole batch)."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(
+        nn.Linear(12, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4)
+    ).double()
+    X, y = torch.randn(batch, 12, dtype=torch.float64), torch.randint(0, 4, (batch,))
+    return m, nn.CrossEntropyLoss(), X, y
+
+
+def test_nearest_eigenpairs_at_a_multiple_eigenvalue():
+    """sigma = 0 on a Gauss-Newton matrix with a null space: the factorization's shift must move off
+    the eigenvalue, but the pairs returned and the certificate are about sigma itself: eigenvalues
+    ~0, and not certified (far more than k eigenvalues lie that close to sigma)."""
+    G = hessinv.gauss_newton(*_dead_relu_net(16, 8, 7))
+    e = G.eigenpairs(2, "nearest", sigma=0.0)
+    assert e.values.abs().max() < 1e-10
+    assert not e.certified and e.interval[0] <= 0.0 <= e.interval[1]
+
+
+def test_logdet_of_a_perturbed_factorization_is_refused():
+    """Pivots perturbed (H + eps I too close to singular for the sweep): the log-determinant would be
+    another matrix's, so logdet and spectrum.logdet raise; solves still work (refinement)."""
+    m, lf, X, y = _dead_relu_net(24, 16, 8)
+    H = hessinv.hessian(m, lf, X, y)
+    F = H.factor(3e-8)
+    assert F.perturbed and not F.inertia_certified
+    with pytest.raises(SingularError, match="perturbed"):
+        F.logdet()
+    with pytest.raises(SingularError):
+        hessinv.spectrum.logdet(H, 3e-8)
+    g, Hd = autograd_gradient_hessian(m, lf, X, y)
+    F = H.factor(1e-3)  # not perturbed: the pivots' product is det(H + eps I)
+    assert not F.perturbed
+    want = torch.linalg.slogdet(Hd + 1e-3 * torch.eye(Hd.shape[0], dtype=torch.float64))
+    assert F.slogdet() == pytest.approx((float(want[0]), float(want[1])), rel=1e-9)
+
+
+def test_inertia_warns_below_its_resolution():
+    H = hessinv.hessian(*_dead_relu_net(16, 8, 7))
+    with pytest.warns(hessinv.AccuracyWarning, match="sqrt"):
+        H.inertia(0.0, tol=1e-10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        H.inertia(0.0)  # the default tol is at the resolution

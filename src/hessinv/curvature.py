@@ -299,14 +299,29 @@ class CurvatureOperator:
 
         ``tol`` defaults to ``sqrt(u) * ||H||`` (``u`` the unit roundoff), so that eigenvalues that are
         zero up to rounding count as zero. Two Riccati factorizations, at ``shift - tol`` and
-        ``shift + tol``; ``tol=0`` uses one factorization at ``shift``. Exact counts (Sylvester's law;
-        no pivot is perturbed here). Raises :class:`InvalidArgumentError` for a NaN or infinite
-        ``shift`` or a ``tol`` that is negative or not finite.
+        ``shift + tol``; ``tol=0`` uses one factorization at ``shift``. The counts are exact
+        (Sylvester's law; no pivot is perturbed here) for a matrix within the sweep's backward error of
+        ``H``: about ``u ||H||`` away from clusters of eigenvalues, but up to about ``sqrt(u) ||H||``
+        next to one -- the sweep does not pivot across stages, and a shift that close to a cluster
+        (e.g. the null space of an over-parameterized net at ``shift = 0``) makes pivots nearly
+        singular. A ``0 < tol < sqrt(u) ||H||`` therefore gets an :class:`AccuracyWarning`
+        (eigenvalues within that distance of ``shift +- tol`` may be counted on the wrong side).
+        Raises :class:`InvalidArgumentError` for a NaN or infinite ``shift`` or a ``tol`` that is
+        negative or not finite.
         """
         shift = _check_shift(shift, self.dtype)
+        floor = math.sqrt(torch.finfo(self.dtype).eps) * max(self.norm_estimate(), 1e-30)
         if tol is None:
-            tol = math.sqrt(torch.finfo(self.dtype).eps) * max(self.norm_estimate(), 1e-30)
+            tol = floor
         tol = _check_tol(tol, allow_zero=True)
+        if 0 < tol < 0.5 * floor:
+            warnings.warn(
+                f"inertia(tol={tol:g}): next to a cluster of eigenvalues the sweep's counts are exact only "
+                f"up to about sqrt(u) ||H|| = {floor:.2g}: eigenvalues within that distance of shift +- tol "
+                "may be counted on the wrong side (use the default tol)",
+                AccuracyWarning,
+                stacklevel=2,
+            )
 
         def count(s: float) -> Inertia:
             return riccati_factor(self.blocks, s, self._names, self.gradient, strict=False)[1]
@@ -501,10 +516,12 @@ class CurvatureOperator:
                 count = n - self._count_below(lo)
                 sweeps += 1
             else:
-                idx = torch.argsort((vals - s).abs())[:k].sort().values
+                # nearest the asked sigma (the factorization's s may have moved off an eigenvalue)
+                assert sigma is not None
+                idx = torch.argsort((vals - sigma).abs())[:k].sort().values
                 vals, vecs, res = vals[idx], vecs[:, idx], res[idx]
-                r = float((vals - s).abs().max()) + pad
-                lo, hi = s - r, s + r
+                r = float((vals - sigma).abs().max()) + pad
+                lo, hi = sigma - r, sigma + r
                 count = self._count_below(hi) - self._count_below(lo)
                 sweeps += 2
             certified = F.inertia_certified if which == "nearest" else True
@@ -862,13 +879,25 @@ class Factorization:
         """``log|det(H + eps I)| = sum_l log|det Qxx_l|``, from the pivots alone (in float64).
 
         The sweep is a block congruence ``H + eps I = U D U^T`` with unit block-triangular ``U`` and
-        ``D = diag(Qxx_l)``, so ``det(H + eps I) = prod_l det Qxx_l`` (of the perturbed matrix if
-        pivots were perturbed: see ``inertia_certified``).
+        ``D = diag(Qxx_l)``, so ``det(H + eps I) = prod_l det Qxx_l``. Raises :class:`SingularError`
+        where pivots were perturbed (``perturbed``): the product is then that of a matrix within
+        ``sqrt(u)`` of ``H + eps I``, whose smallest eigenvalues -- those that moved -- it does not
+        know (solves recover from the perturbation by refinement; a determinant cannot).
         """
         self._riccati_only("logdet")
         if self._twin_only:
             assert self._f64 is not None
             return self._f64.logdet()
+        if self.perturbed:
+            stages = ", ".join(f"{self.op._names[l]} ({c})" for l, c in sorted(self.perturbed.items()))
+            raise SingularError(
+                f"logdet at damping {self._damping_text()}: pivot eigenvalues below sqrt(u) max|Qxx| were "
+                f"perturbed at {stages} (the sweep does not pivot across stages), so the factorization "
+                "is not one of H + eps I and its log-determinant would be that of another matrix. "
+                "Choose a larger damping, or use a dense slogdet where n is small",
+                stage=max(self.perturbed),
+                damping=self.damping if isinstance(self.damping, float) else None,
+            )
         return float(sum(f.pivot.logdet() for f in self.factors if f is not None))
 
     def inverse_sqrt(self, Z: Tensor) -> Tensor:

@@ -3,7 +3,9 @@ r"""The exact spectrum of a curvature operator by counting: ``N(s) = #{lambda_i 
 By Sylvester's law of inertia the backward Riccati sweep of ``H - s I`` (a block congruence
 ``U D U^T``) has as many negative pivot eigenvalues as ``H`` has eigenvalues below ``s``. One
 factorization per shift, ``O(L)`` in depth, no iteration and no randomness: counts and histograms are
-exact for every eigenvalue farther than the rounding error (``~ n u ||H||``) from the shifts, where the
+exact for every eigenvalue farther than the sweep's backward error from the shifts -- about
+``u ||H||`` in general, up to about ``sqrt(u) ||H||`` for a shift next to a cluster of eigenvalues
+(the sweep does not pivot across stages; :meth:`hessinv.CurvatureOperator.inertia`) -- where the
 stochastic Lanczos quadrature of PyHessian / curvlinops estimates a smoothed density.
 
 ==============================  ==================================================================
@@ -69,8 +71,9 @@ def eigenvalue_counts(
 ) -> np.ndarray:
     """``N(s) = #{i : lambda_i(H) < s}`` for each shift (one Riccati factorization each), as int64.
 
-    Exact for eigenvalues farther than the rounding error ``~ n u ||H||`` from ``s``; an eigenvalue
-    equal to a shift up to rounding counts as ``>= s``.
+    Exact for eigenvalues farther than the sweep's backward error from ``s`` (``~ u ||H||``; up to
+    ``~ sqrt(u) ||H||`` when ``s`` is next to a cluster of eigenvalues, e.g. ``s`` near 0 for an
+    over-parameterized net); an eigenvalue equal to a shift up to rounding counts as ``>= s``.
     """
     s = np.asarray(shifts.tolist() if isinstance(shifts, torch.Tensor) else shifts, dtype=np.float64)
     if not np.isfinite(s).all():
@@ -142,7 +145,8 @@ def num_negative_eigenvalues(op: CurvatureOperator, tol: float | None = None) ->
 def logdet(op: CurvatureOperator, damping: float = 0.0) -> tuple[float, float]:
     """``(sign, log|det(H + damping I)|)`` from one factorization (``sum_l log|det Qxx_l|``); like
     :func:`torch.linalg.slogdet`. Raises :class:`~hessinv.SingularError` if ``H + damping I`` is
-    singular to working precision."""
+    singular to working precision, or so near singular that the sweep perturbed pivots (then the
+    factorization is not one of ``H + damping I``; :meth:`hessinv.Factorization.logdet`)."""
     if not math.isfinite(damping):
         raise ValueError(f"damping must be finite, got {damping}")
     return op.factor(damping).slogdet()
