@@ -8,7 +8,9 @@ with ``H`` the Hessian (or Gauss-Newton matrix) of the training loss on a chosen
 (small) training set, and ``lambda`` a damping. pydvl, dattri, captum and kronfluence approximate
 ``(H + lambda I)^{-1}`` (LiSSA, conjugate gradients, Arnoldi, EK-FAC); here it is one Riccati
 factorization of ``H + lambda I`` (exact, ``O(L)`` in depth), reused by one batched solve for all
-test gradients. Per-example gradients come from ``torch.func.vmap(grad)`` over ``functional_call``.
+test gradients. Per-example gradients come from one batched backward pass through the chain
+(:meth:`hessinv.Chain.per_example_gradients`), or ``torch.func.vmap(grad)`` over ``functional_call``
+where a stage has no per-example form.
 
 An indefinite ``H + lambda I`` (a Hessian away from a minimum, small damping) still has an exact
 solve -- the sweep is a block ``LDL^T`` congruence -- and the scores are exact for that matrix; the
