@@ -107,6 +107,17 @@ def test_npz_with_own_test_split_and_task_override(tmp_path):
     assert reg.task == "regression" and reg.y_train.dtype == torch.float64
 
 
+def test_npz_with_class_names_as_labels(tmp_path):
+    rng = np.random.default_rng(3)
+    names = np.array(["cat", "dog", "emu"])[rng.integers(0, 3, 40)]
+    np.savez(tmp_path / "n.npz", X=rng.normal(size=(40, 5)), y=names)
+    ds = load_dataset(str(tmp_path / "n.npz"))
+    assert ds.task == "classification" and ds.n_classes == 3
+    assert sorted(set(ds.y_train.tolist()) | set(ds.y_test.tolist())) == [0, 1, 2]
+    with pytest.raises(DataError, match="--task classification"):
+        load_dataset(str(tmp_path / "n.npz"), task="regression")
+
+
 def test_csv_without_header(tmp_path):
     p = tmp_path / "plain.csv"
     p.write_text("0.5,1.0,0\n1.5,2.0,1\n2.5,3.0,0\n3.5,4.0,1\n4.5,5.0,1\n")

@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=_batch_size,
         default=64,
-        help="mini-batch size, or 'full' (lbfgs always uses the full batch) (default: 64)",
+        help="mini-batch size, or 'full' (also 'all' or 0; lbfgs always uses the full batch) (default: 64)",
     )
     g.add_argument(
         "--target-loss",
@@ -440,6 +440,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         out=out,
     )
+    exact = [o for o in cfg.optimizers if o in ("newton", "newton-tr", "gauss-newton")]
+    if cfg.batch_size is None and exact and cfg.curvature_batch_size is None and len(ds.X_train) > 512:
+        print(
+            f"hessinv: note: full-batch {', '.join(exact)} on {len(ds.X_train)} examples factors the exact "
+            "curvature of the whole training set at every step (minutes per step on a CPU for a deep net; "
+            "--budget is checked between steps): --batch-size 64 uses the amortized preconditioner, "
+            "--curvature-batch-size N a subsample for the curvature",
+            file=sys.stderr,
+        )
     if args.nproc > 1:
         from hessinv.cli.distributed import train_data_parallel
 

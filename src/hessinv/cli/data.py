@@ -256,7 +256,7 @@ def _infer_task(y: np.ndarray) -> str:
     if y.ndim > 1 and y.shape[1] > 1:
         return "regression"
     v = y.reshape(-1)
-    if v.dtype.kind in "biu":
+    if v.dtype.kind in "biuUS":  # integers, or strings (class names)
         return "classification"
     if (
         v.dtype.kind == "f"
@@ -347,7 +347,9 @@ def load_dataset(
         ytr_t, yte_t = torch.from_numpy(y), torch.from_numpy(yt)
     else:
         if y.dtype.kind not in "biuf":
-            raise DataError(f"{label}: regression targets must be numeric")
+            raise DataError(
+                f"{label}: regression targets must be numeric (got {y.dtype}; class labels: --task classification)"
+            )
         y = y.reshape(len(y), -1).astype(np.float64)
         yt = yt.reshape(len(yt), -1).astype(np.float64)
         if not (np.isfinite(y).all() and np.isfinite(yt).all()):

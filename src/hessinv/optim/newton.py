@@ -73,7 +73,7 @@ from torch import Tensor, nn
 
 from hessinv.chain import Chain
 from hessinv.curvature import CurvatureOperator, GaussNewton, Hessian
-from hessinv.errors import InvalidArgumentError, NonFiniteError, SingularError
+from hessinv.errors import HessinvError, InvalidArgumentError, NonFiniteError, SingularError
 from hessinv.optim.damping import DampingRule, FixedDamping, LevenbergMarquardt, Sweeps
 from hessinv.optim.precondition import Preconditioner, normalize_curvature
 from hessinv.optim.trust_region import TrustRegion
@@ -239,7 +239,9 @@ class Newton(torch.optim.Optimizer):
     model and the loss *module* ``loss_fn`` on a batch, calls ``backward()`` and returns the loss; the
     optimizer takes the gradient from ``.grad`` and the batch from the model and loss calls it watched
     (or pass ``inputs=``/``targets=``). ``state_dict()`` holds the rule's state, the moments, the step
-    count and the generators, so that a resumed run is bit-identical.
+    count and the generators, so that a resumed run is bit-identical -- except in precondition mode
+    with ``curvature="hessian"``, whose factorization is not stored: a resumed run rebuilds it at its
+    first step, on that step's batch, and then follows its own schedule of refreshes.
 
     >>> import torch, hessinv.optim
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -595,8 +597,8 @@ class Newton(torch.optim.Optimizer):
                 self._write_grad(g)
             else:  # the closure's loss is the batch loss here (no second forward pass)
                 loss0 = closure_loss if closure_loss is not None else self._batch_loss(inputs, targets)
-        except (RuntimeError, ValueError):
-            self.chain.check_inputs(inputs, targets)
+        except (RuntimeError, ValueError, IndexError, TypeError):
+            self._explain_failure(inputs, targets)
             raise
         if not bool(torch.isfinite(g).all()) or not bool(torch.isfinite(loss0)):
             self.chain.check_inputs(inputs, targets)
@@ -634,6 +636,18 @@ class Newton(torch.optim.Optimizer):
         if self.callback is not None:
             self.callback(stats)
         return loss0.detach()
+
+    def _explain_failure(self, inputs: Tensor, targets: Tensor) -> None:
+        """After the plain forward/backward failed on a batch: raise the named error that the chain's
+        own checks give for it (inputs, then the loss stage's targets: shape, dtype, class range), if
+        any; else return, and the caller re-raises the original error."""
+        self.chain.check_inputs(inputs, targets)
+        try:
+            self.chain.linearize(inputs, targets, second_order=False)
+        except HessinvError:
+            raise
+        except Exception:  # noqa: BLE001 - not the inputs' fault: the original error explains it
+            return
 
     def _batch_loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """The batch loss at the current parameters, through the model's own forward (the function

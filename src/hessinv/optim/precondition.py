@@ -392,7 +392,8 @@ class Preconditioner:
     def state_dict(self) -> dict[str, Any]:
         """Step count, second moments, the generator and the stored Gauss-Newton factor (``U``, ``S``, ``D``
         and ``K``, which rank-|J| updates made more than a function of the others), so that a resumed
-        run is bit-identical."""
+        run is bit-identical. A Hessian factorization (``curvature="hessian"``) is not stored: it is
+        rebuilt at the next call, on that call's batch (the resumed run then differs)."""
         sd = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.state.items()}
         sd["rng"] = self.generator.get_state()
         f = self._factor
@@ -446,11 +447,28 @@ class Preconditioner:
         return self._factor is None or (self.state["t"] - 1) % self.refresh == 0
 
     def _curvature_batch(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """``curvature_batch_size`` examples of the batch, drawn without replacement; with a loss that
+        ignores a class index (``CrossEntropyLoss(ignore_index=...)``), drawn among the examples it does
+        not ignore (an all-ignored sample has no loss, hence no curvature)."""
         B = int(inputs.shape[0])
         k = self.curvature_batch_size
-        if k >= B:
-            return inputs, targets
-        idx = torch.randperm(B, generator=self.generator)[:k].sort().values.to(inputs.device)
+        pool = None
+        ignore = getattr(self.loss_fn, "ignore_index", None)
+        if isinstance(ignore, int) and targets.dim() == 1 and not targets.is_floating_point():
+            valid = (targets != ignore).nonzero().flatten()
+            if 0 < valid.numel() < B:
+                pool = valid.cpu()
+        if pool is None:
+            if k >= B:
+                return inputs, targets
+            idx = torch.randperm(B, generator=self.generator)[:k].sort().values
+        else:
+            idx = (
+                pool
+                if k >= len(pool)
+                else pool[torch.randperm(len(pool), generator=self.generator)[:k]].sort().values
+            )
+        idx = idx.to(inputs.device)
         return inputs[idx], targets[idx]
 
     def curvature_root(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -527,7 +545,16 @@ class Preconditioner:
                 return self._factor.solve(g[:, None])[:, 0]
             gr = g if rotated else self.basis.rotate(g)
             return self.basis.unrotate(self._factor.solve(gr[:, None])[:, 0])
-        return self._factor.solve(g, refine=False)
+        x = self._factor.solve(g, refine=False)
+        # the modified factorization M = U |D| U^T has every pivot eigenvalue >= damping, but U (the
+        # elimination across stages) can be ill-conditioned, and then ||M^{-1}|| far exceeds the
+        # 1 / damping meant (1e3 on a tanh net whose Hessian has eigenvalues near -damping): the
+        # direction is clipped to the norm ||g|| / damping a matrix M >= damping I would give
+        bound, norm = float(g.norm()) / self.damping, float(x.norm())
+        if norm > bound:
+            x = x * (bound / norm)
+            self.state["clipped"] = self.state.get("clipped", 0) + 1
+        return x
 
     # -- preconditioner mode ------------------------------------------------------------------------
     def gradient(self) -> Tensor:
