@@ -348,7 +348,8 @@ def load_dataset(
     else:
         if y.dtype.kind not in "biuf":
             raise DataError(
-                f"{label}: regression targets must be numeric (got {y.dtype}; class labels: --task classification)"
+                f"{label}: regression targets must be numeric (got {y.dtype}; "
+                "for class labels: --task classification)"
             )
         y = y.reshape(len(y), -1).astype(np.float64)
         yt = yt.reshape(len(yt), -1).astype(np.float64)
