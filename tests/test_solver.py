@@ -390,3 +390,18 @@ def test_inertia_warns_below_its_resolution():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         H.inertia(0.0)  # the default tol is at the resolution
+
+
+def test_modified_low_rank_pivot_is_not_refused():
+    """modify='abs' floors every pivot eigenvalue at the damping; on a wide-input (low-rank) stage whose
+    pivot is 1e7x the damping, the damping on the directions the inputs do not reach is that floor,
+    not a sign of singularity (it raised SingularError, crashing Newton(curvature='hessian'))."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        m[0].weight.mul_(1e-3)
+    X, y = 1000 * torch.randn(4, 64), torch.tensor([0, 1, 2, 0])
+    H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    F = H.factor(1e-4, modify="abs")
+    assert F.positive_definite and F.inertia.positive == H.shape[0]
+    assert bool(torch.isfinite(F.solve(H.gradient)).all())

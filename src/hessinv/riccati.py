@@ -448,7 +448,7 @@ class LowRankPivot:
             if k > 0 and abs(damping) < tau:
                 self.eps = -tau if damping < 0 else tau
                 self.perturbed += k
-        else:
+        elif not modify:  # (modify: eps on the complement is the floor itself, never "singular")
             tol = p * fi.eps * max(top, abs(damping), fi.tiny)
             if k > 0 and abs(damping) <= (tol if strict else 0.0):
                 raise SingularError(
