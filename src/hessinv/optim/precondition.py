@@ -551,6 +551,9 @@ class Preconditioner:
         # 1 / damping meant (1e3 on a tanh net whose Hessian has eigenvalues near -damping): the
         # direction is clipped to the norm ||g|| / damping a matrix M >= damping I would give
         bound, norm = float(g.norm()) / self.damping, float(x.norm())
+        if not math.isfinite(norm):  # the sweep overflowed (float32, that growth): a damped gradient step
+            x, norm = g / self.damping, bound
+            self.state["fallbacks"] = self.state.get("fallbacks", 0) + 1
         if norm > bound:
             x = x * (bound / norm)
             self.state["clipped"] = self.state.get("clipped", 0) + 1
