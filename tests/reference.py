@@ -1,7 +1,8 @@
-"""Dense autograd references (torch.func) for every curvature quantity, and random chains.
+"""Dense autograd references for every curvature quantity, and random chains.
 
-The one place tests get "the truth" from: gradient and Hessian by ``torch.func.grad``/``hessian``
-of the loss as a function of the flat parameter vector; the Gauss-Newton matrix as
+The one place tests get "the truth" from: gradient and Hessian of the loss as a function of the flat
+parameter vector by reverse-over-reverse autograd (``torch.autograd.functional.hessian``; the
+``autograd_*`` helpers below do plain double backward row by row); the Gauss-Newton matrix as
 ``J^T Lambda J`` with ``J = jacrev`` of the outputs and ``Lambda`` the loss Hessian in the outputs.
 """
 
@@ -63,8 +64,14 @@ def flat_loss_fn(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: 
 
 
 def dense_gradient_hessian(model, loss_fn, inputs, targets) -> tuple[Tensor, Tensor]:
+    """Gradient and Hessian of the loss in the flat parameters by reverse-over-reverse autograd
+    (``torch.autograd.functional.hessian``, batched over rows): not ``torch.func.hessian``, whose
+    mixed second derivative of an affine ``layer_norm`` is wrong in torch 2.13 (a non-symmetric
+    matrix)."""
     x0, loss, _ = flat_loss_fn(model, loss_fn, inputs, targets)
-    return torch.func.grad(loss)(x0), torch.func.hessian(loss)(x0)
+    x = x0.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss(x), x)
+    return g.detach(), torch.autograd.functional.hessian(loss, x0, vectorize=True)
 
 
 def dense_gauss_newton(model, loss_fn, inputs, targets) -> Tensor:
