@@ -542,8 +542,9 @@ class CurvatureOperator:
         is within ``rho^2 / gap`` of an eigenvalue (``rho = |H v - lambda v|``, ``gap`` the distance to
         the rest of the spectrum). Lanczos on the ``O(L)`` products stops as soon as its smallest Ritz
         value is that close by this estimate (about half the products of asking for a small
-        ``rho``); one positive-definiteness sweep at ``lambda - tol * max(||H||, 1)`` then proves that no
-        eigenvalue lies below: ``lambda_min`` is in ``(lambda - tol max(||H||, 1), lambda]``. Where
+        ``rho``); one positive-definiteness sweep at ``lambda - (tol + 10 u) max(||H||, 1)`` then proves
+        that no eigenvalue lies below: ``lambda_min`` is in ``(lambda - (tol + 10 u) max(||H||, 1),
+        lambda]`` (the norm estimated from below by the Ritz values or ``|H v|``). Where
         that certificate fails (Lanczos missed the smallest eigenvalue, or the gap estimate was
         wrong), shift-invert Lanczos with a factorization below the spectrum (:meth:`eigenpairs`)
         takes over, and bisection on the positive-definiteness test is the last resort. Raises
