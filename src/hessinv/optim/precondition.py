@@ -140,7 +140,11 @@ class EigenBasis:
     eigenvectors ``Q_L``, ``Q_R``; :meth:`rotate` maps the flat parameter vector to the basis
     ``X -> Q_L^T X Q_R`` (orthogonal: :meth:`unrotate` is its inverse and transpose), the identity on
     every other parameter. Adam's second moments taken in this basis are SOAP's (Vyas et al. 2024).
-    Weights with a side above ``max_dim`` (eigendecompositions ``O(max_dim^3)``) stay unrotated.
+    Weights with a side above ``max_dim`` stay unrotated (Adam's diagonal there): rotating an ``a x b``
+    weight costs ``4 a b (a + b)`` flops per step against ``6 B a b`` for its gradient on a batch of
+    ``B``, and its refresh ``O(a^3 + b^3)`` -- on a 784-256-10 MLP (upsampled digits, batch 64;
+    ``bench/wide_mlp.py``) the rotated input layer made a step 32-33 ms against 5.2-5.8 ms unrotated
+    (Adam: 1.1-1.2 ms), and 95% test accuracy came in 1.6-1.8 s against 0.3-0.5 s.
     Weights of equal shape are stacked: one batched product per shape (a deep chain of equal stages
     rotates in a few calls, not a few per stage).
 
@@ -158,7 +162,7 @@ class EigenBasis:
 
     _FIELDS = ("L", "R", "QL", "QR")
 
-    def __init__(self, params: Sequence[Tensor], beta: float = 0.95, max_dim: int = 1024):
+    def __init__(self, params: Sequence[Tensor], beta: float = 0.95, max_dim: int = 512):
         self.beta = beta
         self.blocks: list[tuple[int, int, int]] = []  # (offset, a, b)
         o = 0
