@@ -261,9 +261,19 @@ class GenericStage(Stage):
         d_in, d_out, p = zf.shape[1], u.shape[1], self.p
         size = B * d_out * (p + d_in) + p * p + B * d_in * (p + d_in)
         if size > self.MAX_BLOCK_ENTRIES:
+            per = (size - p * p) / B  # per example
+            fits = int((self.MAX_BLOCK_ENTRIES - p * p) // per) if per else 0
+            hint = (
+                f"A batch of at most {fits} examples for the curvature (Newton/Preconditioner: "
+                f"curvature_batch_size={fits}) fits; "
+                if fits >= 1
+                else ""
+            )
             raise UnsupportedStageError(
                 f"{self.name}: its dense per-example blocks would hold {size:.3g} numbers (p={p}, "
-                f"d_in={d_in}, d_out={d_out}, B={B}); split it into a chain of smaller stages"
+                f"d_in={d_in}, d_out={d_out}, B={B}; the limit is {self.MAX_BLOCK_ENTRIES:.3g}): a stage "
+                "without a structured form (convolutions, pooling, normalization) is stored densely per "
+                f"example. {hint}else use smaller inputs to it, or split it into a chain of smaller stages"
             )
         with torch.enable_grad():
             out = self._call(z).reshape(B, -1)
