@@ -229,3 +229,16 @@ def test_bad_arguments_are_named():
         assert torch.allclose(H.solve(H.gradient, damping=eps), x)
     # the errors keep their old builtin bases
     assert issubclass(InvalidArgumentError, ValueError) and issubclass(InvalidArgumentError, TypeError)
+
+
+def test_too_large_generic_stage_says_which_curvature_batch_fits():
+    m = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 14 * 14, 3),
+    )
+    X, y = torch.randn(64, 1, 28, 28), torch.randint(0, 3, (64,))
+    with pytest.raises(hessinv.UnsupportedStageError, match=r"curvature_batch_size=\d+"):
+        hessinv.gauss_newton(m, torch.nn.CrossEntropyLoss(), X, y)
