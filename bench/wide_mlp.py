@@ -4,7 +4,7 @@ layer, against Adam, in one process.
 Digits upsampled to 28 x 28 (784 inputs, bilinear; standardized), 1437 train / 360 test, a 784-256-10
 ReLU MLP, batch 64, float32, one thread. Per run: ``--budget`` seconds of training (process CPU time,
 evaluation excluded), test accuracy every 25 steps; the time to 80 / 90 / 95% and the best accuracy.
-``EigenBasis(max_dim=...)`` decides whether the 256 x 784 input layer is rotated (its side 784 is
+``Newton(basis_max_dim=...)`` decides whether the 256 x 784 input layer is rotated (its side 784 is
 above the default 512: unrotated; ``--max-dims 512,1024`` runs both). Prints a line per run and a JSON
 record::
 
@@ -27,7 +27,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_average, machine_info  # noqa: E402
 
-import hessinv.optim.precondition as pre  # noqa: E402
 from hessinv.optim import Newton  # noqa: E402
 
 
@@ -56,12 +55,7 @@ def run(which: str, max_dim: int | None, seed: int, budget: float, Xtr, ytr, Xte
             loss_fn(model(xb), yb).backward()
             opt.step()
     else:
-        default = pre.EigenBasis.__init__.__defaults__
-        pre.EigenBasis.__init__.__defaults__ = (0.95, max_dim)  # (beta, max_dim)
-        try:
-            newton = Newton(model, loss_fn, seed=seed)
-        finally:
-            pre.EigenBasis.__init__.__defaults__ = default
+        newton = Newton(model, loss_fn, seed=seed, basis_max_dim=max_dim)
 
         def step(xb, yb):
             newton.step(xb, yb)

@@ -743,3 +743,14 @@ def test_precondition_mode_names_bad_batches(case):
     opt = ho.Newton(m, lf, seed=0)
     with pytest.raises(hessinv.ShapeMismatchError):
         opt.step(Xb, yb)
+
+
+def test_basis_max_dim_leaves_wide_weights_unrotated():
+    m = nn.Sequential(nn.Linear(40, 6), nn.Tanh(), nn.Linear(6, 3))  # weights 6 x 40 and 3 x 6
+    wide = ho.Newton(m, nn.CrossEntropyLoss(), seed=0, basis_max_dim=16).preconditioner.basis
+    full = ho.Newton(m, nn.CrossEntropyLoss(), seed=0, basis_max_dim=40).preconditioner.basis
+    assert [b[1:] for b in wide.blocks] == [(3, 6)]
+    assert [b[1:] for b in full.blocks] == [(6, 40), (3, 6)]
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(hessinv.InvalidArgumentError, match="basis_max_dim"):
+            ho.Newton(m, nn.CrossEntropyLoss(), basis_max_dim=bad)
