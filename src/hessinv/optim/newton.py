@@ -75,7 +75,7 @@ from hessinv.chain import Chain
 from hessinv.curvature import CurvatureOperator, GaussNewton, Hessian
 from hessinv.errors import HessinvError, InvalidArgumentError, NonFiniteError, SingularError
 from hessinv.optim.damping import DampingRule, FixedDamping, LevenbergMarquardt, Sweeps
-from hessinv.optim.precondition import Preconditioner, normalize_curvature
+from hessinv.optim.precondition import BASIS_MAX_DIM, Preconditioner, normalize_curvature
 from hessinv.optim.trust_region import TrustRegion
 from hessinv.riccati import Inertia
 
@@ -279,7 +279,7 @@ class Newton(torch.optim.Optimizer):
         damping: str | float | DampingRule | None = None,
         diagonal_damping: float = 500.0,
         basis: str = "eigen",
-        basis_max_dim: int = 512,
+        basis_max_dim: int = BASIS_MAX_DIM,
         curvature_batch_size: int | None = None,
         refresh: int = 10,
         momentum: float = 0.9,

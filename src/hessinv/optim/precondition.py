@@ -134,6 +134,10 @@ def _power_step(M: Tensor, Q: Tensor) -> Tensor:
     return torch.linalg.qr(Y).Q.to(M.dtype).contiguous()
 
 
+#: weights with a side above this stay out of the eigenbasis by default (:class:`EigenBasis`)
+BASIS_MAX_DIM = 512
+
+
 class EigenBasis:
     """Per weight matrix ``W`` (``a x b``; a conv kernel as ``(out, rest)``), Shampoo's Kronecker factors
     ``L = E[G G^T]``, ``R = E[G^T G]`` of its gradients (exponential averages, factor ``beta``) and their
@@ -162,7 +166,7 @@ class EigenBasis:
 
     _FIELDS = ("L", "R", "QL", "QR")
 
-    def __init__(self, params: Sequence[Tensor], beta: float = 0.95, max_dim: int = 512):
+    def __init__(self, params: Sequence[Tensor], beta: float = 0.95, max_dim: int = BASIS_MAX_DIM):
         self.beta = beta
         self.blocks: list[tuple[int, int, int]] = []  # (offset, a, b)
         o = 0
@@ -359,7 +363,7 @@ class Preconditioner:
         warmup: int = 20,
         stale_ratio: float = 2.0,
         basis: str = "eigen",
-        basis_max_dim: int = 512,
+        basis_max_dim: int = BASIS_MAX_DIM,
         seed: int | None = None,
     ):
         self.model, self.loss_fn = model, loss_fn

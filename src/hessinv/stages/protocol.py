@@ -166,9 +166,6 @@ class ParameterFreeBlocks(Blocks):
     def jxT(self, s: Tensor) -> Tensor:
         return s.new_zeros(0, s.shape[-1])
 
-    def per_example_jxT(self, s: Tensor, out: Tensor | None = None) -> Tensor:
-        return s.new_zeros(s.shape[0], 0) if out is None else out
-
     def hxx(self, v: Tensor) -> Tensor:
         return v
 
