@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import autograd_gauss_newton, autograd_hessian, autograd_output_jacobian
 
-from hessinv.errors import IndefiniteError
+from hessinv.errors import IndefiniteError, InvalidArgumentError
 from hessinv.laplace import Laplace
 
 
@@ -100,6 +100,35 @@ def output_jacobians_of(net, X):
     from hessinv.influence import output_jacobians
 
     return output_jacobians(net, X)
+
+
+@pytest.mark.parametrize(
+    "likelihood, loss", [("classification", torch.nn.CrossEntropyLoss()), ("regression", torch.nn.MSELoss())]
+)
+def test_likelihood_from_the_training_loss(likelihood, loss):
+    """The loss a model was trained with names its likelihood: the same evidence as the string."""
+    net, X, y = problem(5, likelihood)
+    by_name = Laplace(net, likelihood, prior_precision=0.7).fit(X, y).log_marginal_likelihood()
+    by_loss = Laplace(net, loss, prior_precision=0.7).fit(X, y).log_marginal_likelihood()
+    assert float(by_loss) == float(by_name)
+    assert math.isclose(
+        float(by_name), dense_laplace(net, X, y, likelihood, "gauss_newton", 0.7, 1.0)[0], rel_tol=1e-10
+    )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.nn.CrossEntropyLoss(weight=torch.ones(2)),
+        torch.nn.CrossEntropyLoss(label_smoothing=0.1),
+        torch.nn.BCEWithLogitsLoss(),
+        "poisson",
+    ],
+)
+def test_likelihood_refused_with_a_named_error(bad):
+    net, _, _ = problem(0, "classification")
+    with pytest.raises(InvalidArgumentError, match="not the log-likelihood of a categorical or Gaussian"):
+        Laplace(net, bad)
 
 
 def test_optimize_prior_precision_finds_the_dense_maximum():

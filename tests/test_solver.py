@@ -252,7 +252,9 @@ def test_float32_tiny_right_hand_side():
     F = H.factor(damping=1e-2)
     x1 = F.solve(H.gradient)
     x2, info = F.solve(H.gradient * 1e-30, return_info=True)
-    assert info.residual < 1e-12 and torch.allclose(x2.double() * 1e30, x1.double(), rtol=1e-4, atol=0)
+    # normwise: entries far below the largest carry the normwise refinement error relative to themselves
+    # (an entry-wise rtol=1e-4 failed by 1.0e-4 on its smallest entry, 6e-5 of the largest)
+    assert info.residual < 1e-12 and rel(x2.double() * 1e30, x1.double()) < 1e-6
     raw = F.solve(H.gradient[:, None] * 1e-30, refine=False).double() * 1e30
     assert rel(raw, F.solve(H.gradient[:, None], refine=False).double()) < 1e-3
 

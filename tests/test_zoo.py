@@ -8,6 +8,7 @@ spectral gap, each to 1e-10. Refused entries must raise the named error with the
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -353,6 +354,39 @@ entry("conv2d_adaptive_pool_batchnorm_eval")(
         nn.Flatten(), nn.Linear(8, C), x=X(1, 5, 5),
     )
 )  # fmt: skip
+# Linear layers applied to every position of (B, T, features) inputs (token / sequence models): the
+# weight is shared across positions, so these go through the generic stage
+entry("linear_on_positions")(
+    lambda: ce_case(
+        nn.Linear(D_IN, W), nn.Tanh(), nn.Linear(W, W), nn.Flatten(), nn.Linear(2 * W, C), x=X(2, D_IN)
+    )
+)
+entry("linear_on_positions_residual")(
+    lambda: ce_case(nn.Linear(D_IN, W), Residual(W), nn.Flatten(), nn.Linear(2 * W, C), x=X(2, D_IN))
+)
+
+
+def _token_ids() -> Case:
+    """An nn.Embedding first: integer inputs (token ids) are data, never differentiated."""
+    case = ce_case(
+        nn.Embedding(7, W), nn.Flatten(), nn.Tanh(), nn.Linear(2 * W, W), nn.GELU(), nn.Linear(W, C)
+    )
+    case.inputs = torch.randint(0, 7, (B, 2))
+    return case
+
+
+def _token_ids_into_linear() -> Case:
+    case = ce_case(nn.Linear(D_IN, W), nn.Tanh(), nn.Linear(W, C))
+    case.inputs = torch.randint(0, 3, (B, D_IN))
+    return case
+
+
+entry("embedding_token_ids")(_token_ids)
+entry("refused_token_ids_into_linear")(
+    lambda: refused(
+        _token_ids_into_linear(), DtypeMismatchError, "integer inputs .token ids. need a first module"
+    )
+)
 entry("unflatten_conv1d")(
     lambda: ce_case(
         nn.Linear(D_IN, 8), nn.Unflatten(1, (2, 4)), nn.Conv1d(2, 1, 2), nn.Flatten(), nn.Linear(3, C)
@@ -659,3 +693,41 @@ def test_traced_activations_are_structured_stages():
 def test_zoo_size():
     """The issue's bar: at least 60 entries."""
     assert len(ZOO) >= 60
+
+
+def test_float32_model_with_loss_buffers():
+    """A loss module with floating buffers (class weights) follows the model into the float64 twin
+    that refines float32 solves: the refined solve matches a dense float64 solve of the same Hessian."""
+    gen(3)
+    model = nn.Sequential(nn.Linear(D_IN, W), nn.Tanh(), nn.Linear(W, C))
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]))
+    x, t = X().float(), classes()
+    H = hessinv.hessian(model, loss_fn, x, t)
+    ref = copy.deepcopy(model).double()
+    g_ref, H_ref = autograd_gradient_hessian(ref, copy.deepcopy(loss_fn).double(), x.double(), t)
+    n = H_ref.shape[0]
+    sol = H.factor(damping=1.0).solve(g_ref.float())
+    assert sol.dtype == torch.float32
+    exact = torch.linalg.solve(H_ref + torch.eye(n, dtype=DT), g_ref)
+    assert rel(sol.double(), exact) <= 1e-6
+
+
+@pytest.mark.parametrize("name", ["embedding_token_ids", "linear_on_positions"])
+def test_float32_newton_and_refined_solve(name):
+    """Entries outside the structured stages in float32: the refined solve (its float64 twin keeps
+    token ids as integers) matches float64, and the default optimizer lowers the loss on a fixed batch."""
+    case = ZOO[name]()
+    model = case.model.float()
+    x = case.inputs.float() if case.inputs.is_floating_point() else case.inputs
+    H = hessinv.hessian(model, case.loss_fn, x, case.targets)
+    g64, H64 = autograd_gradient_hessian(
+        copy.deepcopy(model).double(), case.loss_fn, case.inputs, case.targets
+    )
+    sol = H.factor(damping=1.0).solve(g64.float())
+    exact = torch.linalg.solve(H64 + torch.eye(H64.shape[0], dtype=DT), g64)
+    assert rel(sol.double(), exact) <= 1e-6
+    opt = hessinv.optim.Newton(model, case.loss_fn)
+    first = float(opt.step(x, case.targets))
+    for _ in range(20):
+        last = float(opt.step(x, case.targets))
+    assert last < 0.9 * first

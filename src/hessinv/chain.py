@@ -460,9 +460,17 @@ class Chain:
         """Raise a named error for a dtype/device/batch mismatch or non-finite values."""
         _tensor(inputs, "inputs")
         _tensor(targets, "targets")
-        if inputs.dtype != self.dtype or inputs.device != self.device:
+        if inputs.device != self.device:
+            raise DtypeMismatchError(f"inputs are on {inputs.device}, model on {self.device}")
+        if inputs.is_floating_point() or inputs.is_complex():
+            if inputs.dtype != self.dtype:
+                raise DtypeMismatchError(
+                    f"inputs are {inputs.dtype}, model is {self.dtype}: convert with inputs.to({self.dtype})"
+                )
+        elif not isinstance(self.stages[0], GenericStage):  # token ids etc.: data, never differentiated
             raise DtypeMismatchError(
-                f"inputs are {inputs.dtype} on {inputs.device}, model is {self.dtype} on {self.device}"
+                f"inputs are {inputs.dtype}, but the first stage ({self.stages[0].name}) needs {self.dtype} "
+                f"inputs; integer inputs (token ids) need a first module that takes them, e.g. nn.Embedding"
             )
         if targets.device != self.device:
             raise DtypeMismatchError(f"targets are on {targets.device}, model on {self.device}")
@@ -547,7 +555,7 @@ class Chain:
         gradient = torch.cat(grads[::-1])
         if not torch.isfinite(gradient).all():
             raise NonFiniteError("the gradient contains NaN or infinity")
-        return Linearization(blocks, gradient, loss, self.sizes, zs[0][0].numel())
+        return Linearization(blocks, gradient, loss, self.sizes, blocks[0].d_in)
 
     def per_example_gradients(self, inputs: Tensor, targets: Tensor) -> Tensor | None:
         """``(B, n)``: row ``i`` is the gradient of example ``i``'s own loss ``loss_fn(model(x_i[None]),

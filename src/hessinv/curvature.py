@@ -40,6 +40,7 @@ from hessinv.errors import (
 from hessinv.lowrank import WoodburyFactor, gauss_newton_root
 from hessinv.riccati import Inertia, riccati_factor, riccati_forward, riccati_quadratic, riccati_solve
 from hessinv.stages import Blocks
+from hessinv.stages.losses import loss_in_dtype
 
 __all__ = [
     "CurvatureOperator",
@@ -620,7 +621,8 @@ class CurvatureOperator:
         model = copy.deepcopy(self.model)
         model = model.to(dtype) if isinstance(model, nn.Module) else [m.to(dtype) for m in model]
         targets = self.targets.to(dtype) if self.targets.is_floating_point() else self.targets
-        return type(self)(model, self.loss_fn, self.inputs.to(dtype), targets)
+        inputs = self.inputs.to(dtype) if self.inputs.is_floating_point() else self.inputs  # token ids stay
+        return type(self)(model, loss_in_dtype(self.loss_fn, dtype), inputs, targets)
 
     def _rounded(self, dtype: torch.dtype) -> CurvatureOperator:
         """This operator with its blocks and gradient rounded to ``dtype`` (the float32 sweep operator of

@@ -49,8 +49,9 @@ import torch
 from torch import Tensor, nn
 
 from hessinv.curvature import CurvatureOperator, GaussNewton, Hessian
-from hessinv.errors import AccuracyWarning, SingularError
+from hessinv.errors import AccuracyWarning, InvalidArgumentError, SingularError
 from hessinv.riccati import Inertia
+from hessinv.stages.losses import loss_in_dtype
 
 __all__ = [
     "flat_parameters", "set_flat_parameters", "alignment", "step_ratio", "predicted_contraction",
@@ -80,7 +81,7 @@ def set_flat_parameters(model: nn.Module | Iterable[Tensor], x: Tensor) -> None:
     params = _trainable(model)
     n = sum(p.numel() for p in params)
     if x.dim() != 1 or x.numel() != n:
-        raise ValueError(f"x must be a vector of length {n}, got shape {tuple(x.shape)}")
+        raise InvalidArgumentError(f"x must be a vector of length {n}, got shape {tuple(x.shape)}")
     offset = 0
     for p in params:
         k = p.numel()
@@ -123,7 +124,7 @@ def alignment(d: Tensor, x: Tensor, x_star: Tensor, metric: Metric = None) -> fl
     """
     d, e = _vec(d, "d"), _vec(x, "x") - _vec(x_star, "x_star")
     if d.shape != e.shape:
-        raise ValueError(f"d has {d.numel()} entries, x - x_star has {e.numel()}")
+        raise InvalidArgumentError(f"d has {d.numel()} entries, x - x_star has {e.numel()}")
     nd, ne = _norm(d, metric), _norm(e, metric)
     if nd == 0.0 or ne == 0.0 or not (math.isfinite(nd) and math.isfinite(ne)):
         return math.nan
@@ -293,7 +294,9 @@ class AlignmentTracker:
         self.x_star = _vec(x_star, "x_star").clone()
         self._x = flat_parameters(self._params)
         if self._x.shape != self.x_star.shape:
-            raise ValueError(f"x_star has {self.x_star.numel()} entries, the model {self._x.numel()}")
+            raise InvalidArgumentError(
+                f"x_star has {self.x_star.numel()} entries, the model {self._x.numel()}"
+            )
         self.records: list[StepRecord] = []
 
     @property
@@ -443,7 +446,7 @@ def newton_direction(
     (0.0, True)
     """
     if curvature not in _CURVATURES:
-        raise ValueError(f"curvature must be one of {sorted(_CURVATURES)}, got {curvature!r}")
+        raise InvalidArgumentError(f"curvature must be one of {sorted(_CURVATURES)}, got {curvature!r}")
     op = operator if operator is not None else _CURVATURES[curvature](model, loss_fn, inputs, targets)
     g = op.gradient if gradient is None else gradient.detach().reshape(-1).to(op.dtype)
     lam_min: float | None = None
@@ -499,7 +502,7 @@ def adam_direction(optimizer: torch.optim.Optimizer, gradient: Tensor | None = N
     if gradient is not None:
         gradient = gradient.detach().reshape(-1)
         if gradient.numel() != sum(p.numel() for p in params):
-            raise ValueError("gradient has the wrong length for the optimizer's parameters")
+            raise InvalidArgumentError("gradient has the wrong length for the optimizer's parameters")
     out: list[Tensor] = []
     offset = 0
     for group in optimizer.param_groups:
@@ -515,7 +518,7 @@ def adam_direction(optimizer: torch.optim.Optimizer, gradient: Tensor | None = N
             elif p.grad is not None:
                 g = p.grad.detach().to(torch.float64)
             else:
-                raise ValueError("no gradient: pass `gradient` or call backward() first")
+                raise InvalidArgumentError("no gradient: pass `gradient` or call backward() first")
             offset += k
             x = p.detach().to(torch.float64)
             if wd != 0 and not decoupled:
@@ -564,14 +567,16 @@ def direction_alignments(
                 out[name] = alignment(g, x, x_star)
             else:
                 if adam is None:
-                    raise ValueError("'adam' needs the optimizer: pass adam=<torch.optim.Adam>")
+                    raise InvalidArgumentError("'adam' needs the optimizer: pass adam=<torch.optim.Adam>")
                 out[name] = alignment(adam_direction(adam, g), x, x_star)
         elif name in ("newton", "gauss_newton"):
             curvature = "hessian" if name == "newton" else name
             nd = newton_direction(model, loss_fn, inputs, targets, curvature=curvature, delta=delta)
             out[name] = alignment(nd.direction, x, x_star)
         else:
-            raise ValueError(f"unknown direction {name!r}; use gradient, newton, gauss_newton or adam")
+            raise InvalidArgumentError(
+                f"unknown direction {name!r}; use gradient, newton, gauss_newton or adam"
+            )
     return out
 
 
@@ -618,7 +623,7 @@ def stochastic_contraction(samples: Tensor, x: Tensor, x_star: Tensor, eta: floa
     D = samples.detach().to(torch.float64).reshape(samples.shape[0], -1)
     e = _vec(x, "x") - _vec(x_star, "x_star")
     if D.shape[1] != e.numel():
-        raise ValueError(f"samples have {D.shape[1]} entries, x - x_star has {e.numel()}")
+        raise InvalidArgumentError(f"samples have {D.shape[1]} entries, x - x_star has {e.numel()}")
     k = D.shape[0]
     m = D.mean(0)
     tr_cov = float(((D - m) ** 2).sum(1).mean())
@@ -690,8 +695,9 @@ def estimate_minimizer(
     (True, [1.0, -2.0])
     """
     if curvature not in _CURVATURES:
-        raise ValueError(f"curvature must be one of {sorted(_CURVATURES)}, got {curvature!r}")
+        raise InvalidArgumentError(f"curvature must be one of {sorted(_CURVATURES)}, got {curvature!r}")
     net = copy.deepcopy(model if isinstance(model, nn.Module) else nn.Sequential(*model)).double()
+    loss_fn = loss_in_dtype(loss_fn, torch.float64)
     X = inputs.detach().double() if inputs.is_floating_point() else inputs.detach()
     Y = targets.detach().double() if targets.is_floating_point() else targets.detach()
     if x0 is not None:

@@ -43,7 +43,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from hessinv.chain import Chain
 from hessinv.curvature import CurvatureOperator, Factorization, check_precision, curvature_class
-from hessinv.errors import HessinvError
+from hessinv.errors import HessinvError, InvalidArgumentError
 
 __all__ = [
     "InfluenceFunction",
@@ -172,7 +172,7 @@ class InfluenceFunction:
         """Factor ``H + lambda I`` on ``(curvature_inputs, curvature_targets)`` -- default the whole
         training set ``(inputs, targets)`` -- and compute the per-example training gradients."""
         if (curvature_inputs is None) != (curvature_targets is None):
-            raise ValueError("pass both curvature_inputs and curvature_targets, or neither")
+            raise InvalidArgumentError("pass both curvature_inputs and curvature_targets, or neither")
         Xc, yc = (inputs, targets) if curvature_inputs is None else (curvature_inputs, curvature_targets)
         self.operator = self.curvature_cls(self.model, self.loss_fn, Xc, yc)
         self.factorization = self.operator.factor(self.damping, precision=self.precision)

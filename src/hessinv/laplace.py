@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from hessinv.curvature import CurvatureOperator, Factorization, curvature_class
-from hessinv.errors import IndefiniteError
+from hessinv.errors import IndefiniteError, InvalidArgumentError
 from hessinv.influence import _trainable, output_jacobians
 
 __all__ = ["Laplace"]
@@ -56,13 +56,30 @@ __all__ = ["Laplace"]
 _LIKELIHOODS = ("classification", "regression")
 
 
+def _likelihood_of(likelihood) -> str:
+    """``'classification'`` / ``'regression'``, also from the loss a model was trained with
+    (``nn.CrossEntropyLoss()``: categorical; ``nn.MSELoss()``: Gaussian, ``sigma_noise`` separate)."""
+    if isinstance(likelihood, str) and likelihood in _LIKELIHOODS:
+        return likelihood
+    plain = isinstance(likelihood, nn.Module) and not any(True for _ in likelihood.buffers())
+    if plain and type(likelihood) is nn.CrossEntropyLoss and likelihood.label_smoothing == 0:
+        return "classification"
+    if plain and type(likelihood) is nn.MSELoss:
+        return "regression"
+    raise InvalidArgumentError(
+        f"likelihood must be 'classification' (categorical: nn.CrossEntropyLoss) or 'regression' "
+        f"(Gaussian: nn.MSELoss), got {likelihood!r}; a weighted or smoothed cross-entropy, or another "
+        "loss, is not the log-likelihood of a categorical or Gaussian model"
+    )
+
+
 def _collect(data: Tensor | Iterable, targets: Tensor | None) -> tuple[Tensor, Tensor]:
     if isinstance(data, Tensor):
         if targets is None:
-            raise ValueError("fit(X, y): the targets are missing")
+            raise InvalidArgumentError("fit(X, y): the targets are missing")
         return data, targets
     if targets is not None:
-        raise ValueError("pass either fit(X, y) or fit(loader)")
+        raise InvalidArgumentError("pass either fit(X, y) or fit(loader)")
     xs, ys = zip(*[(b[0], b[1]) for b in data], strict=True)
     return torch.cat(xs), torch.cat(ys)
 
@@ -73,7 +90,9 @@ class Laplace:
     Args:
         model: the trained ``nn.Sequential`` chain (its parameters are the MAP estimate ``theta*``).
         likelihood: ``"classification"`` (cross-entropy on logits, integer or probability targets) or
-            ``"regression"`` (Gaussian with standard deviation ``sigma_noise``, targets (N, C)).
+            ``"regression"`` (Gaussian with standard deviation ``sigma_noise``, targets (N, C)); the
+            loss the model was trained with is accepted too (``nn.CrossEntropyLoss()`` /
+            ``nn.MSELoss()``, unweighted and unsmoothed: other losses are no such likelihood).
         curvature: ``"gauss_newton"`` (default; always positive semi-definite) or ``"hessian"``.
         prior_precision: ``delta`` (a positive number).
         sigma_noise: regression noise ``sigma``.
@@ -83,20 +102,19 @@ class Laplace:
     def __init__(
         self,
         model: nn.Module,
-        likelihood: str,
+        likelihood: str | nn.Module,
         curvature: str = "gauss_newton",
         prior_precision: float = 1.0,
         sigma_noise: float = 1.0,
         prior_mean: float | Tensor = 0.0,
     ):
-        if likelihood not in _LIKELIHOODS:
-            raise ValueError(f"likelihood must be 'classification' or 'regression', got {likelihood!r}")
+        likelihood = _likelihood_of(likelihood)
         self.model, self.likelihood = model, likelihood
         self.curvature_cls = curvature_class(curvature)
         self.prior_precision = self._positive(prior_precision, "prior_precision")
         self.sigma_noise = self._positive(sigma_noise, "sigma_noise")
         if likelihood == "classification" and sigma_noise != 1.0:
-            raise ValueError("sigma_noise is for regression only")
+            raise InvalidArgumentError("sigma_noise is for regression only")
         self.prior_mean = prior_mean
         self.loss_fn: nn.Module = (
             nn.CrossEntropyLoss(reduction="sum")
@@ -110,7 +128,7 @@ class Laplace:
     def _positive(v: float, name: str) -> float:
         v = float(v)
         if not (v > 0 and math.isfinite(v)):
-            raise ValueError(f"{name} must be a positive number, got {v}")
+            raise InvalidArgumentError(f"{name} must be a positive number, got {v}")
         return v
 
     # -- fitting -------------------------------------------------------------------------------
@@ -207,7 +225,7 @@ class Laplace:
 
         self._op()
         if optimize_sigma_noise and self.likelihood != "regression":
-            raise ValueError("optimize_sigma_noise is for regression only")
+            raise InvalidArgumentError("optimize_sigma_noise is for regression only")
 
         def neg(t: float, s: float) -> float:
             try:
@@ -294,7 +312,7 @@ class Laplace:
                 z = torch.randn(n_samples, *f_mu.shape, generator=generator, dtype=f_mu.dtype, device=dev)
                 f = f_mu + torch.einsum("icd,sid->sic", root, z.to(X.device))
                 return torch.softmax(f, dim=-1).mean(0)
-            raise ValueError(f"link_approx must be 'probit' or 'mc', got {link_approx!r}")
+            raise InvalidArgumentError(f"link_approx must be 'probit' or 'mc', got {link_approx!r}")
         if pred_type == "nn":
             with torch.no_grad():
                 fs = torch.stack([self._outputs(X, th) for th in self.sample(n_samples, generator)])
@@ -302,4 +320,4 @@ class Laplace:
                 return torch.softmax(fs, dim=-1).mean(0)
             d = fs - fs.mean(0)
             return fs.mean(0), torch.einsum("sic,sid->icd", d, d) / max(n_samples - 1, 1)
-        raise ValueError(f"pred_type must be 'glm' or 'nn', got {pred_type!r}")
+        raise InvalidArgumentError(f"pred_type must be 'glm' or 'nn', got {pred_type!r}")

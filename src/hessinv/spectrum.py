@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from hessinv.curvature import CurvatureOperator
-from hessinv.errors import SingularError
+from hessinv.errors import InvalidArgumentError, SingularError
 from hessinv.riccati import riccati_factor
 
 __all__ = [
@@ -77,7 +77,7 @@ def eigenvalue_counts(
     """
     s = np.asarray(shifts.tolist() if isinstance(shifts, torch.Tensor) else shifts, dtype=np.float64)
     if not np.isfinite(s).all():
-        raise ValueError("shifts must be finite")
+        raise InvalidArgumentError("shifts must be finite")
     out = np.array([_count_below(op, float(v)) for v in s.reshape(-1)], dtype=np.int64)
     return out.reshape(s.shape)
 
@@ -121,15 +121,15 @@ def spectral_histogram(
     """
     if isinstance(bins, int):
         if bins < 1:
-            raise ValueError(f"bins must be >= 1, got {bins}")
+            raise InvalidArgumentError(f"bins must be >= 1, got {bins}")
         lo, hi = spectral_range(op) if range is None else (float(range[0]), float(range[1]))
         if not lo < hi:
-            raise ValueError(f"range must be increasing, got {(lo, hi)}")
+            raise InvalidArgumentError(f"range must be increasing, got {(lo, hi)}")
         edges = np.linspace(lo, hi, bins + 1)
     else:
         edges = np.asarray(bins, dtype=np.float64)
         if edges.ndim != 1 or len(edges) < 2 or not (np.diff(edges) > 0).all():
-            raise ValueError("bin edges must be a 1-d increasing sequence of at least two numbers")
+            raise InvalidArgumentError("bin edges must be a 1-d increasing sequence of at least two numbers")
     N = eigenvalue_counts(op, edges)
     return Histogram(np.diff(N), edges, int(N[0]), int(op.shape[0] - N[-1]))
 
@@ -148,5 +148,5 @@ def logdet(op: CurvatureOperator, damping: float = 0.0) -> tuple[float, float]:
     singular to working precision, or so near singular that the sweep perturbed pivots (then the
     factorization is not one of ``H + damping I``; :meth:`hessinv.Factorization.logdet`)."""
     if not math.isfinite(damping):
-        raise ValueError(f"damping must be finite, got {damping}")
+        raise InvalidArgumentError(f"damping must be finite, got {damping}")
     return op.factor(damping).slogdet()

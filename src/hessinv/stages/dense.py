@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from hessinv.errors import UnsupportedStageError
+from hessinv.stages.generic import GenericStage
 from hessinv.stages.protocol import Blocks, ParameterFreeBlocks, RiccatiBlocks, Stage
 
 #: Modules treated as elementwise activations ``s`` (fused into a preceding Linear); exact types only
@@ -179,11 +180,20 @@ class DenseStage(Stage):
         self.model_to_riccati = torch.empty_like(self.riccati_to_model)
         self.model_to_riccati[self.riccati_to_model] = torch.arange(d * m1)
         self.d, self.m, self.m1 = d, m, m1
+        self._generic: GenericStage | None = None
 
     @property
     def name(self) -> str:
         base = super().name
         return base[:-1] + "+residual)" if self.residual else base
+
+    def _as_generic(self) -> GenericStage:
+        """This stage as a :class:`GenericStage` (same function and parameters, blocks by autograd)."""
+        if self._generic is None:
+            module = _StageModule(self)
+            module._hessinv_label = self.name[self.name.index("(") + 1 : -1]
+            self._generic = GenericStage(self.index, module, self.params)
+        return self._generic
 
     def forward(self, z: Tensor) -> Tensor:
         u = self.linear(z)
@@ -191,12 +201,30 @@ class DenseStage(Stage):
         return z + out if self.residual else out
 
     def linearize(self, z_in: Tensor, b_out: Tensor, second_order: bool) -> Blocks:
+        if z_in.dim() != 2:
+            # a Linear over the last axis of (B, T, ..., m) inputs (tokens, channels): the weight is shared
+            # across positions, which the structured blocks (one input row per example) do not express;
+            # the generic stage's dense per-example blocks are exact for it
+            return self._as_generic().linearize(z_in, b_out, second_order)
         z = z_in.detach()
         u = self.linear(z).detach()
         _, sp, spp = activation_derivatives(self.act, u)
         zt = torch.cat([z, torch.ones_like(z[:, :1])], dim=1) if self.bias else z
         W = self.linear.weight.detach().clone()
         return DenseLayerBlocks(self, zt, W, sp, b_out if second_order else None, spp)
+
+
+class _StageModule(nn.Module):
+    """A :class:`DenseStage` as a module (for :meth:`DenseStage._as_generic`)."""
+
+    def __init__(self, stage: DenseStage):
+        super().__init__()
+        self.linear = stage.linear
+        self.act = stage.act if isinstance(stage.act, nn.Module) else None
+        object.__setattr__(self, "stage", stage)  # not a submodule
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.stage.forward(z)
 
 
 class DenseLayerBlocks(Blocks):

@@ -255,7 +255,12 @@ class GenericStage(Stage):
     def _linearize(self, z_in: Tensor, b_out: Tensor, second_order: bool) -> Blocks:
         B = z_in.shape[0]
         params = self.params
-        z = z_in.detach().clone().requires_grad_(True)
+        call = self._call
+        if z_in.is_floating_point():
+            z = z_in.detach().clone().requires_grad_(True)
+        else:  # data that is not differentiable (token ids of an nn.Embedding): a stage input of width 0
+            z = torch.zeros(B, 0, dtype=b_out.dtype, device=b_out.device, requires_grad=True)
+            call = lambda _: self._call(z_in)  # noqa: E731
         u = b_out.detach().reshape(B, -1).clone().requires_grad_(True)
         zf = z.reshape(B, -1)
         d_in, d_out, p = zf.shape[1], u.shape[1], self.p
@@ -276,7 +281,7 @@ class GenericStage(Stage):
                 f"example. {hint}else use smaller inputs to it, or split it into a chain of smaller stages"
             )
         with torch.enable_grad():
-            out = self._call(z).reshape(B, -1)
+            out = call(z).reshape(B, -1)
             if out.shape != u.shape:
                 raise UnsupportedStageError(f"{self.name}: output of shape {tuple(out.shape)} per batch")
             first = _grads((out * u).sum(), [*params, z], create_graph=True)

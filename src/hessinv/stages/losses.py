@@ -57,6 +57,17 @@ def loss_name(loss_fn: Callable) -> str:
     return getattr(loss_fn, "__name__", type(loss_fn).__name__)
 
 
+def loss_in_dtype(loss_fn: Callable, dtype: torch.dtype) -> Callable:
+    """``loss_fn`` for a model converted to ``dtype``: a loss module with floating buffers
+    (``CrossEntropyLoss(weight=...)``, ``BCEWithLogitsLoss(pos_weight=...)``) is copied and converted,
+    anything else returned as is."""
+    if isinstance(loss_fn, nn.Module) and any(b.is_floating_point() for b in loss_fn.buffers()):
+        import copy
+
+        return copy.deepcopy(loss_fn).to(dtype)
+    return loss_fn
+
+
 def prepare_targets(loss_fn: Callable, targets: Tensor, dtype: torch.dtype) -> Tensor:
     """Targets as the loss expects them: class indices of any integer (or bool) dtype become int64
     for the index losses (cross-entropy with a target per example, NLL); integer or bool targets of
