@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -240,5 +243,37 @@ def test_too_large_generic_stage_says_which_curvature_batch_fits():
         torch.nn.Linear(8 * 14 * 14, 3),
     )
     X, y = torch.randn(64, 1, 28, 28), torch.randint(0, 3, (64,))
+    G = hessinv.gauss_newton(m, torch.nn.CrossEntropyLoss(), X, y)  # gradient and root need no dense blocks
+    U, S = G.root()
+    assert U.shape == (64 * 2, G.shape[0])  # softmax cross-entropy: rank C - 1 per example
     with pytest.raises(hessinv.UnsupportedStageError, match=r"curvature_batch_size=\d+"):
-        hessinv.gauss_newton(m, torch.nn.CrossEntropyLoss(), X, y)
+        G @ torch.randn(G.shape[0])  # the conv stage's dense per-example blocks would not fit
+    with pytest.raises(
+        (hessinv.UnsupportedStageError, hessinv.TooLargeError), match=r"curvature_batch_size=\d+"
+    ):
+        G.factor(damping=1.0)
+    # the default optimizer only needs the root of its curvature batch: it trains this model as it is
+    opt = hessinv.optim.Newton(m, torch.nn.CrossEntropyLoss(), seed=0)
+    losses = [
+        float(opt.step(X[i::3], y[i::3])) for i in range(3)
+    ]  # mini-batches (the same one twice: full batch)
+    assert all(math.isfinite(v) for v in losses)
+
+
+def test_a_sweep_too_large_for_memory_is_named_before_it_allocates(monkeypatch):
+    """A 192000 x 192000 Schur complement (64 examples x 3000 activations) is refused before the sweep
+    allocates it, naming the batch that fits (on a device of 16 GiB, whatever this machine has)."""
+    import hessinv.riccati
+
+    monkeypatch.setattr(hessinv.riccati, "_memory_bytes", lambda device: 16 * 2**30)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(30, 3000), nn.Tanh(), nn.Linear(3000, 3))
+    X, y = torch.randn(64, 30), torch.randint(0, 3, (64,))
+    G = hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X, y)
+    with pytest.raises(hessinv.TooLargeError, match=r"a = 64 examples x 3000 activations = 192000.*") as err:
+        G.factor(damping=1.0)
+    fits = int(re.search(r"curvature_batch_size=(\d+)", str(err.value)).group(1))
+    assert 1 <= fits < 64
+    assert isinstance(err.value, MemoryError)
+    small = hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X[:fits], y[:fits])  # what it names fits
+    assert hessinv.riccati.check_memory(small.blocks, small._names, torch.float32, X.device) is None

@@ -39,6 +39,7 @@ _EXPORTS = {
     "AccuracyWarning": "hessinv.errors",
     "InvalidArgumentError": "hessinv.errors",
     "IndefiniteError": "hessinv.errors",
+    "TooLargeError": "hessinv.errors",
     "WoodburyFactorization": "hessinv.curvature",
     "MixedFactorization": "hessinv.curvature",
     "Eigenpairs": "hessinv.curvature",

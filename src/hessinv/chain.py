@@ -57,6 +57,7 @@ from hessinv.stages import (
     Stage,
     is_elementwise,
 )
+from hessinv.stages.generic import LazyBlocks
 from hessinv.stages.losses import closed_form, loss_name, prepare_targets
 
 _DROPOUT = (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -583,6 +584,8 @@ class Chain:
         with torch.no_grad():
             for s, z_in in zip(reversed(self.stages), reversed(zs[:-1]), strict=True):
                 blk = s.linearize(z_in, b, False)
+                if isinstance(blk, LazyBlocks):  # whether it keeps examples apart is probed on its dense form
+                    blk = blk.dense
                 if not blk.per_example:
                     return None
                 if blk.p:

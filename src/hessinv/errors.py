@@ -27,6 +27,8 @@ IndefiniteError            a quantity that needs ``H + eps I`` positive definite
                            posterior, its samples) met an indefinite one
 DistributedError           a data-parallel job cannot run or a rank failed / timed out
                            (:mod:`hessinv.optim.distributed`)
+TooLargeError              the Riccati sweep's dense blocks would not fit in memory (the
+                           message names the batch size that fits)
 =========================  ===============================================================
 """
 
@@ -43,6 +45,7 @@ __all__ = [
     "SingularError",
     "IndefiniteError",
     "DistributedError",
+    "TooLargeError",
     "NonFiniteArgumentError",
     "AccuracyWarning",
 ]
@@ -101,6 +104,12 @@ class IndefiniteError(HessinvError, ValueError):
 
 class DistributedError(HessinvError, RuntimeError):
     """A data-parallel job could not start, one of its ranks failed, or it ran past its timeout."""
+
+
+class TooLargeError(HessinvError, MemoryError):
+    """The factorization would hold dense blocks larger than the device's memory: an ``a x a`` matrix
+    per stage, ``a = B d`` (examples times the stage's input width). Use fewer examples for the
+    curvature; the message says how many fit."""
 
 
 class NonFiniteArgumentError(NonFiniteError, InvalidArgumentError):

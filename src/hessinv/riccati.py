@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hessinv import linalg
-from hessinv.errors import IndefiniteError, NonFiniteError, SingularError
+from hessinv.errors import IndefiniteError, NonFiniteError, SingularError, TooLargeError
 from hessinv.stages import Blocks
 
 #: Sweeps whose blocks are all at most this size (parameters and batch activations per stage) run on one
@@ -513,6 +514,66 @@ class StageFactor(NamedTuple):
     inverse: Tensor | None = None
 
 
+def _memory_bytes(device: torch.device) -> int:
+    """The device's total memory in bytes (0: unknown)."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[1])
+        if device.type == "cpu":
+            return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        pass
+    return 0
+
+
+def _sweep_entries(blk: Blocks, batch: int, first: bool, last: bool) -> int:
+    """Numbers the sweep holds at once at stage ``blk`` for ``batch`` examples: the downstream
+    ``Sigma`` (``a_out^2``; none after the loss) and ``Jx^T Sigma`` (``p a_out``), the pivot (``p^2``) and,
+    above the first stage, ``Qzz`` (``a_in^2``), ``Qxz`` and ``L^{-1} Qxz`` (``2 p a_in``)."""
+    a_in, a_out, p, q = batch * blk.d_in, batch * blk.d_out, blk.p, blk.pivot_order(batch)
+    down = 0 if last else a_out * a_out + p * a_out
+    return down + q * q + (0 if first else a_in * a_in + 2 * p * a_in)
+
+
+def check_memory(blocks: list[Blocks], names: list[str], dtype: torch.dtype, device: torch.device) -> None:
+    """Raise :class:`TooLargeError` before a sweep whose dense blocks would not fit in the device's
+    memory (an ``a x a`` matrix per stage, ``a`` = examples x the stage's input width), naming the
+    number of examples that fits."""
+    total = _memory_bytes(device)
+    if not total:
+        return
+    item = torch.empty(0, dtype=dtype).element_size()
+    model, L = blocks[:-1], len(blocks) - 1
+
+    def need(j: int, batch: int) -> int:
+        return _sweep_entries(model[j], batch, j == 0, j == L - 1) * item
+
+    for i, blk in enumerate(model):
+        if need(i, blk.batch) <= total:
+            continue
+        lo, hi = 0, blk.batch  # the largest batch whose blocks fit at every stage
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if all(need(j, mid) <= total for j in range(L)) else (lo, mid - 1)
+        d = max(blk.d_in if i else 0, blk.d_out if i < L - 1 else 0)
+        q = blk.pivot_order(blk.batch)
+        big = (
+            f"a {q} x {q} pivot"
+            if q > blk.batch * d
+            else f"an a x a matrix, a = {blk.batch} examples x {d} activations = {blk.batch * d}"
+        )
+        what = (
+            f"Take the curvature on at most {lo} examples (Newton/Preconditioner: curvature_batch_size={lo})"
+            if lo
+            else f"Even one example does not fit (the stage's {blk.p} parameters make a dense pivot)"
+        )
+        raise TooLargeError(
+            f"{names[i]}: the Riccati sweep would hold about {need(i, blk.batch) / 2**30:.3g} GiB there "
+            f"({big}); the device has {total / 2**30:.3g} GiB. {what}; products, the gradient and the "
+            "Gauss-Newton root (hessinv.gauss_newton(...).root()) need no such matrices"
+        )
+
+
 @_one_thread_if_small
 def riccati_factor(
     blocks: list[Blocks],
@@ -541,6 +602,7 @@ def riccati_factor(
         raise ValueError(f"modify needs a damping > 0, got {damping}")
     out: list[StageFactor | None] = [None] * len(blocks)
     dtype, device = like.dtype, like.device
+    check_memory(blocks, names, dtype, device)
     Sigma = torch.zeros(1, 1, 1, 1, dtype=dtype, device=device)
     neg = zero = pos = 0
     pd = True

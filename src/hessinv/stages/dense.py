@@ -407,6 +407,13 @@ class DenseLayerBlocks(Blocks):
         assert rb.Qxx0 is not None
         return RiccatiBlocks(rb.Qxx0[inv][:, inv], rb.Qxz[inv], rb.Qzz)
 
+    def _lowrank(self, batch: int) -> bool:
+        m1 = self.stage.m1
+        return m1 >= self.LOWRANK_RATIO * batch and m1 >= batch  # the rank-B d form needs B <= m1
+
+    def pivot_order(self, batch: int) -> int:
+        return batch * self.d_out if self._lowrank(batch) else self.p
+
     def riccati_native(
         self, Sigma: Tensor, coupled: bool = True, lowrank: bool | None = None
     ) -> RiccatiBlocks:
@@ -417,9 +424,7 @@ class DenseLayerBlocks(Blocks):
         ``A = (Rz (x) I) M (Rz (x) I)^T`` of size ``B d`` (:attr:`RiccatiBlocks.lowrank`).
         """
         B, d, m, m1, p = self.batch, self.d_out, self.d_in, self.stage.m1, self.p
-        if lowrank is None:
-            lowrank = m1 >= self.LOWRANK_RATIO * B
-        lowrank = lowrank and m1 >= B  # the rank-B d form needs B <= m1
+        lowrank = self._lowrank(B) if lowrank is None else lowrank and m1 >= B
         zt, W, sp, a = self.zt, self.W, self.sp, self.batch * self.d_out
         M = (Sigma.reshape(B, d, B, d) * sp[:, :, None, None]).contiguous()
         M.mul_(sp)  # diag(s') Sigma diag(s'): Sigma at the pre-activation

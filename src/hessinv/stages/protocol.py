@@ -91,6 +91,12 @@ class Blocks(abc.ABC):
         ``torch.func.vmap``)."""
         return None
 
+    def pivot_order(self, batch: int) -> int:
+        """The order of the dense matrix the Riccati sweep factors for this stage's pivot with ``batch``
+        examples: ``p``, or less where the stage hands it over in low-rank form
+        (:attr:`RiccatiBlocks.lowrank`)."""
+        return self.p
+
     @abc.abstractmethod
     def jz(self, t: Tensor) -> Tensor:
         """``Jz t``: (B, d_in, k) -> (B, d_out, k)."""
