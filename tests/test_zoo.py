@@ -381,7 +381,51 @@ def _token_ids_into_linear() -> Case:
     return case
 
 
+class MathAttention(nn.Module):
+    """The same model, with scaled_dot_product_attention on its math kernel (the fused CPU kernel has no
+    double backward): the reference for attention entries."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.MATH]):
+            return self.model(x)
+
+
+def _transformer(norm_first: bool) -> Case:
+    """Token ids -> embedding -> a transformer encoder layer (attention mixes the tokens of one
+    example, never examples) -> a head."""
+    layer = nn.TransformerEncoderLayer(W, 2, 8, dropout=0.0, batch_first=True, norm_first=norm_first)
+    case = ce_case(nn.Embedding(7, W), randomize(layer), nn.Flatten(), nn.Linear(3 * W, C))
+    case.inputs = torch.randint(0, 7, (B, 3))
+    case.ref_model = MathAttention(case.model)
+    return case
+
+
+class GRUTuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(D_IN, W, batch_first=True)
+        self.head = nn.Linear(W, C)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0][:, -1])
+
+
 entry("embedding_token_ids")(_token_ids)
+entry("transformer_encoder_post_norm")(lambda: _transformer(False))
+entry("transformer_encoder_pre_norm")(lambda: _transformer(True))
+entry("gru_last_output")(lambda: ce_case(GRUTuple(), x=X(4, D_IN)))
+entry("refused_rnn_returning_a_tuple")(
+    lambda: refused(
+        ce_case(nn.GRU(D_IN, W, batch_first=True), nn.Flatten(), nn.Linear(4 * W, C), x=X(4, D_IN)),
+        NotAChainError, r"stage 0 \(GRU\) returns tuple, not one tensor .nn.RNN/LSTM/GRU return",
+    )
+)  # fmt: skip
 entry("refused_token_ids_into_linear")(
     lambda: refused(
         _token_ids_into_linear(), DtypeMismatchError, "integer inputs .token ids. need a first module"

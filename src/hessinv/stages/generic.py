@@ -33,13 +33,14 @@ weight x input second derivative of an affine ``layer_norm`` is wrong, while pla
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from hessinv.errors import InvalidArgumentError, UnsupportedStageError
+from hessinv.errors import InvalidArgumentError, NotAChainError, UnsupportedStageError
 from hessinv.stages.protocol import (
     Blocks,
     ParameterFreeBlocks,
@@ -174,6 +175,15 @@ def _backward_rows(out: Tensor, wrt: list[Tensor], n: int, seeds, batched: bool)
     return [torch.cat(ps) for ps in parts]
 
 
+def _math_attention():
+    """A context in which ``scaled_dot_product_attention`` uses its math (plain autograd) kernel."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def _buffers_equal(a: list[Tensor], b: list[Tensor]) -> bool:
     return all(
         x.shape == y.shape and torch.equal(torch.nan_to_num(x), torch.nan_to_num(y))
@@ -220,8 +230,19 @@ class GenericStage(Stage):
         return f"stage {self.index} ({self.label})"
 
     def _call(self, z: Tensor) -> Tensor:
-        # a copy: in-place modules (ReLU(inplace=True), x.mul_()) must not overwrite the caller's z
-        return self.module(z.clone())
+        # a copy: in-place modules (ReLU(inplace=True), x.mul_()) must not overwrite the caller's z.
+        # Attention through the math kernel of scaled_dot_product_attention: the fused CPU/CUDA kernels
+        # (flash, memory-efficient) have no double backward, the math one is plain autograd
+        with _math_attention():
+            out = self.module(z.clone())
+        if not isinstance(out, Tensor):
+            hint = (
+                " (nn.RNN/LSTM/GRU return (output, state): wrap the module to return output or output[:, -1])"
+                if isinstance(out, tuple)
+                else ""
+            )
+            raise NotAChainError(f"{self.name} returns {type(out).__name__}, not one tensor{hint}")
+        return out
 
     def forward(self, z: Tensor) -> Tensor:
         if self._checked:
