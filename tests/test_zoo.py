@@ -201,6 +201,29 @@ entry("nll_after_log_softmax")(lambda: loss_case(nn.NLLLoss(), classes, head=(nn
 entry("nll_functional_sum")(
     lambda: loss_case(functools.partial(F.nll_loss, reduction="sum"), classes, head=(nn.LogSoftmax(dim=1),))
 )
+# outputs that are not (batch, classes): a scalar regression output, per-position logits
+entry("mse_scalar_output")(
+    lambda: loss_case(nn.MSELoss(), lambda: torch.randn(B, dtype=DT), out=1, head=(nn.Flatten(0),))
+)
+entry("ce_per_position_logits")(  # (B, C, T) logits against (B, T) classes, as CrossEntropyLoss takes them
+    lambda: loss_case(
+        nn.CrossEntropyLoss(), lambda: torch.randint(0, C, (B, 2)), out=2 * C, head=(nn.Unflatten(1, (C, 2)),)
+    )
+)
+entry("ce_flattened_positions")(  # (B, T, C) logits, a lambda flattening the positions
+    lambda: loss_case(
+        lambda y, t: F.cross_entropy(y.reshape(-1, C), t.reshape(-1)),
+        lambda: torch.randint(0, C, (B, 2)),
+        out=2 * C,
+        head=(nn.Unflatten(1, (2, C)),),
+    )
+)
+entry("refused_loss_without_second_derivative")(
+    lambda: refused(
+        loss_case(nn.MultiMarginLoss(), classes),
+        UnsupportedStageError, r"MultiMarginLoss\): autograd cannot differentiate the loss twice",
+    )
+)  # fmt: skip
 entry("smooth_l1")(lambda: loss_case(nn.SmoothL1Loss(beta=0.5), lambda: torch.randn(B, C, dtype=DT)))
 entry("l1")(lambda: loss_case(nn.L1Loss(), lambda: torch.randn(B, C, dtype=DT)))
 entry("kl_div_batchmean")(

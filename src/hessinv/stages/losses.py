@@ -158,7 +158,9 @@ class LossStage:
     def __init__(self, index: int, loss_fn: Callable, targets: Tensor, output: Tensor):
         self.index, self.loss_fn, self.targets = index, loss_fn, targets
         self.name = f"stage {index} ({loss_name(loss_fn)})"
-        self.closed = closed_form(loss_fn)
+        # closed forms for (batch, classes) outputs; others (a (B,) regression output, (B, C, T) logits of
+        # a per-position cross-entropy) by autograd on the per-example flattened outputs
+        self.closed = closed_form(loss_fn) if output.dim() == 2 else None
         if self.closed is not None:
             self.kind, self.q, self.scale = self._per_example(self.closed, targets, output)
         else:
@@ -168,10 +170,6 @@ class LossStage:
         """``(kind, q, scale)``: ``q`` the smoothed target distribution (cross-entropy; zero rows for
         ignored examples), else None."""
         red = loss_fn.reduction
-        if y.dim() != 2:
-            raise UnsupportedStageError(
-                f"{self.name}: model output must be (batch, features); got shape {tuple(y.shape)}"
-            )
         B, C = y.shape
         if isinstance(loss_fn, nn.CrossEntropyLoss):
             eps = float(loss_fn.label_smoothing)
@@ -244,7 +242,15 @@ class LossStage:
         """Per-example gradient and Hessian of the loss (Lambda is kept for Gauss-Newton too), and the
         loss ``scale * sum_n ell``."""
         if self.kind == "autograd":
-            return self._autograd(y)
+            try:
+                return self._autograd(y)
+            except UnsupportedStageError:  # (a RuntimeError too)
+                raise
+            except RuntimeError as e:  # "derivative for aten::multi_margin_loss_backward is not implemented"
+                raise UnsupportedStageError(
+                    f"{self.name}: autograd cannot differentiate the loss twice ({e}); use a loss with a "
+                    "second derivative (cross-entropy, MSE, Huber, ...)"
+                ) from e
         ell, G, Lam = self.derivatives(y.detach())
         return LossBlocks(self.scale * G, Lam.mul_(self.scale)), self.scale * ell.sum()
 
