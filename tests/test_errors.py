@@ -252,12 +252,14 @@ def test_too_large_generic_stage_says_which_curvature_batch_fits():
         (hessinv.UnsupportedStageError, hessinv.TooLargeError), match=r"curvature_batch_size=\d+"
     ):
         G.factor(damping=1.0)
-    # the default optimizer only needs the root of its curvature batch: it trains this model as it is
+    # the default optimizer only needs the root of its curvature batch, so it steps on this model as it is
+    # (three different mini-batches; the same batch twice in a row would switch to the full-batch trust
+    # region, which needs the dense blocks)
     opt = hessinv.optim.Newton(m, torch.nn.CrossEntropyLoss(), seed=0)
-    losses = [
-        float(opt.step(X[i::3], y[i::3])) for i in range(3)
-    ]  # mini-batches (the same one twice: full batch)
+    before = [p.detach().clone() for p in m.parameters()]
+    losses = [float(opt.step(X[i::3], y[i::3])) for i in range(3)]
     assert all(math.isfinite(v) for v in losses)
+    assert all(not torch.equal(a, p) for a, p in zip(before, m.parameters(), strict=True))
 
 
 def test_a_sweep_too_large_for_memory_is_named_before_it_allocates(monkeypatch):

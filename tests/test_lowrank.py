@@ -289,5 +289,47 @@ def test_lazy_blocks_refuse_changed_parameters():
     G = hessinv.gauss_newton(model, torch.nn.CrossEntropyLoss(), x.double(), torch.tensor([0, 1, 2, 0, 1]))
     with torch.no_grad():
         model[0].weight.add_(1.0)
-    with pytest.raises(hessinv.InvalidArgumentError, match="parameters changed after this curvature"):
+    with pytest.raises(
+        hessinv.InvalidArgumentError, match="parameters or buffers changed after this curvature"
+    ):
         G @ torch.randn(G.shape[0], dtype=torch.float64)
+    G = hessinv.gauss_newton(model, torch.nn.CrossEntropyLoss(), x.double(), torch.tensor([0, 1, 2, 0, 1]))
+    model[0].weight.data.mul_(1.5)  # no version counter moves: the values are compared
+    with pytest.raises(hessinv.InvalidArgumentError, match="parameters or buffers changed"):
+        G.root()
+
+
+def test_lazy_blocks_keep_their_linearization_point():
+    """The batch edited in place, or the modules switched to training mode, after the curvature was
+    taken: its dense blocks are still those of the point it was taken at."""
+    from reference import autograd_gauss_newton as autograd_gn
+
+    torch.manual_seed(1)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+    model = model.double().eval()
+    x, y = torch.randn(5, 2, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    G_ref = autograd_gn(model, nn.CrossEntropyLoss(), x, y)
+    G = hessinv.gauss_newton(model, nn.CrossEntropyLoss(), x, y)
+    x.mul_(2.0)
+    model.train()
+    stats = model[1].running_mean.clone()
+    assert float((G.to_dense() - G_ref).abs().max()) <= 1e-12 * float(G_ref.abs().max())
+    assert model[1].training and torch.equal(model[1].running_mean, stats)
+
+
+def test_mixed_precision_through_lazy_blocks():
+    """precision="mixed" rounds a generic stage's blocks (its dense form) to float32; refined in float64."""
+    model, x = _generic_models()["conv1d"]
+    model = model.double()
+    y = torch.tensor([0, 1, 2, 0, 1])
+    G = hessinv.gauss_newton(model, torch.nn.CrossEntropyLoss(), x.double(), y)
+    from reference import autograd_gauss_newton as autograd_gn
+
+    A = autograd_gn(model, torch.nn.CrossEntropyLoss(), x.double(), y) + 0.1 * torch.eye(
+        G.shape[0], dtype=torch.float64
+    )
+    want = torch.linalg.solve(A, G.gradient)
+    for _ in range(2):  # before and after the dense blocks exist
+        got = G.factor(0.1, precision="mixed").solve(G.gradient)
+        assert float((got - want).norm()) <= 1e-10 * float(want.norm())

@@ -389,12 +389,23 @@ entry("linear_on_positions_residual")(
 )
 
 
-def _token_ids() -> Case:
+def _token_ids(**embedding) -> Case:
     """An nn.Embedding first: integer inputs (token ids) are data, never differentiated."""
     case = ce_case(
-        nn.Embedding(7, W), nn.Flatten(), nn.Tanh(), nn.Linear(2 * W, W), nn.GELU(), nn.Linear(W, C)
+        nn.Embedding(7, W, **embedding),
+        nn.Flatten(),
+        nn.Tanh(),
+        nn.Linear(2 * W, W),
+        nn.GELU(),
+        nn.Linear(W, C),
     )
     case.inputs = torch.randint(0, 7, (B, 2))
+    return case
+
+
+def _integer_images() -> Case:
+    case = ce_case(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, C))
+    case.inputs = torch.randint(0, 255, (B, 2, 6), dtype=torch.uint8)
     return case
 
 
@@ -449,6 +460,19 @@ entry("refused_rnn_returning_a_tuple")(
         NotAChainError, r"stage 0 \(GRU\) returns tuple, not one tensor .nn.RNN/LSTM/GRU return",
     )
 )  # fmt: skip
+entry("embedding_max_norm")(lambda: _token_ids(max_norm=0.5))
+entry("refused_embedding_scale_grad_by_freq")(
+    lambda: refused(
+        _token_ids(scale_grad_by_freq=True), UnsupportedStageError, r"scale_grad_by_freq=True\) rescales"
+    )
+)
+entry("refused_integer_images_into_conv")(
+    lambda: refused(
+        _integer_images(),
+        DtypeMismatchError,
+        r"inputs are torch.uint8, which stage 0 \(Conv1d\) does not take",
+    )
+)
 entry("refused_token_ids_into_linear")(
     lambda: refused(
         _token_ids_into_linear(), DtypeMismatchError, "integer inputs .token ids. need a first module"
@@ -779,7 +803,7 @@ def test_float32_model_with_loss_buffers():
     assert rel(sol.double(), exact) <= 1e-6
 
 
-@pytest.mark.parametrize("name", ["embedding_token_ids", "linear_on_positions"])
+@pytest.mark.parametrize("name", ["embedding_token_ids", "embedding_max_norm", "linear_on_positions"])
 def test_float32_newton_and_refined_solve(name):
     """Entries outside the structured stages in float32: the refined solve (its float64 twin keeps
     token ids as integers) matches float64, and the default optimizer lowers the loss on a fixed batch."""

@@ -297,6 +297,11 @@ def _check_modules(stage: Stage, mods) -> None:
             raise UnsupportedStageError(
                 f"{stage.name}: RReLU in training mode draws random slopes; call model.eval() first"
             )
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.scale_grad_by_freq:
+            raise UnsupportedStageError(
+                f"{stage.name}: {kind}(scale_grad_by_freq=True) rescales its gradients by the tokens' "
+                "frequencies in the batch, so autograd does not report the derivative; set it to False"
+            )
         if m._backward_hooks or m._backward_pre_hooks:
             raise UnsupportedStageError(
                 f"{stage.name}: {kind} has a backward hook, which changes the gradients autograd reports; "
@@ -506,6 +511,12 @@ class Chain:
             except (RuntimeError, ValueError, TypeError, IndexError) as e:
                 if isinstance(e, HessinvError):
                     raise
+                if len(zs) == 1 and not inputs.is_floating_point():
+                    raise DtypeMismatchError(
+                        f"inputs are {inputs.dtype}, which {s.name} does not take ({e}); convert them with "
+                        f"inputs.to({self.dtype}) (integer inputs are for a first module that takes them, "
+                        "e.g. nn.Embedding)"
+                    ) from e
                 raise ShapeMismatchError(
                     f"{s.name} failed on input of shape {tuple(zs[-1].shape)}: {e}"
                 ) from e

@@ -40,6 +40,7 @@ from hessinv.errors import (
 from hessinv.lowrank import WoodburyFactor, gauss_newton_root
 from hessinv.riccati import Inertia, riccati_factor, riccati_forward, riccati_quadratic, riccati_solve
 from hessinv.stages import Blocks
+from hessinv.stages.generic import LazyBlocks
 from hessinv.stages.losses import loss_in_dtype
 
 __all__ = [
@@ -641,7 +642,10 @@ class CurvatureOperator:
 
 def _rounded_blocks(blk: Blocks, dtype: torch.dtype) -> Blocks:
     """A shallow copy of ``blk`` with every floating tensor attribute (and those inside tuples) in
-    ``dtype``; index tensors, numbers and the stage are shared."""
+    ``dtype``; index tensors, numbers and the stage are shared. A generic stage's lazy blocks are
+    rounded as their dense form (the module itself stays in its dtype)."""
+    if isinstance(blk, LazyBlocks):
+        blk = blk.dense
 
     def cast(v):
         if isinstance(v, Tensor) and v.is_floating_point():

@@ -397,71 +397,85 @@ class LazyBlocks(Blocks):
     pass with ``is_grads_batched``), ``O(k)`` backward passes of the stage instead of the ``p + d_in``
     double-backward passes that dense ``Jx``, ``Jz`` cost (a 2-layer CNN's refresh on 8 examples:
     180 -> a few ms). Any other product, or the Riccati blocks, builds the dense per-example blocks
-    (:meth:`GenericStage.dense_blocks`) once and delegates to them. The stage's parameters must not change
-    in between (a named error says so; the structured stages copy what they need instead).
+    (:meth:`GenericStage.dense_blocks`) once and delegates to them.
+
+    The linearization point is kept: a copy of the stage's input, and copies of its parameters and
+    buffers and the modules' train/eval modes, against which the module is checked before it is used
+    again (parameters or buffers changed in between -- an optimizer step, ``p.data`` edits -- raise a
+    named error; the modes are restored for the dense blocks).
     """
 
     per_example = False  # not probed: gauss_newton_root checks the rows' structure itself
 
     def __init__(self, stage: GenericStage, z_in: Tensor, b_out: Tensor):
-        self.stage, self._z_in, self._b_out = stage, z_in, b_out
+        self.stage, self._b_out = stage, b_out
+        self._z_in = z_in.detach().clone()  # the caller's batch may change in place afterwards
         self.batch, self.p = z_in.shape[0], stage.p
-        self._versions = [t._version for t in stage.params]
-        self._z, call = stage.differentiable_input(z_in, b_out.dtype)
+        self._z, call = stage.differentiable_input(self._z_in, b_out.dtype)
         with torch.enable_grad():
             self._out = call(self._z)
+        # after the call: a module may edit its parameters as it runs (Embedding(max_norm=...))
+        mods = list(stage.module.modules())
+        self._state = [t.detach().clone() for t in (*stage.params, *stage.module.buffers())]
+        self._modes = [(m, m.training) for m in mods]
         self.d_in = self._z.reshape(self.batch, -1).shape[1]
         self.d_out = b_out.reshape(self.batch, -1).shape[1]
         if self._out.reshape(self.batch, -1).shape[1] != self.d_out:
             raise UnsupportedStageError(f"{stage.name}: output of shape {tuple(self._out.shape)} per batch")
         self._dense_blocks: DenseBlocks | None = None
-        self._memo: tuple[Tensor, Tensor, Tensor] | None = None
+        self._memo: tuple[Tensor, str, Tensor] | None = None  # (s, which, the product not yet returned)
 
     def _unchanged(self) -> None:
-        if [t._version for t in self.stage.params] != self._versions:
+        now = (*self.stage.params, *self.stage.module.buffers())
+        if len(now) != len(self._state) or not all(
+            a.shape == b.shape and torch.equal(a.detach(), b) for a, b in zip(now, self._state, strict=False)
+        ):
             raise InvalidArgumentError(
-                f"{self.stage.name}: its parameters changed after this curvature was taken; take it again "
-                "at the new parameters (hessinv.gauss_newton(...))"
+                f"{self.stage.name}: its parameters or buffers changed after this curvature was taken; take "
+                "it again at the new point (hessinv.gauss_newton(...))"
             )
 
     @property
     def dense(self) -> DenseBlocks:
-        """The dense per-example blocks (formed on first use)."""
+        """The dense per-example blocks (formed on first use, at the linearization point)."""
         if self._dense_blocks is None:
             self._unchanged()
-            self._dense_blocks = self.stage.dense_blocks(self._z_in, self._b_out, False)
-            self._out = None  # the graph is no longer needed
+            now = [(m, m.training) for m, _ in self._modes]
+            try:
+                for m, mode in self._modes:
+                    m.training = mode
+                self._dense_blocks = self.stage.dense_blocks(self._z_in, self._b_out, False)
+            finally:
+                for m, mode in now:
+                    m.training = mode
+            self._out = self._z = None  # the graph is no longer needed
         return self._dense_blocks
 
-    def _vjp(self, s: Tensor) -> tuple[Tensor, Tensor]:
-        """``(Jx^T s, Jz^T s)`` for ``s`` (B, d_out, k), remembered for the last ``s``."""
-        if self._memo is not None and self._memo[0] is s:
-            return self._memo[1], self._memo[2]
+    def _vjp(self, s: Tensor, which: str) -> Tensor:
+        """``Jx^T s`` (``which="x"``) or ``Jz^T s`` (``"z"``) for ``s`` (B, d_out, k); the other of the pair,
+        formed by the same backward pass, is kept for the next call with the same ``s``."""
+        if self._memo is not None and self._memo[0] is s and self._memo[1] == which:
+            out, self._memo = self._memo[2], None
+            return out
         if self._dense_blocks is not None:
-            gx, gz = self._dense_blocks.jxT(s), self._dense_blocks.jzT(s)
-        else:
-            self._unchanged()
-            B, k = self.batch, s.shape[-1]
-            wrt = [*self.stage.params, self._z]
-            seeds = s.permute(2, 0, 1).reshape(k, *self._out.shape)
-            rows = _backward_rows(self._out, wrt, k, lambda j, m: seeds[j : j + m], True)
-            if rows is None:  # no batching rule for an operation in the stage: the dense blocks
-                return self._vjp_dense(s)
-            gx = torch.cat([g.reshape(k, -1) for g in rows[:-1]], 1).T if self.p else s.new_zeros(0, k)
-            gz = rows[-1].reshape(k, B, self.d_in).permute(1, 2, 0)
-        self._memo = (s, gx, gz)
-        return gx, gz
-
-    def _vjp_dense(self, s: Tensor) -> tuple[Tensor, Tensor]:
-        gx, gz = self.dense.jxT(s), self.dense.jzT(s)
-        self._memo = (s, gx, gz)
-        return gx, gz
+            return self._dense_blocks.jxT(s) if which == "x" else self._dense_blocks.jzT(s)
+        self._unchanged()
+        B, k = self.batch, s.shape[-1]
+        wrt = [*self.stage.params, self._z]
+        seeds = s.permute(2, 0, 1).reshape(k, *self._out.shape)
+        rows = _backward_rows(self._out, wrt, k, lambda j, m: seeds[j : j + m], True)
+        if rows is None:  # no batching rule for an operation in the stage: the dense blocks
+            return self.dense.jxT(s) if which == "x" else self.dense.jzT(s)
+        gx = torch.cat([g.reshape(k, -1) for g in rows[:-1]], 1).T if self.p else s.new_zeros(0, k)
+        gz = rows[-1].reshape(k, B, self.d_in).permute(1, 2, 0)
+        self._memo = (s, "z", gz) if which == "x" else (s, "x", gx)
+        return gx if which == "x" else gz
 
     def jxT(self, s: Tensor) -> Tensor:
-        return self._vjp(s)[0]
+        return self._vjp(s, "x")
 
     def jzT(self, s: Tensor) -> Tensor:
-        return self._vjp(s)[1]
+        return self._vjp(s, "z")
 
     def jx(self, v: Tensor) -> Tensor:
         return self.dense.jx(v)
