@@ -333,3 +333,59 @@ def test_mixed_precision_through_lazy_blocks():
     for _ in range(2):  # before and after the dense blocks exist
         got = G.factor(0.1, precision="mixed").solve(G.gradient)
         assert float((got - want).norm()) <= 1e-10 * float(want.norm())
+
+
+def test_root_with_a_row_budget():
+    """gauss_newton_root(max_rows=...): at most max_rows rows; each example's output curvature cut to its
+    leading eigenpairs, so U^T S U is close to the best such truncation of G (computed here densely by
+    eigh of every Lambda_n) -- and exact when the budget covers every output direction."""
+    from reference import autograd_output_jacobian
+
+    from hessinv.lowrank import gauss_newton_root
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    B, C = 4, 30
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, C)).double()
+    with torch.no_grad():
+        model[2].weight.mul_(3.0)  # peaked softmax outputs: a decaying output curvature
+    x, y = torch.randn(B, 5, dtype=torch.float64), torch.randint(0, C, (B,))
+    G = hessinv.gauss_newton(model, nn.CrossEntropyLoss(reduction="sum"), x, y)
+    U_exact, S_exact = G.root()
+    G_exact = U_exact.T @ (S_exact[:, None] * U_exact)
+    J = autograd_output_jacobian(model, x)  # (B, C, n)
+    p = torch.softmax(model(x).detach(), 1)
+    for k in (3, 6):
+        U, S = gauss_newton_root(G.blocks, torch.float64, x.device, max_rows=B * k)
+        assert U.shape[0] <= B * k
+        best = torch.zeros_like(G_exact)
+        for n in range(B):
+            lam = torch.diag(p[n]) - torch.outer(p[n], p[n])
+            w, V = torch.linalg.eigh(lam)
+            top = w.abs().argsort(descending=True)[:k]
+            Lk = V[:, top] @ torch.diag(w[top]) @ V[:, top].T
+            best += J[n].T @ Lk @ J[n]
+        err = float((U.T @ (S[:, None] * U) - G_exact).norm())
+        err_best = float((best - G_exact).norm())
+        assert err <= 1.05 * err_best + 1e-10 * float(G_exact.norm()), (k, err, err_best)
+    U, S = gauss_newton_root(G.blocks, torch.float64, x.device, max_rows=B * C)  # covers all: exact
+    assert float((U.T @ (S[:, None] * U) - G_exact).abs().max()) <= 1e-12 * float(G_exact.abs().max())
+
+
+def test_newton_with_many_classes_keeps_the_root_small():
+    """100 classes, curvature batch 8: the root has at most max_rank rows (exact: 8 x 99 = 792), and the
+    default optimizer lowers the loss on a fixed set of batches."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 100))
+    X, y = torch.randn(256, 16), torch.randint(0, 100, (256,))
+    opt = hessinv.optim.Newton(model, nn.CrossEntropyLoss(), max_rank=64, seed=0)
+    with torch.no_grad():
+        first = float(nn.functional.cross_entropy(model(X), y))
+    for i in range(60):
+        opt.step(X[(i % 4) * 64 : (i % 4 + 1) * 64], y[(i % 4) * 64 : (i % 4 + 1) * 64])
+    assert opt.preconditioner._factor.U.shape[0] <= 64
+    with torch.no_grad():
+        assert float(nn.functional.cross_entropy(model(X), y)) < 0.95 * first
+    with pytest.raises(hessinv.InvalidArgumentError, match="max_rank"):
+        hessinv.optim.Newton(model, nn.CrossEntropyLoss(), max_rank=0)

@@ -75,7 +75,7 @@ from hessinv.chain import Chain
 from hessinv.curvature import CurvatureOperator, GaussNewton, Hessian
 from hessinv.errors import HessinvError, InvalidArgumentError, NonFiniteError, SingularError
 from hessinv.optim.damping import DampingRule, FixedDamping, LevenbergMarquardt, Sweeps
-from hessinv.optim.precondition import BASIS_MAX_DIM, Preconditioner, normalize_curvature
+from hessinv.optim.precondition import BASIS_MAX_DIM, MAX_RANK, Preconditioner, normalize_curvature
 from hessinv.optim.trust_region import TrustRegion
 from hessinv.riccati import Inertia
 
@@ -228,6 +228,9 @@ class Newton(torch.optim.Optimizer):
         basis_max_dim: weights with a side above this (default 512) stay unrotated, with Adam's diagonal:
             a rotation costs ``4 a b (a + b)`` flops per step (a 784-wide input layer: 32 ms per step
             rotated, 5 ms not; ``bench/wide_mlp.py``).
+        max_rank: precondition mode (Gauss-Newton): rows of the curvature root at most (default 256);
+            with more output directions than that in the curvature batch (many classes), each example
+            keeps its leading ones (:class:`~hessinv.optim.Preconditioner`).
         curvature_batch_size: build the curvature on this many examples drawn at random from each batch
             (precondition mode default 8; trust-region default: the whole batch).
         refresh: precondition mode: rebuild the curvature every this many steps.
@@ -280,6 +283,7 @@ class Newton(torch.optim.Optimizer):
         diagonal_damping: float = 500.0,
         basis: str = "eigen",
         basis_max_dim: int = BASIS_MAX_DIM,
+        max_rank: int = MAX_RANK,
         curvature_batch_size: int | None = None,
         refresh: int = 10,
         momentum: float = 0.9,
@@ -353,7 +357,7 @@ class Newton(torch.optim.Optimizer):
             self.preconditioner = Preconditioner(
                 model, loss_fn, curvature=pc_curv, damping=pc_damping,
                 curvature_batch_size=curvature_batch_size or 8, refresh=refresh, beta2=beta2,
-                basis=basis, basis_max_dim=basis_max_dim, seed=int(seed) + 1,
+                basis=basis, basis_max_dim=basis_max_dim, max_rank=max_rank, seed=int(seed) + 1,
             )  # fmt: skip
         self._newton: dict[str, Any] = {
             "step": 0,

@@ -136,6 +136,9 @@ def _power_step(M: Tensor, Q: Tensor) -> Tensor:
 
 #: weights with a side above this stay out of the eigenbasis by default (:class:`EigenBasis`)
 BASIS_MAX_DIM = 512
+#: rows of the Gauss-Newton root at most by default (:class:`Preconditioner`): the exact root of 8
+#: examples has ``8 (C - 1)`` rows for ``C`` classes, and its Woodbury solve costs ``r^2 n`` per refresh
+MAX_RANK = 256
 
 
 class EigenBasis:
@@ -346,6 +349,10 @@ class Preconditioner:
             ``"identity"``: ``D`` diagonal in the parameters (Adam's). Gauss-Newton curvature only.
         basis_max_dim: weights with a side above this stay unrotated in the eigenbasis (their rotation
             costs ``4 a b (a + b)`` flops per step; see :class:`EigenBasis`).
+        max_rank: rows of the Gauss-Newton root ``U`` at most: where the curvature batch's ``B``
+            examples have more than ``max_rank / B`` output directions of curvature (many classes), each
+            keeps its ``max_rank // B`` leading eigenpairs (:func:`hessinv.lowrank.gauss_newton_root`);
+            the exact root would cost ``(B C)^2 n`` per refresh (C = 1000: seconds).
         seed: seed of the generator that draws curvature batches.
     """
 
@@ -364,9 +371,11 @@ class Preconditioner:
         stale_ratio: float = 2.0,
         basis: str = "eigen",
         basis_max_dim: int = BASIS_MAX_DIM,
+        max_rank: int = MAX_RANK,
         seed: int | None = None,
     ):
         self.model, self.loss_fn = model, loss_fn
+        self.max_rank = _positive("max_rank", max_rank, integer=True)
         self.chain = Chain(model, loss_fn)
         self.params = self.chain.params
         self.curvature = normalize_curvature(curvature)
@@ -498,7 +507,9 @@ class Preconditioner:
         (:func:`hessinv.lowrank.structured_gram`)."""
         op = GaussNewton(self.model, self.loss_fn, X, y, chain=self.chain)
         self._root_factors = []
-        return op.root(None if self.basis is None else self.basis.blocks_in, self._root_factors)
+        return op.root(
+            None if self.basis is None else self.basis.blocks_in, self._root_factors, max_rows=self.max_rank
+        )
 
     def update(self, inputs: Tensor, targets: Tensor, carry: Sequence[Tensor] = ()) -> None:
         """Rebuild the curvature on a curvature batch drawn from ``(inputs, targets)`` when due; refresh
