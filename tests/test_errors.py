@@ -279,3 +279,14 @@ def test_a_sweep_too_large_for_memory_is_named_before_it_allocates(monkeypatch):
     assert isinstance(err.value, MemoryError)
     small = hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X[:fits], y[:fits])  # what it names fits
     assert hessinv.riccati.check_memory(small.blocks, small._names, torch.float32, X.device) is None
+
+
+def test_an_output_curvature_too_large_is_named():
+    """Per-example loss curvature C x C with C = 6000 outputs on 64 examples: refused before it is formed,
+    naming the curvature batch that fits."""
+    m = nn.Linear(3, 6000)
+    X, y = torch.randn(64, 3), torch.randint(0, 6000, (64,))
+    with pytest.raises(
+        hessinv.TooLargeError, match=r"one 6000 x 6000 matrix per example.*curvature_batch_size=7"
+    ):
+        hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X, y)

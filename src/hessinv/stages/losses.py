@@ -27,7 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hessinv.errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError, UnsupportedStageError
+from hessinv.errors import (
+    InvalidArgumentError,
+    NonFiniteError,
+    ShapeMismatchError,
+    TooLargeError,
+    UnsupportedStageError,
+)
 from hessinv.stages.protocol import ParameterFreeBlocks, RiccatiBlocks, add_blockdiag
 
 #: Functional forms of the closed-form losses (default arguments only) -> their modules.
@@ -238,9 +244,27 @@ class LossStage:
             )
         return out.reshape(())
 
+    #: Refuse a per-example output curvature ``Lambda`` (B, C, C) of more numbers than this.
+    MAX_LAMBDA_ENTRIES = 2**28
+
     def linearize(self, y: Tensor) -> tuple[LossBlocks, Tensor]:
         """Per-example gradient and Hessian of the loss (Lambda is kept for Gauss-Newton too), and the
         loss ``scale * sum_n ell``."""
+        B = y.shape[0]
+        C = y[0].numel() if B else 0
+        if B * C * C > self.MAX_LAMBDA_ENTRIES:
+            fits = self.MAX_LAMBDA_ENTRIES // max(C * C, 1)
+            raise TooLargeError(
+                f"{self.name}: the loss's curvature in the outputs, one {C} x {C} matrix per example, "
+                f"would hold {B * C * C:.3g} numbers for {B} examples (the limit is "
+                f"{self.MAX_LAMBDA_ENTRIES:.3g}): "
+                + (
+                    f"take the curvature on at most {fits} examples (Newton/Preconditioner: "
+                    f"curvature_batch_size={fits})"
+                    if fits
+                    else f"{C} outputs per example are too many for an exact output curvature"
+                )
+            )
         if self.kind == "autograd":
             try:
                 return self._autograd(y)
