@@ -283,10 +283,22 @@ def test_a_sweep_too_large_for_memory_is_named_before_it_allocates(monkeypatch):
 
 def test_an_output_curvature_too_large_is_named():
     """Per-example loss curvature C x C with C = 6000 outputs on 64 examples: refused before it is formed,
-    naming the curvature batch that fits."""
+    naming the curvature batch that fits -- where it must be formed (the exact root, the Riccati sweep, a
+    loss by autograd). The cross-entropy keeps it as products: the gradient, products with it and a
+    budgeted root need no C x C matrix, and the default optimizer steps."""
+    torch.manual_seed(0)
     m = nn.Linear(3, 6000)
     X, y = torch.randn(64, 3), torch.randint(0, 6000, (64,))
-    with pytest.raises(
-        hessinv.TooLargeError, match=r"one 6000 x 6000 matrix per example.*curvature_batch_size=7"
-    ):
-        hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X, y)
+    G = hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X, y)
+    U, S = G.root(max_rows=128)
+    assert U.shape[0] <= 128
+    too_large = r"one 6000 x 6000 matrix per example.*curvature_batch_size=7"
+    with pytest.raises(hessinv.TooLargeError, match=too_large):
+        G.root()
+    with pytest.raises(hessinv.TooLargeError, match=too_large):
+        hessinv.gauss_newton(m, lambda o, t: nn.functional.cross_entropy(o, t), X, y)  # autograd: formed
+    opt = hessinv.optim.Newton(m, nn.CrossEntropyLoss(), seed=0)
+    w0 = m.weight.detach().clone()
+    for i in range(3):
+        assert math.isfinite(float(opt.step(X[i::3], y[i::3])))
+    assert not torch.equal(w0, m.weight)

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from hessinv.errors import ShapeMismatchError, SingularError
 from hessinv.riccati import Inertia
+from hessinv.stages.losses import check_output_curvature_size
 
 __all__ = ["gauss_newton_root", "structured_gram", "WoodburyFactor"]
 
@@ -92,6 +93,9 @@ def gauss_newton_root(
     if max_rows is not None and B * C > max_rows:
         mu, V = _top_output_curvature(loss, B, C, max(1, max_rows // B), dtype, device)
     else:
+        check_output_curvature_size(
+            B, C, "the Gauss-Newton root (a row budget, max_rows, needs products only)"
+        )
         eye = torch.eye(C, dtype=dtype, device=device).expand(B, C, C).contiguous()
         Lam = loss.hzz(eye)  # (B, C, C): column j is Lambda_n e_j
         Lam = 0.5 * (Lam + Lam.mT)

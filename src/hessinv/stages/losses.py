@@ -108,13 +108,51 @@ def closed_form(loss_fn: Callable) -> nn.Module | None:
     return None
 
 
-class LossBlocks(ParameterFreeBlocks):
-    """``Jz = G`` (per-example gradients, (B, C)) and ``Hzz = Lambda`` ((B, C, C), or None)."""
+#: Refuse a per-example output curvature ``Lambda`` (B, C, C) of more numbers than this.
+MAX_LAMBDA_ENTRIES = 2**28
 
-    def __init__(self, G: Tensor, Lam: Tensor | None):
-        self.G, self.Lam = G, Lam
+
+def check_output_curvature_size(B: int, C: int, name: str) -> None:
+    """Raise :class:`TooLargeError` where ``B`` matrices ``C x C`` (the loss's curvature in the outputs)
+    would hold more than :data:`MAX_LAMBDA_ENTRIES` numbers, naming the number of examples that fits."""
+    if B * C * C <= MAX_LAMBDA_ENTRIES:
+        return
+    fits = MAX_LAMBDA_ENTRIES // max(C * C, 1)
+    raise TooLargeError(
+        f"{name}: the loss's curvature in the outputs, one {C} x {C} matrix per example, would hold "
+        f"{B * C * C:.3g} numbers for {B} examples (the limit is {MAX_LAMBDA_ENTRIES:.3g}): "
+        + (
+            f"take the curvature on at most {fits} examples (Newton/Preconditioner: curvature_batch_size="
+            f"{fits}; their Gauss-Newton root with max_rows needs only products)"
+            if fits
+            else f"{C} outputs per example are too many for an exact output curvature"
+        )
+    )
+
+
+class LossBlocks(ParameterFreeBlocks):
+    """``Jz = G`` (per-example gradients, (B, C)) and ``Hzz = Lambda`` ((B, C, C), or None).
+
+    With ``softmax = (p, w)`` instead of ``Lam``, ``Lambda_n = w_n (diag(p_n) - p_n p_n^T)`` (cross-entropy):
+    products with it cost ``O(B C)`` per column, and the ``(B, C, C)`` matrix is formed only when asked
+    for (:attr:`Lam`: the Riccati sweep, the exact Gauss-Newton root), so that many classes do not
+    cost ``B C^2`` memory where products suffice (the optimizer's budgeted root)."""
+
+    def __init__(self, G: Tensor, Lam: Tensor | None, softmax: tuple[Tensor, Tensor] | None = None):
+        self.G, self._Lam = G, Lam
+        self.softmax_p, self.softmax_w = softmax if softmax is not None else (None, None)
         self.batch, self.d_in = G.shape
         self.d_out, self.p = 1, 0
+
+    @property
+    def Lam(self) -> Tensor | None:
+        """``Lambda`` (B, C, C), formed on first use from ``softmax``; a :class:`TooLargeError` beyond
+        :data:`LossStage.MAX_LAMBDA_ENTRIES`."""
+        if self._Lam is None and self.softmax_p is not None:
+            p, w = self.softmax_p, self.softmax_w
+            check_output_curvature_size(self.batch, self.d_in, "the loss")
+            self._Lam = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mul_(w[:, :, None])
+        return self._Lam
 
     def jx(self, v: Tensor) -> Tensor:
         return v.new_zeros(1, 1, v.shape[-1])
@@ -126,15 +164,20 @@ class LossBlocks(ParameterFreeBlocks):
         return self.G[:, :, None] * s[0, 0][None, None, :]
 
     def hzz(self, t: Tensor) -> Tensor:
-        return torch.zeros_like(t) if self.Lam is None else torch.bmm(self.Lam, t)
+        if self._Lam is None and self.softmax_p is not None:
+            p, w = self.softmax_p[:, :, None], self.softmax_w[:, :, None]
+            return w * p * (t - (p.mT @ t))
+        Lam = self.Lam
+        return torch.zeros_like(t) if Lam is None else torch.bmm(Lam, t)
 
     def riccati(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
         B, C = self.G.shape
         Qzz = None
         if coupled:
             Qzz = Sigma.reshape(()) * torch.einsum("ni,mj->nimj", self.G, self.G)
-            if self.Lam is not None:
-                Qzz = add_blockdiag(Qzz, self.Lam)
+            Lam = self.Lam
+            if Lam is not None:
+                Qzz = add_blockdiag(Qzz, Lam)
         return RiccatiBlocks(Sigma.new_zeros(0, 0), Sigma.new_zeros(0, B, C), Qzz)
 
 
@@ -209,14 +252,10 @@ class LossStage:
 
     def derivatives(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-example ``(ell (B,), gradient (B, C), Hessian (B, C, C))``, unscaled (see the class table)."""
-        t, q = self.targets, self.q
+        t = self.targets
         if self.kind == "ce":
-            assert q is not None
-            logp = F.log_softmax(y, -1)
-            p = logp.exp()
-            mass = q.sum(-1, keepdim=True)
-            lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-            return -(q * logp).sum(-1), mass * p - q, lam.mul_(mass[:, :, None])
+            ell, G, (p, w) = self._softmax_derivatives(y)
+            return ell, G, (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mul_(w[:, :, None])
         if self.kind == "bce":
             sig = torch.sigmoid(y)
             return (F.softplus(y) - t * y).sum(-1), sig - t, torch.diag_embed(sig * (1 - sig))
@@ -244,27 +283,13 @@ class LossStage:
             )
         return out.reshape(())
 
-    #: Refuse a per-example output curvature ``Lambda`` (B, C, C) of more numbers than this.
-    MAX_LAMBDA_ENTRIES = 2**28
-
     def linearize(self, y: Tensor) -> tuple[LossBlocks, Tensor]:
         """Per-example gradient and Hessian of the loss (Lambda is kept for Gauss-Newton too), and the
         loss ``scale * sum_n ell``."""
         B = y.shape[0]
         C = y[0].numel() if B else 0
-        if B * C * C > self.MAX_LAMBDA_ENTRIES:
-            fits = self.MAX_LAMBDA_ENTRIES // max(C * C, 1)
-            raise TooLargeError(
-                f"{self.name}: the loss's curvature in the outputs, one {C} x {C} matrix per example, "
-                f"would hold {B * C * C:.3g} numbers for {B} examples (the limit is "
-                f"{self.MAX_LAMBDA_ENTRIES:.3g}): "
-                + (
-                    f"take the curvature on at most {fits} examples (Newton/Preconditioner: "
-                    f"curvature_batch_size={fits})"
-                    if fits
-                    else f"{C} outputs per example are too many for an exact output curvature"
-                )
-            )
+        if self.kind != "ce":  # the cross-entropy's Lambda is kept as (p, w) and formed only if needed
+            check_output_curvature_size(B, C, self.name)
         if self.kind == "autograd":
             try:
                 return self._autograd(y)
@@ -275,8 +300,20 @@ class LossStage:
                     f"{self.name}: autograd cannot differentiate the loss twice ({e}); use a loss with a "
                     "second derivative (cross-entropy, MSE, Huber, ...)"
                 ) from e
+        if self.kind == "ce":
+            ell, G, (p, w) = self._softmax_derivatives(y.detach())
+            return LossBlocks(self.scale * G, None, (p, w.mul_(self.scale))), self.scale * ell.sum()
         ell, G, Lam = self.derivatives(y.detach())
         return LossBlocks(self.scale * G, Lam.mul_(self.scale)), self.scale * ell.sum()
+
+    def _softmax_derivatives(self, y: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+        """Cross-entropy: ``(ell, gradient, (p, |q|))`` with ``Lambda_n = |q_n| (diag p_n - p_n p_n^T)``."""
+        q = self.q
+        assert q is not None
+        logp = F.log_softmax(y, -1)
+        p = logp.exp()
+        mass = q.sum(-1)
+        return -(q * logp).sum(-1), mass[:, None] * p - q, (p, mass[:, None].expand_as(p).contiguous())
 
     def _autograd(self, y: Tensor) -> tuple[LossBlocks, Tensor]:
         """``G = dL/dy`` and the per-example ``Lambda_n = d2 L / dy_n dy_n`` by plain autograd."""
