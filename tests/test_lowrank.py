@@ -368,8 +368,14 @@ def test_root_with_a_row_budget():
         err = float((U.T @ (S[:, None] * U) - G_exact).norm())
         err_best = float((best - G_exact).norm())
         assert err <= 1.05 * err_best + 1e-10 * float(G_exact.norm()), (k, err, err_best)
-    U, S = gauss_newton_root(G.blocks, torch.float64, x.device, max_rows=B * C)  # covers all: exact
-    assert float((U.T @ (S[:, None] * U) - G_exact).abs().max()) <= 1e-12 * float(G_exact.abs().max())
+    # C - 1 pairs per example, the rank of the softmax curvature, through the budgeted path: exact
+    U, S = gauss_newton_root(G.blocks, torch.float64, x.device, max_rows=B * (C - 1))
+    assert float((U.T @ (S[:, None] * U) - G_exact).abs().max()) <= 1e-10 * float(G_exact.abs().max())
+    U, _ = gauss_newton_root(G.blocks, torch.float64, x.device, max_rows=2)  # below B: one row per example
+    assert U.shape[0] == B
+    for bad in (0, -3, 16.0, True, "8"):
+        with pytest.raises(hessinv.InvalidArgumentError, match="max_rows must be a positive integer"):
+            gauss_newton_root(G.blocks, torch.float64, x.device, max_rows=bad)
 
 
 def test_newton_with_many_classes_keeps_the_root_small():

@@ -740,8 +740,8 @@ class GaussNewton(CurvatureOperator):
         """``(U, S)``: ``G = U^T diag(S) U``, ``U`` of shape (r, n) (one backward sweep with ``r``
         right-hand sides, :func:`hessinv.lowrank.gauss_newton_root`; cached). With ``rotation``, ``U``'s
         rows in that basis; ``factors`` receives the Linear weights' outer-product structure; ``max_rows``
-        truncates each example's output curvature to its leading eigenpairs so that ``r <= max_rows``
-        (then ``U^T S U`` approximates ``G``; none of the three is cached)."""
+        truncates each example's output curvature to its leading eigenpairs so that ``r <= max(max_rows,
+        B)`` (then ``U^T S U`` approximates ``G``; none of the three is cached)."""
         if rotation is not None or factors is not None or max_rows is not None:
             return gauss_newton_root(self.blocks, self.dtype, self.device, rotation, factors, max_rows)
         if self._root is None:

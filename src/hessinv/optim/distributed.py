@@ -301,7 +301,7 @@ class DistributedPreconditioner(Preconditioner):
             n = self.chain.num_params
             if local.numel():
                 local = local.to(inputs.device)
-                U, S = self._root(inputs[local], targets[local])
+                U, S = self._root(inputs[local], targets[local], of=k)  # k's share of max_rank
                 U = U * math.sqrt(local.numel() / k)  # this shard's share of the mean over k examples
             else:
                 U = torch.zeros(0, n, dtype=self.chain.dtype, device=self.chain.device)

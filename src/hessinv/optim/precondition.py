@@ -349,10 +349,11 @@ class Preconditioner:
             ``"identity"``: ``D`` diagonal in the parameters (Adam's). Gauss-Newton curvature only.
         basis_max_dim: weights with a side above this stay unrotated in the eigenbasis (their rotation
             costs ``4 a b (a + b)`` flops per step; see :class:`EigenBasis`).
-        max_rank: rows of the Gauss-Newton root ``U`` at most: where the curvature batch's ``B``
-            examples have more than ``max_rank / B`` output directions of curvature (many classes), each
-            keeps its ``max_rank // B`` leading eigenpairs (:func:`hessinv.lowrank.gauss_newton_root`);
-            the exact root would cost ``(B C)^2 n`` per refresh (C = 1000: seconds).
+        max_rank: rows of the Gauss-Newton root ``U`` at most (at least one per example): where the
+            curvature batch's ``B`` examples have more than ``max_rank / B`` output directions of
+            curvature (many classes), each keeps its ``max(1, max_rank // B)`` leading eigenpairs
+            (:func:`hessinv.lowrank.gauss_newton_root`); the exact root would cost ``(B C)^2 n`` per
+            refresh (C = 1000: seconds).
         seed: seed of the generator that draws curvature batches.
     """
 
@@ -501,14 +502,18 @@ class Preconditioner:
         Xc, yc = self._curvature_batch(inputs, targets)
         return self._root(Xc, yc)
 
-    def _root(self, X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _root(self, X: Tensor, y: Tensor, of: int | None = None) -> tuple[Tensor, Tensor]:
         """``(U, S)`` of the Gauss-Newton matrix on ``(X, y)``, rows in the basis (built there: a Linear
         weight's rows are outer products, rotated factor by factor); their factors are kept for ``K``
-        (:func:`hessinv.lowrank.structured_gram`)."""
+        (:func:`hessinv.lowrank.structured_gram`). ``of``: the size of the curvature batch ``X`` is part
+        of (default: ``X`` itself), whose share of the ``max_rank`` rows ``X``'s examples keep."""
         op = GaussNewton(self.model, self.loss_fn, X, y, chain=self.chain)
         self._root_factors = []
+        per_example = max(1, self.max_rank // (of or int(X.shape[0])))
         return op.root(
-            None if self.basis is None else self.basis.blocks_in, self._root_factors, max_rows=self.max_rank
+            None if self.basis is None else self.basis.blocks_in,
+            self._root_factors,
+            max_rows=per_example * int(X.shape[0]),
         )
 
     def update(self, inputs: Tensor, targets: Tensor, carry: Sequence[Tensor] = ()) -> None:
