@@ -334,14 +334,17 @@ class CurvatureOperator:
         return Inertia(neg, self.shape[0] - neg - pos, pos)
 
     def _count_below(self, x: float) -> int:
-        """The number of eigenvalues of ``H`` below ``x`` (one Riccati sweep, exact count); ``x`` is moved
-        by a few ulps if a pivot is exactly singular there."""
-        for i in range(4):
-            try:
-                return riccati_factor(self.blocks, -x, self._names, self.gradient, strict=False)[1].negative
-            except SingularError:
-                x = x + (abs(x) + 1e-300) * 4 * torch.finfo(self.dtype).eps * 4**i
-        raise SingularError(f"no exact inertia count near {x:g}")
+        """``#{lambda_i < x}``: the negative pivot eigenvalues of the sweep of ``H - x I`` (one Riccati
+        sweep, exact count). A shift on an eigenvalue to working precision (a pivot exactly singular, e.g.
+        ``x = 0`` for a Gauss-Newton matrix with a null space) is moved down by ``n u max(||H||, |x|)``:
+        the eigenvalues that equal ``x`` up to rounding count as ``>= x``."""
+        try:
+            return riccati_factor(self.blocks, -x, self._names, self.gradient, strict=False)[1].negative
+        except SingularError:
+            delta = self.shape[0] * torch.finfo(self.dtype).eps * max(self.norm_estimate(), abs(x), 1e-300)
+            return riccati_factor(self.blocks, -(x - delta), self._names, self.gradient, strict=False)[
+                1
+            ].negative
 
     def _lanczos(
         self, steps: int, done: Callable[[np.ndarray, np.ndarray, float], bool] | None = None

@@ -43,27 +43,12 @@ import numpy as np
 import torch
 
 from hessinv.curvature import CurvatureOperator
-from hessinv.errors import InvalidArgumentError, SingularError
-from hessinv.riccati import riccati_factor
+from hessinv.errors import InvalidArgumentError
 
 __all__ = [
     "eigenvalue_counts", "spectral_histogram", "spectral_range", "Histogram", "num_negative_eigenvalues",
     "logdet",
 ]  # fmt: skip
-
-
-def _count_below(op: CurvatureOperator, s: float) -> int:
-    """``#{lambda_i < s}``: the negative pivot eigenvalues of the sweep of ``H - s I``.
-
-    A shift on an eigenvalue to working precision (a pivot exactly singular, e.g. ``s = 0`` for a
-    Gauss-Newton matrix with a null space) is moved down by ``n u max(||H||, |s|)``: the eigenvalues
-    that equal ``s`` up to rounding count as ``>= s``.
-    """
-    try:
-        return riccati_factor(op.blocks, -s, op._names, op.gradient, strict=False)[1].negative
-    except SingularError:
-        delta = op.shape[0] * torch.finfo(op.dtype).eps * max(op.norm_estimate(), abs(s), 1e-300)
-        return riccati_factor(op.blocks, -(s - delta), op._names, op.gradient, strict=False)[1].negative
 
 
 def eigenvalue_counts(
@@ -78,7 +63,7 @@ def eigenvalue_counts(
     s = np.asarray(shifts.tolist() if isinstance(shifts, torch.Tensor) else shifts, dtype=np.float64)
     if not np.isfinite(s).all():
         raise InvalidArgumentError("shifts must be finite")
-    out = np.array([_count_below(op, float(v)) for v in s.reshape(-1)], dtype=np.int64)
+    out = np.array([op._count_below(float(v)) for v in s.reshape(-1)], dtype=np.int64)
     return out.reshape(s.shape)
 
 
@@ -103,9 +88,9 @@ def spectral_range(op: CurvatureOperator) -> tuple[float, float]:
     grown from the power-iteration estimate of ``||H||`` until ``N(lo) = 0`` and ``N(hi) = n``."""
     r = 1.05 * max(op.norm_estimate(), torch.finfo(op.dtype).tiny)
     lo, hi = -r, r
-    while _count_below(op, lo) > 0:
+    while op._count_below(lo) > 0:
         lo *= 2
-    while _count_below(op, hi) < op.shape[0]:
+    while op._count_below(hi) < op.shape[0]:
         hi *= 2
     return lo, hi
 
