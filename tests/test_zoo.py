@@ -450,6 +450,28 @@ class GRUTuple(nn.Module):
         return self.head(self.gru(x)[0][:, -1])
 
 
+class OptionalArguments(nn.Module):
+    """``forward(x, mask=None, scale=2.0)``: a chain at its defaults (traced there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(D_IN, W), nn.Linear(W, C)
+
+    def forward(self, x, mask=None, scale=2.0):
+        h = torch.tanh(self.a(x)) * scale
+        if mask is not None:
+            h = h * mask
+        return self.b(h)
+
+
+def _compiled() -> Case:
+    """A torch.compile-d model: traced through its original module (nothing is compiled here)."""
+    case = ce_case(nn.Linear(D_IN, W), nn.Tanh(), nn.Linear(W, C))
+    case.ref_model = case.model
+    case.model = torch.compile(case.model)
+    return case
+
+
 entry("embedding_token_ids")(_token_ids)
 entry("transformer_encoder_post_norm")(lambda: _transformer(False))
 entry("transformer_encoder_pre_norm")(lambda: _transformer(True))
@@ -473,6 +495,10 @@ entry("refused_integer_images_into_conv")(
         r"inputs are torch.uint8, which stage 0 \(Conv1d\) does not take",
     )
 )
+entry("optional_arguments_at_defaults")(
+    lambda: (gen(0), Case(OptionalArguments().double(), nn.CrossEntropyLoss(), X(), classes()))[1]
+)
+entry("torch_compiled")(_compiled)
 entry("refused_token_ids_into_linear")(
     lambda: refused(
         _token_ids_into_linear(), DtypeMismatchError, "integer inputs .token ids. need a first module"

@@ -27,6 +27,7 @@ stage's blocks at its own ``(z_{l-1}, b_l)``.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import operator
 from collections.abc import Callable, Sequence
@@ -126,8 +127,28 @@ def _is_container(m) -> bool:
     )
 
 
+def _is_compiled(m) -> bool:
+    """A ``torch.compile``-d module (``OptimizedModule``), whose ``_orig_mod`` is the model itself."""
+    return type(m).__name__ == "OptimizedModule" and isinstance(getattr(m, "_orig_mod", None), nn.Module)
+
+
+def _defaults_after_first(forward) -> dict | None:
+    """``forward``'s arguments after the first that have defaults (``forward(x, mask=None)``), to be
+    traced at those defaults: a chain takes one input. None when there are none (or any without)."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    plain = [q for q in params if q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)]
+    if not plain or any(q.default is q.empty for q in plain):
+        return None
+    return {q.name: q.default for q in plain}
+
+
 def _specs(m, top: bool) -> list[tuple]:
     """The stage specifications of ``m`` in chain order (see :func:`split_stages`)."""
+    if _is_compiled(m):  # torch.compile's wrapper: the same function and parameters, traceable
+        m = m._orig_mod
     if _is_container(m):
         return [s for child in m for s in _specs(child, False)]
     if not isinstance(m, nn.Module):
@@ -136,7 +157,7 @@ def _specs(m, top: bool) -> list[tuple]:
     if tracer.is_leaf_module(m, "") or _hooked(m):
         return [_leaf_spec(m)]
     try:
-        graph = tracer.trace(m)
+        graph = tracer.trace(m, concrete_args=_defaults_after_first(m.forward))
     except Exception as e:  # noqa: BLE001 - any tracing failure
         if not top:  # a piece of a Sequential: call it whole
             return [_leaf_spec(m)]
@@ -241,6 +262,21 @@ def _graph_specs(gm: nn.Module, g: fx.Graph, owner: str) -> list[tuple]:
     nodes = list(g.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
     (out_node,) = [n for n in nodes if n.op == "output"]
+    for ph in inputs[1:]:  # an argument traced at its default (concrete_args) feeds only fx's checks of it
+        below: set[fx.Node] = set()
+        stack = [ph]
+        while stack:
+            for u in stack.pop().users:
+                if u not in below:
+                    below.add(u)
+                    stack.append(u)
+        if out_node not in below:
+            for n in reversed(nodes):
+                if n in below:
+                    g.erase_node(n)
+            g.erase_node(ph)
+    nodes = list(g.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         names = ", ".join(n.name for n in inputs)
         raise NotAChainError(f"{owner}.forward takes {len(inputs)} inputs ({names}); a chain takes one")
