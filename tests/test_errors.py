@@ -100,6 +100,10 @@ def test_batch_shape_and_dtype_mismatches():
         hessinv.hessian(net, loss, torch.randn(5, 7, dtype=torch.float64), y)
     with pytest.raises(ShapeMismatchError, match="out of range"):
         hessinv.hessian(net, loss, X, y + 5)
+    with pytest.raises(ShapeMismatchError, match=r"class indices must be integers \(targets.long\(\)\)"):
+        hessinv.hessian(net, loss, X, y.double())
+    with pytest.raises(ShapeMismatchError, match=r"targets.squeeze\(1\)"):
+        hessinv.hessian(net, loss, X, y[:, None])
     with pytest.raises(ShapeMismatchError, match="targets"):
         hessinv.hessian(net, nn.MSELoss(), X, torch.randn(5, 3, dtype=torch.float64))
     H = hessinv.hessian(net, loss, X, y)

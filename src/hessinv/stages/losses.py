@@ -224,13 +224,20 @@ class LossStage:
             eps = float(loss_fn.label_smoothing)
             if t.is_floating_point():  # class probabilities
                 if t.shape != y.shape:
+                    hint = (
+                        "; floating targets of shape (batch,) are read as probabilities: class indices "
+                        "must be integers (targets.long())"
+                        if t.shape == (B,)
+                        else ""
+                    )
                     raise ShapeMismatchError(
-                        f"{self.name}: probability targets {tuple(t.shape)} != outputs {tuple(y.shape)}"
+                        f"{self.name}: probability targets {tuple(t.shape)} != outputs {tuple(y.shape)}{hint}"
                     )
                 return "ce", ((1 - eps) * t + eps / C).to(y.dtype), (1.0 / B if red == "mean" else 1.0)
             if t.shape != (B,):
+                hint = "; squeeze the last axis (targets.squeeze(1))" if t.shape == (B, 1) else ""
                 raise ShapeMismatchError(
-                    f"{self.name}: class-index targets must be ({B},); got {tuple(t.shape)}"
+                    f"{self.name}: class-index targets must be ({B},); got {tuple(t.shape)}{hint}"
                 )
             keep = t != loss_fn.ignore_index
             kept = int(keep.sum())
