@@ -754,3 +754,67 @@ def test_basis_max_dim_leaves_wide_weights_unrotated():
     for bad in (0, -3, 2.5, True):
         with pytest.raises(hessinv.InvalidArgumentError, match="basis_max_dim"):
             ho.Newton(m, nn.CrossEntropyLoss(), basis_max_dim=bad)
+
+
+def _wide_mlp(seed: int = 0) -> nn.Sequential:
+    """A 64 x 64 hidden weight (4096 entries): solved through its rows' factors, its U columns unwritten."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3))
+
+
+def test_structured_only_root_gives_the_same_factorization():
+    """gauss_newton_root(structured_only=True) leaves the large weights' columns of U unwritten;
+    WoodburyFactor(structured_only=True) never reads them: K, solves and rank-|J| damping updates (whose
+    columns come from the factors) equal those of the full U."""
+    from hessinv.lowrank import WoodburyFactor
+
+    X, y = _stream(4, dtype=F64)
+    net = _wide_mlp().double()
+    G = hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X[:8], y[:8])
+    f_full, f_struct = [], []
+    U, S = G.root(factors=f_full)
+    Us, Ss = G.root(factors=f_struct, structured_only=True)
+    gen = torch.Generator().manual_seed(0)
+    n = U.shape[1]
+    D = torch.rand(n, generator=gen, dtype=F64) + 0.1
+    A = WoodburyFactor(U, S, D, factors=f_full)
+    Bf = WoodburyFactor(Us, Ss, D, factors=f_struct, structured_only=True)
+    assert Bf.structured_only and not A.structured_only
+    off = 6 * 64 + 64  # the 64 x 64 weight's columns
+    assert not torch.equal(Us[:, off : off + 4096], U[:, off : off + 4096]) or bool(
+        (U[:, off : off + 4096] == 0).all()
+    )
+    R = torch.randn(n, 3, generator=gen, dtype=F64)
+    torch.testing.assert_close(Bf.K, A.K, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(Bf.solve(R), A.solve(R), rtol=1e-10, atol=1e-12)
+    J = torch.tensor([0, off + 5, off + 4000, n - 1])  # a bias-free first-layer entry, two in the big weight
+    vals = D[J] * 3.0
+    A.update_damping(J, vals)
+    Bf.update_damping(J, vals)
+    torch.testing.assert_close(Bf.solve(R), A.solve(R), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(Bf.columns(J), U[:, J])
+
+
+def test_structured_only_resume_is_bit_exact():
+    """The default optimizer on a net with a large weight (columns of U unwritten): a checkpoint saves
+    them as zeros and the resumed run is bit-identical."""
+    X, y = _stream(5)
+    loss_fn = nn.CrossEntropyLoss()
+    net = _wide_mlp()
+    opt = ho.Newton(net, loss_fn, seed=5, refresh=3)
+    for i in range(0, 128, 32):
+        opt.step(X[i : i + 32], y[i : i + 32])
+    assert opt.preconditioner._factor.structured_only
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
+    for i in range(128, 256, 32):
+        opt.step(X[i : i + 32], y[i : i + 32])
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    net2 = _wide_mlp(seed=9)
+    net2.load_state_dict(ck["model"])
+    opt2 = ho.Newton(net2, loss_fn, seed=0, refresh=3)
+    opt2.load_state_dict(ck["opt"])
+    for i in range(128, 256, 32):
+        opt2.step(X[i : i + 32], y[i : i + 32])
+    assert torch.equal(flat(net), flat(net2))

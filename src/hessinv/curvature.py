@@ -738,15 +738,22 @@ class GaussNewton(CurvatureOperator):
     _root: tuple[Tensor, Tensor] | None = None
 
     def root(
-        self, rotation=None, factors: list | None = None, max_rows: int | None = None
+        self,
+        rotation=None,
+        factors: list | None = None,
+        max_rows: int | None = None,
+        structured_only: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """``(U, S)``: ``G = U^T diag(S) U``, ``U`` of shape (r, n) (one backward sweep with ``r``
         right-hand sides, :func:`hessinv.lowrank.gauss_newton_root`; cached). With ``rotation``, ``U``'s
         rows in that basis; ``factors`` receives the Linear weights' outer-product structure; ``max_rows``
         truncates each example's output curvature to its leading eigenpairs so that ``r <= max(max_rows,
-        B)`` (then ``U^T S U`` approximates ``G``; none of the three is cached)."""
+        B)`` (then ``U^T S U`` approximates ``G``); ``structured_only``: as
+        :func:`hessinv.lowrank.gauss_newton_root` (none of these results is cached)."""
         if rotation is not None or factors is not None or max_rows is not None:
-            return gauss_newton_root(self.blocks, self.dtype, self.device, rotation, factors, max_rows)
+            return gauss_newton_root(
+                self.blocks, self.dtype, self.device, rotation, factors, max_rows, structured_only
+            )
         if self._root is None:
             self._root = gauss_newton_root(self.blocks, self.dtype, self.device)
         return self._root

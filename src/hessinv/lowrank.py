@@ -68,9 +68,15 @@ def gauss_newton_root(
     rotation: Rotation | None = None,
     factors: list | None = None,
     max_rows: int | None = None,
+    structured_only: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``(U, S)`` with ``G = U^T diag(S) U`` for the Gauss-Newton matrix of ``blocks`` (model stages,
     then the loss stage): ``U`` is (r, n), ``S`` holds ``+-1`` (r,). See the module docstring.
+
+    ``structured_only`` (with ``factors``): the columns of the Linear weights that :class:`WoodburyFactor`
+    solves through their factors (at least ``_STRUCTURED_SOLVE`` entries, rows known to be one example's
+    each) are not written into ``U`` -- its memory there is left as allocated, never to be read: pass
+    ``WoodburyFactor(..., structured_only=True)``. Writing them is most of a wide network's refresh.
 
     ``max_rows``: a budget for ``r`` (None: exact, ``r`` up to ``B C`` for ``B`` examples of ``C``
     outputs; at least one row per example is kept, so ``r <= max(max_rows, B)``). Where ``B C`` exceeds
@@ -122,7 +128,10 @@ def gauss_newton_root(
             rot = rotation(offsets[l], blk.p) if rotation is not None else []
             got: list | None = [] if factors is not None else None
             cols = U[:, offsets[l] : offsets[l + 1]]
-            rows = blk.jxT_rows(s, rot, got, own, out=cols) if hasattr(blk, "jxT_rows") else None
+            rows = None
+            if hasattr(blk, "jxT_rows"):
+                skip = structured_only and got is not None and own is not None and _structured(blk)
+                rows = blk.jxT_rows(s, rot, got, own, out=cols, weight=not skip)
             if rows is not None and got:
                 _record_factors(factors, offsets[l], got[0], n_idx, checked=own is not None)
             if rows is None:  # generic: (p, r) rows, rotated after
@@ -163,6 +172,12 @@ def _top_output_curvature(
     mu = w.gather(1, top)
     V = (Q @ Z).gather(2, top[:, None, :].expand(B, C, k))
     return mu, V
+
+
+def _structured(blk) -> bool:
+    """Whether ``blk``'s weight is one :class:`WoodburyFactor` solves through its factors."""
+    st = getattr(blk, "stage", None)
+    return st is not None and st.d * st.m >= _STRUCTURED_SOLVE
 
 
 def _record_factors(
@@ -254,6 +269,7 @@ class WoodburyFactor:
         _U64: Tensor | None = None,
         gram_tol: float | None = None,
         factors: list | None = None,
+        structured_only: bool = False,
     ):
         self.U, self.S = U, S
         n = U.shape[1]
@@ -275,6 +291,8 @@ class WoodburyFactor:
         # few small products each: for smaller weights their dispatch costs more than reading U's
         # columns); the other columns densely
         self._solve_factors = [f for f in self.factors or [] if f[1] * f[2] >= _STRUCTURED_SOLVE]
+        # U's columns of these weights unwritten (gauss_newton_root(structured_only=True)): never read
+        self.structured_only = structured_only and bool(self._solve_factors)
         if self._solve_factors:
             self._rest = _uncovered(n, self._solve_factors, U.device)
             self._U_rest = U[:, self._rest]
@@ -283,9 +301,26 @@ class WoodburyFactor:
     @property
     def Ud(self) -> Tensor:
         """``U D^{-1}`` (formed when first needed)."""
+        self._full_U("U D^{-1}")
         if self._Ud is None:
             self._Ud = self.U * self._Dinv
         return self._Ud
+
+    def _full_U(self, what: str) -> None:
+        if self.structured_only:
+            raise RuntimeError(f"{what}: U holds only the columns outside the structured Linear weights")
+
+    def columns(self, idx: Tensor) -> Tensor:
+        """``U[:, idx]``, the columns of structured weights (``structured_only``) from their factors:
+        ``U[q, off + i m + j] = T[q, i] Z[n(q), j]``."""
+        out = self.U[:, idx]
+        if self.structured_only:
+            for off, d, m, T, Z, n_idx in self._solve_factors:
+                inside = (idx >= off) & (idx < off + d * m)
+                if bool(inside.any()):
+                    loc = idx[inside] - off
+                    out[:, inside] = T[:, loc // m] * Z[n_idx][:, loc % m]
+        return out
 
     def _gram(self) -> Tensor:
         """``K = diag(S) + U D^{-1} U^T`` (``r^2 n`` flops), float64: from the Linear rows' structure where
@@ -306,6 +341,7 @@ class WoodburyFactor:
     @property
     def U64(self) -> Tensor:
         """``U`` in float64 (cached)."""
+        self._full_U("U in float64")
         if self._U64 is None:
             self._U64 = self.U.double()
         return self._U64
@@ -341,7 +377,13 @@ class WoodburyFactor:
     def with_damping(self, damping: float | Tensor) -> WoodburyFactor:
         """The factorization of ``D' + G`` for a new damping ``D'`` (same ``U``, ``S``)."""
         return WoodburyFactor(
-            self.U, self.S, damping, _U64=self._U64, gram_tol=self.gram_tol, factors=self.factors
+            self.U,
+            self.S,
+            damping,
+            _U64=self._U64,
+            gram_tol=self.gram_tol,
+            factors=self.factors,
+            structured_only=self.structured_only,
         )
 
     def update_damping(self, idx: Tensor, values: Tensor) -> None:
@@ -349,7 +391,7 @@ class WoodburyFactor:
         new ``r x r`` factorization; exact, for when a few entries of ``D`` moved (a gradient spike)."""
         values = values.to(self.D.dtype)
         _check_damping(values)
-        U_J = (self._U64 if self._U64 is not None else self.U)[:, idx].double()
+        U_J = self._U64[:, idx] if self._U64 is not None else self.columns(idx).double()
         delta = 1.0 / values.double() - self._Dinv[idx].double()
         K = self.K + (U_J * delta) @ U_J.T
         self.D = self.D.clone()

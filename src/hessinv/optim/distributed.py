@@ -301,7 +301,7 @@ class DistributedPreconditioner(Preconditioner):
             n = self.chain.num_params
             if local.numel():
                 local = local.to(inputs.device)
-                U, S = self._root(inputs[local], targets[local], of=k)  # k's share of max_rank
+                U, S = self._root(inputs[local], targets[local], of=k, full=True)  # k's share of max_rank
                 U = U * math.sqrt(local.numel() / k)  # this shard's share of the mean over k examples
             else:
                 U = torch.zeros(0, n, dtype=self.chain.dtype, device=self.chain.device)
@@ -313,7 +313,7 @@ class DistributedPreconditioner(Preconditioner):
             owner = (self.state["refreshes"] - 1) % self.world_size
             Xc, yc = self._curvature_batch(inputs, targets)  # every rank draws: generators stay in step
             if self.rank == owner:
-                U, S = self._root(Xc, yc)
+                U, S = self._root(Xc, yc, full=True)
                 head = torch.tensor([U.shape[0]], dtype=torch.int64, device=U.device)
             else:
                 head = torch.zeros(1, dtype=torch.int64, device=self.chain.device)

@@ -408,6 +408,7 @@ class Preconditioner:
             "refreshes": 0,
         }
         self._factor: WoodburyFactor | Any = None
+        self._root_structured = False
         self._root_factors: list | None = None  # the latest root's Linear factors (lowrank.structured_gram)
         self._op: Any = None
         self.time_refresh = 0.0
@@ -422,7 +423,12 @@ class Preconditioner:
         sd["rng"] = self.generator.get_state()
         f = self._factor
         if isinstance(f, WoodburyFactor):
-            sd["factor"] = {"U": f.U.clone(), "S": f.S.clone(), "D": f.D.clone(), "K": f.K.clone()}
+            U = f.U.clone()
+            if f.structured_only:  # columns never written (their factors are saved): zeros on disk
+                for off, d, m, *_ in f._solve_factors:
+                    U[:, off : off + d * m] = 0
+            sd["factor"] = {"U": U, "S": f.S.clone(), "D": f.D.clone(), "K": f.K.clone()}
+            sd["factor"]["structured_only"] = f.structured_only
             if f.factors:
                 sd["factor"]["factors"] = [
                     tuple(x.clone() if isinstance(x, Tensor) else x for x in t) for t in f.factors
@@ -444,7 +450,13 @@ class Preconditioner:
             None
             if f is None
             else WoodburyFactor(
-                f["U"], f["S"], f["D"], K=f.get("K"), gram_tol=_GRAM_TOL, factors=f.get("factors")
+                f["U"],
+                f["S"],
+                f["D"],
+                K=f.get("K"),
+                gram_tol=_GRAM_TOL,
+                factors=f.get("factors"),
+                structured_only=bool(f.get("structured_only", False)),
             )
         )
 
@@ -502,18 +514,22 @@ class Preconditioner:
         Xc, yc = self._curvature_batch(inputs, targets)
         return self._root(Xc, yc)
 
-    def _root(self, X: Tensor, y: Tensor, of: int | None = None) -> tuple[Tensor, Tensor]:
+    def _root(self, X: Tensor, y: Tensor, of: int | None = None, full: bool = False) -> tuple[Tensor, Tensor]:
         """``(U, S)`` of the Gauss-Newton matrix on ``(X, y)``, rows in the basis (built there: a Linear
         weight's rows are outer products, rotated factor by factor); their factors are kept for ``K``
-        (:func:`hessinv.lowrank.structured_gram`). ``of``: the size of the curvature batch ``X`` is part
-        of (default: ``X`` itself), whose share of the ``max_rank`` rows ``X``'s examples keep."""
+        (:func:`hessinv.lowrank.structured_gram`) and the solves, and the large weights' columns of
+        ``U`` are not written (``structured_only``) unless ``full`` (a caller that uses ``U`` alone).
+        ``of``: the size of the curvature batch ``X`` is part of (default: ``X`` itself), whose share of
+        the ``max_rank`` rows ``X``'s examples keep."""
         op = GaussNewton(self.model, self.loss_fn, X, y, chain=self.chain)
         self._root_factors = []
+        self._root_structured = not full
         per_example = max(1, self.max_rank // (of or int(X.shape[0])))
         return op.root(
             None if self.basis is None else self.basis.blocks_in,
             self._root_factors,
             max_rows=per_example * int(X.shape[0]),
+            structured_only=not full,
         )
 
     def update(self, inputs: Tensor, targets: Tensor, carry: Sequence[Tensor] = ()) -> None:
@@ -531,7 +547,12 @@ class Preconditioner:
                 # K and every solve from the Linear rows' outer-product structure where the root left
                 # it (a few ms less per refresh, and U not read per step), else from U itself
                 self._factor = WoodburyFactor(
-                    U, S, self.diagonal(), gram_tol=_GRAM_TOL, factors=self._root_factors
+                    U,
+                    S,
+                    self.diagonal(),
+                    gram_tol=_GRAM_TOL,
+                    factors=self._root_factors,
+                    structured_only=self._root_structured,
                 )
             else:
                 Xc, yc = self._curvature_batch(inputs, targets)

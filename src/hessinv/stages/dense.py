@@ -277,6 +277,7 @@ class DenseLayerBlocks(Blocks):
         factors: list | None = None,
         own: Tensor | None = None,
         out: Tensor | None = None,
+        weight: bool = True,
     ) -> Tensor | None:
         """``(Jx^T s)^T`` as (k, p) rows in model order, built as outer products: row ``q`` of the
         weight block is ``sum_n t_{n,q} z_n^T`` (``t = s' s``), of the bias ``sum_n t_{n,q}``. With
@@ -286,7 +287,8 @@ class DenseLayerBlocks(Blocks):
         column ``q`` of ``s`` is nonzero at example ``own[q]`` only: row ``q`` is then the single outer
         product ``t_{own[q],q} z_{own[q]}^T`` (``k d m`` flops instead of ``B k d m``). ``factors``, if a
         list, receives ``(t, z)`` of the weight rows as formed ((B, d, k) and (B, m), rotated if asked).
-        ``out`` (k, p), if given, receives the rows (e.g. a column slice of the caller's ``U``)."""
+        ``out`` (k, p), if given, receives the rows (e.g. a column slice of the caller's ``U``); with
+        ``weight=False`` only the bias columns are written (the weight's rows are left to ``factors``)."""
         st = self.stage
         d, m = st.d, st.m
         t = self.sp[:, :, None] * s  # (B, d, k)
@@ -302,7 +304,9 @@ class DenseLayerBlocks(Blocks):
             factors.append((tw, zw))
         out = t.new_empty(k, self.p) if out is None else out
         W = out[:, : d * m].unflatten(1, (d, m))
-        if own is not None:
+        if not weight:
+            pass
+        elif own is not None:
             q = torch.arange(k, device=t.device)
             W.copy_(tw[own, :, q][:, :, None] * zw[own][:, None, :])
         else:
