@@ -160,8 +160,7 @@ def _top_output_curvature(
     Y = torch.randn(C, q, generator=gen, dtype=torch.float64).to(device).expand(B, C, q)
 
     def lam(X: Tensor) -> Tensor:
-        out = loss.hzz(X.to(dtype)).double()
-        return out
+        return loss.hzz(X.to(dtype)).double()
 
     for _ in range(iterations):
         Y = lam(torch.linalg.qr(Y)[0])

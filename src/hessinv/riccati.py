@@ -514,8 +514,9 @@ class StageFactor(NamedTuple):
     inverse: Tensor | None = None
 
 
+@functools.lru_cache(maxsize=8)
 def _memory_bytes(device: torch.device) -> int:
-    """The device's total memory in bytes (0: unknown)."""
+    """The device's total memory in bytes (0: unknown); read once per device (every sweep asks)."""
     try:
         if device.type == "cuda":
             return int(torch.cuda.mem_get_info(device)[1])

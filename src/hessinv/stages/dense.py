@@ -304,12 +304,10 @@ class DenseLayerBlocks(Blocks):
             factors.append((tw, zw))
         out = t.new_empty(k, self.p) if out is None else out
         W = out[:, : d * m].unflatten(1, (d, m))
-        if not weight:
-            pass
-        elif own is not None:
+        if weight and own is not None:
             q = torch.arange(k, device=t.device)
             W.copy_(tw[own, :, q][:, :, None] * zw[own][:, None, :])
-        else:
+        elif weight:
             W.copy_(torch.einsum("nik,nj->kij", tw, zw))
         if st.bias:
             out[:, d * m :] = t.sum(0).T

@@ -20,6 +20,7 @@ outputs per example), then one probe pass that checks ``Lambda`` is block-diagon
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 
@@ -68,8 +69,6 @@ def loss_in_dtype(loss_fn: Callable, dtype: torch.dtype) -> Callable:
     (``CrossEntropyLoss(weight=...)``, ``BCEWithLogitsLoss(pos_weight=...)``) is copied and converted,
     anything else returned as is."""
     if isinstance(loss_fn, nn.Module) and any(b.is_floating_point() for b in loss_fn.buffers()):
-        import copy
-
         return copy.deepcopy(loss_fn).to(dtype)
     return loss_fn
 
@@ -133,7 +132,8 @@ def check_output_curvature_size(B: int, C: int, name: str) -> None:
 class LossBlocks(ParameterFreeBlocks):
     """``Jz = G`` (per-example gradients, (B, C)) and ``Hzz = Lambda`` ((B, C, C), or None).
 
-    With ``softmax = (p, w)`` instead of ``Lam``, ``Lambda_n = w_n (diag(p_n) - p_n p_n^T)`` (cross-entropy):
+    With ``softmax = (p, w)`` ((B, C), (B, 1)) instead of ``Lam``, ``Lambda_n = w_n (diag(p_n) - p_n p_n^T)``
+    (cross-entropy):
     products with it cost ``O(B C)`` per column, and the ``(B, C, C)`` matrix is formed only when asked
     for (:attr:`Lam`: the Riccati sweep, the exact Gauss-Newton root), so that many classes do not
     cost ``B C^2`` memory where products suffice (the optimizer's budgeted root)."""
@@ -147,7 +147,7 @@ class LossBlocks(ParameterFreeBlocks):
     @property
     def Lam(self) -> Tensor | None:
         """``Lambda`` (B, C, C), formed on first use from ``softmax``; a :class:`TooLargeError` beyond
-        :data:`LossStage.MAX_LAMBDA_ENTRIES`."""
+        :data:`MAX_LAMBDA_ENTRIES`."""
         if self._Lam is None and self.softmax_p is not None:
             p, w = self.softmax_p, self.softmax_w
             check_output_curvature_size(self.batch, self.d_in, "the loss")
@@ -258,11 +258,9 @@ class LossStage:
         return ("bce" if isinstance(loss_fn, nn.BCEWithLogitsLoss) else "mse"), None, scale
 
     def derivatives(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-example ``(ell (B,), gradient (B, C), Hessian (B, C, C))``, unscaled (see the class table)."""
+        """Per-example ``(ell (B,), gradient (B, C), Hessian (B, C, C))``, unscaled (see the class table),
+        of the MSE and BCE closed forms (the cross-entropy's: :meth:`_softmax_derivatives`)."""
         t = self.targets
-        if self.kind == "ce":
-            ell, G, (p, w) = self._softmax_derivatives(y)
-            return ell, G, (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mul_(w[:, :, None])
         if self.kind == "bce":
             sig = torch.sigmoid(y)
             return (F.softplus(y) - t * y).sum(-1), sig - t, torch.diag_embed(sig * (1 - sig))
@@ -320,7 +318,7 @@ class LossStage:
         logp = F.log_softmax(y, -1)
         p = logp.exp()
         mass = q.sum(-1)
-        return -(q * logp).sum(-1), mass[:, None] * p - q, (p, mass[:, None].expand_as(p).contiguous())
+        return -(q * logp).sum(-1), mass[:, None] * p - q, (p, mass[:, None])
 
     def _autograd(self, y: Tensor) -> tuple[LossBlocks, Tensor]:
         """``G = dL/dy`` and the per-example ``Lambda_n = d2 L / dy_n dy_n`` by plain autograd."""
