@@ -797,3 +797,184 @@ def test_structured_only_root_gives_the_same_factorization():
     Bf.update_damping(J, vals)
     torch.testing.assert_close(Bf.solve(R), A.solve(R), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(Bf.columns(J), U[:, J])
+
+
+# -- misuse the steps must name (a probe of unusual usage, 2026-12-02) -----------------------------
+def _clf(seed: int = 0, dtype=torch.float32, extra: tuple = ()) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), *extra, nn.Linear(8, 3)).to(dtype)
+    X = torch.randn(32, 6, dtype=dtype)
+    return net, X, torch.randint(0, 3, (32,))
+
+
+@pytest.mark.parametrize("module", [nn.Dropout(0.5), nn.RReLU(), nn.BatchNorm1d(8)], ids=type)
+@pytest.mark.parametrize("mode", ["precondition", "trust-region"])
+def test_mode_switched_to_train_after_build_is_refused(module, mode):
+    """Built in eval mode (Dropout an identity, RReLU an activation, BatchNorm per example), then switched
+    to training mode: random or batch-mixing, so every step refuses instead of training on another
+    function than the curvature's."""
+    net, X, y = _clf(extra=(module,))
+    net.eval()
+    opt = ho.Newton(net, nn.CrossEntropyLoss(), mode=mode, seed=0)
+    opt.step(X, y)
+    net.train()
+    before = flat(net)
+    with pytest.raises(hessinv.UnsupportedStageError, match="switched to training mode"):
+        opt.step(X[:16], y[:16])
+    assert torch.equal(flat(net), before)
+    net.eval()
+    opt.step(X[:16], y[:16])  # back in eval mode: fine
+
+
+def test_dtype_changed_after_build_is_named():
+    net, X, y = _clf()
+    opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0)
+    opt.step(X, y)
+    net.double()
+    with pytest.raises(hessinv.DtypeMismatchError, match="build it again"):
+        opt.step(X.double(), y)
+
+
+def test_inference_mode_and_meta_device_are_named():
+    net, X, y = _clf()
+    opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0)
+    with torch.inference_mode(), pytest.raises(hessinv.InvalidArgumentError, match="inference_mode"):
+        opt.step(X, y)
+    with pytest.raises(hessinv.InvalidArgumentError, match="meta device"):
+        ho.Newton(nn.Linear(3, 2, device="meta"), nn.MSELoss())
+
+
+def test_targets_that_broadcast_are_refused_between_refreshes():
+    """MSE targets (B,) against outputs (B, 1) broadcast to (B, B) in torch; the batch after a valid one
+    (no curvature refresh due) must be refused, not trained on."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+    X = torch.randn(32, 6)
+    T = X[:, :1].sin()
+    opt = ho.Newton(net, nn.MSELoss(), seed=0, refresh=10)
+    opt.step(X[:16], T[:16])
+    before = flat(net)
+    with pytest.raises(hessinv.ShapeMismatchError, match=r"targets \(16,\) != outputs \(16, 1\)"):
+        opt.step(X[16:], T[16:, 0])
+    assert torch.equal(flat(net), before)
+
+
+def test_step_arguments_are_named():
+    net, X, y = _clf()
+    opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0)
+    with pytest.raises(hessinv.InvalidArgumentError, match="needs the batch"):
+        opt.step(X)
+    with pytest.raises(hessinv.InvalidArgumentError, match="as_tensor"):
+        opt.step(X.numpy(), y)
+
+
+def test_closure_on_two_batches_is_ambiguous():
+    """A closure that also evaluates a validation batch: which batch the step is on cannot be guessed
+    (the last call used to win); given explicitly, the step takes it."""
+    net, X, y = _clf()
+    loss_fn = nn.CrossEntropyLoss()
+    Xv = torch.randn(8, 6)
+    opt = ho.Newton(net, loss_fn, mode="trust-region", seed=0)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(net(X), y)
+        loss.backward()
+        with torch.no_grad():
+            net(Xv)  # a validation forward
+        return loss
+
+    with pytest.raises(hessinv.InvalidArgumentError, match="2 different batches"):
+        opt.step(closure)
+    opt.step(closure=closure, inputs=X, targets=y)
+    assert opt.last_stats.batch_size == 32
+
+
+def test_rejected_step_retry_ignores_edits_of_grad():
+    """After a rejected trust-region step the retry reuses the batch's gradient: an in-place edit of
+    ``p.grad`` in between (clipping, zero_grad(set_to_none=False)) must not change it."""
+    runs = []
+    for edit in (False, True):
+        net = tanh_chain(3, scale=4.0)
+        X, y = regression_data(1, 16, 3, 2)
+        opt = ho.Newton(net, nn.MSELoss(), mode="trust-region", seed=0)
+        rejected = 0
+        for _ in range(12):
+            opt.step(X, y)
+            rejected += not opt.last_stats.accepted
+            if edit:
+                for p in net.parameters():
+                    p.grad.mul_(1e-3)
+        runs.append((flat(net), rejected))
+    assert runs[0][1] > 0, "no rejected step: the test would not exercise the retry"
+    assert torch.equal(runs[0][0], runs[1][0])
+
+
+def test_loss_with_parameter_penalty_is_refused():
+    """A loss_fn that reads the parameters (a weight penalty): its gradient and curvature would be left
+    out of the Hessian; refused by name, in the operator and in the optimizer."""
+    net, X, y = _clf(dtype=F64)
+    ce = nn.CrossEntropyLoss()
+
+    def penalized(out, t):
+        return ce(out, t) + 1e-2 * sum((p**2).sum() for p in net.parameters())
+
+    with pytest.raises(hessinv.UnsupportedStageError, match="weight penalty"):
+        hessinv.hessian(net, penalized, X.double(), y)
+    with pytest.raises(hessinv.UnsupportedStageError, match="weight penalty"):
+        ho.Newton(net, penalized, seed=0).step(X.double(), y)
+
+
+def test_subsample_draws_among_labelled_examples():
+    """Trust region with a curvature batch smaller than the batch and ``ignore_index``: the curvature
+    batch is drawn among the labelled examples (an all-ignored draw has no loss)."""
+    net, X, y = _clf(dtype=F64)
+    X = X.double()
+    y = y.clone()
+    y[5:] = -100
+    opt = ho.Newton(net, nn.CrossEntropyLoss(), mode="trust-region", curvature_batch_size=4, seed=0)
+    for _ in range(10):
+        opt.step(X, y)  # used to raise "every target equals ignore_index" on some draws
+
+
+def test_preconditioner_refuses_a_non_finite_gradient_before_its_moments():
+    net, X, y = _clf()
+    loss_fn = nn.CrossEntropyLoss()
+    pc = ho.Preconditioner(net, loss_fn, seed=0)
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    bad = X.clone()
+    bad[0, 0] = float("nan")
+    for i, xb in enumerate([X, bad, X]):
+        sgd.zero_grad()
+        loss_fn(net(xb), y).backward()
+        if i == 1:
+            with pytest.raises(hessinv.NonFiniteError):
+                pc.precondition_(xb, y)
+            continue
+        pc.precondition_(xb, y)
+        sgd.step()
+    assert torch.isfinite(pc.state["v"]).all() and torch.isfinite(flat(net)).all()
+
+
+def test_state_dict_of_another_setting_is_refused():
+    net, X, y = _clf()
+    opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0)
+    opt.step(X, y)
+    sd = opt.state_dict()
+    with pytest.raises(hessinv.InvalidArgumentError, match="basis='eigen'"):
+        ho.Newton(net, nn.CrossEntropyLoss(), basis="identity", seed=0).load_state_dict(sd)
+    other = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3))
+    with pytest.raises(hessinv.InvalidArgumentError, match="parameters"):
+        ho.Newton(other, nn.CrossEntropyLoss(), seed=0).load_state_dict(sd)
+    swapped = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))  # same count, same shapes: loads
+    ho.Newton(swapped, nn.CrossEntropyLoss(), seed=0).load_state_dict(sd)
+
+
+def test_frozen_tensors_in_params_get_their_own_message():
+    net, X, y = _clf()
+    net[0].requires_grad_(False)
+    with pytest.raises(hessinv.InvalidArgumentError, match="frozen tensor"):
+        ho.Newton(net, nn.CrossEntropyLoss(), params=net.parameters())
+    with pytest.raises(hessinv.InvalidArgumentError, match="named_parameters"):
+        ho.Newton(net, nn.CrossEntropyLoss(), params=net[2].named_parameters())
+    ho.Newton(net, nn.CrossEntropyLoss(), params=[p for p in net.parameters() if p.requires_grad])

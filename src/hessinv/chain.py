@@ -62,6 +62,7 @@ from hessinv.stages.generic import LazyBlocks
 from hessinv.stages.losses import closed_form, loss_name, prepare_targets
 
 _DROPOUT = (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_MODE_DEPENDENT = (*_DROPOUT, nn.RReLU, nn.modules.batchnorm._BatchNorm)
 
 #: Elementwise functions recognised in traced code (first argument: the activation).
 _ACT_FUNCTIONS = {
@@ -486,6 +487,11 @@ class Chain:
         if len(dtypes) > 1 or len(devices) > 1:
             raise DtypeMismatchError(f"parameters must share one dtype and device; got {dtypes}, {devices}")
         self.dtype, self.device = dtypes.pop(), devices.pop()
+        if self.device.type == "meta":
+            raise InvalidArgumentError(
+                "the model is on the meta device (parameters without values): materialize it first, e.g. "
+                "model.to_empty(device='cpu') and initialize its parameters"
+            )
         if self.dtype not in (torch.float32, torch.float64):
             raise DtypeMismatchError(
                 f"parameters are {self.dtype}; hessinv works in float32 or float64 (half precision cannot "
@@ -493,13 +499,42 @@ class Chain:
             )
         self.sizes = [s.p for s in self.stages]
         self.num_params = sum(self.sizes)
+        # modules that are deterministic and per-example only in eval mode (Dropout and RReLU became an
+        # identity / an activation at the split): a later model.train() would change the function unseen
+        mods = model.modules() if isinstance(model, nn.Module) else (m for x in model for m in x.modules())
+        self._mode_watch = [(m, m.training) for m in mods if isinstance(m, _MODE_DEPENDENT)]
+
+    def check_model(self) -> None:
+        """Raise a named error if the model changed since the split in a way the stages cannot see: a
+        parameter's dtype or device (``model.double()``, ``model.to(...)``), or the mode of a Dropout or
+        RReLU module (random in training mode); or if autograd is off (``torch.inference_mode``)."""
+        if torch.is_inference_mode_enabled():
+            raise InvalidArgumentError(
+                "hessinv needs autograd, which torch.inference_mode() turns off: call it outside that block"
+            )
+        for t in self.params:
+            if t.dtype != self.dtype or t.device != self.device:
+                raise DtypeMismatchError(
+                    f"a parameter is now {t.dtype} on {t.device}; the model was {self.dtype} on "
+                    f"{self.device} when this operator/optimizer was built: build it again after model.to()"
+                )
+        for m, mode in self._mode_watch:
+            if m.training and not mode and getattr(m, "p", 1) != 0:
+                raise UnsupportedStageError(
+                    f"{type(m).__name__} was switched to training mode after this operator/optimizer was "
+                    "built; in training mode it is random (Dropout, RReLU) or mixes the examples of a batch "
+                    "(BatchNorm's batch statistics) and has no exact Hessian: keep it in eval mode "
+                    "(model.eval()) while using hessinv"
+                )
 
     def prepare_targets(self, targets) -> Tensor:
         """``targets`` as the loss expects them (class indices of any integer dtype -> int64, ...)."""
         return prepare_targets(self.loss_fn, _tensor(targets, "targets"), self.dtype)
 
     def check_inputs(self, inputs: Tensor, targets: Tensor) -> None:
-        """Raise a named error for a dtype/device/batch mismatch or non-finite values."""
+        """Raise a named error for a dtype/device/batch mismatch or non-finite values (and
+        :meth:`check_model`'s)."""
+        self.check_model()
         _tensor(inputs, "inputs")
         _tensor(targets, "targets")
         if inputs.device != self.device:

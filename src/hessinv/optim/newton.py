@@ -71,11 +71,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hessinv.chain import Chain
+from hessinv.chain import Chain, _tensor
 from hessinv.curvature import CurvatureOperator, GaussNewton, Hessian
 from hessinv.errors import HessinvError, InvalidArgumentError, NonFiniteError, SingularError
 from hessinv.optim.damping import DampingRule, FixedDamping, LevenbergMarquardt, Sweeps
-from hessinv.optim.precondition import BASIS_MAX_DIM, MAX_RANK, Preconditioner, normalize_curvature
+from hessinv.optim.precondition import (
+    BASIS_MAX_DIM,
+    MAX_RANK,
+    Preconditioner,
+    curvature_batch,
+    normalize_curvature,
+)
 from hessinv.optim.trust_region import TrustRegion
 from hessinv.riccati import Inertia
 
@@ -469,11 +475,14 @@ class Newton(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def _write_grad(self, g: Tensor) -> None:
-        """``p.grad <- g`` (the batch gradient) for every trainable parameter."""
+        """``p.grad <- g`` (the batch gradient) for every trainable parameter, as views of a copy: an
+        in-place edit of ``p.grad`` (gradient clipping, ``zero_grad``) must not reach the ``g`` that a
+        retry after a rejected step reuses."""
+        g = g.clone()
         offset = 0
         for p in self.chain.params:
             k = p.numel()
-            p.grad = g[offset : offset + k].view_as(p)  # views of a fresh g (no copy)
+            p.grad = g[offset : offset + k].view_as(p)
             offset += k
 
     @torch.no_grad()
@@ -519,15 +528,31 @@ class Newton(torch.optim.Optimizer):
         g = loss = None
         if closure is not None:
             loss, (inputs, targets), g = self._run_closure(closure, inputs, targets)
-        if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
-            raise TypeError(
+        if inputs is None or targets is None:
+            raise InvalidArgumentError(
                 "Newton.step needs the batch: step(inputs, targets), or step(closure) with a closure that "
-                "calls the model and loss_fn (or step(closure, inputs=..., targets=...))"
+                "calls the model and loss_fn (or step(closure=..., inputs=..., targets=...))"
             )
+        inputs, targets = _tensor(inputs, "inputs"), _tensor(targets, "targets")
+        self._check_batch(inputs, targets)
         mode = self._resolve_mode(inputs, targets)
         if mode == "precondition":
             return self._step_precondition(inputs, targets, g, loss)
         return self._step_trust_region(inputs, targets)
+
+    def _check_batch(self, inputs: Tensor, targets: Tensor) -> None:
+        """Named errors for a batch or model the steps cannot take. The model (:meth:`Chain.check_model`:
+        dtype, device, Dropout/BatchNorm modes) every step, microseconds; the batch in full (shapes,
+        dtypes, non-finite values, the targets against the outputs) when its per-example shapes or dtypes
+        differ from the last batch checked -- between curvature refreshes nothing else would see a
+        target that broadcasts against the output."""
+        self.chain.check_model()
+        key = (inputs.shape[1:], inputs.dtype, inputs.device)
+        key += (targets.shape[1:], targets.dtype, targets.device)
+        if key != self._newton.get("checked"):
+            self.chain.check_inputs(inputs, targets)
+            self._explain_failure(inputs, targets)
+            self._newton["checked"] = key
 
     def _resolve_mode(self, inputs: Tensor, targets: Tensor) -> str:
         """``"auto"``: precondition, until a step gets the same batch as the step before."""
@@ -552,16 +577,16 @@ class Newton(torch.optim.Optimizer):
         self, closure: Callable[[], Any], inputs: Tensor | None, targets: Tensor | None
     ) -> tuple[Tensor, tuple[Tensor | None, Tensor | None], Tensor]:
         """Run a ``torch.optim`` closure, watching the model's input and the loss module's target."""
-        seen: dict[str, Tensor] = {}
+        seen: dict[str, list[Tensor]] = {"inputs": [], "targets": []}
         first = self.model if isinstance(self.model, nn.Module) else self.model[0]
 
         def on_model(_m: nn.Module, args: tuple) -> None:
             if args and isinstance(args[0], Tensor):
-                seen["inputs"] = args[0]
+                seen["inputs"].append(args[0])
 
         def on_loss(_m: nn.Module, args: tuple) -> None:
             if len(args) >= 2 and isinstance(args[1], Tensor):
-                seen["targets"] = args[1]
+                seen["targets"].append(args[1])
 
         handles = [first.register_forward_pre_hook(on_model)]
         if isinstance(self.loss_fn, nn.Module):
@@ -572,12 +597,12 @@ class Newton(torch.optim.Optimizer):
         finally:
             for h in handles:
                 h.remove()
-        inputs = inputs if inputs is not None else seen.get("inputs")
-        targets = targets if targets is not None else seen.get("targets")
+        inputs = inputs if inputs is not None else _one_batch(seen["inputs"], "model", "inputs")
+        targets = targets if targets is not None else _one_batch(seen["targets"], "loss_fn", "targets")
         if inputs is None or targets is None:
-            raise TypeError(
+            raise InvalidArgumentError(
                 "the closure did not call the model and loss_fn (module) on a batch; pass it: "
-                "step(closure, inputs=X, targets=y)"
+                "step(closure=closure, inputs=X, targets=y)"
             )
         if any(p.grad is None for p in self.chain.params):
             raise InvalidArgumentError(
@@ -597,8 +622,6 @@ class Newton(torch.optim.Optimizer):
         pc = self.preconditioner
         assert pc is not None
         lr = self._learning_rate()
-        if ns["step"] == 0:
-            self.chain.check_inputs(inputs, targets)  # named errors; later batches: on failure only
         try:
             if g is None:
                 loss0, g = self._loss_and_gradient(inputs, targets)
@@ -609,7 +632,7 @@ class Newton(torch.optim.Optimizer):
             self._explain_failure(inputs, targets)
             raise
         if not bool(torch.isfinite(g).all()) or not bool(torch.isfinite(loss0)):
-            self.chain.check_inputs(inputs, targets)
+            self._explain_failure(inputs, targets)  # e.g. every target ignored: 0/0
             raise NonFiniteError(f"the loss ({float(loss0)}) or the gradient contains NaN or infinity")
         t_deriv = time.perf_counter() - t_start
         # the momentum is kept in the preconditioner's basis (one rotation per step fewer); a basis
@@ -684,6 +707,10 @@ class Newton(torch.optim.Optimizer):
         batch = int(inputs.shape[0]) if isinstance(inputs, Tensor) and inputs.dim() > 0 else 0
         k = self.curvature_batch_size
         subsample = k is not None and 0 < k < batch
+        if subsample:
+            self._generator.set_state(ns["rng"])
+            idx = curvature_batch(self.loss_fn, targets, k, self._generator)
+            subsample = idx is not None
 
         # 1. derivatives (reused after a rejected step on the same batch: same point, same operator)
         cached = self._rejected
@@ -691,9 +718,6 @@ class Newton(torch.optim.Optimizer):
         if cached is not None and not subsample and cached[0] == self._batch_key(inputs, targets):
             loss0, op, g, rng = cached[1], cached[2], cached[2].gradient, ns["rng"]
         elif subsample:
-            self.chain.check_inputs(inputs, targets)
-            self._generator.set_state(ns["rng"])
-            idx = torch.randperm(batch, generator=self._generator)[:k].sort().values.to(inputs.device)
             rng = self._generator.get_state()
             op = self._operator(inputs[idx], targets[idx])
             loss0, g = self._loss_and_gradient(inputs, targets)
@@ -791,6 +815,17 @@ class Newton(torch.optim.Optimizer):
         return loss0.detach()
 
 
+def _one_batch(seen: list[Tensor], what: str, name: str) -> Tensor | None:
+    """The one batch a closure gave ``what`` (None if none); calls on different batches (a validation
+    batch beside the training one) are ambiguous and refused."""
+    if any(t is not seen[0] and (t.shape != seen[0].shape or not torch.equal(t, seen[0])) for t in seen[1:]):
+        raise InvalidArgumentError(
+            f"the closure called {what} on {len(seen)} different batches; say which one the step is on: "
+            f"step(closure=closure, inputs=X, targets=y)"
+        )
+    return seen[0] if seen else None
+
+
 def _scaled(v: Tensor, lr: float | Tensor) -> Tensor:
     """``lr * v`` (``v`` itself for ``lr == 1``)."""
     return v * lr if isinstance(lr, Tensor) or lr != 1.0 else v
@@ -814,14 +849,32 @@ def _param_groups(params: Any, trainable: list[Tensor]) -> list[dict[str, Any]]:
         groups = [{"params": items}]
     elif any(gr is None for gr in groups):
         raise InvalidArgumentError("params must be all tensors or all group dicts, not a mix")
-    ids = [
-        id(p)
-        for gr in groups
-        for p in (gr["params"] if not isinstance(gr["params"], Tensor) else [gr["params"]])
-    ]
+    groups = [{**gr, "params": _as_list(gr["params"])} for gr in groups]
+    ids = [id(p) for gr in groups for p in gr["params"]]
+    frozen = sum(1 for gr in groups for p in _as_list(gr["params"]) if not p.requires_grad)
+    if frozen:
+        raise InvalidArgumentError(
+            f"params holds {frozen} frozen tensor(s) (requires_grad=False); hessinv optimizes exactly the "
+            "trainable ones: omit params, or pass [p for p in model.parameters() if p.requires_grad]"
+        )
     if sorted(ids) != sorted(id(p) for p in trainable):
         raise InvalidArgumentError(
             "params must hold each trainable parameter of the model exactly once (the curvature is of "
             "the whole model); freeze a parameter with requires_grad_(False) to leave it out"
         )
     return groups
+
+
+def _as_list(params: Any) -> list[Tensor]:
+    """A group's ``params``: one tensor, or an iterable of them (a generator is read once)."""
+    if isinstance(params, Tensor):
+        return [params]
+    if isinstance(params, dict):
+        params = params.values()
+    out = list(params)
+    for p in out:
+        if isinstance(p, tuple) and len(p) == 2 and isinstance(p[1], Tensor):  # named_parameters()
+            raise InvalidArgumentError(
+                "params holds (name, tensor) pairs (named_parameters()); pass model.parameters() or omit it"
+            )
+    return out

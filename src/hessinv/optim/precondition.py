@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from hessinv.chain import Chain
 from hessinv.curvature import GaussNewton, Hessian
-from hessinv.errors import InvalidArgumentError, ShapeMismatchError
+from hessinv.errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
 from hessinv.lowrank import WoodburyFactor
 
 __all__ = ["Preconditioner", "EigenBasis", "normalize_curvature"]
@@ -319,9 +319,40 @@ class EigenBasis:
         """Restore what :meth:`state` returned."""
         for k in self._FIELDS:
             stacks = [t.clone() for t in getattr(self, "_" + k)]
+            if len(sd[k]) != len(self._where):
+                raise InvalidArgumentError(
+                    f"basis state is for {len(sd[k])} weights; this model has {len(self._where)}"
+                )
             for (g, j), t in zip(self._where, sd[k], strict=True):
+                if t.shape != stacks[g][j].shape:
+                    raise InvalidArgumentError(
+                        f"basis state holds a {tuple(t.shape)} factor where this model has "
+                        f"{tuple(stacks[g][j].shape)}"
+                    )
                 stacks[g][j] = t
             setattr(self, "_" + k, stacks)
+
+
+def curvature_batch(loss_fn: Any, targets: Tensor, k: int, generator: torch.Generator) -> Tensor | None:
+    """The sorted indices of ``k`` examples of a batch, drawn without replacement (None: the whole
+    batch); with a loss that ignores a class index (``CrossEntropyLoss(ignore_index=...)``), drawn among
+    the examples it does not ignore (an all-ignored sample has no loss, hence no curvature)."""
+    B = int(targets.shape[0])
+    pool = None
+    ignore = getattr(loss_fn, "ignore_index", None)
+    if isinstance(ignore, int) and targets.dim() == 1 and not targets.is_floating_point():
+        valid = (targets != ignore).nonzero().flatten()
+        if 0 < valid.numel() < B:
+            pool = valid.cpu()
+    if pool is None:
+        if k >= B:
+            return None
+        idx = torch.randperm(B, generator=generator)[:k].sort().values
+    elif k >= len(pool):
+        idx = pool
+    else:
+        idx = pool[torch.randperm(len(pool), generator=generator)[:k]].sort().values
+    return idx.to(targets.device)
 
 
 class Preconditioner:
@@ -438,7 +469,21 @@ class Preconditioner:
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; one of another model (other parameter count) or with
+        another ``basis`` gets an :class:`InvalidArgumentError` (its moments would be misread)."""
         sd = dict(sd)
+        n = self.chain.num_params
+        v = sd.get("v")
+        if not isinstance(v, Tensor) or v.shape != (n,):
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise InvalidArgumentError(
+                f"state dict is for a model of {got} parameters; this preconditioner's model has ({n},)"
+            )
+        if ("basis" in sd) != (self.basis is not None):
+            raise InvalidArgumentError(
+                f"state dict is for basis={'eigen' if 'basis' in sd else 'identity'!r}; this preconditioner "
+                f"has basis={'eigen' if self.basis is not None else 'identity'!r}"
+            )
         self.generator.set_state(sd.pop("rng"))
         f = sd.pop("factor", None)
         b = sd.pop("basis", None)
@@ -483,29 +528,8 @@ class Preconditioner:
         return self._factor is None or (self.state["t"] - 1) % self.refresh == 0
 
     def _curvature_batch(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """``curvature_batch_size`` examples of the batch, drawn without replacement; with a loss that
-        ignores a class index (``CrossEntropyLoss(ignore_index=...)``), drawn among the examples it does
-        not ignore (an all-ignored sample has no loss, hence no curvature)."""
-        B = int(inputs.shape[0])
-        k = self.curvature_batch_size
-        pool = None
-        ignore = getattr(self.loss_fn, "ignore_index", None)
-        if isinstance(ignore, int) and targets.dim() == 1 and not targets.is_floating_point():
-            valid = (targets != ignore).nonzero().flatten()
-            if 0 < valid.numel() < B:
-                pool = valid.cpu()
-        if pool is None:
-            if k >= B:
-                return inputs, targets
-            idx = torch.randperm(B, generator=self.generator)[:k].sort().values
-        else:
-            idx = (
-                pool
-                if k >= len(pool)
-                else pool[torch.randperm(len(pool), generator=self.generator)[:k]].sort().values
-            )
-        idx = idx.to(inputs.device)
-        return inputs[idx], targets[idx]
+        idx = curvature_batch(self.loss_fn, targets, self.curvature_batch_size, self.generator)
+        return (inputs, targets) if idx is None else (inputs[idx], targets[idx])
 
     def curvature_root(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """``(U, S)`` with ``G = U^T diag(S) U`` the Gauss-Newton matrix of a curvature batch drawn from
@@ -623,6 +647,9 @@ class Preconditioner:
         ``torch.optim`` optimizer to apply; ``(inputs, targets)`` is the batch the gradient came from
         (its curvature batch is drawn from it). Returns the direction (flat)."""
         g = self.gradient()
+        if not bool(torch.isfinite(g).all()):  # before it enters (and poisons) the second moments
+            self.chain.check_inputs(inputs, targets)
+            raise NonFiniteError("the gradient contains NaN or infinity; the step was not taken")
         self.observe(g)
         self.update(inputs, targets)
         d = self.solve(g)

@@ -214,6 +214,15 @@ class LossStage:
             self.kind, self.q, self.scale = self._per_example(self.closed, targets, output)
         else:
             self.kind, self.q, self.scale = "autograd", None, 1.0
+            with torch.enable_grad():
+                depends = self.call(output.detach()).requires_grad
+            if depends:  # e.g. a weight penalty inside loss_fn: its derivatives would be left out
+                raise UnsupportedStageError(
+                    f"{self.name}: loss_fn depends on tensors that require grad besides the model's output "
+                    "(a weight penalty or learnable loss parameters?); hessinv differentiates the loss "
+                    "through the output only: pass a loss of (outputs, targets) alone, and add a weight "
+                    "penalty's gradient and curvature yourself (its Hessian is 2 lam I: a damping)"
+                )
 
     def _per_example(self, loss_fn: nn.Module, t: Tensor, y: Tensor) -> tuple[str, Tensor | None, float]:
         """``(kind, q, scale)``: ``q`` the smoothed target distribution (cross-entropy; zero rows for
