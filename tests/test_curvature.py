@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from hypothesis import given, settings
-from reference import chains, dense_gauss_newton, dense_gradient_hessian
+from reference import autograd_gradient_hessian, chains, dense_gauss_newton, dense_gradient_hessian
 
 import hessinv
 from hessinv.riccati import riccati_quadratic
@@ -276,3 +276,124 @@ def test_eval_mode_batchnorm_and_frozen_parameters():
     _, H_ref = dense_gradient_hessian(net, torch.nn.CrossEntropyLoss(), X, y)
     assert H.shape[0] == sum(p.numel() for p in net.parameters() if p.requires_grad)
     assert torch.allclose(H.to_dense(), H_ref, atol=1e-12)
+
+
+# -- the operator's point and its arguments (a probe of 2026-12-02) ----------------------------------
+def _net(dtype=torch.float64, bias=True, seed=0):
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(
+        torch.nn.Linear(3, 4, bias=bias),
+        torch.nn.Tanh(),
+        torch.nn.Linear(4, 4),
+        torch.nn.GELU(),
+        torch.nn.Linear(4, 3),
+    ).to(dtype)
+    X = torch.randn(5, 3, dtype=dtype)
+    return m, X, torch.randint(0, 3, (5,))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_operator_keeps_its_batch_when_the_caller_refills_it(bias):
+    """A bias-free first Linear kept the caller's input tensor itself: refilling it in place (the next
+    batch copied into the same buffer) moved ``H @ v``."""
+    m, X, y = _net(bias=bias)
+    loss = torch.nn.CrossEntropyLoss()
+    _, H_ref = autograd_gradient_hessian(m, loss, X.clone(), y)
+    H = hessinv.hessian(m, loss, X, y)
+    X.mul_(3.0)
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    assert rel(H @ v, H_ref @ v) <= 1e-12
+
+
+@pytest.mark.parametrize("what", ["parameters", "inputs"])
+def test_float32_refinement_stays_at_the_operators_point(what):
+    """A float32 operator refines its solves against a float64 copy built on first use: from the
+    parameters and batch of the operator's construction, not from what they became since."""
+    m, X, y = _net(torch.float32)
+    loss = torch.nn.CrossEntropyLoss()
+    m64 = _net(torch.float64)[0]
+    m64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    g0, H0 = autograd_gradient_hessian(m64, loss, X.double(), y)
+    H = hessinv.hessian(m, loss, X, y)
+    with torch.no_grad():
+        if what == "parameters":
+            m[0].weight.add_(1.0)
+        else:
+            X.mul_(3.0)
+    x = H.factor(1.0).solve(g0.float())
+    x_ref = torch.linalg.solve(H0 + torch.eye(H0.shape[0], dtype=torch.float64), g0)
+    assert rel(x.double(), x_ref) <= 1e-6
+
+
+def test_chain_reuse_sees_model_edits():
+    """An operator or optimizer built on a kept Chain after the model changed: a replaced submodule or a
+    frozen layer is refused; a plain attribute its traced forward reads (a temperature) is re-read."""
+    loss = torch.nn.CrossEntropyLoss()
+    m, X, y = _net()
+    chain = hessinv.Chain(m, loss)
+    m[1] = torch.nn.Sigmoid()
+    with pytest.raises(hessinv.InvalidArgumentError, match="submodule replaced"):
+        hessinv.Hessian(m, loss, X, y, chain=chain)
+    m, X, y = _net()
+    chain = hessinv.Chain(m, loss)
+    m[0].requires_grad_(False)
+    with pytest.raises(hessinv.InvalidArgumentError, match="frozen"):
+        hessinv.Hessian(m, loss, X, y, chain=chain)
+
+    class Tempered(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.temp = _net()[0], 1.0
+
+        def forward(self, x):
+            return self.net(x) / self.temp
+
+    t = Tempered()
+    chain = hessinv.Chain(t, loss)
+    t.temp = 0.25
+    g_ref, H_ref = autograd_gradient_hessian(t, loss, X, y)
+    H = hessinv.Hessian(t, loss, X, y, chain=chain)
+    assert rel(H.gradient, g_ref) <= 1e-12 and rel(H.to_dense(), H_ref) <= 1e-12
+
+
+def test_argument_errors_are_named():
+    m, X, y = _net()
+    H = hessinv.hessian(m, torch.nn.CrossEntropyLoss(), X, y)
+    G = hessinv.gauss_newton(m, torch.nn.CrossEntropyLoss(), X, y)
+    n = H.shape[0]
+    with pytest.raises(hessinv.InvalidArgumentError, match="modify must be"):
+        H.factor(0.1, modify="clip")
+    with pytest.raises(hessinv.InvalidArgumentError, match="needs a damping > 0"):
+        H.factor(0.0, modify="abs")
+    with pytest.raises(hessinv.InvalidArgumentError, match="method must be"):
+        G.factor(0.1, method="cholesky")
+    with pytest.raises(hessinv.InvalidArgumentError, match="per-parameter damping needs"):
+        G.factor(torch.ones(n, dtype=torch.float64), method="riccati")
+    with pytest.raises(hessinv.InvalidArgumentError, match="curvature must be"):
+        hessinv.curvature.curvature_class("newton")
+    with pytest.raises(hessinv.ShapeMismatchError, match=rf"must have shape \({n},\)"):
+        H.factor(1.0).inverse_quadratic(torch.randn(n, 2, dtype=torch.float64))
+    # a 0-d tensor damping is a number, for either operator
+    v = torch.randn(n, dtype=torch.float64)
+    for op in (H, G):
+        assert rel(op.factor(torch.tensor(1.0)).solve(v), op.factor(1.0).solve(v)) <= 1e-14
+
+
+def test_float32_twin_failure_names_the_copy():
+    """A float32 model that does not convert to float64 (a plain tensor attribute read by forward):
+    the refined solve says that its float64 copy failed and what to do."""
+
+    class Kernel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+            self.k = torch.randn(3, 3)  # not a buffer: model.double() leaves it float32
+
+        def forward(self, x):
+            return self.lin(x) @ self.k
+
+    torch.manual_seed(0)
+    H = hessinv.hessian(Kernel(), torch.nn.CrossEntropyLoss(), torch.randn(5, 3), torch.randint(0, 3, (5,)))
+    with pytest.raises(hessinv.HessinvError, match="float64 copy of the model"):
+        H.factor(1.0).solve(H.gradient)
+    H.factor(1.0).solve(H.gradient, refine=False)

@@ -741,6 +741,146 @@ entry("refused_loss_mixing_examples")(
 )  # fmt: skip
 
 
+# -- what a traced forward hides (probe of 2026-12-02) ---------------------------------------------
+class _GradReverse(torch.autograd.Function):
+    """Identity forward, a scaled negative gradient: only its own backward says what it differentiates to."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -0.5 * g
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _WithFunction(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.a, self.b, self.fn = nn.Linear(D_IN, W), nn.Linear(W, C), fn
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.fn.apply(self.a(x) * 3)))
+
+
+for _fn in (_GradReverse, _StraightThrough):
+    entry(f"custom_autograd_function_{_fn.__name__.strip('_')}")(
+        lambda fn=_fn: Case(_WithFunction(fn).double(), nn.CrossEntropyLoss(), X(), classes())
+    )
+
+
+class _ScaledMSE(nn.Module):
+    """A loss with a learnable scale: its curvature is not the output's alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones((), dtype=DT))
+
+    def forward(self, y, t):
+        return self.w * F.mse_loss(y, t)
+
+
+class _Call(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, z):
+        return self.fn(z)
+
+
+class _Forward(nn.Module):
+    """A two-layer net whose forward is given as a function of (self, h) for the middle."""
+
+    def __init__(self, middle):
+        super().__init__()
+        self.a, self.b, self.middle = nn.Linear(D_IN, W), nn.Linear(W, C), middle
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(self.middle(self, h))
+
+
+def _no_grad_middle(self, h):
+    with torch.no_grad():
+        s = h.square().sum(1, keepdim=True).sqrt()
+    return h / s
+
+
+def _discarded_in_place(self, h):
+    h2 = h * 1.0
+    h2.mul_(2)
+    return h2
+
+
+def _read_after_in_place(self, h):
+    y = F.relu(h, inplace=True)
+    return y + h
+
+
+def _detach_middle(self, h):
+    return h / h.square().sum(1, keepdim=True).sqrt().detach()
+
+
+def _assigned_in_place(self, h):
+    h = F.relu(h * 1.0, inplace=True)
+    return h
+
+
+entry("detach_inside_forward")(lambda: ce_case(_Forward(_detach_middle)))
+entry("in_place_result_assigned")(lambda: ce_case(_Forward(_assigned_in_place)))
+entry("refused_no_grad_inside_forward")(
+    lambda: refused(
+        ce_case(_Forward(_no_grad_middle)), UnsupportedStageError, r"switches autograd.*\.detach\(\)"
+    )
+)
+entry("refused_in_place_result_discarded")(
+    lambda: refused(
+        ce_case(_Forward(_discarded_in_place)), UnsupportedStageError, "in place .* discards the result"
+    )
+)
+entry("refused_in_place_operand_read_again")(
+    lambda: refused(
+        ce_case(_Forward(_read_after_in_place)), UnsupportedStageError, "in place .* reads it again"
+    )
+)
+entry("refused_cast_inside_model")(
+    lambda: refused(
+        ce_case(nn.Linear(D_IN, W), nn.Tanh(), nn.Linear(W, C), _Call(lambda z: z.float())),
+        DtypeMismatchError, "returns torch.float32 in a torch.float64 model",
+    )
+)  # fmt: skip
+entry("refused_loss_in_another_dtype")(
+    lambda: refused(
+        loss_case(lambda y, t: F.mse_loss(y.float(), t.float()), lambda: torch.randn(B, C, dtype=DT)),
+        DtypeMismatchError, "the loss of torch.float64 outputs is torch.float32",
+    )
+)  # fmt: skip
+entry("refused_loss_reading_parameters")(
+    lambda: refused(
+        loss_case(_ScaledMSE(), lambda: torch.randn(B, C, dtype=DT)),
+        UnsupportedStageError, "besides the model's output",
+    )
+)  # fmt: skip
+entry("refused_uninitialized_lazy_module")(
+    lambda: refused(
+        Case(nn.Sequential(nn.LazyLinear(W), nn.Tanh(), nn.Linear(W, C)), nn.CrossEntropyLoss(), X(),
+             classes()),
+        InvalidArgumentError, "lazy modules",
+    )
+)  # fmt: skip
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 

@@ -27,6 +27,7 @@ stage's blocks at its own ``(z_{l-1}, b_l)``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import numbers
 import operator
@@ -63,6 +64,7 @@ from hessinv.stages.losses import closed_form, loss_name, prepare_targets
 
 _DROPOUT = (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _MODE_DEPENDENT = (*_DROPOUT, nn.RReLU, nn.modules.batchnorm._BatchNorm)
+_PLAIN = (int, float, bool, str, type(None))
 
 #: Elementwise functions recognised in traced code (first argument: the activation).
 _ACT_FUNCTIONS = {
@@ -158,7 +160,8 @@ def _specs(m, top: bool) -> list[tuple]:
     if tracer.is_leaf_module(m, "") or _hooked(m):
         return [_leaf_spec(m)]
     try:
-        graph = tracer.trace(m, concrete_args=_defaults_after_first(m.forward))
+        with _trace_guards(tracer) as grad_mode:
+            graph = tracer.trace(m, concrete_args=_defaults_after_first(m.forward))
     except Exception as e:  # noqa: BLE001 - any tracing failure
         if not top:  # a piece of a Sequential: call it whole
             return [_leaf_spec(m)]
@@ -166,7 +169,90 @@ def _specs(m, top: bool) -> list[tuple]:
             f"{type(m).__name__}.forward could not be traced with torch.fx ({type(e).__name__}: {e}); "
             "write the model as an nn.Sequential of stages, or make forward traceable"
         ) from e
+    if grad_mode:
+        raise UnsupportedStageError(
+            f"{type(m).__name__}.forward switches autograd on or off inside ({grad_mode[0]}), which torch.fx "
+            "cannot record: the traced chain would differentiate through it; use .detach() on the tensors "
+            "that must be constants instead"
+        )
     return _graph_specs(tracer.root, graph, type(m).__name__)
+
+
+@contextlib.contextmanager
+def _trace_guards(tracer: fx.Tracer):
+    """While ``tracer`` traces a forward: a custom ``torch.autograd.Function`` becomes one call node (its
+    own ``backward`` defines its derivatives; traced through, its ``forward``'s would be taken), and a
+    switch of autograd's mode (``torch.no_grad()``, ``set_grad_enabled``, ``inference_mode``) -- invisible
+    to the trace -- is reported in the yielded list."""
+    from torch.autograd.function import Function
+
+    switched: list[str] = []
+    set_grad, inference = torch._C._set_grad_enabled, torch._C._InferenceMode
+    apply = Function.__dict__["apply"]
+
+    def recording_set_grad(mode: bool) -> None:
+        switched.append(f"set_grad_enabled({mode})")
+        set_grad(mode)
+
+    def recording_inference(*args):
+        switched.append("inference_mode")
+        return inference(*args)
+
+    def traced_apply(cls, *args, **kwargs):
+        proxies: list[fx.Proxy] = []
+        fx.node.map_aggregate(
+            (args, kwargs), lambda a: proxies.append(a) if isinstance(a, fx.Proxy) else None
+        )
+        if not proxies:
+            return apply.__get__(None, cls)(*args, **kwargs)
+        return tracer.create_proxy("call_function", _function_call(cls), args, kwargs)
+
+    torch._C._set_grad_enabled, torch._C._InferenceMode = recording_set_grad, recording_inference
+    Function.apply = classmethod(traced_apply)
+    try:
+        yield switched
+    finally:
+        torch._C._set_grad_enabled, torch._C._InferenceMode = set_grad, inference
+        Function.apply = apply
+
+
+def _function_call(cls: type) -> Callable:
+    """``cls.apply`` as a plain function named after ``cls`` (a call node's target)."""
+
+    def call(*args, **kwargs):
+        return cls.apply(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = f"{cls.__name__}_apply"
+    return call
+
+
+def _check_in_place(g: fx.Graph, gm: nn.Module, owner: str) -> None:
+    """Refuse an in-place operation whose effect the traced graph would lose: one whose result is not
+    used (dead-code elimination drops it, e.g. ``h.mul_(2)`` as a statement) or whose operand is read
+    again after it (the graph would read the value before the write)."""
+    order = {n: i for i, n in enumerate(g.nodes)}
+    for n in g.nodes:
+        if n.op == "call_module":
+            in_place = getattr(gm.get_submodule(n.target), "inplace", False) is True
+        elif n.op in ("call_method", "call_function"):
+            name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+            in_place = (
+                n.kwargs.get("inplace") is True
+                or (name.endswith("_") and not name.startswith("_") and name != "requires_grad_")
+                or n.target
+                in (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv)
+            )
+        else:
+            continue
+        if not in_place or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        a = n.args[0]
+        if not n.users or any(order[u] > order[n] for u in a.users if u is not n):
+            raise UnsupportedStageError(
+                f"{owner}.forward changes {a.name} in place ({_node_label(gm, n)}) and "
+                f"{'discards the result' if not n.users else 'reads it again afterwards'}, which the traced "
+                f"chain cannot follow; write it out of place ({a.name} = ... without inplace=True or '_')"
+            )
 
 
 def _node_label(gm: nn.Module, n: fx.Node) -> str:
@@ -259,6 +345,7 @@ def _params_of(m: nn.Module) -> list[nn.Parameter]:
 def _graph_specs(gm: nn.Module, g: fx.Graph, owner: str) -> list[tuple]:
     """Cut the graph ``g`` traced from ``gm`` into stages (module docstring)."""
     g.owning_module = gm  # for the purity check of dead-code elimination (no GraphModule compiled)
+    _check_in_place(g, gm, owner)
     g.eliminate_dead_code()
     nodes = list(g.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
@@ -361,6 +448,14 @@ def split_stages(model: nn.Module | Sequence[nn.Module]) -> list[Stage]:
                 "global module hooks are registered (torch.nn.modules.module.register_module_*_hook); "
                 "they may change any module's output or gradients: remove them"
             )
+    for m in [model] if isinstance(model, nn.Module) else model:
+        if isinstance(m, nn.Module) and any(
+            isinstance(t, nn.parameter.UninitializedParameter) for t in m.parameters()
+        ):
+            raise InvalidArgumentError(
+                "the model has lazy modules (LazyLinear, ...) whose parameters are not initialized yet: "
+                "call it once on a batch (model(inputs)) first"
+            )
     specs = _specs(model, True)
     if not specs:
         raise NotAChainError("the model has no stages")
@@ -420,10 +515,18 @@ def _check_parameters(model, stages: list[Stage]) -> None:
             )
     if flat != [id(t) for _, t in named]:
         first = next(j for j, (a, (_, t)) in enumerate(zip(flat, named, strict=False)) if a != id(t))
+        late = named[first][0]
+        own = "." not in late.split("].", 1)[-1]  # a parameter of the model itself, not of a submodule
+        hint = (
+            f"{late} belongs to the model itself, and torch lists a module's own parameters before its "
+            "submodules': hold it in a submodule (an nn.Module with that parameter) defined where forward "
+            "uses it"
+            if own
+            else "define the submodules in the order forward uses them"
+        )
         raise NotAChainError(
-            f"forward uses parameter {names[flat[first]]} before {named[first][0]}, but model.parameters() "
-            "lists them the other way round; hessinv orders the curvature like model.parameters(): "
-            "define the submodules in the order forward uses them"
+            f"forward uses parameter {names[flat[first]]} before {late}, but model.parameters() "
+            f"lists them the other way round; hessinv orders the curvature like model.parameters(): {hint}"
         )
 
 
@@ -501,13 +604,35 @@ class Chain:
         self.num_params = sum(self.sizes)
         # modules that are deterministic and per-example only in eval mode (Dropout and RReLU became an
         # identity / an activation at the split): a later model.train() would change the function unseen
-        mods = model.modules() if isinstance(model, nn.Module) else (m for x in model for m in x.modules())
-        self._mode_watch = [(m, m.training) for m in mods if isinstance(m, _MODE_DEPENDENT)]
+        self._mode_watch = [(m, m.training) for m in self._modules() if isinstance(m, _MODE_DEPENDENT)]
+        self._structure = self._signature()
+
+    def _modules(self) -> list[nn.Module]:
+        model = self.model
+        return (
+            list(model.modules()) if isinstance(model, nn.Module) else [m for x in model for m in x.modules()]
+        )
+
+    def _signature(self) -> tuple[tuple, tuple]:
+        """What the split read from the model besides tensor values: ``(modules and trainable parameters,
+        plain attributes)`` -- a replaced submodule or a frozen layer; a temperature or flag that a traced
+        forward baked in."""
+        mods = self._modules()
+        ids = tuple(id(m) for m in mods), tuple(id(t) for t in self._trainable(mods))
+        attrs = tuple(
+            tuple((k, v) for k, v in vars(m).items() if k != "training" and type(v) in _PLAIN) for m in mods
+        )
+        return ids, attrs
+
+    @staticmethod
+    def _trainable(mods: list[nn.Module]) -> list[Tensor]:
+        return [t for m in mods for t in m.parameters(recurse=False) if t.requires_grad]
 
     def check_model(self) -> None:
         """Raise a named error if the model changed since the split in a way the stages cannot see: a
-        parameter's dtype or device (``model.double()``, ``model.to(...)``), or the mode of a Dropout or
-        RReLU module (random in training mode); or if autograd is off (``torch.inference_mode``)."""
+        submodule replaced, a layer frozen, a parameter's dtype or device (``model.double()``), the mode of
+        a Dropout, RReLU or BatchNorm module; or if autograd is off (``torch.inference_mode``). A plain
+        attribute a traced forward read (a temperature) changed: the model is split again."""
         if torch.is_inference_mode_enabled():
             raise InvalidArgumentError(
                 "hessinv needs autograd, which torch.inference_mode() turns off: call it outside that block"
@@ -518,6 +643,19 @@ class Chain:
                     f"a parameter is now {t.dtype} on {t.device}; the model was {self.dtype} on "
                     f"{self.device} when this operator/optimizer was built: build it again after model.to()"
                 )
+        ids, attrs = self._signature()
+        if ids != self._structure[0]:
+            raise InvalidArgumentError(
+                "the model changed since this operator/optimizer was built (a submodule replaced, a layer "
+                "frozen or unfrozen): build it again for the new model"
+            )
+        if attrs != self._structure[1]:  # e.g. an annealed temperature: split again, same parameters
+            stages = split_stages(self.model)
+            if [id(t) for s in stages for t in s.params] != [id(t) for t in self.params]:
+                raise InvalidArgumentError(
+                    "the model's stages changed since this operator/optimizer was built: build it again"
+                )
+            self.stages, self._structure = stages, (ids, attrs)
         for m, mode in self._mode_watch:
             if m.training and not mode and getattr(m, "p", 1) != 0:
                 raise UnsupportedStageError(
@@ -572,6 +710,13 @@ class Chain:
                     if buf.is_floating_point() and not torch.isfinite(buf).all():
                         raise NonFiniteError(f"{s.name}: buffer {name} contains NaN or infinity")
 
+    def check_batch(self, inputs: Tensor, targets: Tensor) -> None:
+        """:meth:`check_inputs`, then the targets against the outputs (one forward pass, no derivatives):
+        the loss stage's shape, class-range and ignore-index checks, which a plain ``loss_fn`` call can
+        pass by broadcasting (MSE targets ``(B,)`` against outputs ``(B, 1)``)."""
+        self.check_inputs(inputs, targets)
+        LossStage(len(self.stages), self.loss_fn, self.prepare_targets(targets), self.forward(inputs)[-1])
+
     @torch.no_grad()
     def forward(self, inputs: Tensor) -> list[Tensor]:
         """``[z_0, z_1, ..., z_{L-1}]``: the input and every stage's output."""
@@ -591,6 +736,11 @@ class Chain:
                 raise ShapeMismatchError(
                     f"{s.name} failed on input of shape {tuple(zs[-1].shape)}: {e}"
                 ) from e
+            if isinstance(z, Tensor) and z.is_floating_point() and z.dtype != self.dtype:
+                raise DtypeMismatchError(
+                    f"{s.name} returns {z.dtype} in a {self.dtype} model; hessinv computes in one dtype: "
+                    "remove the cast"
+                )
             if not isinstance(z, Tensor) or z.dim() < 1 or z.shape[0] != inputs.shape[0]:
                 what = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
                 raise NotAChainError(f"{s.name} returns {what}, not a tensor with the batch dimension first")

@@ -20,7 +20,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from hessinv.chain import Chain, check_real
 from hessinv.errors import (
     AccuracyWarning,
     DtypeMismatchError,
+    HessinvError,
     IndefiniteError,
     InvalidArgumentError,
     NonFiniteArgumentError,
@@ -134,10 +135,17 @@ class CurvatureOperator:
         """``chain``: the :class:`~hessinv.Chain` of ``(model, loss_fn)`` when the caller already holds one
         (an optimizer that builds an operator every few steps: splitting a traced model into stages
         costs milliseconds); by default it is built here."""
-        self.model, self.loss_fn, self.inputs, self.targets = model, loss_fn, inputs, targets
         if chain is not None and (chain.model is not model or chain.loss_fn is not loss_fn):
             raise InvalidArgumentError("chain= must be the Chain of this model and loss_fn")
         self.chain = chain if chain is not None else Chain(model, loss_fn)
+        self.chain.check_inputs(inputs, targets)
+        # the point is kept: copies of the batch (blocks may hold the inputs; a caller's buffer is
+        # refilled in place) and, for the float64 twin of a float32 operator, of the parameters
+        inputs, targets = inputs.detach().clone(), targets.detach().clone()
+        self.model, self.loss_fn, self.inputs, self.targets = model, loss_fn, inputs, targets
+        self._point = (
+            [t.detach().clone() for t in self.chain.params] if self.chain.dtype != torch.float64 else None
+        )
         lin = self.chain.linearize(inputs, targets, second_order=self.second_order)
         self.blocks, self._sizes = lin.blocks, lin.sizes + [0]
         self.gradient: Tensor = lin.gradient
@@ -621,12 +629,24 @@ class CurvatureOperator:
         return self._twin
 
     def _converted(self, dtype: torch.dtype) -> CurvatureOperator:
-        """The same operator on a copy of the model, inputs and targets in ``dtype``."""
-        model = copy.deepcopy(self.model)
+        """The same operator on a copy of the model, inputs and targets in ``dtype``, at this operator's
+        point (the parameters as they were at its construction, whatever happened to them since)."""
+        memo: dict[int, Any] = {}
+        model = copy.deepcopy(self.model, memo)
+        if self._point is not None:
+            with torch.no_grad():
+                for t, saved in zip(self.chain.params, self._point, strict=True):
+                    memo[id(t)].copy_(saved)
         model = model.to(dtype) if isinstance(model, nn.Module) else [m.to(dtype) for m in model]
         targets = self.targets.to(dtype) if self.targets.is_floating_point() else self.targets
         inputs = self.inputs.to(dtype) if self.inputs.is_floating_point() else self.inputs  # token ids stay
-        return type(self)(model, loss_in_dtype(self.loss_fn, dtype), inputs, targets)
+        try:
+            return type(self)(model, loss_in_dtype(self.loss_fn, dtype), inputs, targets)
+        except HessinvError as e:
+            raise type(e)(
+                f"a {self.dtype} operator refines its solves against a {dtype} copy of the model and loss, "
+                f"which failed ({e}); use a float64 model, or solve(..., refine=False)"
+            ) from e
 
     def _rounded(self, dtype: torch.dtype) -> CurvatureOperator:
         """This operator with its blocks and gradient rounded to ``dtype`` (the float32 sweep operator of
@@ -686,7 +706,7 @@ def _check_modify(modify: str | None) -> bool:
     if modify is None:
         return False
     if modify != "abs":
-        raise ValueError(f"modify must be None or 'abs', got {modify!r}")
+        raise InvalidArgumentError(f"modify must be None or 'abs', got {modify!r}")
     return True
 
 
@@ -769,10 +789,12 @@ class GaussNewton(CurvatureOperator):
         ``"woodbury"``: through ``G``'s square root) or a (n,) tensor of per-parameter damping
         (always Woodbury). ``precision``: as :meth:`CurvatureOperator.factor` (Riccati sweep only)."""
         if method not in ("auto", "riccati", "woodbury"):
-            raise ValueError(f"method must be 'auto', 'riccati' or 'woodbury', got {method!r}")
+            raise InvalidArgumentError(f"method must be 'auto', 'riccati' or 'woodbury', got {method!r}")
+        if isinstance(damping, Tensor) and damping.dim() == 0:
+            damping = check_real(damping, "damping")  # a number, as a 0-d tensor
         if isinstance(damping, Tensor) or method == "woodbury":
             if method == "riccati":
-                raise ValueError("a per-parameter damping needs method='woodbury' (or 'auto')")
+                raise InvalidArgumentError("a per-parameter damping needs method='woodbury' (or 'auto')")
             if precision != "working":
                 raise InvalidArgumentError("precision='mixed' is for the Riccati sweep (a scalar damping)")
             return WoodburyFactorization(self, damping)
@@ -886,7 +908,9 @@ class Factorization:
         """``v^T (H + eps I)^{-1} v`` for ``v`` of shape (n,), unrefined: for the Riccati factorization
         ``sum_l k_l^T Qxx_l^{-1} k_l`` from the backward half of a solve alone (``H + eps I = U D U^T``
         gives ``v^T (U D U^T)^{-1} v = k^T D^{-1} k`` with ``k = U^{-1} v``)."""
-        R, _ = self.op._as_matrix(v, "v")
+        R, vector = self.op._as_matrix(v, "v")
+        if not vector:
+            raise ShapeMismatchError(f"v must have shape ({self.op.shape[0]},); got {tuple(v.shape)}")
         if getattr(self, "factors", None) is None:
             return float((R * self._raw(R)).sum())
         sop = self._sweep_op
@@ -1200,7 +1224,7 @@ def curvature_class(name: str) -> type[CurvatureOperator]:
         return Hessian
     if key in ("gauss_newton", "ggn", "gn"):
         return GaussNewton
-    raise ValueError(f"curvature must be 'hessian' or 'gauss_newton', got {name!r}")
+    raise InvalidArgumentError(f"curvature must be 'hessian' or 'gauss_newton', got {name!r}")
 
 
 class WoodburyFactorization(Factorization):

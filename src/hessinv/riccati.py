@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hessinv import linalg
-from hessinv.errors import IndefiniteError, NonFiniteError, SingularError, TooLargeError
+from hessinv.errors import IndefiniteError, InvalidArgumentError, NonFiniteError, SingularError, TooLargeError
 from hessinv.stages import Blocks
 
 #: Sweeps whose blocks are all at most this size (parameters and batch activations per stage) run on one
@@ -600,7 +600,7 @@ def riccati_factor(
     definite (math.md §6), and the returned inertia is ``M``'s.
     """
     if modify and not damping > 0:
-        raise ValueError(f"modify needs a damping > 0, got {damping}")
+        raise InvalidArgumentError(f"modify='abs' needs a damping > 0, got {damping}")
     out: list[StageFactor | None] = [None] * len(blocks)
     dtype, device = like.dtype, like.device
     check_memory(blocks, names, dtype, device)

@@ -550,8 +550,7 @@ class Newton(torch.optim.Optimizer):
         key = (inputs.shape[1:], inputs.dtype, inputs.device)
         key += (targets.shape[1:], targets.dtype, targets.device)
         if key != self._newton.get("checked"):
-            self.chain.check_inputs(inputs, targets)
-            self._explain_failure(inputs, targets)
+            self.chain.check_batch(inputs, targets)
             self._newton["checked"] = key
 
     def _resolve_mode(self, inputs: Tensor, targets: Tensor) -> str:

@@ -428,7 +428,8 @@ class LazyBlocks(Blocks):
     def _unchanged(self) -> None:
         now = (*self.stage.params, *self.stage.module.buffers())
         if len(now) != len(self._state) or not all(
-            a.shape == b.shape and torch.equal(a.detach(), b) for a, b in zip(now, self._state, strict=False)
+            a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.detach(), b)
+            for a, b in zip(now, self._state, strict=False)
         ):
             raise InvalidArgumentError(
                 f"{self.stage.name}: its parameters or buffers changed after this curvature was taken; take "

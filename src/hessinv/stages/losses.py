@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hessinv.errors import (
+    DtypeMismatchError,
     InvalidArgumentError,
     NonFiniteError,
     ShapeMismatchError,
@@ -294,6 +295,11 @@ class LossStage:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise UnsupportedStageError(
                 f"{self.name}: the loss returned {shape}, not a scalar; use reduction='mean' or 'sum'"
+            )
+        if out.is_floating_point() and out.dtype != y.dtype:
+            raise DtypeMismatchError(
+                f"{self.name}: the loss of {y.dtype} outputs is {out.dtype}; hessinv computes in the model's "
+                "dtype: compute the loss in it (no casts inside loss_fn)"
             )
         return out.reshape(())
 
