@@ -210,6 +210,8 @@ def test_user_file(tmp_path, capsys):
         (["--depth", "0"], "positive integer"),
         (["--activation", "swish"], "invalid choice"),
         (["--optimizers", "adam,adam"], "twice"),
+        (["--seed", "-1"], "argument --seed: expected an integer >= 0"),
+        (["--dist-strategy", "foo"], "--dist-strategy must be one of sharded"),  # checked with --nproc 1 too
     ],
 )
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
@@ -589,3 +591,94 @@ def test_chance_level_is_the_most_frequent_test_class():
     )
     assert chance_level(ds) == pytest.approx(0.6)
     assert chance_level(Dataset("r", "regression", X, X[:, :1], X, X[:, :1])) is None
+
+
+# -- the probe of 2027-01 (/tmp/probe_cli/FINDINGS.md): one-line errors, never a traceback ---------
+SPECTRUM = ["spectrum", "--samples", "120", "--batch", "16", "--depth", "3", "--width", "4", "--bins", "4"]
+
+
+def one_line_error(capsys, rc: int, message: str) -> None:
+    out, err = capsys.readouterr()
+    assert rc == 2, err
+    assert message in err and "Traceback" not in err + out
+    assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--damping", "nan"], "argument --damping: expected a finite number"),
+        (["--damping", "inf"], "argument --damping: expected a finite number"),
+        (["--range=-1,inf"], "argument --range: expected a finite number, got 'inf'"),
+        (["--range=-inf,inf"], "argument --range: expected a finite number, got '-inf'"),
+        (
+            ["--damping", "0", "--curvature", "gauss-newton"],
+            "--damping 0: ",
+        ),  # singular: the library's advice
+        (["--samples", "0"], "argument --samples: expected a positive integer"),
+        (["--samples", "-5", "--data", "regression"], "argument --samples: expected a positive integer"),
+        (["--seed", "-1"], "argument --seed: expected an integer >= 0"),
+    ],
+)
+def test_spectrum_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
+    one_line_error(capsys, main([*SPECTRUM, *args, "--out", str(tmp_path / "spec")]), message)
+
+
+def test_spectrum_reports_zero_negative_eigenvalues_of_a_gauss_newton_matrix(tmp_path, capsys):
+    """A Gauss-Newton matrix is PSD: its eigenvalues zero up to rounding (here 45 parameters, 16
+    examples with one output: a null space of dimension >= 29) count as >= 0, in the count and in
+    the histogram, as in hessinv.spectrum.num_negative_eigenvalues."""
+    out = tmp_path / "spec"
+    args = ["--data", "regression", "--curvature", "gauss-newton", "--out", str(out)]
+    assert main([*SPECTRUM, *args]) == 0
+    assert ": 0 eigenvalues < 0" in capsys.readouterr().out
+    rec = json.loads((out / "spectrum.json").read_text())
+    assert rec["eigenvalues_below_zero"] == 0 and rec["zero_tolerance"] > 0
+    edges, counts = rec["edges"], rec["counts"]
+    below_zero = rec["below"] + sum(c for c, hi in zip(counts, edges[1:], strict=True) if hi <= 0)
+    assert below_zero == 0 and sum(counts) + rec["above"] == rec["n_params"]
+
+
+def test_library_errors_are_one_line_without_traceback(capsys, monkeypatch):
+    from hessinv.errors import SingularError
+
+    def fail(args):
+        raise SingularError("H + eps I is singular\nto working precision")
+
+    monkeypatch.setattr("hessinv.cli.spectrum.run", fail)
+    one_line_error(
+        capsys, main(["spectrum"]), "hessinv: error: SingularError: H + eps I is singular to working"
+    )
+
+
+def _unwritable(tmp_path: Path, kind: str) -> Path:
+    if kind == "file":
+        (tmp_path / "a.csv").write_text("1,2\n")
+        return tmp_path / "a.csv"
+    if os.geteuid() != 0:  # a directory without write permission stops everyone but root
+        (tmp_path / "ro").mkdir(mode=0o500)
+        return tmp_path / "ro"
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no unwritable directory for root here")
+    return Path("/proc")  # exists, and no file can be created in it
+
+
+@pytest.mark.parametrize("kind", ["file", "unwritable directory"])
+@pytest.mark.parametrize("command", ["train", "spectrum"])
+def test_output_directory_that_cannot_be_written(tmp_path, capsys, command, kind):
+    out = _unwritable(tmp_path, kind)
+    args = ["train", "--optimizers", "adam", "--steps", "1", *SMALL] if command == "train" else SPECTRUM
+    one_line_error(capsys, main([*args, "--out", str(out)]), f"cannot write to the output directory {out}")
+
+
+def test_table_without_a_target_loss_says_it_is_not_measured(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "mine.npz", X=rng.normal(size=(40, 3)), y=rng.integers(0, 2, 40))
+    out = tmp_path / "o"
+    args = ["--data", str(tmp_path / "mine.npz"), "--optimizers", "adam", "--steps", "2", "--out", str(out)]
+    rc, stdout, err = run(capsys, *args, *SMALL)
+    assert rc == 0, err
+    table = (out / "table.md").read_text()
+    assert "<= none" not in stdout + table
+    assert "time to target not measured: no --target-loss given" in stdout
+    assert "Time to target not measured: no --target-loss given; each optimizer stops" in table

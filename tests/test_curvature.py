@@ -332,7 +332,7 @@ def test_chain_reuse_sees_model_edits():
     m, X, y = _net()
     chain = hessinv.Chain(m, loss)
     m[1] = torch.nn.Sigmoid()
-    with pytest.raises(hessinv.InvalidArgumentError, match="submodule replaced"):
+    with pytest.raises(hessinv.InvalidArgumentError, match="submodule or parameter replaced"):
         hessinv.Hessian(m, loss, X, y, chain=chain)
     m, X, y = _net()
     chain = hessinv.Chain(m, loss)

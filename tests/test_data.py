@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -128,7 +129,9 @@ def test_csv_without_header(tmp_path):
 @pytest.mark.parametrize(
     "content, match",
     [
-        ("a,b,y\n1,2,x\n", "non-numeric"),
+        ("a,b,y\n1,q,0\n2,3,1\n", "line 2, column 2: 'q' is not a number"),
+        ("a,b,y\n1,2,0\n1,,1\n2,3,1\n", "line 3, column 2 is empty"),  # not "different numbers of columns"
+        ("1,2,cat\n3,4,1\n5,6,dog\n", "mixes class names and numbers (line 1: 'cat', line 2: '1')"),
         ("x,y\n", "no data rows"),
         ("1,2,3\n1,2\n", "different numbers of columns"),
         ("1\n2\n", "at least 2 columns"),
@@ -137,7 +140,7 @@ def test_csv_without_header(tmp_path):
 def test_bad_csv(tmp_path, content, match):
     p = tmp_path / "bad.csv"
     p.write_text(content)
-    with pytest.raises(DataError, match=match):
+    with pytest.raises(DataError, match=re.escape(match)):
         load_dataset(str(p))
 
 
@@ -146,8 +149,9 @@ def test_unreadable_and_missing_files(tmp_path):
         load_dataset(str(tmp_path / "nope.npz"))
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"\x00\x01 this is not a zip file")
-    with pytest.raises(DataError, match="cannot read"):
+    with pytest.raises(DataError, match=r"cannot read .* not a \.npz \(zip\) archive") as e:
         load_dataset(str(garbage))
+    assert "allow_pickle" not in str(e.value)  # numpy's advice for pickles: not this case
     np.savez(tmp_path / "keys.npz", a=np.zeros((3, 2)), b=np.zeros(3))
     with pytest.raises(DataError, match="must contain features"):
         load_dataset(str(tmp_path / "keys.npz"))
@@ -164,3 +168,50 @@ def test_unreadable_and_missing_files(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(DataError, match="unknown dataset 'imagenet'"):
         load_dataset("imagenet")
+
+
+def test_csv_with_class_names_as_labels(tmp_path):
+    """The label column may hold class names, as in a .npz file; the same data read either way."""
+    rng = np.random.default_rng(4)
+    X, names = (
+        rng.normal(size=(30, 3)),
+        np.array(["setosa", "versicolor", "virginica"])[rng.integers(0, 3, 30)],
+    )
+    lines = ["a,b,c,species"] + [
+        ",".join([*(repr(float(v)) for v in x), n]) for x, n in zip(X, names, strict=True)
+    ]
+    (tmp_path / "iris.csv").write_text("\n".join(lines) + "\n")
+    np.savez(tmp_path / "iris.npz", X=X, y=names)
+    a, b = load_dataset(str(tmp_path / "iris.csv")), load_dataset(str(tmp_path / "iris.npz"))
+    assert a.task == "classification" and a.n_classes == 3
+    assert torch.equal(a.X_train, b.X_train) and torch.equal(a.y_train, b.y_train)
+    assert torch.equal(a.y_test, b.y_test)
+
+
+@pytest.mark.parametrize("name", ["digits", "regression", "mnist1d"])
+@pytest.mark.parametrize("n", [0, -5])
+def test_nonpositive_number_of_examples_refused(name, n):
+    with pytest.raises(DataError, match=f"number of examples must be a positive integer, got {n}"):
+        load_dataset(name, n_samples=n)
+
+
+def test_npz_label_and_target_shapes_checked(tmp_path):
+    rng = np.random.default_rng(5)
+    X, y = rng.normal(size=(40, 3)), rng.integers(0, 2, 40)
+    np.savez(tmp_path / "y2d.npz", X=X, y=np.stack([y, y], 1))
+    with pytest.raises(
+        DataError, match=r"classification labels must be one per example, shape \(N,\); got \(40, 2\)"
+    ):
+        load_dataset(str(tmp_path / "y2d.npz"), task="classification")
+    assert load_dataset(str(tmp_path / "y2d.npz")).task == "regression"  # (N, 2) integers: two targets
+    np.savez(tmp_path / "y1.npz", X=X, y=y[:, None])  # (N, 1): one label per example
+    assert load_dataset(str(tmp_path / "y1.npz"), task="classification").n_classes == 2
+    np.savez(
+        tmp_path / "t.npz",
+        X=X[:30],
+        y=rng.normal(size=(30, 2)),
+        X_test=X[30:],
+        y_test=rng.normal(size=(10, 3)),
+    )
+    with pytest.raises(DataError, match="same number of features and of targets per example"):
+        load_dataset(str(tmp_path / "t.npz"))

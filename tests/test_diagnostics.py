@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 import hessinv
 from hessinv import diagnostics as dg
+from hessinv.errors import InvalidArgumentError
 
 F64 = torch.float64
 
@@ -362,3 +364,65 @@ def test_stochastic_contraction_on_minibatch_gradients():
     for f in (0.8, 1.25):
         assert dg.stochastic_contraction(draws, x, x_star, f * s.best_eta).observed_mean > best.observed_mean
     assert s.predicted_best >= dg.predicted_contraction(s.cos_bar) - 1e-15  # noise only costs
+
+
+# -- argument checks (probe of 2027-01, /tmp/probe_cli/FINDINGS.md D3, D4, D17, D18) ---------------
+@pytest.mark.parametrize("delta", [0.0, -1.0, math.nan, math.inf])
+def test_newton_direction_refuses_a_margin_that_is_not_positive(delta):
+    """delta <= 0 made lambda = -lambda_min to rounding: a singular solve with |d| ~ 1e12, unreported."""
+    net, loss_fn, X, y, _ = teacher_student(noise=1.0, seed=2)
+    with pytest.raises(InvalidArgumentError, match="delta must be finite and > 0"):
+        dg.newton_direction(net, loss_fn, X, y, delta=delta)
+    with pytest.raises(InvalidArgumentError, match="delta must be finite and > 0"):
+        dg.direction_alignments(net, loss_fn, X, y, dg.flat_parameters(net), ("newton",), delta=delta)
+
+
+@pytest.mark.parametrize("spelling", ["gauss-newton", "Gauss_Newton", "ggn"])
+def test_curvature_names_in_either_spelling(spelling):
+    net, loss_fn, X, y, _ = teacher_student(noise=0.3, seed=1)
+    want = dg.newton_direction(net, loss_fn, X, y, curvature="gauss_newton").direction
+    assert torch.equal(dg.newton_direction(net, loss_fn, X, y, curvature=spelling).direction, want)
+    est = dg.estimate_minimizer(net, loss_fn, X, y, curvature=spelling, max_iter=1)
+    assert est.iterations == 1
+    with pytest.raises(InvalidArgumentError, match="curvature must be 'hessian' or 'gauss_newton'"):
+        dg.newton_direction(net, loss_fn, X, y, curvature="fisher")
+
+
+def test_metric_that_is_not_positive_definite_is_refused():
+    v = lambda *a: torch.tensor(a, dtype=F64)  # noqa: E731
+    W = torch.diag(v(1.0, -1.0))
+    # |d|_W^2 = 0.75 > 0 and |e|_W^2 = 0.96 > 0, but <d, e>_W = 0.9 > 0.85: the ratio 1.06 is no cosine
+    with pytest.raises(InvalidArgumentError, match="not positive definite on the span of d and x - x_star"):
+        dg.alignment(v(1.0, 0.5), v(1.0, 0.2), v(0.0, 0.0), metric=W)
+    with pytest.raises(
+        InvalidArgumentError, match=re.escape("not positive definite along d: |d|_W^2 = -0.99")
+    ):
+        dg.alignment(v(0.1, 1.0), v(1.0, 0.2), v(0.0, 0.0), metric=W)
+    with pytest.raises(InvalidArgumentError, match="not positive definite along d"):
+        dg.step_ratio(v(0.1, 1.0), v(1.0, 0.2), v(0.0, 0.0), metric=lambda u: W @ u)
+    with pytest.raises(InvalidArgumentError, match="not positive definite along x - x_star"):
+        dg.observed_contraction(v(0.1, 1.0), v(1.0, 0.2), v(0.0, 0.0), metric=W)
+    # a PSD metric with d in its null space (u^T W u = 0, or -1e-17 by rounding): undefined, nan
+    P = torch.diag(v(0.0, 1.0))
+    assert math.isnan(dg.alignment(v(1.0, 0.0), v(1.0, 1.0), v(0.0, 0.0), metric=P))
+    R = torch.tensor([[0.28, -0.96], [0.96, 0.28]], dtype=F64)  # a rotation
+    S, d = R @ torch.diag(v(0.0, 1.0)) @ R.T, R[:, 0]  # PSD, d its null vector
+    assert float(d @ (S @ d)) < 0  # -1.6e-17: rounding, not indefiniteness
+    assert math.isnan(dg.alignment(d, v(1.0, 1.0), v(0.0, 0.0), metric=S))
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda x, xs: dg.step_ratio(torch.ones(5, dtype=F64), x, xs), "d has 5 entries, x - x_star has 2"),
+        (lambda x, xs: dg.observed_contraction(x, torch.zeros(1, dtype=F64), xs), "x_next has 1 entries"),
+        (lambda x, xs: dg.best_step(torch.ones(3, dtype=F64), x, xs), "d has 3 entries"),
+        (lambda x, xs: dg.alignment(x, x, torch.zeros(1, dtype=F64)), "x has 2 entries, x_star has 1"),
+        (lambda x, xs: dg.analyze_step(x, torch.zeros(1, dtype=F64), xs), "x_next has 1 entries"),
+        (lambda x, xs: dg.stochastic_contraction(torch.ones(0, 2, dtype=F64), x, xs, 0.5), "k >= 1 draws"),
+    ],
+)
+def test_vectors_of_the_wrong_length_do_not_broadcast(call, message):
+    x, xs = torch.tensor([3.0, 4.0], dtype=F64), torch.zeros(2, dtype=F64)
+    with pytest.raises(InvalidArgumentError, match=re.escape(message)):
+        call(x, xs)

@@ -139,3 +139,23 @@ def test_functional_form_and_errors():
         InfluenceFunction(net, lf).influences(X, y)
     with pytest.raises(ValueError, match="both"):
         InfluenceFunction(net, lf).fit(X, y, X[:2])
+
+
+@pytest.mark.parametrize("damping", ["abc", "1e-2", torch.tensor([0.1, 0.2]), None])
+def test_damping_must_be_a_number(damping):
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    with pytest.raises(InvalidArgumentError, match="damping must be a real number"):
+        InfluenceFunction(net, torch.nn.CrossEntropyLoss(), "hessian", damping)
+    assert InfluenceFunction(net, torch.nn.CrossEntropyLoss(), damping=torch.tensor(0.5)).damping == 0.5
+
+
+def test_inverse_hvp_of_one_vector():
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    X, y = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 2, (12,))
+    inf = InfluenceFunction(net, torch.nn.CrossEntropyLoss(), "gauss_newton", 0.1).fit(X, y)
+    v = torch.randn(inf.operator.shape[0], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's deprecation of x.T on a 1-d tensor
+        one = inf.inverse_hvp(v, chunk=4)  # chunks of right-hand sides, not of v's entries
+    assert one.shape == v.shape and torch.equal(one, inf.inverse_hvp(v[None])[0])

@@ -4,6 +4,7 @@ references (plain autograd double backward + ``torch.linalg``), on random small 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -11,7 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import autograd_gauss_newton, autograd_hessian, autograd_output_jacobian
 
-from hessinv.errors import IndefiniteError, InvalidArgumentError
+from hessinv.errors import (
+    DtypeMismatchError,
+    IndefiniteError,
+    InvalidArgumentError,
+    NonFiniteArgumentError,
+    ShapeMismatchError,
+)
 from hessinv.laplace import Laplace
 
 
@@ -190,3 +197,100 @@ def test_mc_link_and_nn_predictive_and_loader():
         Laplace(net, "poisson")
     with pytest.raises(RuntimeError, match="fit"):
         Laplace(net, "classification").log_marginal_likelihood()
+
+
+# -- argument checks (probe of 2027-01, /tmp/probe_cli/FINDINGS.md D1, D17) -----------------------
+def test_prior_mean_vector_matches_dense_and_a_tensor_scalar_equals_the_number():
+    net, X, y = problem(7, "classification", depth=2)
+    theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    mu0 = 0.3 * torch.randn(theta.numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    lml = dense_laplace(net, X, y, "classification", "gauss_newton", 0.7, 1.0, mu0=mu0)[0]
+    la = Laplace(net, "classification", prior_precision=0.7, prior_mean=mu0).fit(X, y)
+    assert la.log_marginal_likelihood() == pytest.approx(lml, rel=1e-10)
+    a = Laplace(net, "classification", prior_mean=0.25).fit(X, y).log_marginal_likelihood()
+    b = Laplace(net, "classification", prior_mean=torch.tensor(0.25)).fit(X, y).log_marginal_likelihood()
+    assert a == b
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (
+            lambda n: torch.zeros(n, 1, dtype=torch.float64),
+            ShapeMismatchError,
+            "got shape",
+        ),  # would broadcast
+        (lambda n: torch.zeros(3, dtype=torch.float64), ShapeMismatchError, "(n,) tensor with n = "),
+        (lambda n: float("nan"), NonFiniteArgumentError, "prior_mean must be finite"),
+        (
+            lambda n: torch.full((n,), math.inf, dtype=torch.float64),
+            NonFiniteArgumentError,
+            "NaN or infinite",
+        ),
+        (lambda n: "0", InvalidArgumentError, "prior_mean must be a real number"),
+    ],
+)
+def test_bad_prior_mean_refused_at_construction(make, error, message):
+    net, _, _ = problem(0, "classification")
+    n = sum(p.numel() for p in net.parameters())
+    with pytest.raises(error, match=re.escape(message)):
+        Laplace(net, "classification", prior_mean=make(n))
+
+
+def test_prior_mean_checked_again_at_fit_when_parameters_were_frozen():
+    net, X, y = problem(1, "classification")
+    n = sum(p.numel() for p in net.parameters())
+    la = Laplace(net, "classification", prior_mean=torch.zeros(n, dtype=torch.float64))
+    net[0].bias.requires_grad_(False)
+    with pytest.raises(ShapeMismatchError, match=f"n = {n - net[0].bias.numel()}"):
+        la.fit(X, y)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda la, X: Laplace(la.model, "classification", prior_precision=torch.ones(5)),
+            InvalidArgumentError,
+            "prior_precision must be a real number",
+        ),
+        (
+            lambda la, X: la.log_marginal_likelihood(prior_precision="1"),
+            InvalidArgumentError,
+            "prior_precision must be a real number",
+        ),
+        (
+            lambda la, X: la.optimize_prior_precision(bounds=(0.0, 1.0)),
+            InvalidArgumentError,
+            "bounds[0] must be a positive number",
+        ),
+        (
+            lambda la, X: la.optimize_prior_precision(bounds=(10.0, 1.0)),
+            InvalidArgumentError,
+            "bounds must be (low, high) with low < high",
+        ),
+        (
+            lambda la, X: la.optimize_prior_precision(bounds=1.0),
+            InvalidArgumentError,
+            "bounds must be a pair (low, high)",
+        ),
+        (lambda la, X: la.optimize_prior_precision(tol=0), InvalidArgumentError, "tol must be a positive"),
+        (lambda la, X: la.sample(0), InvalidArgumentError, "n_samples must be an int >= 1, got 0"),
+        (lambda la, X: la.sample(-1), InvalidArgumentError, "n_samples must be an int >= 1, got -1"),
+        (lambda la, X: la.sample(2.0), InvalidArgumentError, "n_samples must be an int >= 1, got 2.0"),
+        (
+            lambda la, X: la(X, link_approx="mc", n_samples=0),
+            InvalidArgumentError,
+            "n_samples must be an int",
+        ),
+        (lambda la, X: la(X, pred_type="nn", n_samples=0), InvalidArgumentError, "n_samples must be an int"),
+        (lambda la, X: la(X.float()), DtypeMismatchError, "convert with X.to(torch.float64)"),
+        (lambda la, X: la(X.numpy()), InvalidArgumentError, "X must be a torch.Tensor"),
+    ],
+)
+def test_bad_arguments_get_named_errors(call, error, message):
+    net, X, y = problem(2, "classification", C=3)
+    la = Laplace(net, "classification").fit(X, y)
+    with pytest.raises(error, match=re.escape(message)):
+        call(la, X[:3])
+    assert la.sample(1).shape == (1, la.n_params)

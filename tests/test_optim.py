@@ -401,7 +401,7 @@ def test_param_groups_hold_the_model_parameters_and_stats_serialize():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"curvature": "fisher"}, "curvature must be one of"),
+        ({"curvature": "fisher"}, "curvature must be .hessian. or .gauss_newton."),
         ({"damping": "adaptive"}, "damping must be"),
         ({"damping": -1.0}, "fixed damping must be"),
         ({"damping": float("nan")}, "fixed damping must be"),
@@ -800,7 +800,9 @@ def test_structured_only_root_gives_the_same_factorization():
 
 
 # -- misuse the steps must name (a probe of unusual usage, 2026-12-02) -----------------------------
-def _clf(seed: int = 0, dtype=torch.float32, extra: tuple = ()) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def _clf(
+    seed: int = 0, dtype=torch.float32, extra: tuple = ()
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), *extra, nn.Linear(8, 3)).to(dtype)
     X = torch.randn(32, 6, dtype=dtype)

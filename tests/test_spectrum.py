@@ -12,7 +12,7 @@ from reference import autograd_gauss_newton, autograd_hessian, chains
 
 import hessinv
 from hessinv import spectrum
-from hessinv.errors import IndefiniteError
+from hessinv.errors import IndefiniteError, InvalidArgumentError
 
 OPS = {
     "hessian": (hessinv.Hessian, autograd_hessian),
@@ -178,3 +178,26 @@ def test_riccati_only_quantities_refuse_other_factorizations():
     assert any(f.pivot.modified for f in M.factors if f is not None)
     with pytest.raises(InvalidArgumentError, match="modif"):
         M.logdet()
+
+
+@pytest.mark.parametrize("bins", [np.int64(5), np.int32(5), torch.tensor(5), np.array(5)])
+def test_histogram_bin_count_of_any_integer_type(bins):
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    H = hessinv.hessian(
+        net, torch.nn.CrossEntropyLoss(), torch.randn(6, 3).double(), torch.tensor([0, 1] * 3)
+    )
+    want = spectrum.spectral_histogram(H, bins=5)
+    got = spectrum.spectral_histogram(H, bins=bins)
+    assert np.array_equal(got.edges, want.edges) and np.array_equal(got.counts, want.counts)
+
+
+@pytest.mark.parametrize("bins", [5.0, True, "5"])
+def test_histogram_bins_neither_a_count_nor_edges(bins):
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    H = hessinv.hessian(
+        net, torch.nn.CrossEntropyLoss(), torch.randn(6, 3).double(), torch.tensor([0, 1] * 3)
+    )
+    with pytest.raises(InvalidArgumentError, match="bins must be an int .the number of bins. or a 1-d"):
+        spectrum.spectral_histogram(H, bins=bins)

@@ -56,6 +56,7 @@ __all__ = [
     "hessian",
     "gauss_newton",
     "curvature_class",
+    "normalize_curvature",
 ]
 
 
@@ -1217,14 +1218,20 @@ def gauss_newton(
     return GaussNewton(model, loss_fn, inputs, targets)
 
 
+def normalize_curvature(name: str) -> str:
+    """``"hessian"`` or ``"gauss_newton"``; accepts ``gauss-newton``, ``GN``, ``ggn`` spellings."""
+    key = str(name).lower().replace("-", "_")
+    key = {"gn": "gauss_newton", "ggn": "gauss_newton", "h": "hessian"}.get(key, key)
+    if key not in ("hessian", "gauss_newton"):
+        raise InvalidArgumentError(
+            f"curvature must be 'hessian' or 'gauss_newton' (or 'gauss-newton'), got {name!r}"
+        )
+    return key
+
+
 def curvature_class(name: str) -> type[CurvatureOperator]:
-    """The operator class for ``"hessian"`` or ``"gauss_newton"`` (also ``"gauss-newton"``, ``"ggn"``)."""
-    key = name.lower().replace("-", "_")
-    if key in ("hessian", "h"):
-        return Hessian
-    if key in ("gauss_newton", "ggn", "gn"):
-        return GaussNewton
-    raise InvalidArgumentError(f"curvature must be 'hessian' or 'gauss_newton', got {name!r}")
+    """The operator class of a curvature name (:func:`normalize_curvature`)."""
+    return Hessian if normalize_curvature(name) == "hessian" else GaussNewton
 
 
 class WoodburyFactorization(Factorization):

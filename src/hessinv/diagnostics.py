@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hessinv.curvature import CurvatureOperator, GaussNewton, Hessian
+from hessinv.curvature import CurvatureOperator, _check_tol, curvature_class
 from hessinv.errors import AccuracyWarning, InvalidArgumentError, SingularError
 from hessinv.riccati import Inertia
 from hessinv.stages.losses import loss_in_dtype
@@ -61,7 +61,6 @@ __all__ = [
 ]  # fmt: skip
 
 Metric = Tensor | Callable[[Tensor], Tensor] | None
-_CURVATURES: dict[str, type[CurvatureOperator]] = {"hessian": Hessian, "gauss_newton": GaussNewton}
 
 
 # -- flat parameter vectors ---------------------------------------------------------------------
@@ -96,45 +95,95 @@ def _vec(v: Tensor, name: str) -> Tensor:
     return v.detach().reshape(-1).to(torch.float64)
 
 
-def _inner(u: Tensor, v: Tensor, metric: Metric) -> float:
-    if metric is None:
-        return float(u @ v)
+def _error(x: Tensor, x_star: Tensor, name: str = "x") -> Tensor:
+    """``x - x_star`` as a float64 vector; :class:`InvalidArgumentError` if their lengths differ (they
+    would broadcast)."""
+    x, xs = _vec(x, name), _vec(x_star, "x_star")
+    if x.shape != xs.shape:
+        raise InvalidArgumentError(f"{name} has {x.numel()} entries, x_star has {xs.numel()}")
+    return x - xs
+
+
+def _along(d: Tensor, e: Tensor, name: str = "d") -> Tensor:
+    """``d`` as a float64 vector of the length of ``e = x - x_star``, else :class:`InvalidArgumentError`."""
+    d = _vec(d, name)
+    if d.shape != e.shape:
+        raise InvalidArgumentError(f"{name} has {d.numel()} entries, x - x_star has {e.numel()}")
+    return d
+
+
+def _apply(metric: Metric, v: Tensor) -> Tensor:
+    """``W v`` (float64) for a metric given as a matrix, an operator or a callable."""
     if isinstance(metric, Tensor):
-        return float(u @ (metric.to(torch.float64) @ v))
+        return metric.to(torch.float64) @ v
+    Wv = metric @ v.to(metric.dtype) if isinstance(metric, CurvatureOperator) else metric(v)
+    return Wv.detach().reshape(-1).to(torch.float64)
+
+
+def _metric_norm(metric: Metric, pairs: Sequence[tuple[Tensor, Tensor]]) -> float:
+    """An estimate of ``||W||`` for rounding tolerances: the Frobenius norm of a matrix, the power
+    iteration's of an operator, else the largest ``|W x| / |x|`` of the ``(x, W x)`` pairs."""
+    if metric is None:
+        return 1.0
+    if isinstance(metric, Tensor):
+        return float(metric.detach().to(torch.float64).norm())
     if isinstance(metric, CurvatureOperator):
-        Wv = metric @ v.to(metric.dtype)
-    else:
-        Wv = metric(v)
-    return float(u @ Wv.detach().reshape(-1).to(torch.float64))
+        return metric.norm_estimate()
+    return max((float(Wx.norm()) / float(x.norm()) for x, Wx in pairs if float(x.norm()) > 0), default=0.0)
 
 
-def _norm(u: Tensor, metric: Metric) -> float:
-    return math.sqrt(max(_inner(u, u, metric), 0.0))
+def _gram(u: Tensor, v: Tensor, metric: Metric, names: tuple[str, str]) -> tuple[float, float, float]:
+    """``(u^T W u, u^T W v, v^T W v)`` (two products with ``W``). ``W`` must be positive semi-definite on the
+    span of ``u`` and ``v``: :class:`InvalidArgumentError` where it is not by more than rounding (a
+    negative ``u^T W u``: no norm; or ``|u^T W v| > |u|_W |v|_W``: Cauchy-Schwarz fails, and a ratio is
+    no cosine). Rounding-level negative squares (a vector in the null space of a PSD ``W``) are 0."""
+    Wu, Wv = (u, v) if metric is None else (_apply(metric, u), _apply(metric, v))
+    uu, uv, vv = float(u @ Wu), float(u @ Wv), float(v @ Wv)
+    if min(uu, vv) < 0 or uv * uv > uu * vv:  # an error, or rounding: measure the rounding
+        eps = u.numel() * torch.finfo(torch.float64).eps * _metric_norm(metric, ((u, Wu), (v, Wv)))
+        nu, nv = float(u.norm()), float(v.norm())
+        for q, n, name in ((uu, nu, names[0]), (vv, nv, names[1])):
+            if q < -eps * n * n:
+                raise InvalidArgumentError(
+                    f"the metric is not positive definite along {name}: |{name}|_W^2 = {q:.3g} < 0; pass an "
+                    "SPD metric (e.g. the Gauss-Newton matrix, or H + lambda I with lambda > -lambda_min(H))"
+                )
+        uu, vv = max(uu, 0.0), max(vv, 0.0)
+        if abs(uv) - eps * nu * nv > math.sqrt((uu + eps * nu * nu) * (vv + eps * nv * nv)):
+            raise InvalidArgumentError(
+                f"the metric is not positive definite on the span of {names[0]} and {names[1]}: "
+                f"|<{names[0]}, {names[1]}>_W| = {abs(uv):.6g} > |{names[0]}|_W |{names[1]}|_W = "
+                f"{math.sqrt(uu * vv):.6g} (Cauchy-Schwarz fails); pass an SPD metric"
+            )
+    return uu, uv, vv
 
 
 def alignment(d: Tensor, x: Tensor, x_star: Tensor, metric: Metric = None) -> float:
     r"""``cos(theta) = <d, x - x*> / (|d| |x - x*|)`` in ``[-1, 1]``; ``nan`` if ``d = 0`` or ``x = x*``.
 
-    With ``metric=W`` the inner product is ``<u, v>_W = u^T W v`` (theory.md §1).
+    With ``metric=W`` the inner product is ``<u, v>_W = u^T W v`` (theory.md §1). ``W`` must be positive
+    definite on the span of ``d`` and ``x - x*``; where it is not (a negative ``|d|_W^2``, or a ratio
+    beyond 1 by more than rounding, which is no cosine): :class:`~hessinv.InvalidArgumentError`.
 
     >>> import torch
     >>> e = torch.tensor([3.0, 4.0], dtype=torch.float64)
     >>> alignment(e, e, torch.zeros(2, dtype=torch.float64)), alignment(-e, e, 0 * e)
     (1.0, -1.0)
     """
-    d, e = _vec(d, "d"), _vec(x, "x") - _vec(x_star, "x_star")
-    if d.shape != e.shape:
-        raise InvalidArgumentError(f"d has {d.numel()} entries, x - x_star has {e.numel()}")
-    nd, ne = _norm(d, metric), _norm(e, metric)
+    e = _error(x, x_star)
+    d = _along(d, e)
+    dd, de, ee = _gram(d, e, metric, ("d", "x - x_star"))
+    nd, ne = math.sqrt(dd), math.sqrt(ee)
     if nd == 0.0 or ne == 0.0 or not (math.isfinite(nd) and math.isfinite(ne)):
         return math.nan
-    return max(-1.0, min(1.0, _inner(d, e, metric) / (nd * ne)))
+    return max(-1.0, min(1.0, de / (nd * ne)))  # |ratio| <= 1 up to rounding
 
 
 def step_ratio(d: Tensor, x: Tensor, x_star: Tensor, eta: float = 1.0, metric: Metric = None) -> float:
     r"""``rho = eta |d| / |x - x*|`` (Lemma 1); ``nan`` if ``x = x*``."""
-    ne = _norm(_vec(x, "x") - _vec(x_star, "x_star"), metric)
-    return math.nan if ne == 0.0 else abs(float(eta)) * _norm(_vec(d, "d"), metric) / ne
+    e = _error(x, x_star)
+    dd, _, ee = _gram(_along(d, e), e, metric, ("d", "x - x_star"))
+    return math.nan if ee == 0.0 else abs(float(eta)) * math.sqrt(dd) / math.sqrt(ee)
 
 
 def predicted_contraction(cos_theta: float, rho: float | None = None) -> float:
@@ -161,17 +210,16 @@ def predicted_contraction(cos_theta: float, rho: float | None = None) -> float:
 
 def observed_contraction(x: Tensor, x_next: Tensor, x_star: Tensor, metric: Metric = None) -> float:
     r"""``|x_next - x*|^2 / |x - x*|^2``; ``nan`` if ``x = x*``."""
-    xs = _vec(x_star, "x_star")
-    e, e_next = _vec(x, "x") - xs, _vec(x_next, "x_next") - xs
-    ee = _inner(e, e, metric)
-    return math.nan if ee == 0.0 else _inner(e_next, e_next, metric) / ee
+    e, e_next = _error(x, x_star), _error(x_next, x_star, "x_next")
+    ee, _, nn = _gram(e, e_next, metric, ("x - x_star", "x_next - x_star"))
+    return math.nan if ee == 0.0 else nn / ee
 
 
 def best_step(d: Tensor, x: Tensor, x_star: Tensor, metric: Metric = None) -> float:
     r"""The oracle step ``eta* = <d, e> / |d|^2`` of Theorem 1 (it needs ``x*``); ``nan`` if ``d = 0``."""
-    d, e = _vec(d, "d"), _vec(x, "x") - _vec(x_star, "x_star")
-    dd = _inner(d, d, metric)
-    return math.nan if dd == 0.0 else _inner(d, e, metric) / dd
+    e = _error(x, x_star)
+    dd, de, _ = _gram(_along(d, e), e, metric, ("d", "x - x_star"))
+    return math.nan if dd == 0.0 else de / dd
 
 
 # -- one recorded step --------------------------------------------------------------------------
@@ -239,6 +287,8 @@ def analyze_step(
     >>> [round(v, 12) for v in (r.cos_theta, r.rho, r.observed, r.predicted_step, r.predicted_best)]
     [0.707106781187, 0.707106781187, 0.5, 0.5, 0.5]
     """
+    _error(x, x_star)  # the lengths agree (no broadcasting)
+    _error(x_next, x_star, "x_next")
     x, x_next, xs = _vec(x, "x"), _vec(x_next, "x_next"), _vec(x_star, "x_star")
     d = x - x_next
     err, sn = float((x - xs).norm()), float(d.norm())
@@ -422,8 +472,9 @@ def newton_direction(
 ) -> NewtonDirection:
     r"""The (shifted) Newton direction ``d = (C + lambda I)^{-1} g`` at the model's current parameters.
 
-    ``C`` is the Hessian (``curvature="hessian"``) or the Gauss-Newton matrix (``"gauss_newton"``) of
-    the loss on ``(inputs, targets)``; pass ``operator`` to reuse one already built at this point.
+    ``C`` is the Hessian (``curvature="hessian"``) or the Gauss-Newton matrix (``"gauss_newton"``, also
+    spelled ``"gauss-newton"``) of the loss on ``(inputs, targets)``; pass ``operator`` to reuse one
+    already built at this point.
     ``g`` is that batch's gradient unless ``gradient`` is given (e.g. the full-batch gradient with a
     mini-batch curvature, the sub-sampled Newton direction of theory.md §4.1).
 
@@ -431,7 +482,8 @@ def newton_direction(
 
     * ``lambda = 0`` (pure Newton) if ``C`` is positive definite (one Riccati factorization at 0);
     * else ``lambda = max(0, -lambda_min(C)) + delta * ||C||``, the smallest shift that makes ``d`` a
-      descent direction, up to the margin ``delta``. The factorization's inertia certifies that
+      descent direction, up to the margin ``delta`` (finite and > 0, else
+      :class:`~hessinv.InvalidArgumentError`). The factorization's inertia certifies that
       ``C + lambda I`` is positive definite; the margin grows tenfold until it is.
 
     A float ``damping`` is used as is (it may leave ``C + lambda I`` indefinite).
@@ -445,9 +497,8 @@ def newton_direction(
     >>> nd.damping, abs(alignment(nd.direction, flat_parameters(net), w.reshape(-1)) - 1) < 1e-12
     (0.0, True)
     """
-    if curvature not in _CURVATURES:
-        raise InvalidArgumentError(f"curvature must be one of {sorted(_CURVATURES)}, got {curvature!r}")
-    op = operator if operator is not None else _CURVATURES[curvature](model, loss_fn, inputs, targets)
+    delta = _check_tol(delta, "delta")  # a margin <= 0 would leave C + lambda I singular
+    op = operator if operator is not None else curvature_class(curvature)(model, loss_fn, inputs, targets)
     g = op.gradient if gradient is None else gradient.detach().reshape(-1).to(op.dtype)
     lam_min: float | None = None
     if damping is not None:
@@ -464,7 +515,7 @@ def newton_direction(
         if F is None:
             lam_min = _min_eigenvalue(op)
             scale = max(op.norm_estimate(), abs(lam_min), torch.finfo(torch.float64).tiny)
-            margin = max(float(delta), 1e-15) * scale
+            margin = delta * scale
             for _ in range(12):
                 lam = max(0.0, -lam_min) + margin
                 try:
@@ -620,8 +671,11 @@ def stochastic_contraction(samples: Tensor, x: Tensor, x_star: Tensor, eta: floa
     >>> s.cos_bar, s.nu, s.predicted, s.observed_mean, s.predicted_best
     (1.0, 1.0, 0.5, 0.5, 0.5)
     """
+    if not isinstance(samples, Tensor) or samples.dim() < 1 or samples.shape[0] < 1:
+        shape = tuple(samples.shape) if isinstance(samples, Tensor) else type(samples).__name__
+        raise InvalidArgumentError(f"samples must be a (k, n) tensor of k >= 1 draws, got {shape}")
     D = samples.detach().to(torch.float64).reshape(samples.shape[0], -1)
-    e = _vec(x, "x") - _vec(x_star, "x_star")
+    e = _error(x, x_star)
     if D.shape[1] != e.numel():
         raise InvalidArgumentError(f"samples have {D.shape[1]} entries, x - x_star has {e.numel()}")
     k = D.shape[0]
@@ -694,15 +748,13 @@ def estimate_minimizer(
     >>> est.converged, [round(v, 8) for v in est.x.tolist()]
     (True, [1.0, -2.0])
     """
-    if curvature not in _CURVATURES:
-        raise InvalidArgumentError(f"curvature must be one of {sorted(_CURVATURES)}, got {curvature!r}")
+    Op = curvature_class(curvature)
     net = copy.deepcopy(model if isinstance(model, nn.Module) else nn.Sequential(*model)).double()
     loss_fn = loss_in_dtype(loss_fn, torch.float64)
     X = inputs.detach().double() if inputs.is_floating_point() else inputs.detach()
     Y = targets.detach().double() if targets.is_floating_point() else targets.detach()
     if x0 is not None:
         set_flat_parameters(net, _vec(x0, "x0"))
-    Op = _CURVATURES[curvature]
 
     def loss_at() -> float:
         with torch.no_grad():

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from hessinv.chain import Chain
+from hessinv.chain import Chain, check_real
 from hessinv.curvature import CurvatureOperator, Factorization, check_precision, curvature_class
 from hessinv.errors import HessinvError, InvalidArgumentError
 
@@ -156,7 +156,7 @@ class InfluenceFunction:
     ):
         self.model, self.loss_fn = model, loss_fn
         self.curvature_cls = curvature_class(curvature)
-        self.damping = float(damping)
+        self.damping = check_real(damping, "damping")
         self.precision = check_precision(precision)
         self.operator: CurvatureOperator | None = None
         self.factorization: Factorization | None = None
@@ -212,9 +212,11 @@ class InfluenceFunction:
         return self._gradients(inputs, targets)
 
     def inverse_hvp(self, vectors: Tensor, chunk: int = 2048) -> Tensor:
-        """``(H + lambda I)^{-1} V`` for ``vectors`` V of shape (k, n), as (k, n): batched solves of
-        ``chunk`` right-hand sides, with iterative refinement."""
+        """``(H + lambda I)^{-1} V`` for ``vectors`` V of shape (k, n), as (k, n) (one vector of shape (n,),
+        as (n,)): batched solves of ``chunk`` right-hand sides, with iterative refinement."""
         fac = self._fac()
+        if isinstance(vectors, Tensor) and vectors.dim() == 1:
+            return self.inverse_hvp(vectors[None], chunk)[0]
         V = vectors.to(fac.op.dtype)
         out = [fac.solve(V[i : i + chunk].T.contiguous()).T for i in range(0, len(V), chunk)]
         return torch.cat(out) if out else V.clone()

@@ -41,14 +41,22 @@ True
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from hessinv.chain import check_real
 from hessinv.curvature import CurvatureOperator, Factorization, curvature_class
-from hessinv.errors import IndefiniteError, InvalidArgumentError
+from hessinv.errors import (
+    DtypeMismatchError,
+    IndefiniteError,
+    InvalidArgumentError,
+    NonFiniteArgumentError,
+    ShapeMismatchError,
+)
 from hessinv.influence import _trainable, output_jacobians
 
 __all__ = ["Laplace"]
@@ -96,7 +104,7 @@ class Laplace:
         curvature: ``"gauss_newton"`` (default; always positive semi-definite) or ``"hessian"``.
         prior_precision: ``delta`` (a positive number).
         sigma_noise: regression noise ``sigma``.
-        prior_mean: ``mu_0`` (a number or an (n,) tensor).
+        prior_mean: ``mu_0`` (a number or an (n,) tensor, ``n`` the number of trainable parameters).
     """
 
     def __init__(
@@ -115,7 +123,8 @@ class Laplace:
         self.sigma_noise = self._positive(sigma_noise, "sigma_noise")
         if likelihood == "classification" and sigma_noise != 1.0:
             raise InvalidArgumentError("sigma_noise is for regression only")
-        self.prior_mean = prior_mean
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.prior_mean = self._check_prior_mean(prior_mean, n)
         self.loss_fn: nn.Module = (
             nn.CrossEntropyLoss(reduction="sum")
             if likelihood == "classification"
@@ -126,10 +135,36 @@ class Laplace:
 
     @staticmethod
     def _positive(v: float, name: str) -> float:
-        v = float(v)
+        v = check_real(v, name)
         if not (v > 0 and math.isfinite(v)):
             raise InvalidArgumentError(f"{name} must be a positive number, got {v}")
         return v
+
+    @staticmethod
+    def _check_prior_mean(prior_mean: float | Tensor, n: int) -> float | Tensor:
+        """``prior_mean`` as a float or a detached (n,) tensor; a named error for another shape (an
+        (n, 1) tensor would broadcast in :meth:`scatter`) or a NaN / infinite value."""
+        if isinstance(prior_mean, Tensor) and prior_mean.dim() > 0:
+            if prior_mean.shape != (n,):
+                raise ShapeMismatchError(
+                    f"prior_mean must be a number or an (n,) tensor with n = {n} (the trainable parameters), "
+                    f"got shape {tuple(prior_mean.shape)}"
+                )
+            if prior_mean.is_complex() or not bool(torch.isfinite(prior_mean).all()):
+                raise NonFiniteArgumentError(
+                    "prior_mean must be real and finite; it has NaN or infinite entries"
+                )
+            return prior_mean.detach()
+        mu = check_real(prior_mean, "prior_mean")
+        if not math.isfinite(mu):
+            raise NonFiniteArgumentError(f"prior_mean must be finite, got {mu}")
+        return mu
+
+    @staticmethod
+    def _count(n: int, name: str) -> int:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise InvalidArgumentError(f"{name} must be an int >= 1, got {n!r}")
+        return int(n)
 
     # -- fitting -------------------------------------------------------------------------------
     def fit(self, data: Tensor | Iterable, targets: Tensor | None = None) -> Laplace:
@@ -139,6 +174,7 @@ class Laplace:
         self.operator = op = self.curvature_cls(self.model, self.loss_fn, X, y)
         self.mean = torch.cat([p.detach().reshape(-1) for p in self.model.parameters() if p.requires_grad])
         self.n_params = self.mean.numel()
+        self.prior_mean = self._check_prior_mean(self.prior_mean, self.n_params)  # requires_grad may change
         self.n_data = len(X)
         self.n_outputs = int(self.model(X[:1]).shape[-1])
         self.loss = float(op.loss)  # summed cross-entropy, or summed squared error
@@ -170,7 +206,11 @@ class Laplace:
         return fac, c
 
     def _args(self, prior_precision: float | None, sigma_noise: float | None) -> tuple[float, float]:
-        delta = self.prior_precision if prior_precision is None else self._positive(prior_precision, "prior")
+        delta = (
+            self.prior_precision
+            if prior_precision is None
+            else self._positive(prior_precision, "prior_precision")
+        )
         sigma = self.sigma_noise if sigma_noise is None else self._positive(sigma_noise, "sigma_noise")
         return delta, sigma
 
@@ -226,6 +266,8 @@ class Laplace:
         self._op()
         if optimize_sigma_noise and self.likelihood != "regression":
             raise InvalidArgumentError("optimize_sigma_noise is for regression only")
+        bounds, sigma_bounds = self._bounds(bounds, "bounds"), self._bounds(sigma_bounds, "sigma_bounds")
+        tol = self._positive(tol, "tol")
 
         def neg(t: float, s: float) -> float:
             try:
@@ -249,6 +291,18 @@ class Laplace:
         self.prior_precision = math.exp(t)
         return self.prior_precision
 
+    @classmethod
+    def _bounds(cls, bounds: tuple[float, float], name: str) -> tuple[float, float]:
+        """``(low, high)`` with ``0 < low < high`` (a search over the logarithm)."""
+        try:
+            lo, hi = bounds
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"{name} must be a pair (low, high), got {bounds!r}") from None
+        lo, hi = cls._positive(lo, f"{name}[0]"), cls._positive(hi, f"{name}[1]")
+        if not lo < hi:
+            raise InvalidArgumentError(f"{name} must be (low, high) with low < high, got {bounds!r}")
+        return lo, hi
+
     # -- posterior -----------------------------------------------------------------------------
     def posterior_covariance(self) -> Tensor:
         """The dense ``n x n`` ``P^{-1}`` (``n`` solves; small models and tests)."""
@@ -258,6 +312,7 @@ class Laplace:
     def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
         """``(n_samples, n)`` draws of ``theta ~ N(theta*, P^{-1})``: ``theta* + S z / sqrt(c)`` with
         ``S S^T = (G + (delta / c) I)^{-1}`` from the factorization (no dense matrix)."""
+        n_samples = self._count(n_samples, "n_samples")
         fac, c = self._factor(self.prior_precision, self.sigma_noise)
         return self.mean + fac.sample(n_samples, generator).T / math.sqrt(c)
 
@@ -297,6 +352,13 @@ class Laplace:
         samples of the parameters (mean probabilities; or output mean and covariance for regression).
         """
         self._op()
+        if not isinstance(X, Tensor):
+            raise InvalidArgumentError(f"X must be a torch.Tensor, got {type(X).__name__}")
+        if X.device != self.mean.device or (X.is_floating_point() and X.dtype != self.mean.dtype):
+            raise DtypeMismatchError(
+                f"X is {X.dtype} on {X.device}, the model {self.mean.dtype} on {self.mean.device}: convert "
+                f"with X.to({self.mean.dtype}) (and the model's device)"
+            )
         if pred_type == "glm":
             f_mu = self._f_mu(X)
             f_var = self.functional_variance(output_jacobians(self.model, X))
@@ -306,6 +368,7 @@ class Laplace:
                 kappa = 1.0 / torch.sqrt(1.0 + math.pi / 8.0 * f_var.diagonal(dim1=1, dim2=2))
                 return torch.softmax(kappa * f_mu, dim=-1)
             if link_approx == "mc":  # f = f_mu + V sqrt(w) z with f_var = V diag(w) V^T (PSD)
+                n_samples = self._count(n_samples, "n_samples")
                 w, V = torch.linalg.eigh(f_var)
                 root = V * w.clamp_min(0).sqrt()[:, None, :]
                 dev = generator.device if generator is not None else X.device

@@ -36,6 +36,7 @@ True
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -58,7 +59,10 @@ def eigenvalue_counts(
 
     Exact for eigenvalues farther than the sweep's backward error from ``s`` (``~ u ||H||``; up to
     ``~ sqrt(u) ||H||`` when ``s`` is next to a cluster of eigenvalues, e.g. ``s`` near 0 for an
-    over-parameterized net); an eigenvalue equal to a shift up to rounding counts as ``>= s``.
+    over-parameterized net); an eigenvalue equal to a shift up to rounding counts as ``>= s`` where
+    the sweep meets it as an exactly singular pivot, but a cluster within the backward error (the
+    null space of a Gauss-Newton matrix at ``s = 0``) may be split either way: count negative
+    eigenvalues with :func:`num_negative_eigenvalues`, whose tolerance counts those as zero.
     """
     s = np.asarray(shifts.tolist() if isinstance(shifts, torch.Tensor) else shifts, dtype=np.float64)
     if not np.isfinite(s).all():
@@ -104,13 +108,22 @@ def spectral_histogram(
     arguments: a number of equal bins over ``range`` -- default the whole spectrum, see
     :func:`spectral_range` -- or increasing bin edges). Bins are half-open ``[e_i, e_{i+1})``.
     """
-    if isinstance(bins, int):
-        if bins < 1:
-            raise InvalidArgumentError(f"bins must be >= 1, got {bins}")
+    if np.ndim(bins) == 0:  # a count: an int of any kind (Python, numpy, a 0-d integer tensor)
+        try:
+            count = operator.index(bins)
+        except TypeError:
+            count = None
+        if count is None or isinstance(bins, bool):
+            raise InvalidArgumentError(
+                f"bins must be an int (the number of bins) or a 1-d increasing sequence of edges, "
+                f"got {bins!r}"
+            )
+        if count < 1:
+            raise InvalidArgumentError(f"bins must be >= 1, got {count}")
         lo, hi = spectral_range(op) if range is None else (float(range[0]), float(range[1]))
         if not lo < hi:
             raise InvalidArgumentError(f"range must be increasing, got {(lo, hi)}")
-        edges = np.linspace(lo, hi, bins + 1)
+        edges = np.linspace(lo, hi, count + 1)
     else:
         edges = np.asarray(bins, dtype=np.float64)
         if edges.ndim != 1 or len(edges) < 2 or not (np.diff(edges) > 0).all():

@@ -20,8 +20,10 @@ the optimizer's statistics, and train/test loss and accuracy where evaluated), `
 first; the time counts optimizer steps only (evaluation excluded).
 
 Exit status: 0 when the job ran (at least one optimizer finished without diverging), 1 when
-every run diverged or failed, 2 for a usage error (unknown dataset or optimizer, unreadable data
-file, bad option, unavailable device), 130 when interrupted.
+every run diverged or failed (or the results could not be written), 2 for a usage error (unknown
+dataset or optimizer, unreadable data file, bad option, a value the library refuses, an output
+directory that cannot be written, unavailable device), 130 when interrupted. Errors are reported in
+one line, without a traceback.
 
 Importing this module imports neither torch nor matplotlib: ``hessinv --help`` stays fast.
 """
@@ -54,6 +56,7 @@ from hessinv.cli.choices import (
     positive_int,
     resolve_device,
 )
+from hessinv.errors import HessinvError
 
 __all__ = ["main", "parse_duration", "build_parser"]
 
@@ -303,7 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: 8 for newton's amortized mode, the whole batch for the trust region)",
     )
     g.add_argument(
-        "--seed", type=int, default=0, help="seed of the data split, initialization and batches (default: 0)"
+        "--seed",
+        type=_non_negative_int,
+        default=0,
+        help="seed of the data split, initialization and batches (default: 0)",
     )
     g.add_argument(
         "--device",
@@ -378,6 +384,18 @@ def _parse_steps(items: list[str], opts: list[str]) -> dict[str, int | None]:
     return {o: steps[o] for o in opts}
 
 
+def _dist_strategy(text: str | None) -> str | None:
+    """The ``--dist-strategy`` name (checked even without ``--nproc > 1``, where it has no effect)."""
+    if text is None:
+        return None
+    from hessinv.optim.distributed import STRATEGIES
+
+    strategy = canonical(text)
+    if strategy not in STRATEGIES:
+        raise UserError(f"--dist-strategy must be one of {', '.join(STRATEGIES)}, got {text!r}")
+    return strategy
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from hessinv.cli.data import DataError, load_dataset
     from hessinv.cli.train import TrainConfig, train
@@ -390,6 +408,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise UserError(f"unknown optimizer {o!r}; choose from {', '.join(OPTIMIZERS)}")
     if len(set(opts)) != len(opts):
         raise UserError(f"--optimizers lists an optimizer twice: {args.optimizers}")
+    strategy = _dist_strategy(args.dist_strategy)
     lrs = _parse_lrs(args.lr)
     steps = _parse_steps(args.steps, opts)
     budget = args.budget
@@ -452,7 +471,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         from hessinv.cli.distributed import train_data_parallel
 
-        return train_data_parallel(ds, cfg, args.nproc, strategy=args.dist_strategy, quiet=args.quiet)
+        return train_data_parallel(ds, cfg, args.nproc, strategy=strategy, quiet=args.quiet)
     from hessinv.cli.report import Reporter
 
     rep = Reporter(cfg, ds, quiet=args.quiet)
@@ -510,6 +529,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"hessinv: error: {e}", file=sys.stderr)
         return 2
+    except HessinvError as e:  # a value the library refused (its message says what to do)
+        print(f"hessinv: error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. writing the results failed (disk full, removed directory)
+        print(f"hessinv: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("hessinv: interrupted", file=sys.stderr)
         return 130

@@ -12,7 +12,9 @@ Names are accepted in either spelling, ``gauss-newton`` or ``gauss_newton`` (the
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "PEER_LR",
     "UserError",
     "canonical",
+    "output_directory",
     "parse_per_optimizer",
     "resolve_device",
 ]
@@ -153,6 +156,19 @@ def positive_int(text: str) -> int:
     if v < 1:
         raise ValueError(f"expected a positive integer, got {text!r}")
     return v
+
+
+def output_directory(path: str | Path) -> Path:
+    """``path`` as a directory that exists and can be written (created if needed; checked by creating
+    and removing a file in it); :class:`UserError` otherwise (a file, ``/proc``, a read-only mount)."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".hessinv-write-check-"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to the output directory {out}: {e.strerror or e}") from None
+    return out
 
 
 def resolve_device(text: str) -> str:

@@ -17,7 +17,9 @@ example per row, the last column being the label or target.
 from __future__ import annotations
 
 import csv
+import math
 import random
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +151,8 @@ def _pick(arrays: dict[str, np.ndarray], keys: tuple[str, ...], suffix: str, pat
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    if not zipfile.is_zipfile(path):  # np.load would try to unpickle it (and advise allow_pickle)
+        raise DataError(f"cannot read {path} as .npz: it is not a .npz (zip) archive")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
@@ -166,7 +170,17 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np
     return X, y, Xt, yt
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Features (floats) and labels (floats, or strings: class names) of a delimited text file;
+    errors name the line of the file (1-based, the header included) and the column."""
     try:
         with open(path, newline="") as fh:
             sample = fh.read(4096)
@@ -175,35 +189,50 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 dialect = csv.Sniffer().sniff(sample, delimiters=",;\t ")
             except csv.Error:
                 dialect = csv.excel
-            rows = [r for r in csv.reader(fh, dialect) if r and any(c.strip() for c in r)]
+            reader = csv.reader(fh, dialect)
+            rows = [(reader.line_num, r) for r in reader if r and any(c.strip() for c in r)]
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path}: {e}") from None
     if not rows:
         raise DataError(f"{path} is empty")
+    if dialect.delimiter == " ":  # columns aligned with runs of spaces: empty cells are separators
+        rows = [(n, [c for c in r if c.strip()]) for n, r in rows]
+    elif all(r[-1].strip() == "" for _, r in rows):  # a delimiter at the end of every line
+        rows = [(n, r[:-1]) for n, r in rows]
 
-    def floats(row: list[str]) -> list[float] | None:
-        try:
-            return [float(c) for c in row if c.strip() != ""]
-        except ValueError:
-            return None
-
-    if floats(rows[0]) is None:  # a header line
+    # a header line: a non-numeric feature, or a non-numeric label above numeric ones
+    head = rows[0][1]
+    numeric_labels = all(_is_number(r[-1]) for _, r in rows[1:])
+    if not all(_is_number(c) for c in head[:-1]) or (numeric_labels and not _is_number(head[-1])):
         rows = rows[1:]
-    data = []
-    for i, r in enumerate(rows):
-        v = floats(r)
-        if v is None:
-            raise DataError(f"{path}: row {i + 1} has a non-numeric value: {r[:8]}")
-        data.append(v)
-    if not data:
+    if not rows:
         raise DataError(f"{path} has a header but no data rows")
-    widths = {len(r) for r in data}
+    widths = {len(r) for _, r in rows}
     if len(widths) != 1:
         raise DataError(f"{path}: rows have different numbers of columns {sorted(widths)}")
-    A = np.asarray(data, dtype=np.float64)
-    if A.shape[1] < 2:
-        raise DataError(f"{path}: need at least 2 columns (features..., label); got {A.shape[1]}")
-    return A[:, :-1], A[:, -1]
+    if len(rows[0][1]) < 2:
+        raise DataError(f"{path}: need at least 2 columns (features..., label); got {len(rows[0][1])}")
+    for n, r in rows:
+        for k, c in enumerate(r):
+            if not c.strip():
+                raise DataError(f"{path}: line {n}, column {k + 1} is empty")
+            if k < len(r) - 1 and not _is_number(c):
+                raise DataError(
+                    f"{path}: line {n}, column {k + 1}: {c.strip()!r} is not a number (features must be "
+                    "numeric; only the label, in the last column, may be a class name)"
+                )
+    X = np.array([[float(c) for c in r[:-1]] for _, r in rows], dtype=np.float64)
+    labels = [r[-1].strip() for _, r in rows]
+    numeric = [_is_number(c) for c in labels]
+    if all(numeric):
+        return X, np.array([float(c) for c in labels], dtype=np.float64)
+    if any(numeric):
+        i, j = numeric.index(False), numeric.index(True)
+        raise DataError(
+            f"{path}: the label column (the last) mixes class names and numbers (line {rows[i][0]}: "
+            f"{labels[i]!r}, line {rows[j][0]}: {labels[j]!r}); use numbers or names throughout"
+        )
+    return X, np.array(labels)  # class names
 
 
 def load_file(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -291,6 +320,8 @@ def load_dataset(
     """
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"test fraction must be in (0, 1), got {test_fraction}")
+    if n_samples is not None and not n_samples >= 1:
+        raise DataError(f"the number of examples must be a positive integer, got {n_samples}")
     Xt = yt = None
     key = name.lower()
     if key == "digits":
@@ -317,14 +348,24 @@ def load_dataset(
     if Xt is not None:
         Xt = _as_features(Xt, label + " (test)")
         yt = np.asarray(yt)
-        if Xt.shape[1] != X.shape[1] or len(yt) != len(Xt):
+        if (
+            Xt.shape[1] != X.shape[1]
+            or len(yt) != len(Xt)
+            or math.prod(yt.shape[1:]) != math.prod(y.shape[1:])
+        ):
             raise DataError(
-                f"{label}: test arrays {Xt.shape}/{yt.shape} do not match train {X.shape}/{y.shape}"
+                f"{label}: test arrays {Xt.shape}/{yt.shape} do not match train {X.shape}/{y.shape} (the "
+                "same number of features and of targets per example; one label or target per test row)"
             )
     if task == "auto":
         task = _infer_task(y)
     if task not in ("classification", "regression"):
         raise DataError(f"unknown task {task!r}; use auto, classification or regression")
+    if task == "classification" and math.prod(y.shape[1:]) != 1:
+        raise DataError(
+            f"{label}: classification labels must be one per example, shape (N,); got {y.shape} (for "
+            "several targets per example: --task regression)"
+        )
 
     if Xt is None:
         if n_samples is not None and key not in ("mnist1d", "regression") and n_samples < len(X):

@@ -143,11 +143,9 @@ def _worker(rank: int, world: int, ds: Any, cfg: Any, quiet: bool, strategy: str
 def train_data_parallel(ds: Any, cfg: Any, nproc: int, *, strategy: str, quiet: bool = False) -> int:
     """Run ``hessinv train`` on ``nproc`` processes; returns the exit status (module docstring)."""
     from hessinv.cli.train import UserError
-    from hessinv.optim.distributed import DEFAULT_STRATEGY, STRATEGIES, launch
+    from hessinv.optim.distributed import DEFAULT_STRATEGY, launch
 
-    strategy = strategy or DEFAULT_STRATEGY
-    if strategy not in STRATEGIES:
-        raise UserError(f"--dist-strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    strategy = strategy or DEFAULT_STRATEGY  # checked by the command line (hessinv.cli._dist_strategy)
     if cfg.batch_size is not None and cfg.batch_size % nproc:
         raise UserError(
             f"--batch-size {cfg.batch_size} does not split over --nproc {nproc}: use a multiple of {nproc}"

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from hessinv.cli.data import Dataset
-from hessinv.cli.train import RunResult, TrainConfig, budget_text, time_to_target_table
+from hessinv.cli.train import RunResult, TrainConfig, budget_text, target_heading, time_to_target_table
 
 __all__ = ["Reporter"]
 
@@ -92,8 +92,7 @@ class Reporter:
     def finish(self, results: list[RunResult], summary: dict[str, Any]) -> None:
         cfg = self.cfg
         head, rows = time_to_target_table(results, cfg.target_loss, self.ds.task)
-        target = "none" if cfg.target_loss is None else f"{cfg.target_loss:g}"
-        table = Table(title=f"time to train loss <= {target} (training time, evaluation excluded)")
+        table = Table(title=target_heading(cfg.target_loss, "training time, evaluation excluded"))
         for h in head:
             table.add_column(h, justify="left" if h in ("optimizer", "status") else "right")
         for r in rows:

@@ -4,28 +4,42 @@
 
     hessinv spectrum                                   # digits, depth-8 width-8 tanh chain at init
     hessinv spectrum --data mnist1d --depth 16 --curvature gauss-newton --train-steps 200 --bins 80
-    hessinv spectrum --range -0.1,0.1 --out runs/spectrum
+    hessinv spectrum --range=-0.1,0.1 --out runs/spectrum
 
 Counts come from the inertia of ``H - s I`` at every bin edge (one Riccati factorization each,
 :mod:`hessinv.spectrum`), so they are exact, not a stochastic density estimate. Writes
-``spectrum.json`` (edges, counts, ``N(0)``, ``log|det(H + eps I)|``) and ``spectrum.png`` to ``--out``.
+``spectrum.json`` (edges, counts, the number of negative eigenvalues, ``log|det(H + eps I)|``) and
+``spectrum.png`` to ``--out``. Eigenvalues zero up to rounding (within ``sqrt(u) ||H||`` of 0, e.g. a
+Gauss-Newton matrix's null space) count as ``>= 0``, as in :func:`hessinv.spectrum.num_negative_eigenvalues`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
 __all__ = ["add_parser", "run", "plot_histogram"]
 
 
-def _range(text: str) -> tuple[float, float]:
+def _finite(text: str) -> float:
+    """A finite number (``--damping``, the ends of ``--range``)."""
     try:
-        lo, hi = (float(v) for v in text.split(","))
+        v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. -0.1,0.1), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def _range(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. -0.1,0.1), got {text!r}")
+    lo, hi = _finite(parts[0]), _finite(parts[1])
     if not lo < hi:
         raise argparse.ArgumentTypeError(f"--range needs LO < HI, got {text!r}")
     return lo, hi
@@ -33,6 +47,7 @@ def _range(text: str) -> tuple[float, float]:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``spectrum`` on the ``hessinv`` subparsers."""
+    from hessinv.cli import _non_negative_int, _positive_int
     from hessinv.cli.choices import ACTIVATIONS  # torch-free: ``hessinv --help`` stays fast
 
     s = sub.add_parser(
@@ -46,7 +61,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument(
         "--data", default="digits", help="digits | mnist1d | regression | path to a .npz/.csv file"
     )
-    s.add_argument("--samples", type=int, default=None, help="number of examples (train + test)")
+    s.add_argument("--samples", type=_positive_int, default=None, help="number of examples (train + test)")
     s.add_argument("--batch", type=int, default=64, help="examples the curvature is built on")
     s.add_argument("--depth", type=int, default=8, help="number of Linear layers")
     s.add_argument("--width", type=int, default=8)
@@ -60,8 +75,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     s.add_argument("--bins", type=int, default=40)
     s.add_argument("--range", type=_range, default=None, help="LO,HI (default: the whole spectrum)")
-    s.add_argument("--damping", type=float, default=1e-3, help="eps of the reported log|det(H + eps I)|")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--damping", type=_finite, default=1e-3, help="eps of the reported log|det(H + eps I)|")
+    s.add_argument("--seed", type=_non_negative_int, default=0)
     s.add_argument("--out", default="runs/spectrum", help="output directory")
     return s
 
@@ -95,21 +110,46 @@ def plot_histogram(edges, counts, path: str | Path, title: str = "", below: int 
     return path
 
 
+def _zero_tolerance(op) -> float:
+    """``sqrt(u) ||H||``, the default ``tol`` of :meth:`hessinv.CurvatureOperator.inertia` and
+    :func:`hessinv.spectrum.num_negative_eigenvalues`: eigenvalues within it of 0 are zero up to rounding
+    (a Gauss-Newton matrix's null space) and count as ``>= 0``."""
+    import torch
+
+    return math.sqrt(torch.finfo(op.dtype).eps) * op.norm_estimate()
+
+
+def _edges(lo: float, hi: float, bins: int, tol: float):
+    """``bins`` equal bins over ``[lo, hi]``, with an edge within ``tol`` of 0 moved to ``-tol``: the
+    eigenvalues that are zero up to rounding then fall in the bin that starts at 0, as they count as
+    ``>= 0`` (the count of negative eigenvalues is ``N(-tol)``), not half of them below it."""
+    import numpy as np
+
+    edges = np.linspace(lo, hi, bins + 1)
+    i = int(np.abs(edges).argmin())
+    if abs(edges[i]) <= tol and (i == 0 or edges[i - 1] < -tol):
+        edges[i] = -tol
+    return edges
+
+
 def run(args: argparse.Namespace) -> int:
     """Build the model and data, optionally train, count, write the JSON and the plot; exit status."""
     import torch
 
     from hessinv import spectrum
+    from hessinv.cli.choices import output_directory
     from hessinv.cli.data import DataError, load_dataset
     from hessinv.cli.models import build_model
     from hessinv.cli.train import UserError
     from hessinv.curvature import curvature_class
+    from hessinv.errors import SingularError
 
     for name in ("batch", "depth", "width", "bins"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.train_steps < 0:
         raise UserError(f"--train-steps must be >= 0, got {args.train_steps}")
+    out = output_directory(args.out)
     try:
         ds = load_dataset(args.data, seed=args.seed, n_samples=args.samples)
     except DataError as e:
@@ -126,12 +166,15 @@ def run(args: argparse.Namespace) -> int:
     Xb, yb = X[: args.batch], y[: args.batch]
     t0 = time.perf_counter()
     op = curvature_class(args.curvature)(net, loss_fn, Xb, yb)
-    hist = spectrum.spectral_histogram(op, bins=args.bins, range=args.range)
-    n_neg = int(spectrum.eigenvalue_counts(op, [0.0])[0])
-    sign, logdet = spectrum.logdet(op, args.damping)
+    tol = _zero_tolerance(op)
+    lo, hi = spectrum.spectral_range(op) if args.range is None else args.range
+    hist = spectrum.spectral_histogram(op, bins=_edges(lo, hi, args.bins, tol))
+    n_neg = spectrum.num_negative_eigenvalues(op, tol)
+    try:
+        sign, logdet = spectrum.logdet(op, args.damping)
+    except SingularError as e:
+        raise UserError(f"--damping {args.damping:g}: {e}") from None
     seconds = time.perf_counter() - t0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     record = {
         "data": ds.name,
         "curvature": args.curvature,
@@ -147,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
         "below": hist.below,
         "above": hist.above,
         "eigenvalues_below_zero": n_neg,
+        "zero_tolerance": tol,
         "damping": args.damping,
         "logdet_sign": sign,
         "logabsdet": logdet,
@@ -159,8 +203,10 @@ def run(args: argparse.Namespace) -> int:
     )
     png = plot_histogram(hist.edges, hist.counts, out / "spectrum.png", title, hist.below, hist.above)
     print(
-        f"{title}\nrange [{hist.edges[0]:.4g}, {hist.edges[-1]:.4g}), {args.bins} bins, "
-        f"log|det(H + {args.damping:g} I)| = {logdet:.6g} (sign {sign:+.0f}); {seconds:.2f} s\n"
+        f"{title} (eigenvalues within {tol:.2g} of 0 count as zero)\n"
+        f"range [{hist.edges[0]:.4g}, {hist.edges[-1]:.4g}), {args.bins} bins, "
+        f"log|det(H {'-' if args.damping < 0 else '+'} {abs(args.damping):g} I)| = {logdet:.6g} "
+        f"(sign {sign:+.0f}); {seconds:.2f} s\n"
         f"wrote {out / 'spectrum.json'} and {png}"
     )
     return 0

@@ -72,7 +72,7 @@ import torch
 from torch import Tensor, nn
 
 from hessinv.chain import Chain, _tensor
-from hessinv.curvature import CurvatureOperator, GaussNewton, Hessian
+from hessinv.curvature import CurvatureOperator, curvature_class, normalize_curvature
 from hessinv.errors import HessinvError, InvalidArgumentError, NonFiniteError, SingularError
 from hessinv.optim.damping import DampingRule, FixedDamping, LevenbergMarquardt, Sweeps
 from hessinv.optim.precondition import (
@@ -80,14 +80,12 @@ from hessinv.optim.precondition import (
     MAX_RANK,
     Preconditioner,
     curvature_batch,
-    normalize_curvature,
 )
 from hessinv.optim.trust_region import TrustRegion
 from hessinv.riccati import Inertia
 
 __all__ = ["Newton", "StepStats"]
 
-_CURVATURES = {"hessian": Hessian, "gauss_newton": GaussNewton}
 _MODES = ("auto", "trust-region", "precondition")
 _RULES: dict[str, Callable[[], DampingRule]] = {
     "trust-region": TrustRegion,
@@ -315,12 +313,7 @@ class Newton(torch.optim.Optimizer):
         if mode not in _MODES:
             raise InvalidArgumentError(f"mode must be one of {_MODES}, got {mode!r}")
         if curvature is not None:
-            try:
-                curvature = normalize_curvature(curvature)
-            except ValueError:
-                raise InvalidArgumentError(
-                    f"curvature must be one of {sorted(_CURVATURES)}, got {curvature!r}"
-                ) from None
+            curvature = normalize_curvature(curvature)
         if curvature_batch_size is not None and (
             isinstance(curvature_batch_size, bool)
             or not isinstance(curvature_batch_size, int)
@@ -428,7 +421,7 @@ class Newton(torch.optim.Optimizer):
 
     # -- one step ---------------------------------------------------------------------------------
     def _operator(self, inputs: Tensor, targets: Tensor) -> CurvatureOperator:
-        return _CURVATURES[self.curvature](self.model, self.loss_fn, inputs, targets, chain=self.chain)
+        return curvature_class(self.curvature)(self.model, self.loss_fn, inputs, targets, chain=self.chain)
 
     def _learning_rate(self) -> float | Tensor:
         """The step multiplier: the groups' common ``lr``, or a per-parameter (n,) vector when they differ."""

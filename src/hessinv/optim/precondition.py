@@ -58,27 +58,16 @@ import torch
 from torch import Tensor, nn
 
 from hessinv.chain import Chain
-from hessinv.curvature import GaussNewton, Hessian
+from hessinv.curvature import GaussNewton, Hessian, normalize_curvature
 from hessinv.errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
 from hessinv.lowrank import WoodburyFactor
 
-__all__ = ["Preconditioner", "EigenBasis", "normalize_curvature"]
+__all__ = ["Preconditioner", "EigenBasis"]
 
 # the preconditioner's solve is not refined: K = I + W W^T formed in the model's dtype when its expected
 # rounding error sqrt(n r) u max K_ii is within 1e-3 of lambda_min(K) >= 1 (WoodburyFactor; at the
 # default damping max K_ii is 1-6: MNIST-1D MLP, n = 15k, r = 72, 2 * 1.25e-4)
 _GRAM_TOL = 1e-3
-
-
-def normalize_curvature(name: str) -> str:
-    """``"hessian"`` or ``"gauss_newton"``; accepts ``gauss-newton``, ``GN``, ``ggn`` spellings."""
-    key = str(name).lower().replace("-", "_")
-    key = {"gn": "gauss_newton", "ggn": "gauss_newton", "h": "hessian"}.get(key, key)
-    if key not in ("hessian", "gauss_newton"):
-        raise InvalidArgumentError(
-            f"curvature must be 'hessian' or 'gauss_newton' (or 'gauss-newton'), got {name!r}"
-        )
-    return key
 
 
 def _positive(name: str, value: Any, integer: bool = False, allow_zero: bool = False) -> Any:
