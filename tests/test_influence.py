@@ -159,3 +159,25 @@ def test_inverse_hvp_of_one_vector():
         warnings.simplefilter("error")  # torch's deprecation of x.T on a 1-d tensor
         one = inf.inverse_hvp(v, chunk=4)  # chunks of right-hand sides, not of v's entries
     assert one.shape == v.shape and torch.equal(one, inf.inverse_hvp(v[None])[0])
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (lambda X, y: (X[:4], y[:3]), hessinv.ShapeMismatchError, "batch sizes differ"),
+        (lambda X, y: (X[:4], torch.full((4,), 7)), hessinv.ShapeMismatchError, "class index out of range"),
+        (lambda X, y: (X[:0], y[:0]), hessinv.ShapeMismatchError, "at least one example"),
+        (lambda X, y: (X[0], y[0]), hessinv.ShapeMismatchError, "at least one example"),
+        (lambda X, y: (X[:4].float(), y[:4]), hessinv.DtypeMismatchError, "convert with inputs.to"),
+    ],
+    ids=["targets length", "label out of range", "no examples", "one unbatched example", "float32 inputs"],
+)
+def test_bad_test_points_are_named(bad, error, match):
+    """Test points are checked like training points (they were torch's vmap/cat/index errors)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    X, y = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 2, (12,))
+    inf = InfluenceFunction(net, nn.CrossEntropyLoss(), damping=0.1).fit(X, y)
+    with pytest.raises(error, match=match):
+        inf.influences(*bad(X, y))
+    assert inf.influences(X[:4], y[:4]).shape == (4, 12)

@@ -713,12 +713,15 @@ class Chain:
                     if buf.is_floating_point() and not torch.isfinite(buf).all():
                         raise NonFiniteError(f"{s.name}: buffer {name} contains NaN or infinity")
 
-    def check_batch(self, inputs: Tensor, targets: Tensor) -> None:
+    def check_batch(self, inputs: Tensor, targets: Tensor) -> list[Tensor]:
         """:meth:`check_inputs`, then the targets against the outputs (one forward pass, no derivatives):
         the loss stage's shape, class-range and ignore-index checks, which a plain ``loss_fn`` call can
-        pass by broadcasting (MSE targets ``(B,)`` against outputs ``(B, 1)``)."""
+        pass by broadcasting (MSE targets ``(B,)`` against outputs ``(B, 1)``). Returns the forward
+        pass (:meth:`forward`)."""
         self.check_inputs(inputs, targets)
-        LossStage(len(self.stages), self.loss_fn, self.prepare_targets(targets), self.forward(inputs)[-1])
+        zs = self.forward(inputs)
+        LossStage(len(self.stages), self.loss_fn, self.prepare_targets(targets), zs[-1])
+        return zs
 
     @torch.no_grad()
     def forward(self, inputs: Tensor) -> list[Tensor]:
@@ -806,8 +809,7 @@ class Chain:
         tanh MLP: 12 against 36 ms)."""
         from torch.func import grad, vmap
 
-        with torch.no_grad():
-            zs = self.forward(inputs)
+        zs = self.check_batch(inputs, targets)
         out = zs[-1].detach()
 
         def own_loss(o: Tensor, t: Tensor) -> Tensor:

@@ -305,6 +305,13 @@ class CurvatureOperator:
             self._norm = est
         return self._norm
 
+    def zero_tolerance(self) -> float:
+        """``sqrt(u) ||H||`` (``u`` the unit roundoff of the operator's dtype): the resolution of the
+        sweep's eigenvalue counts next to a cluster of eigenvalues, and :meth:`inertia`'s default
+        ``tol``; eigenvalues within it of a shift are equal to it up to rounding (e.g. the null space
+        of a Gauss-Newton matrix at 0)."""
+        return math.sqrt(torch.finfo(self.dtype).eps) * max(self.norm_estimate(), 1e-30)
+
     def inertia(self, shift: float = 0.0, tol: float | None = None) -> Inertia:
         """Counts of eigenvalues of ``H + shift I`` below ``-tol``, within ``[-tol, tol]``, above ``tol``.
 
@@ -321,7 +328,7 @@ class CurvatureOperator:
         negative or not finite.
         """
         shift = _check_shift(shift, self.dtype)
-        floor = math.sqrt(torch.finfo(self.dtype).eps) * max(self.norm_estimate(), 1e-30)
+        floor = self.zero_tolerance()
         if tol is None:
             tol = floor
         tol = _check_tol(tol, allow_zero=True)

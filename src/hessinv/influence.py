@@ -43,7 +43,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from hessinv.chain import Chain, check_real
 from hessinv.curvature import CurvatureOperator, Factorization, check_precision, curvature_class
-from hessinv.errors import HessinvError, InvalidArgumentError
+from hessinv.errors import HessinvError, InvalidArgumentError, ShapeMismatchError
 
 __all__ = [
     "InfluenceFunction",
@@ -80,9 +80,17 @@ def per_example_gradients(
     ``chunk`` examples at a time: by one batched backward pass through the chain where every stage
     has a per-example form (:meth:`hessinv.Chain.per_example_gradients`; ``chain``: the model's, if
     already built), else vectorized with ``torch.func.vmap(grad)``."""
+    for t, what in ((inputs, "inputs"), (targets, "targets")):
+        if not isinstance(t, Tensor) or t.dim() < 1 or len(t) == 0:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ShapeMismatchError(f"{what} must be a batch of at least one example (N, ...); got {got}")
+    if len(targets) != len(inputs):
+        raise ShapeMismatchError(
+            f"batch sizes differ: inputs {tuple(inputs.shape)}, targets {tuple(targets.shape)}"
+        )
     trainable = [p for p in model.parameters() if p.requires_grad]
     chain = _per_example_chain(model, loss_fn, trainable, chain)
-    if chain is not None and len(inputs):
+    if chain is not None:
         G = chain.per_example_gradients(inputs[:chunk], targets[:chunk])
         if G is not None:
             if len(inputs) <= chunk:

@@ -110,15 +110,6 @@ def plot_histogram(edges, counts, path: str | Path, title: str = "", below: int 
     return path
 
 
-def _zero_tolerance(op) -> float:
-    """``sqrt(u) ||H||``, the default ``tol`` of :meth:`hessinv.CurvatureOperator.inertia` and
-    :func:`hessinv.spectrum.num_negative_eigenvalues`: eigenvalues within it of 0 are zero up to rounding
-    (a Gauss-Newton matrix's null space) and count as ``>= 0``."""
-    import torch
-
-    return math.sqrt(torch.finfo(op.dtype).eps) * op.norm_estimate()
-
-
 def _edges(lo: float, hi: float, bins: int, tol: float):
     """``bins`` equal bins over ``[lo, hi]``, with an edge within ``tol`` of 0 moved to ``-tol``: the
     eigenvalues that are zero up to rounding then fall in the bin that starts at 0, as they count as
@@ -166,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     Xb, yb = X[: args.batch], y[: args.batch]
     t0 = time.perf_counter()
     op = curvature_class(args.curvature)(net, loss_fn, Xb, yb)
-    tol = _zero_tolerance(op)
+    tol = op.zero_tolerance()
     lo, hi = spectrum.spectral_range(op) if args.range is None else args.range
     hist = spectrum.spectral_histogram(op, bins=_edges(lo, hi, args.bins, tol))
     n_neg = spectrum.num_negative_eigenvalues(op, tol)
