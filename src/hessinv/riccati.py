@@ -49,22 +49,24 @@ from hessinv.stages import Blocks
 SMALL_BLOCKS = 512
 
 
-def _one_thread_if_small(fn):
-    """Run a sweep over ``blocks`` (its first argument) on one CPU thread when every block is small."""
+def _sweep(fn):
+    """Run a sweep over ``blocks`` (its first argument) with subnormal numbers flushed
+    (:func:`hessinv.linalg.flush_subnormals`), and on one CPU thread when every block is small."""
 
     @functools.wraps(fn)
     def wrapper(blocks, *args, **kwargs):
-        threads = torch.get_num_threads()
-        if threads == 1 or not blocks:
-            return fn(blocks, *args, **kwargs)
-        big = max(max(b.p, b.batch * b.d_out) for b in blocks)
-        if big > SMALL_BLOCKS or any(not t.is_cpu for t in args if isinstance(t, Tensor)):
-            return fn(blocks, *args, **kwargs)
-        torch.set_num_threads(1)
-        try:
-            return fn(blocks, *args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
+        with linalg.flush_subnormals():
+            threads = torch.get_num_threads()
+            if threads == 1 or not blocks:
+                return fn(blocks, *args, **kwargs)
+            big = max(max(b.p, b.batch * b.d_out) for b in blocks)
+            if big > SMALL_BLOCKS or any(not t.is_cpu for t in args if isinstance(t, Tensor)):
+                return fn(blocks, *args, **kwargs)
+            torch.set_num_threads(1)
+            try:
+                return fn(blocks, *args, **kwargs)
+            finally:
+                torch.set_num_threads(threads)
 
     return wrapper
 
@@ -575,7 +577,7 @@ def check_memory(blocks: list[Blocks], names: list[str], dtype: torch.dtype, dev
         )
 
 
-@_one_thread_if_small
+@_sweep
 def riccati_factor(
     blocks: list[Blocks],
     damping: float,
@@ -694,7 +696,7 @@ def _backward(
     return ks, quad
 
 
-@_one_thread_if_small
+@_sweep
 def riccati_quadratic(blocks: list[Blocks], factors: list[StageFactor | None], rhs: list[Tensor]) -> Tensor:
     """``g^T (H + eps I)^{-1} g`` per column of ``g`` (``rhs[l]``: (p_l, k)) from the backward sweep alone
     (half a solve); exact for any invertible factorization, positive definite or not."""
@@ -703,14 +705,14 @@ def riccati_quadratic(blocks: list[Blocks], factors: list[StageFactor | None], r
     return quad
 
 
-@_one_thread_if_small
+@_sweep
 def riccati_solve(blocks: list[Blocks], factors: list[StageFactor | None], rhs: list[Tensor]) -> list[Tensor]:
     """Solve ``(H + eps I) x = g`` with the factored sweep; ``rhs[l]`` is (p_l, k); returns the same
     shapes."""
     return riccati_forward(blocks, factors, _backward(blocks, factors, rhs)[0])
 
 
-@_one_thread_if_small
+@_sweep
 def riccati_forward(
     blocks: list[Blocks], factors: list[StageFactor | None], ks: list[Tensor | None]
 ) -> list[Tensor]:
