@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -397,3 +398,114 @@ def test_float32_twin_failure_names_the_copy():
     with pytest.raises(hessinv.HessinvError, match="float64 copy of the model"):
         H.factor(1.0).solve(H.gradient)
     H.factor(1.0).solve(H.gradient, refine=False)
+
+
+class _Tempered(torch.nn.Module):
+    """A net whose traced forward bakes in ``self.temp`` (any kind of plain value)."""
+
+    def __init__(self, temp):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.temp = torch.nn.Linear(3, 4), torch.nn.Linear(4, 3), temp
+        self.calls = 0  # bookkeeping the traced code does not read
+
+    def forward(self, x):
+        self.calls += 1
+        t = self.temp
+        t = t[0] if isinstance(t, tuple) else t
+        return self.b(torch.tanh(self.a(x))) / t
+
+
+@pytest.mark.parametrize(
+    "temp, new",
+    [
+        (1.0, 0.25),
+        (np.float64(1.0), np.float64(0.25)),
+        ((1.0,), (0.25,)),
+        (torch.tensor(1.0), torch.tensor(0.25)),
+    ],
+    ids=["float", "numpy scalar", "tuple", "tensor attribute"],
+)
+def test_kept_chain_rereads_changed_attributes_and_ignores_counters(temp, new, monkeypatch):
+    """A value the traced forward baked in changed: split again (numbers, numpy scalars, tuples, plain
+    tensor attributes); a counter that the traced code does not read costs one split, not one per step."""
+    loss = torch.nn.CrossEntropyLoss()
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
+    t = _Tempered(temp).double()
+    chain = hessinv.Chain(t, loss)
+    t.temp = new
+    g_ref, H_ref = autograd_gradient_hessian(t, loss, X, y)
+    H = hessinv.Hessian(t, loss, X, y, chain=chain)
+    assert rel(H.gradient, g_ref) <= 1e-12 and rel(H.to_dense(), H_ref) <= 1e-12
+    splits = []
+    real = hessinv.chain.split_stages
+    monkeypatch.setattr(hessinv.chain, "split_stages", lambda *a, **k: splits.append(1) or real(*a, **k))
+    for _ in range(4):
+        t(X)  # the counter moves
+        hessinv.Hessian(t, loss, X, y, chain=chain)
+    assert len(splits) == 1
+
+
+def test_kept_chain_sees_hooks_lists_and_replaced_parameters():
+    loss = torch.nn.CrossEntropyLoss()
+    m, X, y = _net()
+    chain = hessinv.Chain(m, loss)
+    h = m[4].register_forward_hook(lambda mod, inp, out: 2 * out)  # after the build: split again
+    g_ref, H_ref = autograd_gradient_hessian(m, loss, X, y)
+    H = hessinv.Hessian(m, loss, X, y, chain=chain)
+    assert rel(H.gradient, g_ref) <= 1e-12 and rel(H.to_dense(), H_ref) <= 1e-12
+    h.remove()
+    m[0].weight = torch.nn.Parameter(m[0].weight.detach().clone())  # same value, another parameter
+    with pytest.raises(hessinv.InvalidArgumentError, match="parameter\\s+replaced"):
+        hessinv.Hessian(m, loss, X, y, chain=chain)
+    layers = list(_net()[0])  # a list of modules: an element replaced
+    chain = hessinv.Chain(layers, loss)
+    layers[4] = torch.nn.Linear(4, 3).double()
+    with pytest.raises(hessinv.InvalidArgumentError, match="replaced"):
+        hessinv.Hessian(layers, loss, X, y, chain=chain)
+
+
+def test_functional_dropout_switched_to_training_is_refused():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3, 4), torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.b(torch.nn.functional.dropout(torch.tanh(self.a(x)), 0.5, training=self.training))
+
+    net = Net().double().eval()
+    loss = torch.nn.CrossEntropyLoss()
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
+    chain = hessinv.Chain(net, loss)
+    net.train()
+    with pytest.raises(hessinv.UnsupportedStageError, match="random"):
+        hessinv.Hessian(net, loss, X, y, chain=chain)
+
+
+def test_tracing_is_not_confused_by_other_threads():
+    """A trace patches torch's grad-mode switch while it runs: another thread's torch.no_grad() must not
+    be taken for the traced forward's, and the patches are undone."""
+    import threading
+
+    stop = threading.Event()
+    w = torch.zeros(3)
+    set_grad, apply = torch._C._set_grad_enabled, torch.autograd.Function.__dict__["apply"]
+
+    def busy():
+        while not stop.is_set():
+            with torch.no_grad():
+                w.mul_(1.0)
+
+    th = threading.Thread(target=busy)
+    th.start()
+    try:
+        for _ in range(20):
+            net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+            hessinv.Chain(_Tempered(1.0), torch.nn.CrossEntropyLoss())
+            hessinv.Chain(net, torch.nn.CrossEntropyLoss())
+    finally:
+        stop.set()
+        th.join()
+    assert torch._C._set_grad_enabled is set_grad
+    assert torch.autograd.Function.__dict__["apply"] is apply

@@ -426,3 +426,21 @@ def test_vectors_of_the_wrong_length_do_not_broadcast(call, message):
     x, xs = torch.tensor([3.0, 4.0], dtype=F64), torch.zeros(2, dtype=F64)
     with pytest.raises(InvalidArgumentError, match=re.escape(message)):
         call(x, xs)
+
+
+def test_float32_metric_is_judged_at_its_own_rounding():
+    """A float32 Gauss-Newton metric: d along x - x* has cosine 1 up to float32 rounding, not an error."""
+    import hessinv
+    from hessinv.diagnostics import alignment
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    G = hessinv.gauss_newton(net, torch.nn.CrossEntropyLoss(), torch.randn(16, 3), torch.randint(0, 2, (16,)))
+    n = G.shape[0]
+    for seed in range(30):
+        g = torch.Generator().manual_seed(seed)
+        x, xs = (
+            torch.randn(n, generator=g, dtype=torch.float64),
+            torch.randn(n, generator=g, dtype=torch.float64),
+        )
+        assert alignment(3.7 * (x - xs), x, xs, metric=G) == pytest.approx(1.0, abs=1e-5)

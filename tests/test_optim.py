@@ -980,3 +980,17 @@ def test_frozen_tensors_in_params_get_their_own_message():
     with pytest.raises(hessinv.InvalidArgumentError, match="named_parameters"):
         ho.Newton(net, nn.CrossEntropyLoss(), params=net[2].named_parameters())
     ho.Newton(net, nn.CrossEntropyLoss(), params=[p for p in net.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("mode", ["precondition", "trust-region"])
+def test_soft_targets_that_require_grad_are_data(mode):
+    """Distillation: targets softmax(teacher(X)) carry a graph; they are data (the loss is differentiated
+    through the student's outputs only), not a loss that reads parameters."""
+    net, X, y = _clf()
+    teacher = nn.Sequential(nn.Linear(6, 3))
+    soft = torch.softmax(teacher(X), -1)
+    assert soft.requires_grad
+    opt = ho.Newton(net, nn.CrossEntropyLoss(), mode=mode, seed=0)
+    before = flat(net)
+    opt.step(X, soft)
+    assert not torch.equal(flat(net), before)

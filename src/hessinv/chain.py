@@ -31,9 +31,12 @@ import contextlib
 import inspect
 import numbers
 import operator
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
@@ -64,8 +67,42 @@ from hessinv.stages.losses import closed_form, loss_name, prepare_targets
 
 _DROPOUT = (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _MODE_DEPENDENT = (*_DROPOUT, nn.RReLU, nn.modules.batchnorm._BatchNorm)
-_PLAIN = (int, float, bool, str, type(None))
 _MISSING = object()
+
+
+def _watchable(v: Any) -> bool:
+    """A value a traced ``forward`` may have baked into its code: a number (numpy's too), a string,
+    None, a tuple of these, or a plain tensor attribute (compared by identity)."""
+    if isinstance(v, tuple):
+        return all(isinstance(x, (numbers.Number, str, type(None))) for x in v)
+    return isinstance(v, (numbers.Number, str, type(None), Tensor))
+
+
+def _same(x: Any, v: Any) -> bool:
+    if x is v:
+        return True
+    if type(x) is not type(v) or isinstance(v, Tensor):
+        return False
+    return bool(x == v)
+
+
+def _changed(now: tuple, held: tuple) -> bool:
+    return len(now) != len(held) or any(a is not b for a, b in zip(now, held, strict=True))
+
+
+def _stages_code(stages: list[Stage]) -> tuple:
+    """What each stage computes, up to its tensors' values: the model's own modules, a traced piece's
+    code, the function and arguments of a traced activation call."""
+
+    def key(m: nn.Module) -> Any:
+        if isinstance(m, fx.GraphModule):  # tensor constants are buffers, not in the code
+            return m.code, tuple((k, id(v)) for k, v in m.named_buffers())
+        if isinstance(m, FunctionActivation):
+            return repr((m.fn, m.args, m.kwargs))
+        return id(m)
+
+    return tuple((type(s).__name__, tuple(key(m) for m in s.modules)) for s in stages)
+
 
 #: Elementwise functions recognised in traced code (first argument: the activation).
 _ACT_FUNCTIONS = {
@@ -149,72 +186,126 @@ def _defaults_after_first(forward) -> dict | None:
     return {q.name: q.default for q in plain}
 
 
-def _specs(m, top: bool) -> list[tuple]:
-    """The stage specifications of ``m`` in chain order (see :func:`split_stages`)."""
+def _specs(m, top: bool, traced: list[nn.Module]) -> list[tuple]:
+    """The stage specifications of ``m`` in chain order (see :func:`split_stages`); the modules traced
+    through (whose plain attributes the traced code may have baked in) are appended to ``traced``."""
     if _is_compiled(m):  # torch.compile's wrapper: the same function and parameters, traceable
         m = m._orig_mod
     if _is_container(m):
-        return [s for child in m for s in _specs(child, False)]
+        return [s for child in m for s in _specs(child, False, traced)]
     if not isinstance(m, nn.Module):
         raise NotAChainError(f"expected an nn.Module or a list of modules, got {type(m).__name__}")
     tracer = _Tracer()
     if tracer.is_leaf_module(m, "") or _hooked(m):
         return [_leaf_spec(m)]
     try:
-        with _trace_guards(tracer) as grad_mode:
+        with _trace_guards(tracer) as inference:
             graph = tracer.trace(m, concrete_args=_defaults_after_first(m.forward))
+        if inference:
+            raise UnsupportedStageError(
+                f"{type(m).__name__}.forward enters torch.inference_mode(), which torch.fx cannot record: "
+                "use .detach() on the tensors that must be constants instead"
+            )
+        _detach_no_grad(graph)
+        _plain_constants(graph)
+        specs = _graph_specs(tracer.root, graph, type(m).__name__)
     except Exception as e:  # noqa: BLE001 - any tracing failure
-        if not top:  # a piece of a Sequential: call it whole
+        if not top:  # a piece of a Sequential: call it whole (its real forward, by autograd)
             return [_leaf_spec(m)]
+        if isinstance(e, HessinvError):
+            raise
         raise NotAChainError(
             f"{type(m).__name__}.forward could not be traced with torch.fx ({type(e).__name__}: {e}); "
             "write the model as an nn.Sequential of stages, or make forward traceable"
         ) from e
-    if grad_mode:
-        raise UnsupportedStageError(
-            f"{type(m).__name__}.forward switches autograd on or off inside ({grad_mode[0]}), which torch.fx "
-            "cannot record: the traced chain would differentiate through it; use .detach() on the tensors "
-            "that must be constants instead"
-        )
-    return _graph_specs(tracer.root, graph, type(m).__name__)
+    traced.extend(x for x in m.modules() if not tracer.is_leaf_module(x, "") or x is m)
+    return specs
+
+
+#: One trace at a time patches torch's grad-mode switches and ``Function.apply`` (:func:`_trace_guards`).
+_TRACE_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
 def _trace_guards(tracer: fx.Tracer):
-    """While ``tracer`` traces a forward: a custom ``torch.autograd.Function`` becomes one call node (its
-    own ``backward`` defines its derivatives; traced through, its ``forward``'s would be taken), and a
-    switch of autograd's mode (``torch.no_grad()``, ``set_grad_enabled``, ``inference_mode``) -- invisible
-    to the trace -- is reported in the yielded list."""
+    """While ``tracer`` traces a forward (in this thread; one trace at a time): a custom
+    ``torch.autograd.Function`` becomes one call node (its own ``backward`` defines its derivatives;
+    traced through, its ``forward``'s would be taken); the nodes created while ``torch.no_grad()`` /
+    ``set_grad_enabled(False)`` is in force -- invisible to the trace -- are marked (``meta["no_grad"]``,
+    for :func:`_detach_no_grad`); an ``inference_mode`` is reported in the yielded list."""
     from torch.autograd.function import Function
 
-    switched: list[str] = []
-    set_grad, inference = torch._C._set_grad_enabled, torch._C._InferenceMode
-    apply = Function.__dict__["apply"]
-
-    def recording_set_grad(mode: bool) -> None:
-        switched.append(f"set_grad_enabled({mode})")
-        set_grad(mode)
-
-    def recording_inference(*args):
-        switched.append("inference_mode")
-        return inference(*args)
-
-    def traced_apply(cls, *args, **kwargs):
-        proxies: list[fx.Proxy] = []
-        fx.node.map_aggregate(
-            (args, kwargs), lambda a: proxies.append(a) if isinstance(a, fx.Proxy) else None
+    with _TRACE_LOCK:
+        me = threading.get_ident()
+        inference_seen: list[str] = []
+        grad = [True]
+        set_grad, inference, apply = (
+            torch._C._set_grad_enabled,
+            torch._C._InferenceMode,
+            Function.__dict__["apply"],
         )
-        if not proxies:
-            return apply.__get__(None, cls)(*args, **kwargs)
-        return tracer.create_proxy("call_function", _function_call(cls), args, kwargs)
+        create_node = tracer.create_node
 
-    torch._C._set_grad_enabled, torch._C._InferenceMode = recording_set_grad, recording_inference
-    Function.apply = classmethod(traced_apply)
-    try:
-        yield switched
-    finally:
-        torch._C._set_grad_enabled, torch._C._InferenceMode = set_grad, inference
-        Function.apply = apply
+        def recording_set_grad(mode: bool) -> None:
+            if threading.get_ident() == me:
+                grad[0] = bool(mode)
+            set_grad(mode)
+
+        def recording_inference(*args):
+            if threading.get_ident() == me:
+                inference_seen.append("inference_mode")
+            return inference(*args)
+
+        def traced_apply(cls, *args, **kwargs):
+            proxies: list[fx.Proxy] = []
+            fx.node.map_aggregate(
+                (args, kwargs), lambda a: proxies.append(a) if isinstance(a, fx.Proxy) else None
+            )
+            if not proxies or threading.get_ident() != me:
+                return apply.__get__(None, cls)(*args, **kwargs)
+            return tracer.create_proxy("call_function", _function_call(cls), args, kwargs)
+
+        def marking_create_node(*args, **kwargs):
+            node = create_node(*args, **kwargs)
+            if not grad[0]:
+                node.meta["no_grad"] = True
+            return node
+
+        torch._C._set_grad_enabled, torch._C._InferenceMode = recording_set_grad, recording_inference
+        Function.apply = classmethod(traced_apply)
+        tracer.create_node = marking_create_node
+        try:
+            yield inference_seen
+        finally:
+            torch._C._set_grad_enabled, torch._C._InferenceMode = set_grad, inference
+            Function.apply = apply
+            del tracer.create_node
+
+
+def _plain_constants(g: fx.Graph) -> None:
+    """numpy scalars in the traced code (``x / np.sqrt(d)``) as Python numbers: fx writes them as
+    ``np.float64(...)`` into code that has no ``np``."""
+
+    def plain(a: Any) -> Any:
+        return a.item() if isinstance(a, np.generic) else a
+
+    for n in g.nodes:
+        n.args, n.kwargs = fx.node.map_aggregate(n.args, plain), fx.node.map_aggregate(n.kwargs, plain)
+
+
+def _detach_no_grad(g: fx.Graph) -> None:
+    """Where a value computed under ``torch.no_grad()`` (:func:`_trace_guards`' mark) is used outside it,
+    use it through ``.detach()``: autograd saw a constant there, and so will the chain. Parameters and
+    buffers (``get_attr``) are exempt: their mark says only where they were first read."""
+    for n in list(g.nodes):
+        if not n.meta.get("no_grad") or n.op in ("placeholder", "get_attr", "output"):
+            continue
+        users = [u for u in n.users if not u.meta.get("no_grad")]
+        if users:
+            with g.inserting_after(n):
+                d = g.call_method("detach", (n,))
+            for u in users:
+                u.replace_input_with(n, d)
 
 
 def _function_call(cls: type) -> Callable:
@@ -440,8 +531,11 @@ def _check_modules(stage: Stage, mods) -> None:
             )
 
 
-def split_stages(model: nn.Module | Sequence[nn.Module]) -> list[Stage]:
-    """The stages of ``model`` (module docstring), in chain order."""
+def split_stages(
+    model: nn.Module | Sequence[nn.Module], traced: list[nn.Module] | None = None
+) -> list[Stage]:
+    """The stages of ``model`` (module docstring), in chain order; the modules whose ``forward`` was
+    traced through are appended to ``traced`` if given."""
     glob = nn.modules.module
     for what in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks"):
         if getattr(glob, what, None):
@@ -457,7 +551,7 @@ def split_stages(model: nn.Module | Sequence[nn.Module]) -> list[Stage]:
                 "the model has lazy modules (LazyLinear, ...) whose parameters are not initialized yet: "
                 "call it once on a batch (model(inputs)) first"
             )
-    specs = _specs(model, True)
+    specs = _specs(model, True, traced if traced is not None else [])
     if not specs:
         raise NotAChainError("the model has no stages")
     stages: list[Stage] = []
@@ -582,7 +676,9 @@ class Chain:
                 f"loss_fn must be callable (loss_fn(outputs, targets)), got {loss_fn!r}"
             )
         self.model, self.loss_fn = model, loss_fn
-        self.stages = split_stages(model)
+        self._traced: list[nn.Module] = []
+        self._unread: set[tuple[int, str]] = set()  # attributes a re-split showed the trace does not read
+        self.stages = split_stages(model, self._traced)
         self.params = [t for s in self.stages for t in s.params]
         if not self.params:
             raise NotAChainError("the model has no trainable parameters")
@@ -614,23 +710,41 @@ class Chain:
         # deterministic and per-example only in eval mode (Dropout and RReLU became an identity / an
         # activation at the split): a later model.train() would change the function unseen
         self._mode_watch = [(m, m.training) for m in mods if isinstance(m, _MODE_DEPENDENT)]
-        # a replaced submodule or parameter, a frozen or unfrozen layer
-        self._children = [(m._modules, tuple(m._modules.values())) for m in mods]
-        self._own = [(m._parameters, tuple(m._parameters.values())) for m in mods]
+        # a replaced submodule, list element or parameter; a frozen or unfrozen layer
+        dicts = [m._modules for m in mods] + [m._parameters for m in mods]
+        self._held = [(d, tuple(d.values())) for d in dicts]
+        if not isinstance(model, nn.Module):
+            self._held.append((model, tuple(model)))
         self._grad_flags = [
             (t, t.requires_grad) for m in mods for t in m._parameters.values() if t is not None
         ]
-        # plain attributes a traced forward bakes in (a temperature, a flag)
-        self._attrs = [
-            (vars(m), k, v) for m in mods for k, v in vars(m).items() if k != "training" and type(v) in _PLAIN
+        # hooks (a module with hooks is called whole) and the attributes a traced forward may bake in (a
+        # temperature, a flag, the training mode of F.dropout(training=self.training)): split again
+        glob = nn.modules.module
+        hooks: list[dict] = [
+            getattr(glob, k)
+            for k in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
+            if isinstance(getattr(glob, k, None), dict)
         ]
+        for m in mods:
+            hooks += [m._forward_hooks, m._forward_pre_hooks, m._backward_hooks]
+        self._hooks = [(d, tuple(d.keys())) for d in hooks]
+        self._attrs = [
+            (m, k, v)
+            for m in self._traced
+            for k, v in vars(m).items()
+            if _watchable(v) and (id(m), k) not in self._unread
+        ]
+        self._code = _stages_code(self.stages)
 
     def check_model(self) -> None:
         """Raise a named error if the model changed since the split in a way the stages cannot see: a
-        submodule or parameter replaced, a layer frozen, a parameter's dtype or device
+        submodule, list element or parameter replaced, a layer frozen, a parameter's dtype or device
         (``model.double()``), the mode of a Dropout, RReLU or BatchNorm module; or if autograd is off
-        (``torch.inference_mode``). A plain attribute that a traced forward read (a temperature)
-        changed: the model is split again. A few microseconds per module."""
+        (``torch.inference_mode``). Hooks added or removed, or a plain attribute that a traced
+        ``forward`` read (a temperature, ``self.training``) changed: the model is split again (an attribute
+        whose change leaves the traced code as it was is not watched from then on: a call counter). A
+        microsecond or so per module."""
         if torch.is_inference_mode_enabled():
             raise InvalidArgumentError(
                 "hessinv needs autograd, which torch.inference_mode() turns off: call it outside that block"
@@ -641,23 +755,23 @@ class Chain:
                     f"a parameter is now {t.dtype} on {t.device}; the model was {self.dtype} on "
                     f"{self.device} when this operator/optimizer was built: build it again after model.to()"
                 )
-        if (
-            any(tuple(d.values()) != kids for d, kids in self._children)
-            or any(tuple(d.values()) != own for d, own in self._own)
-            or any(t.requires_grad != flag for t, flag in self._grad_flags)
-        ):
+        if any(
+            _changed(tuple(d.values()) if isinstance(d, dict) else tuple(d), held) for d, held in self._held
+        ) or any(t.requires_grad != flag for t, flag in self._grad_flags):
             raise InvalidArgumentError(
                 "the model changed since this operator/optimizer was built (a submodule or parameter "
                 "replaced, a layer frozen or unfrozen): build it again for the new model"
             )
-        # a plain attribute changed (an annealed temperature): split again, the same parameters
-        if any((x := d.get(k, _MISSING)) is not v and x != v for d, k, v in self._attrs):
-            stages = split_stages(self.model)
+        moved = [(m, k) for m, k, v in self._attrs if not _same(vars(m).get(k, _MISSING), v)]
+        if moved or any(tuple(d.keys()) != keys for d, keys in self._hooks):
+            stages = split_stages(self.model, traced := [])
             if [id(t) for s in stages for t in s.params] != [id(t) for t in self.params]:
                 raise InvalidArgumentError(
                     "the model's stages changed since this operator/optimizer was built: build it again"
                 )
-            self.stages = stages
+            if _stages_code(stages) == self._code:  # the trace does not read them
+                self._unread.update((id(m), k) for m, k in moved)
+            self.stages, self._traced = stages, traced
             self._watch()
         for m, mode in self._mode_watch:
             if m.training and not mode and getattr(m, "p", 1) != 0:

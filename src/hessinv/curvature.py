@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hessinv.chain import Chain, check_real
+from hessinv.chain import Chain, _tensor, check_real
 from hessinv.errors import (
     AccuracyWarning,
     DtypeMismatchError,
@@ -139,7 +139,7 @@ class CurvatureOperator:
         if chain is not None and (chain.model is not model or chain.loss_fn is not loss_fn):
             raise InvalidArgumentError("chain= must be the Chain of this model and loss_fn")
         self.chain = chain if chain is not None else Chain(model, loss_fn)
-        self.chain.check_inputs(inputs, targets)
+        _tensor(inputs, "inputs"), _tensor(targets, "targets")  # the rest: linearize's checks
         # the point is kept: copies of the batch (blocks may hold the inputs; a caller's buffer is
         # refilled in place) and, for the float64 twin of a float32 operator, of the parameters
         inputs, targets = inputs.detach().clone(), targets.detach().clone()
@@ -639,6 +639,7 @@ class CurvatureOperator:
     def _converted(self, dtype: torch.dtype) -> CurvatureOperator:
         """The same operator on a copy of the model, inputs and targets in ``dtype``, at this operator's
         point (the parameters as they were at its construction, whatever happened to them since)."""
+        self.chain.check_model()  # a replaced layer: named
         memo: dict[int, Any] = {}
         model = copy.deepcopy(self.model, memo)
         if self._point is not None:

@@ -140,7 +140,8 @@ def _gram(u: Tensor, v: Tensor, metric: Metric, names: tuple[str, str]) -> tuple
     Wu, Wv = (u, v) if metric is None else (_apply(metric, u), _apply(metric, v))
     uu, uv, vv = float(u @ Wu), float(u @ Wv), float(v @ Wv)
     if min(uu, vv) < 0 or uv * uv > uu * vv:  # an error, or rounding: measure the rounding
-        eps = u.numel() * torch.finfo(torch.float64).eps * _metric_norm(metric, ((u, Wu), (v, Wv)))
+        dtype = metric.dtype if isinstance(metric, (Tensor, CurvatureOperator)) else torch.float64
+        eps = u.numel() * torch.finfo(dtype).eps * _metric_norm(metric, ((u, Wu), (v, Wv)))  # W's rounding
         nu, nv = float(u.norm()), float(v.norm())
         for q, n, name in ((uu, nu, names[0]), (vv, nv, names[1])):
             if q < -eps * n * n:

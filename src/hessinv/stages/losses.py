@@ -206,7 +206,11 @@ class LossStage:
     """
 
     def __init__(self, index: int, loss_fn: Callable, targets: Tensor, output: Tensor):
-        self.index, self.loss_fn, self.targets = index, loss_fn, targets
+        self.index, self.loss_fn, self.targets = (
+            index,
+            loss_fn,
+            targets.detach(),
+        )  # data: never differentiated
         self.name = f"stage {index} ({loss_name(loss_fn)})"
         # closed forms for (batch, classes) outputs; others (a (B,) regression output, (B, C, T) logits of
         # a per-position cross-entropy) by autograd on the per-example flattened outputs
