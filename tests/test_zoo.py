@@ -13,6 +13,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -843,6 +844,11 @@ def _top(middle) -> Case:
     return Case(_Forward(middle).double(), nn.CrossEntropyLoss(), X(), classes())
 
 
+def _numpy_scale_middle(self, h):
+    return h / np.sqrt(W)  # a numpy scalar in the traced code
+
+
+entry("numpy_scalar_in_forward")(lambda: _top(_numpy_scale_middle))
 entry("detach_inside_forward")(lambda: ce_case(_Forward(_detach_middle)))
 entry("in_place_result_assigned")(lambda: ce_case(_Forward(_assigned_in_place)))
 # torch.no_grad inside a forward: what it computes is used through .detach(), as autograd sees it
