@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
+from hessinv import linalg
 from hessinv.errors import (
     DtypeMismatchError,
     HessinvError,
@@ -677,6 +678,7 @@ class Chain:
             )
         self.model, self.loss_fn = model, loss_fn
         self._traced: list[nn.Module] = []
+        self._max_side: int | None = None
         self._unread: set[tuple[int, str]] = set()  # attributes a re-split showed the trace does not read
         self.stages = split_stages(model, self._traced)
         self.params = [t for s in self.stages for t in s.params]
@@ -781,6 +783,21 @@ class Chain:
                     "(BatchNorm's batch statistics) and has no exact Hessian: keep it in eval mode "
                     "(model.eval()) while using hessinv"
                 )
+
+    def small(self, inputs: Tensor) -> bool:
+        """Whether work on this model and batch is small enough for one CPU thread
+        (:func:`hessinv.linalg.one_thread_if`): every weight's sides and the batch at most
+        :data:`~hessinv.linalg.SMALL_BLOCKS`, the batch's inputs at most ``64 SMALL_BLOCKS`` numbers (a
+        convolution over images is not small), on CPU."""
+        n = linalg.SMALL_BLOCKS
+        if self._max_side is None:
+            self._max_side = max(max(t.shape, default=1) for t in self.params)
+        return (
+            self.device.type == "cpu"
+            and self._max_side <= n
+            and inputs.shape[0] <= n
+            and inputs.numel() <= 64 * n
+        )
 
     def prepare_targets(self, targets) -> Tensor:
         """``targets`` as the loss expects them (class indices of any integer dtype -> int64, ...)."""

@@ -52,6 +52,28 @@ def flush_subnormals():
         torch.set_flush_denormal(False)
 
 
+#: Work whose blocks are all at most this size (a sweep's parameters and batch activations per stage; an
+#: optimizer step's weight sides and batch) runs on one CPU thread: its small products gain at most ~10%
+#: from a second thread on an idle machine, and lose up to 17x on a loaded one, where oversubscribed
+#: threads wait for each other (an MNIST-1D tanh chain's optimizer step: 4.7 -> 4.0 ms idle, 4.8 -> 77 ms
+#: beside one busy process; docs/benchmarks.md).
+SMALL_BLOCKS = 512
+
+
+@contextlib.contextmanager
+def one_thread_if(small: bool):
+    """Run the block on one torch thread if ``small`` (and torch uses more), then restore the count."""
+    threads = torch.get_num_threads()
+    if not small or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 #: Blocks with fewer rows than this use torch's kernels (the call overheads are about equal there).
 MIN_SCIPY = 16
 #: Triangular solves with fewer right-hand sides than this use torch's: MKL's ``trsv``-like kernels

@@ -43,10 +43,8 @@ from hessinv import linalg
 from hessinv.errors import IndefiniteError, InvalidArgumentError, NonFiniteError, SingularError, TooLargeError
 from hessinv.stages import Blocks
 
-#: Sweeps whose blocks are all at most this size (parameters and batch activations per stage) run on one
-#: CPU thread: their small products gain nothing from more, and on a loaded machine oversubscribed BLAS
-#: threads made them up to 17x slower (docs/benchmarks.md). Larger blocks keep torch's thread count.
-SMALL_BLOCKS = 512
+#: Sweeps whose blocks are all at most this size run on one CPU thread (:data:`hessinv.linalg.SMALL_BLOCKS`).
+SMALL_BLOCKS = linalg.SMALL_BLOCKS
 
 
 def _sweep(fn):
@@ -55,18 +53,10 @@ def _sweep(fn):
 
     @functools.wraps(fn)
     def wrapper(blocks, *args, **kwargs):
-        with linalg.flush_subnormals():
-            threads = torch.get_num_threads()
-            if threads == 1 or not blocks:
-                return fn(blocks, *args, **kwargs)
-            big = max(max(b.p, b.batch * b.d_out) for b in blocks)
-            if big > SMALL_BLOCKS or any(not t.is_cpu for t in args if isinstance(t, Tensor)):
-                return fn(blocks, *args, **kwargs)
-            torch.set_num_threads(1)
-            try:
-                return fn(blocks, *args, **kwargs)
-            finally:
-                torch.set_num_threads(threads)
+        small = bool(blocks) and max(max(b.p, b.batch * b.d_out) for b in blocks) <= SMALL_BLOCKS
+        small = small and all(t.is_cpu for t in args if isinstance(t, Tensor))
+        with linalg.flush_subnormals(), linalg.one_thread_if(small):
+            return fn(blocks, *args, **kwargs)
 
     return wrapper
 

@@ -71,6 +71,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hessinv import linalg
 from hessinv.chain import Chain, _tensor
 from hessinv.curvature import CurvatureOperator, curvature_class, normalize_curvature
 from hessinv.errors import HessinvError, InvalidArgumentError, NonFiniteError, SingularError
@@ -529,9 +530,10 @@ class Newton(torch.optim.Optimizer):
         inputs, targets = _tensor(inputs, "inputs"), _tensor(targets, "targets")
         self._check_batch(inputs, targets)
         mode = self._resolve_mode(inputs, targets)
-        if mode == "precondition":
-            return self._step_precondition(inputs, targets, g, loss)
-        return self._step_trust_region(inputs, targets)
+        with linalg.one_thread_if(self.chain.small(inputs)):  # small work: more threads only wait
+            if mode == "precondition":
+                return self._step_precondition(inputs, targets, g, loss)
+            return self._step_trust_region(inputs, targets)
 
     def _check_batch(self, inputs: Tensor, targets: Tensor) -> None:
         """Named errors for a batch or model the steps cannot take. The model (:meth:`Chain.check_model`:

@@ -57,6 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hessinv import linalg
 from hessinv.chain import Chain
 from hessinv.curvature import GaussNewton, Hessian, normalize_curvature
 from hessinv.errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
@@ -639,9 +640,10 @@ class Preconditioner:
         if not bool(torch.isfinite(g).all()):  # before it enters (and poisons) the second moments
             self.chain.check_inputs(inputs, targets)
             raise NonFiniteError("the gradient contains NaN or infinity; the step was not taken")
-        self.observe(g)
-        self.update(inputs, targets)
-        d = self.solve(g)
+        with linalg.one_thread_if(self.chain.small(inputs)):  # small work: more threads only wait
+            self.observe(g)
+            self.update(inputs, targets)
+            d = self.solve(g)
         offset = 0
         for p in self.params:
             k = p.numel()
