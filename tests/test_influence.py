@@ -181,3 +181,12 @@ def test_bad_test_points_are_named(bad, error, match):
     with pytest.raises(error, match=match):
         inf.influences(*bad(X, y))
     assert inf.influences(X[:4], y[:4]).shape == (4, 12)
+
+
+def test_per_example_gradients_of_a_refused_model_are_refused():
+    """A train-mode BatchNorm mixes the batch: no per-example gradient exists; named, not vmap's error."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 2)).double().train()
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    with pytest.raises(hessinv.UnsupportedStageError, match="batch statistics"):
+        per_example_gradients(net, nn.CrossEntropyLoss(), X, y)

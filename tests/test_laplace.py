@@ -17,6 +17,7 @@ from hessinv.errors import (
     IndefiniteError,
     InvalidArgumentError,
     NonFiniteArgumentError,
+    NonFiniteError,
     ShapeMismatchError,
 )
 from hessinv.laplace import Laplace
@@ -294,3 +295,21 @@ def test_bad_arguments_get_named_errors(call, error, message):
     with pytest.raises(error, match=re.escape(message)):
         call(la, X[:3])
     assert la.sample(1).shape == (1, la.n_params)
+
+
+def test_predictive_inputs_the_model_cannot_take_are_named():
+    """la(X) checks X through the chain: a wrong width, a NaN, no examples (were torch's errors)."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    la = Laplace(net, "classification").fit(X, y)
+    with pytest.raises(ShapeMismatchError, match="failed on input"):
+        la(torch.randn(2, 5, dtype=torch.float64))
+    with pytest.raises(ShapeMismatchError, match="N >= 1"):
+        la(X[:0])
+    bad = X[:2].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError):
+        la(bad, pred_type="nn")
+    assert torch.allclose(la(X[:3]).sum(-1), torch.ones(3, dtype=torch.float64))

@@ -864,7 +864,8 @@ class Chain:
             except (RuntimeError, ValueError, TypeError, IndexError) as e:
                 if isinstance(e, HessinvError):
                     raise
-                if len(zs) == 1 and not inputs.is_floating_point():
+                wrong_type = any(w in str(e) for w in ("type", "Long", "Int"))
+                if len(zs) == 1 and not inputs.is_floating_point() and wrong_type:
                     raise DtypeMismatchError(
                         f"inputs are {inputs.dtype}, which {s.name} does not take ({e}); convert them with "
                         f"inputs.to({self.dtype}) (integer inputs are for a first module that takes them, "

@@ -43,7 +43,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from hessinv.chain import Chain, check_real
 from hessinv.curvature import CurvatureOperator, Factorization, check_precision, curvature_class
-from hessinv.errors import HessinvError, InvalidArgumentError, ShapeMismatchError
+from hessinv.errors import HessinvError, InvalidArgumentError, ShapeMismatchError, UnsupportedStageError
 
 __all__ = [
     "InfluenceFunction",
@@ -117,6 +117,8 @@ def _per_example_chain(
     if chain is None:
         try:
             chain = Chain(model, loss_fn)
+        except UnsupportedStageError:  # random or batch-mixing: no per-example gradient either
+            raise
         except HessinvError:
             return None
     same = len(chain.params) == len(params) and all(a is b for a, b in zip(chain.params, params, strict=True))

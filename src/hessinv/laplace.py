@@ -55,6 +55,7 @@ from hessinv.errors import (
     IndefiniteError,
     InvalidArgumentError,
     NonFiniteArgumentError,
+    NonFiniteError,
     ShapeMismatchError,
 )
 from hessinv.influence import _trainable, output_jacobians
@@ -330,10 +331,6 @@ class Laplace:
         tree = {k: t.view_as(params[k]) for k, t in zip(names, torch.split(theta, sizes), strict=True)}
         return functional_call(self.model, tree, (X,))
 
-    @torch.no_grad()
-    def _f_mu(self, X: Tensor) -> Tensor:
-        return self.model(X)
-
     def __call__(
         self,
         X: Tensor,
@@ -359,8 +356,12 @@ class Laplace:
                 f"X is {X.dtype} on {X.device}, the model {self.mean.dtype} on {self.mean.device}: convert "
                 f"with X.to({self.mean.dtype}) (and the model's device)"
             )
+        if X.dim() < 2 or len(X) == 0:
+            raise ShapeMismatchError(f"X must be a batch (N, features...) with N >= 1, got {tuple(X.shape)}")
+        if X.is_floating_point() and not bool(torch.isfinite(X).all()):
+            raise NonFiniteError("X contains NaN or infinity")
+        f_mu = self._op().chain.forward(X)[-1]  # the model's outputs; named errors for inputs it cannot take
         if pred_type == "glm":
-            f_mu = self._f_mu(X)
             f_var = self.functional_variance(output_jacobians(self.model, X))
             if self.likelihood == "regression":
                 return f_mu, f_var
