@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from hessinv.curvature import CurvatureOperator, Factorization
@@ -72,20 +71,22 @@ class Sweeps:
             self.time_factor += time.perf_counter() - t
 
     def solve(self, F: Factorization, rhs: Tensor) -> Tensor:
-        """``(H + damping I)^{-1} rhs`` for ``rhs`` of shape (n,), without float64 refinement; below float64
-        with one step of refinement in working precision (one ``O(L)`` product and one more sweep): an
-        unrefined float32 sweep's error can exceed ``cond u`` by 10-400x where a stage has more
-        parameters than its pivot has curvature directions (pivot eigenvalues at ``damping`` beside
-        large ones): 0.04-0.8 at ``cond u = 1e-3`` on small nets, ``cond u`` after the step."""
+        """``(H + damping I)^{-1} rhs`` for ``rhs`` of shape (n,), without refinement."""
         t = time.perf_counter()
         self.solves += 1
         x = F.solve(rhs, refine=False)
-        assert isinstance(x, Tensor)
-        if x.dtype != torch.float64:
-            self.products += 1
-            x = x + F.solve(rhs - (self.op @ x + F.damping * x), refine=False)
         self.time_solve += time.perf_counter() - t
+        assert isinstance(x, Tensor)
         return x
+
+    def refine(self, F: Factorization, rhs: Tensor, x: Tensor) -> Tensor:
+        """``x`` after one step of refinement in working precision, ``x + (H + damping I)^{-1} (rhs - (H +
+        damping I) x)`` (one product, one sweep). Below float64 an unrefined sweep's error can exceed
+        ``cond u`` by 10-400x where a stage has more parameters than its pivot has curvature directions
+        (pivot eigenvalues at ``damping`` beside large ones: 0.04-0.8 at ``cond u = 1e-3`` on small
+        nets); one step brings it to about ``cond u``."""
+        r = rhs - (self.matvec(x) + F.damping * x)
+        return x + self.solve(F, r)
 
     def quadratic(self, F: Factorization, v: Tensor) -> float:
         """``v^T (H + damping I)^{-1} v`` from the backward sweep alone (half a solve; counted as one)."""

@@ -724,6 +724,10 @@ class Newton(torch.optim.Optimizer):
         # 2. proposal
         sweeps = Sweeps(op)
         proposal = self.rule.propose(sweeps, g, ns["rule"])
+        if (
+            proposal.step.dtype != torch.float64 and not proposal.hard_case
+        ):  # float32: to ~cond u (Sweeps.refine)
+            proposal.step = sweeps.refine(proposal.factor, -g, proposal.step)
 
         # 3. trial point and ratio test (then, if rejected, backtracking along d)
         f0 = float(loss0)
