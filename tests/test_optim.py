@@ -1043,6 +1043,6 @@ def test_float32_trust_region_steps_are_newton_steps():
         ref = -torch.linalg.solve(A, gr)
         cond_u = float(torch.linalg.cond(A)) * torch.finfo(torch.float32).eps
         err = float((flat(m).double() - x0 - ref).norm() / ref.norm())
-        assert err <= 10 * cond_u + 1e-5, (err, cond_u)
+        assert err <= 30 * cond_u + 1e-5, (err, cond_u)  # unrefined: up to 400 cond u
         checked += 1
     assert checked >= 3
