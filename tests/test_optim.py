@@ -1018,7 +1018,7 @@ def test_small_steps_run_on_one_thread():
 def test_float32_trust_region_steps_are_newton_steps():
     """An interior float32 trust-region step equals -(G + lam I)^{-1} g to about cond u32: the unrefined
     sweep alone was 10-400x off where a stage has more parameters than curvature directions (0.36 at
-    cond u = 1e-3 on this net); one working-precision refinement step per solve fixes it."""
+    cond u = 1e-3 on this net); one working-precision refinement of the step fixes it."""
     from reference import autograd_gauss_newton
 
     torch.manual_seed(0)
