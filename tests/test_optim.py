@@ -1046,3 +1046,48 @@ def test_float32_trust_region_steps_are_newton_steps():
         assert err <= 30 * cond_u + 1e-5, (err, cond_u)  # unrefined: up to 400 cond u
         checked += 1
     assert checked >= 3
+
+
+def test_weight_decay_is_an_exact_l2_penalty():
+    """weight_decay = the loss plus wd/2 |x|^2, exactly: (1) a fixed-damping trust-region step is
+    -(H + (eps + wd) I)^{-1} (g + wd x) with H from plain autograd; (2) the first preconditioned step (a
+    batch of 8 = the curvature batch, Adam's diagonal basis) is -(G + D + wd I)^{-1} (g + wd x) with
+    D = delta (|g + wd x| + eps); (3) per group: a group without decay."""
+    from reference import autograd_gauss_newton, autograd_gradient_hessian
+
+    wd, eps = 0.3, 0.5
+    net, X, y = _clf(dtype=F64)
+    X, y = X[:8].double(), y[:8]
+    ce = nn.CrossEntropyLoss()
+    x0 = flat(net)
+    g, H = autograd_gradient_hessian(net, ce, X, y)
+    opt = ho.Newton(net, ce, mode="trust-region", damping=eps, weight_decay=wd, seed=0)
+    opt.step(X, y)
+    gw = g + wd * x0
+    expected = x0 - torch.linalg.solve(H + (eps + wd) * torch.eye(len(x0), dtype=F64), gw)
+    assert float((flat(net) - expected).norm() / expected.norm()) <= 1e-10
+
+    net, X8, y8 = _clf(dtype=F64)
+    X8, y8 = X8[:8].double(), y8[:8]
+    x0 = flat(net)
+    g = autograd_gradient_hessian(net, ce, X8, y8)[0]
+    G = autograd_gauss_newton(net, ce, X8, y8)
+    opt = ho.Newton(net, ce, mode="precondition", basis="identity", weight_decay=wd, seed=0)
+    opt.step(X8, y8)
+    gw = g + wd * x0
+    D = opt.preconditioner.damping * (gw.abs() + opt.preconditioner.eps) + wd
+    expected = x0 - torch.linalg.solve(G + torch.diag(D), gw)
+    assert float((flat(net) - expected).norm() / expected.norm()) <= 1e-8
+
+    net, X8, y8 = _clf(dtype=F64)
+    X8 = X8[:8].double()
+    groups = [
+        {"params": [net[0].weight, net[2].weight]},
+        {"params": [net[0].bias, net[2].bias], "weight_decay": 0.0},
+    ]
+    opt = ho.Newton(net, ce, params=groups, mode="precondition", weight_decay=wd, seed=0)
+    opt.step(X8, y8[:8])
+    with pytest.raises(hessinv.InvalidArgumentError, match="one weight_decay"):
+        ho.Newton(net, ce, params=groups, mode="trust-region", weight_decay=wd, seed=0).step(X8, y8[:8])
+    with pytest.raises(hessinv.InvalidArgumentError, match="weight_decay must be"):
+        ho.Newton(net, ce, weight_decay=-1.0)

@@ -48,8 +48,9 @@ class Sweeps:
     and ``op @ v``.
     """
 
-    def __init__(self, op: CurvatureOperator):
-        self.op = op
+    def __init__(self, op: CurvatureOperator, shift: float = 0.0):
+        """``shift``: a constant added to the curvature (``H + shift I``, a weight decay's ``lam I``)."""
+        self.op, self.shift = op, float(shift)
         self.factorizations = self.solves = self.products = 0
         self.time_factor = self.time_solve = 0.0
 
@@ -57,7 +58,7 @@ class Sweeps:
         """The factorization of ``H + damping I`` if it is positive definite, else None."""
         t = time.perf_counter()
         self.factorizations += 1
-        F = self.op.factor_if_positive_definite(float(damping))
+        F = self.op.factor_if_positive_definite(float(damping) + self.shift)
         self.time_factor += time.perf_counter() - t
         return F
 
@@ -66,7 +67,7 @@ class Sweeps:
         t = time.perf_counter()
         self.factorizations += 1
         try:
-            return self.op.factor(float(damping))
+            return self.op.factor(float(damping) + self.shift)
         finally:
             self.time_factor += time.perf_counter() - t
 
@@ -85,7 +86,8 @@ class Sweeps:
         ``cond u`` by 10-400x where a stage has more parameters than its pivot has curvature directions
         (pivot eigenvalues at ``damping`` beside large ones: 0.04-0.8 at ``cond u = 1e-3`` on small
         nets); one step brings it to about ``cond u``."""
-        r = rhs - (self.matvec(x) + F.damping * x)
+        self.products += 1
+        r = rhs - (self.op @ x + F.damping * x)  # F.damping includes the shift
         return x + self.solve(F, r)
 
     def quadratic(self, F: Factorization, v: Tensor) -> float:
@@ -101,6 +103,8 @@ class Sweeps:
         t = time.perf_counter()
         self.products += 1
         out = self.op @ v
+        if self.shift:
+            out = out + self.shift * v
         self.time_solve += time.perf_counter() - t
         return out
 

@@ -244,6 +244,11 @@ class Newton(torch.optim.Optimizer):
             global generator). Its state is in ``state_dict``.
         track_inertia: also compute the inertia of ``H`` itself each trust-region step.
         callback: called with the :class:`StepStats` of every step.
+        weight_decay: ``wd`` of an L2 penalty ``wd/2 |x|^2`` added to the loss, exactly: its gradient ``wd x``
+            joins the batch gradient and its curvature ``wd I`` the curvature (precondition mode: in
+            ``D``; trust region: ``H + wd I``, and the ratio test judges the penalized loss). Per group
+            in precondition mode (``{"params": biases, "weight_decay": 0.0}``); one value in the trust
+            region. ``p.grad`` and the returned loss stay the batch loss's.
 
     ``step(inputs, targets)`` returns the batch loss *before* the step and writes the batch gradient into
     every ``p.grad``. ``step(closure)`` follows ``torch.optim``: the closure zeroes the gradients, runs the
@@ -297,6 +302,7 @@ class Newton(torch.optim.Optimizer):
         track_inertia: bool = False,
         backtracking: int = 0,
         callback: Callable[[StepStats], None] | None = None,
+        weight_decay: float = 0.0,
     ):
         if not _is_model(model):
             raise InvalidArgumentError(
@@ -311,6 +317,9 @@ class Newton(torch.optim.Optimizer):
             )
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
             raise InvalidArgumentError(f"lr must be a finite number > 0, got {lr!r}")
+        wd = weight_decay
+        if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not (math.isfinite(wd) and wd >= 0):
+            raise InvalidArgumentError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
         if mode not in _MODES:
             raise InvalidArgumentError(f"mode must be one of {_MODES}, got {mode!r}")
         if curvature is not None:
@@ -343,7 +352,8 @@ class Newton(torch.optim.Optimizer):
         self.momentum = float(momentum)
         self.last_stats: StepStats | None = None
         self._rejected: tuple | None = None  # (batch key, loss, operator) after a rejected step
-        super().__init__(_param_groups(params, self.chain.params), {"lr": float(lr)})
+        defaults = {"lr": float(lr), "weight_decay": float(weight_decay)}
+        super().__init__(_param_groups(params, self.chain.params), defaults)
         self._groups_frozen = True
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
@@ -426,17 +436,21 @@ class Newton(torch.optim.Optimizer):
 
     def _learning_rate(self) -> float | Tensor:
         """The step multiplier: the groups' common ``lr``, or a per-parameter (n,) vector when they differ."""
+        return self._group_values("lr")
+
+    def _weight_decay(self) -> float | Tensor:
+        """The groups' ``weight_decay``: a number, or a per-parameter (n,) vector when they differ."""
+        return self._group_values("weight_decay")
+
+    def _group_values(self, key: str) -> float | Tensor:
+        """The groups' common ``key``, or a per-parameter (n,) vector when they differ."""
         order = {id(p): i for i, p in enumerate(self.chain.params)}
         seen: list[int] = []
-        lrs: dict[int, float] = {}
+        values: dict[int, float] = {}
         for group in self.param_groups:
-            lr = group["lr"]
-            if (
-                isinstance(lr, bool)
-                or not isinstance(lr, (int, float))
-                or not (math.isfinite(lr) and lr >= 0)
-            ):
-                raise InvalidArgumentError(f"lr must be a finite number >= 0, got {lr!r}")
+            v = group.get(key, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
+                raise InvalidArgumentError(f"{key} must be a finite number >= 0, got {v!r}")
             for p in group["params"]:
                 if id(p) not in order:
                     raise InvalidArgumentError(
@@ -445,17 +459,23 @@ class Newton(torch.optim.Optimizer):
                         "parameters is not supported: build a new Newton over the whole model)"
                     )
                 seen.append(id(p))
-                lrs[id(p)] = float(lr)
+                values[id(p)] = float(v)
         if sorted(seen) != sorted(order):
             raise InvalidArgumentError(
                 "Newton's parameter groups must hold each trainable parameter of the model exactly once"
             )
-        values = set(lrs.values())
-        if len(values) == 1:
-            return values.pop()
+        distinct = set(values.values())
+        if len(distinct) == 1:
+            return distinct.pop()
         return torch.cat(
-            [torch.full((p.numel(),), lrs[id(p)], dtype=p.dtype, device=p.device) for p in self.chain.params]
+            [
+                torch.full((p.numel(),), values[id(p)], dtype=p.dtype, device=p.device)
+                for p in self.chain.params
+            ]
         )
+
+    def _flat_params(self) -> Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.chain.params])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only while building the optimizer: the curvature is of the whole model, so a group with other
@@ -497,11 +517,13 @@ class Newton(torch.optim.Optimizer):
         for p, b in zip(self.chain.params, backup, strict=True):
             p.copy_(b)
 
-    def _inertia_at_zero(self, op: CurvatureOperator, sweeps: Sweeps, proposal) -> Inertia | None:
+    def _inertia_at_zero(
+        self, op: CurvatureOperator, sweeps: Sweeps, proposal, shift: float = 0.0
+    ) -> Inertia | None:
         if self.track_inertia:
             t = time.perf_counter()
             try:
-                inertia0: Inertia | None = op.inertia(0.0)
+                inertia0: Inertia | None = op.inertia(shift)
             except SingularError:
                 inertia0 = None
             sweeps.factorizations += 2
@@ -629,6 +651,10 @@ class Newton(torch.optim.Optimizer):
             self._explain_failure(inputs, targets)  # e.g. every target ignored: 0/0
             raise NonFiniteError(f"the loss ({float(loss0)}) or the gradient contains NaN or infinity")
         t_deriv = time.perf_counter() - t_start
+        wd = self._weight_decay()  # the penalty wd/2 |x|^2: gradient wd x, curvature wd I (in D)
+        pc.weight_decay = wd
+        if not isinstance(wd, float) or wd:
+            g = g + wd * self._flat_params()
         # the momentum is kept in the preconditioner's basis (one rotation per step fewer); a basis
         # refresh carries it over
         gr = pc.observe(g)
@@ -720,9 +746,19 @@ class Newton(torch.optim.Optimizer):
             op = self._operator(inputs, targets)
             loss0, g = op.loss, op.gradient  # the loss module's value at the linearization point
         t_deriv = time.perf_counter() - t_start
+        wd = self._weight_decay()  # the penalty wd/2 |x|^2: gradient wd x, Hessian wd I, in the model too
+        if isinstance(wd, Tensor):
+            raise InvalidArgumentError(
+                "the trust region takes one weight_decay for all parameters (it shifts H by wd I); "
+                "per-group values need mode='precondition'"
+            )
+        loss_data, g_data = loss0, g
+        if wd:
+            x0 = self._flat_params()
+            loss0, g = loss0 + 0.5 * wd * float(x0 @ x0), g + wd * x0
 
         # 2. proposal
-        sweeps = Sweeps(op)
+        sweeps = Sweeps(op, shift=wd)
         proposal = self.rule.propose(sweeps, g, ns["rule"])
         if (
             proposal.step.dtype != torch.float64 and not proposal.hard_case
@@ -747,6 +783,9 @@ class Newton(torch.optim.Optimizer):
             self._apply(d if scale == 1.0 else scale * d)
             try:
                 f_t = float(self._batch_loss(inputs, targets))
+                if wd:
+                    xt = self._flat_params()
+                    f_t += 0.5 * wd * float(xt @ xt)
             except NonFiniteError:
                 f_t = math.nan
             if not math.isfinite(f_t) or pred_t + delta <= 0:
@@ -755,11 +794,11 @@ class Newton(torch.optim.Optimizer):
 
         # Every product with H comes before the trial point: the operator's blocks read the live
         # parameters, which the trial moves.
-        self._write_grad(g)
+        self._write_grad(g_data)
         d = _scaled(proposal.step, lr)
         d64 = d.double()
         gd, dHd, step_norm = float(g64 @ d64), float(d64 @ sweeps.matvec(d).double()), float(d64.norm())
-        inertia0 = self._inertia_at_zero(op, sweeps, proposal)
+        inertia0 = self._inertia_at_zero(op, sweeps, proposal, wd)
         f1, pred, rho = trial(d, gd, dHd, step_norm, 1.0)
         rule_state, accepted = self.rule.update(ns["rule"], proposal, rho)
         used_fallback = False
@@ -782,7 +821,7 @@ class Newton(torch.optim.Optimizer):
         if accepted:
             self._apply(d if scale == 1.0 else scale * d)
         elif not subsample:
-            self._rejected = (self._batch_key(inputs, targets), loss0, op)
+            self._rejected = (self._batch_key(inputs, targets), loss_data, op)
         actual = f0 - f1
         step_norm *= scale
         t_deriv += time.perf_counter() - t
@@ -810,7 +849,7 @@ class Newton(torch.optim.Optimizer):
         self.last_stats = stats
         if self.callback is not None:
             self.callback(stats)
-        return loss0.detach()
+        return loss_data.detach()
 
 
 def _one_batch(seen: list[Tensor], what: str, name: str) -> Tensor | None:

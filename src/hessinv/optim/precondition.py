@@ -376,6 +376,9 @@ class Preconditioner:
             (:func:`hessinv.lowrank.gauss_newton_root`); the exact root would cost ``(B C)^2 n`` per
             refresh (C = 1000: seconds).
         seed: seed of the generator that draws curvature batches.
+        weight_decay: ``wd`` of an L2 penalty ``wd/2 |x|^2`` on the loss: :meth:`precondition_` adds its
+            gradient ``wd x`` and ``D`` its curvature ``wd I`` (exact; the attribute may be an (n,)
+            vector, one value per parameter).
     """
 
     def __init__(
@@ -395,6 +398,7 @@ class Preconditioner:
         basis_max_dim: int = BASIS_MAX_DIM,
         max_rank: int = MAX_RANK,
         seed: int | None = None,
+        weight_decay: float = 0.0,
     ):
         self.model, self.loss_fn = model, loss_fn
         self.max_rank = _positive("max_rank", max_rank, integer=True)
@@ -433,6 +437,10 @@ class Preconditioner:
         self._root_factors: list | None = None  # the latest root's Linear factors (lowrank.structured_gram)
         self._op: Any = None
         self.time_refresh = 0.0
+        #: the L2 penalty ``wd/2 |x|^2``: its curvature ``wd I`` joins ``D``; :meth:`precondition_` adds its
+        #: gradient ``wd x`` (a number, or an (n,) vector per parameter; :class:`~hessinv.optim.Newton`
+        #: sets it from its parameter groups every step)
+        self.weight_decay: float | Tensor = float(_positive("weight_decay", weight_decay, allow_zero=True))
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -509,9 +517,11 @@ class Preconditioner:
         return g
 
     def diagonal(self) -> Tensor:
-        """``D = damping (sqrt(v / (1 - beta2^t)) + eps)`` (n,)."""
+        """``D = damping (sqrt(v / (1 - beta2^t)) + eps) + weight_decay`` (n,): the weight decay's penalty
+        ``wd/2 |x|^2`` has the curvature ``wd I`` (a number, or per parameter)."""
         t = max(self.state["t"], 1)
-        return self.damping * ((self.state["v"] / (1 - self.beta2**t)).sqrt() + self.eps)
+        D = self.damping * ((self.state["v"] / (1 - self.beta2**t)).sqrt() + self.eps)
+        return D + self.weight_decay if isinstance(self.weight_decay, Tensor) or self.weight_decay else D
 
     def due(self) -> bool:
         """Whether the next :meth:`update` rebuilds the curvature."""
@@ -571,7 +581,12 @@ class Preconditioner:
             else:
                 Xc, yc = self._curvature_batch(inputs, targets)
                 self._op = Hessian(self.model, self.loss_fn, Xc, yc, chain=self.chain)
-                self._factor = self._op.factor(self.damping, modify="abs")
+                if isinstance(self.weight_decay, Tensor):
+                    raise InvalidArgumentError(
+                        "curvature='hessian' takes one weight_decay for all parameters (it shifts H); "
+                        "per-group values need the Gauss-Newton curvature"
+                    )
+                self._factor = self._op.factor(self.damping + self.weight_decay, modify="abs")
         elif self.curvature == "gauss_newton":
             D = self.diagonal()
             if self.state["t"] <= self.warmup:
@@ -641,6 +656,9 @@ class Preconditioner:
             self.chain.check_inputs(inputs, targets)
             raise NonFiniteError("the gradient contains NaN or infinity; the step was not taken")
         with linalg.one_thread_if(self.chain.small(inputs)):  # small work: more threads only wait
+            wd = self.weight_decay
+            if isinstance(wd, Tensor) or wd:
+                g = g + wd * torch.cat([p.detach().reshape(-1) for p in self.params])
             self.observe(g)
             self.update(inputs, targets)
             d = self.solve(g)

@@ -225,8 +225,8 @@ class LossStage:
                 raise UnsupportedStageError(
                     f"{self.name}: loss_fn depends on tensors that require grad besides the model's output "
                     "(a weight penalty or learnable loss parameters?); hessinv differentiates the loss "
-                    "through the output only: pass a loss of (outputs, targets) alone, and add a weight "
-                    "penalty's gradient and curvature yourself (its Hessian is 2 lam I: a damping)"
+                    "through the output only: pass a loss of (outputs, targets) alone; an L2 penalty is "
+                    "hessinv.optim.Newton(weight_decay=...) (exact), or a damping of the operator's solves"
                 )
 
     def _per_example(self, loss_fn: nn.Module, t: Tensor, y: Tensor) -> tuple[str, Tensor | None, float]:
