@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 import hessinv.optim as ho
-from hessinv.errors import DistributedError
+from hessinv.errors import DistributedError, InvalidArgumentError
 from hessinv.optim import distributed as hd
 
 pytestmark = pytest.mark.skipif(
@@ -38,13 +39,14 @@ def _data(world: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 4, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g)
 
 
-def _newton(model: nn.Module) -> ho.Newton:
+def _newton(model: nn.Module, loss_fn: nn.Module | None = None, **kw) -> ho.Newton:
     # max_rank = CURV: one output direction per example of the 3 (a budgeted root, whose examples the
     # sharded strategy forms on different ranks)
-    return ho.Newton(
-        model, nn.CrossEntropyLoss(), mode="precondition", seed=0, lr=0.5, curvature_batch_size=CURV,
-        refresh=REFRESH, diagonal_damping=50.0, max_rank=CURV,
+    settings = dict(
+        mode="precondition", seed=0, lr=0.5, curvature_batch_size=CURV, refresh=REFRESH,
+        diagonal_damping=50.0, max_rank=CURV,
     )  # fmt: skip
+    return ho.Newton(model, loss_fn or nn.CrossEntropyLoss(), **{**settings, **kw})
 
 
 def _flat(model: nn.Module) -> torch.Tensor:
@@ -105,11 +107,11 @@ def two_process_results(tmp_path_factory) -> dict:
     return torch.load(Path(out) / "results.pt", weights_only=False)
 
 
-def _single_process(strategy: str) -> torch.Tensor:
+def _single_process(strategy: str, data=None, loss_fn=None, **kw) -> torch.Tensor:
     """One process, global batch 2B, the same curvature schedule."""
-    X, y = _data(1)
+    X, y = _data(1) if data is None else data
     model = _model()
-    opt = _newton(model)
+    opt = _newton(model, loss_fn, **kw)
     Bg = 2 * LOCAL_BATCH
     for t in range(STEPS):
         opt.step(X[t * Bg : (t + 1) * Bg], y[t * Bg : (t + 1) * Bg])
@@ -192,6 +194,269 @@ def test_cli_nproc_needs_a_divisible_batch(tmp_path, capsys):
 
     rc = main(["train", "--nproc", "2", "--batch-size", "33", "--steps", "1", "--out", str(tmp_path)])
     assert rc == 2 and "multiple of 2" in capsys.readouterr().err
+
+
+# -- what a data-parallel run must compute as one process does, or refuse by name ------------------------
+IDENTITY = {"basis": "identity"}  # no eigenbasis: 2 processes agree with 1 to rounding (1e-15)
+
+
+def _ignored_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """Every fifth label ignored (-1): rank 0's rows of a 12-row global batch hold 2 of them, rank 1's 1."""
+    X, y = _data(2)
+    y = y.clone()
+    y[::5] = -1
+    return X, y
+
+
+def _regression_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(4)
+    n = STEPS * LOCAL_BATCH * 2
+    return torch.randn(n, 4, generator=g, dtype=F64), torch.randn(n, 3, generator=g, dtype=F64)
+
+
+def _global_steps(dp: hd.DataParallel, X, y) -> list[float]:
+    Bg = 2 * LOCAL_BATCH
+    return [float(dp.step(X[t * Bg : (t + 1) * Bg], y[t * Bg : (t + 1) * Bg])) for t in range(STEPS)]
+
+
+def _closure_steps(opt: ho.Newton, ddp, loss_fn, X, y, rows, steps: int) -> None:
+    """The documented closure/DDP loop; ``rows(t, rank)``: this rank's rows of global batch ``t``."""
+    rank, Bg = torch.distributed.get_rank(), 2 * LOCAL_BATCH
+    for t in range(steps):
+        lo, hi = rows(t, rank)
+        xl, yl = X[t * Bg + lo : t * Bg + hi], y[t * Bg + lo : t * Bg + hi]
+
+        def closure(xl=xl, yl=yl):
+            opt.zero_grad()
+            loss = loss_fn(ddp(xl), yl)
+            loss.backward()
+            return loss.detach()
+
+        opt.step(closure)
+
+
+def _halves(t: int, rank: int) -> tuple[int, int]:
+    return 6 * rank, 6 * rank + 6
+
+
+def _five_and_seven(t: int, rank: int) -> tuple[int, int]:
+    """Even halves at the first step (a refresh), then 5 and 7 rows (REFRESH = 4: not refreshes)."""
+    return _halves(t, rank) if t == 0 else ((0, 5) if rank == 0 else (5, 12))
+
+
+def _error(fn) -> str | None:
+    """``fn()``'s DistributedError message (raised alike on every rank), or None."""
+    try:
+        fn()
+    except DistributedError as e:
+        return str(e)
+    return None
+
+
+def _probe_worker(rank: int, world: int, out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    res: dict = {}
+    # ignore_index, a different number of ignored labels on each rank: the curvature batch drawn among
+    # the labelled rows of the global batch, each rank's loss weighted by its share of them
+    X, y = _ignored_data()
+    lf = nn.CrossEntropyLoss(ignore_index=-1)
+    for strategy in ("sharded", "replicated"):
+        model = _model()
+        dp = hd.DataParallel(_newton(model, lf, **IDENTITY), model, lf, strategy)
+        losses = _global_steps(dp, X, y)
+        res[f"ignore/{strategy}"] = (_flat(model).clone(), losses)
+    # ... which the plain closure loop (the ranks' means averaged) would get wrong: refused
+    model = _model()
+    opt = hd.distribute(_newton(model, lf, **IDENTITY))
+    res["ignore/closure"] = _error(partial(_closure_steps, opt, DDP(model), lf, X, y, _halves, 2))
+    # a shard whose every label is ignored (the global batch's are not): refused alike on every rank
+    y_none = y.clone()
+    y_none[6:12] = -1
+    model = _model()
+    dp = hd.DataParallel(_newton(model, lf, **IDENTITY), model, lf, "sharded")
+    res["ignore/empty-shard"] = _error(partial(_global_steps, dp, X, y_none))
+    # local batches of 5 and 7 rows from the second step on
+    X, y = _data(2)
+    lf = nn.CrossEntropyLoss()
+    for strategy in ("sharded", "average"):
+        model = _model()
+        opt = hd.distribute(_newton(model, lf, **IDENTITY), strategy)
+        res[f"uneven/{strategy}"] = _error(
+            partial(_closure_steps, opt, DDP(model), lf, X, y, _five_and_seven, 3)
+        )
+    # settings that differ on rank 1
+    for key, kw in (("lr", {"lr": 0.1}), ("curvature_batch_size", {"curvature_batch_size": 3})):
+        model = _model()
+        newton = _newton(model, **(kw if rank == 1 else {}))
+        res[f"settings/{key}"] = _error(partial(hd.DataParallel, newton, model, lf, "sharded"))
+        res[f"settings/{key}/untouched"] = not isinstance(newton.preconditioner, hd.DistributedPreconditioner)
+    # MSE with a budgeted root (max_rank 10 < 5 examples x 3 outputs): every output direction ties
+    X, y = _regression_data()
+    model, lf = _model(), nn.MSELoss()
+    dp = hd.DataParallel(_newton(model, lf, max_rank=10, **IDENTITY), model, lf, "sharded")
+    _global_steps(dp, X, y)
+    res["mse-budget/sharded"] = _flat(model).clone()
+    if rank == 0:
+        torch.save(res, f"{out}/probe.pt")
+
+
+@pytest.fixture(scope="module")
+def probe_results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("probe")
+    hd.launch(_probe_worker, 2, (str(out),), timeout=30, join_timeout=240, start_method=START)
+    return torch.load(Path(out) / "probe.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("strategy", ["sharded", "replicated"])
+def test_ignore_index_with_unequal_labelled_counts_matches_one_process(probe_results, strategy):
+    data, lf = _ignored_data(), nn.CrossEntropyLoss(ignore_index=-1)
+    got, losses = probe_results[f"ignore/{strategy}"]
+    ref = _single_process(strategy, data, lf, **IDENTITY)
+    assert float((ref - _flat(_model())).abs().max()) > 1e-2  # it trained
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    # the reported loss is the global batch's (not the ranks' mean of means)
+    X, y = data
+    model = _model()
+    opt = _newton(model, lf, **IDENTITY)
+    want = [float(opt.step(X[t * 12 : (t + 1) * 12], y[t * 12 : (t + 1) * 12])) for t in range(STEPS)]
+    assert losses == pytest.approx(want, rel=1e-12)
+
+
+def test_closure_loop_with_unequal_labelled_counts_is_refused(probe_results):
+    assert "different numbers of targets" in probe_results["ignore/closure"]
+    assert "DataParallel" in probe_results["ignore/closure"]
+
+
+def test_a_shard_without_a_labelled_target_is_refused_on_every_rank(probe_results):
+    msg = probe_results["ignore/empty-shard"]
+    assert msg is not None and "rank 1's shard of the global batch has no target" in msg
+
+
+@pytest.mark.parametrize("strategy", ["sharded", "average"])
+def test_unequal_local_batches_are_refused_on_any_step(probe_results, strategy):
+    msg = probe_results[f"uneven/{strategy}"]
+    assert msg is not None and "local batch size differs between ranks: [5, 7]" in msg
+
+
+@pytest.mark.parametrize("key", ["lr", "curvature_batch_size"])
+def test_settings_that_differ_between_ranks_are_refused_by_name(probe_results, key):
+    msg = probe_results[f"settings/{key}"]
+    assert msg is not None and "settings differ between ranks" in msg and f"{key}:" in msg
+    assert probe_results[f"settings/{key}/untouched"]  # refused before anything changed
+
+
+def test_sharded_mse_with_a_budgeted_root_matches_one_process(probe_results):
+    ref = _single_process("sharded", _regression_data(), nn.MSELoss(), max_rank=10, **IDENTITY)
+    assert float((ref - _flat(_model())).abs().max()) > 1e-2  # it trained
+    torch.testing.assert_close(probe_results["mse-budget/sharded"], ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_fn", [nn.MSELoss(), nn.CrossEntropyLoss(label_smoothing=0.1)])
+def test_a_budgeted_root_does_not_depend_on_the_examples_around_it(loss_fn):
+    """``G`` of 5 examples at once, and as 2 + 3 examples scaled by their share (what ``sharded`` forms on
+    two ranks): the same, also where every output direction ties (MSE: ``Lambda_n = 2 / (B C) I``)."""
+    import math
+
+    model = _model()
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(5, 4, generator=g, dtype=F64)
+    y = torch.randn(5, 3, generator=g, dtype=F64) if isinstance(loss_fn, nn.MSELoss) else torch.arange(5) % 3
+    pc = ho.Preconditioner(model, loss_fn, curvature_batch_size=5, basis="identity", max_rank=10, seed=0)
+    U, S = pc._root(X, y, full=True)
+    parts = [pc._root(X[sl], y[sl], of=5, full=True) for sl in (slice(0, 2), slice(2, 5))]
+    Us = torch.cat([u * math.sqrt(n / 5) for (u, _), n in zip(parts, (2, 3), strict=True)])
+    Ss = torch.cat([s for _, s in parts])
+    G, Gs = U.T @ (S[:, None] * U), Us.T @ (Ss[:, None] * Us)
+    assert U.shape[0] == Us.shape[0] == 10
+    torch.testing.assert_close(Gs, G, rtol=0, atol=1e-12 * float(G.abs().max()))
+
+
+@pytest.fixture
+def one_process_group():
+    """A 1-process gloo group in this process (destroyed after: forked launches start their own)."""
+    hd.init_process_group(0, 1, hd.free_port(), timeout=30)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "loss_fn, message",
+    [
+        (nn.MSELoss(reduction="sum"), "reduction='sum'"),
+        (nn.CrossEntropyLoss(reduction="sum"), "reduction='sum'"),
+        (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0], dtype=F64)), "class weights"),
+    ],
+)
+def test_losses_that_are_not_a_per_example_mean_are_refused(one_process_group, loss_fn, message):
+    model = _model()
+    opt = _newton(model, loss_fn, mode="auto")
+    with pytest.raises(DistributedError, match=message):
+        hd.distribute(opt)
+    assert opt.mode == "auto" and not isinstance(opt.preconditioner, hd.DistributedPreconditioner)
+    with pytest.raises(DistributedError, match=message):
+        hd.DataParallel(_newton(model), model, loss_fn)
+
+
+@pytest.mark.parametrize("strategy", ["bogus", "Sharded", "", None])
+def test_a_bad_strategy_is_a_named_error_that_changes_nothing(one_process_group, strategy):
+    model = _model()
+    opt = _newton(model, mode="auto")
+    before = _flat(model).clone()
+    for make in (
+        lambda: hd.distribute(opt, strategy),
+        lambda: hd.DataParallel(opt, model, nn.CrossEntropyLoss(), strategy),
+        lambda: hd.DistributedPreconditioner.wrap(opt.preconditioner, strategy),
+    ):
+        with pytest.raises(InvalidArgumentError, match="strategy must be one of"):
+            make()
+    assert opt.mode == "auto" and type(opt.preconditioner) is ho.Preconditioner
+    assert torch.equal(_flat(model), before)
+
+
+def test_distribute_needs_a_newton_and_says_so(one_process_group):
+    sgd = torch.optim.SGD(_model().parameters(), lr=0.1)
+    with pytest.raises(InvalidArgumentError, match="needs no distribute") as e:
+        hd.distribute(sgd)
+    assert "trust-region" not in str(e.value)
+    with pytest.raises(DistributedError, match="trust-region mode"):
+        hd.distribute(_newton(_model(), mode="trust-region"))
+
+
+@pytest.mark.parametrize("nprocs", [0, -1, "2", 2.0, True])
+def test_launch_needs_a_positive_int(nprocs):
+    with pytest.raises(InvalidArgumentError, match="nprocs must be an int"):
+        hd.launch(print, nprocs)
+
+
+@pytest.mark.parametrize("rank, world", [(5, 2), (2, 2), (-1, 2), (0, 0), (0, "2")])
+def test_shard_checks_the_rank(rank, world):
+    with pytest.raises(InvalidArgumentError):
+        hd.shard(torch.arange(4), rank, world)
+
+
+def test_cli_nproc_with_a_batch_of_the_whole_training_split_is_one_process(tmp_path, monkeypatch, capsys):
+    """``--batch-size`` >= the training split is a full batch: replicated, so ``newton`` switches to its
+    trust region as with one process (40 samples: 32 training examples; 41: 33, which 2 does not divide)."""
+    import json
+
+    from hessinv.cli import distributed as hcd
+    from hessinv.cli import main
+
+    monkeypatch.setattr(hcd, "START_METHOD", START)
+    args = ["train", "--steps", "4", "--optimizers", "newton", "--depth", "3", "--width", "6",
+            "--batch-size", "64", "--no-tune", "--quiet"]  # fmt: skip
+    for samples in ("40", "41"):
+        runs = {}
+        for nproc in ("1", "2"):
+            out = tmp_path / f"{samples}-{nproc}"
+            assert main([*args, "--samples", samples, "--nproc", nproc, "--out", str(out)]) == 0
+            summary = json.loads((out / "summary.json").read_text())
+            modes = {json.loads(line).get("stats", {}).get("mode") for line in open(out / "newton.jsonl")}
+            runs[nproc] = (summary["runs"]["newton"]["final"]["train_loss"], modes - {None})
+        assert "trust-region" in runs["1"][1] and runs["2"][1] == runs["1"][1]
+        assert runs["2"][0] == pytest.approx(runs["1"][0], rel=1e-9)
+    capsys.readouterr()
 
 
 # -- data-parallel influence scores (hessinv.influence.distributed_influence_scores) ---------------------

@@ -152,12 +152,20 @@ def _top_output_curvature(
     """``(mu, V)``, (B, k) and (B, C, k): for each example the ``k`` eigenpairs of largest modulus of
     its output curvature ``Lambda_n`` (``loss.hzz``), by randomized subspace iteration: ``q = k + 8``
     seeded Gaussian columns, ``iterations`` products with ``Lambda_n`` and orthonormalizations, then the
-    Rayleigh-Ritz eigenpairs of ``Q^T Lambda_n Q`` (float64)."""
+    Rayleigh-Ritz eigenpairs of ``Q^T Lambda_n Q`` (float64).
+
+    Where the cut at ``k`` splits an eigenvalue (one tied, to rounding, with the ``k``-th kept is left
+    out: an MSE's ``Lambda_n = 2 / (B C) I`` ties all ``C``), any directions of its eigenspace are
+    eigenvectors, and rounding would pick them -- differently for another scale ``1 / B``, i.e. another
+    batch size around the example. The kept directions of that eigenvalue are then the orthonormalized
+    projections onto the eigenspace of the first seeded columns: the same for every batch size (the
+    sharded distributed preconditioner forms the rows of one curvature batch on several ranks)."""
     q = min(C, k + 8)
     gen = torch.Generator(device="cpu").manual_seed(0)
     # one start block for every example: an example's eigenpairs do not depend on the batch around it
     # (the sharded distributed preconditioner forms the rows of its examples on different ranks)
-    Y = torch.randn(C, q, generator=gen, dtype=torch.float64).to(device).expand(B, C, q)
+    Y0 = torch.randn(C, q, generator=gen, dtype=torch.float64).to(device)
+    Y = Y0.expand(B, C, q)
 
     def lam(X: Tensor) -> Tensor:
         return loss.hzz(X.to(dtype)).double()
@@ -166,11 +174,29 @@ def _top_output_curvature(
         Y = lam(torch.linalg.qr(Y)[0])
     Q = torch.linalg.qr(Y)[0]
     T = Q.mT @ lam(Q)
-    w, Z = torch.linalg.eigh(0.5 * (T + T.mT))  # (B, q), (B, q, q)
-    top = w.abs().argsort(dim=1, descending=True)[:, :k]
-    mu = w.gather(1, top)
-    V = (Q @ Z).gather(2, top[:, None, :].expand(B, C, k))
-    return mu, V
+    T = 0.5 * (T + T.mT)
+    w, Z = torch.linalg.eigh(T)  # (B, q), (B, q, q)
+    order = w.abs().argsort(dim=1, descending=True, stable=True)
+    w, Z = w.gather(1, order), Z.gather(2, order[:, None, :].expand(B, q, q))  # by modulus, descending
+    if k < q:
+        tol = 64 * math.sqrt(C) * torch.finfo(dtype).eps * w[:, :1].abs()  # (B, 1): rounding of ties
+        tied = (w - w[:, k - 1 : k]).abs() <= tol  # (B, q): equal to the k-th kept eigenvalue
+        pos = torch.arange(q, device=w.device)
+        split = (tied & (pos >= k)).any(1)  # examples whose cut falls inside an eigenspace
+        if bool(split.any()):
+            inside = tied & (pos < k) & split[:, None]  # (B, q): the kept directions to choose anew
+            Zt = Z * tied[:, None, :].to(Z.dtype)  # the eigenspace's Ritz vectors (others zeroed)
+            R = Q.mT @ Y0[:, :k]  # (B, q, k): the first seeded columns in Ritz coordinates
+            # their projections onto the eigenspace, orthonormalized in order (a prefix of a QR is the
+            # QR of the prefix): the j-th chosen direction spans the first j + 1 projections
+            Znew = torch.linalg.qr(Zt @ (Zt.mT @ R))[0]  # (B, q, k)
+            which = (inside.cumsum(1) - 1).clamp(min=0)[:, :k]  # (B, k): the chosen column of Znew
+            Zk = torch.where(
+                inside[:, None, :k], Znew.gather(2, which[:, None, :].expand(B, q, k)), Z[:, :, :k]
+            )
+            rayleigh = (Zk * (T @ Zk)).sum(1)  # (B, k): the new directions' eigenvalue
+            return torch.where(inside[:, :k], rayleigh, w[:, :k]), Q @ Zk
+    return w[:, :k], Q @ Z[:, :, :k]
 
 
 def _structured(blk) -> bool:

@@ -2,15 +2,17 @@
 
 :func:`train_data_parallel` spawns ``N`` processes (:func:`hessinv.optim.distributed.launch`: gloo on
 CPU, NCCL on CUDA, timeouts on every collective). Every rank loads the same data and draws the same
-sequence of *global* batches (``--batch-size`` is the global batch; it must divide by ``N``); each
-optimizer becomes:
+sequence of *global* batches (``--batch-size`` is the global batch; it must divide by ``N`` unless it is at
+least the training split, which makes every batch the full split); each optimizer becomes:
 
 * ``newton`` / ``gauss-newton`` in Newton's precondition mode:
   :class:`~hessinv.optim.distributed.DataParallel` (each rank its shard, DDP's gradient all-reduce,
   the curvature shared by ``--dist-strategy``);
 * ``sgd`` / ``adam`` on mini-batches: the same ``torch.optim`` step on DDP's averaged gradient;
-* anything else (Newton's trust-region mode, ``lbfgs``, ``hessian-free``, full batches): *replicated* --
-  every rank takes the same full step on the global batch (correct, identical parameters, no speed-up).
+* anything else (Newton's trust-region mode, ``lbfgs``, ``hessian-free``, full batches -- no
+  ``--batch-size``, or one at least the training split: ``newton`` then switches to its trust region as
+  with one process): *replicated* -- every rank takes the same full step on the global batch (correct,
+  identical parameters, no speed-up).
 
 Every rank stops a run at the same step (the wall-clock budget is agreed by an all-reduce). Rank 0 alone
 writes the logs, ``summary.json`` (with a ``"distributed"`` entry), ``table.md`` and ``loss.png`` and
@@ -100,14 +102,20 @@ class _NewtonDP(_Replicated):
         return self.opt.agree_stop(stop)
 
 
-def _make_optimizer_factory(original, strategy: str):
+def _mini_batches(cfg: Any, n_train: int) -> bool:
+    """Whether ``hessinv train`` draws mini-batches (``train.Batches``: a batch size at least the training
+    split is the full split, every step)."""
+    return cfg is not None and cfg.batch_size is not None and cfg.batch_size < n_train
+
+
+def _make_optimizer_factory(original, strategy: str, n_train: int):
     def make_optimizer(name: str, model: nn.Module, loss_fn: nn.Module, lr: float, cfg=None):
         from hessinv.cli.baselines import FirstOrder
         from hessinv.optim import Newton
         from hessinv.optim.distributed import DataParallel
 
         opt = original(name, model, loss_fn, lr, cfg)
-        mini = cfg is not None and cfg.batch_size is not None
+        mini = _mini_batches(cfg, n_train)
         if isinstance(opt, Newton) and opt.preconditioner is not None and mini:
             return _NewtonDP(DataParallel(opt, model, loss_fn, strategy))
         if isinstance(opt, FirstOrder) and opt.kind in ("sgd", "adam") and mini:
@@ -122,7 +130,7 @@ def _worker(rank: int, world: int, ds: Any, cfg: Any, quiet: bool, strategy: str
 
     if str(cfg.device).startswith("cuda"):  # one GPU per rank where there are enough
         cfg = dataclasses.replace(cfg, device=f"cuda:{rank % torch.cuda.device_count()}")
-    T.make_optimizer = _make_optimizer_factory(T.make_optimizer, strategy)
+    T.make_optimizer = _make_optimizer_factory(T.make_optimizer, strategy, len(ds.X_train))
     if rank != 0:
         with tempfile.TemporaryDirectory() as tmp:
             T.train(ds, dataclasses.replace(cfg, out=Path(tmp)))
@@ -146,7 +154,7 @@ def train_data_parallel(ds: Any, cfg: Any, nproc: int, *, strategy: str, quiet: 
     from hessinv.optim.distributed import DEFAULT_STRATEGY, launch
 
     strategy = strategy or DEFAULT_STRATEGY  # checked by the command line (hessinv.cli._dist_strategy)
-    if cfg.batch_size is not None and cfg.batch_size % nproc:
+    if _mini_batches(cfg, len(ds.X_train)) and cfg.batch_size % nproc:  # a full batch runs replicated
         raise UserError(
             f"--batch-size {cfg.batch_size} does not split over --nproc {nproc}: use a multiple of {nproc}"
         )

@@ -60,8 +60,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from hessinv.errors import DistributedError
-from hessinv.optim.precondition import Preconditioner
+from hessinv.errors import DistributedError, InvalidArgumentError
+from hessinv.optim.precondition import Preconditioner, curvature_batch
 
 __all__ = [
     "STRATEGIES",
@@ -153,7 +153,7 @@ def launch(
     import torch.multiprocessing as mp
 
     if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
-        raise ValueError(f"nprocs must be an int >= 1, got {nprocs!r}")
+        raise InvalidArgumentError(f"nprocs must be an int >= 1, got {nprocs!r}")
     port = free_port()
     ctx = mp.start_processes(
         _entry,
@@ -199,6 +199,13 @@ def _group_info(group) -> tuple[int, int]:
 
 def shard(x: Tensor, rank: int, world: int) -> Tensor:
     """Rows ``[rank B, (rank + 1) B)`` of a global batch of ``world B`` rows."""
+    for name, v in (("world", world), ("rank", rank)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise InvalidArgumentError(f"{name} must be an int, got {v!r}")
+    if world < 1 or not 0 <= rank < world:
+        raise InvalidArgumentError(
+            f"rank must be in [0, world) with world >= 1, got rank={rank}, world={world}"
+        )
     n = int(x.shape[0])
     if n % world:
         raise DistributedError(
@@ -237,12 +244,91 @@ def _same_everywhere(value: int, what: str, group) -> None:
         raise DistributedError(f"{what} differs between ranks: {values}; every rank needs the same")
 
 
+def _check_strategy(strategy: Any) -> str:
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise InvalidArgumentError(
+            f"strategy must be one of {', '.join(map(repr, STRATEGIES))}, got {strategy!r}"
+        )
+    return strategy
+
+
+def _loss_refusal(loss_fn: Any) -> str | None:
+    """Why ``loss_fn`` cannot be data-parallel (None: it can). DDP averages the ranks' gradients, and
+    :class:`DataParallel` the ranks' losses, each weighted by its share of the loss's normalizer (the
+    examples, or the targets not ignored): right for a per-example *mean* only."""
+    red = getattr(loss_fn, "reduction", "mean")
+    if red != "mean":
+        return (
+            f"the loss has reduction={red!r}; data-parallel training averages the ranks' gradients, which "
+            "is the global batch's gradient for a mean only: build the loss with reduction='mean'"
+        )
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and loss_fn.weight is not None:
+        return (
+            f"the loss {type(loss_fn).__name__} has class weights: its mean divides by each rank's own "
+            "sum of weights, so the ranks' average is not the global batch's loss; use a loss without "
+            "weight=... (or one process)"
+        )
+    return None
+
+
+def _ignores(loss_fn: Any, targets: Tensor) -> int | None:
+    """The ``ignore_index`` of a loss that averages over the targets it does not ignore (integer
+    targets of ``CrossEntropyLoss`` / ``NLLLoss``), else None."""
+    ignore = getattr(loss_fn, "ignore_index", None)
+    if isinstance(ignore, int) and not isinstance(ignore, bool) and not targets.is_floating_point():
+        return ignore
+    return None
+
+
+def _normalizer(loss_fn: Any, targets: Tensor) -> Tensor:
+    """What the mean loss of ``targets`` divides by, as an int64 tensor on the targets' device: the
+    number of examples, or of the targets not ignored (``ignore_index``)."""
+    ignore = _ignores(loss_fn, targets)
+    if ignore is None:
+        return torch.tensor(int(targets.shape[0]), dtype=torch.int64, device=targets.device)
+    return (targets != ignore).sum().to(torch.int64)
+
+
+def _settings(opt: Any, strategy: str) -> dict[str, Any]:
+    """What every rank's optimizer must agree on (compared by :func:`distribute`)."""
+    pc = opt.preconditioner
+    lf = opt.loss_fn
+    loss_name = type(lf).__name__ if isinstance(lf, nn.Module) else getattr(lf, "__qualname__", str(lf))
+    return {
+        "dtype": str(opt.chain.dtype),
+        "parameter count": int(opt.chain.num_params),
+        "strategy": strategy,
+        "mode": "precondition" if opt.mode in ("auto", "precondition") else opt.mode,
+        "lr": tuple(float(g["lr"]) for g in opt.param_groups),
+        "momentum": float(opt.momentum),
+        "curvature": pc.curvature,
+        "diagonal_damping": float(pc.damping),
+        "beta2": float(pc.beta2),
+        "eps": float(pc.eps),
+        "warmup": int(pc.warmup),
+        "stale_ratio": float(pc.stale_ratio),
+        "basis": "identity" if pc.basis is None else "eigen",
+        "curvature_batch_size": int(pc.curvature_batch_size),
+        "max_rank": int(pc.max_rank),
+        "refresh": int(pc.refresh),
+        "loss": (
+            loss_name,
+            getattr(lf, "reduction", None),
+            getattr(lf, "ignore_index", None),
+            getattr(lf, "label_smoothing", None),
+        ),
+        "basis_max_dim (the rotated weights)": None if pc.basis is None else tuple(pc.basis.blocks),
+        "steps taken": (int(opt.steps), int(pc.state["t"])),
+    }
+
+
 # -- the preconditioner ---------------------------------------------------------------------------------
 class DistributedPreconditioner(Preconditioner):
     """A :class:`~hessinv.optim.Preconditioner` whose curvature is the same on every rank (module docstring).
 
     Built from a preconditioner by :meth:`wrap` (normally through :func:`distribute`). Every rank must
-    call :meth:`update` / :meth:`solve` at the same steps with local batches of the same size.
+    call :meth:`update` / :meth:`solve` at the same steps with local batches of the same size; every
+    :meth:`update` checks that with one all-gather of two numbers (:meth:`check_step`).
     """
 
     strategy: str
@@ -253,8 +339,7 @@ class DistributedPreconditioner(Preconditioner):
         cls, pc: Preconditioner, strategy: str = DEFAULT_STRATEGY, group: Any = None
     ) -> DistributedPreconditioner:
         """The distributed version of ``pc`` (same settings and state), for the process ``group``."""
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        _check_strategy(strategy)
         if pc.curvature == "hessian" and strategy in ("sharded", "rotate"):
             raise DistributedError(
                 f"strategy {strategy!r} shares the Gauss-Newton root (U, S); with curvature='hessian' use "
@@ -264,6 +349,7 @@ class DistributedPreconditioner(Preconditioner):
         new = cls.__new__(cls)
         new.__dict__.update(pc.__dict__)
         new.strategy, new.group = strategy, group
+        new._checked_at = None
         return new
 
     @property
@@ -274,22 +360,84 @@ class DistributedPreconditioner(Preconditioner):
     def world_size(self) -> int:
         return dist.get_world_size(self.group)
 
-    def _global_draw(self, B: int) -> tuple[Tensor, int]:
+    def check_step(self, inputs: Tensor, targets: Tensor, weighted: bool = False) -> list[tuple[int, int]]:
+        """``(local batch size, loss normalizer)`` of every rank, by one all-gather of two numbers: the
+        same :class:`~hessinv.errors.DistributedError` on every rank when the local batch sizes differ
+        (DDP's average of the ranks' means is then not the global batch's mean) or, unless ``weighted``
+        (the caller weights each rank's loss by its share, as :class:`DataParallel` does), when the
+        ranks hold different numbers of targets that an ``ignore_index`` loss counts."""
+        head = torch.stack(
+            [torch.tensor(int(inputs.shape[0]), dtype=torch.int64), _normalizer(self.loss_fn, targets).cpu()]
+        )
+        if dist.get_backend(self.group) == "nccl":
+            head = head.cuda()
+        heads = [torch.zeros_like(head) for _ in range(self.world_size)]
+        dist.all_gather(heads, head, group=self.group)
+        counts = [(int(h[0]), int(h[1])) for h in heads]
+        sizes = [c[0] for c in counts]
+        if len(set(sizes)) > 1:
+            raise DistributedError(
+                f"the local batch size differs between ranks: {sizes}; every rank needs the same (the "
+                "ranks' mean gradients are averaged with equal weights): split each global batch evenly "
+                "(hessinv.optim.distributed.shard)"
+            )
+        labelled = [c[1] for c in counts]
+        if 0 in labelled and any(labelled):
+            raise DistributedError(
+                f"rank {labelled.index(0)}'s shard of the global batch has no target that the loss counts "
+                f"(every one equals ignore_index={getattr(self.loss_fn, 'ignore_index', None)}): its mean "
+                "loss is 0/0, which a rank's step refuses although the global batch's is defined; shuffle "
+                "the data so that every shard holds a labelled target (or use one process)"
+            )
+        if not weighted and len(set(labelled)) > 1:
+            raise DistributedError(
+                f"the ranks hold different numbers of targets that the loss counts (ignore_index="
+                f"{getattr(self.loss_fn, 'ignore_index', None)}): {labelled}; DDP's average of the ranks' "
+                "mean losses is then not the global batch's mean: use DataParallel.step (it weights each "
+                "rank's loss by its share), or give every rank the same number of labelled targets"
+            )
+        self._checked_at = self.state["t"] + 1  # the step whose update() needs no second check
+        return counts
+
+    def update(self, inputs: Tensor, targets: Tensor, carry: Any = ()) -> None:
+        if self._checked_at != self.state["t"]:  # not checked for this step yet (DataParallel checks first)
+            self.check_step(inputs, targets)
+        self._checked_at = None
+        super().update(inputs, targets, carry)
+
+    def _global_draw(self, targets: Tensor) -> tuple[Tensor, int, float]:
         """This rank's rows of a curvature batch drawn from the global batch (``world * B`` rows, rank
-        ``r`` holding ``[r B, (r + 1) B)``) exactly as one process draws it from that batch; and ``k``."""
+        ``r`` holding ``[r B, (r + 1) B)``) exactly as one process draws it from that batch
+        (:func:`~hessinv.optim.precondition.curvature_batch`: among the targets not ignored by an
+        ``ignore_index`` loss, whose targets are then all-gathered); ``k``, the rows drawn; and this
+        rank's share of the loss's normalizer over them (its rows' weight in the curvature's mean)."""
+        B = int(targets.shape[0])
         _same_everywhere(B, "the local batch size", self.group)
         Bg, k = self.world_size * B, self.curvature_batch_size
-        if k >= Bg:
-            idx = torch.arange(Bg)
+        ignore = _ignores(self.loss_fn, targets)
+        if ignore is None:
+            yg = None
+            drawn = curvature_batch(self.loss_fn, torch.empty(Bg, 0), k, self.generator)  # no labels
         else:
-            idx = torch.randperm(Bg, generator=self.generator)[:k].sort().values
+            parts = [torch.empty_like(targets) for _ in range(self.world_size)]
+            dist.all_gather(parts, targets.contiguous(), group=self.group)
+            yg = torch.cat(parts).cpu()
+            drawn = curvature_batch(self.loss_fn, yg, k, self.generator)
+        idx = torch.arange(Bg) if drawn is None else drawn.cpu()
         lo = self.rank * B
-        return idx[(idx >= lo) & (idx < lo + B)] - lo, int(idx.numel())
+        mine = (idx >= lo) & (idx < lo + B)
+        share = int(mine.sum()) / max(int(idx.numel()), 1)
+        if yg is not None:
+            kept = yg[idx] != ignore
+            total = int(kept.sum())
+            if total:
+                share = int(kept[mine].sum()) / total
+        return idx[mine] - lo, int(idx.numel()), share
 
     def _curvature_batch(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         if self.strategy != "replicated":
             return super()._curvature_batch(inputs, targets)
-        local, _ = self._global_draw(int(inputs.shape[0]))
+        local, _, _ = self._global_draw(targets)
         local = local.to(inputs.device)
         X = torch.cat(_gather_rows(inputs[local].contiguous(), self.group))
         y = torch.cat(_gather_rows(targets[local].contiguous(), self.group))
@@ -297,12 +445,12 @@ class DistributedPreconditioner(Preconditioner):
 
     def curvature_root(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         if self.strategy == "sharded":
-            local, k = self._global_draw(int(inputs.shape[0]))
+            local, k, share = self._global_draw(targets)
             n = self.chain.num_params
             if local.numel():
                 local = local.to(inputs.device)
                 U, S = self._root(inputs[local], targets[local], of=k, full=True)  # k's share of max_rank
-                U = U * math.sqrt(local.numel() / k)  # this shard's share of the mean over k examples
+                U = U * math.sqrt(share)  # this shard's share of the mean over the k examples
             else:
                 U = torch.zeros(0, n, dtype=self.chain.dtype, device=self.chain.device)
                 S = torch.zeros(0, dtype=self.chain.dtype, device=self.chain.device)
@@ -339,21 +487,75 @@ class DistributedPreconditioner(Preconditioner):
         return d
 
 
-def distribute(opt: Any, strategy: str = DEFAULT_STRATEGY, group: Any = None) -> Any:
-    """Make a :class:`~hessinv.optim.Newton` in precondition mode data-parallel (in place; returns it).
+def _refusal(opt: Any, strategy: Any) -> tuple[type, str] | None:
+    """Why ``distribute(opt, strategy)`` cannot run on this rank (None: it can), before anything changes."""
+    from hessinv.optim.newton import Newton
 
-    Broadcasts rank 0's parameters and the optimizer's generators (so every rank draws the same
-    curvature indices) and swaps its preconditioner for a :class:`DistributedPreconditioner`. The
-    gradient must come from DDP (the closure form of ``step``, or :class:`DataParallel`). ``mode="auto"``
-    is pinned to ``"precondition"`` (the trust-region mode is a full-batch method: not data-parallel).
-    """
-    _group_info(group)
-    pc = getattr(opt, "preconditioner", None)
+    try:
+        _check_strategy(strategy)
+    except InvalidArgumentError as e:
+        return InvalidArgumentError, str(e)
+    if not isinstance(opt, Newton):
+        return InvalidArgumentError, (
+            f"distribute() makes a hessinv.optim.Newton data-parallel; got {type(opt).__name__}. A "
+            "torch.optim optimizer needs no distribute(): wrap the model in DistributedDataParallel and "
+            "step it as usual (every rank applies the same averaged gradient)"
+        )
+    pc = opt.preconditioner
     if pc is None:
-        raise DistributedError(
+        return DistributedError, (
             "this Newton is in trust-region mode, which is not data-parallel; build it with "
             "mode='precondition' (mini-batches)"
         )
+    if pc.curvature == "hessian" and strategy in ("sharded", "rotate"):
+        return DistributedError, (
+            f"strategy {strategy!r} shares the Gauss-Newton root (U, S); with curvature='hessian' use "
+            "'replicated' or 'average'"
+        )
+    why = _loss_refusal(opt.loss_fn)
+    if why is not None:
+        return DistributedError, why
+    return None
+
+
+def distribute(opt: Any, strategy: str = DEFAULT_STRATEGY, group: Any = None) -> Any:
+    """Make a :class:`~hessinv.optim.Newton` in precondition mode data-parallel (in place; returns it).
+
+    First checks, with one all-gather, that every rank can (a Newton in precondition mode, a known
+    ``strategy``, a loss with ``reduction='mean'`` and no class weights) and that every rank's settings
+    agree (learning rates, momentum, damping, ``beta2``, basis, curvature, ``curvature_batch_size``,
+    ``max_rank``, ``refresh``, dtype, parameter count, loss, steps taken): else the same named error on
+    every rank, and nothing is changed. Then broadcasts rank 0's parameters and the optimizer's
+    generators (so every rank draws the same curvature indices) and swaps its preconditioner for a
+    :class:`DistributedPreconditioner`. The gradient must come from DDP (the closure form of ``step``,
+    or :class:`DataParallel`). ``mode="auto"`` is pinned to ``"precondition"`` (the trust-region mode is
+    a full-batch method: not data-parallel).
+    """
+    rank, world = _group_info(group)
+    why = _refusal(opt, strategy)
+    if why is None:
+        mine: tuple[Any, Any] = (None, _settings(opt, strategy))
+    else:
+        mine = ((why[0].__name__, why[1]), None)
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, mine, group=group)
+    for r, (problem, _) in sorted(enumerate(every), key=lambda t: t[0] != rank):  # this rank's first
+        if problem is not None:
+            kind = InvalidArgumentError if problem[0] == "InvalidArgumentError" else DistributedError
+            raise kind(problem[1] if r == rank else f"rank {r} of {world} cannot join: {problem[1]}")
+    settings = [s for _, s in every]
+    differ = [key for key in settings[0] if any(s[key] != settings[0][key] for s in settings[1:])]
+    if "parameter count" in differ:  # other models: their rotated weights differ too, no news
+        differ = [key for key in differ if not key.startswith("basis_max_dim")]
+    if differ:
+        detail = "; ".join(
+            f"{key}: " + ", ".join(f"rank {r} {s[key]!r}" for r, s in enumerate(settings)) for key in differ
+        )
+        raise DistributedError(
+            f"the optimizer's settings differ between ranks ({detail}); every rank must build the same "
+            "Newton (same arguments, same model) and load the same checkpoint"
+        )
+    pc = opt.preconditioner
     if opt.mode == "auto":
         opt.mode = opt._newton["mode"] = "precondition"
     src = 0 if group is None else dist.get_global_rank(group, 0)
@@ -371,11 +573,14 @@ def distribute(opt: Any, strategy: str = DEFAULT_STRATEGY, group: Any = None) ->
 
 class DataParallel:
     """``loss = dp.step(X, y)`` on the *global* batch: this rank's shard (:func:`shard`) through DDP, one
-    :class:`~hessinv.optim.Newton` step, and the global batch loss (averaged over the ranks).
+    :class:`~hessinv.optim.Newton` step, and the global batch loss. Each rank's loss is weighted by its
+    share of the loss's normalizer (``world * n_r / sum(n)``, ``n_r`` its examples, or its targets not
+    ignored by an ``ignore_index`` loss): DDP's average of the ranks' gradients is then the global batch's
+    gradient, also where the ranks hold different numbers of labelled targets.
 
     Args:
         opt: a ``Newton`` over ``model`` (made data-parallel here by :func:`distribute`).
-        model, loss_fn: the plain chain and its loss module.
+        model, loss_fn: the plain chain and its loss module (``reduction='mean'``, no class weights).
         strategy, group: see :func:`distribute`.
     """
 
@@ -390,6 +595,9 @@ class DataParallel:
         from torch.nn.parallel import DistributedDataParallel
 
         self.rank, self.world_size = _group_info(group)
+        why = _loss_refusal(loss_fn)
+        if why is not None:
+            raise DistributedError(why)
         self.opt, self.model, self.loss_fn, self.group = (
             distribute(opt, strategy, group),
             model,
@@ -407,14 +615,21 @@ class DataParallel:
 
     def step(self, inputs: Tensor, targets: Tensor) -> Tensor:
         X, y = shard(inputs, self.rank, self.world_size), shard(targets, self.rank, self.world_size)
+        counts = self.opt.preconditioner.check_step(X, y, weighted=True)  # the step's one small collective
+        n = [c[1] for c in counts]
+        total = sum(n)
+        # world * n_r / sum(n): exactly 1.0 when every rank holds the same count
+        weight = self.world_size * n[self.rank] / total if total else 1.0
 
         def closure() -> Tensor:
             self.opt.zero_grad()
             loss = self.loss_fn(self.ddp(X), y)
-            loss.backward()
+            (loss if weight == 1.0 else loss * weight).backward()
             return loss.detach()
 
         loss = self.opt.step(X, y, closure=closure).detach().clone().reshape(1)
+        if weight != 1.0:
+            loss *= weight
         dist.all_reduce(loss, group=self.group)
         return (loss / self.world_size).reshape(())
 
