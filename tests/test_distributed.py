@@ -286,7 +286,11 @@ def _probe_worker(rank: int, world: int, out: str) -> None:
             partial(_closure_steps, opt, DDP(model), lf, X, y, _five_and_seven, 3)
         )
     # settings that differ on rank 1
-    for key, kw in (("lr", {"lr": 0.1}), ("curvature_batch_size", {"curvature_batch_size": 3})):
+    for key, kw in (
+        ("lr", {"lr": 0.1}),
+        ("curvature_batch_size", {"curvature_batch_size": 3}),
+        ("weight_decay", {"weight_decay": 0.5}),
+    ):
         model = _model()
         newton = _newton(model, **(kw if rank == 1 else {}))
         res[f"settings/{key}"] = _error(partial(hd.DataParallel, newton, model, lf, "sharded"))
@@ -339,7 +343,7 @@ def test_unequal_local_batches_are_refused_on_any_step(probe_results, strategy):
     assert msg is not None and "local batch size differs between ranks: [5, 7]" in msg
 
 
-@pytest.mark.parametrize("key", ["lr", "curvature_batch_size"])
+@pytest.mark.parametrize("key", ["lr", "curvature_batch_size", "weight_decay"])
 def test_settings_that_differ_between_ranks_are_refused_by_name(probe_results, key):
     msg = probe_results[f"settings/{key}"]
     assert msg is not None and "settings differ between ranks" in msg and f"{key}:" in msg

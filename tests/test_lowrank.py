@@ -395,3 +395,29 @@ def test_newton_with_many_classes_keeps_the_root_small():
         assert float(nn.functional.cross_entropy(model(X), y)) < 0.95 * first
     with pytest.raises(hessinv.InvalidArgumentError, match="max_rank"):
         hessinv.optim.Newton(model, nn.CrossEntropyLoss(), max_rank=0)
+
+
+def test_budgeted_output_curvature_keeps_the_leading_directions_of_confident_softmaxes():
+    """float32, 1000 classes, confident predictions: the kept eigenvalues sit below the rounding tolerance of
+    the tie rule, which must not then treat them as tied (it replaced them by worse directions: 56x the
+    best rank-k error); the truncation stays within 2x of the best rank-k one."""
+    from hessinv.lowrank import _top_output_curvature
+
+    class Softmax:  # Lambda_n = (diag p - p p^T) / B
+        def __init__(self, logits):
+            self.p, self.B = torch.softmax(logits, -1), logits.shape[0]
+
+        def hzz(self, X):
+            p = self.p.to(X.dtype)[:, :, None]
+            return (p * X - p * (p * X).sum(1, keepdim=True)) / self.B
+
+    torch.manual_seed(0)
+    B, C, k = 16, 1000, 10
+    logits = 40.0 * torch.randn(B, C, dtype=torch.float64)
+    p = torch.softmax(logits, -1)
+    Lam = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / B
+    w = torch.linalg.eigvalsh(Lam).abs().sort(dim=1, descending=True).values
+    best = float(w[:, k:].pow(2).sum().sqrt())
+    mu, U = _top_output_curvature(Softmax(logits.float()), B, C, k, torch.float32, torch.device("cpu"))
+    err = float((Lam - ((U * mu[:, None, :]) @ U.mT).double()).norm())
+    assert err <= 2 * best

@@ -1091,3 +1091,25 @@ def test_weight_decay_is_an_exact_l2_penalty():
         ho.Newton(net, ce, params=groups, mode="trust-region", weight_decay=wd, seed=0).step(X8, y8[:8])
     with pytest.raises(hessinv.InvalidArgumentError, match="weight_decay must be"):
         ho.Newton(net, ce, weight_decay=-1.0)
+
+
+def test_float32_boundary_steps_stay_in_the_trust_region_and_damping_excludes_the_decay():
+    """The float32 refinement is for interior steps: a boundary step is shrunk onto the sphere and, refined,
+    left the region by up to 5% (or, after max_iter, by 3000x, and the optimizer stalled). The reported
+    damping is the rule's lambda, not lambda + weight_decay."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    X, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    seen = []
+    opt = ho.Newton(net, nn.CrossEntropyLoss(), mode="trust-region", seed=0, callback=seen.append,
+                    damping=ho.TrustRegion(radius=0.01, max_iter=1))  # fmt: skip
+    for _ in range(4):
+        opt.step(X, y)
+    assert all(s.step_norm <= s.radius * (1 + 1e-5) for s in seen)
+    assert sum(s.accepted for s in seen) >= 3
+    net, X, y = _clf(dtype=F64)
+    seen = []
+    opt = ho.Newton(net, nn.CrossEntropyLoss(), mode="trust-region", curvature="gauss_newton", seed=0,
+                    weight_decay=0.3, callback=seen.append, damping=ho.TrustRegion(radius=1e3))  # fmt: skip
+    opt.step(X.double(), y)
+    assert not seen[0].boundary and seen[0].damping == 0.0

@@ -180,7 +180,9 @@ def _top_output_curvature(
     w, Z = w.gather(1, order), Z.gather(2, order[:, None, :].expand(B, q, q))  # by modulus, descending
     if k < q:
         tol = 64 * math.sqrt(C) * torch.finfo(dtype).eps * w[:, :1].abs()  # (B, 1): rounding of ties
-        tied = (w - w[:, k - 1 : k]).abs() <= tol  # (B, q): equal to the k-th kept eigenvalue
+        # equal to the k-th kept eigenvalue, where that one stands above the rounding (below it, nothing
+        # is told apart: the subspace iteration's order stands)
+        tied = ((w - w[:, k - 1 : k]).abs() <= tol) & (w[:, k - 1 : k].abs() > tol)  # (B, q)
         pos = torch.arange(q, device=w.device)
         split = (tied & (pos >= k)).any(1)  # examples whose cut falls inside an eigenspace
         if bool(split.any()):

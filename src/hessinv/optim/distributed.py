@@ -300,6 +300,7 @@ def _settings(opt: Any, strategy: str) -> dict[str, Any]:
         "strategy": strategy,
         "mode": "precondition" if opt.mode in ("auto", "precondition") else opt.mode,
         "lr": tuple(float(g["lr"]) for g in opt.param_groups),
+        "weight_decay": tuple(float(g.get("weight_decay", 0.0)) for g in opt.param_groups),
         "momentum": float(opt.momentum),
         "curvature": pc.curvature,
         "diagonal_damping": float(pc.damping),

@@ -760,9 +760,9 @@ class Newton(torch.optim.Optimizer):
         # 2. proposal
         sweeps = Sweeps(op, shift=wd)
         proposal = self.rule.propose(sweeps, g, ns["rule"])
-        if (
-            proposal.step.dtype != torch.float64 and not proposal.hard_case
-        ):  # float32: to ~cond u (Sweeps.refine)
+        # float32: an interior step to ~cond u (Sweeps.refine); a boundary step is shrunk onto the sphere
+        # and no longer solves the system (refining it would undo the shrinking)
+        if proposal.step.dtype != torch.float64 and not (proposal.hard_case or proposal.boundary):
             proposal.step = sweeps.refine(proposal.factor, -g, proposal.step)
 
         # 3. trial point and ratio test (then, if rejected, backtracking along d)

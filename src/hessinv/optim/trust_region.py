@@ -213,7 +213,8 @@ def solve_subproblem(
     it = 0
 
     def result(step: Tensor, F: Factorization, boundary: bool, hard: bool) -> SubproblemSolution:
-        return SubproblemSolution(step, F.damping, F, boundary, hard, it, lam_psd, pd0, u_last)
+        # lambda is the rule's: F factors H + (lambda + shift) I, the shift a weight decay's (Sweeps)
+        return SubproblemSolution(step, F.damping - sweeps.shift, F, boundary, hard, it, lam_psd, pd0, u_last)
 
     def hard_step(F: Factorization, s: Tensor, u: Tensor, uAu: float) -> SubproblemSolution:
         tau, tau_other = _boundary_taus(s, u, radius, F.damping, uAu)
