@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import numbers
 import operator
 import threading
@@ -87,8 +88,9 @@ def _same(x: Any, v: Any) -> bool:
     return bool(x == v)
 
 
-def _changed(now: tuple, held: tuple) -> bool:
-    return len(now) != len(held) or any(a is not b for a, b in zip(now, held, strict=True))
+def _changed(now: list, held: list) -> bool:
+    """Whether the items of ``now`` are not ``held``, one by one by identity."""
+    return len(now) != len(held) or any(map(operator.is_not, now, held))
 
 
 def _stages_code(stages: list[Stage]) -> tuple:
@@ -713,13 +715,13 @@ class Chain:
         # activation at the split): a later model.train() would change the function unseen
         self._mode_watch = [(m, m.training) for m in mods if isinstance(m, _MODE_DEPENDENT)]
         # a replaced submodule, list element or parameter; a frozen or unfrozen layer
-        dicts = [m._modules for m in mods] + [m._parameters for m in mods]
-        self._held = [(d, tuple(d.values())) for d in dicts]
-        if not isinstance(model, nn.Module):
-            self._held.append((model, tuple(model)))
-        self._grad_flags = [
-            (t, t.requires_grad) for m in mods for t in m._parameters.values() if t is not None
-        ]
+        # (kept as parallel lists: check_model compares them with map, a few microseconds per module)
+        self._held = [m._modules for m in mods] + [m._parameters for m in mods]
+        self._held_lens = list(map(len, self._held))
+        self._held_values = list(itertools.chain.from_iterable(map(dict.values, self._held)))
+        self._top = None if isinstance(model, nn.Module) else (model, list(model))
+        self._flag_tensors = [t for m in mods for t in m._parameters.values() if t is not None]
+        self._flags = [t.requires_grad for t in self._flag_tensors]
         # hooks (a module with hooks is called whole) and the attributes a traced forward may bake in (a
         # temperature, a flag, the training mode of F.dropout(training=self.training)): split again
         glob = nn.modules.module
@@ -730,7 +732,7 @@ class Chain:
         ]
         for m in mods:
             hooks += [m._forward_hooks, m._forward_pre_hooks, m._backward_hooks]
-        self._hooks = [(d, tuple(d.keys())) for d in hooks]
+        self._hooks, self._hook_keys = hooks, [tuple(d) for d in hooks]
         self._attrs = [
             (m, k, v)
             for m in self._traced
@@ -757,15 +759,19 @@ class Chain:
                     f"a parameter is now {t.dtype} on {t.device}; the model was {self.dtype} on "
                     f"{self.device} when this operator/optimizer was built: build it again after model.to()"
                 )
-        if any(
-            _changed(tuple(d.values()) if isinstance(d, dict) else tuple(d), held) for d, held in self._held
-        ) or any(t.requires_grad != flag for t, flag in self._grad_flags):
+        values = itertools.chain.from_iterable(map(dict.values, self._held))
+        if (
+            list(map(len, self._held)) != self._held_lens
+            or any(map(operator.is_not, values, self._held_values))
+            or (self._top is not None and _changed(*self._top))
+            or [t.requires_grad for t in self._flag_tensors] != self._flags
+        ):
             raise InvalidArgumentError(
                 "the model changed since this operator/optimizer was built (a submodule or parameter "
                 "replaced, a layer frozen or unfrozen): build it again for the new model"
             )
         moved = [(m, k) for m, k, v in self._attrs if not _same(vars(m).get(k, _MISSING), v)]
-        if moved or any(tuple(d.keys()) != keys for d, keys in self._hooks):
+        if moved or list(map(tuple, self._hooks)) != self._hook_keys:
             stages = split_stages(self.model, traced := [])
             if [id(t) for s in stages for t in s.params] != [id(t) for t in self.params]:
                 raise InvalidArgumentError(

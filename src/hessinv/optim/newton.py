@@ -443,7 +443,16 @@ class Newton(torch.optim.Optimizer):
         return self._group_values("weight_decay")
 
     def _group_values(self, key: str) -> float | Tensor:
-        """The groups' common ``key``, or a per-parameter (n,) vector when they differ."""
+        """The groups' common ``key``, or a per-parameter (n,) vector when they differ (kept while the
+        groups' values stay the same: a scheduler changes them between steps)."""
+        sig = tuple((g.get(key, 0.0), len(g["params"])) for g in self.param_groups)
+        memo = self.__dict__.setdefault("_group_memo", {})
+        if key in memo and memo[key][0] == sig:
+            return memo[key][1]
+        memo[key] = (sig, self._group_values_now(key))
+        return memo[key][1]
+
+    def _group_values_now(self, key: str) -> float | Tensor:
         order = {id(p): i for i, p in enumerate(self.chain.params)}
         seen: list[int] = []
         values: dict[int, float] = {}
