@@ -680,7 +680,6 @@ class Chain:
             )
         self.model, self.loss_fn = model, loss_fn
         self._traced: list[nn.Module] = []
-        self._max_side: int | None = None
         self._unread: set[tuple[int, str]] = set()  # attributes a re-split showed the trace does not read
         self.stages = split_stages(model, self._traced)
         self.params = [t for s in self.stages for t in s.params]
@@ -703,6 +702,7 @@ class Chain:
             )
         self.sizes = [s.p for s in self.stages]
         self.num_params = sum(self.sizes)
+        self._max_side = max(max(t.shape, default=1) for t in self.params)  # for small()
         self._watch()
 
     def _watch(self) -> None:
@@ -790,14 +790,16 @@ class Chain:
                     "(model.eval()) while using hessinv"
                 )
 
+    def flat_params(self) -> Tensor:
+        """The trainable parameters' values as one (n,) vector, in the curvature's order (a copy)."""
+        return torch.cat([t.detach().reshape(-1) for t in self.params])
+
     def small(self, inputs: Tensor) -> bool:
         """Whether work on this model and batch is small enough for one CPU thread
         (:func:`hessinv.linalg.one_thread_if`): every weight's sides and the batch at most
         :data:`~hessinv.linalg.SMALL_BLOCKS`, the batch's inputs at most ``64 SMALL_BLOCKS`` numbers (a
         convolution over images is not small), on CPU."""
         n = linalg.SMALL_BLOCKS
-        if self._max_side is None:
-            self._max_side = max(max(t.shape, default=1) for t in self.params)
         return (
             self.device.type == "cpu"
             and self._max_side <= n

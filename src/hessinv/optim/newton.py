@@ -80,6 +80,7 @@ from hessinv.optim.precondition import (
     BASIS_MAX_DIM,
     MAX_RANK,
     Preconditioner,
+    _positive,
     curvature_batch,
 )
 from hessinv.optim.trust_region import TrustRegion
@@ -315,11 +316,8 @@ class Newton(torch.optim.Optimizer):
                 "loss_fn must be a loss module (e.g. nn.CrossEntropyLoss()) or a function "
                 f"loss_fn(outputs, targets), got {type(loss_fn).__name__}"
             )
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
-            raise InvalidArgumentError(f"lr must be a finite number > 0, got {lr!r}")
-        wd = weight_decay
-        if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not (math.isfinite(wd) and wd >= 0):
-            raise InvalidArgumentError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        _positive("lr", lr)
+        _positive("weight_decay", weight_decay, allow_zero=True)
         if mode not in _MODES:
             raise InvalidArgumentError(f"mode must be one of {_MODES}, got {mode!r}")
         if curvature is not None:
@@ -352,6 +350,7 @@ class Newton(torch.optim.Optimizer):
         self.momentum = float(momentum)
         self.last_stats: StepStats | None = None
         self._rejected: tuple | None = None  # (batch key, loss, operator) after a rejected step
+        self._group_memo: dict[str, tuple] = {}  # key -> (the groups' values, _group_values' answer)
         defaults = {"lr": float(lr), "weight_decay": float(weight_decay)}
         super().__init__(_param_groups(params, self.chain.params), defaults)
         self._groups_frozen = True
@@ -446,10 +445,9 @@ class Newton(torch.optim.Optimizer):
         """The groups' common ``key``, or a per-parameter (n,) vector when they differ (kept while the
         groups' values stay the same: a scheduler changes them between steps)."""
         sig = tuple((g.get(key, 0.0), len(g["params"])) for g in self.param_groups)
-        memo = self.__dict__.setdefault("_group_memo", {})
-        if key in memo and memo[key][0] == sig:
-            return memo[key][1]
-        memo[key] = (sig, self._group_values_now(key))
+        memo = self._group_memo
+        if key not in memo or memo[key][0] != sig:
+            memo[key] = (sig, self._group_values_now(key))
         return memo[key][1]
 
     def _group_values_now(self, key: str) -> float | Tensor:
@@ -457,9 +455,7 @@ class Newton(torch.optim.Optimizer):
         seen: list[int] = []
         values: dict[int, float] = {}
         for group in self.param_groups:
-            v = group.get(key, 0.0)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
-                raise InvalidArgumentError(f"{key} must be a finite number >= 0, got {v!r}")
+            v = _positive(key, group.get(key, 0.0), allow_zero=True)
             for p in group["params"]:
                 if id(p) not in order:
                     raise InvalidArgumentError(
@@ -482,9 +478,6 @@ class Newton(torch.optim.Optimizer):
                 for p in self.chain.params
             ]
         )
-
-    def _flat_params(self) -> Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in self.chain.params])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only while building the optimizer: the curvature is of the whole model, so a group with other
@@ -660,10 +653,8 @@ class Newton(torch.optim.Optimizer):
             self._explain_failure(inputs, targets)  # e.g. every target ignored: 0/0
             raise NonFiniteError(f"the loss ({float(loss0)}) or the gradient contains NaN or infinity")
         t_deriv = time.perf_counter() - t_start
-        wd = self._weight_decay()  # the penalty wd/2 |x|^2: gradient wd x, curvature wd I (in D)
-        pc.weight_decay = wd
-        if not isinstance(wd, float) or wd:
-            g = g + wd * self._flat_params()
+        pc.weight_decay = self._weight_decay()  # the penalty wd/2 |x|^2: gradient wd x, curvature wd I (D)
+        g = pc.penalized(g)
         # the momentum is kept in the preconditioner's basis (one rotation per step fewer); a basis
         # refresh carries it over
         gr = pc.observe(g)
@@ -763,7 +754,7 @@ class Newton(torch.optim.Optimizer):
             )
         loss_data, g_data = loss0, g
         if wd:
-            x0 = self._flat_params()
+            x0 = self.chain.flat_params()
             loss0, g = loss0 + 0.5 * wd * float(x0 @ x0), g + wd * x0
 
         # 2. proposal
@@ -793,7 +784,7 @@ class Newton(torch.optim.Optimizer):
             try:
                 f_t = float(self._batch_loss(inputs, targets))
                 if wd:
-                    xt = self._flat_params()
+                    xt = self.chain.flat_params()
                     f_t += 0.5 * wd * float(xt @ xt)
             except NonFiniteError:
                 f_t = math.nan

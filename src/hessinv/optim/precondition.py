@@ -516,6 +516,11 @@ class Preconditioner:
         st["v"].mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
         return g
 
+    def penalized(self, g: Tensor) -> Tensor:
+        """``g + wd x``: the gradient ``g`` (n,) of the loss plus that of the weight decay's penalty."""
+        wd = self.weight_decay
+        return g + wd * self.chain.flat_params() if isinstance(wd, Tensor) or wd else g
+
     def diagonal(self) -> Tensor:
         """``D = damping (sqrt(v / (1 - beta2^t)) + eps) + weight_decay`` (n,): the weight decay's penalty
         ``wd/2 |x|^2`` has the curvature ``wd I`` (a number, or per parameter)."""
@@ -656,9 +661,7 @@ class Preconditioner:
             self.chain.check_inputs(inputs, targets)
             raise NonFiniteError("the gradient contains NaN or infinity; the step was not taken")
         with linalg.one_thread_if(self.chain.small(inputs)):  # small work: more threads only wait
-            wd = self.weight_decay
-            if isinstance(wd, Tensor) or wd:
-                g = g + wd * torch.cat([p.detach().reshape(-1) for p in self.params])
+            g = self.penalized(g)
             self.observe(g)
             self.update(inputs, targets)
             d = self.solve(g)
