@@ -52,6 +52,51 @@ def test_ldl_pivot_against_dense(p, a, seed):
     assert piv.logdet() == pytest.approx(float(ev.abs().log().sum()), rel=1e-10, abs=1e-10)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    p=st.integers(1, 90),
+    kind=st.sampled_from(["random", "zero_diagonal", "permuted_diagonal", "rank_deficient"]),
+    scipy_path=st.booleans(),
+    single=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_ldl_both_forms_against_dense(p, kind, scipy_path, single, seed):
+    """linalg.ldl's two paths (scipy's upper form read through Q^T, torch's lower form) reproduce
+    P^T Q P from their factors, on matrices that force 2x2 blocks and row interchanges."""
+    from hessinv import linalg
+
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(p, p, generator=g, dtype=torch.float64)
+    if kind == "random":
+        Q = A + A.T
+    elif kind == "zero_diagonal":  # every pivot column's diagonal is 0: Bunch-Kaufman takes 2x2 blocks
+        Q = A + A.T
+        Q.diagonal().zero_()
+    elif kind == "permuted_diagonal":
+        P = torch.eye(p, dtype=torch.float64)[torch.randperm(p, generator=g)]
+        Q = (P * torch.randn(p, generator=g, dtype=torch.float64)) @ P.T
+    else:
+        V = A[:, : max(1, p // 3)]
+        Q = V @ torch.diag(torch.randn(V.shape[1], generator=g, dtype=torch.float64)) @ V.T
+    Q = Q.float() if single else Q
+    ready = linalg._scipy_ready
+    linalg._scipy_ready = (lambda *t: ready(*t)) if scipy_path else (lambda *t: False)
+    try:
+        T, upper, perm, d, e, two = linalg.ldl(Q)
+    finally:
+        linalg._scipy_ready = ready
+    assert sorted(perm.tolist()) == list(range(p))
+    assert not two[-1] and not (two[:-1] & two[1:]).any()  # a 2x2 block's first row, never overlapping
+    assert (e[~two] == 0).all()
+    Tm = np.tril(T.astype(np.float64), -1) + np.eye(p)
+    D = np.diag(d) + np.diag(e[:-1], -1) + np.diag(e[:-1], 1)
+    LDL = Tm.T @ D @ Tm if upper else Tm @ D @ Tm.T
+    Qp = Q.double().numpy()[perm][:, perm]
+    scale = max(1.0, float(np.abs(Qp).max())) * max(1.0, float(np.abs(Tm).max())) ** 2
+    tol = (1e-5 if single else 1e-12) * p * scale
+    assert float(np.abs(LDL - Qp).max()) <= tol
+
+
 def test_perturbed_pivot_counts_and_stays_nonsingular():
     """A pivot whose D has an eigenvalue below p u max|Q| is perturbed (sign kept), not refused."""
     lam = torch.tensor([-2.0, -1.0, 1e-16, 0.5, 1.0, 3.0], dtype=torch.float64)

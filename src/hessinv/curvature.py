@@ -341,12 +341,21 @@ class CurvatureOperator:
                 stacklevel=2,
             )
 
-        def count(s: float) -> Inertia:
-            return riccati_factor(self.blocks, s, self._names, self.gradient, strict=False)[1]
+        def count(s: float, nudge: float = 0.0) -> Inertia:
+            try:
+                return riccati_factor(self.blocks, s, self._names, self.gradient, strict=False)[1]
+            except SingularError:  # a pivot exactly singular: s is an eigenvalue to working precision
+                if not nudge:
+                    raise
+                # moved out of the window [shift - tol, shift + tol] by the counts' resolution (floor):
+                # the eigenvalues within it of -s count as zero
+                delta = max(floor, self.shape[0] * torch.finfo(self.dtype).eps * abs(s))
+                s += nudge * delta
+                return riccati_factor(self.blocks, s, self._names, self.gradient, strict=False)[1]
 
         if tol == 0:
             return count(shift)
-        neg, pos = count(shift + tol).negative, count(shift - tol).positive
+        neg, pos = count(shift + tol, 1.0).negative, count(shift - tol, -1.0).positive
         return Inertia(neg, self.shape[0] - neg - pos, pos)
 
     def _count_below(self, x: float) -> int:

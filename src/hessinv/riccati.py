@@ -125,7 +125,7 @@ class Pivot:
         if cholesky_first:
             L = linalg.cholesky(Q)  # None: not positive definite, or not finite
             if L is not None:
-                self.cholesky = True
+                self.cholesky, self.upper = True, False
                 self.L = L
                 self.inertia = Inertia(0, 0, self.p)
                 return
@@ -140,13 +140,13 @@ class Pivot:
     def _factor_indefinite(self, Q: Tensor, strict: bool, perturb: bool, modify: bool = False) -> None:
         # the p x p bookkeeping runs in numpy: a microsecond per operation where torch's small ops
         # cost several (the indefinite pivot must not cost much more than a Cholesky one)
-        A = Q.detach().cpu().numpy()
-        fi = np.finfo(A.dtype)
-        qmax = max(float(A.max()), -float(A.min()))  # NaN propagates
+        Qc = Q.detach().cpu()
+        fi = torch.finfo(Qc.dtype)
+        qmax = _maxabs(Qc)  # NaN propagates
         if not math.isfinite(qmax):
             raise NonFiniteError(f"{self.name}: the Riccati pivot Qxx contains NaN or infinity")
         qmax = max(qmax, float(fi.tiny))
-        L, perm, d, e, two = _ldl(A)
+        T, self.upper, perm, d, e, two = linalg.ldl(Qc)
         k = np.flatnonzero(two)  # first rows of the 2x2 blocks
         ev = _block_eigenvalues(d, e, k)
         if modify:  # |D| floored at the damping: P L |D| L^T P^T is positive definite (math.md §6)
@@ -171,11 +171,13 @@ class Pivot:
         # Sylvester: the inertia of Qxx is that of D
         neg, zero = int(np.count_nonzero(ev < 0)), int(np.count_nonzero(ev == 0))
         self.inertia = Inertia(neg, zero, self.p - neg - zero)
-        aev = np.abs(ev)
-        self.top = float(aev.max())
-        with np.errstate(divide="ignore"):  # a zero 1x1 block (inertia counts only) gives inf, as it must
-            self._logdet = float(np.log(aev).sum())
-            dinv = 1.0 / d
+        self._ev = ev  # log|det| and max|eigenvalue| from it, when asked
+        # a zero 1x1 block (inertia counts only) gives inf, as it must (2x2 blocks' rows are set below)
+        dinv = np.divide(1.0, d, out=np.full_like(d, np.inf), where=d != 0)
+        dabs = np.abs(d)  # ||D||_inf: the largest row sum of |D|
+        dabs[k] += np.abs(e[k])
+        dabs[k + 1] += np.abs(e[k])
+        self._dnorm = float(dabs.max())
         self.off: Tensor | None = None
         if k.size:  # D^{-1} on a 2x2 block [[a, b], [b, c]]: [[c, -b], [-b, a]] / (a c - b^2)
             a, c, b = d[k], d[k + 1], e[k]
@@ -183,12 +185,13 @@ class Pivot:
             dinv[k], dinv[k + 1] = c / det, a / det
             off = np.zeros(self.p - 1)
             off[k] = -b / det  # the (k, k+1) entries
-            self.off = torch.from_numpy(off.astype(A.dtype)[:, None]).to(Q.device)
+            self.off = torch.from_numpy(off.astype(T.dtype)[:, None]).to(Q.device)
         dev = Q.device
-        self.L = torch.from_numpy(L).to(dev)
+        # the unit triangular factor: P^T Qxx P = L D L^T, with L = T (lower form) or T^T (upper form)
+        self.L = torch.from_numpy(T).to(dev)
         self.perm = torch.from_numpy(perm).to(dev)
         self.iperm = torch.from_numpy(np.argsort(perm)).to(dev)
-        self.dinv = torch.from_numpy(dinv.astype(A.dtype)[:, None]).to(dev)
+        self.dinv = torch.from_numpy(dinv.astype(T.dtype)[:, None]).to(dev)
 
     def _dsolve(self, W: Tensor) -> Tensor:
         """``D^{-1} W`` (``D^{-1}`` is tridiagonal: a diagonal and the ``(k, k+1)`` entries of 2x2 blocks)."""
@@ -204,15 +207,23 @@ class Pivot:
             return linalg.solve_triangular(
                 self.L.mT, linalg.solve_triangular(self.L, R, upper=False), upper=True
             )
-        Y = linalg.solve_triangular(self.L, R[self.perm], upper=False, unitriangular=True)
-        Z = linalg.solve_triangular(self.L.mT, self._dsolve(Y), upper=True, unitriangular=True)
+        # P^T Qxx P = T D T^T (lower form) or T^T D T (upper): two unit triangular solves around D's
+        first, second = (self.L.mT, self.L) if self.upper else (self.L, self.L.mT)
+        Y = linalg.solve_triangular(first, R[self.perm], upper=self.upper, unitriangular=True)
+        Z = linalg.solve_triangular(second, self._dsolve(Y), upper=not self.upper, unitriangular=True)
         return Z[self.iperm]
 
     def logdet(self) -> float:
         """``log |det Qxx|`` (of the perturbed pivot if ``perturbed``)."""
         if self.cholesky:
             return 2.0 * float(self.L.diagonal().log().sum())
-        return self._logdet
+        with np.errstate(divide="ignore"):  # a zero 1x1 block (inertia counts only): -inf
+            return float(np.log(np.abs(self._ev)).sum())
+
+    @property
+    def top(self) -> float:
+        """``max |eigenvalue|`` of ``D`` (of an indefinite pivot)."""
+        return float(np.abs(self._ev).max())
 
     def inverse_sqrt(self, Z: Tensor) -> Tensor:
         """``S Z`` for a square root ``S S^T = Qxx^{-1}`` of a positive definite pivot: ``L^{-T} Z``
@@ -234,52 +245,18 @@ class Pivot:
             W = linalg.solve_triangular(self.L.mT, Qxz.mT, upper=True, left=False).mT
             Wl = W
         else:
+            # W = F^{-1} P^T Qxz with F = T (lower form) or T^T (upper), solved on the right as W^T
             W = linalg.solve_triangular(
-                self.L.mT, Qxz[self.perm].mT, upper=True, left=False, unitriangular=True
+                self.L if self.upper else self.L.mT,
+                Qxz.index_select(0, self.perm).mT,
+                upper=not self.upper,
+                left=False,
+                unitriangular=True,
             ).mT
             Wl = self._dsolve(W)
-        W, Wl, scale = _normalize(W, Wl, Qzz)
+        W, Wl, scale = _normalize(W, Wl, Qzz, 1.0 if self.cholesky else self._dnorm)
         S = _sym_update(Qzz, Wl, W, scale, overwrite)
         return flush_negligible(S, _diagmax(S), inplace=True)
-
-
-def _ldl(A: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Bunch–Kaufman ``P^T A P = L D L^T`` of a symmetric numpy matrix: returns ``L`` (unit lower
-    triangular; only its strict lower triangle is meaningful, as the triangular solves with
-    ``unitriangular=True`` read), ``perm`` (``P^T R = R[perm]``), ``D``'s diagonal ``d``, its
-    subdiagonal ``e`` (``e[k]`` couples rows ``k, k+1``; zero outside 2x2 blocks) and ``two`` (True at the
-    first row of each 2x2 block).
-
-    LAPACK's ``sytrf`` (``torch.linalg.ldl_factor``) stores ``L`` as a product of permutations and
-    elementary factors; ``syconv`` applies the permutations to ``L``'s columns so that one permutation
-    and one unit triangular matrix remain (``sytrs2``'s form), solvable with ``trsm``.
-    """
-    from scipy.linalg import lapack
-
-    # sytrf through torch: it follows torch's thread setting (scipy's OpenBLAS would use every core,
-    # which a loaded machine punishes); syconv is O(p^2) bookkeeping
-    LD, piv, _ = torch.linalg.ldl_factor_ex(torch.from_numpy(A))
-    ipiv = piv.numpy()
-    syconv = lapack.dsyconv if A.dtype == np.float64 else lapack.ssyconv
-    L, e, _ = syconv(LD.numpy(), ipiv, lower=1)
-    p = A.shape[0]
-    ip = ipiv.tolist()
-    perm = list(range(p))
-    two = np.zeros(p, dtype=bool)
-    k = 0
-    while k < p:  # sytrs2's row interchanges, in order
-        if ip[k] > 0:
-            kp = ip[k] - 1
-            perm[k], perm[kp] = perm[kp], perm[k]
-            k += 1
-        else:
-            kp = -ip[k + 1] - 1
-            perm[k + 1], perm[kp] = perm[kp], perm[k + 1]
-            two[k] = True
-            k += 2
-    d = np.diagonal(L).astype(np.float64)
-    e = np.where(two, e, 0.0).astype(np.float64)
-    return L, np.asarray(perm, dtype=np.int64), d, e, two
 
 
 def _block_eigenvalues(d: np.ndarray, e: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -363,18 +340,22 @@ def flush_negligible(A: Tensor, scale: float | None = None, inplace: bool = Fals
     return torch.ops.aten.hardshrink.out(A, lambd, out=A) if inplace else F.hardshrink(A, lambd)
 
 
-def _normalize(W: Tensor, Wl: Tensor, Qzz: Tensor) -> tuple[Tensor, Tensor, float]:
+def _normalize(W: Tensor, Wl: Tensor, Qzz: Tensor, gain: float = math.inf) -> tuple[Tensor, Tensor, float]:
     """``(W', Wl', s)`` with ``s Wl'^T W' = Wl^T W`` (the update ``Qxz^T Qxx^{-1} Qxz``), on CPU.
 
     Unchanged (``s = 1``) unless the products of entries would be subnormal -- far from the loss of a
     deep chain the update is ~ b^2 -- then ``W' = 2^-e W``, ``Wl' = 2^-f Wl`` with entries below 1 and
     ``s = 2^{e+f}`` (exact: powers of two); ``s = 0`` when the update is entirely below the smallest
     normal number or below ``u * max|Qzz|`` (what :func:`flush_negligible` would remove anyway).
+    ``gain``: a bound ``||D||_inf`` with ``W = D Wl``, so ``max|Wl| >= max|W| / gain`` (a pass over
+    ``Wl`` saved where that settles it).
     """
     if W.device.type != "cpu" or not W.numel():
         return W, Wl, 1.0
     fi = torch.finfo(W.dtype)
     m = _maxabs(W)
+    if Wl is not W and m * (m / gain) >= fi.tiny / fi.eps:
+        return W, Wl, 1.0
     ml = m if Wl is W else _maxabs(Wl)
     if m * ml >= fi.tiny / fi.eps or not math.isfinite(m * ml):
         return W, Wl, 1.0
