@@ -82,10 +82,12 @@ def test_ldl_both_forms_against_dense(p, kind, scipy_path, single, seed):
     ready = linalg._scipy_ready
     linalg._scipy_ready = (lambda *t: ready(*t)) if scipy_path else (lambda *t: False)
     try:
-        T, upper, perm, d, e, two = linalg.ldl(Q)
+        T, upper, perm, d, e, first = linalg.ldl(Q)
     finally:
         linalg._scipy_ready = ready
     assert sorted(perm.tolist()) == list(range(p))
+    two = np.zeros(p, dtype=bool)
+    two[first] = True
     assert not two[-1] and not (two[:-1] & two[1:]).any()  # a 2x2 block's first row, never overlapping
     assert (e[~two] == 0).all()
     Tm = np.tril(T.astype(np.float64), -1) + np.eye(p)

@@ -208,43 +208,41 @@ def solve_triangular(
 SYTRF_BLOCK = 24
 
 
-def _interchanges(ipiv: np.ndarray, upper: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``(perm, two)`` from ``sytrf``'s 1-based ``ipiv``: ``perm`` applies ``sytrs2``'s row interchanges in
-    their order (``P^T R = R[perm]``), ``two`` is True at the row of each 2x2 block of ``D`` that LAPACK
-    flags (lower: its first row; upper: its second). The 2x2 blocks are pairs of equal negative entries,
-    paired from the start of a run of them (lower) or from its end (upper); only the rows that move are
-    looped over."""
-    p = ipiv.shape[0]
-    neg = ipiv < 0
-    two = np.zeros(p, dtype=bool)
-    idx = np.flatnonzero(neg)
-    # every run of consecutive negative entries has even length, so pairing the negative entries from
-    # the first (lower) or the last (upper) pairs each run from its start or its end
-    two[idx[-1::-2] if upper else idx[0::2]] = True
-    # one interchange per 1x1 block and per 2x2 block (at its flagged row): the row it moves (a 2x2
-    # block moves its other row) and where to (a 2x2 block's two entries are equal)
-    src = np.arange(p)
-    src[two] += -1 if upper else 1
-    dst = np.abs(ipiv).astype(np.int64) - 1
-    order = np.flatnonzero((~neg | two) & (src != dst))
+def _interchanges(ipiv: np.ndarray, upper: bool) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """``(perm, flagged, other)`` from ``sytrf``'s 1-based ``ipiv``: ``perm`` applies ``sytrs2``'s row
+    interchanges in their order (``P^T R = R[perm]``); each 2x2 block of ``D`` has the row LAPACK flags
+    (``flagged``: lower form its first row, upper form its second) and its ``other`` row. The 2x2 blocks
+    are pairs of equal negative entries, paired from the start of a run of them (lower) or from its end
+    (upper): every run has even length, so pairing all negative entries from the first (lower) or the
+    last (upper) does it. Only the rows that move are looped over."""
+    idx = np.flatnonzero(ipiv < 0)
+    flagged = idx[-1::-2] if upper else idx[0::2]
+    other = flagged - 1 if upper else flagged + 1
+    # one interchange per 1x1 block and per 2x2 block: the row it moves (a 2x2 block its other row)
+    # and where to (a 2x2 block's two entries are equal)
+    src = np.arange(ipiv.shape[0])
+    src[flagged] = other
+    moves = src != np.abs(ipiv) - 1
+    moves[other] = False
+    order = np.flatnonzero(moves)
     if upper:  # sytrs2 applies the upper form's interchanges from the last row up
         order = order[::-1]
-    perm = list(range(p))
-    for s, t in zip(src[order].tolist(), dst[order].tolist()):
+    perm = list(range(ipiv.shape[0]))
+    for s, t in zip(src[order].tolist(), (np.abs(ipiv[order]) - 1).tolist(), strict=True):
         perm[s], perm[t] = perm[t], perm[s]
-    return np.asarray(perm, dtype=np.int64), two
+    return perm, flagged, other
 
 
 def ldl(Q: Tensor) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Bunch–Kaufman factorization of a symmetric ``Q`` (only its lower triangle read), as numpy arrays
-    ``(T, upper, perm, d, e, two)``: ``T`` is unit lower triangular (only its strict lower triangle is
+    ``(T, upper, perm, d, e, first)``: ``T`` is unit lower triangular (only its strict lower triangle is
     meaningful, as the triangular solves with ``unitriangular=True`` read) and
 
     - ``upper=False``: ``P^T Q P = T D T^T`` (LAPACK's lower form),
     - ``upper=True``: ``P^T Q P = T^T D T`` (the upper form ``U D U^T``, ``U = T^T``);
 
     ``perm`` gives ``P^T R = R[perm]``, ``d`` is ``D``'s diagonal, ``e`` its off-diagonal (``e[k]``
-    couples rows ``k, k+1``; zero outside 2x2 blocks) and ``two`` is True at the first row of each 2x2
+    couples rows ``k, k+1``; zero outside 2x2 blocks) and ``first`` holds the first row of each 2x2
     block.
 
     LAPACK's ``sytrf`` stores the factor as a product of permutations and elementary factors;
@@ -256,7 +254,7 @@ def ldl(Q: Tensor) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray, np.ndarray
 
     Example:
         >>> Q = torch.tensor([[0.0, 1.0, 2.0], [1.0, -1.0, 0.5], [2.0, 0.5, 3.0]], dtype=torch.float64)
-        >>> T, upper, perm, d, e, two = ldl(Q)
+        >>> T, upper, perm, d, e, first = ldl(Q)
         >>> T = np.tril(T, -1) + np.eye(3)
         >>> D = np.diag(d) + np.diag(e[:-1], -1) + np.diag(e[:-1], 1)
         >>> LDL = T.T @ D @ T if upper else T @ D @ T.T
@@ -273,15 +271,15 @@ def ldl(Q: Tensor) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray, np.ndarray
         sytrf = getattr(lapack, fl + "sytrf")
         F, ipiv, _ = sytrf(A.T, lower=0, lwork=max(1, SYTRF_BLOCK * p))  # Q^T's upper triangle: Q's lower
         U, e, _ = syconv(F, ipiv, lower=0, overwrite_a=1)  # e[k] couples rows k - 1 and k
-        perm, two = _interchanges(ipiv, upper=True)  # two: each 2x2 block's second row
-        first = np.zeros(p, dtype=bool)
-        first[:-1] = two[1:]
+        perm, second, first = _interchanges(ipiv, upper=True)
         ef = np.zeros(p)
-        ef[:-1] = np.where(two, e, 0.0)[1:]
-        return U.T, True, perm, np.diagonal(U).astype(np.float64), ef, first
+        ef[first] = e[second]
+        return U.T, True, np.array(perm), np.diagonal(U).astype(np.float64), ef, first
     # sytrf through torch: it follows torch's thread setting
     LD, piv, _ = torch.linalg.ldl_factor_ex(torch.from_numpy(np.ascontiguousarray(A)))
     ipiv = piv.numpy()
     L, e, _ = syconv(LD.numpy(), ipiv, lower=1)
-    perm, two = _interchanges(ipiv, upper=False)
-    return L, False, perm, np.diagonal(L).astype(np.float64), np.where(two, e, 0.0).astype(np.float64), two
+    perm, first, _ = _interchanges(ipiv, upper=False)
+    ef = np.zeros(p)
+    ef[first] = e[first]
+    return L, False, np.array(perm), np.diagonal(L).astype(np.float64), ef, first

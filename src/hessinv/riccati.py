@@ -146,8 +146,7 @@ class Pivot:
         if not math.isfinite(qmax):
             raise NonFiniteError(f"{self.name}: the Riccati pivot Qxx contains NaN or infinity")
         qmax = max(qmax, float(fi.tiny))
-        T, self.upper, perm, d, e, two = linalg.ldl(Qc)
-        k = np.flatnonzero(two)  # first rows of the 2x2 blocks
+        T, self.upper, perm, d, e, k = linalg.ldl(Qc)  # k: the first rows of D's 2x2 blocks
         ev = _block_eigenvalues(d, e, k)
         if modify:  # |D| floored at the damping: P L |D| L^T P^T is positive definite (math.md §6)
             floor = max(self.damping, float(fi.tiny))
@@ -173,25 +172,31 @@ class Pivot:
         self.inertia = Inertia(neg, zero, self.p - neg - zero)
         self._ev = ev  # log|det| and max|eigenvalue| from it, when asked
         # a zero 1x1 block (inertia counts only) gives inf, as it must (2x2 blocks' rows are set below)
-        dinv = np.divide(1.0, d, out=np.full_like(d, np.inf), where=d != 0)
-        dabs = np.abs(d)  # ||D||_inf: the largest row sum of |D|
-        dabs[k] += np.abs(e[k])
-        dabs[k + 1] += np.abs(e[k])
-        self._dnorm = float(dabs.max())
+        dinv = np.divide(1.0, d, out=np.full_like(d, np.inf), where=d != 0) if zero else 1.0 / d
+        # a bound on ||D||_inf (the largest row sum of |D|): max|d| + max|e|
+        self._dnorm = float(np.abs(d).max()) + (float(np.abs(e).max()) if k.size else 0.0)
+        dev, cpu = Q.device, Q.device.type == "cpu"
         self.off: Tensor | None = None
         if k.size:  # D^{-1} on a 2x2 block [[a, b], [b, c]]: [[c, -b], [-b, a]] / (a c - b^2)
             a, c, b = d[k], d[k + 1], e[k]
             det = a * c - b * b
             dinv[k], dinv[k + 1] = c / det, a / det
-            off = np.zeros(self.p - 1)
-            off[k] = -b / det  # the (k, k+1) entries
-            self.off = torch.from_numpy(off.astype(T.dtype)[:, None]).to(Q.device)
-        dev = Q.device
+            off = np.zeros((self.p - 1, 1), dtype=T.dtype)
+            off[k, 0] = -b / det  # the (k, k+1) entries
+            self.off = torch.from_numpy(off) if cpu else torch.from_numpy(off).to(dev)
         # the unit triangular factor: P^T Qxx P = L D L^T, with L = T (lower form) or T^T (upper form)
-        self.L = torch.from_numpy(T).to(dev)
-        self.perm = torch.from_numpy(perm).to(dev)
-        self.iperm = torch.from_numpy(np.argsort(perm)).to(dev)
-        self.dinv = torch.from_numpy(dinv.astype(T.dtype)[:, None]).to(dev)
+        self.L, self.perm = torch.from_numpy(T), torch.from_numpy(perm)
+        self.dinv = torch.from_numpy(dinv.astype(T.dtype)[:, None])
+        if not cpu:
+            self.L, self.perm, self.dinv = self.L.to(dev), self.perm.to(dev), self.dinv.to(dev)
+        self._iperm: Tensor | None = None
+
+    @property
+    def iperm(self) -> Tensor:
+        """The inverse of ``perm`` (``P R = R[iperm]``), formed when a solve first needs it."""
+        if self._iperm is None:
+            self._iperm = torch.argsort(self.perm)
+        return self._iperm
 
     def _dsolve(self, W: Tensor) -> Tensor:
         """``D^{-1} W`` (``D^{-1}`` is tridiagonal: a diagonal and the ``(k, k+1)`` entries of 2x2 blocks)."""
