@@ -208,29 +208,41 @@ def solve_triangular(
 SYTRF_BLOCK = 24
 
 
-def _interchanges(ipiv: np.ndarray, upper: bool) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """``(perm, flagged, other)`` from ``sytrf``'s 1-based ``ipiv``: ``perm`` applies ``sytrs2``'s row
-    interchanges in their order (``P^T R = R[perm]``); each 2x2 block of ``D`` has the row LAPACK flags
-    (``flagged``: lower form its first row, upper form its second) and its ``other`` row. The 2x2 blocks
-    are pairs of equal negative entries, paired from the start of a run of them (lower) or from its end
-    (upper): every run has even length, so pairing all negative entries from the first (lower) or the
-    last (upper) does it. Only the rows that move are looped over."""
-    idx = np.flatnonzero(ipiv < 0)
-    flagged = idx[-1::-2] if upper else idx[0::2]
-    other = flagged - 1 if upper else flagged + 1
-    # one interchange per 1x1 block and per 2x2 block: the row it moves (a 2x2 block its other row)
-    # and where to (a 2x2 block's two entries are equal)
-    src = np.arange(ipiv.shape[0])
-    src[flagged] = other
-    moves = src != np.abs(ipiv) - 1
-    moves[other] = False
-    order = np.flatnonzero(moves)
-    if upper:  # sytrs2 applies the upper form's interchanges from the last row up
-        order = order[::-1]
-    perm = list(range(ipiv.shape[0]))
-    for s, t in zip(src[order].tolist(), (np.abs(ipiv[order]) - 1).tolist(), strict=True):
-        perm[s], perm[t] = perm[t], perm[s]
-    return perm, flagged, other
+def _interchanges(ipiv: np.ndarray, upper: bool) -> tuple[list[int], list[int]]:
+    """``(perm, first)`` from ``sytrf``'s 1-based ``ipiv``: ``perm`` applies ``sytrs2``'s row interchanges
+    in their order (``P^T R = R[perm]``), ``first`` lists the first row of each 2x2 block of ``D`` (a
+    pair of equal negative entries; the lower form is read from the first row down, the upper form from
+    the last up, as ``sytrs2`` does). One Python pass over ``ipiv``: in the sweep, where each numpy call
+    costs a few microseconds, cheaper than a vectorized version at every pivot size that matters."""
+    ip = ipiv.tolist()
+    p = len(ip)
+    perm = list(range(p))
+    first: list[int] = []
+    if upper:
+        k = p - 1
+        while k >= 0:
+            v = ip[k]
+            if v > 0:  # a 1x1 block: row k and row v - 1 interchanged
+                t, k0, step = v - 1, k, 1
+            else:  # a 2x2 block at rows k - 1, k: row k - 1 and row -v - 1 interchanged
+                t, k0, step = -v - 1, k - 1, 2
+                first.append(k0)
+            if t != k0:
+                perm[k0], perm[t] = perm[t], perm[k0]
+            k -= step
+    else:
+        k = 0
+        while k < p:
+            v = ip[k]
+            if v > 0:  # a 1x1 block: row k and row v - 1
+                t, k0, step = v - 1, k, 1
+            else:  # a 2x2 block at rows k, k + 1: row k + 1 and row -v - 1
+                t, k0, step = -v - 1, k + 1, 2
+                first.append(k)
+            if t != k0:
+                perm[k0], perm[t] = perm[t], perm[k0]
+            k += step
+    return perm, first
 
 
 def ldl(Q: Tensor) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -271,15 +283,17 @@ def ldl(Q: Tensor) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray, np.ndarray
         sytrf = getattr(lapack, fl + "sytrf")
         F, ipiv, _ = sytrf(A.T, lower=0, lwork=max(1, SYTRF_BLOCK * p))  # Q^T's upper triangle: Q's lower
         U, e, _ = syconv(F, ipiv, lower=0, overwrite_a=1)  # e[k] couples rows k - 1 and k
-        perm, second, first = _interchanges(ipiv, upper=True)
+        perm, first = _interchanges(ipiv, upper=True)
+        k = np.array(first, dtype=np.int64)
         ef = np.zeros(p)
-        ef[first] = e[second]
-        return U.T, True, np.array(perm), np.diagonal(U).astype(np.float64), ef, first
+        ef[k] = e[k + 1]
+        return U.T, True, np.array(perm), np.diagonal(U).astype(np.float64), ef, k
     # sytrf through torch: it follows torch's thread setting
     LD, piv, _ = torch.linalg.ldl_factor_ex(torch.from_numpy(np.ascontiguousarray(A)))
     ipiv = piv.numpy()
     L, e, _ = syconv(LD.numpy(), ipiv, lower=1)
-    perm, first, _ = _interchanges(ipiv, upper=False)
+    perm, first = _interchanges(ipiv, upper=False)
+    k = np.array(first, dtype=np.int64)
     ef = np.zeros(p)
-    ef[first] = e[first]
-    return L, False, np.array(perm), np.diagonal(L).astype(np.float64), ef, first
+    ef[k] = e[k]
+    return L, False, np.array(perm), np.diagonal(L).astype(np.float64), ef, k

@@ -145,21 +145,24 @@ class Pivot:
         qmax = _maxabs(Qc)  # NaN propagates
         if not math.isfinite(qmax):
             raise NonFiniteError(f"{self.name}: the Riccati pivot Qxx contains NaN or infinity")
-        qmax = max(qmax, float(fi.tiny))
+        qmax = max(qmax, fi.tiny)
         T, self.upper, perm, d, e, k = linalg.ldl(Qc)  # k: the first rows of D's 2x2 blocks
         ev = _block_eigenvalues(d, e, k)
+        aev = np.abs(ev)
         if modify:  # |D| floored at the damping: P L |D| L^T P^T is positive definite (math.md §6)
-            floor = max(self.damping, float(fi.tiny))
+            floor = max(self.damping, fi.tiny)
             d, e, ev, self.modified = _map_blocks(d, e, k, ev, lambda x: np.maximum(np.abs(x), floor))
+            aev = np.abs(ev)
         elif perturb:
             tau = _perturb_tau(Q.dtype, qmax, self.p)
-            if float(np.abs(ev).min()) < tau:
+            if float(aev.min()) < tau:
                 d, e, ev, self.perturbed = _map_blocks(
                     d, e, k, ev, lambda x: np.where(np.abs(x) < tau, np.where(x < 0, -tau, tau), x)
                 )
+                aev = np.abs(ev)
         else:
-            small = float(np.abs(ev).min())
-            if small <= (self.p * float(fi.eps) * qmax if strict else 0.0):
+            small = float(aev.min())
+            if small <= (self.p * fi.eps * qmax if strict else 0.0):
                 raise SingularError(
                     f"{self.name}: pivot Qxx is singular at damping {self.damping:g} (smallest |eigenvalue| "
                     f"of its LDL^T factor {small:.3g}); H + eps I is singular or nearly so -- choose "
@@ -168,19 +171,20 @@ class Pivot:
                     damping=self.damping,
                 )
         # Sylvester: the inertia of Qxx is that of D
-        neg, zero = int(np.count_nonzero(ev < 0)), int(np.count_nonzero(ev == 0))
-        self.inertia = Inertia(neg, zero, self.p - neg - zero)
+        neg, nonzero = int(np.count_nonzero(ev < 0)), int(np.count_nonzero(ev))
+        self.inertia = Inertia(neg, self.p - nonzero, nonzero - neg)
         self._ev = ev  # log|det| and max|eigenvalue| from it, when asked
+        # ||D||_inf <= sqrt(2) ||D||_2 (blocks of order <= 2): the bound _normalize takes
+        self._dnorm = 1.5 * float(aev.max())
         # a zero 1x1 block (inertia counts only) gives inf, as it must (2x2 blocks' rows are set below)
-        dinv = np.divide(1.0, d, out=np.full_like(d, np.inf), where=d != 0) if zero else 1.0 / d
-        # a bound on ||D||_inf (the largest row sum of |D|): max|d| + max|e|
-        self._dnorm = float(np.abs(d).max()) + (float(np.abs(e).max()) if k.size else 0.0)
+        dinv = 1.0 / d if d.all() else np.divide(1.0, d, out=np.full_like(d, np.inf), where=d != 0)
         dev, cpu = Q.device, Q.device.type == "cpu"
         self.off: Tensor | None = None
         if k.size:  # D^{-1} on a 2x2 block [[a, b], [b, c]]: [[c, -b], [-b, a]] / (a c - b^2)
-            a, c, b = d[k], d[k + 1], e[k]
+            k1 = k + 1
+            a, c, b = d[k], d[k1], e[k]
             det = a * c - b * b
-            dinv[k], dinv[k + 1] = c / det, a / det
+            dinv[k], dinv[k1] = c / det, a / det
             off = np.zeros((self.p - 1, 1), dtype=T.dtype)
             off[k, 0] = -b / det  # the (k, k+1) entries
             self.off = torch.from_numpy(off) if cpu else torch.from_numpy(off).to(dev)
