@@ -441,6 +441,25 @@ def test_inertia_warns_below_its_resolution():
         H.inertia(0.0)  # the default tol is at the resolution
 
 
+def test_inertia_window_edge_on_an_exact_null_space():
+    """A window edge ``shift + tol`` exactly at an eigenvalue whose pivot is exactly singular (units dead
+    on the whole batch: zero rows in Qxx): the count is taken a resolution further out instead of
+    raising, and agrees with dense eigenvalues up to that resolution."""
+    model, loss_fn, X, y = _dead_relu_net(16, 8, 7)
+    H = hessinv.hessian(model, loss_fn, X, y)
+    with pytest.raises(SingularError):  # the sweep at the edge itself meets the exact zero pivot
+        ric.riccati_factor(H.blocks, 0.0, H._names, H.gradient, strict=False)
+    tol = 1e-3
+    got = H.inertia(-tol, tol=tol)  # H's eigenvalues in [0, 2 tol]: the null space on the lower edge
+    _, Hd = autograd_gradient_hessian(model, loss_fn, X, y)
+    ev = torch.linalg.eigvalsh(0.5 * (Hd + Hd.T)) - tol
+    floor = H.zero_tolerance()
+    assert int((ev < -tol - floor).sum()) <= got.negative <= int((ev < -tol + floor).sum())
+    assert int((ev > tol + floor).sum()) <= got.positive <= int((ev > tol - floor).sum())
+    null = int(((ev + tol).abs() <= floor).sum())  # the edge's eigenvalues count as zero
+    assert null > 0 and got.zero >= null
+
+
 def test_modified_low_rank_pivot_is_not_refused():
     """modify='abs' floors every pivot eigenvalue at the damping; on a wide-input (low-rank) stage whose
     pivot is 1e7x the damping, the damping on the directions the inputs do not reach is that floor,

@@ -323,7 +323,9 @@ class CurvatureOperator:
         next to one -- the sweep does not pivot across stages, and a shift that close to a cluster
         (e.g. the null space of an over-parameterized net at ``shift = 0``) makes pivots nearly
         singular. A ``0 < tol < sqrt(u) ||H||`` therefore gets an :class:`AccuracyWarning`
-        (eigenvalues within that distance of ``shift +- tol`` may be counted on the wrong side).
+        (eigenvalues within that distance of ``shift +- tol`` may be counted on the wrong side). Where
+        ``shift +- tol`` is an eigenvalue to working precision (a pivot exactly singular), that count
+        is taken that resolution further out: the eigenvalues there count as zero.
         Raises :class:`InvalidArgumentError` for a NaN or infinite ``shift`` or a ``tol`` that is
         negative or not finite.
         """
