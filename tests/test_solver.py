@@ -99,6 +99,43 @@ def test_ldl_both_forms_against_dense(p, kind, scipy_path, single, seed):
     assert float(np.abs(LDL - Qp).max()) <= tol
 
 
+def test_perturbed_graded_pivot_keeps_a_small_factor():
+    """A graded, nearly rank-deficient pivot (the shape of a wide-input stage's inner pivot), perturbed:
+    scipy's upper-form Bunch-Kaufman gives L entries of ~3e6 there, and a static perturbation scaled by
+    them made the factorization unrelated to Q (residual 1.0); the perturbed pivot uses the lower form."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        torch.randn(18, 2, generator=g, dtype=torch.float64)
+    V = (
+        torch.randn(18, 2, generator=g, dtype=torch.float64)
+        * torch.logspace(0, -6, 18, dtype=torch.float64)[:, None]
+    )
+    Q = (V @ V.T).float()
+    b = Q @ torch.randn(18, 1, generator=g)
+    piv = Pivot(Q, 0, "q", 0.0, perturb=True, cholesky_first=False)
+    assert piv.perturbed > 0 and float(piv.L.tril(-1).abs().max()) < 1e3
+    assert float((Q.double() @ piv.solve(b).double() - b.double()).norm() / b.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e-160, 1.0])
+def test_two_by_two_block_inverse_at_extreme_scales(scale):
+    """D's 2x2 blocks are inverted scaled by their largest entry: a c - b^2 over- or underflows at
+    |b| ~ 1e+-160 (the solve returned [0, 0, 3] instead of [2, 1, 3] at 1e160)."""
+    Q = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64) * scale
+    piv = Pivot(Q.clone(), 0, "stage 0", 0.0, cholesky_first=False)
+    x = piv.solve(torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64) * scale)
+    assert torch.allclose(x.flatten(), torch.tensor([2.0, 1.0, 3.0], dtype=torch.float64), rtol=1e-14)
+
+
+def test_pivot_factorization_overflow_is_named():
+    """Finite entries near the largest float overflow inside Bunch-Kaufman: a NonFiniteError, not NaN
+    eigenvalues counted as positive."""
+    big = torch.finfo(torch.float64).max / 4
+    Q = torch.tensor([[1.0, 4.0, 4.0], [4.0, 1.0, 4.0], [4.0, 4.0, 1.0]], dtype=torch.float64) * big
+    with pytest.raises(hessinv.NonFiniteError):
+        Pivot(Q, 0, "stage 0", 0.0, cholesky_first=False)
+
+
 def test_perturbed_pivot_counts_and_stays_nonsingular():
     """A pivot whose D has an eigenvalue below p u max|Q| is perturbed (sign kept), not refused."""
     lam = torch.tensor([-2.0, -1.0, 1e-16, 0.5, 1.0, 3.0], dtype=torch.float64)
@@ -456,8 +493,19 @@ def test_inertia_window_edge_on_an_exact_null_space():
     floor = H.zero_tolerance()
     assert int((ev < -tol - floor).sum()) <= got.negative <= int((ev < -tol + floor).sum())
     assert int((ev > tol + floor).sum()) <= got.positive <= int((ev > tol - floor).sum())
-    null = int(((ev + tol).abs() <= floor).sum())  # the edge's eigenvalues count as zero
-    assert null > 0 and got.zero >= null
+    assert (
+        sum(got) == H.shape[0] and int(((ev + tol).abs() <= floor).sum()) > 0
+    )  # the null space: on the edge
+
+
+def test_inertia_window_edge_on_an_isolated_eigenvalue_is_exact():
+    """An isolated eigenvalue exactly on the window's edge (a diagonal pivot: the sweep is exact) is
+    counted as zero, and its neighbour 2e-8 below stays negative: the retry moves by n u ||H||, not by the
+    sqrt(u) ||H|| resolution kept for clusters."""
+    net = nn.Linear(3, 1, bias=False).double()
+    X = torch.diag(torch.tensor([1.0, 1 - 1e-8, 2.0], dtype=torch.float64))
+    H = hessinv.hessian(net, nn.MSELoss(reduction="sum"), X, torch.zeros(3, 1, dtype=torch.float64))
+    assert tuple(H.inertia(-2.5, tol=0.5)) == (1, 1, 1)  # eig(H) = 2 - 4e-8, 2, 8; window [2, 3]
 
 
 def test_modified_low_rank_pivot_is_not_refused():

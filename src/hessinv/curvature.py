@@ -325,7 +325,8 @@ class CurvatureOperator:
         singular. A ``0 < tol < sqrt(u) ||H||`` therefore gets an :class:`AccuracyWarning`
         (eigenvalues within that distance of ``shift +- tol`` may be counted on the wrong side). Where
         ``shift +- tol`` is an eigenvalue to working precision (a pivot exactly singular), that count
-        is taken that resolution further out: the eigenvalues there count as zero.
+        is taken ``n u max(||H||, |shift|)`` further out, or that resolution where the sweep is still
+        singular there: the eigenvalues passed count as zero.
         Raises :class:`InvalidArgumentError` for a NaN or infinite ``shift`` or a ``tol`` that is
         negative or not finite.
         """
@@ -349,11 +350,17 @@ class CurvatureOperator:
             except SingularError:  # a pivot exactly singular: s is an eigenvalue to working precision
                 if not nudge:
                     raise
-                # moved out of the window [shift - tol, shift + tol] by the counts' resolution (floor):
-                # the eigenvalues within it of -s count as zero
-                delta = max(floor, self.shape[0] * torch.finfo(self.dtype).eps * abs(s))
-                s += nudge * delta
-                return riccati_factor(self.blocks, s, self._names, self.gradient, strict=False)[1]
+            # moved out of the window [shift - tol, shift + tol] by n u max(||H||, |s|) (what rounding cannot
+            # tell from s), else by the counts' resolution (floor); the eigenvalues passed count as zero
+            small = self.shape[0] * torch.finfo(self.dtype).eps * max(self.norm_estimate(), abs(s), 1e-300)
+            try:
+                return riccati_factor(
+                    self.blocks, s + nudge * small, self._names, self.gradient, strict=False
+                )[1]
+            except SingularError:
+                if small >= floor:
+                    raise
+            return riccati_factor(self.blocks, s + nudge * floor, self._names, self.gradient, strict=False)[1]
 
         if tol == 0:
             return count(shift)

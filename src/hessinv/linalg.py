@@ -245,7 +245,9 @@ def _interchanges(ipiv: np.ndarray, upper: bool) -> tuple[list[int], list[int]]:
     return perm, first
 
 
-def ldl(Q: Tensor) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def ldl(
+    Q: Tensor, upper_ok: bool = True
+) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Bunch–Kaufman factorization of a symmetric ``Q`` (only its lower triangle read), as numpy arrays
     ``(T, upper, perm, d, e, first)``: ``T`` is unit lower triangular (only its strict lower triangle is
     meaningful, as the triangular solves with ``unitriangular=True`` read) and
@@ -262,7 +264,11 @@ def ldl(Q: Tensor) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray, np.ndarray
     matrix remain (``sytrs2``'s form), solvable with ``trsm``. Where :func:`_scipy_ready`, scipy's
     ``sytrf`` factors the upper form of ``Q^T`` (the C-ordered ``Q`` read as Fortran-ordered: no copy;
     0.45-0.50 ms at n = 256 against 0.74 ms for torch's lower form); elsewhere torch's
-    ``ldl_factor_ex`` (lower form).
+    ``ldl_factor_ex`` (lower form), and where ``upper_ok=False``: Bunch–Kaufman does not bound ``L``'s
+    entries, and on graded, nearly rank-deficient matrices the upper form (eliminating from the last
+    row up, the small end first) can give entries of 1e6 where the lower form's stay below 1; a
+    perturbed pivot (static pivoting) moves the factored matrix by about ``max|L|^2 tau``, so
+    :class:`~hessinv.riccati.Pivot` asks for the lower form when it must perturb.
 
     Example:
         >>> Q = torch.tensor([[0.0, 1.0, 2.0], [1.0, -1.0, 0.5], [2.0, 0.5, 3.0]], dtype=torch.float64)
@@ -279,7 +285,7 @@ def ldl(Q: Tensor) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray, np.ndarray
     p = A.shape[0]
     fl = "d" if A.dtype == np.float64 else "s"
     syconv = getattr(lapack, fl + "syconv")
-    if _scipy_ready(Q) and A.flags.c_contiguous:
+    if upper_ok and _scipy_ready(Q) and A.flags.c_contiguous:
         sytrf = getattr(lapack, fl + "sytrf")
         F, ipiv, _ = sytrf(A.T, lower=0, lwork=max(1, SYTRF_BLOCK * p))  # Q^T's upper triangle: Q's lower
         U, e, _ = syconv(F, ipiv, lower=0, overwrite_a=1)  # e[k] couples rows k - 1 and k

@@ -155,6 +155,12 @@ class Pivot:
             aev = np.abs(ev)
         elif perturb:
             tau = _perturb_tau(Q.dtype, qmax, self.p)
+            if float(aev.min()) < tau and self.upper:
+                # the perturbation is scaled by L's entries, which the upper form can make large on
+                # graded pivots (linalg.ldl): perturb the lower form's D instead
+                T, self.upper, perm, d, e, k = linalg.ldl(Qc, upper_ok=False)
+                ev = _block_eigenvalues(d, e, k)
+                aev = np.abs(ev)
             if float(aev.min()) < tau:
                 d, e, ev, self.perturbed = _map_blocks(
                     d, e, k, ev, lambda x: np.where(np.abs(x) < tau, np.where(x < 0, -tau, tau), x)
@@ -176,17 +182,25 @@ class Pivot:
         self._ev = ev  # log|det| and max|eigenvalue| from it, when asked
         # ||D||_inf <= sqrt(2) ||D||_2 (blocks of order <= 2): the bound _normalize takes
         self._dnorm = 1.5 * float(aev.max())
+        if not math.isfinite(self._dnorm):  # sytrf overflowed on a finite pivot (entries near the maximum)
+            raise NonFiniteError(
+                f"{self.name}: the LDL^T factorization of the Riccati pivot Qxx overflowed (max|Qxx| "
+                f"{qmax:.3g}); rescale the loss or the inputs"
+            )
         # a zero 1x1 block (inertia counts only) gives inf, as it must (2x2 blocks' rows are set below)
         dinv = 1.0 / d if d.all() else np.divide(1.0, d, out=np.full_like(d, np.inf), where=d != 0)
         dev, cpu = Q.device, Q.device.type == "cpu"
         self.off: Tensor | None = None
-        if k.size:  # D^{-1} on a 2x2 block [[a, b], [b, c]]: [[c, -b], [-b, a]] / (a c - b^2)
+        if k.size:  # D^{-1} on a 2x2 block [[a, b], [b, c]]: [[c, -b], [-b, a]] / (a c - b^2), with the
+            # block scaled by its largest entry s first (a c - b^2 over- or underflows at |b| ~ 1e+-160)
             k1 = k + 1
             a, c, b = d[k], d[k1], e[k]
-            det = a * c - b * b
-            dinv[k], dinv[k1] = c / det, a / det
+            s = np.maximum(np.maximum(np.abs(a), np.abs(c)), np.abs(b))
+            a, c, b = a / s, c / s, b / s
+            sdet = s * (a * c - b * b)
+            dinv[k], dinv[k1] = c / sdet, a / sdet
             off = np.zeros((self.p - 1, 1), dtype=T.dtype)
-            off[k, 0] = -b / det  # the (k, k+1) entries
+            off[k, 0] = -b / sdet  # the (k, k+1) entries
             self.off = torch.from_numpy(off) if cpu else torch.from_numpy(off).to(dev)
         # the unit triangular factor: P^T Qxx P = L D L^T, with L = T (lower form) or T^T (upper form)
         self.L, self.perm = torch.from_numpy(T), torch.from_numpy(perm)
@@ -244,7 +258,9 @@ class Pivot:
         )
 
     def schur(self, Qzz: Tensor, Qxz: Tensor, overwrite: bool = False) -> Tensor:
-        """``Qzz - Qxz^T Qxx^{-1} Qxz`` (a, a), exactly symmetric; with ``overwrite``, in ``Qzz``'s memory.
+        """``Qzz - Qxz^T Qxx^{-1} Qxz`` (a, a), symmetric (its off-diagonal block mirrored exactly, its
+        diagonal blocks up to rounding: the next pivot's factorization reads one triangle); with
+        ``overwrite``, in ``Qzz``'s memory.
 
         Cholesky: ``W = L^{-1} Qxz``, then ``Qzz - W^T W`` (``p^2 a + 1.5 p a^2`` flops: the lower
         block triangle of ``W^T W`` in two products, mirrored; against ``2 p^2 a + 2 p a^2`` for
