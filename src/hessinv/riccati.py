@@ -94,8 +94,10 @@ class Pivot:
 
     - ``perturb`` (factorizations for solves, :class:`~hessinv.Factorization`): static pivot
       perturbation as in sparse direct solvers (MUMPS, SuperLU_DIST, PARDISO): each such eigenvalue of a
-      ``D`` block is replaced by ``sign * tau`` with ``tau = sqrt(u) max|Qxx|``, so the sweep factors a
-      matrix within ``sqrt(u)`` of ``H + eps I``; solves are recovered by iterative refinement or a
+      ``D`` block is replaced by ``sign * tau`` with ``tau = p u max|Qxx|`` (:data:`PERTURB_THRESHOLD`
+      overrides ``p u``), so the sweep factors a matrix within about ``max|L|^2 tau`` of ``H + eps I``
+      -- such a pivot is factored in Bunch-Kaufman's lower form, whose ``L`` stays small where the upper
+      form's can grow (:func:`hessinv.linalg.ldl`); solves are recovered by iterative refinement or a
       Krylov method preconditioned by the perturbed factorization. ``perturbed`` counts the
       replaced eigenvalues (the inertia is then no longer certified).
     - ``strict`` without ``perturb``: an eigenvalue of ``D`` below ``p * u * max|Qxx|`` raises
