@@ -136,6 +136,41 @@ def test_pivot_factorization_overflow_is_named():
         Pivot(Q, 0, "stage 0", 0.0, cholesky_first=False)
 
 
+def test_zero_pivot_of_a_nonsingular_hessian_is_solved():
+    """A zero-initialized linear net: the last stage's pivot is exactly zero at eps = 0 (no scale of its
+    own to perturb by), while H = [[0, C], [C^T, 0]] is nonsingular (cond ~5). It was refused with a
+    NonFiniteError; the perturbation takes the blocks downstream's scale and refinement solves it."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False)).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+    X, Y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    H = hessinv.hessian(m, nn.MSELoss(), X, Y)
+    _, Hd = autograd_gradient_hessian(m, nn.MSELoss(), X, Y)
+    ev = torch.linalg.eigvalsh(Hd)
+    assert float(ev.abs().min()) > 1e-2  # nonsingular
+    b = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    F = H.factor(0.0)
+    assert F.perturbed and not F.inertia_certified
+    assert float((Hd @ F.solve(b) - b).norm() / b.norm()) < 1e-12
+    assert tuple(F.inertia) == (int((ev < 0).sum()), 0, int((ev > 0).sum()))
+
+
+def test_zero_pivot_of_a_singular_hessian_is_named():
+    """Units dead on every example: their stage's pivot rows are zero and H is singular at eps = 0 -- a
+    SingularError (it was a ZeroDivisionError in the Schur step, before that a NonFiniteError)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        m[2].bias.fill_(-100.0)
+    X, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    with pytest.raises(SingularError):
+        H.factor(0.0).solve(H.gradient)
+    assert bool(torch.isfinite(H.factor(1e-3).solve(H.gradient)).all())
+
+
 def test_perturbed_pivot_counts_and_stays_nonsingular():
     """A pivot whose D has an eigenvalue below p u max|Q| is perturbed (sign kept), not refused."""
     lam = torch.tensor([-2.0, -1.0, 1e-16, 0.5, 1.0, 3.0], dtype=torch.float64)

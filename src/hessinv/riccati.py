@@ -106,7 +106,8 @@ class Pivot:
       invertible pivot still gives a valid congruence.
 
     ``cholesky_first=False`` skips the Cholesky attempt (the sweep does so after an indefinite pivot,
-    when the next one is most likely indefinite too).
+    when the next one is most likely indefinite too). ``scale``: the perturbation's scale where ``Qxx``
+    is zero (``tau = p u scale``; the sweep passes the largest diagonal entry of the blocks downstream).
     """
 
     def __init__(
@@ -119,6 +120,7 @@ class Pivot:
         perturb: bool = False,
         cholesky_first: bool = True,
         modify: bool = False,
+        scale: float = 0.0,
     ):
         self.p = Q.shape[0]
         self.perturbed = 0
@@ -132,14 +134,16 @@ class Pivot:
                 self.inertia = Inertia(0, 0, self.p)
                 return
         self.cholesky = False
-        self._factor_indefinite(Q, strict, perturb, modify)
+        self._factor_indefinite(Q, strict, perturb, modify, scale)
 
     @property
     def positive_definite(self) -> bool:
         """Whether the (unperturbed) pivot is positive definite."""
         return self.inertia.negative == 0 and self.inertia.zero == 0 and not self.perturbed
 
-    def _factor_indefinite(self, Q: Tensor, strict: bool, perturb: bool, modify: bool = False) -> None:
+    def _factor_indefinite(
+        self, Q: Tensor, strict: bool, perturb: bool, modify: bool = False, scale: float = 0.0
+    ) -> None:
         # the p x p bookkeeping runs in numpy: a microsecond per operation where torch's small ops
         # cost several (the indefinite pivot must not cost much more than a Cholesky one)
         Qc = Q.detach().cpu()
@@ -156,7 +160,17 @@ class Pivot:
             d, e, ev, self.modified = _map_blocks(d, e, k, ev, lambda x: np.maximum(np.abs(x), floor))
             aev = np.abs(ev)
         elif perturb:
-            tau = _perturb_tau(Q.dtype, qmax, self.p)
+            # a zero pivot (to the smallest normal number) has no scale of its own: the sweep's so far
+            # (scale, from the blocks downstream; the zero-initialized linear net's first pivot)
+            tau = _perturb_tau(Q.dtype, qmax if qmax > fi.tiny else max(scale, fi.tiny), self.p)
+            if tau < fi.tiny:  # Qxx and every block downstream are zero
+                raise SingularError(
+                    f"{self.name}: pivot Qxx is zero at damping {self.damping:g}, and so is the curvature "
+                    "downstream of it (the stage's parameters do not reach the loss on this batch); "
+                    "H + eps I is singular -- choose a damping > 0",
+                    stage=self.stage,
+                    damping=self.damping,
+                )
             if float(aev.min()) < tau and self.upper:
                 # the perturbation is scaled by L's entries, which the upper form can make large on
                 # graded pivots (linalg.ldl): perturb the lower form's D instead
@@ -381,7 +395,7 @@ def _normalize(W: Tensor, Wl: Tensor, Qzz: Tensor, gain: float = math.inf) -> tu
         return W, Wl, 1.0
     fi = torch.finfo(W.dtype)
     m = _maxabs(W)
-    if Wl is not W and m * (m / gain) >= fi.tiny / fi.eps:
+    if Wl is not W and gain > 0 and m * (m / gain) >= fi.tiny / fi.eps:
         return W, Wl, 1.0
     ml = m if Wl is W else _maxabs(Wl)
     if m * ml >= fi.tiny / fi.eps or not math.isfinite(m * ml):
@@ -430,13 +444,14 @@ class LowRankPivot:
         perturb: bool = False,
         cholesky_first: bool = True,
         modify: bool = False,
+        scale: float = 0.0,
     ):
         self.Qz, self.C, self.p, self.eps = Qz, C, p, damping
         r = A.shape[0]
         top = float((A.diagonal() + damping).abs().max()) if r else 0.0  # ~ max |eigenvalue| if PD
         self.inner = Pivot(
             _shifted(A, damping, overwrite=True), stage, name, damping, strict, perturb, cholesky_first,
-            modify,
+            modify, scale,
         )  # fmt: skip
         self.modified = self.inner.modified
         if not self.inner.cholesky:
@@ -608,8 +623,11 @@ def riccati_factor(
     neg = zero = pos = 0
     pd = True
     cholesky_first = True
+    scale = 0.0  # the largest diagonal entry of the blocks downstream (perturbed zero pivots' scale)
     for l in range(len(blocks) - 1, -1, -1):
         blk = blocks[l]
+        if perturb:
+            scale = max(scale, _diagmax(Sigma.reshape(Sigma.shape[0] * Sigma.shape[1], -1)))
         rb = blk.riccati_native(Sigma, coupled=l > 0)
         if blk.p == 0:
             Sigma = rb.Qzz
@@ -617,7 +635,7 @@ def riccati_factor(
         if rb.lowrank is not None:
             Qz, A, C = rb.lowrank
             piv: Pivot | LowRankPivot = LowRankPivot(
-                Qz, A, C, blk.p, l, names[l], damping, strict, perturb, cholesky_first, modify
+                Qz, A, C, blk.p, l, names[l], damping, strict, perturb, cholesky_first, modify, scale
             )
         else:
             piv = Pivot(
@@ -629,6 +647,7 @@ def riccati_factor(
                 perturb,
                 cholesky_first,
                 modify,
+                scale,
             )
         neg, zero, pos = neg + piv.inertia.negative, zero + piv.inertia.zero, pos + piv.inertia.positive
         pd = pd and piv.positive_definite
