@@ -171,6 +171,48 @@ def test_zero_pivot_of_a_singular_hessian_is_named():
     assert bool(torch.isfinite(H.factor(1e-3).solve(H.gradient)).all())
 
 
+def test_ill_conditioned_nonsingular_system_is_solved_not_refused():
+    """cond(H + eps I) = 1.9e8: a perturbed sweep plus refinement and GMRES leaves a relative residual
+    above sqrt(u) (the probe: 3.6e-6 after 120 GMRES iterations), which used to be refused as
+    singular; the system is nonsingular (|A| |x| / |b| far below 1 / u), so it is solved and the residual
+    reported (dense LU: 4e-9)."""
+    torch.manual_seed(0)
+    X, y = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    m = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    H = hessinv.hessian(m, nn.MSELoss(), X, y)
+    _, Hd = autograd_gradient_hessian(m, nn.MSELoss(), X, y)
+    A = Hd + 1e-8 * torch.eye(Hd.shape[0], dtype=torch.float64)
+    b = torch.randn(Hd.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hessinv.AccuracyWarning)
+        x, info = H.factor(1e-8).solve(b, return_info=True)
+    xd = torch.linalg.solve(A, b)
+    assert float((A @ x - b).norm() / b.norm()) == pytest.approx(info.residual, rel=0.5, abs=1e-12)
+    assert info.residual < 1e-5 and float((x - xd).norm() / xd.norm()) < 1e-4
+
+
+def test_ill_conditioned_pivot_is_not_certified():
+    """A LayerNorm chain at eps = 1e-8 (cond 4e9): a pivot with eigenvalues ~eps makes the stages before
+    it exact only up to ~u cond^2 -- the sweep's inertia was wrong (11, 0, 15 against dense 9, 0, 17) yet
+    marked certified, and logdet was off by 5.8 silently. Now: not certified, and logdet warns; at eps =
+    1e-5 both are exact and certified."""
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4, elementwise_affine=False), nn.Linear(4, 2)).double()
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    H = hessinv.hessian(m, nn.MSELoss(), X, y)
+    _, Hd = autograd_gradient_hessian(m, nn.MSELoss(), X, y)
+    F = H.factor(1e-8)
+    assert not F.inertia_certified
+    with pytest.warns(hessinv.AccuracyWarning, match="ill-conditioned"):
+        F.logdet()
+    F = H.factor(1e-5)
+    ev = torch.linalg.eigvalsh(Hd + 1e-5 * torch.eye(Hd.shape[0], dtype=torch.float64))
+    assert F.inertia_certified and tuple(F.inertia) == (int((ev < 0).sum()), 0, int((ev > 0).sum()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert F.logdet() == pytest.approx(float(ev.abs().log().sum()), abs=1e-5)  # cond 4e6
+
+
 def test_perturbed_pivot_counts_and_stays_nonsingular():
     """A pivot whose D has an eigenvalue below p u max|Q| is perturbed (sign kept), not refused."""
     lam = torch.tensor([-2.0, -1.0, 1e-16, 0.5, 1.0, 3.0], dtype=torch.float64)

@@ -264,6 +264,20 @@ class Pivot:
         """``max |eigenvalue|`` of ``D`` (of an indefinite pivot)."""
         return float(np.abs(self._ev).max())
 
+    def conditioning(self) -> float:
+        """A cheap estimate of ``1 / cond(Qxx)``: ``min|lambda(D)| / max|lambda(D)|`` (Bunch–Kaufman) or
+        ``(min L_ii / max L_ii)^2`` (Cholesky, which can only overestimate it). A pivot far below
+        ``sqrt(u)`` amplifies the sweep's rounding into the Schur complements of the stages before it
+        (the sweep does not pivot across stages): their pivots' eigenvalues, hence the inertia and the
+        log-determinant, are then exact only for a matrix further than ``u ||H||`` from ``H + eps I``."""
+        if self.cholesky:
+            dg = self.L.diagonal()
+            lo, hi = torch.aminmax(dg.abs())
+            return float(lo / hi) ** 2 if float(hi) > 0 else 0.0
+        aev = np.abs(self._ev)
+        hi = float(aev.max())
+        return float(aev.min()) / hi if hi > 0 else 0.0
+
     def inverse_sqrt(self, Z: Tensor) -> Tensor:
         """``S Z`` for a square root ``S S^T = Qxx^{-1}`` of a positive definite pivot: ``L^{-T} Z``
         (Cholesky). Z: (p, m). ``S Z`` has covariance ``Qxx^{-1}`` for white noise ``Z``."""
@@ -486,6 +500,11 @@ class LowRankPivot:
     def positive_definite(self) -> bool:
         """Whether the (unperturbed) pivot is positive definite."""
         return self.inertia.negative == 0 and self.inertia.zero == 0 and not self.perturbed
+
+    def conditioning(self) -> float:
+        """:meth:`Pivot.conditioning` of the inner pivot (the eigenvalue ``eps`` on the complement of
+        ``range(U)`` lies among the inner pivot's where the stage's curvature is not below ``eps``)."""
+        return self.inner.conditioning()
 
     def logdet(self) -> float:
         """``log |det Qxx| = log |det(eps I_r + A)| + (p - r) log |eps|`` (perturbed values if
