@@ -575,6 +575,20 @@ def test_inertia_window_edge_on_an_exact_null_space():
     )  # the null space: on the edge
 
 
+def test_inertia_with_zero_tol_at_an_exactly_singular_shift():
+    """tol=0 at a shift where the sweep meets an exactly singular pivot (dead units' null space at 0):
+    counted at the counts' resolution instead of raising, within it of dense eigenvalues."""
+    model, loss_fn, X, y = _dead_relu_net(16, 8, 7)
+    H = hessinv.hessian(model, loss_fn, X, y)
+    with pytest.raises(SingularError):
+        ric.riccati_factor(H.blocks, 0.0, H._names, H.gradient, strict=False)
+    got = H.inertia(0.0, tol=0.0)
+    _, Hd = autograd_gradient_hessian(model, loss_fn, X, y)
+    ev, floor = torch.linalg.eigvalsh(0.5 * (Hd + Hd.T)), H.zero_tolerance()
+    assert int((ev < -floor).sum()) <= got.negative <= int((ev < floor).sum())
+    assert int((ev > floor).sum()) <= got.positive <= int((ev > -floor).sum())
+
+
 def test_inertia_window_edge_on_an_isolated_eigenvalue_is_exact():
     """An isolated eigenvalue exactly on the window's edge (a diagonal pivot: the sweep is exact) is
     counted as zero, and its neighbour 2e-8 below stays negative: the retry moves by n u ||H||, not by the

@@ -363,7 +363,10 @@ class CurvatureOperator:
             return riccati_factor(self.blocks, s + nudge * floor, self._names, self.gradient, strict=False)[1]
 
         if tol == 0:
-            return count(shift)
+            try:
+                return count(shift)
+            except SingularError:  # the sweep at shift is singular or too ill-conditioned to count exactly
+                tol = floor  # eigenvalues within the counts' resolution of -shift count as zero
         neg, pos = count(shift + tol, 1.0).negative, count(shift - tol, -1.0).positive
         return Inertia(neg, self.shape[0] - neg - pos, pos)
 
@@ -376,9 +379,15 @@ class CurvatureOperator:
             return riccati_factor(self.blocks, -x, self._names, self.gradient, strict=False)[1].negative
         except SingularError:
             delta = self.shape[0] * torch.finfo(self.dtype).eps * max(self.norm_estimate(), abs(x), 1e-300)
-            return riccati_factor(self.blocks, -(x - delta), self._names, self.gradient, strict=False)[
-                1
-            ].negative
+            try:
+                return riccati_factor(self.blocks, -(x - delta), self._names, self.gradient, strict=False)[
+                    1
+                ].negative
+            except SingularError:  # still too ill-conditioned to count: the counts' resolution
+                delta = max(delta, self.zero_tolerance())
+                return riccati_factor(self.blocks, -(x - delta), self._names, self.gradient, strict=False)[
+                    1
+                ].negative
 
     def _lanczos(
         self, steps: int, done: Callable[[np.ndarray, np.ndarray, float], bool] | None = None
