@@ -213,6 +213,22 @@ def test_ill_conditioned_pivot_is_not_certified():
         assert F.logdet() == pytest.approx(float(ev.abs().log().sum()), abs=1e-5)  # cond 4e6
 
 
+@pytest.mark.parametrize("scale", [1e200, 1e158, 1e-300])
+def test_solve_reports_its_residual_at_extreme_right_hand_side_scales(scale):
+    """The refined solve's residual norms are taken on power-of-two-scaled columns: at 1e200 the
+    reported residual was NaN (overflow), at 1e158 and 1e-300 it was 0 and refinement was skipped."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    F = H.factor(1e-3)
+    b = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x1, info1 = F.solve(b, return_info=True)
+    x, info = F.solve(b * scale, return_info=True)
+    assert math.isfinite(info.residual) and 0 < info.residual < 1e-12
+    assert float((x / scale - x1).norm() / x1.norm()) < 1e-12
+
+
 def test_perturbed_pivot_counts_and_stays_nonsingular():
     """A pivot whose D has an eigenvalue below p u max|Q| is perturbed (sign kept), not refused."""
     lam = torch.tensor([-2.0, -1.0, 1e-16, 0.5, 1.0, 3.0], dtype=torch.float64)

@@ -1050,7 +1050,18 @@ class Factorization:
     def _solve64(
         self, R64: Tensor, max_refine: int, X64: Tensor | None = None, float64: bool = False
     ) -> tuple[Tensor, SolveInfo]:
-        """Refined solve of ``(H + eps I) X = R64`` in float64; returns ``X`` (float64) and its info."""
+        """Refined solve of ``(H + eps I) X = R64`` in float64; returns ``X`` (float64) and its info. Each
+        column is scaled by a power of two (exact) to unit max-norm first, so that the residual norms
+        neither overflow (a right-hand side of 1e200: the residual was NaN) nor underflow (1e-300: 0,
+        and refinement skipped)."""
+        s = _pow2_scale(R64)
+        X, info = self._solve64_unit(R64 / s, max_refine, None if X64 is None else X64 / s, float64)
+        return X * s, info
+
+    def _solve64_unit(
+        self, R64: Tensor, max_refine: int, X64: Tensor | None = None, float64: bool = False
+    ) -> tuple[Tensor, SolveInfo]:
+        """:meth:`_solve64` on right-hand sides of unit max-norm."""
         if self._twin_only and not float64:  # see __init__
             assert self._f64 is not None
             return self._f64._solve64(R64, max_refine, X64, float64=True)
