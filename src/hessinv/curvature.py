@@ -65,9 +65,11 @@ class SolveInfo:
     """How accurate a solve is: ``residual = max_j |rhs_j - (H + eps I) x_j| / |rhs_j|``.
 
     The residual is evaluated in float64 (also for float32 models), after ``refinement_steps``
-    steps of iterative refinement and, where refinement stalled (a perturbed factorization, see
-    :class:`Factorization`), ``krylov_iterations`` iterations of flexible GMRES preconditioned by the
-    factorization.
+    steps of iterative refinement and, where refinement stalled or ran out of steps (or the
+    factorization was perturbed, see :class:`Factorization`), ``krylov_iterations`` iterations of
+    flexible GMRES preconditioned by the factorization. It is that of the float64 iterate: for a
+    float32 model the returned ``x`` is that iterate rounded to float32, whose own residual is larger
+    by up to about ``u32 cond(H + eps I)`` (its forward error is at float32's rounding).
     """
 
     residual: float
