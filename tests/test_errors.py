@@ -190,8 +190,9 @@ def test_accuracy_warning_when_refinement_cannot_reach_accuracy(monkeypatch):
     """An inaccurate sweep (simulated: it returns half the solution) is caught by the independent
     float64 residual; refinement halves the error per step, and after ``max_refine`` steps GMRES
     preconditioned by the sweep takes over (it used to run only after a stall or with perturbed
-    pivots: the probe's LayerNorm chain was left at 7e-5 where GMRES reaches 2e-8). Where GMRES cannot
-    help either (simulated), the remaining residual is reported and warned about."""
+    pivots: the probe's LayerNorm chain was left at 7e-5 where GMRES reaches 2e-8). Where neither GMRES nor
+    the small systems' dense fallback can help (simulated), the remaining residual is reported and warned
+    about."""
     import hessinv.curvature as hc
 
     net, X, y = small()
@@ -204,6 +205,7 @@ def test_accuracy_warning_when_refinement_cannot_reach_accuracy(monkeypatch):
         x, info = F.solve(H.gradient, max_refine=5, return_info=True)
     assert info.refinement_steps == 5 and info.krylov_iterations > 0 and info.residual < 1e-13
     monkeypatch.setattr(hc, "fgmres", lambda apply, prec, b, x0, *a: (x0, 1))  # GMRES gets nowhere
+    monkeypatch.setattr(hc, "DENSE_FALLBACK_N", 0)  # and no dense LU to fall back on
     with pytest.warns(hessinv.AccuracyWarning, match="relative residual"):
         x, info = F.solve(H.gradient, max_refine=5, return_info=True)
     assert info.refinement_steps == 5

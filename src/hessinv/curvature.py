@@ -891,6 +891,7 @@ class Factorization:
         self.inertia_certified = not self.perturbed and self._well_pivoted()
         self.last_info: SolveInfo | None = None
         self._f64: Factorization | None = None
+        self._dense: Tensor | None = None  # H + eps I in float64, formed if the dense fallback runs
         self._twin_only = bool(self.perturbed) and op.dtype != torch.float64 and not modify
         if self._twin_only:
             # a sweep below float64 that had to perturb pivots: cond(H + eps I) is near 1 / sqrt(u) of
@@ -1132,7 +1133,26 @@ class Factorization:
                 return X2, SolveInfo(
                     info2.residual, steps + info2.refinement_steps, its + info2.krylov_iterations
                 )
+        if rel > DENSE_FALLBACK_ABOVE and not low and op64.shape[0] <= DENSE_FALLBACK_N:
+            # refinement and GMRES both failed (a perturbed sweep whose 1 / tau directions make the
+            # Krylov basis too ill-conditioned): at this size a dense LU of H + eps I decides
+            X2 = self._dense_solve(R64)
+            if X2 is not None:
+                res2, rel2 = residual(X2)
+                if rel2 < rel:
+                    X64, rel = X2, rel2
         return X64, SolveInfo(rel, steps, its)
+
+    def _dense_solve(self, R64: Tensor) -> Tensor | None:
+        """``(H + eps I)^{-1} R64`` by a dense float64 LU (``H`` formed once by products, kept), or None
+        where LU finds the matrix exactly singular or the result is not finite."""
+        if self._dense is None:
+            A = self.op._residual_operator().to_dense().double()
+            self._dense = A + self._shift(torch.eye(A.shape[0], dtype=A.dtype, device=A.device))
+        X, info = torch.linalg.solve_ex(self._dense, R64.to(self._dense.device))
+        if int(info) != 0 or not bool(torch.isfinite(X).all()):
+            return None
+        return X
 
     def _float64(self) -> Factorization:
         """The factorization of the float64 twin operator (for float32 models whose own sweep cannot
@@ -1233,6 +1253,12 @@ def _pow2_scale(R: Tensor) -> Tensor:
     m = R.abs().amax(dim=0, keepdim=True)
     e = torch.where(m > 0, torch.frexp(m).exponent, 0).to(R.dtype)
     return torch.pow(torch.tensor(2.0, dtype=R.dtype, device=R.device), e)
+
+
+#: Refined solves whose residual stays above this after refinement and GMRES fall back to a dense LU of
+#: ``H + eps I`` (formed once by ``n`` products) where ``n`` is at most :data:`DENSE_FALLBACK_N`.
+DENSE_FALLBACK_ABOVE = 1e-8
+DENSE_FALLBACK_N = 2048
 
 
 def fgmres(
