@@ -346,50 +346,41 @@ class CurvatureOperator:
                 stacklevel=2,
             )
 
-        def count(s: float, nudge: float = 0.0) -> Inertia:
-            try:
-                return riccati_factor(self.blocks, s, self._names, self.gradient, strict=False)[1]
-            except SingularError:  # a pivot exactly singular: s is an eigenvalue to working precision
-                if not nudge:
-                    raise
-            # moved out of the window [shift - tol, shift + tol] by n u max(||H||, |s|) (what rounding cannot
-            # tell from s), else by the counts' resolution (floor); the eigenvalues passed count as zero
-            small = self.shape[0] * torch.finfo(self.dtype).eps * max(self.norm_estimate(), abs(s), 1e-300)
-            try:
-                return riccati_factor(
-                    self.blocks, s + nudge * small, self._names, self.gradient, strict=False
-                )[1]
-            except SingularError:
-                if small >= floor:
-                    raise
-            return riccati_factor(self.blocks, s + nudge * floor, self._names, self.gradient, strict=False)[1]
-
         if tol == 0:
             try:
-                return count(shift)
-            except SingularError:  # the sweep at shift is singular or too ill-conditioned to count exactly
-                tol = floor  # eigenvalues within the counts' resolution of -shift count as zero
-        neg, pos = count(shift + tol, 1.0).negative, count(shift - tol, -1.0).positive
+                return self._counts(shift)
+            except SingularError:  # the sweep at shift is exactly singular: count at the resolution
+                tol = floor  # eigenvalues within it of -shift count as zero
+        neg, pos = self._counts(shift + tol, 1.0).negative, self._counts(shift - tol, -1.0).positive
         return Inertia(neg, self.shape[0] - neg - pos, pos)
 
     def _count_below(self, x: float) -> int:
         """``#{lambda_i < x}``: the negative pivot eigenvalues of the sweep of ``H - x I`` (one Riccati
         sweep, exact count). A shift on an eigenvalue to working precision (a pivot exactly singular, e.g.
-        ``x = 0`` for a Gauss-Newton matrix with a null space) is moved down by ``n u max(||H||, |x|)``:
+        ``x = 0`` for a Gauss-Newton matrix with a null space) is moved down by ``n u max(||H||, |x|)``, or
+        by the counts' resolution where that is not enough (:meth:`_counts`):
         the eigenvalues that equal ``x`` up to rounding count as ``>= x``."""
+        return self._counts(-x, 1.0).negative
+
+    def _counts(self, s: float, nudge: float = 0.0) -> Inertia:
+        """The inertia of ``H + s I`` by one Riccati sweep. Where a pivot is exactly singular there (``-s``
+        an eigenvalue to working precision) and ``nudge`` is +-1, ``s`` is moved by ``nudge n u
+        max(||H||, |s|)`` (what rounding cannot tell from ``s``), or by the counts' resolution
+        (:meth:`zero_tolerance`) where the sweep is still singular: the eigenvalues passed count on the
+        side ``nudge`` moves them to. :class:`SingularError` with ``nudge=0`` or where both fail."""
         try:
-            return riccati_factor(self.blocks, -x, self._names, self.gradient, strict=False)[1].negative
+            return riccati_factor(self.blocks, s, self._names, self.gradient, strict=False)[1]
         except SingularError:
-            delta = self.shape[0] * torch.finfo(self.dtype).eps * max(self.norm_estimate(), abs(x), 1e-300)
-            try:
-                return riccati_factor(self.blocks, -(x - delta), self._names, self.gradient, strict=False)[
-                    1
-                ].negative
-            except SingularError:  # still too ill-conditioned to count: the counts' resolution
-                delta = max(delta, self.zero_tolerance())
-                return riccati_factor(self.blocks, -(x - delta), self._names, self.gradient, strict=False)[
-                    1
-                ].negative
+            if not nudge:
+                raise
+        small = self.shape[0] * torch.finfo(self.dtype).eps * max(self.norm_estimate(), abs(s), 1e-300)
+        try:
+            return riccati_factor(self.blocks, s + nudge * small, self._names, self.gradient, strict=False)[1]
+        except SingularError:
+            floor = self.zero_tolerance()
+            if small >= floor:
+                raise
+        return riccati_factor(self.blocks, s + nudge * floor, self._names, self.gradient, strict=False)[1]
 
     def _lanczos(
         self, steps: int, done: Callable[[np.ndarray, np.ndarray, float], bool] | None = None

@@ -218,30 +218,18 @@ def _interchanges(ipiv: np.ndarray, upper: bool) -> tuple[list[int], list[int]]:
     p = len(ip)
     perm = list(range(p))
     first: list[int] = []
-    if upper:
-        k = p - 1
-        while k >= 0:
-            v = ip[k]
-            if v > 0:  # a 1x1 block: row k and row v - 1 interchanged
-                t, k0, step = v - 1, k, 1
-            else:  # a 2x2 block at rows k - 1, k: row k - 1 and row -v - 1 interchanged
-                t, k0, step = -v - 1, k - 1, 2
-                first.append(k0)
-            if t != k0:
-                perm[k0], perm[t] = perm[t], perm[k0]
-            k -= step
-    else:
-        k = 0
-        while k < p:
-            v = ip[k]
-            if v > 0:  # a 1x1 block: row k and row v - 1
-                t, k0, step = v - 1, k, 1
-            else:  # a 2x2 block at rows k, k + 1: row k + 1 and row -v - 1
-                t, k0, step = -v - 1, k + 1, 2
-                first.append(k)
-            if t != k0:
-                perm[k0], perm[t] = perm[t], perm[k0]
-            k += step
+    d = -1 if upper else 1  # the direction sytrs2 reads ipiv in; a 2x2 block's other row is k + d
+    k = p - 1 if upper else 0
+    while 0 <= k < p:
+        v = ip[k]
+        if v > 0:  # a 1x1 block: row k and row v - 1 interchanged
+            t, k0, step = v - 1, k, 1
+        else:  # a 2x2 block at rows k, k + d: row k + d and row -v - 1 interchanged
+            t, k0, step = -v - 1, k + d, 2
+            first.append(min(k, k0))
+        if t != k0:
+            perm[k0], perm[t] = perm[t], perm[k0]
+        k += d * step
     return perm, first
 
 
@@ -285,21 +273,17 @@ def ldl(
     p = A.shape[0]
     fl = "d" if A.dtype == np.float64 else "s"
     syconv = getattr(lapack, fl + "syconv")
-    if upper_ok and _scipy_ready(Q) and A.flags.c_contiguous:
+    upper = upper_ok and _scipy_ready(Q) and A.flags.c_contiguous
+    if upper:
         sytrf = getattr(lapack, fl + "sytrf")
         F, ipiv, _ = sytrf(A.T, lower=0, lwork=max(1, SYTRF_BLOCK * p))  # Q^T's upper triangle: Q's lower
-        U, e, _ = syconv(F, ipiv, lower=0, overwrite_a=1)  # e[k] couples rows k - 1 and k
-        perm, first = _interchanges(ipiv, upper=True)
-        k = np.array(first, dtype=np.int64)
-        ef = np.zeros(p)
-        ef[k] = e[k + 1]
-        return U.T, True, np.array(perm), np.diagonal(U).astype(np.float64), ef, k
-    # sytrf through torch: it follows torch's thread setting
-    LD, piv, _ = torch.linalg.ldl_factor_ex(torch.from_numpy(np.ascontiguousarray(A)))
-    ipiv = piv.numpy()
-    L, e, _ = syconv(LD.numpy(), ipiv, lower=1)
-    perm, first = _interchanges(ipiv, upper=False)
+        T, e, _ = syconv(F, ipiv, lower=0, overwrite_a=1)  # U; e[k] couples rows k - 1 and k
+    else:  # sytrf through torch: it follows torch's thread setting
+        LD, piv, _ = torch.linalg.ldl_factor_ex(torch.from_numpy(np.ascontiguousarray(A)))
+        ipiv = piv.numpy()
+        T, e, _ = syconv(LD.numpy(), ipiv, lower=1)  # L; e[k] couples rows k and k + 1
+    perm, first = _interchanges(ipiv, upper)
     k = np.array(first, dtype=np.int64)
     ef = np.zeros(p)
-    ef[k] = e[k]
-    return L, False, np.array(perm), np.diagonal(L).astype(np.float64), ef, k
+    ef[k] = e[k + 1] if upper else e[k]
+    return (T.T if upper else T), upper, np.array(perm), np.diagonal(T).astype(np.float64), ef, k

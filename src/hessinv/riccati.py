@@ -195,10 +195,9 @@ class Pivot:
         # Sylvester: the inertia of Qxx is that of D
         neg, nonzero = int(np.count_nonzero(ev < 0)), int(np.count_nonzero(ev))
         self.inertia = Inertia(neg, self.p - nonzero, nonzero - neg)
-        self._ev = ev  # log|det| and max|eigenvalue| from it, when asked
-        # ||D||_inf <= sqrt(2) ||D||_2 (blocks of order <= 2): the bound _normalize takes
-        self._dnorm = 1.5 * float(aev.max())
-        if not math.isfinite(self._dnorm):  # sytrf overflowed on a finite pivot (entries near the maximum)
+        self._ev = ev  # log|det| from it, when asked
+        self.top = float(aev.max())  # max |eigenvalue| of D
+        if not math.isfinite(self.top):  # sytrf overflowed on a finite pivot (entries near the maximum)
             raise NonFiniteError(
                 f"{self.name}: the LDL^T factorization of the Riccati pivot Qxx overflowed (max|Qxx| "
                 f"{qmax:.3g}); rescale the loss or the inputs"
@@ -259,11 +258,6 @@ class Pivot:
         with np.errstate(divide="ignore"):  # a zero 1x1 block (inertia counts only): -inf
             return float(np.log(np.abs(self._ev)).sum())
 
-    @property
-    def top(self) -> float:
-        """``max |eigenvalue|`` of ``D`` (of an indefinite pivot)."""
-        return float(np.abs(self._ev).max())
-
     def conditioning(self) -> float:
         """A cheap estimate of ``1 / cond(Qxx)``: ``min|lambda(D)| / max|lambda(D)|`` (Bunch–Kaufman) or
         ``(min L_ii / max L_ii)^2`` (Cholesky, which can only overestimate it). A pivot far below
@@ -274,9 +268,7 @@ class Pivot:
             dg = self.L.diagonal()
             lo, hi = torch.aminmax(dg.abs())
             return float(lo / hi) ** 2 if float(hi) > 0 else 0.0
-        aev = np.abs(self._ev)
-        hi = float(aev.max())
-        return float(aev.min()) / hi if hi > 0 else 0.0
+        return float(np.abs(self._ev).min()) / self.top if self.top > 0 else 0.0
 
     def inverse_sqrt(self, Z: Tensor) -> Tensor:
         """``S Z`` for a square root ``S S^T = Qxx^{-1}`` of a positive definite pivot: ``L^{-T} Z``
@@ -309,7 +301,8 @@ class Pivot:
                 unitriangular=True,
             ).mT
             Wl = self._dsolve(W)
-        W, Wl, scale = _normalize(W, Wl, Qzz, 1.0 if self.cholesky else self._dnorm)
+        # ||D||_inf <= sqrt(2) ||D||_2 (blocks of order <= 2): the gain bound _normalize takes
+        W, Wl, scale = _normalize(W, Wl, Qzz, 1.0 if self.cholesky else 1.5 * self.top)
         S = _sym_update(Qzz, Wl, W, scale, overwrite)
         return flush_negligible(S, _diagmax(S), inplace=True)
 
