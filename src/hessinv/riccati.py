@@ -171,13 +171,15 @@ class Pivot:
                     stage=self.stage,
                     damping=self.damping,
                 )
-            if float(aev.min()) < tau and self.upper:
+            lo = float(aev.min())
+            if lo < tau and self.upper:
                 # the perturbation is scaled by L's entries, which the upper form can make large on
                 # graded pivots (linalg.ldl): perturb the lower form's D instead
                 T, self.upper, perm, d, e, k = linalg.ldl(Qc, upper_ok=False)
                 ev = _block_eigenvalues(d, e, k)
                 aev = np.abs(ev)
-            if float(aev.min()) < tau:
+                lo = float(aev.min())
+            if lo < tau:
                 d, e, ev, self.perturbed = _map_blocks(
                     d, e, k, ev, lambda x: np.where(np.abs(x) < tau, np.where(x < 0, -tau, tau), x)
                 )
@@ -193,11 +195,13 @@ class Pivot:
                     damping=self.damping,
                 )
         # Sylvester: the inertia of Qxx is that of D
-        neg, nonzero = int(np.count_nonzero(ev < 0)), int(np.count_nonzero(ev))
+        lo, hi = float(aev.min()), float(aev.max())
+        neg = int(np.count_nonzero(ev < 0))
+        nonzero = self.p if lo > 0 else int(np.count_nonzero(ev))
         self.inertia = Inertia(neg, self.p - nonzero, nonzero - neg)
         self._ev = ev  # log|det| from it, when asked
-        self.top = float(aev.max())  # max |eigenvalue| of D
-        if not math.isfinite(self.top):  # sytrf overflowed on a finite pivot (entries near the maximum)
+        self.top = hi  # max |eigenvalue| of D
+        if not math.isfinite(hi):  # sytrf overflowed on a finite pivot (entries near the maximum)
             raise NonFiniteError(
                 f"{self.name}: the LDL^T factorization of the Riccati pivot Qxx overflowed (max|Qxx| "
                 f"{qmax:.3g}); rescale the loss or the inputs"
@@ -343,8 +347,12 @@ def _map_blocks(d, e, k, ev, f) -> tuple[np.ndarray, np.ndarray, np.ndarray, int
 
 
 def _maxabs(A: Tensor) -> float:
-    if not A.is_contiguous() and A.mT.is_contiguous():  # aminmax is 3x slower on strided memory
+    """``max |A_ij|`` (NaN if ``A`` holds one)."""
+    if not A.is_contiguous() and A.mT.is_contiguous():  # reductions are 3x slower on strided memory
         A = A.mT
+    if A.is_cpu and A.dtype in (torch.float64, torch.float32) and A.is_contiguous():
+        a = A.detach().numpy()  # numpy's min and max: 12 us at 256 x 256 against 26 us for torch.aminmax
+        return max(-float(a.min()), float(a.max()))
     lo, hi = torch.aminmax(A)
     return max(-float(lo), float(hi))
 
