@@ -227,10 +227,11 @@ def test_dense_fallback_when_gmres_fails_on_a_small_system():
     assert float((x - torch.linalg.solve(A, b)).norm() / x.norm()) < 1e-6
 
 
-def test_ill_conditioned_pivot_is_not_certified():
+def test_ill_conditioned_pivot_is_not_certified(monkeypatch):
     """A LayerNorm chain at eps = 1e-8 (cond 4e9): a pivot with eigenvalues ~eps makes the stages before
     it exact only up to ~u cond^2 -- the sweep's inertia was wrong (11, 0, 15 against dense 9, 0, 17) yet
-    marked certified, and logdet was off by 5.8 silently. Now: not certified, and logdet warns; at eps =
+    marked certified, and logdet was off by 5.8 silently. Now: not certified; logdet comes from a dense
+    LU at this size (it warned before), and warns where n is above the dense fallback's limit; at eps =
     1e-5 both are exact and certified."""
     torch.manual_seed(1)
     m = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4, elementwise_affine=False), nn.Linear(4, 2)).double()
@@ -239,14 +240,23 @@ def test_ill_conditioned_pivot_is_not_certified():
     _, Hd = autograd_gradient_hessian(m, nn.MSELoss(), X, y)
     F = H.factor(1e-8)
     assert not F.inertia_certified
+    sweep = sum(f.pivot.logdet() for f in F.factors if f is not None)
+    want = torch.linalg.slogdet(Hd + 1e-8 * torch.eye(Hd.shape[0], dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert F.slogdet() == pytest.approx((float(want[0]), float(want[1])), abs=1e-6)
+    assert abs(sweep - float(want[1])) > 1e-3  # what the pivots alone give is off
+    monkeypatch.setattr(hessinv.curvature, "DENSE_FALLBACK_N", 0)
     with pytest.warns(hessinv.AccuracyWarning, match="ill-conditioned"):
-        F.logdet()
+        assert H.factor(1e-8).logdet() == pytest.approx(sweep, rel=1e-12)
+    monkeypatch.undo()
     F = H.factor(1e-5)
     ev = torch.linalg.eigvalsh(Hd + 1e-5 * torch.eye(Hd.shape[0], dtype=torch.float64))
     assert F.inertia_certified and tuple(F.inertia) == (int((ev < 0).sum()), 0, int((ev > 0).sum()))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert F.logdet() == pytest.approx(float(ev.abs().log().sum()), abs=1e-5)  # cond 4e6
+    assert F._dense is None  # the pivots' product, no dense matrix formed
 
 
 @pytest.mark.parametrize("scale", [1e200, 1e158, 1e-300])
@@ -580,22 +590,35 @@ def test_nearest_eigenpairs_at_a_multiple_eigenvalue():
     assert not e.certified and e.interval[0] <= 0.0 <= e.interval[1]
 
 
-def test_logdet_of_a_perturbed_factorization_is_refused():
-    """Pivots perturbed (H + eps I too close to singular for the sweep): the log-determinant would be
-    another matrix's, so logdet and spectrum.logdet raise; solves still work (refinement)."""
+def test_logdet_of_a_perturbed_factorization(monkeypatch):
+    """Pivots perturbed (H + eps I too close to singular for the sweep): the pivots' product is another
+    matrix's determinant. Up to n = DENSE_FALLBACK_N the log-determinant comes from a dense LU (it was
+    refused although H + eps I is nonsingular), above it logdet and spectrum.logdet raise; an exactly
+    singular H + eps I is refused by the dense LU too."""
     m, lf, X, y = _dead_relu_net(24, 16, 8)
     H = hessinv.hessian(m, lf, X, y)
+    g, Hd = autograd_gradient_hessian(m, lf, X, y)
+    eye = torch.eye(Hd.shape[0], dtype=torch.float64)
     F = H.factor(3e-8)
     assert F.perturbed and not F.inertia_certified
-    with pytest.raises(SingularError, match="perturbed"):
+    want = torch.linalg.slogdet(Hd + 3e-8 * eye)
+    assert F.slogdet() == pytest.approx((float(want[0]), float(want[1])), rel=1e-9)
+    assert hessinv.spectrum.logdet(H, 3e-8) == pytest.approx((float(want[0]), float(want[1])), rel=1e-9)
+    F._dense = F._dense.clone()  # a matrix singular to working precision: refused, not -inf or noise
+    F._dense[0] = F._dense[1] * (1 + 1e-18)
+    with pytest.raises(SingularError, match="singular to working precision"):
         F.logdet()
+    monkeypatch.setattr(hessinv.curvature, "DENSE_FALLBACK_N", 0)
+    with pytest.raises(SingularError, match="perturbed"):
+        H.factor(3e-8).logdet()
     with pytest.raises(SingularError):
         hessinv.spectrum.logdet(H, 3e-8)
-    g, Hd = autograd_gradient_hessian(m, lf, X, y)
+    monkeypatch.undo()
     F = H.factor(1e-3)  # not perturbed: the pivots' product is det(H + eps I)
     assert not F.perturbed
-    want = torch.linalg.slogdet(Hd + 1e-3 * torch.eye(Hd.shape[0], dtype=torch.float64))
+    want = torch.linalg.slogdet(Hd + 1e-3 * eye)
     assert F.slogdet() == pytest.approx((float(want[0]), float(want[1])), rel=1e-9)
+    assert F._dense is None
 
 
 def test_inertia_warns_below_its_resolution():

@@ -969,29 +969,40 @@ class Factorization:
 
     def slogdet(self) -> tuple[float, float]:
         """``(sign, log|det(H + eps I)|)`` like :func:`torch.linalg.slogdet`: the sign is
-        ``(-1)^(number of negative eigenvalues)`` (the inertia), the log from :meth:`logdet`."""
-        return (-1.0 if self.inertia.negative % 2 else 1.0), self.logdet()
+        ``(-1)^(number of negative eigenvalues)`` (the inertia), the log from :meth:`logdet` (both from
+        the dense fallback there)."""
+        value = self.logdet()
+        dense = getattr(self, "_dense_sld", None)
+        return (dense[0] if dense is not None else -1.0 if self.inertia.negative % 2 else 1.0), value
 
     def logdet(self) -> float:
         """``log|det(H + eps I)| = sum_l log|det Qxx_l|``, from the pivots alone (in float64).
 
         The sweep is a block congruence ``H + eps I = U D U^T`` with unit block-triangular ``U`` and
-        ``D = diag(Qxx_l)``, so ``det(H + eps I) = prod_l det Qxx_l``. Raises :class:`SingularError`
-        where pivots were perturbed (``perturbed``): the product is then that of a matrix within
-        ``sqrt(u)`` of ``H + eps I``, whose smallest eigenvalues -- those that moved -- it does not
-        know (solves recover from the perturbation by refinement; a determinant cannot).
+        ``D = diag(Qxx_l)``, so ``det(H + eps I) = prod_l det Qxx_l``. Where pivots were perturbed
+        (``perturbed``) the product is that of a matrix within ``sqrt(u)`` of ``H + eps I``, whose
+        smallest eigenvalues -- those that moved -- it does not know (solves recover from the
+        perturbation by refinement; a determinant cannot), and where a pivot is ill-conditioned beyond
+        ``sqrt(u)`` it carries an error of up to about ``u cond(H + eps I)^2``: in both cases systems of
+        ``n <=`` :data:`DENSE_FALLBACK_N` take a dense float64 LU of ``H + eps I`` instead (formed by
+        ``n`` products, as the solves' fallback), larger ones raise :class:`SingularError` (perturbed;
+        also where LU finds the matrix singular) or warn (:class:`~hessinv.AccuracyWarning`).
         """
         self._riccati_only("logdet")
         if self._twin_only:
             assert self._f64 is not None
             return self._f64.logdet()
+        dense = self._dense_slogdet()
+        if dense is not None:
+            return dense[1]
         if self.perturbed:
             stages = ", ".join(f"{self.op._names[l]} ({c})" for l, c in sorted(self.perturbed.items()))
             raise SingularError(
                 f"logdet at damping {self._damping_text()}: pivot eigenvalues below sqrt(u) max|Qxx| were "
                 f"perturbed at {stages} (the sweep does not pivot across stages), so the factorization "
-                "is not one of H + eps I and its log-determinant would be that of another matrix. "
-                "Choose a larger damping, or use a dense slogdet where n is small",
+                f"is not one of H + eps I and its log-determinant would be that of another matrix (n = "
+                f"{self.op.shape[0]} is above the dense fallback's {DENSE_FALLBACK_N}). Choose a larger "
+                "damping",
                 stage=max(self.perturbed),
                 damping=self.damping if isinstance(self.damping, float) else None,
             )
@@ -1000,11 +1011,39 @@ class Factorization:
                 f"logdet at damping {self._damping_text()}: a Riccati pivot is ill-conditioned beyond "
                 "sqrt(u) (the sweep does not pivot across stages), so the log-determinant carries an error "
                 "of up to about u cond(H + eps I)^2 (0.35 at cond 1e9 on a LayerNorm chain); choose a larger "
-                "damping, or use a dense slogdet where n is small",
+                "damping",
                 AccuracyWarning,
                 stacklevel=2,
             )
         return float(sum(f.pivot.logdet() for f in self.factors if f is not None))
+
+    def _dense_slogdet(self) -> tuple[float, float] | None:
+        """``(sign, log|det(H + eps I)|)`` by a dense float64 LU where the sweep's pivots cannot give it
+        accurately (perturbed, or ill-conditioned beyond ``sqrt(u)``) and ``n <=``
+        :data:`DENSE_FALLBACK_N`; None where the pivots can (or ``n`` is larger). Raises
+        :class:`SingularError` where LU finds ``H + eps I`` singular to working precision: a pivot of
+        ``U`` at most ``u max|H + eps I| / n`` (partial pivoting keeps ``|L_ij| <= 1``, so
+        ``sigma_min(H + eps I) <= n min|U_ii|``, and then ``cond(H + eps I) >= 1 / u``)."""
+        if self._twin_only or (not self.perturbed and self._well_pivoted()):
+            return None
+        if self.op.shape[0] > DENSE_FALLBACK_N:
+            return None
+        A = self._dense_matrix()
+        LU, piv, _ = torch.linalg.lu_factor_ex(A)  # an exactly zero pivot is judged below
+        u = LU.diagonal()
+        n = A.shape[0]
+        small, top = float(u.abs().min()), float(A.abs().max())
+        if not small > torch.finfo(A.dtype).eps * top / n:  # also NaN
+            raise SingularError(
+                f"logdet at damping {self._damping_text()}: H + eps I is singular to working precision (a "
+                f"dense LU of it, n = {n}, has a pivot of {small:.3g} against max|H + eps I| = {top:.3g}); "
+                "choose another damping",
+                damping=self.damping if isinstance(self.damping, float) else None,
+            )
+        swaps = int((piv != torch.arange(1, n + 1, dtype=piv.dtype, device=piv.device)).sum())
+        negative = int((u < 0).sum())
+        self._dense_sld = (-1.0 if (swaps + negative) % 2 else 1.0), float(u.abs().log().sum())
+        return self._dense_sld
 
     def inverse_sqrt(self, Z: Tensor) -> Tensor:
         """``S Z`` for an ``n x n`` square root ``S S^T = (H + eps I)^{-1}``; ``Z``: (n,) or (n, k).
@@ -1137,13 +1176,18 @@ class Factorization:
     def _dense_solve(self, R64: Tensor) -> Tensor | None:
         """``(H + eps I)^{-1} R64`` by a dense float64 LU (``H`` formed once by products, kept), or None
         where LU finds the matrix exactly singular or the result is not finite."""
-        if self._dense is None:
-            A = self.op._residual_operator().to_dense().double()
-            self._dense = A + self._shift(torch.eye(A.shape[0], dtype=A.dtype, device=A.device))
-        X, info = torch.linalg.solve_ex(self._dense, R64.to(self._dense.device))
+        A = self._dense_matrix()
+        X, info = torch.linalg.solve_ex(A, R64.to(A.device))
         if int(info) != 0 or not bool(torch.isfinite(X).all()):
             return None
         return X
+
+    def _dense_matrix(self) -> Tensor:
+        """``H + eps I`` as a dense float64 matrix (``n`` products with the float64 operator), formed once."""
+        if self._dense is None:
+            A = self.op._residual_operator().to_dense().double()
+            self._dense = A + self._shift(torch.eye(A.shape[0], dtype=A.dtype, device=A.device))
+        return self._dense
 
     def _float64(self) -> Factorization:
         """The factorization of the float64 twin operator (for float32 models whose own sweep cannot

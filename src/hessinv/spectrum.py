@@ -143,8 +143,8 @@ def num_negative_eigenvalues(op: CurvatureOperator, tol: float | None = None) ->
 def logdet(op: CurvatureOperator, damping: float = 0.0) -> tuple[float, float]:
     """``(sign, log|det(H + damping I)|)`` from one factorization (``sum_l log|det Qxx_l|``); like
     :func:`torch.linalg.slogdet`. Raises :class:`~hessinv.SingularError` if ``H + damping I`` is
-    singular to working precision, or so near singular that the sweep perturbed pivots (then the
-    factorization is not one of ``H + damping I``; :meth:`hessinv.Factorization.logdet`)."""
+    singular to working precision, or, with more than 2048 parameters, so near singular that the sweep
+    perturbed pivots (smaller systems then take a dense LU; :meth:`hessinv.Factorization.logdet`)."""
     if not math.isfinite(damping):
         raise InvalidArgumentError(f"damping must be finite, got {damping}")
     return op.factor(damping).slogdet()
