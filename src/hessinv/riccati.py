@@ -210,20 +210,17 @@ class Pivot:
         dinv = 1.0 / d if d.all() else np.divide(1.0, d, out=np.full_like(d, np.inf), where=d != 0)
         dev, cpu = Q.device, Q.device.type == "cpu"
         self.off: Tensor | None = None
-        if k.size:  # D^{-1} on a 2x2 block [[a, b], [b, c]]: [[c, -b], [-b, a]] / (a c - b^2), with the
-            # block scaled by its largest entry s first (a c - b^2 over- or underflows at |b| ~ 1e+-160)
+        if k.size:  # D^{-1} on a 2x2 block [[a, b], [b, c]]: [[c, -b], [-b, a]] / (l1 l2), its eigenvalues
+            # l1, l2 divided one at a time (a c - b^2 itself over- or underflows at |b| ~ 1e+-160)
             k1 = k + 1
-            a, c, b = d[k], d[k1], e[k]
-            s = np.maximum(np.maximum(np.abs(a), np.abs(c)), np.abs(b))
-            a, c, b = a / s, c / s, b / s
-            sdet = s * (a * c - b * b)
-            dinv[k], dinv[k1] = c / sdet, a / sdet
+            l1, l2 = ev[k], ev[k1]
+            dinv[k], dinv[k1] = d[k1] / l1 / l2, d[k] / l1 / l2
             off = np.zeros((self.p - 1, 1), dtype=T.dtype)
-            off[k, 0] = -b / sdet  # the (k, k+1) entries
+            off[k, 0] = -e[k] / l1 / l2  # the (k, k+1) entries
             self.off = torch.from_numpy(off) if cpu else torch.from_numpy(off).to(dev)
         # the unit triangular factor: P^T Qxx P = L D L^T, with L = T (lower form) or T^T (upper form)
         self.L, self.perm = torch.from_numpy(T), torch.from_numpy(perm)
-        self.dinv = torch.from_numpy(dinv.astype(T.dtype)[:, None])
+        self.dinv = torch.from_numpy(dinv.astype(T.dtype, copy=False)[:, None])
         if not cpu:
             self.L, self.perm, self.dinv = self.L.to(dev), self.perm.to(dev), self.dinv.to(dev)
         self._iperm: Tensor | None = None
