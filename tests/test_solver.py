@@ -606,6 +606,7 @@ def test_logdet_of_a_perturbed_factorization(monkeypatch):
     assert hessinv.spectrum.logdet(H, 3e-8) == pytest.approx((float(want[0]), float(want[1])), rel=1e-9)
     F._dense = F._dense.clone()  # a matrix singular to working precision: refused, not -inf or noise
     F._dense[0] = F._dense[1] * (1 + 1e-18)
+    F._dense_sld = None  # (the first result is kept: a second logdet call repeats no LU)
     with pytest.raises(SingularError, match="singular to working precision"):
         F.logdet()
     monkeypatch.setattr(hessinv.curvature, "DENSE_FALLBACK_N", 0)

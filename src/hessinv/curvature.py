@@ -883,6 +883,7 @@ class Factorization:
         self.last_info: SolveInfo | None = None
         self._f64: Factorization | None = None
         self._dense: Tensor | None = None  # H + eps I in float64, formed if the dense fallback runs
+        self._dense_sld: tuple[float, float] | None = None  # its (sign, log|det|), once computed
         self._twin_only = bool(self.perturbed) and op.dtype != torch.float64 and not modify
         if self._twin_only:
             # a sweep below float64 that had to perturb pivots: cond(H + eps I) is near 1 / sqrt(u) of
@@ -971,8 +972,8 @@ class Factorization:
         """``(sign, log|det(H + eps I)|)`` like :func:`torch.linalg.slogdet`: the sign is
         ``(-1)^(number of negative eigenvalues)`` (the inertia), the log from :meth:`logdet` (both from
         the dense fallback there)."""
-        value = self.logdet()
-        dense = getattr(self, "_dense_sld", None)
+        value = self.logdet()  # (sets _dense_sld where the dense fallback gave it)
+        dense = getattr(self, "_dense_sld", None)  # (subclasses without the fallback lack it)
         return (dense[0] if dense is not None else -1.0 if self.inertia.negative % 2 else 1.0), value
 
     def logdet(self) -> float:
@@ -1024,6 +1025,8 @@ class Factorization:
         :class:`SingularError` where LU finds ``H + eps I`` singular to working precision: a pivot of
         ``U`` at most ``u max|H + eps I| / n`` (partial pivoting keeps ``|L_ij| <= 1``, so
         ``sigma_min(H + eps I) <= n min|U_ii|``, and then ``cond(H + eps I) >= 1 / u``)."""
+        if self._dense_sld is not None:  # the LU is not repeated by a second call
+            return self._dense_sld
         if self._twin_only or (not self.perturbed and self._well_pivoted()):
             return None
         if self.op.shape[0] > DENSE_FALLBACK_N:

@@ -155,10 +155,12 @@ class Pivot:
         T, self.upper, perm, d, e, k = linalg.ldl(Qc)  # k: the first rows of D's 2x2 blocks
         ev = _block_eigenvalues(d, e, k)
         aev = np.abs(ev)
+        lo = float(aev.min())  # min |eigenvalue| of D, kept current as D changes below
         if modify:  # |D| floored at the damping: P L |D| L^T P^T is positive definite (math.md §6)
             floor = max(self.damping, fi.tiny)
             d, e, ev, self.modified = _map_blocks(d, e, k, ev, lambda x: np.maximum(np.abs(x), floor))
             aev = np.abs(ev)
+            lo = float(aev.min())
         elif perturb:
             # a zero pivot (to the smallest normal number) has no scale of its own: the sweep's so far
             # (scale, from the blocks downstream; the zero-initialized linear net's first pivot)
@@ -171,7 +173,6 @@ class Pivot:
                     stage=self.stage,
                     damping=self.damping,
                 )
-            lo = float(aev.min())
             if lo < tau and self.upper:
                 # the perturbation is scaled by L's entries, which the upper form can make large on
                 # graded pivots (linalg.ldl): perturb the lower form's D instead
@@ -184,18 +185,17 @@ class Pivot:
                     d, e, k, ev, lambda x: np.where(np.abs(x) < tau, np.where(x < 0, -tau, tau), x)
                 )
                 aev = np.abs(ev)
-        else:
-            small = float(aev.min())
-            if small <= (self.p * fi.eps * qmax if strict else 0.0):
-                raise SingularError(
-                    f"{self.name}: pivot Qxx is singular at damping {self.damping:g} (smallest |eigenvalue| "
-                    f"of its LDL^T factor {small:.3g}); H + eps I is singular or nearly so -- choose "
-                    "another damping",
-                    stage=self.stage,
-                    damping=self.damping,
-                )
+                lo = float(aev.min())
+        elif lo <= (self.p * fi.eps * qmax if strict else 0.0):
+            raise SingularError(
+                f"{self.name}: pivot Qxx is singular at damping {self.damping:g} (smallest |eigenvalue| "
+                f"of its LDL^T factor {lo:.3g}); H + eps I is singular or nearly so -- choose "
+                "another damping",
+                stage=self.stage,
+                damping=self.damping,
+            )
         # Sylvester: the inertia of Qxx is that of D
-        lo, hi = float(aev.min()), float(aev.max())
+        hi = float(aev.max())
         neg = int(np.count_nonzero(ev < 0))
         nonzero = self.p if lo > 0 else int(np.count_nonzero(ev))
         self.inertia = Inertia(neg, self.p - nonzero, nonzero - neg)
