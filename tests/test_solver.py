@@ -539,6 +539,23 @@ def test_mixed_precision_factorization_against_dense(prob, damping):
     assert F.logdet() == pytest.approx(float(shifted.abs().log().sum()), rel=1e-9, abs=1e-9 * n)
 
 
+@pytest.mark.parametrize("side", [-1.0, 1.0])
+def test_mixed_precision_slogdet_sign_near_an_eigenvalue(side):
+    """A shift 1e-9 ||H|| on either side of an eigenvalue (cond ~1e9): the float32 sweep cannot tell
+    the two apart, but slogdet's sign -- (-1)^(negatives) -- must be the dense one on both sides."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    H = hessinv.hessian(model, nn.CrossEntropyLoss(), X, y)
+    A = H.to_dense()
+    ev = torch.linalg.eigvalsh(A)
+    eps = -float(ev[1]) + side * 1e-9 * float(ev.abs().max())
+    sign, value = torch.linalg.slogdet(A + eps * torch.eye(len(ev), dtype=A.dtype))
+    F = H.factor(eps, precision="mixed")
+    assert F.slogdet()[0] == float(sign)
+    assert F.slogdet()[1] == pytest.approx(float(value), rel=1e-9)
+
+
 def test_mixed_precision_is_validated_and_falls_back_to_float64():
     """Named errors for a bad precision or a mixed factorization of a modified / Woodbury matrix; a float32
     sweep that must perturb a pivot (cond ~1e7) makes the whole factorization float64 (certified inertia,

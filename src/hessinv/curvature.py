@@ -1249,7 +1249,8 @@ class MixedFactorization(Factorization):
 
     ``inertia`` is the float32 sweep's count: exact for ``H + eps I`` unless an eigenvalue lies within
     the float32 rounding of zero, so ``inertia_certified`` is False (``precision="working"`` certifies
-    it). :meth:`logdet`, :meth:`inverse_sqrt` and :meth:`sample` use the float64 factorization.
+    it). :meth:`logdet`, :meth:`slogdet`, :meth:`inverse_sqrt` and :meth:`sample` use the float64
+    factorization.
 
     >>> import torch, hessinv
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -1281,6 +1282,11 @@ class MixedFactorization(Factorization):
 
     def logdet(self) -> float:
         return super().logdet() if self._low is None else self._float64().logdet()
+
+    def slogdet(self) -> tuple[float, float]:
+        # the sign from the float64 factorization too: the float32 sweep's inertia can be off by
+        # eigenvalues within its rounding of zero, which flips the sign of an ill-conditioned system
+        return super().slogdet() if self._low is None else self._float64().slogdet()
 
     def inverse_sqrt(self, Z: Tensor) -> Tensor:
         return super().inverse_sqrt(Z) if self._low is None else self._float64().inverse_sqrt(Z)
