@@ -384,6 +384,12 @@ def test_readme_example_runs_in_float32():
     step, info = F.solve(H.gradient, return_info=True)
     assert step.dtype == torch.float32 and info.residual < 1e-12
     assert F.inertia.negative + F.inertia.positive == H.shape[0]
+    # the float32 x returned has its own (larger) residual: reported apart, measured against dense
+    H64 = hessinv.hessian(model.double(), nn.CrossEntropyLoss(), X.double(), y).to_dense()
+    g64 = H.gradient.double()
+    r = g64 - (H64 + 1e-3 * torch.eye(len(g64), dtype=torch.float64)) @ step.double()
+    assert info.returned_residual == pytest.approx(float(r.norm() / g64.norm()), rel=1e-6)
+    assert info.returned_residual > 100 * info.residual
 
 
 def test_exactly_singular_still_refused_with_advice():
