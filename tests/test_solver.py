@@ -402,7 +402,7 @@ def test_exactly_singular_still_refused_with_advice():
     assert F.inertia_certified and F.positive_definite
 
 
-@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), True, "1e-8", 1.0, 1e300])
 def test_tolerances_validated(bad):
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     H = hessinv.hessian(
@@ -412,7 +412,7 @@ def test_tolerances_validated(bad):
         H.min_eigenvalue(tol=bad)
     with pytest.raises(InvalidArgumentError, match="tol"):
         H.eigenpairs(2, tol=bad)
-    if bad != 0.0:
+    if bad not in (0.0, 1.0, 1e300):  # an absolute tolerance: 0 and large are meaningful there
         with pytest.raises(InvalidArgumentError, match="tol"):
             H.inertia(0.0, tol=bad)
     assert issubclass(InvalidArgumentError, ValueError) and issubclass(
@@ -431,6 +431,15 @@ def test_nan_shift_is_named():
         H.is_positive_definite(math.nan)
     with pytest.raises(InvalidArgumentError, match="sigma"):
         H.eigenpairs(1, "nearest", sigma=math.nan)
+    with pytest.raises(InvalidArgumentError, match="sigma"):  # not silently ignored
+        H.eigenpairs(1, "smallest", sigma=0.5)
+    with pytest.raises(InvalidArgumentError, match="k must be"):
+        H.eigenpairs(True)
+    assert H.eigenpairs(np.int64(2)).values.shape == (2,)
+    with pytest.raises(InvalidArgumentError, match="shifts"):
+        hessinv.spectrum.eigenvalue_counts(H, ["a"])
+    with pytest.raises(InvalidArgumentError, match="damping"):
+        hessinv.spectrum.logdet(H, "a")
 
 
 def test_block_map_against_eigh():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -115,14 +116,13 @@ class Eigenpairs(NamedTuple):
 _DENSE_EIG = 64
 
 
-def _check_tol(tol: float, name: str = "tol", allow_zero: bool = False) -> float:
-    """``tol`` as a float; :class:`InvalidArgumentError` unless it is finite and positive (or zero)."""
-    try:
-        t = float(tol)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"{name} must be a number, got {tol!r}") from None
-    if not math.isfinite(t) or t < 0 or (t == 0 and not allow_zero):
-        need = "finite and >= 0" if allow_zero else "finite and > 0"
+def _check_tol(tol: float, name: str = "tol", allow_zero: bool = False, relative: bool = False) -> float:
+    """``tol`` as a float; :class:`InvalidArgumentError` unless it is a real number (not a bool or a
+    string), finite and positive (or zero), and below 1 where it is ``relative`` (an accuracy relative
+    to ``||H||``: 1 or more asks for no digit)."""
+    t = check_real(tol, name)
+    if not math.isfinite(t) or t < 0 or (t == 0 and not allow_zero) or (relative and t >= 1):
+        need = "finite and >= 0" if allow_zero else "in (0, 1)" if relative else "finite and > 0"
         raise InvalidArgumentError(f"{name} must be {need}, got {tol!r}")
     return t
 
@@ -525,18 +525,22 @@ class CurvatureOperator:
         no eigenvalue was missed. If the count says otherwise, ``k`` is raised to the count
         and the Lanczos run repeated (twice at most). ``tol``: relative accuracy asked of ARPACK.
 
-        Raises :class:`InvalidArgumentError` for ``tol <= 0`` or NaN, a NaN ``sigma``, or a bad ``k``.
+        Raises :class:`InvalidArgumentError` for a ``tol`` outside ``(0, 1)``, a NaN ``sigma`` (or one
+        given with another ``which``), or a bad ``k``.
         """
-        tol = _check_tol(tol)
+        tol = _check_tol(tol, relative=True)
         n = self.shape[0]
-        if not isinstance(k, int) or not 1 <= k <= n:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
             raise InvalidArgumentError(f"k must be an integer in [1, {n}], got {k!r}")
+        k = int(k)
         if which not in ("smallest", "largest", "nearest"):
             raise InvalidArgumentError(f"which must be 'smallest', 'largest' or 'nearest', got {which!r}")
         if which == "nearest":
             if sigma is None:
                 raise InvalidArgumentError("which='nearest' needs sigma")
             sigma = _check_shift(sigma, self.dtype, "sigma")
+        elif sigma is not None:
+            raise InvalidArgumentError(f"sigma is used with which='nearest' only, got which={which!r}")
         lo_r, hi_r, beta = self._lanczos_extremes()
         scale = max(abs(lo_r), abs(hi_r), 1.0)
         step = max(beta, 1e-3 * (hi_r - lo_r), 1e-8 * scale)
@@ -599,9 +603,9 @@ class CurvatureOperator:
         that certificate fails (Lanczos missed the smallest eigenvalue, or the gap estimate was
         wrong), shift-invert Lanczos with a factorization below the spectrum (:meth:`eigenpairs`)
         takes over, and bisection on the positive-definiteness test is the last resort. Raises
-        :class:`InvalidArgumentError` for ``tol <= 0`` or NaN.
+        :class:`InvalidArgumentError` for a ``tol`` outside ``(0, 1)`` or not a number.
         """
-        tol = _check_tol(tol)
+        tol = _check_tol(tol, relative=True)
         n = self.shape[0]
         # the sweep decides definiteness up to its backward error: a certificate shift closer to
         # lambda than a few ulps of ||H|| (float32 operators) proves nothing

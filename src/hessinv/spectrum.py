@@ -64,7 +64,10 @@ def eigenvalue_counts(
     null space of a Gauss-Newton matrix at ``s = 0``) may be split either way: count negative
     eigenvalues with :func:`num_negative_eigenvalues`, whose tolerance counts those as zero.
     """
-    s = np.asarray(shifts.tolist() if isinstance(shifts, torch.Tensor) else shifts, dtype=np.float64)
+    try:
+        s = np.asarray(shifts.tolist() if isinstance(shifts, torch.Tensor) else shifts, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"shifts must be real numbers, got {shifts!r}") from None
     if not np.isfinite(s).all():
         raise InvalidArgumentError("shifts must be finite")
     out = np.array([op._count_below(float(v)) for v in s.reshape(-1)], dtype=np.int64)
@@ -145,6 +148,4 @@ def logdet(op: CurvatureOperator, damping: float = 0.0) -> tuple[float, float]:
     :func:`torch.linalg.slogdet`. Raises :class:`~hessinv.SingularError` if ``H + damping I`` is
     singular to working precision, or, with more than 2048 parameters, so near singular that the sweep
     perturbed pivots (smaller systems then take a dense LU; :meth:`hessinv.Factorization.logdet`)."""
-    if not math.isfinite(damping):
-        raise InvalidArgumentError(f"damping must be finite, got {damping}")
-    return op.factor(damping).slogdet()
+    return op.factor(damping).slogdet()  # (factor validates the damping)
