@@ -145,6 +145,25 @@ def test_count_at_an_exact_null_space():
     assert spectrum.eigenvalue_counts(G, [1e-300, 1e3]).tolist()[1] == G.shape[0]
 
 
+@pytest.mark.parametrize("shift", [1e-45, -1e-45, 3.1e-132])
+def test_float32_counts_at_shifts_below_its_range(shift):
+    """A float32 Hessian with inputs wider than the batch (low-rank pivots, a null space of about 90):
+    shifts of 1e-45 / 1e-132 are 0 to working precision. Counting there overflowed (C / shift) into an
+    unnamed RuntimeError; now the eigenvalues within the resolution count as zero, as at shift 0."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(14, 6), torch.nn.GELU(), torch.nn.Linear(6, 4), torch.nn.GELU(), torch.nn.Linear(4, 1)
+    )
+    X, y = 3 * torch.randn(2, 14), torch.randn(2, 1)
+    H = hessinv.hessian(net, torch.nn.MSELoss(), X, y)
+    lam = torch.linalg.eigvalsh(autograd_hessian(net.double(), torch.nn.MSELoss(), X.double(), y.double()))
+    z = H.zero_tolerance()
+    got = H.inertia(shift, tol=0)
+    assert got == (int((lam < -z).sum()), int((lam.abs() <= z).sum()), int((lam > z).sum()))
+    below = int(spectrum.eigenvalue_counts(H, [shift])[0])
+    assert int((lam < -z).sum()) <= below <= int((lam <= z).sum())
+
+
 def test_cli_spectrum_writes_json_and_plot(tmp_path, capsys):
     import json
 

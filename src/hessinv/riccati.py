@@ -477,8 +477,12 @@ class LowRankPivot:
                 self.eps = -tau if damping < 0 else tau
                 self.perturbed += k
         elif not modify:  # (modify: eps on the complement is the floor itself, never "singular")
-            tol = p * fi.eps * max(top, abs(damping), fi.tiny)
-            if k > 0 and abs(damping) <= (tol if strict else 0.0):
+            if strict:
+                tol = p * fi.eps * max(top, abs(damping), fi.tiny)
+            else:  # counts: exact down to eps = 0, but C / eps must stay representable (a float32
+                # shift of 1e-45 overflowed): below that the pivot is singular to working precision
+                tol = 1e4 * float(C.abs().max()) / fi.max if k > 0 and C is not None else 0.0
+            if k > 0 and abs(damping) <= tol:
                 raise SingularError(
                     f"{name}: pivot Qxx is singular at damping {damping:g} (eigenvalue {damping:g} on the "
                     f"{k} directions the stage's inputs do not reach); H + eps I is singular or nearly so "
