@@ -568,7 +568,7 @@ def test_mixed_precision_slogdet_sign_near_an_eigenvalue(side):
     sign, value = torch.linalg.slogdet(A + eps * torch.eye(len(ev), dtype=A.dtype))
     F = H.factor(eps, precision="mixed")
     assert F.slogdet()[0] == float(sign)
-    assert F.slogdet()[1] == pytest.approx(float(value), rel=1e-9)
+    assert F.slogdet()[1] == pytest.approx(float(value), abs=1e-5)  # u cond ~ 1e-7 (either one)
 
 
 def test_mixed_precision_is_validated_and_falls_back_to_float64():

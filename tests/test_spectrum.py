@@ -145,6 +145,22 @@ def test_count_at_an_exact_null_space():
     assert spectrum.eigenvalue_counts(G, [1e-300, 1e3]).tolist()[1] == G.shape[0]
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_counts_where_a_pivot_is_singular_but_h_is_not(seed):
+    """A first layer of 9 x 14 weights seen by 11 examples: its pivot is singular to working precision at
+    shift 0 while H is not (|lambda| >= 1e-6). The sweep alone counted 2-12 of 155 eigenvalues on the
+    wrong side (every seed); an ill-conditioned pivot now sends the count to a dense LDL^T."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(9, 14), torch.nn.GELU(), torch.nn.Linear(14, 1)).double()
+    X, y = torch.randn(11, 9, dtype=torch.float64), torch.randn(11, 1, dtype=torch.float64)
+    H = hessinv.hessian(net, torch.nn.MSELoss(), X, y)
+    lam = torch.linalg.eigvalsh(autograd_hessian(net, torch.nn.MSELoss(), X, y))
+    assert float(lam.abs().min()) > 5e-7
+    want = int((lam < 0).sum())
+    assert H.inertia(0.0, tol=0) == (want, 0, len(lam) - want)
+    assert spectrum.eigenvalue_counts(H, [0.0]).tolist() == [want]
+
+
 @pytest.mark.parametrize("shift", [1e-45, -1e-45, 3.1e-132])
 def test_float32_counts_at_shifts_below_its_range(shift):
     """A float32 Hessian with inputs wider than the batch (low-rank pivots, a null space of about 90):

@@ -504,9 +504,14 @@ class LowRankPivot:
         return self.inertia.negative == 0 and self.inertia.zero == 0 and not self.perturbed
 
     def conditioning(self) -> float:
-        """:meth:`Pivot.conditioning` of the inner pivot (the eigenvalue ``eps`` on the complement of
-        ``range(U)`` lies among the inner pivot's where the stage's curvature is not below ``eps``)."""
-        return self.inner.conditioning()
+        """:meth:`Pivot.conditioning` of the inner pivot, and ``|eps| / max|eigenvalue|`` where the
+        complement of ``range(U)`` is not empty (``eps`` is an eigenvalue there; a tiny shift makes the
+        Schur complement's ``C / eps`` term dominate)."""
+        c = self.inner.conditioning()
+        if self.p > self.inner.p:
+            top = self.inner.top if not self.inner.cholesky else float(self.inner.L.diagonal().max()) ** 2
+            c = min(c, abs(self.eps) / max(top, abs(self.eps), torch.finfo(self.Qz.dtype).tiny))
+        return c
 
     def logdet(self) -> float:
         """``log |det Qxx| = log |det(eps I_r + A)| + (p - r) log |eps|`` (perturbed values if
