@@ -339,11 +339,31 @@ def test_indefinite_solve_inertia_and_eigenvalues_against_dense(prob, forced):
 def test_eigenpairs_and_min_eigenvalue_against_dense(prob):
     """k smallest / largest / nearest a shift, and lambda_min, against eigvalsh; certified by inertia.
     (Lanczos even on these small operators: the dense shortcut is switched off.)"""
-    old, hessinv.curvature._DENSE_EIG = hessinv.curvature._DENSE_EIG, 2
+    cv = hessinv.curvature
+    old = cv._DENSE_EIG, cv._DENSE_FRACTION
+    cv._DENSE_EIG, cv._DENSE_FRACTION = 2, 0
     try:
         check_eigenpairs(prob)
     finally:
-        hessinv.curvature._DENSE_EIG = old
+        cv._DENSE_EIG, cv._DENSE_FRACTION = old
+
+
+@pytest.mark.parametrize("which", ["smallest", "largest"])
+def test_many_eigenpairs_of_a_moderate_operator(which):
+    """k = 40 of n = 197 (ARPACK's restarts took 88 s at k = 54 of n = 246, the dense shortcut a few ms):
+    the values are dense eigvalsh's, certified unless a tie straddles the interval's end."""
+    torch.manual_seed(4)
+    act = nn.Sigmoid
+    net = nn.Sequential(nn.Linear(5, 8), act(), nn.Linear(8, 8), act(), nn.Linear(8, 9)).double()
+    X, y = torch.randn(15, 5, dtype=torch.float64), torch.randint(0, 9, (15,))
+    g, Hd = autograd_gradient_hessian(net, nn.CrossEntropyLoss(), X, y)
+    ev = torch.linalg.eigvalsh(Hd)
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    e = H.eigenpairs(40, which)
+    ref = ev[:40] if which == "smallest" else ev[-40:]
+    assert torch.allclose(e.values, ref, atol=1e-10) and e.solves < 200
+    lo, hi = e.interval
+    assert e.certified == (int(((ev > lo) & (ev < hi)).sum()) == 40)
 
 
 def check_eigenpairs(prob):
@@ -620,6 +640,16 @@ def test_nearest_eigenpairs_at_a_multiple_eigenvalue():
     e = G.eigenpairs(2, "nearest", sigma=0.0)
     assert e.values.abs().max() < 1e-10
     assert not e.certified and e.interval[0] <= 0.0 <= e.interval[1]
+    assert e.factorizations <= 4  # a cluster: no repeated Lanczos runs with more pairs (248 s at n=4000)
+
+
+def test_eigenpairs_that_do_not_converge_are_named(monkeypatch):
+    """ARPACK out of restarts on an operator above the dense fallback's size: ConvergenceError."""
+    G = hessinv.gauss_newton(*_dead_relu_net(16, 8, 7))
+    monkeypatch.setattr(hessinv.curvature, "_ARPACK_RESTARTS", 1)
+    monkeypatch.setattr(hessinv.curvature, "_DENSE_EIG_MAX", 10)
+    with pytest.raises(hessinv.ConvergenceError, match="fewer eigenvalues"):
+        G.eigenpairs(2, "nearest", sigma=0.0, tol=1e-14)
 
 
 def test_logdet_of_a_perturbed_factorization(monkeypatch):

@@ -40,6 +40,7 @@ _EXPORTS = {
     "InvalidArgumentError": "hessinv.errors",
     "IndefiniteError": "hessinv.errors",
     "TooLargeError": "hessinv.errors",
+    "ConvergenceError": "hessinv.errors",
     "WoodburyFactorization": "hessinv.curvature",
     "MixedFactorization": "hessinv.curvature",
     "Eigenpairs": "hessinv.curvature",

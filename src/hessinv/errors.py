@@ -27,6 +27,8 @@ IndefiniteError            a quantity that needs ``H + eps I`` positive definite
                            posterior, its samples) met an indefinite one
 DistributedError           a data-parallel job cannot run or a rank failed / timed out
                            (:mod:`hessinv.optim.distributed`)
+ConvergenceError           an iterative eigensolver did not converge within its budget and
+                           the matrix is too large for the dense fallback
 TooLargeError              the Riccati sweep's dense blocks would not fit in memory (the
                            message names the batch size that fits)
 =========================  ===============================================================
@@ -46,6 +48,7 @@ __all__ = [
     "IndefiniteError",
     "DistributedError",
     "TooLargeError",
+    "ConvergenceError",
     "NonFiniteArgumentError",
     "AccuracyWarning",
 ]
@@ -110,6 +113,12 @@ class TooLargeError(HessinvError, MemoryError):
     """The factorization would hold dense blocks larger than the device's memory: an ``a x a`` matrix
     per stage, ``a = B d`` (examples times the stage's input width). Use fewer examples for the
     curvature; the message says how many fit."""
+
+
+class ConvergenceError(HessinvError, RuntimeError):
+    """Shift-invert Lanczos (:meth:`~hessinv.CurvatureOperator.eigenpairs`) did not converge within its
+    restart budget on a matrix too large for the dense fallback: ask for fewer eigenvalues, a larger
+    ``tol``, or another ``sigma`` (a cluster of nearly equal eigenvalues converges slowly)."""
 
 
 class NonFiniteArgumentError(NonFiniteError, InvalidArgumentError):
