@@ -353,27 +353,46 @@ class GenericStage(Stage):
         gen = torch.Generator(device="cpu").manual_seed(1234 + self.index)
         v = torch.randn(blk.p, 1, generator=gen, dtype=torch.float64).to(gz)
         t = torch.randn(B, d_in, 1, generator=gen, dtype=torch.float64).to(gz)
-        s = (gx * v[:, 0]).sum() + (gz * t[..., 0]).sum()
-        d = _grads(s, [u, z, *params])
-        tol = 1e3 * torch.finfo(gz.dtype).eps * (1 + blk.p + d_in) ** 0.5
+        wrt = [u, z, *params]
 
-        def close(terms: tuple[Tensor, ...], ref: Tensor) -> bool:
-            """``sum(terms) == ref`` up to rounding relative to the largest term."""
+        def products(v_: Tensor, t_: Tensor) -> tuple[Tensor, ...]:
+            return tuple(_grads((gx * v_[:, 0]).sum() + (gz * t_[..., 0]).sum(), wrt))
+
+        d = products(v, t)
+        tol = 1e3 * torch.finfo(gz.dtype).eps * (1 + blk.p + d_in) ** 0.5
+        noise: list[Tensor] | None = None
+
+        def close(terms: tuple[Tensor, ...], ref: Tensor, i: slice) -> bool:
+            """``sum(terms) == ref`` up to rounding relative to the largest term, or up to autograd's own
+            rounding in the products ``d[i]`` that ``ref`` is made of, measured as their defect of
+            linearity ``|d(v + w) - d(v) - d(w)|``: derivatives that are small differences of large
+            intermediate terms (a LayerNorm over 2 features, whose outputs are +-1) carry rounding far
+            above ``u`` times their size, in the blocks and in the reference alike."""
+            nonlocal noise
             if ref.numel() == 0:
                 return True
             scale = max(float(ref.abs().max()), *(float(t.abs().max()) for t in terms))
-            return float((sum(terms) - ref).abs().max()) <= tol * scale
+            err = float((sum(terms) - ref).abs().max())
+            if err <= tol * scale:
+                return True
+            if noise is None:
+                v2 = torch.randn(blk.p, 1, generator=gen, dtype=torch.float64).to(gz)
+                t2 = torch.randn(B, d_in, 1, generator=gen, dtype=torch.float64).to(gz)
+                d2, d3 = products(v2, t2), products(v + v2, t + t2)
+                noise = [float((c - a - b).abs().max()) for a, b, c in zip(d, d2, d3, strict=True)]
+            return err <= 100 * max(noise[i], default=0.0) * (1 + blk.p + d_in) ** 0.5
 
-        if not close((blk.jx(v), blk.jz(t)), d[0][..., None]):
+        if not close((blk.jx(v), blk.jz(t)), d[0][..., None], slice(0, 1)):
             raise UnsupportedStageError(
                 f"{self.name} mixes examples: its derivatives couple different examples of the batch"
             )
         if not second_order:
             return
         hv = torch.cat([g.reshape(-1) for g in d[2:]]) if params else gz.new_zeros(0)
-        symmetric = close((blk.Hxx,), blk.Hxx.T) and close((blk.Hzz,), blk.Hzz.transpose(1, 2))
-        consistent = close((blk.hxx(v), blk.hxz(t)), hv[:, None]) and close(
-            (blk.hxzT(v), blk.hzz(t)), d[1].reshape(B, d_in, 1)
+        xs, zs = slice(2, None), slice(1, 2)  # the products' parameter and input parts
+        symmetric = close((blk.Hxx,), blk.Hxx.T, xs) and close((blk.Hzz,), blk.Hzz.transpose(1, 2), zs)
+        consistent = close((blk.hxx(v), blk.hxz(t)), hv[:, None], xs) and close(
+            (blk.hxzT(v), blk.hzz(t)), d[1].reshape(B, d_in, 1), zs
         )
         if not symmetric or (B == 1 and not consistent):
             raise UnsupportedStageError(
