@@ -933,7 +933,9 @@ class Factorization:
             Sylvester's law, when ``inertia_certified``; else those of the perturbed matrix).
         inertia_certified: whether no pivot was perturbed and no pivot is ill-conditioned beyond
             ``sqrt(u)`` (:meth:`hessinv.riccati.Pivot.conditioning`; such a pivot amplifies the sweep's
-            rounding into the stages before it): the inertia is then an exact count.
+            rounding into the stages before it): the inertia is then an exact count -- of the
+            operator's own matrix: a float32 operator's is evaluated in float32, and where
+            ``cond(H + eps I) >~ 1 / u32`` its count may differ from the float64 model's.
         perturbed: ``{stage index: number of perturbed pivot eigenvalues}`` (empty if none).
         positive_definite: whether every pivot is positive definite (unperturbed).
         last_info: the :class:`SolveInfo` of the latest solve.
@@ -1289,7 +1291,10 @@ class Factorization:
         """``(H + eps I)^{-1} rhs`` for ``rhs`` of shape (n,) or (n, k).
 
         With ``refine=False`` this is the bare ``O(L)`` sweep (no residual is computed;
-        ``last_info.residual`` is NaN). With ``refine`` (default), iterative refinement
+        ``last_info.residual`` is NaN). Its error is not bounded by ``u cond(H + eps I)``: the sweep
+        does not pivot across stages, so rounding grows through ill-conditioned pivots (relative
+        residuals of 1e-2 to 58 were seen in float32 at cond 1e3-1e4); use it as a preconditioner
+        (as the optimizers do), not as an answer. With ``refine`` (default), iterative refinement
         ``x += F^{-1}(rhs - (H + eps I) x)`` runs with float64 residuals (the ``O(L)`` product)
         until the residual stops improving; if it stalls above float64 accuracy (a perturbed
         factorization), flexible GMRES preconditioned by the factorization takes over. The achieved
