@@ -539,6 +539,11 @@ def test_float32_perturbed_sweep_uses_the_float64_twin():
     ev = torch.linalg.eigvalsh(H64.to_dense())
     assert F.inertia == count(ev, 1e-3) and F.inertia_certified
     assert F.logdet() == pytest.approx(float((ev + 1e-3).abs().log().sum()), rel=1e-8)
+    # the float32 sweep stops at its first perturbed pivot; everything comes from the float64 twin's
+    assert len(F.perturbed) == 1
+    g64 = H64.gradient
+    want = float(g64 @ torch.linalg.solve(H64.to_dense() + 1e-3 * torch.eye(len(ev), dtype=ev.dtype), g64))
+    assert F.inverse_quadratic(H.gradient) == pytest.approx(want, rel=1e-4)
 
 
 @settings(max_examples=max(N_CHAINS // 2, 3))

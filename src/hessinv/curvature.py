@@ -936,7 +936,8 @@ class Factorization:
             rounding into the stages before it): the inertia is then an exact count -- of the
             operator's own matrix: a float32 operator's is evaluated in float32, and where
             ``cond(H + eps I) >~ 1 / u32`` its count may differ from the float64 model's.
-        perturbed: ``{stage index: number of perturbed pivot eigenvalues}`` (empty if none).
+        perturbed: ``{stage index: number of perturbed pivot eigenvalues}`` (empty if none; below
+            float64 only the first such stage: the sweep stops there and the float64 twin takes over).
         positive_definite: whether every pivot is positive definite (unperturbed).
         last_info: the :class:`SolveInfo` of the latest solve.
     """
@@ -959,8 +960,16 @@ class Factorization:
     ):
         damping = _check_shift(damping, op.dtype, "damping")
         self.op, self.damping, self.modified = op, damping, modify
+        # below float64, a sweep that must perturb a pivot is abandoned there (the float64 twin takes
+        # over, below): its remaining stages would be work thrown away
         self.factors, self.inertia, self.positive_definite = _factors or riccati_factor(
-            op.blocks, damping, op._names, op.gradient, perturb=not modify, modify=modify
+            op.blocks,
+            damping,
+            op._names,
+            op.gradient,
+            perturb=not modify,
+            modify=modify,
+            stop_if_perturbed=op.dtype != torch.float64 and not modify,
         )
         self.perturbed: dict[int, int] = {
             l: f.pivot.perturbed for l, f in enumerate(self.factors) if f is not None and f.pivot.perturbed
@@ -1025,7 +1034,11 @@ class Factorization:
     def _raw(self, R: Tensor) -> Tensor:
         """The bare sweep ``F^{-1} R``. Each column is first scaled by a power of two (exact) to unit
         max-norm and scaled back after: a residual of a tiny right-hand side (gradients of a deep chain
-        can be ``1e-16``, their residuals ``1e-30``) would otherwise underflow inside a float32 sweep."""
+        can be ``1e-16``, their residuals ``1e-30``) would otherwise underflow inside a float32 sweep.
+        A factorization that handed over to its float64 twin (see ``__init__``) sweeps with the twin's."""
+        if self._twin_only:
+            assert self._f64 is not None
+            return self._f64._raw(R.double()).to(R.dtype)
         sop = self._sweep_op
         s = _pow2_scale(R)
         xs = riccati_solve(sop.blocks, self.factors, sop._split((R / s).to(sop.dtype)))
@@ -1051,6 +1064,9 @@ class Factorization:
             raise ShapeMismatchError(f"v must have shape ({self.op.shape[0]},); got {tuple(v.shape)}")
         if getattr(self, "factors", None) is None:
             return float((R * self._raw(R)).sum())
+        if self._twin_only:
+            assert self._f64 is not None
+            return self._f64.inverse_quadratic(v.double())
         sop = self._sweep_op
         return float(riccati_quadratic(sop.blocks, self.factors, sop._split(R.to(sop.dtype)))[0])
 
@@ -1149,6 +1165,9 @@ class Factorization:
                 f"H + eps I at damping {self.damping:g} has {self.inertia.negative} negative eigenvalues: "
                 "no Gaussian with this precision exists; use the Gauss-Newton matrix or a larger damping"
             )
+        if self._twin_only:
+            assert self._f64 is not None
+            return self._f64.inverse_sqrt(Z.double()).to(self.op.dtype)
         R, vec = self.op._as_matrix(Z, "Z")
         zs = self.op._split(R)
         ks = [None if f is None else f.pivot.inverse_sqrt(z) for f, z in zip(self.factors, zs, strict=True)]
@@ -1302,11 +1321,7 @@ class Factorization:
         :class:`~hessinv.AccuracyWarning` is issued when it exceeds ``sqrt(u)`` of the model dtype.
         """
         R, vec = self.op._as_matrix(rhs, "rhs")
-        if self._twin_only:  # the float64 twin's sweep (see __init__)
-            assert self._f64 is not None
-            X = self._f64._raw(R.double()).to(R.dtype)
-        else:
-            X = self._raw(R)
+        X = self._raw(R)
         if not refine or getattr(
             self, "modified", False
         ):  # no residual either: the caller asked for the raw sweep
@@ -1365,7 +1380,9 @@ class MixedFactorization(Factorization):
         self._low: CurvatureOperator | None = op._rounded(torch.float32)
         damping = _check_shift(damping, torch.float32, "damping")
         low = self._low
-        factors = riccati_factor(low.blocks, damping, low._names, low.gradient, perturb=True)
+        factors = riccati_factor(
+            low.blocks, damping, low._names, low.gradient, perturb=True, stop_if_perturbed=True
+        )
         if any(f is not None and f.pivot.perturbed for f in factors[0]):
             self._low = None  # float32 pivots too near singular to precondition: float64 throughout
             super().__init__(op, damping)

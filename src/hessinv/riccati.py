@@ -626,6 +626,7 @@ def riccati_factor(
     strict: bool = True,
     perturb: bool = False,
     modify: bool = False,
+    stop_if_perturbed: bool = False,
 ) -> tuple[list[StageFactor | None], Inertia, bool]:
     """Backward sweep over ``blocks`` (model stages, then the loss stage).
 
@@ -635,8 +636,10 @@ def riccati_factor(
     raising :class:`SingularError`; each pivot's ``perturbed`` counts the moved eigenvalues, and the
     returned inertia is that of the perturbed matrix). With ``stop_if_indefinite`` the sweep stops at
     the first pivot that is not positive definite (the PD test), and the returned factors are
-    incomplete. With ``modify`` (needs ``damping > 0``) every pivot without a Cholesky factor has the
-    eigenvalues of its ``D`` blocks replaced by ``max(|lambda|, damping)``: the factors are then those
+    incomplete; likewise with ``stop_if_perturbed`` at the first perturbed pivot (a float32 sweep whose
+    work would be thrown away: its caller factors the float64 twin instead). With ``modify`` (needs
+    ``damping > 0``) every pivot without a Cholesky factor has the eigenvalues of its ``D`` blocks
+    replaced by ``max(|lambda|, damping)``: the factors are then those
     of a positive definite ``M = L |D| L^T`` that equals ``H + eps I`` wherever every pivot is positive
     definite (math.md §6), and the returned inertia is ``M``'s.
     """
@@ -683,6 +686,8 @@ def riccati_factor(
             return out, Inertia(neg, zero, pos), False
         Qxz = rb.Qxz.reshape(blk.p, -1)
         out[l] = StageFactor(piv, Qxz, rb.order, rb.inverse)
+        if stop_if_perturbed and piv.perturbed:
+            return out, Inertia(neg, zero, pos), False
         if l > 0:
             a = Qxz.shape[1]
             # rb.Qzz is the stage's own fresh tensor unless the stage passed Sigma through
