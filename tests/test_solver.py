@@ -646,7 +646,8 @@ def test_nearest_eigenpairs_at_a_multiple_eigenvalue():
     e = G.eigenpairs(2, "nearest", sigma=0.0)
     assert e.values.abs().max() < 1e-10
     assert not e.certified and e.interval[0] <= 0.0 <= e.interval[1]
-    assert e.factorizations <= 4  # a cluster: no repeated Lanczos runs with more pairs (248 s at n=4000)
+    # a cluster: one rerun, dense (Lanczos reruns with ever more pairs took 248 s at n = 4000)
+    assert e.factorizations <= 6
 
 
 def test_eigenpairs_that_do_not_converge_are_named(monkeypatch):

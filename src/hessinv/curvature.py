@@ -475,7 +475,7 @@ class CurvatureOperator:
         return float(theta[0]), float(theta[-1]), b
 
     def _shift_invert(
-        self, F: Factorization, sigma: float, k: int, tol: float
+        self, F: Factorization, sigma: float, k: int, tol: float, dense: bool = False
     ) -> tuple[Tensor, Tensor, Tensor, int]:
         """The ``k`` eigenpairs of ``H`` nearest ``sigma`` by Lanczos on ``(H - sigma I)^{-1}`` (ARPACK,
         ``scipy.sparse.linalg.eigsh`` with ``OPinv`` = sweeps with ``F``), then Rayleigh quotients and
@@ -499,7 +499,7 @@ class CurvatureOperator:
         try:
             # small operators, and many eigenpairs of a moderate one, go dense: ARPACK needs k < n - 1,
             # and with k a fair fraction of n its restarts cost more than eigh (k=54 of n=246: 88 s)
-            if k >= n - 1 or n <= _DENSE_EIG or (_DENSE_FRACTION * k > n and n <= _DENSE_EIG_MAX):
+            if k >= n - 1 or n <= _DENSE_EIG or ((dense or _DENSE_FRACTION * k > n) and n <= _DENSE_EIG_MAX):
                 raise ArpackError(-9999)
             vecs = eigsh(
                 self.as_linear_operator(),
@@ -579,8 +579,8 @@ class CurvatureOperator:
         ``k`` eigenvalues in the interval they span (widened by ``tol * max(||H||, 1)`` plus the
         residuals, and at least by ``sqrt(u) max(||H||, 1)``, the sweep's backward error with margin):
         no eigenvalue was missed. If the count says otherwise, ``k`` is raised to the count
-        and the Lanczos run repeated (twice at most; not where the interval holds more than ``2 k + 16``
-        eigenvalues, a cluster all about as near: those pairs come back with ``certified=False``).
+        and the run repeated (twice at most; dense ``eigh`` up to ``n = 4096``, above it Lanczos if
+        that is at most ``n / 8`` pairs, else no rerun: a cluster, returned with ``certified=False``).
         ``tol``: relative accuracy asked of ARPACK. ARPACK gets 100 restarts; where it does not
         converge (or ``k > n / 8``) eigenvalues of ``n <= 4096`` come from dense ``eigh`` (then
         certified the same way), larger ones raise :class:`~hessinv.errors.ConvergenceError`.
@@ -613,8 +613,10 @@ class CurvatureOperator:
             F, s, sweeps = self._definite_shift(False, hi_r + step, step)
         delta = tol * scale
         kk, solves, certified = k, 0, False
-        for _ in range(3):
-            vals, vecs, res, ns = self._shift_invert(F, s, min(kk, n), tol)
+        for attempt in range(3):
+            # a rerun (the count found more eigenvalues in the interval than Ritz pairs: a cluster,
+            # where Lanczos converges slowly) is dense up to n = 4096
+            vals, vecs, res, ns = self._shift_invert(F, s, min(kk, n), tol, dense=attempt > 0)
             solves += ns
             # the inertia counts are exact for a matrix within the sweep's backward error of H: an
             # eigenvalue that close to an end of the interval may be counted on either side, so the
@@ -643,13 +645,14 @@ class CurvatureOperator:
             if count == k:
                 break
             certified = False
-            if count < k or kk >= n or count > 2 * k + 16:
-                # many more eigenvalues in the interval than asked for: a cluster (e.g. the null space
-                # of an over-parameterized net at sigma = 0) whose members are all equally near; more
-                # Ritz pairs would not certify these (4000 parameters at sigma = 0: 248 s), so they are
-                # returned uncertified
+            if count < k or kk >= n or ns == 0:  # (ns == 0: dense eigh, which a rerun would repeat)
                 break
             kk = count + (count - k)  # more Ritz pairs than there are eigenvalues in the interval
+            if _DENSE_FRACTION * kk > n > _DENSE_EIG_MAX:
+                # a cluster (e.g. the null space of an over-parameterized net at sigma = 0) too large
+                # for Lanczos to resolve and the matrix too large for dense eigh: returned uncertified
+                # (below that size the rerun is dense; Lanczos with thousands of pairs took 248 s)
+                break
         return Eigenpairs(vals, vecs, res, (lo, hi), certified and count == k, sweeps, solves)
 
     def min_eigenvalue(self, tol: float = 1e-8) -> float:
