@@ -533,3 +533,26 @@ def test_layer_norm_over_two_features(affine, batch):
         x = H.factor(1.0).solve(H.gradient)  # the Riccati blocks
         want = torch.linalg.solve(R + torch.eye(len(R), dtype=R.dtype), H.gradient)
         assert float((x - want).norm()) <= 1e-10 * float(want.norm())
+
+
+class _LayerNorm2Mixing(torch.nn.Module):
+    """LayerNorm over 2 features plus ``a`` times the batch mean: a stage that mixes examples."""
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.a = a
+
+    def forward(self, x):
+        return torch.nn.functional.layer_norm(x, x.shape[1:]) + self.a * x.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("a", [0.0, 1e-6, 1e-5])
+def test_float32_cancelling_stage_is_refused_not_trusted(a):
+    """float32, inputs x10: LayerNorm(2)'s derivatives lose most digits to cancellation. A first
+    version of the rounding allowance accepted these, mixing included (Gauss-Newton off by up to 12x
+    max|G|); they are refused, with a message that says why (or that the stage mixes examples)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), _LayerNorm2Mixing(a))
+    X, y = 10 * torch.randn(8, 3), torch.randn(8, 2)
+    with pytest.raises(hessinv.UnsupportedStageError, match="differences of large terms|mixes examples"):
+        hessinv.gauss_newton(net, torch.nn.MSELoss(), X, y).to_dense()

@@ -161,6 +161,21 @@ def test_counts_where_a_pivot_is_singular_but_h_is_not(seed):
     assert spectrum.eigenvalue_counts(H, [0.0]).tolist() == [want]
 
 
+def test_counts_that_may_be_off_say_so(monkeypatch):
+    """Above the dense recount's size an ill-conditioned sweep's count is kept, with one AccuracyWarning
+    from the public call (naming the caller's shift); eigenpairs then withholds its certificate."""
+    monkeypatch.setattr(hessinv.curvature, "DENSE_FALLBACK_N", 10)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(9, 14), torch.nn.GELU(), torch.nn.Linear(14, 1)).double()
+    X, y = torch.randn(11, 9, dtype=torch.float64), torch.randn(11, 1, dtype=torch.float64)
+    H = hessinv.hessian(net, torch.nn.MSELoss(), X, y)
+    with pytest.warns(hessinv.AccuracyWarning, match=r"inertia\(0, tol=0\).*wrong side") as rec:
+        H.inertia(0.0, tol=0)
+    assert len(rec) == 1 and rec[0].filename == __file__
+    with pytest.warns(hessinv.AccuracyWarning, match="eigenvalue_counts"):
+        spectrum.eigenvalue_counts(H, [0.0, 1e-9])
+
+
 @pytest.mark.parametrize("shift", [1e-45, -1e-45, 3.1e-132])
 def test_float32_counts_at_shifts_below_its_range(shift):
     """A float32 Hessian with inputs wider than the batch (low-rank pivots, a null space of about 90):

@@ -176,6 +176,7 @@ class CurvatureOperator:
         self._twin: CurvatureOperator | None = None
         self._norm: float | None = None
         self._dense_h: Tensor | None = None  # the dense float64 matrix, for counts (formed when needed)
+        self._count_doubt = False  # a count since the last reset kept an ill-conditioned sweep's result
 
     def __repr__(self) -> str:
         return (
@@ -366,13 +367,31 @@ class CurvatureOperator:
                 stacklevel=2,
             )
 
+        self._count_doubt = False
+        out = None
         if tol == 0:
             try:
-                return self._counts(shift)
+                out = self._counts(shift)
             except SingularError:  # the sweep at shift is exactly singular: count at the resolution
                 tol = floor  # eigenvalues within it of -shift count as zero
-        neg, pos = self._counts(shift + tol, 1.0).negative, self._counts(shift - tol, -1.0).positive
-        return Inertia(neg, self.shape[0] - neg - pos, pos)
+        if out is None:
+            neg, pos = self._counts(shift + tol, 1.0).negative, self._counts(shift - tol, -1.0).positive
+            out = Inertia(neg, self.shape[0] - neg - pos, pos)
+        self._warn_count_doubt(f"inertia({shift:g}, tol={tol:g})")
+        return out
+
+    def _warn_count_doubt(self, what: str, stacklevel: int = 3) -> None:
+        """The :class:`AccuracyWarning` for counts whose sweep had a pivot conditioned below ``sqrt(u)``
+        on a system too large to recount densely (:meth:`_count` sets ``_count_doubt``)."""
+        if self._count_doubt:
+            self._count_doubt = False
+            warnings.warn(
+                f"{what}: a pivot of the Riccati sweep is conditioned below sqrt(u), so eigenvalues within "
+                f"about u ||H|| / (its conditioning) of the shift may be counted on the wrong side (n = "
+                f"{self.shape[0]} is above the dense recount's {DENSE_FALLBACK_N}); move the shift",
+                AccuracyWarning,
+                stacklevel=stacklevel,
+            )
 
     def _count_below(self, x: float) -> int:
         """``#{lambda_i < x}``: the negative pivot eigenvalues of the sweep of ``H - x I`` (one Riccati
@@ -417,13 +436,7 @@ class CurvatureOperator:
             return inertia
         n = self.shape[0]
         if n > DENSE_FALLBACK_N:
-            warnings.warn(
-                f"eigenvalue count at shift {-s:g}: a pivot of the sweep is conditioned below sqrt(u), so "
-                f"eigenvalues within about u ||H|| / (its conditioning) of the shift may be counted on the "
-                f"wrong side (n = {n} is above the dense recount's {DENSE_FALLBACK_N}); move the shift",
-                AccuracyWarning,
-                stacklevel=3,
-            )
+            self._count_doubt = True  # the public caller warns (or withholds a certificate)
             return inertia
         if self._dense_h is None:
             A = self.to_dense().double().cpu()
@@ -613,6 +626,7 @@ class CurvatureOperator:
             F, s, sweeps = self._definite_shift(False, hi_r + step, step)
         delta = tol * scale
         kk, solves, certified = k, 0, False
+        self._count_doubt = False
         for attempt in range(3):
             # a rerun (the count found more eigenvalues in the interval than Ritz pairs: a cluster,
             # where Lanczos converges slowly) is dense up to n = 4096
@@ -653,7 +667,8 @@ class CurvatureOperator:
                 # for Lanczos to resolve and the matrix too large for dense eigh: returned uncertified
                 # (below that size the rerun is dense; Lanczos with thousands of pairs took 248 s)
                 break
-        return Eigenpairs(vals, vecs, res, (lo, hi), certified and count == k, sweeps, solves)
+        doubt, self._count_doubt = self._count_doubt, False  # a count that may be off certifies nothing
+        return Eigenpairs(vals, vecs, res, (lo, hi), certified and count == k and not doubt, sweeps, solves)
 
     def min_eigenvalue(self, tol: float = 1e-8) -> float:
         """``lambda_min(H)`` to within ``(tol + 10 u) * max(||H||, 1)`` (``10 u``: a margin for the

@@ -69,7 +69,9 @@ def eigenvalue_counts(
         raise InvalidArgumentError(f"shifts must be real numbers, got {shifts!r}") from None
     if not np.isfinite(s).all():
         raise InvalidArgumentError("shifts must be finite")
+    op._count_doubt = False
     out = np.array([op._count_below(float(v)) for v in s.reshape(-1)], dtype=np.int64)
+    op._warn_count_doubt("eigenvalue_counts")
     return out.reshape(s.shape)
 
 
