@@ -488,7 +488,13 @@ class CurvatureOperator:
         return float(theta[0]), float(theta[-1]), b
 
     def _shift_invert(
-        self, F: Factorization, sigma: float, k: int, tol: float, dense: bool = False
+        self,
+        F: Factorization,
+        sigma: float,
+        k: int,
+        tol: float,
+        dense: bool = False,
+        target: float | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, int]:
         """The ``k`` eigenpairs of ``H`` nearest ``sigma`` by Lanczos on ``(H - sigma I)^{-1}`` (ARPACK,
         ``scipy.sparse.linalg.eigsh`` with ``OPinv`` = sweeps with ``F``), then Rayleigh quotients and
@@ -532,8 +538,11 @@ class CurvatureOperator:
                     f"({nsolves} solves; {e}), and n = {n} is above the dense fallback's {_DENSE_EIG_MAX}: "
                     "ask for fewer eigenvalues, a larger tol, or another sigma"
                 ) from None
+            # (the whole spectrum: the k nearest the caller's target, where the factorization's shift
+            # had to move off it -- inside a cluster the k nearest either differ)
             w, U = np.linalg.eigh(self.to_dense().double().cpu().numpy())
-            idx = np.sort(np.argsort(np.abs(w - sigma), kind="stable")[:k])
+            at = sigma if target is None else target
+            idx = np.sort(np.argsort(np.abs(w - at), kind="stable")[:k])
             vecs = U[:, idx]
         V = torch.as_tensor(vecs, dtype=torch.float64)
         V, _ = torch.linalg.qr(V)
@@ -630,7 +639,7 @@ class CurvatureOperator:
         for attempt in range(3):
             # a rerun (the count found more eigenvalues in the interval than Ritz pairs: a cluster,
             # where Lanczos converges slowly) is dense up to n = 4096
-            vals, vecs, res, ns = self._shift_invert(F, s, min(kk, n), tol, dense=attempt > 0)
+            vals, vecs, res, ns = self._shift_invert(F, s, min(kk, n), tol, attempt > 0, sigma)
             solves += ns
             # the inertia counts are exact for a matrix within the sweep's backward error of H: an
             # eigenvalue that close to an end of the interval may be counted on either side, so the
