@@ -650,6 +650,26 @@ def test_nearest_eigenpairs_at_a_multiple_eigenvalue():
     assert e.factorizations <= 6
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_nearest_eigenpairs_inside_a_cluster(seed):
+    """sigma = 0 inside a cluster of eigenvalues ~1e-8 wide (weights scaled by 1e-3): the pairs returned
+    are the k nearest sigma itself (they were the nearest the factorization's moved shift: 2e-8 to 9e-8
+    off), uncertified (the interval holds more than k)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(9, 2), nn.GELU(), nn.Linear(2, 4), nn.GELU(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        for prm in net.parameters():
+            prm.mul_(1e-3)
+    X, y = torch.randn(4, 9, dtype=torch.float64), torch.randint(0, 2, (4,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    _, Hd = autograd_gradient_hessian(net, nn.CrossEntropyLoss(), X, y)
+    ev = torch.linalg.eigvalsh(Hd)
+    for k in (1, 7):
+        e = H.eigenpairs(k, "nearest", sigma=0.0)
+        near = ev[ev.abs().argsort()[:k]].sort().values
+        assert float((e.values - near).abs().max()) <= 1e-10 * float(ev.abs().max())
+
+
 def test_eigenpairs_that_do_not_converge_are_named(monkeypatch):
     """ARPACK out of restarts on an operator above the dense fallback's size: ConvergenceError."""
     G = hessinv.gauss_newton(*_dead_relu_net(16, 8, 7))
