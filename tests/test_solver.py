@@ -792,3 +792,18 @@ def test_float32_min_eigenvalue_of_a_gauss_newton_matrix():
     ev = torch.linalg.eigvalsh(autograd_gauss_newton(net64, nn.CrossEntropyLoss(), X.double(), y))
     lam = G.min_eigenvalue(tol=1e-8)
     assert abs(lam - float(ev[0])) <= (1e-8 + 10 * 2.2e-16) * max(float(ev[-1]), 1.0)
+
+
+def test_eigenpairs_of_a_float32_operator_too_large_for_its_sweeps():
+    """||H|| ~ 1e22 in float32: the shifts below / above the spectrum cannot be represented; a named
+    error says so (it named a "damping 6e22" the caller never passed); min_eigenvalue works (float64)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 2))
+    X, y = 1e11 * torch.randn(8, 4), torch.randn(8, 2)
+    H = hessinv.hessian(net, nn.MSELoss(), X, y)
+    with pytest.raises(hessinv.NonFiniteError, match="too large for torch.float32 sweeps"):
+        H.eigenpairs(2)
+    ev = torch.linalg.eigvalsh(
+        hessinv.hessian(copy.deepcopy(net).double(), nn.MSELoss(), X.double(), y.double()).to_dense()
+    )
+    assert H.min_eigenvalue() == pytest.approx(float(ev[0]), rel=1e-6, abs=1e-8 * float(ev[-1]))

@@ -625,6 +625,12 @@ class CurvatureOperator:
             raise InvalidArgumentError(f"sigma is used with which='nearest' only, got which={which!r}")
         lo_r, hi_r, beta = self._lanczos_extremes()
         scale = max(abs(lo_r), abs(hi_r), 1.0)
+        limit = 1e-4 * math.sqrt(torch.finfo(self.dtype).max)  # as _check_shift
+        if 2 * scale > limit:  # the shifts below / above the spectrum would not be representable
+            raise NonFiniteError(
+                f"eigenpairs: ||H|| ~ {scale:.2g} is too large for {self.dtype} sweeps (their shifts must "
+                f"stay below {limit:.2g}); use a float64 model or rescale the loss"
+            )
         step = max(beta, 1e-3 * (hi_r - lo_r), 1e-8 * scale)
         if which == "nearest":
             assert sigma is not None
