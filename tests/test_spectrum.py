@@ -159,6 +159,10 @@ def test_counts_where_a_pivot_is_singular_but_h_is_not(seed):
     want = int((lam < 0).sum())
     assert H.inertia(0.0, tol=0) == (want, 0, len(lam) - want)
     assert spectrum.eigenvalue_counts(H, [0.0]).tolist() == [want]
+    # the two eigenvalues nearest 0, certified by those counts although the factorization at 0 is not
+    e = H.eigenpairs(2, "nearest", sigma=0.0)
+    near = lam[lam.abs().argsort()[:2]].sort().values
+    assert e.certified and torch.allclose(e.values, near, rtol=0, atol=1e-12)
 
 
 def test_counts_that_may_be_off_say_so(monkeypatch):
