@@ -970,7 +970,8 @@ class Factorization:
             ``sqrt(u)`` (:meth:`hessinv.riccati.Pivot.conditioning`; such a pivot amplifies the sweep's
             rounding into the stages before it): the inertia is then an exact count -- of the
             operator's own matrix: a float32 operator's is evaluated in float32, and where
-            ``cond(H + eps I) >~ 1 / u32`` its count may differ from the float64 model's.
+            ``cond(H + eps I) >~ 1 / u32`` its count may differ from the float64 model's. Where it is
+            False, ``op.inertia(eps, tol=0)`` counts exactly (a dense recount up to ``n = 2048``).
         perturbed: ``{stage index: number of perturbed pivot eigenvalues}`` (empty if none; below
             float64 only the first such stage: the sweep stops there and the float64 twin takes over).
         positive_definite: whether every pivot is positive definite (unperturbed).
