@@ -180,6 +180,33 @@ def test_counts_that_may_be_off_say_so(monkeypatch):
         spectrum.eigenvalue_counts(H, [0.0, 1e-9])
 
 
+@pytest.mark.parametrize("shift", [1e-300, 1e-60, 1e-30])
+def test_counts_at_tiny_shifts_next_to_a_null_space(shift):
+    """A dead-ReLU Hessian (135 exactly zero eigenvalues): a shift of 1e-300 left a pivot eigenvalue whose
+    inverse overflowed the Schur complements (NonFiniteError, 'Qxx contains NaN or infinity'); it is
+    singular to working precision there, and the count moves to the resolution as at shift 0."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 10),
+        torch.nn.ReLU(),
+        torch.nn.Linear(10, 10),
+        torch.nn.ReLU(),
+        torch.nn.Linear(10, 3),
+    ).double()
+    with torch.no_grad():
+        net[0].bias[:2] = -100.0
+    X, y = torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+    H = hessinv.hessian(net, torch.nn.CrossEntropyLoss(), X, y)
+    lam = torch.linalg.eigvalsh(autograd_hessian(net, torch.nn.CrossEntropyLoss(), X, y))
+    z = H.zero_tolerance()
+    assert spectrum.eigenvalue_counts(H, [-shift]).tolist() == [int((lam < -z).sum())]
+    assert H.inertia(shift, tol=0) == (
+        int((lam < -z).sum()),
+        int((lam.abs() <= z).sum()),
+        int((lam > z).sum()),
+    )
+
+
 @pytest.mark.parametrize("shift", [1e-45, -1e-45, 3.1e-132])
 def test_float32_counts_at_shifts_below_its_range(shift):
     """A float32 Hessian with inputs wider than the batch (low-rank pivots, a null space of about 90):

@@ -372,8 +372,8 @@ class CurvatureOperator:
         if tol == 0:
             try:
                 out = self._counts(shift)
-            except SingularError:  # the sweep at shift is exactly singular: count at the resolution
-                tol = floor  # eigenvalues within it of -shift count as zero
+            except (SingularError, NonFiniteError):  # singular (or overflowing) at shift: count at the
+                tol = floor  # resolution; eigenvalues within it of -shift count as zero
         if out is None:
             neg, pos = self._counts(shift + tol, 1.0).negative, self._counts(shift - tol, -1.0).positive
             out = Inertia(neg, self.shape[0] - neg - pos, pos)
@@ -406,16 +406,19 @@ class CurvatureOperator:
         an eigenvalue to working precision) and ``nudge`` is +-1, ``s`` is moved by ``nudge n u
         max(||H||, |s|)`` (what rounding cannot tell from ``s``), or by the counts' resolution
         (:meth:`zero_tolerance`) where the sweep is still singular: the eigenvalues passed count on the
-        side ``nudge`` moves them to. :class:`SingularError` with ``nudge=0`` or where both fail."""
+        side ``nudge`` moves them to. :class:`SingularError` with ``nudge=0`` or where both fail. A sweep
+        that overflows (finite blocks: a pivot eigenvalue like ``1e-300`` next to a null space, whose
+        inverse the Schur complements carry) is singular to working precision there too; only where
+        it still overflows at the resolution is its :class:`NonFiniteError` raised."""
         try:
             return self._count(s)
-        except SingularError:
+        except (SingularError, NonFiniteError):
             if not nudge:
                 raise
         small = self.shape[0] * torch.finfo(self.dtype).eps * max(self.norm_estimate(), abs(s), 1e-300)
         try:
             return self._count(s + nudge * small)
-        except SingularError:
+        except (SingularError, NonFiniteError):
             floor = self.zero_tolerance()
             if small >= floor:
                 raise
