@@ -670,6 +670,24 @@ def test_nearest_eigenpairs_inside_a_cluster(seed):
         assert float((e.values - near).abs().max()) <= 1e-10 * float(ev.abs().max())
 
 
+@pytest.mark.parametrize("side", [-1.0, 1.0])
+def test_nearest_eigenpairs_of_a_sigma_far_outside_the_spectrum(side):
+    """sigma = +-1e6 ||H||: the k nearest are the k largest / smallest. Shift-invert at sigma itself
+    squeezed (H - sigma I)^{-1}'s eigenvalues together and returned values 1e-7-6e-7 ||H|| off, certified;
+    the factorization now sits just beyond the spectrum."""
+    torch.manual_seed(6)
+    act = nn.Sigmoid
+    net = nn.Sequential(nn.Linear(5, 8), act(), nn.Linear(8, 8), act(), nn.Linear(8, 3)).double()
+    X, y = torch.randn(5, 5, dtype=torch.float64), torch.randint(0, 3, (5,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    _, Hd = autograd_gradient_hessian(net, nn.CrossEntropyLoss(), X, y)
+    ev = torch.linalg.eigvalsh(Hd)
+    scale = float(ev.abs().max())
+    e = H.eigenpairs(3, "nearest", sigma=side * 1e6 * scale)
+    want = ev[-3:] if side > 0 else ev[:3]
+    assert e.certified and float((e.values - want).abs().max()) <= 1e-10 * scale
+
+
 def test_eigenpairs_that_do_not_converge_are_named(monkeypatch):
     """ARPACK out of restarts on an operator above the dense fallback's size: ConvergenceError."""
     G = hessinv.gauss_newton(*_dead_relu_net(16, 8, 7))

@@ -637,7 +637,18 @@ class CurvatureOperator:
         step = max(beta, 1e-3 * (hi_r - lo_r), 1e-8 * scale)
         if which == "nearest":
             assert sigma is not None
-            F, s, sweeps = self._nonsingular_shift(sigma, 1e-6 * scale)
+            F = None
+            if not lo_r - step <= sigma <= hi_r + step:
+                # sigma outside the spectrum: shift-invert at a sigma far out squeezes (H - sigma I)^{-1}'s
+                # eigenvalues together, and Lanczos's relative tolerance no longer pins the values down
+                # (1e-6 ||H|| off at sigma = 1e6 ||H||, certified by the counts). Beyond a definite shift
+                # the k nearest sigma are the k smallest (largest): factor there instead
+                below = sigma < lo_r
+                F, s, sweeps = self._definite_shift(below, lo_r - step if below else hi_r + step, step)
+                if (sigma > s) if below else (sigma < s):  # sigma is not beyond it after all
+                    F = None
+            if F is None:
+                F, s, sweeps = self._nonsingular_shift(sigma, 1e-6 * scale)
         elif which == "smallest":
             F, s, sweeps = self._definite_shift(True, lo_r - step, step)
         else:
