@@ -556,3 +556,33 @@ def test_float32_cancelling_stage_is_refused_not_trusted(a):
     X, y = 10 * torch.randn(8, 3), torch.randn(8, 2)
     with pytest.raises(hessinv.UnsupportedStageError, match="differences of large terms|mixes examples"):
         hessinv.gauss_newton(net, torch.nn.MSELoss(), X, y).to_dense()
+
+
+class _Scale(torch.nn.Module):
+    def forward(self, x):
+        return 30.0 * x
+
+
+class _Softmax(torch.nn.Module):
+    def forward(self, x):
+        return torch.softmax(x, dim=1)
+
+
+@pytest.mark.parametrize("seed, batch", [(33, 2), (33, 1), (5, 2)])
+def test_saturated_softmax_is_never_called_mixing(seed, batch):
+    """A per-example softmax over 2 saturated logits (x30): where its blocks do not reproduce autograd's
+    products to rounding it is refused, but never as "mixing examples" (it was, at batch 1 too: one
+    example cannot couple to another); where accepted, its Hessian is autograd's. A stage that does mix
+    (the batch mean, tests/test_zoo.py) still is."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 2), _Scale(), _Softmax(), torch.nn.Tanh(), torch.nn.Linear(2, 2)
+    ).double()
+    X, y = torch.randn(batch, 3, dtype=torch.float64), torch.randint(0, 2, (batch,))
+    try:
+        H = hessinv.hessian(model, torch.nn.CrossEntropyLoss(), X, y).to_dense()
+    except hessinv.UnsupportedStageError as e:
+        assert "mixes" not in str(e) and "rounding" in str(e)
+        return
+    R = autograd_hessian(model, torch.nn.CrossEntropyLoss(), X, y)
+    assert float((H - R).abs().max()) <= 1e-6 * float(R.abs().max())

@@ -395,10 +395,25 @@ class GenericStage(Stage):
                 )
             return True
 
-        if not close((blk.jx(v), blk.jz(t)), d[0][..., None], slice(0, 1)):
+        def refuse(what: str) -> None:
+            """Mixing, or rounding beyond what was measured: told apart structurally. With the input
+            direction on example 0 alone, a stage that acts on each example separately has exactly
+            zero derivatives at the other examples (autograd multiplies by exact zeros there)."""
+            t0 = torch.zeros_like(t)
+            t0[0] = t[0]
+            d0 = products(torch.zeros_like(v), t0)
+            if B > 1 and bool((d0[0][1:] != 0).any() or (d0[1][1:] != 0).any()):
+                raise UnsupportedStageError(
+                    f"{self.name} mixes examples: its {what} couple different examples of the batch"
+                )
             raise UnsupportedStageError(
-                f"{self.name} mixes examples: its derivatives couple different examples of the batch"
+                f"{self.name}: its per-example {what} do not reproduce autograd's products to rounding in "
+                f"{gz.dtype} (cancellation, e.g. a saturated softmax or a LayerNorm over 2 features), so "
+                "its blocks cannot be taken exactly; use a float64 model or rescale the stage's inputs"
             )
+
+        if not close((blk.jx(v), blk.jz(t)), d[0][..., None], slice(0, 1)):
+            refuse("derivatives")
         if not second_order:
             return
         hv = torch.cat([g.reshape(-1) for g in d[2:]]) if params else gz.new_zeros(0)
@@ -414,10 +429,7 @@ class GenericStage(Stage):
                 "cannot be taken exactly (the Gauss-Newton matrix can)"
             )
         if not consistent:
-            raise UnsupportedStageError(
-                f"{self.name} mixes examples (its second derivatives couple different examples of the "
-                "batch), or torch's double backward of an operation in it is inexact"
-            )
+            refuse("second derivatives")
 
 
 _SQRT_U64 = 1.5e-8  # sqrt(float64's unit roundoff): the probe's rounding allowance's limit
