@@ -586,3 +586,34 @@ def test_saturated_softmax_is_never_called_mixing(seed, batch):
         return
     R = autograd_hessian(model, torch.nn.CrossEntropyLoss(), X, y)
     assert float((H - R).abs().max()) <= 1e-6 * float(R.abs().max())
+
+
+class _AddLast(torch.nn.Module):
+    def forward(self, x):
+        return x + x[-1:]  # every example gets the batch's last one added: mixing that flows one way
+
+
+def test_one_way_mixing_is_named_mixing():
+    """The structural mixing test puts the input direction on the first and on the last example: mixing
+    that flows only from the last example was refused as 'cancellation' with advice to use float64."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 3), _AddLast(), torch.nn.Tanh(), torch.nn.Linear(3, 2)
+    ).double()
+    X, y = torch.randn(3, 3, dtype=torch.float64), torch.randint(0, 2, (3,))
+    with pytest.raises(hessinv.UnsupportedStageError, match="mixes examples"):
+        hessinv.hessian(model, torch.nn.CrossEntropyLoss(), X, y).to_dense()
+
+
+def test_float32_norm_estimate_of_a_large_hessian():
+    """||H|| ~ 1.5e20 in float32: the power iteration's float32 norms overflowed and the estimate became
+    0 (zero_tolerance 3e-34, inertia raised SingularError); norms are taken in float64."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    with torch.no_grad():
+        net[2].weight.mul_(1e10)
+    X, y = torch.randn(4, 3), torch.randn(4, 2)
+    H = hessinv.hessian(net, torch.nn.MSELoss(), X, y)
+    want = float(torch.linalg.matrix_norm(H.to_dense().double(), 2))
+    assert H.norm_estimate() == pytest.approx(want, rel=1e-3)
+    assert sum(H.inertia(0.0)) == H.shape[0]

@@ -316,12 +316,19 @@ class CurvatureOperator:
             v = torch.randn(self.shape[0], 1, generator=g, dtype=torch.float64).to(self.dtype).to(self.device)
             est = 0.0
             for _ in range(iters):
-                v = v / v.norm()
+                # norms in float64: a float32 w of entries ~1e20 (a finite product) has a sum of
+                # squares beyond float32's range, and the estimate collapsed to 0
+                v = (v.double() / v.double().norm()).to(self.dtype)
                 w = self._apply(v)
-                est = float(w.norm())
-                if est == 0.0:
+                est = float(w.double().norm())
+                if est == 0.0 or not math.isfinite(est):
                     break
                 v = w
+            if not math.isfinite(est):
+                raise NonFiniteError(
+                    f"products with H overflow {self.dtype} (||H|| beyond its range): use a float64 model "
+                    "or rescale the loss or the inputs"
+                )
             self._norm = est
         return self._norm
 

@@ -397,15 +397,18 @@ class GenericStage(Stage):
 
         def refuse(what: str) -> None:
             """Mixing, or rounding beyond what was measured: told apart structurally. With the input
-            direction on example 0 alone, a stage that acts on each example separately has exactly
-            zero derivatives at the other examples (autograd multiplies by exact zeros there)."""
-            t0 = torch.zeros_like(t)
-            t0[0] = t[0]
-            d0 = products(torch.zeros_like(v), t0)
-            if B > 1 and bool((d0[0][1:] != 0).any() or (d0[1][1:] != 0).any()):
-                raise UnsupportedStageError(
-                    f"{self.name} mixes examples: its {what} couple different examples of the batch"
-                )
+            direction on one example alone (the first, then the last: mixing can flow one way only,
+            as in ``x + x[-1:]``), a stage that acts on each example separately has exactly zero
+            derivatives at the other examples (autograd multiplies by exact zeros there)."""
+            for i in {0, B - 1} if B > 1 else ():
+                ti = torch.zeros_like(t)
+                ti[i] = t[i]
+                di = products(torch.zeros_like(v), ti)
+                others = torch.arange(B, device=ti.device) != i
+                if bool((di[0][others] != 0).any() or (di[1][others] != 0).any()):
+                    raise UnsupportedStageError(
+                        f"{self.name} mixes examples: its {what} couple different examples of the batch"
+                    )
             raise UnsupportedStageError(
                 f"{self.name}: its per-example {what} do not reproduce autograd's products to rounding in "
                 f"{gz.dtype} (cancellation, e.g. a saturated softmax or a LayerNorm over 2 features), so "
