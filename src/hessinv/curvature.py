@@ -448,12 +448,20 @@ class CurvatureOperator:
         if n > DENSE_FALLBACK_N:
             self._count_doubt = True  # the public caller warns (or withholds a certificate)
             return inertia
-        if self._dense_h is None:
-            A = self.to_dense().double().cpu()
-            self._dense_h = 0.5 * (A + A.T)
-        A = self._dense_h.clone()
+        A = self._dense64().clone()
         A.diagonal().add_(s)
         return Pivot(A, 0, f"H + ({s:g}) I", s, strict=False).inertia
+
+    def _dense64(self) -> Tensor:
+        """This operator's matrix, dense, in float64 on the CPU, symmetrized (``n`` products); kept for
+        ``n <=`` :data:`DENSE_FALLBACK_N` (the counts' and the eigensolver's dense fallbacks share it)."""
+        if self._dense_h is not None:
+            return self._dense_h
+        A = self.to_dense().double().cpu()
+        A = 0.5 * (A + A.T)
+        if self.shape[0] <= DENSE_FALLBACK_N:
+            self._dense_h = A
+        return A
 
     def _lanczos(
         self, steps: int, done: Callable[[np.ndarray, np.ndarray, float], bool] | None = None
@@ -550,7 +558,7 @@ class CurvatureOperator:
                 ) from None
             # (the whole spectrum: the k nearest the caller's target, where the factorization's shift
             # had to move off it -- inside a cluster the k nearest either differ)
-            w, U = np.linalg.eigh(self.to_dense().double().cpu().numpy())
+            w, U = np.linalg.eigh(self._dense64().numpy())
             at = sigma if target is None else target
             idx = np.sort(np.argsort(np.abs(w - at), kind="stable")[:k])
             vecs = U[:, idx]
@@ -635,7 +643,7 @@ class CurvatureOperator:
             raise InvalidArgumentError(f"sigma is used with which='nearest' only, got which={which!r}")
         lo_r, hi_r, beta = self._lanczos_extremes()
         scale = max(abs(lo_r), abs(hi_r), 1.0)
-        limit = 1e-4 * math.sqrt(torch.finfo(self.dtype).max)  # as _check_shift
+        limit = _shift_limit(self.dtype)
         if 2 * scale > limit:  # the shifts below / above the spectrum would not be representable
             raise NonFiniteError(
                 f"eigenpairs: ||H|| ~ {scale:.2g} is too large for {self.dtype} sweeps (their shifts must "
@@ -879,6 +887,11 @@ def _check_modify(modify: str | None) -> bool:
     return True
 
 
+def _shift_limit(dtype: torch.dtype) -> float:
+    """The largest ``|shift|`` a sweep in ``dtype`` takes: ``1e-4 sqrt(max float)``."""
+    return 1e-4 * math.sqrt(torch.finfo(dtype).max)
+
+
 def _check_shift(shift, dtype: torch.dtype, what: str = "shift") -> float:
     """A finite real ``shift``/``damping`` small enough that ``H + shift I`` is representable: at most
     ``1e-4 sqrt(max float)`` (1.3e150 in float64, 1.8e15 in float32), beyond which the sweep's
@@ -886,7 +899,7 @@ def _check_shift(shift, dtype: torch.dtype, what: str = "shift") -> float:
     shift = check_real(shift, what)
     if not math.isfinite(shift):
         raise NonFiniteArgumentError(f"{what} must be finite, got {shift}")
-    limit = 1e-4 * math.sqrt(torch.finfo(dtype).max)
+    limit = _shift_limit(dtype)
     if abs(shift) > limit:
         raise InvalidArgumentError(
             f"{what} {shift:g} is too large for {dtype}: |{what}| must be <= {limit:.2g}"
@@ -1270,8 +1283,7 @@ class Factorization:
             X64 = self._raw(R64.to(dtype)).double()
         rnorm = R64.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
 
-        def apply(X_: Tensor) -> Tensor:
-            return op64._apply(X_.to(op64.dtype)).double() + self._shift(X_)
+        apply = self._apply64
 
         def residual(X_: Tensor) -> tuple[Tensor, float]:
             res = R64 - apply(X_)
@@ -1338,6 +1350,11 @@ class Factorization:
                     X64, rel = X2, rel2
         return X64, SolveInfo(rel, steps, its)
 
+    def _apply64(self, X: Tensor) -> Tensor:
+        """``(H + eps I) X`` in float64 (the float64 twin's ``O(L)`` product), for residuals."""
+        op64 = self.op._residual_operator()
+        return op64._apply(X.to(op64.dtype)).double() + self._shift(X)
+
     def _dense_solve(self, R64: Tensor) -> Tensor | None:
         """``(H + eps I)^{-1} R64`` by a dense float64 LU (``H`` formed once by products, kept), or None
         where LU finds the matrix exactly singular or the result is not finite."""
@@ -1398,7 +1415,7 @@ class Factorization:
             R64 = R.double()
 
             def returned() -> float:
-                res = R64 - self.op._residual_operator()._apply(X.double()).double() - self._shift(X.double())
+                res = R64 - self._apply64(X.double())
                 return float((res.norm(dim=0) / R64.norm(dim=0).clamp_min(1e-300)).max())
 
             self.last_info._returned = returned
