@@ -318,3 +318,27 @@ def test_an_output_curvature_too_large_is_named():
     for i in range(3):
         assert math.isfinite(float(opt.step(X[i::3], y[i::3])))
     assert not torch.equal(w0, m.weight)
+
+
+def test_the_memory_check_counts_the_sweeps_peak_against_the_memory_still_available(monkeypatch):
+    """The check compares PEAK_FACTOR x the largest stage's numbers with what the process can still
+    allocate (MemAvailable, cgroup and ulimit headroom), not with the machine's total: a 256-example
+    tanh MLP in float64 peaks at about 1.5 GB (measured: 2.1x the largest stage's 0.7 GB)."""
+    import hessinv.riccati as ric
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
+    X, y = torch.randn(256, 64, dtype=torch.float64), torch.randint(0, 10, (256,))
+    H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    entries = max(
+        ric._sweep_entries(b, 256, i == 0, i == len(H.blocks) - 2) for i, b in enumerate(H.blocks[:-1])
+    )
+    peak = ric.PEAK_FACTOR * entries * 8
+    assert 0 < ric._memory_bytes(X.device) <= ric._physical_bytes(X.device)
+    monkeypatch.setattr(ric, "_physical_bytes", lambda device: 16 * 2**30)  # the sweep not small beside it
+    monkeypatch.setattr(ric, "_cpu_available", lambda: int(0.9 * peak))
+    with pytest.raises(hessinv.TooLargeError, match=r"GiB of the device's memory is available.*"
+                       r"curvature_batch_size=2\d\d\b"):  # fmt: skip
+        H.factor(1e-3)
+    monkeypatch.setattr(ric, "_cpu_available", lambda: int(1.1 * peak))
+    H.factor(1e-3)
