@@ -269,7 +269,7 @@ def test_too_large_generic_stage_says_which_curvature_batch_fits():
     ):
         G.factor(damping=1.0)
     # the default optimizer only needs the root of its curvature batch, so it steps on this model as it is
-    # (three different mini-batches; the same batch twice in a row would switch to the full-batch trust
+    # (three different mini-batches; the same batch three times in a row would switch to the full-batch trust
     # region, which needs the dense blocks)
     opt = hessinv.optim.Newton(m, torch.nn.CrossEntropyLoss(), seed=0)
     before = [p.detach().clone() for p in m.parameters()]

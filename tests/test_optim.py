@@ -405,7 +405,7 @@ def test_param_groups_hold_the_model_parameters_and_stats_serialize():
         ({"damping": "adaptive"}, "damping must be"),
         ({"damping": -1.0}, "fixed damping must be"),
         ({"damping": float("nan")}, "fixed damping must be"),
-        ({"lr": 0.0}, "lr must be"),
+        ({"lr": -0.1}, "lr must be"),
         ({"lr": float("inf")}, "lr must be"),
         ({"curvature_batch_size": 0}, "curvature_batch_size"),
         ({"curvature_batch_size": 2.5}, "curvature_batch_size"),
@@ -601,10 +601,18 @@ def test_precondition_mode_trains_and_auto_switches_on_full_batch():
             opt.step(X[i : i + 32], y[i : i + 32])
             assert opt.last_stats.mode == "precondition"
     assert loss_of(net, loss_fn, X, y) < 0.7 * start
-    # the same batch twice in a row: full-batch training -> trust region from then on
+    # the same batch three times in a row: full-batch training -> trust region from then on; one repeat
+    # (a batch of one example drawn twice) does not switch
     opt2 = ho.Newton(_mlp(), loss_fn, seed=0)
     opt2.step(X[:32], y[:32])
     opt2.step(X[:32].clone(), y[:32].clone())
+    assert opt2.last_stats.mode == "precondition"
+    opt2.step(X[32:64], y[32:64])
+    opt2.step(X[32:64], y[32:64])
+    assert opt2.last_stats.mode == "precondition"
+    opt2.step(X[32:64].clone(), y[32:64].clone())
+    assert opt2.last_stats.mode == "trust-region"
+    opt2.step(X[:32], y[:32])  # for good
     assert opt2.last_stats.mode == "trust-region"
 
 
@@ -1113,3 +1121,91 @@ def test_float32_boundary_steps_stay_in_the_trust_region_and_damping_excludes_th
                     weight_decay=0.3, callback=seen.append, damping=ho.TrustRegion(radius=1e3))  # fmt: skip
     opt.step(X.double(), y)
     assert not seen[0].boundary and seen[0].damping == 0.0
+
+
+@pytest.mark.parametrize("mode", ["precondition", "trust-region"])
+def test_a_copied_or_pickled_newton_continues_exactly(mode):
+    """``copy.deepcopy((model, opt))`` and ``torch.save``/``torch.load`` give an optimizer that steps the
+    copied model exactly as the original steps the original (torch.optim.Optimizer pickles only its
+    groups and state: the copy lacked the chain and raised AttributeError)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    X, y = torch.randn(96, 6, dtype=torch.float64), torch.randint(0, 3, (96,))
+    opt = ho.Newton(m, nn.CrossEntropyLoss(), mode=mode, seed=0)
+    opt.step(X[:32], y[:32])
+    m2, opt2 = copy.deepcopy((m, opt))
+    buf = io.BytesIO()
+    torch.save((m, opt), buf)
+    buf.seek(0)
+    m3, opt3 = torch.load(buf, weights_only=False)
+    assert opt2.model is m2 and opt3.model is m3
+    for i in (1, 2):
+        for o in (opt, opt2, opt3):
+            o.step(X[32 * i : 32 * i + 32], y[32 * i : 32 * i + 32])
+    for a, b, c in zip(m.parameters(), m2.parameters(), m3.parameters(), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("edit", ["data_mul", "vector_to_parameters"])
+def test_a_rejected_step_is_not_reused_after_the_parameters_moved(edit):
+    """After a rejected trust-region step the next step on the same batch reuses the operator -- only if
+    the parameters are still the same values: ``p.data.mul_()`` and ``vector_to_parameters`` do not
+    change the parameters' tensor versions, and a reuse keyed on them returned the old loss forever."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    X, y = torch.randn(48, 6, dtype=torch.float64), torch.randint(0, 3, (48,))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = ho.Newton(m, loss_fn, mode="trust-region")
+    for _ in range(200):
+        opt.step(X, y)
+        if not opt.last_stats.accepted:
+            break
+    assert not opt.last_stats.accepted  # a rejection happened: its operator is cached
+    with torch.no_grad():
+        if edit == "data_mul":
+            for p in m.parameters():
+                p.data.mul_(0.5)
+        else:
+            v = torch.nn.utils.parameters_to_vector(m.parameters())
+            torch.nn.utils.vector_to_parameters(0.5 * v, m.parameters())
+    true_loss = float(loss_fn(m(X), y))
+    assert float(opt.step(X, y)) == pytest.approx(true_loss, rel=1e-12)
+
+
+def test_precondition_without_backward_and_lr_zero():
+    """``precondition_`` before any ``backward()`` is a named error (it used to precondition zeros and
+    feed them to the moments); ``lr=0`` is accepted at construction, as warm-up schedules start there."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    X, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    pre = ho.Preconditioner(m, nn.CrossEntropyLoss(), seed=0)
+    with pytest.raises(hessinv.InvalidArgumentError, match=r"loss.backward\(\)"):
+        pre.precondition_(X, y)
+    assert pre.state["t"] == 0  # nothing observed
+    opt = ho.Newton(m, nn.CrossEntropyLoss(), lr=0.0, seed=0)
+    w = m[0].weight.detach().clone()
+    opt.step(X, y)
+    assert torch.equal(w, m[0].weight)
+    with pytest.raises(hessinv.DtypeMismatchError, match=r"convert with targets.to\(torch.float32\)"):
+        ho.Newton(nn.Linear(4, 2), nn.MSELoss()).step(X, torch.randn(16, 2, dtype=torch.float64))
+
+
+def test_schedulers_that_cycle_the_momentum_drive_newtons_momentum():
+    """``momentum`` is a group value: OneCycleLR and CyclicLR (``cycle_momentum=True``, their default)
+    accept Newton and the step uses the momentum they set; distinct values per group are refused."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    X, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    opt = ho.Newton(m, nn.CrossEntropyLoss(), seed=0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=6, base_momentum=0.8)
+    seen = []
+    for i in range(4):
+        opt.step(X[16 * i : 16 * i + 16], y[16 * i : 16 * i + 16])
+        seen.append(opt.momentum)
+        sched.step()
+    assert seen[0] == pytest.approx(0.95) and min(seen) < 0.95  # OneCycleLR's max_momentum, then down
+    torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.1, max_lr=1.0)
+    opt2 = ho.Newton(m, nn.CrossEntropyLoss(), params=[{"params": m[0].parameters(), "momentum": 0.5},
+                                                       {"params": m[2].parameters()}])  # fmt: skip
+    with pytest.raises(hessinv.InvalidArgumentError, match="one value"):
+        opt2.step(X[:16], y[:16])

@@ -818,7 +818,10 @@ class Chain:
         _tensor(inputs, "inputs")
         _tensor(targets, "targets")
         if inputs.device != self.device:
-            raise DtypeMismatchError(f"inputs are on {inputs.device}, model on {self.device}")
+            raise DtypeMismatchError(
+                f"inputs are on {inputs.device}, model on {self.device}: move them with "
+                f"inputs.to({str(self.device)!r})"
+            )
         if inputs.is_floating_point() or inputs.is_complex():
             if inputs.dtype != self.dtype:
                 raise DtypeMismatchError(
@@ -830,9 +833,14 @@ class Chain:
                 f"inputs; integer inputs (token ids) need a first module that takes them, e.g. nn.Embedding"
             )
         if targets.device != self.device:
-            raise DtypeMismatchError(f"targets are on {targets.device}, model on {self.device}")
+            raise DtypeMismatchError(
+                f"targets are on {targets.device}, model on {self.device}: move them with "
+                f"targets.to({str(self.device)!r})"
+            )
         if targets.is_floating_point() and targets.dtype != self.dtype:
-            raise DtypeMismatchError(f"targets are {targets.dtype}, model is {self.dtype}")
+            raise DtypeMismatchError(
+                f"targets are {targets.dtype}, model is {self.dtype}: convert with targets.to({self.dtype})"
+            )
         if inputs.dim() < 2 or inputs.shape[0] < 1:
             raise ShapeMismatchError(f"inputs must be (batch, features...), got shape {tuple(inputs.shape)}")
         if targets.dim() < 1 or targets.shape[0] != inputs.shape[0]:

@@ -42,9 +42,9 @@ unless ``curvature_batch_size`` subsamples it): the step is built to decrease th
 judges it there, with the subsampled curvature in the model (the sub-sampled trust region of Xu,
 Roosta & Mahoney 2020).
 
-Example (a linear least-squares chain, full batch: after one preconditioned step ``mode="auto"`` sees the
-same batch again and takes trust-region Newton steps; the Hessian is exact and constant, so they converge
-at once):
+Example (a linear least-squares chain, full batch: after two preconditioned steps ``mode="auto"`` has
+seen the same batch three times and takes trust-region Newton steps; the Hessian is exact and
+constant, so they converge at once):
 
 >>> import torch, hessinv, hessinv.optim
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -53,7 +53,7 @@ at once):
 >>> y = X @ torch.randn(5, 1, dtype=torch.float64) + 0.1 * torch.randn(64, 1, dtype=torch.float64)
 >>> net = torch.nn.Sequential(torch.nn.Linear(5, 1)).double()
 >>> opt = hessinv.optim.Newton(net, torch.nn.MSELoss())
->>> losses = [float(opt.step(X, y)) for _ in range(3)]
+>>> losses = [float(opt.step(X, y)) for _ in range(4)]
 >>> g = hessinv.hessian(net, torch.nn.MSELoss(), X, y).gradient
 >>> bool(g.norm() < 1e-10), opt.last_stats.accepted, opt.last_stats.mode
 (True, True, 'trust-region')
@@ -194,6 +194,10 @@ def _rule_from(damping: str | float | DampingRule) -> DampingRule:
     )
 
 
+#: ``mode="auto"`` switches to the full-batch trust region when this many steps in a row get the same batch
+SAME_BATCH_STEPS = 3
+
+
 class Newton(torch.optim.Optimizer):
     """SGD preconditioned by the exact Hessian or Gauss-Newton matrix of the loss: mini-batch and full-batch.
 
@@ -207,8 +211,9 @@ class Newton(torch.optim.Optimizer):
       step: one gradient and one ``O(r n)`` solve, plus a refresh every ``refresh`` steps.
     * ``"trust-region"`` (full batch, or one fixed batch): the exact trust-region Newton step on the
       Hessian, judged by the ratio test (see the module docstring).
-    * ``"auto"`` (default): ``"precondition"``, switching to ``"trust-region"`` for good when a step is
-      given the same batch as the step before (same values: full-batch training). Passing a
+    * ``"auto"`` (default): ``"precondition"``, switching to ``"trust-region"`` for good when
+      :data:`SAME_BATCH_STEPS` (3) steps in a row are given the same batch (same values: full-batch
+      training; one repeat, e.g. a batch of one example drawn twice, does not switch). Passing a
       trust-region setting (``damping``, ``track_inertia``, ``backtracking``) selects ``"trust-region"``.
 
     Args:
@@ -324,7 +329,7 @@ class Newton(torch.optim.Optimizer):
                 "loss_fn must be a loss module (e.g. nn.CrossEntropyLoss()) or a function "
                 f"loss_fn(outputs, targets), got {type(loss_fn).__name__}"
             )
-        _positive("lr", lr)
+        _positive("lr", lr, allow_zero=True)  # a schedule may start at 0 (warm-up), as torch.optim allows
         _positive("weight_decay", weight_decay, allow_zero=True)
         if mode not in _MODES:
             raise InvalidArgumentError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -355,11 +360,11 @@ class Newton(torch.optim.Optimizer):
         self.track_inertia = bool(track_inertia)
         self.backtracking = backtracking
         self.callback = callback
-        self.momentum = float(momentum)
         self.last_stats: StepStats | None = None
         self._rejected: tuple | None = None  # (batch key, loss, operator) after a rejected step
         self._group_memo: dict[str, tuple] = {}  # key -> (the groups' values, _group_values' answer)
-        defaults = {"lr": float(lr), "weight_decay": float(weight_decay)}
+        # momentum in the groups, where schedulers that cycle it (OneCycleLR, CyclicLR) find it
+        defaults = {"lr": float(lr), "weight_decay": float(weight_decay), "momentum": float(momentum)}
         super().__init__(_param_groups(params, self.chain.params), defaults)
         self._groups_frozen = True
         if seed is None:
@@ -385,6 +390,7 @@ class Newton(torch.optim.Optimizer):
             "mode": mode,
             "momentum": None,
             "previous": None,  # auto mode: the previous batch, to recognize full-batch training
+            "repeats": 0,  # auto mode: how many steps in a row repeated it
         }
 
     # -- state ------------------------------------------------------------------------------------
@@ -397,6 +403,15 @@ class Newton(torch.optim.Optimizer):
     def rule_state(self) -> dict[str, Any]:
         """A copy of the damping rule's state (e.g. ``{'radius': ..., 'damping': ...}``)."""
         return dict(self._newton["rule"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The whole object (``torch.optim.Optimizer`` keeps only its groups and state, and a copy made by
+        ``copy.deepcopy`` or ``pickle`` would lack the model, the chain and the preconditioner);
+        ``copy.deepcopy((model, opt))`` gives a copy that trains the copied model."""
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` state dict plus ``"newton"``: step count, mode, rule state, momentum (in the
@@ -425,7 +440,10 @@ class Newton(torch.optim.Optimizer):
             raise InvalidArgumentError(
                 f"state dict is for mode={ns.get('mode')!r}; this optimizer has mode='trust-region'"
             )
+        momentum = self.momentum
         super().load_state_dict(sd)
+        for g in self.param_groups:  # a state dict from before the momentum was a group value
+            g.setdefault("momentum", momentum)
         ns = dict(ns)
         pcs = ns.pop("preconditioner", None)
         if pcs is not None and self.preconditioner is not None:
@@ -433,6 +451,7 @@ class Newton(torch.optim.Optimizer):
         ns.setdefault("mode", "trust-region")
         ns.setdefault("momentum", None)
         ns.setdefault("previous", None)
+        ns.setdefault("repeats", 0)
         self._newton = copy.deepcopy(ns)
         self.mode = ns["mode"]
         self._rejected = None
@@ -440,6 +459,24 @@ class Newton(torch.optim.Optimizer):
     # -- one step ---------------------------------------------------------------------------------
     def _operator(self, inputs: Tensor, targets: Tensor) -> CurvatureOperator:
         return curvature_class(self.curvature)(self.model, self.loss_fn, inputs, targets, chain=self.chain)
+
+    @property
+    def momentum(self) -> float:
+        """The precondition mode's momentum: one value for every parameter group (a scheduler may change it
+        between steps)."""
+        m = self._group_values("momentum")
+        if isinstance(m, Tensor) or not m < 1:
+            raise InvalidArgumentError(
+                "momentum must be one value in [0, 1) for all parameter groups (the momentum average is "
+                "kept in the preconditioner's basis); the groups have "
+                f"{[g.get('momentum') for g in self.param_groups]}"
+            )
+        return float(m)
+
+    @momentum.setter
+    def momentum(self, value: float) -> None:
+        for g in self.param_groups:
+            g["momentum"] = float(value)
 
     def _learning_rate(self) -> float | Tensor:
         """The step multiplier: the groups' common ``lr``, or a per-parameter (n,) vector when they differ."""
@@ -517,10 +554,23 @@ class Newton(torch.optim.Optimizer):
             p.add_(d[offset : offset + k].view_as(p))
             offset += k
 
-    def _batch_key(self, inputs: Tensor, targets: Tensor) -> tuple:
-        """Identifies batch and parameters (tensor versions change on every in-place write)."""
-        params = tuple(p._version for p in self.chain.params)
-        return (id(inputs), inputs._version, id(targets), targets._version, params)
+    def _batch_key(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, ...]:
+        """Copies of the batch and the parameters' values, compared by :meth:`_same_point` (tensor versions
+        would miss ``p.data.mul_()``, ``vector_to_parameters`` and ``p.data = ...``)."""
+        params = torch.cat([p.detach().reshape(-1) for p in self.chain.params])
+        return (inputs.detach().clone(), targets.detach().clone(), params)
+
+    def _same_point(self, key: tuple[Tensor, ...], inputs: Tensor, targets: Tensor) -> bool:
+        """Whether the batch and the parameters are those :meth:`_batch_key` recorded in ``key``."""
+        now = (
+            inputs.detach(),
+            targets.detach(),
+            torch.cat([p.detach().reshape(-1) for p in self.chain.params]),
+        )
+        return all(
+            a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+            for a, b in zip(key, now, strict=True)
+        )
 
     @torch.no_grad()
     def _restore(self, backup: list[Tensor]) -> None:
@@ -581,22 +631,25 @@ class Newton(torch.optim.Optimizer):
             self._newton["checked"] = key
 
     def _resolve_mode(self, inputs: Tensor, targets: Tensor) -> str:
-        """``"auto"``: precondition, until a step gets the same batch as the step before."""
+        """``"auto"``: precondition, until :data:`SAME_BATCH_STEPS` steps in a row get the same batch."""
         ns = self._newton
         if ns["mode"] != "auto":
             return ns["mode"]
         prev = ns["previous"]
-        if (
+        same = (
             prev is not None
             and prev[0].shape == inputs.shape
             and prev[1].shape == targets.shape
             and torch.equal(prev[0], inputs)
             and torch.equal(prev[1], targets)
-        ):
+        )
+        ns["repeats"] = ns.get("repeats", 0) + 1 if same else 0
+        if ns["repeats"] >= SAME_BATCH_STEPS - 1:
             ns["mode"] = self.mode = "trust-region"
-            ns["previous"] = None
+            ns["previous"], ns["repeats"] = None, 0
             return "trust-region"
-        ns["previous"] = (inputs.detach().clone(), targets.detach().clone())
+        if not same:
+            ns["previous"] = (inputs.detach().clone(), targets.detach().clone())
         return "precondition"
 
     def _run_closure(
@@ -667,14 +720,15 @@ class Newton(torch.optim.Optimizer):
         # refresh carries it over
         gr = pc.observe(g)
         m = ns["momentum"]
-        m = gr * (1 - self.momentum) if m is None else m.mul_(self.momentum).add_(gr, alpha=1 - self.momentum)
+        mom = self.momentum
+        m = gr * (1 - mom) if m is None else m.mul_(mom).add_(gr, alpha=1 - mom)
         refreshed = pc.due()
         t = time.perf_counter()
         pc.update(inputs, targets, carry=(m,))
         t_factor = time.perf_counter() - t
         t = time.perf_counter()
         step = ns["step"] + 1
-        direction = pc.solve(m / (1 - self.momentum**step), rotated=True)
+        direction = pc.solve(m / (1 - mom**step), rotated=True)
         d = _scaled(direction, lr)
         self._apply(-d)
         t_solve = time.perf_counter() - t
@@ -743,7 +797,7 @@ class Newton(torch.optim.Optimizer):
         # 1. derivatives (reused after a rejected step on the same batch: same point, same operator)
         cached = self._rejected
         self._rejected = None
-        if cached is not None and not subsample and cached[0] == self._batch_key(inputs, targets):
+        if cached is not None and not subsample and self._same_point(cached[0], inputs, targets):
             loss0, op, g, rng = cached[1], cached[2], cached[2].gradient, ns["rng"]
         elif subsample:
             rng = self._generator.get_state()

@@ -646,7 +646,14 @@ class Preconditioner:
 
     # -- preconditioner mode ------------------------------------------------------------------------
     def gradient(self) -> Tensor:
-        """The flat ``p.grad`` of the model's trainable parameters (zeros where a grad is None)."""
+        """The flat ``p.grad`` of the model's trainable parameters (zeros where a grad is None: a parameter
+        the loss did not reach); an :class:`InvalidArgumentError` where every grad is None (no
+        ``backward()`` before :meth:`precondition_`)."""
+        if all(p.grad is None for p in self.params):
+            raise InvalidArgumentError(
+                "no parameter has a .grad: call loss.backward() on the batch before precondition_(inputs, "
+                "targets)"
+            )
         return torch.cat(
             [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params]
         )
