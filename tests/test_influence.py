@@ -190,3 +190,24 @@ def test_per_example_gradients_of_a_refused_model_are_refused():
     X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
     with pytest.raises(hessinv.UnsupportedStageError, match="batch statistics"):
         per_example_gradients(net, nn.CrossEntropyLoss(), X, y)
+
+
+def test_influence_after_the_weights_moved_and_numpy_vectors_are_named():
+    """Scores mixing the fitted factorization with gradients at moved weights are refused (refit works);
+    numpy vectors get an InvalidArgumentError, not an AttributeError."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    X, y = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 2, (12,))
+    inf = InfluenceFunction(net, nn.CrossEntropyLoss(), curvature="gauss_newton", damping=0.1).fit(X, y)
+    inf.influences(X[:2], y[:2])
+    with pytest.raises(InvalidArgumentError, match=r"torch.as_tensor"):
+        inf.inverse_hvp(np.ones(inf.operator.shape[0]))
+    with torch.no_grad():
+        net[2].weight.mul_(2.0)
+    with pytest.raises(InvalidArgumentError, match="parameters changed since"):
+        inf.influences(X[:2], y[:2])
+    with pytest.raises(InvalidArgumentError, match="parameters changed since"):
+        inf.self_influence(X[:2], y[:2])
+    assert inf.fit(X, y).influences(X[:2], y[:2]).shape == (2, 12)

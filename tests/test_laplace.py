@@ -313,3 +313,46 @@ def test_predictive_inputs_the_model_cannot_take_are_named():
     with pytest.raises(NonFiniteError):
         la(bad, pred_type="nn")
     assert torch.allclose(la(X[:3]).sum(-1), torch.ones(3, dtype=torch.float64))
+
+
+def test_stale_fit_bad_bounds_and_unsupported_outputs_are_named():
+    """(1) After an in-place change of the weights the predictive (the new outputs and Jacobians with the
+    old posterior) is refused; a new fit works. (2) A prior-precision search whose every value leaves the
+    Hessian posterior indefinite raises instead of storing the bound. (3) sigma_noise is refused for
+    classification. (4) Outputs (N, C, T): named refusal of the predictive. (5) A regression model with
+    outputs (N,) gets an (N,) variance."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    X, y = torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 3, (20,))
+    la = Laplace(net, "classification").fit(X, y)
+    la(X[:2])
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    with pytest.raises(InvalidArgumentError, match="parameters changed since"):
+        la(X[:2])
+    la.fit(X, y)(X[:2])
+    lah = Laplace(net, "classification", curvature="hessian").fit(X, y)
+    lam = float(
+        torch.linalg.eigvalsh(autograd_hessian(net, torch.nn.CrossEntropyLoss(reduction="sum"), X, y))[0]
+    )
+    assert lam < -1e-3  # an untrained net: the Hessian is indefinite
+    with pytest.raises(IndefiniteError, match="every prior precision"):
+        lah.optimize_prior_precision(bounds=(1e-6, 0.5 * abs(lam)))
+    with pytest.raises(InvalidArgumentError, match="regression only"):
+        la.log_marginal_likelihood(sigma_noise=3.0)
+
+    class PerPosition(torch.nn.Module):
+        def forward(self, x):
+            return x.reshape(len(x), 3, 2)
+
+    pp = torch.nn.Sequential(torch.nn.Linear(3, 6), PerPosition()).double()
+    la2 = Laplace(pp, "classification").fit(X, torch.randint(0, 3, (20, 2)))
+    assert math.isfinite(la2.log_marginal_likelihood())
+    with pytest.raises(ShapeMismatchError, match="per-position"):
+        la2(X[:2])
+    reg = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1), torch.nn.Flatten(0)
+    )
+    la3 = Laplace(reg.double(), "regression").fit(X, torch.randn(20, dtype=torch.float64))
+    f_mu, f_var = la3(X[:5])
+    assert f_mu.shape == f_var.shape == (5,) and bool((f_var > 0).all())

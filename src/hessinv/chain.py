@@ -794,6 +794,17 @@ class Chain:
         """The trainable parameters' values as one (n,) vector, in the curvature's order (a copy)."""
         return torch.cat([t.detach().reshape(-1) for t in self.params])
 
+    def check_params(self, saved: Tensor, built: str) -> None:
+        """Raise :class:`InvalidArgumentError` where the parameters' values are no longer ``saved`` (a
+        :meth:`flat_params` copy taken when ``built`` was fitted): a result combining what was fitted there
+        with the model's outputs or gradients at other values would be silently wrong."""
+        now = self.flat_params()
+        if now.shape != saved.shape or not torch.equal(now, saved):
+            raise InvalidArgumentError(
+                f"the model's parameters changed since {built} was fitted: fit it again at the new "
+                "parameters (its posterior / factorization is at the old ones)"
+            )
+
     def small(self, inputs: Tensor) -> bool:
         """Whether work on this model and batch is small enough for one CPU thread
         (:func:`hessinv.linalg.one_thread_if`): every weight's sides and the batch at most

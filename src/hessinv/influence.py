@@ -171,6 +171,7 @@ class InfluenceFunction:
         self.operator: CurvatureOperator | None = None
         self.factorization: Factorization | None = None
         self.train_gradients: Tensor | None = None
+        self._at: Tensor | None = None  # the parameters' values at fit
 
     def fit(
         self,
@@ -193,6 +194,7 @@ class InfluenceFunction:
                 "curvature -- use curvature='gauss_newton' or a larger damping",
                 stacklevel=2,
             )
+        self._at = self.operator.chain.flat_params()
         self.train_gradients = self._gradients(inputs, targets)
         return self
 
@@ -211,7 +213,10 @@ class InfluenceFunction:
         return self.factorization
 
     def _gradients(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """Per-example gradients at the point :meth:`fit` factored at (a named error if the model moved)."""
         chain = None if self.operator is None else self.operator.chain
+        if chain is not None and self._at is not None:
+            chain.check_params(self._at, "the influence function")
         return per_example_gradients(self.model, self.loss_fn, inputs, targets, chain=chain)
 
     def _train_grads(self, inputs: Tensor | None, targets: Tensor | None) -> Tensor:
@@ -225,7 +230,12 @@ class InfluenceFunction:
         """``(H + lambda I)^{-1} V`` for ``vectors`` V of shape (k, n), as (k, n) (one vector of shape (n,),
         as (n,)): batched solves of ``chunk`` right-hand sides, with iterative refinement."""
         fac = self._fac()
-        if isinstance(vectors, Tensor) and vectors.dim() == 1:
+        if not isinstance(vectors, Tensor):
+            raise InvalidArgumentError(
+                f"vectors must be a torch.Tensor of shape (k, n) or (n,), got {type(vectors).__name__}: "
+                "convert with torch.as_tensor"
+            )
+        if vectors.dim() == 1:
             return self.inverse_hvp(vectors[None], chunk)[0]
         V = vectors.to(fac.op.dtype)
         out = [fac.solve(V[i : i + chunk].T.contiguous()).T for i in range(0, len(V), chunk)]

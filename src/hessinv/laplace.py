@@ -212,6 +212,8 @@ class Laplace:
             if prior_precision is None
             else self._positive(prior_precision, "prior_precision")
         )
+        if sigma_noise is not None and self.likelihood == "classification":
+            raise InvalidArgumentError("sigma_noise is for regression only")
         sigma = self.sigma_noise if sigma_noise is None else self._positive(sigma_noise, "sigma_noise")
         return delta, sigma
 
@@ -247,8 +249,9 @@ class Laplace:
         (laplace-torch's ``log_likelihood - 0.5 * (log_det_ratio + scatter)``), at the given or the
         stored prior precision / noise. One factorization (cached for the latest value)."""
         delta, sigma = self._args(prior_precision, sigma_noise)
-        log_det_ratio = self.log_det_posterior_precision(delta, sigma) - self.n_params * math.log(delta)
-        return self.log_likelihood(sigma) - 0.5 * (log_det_ratio + self.scatter(delta))
+        s = sigma if self.likelihood == "regression" else None
+        log_det_ratio = self.log_det_posterior_precision(delta, s) - self.n_params * math.log(delta)
+        return self.log_likelihood(s) - 0.5 * (log_det_ratio + self.scatter(delta))
 
     def optimize_prior_precision(
         self,
@@ -270,16 +273,22 @@ class Laplace:
         bounds, sigma_bounds = self._bounds(bounds, "bounds"), self._bounds(sigma_bounds, "sigma_bounds")
         tol = self._positive(tol, "tol")
 
-        def neg(t: float, s: float) -> float:
+        def neg(t: float, s: float | None) -> float:
             try:
-                return -self.log_marginal_likelihood(math.exp(t), math.exp(s))
+                return -self.log_marginal_likelihood(math.exp(t), None if s is None else math.exp(s))
             except IndefiniteError:
                 return 1e300
 
-        s0 = math.log(self.sigma_noise)
+        s0 = math.log(self.sigma_noise) if self.likelihood == "regression" else None
         lo, hi = math.log(bounds[0]), math.log(bounds[1])
         r = minimize_scalar(lambda t: neg(t, s0), bounds=(lo, hi), method="bounded", options={"xatol": tol})
         t = float(r.x)
+        if neg(t, s0) >= 1e300:  # indefinite at the bound the search ran into: no evidence anywhere it looked
+            raise IndefiniteError(
+                f"the posterior precision c H + delta I is indefinite at every prior precision tried in "
+                f"bounds {bounds} (the last {math.exp(t):.3g}): use curvature='gauss_newton', or bounds "
+                "above the Hessian's most negative eigenvalue"
+            )
         if optimize_sigma_noise:
             slo, shi = math.log(sigma_bounds[0]), math.log(sigma_bounds[1])
 
@@ -342,13 +351,14 @@ class Laplace:
         """The posterior predictive at inputs ``X``.
 
         ``pred_type="glm"`` (linearized model, ``f ~ N(f_mu, f_var)``, ``f_var = J P^{-1} J^T``):
-        regression returns ``(f_mu, f_var)`` ((N, C), (N, C, C); add ``sigma_noise^2`` for the
-        predictive of ``y``); classification returns class probabilities with ``link_approx``
-        ``"probit"`` (``softmax(f_mu / sqrt(1 + pi/8 diag f_var))``) or ``"mc"`` (mean softmax of
-        ``n_samples`` draws of ``f``). ``pred_type="nn"``: the network at ``n_samples`` posterior
-        samples of the parameters (mean probabilities; or output mean and covariance for regression).
+        regression returns ``(f_mu, f_var)`` ((N, C), (N, C, C); (N,), (N,) for a model with outputs
+        of shape (N,); add ``sigma_noise^2`` for the predictive of ``y``); classification returns class
+        probabilities with ``link_approx`` ``"probit"`` (``softmax(f_mu / sqrt(1 + pi/8 diag f_var))``)
+        or ``"mc"`` (mean softmax of ``n_samples`` draws of ``f``). ``pred_type="nn"``: the network at
+        ``n_samples`` posterior samples of the parameters (mean probabilities; or output mean and
+        covariance for regression). Outputs of shape (N, C, T) (per position) are refused here.
         """
-        self._op()
+        self._op().chain.check_params(self.mean, "the Laplace approximation")
         if not isinstance(X, Tensor):
             raise InvalidArgumentError(f"X must be a torch.Tensor, got {type(X).__name__}")
         if X.device != self.mean.device or (X.is_floating_point() and X.dtype != self.mean.dtype):
@@ -361,10 +371,16 @@ class Laplace:
         if X.is_floating_point() and not bool(torch.isfinite(X).all()):
             raise NonFiniteError("X contains NaN or infinity")
         f_mu = self._op().chain.forward(X)[-1]  # the model's outputs; named errors for inputs it cannot take
+        if f_mu.dim() > 2:
+            raise ShapeMismatchError(
+                f"the predictive needs outputs of shape (N, C) or (N,); the model gives {tuple(f_mu.shape)} "
+                "(per-position outputs): the evidence and the posterior (log_marginal_likelihood, sample, "
+                "functional_variance) are exact for it, the predictive is not implemented"
+            )
         if pred_type == "glm":
             f_var = self.functional_variance(output_jacobians(self.model, X))
             if self.likelihood == "regression":
-                return f_mu, f_var
+                return f_mu, (f_var[:, 0, 0] if f_mu.dim() == 1 else f_var)
             if link_approx == "probit":
                 kappa = 1.0 / torch.sqrt(1.0 + math.pi / 8.0 * f_var.diagonal(dim1=1, dim2=2))
                 return torch.softmax(kappa * f_mu, dim=-1)
