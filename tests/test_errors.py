@@ -269,8 +269,8 @@ def test_too_large_generic_stage_says_which_curvature_batch_fits():
     ):
         G.factor(damping=1.0)
     # the default optimizer only needs the root of its curvature batch, so it steps on this model as it is
-    # (three different mini-batches; the same batch three times in a row would switch to the full-batch trust
-    # region, which needs the dense blocks)
+    # (three different mini-batches; the same batch at the first two steps would switch to the full-batch
+    # trust region, which needs the dense blocks)
     opt = hessinv.optim.Newton(m, torch.nn.CrossEntropyLoss(), seed=0)
     before = [p.detach().clone() for p in m.parameters()]
     losses = [float(opt.step(X[i::3], y[i::3])) for i in range(3)]

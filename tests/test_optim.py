@@ -601,19 +601,20 @@ def test_precondition_mode_trains_and_auto_switches_on_full_batch():
             opt.step(X[i : i + 32], y[i : i + 32])
             assert opt.last_stats.mode == "precondition"
     assert loss_of(net, loss_fn, X, y) < 0.7 * start
-    # the same batch three times in a row: full-batch training -> trust region from then on; one repeat
-    # (a batch of one example drawn twice) does not switch
+    # the same batch at the first two steps: full-batch training -> trust region from then on
     opt2 = ho.Newton(_mlp(), loss_fn, seed=0)
     opt2.step(X[:32], y[:32])
     opt2.step(X[:32].clone(), y[:32].clone())
-    assert opt2.last_stats.mode == "precondition"
-    opt2.step(X[32:64], y[32:64])
-    opt2.step(X[32:64], y[32:64])
-    assert opt2.last_stats.mode == "precondition"
-    opt2.step(X[32:64].clone(), y[32:64].clone())
     assert opt2.last_stats.mode == "trust-region"
-    opt2.step(X[:32], y[:32])  # for good
+    opt2.step(X[32:64], y[32:64])  # for good
     assert opt2.last_stats.mode == "trust-region"
+    # different batches first: mini-batch training, for good -- a later repeat (a batch of one example
+    # drawn twice, several steps on one batch) does not switch
+    opt3 = ho.Newton(_mlp(), loss_fn, seed=0)
+    for i in (0, 32, 32, 32, 0):
+        opt3.step(X[i : i + 32], y[i : i + 32])
+        assert opt3.last_stats.mode == "precondition"
+    assert opt3.mode == "precondition"
 
 
 @pytest.mark.parametrize("wide", [False, True])

@@ -42,9 +42,9 @@ unless ``curvature_batch_size`` subsamples it): the step is built to decrease th
 judges it there, with the subsampled curvature in the model (the sub-sampled trust region of Xu,
 Roosta & Mahoney 2020).
 
-Example (a linear least-squares chain, full batch: after two preconditioned steps ``mode="auto"`` has
-seen the same batch three times and takes trust-region Newton steps; the Hessian is exact and
-constant, so they converge at once):
+Example (a linear least-squares chain, full batch: after one preconditioned step ``mode="auto"`` sees the
+same batch again and takes trust-region Newton steps; the Hessian is exact and constant, so they converge
+at once):
 
 >>> import torch, hessinv, hessinv.optim
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -53,7 +53,7 @@ constant, so they converge at once):
 >>> y = X @ torch.randn(5, 1, dtype=torch.float64) + 0.1 * torch.randn(64, 1, dtype=torch.float64)
 >>> net = torch.nn.Sequential(torch.nn.Linear(5, 1)).double()
 >>> opt = hessinv.optim.Newton(net, torch.nn.MSELoss())
->>> losses = [float(opt.step(X, y)) for _ in range(4)]
+>>> losses = [float(opt.step(X, y)) for _ in range(3)]
 >>> g = hessinv.hessian(net, torch.nn.MSELoss(), X, y).gradient
 >>> bool(g.norm() < 1e-10), opt.last_stats.accepted, opt.last_stats.mode
 (True, True, 'trust-region')
@@ -194,10 +194,6 @@ def _rule_from(damping: str | float | DampingRule) -> DampingRule:
     )
 
 
-#: ``mode="auto"`` switches to the full-batch trust region when this many steps in a row get the same batch
-SAME_BATCH_STEPS = 3
-
-
 class Newton(torch.optim.Optimizer):
     """SGD preconditioned by the exact Hessian or Gauss-Newton matrix of the loss: mini-batch and full-batch.
 
@@ -211,9 +207,10 @@ class Newton(torch.optim.Optimizer):
       step: one gradient and one ``O(r n)`` solve, plus a refresh every ``refresh`` steps.
     * ``"trust-region"`` (full batch, or one fixed batch): the exact trust-region Newton step on the
       Hessian, judged by the ratio test (see the module docstring).
-    * ``"auto"`` (default): ``"precondition"``, switching to ``"trust-region"`` for good when
-      :data:`SAME_BATCH_STEPS` (3) steps in a row are given the same batch (same values: full-batch
-      training; one repeat, e.g. a batch of one example drawn twice, does not switch). Passing a
+    * ``"auto"`` (default): decided at the second step, for good: ``"trust-region"`` when it is given
+      the same batch as the first (same values: full-batch training), else ``"precondition"`` (a
+      repeat later on -- a batch of one example drawn twice, several steps per batch -- does not
+      switch). Passing a
       trust-region setting (``damping``, ``track_inertia``, ``backtracking``) selects ``"trust-region"``.
 
     Args:
@@ -390,7 +387,6 @@ class Newton(torch.optim.Optimizer):
             "mode": mode,
             "momentum": None,
             "previous": None,  # auto mode: the previous batch, to recognize full-batch training
-            "repeats": 0,  # auto mode: how many steps in a row repeated it
         }
 
     # -- state ------------------------------------------------------------------------------------
@@ -451,7 +447,6 @@ class Newton(torch.optim.Optimizer):
         ns.setdefault("mode", "trust-region")
         ns.setdefault("momentum", None)
         ns.setdefault("previous", None)
-        ns.setdefault("repeats", 0)
         self._newton = copy.deepcopy(ns)
         self.mode = ns["mode"]
         self._rejected = None
@@ -631,26 +626,25 @@ class Newton(torch.optim.Optimizer):
             self._newton["checked"] = key
 
     def _resolve_mode(self, inputs: Tensor, targets: Tensor) -> str:
-        """``"auto"``: precondition, until :data:`SAME_BATCH_STEPS` steps in a row get the same batch."""
+        """``"auto"`` resolves itself for good at the second step: ``"trust-region"`` when it gets the same
+        batch as the first (full-batch training), else ``"precondition"`` (mini-batches; a later repeat,
+        e.g. a batch of one example drawn twice, no longer switches)."""
         ns = self._newton
         if ns["mode"] != "auto":
             return ns["mode"]
         prev = ns["previous"]
+        if prev is None:
+            ns["previous"] = (inputs.detach().clone(), targets.detach().clone())
+            return "precondition"
         same = (
-            prev is not None
-            and prev[0].shape == inputs.shape
+            prev[0].shape == inputs.shape
             and prev[1].shape == targets.shape
             and torch.equal(prev[0], inputs)
             and torch.equal(prev[1], targets)
         )
-        ns["repeats"] = ns.get("repeats", 0) + 1 if same else 0
-        if ns["repeats"] >= SAME_BATCH_STEPS - 1:
-            ns["mode"] = self.mode = "trust-region"
-            ns["previous"], ns["repeats"] = None, 0
-            return "trust-region"
-        if not same:
-            ns["previous"] = (inputs.detach().clone(), targets.detach().clone())
-        return "precondition"
+        ns["mode"] = self.mode = "trust-region" if same else "precondition"
+        ns["previous"] = None
+        return ns["mode"]
 
     def _run_closure(
         self, closure: Callable[[], Any], inputs: Tensor | None, targets: Tensor | None
