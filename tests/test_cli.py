@@ -430,16 +430,33 @@ def _option_helps(text: str) -> dict[str, str]:
     return out
 
 
-def test_every_train_option_states_its_default(capsys):
-    assert main(["train", "--help"]) == 0
+def _helps_with_defaults(capsys, command: str) -> tuple[str, dict[str, str]]:
+    """``hessinv COMMAND --help`` and its options' helps, each checked to state one default."""
+    assert main([command, "--help"]) == 0
     text = capsys.readouterr().out
     helps = _option_helps(text)
-    assert len(helps) >= 25, sorted(helps)
     for opt, h in helps.items():
         if opt in ("-h", "--help"):
             continue
         assert "(default: " in h, f"{opt} states no default: {h}"
         assert "(default: None)" not in h and h.count("(default:") == 1, h
+    return text, helps
+
+
+def test_every_spectrum_option_states_its_default(capsys):
+    _, helps = _helps_with_defaults(capsys, "spectrum")
+    assert len(helps) >= 14, sorted(helps)
+    args = cli.build_parser().parse_args(["spectrum"])
+    for opt in ("--width", "--bins", "--seed", "--batch", "--depth", "--train-steps", "--out"):
+        assert f"(default: {getattr(args, opt[2:].replace('-', '_'))})" in helps[opt], helps[opt]
+    assert f"(default: {args.damping:g})" in helps["--damping"]
+    assert "(default: all of them; digits 1797" in helps["--samples"]
+    assert "--range=-0.1,0.1" in helps["--range"]
+
+
+def test_every_train_option_states_its_default(capsys):
+    text, helps = _helps_with_defaults(capsys, "train")
+    assert len(helps) >= 25, sorted(helps)
     # the stated defaults are the ones the parser uses
     args = cli.build_parser().parse_args(["train"])
     assert (
@@ -563,9 +580,8 @@ def test_bench_solve_cuda_without_cuda_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench", "solve", "--device", "cuda", "--quick"]) == 2
     out, err = capsys.readouterr()
-    assert (
-        err.strip()
-        == "solve.py: error: --device cuda: CUDA is not available on this machine (use --device cpu)"
+    assert err.strip() == (
+        "hessinv bench solve: error: --device cuda: CUDA is not available on this machine (use --device cpu)"
     )
     assert "Traceback" not in out + err
 
@@ -676,9 +692,148 @@ def test_table_without_a_target_loss_says_it_is_not_measured(tmp_path, capsys):
     np.savez(tmp_path / "mine.npz", X=rng.normal(size=(40, 3)), y=rng.integers(0, 2, 40))
     out = tmp_path / "o"
     args = ["--data", str(tmp_path / "mine.npz"), "--optimizers", "adam", "--steps", "2", "--out", str(out)]
-    rc, stdout, err = run(capsys, *args, *SMALL)
+    rc, stdout, err = run(capsys, *args, *SMALL[2:])
     assert rc == 0, err
     table = (out / "table.md").read_text()
     assert "<= none" not in stdout + table
     assert "time to target not measured: no --target-loss given" in stdout
     assert "Time to target not measured: no --target-loss given; each optimizer stops" in table
+
+
+# -- the probe of /tmp/probe_apps: one-line errors, no option silently ignored ---------------------------
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seed", "99999999999999999999"], "argument --seed: expected an integer from 0 to 4294967295"),
+        (["--threads", "99999999999999999999"], "argument --threads: this machine has"),
+        (["--budget", "-5s"], "argument --budget: the budget must be positive, got '-5s'"),
+        (["--tune-budget", "-1s"], "argument --tune-budget: the budget must be positive"),
+        (["--lr", "sgd=0.1"], "--lr sgd=0.1: sgd is not selected (--optimizers adam)"),
+        (["--steps", "sgd=7"], "--steps sgd=7: sgd is not selected (--optimizers adam)"),
+        (
+            ["--newton-damping", "levenberg-marquardt"],
+            "--newton-damping applies to newton-tr, gauss-newton only",
+        ),
+        (
+            ["--curvature-batch-size", "8"],
+            "--curvature-batch-size applies to newton, newton-tr, gauss-newton",
+        ),
+        (["--dist-strategy", "sharded"], "--dist-strategy applies with --nproc > 1 only"),
+        (["--tune-budget", "1s", "--no-tune"], "--tune-budget applies only when a learning rate is tuned"),
+        (["--tune-budget", "1s", "--lr", "adam=0.01"], "--tune-budget applies only when"),
+        (
+            ["--bogus", "1"],
+            "hessinv train: error: unrecognized arguments: --bogus 1 (see hessinv train --help)",
+        ),
+    ],
+)
+def test_unused_or_bad_options_exit_2_with_one_line(tmp_path, capsys, args, message):
+    rc = main(["train", "--optimizers", "adam", *args, "--steps", "1", "--out", str(tmp_path), "--quiet"])
+    one_line_error(capsys, rc, message)
+
+
+def test_newton_damping_refused_for_newton_alone_and_recorded(tmp_path, capsys):
+    rc = main(["train", "--optimizers", "newton", "--newton-damping", "lm", "--out", str(tmp_path)])
+    one_line_error(capsys, rc, "invalid choice: 'lm'")
+    args = ["--optimizers", "newton", "--newton-damping", "levenberg-marquardt", "--out", str(tmp_path)]
+    one_line_error(capsys, main(["train", *args]), "and --optimizers newton has none of them")
+    rc, _, err = run(
+        capsys, "--data", "regression", "--optimizers", "adam", "--steps", "1", "--out", str(tmp_path), *SMALL
+    )
+    assert rc == 0, err
+    config = json.loads((tmp_path / "summary.json").read_text())["config"]
+    assert config["newton_damping"] == "trust-region" and config["curvature_batch_size"] is None
+
+
+def _npz(tmp_path: Path, **arrays) -> str:
+    np.savez(tmp_path / "d.npz", **arrays)
+    return str(tmp_path / "d.npz")
+
+
+@pytest.mark.parametrize("command", ["train", "spectrum"])
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"X": np.zeros((0, 4)), "y": np.zeros(0)}, "d.npz: no examples"),
+        ({"X": np.array(3.0), "y": np.array(1)}, "d.npz: the features are a single number"),
+        ({"X": np.zeros((120, 0)), "y": np.arange(120) % 2}, "d.npz: no feature columns"),
+    ],
+)
+def test_malformed_arrays_are_data_errors(tmp_path, capsys, command, arrays, message):
+    args = ["--optimizers", "adam", "--steps", "1", "--quiet"] if command == "train" else ["--bins", "2"]
+    rc = main([command, "--data", _npz(tmp_path, **arrays), *args, "--out", str(tmp_path / "o")])
+    one_line_error(capsys, rc, message)
+
+
+def test_samples_with_a_test_split_or_beyond_the_data_refused(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(100, 3)), np.arange(100) % 2
+    data = _npz(tmp_path, X=X, y=y, X_test=X[:10], y_test=y[:10])
+    for extra, message in (
+        (["--samples", "10"], "own test split (X_test, y_test), so --samples cannot apply"),
+        (["--test-fraction", "0.5"], "so --test-fraction cannot apply"),
+        (["--samples", "100000", "--data", "digits"], "digits has 1797 examples, fewer than the 100000"),
+    ):
+        rc = main(["train", "--data", data, "--optimizers", "adam", *extra, "--out", str(tmp_path / "o")])
+        one_line_error(capsys, rc, message)
+
+
+def test_test_labels_outside_the_training_classes_exit_2(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    data = _npz(
+        tmp_path,
+        X=rng.normal(size=(40, 3)),
+        y=np.arange(40) % 2,
+        X_test=rng.normal(size=(6, 3)),
+        y_test=np.array([5, 6, 7] * 2),
+    )
+    rc = main(["train", "--data", data, "--optimizers", "adam", "--steps", "1", "--out", str(tmp_path / "o")])
+    one_line_error(capsys, rc, "d.npz: the test labels have classes the training labels do not (5, 6, 7)")
+
+
+def test_table_follows_the_optimizers_order_with_short_times():
+    from hessinv.cli.train import RunResult, time_to_target_table
+
+    slow = RunResult("sgd", 0.1, train_time=2.345, time_to_target=None)
+    fast = RunResult("adam", 0.01, train_time=0.0042, time_to_target=0.0031)
+    head, rows = time_to_target_table([slow, fast], 1.0, "regression")
+    assert [r[0] for r in rows] == ["sgd", "adam"]
+    col = head.index("train time (s)")
+    assert (rows[0][col], rows[1][col]) == ("2.35", "0.0042")
+    assert rows[1][head.index("time to target (s)")] == "0.0031"
+
+
+@pytest.mark.parametrize("args", [["--range", "-1,1"], ["--range=-1,1"]])
+def test_spectrum_negative_range_as_written(tmp_path, capsys, args):
+    out = tmp_path / "spec"
+    assert main([*SPECTRUM, "--data", "regression", *args, "--out", str(out)]) == 0, capsys.readouterr().err
+    rec = json.loads((out / "spectrum.json").read_text())
+    assert (rec["edges"][0], rec["edges"][-1]) == (-1.0, 1.0)
+
+
+def test_spectrum_bad_range_and_typo_point_to_the_spectrum_help(tmp_path, capsys):
+    rc = main([*SPECTRUM, "--range", "-1", "--out", str(tmp_path)])
+    one_line_error(capsys, rc, "expected LO,HI (e.g. --range -0.1,0.1 or --range=-0.1,0.1), got '-1'")
+    rc = main([*SPECTRUM, "--bogus", "--out", str(tmp_path)])
+    one_line_error(
+        capsys, rc, "hessinv spectrum: error: unrecognized arguments: --bogus (see hessinv spectrum --help)"
+    )
+    rc = main([*SPECTRUM, "--seed", "99999999999999999999", "--out", str(tmp_path)])
+    one_line_error(capsys, rc, "argument --seed: expected an integer from 0 to 4294967295")
+
+
+def test_spectrum_says_the_batch_it_used(tmp_path, capsys):
+    assert main([*SPECTRUM, "--data", "regression", "--batch", "100000", "--out", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "--batch 100000 is more than the 96 training examples: the curvature is built on all 96" in err
+    assert "hessian of regression (batch 96)" in out
+    assert json.loads((tmp_path / "spectrum.json").read_text())["batch"] == 96
+
+
+def test_bench_solve_help_and_bad_threads_name_the_command(capsys):
+    assert main(["bench", "solve", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: hessinv bench solve ")
+    rc = main(["bench", "solve", "--threads", "-1"])
+    one_line_error(
+        capsys, rc, "hessinv bench solve: error: argument --threads: expected an integer >= 0, got '-1'"
+    )

@@ -189,9 +189,9 @@ def test_csv_with_class_names_as_labels(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["digits", "regression", "mnist1d"])
-@pytest.mark.parametrize("n", [0, -5])
-def test_nonpositive_number_of_examples_refused(name, n):
-    with pytest.raises(DataError, match=f"number of examples must be a positive integer, got {n}"):
+@pytest.mark.parametrize("n", [1, 0, -5])
+def test_too_few_examples_refused(name, n):
+    with pytest.raises(DataError, match=f"number of examples must be an integer >= 2 .*, got {n}"):
         load_dataset(name, n_samples=n)
 
 
@@ -215,3 +215,99 @@ def test_npz_label_and_target_shapes_checked(tmp_path):
     )
     with pytest.raises(DataError, match="same number of features and of targets per example"):
         load_dataset(str(tmp_path / "t.npz"))
+
+
+# -- the probe of /tmp/probe_apps: malformed arrays, task inference, classes, headers, --samples -------
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        ({"X": np.zeros((0, 4)), "y": np.zeros(0)}, "e.npz: no examples (the features have shape (0, 4))"),
+        (
+            {"X": np.ones((6, 4)), "y": np.arange(6) % 2, "X_test": np.zeros((0, 4)), "y_test": np.zeros(0)},
+            "e.npz (test): no examples (the features have shape (0, 4))",
+        ),
+        ({"X": np.array(3.0), "y": np.array(1)}, "e.npz: the features are a single number"),
+        ({"X": np.ones((6, 2)), "y": np.array(1)}, "e.npz: 6 feature rows but labels/targets of shape ()"),
+        ({"X": np.zeros((120, 0)), "y": np.arange(120) % 2}, "e.npz: no feature columns"),
+        ({"X": np.zeros((120, 3, 0)), "y": np.arange(120) % 2}, "e.npz: no feature columns"),
+    ],
+)
+def test_empty_scalar_and_featureless_arrays_refused(tmp_path, arrays, match):
+    np.savez(tmp_path / "e.npz", **arrays)
+    with pytest.raises(DataError, match=re.escape(match)):
+        load_dataset(str(tmp_path / "e.npz"))
+
+
+@pytest.mark.parametrize("distinct, task", [(150, "regression"), (100, "classification")])
+def test_task_inference_is_the_same_for_every_source(tmp_path, distinct, task):
+    """Integer-valued labels make a classification with at most 100 distinct values, whatever their
+    dtype or file type (int64 in a .npz was a 150-class classification, the same values as floats or in
+    a .csv a regression)."""
+    rng = np.random.default_rng(6)
+    X, y = rng.normal(size=(300, 2)), np.arange(300) % distinct
+    np.savez(tmp_path / "int.npz", X=X, y=y)
+    np.savez(tmp_path / "float.npz", X=X, y=y.astype(np.float64))
+    save_dataset(tmp_path / "d.csv", X, y)
+    for f in ("int.npz", "float.npz", "d.csv"):
+        assert load_dataset(str(tmp_path / f)).task == task, f
+    np.savez(tmp_path / "names.npz", X=X, y=np.array([f"c{v}" for v in y]))  # class names: always
+    assert load_dataset(str(tmp_path / "names.npz"), test_fraction=0.01).task == "classification"
+
+
+def test_test_labels_outside_the_training_classes_refused(tmp_path):
+    rng = np.random.default_rng(7)
+    np.savez(
+        tmp_path / "t.npz",
+        X=rng.normal(size=(40, 3)),
+        y=np.arange(40) % 2,
+        X_test=rng.normal(size=(9, 3)),
+        y_test=np.arange(9) % 3 + 5,
+    )
+    with pytest.raises(DataError, match=re.escape("classes the training labels do not (5, 6, 7)")):
+        load_dataset(str(tmp_path / "t.npz"))
+    # a random split that leaves a class's only example in the test split
+    y = np.array([0, 1] * 10 + [2])
+    np.savez(tmp_path / "r.npz", X=rng.normal(size=(21, 3)), y=y)
+    for seed in range(50):
+        try:
+            ds = load_dataset(str(tmp_path / "r.npz"), seed=seed)
+        except DataError as e:
+            assert "classes the training labels do not (2)" in str(e) and "another --seed" in str(e)
+            break
+        assert ds.n_classes == 3  # the class is in the training split
+    else:
+        pytest.fail("no seed put the single example of class 2 in the test split")
+
+
+def test_numeric_looking_header_is_skipped(tmp_path):
+    rows = "0.3,-1.2,cat\n1.5,0.2,dog\n-0.7,0.9,cat\n2.1,-0.4,dog\n0.1,0.5,cat\n"
+    (tmp_path / "h.csv").write_text("1,2,label\n" + rows)
+    X, y, _, _ = load_file(tmp_path / "h.csv")
+    assert X.shape == (5, 2) and sorted(set(y.tolist())) == ["cat", "dog"]
+    (tmp_path / "n.csv").write_text("1,2,3\n" + rows)  # a number above class names
+    assert load_file(tmp_path / "n.csv")[0].shape == (5, 2)
+    (tmp_path / "d.csv").write_text(rows)  # no header: the first row's class is also further down
+    assert load_file(tmp_path / "d.csv")[0].shape == (5, 2)
+
+
+def test_nan_classification_labels_named(tmp_path):
+    np.savez(tmp_path / "n.npz", X=np.ones((6, 2)), y=np.array([0, 1, np.nan, 1, 0, 1]))
+    with pytest.raises(DataError, match="classification labels contain NaN or infinity"):
+        load_dataset(str(tmp_path / "n.npz"), task="classification")
+
+
+def test_samples_and_test_fraction_not_silently_ignored(tmp_path):
+    rng = np.random.default_rng(8)
+    arrays = {"X": rng.normal(size=(30, 2)), "y": np.arange(30) % 2}
+    np.savez(tmp_path / "s.npz", **arrays, X_test=rng.normal(size=(6, 2)), y_test=np.arange(6) % 2)
+    for kwargs, option in (({"n_samples": 10}, "--samples"), ({"test_fraction": 0.5}, "--test-fraction")):
+        with pytest.raises(DataError, match=f"own test split .*so {option} cannot apply"):
+            load_dataset(str(tmp_path / "s.npz"), **kwargs)
+    with pytest.raises(
+        DataError, match=r"digits has 1797 examples, fewer than the 100000 asked for \(--samples\)"
+    ):
+        load_dataset("digits", n_samples=100000)
+    np.savez(tmp_path / "p.npz", **arrays)
+    assert len(load_dataset(str(tmp_path / "p.npz"), n_samples=30).X_train) == 24  # all of them: fine
+    ds = load_dataset("mnist1d", n_samples=5, task="regression")  # generated: at least 10, subsampled
+    assert len(ds.X_train) + len(ds.X_test) == 5

@@ -31,10 +31,11 @@ Importing this module imports neither torch nor matplotlib: ``hessinv --help`` s
 from __future__ import annotations
 
 import argparse
+import os
 import re
-import runpy
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 from hessinv import __version__
@@ -49,6 +50,7 @@ from hessinv.cli.choices import (
     INITS,
     LR_GRID,
     OPTIMIZERS,
+    TEST_FRACTION,
     UserError,
     canonical,
     parse_per_optimizer,
@@ -63,6 +65,8 @@ __all__ = ["main", "parse_duration", "build_parser"]
 DEFAULT_OPTIMIZERS = "newton,gauss-newton,adam,sgd"
 DEFAULT_BUDGET = 120.0  # seconds per optimizer: a cap; the default job stops at DEFAULT_STEPS first
 DEFAULT_OUT = "runs/{data}"
+MAX_SEED = 2**32 - 1  # mnist1d seeds numpy's legacy generator, which takes 32 bits
+SAMPLES_DEFAULT = "all of them; digits 1797, mnist1d 5000, regression 2000"  # --samples of train, spectrum
 
 
 def parse_duration(text: str) -> float:
@@ -72,7 +76,7 @@ def parse_duration(text: str) -> float:
     (120.0, 120.0, 0.5)
     """
     m = re.fullmatch(
-        r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(s|sec|secs|seconds?|m|min|mins|minutes?|h|hours?)?\s*",
+        r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(s|sec|secs|seconds?|m|min|mins|minutes?|h|hours?)?\s*",
         text,
     )
     if not m:
@@ -131,6 +135,22 @@ def _non_negative_int(text: str) -> int:
     return v
 
 
+def _seed(text: str) -> int:
+    """A seed: an integer from 0 to :data:`MAX_SEED`."""
+    v = _non_negative_int(text)
+    if v > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {MAX_SEED}, got {text!r}")
+    return v
+
+
+def _threads(text: str) -> int:
+    """A number of torch CPU threads: 0 (torch's choice) up to this machine's CPU count."""
+    v, cpus = _non_negative_int(text), os.cpu_count() or 1
+    if v > cpus:
+        raise argparse.ArgumentTypeError(f"this machine has {cpus} CPUs: use at most {cpus} threads, got {v}")
+    return v
+
+
 def _choice(names, what: str):
     """An argparse type accepting ``names`` in either spelling (``_`` or ``-``, any case)."""
 
@@ -145,10 +165,29 @@ def _choice(names, what: str):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors in one line (exit 2) without the usage block."""
+    """argparse that reports errors in one line (exit 2) without the usage block; ``commands`` are
+    the subcommands' parsers (``hessinv train``: the one whose ``--help`` an error points to)."""
+
+    commands: dict[str, argparse.ArgumentParser]
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+_DASH_VALUE = re.compile(r"-\.?[0-9]")
+
+
+def _attach_dash_values(argv: list[str]) -> list[str]:
+    """``--range -1,1`` as ``--range=-1,1``: argparse takes a value that starts with ``-`` for an
+    option unless it is a plain negative number (``-1``, ``-0.5``), which refused ``-1,1``, ``-1e-3``
+    and ``-5s`` as written."""
+    out: list[str] = []
+    for a in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _DASH_VALUE.match(a):
+            out[-1] += "=" + a
+        else:
+            out.append(a)
+    return out
 
 
 def _version() -> str:
@@ -198,14 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples",
         type=_positive_int,
         default=None,
-        help="number of examples, train + test (default: all of them; digits 1797, mnist1d 5000, "
-        "regression 2000)",
+        help=f"number of examples, train + test; not for a file with its own test split (default: "
+        f"{SAMPLES_DEFAULT})",
     )
     g.add_argument(
         "--test-fraction",
         type=_test_fraction,
-        default=0.2,
-        help="fraction held out as the test split (default: 0.2)",
+        default=None,
+        help=f"fraction held out as the test split; not for a file with its own test split (default: "
+        f"{TEST_FRACTION:g})",
     )
     g = t.add_argument_group("model")
     g.add_argument("--depth", type=_positive_int, default=16, help="number of Linear layers (default: 16)")
@@ -293,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--newton-damping",
-        default="trust-region",
+        default=None,
         type=_choice(DAMPINGS, "damping"),
         help="damping rule of newton-tr and gauss-newton, hessinv.optim.Newton(damping=...): "
         f"{' | '.join(DAMPINGS)} (default: trust-region)",
@@ -307,9 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--seed",
-        type=_non_negative_int,
+        type=_seed,
         default=0,
-        help="seed of the data split, initialization and batches (default: 0)",
+        help=f"seed of the data split, initialization and batches, 0 to {MAX_SEED} (default: 0)",
     )
     g.add_argument(
         "--device",
@@ -318,10 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--threads",
-        type=_non_negative_int,
+        type=_threads,
         default=1,
-        help="torch CPU threads, 0 = torch's choice (default: 1). The per-stage blocks are small: at "
-        "load 2.8 on 2 cores, one thread gave Newton 36 steps in 8 s against 5 steps in 35 s with two",
+        help="torch CPU threads, 0 = torch's choice, at most the CPU count (default: 1). The per-stage "
+        "blocks are small: at load 2.8 on 2 cores, one thread gave Newton 36 steps in 8 s against 5 steps "
+        "in 35 s with two",
     )
     g.add_argument(
         "--nproc",
@@ -333,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--dist-strategy",
         default=None,
-        help="with --nproc > 1: how the ranks share Newton's curvature: sharded, replicated, rotate, "
-        "average (docs/distributed.md) (default: sharded)",
+        help="with --nproc > 1 and newton: how the ranks share Newton's curvature: sharded, replicated, "
+        "rotate, average (docs/distributed.md) (default: sharded)",
     )
     g = t.add_argument_group("output")
     g.add_argument("--out", default=None, help="output directory (default: runs/<data>, e.g. runs/digits)")
@@ -352,17 +393,20 @@ def build_parser() -> argparse.ArgumentParser:
     from hessinv.cli.spectrum import add_parser as add_spectrum
 
     add_spectrum(sub)
+    p.commands = sub.choices
     return p
 
 
-def _parse_lrs(items: list[str]) -> dict[str, float]:
+def _parse_lrs(items: list[str], opts: list[str]) -> dict[str, float]:
+    """The --lr values by optimizer; each must be one of ``opts``, the optimizers that run."""
+
     def lr(text: str) -> float:
         try:
             return positive_float(text)
         except ValueError:
             raise ValueError(f"the learning rate must be a positive number, got {text!r}") from None
 
-    return parse_per_optimizer(items, "--lr", lr, "LR", "adam=1e-3")
+    return parse_per_optimizer(items, "--lr", lr, "LR", "adam=1e-3", selected=opts)
 
 
 def _parse_steps(items: list[str], opts: list[str]) -> dict[str, int | None]:
@@ -374,7 +418,7 @@ def _parse_steps(items: list[str], opts: list[str]) -> dict[str, int | None]:
 
     for item in items:
         if "=" in item:
-            steps.update(parse_per_optimizer([item], "--steps", count, "N", "adam=5000"))
+            steps.update(parse_per_optimizer([item], "--steps", count, "N", "adam=5000", selected=opts))
         else:
             try:
                 n = count(item.strip())
@@ -385,7 +429,7 @@ def _parse_steps(items: list[str], opts: list[str]) -> dict[str, int | None]:
 
 
 def _dist_strategy(text: str | None) -> str | None:
-    """The ``--dist-strategy`` name (checked even without ``--nproc > 1``, where it has no effect)."""
+    """The ``--dist-strategy`` name (checked before whether it applies)."""
     if text is None:
         return None
     from hessinv.optim.distributed import STRATEGIES
@@ -394,6 +438,16 @@ def _dist_strategy(text: str | None) -> str | None:
     if strategy not in STRATEGIES:
         raise UserError(f"--dist-strategy must be one of {', '.join(STRATEGIES)}, got {text!r}")
     return strategy
+
+
+def _refuse_unused(option: str, given: bool, users: tuple[str, ...], opts: list[str]) -> None:
+    """A :class:`UserError` for ``option``, ``given`` on the command line, when none of the optimizers
+    it applies to (``users``) is in ``opts``: it would be silently ignored."""
+    if given and not set(users) & set(opts):
+        raise UserError(
+            f"{option} applies to {', '.join(users)} only, and --optimizers {','.join(opts)} has none of "
+            f"them: add one or leave {option} out"
+        )
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -409,8 +463,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if len(set(opts)) != len(opts):
         raise UserError(f"--optimizers lists an optimizer twice: {args.optimizers}")
     strategy = _dist_strategy(args.dist_strategy)
-    lrs = _parse_lrs(args.lr)
+    if strategy is not None and args.nproc == 1:
+        raise UserError("--dist-strategy applies with --nproc > 1 only: add --nproc N or leave it out")
+    lrs = _parse_lrs(args.lr, opts)
     steps = _parse_steps(args.steps, opts)
+    _refuse_unused("--newton-damping", args.newton_damping is not None, ("newton-tr", "gauss-newton"), opts)
+    _refuse_unused(
+        "--curvature-batch-size",
+        args.curvature_batch_size is not None,
+        ("newton", "newton-tr", "gauss-newton"),
+        opts,
+    )
+    _refuse_unused("--dist-strategy", strategy is not None, ("newton",), opts)
+    if args.tune_budget is not None and not any(args.tune and o in LR_GRID and o not in lrs for o in opts):
+        raise UserError(
+            "--tune-budget applies only when a learning rate is tuned (--tune and one of "
+            f"{', '.join(LR_GRID)} without its --lr), not here: leave it out"
+        )
     budget = args.budget
     if budget is None and any(steps[o] is None for o in opts):
         raise UserError(
@@ -422,7 +491,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.threads > 0:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)  # within 1..os.cpu_count() (_threads)
     try:
         ds = load_dataset(
             args.data,
@@ -452,7 +521,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lrs=lrs,
         tune=args.tune,
         tune_budget=args.tune_budget,
-        newton_damping=args.newton_damping,
+        newton_damping=args.newton_damping or TrainConfig.newton_damping,
         curvature_batch_size=args.curvature_batch_size,
         seed=args.seed,
         device=device,
@@ -492,6 +561,19 @@ def _find_bench(name: str) -> Path | None:
     return None
 
 
+def _run_script(path: Path, argv: list[str]) -> None:
+    """Run the script ``path`` as ``__main__`` with ``sys.argv = argv``, as ``runpy.run_path`` does
+    except that ``argv[0]`` is kept: argparse names the program after it (``hessinv bench solve``)."""
+    module = types.ModuleType("__main__")
+    module.__file__ = str(path)
+    saved = sys.argv, sys.modules["__main__"]
+    sys.argv, sys.modules["__main__"] = argv, module
+    try:
+        exec(compile(path.read_bytes(), str(path), "exec"), module.__dict__)  # noqa: S102 - our bench/
+    finally:
+        sys.argv, sys.modules["__main__"] = saved
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     path = _find_bench(args.what)
     if path is None:
@@ -499,15 +581,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             f"bench/{args.what}.py was not found (looked in ./bench and next to the package); "
             "run this from a checkout of the hessinv repository"
         )
-    old_argv = sys.argv
-    sys.argv = [str(path), *args.args]
+    prog = f"hessinv bench {args.what}"
+    # the benchmark hands --threads to torch.set_num_threads, which raises (a traceback) below 0
+    checks = _Parser(prog=prog, add_help=False)
+    checks.add_argument("--threads", type=_threads)
     try:
-        runpy.run_path(str(path), run_name="__main__")
+        checks.parse_known_args(args.args)
+        _run_script(path, [prog, *args.args])
     except SystemExit as e:
         code = e.code
         return code if isinstance(code, int) else (0 if code is None else 1)
-    finally:
-        sys.argv = old_argv
     return 0
 
 
@@ -515,7 +598,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hessinv`` console script; returns the exit status."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(_attach_dash_values(sys.argv[1:] if argv is None else argv))
+        if extra:  # a typo in a subcommand's options: point to that subcommand's --help
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     try:

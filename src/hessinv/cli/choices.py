@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,6 +30,7 @@ __all__ = [
     "LR_GRID",
     "OPTIMIZERS",
     "PEER_LR",
+    "TEST_FRACTION",
     "UserError",
     "canonical",
     "output_directory",
@@ -69,6 +70,7 @@ LR_GRID = {
 }
 DEFAULT_TARGET = {"digits": 1.0, "mnist1d": 1.0, "regression": 1e-4}  # train loss of the table
 DATASETS = ("digits", "mnist1d", "regression")
+TEST_FRACTION = 0.2  # the share of the examples held out as the test split (--test-fraction)
 # The data-file format, shown by ``hessinv train --help`` (and in the README).
 DATA_FORMAT = """\
 data files (--data PATH):
@@ -77,8 +79,9 @@ data files (--data PATH):
         optionally X_test and y_test (then --test-fraction is not used).
   .csv  (also .tsv, .txt) one example per row, separated by commas, semicolons, tabs or spaces; the
         LAST column is the label or target; an optional header line is skipped.
-  Integer-valued labels with at most 100 distinct values make a classification task (any integers;
-  they are mapped to 0..C-1), anything else regression (--task overrides). Features are
+  Labels that are class names (strings), or integer-valued numbers with at most 100 distinct
+  values, make a classification task (the classes of the training labels, mapped to 0..C-1; a test
+  label outside them is an error); anything else regression (--task overrides). Features are
   standardized with the training split's mean and standard deviation. Nothing is downloaded."""
 # activation name -> its torch.nn module class
 ACTIVATIONS = {
@@ -115,10 +118,12 @@ def parse_per_optimizer(
     convert: Callable[[str], T],
     value: str = "VALUE",
     example: str = "adam=1e-3",
+    selected: Sequence[str] | None = None,
 ) -> dict[str, T]:
     """``NAME=VALUE`` pairs (repeatable, comma-separated) keyed by canonical optimizer name.
 
-    ``convert`` turns the value text into a value or raises ``ValueError`` with the reason.
+    ``convert`` turns the value text into a value or raises ``ValueError`` with the reason. With
+    ``selected`` (the optimizers that run), a NAME not among them is refused: its value would be ignored.
     """
     out: dict[str, T] = {}
     for item in items:
@@ -129,6 +134,11 @@ def parse_per_optimizer(
             name = canonical(name)
             if name not in OPTIMIZERS:
                 raise UserError(f"{option}: unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+            if selected is not None and name not in selected:
+                raise UserError(
+                    f"{option} {part}: {name} is not selected (--optimizers {','.join(selected)}); "
+                    f"add it to --optimizers or leave {name} out of {option}"
+                )
             try:
                 out[name] = convert(val.strip())
             except ValueError as e:

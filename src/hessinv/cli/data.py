@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hessinv.cli.choices import DATASETS
+from hessinv.cli.choices import DATASETS, TEST_FRACTION
 
 __all__ = ["DATASETS", "DataError", "Dataset", "load_dataset", "load_file", "save_dataset"]
 
@@ -178,6 +178,20 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def _is_header(head: list[str], labels: list[str]) -> bool:
+    """Whether ``head``, the first row, is a header line above rows whose last cells are ``labels``:
+    a feature cell that is not a number, or a label unlike every other: a name above numbers, a number
+    above names, or a name that no other row has (``1,2,label`` above class names)."""
+    if not all(_is_number(c) for c in head[:-1]):
+        return True
+    kinds = {_is_number(c) for c in labels}
+    if len(kinds) != 1:  # no other rows, or numbers and names mixed (an error, reported later)
+        return False
+    if _is_number(head[-1]) != kinds.pop():
+        return True
+    return not _is_number(head[-1]) and head[-1].strip() not in {c.strip() for c in labels}
+
+
 def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Features (floats) and labels (floats, or strings: class names) of a delimited text file;
     errors name the line of the file (1-based, the header included) and the column."""
@@ -200,10 +214,7 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     elif all(r[-1].strip() == "" for _, r in rows):  # a delimiter at the end of every line
         rows = [(n, r[:-1]) for n, r in rows]
 
-    # a header line: a non-numeric feature, or a non-numeric label above numeric ones
-    head = rows[0][1]
-    numeric_labels = all(_is_number(r[-1]) for _, r in rows[1:])
-    if not all(_is_number(c) for c in head[:-1]) or (numeric_labels and not _is_number(head[-1])):
+    if _is_header(rows[0][1], [r[-1] for _, r in rows[1:]]):
         rows = rows[1:]
     if not rows:
         raise DataError(f"{path} has a header but no data rows")
@@ -269,30 +280,43 @@ def save_dataset(path: str | Path, X: np.ndarray, y: np.ndarray) -> Path:
 
 # -- assembling a Dataset -----------------------------------------------------------------------
 def _as_features(X: np.ndarray, what: str) -> np.ndarray:
+    """``X`` as a float64 ``(N, d)`` array with ``N, d >= 1``; :class:`DataError` otherwise."""
     X = np.asarray(X)
     if X.dtype.kind not in "biuf":
         raise DataError(f"{what}: features must be numeric, got dtype {X.dtype}")
+    if X.ndim == 0:
+        raise DataError(
+            f"{what}: the features are a single number; they must be an array, one row per example"
+        )
+    if len(X) == 0:
+        raise DataError(f"{what}: no examples (the features have shape {X.shape})")
     if X.ndim == 1:
         X = X[:, None]
     X = X.reshape(len(X), -1).astype(np.float64)
+    if X.shape[1] == 0:
+        raise DataError(
+            f"{what}: no feature columns (the features have shape {X.shape}); each example needs at "
+            "least one feature"
+        )
     if not np.isfinite(X).all():
         raise DataError(f"{what}: features contain NaN or infinity")
     return X
 
 
 def _infer_task(y: np.ndarray) -> str:
+    """``classification`` for one label per example that is a class name (a string) or an integer
+    value (of any dtype: 3 and 3.0 alike) with at most :data:`MAX_CLASSES` distinct values; else
+    ``regression``: the rule of :data:`hessinv.cli.choices.DATA_FORMAT`, the same for every source."""
     y = np.asarray(y)
-    if y.ndim > 1 and y.shape[1] > 1:
+    if y.ndim > 1 and math.prod(y.shape[1:]) > 1:
         return "regression"
     v = y.reshape(-1)
-    if v.dtype.kind in "biuUS":  # integers, or strings (class names)
+    if v.dtype.kind in "US":  # class names
         return "classification"
-    if (
-        v.dtype.kind == "f"
-        and np.isfinite(v).all()
-        and np.all(v == np.round(v))
-        and len(np.unique(v)) <= MAX_CLASSES
-    ):
+    if v.dtype.kind not in "biuf":
+        return "regression"  # refused there with the reason
+    v = v.astype(np.float64)
+    if np.isfinite(v).all() and np.all(v == np.round(v)) and len(np.unique(v)) <= MAX_CLASSES:
         return "classification"
     return "regression"
 
@@ -308,20 +332,25 @@ def load_dataset(
     name: str,
     *,
     seed: int = 0,
-    test_fraction: float = 0.2,
+    test_fraction: float | None = None,
     n_samples: int | None = None,
     task: str = "auto",
     standardize: bool = True,
 ) -> Dataset:
     """A :class:`Dataset` (float64 CPU tensors) by name or file path; deterministic in ``seed``.
 
-    ``n_samples`` caps the number of examples (train + test; built-ins generate that many).
-    Raises :class:`DataError` for an unknown name or an unreadable/malformed file.
+    ``n_samples`` caps the number of examples (train + test; built-ins generate that many), and
+    ``test_fraction`` (default :data:`TEST_FRACTION`) is held out as the test split; a file with its own
+    test split (``X_test``/``y_test``) takes neither. Classification classes are those of the
+    training labels. Raises :class:`DataError` for an unknown name, an unreadable/malformed file, or
+    data these settings cannot apply to.
     """
-    if not 0.0 < test_fraction < 1.0:
+    if test_fraction is not None and not 0.0 < test_fraction < 1.0:
         raise DataError(f"test fraction must be in (0, 1), got {test_fraction}")
-    if n_samples is not None and not n_samples >= 1:
-        raise DataError(f"the number of examples must be a positive integer, got {n_samples}")
+    if n_samples is not None and not n_samples >= 2:
+        raise DataError(
+            f"the number of examples must be an integer >= 2 (a training and a test example), got {n_samples}"
+        )
     Xt = yt = None
     key = name.lower()
     if key == "digits":
@@ -341,15 +370,25 @@ def load_dataset(
 
     X = _as_features(X, label)
     y = np.asarray(y)
-    if len(y) != len(X):
-        raise DataError(f"{label}: {len(X)} feature rows but {len(y)} labels/targets")
+    if y.ndim == 0 or len(y) != len(X):
+        raise DataError(f"{label}: {len(X)} feature rows but labels/targets of shape {y.shape}")
     if len(X) < 2:
         raise DataError(f"{label}: need at least 2 examples, got {len(X)}")
-    if Xt is not None:
+    own_test = Xt is not None
+    if own_test:
+        given = [
+            o for o, v in (("--samples", n_samples), ("--test-fraction", test_fraction)) if v is not None
+        ]
+        if given:
+            raise DataError(
+                f"{label} has its own test split (X_test, y_test), so {' and '.join(given)} cannot apply: "
+                "leave it out, or remove X_test and y_test from the file to split it"
+            )
         Xt = _as_features(Xt, label + " (test)")
         yt = np.asarray(yt)
         if (
             Xt.shape[1] != X.shape[1]
+            or yt.ndim == 0
             or len(yt) != len(Xt)
             or math.prod(yt.shape[1:]) != math.prod(y.shape[1:])
         ):
@@ -367,23 +406,44 @@ def load_dataset(
             "several targets per example: --task regression)"
         )
 
-    if Xt is None:
-        if n_samples is not None and key not in ("mnist1d", "regression") and n_samples < len(X):
-            keep = np.random.default_rng(seed + 1).permutation(len(X))[: max(int(n_samples), 2)]
-            X, y = X[np.sort(keep)], y[np.sort(keep)]
-        tr, te = _split(len(X), test_fraction, seed)
+    if not own_test:
+        if n_samples is not None and n_samples > len(X):
+            raise DataError(
+                f"{label} has {len(X)} examples, fewer than the {n_samples} asked for (--samples); "
+                "leave --samples out to use all of them"
+            )
+        if n_samples is not None and n_samples < len(X):
+            keep = np.sort(np.random.default_rng(seed + 1).permutation(len(X))[:n_samples])
+            X, y = X[keep], y[keep]
+        tr, te = _split(len(X), TEST_FRACTION if test_fraction is None else test_fraction, seed)
         X, Xt, y, yt = X[tr], X[te], y[tr], y[te]
 
     n_classes = None
     if task == "classification":
-        yy = np.concatenate([y.reshape(-1), yt.reshape(-1)])
+        yy = np.concatenate([y.reshape(-1), yt.reshape(-1)])  # one dtype for both splits
+        if yy.dtype.kind == "f" and not np.isfinite(yy).all():
+            raise DataError(f"{label}: classification labels contain NaN or infinity")
         if yy.dtype.kind == "f" and not np.all(yy == np.round(yy)):
             raise DataError(f"{label}: classification labels must be integers")
-        classes = np.unique(yy)
+        y, yt = yy[: len(y)], yy[len(y) :]
+        classes = np.unique(y)
         if len(classes) < 2:
             raise DataError(f"{label}: classification needs at least 2 classes, got {len(classes)}")
-        y = np.searchsorted(classes, y.reshape(-1)).astype(np.int64)
-        yt = np.searchsorted(classes, yt.reshape(-1)).astype(np.int64)
+        unseen = np.setdiff1d(yt, classes).tolist()
+        if unseen:
+            shown = ", ".join(map(str, unseen[:5])) + (", ..." if len(unseen) > 5 else "")
+            raise DataError(
+                f"{label}: the test labels have classes the training labels do not ({shown}), which a "
+                "classifier cannot learn; "
+                + (
+                    "y_test must use the classes of y"
+                    if own_test
+                    else "too few examples of them: use more examples (--samples), another --seed or a "
+                    "smaller --test-fraction"
+                )
+            )
+        y = np.searchsorted(classes, y).astype(np.int64)
+        yt = np.searchsorted(classes, yt).astype(np.int64)
         n_classes = len(classes)
         ytr_t, yte_t = torch.from_numpy(y), torch.from_numpy(yt)
     else:
@@ -394,6 +454,8 @@ def load_dataset(
             )
         y = y.reshape(len(y), -1).astype(np.float64)
         yt = yt.reshape(len(yt), -1).astype(np.float64)
+        if y.shape[1] == 0:
+            raise DataError(f"{label}: no target columns (the targets have shape {y.shape})")
         if not (np.isfinite(y).all() and np.isfinite(yt).all()):
             raise DataError(f"{label}: targets contain NaN or infinity")
         ytr_t, yte_t = torch.from_numpy(y), torch.from_numpy(yt)

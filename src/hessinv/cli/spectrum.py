@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -36,9 +37,12 @@ def _finite(text: str) -> float:
 
 
 def _range(text: str) -> tuple[float, float]:
+    """``LO,HI`` with finite ``LO < HI``."""
     parts = text.split(",")
     if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. -0.1,0.1), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected LO,HI (e.g. --range -0.1,0.1 or --range=-0.1,0.1), got {text!r}"
+        )
     lo, hi = _finite(parts[0]), _finite(parts[1])
     if not lo < hi:
         raise argparse.ArgumentTypeError(f"--range needs LO < HI, got {text!r}")
@@ -46,38 +50,78 @@ def _range(text: str) -> tuple[float, float]:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    """Register ``spectrum`` on the ``hessinv`` subparsers."""
-    from hessinv.cli import _non_negative_int, _positive_int
-    from hessinv.cli.choices import ACTIVATIONS  # torch-free: ``hessinv --help`` stays fast
+    """Register ``spectrum`` on the ``hessinv`` subparsers; every option's help states its default."""
+    from hessinv.cli import MAX_SEED, SAMPLES_DEFAULT, _choice, _non_negative_int, _positive_int, _seed
+    from hessinv.cli.choices import ACTIVATIONS, DATASETS  # torch-free: ``hessinv --help`` stays fast
 
     s = sub.add_parser(
         "spectrum",
         help="exact eigenvalue histogram of the Hessian / Gauss-Newton matrix (inertia counts), with a plot",
         description="Exact eigenvalue counts N(s) = #{lambda < s} of a deep MLP chain's curvature on a "
-        "batch, "
-        "one Riccati factorization per bin edge; writes spectrum.json and spectrum.png under --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "batch of the training split, one Riccati factorization per bin edge; writes spectrum.json and "
+        "spectrum.png under --out.",
     )
     s.add_argument(
-        "--data", default="digits", help="digits | mnist1d | regression | path to a .npz/.csv file"
+        "--data",
+        default="digits",
+        help=f"{' | '.join(DATASETS)} | path to a .npz/.csv file (format: hessinv train --help) "
+        "(default: digits)",
     )
-    s.add_argument("--samples", type=_positive_int, default=None, help="number of examples (train + test)")
-    s.add_argument("--batch", type=int, default=64, help="examples the curvature is built on")
-    s.add_argument("--depth", type=int, default=8, help="number of Linear layers")
-    s.add_argument("--width", type=int, default=8)
-    s.add_argument("--activation", default="tanh", choices=sorted(ACTIVATIONS))
     s.add_argument(
-        "--curvature", default="hessian", type=lambda v: v.lower().replace("_", "-"),
-        choices=["hessian", "gauss-newton"], help="hessian | gauss-newton (gauss_newton too)",
-    )  # fmt: skip
-    s.add_argument(
-        "--train-steps", type=int, default=0, help="Adam steps (lr 1e-2, full batch) before the analysis"
+        "--samples",
+        type=_positive_int,
+        default=None,
+        help=f"number of examples, train + test; not for a file with its own test split (default: "
+        f"{SAMPLES_DEFAULT})",
     )
-    s.add_argument("--bins", type=int, default=40)
-    s.add_argument("--range", type=_range, default=None, help="LO,HI (default: the whole spectrum)")
-    s.add_argument("--damping", type=_finite, default=1e-3, help="eps of the reported log|det(H + eps I)|")
-    s.add_argument("--seed", type=_non_negative_int, default=0)
-    s.add_argument("--out", default="runs/spectrum", help="output directory")
+    s.add_argument(
+        "--batch",
+        type=_positive_int,
+        default=64,
+        help="training examples the curvature is built on, at most all of them (default: 64)",
+    )
+    s.add_argument("--depth", type=_positive_int, default=8, help="number of Linear layers (default: 8)")
+    s.add_argument("--width", type=_positive_int, default=8, help="hidden width (default: 8)")
+    s.add_argument(
+        "--activation",
+        default="tanh",
+        type=_choice(tuple(ACTIVATIONS), "activation"),
+        help=f"{' | '.join(ACTIVATIONS)} (default: tanh)",
+    )
+    s.add_argument(
+        "--curvature",
+        default="hessian",
+        type=_choice(("hessian", "gauss-newton"), "curvature"),
+        help="hessian | gauss-newton (default: hessian)",
+    )
+    s.add_argument(
+        "--train-steps",
+        type=_non_negative_int,
+        default=0,
+        help="Adam steps (lr 1e-2, full batch) before the analysis (default: 0)",
+    )
+    s.add_argument("--bins", type=_positive_int, default=40, help="number of histogram bins (default: 40)")
+    s.add_argument(
+        "--range",
+        type=_range,
+        default=None,
+        metavar="LO,HI",
+        help="the histogram's range, e.g. --range -0.1,0.1 (or --range=-0.1,0.1) (default: the whole "
+        "spectrum, hessinv.spectrum.spectral_range)",
+    )
+    s.add_argument(
+        "--damping",
+        type=_finite,
+        default=1e-3,
+        help="eps of the reported log|det(H + eps I)| (default: 0.001)",
+    )
+    s.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        help=f"seed of the data split and initialization, 0 to {MAX_SEED} (default: 0)",
+    )
+    s.add_argument("--out", default="runs/spectrum", help="output directory (default: runs/spectrum)")
     return s
 
 
@@ -135,11 +179,6 @@ def run(args: argparse.Namespace) -> int:
     from hessinv.curvature import curvature_class
     from hessinv.errors import SingularError
 
-    for name in ("batch", "depth", "width", "bins"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.train_steps < 0:
-        raise UserError(f"--train-steps must be >= 0, got {args.train_steps}")
     out = output_directory(args.out)
     try:
         ds = load_dataset(args.data, seed=args.seed, n_samples=args.samples)
@@ -155,6 +194,12 @@ def run(args: argparse.Namespace) -> int:
             loss_fn(net(X), y).backward()
             opt.step()
     Xb, yb = X[: args.batch], y[: args.batch]
+    if args.batch > len(X):
+        print(
+            f"hessinv: note: --batch {args.batch} is more than the {len(X)} training examples: the curvature "
+            f"is built on all {len(X)}",
+            file=sys.stderr,
+        )
     t0 = time.perf_counter()
     op = curvature_class(args.curvature)(net, loss_fn, Xb, yb)
     tol = op.zero_tolerance()
@@ -189,8 +234,8 @@ def run(args: argparse.Namespace) -> int:
     }
     (out / "spectrum.json").write_text(json.dumps(record, indent=1))
     title = (
-        f"{args.curvature} of {ds.name}, depth {args.depth} width {args.width} {args.activation}, "
-        f"n = {op.shape[0]}: {n_neg} eigenvalues < 0"
+        f"{args.curvature} of {ds.name} (batch {len(Xb)}), depth {args.depth} width {args.width} "
+        f"{args.activation}, n = {op.shape[0]}: {n_neg} eigenvalues < 0"
     )
     png = plot_histogram(hist.edges, hist.counts, out / "spectrum.png", title, hist.below, hist.above)
     print(

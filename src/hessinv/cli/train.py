@@ -389,7 +389,10 @@ def loss_for(ds: Dataset) -> nn.Module:
 
 
 def _fmt_time(t: float | None) -> str:
-    return "—" if t is None else f"{t:.2f}"
+    """Seconds with two decimals, or two significant digits below 0.1 s (``0.0042``); ``—`` for None."""
+    if t is None:
+        return "—"
+    return f"{t:.2f}" if t >= 0.1 else f"{t:.2g}"
 
 
 def target_heading(target: float | None, timing: str) -> str:
@@ -403,7 +406,8 @@ def target_heading(target: float | None, timing: str) -> str:
 def time_to_target_table(
     results: list[RunResult], target: float | None, task: str
 ) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the time-to-target table (fastest first; missed targets last)."""
+    """Header and rows of the time-to-target table, one row per run in the order of ``results`` (the
+    order of ``--optimizers``)."""
     head = [
         "optimizer",
         "lr",
@@ -419,17 +423,8 @@ def time_to_target_table(
     if task == "classification":
         head.append("final test acc")
 
-    def key(r: RunResult) -> tuple:
-        final = r.final.get("train_loss", math.inf)
-        return (
-            r.time_to_target is None,
-            r.time_to_target or 0.0,
-            r.status != "ok",
-            final if math.isfinite(final) else math.inf,
-        )
-
     rows = []
-    for r in sorted(results, key=key):
+    for r in results:
         f = r.final
         row = [
             r.name,
@@ -439,7 +434,7 @@ def time_to_target_table(
             "—" if r.steps_to_target is None else str(r.steps_to_target),
             str(r.steps),
             r.stopped_by or "—",
-            f"{r.train_time:.1f}",
+            _fmt_time(r.train_time),
             f"{f['train_loss']:.4g}" if "train_loss" in f else "—",
             f"{f['test_loss']:.4g}" if "test_loss" in f else "—",
         ]
@@ -576,6 +571,9 @@ def train(
             "steps": {name: cfg.steps_for(name) for name in cfg.optimizers},
             "target_loss": cfg.target_loss,
             "tune": cfg.tune,
+            "tune_budget_s": cfg.tune_budget,
+            "newton_damping": cfg.newton_damping,
+            "curvature_batch_size": cfg.curvature_batch_size,
             "seed": cfg.seed,
             "lr_overrides": cfg.lrs,
         },
