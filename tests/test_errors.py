@@ -52,7 +52,7 @@ class BatchMean(nn.Module):
 
 def test_custom_stage_that_mixes_examples_is_detected():
     net = nn.Sequential(nn.Linear(3, 4), BatchMean(), nn.Linear(4, 2)).double()
-    with pytest.raises(UnsupportedStageError, match=r"stage 1 \(BatchMean: mean\+sub\) mixes examples"):
+    with pytest.raises(UnsupportedStageError, match=r"stage 1 \(BatchMean\) mixes examples"):
         hessinv.hessian(
             net, nn.CrossEntropyLoss(), torch.randn(5, 3, dtype=torch.float64), torch.zeros(5).long()
         )

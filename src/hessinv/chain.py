@@ -189,18 +189,31 @@ def _defaults_after_first(forward) -> dict | None:
     return {q.name: q.default for q in plain}
 
 
-def _specs(m, top: bool, traced: list[nn.Module]) -> list[tuple]:
-    """The stage specifications of ``m`` in chain order (see :func:`split_stages`); the modules traced
-    through (whose plain attributes the traced code may have baked in) are appended to ``traced``."""
+class _CallWhole(Exception):
+    """Internal: the stages traced out of ``module`` are not a chain where ``module`` called whole may be
+    one (intermediate values not batch-first, one layer used twice, parameters used out of order):
+    split again with it as one stage."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__(type(module).__name__)
+        self.module = module
+
+
+def _specs(m, top: bool, traced: list[nn.Module], whole: set[int]) -> list[tuple[tuple, nn.Module | None]]:
+    """The stage specifications of ``m`` in chain order (see :func:`split_stages`), each with the module
+    traced to find it (None for a module called as it is); the modules traced through (whose plain
+    attributes the traced code may have baked in) are appended to ``traced``. Modules whose ``id`` is in
+    ``whole`` are called whole, not traced."""
     if _is_compiled(m):  # torch.compile's wrapper: the same function and parameters, traceable
         m = m._orig_mod
     if _is_container(m):
-        return [s for child in m for s in _specs(child, False, traced)]
+        return [s for child in m for s in _specs(child, False, traced, whole)]
     if not isinstance(m, nn.Module):
         raise NotAChainError(f"expected an nn.Module or a list of modules, got {type(m).__name__}")
     tracer = _Tracer()
-    if tracer.is_leaf_module(m, "") or _hooked(m):
-        return [_leaf_spec(m)]
+    if tracer.is_leaf_module(m, "") or _hooked(m) or id(m) in whole:
+        return [(_leaf_spec(m), None)]
+    before = _attributes(m)
     try:
         with _trace_guards(tracer) as inference:
             graph = tracer.trace(m, concrete_args=_defaults_after_first(m.forward))
@@ -213,16 +226,51 @@ def _specs(m, top: bool, traced: list[nn.Module]) -> list[tuple]:
         _plain_constants(graph)
         specs = _graph_specs(tracer.root, graph, type(m).__name__)
     except Exception as e:  # noqa: BLE001 - any tracing failure
+        _restore_attributes(before)
         if not top:  # a piece of a Sequential: call it whole (its real forward, by autograd)
-            return [_leaf_spec(m)]
+            return [(_leaf_spec(m), None)]
         if isinstance(e, HessinvError):
             raise
         raise NotAChainError(
             f"{type(m).__name__}.forward could not be traced with torch.fx ({type(e).__name__}: {e}); "
             "write the model as an nn.Sequential of stages, or make forward traceable"
         ) from e
+    if _restore_attributes(before):
+        # forward stores a value computed from its input (self.state = ..., a cached activation): the
+        # trace stored fx's placeholder, now removed again; called whole, its real forward runs, and a
+        # state that changes its outputs or buffers call after call is refused there (GenericStage)
+        return [(_leaf_spec(m), None)]
     traced.extend(x for x in m.modules() if not tracer.is_leaf_module(x, "") or x is m)
-    return specs
+    return [(sp, m) for sp in specs]
+
+
+def _attributes(m: nn.Module) -> list[tuple[nn.Module, list[dict]]]:
+    """Copies of the attribute dictionaries of ``m`` and its submodules (plain attributes, parameters,
+    buffers, submodules), for :func:`_restore_attributes` after a trace."""
+    return [(x, [dict(d) for d in (x.__dict__, x._parameters, x._buffers, x._modules)]) for x in m.modules()]
+
+
+def _restore_attributes(saved: list[tuple[nn.Module, list[dict]]]) -> bool:
+    """Put back the attributes :func:`_attributes` saved: a traced ``forward`` that assigns ``self.x = ...``
+    stored one of fx's placeholders (Proxy) in the user's model, or moved a counter, and fx itself adds
+    its tensor constants (``_tensor_constant0``; the traced pieces hold their own copies). Returns
+    whether ``forward`` stored a value computed from its input (a Proxy)."""
+    traced_value = False
+
+    def proxy(v: Any) -> bool:
+        found: list[bool] = []
+        fx.node.map_aggregate(v, lambda a: found.append(True) if isinstance(a, fx.Proxy) else None)
+        return bool(found)
+
+    for x, dicts in saved:
+        for now, was in zip((x.__dict__, x._parameters, x._buffers, x._modules), dicts, strict=True):
+            for k in [k for k in now if k not in was]:
+                traced_value = traced_value or proxy(now.pop(k))
+            for k, v in was.items():
+                if now.get(k, _MISSING) is not v:
+                    traced_value = traced_value or proxy(now.get(k))
+                    now[k] = v
+    return traced_value
 
 
 #: One trace at a time patches torch's grad-mode switches and ``Function.apply`` (:func:`_trace_guards`).
@@ -535,10 +583,29 @@ def _check_modules(stage: Stage, mods) -> None:
 
 
 def split_stages(
-    model: nn.Module | Sequence[nn.Module], traced: list[nn.Module] | None = None
+    model: nn.Module | Sequence[nn.Module],
+    traced: list[nn.Module] | None = None,
+    whole: set[int] | None = None,
 ) -> list[Stage]:
     """The stages of ``model`` (module docstring), in chain order; the modules whose ``forward`` was
-    traced through are appended to ``traced`` if given."""
+    traced through are appended to ``traced`` if given. A traced module whose pieces share a parameter
+    or use parameters out of order is split again as one stage (its ``id`` added to ``whole``); each
+    stage's ``origin`` is the traced module it came from (None: a module called as it is), which
+    :class:`Chain` calls whole where the pieces turn out not to be a chain on data."""
+    whole = set() if whole is None else whole
+    while True:
+        mark = [] if traced is None else list(traced)
+        try:
+            return _split(model, mark, whole)
+        except _CallWhole as e:
+            whole.add(id(e.module))
+        finally:
+            if traced is not None:
+                traced[:] = mark
+
+
+def _split(model: nn.Module | Sequence[nn.Module], traced: list[nn.Module], whole: set[int]) -> list[Stage]:
+    """One attempt of :func:`split_stages`."""
     glob = nn.modules.module
     for what in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks"):
         if getattr(glob, what, None):
@@ -554,13 +621,14 @@ def split_stages(
                 "the model has lazy modules (LazyLinear, ...) whose parameters are not initialized yet: "
                 "call it once on a batch (model(inputs)) first"
             )
-    specs = _specs(model, True, traced if traced is not None else [])
-    if not specs:
+    pairs = _specs(model, True, traced, whole)
+    if not pairs:
         raise NotAChainError("the model has no stages")
+    specs = [sp for sp, _ in pairs]
     stages: list[Stage] = []
     i = 0
     while i < len(specs):
-        spec, k = specs[i], len(stages)
+        spec, k, origin = specs[i], len(stages), pairs[i][1]
         kind = spec[0]
         if kind == "linear":
             act = specs[i + 1][1] if i + 1 < len(specs) and specs[i + 1][0] == "act" else None
@@ -577,6 +645,7 @@ def split_stages(
                 stages.append(GenericStage(k, spec[1], spec[2], spec[3]))
             i += 1
         s = stages[-1]
+        s.origin = origin
         _check_modules(s, [m for top in s.modules for m in top.modules()])
     _check_parameters(model, stages)
     return stages
@@ -595,10 +664,19 @@ def _check_parameters(model, stages: list[Stage]) -> None:
     order = {id(t): j for j, (_, t) in enumerate(named)}
     names = {id(t): n for n, t in named}
     owner: dict[int, int] = {}
+
+    def same_origin(a: int, b: int) -> None:
+        """Two stages traced out of one submodule: call it whole. Not the model itself -- one stage for
+        the whole model would lose the chain's structure, where the message below says how to keep it."""
+        origin = stages[a].origin
+        if origin is not None and origin is not model and stages[b].origin is origin:
+            raise _CallWhole(origin)
+
     for s in stages:
         s.params.sort(key=lambda t: order.get(id(t), -1))
         for t in s.params:
             if id(t) in owner:
+                same_origin(owner[id(t)], s.index)
                 raise NotAChainError(
                     f"parameter {names.get(id(t), '?')} is shared by stage {owner[id(t)]} and {s.name}: "
                     "not a chain"
@@ -613,6 +691,7 @@ def _check_parameters(model, stages: list[Stage]) -> None:
             )
     if flat != [id(t) for _, t in named]:
         first = next(j for j, (a, (_, t)) in enumerate(zip(flat, named, strict=False)) if a != id(t))
+        same_origin(owner[flat[first]], owner[id(named[first][1])])
         late = named[first][0]
         own = "." not in late.split("].", 1)[-1]  # a parameter of the model itself, not of a submodule
         hint = (
@@ -681,7 +760,8 @@ class Chain:
         self.model, self.loss_fn = model, loss_fn
         self._traced: list[nn.Module] = []
         self._unread: set[tuple[int, str]] = set()  # attributes a re-split showed the trace does not read
-        self.stages = split_stages(model, self._traced)
+        self._whole: set[int] = set()  # traced modules whose pieces were not a chain: called whole
+        self.stages = split_stages(model, self._traced, self._whole)
         self.params = [t for s in self.stages for t in s.params]
         if not self.params:
             raise NotAChainError("the model has no trainable parameters")
@@ -772,7 +852,7 @@ class Chain:
             )
         moved = [(m, k) for m, k, v in self._attrs if not _same(vars(m).get(k, _MISSING), v)]
         if moved or list(map(tuple, self._hooks)) != self._hook_keys:
-            stages = split_stages(self.model, traced := [])
+            stages = split_stages(self.model, traced := [], self._whole)
             if [id(t) for s in stages for t in s.params] != [id(t) for t in self.params]:
                 raise InvalidArgumentError(
                     "the model's stages changed since this operator/optimizer was built: build it again"
@@ -882,13 +962,37 @@ class Chain:
         return zs
 
     @torch.no_grad()
+    def _call_whole(self, module: nn.Module) -> None:
+        """Split again with ``module`` -- traced into stages that turned out not to be a chain on data --
+        called whole (one stage, exact by autograd; the same parameters in the same order)."""
+        self._whole.add(id(module))
+        stages = split_stages(self.model, traced := [], self._whole)
+        if [id(t) for s in stages for t in s.params] != [id(t) for t in self.params]:
+            raise NotAChainError(
+                f"{type(module).__name__}: called whole, it has other parameters: not a chain"
+            )
+        self.stages, self._traced = stages, traced
+        self.sizes = [s.p for s in stages]
+        self._watch()
+
     def forward(self, inputs: Tensor) -> list[Tensor]:
-        """``[z_0, z_1, ..., z_{L-1}]``: the input and every stage's output."""
+        """``[z_0, z_1, ..., z_{L-1}]``: the input and every stage's output. A module traced into stages
+        whose intermediate values are not batch-first (``torch.stack`` of branches, a transpose to
+        sequence-first and back) is called whole instead (:meth:`_call_whole`)."""
+        while True:
+            try:
+                return self._forward(inputs)
+            except _CallWhole as e:
+                self._call_whole(e.module)
+
+    def _forward(self, inputs: Tensor) -> list[Tensor]:
         zs = [inputs]
         for s in self.stages:
             try:
                 z = s.forward(zs[-1])
             except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                if s.origin is not None and isinstance(e, (NotAChainError, UnsupportedStageError)):
+                    raise _CallWhole(s.origin) from e
                 if isinstance(e, HessinvError):
                     raise
                 wrong_type = any(w in str(e) for w in ("type", "Long", "Int"))
@@ -907,6 +1011,8 @@ class Chain:
                     "remove the cast"
                 )
             if not isinstance(z, Tensor) or z.dim() < 1 or z.shape[0] != inputs.shape[0]:
+                if s.origin is not None:
+                    raise _CallWhole(s.origin)
                 what = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
                 raise NotAChainError(f"{s.name} returns {what}, not a tensor with the batch dimension first")
             zs.append(z)
@@ -921,8 +1027,17 @@ class Chain:
     def linearize(self, inputs: Tensor, targets: Tensor, second_order: bool = True) -> Linearization:
         """Forward and backward pass: every stage's blocks, the gradient, the loss.
 
-        ``second_order=False`` drops every stage's ``H..`` blocks except the loss's (Gauss-Newton).
+        ``second_order=False`` drops every stage's ``H..`` blocks except the loss's (Gauss-Newton). A
+        piece of a traced module that its stage refuses (it mixes examples, seen piece by piece) gets
+        the module called whole (:meth:`_call_whole`), which is refused in turn where it really mixes.
         """
+        while True:
+            try:
+                return self._linearize(inputs, targets, second_order)
+            except _CallWhole as e:
+                self._call_whole(e.module)
+
+    def _linearize(self, inputs: Tensor, targets: Tensor, second_order: bool) -> Linearization:
         self.check_inputs(inputs, targets)
         targets = self.prepare_targets(targets)
         zs = self.forward(inputs)
@@ -946,7 +1061,16 @@ class Chain:
         grads: list[Tensor] = []
         for s, z_in in zip(reversed(self.stages), reversed(zs[:-1]), strict=True):
             with torch.no_grad():
-                blk = s.linearize(z_in, b[..., 0], second_order)
+                try:
+                    blk = s.linearize(z_in, b[..., 0], second_order)
+                except (NotAChainError, UnsupportedStageError) as e:
+                    if s.origin is None:
+                        raise
+                    raise _CallWhole(s.origin) from e
+                # Gauss-Newton blocks of a traced piece are formed lazily, and checked only then: its
+                # module called whole now, where the piece alone is not per-example
+                if s.origin is not None and getattr(blk, "couples_examples", None) and blk.couples_examples():
+                    raise _CallWhole(s.origin)
                 grads.append(blk.jxT(b)[:, 0])
                 b = blk.jzT(b)
             blocks.insert(0, blk)

@@ -475,6 +475,20 @@ class LazyBlocks(Blocks):
         self._dense_blocks: DenseBlocks | None = None
         self._memo: tuple[Tensor, str, Tensor] | None = None  # (s, which, the product not yet returned)
 
+    def couples_examples(self) -> bool:
+        """Whether a backward pass seeded on one example (the first, then the last) reaches another
+        example's input: a stage that acts on each example separately has exact zeros there. A cheap
+        structural test (two vector-Jacobian products, no dense blocks), for :class:`hessinv.Chain` to
+        call a traced module whole where one of its pieces is not per-example on its own."""
+        B = self.batch
+        for i in {0, B - 1} if B > 1 else ():
+            s = self._b_out.new_zeros(B, self.d_out, 1)
+            s[i] = 1.0
+            gz = self.jzT(s)
+            if bool((gz[torch.arange(B, device=gz.device) != i] != 0).any()):
+                return True
+        return False
+
     def _unchanged(self) -> None:
         now = (*self.stage.params, *self.stage.module.buffers())
         if len(now) != len(self._state) or not all(

@@ -211,6 +211,9 @@ class Stage(abc.ABC):
     index: int
     modules: tuple[nn.Module, ...]
     params: list[nn.Parameter]
+    #: the module traced to find this stage (a piece of its forward), None for a module called as it is
+    #: (set by :func:`hessinv.chain.split_stages`)
+    origin: nn.Module | None = None
 
     @property
     def p(self) -> int:
