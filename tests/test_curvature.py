@@ -617,3 +617,19 @@ def test_float32_norm_estimate_of_a_large_hessian():
     want = float(torch.linalg.matrix_norm(H.to_dense().double(), 2))
     assert H.norm_estimate() == pytest.approx(want, rel=1e-3)
     assert sum(H.inertia(0.0)) == H.shape[0]
+
+
+def test_vector_times_operator_and_overflowing_solves():
+    """``v @ H`` (H symmetric) equals ``H @ v``, also for (k, n); a refined solve whose solution overflows
+    raises NonFiniteError instead of returning NaN with residual NaN and no warning."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    X, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    H = hessinv.hessian(m, torch.nn.CrossEntropyLoss(), X, y)
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    assert torch.equal(v @ H, H @ v)
+    assert torch.allclose(torch.stack([v, 2 * v]) @ H, torch.stack([H @ v, 2 * (H @ v)]), rtol=1e-14)
+    F = H.factor(0.3)
+    with pytest.raises(hessinv.NonFiniteError, match="overflowed"):
+        F.solve(torch.full((H.shape[0],), 1e307, dtype=torch.float64))
+    assert torch.isfinite(F.solve(torch.full((H.shape[0],), 1e300, dtype=torch.float64))).all()

@@ -234,6 +234,12 @@ class CurvatureOperator:
 
     matmul = __matmul__
 
+    def __rmatmul__(self, v: Tensor) -> Tensor:
+        """``v H`` for ``v`` of shape (n,) or (k, n): ``(H v^T)^T``, ``H`` being symmetric."""
+        if isinstance(v, Tensor) and v.dim() == 2:
+            return (self @ v.T.contiguous()).T
+        return self @ v
+
     def to_dense(self) -> Tensor:
         """The dense ``n x n`` matrix (``n`` products at once). For small models and tests."""
         return self._apply(torch.eye(self.shape[0], dtype=self.dtype, device=self.device))
@@ -1117,7 +1123,8 @@ class Factorization:
     def _riccati_only(self, what: str) -> None:
         if getattr(self, "factors", None) is None:
             raise InvalidArgumentError(
-                f"{what} needs the Riccati factorization (factor(..., method='riccati'))"
+                f"{what} needs the Riccati factorization: factor a scalar damping with "
+                "method='riccati' (a per-parameter damping is factored through Woodbury only)"
             )
         if self.modified and any(f.pivot.modified for f in self.factors if f is not None):
             raise InvalidArgumentError(
@@ -1404,6 +1411,12 @@ class Factorization:
             return (out, self.last_info) if return_info else out
         X64, self.last_info = self._solve64(R.double(), max_refine, X.double())
         rel = self.last_info.residual
+        if not math.isfinite(rel) or not bool(torch.isfinite(X64).all()):
+            raise NonFiniteError(
+                f"solve at damping {self._damping_text()}: the solution or its residual overflowed "
+                f"(max|rhs| {float(R.abs().max()):.3g}); x is linear in the right-hand side: scale it down "
+                "and the solution back up"
+            )
         if rel > math.sqrt(torch.finfo(self.op.dtype).eps):
             warnings.warn(
                 f"solve at damping {self._damping_text()} reached relative residual {rel:.2e} only",

@@ -261,7 +261,9 @@ class GenericStage(Stage):
             what = "updates its buffers" if changed else "returns different outputs"
             raise UnsupportedStageError(
                 f"{self.name} {what} on every call: it is random or stateful (Dropout, RReLU, BatchNorm "
-                "with batch statistics, spectral_norm's power iteration in training mode); call model.eval()"
+                "with batch statistics, spectral_norm's power iteration in training mode); call model.eval() "
+                "-- a layer random in eval mode too (FractionalMaxPool, a forward that draws noise) has no "
+                "curvature: replace it with a deterministic one"
             )
         self._checked = True
         return out
