@@ -342,3 +342,12 @@ def test_the_memory_check_counts_the_sweeps_peak_against_the_memory_still_availa
         H.factor(1e-3)
     monkeypatch.setattr(ric, "_cpu_available", lambda: int(1.1 * peak))
     H.factor(1e-3)
+
+
+def test_a_loss_weight_in_another_dtype_is_named_with_the_conversion():
+    m = nn.Sequential(nn.Linear(4, 3)).double()
+    X, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with pytest.raises(
+        hessinv.DtypeMismatchError, match=r"weight is torch.float32.*loss_fn.to\(torch.float64\)"
+    ):
+        hessinv.hessian(m, nn.CrossEntropyLoss(weight=torch.ones(3)), X, y)

@@ -288,6 +288,16 @@ class LossStage:
             out = self.loss_fn(y, self.targets)
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
             hint = ""
+            other = [
+                f"{k} is {b.dtype}"
+                for k, b in (self.loss_fn.named_buffers() if isinstance(self.loss_fn, nn.Module) else ())
+                if b.is_floating_point() and b.dtype != y.dtype
+            ]
+            if other:
+                raise DtypeMismatchError(
+                    f"{self.name}: loss_fn's {', '.join(other)}, the outputs {y.dtype}: convert the loss "
+                    f"module with loss_fn.to({y.dtype})"
+                ) from e
             if isinstance(self.loss_fn, nn.GaussianNLLLoss):
                 hint = (
                     "; GaussianNLLLoss needs a variance: pass e.g. "
