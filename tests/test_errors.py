@@ -52,7 +52,7 @@ class BatchMean(nn.Module):
 
 def test_custom_stage_that_mixes_examples_is_detected():
     net = nn.Sequential(nn.Linear(3, 4), BatchMean(), nn.Linear(4, 2)).double()
-    with pytest.raises(UnsupportedStageError, match=r"stage 1 \(BatchMean\) mixes examples"):
+    with pytest.raises(UnsupportedStageError, match=r"stage 1 \(BatchMean: mean\+sub\) mixes examples"):
         hessinv.hessian(
             net, nn.CrossEntropyLoss(), torch.randn(5, 3, dtype=torch.float64), torch.zeros(5).long()
         )
@@ -334,8 +334,8 @@ def test_the_memory_check_counts_the_sweeps_peak_against_the_memory_still_availa
         ric._sweep_entries(b, 256, i == 0, i == len(H.blocks) - 2) for i, b in enumerate(H.blocks[:-1])
     )
     peak = ric.PEAK_FACTOR * entries * 8
-    assert 0 < ric._memory_bytes(X.device) <= ric._physical_bytes(X.device)
-    monkeypatch.setattr(ric, "_physical_bytes", lambda device: 16 * 2**30)  # the sweep not small beside it
+    assert 0 < ric._memory_bytes(X.device) <= ric._capacity_bytes(X.device)
+    monkeypatch.setattr(ric, "_capacity_bytes", lambda device: 16 * 2**30)  # the sweep not small beside it
     monkeypatch.setattr(ric, "_cpu_available", lambda: int(0.9 * peak))
     with pytest.raises(hessinv.TooLargeError, match=r"GiB of the device's memory is available.*"
                        r"curvature_batch_size=2\d\d\b"):  # fmt: skip
@@ -351,3 +351,23 @@ def test_a_loss_weight_in_another_dtype_is_named_with_the_conversion():
         hessinv.DtypeMismatchError, match=r"weight is torch.float32.*loss_fn.to\(torch.float64\)"
     ):
         hessinv.hessian(m, nn.CrossEntropyLoss(weight=torch.ones(3)), X, y)
+
+
+def test_the_memory_check_with_no_headroom_left_refuses(monkeypatch):
+    """No memory left (a full cgroup, ulimit -v reached) is 0 bytes available, not 'unknown': the sweep is
+    refused; a cgroup limit below the machine's memory lowers the size below which the check is skipped."""
+    import hessinv.riccati as ric
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
+    X, y = torch.randn(64, 64, dtype=torch.float64), torch.randint(0, 10, (64,))
+    H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    monkeypatch.setattr(ric, "_cpu_available", lambda: 0)
+    H.factor(1e-3)  # 2.5 x 5.6 M numbers = 0.1 GiB: below 1/64 of the machine, not checked
+    ric._capacity_bytes.cache_clear()
+    monkeypatch.setattr(ric, "_cgroup_limit", lambda: (2**30, 0))  # a 1 GiB cgroup, full
+    try:
+        with pytest.raises(hessinv.TooLargeError, match="0 GiB of the device's memory is available"):
+            H.factor(1e-3)
+    finally:
+        ric._capacity_bytes.cache_clear()

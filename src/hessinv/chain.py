@@ -191,19 +191,26 @@ def _defaults_after_first(forward) -> dict | None:
 
 class _CallWhole(Exception):
     """Internal: the stages traced out of ``module`` are not a chain where ``module`` called whole may be
-    one (intermediate values not batch-first, one layer used twice, parameters used out of order):
-    split again with it as one stage."""
+    one (intermediate values not batch-first, one layer used twice, parameters used out of order, a
+    piece that is not per-example on its own): split again with it as one stage. ``error``: what to
+    raise if it fails called whole too."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, error: HessinvError | None = None):
         super().__init__(type(module).__name__)
-        self.module = module
+        self.module, self.error = module, error
 
 
-def _specs(m, top: bool, traced: list[nn.Module], whole: set[int]) -> list[tuple[tuple, nn.Module | None]]:
+class _WholeFailed(Exception):
+    """Internal: a module called whole on trial (:meth:`Chain._guarded`) failed too."""
+
+
+def _specs(
+    m, top: bool, traced: list[nn.Module], whole: list[nn.Module]
+) -> list[tuple[tuple, nn.Module | None]]:
     """The stage specifications of ``m`` in chain order (see :func:`split_stages`), each with the module
     traced to find it (None for a module called as it is); the modules traced through (whose plain
-    attributes the traced code may have baked in) are appended to ``traced``. Modules whose ``id`` is in
-    ``whole`` are called whole, not traced."""
+    attributes the traced code may have baked in) are appended to ``traced``. The modules in ``whole``
+    are called whole, not traced."""
     if _is_compiled(m):  # torch.compile's wrapper: the same function and parameters, traceable
         m = m._orig_mod
     if _is_container(m):
@@ -211,7 +218,7 @@ def _specs(m, top: bool, traced: list[nn.Module], whole: set[int]) -> list[tuple
     if not isinstance(m, nn.Module):
         raise NotAChainError(f"expected an nn.Module or a list of modules, got {type(m).__name__}")
     tracer = _Tracer()
-    if tracer.is_leaf_module(m, "") or _hooked(m) or id(m) in whole:
+    if tracer.is_leaf_module(m, "") or _hooked(m) or any(w is m for w in whole):
         return [(_leaf_spec(m), None)]
     before = _attributes(m)
     try:
@@ -235,42 +242,77 @@ def _specs(m, top: bool, traced: list[nn.Module], whole: set[int]) -> list[tuple
             f"{type(m).__name__}.forward could not be traced with torch.fx ({type(e).__name__}: {e}); "
             "write the model as an nn.Sequential of stages, or make forward traceable"
         ) from e
-    if _restore_attributes(before):
+    state, stored = _restore_attributes(before)
+    if stored and not top:
         # forward stores a value computed from its input (self.state = ..., a cached activation): the
         # trace stored fx's placeholder, now removed again; called whole, its real forward runs, and a
         # state that changes its outputs or buffers call after call is refused there (GenericStage)
         return [(_leaf_spec(m), None)]
+    if state:  # the model itself: one stage for all of it would lose the chain
+        raise UnsupportedStageError(
+            f"{type(m).__name__}.forward stores a value computed from its input in a buffer or parameter: "
+            "its state changes on every call, so it has no fixed curvature; update it outside forward "
+            "(a cached activation in a plain attribute is fine)"
+        )
     traced.extend(x for x in m.modules() if not tracer.is_leaf_module(x, "") or x is m)
     return [(sp, m) for sp in specs]
 
 
-def _attributes(m: nn.Module) -> list[tuple[nn.Module, list[dict]]]:
+def _attributes(m: nn.Module) -> list[tuple[nn.Module, list[dict], list[tuple[Any, Any]]]]:
     """Copies of the attribute dictionaries of ``m`` and its submodules (plain attributes, parameters,
-    buffers, submodules), for :func:`_restore_attributes` after a trace."""
-    return [(x, [dict(d) for d in (x.__dict__, x._parameters, x._buffers, x._modules)]) for x in m.modules()]
+    buffers, submodules) and of the plain lists and dicts they hold (a cache a ``forward`` fills in
+    place), for :func:`_restore_attributes` after a trace."""
+    return [
+        (
+            x,
+            [dict(d) for d in (x.__dict__, x._parameters, x._buffers, x._modules)],
+            [
+                (v, list(v) if type(v) is list else dict(v))
+                for v in vars(x).values()
+                if type(v) in (list, dict)
+            ],
+        )
+        for x in m.modules()
+    ]
 
 
-def _restore_attributes(saved: list[tuple[nn.Module, list[dict]]]) -> bool:
+def _restore_attributes(
+    saved: list[tuple[nn.Module, list[dict], list[tuple[Any, Any]]]],
+) -> tuple[bool, bool]:
     """Put back the attributes :func:`_attributes` saved: a traced ``forward`` that assigns ``self.x = ...``
-    stored one of fx's placeholders (Proxy) in the user's model, or moved a counter, and fx itself adds
-    its tensor constants (``_tensor_constant0``; the traced pieces hold their own copies). Returns
-    whether ``forward`` stored a value computed from its input (a Proxy)."""
-    traced_value = False
+    or fills a cache stored fx's placeholders (Proxy) in the user's model, or moved a counter, and fx
+    itself adds its tensor constants (``_tensor_constant0``; the traced pieces hold their own copies).
+    Returns whether ``forward`` stored a value computed from its input (a Proxy) in a buffer or
+    parameter (state), and anywhere."""
+    state = stored = False
 
     def proxy(v: Any) -> bool:
         found: list[bool] = []
         fx.node.map_aggregate(v, lambda a: found.append(True) if isinstance(a, fx.Proxy) else None)
         return bool(found)
 
-    for x, dicts in saved:
+    for x, dicts, containers in saved:
         for now, was in zip((x.__dict__, x._parameters, x._buffers, x._modules), dicts, strict=True):
-            for k in [k for k in now if k not in was]:
-                traced_value = traced_value or proxy(now.pop(k))
-            for k, v in was.items():
-                if now.get(k, _MISSING) is not v:
-                    traced_value = traced_value or proxy(now.get(k))
-                    now[k] = v
-    return traced_value
+            changed = [now[k] for k in now if k not in was or now[k] is not was[k]]
+            if any(proxy(v) for v in changed):
+                stored = True
+                state = state or now is x._buffers or now is x._parameters
+            if changed or len(now) != len(was):
+                now.clear()
+                now.update(was)
+        for obj, content in containers:
+            if isinstance(obj, dict):
+                same = obj.keys() == content.keys() and all(obj[k] is content[k] for k in obj)
+            else:
+                same = len(obj) == len(content) and all(a is b for a, b in zip(obj, content, strict=True))
+            if not same:
+                stored = stored or proxy(list(obj.values()) if isinstance(obj, dict) else list(obj))
+                if isinstance(obj, dict):
+                    obj.clear()
+                    obj.update(content)
+                else:
+                    obj[:] = content
+    return state, stored
 
 
 #: One trace at a time patches torch's grad-mode switches and ``Function.apply`` (:func:`_trace_guards`).
@@ -585,26 +627,28 @@ def _check_modules(stage: Stage, mods) -> None:
 def split_stages(
     model: nn.Module | Sequence[nn.Module],
     traced: list[nn.Module] | None = None,
-    whole: set[int] | None = None,
+    whole: list[nn.Module] | None = None,
 ) -> list[Stage]:
     """The stages of ``model`` (module docstring), in chain order; the modules whose ``forward`` was
     traced through are appended to ``traced`` if given. A traced module whose pieces share a parameter
-    or use parameters out of order is split again as one stage (its ``id`` added to ``whole``); each
+    or use parameters out of order is split again as one stage (added to ``whole``); each
     stage's ``origin`` is the traced module it came from (None: a module called as it is), which
     :class:`Chain` calls whole where the pieces turn out not to be a chain on data."""
-    whole = set() if whole is None else whole
+    whole = [] if whole is None else whole
     while True:
         mark = [] if traced is None else list(traced)
         try:
             return _split(model, mark, whole)
         except _CallWhole as e:
-            whole.add(id(e.module))
+            whole.append(e.module)
         finally:
             if traced is not None:
                 traced[:] = mark
 
 
-def _split(model: nn.Module | Sequence[nn.Module], traced: list[nn.Module], whole: set[int]) -> list[Stage]:
+def _split(
+    model: nn.Module | Sequence[nn.Module], traced: list[nn.Module], whole: list[nn.Module]
+) -> list[Stage]:
     """One attempt of :func:`split_stages`."""
     glob = nn.modules.module
     for what in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks"):
@@ -759,8 +803,11 @@ class Chain:
             )
         self.model, self.loss_fn = model, loss_fn
         self._traced: list[nn.Module] = []
-        self._unread: set[tuple[int, str]] = set()  # attributes a re-split showed the trace does not read
-        self._whole: set[int] = set()  # traced modules whose pieces were not a chain: called whole
+        self._unread: set[tuple[nn.Module, str]] = (
+            set()
+        )  # attributes a re-split showed the trace does not read
+        self._whole: list[nn.Module] = []  # traced modules whose pieces were not a chain: called whole
+        self._trial: dict[int, tuple[nn.Module, HessinvError | None]] | None = None  # see _guarded
         self.stages = split_stages(model, self._traced, self._whole)
         self.params = [t for s in self.stages for t in s.params]
         if not self.params:
@@ -817,7 +864,7 @@ class Chain:
             (m, k, v)
             for m in self._traced
             for k, v in vars(m).items()
-            if _watchable(v) and (id(m), k) not in self._unread
+            if _watchable(v) and (m, k) not in self._unread
         ]
         self._code = _stages_code(self.stages)
 
@@ -858,7 +905,7 @@ class Chain:
                     "the model's stages changed since this operator/optimizer was built: build it again"
                 )
             if _stages_code(stages) == self._code:  # the trace does not read them
-                self._unread.update((id(m), k) for m, k in moved)
+                self._unread.update(moved)
             self.stages, self._traced = stages, traced
             self._watch()
         for m, mode in self._mode_watch:
@@ -961,29 +1008,68 @@ class Chain:
         LossStage(len(self.stages), self.loss_fn, self.prepare_targets(targets), zs[-1])
         return zs
 
-    @torch.no_grad()
-    def _call_whole(self, module: nn.Module) -> None:
-        """Split again with ``module`` -- traced into stages that turned out not to be a chain on data --
-        called whole (one stage, exact by autograd; the same parameters in the same order)."""
-        self._whole.add(id(module))
+    def _resplit(self) -> None:
+        """Split again with the modules of ``_whole`` called whole (the same parameters, same order)."""
         stages = split_stages(self.model, traced := [], self._whole)
         if [id(t) for s in stages for t in s.params] != [id(t) for t in self.params]:
-            raise NotAChainError(
-                f"{type(module).__name__}: called whole, it has other parameters: not a chain"
-            )
+            raise NotAChainError("a module called whole holds other parameters than its pieces: not a chain")
         self.stages, self._traced = stages, traced
         self.sizes = [s.p for s in stages]
         self._watch()
 
+    def _guarded(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` (a forward or linearization) with the fallback of a traced submodule whose pieces are
+        not a chain on data (:class:`_CallWhole`): it is called whole, on trial for the rest of this call
+        -- if it fails whole too (it really mixes examples, or the batch does not fit the model), every
+        module put on trial in this call is traced again and the pieces' own error is raised (it names
+        the piece). A module that passed stays whole."""
+        outer = self._trial is None
+        if outer:
+            self._trial = {}
+        assert self._trial is not None
+        try:
+            while True:
+                try:
+                    return fn()
+                except _CallWhole as e:
+                    self._trial[id(e.module)] = (e.module, e.error)
+                    self._whole.append(e.module)
+                    self._resplit()
+        except _WholeFailed as e:
+            if not outer:
+                raise
+            failed = self._trial[id(e.args[0])][1]
+            tried = set(self._trial)
+            self._whole[:] = [m for m in self._whole if id(m) not in tried]
+            self._resplit()
+            raise (failed or e.__cause__) from e.__cause__
+        finally:
+            if outer:
+                self._trial = None
+
+    def _on_trial(self, s: Stage) -> nn.Module | None:
+        """The module on trial (:meth:`_guarded`) that stage ``s`` calls whole, if any."""
+        if not self._trial:
+            return None
+        return next((m for m in s.modules if id(m) in self._trial), None)
+
+    def _piece_failed(self, s: Stage, error: HessinvError) -> None:
+        """Stage ``s`` is not a chain stage: call its module whole (a piece of a traced submodule, not of
+        the model itself -- one stage for the whole model would lose the chain; its error names the
+        piece), or, if it is a module called whole on trial, give the trial up; else raise ``error``."""
+        trial = self._on_trial(s)
+        if trial is not None:
+            raise _WholeFailed(trial) from error
+        if s.origin is not None and s.origin is not self.model:
+            raise _CallWhole(s.origin, error)
+        raise error
+
+    @torch.no_grad()
     def forward(self, inputs: Tensor) -> list[Tensor]:
-        """``[z_0, z_1, ..., z_{L-1}]``: the input and every stage's output. A module traced into stages
-        whose intermediate values are not batch-first (``torch.stack`` of branches, a transpose to
-        sequence-first and back) is called whole instead (:meth:`_call_whole`)."""
-        while True:
-            try:
-                return self._forward(inputs)
-            except _CallWhole as e:
-                self._call_whole(e.module)
+        """``[z_0, z_1, ..., z_{L-1}]``: the input and every stage's output. A traced submodule whose
+        pieces pass values that are not batch-first (``torch.stack`` of branches, a transpose to
+        sequence-first and back) is called whole instead (:meth:`_guarded`)."""
+        return self._guarded(lambda: self._forward(inputs))
 
     def _forward(self, inputs: Tensor) -> list[Tensor]:
         zs = [inputs]
@@ -991,8 +1077,9 @@ class Chain:
             try:
                 z = s.forward(zs[-1])
             except (RuntimeError, ValueError, TypeError, IndexError) as e:
-                if s.origin is not None and isinstance(e, (NotAChainError, UnsupportedStageError)):
-                    raise _CallWhole(s.origin) from e
+                trial = self._on_trial(s)
+                if trial is not None:
+                    raise _WholeFailed(trial) from e
                 if isinstance(e, HessinvError):
                     raise
                 wrong_type = any(w in str(e) for w in ("type", "Long", "Int"))
@@ -1011,10 +1098,10 @@ class Chain:
                     "remove the cast"
                 )
             if not isinstance(z, Tensor) or z.dim() < 1 or z.shape[0] != inputs.shape[0]:
-                if s.origin is not None:
-                    raise _CallWhole(s.origin)
                 what = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
-                raise NotAChainError(f"{s.name} returns {what}, not a tensor with the batch dimension first")
+                self._piece_failed(
+                    s, NotAChainError(f"{s.name} returns {what}, not a tensor with the batch dimension first")
+                )
             zs.append(z)
         return zs
 
@@ -1028,14 +1115,11 @@ class Chain:
         """Forward and backward pass: every stage's blocks, the gradient, the loss.
 
         ``second_order=False`` drops every stage's ``H..`` blocks except the loss's (Gauss-Newton). A
-        piece of a traced module that its stage refuses (it mixes examples, seen piece by piece) gets
-        the module called whole (:meth:`_call_whole`), which is refused in turn where it really mixes.
+        piece of a traced submodule that is not per-example on its own (it mixes examples, seen piece
+        by piece) gets the submodule called whole (:meth:`_guarded`); where that mixes too, the piece's
+        refusal stands.
         """
-        while True:
-            try:
-                return self._linearize(inputs, targets, second_order)
-            except _CallWhole as e:
-                self._call_whole(e.module)
+        return self._guarded(lambda: self._linearize(inputs, targets, second_order))
 
     def _linearize(self, inputs: Tensor, targets: Tensor, second_order: bool) -> Linearization:
         self.check_inputs(inputs, targets)
@@ -1063,14 +1147,28 @@ class Chain:
             with torch.no_grad():
                 try:
                     blk = s.linearize(z_in, b[..., 0], second_order)
-                except (NotAChainError, UnsupportedStageError) as e:
-                    if s.origin is None:
+                except HessinvError as e:
+                    trial = self._on_trial(s)
+                    if trial is not None:
+                        raise _WholeFailed(trial) from e
+                    if "mixes examples" not in str(e):
                         raise
-                    raise _CallWhole(s.origin) from e
-                # Gauss-Newton blocks of a traced piece are formed lazily, and checked only then: its
-                # module called whole now, where the piece alone is not per-example
-                if s.origin is not None and getattr(blk, "couples_examples", None) and blk.couples_examples():
-                    raise _CallWhole(s.origin)
+                    self._piece_failed(s, e)
+                # a generic stage's Gauss-Newton blocks are formed, and probed, only when a product asks:
+                # a piece of a traced submodule (or a submodule called whole on trial) is tested for
+                # mixing now, once per stage (two vector-Jacobian products)
+                if (s.origin is not None or self._on_trial(s) is not None) and not getattr(
+                    s, "_per_example", False
+                ):
+                    if getattr(blk, "couples_examples", None) and blk.couples_examples():
+                        self._piece_failed(
+                            s,
+                            UnsupportedStageError(
+                                f"{s.name} mixes examples: its derivatives couple different examples of "
+                                "the batch"
+                            ),
+                        )
+                    s._per_example = True
                 grads.append(blk.jxT(b)[:, 0])
                 b = blk.jzT(b)
             blocks.insert(0, blk)

@@ -555,20 +555,6 @@ class StageFactor(NamedTuple):
     inverse: Tensor | None = None
 
 
-@functools.lru_cache(maxsize=8)
-@functools.cache
-def _physical_bytes(device: torch.device) -> int:
-    """The device's total memory in bytes (0: unknown); read once per device."""
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[1])
-        if device.type == "cpu":
-            return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError, RuntimeError):
-        pass
-    return 0
-
-
 def _read_int(path: str) -> int | None:
     try:
         with open(path) as f:
@@ -578,10 +564,90 @@ def _read_int(path: str) -> int | None:
         return None
 
 
+def _cgroup_files() -> list[tuple[str, str, str, str]]:
+    """``(limit, usage, stat, inactive key)`` files of this process's memory cgroup: v2 under the path
+    ``/proc/self/cgroup`` names (then the root), v1's memory controller."""
+    out = []
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    d = "/sys/fs/cgroup" + line[3:].strip().rstrip("/")
+                    out.append(
+                        (f"{d}/memory.max", f"{d}/memory.current", f"{d}/memory.stat", "inactive_file")
+                    )
+    except OSError:
+        pass
+    root = "/sys/fs/cgroup"
+    out.append((f"{root}/memory.max", f"{root}/memory.current", f"{root}/memory.stat", "inactive_file"))
+    v1 = "/sys/fs/cgroup/memory"
+    out.append(
+        (
+            f"{v1}/memory.limit_in_bytes",
+            f"{v1}/memory.usage_in_bytes",
+            f"{v1}/memory.stat",
+            "total_inactive_file",
+        )
+    )
+    return out
+
+
+def _stat(path: str, key: str) -> int:
+    try:
+        with open(path) as f:
+            for line in f:
+                k, _, v = line.partition(" ")
+                if k == key:
+                    return int(v)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _cgroup_limit() -> tuple[int, int] | None:
+    """``(limit, headroom)`` in bytes of the first memory cgroup with a limit (:func:`_cgroup_files`); the
+    headroom counts reclaimable page cache (inactive files) as free. None: no limit."""
+    for limit, usage, stat, key in _cgroup_files():
+        lim, use = _read_int(limit), _read_int(usage)
+        if lim is not None and use is not None and lim < 2**60:
+            return lim, max(lim - max(use - _stat(stat, key), 0), 0)
+    return None
+
+
+def _address_space() -> tuple[int, int] | None:
+    """``(limit, headroom)`` of ``ulimit -v`` (None: unlimited)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/statm") as f:
+            size = int(f.read().split()[0]) * int(os.sysconf("SC_PAGE_SIZE"))
+        return soft, max(soft - size, 0)
+    except (ImportError, OSError, ValueError, IndexError):
+        return None
+
+
+@functools.cache
+def _capacity_bytes(device: torch.device) -> int:
+    """The most this process could hold on ``device`` in bytes (0: unknown): its total memory, or a
+    cgroup's or ``ulimit -v``'s limit where lower; read once per device."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[1])
+        if device.type == "cpu":
+            limits = [int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))]
+            limits += [b[0] for b in (_cgroup_limit(), _address_space()) if b is not None]
+            return min(limits)
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        pass
+    return 0
+
+
 def _cpu_available() -> int | None:
     """Bytes this process can still allocate on the CPU: the least of the system's ``MemAvailable``, the
-    headroom of its cgroup (v2 ``memory.max - memory.current``, v1 ``limit - usage``) and of its address
-    space limit (``ulimit -v``); None where none of them can be read."""
+    headroom of its cgroup and of its address-space limit; None where none of them can be read."""
     bounds = []
     try:
         with open("/proc/meminfo") as f:
@@ -591,40 +657,22 @@ def _cpu_available() -> int | None:
                     break
     except (OSError, ValueError, IndexError):
         pass
-    for limit, usage in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ):
-        lim, use = _read_int(limit), _read_int(usage)
-        if lim is not None and use is not None and lim < 2**60:
-            bounds.append(max(lim - use, 0))
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-        if soft != resource.RLIM_INFINITY:
-            with open("/proc/self/statm") as f:
-                size = int(f.read().split()[0]) * int(os.sysconf("SC_PAGE_SIZE"))
-            bounds.append(max(soft - size, 0))
-    except (ImportError, OSError, ValueError, IndexError):
-        pass
+    bounds += [b[1] for b in (_cgroup_limit(), _address_space()) if b is not None]
     return min(bounds) if bounds else None
 
 
-def _memory_bytes(device: torch.device) -> int:
-    """Bytes a sweep may still allocate on ``device`` (0: unknown): on the CPU :func:`_cpu_available`
-    (else the physical memory), on CUDA the free memory plus what torch's caching allocator holds
-    unused."""
+def _memory_bytes(device: torch.device) -> int | None:
+    """Bytes a sweep may still allocate on ``device`` (None: unknown): on the CPU :func:`_cpu_available`,
+    on CUDA the free memory plus what torch's caching allocator holds unused."""
     try:
         if device.type == "cuda":
             free = int(torch.cuda.mem_get_info(device)[0])
             return free + int(torch.cuda.memory_reserved(device)) - int(torch.cuda.memory_allocated(device))
         if device.type == "cpu":
-            avail = _cpu_available()
-            return _physical_bytes(device) if avail is None else avail
+            return _cpu_available()
     except (ValueError, OSError, AttributeError, RuntimeError):
         pass
-    return 0
+    return None
 
 
 #: a sweep's measured peak over the numbers of its largest stage (:func:`_sweep_entries`): 2.1-2.2 on a
@@ -653,11 +701,11 @@ def check_memory(blocks: list[Blocks], names: list[str], dtype: torch.dtype, dev
     def need(j: int, batch: int) -> int:
         return int(PEAK_FACTOR * _sweep_entries(model[j], batch, j == 0, j == L - 1) * item)
 
-    # a sweep far below the device's size needs no reading of what is free (a file read per sweep)
-    if max((need(i, blk.batch) for i, blk in enumerate(model)), default=0) * 64 <= _physical_bytes(device):
+    # a sweep far below what the process could ever hold needs no reading of what is free (file reads)
+    if max((need(i, blk.batch) for i, blk in enumerate(model)), default=0) * 64 <= _capacity_bytes(device):
         return
     total = _memory_bytes(device)
-    if not total:
+    if total is None:
         return
 
     for i, blk in enumerate(model):

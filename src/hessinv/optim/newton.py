@@ -209,8 +209,8 @@ class Newton(torch.optim.Optimizer):
       Hessian, judged by the ratio test (see the module docstring).
     * ``"auto"`` (default): decided at the second step, for good: ``"trust-region"`` when it is given
       the same batch as the first (same values: full-batch training), else ``"precondition"`` (a
-      repeat later on -- a batch of one example drawn twice, several steps per batch -- does not
-      switch). Passing a
+      repeat later on, e.g. a batch of one example drawn twice, does not switch; several steps on
+      the first batch do: pass ``mode="precondition"`` for that). Passing a
       trust-region setting (``damping``, ``track_inertia``, ``backtracking``) selects ``"trust-region"``.
 
     Args:
@@ -856,7 +856,10 @@ class Newton(torch.optim.Optimizer):
         gd, dHd, step_norm = float(g64 @ d64), float(d64 @ sweeps.matvec(d).double()), float(d64.norm())
         inertia0 = self._inertia_at_zero(op, sweeps, proposal, wd)
         f1, pred, rho = trial(d, gd, dHd, step_norm, 1.0)
-        rule_state, accepted = self.rule.update(ns["rule"], proposal, rho)
+        if isinstance(lr, Tensor) or lr != 0:
+            rule_state, accepted = self.rule.update(ns["rule"], proposal, rho)
+        else:  # lr = 0 (a schedule's warm-up): a zero step says nothing about the radius or damping
+            rule_state, accepted = ns["rule"], True
         used_fallback = False
         if not accepted and proposal.fallback is not None:
             self._restore(backup)  # the operator is valid again at the restored (bitwise) point
