@@ -1077,11 +1077,16 @@ def test_a_forward_that_assigns_attributes_leaves_the_model_as_it_was():
             a = torch.tanh(self.a(h))
             self.cache["a"] = a
             self.seen.append(h.shape[0])
+            if hasattr(self, "nested"):
+                self.nested["acts"].append(a)
             return self.b(a)
 
     top = Filled().double()
+    import collections
+
+    top.cache, top.nested = collections.OrderedDict(), {"acts": []}  # subclasses and nesting too
     H = hessinv.hessian(top, loss_fn, x, y)
-    assert top.cache == {} and top.seen == [] and len(H.chain.stages) == 2
+    assert top.cache == {} and top.seen == [] and top.nested == {"acts": []} and len(H.chain.stages) == 2
     assert torch.allclose(
         H.to_dense(), autograd_gradient_hessian(top, loss_fn, x, y)[1], rtol=1e-10, atol=1e-12
     )
@@ -1187,3 +1192,45 @@ def test_a_failed_trial_of_calling_whole_changes_nothing():
     assert [s.name for s in chain.stages] == names and len(names) > 2
     zs = chain.forward(torch.randn(32, 8, dtype=torch.float64))
     assert not zs[-1].requires_grad and [s.name for s in chain.stages] == names
+
+
+class _Flipped(torch.nn.Module):  # per-example as a whole; its traced pieces reverse the batch
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, z):
+        return self.b(torch.tanh(self.a(z.flip(0)))).flip(0)
+
+
+def test_the_whole_call_fallback_edges(monkeypatch):
+    """(1) A first Gauss-Newton linearization on one example shows no mixing: the test is not cached then,
+    and a later batch still calls the module whole (its dense blocks were refused as 'mixes examples').
+    (2) A call that fails after a trial passed (the loss refuses the targets) undoes the trial. (3) Where
+    the whole call fails for another reason than its pieces (its size), that error is raised, with the
+    batch that fits. (4) per_example_gradients falls back as well."""
+    import hessinv
+    import hessinv.stages.generic as gen
+    from hessinv.influence import per_example_gradients
+
+    torch.manual_seed(0)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), _Flipped(), torch.nn.Linear(4, 3)).double()
+    x, y = torch.randn(5, 5, dtype=torch.float64), torch.randint(0, 3, (5,))
+    chain = hessinv.Chain(model, loss_fn)
+    chain.linearize(x[:1], y[:1], second_order=False)
+    G = hessinv.GaussNewton(model, loss_fn, x, y, chain=chain)
+    assert torch.allclose(G.to_dense(), autograd_gauss_newton(model, loss_fn, x, y), rtol=1e-10, atol=1e-13)
+    assert [s.name for s in chain.stages][1] == "stage 1 (_Flipped)"
+    rows = per_example_gradients(model, loss_fn, x, y)
+    assert rows.shape == (5, G.shape[0])
+    chain = hessinv.Chain(model, loss_fn)
+    names = [s.name for s in chain.stages]
+    with pytest.raises(hessinv.ShapeMismatchError, match="class index"):
+        chain.linearize(x, torch.full((5,), 7))  # the loss stage refuses after _Flipped passed whole
+    assert [s.name for s in chain.stages] == names and not chain._whole
+    monkeypatch.setattr(gen.GenericStage, "MAX_BLOCK_ENTRIES", 1000)
+    with pytest.raises(
+        hessinv.UnsupportedStageError, match=r"stage 1 \(_Flipped\): its dense per-example blocks"
+    ):
+        hessinv.hessian(model, loss_fn, x, y)

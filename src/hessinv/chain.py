@@ -258,18 +258,52 @@ def _specs(
     return [(sp, m) for sp in specs]
 
 
+def _content(v: Any) -> Any:
+    """A copy of the structure of the lists and dicts in ``v`` (of any subclass, nested), the leaves
+    themselves: what :func:`_put_back` restores."""
+    if isinstance(v, dict):
+        return {k: _content(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_content(x) for x in v]
+    return v
+
+
+def _put_back(v: Any, was: Any) -> bool:
+    """Give the containers in ``v`` the content :func:`_content` saved, in place (their identities and
+    types kept); whether anything had changed."""
+    if isinstance(v, dict) and isinstance(was, dict):
+        changed = v.keys() != was.keys()
+        for k in [k for k in v if k not in was]:
+            del v[k]
+        for k, x in was.items():
+            if k in v and isinstance(v[k], (dict, list)):
+                changed = _put_back(v[k], x) or changed
+            elif v.get(k, _MISSING) is not x:
+                v[k], changed = x, True
+        return changed
+    if isinstance(v, list) and isinstance(was, list):
+        if len(v) == len(was) and all(
+            _put_back(a, b) is False if isinstance(a, (dict, list)) else a is b
+            for a, b in zip(v, was, strict=True)
+        ):
+            return False
+        v[:] = [x for x in was]
+        return True
+    return v is not was
+
+
 def _attributes(m: nn.Module) -> list[tuple[nn.Module, list[dict], list[tuple[Any, Any]]]]:
     """Copies of the attribute dictionaries of ``m`` and its submodules (plain attributes, parameters,
-    buffers, submodules) and of the plain lists and dicts they hold (a cache a ``forward`` fills in
-    place), for :func:`_restore_attributes` after a trace."""
+    buffers, submodules) and of the lists and dicts they hold (a cache a ``forward`` fills in place,
+    nested or not), for :func:`_restore_attributes` after a trace."""
     return [
         (
             x,
             [dict(d) for d in (x.__dict__, x._parameters, x._buffers, x._modules)],
             [
-                (v, list(v) if type(v) is list else dict(v))
+                (v, _content(v))
                 for v in vars(x).values()
-                if type(v) in (list, dict)
+                if isinstance(v, (list, dict)) and not isinstance(v, nn.Module)
             ],
         )
         for x in m.modules()
@@ -301,19 +335,14 @@ def _restore_attributes(
                 now.clear()
                 now.update(was)
         for obj, content in containers:
-            if isinstance(obj, dict):
-                same = obj.keys() == content.keys() and all(obj[k] is content[k] for k in obj)
-            else:
-                same = len(obj) == len(content) and all(a is b for a, b in zip(obj, content, strict=True))
-            if not same:
-                stored = stored or proxy(list(obj.values()) if isinstance(obj, dict) else list(obj))
-                if isinstance(obj, dict):
-                    obj.clear()
-                    obj.update(content)
-                else:
-                    obj[:] = content
+            now_content = _content(obj)
+            if _put_back(obj, content):
+                stored = stored or proxy(now_content)
     return state, stored
 
+
+#: the modules on trial per chain and thread (:meth:`Chain._guarded`): {id(chain): {id(module): ...}}
+_TRIALS = threading.local()
 
 #: One trace at a time patches torch's grad-mode switches and ``Function.apply`` (:func:`_trace_guards`).
 _TRACE_LOCK = threading.RLock()
@@ -807,7 +836,7 @@ class Chain:
             set()
         )  # attributes a re-split showed the trace does not read
         self._whole: list[nn.Module] = []  # traced modules whose pieces were not a chain: called whole
-        self._trial: dict[int, tuple[nn.Module, HessinvError | None]] | None = None  # see _guarded
+
         self.stages = split_stages(model, self._traced, self._whole)
         self.params = [t for s in self.stages for t in s.params]
         if not self.params:
@@ -1017,41 +1046,59 @@ class Chain:
         self.sizes = [s.p for s in stages]
         self._watch()
 
+    @property
+    def _trial(self) -> dict[int, tuple[nn.Module, HessinvError | None]] | None:
+        """This thread's modules on trial in the current call (None outside :meth:`_guarded`)."""
+        return getattr(_TRIALS, "by_chain", {}).get(id(self))
+
+    @_trial.setter
+    def _trial(self, value: dict | None) -> None:
+        by_chain = _TRIALS.__dict__.setdefault("by_chain", {})
+        if value is None:
+            by_chain.pop(id(self), None)
+        else:
+            by_chain[id(self)] = value
+
     def _guarded(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` (a forward or linearization) with the fallback of a traced submodule whose pieces are
-        not a chain on data (:class:`_CallWhole`): it is called whole, on trial for the rest of this call
-        -- if it fails whole too (it really mixes examples, or the batch does not fit the model), every
-        module put on trial in this call is traced again and the pieces' own error is raised (it names
-        the piece). A module that passed stays whole."""
+        not a chain on data (:class:`_CallWhole`): it is called whole, on trial for the rest of this call.
+        If the call fails, every module put on trial in it is traced again; where the whole call failed
+        the same way as its piece (it really mixes examples, or the batch does not fit the model), the
+        piece's error is raised (it names the piece), else the whole call's (a size refusal with the
+        batch that fits). A module that passed stays whole."""
         outer = self._trial is None
         if outer:
             self._trial = {}
-        assert self._trial is not None
+        trial = self._trial
+        assert trial is not None
         try:
             while True:
                 try:
                     return fn()
                 except _CallWhole as e:
-                    self._trial[id(e.module)] = (e.module, e.error)
+                    trial[id(e.module)] = (e.module, e.error)
                     self._whole.append(e.module)
                     self._resplit()
-        except _WholeFailed as e:
-            if not outer:
+        except BaseException as e:
+            if not outer or not trial:
                 raise
-            failed = self._trial[id(e.args[0])][1]
-            tried = set(self._trial)
-            self._whole[:] = [m for m in self._whole if id(m) not in tried]
+            self._whole[:] = [m for m in self._whole if id(m) not in trial]
             self._resplit()
-            raise (failed or e.__cause__) from e.__cause__
+            if not isinstance(e, _WholeFailed):
+                raise
+            cause, piece = e.__cause__, trial[id(e.args[0])][1]
+            structural = isinstance(cause, NotAChainError) or "mixes examples" in str(cause)
+            raise (piece if structural and piece is not None else cause) from cause
         finally:
             if outer:
                 self._trial = None
 
     def _on_trial(self, s: Stage) -> nn.Module | None:
         """The module on trial (:meth:`_guarded`) that stage ``s`` calls whole, if any."""
-        if not self._trial:
+        trial = self._trial
+        if not trial:
             return None
-        return next((m for m in s.modules if id(m) in self._trial), None)
+        return next((m for m in s.modules if id(m) in trial), None)
 
     def _piece_failed(self, s: Stage, error: HessinvError) -> None:
         """Stage ``s`` is not a chain stage: call its module whole (a piece of a traced submodule, not of
@@ -1168,7 +1215,7 @@ class Chain:
                                 "the batch"
                             ),
                         )
-                    s._per_example = True
+                    s._per_example = blk.batch > 1  # one example shows no coupling: test again
                 grads.append(blk.jxT(b)[:, 0])
                 b = blk.jzT(b)
             blocks.insert(0, blk)
@@ -1196,14 +1243,25 @@ class Chain:
         def own_loss(o: Tensor, t: Tensor) -> Tensor:
             return self.loss_fn(o[None], t[None])
 
-        b = vmap(grad(own_loss))(out, targets).reshape(out.shape[0], -1)
-        rows = out.new_empty(out.shape[0], self.num_params)
+        b0 = vmap(grad(own_loss))(out, targets).reshape(out.shape[0], -1)
+        return self._guarded(lambda: self._per_example_rows(self.forward(inputs), b0))
+
+    def _per_example_rows(self, zs: list[Tensor], b: Tensor) -> Tensor | None:
+        rows = b.new_empty(b.shape[0], self.num_params)
         end = self.num_params
         with torch.no_grad():
             for s, z_in in zip(reversed(self.stages), reversed(zs[:-1]), strict=True):
-                blk = s.linearize(z_in, b, False)
-                if isinstance(blk, LazyBlocks):  # whether it keeps examples apart is probed on its dense form
-                    blk = blk.dense
+                try:
+                    blk = s.linearize(z_in, b, False)
+                    if isinstance(blk, LazyBlocks):  # keeping examples apart is probed on the dense form
+                        blk = blk.dense
+                except HessinvError as e:
+                    trial = self._on_trial(s)
+                    if trial is not None:
+                        raise _WholeFailed(trial) from e
+                    if "mixes examples" not in str(e):
+                        raise
+                    self._piece_failed(s, e)
                 if not blk.per_example:
                     return None
                 if blk.p:

@@ -565,31 +565,29 @@ def _read_int(path: str) -> int | None:
 
 
 def _cgroup_files() -> list[tuple[str, str, str, str]]:
-    """``(limit, usage, stat, inactive key)`` files of this process's memory cgroup: v2 under the path
-    ``/proc/self/cgroup`` names (then the root), v1's memory controller."""
-    out = []
+    """``(limit, usage, stat, inactive key)`` files of this process's memory cgroup: v2 and v1 (memory
+    controller) under the paths ``/proc/self/cgroup`` names, then at their roots."""
+    v2, v1 = ["/sys/fs/cgroup"], ["/sys/fs/cgroup/memory"]
     try:
         with open("/proc/self/cgroup") as f:
             for line in f:
-                if line.startswith("0::"):
-                    d = "/sys/fs/cgroup" + line[3:].strip().rstrip("/")
-                    out.append(
-                        (f"{d}/memory.max", f"{d}/memory.current", f"{d}/memory.stat", "inactive_file")
-                    )
-    except OSError:
+                _, controllers, path = line.strip().split(":", 2)
+                path = path.rstrip("/")
+                if not controllers and path:
+                    v2.insert(0, "/sys/fs/cgroup" + path)
+                elif "memory" in controllers.split(",") and path:
+                    v1.insert(0, "/sys/fs/cgroup/memory" + path)
+    except (OSError, ValueError):
         pass
-    root = "/sys/fs/cgroup"
-    out.append((f"{root}/memory.max", f"{root}/memory.current", f"{root}/memory.stat", "inactive_file"))
-    v1 = "/sys/fs/cgroup/memory"
-    out.append(
+    return [(f"{d}/memory.max", f"{d}/memory.current", f"{d}/memory.stat", "inactive_file") for d in v2] + [
         (
-            f"{v1}/memory.limit_in_bytes",
-            f"{v1}/memory.usage_in_bytes",
-            f"{v1}/memory.stat",
+            f"{d}/memory.limit_in_bytes",
+            f"{d}/memory.usage_in_bytes",
+            f"{d}/memory.stat",
             "total_inactive_file",
         )
-    )
-    return out
+        for d in v1
+    ]
 
 
 def _stat(path: str, key: str) -> int:
