@@ -1234,3 +1234,29 @@ def test_the_whole_call_fallback_edges(monkeypatch):
         hessinv.UnsupportedStageError, match=r"stage 1 \(_Flipped\): its dense per-example blocks"
     ):
         hessinv.hessian(model, loss_fn, x, y)
+
+
+def test_tracing_puts_every_container_back_as_it_was():
+    """A cache entry replaced by a list, nested lists shared between attributes, a list holding itself:
+    after the split each container has its own content back, identities kept (a top-level model, traced)."""
+    import hessinv
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)
+            self.cache, self.inner = {"h": None}, [0]
+            self.outer, self.by_key, self.loop = [self.inner], {"k": self.inner}, []
+            self.loop.append(self.loop)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            self.cache["h"] = [h]
+            self.outer.append(h)
+            self.by_key["k"] = [h]
+            return self.b(h)
+
+    m = Model().double()
+    hessinv.Chain(m, torch.nn.MSELoss())
+    assert m.cache == {"h": None} and m.outer == [[0]] and m.outer[0] is m.inner and m.by_key["k"] is m.inner
+    assert m.loop[0] is m.loop and len(m.loop) == 1

@@ -33,7 +33,7 @@ import itertools
 import numbers
 import operator
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -258,53 +258,45 @@ def _specs(
     return [(sp, m) for sp in specs]
 
 
-def _content(v: Any) -> Any:
-    """A copy of the structure of the lists and dicts in ``v`` (of any subclass, nested), the leaves
-    themselves: what :func:`_put_back` restores."""
-    if isinstance(v, dict):
-        return {k: _content(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_content(x) for x in v]
-    return v
+def _containers(values: Iterable[Any]) -> list[tuple[Any, Any]]:
+    """Every list and dict reachable from ``values`` (nested ones too, each once: cycles are fine) with a
+    shallow copy of its content, for :func:`_restore_attributes` (a cache a ``forward`` fills in place)."""
+    out: list[tuple[Any, Any]] = []
+    seen: set[int] = set()
+    stack = list(values)
+    while stack:
+        x = stack.pop()
+        if isinstance(x, (list, dict)) and not isinstance(x, nn.Module) and id(x) not in seen:
+            seen.add(id(x))
+            shallow = dict(x) if isinstance(x, dict) else list(x)
+            out.append((x, shallow))
+            stack.extend(shallow.values() if isinstance(shallow, dict) else shallow)
+    return out
 
 
-def _put_back(v: Any, was: Any) -> bool:
-    """Give the containers in ``v`` the content :func:`_content` saved, in place (their identities and
-    types kept); whether anything had changed."""
-    if isinstance(v, dict) and isinstance(was, dict):
-        changed = v.keys() != was.keys()
-        for k in [k for k in v if k not in was]:
-            del v[k]
-        for k, x in was.items():
-            if k in v and isinstance(v[k], (dict, list)):
-                changed = _put_back(v[k], x) or changed
-            elif v.get(k, _MISSING) is not x:
-                v[k], changed = x, True
-        return changed
-    if isinstance(v, list) and isinstance(was, list):
-        if len(v) == len(was) and all(
-            _put_back(a, b) is False if isinstance(a, (dict, list)) else a is b
-            for a, b in zip(v, was, strict=True)
-        ):
-            return False
-        v[:] = [x for x in was]
-        return True
-    return v is not was
+def _has_proxy(values: Iterable[Any]) -> bool:
+    """Whether an fx Proxy is among ``values`` or inside the lists, tuples, sets and dicts they hold."""
+    seen: set[int] = set()
+    stack = list(values)
+    while stack:
+        x = stack.pop()
+        if isinstance(x, fx.Proxy):
+            return True
+        if isinstance(x, (list, tuple, set, dict)) and id(x) not in seen:
+            seen.add(id(x))
+            stack.extend(x.values() if isinstance(x, dict) else x)
+    return False
 
 
 def _attributes(m: nn.Module) -> list[tuple[nn.Module, list[dict], list[tuple[Any, Any]]]]:
     """Copies of the attribute dictionaries of ``m`` and its submodules (plain attributes, parameters,
-    buffers, submodules) and of the lists and dicts they hold (a cache a ``forward`` fills in place,
-    nested or not), for :func:`_restore_attributes` after a trace."""
+    buffers, submodules) and of the content of the lists and dicts they hold, nested or not, for
+    :func:`_restore_attributes` after a trace."""
     return [
         (
             x,
             [dict(d) for d in (x.__dict__, x._parameters, x._buffers, x._modules)],
-            [
-                (v, _content(v))
-                for v in vars(x).values()
-                if isinstance(v, (list, dict)) and not isinstance(v, nn.Module)
-            ],
+            _containers(vars(x).values()),
         )
         for x in m.modules()
     ]
@@ -316,28 +308,30 @@ def _restore_attributes(
     """Put back the attributes :func:`_attributes` saved: a traced ``forward`` that assigns ``self.x = ...``
     or fills a cache stored fx's placeholders (Proxy) in the user's model, or moved a counter, and fx
     itself adds its tensor constants (``_tensor_constant0``; the traced pieces hold their own copies).
-    Returns whether ``forward`` stored a value computed from its input (a Proxy) in a buffer or
-    parameter (state), and anywhere."""
+    Each container gets its own content back, in place (identities kept). Returns whether ``forward``
+    stored a value computed from its input (a Proxy) in a buffer or parameter (state), and anywhere."""
     state = stored = False
-
-    def proxy(v: Any) -> bool:
-        found: list[bool] = []
-        fx.node.map_aggregate(v, lambda a: found.append(True) if isinstance(a, fx.Proxy) else None)
-        return bool(found)
-
     for x, dicts, containers in saved:
         for now, was in zip((x.__dict__, x._parameters, x._buffers, x._modules), dicts, strict=True):
             changed = [now[k] for k in now if k not in was or now[k] is not was[k]]
-            if any(proxy(v) for v in changed):
+            if _has_proxy(changed):
                 stored = True
                 state = state or now is x._buffers or now is x._parameters
             if changed or len(now) != len(was):
                 now.clear()
                 now.update(was)
-        for obj, content in containers:
-            now_content = _content(obj)
-            if _put_back(obj, content):
-                stored = stored or proxy(now_content)
+        for obj, was in containers:
+            if isinstance(obj, dict):
+                same = obj.keys() == was.keys() and all(obj[k] is was[k] for k in was)
+            else:
+                same = len(obj) == len(was) and all(a is b for a, b in zip(obj, was, strict=True))
+            if not same:
+                stored = stored or _has_proxy(obj.values() if isinstance(obj, dict) else obj)
+                if isinstance(obj, dict):
+                    obj.clear()
+                    obj.update(was)
+                else:
+                    obj[:] = was
     return state, stored
 
 
@@ -1087,7 +1081,9 @@ class Chain:
             if not isinstance(e, _WholeFailed):
                 raise
             cause, piece = e.__cause__, trial[id(e.args[0])][1]
-            structural = isinstance(cause, NotAChainError) or "mixes examples" in str(cause)
+            structural = not isinstance(cause, HessinvError) or (
+                isinstance(cause, NotAChainError) or "mixes examples" in str(cause)
+            )
             raise (piece if structural and piece is not None else cause) from cause
         finally:
             if outer:

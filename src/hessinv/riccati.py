@@ -570,15 +570,18 @@ def _cgroup_files() -> list[tuple[str, str, str, str]]:
     v2, v1 = ["/sys/fs/cgroup"], ["/sys/fs/cgroup/memory"]
     try:
         with open("/proc/self/cgroup") as f:
-            for line in f:
-                _, controllers, path = line.strip().split(":", 2)
-                path = path.rstrip("/")
-                if not controllers and path:
-                    v2.insert(0, "/sys/fs/cgroup" + path)
-                elif "memory" in controllers.split(",") and path:
-                    v1.insert(0, "/sys/fs/cgroup/memory" + path)
-    except (OSError, ValueError):
-        pass
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        parts = line.strip().split(":", 2)
+        if len(parts) != 3 or ".." in parts[2]:
+            continue
+        controllers, path = parts[1], parts[2].rstrip("/")
+        if not controllers and path:
+            v2.insert(0, "/sys/fs/cgroup" + path)
+        elif "memory" in controllers.split(",") and path:
+            v1.insert(0, "/sys/fs/cgroup/memory" + path)
     return [(f"{d}/memory.max", f"{d}/memory.current", f"{d}/memory.stat", "inactive_file") for d in v2] + [
         (
             f"{d}/memory.limit_in_bytes",
