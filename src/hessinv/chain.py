@@ -35,7 +35,7 @@ import operator
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -1096,7 +1096,7 @@ class Chain:
             return None
         return next((m for m in s.modules if id(m) in trial), None)
 
-    def _piece_failed(self, s: Stage, error: HessinvError) -> None:
+    def _piece_failed(self, s: Stage, error: HessinvError) -> NoReturn:
         """Stage ``s`` is not a chain stage: call its module whole (a piece of a traced submodule, not of
         the model itself -- one stage for the whole model would lose the chain; its error names the
         piece), or, if it is a module called whole on trial, give the trial up; else raise ``error``."""
@@ -1106,6 +1106,19 @@ class Chain:
         if s.origin is not None and s.origin is not self.model:
             raise _CallWhole(s.origin, error)
         raise error
+
+    def _stage_blocks(
+        self, s: Stage, z_in: Tensor, b: Tensor, second_order: bool, dense: bool = False
+    ) -> Blocks:
+        """``s.linearize(z_in, b, second_order)`` (its dense blocks with ``dense``), where a refusal of a
+        piece as mixing examples, or any failure of a module on trial, goes to :meth:`_piece_failed`."""
+        try:
+            blk = s.linearize(z_in, b, second_order)
+            return blk.dense if dense and isinstance(blk, LazyBlocks) else blk
+        except HessinvError as e:
+            if self._on_trial(s) is None and "mixes examples" not in str(e):
+                raise
+            self._piece_failed(s, e)
 
     @torch.no_grad()
     def forward(self, inputs: Tensor) -> list[Tensor]:
@@ -1188,15 +1201,7 @@ class Chain:
         grads: list[Tensor] = []
         for s, z_in in zip(reversed(self.stages), reversed(zs[:-1]), strict=True):
             with torch.no_grad():
-                try:
-                    blk = s.linearize(z_in, b[..., 0], second_order)
-                except HessinvError as e:
-                    trial = self._on_trial(s)
-                    if trial is not None:
-                        raise _WholeFailed(trial) from e
-                    if "mixes examples" not in str(e):
-                        raise
-                    self._piece_failed(s, e)
+                blk = self._stage_blocks(s, z_in, b[..., 0], second_order)
                 # a generic stage's Gauss-Newton blocks are formed, and probed, only when a product asks:
                 # a piece of a traced submodule (or a submodule called whole on trial) is tested for
                 # mixing now, once per stage (two vector-Jacobian products)
@@ -1240,24 +1245,18 @@ class Chain:
             return self.loss_fn(o[None], t[None])
 
         b0 = vmap(grad(own_loss))(out, targets).reshape(out.shape[0], -1)
-        return self._guarded(lambda: self._per_example_rows(self.forward(inputs), b0))
+        first = [zs]  # check_batch's forward serves the first try; a try after a re-split runs its own
+        return self._guarded(
+            lambda: self._per_example_rows(first.pop() if first else self.forward(inputs), b0)
+        )
 
     def _per_example_rows(self, zs: list[Tensor], b: Tensor) -> Tensor | None:
         rows = b.new_empty(b.shape[0], self.num_params)
         end = self.num_params
         with torch.no_grad():
             for s, z_in in zip(reversed(self.stages), reversed(zs[:-1]), strict=True):
-                try:
-                    blk = s.linearize(z_in, b, False)
-                    if isinstance(blk, LazyBlocks):  # keeping examples apart is probed on the dense form
-                        blk = blk.dense
-                except HessinvError as e:
-                    trial = self._on_trial(s)
-                    if trial is not None:
-                        raise _WholeFailed(trial) from e
-                    if "mixes examples" not in str(e):
-                        raise
-                    self._piece_failed(s, e)
+                # keeping examples apart is probed on a generic stage's dense form
+                blk = self._stage_blocks(s, z_in, b, False, dense=True)
                 if not blk.per_example:
                     return None
                 if blk.p:
