@@ -61,7 +61,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from hessinv.errors import DistributedError, InvalidArgumentError
-from hessinv.optim.precondition import Preconditioner, curvature_batch
+from hessinv.optim.precondition import Preconditioner, curvature_batch, curvature_weight
 
 __all__ = [
     "STRATEGIES",
@@ -450,8 +450,12 @@ class DistributedPreconditioner(Preconditioner):
             n = self.chain.num_params
             if local.numel():
                 local = local.to(inputs.device)
-                U, S = self._root(inputs[local], targets[local], of=k, full=True)  # k's share of max_rank
-                U = U * math.sqrt(share)  # this shard's share of the mean over the k examples
+                Xl, yl = inputs[local], targets[local]
+                U, S = self._root(Xl, yl, of=k, full=True)  # k's share of max_rank
+                # this shard's share of the mean over the k examples; for a loss that sums them, its sum
+                # times B / k (the curvature of the rank's loss, as its gradient is)
+                w = curvature_weight(self, Xl, yl, k, int(targets.shape[0]))
+                U = U * math.sqrt(w if self._sums else share)
             else:
                 U = torch.zeros(0, n, dtype=self.chain.dtype, device=self.chain.device)
                 S = torch.zeros(0, dtype=self.chain.dtype, device=self.chain.device)
@@ -463,6 +467,7 @@ class DistributedPreconditioner(Preconditioner):
             Xc, yc = self._curvature_batch(inputs, targets)  # every rank draws: generators stay in step
             if self.rank == owner:
                 U, S = self._root(Xc, yc, full=True)
+                U = self._weighted(U, self._weight(Xc, yc, targets))
                 head = torch.tensor([U.shape[0]], dtype=torch.int64, device=U.device)
             else:
                 head = torch.zeros(1, dtype=torch.int64, device=self.chain.device)

@@ -80,8 +80,10 @@ from hessinv.optim.precondition import (
     BASIS_MAX_DIM,
     MAX_RANK,
     Preconditioner,
+    _counted,
     _positive,
     curvature_batch,
+    curvature_weight,
 )
 from hessinv.optim.trust_region import TrustRegion
 from hessinv.riccati import Inertia
@@ -359,6 +361,7 @@ class Newton(torch.optim.Optimizer):
         self.callback = callback
         self.last_stats: StepStats | None = None
         self._rejected: tuple | None = None  # (batch key, loss, operator) after a rejected step
+        self._sums: bool | None = None  # whether loss_fn sums over examples (precondition.curvature_weight)
         self._group_memo: dict[str, tuple] = {}  # key -> (the groups' values, _group_values' answer)
         # momentum in the groups, where schedulers that cycle it (OneCycleLR, CyclicLR) find it
         defaults = {"lr": float(lr), "weight_decay": float(weight_decay), "momentum": float(momentum)}
@@ -797,6 +800,13 @@ class Newton(torch.optim.Optimizer):
             rng = self._generator.get_state()
             op = self._operator(inputs[idx], targets[idx])
             loss0, g = self._loss_and_gradient(inputs, targets)
+        # a loss that sums over the examples: the model is that of omega f, omega = k / n, whose
+        # curvature the k-example operator estimates (the steps are then those of the mean's)
+        omega = 1.0
+        if subsample:
+            pool = _counted(self.loss_fn, targets)
+            n = batch if pool is None else int(pool.numel())
+            omega = 1.0 / curvature_weight(self, inputs[idx], targets[idx], int(idx.numel()), n)
         else:
             rng = ns["rng"]
             op = self._operator(inputs, targets)
@@ -812,9 +822,11 @@ class Newton(torch.optim.Optimizer):
         if wd:
             x0 = self.chain.flat_params()
             loss0, g = loss0 + 0.5 * wd * float(x0 @ x0), g + wd * x0
+        if omega != 1.0:
+            loss0, g = omega * loss0, omega * g
 
         # 2. proposal
-        sweeps = Sweeps(op, shift=wd)
+        sweeps = Sweeps(op, shift=omega * wd)
         proposal = self.rule.propose(sweeps, g, ns["rule"])
         # float32: an interior step to ~cond u (Sweeps.refine); a boundary step is shrunk onto the sphere
         # and no longer solves the system (refining it would undo the shrinking)
@@ -842,6 +854,7 @@ class Newton(torch.optim.Optimizer):
                 if wd:
                     xt = self.chain.flat_params()
                     f_t += 0.5 * wd * float(xt @ xt)
+                f_t *= omega
             except NonFiniteError:
                 f_t = math.nan
             if not math.isfinite(f_t) or pred_t + delta <= 0:
@@ -854,7 +867,7 @@ class Newton(torch.optim.Optimizer):
         d = _scaled(proposal.step, lr)
         d64 = d.double()
         gd, dHd, step_norm = float(g64 @ d64), float(d64 @ sweeps.matvec(d).double()), float(d64.norm())
-        inertia0 = self._inertia_at_zero(op, sweeps, proposal, wd)
+        inertia0 = self._inertia_at_zero(op, sweeps, proposal, omega * wd)
         f1, pred, rho = trial(d, gd, dHd, step_norm, 1.0)
         if isinstance(lr, Tensor) or lr != 0:
             rule_state, accepted = self.rule.update(ns["rule"], proposal, rho)
@@ -895,8 +908,9 @@ class Newton(torch.optim.Optimizer):
 
         self._newton = {**ns, "step": ns["step"] + 1, "rule": rule_state, "rng": rng}
         stats = StepStats(
-            step=self._newton["step"], loss=f0, loss_after=f1, predicted_decrease=pred,
-            actual_decrease=actual, rho=rho, accepted=accepted, damping=proposal.damping,
+            step=self._newton["step"], loss=f0 / omega, loss_after=f1 / omega,
+            predicted_decrease=pred / omega, actual_decrease=actual / omega, rho=rho, accepted=accepted,
+            damping=proposal.damping,
             radius=proposal.radius, step_norm=step_norm, boundary=proposal.boundary,
             hard_case=proposal.hard_case, inertia=proposal.factor.inertia, inertia_at_zero=inertia0,
             negative_curvature=negative_curvature, lr=float(self.param_groups[0]["lr"]), batch_size=batch,

@@ -62,6 +62,7 @@ from hessinv.chain import Chain
 from hessinv.curvature import GaussNewton, Hessian, normalize_curvature
 from hessinv.errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
 from hessinv.lowrank import WoodburyFactor
+from hessinv.stages.losses import sums_examples
 
 __all__ = ["Preconditioner", "EigenBasis"]
 
@@ -323,17 +324,23 @@ class EigenBasis:
             setattr(self, "_" + k, stacks)
 
 
+def _counted(loss_fn: Any, targets: Tensor) -> Tensor | None:
+    """The indices of the examples a loss that ignores a class index (``CrossEntropyLoss(ignore_index=
+    ...)``) counts, where it ignores some but not all; else None (all count)."""
+    ignore = getattr(loss_fn, "ignore_index", None)
+    if isinstance(ignore, int) and targets.dim() == 1 and not targets.is_floating_point():
+        valid = (targets != ignore).nonzero().flatten()
+        if 0 < valid.numel() < int(targets.shape[0]):
+            return valid.cpu()
+    return None
+
+
 def curvature_batch(loss_fn: Any, targets: Tensor, k: int, generator: torch.Generator) -> Tensor | None:
     """The sorted indices of ``k`` examples of a batch, drawn without replacement (None: the whole
     batch); with a loss that ignores a class index (``CrossEntropyLoss(ignore_index=...)``), drawn among
     the examples it does not ignore (an all-ignored sample has no loss, hence no curvature)."""
     B = int(targets.shape[0])
-    pool = None
-    ignore = getattr(loss_fn, "ignore_index", None)
-    if isinstance(ignore, int) and targets.dim() == 1 and not targets.is_floating_point():
-        valid = (targets != ignore).nonzero().flatten()
-        if 0 < valid.numel() < B:
-            pool = valid.cpu()
+    pool = _counted(loss_fn, targets)
     if pool is None:
         if k >= B:
             return None
@@ -343,6 +350,18 @@ def curvature_batch(loss_fn: Any, targets: Tensor, k: int, generator: torch.Gene
     else:
         idx = pool[torch.randperm(len(pool), generator=generator)[:k]].sort().values
     return idx.to(targets.device)
+
+
+def curvature_weight(owner: Any, Xc: Tensor, yc: Tensor, k: int, n: int) -> float:
+    """``n / k`` where ``owner.loss_fn`` sums its per-example terms (the loss of ``n`` examples against the
+    ``k`` of a curvature batch ``(Xc, yc)``), 1 where it averages them. Whether it sums
+    is found once (:func:`hessinv.stages.losses.sums_examples`, on the model's outputs for ``Xc``) and
+    kept in ``owner._sums``."""
+    if owner._sums is None:
+        with torch.no_grad():
+            y = owner.chain.forward(Xc)[-1]
+        owner._sums = sums_examples(owner.loss_fn, y, owner.chain.prepare_targets(yc))
+    return n / k if owner._sums else 1.0
 
 
 class Preconditioner:
@@ -436,6 +455,8 @@ class Preconditioner:
         self._root_structured = False
         self._root_factors: list | None = None  # the latest root's Linear factors (lowrank.structured_gram)
         self._op: Any = None
+        self._hweight = 1.0  # the Hessian curvature batch's weight (_weight)
+        self._sums: bool | None = None  # whether the loss sums over examples (curvature_weight)
         self.time_refresh = 0.0
         #: the L2 penalty ``wd/2 |x|^2``: its curvature ``wd I`` joins ``D``; :meth:`precondition_` adds its
         #: gradient ``wd x`` (a number, or an (n,) vector per parameter; :class:`~hessinv.optim.Newton`
@@ -536,12 +557,32 @@ class Preconditioner:
         idx = curvature_batch(self.loss_fn, targets, self.curvature_batch_size, self.generator)
         return (inputs, targets) if idx is None else (inputs[idx], targets[idx])
 
+    def _weight(self, Xc: Tensor, yc: Tensor, targets: Tensor) -> float:
+        """``w`` such that ``w C_k`` estimates the curvature of the loss of the whole batch ``targets``
+        from that of its ``k``-example curvature batch ``(Xc, yc)``: 1 for a loss that averages over the
+        examples, ``n / k`` for one that sums them (``n``: the examples the batch's loss counts)."""
+        k, B = int(yc.shape[0]), int(targets.shape[0])
+        pool = _counted(self.loss_fn, targets)
+        n = B if pool is None else int(pool.numel())
+        return curvature_weight(self, Xc, yc, k, n)
+
     def curvature_root(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """``(U, S)`` with ``G = U^T diag(S) U`` the Gauss-Newton matrix of a curvature batch drawn from
-        ``(inputs, targets)``, ``U``'s rows in the preconditioner's basis (the step
-        :mod:`hessinv.optim.distributed` shares between ranks)."""
+        ``(inputs, targets)`` (scaled to the batch's: :meth:`_weight`), ``U``'s rows in the
+        preconditioner's basis (the step :mod:`hessinv.optim.distributed` shares between ranks)."""
         Xc, yc = self._curvature_batch(inputs, targets)
-        return self._root(Xc, yc)
+        U, S = self._root(Xc, yc)
+        return self._weighted(U, self._weight(Xc, yc, targets)), S
+
+    def _weighted(self, U: Tensor, w: float) -> Tensor:
+        """``sqrt(w) U`` (``G`` times ``w``; ``S`` stays the signs the Woodbury form needs), and the kept
+        Linear factors of its rows (:attr:`_root_factors`) alike."""
+        if w == 1.0:
+            return U
+        r = math.sqrt(w)
+        if self._root_factors:
+            self._root_factors = [(o, d, m, T * r, Z, i) for o, d, m, T, Z, i in self._root_factors]
+        return U * r
 
     def _root(self, X: Tensor, y: Tensor, of: int | None = None, full: bool = False) -> tuple[Tensor, Tensor]:
         """``(U, S)`` of the Gauss-Newton matrix on ``(X, y)``, rows in the basis (built there: a Linear
@@ -591,7 +632,10 @@ class Preconditioner:
                         "curvature='hessian' takes one weight_decay for all parameters (it shifts H); "
                         "per-group values need the Gauss-Newton curvature"
                     )
-                self._factor = self._op.factor(self.damping + self.weight_decay, modify="abs")
+                # w H_k + lambda I = w (H_k + (lambda / w) I): solve() divides by w
+                self._hweight = self._weight(Xc, yc, targets)
+                shift = (self.damping + self.weight_decay) / self._hweight
+                self._factor = self._op.factor(shift, modify="abs")
         elif self.curvature == "gauss_newton":
             D = self.diagonal()
             if self.state["t"] <= self.warmup:
@@ -622,7 +666,7 @@ class Preconditioner:
         ``rotated``, ``g`` is given in the preconditioner's basis (as :meth:`observe` returns it: one
         rotation per step saved). The result is in the parameters' coordinates."""
         if self._factor is None:
-            raise RuntimeError("no curvature yet: call update(inputs, targets) first")
+            raise InvalidArgumentError("no curvature yet: call update(inputs, targets) first")
         if g.shape != (self.chain.num_params,):
             raise ShapeMismatchError(f"g must have shape ({self.chain.num_params},), got {tuple(g.shape)}")
         if self.curvature == "gauss_newton":
@@ -631,6 +675,8 @@ class Preconditioner:
             gr = g if rotated else self.basis.rotate(g)
             return self.basis.unrotate(self._factor.solve(gr[:, None])[:, 0])
         x = self._factor.solve(g, refine=False)
+        if self._hweight != 1.0:
+            x = x / self._hweight
         # the modified factorization M = U |D| U^T has every pivot eigenvalue >= damping, but U (the
         # elimination across stages) can be ill-conditioned, and then ||M^{-1}|| far exceeds the
         # 1 / damping meant (1e3 on a tanh net whose Hessian has eigenvalues near -damping): the

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -86,6 +87,49 @@ def prepare_targets(loss_fn: Callable, targets: Tensor, dtype: torch.dtype) -> T
     if isinstance(fn, _REAL_LOSSES) or fn in _REAL_FUNCTIONS:
         return targets.to(dtype)
     return targets
+
+
+def sums_examples(loss_fn: Callable, outputs: Tensor, targets: Tensor) -> bool | None:
+    """Whether ``loss_fn`` sums its per-example terms (``reduction='sum'``: the loss of ``B`` examples
+    grows like ``B``) rather than averaging them; None where it cannot tell.
+
+    Read from ``reduction`` where the loss has one (a module, or a ``reduction=`` keyword of a
+    ``functools.partial``); otherwise measured on ``(outputs, targets)`` (a few examples): the loss of the
+    examples taken twice over is twice the loss (a sum) or the same (a mean). A curvature built on
+    ``k`` of ``B`` examples estimates the batch's curvature as it stands for a mean, and ``k / B`` of it
+    for a sum (the optimizers rescale it). Raises :class:`InvalidArgumentError` for a loss that is
+    neither.
+
+    Example:
+        >>> y, t = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+        >>> sums_examples(nn.CrossEntropyLoss(reduction="sum"), y, t), sums_examples(F.cross_entropy, y, t)
+        (True, False)
+        >>> sums_examples(lambda y, t: F.cross_entropy(y, t, reduction="sum"), y, t)
+        True
+    """
+    kw = loss_fn.keywords if isinstance(loss_fn, functools.partial) else {}
+    red = kw.get("reduction", getattr(loss_fn, "reduction", None))
+    if red in ("mean", "batchmean", "elementwise_mean"):
+        return False
+    if red == "sum":
+        return True
+    if red is not None:  # 'none': refused where the loss is evaluated
+        return None
+    with torch.no_grad():
+        one = float(loss_fn(outputs, targets))
+        two = float(loss_fn(torch.cat([outputs, outputs]), torch.cat([targets, targets])))
+    if not (math.isfinite(one) and math.isfinite(two)) or abs(one) <= 1e-30:
+        return None
+    r = two / one
+    if abs(r - 1.0) < 1e-3:
+        return False
+    if abs(r - 2.0) < 1e-3:
+        return True
+    raise InvalidArgumentError(
+        f"{loss_name(loss_fn)}: the loss of a batch taken twice over is {r:.4g}x its loss, neither a mean "
+        "over the examples (1x) nor a sum (2x); a curvature batch smaller than the batch needs one of the "
+        "two (or set curvature_batch_size=None)"
+    )
 
 
 def closed_form(loss_fn: Callable) -> nn.Module | None:
