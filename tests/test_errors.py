@@ -36,6 +36,30 @@ def test_errors_are_hessinv_errors_and_builtins():
         assert issubclass(e, hessinv.HessinvError)
 
 
+def test_every_error_of_the_errors_module_is_exported_at_the_top():
+    """``hessinv.X`` for every class ``hessinv.errors`` lists (two that are raised were missing)."""
+    import hessinv.errors as errors
+
+    for name in errors.__all__:
+        assert getattr(hessinv, name) is getattr(errors, name) and name in hessinv.__all__
+        if name != "AccuracyWarning":
+            assert issubclass(getattr(errors, name), hessinv.HessinvError)
+
+
+def test_use_before_fit_is_a_named_error():
+    """Influence, Laplace and the preconditioner used before fit/update: NotFittedError (a RuntimeError,
+    as before), not a plain RuntimeError."""
+    net, X, y = small()
+    loss_fn = nn.CrossEntropyLoss()
+    with pytest.raises(hessinv.NotFittedError, match="fit"):
+        hessinv.influence.InfluenceFunction(net, loss_fn).inverse_hvp(torch.zeros(1, 26, dtype=torch.float64))
+    with pytest.raises(hessinv.NotFittedError, match="fit"):
+        hessinv.laplace.Laplace(net, "classification").log_marginal_likelihood()
+    with pytest.raises(hessinv.NotFittedError, match="update"):
+        hessinv.optim.Preconditioner(net, loss_fn).solve(torch.zeros(26, dtype=torch.float64))
+    assert issubclass(hessinv.NotFittedError, RuntimeError)
+
+
 @pytest.mark.parametrize("mixer", [nn.BatchNorm1d(4), nn.Dropout(0.5)])
 def test_training_mode_mixers_rejected_with_stage_name(mixer):
     net = nn.Sequential(nn.Linear(3, 4), mixer, nn.Tanh(), nn.Linear(4, 2)).double()

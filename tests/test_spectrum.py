@@ -145,6 +145,41 @@ def test_count_at_an_exact_null_space():
     assert spectrum.eigenvalue_counts(G, [1e-300, 1e3]).tolist()[1] == G.shape[0]
 
 
+def test_inertia_with_zero_tol_at_an_exact_eigenvalue_counts_the_null_space_as_zero():
+    """A deep linear net's Hessian has a null space (12 of 28 eigenvalues below 1e-12): ``inertia(0,
+    tol=0)`` must count it as zero, as the docstring says (the dense recount split it into 6 negative
+    and 6 positive ones, (14, 0, 14), with no warning)."""
+    torch.manual_seed(1)
+    lin = torch.nn.Linear
+    net = torch.nn.Sequential(lin(3, 3), lin(3, 3), lin(3, 1)).double()
+    X, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 1, dtype=torch.float64)
+    H = hessinv.hessian(net, torch.nn.MSELoss(), X, y)
+    lam = torch.linalg.eigvalsh(H.to_dense())
+    tiny = 1e-9 * float(lam.abs().max())
+    expected = (int((lam < -tiny).sum()), int((lam.abs() <= tiny).sum()), int((lam > tiny).sum()))
+    assert expected[1] == 12
+    assert tuple(H.inertia(0.0, tol=0)) == expected == tuple(H.inertia(0.0))
+
+
+def test_slogdet_of_a_float32_factorization_handed_to_its_float64_twin():
+    """A float32 sweep that must perturb pivots hands over to the float64 twin: the sign comes from the
+    twin (its dense LU there), as the log does -- it came from the float32 sweep's uncertified inertia
+    (15 negative eigenvalues against 10: sign -1 against +1)."""
+    torch.manual_seed(0)
+    X, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+    H = hessinv.hessian(net, torch.nn.CrossEntropyLoss(), X, y)
+    F = H.factor(1e-12)
+    assert F._twin_only
+    A = H._residual_operator().to_dense() + 1e-12 * torch.eye(H.shape[0], dtype=torch.float64)
+    sign, logabs = torch.linalg.slogdet(A)
+    got = F.slogdet()
+    assert got[0] == float(sign) and abs(got[1] - float(logabs)) < 1e-6 * abs(float(logabs))
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_counts_where_a_pivot_is_singular_but_h_is_not(seed):
     """A first layer of 9 x 14 weights seen by 11 examples: its pivot is singular to working precision at

@@ -41,38 +41,64 @@ _EXPORTS = {
     "IndefiniteError": "hessinv.errors",
     "TooLargeError": "hessinv.errors",
     "ConvergenceError": "hessinv.errors",
+    "DistributedError": "hessinv.errors",
+    "NonFiniteArgumentError": "hessinv.errors",
+    "NotFittedError": "hessinv.errors",
     "WoodburyFactorization": "hessinv.curvature",
     "MixedFactorization": "hessinv.curvature",
     "Eigenpairs": "hessinv.curvature",
 }
 _SUBMODULES = (
     "diagnostics", "optim", "errors", "curvature", "riccati", "chain", "stages", "cli", "lowrank",
-    "influence", "laplace", "spectrum",
+    "influence", "laplace", "spectrum", "linalg",
 )  # fmt: skip
 
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from hessinv import diagnostics, optim  # noqa: F401
+    from hessinv import (  # noqa: F401
+        chain,
+        cli,
+        curvature,
+        diagnostics,
+        errors,
+        influence,
+        laplace,
+        linalg,
+        lowrank,
+        optim,
+        riccati,
+        spectrum,
+        stages,
+    )
     from hessinv.chain import Chain  # noqa: F401
     from hessinv.curvature import (  # noqa: F401
         CurvatureOperator,
+        Eigenpairs,
         Factorization,
         GaussNewton,
         Hessian,
         MixedFactorization,
         SolveInfo,
+        WoodburyFactorization,
         gauss_newton,
         hessian,
     )
     from hessinv.errors import (  # noqa: F401
         AccuracyWarning,
+        ConvergenceError,
+        DistributedError,
         DtypeMismatchError,
         HessinvError,
+        IndefiniteError,
+        InvalidArgumentError,
+        NonFiniteArgumentError,
         NonFiniteError,
         NotAChainError,
+        NotFittedError,
         ShapeMismatchError,
         SingularError,
+        TooLargeError,
         UnsupportedStageError,
     )
     from hessinv.riccati import Inertia  # noqa: F401

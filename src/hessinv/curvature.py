@@ -456,7 +456,9 @@ class CurvatureOperator:
             return inertia
         A = self._dense64().clone()
         A.diagonal().add_(s)
-        return Pivot(A, 0, f"H + ({s:g}) I", s, strict=False).inertia
+        # strict: an eigenvalue of D below n u max|H + s I| is a singular H + s I to working precision
+        # (SingularError, as from the sweep at an exact eigenvalue: the callers move the shift)
+        return Pivot(A, 0, f"H + ({s:g}) I", s, strict=True).inertia
 
     def _dense64(self) -> Tensor:
         """This operator's matrix, dense, in float64 on the CPU, symmetrized (``n`` products); kept for
@@ -1151,6 +1153,9 @@ class Factorization:
         """``(sign, log|det(H + eps I)|)`` like :func:`torch.linalg.slogdet`: the sign is
         ``(-1)^(number of negative eigenvalues)`` (the inertia), the log from :meth:`logdet` (both from
         the dense fallback there)."""
+        if self._twin_only:  # the float64 twin's sign, with its dense fallback where it took one
+            assert self._f64 is not None
+            return self._f64.slogdet()
         value = self.logdet()  # (sets _dense_sld where the dense fallback gave it)
         dense = getattr(self, "_dense_sld", None)  # (subclasses without the fallback lack it)
         return (dense[0] if dense is not None else -1.0 if self.inertia.negative % 2 else 1.0), value

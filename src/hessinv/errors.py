@@ -31,6 +31,8 @@ ConvergenceError           an iterative eigensolver did not converge within its 
                            the matrix is too large for the dense fallback
 TooLargeError              the Riccati sweep's dense blocks would not fit in memory (the
                            message names the batch size that fits)
+NotFittedError             a fitted object (an influence function, a Laplace posterior, a
+                           preconditioner) was used before its ``fit`` / ``update``
 =========================  ===============================================================
 """
 
@@ -50,6 +52,7 @@ __all__ = [
     "TooLargeError",
     "ConvergenceError",
     "NonFiniteArgumentError",
+    "NotFittedError",
     "AccuracyWarning",
 ]
 
@@ -123,6 +126,10 @@ class ConvergenceError(HessinvError, RuntimeError):
 
 class NonFiniteArgumentError(NonFiniteError, InvalidArgumentError):
     """A NaN or infinite argument (a shift, a damping, a tolerance): both non-finite and invalid."""
+
+
+class NotFittedError(HessinvError, RuntimeError):
+    """A method that needs what ``fit`` (or ``update``) computes was called before it: call that first."""
 
 
 class AccuracyWarning(UserWarning):

@@ -43,7 +43,13 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from hessinv.chain import Chain, check_real
 from hessinv.curvature import CurvatureOperator, Factorization, check_precision, curvature_class
-from hessinv.errors import HessinvError, InvalidArgumentError, ShapeMismatchError, UnsupportedStageError
+from hessinv.errors import (
+    HessinvError,
+    InvalidArgumentError,
+    NotFittedError,
+    ShapeMismatchError,
+    UnsupportedStageError,
+)
 
 __all__ = [
     "InfluenceFunction",
@@ -209,7 +215,7 @@ class InfluenceFunction:
 
     def _fac(self) -> Factorization:
         if self.factorization is None:
-            raise RuntimeError("call fit(inputs, targets) first")
+            raise NotFittedError("call fit(inputs, targets) first")
         return self.factorization
 
     def _gradients(self, inputs: Tensor, targets: Tensor) -> Tensor:
@@ -222,7 +228,7 @@ class InfluenceFunction:
     def _train_grads(self, inputs: Tensor | None, targets: Tensor | None) -> Tensor:
         if inputs is None:
             if self.train_gradients is None:
-                raise RuntimeError("call fit(inputs, targets) first")
+                raise NotFittedError("call fit(inputs, targets) first")
             return self.train_gradients
         return self._gradients(inputs, targets)
 

@@ -56,6 +56,7 @@ from hessinv.errors import (
     InvalidArgumentError,
     NonFiniteArgumentError,
     NonFiniteError,
+    NotFittedError,
     ShapeMismatchError,
 )
 from hessinv.influence import _trainable, output_jacobians
@@ -184,7 +185,7 @@ class Laplace:
 
     def _op(self) -> CurvatureOperator:
         if self.operator is None:
-            raise RuntimeError("call fit(X, y) first")
+            raise NotFittedError("call fit(X, y) first")
         return self.operator
 
     def _scale(self, sigma: float) -> float:

@@ -335,7 +335,10 @@ class WoodburyFactor:
 
     def _full_U(self, what: str) -> None:
         if self.structured_only:
-            raise RuntimeError(f"{what}: U holds only the columns outside the structured Linear weights")
+            raise InvalidArgumentError(
+                f"{what}: U holds only the columns outside the structured Linear weights (built with "
+                "structured_only=True)"
+            )
 
     def columns(self, idx: Tensor) -> Tensor:
         """``U[:, idx]``, the columns of structured weights (``structured_only``) from their factors:

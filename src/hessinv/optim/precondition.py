@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from hessinv import linalg
 from hessinv.chain import Chain
 from hessinv.curvature import GaussNewton, Hessian, normalize_curvature
-from hessinv.errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
+from hessinv.errors import InvalidArgumentError, NonFiniteError, NotFittedError, ShapeMismatchError
 from hessinv.lowrank import WoodburyFactor
 from hessinv.stages.losses import sums_examples
 
@@ -666,7 +666,7 @@ class Preconditioner:
         ``rotated``, ``g`` is given in the preconditioner's basis (as :meth:`observe` returns it: one
         rotation per step saved). The result is in the parameters' coordinates."""
         if self._factor is None:
-            raise InvalidArgumentError("no curvature yet: call update(inputs, targets) first")
+            raise NotFittedError("no curvature yet: call update(inputs, targets) (or precondition_) first")
         if g.shape != (self.chain.num_params,):
             raise ShapeMismatchError(f"g must have shape ({self.chain.num_params},), got {tuple(g.shape)}")
         if self.curvature == "gauss_newton":
