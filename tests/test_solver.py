@@ -172,6 +172,31 @@ def test_zero_pivot_of_a_singular_hessian_is_named():
     assert bool(torch.isfinite(H.factor(1e-3).solve(H.gradient)).all())
 
 
+@pytest.mark.parametrize("kind", ["hessian", "gauss_newton"])
+@pytest.mark.parametrize("seed", range(3))
+def test_a_pivot_of_rounding_noise_is_singular_not_certified(kind, seed):
+    """A zero-residual least-squares fit: H = J^T J has rank 18 of 43, so at eps = 0 the first layer's
+    pivot is what cancellation leaves, rounding noise (max|Qxx| ~ 1e-13 against ||H|| ~ 40; its own
+    conditioning looks fine). It was factored as is: inertia (16, 0, 27) "certified", a finite
+    log-determinant, solves with |x| ~ 1e17 -- silently wrong. The perturbation threshold is normwise
+    now (p u max(max|Qxx|, the pivots before)): SingularError; and at eps = 1e-9 (nonsingular) the
+    inertia is certified and exact."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X = torch.randn(6, 4, dtype=torch.float64)
+    with torch.no_grad():
+        y = m(X)
+    op = getattr(hessinv, kind)(m, nn.MSELoss(reduction="sum"), X, y)
+    lam = torch.linalg.eigvalsh(op.to_dense())
+    assert int((lam.abs() < 1e-10 * float(lam.abs().max())).sum()) == 25
+    with pytest.raises(SingularError):
+        op.factor(0.0)
+    F = op.factor(1e-9)
+    lam9 = lam + 1e-9
+    assert F.inertia_certified and tuple(F.inertia) == (int((lam9 < 0).sum()), 0, int((lam9 > 0).sum()))
+    assert abs(F.logdet() - float(lam9.abs().log().sum())) < 1e-6 * abs(float(lam9.abs().log().sum()))
+
+
 def test_ill_conditioned_nonsingular_system_is_solved_not_refused():
     """cond(H + eps I) = 1.9e8: a perturbed sweep plus refinement and GMRES leaves a relative residual
     above sqrt(u) (the probe: 3.6e-6 after 120 GMRES iterations), which used to be refused as

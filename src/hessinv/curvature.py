@@ -997,8 +997,9 @@ class Factorization:
     Each pivot ``Qxx_l`` is factored by Cholesky if positive definite, else by a symmetric indefinite
     ``LDL^T`` with Bunch–Kaufman pivoting inside the block (math.md §2). A pivot block can be singular
     while ``H + eps I`` is not (the elimination order across stages is fixed); such near-singular
-    pivots are perturbed statically (eigenvalues of ``D`` below ``sqrt(u) max|Qxx|`` moved to
-    ``+-sqrt(u) max|Qxx|``), the factorization is then that of a nearby matrix, and :meth:`solve`
+    pivots are perturbed statically (eigenvalues of ``D`` below ``tau = p u max|Qxx|`` moved to
+    ``+-tau``, with ``max|Qxx|`` the largest of this pivot's and those eliminated before it: normwise,
+    as MUMPS does), the factorization is then that of a nearby matrix, and :meth:`solve`
     recovers the exact solution by iterative refinement and, if that stalls, flexible GMRES
     preconditioned by the factorization. When pivots were perturbed, a probe solve with a random
     right-hand side checks at construction that ``H + eps I`` is nonsingular to working precision;

@@ -92,14 +92,14 @@ class Pivot:
     pivot is not much slower than a definite one. A pivot whose ``D`` has an eigenvalue of modulus below
     ``tau`` is near-singular; what happens then depends on the mode:
 
-    - ``perturb`` (factorizations for solves, :class:`~hessinv.Factorization`): static pivot
-      perturbation as in sparse direct solvers (MUMPS, SuperLU_DIST, PARDISO): each such eigenvalue of a
-      ``D`` block is replaced by ``sign * tau`` with ``tau = p u max|Qxx|`` (:data:`PERTURB_THRESHOLD`
-      overrides ``p u``), so the sweep factors a matrix within about ``max|L|^2 tau`` of ``H + eps I``
-      -- such a pivot is factored in Bunch-Kaufman's lower form, whose ``L`` stays small where the upper
-      form's can grow (:func:`hessinv.linalg.ldl`); solves are recovered by iterative refinement or a
-      Krylov method preconditioned by the perturbed factorization. ``perturbed`` counts the
-      replaced eigenvalues (the inertia is then no longer certified).
+    - ``perturb`` (factorizations for solves, :class:`~hessinv.Factorization`): static pivot perturbation as
+      in sparse direct solvers (MUMPS, SuperLU_DIST, PARDISO): each such eigenvalue of a ``D`` block is
+      replaced by ``sign * tau`` with ``tau = p u max(max|Qxx|, hscale)`` (:data:`PERTURB_THRESHOLD` overrides
+      ``p u``), so the sweep factors a matrix within about ``max|L|^2 tau`` of ``H + eps I`` -- such a pivot
+      is factored in Bunch-Kaufman's lower form, whose ``L`` stays small where the upper form's can grow
+      (:func:`hessinv.linalg.ldl`); solves are recovered by iterative refinement or a Krylov method
+      preconditioned by the perturbed factorization. ``perturbed`` counts the replaced eigenvalues (the
+      inertia is then no longer certified).
     - ``strict`` without ``perturb``: an eigenvalue of ``D`` below ``p * u * max|Qxx|`` raises
       :class:`SingularError`.
     - neither (inertia counts): only an exactly zero eigenvalue raises; an ill-conditioned but
@@ -108,6 +108,12 @@ class Pivot:
     ``cholesky_first=False`` skips the Cholesky attempt (the sweep does so after an indefinite pivot,
     when the next one is most likely indefinite too). ``scale``: the perturbation's scale where ``Qxx``
     is zero (``tau = p u scale``; the sweep passes the largest diagonal entry of the blocks downstream).
+    ``hscale``: the largest ``max|Qxx|`` of the pivots before this one in the sweep (a lower estimate
+    of ``||H + eps I||``); with ``perturb``, ``tau = p u max(max|Qxx|, hscale)``, normwise as in
+    MUMPS' static pivoting: a pivot that cancellation left at the rounding level of the blocks it
+    came from (the first layer of a zero-residual least-squares fit: ``max|Qxx| = 2e-13`` against
+    ``||H|| = 41``) is all rounding error, its own scale no measure of it -- and a Cholesky pivot with
+    ``min L_ii^2 < tau`` goes the indefinite way to be perturbed too.
     """
 
     def __init__(
@@ -121,6 +127,7 @@ class Pivot:
         cholesky_first: bool = True,
         modify: bool = False,
         scale: float = 0.0,
+        hscale: float = 0.0,
     ):
         self.p = Q.shape[0]
         self.perturbed = 0
@@ -129,12 +136,18 @@ class Pivot:
         if cholesky_first:
             L = linalg.cholesky(Q)  # None: not positive definite, or not finite
             if L is not None:
-                self.cholesky, self.upper = True, False
-                self.L = L
-                self.inertia = Inertia(0, 0, self.p)
-                return
+                self.qmax = _diagmax(Q)  # max|Q| of a positive definite Q
+                if (
+                    not perturb
+                    or not self.p
+                    or float(L.diagonal().min()) ** 2 >= _perturb_tau(Q.dtype, max(self.qmax, hscale), self.p)
+                ):
+                    self.cholesky, self.upper = True, False
+                    self.L = L
+                    self.inertia = Inertia(0, 0, self.p)
+                    return
         self.cholesky = False
-        self._factor_indefinite(Q, strict, perturb, modify, scale)
+        self._factor_indefinite(Q, strict, perturb, modify, scale, hscale)
 
     @property
     def positive_definite(self) -> bool:
@@ -142,7 +155,13 @@ class Pivot:
         return self.inertia.negative == 0 and self.inertia.zero == 0 and not self.perturbed
 
     def _factor_indefinite(
-        self, Q: Tensor, strict: bool, perturb: bool, modify: bool = False, scale: float = 0.0
+        self,
+        Q: Tensor,
+        strict: bool,
+        perturb: bool,
+        modify: bool = False,
+        scale: float = 0.0,
+        hscale: float = 0.0,
     ) -> None:
         # the p x p bookkeeping runs in numpy: a microsecond per operation where torch's small ops
         # cost several (the indefinite pivot must not cost much more than a Cholesky one)
@@ -152,6 +171,7 @@ class Pivot:
         if not math.isfinite(qmax):
             raise NonFiniteError(f"{self.name}: the Riccati pivot Qxx contains NaN or infinity")
         qmax = max(qmax, fi.tiny)
+        self.qmax = qmax
         T, self.upper, perm, d, e, k = linalg.ldl(Qc)  # k: the first rows of D's 2x2 blocks
         ev = _block_eigenvalues(d, e, k)
         aev = np.abs(ev)
@@ -164,7 +184,7 @@ class Pivot:
         elif perturb:
             # a zero pivot (to the smallest normal number) has no scale of its own: the sweep's so far
             # (scale, from the blocks downstream; the zero-initialized linear net's first pivot)
-            tau = _perturb_tau(Q.dtype, qmax if qmax > fi.tiny else max(scale, fi.tiny), self.p)
+            tau = _perturb_tau(Q.dtype, max(qmax if qmax > fi.tiny else scale, hscale, fi.tiny), self.p)
             if tau < fi.tiny:  # Qxx and every block downstream are zero
                 raise SingularError(
                     f"{self.name}: pivot Qxx is zero at damping {self.damping:g}, and so is the curvature "
@@ -457,13 +477,14 @@ class LowRankPivot:
         cholesky_first: bool = True,
         modify: bool = False,
         scale: float = 0.0,
+        hscale: float = 0.0,
     ):
         self.Qz, self.C, self.p, self.eps = Qz, C, p, damping
         r = A.shape[0]
         top = float((A.diagonal() + damping).abs().max()) if r else 0.0  # ~ max |eigenvalue| if PD
         self.inner = Pivot(
             _shifted(A, damping, overwrite=True), stage, name, damping, strict, perturb, cholesky_first,
-            modify, scale,
+            modify, scale, hscale,
         )  # fmt: skip
         self.modified = self.inner.modified
         if not self.inner.cholesky:
@@ -471,8 +492,9 @@ class LowRankPivot:
         fi = torch.finfo(A.dtype)
         k = p - r
         self.perturbed = self.inner.perturbed
+        self.qmax = max(top, abs(damping), self.inner.qmax)
         if perturb:  # the eigenvalue eps on the complement of range(U): perturbed like a D block's
-            tau = _perturb_tau(A.dtype, max(top, abs(damping), fi.tiny), p)
+            tau = _perturb_tau(A.dtype, max(top, abs(damping), hscale, fi.tiny), p)
             if k > 0 and abs(damping) < tau:
                 self.eps = -tau if damping < 0 else tau
                 self.perturbed += k
@@ -773,6 +795,7 @@ def riccati_factor(
     pd = True
     cholesky_first = True
     scale = 0.0  # the largest diagonal entry of the blocks downstream (perturbed zero pivots' scale)
+    hscale = 0.0  # the largest max|Qxx| of the pivots so far (Pivot's normwise perturbation threshold)
     for l in range(len(blocks) - 1, -1, -1):
         blk = blocks[l]
         if perturb:
@@ -784,7 +807,7 @@ def riccati_factor(
         if rb.lowrank is not None:
             Qz, A, C = rb.lowrank
             piv: Pivot | LowRankPivot = LowRankPivot(
-                Qz, A, C, blk.p, l, names[l], damping, strict, perturb, cholesky_first, modify, scale
+                Qz, A, C, blk.p, l, names[l], damping, strict, perturb, cholesky_first, modify, scale, hscale
             )
         else:
             piv = Pivot(
@@ -797,7 +820,9 @@ def riccati_factor(
                 cholesky_first,
                 modify,
                 scale,
+                hscale,
             )
+        hscale = max(hscale, piv.qmax)
         neg, zero, pos = neg + piv.inertia.negative, zero + piv.inertia.zero, pos + piv.inertia.positive
         pd = pd and piv.positive_definite
         # after an indefinite pivot the next one is most likely indefinite too: skip the Cholesky try
