@@ -60,6 +60,21 @@ def test_use_before_fit_is_a_named_error():
     assert issubclass(hessinv.NotFittedError, RuntimeError)
 
 
+def test_a_gauss_newton_matrix_that_is_zero_says_why():
+    """NLLLoss after a LogSoftmax is linear in the model's outputs: its Gauss-Newton matrix is zero (the
+    optimizer's curvature silently vanished: Adam-like steps). A warning names the fix; cross-entropy on
+    the logits gets none, and the Hessian (exact either way) none."""
+    net, X, y = small()
+    with_log = nn.Sequential(*net, nn.LogSoftmax(dim=1))
+    with pytest.warns(UserWarning, match="Gauss-Newton matrix is zero.*CrossEntropyLoss"):
+        G = hessinv.gauss_newton(with_log, nn.NLLLoss(), X, y)
+    assert not bool(G.to_dense().any())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X, y)
+        hessinv.hessian(with_log, nn.NLLLoss(), X, y)
+
+
 @pytest.mark.parametrize("mixer", [nn.BatchNorm1d(4), nn.Dropout(0.5)])
 def test_training_mode_mixers_rejected_with_stage_name(mixer):
     net = nn.Sequential(nn.Linear(3, 4), mixer, nn.Tanh(), nn.Linear(4, 2)).double()

@@ -889,14 +889,16 @@ def test_inference_mode_and_meta_device_are_named():
         ho.Newton(nn.Linear(3, 2, device="meta"), nn.MSELoss())
 
 
-def test_targets_that_broadcast_are_refused_between_refreshes():
-    """MSE targets (B,) against outputs (B, 1) broadcast to (B, B) in torch; the batch after a valid one
-    (no curvature refresh due) must be refused, not trained on."""
+@pytest.mark.parametrize("loss_fn", [nn.MSELoss(), nn.HuberLoss(), nn.L1Loss(), nn.SmoothL1Loss()])
+def test_targets_that_broadcast_are_refused_between_refreshes(loss_fn):
+    """Targets (B,) against outputs (B, 1) broadcast to (B, B) in torch; the batch after a valid one
+    (no curvature refresh due) must be refused, not trained on -- for every elementwise loss (Huber, L1
+    and SmoothL1, losses through autograd, trained on every output against every target before)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
     X = torch.randn(32, 6)
     T = X[:, :1].sin()
-    opt = ho.Newton(net, nn.MSELoss(), seed=0, refresh=10)
+    opt = ho.Newton(net, loss_fn, seed=0, refresh=10)
     opt.step(X[:16], T[:16])
     before = flat(net)
     with pytest.raises(hessinv.ShapeMismatchError, match=r"targets \(16,\) != outputs \(16, 1\)"):

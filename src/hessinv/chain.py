@@ -33,6 +33,7 @@ import itertools
 import numbers
 import operator
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -1195,6 +1196,21 @@ class Chain:
                     f"{loss_stage.name}: per-example decomposition {loss.item()} != loss {reference.item()}"
                 )
             loss = reference.to(loss.dtype)
+        if (
+            not second_order
+            and loss_blocks._Lam is not None
+            and loss_blocks.softmax_p is None
+            and not bool(loss_blocks._Lam.any())
+            and bool(loss_blocks.G.any())
+        ):
+            warnings.warn(
+                f"{loss_stage.name}: the loss is linear in the model's outputs here (NLLLoss or KLDivLoss "
+                "on log-probabilities from a LogSoftmax, L1Loss away from its kinks, ...), so its "
+                "Gauss-Newton matrix is zero; for curvature from the outputs use CrossEntropyLoss on the "
+                "logits (drop the LogSoftmax), or the Hessian",
+                UserWarning,
+                stacklevel=4,
+            )
         blocks: list[Blocks] = [loss_blocks]
         b = torch.ones(1, 1, 1, dtype=self.dtype, device=self.device)
         b = blocks[0].jzT(b)

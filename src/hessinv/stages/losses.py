@@ -59,6 +59,17 @@ _REAL_FUNCTIONS = (
 )  # fmt: skip
 
 
+#: Losses of two tensors of one shape, element by element (torch broadcasts others, with a warning).
+_ELEMENTWISE = (
+    nn.MSELoss, nn.BCEWithLogitsLoss, nn.BCELoss, nn.HuberLoss, nn.SmoothL1Loss, nn.L1Loss, nn.KLDivLoss,
+    nn.PoissonNLLLoss, nn.SoftMarginLoss,
+)  # fmt: skip
+_ELEMENTWISE_FUNCTIONS = (
+    F.mse_loss, F.binary_cross_entropy_with_logits, F.binary_cross_entropy, F.huber_loss, F.smooth_l1_loss,
+    F.l1_loss, F.kl_div, F.poisson_nll_loss, F.soft_margin_loss,
+)  # fmt: skip
+
+
 def loss_name(loss_fn: Callable) -> str:
     """``'CrossEntropyLoss'``, ``'cross_entropy'``, ``'<lambda>'``: how messages call a loss."""
     if isinstance(loss_fn, nn.Module):
@@ -263,6 +274,19 @@ class LossStage:
             self.kind, self.q, self.scale = self._per_example(self.closed, targets, output)
         else:
             self.kind, self.q, self.scale = "autograd", None, 1.0
+            fn = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
+            if (
+                isinstance(fn, _ELEMENTWISE) or fn in _ELEMENTWISE_FUNCTIONS
+            ) and targets.shape != output.shape:
+                hint = (
+                    f"; reshape them: targets.view(-1, {', '.join(map(str, output.shape[1:]))})"
+                    if targets.numel() == output.numel()
+                    else ""
+                )
+                raise ShapeMismatchError(
+                    f"{self.name}: targets {tuple(targets.shape)} != outputs {tuple(output.shape)}: the loss "
+                    f"would broadcast them, every output against every target{hint}"
+                )
             with torch.enable_grad():
                 depends = self.call(output.detach()).requires_grad
             if depends:  # e.g. a weight penalty inside loss_fn: its derivatives would be left out
