@@ -75,6 +75,35 @@ def test_train_writes_logs_summary_table_and_plot(tmp_path, capsys):
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("command,missing", [("train", "rich"), ("spectrum", "matplotlib")])
+def test_a_missing_cli_extra_is_a_one_line_error(monkeypatch, capsys, command, missing):
+    """Without the ``cli`` extra a command stopped on a ModuleNotFoundError traceback (train: rich, after
+    loading the data; spectrum: matplotlib, after the whole computation)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a)
+    )
+    rc = main([command, "--data", "digits", "--out", "unused"])
+    _, err = capsys.readouterr()
+    assert rc == 2 and f"missing: {missing}" in err and "hessinv[cli]" in err and "Traceback" not in err
+
+
+def test_a_failed_plot_is_not_announced(tmp_path, capsys, monkeypatch):
+    """The closing line listed loss.png even when the plot could not be drawn."""
+    import hessinv.cli.plots as plots
+
+    def broken(*a, **k):
+        raise RuntimeError("no backend")
+
+    monkeypatch.setattr(plots, "plot_runs", broken)
+    args = ["--steps", "2", "--optimizers", "adam", "--out", str(tmp_path), "--quiet"]
+    rc, out, err = run(capsys, "--data", "digits", *args, *SMALL[:-2], "--no-tune")
+    assert rc == 0 and "loss.png" not in out and "could not be drawn" in err
+    assert not (tmp_path / "loss.png").exists()
+
+
 def test_same_initialization_for_every_optimizer(tmp_path, capsys):
     rc, _, _ = run(
         capsys,

@@ -68,6 +68,10 @@ from hessinv.stages import (
 from hessinv.stages.generic import LazyBlocks
 from hessinv.stages.losses import closed_form, loss_name, prepare_targets
 
+#: a loss: ``loss_fn(outputs, targets) -> scalar`` (a module such as ``nn.CrossEntropyLoss()``, a function
+#: such as ``F.cross_entropy``, or a lambda)
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
 _DROPOUT = (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _MODE_DEPENDENT = (*_DROPOUT, nn.RReLU, nn.modules.batchnorm._BatchNorm)
 _MISSING = object()
@@ -820,7 +824,7 @@ class Chain:
     26
     """
 
-    def __init__(self, model: nn.Module | Sequence[nn.Module], loss_fn: Callable):
+    def __init__(self, model: nn.Module | Sequence[nn.Module], loss_fn: LossFn):
         if not callable(loss_fn):
             raise InvalidArgumentError(
                 f"loss_fn must be callable (loss_fn(outputs, targets)), got {loss_fn!r}"
@@ -1283,4 +1287,4 @@ class Chain:
         return rows
 
 
-__all__ = ["Chain", "Linearization", "split_stages", "check_real", "closed_form", "loss_name"]
+__all__ = ["Chain", "Linearization", "LossFn", "split_stages", "check_real", "closed_form", "loss_name"]

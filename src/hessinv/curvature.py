@@ -21,13 +21,13 @@ import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hessinv.chain import Chain, _tensor, check_real
+from hessinv.chain import Chain, LossFn, _tensor, check_real
 from hessinv.errors import (
     AccuracyWarning,
     ConvergenceError,
@@ -45,6 +45,9 @@ from hessinv.riccati import Inertia, Pivot, riccati_factor, riccati_forward, ric
 from hessinv.stages import Blocks
 from hessinv.stages.generic import LazyBlocks
 from hessinv.stages.losses import loss_in_dtype
+
+if TYPE_CHECKING:  # pragma: no cover
+    import scipy.sparse.linalg
 
 __all__ = [
     "CurvatureOperator",
@@ -145,7 +148,7 @@ class CurvatureOperator:
     def __init__(
         self,
         model: nn.Module | Sequence[nn.Module],
-        loss_fn: nn.Module,
+        loss_fn: LossFn,
         inputs: Tensor,
         targets: Tensor,
         *,
@@ -244,7 +247,7 @@ class CurvatureOperator:
         """The dense ``n x n`` matrix (``n`` products at once). For small models and tests."""
         return self._apply(torch.eye(self.shape[0], dtype=self.dtype, device=self.device))
 
-    def as_linear_operator(self):
+    def as_linear_operator(self) -> scipy.sparse.linalg.LinearOperator:
         """A ``scipy.sparse.linalg.LinearOperator`` taking and returning float64 numpy arrays."""
         from scipy.sparse.linalg import LinearOperator
 
@@ -278,9 +281,40 @@ class CurvatureOperator:
         """
         return _factorization(self, damping, modify, precision)
 
-    def solve(self, rhs: Tensor, damping: float = 0.0, **kw) -> Tensor | tuple[Tensor, SolveInfo]:
-        """``(H + damping I)^{-1} rhs``; shortcut for ``self.factor(damping).solve(rhs, **kw)``."""
-        return self.factor(damping).solve(rhs, **kw)
+    @overload
+    def solve(
+        self,
+        rhs: Tensor,
+        damping: float = ...,
+        *,
+        refine: bool = ...,
+        max_refine: int = ...,
+        return_info: Literal[False] = ...,
+    ) -> Tensor: ...
+
+    @overload
+    def solve(
+        self,
+        rhs: Tensor,
+        damping: float = ...,
+        *,
+        refine: bool = ...,
+        max_refine: int = ...,
+        return_info: Literal[True],
+    ) -> tuple[Tensor, SolveInfo]: ...
+
+    def solve(
+        self,
+        rhs: Tensor,
+        damping: float = 0.0,
+        *,
+        refine: bool = True,
+        max_refine: int = 5,
+        return_info: bool = False,
+    ) -> Tensor | tuple[Tensor, SolveInfo]:
+        """``(H + damping I)^{-1} rhs``; shortcut for ``self.factor(damping).solve(rhs, ...)``
+        (:meth:`Factorization.solve`)."""
+        return self.factor(damping).solve(rhs, refine=refine, max_refine=max_refine, return_info=return_info)
 
     def factor_if_positive_definite(self, damping: float = 0.0) -> Factorization | None:
         """The factorization of ``H + damping I`` if it is positive definite, else None.
@@ -615,7 +649,9 @@ class CurvatureOperator:
             step *= 4
         raise SingularError("no definite shift found (H has non-finite eigenvalues?)")
 
-    def eigenpairs(self, k: int = 1, which: str = "smallest", sigma: float | None = None, tol: float = 1e-10):
+    def eigenpairs(
+        self, k: int = 1, which: str = "smallest", sigma: float | None = None, tol: float = 1e-10
+    ) -> Eigenpairs:
         """The ``k`` smallest, largest, or nearest-``sigma`` eigenpairs of ``H``, certified by inertia.
 
         Shift-invert Lanczos (ARPACK through ``scipy.sparse.linalg.eigsh``) on ``(H - s I)^{-1}``, applied
@@ -968,16 +1004,18 @@ class GaussNewton(CurvatureOperator):
             self._root = gauss_newton_root(self.blocks, self.dtype, self.device)
         return self._root
 
-    def factor(
+    def factor(  # type: ignore[override]  # damping may be a tensor here
         self,
         damping: float | Tensor = 0.0,
-        method: str = "auto",
         modify: str | None = None,
         precision: str = "working",
+        *,
+        method: str = "auto",
     ) -> Factorization:
         """Factor ``G + D``. ``D`` is a number (``method="auto"``/``"riccati"``: the Riccati sweep;
         ``"woodbury"``: through ``G``'s square root) or a (n,) tensor of per-parameter damping
-        (always Woodbury). ``precision``: as :meth:`CurvatureOperator.factor` (Riccati sweep only)."""
+        (always Woodbury). ``modify``, ``precision``: as :meth:`CurvatureOperator.factor` (the Riccati
+        sweep only), in the same positions."""
         if method not in ("auto", "riccati", "woodbury"):
             raise InvalidArgumentError(f"method must be 'auto', 'riccati' or 'woodbury', got {method!r}")
         if isinstance(damping, Tensor) and damping.dim() == 0:
@@ -1391,6 +1429,16 @@ class Factorization:
             self._f64 = Factorization(self.op._residual_operator(), self.damping)
         return self._f64
 
+    @overload
+    def solve(
+        self, rhs: Tensor, refine: bool = ..., max_refine: int = ..., return_info: Literal[False] = ...
+    ) -> Tensor: ...
+
+    @overload
+    def solve(
+        self, rhs: Tensor, refine: bool = ..., max_refine: int = ..., *, return_info: Literal[True]
+    ) -> tuple[Tensor, SolveInfo]: ...
+
     def solve(
         self, rhs: Tensor, refine: bool = True, max_refine: int = 5, return_info: bool = False
     ) -> Tensor | tuple[Tensor, SolveInfo]:
@@ -1560,14 +1608,14 @@ def fgmres(
 
 
 def hessian(
-    model: nn.Module | Sequence[nn.Module], loss_fn: nn.Module, inputs: Tensor, targets: Tensor
+    model: nn.Module | Sequence[nn.Module], loss_fn: LossFn, inputs: Tensor, targets: Tensor
 ) -> Hessian:
     """The exact Hessian of ``loss_fn(model(inputs), targets)`` in the model's trainable parameters."""
     return Hessian(model, loss_fn, inputs, targets)
 
 
 def gauss_newton(
-    model: nn.Module | Sequence[nn.Module], loss_fn: nn.Module, inputs: Tensor, targets: Tensor
+    model: nn.Module | Sequence[nn.Module], loss_fn: LossFn, inputs: Tensor, targets: Tensor
 ) -> GaussNewton:
     """The generalized Gauss-Newton matrix of ``loss_fn(model(inputs), targets)``."""
     return GaussNewton(model, loss_fn, inputs, targets)

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hessinv.chain import LossFn
 from hessinv.curvature import CurvatureOperator, _check_tol, curvature_class
 from hessinv.errors import AccuracyWarning, InvalidArgumentError, SingularError
 from hessinv.riccati import Inertia
@@ -409,7 +410,7 @@ class AlignmentTracker:
 
 # -- named directions at the current point ------------------------------------------------------
 def gradient_direction(
-    model: nn.Module | Sequence[nn.Module], loss_fn: nn.Module, inputs: Tensor, targets: Tensor
+    model: nn.Module | Sequence[nn.Module], loss_fn: LossFn, inputs: Tensor, targets: Tensor
 ) -> Tensor:
     """The gradient ``g`` of ``loss_fn(model(inputs), targets)`` (flat; model dtype), by backprop."""
     params = _trainable(model if isinstance(model, nn.Module) else nn.ModuleList(model))
@@ -461,7 +462,7 @@ def _min_eigenvalue(op: CurvatureOperator) -> float:
 
 def newton_direction(
     model: nn.Module | Sequence[nn.Module],
-    loss_fn: nn.Module,
+    loss_fn: LossFn,
     inputs: Tensor,
     targets: Tensor,
     *,
@@ -593,7 +594,7 @@ def adam_direction(optimizer: torch.optim.Optimizer, gradient: Tensor | None = N
 
 def direction_alignments(
     model: nn.Module | Sequence[nn.Module],
-    loss_fn: nn.Module,
+    loss_fn: LossFn,
     inputs: Tensor,
     targets: Tensor,
     x_star: Tensor,
@@ -719,7 +720,7 @@ class MinimizerEstimate:
 
 def estimate_minimizer(
     model: nn.Module | Sequence[nn.Module],
-    loss_fn: nn.Module,
+    loss_fn: LossFn,
     inputs: Tensor,
     targets: Tensor,
     *,

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from hessinv.chain import Chain, check_real
+from hessinv.chain import Chain, LossFn, check_real
 from hessinv.curvature import CurvatureOperator, Factorization, check_precision, curvature_class
 from hessinv.errors import (
     HessinvError,
@@ -50,6 +50,7 @@ from hessinv.errors import (
     ShapeMismatchError,
     UnsupportedStageError,
 )
+from hessinv.riccati import Inertia
 
 __all__ = [
     "InfluenceFunction",
@@ -75,7 +76,7 @@ def _chunked(fn: Callable[[Tensor, Tensor], Tensor], X: Tensor, y: Tensor, chunk
 
 def per_example_gradients(
     model: nn.Module,
-    loss_fn: nn.Module,
+    loss_fn: LossFn,
     inputs: Tensor,
     targets: Tensor,
     chunk: int = 1024,
@@ -116,7 +117,7 @@ def per_example_gradients(
 
 
 def _per_example_chain(
-    model: nn.Module, loss_fn: nn.Module, params: list[Tensor], chain: Chain | None = None
+    model: nn.Module, loss_fn: LossFn, params: list[Tensor], chain: Chain | None = None
 ) -> Chain | None:
     """The model as a :class:`hessinv.Chain` (``chain`` if given) whose parameters are the trainable
     ones in ``parameters()`` order, or None (not a chain: ``vmap`` then)."""
@@ -165,7 +166,7 @@ class InfluenceFunction:
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: nn.Module,
+        loss_fn: LossFn,
         curvature: str = "hessian",
         damping: float = 0.0,
         precision: str = "working",
@@ -205,12 +206,14 @@ class InfluenceFunction:
         return self
 
     @property
-    def inertia(self):
+    def inertia(self) -> Inertia:
         """``(negative, zero, positive)`` eigenvalue counts of ``H + lambda I``."""
         return self._fac().inertia
 
     @property
     def positive_definite(self) -> bool:
+        """Whether ``H + lambda I`` is positive definite (every Riccati pivot is): the influence
+        scores are then those of a strictly convex loss's minimizer."""
         return self._fac().positive_definite
 
     def _fac(self) -> Factorization:
@@ -272,7 +275,7 @@ class InfluenceFunction:
 
 def influence_scores(
     model: nn.Module,
-    loss_fn: nn.Module,
+    loss_fn: LossFn,
     train: tuple[Tensor, Tensor],
     test: tuple[Tensor, Tensor],
     curvature: str = "hessian",
@@ -288,7 +291,7 @@ def influence_scores(
 
 def distributed_influence_scores(
     model: nn.Module,
-    loss_fn: nn.Module,
+    loss_fn: LossFn,
     train: tuple[Tensor, Tensor],
     test: tuple[Tensor, Tensor],
     curvature: str = "hessian",

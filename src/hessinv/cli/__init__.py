@@ -594,6 +594,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the packages of the ``cli`` extra each command imports (the datasets' are checked where they load)
+_EXTRAS = {"train": ("rich", "matplotlib"), "spectrum": ("matplotlib",)}
+
+
+def _require_extras(command: str) -> None:
+    """A :class:`UserError` naming the ``cli`` extra where a package ``command`` needs is missing."""
+    import importlib.util
+
+    missing = [m for m in _EXTRAS[command] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(
+            f"hessinv {command} needs the command line's extra packages (missing: {', '.join(missing)}): "
+            "pip install 'hessinv[cli]'"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hessinv`` console script; returns the exit status."""
     parser = build_parser()
@@ -604,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     try:
+        if args.command in _EXTRAS:
+            _require_extras(args.command)
         if args.command == "train":
             return _cmd_train(args)
         if args.command == "spectrum":

@@ -103,7 +103,9 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - a declared dependency
-        raise DataError(f"the digits dataset needs scikit-learn ({e}); pip install scikit-learn") from None
+        raise DataError(
+            f"the digits dataset needs scikit-learn ({e}): pip install 'hessinv[cli]' (or scikit-learn)"
+        ) from None
     X, y = load_digits(return_X_y=True)
     return X.astype(np.float64), y.astype(np.int64)
 
@@ -113,7 +115,9 @@ def _mnist1d(seed: int, n_samples: int | None) -> tuple[np.ndarray, np.ndarray]:
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as e:  # pragma: no cover - a declared dependency
-        raise DataError(f"the mnist1d package is not importable ({e}); pip install mnist1d") from e
+        raise DataError(
+            f"the mnist1d package is not importable ({e}): pip install 'hessinv[cli]' (or mnist1d)"
+        ) from e
     args = get_dataset_args()
     args.num_samples = int(n_samples or args.num_samples)
     args.num_samples = max(args.num_samples, 10)

@@ -112,6 +112,7 @@ class Reporter:
                 "processes slowed these timings down (the multi-threaded curvature sweeps more than "
                 "the first-order steps)"
             )
-        self.console.print(f"logs, summary.json, table.md and loss.png in {cfg.out}")
-        if "plot_error" in summary:
+        plotted = "plot_error" not in summary
+        self.console.print(f"logs, summary.json, table.md{' and loss.png' if plotted else ''} in {cfg.out}")
+        if not plotted:
             self.err.print(f"[red]the plot could not be drawn[/red]: {summary['plot_error']}")

@@ -60,6 +60,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from hessinv.chain import LossFn
 from hessinv.errors import DistributedError, InvalidArgumentError
 from hessinv.optim.precondition import Preconditioner, curvature_batch, curvature_weight
 
@@ -594,7 +595,7 @@ class DataParallel:
         self,
         opt: Any,
         model: nn.Module,
-        loss_fn: nn.Module,
+        loss_fn: LossFn,
         strategy: str = DEFAULT_STRATEGY,
         group: Any = None,
     ):

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from hessinv import linalg
-from hessinv.chain import Chain
+from hessinv.chain import Chain, LossFn
 from hessinv.curvature import GaussNewton, Hessian, normalize_curvature
 from hessinv.errors import InvalidArgumentError, NonFiniteError, NotFittedError, ShapeMismatchError
 from hessinv.lowrank import WoodburyFactor
@@ -403,7 +403,7 @@ class Preconditioner:
     def __init__(
         self,
         model: nn.Module | Sequence[nn.Module],
-        loss_fn: nn.Module,
+        loss_fn: LossFn,
         *,
         curvature: str = "gauss_newton",
         damping: float = 500.0,
