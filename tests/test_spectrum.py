@@ -133,6 +133,24 @@ def test_histogram_counts_and_range():
         spectrum.spectral_histogram(H, bins=[0.1, 0.0])
 
 
+def test_range_of_a_positive_semidefinite_matrix_starts_at_zero():
+    """A Gauss-Newton matrix has no negative eigenvalue: the range starts at 0 (it was [-r, r): half of a
+    histogram's bins, and their factorizations, on an empty half), and still holds every eigenvalue;
+    the (indefinite) Hessian keeps its negative end."""
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    X, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    G = hessinv.gauss_newton(net, torch.nn.CrossEntropyLoss(), X, y)
+    lam = torch.linalg.eigvalsh(G.to_dense())
+    lo, hi = spectrum.spectral_range(G)
+    assert lo == 0.0 and float(lam.max()) < hi <= 4.2 * float(lam.max())
+    h = spectrum.spectral_histogram(G, bins=8)
+    assert h.below == 0 and h.above == 0 and h.edges[0] == 0.0
+    H = hessinv.hessian(net, torch.nn.CrossEntropyLoss(), X, y)
+    lo, hi = spectrum.spectral_range(H)
+    assert lo < 0 < hi
+
+
 def test_count_at_an_exact_null_space():
     """A Gauss-Newton matrix with a null space: N(0) counts none of its (numerically zero) eigenvalues."""
     torch.manual_seed(3)

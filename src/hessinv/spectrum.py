@@ -92,14 +92,19 @@ class Histogram:
 
 
 def spectral_range(op: CurvatureOperator) -> tuple[float, float]:
-    """``(lo, hi)`` with every eigenvalue in ``[lo, hi)``, each within a factor ~2 of ``||H||``:
-    grown from the power-iteration estimate of ``||H||`` until ``N(lo) = 0`` and ``N(hi) = n``."""
+    """``(lo, hi)`` with every eigenvalue in ``[lo, hi)``, each within a factor ~2 of ``||H||`` -- or 0
+    where no eigenvalue lies beyond it (a Gauss-Newton matrix: ``lo = 0``, so that a histogram spends no
+    bins on an empty negative half): grown from the power-iteration estimate of ``||H||`` until ``N(lo)
+    = 0`` and ``N(hi) = n``, after one count at 0."""
     r = 1.05 * max(op.norm_estimate(), torch.finfo(op.dtype).tiny)
-    lo, hi = -r, r
-    while op._count_below(lo) > 0:
+    n, at0 = op.shape[0], op._count_below(0.0)
+    lo, hi = (0.0 if at0 == 0 else -r), r
+    while lo < 0 and op._count_below(lo) > 0:
         lo *= 2
-    while op._count_below(hi) < op.shape[0]:
+    while op._count_below(hi) < n:
         hi *= 2
+    if at0 == n:  # every eigenvalue negative (zero ones count as >= 0)
+        hi = 0.0
     return lo, hi
 
 

@@ -356,10 +356,12 @@ class DistributedPreconditioner(Preconditioner):
 
     @property
     def rank(self) -> int:
+        """This process's rank in the preconditioner's process group."""
         return dist.get_rank(self.group)
 
     @property
     def world_size(self) -> int:
+        """The number of processes in the preconditioner's process group."""
         return dist.get_world_size(self.group)
 
     def check_step(self, inputs: Tensor, targets: Tensor, weighted: bool = False) -> list[tuple[int, int]]:
@@ -618,9 +620,14 @@ class DataParallel:
 
     @property
     def last_stats(self) -> Any:
+        """The wrapped :class:`~hessinv.optim.Newton`'s statistics of its latest step on this rank."""
         return self.opt.last_stats
 
     def step(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """One step on the global batch ``(inputs, targets)`` (the same on every rank): this rank takes its
+        shard, the gradients are averaged by DistributedDataParallel (weighted by each rank's count of
+        examples the loss counts) and the preconditioner combines the ranks' curvature; returns the
+        global batch's loss, the same on every rank."""
         X, y = shard(inputs, self.rank, self.world_size), shard(targets, self.rank, self.world_size)
         counts = self.opt.preconditioner.check_step(X, y, weighted=True)  # the step's one small collective
         n = [c[1] for c in counts]
@@ -645,9 +652,11 @@ class DataParallel:
         return agree_stop(stop, self.group)
 
     def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's :meth:`~hessinv.optim.Newton.state_dict` (identical on every rank)."""
         return self.opt.state_dict()
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (on every rank)."""
         self.opt.load_state_dict(sd)
 
 

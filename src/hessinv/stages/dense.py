@@ -184,6 +184,7 @@ class DenseStage(Stage):
 
     @property
     def name(self) -> str:
+        """The stage's name (:attr:`Stage.name`), ``+residual`` for a residual block."""
         base = super().name
         return base[:-1] + "+residual)" if self.residual else base
 

@@ -225,6 +225,7 @@ class GenericStage(Stage):
 
     @property
     def name(self) -> str:
+        """The stage's name (:attr:`Stage.name`), or ``'stage i (label)'`` where the split gave a label."""
         if self.label is None:
             return super().name
         return f"stage {self.index} ({self.label})"
