@@ -242,7 +242,10 @@ class Newton(torch.optim.Optimizer):
             with more output directions than that in the curvature batch (many classes), each example
             keeps its leading ones (:class:`~hessinv.optim.Preconditioner`).
         curvature_batch_size: build the curvature on this many examples drawn at random from each batch
-            (precondition mode default 8; trust-region default: the whole batch).
+            (precondition mode default 8; trust-region default: the whole batch). For a loss that sums
+            over the examples (``reduction='sum'``; :func:`hessinv.stages.losses.sums_examples`) the
+            ``k``-example curvature is scaled by ``n / k`` to match the batch's gradient, so that the
+            steps are those of the mean-reduced loss (the trust region's model is of ``(k / n) f``).
         refresh: precondition mode: rebuild the curvature every this many steps.
         momentum, beta2: precondition mode: the gradient average and the second-moment average.
         seed: seed of the optimizer's own generator for the subsampling (default: drawn from ``torch``'s

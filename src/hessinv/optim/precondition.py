@@ -377,7 +377,8 @@ class Preconditioner:
         damping: the scale ``delta`` of ``D = delta (sqrt(v) + eps)`` (Gauss-Newton), or the scalar
             ``lambda`` of ``H + lambda I`` (Hessian). Steps off the curvature subspace are Adam steps of
             size ``1 / damping``.
-        curvature_batch_size: examples of each training batch the curvature is built on.
+        curvature_batch_size: examples of each training batch the curvature is built on (scaled by
+            ``n / k`` for a loss that sums over the examples: :meth:`_weight`).
         refresh: rebuild the curvature every this many calls.
         beta2, eps: the second-moment average of ``D``.
         warmup: for the first ``warmup`` calls ``D`` is refreshed every call.
