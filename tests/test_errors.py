@@ -61,18 +61,49 @@ def test_use_before_fit_is_a_named_error():
 
 
 def test_a_gauss_newton_matrix_that_is_zero_says_why():
-    """NLLLoss after a LogSoftmax is linear in the model's outputs: its Gauss-Newton matrix is zero (the
-    optimizer's curvature silently vanished: Adam-like steps). A warning names the fix; cross-entropy on
-    the logits gets none, and the Hessian (exact either way) none."""
-    net, X, y = small()
-    with_log = nn.Sequential(*net, nn.LogSoftmax(dim=1))
-    with pytest.warns(UserWarning, match="Gauss-Newton matrix is zero.*CrossEntropyLoss"):
-        G = hessinv.gauss_newton(with_log, nn.NLLLoss(), X, y)
+    """L1Loss is linear in the outputs away from its kinks: its Gauss-Newton matrix is zero (the
+    optimizer's curvature vanished silently: Adam-like steps). A warning names it; cross-entropy and the
+    Hessian (exact either way) get none."""
+    net, X, _ = small()
+    t = torch.randn(5, 2, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="Gauss-Newton matrix is zero"):
+        G = hessinv.gauss_newton(net, nn.L1Loss(), X, t)
     assert not bool(G.to_dense().any())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X, y)
-        hessinv.hessian(with_log, nn.NLLLoss(), X, y)
+        hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X, torch.tensor([0, 1, 1, 0, 1]))
+        hessinv.hessian(net, nn.L1Loss(), X, t)
+
+
+@pytest.mark.parametrize(
+    "nll,ce",
+    [
+        (nn.NLLLoss(), nn.CrossEntropyLoss()),
+        (torch.nn.functional.nll_loss, nn.CrossEntropyLoss()),
+        (
+            nn.NLLLoss(weight=torch.tensor([0.3, 2.0], dtype=torch.float64), ignore_index=1, reduction="sum"),
+            nn.CrossEntropyLoss(weight=torch.tensor([0.3, 2.0], dtype=torch.float64), ignore_index=1,
+                                reduction="sum"),
+        ),
+    ],
+)  # fmt: skip
+def test_nll_after_log_softmax_has_the_cross_entropy_gauss_newton_matrix(nll, ce):
+    """NLLLoss is linear in the log-probabilities, so the Gauss-Newton split there is zero (the canonical
+    MNIST example's model: Adam-like steps for the optimizer). The split moves to the logits: the
+    generalized Gauss-Newton of cross-entropy, exactly; the Hessian is unchanged (the same function)."""
+    net, X, _ = small()
+    y = torch.tensor([0, 1, 1, 0, 1])
+    with_log = nn.Sequential(*net, nn.LogSoftmax(dim=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        G = hessinv.gauss_newton(with_log, nll, X, y)
+    G_ce = hessinv.gauss_newton(net, ce, X, y)
+    assert bool(G.to_dense().any())
+    assert torch.allclose(G.to_dense(), G_ce.to_dense(), rtol=1e-12, atol=1e-14)
+    assert torch.allclose(G.gradient, G_ce.gradient, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(G.loss, G_ce.loss, rtol=1e-12)
+    H, H_ce = hessinv.hessian(with_log, nll, X, y), hessinv.hessian(net, ce, X, y)
+    assert torch.allclose(H.to_dense(), H_ce.to_dense(), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("mixer", [nn.BatchNorm1d(4), nn.Dropout(0.5)])

@@ -28,6 +28,7 @@ stage's blocks at its own ``(z_{l-1}, b_l)``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import numbers
@@ -65,7 +66,7 @@ from hessinv.stages import (
     Stage,
     is_elementwise,
 )
-from hessinv.stages.generic import LazyBlocks
+from hessinv.stages.generic import IdentityBlocks, LazyBlocks
 from hessinv.stages.losses import closed_form, loss_name, prepare_targets
 
 #: a loss: ``loss_fn(outputs, targets) -> scalar`` (a module such as ``nn.CrossEntropyLoss()``, a function
@@ -1182,12 +1183,41 @@ class Chain:
         """
         return self._guarded(lambda: self._linearize(inputs, targets, second_order))
 
+    def _nll_as_cross_entropy(self, zs: list[Tensor]) -> nn.CrossEntropyLoss | None:
+        """The cross-entropy that equals ``loss_fn`` after the last stage, where the loss is ``NLLLoss``
+        (module or ``F.nll_loss``) and the last stage a parameter-free log-softmax over the classes of
+        ``(B, C)`` outputs (checked on this batch's values); else None."""
+        fn, kw = self.loss_fn, {}
+        if isinstance(fn, functools.partial) and fn.func is F.nll_loss and not fn.args:
+            fn, kw = fn.func, dict(fn.keywords)
+            if set(kw) - {"weight", "ignore_index", "reduction"}:
+                return None
+        if not (type(fn) is nn.NLLLoss or fn is F.nll_loss) or len(zs) < 2 or self.stages[-1].p:
+            return None
+        logits, out = zs[-2], zs[-1]
+        if out.dim() != 2 or logits.shape != out.shape or not out.is_floating_point():
+            return None
+        with torch.no_grad():
+            ref = torch.log_softmax(logits, dim=1)
+            tol = 10 * torch.finfo(out.dtype).eps * (1.0 + float(ref.abs().max()) if ref.numel() else 1.0)
+            if not bool(((out - ref).abs() <= tol).all()):
+                return None
+        if fn is F.nll_loss:
+            return nn.CrossEntropyLoss(**kw)
+        return nn.CrossEntropyLoss(weight=fn.weight, ignore_index=fn.ignore_index, reduction=fn.reduction)
+
     def _linearize(self, inputs: Tensor, targets: Tensor, second_order: bool) -> Linearization:
         self.check_inputs(inputs, targets)
         targets = self.prepare_targets(targets)
         zs = self.forward(inputs)
         y = zs[-1]
-        loss_stage = LossStage(len(self.stages), self.loss_fn, targets, y)
+        # Gauss-Newton of NLLLoss after a LogSoftmax: the loss is linear in the log-probabilities, so the
+        # split there gives a zero matrix; split at the logits instead (cross-entropy on them, the same
+        # function: the generalized Gauss-Newton practitioners mean), the LogSoftmax stage an identity
+        ce = None if second_order else self._nll_as_cross_entropy(zs)
+        loss_stage = LossStage(len(self.stages), ce or self.loss_fn, targets, zs[-2] if ce else y)
+        if ce is not None:
+            y = zs[-2]
         with torch.no_grad():
             loss_blocks, loss = loss_stage.linearize(y)
         if not torch.isfinite(loss):
@@ -1221,6 +1251,9 @@ class Chain:
         grads: list[Tensor] = []
         for s, z_in in zip(reversed(self.stages), reversed(zs[:-1]), strict=True):
             with torch.no_grad():
+                if ce is not None and s is self.stages[-1]:  # the LogSoftmax, moved into the loss
+                    blocks.insert(0, IdentityBlocks(z_in.shape[0], z_in[0].numel()))
+                    continue
                 blk = self._stage_blocks(s, z_in, b[..., 0], second_order)
                 # a generic stage's Gauss-Newton blocks are formed, and probed, only when a product asks:
                 # a piece of a traced submodule (or a submodule called whole on trial) is tested for
