@@ -444,3 +444,71 @@ def test_float32_metric_is_judged_at_its_own_rounding():
             torch.randn(n, generator=g, dtype=torch.float64),
         )
         assert alignment(3.7 * (x - xs), x, xs, metric=G) == pytest.approx(1.0, abs=1e-5)
+
+
+# -- probe of 2026-12-03 (/tmp/probe_apps) ---------------------------------------------------------------
+def test_adam_alignment_with_groups_in_another_order():
+    """An Adam whose groups list the parameters in another order than the model: the model-order
+    gradient was read in group order and the group-order direction compared with the model-order
+    x - x* (cos 0.35 reported where the step taken had 0.85)."""
+    torch.manual_seed(0)
+    X, Y = torch.randn(40, 4, dtype=F64), torch.randn(40, 2, dtype=F64)
+    lf = nn.MSELoss()
+    Xa = torch.cat([X, torch.ones(40, 1, dtype=F64)], 1)
+    Wb = torch.linalg.lstsq(Xa, Y).solution
+    x_star = torch.cat([Wb[:4].T.reshape(-1), Wb[4]])
+    got = []
+    for reverse in (False, True):
+        torch.manual_seed(1)
+        m = nn.Sequential(nn.Linear(4, 2)).double()
+        groups = [{"params": [m[0].weight]}, {"params": [m[0].bias]}]
+        opt = torch.optim.Adam(groups[::-1] if reverse else groups, lr=1e-2)
+        for _ in range(5):
+            opt.zero_grad()
+            lf(m(X), Y).backward()
+            opt.step()
+        opt.zero_grad()
+        lf(m(X), Y).backward()
+        x0 = dg.flat_parameters(m)
+        reported = dg.direction_alignments(m, lf, X, Y, x_star, which=("adam",), adam=opt)["adam"]
+        opt.step()
+        taken = dg.alignment((x0 - dg.flat_parameters(m)) / 1e-2, x0, x_star)
+        assert abs(reported - taken) < 1e-10
+        got.append(reported)
+    assert abs(got[0] - got[1]) < 1e-12
+
+
+def test_diagnostics_arguments_are_named_errors():
+    net, lf, X, y, x_star = quadratic_problem()
+    x = dg.flat_parameters(net)
+    d = torch.ones_like(x)
+    with pytest.raises(InvalidArgumentError, match="metric"):
+        dg.alignment(d, x, x_star, metric=torch.eye(3, dtype=F64))
+    with pytest.raises(InvalidArgumentError, match="Tensor"):
+        dg.alignment([1.0] * 6, x, x_star)
+    with pytest.raises(InvalidArgumentError, match="Adam"):
+        dg.adam_direction(torch.optim.SGD(net.parameters(), lr=0.1))
+    with pytest.raises(InvalidArgumentError, match="maximize"):
+        dg.adam_direction(torch.optim.Adam(net.parameters(), maximize=True), torch.zeros(6, dtype=F64))
+    for call in (
+        lambda: dg.predicted_contraction("a"),
+        lambda: dg.stochastic_contraction(d[None], x, x_star, eta="a"),
+        lambda: dg.newton_direction(net, lf, X, y, damping="a"),
+    ):
+        with pytest.raises(InvalidArgumentError, match="real number"):
+            call()
+    tracker = dg.AlignmentTracker(net, x_star)
+    with pytest.raises(InvalidArgumentError, match="no column"):
+        tracker.column("foo")
+
+
+def test_newton_direction_at_the_callers_damping_keeps_the_solvers_warning():
+    """A damping the caller chose next to -lambda_min leaves a poorly solved system: its AccuracyWarning
+    was swallowed (kept quiet only where newton_direction chooses lambda itself)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(6, 3, dtype=F64), torch.randint(0, 2, (6,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    lam_min = float(torch.linalg.eigvalsh(H.to_dense())[0])
+    with pytest.warns(hessinv.AccuracyWarning):
+        dg.newton_direction(net, nn.CrossEntropyLoss(), X, y, damping=-lam_min + 1e-15 * H.norm_estimate())

@@ -211,3 +211,33 @@ def test_influence_after_the_weights_moved_and_numpy_vectors_are_named():
     with pytest.raises(InvalidArgumentError, match="parameters changed since"):
         inf.self_influence(X[:2], y[:2])
     assert inf.fit(X, y).influences(X[:2], y[:2]).shape == (2, 12)
+
+
+# -- argument checks (probe of 2026-12-03, /tmp/probe_apps) ------------------------------------------
+def test_chunk_and_vector_shapes_are_checked():
+    """chunk=-1 returned the vectors unsolved (range(0, k, -1) is empty) and dropped a row of the
+    per-example gradients; 0 and 2.5 raised raw ValueError/TypeError; a 0-d vector a raw TypeError."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
+    inf = InfluenceFunction(m, nn.CrossEntropyLoss(), "gauss_newton", damping=0.1).fit(X, y)
+    V = torch.randn(3, 26, dtype=torch.float64)
+    for bad in (-1, 0, 2.5, True):
+        with pytest.raises(InvalidArgumentError, match="chunk"):
+            inf.inverse_hvp(V, chunk=bad)
+        with pytest.raises(InvalidArgumentError, match="chunk"):
+            per_example_gradients(m, nn.CrossEntropyLoss(), X, y, chunk=bad)
+    with pytest.raises(hessinv.ShapeMismatchError):
+        inf.inverse_hvp(torch.tensor(1.0, dtype=torch.float64))
+    assert torch.allclose(inf.inverse_hvp(V, chunk=2), inf.inverse_hvp(V), rtol=1e-12, atol=1e-14)
+
+
+def test_small_integer_class_targets():
+    """uint8 class indices (torch's CrossEntropyLoss takes them) raised a raw gather() error in the
+    per-example gradients; they are class indices like int64 ones."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    a = InfluenceFunction(m, nn.CrossEntropyLoss(), "gauss_newton", damping=0.1).fit(X, y)
+    b = InfluenceFunction(m, nn.CrossEntropyLoss(), "gauss_newton", damping=0.1).fit(X, y.to(torch.uint8))
+    assert torch.allclose(a.self_influence(), b.self_influence(), rtol=1e-12)

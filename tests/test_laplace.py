@@ -356,3 +356,48 @@ def test_stale_fit_bad_bounds_and_unsupported_outputs_are_named():
     la3 = Laplace(reg.double(), "regression").fit(X, torch.randn(20, dtype=torch.float64))
     f_mu, f_var = la3(X[:5])
     assert f_mu.shape == f_var.shape == (5,) and bool((f_var > 0).all())
+
+
+# -- probe of 2026-12-03 (/tmp/probe_apps) ---------------------------------------------------------------
+def test_regression_evidence_counts_every_output_of_per_position_models():
+    """(N, C, T) regression outputs: the Gaussian likelihood has N C T terms (it counted N T)."""
+    torch.manual_seed(0)
+    D = torch.float64
+    X, Y = torch.randn(20, 4, dtype=D), torch.randn(20, 2, 3, dtype=D)
+    m = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 6), torch.nn.Unflatten(1, (2, 3))
+    ).double()
+    sigma = 0.7
+    la = Laplace(m, "regression", prior_precision=1.3, sigma_noise=sigma).fit(X, Y)
+    with torch.no_grad():
+        sse = float(((m(X) - Y) ** 2).sum())
+    ll = -sse / (2 * sigma**2) - Y.numel() * math.log(sigma * math.sqrt(2 * math.pi))
+    assert abs(la.log_likelihood() - ll) < 1e-10 * abs(ll)
+
+
+def test_hessian_evidence_without_a_maximum_is_refused():
+    """With an indefinite Hessian the evidence grows without bound as the prior precision approaches
+    -lambda_min(H) from above; the search returned that edge as if it were the optimum."""
+    torch.manual_seed(0)
+    D = torch.float64
+    m = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    X, y = torch.randn(25, 3, dtype=D), torch.randint(0, 3, (25,))
+    la = Laplace(m, "classification", curvature="hessian", prior_precision=50.0).fit(X, y)
+    with pytest.raises(IndefiniteError, match="no maximum"):
+        la.optimize_prior_precision()
+
+
+def test_fit_and_variance_arguments_are_checked():
+    net, X, y = problem(7, "classification", depth=2)
+    la = Laplace(net, "classification")
+    with pytest.raises(InvalidArgumentError, match="no batch"):
+        la.fit([])
+    with pytest.raises(InvalidArgumentError, match="pair"):
+        la.fit([{"x": X, "y": y}])
+    la.fit(X, y)
+    n = sum(p.numel() for p in net.parameters())
+    with pytest.raises(ShapeMismatchError, match=f"{n}"):
+        la.functional_variance(torch.zeros(3, n, dtype=X.dtype))
+    next(net.parameters()).requires_grad_(False)  # the set of trainable parameters changed after fit
+    with pytest.raises(InvalidArgumentError, match="fit it again"):
+        la(X, pred_type="glm")

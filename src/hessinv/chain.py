@@ -953,7 +953,12 @@ class Chain:
     def check_params(self, saved: Tensor, built: str) -> None:
         """Raise :class:`InvalidArgumentError` where the parameters' values are no longer ``saved`` (a
         :meth:`flat_params` copy taken when ``built`` was fitted): a result combining what was fitted there
-        with the model's outputs or gradients at other values would be silently wrong."""
+        with the model's outputs or gradients at other values would be silently wrong. A model changed in
+        its structure (:meth:`check_model`: a layer frozen or unfrozen since) is refused too."""
+        try:
+            self.check_model()
+        except InvalidArgumentError as e:
+            raise InvalidArgumentError(f"{built}: {e} (fit it again)") from None
         now = self.flat_params()
         if now.shape != saved.shape or not torch.equal(now, saved):
             raise InvalidArgumentError(
@@ -1297,7 +1302,7 @@ class Chain:
         def own_loss(o: Tensor, t: Tensor) -> Tensor:
             return self.loss_fn(o[None], t[None])
 
-        b0 = vmap(grad(own_loss))(out, targets).reshape(out.shape[0], -1)
+        b0 = vmap(grad(own_loss))(out, self.prepare_targets(targets)).reshape(out.shape[0], -1)
         first = [zs]  # check_batch's forward serves the first try; a try after a re-split runs its own
         return self._guarded(
             lambda: self._per_example_rows(first.pop() if first else self.forward(inputs), b0)

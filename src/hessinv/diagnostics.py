@@ -39,6 +39,7 @@ Quantities that are undefined (``d = 0`` or ``x = x*``) are returned as ``nan``,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -48,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hessinv.chain import LossFn
+from hessinv.chain import LossFn, check_real
 from hessinv.curvature import CurvatureOperator, _check_tol, curvature_class
 from hessinv.errors import AccuracyWarning, InvalidArgumentError, SingularError
 from hessinv.riccati import Inertia
@@ -92,7 +93,9 @@ def set_flat_parameters(model: nn.Module | Iterable[Tensor], x: Tensor) -> None:
 # -- the one-step quantities --------------------------------------------------------------------
 def _vec(v: Tensor, name: str) -> Tensor:
     if not isinstance(v, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
+        raise InvalidArgumentError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
+    if v.is_complex():
+        raise InvalidArgumentError(f"{name} is complex; the diagnostics are for real parameter vectors")
     return v.detach().reshape(-1).to(torch.float64)
 
 
@@ -115,9 +118,24 @@ def _along(d: Tensor, e: Tensor, name: str = "d") -> Tensor:
 
 def _apply(metric: Metric, v: Tensor) -> Tensor:
     """``W v`` (float64) for a metric given as a matrix, an operator or a callable."""
+    n = v.numel()
     if isinstance(metric, Tensor):
+        if metric.shape != (n, n):
+            raise InvalidArgumentError(f"metric must be a ({n}, {n}) matrix, got {tuple(metric.shape)}")
         return metric.to(torch.float64) @ v
-    Wv = metric @ v.to(metric.dtype) if isinstance(metric, CurvatureOperator) else metric(v)
+    if isinstance(metric, CurvatureOperator):
+        if metric.shape != (n, n):
+            raise InvalidArgumentError(f"metric is an operator of shape {metric.shape}, the vectors have {n}")
+        Wv = metric @ v.to(metric.dtype)
+    elif callable(metric):
+        Wv = metric(v)
+    else:
+        raise InvalidArgumentError(
+            f"metric must be a matrix, a curvature operator or a callable, got {type(metric).__name__}"
+        )
+    if not isinstance(Wv, Tensor) or Wv.numel() != n:
+        got = tuple(Wv.shape) if isinstance(Wv, Tensor) else type(Wv).__name__
+        raise InvalidArgumentError(f"metric(v) must return {n} numbers, got {got}")
     return Wv.detach().reshape(-1).to(torch.float64)
 
 
@@ -185,7 +203,7 @@ def step_ratio(d: Tensor, x: Tensor, x_star: Tensor, eta: float = 1.0, metric: M
     r"""``rho = eta |d| / |x - x*|`` (Lemma 1); ``nan`` if ``x = x*``."""
     e = _error(x, x_star)
     dd, _, ee = _gram(_along(d, e), e, metric, ("d", "x - x_star"))
-    return math.nan if ee == 0.0 else abs(float(eta)) * math.sqrt(dd) / math.sqrt(ee)
+    return math.nan if ee == 0.0 else abs(check_real(eta, "eta")) * math.sqrt(dd) / math.sqrt(ee)
 
 
 def predicted_contraction(cos_theta: float, rho: float | None = None) -> float:
@@ -201,12 +219,12 @@ def predicted_contraction(cos_theta: float, rho: float | None = None) -> float:
     >>> predicted_contraction(1.0, rho=2.0)   # overshoot by a factor 2: back to the same distance
     1.0
     """
-    c = float(cos_theta)
+    c = check_real(cos_theta, "cos_theta")
     if math.isnan(c):
         return math.nan
     if rho is None:
         return 1.0 - c * c if c > 0 else 1.0
-    r = float(rho)
+    r = check_real(rho, "rho")
     return 1.0 - 2.0 * r * c + r * r
 
 
@@ -380,6 +398,9 @@ class AlignmentTracker:
         if name.startswith("alignments."):
             key = name.split(".", 1)[1]
             return [r.alignments.get(key, math.nan) for r in self.records]
+        fields = [f.name for f in dataclasses.fields(StepRecord)]
+        if name not in fields:
+            raise InvalidArgumentError(f"no column {name!r}; the columns are {fields} and 'alignments.<key>'")
         return [getattr(r, name) for r in self.records]
 
     def summary(self) -> dict[str, float]:
@@ -504,7 +525,7 @@ def newton_direction(
     g = op.gradient if gradient is None else gradient.detach().reshape(-1).to(op.dtype)
     lam_min: float | None = None
     if damping is not None:
-        lam = float(damping)
+        lam = check_real(damping, "damping")
         F = op.factor(lam)
     else:
         lam, F = 0.0, None
@@ -529,9 +550,12 @@ def newton_direction(
                 F, margin = None, 10.0 * margin
             if F is None:
                 raise SingularError(f"C + lambda I stays indefinite (lambda_min ~ {lam_min:g})")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AccuracyWarning)
+    if damping is not None:  # the caller's damping: a poorly solved system is theirs to hear about
         d = F.solve(g)
+    else:
+        with warnings.catch_warnings():  # lambda chosen here, a margin beyond -lambda_min
+            warnings.simplefilter("ignore", AccuracyWarning)
+            d = F.solve(g)
     return NewtonDirection(d, lam, lam_min, F.inertia, g, float(op.loss))
 
 
@@ -550,7 +574,7 @@ def adam_direction(optimizer: torch.optim.Optimizer, gradient: Tensor | None = N
     direction; the returned ``d`` excludes ``lr``. ``maximize=True`` is not supported.
     """
     if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        raise TypeError(f"expected torch.optim.Adam or AdamW, got {type(optimizer).__name__}")
+        raise InvalidArgumentError(f"expected torch.optim.Adam or AdamW, got {type(optimizer).__name__}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if gradient is not None:
         gradient = gradient.detach().reshape(-1)
@@ -560,7 +584,7 @@ def adam_direction(optimizer: torch.optim.Optimizer, gradient: Tensor | None = N
     offset = 0
     for group in optimizer.param_groups:
         if group.get("maximize", False):
-            raise NotImplementedError("maximize=True is not supported")
+            raise InvalidArgumentError("maximize=True is not supported (the direction is of a minimizer)")
         b1, b2 = group["betas"]
         b1, b2, eps, wd = float(b1), float(b2), float(group["eps"]), float(group["weight_decay"])
         decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay"))
@@ -592,6 +616,26 @@ def adam_direction(optimizer: torch.optim.Optimizer, gradient: Tensor | None = N
     return torch.cat(out)
 
 
+def _in_model_order(optimizer: torch.optim.Optimizer, model: Any, g: Tensor) -> Tensor:
+    """:func:`adam_direction` for the gradient ``g`` given, and returned, in the model's flat order
+    (:func:`flat_parameters`): the optimizer reads and writes its groups' order, which may differ."""
+    mine = _trainable(model if isinstance(model, nn.Module) else nn.ModuleList(model))
+    theirs = [p for group in optimizer.param_groups for p in group["params"]]
+    if sorted(map(id, mine)) != sorted(map(id, theirs)):
+        raise InvalidArgumentError(
+            "the optimizer's parameter groups must hold exactly the model's trainable parameters"
+        )
+    offsets, off = {}, 0
+    for p in mine:
+        offsets[id(p)] = (off, p.numel())
+        off += p.numel()
+    order = torch.cat([torch.arange(o, o + k) for o, k in (offsets[id(p)] for p in theirs)])
+    d = adam_direction(optimizer, g[order.to(g.device)])
+    out = torch.empty_like(d)
+    out[order.to(d.device)] = d
+    return out
+
+
 def direction_alignments(
     model: nn.Module | Sequence[nn.Module],
     loss_fn: LossFn,
@@ -621,7 +665,7 @@ def direction_alignments(
             else:
                 if adam is None:
                     raise InvalidArgumentError("'adam' needs the optimizer: pass adam=<torch.optim.Adam>")
-                out[name] = alignment(adam_direction(adam, g), x, x_star)
+                out[name] = alignment(_in_model_order(adam, model, g), x, x_star)
         elif name in ("newton", "gauss_newton"):
             curvature = "hessian" if name == "newton" else name
             nd = newton_direction(model, loss_fn, inputs, targets, curvature=curvature, delta=delta)
@@ -676,6 +720,7 @@ def stochastic_contraction(samples: Tensor, x: Tensor, x_star: Tensor, eta: floa
     if not isinstance(samples, Tensor) or samples.dim() < 1 or samples.shape[0] < 1:
         shape = tuple(samples.shape) if isinstance(samples, Tensor) else type(samples).__name__
         raise InvalidArgumentError(f"samples must be a (k, n) tensor of k >= 1 draws, got {shape}")
+    eta = check_real(eta, "eta")
     D = samples.detach().to(torch.float64).reshape(samples.shape[0], -1)
     e = _error(x, x_star)
     if D.shape[1] != e.numel():

@@ -33,6 +33,7 @@ True
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -70,6 +71,14 @@ def _flatten(tree: dict[str, Tensor], names: list[str], lead: int) -> Tensor:
     return torch.cat([tree[k].reshape(*tree[k].shape[:lead], -1) for k in names], dim=-1)
 
 
+def _check_chunk(chunk: Any) -> int:
+    """``chunk`` as a positive int, else :class:`InvalidArgumentError` (``range(0, N, -1)`` is empty:
+    a negative chunk silently skipped the work)."""
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or int(chunk) < 1:
+        raise InvalidArgumentError(f"chunk must be a positive integer, got {chunk!r}")
+    return int(chunk)
+
+
 def _chunked(fn: Callable[[Tensor, Tensor], Tensor], X: Tensor, y: Tensor, chunk: int) -> Tensor:
     return torch.cat([fn(X[i : i + chunk], y[i : i + chunk]) for i in range(0, len(X), chunk)])
 
@@ -87,6 +96,7 @@ def per_example_gradients(
     ``chunk`` examples at a time: by one batched backward pass through the chain where every stage
     has a per-example form (:meth:`hessinv.Chain.per_example_gradients`; ``chain``: the model's, if
     already built), else vectorized with ``torch.func.vmap(grad)``."""
+    chunk = _check_chunk(chunk)
     for t, what in ((inputs, "inputs"), (targets, "targets")):
         if not isinstance(t, Tensor) or t.dim() < 1 or len(t) == 0:
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
@@ -135,6 +145,7 @@ def _per_example_chain(
 def output_jacobians(model: nn.Module, inputs: Tensor, chunk: int = 1024) -> Tensor:
     """``(N, C, n)``: the Jacobian of each example's ``C`` outputs in the trainable parameters
     (``torch.func.vmap(jacrev)``), for the linearized (GLM) predictive."""
+    chunk = _check_chunk(chunk)
     names, params = _trainable(model)
 
     def out(p: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -243,6 +254,11 @@ class InfluenceFunction:
             raise InvalidArgumentError(
                 f"vectors must be a torch.Tensor of shape (k, n) or (n,), got {type(vectors).__name__}: "
                 "convert with torch.as_tensor"
+            )
+        chunk = _check_chunk(chunk)
+        if vectors.dim() not in (1, 2):
+            raise ShapeMismatchError(
+                f"vectors must have shape (k, n) or (n,), n = {fac.op.shape[0]}; got {tuple(vectors.shape)}"
             )
         if vectors.dim() == 1:
             return self.inverse_hvp(vectors[None], chunk)[0]

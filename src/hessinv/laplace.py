@@ -90,7 +90,17 @@ def _collect(data: Tensor | Iterable, targets: Tensor | None) -> tuple[Tensor, T
         return data, targets
     if targets is not None:
         raise InvalidArgumentError("pass either fit(X, y) or fit(loader)")
-    xs, ys = zip(*[(b[0], b[1]) for b in data], strict=True)
+    try:
+        batches = [(b[0], b[1]) for b in data]
+    except (TypeError, KeyError, IndexError) as e:
+        raise InvalidArgumentError(
+            f"fit(loader): each batch must be an (inputs, targets) pair of tensors ({type(e).__name__}: {e})"
+        ) from None
+    if not batches:
+        raise InvalidArgumentError("fit(loader): the loader gave no batch")
+    xs, ys = zip(*batches, strict=True)
+    if not all(isinstance(t, Tensor) for t in xs + ys):
+        raise InvalidArgumentError("fit(loader): each batch must be an (inputs, targets) pair of tensors")
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -178,7 +188,7 @@ class Laplace:
         self.n_params = self.mean.numel()
         self.prior_mean = self._check_prior_mean(self.prior_mean, self.n_params)  # requires_grad may change
         self.n_data = len(X)
-        self.n_outputs = int(self.model(X[:1]).shape[-1])
+        self.n_outputs = int(self.model(X[:1])[0].numel())  # per example: (N, C, T) outputs count C T
         self.loss = float(op.loss)  # summed cross-entropy, or summed squared error
         self._cache = None
         return self
@@ -284,6 +294,14 @@ class Laplace:
         lo, hi = math.log(bounds[0]), math.log(bounds[1])
         r = minimize_scalar(lambda t: neg(t, s0), bounds=(lo, hi), method="bounded", options={"xatol": tol})
         t = float(r.x)
+        if neg(t, s0) < 1e300 and t - 1e-3 > lo and neg(t - 1e-3, s0) >= 1e300:
+            # the best value sits at the edge of the indefinite region: with the Hessian the evidence grows
+            # without bound as delta / c approaches -lambda_min(H) (log det P -> -inf): no maximum
+            raise IndefiniteError(
+                f"the log marginal likelihood has no maximum here: it grows without bound as the prior "
+                f"precision approaches {math.exp(t):.6g} from above, where c H + delta I turns indefinite "
+                "(log det -> -inf); use curvature='gauss_newton' (positive semi-definite)"
+            )
         if neg(t, s0) >= 1e300:  # indefinite at the bound the search ran into: no evidence anywhere it looked
             raise IndefiniteError(
                 f"the posterior precision c H + delta I is indefinite at every prior precision tried in "
@@ -331,6 +349,10 @@ class Laplace:
         """``J P^{-1} J^T`` per example for Jacobians ``J`` of shape (N, C, n), as (N, C, C): one solve
         with ``N C`` right-hand sides."""
         fac, c = self._factor(self.prior_precision, self.sigma_noise)
+        n_params = fac.op.shape[0]
+        if not isinstance(J, Tensor) or J.dim() != 3 or J.shape[2] != n_params:
+            got = tuple(J.shape) if isinstance(J, Tensor) else type(J).__name__
+            raise ShapeMismatchError(f"J must be an (N, C, {n_params}) tensor of output Jacobians, got {got}")
         N, C, n = J.shape
         S = fac.solve(J.reshape(N * C, n).T.contiguous()) / c  # (n, N C)
         return torch.einsum("icn,nid->icd", J, S.reshape(n, N, C))
