@@ -957,6 +957,22 @@ def test_rejected_step_retry_ignores_edits_of_grad():
     assert torch.equal(runs[0][0], runs[1][0])
 
 
+def test_a_rejected_step_reuses_its_operator():
+    """The retry after a rejected step on the same batch builds no operator (the derivatives at that
+    point are kept); an edit of the optimizer once made every retry build it again, silently slower."""
+    net = tanh_chain(3, scale=4.0)
+    X, y = regression_data(1, 16, 3, 2)
+    opt = ho.Newton(net, nn.MSELoss(), mode="trust-region", seed=0)
+    builds, real = [], opt._operator
+    opt._operator = lambda *a: builds.append(1) or real(*a)
+    rejected = 0
+    for _ in range(12):
+        opt.step(X, y)
+        rejected += not opt.last_stats.accepted
+    assert rejected > 0, "no rejected step: the test would not exercise the retry"
+    assert len(builds) == 12 - rejected
+
+
 def test_loss_with_parameter_penalty_is_refused():
     """A loss_fn that reads the parameters (a weight penalty): its gradient and curvature would be left
     out of the Hessian; refused by name, in the operator and in the optimizer."""

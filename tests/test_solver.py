@@ -197,6 +197,25 @@ def test_a_pivot_of_rounding_noise_is_singular_not_certified(kind, seed):
     assert abs(F.logdet() - float(lam9.abs().log().sum())) < 1e-6 * abs(float(lam9.abs().log().sum()))
 
 
+def test_the_normwise_threshold_ignores_pivots_grown_by_indefinite_elimination():
+    """After an indefinite pivot the sweep's Schur complements can grow far beyond ||H|| (no pivoting
+    across stages: max|Qxx| 2.9e5 against ||H|| = 119 here); a threshold taken from them perturbed 2280
+    exact eigenvalues of the wide first layer's pivot at eps = 1e-9 ||H|| (cond 1e9) and logdet
+    refused. Only positive definite pivots, each at most its block of H + eps I, set the scale."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(300, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    with torch.no_grad():
+        m[0].weight.mul_(0.05)
+        m[4].weight.mul_(20.0)
+    X, y = torch.randn(16, 300, dtype=torch.float64), torch.randint(0, 4, (16,))
+    H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    eps = 1e-9 * H.norm_estimate()
+    F = H.factor(eps)
+    assert not F.perturbed
+    x, info = F.solve(H.gradient, return_info=True)
+    assert info.residual < 1e-12
+
+
 def test_ill_conditioned_nonsingular_system_is_solved_not_refused():
     """cond(H + eps I) = 1.9e8: a perturbed sweep plus refinement and GMRES leaves a relative residual
     above sqrt(u) (the probe: 3.6e-6 after 120 GMRES iterations), which used to be refused as

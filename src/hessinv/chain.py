@@ -1243,10 +1243,10 @@ class Chain:
             and bool(loss_blocks.G.any())
         ):
             warnings.warn(
-                f"{loss_stage.name}: the loss is linear in the model's outputs here (NLLLoss or KLDivLoss "
-                "on log-probabilities from a LogSoftmax, L1Loss away from its kinks, ...), so its "
-                "Gauss-Newton matrix is zero; for curvature from the outputs use CrossEntropyLoss on the "
-                "logits (drop the LogSoftmax), or the Hessian",
+                f"{loss_stage.name}: the loss's second derivative in the model's outputs is zero on this "
+                "batch (a loss linear in them: KLDivLoss or NLLLoss on log-probabilities computed inside a "
+                "stage, L1Loss, HuberLoss beyond delta; or saturated outputs), so its Gauss-Newton matrix "
+                "is zero: the curvature is the Hessian's or none (cross-entropy on logits, a smooth loss)",
                 UserWarning,
                 stacklevel=4,
             )

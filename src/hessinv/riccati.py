@@ -108,12 +108,12 @@ class Pivot:
     ``cholesky_first=False`` skips the Cholesky attempt (the sweep does so after an indefinite pivot,
     when the next one is most likely indefinite too). ``scale``: the perturbation's scale where ``Qxx``
     is zero (``tau = p u scale``; the sweep passes the largest diagonal entry of the blocks downstream).
-    ``hscale``: the largest ``max|Qxx|`` of the pivots before this one in the sweep (a lower estimate
-    of ``||H + eps I||``); with ``perturb``, ``tau = p u max(max|Qxx|, hscale)``, normwise as in
-    MUMPS' static pivoting: a pivot that cancellation left at the rounding level of the blocks it
-    came from (the first layer of a zero-residual least-squares fit: ``max|Qxx| = 2e-13`` against
-    ``||H|| = 41``) is all rounding error, its own scale no measure of it -- and a Cholesky pivot with
-    ``min L_ii^2 < tau`` goes the indefinite way to be perturbed too.
+    ``hscale``: the largest ``max|Qxx|`` of the positive definite pivots before this one in the sweep, while
+    all were (a lower estimate of ``||H + eps I||``, see :func:`riccati_factor`); with ``perturb``, ``tau = p
+    u max(max|Qxx|, hscale)``, normwise as in MUMPS' static pivoting: a pivot that cancellation left at the
+    rounding level of the blocks it came from (the first layer of a zero-residual least-squares fit:
+    ``max|Qxx| = 2e-13`` against ``||H|| = 41``) is all rounding error, its own scale no measure of it -- and
+    a Cholesky pivot with ``min L_ii^2 < tau`` goes the indefinite way to be perturbed too.
     """
 
     def __init__(
@@ -795,7 +795,11 @@ def riccati_factor(
     pd = True
     cholesky_first = True
     scale = 0.0  # the largest diagonal entry of the blocks downstream (perturbed zero pivots' scale)
-    hscale = 0.0  # the largest max|Qxx| of the pivots so far (Pivot's normwise perturbation threshold)
+    # the largest max|Qxx| of the pivots so far while all were positive definite (Pivot's normwise
+    # perturbation threshold): the Schur complement of a positive definite trailing block is at most the
+    # diagonal block it reduces, so this is at most ||H + eps I||; after an indefinite pivot the Schur
+    # complements can grow (the sweep does not pivot across stages) and no longer bound it
+    hscale = 0.0
     for l in range(len(blocks) - 1, -1, -1):
         blk = blocks[l]
         if perturb:
@@ -822,9 +826,10 @@ def riccati_factor(
                 scale,
                 hscale,
             )
-        hscale = max(hscale, piv.qmax)
         neg, zero, pos = neg + piv.inertia.negative, zero + piv.inertia.zero, pos + piv.inertia.positive
         pd = pd and piv.positive_definite
+        if pd:  # 0 < Qxx_l <= the diagonal block of H + eps I it reduces: max|Qxx_l| <= ||H + eps I||
+            hscale = max(hscale, piv.qmax)
         # after an indefinite pivot the next one is most likely indefinite too: skip the Cholesky try
         cholesky_first = stop_if_indefinite or piv.inertia.negative == 0
         if not pd and stop_if_indefinite:

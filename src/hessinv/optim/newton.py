@@ -803,6 +803,10 @@ class Newton(torch.optim.Optimizer):
             rng = self._generator.get_state()
             op = self._operator(inputs[idx], targets[idx])
             loss0, g = self._loss_and_gradient(inputs, targets)
+        else:
+            rng = ns["rng"]
+            op = self._operator(inputs, targets)
+            loss0, g = op.loss, op.gradient  # the loss module's value at the linearization point
         # a loss that sums over the examples: the model is that of omega f, omega = k / n, whose
         # curvature the k-example operator estimates (the steps are then those of the mean's)
         omega = 1.0
@@ -810,10 +814,6 @@ class Newton(torch.optim.Optimizer):
             pool = _counted(self.loss_fn, targets)
             n = batch if pool is None else int(pool.numel())
             omega = 1.0 / curvature_weight(self, inputs[idx], targets[idx], int(idx.numel()), n)
-        else:
-            rng = ns["rng"]
-            op = self._operator(inputs, targets)
-            loss0, g = op.loss, op.gradient  # the loss module's value at the linearization point
         t_deriv = time.perf_counter() - t_start
         wd = self._weight_decay()  # the penalty wd/2 |x|^2: gradient wd x, Hessian wd I, in the model too
         if isinstance(wd, Tensor):

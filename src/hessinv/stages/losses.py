@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -108,8 +109,8 @@ def sums_examples(loss_fn: Callable, outputs: Tensor, targets: Tensor) -> bool |
     ``functools.partial``); otherwise measured on ``(outputs, targets)`` (a few examples): the loss of the
     examples taken twice over is twice the loss (a sum) or the same (a mean). A curvature built on
     ``k`` of ``B`` examples estimates the batch's curvature as it stands for a mean, and ``k / B`` of it
-    for a sum (the optimizers rescale it). Raises :class:`InvalidArgumentError` for a loss that is
-    neither.
+    for a sum (the optimizers rescale it). A loss that is neither (a sum plus a constant) is taken as a
+    mean, with a warning.
 
     Example:
         >>> y, t = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
@@ -136,11 +137,14 @@ def sums_examples(loss_fn: Callable, outputs: Tensor, targets: Tensor) -> bool |
         return False
     if abs(r - 2.0) < 1e-3:
         return True
-    raise InvalidArgumentError(
+    warnings.warn(
         f"{loss_name(loss_fn)}: the loss of a batch taken twice over is {r:.4g}x its loss, neither a mean "
-        "over the examples (1x) nor a sum (2x); a curvature batch smaller than the batch needs one of the "
-        "two (or set curvature_batch_size=None)"
+        "over the examples (1x) nor a sum (2x): a curvature batch smaller than the batch is used as for a "
+        "mean (pass curvature_batch_size=None for the whole batch's)",
+        UserWarning,
+        stacklevel=2,
     )
+    return False
 
 
 def closed_form(loss_fn: Callable) -> nn.Module | None:
