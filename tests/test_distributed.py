@@ -6,6 +6,7 @@ the rank-0 results come back through files and are compared here with a single-p
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from functools import partial
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import hessinv.optim as ho
@@ -390,6 +392,11 @@ def one_process_group():
         (nn.MSELoss(reduction="sum"), "reduction='sum'"),
         (nn.CrossEntropyLoss(reduction="sum"), "reduction='sum'"),
         (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0], dtype=F64)), "class weights"),
+        (functools.partial(F.cross_entropy, reduction="sum"), "reduction='sum'"),
+        (
+            functools.partial(F.cross_entropy, weight=torch.tensor([1.0, 2.0, 3.0], dtype=F64)),
+            "class weights",
+        ),
     ],
 )
 def test_losses_that_are_not_a_per_example_mean_are_refused(one_process_group, loss_fn, message):
@@ -400,6 +407,42 @@ def test_losses_that_are_not_a_per_example_mean_are_refused(one_process_group, l
     assert opt.mode == "auto" and not isinstance(opt.preconditioner, hd.DistributedPreconditioner)
     with pytest.raises(DistributedError, match=message):
         hd.DataParallel(_newton(model), model, loss_fn)
+
+
+def test_a_function_that_sums_is_refused_at_its_first_step(one_process_group):
+    """A lambda (or a module without reduction=) that sums over the examples: found by evaluating it at
+    the first step (the ranks' averaged gradients would be half the global sum's, silently); a mean
+    function and KLDivLoss(reduction='batchmean') (a per-example mean) train."""
+    model = _model()
+    X, y = _data(1)
+    summed = lambda o, t: F.cross_entropy(o, t, reduction="sum")  # noqa: E731
+    dp = hd.DataParallel(_newton(model, summed), model, summed)
+    with pytest.raises(DistributedError, match="sums over the examples"):
+        dp.step(X[:8], y[:8])
+    mean = lambda o, t: F.cross_entropy(o, t)  # noqa: E731
+    hd.DataParallel(_newton(model, mean), model, mean).step(X[:8], y[:8])
+    kl = nn.KLDivLoss(reduction="batchmean")
+    hd.DataParallel(_newton(model, kl), model, kl)
+
+
+def test_process_group_arguments_are_checked():
+    """init_process_group with a bad rank, world size, port or timeout waited out its timeout or raised a
+    raw ValueError; the module's functions outside a process group raised raw errors."""
+    for args, kw in (
+        ((2, 2, 1234), {}),
+        ((0, 0, 1234), {}),
+        ((0, 1, -5), {}),
+        ((0, 1, 1234), {"timeout": -1}),
+    ):
+        with pytest.raises(InvalidArgumentError):
+            hd.init_process_group(*args, **kw)
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(DistributedError, match="not initialized"):
+        hd.agree_stop(True)
+    with pytest.raises(DistributedError, match="not initialized"):
+        hd.save_on_rank0({}, "unused.pt")
+    with pytest.raises(InvalidArgumentError, match="start_method"):
+        hd.launch(print, 1, start_method="bogus")
 
 
 @pytest.mark.parametrize("strategy", ["bogus", "Sharded", "", None])

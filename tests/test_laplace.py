@@ -401,3 +401,14 @@ def test_fit_and_variance_arguments_are_checked():
     next(net.parameters()).requires_grad_(False)  # the set of trainable parameters changed after fit
     with pytest.raises(InvalidArgumentError, match="fit it again"):
         la(X, pred_type="glm")
+
+
+def test_predictive_under_inference_mode():
+    """A prediction wrapped in torch.inference_mode() (common for serving) needs no autograd: the
+    staleness check of the fitted point must not refuse it (it did, for a moment, this session)."""
+    net, X, y = problem(3, "classification", depth=2)
+    la = Laplace(net, "classification").fit(X, y)
+    p0 = la(X[:4])
+    with torch.inference_mode():
+        p1 = la(X[:4])
+    assert torch.equal(p0, p1)

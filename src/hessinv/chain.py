@@ -897,15 +897,15 @@ class Chain:
         ]
         self._code = _stages_code(self.stages)
 
-    def check_model(self) -> None:
+    def check_model(self, autograd: bool = True) -> None:
         """Raise a named error if the model changed since the split in a way the stages cannot see: a
         submodule, list element or parameter replaced, a layer frozen, a parameter's dtype or device
         (``model.double()``), the mode of a Dropout, RReLU or BatchNorm module; or if autograd is off
-        (``torch.inference_mode``). Hooks added or removed, or a plain attribute that a traced
-        ``forward`` read (a temperature, ``self.training``) changed: the model is split again (an attribute
-        whose change leaves the traced code as it was is not watched from then on: a call counter). A
-        microsecond or so per module."""
-        if torch.is_inference_mode_enabled():
+        (``torch.inference_mode``; not checked with ``autograd=False``). Hooks added or removed, or a
+        plain attribute that a traced ``forward`` read (a temperature, ``self.training``) changed: the
+        model is split again (an attribute whose change leaves the traced code as it was is not watched
+        from then on: a call counter). A microsecond or so per module."""
+        if autograd and torch.is_inference_mode_enabled():
             raise InvalidArgumentError(
                 "hessinv needs autograd, which torch.inference_mode() turns off: call it outside that block"
             )
@@ -956,7 +956,7 @@ class Chain:
         with the model's outputs or gradients at other values would be silently wrong. A model changed in
         its structure (:meth:`check_model`: a layer frozen or unfrozen since) is refused too."""
         try:
-            self.check_model()
+            self.check_model(autograd=False)  # (a prediction under inference_mode needs none)
         except InvalidArgumentError as e:
             raise InvalidArgumentError(f"{built}: {e} (fit it again)") from None
         now = self.flat_params()

@@ -48,6 +48,7 @@ rank that raises stops the job with :class:`~hessinv.errors.DistributedError` (n
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import os
 import socket
@@ -63,6 +64,7 @@ from torch import Tensor, nn
 from hessinv.chain import LossFn
 from hessinv.errors import DistributedError, InvalidArgumentError
 from hessinv.optim.precondition import Preconditioner, curvature_batch, curvature_weight
+from hessinv.stages.losses import loss_name, sums_examples
 
 __all__ = [
     "STRATEGIES",
@@ -111,6 +113,21 @@ def init_process_group(
     Backend: NCCL for a CUDA ``device``, else gloo (over the loopback interface)."""
     if not dist.is_available():
         raise DistributedError("this torch build has no torch.distributed")
+    for name, v, lo in (("world_size", world_size, 1), ("rank", rank, 0), ("port", port, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise InvalidArgumentError(f"{name} must be an int >= {lo}, got {v!r}")
+    if rank >= world_size or port > 65535:
+        raise InvalidArgumentError(
+            f"rank {rank} of world_size {world_size} on port {port}: need 0 <= rank < world_size and "
+            "port <= 65535"
+        )
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise InvalidArgumentError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    if dist.is_initialized():
+        raise DistributedError(
+            "torch.distributed is already initialized in this process: call "
+            "torch.distributed.destroy_process_group() first (one process group per process)"
+        )
     if sys.platform.startswith("linux") and os.path.exists("/sys/class/net/lo"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(
@@ -155,6 +172,12 @@ def launch(
 
     if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
         raise InvalidArgumentError(f"nprocs must be an int >= 1, got {nprocs!r}")
+    if start_method not in mp.get_all_start_methods():
+        raise InvalidArgumentError(
+            f"start_method must be one of {mp.get_all_start_methods()}, got {start_method!r}"
+        )
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise InvalidArgumentError(f"timeout must be a number of seconds > 0, got {timeout!r}")
     port = free_port()
     ctx = mp.start_processes(
         _entry,
@@ -257,15 +280,19 @@ def _loss_refusal(loss_fn: Any) -> str | None:
     """Why ``loss_fn`` cannot be data-parallel (None: it can). DDP averages the ranks' gradients, and
     :class:`DataParallel` the ranks' losses, each weighted by its share of the loss's normalizer (the
     examples, or the targets not ignored): right for a per-example *mean* only."""
-    red = getattr(loss_fn, "reduction", "mean")
-    if red != "mean":
+    kw = loss_fn.keywords if isinstance(loss_fn, functools.partial) else {}
+    red = kw.get("reduction", getattr(loss_fn, "reduction", "mean"))
+    if red not in ("mean", "batchmean"):  # (KLDivLoss's batchmean: a mean over the examples)
         return (
             f"the loss has reduction={red!r}; data-parallel training averages the ranks' gradients, which "
             "is the global batch's gradient for a mean only: build the loss with reduction='mean'"
         )
-    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and loss_fn.weight is not None:
+    weight = kw.get(
+        "weight", loss_fn.weight if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) else None
+    )
+    if weight is not None:
         return (
-            f"the loss {type(loss_fn).__name__} has class weights: its mean divides by each rank's own "
+            f"the loss {loss_name(loss_fn)} has class weights: its mean divides by each rank's own "
             "sum of weights, so the ranks' average is not the global batch's loss; use a loss without "
             "weight=... (or one process)"
         )
@@ -298,6 +325,7 @@ def _settings(opt: Any, strategy: str) -> dict[str, Any]:
     return {
         "dtype": str(opt.chain.dtype),
         "parameter count": int(opt.chain.num_params),
+        "parameter shapes": tuple(tuple(p.shape) for p in opt.chain.params),
         "strategy": strategy,
         "mode": "precondition" if opt.mode in ("auto", "precondition") else opt.mode,
         "lr": tuple(float(g["lr"]) for g in opt.param_groups),
@@ -400,6 +428,18 @@ class DistributedPreconditioner(Preconditioner):
                 "mean losses is then not the global batch's mean: use DataParallel.step (it weights each "
                 "rank's loss by its share), or give every rank the same number of labelled targets"
             )
+        if self._sums is None and getattr(self.loss_fn, "reduction", None) is None:
+            # a function (or a module without reduction=): does it sum over the examples? (once)
+            k = min(int(inputs.shape[0]), 4)
+            with torch.no_grad():
+                y = self.chain.forward(inputs[:k])[-1]
+            self._sums = sums_examples(self.loss_fn, y, self.chain.prepare_targets(targets[:k]))
+            if self._sums:
+                raise DistributedError(
+                    f"the loss {loss_name(self.loss_fn)} sums over the examples (its loss of a batch taken "
+                    "twice over is twice its loss); data-parallel training averages the ranks' gradients, "
+                    "which is the global batch's gradient for a mean only: average over the examples"
+                )
         self._checked_at = self.state["t"] + 1  # the step whose update() needs no second check
         return counts
 
@@ -628,6 +668,7 @@ class DataParallel:
         shard, the gradients are averaged by DistributedDataParallel (weighted by each rank's count of
         examples the loss counts) and the preconditioner combines the ranks' curvature; returns the
         global batch's loss, the same on every rank."""
+        _group_info(self.group)  # a named error once the process group is gone
         X, y = shard(inputs, self.rank, self.world_size), shard(targets, self.rank, self.world_size)
         counts = self.opt.preconditioner.check_step(X, y, weighted=True)  # the step's one small collective
         n = [c[1] for c in counts]
@@ -662,6 +703,7 @@ class DataParallel:
 
 def agree_stop(stop: bool, group: Any = None) -> bool:
     """Any rank's ``stop`` (an all-reduce MAX of one number): every rank leaves a loop at the same step."""
+    _group_info(group)  # a named error outside a process group
     t = torch.tensor([1.0 if stop else 0.0])
     if dist.get_backend(group) == "nccl":
         t = t.cuda()
@@ -672,7 +714,7 @@ def agree_stop(stop: bool, group: Any = None) -> bool:
 def save_on_rank0(obj: Any, path: str | os.PathLike, group: Any = None) -> None:
     """``torch.save(obj, path)`` on rank 0 (atomically: a temporary file, then a rename), then a barrier,
     so that every rank may read ``path`` when this returns."""
-    if dist.get_rank(group) == 0:
+    if _group_info(group)[0] == 0:
         tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
         torch.save(obj, tmp)
         os.replace(tmp, path)
