@@ -678,7 +678,11 @@ class DataParallel:
 
         def closure() -> Tensor:
             self.opt.zero_grad()
-            loss = self.loss_fn(self.ddp(X), y)
+            try:
+                loss = self.loss_fn(self.ddp(X), y)
+            except (RuntimeError, ValueError, IndexError, TypeError):
+                self.opt._explain_failure(X, y)  # the named error one process gives (a class out of range)
+                raise
             (loss if weight == 1.0 else loss * weight).backward()
             return loss.detach()
 
