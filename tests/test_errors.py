@@ -332,7 +332,7 @@ def test_too_large_generic_stage_says_which_curvature_batch_fits():
     G = hessinv.gauss_newton(m, torch.nn.CrossEntropyLoss(), X, y)  # gradient and root need no dense blocks
     U, S = G.root()
     assert U.shape == (64 * 2, G.shape[0])  # softmax cross-entropy: rank C - 1 per example
-    with pytest.raises(hessinv.UnsupportedStageError, match=r"curvature_batch_size=\d+"):
+    with pytest.raises(hessinv.TooLargeError, match=r"curvature_batch_size=\d+"):
         G @ torch.randn(G.shape[0])  # the conv stage's dense per-example blocks would not fit
     with pytest.raises(
         (hessinv.UnsupportedStageError, hessinv.TooLargeError), match=r"curvature_batch_size=\d+"
@@ -365,6 +365,33 @@ def test_a_sweep_too_large_for_memory_is_named_before_it_allocates(monkeypatch):
     assert isinstance(err.value, MemoryError)
     small = hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X[:fits], y[:fits])  # what it names fits
     assert hessinv.riccati.check_memory(small.blocks, small._names, torch.float32, X.device) is None
+
+
+def test_a_leading_parameter_free_stage_costs_nothing_in_the_sweep(monkeypatch):
+    """nn.Flatten() before the first Linear: the sweep treated the Linear as coupled to its input (a p x
+    (B 784) block and a (B 784)^2 one, for nothing: no parameter before it), 6x the time and memory and
+    false refusals. The sweep now ends at the first stage with parameters: same memory need, same
+    solution as without the Flatten. The need also counts the factors kept across the depth (a suggested
+    batch ran out of memory)."""
+    import hessinv.riccati as ric
+
+    torch.manual_seed(0)
+    body = [nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)]
+    flat_first = nn.Sequential(nn.Flatten(), *body).double()
+    plain = nn.Sequential(*body).double()
+    X, y = torch.randn(16, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (16,))
+    G1 = hessinv.gauss_newton(flat_first, nn.CrossEntropyLoss(), X, y)
+    G2 = hessinv.gauss_newton(plain, nn.CrossEntropyLoss(), X.reshape(16, 64), y)
+    x1, x2 = G1.factor(1e-3).solve(G1.gradient), G2.factor(1e-3).solve(G2.gradient)
+    assert torch.allclose(x1, x2, rtol=1e-12, atol=1e-15)
+    monkeypatch.setattr(ric, "_capacity_bytes", lambda device: 2**20)
+    monkeypatch.setattr(ric, "_memory_bytes", lambda device: 2**20)
+    fits = []
+    for G in (G1, G2):
+        with pytest.raises(hessinv.TooLargeError) as err:
+            ric.check_memory(G.blocks, G._names, torch.float64, X.device)
+        fits.append(re.search(r"at most (\d+) examples", str(err.value)).group(1))
+    assert fits[0] == fits[1]
 
 
 def test_an_output_curvature_too_large_is_named():

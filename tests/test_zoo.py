@@ -1242,9 +1242,7 @@ def test_the_whole_call_fallback_edges(monkeypatch):
         chain.linearize(x, torch.full((5,), 7))  # the loss stage refuses after _Flipped passed whole
     assert [s.name for s in chain.stages] == names and not chain._whole
     monkeypatch.setattr(gen.GenericStage, "MAX_BLOCK_ENTRIES", 1000)
-    with pytest.raises(
-        hessinv.UnsupportedStageError, match=r"stage 1 \(_Flipped\): its dense per-example blocks"
-    ):
+    with pytest.raises(hessinv.TooLargeError, match=r"stage 1 \(_Flipped\): its dense per-example blocks"):
         hessinv.hessian(model, loss_fn, x, y)
 
 

@@ -704,13 +704,27 @@ def _memory_bytes(device: torch.device) -> int | None:
 PEAK_FACTOR = 2.5
 
 
+def _first_with_parameters(blocks: list[Blocks]) -> int:
+    """The index of the first stage with parameters (0 if none has): the Riccati sweep's last stage."""
+    return next((l for l, b in enumerate(blocks) if b.p), 0)
+
+
 def _sweep_entries(blk: Blocks, batch: int, first: bool, last: bool) -> int:
     """Numbers the sweep holds at once at stage ``blk`` for ``batch`` examples: the downstream
     ``Sigma`` (``a_out^2``; none after the loss) and ``Jx^T Sigma`` (``p a_out``), the pivot (``p^2``) and,
     above the first stage, ``Qzz`` (``a_in^2``), ``Qxz`` and ``L^{-1} Qxz`` (``2 p a_in``)."""
     a_in, a_out, p, q = batch * blk.d_in, batch * blk.d_out, blk.p, blk.pivot_order(batch)
-    down = 0 if last else a_out * a_out + p * a_out
+    down = (
+        0 if last else a_out * a_out + q * a_out
+    )  # (a low-rank pivot's stage forms Jx^T Sigma in its r rows)
     return down + q * q + (0 if first else a_in * a_in + 2 * p * a_in)
+
+
+def _kept_entries(blk: Blocks, batch: int, first: bool) -> int:
+    """Numbers a stage's factor keeps for the solves once the sweep has passed it: the pivot's factor and
+    ``Qxz`` (none at the first stage)."""
+    q = blk.pivot_order(batch)
+    return q * q + (0 if first else blk.p * batch * blk.d_in)
 
 
 def check_memory(blocks: list[Blocks], names: list[str], dtype: torch.dtype, device: torch.device) -> None:
@@ -720,9 +734,14 @@ def check_memory(blocks: list[Blocks], names: list[str], dtype: torch.dtype, dev
     examples that fits."""
     item = torch.empty(0, dtype=dtype).element_size()
     model, L = blocks[:-1], len(blocks) - 1
+    first = _first_with_parameters(model)
 
     def need(j: int, batch: int) -> int:
-        return int(PEAK_FACTOR * _sweep_entries(model[j], batch, j == 0, j == L - 1) * item)
+        """At stage j: its transients, and the factors the stages after it keep."""
+        if j < first:
+            return 0
+        held = sum(_kept_entries(model[k], batch, k == first) for k in range(j + 1, L) if model[k].p)
+        return int((PEAK_FACTOR * _sweep_entries(model[j], batch, j == first, j == L - 1) + held) * item)
 
     # a sweep far below what the process could ever hold needs no reading of what is free (file reads)
     if max((need(i, blk.batch) for i, blk in enumerate(model)), default=0) * 64 <= _capacity_bytes(device):
@@ -738,17 +757,20 @@ def check_memory(blocks: list[Blocks], names: list[str], dtype: torch.dtype, dev
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if all(need(j, mid) <= total for j in range(L)) else (lo, mid - 1)
-        d = max(blk.d_in if i else 0, blk.d_out if i < L - 1 else 0)
+        d = max(blk.d_in if i > first else 0, blk.d_out if i < L - 1 else 0)
         q = blk.pivot_order(blk.batch)
         big = (
             f"a {q} x {q} pivot"
             if q > blk.batch * d
-            else f"an a x a matrix, a = {blk.batch} examples x {d} activations = {blk.batch * d}"
+            else f"{blk.p} parameters against a = {blk.batch} examples x {d} activations = {blk.batch * d}: "
+            "p x a and a x a blocks"
         )
+        worst = max(range(L), key=lambda j: need(j, 1))
         what = (
             f"Take the curvature on at most {lo} examples (Newton/Preconditioner: curvature_batch_size={lo})"
             if lo
-            else f"Even one example does not fit (the stage's {blk.p} parameters make a dense pivot)"
+            else f"Even one example does not fit ({names[worst]} needs {need(worst, 1) / 2**30:.3g} GiB with "
+            f"one: its {model[worst].p} parameters make a dense {model[worst].pivot_order(1)}-square pivot)"
         )
         raise TooLargeError(
             f"{names[i]}: the Riccati sweep would need about {need(i, blk.batch) / 2**30:.3g} GiB there "
@@ -800,11 +822,14 @@ def riccati_factor(
     # diagonal block it reduces, so this is at most ||H + eps I||; after an indefinite pivot the Schur
     # complements can grow (the sweep does not pivot across stages) and no longer bound it
     hscale = 0.0
-    for l in range(len(blocks) - 1, -1, -1):
+    # the first stage with parameters is where the sweep ends: parameter-free stages before it (a
+    # Flatten) carry no unknowns, and its input is data -- no Qxz, Qzz of the input side
+    first = _first_with_parameters(blocks)
+    for l in range(len(blocks) - 1, first - 1, -1):
         blk = blocks[l]
         if perturb:
             scale = max(scale, _diagmax(Sigma.reshape(Sigma.shape[0] * Sigma.shape[1], -1)))
-        rb = blk.riccati_native(Sigma, coupled=l > 0)
+        rb = blk.riccati_native(Sigma, coupled=l > first)
         if blk.p == 0:
             Sigma = rb.Qzz
             continue
@@ -838,7 +863,7 @@ def riccati_factor(
         out[l] = StageFactor(piv, Qxz, rb.order, rb.inverse)
         if stop_if_perturbed and piv.perturbed:
             return out, Inertia(neg, zero, pos), False
-        if l > 0:
+        if l > first:
             a = Qxz.shape[1]
             # rb.Qzz is the stage's own fresh tensor unless the stage passed Sigma through
             Sigma = piv.schur(rb.Qzz.reshape(a, a), Qxz, overwrite=rb.Qzz is not Sigma).view(rb.Qzz.shape)
@@ -879,7 +904,8 @@ def _backward(
     ks: list[Tensor | None] = [None] * len(blocks)
     quad = rhs[0].new_zeros(k) if quadratic else None
     r = rhs[0].new_zeros(1, 1, k)
-    for l in range(len(blocks) - 1, -1, -1):
+    first = _first_with_parameters(blocks)
+    for l in range(len(blocks) - 1, first - 1, -1):
         blk, f = blocks[l], factors[l]
         if f is not None:
             g = rhs[l] + blk.jxT(r)
@@ -887,9 +913,9 @@ def _backward(
             kl = ks[l] = f.pivot.solve(g)
             if quad is not None:
                 quad += (g * kl).sum(0)
-            if l > 0:
+            if l > first:
                 r = blk.jzT(r) - _mm(f.Qxz.T, kl).view(blk.batch, blk.d_in, k)
-        elif l > 0:
+        elif l > first:
             r = blk.jzT(r)
     return ks, quad
 

@@ -40,7 +40,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from hessinv.errors import InvalidArgumentError, NotAChainError, UnsupportedStageError
+from hessinv.errors import InvalidArgumentError, NotAChainError, TooLargeError, UnsupportedStageError
 from hessinv.stages.protocol import (
     Blocks,
     ParameterFreeBlocks,
@@ -307,15 +307,15 @@ class GenericStage(Stage):
             fits = int((self.MAX_BLOCK_ENTRIES - p * p) // per) if per else 0
             hint = (
                 f"A batch of at most {fits} examples for the curvature (Newton/Preconditioner: "
-                f"curvature_batch_size={fits}) fits; "
+                f"curvature_batch_size={fits}) fits; else use"
                 if fits >= 1
-                else ""
+                else "Use"
             )
-            raise UnsupportedStageError(
+            raise TooLargeError(
                 f"{self.name}: its dense per-example blocks would hold {size:.3g} numbers (p={p}, "
                 f"d_in={d_in}, d_out={d_out}, B={B}; the limit is {self.MAX_BLOCK_ENTRIES:.3g}): a stage "
                 "without a structured form (convolutions, pooling, normalization) is stored densely per "
-                f"example. {hint}else use smaller inputs to it, or split it into a chain of smaller stages"
+                f"example. {hint} smaller inputs to it, or split it into a chain of smaller stages"
             )
         with torch.enable_grad():
             out = call(z).reshape(B, -1)
