@@ -104,6 +104,14 @@ def test_a_failed_plot_is_not_announced(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "loss.png").exists()
 
 
+def test_paths_with_brackets_are_printed_as_written(tmp_path, capsys):
+    """rich read '[/y]' in --out as a closing markup tag: a traceback after the work (exit 1)."""
+    out = tmp_path / "out[/y]"
+    rc, o, err = run(capsys, "--data", "digits", "--steps", "2", "--optimizers", "adam", "--out", str(out),
+                     "--samples", "200", "--depth", "3", "--width", "4", "--no-tune")  # fmt: skip
+    assert rc == 0 and "Traceback" not in err and str(out) in o.replace("\n", "")
+
+
 def test_same_initialization_for_every_optimizer(tmp_path, capsys):
     rc, _, _ = run(
         capsys,

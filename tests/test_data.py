@@ -126,6 +126,43 @@ def test_csv_without_header(tmp_path):
     assert ds.input_dim == 2 and ds.n_classes == 2 and len(ds.X_test) == 2
 
 
+def test_byte_order_mark_padded_columns_and_huge_features(tmp_path):
+    """A UTF-8 byte-order mark made the first row of a header-less file a 'header' (a row lost);
+    numpy.savetxt's padded columns were one column; features of 1e200 overflowed the variance and were
+    all set to 0 by the standardization."""
+    rows = [(0.5 * i, (-1) ** i * 1e200 * (i + 1), i % 2) for i in range(10)]
+    text = "".join(f"{a},{b},{c}\n" for a, b, c in rows)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    X, y, _, _ = load_file(bom)
+    assert X.shape == (10, 2) and y.tolist() == [i % 2 for i in range(10)]
+    padded = tmp_path / "padded.txt"
+    np.savetxt(padded, np.array(rows, dtype=float)[:, [0, 2]] * [1, 1], fmt="%10.4f")
+    X, y, _, _ = load_file(padded)
+    assert X.shape == (10, 1) and y.tolist() == [i % 2 for i in range(10)]
+    ds = load_dataset(str(bom), test_fraction=0.2)
+    assert bool(torch.isfinite(ds.X_train).all()) and float(ds.X_train[:, 1].std()) > 0.5
+
+
+def test_labels_the_split_hides_get_the_split_advice(tmp_path):
+    """Five rows, one of class 1 that the split sent to the test set: 'needs at least 2 classes' blamed
+    the file; distinct integer targets read as classes get the --task hint."""
+    few = tmp_path / "few.csv"
+    few.write_text("".join(f"{i},{int(i == 4)}\n" for i in range(5)))
+    messages = []
+    for seed in range(20):  # the seeds whose split sends the one class-1 row to the test set
+        try:
+            load_dataset(str(few), test_fraction=0.2, seed=seed)
+        except DataError as e:
+            messages.append(str(e))
+    assert messages and all("test labels have classes the training labels do not" in m for m in messages)
+    ints = tmp_path / "ints.csv"
+    ints.write_text("".join(f"{i * 0.1},{i * 7 + 3}\n" for i in range(60)))
+    with pytest.raises(DataError, match="--task regression"):
+        load_dataset(str(ints))
+    assert load_dataset(str(ints), task="regression").task == "regression"
+
+
 @pytest.mark.parametrize(
     "content, match",
     [

@@ -196,17 +196,27 @@ def _is_header(head: list[str], labels: list[str]) -> bool:
     return not _is_number(head[-1]) and head[-1].strip() not in {c.strip() for c in labels}
 
 
+class _Spaces(csv.excel):
+    """Cells separated by runs of spaces (the empty cells between them are dropped below)."""
+
+    delimiter = " "
+    skipinitialspace = True
+
+
 def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Features (floats) and labels (floats, or strings: class names) of a delimited text file;
     errors name the line of the file (1-based, the header included) and the column."""
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # (-sig: a byte-order mark is no cell)
             sample = fh.read(4096)
             fh.seek(0)
             try:
                 dialect = csv.Sniffer().sniff(sample, delimiters=",;\t ")
             except csv.Error:
-                dialect = csv.excel
+                # columns padded with runs of spaces (numpy.savetxt with a width) defeat the sniffer
+                lines = [ln for ln in sample.splitlines()[:-1] if ln.strip()]
+                spaced = lines and "," not in sample and len({len(ln.split()) for ln in lines}) == 1
+                dialect = _Spaces if spaced and len(lines[0].split()) > 1 else csv.excel
             reader = csv.reader(fh, dialect)
             rows = [(reader.line_num, r) for r in reader if r and any(c.strip() for c in r)]
     except (OSError, UnicodeDecodeError) as e:
@@ -431,11 +441,11 @@ def load_dataset(
             raise DataError(f"{label}: classification labels must be integers")
         y, yt = yy[: len(y)], yy[len(y) :]
         classes = np.unique(y)
-        if len(classes) < 2:
-            raise DataError(f"{label}: classification needs at least 2 classes, got {len(classes)}")
         unseen = np.setdiff1d(yt, classes).tolist()
+        numeric = yy.dtype.kind in "biuf"
         if unseen:
             shown = ", ".join(map(str, unseen[:5])) + (", ..." if len(unseen) > 5 else "")
+            many = numeric and len(np.unique(yy)) > len(yy) // 2  # mostly distinct numbers: targets?
             raise DataError(
                 f"{label}: the test labels have classes the training labels do not ({shown}), which a "
                 "classifier cannot learn; "
@@ -443,9 +453,12 @@ def load_dataset(
                     "y_test must use the classes of y"
                     if own_test
                     else "too few examples of them: use more examples (--samples), another --seed or a "
-                    "smaller --test-fraction"
+                    "smaller test split"
                 )
+                + ("; if the labels are numeric targets: --task regression" if many else "")
             )
+        if len(classes) < 2:
+            raise DataError(f"{label}: classification needs at least 2 classes, got {len(classes)}")
         y = np.searchsorted(classes, y).astype(np.int64)
         yt = np.searchsorted(classes, yt).astype(np.int64)
         n_classes = len(classes)
@@ -465,6 +478,10 @@ def load_dataset(
         ytr_t, yte_t = torch.from_numpy(y), torch.from_numpy(yt)
 
     if standardize:
+        # scaled by each column's largest |value| first: the variance of values beyond ~1e154 overflows
+        top = np.abs(X).max(0) if len(X) else np.ones(X.shape[1:])
+        top = np.where(np.isfinite(top) & (top > 0), top, 1.0)
+        X, Xt = X / top, Xt / top
         mu, sd = X.mean(0), X.std(0)
         sd = np.where(sd > 1e-12, sd, 1.0)
         X, Xt = (X - mu) / sd, (Xt - mu) / sd

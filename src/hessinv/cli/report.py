@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -37,7 +38,7 @@ class Reporter:
         cfg = self.cfg
         if not self.quiet:
             bs = "full batch" if cfg.batch_size is None else f"batch {cfg.batch_size}"
-            self.err.print(f"[bold]hessinv train[/bold]  {self.ds.describe()}")
+            self.err.print(f"[bold]hessinv train[/bold]  {escape(self.ds.describe())}")
             self.err.print(
                 f"model: depth {cfg.depth}, width {cfg.width}, {cfg.activation}"
                 f"{', residual' if cfg.residual else ''}, "
@@ -97,11 +98,11 @@ class Reporter:
             table.add_column(h, justify="left" if h in ("optimizer", "status") else "right")
         for r in rows:
             style = None if r[2] == "ok" else "red"
-            table.add_row(*r, style=style)
+            table.add_row(*(escape(str(c)) for c in r), style=style)
         self.console.print(table)
         for r in results:
             if r.status != "ok":
-                self.err.print(f"[red]{r.name}: {r.status}[/red]: {r.message}")
+                self.err.print(f"[red]{escape(r.name)}: {escape(r.status)}[/red]: {escape(str(r.message))}")
             if r.tuning:
                 grid = ", ".join(f"{k}: {_fmt(v, '.3g')}" for k, v in r.tuning.items())
                 self.console.print(f"{r.name}: lr {r.lr:g} chosen from the grid (final train loss) {grid}")
@@ -113,6 +114,8 @@ class Reporter:
                 "the first-order steps)"
             )
         plotted = "plot_error" not in summary
-        self.console.print(f"logs, summary.json, table.md{' and loss.png' if plotted else ''} in {cfg.out}")
+        self.console.print(
+            f"logs, summary.json, table.md{' and loss.png' if plotted else ''} in {escape(str(cfg.out))}"
+        )
         if not plotted:
-            self.err.print(f"[red]the plot could not be drawn[/red]: {summary['plot_error']}")
+            self.err.print(f"[red]the plot could not be drawn[/red]: {escape(str(summary['plot_error']))}")
