@@ -29,7 +29,8 @@ DistributedError           a data-parallel job cannot run or a rank failed / tim
                            (:mod:`hessinv.optim.distributed`)
 ConvergenceError           an iterative eigensolver did not converge within its budget and
                            the matrix is too large for the dense fallback
-TooLargeError              the Riccati sweep's dense blocks would not fit in memory (the
+TooLargeError              the Riccati sweep's dense blocks would not fit in memory, or a
+                           generic stage's dense per-example blocks exceed their limit (the
                            message names the batch size that fits)
 NotFittedError             a fitted object (an influence function, a Laplace posterior, a
                            preconditioner) was used before its ``fit`` / ``update``
@@ -113,9 +114,11 @@ class DistributedError(HessinvError, RuntimeError):
 
 
 class TooLargeError(HessinvError, MemoryError):
-    """The factorization would hold dense blocks larger than the device's memory: an ``a x a`` matrix
-    per stage, ``a = B d`` (examples times the stage's input width). Use fewer examples for the
-    curvature; the message says how many fit."""
+    """The factorization would hold dense blocks larger than the memory still available (an ``a x a``
+    matrix per stage, ``a = B d``: examples times the stage's input width, ``p x a`` blocks and the
+    factors kept for every stage), or a generic stage's dense per-example blocks would exceed
+    :attr:`~hessinv.stages.GenericStage.MAX_BLOCK_ENTRIES`. Use fewer examples for the curvature; the
+    message says how many fit."""
 
 
 class ConvergenceError(HessinvError, RuntimeError):
