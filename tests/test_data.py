@@ -142,6 +142,11 @@ def test_byte_order_mark_padded_columns_and_huge_features(tmp_path):
     assert X.shape == (10, 1) and y.tolist() == [i % 2 for i in range(10)]
     ds = load_dataset(str(bom), test_fraction=0.2)
     assert bool(torch.isfinite(ds.X_train).all()) and float(ds.X_train[:, 1].std()) > 0.5
+    offset = tmp_path / "offset.npz"  # a large offset with a spread of 1e5: still a feature, not constant
+    g = np.random.default_rng(0)
+    np.savez(offset, X=1.7e18 + g.integers(0, 10**6, (40, 1)).astype(float), y=np.arange(40) % 2)
+    ds = load_dataset(str(offset), test_fraction=0.25)
+    assert 0.5 < float(ds.X_train[:, 0].std()) < 1.5
 
 
 def test_labels_the_split_hides_get_the_split_advice(tmp_path):

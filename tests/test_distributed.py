@@ -419,6 +419,11 @@ def test_a_function_that_sums_is_refused_at_its_first_step(one_process_group):
     dp = hd.DataParallel(_newton(model, summed), model, summed)
     with pytest.raises(DistributedError, match="sums over the examples"):
         dp.step(X[:8], y[:8])
+    y_hidden = y[:8].clone()
+    y_hidden[:4] = -100  # the function ignores these (F.cross_entropy's default): the probe must look further
+    dp = hd.DataParallel(_newton(model, summed), model, summed)
+    with pytest.raises(DistributedError, match="sums over the examples"):
+        dp.step(X[:8], y_hidden)
     mean = lambda o, t: F.cross_entropy(o, t)  # noqa: E731
     hd.DataParallel(_newton(model, mean), model, mean).step(X[:8], y[:8])
     kl = nn.KLDivLoss(reduction="batchmean")

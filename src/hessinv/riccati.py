@@ -721,10 +721,11 @@ def _sweep_entries(blk: Blocks, batch: int, first: bool, last: bool) -> int:
 
 
 def _kept_entries(blk: Blocks, batch: int, first: bool) -> int:
-    """Numbers a stage's factor keeps for the solves once the sweep has passed it: the pivot's factor and
-    ``Qxz`` (none at the first stage)."""
-    q = blk.pivot_order(batch)
-    return q * q + (0 if first else blk.p * batch * blk.d_in)
+    """Numbers a stage's factor keeps for the solves once the sweep has passed it: the pivot's factor,
+    ``Qxz`` and, for a low-rank pivot, its ``C`` (none of the two at the first stage)."""
+    q, a_in = blk.pivot_order(batch), batch * blk.d_in
+    low = 0 if first or q >= blk.p else a_in * a_in  # a low-rank pivot's C (the Hessian's): a_in x a_in
+    return q * q + low + (0 if first else blk.p * a_in)
 
 
 def check_memory(blocks: list[Blocks], names: list[str], dtype: torch.dtype, device: torch.device) -> None:
@@ -770,7 +771,7 @@ def check_memory(blocks: list[Blocks], names: list[str], dtype: torch.dtype, dev
             f"Take the curvature on at most {lo} examples (Newton/Preconditioner: curvature_batch_size={lo})"
             if lo
             else f"Even one example does not fit ({names[worst]} needs {need(worst, 1) / 2**30:.3g} GiB with "
-            f"one: its {model[worst].p} parameters make a dense {model[worst].pivot_order(1)}-square pivot)"
+            "one, its blocks and the factors kept after it)"
         )
         raise TooLargeError(
             f"{names[i]}: the Riccati sweep would need about {need(i, blk.batch) / 2**30:.3g} GiB there "

@@ -478,11 +478,11 @@ def load_dataset(
         ytr_t, yte_t = torch.from_numpy(y), torch.from_numpy(yt)
 
     if standardize:
-        # scaled by each column's largest |value| first: the variance of values beyond ~1e154 overflows
+        # the mean and spread of each column scaled by its largest |value| (the variance of values beyond
+        # ~1e154 overflows), then scaled back: both at most that value, finite
         top = np.abs(X).max(0) if len(X) else np.ones(X.shape[1:])
         top = np.where(np.isfinite(top) & (top > 0), top, 1.0)
-        X, Xt = X / top, Xt / top
-        mu, sd = X.mean(0), X.std(0)
+        mu, sd = (X / top).mean(0) * top, (X / top).std(0) * top
         sd = np.where(sd > 1e-12, sd, 1.0)
         X, Xt = (X - mu) / sd, (Xt - mu) / sd
     return Dataset(

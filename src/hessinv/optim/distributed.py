@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from hessinv.chain import LossFn
 from hessinv.errors import DistributedError, InvalidArgumentError
-from hessinv.optim.precondition import Preconditioner, curvature_batch, curvature_weight
+from hessinv.optim.precondition import Preconditioner, _counted, curvature_batch, curvature_weight
 from hessinv.stages.losses import loss_name, sums_examples
 
 __all__ = [
@@ -428,12 +428,18 @@ class DistributedPreconditioner(Preconditioner):
                 "mean losses is then not the global batch's mean: use DataParallel.step (it weights each "
                 "rank's loss by its share), or give every rank the same number of labelled targets"
             )
-        if self._sums is None and getattr(self.loss_fn, "reduction", None) is None:
-            # a function (or a module without reduction=): does it sum over the examples? (once)
-            k = min(int(inputs.shape[0]), 4)
-            with torch.no_grad():
-                y = self.chain.forward(inputs[:k])[-1]
-            self._sums = sums_examples(self.loss_fn, y, self.chain.prepare_targets(targets[:k]))
+        if getattr(self.loss_fn, "reduction", None) is None:
+            # a function (or a module without reduction=): does it sum over the examples? (found once, on
+            # examples it counts, or by the curvature's weighting)
+            if self._sums is None:
+                idx = _counted(self.loss_fn, targets)
+                idx = (idx if idx is not None else torch.arange(int(inputs.shape[0]))).to(inputs.device)
+                for part in (idx[:4], idx):  # a few examples; all of them where those leave a zero loss
+                    with torch.no_grad():
+                        y = self.chain.forward(inputs[part])[-1]
+                    self._sums = sums_examples(self.loss_fn, y, self.chain.prepare_targets(targets[part]))
+                    if self._sums is not None:
+                        break
             if self._sums:
                 raise DistributedError(
                     f"the loss {loss_name(self.loss_fn)} sums over the examples (its loss of a batch taken "
