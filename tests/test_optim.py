@@ -957,6 +957,59 @@ def test_rejected_step_retry_ignores_edits_of_grad():
     assert torch.equal(runs[0][0], runs[1][0])
 
 
+def test_a_fixed_damping_is_in_the_units_of_the_loss_with_a_summed_subsample():
+    """40 copies of one example, MSE summed, a fixed damping: a curvature batch of 10 must change
+    nothing (the 10-example curvature is scaled to the 40's). The damping went into the rescaled model
+    unscaled (6e-2 apart after 3 steps); the reported damping is in the loss's units."""
+    torch.manual_seed(0)
+    X = torch.randn(1, 3, dtype=F64).repeat(40, 1)
+    y = torch.randn(1, 2, dtype=F64).repeat(40, 1)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    out = []
+    for k in (None, 10):
+        m = copy.deepcopy(net)
+        kw = dict(mode="trust-region", damping=0.5, curvature_batch_size=k, weight_decay=0.1, seed=1)
+        opt = ho.Newton(m, nn.MSELoss(reduction="sum"), **kw)
+        for _ in range(3):
+            opt.step(X, y)
+        out.append(flat(m))
+        assert opt.last_stats.damping == pytest.approx(0.5)
+    assert torch.allclose(out[0], out[1], rtol=1e-9, atol=1e-12)
+
+
+def test_a_fixed_damping_does_not_take_a_step_to_a_non_finite_loss():
+    """PoissonNLLLoss(log_input=False) takes log(outputs): a step to negative outputs is NaN. The fixed
+    damping, which takes every step (uphill too), took that one too; the next step then failed."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    with torch.no_grad():
+        net[2].bias.fill_(3.0)
+    X, y = torch.randn(40, 3, dtype=F64), torch.rand(40, 1, dtype=F64) * 3
+    opt = ho.Newton(net, nn.PoissonNLLLoss(log_input=False), mode="trust-region", damping=0.01)
+    before = flat(net)
+    opt.step(X, y)
+    assert not opt.last_stats.accepted and torch.equal(flat(net), before)
+
+
+def test_levenberg_marquardt_reports_the_negative_curvature_it_proved():
+    """LM raises lambda until the Cholesky test passes: each failure at lambda > 0 proves a negative
+    eigenvalue below -lambda; the step's statistics said None (unknown)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(3.0)
+    X, y = torch.randn(20, 3, dtype=F64), torch.randn(20, 2, dtype=F64)
+    H = hessinv.hessian(net, nn.MSELoss(), X, y)
+    lam_min = float(torch.linalg.eigvalsh(H.to_dense())[0])
+    opt = ho.Newton(net, nn.MSELoss(), mode="trust-region", damping="levenberg-marquardt")
+    opt.step(X, y)
+    st = opt.last_stats
+    first = min(max(1e-3 * H.norm_estimate(iters=10), 1e-12), 1e12)  # LM's first lambda
+    assert lam_min < -first  # the test needs a failed Cholesky at the first lambda
+    assert st.negative_curvature is True
+
+
 def test_a_rejected_step_reuses_its_operator():
     """The retry after a rejected step on the same batch builds no operator (the derivatives at that
     point are kept); an edit of the optimizer once made every retry build it again, silently slower."""

@@ -48,9 +48,12 @@ class Sweeps:
     and ``op @ v``.
     """
 
-    def __init__(self, op: CurvatureOperator, shift: float = 0.0):
-        """``shift``: a constant added to the curvature (``H + shift I``, a weight decay's ``lam I``)."""
-        self.op, self.shift = op, float(shift)
+    def __init__(self, op: CurvatureOperator, shift: float = 0.0, unit: float = 1.0):
+        """``shift``: a constant added to the curvature (``H + shift I``, a weight decay's ``lam I``).
+        ``unit``: what the objective is scaled by in the model ``op`` is the curvature of (the trust region's
+        ``omega f`` for a subsampled loss that sums over the examples): a fixed damping given for ``f``
+        is ``unit`` times it here."""
+        self.op, self.shift, self.unit = op, float(shift), float(unit)
         self.factorizations = self.solves = self.products = 0
         self.time_factor = self.time_solve = 0.0
 
@@ -219,7 +222,9 @@ class LevenbergMarquardt(DampingRule):
         if lam <= 0:  # first step: scale by the curvature
             lam = min(max(1e-3 * sweeps.op.norm_estimate(iters=10), self.min_damping), self.max_damping)
         F = sweeps.cholesky(lam)
+        failed = -math.inf  # the largest lambda whose Cholesky test failed: lambda_min(H) < -failed
         while F is None:
+            failed = lam
             if lam >= self.max_damping:
                 raise SingularError(
                     f"H + lambda I is not positive definite even at lambda = {lam:g}", damping=lam
@@ -227,7 +232,7 @@ class LevenbergMarquardt(DampingRule):
             lam = min(4 * lam, self.max_damping)
             F = sweeps.cholesky(lam)
         step = -sweeps.solve(F, gradient)
-        return Proposal(step, lam, F)
+        return Proposal(step, lam, F, lambda_lower=failed)
 
     def update(self, state: State, proposal: Proposal, rho: float) -> tuple[State, bool]:
         lam, nu = proposal.damping, float(state["nu"])
@@ -263,11 +268,13 @@ class FixedDamping(DampingRule):
         return {}
 
     def propose(self, sweeps: Sweeps, gradient: Tensor, state: State) -> Proposal:
-        F = sweeps.factor(self.damping)
-        return Proposal(-sweeps.solve(F, gradient), self.damping, F)
+        eps = self.damping * sweeps.unit  # in the units of the model the sweeps' operator is of
+        F = sweeps.factor(eps)
+        return Proposal(-sweeps.solve(F, gradient), eps, F)
 
     def accept(self, rho: float) -> bool:
-        return True
+        """Every step, uphill too -- but not one to a non-finite loss (``rho = -inf``): it is undone."""
+        return rho > -math.inf
 
     def update(self, state: State, proposal: Proposal, rho: float) -> tuple[State, bool]:
-        return dict(state), True
+        return dict(state), self.accept(rho)

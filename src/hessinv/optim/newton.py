@@ -116,11 +116,13 @@ class StepStats:
         hard_case: the Moré–Sorensen hard case occurred.
         inertia: inertia of ``H + lambda I`` (the factorization the step was solved with; positive
             definite except with a fixed damping).
-        inertia_at_zero: inertia of ``H`` itself (``Newton(track_inertia=True)``, two extra
-            factorizations per step, zero eigenvalues counted with tolerance ``sqrt(u) ||H||``);
-            else ``(0, 0, n)`` when ``H`` passed the Cholesky test at 0, else None.
-        negative_curvature: ``H`` has a negative eigenvalue (True: proved by a failed Cholesky test
-            at some ``lambda > 0`` or a Rayleigh quotient; False: ``H`` is positive definite; None: unknown).
+        inertia_at_zero: inertia of the objective's Hessian without damping, ``H + wd I`` with a
+            ``weight_decay`` ``wd`` (``Newton(track_inertia=True)``, two extra factorizations per step,
+            zero eigenvalues counted with tolerance ``sqrt(u) ||H||``); else ``(0, 0, n)`` when it
+            passed the Cholesky test at 0, else None.
+        negative_curvature: that matrix has a negative eigenvalue (True: proved by a failed Cholesky
+            test at some ``lambda > 0`` -- the trust region's and Levenberg-Marquardt's -- or a Rayleigh
+            quotient; False: it is positive definite; None: unknown).
         lr: the ``lr`` of the parameter group (the step taken is ``lr * s``).
         batch_size, curvature_batch_size: examples in the gradient and in the curvature batch.
         factorizations, solves: Riccati sweeps spent on this step.
@@ -829,7 +831,7 @@ class Newton(torch.optim.Optimizer):
             loss0, g = omega * loss0, omega * g
 
         # 2. proposal
-        sweeps = Sweeps(op, shift=omega * wd)
+        sweeps = Sweeps(op, shift=omega * wd, unit=omega)
         proposal = self.rule.propose(sweeps, g, ns["rule"])
         # float32: an interior step to ~cond u (Sweeps.refine); a boundary step is shrunk onto the sphere
         # and no longer solves the system (refining it would undo the shrinking)
@@ -913,8 +915,8 @@ class Newton(torch.optim.Optimizer):
         stats = StepStats(
             step=self._newton["step"], loss=f0 / omega, loss_after=f1 / omega,
             predicted_decrease=pred / omega, actual_decrease=actual / omega, rho=rho, accepted=accepted,
-            damping=proposal.damping,
-            radius=proposal.radius, step_norm=step_norm, boundary=proposal.boundary,
+            damping=proposal.damping / omega,
+            radius=proposal.radius, step_norm=step_norm, boundary=proposal.boundary and not used_fallback,
             hard_case=proposal.hard_case, inertia=proposal.factor.inertia, inertia_at_zero=inertia0,
             negative_curvature=negative_curvature, lr=float(self.param_groups[0]["lr"]), batch_size=batch,
             curvature_batch_size=k if subsample else batch, factorizations=sweeps.factorizations,
