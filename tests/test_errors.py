@@ -60,6 +60,27 @@ def test_use_before_fit_is_a_named_error():
     assert issubclass(hessinv.NotFittedError, RuntimeError)
 
 
+@pytest.mark.parametrize("reduction, ce_reduction", [("batchmean", "mean"), ("sum", "sum")])
+def test_distillation_kl_after_log_softmax_has_the_cross_entropy_gauss_newton_matrix(reduction, ce_reduction):
+    """Knowledge distillation, KLDivLoss(log_softmax(student), teacher probabilities): linear in the
+    log-probabilities, so its Gauss-Newton split there was zero. Split at the logits: cross-entropy with
+    the teacher's probabilities (the divergence plus their entropy, a constant): same G, gradient; the
+    operator's loss is the divergence's."""
+    net, X, _ = small()
+    q = torch.softmax(torch.randn(5, 2, dtype=torch.float64), 1)
+    kl = nn.KLDivLoss(reduction=reduction)
+    with_log = nn.Sequential(*net, nn.LogSoftmax(dim=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        G = hessinv.gauss_newton(with_log, kl, X, q)
+    G_ce = hessinv.gauss_newton(net, nn.CrossEntropyLoss(reduction=ce_reduction), X, q)
+    assert bool(G.to_dense().any())
+    assert torch.allclose(G.to_dense(), G_ce.to_dense(), rtol=1e-12, atol=1e-14)
+    assert torch.allclose(G.gradient, G_ce.gradient, rtol=1e-12, atol=1e-14)
+    with torch.no_grad():
+        assert torch.allclose(G.loss, kl(with_log(X), q), rtol=1e-12)
+
+
 def test_a_gauss_newton_matrix_that_is_zero_says_why():
     """L1Loss is linear in the outputs away from its kinks: its Gauss-Newton matrix is zero (the
     optimizer's curvature vanished silently: Adam-like steps). A warning names it; cross-entropy and the

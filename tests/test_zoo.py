@@ -238,9 +238,15 @@ entry("refused_loss_without_second_derivative")(
 )  # fmt: skip
 entry("smooth_l1")(lambda: loss_case(nn.SmoothL1Loss(beta=0.5), lambda: torch.randn(B, C, dtype=DT)))
 entry("l1")(lambda: loss_case(nn.L1Loss(), lambda: torch.randn(B, C, dtype=DT)))
-entry("kl_div_batchmean")(
-    lambda: loss_case(nn.KLDivLoss(reduction="batchmean"), _probs, head=(nn.LogSoftmax(dim=1),))
-)
+
+
+def _kl_case() -> Case:  # split at the logits like NLL (cross-entropy with the probability targets)
+    case = loss_case(nn.KLDivLoss(reduction="batchmean"), _probs, head=(nn.LogSoftmax(dim=1),))
+    case.gn_ref = (case.model[:-1], nn.CrossEntropyLoss())
+    return case
+
+
+entry("kl_div_batchmean")(_kl_case)
 entry("poisson_nll")(lambda: loss_case(nn.PoissonNLLLoss(), lambda: torch.rand(B, C, dtype=DT) * 3))
 entry("gaussian_nll_heteroscedastic")(
     lambda: loss_case(

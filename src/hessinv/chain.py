@@ -1188,25 +1188,32 @@ class Chain:
         """
         return self._guarded(lambda: self._linearize(inputs, targets, second_order))
 
-    def _nll_as_cross_entropy(self, zs: list[Tensor]) -> nn.CrossEntropyLoss | None:
-        """The cross-entropy that equals ``loss_fn`` after the last stage, where the loss is ``NLLLoss``
-        (module or ``F.nll_loss``) and the last stage a parameter-free log-softmax over the classes of
-        ``(B, C)`` outputs (checked on this batch's values); else None."""
+    def _nll_as_cross_entropy(self, zs: list[Tensor], targets: Tensor) -> nn.CrossEntropyLoss | None:
+        """The cross-entropy on the logits that equals ``loss_fn`` after the last stage (up to a constant),
+        where that stage is a parameter-free log-softmax over the classes of ``(B, C)`` outputs (checked
+        on this batch's values) and the loss ``NLLLoss`` (module, ``F.nll_loss`` or a partial of it:
+        the same function) or ``KLDivLoss(reduction='batchmean' or 'sum')`` of probability targets
+        (knowledge distillation: the cross-entropy with those targets, minus their entropy); else None."""
         fn, kw = self.loss_fn, {}
         if isinstance(fn, functools.partial) and fn.func is F.nll_loss and not fn.args:
             fn, kw = fn.func, dict(fn.keywords)
             if set(kw) - {"weight", "ignore_index", "reduction"}:
                 return None
-        if not (type(fn) is nn.NLLLoss or fn is F.nll_loss) or len(zs) < 2 or self.stages[-1].p:
+        kl = type(fn) is nn.KLDivLoss and fn.reduction in ("batchmean", "sum") and not fn.log_target
+        if not (type(fn) is nn.NLLLoss or fn is F.nll_loss or kl) or len(zs) < 2 or self.stages[-1].p:
             return None
         logits, out = zs[-2], zs[-1]
         if out.dim() != 2 or logits.shape != out.shape or not out.is_floating_point():
+            return None
+        if kl and (targets.shape != out.shape or not targets.is_floating_point()):
             return None
         with torch.no_grad():
             ref = torch.log_softmax(logits, dim=1)
             tol = 10 * torch.finfo(out.dtype).eps * (1.0 + float(ref.abs().max()) if ref.numel() else 1.0)
             if not bool(((out - ref).abs() <= tol).all()):
                 return None
+        if kl:
+            return nn.CrossEntropyLoss(reduction="mean" if fn.reduction == "batchmean" else "sum")
         if fn is F.nll_loss:
             return nn.CrossEntropyLoss(**kw)
         return nn.CrossEntropyLoss(weight=fn.weight, ignore_index=fn.ignore_index, reduction=fn.reduction)
@@ -1219,7 +1226,7 @@ class Chain:
         # Gauss-Newton of NLLLoss after a LogSoftmax: the loss is linear in the log-probabilities, so the
         # split there gives a zero matrix; split at the logits instead (cross-entropy on them, the same
         # function: the generalized Gauss-Newton practitioners mean), the LogSoftmax stage an identity
-        ce = None if second_order else self._nll_as_cross_entropy(zs)
+        ce = None if second_order else self._nll_as_cross_entropy(zs, targets)
         loss_stage = LossStage(len(self.stages), ce or self.loss_fn, targets, zs[-2] if ce else y)
         if ce is not None:
             y = zs[-2]
@@ -1235,6 +1242,11 @@ class Chain:
                     f"{loss_stage.name}: per-example decomposition {loss.item()} != loss {reference.item()}"
                 )
             loss = reference.to(loss.dtype)
+        if (
+            ce is not None and type(self.loss_fn) is nn.KLDivLoss
+        ):  # the divergence: minus the targets' entropy
+            with torch.no_grad():
+                loss = self.loss_fn(zs[-1], targets).to(loss.dtype).reshape(())
         if (
             not second_order
             and loss_blocks._Lam is not None
