@@ -1188,7 +1188,7 @@ class Chain:
         """
         return self._guarded(lambda: self._linearize(inputs, targets, second_order))
 
-    def _nll_as_cross_entropy(self, zs: list[Tensor], targets: Tensor) -> nn.CrossEntropyLoss | None:
+    def _split_at_logits(self, zs: list[Tensor], targets: Tensor) -> nn.CrossEntropyLoss | None:
         """The cross-entropy on the logits that equals ``loss_fn`` after the last stage (up to a constant),
         where that stage is a parameter-free log-softmax over the classes of ``(B, C)`` outputs (checked
         on this batch's values) and the loss ``NLLLoss`` (module, ``F.nll_loss`` or a partial of it:
@@ -1226,7 +1226,7 @@ class Chain:
         # Gauss-Newton of NLLLoss after a LogSoftmax: the loss is linear in the log-probabilities, so the
         # split there gives a zero matrix; split at the logits instead (cross-entropy on them, the same
         # function: the generalized Gauss-Newton practitioners mean), the LogSoftmax stage an identity
-        ce = None if second_order else self._nll_as_cross_entropy(zs, targets)
+        ce = None if second_order else self._split_at_logits(zs, targets)
         loss_stage = LossStage(len(self.stages), ce or self.loss_fn, targets, zs[-2] if ce else y)
         if ce is not None:
             y = zs[-2]

@@ -63,8 +63,8 @@ from torch import Tensor, nn
 
 from hessinv.chain import LossFn
 from hessinv.errors import DistributedError, InvalidArgumentError
-from hessinv.optim.precondition import Preconditioner, _counted, curvature_batch, curvature_weight
-from hessinv.stages.losses import loss_name, sums_examples
+from hessinv.optim.precondition import Preconditioner, _counted, curvature_batch, curvature_weight, sums_on
+from hessinv.stages.losses import loss_name, loss_reduction
 
 __all__ = [
     "STRATEGIES",
@@ -281,7 +281,7 @@ def _loss_refusal(loss_fn: Any) -> str | None:
     :class:`DataParallel` the ranks' losses, each weighted by its share of the loss's normalizer (the
     examples, or the targets not ignored): right for a per-example *mean* only."""
     kw = loss_fn.keywords if isinstance(loss_fn, functools.partial) else {}
-    red = kw.get("reduction", getattr(loss_fn, "reduction", "mean"))
+    red = loss_reduction(loss_fn) or "mean"
     if red not in ("mean", "batchmean"):  # (KLDivLoss's batchmean: a mean over the examples)
         return (
             f"the loss has reduction={red!r}; data-parallel training averages the ranks' gradients, which "
@@ -435,9 +435,7 @@ class DistributedPreconditioner(Preconditioner):
                 idx = _counted(self.loss_fn, targets)
                 idx = (idx if idx is not None else torch.arange(int(inputs.shape[0]))).to(inputs.device)
                 for part in (idx[:4], idx):  # a few examples; all of them where those leave a zero loss
-                    with torch.no_grad():
-                        y = self.chain.forward(inputs[part])[-1]
-                    self._sums = sums_examples(self.loss_fn, y, self.chain.prepare_targets(targets[part]))
+                    self._sums = sums_on(self, inputs[part], targets[part])
                     if self._sums is not None:
                         break
             if self._sums:
@@ -503,7 +501,7 @@ class DistributedPreconditioner(Preconditioner):
                 U, S = self._root(Xl, yl, of=k, full=True)  # k's share of max_rank
                 # this shard's share of the mean over the k examples; for a loss that sums them, its sum
                 # times B / k (the curvature of the rank's loss, as its gradient is)
-                w = curvature_weight(self, Xl, yl, k, int(targets.shape[0]))
+                w = curvature_weight(self, Xl, yl, targets, k)
                 U = U * math.sqrt(w if self._sums else share)
             else:
                 U = torch.zeros(0, n, dtype=self.chain.dtype, device=self.chain.device)
@@ -516,7 +514,7 @@ class DistributedPreconditioner(Preconditioner):
             Xc, yc = self._curvature_batch(inputs, targets)  # every rank draws: generators stay in step
             if self.rank == owner:
                 U, S = self._root(Xc, yc, full=True)
-                U = self._weighted(U, self._weight(Xc, yc, targets))
+                U = self._weighted(U, curvature_weight(self, Xc, yc, targets))
                 head = torch.tensor([U.shape[0]], dtype=torch.int64, device=U.device)
             else:
                 head = torch.zeros(1, dtype=torch.int64, device=self.chain.device)

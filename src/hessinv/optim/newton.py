@@ -80,7 +80,6 @@ from hessinv.optim.precondition import (
     BASIS_MAX_DIM,
     MAX_RANK,
     Preconditioner,
-    _counted,
     _positive,
     curvature_batch,
     curvature_weight,
@@ -813,9 +812,7 @@ class Newton(torch.optim.Optimizer):
         # curvature the k-example operator estimates (the steps are then those of the mean's)
         omega = 1.0
         if subsample:
-            pool = _counted(self.loss_fn, targets)
-            n = batch if pool is None else int(pool.numel())
-            omega = 1.0 / curvature_weight(self, inputs[idx], targets[idx], int(idx.numel()), n)
+            omega = 1.0 / curvature_weight(self, inputs[idx], targets[idx], targets)
         t_deriv = time.perf_counter() - t_start
         wd = self._weight_decay()  # the penalty wd/2 |x|^2: gradient wd x, Hessian wd I, in the model too
         if isinstance(wd, Tensor):

@@ -352,16 +352,26 @@ def curvature_batch(loss_fn: Any, targets: Tensor, k: int, generator: torch.Gene
     return idx.to(targets.device)
 
 
-def curvature_weight(owner: Any, Xc: Tensor, yc: Tensor, k: int, n: int) -> float:
-    """``n / k`` where ``owner.loss_fn`` sums its per-example terms (the loss of ``n`` examples against the
-    ``k`` of a curvature batch ``(Xc, yc)``), 1 where it averages them. Whether it sums
-    is found once (:func:`hessinv.stages.losses.sums_examples`, on the model's outputs for ``Xc``) and
-    kept in ``owner._sums``."""
+def sums_on(owner: Any, X: Tensor, y: Tensor) -> bool | None:
+    """:func:`hessinv.stages.losses.sums_examples` of ``owner.loss_fn`` on the model's outputs for ``X``."""
+    with torch.no_grad():
+        out = owner.chain.forward(X)[-1]
+    return sums_examples(owner.loss_fn, out, owner.chain.prepare_targets(y))
+
+
+def curvature_weight(owner: Any, Xc: Tensor, yc: Tensor, targets: Tensor, k: int | None = None) -> float:
+    """``w`` such that ``w C_k`` estimates the curvature of the loss of the whole batch ``targets`` from
+    that of a curvature batch ``(Xc, yc)`` of ``k`` examples (default: ``Xc``'s): 1 where
+    ``owner.loss_fn`` averages over the examples, ``n / k`` where it sums them (``n``: the examples of
+    ``targets`` the loss counts). Whether it sums is found once (:func:`sums_on`) and kept in
+    ``owner._sums``."""
     if owner._sums is None:
-        with torch.no_grad():
-            y = owner.chain.forward(Xc)[-1]
-        owner._sums = sums_examples(owner.loss_fn, y, owner.chain.prepare_targets(yc))
-    return n / k if owner._sums else 1.0
+        owner._sums = sums_on(owner, Xc, yc)
+    if not owner._sums:
+        return 1.0
+    pool = _counted(owner.loss_fn, targets)
+    n = int(targets.shape[0]) if pool is None else int(pool.numel())
+    return n / (int(yc.shape[0]) if k is None else k)
 
 
 class Preconditioner:
@@ -378,7 +388,7 @@ class Preconditioner:
             ``lambda`` of ``H + lambda I`` (Hessian). Steps off the curvature subspace are Adam steps of
             size ``1 / damping``.
         curvature_batch_size: examples of each training batch the curvature is built on (scaled by
-            ``n / k`` for a loss that sums over the examples: :meth:`_weight`).
+            ``n / k`` for a loss that sums over the examples: :func:`curvature_weight`).
         refresh: rebuild the curvature every this many calls.
         beta2, eps: the second-moment average of ``D``.
         warmup: for the first ``warmup`` calls ``D`` is refreshed every call.
@@ -558,22 +568,13 @@ class Preconditioner:
         idx = curvature_batch(self.loss_fn, targets, self.curvature_batch_size, self.generator)
         return (inputs, targets) if idx is None else (inputs[idx], targets[idx])
 
-    def _weight(self, Xc: Tensor, yc: Tensor, targets: Tensor) -> float:
-        """``w`` such that ``w C_k`` estimates the curvature of the loss of the whole batch ``targets``
-        from that of its ``k``-example curvature batch ``(Xc, yc)``: 1 for a loss that averages over the
-        examples, ``n / k`` for one that sums them (``n``: the examples the batch's loss counts)."""
-        k, B = int(yc.shape[0]), int(targets.shape[0])
-        pool = _counted(self.loss_fn, targets)
-        n = B if pool is None else int(pool.numel())
-        return curvature_weight(self, Xc, yc, k, n)
-
     def curvature_root(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """``(U, S)`` with ``G = U^T diag(S) U`` the Gauss-Newton matrix of a curvature batch drawn from
-        ``(inputs, targets)`` (scaled to the batch's: :meth:`_weight`), ``U``'s rows in the
+        ``(inputs, targets)`` (scaled to the batch's: :func:`curvature_weight`), ``U``'s rows in the
         preconditioner's basis (the step :mod:`hessinv.optim.distributed` shares between ranks)."""
         Xc, yc = self._curvature_batch(inputs, targets)
         U, S = self._root(Xc, yc)
-        return self._weighted(U, self._weight(Xc, yc, targets)), S
+        return self._weighted(U, curvature_weight(self, Xc, yc, targets)), S
 
     def _weighted(self, U: Tensor, w: float) -> Tensor:
         """``sqrt(w) U`` (``G`` times ``w``; ``S`` stays the signs the Woodbury form needs), and the kept
@@ -634,7 +635,7 @@ class Preconditioner:
                         "per-group values need the Gauss-Newton curvature"
                     )
                 # w H_k + lambda I = w (H_k + (lambda / w) I): solve() divides by w
-                self._hweight = self._weight(Xc, yc, targets)
+                self._hweight = curvature_weight(self, Xc, yc, targets)
                 shift = (self.damping + self.weight_decay) / self._hweight
                 self._factor = self._op.factor(shift, modify="abs")
         elif self.curvature == "gauss_newton":

@@ -101,6 +101,12 @@ def prepare_targets(loss_fn: Callable, targets: Tensor, dtype: torch.dtype) -> T
     return targets
 
 
+def loss_reduction(loss_fn: Callable) -> str | None:
+    """A loss's ``reduction`` (a module's attribute or a ``functools.partial``'s keyword), else None."""
+    kw = loss_fn.keywords if isinstance(loss_fn, functools.partial) else {}
+    return kw.get("reduction", getattr(loss_fn, "reduction", None))
+
+
 def sums_examples(loss_fn: Callable, outputs: Tensor, targets: Tensor) -> bool | None:
     """Whether ``loss_fn`` sums its per-example terms (``reduction='sum'``: the loss of ``B`` examples
     grows like ``B``) rather than averaging them; None where it cannot tell.
@@ -119,8 +125,7 @@ def sums_examples(loss_fn: Callable, outputs: Tensor, targets: Tensor) -> bool |
         >>> sums_examples(lambda y, t: F.cross_entropy(y, t, reduction="sum"), y, t)
         True
     """
-    kw = loss_fn.keywords if isinstance(loss_fn, functools.partial) else {}
-    red = kw.get("reduction", getattr(loss_fn, "reduction", None))
+    red = loss_reduction(loss_fn)
     if red in ("mean", "batchmean", "elementwise_mean"):
         return False
     if red == "sum":
