@@ -179,6 +179,18 @@ def test_not_a_chain():
         hessinv.Chain(nn.Sequential(lin, nn.Tanh(), lin), nn.MSELoss())
     with pytest.raises(NotAChainError, match="no trainable"):
         hessinv.Chain(nn.Sequential(nn.Tanh()), nn.MSELoss())
+    # a plain function: the named error (it was a raw TypeError from iterating over it)
+    with pytest.raises(NotAChainError, match="got function: wrap"):
+        hessinv.hessian(lambda x: torch.tanh(lin(x)), nn.MSELoss(), X, X)
+
+
+def test_a_complex_model_is_refused_as_complex():
+    """It was told that half precision cannot hold the curvature and to call model.double() (which drops
+    the imaginary part)."""
+    m = nn.Sequential(nn.Linear(4, 3)).to(torch.complex128)
+    X = torch.randn(5, 4, dtype=torch.complex128)
+    with pytest.raises(DtypeMismatchError, match="real float32 or float64 parameters"):
+        hessinv.hessian(m, lambda o, t: (o.abs() ** 2).mean(), X, torch.zeros(5))
 
 
 def test_batch_shape_and_dtype_mismatches():

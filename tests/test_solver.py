@@ -153,9 +153,10 @@ def test_zero_pivot_of_a_nonsingular_hessian_is_solved():
     assert float(ev.abs().min()) > 1e-2  # nonsingular
     b = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     F = H.factor(0.0)
-    assert F.perturbed and not F.inertia_certified
+    assert F.perturbed and not F._certified  # the pivots' counts are the perturbed matrix's ...
     assert float((Hd @ F.solve(b) - b).norm() / b.norm()) < 1e-12
-    assert tuple(F.inertia) == (int((ev < 0).sum()), 0, int((ev > 0).sum()))
+    # ... and F.inertia is recounted exactly when read
+    assert tuple(F.inertia) == (int((ev < 0).sum()), 0, int((ev > 0).sum())) and F.inertia_certified
 
 
 def test_zero_pivot_of_a_singular_hessian_is_named():
@@ -284,7 +285,9 @@ def test_ill_conditioned_pivot_is_not_certified(monkeypatch):
     H = hessinv.hessian(m, nn.MSELoss(), X, y)
     _, Hd = autograd_gradient_hessian(m, nn.MSELoss(), X, y)
     F = H.factor(1e-8)
-    assert not F.inertia_certified
+    assert not F._certified  # the pivots' counts; F.inertia is recounted (dense LDL^T at this size)
+    ev8 = torch.linalg.eigvalsh(Hd + 1e-8 * torch.eye(Hd.shape[0], dtype=torch.float64))
+    assert tuple(F.inertia) == (int((ev8 < 0).sum()), 0, int((ev8 > 0).sum())) and F.inertia_certified
     sweep = sum(f.pivot.logdet() for f in F.factors if f is not None)
     want = torch.linalg.slogdet(Hd + 1e-8 * torch.eye(Hd.shape[0], dtype=torch.float64))
     with warnings.catch_warnings():
@@ -751,7 +754,7 @@ def test_logdet_of_a_perturbed_factorization(monkeypatch):
     g, Hd = autograd_gradient_hessian(m, lf, X, y)
     eye = torch.eye(Hd.shape[0], dtype=torch.float64)
     F = H.factor(3e-8)
-    assert F.perturbed and not F.inertia_certified
+    assert F.perturbed and not F._certified
     want = torch.linalg.slogdet(Hd + 3e-8 * eye)
     assert F.slogdet() == pytest.approx((float(want[0]), float(want[1])), rel=1e-9)
     assert hessinv.spectrum.logdet(H, 3e-8) == pytest.approx((float(want[0]), float(want[1])), rel=1e-9)
@@ -869,3 +872,33 @@ def test_eigenpairs_of_a_float32_operator_too_large_for_its_sweeps():
         hessinv.hessian(copy.deepcopy(net).double(), nn.MSELoss(), X.double(), y.double()).to_dense()
     )
     assert H.min_eigenvalue() == pytest.approx(float(ev[0]), rel=1e-6, abs=1e-8 * float(ev[-1]))
+
+
+def test_inertia_of_a_perturbed_factorization_is_recounted():
+    """A float64 tanh net at eps = 0 (cond 6e5, not singular): the first stage's pivot is perturbed (14
+    eigenvalues), and ``F.inertia`` was the perturbed matrix's, (12, 0, 14) against the dense (11, 0,
+    15), while ``F.slogdet()``'s sign (from the dense fallback) said an odd count. It is now recounted
+    exactly when first read, agrees with ``H.inertia`` and the sign, and is certified."""
+    torch.manual_seed(5)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # (the probe's script, RNG draws included)
+    try:
+        nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        torch.randn(4, 4)
+        nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 3))
+        torch.randn(4, 1, 6)
+        m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        X, y = torch.randn(4, 3), torch.randn(4, 2)
+    finally:
+        torch.set_default_dtype(default)
+    H = hessinv.hessian(m, nn.MSELoss(), X, y)
+    _, Hd = autograd_gradient_hessian(m, nn.MSELoss(), X, y)
+    ev = torch.linalg.eigvalsh(Hd)
+    want = (int((ev < 0).sum()), 0, int((ev > 0).sum()))
+    F = H.factor(0.0)
+    assert F.perturbed and not F._certified
+    sweep = sum((f.pivot.inertia.negative for f in F.factors if f is not None), 0)
+    assert sweep != want[0]  # what the perturbed pivots count
+    assert tuple(F.inertia) == want and F.inertia_certified
+    assert F.slogdet()[0] == (-1.0 if want[0] % 2 else 1.0) == float(torch.linalg.slogdet(Hd)[0])
+    assert tuple(H.inertia(0.0)) == want

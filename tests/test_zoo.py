@@ -421,6 +421,14 @@ def _token_ids(**embedding) -> Case:
     return case
 
 
+def _token_id_per_example() -> Case:
+    """One token id per example, inputs of shape (B,) (nn.Embedding's usual layout; it was refused as
+    not (batch, features...))."""
+    case = ce_case(nn.Embedding(7, W), nn.Tanh(), nn.Linear(W, W), nn.GELU(), nn.Linear(W, C))
+    case.inputs = torch.randint(0, 7, (B,))
+    return case
+
+
 def _integer_images() -> Case:
     case = ce_case(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, C))
     case.inputs = torch.randint(0, 255, (B, 2, 6), dtype=torch.uint8)
@@ -491,6 +499,7 @@ def _compiled() -> Case:
 
 
 entry("embedding_token_ids")(_token_ids)
+entry("embedding_token_id_per_example")(_token_id_per_example)
 entry("transformer_encoder_post_norm")(lambda: _transformer(False))
 entry("transformer_encoder_pre_norm")(lambda: _transformer(True))
 entry("gru_last_output")(lambda: ce_case(GRUTuple(), x=X(4, D_IN)))
@@ -995,7 +1004,10 @@ def test_float32_model_with_loss_buffers():
     assert rel(sol.double(), exact) <= 1e-6
 
 
-@pytest.mark.parametrize("name", ["embedding_token_ids", "embedding_max_norm", "linear_on_positions"])
+@pytest.mark.parametrize(
+    "name",
+    ["embedding_token_ids", "embedding_token_id_per_example", "embedding_max_norm", "linear_on_positions"],
+)
 def test_float32_newton_and_refined_solve(name):
     """Entries outside the structured stages in float32: the refined solve (its float64 twin keeps
     token ids as integers) matches float64, and the default optimizer lowers the loss on a fixed batch."""

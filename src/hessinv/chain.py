@@ -679,6 +679,13 @@ def _split(
     model: nn.Module | Sequence[nn.Module], traced: list[nn.Module], whole: list[nn.Module]
 ) -> list[Stage]:
     """One attempt of :func:`split_stages`."""
+    if not isinstance(model, nn.Module) and not (
+        isinstance(model, (list, tuple)) and all(isinstance(m, nn.Module) for m in model)
+    ):
+        raise NotAChainError(
+            f"expected an nn.Module or a list of modules, got {type(model).__name__}: wrap the function's "
+            "layers in an nn.Sequential (or a module whose forward calls them in order)"
+        )
     glob = nn.modules.module
     for what in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks"):
         if getattr(glob, what, None):
@@ -851,6 +858,12 @@ class Chain:
                 "the model is on the meta device (parameters without values): materialize it first, e.g. "
                 "model.to_empty(device='cpu') and initialize its parameters"
             )
+        if self.dtype.is_complex:
+            raise DtypeMismatchError(
+                f"parameters are {self.dtype}; hessinv works with real float32 or float64 parameters (the "
+                "curvature of a complex model is that of its real and imaginary parts): write the model with "
+                "real parameters"
+            )
         if self.dtype not in (torch.float32, torch.float64):
             raise DtypeMismatchError(
                 f"parameters are {self.dtype}; hessinv works in float32 or float64 (half precision cannot "
@@ -1013,8 +1026,11 @@ class Chain:
             raise DtypeMismatchError(
                 f"targets are {targets.dtype}, model is {self.dtype}: convert with targets.to({self.dtype})"
             )
-        if inputs.dim() < 2 or inputs.shape[0] < 1:
-            raise ShapeMismatchError(f"inputs must be (batch, features...), got shape {tuple(inputs.shape)}")
+        if (inputs.dim() < 2 and inputs.is_floating_point()) or inputs.dim() < 1 or inputs.shape[0] < 1:
+            raise ShapeMismatchError(
+                "inputs must be (batch, features...) (or (batch,) integer ids), got shape "
+                f"{tuple(inputs.shape)}"
+            )
         if targets.dim() < 1 or targets.shape[0] != inputs.shape[0]:
             raise ShapeMismatchError(
                 f"batch sizes differ: inputs {tuple(inputs.shape)}, targets {tuple(targets.shape)}"

@@ -1045,14 +1045,17 @@ class Factorization:
 
     Attributes:
         damping: ``eps``.
-        inertia: ``(negative, zero, positive)`` eigenvalue counts of ``H + eps I`` (exact, by
-            Sylvester's law, when ``inertia_certified``; else those of the perturbed matrix).
-        inertia_certified: whether no pivot was perturbed and no pivot is ill-conditioned beyond
-            ``sqrt(u)`` (:meth:`hessinv.riccati.Pivot.conditioning`; such a pivot amplifies the sweep's
-            rounding into the stages before it): the inertia is then an exact count -- of the
-            operator's own matrix: a float32 operator's is evaluated in float32, and where
-            ``cond(H + eps I) >~ 1 / u32`` its count may differ from the float64 model's. Where it is
-            False, ``op.inertia(eps, tol=0)`` counts exactly (a dense recount up to ``n = 2048``).
+        inertia: ``(negative, zero, positive)`` eigenvalue counts of ``H + eps I``, by Sylvester's law
+            on the pivots. Where the pivots cannot certify them (a perturbed pivot: the counts would be
+            the perturbed matrix's; or one ill-conditioned beyond ``sqrt(u)``), they are recounted when
+            first read, as ``op.inertia(eps, tol=0)`` does: one sweep without perturbation, and a dense
+            ``LDL^T`` of ``H + eps I`` where that sweep is ill-conditioned too (``n <=``
+            :data:`DENSE_FALLBACK_N`). (A factorization with ``modify`` counts its modified pivots.)
+        inertia_certified: whether ``inertia`` is an exact count -- of the operator's own matrix: a
+            float32 operator's is evaluated in float32, and where ``cond(H + eps I) >~ 1 / u32`` its
+            count may differ from the float64 model's. False only where the recount itself had an
+            ill-conditioned pivot above ``n = 2048``, or (:class:`MixedFactorization`) for the float32
+            sweep's count. Reading it runs the recount where one is due.
         perturbed: ``{stage index: number of perturbed pivot eigenvalues}`` (empty if none; below
             float64 only the first such stage: the sweep stops there and the float64 twin takes over).
         positive_definite: whether every pivot is positive definite (unperturbed).
@@ -1060,6 +1063,7 @@ class Factorization:
     """
 
     _twin_only = False  # solves, inertia and log-det from the float64 twin alone (see __init__)
+    _recount_due = False  # whether `inertia` must be recounted when first read (see _recount)
 
     @property
     def _sweep_op(self) -> CurvatureOperator:
@@ -1091,7 +1095,8 @@ class Factorization:
         self.perturbed: dict[int, int] = {
             l: f.pivot.perturbed for l, f in enumerate(self.factors) if f is not None and f.pivot.perturbed
         }
-        self.inertia_certified = not self.perturbed and self._well_pivoted()
+        self._certified = not self.perturbed and self._well_pivoted()
+        self._recount_due = not self._certified and not modify  # the pivots' counts are not exact
         self.last_info: SolveInfo | None = None
         self._f64: Factorization | None = None
         self._dense: Tensor | None = None  # H + eps I in float64, formed if the dense fallback runs
@@ -1102,10 +1107,59 @@ class Factorization:
             # the model dtype or beyond, where its factorization rarely preconditions refinement or
             # GMRES; the float64 twin is factored at once (solves, inertia and log-det come from it)
             self._f64 = Factorization(op._residual_operator(), damping)
-            self.inertia, self.inertia_certified = self._f64.inertia, self._f64.inertia_certified
+            self._recount_due = True  # the twin's counts, when first read
             self.positive_definite = self._f64.positive_definite
         elif self.perturbed:
             self._check_nonsingular()
+
+    @property
+    def inertia(self) -> Inertia:
+        if self._recount_due:
+            self._recount()
+        return self._inertia
+
+    @inertia.setter
+    def inertia(self, value: Inertia) -> None:
+        self._inertia = value
+
+    @property
+    def inertia_certified(self) -> bool:
+        if self._recount_due:
+            self._recount()
+        return self._certified
+
+    @inertia_certified.setter
+    def inertia_certified(self, value: bool) -> None:  # a subclass's own judgement: no recount
+        self._certified, self._recount_due = value, False
+
+    def _recount(self) -> None:
+        """The exact inertia of ``H + eps I`` where the pivots' counts are not (see ``inertia``): the
+        operator's count at ``eps`` (:meth:`CurvatureOperator._counts`; a dense ``LDL^T`` where its sweep
+        is ill-conditioned too), certified unless that too was left in doubt (``n`` above the dense
+        recount's limit). Where a pivot is exactly singular at ``eps``, the counts at ``eps -+ sqrt(u)
+        ||H||`` (:meth:`CurvatureOperator.inertia`'s resolution), certified where no eigenvalue lies
+        between; where a float64 twin took over, its counts."""
+        self._recount_due = False
+        if self._f64 is not None:  # a float64 twin took over (a float32 sweep that perturbed a pivot)
+            self._inertia, self._certified = self._f64.inertia, self._f64.inertia_certified
+            return
+        op, s = self.op, self.damping
+        op._count_doubt = False
+        try:
+            try:
+                self._inertia = op._counts(s)
+            except (SingularError, NonFiniteError):  # a pivot exactly singular at eps (the elimination
+                # order's, or H + eps I's): count at +-sqrt(u) ||H||; exact where nothing lies between
+                tol = op.zero_tolerance()
+                neg, pos = op._counts(s + tol, 1.0).negative, op._counts(s - tol, -1.0).positive
+                self._inertia = Inertia(neg, op.shape[0] - neg - pos, pos)
+                if self._inertia.zero:
+                    return
+        except (SingularError, NonFiniteError):
+            return
+        finally:
+            doubt, op._count_doubt = op._count_doubt, False
+        self._certified = not doubt
 
     def _well_pivoted(self) -> bool:
         """Whether every pivot's :meth:`~hessinv.riccati.Pivot.conditioning` is at least ``sqrt(u)`` of the
@@ -1125,7 +1179,7 @@ class Factorization:
         b = torch.randn(self.op.shape[0], 1, generator=g, dtype=torch.float64)
         x, info = self._solve64(b, max_refine=5)
         if self._f64 is not None:  # float32 sweep too inaccurate: the float64 factorization's counts
-            self.inertia, self.inertia_certified = self._f64.inertia, self._f64.inertia_certified
+            self._recount_due = True  # the twin's counts, when first read
             self.positive_definite = self._f64.positive_definite
         u = torch.finfo(self.op.dtype).eps
         if not info.residual > math.sqrt(u):

@@ -305,7 +305,7 @@ class WoodburyFactor:
                 raise ShapeMismatchError(
                     f"a diagonal damping must have shape ({n},), got {tuple(damping.shape)}"
                 )
-            Dv = damping.to(U.dtype)
+            Dv = damping.detach().to(U.dtype)  # a number per parameter, not a graph (solves are detached)
         else:
             Dv = torch.full((n,), float(damping), dtype=U.dtype, device=U.device)
         _check_damping(Dv)
