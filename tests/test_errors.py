@@ -345,6 +345,27 @@ def test_bad_arguments_are_named():
         H.is_positive_definite(float("inf"))
     with pytest.raises(InvalidArgumentError, match="loss_fn must be callable"):
         hessinv.hessian(net, "cross_entropy", X, y)
+    # a probe's list (each was a raw TypeError/RuntimeError/IndexError, or accepted: max_refine=-1, nan)
+    F = H.factor(1.0)
+    for k in (-1, 0, 2.5, "3", None):
+        with pytest.raises(InvalidArgumentError, match="k .the number of samples. must be an integer >= 1"):
+            F.sample(k)
+    for mr in (None, -1, 2.5, float("nan")):
+        with pytest.raises(InvalidArgumentError, match="max_refine must be an integer >= 0"):
+            F.solve(H.gradient, max_refine=mr)
+    with pytest.raises(InvalidArgumentError, match=r"bins must be in \[1, 10000\]"):
+        hessinv.spectrum.spectral_histogram(H, bins=100_000_000)  # (it ran a factorization per edge)
+    for rng in ("ab", (1,)):
+        with pytest.raises(InvalidArgumentError, match="range must be a pair"):
+            hessinv.spectrum.spectral_histogram(H, bins=4, range=rng)
+    G = hessinv.gauss_newton(net, loss, X, y)
+    for d in ("x", None):
+        with pytest.raises(InvalidArgumentError, match="damping must be a real number"):
+            G.factor(d, method="woodbury")
+    g = H.gradient.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's warning on float() of a tensor that requires grad
+        assert not F.solve(g).requires_grad
     # accepted spellings of a real damping: Python, numpy and 0-d tensor scalars
     x = H.solve(H.gradient, damping=1.0)
     for eps in (np.float64(1.0), torch.tensor(1.0), 1):

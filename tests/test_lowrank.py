@@ -82,8 +82,16 @@ def test_bad_diagonal_damping_is_named():
     )
     with pytest.raises(hessinv.ShapeMismatchError):
         G.factor(damping=torch.ones(3, dtype=torch.float64))
+    with pytest.raises(hessinv.SingularError):  # zeros where G + D is singular (2 examples: rank 4 of 8)
+        G2 = hessinv.gauss_newton(
+            net,
+            torch.nn.MSELoss(),
+            torch.randn(2, 3, dtype=torch.float64),
+            torch.randn(2, 2, dtype=torch.float64),
+        )
+        G2.factor(damping=torch.zeros(8, dtype=torch.float64))
     with pytest.raises(hessinv.SingularError):
-        G.factor(damping=torch.zeros(8, dtype=torch.float64))
+        G.factor(damping=torch.full((8,), float("nan"), dtype=torch.float64))
     with pytest.raises(ValueError):
         G.factor(0.1, method="cholesky")
 
@@ -439,3 +447,38 @@ def test_budgeted_output_curvature_keeps_the_leading_directions_of_confident_sof
     mu, U = _top_output_curvature(Softmax(logits.float()), B, C, k, torch.float32, torch.device("cpu"))
     err = float((Lam - ((U * mu[:, None, :]) @ U.mT).double()).norm())
     assert err <= 2 * best
+
+
+@pytest.mark.parametrize("zeros", ["one", "biases", "all"])
+def test_zero_entries_of_a_per_parameter_damping_are_exact(zeros):
+    """Undamped parameters (``D_j = 0``): ``G + D`` is still nonsingular where G covers them. It was
+    refused ("D + G is singular there"); now solve, log-determinant and inertia agree with dense."""
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    lf = torch.nn.CrossEntropyLoss()
+    X, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 3, (16,))
+    G = hessinv.gauss_newton(net, lf, X, y)
+    n = G.shape[0]
+    Gd = G @ torch.eye(n, dtype=torch.float64)
+    D = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.1
+    if zeros == "one":
+        D[-1] = 0.0
+    elif zeros == "biases":
+        D[18:24] = 0.0  # the hidden biases (not the output's: the softmax's null space (1, 1, 1))
+    else:  # G alone is rank-deficient (the softmax's null space): refused as singular
+        D.zero_()
+    A = Gd + torch.diag(D)
+    ev = torch.linalg.eigvalsh(A)
+    if zeros == "all":
+        assert float(ev[0]) < 1e-12 * float(ev[-1])
+        with pytest.raises(hessinv.SingularError):
+            G.factor(D)
+        return
+    assert float(ev[0]) > 1e-6  # nonsingular (cond up to ~1e5 with the hidden biases undamped)
+    F = G.factor(D)
+    b = G.gradient
+    x = F.solve(b)
+    assert float((A @ x - b).norm() / b.norm()) < 1e-12
+    assert F.last_info.residual < 1e-12
+    assert F.logdet() == pytest.approx(float(torch.linalg.slogdet(A)[1]), rel=1e-10)
+    assert tuple(F.inertia) == (0, 0, n) and F.positive_definite

@@ -902,3 +902,59 @@ def test_inertia_of_a_perturbed_factorization_is_recounted():
     assert tuple(F.inertia) == want and F.inertia_certified
     assert F.slogdet()[0] == (-1.0 if want[0] % 2 else 1.0) == float(torch.linalg.slogdet(Hd)[0])
     assert tuple(H.inertia(0.0)) == want
+
+
+def test_eigenvalues_of_a_hessian_of_tiny_norm_are_relative():
+    """||H|| ~ 1e-9 (a loss scaled by 1e-9; a deep GELU chain at initialization has such Hessians): the
+    accuracy of min_eigenvalue and the padding of eigenpairs' counts were absolute, ``max(||H||, 1)``, so
+    min_eigenvalue returned +2.8e-12 for lambda_min = -1.2e-9 and eigenpairs certified nothing; now relative
+    to ||H||, as for any other scale."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    ce = nn.CrossEntropyLoss()
+
+    def lf(o, t):
+        return 1e-9 * ce(o, t)
+
+    H = hessinv.hessian(m, lf, X, y)
+    _, Hd = autograd_gradient_hessian(m, lf, X, y)
+    ev = torch.linalg.eigvalsh(Hd)
+    norm = float(ev.abs().max())
+    assert norm < 1e-8 and float(ev[0]) < -0.5 * norm
+    assert abs(H.min_eigenvalue() - float(ev[0])) <= 1e-7 * norm
+    for which, ref in (("smallest", ev[:3]), ("largest", ev[-3:])):
+        e = H.eigenpairs(3, which)
+        assert e.certified and float((e.values - ref).abs().max()) <= 1e-10 * norm
+
+
+def test_eigenvalues_of_a_hessian_beyond_float64s_range_are_a_named_error():
+    """Inputs scaled by 1e160 (entries of H ~ 1e159, products overflow): eigenpairs raised numpy's raw
+    LinAlgError, min_eigenvalue complained about a shift the user never passed, and the norm estimate
+    told a float64 model to use a float64 model."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    X, y = 1e160 * torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+    H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    calls = (lambda: H.eigenpairs(2), lambda: H.eigenpairs(2, "largest"), H.min_eigenvalue, H.norm_estimate)
+    for call in calls:
+        with pytest.raises(hessinv.NonFiniteError, match=r"overflow torch.float64.*: rescale the loss"):
+            call()
+
+
+def test_log_determinant_of_a_float32_model_comes_from_float64():
+    """A float32 tanh net (n = 171) at damping -0.01 (cond 4e4, every pivot well conditioned): slogdet
+    summed the float32 pivots' logarithms, -621.092 against the float64 model's -621.0736 (1.8e-2 off,
+    certified, no warning). It now comes from the float64 twin, as the solves' refinement does."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(3, 6), nn.Tanh()]
+    for _ in range(3):
+        layers += [nn.Linear(6, 6), nn.Tanh()]
+    m = nn.Sequential(*layers, nn.Linear(6, 3))
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(8, 3, generator=g), torch.randint(0, 3, (8,), generator=g)
+    H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    _, Hd = autograd_gradient_hessian(copy.deepcopy(m).double(), nn.CrossEntropyLoss(), X.double(), y)
+    want = torch.linalg.slogdet(Hd - 0.01 * torch.eye(Hd.shape[0], dtype=torch.float64))
+    sign, value = H.factor(-0.01).slogdet()
+    assert sign == float(want[0]) and value == pytest.approx(float(want[1]), rel=1e-10)

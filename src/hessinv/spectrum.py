@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hessinv.chain import check_real
 from hessinv.curvature import CurvatureOperator
 from hessinv.errors import InvalidArgumentError
 
@@ -108,6 +109,10 @@ def spectral_range(op: CurvatureOperator) -> tuple[float, float]:
     return lo, hi
 
 
+#: the most bins :func:`spectral_histogram` takes (one factorization per edge)
+MAX_BINS = 10_000
+
+
 def spectral_histogram(
     op: CurvatureOperator,
     bins: int | Sequence[float] | np.ndarray = 50,
@@ -127,9 +132,16 @@ def spectral_histogram(
                 f"bins must be an int (the number of bins) or a 1-d increasing sequence of edges, "
                 f"got {bins!r}"
             )
-        if count < 1:
-            raise InvalidArgumentError(f"bins must be >= 1, got {count}")
-        lo, hi = spectral_range(op) if range is None else (float(range[0]), float(range[1]))
+        if not 1 <= count <= MAX_BINS:
+            raise InvalidArgumentError(
+                f"bins must be in [1, {MAX_BINS}] (each bin edge costs one factorization), got {count}"
+            )
+        if range is None:
+            lo, hi = spectral_range(op)
+        else:
+            if isinstance(range, (str, bytes)) or not hasattr(range, "__len__") or len(range) != 2:
+                raise InvalidArgumentError(f"range must be a pair (lo, hi) of numbers, got {range!r}")
+            lo, hi = check_real(range[0], "range[0]"), check_real(range[1], "range[1]")
         if not lo < hi:
             raise InvalidArgumentError(f"range must be increasing, got {(lo, hi)}")
         edges = np.linspace(lo, hi, count + 1)
@@ -137,6 +149,8 @@ def spectral_histogram(
         edges = np.asarray(bins, dtype=np.float64)
         if edges.ndim != 1 or len(edges) < 2 or not (np.diff(edges) > 0).all():
             raise InvalidArgumentError("bin edges must be a 1-d increasing sequence of at least two numbers")
+        if len(edges) > MAX_BINS + 1:
+            raise InvalidArgumentError(f"at most {MAX_BINS + 1} bin edges (each costs one factorization)")
     N = eigenvalue_counts(op, edges)
     return Histogram(np.diff(N), edges, int(N[0]), int(op.shape[0] - N[-1]))
 
