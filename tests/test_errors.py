@@ -522,3 +522,8 @@ def test_the_memory_check_with_no_headroom_left_refuses(monkeypatch):
             H.factor(1e-3)
     finally:
         ric._capacity_bytes.cache_clear()
+
+
+def test_a_list_holding_a_function_names_the_element():
+    with pytest.raises(NotAChainError, match="got builtin_function_or_method"):
+        hessinv.hessian([nn.Linear(3, 3), torch.tanh], nn.MSELoss(), torch.randn(4, 3), torch.randn(4, 3))

@@ -482,3 +482,33 @@ def test_zero_entries_of_a_per_parameter_damping_are_exact(zeros):
     assert F.last_info.residual < 1e-12
     assert F.logdet() == pytest.approx(float(torch.linalg.slogdet(A)[1]), rel=1e-10)
     assert tuple(F.inertia) == (0, 0, n) and F.positive_definite
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_zero_damping_where_g_plus_d_is_singular_is_refused_in_either_dtype(dtype):
+    """Zero damping on the last layer's biases under cross-entropy (the softmax's shift is a null
+    direction of G) and on a first-layer column whose input is always 0: G + D is singular. float32
+    reported a certified inertia with a negative eigenvalue (the rounding of a correction scaled by max|D|
+    and a float64 tolerance on float32 data); both dtypes now refuse. Where G + D is not singular, the
+    float32 log-determinant agrees with slogdet's."""
+    torch.manual_seed(1)
+    for case in ("softmax", "dead input"):
+        net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype)
+        X = torch.randn(20, 4, dtype=dtype)
+        if case == "softmax":
+            y, lf = torch.randint(0, 3, (20,)), torch.nn.CrossEntropyLoss()
+        else:
+            X[:, 0] = 0
+            y, lf = torch.randn(20, 3, dtype=dtype), torch.nn.MSELoss()
+        G = hessinv.gauss_newton(net, lf, X, y)
+        D = torch.full((G.shape[0],), 0.3, dtype=dtype)
+        if case == "softmax":
+            D[-3:] = 0
+        else:
+            D[torch.arange(5) * 4] = 0
+        with pytest.raises(hessinv.SingularError):
+            G.factor(D)
+    D[torch.arange(5) * 4] = 0.3
+    D[-1] = 0.0  # one output bias undamped: nonsingular
+    F = G.factor(D)
+    assert F.positive_definite and F.slogdet()[1] == F.logdet()

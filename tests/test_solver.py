@@ -958,3 +958,20 @@ def test_log_determinant_of_a_float32_model_comes_from_float64():
     want = torch.linalg.slogdet(Hd - 0.01 * torch.eye(Hd.shape[0], dtype=torch.float64))
     sign, value = H.factor(-0.01).slogdet()
     assert sign == float(want[0]) and value == pytest.approx(float(want[1]), rel=1e-10)
+
+
+def test_min_eigenvalue_of_a_zero_hessian_is_zero():
+    """H = 0 (zero inputs into a bias-free Linear): min_eigenvalue gave -4e-39 once its accuracy became
+    relative (a negative eigenvalue for a PSD matrix); the slogdet of a modified factorization is refused
+    like its logdet (it answered with the float64 twin's unmodified value)."""
+    m = nn.Sequential(nn.Linear(3, 2, bias=False)).double()
+    X, y = torch.zeros(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    for op in (hessinv.hessian(m, nn.MSELoss(), X, y), hessinv.gauss_newton(m, nn.MSELoss(), X, y)):
+        assert op.min_eigenvalue() == 0.0
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))  # float32
+    H = hessinv.hessian(net, nn.MSELoss(), torch.randn(6, 3), torch.randn(6, 2))
+    F = H.factor(1e-3, modify="abs")
+    assert any(f.pivot.modified for f in F.factors if f is not None)
+    with pytest.raises(hessinv.InvalidArgumentError, match="modified its pivots"):
+        F.slogdet()

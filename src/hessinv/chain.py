@@ -679,9 +679,7 @@ def _split(
     model: nn.Module | Sequence[nn.Module], traced: list[nn.Module], whole: list[nn.Module]
 ) -> list[Stage]:
     """One attempt of :func:`split_stages`."""
-    if not isinstance(model, nn.Module) and not (
-        isinstance(model, (list, tuple)) and all(isinstance(m, nn.Module) for m in model)
-    ):
+    if not isinstance(model, (nn.Module, list, tuple)):
         raise NotAChainError(
             f"expected an nn.Module or a list of modules, got {type(model).__name__}: wrap the function's "
             "layers in an nn.Sequential (or a module whose forward calls them in order)"

@@ -794,6 +794,8 @@ class CurvatureOperator:
         tol = _check_tol(tol, relative=True)
         if self.dtype != torch.float64:
             return self._residual_operator().min_eigenvalue(tol)
+        if self.norm_estimate() == 0.0:  # H v = 0 for a random v: H = 0 (a relative accuracy of 0)
+            return 0.0
         n = self.shape[0]
         # the sweep decides definiteness up to its backward error: a certificate shift closer to
         # lambda than a few ulps of ||H|| (float32 operators) proves nothing
@@ -1312,7 +1314,12 @@ class Factorization:
         logarithms of pivots each good to about ``u cond`` of its own precision (a float32 tanh net at
         cond 4e4: 1.8e-2 off in -621.07, with every pivot well conditioned), which no float64 user of a
         log-determinant (the Laplace evidence, a log-likelihood) expects."""
-        return self._sweep_dtype != torch.float64 and self.op.dtype != torch.float64
+        return (
+            getattr(self, "factors", None) is not None
+            and not self.modified
+            and self._sweep_dtype != torch.float64
+            and self.op.dtype != torch.float64
+        )
 
     def _dense_slogdet(self) -> tuple[float, float] | None:
         """``(sign, log|det(H + eps I)|)`` by a dense float64 LU where the sweep's pivots cannot give it
@@ -1720,10 +1727,12 @@ class WoodburyFactorization(Factorization):
     (:class:`hessinv.lowrank.WoodburyFactor`).
 
     ``damping`` is a number or a per-parameter (n,) tensor ``D``. Zero entries of ``D`` (parameters left
-    undamped, e.g. biases) are exact too: on those ``k`` entries ``D`` takes ``c = max|D|`` and ``G`` the
-    rank-``k`` correction ``-c E^T E`` (``E`` their rows of the identity), appended to the square root
-    with signs ``-1`` -- ``K`` grows by ``k`` rows (at most :data:`ZERO_DAMPING_MAX`) and is then
-    indefinite, factored by ``eigh``. A zero damping of the number kind is the Riccati sweep's
+    undamped, e.g. biases) are exact too: on those ``k`` entries ``D`` takes ``c_j`` (the power of 4
+    nearest ``G_jj``: the square roots and inverses below are exact, and the correction is at ``G``'s own
+    scale) and ``G`` the rank-``k`` correction ``-E^T C E`` (``E`` their rows of the identity), appended
+    to the square root with signs ``-1`` -- ``K`` grows by ``k`` rows (at most
+    :data:`ZERO_DAMPING_MAX`) and is then indefinite, factored by ``eigh``. A zero entry where ``G_jj =
+    0`` is a :class:`SingularError`. A zero damping of the number kind is the Riccati sweep's
     (``method="auto"``). Same interface as :class:`Factorization` (``solve`` with refinement,
     ``inertia``, ``positive_definite``, ``logdet``).
     """
@@ -1743,21 +1752,30 @@ class WoodburyFactorization(Factorization):
             and damping.shape == (U.shape[1],)
             and bool(torch.isfinite(damping).all())
         ):
-            zero = torch.nonzero(damping == 0).flatten()
+            zero = torch.nonzero(damping == 0).flatten().to(U.device)
             k = int(zero.numel())
-            if 0 < k <= ZERO_DAMPING_MAX:  # G + D = (G - c E^T E) + (D + c E^T E), both exact
-                c = float(damping.abs().max()) or max(op.norm_estimate(), 1e-30)
-                D = damping.to(U.dtype).clone()
-                D[zero] = c
-                E = U.new_zeros(k, U.shape[1])
-                E[torch.arange(k, device=U.device), zero] = math.sqrt(c)
-                U, S = torch.cat([U, E]), torch.cat([S, S.new_full((k,), -1.0)])
-            elif k:
+            if k > ZERO_DAMPING_MAX:
                 raise SingularError(
                     f"the per-parameter damping has {k} zero entries; up to {ZERO_DAMPING_MAX} are factored "
                     "exactly (one row of the Woodbury system each): give the others a small positive value",
                     damping=0.0,
                 )
+            if k:  # G + D = (G - E^T C E) + (D + E^T C E), both exact in floating point (C: powers of 4)
+                Uz = U[:, zero].double()
+                gjj = (S.double()[:, None] * Uz * Uz).sum(0)  # G's diagonal there: the scale of c_j
+                if not bool((gjj > 0).all()):
+                    j = int(zero[torch.nonzero(gjj <= 0).flatten()[0]])
+                    raise SingularError(
+                        f"parameter {j} has zero damping and no curvature on this batch (G_jj = 0): G + D "
+                        "is singular there -- give it a damping > 0",
+                        damping=0.0,
+                    )
+                c = torch.pow(4.0, torch.round(torch.log2(gjj) / 2))  # sqrt(c) and 1 / c exact
+                D = damping.to(U.dtype).clone()
+                D[zero] = c.to(D.dtype).to(D.device)
+                E = U.new_zeros(k, U.shape[1])
+                E[torch.arange(k, device=U.device), zero] = c.sqrt().to(U.dtype)
+                U, S = torch.cat([U, E]), torch.cat([S, S.new_full((k,), -1.0)])
         self.woodbury = WoodburyFactor(U, S, D)
         self.inertia, self.positive_definite = self.woodbury.inertia, self.woodbury.positive_definite
         self.factors, self.modified = None, False

@@ -390,7 +390,9 @@ class WoodburyFactor:
             self._logdetK = 2.0 * float(L.diagonal().log().sum())
         else:
             lam, Vk = torch.linalg.eigh(K)
-            tol = K.shape[0] * torch.finfo(torch.float64).eps * float(lam.abs().max())
+            # the rounding K carries is U's (a float32 root: a structural null vector of G + D is only
+            # zero to float32's precision)
+            tol = K.shape[0] * torch.finfo(self.U.dtype).eps * float(lam.abs().max())
             if bool((lam.abs() <= tol).any()):
                 raise SingularError(
                     "D + G is singular to working precision (its Woodbury capacitance matrix is); "
