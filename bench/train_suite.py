@@ -163,6 +163,8 @@ HESSINV_VARIANTS: dict[str, dict[str, Any]] = {
     "hessinv-hessian": {"mode": "precondition", "curvature": "hessian", "damping": 1.0},
     # the full-batch trust region used on mini-batches (the default before the amortized mode)
     "hessinv-tr": {"mode": "trust-region", "curvature_batch_size": 16},
+    # the default until 2026-12-03: delta = 500, no step limit
+    "hessinv-d500": {"diagonal_damping": 500.0, "max_relative_step": None},
     "hessinv-d100": {"diagonal_damping": 100.0},
     "hessinv-d200": {"diagonal_damping": 200.0},
     "hessinv-d300": {"diagonal_damping": 300.0},

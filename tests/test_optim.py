@@ -499,7 +499,10 @@ def test_precondition_step_equals_woodbury_direction_from_outside():
     D = delta (|g| + eps) at step 1 (v = (1 - beta2) g^2, bias-corrected), m = g."""
     X, y = _stream(0, dtype=F64)
     net, loss_fn = _mlp(dtype=F64), nn.CrossEntropyLoss()
-    opt = ho.Newton(net, loss_fn, seed=3, curvature_batch_size=64, lr=0.5, basis="identity")
+    opt = ho.Newton(
+        net, loss_fn, seed=3, curvature_batch_size=64, lr=0.5, basis="identity", diagonal_damping=500.0,
+        max_relative_step=None,
+    )  # fmt: skip
     x0 = flat(net)  # curvature batch = the batch
     Xb, yb = X[:64], y[:64]
     G = hessinv.gauss_newton(net, loss_fn, Xb, yb)
@@ -511,6 +514,63 @@ def test_precondition_step_equals_woodbury_direction_from_outside():
     assert torch.allclose(x0 - flat(net), 0.5 * ref, rtol=1e-8, atol=1e-12)
     grads = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
     assert torch.allclose(grads, g, rtol=1e-10, atol=1e-14)  # .grad holds the batch gradient
+
+
+@pytest.mark.parametrize("c", [0.05, 1e-3])
+def test_max_relative_step_shortens_each_stage_to_its_share(c):
+    """``max_relative_step=c``: each stage's part of the step (a Linear's weight and bias together) above
+    ``(c / L) ||x_s||`` (``L`` = 3 stages) is shortened to it, direction kept; the others are as without
+    the limit. The value is read at every step (a schedule may change it), and a stage whose parameters
+    are all zero is not limited (its bias and weights would stay near zero)."""
+    X, y = _stream(0, dtype=F64)
+    parts = {}
+    for limit in (None, c):
+        net = _mlp(dtype=F64)
+        x0 = [
+            torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+            for m in net
+            if isinstance(m, nn.Linear)
+        ]
+        opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=3, lr=0.5, max_relative_step=limit)
+        opt.step(X[:64], y[:64])
+        now = [
+            torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+            for m in net
+            if isinstance(m, nn.Linear)
+        ]
+        parts[limit] = [a - b for a, b in zip(now, x0, strict=True)]
+    shortened = 0
+    for w, free, held in zip(x0, parts[None], parts[c], strict=True):
+        cap = (c / 3) * float(w.norm())
+        if float(free.norm()) > cap:
+            shortened += 1
+            assert float(held.norm()) == pytest.approx(cap, rel=1e-12)
+            assert torch.allclose(held, free * (cap / float(free.norm())), rtol=1e-12, atol=1e-15)
+        else:
+            assert torch.equal(held, free)
+    if c < 0.01:
+        assert shortened == 3  # every stage at the small budget
+        # read at every step: lifting the limit takes effect at once
+        net = _mlp(dtype=F64)
+        opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=3, lr=0.5, max_relative_step=c)
+        opt.step(X[:64], y[:64])
+        before = flat(net)
+        opt.max_relative_step = None
+        opt.step(X[64:128], y[64:128])
+        assert float((flat(net) - before).norm()) > 2 * c * float(before.norm())  # limited: <= c |x|
+    # a zero-initialized stage (here the last) moves as without the limit
+    moved = {}
+    for limit in (None, c):
+        net = _mlp(dtype=F64)
+        with torch.no_grad():
+            net[4].weight.zero_()
+            net[4].bias.zero_()
+        opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=3, lr=0.5, max_relative_step=limit)
+        opt.step(X[:64], y[:64])
+        moved[limit] = torch.cat([net[4].weight.detach().reshape(-1), net[4].bias.detach()])
+    assert float(moved[c].norm()) > 0 and torch.equal(moved[c], moved[None])
+    with pytest.raises(ValueError, match="max_relative_step"):
+        ho.Newton(_mlp(dtype=F64), nn.CrossEntropyLoss(), max_relative_step=0.0)
 
 
 def _dense_basis(basis: ho.EigenBasis, n: int) -> torch.Tensor:
@@ -527,7 +587,9 @@ def test_eigen_basis_step_against_dense():
     the step -lr Q (Q^T G_c Q + D')^{-1} Q^T g = -lr (G_c + Q D' Q^T)^{-1} g."""
     X, y = _stream(0, dtype=F64)
     net, loss_fn = _mlp(dtype=F64), nn.CrossEntropyLoss()
-    opt = ho.Newton(net, loss_fn, seed=3, curvature_batch_size=64, lr=0.5)
+    opt = ho.Newton(
+        net, loss_fn, seed=3, curvature_batch_size=64, lr=0.5, diagonal_damping=500.0, max_relative_step=None
+    )
     x0 = flat(net)
     Xb, yb = X[:64], y[:64]
     G = hessinv.gauss_newton(net, loss_fn, Xb, yb)
@@ -682,8 +744,11 @@ def test_param_groups_per_group_lr_and_closure_form():
     loss_fn = nn.CrossEntropyLoss()
     net_a, net_b = _mlp(), _mlp()
     pa = list(net_a.parameters())
-    opt_a = ho.Newton(net_a, loss_fn, seed=1, params=[{"params": pa[:4], "lr": 0.5}, {"params": pa[4:]}])
-    opt_b = ho.Newton(net_b, loss_fn, seed=1)
+    free = {"max_relative_step": None}  # (the step limit is not linear in lr)
+    opt_a = ho.Newton(
+        net_a, loss_fn, seed=1, params=[{"params": pa[:4], "lr": 0.5}, {"params": pa[4:]}], **free
+    )
+    opt_b = ho.Newton(net_b, loss_fn, seed=1, **free)
     xa, xb = flat(net_a), flat(net_b)
     opt_a.step(X[:32], y[:32])
     opt_b.step(X[:32], y[:32])
@@ -700,7 +765,7 @@ def test_param_groups_per_group_lr_and_closure_form():
         return loss
 
     net_c = copy.deepcopy(net_b)
-    opt_c = ho.Newton(net_c, loss_fn, seed=1)
+    opt_c = ho.Newton(net_c, loss_fn, seed=1, **free)
     opt_c.load_state_dict(opt_b.state_dict())
     opt_b.step(closure)
     opt_c.step(X[32:64], y[32:64])
@@ -717,7 +782,9 @@ def test_preconditioner_mode_with_sgd_equals_newton_without_momentum():
     net_a, net_b = _mlp(dtype=F64), _mlp(dtype=F64)
     pre = ho.Preconditioner(net_a, loss_fn, seed=2)
     sgd = torch.optim.SGD(net_a.parameters(), lr=0.3)
-    opt = ho.Newton(net_b, loss_fn, seed=1, momentum=0.0, lr=0.3)  # its preconditioner is seeded seed + 1
+    opt = ho.Newton(
+        net_b, loss_fn, seed=1, momentum=0.0, lr=0.3, diagonal_damping=pre.damping, max_relative_step=None
+    )  # its preconditioner is seeded seed + 1
     for i in range(0, 96, 32):
         sgd.zero_grad()
         loss_fn(net_a(X[i : i + 32]), y[i : i + 32]).backward()

@@ -333,6 +333,7 @@ def _settings(opt: Any, strategy: str) -> dict[str, Any]:
         "momentum": float(opt.momentum),
         "curvature": pc.curvature,
         "diagonal_damping": float(pc.damping),
+        "max_relative_step": opt.max_relative_step,
         "beta2": float(pc.beta2),
         "eps": float(pc.eps),
         "warmup": int(pc.warmup),

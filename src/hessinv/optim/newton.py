@@ -233,6 +233,15 @@ class Newton(torch.optim.Optimizer):
             ``curvature="hessian"``: the scalar damping (default 1.0).
         diagonal_damping: precondition mode: the scale ``delta`` of ``D = delta (sqrt(v) + eps)``; off
             the curvature batch's subspace a step is an Adam step of size ``lr / delta``.
+        max_relative_step: precondition mode: a budget ``c`` for the relative change of the network per
+            step, split equally over its ``L`` stages with parameters: each stage's parameters ``x_s``
+            (a Linear's weight and bias together) move by at most ``(c / L) ||x_s||`` (the step is
+            shortened, its direction kept; a stage whose parameters are all zero is not limited, as in
+            LAMB). A chain's output moves by at most about the sum of its stages' relative changes, so
+            a deep chain's steps are held to its depth while a shallow one may take larger ones
+            (without it, the default ``delta`` of 200 missed a deep tanh chain's test-accuracy target
+            that ``delta = 500`` reached: docs/training.md, math.md §6). Read at every step (a schedule
+            may change it); not used by the trust region. ``None``: no limit.
         basis: precondition mode (Gauss-Newton): ``"eigen"`` (default) takes ``D`` diagonal, and ``v``, in
             the eigenbasis of each weight's Kronecker gradient statistics (SOAP's basis;
             :class:`~hessinv.optim.EigenBasis`); ``"identity"`` in the parameters (Adam's).
@@ -307,7 +316,8 @@ class Newton(torch.optim.Optimizer):
         mode: str = "auto",
         curvature: str | None = None,
         damping: str | float | DampingRule | None = None,
-        diagonal_damping: float = 500.0,
+        diagonal_damping: float = 200.0,
+        max_relative_step: float | None = 0.05,
         basis: str = "eigen",
         basis_max_dim: int = BASIS_MAX_DIM,
         max_rank: int = MAX_RANK,
@@ -333,6 +343,8 @@ class Newton(torch.optim.Optimizer):
                 f"loss_fn(outputs, targets), got {type(loss_fn).__name__}"
             )
         _positive("lr", lr, allow_zero=True)  # a schedule may start at 0 (warm-up), as torch.optim allows
+        if max_relative_step is not None:
+            _positive("max_relative_step", max_relative_step)
         _positive("weight_decay", weight_decay, allow_zero=True)
         if mode not in _MODES:
             raise InvalidArgumentError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -363,6 +375,7 @@ class Newton(torch.optim.Optimizer):
         self.track_inertia = bool(track_inertia)
         self.backtracking = backtracking
         self.callback = callback
+        self.max_relative_step = None if max_relative_step is None else float(max_relative_step)
         self.last_stats: StepStats | None = None
         self._rejected: tuple | None = None  # (batch key, loss, operator) after a rejected step
         self._sums: bool | None = None  # whether loss_fn sums over examples (precondition.curvature_weight)
@@ -548,6 +561,28 @@ class Newton(torch.optim.Optimizer):
             p.grad = g[offset : offset + k].view_as(p)
             offset += k
 
+    def _limited(self, d: Tensor) -> Tensor:
+        """``d`` (n,) with each stage's part shortened to at most ``(c / L) ||x_s||`` (``c =
+        max_relative_step``, ``L`` stages with parameters; a stage whose parameters are all zero is not
+        limited; see :class:`Newton`)."""
+        c = self.max_relative_step
+        if c is None:
+            return d
+        seg = self.__dict__.get("_segments")
+        if seg is None or seg[0].device != d.device:
+            sizes = torch.tensor([p for p in self.chain.sizes if p], device=d.device)
+            seg = self._segments = (
+                torch.repeat_interleave(torch.arange(len(sizes), device=d.device), sizes),
+            )
+        (ids,) = seg
+        L = int(ids[-1]) + 1 if ids.numel() else 1
+        sq = torch.stack([d.square(), self.chain.flat_params().to(d.dtype).square()])
+        norms = sq.new_zeros(2, L).index_add_(1, ids, sq).sqrt_()
+        cap = (c / L) * norms[1]
+        # d = 0 or a zero stage (LAMB's rule: a zero-initialized layer is not held at zero): unchanged
+        scale = torch.where((norms[0] > cap) & (cap > 0), cap / norms[0], 1.0)
+        return d * scale[ids]
+
     @torch.no_grad()
     def _apply(self, d: Tensor) -> None:
         offset = 0
@@ -730,7 +765,7 @@ class Newton(torch.optim.Optimizer):
         t = time.perf_counter()
         step = ns["step"] + 1
         direction = pc.solve(m / (1 - mom**step), rotated=True)
-        d = _scaled(direction, lr)
+        d = self._limited(_scaled(direction, lr))
         self._apply(-d)
         t_solve = time.perf_counter() - t
         ns.update(step=step, momentum=m)
