@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -540,8 +541,10 @@ def test_max_relative_step_shortens_each_stage_to_its_share(c):
         ]
         parts[limit] = [a - b for a, b in zip(now, x0, strict=True)]
     shortened = 0
+    total = float(torch.cat(x0).norm())
+    n = sum(w.numel() for w in x0)
     for w, free, held in zip(x0, parts[None], parts[c], strict=True):
-        cap = (c / 3) * float(w.norm())
+        cap = (c / 3) * max(float(w.norm()), (w.numel() / n) ** 0.5 * total)
         if float(free.norm()) > cap:
             shortened += 1
             assert float(held.norm()) == pytest.approx(cap, rel=1e-12)
@@ -558,17 +561,31 @@ def test_max_relative_step_shortens_each_stage_to_its_share(c):
         opt.max_relative_step = None
         opt.step(X[64:128], y[64:128])
         assert float((flat(net) - before).norm()) > 2 * c * float(before.norm())  # limited: <= c |x|
-    # a zero-initialized stage (here the last) moves as without the limit
+    # a zero-initialized stage (here the last) is held to the floor, its size at the network's mean entry
+    # (a cap of ||x_s|| = 0 would hold it at zero; 1 + c / L per step after its first would barely grow it)
     moved = {}
     for limit in (None, c):
         net = _mlp(dtype=F64)
         with torch.no_grad():
             net[4].weight.zero_()
             net[4].bias.zero_()
+        x = flat(net)
         opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=3, lr=0.5, max_relative_step=limit)
         opt.step(X[:64], y[:64])
         moved[limit] = torch.cat([net[4].weight.detach().reshape(-1), net[4].bias.detach()])
-    assert float(moved[c].norm()) > 0 and torch.equal(moved[c], moved[None])
+    floor = (c / 3) * (27 / x.numel()) ** 0.5 * float(x.norm())
+    free = float(moved[None].norm())
+    assert free > 0 and float(moved[c].norm()) == pytest.approx(min(free, floor), rel=1e-12)
+    # the value is validated whenever it is set, and saved with the state
+    opt = ho.Newton(_mlp(dtype=F64), nn.CrossEntropyLoss(), seed=3)
+    for bad in (0, -0.05, float("nan"), float("inf"), "0.05", True):
+        with pytest.raises(ValueError, match="max_relative_step"):
+            opt.max_relative_step = bad
+    opt.max_relative_step = np.float32(0.01)
+    sd = opt.state_dict()
+    fresh = ho.Newton(_mlp(dtype=F64), nn.CrossEntropyLoss(), seed=3)
+    fresh.load_state_dict(sd)
+    assert fresh.max_relative_step == pytest.approx(0.01)
     with pytest.raises(ValueError, match="max_relative_step"):
         ho.Newton(_mlp(dtype=F64), nn.CrossEntropyLoss(), max_relative_step=0.0)
 

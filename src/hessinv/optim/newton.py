@@ -235,9 +235,10 @@ class Newton(torch.optim.Optimizer):
             the curvature batch's subspace a step is an Adam step of size ``lr / delta``.
         max_relative_step: precondition mode: a budget ``c`` for the relative change of the network per
             step, split equally over its ``L`` stages with parameters: each stage's parameters ``x_s``
-            (a Linear's weight and bias together) move by at most ``(c / L) ||x_s||`` (the step is
-            shortened, its direction kept; a stage whose parameters are all zero is not limited, as in
-            LAMB). A chain's output moves by at most about the sum of its stages' relative changes, so
+            (a Linear's weight and bias together, ``n_s`` numbers) move by at most ``(c / L) max(||x_s||,
+            sqrt(n_s / n) ||x||)`` (the step is shortened, its direction kept; the floor, the stage's
+            size at the network's mean entry, lets a zero- or tiny-initialized layer grow at the others'
+            scale). A chain's output moves by at most about the sum of its stages' relative changes, so
             a deep chain's steps are held to its depth while a shallow one may take larger ones
             (without it, the default ``delta`` of 200 missed a deep tanh chain's test-accuracy target
             that ``delta = 500`` reached: docs/training.md, math.md §6). Read at every step (a schedule
@@ -343,8 +344,6 @@ class Newton(torch.optim.Optimizer):
                 f"loss_fn(outputs, targets), got {type(loss_fn).__name__}"
             )
         _positive("lr", lr, allow_zero=True)  # a schedule may start at 0 (warm-up), as torch.optim allows
-        if max_relative_step is not None:
-            _positive("max_relative_step", max_relative_step)
         _positive("weight_decay", weight_decay, allow_zero=True)
         if mode not in _MODES:
             raise InvalidArgumentError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -375,7 +374,6 @@ class Newton(torch.optim.Optimizer):
         self.track_inertia = bool(track_inertia)
         self.backtracking = backtracking
         self.callback = callback
-        self.max_relative_step = None if max_relative_step is None else float(max_relative_step)
         self.last_stats: StepStats | None = None
         self._rejected: tuple | None = None  # (batch key, loss, operator) after a rejected step
         self._sums: bool | None = None  # whether loss_fn sums over examples (precondition.curvature_weight)
@@ -390,7 +388,7 @@ class Newton(torch.optim.Optimizer):
         self.preconditioner: Preconditioner | None = None
         if mode != "trust-region":
             pc_curv = curvature or "gauss_newton"
-            pc_damping = diagonal_damping
+            pc_damping = float(_positive("diagonal_damping", _number(diagonal_damping)))
             if pc_curv == "hessian":
                 pc_damping = float(damping) if isinstance(damping, (int, float)) else 1.0
             self.preconditioner = Preconditioner(
@@ -407,9 +405,23 @@ class Newton(torch.optim.Optimizer):
             "mode": mode,
             "momentum": None,
             "previous": None,  # auto mode: the previous batch, to recognize full-batch training
+            "max_relative_step": None,  # (in the state: a resumed run keeps a value changed mid-run)
         }
+        self.max_relative_step = max_relative_step
 
     # -- state ------------------------------------------------------------------------------------
+    @property
+    def max_relative_step(self) -> float | None:
+        """The precondition mode's step budget ``c`` (see :class:`Newton`); may be changed between steps
+        (validated; saved in ``state_dict``)."""
+        return self._newton["max_relative_step"]
+
+    @max_relative_step.setter
+    def max_relative_step(self, value: float | None) -> None:
+        if value is not None:
+            value = float(_positive("max_relative_step", _number(value)))
+        self._newton["max_relative_step"] = value
+
     @property
     def steps(self) -> int:
         """Steps taken so far (accepted or not)."""
@@ -467,6 +479,7 @@ class Newton(torch.optim.Optimizer):
         ns.setdefault("mode", "trust-region")
         ns.setdefault("momentum", None)
         ns.setdefault("previous", None)
+        ns.setdefault("max_relative_step", self.max_relative_step)  # a state dict from before it was saved
         self._newton = copy.deepcopy(ns)
         self.mode = ns["mode"]
         self._rejected = None
@@ -562,25 +575,28 @@ class Newton(torch.optim.Optimizer):
             offset += k
 
     def _limited(self, d: Tensor) -> Tensor:
-        """``d`` (n,) with each stage's part shortened to at most ``(c / L) ||x_s||`` (``c =
-        max_relative_step``, ``L`` stages with parameters; a stage whose parameters are all zero is not
-        limited; see :class:`Newton`)."""
+        """``d`` (n,) with each stage's part shortened to at most ``(c / L) max(||x_s||, sqrt(n_s / n)
+        ||x||)`` (``c = max_relative_step``, ``L`` stages with parameters, ``n_s`` of them in stage ``s``; see
+        :class:`Newton`)."""
         c = self.max_relative_step
         if c is None:
             return d
         seg = self.__dict__.get("_segments")
         if seg is None or seg[0].device != d.device:
             sizes = torch.tensor([p for p in self.chain.sizes if p], device=d.device)
-            seg = self._segments = (
-                torch.repeat_interleave(torch.arange(len(sizes), device=d.device), sizes),
-            )
-        (ids,) = seg
-        L = int(ids[-1]) + 1 if ids.numel() else 1
+            ids = torch.repeat_interleave(torch.arange(len(sizes), device=d.device), sizes)
+            seg = self._segments = (ids, sizes)
+        ids, sizes = seg
+        L = int(sizes.numel()) or 1
         sq = torch.stack([d.square(), self.chain.flat_params().to(d.dtype).square()])
-        norms = sq.new_zeros(2, L).index_add_(1, ids, sq).sqrt_()
-        cap = (c / L) * norms[1]
-        # d = 0 or a zero stage (LAMB's rule: a zero-initialized layer is not held at zero): unchanged
-        scale = torch.where((norms[0] > cap) & (cap > 0), cap / norms[0], 1.0)
+        norms = sq.new_zeros(2, L).index_add_(1, ids, sq)
+        # a stage's size, floored at the network's mean entry (a zero- or tiny-initialized layer, e.g. a
+        # Fixup branch, grows at the scale of the others, not by 1 + c / L per step)
+        floor = sizes.to(d.dtype) * (norms[1].sum() / max(ids.numel(), 1))
+        cap = (c / L) * torch.maximum(norms[1], floor).sqrt_()
+        dn = norms[0].sqrt_()
+        # d = 0, or every parameter zero (cap 0): unchanged
+        scale = torch.where((dn > cap) & (cap > 0), cap / dn, 1.0)
         return d * scale[ids]
 
     @torch.no_grad()
@@ -971,6 +987,11 @@ def _one_batch(seen: list[Tensor], what: str, name: str) -> Tensor | None:
             f"step(closure=closure, inputs=X, targets=y)"
         )
     return seen[0] if seen else None
+
+
+def _number(value: Any) -> Any:
+    """A numpy scalar as the Python number it holds (``np.float32(0.05)``); anything else unchanged."""
+    return value.item() if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 else value
 
 
 def _scaled(v: Tensor, lr: float | Tensor) -> Tensor:
