@@ -512,3 +512,31 @@ def test_zero_damping_where_g_plus_d_is_singular_is_refused_in_either_dtype(dtyp
     D[-1] = 0.0  # one output bias undamped: nonsingular
     F = G.factor(D)
     assert F.positive_definite and F.slogdet()[1] == F.logdet()
+
+
+def test_zero_damping_entry_with_a_signed_root():
+    """A non-convex loss (the output Hessian diag(2 - 6, 2): S holds -1 entries) with the output bias of
+    the negative direction undamped: G_jj = -4 there and G + D is well conditioned (cond 23). It was
+    refused as "no curvature (G_jj = 0)" -- the scale test read the signed diagonal; the column's norm
+    decides."""
+    torch.manual_seed(0)
+    X, T = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+
+    def loss(out, t):
+        return ((out - t) ** 2).sum(1).mean() - 3 * (out[:, 0] ** 2).mean()
+
+    G = hessinv.GaussNewton(net, loss, X, T)
+    assert bool((G.root()[1] < 0).any())
+    Gd = G.to_dense()
+    n = Gd.shape[0]
+    D = torch.full((n,), 0.5, dtype=torch.float64)
+    D[n - 2] = 0.0
+    A = Gd + torch.diag(D)
+    assert float(Gd[n - 2, n - 2]) < 0
+    ev = torch.linalg.eigvalsh(A)
+    F = G.factor(D)
+    b = torch.ones(n, dtype=torch.float64)
+    assert float((A @ F.solve(b) - b).norm() / b.norm()) < 1e-12
+    assert tuple(F.inertia) == (int((ev < 0).sum()), 0, int((ev > 0).sum()))
+    assert F.logdet() == pytest.approx(float(torch.linalg.slogdet(A)[1]), rel=1e-10)

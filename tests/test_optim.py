@@ -11,6 +11,7 @@ import io
 import itertools
 import json
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -586,6 +587,36 @@ def test_max_relative_step_shortens_each_stage_to_its_share(c):
     fresh = ho.Newton(_mlp(dtype=F64), nn.CrossEntropyLoss(), seed=3)
     fresh.load_state_dict(sd)
     assert fresh.max_relative_step == pytest.approx(0.01)
+    sd["newton"]["max_relative_step"] = 0.0  # a hand-edited state: refused before anything is loaded
+    with pytest.raises(ValueError, match="max_relative_step"):
+        fresh.load_state_dict(sd)
+    assert fresh.max_relative_step == pytest.approx(0.01)
+    # a copy pickled before the value was kept in the state (a plain attribute, or none) still steps
+    old = copy.deepcopy(fresh)
+    del old._newton["max_relative_step"]
+    old.__dict__["max_relative_step"] = 0.02
+    revived = pickle.loads(pickle.dumps(old))
+    assert revived.max_relative_step == 0.02 and "max_relative_step" not in revived.__dict__
+    revived.step(X[:64], y[:64])
+
+
+def test_a_hook_added_mid_run_regroups_the_stages_for_the_step_budget_and_the_trust_region():
+    """A forward hook on an inner Sequential makes it one stage (65 parameters instead of 35 + 30): the
+    chain re-split but kept its old sizes, so the budget was split over 3 stages and the trust region's
+    next step failed with a raw einsum error."""
+    torch.manual_seed(0)
+    X, y = torch.randn(32, 6, dtype=F64), torch.randint(0, 3, (32,))
+    for mode in ("precondition", "trust-region"):
+        net = nn.Sequential(
+            nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 5)), nn.Tanh(), nn.Linear(5, 3)
+        )
+        net = net.double()
+        opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0, mode=mode)
+        opt.step(X, y)
+        net[0].register_forward_hook(lambda m, i, o: None)
+        opt.step(X, y)
+        assert [s for s in opt.chain.sizes if s] == [65, 18]
+        assert opt.chain.sizes == [s.p for s in opt.chain.stages]
     with pytest.raises(ValueError, match="max_relative_step"):
         ho.Newton(_mlp(dtype=F64), nn.CrossEntropyLoss(), max_relative_step=0.0)
 

@@ -947,6 +947,7 @@ class Chain:
             if _stages_code(stages) == self._code:  # the trace does not read them
                 self._unread.update(moved)
             self.stages, self._traced = stages, traced
+            self.sizes = [s.p for s in stages]  # (a hook can merge stages: the same parameters, regrouped)
             self._watch()
         for m, mode in self._mode_watch:
             if m.training and not mode and getattr(m, "p", 1) != 0:

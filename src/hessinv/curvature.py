@@ -1728,12 +1728,13 @@ class WoodburyFactorization(Factorization):
 
     ``damping`` is a number or a per-parameter (n,) tensor ``D``. Zero entries of ``D`` (parameters left
     undamped, e.g. biases) are exact too: on those ``k`` entries ``D`` takes ``c_j`` (the power of 4
-    nearest ``G_jj``: the square roots and inverses below are exact, and the correction is at ``G``'s own
-    scale) and ``G`` the rank-``k`` correction ``-E^T C E`` (``E`` their rows of the identity), appended
-    to the square root with signs ``-1`` -- ``K`` grows by ``k`` rows (at most
-    :data:`ZERO_DAMPING_MAX`) and is then indefinite, factored by ``eigh``. A zero entry where ``G_jj =
-    0`` is a :class:`SingularError`. A zero damping of the number kind is the Riccati sweep's
-    (``method="auto"``). Same interface as :class:`Factorization` (``solve`` with refinement,
+    nearest ``sum_q U_qj^2``, which is ``G_jj`` for a convex loss: the square roots and inverses below
+    are exact, and the correction is at ``G``'s own scale) and ``G`` the rank-``k`` correction
+    ``-E^T C E`` (``E`` their rows of the identity), appended to the square root with signs ``-1`` --
+    ``K`` grows by ``k`` rows (at most :data:`ZERO_DAMPING_MAX`) and is then indefinite, factored by
+    ``eigh``. A zero entry whose column of ``G`` is zero is a :class:`SingularError`. A zero damping of
+    the number kind is the Riccati sweep's (``method="auto"``). Same interface as :class:`Factorization`
+    (``solve`` with refinement,
     ``inertia``, ``positive_definite``, ``logdet``).
     """
 
@@ -1762,17 +1763,17 @@ class WoodburyFactorization(Factorization):
                 )
             if k:  # G + D = (G - E^T C E) + (D + E^T C E), both exact in floating point (C: powers of 4)
                 Uz = U[:, zero].double()
-                gjj = (S.double()[:, None] * Uz * Uz).sum(0)  # G's diagonal there: the scale of c_j
+                gjj = (Uz * Uz).sum(0)  # |G_jj| where S = +1 (signed S: the column's scale): that of c_j
                 if not bool((gjj > 0).all()):
                     j = int(zero[torch.nonzero(gjj <= 0).flatten()[0]])
                     raise SingularError(
-                        f"parameter {j} has zero damping and no curvature on this batch (G_jj = 0): G + D "
-                        "is singular there -- give it a damping > 0",
+                        f"parameter {j} has zero damping and no curvature on this batch (its column of G is "
+                        "zero): G + D is singular there -- give it a damping > 0",
                         damping=0.0,
                     )
                 c = torch.pow(4.0, torch.round(torch.log2(gjj) / 2))  # sqrt(c) and 1 / c exact
-                D = damping.to(U.dtype).clone()
-                D[zero] = c.to(D.dtype).to(D.device)
+                D = damping.to(device=U.device, dtype=U.dtype).clone()
+                D[zero] = c.to(D.dtype)
                 E = U.new_zeros(k, U.shape[1])
                 E[torch.arange(k, device=U.device), zero] = c.sqrt().to(U.dtype)
                 U, S = torch.cat([U, E]), torch.cat([S, S.new_full((k,), -1.0)])

@@ -305,7 +305,9 @@ class WoodburyFactor:
                 raise ShapeMismatchError(
                     f"a diagonal damping must have shape ({n},), got {tuple(damping.shape)}"
                 )
-            Dv = damping.detach().to(U.dtype)  # a number per parameter, not a graph (solves are detached)
+            Dv = damping.detach().to(
+                device=U.device, dtype=U.dtype
+            )  # numbers, not a graph (solves are detached)
         else:
             Dv = torch.full((n,), float(damping), dtype=U.dtype, device=U.device)
         _check_damping(Dv)

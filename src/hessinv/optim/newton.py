@@ -388,8 +388,10 @@ class Newton(torch.optim.Optimizer):
         self.preconditioner: Preconditioner | None = None
         if mode != "trust-region":
             pc_curv = curvature or "gauss_newton"
-            pc_damping = float(_positive("diagonal_damping", _number(diagonal_damping)))
-            if pc_curv == "hessian":
+            pc_damping = diagonal_damping
+            if pc_curv != "hessian":  # (the Hessian's preconditioner takes `damping`)
+                pc_damping = float(_positive("diagonal_damping", _number(diagonal_damping)))
+            else:
                 pc_damping = float(damping) if isinstance(damping, (int, float)) else 1.0
             self.preconditioner = Preconditioner(
                 model, loss_fn, curvature=pc_curv, damping=pc_damping,
@@ -439,7 +441,10 @@ class Newton(torch.optim.Optimizer):
         return self.__dict__.copy()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        old = state.pop("max_relative_step", None)  # a copy made while it was a plain attribute
         self.__dict__.update(state)
+        self._newton.setdefault("max_relative_step", old)  # (None: a copy from before it existed)
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` state dict plus ``"newton"``: step count, mode, rule state, momentum (in the
@@ -468,6 +473,9 @@ class Newton(torch.optim.Optimizer):
             raise InvalidArgumentError(
                 f"state dict is for mode={ns.get('mode')!r}; this optimizer has mode='trust-region'"
             )
+        limit = ns.get("max_relative_step")
+        if limit is not None:
+            _positive("max_relative_step", _number(limit))  # before anything is loaded
         momentum = self.momentum
         super().load_state_dict(sd)
         for g in self.param_groups:  # a state dict from before the momentum was a group value
@@ -479,8 +487,11 @@ class Newton(torch.optim.Optimizer):
         ns.setdefault("mode", "trust-region")
         ns.setdefault("momentum", None)
         ns.setdefault("previous", None)
-        ns.setdefault("max_relative_step", self.max_relative_step)  # a state dict from before it was saved
+        limit = ns.pop("max_relative_step", self.max_relative_step)  # (absent: from before it was saved)
         self._newton = copy.deepcopy(ns)
+        self._newton["max_relative_step"] = (
+            None if limit is None else float(_number(limit))
+        )  # (checked above)
         self.mode = ns["mode"]
         self._rejected = None
 
@@ -582,11 +593,12 @@ class Newton(torch.optim.Optimizer):
         if c is None:
             return d
         seg = self.__dict__.get("_segments")
-        if seg is None or seg[0].device != d.device:
+        key = (d.device, tuple(self.chain.sizes))  # (a hook added since can regroup the stages)
+        if seg is None or seg[0] != key:
             sizes = torch.tensor([p for p in self.chain.sizes if p], device=d.device)
             ids = torch.repeat_interleave(torch.arange(len(sizes), device=d.device), sizes)
-            seg = self._segments = (ids, sizes)
-        ids, sizes = seg
+            seg = self._segments = (key, ids, sizes)
+        _, ids, sizes = seg
         L = int(sizes.numel()) or 1
         sq = torch.stack([d.square(), self.chain.flat_params().to(d.dtype).square()])
         norms = sq.new_zeros(2, L).index_add_(1, ids, sq)

@@ -77,7 +77,7 @@ def _positive(name: str, value: Any, integer: bool = False, allow_zero: bool = F
     if (
         isinstance(value, bool)
         or not ok_type
-        or not math.isfinite(value)
+        or not math.isfinite(float(value) if abs(value) < 1e308 else math.inf)
         or value < 0
         or (value == 0 and not allow_zero)
     ):
