@@ -247,6 +247,9 @@ def test_user_file(tmp_path, capsys):
         (["--depth", "0"], "positive integer"),
         (["--activation", "swish"], "invalid choice"),
         (["--optimizers", "adam,adam"], "twice"),
+        (["--optimizers", "adam,,sgd"], "--optimizers has an empty name"),  # (it was dropped silently)
+        (["--optimizers", "adam,sgd", "--lr", "adam=0.1", "--lr", "adam=0.2"], "--lr gives adam twice"),
+        (["--optimizers", "adam", "--steps", "adam=3,adam=4"], "--steps gives adam twice"),
         (["--seed", "-1"], "argument --seed: expected an integer >= 0"),
         (["--dist-strategy", "foo"], "--dist-strategy must be one of sharded"),  # checked with --nproc 1 too
     ],
@@ -675,6 +678,16 @@ def one_line_error(capsys, rc: int, message: str) -> None:
 )
 def test_spectrum_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
     one_line_error(capsys, main([*SPECTRUM, *args, "--out", str(tmp_path / "spec")]), message)
+
+
+def test_spectrum_with_missing_data_leaves_no_output_folder(tmp_path, capsys):
+    out = tmp_path / "never"
+    one_line_error(
+        capsys,
+        main(["spectrum", "--data", str(tmp_path / "nosuch.csv"), "--out", str(out)]),
+        "does not exist",
+    )
+    assert not out.exists()
 
 
 def test_spectrum_reports_zero_negative_eigenvalues_of_a_gauss_newton_matrix(tmp_path, capsys):

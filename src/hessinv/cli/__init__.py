@@ -454,9 +454,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from hessinv.cli.data import DataError, load_dataset
     from hessinv.cli.train import TrainConfig, train
 
-    opts = [canonical(o) for o in args.optimizers.split(",") if o.strip()]
+    names = args.optimizers.split(",")
+    opts = [canonical(o) for o in names if o.strip()]
     if not opts:
         raise UserError("--optimizers is empty")
+    if len(opts) != len(names):
+        raise UserError(f"--optimizers has an empty name: {args.optimizers!r}")
     for o in opts:
         if o not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {o!r}; choose from {', '.join(OPTIMIZERS)}")

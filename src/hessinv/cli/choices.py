@@ -139,6 +139,8 @@ def parse_per_optimizer(
                     f"{option} {part}: {name} is not selected (--optimizers {','.join(selected)}); "
                     f"add it to --optimizers or leave {name} out of {option}"
                 )
+            if name in out:
+                raise UserError(f"{option} gives {name} twice ({item}): give it once")
             try:
                 out[name] = convert(val.strip())
             except ValueError as e:

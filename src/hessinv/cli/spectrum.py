@@ -179,11 +179,11 @@ def run(args: argparse.Namespace) -> int:
     from hessinv.curvature import curvature_class
     from hessinv.errors import SingularError
 
-    out = output_directory(args.out)
     try:
         ds = load_dataset(args.data, seed=args.seed, n_samples=args.samples)
     except DataError as e:
         raise UserError(str(e)) from None
+    out = output_directory(args.out)  # (after the data: a bad --data leaves no empty folder behind)
     net = build_model(ds.input_dim, ds.output_dim, args.depth, args.width, args.activation, seed=args.seed)
     loss_fn = torch.nn.CrossEntropyLoss() if ds.task == "classification" else torch.nn.MSELoss()
     X, y = ds.X_train, ds.y_train
