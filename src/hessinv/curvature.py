@@ -416,17 +416,21 @@ class CurvatureOperator:
             )
 
         self._count_doubt = False
-        out = None
-        if tol == 0:
-            try:
-                out = self._counts(shift)
-            except (SingularError, NonFiniteError):  # singular (or overflowing) at shift: count at the
-                tol = floor  # resolution; eigenvalues within it of -shift count as zero
-        if out is None:
-            neg, pos = self._counts(shift + tol, 1.0).negative, self._counts(shift - tol, -1.0).positive
-            out = Inertia(neg, self.shape[0] - neg - pos, pos)
+        out, tol = self._inertia_at(shift, tol)
         self._warn_count_doubt(f"inertia({shift:g}, tol={tol:g})")
         return out
+
+    def _inertia_at(self, shift: float, tol: float) -> tuple[Inertia, float]:
+        """:meth:`inertia`'s counts (``shift`` and ``tol`` checked) and the ``tol`` they were taken with:
+        ``tol = 0`` where the sweep at ``shift`` is singular (or overflows) becomes the counts'
+        resolution, and eigenvalues within it of ``-shift`` count as zero. Sets ``_count_doubt``."""
+        if tol == 0:
+            try:
+                return self._counts(shift), 0.0
+            except (SingularError, NonFiniteError):
+                tol = self.zero_tolerance()
+        neg, pos = self._counts(shift + tol, 1.0).negative, self._counts(shift - tol, -1.0).positive
+        return Inertia(neg, self.shape[0] - neg - pos, pos), tol
 
     def _warn_count_doubt(self, what: str, stacklevel: int = 3) -> None:
         """The :class:`AccuracyWarning` for counts whose sweep had a pivot conditioned below ``sqrt(u)``
@@ -1149,32 +1153,23 @@ class Factorization:
 
     def _recount(self) -> None:
         """The exact inertia of ``H + eps I`` where the pivots' counts are not (see ``inertia``): the
-        operator's count at ``eps`` (:meth:`CurvatureOperator._counts`; a dense ``LDL^T`` where its sweep
-        is ill-conditioned too), certified unless that too was left in doubt (``n`` above the dense
-        recount's limit). Where a pivot is exactly singular at ``eps``, the counts at ``eps -+ sqrt(u)
-        ||H||`` (:meth:`CurvatureOperator.inertia`'s resolution), certified where no eigenvalue lies
-        between; where a float64 twin took over, its counts."""
+        operator's count at ``eps`` with ``tol = 0`` (:meth:`CurvatureOperator._inertia_at`, what
+        ``op.inertia(eps, tol=0)`` counts), certified unless it was left in doubt (``n`` above the dense
+        recount's limit) or counted at the resolution (a pivot exactly singular at ``eps``: eigenvalues
+        within ``sqrt(u) ||H||`` count as zero); where a float64 twin took over, its counts."""
         self._recount_due = False
         if self._f64 is not None:  # a float64 twin took over (a float32 sweep that perturbed a pivot)
             self._inertia, self._certified = self._f64.inertia, self._f64.inertia_certified
             return
-        op, s = self.op, self.damping
+        op = self.op
         op._count_doubt = False
         try:
-            try:
-                self._inertia = op._counts(s)
-            except (SingularError, NonFiniteError):  # a pivot exactly singular at eps (the elimination
-                # order's, or H + eps I's): count at +-sqrt(u) ||H||; exact where nothing lies between
-                tol = op.zero_tolerance()
-                neg, pos = op._counts(s + tol, 1.0).negative, op._counts(s - tol, -1.0).positive
-                self._inertia = Inertia(neg, op.shape[0] - neg - pos, pos)
-                if self._inertia.zero:
-                    return
+            self._inertia = op._inertia_at(self.damping, 0.0)[0]
         except (SingularError, NonFiniteError):
             return
         finally:
             doubt, op._count_doubt = op._count_doubt, False
-        self._certified = not doubt
+        self._certified = not doubt and not self._inertia.zero  # (a zero: counted at the resolution)
 
     def _well_pivoted(self) -> bool:
         """Whether every pivot's :meth:`~hessinv.riccati.Pivot.conditioning` is at least ``sqrt(u)`` of the

@@ -390,7 +390,7 @@ class Newton(torch.optim.Optimizer):
             pc_curv = curvature or "gauss_newton"
             pc_damping = diagonal_damping
             if pc_curv != "hessian":  # (the Hessian's preconditioner takes `damping`)
-                pc_damping = float(_positive("diagonal_damping", _number(diagonal_damping)))
+                pc_damping = _positive_number("diagonal_damping", diagonal_damping)
             else:
                 pc_damping = float(damping) if isinstance(damping, (int, float)) else 1.0
             self.preconditioner = Preconditioner(
@@ -420,9 +420,9 @@ class Newton(torch.optim.Optimizer):
 
     @max_relative_step.setter
     def max_relative_step(self, value: float | None) -> None:
-        if value is not None:
-            value = float(_positive("max_relative_step", _number(value)))
-        self._newton["max_relative_step"] = value
+        self._newton["max_relative_step"] = (
+            None if value is None else _positive_number("max_relative_step", value)
+        )
 
     @property
     def steps(self) -> int:
@@ -473,9 +473,9 @@ class Newton(torch.optim.Optimizer):
             raise InvalidArgumentError(
                 f"state dict is for mode={ns.get('mode')!r}; this optimizer has mode='trust-region'"
             )
-        limit = ns.get("max_relative_step")
+        limit = ns.get("max_relative_step", self.max_relative_step)  # (absent: from before it was saved)
         if limit is not None:
-            _positive("max_relative_step", _number(limit))  # before anything is loaded
+            limit = _positive_number("max_relative_step", limit)  # before anything is loaded
         momentum = self.momentum
         super().load_state_dict(sd)
         for g in self.param_groups:  # a state dict from before the momentum was a group value
@@ -487,11 +487,8 @@ class Newton(torch.optim.Optimizer):
         ns.setdefault("mode", "trust-region")
         ns.setdefault("momentum", None)
         ns.setdefault("previous", None)
-        limit = ns.pop("max_relative_step", self.max_relative_step)  # (absent: from before it was saved)
+        ns["max_relative_step"] = limit
         self._newton = copy.deepcopy(ns)
-        self._newton["max_relative_step"] = (
-            None if limit is None else float(_number(limit))
-        )  # (checked above)
         self.mode = ns["mode"]
         self._rejected = None
 
@@ -599,12 +596,12 @@ class Newton(torch.optim.Optimizer):
             ids = torch.repeat_interleave(torch.arange(len(sizes), device=d.device), sizes)
             seg = self._segments = (key, ids, sizes)
         _, ids, sizes = seg
-        L = int(sizes.numel()) or 1
+        L = int(sizes.numel())  # (>= 1: a chain has parameters)
         sq = torch.stack([d.square(), self.chain.flat_params().to(d.dtype).square()])
         norms = sq.new_zeros(2, L).index_add_(1, ids, sq)
         # a stage's size, floored at the network's mean entry (a zero- or tiny-initialized layer, e.g. a
         # Fixup branch, grows at the scale of the others, not by 1 + c / L per step)
-        floor = sizes.to(d.dtype) * (norms[1].sum() / max(ids.numel(), 1))
+        floor = sizes.to(d.dtype) * (norms[1].sum() / ids.numel())
         cap = (c / L) * torch.maximum(norms[1], floor).sqrt_()
         dn = norms[0].sqrt_()
         # d = 0, or every parameter zero (cap 0): unchanged
@@ -1001,9 +998,11 @@ def _one_batch(seen: list[Tensor], what: str, name: str) -> Tensor | None:
     return seen[0] if seen else None
 
 
-def _number(value: Any) -> Any:
-    """A numpy scalar as the Python number it holds (``np.float32(0.05)``); anything else unchanged."""
-    return value.item() if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 else value
+def _positive_number(name: str, value: Any) -> float:
+    """``value`` as a float > 0, a numpy scalar (``np.float32(0.05)``) too; else a named error."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        value = value.item()
+    return float(_positive(name, value))
 
 
 def _scaled(v: Tensor, lr: float | Tensor) -> Tensor:
