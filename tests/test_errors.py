@@ -527,3 +527,59 @@ def test_the_memory_check_with_no_headroom_left_refuses(monkeypatch):
 def test_a_list_holding_a_function_names_the_element():
     with pytest.raises(NotAChainError, match="got builtin_function_or_method"):
         hessinv.hessian([nn.Linear(3, 3), torch.tanh], nn.MSELoss(), torch.randn(4, 3), torch.randn(4, 3))
+
+
+def test_losses_autograd_cannot_differentiate_twice_are_refused_not_zero():
+    """A loss whose backward autograd cannot differentiate (a custom ``autograd.Function`` with a
+    numpy-style backward) had its second derivative read as zero -- a silently wrong Hessian and a zero
+    Gauss-Newton matrix (found by a probe); a loss linear in the outputs (constant gradient, no graph
+    either) is still accepted, its curvature exactly zero."""
+
+    class SquareNoGraph(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, o, t):
+            ctx.save_for_backward(o, t)
+            return ((o - t) ** 2).mean()
+
+        @staticmethod
+        def backward(ctx, g):
+            o, t = ctx.saved_tensors
+            return (g * 2 * (o - t) / o.numel()).detach(), None
+
+    net, X, _ = small()
+    t = torch.randn(5, 2, dtype=torch.float64)
+    with pytest.raises(UnsupportedStageError, match="cannot differentiate the loss's gradient"):
+        hessinv.hessian(net, SquareNoGraph.apply, X, t)
+    H = hessinv.hessian(net, lambda o, t: (o * t).sum(), X, t)  # linear in the outputs
+    assert float(hessinv.gauss_newton(net, lambda o, t: (o * t).sum(), X, t).to_dense().abs().max()) == 0
+    assert torch.isfinite(H.to_dense()).all()
+
+
+def test_losses_without_a_path_to_the_outputs_or_random_are_refused():
+    """A loss of detached or thresholded outputs (torch's backward refuses it) came back with a zero
+    gradient and Hessian; a loss with noise inside gave a different gradient at every build (found by
+    a probe). Both are named."""
+    net, X, y = small()
+    t = torch.randn(5, 2, dtype=torch.float64)
+    for fn in (lambda o, t: ((o.detach() - t) ** 2).mean(), lambda o, t: (o > t).double().mean()):
+        with pytest.raises(UnsupportedStageError, match="does not depend on the outputs through autograd"):
+            hessinv.hessian(net, fn, X, t)
+    with pytest.raises(UnsupportedStageError, match="dropout or noise inside it"):
+        hessinv.hessian(net, lambda o, t: ((torch.nn.functional.dropout(o, 0.5) - t) ** 2).mean(), X, t)
+
+
+def test_a_compiled_loss_is_differentiated_through_its_original_function():
+    """``torch.compile(loss)``: its compiled backward is not differentiable, so the Hessian came back
+    without the loss's second derivative (relative error 1.0, no warning; found by a probe). The loss
+    inside the wrapper is used, as for a compiled model."""
+    from reference import autograd_gradient_hessian
+
+    net, X, _ = small()
+    t = torch.randn(5, 2, dtype=torch.float64)
+    _, H_ref = autograd_gradient_hessian(net, nn.HuberLoss(), X, t)
+    for compiled in (
+        torch.compile(nn.HuberLoss(), backend="aot_eager"),
+        torch.compile(lambda o, t: nn.functional.huber_loss(o, t), backend="aot_eager"),
+    ):
+        H = hessinv.hessian(net, compiled, X, t)
+        torch.testing.assert_close(H.to_dense(), H_ref, rtol=1e-10, atol=1e-12)

@@ -67,7 +67,7 @@ from hessinv.stages import (
     is_elementwise,
 )
 from hessinv.stages.generic import IdentityBlocks, LazyBlocks
-from hessinv.stages.losses import closed_form, loss_name, prepare_targets
+from hessinv.stages.losses import closed_form, loss_name, prepare_targets, uncompiled
 
 #: a loss: ``loss_fn(outputs, targets) -> scalar`` (a module such as ``nn.CrossEntropyLoss()``, a function
 #: such as ``F.cross_entropy``, or a lambda)
@@ -835,7 +835,8 @@ class Chain:
             raise InvalidArgumentError(
                 f"loss_fn must be callable (loss_fn(outputs, targets)), got {loss_fn!r}"
             )
-        self.model, self.loss_fn = model, loss_fn
+        # a torch.compile-d loss is differentiated through its original function (see `uncompiled`)
+        self.model, self.loss_fn = model, uncompiled(loss_fn)
         self._traced: list[nn.Module] = []
         self._unread: set[tuple[nn.Module, str]] = (
             set()

@@ -44,7 +44,7 @@ from hessinv.lowrank import WoodburyFactor, gauss_newton_root
 from hessinv.riccati import Inertia, Pivot, riccati_factor, riccati_forward, riccati_quadratic, riccati_solve
 from hessinv.stages import Blocks
 from hessinv.stages.generic import LazyBlocks
-from hessinv.stages.losses import loss_in_dtype
+from hessinv.stages.losses import loss_in_dtype, uncompiled
 
 if TYPE_CHECKING:  # pragma: no cover
     import scipy.sparse.linalg
@@ -160,7 +160,7 @@ class CurvatureOperator:
         """``chain``: the :class:`~hessinv.Chain` of ``(model, loss_fn)`` when the caller already holds one
         (an optimizer that builds an operator every few steps: splitting a traced model into stages
         costs milliseconds); by default it is built here."""
-        if chain is not None and (chain.model is not model or chain.loss_fn is not loss_fn):
+        if chain is not None and (chain.model is not model or chain.loss_fn is not uncompiled(loss_fn)):
             raise InvalidArgumentError("chain= must be the Chain of this model and loss_fn")
         self.chain = chain if chain is not None else Chain(model, loss_fn)
         _tensor(inputs, "inputs"), _tensor(targets, "targets")  # the rest: linearize's checks

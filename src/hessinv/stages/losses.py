@@ -71,6 +71,18 @@ _ELEMENTWISE_FUNCTIONS = (
 )  # fmt: skip
 
 
+def uncompiled(loss_fn: Callable) -> Callable:
+    """The loss inside a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``, or the original function
+    of a compiled function), else ``loss_fn``: the same function, whose backward autograd can
+    differentiate again (a compiled backward cannot: its second derivative reads as zero)."""
+    if type(loss_fn).__name__ == "OptimizedModule" and isinstance(
+        getattr(loss_fn, "_orig_mod", None), nn.Module
+    ):
+        return loss_fn._orig_mod  # type: ignore[union-attr]
+    orig = getattr(loss_fn, "_torchdynamo_orig_callable", None)
+    return orig if callable(orig) else loss_fn
+
+
 def loss_name(loss_fn: Callable) -> str:
     """``'CrossEntropyLoss'``, ``'cross_entropy'``, ``'<lambda>'``: how messages call a loss."""
     if isinstance(loss_fn, nn.Module):
@@ -297,7 +309,25 @@ class LossStage:
                     f"would broadcast them, every output against every target{hint}"
                 )
             with torch.enable_grad():
-                depends = self.call(output.detach()).requires_grad
+                first = self.call(output.detach())
+                depends = first.requires_grad
+                y = output.detach().clone().requires_grad_(True)
+                again = self.call(y)
+            if not torch.equal(first.detach(), again.detach()) and bool(
+                torch.isfinite(first) | torch.isfinite(again)
+            ):
+                raise UnsupportedStageError(
+                    f"{self.name}: loss_fn returned {first.item():.17g} and then {again.item():.17g} for the "
+                    "same outputs and targets (dropout or noise inside it?); hessinv differentiates a "
+                    "deterministic loss: move the randomness out of loss_fn (into the model, in eval mode, "
+                    "or into the data)"
+                )
+            if not depends and not again.requires_grad:
+                raise UnsupportedStageError(
+                    f"{self.name}: the loss does not depend on the outputs through autograd (outputs "
+                    "detached, rounded, thresholded or compared inside loss_fn?), so its derivatives "
+                    "would read as zero; pass a loss that autograd can differentiate in the outputs"
+                )
             if depends:  # e.g. a weight penalty inside loss_fn: its derivatives would be left out
                 raise UnsupportedStageError(
                     f"{self.name}: loss_fn depends on tensors that require grad besides the model's output "
@@ -426,6 +456,29 @@ class LossStage:
         mass = q.sum(-1)
         return -(q * logp).sum(-1), mass[:, None] * p - q, (p, mass[:, None])
 
+    def _check_constant_gradient(self, y: Tensor, G: Tensor) -> None:
+        """A gradient ``G = dL/dy`` without a graph is constant (a loss linear in the outputs: its second
+        derivative is zero) or autograd cannot differentiate the loss's backward (a ``torch.compile``-d
+        function inside ``loss_fn``, a custom ``autograd.Function`` whose backward is not itself
+        differentiable) -- then the second derivative would read as zero. Told apart by the gradient at
+        ``y`` moved by ``~ 1e-3 (1 + |y|)``: it must not change beyond rounding."""
+        from hessinv.stages.generic import _grads
+
+        gen = torch.Generator(device="cpu").manual_seed(1234)
+        dy = torch.rand(y.shape, generator=gen, dtype=torch.float64).to(y) - 0.5
+        y2 = (y.detach() + 1e-3 * (1 + y.detach().abs()) * dy).requires_grad_(True)
+        with torch.enable_grad():
+            G2 = _grads(self.call(y2), [y2])[0].reshape(G.shape)
+        top = max(float(G.abs().max()), float(G2.abs().max())) if G.numel() else 0.0
+        if float((G2 - G.detach()).abs().max() if G.numel() else 0.0) > 1e3 * torch.finfo(G.dtype).eps * top:
+            raise UnsupportedStageError(
+                f"{self.name}: autograd cannot differentiate the loss's gradient (its backward has no "
+                "graph: a torch.compile-d function inside loss_fn, or a custom autograd.Function whose "
+                "backward is not differentiable), while the gradient changes with the outputs: the "
+                "second derivative would read as zero. Pass a loss autograd can differentiate twice "
+                "(the uncompiled function)"
+            )
+
     def _autograd(self, y: Tensor) -> tuple[LossBlocks, Tensor]:
         """``G = dL/dy`` and the per-example ``Lambda_n = d2 L / dy_n dy_n`` by plain autograd."""
         from hessinv.stages.generic import _grads
@@ -437,6 +490,8 @@ class LossStage:
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"{self.name}: the loss is {loss.item()}")
             G = _grads(loss, [y], create_graph=True)[0].reshape(B, -1)
+            if not G.requires_grad:
+                self._check_constant_gradient(y, G)
             C = G.shape[1]
             Lam = y.new_zeros(B, C, C)
             for c in range(C):
