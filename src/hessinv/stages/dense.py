@@ -168,19 +168,27 @@ class DenseStage(Stage):
         self.params = [t for t in (linear.weight, linear.bias) if t is not None]
         d, m = linear.out_features, linear.in_features
         self.bias = linear.bias is not None
-        m1 = m + int(self.bias)
-        # model index of augmented position (i, j): weight row-major, then bias.
-        idx = torch.arange(d * m).view(d, m)
-        if self.bias:
-            idx = torch.cat([idx, d * m + torch.arange(d).view(d, 1)], dim=1)
-        self.aug_to_model = idx.reshape(-1)
-        self.model_to_aug = torch.argsort(self.aug_to_model)
-        # model index of the Riccati (input-major) position j * d + i
-        self.riccati_to_model = idx.T.reshape(-1)
-        self.model_to_riccati = torch.empty_like(self.riccati_to_model)
-        self.model_to_riccati[self.riccati_to_model] = torch.arange(d * m1)
-        self.d, self.m, self.m1 = d, m, m1
+        self.d, self.m, self.m1 = d, m, m + int(self.bias)
         self._generic: GenericStage | None = None
+        self._maps: tuple[bool, Tensor, Tensor] | None = None
+
+    def _orders(self) -> tuple[Tensor, Tensor]:
+        """``(riccati_to_model, model_to_riccati)``: the model index of the Riccati (input-major) position
+        ``j * d + i`` of the augmented weight ``[W b]``, and its inverse. The model's layout is that of
+        ``params``, which the chain sorts as ``model.parameters()`` lists them: weight row-major then
+        bias, or the bias first (a Linear whose weight was re-registered, e.g. by
+        ``torch.nn.utils.prune.remove``)."""
+        bias_first = self.bias and self.params[0] is self.linear.bias
+        if self._maps is None or self._maps[0] != bias_first:
+            d, m = self.d, self.m
+            idx = torch.arange(d * m).view(d, m) + (d if bias_first else 0)
+            if self.bias:
+                idx = torch.cat([idx, (0 if bias_first else d * m) + torch.arange(d).view(d, 1)], dim=1)
+            r2m = idx.T.reshape(-1)
+            m2r = torch.empty_like(r2m)
+            m2r[r2m] = torch.arange(d * self.m1)
+            self._maps = (bias_first, r2m, m2r)
+        return self._maps[1], self._maps[2]
 
     @property
     def name(self) -> str:
@@ -239,7 +247,8 @@ class DenseLayerBlocks(Blocks):
         self.batch, self.d_in = zt.shape[0], stage.m
         self.d_out, self.p = stage.d, stage.d * stage.m1
         dev = zt.device
-        self._r2m, self._m2r = stage.riccati_to_model.to(dev), stage.model_to_riccati.to(dev)
+        r2m, m2r = stage._orders()
+        self._r2m, self._m2r = r2m.to(dev), m2r.to(dev)
         # second-order weights: (b s'') and (b s'); None for Gauss-Newton or when s'' == 0
         self.bpp = None if b is None else b * spp
         self.bsp = None if b is None else b * sp
@@ -291,6 +300,8 @@ class DenseLayerBlocks(Blocks):
         ``out`` (k, p), if given, receives the rows (e.g. a column slice of the caller's ``U``); with
         ``weight=False`` only the bias columns are written (the weight's rows are left to ``factors``)."""
         st = self.stage
+        if st._orders()[0][0] != 0:  # the bias first in the model's order: the caller's generic rows
+            return None
         d, m = st.d, st.m
         t = self.sp[:, :, None] * s  # (B, d, k)
         z = self.zt[:, :m]
@@ -316,8 +327,11 @@ class DenseLayerBlocks(Blocks):
 
     def per_example_jxT(self, s: Tensor, out: Tensor | None = None) -> Tensor:
         """Row ``n``: the outer product ``t_n z_n^T`` (``t = s' s_n``) on the weight, ``t_n`` on the bias
-        (model order: ``weight.flatten()``, then ``bias``)."""
+        (model order: ``weight.flatten()``, then ``bias``; None where the model lists the bias first: the
+        caller's generic rows)."""
         st = self.stage
+        if st._orders()[0][0] != 0:
+            return None
         t = self.sp * s  # (B, d)
         out = t.new_empty(self.batch, self.p) if out is None else out
         torch.mul(t[:, :, None], self.zt[:, None, : st.m], out=out[:, : st.d * st.m].view(-1, st.d, st.m))
