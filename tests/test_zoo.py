@@ -1333,3 +1333,68 @@ def test_a_linear_that_lists_its_bias_first_is_exact(act):
     rest = torch.arange(25, steps[0].numel())
     torch.testing.assert_close(steps[0][:25], steps[1][:25][perm], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(steps[0][rest], steps[1][rest], rtol=1e-9, atol=1e-12)
+
+
+def _patched_models() -> list[tuple[str, nn.Module]]:
+    torch.manual_seed(0)
+    out = []
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    f0 = m[0].forward
+    m[0].forward = lambda x: 2 * f0(x)  # an accelerate/peft-style wrapper on the instance
+    out.append(("instance Linear", m))
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    f1 = m[1].forward
+    m[1].forward = lambda x: f1(x) + 0.5 * x**2
+    out.append(("instance Tanh", m))
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    f2 = m.forward
+    m.forward = lambda x: 2 * f2(x)
+    out.append(("instance Sequential", m))
+
+    class Scaled(nn.Linear):
+        def __call__(self, x):
+            return 2 * super().__call__(x)
+
+    out.append(("__call__ override", nn.Sequential(Scaled(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()))
+    return out
+
+
+@pytest.mark.parametrize("name", [n for n, _ in _patched_models()])
+def test_a_module_whose_call_is_not_its_class_forward_is_called_as_it_is(name):
+    """A ``forward`` replaced on the instance, or a ``__call__`` overridden by a subclass, was read as the
+    layer its type names (a structured Linear, Tanh) or traced through the class's ``forward``: loss
+    and/or curvature of another function, silently (found by a probe). Such modules are called as
+    they are."""
+    m = dict(_patched_models())[name]
+    X, y, lf = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,)), nn.CrossEntropyLoss()
+    g_ref, H_ref = autograd_gradient_hessian(m, lf, X, y)
+    H = hessinv.hessian(m, lf, X, y)
+    assert float(H.loss) == pytest.approx(float(lf(m(X), y)), rel=1e-14)
+    torch.testing.assert_close(H.gradient, g_ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(H.to_dense(), H_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_a_torch_class_whose_forward_was_replaced_is_called_as_it_is(monkeypatch):
+    """``nn.Tanh.forward`` replaced outside torch (a monkeypatch): the structured stage used tanh's own
+    derivatives (found by a probe)."""
+    orig = nn.Tanh.forward
+    monkeypatch.setattr(nn.Tanh, "forward", lambda self, x: orig(self, x) + 0.1 * x**2)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X, y, lf = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,)), nn.CrossEntropyLoss()
+    g_ref, H_ref = autograd_gradient_hessian(m, lf, X, y)
+    H = hessinv.hessian(m, lf, X, y)
+    torch.testing.assert_close(H.to_dense(), H_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_an_fx_graph_module_is_still_read_stage_by_stage():
+    """fx's ``GraphModule`` has its own ``__call__`` and a generated ``forward``: torch's own, not a
+    customization (the check above must not make it one generic stage)."""
+    import torch.fx as fx
+
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double())
+    H = hessinv.hessian(
+        gm, nn.CrossEntropyLoss(), torch.randn(6, 4, dtype=torch.float64), torch.arange(6) % 3
+    )
+    assert [s.name for s in H.chain.stages] == ["stage 0 (Linear+Tanh)", "stage 1 (Linear)"]

@@ -64,6 +64,7 @@ from hessinv.stages import (
     LossStage,
     ReshapeStage,
     Stage,
+    customized,
     is_elementwise,
 )
 from hessinv.stages.generic import IdentityBlocks, LazyBlocks
@@ -132,6 +133,7 @@ def _plain_linear(m: nn.Module) -> bool:
     """An ``nn.Linear`` whose ``weight``/``bias`` are trainable leaf parameters and nothing else runs."""
     return (
         type(m) is nn.Linear
+        and not customized(m)
         and isinstance(m.weight, nn.Parameter)
         and all(t.requires_grad for t in m.parameters())
         and not _hooked(m)
@@ -140,7 +142,7 @@ def _plain_linear(m: nn.Module) -> bool:
 
 
 def _is_reshape(m: nn.Module) -> bool:
-    if _hooked(m):
+    if _hooked(m) or customized(m):
         return False
     if type(m) is nn.Identity:
         return True
@@ -166,14 +168,17 @@ class _Tracer(fx.Tracer):
     (hooks, parametrizations) stay whole: they are called, hooks and all, never traced through."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if _hooked(m) or parametrize.is_parametrized(m):
+        if _hooked(m) or parametrize.is_parametrized(m) or customized(m):
             return True
         return super().is_leaf_module(m, qualname)
 
 
 def _is_container(m) -> bool:
     return isinstance(m, (list, tuple, nn.ModuleList)) or (
-        isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward and not _hooked(m)
+        isinstance(m, nn.Sequential)
+        and type(m).forward is nn.Sequential.forward
+        and not _hooked(m)
+        and not customized(m)
     )
 
 

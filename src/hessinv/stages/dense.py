@@ -66,10 +66,28 @@ class FunctionActivation(nn.Module):
         return self._hessinv_label
 
 
+def customized(m: nn.Module) -> bool:
+    """Whether calling ``m`` runs something else than its class's own ``forward``: a ``forward`` set on the
+    instance (a wrapper patching it), a class that overrides ``__call__``, or a torch class whose
+    ``forward`` was replaced outside torch. Such a module is called as it is (a generic stage), never
+    read as the layer its type names nor traced through."""
+    cls = type(m)
+
+    def torchs(f: object) -> bool:  # defined inside torch (fx's GraphModule: its own __call__, and a
+        # generated forward without a module)
+        return str(getattr(f, "__module__", None) or "torch.").startswith("torch.")
+
+    if "forward" in vars(m) or (cls.__call__ is not nn.Module.__call__ and not torchs(cls.__call__)):
+        return True
+    return cls.__module__.startswith("torch.") and not torchs(getattr(cls, "forward", None))
+
+
 def is_elementwise(m: nn.Module) -> bool:
     """Whether ``m`` is a parameter-free elementwise activation the structured stages handle."""
     if isinstance(m, FunctionActivation):
         return True
+    if customized(m):
+        return False
     if type(m) not in ELEMENTWISE or list(m.parameters()) or m._forward_hooks or m._forward_pre_hooks:
         return False
     return not (isinstance(m, nn.RReLU) and m.training)
