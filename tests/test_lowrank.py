@@ -540,3 +540,39 @@ def test_zero_damping_entry_with_a_signed_root():
     assert float((A @ F.solve(b) - b).norm() / b.norm()) < 1e-12
     assert tuple(F.inertia) == (int((ev < 0).sum()), 0, int((ev > 0).sum()))
     assert F.logdet() == pytest.approx(float(torch.linalg.slogdet(A)[1]), rel=1e-10)
+
+
+def test_an_ill_conditioned_woodbury_solve_reaches_the_dense_fallback():
+    """``G + D`` with a tiny per-parameter damping (cond ~1e12): refinement stalls and the solve falls
+    back to a dense LU, which the Woodbury factorization lacked the state for (AttributeError: no
+    attribute '_dense'; found by a probe). The answer comes with its residual."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    X, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
+    G = hessinv.gauss_newton(net, torch.nn.CrossEntropyLoss(), X, y)
+    n = G.shape[0]
+    D = torch.full((n,), 1e-12, dtype=torch.float64)
+    b = torch.randn(n, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hessinv.AccuracyWarning)
+        x, info = G.factor(damping=D).solve(b, return_info=True)
+    A = G.to_dense() + torch.diag(D)
+    assert float((A @ x - b).norm() / b.norm()) == pytest.approx(info.residual, rel=0.5, abs=1e-9)
+    assert float((A @ x - b).norm()) <= 1e3 * torch.finfo(torch.float64).eps * float(
+        torch.linalg.matrix_norm(A, 2) * x.norm()
+    )
+
+
+def test_update_damping_refuses_repeated_indices():
+    """``update_damping([1, 1], ...)`` put both corrections into ``K`` while ``D[1]`` took one value:
+    solves 5e-4 off, silently (found by a probe)."""
+    torch.manual_seed(0)
+    U = torch.randn(3, 6, dtype=torch.float64)
+    W = WoodburyFactor(U, torch.ones(3, dtype=torch.float64), torch.ones(6, dtype=torch.float64))
+    with pytest.raises(hessinv.InvalidArgumentError, match="repeated"):
+        W.update_damping(torch.tensor([1, 1]), torch.tensor([2.0, 3.0], dtype=torch.float64))
+    W.update_damping(torch.tensor([1, 4]), torch.tensor([2.0, 3.0], dtype=torch.float64))
+    D = torch.ones(6, dtype=torch.float64)
+    D[1], D[4] = 2.0, 3.0
+    b = torch.randn(6, 1, dtype=torch.float64)
+    torch.testing.assert_close(W.solve(b), torch.linalg.solve(U.T @ U + torch.diag(D), b))

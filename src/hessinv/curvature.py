@@ -1779,6 +1779,8 @@ class WoodburyFactorization(Factorization):
         self.inertia_certified = True  # Haynsworth's inertia additivity: exact, nothing perturbed
         self.last_info = None
         self._f64 = None
+        self._dense = None  # G + D in float64, where a solve falls back to a dense LU
+        self._dense_sld = None
 
     def _raw(self, R: Tensor) -> Tensor:
         return self.woodbury.solve(R)

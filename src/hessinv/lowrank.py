@@ -422,7 +422,10 @@ class WoodburyFactor:
 
     def update_damping(self, idx: Tensor, values: Tensor) -> None:
         """``D[idx] = values``, in place: ``K += U_J diag(1 / values - 1 / D_J) U_J^T`` (``J = idx``) and a
-        new ``r x r`` factorization; exact, for when a few entries of ``D`` moved (a gradient spike)."""
+        new ``r x r`` factorization; exact, for when a few entries of ``D`` moved (a gradient spike).
+        ``idx``: distinct indices (a repeated one would enter ``K`` once per repeat)."""
+        if int(torch.unique(idx).numel()) != int(idx.numel()):
+            raise InvalidArgumentError("update_damping: idx has repeated entries; give each index once")
         values = values.to(self.D.dtype)
         _check_damping(values)
         U_J = self._U64[:, idx] if self._U64 is not None else self.columns(idx).double()
