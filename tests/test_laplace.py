@@ -412,3 +412,38 @@ def test_predictive_under_inference_mode():
     with torch.inference_mode():
         p1 = la(X[:4])
     assert torch.equal(p0, p1)
+
+
+def test_an_unbounded_evidence_is_named_wherever_the_search_lands():
+    """With the Hessian of an indefinite MAP neighbourhood, the evidence grows without bound as ``delta``
+    approaches ``-lambda_min(H)`` from above; Brent's search stopped at an interior local maximum
+    (delta 1.83 against the edge 0.917, where the evidence is larger) and returned it, silently, unless
+    it happened to land at the edge (found by a probe). Bounds above the edge have a maximum."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    X, y = torch.randn(30, 2, dtype=torch.float64), torch.randint(0, 3, (30,))
+    lf = torch.nn.CrossEntropyLoss(reduction="sum")
+    opt = torch.optim.LBFGS(
+        net.parameters(),
+        max_iter=500,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-14,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = lf(net(X), y) + 0.5 * sum((p**2).sum() for p in net.parameters())
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # the MAP of prior precision 1
+    la = Laplace(net, "classification", curvature="hessian").fit(X, y)
+    lam = la.operator.min_eigenvalue()
+    assert lam < 0
+    with pytest.raises(IndefiniteError, match="no maximum"):
+        la.optimize_prior_precision()
+    lo = 2 * -lam
+    delta = la.optimize_prior_precision(bounds=(lo, 1e6))
+    assert delta >= lo
+    assert la.log_marginal_likelihood(delta) >= la.log_marginal_likelihood(min(1e6, 1.5 * delta)) - 1e-9

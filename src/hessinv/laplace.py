@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from hessinv.chain import check_real
-from hessinv.curvature import CurvatureOperator, Factorization, curvature_class
+from hessinv.curvature import CurvatureOperator, Factorization, Hessian, curvature_class
 from hessinv.errors import (
     DtypeMismatchError,
     IndefiniteError,
@@ -274,8 +274,11 @@ class Laplace:
         """Maximize the log marginal likelihood over ``log delta`` in ``bounds`` (Brent's bounded search,
         one factorization per evaluation); with ``optimize_sigma_noise`` (regression) jointly over
         ``(log delta, log sigma)`` (Nelder-Mead from the best 1-D point). Stores and returns ``delta``
-        (and stores ``sigma_noise``). Values where ``P`` is indefinite (Hessian curvature) count as
-        ``-inf``."""
+        (and stores ``sigma_noise``). With the Hessian, ``P`` is positive definite for every ``delta`` in
+        ``bounds`` or the evidence has no maximum there: it grows without bound as ``delta / c``
+        approaches ``-lambda_min(H)`` from above (``log det P -> -inf``), and
+        :class:`~hessinv.errors.IndefiniteError` says so (checked first, by one factorization at the lower
+        bound)."""
         from scipy.optimize import minimize, minimize_scalar
 
         self._op()
@@ -284,30 +287,15 @@ class Laplace:
         bounds, sigma_bounds = self._bounds(bounds, "bounds"), self._bounds(sigma_bounds, "sigma_bounds")
         tol = self._positive(tol, "tol")
 
-        def neg(t: float, s: float | None) -> float:
-            try:
-                return -self.log_marginal_likelihood(math.exp(t), None if s is None else math.exp(s))
-            except IndefiniteError:
-                return 1e300
-
         s0 = math.log(self.sigma_noise) if self.likelihood == "regression" else None
         lo, hi = math.log(bounds[0]), math.log(bounds[1])
+        self._check_bounded(bounds, sigma_bounds if optimize_sigma_noise else None)
+
+        def neg(t: float, s: float | None) -> float:
+            return -self.log_marginal_likelihood(math.exp(t), None if s is None else math.exp(s))
+
         r = minimize_scalar(lambda t: neg(t, s0), bounds=(lo, hi), method="bounded", options={"xatol": tol})
         t = float(r.x)
-        if neg(t, s0) < 1e300 and t - 1e-3 > lo and neg(t - 1e-3, s0) >= 1e300:
-            # the best value sits at the edge of the indefinite region: with the Hessian the evidence grows
-            # without bound as delta / c approaches -lambda_min(H) (log det P -> -inf): no maximum
-            raise IndefiniteError(
-                f"the log marginal likelihood has no maximum here: it grows without bound as the prior "
-                f"precision approaches {math.exp(t):.6g} from above, where c H + delta I turns indefinite "
-                "(log det -> -inf); use curvature='gauss_newton' (positive semi-definite)"
-            )
-        if neg(t, s0) >= 1e300:  # indefinite at the bound the search ran into: no evidence anywhere it looked
-            raise IndefiniteError(
-                f"the posterior precision c H + delta I is indefinite at every prior precision tried in "
-                f"bounds {bounds} (the last {math.exp(t):.3g}): use curvature='gauss_newton', or bounds "
-                "above the Hessian's most negative eigenvalue"
-            )
         if optimize_sigma_noise:
             slo, shi = math.log(sigma_bounds[0]), math.log(sigma_bounds[1])
 
@@ -319,6 +307,31 @@ class Laplace:
             self.sigma_noise = math.exp(min(max(float(rr.x[1]), slo), shi))
         self.prior_precision = math.exp(t)
         return self.prior_precision
+
+    def _check_bounded(self, bounds: tuple[float, float], sigma_bounds: tuple[float, float] | None) -> None:
+        """Raise :class:`IndefiniteError` unless ``c H + delta I`` is positive definite at every ``delta`` in
+        ``bounds`` (and every ``sigma`` in ``sigma_bounds`` if given): else the evidence is unbounded above
+        there, or undefined everywhere. ``c H + delta I`` is positive definite at the lower bound iff it is
+        at every larger ``delta``; one factorization decides."""
+        op = self._op()
+        if self.curvature_cls is not Hessian:
+            return
+        sigmas = [self.sigma_noise] if sigma_bounds is None else [sigma_bounds[0]]  # the largest c
+        c = max(self._scale(sg) for sg in sigmas) if self.likelihood == "regression" else 1.0
+        if op.is_positive_definite(bounds[0] / c):
+            return
+        if not op.is_positive_definite(bounds[1] / c):
+            raise IndefiniteError(
+                f"the posterior precision c H + delta I is indefinite at every prior precision in bounds "
+                f"{bounds}: use curvature='gauss_newton', or bounds above c times the Hessian's most "
+                "negative eigenvalue"
+            )
+        edge = -c * op.min_eigenvalue()
+        raise IndefiniteError(
+            f"the log marginal likelihood has no maximum in bounds {bounds}: it grows without bound as the "
+            f"prior precision approaches {edge:.6g} from above, where c H + delta I turns indefinite (log "
+            "det -> -inf); use curvature='gauss_newton' (positive semi-definite), or bounds above that"
+        )
 
     @classmethod
     def _bounds(cls, bounds: tuple[float, float], name: str) -> tuple[float, float]:
