@@ -241,3 +241,30 @@ def test_small_integer_class_targets():
     a = InfluenceFunction(m, nn.CrossEntropyLoss(), "gauss_newton", damping=0.1).fit(X, y)
     b = InfluenceFunction(m, nn.CrossEntropyLoss(), "gauss_newton", damping=0.1).fit(X, y.to(torch.uint8))
     assert torch.allclose(a.self_influence(), b.self_influence(), rtol=1e-12)
+
+
+def test_moved_buffers_are_named_like_moved_parameters():
+    """BatchNorm running statistics moved by a forward pass in training mode (parameters unchanged):
+    influence scores and the Laplace predictive mixed the fit's curvature with the new function's
+    gradients (0.073 off a refit, no error; found by a probe). Named like a parameter change."""
+    from hessinv.influence import InfluenceFunction
+    from hessinv.laplace import Laplace
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(2, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+    net.eval()
+    X, y = torch.randn(12, 2, dtype=torch.float64), torch.randint(0, 3, (12,))
+    inf = InfluenceFunction(net, torch.nn.CrossEntropyLoss(), damping=1.0).fit(X, y)
+    la = Laplace(net, "classification").fit(X, y)
+    la.log_marginal_likelihood()
+    inf.influences(X[:2], y[:2])
+    la(X[:2])
+    net.train()
+    net(3 * X + 1)
+    net.eval()
+    with pytest.raises(hessinv.InvalidArgumentError, match="buffers"):
+        inf.influences(X[:2], y[:2])
+    with pytest.raises(hessinv.InvalidArgumentError, match="buffers"):
+        la(X[:2])

@@ -968,11 +968,18 @@ class Chain:
         """The trainable parameters' values as one (n,) vector, in the curvature's order (a copy)."""
         return torch.cat([t.detach().reshape(-1) for t in self.params])
 
-    def check_params(self, saved: Tensor, built: str) -> None:
+    def buffer_values(self) -> list[Tensor]:
+        """Copies of the model's buffers (BatchNorm's running statistics...), for :meth:`check_params`."""
+        mods = [self.model] if isinstance(self.model, nn.Module) else list(self.model)
+        return [b.detach().clone() for m in mods for b in m.buffers()]
+
+    def check_params(self, saved: Tensor, built: str, buffers: list[Tensor] | None = None) -> None:
         """Raise :class:`InvalidArgumentError` where the parameters' values are no longer ``saved`` (a
-        :meth:`flat_params` copy taken when ``built`` was fitted): a result combining what was fitted there
-        with the model's outputs or gradients at other values would be silently wrong. A model changed in
-        its structure (:meth:`check_model`: a layer frozen or unfrozen since) is refused too."""
+        :meth:`flat_params` copy taken when ``built`` was fitted), or the buffers no longer ``buffers`` (a
+        :meth:`buffer_values` copy; BatchNorm statistics moved by a forward pass in training mode): a
+        result combining what was fitted there with the model's outputs or gradients at other values
+        would be silently wrong. A model changed in its structure (:meth:`check_model`: a layer frozen or
+        unfrozen since) is refused too."""
         try:
             self.check_model(autograd=False)  # (a prediction under inference_mode needs none)
         except InvalidArgumentError as e:
@@ -983,6 +990,15 @@ class Chain:
                 f"the model's parameters changed since {built} was fitted: fit it again at the new "
                 "parameters (its posterior / factorization is at the old ones)"
             )
+        if buffers is not None:
+            now_b = self.buffer_values()
+            if len(now_b) != len(buffers) or not all(
+                a.shape == b.shape and torch.equal(a, b) for a, b in zip(now_b, buffers, strict=False)
+            ):
+                raise InvalidArgumentError(
+                    f"the model's buffers (e.g. BatchNorm running statistics) changed since {built} was "
+                    "fitted: fit it again (its curvature was taken with the old ones)"
+                )
 
     def small(self, inputs: Tensor) -> bool:
         """Whether work on this model and batch is small enough for one CPU thread

@@ -190,6 +190,7 @@ class InfluenceFunction:
         self.factorization: Factorization | None = None
         self.train_gradients: Tensor | None = None
         self._at: Tensor | None = None  # the parameters' values at fit
+        self._buffers: list[Tensor] | None = None  # the buffers at fit
 
     def fit(
         self,
@@ -213,6 +214,7 @@ class InfluenceFunction:
                 stacklevel=2,
             )
         self._at = self.operator.chain.flat_params()
+        self._buffers = self.operator.chain.buffer_values()
         self.train_gradients = self._gradients(inputs, targets)
         return self
 
@@ -236,7 +238,7 @@ class InfluenceFunction:
         """Per-example gradients at the point :meth:`fit` factored at (a named error if the model moved)."""
         chain = None if self.operator is None else self.operator.chain
         if chain is not None and self._at is not None:
-            chain.check_params(self._at, "the influence function")
+            chain.check_params(self._at, "the influence function", self._buffers)
         return per_example_gradients(self.model, self.loss_fn, inputs, targets, chain=chain)
 
     def _train_grads(self, inputs: Tensor | None, targets: Tensor | None) -> Tensor:

@@ -144,6 +144,7 @@ class Laplace:
         )
         self.operator: CurvatureOperator | None = None
         self._cache: tuple[float, Factorization] | None = None
+        self._buffers: list[Tensor] | None = None  # the model's buffers at fit
 
     @staticmethod
     def _positive(v: float, name: str) -> float:
@@ -190,6 +191,7 @@ class Laplace:
         self.n_data = len(X)
         self.n_outputs = int(self.model(X[:1])[0].numel())  # per example: (N, C, T) outputs count C T
         self.loss = float(op.loss)  # summed cross-entropy, or summed squared error
+        self._buffers = op.chain.buffer_values()
         self._cache = None
         return self
 
@@ -394,7 +396,7 @@ class Laplace:
         ``n_samples`` posterior samples of the parameters (mean probabilities; or output mean and
         covariance for regression). Outputs of shape (N, C, T) (per position) are refused here.
         """
-        self._op().chain.check_params(self.mean, "the Laplace approximation")
+        self._op().chain.check_params(self.mean, "the Laplace approximation", self._buffers)
         if not isinstance(X, Tensor):
             raise InvalidArgumentError(f"X must be a torch.Tensor, got {type(X).__name__}")
         if X.device != self.mean.device or (X.is_floating_point() and X.dtype != self.mean.dtype):
