@@ -73,6 +73,12 @@ def _likelihood_of(likelihood) -> str:
         return likelihood
     plain = isinstance(likelihood, nn.Module) and not any(True for _ in likelihood.buffers())
     if plain and type(likelihood) is nn.CrossEntropyLoss and likelihood.label_smoothing == 0:
+        if likelihood.ignore_index != -100:  # (torch's default: no class index is ever -100)
+            raise InvalidArgumentError(
+                f"likelihood CrossEntropyLoss(ignore_index={likelihood.ignore_index}): the Laplace "
+                "likelihood counts every example it is fitted on; drop the ignored examples from the data "
+                "and pass nn.CrossEntropyLoss() (or 'classification')"
+            )
         return "classification"
     if plain and type(likelihood) is nn.MSELoss:
         return "regression"
@@ -404,7 +410,7 @@ class Laplace:
                 f"X is {X.dtype} on {X.device}, the model {self.mean.dtype} on {self.mean.device}: convert "
                 f"with X.to({self.mean.dtype}) (and the model's device)"
             )
-        if X.dim() < 2 or len(X) == 0:
+        if X.dim() < (2 if X.is_floating_point() else 1) or len(X) == 0:  # (N,) token ids for an Embedding
             raise ShapeMismatchError(f"X must be a batch (N, features...) with N >= 1, got {tuple(X.shape)}")
         if X.is_floating_point() and not bool(torch.isfinite(X).all()):
             raise NonFiniteError("X contains NaN or infinity")
@@ -437,5 +443,7 @@ class Laplace:
             if self.likelihood == "classification":
                 return torch.softmax(fs, dim=-1).mean(0)
             d = fs - fs.mean(0)
+            if d.dim() == 2:  # outputs (N,): variances (N,), as the GLM predictive gives
+                return fs.mean(0), d.square().sum(0) / max(n_samples - 1, 1)
             return fs.mean(0), torch.einsum("sic,sid->icd", d, d) / max(n_samples - 1, 1)
         raise InvalidArgumentError(f"pred_type must be 'glm' or 'nn', got {pred_type!r}")
