@@ -583,3 +583,24 @@ def test_a_compiled_loss_is_differentiated_through_its_original_function():
     ):
         H = hessinv.hessian(net, compiled, X, t)
         torch.testing.assert_close(H.to_dense(), H_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_models_no_stage_can_read_are_named():
+    """A TorchScript model, parameters created under inference_mode, a nested list of modules, an
+    nn.ModuleDict and a loss class instead of an instance raised raw TypeError / RuntimeError /
+    AttributeError or a misleading ShapeMismatchError (found by a model probe)."""
+    net, X, y = small()
+    with pytest.raises(UnsupportedStageError, match="TorchScript"):
+        hessinv.hessian(torch.jit.script(net), nn.CrossEntropyLoss(), X, y)
+    with pytest.raises(UnsupportedStageError, match="TorchScript"):
+        hessinv.hessian(nn.Sequential(torch.jit.script(net[0]), net[1], net[2]), nn.CrossEntropyLoss(), X, y)
+    with torch.inference_mode():
+        frozen = nn.Sequential(nn.Linear(3, 2)).double()
+    with pytest.raises(hessinv.InvalidArgumentError, match="inference_mode"):
+        hessinv.hessian(frozen, nn.CrossEntropyLoss(), X, y)
+    with pytest.raises(NotAChainError, match="nested list"):
+        hessinv.hessian([[net[0], net[1]], net[2]], nn.CrossEntropyLoss(), X, y)
+    with pytest.raises(NotAChainError, match="ModuleDict"):
+        hessinv.hessian(nn.ModuleDict({"a": net[0], "b": net[2]}), nn.CrossEntropyLoss(), X, y)
+    with pytest.raises(hessinv.InvalidArgumentError, match=r"pass an instance, CrossEntropyLoss\(\)"):
+        hessinv.hessian(net, nn.CrossEntropyLoss, X, y)

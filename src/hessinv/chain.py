@@ -734,6 +734,38 @@ def _split(
     return stages
 
 
+def _check_model_kinds(model) -> None:
+    """Named errors for models no stage can read: a nested list of modules, a TorchScript module, and
+    parameters created under ``torch.inference_mode()`` (autograd cannot differentiate them)."""
+    if isinstance(model, (list, tuple)) and any(isinstance(m, (list, tuple)) for m in model):
+        raise NotAChainError("the model is a nested list of modules: pass a flat list, or an nn.Sequential")
+    if isinstance(model, nn.ModuleDict):
+        raise NotAChainError(
+            "the model is an nn.ModuleDict, which has no forward: pass nn.Sequential(*modules.values()) "
+            "with its modules in the order they apply"
+        )
+    if isinstance(model, nn.Module):
+        mods = [model]
+    elif isinstance(model, (list, tuple)):
+        mods = [m for m in model if isinstance(m, nn.Module)]
+    else:  # (named by split_stages)
+        return
+    for top in mods:
+        for name, m in top.named_modules():
+            if isinstance(m, torch.jit.ScriptModule):
+                raise UnsupportedStageError(
+                    f"{name or 'the model'} is a TorchScript module ({type(m).__name__}): hessinv "
+                    "differentiates a model's Python code twice; pass the nn.Module it was scripted or "
+                    "traced from"
+                )
+        for name, t in top.named_parameters():
+            if not isinstance(t, nn.parameter.UninitializedParameter) and t.is_inference():
+                raise InvalidArgumentError(
+                    f"parameter {name} was created under torch.inference_mode() (an inference tensor, which "
+                    "autograd cannot differentiate): build or load the model outside inference_mode"
+                )
+
+
 def _check_parameters(model, stages: list[Stage]) -> None:
     """Each trainable parameter in exactly one stage, stages in ``model.parameters()`` order."""
     mods = list(model) if isinstance(model, (list, tuple)) else [model]
@@ -840,6 +872,10 @@ class Chain:
             raise InvalidArgumentError(
                 f"loss_fn must be callable (loss_fn(outputs, targets)), got {loss_fn!r}"
             )
+        if isinstance(loss_fn, type):
+            raise InvalidArgumentError(
+                f"loss_fn is the class {loss_fn.__name__}, not a loss: pass an instance, {loss_fn.__name__}()"
+            )
         # a torch.compile-d loss is differentiated through its original function (see `uncompiled`)
         self.model, self.loss_fn = model, uncompiled(loss_fn)
         self._traced: list[nn.Module] = []
@@ -848,6 +884,7 @@ class Chain:
         )  # attributes a re-split showed the trace does not read
         self._whole: list[nn.Module] = []  # traced modules whose pieces were not a chain: called whole
 
+        _check_model_kinds(model)
         self.stages = split_stages(model, self._traced, self._whole)
         self.params = [t for s in self.stages for t in s.params]
         if not self.params:
