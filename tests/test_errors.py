@@ -604,3 +604,28 @@ def test_models_no_stage_can_read_are_named():
         hessinv.hessian(nn.ModuleDict({"a": net[0], "b": net[2]}), nn.CrossEntropyLoss(), X, y)
     with pytest.raises(hessinv.InvalidArgumentError, match=r"pass an instance, CrossEntropyLoss\(\)"):
         hessinv.hessian(net, nn.CrossEntropyLoss, X, y)
+
+
+def test_targets_that_require_grad_are_refused_and_loss_subclasses_handle_their_targets():
+    """Targets computed by the model (self-distillation, not detached) were detached silently: the
+    gradient differed from torch's of the same call by 67%. A loss subclass with its own target
+    handling (one-hot inside forward) was refused as broadcasting, and a (B, 1) target against (B,)
+    outputs got the hint ``targets.view(-1, )`` (found by a probe)."""
+    net, X, y = small()
+    with pytest.raises(hessinv.InvalidArgumentError, match="targets depend on the model's parameters"):
+        hessinv.hessian(net, nn.MSELoss(), X, net(X + 1))
+    with pytest.raises(hessinv.InvalidArgumentError, match="targets depend on the model's parameters"):
+        hessinv.optim.Newton(net, nn.MSELoss()).step(X, net(X + 1))
+
+    teacher = nn.Linear(3, 2).double()  # another model's graph: data
+    hessinv.hessian(net, nn.MSELoss(), X, teacher(X))
+
+    class OneHotMSE(nn.MSELoss):
+        def forward(self, o, t):
+            return super().forward(o, nn.functional.one_hot(t, o.shape[1]).to(o.dtype))
+
+    H = hessinv.hessian(net, OneHotMSE(), X, y)
+    assert float(H.loss) == pytest.approx(float(OneHotMSE()(net(X), y)), rel=1e-14)
+    flat = nn.Sequential(nn.Linear(3, 1), nn.Flatten(0)).double()
+    with pytest.raises(ShapeMismatchError, match=r"targets\.view\(-1\)$"):
+        hessinv.hessian(flat, nn.MSELoss(), X, torch.randn(5, 1, dtype=torch.float64))

@@ -846,6 +846,25 @@ def _tensor(x, what: str) -> Tensor:
     return x
 
 
+def targets_as_data(targets: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """``targets``, refused with a named error where they depend on ``params`` (the model's trainable
+    parameters) through autograd: hessinv takes the targets as data, while torch would differentiate the
+    loss through them too (a self-distillation target computed by the model itself, not detached). A
+    target with another graph (a teacher's soft labels) is data."""
+    if not targets.requires_grad:
+        return targets
+    with torch.enable_grad():  # (a caller under no_grad)
+        total = targets.sum()
+    grads = torch.autograd.grad(total, list(params), allow_unused=True, retain_graph=True)
+    if any(g is not None for g in grads):
+        raise InvalidArgumentError(
+            "targets depend on the model's parameters (self-distillation?): hessinv takes the targets "
+            "as data, while torch would differentiate the loss through them too; pass targets.detach() "
+            "if they are data"
+        )
+    return targets
+
+
 def check_real(x, what: str) -> float:
     """``float(x)`` for a real number (Python, numpy or 0-d tensor), else :class:`InvalidArgumentError`."""
     if isinstance(x, Tensor) and x.numel() == 1 and not x.is_complex():
@@ -1060,6 +1079,7 @@ class Chain:
         self.check_model()
         _tensor(inputs, "inputs")
         _tensor(targets, "targets")
+        targets_as_data(targets, self.params)
         if inputs.device != self.device:
             raise DtypeMismatchError(
                 f"inputs are on {inputs.device}, model on {self.device}: move them with "

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hessinv.chain import Chain, LossFn, _tensor, check_real
+from hessinv.chain import Chain, LossFn, _tensor, check_real, targets_as_data
 from hessinv.errors import (
     AccuracyWarning,
     ConvergenceError,
@@ -163,6 +163,7 @@ class CurvatureOperator:
         if chain is not None and (chain.model is not model or chain.loss_fn is not uncompiled(loss_fn)):
             raise InvalidArgumentError("chain= must be the Chain of this model and loss_fn")
         self.chain = chain if chain is not None else Chain(model, loss_fn)
+        targets_as_data(_tensor(targets, "targets"), self.chain.params)
         _tensor(inputs, "inputs"), _tensor(targets, "targets")  # the rest: linearize's checks
         # the point is kept: copies of the batch (blocks may hold the inputs; a caller's buffer is
         # refilled in place) and, for the float64 twin of a float32 operator, of the parameters

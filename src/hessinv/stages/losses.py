@@ -106,9 +106,9 @@ def prepare_targets(loss_fn: Callable, targets: Tensor, dtype: torch.dtype) -> T
     if targets.is_floating_point() or targets.is_complex():
         return targets
     fn = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
-    if isinstance(fn, _INDEX_LOSSES) or fn in _INDEX_FUNCTIONS:
+    if type(fn) in _INDEX_LOSSES or fn in _INDEX_FUNCTIONS:  # (a subclass handles its own targets)
         return targets.long() if targets.dim() == 1 else targets
-    if isinstance(fn, _REAL_LOSSES) or fn in _REAL_FUNCTIONS:
+    if type(fn) in _REAL_LOSSES or fn in _REAL_FUNCTIONS:
         return targets.to(dtype)
     return targets
 
@@ -296,11 +296,9 @@ class LossStage:
         else:
             self.kind, self.q, self.scale = "autograd", None, 1.0
             fn = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
-            if (
-                isinstance(fn, _ELEMENTWISE) or fn in _ELEMENTWISE_FUNCTIONS
-            ) and targets.shape != output.shape:
+            if (type(fn) in _ELEMENTWISE or fn in _ELEMENTWISE_FUNCTIONS) and targets.shape != output.shape:
                 hint = (
-                    f"; reshape them: targets.view(-1, {', '.join(map(str, output.shape[1:]))})"
+                    f"; reshape them: targets.view({', '.join(['-1', *map(str, output.shape[1:])])})"
                     if targets.numel() == output.numel()
                     else ""
                 )
