@@ -512,3 +512,19 @@ def test_newton_direction_at_the_callers_damping_keeps_the_solvers_warning():
     lam_min = float(torch.linalg.eigvalsh(H.to_dense())[0])
     with pytest.warns(hessinv.AccuracyWarning):
         dg.newton_direction(net, nn.CrossEntropyLoss(), X, y, damping=-lam_min + 1e-15 * H.norm_estimate())
+
+
+def test_edge_cases_give_numbers_or_nan_not_raw_errors():
+    """``alignment`` of a direction with itself at scale 1e160 or 1e-170 is 1 (the squared norms
+    overflowed or underflowed to nan); ``stochastic_contraction`` at ``x = x*`` with zero-mean draws is
+    nan where undefined (ZeroDivisionError before). Found by a probe."""
+    from hessinv.diagnostics import alignment, stochastic_contraction
+
+    e = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    assert alignment(1e160 * e, 1e160 * e, 0 * e) == 1.0
+    assert alignment(1e-170 * e, 1e-170 * e, 0 * e) == 1.0
+    assert alignment(-1e160 * e, 1e-170 * e, 0 * e) == -1.0
+    x = torch.zeros(3, dtype=torch.float64)
+    d = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    out = stochastic_contraction(torch.stack([d, -d]), x, x, eta=0.1)
+    assert math.isnan(out.predicted) and math.isnan(out.observed_mean)

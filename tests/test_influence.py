@@ -268,3 +268,13 @@ def test_moved_buffers_are_named_like_moved_parameters():
         inf.influences(X[:2], y[:2])
     with pytest.raises(hessinv.InvalidArgumentError, match="buffers"):
         la(X[:2])
+
+
+def test_influence_scores_names_a_train_argument_that_is_not_a_pair():
+    """``influence_scores(net, loss, X, (Xt, yt))`` raised a raw TypeError (found by a probe)."""
+    from hessinv.influence import influence_scores
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3)).double()
+    X, y = torch.randn(6, 2, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(hessinv.InvalidArgumentError, match="train must be an"):
+        influence_scores(net, torch.nn.CrossEntropyLoss(), X, (X, y))

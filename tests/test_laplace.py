@@ -497,3 +497,16 @@ def test_predictives_of_outputs_n_and_of_token_ids():
     with torch.no_grad():
         ref = torch.softmax(kappa * emb(ids[:4]), -1)
     torch.testing.assert_close(probs, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_loader_batches_that_differ_are_named():
+    """``fit(loader)`` with batches of different feature widths raised torch.cat's raw RuntimeError,
+    and a float32 batch among float64 ones was promoted silently (found by a probe)."""
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3)).double()
+    X, y = torch.randn(12, 2, dtype=torch.float64), torch.randint(0, 3, (12,))
+    for batches in (
+        [(X[:6], y[:6]), (torch.randn(6, 3, dtype=torch.float64), y[6:])],
+        [(X[:6], y[:6]), (X[6:].float(), y[6:])],
+    ):
+        with pytest.raises(ShapeMismatchError, match="batches' inputs differ"):
+            Laplace(net, "classification").fit(batches)

@@ -335,3 +335,17 @@ def test_histogram_bins_neither_a_count_nor_edges(bins):
     )
     with pytest.raises(InvalidArgumentError, match="bins must be an int .the number of bins. or a 1-d"):
         spectrum.spectral_histogram(H, bins=bins)
+
+
+def test_a_tensor_instead_of_an_operator_is_named():
+    """``eigenvalue_counts(torch.eye(3), [0.0])`` raised a raw AttributeError (found by a probe)."""
+    from hessinv import spectrum
+
+    for call in (
+        lambda: spectrum.eigenvalue_counts(torch.eye(3), [0.0]),
+        lambda: spectrum.spectral_range(torch.eye(3)),
+        lambda: spectrum.num_negative_eigenvalues(torch.eye(3)),
+        lambda: spectrum.logdet(torch.eye(3)),
+    ):
+        with pytest.raises(hessinv.InvalidArgumentError, match="expected a curvature operator"):
+            call()

@@ -178,6 +178,12 @@ def _gram(u: Tensor, v: Tensor, metric: Metric, names: tuple[str, str]) -> tuple
     return uu, uv, vv
 
 
+def _unit(v: Tensor) -> Tensor:
+    """``v`` scaled by a power of two to max-norm in [1, 2) (exact; zero and non-finite ``v`` unchanged)."""
+    top = float(v.abs().max()) if v.numel() else 0.0
+    return v if not (0.0 < top < math.inf) else v * math.ldexp(1.0, -math.frexp(top)[1] + 1)
+
+
 def alignment(d: Tensor, x: Tensor, x_star: Tensor, metric: Metric = None) -> float:
     r"""``cos(theta) = <d, x - x*> / (|d| |x - x*|)`` in ``[-1, 1]``; ``nan`` if ``d = 0`` or ``x = x*``.
 
@@ -192,6 +198,8 @@ def alignment(d: Tensor, x: Tensor, x_star: Tensor, metric: Metric = None) -> fl
     """
     e = _error(x, x_star)
     d = _along(d, e)
+    if metric is None:  # a cosine is scale-free: unit max-norm first (|d|^2 of 1e160 overflowed to nan)
+        d, e = _unit(d), _unit(e)
     dd, de, ee = _gram(d, e, metric, ("d", "x - x_star"))
     nd, ne = math.sqrt(dd), math.sqrt(ee)
     if nd == 0.0 or ne == 0.0 or not (math.isfinite(nd) and math.isfinite(ne)):
@@ -732,7 +740,12 @@ def stochastic_contraction(samples: Tensor, x: Tensor, x_star: Tensor, eta: floa
     cos = alignment(m, e, torch.zeros_like(e))
     nu = tr_cov / nm**2 if nm > 0 else math.inf
     rho = float(eta) * nm / ne if ne > 0 else math.nan
-    pred = 1 - 2 * rho * cos + (1 + nu) * rho**2 if nm > 0 else 1 + (float(eta) ** 2) * tr_cov / ne**2
+    if ne == 0:  # x = x*: no contraction to speak of
+        pred = math.nan
+    elif nm > 0:
+        pred = 1 - 2 * rho * cos + (1 + nu) * rho**2
+    else:
+        pred = 1 + (float(eta) ** 2) * tr_cov / ne**2
     best_eta = max(float(m @ e), 0.0) / (nm**2 + tr_cov) if nm**2 + tr_cov > 0 else math.nan
     best = (1 - cos**2 + nu) / (1 + nu) if (nm > 0 and cos > 0) else 1.0
     obs = float(((e - float(eta) * D) ** 2).sum(1).mean()) / ne**2 if ne > 0 else math.nan

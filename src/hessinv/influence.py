@@ -302,6 +302,9 @@ def influence_scores(
     precision: str = "working",
 ) -> Tensor:
     """``(n_test, N)`` influence scores in one call; see :class:`InfluenceFunction`."""
+    for name, pair in (("train", train), ("test", test), ("curvature_batch", curvature_batch)):
+        if pair is not None and not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise InvalidArgumentError(f"{name} must be an (inputs, targets) pair, got {type(pair).__name__}")
     cx, cy = curvature_batch if curvature_batch is not None else (None, None)
     inf = InfluenceFunction(model, loss_fn, curvature, damping, precision).fit(*train, cx, cy)
     return inf.influences(*test)

@@ -107,6 +107,13 @@ def _collect(data: Tensor | Iterable, targets: Tensor | None) -> tuple[Tensor, T
     xs, ys = zip(*batches, strict=True)
     if not all(isinstance(t, Tensor) for t in xs + ys):
         raise InvalidArgumentError("fit(loader): each batch must be an (inputs, targets) pair of tensors")
+    for what, ts in (("inputs", xs), ("targets", ys)):
+        kinds = {(tuple(t.shape[1:]), t.dtype, t.device) for t in ts}
+        if len(kinds) > 1:  # torch.cat would fail, or promote a float32 batch silently
+            raise ShapeMismatchError(
+                f"fit(loader): the batches' {what} differ in shape per example, dtype or device: "
+                f"{sorted(map(str, kinds))}"
+            )
     return torch.cat(xs), torch.cat(ys)
 
 

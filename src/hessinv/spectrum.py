@@ -52,6 +52,14 @@ __all__ = [
 ]  # fmt: skip
 
 
+def _check_operator(op: object) -> None:
+    if not isinstance(op, CurvatureOperator):
+        raise InvalidArgumentError(
+            f"expected a curvature operator (hessinv.hessian(...) or hessinv.gauss_newton(...)), got "
+            f"{type(op).__module__}.{type(op).__name__}"
+        )
+
+
 def eigenvalue_counts(
     op: CurvatureOperator, shifts: Sequence[float] | np.ndarray | torch.Tensor
 ) -> np.ndarray:
@@ -64,6 +72,7 @@ def eigenvalue_counts(
     null space of a Gauss-Newton matrix at ``s = 0``) may be split either way: count negative
     eigenvalues with :func:`num_negative_eigenvalues`, whose tolerance counts those as zero.
     """
+    _check_operator(op)
     try:
         s = np.asarray(shifts.tolist() if isinstance(shifts, torch.Tensor) else shifts, dtype=np.float64)
     except (TypeError, ValueError):
@@ -97,6 +106,7 @@ def spectral_range(op: CurvatureOperator) -> tuple[float, float]:
     where no eigenvalue lies beyond it (a Gauss-Newton matrix: ``lo = 0``, so that a histogram spends no
     bins on an empty negative half): grown from the power-iteration estimate of ``||H||`` until ``N(lo)
     = 0`` and ``N(hi) = n``, after one count at 0."""
+    _check_operator(op)
     r = 1.05 * max(op.norm_estimate(), torch.finfo(op.dtype).tiny)
     n, at0 = op.shape[0], op._count_below(0.0)
     lo, hi = (0.0 if at0 == 0 else -r), r
@@ -122,6 +132,7 @@ def spectral_histogram(
     arguments: a number of equal bins over ``range`` -- default the whole spectrum, see
     :func:`spectral_range` -- or increasing bin edges). Bins are half-open ``[e_i, e_{i+1})``.
     """
+    _check_operator(op)
     if np.ndim(bins) == 0:  # a count: an int of any kind (Python, numpy, a 0-d integer tensor)
         try:
             count = operator.index(bins)
@@ -158,6 +169,7 @@ def spectral_histogram(
 def num_negative_eigenvalues(op: CurvatureOperator, tol: float | None = None) -> int:
     """``#{lambda < -tol}``; ``tol`` defaults to ``sqrt(u) ||H||`` (eigenvalues zero up to rounding are
     not counted; ``tol=0`` counts ``N(0)``). See :meth:`CurvatureOperator.inertia`."""
+    _check_operator(op)
     if tol == 0:
         return int(eigenvalue_counts(op, [0.0])[0])
     return op.inertia(0.0, tol).negative
@@ -168,4 +180,5 @@ def logdet(op: CurvatureOperator, damping: float = 0.0) -> tuple[float, float]:
     :func:`torch.linalg.slogdet`. Raises :class:`~hessinv.SingularError` if ``H + damping I`` is
     singular to working precision, or, with more than 2048 parameters, so near singular that the sweep
     perturbed pivots (smaller systems then take a dense LU; :meth:`hessinv.Factorization.logdet`)."""
+    _check_operator(op)
     return op.factor(damping).slogdet()  # (factor validates the damping)
