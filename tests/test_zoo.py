@@ -1398,3 +1398,32 @@ def test_an_fx_graph_module_is_still_read_stage_by_stage():
         gm, nn.CrossEntropyLoss(), torch.randn(6, 4, dtype=torch.float64), torch.arange(6) % 3
     )
     assert [s.name for s in H.chain.stages] == ["stage 0 (Linear+Tanh)", "stage 1 (Linear)"]
+
+
+def test_gauss_newton_splits_at_the_logits_per_position_and_for_log_targets():
+    """``LogSoftmax(1)`` then ``NLLLoss`` on per-position outputs (B, C, T), and ``KLDivLoss(log_target=
+    True)``, gave a zero Gauss-Newton matrix (the loss is linear in the log-probabilities; only a
+    warning), while the same functions on (B, C) outputs, or with probability targets, are split at the
+    logits (found by a probe). Both are now that cross-entropy's Gauss-Newton matrix; the loss and the
+    gradient stay the loss's own."""
+    torch.manual_seed(0)
+    X, y = torch.randn(7, 2, 4, dtype=torch.float64), torch.randint(0, 3, (7, 3))
+    conv = nn.Conv1d(2, 3, 2).double()
+    model = nn.Sequential(conv, nn.LogSoftmax(1))
+    G = hessinv.gauss_newton(model, nn.NLLLoss(), X, y)
+    G_ce = hessinv.gauss_newton(nn.Sequential(conv), nn.CrossEntropyLoss(), X, y)
+    torch.testing.assert_close(G.to_dense(), G_ce.to_dense(), rtol=1e-12, atol=1e-14)
+    g_ref, _ = autograd_gradient_hessian(model, nn.NLLLoss(), X, y)
+    torch.testing.assert_close(G.gradient, g_ref, rtol=1e-12, atol=1e-14)
+
+    X2, lin = torch.randn(7, 4, dtype=torch.float64), nn.Linear(4, 3).double()
+    t = torch.log_softmax(torch.randn(7, 3, dtype=torch.float64), 1)
+    m2 = nn.Sequential(lin, nn.LogSoftmax(1))
+    kl_log = nn.KLDivLoss(reduction="batchmean", log_target=True)
+    G1 = hessinv.gauss_newton(m2, nn.KLDivLoss(reduction="batchmean"), X2, t.exp())
+    G2 = hessinv.gauss_newton(m2, kl_log, X2, t)
+    torch.testing.assert_close(G2.to_dense(), G1.to_dense(), rtol=1e-12, atol=1e-14)
+    assert float(G2.to_dense().norm()) > 0.1
+    g_ref, _ = autograd_gradient_hessian(m2, kl_log, X2, t)
+    torch.testing.assert_close(G2.gradient, g_ref, rtol=1e-12, atol=1e-14)
+    assert float(G2.loss) == pytest.approx(float(kl_log(m2(X2), t)), rel=1e-12)

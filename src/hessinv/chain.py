@@ -1282,22 +1282,31 @@ class Chain:
         """
         return self._guarded(lambda: self._linearize(inputs, targets, second_order))
 
-    def _split_at_logits(self, zs: list[Tensor], targets: Tensor) -> nn.CrossEntropyLoss | None:
+    def _split_at_logits(
+        self, zs: list[Tensor], targets: Tensor
+    ) -> tuple[nn.CrossEntropyLoss, Tensor] | None:
         """The cross-entropy on the logits that equals ``loss_fn`` after the last stage (up to a constant),
-        where that stage is a parameter-free log-softmax over the classes of ``(B, C)`` outputs (checked
-        on this batch's values) and the loss ``NLLLoss`` (module, ``F.nll_loss`` or a partial of it:
-        the same function) or ``KLDivLoss(reduction='batchmean' or 'sum')`` of probability targets
-        (knowledge distillation: the cross-entropy with those targets, minus their entropy); else None."""
+        and its targets, where that stage is a parameter-free log-softmax over the classes (dim 1; checked
+        on this batch's values) and the loss ``NLLLoss`` (module, ``F.nll_loss`` or a partial of it: the
+        same function; outputs ``(B, C)`` or per position ``(B, C, ...)``) or ``KLDivLoss(reduction=
+        'batchmean' or 'sum')`` of ``(B, C)`` probability targets, or log-probabilities with
+        ``log_target=True`` (knowledge distillation: the cross-entropy with those probabilities, minus
+        their entropy); else None."""
         fn, kw = self.loss_fn, {}
         if isinstance(fn, functools.partial) and fn.func is F.nll_loss and not fn.args:
             fn, kw = fn.func, dict(fn.keywords)
             if set(kw) - {"weight", "ignore_index", "reduction"}:
                 return None
-        kl = type(fn) is nn.KLDivLoss and fn.reduction in ("batchmean", "sum") and not fn.log_target
+        kl = type(fn) is nn.KLDivLoss and fn.reduction in ("batchmean", "sum")
         if not (type(fn) is nn.NLLLoss or fn is F.nll_loss or kl) or len(zs) < 2 or self.stages[-1].p:
             return None
         logits, out = zs[-2], zs[-1]
-        if out.dim() != 2 or logits.shape != out.shape or not out.is_floating_point():
+        if (
+            out.dim() < 2
+            or (kl and out.dim() != 2)
+            or logits.shape != out.shape
+            or not out.is_floating_point()
+        ):
             return None
         if kl and (targets.shape != out.shape or not targets.is_floating_point()):
             return None
@@ -1307,10 +1316,12 @@ class Chain:
             if not bool(((out - ref).abs() <= tol).all()):
                 return None
         if kl:
-            return nn.CrossEntropyLoss(reduction="mean" if fn.reduction == "batchmean" else "sum")
+            probs = targets.exp() if fn.log_target else targets
+            return nn.CrossEntropyLoss(reduction="mean" if fn.reduction == "batchmean" else "sum"), probs
         if fn is F.nll_loss:
-            return nn.CrossEntropyLoss(**kw)
-        return nn.CrossEntropyLoss(weight=fn.weight, ignore_index=fn.ignore_index, reduction=fn.reduction)
+            return nn.CrossEntropyLoss(**kw), targets
+        ce = nn.CrossEntropyLoss(weight=fn.weight, ignore_index=fn.ignore_index, reduction=fn.reduction)
+        return ce, targets
 
     def _linearize(self, inputs: Tensor, targets: Tensor, second_order: bool) -> Linearization:
         self.check_inputs(inputs, targets)
@@ -1320,8 +1331,11 @@ class Chain:
         # Gauss-Newton of NLLLoss after a LogSoftmax: the loss is linear in the log-probabilities, so the
         # split there gives a zero matrix; split at the logits instead (cross-entropy on them, the same
         # function: the generalized Gauss-Newton practitioners mean), the LogSoftmax stage an identity
-        ce = None if second_order else self._split_at_logits(zs, targets)
-        loss_stage = LossStage(len(self.stages), ce or self.loss_fn, targets, zs[-2] if ce else y)
+        split = None if second_order else self._split_at_logits(zs, targets)
+        ce = None if split is None else split[0]
+        loss_stage = LossStage(
+            len(self.stages), ce or self.loss_fn, targets if split is None else split[1], zs[-2] if ce else y
+        )
         if ce is not None:
             y = zs[-2]
         with torch.no_grad():
