@@ -488,11 +488,20 @@ def test_the_memory_check_counts_the_sweeps_peak_against_the_memory_still_availa
     assert 0 < ric._memory_bytes(X.device) <= ric._capacity_bytes(X.device)
     monkeypatch.setattr(ric, "_capacity_bytes", lambda device: 16 * 2**30)  # the sweep not small beside it
     monkeypatch.setattr(ric, "_cpu_available", lambda: int(0.9 * peak))
+    import hessinv.curvature as hc
+
+    # n = 2410: the dense route (H as one 2410 x 2410 block) takes over where the sweep would not fit
+    assert len(H._swept().blocks) == 1
+    H.factor(1e-3)
+    H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    monkeypatch.setattr(hc, "DENSE_ROUTE_MAX_N", 1000)  # no dense route: the refusal
     with pytest.raises(hessinv.TooLargeError, match=r"GiB of the device's memory is available.*"
                        r"curvature_batch_size=2\d\d\b"):  # fmt: skip
         H.factor(1e-3)
+    H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
     monkeypatch.setattr(ric, "_cpu_available", lambda: int(1.1 * peak))
     H.factor(1e-3)
+    assert H._swept() is H
 
 
 def test_a_loss_weight_in_another_dtype_is_named_with_the_conversion():

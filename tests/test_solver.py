@@ -981,3 +981,70 @@ def test_min_eigenvalue_of_a_zero_hessian_is_zero():
     assert any(f.pivot.modified for f in F.factors if f is not None)
     with pytest.raises(hessinv.InvalidArgumentError, match="modified its pivots"):
         F.slogdet()
+
+
+def _dense_route_case(dtype=torch.float64):
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype)
+    X, y = torch.randn(12, 3, dtype=dtype), torch.randint(0, 3, (12,))
+    return m, X, y
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "gauss_newton"])
+def test_the_dense_route_answers_like_the_chain(monkeypatch, curvature):
+    """The dense route (``H`` as one block, for large curvature batches on small models) forced on a
+    small chain: solves, inertia, log-determinant, lambda_min, eigenpairs, samples' covariance and the
+    mixed-precision factorization agree with dense float64 references."""
+    import hessinv.curvature as hc
+
+    monkeypatch.setattr(hc.CurvatureOperator, "_dense_cheaper", lambda self: True)
+    m, X, y = _dense_route_case()
+    build = hessinv.hessian if curvature == "hessian" else hessinv.gauss_newton
+    op = build(m, nn.CrossEntropyLoss(), X, y)
+    assert op._swept() is not op and len(op._swept().blocks) == 1
+    A = op.to_dense()
+    n = A.shape[0]
+    ev = torch.linalg.eigvalsh(A)
+    for eps in (0.05, 1.0) if curvature == "hessian" else (1e-3, 1.0):
+        F = op.factor(eps)
+        Ae = A + eps * torch.eye(n, dtype=torch.float64)
+        b = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        x, info = F.solve(b, return_info=True)
+        assert info.residual < 1e-12
+        torch.testing.assert_close(Ae @ x, b, rtol=1e-10, atol=1e-10)
+        lam = ev + eps
+        assert tuple(F.inertia) == (int((lam < 0).sum()), 0, int((lam > 0).sum()))
+        assert F.slogdet()[1] == pytest.approx(float(torch.linalg.slogdet(Ae)[1]), rel=1e-10, abs=1e-10)
+        Fm = op.factor(eps, precision="mixed")
+        assert Fm.solve(b, return_info=True)[1].residual < 1e-12
+    top = float(ev.abs().max())  # min_eigenvalue's accuracy: tol (1e-8) relative to ||H||
+    assert op.min_eigenvalue() == pytest.approx(float(ev[0]), abs=1e-8 * top)
+    pairs = op.eigenpairs(2)
+    torch.testing.assert_close(pairs.values, ev[:2], rtol=1e-8, atol=1e-8 * top)
+    shift = max(0.0, -float(ev[0])) + 0.5
+    S = op.factor(shift).inverse_sqrt(torch.eye(n, dtype=torch.float64))
+    torch.testing.assert_close(
+        S @ S.T, torch.linalg.inv(A + shift * torch.eye(n, dtype=torch.float64)), rtol=1e-9, atol=1e-10
+    )
+    assert op.factor_if_positive_definite(shift) is not None
+
+
+def test_a_batch_whose_sweep_would_not_fit_takes_the_dense_route():
+    """A 29-parameter chain on 20,000 examples: the chain's sweep would hold 60,000 x 60,000 blocks
+    (TooLargeError before), the dense 29 x 29 matrix is exact and small. Checked against the dense
+    Hessian, and a Laplace evidence is computed."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    X, y = torch.randn(20000, 2, dtype=torch.float64), torch.randint(0, 2, (20000,))
+    H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    assert len(H._swept().blocks) == 1
+    _, Hd = autograd_gradient_hessian(m, nn.CrossEntropyLoss(), X, y)
+    F = H.factor(0.01)
+    x = F.solve(H.gradient)
+    torch.testing.assert_close((Hd + 0.01 * torch.eye(29, dtype=torch.float64)) @ x, H.gradient)
+    ev = torch.linalg.eigvalsh(Hd) + 0.01
+    assert tuple(F.inertia) == (int((ev < 0).sum()), 0, int((ev > 0).sum()))
+    from hessinv.laplace import Laplace
+
+    la = Laplace(m, "classification").fit(X, y)
+    assert math.isfinite(la.log_marginal_likelihood())
