@@ -638,3 +638,53 @@ def test_targets_that_require_grad_are_refused_and_loss_subclasses_handle_their_
     flat = nn.Sequential(nn.Linear(3, 1), nn.Flatten(0)).double()
     with pytest.raises(ShapeMismatchError, match=r"targets\.view\(-1\)$"):
         hessinv.hessian(flat, nn.MSELoss(), X, torch.randn(5, 1, dtype=torch.float64))
+
+
+def test_losses_with_kinks_or_an_empty_batch_are_accepted():
+    """Review of the checks above: a hinge (``clamp``), a quantile (pinball) loss and a loss of sorted
+    outputs have gradients without a graph that are piecewise constant (second derivative 0 almost
+    everywhere): accepted, their curvature from the loss exactly that of autograd; a loss that returns
+    ``torch.tensor(0.)`` for a batch with nothing to learn is accepted with zero derivatives. A class-
+    index subclass of CrossEntropyLoss still gets int64 targets; a subclass with torch's forward still
+    has broadcasting refused; a ModuleDict subclass with its own forward is a model."""
+    from reference import autograd_gradient_hessian
+
+    net, X, y = small()
+    t = torch.randn(5, 2, dtype=torch.float64)
+    kinks = [
+        lambda o, t: torch.clamp(1 - o * t, min=0).mean(),
+        lambda o, t: torch.maximum(0.3 * (t - o), -0.7 * (t - o)).mean(),
+        lambda o, t: (o.sort(1).values * t).sum(),
+    ]
+    for fn in kinks:
+        _, H_ref = autograd_gradient_hessian(net, fn, X, t)
+        torch.testing.assert_close(hessinv.hessian(net, fn, X, t).to_dense(), H_ref, rtol=1e-10, atol=1e-12)
+        assert float(hessinv.gauss_newton(net, fn, X, t).to_dense().abs().max()) == 0.0
+
+    def masked(o, t):
+        keep = t > 10  # none: nothing to learn from this batch
+        return ((o[keep] - t[keep]) ** 2).mean() if bool(keep.any()) else torch.tensor(0.0, dtype=o.dtype)
+
+    assert float(hessinv.hessian(net, masked, X, t).to_dense().abs().max()) == 0.0
+
+    class MyCE(nn.CrossEntropyLoss):
+        pass
+
+    H = hessinv.hessian(net, MyCE(), X, y.int())
+    assert float(H.loss) == pytest.approx(float(nn.CrossEntropyLoss()(net(X), y)), rel=1e-14)
+
+    class MyMSE(nn.MSELoss):
+        pass
+
+    flat = nn.Sequential(nn.Linear(3, 1)).double()
+    with pytest.raises(ShapeMismatchError, match="broadcast"):
+        hessinv.hessian(flat, MyMSE(), X, torch.randn(5, dtype=torch.float64))
+
+    class Blocks(nn.ModuleDict):
+        def forward(self, x):
+            return self["b"](torch.tanh(self["a"](x)))
+
+    model = Blocks({"a": nn.Linear(3, 4), "b": nn.Linear(4, 2)}).double()
+    _, H_ref = autograd_gradient_hessian(model, nn.CrossEntropyLoss(), X, y)
+    H = hessinv.hessian(model, nn.CrossEntropyLoss(), X, y)
+    torch.testing.assert_close(H.to_dense(), H_ref, rtol=1e-10, atol=1e-12)

@@ -454,9 +454,10 @@ def test_a_cross_entropy_that_ignores_a_class_is_not_taken_as_the_likelihood():
     of every example, the ignored ones included (log-likelihood -14.1 against the loss's -10.2;
     found by a probe). Named, with what to do."""
     net = torch.nn.Sequential(torch.nn.Linear(2, 3)).double()
-    with pytest.raises(InvalidArgumentError, match="drop the ignored examples"):
-        Laplace(net, torch.nn.CrossEntropyLoss(ignore_index=1))
-    Laplace(net, torch.nn.CrossEntropyLoss())  # the default ignore_index (-100) ignores nothing
+    X, y = torch.randn(6, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(InvalidArgumentError, match="ignores 2 of these targets"):
+        Laplace(net, torch.nn.CrossEntropyLoss(ignore_index=1)).fit(X, y)
+    Laplace(net, torch.nn.CrossEntropyLoss(ignore_index=-1)).fit(X, y)  # ignores none of them
 
 
 def test_predictives_of_outputs_n_and_of_token_ids():
@@ -504,9 +505,10 @@ def test_loader_batches_that_differ_are_named():
     and a float32 batch among float64 ones was promoted silently (found by a probe)."""
     net = torch.nn.Sequential(torch.nn.Linear(2, 3)).double()
     X, y = torch.randn(12, 2, dtype=torch.float64), torch.randint(0, 3, (12,))
-    for batches in (
-        [(X[:6], y[:6]), (torch.randn(6, 3, dtype=torch.float64), y[6:])],
-        [(X[:6], y[:6]), (X[6:].float(), y[6:])],
+    for batches, error in (
+        ([(X[:6], y[:6]), (torch.randn(6, 3, dtype=torch.float64), y[6:])], ShapeMismatchError),
+        ([(X[:6], y[:6]), (X[6:].float(), y[6:])], DtypeMismatchError),
     ):
-        with pytest.raises(ShapeMismatchError, match="batches' inputs differ"):
+        with pytest.raises(error, match="batches' inputs differ"):
             Laplace(net, "classification").fit(batches)
+    Laplace(net, "classification").fit([(X[:6], y[:6]), (X[6:], y[6:].int())])  # integer targets mix

@@ -569,10 +569,26 @@ def test_update_damping_refuses_repeated_indices():
     torch.manual_seed(0)
     U = torch.randn(3, 6, dtype=torch.float64)
     W = WoodburyFactor(U, torch.ones(3, dtype=torch.float64), torch.ones(6, dtype=torch.float64))
-    with pytest.raises(hessinv.InvalidArgumentError, match="repeated"):
+    with pytest.raises(hessinv.InvalidArgumentError, match="twice"):
         W.update_damping(torch.tensor([1, 1]), torch.tensor([2.0, 3.0], dtype=torch.float64))
     W.update_damping(torch.tensor([1, 4]), torch.tensor([2.0, 3.0], dtype=torch.float64))
     D = torch.ones(6, dtype=torch.float64)
     D[1], D[4] = 2.0, 3.0
     b = torch.randn(6, 1, dtype=torch.float64)
     torch.testing.assert_close(W.solve(b), torch.linalg.solve(U.T @ U + torch.diag(D), b))
+
+
+def test_update_damping_takes_masks_lists_and_negative_indices():
+    """``D[idx] = values`` forms: a boolean mask and a list (refused or a raw TypeError after the repeat
+    check), and a negative index naming an entry given again is a repeat (solved 1.7 off)."""
+    torch.manual_seed(0)
+    U = torch.randn(3, 6, dtype=torch.float64)
+    b = torch.randn(6, 1, dtype=torch.float64)
+    for idx in (torch.tensor([False, True, False, False, True, False]), [1, 4], torch.tensor([1, -2])):
+        W = WoodburyFactor(U, torch.ones(3, dtype=torch.float64), torch.ones(6, dtype=torch.float64))
+        W.update_damping(idx, torch.tensor([2.0, 3.0], dtype=torch.float64))
+        D = torch.ones(6, dtype=torch.float64)
+        D[1], D[4] = 2.0, 3.0
+        torch.testing.assert_close(W.solve(b), torch.linalg.solve(U.T @ U + torch.diag(D), b))
+    with pytest.raises(hessinv.InvalidArgumentError, match="twice"):
+        W.update_damping(torch.tensor([4, -2]), torch.tensor([2.0, 3.0], dtype=torch.float64))

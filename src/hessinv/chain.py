@@ -739,7 +739,7 @@ def _check_model_kinds(model) -> None:
     parameters created under ``torch.inference_mode()`` (autograd cannot differentiate them)."""
     if isinstance(model, (list, tuple)) and any(isinstance(m, (list, tuple)) for m in model):
         raise NotAChainError("the model is a nested list of modules: pass a flat list, or an nn.Sequential")
-    if isinstance(model, nn.ModuleDict):
+    if isinstance(model, nn.ModuleDict) and type(model).forward is nn.ModuleDict.forward:
         raise NotAChainError(
             "the model is an nn.ModuleDict, which has no forward: pass nn.Sequential(*modules.values()) "
             "with its modules in the order they apply"

@@ -73,12 +73,6 @@ def _likelihood_of(likelihood) -> str:
         return likelihood
     plain = isinstance(likelihood, nn.Module) and not any(True for _ in likelihood.buffers())
     if plain and type(likelihood) is nn.CrossEntropyLoss and likelihood.label_smoothing == 0:
-        if likelihood.ignore_index != -100:  # (torch's default: no class index is ever -100)
-            raise InvalidArgumentError(
-                f"likelihood CrossEntropyLoss(ignore_index={likelihood.ignore_index}): the Laplace "
-                "likelihood counts every example it is fitted on; drop the ignored examples from the data "
-                "and pass nn.CrossEntropyLoss() (or 'classification')"
-            )
         return "classification"
     if plain and type(likelihood) is nn.MSELoss:
         return "regression"
@@ -108,12 +102,14 @@ def _collect(data: Tensor | Iterable, targets: Tensor | None) -> tuple[Tensor, T
     if not all(isinstance(t, Tensor) for t in xs + ys):
         raise InvalidArgumentError("fit(loader): each batch must be an (inputs, targets) pair of tensors")
     for what, ts in (("inputs", xs), ("targets", ys)):
-        kinds = {(tuple(t.shape[1:]), t.dtype, t.device) for t in ts}
-        if len(kinds) > 1:  # torch.cat would fail, or promote a float32 batch silently
+        shapes = {tuple(t.shape[1:]) for t in ts}
+        if len(shapes) > 1:  # torch.cat would fail
             raise ShapeMismatchError(
-                f"fit(loader): the batches' {what} differ in shape per example, dtype or device: "
-                f"{sorted(map(str, kinds))}"
+                f"fit(loader): the batches' {what} differ in shape per example: {shapes}"
             )
+    kinds = {(t.dtype, t.device) for t in xs}
+    if len(kinds) > 1:  # torch.cat would promote a float32 batch silently (integer targets may differ)
+        raise DtypeMismatchError(f"fit(loader): the batches' inputs differ in dtype or device: {kinds}")
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -141,6 +137,11 @@ class Laplace:
         sigma_noise: float = 1.0,
         prior_mean: float | Tensor = 0.0,
     ):
+        # a cross-entropy's ignore_index: refused at fit where a target is ignored (the Laplace likelihood
+        # counts every example it is fitted on)
+        self._ignore = (
+            getattr(likelihood, "ignore_index", None) if isinstance(likelihood, nn.Module) else None
+        )
         likelihood = _likelihood_of(likelihood)
         self.model, self.likelihood = model, likelihood
         self.curvature_cls = curvature_class(curvature)
@@ -197,6 +198,12 @@ class Laplace:
         """Linearize the model at its current parameters on the training set: ``fit(X, y)`` or
         ``fit(loader)`` (a loader's batches are concatenated into one set)."""
         X, y = _collect(data, targets)
+        if self._ignore is not None and not y.is_floating_point() and bool((y == self._ignore).any()):
+            raise InvalidArgumentError(
+                f"the likelihood CrossEntropyLoss(ignore_index={self._ignore}) ignores "
+                f"{int((y == self._ignore).sum())} of these targets, which the Laplace likelihood would "
+                "count: drop those examples from the data"
+            )
         self.operator = op = self.curvature_cls(self.model, self.loss_fn, X, y)
         self.mean = torch.cat([p.detach().reshape(-1) for p in self.model.parameters() if p.requires_grad])
         self.n_params = self.mean.numel()

@@ -420,12 +420,17 @@ class WoodburyFactor:
             structured_only=self.structured_only,
         )
 
-    def update_damping(self, idx: Tensor, values: Tensor) -> None:
+    def update_damping(self, idx: Tensor | list[int], values: Tensor) -> None:
         """``D[idx] = values``, in place: ``K += U_J diag(1 / values - 1 / D_J) U_J^T`` (``J = idx``) and a
         new ``r x r`` factorization; exact, for when a few entries of ``D`` moved (a gradient spike).
-        ``idx``: distinct indices (a repeated one would enter ``K`` once per repeat)."""
+        ``idx``: distinct indices (a repeated one would enter ``K`` once per repeat; negative ones count
+        from the end) or a boolean mask."""
+        idx = torch.as_tensor(idx, device=self.D.device)
+        if idx.dtype == torch.bool:  # a mask, as D[mask] = values takes it
+            idx = idx.nonzero().flatten()
+        idx = idx.long() % self.D.numel()  # negative indices as D[idx] reads them
         if int(torch.unique(idx).numel()) != int(idx.numel()):
-            raise InvalidArgumentError("update_damping: idx has repeated entries; give each index once")
+            raise InvalidArgumentError("update_damping: idx names an entry twice; give each index once")
         values = values.to(self.D.dtype)
         _check_damping(values)
         U_J = self._U64[:, idx] if self._U64 is not None else self.columns(idx).double()

@@ -71,6 +71,13 @@ _ELEMENTWISE_FUNCTIONS = (
 )  # fmt: skip
 
 
+def _torch_forward(fn: object, classes: tuple) -> bool:
+    """``fn`` is one of ``classes`` (or a subclass) whose ``forward`` is torch's: torch's semantics for its
+    targets hold (a subclass with a ``forward`` of its own may take other targets, e.g. class indices
+    it one-hot encodes)."""
+    return isinstance(fn, classes) and str(getattr(type(fn).forward, "__module__", "")).startswith("torch.")
+
+
 def uncompiled(loss_fn: Callable) -> Callable:
     """The loss inside a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``, or the original function
     of a compiled function), else ``loss_fn``: the same function, whose backward autograd can
@@ -106,9 +113,9 @@ def prepare_targets(loss_fn: Callable, targets: Tensor, dtype: torch.dtype) -> T
     if targets.is_floating_point() or targets.is_complex():
         return targets
     fn = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
-    if type(fn) in _INDEX_LOSSES or fn in _INDEX_FUNCTIONS:  # (a subclass handles its own targets)
+    if isinstance(fn, _INDEX_LOSSES) or fn in _INDEX_FUNCTIONS:
         return targets.long() if targets.dim() == 1 else targets
-    if type(fn) in _REAL_LOSSES or fn in _REAL_FUNCTIONS:
+    if _torch_forward(fn, _REAL_LOSSES) or fn in _REAL_FUNCTIONS:  # (a forward of its own: its targets)
         return targets.to(dtype)
     return targets
 
@@ -296,7 +303,9 @@ class LossStage:
         else:
             self.kind, self.q, self.scale = "autograd", None, 1.0
             fn = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
-            if (type(fn) in _ELEMENTWISE or fn in _ELEMENTWISE_FUNCTIONS) and targets.shape != output.shape:
+            if (
+                _torch_forward(fn, _ELEMENTWISE) or fn in _ELEMENTWISE_FUNCTIONS
+            ) and targets.shape != output.shape:
                 hint = (
                     f"; reshape them: targets.view({', '.join(['-1', *map(str, output.shape[1:])])})"
                     if targets.numel() == output.numel()
@@ -320,7 +329,9 @@ class LossStage:
                     "deterministic loss: move the randomness out of loss_fn (into the model, in eval mode, "
                     "or into the data)"
                 )
-            if not depends and not again.requires_grad:
+            if not depends and not again.requires_grad and bool(again.detach() != 0):
+                # (a loss of exactly 0 without a path -- `return torch.tensor(0.)` for a batch with nothing
+                # to learn from -- has zero derivatives indeed)
                 raise UnsupportedStageError(
                     f"{self.name}: the loss does not depend on the outputs through autograd (outputs "
                     "detached, rounded, thresholded or compared inside loss_fn?), so its derivatives "
@@ -455,25 +466,38 @@ class LossStage:
         return -(q * logp).sum(-1), mass[:, None] * p - q, (p, mass[:, None])
 
     def _check_constant_gradient(self, y: Tensor, G: Tensor) -> None:
-        """A gradient ``G = dL/dy`` without a graph is constant (a loss linear in the outputs: its second
-        derivative is zero) or autograd cannot differentiate the loss's backward (a ``torch.compile``-d
+        """A gradient ``G = dL/dy`` without a graph is piecewise constant (a loss linear in the outputs, or
+        made of kinks: a hinge, ``clamp``, ``maximum``, a quantile loss -- its second derivative is zero
+        almost everywhere) or autograd cannot differentiate the loss's backward (a ``torch.compile``-d
         function inside ``loss_fn``, a custom ``autograd.Function`` whose backward is not itself
         differentiable) -- then the second derivative would read as zero. Told apart by the gradient at
-        ``y`` moved by ``~ 1e-3 (1 + |y|)``: it must not change beyond rounding."""
+        ``y`` moved by ``h ~ sqrt(u) (1 + |y|)`` and by ``2 h``: a smooth gradient changes in (nearly) every
+        entry, twice as much at ``2 h``; a piecewise constant one only where an output lies that close to a
+        kink, by the same jump at both."""
         from hessinv.stages.generic import _grads
 
+        if not G.numel():
+            return
         gen = torch.Generator(device="cpu").manual_seed(1234)
-        dy = torch.rand(y.shape, generator=gen, dtype=torch.float64).to(y) - 0.5
-        y2 = (y.detach() + 1e-3 * (1 + y.detach().abs()) * dy).requires_grad_(True)
-        with torch.enable_grad():
-            G2 = _grads(self.call(y2), [y2])[0].reshape(G.shape)
-        top = max(float(G.abs().max()), float(G2.abs().max())) if G.numel() else 0.0
-        if float((G2 - G.detach()).abs().max() if G.numel() else 0.0) > 1e3 * torch.finfo(G.dtype).eps * top:
+        dy = torch.rand(y.shape, generator=gen, dtype=torch.float64).to(y) + 0.5  # (0.5, 1.5): every entry
+        eps = torch.finfo(y.dtype).eps
+        step = math.sqrt(eps) * (1 + y.detach().abs()) * dy
+
+        def moved(k: float) -> Tensor:  # G at y + k step, minus G
+            yk = (y.detach() + k * step).requires_grad_(True)
+            with torch.enable_grad():
+                return _grads(self.call(yk), [yk])[0].reshape(G.shape) - G.detach()
+
+        d1, d2 = moved(1.0), moved(2.0)
+        tol = 100 * eps * max(float(G.abs().max()), float((G + d1).abs().max()))
+        # smooth: the change doubles with the step; a kink crossed: the same jump at both steps
+        changed = (d1.abs() > tol) & ((d2 - 2 * d1).abs() <= 0.2 * d1.abs())
+        if float(changed.double().mean()) > 0.25:
             raise UnsupportedStageError(
                 f"{self.name}: autograd cannot differentiate the loss's gradient (its backward has no "
                 "graph: a torch.compile-d function inside loss_fn, or a custom autograd.Function whose "
-                "backward is not differentiable), while the gradient changes with the outputs: the "
-                "second derivative would read as zero. Pass a loss autograd can differentiate twice "
+                "backward is not differentiable), while the gradient changes smoothly with the outputs: "
+                "the second derivative would read as zero. Pass a loss autograd can differentiate twice "
                 "(the uncompiled function)"
             )
 
