@@ -559,6 +559,13 @@ def test_losses_autograd_cannot_differentiate_twice_are_refused_not_zero():
     t = torch.randn(5, 2, dtype=torch.float64)
     with pytest.raises(UnsupportedStageError, match="cannot differentiate the loss's gradient"):
         hessinv.hessian(net, SquareNoGraph.apply, X, t)
+    # on a few of the outputs only, or with one large residual among small ones (review of the check)
+    with pytest.raises(UnsupportedStageError, match="cannot differentiate the loss's gradient"):
+        hessinv.hessian(net, lambda o, t: SquareNoGraph.apply(o[:, :1], t[:, :1]), X, t)
+    big = t.clone()
+    big[0, 0] = 1e6
+    with pytest.raises(UnsupportedStageError, match="cannot differentiate the loss's gradient"):
+        hessinv.hessian(net, SquareNoGraph.apply, X, big)
     H = hessinv.hessian(net, lambda o, t: (o * t).sum(), X, t)  # linear in the outputs
     assert float(hessinv.gauss_newton(net, lambda o, t: (o * t).sum(), X, t).to_dense().abs().max()) == 0
     assert torch.isfinite(H.to_dense()).all()

@@ -1048,3 +1048,21 @@ def test_a_batch_whose_sweep_would_not_fit_takes_the_dense_route():
 
     la = Laplace(m, "classification").fit(X, y)
     assert math.isfinite(la.log_marginal_likelihood())
+
+
+def test_the_dense_route_with_mixed_precision_that_falls_back_to_float64(monkeypatch):
+    """Review: a mixed-precision factorization whose float32 sweep must perturb a pivot factors the
+    float64 operator instead; on the dense route its solves paired the chain's blocks with the one
+    dense factor (IndexError)."""
+    import hessinv.curvature as hc
+
+    monkeypatch.setattr(hc.CurvatureOperator, "_dense_cheaper", lambda self: True)
+    m, X, y = _dense_route_case()
+    op = hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X, y)  # a null space: G + tiny eps is near singular
+    eps = 1e-7 * op.norm_estimate()
+    F = op.factor(eps, precision="mixed")
+    assert F._low is None
+    A = op.to_dense() + eps * torch.eye(op.shape[0], dtype=torch.float64)
+    x, info = F.solve(op.gradient, return_info=True)
+    assert float((A @ x - op.gradient).norm() / op.gradient.norm()) < 1e-8
+    assert info.residual < 1e-8

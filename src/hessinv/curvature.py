@@ -297,12 +297,7 @@ class CurvatureOperator:
 
     def _dense_view(self) -> CurvatureOperator:
         view = copy.copy(self)
-        n = self.shape[0]
-        # H by products on column blocks: each product holds a few (B, width, k) tensors
-        width = max((b.batch * max(b.d_in, b.d_out, 1) for b in self.blocks), default=1)
-        k = max(1, min(n, 2**24 // width))
-        eye = torch.eye(n, dtype=self.dtype, device=self.device)
-        A = torch.cat([self._apply(eye[:, j : j + k]) for j in range(0, n, k)], dim=1)
+        A = self.to_dense()
         view.blocks, view._sizes = [_DenseMatrixBlocks(0.5 * (A + A.T))], [self.shape[0]]
         view._names = [f"H as one dense {self.shape[0]} x {self.shape[0]} block"]
         view._view = view
@@ -343,8 +338,16 @@ class CurvatureOperator:
         return self @ v
 
     def to_dense(self) -> Tensor:
-        """The dense ``n x n`` matrix (``n`` products at once). For small models and tests."""
-        return self._apply(torch.eye(self.shape[0], dtype=self.dtype, device=self.device))
+        """The dense ``n x n`` matrix (``n`` products, on blocks of columns that keep each product's
+        ``(B, width, k)`` tensors near 2^24 numbers; the dense route's matrix where it holds one)."""
+        view = self.__dict__.get("_view")
+        if view is not None and view is not self:
+            return view.blocks[0].A.clone()
+        n = self.shape[0]
+        width = max((b.batch * max(b.d_in, b.d_out, 1) for b in self.blocks), default=1)
+        k = max(1, min(n, 2**24 // width))
+        eye = torch.eye(n, dtype=self.dtype, device=self.device)
+        return torch.cat([self._apply(eye[:, j : j + k]) for j in range(0, n, k)], dim=1)
 
     def as_linear_operator(self) -> scipy.sparse.linalg.LinearOperator:
         """A ``scipy.sparse.linalg.LinearOperator`` taking and returning float64 numpy arrays."""
@@ -1712,7 +1715,7 @@ class MixedFactorization(Factorization):
 
     @property
     def _sweep_op(self) -> CurvatureOperator:
-        return self.op if self._low is None else self._low
+        return self.op._swept() if self._low is None else self._low
 
     def logdet(self) -> float:
         return super().logdet() if self._low is None else self._float64().logdet()
