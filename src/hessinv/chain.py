@@ -69,6 +69,7 @@ from hessinv.stages import (
 )
 from hessinv.stages.generic import IdentityBlocks, LazyBlocks
 from hessinv.stages.losses import closed_form, loss_name, prepare_targets, uncompiled
+from hessinv.stages.protocol import compiled_module
 
 #: a loss: ``loss_fn(outputs, targets) -> scalar`` (a module such as ``nn.CrossEntropyLoss()``, a function
 #: such as ``F.cross_entropy``, or a lambda)
@@ -182,11 +183,6 @@ def _is_container(m) -> bool:
     )
 
 
-def _is_compiled(m) -> bool:
-    """A ``torch.compile``-d module (``OptimizedModule``), whose ``_orig_mod`` is the model itself."""
-    return type(m).__name__ == "OptimizedModule" and isinstance(getattr(m, "_orig_mod", None), nn.Module)
-
-
 def _defaults_after_first(forward) -> dict | None:
     """``forward``'s arguments after the first that have defaults (``forward(x, mask=None)``), to be
     traced at those defaults: a chain takes one input. None when there are none (or any without)."""
@@ -222,7 +218,7 @@ def _specs(
     traced to find it (None for a module called as it is); the modules traced through (whose plain
     attributes the traced code may have baked in) are appended to ``traced``. The modules in ``whole``
     are called whole, not traced."""
-    if _is_compiled(m):  # torch.compile's wrapper: the same function and parameters, traceable
+    if compiled_module(m):  # torch.compile's wrapper: the same function and parameters, traceable
         m = m._orig_mod
     if _is_container(m):
         return [s for child in m for s in _specs(child, False, traced, whole)]

@@ -45,6 +45,7 @@ from hessinv.lowrank import WoodburyFactor, gauss_newton_root
 from hessinv.riccati import (
     Inertia,
     Pivot,
+    _first_with_parameters,
     check_memory,
     riccati_factor,
     riccati_forward,
@@ -207,8 +208,8 @@ class CurvatureOperator:
         if chain is not None and (chain.model is not model or chain.loss_fn is not uncompiled(loss_fn)):
             raise InvalidArgumentError("chain= must be the Chain of this model and loss_fn")
         self.chain = chain if chain is not None else Chain(model, loss_fn)
+        _tensor(inputs, "inputs")  # the rest: linearize's checks (which see the copies made below)
         targets_as_data(_tensor(targets, "targets"), self.chain.params)
-        _tensor(inputs, "inputs"), _tensor(targets, "targets")  # the rest: linearize's checks
         # the point is kept: copies of the batch (blocks may hold the inputs; a caller's buffer is
         # refilled in place) and, for the float64 twin of a float32 operator, of the parameters
         inputs, targets = inputs.detach().clone(), targets.detach().clone()
@@ -279,7 +280,7 @@ class CurvatureOperator:
         if n > DENSE_ROUTE_MAX_N:
             return False
         chain_flops, dense_products = 0.0, 0.0
-        first = next((l for l, b in enumerate(self.blocks) if b.p), 0)
+        first = _first_with_parameters(self.blocks)
         for l, b in enumerate(self.blocks[:-1]):
             if not b.p:
                 continue

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from hessinv.errors import UnsupportedStageError
 from hessinv.stages.generic import GenericStage
-from hessinv.stages.protocol import Blocks, ParameterFreeBlocks, RiccatiBlocks, Stage
+from hessinv.stages.protocol import Blocks, ParameterFreeBlocks, RiccatiBlocks, Stage, defined_in_torch
 
 #: Modules treated as elementwise activations ``s`` (fused into a preceding Linear); exact types only
 #: (a subclass may override ``forward``). ReLU-type activations have ``s'' = 0`` almost everywhere,
@@ -71,15 +71,12 @@ def customized(m: nn.Module) -> bool:
     instance (a wrapper patching it), a class that overrides ``__call__``, or a torch class whose
     ``forward`` was replaced outside torch. Such a module is called as it is (a generic stage), never
     read as the layer its type names nor traced through."""
-    cls = type(m)
-
-    def torchs(f: object) -> bool:  # defined inside torch (fx's GraphModule: its own __call__, and a
-        # generated forward without a module)
-        return str(getattr(f, "__module__", None) or "torch.").startswith("torch.")
-
-    if "forward" in vars(m) or (cls.__call__ is not nn.Module.__call__ and not torchs(cls.__call__)):
+    cls = type(m)  # (fx's GraphModule has torch's own __call__ and a generated forward)
+    if "forward" in vars(m) or (
+        cls.__call__ is not nn.Module.__call__ and not defined_in_torch(cls.__call__)
+    ):
         return True
-    return cls.__module__.startswith("torch.") and not torchs(getattr(cls, "forward", None))
+    return defined_in_torch(cls) and not defined_in_torch(getattr(cls, "forward", None))
 
 
 def is_elementwise(m: nn.Module) -> bool:

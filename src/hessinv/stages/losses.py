@@ -38,7 +38,13 @@ from hessinv.errors import (
     TooLargeError,
     UnsupportedStageError,
 )
-from hessinv.stages.protocol import ParameterFreeBlocks, RiccatiBlocks, add_blockdiag
+from hessinv.stages.protocol import (
+    ParameterFreeBlocks,
+    RiccatiBlocks,
+    add_blockdiag,
+    compiled_module,
+    defined_in_torch,
+)
 
 #: Functional forms of the closed-form losses (default arguments only) -> their modules.
 _FUNCTIONAL = {
@@ -75,16 +81,14 @@ def _torch_forward(fn: object, classes: tuple) -> bool:
     """``fn`` is one of ``classes`` (or a subclass) whose ``forward`` is torch's: torch's semantics for its
     targets hold (a subclass with a ``forward`` of its own may take other targets, e.g. class indices
     it one-hot encodes)."""
-    return isinstance(fn, classes) and str(getattr(type(fn).forward, "__module__", "")).startswith("torch.")
+    return isinstance(fn, classes) and defined_in_torch(type(fn).forward)
 
 
 def uncompiled(loss_fn: Callable) -> Callable:
     """The loss inside a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``, or the original function
     of a compiled function), else ``loss_fn``: the same function, whose backward autograd can
     differentiate again (a compiled backward cannot: its second derivative reads as zero)."""
-    if type(loss_fn).__name__ == "OptimizedModule" and isinstance(
-        getattr(loss_fn, "_orig_mod", None), nn.Module
-    ):
+    if compiled_module(loss_fn):
         return loss_fn._orig_mod  # type: ignore[union-attr]
     orig = getattr(loss_fn, "_torchdynamo_orig_callable", None)
     return orig if callable(orig) else loss_fn

@@ -31,6 +31,17 @@ import torch
 from torch import Tensor, nn
 
 
+def defined_in_torch(f: object) -> bool:
+    """Whether the function (or class) ``f`` is torch's own: its module is inside torch, or it has none
+    (code fx generates, as a GraphModule's ``forward``)."""
+    return str(getattr(f, "__module__", None) or "torch.").startswith("torch.")
+
+
+def compiled_module(m: object) -> bool:
+    """A ``torch.compile``-d module (``OptimizedModule``), whose ``_orig_mod`` is the module itself."""
+    return type(m).__name__ == "OptimizedModule" and isinstance(getattr(m, "_orig_mod", None), nn.Module)
+
+
 @dataclass
 class RiccatiBlocks:
     """The stage's blocks of one backward Riccati step (math.md §2), damping not yet added.
