@@ -48,7 +48,10 @@ def _newton(model: nn.Module, loss_fn: nn.Module | None = None, **kw) -> ho.Newt
         mode="precondition", seed=0, lr=0.5, curvature_batch_size=CURV, refresh=REFRESH,
         diagonal_damping=50.0, max_rank=CURV,
     )  # fmt: skip
-    return ho.Newton(model, loss_fn or nn.CrossEntropyLoss(), **{**settings, **kw})
+    settings = {**settings, **kw}
+    if settings["mode"] == "trust-region":  # (a precondition-mode setting: refused there)
+        settings.pop("diagonal_damping")
+    return ho.Newton(model, loss_fn or nn.CrossEntropyLoss(), **settings)
 
 
 def _flat(model: nn.Module) -> torch.Tensor:
@@ -547,3 +550,23 @@ def test_distributed_influence_scores_match_one_process(tmp_path):
         for r in range(2):
             torch.testing.assert_close(ranks[r][name], want, rtol=0, atol=1e-10)
         assert torch.equal(ranks[0][name], ranks[1][name])  # every rank returns the same gathered matrix
+
+
+def test_a_step_after_the_process_group_is_gone_is_a_named_error():
+    """distribute(), then destroy_process_group(): the next step says what is missing (it was torch's raw
+    ValueError from the all-gather of the batch sizes)."""
+    torch.manual_seed(0)
+    model, loss_fn = (
+        nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double(),
+        nn.CrossEntropyLoss(),
+    )
+    X, y = torch.randn(32, 6, dtype=F64), torch.randint(0, 3, (32,))
+    hd.init_process_group(0, 1, hd.free_port(), timeout=30)
+    try:
+        opt = ho.Newton(model, loss_fn, seed=0, mode="precondition")
+        hd.distribute(opt)
+        opt.step(X, y)
+    finally:
+        torch.distributed.destroy_process_group()
+    with pytest.raises(DistributedError, match="not initialized"):
+        opt.step(X, y)

@@ -1430,3 +1430,197 @@ def test_schedulers_that_cycle_the_momentum_drive_newtons_momentum():
                                                        {"params": m[2].parameters()}])  # fmt: skip
     with pytest.raises(hessinv.InvalidArgumentError, match="one value"):
         opt2.step(X[:16], y[:16])
+
+
+# -- the optimizers' contracts with their callers (a probe's findings, 2026-12-03) ------------------
+def _small(seed: int = 0, dtype=F64) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("mode", ["auto", "precondition", "trust-region"])
+def test_a_later_batch_whose_targets_broadcast_is_refused(mode):
+    """A second batch with 16 inputs and one (1, 1) target: MSELoss would broadcast it (torch only warns);
+    the default mode checked batches in full only when their per-example shapes changed, and took it."""
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(64, 6, generator=g, dtype=F64), torch.randn(64, 1, generator=g, dtype=F64)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    opt = ho.Newton(model, nn.MSELoss(), seed=0, mode=mode)
+    opt.step(X[:16], Y[:16])
+    before = _flat(model)
+    with pytest.raises(hessinv.ShapeMismatchError, match="batch sizes differ"):
+        opt.step(X[16:32], Y[16:17])
+    assert torch.equal(_flat(model), before)
+
+
+@pytest.mark.parametrize("mode", ["trust-region", "auto"])
+def test_a_closure_whose_gradient_is_not_the_batch_loss_is_not_ignored(mode):
+    """The trust region models loss_fn(model(X), y); a closure adding a penalty was silently dropped
+    (bit-identical parameters). Explicit trust region: a named error; auto (full batch): it keeps
+    preconditioning, which takes the closure's gradient."""
+    X, y = torch.randn(32, 6, dtype=F64), torch.randint(0, 3, (32,))
+    loss_fn = nn.CrossEntropyLoss()
+
+    def run(penalty: float) -> torch.Tensor:
+        model = _small()
+        opt = ho.Newton(model, loss_fn, seed=0, mode=mode)
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(model(X), y) + penalty * sum((p**2).sum() for p in model.parameters())
+            loss.backward()
+            return loss
+
+        for _ in range(4):
+            opt.step(closure)
+        assert opt.last_stats.mode == "precondition" or penalty == 0.0
+        return _flat(model)
+
+    plain = run(0.0)
+    if mode == "trust-region":
+        with pytest.raises(hessinv.InvalidArgumentError, match="closure's gradient differs"):
+            run(100.0)
+    else:
+        assert float((run(100.0) - plain).abs().max()) > 1e-3
+
+
+def test_a_closure_may_return_none():
+    """torch.optim allows a closure without a return value; it was float(None)'s raw TypeError."""
+    model, loss_fn = _small(), nn.CrossEntropyLoss()
+    X, y = torch.randn(32, 6, dtype=F64), torch.randint(0, 3, (32,))
+    opt = ho.Newton(model, loss_fn, seed=0, mode="precondition")
+
+    def closure() -> None:
+        opt.zero_grad()
+        loss_fn(model(X), y).backward()
+
+    loss = opt.step(closure)
+    assert math.isclose(float(loss), opt.last_stats.loss) and opt.last_stats.loss > 0
+
+
+def test_a_positive_semidefinite_hessian_proves_no_negative_curvature():
+    """A convex problem (one Linear layer + cross-entropy: H is positive semi-definite, the softmax's shift
+    its null space): rounding-level Cholesky failures and Rayleigh quotients near the minimizer were read as
+    proofs of negative curvature (negative_curvature=True, hard cases, 30 factorizations on a step)."""
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(32, 6, generator=g, dtype=F64), torch.randint(0, 3, (32,), generator=g)
+    torch.manual_seed(0)
+    model, loss_fn = nn.Linear(6, 3).double(), nn.CrossEntropyLoss()
+    opt = ho.Newton(nn.Sequential(model), loss_fn, seed=0, mode="trust-region")
+    for _ in range(8):
+        H = hessinv.hessian(nn.Sequential(model), loss_fn, X, y).to_dense()
+        assert float(torch.linalg.eigvalsh(H)[0]) > -1e-14  # (the reference: no negative curvature)
+        opt.step(X, y)
+        st = opt.last_stats
+        assert st.negative_curvature is not True and not st.hard_case and st.factorizations <= 6, st
+
+
+def test_preconditioner_checks_the_batch_before_it_changes_anything():
+    """A refused precondition_ (wrong targets, numpy arrays) left its step count and second moments
+    changed (the retry's direction 46% off a fresh call's) or raised a raw AttributeError."""
+    X, y = torch.randn(32, 6, dtype=F64), torch.randint(0, 3, (32,))
+    loss_fn = nn.CrossEntropyLoss()
+
+    def direction(bad: tuple | None) -> torch.Tensor:
+        model = _small()
+        pre = ho.Preconditioner(model, loss_fn, seed=0)
+        loss_fn(model(X), y).backward()
+        if bad is not None:
+            with pytest.raises(hessinv.HessinvError):
+                pre.precondition_(*bad)
+            assert pre.state["t"] == 0 and float(pre.state["v"].abs().max()) == 0.0
+        return pre.precondition_(X, y)
+
+    fresh = direction(None)
+    for bad in [(X, y[:5]), (X.numpy(), y), (X, y.numpy()), (X.tolist(), y)]:
+        assert torch.equal(direction(bad), fresh)
+
+
+def test_a_refused_state_dict_leaves_the_optimizer_as_it_was():
+    """load_state_dict of another basis's state: refused, but lr / weight_decay / momentum had been
+    loaded already."""
+    X, y = torch.randn(32, 6, dtype=F64), torch.randint(0, 3, (32,))
+    other = ho.Newton(_small(), nn.CrossEntropyLoss(), seed=0, basis="eigen", lr=0.25, weight_decay=0.1)
+    other.momentum = 0.5
+    other.step(X, y)
+    opt = ho.Newton(_small(), nn.CrossEntropyLoss(), seed=0, basis="identity")
+    opt.step(X, y)
+
+    def hyper(o):
+        return [{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
+
+    groups, sd = hyper(opt), copy.deepcopy(opt.state_dict())
+    with pytest.raises(hessinv.InvalidArgumentError, match="basis"):
+        opt.load_state_dict(other.state_dict())
+    assert hyper(opt) == groups and hyper(other) != groups
+    after = opt.state_dict()
+    torch.testing.assert_close(
+        after["newton"]["preconditioner"], sd["newton"]["preconditioner"], rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize("where", ["inputs", "targets"])
+def test_a_batch_made_under_inference_mode_trains(where):
+    """Inputs or a teacher's soft labels made under torch.inference_mode(): torch's raw RuntimeError
+    ("Inference tensors cannot be saved for backward") in the default mode."""
+    X = torch.randn(32, 6, dtype=F64)
+    with torch.inference_mode():
+        soft = torch.softmax(_small(5)(X), dim=1)
+        Xi = X * 1.0
+    batch = (Xi, soft.clone()) if where == "inputs" else (X, soft)
+    model = _small()
+    opt = ho.Newton(model, nn.CrossEntropyLoss(), seed=0)
+    before = _flat(model)
+    for _ in range(3):
+        opt.step(*batch)
+    assert not torch.equal(_flat(model), before)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(mode="precondition", damping=1e-6),
+        dict(mode="precondition", damping="levenberg-marquardt"),
+        dict(mode="precondition", track_inertia=True),
+        dict(mode="precondition", backtracking=5),
+        dict(mode="precondition", curvature="hessian", damping="levenberg-marquardt"),
+        dict(mode="precondition", curvature="hessian", diagonal_damping=1e-3),
+        dict(mode="trust-region", diagonal_damping=100.0),
+    ],
+)
+def test_settings_the_mode_would_ignore_are_refused(kw):
+    with pytest.raises(hessinv.InvalidArgumentError):
+        ho.Newton(_small(), nn.CrossEntropyLoss(), seed=0, **kw)
+
+
+def test_settings_each_mode_takes_are_accepted():
+    for kw in [
+        dict(mode="precondition", curvature="hessian", damping=0.5),
+        dict(mode="precondition", diagonal_damping=100.0),
+        dict(mode="auto", diagonal_damping=100.0),
+        dict(damping="levenberg-marquardt"),
+    ]:
+        ho.Newton(_small(), nn.CrossEntropyLoss(), seed=0, **kw)
+
+
+@pytest.mark.parametrize("seed", ["a", 2**70, 1.5, True])
+def test_a_bad_seed_is_a_named_error(seed):
+    for cls in (ho.Newton, ho.Preconditioner):
+        with pytest.raises(hessinv.InvalidArgumentError, match="seed"):
+            cls(_small(), nn.CrossEntropyLoss(), seed=seed)
+
+
+def test_numpy_scalars_are_numbers():
+    """np.float32(0.5) was refused with "momentum must be in [0, 1), got np.float32(0.5)"."""
+    X, y = torch.randn(32, 6, dtype=F64), torch.randint(0, 3, (32,))
+    opt = ho.Newton(
+        _small(), nn.CrossEntropyLoss(), momentum=np.float32(0.5), lr=np.float32(0.5), refresh=np.int64(4),
+        seed=np.int64(3),
+    )  # fmt: skip
+    opt.step(X, y)
+    assert opt.momentum == 0.5 and opt.preconditioner.refresh == 4
+    ho.Newton(_small(), nn.CrossEntropyLoss(), seed=-1)  # torch.manual_seed's range

@@ -839,6 +839,10 @@ def _tensor(x, what: str) -> Tensor:
         raise InvalidArgumentError(
             f"{what} must be a torch.Tensor, got {type(x).__module__}.{type(x).__name__}{hint}"
         )
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        # made under torch.inference_mode() (a teacher's labels, preprocessed inputs): autograd may not
+        # save it for backward; a normal copy is the same data
+        return x.clone()
     return x
 
 
@@ -1131,6 +1135,18 @@ class Chain:
         zs = self.forward(inputs)
         LossStage(len(self.stages), self.loss_fn, self.prepare_targets(targets), zs[-1])
         return zs
+
+    def check_batch_if_new(self, inputs: Tensor, targets: Tensor, last: tuple | None) -> tuple:
+        """:meth:`check_batch` where the batch's per-example shapes, dtypes or devices, or whether its
+        batch sizes agree, differ from ``last`` (what this returned for the batch checked before; None:
+        check); returns the batch's key. For the optimizers' steps: between refreshes of the curvature
+        nothing else would see a target that broadcasts against the output."""
+        key = (inputs.shape[1:], inputs.dtype, inputs.device, targets.shape[1:], targets.dtype)
+        # (and the batch sizes' agreement: a target (1, k) broadcasts against outputs (B, k))
+        key += (targets.device, inputs.shape[:1] == targets.shape[:1])
+        if key != last:
+            self.check_batch(inputs, targets)
+        return key
 
     def _resplit(self) -> None:
         """Split again with the modules of ``_whole`` called whole (the same parameters, same order)."""

@@ -57,6 +57,13 @@ class Sweeps:
         self.factorizations = self.solves = self.products = 0
         self.time_factor = self.time_solve = 0.0
 
+    def resolution(self) -> float:
+        """``sqrt(u) ||H||`` (:meth:`CurvatureOperator.zero_tolerance`, one power iteration per operator):
+        a failed Cholesky test at a damping below it, or a Rayleigh quotient within it of zero, is rounding
+        (a positive semi-definite ``H`` with a null space, e.g. the softmax's shift) and proves no negative
+        curvature."""
+        return self.op.zero_tolerance()
+
     def cholesky(self, damping: float) -> Factorization | None:
         """The factorization of ``H + damping I`` if it is positive definite, else None."""
         t = time.perf_counter()

@@ -399,6 +399,7 @@ class DistributedPreconditioner(Preconditioner):
         (DDP's average of the ranks' means is then not the global batch's mean) or, unless ``weighted``
         (the caller weights each rank's loss by its share, as :class:`DataParallel` does), when the
         ranks hold different numbers of targets that an ``ignore_index`` loss counts."""
+        _group_info(self.group)  # a named error once the process group is gone
         head = torch.stack(
             [torch.tensor(int(inputs.shape[0]), dtype=torch.int64), _normalizer(self.loss_fn, targets).cpu()]
         )

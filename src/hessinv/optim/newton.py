@@ -80,9 +80,11 @@ from hessinv.optim.precondition import (
     BASIS_MAX_DIM,
     MAX_RANK,
     Preconditioner,
+    _plain,
     _positive,
     curvature_batch,
     curvature_weight,
+    generator_from_seed,
 )
 from hessinv.optim.trust_region import TrustRegion
 from hessinv.riccati import Inertia
@@ -90,6 +92,8 @@ from hessinv.riccati import Inertia
 __all__ = ["Newton", "StepStats"]
 
 _MODES = ("auto", "trust-region", "precondition")
+#: the default ``diagonal_damping`` (docs/training.md: why 200)
+DIAGONAL_DAMPING = 200.0
 _RULES: dict[str, Callable[[], DampingRule]] = {
     "trust-region": TrustRegion,
     "levenberg-marquardt": LevenbergMarquardt,
@@ -231,8 +235,10 @@ class Newton(torch.optim.Optimizer):
             from the ratio test), ``"levenberg-marquardt"``, a float ``eps`` (fixed damping, every step
             taken), or a rule object (:class:`~hessinv.optim.TrustRegion`, ...). Precondition mode with
             ``curvature="hessian"``: the scalar damping (default 1.0).
-        diagonal_damping: precondition mode: the scale ``delta`` of ``D = delta (sqrt(v) + eps)``; off
-            the curvature batch's subspace a step is an Adam step of size ``lr / delta``.
+        diagonal_damping: precondition mode: the scale ``delta`` of ``D = delta (sqrt(v) + eps)`` (default
+            200); off the curvature batch's subspace a step is an Adam step of size ``lr / delta``.
+            Settings of the other mode are refused (``diagonal_damping`` with the trust region;
+            ``track_inertia``, ``backtracking`` or a rule as ``damping`` with ``mode="precondition"``).
         max_relative_step: precondition mode: a budget ``c`` for the relative change of the network per
             step, split equally over its ``L`` stages with parameters: each stage's parameters ``x_s``
             (a Linear's weight and bias together, ``n_s`` numbers) move by at most ``(c / L) max(||x_s||,
@@ -317,7 +323,7 @@ class Newton(torch.optim.Optimizer):
         mode: str = "auto",
         curvature: str | None = None,
         damping: str | float | DampingRule | None = None,
-        diagonal_damping: float = 200.0,
+        diagonal_damping: float | None = None,
         max_relative_step: float | None = 0.05,
         basis: str = "eigen",
         basis_max_dim: int = BASIS_MAX_DIM,
@@ -361,10 +367,12 @@ class Newton(torch.optim.Optimizer):
             raise InvalidArgumentError(f"backtracking must be an int >= 0, got {backtracking!r}")
         if callback is not None and not callable(callback):
             raise InvalidArgumentError("callback must be callable")
-        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+        momentum = _plain(momentum)
+        if isinstance(momentum, bool) or not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
             raise InvalidArgumentError(f"momentum must be in [0, 1), got {momentum!r}")
         if mode == "auto" and (damping is not None or track_inertia or backtracking):
             mode = "trust-region"
+        _check_mode_settings(mode, curvature, damping, diagonal_damping, track_inertia, backtracking)
         self.mode = mode
         self.rule = _rule_from("trust-region" if damping is None or mode == "precondition" else damping)
         self.model, self.loss_fn = model, loss_fn
@@ -382,21 +390,21 @@ class Newton(torch.optim.Optimizer):
         defaults = {"lr": float(lr), "weight_decay": float(weight_decay), "momentum": float(momentum)}
         super().__init__(_param_groups(params, self.chain.params), defaults)
         self._groups_frozen = True
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
-        self._generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        self._generator = generator_from_seed(seed)
+        seed = self._generator.initial_seed()
         self.preconditioner: Preconditioner | None = None
         if mode != "trust-region":
             pc_curv = curvature or "gauss_newton"
-            pc_damping = diagonal_damping
             if pc_curv != "hessian":  # (the Hessian's preconditioner takes `damping`)
-                pc_damping = _positive_number("diagonal_damping", diagonal_damping)
+                pc_damping = _positive_number(
+                    "diagonal_damping", DIAGONAL_DAMPING if diagonal_damping is None else diagonal_damping
+                )
             else:
                 pc_damping = float(damping) if isinstance(damping, (int, float)) else 1.0
             self.preconditioner = Preconditioner(
                 model, loss_fn, curvature=pc_curv, damping=pc_damping,
                 curvature_batch_size=curvature_batch_size or 8, refresh=refresh, beta2=beta2,
-                basis=basis, basis_max_dim=basis_max_dim, max_rank=max_rank, seed=int(seed) + 1,
+                basis=basis, basis_max_dim=basis_max_dim, max_rank=max_rank, seed=(seed + 1) % 2**64,
             )  # fmt: skip
         self._newton: dict[str, Any] = {
             "step": 0,
@@ -477,13 +485,23 @@ class Newton(torch.optim.Optimizer):
         if limit is not None:
             limit = _positive_number("max_relative_step", limit)  # before anything is loaded
         momentum = self.momentum
-        super().load_state_dict(sd)
-        for g in self.param_groups:  # a state dict from before the momentum was a group value
-            g.setdefault("momentum", momentum)
         ns = dict(ns)
         pcs = ns.pop("preconditioner", None)
-        if pcs is not None and self.preconditioner is not None:
-            self.preconditioner.load_state_dict(pcs)
+        pc = self.preconditioner if pcs is not None else None
+        # a refused state dict (the preconditioner's checks: another model, another basis) leaves the
+        # optimizer as it was: torch's load replaces the groups and the state, which are kept here
+        groups, state, pc_state = self.param_groups, self.state, None if pc is None else pc.state_dict()
+        try:
+            super().load_state_dict(sd)
+            for g in self.param_groups:  # a state dict from before the momentum was a group value
+                g.setdefault("momentum", momentum)
+            if pc is not None:
+                pc.load_state_dict(pcs)
+        except BaseException:
+            self.param_groups, self.state = groups, state
+            if pc is not None:
+                pc.load_state_dict(pc_state)
+            raise
         ns.setdefault("mode", "trust-region")
         ns.setdefault("momentum", None)
         ns.setdefault("previous", None)
@@ -673,24 +691,44 @@ class Newton(torch.optim.Optimizer):
             )
         inputs, targets = _tensor(inputs, "inputs"), _tensor(targets, "targets")
         self._check_batch(inputs, targets)
+        auto = self._newton["mode"] == "auto"
         mode = self._resolve_mode(inputs, targets)
         with linalg.one_thread_if(self.chain.small(inputs)):  # small work: more threads only wait
+            if (
+                mode == "trust-region"
+                and g is not None
+                and not self._closure_is_batch(inputs, targets, g, auto)
+            ):
+                mode = self._newton["mode"] = self.mode = "precondition"  # (auto, switching now)
             if mode == "precondition":
                 return self._step_precondition(inputs, targets, g, loss)
             return self._step_trust_region(inputs, targets)
 
+    def _closure_is_batch(self, inputs: Tensor, targets: Tensor, g: Tensor, auto: bool) -> bool:
+        """Whether a closure's gradient ``g`` is that of ``loss_fn(model(inputs), targets)``, which the trust
+        region models (its loss, gradient and curvature; a penalty or clipping inside the closure would be
+        ignored). If not: False in ``"auto"`` mode (it then preconditions, which uses the closure's
+        gradient), else an :class:`InvalidArgumentError`."""
+        _, g0 = self._loss_and_gradient(inputs, targets)
+        diff = float((g.double() - g0.double()).norm())
+        if diff <= math.sqrt(torch.finfo(g0.dtype).eps) * float(g0.double().norm()):
+            return True
+        if auto:
+            return False
+        raise InvalidArgumentError(
+            f"mode='trust-region' models loss_fn(model(inputs), targets) on the batch, but the closure's "
+            f"gradient differs from that one's (by {diff:.3g}: a penalty, clipping or another loss inside "
+            "the closure), which the trust region would ignore; use mode='precondition' (it takes the "
+            "closure's gradient), or put the penalty into loss_fn or weight_decay="
+        )
+
     def _check_batch(self, inputs: Tensor, targets: Tensor) -> None:
         """Named errors for a batch or model the steps cannot take. The model (:meth:`Chain.check_model`:
         dtype, device, Dropout/BatchNorm modes) every step, microseconds; the batch in full (shapes,
-        dtypes, non-finite values, the targets against the outputs) when its per-example shapes or dtypes
-        differ from the last batch checked -- between curvature refreshes nothing else would see a
-        target that broadcasts against the output."""
+        dtypes, non-finite values, the targets against the outputs) when it differs in kind from the last
+        batch checked (:meth:`Chain.check_batch_if_new`)."""
         self.chain.check_model()
-        key = (inputs.shape[1:], inputs.dtype, inputs.device)
-        key += (targets.shape[1:], targets.dtype, targets.device)
-        if key != self._newton.get("checked"):
-            self.chain.check_batch(inputs, targets)
-            self._newton["checked"] = key
+        self._newton["checked"] = self.chain.check_batch_if_new(inputs, targets, self._newton.get("checked"))
 
     def _resolve_mode(self, inputs: Tensor, targets: Tensor) -> str:
         """``"auto"`` resolves itself for good at the second step: ``"trust-region"`` when it gets the same
@@ -715,7 +753,7 @@ class Newton(torch.optim.Optimizer):
 
     def _run_closure(
         self, closure: Callable[[], Any], inputs: Tensor | None, targets: Tensor | None
-    ) -> tuple[Tensor, tuple[Tensor | None, Tensor | None], Tensor]:
+    ) -> tuple[Tensor | None, tuple[Tensor | None, Tensor | None], Tensor]:
         """Run a ``torch.optim`` closure, watching the model's input and the loss module's target."""
         seen: dict[str, list[Tensor]] = {"inputs": [], "targets": []}
         first = self.model if isinstance(self.model, nn.Module) else self.model[0]
@@ -749,7 +787,14 @@ class Newton(torch.optim.Optimizer):
                 "the closure must call backward() on the loss: some parameters have no .grad"
             )
         g = torch.cat([p.grad.reshape(-1) for p in self.chain.params]).detach()
-        loss_t = loss.detach() if isinstance(loss, Tensor) else torch.as_tensor(float(loss))
+        # (a closure may return None, as torch.optim allows: the batch loss is then computed)
+        loss_t = (
+            None
+            if loss is None
+            else loss.detach()
+            if isinstance(loss, Tensor)
+            else torch.as_tensor(float(loss))
+        )
         return loss_t, (inputs.detach(), targets.detach()), g
 
     @torch.no_grad()
@@ -987,6 +1032,39 @@ class Newton(torch.optim.Optimizer):
         return loss_data.detach()
 
 
+def _check_mode_settings(
+    mode: str,
+    curvature: str | None,
+    damping: Any,
+    diagonal_damping: Any,
+    track_inertia: bool,
+    backtracking: int,
+) -> None:
+    """A named error for settings the chosen mode would ignore (no silent no-op)."""
+    if mode == "precondition":
+        if track_inertia or backtracking:
+            raise InvalidArgumentError(
+                "track_inertia and backtracking are trust-region settings; mode='precondition' takes no "
+                "ratio test: drop them, or use mode='trust-region'"
+            )
+        number = isinstance(damping, (int, float)) and not isinstance(damping, bool)
+        if damping is not None and not (curvature == "hessian" and number):
+            raise InvalidArgumentError(
+                f"damping={damping!r} is a trust-region setting; in mode='precondition' the damping is "
+                "diagonal_damping= (Gauss-Newton; with curvature='hessian', damping= is a number)"
+            )
+        if curvature == "hessian" and diagonal_damping is not None:
+            raise InvalidArgumentError(
+                "diagonal_damping is the Gauss-Newton preconditioner's; with curvature='hessian' the "
+                "preconditioner's damping is damping= (a number)"
+            )
+    if mode == "trust-region" and diagonal_damping is not None:
+        raise InvalidArgumentError(
+            "diagonal_damping is a precondition-mode setting, not used by the trust region; drop it, or "
+            "use mode='precondition' (or 'auto' for mini-batches)"
+        )
+
+
 def _one_batch(seen: list[Tensor], what: str, name: str) -> Tensor | None:
     """The one batch a closure gave ``what`` (None if none); calls on different batches (a validation
     batch beside the training one) are ambiguous and refused."""
@@ -1000,8 +1078,6 @@ def _one_batch(seen: list[Tensor], what: str, name: str) -> Tensor | None:
 
 def _positive_number(name: str, value: Any) -> float:
     """``value`` as a float > 0, a numpy scalar (``np.float32(0.05)``) too; else a named error."""
-    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
-        value = value.item()
     return float(_positive(name, value))
 
 

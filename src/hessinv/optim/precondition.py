@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from hessinv import linalg
-from hessinv.chain import Chain, LossFn
+from hessinv.chain import Chain, LossFn, _tensor
 from hessinv.curvature import GaussNewton, Hessian, normalize_curvature
 from hessinv.errors import InvalidArgumentError, NonFiniteError, NotFittedError, ShapeMismatchError
 from hessinv.lowrank import WoodburyFactor
@@ -73,6 +73,7 @@ _GRAM_TOL = 1e-3
 
 
 def _positive(name: str, value: Any, integer: bool = False, allow_zero: bool = False) -> Any:
+    value = _plain(value)
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if (
         isinstance(value, bool)
@@ -84,6 +85,24 @@ def _positive(name: str, value: Any, integer: bool = False, allow_zero: bool = F
         kind = "an int" if integer else "a finite number"
         raise InvalidArgumentError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
     return value
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar (``np.float32(0.5)``, ``np.int64(4)``) as the Python number it holds; else ``value``."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
+def generator_from_seed(seed: Any) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (an int in ``[-2^63, 2^64)``, as ``torch.manual_seed`` takes
+    it; None: drawn from torch's global generator); a named error for anything else."""
+    seed = _plain(seed)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+        raise InvalidArgumentError(f"seed must be None or an int in [-2**63, 2**64), got {seed!r}")
+    return torch.Generator(device="cpu").manual_seed(seed)
 
 
 def _tie_broken(M: Tensor) -> Tensor:
@@ -453,9 +472,7 @@ class Preconditioner:
             if basis == "eigen" and self.curvature == "gauss_newton"
             else None
         )
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
-        self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        self.generator = generator_from_seed(seed)
         n = self.chain.num_params
         self.state: dict[str, Any] = {
             "t": 0,
@@ -712,9 +729,12 @@ class Preconditioner:
         ``torch.optim`` optimizer to apply; ``(inputs, targets)`` is the batch the gradient came from
         (its curvature batch is drawn from it). Returns the direction (flat)."""
         g = self.gradient()
+        inputs, targets = _tensor(inputs, "inputs"), _tensor(targets, "targets")
         if not bool(torch.isfinite(g).all()):  # before it enters (and poisons) the second moments
             self.chain.check_inputs(inputs, targets)
             raise NonFiniteError("the gradient contains NaN or infinity; the step was not taken")
+        # the batch before anything is updated: a refused call leaves the state as it was
+        self._checked = self.chain.check_batch_if_new(inputs, targets, self.__dict__.get("_checked"))
         with linalg.one_thread_if(self.chain.small(inputs)):  # small work: more threads only wait
             g = self.penalized(g)
             self.observe(g)

@@ -204,9 +204,8 @@ def solve_subproblem(
     if direction is not None and direction.shape == g.shape and bool(torch.isfinite(direction).all()):
         u_last = direction / direction.norm()
         rq = _dot(u_last, sweeps.matvec(u_last))  # >= lambda_min(H)
-        lam_psd = max(lam_psd, -rq)
-        if -rq > 0:  # H is indefinite: lambda* > -rq, skip the test at 0
-            lo = -rq
+        if -rq > 0 and -rq > sweeps.resolution():  # H is indefinite: lambda* > -rq, skip the test at 0
+            lam_psd = lo = -rq
             lam = max(damping_init, 1.05 * lo)
     if lam == 0.0 and start_at_guess and damping_init > 0:
         lam = damping_init
@@ -231,7 +230,8 @@ def solve_subproblem(
         if lam == 0.0 and pd0 is None:
             pd0 = F is not None
         if F is None:  # lam <= -lambda_min: raise the lower end
-            lam_psd = max(lam_psd, lam)
+            if lam > 0 and lam > sweeps.resolution():  # (below it: a singular H's rounding)
+                lam_psd = max(lam_psd, lam)
             lo = max(lo, lam)
             if math.isfinite(hi):
                 if interior is not None and (hi - lo <= 1e-12 * hi or it > max_iter):
@@ -268,10 +268,13 @@ def solve_subproblem(
         curv = -_dot(g, s)  # s^T (H + lam I) s
         if lam * (radius**2 - snorm**2) <= sigma / (1 - sigma) * (curv + lam * snorm**2):
             return result(s, F, False, False)
+        if lam <= sweeps.resolution():  # H + lam I is H to working precision (a singular H, g in its
+            return result(s, F, False, False)  # range): s is the Newton step; the null space adds nothing
         hi = min(hi, lam)
         u, uAu = _inverse_iteration(sweeps, F, inverse_iterations, u_last)
         u_last = u
-        lam_psd = max(lam_psd, lam - uAu)
+        if lam - uAu > sweeps.resolution():
+            lam_psd = max(lam_psd, lam - uAu)
         lo = max(lo, lam - uAu)
         interior = (F, s, u, uAu)
         tau = _boundary_taus(s, u, radius, lam, uAu)[0]
