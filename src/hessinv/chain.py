@@ -238,6 +238,7 @@ def _specs(
             )
         _detach_no_grad(graph)
         _plain_constants(graph)
+        _fold_parameter_metadata(graph, tracer.root)
         specs = _graph_specs(tracer.root, graph, type(m).__name__)
     except Exception as e:  # noqa: BLE001 - any tracing failure
         _restore_attributes(before)
@@ -414,6 +415,35 @@ def _plain_constants(g: fx.Graph) -> None:
 
     for n in g.nodes:
         n.args, n.kwargs = fx.node.map_aggregate(n.args, plain), fx.node.map_aggregate(n.kwargs, plain)
+
+
+#: a tensor's attributes that are metadata, not values (``x.to(self.l.weight.dtype)``)
+_METADATA = frozenset({"dtype", "device", "shape", "ndim", "is_cuda", "layout"})
+
+
+def _fold_parameter_metadata(g: fx.Graph, root: nn.Module) -> None:
+    """A parameter's metadata read in the traced code (``x.to(self.l.weight.dtype)``,
+    ``reshape(-1, self.o.weight.shape[1])``, ``w.size(0)``) as the constant it is: the read is no use of
+    the parameter's value, and as a node it would put the parameter into a second stage (a false "shared
+    parameter"). A later change of a parameter's dtype or device is refused (:meth:`Chain.check_model`)."""
+    for n in list(g.nodes):
+        src = n.args[0] if n.args else None
+        if not (isinstance(src, fx.Node) and src.op == "get_attr"):
+            continue
+        try:
+            t = root.get_parameter(src.target)
+        except AttributeError:
+            continue
+        if n.op == "call_function" and n.target is getattr and len(n.args) == 2 and n.args[1] in _METADATA:
+            value = getattr(t, n.args[1])
+        elif n.op == "call_method" and n.target in ("size", "dim") and not n.kwargs:
+            value = getattr(t, n.target)(*n.args[1:])
+        else:
+            continue
+        for u in list(n.users):
+            u.args = fx.node.map_arg(u.args, lambda a, n=n, value=value: value if a is n else a)
+            u.kwargs = fx.node.map_arg(u.kwargs, lambda a, n=n, value=value: value if a is n else a)
+        g.erase_node(n)
 
 
 def _detach_no_grad(g: fx.Graph) -> None:
@@ -631,6 +661,13 @@ def _check_modules(stage: Stage, mods) -> None:
         if isinstance(m, _DROPOUT) and m.training and m.p > 0:
             raise UnsupportedStageError(
                 f"{stage.name}: {kind} in training mode is random; call model.eval() first"
+            )
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.training and m.track_running_stats:
+            raise UnsupportedStageError(
+                f"{stage.name}: {kind}(track_running_stats=True) in training mode normalizes each example "
+                "by its own statistics and updates its running ones on every call (hessinv calls it many "
+                "times); model.eval() would switch it to the running statistics, another function: build "
+                "it with track_running_stats=False for the training-mode function"
             )
         if isinstance(m, nn.RReLU) and m.training:
             raise UnsupportedStageError(
@@ -1123,8 +1160,10 @@ class Chain:
                     raise NonFiniteError(f"{s.name}: parameters contain NaN or infinity")
             for m in s.modules:
                 for name, buf in m.named_buffers():
-                    if buf.is_floating_point() and not torch.isfinite(buf).all():
-                        raise NonFiniteError(f"{s.name}: buffer {name} contains NaN or infinity")
+                    # NaN only: an infinity is a value (an additive attention mask's -inf); where it
+                    # makes the loss infinite, the loss's own check names it
+                    if buf.is_floating_point() and bool(buf.isnan().any()):
+                        raise NonFiniteError(f"{s.name}: buffer {name} contains NaN")
 
     def check_batch(self, inputs: Tensor, targets: Tensor) -> list[Tensor]:
         """:meth:`check_inputs`, then the targets against the outputs (one forward pass, no derivatives):
@@ -1339,6 +1378,12 @@ class Chain:
         self.check_inputs(inputs, targets)
         targets = self.prepare_targets(targets)
         zs = self.forward(inputs)
+        for st, z in zip(self.stages, zs[1:], strict=True):
+            if z.dim() >= 1 and z.shape[0] and not z[0].numel() and st is not self.stages[-1]:
+                raise UnsupportedStageError(
+                    f"{st.name}: its output has no entries per example (a layer of width 0, shape "
+                    f"{tuple(z.shape)}): nothing before it reaches the loss; remove the zero-width layer"
+                )
         y = zs[-1]
         # Gauss-Newton of NLLLoss after a LogSoftmax: the loss is linear in the log-probabilities, so the
         # split there gives a zero matrix; split at the logits instead (cross-entropy on them, the same

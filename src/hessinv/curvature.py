@@ -1273,6 +1273,11 @@ class Factorization:
             doubt, op._count_doubt = op._count_doubt, False
         self._certified = not doubt and not self._inertia.zero  # (a zero: counted at the resolution)
 
+    def _pivots_exact(self) -> bool:
+        """Whether the pivots are those of ``H + eps I`` to its backward error: none perturbed, each
+        conditioned beyond ``sqrt(u)`` (:meth:`_well_pivoted`)."""
+        return not self.perturbed and self._well_pivoted()
+
     def _well_pivoted(self) -> bool:
         """Whether every pivot's :meth:`~hessinv.riccati.Pivot.conditioning` is at least ``sqrt(u)`` of the
         sweep's precision (the counts and the log-determinant are then those of ``H + eps I`` up to its
@@ -1340,9 +1345,11 @@ class Factorization:
             )
 
     def inverse_quadratic(self, v: Tensor) -> float:
-        """``v^T (H + eps I)^{-1} v`` for ``v`` of shape (n,), unrefined: for the Riccati factorization
+        """``v^T (H + eps I)^{-1} v`` for ``v`` of shape (n,): for the Riccati factorization
         ``sum_l k_l^T Qxx_l^{-1} k_l`` from the backward half of a solve alone (``H + eps I = U D U^T``
-        gives ``v^T (U D U^T)^{-1} v = k^T D^{-1} k`` with ``k = U^{-1} v``)."""
+        gives ``v^T (U D U^T)^{-1} v = k^T D^{-1} k`` with ``k = U^{-1} v``), unrefined -- where a pivot
+        was perturbed or is ill-conditioned beyond ``sqrt(u)`` (that sum then carries an error of up to
+        about ``u cond^2``: 46% at damping 1e-12 on a small tanh net), ``v^T x`` of a refined solve."""
         R, vector = self.op._as_matrix(v, "v")
         if not vector:
             raise ShapeMismatchError(f"v must have shape ({self.op.shape[0]},); got {tuple(v.shape)}")
@@ -1351,6 +1358,9 @@ class Factorization:
         if self._twin_only:
             assert self._f64 is not None
             return self._f64.inverse_quadratic(v.double())
+        if not self._pivots_exact():
+            R64 = R.double()
+            return float((R64 * self._solve64(R64, max_refine=5)[0]).sum())
         sop = self._sweep_op
         return float(riccati_quadratic(sop.blocks, self.factors, sop._split(R.to(sop.dtype)))[0])
 
@@ -1467,11 +1477,45 @@ class Factorization:
             assert self._f64 is not None
             return self._f64.inverse_sqrt(Z.double()).to(self.op.dtype)
         R, vec = self.op._as_matrix(Z, "Z")
+        if not self._pivots_exact():
+            L = self._dense_cholesky("inverse_sqrt")
+            if L is not None:  # S = L^{-T} for H + eps I = L L^T
+                X = torch.linalg.solve_triangular(L.mT, R.double(), upper=True).to(R.dtype)
+                return X[:, 0] if vec else X
         sw = self.op._swept()
         zs = sw._split(R)
         ks = [None if f is None else f.pivot.inverse_sqrt(z) for f, z in zip(self.factors, zs, strict=True)]
         X = torch.cat(riccati_forward(sw.blocks, self.factors, ks), dim=0)
         return X[:, 0] if vec else X
+
+    def _dense_cholesky(self, what: str) -> Tensor | None:
+        """The Cholesky factor ``L`` of the dense float64 ``H + eps I`` (``n <=`` :data:`DENSE_FALLBACK_N`),
+        for where the sweep's pivots were perturbed or are ill-conditioned beyond ``sqrt(u)`` (a square
+        root from them is then another matrix's: ``|A S S^T A - A| / |A|`` 1e3 at damping 1e-12 on a
+        small tanh net); larger systems warn (:class:`~hessinv.AccuracyWarning`) and get None.
+        :class:`SingularError` where the dense matrix has no Cholesky factor (positive definite only to
+        rounding)."""
+        if self.op.shape[0] > DENSE_FALLBACK_N:
+            warnings.warn(
+                f"{what} at damping {self._damping_text()}: a Riccati pivot was perturbed or is "
+                "ill-conditioned beyond sqrt(u) (the sweep does not pivot across stages), so the square "
+                f"root is that of a nearby matrix (n = {self.op.shape[0]} is above the dense fallback's "
+                f"{DENSE_FALLBACK_N}); choose a larger damping",
+                AccuracyWarning,
+                stacklevel=3,
+            )
+            return None
+        if getattr(self, "_dense_chol", None) is None:
+            L, info = torch.linalg.cholesky_ex(self._dense_matrix())
+            if int(info):
+                raise SingularError(
+                    f"{what} at damping {self._damping_text()}: H + eps I is positive definite only to "
+                    "rounding (a dense Cholesky of it fails): no Gaussian with this precision can be "
+                    "sampled accurately; choose a larger damping",
+                    damping=self.damping if isinstance(self.damping, float) else None,
+                )
+            self._dense_chol = L
+        return self._dense_chol
 
     def sample(self, k: int = 1, generator: torch.Generator | None = None) -> Tensor:
         """``k`` independent samples of ``N(0, (H + eps I)^{-1})``, the columns of an (n, k) tensor:

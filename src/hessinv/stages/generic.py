@@ -34,6 +34,7 @@ weight x input second derivative of an affine ``layer_norm`` is wrong, while pla
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable
 
@@ -175,6 +176,9 @@ def _backward_rows(out: Tensor, wrt: list[Tensor], n: int, seeds, batched: bool)
     return [torch.cat(ps) for ps in parts]
 
 
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+
 def _math_attention():
     """A context in which ``scaled_dot_product_attention`` uses its math (plain autograd) kernel."""
     try:
@@ -234,8 +238,17 @@ class GenericStage(Stage):
         # a copy: in-place modules (ReLU(inplace=True), x.mul_()) must not overwrite the caller's z.
         # Attention through the math kernel of scaled_dot_product_attention: the fused CPU/CUDA kernels
         # (flash, memory-efficient) have no double backward, the math one is plain autograd
-        with _math_attention():
-            out = self.module(z.clone())
+        # sparse=True embeddings: the same function with dense gradients (a sparse one cannot be
+        # reshaped into the per-example rows)
+        sparse = [m for m in self.module.modules() if isinstance(m, _EMBEDDINGS) and m.sparse]
+        try:
+            for m in sparse:
+                m.sparse = False
+            with _math_attention():
+                out = self.module(z.clone())
+        finally:
+            for m in sparse:
+                m.sparse = True
         if not isinstance(out, Tensor):
             hint = (
                 " (nn.RNN/LSTM/GRU return (output, state): wrap the module to return output or output[:, -1])"
@@ -294,6 +307,16 @@ class GenericStage(Stage):
         z = torch.zeros(z_in.shape[0], 0, dtype=dtype, device=z_in.device, requires_grad=True)
         return z, lambda _: self._call(z_in)
 
+    def _bad_output(self, out: Tensor) -> str:
+        """Why an output does not fit the next stage's input (the message of a refusal)."""
+        if not out.is_floating_point():
+            return (
+                f"{self.name} returns {out.dtype} values (one_hot, argmax, a comparison): they have no "
+                "derivative, and the stage after it takes them as data; compute them outside the model "
+                "and pass them as the inputs (e.g. F.one_hot(x, C).to(dtype))"
+            )
+        return f"{self.name}: output of shape {tuple(out.shape)} per batch"
+
     def _linearize(self, z_in: Tensor, b_out: Tensor, second_order: bool) -> DenseBlocks:
         B = z_in.shape[0]
         params = self.params
@@ -320,7 +343,7 @@ class GenericStage(Stage):
         with torch.enable_grad():
             out = call(z).reshape(B, -1)
             if out.shape != u.shape:
-                raise UnsupportedStageError(f"{self.name}: output of shape {tuple(out.shape)} per batch")
+                raise UnsupportedStageError(self._bad_output(out))
             first = _grads((out * u).sum(), [*params, z], create_graph=True)
             gx = torch.cat([g.reshape(-1) for g in first[:-1]]) if params else z.new_zeros(0)
             gz = first[-1].reshape(B, d_in)
@@ -342,12 +365,41 @@ class GenericStage(Stage):
                     break
                 try:  # vmapped backward: accepted only if the unbatched probe agrees
                     self._probe(blocks, gx, gz, u, z, params, second_order)
+                    self._check_first_order(blocks, gx, gz, u)
                     return blocks
                 except UnsupportedStageError:
                     blocks = None
             assert blocks is not None
             self._probe(blocks, gx, gz, u, z, params, second_order)
+            self._check_first_order(blocks, gx, gz, u)
         return blocks
+
+    def _check_first_order(self, blk: DenseBlocks, gx: Tensor, gz: Tensor, u: Tensor) -> None:
+        """The blocks' ``Jx^T u``, ``Jz^T u`` against autograd's first backward ``gx``, ``gz`` (which they
+        are differentiated from): a backward that is not itself differentiable (a custom
+        ``autograd.Function`` with ``@once_differentiable``: its rows come out as zeros) or whose double
+        backward disagrees with it (torch's ``prelu`` at an input of exactly 0) is refused -- the
+        gradient, Gauss-Newton matrix and Hessian would be another function's."""
+        s = u.detach()[..., None]
+        # what this catches is O(1) (rows of zeros, a slope a against 1); sqrt(u) leaves room for the
+        # rounding of derivatives that cancel (a LayerNorm over 2 features: see _probe's allowance)
+        tol = math.sqrt(torch.finfo(gz.dtype).eps)
+        pairs = [
+            (blk.jxT(s)[:, 0], gx.detach(), torch.einsum("nop,no->p", blk.Jx.abs(), s[..., 0].abs())),
+            (blk.jzT(s)[..., 0], gz.detach(), torch.bmm(blk.Jz.abs().transpose(1, 2), s.abs())[..., 0]),
+        ]
+        for got, ref, size in pairs:
+            if ref.numel() == 0:
+                continue
+            scale = max(float(size.max()), float(ref.abs().max()))
+            if float((got - ref).abs().max()) > tol * scale:
+                raise UnsupportedStageError(
+                    f"{self.name}: autograd's derivatives of its backward pass disagree with the backward "
+                    "pass itself (a custom autograd.Function whose backward is not differentiable, e.g. "
+                    "@once_differentiable, or an operation whose double backward differs from its backward, "
+                    "e.g. prelu at an input of exactly 0): its Jacobian and curvature cannot be taken; make "
+                    "the backward differentiable, or move the inputs off the kink (a nonzero initialization)"
+                )
 
     def _probe(self, blk: DenseBlocks, gx, gz, u, z, params, second_order: bool) -> None:
         """Check the per-example blocks against the whole-batch autograd products on a random probe,
@@ -474,7 +526,7 @@ class LazyBlocks(Blocks):
         self.d_in = self._z.reshape(self.batch, -1).shape[1]
         self.d_out = b_out.reshape(self.batch, -1).shape[1]
         if self._out.reshape(self.batch, -1).shape[1] != self.d_out:
-            raise UnsupportedStageError(f"{stage.name}: output of shape {tuple(self._out.shape)} per batch")
+            raise UnsupportedStageError(stage._bad_output(self._out))
         self._dense_blocks: DenseBlocks | None = None
         self._memo: tuple[Tensor, str, Tensor] | None = None  # (s, which, the product not yet returned)
 

@@ -1,0 +1,181 @@
+"""Unusual models and factorization uses against plain-autograd float64 references: what a probe found
+silently wrong or wrongly refused (2026-12-03). Each test failed before its fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import autograd_gauss_newton, autograd_gradient_hessian
+from torch import Tensor, nn
+
+import hessinv
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+class _CubeOnce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * 3 * x**2
+
+
+class _Cube(nn.Module):
+    def forward(self, x):
+        return _CubeOnce.apply(x)
+
+
+def test_a_backward_that_is_not_differentiable_is_refused():
+    """A custom autograd.Function with @once_differentiable: its Jacobian's rows came out as zeros
+    (gradient off by 100%, the first layer's exactly 0) with no error."""
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), _Cube(), nn.Linear(4, 3)).double()
+    X, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    for build in (hessinv.hessian, hessinv.gauss_newton):
+        with pytest.raises(hessinv.UnsupportedStageError, match="not differentiable"):
+            build(m, nn.CrossEntropyLoss(), X, y).to_dense()
+
+
+def test_prelu_at_its_kink_is_refused():
+    """torch's prelu at an input of exactly 0: its backward uses the slope a, its double backward 1 (the
+    gradient was 1.38 off, H 0.75); a zero-initialized Linear before it puts every input there."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 4), nn.PReLU(), nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        m[0].weight.zero_()
+        m[0].bias.zero_()
+    X, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(hessinv.UnsupportedStageError, match="prelu at an input of exactly 0"):
+        hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    with torch.no_grad():  # off the kink: exact
+        m[0].weight.normal_()
+    g, H = autograd_gradient_hessian(m, nn.CrossEntropyLoss(), X, y)
+    op = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    assert _rel(op.gradient, g) < 1e-12 and _rel(op.to_dense(), H) < 1e-12
+
+
+def test_an_infinite_mask_buffer_is_a_value():
+    """An additive causal mask registered as a buffer (-inf above the diagonal, as
+    nn.Transformer.generate_square_subsequent_mask makes it) was refused as non-finite."""
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.register_buffer(
+                "mask", nn.Transformer.generate_square_subsequent_mask(4, dtype=torch.float64)
+            )
+
+        def forward(self, x):  # (B, 4, 3)
+            a = torch.softmax(x @ x.transpose(1, 2) + self.mask, dim=-1)
+            return torch.tanh(self.lin(a @ x))
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 3), Masked(), nn.Flatten(), nn.Linear(12, 2)).double()
+    X, y = torch.randn(5, 4, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    g, H = autograd_gradient_hessian(m, nn.CrossEntropyLoss(), X, y)
+    op = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    assert _rel(op.gradient, g) < 1e-12 and _rel(op.to_dense(), H) < 1e-12
+    m[1].mask[0, 0] = float("nan")
+    with pytest.raises(hessinv.NonFiniteError, match="mask contains NaN"):
+        hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+
+
+def test_a_zero_width_layer_is_a_named_error():
+    m = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 0), nn.Flatten(), nn.Linear(0, 3)).double()
+    X, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    with pytest.raises(hessinv.UnsupportedStageError, match="width 0"):
+        hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+
+
+def test_a_sparse_embedding_is_the_dense_one():
+    """nn.Embedding(sparse=True) computes the same function: it was refused ("reshape is not implemented
+    for sparse tensors")."""
+    torch.manual_seed(0)
+    tok, y = torch.randint(0, 7, (4, 3)), torch.randint(0, 3, (4,))
+    sparse = nn.Sequential(
+        nn.Embedding(7, 4, sparse=True), nn.Flatten(), nn.Tanh(), nn.Linear(12, 3)
+    ).double()
+    dense = nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Tanh(), nn.Linear(12, 3)).double()
+    dense.load_state_dict(sparse.state_dict())
+    g, H = autograd_gradient_hessian(dense, nn.CrossEntropyLoss(), tok, y)
+    for build, ref in ((hessinv.hessian, H), (hessinv.gauss_newton, None)):
+        op = build(sparse, nn.CrossEntropyLoss(), tok, y)
+        assert _rel(op.gradient, g) < 1e-12
+        if ref is not None:
+            assert _rel(op.to_dense(), ref) < 1e-12
+    assert sparse[0].sparse  # (restored after each call)
+
+
+def test_integer_outputs_inside_the_model_say_what_to_do():
+    class OneHot(nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x, 7).double()
+
+    m = nn.Sequential(OneHot(), nn.Linear(7, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    tok, y = torch.randint(0, 7, (4,)), torch.randint(0, 3, (4,))
+    with pytest.raises(hessinv.UnsupportedStageError, match="pass them as the inputs"):
+        hessinv.hessian(m, nn.CrossEntropyLoss(), tok, y)
+
+
+def test_instance_norm_with_running_stats_in_training_mode_gets_the_right_advice():
+    """model.eval() (the generic advice) switches InstanceNorm to its running statistics: another
+    function (H 0.94 off)."""
+    m = nn.Sequential(
+        nn.Conv1d(2, 3, 3), nn.InstanceNorm1d(3, track_running_stats=True), nn.Flatten(), nn.Linear(12, 2)
+    )
+    m = m.double().train()
+    X, y = torch.randn(4, 2, 6, dtype=torch.float64), torch.randint(0, 2, (4,))
+    with pytest.raises(hessinv.UnsupportedStageError, match="track_running_stats=False"):
+        hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+
+
+def test_reading_a_parameters_metadata_is_no_use_of_it():
+    """x.to(self.l.weight.dtype), reshape(-1, self.o.weight.shape[1]), w.size(0) in a traced forward: the
+    read put the parameter into a second stage ("shared by stage 0 and stage 1")."""
+
+    class Meta(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.o = nn.Linear(5, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.l(x.to(self.l.weight.dtype)))
+            return self.o(h.reshape(-1, self.o.weight.shape[1]) * (self.l.weight.size(0) / 4))
+
+    torch.manual_seed(1)
+    m = Meta().double()
+    X, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    g, H = autograd_gradient_hessian(m, nn.CrossEntropyLoss(), X, y)
+    op = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    assert _rel(op.gradient, g) < 1e-12 and _rel(op.to_dense(), H) < 1e-12
+    assert len(hessinv.Chain(m, nn.CrossEntropyLoss()).stages) >= 2  # still split into stages
+
+
+@pytest.mark.parametrize("eps", [1e-9, 1e-12])
+def test_square_roots_and_quadratic_forms_at_small_damping(eps):
+    """Factorization.inverse_quadratic, inverse_sqrt and sample of a positive definite G + eps I at small
+    eps: from ill-conditioned pivots 46% off (inverse_quadratic) and |A S S^T A - A| / |A| = 1e3
+    (inverse_sqrt), with no warning."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    Gd = autograd_gauss_newton(m, nn.CrossEntropyLoss(), X, y)
+    A = 0.5 * (Gd + Gd.T) + eps * torch.eye(Gd.shape[0], dtype=torch.float64)
+    G = hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X, y)
+    F = G.factor(eps)
+    g = G.gradient
+    ref = float(g @ torch.linalg.solve(A, g))
+    assert abs(F.inverse_quadratic(g) - ref) <= 1e-6 * abs(ref)
+    S = F.inverse_sqrt(torch.eye(A.shape[0], dtype=torch.float64))
+    assert float(torch.linalg.matrix_norm(A @ S @ S.T @ A - A, 2) / torch.linalg.matrix_norm(A, 2)) < 1e-8
+    Z = F.sample(3, generator=torch.Generator().manual_seed(0))
+    assert Z.shape == (A.shape[0], 3) and bool(torch.isfinite(Z).all())
