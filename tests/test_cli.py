@@ -887,3 +887,42 @@ def test_bench_solve_help_and_bad_threads_name_the_command(capsys):
     one_line_error(
         capsys, rc, "hessinv bench solve: error: argument --threads: expected an integer >= 0, got '-1'"
     )
+
+
+# -- a probe's findings (2026-12-03) ----------------------------------------------------------------
+def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):
+    """--out "" (an unset variable) wrote summary.json, table.md and loss.png into the current directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "summary.json").write_text("precious")
+    rc, _, err = run(
+        capsys, "--data", "digits", "--optimizers", "adam", "--steps", "2", "--no-tune", "--out", ""
+    )
+    assert rc == 2 and "--out is empty" in err and (tmp_path / "summary.json").read_text() == "precious"
+
+
+def test_a_reused_out_loses_the_previous_jobs_logs(tmp_path, capsys):
+    out = tmp_path / "job"
+    common = ("--data", "digits", "--steps", "2", "--no-tune", "--quiet", "--depth", "2", "--out", str(out))
+    assert run(capsys, "--optimizers", "adam,sgd", *common)[0] == 0
+    assert (out / "sgd.jsonl").exists()
+    assert run(capsys, "--optimizers", "adam", *common)[0] == 0
+    assert not (out / "sgd.jsonl").exists() and (out / "adam.jsonl").exists()
+
+
+def test_a_diverged_run_reports_no_accuracy(tmp_path, capsys):
+    """A run whose loss is NaN reported the share of one class as its test accuracy ('25.0%')."""
+    out = tmp_path / "d"
+    rc, *_ = run(
+        capsys, "--data", "digits", "--optimizers", "sgd", "--lr", "sgd=1e30", "--activation", "relu",
+        "--steps", "20", "--no-tune", "--quiet", "--depth", "3", "--out", str(out),
+    )  # fmt: skip
+    row = (out / "table.md").read_text().strip().splitlines()[-1]
+    assert "diverged" in row and row.rstrip(" |").endswith("—"), row
+
+
+def test_every_optimizer_has_its_own_colour():
+    from hessinv.cli.choices import OPTIMIZERS
+    from hessinv.cli.plots import _colors
+
+    colors = _colors([*OPTIMIZERS, "mine", "yours"])
+    assert len(set(colors.values())) == len(colors)

@@ -353,3 +353,72 @@ def test_samples_and_test_fraction_not_silently_ignored(tmp_path):
     assert len(load_dataset(str(tmp_path / "p.npz"), n_samples=30).X_train) == 24  # all of them: fine
     ds = load_dataset("mnist1d", n_samples=5, task="regression")  # generated: at least 10, subsampled
     assert len(ds.X_train) + len(ds.X_test) == 5
+
+
+# -- a probe's findings (2026-12-03) ----------------------------------------------------------------
+def test_a_header_of_column_numbers_is_no_example(tmp_path):
+    """pandas writes a frame made from an array with the header 0,1,...,k: read as a row, its label made
+    a phantom class (4 classes of 121 rows instead of 3 of 120)."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(120, 5)), np.arange(120) % 3
+    for first in (0, 1):
+        p = tmp_path / f"h{first}.csv"
+        header = ",".join(str(i + first) for i in range(6))
+        p.write_text(
+            header
+            + "\n"
+            + "".join(",".join(f"{v:.6f}" for v in x) + f",{c}\n" for x, c in zip(X, y, strict=True))
+        )
+        ds = load_dataset(str(p))
+        assert ds.n_classes == 3 and len(ds.X_train) + len(ds.X_test) == 120
+
+
+@pytest.mark.parametrize("sep, suffix", [("\t", ".tsv"), (";", ".csv"), ("\t", ".txt")])
+def test_long_lines_of_other_delimiters(tmp_path, sep, suffix):
+    """50 features written with %.6f: csv's sniffer (on a 4096-character sample that cut a line) failed
+    and the reader fell back to commas ("need at least 2 columns")."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 50)), np.arange(40) % 2
+    p = tmp_path / f"wide{suffix}"
+    p.write_text("".join(sep.join(f"{v:.6f}" for v in x) + f"{sep}{c}\n" for x, c in zip(X, y, strict=True)))
+    ds = load_dataset(str(p))
+    assert ds.input_dim == 50 and ds.n_classes == 2
+
+
+def test_numpy_savetxt_with_its_header(tmp_path):
+    """np.savetxt's default output with a header ('# x0 x1 ... y', space-separated)."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(30, 40))  # (long lines: 41 cells of 25 characters)
+    p = tmp_path / "s.txt"
+    np.savetxt(p, np.column_stack([X, np.arange(30) % 3]), header=" ".join(f"x{i}" for i in range(40)) + " y")
+    ds = load_dataset(str(p))
+    assert ds.input_dim == 40 and ds.n_classes == 3 and len(ds.X_train) + len(ds.X_test) == 30
+
+
+@pytest.mark.parametrize("n", [37, 501])
+def test_mnist1d_takes_any_number_of_samples(n):
+    """It was refused unless a multiple of 10 (the generator makes n // 10 per class)."""
+    ds = load_dataset("mnist1d", seed=0, n_samples=n)
+    assert len(ds.X_train) + len(ds.X_test) == n
+
+
+def test_a_feature_in_small_units_is_standardized(tmp_path):
+    """A varying column of values 0 or 1e-13 (standard deviation 5e-14) was taken as constant (an
+    absolute 1e-12 threshold) and left unscaled."""
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 2
+    X = np.column_stack([y * 1e-13, rng.normal(size=60), np.full(60, 5.0)])
+    np.savez(tmp_path / "s.npz", X=X, y=y)
+    ds = load_dataset(str(tmp_path / "s.npz"))
+    sd = ds.X_train.std(0, unbiased=False)
+    assert abs(float(sd[0]) - 1.0) < 1e-6 and float(sd[2]) == 0.0  # (the constant column stays constant)
+
+
+def test_regression_targets_beyond_the_dtypes_range_are_named(tmp_path):
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(60, 3))
+    np.savez(tmp_path / "big.npz", X=X, y=X[:, 0] * 1e20)
+    ds = load_dataset(str(tmp_path / "big.npz"), task="regression")
+    ds.to(dtype=torch.float64)  # (fine in float64)
+    with pytest.raises(DataError, match="rescale the targets"):
+        ds.to(dtype=torch.float32)

@@ -76,7 +76,7 @@ DATA_FORMAT = """\
 data files (--data PATH):
   .npz  arrays X (or x, features, inputs, data): one example per row (N, d), higher-rank arrays are
         flattened per example; y (or labels, targets, target, label): N labels or (N, k) targets;
-        optionally X_test and y_test (then --test-fraction is not used).
+        optionally X_test and y_test (the file's own split: --test-fraction and --samples are refused).
   .csv  (also .tsv, .txt) one example per row, separated by commas, semicolons, tabs or spaces; the
         LAST column is the label or target; an optional header line is skipped.
   Labels that are class names (strings), or integer-valued numbers with at most 100 distinct
@@ -172,7 +172,10 @@ def positive_int(text: str) -> int:
 
 def output_directory(path: str | Path) -> Path:
     """``path`` as a directory that exists and can be written (created if needed; checked by creating
-    and removing a file in it); :class:`UserError` otherwise (a file, ``/proc``, a read-only mount)."""
+    and removing a file in it); :class:`UserError` otherwise (a file, ``/proc``, a read-only mount, an
+    empty path: what ``--out "$UNSET"`` gives, which would write into the current directory)."""
+    if not str(path).strip():
+        raise UserError("--out is empty (an unset variable?); give a directory, e.g. --out runs/job")
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ example per row, the last column being the label or target.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import random
 import zipfile
@@ -69,6 +70,13 @@ class Dataset:
             return t.to(device=device, dtype=dtype if floating and dtype is not None else t.dtype)
 
         reg = self.task == "regression"
+        if reg and dtype is not None and dtype.is_floating_point:
+            top = max((float(t.abs().max()) for t in (self.y_train, self.y_test) if t.numel()), default=0.0)
+            if 16 * top * top > torch.finfo(dtype).max:  # the squared error overflows at the first step
+                raise DataError(
+                    f"{self.name}: regression targets as large as {top:.3g} have a squared error beyond "
+                    f"{dtype}'s range; rescale the targets (e.g. divide by their standard deviation)"
+                )
         return Dataset(
             self.name,
             self.task,
@@ -119,8 +127,10 @@ def _mnist1d(seed: int, n_samples: int | None) -> tuple[np.ndarray, np.ndarray]:
             f"the mnist1d package is not importable ({e}): pip install 'hessinv[cli]' (or mnist1d)"
         ) from e
     args = get_dataset_args()
-    args.num_samples = int(n_samples or args.num_samples)
-    args.num_samples = max(args.num_samples, 10)
+    want = int(n_samples or args.num_samples)
+    # the generator makes num_samples // 10 per class (in shuffled order): a multiple of 10, then the
+    # first `want` of them
+    args.num_samples = max(10 * math.ceil(want / 10), 10)
     args.seed = int(seed)
     args.train_split = 1.0  # we split ourselves, like every other dataset
     np_state, py_state = np.random.get_state(), random.getstate()
@@ -129,7 +139,7 @@ def _mnist1d(seed: int, n_samples: int | None) -> tuple[np.ndarray, np.ndarray]:
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
-    return np.asarray(d["x"], dtype=np.float64), np.asarray(d["y"], dtype=np.int64)
+    return np.asarray(d["x"], dtype=np.float64)[:want], np.asarray(d["y"], dtype=np.int64)[:want]
 
 
 def regression_function(X: np.ndarray) -> np.ndarray:
@@ -188,6 +198,13 @@ def _is_header(head: list[str], labels: list[str]) -> bool:
     above names, or a name that no other row has (``1,2,label`` above class names)."""
     if not all(_is_number(c) for c in head[:-1]):
         return True
+    others = {c.strip() for c in labels}
+    index = [c.strip() for c in head]
+    if head[-1].strip() not in others and index in (
+        [str(i) for i in range(len(head))],
+        [str(i) for i in range(1, len(head) + 1)],
+    ):  # column numbers (pandas' header of a frame made from an array), whose label no row has
+        return True
     kinds = {_is_number(c) for c in labels}
     if len(kinds) != 1:  # no other rows, or numbers and names mixed (an error, reported later)
         return False
@@ -203,24 +220,41 @@ class _Spaces(csv.excel):
     skipinitialspace = True
 
 
+def _dialect(body: str, suffix: str) -> type[csv.Dialect] | csv.Dialect:
+    """The delimiter of the text ``body``: csv's sniffer on its first lines, else the one delimiter (tab for
+    a ``.tsv``, then ``,``, ``;``) that every one of those lines holds equally often, else runs of spaces
+    where every line splits into the same number (>1) of cells, else commas."""
+    head = [ln for ln in body.splitlines()[:50] if ln.strip()]
+    if suffix == ".tsv" and head and all(ln.count("\t") == head[0].count("\t") > 0 for ln in head):
+        return csv.excel_tab
+    try:
+        return csv.Sniffer().sniff("\n".join(head), delimiters=",;\t ")
+    except csv.Error:
+        pass
+    for d in ("\t", ",", ";"):
+        if head and all(ln.count(d) == head[0].count(d) > 0 for ln in head):
+            return csv.excel_tab if d == "\t" else type("_Delimited", (csv.excel,), {"delimiter": d})
+    # columns padded with runs of spaces (numpy.savetxt with a width) defeat the sniffer
+    spaced = head and "," not in body and len({len(ln.split()) for ln in head}) == 1
+    return _Spaces if spaced and len(head[0].split()) > 1 else csv.excel
+
+
 def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Features (floats) and labels (floats, or strings: class names) of a delimited text file;
     errors name the line of the file (1-based, the header included) and the column."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:  # (-sig: a byte-order mark is no cell)
-            sample = fh.read(4096)
-            fh.seek(0)
-            try:
-                dialect = csv.Sniffer().sniff(sample, delimiters=",;\t ")
-            except csv.Error:
-                # columns padded with runs of spaces (numpy.savetxt with a width) defeat the sniffer
-                lines = [ln for ln in sample.splitlines()[:-1] if ln.strip()]
-                spaced = lines and "," not in sample and len({len(ln.split()) for ln in lines}) == 1
-                dialect = _Spaces if spaced and len(lines[0].split()) > 1 else csv.excel
-            reader = csv.reader(fh, dialect)
-            rows = [(reader.line_num, r) for r in reader if r and any(c.strip() for c in r)]
+            text = fh.read()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path}: {e}") from None
+    lines = text.splitlines(keepends=True)
+    skipped = 0
+    while skipped < len(lines) and lines[skipped].lstrip().startswith("#"):  # numpy.savetxt's header
+        skipped += 1
+    body = "".join(lines[skipped:])
+    dialect = _dialect(body, path.suffix.lower())
+    reader = csv.reader(io.StringIO(body, newline=""), dialect)
+    rows = [(reader.line_num + skipped, r) for r in reader if r and any(c.strip() for c in r)]
     if not rows:
         raise DataError(f"{path} is empty")
     if dialect.delimiter == " ":  # columns aligned with runs of spaces: empty cells are separators
@@ -445,15 +479,16 @@ def load_dataset(
         numeric = yy.dtype.kind in "biuf"
         if unseen:
             shown = ", ".join(map(str, unseen[:5])) + (", ..." if len(unseen) > 5 else "")
-            many = numeric and len(np.unique(yy)) > len(yy) // 2  # mostly distinct numbers: targets?
+            # numbers with many distinct values (an age, a count): maybe targets
+            many = numeric and len(np.unique(yy)) > min(len(yy) // 2, 20)
             raise DataError(
                 f"{label}: the test labels have classes the training labels do not ({shown}), which a "
                 "classifier cannot learn; "
                 + (
                     "y_test must use the classes of y"
                     if own_test
-                    else "too few examples of them: use more examples (--samples), another --seed or a "
-                    "smaller test split"
+                    else "too few examples of them: another --seed or a smaller --test-fraction (or more "
+                    "examples)"
                 )
                 + ("; if the labels are numeric targets: --task regression" if many else "")
             )
@@ -483,7 +518,7 @@ def load_dataset(
         top = np.abs(X).max(0) if len(X) else np.ones(X.shape[1:])
         top = np.where(np.isfinite(top) & (top > 0), top, 1.0)
         mu, sd = (X / top).mean(0) * top, (X / top).std(0) * top
-        sd = np.where(sd > 1e-12, sd, 1.0)
+        sd = np.where(sd > 1e-12 * top, sd, 1.0)  # (constant up to rounding: relative to the column)
         X, Xt = (X - mu) / sd, (Xt - mu) / sd
     return Dataset(
         label,

@@ -26,7 +26,26 @@ COLORS = {
     "lbfgs": "#8c564b",
     "adam": "#1f77b4",
     "sgd": "#2ca02c",
+    "newton-tr": "#e377c2",
+    "soap": "#17becf",
+    "psgd": "#bcbd22",
+    "adahessian": "#7f7f7f",
+    "sophiah": "#393b79",
 }
+#: for names without a colour of their own (``NAME=`` variants), in order: none of COLORS'
+_SPARE = ("#8c6d31", "#843c39", "#637939", "#7b4173", "#3182bd", "#e6550d", "#31a354", "#756bb1")
+
+
+def _colors(names: list[str]) -> dict[str, str]:
+    """A distinct colour per run: its own from :data:`COLORS`, else the next spare one (then cycling)."""
+    out, spare = {}, 0
+    for name in names:
+        if name in COLORS:
+            out[name] = COLORS[name]
+        elif name not in out:
+            out[name] = _SPARE[spare % len(_SPARE)]
+            spare += 1
+    return out
 
 
 def _loss_axis(ax, lo: float, hi: float, positive: bool) -> None:
@@ -81,14 +100,15 @@ def plot_runs(
     positive = True
     handles: list = []
     reached_any = False
+    colors = _colors([r.name for r in results])
     for r in results:
         h = [e for e in r.history if "train_loss" in e]
         if not h:
             continue
-        color = COLORS.get(r.name)
+        color = colors[r.name]
         label = f"{r.name} (lr {r.lr:g})" + ("" if r.status == "ok" else f" [{r.status}]")
         if r.time_to_target is not None:
-            label += f", target at {r.time_to_target:.1f} s / step {r.steps_to_target}"
+            label += f", target at {r.time_to_target:.3g} s / step {r.steps_to_target}"
         steps = [e["step"] + 1 for e in h]
         times = [e["time"] for e in h]
         for key, ls in (("train_loss", "-"), ("test_loss", "--")):

@@ -86,7 +86,7 @@ class Reporter:
         of = f"/{steps}" if steps else ""
         info = f"step {rec['step']:>6}{of}  train {_fmt(rec.get('train_loss'))}"
         info += f"  test {_fmt(rec.get('test_loss'))}"
-        if "test_acc" in rec:
+        if math.isfinite(rec.get("test_acc", math.nan)):
             info += f"  acc {100 * rec['test_acc']:.1f}%"
         self.progress_bar.update(self.tasks[name], completed=done, info=info)
 

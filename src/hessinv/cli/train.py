@@ -20,7 +20,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 import hessinv
 from hessinv.cli.baselines import PEERS, FirstOrder, HessianFree, Peer, peer_available
 from hessinv.cli.choices import DEFAULT_LR, LR_GRID, OPTIMIZERS, UserError, output_directory
-from hessinv.cli.data import Dataset
+from hessinv.cli.data import DataError, Dataset
 from hessinv.cli.models import build_model
 
 __all__ = [
@@ -176,6 +176,18 @@ def make_optimizer(
 
 # -- evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
+def _remove_stale_logs(out: Path, names: Sequence[str]) -> None:
+    """Delete the per-optimizer logs that a previous job in ``out`` wrote (its ``summary.json`` lists
+    them) for optimizers this job does not run: they would sit beside a summary that does not know them."""
+    try:
+        previous = json.loads((out / "summary.json").read_text())["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for name in previous if isinstance(previous, dict) else ():
+        if name not in names and "/" not in str(name):
+            (out / f"{name}.jsonl").unlink(missing_ok=True)
+
+
 def evaluate(model: nn.Module, loss_fn: nn.Module, ds: Dataset, chunk: int = 8192) -> dict[str, float]:
     out: dict[str, float] = {}
     for split, X, y in (("train", ds.X_train, ds.y_train), ("test", ds.X_test, ds.y_test)):
@@ -187,8 +199,8 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, ds: Dataset, chunk: int = 819
             if ds.task == "classification":
                 correct += int((yp.argmax(1) == yb).sum())
         out[f"{split}_loss"] = tot / len(X)
-        if ds.task == "classification":
-            out[f"{split}_acc"] = correct / len(X)
+        if ds.task == "classification":  # (no accuracy of NaN outputs: argmax would pick a class)
+            out[f"{split}_acc"] = correct / len(X) if math.isfinite(tot) else math.nan
     return out
 
 
@@ -439,7 +451,8 @@ def time_to_target_table(
             f"{f['test_loss']:.4g}" if "test_loss" in f else "—",
         ]
         if task == "classification":
-            row.append(f"{100 * f['test_acc']:.1f}%" if "test_acc" in f else "—")
+            acc = f.get("test_acc", math.nan)
+            row.append(f"{100 * acc:.1f}%" if math.isfinite(acc) else "—")
         rows.append(row)
     return head, rows
 
@@ -493,7 +506,10 @@ def train(
             )
     dtype = {"float64": torch.float64, "float32": torch.float32}[cfg.dtype]
     device = torch.device(cfg.device)
-    ds = ds.to(dtype=dtype, device=device)
+    try:
+        ds = ds.to(dtype=dtype, device=device)
+    except DataError as e:  # (targets beyond the dtype's range)
+        raise UserError(str(e)) from None
     loss_fn = loss_for(ds)
     init_model = build_model(
         ds.input_dim,
@@ -508,6 +524,7 @@ def train(
         device,
     )
     out = output_directory(cfg.out)
+    _remove_stale_logs(out, cfg.optimizers)
 
     results: list[RunResult] = []
     interrupted = False
