@@ -200,7 +200,7 @@ def _is_header(head: list[str], labels: list[str]) -> bool:
         return True
     others = {c.strip() for c in labels}
     index = [c.strip() for c in head]
-    if head[-1].strip() not in others and index in (
+    if len(labels) >= 2 and head[-1].strip() not in others and index in (
         [str(i) for i in range(len(head))],
         [str(i) for i in range(1, len(head) + 1)],
     ):  # column numbers (pandas' header of a frame made from an array), whose label no row has
@@ -518,7 +518,8 @@ def load_dataset(
         top = np.abs(X).max(0) if len(X) else np.ones(X.shape[1:])
         top = np.where(np.isfinite(top) & (top > 0), top, 1.0)
         mu, sd = (X / top).mean(0) * top, (X / top).std(0) * top
-        sd = np.where(sd > 1e-12 * top, sd, 1.0)  # (constant up to rounding: relative to the column)
+        # constant up to the rounding of the mean and spread above (a few u of the column's size)
+        sd = np.where(sd > 64 * np.finfo(np.float64).eps * top, sd, 1.0)
         X, Xt = (X - mu) / sd, (Xt - mu) / sd
     return Dataset(
         label,
