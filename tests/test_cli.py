@@ -926,3 +926,29 @@ def test_every_optimizer_has_its_own_colour():
 
     colors = _colors([*OPTIMIZERS, "mine", "yours"])
     assert len(set(colors.values())) == len(colors)
+
+
+def test_stale_logs_of_a_foreign_summary_are_left_alone(tmp_path, capsys):
+    out = tmp_path / "job"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"runs": {"notes": {}, "sgd": {}}}))
+    (out / "notes.jsonl").write_text("mine")
+    (out / "sgd.jsonl").write_text("mine too")
+    common = ("--data", "digits", "--steps", "2", "--no-tune", "--quiet", "--depth", "2", "--out", str(out))
+    assert run(capsys, "--optimizers", "adam", *common)[0] == 0
+    assert (out / "notes.jsonl").read_text() == "mine" and (out / "sgd.jsonl").read_text() == "mine too"
+
+
+def test_evaluation_runs_without_autograd():
+    import torch
+
+    from hessinv.cli.data import load_dataset
+    from hessinv.cli.models import build_model
+    from hessinv.cli.train import evaluate
+
+    ds = load_dataset("digits", seed=0).to(dtype=torch.float32)
+    model = build_model(ds.input_dim, ds.output_dim, depth=2, width=8, dtype=torch.float32)
+    modes = []
+    model.register_forward_hook(lambda *_: modes.append(torch.is_grad_enabled()))
+    evaluate(model, torch.nn.CrossEntropyLoss(), ds)
+    assert modes and not any(modes)

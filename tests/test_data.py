@@ -422,3 +422,18 @@ def test_regression_targets_beyond_the_dtypes_range_are_named(tmp_path):
     ds.to(dtype=torch.float64)  # (fine in float64)
     with pytest.raises(DataError, match="rescale the targets"):
         ds.to(dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    "text, n",
+    [
+        ("0,1,2\n1,2,3\n2,3,4\n3,4,5\n4,5,6\n", 5),  # a counting series: integer data, no header
+        ("0,1,2\n5,3,0\n1,4,1\n2,2,0\n7,1,1\n", 5),  # the first row the only example of class 2
+        ("# f0 y\n-1, dog\n3, cat\n-8, emu\n", 3),  # a '#' header: the first data row stays
+    ],
+)
+def test_first_rows_that_are_data_stay(tmp_path, text, n):
+    p = tmp_path / "d.csv"
+    p.write_text(text)
+    X, y, _, _ = load_file(p)
+    assert len(y) == n

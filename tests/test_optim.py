@@ -1624,3 +1624,47 @@ def test_numpy_scalars_are_numbers():
     opt.step(X, y)
     assert opt.momentum == 0.5 and opt.preconditioner.refresh == 4
     ho.Newton(_small(), nn.CrossEntropyLoss(), seed=-1)  # torch.manual_seed's range
+
+
+@pytest.mark.parametrize("dtype, c", [(torch.float32, 1e-4), (F64, 1e-9)])
+def test_the_trust_region_leaves_a_saddle_of_tiny_negative_curvature(dtype, c):
+    """y = w2 w1 x + b at w = b = 0 (gradient 0, eigenvalues -c, c, 2): negative curvature below
+    sqrt(u)||H||. A review's repro of an earlier version of the rounding rule: the subproblem returned
+    s = 0 at the floor of the damping, and the optimizer stayed at the saddle."""
+    X = torch.tensor([[c], [0.0]], dtype=dtype)
+    y = torch.tensor([[1.0], [-1.0]], dtype=dtype)  # mean 0: b = 0 is stationary
+    net = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1)).to(dtype)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+    H = hessinv.hessian(net, nn.MSELoss(), X, y)
+    ev = torch.linalg.eigvalsh(H.to_dense().double())
+    assert float(ev[0]) < 0 and -float(ev[0]) < math.sqrt(torch.finfo(dtype).eps) * float(ev.abs().max())
+    opt = ho.Newton(net, nn.MSELoss(), mode="trust-region", seed=0)
+    opt.step(X, y)
+    assert float(_flat(net).abs().max()) > 0 and opt.last_stats.hard_case
+
+
+def test_a_refused_state_dict_keeps_the_hessian_preconditioners_factorization():
+    X, y = torch.randn(32, 6, dtype=F64), torch.randint(0, 3, (32,))
+    kw = dict(mode="precondition", curvature="hessian", damping=1.0, seed=0)
+    a, b = _small(), _small()
+    opt_a, opt_b = ho.Newton(a, nn.CrossEntropyLoss(), **kw), ho.Newton(b, nn.CrossEntropyLoss(), **kw)
+    for _ in range(2):
+        opt_a.step(X, y)
+        opt_b.step(X, y)
+    other = ho.Newton(
+        nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3)).double(), nn.CrossEntropyLoss(), **kw
+    )
+    other.step(X, y)
+    with pytest.raises(hessinv.InvalidArgumentError):
+        opt_a.load_state_dict(other.state_dict())
+    for _ in range(3):
+        opt_a.step(X, y)
+        opt_b.step(X, y)
+    assert torch.equal(_flat(a), _flat(b))
+
+
+def test_seeds_as_torch_takes_them():
+    for seed in (7.0, torch.tensor(7), np.int64(7)):
+        assert ho.Newton(_small(), nn.CrossEntropyLoss(), seed=seed)._generator.initial_seed() == 7

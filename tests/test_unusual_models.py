@@ -179,3 +179,52 @@ def test_square_roots_and_quadratic_forms_at_small_damping(eps):
     assert float(torch.linalg.matrix_norm(A @ S @ S.T @ A - A, 2) / torch.linalg.matrix_norm(A, 2)) < 1e-8
     Z = F.sample(3, generator=torch.Generator().manual_seed(0))
     assert Z.shape == (A.shape[0], 3) and bool(torch.isfinite(Z).all())
+
+
+def test_float32_cancelling_stages_are_not_taken_for_a_broken_backward():
+    """A GroupNorm of 2 per group in float32 with inputs x30: autograd's own backward is 5% off its
+    blocks (cancellation), which a first version of the first-order check refused."""
+
+    class Flat(nn.Module):
+        def forward(self, x):
+            return x.reshape(x.shape[0], -1)
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 4), nn.Unflatten(1, (4, 1)), nn.GroupNorm(2, 4), Flat(), nn.Linear(4, 3))
+    X, y = torch.randn(8, 5) * 30, torch.randint(0, 3, (8,))
+    import copy
+
+    ref = hessinv.gauss_newton(copy.deepcopy(m).double(), nn.CrossEntropyLoss(), X.double(), y)
+    v = torch.randn(ref.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    w = (hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X, y) @ v.float()).double()
+    r = ref @ v
+    assert float((w - r).norm() / r.norm()) < 1e-4
+
+
+def test_non_finite_running_statistics_are_named():
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    for buf in ("running_mean", "running_var"):
+        for value in (float("inf"), float("-inf")):
+            m2 = __import__("copy").deepcopy(m)
+            getattr(m2[1], buf)[0] = value
+            with pytest.raises(hessinv.NonFiniteError, match=f"buffer {buf}"):
+                hessinv.hessian(m2, nn.CrossEntropyLoss(), X, y)
+
+
+def test_more_metadata_reads_are_no_use():
+    class Meta(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.o = nn.Linear(5, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.l(x)) * (self.o.weight.size(dim=1) / 4) * (self.l.weight.numel() / 20)
+            return self.o(h)
+
+    torch.manual_seed(1)
+    m = Meta().double()
+    X, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    g, H = autograd_gradient_hessian(m, nn.CrossEntropyLoss(), X, y)
+    op = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    assert _rel(op.gradient, g) < 1e-12 and _rel(op.to_dense(), H) < 1e-12

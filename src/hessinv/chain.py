@@ -436,8 +436,8 @@ def _fold_parameter_metadata(g: fx.Graph, root: nn.Module) -> None:
             continue
         if n.op == "call_function" and n.target is getattr and len(n.args) == 2 and n.args[1] in _METADATA:
             value = getattr(t, n.args[1])
-        elif n.op == "call_method" and n.target in ("size", "dim") and not n.kwargs:
-            value = getattr(t, n.target)(*n.args[1:])
+        elif n.op == "call_method" and n.target in ("size", "dim", "numel") and set(n.kwargs) <= {"dim"}:
+            value = getattr(t, n.target)(*n.args[1:], **n.kwargs)
         else:
             continue
         for u in list(n.users):
@@ -1159,11 +1159,14 @@ class Chain:
                 if not torch.isfinite(t).all():
                     raise NonFiniteError(f"{s.name}: parameters contain NaN or infinity")
             for m in s.modules:
+                stats = isinstance(m, nn.modules.batchnorm._NormBase)  # running statistics: finite
                 for name, buf in m.named_buffers():
-                    # NaN only: an infinity is a value (an additive attention mask's -inf); where it
-                    # makes the loss infinite, the loss's own check names it
-                    if buf.is_floating_point() and bool(buf.isnan().any()):
-                        raise NonFiniteError(f"{s.name}: buffer {name} contains NaN")
+                    if not buf.is_floating_point():
+                        continue
+                    # NaN or +inf; -inf is a value elsewhere (an additive attention mask's)
+                    bad = ~torch.isfinite(buf) if stats else buf.isnan() | (buf == float("inf"))
+                    if bool(bad.any()):
+                        raise NonFiniteError(f"{s.name}: buffer {name} contains NaN or infinity")
 
     def check_batch(self, inputs: Tensor, targets: Tensor) -> list[Tensor]:
         """:meth:`check_inputs`, then the targets against the outputs (one forward pass, no derivatives):

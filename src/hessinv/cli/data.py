@@ -192,7 +192,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _is_header(head: list[str], labels: list[str]) -> bool:
+def _is_header(head: list[str], labels: list[str], decimals: bool = False) -> bool:
     """Whether ``head``, the first row, is a header line above rows whose last cells are ``labels``:
     a feature cell that is not a number, or a label unlike every other: a name above numbers, a number
     above names, or a name that no other row has (``1,2,label`` above class names)."""
@@ -200,11 +200,17 @@ def _is_header(head: list[str], labels: list[str]) -> bool:
         return True
     others = {c.strip() for c in labels}
     index = [c.strip() for c in head]
-    if len(labels) >= 2 and head[-1].strip() not in others and index in (
-        [str(i) for i in range(len(head))],
-        [str(i) for i in range(1, len(head) + 1)],
-    ):  # column numbers (pandas' header of a frame made from an array), whose label no row has
-        return True
+    if (
+        decimals
+        and len(labels) >= 2
+        and head[-1].strip() not in others
+        and index
+        in (
+            [str(i) for i in range(len(head))],
+            [str(i) for i in range(1, len(head) + 1)],
+        )
+    ):  # column numbers (pandas' header of a frame made from an array) above decimal features
+        return True  # (``decimals``), whose label no row has
     kinds = {_is_number(c) for c in labels}
     if len(kinds) != 1:  # no other rows, or numbers and names mixed (an error, reported later)
         return False
@@ -262,7 +268,9 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     elif all(r[-1].strip() == "" for _, r in rows):  # a delimiter at the end of every line
         rows = [(n, r[:-1]) for n, r in rows]
 
-    if _is_header(rows[0][1], [r[-1] for _, r in rows[1:]]):
+    # (a '#' line above was the header: numpy.savetxt's)
+    decimals = any("." in c for _, r in rows[1:] for c in r[:-1])
+    if not skipped and _is_header(rows[0][1], [r[-1] for _, r in rows[1:]], decimals):
         rows = rows[1:]
     if not rows:
         raise DataError(f"{path} has a header but no data rows")

@@ -175,19 +175,21 @@ def make_optimizer(
 
 
 # -- evaluation -----------------------------------------------------------------------------------
-@torch.no_grad()
 def _remove_stale_logs(out: Path, names: Sequence[str]) -> None:
-    """Delete the per-optimizer logs that a previous job in ``out`` wrote (its ``summary.json`` lists
-    them) for optimizers this job does not run: they would sit beside a summary that does not know them."""
+    """Delete the per-optimizer logs that a previous hessinv job in ``out`` wrote (its ``summary.json``
+    lists them) for optimizers this job does not run: they would sit beside a summary that does not know
+    them. Only a hessinv summary's (``hessinv_version``) logs of hessinv's optimizers are touched."""
     try:
-        previous = json.loads((out / "summary.json").read_text())["runs"]
+        summary = json.loads((out / "summary.json").read_text())
+        previous = summary["runs"] if "hessinv_version" in summary else {}
     except (OSError, ValueError, KeyError, TypeError):
         return
     for name in previous if isinstance(previous, dict) else ():
-        if name not in names and "/" not in str(name):
+        if name in OPTIMIZERS and name not in names:
             (out / f"{name}.jsonl").unlink(missing_ok=True)
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, loss_fn: nn.Module, ds: Dataset, chunk: int = 8192) -> dict[str, float]:
     out: dict[str, float] = {}
     for split, X, y in (("train", ds.X_train, ds.y_train), ("test", ds.X_test, ds.y_test)):

@@ -488,9 +488,9 @@ class Newton(torch.optim.Optimizer):
         ns = dict(ns)
         pcs = ns.pop("preconditioner", None)
         pc = self.preconditioner if pcs is not None else None
-        # a refused state dict (the preconditioner's checks: another model, another basis) leaves the
-        # optimizer as it was: torch's load replaces the groups and the state, which are kept here
-        groups, state, pc_state = self.param_groups, self.state, None if pc is None else pc.state_dict()
+        if pc is not None:  # another model's, another basis's: refused before anything is loaded
+            pc.check_state_dict(pcs)
+        groups, state = self.param_groups, self.state  # (torch's load replaces both)
         try:
             super().load_state_dict(sd)
             for g in self.param_groups:  # a state dict from before the momentum was a group value
@@ -499,8 +499,6 @@ class Newton(torch.optim.Optimizer):
                 pc.load_state_dict(pcs)
         except BaseException:
             self.param_groups, self.state = groups, state
-            if pc is not None:
-                pc.load_state_dict(pc_state)
             raise
         ns.setdefault("mode", "trust-region")
         ns.setdefault("momentum", None)

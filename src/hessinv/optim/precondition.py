@@ -98,6 +98,10 @@ def generator_from_seed(seed: Any) -> torch.Generator:
     """A CPU generator seeded with ``seed`` (an int in ``[-2^63, 2^64)``, as ``torch.manual_seed`` takes
     it; None: drawn from torch's global generator); a named error for anything else."""
     seed = _plain(seed)
+    if isinstance(seed, Tensor) and seed.numel() == 1 and not seed.is_floating_point():
+        seed = int(seed.item())  # (what torch.manual_seed takes too)
+    if isinstance(seed, float) and seed.is_integer():
+        seed = int(seed)
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
     if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
@@ -519,18 +523,7 @@ class Preconditioner:
         """Restore :meth:`state_dict`'s output; one of another model (other parameter count) or with
         another ``basis`` gets an :class:`InvalidArgumentError` (its moments would be misread)."""
         sd = dict(sd)
-        n = self.chain.num_params
-        v = sd.get("v")
-        if not isinstance(v, Tensor) or v.shape != (n,):
-            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-            raise InvalidArgumentError(
-                f"state dict is for a model of {got} parameters; this preconditioner's model has ({n},)"
-            )
-        if ("basis" in sd) != (self.basis is not None):
-            raise InvalidArgumentError(
-                f"state dict is for basis={'eigen' if 'basis' in sd else 'identity'!r}; this preconditioner "
-                f"has basis={'eigen' if self.basis is not None else 'identity'!r}"
-            )
+        self.check_state_dict(sd)
         self.generator.set_state(sd.pop("rng"))
         f = sd.pop("factor", None)
         b = sd.pop("basis", None)
@@ -551,6 +544,22 @@ class Preconditioner:
                 structured_only=bool(f.get("structured_only", False)),
             )
         )
+
+    def check_state_dict(self, sd: dict[str, Any]) -> None:
+        """The :class:`InvalidArgumentError` that :meth:`load_state_dict` gives ``sd`` (another model's,
+        another basis's), before anything is loaded; None if it fits."""
+        n = self.chain.num_params
+        v = sd.get("v")
+        if not isinstance(v, Tensor) or v.shape != (n,):
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise InvalidArgumentError(
+                f"state dict is for a model of {got} parameters; this preconditioner's model has ({n},)"
+            )
+        if ("basis" in sd) != (self.basis is not None):
+            raise InvalidArgumentError(
+                f"state dict is for basis={'eigen' if 'basis' in sd else 'identity'!r}; this preconditioner "
+                f"has basis={'eigen' if self.basis is not None else 'identity'!r}"
+            )
 
     # -- the pieces -------------------------------------------------------------------------------
     def observe(self, g: Tensor) -> Tensor:

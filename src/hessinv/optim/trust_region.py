@@ -268,8 +268,6 @@ def solve_subproblem(
         curv = -_dot(g, s)  # s^T (H + lam I) s
         if lam * (radius**2 - snorm**2) <= sigma / (1 - sigma) * (curv + lam * snorm**2):
             return result(s, F, False, False)
-        if lam <= sweeps.resolution():  # H + lam I is H to working precision (a singular H, g in its
-            return result(s, F, False, False)  # range): s is the Newton step; the null space adds nothing
         hi = min(hi, lam)
         u, uAu = _inverse_iteration(sweeps, F, inverse_iterations, u_last)
         u_last = u
@@ -277,6 +275,12 @@ def solve_subproblem(
             lam_psd = max(lam_psd, lam - uAu)
         lo = max(lo, lam - uAu)
         interior = (F, s, u, uAu)
+        if lam <= sweeps.resolution():  # lam can go no lower in working precision
+            if lam - uAu > 100 * sweeps.resolution() * math.sqrt(torch.finfo(g.dtype).eps):
+                return hard_step(F, s, u, uAu)  # negative curvature (-lambda_min ~ lam - uAu): along it
+            # H is positive semi-definite to rounding (a null space, g in its range): s is the Newton
+            # step, and a move along the null space would change nothing (it took 30 factorizations)
+            return result(s, F, False, False)
         tau = _boundary_taus(s, u, radius, lam, uAu)[0]
         if tau * tau * uAu <= sigma * (curv + lam * radius**2) or it >= max_iter or hi - lo <= 1e-12 * hi:
             return hard_step(F, s, u, uAu)
