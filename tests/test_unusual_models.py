@@ -228,3 +228,91 @@ def test_more_metadata_reads_are_no_use():
     g, H = autograd_gradient_hessian(m, nn.CrossEntropyLoss(), X, y)
     op = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
     assert _rel(op.gradient, g) < 1e-12 and _rel(op.to_dense(), H) < 1e-12
+
+
+# -- the solver and spectrum API at the edges (a probe's findings, 2026-12-03) ------------------------
+def _tanh_net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(3.0)
+    return m
+
+
+class _Scaled(nn.Module):
+    def __init__(self, c: float):
+        super().__init__()
+        self.c, self.ce = c, nn.CrossEntropyLoss()
+
+    def forward(self, out, y):
+        return self.c * self.ce(out, y)
+
+
+@pytest.mark.parametrize("c", [1e-40, 1e-200])
+def test_tiny_hessians_keep_their_spectrum(c):
+    """The loss times c: the spectrum is c times the c = 1 one. At c = 1e-40 every eigenvalue was counted
+    as zero (an absolute floor of 1e-30 in the counts' resolution); at 1e-200 the norm estimate
+    underflowed to 0 and min_eigenvalue returned 0."""
+    import hessinv.spectrum as sp
+
+    X, y = (
+        torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
+        torch.arange(8) % 3,
+    )
+    H1 = hessinv.hessian(_tanh_net(), nn.CrossEntropyLoss(), X, y)
+    Hc = hessinv.hessian(_tanh_net(), _Scaled(c), X, y)
+    ev = torch.linalg.eigvalsh(H1.to_dense())
+    neg = int((ev < -1e-6 * float(ev.abs().max())).sum())
+    assert neg > 0 and sp.num_negative_eigenvalues(Hc) == neg
+    assert abs(Hc.min_eigenvalue() / c - float(ev[0])) < 1e-6 * float(ev.abs().max())
+
+
+def test_norm_estimate_checks_iters_and_caches_honestly():
+    X, y = torch.randn(8, 4, dtype=torch.float64), torch.arange(8) % 3
+    H = hessinv.hessian(_tanh_net(), nn.CrossEntropyLoss(), X, y)
+    for bad in (0, -1, 2.5, float("nan"), "3", True):
+        with pytest.raises(hessinv.InvalidArgumentError, match="iters"):
+            H.norm_estimate(bad)
+    one = H.norm_estimate(1)
+    full = H.norm_estimate(30)  # (not the cached 1-iteration value)
+    ref = float(torch.linalg.matrix_norm(H.to_dense(), 2))
+    assert abs(full - ref) < 1e-2 * ref and one <= full * (1 + 1e-12)
+    assert abs(H.min_eigenvalue() - float(torch.linalg.eigvalsh(H.to_dense())[0])) < 1e-6 * ref
+
+
+@pytest.mark.parametrize("sigma", [1e10, 1e20, -1e15, -1e20])
+def test_eigenpairs_nearest_a_far_sigma_are_the_ends(sigma):
+    """sigma far outside the spectrum: the interval sigma -+ r cancelled in rounding (wrong values at
+    1e20, uncertified at 1e10)."""
+    X, y = (
+        torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
+        torch.arange(8) % 3,
+    )
+    H = hessinv.hessian(_tanh_net(), nn.CrossEntropyLoss(), X, y)
+    ev = torch.linalg.eigvalsh(H.to_dense())
+    want = ev[-2:] if sigma > 0 else ev[:2]
+    e = H.eigenpairs(2, "nearest", sigma=sigma)
+    assert e.certified and torch.allclose(e.values, want, atol=1e-9 * float(ev.abs().max()))
+
+
+def test_small_solver_contracts():
+    """modify= on the Woodbury path was ignored (an indefinite G + D returned for modify='abs'); a complex
+    vector lost its imaginary part in as_linear_operator; float32 counts at a shift beyond float32's range
+    blamed a NaN pivot."""
+    import numpy as np
+
+    import hessinv.spectrum as sp
+
+    X, y = torch.randn(8, 4, dtype=torch.float64), torch.arange(8) % 3
+    G = hessinv.gauss_newton(_tanh_net(), nn.CrossEntropyLoss(), X, y)
+    with pytest.raises(hessinv.InvalidArgumentError, match="modify"):
+        G.factor(torch.full((G.shape[0],), -0.1, dtype=torch.float64), modify="abs")
+    A = G.to_dense().numpy()
+    v = np.random.default_rng(0).normal(size=G.shape[0]) + 1j * np.random.default_rng(1).normal(
+        size=G.shape[0]
+    )
+    assert np.abs(G.as_linear_operator() @ v - A @ v).max() < 1e-12 * np.abs(A).max() * np.abs(v).max()
+    H32 = hessinv.hessian(_tanh_net().float(), nn.CrossEntropyLoss(), X.float(), y)
+    with pytest.raises(hessinv.InvalidArgumentError, match="too large"):
+        sp.eigenvalue_counts(H32, [1e39])

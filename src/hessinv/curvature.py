@@ -227,6 +227,7 @@ class CurvatureOperator:
         self._names = [s.name for s in self.chain.stages] + ["loss stage"]
         self._twin: CurvatureOperator | None = None
         self._norm: float | None = None
+        self._norm_iters = 0  # (the power iterations the cached estimate took)
         self._dense_h: Tensor | None = None  # the dense float64 matrix, for counts (formed when needed)
         self._count_doubt = False  # a count since the last reset kept an ill-conditioned sweep's result
 
@@ -355,6 +356,9 @@ class CurvatureOperator:
         from scipy.sparse.linalg import LinearOperator
 
         def mm(X: np.ndarray) -> np.ndarray:
+            X = np.asarray(X)
+            if np.iscomplexobj(X):  # H is real: its product with a + ib is H a + i H b
+                return mm(X.real) + 1j * mm(X.imag)
             T = torch.as_tensor(np.asarray(X, dtype=np.float64)).to(self.dtype).to(self.device)
             return (self @ T.reshape(self.shape[0], -1)).double().cpu().numpy()
 
@@ -454,23 +458,29 @@ class CurvatureOperator:
         return self.factor_if_positive_definite(_check_shift(shift, self.dtype)) is not None
 
     def norm_estimate(self, iters: int = 30) -> float:
-        """An estimate of ``||H||_2`` by power iteration (a lower bound, usually within 1%)."""
-        if self._norm is None:
+        """An estimate of ``||H||_2`` by power iteration (a lower bound, usually within 1%); cached, and
+        recomputed only for more ``iters`` than the cached one had. The norms are taken scaled by the
+        vector's largest entry: a Hessian of scale 1e-200 has squared entries below float64's range
+        (its estimate was 0, and ``min_eigenvalue`` then returned 0)."""
+        if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 1:
+            raise InvalidArgumentError(f"iters must be an integer >= 1, got {iters!r}")
+        if self._norm is None or self._norm_iters < iters:
             g = torch.Generator(device="cpu").manual_seed(0)
             v = torch.randn(self.shape[0], 1, generator=g, dtype=torch.float64).to(self.dtype).to(self.device)
             est = 0.0
-            for _ in range(iters):
+            for _ in range(int(iters)):
                 # norms in float64: a float32 w of entries ~1e20 (a finite product) has a sum of
                 # squares beyond float32's range, and the estimate collapsed to 0
-                v = (v.double() / v.double().norm()).to(self.dtype)
+                v64 = v.double()
+                v = (v64 / _scaled_norm(v64)).to(self.dtype)
                 w = self._apply(v)
-                est = float(w.double().norm())
+                est = _scaled_norm(w.double())
                 if est == 0.0 or not math.isfinite(est):
                     break
                 v = w
             if not math.isfinite(est):
                 self._overflow()
-            self._norm = est
+            self._norm, self._norm_iters = est, int(iters)
         return self._norm
 
     def zero_tolerance(self) -> float:
@@ -478,7 +488,9 @@ class CurvatureOperator:
         sweep's eigenvalue counts next to a cluster of eigenvalues, and :meth:`inertia`'s default
         ``tol``; eigenvalues within it of a shift are equal to it up to rounding (e.g. the null space
         of a Gauss-Newton matrix at 0)."""
-        return math.sqrt(torch.finfo(self.dtype).eps) * max(self.norm_estimate(), 1e-30)
+        return math.sqrt(torch.finfo(self.dtype).eps) * max(
+            self.norm_estimate(), torch.finfo(self.dtype).tiny
+        )
 
     def inertia(self, shift: float = 0.0, tol: float | None = None) -> Inertia:
         """Counts of eigenvalues of ``H + shift I`` below ``-tol``, within ``[-tol, tol]``, above ``tol``.
@@ -550,8 +562,9 @@ class CurvatureOperator:
         sweep, exact count). A shift on an eigenvalue to working precision (a pivot exactly singular, e.g.
         ``x = 0`` for a Gauss-Newton matrix with a null space) is moved down by ``n u max(||H||, |x|)``, or
         by the counts' resolution where that is not enough (:meth:`_counts`):
-        the eigenvalues that equal ``x`` up to rounding count as ``>= x``."""
-        return self._counts(-x, 1.0).negative
+        the eigenvalues that equal ``x`` up to rounding count as ``>= x``. A named error for an ``x`` beyond
+        the dtype's shift limit (:func:`_check_shift`), as :meth:`inertia` gives."""
+        return self._counts(-_check_shift(x, self.dtype, "x"), 1.0).negative
 
     def _counts(self, s: float, nudge: float = 0.0) -> Inertia:
         """The inertia of ``H + s I`` by one Riccati sweep. Where a pivot is exactly singular there (``-s``
@@ -810,7 +823,8 @@ class CurvatureOperator:
                 f"stay below {limit:.2g}); use a float64 model or rescale the loss"
             )
         step = max(beta, 1e-3 * (hi_r - lo_r), 1e-8 * scale)
-        if which == "nearest":
+        ends = which  # which end of the spectrum the pairs come from ("nearest": neither, unless sigma
+        if which == "nearest":  # is beyond a definite shift: then the k smallest or largest are its nearest)
             assert sigma is not None
             F = None
             if not lo_r - step <= sigma <= hi_r + step:
@@ -822,6 +836,8 @@ class CurvatureOperator:
                 F, s, sweeps = self._definite_shift(below, lo_r - step if below else hi_r + step, step)
                 if (sigma > s) if below else (sigma < s):  # sigma is not beyond it after all
                     F = None
+                else:  # (their interval from the definite shift: sigma +- r would cancel at |sigma| >> ||H||)
+                    ends = "smallest" if below else "largest"
             if F is None:
                 F, s, sweeps = self._nonsingular_shift(sigma, 1e-6 * scale)
         elif which == "smallest":
@@ -834,18 +850,19 @@ class CurvatureOperator:
         for attempt in range(3):
             # a rerun (the count found more eigenvalues in the interval than Ritz pairs: a cluster,
             # where Lanczos converges slowly) is dense up to n = 4096
-            vals, vecs, res, ns = self._shift_invert(F, s, min(kk, n), tol, attempt > 0, sigma)
+            target = sigma if ends == "nearest" else None  # (an end: nearest the definite shift s)
+            vals, vecs, res, ns = self._shift_invert(F, s, min(kk, n), tol, attempt > 0, target)
             solves += ns
             # the inertia counts are exact for a matrix within the sweep's backward error of H: an
             # eigenvalue that close to an end of the interval may be counted on either side, so the
             # interval is widened by at least sqrt(u) ||H||
             pad = max(delta + float(res.max()), math.sqrt(torch.finfo(self.dtype).eps) * scale)
-            if which == "smallest":
+            if ends == "smallest":
                 vals, vecs, res = vals[:k], vecs[:, :k], res[:k]
                 lo, hi = s, float(vals[-1]) + pad
                 count = self._count_below(hi)
                 sweeps += 1
-            elif which == "largest":
+            elif ends == "largest":
                 vals, vecs, res = vals[-k:], vecs[:, -k:], res[-k:]
                 lo, hi = float(vals[0]) - pad, s
                 count = n - self._count_below(lo)
@@ -943,7 +960,7 @@ class CurvatureOperator:
 
     def _min_eigenvalue_bisection(self, tol: float) -> float:
         """``lambda_min(H)`` by bisection on the positive-definiteness test (one sweep per step)."""
-        scale = max(self.norm_estimate(), 1e-30)
+        scale = max(self.norm_estimate(), torch.finfo(self.dtype).tiny)
         hi = 1.1 * scale
         while not self.is_positive_definite(hi):
             hi *= 2
@@ -1146,6 +1163,11 @@ class GaussNewton(CurvatureOperator):
                 raise InvalidArgumentError("a per-parameter damping needs method='woodbury' (or 'auto')")
             if precision != "working":
                 raise InvalidArgumentError("precision='mixed' is for the Riccati sweep (a scalar damping)")
+            if modify is not None:
+                raise InvalidArgumentError(
+                    f"modify={modify!r} is for the Riccati sweep (a scalar damping, method='riccati'); the "
+                    "Woodbury factorization takes G + D as it is"
+                )
             return WoodburyFactorization(self, damping)
         return _factorization(self, damping, modify, precision)
 
@@ -1772,6 +1794,15 @@ class MixedFactorization(Factorization):
 
     def inverse_sqrt(self, Z: Tensor) -> Tensor:
         return super().inverse_sqrt(Z) if self._low is None else self._float64().inverse_sqrt(Z)
+
+
+def _scaled_norm(x: Tensor) -> float:
+    """``||x||_2`` computed as ``m ||x / m||`` with ``m = max|x|``: no underflow of the squares (entries of
+    1e-200) nor overflow (1e200)."""
+    m = float(x.abs().max()) if x.numel() else 0.0
+    if m == 0.0 or not math.isfinite(m):
+        return m
+    return m * float((x / m).norm())
 
 
 def _pow2_scale(R: Tensor) -> Tensor:

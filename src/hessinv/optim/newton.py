@@ -125,7 +125,9 @@ class StepStats:
             passed the Cholesky test at 0, else None.
         negative_curvature: that matrix has a negative eigenvalue (True: proved by a failed Cholesky
             test at some ``lambda > 0`` -- the trust region's and Levenberg-Marquardt's -- or a Rayleigh
-            quotient; False: it is positive definite; None: unknown).
+            quotient, beyond the rounding ``sqrt(u) ||H||`` in the trust region: a positive
+            semi-definite ``H``'s null space fails the tests at rounding level; False: it is positive
+            definite; None: unknown).
         lr: the ``lr`` of the parameter group (the step taken is ``lr * s``).
         batch_size, curvature_batch_size: examples in the gradient and in the curvature batch.
         factorizations, solves: Riccati sweeps spent on this step.
