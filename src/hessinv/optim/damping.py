@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from hessinv.curvature import CurvatureOperator, Factorization
@@ -58,11 +59,13 @@ class Sweeps:
         self.time_factor = self.time_solve = 0.0
 
     def resolution(self) -> float:
-        """``sqrt(u) ||H||`` (:meth:`CurvatureOperator.zero_tolerance`, one power iteration per operator):
+        """``sqrt(u) ||H||`` (``||H||`` from three power iterations, once per operator):
         a failed Cholesky test at a damping below it, or a Rayleigh quotient within it of zero, is rounding
         (a positive semi-definite ``H`` with a null space, e.g. the softmax's shift) and proves no negative
         curvature."""
-        return self.op.zero_tolerance()
+        return math.sqrt(torch.finfo(self.op.dtype).eps) * max(
+            self.op.norm_estimate(iters=3), torch.finfo(self.op.dtype).tiny
+        )  # (3 power iterations: a threshold, not a value)
 
     def cholesky(self, damping: float) -> Factorization | None:
         """The factorization of ``H + damping I`` if it is positive definite, else None."""
@@ -131,8 +134,10 @@ class Proposal:
         radius: the trust-region radius the step was computed for (None for other rules).
         boundary: ``||s|| = radius`` (trust region only).
         hard_case: the Moré–Sorensen hard case occurred (trust region only).
-        lambda_lower: a proved lower bound on ``-lambda_min(H)`` (``-inf`` if nothing was proved).
-            Positive means ``H`` has a negative eigenvalue.
+        lambda_lower: a lower bound on ``-lambda_min(H)`` from failed Cholesky tests (``-inf`` if none);
+            the trust region's includes Rayleigh quotients.
+        lambda_proved: the part of ``lambda_lower`` that proves negative curvature, above rounding
+            (None: the rule does not tell the two apart, ``lambda_lower`` itself).
         positive_definite_at_zero: whether ``H`` itself passed the Cholesky test (None: not tested).
         direction: an estimate of the eigenvector of ``lambda_min(H)`` (trust region only; None if none).
         fallback: a shorter step to try if ``step`` is rejected (the trust region's hard case).
@@ -151,6 +156,7 @@ class Proposal:
     direction: Tensor | None = None
     fallback: Tensor | None = None
     secular_slope: float | None = None
+    lambda_proved: float | None = None
 
 
 class DampingRule(abc.ABC):

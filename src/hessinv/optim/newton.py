@@ -1006,7 +1006,8 @@ class Newton(torch.optim.Optimizer):
         t_deriv += time.perf_counter() - t
 
         # 4. statistics
-        if proposal.lambda_lower > 0 or (inertia0 is not None and inertia0.negative > 0):
+        proved = proposal.lambda_lower if proposal.lambda_proved is None else proposal.lambda_proved
+        if proved > 0 or (inertia0 is not None and inertia0.negative > 0):
             negative_curvature: bool | None = True
         elif proposal.positive_definite_at_zero or (inertia0 is not None and inertia0.negative == 0):
             negative_curvature = False

@@ -94,7 +94,10 @@ class SubproblemSolution:
         boundary: ``||s|| = radius``.
         hard_case: ``s`` includes a multiple of the (approximate) eigenvector of ``lambda_min``.
         iterations: factorizations spent.
-        lambda_lower: proved lower bound on ``-lambda_min(H)`` (``-inf``: nothing proved).
+        lambda_lower: lower bound on ``-lambda_min(H)`` from the failed tests and Rayleigh quotients
+            (``-inf``: none), which steers the next subproblem's start.
+        lambda_proved: ``lambda_lower`` where it stands above the rounding ``sqrt(u) ||H||``
+            (:meth:`Sweeps.resolution`), else ``-inf``: a proof of negative curvature.
         positive_definite_at_zero: whether ``H`` itself passed the Cholesky test (None: not tried).
         direction: the latest estimate of the eigenvector of ``lambda_min(H)`` (None if none was
             made); pass it as ``direction`` to the next solve.
@@ -115,6 +118,7 @@ class SubproblemSolution:
     direction: Tensor | None = None
     alternative: Tensor | None = None
     fallback: Tensor | None = None
+    lambda_proved: float = -math.inf
 
 
 def _dot(a: Tensor, b: Tensor) -> float:
@@ -204,8 +208,9 @@ def solve_subproblem(
     if direction is not None and direction.shape == g.shape and bool(torch.isfinite(direction).all()):
         u_last = direction / direction.norm()
         rq = _dot(u_last, sweeps.matvec(u_last))  # >= lambda_min(H)
-        if -rq > 0 and -rq > sweeps.resolution():  # H is indefinite: lambda* > -rq, skip the test at 0
-            lam_psd = lo = -rq
+        lam_psd = max(lam_psd, -rq)
+        if -rq > 0:  # H is indefinite: lambda* > -rq, skip the test at 0
+            lo = -rq
             lam = max(damping_init, 1.05 * lo)
     if lam == 0.0 and start_at_guess and damping_init > 0:
         lam = damping_init
@@ -213,7 +218,11 @@ def solve_subproblem(
 
     def result(step: Tensor, F: Factorization, boundary: bool, hard: bool) -> SubproblemSolution:
         # lambda is the rule's: F factors H + (lambda + shift) I, the shift a weight decay's (Sweeps)
-        return SubproblemSolution(step, F.damping - sweeps.shift, F, boundary, hard, it, lam_psd, pd0, u_last)
+        sol = SubproblemSolution(step, F.damping - sweeps.shift, F, boundary, hard, it, lam_psd, pd0, u_last)
+        # what it proves: a positive semi-definite H's null space fails the Cholesky test, and gives
+        # Rayleigh quotients below 0, at rounding level -- no negative curvature
+        sol.lambda_proved = lam_psd if lam_psd > sweeps.resolution() else -math.inf
+        return sol
 
     def hard_step(F: Factorization, s: Tensor, u: Tensor, uAu: float) -> SubproblemSolution:
         tau, tau_other = _boundary_taus(s, u, radius, F.damping, uAu)
@@ -230,8 +239,7 @@ def solve_subproblem(
         if lam == 0.0 and pd0 is None:
             pd0 = F is not None
         if F is None:  # lam <= -lambda_min: raise the lower end
-            if lam > 0 and lam > sweeps.resolution():  # (below it: a singular H's rounding)
-                lam_psd = max(lam_psd, lam)
+            lam_psd = max(lam_psd, lam)
             lo = max(lo, lam)
             if math.isfinite(hi):
                 if interior is not None and (hi - lo <= 1e-12 * hi or it > max_iter):
@@ -271,16 +279,9 @@ def solve_subproblem(
         hi = min(hi, lam)
         u, uAu = _inverse_iteration(sweeps, F, inverse_iterations, u_last)
         u_last = u
-        if lam - uAu > sweeps.resolution():
-            lam_psd = max(lam_psd, lam - uAu)
+        lam_psd = max(lam_psd, lam - uAu)
         lo = max(lo, lam - uAu)
         interior = (F, s, u, uAu)
-        if lam <= sweeps.resolution():  # lam can go no lower in working precision
-            if lam - uAu > 100 * sweeps.resolution() * math.sqrt(torch.finfo(g.dtype).eps):
-                return hard_step(F, s, u, uAu)  # negative curvature (-lambda_min ~ lam - uAu): along it
-            # H is positive semi-definite to rounding (a null space, g in its range): s is the Newton
-            # step, and a move along the null space would change nothing (it took 30 factorizations)
-            return result(s, F, False, False)
         tau = _boundary_taus(s, u, radius, lam, uAu)[0]
         if tau * tau * uAu <= sigma * (curv + lam * radius**2) or it >= max_iter or hi - lo <= 1e-12 * hi:
             return hard_step(F, s, u, uAu)
@@ -378,6 +379,7 @@ class TrustRegion(DampingRule):
         return Proposal(
             sol.step, sol.damping, sol.factor, radius, sol.boundary, sol.hard_case,
             sol.lambda_lower, sol.positive_definite_at_zero, sol.direction, sol.fallback, slope,
+            lambda_proved=sol.lambda_proved,
         )  # fmt: skip
 
     def update(self, state: State, proposal: Proposal, rho: float) -> tuple[State, bool]:
