@@ -153,6 +153,25 @@ def _check_tol(tol: float, name: str = "tol", allow_zero: bool = False, relative
 DENSE_ROUTE_MAX_N = 6144
 
 
+def factorization_flops(sizes: Sequence[int], widths: Sequence[int], batch: int) -> float:
+    """The flops of one factorization of a chain's curvature on ``batch`` examples, before any is built:
+    the Riccati sweep's ``sum_l (p_l^3 / 3 + 2 p_l^2 a_l + p_l a_l^2)`` with ``a_l = batch * widths[l]``
+    (stage ``l``'s input width; 0 at the first stage with parameters), or the dense route's ``n^3 / 3``
+    plus ``n`` products where ``n <=`` :data:`DENSE_ROUTE_MAX_N` and that is cheaper
+    (:meth:`CurvatureOperator._swept`)."""
+    first = next((l for l, p in enumerate(sizes) if p), 0)
+    chain = sum(
+        p**3 / 3 + 2 * p**2 * a + p * a * a
+        for l, p in enumerate(sizes)
+        if p
+        for a in [batch * widths[l] if l > first else 0]
+    )
+    n = sum(sizes)
+    if n > DENSE_ROUTE_MAX_N:
+        return chain
+    return min(chain, n**3 / 3 + n * sum(8.0 * p * batch for p in sizes))
+
+
 class _DenseMatrixBlocks(Blocks):
     """The whole ``H`` as one stage of a one-stage chain (the dense route of
     :meth:`CurvatureOperator._swept`): the Riccati sweep over it is a Cholesky or Bunch-Kaufman ``LDL^T`` of

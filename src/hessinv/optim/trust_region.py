@@ -76,8 +76,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hessinv.curvature import Factorization
-from hessinv.errors import InvalidArgumentError
+from hessinv.curvature import Factorization, _shift_limit
+from hessinv.errors import InvalidArgumentError, SingularError
 from hessinv.optim.damping import DampingRule, Proposal, State, Sweeps, _check_positive
 
 __all__ = ["TrustRegion", "SubproblemSolution", "solve_subproblem"]
@@ -233,9 +233,20 @@ def solve_subproblem(
     def grow(lam: float) -> float:
         return max(4.0 * lam, gnorm / radius, 1e-12)
 
+    # the largest damping the sweep takes (its shift limit): a radius shrunk towards 0 -- every step
+    # rejected at a minimum where the loss no longer changes in working precision (a float32 loss of
+    # exactly 0) -- asks for a lambda beyond it (an error about a damping the user never passed)
+    cap = 0.5 * _shift_limit(sweeps.op.dtype) - abs(sweeps.shift)
     while True:
         it += 1
+        capped = lam >= cap
+        lam = min(lam, cap)
         F = sweeps.cholesky(lam)
+        if capped and F is None:
+            raise SingularError(
+                f"the trust region's damping reached {cap:.3g}, the largest {sweeps.op.dtype} takes, with "
+                "H + lambda I still not positive definite: H is beyond the dtype's range"
+            )
         if lam == 0.0 and pd0 is None:
             pd0 = F is not None
         if F is None:  # lam <= -lambda_min: raise the lower end
@@ -255,6 +266,8 @@ def solve_subproblem(
 
         s = -sweeps.solve(F, g)
         snorm = float(s.double().norm())
+        if capped and snorm > radius:  # as damped as it gets: the step shortened onto the sphere
+            return result(s * (radius / snorm), F, True, False)
         if not math.isfinite(snorm):  # numerically singular despite Cholesky: treat as too small
             lo = max(lo, lam)
             lam = _safeguard(lo, hi) if math.isfinite(hi) else grow(lam)
