@@ -1696,6 +1696,12 @@ def test_auto_takes_the_trust_region_only_where_it_is_affordable(monkeypatch):
     opt.step(X, y)
     opt.step(X, y)
     assert opt.mode == "precondition" and opt.last_stats.mode == "precondition"
+    narrow = ho.Newton(  # 530 parameters, 1.1e9 flops per factorization: 1.7-2.7 s per trust-region step
+        nn.Sequential(nn.Linear(30, 16), nn.Tanh(), nn.Linear(16, 2)), nn.CrossEntropyLoss(), seed=0
+    )
+    narrow.step(X, y)
+    narrow.step(X, y)
+    assert narrow.mode == "precondition"
     small = ho.Newton(tanh_chain(dtype=torch.float32), nn.CrossEntropyLoss(), seed=0)  # (the small one: TR)
     Xs, ys = torch.randn(16, 3), torch.randint(0, 2, (16,))
     small.step(Xs, ys)
