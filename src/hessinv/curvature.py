@@ -45,7 +45,6 @@ from hessinv.lowrank import WoodburyFactor, gauss_newton_root
 from hessinv.riccati import (
     Inertia,
     Pivot,
-    _first_with_parameters,
     check_memory,
     riccati_factor,
     riccati_forward,
@@ -153,23 +152,29 @@ def _check_tol(tol: float, name: str = "tol", allow_zero: bool = False, relative
 DENSE_ROUTE_MAX_N = 6144
 
 
-def factorization_flops(sizes: Sequence[int], widths: Sequence[int], batch: int) -> float:
-    """The flops of one factorization of a chain's curvature on ``batch`` examples, before any is built:
-    the Riccati sweep's ``sum_l (p_l^3 / 3 + 2 p_l^2 a_l + p_l a_l^2)`` with ``a_l = batch * widths[l]``
-    (stage ``l``'s input width; 0 at the first stage with parameters), or the dense route's ``n^3 / 3``
-    plus ``n`` products where ``n <=`` :data:`DENSE_ROUTE_MAX_N` and that is cheaper
-    (:meth:`CurvatureOperator._swept`)."""
+def _factorization_costs(
+    sizes: Sequence[int], widths: Sequence[int], batches: Sequence[int]
+) -> tuple[float, float]:
+    """``(Riccati sweep, dense route)`` flops of one factorization: the sweep's ``sum_l (p_l^3 / 3 + 2 p_l^2
+    a_l + p_l a_l^2)`` with ``a_l = batches[l] * widths[l]`` (stage ``l``'s input width; 0 at the first
+    stage with parameters), the dense route's ``n^3 / 3`` plus ``n`` products of ``sum_l 8 B_l p_l``."""
     first = next((l for l, p in enumerate(sizes) if p), 0)
     chain = sum(
         p**3 / 3 + 2 * p**2 * a + p * a * a
         for l, p in enumerate(sizes)
         if p
-        for a in [batch * widths[l] if l > first else 0]
+        for a in [batches[l] * widths[l] if l > first else 0]
     )
     n = sum(sizes)
-    if n > DENSE_ROUTE_MAX_N:
-        return chain
-    return min(chain, n**3 / 3 + n * sum(8.0 * p * batch for p in sizes))
+    return chain, n**3 / 3 + n * sum(8.0 * p * b for p, b in zip(sizes, batches, strict=True))
+
+
+def factorization_flops(sizes: Sequence[int], widths: Sequence[int], batch: int) -> float:
+    """The flops of one factorization of a chain's curvature on ``batch`` examples, before any is built
+    (:func:`_factorization_costs`): the Riccati sweep's, or the dense route's where ``n <=``
+    :data:`DENSE_ROUTE_MAX_N` and that is cheaper (:meth:`CurvatureOperator._swept`)."""
+    chain, dense = _factorization_costs(sizes, widths, [batch] * len(sizes))
+    return chain if sum(sizes) > DENSE_ROUTE_MAX_N else min(chain, dense)
 
 
 class _DenseMatrixBlocks(Blocks):
@@ -299,15 +304,10 @@ class CurvatureOperator:
         n = self.shape[0]
         if n > DENSE_ROUTE_MAX_N:
             return False
-        chain_flops, dense_products = 0.0, 0.0
-        first = _first_with_parameters(self.blocks)
-        for l, b in enumerate(self.blocks[:-1]):
-            if not b.p:
-                continue
-            a = b.batch * b.d_in if l > first else 0
-            chain_flops += b.p**3 / 3 + 2 * b.p**2 * a + b.p * a * a
-            dense_products += 8.0 * b.p * b.batch
-        dense_flops = n**3 / 3 + n * dense_products
+        stages = self.blocks[:-1]
+        chain_flops, dense_flops = _factorization_costs(
+            [b.p for b in stages], [b.d_in for b in stages], [b.batch for b in stages]
+        )
         if chain_flops > 1e9 and chain_flops > 3 * dense_flops:
             return True
         try:
@@ -502,13 +502,14 @@ class CurvatureOperator:
             self._norm, self._norm_iters = est, int(iters)
         return self._norm
 
-    def zero_tolerance(self) -> float:
-        """``sqrt(u) ||H||`` (``u`` the unit roundoff of the operator's dtype): the resolution of the
-        sweep's eigenvalue counts next to a cluster of eigenvalues, and :meth:`inertia`'s default
-        ``tol``; eigenvalues within it of a shift are equal to it up to rounding (e.g. the null space
-        of a Gauss-Newton matrix at 0)."""
+    def zero_tolerance(self, iters: int = 30) -> float:
+        """``sqrt(u) ||H||`` (``u`` the unit roundoff of the operator's dtype, ``||H||`` by
+        :meth:`norm_estimate` with ``iters`` power iterations): the resolution of the sweep's eigenvalue
+        counts next to a cluster of eigenvalues, and :meth:`inertia`'s default ``tol``; eigenvalues
+        within it of a shift are equal to it up to rounding (e.g. the null space of a Gauss-Newton
+        matrix at 0)."""
         return math.sqrt(torch.finfo(self.dtype).eps) * max(
-            self.norm_estimate(), torch.finfo(self.dtype).tiny
+            self.norm_estimate(iters), torch.finfo(self.dtype).tiny
         )
 
     def inertia(self, shift: float = 0.0, tol: float | None = None) -> Inertia:

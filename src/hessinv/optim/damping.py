@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from hessinv.curvature import CurvatureOperator, Factorization
@@ -59,13 +58,11 @@ class Sweeps:
         self.time_factor = self.time_solve = 0.0
 
     def resolution(self) -> float:
-        """``sqrt(u) ||H||`` (``||H||`` from three power iterations, once per operator):
+        """:meth:`CurvatureOperator.zero_tolerance`, ``sqrt(u) ||H||`` (three power iterations, cached):
         a failed Cholesky test at a damping below it, or a Rayleigh quotient within it of zero, is rounding
         (a positive semi-definite ``H`` with a null space, e.g. the softmax's shift) and proves no negative
         curvature."""
-        return math.sqrt(torch.finfo(self.op.dtype).eps) * max(
-            self.op.norm_estimate(iters=3), torch.finfo(self.op.dtype).tiny
-        )  # (3 power iterations: a threshold, not a value)
+        return self.op.zero_tolerance(iters=3)  # (3 power iterations: a threshold, not a value)
 
     def cholesky(self, damping: float) -> Factorization | None:
         """The factorization of ``H + damping I`` if it is positive definite, else None."""
