@@ -53,6 +53,7 @@ from hessinv.cli.choices import (
     TEST_FRACTION,
     UserError,
     canonical,
+    out_path,
     parse_per_optimizer,
     positive_float,
     positive_int,
@@ -508,10 +509,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     target = args.target_loss if args.target_loss is not None else DEFAULT_TARGET.get(ds.name)
     if args.out is None:
         out = Path(DEFAULT_OUT.format(data=Path(ds.name).stem))
-    elif not args.out.strip():  # (Path("") is the current directory)
-        raise UserError("--out is empty (an unset variable?); give a directory, e.g. --out runs/job")
     else:
-        out = Path(args.out)
+        out = out_path(args.out)
     cfg = TrainConfig(
         optimizers=opts,
         depth=args.depth,

@@ -170,13 +170,19 @@ def positive_int(text: str) -> int:
     return v
 
 
+def out_path(text: str | Path) -> Path:
+    """``--out`` as a path; :class:`UserError` for an empty one (what ``--out "$UNSET"`` gives:
+    ``Path("")`` is the current directory)."""
+    if not str(text).strip():
+        raise UserError("--out is empty (an unset variable?); give a directory, e.g. --out runs/job")
+    return Path(text)
+
+
 def output_directory(path: str | Path) -> Path:
     """``path`` as a directory that exists and can be written (created if needed; checked by creating
     and removing a file in it); :class:`UserError` otherwise (a file, ``/proc``, a read-only mount, an
     empty path: what ``--out "$UNSET"`` gives, which would write into the current directory)."""
-    if not str(path).strip():
-        raise UserError("--out is empty (an unset variable?); give a directory, e.g. --out runs/job")
-    out = Path(path)
+    out = out_path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".hessinv-write-check-"):

@@ -231,14 +231,18 @@ def _dialect(body: str, suffix: str) -> type[csv.Dialect] | csv.Dialect:
     a ``.tsv``, then ``,``, ``;``) that every one of those lines holds equally often, else runs of spaces
     where every line splits into the same number (>1) of cells, else commas."""
     head = [ln for ln in body.splitlines()[:50] if ln.strip()]
-    if suffix == ".tsv" and head and all(ln.count("\t") == head[0].count("\t") > 0 for ln in head):
+
+    def every_line(d: str) -> bool:  # the same number (> 0) of ``d`` on every line
+        return bool(head) and all(ln.count(d) == head[0].count(d) > 0 for ln in head)
+
+    if suffix == ".tsv" and every_line("\t"):
         return csv.excel_tab
     try:
         return csv.Sniffer().sniff("\n".join(head), delimiters=",;\t ")
     except csv.Error:
         pass
     for d in ("\t", ",", ";"):
-        if head and all(ln.count(d) == head[0].count(d) > 0 for ln in head):
+        if every_line(d):
             return csv.excel_tab if d == "\t" else type("_Delimited", (csv.excel,), {"delimiter": d})
     # columns padded with runs of spaces (numpy.savetxt with a width) defeat the sniffer
     spaced = head and "," not in body and len({len(ln.split()) for ln in head}) == 1
