@@ -303,3 +303,29 @@ def test_small_solver_contracts():
     H32 = hessinv.hessian(_tanh_net().float(), nn.CrossEntropyLoss(), X.float(), y)
     with pytest.raises(hessinv.InvalidArgumentError, match="too large"):
         sp.eigenvalue_counts(H32, [1e39])
+
+
+class _Whole(nn.Module):
+    def __init__(self, *modules: nn.Module):
+        super().__init__()
+        self.body = nn.Sequential(*modules)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_shared_parameter_refusal_names_a_remedy_that_works():
+    """One Linear used twice in a Sequential: refused, and the message's remedy (the span from the
+    first use to the last inside one module with its own forward) gives the exact Hessian."""
+    torch.manual_seed(3)
+    lin = nn.Linear(4, 4)
+    X, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    loss = nn.CrossEntropyLoss()
+    flat = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, 3)).double()
+    with pytest.raises(hessinv.NotAChainError, match="inside one nn.Module with its own forward"):
+        hessinv.hessian(flat, loss, X, y)
+    wrapped = nn.Sequential(_Whole(lin, nn.Tanh(), lin, nn.Tanh()), flat[4]).double()
+    H = hessinv.hessian(wrapped, loss, X, y)
+    g_ref, H_ref = autograd_gradient_hessian(wrapped, loss, X, y)
+    assert _rel(H.to_dense(), H_ref) < 1e-10
+    assert _rel(H.gradient, g_ref) < 1e-10

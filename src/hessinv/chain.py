@@ -827,7 +827,10 @@ def _check_parameters(model, stages: list[Stage]) -> None:
                 same_origin(owner[id(t)], s.index)
                 raise NotAChainError(
                     f"parameter {names.get(id(t), '?')} is shared by stage {owner[id(t)]} and {s.name}: "
-                    "not a chain"
+                    "not a chain. Put the modules from the first use to the last inside one nn.Module "
+                    "with its own forward (a plain nn.Sequential inside a Sequential is flattened), "
+                    "which is then called whole as one generic stage (exact; dense blocks cost about "
+                    "one backward pass per parameter of that stage), or untie the parameter"
                 )
             owner[id(t)] = s.index
     flat = [id(t) for s in stages for t in s.params]
