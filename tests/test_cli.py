@@ -952,3 +952,18 @@ def test_evaluation_runs_without_autograd():
     model.register_forward_hook(lambda *_: modes.append(torch.is_grad_enabled()))
     evaluate(model, torch.nn.CrossEntropyLoss(), ds)
     assert modes and not any(modes)
+
+
+def test_a_plot_of_runs_with_no_finite_value_is_written(tmp_path):
+    """Every loss and accuracy NaN (a run that diverged at its first evaluation): the log step axes
+    had no finite data and matplotlib raised at savefig."""
+    from hessinv.cli.plots import plot_runs
+    from hessinv.cli.train import RunResult
+
+    nan = float("nan")
+    hist = [
+        {"step": s, "time": 0.1 * s, "train_loss": nan, "test_loss": nan, "test_acc": nan} for s in (0, 1)
+    ]
+    run_ = RunResult("adam", 1e-3, status="diverged", steps=2, history=hist)
+    path = plot_runs([run_], tmp_path / "loss.png", target=0.5, chance=0.1)
+    assert path.stat().st_size > 0

@@ -64,6 +64,14 @@ def _loss_axis(ax, lo: float, hi: float, positive: bool) -> None:
         ax.set_ylim(lo - pad, hi + pad)
 
 
+def _log_steps(ax) -> None:
+    """A log step axis; where nothing finite was drawn (every value NaN) its limits are set, since a
+    log axis cannot autoscale an empty data range."""
+    ax.set_xscale("log")
+    if not (math.isfinite(ax.dataLim.x0) and ax.dataLim.x0 > 0):
+        ax.set_xlim(1, 10)
+
+
 def plot_runs(
     results: list[RunResult],
     path: str | Path,
@@ -160,7 +168,7 @@ def plot_runs(
         ax.set_xlabel(xl)
         ax.set_ylabel("loss")
         ax.grid(True, which="major", alpha=0.3)
-    ax_s.set_xscale("log")
+    _log_steps(ax_s)
     ax_s.set_title("loss vs steps")
     ax_t.set_title("loss vs time")
     fig.legend(handles=handles, fontsize=8, loc="outside right upper")
@@ -181,7 +189,7 @@ def plot_runs(
             ax.set_xlabel(xl)
             ax.set_ylabel("test accuracy")
             ax.grid(True, which="major", alpha=0.3)
-        ax_as.set_xscale("log")
+        _log_steps(ax_as)
         ax_as.set_title("test accuracy vs steps")
         ax_at.set_title("test accuracy vs time")
     if title:
