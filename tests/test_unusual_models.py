@@ -329,3 +329,36 @@ def test_a_shared_parameter_refusal_names_a_remedy_that_works():
     g_ref, H_ref = autograd_gradient_hessian(wrapped, loss, X, y)
     assert _rel(H.to_dense(), H_ref) < 1e-10
     assert _rel(H.gradient, g_ref) < 1e-10
+
+
+class _MetadataReads(nn.Module):
+    """A forward that reads its parameters' dtype and device through ``type_as``, ``new_*`` and
+    ``*_like`` (no use of their values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = x.type_as(self.a.weight)
+        h = torch.tanh(self.a(x))
+        h = (
+            h
+            + self.b.weight.new_zeros(1)
+            + self.a.bias.new_full((5,), 0.5)
+            - torch.ones_like(self.a.bias) / 2
+        )
+        return self.b(h) + torch.zeros_like(self.b.bias) + self.a.weight.new_tensor(1.0) - 1
+
+
+def test_parameter_metadata_reads_are_not_uses():
+    """``x.type_as(w)``, ``w.new_zeros(...)``, ``torch.zeros_like(w)`` put ``w`` into a second stage
+    and were refused as a "shared parameter"."""
+    torch.manual_seed(4)
+    m = _MetadataReads().double()
+    X, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    loss = nn.CrossEntropyLoss()
+    H = hessinv.hessian(m, loss, X, y)
+    g_ref, H_ref = autograd_gradient_hessian(m, loss, X, y)
+    assert _rel(H.to_dense(), H_ref) < 1e-10
+    assert _rel(H.gradient, g_ref) < 1e-10

@@ -421,24 +421,61 @@ def _plain_constants(g: fx.Graph) -> None:
 _METADATA = frozenset({"dtype", "device", "shape", "ndim", "is_cuda", "layout"})
 
 
+_NEW_LIKE = {  # tensor factories whose result depends on a parameter's metadata only
+    "new_zeros": torch.zeros, "new_ones": torch.ones, "new_empty": torch.empty, "new_full": torch.full,
+    "new_tensor": torch.tensor,
+}  # fmt: skip
+_LIKE = {torch.zeros_like: torch.zeros, torch.ones_like: torch.ones, torch.empty_like: torch.empty}
+
+
+def _parameter(node: Any, root: nn.Module) -> Tensor | None:
+    """The parameter a ``get_attr`` node reads, else None."""
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return None
+    try:
+        return root.get_parameter(node.target)
+    except AttributeError:
+        return None
+
+
 def _fold_parameter_metadata(g: fx.Graph, root: nn.Module) -> None:
     """A parameter's metadata read in the traced code (``x.to(self.l.weight.dtype)``,
-    ``reshape(-1, self.o.weight.shape[1])``, ``w.size(0)``) as the constant it is: the read is no use of
-    the parameter's value, and as a node it would put the parameter into a second stage (a false "shared
+    ``reshape(-1, self.o.weight.shape[1])``, ``w.size(0)``, ``x.type_as(w)``, ``w.new_zeros(n)``,
+    ``torch.zeros_like(w)``) as the constant or the factory call it is: the read is no use of the
+    parameter's value, and as a node it would put the parameter into a second stage (a false "shared
     parameter"). A later change of a parameter's dtype or device is refused (:meth:`Chain.check_model`)."""
     for n in list(g.nodes):
-        src = n.args[0] if n.args else None
-        if not (isinstance(src, fx.Node) and src.op == "get_attr"):
+        t = _parameter(n.args[0] if n.args else None, root)
+        if n.op == "call_method" and n.target == "type_as" and len(n.args) == 2 and not n.kwargs:
+            other = _parameter(n.args[1], root)
+            if other is None:
+                continue
+            with g.inserting_before(n):
+                new = g.call_method("to", (n.args[0],), {"dtype": other.dtype, "device": other.device})
+            n.replace_all_uses_with(new)
+            g.erase_node(n)
             continue
-        try:
-            t = root.get_parameter(src.target)
-        except AttributeError:
+        if t is None:
             continue
+        factory = None
         if n.op == "call_function" and n.target is getattr and len(n.args) == 2 and n.args[1] in _METADATA:
             value = getattr(t, n.args[1])
         elif n.op == "call_method" and n.target in ("size", "dim", "numel") and set(n.kwargs) <= {"dim"}:
             value = getattr(t, n.target)(*n.args[1:], **n.kwargs)
+        elif n.op == "call_method" and n.target in _NEW_LIKE:
+            factory, args = _NEW_LIKE[n.target], n.args[1:]
+        elif n.op == "call_function" and n.target in _LIKE and len(n.args) == 1:
+            factory, args = _LIKE[n.target], (tuple(t.shape),)
         else:
+            continue
+        if factory is not None:
+            kwargs = {"dtype": t.dtype, "device": t.device, **n.kwargs}
+            if n.op == "call_function":
+                kwargs.pop("memory_format", None)
+            with g.inserting_before(n):
+                new = g.call_function(factory, args, kwargs)
+            n.replace_all_uses_with(new)
+            g.erase_node(n)
             continue
         for u in list(n.users):
             u.args = fx.node.map_arg(u.args, lambda a, n=n, value=value: value if a is n else a)
