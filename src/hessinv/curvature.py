@@ -1915,17 +1915,37 @@ def curvature_class(name: str) -> type[CurvatureOperator]:
     return Hessian if normalize_curvature(name) == "hessian" else GaussNewton
 
 
+def _undamped_rows(
+    U: Tensor, S: Tensor, damping: Tensor, idx: Tensor, gjj: Tensor, Dd: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(U', S', D')`` with ``U'^T S' U' + D' = U^T S U + D``: on the entries ``idx`` of ``D``, ``D'``
+    takes ``D_j + c_j`` and ``G`` the correction ``-c_j e_j e_j^T`` (rows ``sqrt(c_j) e_j`` with sign
+    -1), ``c_j`` the power of 4 nearest ``gjj`` (its square root and inverse exact)."""
+    k = int(idx.numel())
+    c = torch.pow(4.0, torch.round(torch.log2(gjj[idx]) / 2))
+    D = damping.to(device=U.device, dtype=U.dtype).clone()
+    D[idx] = (Dd[idx] + c).to(D.dtype)
+    E = U.new_zeros(k, U.shape[1])
+    E[torch.arange(k, device=U.device), idx] = c.sqrt().to(U.dtype)
+    return torch.cat([U, E]), torch.cat([S, S.new_full((k,), -1.0)]), D
+
+
 class WoodburyFactorization(Factorization):
     """``G + D`` for the Gauss-Newton matrix through its square root
     (:class:`hessinv.lowrank.WoodburyFactor`).
 
-    ``damping`` is a number or a per-parameter (n,) tensor ``D``. Zero entries of ``D`` (parameters left
-    undamped, e.g. biases) are exact too: on those ``k`` entries ``D`` takes ``c_j`` (the power of 4
-    nearest ``sum_q U_qj^2``, which is ``G_jj`` for a convex loss: the square roots and inverses below
-    are exact, and the correction is at ``G``'s own scale) and ``G`` the rank-``k`` correction
-    ``-E^T C E`` (``E`` their rows of the identity), appended to the square root with signs ``-1`` --
-    ``K`` grows by ``k`` rows (at most :data:`ZERO_DAMPING_MAX`) and is then indefinite, factored by
-    ``eigh``. A zero entry whose column of ``G`` is zero is a :class:`SingularError`. A zero damping of
+    ``damping`` is a number or a per-parameter (n,) tensor ``D`` (copied: a caller's buffer refilled later
+    does not change the factorization). Zero entries of ``D`` (parameters left undamped, e.g. biases) are
+    exact too: on those ``k`` entries ``D`` takes ``c_j`` (the power of 4 nearest ``sum_q U_qj^2``, which
+    is ``G_jj`` for a convex loss: the square roots and inverses below are exact, and the correction is at
+    ``G``'s own scale) and ``G`` the rank-``k`` correction ``-E^T C E`` (``E`` their rows of the
+    identity), appended to the square root with signs ``-1`` -- ``K`` grows by ``k`` rows (at most
+    :data:`ZERO_DAMPING_MAX`) and is then indefinite, factored by ``eigh``. Entries below ``1e-3 c_j`` in
+    magnitude get the same treatment (``D_j + c_j``) for :meth:`logdet`, in a second factorization made
+    when it is asked (left in ``D`` they put ``c_j / D_j`` into ``K``, and ``log|det(G + D)| = log|det D|
+    + log|det K|`` cancels: 0.26 off at ``D_j = 1e-17``), and for the factorization itself where ``K``
+    is singular to working precision without it (a tiny negative ``D_j``). A zero
+    entry whose column of ``G`` is zero is a :class:`SingularError`. A zero damping of
     the number kind is the Riccati sweep's (``method="auto"``). Same interface as :class:`Factorization`
     (``solve`` with refinement,
     ``inertia``, ``positive_definite``, ``logdet``).
@@ -1937,16 +1957,19 @@ class WoodburyFactorization(Factorization):
             if not math.isfinite(damping):
                 raise NonFiniteError(f"damping must be finite, got {damping}")
         if isinstance(damping, Tensor):
-            damping = damping.detach()
+            damping = damping.detach().clone()
+            if damping.is_floating_point() and not bool(torch.isfinite(damping).all()):
+                raise NonFiniteArgumentError(
+                    "the per-parameter damping has a NaN or infinite entry: give every entry a finite value"
+                )
         self.op, self.damping = op, damping
         U, S = op.root()
         D = damping
-        if (
-            isinstance(damping, Tensor)
-            and damping.shape == (U.shape[1],)
-            and bool(torch.isfinite(damping).all())
-        ):
-            zero = torch.nonzero(damping == 0).flatten().to(U.device)
+        self._small = None  # entries of D below 1e-3 c_j, for logdet (see the class docstring)
+        if isinstance(damping, Tensor) and damping.shape == (U.shape[1],) and damping.is_floating_point():
+            gjj = (U.double() * U.double()).sum(0)  # |G_jj| where S = +1 (signed S: the column's scale)
+            Dd = damping.to(device=U.device, dtype=torch.float64)
+            zero = torch.nonzero(Dd == 0).flatten()
             k = int(zero.numel())
             if k > ZERO_DAMPING_MAX:
                 raise SingularError(
@@ -1954,23 +1977,27 @@ class WoodburyFactorization(Factorization):
                     "exactly (one row of the Woodbury system each): give the others a small positive value",
                     damping=0.0,
                 )
-            if k:  # G + D = (G - E^T C E) + (D + E^T C E), both exact in floating point (C: powers of 4)
-                Uz = U[:, zero].double()
-                gjj = (Uz * Uz).sum(0)  # |G_jj| where S = +1 (signed S: the column's scale): that of c_j
-                if not bool((gjj > 0).all()):
-                    j = int(zero[torch.nonzero(gjj <= 0).flatten()[0]])
-                    raise SingularError(
-                        f"parameter {j} has zero damping and no curvature on this batch (its column of G is "
-                        "zero): G + D is singular there -- give it a damping > 0",
-                        damping=0.0,
-                    )
-                c = torch.pow(4.0, torch.round(torch.log2(gjj) / 2))  # sqrt(c) and 1 / c exact
-                D = damping.to(device=U.device, dtype=U.dtype).clone()
-                D[zero] = c.to(D.dtype)
-                E = U.new_zeros(k, U.shape[1])
-                E[torch.arange(k, device=U.device), zero] = c.sqrt().to(U.dtype)
-                U, S = torch.cat([U, E]), torch.cat([S, S.new_full((k,), -1.0)])
-        self.woodbury = WoodburyFactor(U, S, D)
+            if k and not bool((gjj[zero] > 0).all()):
+                j = int(zero[torch.nonzero(gjj[zero] <= 0).flatten()[0]])
+                raise SingularError(
+                    f"parameter {j} has zero damping and no curvature on this batch (its column of G is "
+                    "zero): G + D is singular there -- give it a damping > 0",
+                    damping=0.0,
+                )
+            small = torch.nonzero((Dd != 0) & (Dd.abs() < 1e-3 * gjj)).flatten()
+            if small.numel():
+                self._small = (torch.cat([zero, small]), gjj, Dd)
+            if k:
+                U, S, D = _undamped_rows(U, S, damping, zero, gjj, Dd)
+        try:
+            self.woodbury = WoodburyFactor(U, S, D)
+        except SingularError:  # K singular to working precision through tiny entries of D: factor them apart
+            if self._small is None or self._small[0].numel() > ZERO_DAMPING_MAX:
+                raise
+            idx, gjj, Dd = self._small
+            U, S = op.root()
+            self.woodbury = WoodburyFactor(*_undamped_rows(U, S, damping, idx, gjj, Dd))
+            self._small = None  # (its logdet is the accurate one)
         self.inertia, self.positive_definite = self.woodbury.inertia, self.woodbury.positive_definite
         self.factors, self.modified = None, False
         self.perturbed: dict[int, int] = {}
@@ -1997,5 +2024,20 @@ class WoodburyFactorization(Factorization):
         return "D (per parameter)" if isinstance(self.damping, Tensor) else f"{self.damping:g}"
 
     def logdet(self) -> float:
-        """``log|det(G + D)|``."""
+        """``log|det(G + D)|`` (entries of ``D`` far below ``G``'s diagonal: see the class docstring)."""
+        if self._small is not None:
+            idx, gjj, Dd = self._small[:3]
+            if idx.numel() <= ZERO_DAMPING_MAX:
+                if len(self._small) == 3:  # (computed once)
+                    U, S = self.op.root()
+                    value = WoodburyFactor(*_undamped_rows(U, S, self.damping, idx, gjj, Dd)).logdet()
+                    self._small = (*self._small, value)
+                return self._small[3]
+            warnings.warn(
+                f"{idx.numel()} entries of the per-parameter damping are below 1e-3 of G's diagonal (or "
+                f"zero), more than the {ZERO_DAMPING_MAX} factored apart: log|det| may lose digits to "
+                "cancellation",
+                AccuracyWarning,
+                stacklevel=2,
+            )
         return self.woodbury.logdet()
