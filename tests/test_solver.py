@@ -626,6 +626,9 @@ def test_mixed_precision_factorization_against_dense(prob, damping):
         assert info.residual <= 1e-12, (prob.description, info, cond)
         ref = torch.linalg.solve(H_ref + eps * torch.eye(n, dtype=torch.float64), g_ref)
         assert rel(x, ref) < 1e-12 * cond + 1e-14, prob.description
+        # v^T (H + eps I)^-1 v to the refined solve's accuracy (it was the float32 sweep's sum: 3e-3 off)
+        q_err = abs(F.inverse_quadratic(g_ref) - float(g_ref @ ref))
+        assert q_err <= (1e-12 * cond + 1e-14) * float(g_ref.norm() * ref.norm()), prob.description
     scale = float(ev.abs().max()) + abs(eps)
     if float(shifted.abs().min()) > 1e-4 * scale:
         assert F.inertia == count(ev, eps), prob.description
@@ -1068,3 +1071,18 @@ def test_the_dense_route_with_mixed_precision_that_falls_back_to_float64(monkeyp
     x, info = F.solve(op.gradient, return_info=True)
     assert float((A @ x - op.gradient).norm() / op.gradient.norm()) < 1e-8
     assert info.residual < 1e-8
+
+
+def test_mixed_precision_below_float32_range_falls_back_to_float64():
+    """A loss in units of 1e-42 (curvature below float32's normal range): the float32 sweep saw zero pivots
+    and raised "H + eps I is singular -- choose a damping > 0" at a positive damping, cond 4e2."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    ce = torch.nn.CrossEntropyLoss()
+    H = hessinv.hessian(net, lambda out, t: ce(out, t) * 1e-42, X, y)
+    eps = 1e-44
+    A = H.to_dense() + eps * torch.eye(H.shape[0], dtype=torch.float64)
+    b = torch.randn(H.shape[0], dtype=torch.float64)
+    x = H.factor(eps, precision="mixed").solve(b)
+    assert rel(x, torch.linalg.solve(A, b)) < 1e-12
