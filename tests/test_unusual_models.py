@@ -362,3 +362,55 @@ def test_parameter_metadata_reads_are_not_uses():
     g_ref, H_ref = autograd_gradient_hessian(m, loss, X, y)
     assert _rel(H.to_dense(), H_ref) < 1e-10
     assert _rel(H.gradient, g_ref) < 1e-10
+
+
+class _Tempered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)
+        self.T = 1.0
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.bn(self.a(x)))) / self.T
+
+
+@pytest.mark.parametrize("change", ["buffers", "temperature", "hook"])
+def test_a_float32_operator_keeps_its_point_in_its_float64_copy(change):
+    """A float32 operator refines against a float64 copy of the model made when first needed: BatchNorm
+    statistics moved since (a forward pass in training mode) gave solves 137% off, a temperature or a hook
+    changed since 100%, with small reported residuals. Now the buffers are restored to the point, and
+    what cannot be (hooks, traced attributes) is refused."""
+    torch.manual_seed(0)
+    m = _Tempered().eval()
+    X, y = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    loss = nn.CrossEntropyLoss()
+    H = hessinv.hessian(m, loss, X, y)
+    m64 = __import__("copy").deepcopy(m).double()
+    g_ref, H_ref = autograd_gradient_hessian(m64, loss, X.double(), y)
+    if change == "buffers":
+        m.train()
+        m(5 * X + 2)
+        m.eval()
+    elif change == "temperature":
+        m.T = 3.0
+    else:
+        m.a.register_forward_hook(lambda mod, i, o: 3 * o)
+    if change != "buffers":
+        with pytest.raises(hessinv.InvalidArgumentError, match="build the operator again"):
+            H.factor(0.5).solve(H.gradient)
+        return
+    x = H.factor(0.5).solve(H.gradient)
+    ref = torch.linalg.solve(H_ref + 0.5 * torch.eye(H_ref.shape[0], dtype=torch.float64), g_ref)
+    assert _rel(x.double(), ref) < 1e-5
+
+
+def test_a_hook_added_after_a_generic_stage_s_gauss_newton_is_refused():
+    """The generic stage's dense blocks are formed on first use, by calling its module: with a hook
+    added since, ``G @ v`` matched neither the matrix at construction (8.0 off) nor the hooked model's."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    G = hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X, y)
+    m[1].register_forward_hook(lambda mod, i, o: 3 * o)
+    with pytest.raises(hessinv.InvalidArgumentError, match="hooks were added or removed"):
+        G @ torch.randn(G.shape[0], dtype=torch.float64)

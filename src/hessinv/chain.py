@@ -1097,6 +1097,12 @@ class Chain:
                     "(model.eval()) while using hessinv"
                 )
 
+    def model_key(self) -> tuple:
+        """What the split read from the model besides tensor values, as last checked: each stage's code and
+        the hooks (:meth:`check_model` splits again where these changed). Equal keys: the same function
+        of the parameters and buffers."""
+        return self._code, tuple(self._hook_keys)
+
     def flat_params(self) -> Tensor:
         """The trainable parameters' values as one (n,) vector, in the curvature's order (a copy)."""
         return torch.cat([t.detach().reshape(-1) for t in self.params])

@@ -242,6 +242,10 @@ class CurvatureOperator:
             [t.detach().clone() for t in self.chain.params] if self.chain.dtype != torch.float64 else None
         )
         lin = self.chain.linearize(inputs, targets, second_order=self.second_order)
+        # the float64 twin's model is a copy of this one made when needed: what it must match besides the
+        # parameters (the buffers, restored; the hooks and traced attributes, checked)
+        self._buffers_point = self.chain.buffer_values() if self._point is not None else None
+        self._model_key = self.chain.model_key()
         self.blocks, self._sizes = lin.blocks, lin.sizes + [0]
         self.gradient: Tensor = lin.gradient
         self.loss: Tensor = lin.loss
@@ -1008,12 +1012,21 @@ class CurvatureOperator:
         """The same operator on a copy of the model, inputs and targets in ``dtype``, at this operator's
         point (the parameters as they were at its construction, whatever happened to them since)."""
         self.chain.check_model()  # a replaced layer: named
+        if self.chain.model_key() != self._model_key:
+            raise InvalidArgumentError(
+                f"hooks were added or removed, or an attribute the traced forward reads changed, since this "
+                f"{self.dtype} operator was built; its {dtype} copy (refined solves, logdet, eigenvalues) "
+                "needs the model as it was: build the operator again"
+            )
         memo: dict[int, Any] = {}
         model = copy.deepcopy(self.model, memo)
         if self._point is not None:
+            mods = [model] if isinstance(model, nn.Module) else list(model)
             with torch.no_grad():
                 for t, saved in zip(self.chain.params, self._point, strict=True):
                     memo[id(t)].copy_(saved)
+                for b, saved in zip([b for m in mods for b in m.buffers()], self._buffers_point, strict=True):
+                    b.copy_(saved)  # (BatchNorm statistics moved by a forward pass in training mode)
         model = model.to(dtype) if isinstance(model, nn.Module) else [m.to(dtype) for m in model]
         targets = self.targets.to(dtype) if self.targets.is_floating_point() else self.targets
         inputs = self.inputs.to(dtype) if self.inputs.is_floating_point() else self.inputs  # token ids stay

@@ -508,6 +508,7 @@ class LazyBlocks(Blocks):
         mods = list(stage.module.modules())
         self._state = [t.detach().clone() for t in (*stage.params, *stage.module.buffers())]
         self._modes = [(m, m.training) for m in mods]
+        self._hooks = _hook_keys(mods)
         self.d_in = self._z.reshape(self.batch, -1).shape[1]
         self.d_out = b_out.reshape(self.batch, -1).shape[1]
         if self._out.reshape(self.batch, -1).shape[1] != self.d_out:
@@ -538,6 +539,11 @@ class LazyBlocks(Blocks):
             raise InvalidArgumentError(
                 f"{self.stage.name}: its parameters or buffers changed after this curvature was taken; take "
                 "it again at the new point (hessinv.gauss_newton(...))"
+            )
+        if _hook_keys(m for m, _ in self._modes) != self._hooks:  # the blocks would be the hooked module's
+            raise InvalidArgumentError(
+                f"{self.stage.name}: hooks were added or removed after this curvature was taken; take it "
+                "again for the model as it is now (hessinv.gauss_newton(...))"
             )
 
     @property
@@ -636,3 +642,13 @@ class IdentityBlocks(ParameterFreeBlocks):
     def riccati(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
         empty = Sigma.new_zeros(0, 0)
         return RiccatiBlocks(empty, Sigma.new_zeros(0, self.batch, self.d_in), Sigma if coupled else None)
+
+
+def _hook_keys(mods) -> list[tuple]:
+    """The forward (pre-)hooks and backward hooks of ``mods`` and torch's global module hooks, by handle
+    id: what a later call of those modules runs besides their ``forward``."""
+    glob = nn.modules.module
+    dicts = [getattr(glob, k, {}) for k in ("_global_forward_hooks", "_global_forward_pre_hooks")]
+    for m in mods:
+        dicts += [m._forward_hooks, m._forward_pre_hooks, m._backward_hooks]
+    return [tuple(d) for d in dicts]
