@@ -695,3 +695,26 @@ def test_losses_with_kinks_or_an_empty_batch_are_accepted():
     _, H_ref = autograd_gradient_hessian(model, nn.CrossEntropyLoss(), X, y)
     H = hessinv.hessian(model, nn.CrossEntropyLoss(), X, y)
     torch.testing.assert_close(H.to_dense(), H_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_non_finite_tolerances_and_shifts_are_non_finite_arguments():
+    """The README: a NaN or infinite damping, shift or tolerance is a NonFiniteArgumentError; tolerances
+    and spectrum shifts raised a plain InvalidArgumentError."""
+    import hessinv.spectrum
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    H = hessinv.hessian(m, torch.nn.CrossEntropyLoss(), X, y)
+    G = hessinv.gauss_newton(m, torch.nn.CrossEntropyLoss(), X, y)
+    calls = [
+        lambda: H.inertia(0.0, float("nan")),
+        lambda: H.inertia(0.0, float("inf")),
+        lambda: H.min_eigenvalue(float("inf")),
+        lambda: H.eigenpairs(1, tol=float("nan")),
+        lambda: hessinv.spectrum.eigenvalue_counts(H, [0.0, float("nan")]),
+        lambda: G.factor(float("inf")),
+    ]
+    for call in calls:
+        with pytest.raises(hessinv.NonFiniteArgumentError):
+            call()

@@ -139,10 +139,12 @@ _DENSE_FRACTION = 8
 
 def _check_tol(tol: float, name: str = "tol", allow_zero: bool = False, relative: bool = False) -> float:
     """``tol`` as a float; :class:`InvalidArgumentError` unless it is a real number (not a bool or a
-    string), finite and positive (or zero), and below 1 where it is ``relative`` (an accuracy relative
-    to ``||H||``: 1 or more asks for no digit)."""
+    string), finite (else :class:`NonFiniteArgumentError`) and positive (or zero), and below 1 where it
+    is ``relative`` (an accuracy relative to ``||H||``: 1 or more asks for no digit)."""
     t = check_real(tol, name)
-    if not math.isfinite(t) or t < 0 or (t == 0 and not allow_zero) or (relative and t >= 1):
+    if not math.isfinite(t):
+        raise NonFiniteArgumentError(f"{name} must be a finite number, got {tol!r}")
+    if t < 0 or (t == 0 and not allow_zero) or (relative and t >= 1):
         need = "finite and >= 0" if allow_zero else "in (0, 1)" if relative else "finite and > 0"
         raise InvalidArgumentError(f"{name} must be {need}, got {tol!r}")
     return t
@@ -1982,7 +1984,7 @@ class WoodburyFactorization(Factorization):
         if not isinstance(damping, Tensor):
             damping = check_real(damping, "damping")
             if not math.isfinite(damping):
-                raise NonFiniteError(f"damping must be finite, got {damping}")
+                raise NonFiniteArgumentError(f"damping must be finite, got {damping}")
         if isinstance(damping, Tensor):
             damping = damping.detach().clone()
             if damping.is_floating_point() and not bool(torch.isfinite(damping).all()):

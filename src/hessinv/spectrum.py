@@ -44,7 +44,7 @@ import torch
 
 from hessinv.chain import check_real
 from hessinv.curvature import CurvatureOperator
-from hessinv.errors import InvalidArgumentError
+from hessinv.errors import InvalidArgumentError, NonFiniteArgumentError
 
 __all__ = [
     "eigenvalue_counts", "spectral_histogram", "spectral_range", "Histogram", "num_negative_eigenvalues",
@@ -78,7 +78,7 @@ def eigenvalue_counts(
     except (TypeError, ValueError):
         raise InvalidArgumentError(f"shifts must be real numbers, got {shifts!r}") from None
     if not np.isfinite(s).all():
-        raise InvalidArgumentError("shifts must be finite")
+        raise NonFiniteArgumentError("shifts must be finite")
     op._count_doubt = False
     out = np.array([op._count_below(float(v)) for v in s.reshape(-1)], dtype=np.int64)
     op._warn_count_doubt("eigenvalue_counts")

@@ -280,6 +280,8 @@ class Newton(torch.optim.Optimizer):
             over-parameterized net, a dense ``LDL^T`` of ``H`` for ``n <= 2048``: 4-6x the step time
             at ``n ~ 2000``).
         callback: called with the :class:`StepStats` of every step.
+        backtracking: trust-region mode: halve a rejected step up to this many times, judging each half
+            by the same ratio test, before giving it up (default 0: a rejected step is not taken).
         weight_decay: ``wd`` of an L2 penalty ``wd/2 |x|^2`` added to the loss, exactly: its gradient ``wd x``
             joins the batch gradient and its curvature ``wd I`` the curvature (precondition mode: in
             ``D``; trust region: ``H + wd I``, and the ratio test judges the penalized loss). Per group
