@@ -1712,3 +1712,26 @@ def test_auto_takes_the_trust_region_only_where_it_is_affordable(monkeypatch):
     small.step(Xs, ys)
     small.step(Xs, ys)
     assert small.mode == "precondition"
+
+
+def test_a_copy_with_an_lr_scheduler_steps_its_own_model():
+    """An LR scheduler wraps ``opt.step`` in an instance attribute bound to the original optimizer: a
+    ``copy.deepcopy((model, opt, sched))`` stepped the original model (and ``pickle`` failed)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    X, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+    opt = ho.Newton(m, nn.CrossEntropyLoss(), seed=0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5)
+    opt.step(X, y)
+    sched.step()
+    m2, opt2, sched2 = copy.deepcopy((m, opt, sched))
+    before = [p.detach().clone() for p in m.parameters()]
+    before2 = [p.detach().clone() for p in m2.parameters()]
+    opt2.step(X, y)
+    sched2.step()
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), before, strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(m2.parameters(), before2, strict=True))
+    assert (opt.steps, opt2.steps) == (1, 2)
+    m3, opt3, _ = pickle.loads(pickle.dumps((m, opt, sched)))
+    opt3.step(X, y)
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), before, strict=True))

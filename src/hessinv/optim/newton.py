@@ -455,8 +455,11 @@ class Newton(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         """The whole object (``torch.optim.Optimizer`` keeps only its groups and state, and a copy made by
         ``copy.deepcopy`` or ``pickle`` would lack the model, the chain and the preconditioner);
-        ``copy.deepcopy((model, opt))`` gives a copy that trains the copied model."""
-        return self.__dict__.copy()
+        ``copy.deepcopy((model, opt))`` gives a copy that trains the copied model -- less the wrapper an LR
+        scheduler puts on ``opt.step`` (it calls the original optimizer; ``torch.optim`` drops it too)."""
+        state = self.__dict__.copy()
+        state.pop("step", None)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
