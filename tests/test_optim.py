@@ -1735,3 +1735,29 @@ def test_a_copy_with_an_lr_scheduler_steps_its_own_model():
     m3, opt3, _ = pickle.loads(pickle.dumps((m, opt, sched)))
     opt3.step(X, y)
     assert all(torch.equal(a, b) for a, b in zip(m.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("change", ["freeze", "dropout_train"])
+def test_preconditioner_refuses_a_changed_model_at_once(change):
+    """Between curvature refreshes ``precondition_`` did not look at the model: a layer frozen mid-run
+    got a preconditioned ``.grad`` (and SGD moved it) and a Dropout switched to training mode went
+    unseen, for up to ``refresh - 1`` steps."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 3)).eval()
+    X, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    lf = nn.CrossEntropyLoss()
+    pre = ho.Preconditioner(m, lf)
+
+    def grads():
+        m.zero_grad()
+        lf(m(X), y).backward()
+
+    grads()
+    pre.precondition_(X, y)
+    if change == "freeze":
+        m[0].weight.requires_grad_(False)
+    else:
+        m.train()
+    grads()
+    with pytest.raises(hessinv.HessinvError, match="frozen|training mode"):
+        pre.precondition_(X, y)

@@ -742,7 +742,10 @@ class Preconditioner:
         if not bool(torch.isfinite(g).all()):  # before it enters (and poisons) the second moments
             self.chain.check_inputs(inputs, targets)
             raise NonFiniteError("the gradient contains NaN or infinity; the step was not taken")
-        # the batch before anything is updated: a refused call leaves the state as it was
+        # the model and batch before anything is updated: a refused call leaves the state as it was (the
+        # model every call, microseconds: a layer frozen or Dropout switched to training mode between
+        # refreshes would otherwise go unseen until the next one)
+        self.chain.check_model()
         self._checked = self.chain.check_batch_if_new(inputs, targets, self.__dict__.get("_checked"))
         with linalg.one_thread_if(self.chain.small(inputs)):  # small work: more threads only wait
             g = self.penalized(g)
