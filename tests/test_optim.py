@@ -1502,6 +1502,28 @@ def test_a_closure_may_return_none():
     assert math.isclose(float(loss), opt.last_stats.loss) and opt.last_stats.loss > 0
 
 
+def test_a_closure_may_call_the_model_and_loss_by_keyword():
+    """``loss_fn(input=out, target=y)`` / ``model(input=X)``: the batch went unseen ("the closure did not
+    call the model and loss_fn"); the step equals the positional closure's."""
+    X, y = torch.randn(32, 6, dtype=F64), torch.randint(0, 3, (32,))
+    moved = []
+    for keyword in (False, True):
+        torch.manual_seed(0)
+        model, loss_fn = _small(), nn.CrossEntropyLoss()
+        opt = ho.Newton(model, loss_fn, seed=0, mode="precondition")
+
+        def closure(model=model, loss_fn=loss_fn, opt=opt, keyword=keyword):
+            opt.zero_grad()
+            out = model(input=X) if keyword else model(X)
+            loss = loss_fn(input=out, target=y) if keyword else loss_fn(out, y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        moved.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(moved[0], moved[1])
+
+
 def test_a_positive_semidefinite_hessian_proves_no_negative_curvature():
     """A convex problem (one Linear layer + cross-entropy: H is positive semi-definite, the softmax's shift
     its null space): rounding-level Cholesky failures and Rayleigh quotients near the minimizer were read as

@@ -783,17 +783,19 @@ class Newton(torch.optim.Optimizer):
         seen: dict[str, list[Tensor]] = {"inputs": [], "targets": []}
         first = self.model if isinstance(self.model, nn.Module) else self.model[0]
 
-        def on_model(_m: nn.Module, args: tuple) -> None:
-            if args and isinstance(args[0], Tensor):
-                seen["inputs"].append(args[0])
+        def on_model(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+            if isinstance(x, Tensor):
+                seen["inputs"].append(x)
 
-        def on_loss(_m: nn.Module, args: tuple) -> None:
-            if len(args) >= 2 and isinstance(args[1], Tensor):
-                seen["targets"].append(args[1])
+        def on_loss(_m: nn.Module, args: tuple, kwargs: dict) -> None:  # (input, target), or by keyword
+            t = args[1] if len(args) >= 2 else kwargs.get("target")
+            if isinstance(t, Tensor):
+                seen["targets"].append(t)
 
-        handles = [first.register_forward_pre_hook(on_model)]
+        handles = [first.register_forward_pre_hook(on_model, with_kwargs=True)]
         if isinstance(self.loss_fn, nn.Module):
-            handles.append(self.loss_fn.register_forward_pre_hook(on_loss))
+            handles.append(self.loss_fn.register_forward_pre_hook(on_loss, with_kwargs=True))
         try:
             with torch.enable_grad():
                 loss = closure()
