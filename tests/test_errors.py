@@ -718,3 +718,12 @@ def test_non_finite_tolerances_and_shifts_are_non_finite_arguments():
     for call in calls:
         with pytest.raises(hessinv.NonFiniteArgumentError):
             call()
+
+
+@pytest.mark.parametrize("loss", [nn.MSELoss(), nn.BCEWithLogitsLoss()])
+def test_targets_of_the_wrong_shape_are_told_the_remedy(loss):
+    m = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+    X, y = torch.randn(16, 4), torch.rand(16)
+    with pytest.raises(hessinv.ShapeMismatchError, match=re.escape("targets.unsqueeze(1)")):
+        hessinv.hessian(m, loss, X, y)
+    hessinv.hessian(m, loss, X, y.unsqueeze(1))

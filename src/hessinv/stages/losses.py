@@ -387,7 +387,16 @@ class LossStage:
             q.mul_(keep[:, None].to(y.dtype))
             return "ce", q, (1.0 / max(kept, 1) if red == "mean" else 1.0)
         if t.shape != y.shape:
-            raise ShapeMismatchError(f"{self.name}: targets {tuple(t.shape)} != outputs {tuple(y.shape)}")
+            hint = (
+                "; give the targets the outputs' shape (targets.unsqueeze(1))"
+                if t.shape == (B,) and C == 1
+                else "; give the targets the outputs' shape (targets.reshape(outputs.shape))"
+                if t.numel() == y.numel()
+                else ""
+            )
+            raise ShapeMismatchError(
+                f"{self.name}: targets {tuple(t.shape)} != outputs {tuple(y.shape)}{hint}"
+            )
         scale = 1.0 / (B * C) if red == "mean" else 1.0
         return ("bce" if isinstance(loss_fn, nn.BCEWithLogitsLoss) else "mse"), None, scale
 
