@@ -98,6 +98,12 @@ DIAGONAL_DAMPING = 200.0
 #: most this (a few tenths of a second on one core, a trust-region step spending 2-4; the memorization
 #: benchmark's: 1.3e8; a 30-16-2 MLP on 455 examples, 1.1e9, took 1.7-2.7 s per step, 1300-2000x Adam's)
 TRUST_REGION_MAX_FLOPS = 3e8
+#: ``mode="auto"`` leaves the trust region for preconditioning when its radius falls below this times
+#: ``sqrt(u) max(1, ||x||)``: steps that small change the loss by rounding-level amounts, and the quadratic
+#: model has stopped describing the loss -- the radius collapses at a kink of a ReLU network (iris,
+#: 4-16-16-3 ReLU: the loss stuck at 0.0424 for hundreds of steps, radius 1e-5 in float32, 1e-14 in
+#: float64, where Adam went on to 0.005); the memorization benchmark's smallest is 0.34 (float32)
+TRUST_REGION_STALL = 1e-2
 _RULES: dict[str, Callable[[], DampingRule]] = {
     "trust-region": TrustRegion,
     "levenberg-marquardt": LevenbergMarquardt,
@@ -225,7 +231,10 @@ class Newton(torch.optim.Optimizer):
       curvature costs at most :data:`TRUST_REGION_MAX_FLOPS` (a large full batch preconditions), else
       ``"precondition"`` (a
       repeat later on, e.g. a batch of one example drawn twice, does not switch; several steps on
-      the first batch do: pass ``mode="precondition"`` for that). Passing a
+      the first batch do: pass ``mode="precondition"`` for that). From the trust region it goes back
+      to ``"precondition"`` for good where the radius collapses (below :data:`TRUST_REGION_STALL`
+      ``sqrt(u) max(1, ||x||)``: at a kink of a ReLU network the quadratic model fails at every
+      scale). Passing a
       trust-region setting (``damping``, ``track_inertia``, ``backtracking``) selects ``"trust-region"``.
 
     Args:
@@ -763,7 +772,21 @@ class Newton(torch.optim.Optimizer):
         tr = same and self._trust_region_affordable(inputs)
         ns["mode"] = self.mode = "trust-region" if tr else "precondition"
         ns["previous"] = None
+        ns["from_auto"] = tr  # (the trust region may hand back to preconditioning: _leave_if_stalled)
         return ns["mode"]
+
+    def _leave_if_stalled(self) -> None:
+        """``mode="auto"``'s trust region: back to preconditioning, for good, where the radius collapsed
+        (:data:`TRUST_REGION_STALL`)."""
+        ns = self._newton
+        radius = ns["rule"].get("radius") if isinstance(ns["rule"], dict) else None
+        if not ns.get("from_auto") or radius is None or self.preconditioner is None:
+            return
+        x_norm = float(self.chain.flat_params().double().norm())
+        floor = TRUST_REGION_STALL * math.sqrt(torch.finfo(self.chain.dtype).eps) * max(1.0, x_norm)
+        if radius < floor:
+            ns["mode"] = self.mode = "precondition"
+            ns["from_auto"] = False
 
     def _trust_region_affordable(self, inputs: Tensor) -> bool:
         """Whether one factorization of the curvature of the batch ``inputs`` costs at most
@@ -1055,6 +1078,7 @@ class Newton(torch.optim.Optimizer):
             time_total=time.perf_counter() - t_start,
         )  # fmt: skip
         self.last_stats = stats
+        self._leave_if_stalled()
         if self.callback is not None:
             self.callback(stats)
         return loss_data.detach()
