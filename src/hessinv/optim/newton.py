@@ -243,7 +243,10 @@ class Newton(torch.optim.Optimizer):
         params: the parameters to optimize as ``torch.optim`` expects them -- an iterable of tensors or
             of group dicts (``{"params": [...], "lr": ...}``) for per-group ``lr``; together they must be
             exactly the model's trainable parameters. Default: all of them, one group.
-        lr: a multiplier on the step (``d = lr * s``); LR schedulers act on it (per group).
+        lr: a multiplier on the step (``d = lr * s``); LR schedulers act on it (per group). The step is
+            already scaled (a Newton step; off the curvature subspace an Adam step of size ``1 /
+            diagonal_damping``): keep ``lr=1`` to start with -- Adam's ``1e-3`` here is a step a thousand
+            times shorter, and training barely moves.
         mode: ``"auto"``, ``"precondition"`` or ``"trust-region"`` (see above).
         curvature: ``"hessian"`` or ``"gauss_newton"`` (``"gauss-newton"`` too). Default: the Hessian
             for the trust region, Gauss-Newton for preconditioning (where it trains better and is cheaper,
