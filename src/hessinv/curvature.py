@@ -142,10 +142,10 @@ def _check_tol(tol: float, name: str = "tol", allow_zero: bool = False, relative
     string), finite (else :class:`NonFiniteArgumentError`) and positive (or zero), and below 1 where it
     is ``relative`` (an accuracy relative to ``||H||``: 1 or more asks for no digit)."""
     t = check_real(tol, name)
+    need = "finite and >= 0" if allow_zero else "in (0, 1)" if relative else "finite and > 0"
     if not math.isfinite(t):
-        raise NonFiniteArgumentError(f"{name} must be a finite number, got {tol!r}")
+        raise NonFiniteArgumentError(f"{name} must be {need}, got {tol!r}")
     if t < 0 or (t == 0 and not allow_zero) or (relative and t >= 1):
-        need = "finite and >= 0" if allow_zero else "in (0, 1)" if relative else "finite and > 0"
         raise InvalidArgumentError(f"{name} must be {need}, got {tol!r}")
     return t
 

@@ -236,12 +236,13 @@ def _uncovered(n: int, factors: list, device: torch.device) -> Tensor:
     return (~covered).nonzero().flatten()
 
 
-def structured_gram(U: Tensor, S: Tensor, Dinv: Tensor, factors: list) -> Tensor:
+def structured_gram(U: Tensor, S: Tensor, Dinv: Tensor, factors: list, rest: Tensor | None = None) -> Tensor:
     """``K = diag(S) + U diag(Dinv) U^T`` (r x r, float64) using the outer-product structure of the
     Linear weights' rows (``factors`` from :func:`gauss_newton_root`): with rows ``vec(T_q z_{n(q)}^T)``,
     ``K_qp += sum_i T_qi T_pi w_{n(q) n(p) i}``, ``w_{nn'} = Dinv_W (z_n o z_n')`` -- ``B^2 d m + r^2 d``
-    flops per weight instead of ``r^2 d m``; the other columns by the dense product. Symmetric up to
-    rounding (:class:`WoodburyFactor` symmetrizes what it is given)."""
+    flops per weight instead of ``r^2 d m``; the other columns (``rest``: default, all outside the
+    weights of ``factors``; a caller may leave out columns of ``U`` that are zero) by the dense product.
+    Symmetric up to rounding (:class:`WoodburyFactor` symmetrizes what it is given)."""
     r, n = U.shape
     K = torch.diag(S.double())
     Dinv64 = Dinv.double()
@@ -259,7 +260,8 @@ def structured_gram(U: Tensor, S: Tensor, Dinv: Tensor, factors: list) -> Tensor
         Tp = Tp.view(B, C, d)
         Kp = (Tp[:, None] * w[:, :, None, :]) @ Tp[None].mT  # (B, B, C, C)
         K += Kp.permute(0, 2, 1, 3).reshape(B * C, B * C)[sel][:, sel]
-    rest = _uncovered(n, factors, U.device)
+    if rest is None:
+        rest = _uncovered(n, factors, U.device)
     if rest.numel():
         Ur = U[:, rest].double()
         K += (Ur * Dinv64[rest]) @ Ur.T
@@ -297,6 +299,7 @@ class WoodburyFactor:
         gram_tol: float | None = None,
         factors: list | None = None,
         structured_only: bool = False,
+        _columns: dict | None = None,
     ):
         self.U, self.S = U, S
         n = U.shape[1]
@@ -322,10 +325,39 @@ class WoodburyFactor:
         self._solve_factors = [f for f in self.factors or [] if f[1] * f[2] >= _STRUCTURED_SOLVE]
         # U's columns of these weights unwritten (gauss_newton_root(structured_only=True)): never read
         self.structured_only = structured_only and bool(self._solve_factors)
-        if self._solve_factors:
-            self._rest = _uncovered(n, self._solve_factors, U.device)
-            self._U_rest = U[:, self._rest]
+        # which columns of U each product reads, by U alone (shared with with_damping's factorizations):
+        # those outside the structured weights, less the columns that are zero (an Embedding's rows of
+        # tokens outside the curvature batch: most of its columns)
+        self._columns = {} if _columns is None else _columns
+        self._rest, self._U_rest = self._live_columns("solve", self._solve_factors)
         self._factor_K(self._gram() if K is None else K)
+
+    def _live_columns(self, key: str, factors: list) -> tuple[Tensor, Tensor]:
+        """``(idx, U[:, idx])``: the nonzero columns of ``U`` outside the weights of ``factors`` (cached)."""
+        if key not in self._columns:
+            n = self.U.shape[1]
+            keep = torch.zeros(n, dtype=torch.bool, device=self.U.device)
+            keep[_uncovered(n, factors, self.U.device)] = True
+            if "nonzero" not in self._columns:  # (the structured weights' columns may be unwritten: masked)
+                self._columns["nonzero"] = self.U.ne(0).any(0)
+            keep &= self._columns["nonzero"]
+            if bool(keep.all()):
+                self._columns[key] = (torch.arange(n, device=self.U.device), self.U)
+            else:
+                idx = keep.nonzero().flatten()
+                self._columns[key] = (idx, self.U[:, idx])
+        return self._columns[key]
+
+    @property
+    def live(self) -> Tensor:
+        """(n,) bool: the columns of ``U`` that may be nonzero (those of structured weights, and the other
+        nonzero ones). ``D`` changed elsewhere leaves ``K`` as it is."""
+        if "live" not in self._columns:
+            mask = torch.ones(self.U.shape[1], dtype=torch.bool, device=self.U.device)
+            mask[_uncovered(self.U.shape[1], self._solve_factors, self.U.device)] = False
+            mask[self._rest] = True
+            self._columns["live"] = mask
+        return self._columns["live"]
 
     @property
     def Ud(self) -> Tensor:
@@ -362,7 +394,12 @@ class WoodburyFactor:
         ``K``'s small eigenvalues."""
         U, S = self.U, self.S
         if self.factors:
-            return structured_gram(U, S, self._Dinv, self.factors)
+            rest = self._live_columns("gram", self.factors)[0]
+            return structured_gram(U, S, self._Dinv, self.factors, rest=rest)
+        rest, U_rest = self._rest, self._U_rest
+        if 2 * rest.numel() < U.shape[1]:  # mostly zero columns: the Gram matrix of the others
+            U64 = U_rest.double()
+            return torch.diag(S.double()) + (U64 * self._Dinv[rest].double()) @ U64.T
         if self.gram_tol is not None and U.dtype != torch.float64 and bool((S > 0).all()):
             K = torch.diag(S) + self.Ud @ U.T
             r, n = U.shape
@@ -418,6 +455,7 @@ class WoodburyFactor:
             gram_tol=self.gram_tol,
             factors=self.factors,
             structured_only=self.structured_only,
+            _columns=self._columns,
         )
 
     def update_damping(self, idx: Tensor | list[int], values: Tensor) -> None:
@@ -433,8 +471,10 @@ class WoodburyFactor:
             raise InvalidArgumentError("update_damping: idx names an entry twice; give each index once")
         values = values.to(self.D.dtype)
         _check_damping(values)
-        U_J = self._U64[:, idx] if self._U64 is not None else self.columns(idx).double()
-        delta = 1.0 / values.double() - self._Dinv[idx].double()
+        live = self.live[idx]  # (a zero column of U: D changes there, K does not)
+        idx_k = idx if bool(live.all()) else idx[live]
+        U_J = self._U64[:, idx_k] if self._U64 is not None else self.columns(idx_k).double()
+        delta = 1.0 / values[live].double() - self._Dinv[idx_k].double()
         K = self.K + (U_J * delta) @ U_J.T
         self.D = self.D.clone()
         self.D[idx] = values
@@ -458,7 +498,7 @@ class WoodburyFactor:
         T_q z_{n(q)}^T) = vec(Tw^T Z)`` with ``Tw[n] = sum_{n(q) = n} w_q T_q`` -- ``2 B d m + 2 r d``
         flops per weight instead of ``2 r d m``, and ``U`` itself (``r n`` numbers, megabytes) is not read."""
         A = R * self._Dinv[:, None]
-        if not self._solve_factors:
+        if not self._solve_factors and 2 * self._rest.numel() >= self.U.shape[1]:
             return A - self.Ud.T @ self._kinv(self.U @ A).to(R.dtype)
         k = R.shape[1]
         y = self._U_rest @ A[self._rest]  # (r, k)

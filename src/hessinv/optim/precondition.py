@@ -672,7 +672,8 @@ class Preconditioner:
             else:
                 J = self._stale(D)
                 if J.numel():  # a few entries moved (a gradient spike): a rank-|J| update of K
-                    if J.numel() <= self._factor.rank:
+                    # (only entries on nonzero columns of U enter K: an Embedding's unseen tokens do not)
+                    if int(self._factor.live[J].sum()) <= self._factor.rank:
                         self._factor.update_damping(J, D[J])
                     else:
                         self._factor = self._factor.with_damping(D)
