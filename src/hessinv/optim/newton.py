@@ -274,7 +274,8 @@ class Newton(torch.optim.Optimizer):
             :class:`~hessinv.optim.EigenBasis`); ``"identity"`` in the parameters (Adam's).
         basis_max_dim: weights with a side above this (default 512) stay unrotated, with Adam's diagonal:
             a rotation costs ``4 a b (a + b)`` flops per step (a 784-wide input layer: 32 ms per step
-            rotated, 5 ms not; ``bench/wide_mlp.py``).
+            rotated, 5 ms not; ``bench/wide_mlp.py``); so do weights whose rotation costs more than
+            :data:`~hessinv.optim.precondition.ROTATION_MAX_FLOPS` (a 512 x 512 hidden weight).
         max_rank: precondition mode (Gauss-Newton): rows of the curvature root at most (default 256);
             with more output directions than that in the curvature batch (many classes), each example
             keeps its leading ones (:class:`~hessinv.optim.Preconditioner`).

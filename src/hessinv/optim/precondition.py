@@ -150,6 +150,10 @@ def _power_step(M: Tensor, Q: Tensor) -> Tensor:
 
 #: weights with a side above this stay out of the eigenbasis by default (:class:`EigenBasis`)
 BASIS_MAX_DIM = 512
+#: ... and so do weights whose rotation costs more than this many flops per step, ``4 a b (a + b)``: a
+#: 512 x 512 hidden weight's (1.1e9; 78 ms per step on the 2-core machine, a step 16x Adam's where 513
+#: wide, unrotated, was 4x); 256 x 256 costs 1.3e8
+ROTATION_MAX_FLOPS = 1.4e8
 #: rows of the Gauss-Newton root at most by default (:class:`Preconditioner`): the exact root of 8
 #: examples has ``8 (C - 1)`` rows for ``C`` classes, and its Woodbury solve costs ``r^2 n`` per refresh
 MAX_RANK = 256
@@ -161,11 +165,12 @@ class EigenBasis:
     eigenvectors ``Q_L``, ``Q_R``; :meth:`rotate` maps the flat parameter vector to the basis
     ``X -> Q_L^T X Q_R`` (orthogonal: :meth:`unrotate` is its inverse and transpose), the identity on
     every other parameter. Adam's second moments taken in this basis are SOAP's (Vyas et al. 2024).
-    Weights with a side above ``max_dim`` stay unrotated (Adam's diagonal there): rotating an ``a x b``
-    weight costs ``4 a b (a + b)`` flops per step against ``6 B a b`` for its gradient on a batch of
-    ``B``, and its refresh ``O(a^3 + b^3)`` -- on a 784-256-10 MLP (upsampled digits, batch 64;
-    ``bench/wide_mlp.py``) the rotated input layer made a step 32-33 ms against 5.2-5.8 ms unrotated
-    (Adam: 1.1-1.2 ms), and 95% test accuracy came in 1.6-1.8 s against 0.3-0.5 s.
+    Weights with a side above ``max_dim``, or whose rotation costs more than :data:`ROTATION_MAX_FLOPS`,
+    stay unrotated (Adam's diagonal there): rotating an ``a x b`` weight costs ``4 a b (a + b)`` flops per
+    step against ``6 B a b`` for its gradient on a batch of ``B``, and its refresh ``O(a^3 + b^3)`` --
+    on a 784-256-10 MLP (upsampled digits, batch 64; ``bench/wide_mlp.py``) the rotated input layer made
+    a step 32-33 ms against 5.2-5.8 ms unrotated (Adam: 1.1-1.2 ms), and 95% test accuracy came in
+    1.6-1.8 s against 0.3-0.5 s.
     Weights of equal shape are stacked: one batched product per shape (a deep chain of equal stages
     rotates in a few calls, not a few per stage).
 
@@ -191,7 +196,8 @@ class EigenBasis:
             k = p.numel()
             a = int(p.shape[0]) if p.dim() >= 2 else 1
             b = k // a
-            if p.dim() >= 2 and a > 1 and b > 1 and max(a, b) <= max_dim:
+            rotated = max(a, b) <= max_dim and 4 * a * b * (a + b) <= ROTATION_MAX_FLOPS
+            if p.dim() >= 2 and a > 1 and b > 1 and rotated:
                 self.blocks.append((o, a, b))
             o += k
         like = params[0] if len(params) else torch.zeros(())
@@ -422,7 +428,8 @@ class Preconditioner:
         basis: ``"eigen"`` (default): ``D`` diagonal in each weight's eigenbasis (:class:`EigenBasis`);
             ``"identity"``: ``D`` diagonal in the parameters (Adam's). Gauss-Newton curvature only.
         basis_max_dim: weights with a side above this stay unrotated in the eigenbasis (their rotation
-            costs ``4 a b (a + b)`` flops per step; see :class:`EigenBasis`).
+            costs ``4 a b (a + b)`` flops per step; see :class:`EigenBasis`), as do weights whose rotation
+            costs more than :data:`ROTATION_MAX_FLOPS`.
         max_rank: rows of the Gauss-Newton root ``U`` at most (at least one per example): where the
             curvature batch's ``B`` examples have more than ``max_rank / B`` output directions of
             curvature (many classes), each keeps its ``max(1, max_rank // B)`` leading eigenpairs
