@@ -727,3 +727,26 @@ def test_targets_of_the_wrong_shape_are_told_the_remedy(loss):
     with pytest.raises(hessinv.ShapeMismatchError, match=re.escape("targets.unsqueeze(1)")):
         hessinv.hessian(m, loss, X, y)
     hessinv.hessian(m, loss, X, y.unsqueeze(1))
+
+
+def test_dense_matrices_beyond_memory_are_named(monkeypatch):
+    """``to_dense()`` and ``Laplace.posterior_covariance()`` allocated ``n x n`` with no check: a raw
+    allocator RuntimeError at n = 35k under a 6 GiB limit (or 20 GB taken without one)."""
+    import hessinv.laplace
+    import hessinv.riccati
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    dense = H.to_dense()
+    la = hessinv.laplace.Laplace(m, nn.CrossEntropyLoss())
+    la.fit(X, y)
+    monkeypatch.setattr(hessinv.riccati, "_capacity_bytes", lambda device: 1000)
+    monkeypatch.setattr(hessinv.riccati, "_memory_bytes", lambda device: 1000)
+    with pytest.raises(hessinv.TooLargeError, match="to_dense"):
+        H.to_dense()
+    with pytest.raises(hessinv.TooLargeError, match="posterior_covariance"):
+        la.posterior_covariance()
+    monkeypatch.undo()
+    assert torch.equal(H.to_dense(), dense)

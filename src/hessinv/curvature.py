@@ -45,6 +45,7 @@ from hessinv.lowrank import WoodburyFactor, gauss_newton_root
 from hessinv.riccati import (
     Inertia,
     Pivot,
+    check_dense_memory,
     check_memory,
     riccati_factor,
     riccati_forward,
@@ -367,14 +368,19 @@ class CurvatureOperator:
     def to_dense(self) -> Tensor:
         """The dense ``n x n`` matrix (``n`` products, on blocks of columns that keep each product's
         ``(B, width, k)`` tensors near 2^24 numbers; the dense route's matrix where it holds one)."""
+        n = self.shape[0]
+        check_dense_memory(n, self.dtype, self.device, "to_dense()")
         view = self.__dict__.get("_view")
         if view is not None and view is not self:
             return view.blocks[0].A.clone()
-        n = self.shape[0]
         width = max((b.batch * max(b.d_in, b.d_out, 1) for b in self.blocks), default=1)
         k = max(1, min(n, 2**24 // width))
-        eye = torch.eye(n, dtype=self.dtype, device=self.device)
-        return torch.cat([self._apply(eye[:, j : j + k]) for j in range(0, n, k)], dim=1)
+        out = torch.empty(n, n, dtype=self.dtype, device=self.device)
+        for j in range(0, n, k):  # (the identity one block of columns at a time)
+            cols = torch.zeros(n, min(k, n - j), dtype=self.dtype, device=self.device)
+            cols[torch.arange(j, j + cols.shape[1]), torch.arange(cols.shape[1])] = 1
+            out[:, j : j + cols.shape[1]] = self._apply(cols)
+        return out
 
     def as_linear_operator(self) -> scipy.sparse.linalg.LinearOperator:
         """A ``scipy.sparse.linalg.LinearOperator`` taking and returning float64 numpy arrays."""

@@ -728,6 +728,23 @@ def _kept_entries(blk: Blocks, batch: int, first: bool) -> int:
     return q * q + low + (0 if first else blk.p * a_in)
 
 
+def check_dense_memory(
+    n: int, dtype: torch.dtype, device: torch.device, what: str, copies: float = 1.5
+) -> None:
+    """Raise :class:`TooLargeError` before ``what`` allocates a dense ``n x n`` matrix (``copies`` of it
+    with its transients) that would not fit in the memory still available on ``device``."""
+    need = int(copies * n * n * torch.empty(0, dtype=dtype).element_size())
+    if need * 64 <= _capacity_bytes(device):
+        return
+    total = _memory_bytes(device)
+    if total is not None and need > total:
+        raise TooLargeError(
+            f"{what}: a dense {n} x {n} matrix needs about {need / 2**30:.3g} GiB, and {total / 2**30:.3g} "
+            "GiB of the device's memory is available; use products (H @ v), solves or the factorization, "
+            "which never form it"
+        )
+
+
 def check_memory(blocks: list[Blocks], names: list[str], dtype: torch.dtype, device: torch.device) -> None:
     """Raise :class:`TooLargeError` before a sweep whose dense blocks would not fit in the memory still
     available on the device (:func:`_memory_bytes`; an ``a x a`` matrix per stage, ``a`` = examples x the
