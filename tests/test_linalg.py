@@ -147,3 +147,22 @@ def test_sweeps_flush_subnormals_and_restore_the_setting():
         assert _subnormals_flushed()
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_one_large_head_keeps_a_sweep_of_small_stages_on_one_thread():
+    """The thread rule of sweeps weighs blocks by their work: a 10-class head at batch 64 (a = 640) sent
+    the 63 small stages before it to two threads (2.4x slower beside a busy process); a chain whose
+    work is on large blocks keeps torch's count."""
+    from hessinv.riccati import _small_sweep
+
+    def blocks(width: int, depth: int, batch: int, classes: int) -> list:
+        torch.manual_seed(0)
+        layers = [m for _ in range(depth) for m in (nn.Linear(width, width), nn.Tanh())]
+        layers.append(nn.Linear(width, classes))
+        net = nn.Sequential(*layers).double()
+        X, y = torch.randn(batch, width, dtype=torch.float64), torch.randint(0, classes, (batch,))
+        return hessinv.hessian(net, nn.CrossEntropyLoss(), X, y).blocks
+
+    assert _small_sweep(blocks(8, 32, 64, 10))
+    assert not _small_sweep(blocks(8, 2, 128, 10))
+    assert not _small_sweep(blocks(40, 3, 16, 10))
