@@ -1646,7 +1646,12 @@ class Factorization:
                 stalled = True
                 break
             slow = rel_c > 0.1 * rel  # contraction ~ cond(H + eps I) u of the sweep
+            halved = rel_c <= 0.5 * rel
             X64, res, rel, steps = cand, res_c, rel_c, steps + 1
+            if not low and not halved and rel <= krylov_above:
+                # below 1e-14 and contracting by less than 2x: rounding, not error, is left (LAPACK's
+                # xGERFS stops there too); a further step (a sweep and a product) would buy noise
+                break
             if low and slow and rel > 1e-12:
                 # a float32 sweep contracting by less than 10x per step (cond u32 >~ 0.1): the steps
                 # left (a sweep and a float64 product each) cost more than the float64 factorization
@@ -1690,8 +1695,13 @@ class Factorization:
         return X64, SolveInfo(rel, steps, its)
 
     def _apply64(self, X: Tensor) -> Tensor:
-        """``(H + eps I) X`` in float64 (the float64 twin's ``O(L)`` product), for residuals."""
+        """``(H + eps I) X`` in float64 (the float64 twin's ``O(L)`` product), for residuals -- by the dense
+        matrix where the operator holds one (the dense route: a large batch makes each of the chain's
+        products cost about as much as a dense one, and one matrix product serves every column)."""
         op64 = self.op._residual_operator()
+        view = op64.__dict__.get("_view")
+        if view is not None and view is not op64:
+            return view.blocks[0].A @ X.to(view.blocks[0].A.dtype) + self._shift(X)
         return op64._apply(X.to(op64.dtype)).double() + self._shift(X)
 
     def _dense_solve(self, R64: Tensor) -> Tensor | None:
