@@ -518,7 +518,7 @@ class LossStage:
 
     def _autograd(self, y: Tensor) -> tuple[LossBlocks, Tensor]:
         """``G = dL/dy`` and the per-example ``Lambda_n = d2 L / dy_n dy_n`` by plain autograd."""
-        from hessinv.stages.generic import _grads
+        from hessinv.stages.generic import _backward_rows, _grads
 
         B = y.shape[0]
         y = y.detach().clone().requires_grad_(True)
@@ -530,9 +530,21 @@ class LossStage:
             if not G.requires_grad:
                 self._check_constant_gradient(y, G)
             C = G.shape[1]
-            Lam = y.new_zeros(B, C, C)
-            for c in range(C):
-                Lam[:, c, :] = _grads(G[:, c].sum(), [y])[0].reshape(B, C)
+
+            def seeds(j: int, k: int) -> Tensor:  # rows j..j+k of every example's Lambda
+                E = G.new_zeros(k, B, C)
+                E[torch.arange(k), :, torch.arange(j, j + k)] = 1
+                return E
+
+            # all rows in a few batched backward passes (C of them one by one: a per-position
+            # cross-entropy's C T outputs took 600 passes per curvature refresh); else one by one
+            rows = _backward_rows(G, [y], C, seeds, True) if G.requires_grad else None
+            if rows is not None:
+                Lam = rows[0].reshape(C, B, C).permute(1, 0, 2).contiguous()
+            else:
+                Lam = y.new_zeros(B, C, C)
+                for c in range(C):
+                    Lam[:, c, :] = _grads(G[:, c].sum(), [y])[0].reshape(B, C)
             if B > 1:
                 gen = torch.Generator(device="cpu").manual_seed(4321)
                 V = torch.randn(B, C, generator=gen, dtype=torch.float64).to(G)
