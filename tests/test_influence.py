@@ -278,3 +278,19 @@ def test_influence_scores_names_a_train_argument_that_is_not_a_pair():
     X, y = torch.randn(6, 2, dtype=torch.float64), torch.randint(0, 3, (6,))
     with pytest.raises(hessinv.InvalidArgumentError, match="train must be an"):
         influence_scores(net, torch.nn.CrossEntropyLoss(), X, (X, y))
+
+
+def test_fit_takes_a_loader_and_a_refused_refit_keeps_the_previous_fit():
+    """``fit(loader)`` raised a raw TypeError; a refit refused half way left the new curvature with the
+    old training gradients (self-influence of neither fit)."""
+    torch.manual_seed(0)
+    X, y = torch.randn(13, 4, dtype=torch.float64), torch.randint(0, 3, (13,))
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=5)
+    f_loader = InfluenceFunction(net, nn.CrossEntropyLoss(), damping=1.0).fit(loader)
+    f = InfluenceFunction(net, nn.CrossEntropyLoss(), damping=1.0).fit(X, y)
+    assert torch.allclose(f_loader.self_influence(), f.self_influence(), rtol=1e-12)
+    before = f.self_influence()
+    with pytest.raises(hessinv.ShapeMismatchError):
+        f.fit(X, y[:5], curvature_inputs=X[:4], curvature_targets=y[:4])
+    assert torch.equal(f.self_influence(), before)

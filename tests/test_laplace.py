@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import autograd_gauss_newton, autograd_hessian, autograd_output_jacobian
+from torch import nn
 
 from hessinv.errors import (
     DtypeMismatchError,
@@ -512,3 +513,30 @@ def test_loader_batches_that_differ_are_named():
         with pytest.raises(error, match="batches' inputs differ"):
             Laplace(net, "classification").fit(batches)
     Laplace(net, "classification").fit([(X[:6], y[:6]), (X[6:], y[6:].int())])  # integer targets mix
+
+
+def test_classification_targets_of_minus_100_are_refused_not_dropped():
+    """The string likelihood's cross-entropy ignored targets of -100 (torch's default ignore_index): the
+    evidence was that of the other examples, with n_data counting all."""
+    torch.manual_seed(0)
+    X, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    y[[2, 7]] = -100
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    with pytest.raises(InvalidArgumentError, match="ignores 2 of these targets"):
+        Laplace(net, "classification").fit(X, y)
+
+
+def test_a_refused_refit_keeps_the_previous_fit():
+    """A fit refused at its prior-mean check (a layer frozen since: the (n,) prior mean no longer fits)
+    had installed the new operator beside the old loss: stale log-likelihoods, raw RuntimeErrors."""
+    torch.manual_seed(0)
+    X, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    n = sum(p.numel() for p in net.parameters())
+    la = Laplace(net, "classification", prior_mean=torch.zeros(n, dtype=torch.float64)).fit(X, y)
+    lml = la.log_marginal_likelihood()
+    net[0].weight.requires_grad_(False)
+    with pytest.raises(ShapeMismatchError):
+        la.fit(X, y)
+    net[0].weight.requires_grad_(True)
+    assert la.n_params == n and la.log_marginal_likelihood() == lml

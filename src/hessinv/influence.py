@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 from hessinv.chain import Chain, LossFn, check_real
 from hessinv.curvature import CurvatureOperator, Factorization, check_precision, curvature_class
 from hessinv.errors import (
+    DtypeMismatchError,
     HessinvError,
     InvalidArgumentError,
     NotFittedError,
@@ -155,6 +156,38 @@ def output_jacobians(model: nn.Module, inputs: Tensor, chunk: int = 1024) -> Ten
     return _chunked(lambda X, _: _flatten(J(params, X), names, 2), inputs, inputs, chunk)
 
 
+def _collect(data: Tensor | Iterable, targets: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``fit(X, y)`` or ``fit(loader)``: the inputs and targets as two tensors (a loader's batches
+    concatenated), with named errors for what cannot be."""
+    if isinstance(data, Tensor):
+        if targets is None:
+            raise InvalidArgumentError("fit(X, y): the targets are missing")
+        return data, targets
+    if targets is not None:
+        raise InvalidArgumentError("pass either fit(X, y) or fit(loader)")
+    try:
+        batches = [(b[0], b[1]) for b in data]
+    except (TypeError, KeyError, IndexError) as e:
+        raise InvalidArgumentError(
+            f"fit(loader): each batch must be an (inputs, targets) pair of tensors ({type(e).__name__}: {e})"
+        ) from None
+    if not batches:
+        raise InvalidArgumentError("fit(loader): the loader gave no batch")
+    xs, ys = zip(*batches, strict=True)
+    if not all(isinstance(t, Tensor) for t in xs + ys):
+        raise InvalidArgumentError("fit(loader): each batch must be an (inputs, targets) pair of tensors")
+    for what, ts in (("inputs", xs), ("targets", ys)):
+        shapes = {tuple(t.shape[1:]) for t in ts}
+        if len(shapes) > 1:  # torch.cat would fail
+            raise ShapeMismatchError(
+                f"fit(loader): the batches' {what} differ in shape per example: {shapes}"
+            )
+    kinds = {(t.dtype, t.device) for t in xs}
+    if len(kinds) > 1:  # torch.cat would promote a float32 batch silently (integer targets may differ)
+        raise DtypeMismatchError(f"fit(loader): the batches' inputs differ in dtype or device: {kinds}")
+    return torch.cat(xs), torch.cat(ys)
+
+
 class InfluenceFunction:
     """Exact influence scores ``-grad L(z_test)^T (H + lambda I)^{-1} grad L(z_i)``.
 
@@ -194,28 +227,31 @@ class InfluenceFunction:
 
     def fit(
         self,
-        inputs: Tensor,
-        targets: Tensor,
+        inputs: Tensor | Iterable,
+        targets: Tensor | None = None,
         curvature_inputs: Tensor | None = None,
         curvature_targets: Tensor | None = None,
     ) -> InfluenceFunction:
         """Factor ``H + lambda I`` on ``(curvature_inputs, curvature_targets)`` -- default the whole
-        training set ``(inputs, targets)`` -- and compute the per-example training gradients."""
+        training set ``(inputs, targets)``, or ``fit(loader)`` (its batches concatenated) -- and compute
+        the per-example training gradients. A refused fit leaves the previous one as it was."""
         if (curvature_inputs is None) != (curvature_targets is None):
             raise InvalidArgumentError("pass both curvature_inputs and curvature_targets, or neither")
+        inputs, targets = _collect(inputs, targets)
         Xc, yc = (inputs, targets) if curvature_inputs is None else (curvature_inputs, curvature_targets)
-        self.operator = self.curvature_cls(self.model, self.loss_fn, Xc, yc)
-        self.factorization = self.operator.factor(self.damping, precision=self.precision)
-        if not self.factorization.positive_definite:
+        op = self.curvature_cls(self.model, self.loss_fn, Xc, yc)
+        fac = op.factor(self.damping, precision=self.precision)
+        grads = per_example_gradients(self.model, self.loss_fn, inputs, targets, chain=op.chain)
+        if not fac.positive_definite:
             warnings.warn(
-                f"H + lambda I (lambda = {self.damping:g}) is indefinite, inertia {tuple(self.inertia)}: "
+                f"H + lambda I (lambda = {self.damping:g}) is indefinite, inertia {tuple(fac.inertia)}: "
                 "the scores are exact for this matrix, but influence functions assume a positive definite "
                 "curvature -- use curvature='gauss_newton' or a larger damping",
                 stacklevel=2,
             )
-        self._at = self.operator.chain.flat_params()
-        self._buffers = self.operator.chain.buffer_values()
-        self.train_gradients = self._gradients(inputs, targets)
+        self.operator, self.factorization = op, fac
+        self._at, self._buffers = op.chain.flat_params(), op.chain.buffer_values()
+        self.train_gradients = grads
         return self
 
     @property

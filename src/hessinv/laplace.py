@@ -59,7 +59,7 @@ from hessinv.errors import (
     NotFittedError,
     ShapeMismatchError,
 )
-from hessinv.influence import _trainable, output_jacobians
+from hessinv.influence import _collect, _trainable, output_jacobians
 from hessinv.riccati import check_dense_memory
 
 __all__ = ["Laplace"]
@@ -82,36 +82,6 @@ def _likelihood_of(likelihood) -> str:
         f"(Gaussian: nn.MSELoss), got {likelihood!r}; a weighted or smoothed cross-entropy, or another "
         "loss, is not the log-likelihood of a categorical or Gaussian model"
     )
-
-
-def _collect(data: Tensor | Iterable, targets: Tensor | None) -> tuple[Tensor, Tensor]:
-    if isinstance(data, Tensor):
-        if targets is None:
-            raise InvalidArgumentError("fit(X, y): the targets are missing")
-        return data, targets
-    if targets is not None:
-        raise InvalidArgumentError("pass either fit(X, y) or fit(loader)")
-    try:
-        batches = [(b[0], b[1]) for b in data]
-    except (TypeError, KeyError, IndexError) as e:
-        raise InvalidArgumentError(
-            f"fit(loader): each batch must be an (inputs, targets) pair of tensors ({type(e).__name__}: {e})"
-        ) from None
-    if not batches:
-        raise InvalidArgumentError("fit(loader): the loader gave no batch")
-    xs, ys = zip(*batches, strict=True)
-    if not all(isinstance(t, Tensor) for t in xs + ys):
-        raise InvalidArgumentError("fit(loader): each batch must be an (inputs, targets) pair of tensors")
-    for what, ts in (("inputs", xs), ("targets", ys)):
-        shapes = {tuple(t.shape[1:]) for t in ts}
-        if len(shapes) > 1:  # torch.cat would fail
-            raise ShapeMismatchError(
-                f"fit(loader): the batches' {what} differ in shape per example: {shapes}"
-            )
-    kinds = {(t.dtype, t.device) for t in xs}
-    if len(kinds) > 1:  # torch.cat would promote a float32 batch silently (integer targets may differ)
-        raise DtypeMismatchError(f"fit(loader): the batches' inputs differ in dtype or device: {kinds}")
-    return torch.cat(xs), torch.cat(ys)
 
 
 class Laplace:
@@ -141,8 +111,8 @@ class Laplace:
         # a cross-entropy's ignore_index: refused at fit where a target is ignored (the Laplace likelihood
         # counts every example it is fitted on)
         self._ignore = (
-            getattr(likelihood, "ignore_index", None) if isinstance(likelihood, nn.Module) else None
-        )
+            getattr(likelihood, "ignore_index", None) if isinstance(likelihood, nn.Module) else -100
+        )  # (the string likelihood's cross-entropy: torch's default; a target of -100 was silently dropped)
         likelihood = _likelihood_of(likelihood)
         self.model, self.likelihood = model, likelihood
         self.curvature_cls = curvature_class(curvature)
@@ -153,7 +123,7 @@ class Laplace:
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.prior_mean = self._check_prior_mean(prior_mean, n)
         self.loss_fn: nn.Module = (
-            nn.CrossEntropyLoss(reduction="sum")
+            nn.CrossEntropyLoss(reduction="sum", ignore_index=-100 if self._ignore is None else self._ignore)
             if likelihood == "classification"
             else nn.MSELoss(reduction="sum")
         )
@@ -205,12 +175,14 @@ class Laplace:
                 f"{int((y == self._ignore).sum())} of these targets, which the Laplace likelihood would "
                 "count: drop those examples from the data"
             )
-        self.operator = op = self.curvature_cls(self.model, self.loss_fn, X, y)
-        self.mean = torch.cat([p.detach().reshape(-1) for p in self.model.parameters() if p.requires_grad])
-        self.n_params = self.mean.numel()
-        self.prior_mean = self._check_prior_mean(self.prior_mean, self.n_params)  # requires_grad may change
-        self.n_data = len(X)
-        self.n_outputs = int(self.model(X[:1])[0].numel())  # per example: (N, C, T) outputs count C T
+        # everything computed first, then assigned: a refused fit leaves the previous one whole
+        op = self.curvature_cls(self.model, self.loss_fn, X, y)
+        mean = torch.cat([p.detach().reshape(-1) for p in self.model.parameters() if p.requires_grad])
+        prior_mean = self._check_prior_mean(self.prior_mean, mean.numel())  # requires_grad may change
+        with torch.no_grad():
+            n_outputs = int(self.model(X[:1])[0].numel())  # per example: (N, C, T) outputs count C T
+        self.operator, self.mean, self.n_params, self.prior_mean = op, mean, mean.numel(), prior_mean
+        self.n_data, self.n_outputs = len(X), n_outputs
         self.loss = float(op.loss)  # summed cross-entropy, or summed squared error
         self._buffers = op.chain.buffer_values()
         self._cache = None
