@@ -234,7 +234,8 @@ class Newton(torch.optim.Optimizer):
       the first batch do: pass ``mode="precondition"`` for that). From the trust region it goes back
       to ``"precondition"`` for good where the radius collapses (below :data:`TRUST_REGION_STALL`
       ``sqrt(u) max(1, ||x||)``: at a kink of a ReLU network the quadratic model fails at every
-      scale). Passing a
+      scale), unless the loss is fitted to rounding (at most ``sqrt(u)`` times the trust region's first
+      loss) or the gradient is zero. Passing a
       trust-region setting (``damping``, ``track_inertia``, ``backtracking``) selects ``"trust-region"``.
 
     Args:
@@ -784,10 +785,22 @@ class Newton(torch.optim.Optimizer):
         (:data:`TRUST_REGION_STALL`)."""
         ns = self._newton
         radius = ns["rule"].get("radius") if isinstance(ns["rule"], dict) else None
-        if not ns.get("from_auto") or radius is None or self.preconditioner is None:
+        if (
+            not ns.get("from_auto")
+            or radius is None
+            or self.preconditioner is None
+            or self.last_stats is None
+        ):
+            return
+        # converged, not stalled: a loss fitted to rounding (an exact fit: the ratio test is noise at f = 0,
+        # and the radius collapses there too) or a zero gradient -- the trust region keeps it
+        f, f0 = self.last_stats.loss, ns.setdefault("trust_region_loss0", self.last_stats.loss)
+        eps = torch.finfo(self.chain.dtype).eps
+        grads = [p.grad for p in self.chain.params if p.grad is not None]
+        if (0 <= f <= math.sqrt(eps) * f0) or not any(bool(g.any()) for g in grads):
             return
         x_norm = float(self.chain.flat_params().double().norm())
-        floor = TRUST_REGION_STALL * math.sqrt(torch.finfo(self.chain.dtype).eps) * max(1.0, x_norm)
+        floor = TRUST_REGION_STALL * math.sqrt(eps) * max(1.0, x_norm)
         if radius < floor:
             ns["mode"] = self.mode = "precondition"
             ns["from_auto"] = False

@@ -41,7 +41,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from hessinv.errors import InvalidArgumentError, NotAChainError, TooLargeError, UnsupportedStageError
+from hessinv.errors import (
+    InvalidArgumentError,
+    NonFiniteError,
+    NotAChainError,
+    TooLargeError,
+    UnsupportedStageError,
+)
 from hessinv.stages.protocol import (
     Blocks,
     ParameterFreeBlocks,
@@ -281,7 +287,11 @@ class GenericStage(Stage):
         except UnsupportedStageError:  # (a RuntimeError too)
             raise
         except RuntimeError as e:  # e.g. "derivative for aten::... is not implemented"
-            raise UnsupportedStageError(f"{self.name}: autograd cannot differentiate it twice: {e}") from e
+            hint = next((h for op, h in _NO_DOUBLE_BACKWARD.items() if op in str(e)), "")
+            raise UnsupportedStageError(
+                f"{self.name}: autograd cannot differentiate it twice: {str(e).rstrip('.')}. "
+                + (hint or "Write the stage with operations autograd can differentiate twice")
+            ) from e
 
     def differentiable_input(self, z_in: Tensor, dtype: torch.dtype) -> tuple[Tensor, Callable]:
         """``(z, f)``: the stage's input as a leaf that requires grad and ``f(z)`` the stage on it. Data
@@ -345,6 +355,7 @@ class GenericStage(Stage):
                     Hxx = torch.cat([g.reshape(p, -1) for g in R[2:]], 1) if params else z.new_zeros(0, 0)
                     Hzz = S[1].reshape(d_in, B, d_in).permute(1, 0, 2)
                 blocks = DenseBlocks(Jx, Jz, Hxx, Hxz, Hzz)
+                self._check_finite(blocks)
                 if not batched:
                     break
                 try:  # vmapped backward: accepted only if the unbatched probe agrees
@@ -357,6 +368,21 @@ class GenericStage(Stage):
             self._probe(blocks, gx, gz, u, z, params, second_order)
             self._check_first_order(blocks, gx, gz, u)
         return blocks
+
+    def _check_finite(self, blk: DenseBlocks) -> None:
+        """A :class:`NonFiniteError` for NaN or infinite derivatives at this batch (autograd's double
+        backward of ``x / ||x||`` at an all-zero ``x``: ``F.normalize`` after a ReLU that zeroed an
+        example). Multiplied by an exact zero elsewhere in the chain they made a Hessian of NaNs."""
+        for name in ("Jx", "Jz", "Hxx", "Hxz", "Hzz"):
+            t = getattr(blk, name, None)
+            if isinstance(t, Tensor) and t.numel() and not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(
+                    f"{self.name}: its derivatives at this batch are not finite (NaN or infinity in "
+                    f"{name}; e.g. F.normalize or a norm of an all-zero vector, a square root at 0): "
+                    "make the stage differentiable there (F.normalize(x, eps=...) divides by max(||x||, "
+                    "eps) but autograd's second derivative at 0 is still NaN: add eps inside the norm, "
+                    "x / torch.sqrt((x * x).sum(-1, keepdim=True) + eps))"
+                )
 
     def _check_first_order(self, blk: DenseBlocks, gx: Tensor, gz: Tensor, u: Tensor) -> None:
         """The blocks' ``Jx^T u``, ``Jz^T u`` against autograd's first backward ``gx``, ``gz`` (which they
@@ -430,8 +456,7 @@ class GenericStage(Stage):
                 raise UnsupportedStageError(
                     f"{self.name}: its derivatives are small differences of large terms (autograd's own "
                     f"products reproduce only to {rounding / scale:.1e} relative in {gz.dtype}), so its "
-                    "blocks cannot be taken exactly nor checked for mixing examples; use a float64 model, "
-                    "or scale the stage's inputs (e.g. a LayerNorm over more than 2 features)"
+                    f"blocks cannot be taken exactly nor checked for mixing examples; {_remedy(gz.dtype)}"
                 )
             return True
 
@@ -452,7 +477,7 @@ class GenericStage(Stage):
             raise UnsupportedStageError(
                 f"{self.name}: its per-example {what} do not reproduce autograd's products to rounding in "
                 f"{gz.dtype} (cancellation, e.g. a saturated softmax or a LayerNorm over 2 features), so "
-                "its blocks cannot be taken exactly; use a float64 model or rescale the stage's inputs"
+                f"its blocks cannot be taken exactly; {_remedy(gz.dtype)}"
             )
 
         if not close((blk.jx(v), blk.jz(t)), d[0][..., None], slice(0, 1)):
@@ -652,3 +677,21 @@ def _hook_keys(mods) -> list[tuple]:
     for m in mods:
         dicts += [m._forward_hooks, m._forward_pre_hooks, m._backward_hooks]
     return [tuple(d) for d in dicts]
+
+
+#: torch operations without a double backward, and the same function written with ones that have it
+_NO_DOUBLE_BACKWARD = {
+    "hardsigmoid": "Write F.hardsigmoid(x) as torch.clamp(x / 6 + 0.5, 0, 1) (the same function)",
+    "embedding_bag": "Write nn.EmbeddingBag as nn.Embedding followed by .mean(1) or .sum(1) (the same "
+    "function)",
+}
+
+
+def _remedy(dtype: torch.dtype) -> str:
+    """What to do about cancellation in a stage's derivatives."""
+    if dtype == torch.float64:
+        return (
+            "rescale the stage's inputs or change its shape (e.g. a LayerNorm or GroupNorm over more "
+            "than 2 features per group: with one or two its output hardly depends on its input)"
+        )
+    return "use a float64 model, or rescale the stage's inputs (e.g. a LayerNorm over more than 2 features)"
