@@ -1975,6 +1975,11 @@ def _undamped_rows(
     return torch.cat([U, E]), torch.cat([S, S.new_full((k,), -1.0)]), D
 
 
+#: :meth:`WoodburyFactorization.logdet` factors apart at most ``rank + this`` entries of a per-parameter
+#: damping (each a row of an ``eigh``-factored capacitance matrix)
+SMALL_DAMPING_ROWS = 64
+
+
 class WoodburyFactorization(Factorization):
     """``G + D`` for the Gauss-Newton matrix through its square root
     (:class:`hessinv.lowrank.WoodburyFactor`).
@@ -1985,15 +1990,15 @@ class WoodburyFactorization(Factorization):
     is ``G_jj`` for a convex loss: the square roots and inverses below are exact, and the correction is at
     ``G``'s own scale) and ``G`` the rank-``k`` correction ``-E^T C E`` (``E`` their rows of the
     identity), appended to the square root with signs ``-1`` -- ``K`` grows by ``k`` rows (at most
-    :data:`ZERO_DAMPING_MAX`) and is then indefinite, factored by ``eigh``. Entries below ``1e-3 c_j`` in
-    magnitude get the same treatment (``D_j + c_j``) for :meth:`logdet`, in a second factorization made
-    when it is asked (left in ``D`` they put ``c_j / D_j`` into ``K``, and ``log|det(G + D)| = log|det D|
-    + log|det K|`` cancels: 0.26 off at ``D_j = 1e-17``), and for the factorization itself where ``K``
-    is singular to working precision without it (a tiny negative ``D_j``). A zero
-    entry whose column of ``G`` is zero is a :class:`SingularError`. A zero damping of
-    the number kind is the Riccati sweep's (``method="auto"``). Same interface as :class:`Factorization`
-    (``solve`` with refinement,
-    ``inertia``, ``positive_definite``, ``logdet``).
+    :data:`ZERO_DAMPING_MAX`) and is then indefinite, factored by ``eigh``. Entries whose ``|D_j| / c_j``
+    is below 1e-3 of the median of that ratio (at most ``rank +`` :data:`SMALL_DAMPING_ROWS` of them) get
+    the same treatment (``D_j + c_j``) for :meth:`logdet`, in a second factorization made when it is asked
+    (left in ``D`` they put outlying ``c_j / D_j`` into ``K``, and ``log|det(G + D)| = log|det D| +
+    log|det K|`` cancels: 0.26 off at one ``D_j = 1e-17`` among 0.1s; a uniformly small ``D`` is no
+    trouble), and for the factorization itself where ``K`` is singular to working precision without it
+    (a tiny negative ``D_j``). A zero entry whose column of ``G`` is zero is a :class:`SingularError`. A
+    zero damping of the number kind is the Riccati sweep's (``method="auto"``). Same interface as
+    :class:`Factorization` (``solve`` with refinement, ``inertia``, ``positive_definite``, ``logdet``).
     """
 
     def __init__(self, op: GaussNewton, damping: float | Tensor):
@@ -2029,9 +2034,15 @@ class WoodburyFactorization(Factorization):
                     "zero): G + D is singular there -- give it a damping > 0",
                     damping=0.0,
                 )
-            small = torch.nonzero((Dd != 0) & (Dd.abs() < 1e-3 * gjj)).flatten()
-            if small.numel():
-                self._small = (torch.cat([zero, small]), gjj, Dd)
+            # entries whose D_j / c_j is far below the others' (a uniformly small D is no trouble: K's
+            # eigenvalues scale together)
+            ratio = Dd.abs() / gjj
+            covered = (gjj > 0) & (Dd != 0)
+            if bool(covered.any()):
+                typical = float(ratio[covered].median())
+                small = torch.nonzero(covered & (ratio < 1e-3 * typical)).flatten()
+                if small.numel():
+                    self._small = (torch.cat([zero, small]), gjj, Dd)
             if k:
                 U, S, D = _undamped_rows(U, S, damping, zero, gjj, Dd)
         try:
@@ -2072,16 +2083,16 @@ class WoodburyFactorization(Factorization):
         """``log|det(G + D)|`` (entries of ``D`` far below ``G``'s diagonal: see the class docstring)."""
         if self._small is not None:
             idx, gjj, Dd = self._small[:3]
-            if idx.numel() <= ZERO_DAMPING_MAX:
+            if idx.numel() <= self.woodbury.rank + SMALL_DAMPING_ROWS:
                 if len(self._small) == 3:  # (computed once)
                     U, S = self.op.root()
                     value = WoodburyFactor(*_undamped_rows(U, S, self.damping, idx, gjj, Dd)).logdet()
                     self._small = (*self._small, value)
                 return self._small[3]
             warnings.warn(
-                f"{idx.numel()} entries of the per-parameter damping are below 1e-3 of G's diagonal (or "
-                f"zero), more than the {ZERO_DAMPING_MAX} factored apart: log|det| may lose digits to "
-                "cancellation",
+                f"{idx.numel()} entries of the per-parameter damping are zero or far smaller relative to "
+                "G's diagonal than the others (below 1e-3 of their median ratio), more than are factored "
+                "apart: log|det| may lose digits to cancellation",
                 AccuracyWarning,
                 stacklevel=2,
             )
