@@ -365,3 +365,20 @@ def test_a_float32_gauss_newton_range_starts_at_zero():
     assert lo == 0.0 and hi > 0
     h = spectrum.spectral_histogram(G, bins=4)
     assert int(h.counts.sum()) + h.below + h.above == G.shape[0]
+
+
+def test_a_hessian_s_small_negative_eigenvalue_stays_in_range():
+    """A float64 Hessian with eigenvalues (-1e-10, 1): its range must hold both (the Gauss-Newton
+    matrix's rounding allowance must not hide a real negative eigenvalue of a Hessian)."""
+    m = torch.nn.Sequential(torch.nn.Linear(1, 2, bias=False)).double()
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([[0.3], [0.2]]))
+    X, y = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+
+    def loss(o, t):
+        return 0.5 * (o[:, 0] - t[:, 0]).pow(2).sum() - 0.5e-10 * o[:, 1].pow(2).sum()
+
+    H = hessinv.hessian(m, loss, X, y)
+    lo, hi = spectrum.spectral_range(H)
+    assert lo < -1e-10 and hi > 1.0
+    assert spectrum.spectral_histogram(H, bins=4).below == 0

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from hessinv.chain import check_real
-from hessinv.curvature import CurvatureOperator
+from hessinv.curvature import CurvatureOperator, GaussNewton
 from hessinv.errors import InvalidArgumentError, NonFiniteArgumentError
 
 __all__ = [
@@ -105,12 +105,13 @@ def spectral_range(op: CurvatureOperator) -> tuple[float, float]:
     """``(lo, hi)`` with every eigenvalue in ``[lo, hi)``, each within a factor ~2 of ``||H||`` -- or 0
     where no eigenvalue lies beyond it (a Gauss-Newton matrix: ``lo = 0``, so that a histogram spends no
     bins on an empty negative half): grown from the power-iteration estimate of ``||H||`` until ``N(lo)
-    = 0`` and ``N(hi) = n``, after one count at ``-sqrt(u) ||H||`` (:meth:`~CurvatureOperator.
-    zero_tolerance`: a float32 Gauss-Newton matrix's null space counts partly below 0 by rounding; its
-    ``lo`` is 0 all the same, and those eigenvalues are the histogram's ``below``)."""
+    = 0`` and ``N(hi) = n``, after one count at 0 -- for a Gauss-Newton matrix (positive semi-definite)
+    at ``-sqrt(u) ||G||`` (:meth:`~CurvatureOperator.zero_tolerance`): in float32 its null space counts
+    partly below 0 by rounding; its ``lo`` is 0 all the same, and those are the histogram's ``below``."""
     _check_operator(op)
     r = 1.05 * max(op.norm_estimate(), torch.finfo(op.dtype).tiny)
-    n, at0 = op.shape[0], op._count_below(-op.zero_tolerance())
+    psd = isinstance(op, GaussNewton)
+    n, at0 = op.shape[0], op._count_below(-op.zero_tolerance() if psd else 0.0)
     lo, hi = (0.0 if at0 == 0 else -r), r
     while lo < 0 and op._count_below(lo) > 0:
         lo *= 2
