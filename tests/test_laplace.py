@@ -540,3 +540,16 @@ def test_a_refused_refit_keeps_the_previous_fit():
         la.fit(X, y)
     net[0].weight.requires_grad_(True)
     assert la.n_params == n and la.log_marginal_likelihood() == lml
+
+
+def test_regression_targets_of_minus_100_are_values():
+    """The classification likelihood's ignore_index check reached the regression likelihood too: an
+    integer target of -100 was refused as an 'ignored' class index."""
+    torch.manual_seed(0)
+    X = torch.randn(10, 3, dtype=torch.float64)
+    y = torch.randint(-100, 100, (10, 1))
+    y[0] = -100
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    la = Laplace(net, "regression").fit(X, y.double())
+    assert math.isfinite(la.log_marginal_likelihood())
+    Laplace(net, "regression").fit(X, y)

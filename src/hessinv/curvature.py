@@ -1412,7 +1412,9 @@ class Factorization:
         ``sum_l k_l^T Qxx_l^{-1} k_l`` from the backward half of a solve alone (``H + eps I = U D U^T``
         gives ``v^T (U D U^T)^{-1} v = k^T D^{-1} k`` with ``k = U^{-1} v``), unrefined -- where a pivot
         was perturbed or is ill-conditioned beyond ``sqrt(u)`` (that sum then carries an error of up to
-        about ``u cond^2``: 46% at damping 1e-12 on a small tanh net), ``v^T x`` of a refined solve."""
+        about ``u cond^2``: 46% at damping 1e-12 on a small tanh net), ``v^T x`` of a refined solve. For
+        a float32 operator the sum is the float32 sweep's (about ``cond u32``: 8.5e-4 at cond 1e4): use
+        ``v @ F.solve(v)`` for the float64-refined value."""
         R, vector = self.op._as_matrix(v, "v")
         if not vector:
             raise ShapeMismatchError(f"v must have shape ({self.op.shape[0]},); got {tuple(v.shape)}")

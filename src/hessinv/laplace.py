@@ -110,10 +110,15 @@ class Laplace:
     ):
         # a cross-entropy's ignore_index: refused at fit where a target is ignored (the Laplace likelihood
         # counts every example it is fitted on)
-        self._ignore = (
-            getattr(likelihood, "ignore_index", None) if isinstance(likelihood, nn.Module) else -100
-        )  # (the string likelihood's cross-entropy: torch's default; a target of -100 was silently dropped)
+        module = likelihood if isinstance(likelihood, nn.Module) else None
         likelihood = _likelihood_of(likelihood)
+        self._ignore = (
+            getattr(module, "ignore_index", None)
+            if module is not None
+            else -100
+            if likelihood == "classification"
+            else None
+        )  # (the string likelihood's cross-entropy: torch's default; a target of -100 was silently dropped)
         self.model, self.likelihood = model, likelihood
         self.curvature_cls = curvature_class(curvature)
         self.prior_precision = self._positive(prior_precision, "prior_precision")
