@@ -414,3 +414,48 @@ def test_a_hook_added_after_a_generic_stage_s_gauss_newton_is_refused():
     m[1].register_forward_hook(lambda mod, i, o: 3 * o)
     with pytest.raises(hessinv.InvalidArgumentError, match="hooks were added or removed"):
         G @ torch.randn(G.shape[0], dtype=torch.float64)
+
+
+class _Normalize(nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.normalize(x, dim=-1)
+
+
+def test_non_finite_stage_derivatives_are_named():
+    """F.normalize after a ReLU that zeroes an example: autograd's second derivative of the norm at 0 is
+    NaN, and multiplied by the ReLU's exact zeros it made a Hessian with 72 NaN entries, unreported."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), _Normalize(), nn.Linear(2, 2)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2))
+        model[0].bias.zero_()
+    X = torch.tensor([[-1.0, -0.5], [0.7, 0.2], [0.3, 1.1]], dtype=torch.float64)
+    with pytest.raises(hessinv.NonFiniteError, match="not finite"):
+        hessinv.hessian(model, nn.CrossEntropyLoss(), X, torch.tensor([0, 1, 0]))
+
+
+class _HardsigmoidBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, z):
+        return z + 0.5 * torch.nn.functional.hardsigmoid(self.lin(z))
+
+
+@pytest.mark.parametrize("case", ["embedding_bag", "hardsigmoid", "groupnorm"])
+def test_refusals_name_a_remedy_that_applies(case):
+    """Operations without a double backward, or a normalization over one element per group in float64:
+    the refusals gave torch's reason only, or told a float64 model to "use a float64 model"."""
+    torch.manual_seed(0)
+    if case == "embedding_bag":
+        m = nn.Sequential(nn.EmbeddingBag(10, 3, mode="mean"), nn.Linear(3, 2)).double()
+        X, match = torch.randint(0, 10, (4, 5)), "nn.Embedding followed by .mean"
+    elif case == "hardsigmoid":
+        m = nn.Sequential(_HardsigmoidBlock(), nn.Linear(3, 2)).double()
+        X, match = torch.randn(4, 3, dtype=torch.float64), "torch.clamp"
+    else:
+        m = nn.Sequential(nn.Linear(3, 2), nn.GroupNorm(2, 2), nn.Linear(2, 2)).double()
+        X, match = torch.randn(5, 3, dtype=torch.float64), "over more than 2 features"
+    with pytest.raises(hessinv.UnsupportedStageError, match=match) as e:
+        hessinv.hessian(m, nn.CrossEntropyLoss(), X, torch.randint(0, 2, (X.shape[0],)))
+    assert "use a float64 model" not in str(e.value)
