@@ -355,9 +355,12 @@ class GenericStage(Stage):
                     Hxx = torch.cat([g.reshape(p, -1) for g in R[2:]], 1) if params else z.new_zeros(0, 0)
                     Hzz = S[1].reshape(d_in, B, d_in).permute(1, 0, 2)
                 blocks = DenseBlocks(Jx, Jz, Hxx, Hxz, Hzz)
-                self._check_finite(blocks)
                 if not batched:
+                    self._check_finite(blocks)
                     break
+                if self._finite(blocks) is not True:  # (the loop of single backward passes decides)
+                    blocks = None
+                    continue
                 try:  # vmapped backward: accepted only if the unbatched probe agrees
                     self._probe(blocks, gx, gz, u, z, params, second_order)
                     self._check_first_order(blocks, gx, gz, u)
@@ -373,16 +376,24 @@ class GenericStage(Stage):
         """A :class:`NonFiniteError` for NaN or infinite derivatives at this batch (autograd's double
         backward of ``x / ||x||`` at an all-zero ``x``: ``F.normalize`` after a ReLU that zeroed an
         example). Multiplied by an exact zero elsewhere in the chain they made a Hessian of NaNs."""
+        name = self._finite(blk)
+        if name is not True:
+            raise NonFiniteError(
+                f"{self.name}: its derivatives at this batch are not finite (NaN or infinity in "
+                f"{name}; e.g. F.normalize or a norm of an all-zero vector, a square root at 0): "
+                "make the stage differentiable there (F.normalize(x, eps=...) divides by max(||x||, "
+                "eps) but autograd's second derivative at 0 is still NaN: add eps inside the norm, "
+                "x / torch.sqrt((x * x).sum(-1, keepdim=True) + eps))"
+            )
+
+    @staticmethod
+    def _finite(blk: DenseBlocks) -> bool | str:
+        """True, or the name of a block with a NaN or infinite entry."""
         for name in ("Jx", "Jz", "Hxx", "Hxz", "Hzz"):
             t = getattr(blk, name, None)
             if isinstance(t, Tensor) and t.numel() and not bool(torch.isfinite(t).all()):
-                raise NonFiniteError(
-                    f"{self.name}: its derivatives at this batch are not finite (NaN or infinity in "
-                    f"{name}; e.g. F.normalize or a norm of an all-zero vector, a square root at 0): "
-                    "make the stage differentiable there (F.normalize(x, eps=...) divides by max(||x||, "
-                    "eps) but autograd's second derivative at 0 is still NaN: add eps inside the norm, "
-                    "x / torch.sqrt((x * x).sum(-1, keepdim=True) + eps))"
-                )
+                return name
+        return True
 
     def _check_first_order(self, blk: DenseBlocks, gx: Tensor, gz: Tensor, u: Tensor) -> None:
         """The blocks' ``Jx^T u``, ``Jz^T u`` against autograd's first backward ``gx``, ``gz`` (which they
