@@ -249,23 +249,42 @@ def structured_gram(U: Tensor, S: Tensor, Dinv: Tensor, factors: list, rest: Ten
     for off, d, m, T, Z, idx in factors:
         Dw = Dinv64[off : off + d * m].view(d, m)
         Z64 = Z.double()
-        B = Z64.shape[0]
         w = (Z64[:, None, :] * Z64[None, :, :]) @ Dw.T  # (B, B, d): w_ab = Dinv_W (z_a o z_b)
-        # rows grouped by example (idx ascending), padded to C per example: K_ab = T_a diag(w_ab) T_b^T
-        counts = torch.bincount(idx, minlength=B)
-        C = int(counts.max())
-        sel = idx * C + (torch.arange(r, device=idx.device) - (torch.cumsum(counts, 0) - counts)[idx])
-        Tp = torch.zeros(B * C, d, dtype=torch.float64, device=U.device)
-        Tp[sel] = T.double()
-        Tp = Tp.view(B, C, d)
-        Kp = (Tp[:, None] * w[:, :, None, :]) @ Tp[None].mT  # (B, B, C, C)
-        K += Kp.permute(0, 2, 1, 3).reshape(B * C, B * C)[sel][:, sel]
+        K += _pair_gram(T.double(), idx, w)
     if rest is None:
         rest = _uncovered(n, factors, U.device)
     if rest.numel():
         Ur = U[:, rest].double()
         K += (Ur * Dinv64[rest]) @ Ur.T
     return K
+
+
+def _structured_update(T: Tensor, Z: Tensor, n_idx: Tensor, loc: Tensor, delta: Tensor, m: int) -> Tensor:
+    """``U_J diag(delta) U_J^T`` (r x r, float64) for entries ``loc`` (flat, within the weight) of a Linear
+    weight whose rows of ``U`` are ``vec(T_q z_{n(q)}^T)``: ``sum_i T_qi T_pi (Z diag(delta_i) Z^T)_{n(q)
+    n(p)}`` over its changed rows ``i`` -- ``B^2`` flops per entry and ``r^2`` per row, where the columns
+    themselves would cost ``r^2`` per entry (a 1000-class head: 4160 entries of 64 rows)."""
+    rows, pos = torch.unique(loc // m, return_inverse=True)
+    Dm = torch.zeros(rows.numel(), m, dtype=torch.float64, device=T.device)
+    Dm[pos, loc % m] = delta
+    Z64 = Z.double()
+    w = torch.einsum("am,km,bm->abk", Z64, Dm, Z64)  # (B, B, k): Z diag(delta_i) Z^T per changed row
+    return _pair_gram(T.double()[:, rows], n_idx, w)
+
+
+def _pair_gram(T: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+    """``M_qp = sum_i T_qi T_pi w_{n(q) n(p) i}`` (r x r) for ``T`` (r, d), ``idx`` = ``n(q)`` (ascending)
+    and ``w`` (B, B, d): rows grouped by example and padded to ``C`` per example, ``M_ab = T_a diag(w_ab)
+    T_b^T`` for every pair of examples -- ``r^2 d`` flops, ``B^2 C d`` numbers."""
+    B, r, d = w.shape[0], T.shape[0], T.shape[1]
+    counts = torch.bincount(idx, minlength=B)
+    C = int(counts.max())
+    sel = idx * C + (torch.arange(r, device=idx.device) - (torch.cumsum(counts, 0) - counts)[idx])
+    Tp = torch.zeros(B * C, d, dtype=T.dtype, device=T.device)
+    Tp[sel] = T
+    Tp = Tp.view(B, C, d)
+    Kp = (Tp[:, None] * w[:, :, None, :]) @ Tp[None].mT  # (B, B, C, C)
+    return Kp.permute(0, 2, 1, 3).reshape(B * C, B * C)[sel][:, sel]
 
 
 #: Linear weights with at least this many entries are solved through their rows' structure
@@ -338,8 +357,19 @@ class WoodburyFactor:
             n = self.U.shape[1]
             keep = torch.zeros(n, dtype=torch.bool, device=self.U.device)
             keep[_uncovered(n, factors, self.U.device)] = True
-            if "nonzero" not in self._columns:  # (the structured weights' columns may be unwritten: masked)
-                self._columns["nonzero"] = self.U.ne(0).any(0)
+            if "nonzero" not in self._columns:
+                # outside the solved-through weights (whose columns may be unwritten; a superset of every
+                # key's columns), read contiguous runs of columns in place: no copy of U
+                nz = torch.zeros(n, dtype=torch.bool, device=self.U.device)
+                cols = _uncovered(n, self._solve_factors, self.U.device)
+                if cols.numel():
+                    breaks = torch.nonzero(cols[1:] - cols[:-1] != 1).flatten() + 1
+                    starts = torch.cat([cols.new_zeros(1), breaks]).tolist()
+                    ends = torch.cat([breaks, cols.new_tensor([cols.numel()])]).tolist()
+                    for a, b in zip(starts, ends, strict=True):
+                        lo, hi = int(cols[a]), int(cols[b - 1]) + 1
+                        nz[lo:hi] = self.U[:, lo:hi].ne(0).any(0)
+                self._columns["nonzero"] = nz
             keep &= self._columns["nonzero"]
             if bool(keep.all()):
                 self._columns[key] = (torch.arange(n, device=self.U.device), self.U)
@@ -473,9 +503,18 @@ class WoodburyFactor:
         _check_damping(values)
         live = self.live[idx]  # (a zero column of U: D changes there, K does not)
         idx_k = idx if bool(live.all()) else idx[live]
-        U_J = self._U64[:, idx_k] if self._U64 is not None else self.columns(idx_k).double()
         delta = 1.0 / values[live].double() - self._Dinv[idx_k].double()
-        K = self.K + (U_J * delta) @ U_J.T
+        K = self.K.clone()
+        rest = torch.ones_like(idx_k, dtype=torch.bool)
+        for off, d, m, T, Z, n_idx in self.factors or []:  # Linear weights: through their rows' structure
+            inside = (idx_k >= off) & (idx_k < off + d * m)
+            if bool(inside.any()):
+                K += _structured_update(T, Z, n_idx, idx_k[inside] - off, delta[inside], m)
+                rest &= ~inside
+        if bool(rest.any()):
+            cols = idx_k[rest]
+            U_J = self._U64[:, cols] if self._U64 is not None else self.columns(cols).double()
+            K += (U_J * delta[rest]) @ U_J.T
         self.D = self.D.clone()
         self.D[idx] = values
         self._Dinv = self._Dinv.clone()
@@ -483,6 +522,27 @@ class WoodburyFactor:
         if self._Ud is not None:
             self._Ud[:, idx] = self.U[:, idx] * self._Dinv[idx]
         self._factor_K(K)
+
+    def damping_update_cost(self, idx: Tensor) -> tuple[float, float]:
+        """Flops of :meth:`update_damping` on ``idx`` and of :meth:`with_damping` (a rebuild), roughly:
+        a Linear weight's changed entries cost ``B^2`` each plus ``r^2`` per changed row
+        (:func:`_structured_update`), other columns ``r^2`` each; a rebuild ``r^2`` per row of every
+        weight and per other nonzero column, plus ``B^2`` per weight entry (:func:`structured_gram`)."""
+        r = self.rank
+        idx = idx[self.live[idx]]
+        update = rebuild = 0.0
+        rest = torch.ones_like(idx, dtype=torch.bool)
+        for off, d, m, _T, Z, _n in self.factors or []:
+            B = Z.shape[0]
+            inside = (idx >= off) & (idx < off + d * m)
+            rows = int(torch.unique((idx[inside] - off) // m).numel())
+            update += B * B * int(inside.sum()) + r * r * rows
+            rebuild += B * B * d * m + r * r * d
+            rest &= ~inside
+        update += r * r * int(rest.sum())
+        gram_rest = self._live_columns("gram", self.factors or [])[0] if self.factors else self._rest
+        rebuild += r * r * int(gram_rest.numel())
+        return update, rebuild
 
     def _kinv(self, W: Tensor) -> Tensor:
         W64 = W.double()

@@ -680,7 +680,8 @@ class Preconditioner:
                 J = self._stale(D)
                 if J.numel():  # a few entries moved (a gradient spike): a rank-|J| update of K
                     # (only entries on nonzero columns of U enter K: an Embedding's unseen tokens do not)
-                    if int(self._factor.live[J].sum()) <= self._factor.rank:
+                    update, rebuild = self._factor.damping_update_cost(J)
+                    if update <= rebuild:
                         self._factor.update_damping(J, D[J])
                     else:
                         self._factor = self._factor.with_damping(D)
