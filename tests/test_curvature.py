@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from reference import (
+    attainable_residual,
     autograd_gradient_hessian,
     autograd_hessian,
     chains,
@@ -72,7 +73,9 @@ def test_hessian_against_dense(prob):
     rhs = torch.randn(n, 2, dtype=torch.float64)
     x, info = F.solve(rhs, return_info=True)
     assert rel(x, torch.linalg.solve(H_ref + eps * I, rhs)) <= 1e-7, prob.description
-    assert info.residual <= 1e-11  # ~ n u cond(H + eps I), cond <= ~1e3
+    # a backward-stable solve's residual (u ||A|| ||x|| / ||b||: cond reaches 1e4 where ||H|| is far above
+    # its largest entry, the scale of eps; a random seed found 1.8e-11 there)
+    assert info.residual <= attainable_residual(H_ref + eps * I, x, rhs, 1e-11)
     # the backward half alone gives the quadratic form r^T (H + eps I)^{-1} r
     quad = riccati_quadratic(H.blocks, F.factors, H._split(rhs))
     assert rel(quad, (rhs * torch.linalg.solve(H_ref + eps * I, rhs)).sum(0)) <= 1e-7, prob.description
