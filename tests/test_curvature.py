@@ -73,9 +73,10 @@ def test_hessian_against_dense(prob):
     rhs = torch.randn(n, 2, dtype=torch.float64)
     x, info = F.solve(rhs, return_info=True)
     assert rel(x, torch.linalg.solve(H_ref + eps * I, rhs)) <= 1e-7, prob.description
-    # a backward-stable solve's residual (u ||A|| ||x|| / ||b||: cond reaches 1e4 where ||H|| is far above
-    # its largest entry, the scale of eps; a random seed found 1.8e-11 there)
-    assert info.residual <= attainable_residual(H_ref + eps * I, x, rhs, 1e-11)
+    # a backward-stable solve's residual (u ||A|| ||x|| / ||b||), with room for the rounding of the O(L)
+    # product the residual is measured with: on a depth-12 chain of 1-wide stages (cond 1.4e4, ||x|| ~
+    # 1e6 ||b||) a random seed found 1.1-1.8e-11 after refinement and GMRES, as before 2026-12-03
+    assert info.residual <= attainable_residual(H_ref + eps * I, x, rhs, 3e-11)
     # the backward half alone gives the quadratic form r^T (H + eps I)^{-1} r
     quad = riccati_quadratic(H.blocks, F.factors, H._split(rhs))
     assert rel(quad, (rhs * torch.linalg.solve(H_ref + eps * I, rhs)).sum(0)) <= 1e-7, prob.description
