@@ -2082,7 +2082,25 @@ class WoodburyFactorization(Factorization):
         return "D (per parameter)" if isinstance(self.damping, Tensor) else f"{self.damping:g}"
 
     def logdet(self) -> float:
-        """``log|det(G + D)|`` (entries of ``D`` far below ``G``'s diagonal: see the class docstring)."""
+        """``log|det(G + D)| = log|det D| + log|det K|``: from the float64 twin for a float32 operator
+        (its root is float32-accurate only); where ``K`` is ill-conditioned (``r u cond(K) > 1e-10``: the
+        sum cancels) by a dense float64 LU for ``n <=`` :data:`DENSE_FALLBACK_N`, else with the outlying
+        entries factored apart (class docstring)."""
+        if self.op.dtype != torch.float64:
+            return self._float64().logdet()
+        W = self.woodbury
+        if W.rank * torch.finfo(torch.float64).eps * W.k_cond <= 1e-10:
+            return W.logdet()
+        if self.op.shape[0] <= DENSE_FALLBACK_N:
+            if self._dense_sld is None:
+                sign, value = torch.linalg.slogdet(self._dense_matrix())
+                if float(sign) == 0 or not math.isfinite(float(value)):
+                    raise SingularError(
+                        f"logdet at damping {self._damping_text()}: G + D is singular to working precision",
+                        damping=0.0,
+                    )
+                self._dense_sld = (float(sign), float(value))
+            return self._dense_sld[1]
         if self._small is not None:
             idx, gjj, Dd = self._small[:3]
             if idx.numel() <= self.woodbury.rank + SMALL_DAMPING_ROWS:

@@ -457,6 +457,8 @@ class WoodburyFactor:
             self._L = L
             k_pos = K.shape[0]
             self._logdetK = 2.0 * float(L.diagonal().log().sum())
+            dg = L.diagonal().abs()
+            self.k_cond = float((dg.max() / dg.min()) ** 2) if dg.numel() else 1.0  # (a lower bound)
         else:
             lam, Vk = torch.linalg.eigh(K)
             # the rounding K carries is U's (a float32 root: a structural null vector of G + D is only
@@ -468,6 +470,7 @@ class WoodburyFactor:
                     "choose another damping"
                 )
             self._lam, self._V = lam, Vk
+            self.k_cond = float(lam.abs().max() / lam.abs().min())
             k_pos = int((lam > 0).sum())
             self._logdetK = float(lam.abs().log().sum())
         neg = d_neg + k_pos - s_pos
