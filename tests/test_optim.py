@@ -1836,3 +1836,17 @@ def test_auto_keeps_the_trust_region_at_an_exact_fit(dtype):
     assert opt.mode == "trust-region"
     with torch.no_grad():
         assert float(nn.MSELoss()(m(X), y)) < 1e-12
+
+
+def test_float32_trust_region_on_a_singular_hessian_trains():
+    """More parameters than examples (H = J^T J singular) in float32: the float32 Cholesky test at damping
+    0 passes by rounding, and the float64 twin's factorization the step then asked for raised a
+    SingularError out of opt.step (float64 trains to 1e-31)."""
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(6, 2))
+        X, y = torch.randn(6, 6), torch.randn(6, 2)
+        opt = ho.Newton(m, nn.MSELoss(reduction="sum"))
+        for _ in range(20):
+            loss = float(opt.step(X, y))
+        assert loss < 1e-6

@@ -32,7 +32,7 @@ from typing import Any
 from torch import Tensor
 
 from hessinv.curvature import CurvatureOperator, Factorization
-from hessinv.errors import InvalidArgumentError, SingularError
+from hessinv.errors import InvalidArgumentError, NonFiniteError, SingularError
 
 __all__ = ["DampingRule", "LevenbergMarquardt", "FixedDamping", "Proposal", "Sweeps"]
 
@@ -68,7 +68,10 @@ class Sweeps:
         """The factorization of ``H + damping I`` if it is positive definite, else None."""
         t = time.perf_counter()
         self.factorizations += 1
-        F = self.op.factor_if_positive_definite(float(damping) + self.shift)
+        try:
+            F = self.op.factor_if_positive_definite(float(damping) + self.shift)
+        except (SingularError, NonFiniteError):  # singular (a float32 pivot whose LDL^T broke down): not PD
+            F = None
         self.time_factor += time.perf_counter() - t
         return F
 
@@ -104,7 +107,12 @@ class Sweeps:
         """``v^T (H + damping I)^{-1} v`` from the backward sweep alone (half a solve; counted as one)."""
         t = time.perf_counter()
         self.solves += 1
-        q = F.inverse_quadratic(v)
+        try:
+            q = F.inverse_quadratic(v)
+        except (SingularError, NonFiniteError):
+            # a float32 factorization positive definite by rounding whose float64 twin is singular there:
+            # the working-precision value is what the search needs
+            q = float(v.double() @ F.solve(v, refine=False).double())
         self.time_solve += time.perf_counter() - t
         return q
 
