@@ -459,3 +459,18 @@ def test_refusals_name_a_remedy_that_applies(case):
     with pytest.raises(hessinv.UnsupportedStageError, match=match) as e:
         hessinv.hessian(m, nn.CrossEntropyLoss(), X, torch.randint(0, 2, (X.shape[0],)))
     assert "use a float64 model" not in str(e.value)
+
+
+def test_a_zero_gauss_newton_matrix_through_a_generic_stage_has_an_empty_root():
+    """Huber loss with every residual beyond delta: G = 0, and the root's backward through a generic stage
+    with zero columns raised a raw RuntimeError (reshape of 0 elements)."""
+    import warnings
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    X, y = torch.randn(5, 3, dtype=torch.float64), 30 * torch.randn(5, 2, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        G = hessinv.gauss_newton(m, nn.HuberLoss(delta=0.5), X, y)
+        U, S = G.root()
+    assert U.shape[0] == 0 or float(U.abs().max()) == 0.0

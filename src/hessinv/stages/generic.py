@@ -608,6 +608,8 @@ class LazyBlocks(Blocks):
             return self._dense_blocks.jxT(s) if which == "x" else self._dense_blocks.jzT(s)
         self._unchanged()
         B, k = self.batch, s.shape[-1]
+        if k == 0:  # (no columns: a zero Gauss-Newton matrix's root)
+            return s.new_zeros(self.p, 0) if which == "x" else s.new_zeros(B, self.d_in, 0)
         wrt = [*self.stage.params, self._z]
         seeds = s.permute(2, 0, 1).reshape(k, *self._out.shape)
         rows = _backward_rows(self._out, wrt, k, lambda j, m: seeds[j : j + m], True)
