@@ -1850,3 +1850,20 @@ def test_float32_trust_region_on_a_singular_hessian_trains():
         for _ in range(20):
             loss = float(opt.step(X, y))
         assert loss < 1e-6
+
+
+def test_auto_leaves_the_trust_region_for_unaffordable_larger_batches():
+    """A first phase on one small batch (full-batch training: the trust region), then mini-batches of 1024
+    with the same optimizer: the trust region stayed, 619 ms per step where one factorization on that
+    batch costs 6x the budget auto mode refuses the trust region at."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = ho.Newton(m, nn.CrossEntropyLoss())
+    X, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    for _ in range(3):
+        opt.step(X, y)
+    assert opt.mode == "trust-region"
+    opt.step(torch.randn(16, 8), torch.randint(0, 3, (16,)))  # same size: affordable, stays
+    assert opt.mode == "trust-region"
+    opt.step(torch.randn(1024, 8), torch.randint(0, 3, (1024,)))
+    assert opt.mode == "precondition" and opt.last_stats.mode == "precondition"

@@ -235,7 +235,8 @@ class Newton(torch.optim.Optimizer):
       to ``"precondition"`` for good where the radius collapses (below :data:`TRUST_REGION_STALL`
       ``sqrt(u) max(1, ||x||)``: at a kink of a ReLU network the quadratic model fails at every
       scale), unless the loss is fitted to rounding (at most ``sqrt(u)`` times the trust region's first
-      loss) or the gradient is zero. Passing a
+      loss) or the gradient is zero; and where a batch of another size comes whose factorization is not
+      affordable (a first phase on one small batch, then mini-batches of 1024). Passing a
       trust-region setting (``damping``, ``track_inertia``, ``backtracking``) selects ``"trust-region"``.
 
     Args:
@@ -761,6 +762,14 @@ class Newton(torch.optim.Optimizer):
         e.g. a batch of one example drawn twice, no longer switches)."""
         ns = self._newton
         if ns["mode"] != "auto":
+            if (
+                ns.get("from_auto")
+                and ns["mode"] == "trust-region"
+                and inputs.shape[:1] != tuple(ns.get("trust_region_batch", inputs.shape[:1]))
+                and not self._trust_region_affordable(inputs)
+            ):  # full-batch training was over (a first phase on one small batch): mini-batches now
+                ns["mode"] = self.mode = "precondition"
+                ns["from_auto"] = False
             return ns["mode"]
         prev = ns["previous"]
         if prev is None:
@@ -778,6 +787,7 @@ class Newton(torch.optim.Optimizer):
         ns["mode"] = self.mode = "trust-region" if tr else "precondition"
         ns["previous"] = None
         ns["from_auto"] = tr  # (the trust region may hand back to preconditioning: _leave_if_stalled)
+        ns["trust_region_batch"] = list(inputs.shape[:1])  # (and where a larger batch is unaffordable)
         return ns["mode"]
 
     def _leave_if_stalled(self) -> None:
