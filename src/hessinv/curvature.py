@@ -1506,6 +1506,10 @@ class Factorization:
             return None
         if self.op.shape[0] > DENSE_FALLBACK_N:
             return None
+        return self._lu_slogdet()
+
+    def _lu_slogdet(self) -> tuple[float, float]:
+        """:meth:`_dense_slogdet`'s dense LU (kept in ``_dense_sld``), whatever the pivots."""
         A = self._dense_matrix()
         LU, piv, _ = torch.linalg.lu_factor_ex(A)  # an exactly zero pivot is judged below
         u = LU.diagonal()
@@ -1998,9 +2002,11 @@ class WoodburyFactorization(Factorization):
     (left in ``D`` they put outlying ``c_j / D_j`` into ``K``, and ``log|det(G + D)| = log|det D| +
     log|det K|`` cancels: 0.26 off at one ``D_j = 1e-17`` among 0.1s; a uniformly small ``D`` is no
     trouble), and for the factorization itself where ``K`` is singular to working precision without it
-    (a tiny negative ``D_j``). A zero entry whose column of ``G`` is zero is a :class:`SingularError`. A
-    zero damping of the number kind is the Riccati sweep's (``method="auto"``). Same interface as
-    :class:`Factorization` (``solve`` with refinement, ``inertia``, ``positive_definite``, ``logdet``).
+    (a tiny negative ``D_j``) -- :meth:`logdet` takes this route only where ``K`` is ill-conditioned and
+    ``n`` is above the dense LU's limit. A zero entry whose column of ``G`` is zero is a
+    :class:`SingularError`. A zero damping of the number kind is the Riccati sweep's (``method="auto"``).
+    Same interface as :class:`Factorization` (``solve`` with refinement, ``inertia``,
+    ``positive_definite``, ``logdet``).
     """
 
     def __init__(self, op: GaussNewton, damping: float | Tensor):
@@ -2092,15 +2098,7 @@ class WoodburyFactorization(Factorization):
         if W.rank * torch.finfo(torch.float64).eps * W.k_cond <= 1e-10:
             return W.logdet()
         if self.op.shape[0] <= DENSE_FALLBACK_N:
-            if self._dense_sld is None:
-                sign, value = torch.linalg.slogdet(self._dense_matrix())
-                if float(sign) == 0 or not math.isfinite(float(value)):
-                    raise SingularError(
-                        f"logdet at damping {self._damping_text()}: G + D is singular to working precision",
-                        damping=0.0,
-                    )
-                self._dense_sld = (float(sign), float(value))
-            return self._dense_sld[1]
+            return (self._dense_sld or self._lu_slogdet())[1]
         if self._small is not None:
             idx, gjj, Dd = self._small[:3]
             if idx.numel() <= self.woodbury.rank + SMALL_DAMPING_ROWS:
