@@ -67,7 +67,7 @@ from hessinv.stages import (
     customized,
     is_elementwise,
 )
-from hessinv.stages.generic import IdentityBlocks, LazyBlocks
+from hessinv.stages.generic import IdentityBlocks, LazyBlocks, hook_dicts
 from hessinv.stages.losses import closed_form, loss_name, prepare_targets, uncompiled
 from hessinv.stages.protocol import compiled_module
 
@@ -1030,14 +1030,7 @@ class Chain:
         self._flags = [t.requires_grad for t in self._flag_tensors]
         # hooks (a module with hooks is called whole) and the attributes a traced forward may bake in (a
         # temperature, a flag, the training mode of F.dropout(training=self.training)): split again
-        glob = nn.modules.module
-        hooks: list[dict] = [
-            getattr(glob, k)
-            for k in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
-            if isinstance(getattr(glob, k, None), dict)
-        ]
-        for m in mods:
-            hooks += [m._forward_hooks, m._forward_pre_hooks, m._backward_hooks]
+        hooks = hook_dicts(mods)
         self._hooks, self._hook_keys = hooks, [tuple(d) for d in hooks]
         self._attrs = [
             (m, k, v)

@@ -358,7 +358,7 @@ class GenericStage(Stage):
                 if not batched:
                     self._check_finite(blocks)
                     break
-                if self._finite(blocks) is not True:  # (the loop of single backward passes decides)
+                if self._non_finite(blocks) is not None:  # (the loop of single backward passes decides)
                     blocks = None
                     continue
                 try:  # vmapped backward: accepted only if the unbatched probe agrees
@@ -376,8 +376,8 @@ class GenericStage(Stage):
         """A :class:`NonFiniteError` for NaN or infinite derivatives at this batch (autograd's double
         backward of ``x / ||x||`` at an all-zero ``x``: ``F.normalize`` after a ReLU that zeroed an
         example). Multiplied by an exact zero elsewhere in the chain they made a Hessian of NaNs."""
-        name = self._finite(blk)
-        if name is not True:
+        name = self._non_finite(blk)
+        if name is not None:
             raise NonFiniteError(
                 f"{self.name}: its derivatives at this batch are not finite (NaN or infinity in "
                 f"{name}; e.g. F.normalize or a norm of an all-zero vector, a square root at 0): "
@@ -387,13 +387,13 @@ class GenericStage(Stage):
             )
 
     @staticmethod
-    def _finite(blk: DenseBlocks) -> bool | str:
-        """True, or the name of a block with a NaN or infinite entry."""
+    def _non_finite(blk: DenseBlocks) -> str | None:
+        """The name of a block with a NaN or infinite entry, or None."""
         for name in ("Jx", "Jz", "Hxx", "Hxz", "Hzz"):
             t = getattr(blk, name, None)
             if isinstance(t, Tensor) and t.numel() and not bool(torch.isfinite(t).all()):
                 return name
-        return True
+        return None
 
     def _check_first_order(self, blk: DenseBlocks, gx: Tensor, gz: Tensor, u: Tensor) -> None:
         """The blocks' ``Jx^T u``, ``Jz^T u`` against autograd's first backward ``gx``, ``gz`` (which they
@@ -682,14 +682,23 @@ class IdentityBlocks(ParameterFreeBlocks):
         return RiccatiBlocks(empty, Sigma.new_zeros(0, self.batch, self.d_in), Sigma if coupled else None)
 
 
-def _hook_keys(mods) -> list[tuple]:
-    """The forward (pre-)hooks and backward hooks of ``mods`` and torch's global module hooks, by handle
-    id: what a later call of those modules runs besides their ``forward``."""
+def hook_dicts(mods) -> list[dict]:
+    """torch's global module hooks and the forward (pre-)hooks and backward hooks of ``mods``: what a
+    call of those modules runs besides their ``forward`` (their keys: the hooks' handle ids)."""
     glob = nn.modules.module
-    dicts = [getattr(glob, k, {}) for k in ("_global_forward_hooks", "_global_forward_pre_hooks")]
+    dicts: list[dict] = [
+        getattr(glob, k)
+        for k in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
+        if isinstance(getattr(glob, k, None), dict)
+    ]
     for m in mods:
         dicts += [m._forward_hooks, m._forward_pre_hooks, m._backward_hooks]
-    return [tuple(d) for d in dicts]
+    return dicts
+
+
+def _hook_keys(mods) -> list[tuple]:
+    """:func:`hook_dicts` by handle id."""
+    return [tuple(d) for d in hook_dicts(mods)]
 
 
 #: torch operations without a double backward, and the same function written with ones that have it
