@@ -31,6 +31,7 @@ import contextlib
 import functools
 import inspect
 import itertools
+import math
 import numbers
 import operator
 import threading
@@ -67,8 +68,8 @@ from hessinv.stages import (
     customized,
     is_elementwise,
 )
-from hessinv.stages.generic import IdentityBlocks, LazyBlocks, hook_dicts
-from hessinv.stages.losses import closed_form, loss_name, prepare_targets, uncompiled
+from hessinv.stages.generic import MISSING, IdentityBlocks, LazyBlocks, hook_dicts, same_value, watchable
+from hessinv.stages.losses import closed_form, loss_name, plain_module, prepare_targets, uncompiled
 from hessinv.stages.protocol import compiled_module
 
 #: a loss: ``loss_fn(outputs, targets) -> scalar`` (a module such as ``nn.CrossEntropyLoss()``, a function
@@ -77,23 +78,6 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 _DROPOUT = (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _MODE_DEPENDENT = (*_DROPOUT, nn.RReLU, nn.modules.batchnorm._BatchNorm)
-_MISSING = object()
-
-
-def _watchable(v: Any) -> bool:
-    """A value a traced ``forward`` may have baked into its code: a number (numpy's too), a string,
-    None, a tuple of these, or a plain tensor attribute (compared by identity)."""
-    if isinstance(v, tuple):
-        return all(isinstance(x, (numbers.Number, str, type(None))) for x in v)
-    return isinstance(v, (numbers.Number, str, type(None), Tensor))
-
-
-def _same(x: Any, v: Any) -> bool:
-    if x is v:
-        return True
-    if type(x) is not type(v) or isinstance(v, Tensor):
-        return False
-    return bool(x == v)
 
 
 def _changed(now: list, held: list) -> bool:
@@ -979,6 +963,7 @@ class Chain:
             set()
         )  # attributes a re-split showed the trace does not read
         self._whole: list[nn.Module] = []  # traced modules whose pieces were not a chain: called whole
+        self._eager_checked = False  # the traced stages compared with the model's own forward (once)
 
         _check_model_kinds(model)
         self.stages = split_stages(model, self._traced, self._whole)
@@ -1036,7 +1021,7 @@ class Chain:
             (m, k, v)
             for m in self._traced
             for k, v in vars(m).items()
-            if _watchable(v) and (m, k) not in self._unread
+            if watchable(v) and (m, k) not in self._unread
         ]
         self._code = _stages_code(self.stages)
 
@@ -1069,7 +1054,7 @@ class Chain:
                 "the model changed since this operator/optimizer was built (a submodule or parameter "
                 "replaced, a layer frozen or unfrozen): build it again for the new model"
             )
-        moved = [(m, k) for m, k, v in self._attrs if not _same(vars(m).get(k, _MISSING), v)]
+        moved = [(m, k) for m, k, v in self._attrs if not same_value(vars(m).get(k, MISSING), v)]
         if moved or list(map(tuple, self._hooks)) != self._hook_keys:
             stages = split_stages(self.model, traced := [], self._whole)
             if [id(t) for s in stages for t in s.params] != [id(t) for t in self.params]:
@@ -1079,6 +1064,7 @@ class Chain:
             if _stages_code(stages) == self._code:  # the trace does not read them
                 self._unread.update(moved)
             self.stages, self._traced = stages, traced
+            self._eager_checked = False
             self.sizes = [s.p for s in stages]  # (a hook can merge stages: the same parameters, regrouped)
             self._watch()
         for m, mode in self._mode_watch:
@@ -1180,7 +1166,11 @@ class Chain:
             raise DtypeMismatchError(
                 f"targets are {targets.dtype}, model is {self.dtype}: convert with targets.to({self.dtype})"
             )
-        if (inputs.dim() < 2 and inputs.is_floating_point()) or inputs.dim() < 1 or inputs.shape[0] < 1:
+        if inputs.dim() >= 1 and inputs.shape[0] == 0:
+            raise ShapeMismatchError(
+                f"the batch is empty (inputs of shape {tuple(inputs.shape)}: 0 examples); pass at least one"
+            )
+        if (inputs.dim() < 2 and inputs.is_floating_point()) or inputs.dim() < 1:
             raise ShapeMismatchError(
                 "inputs must be (batch, features...) (or (batch,) integer ids), got shape "
                 f"{tuple(inputs.shape)}"
@@ -1381,16 +1371,29 @@ class Chain:
         """The cross-entropy on the logits that equals ``loss_fn`` after the last stage (up to a constant),
         and its targets, where that stage is a parameter-free log-softmax over the classes (dim 1; checked
         on this batch's values) and the loss ``NLLLoss`` (module, ``F.nll_loss`` or a partial of it: the
-        same function; outputs ``(B, C)`` or per position ``(B, C, ...)``) or ``KLDivLoss(reduction=
-        'batchmean' or 'sum')`` of ``(B, C)`` probability targets, or log-probabilities with
-        ``log_target=True`` (knowledge distillation: the cross-entropy with those probabilities, minus
-        their entropy); else None."""
+        same function; outputs ``(B, C)`` or per position ``(B, C, ...)``) or ``KLDivLoss`` (module,
+        ``F.kl_div`` or a partial of it; ``reduction`` 'batchmean', 'sum' or 'mean', the last a
+        cross-entropy with class weights ``1 / C``) of ``(B, C)`` probability targets, or
+        log-probabilities with ``log_target=True`` (knowledge distillation: the cross-entropy with those
+        probabilities, minus their entropy); else None. A loss module with hooks is not split
+        (:func:`~hessinv.stages.losses.plain_module`: the hooks may change its function)."""
         fn, kw = self.loss_fn, {}
-        if isinstance(fn, functools.partial) and fn.func is F.nll_loss and not fn.args:
+        if isinstance(fn, functools.partial) and fn.func in (F.nll_loss, F.kl_div) and not fn.args:
             fn, kw = fn.func, dict(fn.keywords)
-            if set(kw) - {"weight", "ignore_index", "reduction"}:
+            allowed = (
+                {"weight", "ignore_index", "reduction"} if fn is F.nll_loss else {"reduction", "log_target"}
+            )
+            if set(kw) - allowed:
                 return None
-        kl = type(fn) is nn.KLDivLoss and fn.reduction in ("batchmean", "sum")
+        if not plain_module(fn):
+            return None
+        kl: tuple[str, bool] | None = None  # (reduction, log_target) of a KL divergence
+        if type(fn) is nn.KLDivLoss:
+            kl = (fn.reduction, fn.log_target)
+        elif fn is F.kl_div:
+            kl = (kw.get("reduction", "mean"), bool(kw.get("log_target", False)))
+        if kl is not None and kl[0] not in ("batchmean", "sum", "mean"):
+            return None
         if not (type(fn) is nn.NLLLoss or fn is F.nll_loss or kl) or len(zs) < 2 or self.stages[-1].p:
             return None
         logits, out = zs[-2], zs[-1]
@@ -1409,17 +1412,64 @@ class Chain:
             if not bool(((out - ref).abs() <= tol).all()):
                 return None
         if kl:
-            probs = targets.exp() if fn.log_target else targets
-            return nn.CrossEntropyLoss(reduction="mean" if fn.reduction == "batchmean" else "sum"), probs
+            probs = targets.exp() if kl[1] else targets
+            if kl[0] == "mean":  # the mean over B C entries: the cross-entropy's mean over B, over C
+                w = torch.full((out.shape[1],), 1.0 / out.shape[1], dtype=out.dtype, device=out.device)
+                return nn.CrossEntropyLoss(weight=w), probs
+            return nn.CrossEntropyLoss(reduction="mean" if kl[0] == "batchmean" else "sum"), probs
         if fn is F.nll_loss:
             return nn.CrossEntropyLoss(**kw), targets
         ce = nn.CrossEntropyLoss(weight=fn.weight, ignore_index=fn.ignore_index, reduction=fn.reduction)
         return ce, targets
 
+    def _check_traced(self, inputs: Tensor, out: Tensor) -> None:
+        """Once per split of a model that was traced: raise :class:`NotAChainError` where the stages'
+        output ``out`` is not the model's own forward on ``inputs``. torch.fx traces with placeholders, so
+        Python that inspects a value's type (``isinstance(h, torch.Tensor)``, ``torch.is_tensor``) takes
+        another branch in the trace than in a real call, and the curvature would be another function's.
+        The model's plain attributes (a call counter) are put back after the call."""
+        if self._eager_checked or not self._traced:
+            return
+        mods = [self.model] if isinstance(self.model, nn.Module) else list(self.model)
+        mods = [m._orig_mod if compiled_module(m) else m for m in mods]
+        saved = [a for m in mods for a in _attributes(m)]
+        try:
+            with torch.no_grad():
+                real = inputs
+                for m in mods:
+                    real = m(real)
+        except Exception as e:  # noqa: BLE001 - any failure of the real forward
+            raise NotAChainError(
+                f"the model's own forward fails on these inputs ({type(e).__name__}: {e}) where its traced "
+                "stages run: forward takes another path when traced (Python checks of a value's type or "
+                "shape); write the model as an nn.Sequential of stages"
+            ) from e
+        finally:
+            _restore_attributes(saved)
+        if not isinstance(real, Tensor) or real.shape != out.shape:
+            what = tuple(real.shape) if isinstance(real, Tensor) else type(real).__name__
+            raise NotAChainError(
+                f"the model returns {what} but its traced stages return {tuple(out.shape)}: forward takes "
+                "another path when traced by torch.fx (isinstance(x, torch.Tensor) / torch.is_tensor(x) are "
+                "False for its placeholders); remove such checks or write the model as an nn.Sequential"
+            )
+        with torch.no_grad():
+            diff = float((real.to(out.dtype) - out).abs().max()) if out.numel() else 0.0
+            scale = float(out.abs().max()) if out.numel() else 0.0
+        if not diff <= math.sqrt(torch.finfo(out.dtype).eps) * max(scale, torch.finfo(out.dtype).tiny):
+            raise NotAChainError(
+                f"the model's traced stages compute another function than its forward (outputs differ by "
+                f"{diff:.3g}, max|output| {scale:.3g}): forward takes another path when traced by torch.fx "
+                "(isinstance(x, torch.Tensor) / torch.is_tensor(x) are False for its placeholders); remove "
+                "such checks or write the model as an nn.Sequential of stages"
+            )
+        self._eager_checked = True
+
     def _linearize(self, inputs: Tensor, targets: Tensor, second_order: bool) -> Linearization:
         self.check_inputs(inputs, targets)
         targets = self.prepare_targets(targets)
         zs = self.forward(inputs)
+        self._check_traced(inputs, zs[-1])
         for st, z in zip(self.stages, zs[1:], strict=True):
             if z.dim() >= 1 and z.shape[0] and not z[0].numel() and st is not self.stages[-1]:
                 raise UnsupportedStageError(
@@ -1449,9 +1499,7 @@ class Chain:
                     f"{loss_stage.name}: per-example decomposition {loss.item()} != loss {reference.item()}"
                 )
             loss = reference.to(loss.dtype)
-        if (
-            ce is not None and type(self.loss_fn) is nn.KLDivLoss
-        ):  # the divergence: minus the targets' entropy
+        if ce is not None:  # the loss itself (a KL divergence: the cross-entropy minus the targets' entropy)
             with torch.no_grad():
                 loss = self.loss_fn(zs[-1], targets).to(loss.dtype).reshape(())
         if (

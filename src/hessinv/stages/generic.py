@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -526,9 +528,10 @@ class LazyBlocks(Blocks):
     (:meth:`GenericStage.dense_blocks`) once and delegates to them.
 
     The linearization point is kept: a copy of the stage's input, and copies of its parameters and
-    buffers and the modules' train/eval modes, against which the module is checked before it is used
-    again (parameters or buffers changed in between -- an optimizer step, ``p.data`` edits -- raise a
-    named error; the modes are restored for the dense blocks).
+    buffers, the modules' train/eval modes and plain attributes, against which the module is checked
+    before it is used again (parameters or buffers changed in between -- an optimizer step, ``p.data``
+    edits -- raise a named error; the modes and plain attributes (``GroupNorm.eps``) are put back while
+    the dense blocks are formed).
     """
 
     per_example = False  # not probed: gauss_newton_root checks the rows' structure itself
@@ -544,6 +547,10 @@ class LazyBlocks(Blocks):
         mods = list(stage.module.modules())
         self._state = [t.detach().clone() for t in (*stage.params, *stage.module.buffers())]
         self._modes = [(m, m.training) for m in mods]
+        # plain attributes (GroupNorm.eps, Conv's padding_mode): the dense blocks call the module later
+        self._attrs = [
+            (m, k, v) for m in mods for k, v in vars(m).items() if k != "training" and watchable(v)
+        ]
         self._hooks = _hook_keys(mods)
         self.d_in = self._z.reshape(self.batch, -1).shape[1]
         self.d_out = b_out.reshape(self.batch, -1).shape[1]
@@ -588,13 +595,21 @@ class LazyBlocks(Blocks):
         if self._dense_blocks is None:
             self._unchanged()
             now = [(m, m.training) for m, _ in self._modes]
-            try:
+            attrs = [(m, k, vars(m).get(k, MISSING)) for m, k, _ in self._attrs]
+            try:  # the modules as they were at the linearization point: modes and plain attributes
                 for m, mode in self._modes:
                     m.training = mode
+                for m, k, v in self._attrs:
+                    vars(m)[k] = v
                 self._dense_blocks = self.stage.dense_blocks(self._z_in, self._b_out, False)
             finally:
                 for m, mode in now:
                     m.training = mode
+                for m, k, v in attrs:
+                    if v is MISSING:
+                        vars(m).pop(k, None)
+                    else:
+                        vars(m)[k] = v
             self._out = self._z = None  # the graph is no longer needed
         return self._dense_blocks
 
@@ -682,6 +697,25 @@ class IdentityBlocks(ParameterFreeBlocks):
         return RiccatiBlocks(empty, Sigma.new_zeros(0, self.batch, self.d_in), Sigma if coupled else None)
 
 
+MISSING = object()
+
+
+def watchable(v: Any) -> bool:
+    """A value a traced ``forward`` may have baked into its code: a number (numpy's too), a string,
+    None, a tuple of these, or a plain tensor attribute (compared by identity)."""
+    if isinstance(v, tuple):
+        return all(isinstance(x, (numbers.Number, str, type(None))) for x in v)
+    return isinstance(v, (numbers.Number, str, type(None), Tensor))
+
+
+def same_value(x: Any, v: Any) -> bool:
+    if x is v:
+        return True
+    if type(x) is not type(v) or isinstance(v, Tensor):
+        return False
+    return bool(x == v)
+
+
 def hook_dicts(mods) -> list[dict]:
     """torch's global module hooks and the forward (pre-)hooks and backward hooks of ``mods``: what a
     call of those modules runs besides their ``forward`` (their keys: the hooks' handle ids)."""
@@ -704,8 +738,8 @@ def _hook_keys(mods) -> list[tuple]:
 #: torch operations without a double backward, and the same function written with ones that have it
 _NO_DOUBLE_BACKWARD = {
     "hardsigmoid": "Write F.hardsigmoid(x) as torch.clamp(x / 6 + 0.5, 0, 1) (the same function)",
-    "embedding_bag": "Write nn.EmbeddingBag as nn.Embedding followed by .mean(1) or .sum(1) (the same "
-    "function)",
+    "embedding_bag": "Write nn.EmbeddingBag as nn.Embedding followed by .sum(1), .mean(1) or .amax(1) "
+    "(mode 'sum', 'mean' or 'max': the same function)",
 }
 
 

@@ -112,13 +112,14 @@ def loss_in_dtype(loss_fn: Callable, dtype: torch.dtype) -> Callable:
 
 def prepare_targets(loss_fn: Callable, targets: Tensor, dtype: torch.dtype) -> Tensor:
     """Targets as the loss expects them: class indices of any integer (or bool) dtype become int64
-    for the index losses (cross-entropy with a target per example, NLL); integer or bool targets of
-    the regression/binary losses become the model's floating dtype; other losses get them as given."""
+    for the index losses (cross-entropy and NLL, a target per example or per position); integer or bool
+    targets of the regression/binary losses become the model's floating dtype; other losses get them as
+    given."""
     if targets.is_floating_point() or targets.is_complex():
         return targets
     fn = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
     if isinstance(fn, _INDEX_LOSSES) or fn in _INDEX_FUNCTIONS:
-        return targets.long() if targets.dim() == 1 else targets
+        return targets.long()
     if _torch_forward(fn, _REAL_LOSSES) or fn in _REAL_FUNCTIONS:  # (a forward of its own: its targets)
         return targets.to(dtype)
     return targets
@@ -175,8 +176,23 @@ def sums_examples(loss_fn: Callable, outputs: Tensor, targets: Tensor) -> bool |
     return False
 
 
+def plain_module(fn: Callable) -> bool:
+    """Whether calling ``fn`` runs no more than its class's ``forward``: not a module, or a module (and
+    submodules) without forward (pre-)hooks, backward hooks or a ``forward`` set on the instance. Only
+    then may a loss module be replaced by a formula chosen from its class (a temperature hook on a
+    ``CrossEntropyLoss`` changes its function)."""
+    if not isinstance(fn, nn.Module):
+        return True
+    return "forward" not in vars(fn) and not any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in fn.modules()
+    )
+
+
 def closed_form(loss_fn: Callable) -> nn.Module | None:
-    """The closed-form loss module equivalent to ``loss_fn``, or None (autograd path)."""
+    """The closed-form loss module equivalent to ``loss_fn``, or None (autograd path, which calls
+    ``loss_fn`` itself: a module with hooks, see :func:`plain_module`)."""
+    if not plain_module(loss_fn):
+        return None
     if not isinstance(loss_fn, nn.Module):
         try:
             cls = _FUNCTIONAL.get(loss_fn)  # type: ignore[call-overload]

@@ -1,0 +1,231 @@
+"""What the model and the loss really compute, against what the chain differentiates: loss modules with
+hooks, forwards that branch on a value's type when traced, lazily formed blocks of a generic stage
+after a module attribute changed, Gauss-Newton of KL divergences split at the logits, per-position
+integer targets, an empty batch. References: plain autograd double backward (tests/reference.py)."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import autograd_gauss_newton, autograd_gradient_hessian
+from torch import nn
+
+import hessinv
+from hessinv.errors import NotAChainError, ShapeMismatchError, UnsupportedStageError
+
+D = torch.float64
+
+
+def _mlp(seed: int = 0, out: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, out)).to(D)
+
+
+def _batch(seed: int = 1, n: int = 5, classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g, dtype=D), torch.randint(0, classes, (n,), generator=g)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _temperature_prehook(loss: nn.Module) -> nn.Module:
+    loss.register_forward_pre_hook(lambda m, a: (a[0] / 1.00005, a[1]))
+    return loss
+
+
+def _instance_forward(loss: nn.Module) -> nn.Module:
+    loss.forward = lambda o, t: F.cross_entropy(o / 1.00005, t)  # type: ignore[method-assign]
+    return loss
+
+
+def _mse_hook(loss: nn.Module) -> nn.Module:
+    loss.register_forward_hook(lambda m, a, out: out * 1.00001)
+    return loss
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _temperature_prehook(nn.CrossEntropyLoss()),
+        lambda: _instance_forward(nn.CrossEntropyLoss()),
+        lambda: _mse_hook(nn.MSELoss()),
+    ],
+    ids=["ce-prehook", "ce-instance-forward", "mse-hook"],
+)
+def test_loss_module_hooks_are_differentiated(make):
+    """A loss module whose call runs more than its class's forward (a temperature hook, a forward set on
+    the instance) is differentiated as called: the closed-form formula of its class would be off by
+    ~1e-5, under the loss-value guard's tolerance."""
+    loss_fn = make()
+    model = _mlp()
+    X, y = _batch()
+    if isinstance(loss_fn, nn.MSELoss):
+        y = torch.randn(5, 3, generator=torch.Generator().manual_seed(2), dtype=D)
+    H = hessinv.hessian(model, loss_fn, X, y)
+    g, Hd = autograd_gradient_hessian(model, loss_fn, X, y)
+    assert _rel(H.gradient, g) < 1e-12
+    assert _rel(H.to_dense(), Hd) < 1e-12
+    v = torch.randn(len(g), generator=torch.Generator().manual_seed(3), dtype=D)
+    ref = torch.linalg.solve(Hd + 0.3 * torch.eye(len(g), dtype=D), v)
+    assert _rel(H.factor(0.3).solve(v), ref) < 1e-10
+
+
+def test_loss_prehook_that_detaches_is_refused():
+    ce = nn.CrossEntropyLoss()
+    ce.register_forward_pre_hook(lambda m, a: (a[0].detach(), a[1]))
+    X, y = _batch()
+    with pytest.raises(UnsupportedStageError, match="does not depend on the outputs"):
+        hessinv.hessian(_mlp(), ce, X, y)
+
+
+class _TypeBranch(nn.Module):
+    """A forward whose branch depends on ``isinstance`` of a value (False for torch.fx's placeholders)."""
+
+    def __init__(self, check) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.check = check
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.check(h):
+            h = h * 2.0
+        return self.b(h)
+
+
+@pytest.mark.parametrize(
+    "check", [lambda h: isinstance(h, torch.Tensor), torch.is_tensor], ids=["isinstance", "is_tensor"]
+)
+@pytest.mark.parametrize("wrap", ["top", "sequential-child", "compiled"])
+def test_forward_that_branches_on_type_when_traced_is_refused(check, wrap):
+    torch.manual_seed(0)
+    inner = _TypeBranch(check).to(D)
+    model = {"top": inner, "sequential-child": nn.Sequential(inner), "compiled": torch.compile(inner)}[wrap]
+    X, y = _batch()
+    for build in (hessinv.hessian, hessinv.gauss_newton):
+        with pytest.raises(NotAChainError, match="another function|another path"):
+            build(model, nn.CrossEntropyLoss(), X, y)
+
+
+class _Counted(nn.Module):
+    """A custom forward (traced) that counts its calls in a plain attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.b(torch.tanh(self.a(x))) + x[:, :3]
+
+
+def test_traced_model_checked_against_its_forward_without_side_effects():
+    """The traced stages are compared with the real forward once; the real call's side effects on
+    plain attributes are put back, and a faithful trace is exact."""
+    torch.manual_seed(0)
+    model = _Counted().to(D)
+    X, y = _batch()
+    before = model.calls
+    H = hessinv.hessian(model, nn.CrossEntropyLoss(), X, y)
+    assert model.calls == before
+    _, Hd = autograd_gradient_hessian(model, nn.CrossEntropyLoss(), X, y)
+    assert _rel(H.to_dense(), Hd) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "layer, attr, value",
+    [
+        (lambda: nn.GroupNorm(2, 4), "eps", 0.5),
+        (lambda: nn.LayerNorm(4), "eps", 0.5),
+        (lambda: nn.Conv1d(4, 4, 3, padding=1), "padding_mode", "circular"),
+    ],
+    ids=["groupnorm-eps", "layernorm-eps", "conv-padding-mode"],
+)
+def test_lazy_gauss_newton_blocks_are_formed_at_the_linearization_point(layer, attr, value):
+    """A generic stage's Gauss-Newton blocks are formed on first use by calling the module: a plain
+    attribute changed in between (GroupNorm.eps) must not enter them -- G is the old point's."""
+    torch.manual_seed(0)
+    lay = layer()
+    conv = isinstance(lay, nn.Conv1d)
+    model = (
+        nn.Sequential(
+            nn.Conv1d(2, 4, 3, padding=1), nn.Tanh(), lay, nn.Tanh(), nn.Flatten(), nn.Linear(24, 3)
+        )
+        if conv or isinstance(lay, nn.GroupNorm)
+        else nn.Sequential(nn.Linear(4, 4), nn.Tanh(), lay, nn.Linear(4, 3))
+    ).to(D)
+    g = torch.Generator().manual_seed(1)
+    X = (
+        torch.randn(4, 2, 6, generator=g, dtype=D)
+        if conv or isinstance(lay, nn.GroupNorm)
+        else torch.randn(4, 4, generator=g, dtype=D)
+    )
+    y = torch.randint(0, 3, (4,), generator=g)
+    ref = autograd_gauss_newton(model, nn.CrossEntropyLoss(), X, y)
+    G = hessinv.gauss_newton(model, nn.CrossEntropyLoss(), X, y)
+    setattr(lay, attr, value)
+    V = torch.randn(ref.shape[0], 3, generator=g, dtype=D)
+    assert _rel(G @ V, ref @ V) < 1e-10
+    assert getattr(lay, attr) == value  # the module is left as the caller set it
+
+
+def _kl_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.LogSoftmax(dim=1)).to(D)
+
+
+@pytest.mark.parametrize(
+    "loss_fn, factor",
+    [
+        (nn.KLDivLoss(reduction="mean"), 1 / 3),
+        (functools.partial(F.kl_div, reduction="batchmean"), 1.0),
+        (functools.partial(F.kl_div, reduction="sum", log_target=True), 5.0),
+    ],
+    ids=["module-mean", "partial-batchmean", "partial-sum-logtarget"],
+)
+def test_kl_divergence_gauss_newton_split_at_logits(loss_fn, factor):
+    """Gauss-Newton of a KL divergence after a LogSoftmax stage is split at the logits (the loss is
+    linear in the log-probabilities): ``factor`` times the batchmean module's, not zero."""
+    model = _kl_model()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(5, 4, generator=g, dtype=D)
+    P = torch.softmax(torch.randn(5, 3, generator=g, dtype=D), 1)
+    logtarget = isinstance(loss_fn, functools.partial) and loss_fn.keywords.get("log_target")
+    T = P.log() if logtarget else P
+    base = hessinv.gauss_newton(model, nn.KLDivLoss(reduction="batchmean"), X, P).to_dense()
+    logits = nn.Sequential(*list(model)[:-1])
+    ref = autograd_gauss_newton(logits, lambda z, t: F.cross_entropy(z, t), X, P)
+    assert _rel(base, ref) < 1e-12
+    with warnings.catch_warnings():  # (torch warns that KLDivLoss's 'mean' is not 'batchmean')
+        warnings.simplefilter("ignore", UserWarning)
+        G = hessinv.gauss_newton(model, loss_fn, X, T)
+        value = float(loss_fn(model(X), T))
+    assert _rel(G.to_dense(), factor * ref) < 1e-12
+    assert abs(float(G.loss) - value) < 1e-12
+
+
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.NLLLoss()], ids=["ce", "nll"])
+def test_per_position_int32_class_indices(loss_fn):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv1d(3, 4, 1)).to(D)
+    if isinstance(loss_fn, nn.NLLLoss):
+        model.append(nn.LogSoftmax(dim=1))
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(3, 2, 5, generator=g, dtype=D)
+    y = torch.randint(0, 4, (3, 5), generator=g)
+    H = hessinv.hessian(model, loss_fn, X, y.to(torch.int32))
+    _, Hd = autograd_gradient_hessian(model, loss_fn, X, y)
+    assert _rel(H.to_dense(), Hd) < 1e-12
+
+
+def test_empty_batch_says_so():
+    X, y = _batch()
+    with pytest.raises(ShapeMismatchError, match="batch is empty"):
+        hessinv.hessian(_mlp(), nn.CrossEntropyLoss(), X[:0], y[:0])
