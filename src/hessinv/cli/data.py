@@ -21,6 +21,7 @@ import io
 import math
 import random
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,31 +193,55 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _is_header(head: list[str], labels: list[str], decimals: bool = False) -> bool:
-    """Whether ``head``, the first row, is a header line above rows whose last cells are ``labels``:
-    a feature cell that is not a number, or a label unlike every other: a name above numbers, a number
-    above names, or a name that no other row has (``1,2,label`` above class names)."""
-    if not all(_is_number(c) for c in head[:-1]):
+#: cells that mark a missing value (compared lower-cased): in a first row otherwise of numbers they make
+#: it a data row with a missing value (an error naming line 1), not a header
+_MISSING = frozenset({"", "na", "n/a", "nan", "?", "null"})
+
+
+def _column_numbers(cells: list[str]) -> bool:
+    """Whether ``cells`` are ``0,1,...,k-1`` or ``1,2,...,k``: the column numbers pandas writes as the
+    header of a frame made from an array."""
+    return cells in ([str(i) for i in range(len(cells))], [str(i + 1) for i in range(len(cells))])
+
+
+def _is_header(head: list[str], rest: list[list[str]]) -> bool:
+    """Whether ``head``, the first row, is a header line above the rows ``rest``:
+
+    * a feature cell that is not a number (``x1,x2,label``), unless the row's only non-numbers are
+      missing values (``NA``, ``?``, empty: data with a missing value, reported as such) or it is
+      pandas' header above its index column (an empty cell, then the column numbers);
+    * a label unlike every other: a name above numbers, a number above names, or a name that no
+      other row has (``1,2,label`` above class names);
+    * the column numbers ``0,1,...,k-1`` (or ``1..k``) whose label no other row has, where that is
+      implausible for data: some column of the other rows is written as decimals (``0.25``, ``1e-3``)
+      unlike the row's plain integers, or the other rows have at least 10 per distinct label (a first
+      row that is the only example of its class, among classes of 10 or more on average). Otherwise
+      (``0,1,2`` above ``5,3,0``, ``1,4,1``, ... or a counting series ``1,2,3``, ...) it stays data.
+    """
+    cells = [c.strip() for c in head]
+    labels = [r[-1].strip() for r in rest]
+    if cells[0] == "" and _column_numbers(cells[1:]):
         return True
-    others = {c.strip() for c in labels}
-    index = [c.strip() for c in head]
-    if (
-        decimals
-        and len(labels) >= 2
-        and head[-1].strip() not in others
-        and index
-        in (
-            [str(i) for i in range(len(head))],
-            [str(i) for i in range(1, len(head) + 1)],
+    present = [c for c in cells if c.lower() not in _MISSING]
+    if len(present) < len(cells) and present and all(_is_number(c) for c in present):
+        return False
+    if not all(_is_number(c) for c in cells[:-1]):
+        return True
+    if len(rest) >= 2 and _column_numbers(cells) and all(_is_number(c) for c in labels):
+        values = {float(c) for c in labels}
+        same = [[c.strip() for c in r] for r in rest if len(r) == len(cells)]
+        written_as_decimals = any(
+            same and all(_is_number(r[j]) and any(ch in r[j] for ch in ".eE") for r in same)
+            for j in range(len(cells))
         )
-    ):  # column numbers (pandas' header of a frame made from an array) above decimal features
-        return True  # (``decimals``), whose label no row has
+        if float(cells[-1]) not in values and (written_as_decimals or len(rest) >= 10 * len(values)):
+            return True
     kinds = {_is_number(c) for c in labels}
     if len(kinds) != 1:  # no other rows, or numbers and names mixed (an error, reported later)
         return False
-    if _is_number(head[-1]) != kinds.pop():
+    if _is_number(cells[-1]) != kinds.pop():
         return True
-    return not _is_number(head[-1]) and head[-1].strip() not in {c.strip() for c in labels}
+    return not _is_number(cells[-1]) and cells[-1] not in set(labels)
 
 
 class _Spaces(csv.excel):
@@ -273,14 +298,20 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
         rows = [(n, r[:-1]) for n, r in rows]
 
     # (a '#' line above was the header: numpy.savetxt's)
-    decimals = any("." in c for _, r in rows[1:] for c in r[:-1])
-    if not skipped and _is_header(rows[0][1], [r[-1] for _, r in rows[1:]], decimals):
+    if not skipped and _is_header(rows[0][1], [r for _, r in rows[1:]]):
         rows = rows[1:]
     if not rows:
         raise DataError(f"{path} has a header but no data rows")
-    widths = {len(r) for _, r in rows}
-    if len(widths) != 1:
-        raise DataError(f"{path}: rows have different numbers of columns {sorted(widths)}")
+    width = Counter(len(r) for _, r in rows).most_common(1)[0][0]
+    for n, r in rows:
+        if len(r) != width:
+            comment = r[0].lstrip().startswith("#")
+            raise DataError(
+                f"{path}: rows have different numbers of columns: line {n} has {len(r)} where the "
+                f"other rows have {width}"
+                + (" (a '#' comment, allowed only at the top of the file)" if comment else "")
+                + "; every row needs the same columns (features..., label)"
+            )
     if len(rows[0][1]) < 2:
         raise DataError(f"{path}: need at least 2 columns (features..., label); got {len(rows[0][1])}")
     for n, r in rows:
@@ -308,6 +339,11 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def load_file(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """``(X, y, X_test, y_test)`` from a ``.npz`` or ``.csv`` file (the test arrays may be None)."""
+    if not str(path).strip():  # (Path("") is ".", a directory)
+        raise DataError(
+            "the data path is empty (an unset variable?): give a file (.npz, .csv) or one of "
+            + ", ".join(DATASETS)
+        )
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
@@ -422,7 +458,11 @@ def load_dataset(
     elif key == "regression":
         X, y = _regression(seed, n_samples)
         label = "regression"
-    elif Path(name).suffix.lower() in (".npz", ".csv", ".tsv", ".txt") or Path(name).exists():
+    elif (
+        Path(name).suffix.lower() in (".npz", ".csv", ".tsv", ".txt")
+        or Path(name).exists()
+        or not key.strip()  # (load_file says it is empty)
+    ):
         X, y, Xt, yt = load_file(name)
         label = Path(name).name
     else:
@@ -432,6 +472,11 @@ def load_dataset(
     y = np.asarray(y)
     if y.ndim == 0 or len(y) != len(X):
         raise DataError(f"{label}: {len(X)} feature rows but labels/targets of shape {y.shape}")
+    if y.ndim > 1 and math.prod(y.shape[1:]) == 0:
+        raise DataError(
+            f"{label}: the labels/targets have no columns (shape {y.shape}); give one label or at least "
+            "one target per example"
+        )
     if len(X) < 2:
         raise DataError(f"{label}: need at least 2 examples, got {len(X)}")
     own_test = Xt is not None
@@ -518,8 +563,6 @@ def load_dataset(
             )
         y = y.reshape(len(y), -1).astype(np.float64)
         yt = yt.reshape(len(yt), -1).astype(np.float64)
-        if y.shape[1] == 0:
-            raise DataError(f"{label}: no target columns (the targets have shape {y.shape})")
         if not (np.isfinite(y).all() and np.isfinite(yt).all()):
             raise DataError(f"{label}: targets contain NaN or infinity")
         ytr_t, yte_t = torch.from_numpy(y), torch.from_numpy(yt)

@@ -49,13 +49,16 @@ def _colors(names: list[str]) -> dict[str, str]:
 
 
 def _loss_axis(ax, lo: float, hi: float, positive: bool) -> None:
-    """Log scale with plain-number ticks (1, 2, 5 per decade) when the losses span a decade or more,
-    else a linear scale: a log axis over 0.4-2.5 has no labelled tick."""
+    """Log scale with plain-number ticks when the losses span a decade or more (1, 2, 5 per decade over
+    less than 3 decades, else powers of 10, every few decades when they are many: matplotlib's
+    LogLocator places no tick at all when it must skip decades with several ``subs``), else a linear
+    scale: a log axis over 0.4-2.5 has no labelled tick."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     if positive and hi / lo >= 10:
         ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        subs = (1.0, 2.0, 5.0) if hi / lo < 1e3 else (1.0,)
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_ylim(0.8 * lo, 1.25 * hi)

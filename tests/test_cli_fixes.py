@@ -1,0 +1,161 @@
+"""Fixes of a probe's CLI findings: pandas' integer header, first-row missing values, loss-axis ticks,
+error messages that name the line or the cause, and ``python -m hessinv``."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import hessinv
+from hessinv.cli import main
+from hessinv.cli.data import DataError, load_dataset, load_file
+
+
+def _write(path: Path, header: str | None, A: np.ndarray, fmt: str) -> Path:
+    with open(path, "w") as f:
+        if header is not None:
+            f.write(header + "\n")
+        np.savetxt(f, A, delimiter=",", fmt=fmt)
+    return path
+
+
+# -- 1. the column-number header pandas writes above integer data ---------------------------------------
+@pytest.mark.parametrize("first", [0, 1])
+def test_column_number_header_above_integer_data_is_no_example(tmp_path, first):
+    """pd.DataFrame(int_array).to_csv(index=False) writes 0,1,...,k above integer rows: it was read as a
+    row (digits: 11 classes, one example too many)."""
+    rng = np.random.default_rng(0)
+    X, y = rng.integers(0, 17, size=(300, 64)), np.arange(300) % 10
+    A = np.column_stack([X, y])
+    header = ",".join(str(i + first) for i in range(A.shape[1]))
+    Xr, yr, _, _ = load_file(_write(tmp_path / "d.csv", header, A, "%d"))
+    np.testing.assert_array_equal(Xr, X.astype(np.float64))
+    np.testing.assert_array_equal(yr, y.astype(np.float64))
+    ds = load_dataset(str(tmp_path / "d.csv"))
+    assert ds.n_classes == 10 and len(ds.X_train) + len(ds.X_test) == 300
+
+
+def test_column_number_header_above_integer_features_and_float_targets(tmp_path):
+    rng = np.random.default_rng(0)
+    Xi = rng.integers(0, 50, size=(200, 3))
+    t = (Xi @ np.array([0.1, 0.2, 0.3]) + 0.01).round(3)
+    p = tmp_path / "r.csv"
+    rows = [f"{a},{b},{c},{float(v)!r}\n" for (a, b, c), v in zip(Xi, t, strict=True)]
+    p.write_text("0,1,2,3\n" + "".join(rows))
+    Xr, yr, _, _ = load_file(p)
+    np.testing.assert_array_equal(Xr, Xi.astype(np.float64))
+    np.testing.assert_array_equal(yr, t)
+
+
+@pytest.mark.parametrize(
+    "text, n",
+    [
+        # the first row's label is a class of the other rows: a data row
+        ("0,1,2\n" + "".join(f"{i % 5},{i % 7},{i % 3}\n" for i in range(40)), 41),
+        # the only example of its class, but among 4 rows: plausible data
+        ("0,1,2\n5,3,0\n1,4,1\n2,2,0\n7,1,1\n", 5),
+        # a counting series
+        ("".join(f"{i},{i + 1},{i + 2}\n" for i in range(30)), 30),
+    ],
+)
+def test_a_first_row_of_column_numbers_that_is_data_stays(tmp_path, text, n):
+    p = tmp_path / "k.csv"
+    p.write_text(text)
+    X, y, _, _ = load_file(p)
+    rows = np.array([[float(c) for c in line.split(",")] for line in text.splitlines()])
+    np.testing.assert_array_equal(np.column_stack([X, y]), rows)
+    assert len(y) == n
+
+
+# -- 3. a missing value in the first row of a header-less file ------------------------------------------
+@pytest.mark.parametrize(
+    "first, match",
+    [
+        ("NA,0.25,1", "line 1, column 1: 'NA' is not a number"),
+        ("?,0.25,1", "line 1, column 1: '?' is not a number"),
+        (",0.25,1", "line 1, column 1 is empty"),
+        ("0.5,n/a,1", "line 1, column 2: 'n/a' is not a number"),
+        ("0.5,0.25,NA", "(line 1: 'NA'"),  # a missing label among numeric labels
+    ],
+)
+def test_a_missing_value_in_the_first_row_is_an_error_naming_line_1(tmp_path, first, match):
+    """The first row was taken for a header and silently dropped (39 of 40 rows loaded)."""
+    p = tmp_path / "m.csv"
+    p.write_text(first + "\n" + "".join(f"{i % 5}.5,{i % 3}.25,{i % 2}\n" for i in range(39)))
+    with pytest.raises(DataError, match=re.escape(match)):
+        load_dataset(str(p))
+
+
+def test_a_header_is_still_a_header(tmp_path):
+    p = tmp_path / "h.csv"
+    p.write_text("x0,x1,y\n" + "".join(f"{i % 5}.5,{i % 3}.25,{i % 2}\n" for i in range(20)))
+    X, y, _, _ = load_file(p)
+    assert X.shape == (20, 2)
+    np.testing.assert_array_equal(y, np.arange(20) % 2)
+
+
+# -- 2. loss-axis ticks over many decades -------------------------------------------------------------
+@pytest.mark.parametrize("lo, hi", [(0.1, 2.0), (1e-4, 2.0), (1e-12, 2.0), (1e-30, 10.0)])
+def test_loss_axis_has_labelled_ticks_at_any_range(lo, hi):
+    """LogLocator(subs=(1, 2, 5)) placed no tick at all once it had to skip decades (losses to 1e-12)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from hessinv.cli.plots import _loss_axis
+
+    fig = Figure(figsize=(14, 9.2), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots(2, 2, squeeze=False)[0][0]
+    ax.plot([1, 10], [hi, lo])
+    _loss_axis(ax, lo, hi, True)
+    fig.canvas.draw()
+    y0, y1 = ax.get_ylim()
+    ticks = [(t.get_position()[1], t.get_text()) for t in ax.get_yticklabels()]
+    shown = [(value, text) for value, text in ticks if text and y0 <= value <= y1]
+    decades = math.log10(y1 / y0)
+    assert 2 <= len(shown) <= 15, shown
+    assert len(shown) >= decades / 5  # at least one label every 5 decades
+    for value, text in shown:  # each label is its tick's value
+        assert math.isclose(float(text), value, rel_tol=1e-6)
+
+
+# -- 4. messages that name the line or the cause ------------------------------------------------------
+def test_a_stray_comment_line_is_named(tmp_path):
+    p = tmp_path / "c.csv"
+    rows = [f"{i % 7}.5,{i % 3}.25,{i % 2}\n" for i in range(100)]
+    p.write_text("".join(rows[:60]) + "# re-exported 2024-01-02\n" + "".join(rows[60:]))
+    with pytest.raises(DataError, match=r"line 61 has 1 where the other rows have 3 \(a '#' comment"):
+        load_dataset(str(p))
+
+
+def test_an_empty_data_path_is_named():
+    for path in ("", "  "):
+        with pytest.raises(DataError, match="the data path is empty"):
+            load_dataset(path)
+
+
+@pytest.mark.parametrize("task", ["auto", "regression", "classification"])
+def test_targets_without_columns_are_named(tmp_path, task):
+    p = tmp_path / "e.npz"
+    np.savez(p, X=np.random.default_rng(0).normal(size=(40, 3)), y=np.zeros((40, 0)))
+    with pytest.raises(DataError, match=re.escape("have no columns (shape (40, 0))")):
+        load_dataset(str(p), task=task)
+
+
+# -- 5. python -m hessinv -------------------------------------------------------------------------------
+def test_python_dash_m_hessinv_is_the_console_script(capsys):
+    assert main(["--version"]) == 0
+    expected = capsys.readouterr().out.strip()
+    env = dict(os.environ, PYTHONPATH=str(Path(hessinv.__file__).parents[1]))
+    p = subprocess.run(
+        [sys.executable, "-m", "hessinv", "--version"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == expected and expected.startswith("hessinv ")
