@@ -81,6 +81,8 @@ __all__ = [
 
 STRATEGIES = ("sharded", "replicated", "rotate", "average")
 DEFAULT_STRATEGY = "sharded"
+# the parameter groups' settings every step compares between the ranks (DistributedPreconditioner.check_step)
+_STEP_SETTINGS = ("lr", "momentum", "weight_decay")
 
 
 # -- process groups ---------------------------------------------------------------------------------
@@ -358,18 +360,23 @@ class DistributedPreconditioner(Preconditioner):
     """A :class:`~hessinv.optim.Preconditioner` whose curvature is the same on every rank (module docstring).
 
     Built from a preconditioner by :meth:`wrap` (normally through :func:`distribute`). Every rank must
-    call :meth:`update` / :meth:`solve` at the same steps with local batches of the same size; every
-    :meth:`update` checks that with one all-gather of two numbers (:meth:`check_step`).
+    call :meth:`update` / :meth:`solve` at the same steps with local batches of the same size and, when
+    it has an ``optimizer``, with the same learning rates, momentum and weight decay in its parameter
+    groups; every :meth:`update` checks that with one all-gather of a few numbers (:meth:`check_step`).
     """
 
     strategy: str
     group: Any
+    optimizer: Any
 
     @classmethod
     def wrap(
-        cls, pc: Preconditioner, strategy: str = DEFAULT_STRATEGY, group: Any = None
+        cls, pc: Preconditioner, strategy: str = DEFAULT_STRATEGY, group: Any = None, optimizer: Any = None
     ) -> DistributedPreconditioner:
-        """The distributed version of ``pc`` (same settings and state), for the process ``group``."""
+        """The distributed version of ``pc`` (same settings and state), for the process ``group``.
+        ``optimizer``: the optimizer that steps with ``pc`` (:func:`distribute` passes its ``Newton``),
+        whose parameter groups' ``lr``, ``momentum`` and ``weight_decay`` every step compares between
+        the ranks (:meth:`check_step`); its number of groups must not change afterwards."""
         _check_strategy(strategy)
         if pc.curvature == "hessian" and strategy in ("sharded", "rotate"):
             raise DistributedError(
@@ -379,7 +386,7 @@ class DistributedPreconditioner(Preconditioner):
         _group_info(group)
         new = cls.__new__(cls)
         new.__dict__.update(pc.__dict__)
-        new.strategy, new.group = strategy, group
+        new.strategy, new.group, new.optimizer = strategy, group, optimizer
         new._checked_at = None
         return new
 
@@ -394,20 +401,28 @@ class DistributedPreconditioner(Preconditioner):
         return dist.get_world_size(self.group)
 
     def check_step(self, inputs: Tensor, targets: Tensor, weighted: bool = False) -> list[tuple[int, int]]:
-        """``(local batch size, loss normalizer)`` of every rank, by one all-gather of two numbers: the
-        same :class:`~hessinv.errors.DistributedError` on every rank when the local batch sizes differ
-        (DDP's average of the ranks' means is then not the global batch's mean) or, unless ``weighted``
-        (the caller weights each rank's loss by its share, as :class:`DataParallel` does), when the
-        ranks hold different numbers of targets that an ``ignore_index`` loss counts."""
+        """``(local batch size, loss normalizer)`` of every rank, by one all-gather of a few numbers (also
+        the :attr:`optimizer`'s groups' ``lr``, ``momentum``, ``weight_decay``): the same
+        :class:`~hessinv.errors.DistributedError` on every rank when the local batch sizes differ
+        (DDP's average of the ranks' means is then not the global batch's mean), when those settings
+        differ (a scheduler stepped on one rank, or fed the rank's own loss: the replicas would drift
+        apart) or, unless ``weighted`` (the caller weights each rank's loss by its share, as
+        :class:`DataParallel` does), when the ranks hold different numbers of targets that an
+        ``ignore_index`` loss counts."""
         _group_info(self.group)  # a named error once the process group is gone
-        head = torch.stack(
-            [torch.tensor(int(inputs.shape[0]), dtype=torch.int64), _normalizer(self.loss_fn, targets).cpu()]
+        groups = [] if getattr(self, "optimizer", None) is None else self.optimizer.param_groups
+        # float64 holds the counts exactly (below 2^53)
+        head = torch.tensor(
+            [float(inputs.shape[0]), float(_normalizer(self.loss_fn, targets))]
+            + [float(g.get(key, 0.0)) for key in _STEP_SETTINGS for g in groups],
+            dtype=torch.float64,
         )
         if dist.get_backend(self.group) == "nccl":
             head = head.cuda()
         heads = [torch.zeros_like(head) for _ in range(self.world_size)]
         dist.all_gather(heads, head, group=self.group)
-        counts = [(int(h[0]), int(h[1])) for h in heads]
+        values = [h.tolist() for h in heads]
+        counts = [(int(v[0]), int(v[1])) for v in values]
         sizes = [c[0] for c in counts]
         if len(set(sizes)) > 1:
             raise DistributedError(
@@ -415,6 +430,17 @@ class DistributedPreconditioner(Preconditioner):
                 "ranks' mean gradients are averaged with equal weights): split each global batch evenly "
                 "(hessinv.optim.distributed.shard)"
             )
+        for i, key in enumerate(k for k in _STEP_SETTINGS for _ in groups):
+            seen = [v[2 + i] for v in values]
+            if len(set(seen)) > 1:
+                where = f" of parameter group {i % len(groups)}" if len(groups) > 1 else ""
+                raise DistributedError(
+                    f"the {key}{where} differs between ranks ("
+                    + ", ".join(f"rank {r} {x!r}" for r, x in enumerate(seen))
+                    + "): the replicas would drift apart. Change it alike on every rank: step a scheduler on "
+                    "every rank, and feed ReduceLROnPlateau the global batch's loss (DataParallel.step "
+                    "returns it; a closure's loss is this rank's own)"
+                )
         labelled = [c[1] for c in counts]
         if 0 in labelled and any(labelled):
             raise DistributedError(
@@ -582,9 +608,11 @@ def distribute(opt: Any, strategy: str = DEFAULT_STRATEGY, group: Any = None) ->
     ``max_rank``, ``refresh``, dtype, parameter count, loss, steps taken): else the same named error on
     every rank, and nothing is changed. Then broadcasts rank 0's parameters and the optimizer's
     generators (so every rank draws the same curvature indices) and swaps its preconditioner for a
-    :class:`DistributedPreconditioner`. The gradient must come from DDP (the closure form of ``step``,
-    or :class:`DataParallel`). ``mode="auto"`` is pinned to ``"precondition"`` (the trust-region mode is
-    a full-batch method: not data-parallel).
+    :class:`DistributedPreconditioner`, which compares the parameter groups' ``lr``, ``momentum`` and
+    ``weight_decay`` again at every step (a scheduler may change them: alike on every rank, or a
+    :class:`~hessinv.errors.DistributedError` before the replicas drift apart). The gradient must come
+    from DDP (the closure form of ``step``, or :class:`DataParallel`). ``mode="auto"`` is pinned to
+    ``"precondition"`` (the trust-region mode is a full-batch method: not data-parallel).
     """
     rank, world = _group_info(group)
     why = _refusal(opt, strategy)
@@ -622,7 +650,7 @@ def distribute(opt: Any, strategy: str = DEFAULT_STRATEGY, group: Any = None) ->
     pc.generator.set_state(states[0])
     opt._generator.set_state(states[1])
     opt._newton["rng"] = opt._generator.get_state()
-    opt.preconditioner = DistributedPreconditioner.wrap(pc, strategy, group)
+    opt.preconditioner = DistributedPreconditioner.wrap(pc, strategy, group, optimizer=opt)
     return opt
 
 

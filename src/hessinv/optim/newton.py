@@ -380,14 +380,7 @@ class Newton(torch.optim.Optimizer):
             raise InvalidArgumentError(f"mode must be one of {_MODES}, got {mode!r}")
         if curvature is not None:
             curvature = normalize_curvature(curvature)
-        if curvature_batch_size is not None and (
-            isinstance(curvature_batch_size, bool)
-            or not isinstance(curvature_batch_size, int)
-            or curvature_batch_size < 1
-        ):
-            raise InvalidArgumentError(
-                f"curvature_batch_size must be None or an int >= 1, got {curvature_batch_size!r}"
-            )
+        curvature_batch_size = _checked_curvature_batch_size(curvature_batch_size)
         if isinstance(backtracking, bool) or not isinstance(backtracking, int) or backtracking < 0:
             raise InvalidArgumentError(f"backtracking must be an int >= 0, got {backtracking!r}")
         if callback is not None and not callable(callback):
@@ -484,18 +477,29 @@ class Newton(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` state dict plus ``"newton"``: step count, mode, rule state, momentum (in the
-        preconditioner's basis), generators and the preconditioner's state."""
+        preconditioner's basis), generators, ``max_relative_step``, ``curvature_batch_size`` and the
+        preconditioner's state with its settings (:meth:`Preconditioner.state_dict`)."""
         sd = super().state_dict()
         ns = {k: v for k, v in self._newton.items() if k != "previous"}
         sd["newton"] = copy.deepcopy(ns)
         sd["newton"]["previous"] = (
             None if self._newton["previous"] is None else tuple(t.clone() for t in self._newton["previous"])
         )
+        sd["newton"]["curvature_batch_size"] = self.curvature_batch_size
         if self.preconditioner is not None:
             sd["newton"]["preconditioner"] = self.preconditioner.state_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output. As ``torch.optim`` restores its groups' hyper-parameters
+        (``lr``, ``momentum``, ``weight_decay`` here), the settings that shape the saved state are the
+        checkpoint's, not this optimizer's constructor arguments: ``max_relative_step``,
+        ``curvature_batch_size`` and the preconditioner's ``diagonal_damping`` (or its ``damping``),
+        ``beta2``, ``refresh``, ``curvature_batch_size``, ``max_rank``, ``basis_max_dim``
+        (:meth:`Preconditioner.load_state_dict`); a checkpoint saved before a setting was keeps this
+        optimizer's. What cannot be restored into this object -- another model, ``curvature``,
+        ``damping`` rule or ``basis`` kind, or a precondition-mode state into the trust-region mode -- is
+        an :class:`~hessinv.errors.InvalidArgumentError`, and a refused load changes nothing."""
         sd = dict(state_dict)
         ns = sd.pop("newton", None)
         if not isinstance(ns, dict) or not {"step", "rule", "rng"} <= set(ns):
@@ -514,6 +518,7 @@ class Newton(torch.optim.Optimizer):
             limit = _positive_number("max_relative_step", limit)  # before anything is loaded
         momentum = self.momentum
         ns = dict(ns)
+        k = _checked_curvature_batch_size(ns.pop("curvature_batch_size", self.curvature_batch_size))
         pcs = ns.pop("preconditioner", None)
         pc = self.preconditioner if pcs is not None else None
         if pc is not None:  # another model's, another basis's: refused before anything is loaded
@@ -534,6 +539,7 @@ class Newton(torch.optim.Optimizer):
         ns["max_relative_step"] = limit
         self._newton = copy.deepcopy(ns)
         self.mode = ns["mode"]
+        self.curvature_batch_size = k
         self._rejected = None
 
     # -- one step ---------------------------------------------------------------------------------
@@ -1153,6 +1159,13 @@ def _one_batch(seen: list[Tensor], what: str, name: str) -> Tensor | None:
             f"step(closure=closure, inputs=X, targets=y)"
         )
     return seen[0] if seen else None
+
+
+def _checked_curvature_batch_size(value: Any) -> int | None:
+    """``curvature_batch_size`` (None or an int >= 1), else an :class:`InvalidArgumentError`."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InvalidArgumentError(f"curvature_batch_size must be None or an int >= 1, got {value!r}")
+    return value
 
 
 def _positive_number(name: str, value: Any) -> float:

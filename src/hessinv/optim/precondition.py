@@ -87,6 +87,38 @@ def _positive(name: str, value: Any, integer: bool = False, allow_zero: bool = F
     return value
 
 
+def _checked_settings(
+    damping: Any,
+    curvature_batch_size: Any,
+    refresh: Any,
+    beta2: Any,
+    eps: Any,
+    warmup: Any,
+    stale_ratio: Any,
+    max_rank: Any,
+    basis_max_dim: Any,
+) -> dict[str, Any]:
+    """:class:`Preconditioner`'s numeric settings, validated (an :class:`InvalidArgumentError` naming the
+    first bad one) and as it keeps them: its constructor's arguments, or a checkpoint's ``settings``."""
+    beta2 = _plain(beta2)
+    if isinstance(beta2, bool) or not (isinstance(beta2, (int, float)) and 0 <= beta2 < 1):
+        raise InvalidArgumentError(f"beta2 must be in [0, 1), got {beta2!r}")
+    stale = float(_positive("stale_ratio", stale_ratio))
+    if stale <= 1:
+        raise InvalidArgumentError(f"stale_ratio must be > 1, got {stale_ratio!r}")
+    return {
+        "damping": float(_positive("damping", damping)),
+        "curvature_batch_size": _positive("curvature_batch_size", curvature_batch_size, integer=True),
+        "refresh": _positive("refresh", refresh, integer=True),
+        "beta2": float(beta2),
+        "eps": float(_positive("eps", eps)),
+        "warmup": _positive("warmup", warmup, integer=True, allow_zero=True),
+        "stale_ratio": stale,
+        "max_rank": _positive("max_rank", max_rank, integer=True),
+        "basis_max_dim": _positive("basis_max_dim", basis_max_dim, integer=True),
+    }
+
+
 def _plain(value: Any) -> Any:
     """A numpy scalar (``np.float32(0.5)``, ``np.int64(4)``) as the Python number it holds; else ``value``."""
     if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
@@ -157,6 +189,11 @@ ROTATION_MAX_FLOPS = 1.4e8
 #: rows of the Gauss-Newton root at most by default (:class:`Preconditioner`): the exact root of 8
 #: examples has ``8 (C - 1)`` rows for ``C`` classes, and its Woodbury solve costs ``r^2 n`` per refresh
 MAX_RANK = 256
+#: the settings of a :class:`Preconditioner` that its ``state_dict`` saves and ``load_state_dict`` restores
+_SETTINGS = (
+    "damping", "curvature_batch_size", "refresh", "beta2", "eps", "warmup", "stale_ratio", "max_rank",
+    "basis_max_dim",
+)  # fmt: skip
 
 
 class EigenBasis:
@@ -189,7 +226,7 @@ class EigenBasis:
     _FIELDS = ("L", "R", "QL", "QR")
 
     def __init__(self, params: Sequence[Tensor], beta: float = 0.95, max_dim: int = BASIS_MAX_DIM):
-        self.beta = beta
+        self.beta, self.max_dim = beta, max_dim
         self.blocks: list[tuple[int, int, int]] = []  # (offset, a, b)
         o = 0
         for p in params:
@@ -336,20 +373,28 @@ class EigenBasis:
         return {k: [t.clone() for t in getattr(self, k)] for k in self._FIELDS}
 
     def load(self, sd: dict[str, list[Tensor]]) -> None:
-        """Restore what :meth:`state` returned."""
+        """Restore what :meth:`state` returned; one of other weights (another model, another ``max_dim``)
+        is an :class:`InvalidArgumentError` that changes nothing."""
+        loaded = {}
         for k in self._FIELDS:
             stacks = [t.clone() for t in getattr(self, "_" + k)]
-            if len(sd[k]) != len(self._where):
+            got = sd.get(k) if isinstance(sd, dict) else None
+            if not isinstance(got, (list, tuple)) or len(got) != len(self._where):
+                count = len(got) if isinstance(got, (list, tuple)) else "no"
                 raise InvalidArgumentError(
-                    f"basis state is for {len(sd[k])} weights; this model has {len(self._where)}"
+                    f"basis state is for {count} rotated weights; this basis rotates {len(self._where)} "
+                    f"(basis_max_dim={self.max_dim}): build the optimizer with the checkpoint's "
+                    "basis_max_dim"
                 )
-            for (g, j), t in zip(self._where, sd[k], strict=True):
-                if t.shape != stacks[g][j].shape:
+            for (g, j), t in zip(self._where, got, strict=True):
+                if not isinstance(t, Tensor) or t.shape != stacks[g][j].shape:
+                    shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                     raise InvalidArgumentError(
-                        f"basis state holds a {tuple(t.shape)} factor where this model has "
-                        f"{tuple(stacks[g][j].shape)}"
+                        f"basis state holds a {shape} factor where this model has {tuple(stacks[g][j].shape)}"
                     )
                 stacks[g][j] = t
+            loaded[k] = stacks
+        for k, stacks in loaded.items():
             setattr(self, "_" + k, stacks)
 
 
@@ -441,6 +486,17 @@ class Preconditioner:
             vector, one value per parameter).
     """
 
+    # the settings that shape the state: saved by state_dict, restored by load_state_dict (_SETTINGS)
+    damping: float
+    curvature_batch_size: int
+    refresh: int
+    beta2: float
+    eps: float
+    warmup: int
+    stale_ratio: float
+    max_rank: int
+    basis_max_dim: int
+
     def __init__(
         self,
         model: nn.Module | Sequence[nn.Module],
@@ -461,25 +517,17 @@ class Preconditioner:
         weight_decay: float = 0.0,
     ):
         self.model, self.loss_fn = model, loss_fn
-        self.max_rank = _positive("max_rank", max_rank, integer=True)
+        settings = _checked_settings(
+            damping, curvature_batch_size, refresh, beta2, eps, warmup, stale_ratio, max_rank, basis_max_dim
+        )
+        self.__dict__.update(settings)  # (the class's annotated settings)
         self.chain = Chain(model, loss_fn)
         self.params = self.chain.params
         self.curvature = normalize_curvature(curvature)
-        self.damping = float(_positive("damping", damping))
-        self.curvature_batch_size = _positive("curvature_batch_size", curvature_batch_size, integer=True)
-        self.refresh = _positive("refresh", refresh, integer=True)
-        if not (isinstance(beta2, (int, float)) and 0 <= beta2 < 1):
-            raise InvalidArgumentError(f"beta2 must be in [0, 1), got {beta2!r}")
-        self.beta2, self.eps = float(beta2), float(_positive("eps", eps))
-        self.warmup = _positive("warmup", warmup, integer=True, allow_zero=True)
-        self.stale_ratio = float(_positive("stale_ratio", stale_ratio))
-        if self.stale_ratio <= 1:
-            raise InvalidArgumentError(f"stale_ratio must be > 1, got {stale_ratio!r}")
         if basis not in ("identity", "eigen"):
             raise InvalidArgumentError(f"basis must be 'identity' or 'eigen', got {basis!r}")
-        max_dim = _positive("basis_max_dim", basis_max_dim, integer=True)
         self.basis: EigenBasis | None = (
-            EigenBasis(self.params, max_dim=max_dim)
+            EigenBasis(self.params, max_dim=self.basis_max_dim)
             if basis == "eigen" and self.curvature == "gauss_newton"
             else None
         )
@@ -504,12 +552,17 @@ class Preconditioner:
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Step count, second moments, the generator and the stored Gauss-Newton factor (``U``, ``S``, ``D``
-        and ``K``, which rank-|J| updates made more than a function of the others), so that a resumed
+        """Step count, second moments, the generator, the stored Gauss-Newton factor (``U``, ``S``, ``D``
+        and ``K``, which rank-|J| updates made more than a function of the others) and the settings that
+        shape them (``"settings"``: ``damping``, ``beta2``, ``refresh``, ``curvature_batch_size``,
+        ``max_rank``, ``basis_max_dim``, ...; ``gauss_newton``: the curvature's kind), so that a resumed
         run is bit-identical. A Hessian factorization (``curvature="hessian"``) is not stored: it is
         rebuilt at the next call, on that call's batch (the resumed run then differs)."""
         sd = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.state.items()}
         sd["rng"] = self.generator.get_state()
+        # numbers and flags only (a checkpoint compared entry by entry with torch.testing.assert_close)
+        sd["settings"] = {key: getattr(self, key) for key in _SETTINGS}
+        sd["settings"]["gauss_newton"] = self.curvature == "gauss_newton"
         f = self._factor
         if isinstance(f, WoodburyFactor):
             U = f.U.clone()
@@ -527,21 +580,74 @@ class Preconditioner:
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output; one of another model (other parameter count) or with
-        another ``basis`` gets an :class:`InvalidArgumentError` (its moments would be misread)."""
-        sd = dict(sd)
-        self.check_state_dict(sd)
-        self.generator.set_state(sd.pop("rng"))
-        f = sd.pop("factor", None)
-        b = sd.pop("basis", None)
-        if b is not None and self.basis is not None:
-            self.basis.load(b)
-        self.state = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in sd.items()}
+        """Restore :meth:`state_dict`'s output, its settings included (as ``torch.optim`` restores its
+        groups' hyper-parameters: this object's constructor arguments give way to the checkpoint's; one
+        saved before the settings were keeps this object's). One that cannot be restored into this
+        object -- of another model (other parameter count), another ``basis`` or another curvature --
+        gets an :class:`InvalidArgumentError`, and a refused load changes nothing
+        (:meth:`check_state_dict`)."""
+        loaded = self._loaded(sd)
+        self.__dict__.update(loaded["settings"])
+        self.basis = loaded["basis"]
+        self.generator.set_state(loaded["rng"])
+        self.state = loaded["state"]
         # a Hessian factorization is not stored: it is rebuilt at the next call
-        self._factor = (
-            None
-            if f is None
-            else WoodburyFactor(
+        self._factor = loaded["factor"]
+
+    def check_state_dict(self, sd: dict[str, Any]) -> None:
+        """The :class:`InvalidArgumentError` that :meth:`load_state_dict` gives ``sd`` (another model's,
+        another basis's or curvature's, a basis of other rotated weights, settings out of range), before
+        anything is loaded; None if it fits."""
+        self._loaded(sd)
+
+    def _loaded(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """What :meth:`load_state_dict` sets from ``sd``, built and checked without changing ``self``."""
+        sd = dict(sd)
+        n = self.chain.num_params
+        v = sd.get("v")
+        if not isinstance(v, Tensor) or v.shape != (n,):
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise InvalidArgumentError(
+                f"state dict is for a model of {got} parameters; this preconditioner's model has ({n},)"
+            )
+        saved = sd.pop("settings", None)
+        settings = {key: getattr(self, key) for key in _SETTINGS}  # (a checkpoint from before they were)
+        gauss_newton = True if "factor" in sd or "basis" in sd else None  # (only a Gauss-Newton one has)
+        if saved is not None:
+            if not isinstance(saved, dict) or not set(_SETTINGS) <= set(saved):
+                raise InvalidArgumentError(
+                    f"state dict's settings must hold {', '.join(_SETTINGS)}; got {saved!r}"
+                )
+            settings = _checked_settings(**{key: saved[key] for key in _SETTINGS})
+            gauss_newton = saved.get("gauss_newton", gauss_newton)
+        if gauss_newton is not None and bool(gauss_newton) != (self.curvature == "gauss_newton"):
+            theirs = "gauss_newton" if gauss_newton else "hessian"
+            raise InvalidArgumentError(
+                f"state dict is for a preconditioner with curvature={theirs!r}; this one has "
+                f"curvature={self.curvature!r}: build the optimizer with curvature={theirs!r}"
+            )
+        if ("basis" in sd) != (self.basis is not None):
+            raise InvalidArgumentError(
+                f"state dict is for basis={'eigen' if 'basis' in sd else 'identity'!r}; this preconditioner "
+                f"has basis={'eigen' if self.basis is not None else 'identity'!r}"
+            )
+        rng = sd.pop("rng", None)
+        try:
+            torch.Generator(device=self.generator.device).set_state(rng)
+        except (TypeError, RuntimeError, ValueError):
+            raise InvalidArgumentError(
+                f"state dict's 'rng' is not a generator state (torch.Generator.get_state()): got "
+                f"{type(rng).__name__}"
+            ) from None
+        b = sd.pop("basis", None)
+        basis = self.basis
+        if basis is not None:  # a fresh one (the checkpoint's rotated weights), loaded: self's untouched
+            basis = EigenBasis(self.params, beta=basis.beta, max_dim=settings["basis_max_dim"])
+            basis.load(b)
+        f = sd.pop("factor", None)
+        factor = None
+        if f is not None:
+            factor = WoodburyFactor(
                 f["U"],
                 f["S"],
                 f["D"],
@@ -550,23 +656,8 @@ class Preconditioner:
                 factors=f.get("factors"),
                 structured_only=bool(f.get("structured_only", False)),
             )
-        )
-
-    def check_state_dict(self, sd: dict[str, Any]) -> None:
-        """The :class:`InvalidArgumentError` that :meth:`load_state_dict` gives ``sd`` (another model's,
-        another basis's), before anything is loaded; None if it fits."""
-        n = self.chain.num_params
-        v = sd.get("v")
-        if not isinstance(v, Tensor) or v.shape != (n,):
-            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-            raise InvalidArgumentError(
-                f"state dict is for a model of {got} parameters; this preconditioner's model has ({n},)"
-            )
-        if ("basis" in sd) != (self.basis is not None):
-            raise InvalidArgumentError(
-                f"state dict is for basis={'eigen' if 'basis' in sd else 'identity'!r}; this preconditioner "
-                f"has basis={'eigen' if self.basis is not None else 'identity'!r}"
-            )
+        state = {k: (x.clone() if isinstance(x, Tensor) else x) for k, x in sd.items()}
+        return {"settings": settings, "basis": basis, "rng": rng, "state": state, "factor": factor}
 
     # -- the pieces -------------------------------------------------------------------------------
     def observe(self, g: Tensor) -> Tensor:

@@ -1,0 +1,284 @@
+"""Checkpoints of Newton / Preconditioner (the settings round-trip; a refused load changes nothing; another
+curvature's state is refused at load) and data-parallel ranks whose step settings drift apart."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from test_distributed import (
+    IDENTITY,
+    LOCAL_BATCH,
+    START,
+    STEPS,
+    _closure_steps,
+    _data,
+    _error,
+    _flat,
+    _halves,
+    _model,
+    _newton,
+)
+from torch import nn
+
+import hessinv.optim as ho
+from hessinv.errors import InvalidArgumentError
+from hessinv.optim import distributed as hd
+
+F64 = torch.float64
+SAVED = dict(
+    beta2=0.999, diagonal_damping=50.0, refresh=3, curvature_batch_size=4, max_rank=5, basis_max_dim=5
+)
+
+
+def _small() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(F64)
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(320, 6, generator=g, dtype=F64), torch.randint(0, 3, (320,), generator=g)
+    return [(X[i : i + 16], y[i : i + 16]) for i in range(0, 320, 16)]
+
+
+def _settings(opt: ho.Newton) -> dict:
+    pc = opt.preconditioner
+    return {
+        "beta2": pc.beta2,
+        "diagonal_damping": pc.damping,
+        "refresh": pc.refresh,
+        "curvature_batch_size": pc.curvature_batch_size,
+        "max_rank": pc.max_rank,
+        "basis_max_dim": pc.basis_max_dim,
+    }
+
+
+def _without_settings(sd: dict) -> dict:
+    """``sd`` as a checkpoint saved before the settings were (no ``settings``, no Newton's batch size)."""
+    old = copy.deepcopy(sd)
+    old["newton"].pop("curvature_batch_size", None)
+    old["newton"]["preconditioner"].pop("settings", None)
+    return old
+
+
+# -- the settings that shape the state come back with it ---------------------------------------------
+def test_load_restores_the_preconditioners_settings_and_resumes_bit_exact():
+    batches, loss_fn = _batches(), nn.CrossEntropyLoss()
+    net = _small()
+    opt = ho.Newton(net, loss_fn, seed=0, mode="precondition", **SAVED)
+    for X, y in batches[:7]:
+        opt.step(X, y)
+    sd, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(net.state_dict())
+    for X, y in batches[7:]:
+        opt.step(X, y)
+
+    net2 = _small()
+    net2.load_state_dict(weights)
+    opt2 = ho.Newton(net2, loss_fn, seed=0, mode="precondition")  # the defaults: other settings
+    assert _settings(opt2) != SAVED
+    opt2.load_state_dict(sd)
+    assert _settings(opt2) == SAVED and opt2.curvature_batch_size == 4
+    assert opt2.preconditioner.basis.blocks == opt.preconditioner.basis.blocks == [(35, 3, 5)]
+    for X, y in batches[7:]:
+        opt2.step(X, y)
+    assert torch.equal(_flat(net2), _flat(net))  # the uninterrupted run
+
+    # a checkpoint from before the settings were saved still loads, into this optimizer's settings
+    kept = {**SAVED, "beta2": 0.9}
+    opt3 = ho.Newton(_small(), loss_fn, seed=0, mode="precondition", **kept)
+    opt3.load_state_dict(_without_settings(sd))
+    assert _settings(opt3) == kept
+
+
+# -- a refused load changes nothing ---------------------------------------------------------------------
+def _other_checkpoint(corrupt: str) -> dict:
+    other = ho.Newton(_small(), nn.CrossEntropyLoss(), seed=7, basis_max_dim=5)  # rotates the 3x5 only
+    for X, y in _batches()[:3]:
+        other.step(X, y)
+    sd = copy.deepcopy(other.state_dict())
+    if corrupt == "old checkpoint of another basis_max_dim":
+        return _without_settings(sd)
+    sd["newton"]["preconditioner"]["settings"]["beta2"] = 1.5
+    return sd
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [("old checkpoint of another basis_max_dim", "weights"), ("beta2 out of range", "beta2")],
+)
+def test_a_refused_newton_load_changes_nothing(corrupt, message):
+    sd, batches = _other_checkpoint(corrupt), _batches()
+
+    def run(load: bool) -> torch.Tensor:
+        net = _small()
+        opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0)
+        for X, y in batches[:3]:
+            opt.step(X, y)
+        if load:
+            with pytest.raises(InvalidArgumentError, match=message):
+                opt.load_state_dict(sd)
+        for X, y in batches[3:15]:
+            opt.step(X, y)
+        return _flat(net)
+
+    assert torch.equal(run(True), run(False))
+
+
+def test_a_refused_preconditioner_load_changes_nothing():
+    sd = _other_checkpoint("old checkpoint of another basis_max_dim")["newton"]["preconditioner"]
+    batches, loss_fn = _batches(), nn.CrossEntropyLoss()
+
+    def run(load: bool) -> torch.Tensor:
+        net = _small()
+        pre = ho.Preconditioner(net, loss_fn, seed=0)
+        directions = []
+        for i, (X, y) in enumerate(batches[:12]):
+            if load and i == 3:
+                with pytest.raises(InvalidArgumentError, match="weights"):
+                    pre.load_state_dict(sd)
+            net.zero_grad()
+            loss_fn(net(X), y).backward()
+            directions.append(pre.precondition_(X, y))
+        return torch.stack(directions)
+
+    assert torch.equal(run(True), run(False))
+
+
+# -- another curvature's preconditioner state ---------------------------------------------------------
+@pytest.mark.parametrize(
+    "saved, here, old",
+    # (an old Hessian preconditioner's state, without settings, holds nothing that tells its curvature)
+    [
+        ("gauss_newton", "hessian", False),
+        ("gauss_newton", "hessian", True),
+        ("hessian", "gauss_newton", False),
+    ],
+    ids=["gn-to-h", "old-gn-to-h", "h-to-gn"],
+)
+def test_another_curvatures_preconditioner_state_is_refused_at_load(saved, here, old):
+    batches, loss_fn = _batches(), nn.CrossEntropyLoss()
+
+    def newton(model: nn.Module, curvature: str) -> ho.Newton:
+        # (Gauss-Newton as the precondition mode's default: the trust region's curvature, which the state
+        # dict also names, is then "hessian" in both)
+        kw = {"basis": "identity"} if curvature == "gauss_newton" else {"curvature": curvature}
+        return ho.Newton(model, loss_fn, seed=0, mode="precondition", **kw)
+
+    src = newton(_small(), saved)
+    for X, y in batches[:5]:
+        src.step(X, y)
+    sd = _without_settings(src.state_dict()) if old else src.state_dict()
+
+    def run(load: bool) -> torch.Tensor:
+        net = _small()
+        opt = newton(net, here)
+        if load:
+            with pytest.raises(InvalidArgumentError, match=f"curvature='{saved}'"):
+                opt.load_state_dict(sd)
+        for X, y in batches[5:9]:
+            opt.step(X, y)
+        return _flat(net)
+
+    assert torch.equal(run(True), run(False))
+
+
+# -- data-parallel ranks whose lr / momentum / weight_decay differ after distribute() -------------------
+def _rank_diff(model: nn.Module) -> float:
+    p = _flat(model)
+    ps = [torch.empty_like(p) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(ps, p)
+    return max(float((q - p).abs().max()) for q in ps)
+
+
+def _drift_worker(rank: int, world: int, out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    X, y = _data(2)
+    lf, Bg = nn.CrossEntropyLoss(), 2 * LOCAL_BATCH
+    res: dict = {}
+
+    def global_steps(dp: hd.DataParallel, scheduler) -> None:
+        for t in range(STEPS):
+            dp.step(X[t * Bg : (t + 1) * Bg], y[t * Bg : (t + 1) * Bg])
+            if scheduler is not None:
+                scheduler.step()
+
+    # a scheduler on rank 1 only (DataParallel)
+    model = _model()
+    dp = hd.DataParallel(_newton(model, lf, **IDENTITY), model, lf)
+    sched = torch.optim.lr_scheduler.StepLR(dp.opt, 1, 0.5) if rank == 1 else None
+    res["lr"] = (_error(lambda: global_steps(dp, sched)), _rank_diff(model))
+    # the momentum changed on rank 1 (the documented closure loop)
+    model = _model()
+    opt = hd.distribute(_newton(model, lf, **IDENTITY))
+    ddp = DDP(model)
+
+    def closure_loop() -> None:
+        _closure_steps(opt, ddp, lf, X, y, _halves, 2)
+        if rank == 1:
+            opt.momentum = 0.5
+        _closure_steps(opt, ddp, lf, X, y, _halves, 2)
+
+    res["momentum"] = (_error(closure_loop), _rank_diff(model))
+    # the second group's weight_decay changed on rank 1
+    model = _model()
+    ps = list(model.parameters())
+    groups = [{"params": ps[:2]}, {"params": ps[2:]}]
+    opt = hd.distribute(_newton(model, lf, params=groups, **IDENTITY))
+    ddp = DDP(model)
+
+    def decay_loop() -> None:
+        _closure_steps(opt, ddp, lf, X, y, _halves, 1)
+        if rank == 1:
+            opt.param_groups[1]["weight_decay"] = 1e-3
+        _closure_steps(opt, ddp, lf, X, y, _halves, 1)
+
+    res["weight_decay"] = (_error(decay_loop), _rank_diff(model))
+    # the same scheduler on every rank: no error, the single-process run
+    model = _model()
+    dp = hd.DataParallel(_newton(model, lf, **IDENTITY), model, lf)
+    res["every rank"] = (
+        _error(lambda: global_steps(dp, torch.optim.lr_scheduler.StepLR(dp.opt, 1, 0.5))),
+        _rank_diff(model),
+        _flat(model).clone(),
+    )
+    if rank == 0:
+        torch.save(res, f"{out}/drift.pt")
+
+
+@pytest.fixture(scope="module")
+def drift_results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("drift")
+    hd.launch(_drift_worker, 2, (str(out),), timeout=30, join_timeout=120, start_method=START)
+    return torch.load(Path(out) / "drift.pt", weights_only=False)
+
+
+@pytest.mark.parametrize(
+    "key, values",
+    [
+        ("lr", "rank 0 0.5, rank 1 0.25"),
+        ("momentum", "rank 0 0.9, rank 1 0.5"),
+        ("weight_decay of parameter group 1", "rank 0 0.0, rank 1 0.001"),
+    ],
+)
+def test_step_settings_that_drift_apart_between_ranks_are_refused(drift_results, key, values):
+    message, diff = drift_results[key.split()[0]]
+    assert message is not None and f"the {key} differs between ranks ({values})" in message
+    assert diff == 0.0  # refused before the replicas moved apart
+
+
+def test_a_scheduler_stepped_on_every_rank_is_the_single_process_run(drift_results):
+    message, diff, got = drift_results["every rank"]
+    assert message is None and diff == 0.0
+    X, y = _data(1)
+    Bg = 2 * LOCAL_BATCH
+    model = _model()
+    opt = _newton(model, **IDENTITY)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
+    for t in range(STEPS):
+        opt.step(X[t * Bg : (t + 1) * Bg], y[t * Bg : (t + 1) * Bg])
+        sched.step()
+    torch.testing.assert_close(got, _flat(model), rtol=1e-9, atol=1e-12)
