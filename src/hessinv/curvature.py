@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import operator
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -149,6 +150,17 @@ def _check_tol(tol: float, name: str = "tol", allow_zero: bool = False, relative
     if t < 0 or (t == 0 and not allow_zero) or (relative and t >= 1):
         raise InvalidArgumentError(f"{name} must be {need}, got {tol!r}")
     return t
+
+
+def _integer(x: object) -> int | None:
+    """``x`` as an int where it is an integer of any kind (Python, numpy, a 0-d integer tensor), else
+    None (a bool, a float, a string, a tensor of more than one dimension or of bools)."""
+    if isinstance(x, bool) or (isinstance(x, Tensor) and (x.dim() != 0 or x.dtype == torch.bool)):
+        return None
+    try:
+        return operator.index(x)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 #: The dense route (:meth:`CurvatureOperator._swept`) is taken up to this many parameters (``n^2`` numbers)
@@ -612,6 +624,10 @@ class CurvatureOperator:
         except (SingularError, NonFiniteError):
             if not nudge:
                 raise
+        n = self.shape[0]
+        if self.norm_estimate() == 0.0:  # H v = 0 for a random v: H = 0, and H + s I = s I exactly
+            side = s if s != 0 else nudge  # (s = 0: the n zero eigenvalues count on nudge's side)
+            return Inertia(n, 0, 0) if side < 0 else Inertia(0, 0, n)
         small = self.shape[0] * torch.finfo(self.dtype).eps * max(self.norm_estimate(), abs(s), 1e-300)
         try:
             return self._count(s + nudge * small)
@@ -715,21 +731,29 @@ class CurvatureOperator:
         tol: float,
         dense: bool = False,
         target: float | None = None,
+        scale: float | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, int]:
         """The ``k`` eigenpairs of ``H`` nearest ``sigma`` by Lanczos on ``(H - sigma I)^{-1}`` (ARPACK,
         ``scipy.sparse.linalg.eigsh`` with ``OPinv`` = sweeps with ``F``), then Rayleigh quotients and
-        residuals in float64. Returns values (ascending), vectors, residual norms, and the solve count."""
+        residuals in float64. Returns values (ascending), vectors, residual norms, and the solve count.
+
+        ARPACK gets the problem scaled by ``c = scale`` (default :meth:`norm_estimate`): ``H / c``,
+        ``sigma / c`` and ``OPinv = c (H - sigma I)^{-1}``, whose Ritz values ``c / (lambda - sigma)`` are
+        of order 1 whatever ``||H||``; its convergence test ``|r| <= tol max(eps^(2/3), |theta|)`` is
+        absolute for Ritz values below ``eps^(2/3)``, which unscaled at ``||H|| ~ 1e20`` left residuals
+        of 7e-2 ``||H||``. The eigenvectors are the same, and the values are Rayleigh quotients of ``H``."""
         from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
         n = self.shape[0]
         nsolves = 0
+        c = max(self.norm_estimate() if scale is None else scale, _TINY64)
 
         def opinv(x: np.ndarray) -> np.ndarray:
             nonlocal nsolves
             nsolves += 1
             X = torch.as_tensor(np.asarray(x, dtype=np.float64).reshape(n, -1))
             Y = F._raw(X.to(self.dtype).to(self.device)).double().cpu().numpy()
-            return Y.reshape(x.shape)
+            return c * Y.reshape(x.shape)
 
         OP = LinearOperator((n, n), matvec=opinv, dtype=np.float64)
         ncv = min(n, max(2 * k + 1, k + 8))
@@ -741,9 +765,9 @@ class CurvatureOperator:
             if k >= n - 1 or n <= _DENSE_EIG or ((dense or _DENSE_FRACTION * k > n) and n <= _DENSE_EIG_MAX):
                 raise ArpackError(-9999)
             vecs = eigsh(
-                self.as_linear_operator(),
+                self.as_linear_operator() / c,
                 k=k,
-                sigma=sigma,
+                sigma=sigma / c,
                 which="LM",
                 OPinv=OP,
                 tol=atol,
@@ -823,9 +847,17 @@ class CurvatureOperator:
         ``k`` eigenvalues in the interval they span (widened by ``tol * ||H||`` plus the
         residuals, and at least by ``sqrt(u) ||H||``, the sweep's backward error with margin; relative
         accuracy, whatever the scale of ``H``):
-        no eigenvalue was missed. If the count says otherwise, ``k`` is raised to the count
-        and the run repeated (twice at most; dense ``eigh`` up to ``n = 4096``, above it Lanczos if
-        that is at most ``n / 8`` pairs, else no rerun: a cluster, returned with ``certified=False``).
+        no eigenvalue was missed; ``certified`` also needs every residual within ``sqrt(max(tol, u))
+        ||H||`` (a Rayleigh quotient is then within ``tol ||H||`` of an eigenvalue ~ ``||H||`` from the
+        rest). If the count says otherwise, ``k`` is raised to the count and the run repeated (twice
+        at most; dense ``eigh`` up to ``n = 4096``, above it Lanczos if that is at most ``n / 8``
+        pairs, else no rerun: a cluster, returned with ``certified=False``) -- only where the counts
+        show ``k`` eigenvalues nearer than the ``k``-th value by more than their resolution
+        ``sqrt(u) ||H||`` (else a rerun would find the same interval: a cluster, or a float32
+        spectrum's bulk). A Gauss-Newton matrix's ``"smallest"`` with over ``n / 8`` eigenvalues
+        within that resolution of the Lanczos estimate of ``lambda_min`` (its null space) goes to
+        dense ``eigh`` at once (``n <= 4096``). ``H = 0``: zero values and the first ``k`` unit
+        vectors, certified only for ``k = n``.
         ``tol``: relative accuracy asked of ARPACK. ARPACK gets 100 restarts; where it does not
         converge (or ``k > n / 8``) eigenvalues of ``n <= 4096`` come from dense ``eigh`` (then
         certified the same way), larger ones raise :class:`~hessinv.errors.ConvergenceError`.
@@ -835,9 +867,10 @@ class CurvatureOperator:
         """
         tol = _check_tol(tol, relative=True)
         n = self.shape[0]
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
+        kk = _integer(k)
+        if kk is None or not 1 <= kk <= n:
             raise InvalidArgumentError(f"k must be an integer in [1, {n}], got {k!r}")
-        k = int(k)
+        k = kk
         if which not in ("smallest", "largest", "nearest"):
             raise InvalidArgumentError(f"which must be 'smallest', 'largest' or 'nearest', got {which!r}")
         if which == "nearest":
@@ -847,6 +880,13 @@ class CurvatureOperator:
         elif sigma is not None:
             raise InvalidArgumentError(f"sigma is used with which='nearest' only, got which={which!r}")
         lo_r, hi_r, beta = self._lanczos_extremes()
+        if lo_r == hi_r == beta == 0.0 and self.norm_estimate() == 0.0:  # H v = 0 for random v: H = 0
+            # every eigenvalue is 0 and every vector an eigenvector (no sweep: H - s I is singular at
+            # s = 0); certified only for k = n, as the count of eigenvalues in [0, 0] is n
+            return Eigenpairs(
+                torch.zeros(k, dtype=torch.float64), torch.eye(n, k, dtype=torch.float64),
+                torch.zeros(k, dtype=torch.float64), (0.0, 0.0), k == n, 0, 0,
+            )  # fmt: skip
         scale = max(abs(lo_r), abs(hi_r), torch.finfo(self.dtype).tiny)  # relative: ||H|| may be 1e-9
         limit = _shift_limit(self.dtype)
         if 2 * scale > limit:  # the shifts below / above the spectrum would not be representable
@@ -876,19 +916,34 @@ class CurvatureOperator:
             F, s, sweeps = self._definite_shift(True, lo_r - step, step)
         else:
             F, s, sweeps = self._definite_shift(False, hi_r + step, step)
-        delta = tol * scale
-        kk, solves, certified = k, 0, False
         self._count_doubt = False
+        dense = False
+        if which == "smallest" and isinstance(self, GaussNewton) and n <= _DENSE_EIG_MAX:
+            # G's rank is at most batch x outputs: its null space, a cluster at 0 that shift-invert from
+            # below the spectrum resolves slowly (and whose count is never k), is the rule. One count
+            # just above the Lanczos estimate of lambda_min (by the counts' resolution) finds it: over
+            # n / 8 eigenvalues there go to dense eigh
+            sweeps += 1
+            at = lo_r + math.sqrt(torch.finfo(self.dtype).eps) * scale
+            dense = _DENSE_FRACTION * self._count_below(at) > n
+        delta = tol * scale
+        # the counts' resolution, and the residuals a certificate allows (a Rayleigh quotient is within
+        # rho^2 / gap of an eigenvalue: tol ||H|| where the gap is ~ ||H||)
+        floor = math.sqrt(torch.finfo(self.dtype).eps) * scale
+        reach = math.sqrt(max(tol, torch.finfo(self.dtype).eps)) * scale
+        kk, solves, certified = k, 0, False
         for attempt in range(3):
             # a rerun (the count found more eigenvalues in the interval than Ritz pairs: a cluster,
             # where Lanczos converges slowly) is dense up to n = 4096
             target = sigma if ends == "nearest" else None  # (an end: nearest the definite shift s)
-            vals, vecs, res, ns = self._shift_invert(F, s, min(kk, n), tol, attempt > 0, target)
+            vals, vecs, res, ns = self._shift_invert(
+                F, s, min(kk, n), tol, dense or attempt > 0, target, scale
+            )
             solves += ns
             # the inertia counts are exact for a matrix within the sweep's backward error of H: an
             # eigenvalue that close to an end of the interval may be counted on either side, so the
             # interval is widened by at least sqrt(u) ||H||
-            pad = max(delta + float(res.max()), math.sqrt(torch.finfo(self.dtype).eps) * scale)
+            pad = max(delta + float(res.max()), floor)
             if ends == "smallest":
                 vals, vecs, res = vals[:k], vecs[:, :k], res[:k]
                 lo, hi = s, float(vals[-1]) + pad
@@ -916,6 +971,23 @@ class CurvatureOperator:
             certified = False
             if count < k or kk >= n or ns == 0:  # (ns == 0: dense eigh, which a rerun would repeat)
                 break
+            # a rerun finds other values only where Lanczos missed eigenvalues nearer (to the end, or
+            # to sigma) than its k-th value by more than the counts' resolution: extra eigenvalues
+            # within it of that value (a cluster, or a float32 spectrum's bulk, spaced below sqrt(u)
+            # ||H||) stay in any rerun's interval, and the rerun (dense eigh up to n = 4096) only costs
+            margin = max(delta, floor)
+            if ends == "smallest":
+                inner = self._count_below(float(vals[-1]) - margin)
+                sweeps += 1
+            elif ends == "largest":
+                inner = n - self._count_below(float(vals[0]) + margin)
+                sweeps += 1
+            else:
+                r_in = float((vals - sigma).abs().max()) - margin
+                inner = self._count_below(sigma + r_in) - self._count_below(sigma - r_in) if r_in > 0 else 0
+                sweeps += 2 if r_in > 0 else 0
+            if inner < k:
+                break
             kk = count + (count - k)  # more Ritz pairs than there are eigenvalues in the interval
             if _DENSE_FRACTION * kk > n > _DENSE_EIG_MAX:
                 # a cluster (e.g. the null space of an over-parameterized net at sigma = 0) too large
@@ -923,7 +995,10 @@ class CurvatureOperator:
                 # (below that size the rerun is dense; Lanczos with thousands of pairs took 248 s)
                 break
         doubt, self._count_doubt = self._count_doubt, False  # a count that may be off certifies nothing
-        return Eigenpairs(vals, vecs, res, (lo, hi), certified and count == k and not doubt, sweeps, solves)
+        # nor do residuals beyond the accuracy asked (a value is only within its residual of an eigenvalue)
+        accurate = float(res.max()) <= reach
+        certified = certified and count == k and not doubt and accurate
+        return Eigenpairs(vals, vecs, res, (lo, hi), certified, sweeps, solves)
 
     def min_eigenvalue(self, tol: float = 1e-8) -> float:
         """``lambda_min(H)`` to within ``(tol + 10 u) * ||H||`` (``10 u``: a margin for the

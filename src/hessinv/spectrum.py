@@ -35,7 +35,7 @@ True
 
 from __future__ import annotations
 
-import operator
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from hessinv.chain import check_real
-from hessinv.curvature import CurvatureOperator, GaussNewton
+from hessinv.curvature import CurvatureOperator, GaussNewton, _integer
 from hessinv.errors import InvalidArgumentError, NonFiniteArgumentError
 
 __all__ = [
@@ -60,6 +60,19 @@ def _check_operator(op: object) -> None:
         )
 
 
+def _real_array(x: object, what: str) -> np.ndarray:
+    """``x`` (a number, a sequence, an array or a tensor of real numbers) as a float64 array, else
+    :class:`InvalidArgumentError` naming ``what`` (None, strings, bools, complex numbers); NaN and
+    infinities are left to the caller."""
+    try:
+        a = np.asarray(x.tolist() if isinstance(x, torch.Tensor) else x)
+    except (TypeError, ValueError):  # (ragged sequences)
+        a = None
+    if a is None or a.dtype.kind not in "iuf":
+        raise InvalidArgumentError(f"{what} must be real numbers, got {x!r}")
+    return a.astype(np.float64)
+
+
 def eigenvalue_counts(
     op: CurvatureOperator, shifts: Sequence[float] | np.ndarray | torch.Tensor
 ) -> np.ndarray:
@@ -73,10 +86,7 @@ def eigenvalue_counts(
     eigenvalues with :func:`num_negative_eigenvalues`, whose tolerance counts those as zero.
     """
     _check_operator(op)
-    try:
-        s = np.asarray(shifts.tolist() if isinstance(shifts, torch.Tensor) else shifts, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"shifts must be real numbers, got {shifts!r}") from None
+    s = _real_array(shifts, "shifts")
     if not np.isfinite(s).all():
         raise NonFiniteArgumentError("shifts must be finite")
     op._count_doubt = False
@@ -137,11 +147,8 @@ def spectral_histogram(
     """
     _check_operator(op)
     if np.ndim(bins) == 0:  # a count: an int of any kind (Python, numpy, a 0-d integer tensor)
-        try:
-            count = operator.index(bins)
-        except TypeError:
-            count = None
-        if count is None or isinstance(bins, bool):
+        count = _integer(bins)
+        if count is None:
             raise InvalidArgumentError(
                 f"bins must be an int (the number of bins) or a 1-d increasing sequence of edges, "
                 f"got {bins!r}"
@@ -156,11 +163,15 @@ def spectral_histogram(
             if isinstance(range, (str, bytes)) or not hasattr(range, "__len__") or len(range) != 2:
                 raise InvalidArgumentError(f"range must be a pair (lo, hi) of numbers, got {range!r}")
             lo, hi = check_real(range[0], "range[0]"), check_real(range[1], "range[1]")
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise NonFiniteArgumentError(f"range must be finite, got {(lo, hi)}")
         if not lo < hi:
             raise InvalidArgumentError(f"range must be increasing, got {(lo, hi)}")
         edges = np.linspace(lo, hi, count + 1)
     else:
-        edges = np.asarray(bins, dtype=np.float64)
+        edges = _real_array(bins, "bins (an int or bin edges)")
+        if not np.isfinite(edges).all():
+            raise NonFiniteArgumentError(f"bin edges must be finite, got {bins!r}")
         if edges.ndim != 1 or len(edges) < 2 or not (np.diff(edges) > 0).all():
             raise InvalidArgumentError("bin edges must be a 1-d increasing sequence of at least two numbers")
         if len(edges) > MAX_BINS + 1:

@@ -1,0 +1,204 @@
+"""Eigenpairs at large ||H||, a Gauss-Newton null space, reruns that cannot help, H = 0, and argument
+checks of the spectrum functions, against dense autograd references."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from reference import autograd_gauss_newton, autograd_hessian
+from torch import nn
+
+import hessinv
+from hessinv import curvature, spectrum
+from hessinv.errors import InvalidArgumentError, NonFiniteArgumentError
+
+
+def _tanh_chain(layers: int, width: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    mods: list[nn.Module] = []
+    for _ in range(layers):
+        mods += [nn.Linear(width, width), nn.Tanh()]
+    return nn.Sequential(*mods[:-1]).double()
+
+
+def _spy_shift_invert(monkeypatch) -> list[bool]:
+    """Record the ``dense`` flag of every shift-invert run."""
+    calls: list[bool] = []
+    orig = curvature.CurvatureOperator._shift_invert
+
+    def spy(self, F, s, k, tol, dense=False, *rest):  # type: ignore[no-untyped-def]
+        calls.append(dense)
+        return orig(self, F, s, k, tol, dense, *rest)
+
+    monkeypatch.setattr(curvature.CurvatureOperator, "_shift_invert", spy)
+    return calls
+
+
+def test_eigenpairs_accurate_at_large_scale():
+    """loss x 1e20: the values were 8.5e-3 ||H|| off (certified) -- ARPACK's test was absolute."""
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+
+    def lf(o, t):
+        return 1e20 * nn.functional.mse_loss(o, t)
+
+    A = autograd_hessian(m, lf, X, y)
+    lam = torch.linalg.eigvalsh(0.5 * (A + A.T))
+    nrm = float(lam.abs().max())
+    e = hessinv.hessian(m, lf, X, y).eigenpairs(4, "smallest", tol=1e-10)
+    assert float((e.values - lam[:4]).abs().max()) <= 1e-9 * nrm
+    R = A @ e.vectors - e.vectors * e.values
+    assert float(R.norm(dim=0).max()) <= 1e-9 * nrm
+    assert e.certified
+
+
+def test_certified_needs_small_residuals(monkeypatch):
+    """Ritz vectors spoiled to residuals ~1e-2 ||H||: the count still matches, the values are off by
+    far more than tol ||H||, and the result must not be certified."""
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    A = autograd_hessian(m, nn.MSELoss(), X, y)
+    A = 0.5 * (A + A.T)
+    lam = torch.linalg.eigvalsh(A)
+    nrm = float(lam.abs().max())
+    orig = curvature.CurvatureOperator._shift_invert
+
+    def spoiled(self, *args):  # type: ignore[no-untyped-def]
+        _, V, _, ns = orig(self, *args)
+        g = torch.Generator().manual_seed(0)
+        V, _ = torch.linalg.qr(V + 1e-2 * torch.randn(V.shape, generator=g, dtype=V.dtype))
+        val = (V * (A @ V)).sum(0)
+        return val, V, (A @ V - V * val).norm(dim=0), ns
+
+    monkeypatch.setattr(curvature.CurvatureOperator, "_shift_invert", spoiled)
+    e = hessinv.hessian(m, nn.MSELoss(), X, y).eigenpairs(1, "smallest", tol=1e-10)
+    err = float((e.values - lam[:1]).abs().max())
+    assert err > 1e-8 * nrm  # (the setting: values far outside the tolerance)
+    assert not e.certified
+
+
+def test_gauss_newton_smallest_in_null_space():
+    """n = 936, rank <= 96: ARPACK spent 510 solves on the null space before a dense rerun."""
+    m = _tanh_chain(6, 12)
+    torch.manual_seed(0)
+    X, y = torch.randn(8, 12, dtype=torch.float64), torch.randint(0, 12, (8,))
+    A = autograd_gauss_newton(m, nn.CrossEntropyLoss(), X, y)
+    lam = torch.linalg.eigvalsh(0.5 * (A + A.T))
+    nrm = float(lam.abs().max())
+    e = hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X, y).eigenpairs(1, "smallest")
+    assert e.solves <= 100
+    assert abs(float(e.values[0]) - float(lam[0])) <= 1e-10 * nrm
+    assert float((A @ e.vectors - e.vectors * e.values).norm()) <= 1e-10 * nrm
+    assert not e.certified  # (a null space of ~850: the count in the interval is not 1)
+
+
+def test_nearest_in_cluster_no_useless_rerun(monkeypatch):
+    """sigma = 0 inside a Gauss-Newton null space: the first run's value is right, the count can never
+    be k, and the dense rerun only cost time."""
+    m = _tanh_chain(4, 8)
+    torch.manual_seed(0)
+    X, y = torch.randn(2, 8, dtype=torch.float64), torch.randint(0, 8, (2,))
+    A = autograd_gauss_newton(m, nn.CrossEntropyLoss(), X, y)
+    lam = torch.linalg.eigvalsh(0.5 * (A + A.T))
+    nrm = float(lam.abs().max())
+    calls = _spy_shift_invert(monkeypatch)
+    e = hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X, y).eigenpairs(1, "nearest", sigma=0.0)
+    assert calls == [False]
+    assert abs(float(e.values[0]) - float(lam[lam.abs().argmin()])) <= 1e-10 * nrm
+    assert not e.certified
+
+
+def test_gauss_newton_smallest_cluster_goes_dense_once(monkeypatch):
+    """A null space at the bottom: one dense eigh, no ARPACK run and no rerun."""
+    m = _tanh_chain(4, 8)
+    torch.manual_seed(0)
+    X, y = torch.randn(2, 8, dtype=torch.float64), torch.randint(0, 8, (2,))
+    A = autograd_gauss_newton(m, nn.CrossEntropyLoss(), X, y)
+    lam = torch.linalg.eigvalsh(0.5 * (A + A.T))
+    calls = _spy_shift_invert(monkeypatch)
+    e = hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X, y).eigenpairs(3, "smallest")
+    assert calls == [True]
+    assert float((e.values - lam[:3]).abs().max()) <= 1e-10 * float(lam.abs().max())
+
+
+def _zero_hessian():
+    torch.manual_seed(0)
+    m = nn.Linear(3, 2).double()
+    X, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+
+    def lf(out, t):
+        return (out * t).sum()
+
+    return hessinv.hessian(m, lf, X, y), autograd_hessian(m, lf, X, y)
+
+
+def test_zero_hessian_counts_and_inertia():
+    H, A = _zero_hessian()
+    lam = torch.linalg.eigvalsh(A)
+    n = H.shape[0]
+    shifts = [-1.0, 0.0, 1.0]
+    assert spectrum.eigenvalue_counts(H, shifts).tolist() == [int((lam < s).sum()) for s in shifts]
+    tol = H.zero_tolerance()
+    ref = (int((lam < -tol).sum()), int((lam.abs() <= tol).sum()), int((lam > tol).sum()))
+    assert tuple(H.inertia()) == ref == (0, n, 0)
+    h = spectrum.spectral_histogram(H, 4)
+    N = [int((lam < e).sum()) for e in h.edges]
+    assert h.counts.tolist() == list(np.diff(N)) and h.below == N[0] and h.above == n - N[-1]
+
+
+@pytest.mark.parametrize("k,which", [(2, "smallest"), (1, "largest"), (2, "nearest")])
+def test_zero_hessian_eigenpairs(k, which):
+    H, A = _zero_hessian()
+    lam = torch.linalg.eigvalsh(A)
+    e = H.eigenpairs(k, which, sigma=0.5 if which == "nearest" else None)
+    ref = lam[:k] if which == "smallest" else lam[-k:]
+    assert torch.equal(e.values, ref.abs())  # all 0 (abs: no -0.0)
+    assert torch.allclose(e.vectors.T @ e.vectors, torch.eye(k, dtype=torch.float64))
+    assert float((A @ e.vectors - e.vectors * e.values).abs().max()) == 0.0
+    assert e.certified == (k == H.shape[0])
+
+
+def _small_hessian():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    return hessinv.hessian(m, nn.MSELoss(), X, y), autograd_hessian(m, nn.MSELoss(), X, y)
+
+
+@pytest.mark.parametrize("bins", [["a", "b"], [0, None, 1], [True, False]])
+def test_histogram_edges_must_be_numbers(bins):
+    H, _ = _small_hessian()
+    with pytest.raises(InvalidArgumentError, match="bins"):
+        spectrum.spectral_histogram(H, bins)
+
+
+@pytest.mark.parametrize("shifts", [None, ["a"], [None], [1j]])
+def test_counts_shifts_must_be_numbers(shifts):
+    H, _ = _small_hessian()
+    with pytest.raises(InvalidArgumentError, match="shifts must be real numbers") as info:
+        spectrum.eigenvalue_counts(H, shifts)
+    assert not isinstance(info.value, NonFiniteArgumentError)
+
+
+def test_eigenpairs_k_as_tensor():
+    H, A = _small_hessian()
+    lam = torch.linalg.eigvalsh(A)
+    e = H.eigenpairs(torch.tensor(2))
+    assert torch.allclose(e.values, lam[:2], atol=1e-10)
+    for bad in (torch.tensor(2.0), torch.tensor(True), torch.tensor([2]), True):
+        with pytest.raises(InvalidArgumentError, match="k must be an integer"):
+            H.eigenpairs(bad)
+
+
+@pytest.mark.parametrize("rng", [(-float("inf"), 1.0), (0.0, float("inf")), (float("nan"), 1.0)])
+def test_histogram_infinite_range_no_numpy_warning(rng):
+    H, _ = _small_hessian()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(NonFiniteArgumentError, match="range must be finite"):
+            spectrum.spectral_histogram(H, 3, rng)
