@@ -49,11 +49,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hessinv.chain import LossFn, check_real
-from hessinv.curvature import CurvatureOperator, _check_tol, curvature_class
-from hessinv.errors import AccuracyWarning, InvalidArgumentError, SingularError
+from hessinv.chain import Chain, LossFn, check_real
+from hessinv.curvature import CurvatureOperator, _check_tol, _integer, curvature_class
+from hessinv.errors import (
+    AccuracyWarning,
+    DtypeMismatchError,
+    HessinvError,
+    InvalidArgumentError,
+    NonFiniteArgumentError,
+    NonFiniteError,
+    ShapeMismatchError,
+    SingularError,
+)
 from hessinv.riccati import Inertia
-from hessinv.stages.losses import loss_in_dtype
+from hessinv.stages.losses import LossStage, loss_in_dtype, prepare_targets
 
 __all__ = [
     "flat_parameters", "set_flat_parameters", "alignment", "step_ratio", "predicted_contraction",
@@ -81,6 +90,10 @@ def set_flat_parameters(model: nn.Module | Iterable[Tensor], x: Tensor) -> None:
     """Write the flat vector ``x`` into the trainable parameters (cast to each parameter's dtype)."""
     params = _trainable(model)
     n = sum(p.numel() for p in params)
+    if not isinstance(x, Tensor):
+        raise InvalidArgumentError(
+            f"x must be a torch.Tensor of length {n}, got {type(x).__name__}: convert with torch.as_tensor"
+        )
     if x.dim() != 1 or x.numel() != n:
         raise InvalidArgumentError(f"x must be a vector of length {n}, got shape {tuple(x.shape)}")
     offset = 0
@@ -184,6 +197,17 @@ def _unit(v: Tensor) -> Tensor:
     return v if not (0.0 < top < math.inf) else v * math.ldexp(1.0, -math.frexp(top)[1] + 1)
 
 
+def _common_unit(*vs: Tensor) -> tuple[Tensor, ...]:
+    """``vs`` all scaled by the one power of two that brings the largest entry to [1, 2) (exact; ratios of
+    their norms unchanged, none of their squares over- or underflows unless the vectors differ in scale
+    by ~1e150)."""
+    top = max((float(v.abs().max()) for v in vs if v.numel()), default=0.0)
+    if not (0.0 < top < math.inf):
+        return vs
+    f = math.ldexp(1.0, -math.frexp(top)[1] + 1)
+    return tuple(v * f for v in vs)
+
+
 def alignment(d: Tensor, x: Tensor, x_star: Tensor, metric: Metric = None) -> float:
     r"""``cos(theta) = <d, x - x*> / (|d| |x - x*|)`` in ``[-1, 1]``; ``nan`` if ``d = 0`` or ``x = x*``.
 
@@ -208,10 +232,13 @@ def alignment(d: Tensor, x: Tensor, x_star: Tensor, metric: Metric = None) -> fl
 
 
 def step_ratio(d: Tensor, x: Tensor, x_star: Tensor, eta: float = 1.0, metric: Metric = None) -> float:
-    r"""``rho = eta |d| / |x - x*|`` (Lemma 1); ``nan`` if ``x = x*``."""
+    r"""``rho = eta |d| / |x - x*|`` (Lemma 1), signed like ``eta`` (a negative ``eta`` steps along
+    ``+d``: ``predicted_contraction(cos, rho)`` is then still the observed factor); ``nan`` if ``x = x*``."""
+    eta = check_real(eta, "eta")
     e = _error(x, x_star)
-    dd, _, ee = _gram(_along(d, e), e, metric, ("d", "x - x_star"))
-    return math.nan if ee == 0.0 else abs(check_real(eta, "eta")) * math.sqrt(dd) / math.sqrt(ee)
+    d, e = _common_unit(_along(d, e), e)  # a ratio: scale-free (|d|^2 of 1e-170 underflowed to nan)
+    dd, _, ee = _gram(d, e, metric, ("d", "x - x_star"))
+    return math.nan if ee == 0.0 else eta * (math.sqrt(dd) / math.sqrt(ee))
 
 
 def predicted_contraction(cos_theta: float, rho: float | None = None) -> float:
@@ -230,6 +257,10 @@ def predicted_contraction(cos_theta: float, rho: float | None = None) -> float:
     c = check_real(cos_theta, "cos_theta")
     if math.isnan(c):
         return math.nan
+    if not -1.0 <= c <= 1.0:
+        raise InvalidArgumentError(
+            f"cos_theta must be a cosine in [-1, 1], got {c!r}: pass alignment(d, x, x_star)"
+        )
     if rho is None:
         return 1.0 - c * c if c > 0 else 1.0
     r = check_real(rho, "rho")
@@ -238,7 +269,7 @@ def predicted_contraction(cos_theta: float, rho: float | None = None) -> float:
 
 def observed_contraction(x: Tensor, x_next: Tensor, x_star: Tensor, metric: Metric = None) -> float:
     r"""``|x_next - x*|^2 / |x - x*|^2``; ``nan`` if ``x = x*``."""
-    e, e_next = _error(x, x_star), _error(x_next, x_star, "x_next")
+    e, e_next = _common_unit(_error(x, x_star), _error(x_next, x_star, "x_next"))
     ee, _, nn = _gram(e, e_next, metric, ("x - x_star", "x_next - x_star"))
     return math.nan if ee == 0.0 else nn / ee
 
@@ -246,7 +277,8 @@ def observed_contraction(x: Tensor, x_next: Tensor, x_star: Tensor, metric: Metr
 def best_step(d: Tensor, x: Tensor, x_star: Tensor, metric: Metric = None) -> float:
     r"""The oracle step ``eta* = <d, e> / |d|^2`` of Theorem 1 (it needs ``x*``); ``nan`` if ``d = 0``."""
     e = _error(x, x_star)
-    dd, de, _ = _gram(_along(d, e), e, metric, ("d", "x - x_star"))
+    d, e = _common_unit(_along(d, e), e)  # a ratio: scale-free
+    dd, de, _ = _gram(d, e, metric, ("d", "x - x_star"))
     return math.nan if dd == 0.0 else de / dd
 
 
@@ -321,11 +353,22 @@ def analyze_step(
     d = x - x_next
     err, sn = float((x - xs).norm()), float(d.norm())
     cos = alignment(d, x, xs)
-    rho = math.nan if err == 0.0 else sn / err
-    if sn == 0.0 and err > 0.0:
-        pred_step = 1.0  # no move: Lemma 1 with rho = 0
+    rho = step_ratio(d, x, xs)
+    # 1 - cos^2 and 1 - 2 rho cos + rho^2 cancel catastrophically once cos ~ 1 (a step that contracts
+    # by 1e-16 reads as 0): from the vectors, |e - proj_d e|^2 / |e|^2 and |e - d|^2 / |e|^2
+    e_u, d_u = _common_unit(x - xs, d)
+    ee = float(e_u @ e_u)
+    if ee == 0.0 or not math.isfinite(ee):
+        pred_best = pred_step = math.nan
     else:
-        pred_step = predicted_contraction(cos, rho)
+        r = e_u - d_u
+        pred_step = float(r @ r) / ee  # (exactly 1 for no move)
+        if not cos > 0:  # the best eta >= 0 is 0 (or d = 0: no move)
+            pred_best = 1.0 if math.isfinite(cos) else math.nan
+        else:
+            u = _unit(d_u)
+            r = e_u - (float(u @ e_u) / float(u @ u)) * u
+            pred_best = float(r @ r) / ee
     aligns = {k: alignment(v, x, xs) for k, v in (directions or {}).items()}
     return StepRecord(
         step=int(step),
@@ -333,7 +376,7 @@ def analyze_step(
         step_norm=sn,
         cos_theta=cos,
         rho=rho,
-        predicted_best=predicted_contraction(cos),
+        predicted_best=pred_best,
         predicted_step=pred_step,
         observed=observed_contraction(x, x_next, xs),
         loss=None if loss is None else float(loss),
@@ -418,9 +461,13 @@ class AlignmentTracker:
             return {"steps": 0}
         cos = sorted(r.cos_theta for r in recs if math.isfinite(r.cos_theta))
 
-        def gmean(v: Sequence[float]) -> float:
-            v = [max(a, 1e-300) for a in v if math.isfinite(a)]
-            return math.exp(sum(math.log(a) for a in v) / len(v)) if v else math.nan
+        def gmean(v: Sequence[float]) -> float:  # of factors >= 0: one exact 0 makes it 0 (not log 0)
+            v = [a for a in v if math.isfinite(a)]
+            if not v:
+                return math.nan
+            if min(v) <= 0.0:
+                return 0.0
+            return math.exp(sum(math.log(a) for a in v) / len(v))
 
         return {
             "steps": len(recs),
@@ -441,12 +488,61 @@ class AlignmentTracker:
 def gradient_direction(
     model: nn.Module | Sequence[nn.Module], loss_fn: LossFn, inputs: Tensor, targets: Tensor
 ) -> Tensor:
-    """The gradient ``g`` of ``loss_fn(model(inputs), targets)`` (flat; model dtype), by backprop."""
-    params = _trainable(model if isinstance(model, nn.Module) else nn.ModuleList(model))
+    """The gradient ``g`` of ``loss_fn(model(inputs), targets)`` (flat; model dtype), by backprop.
+
+    The batch is checked first as :class:`hessinv.Chain` checks it (on the whole model's output where the
+    model is no chain): a dtype, device or batch-size mismatch, non-finite values, or targets that the
+    loss would broadcast against the outputs (MSE targets ``(N,)`` for outputs ``(N, 1)``) raise a named
+    :class:`~hessinv.HessinvError` instead of giving the gradient of another loss."""
     net = model if isinstance(model, nn.Module) else nn.Sequential(*model)
+    _check_batch(net, loss_fn, inputs, targets)
+    return _gradient(net, loss_fn, inputs, targets)
+
+
+def _gradient(net: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> Tensor:
+    """:func:`gradient_direction` without the batch checks (a batch checked already)."""
     with torch.enable_grad():
-        grads = torch.autograd.grad(loss_fn(net(inputs), targets), params)
+        grads = torch.autograd.grad(loss_fn(net(inputs), targets), _trainable(net))
     return torch.cat([g.reshape(-1) for g in grads]).detach()
+
+
+def _check_batch(net: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> None:
+    """:meth:`hessinv.Chain.check_batch` of ``(inputs, targets)``; for a model that is no chain (a
+    parameter used twice, a residual), its checks of dtypes, devices, batch sizes and finite values, and
+    the loss's check of the targets against the whole model's output."""
+    try:
+        chain = Chain(net, loss_fn)
+    except HessinvError:
+        chain = None
+    if chain is not None:
+        chain.check_batch(inputs, targets)
+        return
+    for t, what in ((inputs, "inputs"), (targets, "targets")):
+        if not isinstance(t, Tensor) or t.dim() < 1 or len(t) == 0:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ShapeMismatchError(f"{what} must be a batch of at least one example (N, ...); got {got}")
+    if len(targets) != len(inputs):
+        raise ShapeMismatchError(
+            f"batch sizes differ: inputs {tuple(inputs.shape)}, targets {tuple(targets.shape)}"
+        )
+    params = _trainable(net)
+    if not params:
+        raise InvalidArgumentError("the model has no trainable parameters")
+    dtype, device = params[0].dtype, params[0].device
+    for t, what in ((inputs, "inputs"), (targets, "targets")):
+        if t.device != device:
+            raise DtypeMismatchError(
+                f"{what} are on {t.device}, model on {device}: move them with {what}.to({str(device)!r})"
+            )
+        if t.is_floating_point() and t.dtype != dtype:
+            raise DtypeMismatchError(
+                f"{what} are {t.dtype}, model is {dtype}: convert with {what}.to({dtype})"
+            )
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"{what} contain NaN or infinity")
+    with torch.no_grad():
+        out = net(inputs)
+    LossStage(0, loss_fn, prepare_targets(loss_fn, targets, dtype), out)
 
 
 @dataclass
@@ -578,19 +674,24 @@ def adam_direction(optimizer: torch.optim.Optimizer, gradient: Tensor | None = N
         d  = (m' / (1 - b1^(t+1))) / (sqrt(v' / (1 - b2^(t+1))) + eps)      (v' -> max(v_max, v'): amsgrad)
         d <- d + wd x                      (AdamW's decoupled weight decay)
 
-    The optimizer's state is not changed. Each group's ``lr`` must be the same for ``d`` to be a
-    direction; the returned ``d`` excludes ``lr``. ``maximize=True`` is not supported.
+    Each group uses its own ``betas``, ``eps``, ``weight_decay`` and ``lr``, as the optimizer does: with
+    ``lr`` the largest group ``lr``, a group of learning rate ``lr_g`` has its ``d`` scaled by
+    ``lr_g / lr``, so that ``x+ = x - lr d`` is the step taken (with one ``lr`` for all groups, ``d``
+    excludes it). The optimizer's state is not changed. ``maximize=True`` is not supported.
     """
     if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         raise InvalidArgumentError(f"expected torch.optim.Adam or AdamW, got {type(optimizer).__name__}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if gradient is not None:
-        gradient = gradient.detach().reshape(-1)
+        gradient = _vec(gradient, "gradient")
         if gradient.numel() != sum(p.numel() for p in params):
             raise InvalidArgumentError("gradient has the wrong length for the optimizer's parameters")
     out: list[Tensor] = []
     offset = 0
-    for group in optimizer.param_groups:
+    lrs = [check_real(group["lr"], "lr") for group in optimizer.param_groups]
+    lr_max = max(lrs, default=0.0)
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        rel_lr = lr / lr_max if lr_max > 0 else 1.0  # the step is lr_g d_g: relative to the largest lr
         if group.get("maximize", False):
             raise InvalidArgumentError("maximize=True is not supported (the direction is of a minimizer)")
         b1, b2 = group["betas"]
@@ -620,7 +721,7 @@ def adam_direction(optimizer: torch.optim.Optimizer, gradient: Tensor | None = N
             d = (m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps)
             if wd != 0 and decoupled:
                 d = d + wd * x
-            out.append(d.reshape(-1))
+            out.append(rel_lr * d.reshape(-1))
     return torch.cat(out)
 
 
@@ -733,8 +834,14 @@ def stochastic_contraction(samples: Tensor, x: Tensor, x_star: Tensor, eta: floa
     e = _error(x, x_star)
     if D.shape[1] != e.numel():
         raise InvalidArgumentError(f"samples have {D.shape[1]} entries, x - x_star has {e.numel()}")
+    if not (bool(torch.isfinite(D).all()) and bool(torch.isfinite(e).all())):
+        raise NonFiniteArgumentError("samples, x or x_star contain NaN or infinity")
     k = D.shape[0]
+    D, e = _common_unit(D, e)  # every quantity is a ratio: scale-free (squares of 1e170 overflowed)
     m = D.mean(0)
+    # a mean within the rounding of the sum of the draws is 0 (symmetric draws): no direction to align
+    if float(m.abs().max()) <= k * torch.finfo(torch.float64).eps * float(D.abs().max()):
+        m = torch.zeros_like(m)
     tr_cov = float(((D - m) ** 2).sum(1).mean())
     nm, ne = float(m.norm()), float(e.norm())
     cos = alignment(m, e, torch.zeros_like(e))
@@ -763,8 +870,14 @@ class MinimizerEstimate:
         loss: the loss there.
         iterations: Newton iterations taken.
         converged: ``gradient_norm <= gtol``.
-        min_eigenvalue: ``lambda_min`` of the curvature at ``x`` (>0: a strict local minimizer).
+        min_eigenvalue: ``lambda_min`` of the *Hessian* at ``x``, whichever ``curvature`` took the steps
+            (> 0 with ``converged``: a strict local minimizer; the Gauss-Newton matrix is positive
+            semi-definite at a saddle too, so its eigenvalues certify nothing).
         history: ``(loss, |g|, lambda)`` per iteration.
+        stopped: why the iteration ended: ``"converged"``, ``"max_iter"``, ``"no_progress"`` (no step
+            size lowered the loss or the gradient norm) or ``"stalled"`` (the step no longer changes
+            ``x`` in float64, or the loss and gradient norm stopped changing: ``|g|`` is at its rounding
+            floor above ``gtol``).
     """
 
     x: Tensor
@@ -774,6 +887,7 @@ class MinimizerEstimate:
     converged: bool
     min_eigenvalue: float
     history: list[tuple[float, float, float]]
+    stopped: str = "converged"
 
 
 def estimate_minimizer(
@@ -796,7 +910,11 @@ def estimate_minimizer(
     is at rounding level, the gradient norm); ``mu`` shrinks tenfold after an accepted step and grows
     tenfold after a rejected one, so the iteration ends as pure Newton, quadratically convergent at a
     nondegenerate minimizer (theory.md §6). Which minimizer it finds depends on ``x0`` (symmetries:
-    theory.md §6); a positive ``min_eigenvalue`` at the end certifies a strict local minimizer.
+    theory.md §6). ``min_eigenvalue`` is the Hessian's at the end (also with
+    ``curvature="gauss_newton"``, which may converge to a saddle): positive with ``converged``, it
+    certifies a strict local minimizer. The iteration also stops, with ``converged=False`` and the
+    reason in ``stopped``, when a step no longer changes ``x`` or makes no progress. ``gtol`` must be
+    finite and ``>= 0``, ``max_iter`` an integer ``>= 0`` (else :class:`~hessinv.InvalidArgumentError`).
 
     >>> import torch
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -809,6 +927,10 @@ def estimate_minimizer(
     (True, [1.0, -2.0])
     """
     Op = curvature_class(curvature)
+    gtol = _check_tol(gtol, "gtol", allow_zero=True)
+    iters = _integer(max_iter)
+    if iters is None or iters < 0:
+        raise InvalidArgumentError(f"max_iter must be an integer >= 0, got {max_iter!r}")
     net = copy.deepcopy(model if isinstance(model, nn.Module) else nn.Sequential(*model)).double()
     loss_fn = loss_in_dtype(loss_fn, torch.float64)
     X = inputs.detach().double() if inputs.is_floating_point() else inputs.detach()
@@ -821,14 +943,15 @@ def estimate_minimizer(
             return float(loss_fn(net(X), Y))
 
     def grad_norm() -> float:
-        return float(gradient_direction(net, loss_fn, X, Y).norm())
+        return float(_gradient(net, loss_fn, X, Y).norm())
 
     history: list[tuple[float, float, float]] = []
     mu_rel, it = 1e-4, 0
     op = Op(net, loss_fn, X, Y)
     gnorm = float(op.gradient.norm())
     radius = 0.5 * max(float(flat_parameters(net).norm()), 1.0)  # step-length cap (a crude trust region)
-    while gnorm > gtol and it < max_iter:
+    stopped = "max_iter"
+    while gnorm > gtol and it < iters:
         it += 1
         f0, x = float(op.loss), flat_parameters(net)
         scale = max(op.norm_estimate(), 1e-300)
@@ -853,6 +976,9 @@ def estimate_minimizer(
             if not math.isfinite(step) or step > radius:  # |d| decreases as lambda grows
                 mu_rel *= 10.0
                 continue
+            if torch.equal(x - d, x):  # below the rounding of x: no step can move it any more
+                stopped = "stalled"
+                break
             set_flat_parameters(net, x - d)
             f1 = loss_at()
             tiny = 10 * torch.finfo(torch.float64).eps * abs(f0)
@@ -863,11 +989,21 @@ def estimate_minimizer(
             mu_rel, radius = 10.0 * mu_rel, 0.5 * step
         history.append((f0, gnorm, lam))
         if not accepted:
+            stopped = stopped if stopped == "stalled" else "no_progress"
             break
         mu_rel, radius = max(mu_rel / 10.0, 1e-16), max(radius, 4.0 * step)
         op = Op(net, loss_fn, X, Y)
-        gnorm = float(op.gradient.norm())
-    lam_min = _min_eigenvalue(op)
+        g_prev, gnorm = gnorm, float(op.gradient.norm())
+        tiny = 10 * torch.finfo(torch.float64).eps
+        if abs(float(op.loss) - f0) <= tiny * abs(f0) and gnorm >= (1.0 - tiny) * g_prev and gnorm > gtol:
+            stopped = "stalled"  # accepted on the rounding of two gradient norms: x jitters in place
+            break
+    if gnorm <= gtol:
+        stopped = "converged"
+    hessian = (
+        op if isinstance(op, curvature_class("hessian")) else curvature_class("hessian")(net, loss_fn, X, Y)
+    )
+    lam_min = _min_eigenvalue(hessian)
     return MinimizerEstimate(
         x=flat_parameters(net),
         gradient_norm=gnorm,
@@ -876,4 +1012,5 @@ def estimate_minimizer(
         converged=gnorm <= gtol,
         min_eigenvalue=lam_min,
         history=history,
+        stopped=stopped,
     )

@@ -33,9 +33,10 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -48,6 +49,7 @@ from hessinv.errors import (
     DtypeMismatchError,
     HessinvError,
     InvalidArgumentError,
+    NonFiniteError,
     NotFittedError,
     ShapeMismatchError,
     UnsupportedStageError,
@@ -68,8 +70,43 @@ def _trainable(model: nn.Module) -> tuple[list[str], dict[str, Tensor]]:
     return [k for k, _ in named], {k: p.detach() for k, p in named}
 
 
-def _flatten(tree: dict[str, Tensor], names: list[str], lead: int) -> Tensor:
-    return torch.cat([tree[k].reshape(*tree[k].shape[:lead], -1) for k in names], dim=-1)
+def _slots(model: nn.Module) -> tuple[list[tuple[str, Tensor]], list[Tensor]]:
+    """Where each trainable parameter sits: ``(name, parameter)`` once per (module, attribute) -- a
+    module reached by two paths (a tied layer) once, a parameter held by two modules twice -- and the
+    trainable parameters in ``parameters()`` order. ``functional_call`` given a module twice swaps it
+    twice and restores the wrong value (a functorch wrapper left in the model), so each module once;
+    a parameter in two places gets the sum of its slots' gradients (:func:`_flatten`)."""
+    slots = [
+        (f"{path}.{attr}" if path else attr, p)
+        for path, mod in model.named_modules()
+        for attr, p in mod.named_parameters(recurse=False, remove_duplicate=False)
+        if p.requires_grad
+    ]
+    return slots, [p for p in model.parameters() if p.requires_grad]
+
+
+def _flatten(
+    tree: dict[str, Tensor], slots: list[tuple[str, Tensor]], params: list[Tensor], lead: int
+) -> Tensor:
+    """The derivatives ``tree`` (by slot name) as one flat dimension in ``params`` order, a shared
+    parameter's slots summed."""
+    parts = []
+    for p in params:
+        total = sum(tree[k] for k, q in slots if q is p)
+        parts.append(total.reshape(*total.shape[:lead], -1))
+    return torch.cat(parts, dim=-1)
+
+
+@contextlib.contextmanager
+def _left_intact(model: nn.Module) -> Iterator[None]:
+    """Put back every parameter object of ``model`` after a ``torch.func`` call, whatever it left."""
+    held = [(mod, attr, p) for mod in model.modules() for attr, p in mod.named_parameters(recurse=False)]
+    try:
+        yield
+    finally:
+        for mod, attr, p in held:
+            if mod._parameters.get(attr) is not p:
+                mod._parameters[attr] = p
 
 
 def _check_chunk(chunk: Any) -> int:
@@ -118,13 +155,16 @@ def per_example_gradients(
                 for i in range(chunk, len(inputs), chunk)
             ]
             return torch.cat([G, *rest])
-    names, params = _trainable(model)
+    slots, params = _slots(model)
+    _check_model_inputs(inputs, params)
+    values = {k: p.detach() for k, p in slots}
 
     def loss(p: dict[str, Tensor], x: Tensor, t: Tensor) -> Tensor:
-        return loss_fn(functional_call(model, p, (x[None],)), t[None])
+        return loss_fn(functional_call(model, p, (x[None],), tie_weights=False), t[None])
 
     g = vmap(grad(loss), in_dims=(None, 0, 0))
-    return _chunked(lambda X, y: _flatten(g(params, X, y), names, 1), inputs, targets, chunk)
+    with _left_intact(model):
+        return _chunked(lambda X, y: _flatten(g(values, X, y), slots, params, 1), inputs, targets, chunk)
 
 
 def _per_example_chain(
@@ -147,13 +187,39 @@ def output_jacobians(model: nn.Module, inputs: Tensor, chunk: int = 1024) -> Ten
     """``(N, C, n)``: the Jacobian of each example's ``C`` outputs in the trainable parameters
     (``torch.func.vmap(jacrev)``), for the linearized (GLM) predictive."""
     chunk = _check_chunk(chunk)
-    names, params = _trainable(model)
+    slots, params = _slots(model)
+    _check_model_inputs(inputs, params)
+    values = {k: p.detach() for k, p in slots}
 
     def out(p: dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(model, p, (x[None],))[0].reshape(-1)
+        return functional_call(model, p, (x[None],), tie_weights=False)[0].reshape(-1)
 
     J = vmap(jacrev(out), in_dims=(None, 0))
-    return _chunked(lambda X, _: _flatten(J(params, X), names, 2), inputs, inputs, chunk)
+    with _left_intact(model):
+        return _chunked(lambda X, _: _flatten(J(values, X), slots, params, 2), inputs, inputs, chunk)
+
+
+def _check_model_inputs(inputs: Any, params: list[Tensor]) -> None:
+    """Named errors for inputs that are no batch, of another floating dtype or device than the model's
+    trainable parameters, or not finite (the Jacobian would be NaN, silently)."""
+    if not isinstance(inputs, Tensor) or inputs.dim() < 1 or len(inputs) == 0:
+        got = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
+        raise ShapeMismatchError(f"inputs must be a batch of at least one example (N, ...); got {got}")
+    if not params:
+        raise InvalidArgumentError("the model has no trainable parameters")
+    dtype, device = params[0].dtype, params[0].device
+    if inputs.device != device:
+        raise DtypeMismatchError(
+            f"inputs are on {inputs.device}, model on {device}: move them with inputs.to({str(device)!r})"
+        )
+    if inputs.is_floating_point() and inputs.dtype != dtype:
+        raise DtypeMismatchError(
+            f"inputs are {inputs.dtype}, model is {dtype}: convert with inputs.to({dtype})"
+        )
+    if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+        raise NonFiniteError(
+            "inputs contain NaN or infinity: the Jacobians would be NaN; drop or fix those examples"
+        )
 
 
 def _collect(data: Tensor | Iterable, targets: Tensor | None) -> tuple[Tensor, Tensor]:
