@@ -947,8 +947,10 @@ def test_eigenvalues_of_a_hessian_beyond_float64s_range_are_a_named_error():
     H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
     calls = (lambda: H.eigenpairs(2), lambda: H.eigenpairs(2, "largest"), H.min_eigenvalue)
     for call in calls:
-        with pytest.raises(hessinv.NonFiniteError, match=r"overflow torch.float64.*: rescale the loss"):
+        # (block Lanczos's QR norms do not overflow: eigenpairs then meets its own limit on the shifts)
+        with pytest.raises(hessinv.NonFiniteError, match=r"torch.float64.*rescale the loss") as err:
             call()
+        assert "float64 model" not in str(err.value)
     # ||H|| ~ 1e160 itself is a float64 number: the norm estimate (scaled norms since 2026-12-03) gives it
     assert 1e150 < H.norm_estimate() < 1e170
 

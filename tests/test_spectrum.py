@@ -382,3 +382,30 @@ def test_a_hessian_s_small_negative_eigenvalue_stays_in_range():
     lo, hi = spectrum.spectral_range(H)
     assert lo < -1e-10 and hi > 1.0
     assert spectrum.spectral_histogram(H, bins=4).below == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    prob=chains(max_batch=3),
+    kind=st.sampled_from(sorted(OPS)),
+    block=st.integers(1, 6),
+    steps=st.integers(1, 80),
+)
+def test_block_lanczos_basis_and_ritz_pairs_against_dense(prob, kind, block, steps):
+    """The block Lanczos behind ``min_eigenvalue`` on random chains, Gauss-Newton matrices (low rank: a
+    block that is partly an invariant subspace) included, and bases that run into ``n``: the basis is
+    orthonormal, ``T = Q^T H Q`` (so every Ritz value is a Rayleigh quotient, never below
+    ``lambda_min``), and the residuals it reports are the Ritz pairs' actual ``|H x - theta x|``."""
+    op, Hd = dense(prob, kind)
+    n = op.shape[0]
+    theta, S, Q, res, b = op._lanczos(steps, block=block)
+    k = Q.shape[1]
+    assert k <= min(max(steps, block), n) and len(theta) == k
+    scale = max(float(Hd.abs().max()), 1e-300)
+    assert torch.allclose(Q.T @ Q, torch.eye(k, dtype=torch.float64), atol=1e-12)
+    X = Q @ torch.as_tensor(S)
+    assert np.allclose(theta, torch.diag(X.T @ Hd @ X).numpy(), atol=1e-11 * scale)
+    assert float(theta[0]) >= float(torch.linalg.eigvalsh(Hd)[0]) - 1e-11 * scale
+    actual = (Hd @ X - X * torch.as_tensor(theta)).norm(dim=0).numpy()
+    assert np.allclose(res, actual, atol=1e-9 * scale)
+    assert (b == 0.0) == (not res.any()) or k == n

@@ -288,6 +288,17 @@ class DenseLayerBlocks(Blocks):
         """``Jt^T s``: (B, d, k) -> (m1, d * k) input-major."""
         return self.zt.T @ s.reshape(self.batch, -1)
 
+    def _bsp_t(self, t: Tensor) -> Tensor:
+        """``sum_n bsp[n, i] t[n, j, k]`` as (m, d, k) (a view): one GEMM, where ``bsp.T @ t.transpose(0,
+        1)`` broadcasts to a batched product (1.5x the time at width 16)."""
+        assert self.bsp is not None
+        return (self.bsp.T @ t.reshape(self.batch, -1)).view(self.d_out, self.d_in, -1).transpose(0, 1)
+
+    def _bsp_V(self, Vw: Tensor) -> Tensor:
+        """``sum_i bsp[n, i] Vw[j, i, k]`` as (B, m, k): one GEMM (see :meth:`_bsp_t`)."""
+        assert self.bsp is not None
+        return (self.bsp @ Vw.transpose(0, 1).reshape(self.d_out, -1)).view(self.batch, self.d_in, -1)
+
     # -- first order --------------------------------------------------------------------------
     def jx(self, v: Tensor) -> Tensor:
         return self.sp[:, :, None] * self._Z(v)
@@ -373,7 +384,7 @@ class DenseLayerBlocks(Blocks):
             return t.new_zeros(self.p, t.shape[-1])
         out = self._ZT(self.bpp[:, :, None] * torch.matmul(self.W, t)).view(self.stage.m1, self.d_out, -1)
         # + sum_n bsp[n, i] t[n, j, k] on the weight rows j < m
-        out[: self.d_in] += torch.matmul(self.bsp.T, t.transpose(0, 1))
+        out[: self.d_in] += self._bsp_t(t)
         return self._model(out)
 
     def hxzT(self, v: Tensor) -> Tensor:
@@ -383,8 +394,7 @@ class DenseLayerBlocks(Blocks):
         U = (self.zt @ V).view(self.batch, self.d_out, -1)
         out = torch.matmul(self.W.T, self.bpp[:, :, None] * U)
         # + sum_i bsp[n, i] V[c, i, k] for c < m
-        Vw = V.view(self.stage.m1, self.d_out, -1)[: self.d_in]
-        return out + torch.matmul(self.bsp, Vw).transpose(0, 1)
+        return out + self._bsp_V(V.view(self.stage.m1, self.d_out, -1)[: self.d_in])
 
     def hzz(self, t: Tensor) -> Tensor:
         if self.bpp is None:
@@ -418,13 +428,12 @@ class DenseLayerBlocks(Blocks):
                 G = G + self.bpp[:, :, None] * U
         out = self._ZT(G).view(self.stage.m1, self.d_out, -1)
         if self.bsp is not None and t is not None:
-            out[: self.d_in] += torch.matmul(self.bsp.T, t.transpose(0, 1))
+            out[: self.d_in] += self._bsp_t(t)
         s_new = None
         if need_s:
             s_new = torch.matmul(self.W.T, G)
             if self.bsp is not None and vn is not None:
-                Vw = vn.view(self.stage.m1, self.d_out, -1)[: self.d_in]
-                s_new = s_new + torch.matmul(self.bsp, Vw).transpose(0, 1)
+                s_new = s_new + self._bsp_V(vn.view(self.stage.m1, self.d_out, -1)[: self.d_in])
             if self.residual:
                 s_new = s_new + s
         return self._model(out), s_new
