@@ -718,32 +718,31 @@ class CurvatureOperator:
             W = self._apply(Q[j:k].T.contiguous().to(self.dtype).to(self.device))
             W = W.double().cpu().T.contiguous()
             A = W @ Q[j:k].T
-            if not bool(torch.isfinite(A).all()) or not bool(torch.isfinite(W).all()):
-                self._overflow()
-            T[j:k, j:k] = (0.5 * (A + A.T)).numpy()
             Qk = Q[:k]
             W -= (W @ Qk.T) @ Qk
             W -= (W @ Qk.T) @ Qk  # twice is enough (Kahan-Parlett)
-            theta, S = np.linalg.eigh(T[:k, :k])
             # W's singular values and right singular vectors from a thin QR (a product with a (bs, bs)
             # SVD: 4x faster than LAPACK's SVD of the wide W)
             Qw, Rw = torch.linalg.qr(W.T)
             U, sv, _ = torch.linalg.svd(Rw)
-            Vh = (Qw @ U).T
             b = float(sv[0])
+            if not (math.isfinite(b) and bool(torch.isfinite(A).all())):  # (QR's norms do not overflow)
+                self._overflow()
+            T[j:k, j:k] = (0.5 * (A + A.T)).numpy()
+            theta, S = np.linalg.eigh(T[:k, :k])
             if b <= 1e-14 * float(np.abs(theta).max()):  # an invariant subspace: the Ritz pairs are exact
                 return theta, S, Qk.T, np.zeros(k), 0.0
-            # residuals |W^T s_i[last block]|, scaled (||H|| may be 1e160)
-            res = b * (torch.as_tensor(S[j:k]).T @ (W / b)).norm(dim=1).numpy()
+            # residuals |W^T s_i[last block]| = |Rw s_i[last block]| (Qw orthonormal; scaled: ||H|| ~ 1e160)
+            res = b * np.linalg.norm((Rw / b).numpy() @ S[j:k], axis=0)
             if k + bs > m or (done is not None and done(theta, res)):  # (a full block, or none)
                 return theta, S, Qk.T, res, b
             # W's rounding-level part along the basis comes out amplified by |W| / sigma_i in its singular
             # vectors: where that could show (sigma_i < 1e-4 |W|), the block is orthogonalized against
             # the basis again, and directions below 1e-12 |W| (a block that is partly an invariant
             # subspace) are replaced by fresh random vectors
-            C = Vh
+            C = (Qw @ U).T
             if float(sv[-1]) < 1e-4 * b:
-                C = Vh[sv > 1e-12 * b]
+                C = C[sv > 1e-12 * b]
                 C = torch.cat([C, torch.randn(bs - C.shape[0], n, generator=g, dtype=torch.float64)])
                 for _ in range(2):
                     C -= (C @ Qk.T) @ Qk
