@@ -53,14 +53,13 @@ from hessinv.chain import Chain, LossFn, check_real
 from hessinv.curvature import CurvatureOperator, _check_tol, _integer, curvature_class
 from hessinv.errors import (
     AccuracyWarning,
-    DtypeMismatchError,
     HessinvError,
     InvalidArgumentError,
     NonFiniteArgumentError,
-    NonFiniteError,
     ShapeMismatchError,
     SingularError,
 )
+from hessinv.influence import _check_model_inputs
 from hessinv.riccati import Inertia
 from hessinv.stages.losses import LossStage, loss_in_dtype, prepare_targets
 
@@ -517,29 +516,14 @@ def _check_batch(net: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tenso
     if chain is not None:
         chain.check_batch(inputs, targets)
         return
-    for t, what in ((inputs, "inputs"), (targets, "targets")):
-        if not isinstance(t, Tensor) or t.dim() < 1 or len(t) == 0:
-            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ShapeMismatchError(f"{what} must be a batch of at least one example (N, ...); got {got}")
+    params = _trainable(net)
+    _check_model_inputs(inputs, params)
+    _check_model_inputs(targets, params, "targets")
     if len(targets) != len(inputs):
         raise ShapeMismatchError(
             f"batch sizes differ: inputs {tuple(inputs.shape)}, targets {tuple(targets.shape)}"
         )
-    params = _trainable(net)
-    if not params:
-        raise InvalidArgumentError("the model has no trainable parameters")
-    dtype, device = params[0].dtype, params[0].device
-    for t, what in ((inputs, "inputs"), (targets, "targets")):
-        if t.device != device:
-            raise DtypeMismatchError(
-                f"{what} are on {t.device}, model on {device}: move them with {what}.to({str(device)!r})"
-            )
-        if t.is_floating_point() and t.dtype != dtype:
-            raise DtypeMismatchError(
-                f"{what} are {t.dtype}, model is {dtype}: convert with {what}.to({dtype})"
-            )
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise NonFiniteError(f"{what} contain NaN or infinity")
+    dtype = params[0].dtype
     with torch.no_grad():
         out = net(inputs)
     LossStage(0, loss_fn, prepare_targets(loss_fn, targets, dtype), out)

@@ -199,26 +199,26 @@ def output_jacobians(model: nn.Module, inputs: Tensor, chunk: int = 1024) -> Ten
         return _chunked(lambda X, _: _flatten(J(values, X), slots, params, 2), inputs, inputs, chunk)
 
 
-def _check_model_inputs(inputs: Any, params: list[Tensor]) -> None:
-    """Named errors for inputs that are no batch, of another floating dtype or device than the model's
-    trainable parameters, or not finite (the Jacobian would be NaN, silently)."""
+def _check_model_inputs(inputs: Any, params: list[Tensor], what: str = "inputs") -> None:
+    """Named errors for ``inputs`` (called ``what``) that are no batch, of another floating dtype or device
+    than the model's trainable parameters, or not finite (derivatives would be NaN, silently)."""
     if not isinstance(inputs, Tensor) or inputs.dim() < 1 or len(inputs) == 0:
         got = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
-        raise ShapeMismatchError(f"inputs must be a batch of at least one example (N, ...); got {got}")
+        raise ShapeMismatchError(f"{what} must be a batch of at least one example (N, ...); got {got}")
     if not params:
         raise InvalidArgumentError("the model has no trainable parameters")
     dtype, device = params[0].dtype, params[0].device
     if inputs.device != device:
         raise DtypeMismatchError(
-            f"inputs are on {inputs.device}, model on {device}: move them with inputs.to({str(device)!r})"
+            f"{what} are on {inputs.device}, model on {device}: move them with {what}.to({str(device)!r})"
         )
     if inputs.is_floating_point() and inputs.dtype != dtype:
         raise DtypeMismatchError(
-            f"inputs are {inputs.dtype}, model is {dtype}: convert with inputs.to({dtype})"
+            f"{what} are {inputs.dtype}, model is {dtype}: convert with {what}.to({dtype})"
         )
     if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
         raise NonFiniteError(
-            "inputs contain NaN or infinity: the Jacobians would be NaN; drop or fix those examples"
+            f"{what} contain NaN or infinity: the derivatives would be NaN; drop or fix those examples"
         )
 
 
