@@ -1049,7 +1049,8 @@ class CurvatureOperator:
 
         A Rayleigh quotient ``lambda = v^T H v`` (float64 product) is never below ``lambda_min``, and it
         is within ``rho^2 / gap`` of an eigenvalue (``rho = |H v - lambda v|``, ``gap`` the distance to
-        the rest of the spectrum). Lanczos on the ``O(L)`` products stops as soon as its smallest Ritz
+        the rest of the spectrum). Block Lanczos (4 columns a product, :meth:`_lanczos`) on the
+        ``O(L)`` products stops as soon as its smallest Ritz
         value is that close by this estimate (about half the products of asking for a small
         ``rho``); one positive-definiteness sweep at ``lambda - (tol + 10 u) ||H||`` then proves
         that no eigenvalue lies below: ``lambda_min`` is in ``(lambda - (tol + 10 u) ||H||,
