@@ -1537,20 +1537,26 @@ class Factorization:
         was perturbed or is ill-conditioned beyond ``sqrt(u)`` (that sum then carries an error of up to
         about ``u cond^2``: 46% at damping 1e-12 on a small tanh net), ``v^T x`` of a refined solve. For
         a float32 operator the sum is the float32 sweep's (about ``cond u32``: 8.5e-4 at cond 1e4): use
-        ``v @ F.solve(v)`` for the float64-refined value."""
+        ``v @ F.solve(v)`` for the float64-refined value. The Woodbury factorization (a per-parameter
+        damping) answers with ``v^T x`` of a refined solve always."""
         R, vector = self.op._as_matrix(v, "v")
         if not vector:
             raise ShapeMismatchError(f"v must have shape ({self.op.shape[0]},); got {tuple(v.shape)}")
-        if getattr(self, "factors", None) is None:
-            return float((R * self._raw(R)).sum())
         if self._twin_only:
             assert self._f64 is not None
-            return self._f64.inverse_quadratic(v.double())
-        if not self._pivots_exact():
+            return self._f64.inverse_quadratic(R[:, 0].double())
+        if getattr(self, "factors", None) is None or not self._pivots_exact():
+            # Woodbury (one solve is good to about u cond(K), and K holds 1 / D_j: cond(K) can exceed
+            # cond(G + D) by orders -- 18% off at one D_j = 1e-17 among 0.1s, cond(G + D) = 77), or a
+            # sweep whose pivots cannot give the sum: v^T x of the refined solve
             R64 = R.double()
             return float((R64 * self._solve64(R64, max_refine=5)[0]).sum())
         sop = self._sweep_op
-        return float(riccati_quadratic(sop.blocks, self.factors, sop._split(R.to(sop.dtype)))[0])
+        # v scaled by a power of two (exact) to unit max-norm, as in _raw: a float32 sum of v of 1e19 would
+        # overflow (NaN), of 1e-20 underflow (0); the scale comes back squared in float64
+        s = _pow2_scale(R)
+        q = riccati_quadratic(sop.blocks, self.factors, sop._split((R / s).to(sop.dtype)))[0]
+        return float(q) * float(s) ** 2
 
     def slogdet(self) -> tuple[float, float]:
         """``(sign, log|det(H + eps I)|)`` like :func:`torch.linalg.slogdet`: the sign is
@@ -1659,6 +1665,7 @@ class Factorization:
         order; ``S S^T`` does not.) Raises :class:`IndefiniteError` unless ``H + eps I`` is positive
         definite.
         """
+        R, vec = self.op._as_matrix(Z, "Z")  # (before the twin's branch: it takes R as checked here)
         self._riccati_only("inverse_sqrt")
         if self.inertia.negative:
             raise IndefiniteError(
@@ -1667,8 +1674,8 @@ class Factorization:
             )
         if self._twin_only:
             assert self._f64 is not None
-            return self._f64.inverse_sqrt(Z.double()).to(self.op.dtype)
-        R, vec = self.op._as_matrix(Z, "Z")
+            X = self._f64.inverse_sqrt(R.double()).to(self.op.dtype)
+            return X[:, 0] if vec else X
         if not self._pivots_exact():
             L = self._dense_cholesky("inverse_sqrt")
             if L is not None:  # S = L^{-T} for H + eps I = L L^T
@@ -2176,26 +2183,70 @@ class WoodburyFactorization(Factorization):
                     self._small = (torch.cat([zero, small]), gjj, Dd)
             if k:
                 U, S, D = _undamped_rows(U, S, damping, zero, gjj, Dd)
+        self._f64: Factorization | None = None
+        self._apart: WoodburyFactor | None = None  # (see _solver)
         try:
             self.woodbury = WoodburyFactor(U, S, D)
-        except SingularError:  # K singular to working precision through tiny entries of D: factor them apart
-            if self._small is None or self._small[0].numel() > ZERO_DAMPING_MAX:
-                raise
-            idx, gjj, Dd = self._small
-            U, S = op.root()
-            self.woodbury = WoodburyFactor(*_undamped_rows(U, S, damping, idx, gjj, Dd))
-            self._small = None  # (its logdet is the accurate one)
+        except SingularError:
+            self.woodbury = self._refactor(op, damping)
         self.inertia, self.positive_definite = self.woodbury.inertia, self.woodbury.positive_definite
         self.factors, self.modified = None, False
         self.perturbed: dict[int, int] = {}
         self.inertia_certified = True  # Haynsworth's inertia additivity: exact, nothing perturbed
         self.last_info = None
-        self._f64 = None
         self._dense = None  # G + D in float64, where a solve falls back to a dense LU
         self._dense_sld = None
 
+    def _refactor(self, op: GaussNewton, damping: float | Tensor) -> WoodburyFactor:
+        """The factorization where ``K`` was singular to working precision: with the tiny entries of ``D``
+        factored apart (``K`` holds no ``1 / D_j`` then); below float64, failing that, the float64 twin's
+        (``U`` is rounded to the model dtype, and so are ``K``'s small eigenvalues, whose size is not
+        ``G + D``'s: a float32 ``K`` was refused at ``cond(G + D) = 3e4``) -- solves, inertia and
+        log-det then come from the twin (``_twin_only``). :class:`SingularError` where that fails too."""
+        if self._small is not None and self._small[0].numel() <= ZERO_DAMPING_MAX:
+            try:
+                W = self._factor_apart()
+                self._small = None  # (its logdet is the accurate one)
+                return W
+            except SingularError:
+                if op.dtype == torch.float64:
+                    raise
+        if op.dtype == torch.float64:
+            raise SingularError(
+                "D + G is singular to working precision (its Woodbury capacitance matrix is); choose "
+                "another damping"
+            )
+        twin = self._float64()
+        self._twin_only = True
+        assert isinstance(twin, WoodburyFactorization)
+        return twin.woodbury
+
+    def _factor_apart(self) -> WoodburyFactor:
+        """``G + D`` factored with the entries of ``_small`` apart (``D_j + c_j`` and rows ``-c_j e_j``)."""
+        assert self._small is not None
+        idx, gjj, Dd = self._small[:3]
+        U, S = self.op.root()
+        return WoodburyFactor(*_undamped_rows(U, S, self.damping, idx, gjj, Dd))
+
+    def _solver(self) -> WoodburyFactor:
+        """The factorization solves use: with the outlying entries of ``D`` (``_small``, at most ``rank +``
+        :data:`SMALL_DAMPING_ROWS`) factored apart where there are any -- made when first needed, kept. A
+        single solve is good to about ``u cond(K)``, and ``K`` holds ``1 / D_j``: at one ``D_j = 1e-15``
+        among 0.024s (``cond(G + D) = 3e7``) its relative residual was 1e-5, and refinement and GMRES stalled
+        with a forward error of 1e-10; factored apart, 2e-10 and 5e-12."""
+        if self._apart is None:
+            self._apart = self.woodbury
+            if self._small is not None and self._small[0].numel() <= self.woodbury.rank + SMALL_DAMPING_ROWS:
+                try:
+                    self._apart = self._factor_apart()
+                except SingularError:  # (K singular without them too: the factorization as it is)
+                    pass
+        return self._apart
+
     def _raw(self, R: Tensor) -> Tensor:
-        return self.woodbury.solve(R)
+        if self._twin_only:
+            return super()._raw(R)
+        return self._solver().solve(R)
 
     def _float64(self) -> Factorization:
         if self._f64 is None:
@@ -2223,13 +2274,10 @@ class WoodburyFactorization(Factorization):
         if self.op.shape[0] <= DENSE_FALLBACK_N:
             return (self._dense_sld or self._lu_slogdet())[1]
         if self._small is not None:
-            idx, gjj, Dd = self._small[:3]
+            idx = self._small[0]
             if idx.numel() <= self.woodbury.rank + SMALL_DAMPING_ROWS:
-                if len(self._small) == 3:  # (computed once)
-                    U, S = self.op.root()
-                    value = WoodburyFactor(*_undamped_rows(U, S, self.damping, idx, gjj, Dd)).logdet()
-                    self._small = (*self._small, value)
-                return self._small[3]
+                apart = self._solver()  # (where it failed, the SingularError again)
+                return (apart if apart is not self.woodbury else self._factor_apart()).logdet()
             warnings.warn(
                 f"{idx.numel()} entries of the per-parameter damping are zero or far smaller relative to "
                 "G's diagonal than the others (below 1e-3 of their median ratio), more than are factored "
