@@ -116,14 +116,27 @@ def test_a_sparse_embedding_is_the_dense_one():
 
 
 def test_integer_outputs_inside_the_model_say_what_to_do():
+    """Integer values after a trainable layer (argmax, one_hot) have no derivative: refused, with the
+    remedy. As the first stage (before every parameter: preprocessing of the inputs) they are exact."""
+
     class OneHot(nn.Module):
         def forward(self, x):
             return torch.nn.functional.one_hot(x, 7).double()
 
-    m = nn.Sequential(OneHot(), nn.Linear(7, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    class ArgmaxOneHot(nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x.argmax(1), 7).double()
+
+    torch.manual_seed(0)
     tok, y = torch.randint(0, 7, (4,)), torch.randint(0, 3, (4,))
+    m = nn.Sequential(nn.Linear(5, 7), ArgmaxOneHot(), nn.Linear(7, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     with pytest.raises(hessinv.UnsupportedStageError, match="pass them as the inputs"):
-        hessinv.hessian(m, nn.CrossEntropyLoss(), tok, y)
+        hessinv.hessian(m, nn.CrossEntropyLoss(), torch.randn(4, 5, dtype=torch.float64), y)
+    m = nn.Sequential(OneHot(), nn.Linear(7, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    H = hessinv.hessian(m, nn.CrossEntropyLoss(), tok, y)
+    _, H_ref = autograd_gradient_hessian(m, nn.CrossEntropyLoss(), tok, y)
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64)
+    assert torch.allclose(H @ V, H_ref @ V, atol=1e-13)
 
 
 def test_instance_norm_with_running_stats_in_training_mode_gets_the_right_advice():

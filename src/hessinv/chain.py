@@ -892,6 +892,9 @@ class Linearization:
     loss: Tensor
     sizes: list[int]
     input_dim: int
+    #: ``blocks[0]`` is stage ``first``'s: the stages before the first one with parameters (a frozen
+    #: backbone) only transform the inputs -- nothing upstream of them varies -- and get no blocks
+    first: int = 0
 
 
 def _tensor(x, what: str) -> Tensor:
@@ -1521,7 +1524,11 @@ class Chain:
         b = torch.ones(1, 1, 1, dtype=self.dtype, device=self.device)
         b = blocks[0].jzT(b)
         grads: list[Tensor] = []
-        for s, z_in in zip(reversed(self.stages), reversed(zs[:-1]), strict=True):
+        # stages before the first with parameters (a frozen backbone in front of a trainable head) feed
+        # the rest fixed features: no derivative of theirs enters H, G or the gradient, and their
+        # blocks (a convolution's dense per-example Jacobians: seconds) are not formed
+        first = next((i for i, st in enumerate(self.stages) if st.p), 0)
+        for s, z_in in zip(reversed(self.stages[first:]), reversed(zs[first:-1]), strict=True):
             with torch.no_grad():
                 if ce is not None and s is self.stages[-1]:  # the LogSoftmax, moved into the loss
                     blocks.insert(0, IdentityBlocks(z_in.shape[0], z_in[0].numel()))
@@ -1548,7 +1555,7 @@ class Chain:
         gradient = torch.cat(grads[::-1])
         if not torch.isfinite(gradient).all():
             raise NonFiniteError("the gradient contains NaN or infinity")
-        return Linearization(blocks, gradient, loss, self.sizes, blocks[0].d_in)
+        return Linearization(blocks, gradient, loss, self.sizes[first:], blocks[0].d_in, first)
 
     def per_example_gradients(self, inputs: Tensor, targets: Tensor) -> Tensor | None:
         """``(B, n)``: row ``i`` is the gradient of example ``i``'s own loss ``loss_fn(model(x_i[None]),

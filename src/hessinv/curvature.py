@@ -270,7 +270,7 @@ class CurvatureOperator:
         self.dtype, self.device = self.chain.dtype, self.chain.device
         n = self.chain.num_params
         self.shape = (n, n)
-        self._names = [s.name for s in self.chain.stages] + ["loss stage"]
+        self._names = [s.name for s in self.chain.stages[lin.first :]] + ["loss stage"]
         self._twin: CurvatureOperator | None = None
         self._norm: float | None = None
         self._norm_iters = 0  # (the power iterations the cached estimate took)
