@@ -232,7 +232,9 @@ def _specs(
             raise
         raise NotAChainError(
             f"{type(m).__name__}.forward could not be traced with torch.fx ({type(e).__name__}: {e}); "
-            "write the model as an nn.Sequential of stages, or make forward traceable"
+            "pass nn.Sequential(model) to have it called whole as one stage (exact; its dense blocks cost "
+            "about one backward pass per parameter), write it as an nn.Sequential of stages, or make its "
+            "forward traceable"
         ) from e
     state, stored = _restore_attributes(before)
     if stored and not top:
@@ -633,7 +635,10 @@ def _graph_specs(gm: nn.Module, g: fx.Graph, owner: str) -> list[tuple]:
     inputs = [n for n in nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         names = ", ".join(n.name for n in inputs)
-        raise NotAChainError(f"{owner}.forward takes {len(inputs)} inputs ({names}); a chain takes one")
+        raise NotAChainError(
+            f"{owner}.forward takes {len(inputs)} inputs ({names}); a chain takes one: pack them into one "
+            "tensor (torch.cat along dim 1) and split it at the top of a wrapper's forward"
+        )
     result = out_node.args[0]
     if not isinstance(result, fx.Node):
         raise NotAChainError(
@@ -674,10 +679,16 @@ def _check_modules(stage: Stage, mods) -> None:
     """Refuse modules that are random or mix examples, and hooks that change gradients."""
     for m in mods:
         kind = type(m).__name__
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
             raise UnsupportedStageError(
-                f"{stage.name}: {kind} uses batch statistics (training mode or track_running_stats=False), "
-                "which mixes examples; call model.eval() first"
+                f"{stage.name}: {kind}(track_running_stats=False) normalizes with the batch's statistics in "
+                "eval mode too, which mixes examples: build it with track_running_stats=True (and call "
+                "model.eval()), or normalize each example (LayerNorm, GroupNorm)"
+            )
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            raise UnsupportedStageError(
+                f"{stage.name}: {kind} in training mode uses batch statistics, which mixes examples; call "
+                "model.eval() first"
             )
         if isinstance(m, _DROPOUT) and m.training and m.p > 0:
             raise UnsupportedStageError(
@@ -897,9 +908,28 @@ class Linearization:
     first: int = 0
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is active for ``device_type`` (it casts inside every stage)."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except (TypeError, RuntimeError):  # (a device type autocast does not know)
+        return False
+
+
+def dense_grad(g: Tensor) -> Tensor:
+    """``g`` as a strided tensor: ``nn.Embedding(sparse=True)`` gives sparse gradients (the same numbers,
+    its rows only), which flat gradient vectors cannot hold."""
+    return g if g.layout == torch.strided else g.to_dense()
+
+
 def _tensor(x, what: str) -> Tensor:
     if not isinstance(x, Tensor):
         hint = "; convert with torch.as_tensor(...)" if type(x).__module__.startswith("numpy") else ""
+        if isinstance(x, (dict, tuple, list)):
+            hint = (
+                "; a model of several inputs: pack them into one tensor (torch.cat along dim 1) and split "
+                "it at the top of a wrapper's forward"
+            )
         raise InvalidArgumentError(
             f"{what} must be a torch.Tensor, got {type(x).__module__}.{type(x).__name__}{hint}"
         )
@@ -1340,6 +1370,11 @@ class Chain:
                     f"{s.name} failed on input of shape {tuple(zs[-1].shape)}: {e}"
                 ) from e
             if isinstance(z, Tensor) and z.is_floating_point() and z.dtype != self.dtype:
+                if _autocast_on(z.device.type):
+                    raise DtypeMismatchError(
+                        f"{s.name} returns {z.dtype} in a {self.dtype} model under torch.autocast: hessinv "
+                        "computes exactly in the model's dtype; call it outside the autocast context"
+                    )
                 raise DtypeMismatchError(
                     f"{s.name} returns {z.dtype} in a {self.dtype} model; hessinv computes in one dtype: "
                     "remove the cast"
@@ -1347,7 +1382,12 @@ class Chain:
             if not isinstance(z, Tensor) or z.dim() < 1 or z.shape[0] != inputs.shape[0]:
                 what = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
                 self._piece_failed(
-                    s, NotAChainError(f"{s.name} returns {what}, not a tensor with the batch dimension first")
+                    s,
+                    NotAChainError(
+                        f"{s.name} returns {what}, not a tensor with the batch dimension first: keep the "
+                        "batch first between the model's layers, or pass nn.Sequential(model) to have the "
+                        "model called whole as one stage (exact; dense blocks)"
+                    ),
                 )
             zs.append(z)
         return zs

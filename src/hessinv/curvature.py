@@ -1164,9 +1164,18 @@ class CurvatureOperator:
         try:
             return type(self)(model, loss_in_dtype(self.loss_fn, dtype), inputs, targets)
         except HessinvError as e:
+            # (a cast in forward -- x.float(), a no-op in the model's own dtype -- is refused in the copy:
+            # a float64 model would be refused too, so the remedy is to remove the cast)
+            cast = isinstance(e, DtypeMismatchError) and "cast" in str(e)
+            fix = (
+                "remove the dtype cast from forward (the model's dtype follows its parameters)"
+                if cast
+                else "use a float64 model"
+            )
             raise type(e)(
-                f"a {self.dtype} operator refines its solves against a {dtype} copy of the model and loss, "
-                f"which failed ({e}); use a float64 model, or solve(..., refine=False)"
+                f"a {self.dtype} operator refines its solves (and computes eigenvalues, log-determinants) "
+                f"against a {dtype} copy of the model and loss, which failed ({e}): {fix}; or, for a solve "
+                "alone, solve(..., refine=False)"
             ) from e
 
     def _rounded(self, dtype: torch.dtype) -> CurvatureOperator:

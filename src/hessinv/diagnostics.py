@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hessinv.chain import Chain, LossFn, check_real
+from hessinv.chain import Chain, LossFn, check_real, dense_grad
 from hessinv.curvature import CurvatureOperator, _check_tol, _integer, curvature_class
 from hessinv.errors import (
     AccuracyWarning,
@@ -502,7 +502,7 @@ def _gradient(net: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor) 
     """:func:`gradient_direction` without the batch checks (a batch checked already)."""
     with torch.enable_grad():
         grads = torch.autograd.grad(loss_fn(net(inputs), targets), _trainable(net))
-    return torch.cat([g.reshape(-1) for g in grads]).detach()
+    return torch.cat([dense_grad(g).reshape(-1) for g in grads]).detach()
 
 
 def _check_batch(net: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> None:

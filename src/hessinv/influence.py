@@ -99,11 +99,18 @@ def _flatten(
 
 @contextlib.contextmanager
 def _left_intact(model: nn.Module) -> Iterator[None]:
-    """Put back every parameter object of ``model`` after a ``torch.func`` call, whatever it left."""
+    """Put back every parameter object of ``model`` after a ``torch.func`` call, whatever it left; and
+    during it, embeddings with ``sparse=True`` give dense gradients (the same numbers: ``torch.func``
+    has no sparse gradients)."""
     held = [(mod, attr, p) for mod in model.modules() for attr, p in mod.named_parameters(recurse=False)]
+    sparse = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+    for m in sparse:
+        m.sparse = False
     try:
         yield
     finally:
+        for m in sparse:
+            m.sparse = True
         for mod, attr, p in held:
             if mod._parameters.get(attr) is not p:
                 mod._parameters[attr] = p
@@ -208,6 +215,11 @@ def _check_model_inputs(inputs: Any, params: list[Tensor], what: str = "inputs")
     if not params:
         raise InvalidArgumentError("the model has no trainable parameters")
     dtype, device = params[0].dtype, params[0].device
+    if "meta" in (device.type, inputs.device.type):
+        raise InvalidArgumentError(
+            f"the {'model' if device.type == 'meta' else what} is on the meta device (no values): "
+            "materialize it first, e.g. model.to_empty(device='cpu') and initialize its parameters"
+        )
     if inputs.device != device:
         raise DtypeMismatchError(
             f"{what} are on {inputs.device}, model on {device}: move them with {what}.to({str(device)!r})"

@@ -174,14 +174,15 @@ class Laplace:
         """Linearize the model at its current parameters on the training set: ``fit(X, y)`` or
         ``fit(loader)`` (a loader's batches are concatenated into one set)."""
         X, y = _collect(data, targets)
+        # everything computed first, then assigned: a refused fit leaves the previous one whole (the
+        # operator first: its checks name a model or batch it cannot take, e.g. on the meta device)
+        op = self.curvature_cls(self.model, self.loss_fn, X, y)
         if self._ignore is not None and not y.is_floating_point() and bool((y == self._ignore).any()):
             raise InvalidArgumentError(
                 f"the likelihood CrossEntropyLoss(ignore_index={self._ignore}) ignores "
                 f"{int((y == self._ignore).sum())} of these targets, which the Laplace likelihood would "
                 "count: drop those examples from the data"
             )
-        # everything computed first, then assigned: a refused fit leaves the previous one whole
-        op = self.curvature_cls(self.model, self.loss_fn, X, y)
         mean = torch.cat([p.detach().reshape(-1) for p in self.model.parameters() if p.requires_grad])
         prior_mean = self._check_prior_mean(self.prior_mean, mean.numel())  # requires_grad may change
         with torch.no_grad():

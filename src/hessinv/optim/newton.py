@@ -72,7 +72,7 @@ import torch
 from torch import Tensor, nn
 
 from hessinv import linalg
-from hessinv.chain import Chain, _tensor
+from hessinv.chain import Chain, _tensor, dense_grad
 from hessinv.curvature import CurvatureOperator, curvature_class, factorization_flops, normalize_curvature
 from hessinv.errors import HessinvError, InvalidArgumentError, NonFiniteError, SingularError
 from hessinv.optim.damping import DampingRule, FixedDamping, LevenbergMarquardt, Sweeps
@@ -869,7 +869,7 @@ class Newton(torch.optim.Optimizer):
             raise InvalidArgumentError(
                 "the closure must call backward() on the loss: some parameters have no .grad"
             )
-        g = torch.cat([p.grad.reshape(-1) for p in self.chain.params]).detach()
+        g = torch.cat([dense_grad(p.grad).reshape(-1) for p in self.chain.params]).detach()
         # (a closure may return None, as torch.optim allows: the batch loss is then computed)
         loss_t = (
             None
@@ -967,7 +967,7 @@ class Newton(torch.optim.Optimizer):
         with torch.enable_grad():
             loss = self._batch_loss(inputs, targets)
             grads = torch.autograd.grad(loss, self.chain.params)
-        return loss.detach(), torch.cat([gr.reshape(-1) for gr in grads])
+        return loss.detach(), torch.cat([dense_grad(gr).reshape(-1) for gr in grads])
 
     @torch.no_grad()
     def _step_trust_region(self, inputs: Tensor, targets: Tensor) -> Tensor:

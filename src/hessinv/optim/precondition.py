@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from hessinv import linalg
-from hessinv.chain import Chain, LossFn, _tensor
+from hessinv.chain import Chain, LossFn, _tensor, dense_grad
 from hessinv.curvature import GaussNewton, Hessian, normalize_curvature
 from hessinv.errors import InvalidArgumentError, NonFiniteError, NotFittedError, ShapeMismatchError
 from hessinv.lowrank import WoodburyFactor
@@ -829,7 +829,10 @@ class Preconditioner:
                 "targets)"
             )
         return torch.cat(
-            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params]
+            [
+                (dense_grad(p.grad) if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                for p in self.params
+            ]
         )
 
     @torch.no_grad()
