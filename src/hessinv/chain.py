@@ -1564,10 +1564,9 @@ class Chain:
         b = torch.ones(1, 1, 1, dtype=self.dtype, device=self.device)
         b = blocks[0].jzT(b)
         grads: list[Tensor] = []
-        # stages before the first with parameters (a frozen backbone in front of a trainable head) feed
-        # the rest fixed features: no derivative of theirs enters H, G or the gradient, and their
-        # blocks (a convolution's dense per-example Jacobians: seconds) are not formed
-        first = next((i for i, st in enumerate(self.stages) if st.p), 0)
+        # (no blocks before the first stage with parameters: a convolution's dense per-example Jacobians
+        # in a frozen backbone took seconds)
+        first = self._first_with_parameters()
         for s, z_in in zip(reversed(self.stages[first:]), reversed(zs[first:-1]), strict=True):
             with torch.no_grad():
                 if ce is not None and s is self.stages[-1]:  # the LogSoftmax, moved into the loss
@@ -1622,11 +1621,18 @@ class Chain:
             lambda: self._per_example_rows(first.pop() if first else self.forward(inputs), b0)
         )
 
+    def _first_with_parameters(self) -> int:
+        """The first stage with parameters: the stages before it (a frozen backbone in front of a
+        trainable head) only transform the inputs -- nothing upstream of them varies -- so no derivative
+        of theirs enters H, G or any gradient, and their blocks are never formed."""
+        return next((i for i, st in enumerate(self.stages) if st.p), 0)
+
     def _per_example_rows(self, zs: list[Tensor], b: Tensor) -> Tensor | None:
         rows = b.new_empty(b.shape[0], self.num_params)
         end = self.num_params
+        first = self._first_with_parameters()  # (a frozen backbone before it: no rows, no blocks)
         with torch.no_grad():
-            for s, z_in in zip(reversed(self.stages), reversed(zs[:-1]), strict=True):
+            for s, z_in in zip(reversed(self.stages[first:]), reversed(zs[first:-1]), strict=True):
                 # keeping examples apart is probed on a generic stage's dense form
                 blk = self._stage_blocks(s, z_in, b, False, dense=True)
                 if not blk.per_example:
