@@ -2142,8 +2142,12 @@ class WoodburyFactorization(Factorization):
     log|det K|`` cancels: 0.26 off at one ``D_j = 1e-17`` among 0.1s; a uniformly small ``D`` is no
     trouble), and for the factorization itself where ``K`` is singular to working precision without it
     (a tiny negative ``D_j``) -- :meth:`logdet` takes this route only where ``K`` is ill-conditioned and
-    ``n`` is above the dense LU's limit. A zero entry whose column of ``G`` is zero is a
-    :class:`SingularError`. A zero damping of the number kind is the Riccati sweep's (``method="auto"``).
+    ``n`` is above the dense LU's limit. Where ``K`` stays singular to working precision even so
+    (``cond(K)`` is not ``cond(G + D)``: zero entries of ``D`` at 1e-6 ``||G||`` made a float64 ``K``
+    singular at ``cond(G + D) = 3.6e11``), ``G + D`` is factored densely instead for ``n <=``
+    :data:`DENSE_FALLBACK_N` (float64 ``eigh``, :meth:`_factor_dense`) and every method answers from that;
+    larger systems are refused. A zero entry whose column of ``G`` is zero is a :class:`SingularError`.
+    A zero damping of the number kind is the Riccati sweep's (``method="auto"``).
     Same interface as :class:`Factorization` (``solve`` with refinement, ``inertia``,
     ``positive_definite``, ``logdet``).
     """
@@ -2194,41 +2198,81 @@ class WoodburyFactorization(Factorization):
                 U, S, D = _undamped_rows(U, S, damping, zero, gjj, Dd)
         self._f64: Factorization | None = None
         self._apart: WoodburyFactor | None = None  # (see _solver)
+        self._dense: Tensor | None = None  # G + D in float64: a solve's dense LU fallback, _factor_dense's
+        self._dense_sld: tuple[float, float] | None = None
+        self._eig: tuple[Tensor, Tensor] | None = None  # (eigenvalues, eigenvectors) of it (_factor_dense)
+        self.woodbury: WoodburyFactor | None  # None where the dense factorization answers (_refactor)
         try:
             self.woodbury = WoodburyFactor(U, S, D)
         except SingularError:
             self.woodbury = self._refactor(op, damping)
-        self.inertia, self.positive_definite = self.woodbury.inertia, self.woodbury.positive_definite
         self.factors, self.modified = None, False
         self.perturbed: dict[int, int] = {}
-        self.inertia_certified = True  # Haynsworth's inertia additivity: exact, nothing perturbed
         self.last_info = None
-        self._dense = None  # G + D in float64, where a solve falls back to a dense LU
-        self._dense_sld = None
+        if self._twin_only:  # the float64 twin's counts (its own Woodbury or dense factorization)
+            twin = self._float64()
+            self.inertia, self.positive_definite = twin.inertia, twin.positive_definite
+            self.inertia_certified = twin.inertia_certified
+        elif self.woodbury is not None:
+            self.inertia, self.positive_definite = self.woodbury.inertia, self.woodbury.positive_definite
+            self.inertia_certified = True  # Haynsworth's inertia additivity: exact, nothing perturbed
+        else:
+            assert self._eig is not None
+            neg = int((self._eig[0] < 0).sum())
+            self.inertia, self.positive_definite = Inertia(neg, 0, op.shape[0] - neg), neg == 0
+            self.inertia_certified = True  # every |eigenvalue| beyond n u ||G + D||: Weyl (_factor_dense)
 
-    def _refactor(self, op: GaussNewton, damping: float | Tensor) -> WoodburyFactor:
+    def _refactor(self, op: GaussNewton, damping: float | Tensor) -> WoodburyFactor | None:
         """The factorization where ``K`` was singular to working precision: with the tiny entries of ``D``
-        factored apart (``K`` holds no ``1 / D_j`` then); below float64, failing that, the float64 twin's
-        (``U`` is rounded to the model dtype, and so are ``K``'s small eigenvalues, whose size is not
-        ``G + D``'s: a float32 ``K`` was refused at ``cond(G + D) = 3e4``) -- solves, inertia and
-        log-det then come from the twin (``_twin_only``). :class:`SingularError` where that fails too."""
+        factored apart (``K`` holds no ``1 / D_j`` then); failing that, in float64 the dense one
+        (:meth:`_factor_dense`; None is returned), below float64 the float64 twin's (``U`` is rounded to
+        the model dtype, and so are ``K``'s small eigenvalues, whose size is not ``G + D``'s: a float32
+        ``K`` was refused at ``cond(G + D) = 3e4``) -- solves, inertia and log-det then come from the twin
+        (``_twin_only``; its ``woodbury``, None where the twin is dense). :class:`SingularError` where
+        that fails too."""
         if self._small is not None and self._small[0].numel() <= ZERO_DAMPING_MAX:
             try:
                 W = self._factor_apart()
                 self._small = None  # (its logdet is the accurate one)
                 return W
             except SingularError:
-                if op.dtype == torch.float64:
-                    raise
+                pass
         if op.dtype == torch.float64:
-            raise SingularError(
-                "D + G is singular to working precision (its Woodbury capacitance matrix is); choose "
-                "another damping"
-            )
+            self._factor_dense()
+            return None
         twin = self._float64()
         self._twin_only = True
         assert isinstance(twin, WoodburyFactorization)
         return twin.woodbury
+
+    def _factor_dense(self) -> None:
+        """``G + D = V diag(lam) V^T`` by a dense float64 ``eigh`` (``G`` formed by ``n`` products), for
+        where ``K`` is singular to working precision while ``G + D`` need not be: sets ``_eig`` and
+        ``_dense_sld``. :class:`SingularError` where ``G + D`` is singular to working precision itself --
+        its smallest ``|lam|`` at most ``n u max|lam|`` (``eigh`` is backward stable: beyond that every
+        computed sign is exact, Weyl) -- or where ``n`` is above :data:`DENSE_FALLBACK_N`."""
+        n = self.op.shape[0]
+        if n > DENSE_FALLBACK_N:
+            raise SingularError(
+                "the Woodbury capacitance matrix K = S + U D^-1 U^T of G + D is singular to working "
+                "precision (with D's zero and outlying small entries factored apart too); cond(K) is "
+                "not cond(G + D), which may be nonsingular, but n = "
+                f"{n} is above the dense fallback's {DENSE_FALLBACK_N}: give the zero (or tiny) entries "
+                "of the per-parameter damping a small positive value (e.g. 1e-8 of G's diagonal there)"
+            )
+        A = self._dense_matrix()
+        lam, V = torch.linalg.eigh(0.5 * (A + A.mT))
+        top, low = float(lam.abs().max()), float(lam.abs().min())
+        if not low > n * torch.finfo(torch.float64).eps * top:  # also NaN, and G + D = 0
+            raise SingularError(
+                f"G + D is singular to working precision: its smallest |eigenvalue| is {low:.3g} against "
+                f"||G + D|| = {top:.3g} (n = {n}; a dense float64 eigendecomposition, as the Woodbury "
+                "capacitance matrix is singular too); give the parameters with zero or tiny damping a "
+                "damping > 0, or a larger one"
+            )
+        self._eig = (lam, V)
+        neg = int((lam < 0).sum())
+        self._dense_sld = (-1.0 if neg % 2 else 1.0), float(lam.abs().log().sum())
 
     def _factor_apart(self) -> WoodburyFactor:
         """``G + D`` factored with the entries of ``_small`` apart (``D_j + c_j`` and rows ``-c_j e_j``)."""
@@ -2243,6 +2287,7 @@ class WoodburyFactorization(Factorization):
         single solve is good to about ``u cond(K)``, and ``K`` holds ``1 / D_j``: at one ``D_j = 1e-15``
         among 0.024s (``cond(G + D) = 3e7``) its relative residual was 1e-5, and refinement and GMRES stalled
         with a forward error of 1e-10; factored apart, 2e-10 and 5e-12."""
+        assert self.woodbury is not None  # (the dense factorization answers without it)
         if self._apart is None:
             self._apart = self.woodbury
             if self._small is not None and self._small[0].numel() <= self.woodbury.rank + SMALL_DAMPING_ROWS:
@@ -2255,6 +2300,9 @@ class WoodburyFactorization(Factorization):
     def _raw(self, R: Tensor) -> Tensor:
         if self._twin_only:
             return super()._raw(R)
+        if self._eig is not None:  # the dense factorization (_factor_dense): V diag(1 / lam) V^T R
+            lam, V = self._eig
+            return (V @ ((V.mT @ R.to(V.dtype)) / lam[:, None])).to(R.dtype)
         return self._solver().solve(R)
 
     def _float64(self) -> Factorization:
@@ -2274,10 +2322,14 @@ class WoodburyFactorization(Factorization):
         """``log|det(G + D)| = log|det D| + log|det K|``: from the float64 twin for a float32 operator
         (its root is float32-accurate only); where ``K`` is ill-conditioned (``r u cond(K) > 1e-10``: the
         sum cancels) by a dense float64 LU for ``n <=`` :data:`DENSE_FALLBACK_N`, else with the outlying
-        entries factored apart (class docstring)."""
+        entries factored apart (class docstring); from the eigenvalues where ``G + D`` was factored
+        densely (:meth:`_factor_dense`)."""
         if self.op.dtype != torch.float64:
             return self._float64().logdet()
         W = self.woodbury
+        if W is None:
+            assert self._dense_sld is not None
+            return self._dense_sld[1]
         if W.rank * torch.finfo(torch.float64).eps * W.k_cond <= 1e-10:
             return W.logdet()
         if self.op.shape[0] <= DENSE_FALLBACK_N:
