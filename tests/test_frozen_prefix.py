@@ -25,6 +25,19 @@ def _model(frozen_head_layer: bool = False) -> nn.Sequential:
     return nn.Sequential(backbone, head).double()
 
 
+def _spy_stage_blocks(monkeypatch) -> list[str]:
+    """The names of the stages whose blocks are formed from now on."""
+    seen: list[str] = []
+    orig = Chain._stage_blocks
+
+    def spy(self, s, *a, **k):
+        seen.append(s.name)
+        return orig(self, s, *a, **k)
+
+    monkeypatch.setattr(Chain, "_stage_blocks", spy)
+    return seen
+
+
 def _batch():
     g = torch.Generator().manual_seed(1)
     return torch.randn(7, 3, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (7,), generator=g)
@@ -36,14 +49,7 @@ def test_frozen_backbone_hessian_gauss_newton_solve_and_inertia(frozen_head_laye
     X, y = _batch()
     g_ref, H_ref = autograd_gradient_hessian(model, ce, X, y)
     G_ref = autograd_gauss_newton(model, ce, X, y)
-    linearized = []
-    orig = Chain._stage_blocks
-
-    def spy(self, s, *a, **k):
-        linearized.append(s.name)
-        return orig(self, s, *a, **k)
-
-    monkeypatch.setattr(Chain, "_stage_blocks", spy)
+    linearized = _spy_stage_blocks(monkeypatch)
     H = hessinv.hessian(model, ce, X, y)
     assert linearized and not any("Conv" in name or "Pool" in name for name in linearized), linearized
     n = H.shape[0]
@@ -88,14 +94,7 @@ def test_frozen_backbone_per_example_gradients(monkeypatch):
 
     model, ce = _model(), nn.CrossEntropyLoss()
     X, y = _batch()
-    seen = []
-    orig = Chain._stage_blocks
-
-    def spy(self, s, *a, **k):
-        seen.append(s.name)
-        return orig(self, s, *a, **k)
-
-    monkeypatch.setattr(Chain, "_stage_blocks", spy)
+    seen = _spy_stage_blocks(monkeypatch)
     G = per_example_gradients(model, ce, X, y)
     assert seen and not any("Conv" in name or "Pool" in name for name in seen), seen
     assert torch.allclose(G, autograd_per_example_gradients(model, ce, X, y), atol=1e-14)
