@@ -1567,6 +1567,13 @@ class Chain:
         # (no blocks before the first stage with parameters: a convolution's dense per-example Jacobians
         # in a frozen backbone took seconds)
         first = self._first_with_parameters()
+        mixing = self._prefix_mixing_stage(zs, first)
+        if mixing is not None:
+            raise UnsupportedStageError(
+                f"{mixing.name} mixes examples: its output for an example depends on the others in the "
+                "batch; make it act on each example alone, or compute it outside the model and pass the "
+                "result as the inputs"
+            )
         for s, z_in in zip(reversed(self.stages[first:]), reversed(zs[first:-1]), strict=True):
             with torch.no_grad():
                 if ce is not None and s is self.stages[-1]:  # the LogSoftmax, moved into the loss
@@ -1627,10 +1634,39 @@ class Chain:
         of theirs enters H, G or any gradient, and their blocks are never formed."""
         return next((i for i, st in enumerate(self.stages) if st.p), 0)
 
+    def _prefix_mixing_stage(self, zs: list[Tensor], first: int) -> Stage | None:
+        """The first of the stages before ``first`` (no blocks, so no probe of theirs) whose output for an
+        example depends on other examples (``x - x.mean(0)``), or None: the batch in two halves must
+        give the same outputs as the whole. hessinv takes the loss as a sum over examples, each through
+        the model alone (per-example gradients, influence, curvature sub-batches)."""
+        B = int(zs[0].shape[0]) if zs[0].dim() else 0
+        if not first or B < 2:
+            return None
+        halves = [zs[0][: B // 2], zs[0][B // 2 :]]
+        for s, ref in zip(self.stages[:first], zs[1 : first + 1], strict=True):
+            try:
+                with torch.no_grad():
+                    halves = [s.forward(h) for h in halves]
+                out = torch.cat(halves)
+            except Exception:  # noqa: BLE001 - a stage that cannot take part of the batch
+                return s
+            if out.shape != ref.shape or out.dtype != ref.dtype:
+                return s
+            if not ref.is_floating_point():
+                if not torch.equal(out, ref):
+                    return s
+                continue
+            tol = math.sqrt(torch.finfo(ref.dtype).eps)  # (batch-size-dependent kernels round differently)
+            if not torch.allclose(out, ref, rtol=tol, atol=tol * float(ref.abs().max())):
+                return s
+        return None
+
     def _per_example_rows(self, zs: list[Tensor], b: Tensor) -> Tensor | None:
         rows = b.new_empty(b.shape[0], self.num_params)
         end = self.num_params
         first = self._first_with_parameters()  # (a frozen backbone before it: no rows, no blocks)
+        if self._prefix_mixing_stage(zs, first) is not None:
+            return None  # (the caller's per-example route: each example through the model alone)
         with torch.no_grad():
             for s, z_in in zip(reversed(self.stages[first:]), reversed(zs[first:-1]), strict=True):
                 # keeping examples apart is probed on a generic stage's dense form

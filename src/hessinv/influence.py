@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from hessinv.chain import Chain, LossFn, check_real
+from hessinv.chain import Chain, LossFn, check_real, dense_grad
 from hessinv.curvature import CurvatureOperator, Factorization, check_precision, curvature_class
 from hessinv.errors import (
     DtypeMismatchError,
@@ -170,8 +170,13 @@ def per_example_gradients(
         return loss_fn(functional_call(model, p, (x[None],), tie_weights=False), t[None])
 
     g = vmap(grad(loss), in_dims=(None, 0, 0))
-    with _left_intact(model):
-        return _chunked(lambda X, y: _flatten(g(values, X, y), slots, params, 1), inputs, targets, chunk)
+    try:
+        with _left_intact(model):
+            return _chunked(lambda X, y: _flatten(g(values, X, y), slots, params, 1), inputs, targets, chunk)
+    except RuntimeError as e:  # vmap cannot run it (data-dependent control flow): one example at a time
+        return _one_at_a_time(
+            e, model, params, inputs, lambda o, i: loss_fn(o, targets[i : i + 1]).reshape(1)
+        )[:, 0]
 
 
 def _per_example_chain(
@@ -202,8 +207,42 @@ def output_jacobians(model: nn.Module, inputs: Tensor, chunk: int = 1024) -> Ten
         return functional_call(model, p, (x[None],), tie_weights=False)[0].reshape(-1)
 
     J = vmap(jacrev(out), in_dims=(None, 0))
-    with _left_intact(model):
-        return _chunked(lambda X, _: _flatten(J(values, X), slots, params, 2), inputs, inputs, chunk)
+    try:
+        with _left_intact(model):
+            return _chunked(lambda X, _: _flatten(J(values, X), slots, params, 2), inputs, inputs, chunk)
+    except RuntimeError as e:  # vmap cannot run it (data-dependent control flow): one example at a time
+        return _one_at_a_time(e, model, params, inputs, lambda o, i: o.reshape(-1))
+
+
+def _one_at_a_time(
+    err: RuntimeError,
+    model: nn.Module,
+    params: list[Tensor],
+    inputs: Tensor,
+    values: Callable[[Tensor, int], Tensor],
+) -> Tensor:
+    """``(N, k, n)``: the gradients of the ``k`` numbers ``values(model(x_i[None]), i)`` by plain
+    autograd, one example and one value at a time -- where ``vmap`` cannot run the model (an ``if`` on
+    a tensor's value); ``err`` (vmap's) is raised again where vmap was not the cause."""
+    if "vmap" not in str(err) and "data-dependent" not in str(err):
+        raise err
+    rows = []
+    with torch.enable_grad():
+        for i in range(len(inputs)):
+            v = values(model(inputs[i : i + 1]), i)
+            per_value = []
+            for c in range(v.numel()):
+                gs = torch.autograd.grad(v[c], params, retain_graph=True, allow_unused=True)
+                per_value.append(
+                    torch.cat(
+                        [
+                            dense_grad(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                            for g, p in zip(gs, params, strict=True)
+                        ]
+                    )
+                )
+            rows.append(torch.stack(per_value))
+    return torch.stack(rows).detach()
 
 
 def _check_model_inputs(inputs: Any, params: list[Tensor], what: str = "inputs") -> None:

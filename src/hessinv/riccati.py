@@ -494,6 +494,7 @@ class LowRankPivot:
         hscale: float = 0.0,
     ):
         self.Qz, self.C, self.p, self.eps = Qz, C, p, damping
+        self.c_exp = 0  # the C passed is 2^-c_exp times the true one (RiccatiBlocks.lowrank)
         r = A.shape[0]
         top = float((A.diagonal() + damping).abs().max()) if r else 0.0  # ~ max |eigenvalue| if PD
         self.inner = Pivot(
@@ -580,7 +581,7 @@ class LowRankPivot:
         S = self.inner.schur(Qzz, self._UT(Qxz), overwrite)
         if self.C is None:
             return S
-        S.sub_(self.C, alpha=1.0 / self.eps)
+        S.sub_(self.C, alpha=math.ldexp(1.0 / self.eps, self.c_exp))
         return flush_negligible(S, _diagmax(S), inplace=True)
 
 
@@ -866,10 +867,11 @@ def riccati_factor(
             Sigma = rb.Qzz
             continue
         if rb.lowrank is not None:
-            Qz, A, C = rb.lowrank
+            Qz, A, C, c_exp = rb.lowrank
             piv: Pivot | LowRankPivot = LowRankPivot(
                 Qz, A, C, blk.p, l, names[l], damping, strict, perturb, cholesky_first, modify, scale, hscale
             )
+            piv.c_exp = c_exp
         else:
             piv = Pivot(
                 _shifted(rb.Qxx0, damping, overwrite=True),

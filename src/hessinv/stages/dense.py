@@ -30,6 +30,7 @@ in it (:meth:`DenseLayerBlocks.riccati_native`, :attr:`RiccatiBlocks.order`).
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import Tensor, nn
@@ -480,11 +481,16 @@ class DenseLayerBlocks(Blocks):
             T = (Rz @ M.view(B, d * a)).view(a, B, d)  # [(b,i), n', i'] = sum_n Rz[b,n] M[n,i,n',i']
             # Qxz = Jt^T M Wb + E, (I - U U^T) Jt^T = 0, so (I - U U^T) Qxz = (Pi (x) I) E with
             # Pi = I - Qz Qz^T, and C = Qxz^T (I - U U^T) Qxz = [(n,c),(n',c')] (bsp bsp^T)[n,n'] Pi[c,c']
-            C = None
+            C, e = None, 0
             if coupled and self.bsp is not None:
                 Pi = (torch.eye(m1, dtype=zt.dtype, device=zt.device) - Qz @ Qz.T)[:m, :m]
-                C = ((self.bsp @ self.bsp.T)[:, None, :, None] * Pi[None, :, None, :]).reshape(B * m, B * m)
-            low = (Qz, torch.matmul(Rz, T).view(a, a), C)
+                # bsp scaled by 2^-e to entries below 1 first (exact): bsp bsp^T is a product of two
+                # Hessian-scale numbers, subnormal or 0 at a loss scaled by 1e-155 (the inertia was off)
+                top = float(self.bsp.abs().max())
+                e = math.frexp(top)[1] if 0.0 < top < math.inf else 0
+                bs = torch.ldexp(self.bsp, torch.tensor(-e, device=zt.device)) if e else self.bsp
+                C = ((bs @ bs.T)[:, None, :, None] * Pi[None, :, None, :]).reshape(B * m, B * m)
+            low = (Qz, torch.matmul(Rz, T).view(a, a), C, 2 * e)
             Qxx = None
         else:
             # Qxx0[(l,q),(j,i)] = sum_{n',n} zt[n',l] M[n',q,n,i] zt[n,j]

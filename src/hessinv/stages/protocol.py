@@ -58,8 +58,9 @@ class RiccatiBlocks:
     The sweep takes ownership: it may overwrite ``Qxx0``, ``Qzz`` and the ``A`` of ``lowrank`` in
     place, so return fresh tensors (``Qzz`` may be the ``Sigma`` passed in, which is never overwritten).
 
-    ``lowrank``: when not None, ``(Qz, A, C)`` with ``Qxx0 = U A U^T``, ``U = Qz (x) I`` (``Qz`` with
-    orthonormal columns, ``A`` of size ``r < p``) and ``C = Qxz^T (I - U U^T) Qxz`` (None: zero), and
+    ``lowrank``: when not None, ``(Qz, A, C, e)`` with ``Qxx0 = U A U^T``, ``U = Qz (x) I`` (``Qz`` with
+    orthonormal columns, ``A`` of size ``r < p``) and ``2^e C = Qxz^T (I - U U^T) Qxz`` (None: zero;
+    ``C`` kept scaled by a power of two, as the true one can underflow at tiny Hessian scales), and
     ``Qxx0`` is None: the sweep factors the pivot through ``eps I_r + A``
     (:class:`hessinv.riccati.LowRankPivot`).
     """
@@ -69,7 +70,7 @@ class RiccatiBlocks:
     Qzz: Tensor | None
     order: Tensor | None = None
     inverse: Tensor | None = None
-    lowrank: tuple[Tensor, Tensor, Tensor | None] | None = None
+    lowrank: tuple[Tensor, Tensor, Tensor | None, int] | None = None
 
 
 class Blocks(abc.ABC):
