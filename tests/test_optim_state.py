@@ -282,3 +282,41 @@ def test_a_scheduler_stepped_on_every_rank_is_the_single_process_run(drift_resul
         opt.step(X[t * Bg : (t + 1) * Bg], y[t * Bg : (t + 1) * Bg])
         sched.step()
     torch.testing.assert_close(got, _flat(model), rtol=1e-9, atol=1e-12)
+
+
+def test_precondition_state_loads_whatever_the_unused_trust_region_curvature():
+    """mode='precondition' never uses the trust region: a state saved with the default curvature loads
+    into an optimizer built with curvature='gauss_newton' (it was refused) and resumes identically; a
+    state whose mode may still use the trust region keeps being compared."""
+    from torch import nn
+
+    import hessinv.optim as ho
+    from hessinv.errors import InvalidArgumentError
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    m = make()
+    opt = ho.Newton(m, nn.CrossEntropyLoss(), mode="precondition", seed=0)
+    for i in range(3):
+        opt.step(X[16 * i : 16 * i + 16], y[16 * i : 16 * i + 16])
+    sd = opt.state_dict()
+    copies = []
+    for kw in ({}, {"curvature": "gauss_newton"}):
+        m2 = make()
+        m2.load_state_dict(m.state_dict())
+        o2 = ho.Newton(m2, nn.CrossEntropyLoss(), mode="precondition", seed=0, **kw)
+        o2.load_state_dict(sd)
+        o2.step(X[48:], y[48:])
+        copies.append(torch.cat([p.detach().reshape(-1) for p in m2.parameters()]))
+    assert torch.equal(copies[0], copies[1])
+    m3 = make()
+    o3 = ho.Newton(m3, nn.CrossEntropyLoss(), seed=0)  # auto: the trust region may still be used
+    o3.step(X[:16], y[:16])
+    o4 = ho.Newton(make(), nn.CrossEntropyLoss(), seed=0, curvature="gauss_newton")
+    with pytest.raises(InvalidArgumentError, match="curvature"):
+        o4.load_state_dict(o3.state_dict())

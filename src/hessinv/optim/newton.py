@@ -504,7 +504,10 @@ class Newton(torch.optim.Optimizer):
         ns = sd.pop("newton", None)
         if not isinstance(ns, dict) or not {"step", "rule", "rng"} <= set(ns):
             raise InvalidArgumentError("not a Newton optimizer state dict (no 'newton' entry)")
-        if ns.get("curvature") != self.curvature or ns.get("damping") != self.rule.name:
+        # (a state in precondition mode stays there -- only "auto" or a trust region from it changes mode --
+        # so the trust region's curvature and damping rule are never used again: not compared)
+        tr_used = ns.get("mode", "trust-region") != "precondition"
+        if tr_used and (ns.get("curvature") != self.curvature or ns.get("damping") != self.rule.name):
             raise InvalidArgumentError(
                 f"state dict is for curvature={ns.get('curvature')!r}, damping={ns.get('damping')!r}; "
                 f"this optimizer has curvature={self.curvature!r}, damping={self.rule.name!r}"
