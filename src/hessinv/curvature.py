@@ -2277,7 +2277,7 @@ class WoodburyFactorization(Factorization):
     def _factor_apart(self) -> WoodburyFactor:
         """``G + D`` factored with the entries of ``_small`` apart (``D_j + c_j`` and rows ``-c_j e_j``)."""
         assert self._small is not None
-        idx, gjj, Dd = self._small[:3]
+        idx, gjj, Dd = self._small
         U, S = self.op.root()
         return WoodburyFactor(*_undamped_rows(U, S, self.damping, idx, gjj, Dd))
 

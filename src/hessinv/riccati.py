@@ -492,9 +492,10 @@ class LowRankPivot:
         modify: bool = False,
         scale: float = 0.0,
         hscale: float = 0.0,
+        c_exp: int = 0,
     ):
         self.Qz, self.C, self.p, self.eps = Qz, C, p, damping
-        self.c_exp = 0  # the C passed is 2^-c_exp times the true one (RiccatiBlocks.lowrank)
+        self.c_exp = c_exp  # the C passed is 2^-c_exp times the true one (RiccatiBlocks.lowrank)
         r = A.shape[0]
         top = float((A.diagonal() + damping).abs().max()) if r else 0.0  # ~ max |eigenvalue| if PD
         self.inner = Pivot(
@@ -869,9 +870,9 @@ def riccati_factor(
         if rb.lowrank is not None:
             Qz, A, C, c_exp = rb.lowrank
             piv: Pivot | LowRankPivot = LowRankPivot(
-                Qz, A, C, blk.p, l, names[l], damping, strict, perturb, cholesky_first, modify, scale, hscale
-            )
-            piv.c_exp = c_exp
+                Qz, A, C, blk.p, l, names[l], damping, strict, perturb, cholesky_first, modify, scale, hscale,
+                c_exp,
+            )  # fmt: skip
         else:
             piv = Pivot(
                 _shifted(rb.Qxx0, damping, overwrite=True),
