@@ -506,7 +506,7 @@ class Preconditioner:
         damping: float = 500.0,
         curvature_batch_size: int = 8,
         refresh: int = 10,
-        beta2: float = 0.99,
+        beta2: float = 0.95,
         eps: float = 1e-8,
         warmup: int = 20,
         stale_ratio: float = 2.0,
