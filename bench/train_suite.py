@@ -163,8 +163,10 @@ HESSINV_VARIANTS: dict[str, dict[str, Any]] = {
     "hessinv-hessian": {"mode": "precondition", "curvature": "hessian", "damping": 1.0},
     # the full-batch trust region used on mini-batches (the default before the amortized mode)
     "hessinv-tr": {"mode": "trust-region", "curvature_batch_size": 16},
-    # the default until 2026-12-03: delta = 500, no step limit
-    "hessinv-d500": {"diagonal_damping": 500.0, "max_relative_step": None},
+    # the default until 2026-12-03: delta = 500, no step limit, beta2 = 0.99
+    "hessinv-d500": {"diagonal_damping": 500.0, "max_relative_step": None, "beta2": 0.99},
+    # the default of 2026-12-03: delta = 200, a per-stage step budget 0.05, beta2 = 0.99
+    "hessinv-1203": {"max_relative_step": 0.05, "beta2": 0.99},
     "hessinv-d100": {"diagonal_damping": 100.0},
     "hessinv-d200": {"diagonal_damping": 200.0},
     "hessinv-d300": {"diagonal_damping": 300.0},
