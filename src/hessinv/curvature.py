@@ -1798,14 +1798,14 @@ class Factorization:
                 # xGERFS stops there too); a further step (a sweep and a product) would buy noise
                 break
             if low and slow and rel > 1e-12:
-                # a float32 sweep contracting by less than 10x per step (cond u32 >~ 0.1): the steps
-                # left (a sweep and a float64 product each) cost more than the float64 factorization
+                # a float32 sweep contracting by less than 10x per step (cond u32 >~ 0.1): GMRES with it
+                # as preconditioner (below) needs fewer sweeps and float64 products than the steps left
                 stalled = True
                 break
         its = 0
         # refinement stalled above float64 accuracy, ran out of steps, or is slow on a perturbed
-        # factorization (a preconditioner by design): flexible GMRES, with F as preconditioner. Below
-        # float64 the float64 factorization takes over instead (a sweep per GMRES iteration costs more)
+        # factorization (a preconditioner by design): flexible GMRES, with F as preconditioner (a
+        # sweep below float64: the capped GMRES below, then the float64 twin)
         if not low and (stalled or self.perturbed or steps >= max_refine) and rel > krylov_above:
             for j in range(X64.shape[1]):
                 if float(res[:, j].norm() / rnorm[j]) <= krylov_above:
@@ -1821,9 +1821,33 @@ class Factorization:
                 )
                 X64[:, j], its = x, its + k
             res, rel = residual(X64)
+        if rel > 1e-12 and low and self._f64 is None:
+            # refinement by a float32 sweep slow, stalled or out of steps (cond(H + eps I) u32 >~ 0.1):
+            # flexible GMRES on the float64 operator, preconditioned by the sweep, still converges in a
+            # few iterations (GMRES-IR, Carson & Higham 2018); capped per column below the cost of the
+            # float64 twin it spares, and stopped early where its rate cannot reach 1e-13 in twice the
+            # cap (LOW_GMRES_ITERATIONS). A column left above 1e-12 hands every column over
+            ncol = X64.shape[1]
+            for j in range(ncol):
+                if float(res[:, j].norm() / rnorm[j]) <= krylov_above:
+                    continue
+                x, k = fgmres(
+                    apply,
+                    lambda v: self._raw(v.to(dtype)).double(),
+                    R64[:, j],
+                    X64[:, j],
+                    krylov_above,
+                    LOW_GMRES_ITERATIONS,
+                    1,
+                    give_up=True,
+                )
+                X64[:, j], its = x, its + k
+                if j + 1 < ncol and float((R64[:, j] - apply(x[:, None])[:, 0]).norm() / rnorm[j]) > 1e-12:
+                    break
+            res, rel = residual(X64)
         if rel > 1e-12 and low:
-            # a float32 factorization too inaccurate to precondition (cond(H + eps I) u32 >~ 0.1): solve
-            # with the float64 twin's factorization instead (factored once, kept)
+            # a float32 factorization too inaccurate to precondition even GMRES (or one whose float64
+            # twin is already factored): solve with the float64 twin's factorization (factored once, kept)
             X2, info2 = self._float64()._solve64(R64, max_refine, float64=True)
             if info2.residual < rel:
                 return X2, SolveInfo(
@@ -2026,6 +2050,12 @@ def _pow2_scale(R: Tensor) -> Tensor:
 #: ``H + eps I`` (formed once by ``n`` products) where ``n`` is at most :data:`DENSE_FALLBACK_N`.
 DENSE_FALLBACK_ABOVE = 1e-8
 DENSE_FALLBACK_N = 2048
+#: Flexible GMRES iterations per column (one cycle) where a float32 sweep's refinement is slow, before
+#: the float64 twin is factored instead. Each is a float32 sweep plus a float64 product, measured at
+#: 1/11 to 1/17 of the twin's factorization and refined solve (kaiming tanh chains, eps 1, w 12-32, L
+#: 16-64); on 36 such chains GMRES ran in 17, converged in 1-11 iterations in 16, and gave up on the
+#: 17th after 3 (fgmres's give_up: its rate needed over 24), where 12 cost as much as the twin.
+LOW_GMRES_ITERATIONS = 12
 
 
 def fgmres(
@@ -2036,11 +2066,14 @@ def fgmres(
     tol: float,
     restart: int = 30,
     max_restarts: int = 4,
+    give_up: bool = False,
 ) -> tuple[Tensor, int]:
     """Flexible GMRES (Saad 1993) for ``A x = b``, right-preconditioned by ``precond`` (which may be
     inexact, e.g. a float32 sweep): minimizes ``|b - A x|`` over ``x0 + span(Z)``, ``z_j = M^{-1} v_j``.
     Stops at relative residual ``tol``, on stagnation, or after ``max_restarts`` cycles of ``restart``
-    iterations. Returns ``x`` and the number of iterations (one ``precond`` and one ``apply`` each)."""
+    iterations; with ``give_up``, also from the third iteration on where the residual's geometric rate
+    so far would need over ``2 restart`` iterations to reach ``tol``. Returns ``x`` and the number of
+    iterations (one ``precond`` and one ``apply`` each)."""
     bnorm = float(b.norm()) or 1.0
     x, total = x0.clone(), 0
     best = float("inf")
@@ -2070,6 +2103,9 @@ def fgmres(
             est = float(np.linalg.norm(e1 - Hm[: j + 2, : j + 1] @ y))
             if est / bnorm <= tol or Hm[j + 1, j] <= 1e-300:
                 break
+            if give_up and j >= 2:  # the mean contraction per iteration so far, 2 restart times
+                if math.log(tol * bnorm / beta) < 2 * restart * math.log(est / beta) / (j + 1):
+                    break
             V.append(w / Hm[j + 1, j])
         x = x + torch.stack(Z, dim=1) @ torch.as_tensor(y, dtype=x.dtype, device=x.device)
     return x, total

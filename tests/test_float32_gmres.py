@@ -1,0 +1,113 @@
+"""A float32 sweep whose refinement contracts slowly (cond(H + eps I) u32 >~ 0.1) is a preconditioner
+for flexible GMRES on the float64 operator (GMRES-IR): the solve reaches float64 accuracy without
+factoring the float64 twin (which it used to). Where capped GMRES does not get there, the twin does.
+Residuals against the float64 operator and, on the smallest case, the dense autograd Hessian."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from reference import dense_gradient_hessian
+from torch import nn
+
+import hessinv
+import hessinv.curvature as hc
+
+
+def tanh_chain(w: int, B: int, L: int, seed: int, dtype=torch.float32):
+    """Bias-free tanh chain (``L - 1`` hidden ``Linear(w, w)``, a last ``Linear(w, 10)``), kaiming-normal
+    (tanh gain), cross-entropy on a batch of ``B`` (bench/robustness.py's ``chain``)."""
+    torch.manual_seed(seed)
+    mods: list[nn.Module] = []
+    for _ in range(L - 1):
+        mods += [nn.Linear(w, w, bias=False), nn.Tanh()]
+    mods.append(nn.Linear(w, 10, bias=False))
+    model = nn.Sequential(*mods)
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="tanh")
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(B, w, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (B,), generator=g)
+    return model.to(dtype), nn.CrossEntropyLoss(), X.to(dtype), y
+
+
+def relres64(H64, eps: float, x: torch.Tensor, b: torch.Tensor) -> float:
+    """``max_j |b_j - (H + eps I) x_j| / |b_j|`` with the float64 operator."""
+    x, b = x.double().reshape(b.shape[0], -1), b.double().reshape(b.shape[0], -1)
+    r = b - (H64 @ x + eps * x)
+    return float((r.norm(dim=0) / b.norm(dim=0)).max())
+
+
+# (w, B, L, seed): the float32 sweep contracts by less than 10x per refinement step at eps = 1; each
+# factored the float64 twin before
+SLOW = [(12, 8, 16, 1), (16, 8, 16, 0), (16, 8, 16, 1), (16, 8, 32, 0), (12, 8, 32, 0)]
+
+
+@pytest.mark.parametrize("w, B, L, seed", SLOW)
+def test_slow_float32_refinement_is_finished_by_gmres(w, B, L, seed):
+    model, loss_fn, X, y = tanh_chain(w, B, L, seed)
+    H = hessinv.hessian(model, loss_fn, X, y)
+    F = H.factor(1.0)
+    assert not F.perturbed and F._f64 is None
+    x, info = F.solve(H.gradient, return_info=True)
+    assert x.dtype == torch.float32
+    assert F._f64 is None, "the float64 twin was factored"
+    assert info.residual <= 1e-12 and info.krylov_iterations > 0, info
+    assert info.krylov_iterations <= hc.LOW_GMRES_ITERATIONS
+    H64 = hessinv.hessian(model.double(), loss_fn, X.double(), y)
+    # the float64 iterate's residual is the one reported; the float32 x's is about u32 cond larger
+    assert relres64(H64, 1.0, x, H.gradient) < 1e-3
+    assert info.returned_residual == pytest.approx(relres64(H64, 1.0, x, H.gradient), rel=1e-6)
+
+
+def test_gmres_solution_against_the_dense_hessian():
+    """The smallest slow case, two right-hand sides, against ``torch.linalg.solve`` of the dense
+    autograd Hessian (float64)."""
+    model, loss_fn, X, y = tanh_chain(12, 8, 16, 1)
+    H = hessinv.hessian(model, loss_fn, X, y)
+    F = H.factor(1.0)
+    g = torch.Generator().manual_seed(3)
+    R = torch.stack([H.gradient, torch.randn(H.shape[0], generator=g)], dim=1)
+    F.solve(R, return_info=True)
+    info = F.last_info
+    assert F._f64 is None and info.residual <= 1e-12 and info.krylov_iterations > 0, info
+    g64, A = dense_gradient_hessian(model.double(), loss_fn, X.double(), y)
+    A = A + torch.eye(A.shape[0], dtype=torch.float64)
+    assert float((g64 - H.gradient.double()).norm() / g64.norm()) < 1e-5
+    # the float64 iterate itself (solve returns it rounded to float32): refine once more to read it
+    X64, info2 = F._solve64(R.double(), 5)
+    assert F._f64 is None and info2.residual <= 1e-12
+    res = (R.double() - A @ X64).norm(dim=0) / R.double().norm(dim=0)
+    assert float(res.max()) <= 1e-11
+    ref = torch.linalg.solve(A, R.double())
+    cond = float(torch.linalg.cond(A))
+    assert float(((X64 - ref).norm(dim=0) / ref.norm(dim=0)).max()) <= 1e-12 * cond
+
+
+def test_mixed_precision_slow_refinement_uses_gmres():
+    """precision="mixed" on the float64 model of a slow case: GMRES to float64 accuracy, no float64
+    factorization."""
+    model, loss_fn, X, y = tanh_chain(16, 8, 16, 0, dtype=torch.float64)
+    H = hessinv.hessian(model, loss_fn, X, y)
+    F = H.factor(1.0, precision="mixed")
+    assert isinstance(F, hessinv.MixedFactorization) and F._low is not None
+    x, info = F.solve(H.gradient, return_info=True)
+    assert F._f64 is None and info.krylov_iterations > 0, info
+    assert info.residual <= 1e-12 and relres64(H, 1.0, x, H.gradient) <= 1e-12
+
+
+def test_gmres_that_cannot_finish_hands_over_to_the_float64_twin():
+    """A float32 sweep too poor for GMRES within its cap (width 16, depth 64: 22 iterations to 1e-11):
+    GMRES gives up early (its rate after 3 iterations, 5e-2, needs far more than the cap), the float64
+    twin is factored and the solve still reaches 1e-12."""
+    model, loss_fn, X, y = tanh_chain(16, 16, 64, 0)
+    H = hessinv.hessian(model, loss_fn, X, y)
+    F = H.factor(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hessinv.AccuracyWarning)
+        x, info = F.solve(H.gradient, return_info=True)
+    assert F._f64 is not None and info.residual <= 1e-12, info
+    assert 0 < info.krylov_iterations < hc.LOW_GMRES_ITERATIONS  # GMRES's 3 and the twin's
