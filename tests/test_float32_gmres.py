@@ -5,33 +5,25 @@ Residuals against the float64 operator and, on the smallest case, the dense auto
 
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from reference import dense_gradient_hessian
-from torch import nn
 
 import hessinv
 import hessinv.curvature as hc
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from robustness import chain  # noqa: E402
+
 
 def tanh_chain(w: int, B: int, L: int, seed: int, dtype=torch.float32):
-    """Bias-free tanh chain (``L - 1`` hidden ``Linear(w, w)``, a last ``Linear(w, 10)``), kaiming-normal
-    (tanh gain), cross-entropy on a batch of ``B`` (bench/robustness.py's ``chain``)."""
-    torch.manual_seed(seed)
-    mods: list[nn.Module] = []
-    for _ in range(L - 1):
-        mods += [nn.Linear(w, w, bias=False), nn.Tanh()]
-    mods.append(nn.Linear(w, 10, bias=False))
-    model = nn.Sequential(*mods)
-    for m in model:
-        if isinstance(m, nn.Linear):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="tanh")
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(B, w, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 10, (B,), generator=g)
-    return model.to(dtype), nn.CrossEntropyLoss(), X.to(dtype), y
+    """bench/robustness.py's bias-free kaiming-normal tanh chain (``L - 1`` hidden ``Linear(w, w)``, a last
+    ``Linear(w, 10)``), cross-entropy on a batch of ``B``."""
+    return chain(w, B, L, "kaiming", dtype, seed)
 
 
 def relres64(H64, eps: float, x: torch.Tensor, b: torch.Tensor) -> float:

@@ -1807,19 +1807,7 @@ class Factorization:
         # factorization (a preconditioner by design): flexible GMRES, with F as preconditioner (a
         # sweep below float64: the capped GMRES below, then the float64 twin)
         if not low and (stalled or self.perturbed or steps >= max_refine) and rel > krylov_above:
-            for j in range(X64.shape[1]):
-                if float(res[:, j].norm() / rnorm[j]) <= krylov_above:
-                    continue
-                x, k = fgmres(
-                    apply,
-                    lambda v: self._raw(v.to(dtype)).double(),
-                    R64[:, j],
-                    X64[:, j],
-                    krylov_above,
-                    30,
-                    4,
-                )
-                X64[:, j], its = x, its + k
+            its = self._gmres_columns(apply, R64, X64, res, rnorm, krylov_above, 30, 4)
             res, rel = residual(X64)
         if rel > 1e-12 and low and self._f64 is None:
             # refinement by a float32 sweep slow, stalled or out of steps (cond(H + eps I) u32 >~ 0.1):
@@ -1827,23 +1815,8 @@ class Factorization:
             # few iterations (GMRES-IR, Carson & Higham 2018); capped per column below the cost of the
             # float64 twin it spares, and stopped early where its rate cannot reach 1e-13 in twice the
             # cap (LOW_GMRES_ITERATIONS). A column left above 1e-12 hands every column over
-            ncol = X64.shape[1]
-            for j in range(ncol):
-                if float(res[:, j].norm() / rnorm[j]) <= krylov_above:
-                    continue
-                x, k = fgmres(
-                    apply,
-                    lambda v: self._raw(v.to(dtype)).double(),
-                    R64[:, j],
-                    X64[:, j],
-                    krylov_above,
-                    LOW_GMRES_ITERATIONS,
-                    1,
-                    give_up=True,
-                )
-                X64[:, j], its = x, its + k
-                if j + 1 < ncol and float((R64[:, j] - apply(x[:, None])[:, 0]).norm() / rnorm[j]) > 1e-12:
-                    break
+            cap = LOW_GMRES_ITERATIONS
+            its += self._gmres_columns(apply, R64, X64, res, rnorm, krylov_above, cap, 1, True, 1e-12)
             res, rel = residual(X64)
         if rel > 1e-12 and low:
             # a float32 factorization too inaccurate to precondition even GMRES (or one whose float64
@@ -1862,6 +1835,42 @@ class Factorization:
                 if rel2 < rel:
                     X64, rel = X2, rel2
         return X64, SolveInfo(rel, steps, its)
+
+    def _gmres_columns(
+        self,
+        apply: Callable[[Tensor], Tensor],
+        R64: Tensor,
+        X64: Tensor,
+        res: Tensor,
+        rnorm: Tensor,
+        tol: float,
+        restart: int,
+        max_restarts: int,
+        give_up: bool = False,
+        stop_above: float | None = None,
+    ) -> int:
+        """:func:`fgmres` on each column of ``X64`` (in place) whose residual ``res`` is above ``tol``,
+        preconditioned by this factorization's sweep; with ``stop_above``, the columns after one left
+        above it are not tried (the caller hands all of them over). Returns the iterations."""
+        dtype, its, ncol = self.op.dtype, 0, X64.shape[1]
+        for j in range(ncol):
+            if float(res[:, j].norm() / rnorm[j]) <= tol:
+                continue
+            x, k = fgmres(
+                apply,
+                lambda v: self._raw(v.to(dtype)).double(),
+                R64[:, j],
+                X64[:, j],
+                tol,
+                restart,
+                max_restarts,
+                give_up=give_up,
+            )
+            X64[:, j], its = x, its + k
+            if stop_above is not None and j + 1 < ncol:
+                if float((R64[:, j] - apply(x[:, None])[:, 0]).norm() / rnorm[j]) > stop_above:
+                    break
+        return its
 
     def _apply64(self, X: Tensor) -> Tensor:
         """``(H + eps I) X`` in float64 (the float64 twin's ``O(L)`` product), for residuals -- by the dense
