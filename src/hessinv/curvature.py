@@ -1653,11 +1653,22 @@ class Factorization:
         u = LU.diagonal()
         n = A.shape[0]
         small, top = float(u.abs().min()), float(A.abs().max())
-        if not small > torch.finfo(A.dtype).eps * top / n:  # also NaN
+        eps = torch.finfo(A.dtype).eps
+        singular, ratio = not small > eps * top / n, None  # (also NaN)
+        if not singular and small <= math.sqrt(eps) * top:
+            # a pivot at rounding level need not mean a singular matrix, nor its absence a nonsingular
+            # one (a blocked, multithreaded LU of a matrix with two equal rows left a pivot of rounding
+            # size): decide by the singular values, cond >= 1 / (8 u) -- svdvals' own error is a small
+            # multiple of u sigma_max
+            sv = torch.linalg.svdvals(A)
+            ratio = float(sv[-1]) / float(sv[0])
+            singular = not ratio > 8 * eps
+        if singular:
+            extra = "" if ratio is None else f", sigma_min / sigma_max = {ratio:.3g}"
             raise SingularError(
                 f"logdet at damping {self._damping_text()}: H + eps I is singular to working precision (a "
-                f"dense LU of it, n = {n}, has a pivot of {small:.3g} against max|H + eps I| = {top:.3g}); "
-                "choose another damping",
+                f"dense LU of it, n = {n}, has a pivot of {small:.3g} against max|H + eps I| = {top:.3g}"
+                f"{extra}); choose another damping",
                 damping=self.damping if isinstance(self.damping, float) else None,
             )
         swaps = int((piv != torch.arange(1, n + 1, dtype=piv.dtype, device=piv.device)).sum())
