@@ -103,3 +103,36 @@ def test_gmres_that_cannot_finish_hands_over_to_the_float64_twin():
         x, info = F.solve(H.gradient, return_info=True)
     assert F._f64 is not None and info.residual <= 1e-12, info
     assert 0 < info.krylov_iterations < hc.LOW_GMRES_ITERATIONS  # GMRES's 3 and the twin's
+
+
+def test_fgmres_returns_its_best_iterate():
+    """A cycle that makes the true residual worse is undone: fgmres returns the iterate of smallest
+    residual it met, not the last one. (Here the products inside the cycles are of -A while the
+    residuals are of A -- an extreme stand-in for the rounding of an ill-conditioned product.)"""
+    A = torch.diag(torch.linspace(1.0, 10.0, 20, dtype=torch.float64))
+    b = torch.ones(20, dtype=torch.float64)
+    x0 = torch.linalg.solve(A, b) + 1e-3
+    calls = []
+
+    def apply(X):
+        calls.append(1)
+        return A @ X if (len(calls) - 1) % 6 == 0 else -(A @ X)  # residuals at calls 0, 6, 12
+
+    x, k = hc.fgmres(apply, lambda V: V, b, x0, 1e-14, 5, 2)
+    assert k == 5 and torch.equal(x, x0)
+    x, _ = hc.fgmres(lambda X: A @ X, lambda V: V, b, x0, 1e-12, 25, 2)  # (a sound run is unaffected)
+    assert float((b - A @ x).norm() / b.norm()) <= 1e-12
+
+
+def test_fgmres_gives_up_only_where_its_rate_cannot_finish():
+    """``give_up``: a column whose contraction per iteration projects beyond 1.25x the iterations the
+    call may run stops from the fourth iteration; a fast one is left alone."""
+    n = 200
+    A = torch.diag(torch.logspace(0, 6, n, dtype=torch.float64))
+    b = torch.ones(n, dtype=torch.float64)
+    x0 = torch.zeros(n, dtype=torch.float64)
+    _, k = hc.fgmres(lambda X: A @ X, lambda V: V, b, x0, 1e-13, 12, 1, give_up=True)
+    assert k == 4
+    prec = lambda V: V / torch.diag(A)[:, None]  # noqa: E731 -- exact: one iteration
+    fast, k = hc.fgmres(lambda X: A @ X, prec, b, x0, 1e-13, 12, 1, give_up=True)
+    assert k == 1 and float((b - A @ fast).norm() / b.norm()) <= 1e-13

@@ -93,3 +93,21 @@ def test_parametrized_tables_are_found_without_running_the_parametrization():
 def test_a_single_tensor_as_unrotated():
     a, b = torch.zeros(5, 4), torch.zeros(3, 5)
     assert [o for o, _, _ in EigenBasis([a, b], unrotated=a).blocks] == [20]
+
+
+def test_tables_under_the_older_weight_norm_and_spectral_norm_hooks():
+    """``torch.nn.utils.weight_norm`` / ``spectral_norm`` (the hook versions) keep the table as
+    ``weight_g``/``weight_v`` or ``weight_orig``: left unrotated too."""
+    import warnings
+
+    from torch.nn.utils import spectral_norm, weight_norm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (weight_norm's deprecation)
+        torch.manual_seed(0)
+        net = nn.Sequential(weight_norm(nn.Embedding(40, 6), dim=0), nn.Flatten(), nn.Linear(18, 4))
+        opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0, mode="precondition")
+        assert [o for o, _, _ in opt.preconditioner.basis.blocks] == [280]
+        net = nn.Sequential(spectral_norm(nn.Embedding(40, 6)), nn.Flatten(), nn.Linear(18, 4))
+        opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0, mode="precondition")
+        assert [o for o, _, _ in opt.preconditioner.basis.blocks] == [240]

@@ -1824,8 +1824,9 @@ class Factorization:
             # refinement by a float32 sweep slow, stalled or out of steps (cond(H + eps I) u32 >~ 0.1):
             # flexible GMRES on the float64 operator, preconditioned by the sweep, still converges in a
             # few iterations (GMRES-IR, Carson & Higham 2018); capped per column below the cost of the
-            # float64 twin it spares, and stopped early where its rate cannot reach 1e-13 in twice the
-            # cap (LOW_GMRES_ITERATIONS). A column left above 1e-12 hands every column over
+            # float64 twin it spares, and stopped early where its rate cannot reach the target (1e-13;
+            # 1e-14 for precision="mixed") within 1.25 times the cap (LOW_GMRES_ITERATIONS). A column
+            # left above 1e-12 hands every column over
             cap = LOW_GMRES_ITERATIONS
             its += self._gmres_columns(apply, R64, X64, res, rnorm, krylov_above, cap, 1, True, 1e-12)
             res, rel = residual(X64)
@@ -1867,16 +1868,9 @@ class Factorization:
         for j in range(ncol):
             if float(res[:, j].norm() / rnorm[j]) <= tol:
                 continue
-            x, k = fgmres(
-                apply,
-                lambda v: self._raw(v.to(dtype)).double(),
-                R64[:, j],
-                X64[:, j],
-                tol,
-                restart,
-                max_restarts,
-                give_up=give_up,
-            )
+            precond = lambda v: self._raw(v.to(dtype)).double()  # noqa: E731
+            args = (apply, precond, R64[:, j], X64[:, j], tol, restart, max_restarts)
+            x, k = fgmres(*args, give_up=True) if give_up else fgmres(*args)
             X64[:, j], its = x, its + k
             if stop_above is not None and j + 1 < ncol:
                 if float((R64[:, j] - apply(x[:, None])[:, 0]).norm() / rnorm[j]) > stop_above:
@@ -2073,8 +2067,9 @@ DENSE_FALLBACK_N = 2048
 #: Flexible GMRES iterations per column (one cycle) where a float32 sweep's refinement is slow, before
 #: the float64 twin is factored instead. Each is a float32 sweep plus a float64 product, measured at
 #: 1/11 to 1/17 of the twin's factorization and refined solve (kaiming tanh chains, eps 1, w 12-32, L
-#: 16-64); on 36 such chains GMRES ran in 17, converged in 1-11 iterations in 16, and gave up on the
-#: 17th after 3 (fgmres's give_up: its rate needed over 24), where 12 cost as much as the twin.
+#: 16-64); on 36 such chains GMRES ran in 17 and converged in 1-11 iterations in 16 (from the fourth
+#: iteration on their rates projected at most 10.3); fgmres's give_up stops a column from the fourth
+#: iteration where its rate projects more than 15 (1.25 times the cap) -- 12 cost as much as the twin.
 LOW_GMRES_ITERATIONS = 12
 
 
@@ -2091,18 +2086,21 @@ def fgmres(
     """Flexible GMRES (Saad 1993) for ``A x = b``, right-preconditioned by ``precond`` (which may be
     inexact, e.g. a float32 sweep): minimizes ``|b - A x|`` over ``x0 + span(Z)``, ``z_j = M^{-1} v_j``.
     Stops at relative residual ``tol``, on stagnation, or after ``max_restarts`` cycles of ``restart``
-    iterations; with ``give_up``, also from the third iteration on where the residual's geometric rate
-    so far would need over ``2 restart`` iterations to reach ``tol``. Returns ``x`` and the number of
-    iterations (one ``precond`` and one ``apply`` each)."""
+    iterations; with ``give_up``, also from the fourth iteration on where the residual's geometric rate
+    so far would need over ``1.25 restart max_restarts`` iterations (more than this call may run) to
+    reach ``tol``. Returns the iterate of smallest true residual met (a cycle that made it worse is
+    undone) and the number of iterations (one ``precond`` and one ``apply`` each)."""
     bnorm = float(b.norm()) or 1.0
     x, total = x0.clone(), 0
-    best = float("inf")
-    for _ in range(max_restarts):
+    best, x_best = float("inf"), x
+    for cycle in range(max_restarts + 1):
         r = b - apply(x[:, None])[:, 0]
         beta = float(r.norm())
-        if beta / bnorm <= tol or not beta < 0.99 * best:
+        if not beta < best:  # (also NaN) the last cycle made it worse: undo it
+            x, beta = x_best, best
+        if beta / bnorm <= tol or not beta < 0.99 * best or cycle == max_restarts:
             break
-        best = beta
+        best, x_best = beta, x
         V, Z = [r / beta], []
         Hm = np.zeros((restart + 1, restart))
         y = np.zeros(0)
@@ -2123,8 +2121,9 @@ def fgmres(
             est = float(np.linalg.norm(e1 - Hm[: j + 2, : j + 1] @ y))
             if est / bnorm <= tol or Hm[j + 1, j] <= 1e-300:
                 break
-            if give_up and j >= 2:  # the mean contraction per iteration so far, 2 restart times
-                if math.log(tol * bnorm / beta) < 2 * restart * math.log(est / beta) / (j + 1):
+            if give_up and j >= 3 and tol > 0:  # the mean contraction per iteration so far, projected
+                rate = math.log(est / beta) / (j + 1) if 0 < est < beta else 0.0
+                if rate == 0.0 or math.log(tol * bnorm / beta) / rate > 1.25 * restart * max_restarts:
                     break
             V.append(w / Hm[j + 1, j])
         x = x + torch.stack(Z, dim=1) @ torch.as_tensor(y, dtype=x.dtype, device=x.device)

@@ -269,7 +269,7 @@ class Newton(torch.optim.Optimizer):
             others' scale). A chain's output moves by at most about the sum of its stages' relative
             changes, so this holds a deep chain's steps to its depth. Default ``None`` (no limit; it was
             0.05 until 2026-12-04, when ``beta2`` was 0.99: with ``beta2 = 0.95`` the unlimited step
-            reached 9 of the benchmark's 10 targets in 6-38% fewer steps, docs/training.md). Read at every
+            reached 8 of the 9 probed targets in 6-38% fewer steps, docs/training.md). Read at every
             step (a schedule may change it); not used by the trust region.
         basis: precondition mode (Gauss-Newton): ``"eigen"`` (default) takes ``D`` diagonal, and ``v``, in
             the eigenbasis of each weight's Kronecker gradient statistics (SOAP's basis;

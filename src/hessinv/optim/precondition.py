@@ -412,7 +412,8 @@ class EigenBasis:
 def _lookup_tables(model: nn.Module | Sequence[nn.Module]) -> list[Tensor]:
     """The trainable tensors of the model's lookup tables (``nn.Embedding``, ``nn.EmbeddingBag``), which
     :class:`EigenBasis` leaves unrotated: the ``weight`` parameter itself, or under a parametrization
-    (``weight_norm``, ``spectral_norm``) its original tensors -- never ``m.weight``, which would run the
+    (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``) its original tensors, or the
+    older hooks' ``weight_g``/``weight_v``/``weight_orig`` -- never ``m.weight``, which would run the
     parametrization (a power iteration that moves ``spectral_norm``'s buffers)."""
     mods = [model] if isinstance(model, nn.Module) else list(model)
     out: list[Tensor] = []
@@ -420,11 +421,13 @@ def _lookup_tables(model: nn.Module | Sequence[nn.Module]) -> list[Tensor]:
         for m in top.modules():
             if not isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
                 continue
-            w = m._parameters.get("weight")
-            if w is not None:
-                out.append(w)
+            own = m._parameters
+            if own.get("weight") is not None:
+                out.append(own["weight"])
             elif torch.nn.utils.parametrize.is_parametrized(m, "weight"):
                 out.extend(m.parametrizations["weight"].parameters())
+            else:  # the older torch.nn.utils.weight_norm / spectral_norm hooks
+                out.extend(own[k] for k in ("weight_g", "weight_v", "weight_orig") if own.get(k) is not None)
     return out
 
 
