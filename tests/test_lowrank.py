@@ -558,10 +558,11 @@ def test_an_ill_conditioned_woodbury_solve_reaches_the_dense_fallback():
         warnings.simplefilter("ignore", hessinv.AccuracyWarning)
         x, info = G.factor(damping=D).solve(b, return_info=True)
     A = G.to_dense() + torch.diag(D)
-    assert float((A @ x - b).norm() / b.norm()) == pytest.approx(info.residual, rel=0.5, abs=1e-9)
-    assert float((A @ x - b).norm()) <= 1e3 * torch.finfo(torch.float64).eps * float(
-        torch.linalg.matrix_norm(A, 2) * x.norm()
-    )
+    # two float64 evaluations of the same residual (the dense product here, the O(L) one in solve) differ
+    # by their rounding, about u ||A|| ||x|| (here 2.4e-4 relative to |b|, ten times the residual itself)
+    noise = torch.finfo(torch.float64).eps * float(torch.linalg.matrix_norm(A, 2) * x.norm() / b.norm())
+    assert abs(float((A @ x - b).norm() / b.norm()) - info.residual) <= 4 * noise
+    assert float((A @ x - b).norm() / b.norm()) <= 1e3 * noise
 
 
 def test_update_damping_refuses_repeated_indices():
