@@ -62,8 +62,9 @@ def test_ldl_pivot_against_dense(p, a, seed):
     seed=st.integers(0, 2**31 - 1),
 )
 def test_ldl_both_forms_against_dense(p, kind, scipy_path, single, seed):
-    """linalg.ldl's two paths (scipy's upper form read through Q^T, torch's lower form) reproduce
-    P^T Q P from their factors, on matrices that force 2x2 blocks and row interchanges."""
+    """linalg.ldl's two paths (scipy's, reading the C-ordered Q's upper triangle as Q^T's lower, and
+    torch's) reproduce P^T Q P from their lower-form factors, on matrices that force 2x2 blocks and row
+    interchanges."""
     from hessinv import linalg
 
     g = torch.Generator().manual_seed(seed)
@@ -83,7 +84,7 @@ def test_ldl_both_forms_against_dense(p, kind, scipy_path, single, seed):
     ready = linalg._scipy_ready
     linalg._scipy_ready = (lambda *t: ready(*t)) if scipy_path else (lambda *t: False)
     try:
-        T, upper, perm, d, e, first = linalg.ldl(Q)
+        T, perm, d, e, first = linalg.ldl(Q)
     finally:
         linalg._scipy_ready = ready
     assert sorted(perm.tolist()) == list(range(p))
@@ -93,7 +94,7 @@ def test_ldl_both_forms_against_dense(p, kind, scipy_path, single, seed):
     assert (e[~two] == 0).all()
     Tm = np.tril(T.astype(np.float64), -1) + np.eye(p)
     D = np.diag(d) + np.diag(e[:-1], -1) + np.diag(e[:-1], 1)
-    LDL = Tm.T @ D @ Tm if upper else Tm @ D @ Tm.T
+    LDL = Tm @ D @ Tm.T
     Qp = Q.double().numpy()[perm][:, perm]
     scale = max(1.0, float(np.abs(Qp).max())) * max(1.0, float(np.abs(Tm).max())) ** 2
     tol = (1e-5 if single else 1e-12) * p * scale
@@ -102,8 +103,8 @@ def test_ldl_both_forms_against_dense(p, kind, scipy_path, single, seed):
 
 def test_perturbed_graded_pivot_keeps_a_small_factor():
     """A graded, nearly rank-deficient pivot (the shape of a wide-input stage's inner pivot), perturbed:
-    scipy's upper-form Bunch-Kaufman gives L entries of ~3e6 there, and a static perturbation scaled by
-    them made the factorization unrelated to Q (residual 1.0); the perturbed pivot uses the lower form."""
+    the upper form of Bunch-Kaufman gives L entries of ~3e6 there, and a static perturbation scaled by
+    them made the factorization unrelated to Q (residual 1.0); linalg.ldl's lower form keeps them small."""
     g = torch.Generator().manual_seed(0)
     for _ in range(6):
         torch.randn(18, 2, generator=g, dtype=torch.float64)

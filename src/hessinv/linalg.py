@@ -214,16 +214,16 @@ def solve_triangular(
 SYTRF_BLOCK = 24
 
 
-def _interchanges(ipiv: np.ndarray, upper: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``(perm, first)`` from ``sytrf``'s 1-based ``ipiv``: ``perm`` applies ``sytrs2``'s row interchanges
-    in their order (``P^T R = R[perm]``), ``first`` lists the first row of each 2x2 block of ``D`` (a
-    pair of equal negative entries; the lower form is read from the first row down, the upper form from
-    the last up, as ``sytrs2`` does). One Python pass over ``ipiv``: in the sweep, where each numpy call
-    costs a few microseconds (more than in isolation: the sweep's other work evicts it from the caches),
-    cheaper than a vectorized version (numpy, then ``laswp`` on ``0..p-1``) up to p ~ 128.
+def _interchanges(ipiv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(perm, first)`` from the lower form's 1-based ``ipiv`` (``sytrf``): ``perm`` applies ``sytrs2``'s
+    row interchanges in their order (``P^T R = R[perm]``), ``first`` lists the first row of each 2x2
+    block of ``D`` (a pair of equal negative entries, read from the first row down as ``sytrs2`` does).
+    One Python pass over ``ipiv``: in the sweep, where each numpy call costs a few microseconds (more
+    than in isolation: the sweep's other work evicts it from the caches), cheaper than a vectorized
+    version (numpy, then ``laswp`` on ``0..p-1``) up to p ~ 128.
 
     Example:
-        >>> perm, first = _interchanges(np.array([2, 2, -3, -3], dtype=np.int32), upper=False)
+        >>> perm, first = _interchanges(np.array([2, 2, -3, -3], dtype=np.int32))
         >>> perm.tolist(), first.tolist()
         ([1, 0, 3, 2], [2])
     """
@@ -231,53 +231,46 @@ def _interchanges(ipiv: np.ndarray, upper: bool) -> tuple[np.ndarray, np.ndarray
     p = len(ip)
     perm = list(range(p))
     first: list[int] = []
-    d = -1 if upper else 1  # the direction sytrs2 reads ipiv in; a 2x2 block's other row is k + d
-    k = p - 1 if upper else 0
-    while 0 <= k < p:
+    k = 0
+    while k < p:
         v = ip[k]
         if v > 0:  # a 1x1 block: row k and row v - 1 interchanged
             t, k0, step = v - 1, k, 1
-        else:  # a 2x2 block at rows k, k + d: row k + d and row -v - 1 interchanged
-            t, k0, step = -v - 1, k + d, 2
-            first.append(min(k, k0))
+        else:  # a 2x2 block at rows k, k + 1: row k + 1 and row -v - 1 interchanged
+            t, k0, step = -v - 1, k + 1, 2
+            first.append(k)
         if t != k0:
             perm[k0], perm[t] = perm[t], perm[k0]
-        k += d * step
+        k += step
     return np.array(perm, dtype=np.int64), np.array(first, dtype=np.int64)
 
 
-def ldl(
-    Q: Tensor, upper_ok: bool = True
-) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Bunch–Kaufman factorization of a symmetric ``Q`` (only its lower triangle read), as numpy arrays
-    ``(T, upper, perm, d, e, first)``: ``T`` is unit lower triangular (only its strict lower triangle is
-    meaningful, as the triangular solves with ``unitriangular=True`` read) and
+def ldl(Q: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Bunch–Kaufman factorization ``P^T Q P = T D T^T`` of a symmetric ``Q`` (LAPACK's lower form), as
+    numpy arrays ``(T, perm, d, e, first)``: ``T`` is unit lower triangular (only its strict lower
+    triangle is meaningful, as the triangular solves with ``unitriangular=True`` read), ``perm`` gives
+    ``P^T R = R[perm]``, ``d`` is ``D``'s diagonal, ``e`` its off-diagonal (``e[k]`` couples rows ``k, k+1``;
+    zero outside 2x2 blocks) and ``first`` holds the first row of each 2x2 block.
 
-    - ``upper=False``: ``P^T Q P = T D T^T`` (LAPACK's lower form),
-    - ``upper=True``: ``P^T Q P = T^T D T`` (the upper form ``U D U^T``, ``U = T^T``);
-
-    ``perm`` gives ``P^T R = R[perm]``, ``d`` is ``D``'s diagonal, ``e`` its off-diagonal (``e[k]``
-    couples rows ``k, k+1``; zero outside 2x2 blocks) and ``first`` holds the first row of each 2x2
-    block.
-
-    LAPACK's ``sytrf`` stores the factor as a product of permutations and elementary factors;
-    ``syconv`` applies the permutations to its columns, so that one permutation and one unit triangular
-    matrix remain (``sytrs2``'s form), solvable with ``trsm``. Where :func:`_scipy_ready`, scipy's
-    ``sytrf`` factors the upper form of ``Q^T`` (the C-ordered ``Q`` read as Fortran-ordered: no copy;
-    0.45-0.50 ms at n = 256 against 0.74 ms for torch's lower form); elsewhere torch's
-    ``ldl_factor_ex`` (lower form), and where ``upper_ok=False``: Bunch–Kaufman does not bound ``L``'s
-    entries, and on graded, nearly rank-deficient matrices the upper form (eliminating from the last
-    row up, the small end first) can give entries of 1e6 where the lower form's stay below 1; a
-    perturbed pivot (static pivoting) moves the factored matrix by about ``max|L|^2 tau``, so
-    :class:`~hessinv.riccati.Pivot` asks for the lower form when it must perturb.
+    One triangle of ``Q`` is read: where :func:`_scipy_ready`, scipy's ``sytrf`` reads the lower triangle
+    of the Fortran-ordered ``Q^T`` -- a C-ordered ``Q`` read as it lies in memory, no copy: ``Q``'s upper
+    triangle, the same numbers for a symmetric ``Q`` (0.29 ms at n = 256 against 0.74 ms for torch's
+    ``ldl_factor_ex``, which reads the lower triangle, elsewhere). LAPACK's ``sytrf`` stores the factor as
+    a product of permutations and elementary factors; ``syconv`` applies the permutations to its columns,
+    so that one permutation and one unit triangular matrix remain (``sytrs2``'s form), solvable with
+    ``trsm``. The lower form, not the upper: Bunch–Kaufman does not bound ``T``'s entries, and on graded,
+    nearly rank-deficient matrices the upper form (eliminating from the last row up, the small end first)
+    can give entries of 1e6 where the lower form's stay below 1 (a perturbed pivot, static pivoting,
+    moves the factored matrix by about ``max|T|^2 tau``); and ``T`` comes out column-major, the layout in
+    which a right-sided ``trsm`` with ``T^T`` (the Schur complement's) runs at Cholesky's speed --
+    OpenBLAS's kernel for the upper form's ``T`` in row-major order is 1.3x slower.
 
     Example:
         >>> Q = torch.tensor([[0.0, 1.0, 2.0], [1.0, -1.0, 0.5], [2.0, 0.5, 3.0]], dtype=torch.float64)
-        >>> T, upper, perm, d, e, first = ldl(Q)
+        >>> T, perm, d, e, first = ldl(Q)
         >>> T = np.tril(T, -1) + np.eye(3)
         >>> D = np.diag(d) + np.diag(e[:-1], -1) + np.diag(e[:-1], 1)
-        >>> LDL = T.T @ D @ T if upper else T @ D @ T.T
-        >>> bool(np.allclose(LDL, Q.numpy()[perm][:, perm]))
+        >>> bool(np.allclose(T @ D @ T.T, Q.numpy()[perm][:, perm]))
         True
     """
     lapack = _lapack()
@@ -285,16 +278,14 @@ def ldl(
     p = A.shape[0]
     fl = "d" if A.dtype == np.float64 else "s"
     syconv = getattr(lapack, fl + "syconv")
-    upper = upper_ok and _scipy_ready(Q) and A.flags.c_contiguous
-    if upper:
-        sytrf = getattr(lapack, fl + "sytrf")
-        F, ipiv, _ = sytrf(A.T, lower=0, lwork=max(1, SYTRF_BLOCK * p))  # Q^T's upper triangle: Q's lower
-        T, e, _ = syconv(F, ipiv, lower=0, overwrite_a=1)  # U; e[k] couples rows k - 1 and k
+    if _scipy_ready(Q):
+        X = A.T if A.flags.c_contiguous else np.asfortranarray(A)  # Fortran-ordered: Q^T, or Q
+        F, ipiv, _ = getattr(lapack, fl + "sytrf")(X, lower=1, lwork=max(1, SYTRF_BLOCK * p))
     else:  # sytrf through torch: it follows torch's thread setting
         LD, piv, _ = torch.linalg.ldl_factor_ex(torch.from_numpy(np.ascontiguousarray(A)))
-        ipiv = piv.numpy()
-        T, e, _ = syconv(LD.numpy(), ipiv, lower=1)  # L; e[k] couples rows k and k + 1
-    perm, k = _interchanges(ipiv, upper)
+        F, ipiv = LD.numpy(), piv.numpy()
+    T, e, _ = syconv(F, ipiv, lower=1, overwrite_a=1)  # e[k] couples rows k and k + 1
+    perm, k = _interchanges(ipiv)
     ef = np.zeros(p)
-    ef[k] = e[k + 1] if upper else e[k]
-    return (T.T if upper else T), upper, perm, np.diagonal(T).astype(np.float64), ef, k
+    ef[k] = e[k]
+    return T, perm, np.diagonal(T).astype(np.float64), ef, k

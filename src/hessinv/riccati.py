@@ -109,9 +109,9 @@ class Pivot:
     - ``perturb`` (factorizations for solves, :class:`~hessinv.Factorization`): static pivot perturbation as
       in sparse direct solvers (MUMPS, SuperLU_DIST, PARDISO): each such eigenvalue of a ``D`` block is
       replaced by ``sign * tau`` with ``tau = p u max(max|Qxx|, hscale)`` (:data:`PERTURB_THRESHOLD` overrides
-      ``p u``), so the sweep factors a matrix within about ``max|L|^2 tau`` of ``H + eps I`` -- such a pivot
-      is factored in Bunch-Kaufman's lower form, whose ``L`` stays small where the upper form's can grow
-      (:func:`hessinv.linalg.ldl`); solves are recovered by iterative refinement or a Krylov method
+      ``p u``), so the sweep factors a matrix within about ``max|L|^2 tau`` of ``H + eps I`` (Bunch-Kaufman's
+      lower form, whose ``L`` stays small on graded pivots: :func:`hessinv.linalg.ldl`); solves are
+      recovered by iterative refinement or a Krylov method
       preconditioned by the perturbed factorization. ``perturbed`` counts the replaced eigenvalues (the
       inertia is then no longer certified).
     - ``strict`` without ``perturb``: an eigenvalue of ``D`` below ``p * u * max|Qxx|`` raises
@@ -156,7 +156,7 @@ class Pivot:
                     or not self.p
                     or float(L.diagonal().min()) ** 2 >= _perturb_tau(Q.dtype, max(self.qmax, hscale), self.p)
                 ):
-                    self.cholesky, self.upper = True, False
+                    self.cholesky = True
                     self.L = L
                     self.inertia = Inertia(0, 0, self.p)
                     return
@@ -186,7 +186,7 @@ class Pivot:
             raise NonFiniteError(f"{self.name}: the Riccati pivot Qxx contains NaN or infinity")
         qmax = max(qmax, fi.tiny)
         self.qmax = qmax
-        T, self.upper, perm, d, e, k = linalg.ldl(Qc)  # k: the first rows of D's 2x2 blocks
+        T, perm, d, e, k = linalg.ldl(Qc)  # k: the first rows of D's 2x2 blocks
         ev = _block_eigenvalues(d, e, k)
         aev = np.abs(ev)
         lo = float(aev.min())  # min |eigenvalue| of D, kept current as D changes below
@@ -207,13 +207,6 @@ class Pivot:
                     stage=self.stage,
                     damping=self.damping,
                 )
-            if lo < tau and self.upper:
-                # the perturbation is scaled by L's entries, which the upper form can make large on
-                # graded pivots (linalg.ldl): perturb the lower form's D instead
-                T, self.upper, perm, d, e, k = linalg.ldl(Qc, upper_ok=False)
-                ev = _block_eigenvalues(d, e, k)
-                aev = np.abs(ev)
-                lo = float(aev.min())
             if lo < tau:
                 d, e, ev, self.perturbed = _map_blocks(
                     d, e, k, ev, lambda x: np.where(np.abs(x) < tau, np.where(x < 0, -tau, tau), x)
@@ -252,7 +245,7 @@ class Pivot:
             off = np.zeros((self.p - 1, 1), dtype=T.dtype)
             off[k, 0] = -e[k] / l1 / l2  # the (k, k+1) entries
             self.off = torch.from_numpy(off) if cpu else torch.from_numpy(off).to(dev)
-        # the unit triangular factor: P^T Qxx P = L D L^T, with L = T (lower form) or T^T (upper form)
+        # the unit lower triangular factor: P^T Qxx P = L D L^T
         self.L, self.perm = torch.from_numpy(T), torch.from_numpy(perm)
         self.dinv = torch.from_numpy(dinv.astype(T.dtype, copy=False)[:, None])
         if not cpu:
@@ -280,10 +273,9 @@ class Pivot:
             return linalg.solve_triangular(
                 self.L.mT, linalg.solve_triangular(self.L, R, upper=False), upper=True
             )
-        # P^T Qxx P = T D T^T (lower form) or T^T D T (upper): two unit triangular solves around D's
-        first, second = (self.L.mT, self.L) if self.upper else (self.L, self.L.mT)
-        Y = linalg.solve_triangular(first, R[self.perm], upper=self.upper, unitriangular=True)
-        Z = linalg.solve_triangular(second, self._dsolve(Y), upper=not self.upper, unitriangular=True)
+        # P^T Qxx P = L D L^T: two unit triangular solves around D's
+        Y = linalg.solve_triangular(self.L, R[self.perm], upper=False, unitriangular=True)
+        Z = linalg.solve_triangular(self.L.mT, self._dsolve(Y), upper=True, unitriangular=True)
         return Z[self.iperm]
 
     def logdet(self) -> float:
@@ -327,11 +319,11 @@ class Pivot:
             W = linalg.solve_triangular(self.L.mT, Qxz.mT, upper=True, left=False).mT
             Wl = W
         else:
-            # W = F^{-1} P^T Qxz with F = T (lower form) or T^T (upper), solved on the right as W^T
+            # W = L^{-1} P^T Qxz, solved on the right as W^T (L column-major: linalg.ldl)
             W = linalg.solve_triangular(
-                self.L if self.upper else self.L.mT,
+                self.L.mT,
                 Qxz.index_select(0, self.perm).mT,
-                upper=not self.upper,
+                upper=True,
                 left=False,
                 unitriangular=True,
             ).mT
