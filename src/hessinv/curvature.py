@@ -895,6 +895,9 @@ class CurvatureOperator:
         within that resolution of the Lanczos estimate of ``lambda_min`` (its null space) goes to
         dense ``eigh`` at once (``n <= 4096``). ``H = 0``: zero values and the first ``k`` unit
         vectors, certified only for ``k = n``.
+        A residual beyond ``sqrt(max(tol, u)) ||H||`` (Lanczos through a float32 factorization at a shift
+        on an eigenvalue can resolve a pair that poorly) reruns with dense ``eigh`` up to ``n = 4096``;
+        larger operators return such pairs uncertified, with an :class:`AccuracyWarning`.
         ``tol``: relative accuracy asked of ARPACK. ARPACK gets 100 restarts; where it does not
         converge (or ``k > n / 8``) eigenvalues of ``n <= 4096`` come from dense ``eigh`` (then
         certified the same way), larger ones raise :class:`~hessinv.errors.ConvergenceError`.
