@@ -168,6 +168,17 @@ def _integer(x: object) -> int | None:
 
 #: The dense route (:meth:`CurvatureOperator._swept`) is taken up to this many parameters (``n^2`` numbers)
 DENSE_ROUTE_MAX_N = 6144
+#: ... and where the chain's sweep would cost over this many flops and three times the dense route's
+#: (below, both take about a millisecond). It was 1e9: a 10-16-1 tanh MLP on the 442 diabetes examples
+#: (n = 193, ``a = 7072`` activations at its last stage: 8.6e8 modelled flops, mostly memory-bound passes
+#: over ``a^2`` numbers) took 0.83 s per factorization and solve by the sweep, 11 ms by the dense route
+DENSE_ROUTE_MIN_FLOPS = 1e7
+
+
+def _dense_route(chain: float, dense: float, n: int) -> bool:
+    """Whether a factorization takes the dense route, by the modelled flops of the chain's sweep and of
+    the dense route (:func:`_factorization_costs`) and the size ``n``."""
+    return n <= DENSE_ROUTE_MAX_N and chain > DENSE_ROUTE_MIN_FLOPS and chain > 3 * dense
 
 
 def _factorization_costs(
@@ -189,10 +200,11 @@ def _factorization_costs(
 
 def factorization_flops(sizes: Sequence[int], widths: Sequence[int], batch: int) -> float:
     """The flops of one factorization of a chain's curvature on ``batch`` examples, before any is built
-    (:func:`_factorization_costs`): the Riccati sweep's, or the dense route's where ``n <=``
-    :data:`DENSE_ROUTE_MAX_N` and that is cheaper (:meth:`CurvatureOperator._swept`)."""
+    (:func:`_factorization_costs`): the Riccati sweep's, or the dense route's where the factorization
+    takes it (:func:`_dense_route`; :meth:`CurvatureOperator._swept` also takes it where the sweep would
+    not fit in memory)."""
     chain, dense = _factorization_costs(sizes, widths, [batch] * len(sizes))
-    return chain if sum(sizes) > DENSE_ROUTE_MAX_N else min(chain, dense)
+    return dense if _dense_route(chain, dense, sum(sizes)) else chain
 
 
 class _DenseMatrixBlocks(Blocks):
@@ -313,10 +325,11 @@ class CurvatureOperator:
         (:class:`_DenseMatrixBlocks`, ``H`` formed once by ``n`` products). The chain's sweep costs
         ``sum_l (p_l^3 / 3 + 2 p_l^2 a_l + p_l a_l^2)`` flops and ``a_l^2`` numbers per stage; the dense
         one ``n^3 / 3`` after ``n`` products of about ``sum_l 8 B p_l`` flops. Taken where ``n <=``
-        :data:`DENSE_ROUTE_MAX_N` and the sweep would not fit in memory, or costs over ``10^9`` flops and
-        three times the dense route's (a rough rule: on the demo's 1618-parameter chain with 1024
-        examples the sweep took 41 s, the dense route 18 s). Products keep the chain's ``O(L)``
-        sweeps."""
+        :data:`DENSE_ROUTE_MAX_N` and the sweep would not fit in memory, or costs over
+        :data:`DENSE_ROUTE_MIN_FLOPS` and three times the dense route's (a rough rule -- the sweep's
+        passes over ``a^2`` numbers are memory-bound, so it errs towards the sweep: on the demo's
+        1618-parameter chain with 1024 examples the sweep took 41 s, the dense route 18 s; a 193-parameter
+        MLP on 442 examples 0.83 s against 11 ms). Products keep the chain's ``O(L)`` sweeps."""
         view = self.__dict__.get("_view")
         if view is None:
             view = self._view = self._dense_view() if self._dense_cheaper() else self
@@ -330,7 +343,7 @@ class CurvatureOperator:
         chain_flops, dense_flops = _factorization_costs(
             [b.p for b in stages], [b.d_in for b in stages], [b.batch for b in stages]
         )
-        if chain_flops > 1e9 and chain_flops > 3 * dense_flops:
+        if _dense_route(chain_flops, dense_flops, n):
             return True
         try:
             check_memory(self.blocks, self._names, self.dtype, self.device)
