@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -1867,3 +1868,26 @@ def test_auto_leaves_the_trust_region_for_unaffordable_larger_batches():
     assert opt.mode == "trust-region"
     opt.step(torch.randn(1024, 8), torch.randint(0, 3, (1024,)))
     assert opt.mode == "precondition" and opt.last_stats.mode == "precondition"
+
+
+def test_fixed_damping_warns_once_on_an_indefinite_system():
+    """damping=<float> selects FixedDamping (every step taken): with an indefinite H + eps I its step can
+    go uphill (a review's run rose to loss 7e4 over 100 steps, silently). The first indefinite step warns,
+    once; a positive definite system (Gauss-Newton, eps > 0) does not."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    X, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    assert H.inertia(1e-3).negative > 0  # (the premise: indefinite at this damping)
+    opt = ho.Newton(net, nn.CrossEntropyLoss(), damping=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            opt.step(X, y)
+    assert sum("may go uphill" in str(w.message) for w in caught) == 1
+    net2 = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt2 = ho.Newton(net2, nn.CrossEntropyLoss(), damping=1e-3, curvature="gauss_newton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            opt2.step(X, y)

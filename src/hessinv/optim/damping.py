@@ -26,6 +26,7 @@ from __future__ import annotations
 import abc
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -267,8 +268,8 @@ class FixedDamping(DampingRule):
     """``s = -(H + eps I)^{-1} g`` with a fixed ``eps``, every step taken (for experiments).
 
     With an indefinite ``H + eps I`` this step can go uphill (its predicted decrease is negative):
-    this is the baseline the trust region exists to beat. Raises :class:`~hessinv.SingularError`
-    when ``H + eps I`` is singular.
+    this is the baseline the trust region exists to beat; the first such step warns (once per rule).
+    Raises :class:`~hessinv.SingularError` when ``H + eps I`` is singular.
 
     >>> FixedDamping(0.1).init()
     {}
@@ -288,6 +289,17 @@ class FixedDamping(DampingRule):
     def propose(self, sweeps: Sweeps, gradient: Tensor, state: State) -> Proposal:
         eps = self.damping * sweeps.unit  # in the units of the model the sweeps' operator is of
         F = sweeps.factor(eps)
+        if not F.positive_definite and not getattr(self, "_warned", False):
+            # once per rule: a review passed damping=1e-2 to Newton on mini-batches (it selects this rule)
+            # and every one of 100 steps met an indefinite H + eps I; the loss rose to 7e4 unremarked
+            self._warned = True
+            warnings.warn(
+                f"FixedDamping({self.damping:g}): H + eps I is indefinite ({F.inertia.negative} negative "
+                "eigenvalues), so the step -(H + eps I)^-1 g may go uphill, and every step is taken; "
+                "damping='trust-region' (Newton's default) never steps uphill, and a larger eps or "
+                "curvature='gauss_newton' gives a positive definite system",
+                stacklevel=2,
+            )
         return Proposal(-sweeps.solve(F, gradient), eps, F)
 
     def accept(self, rho: float) -> bool:
