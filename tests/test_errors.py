@@ -750,3 +750,20 @@ def test_dense_matrices_beyond_memory_are_named(monkeypatch):
         la.posterior_covariance()
     monkeypatch.undo()
     assert torch.equal(H.to_dense(), dense)
+
+
+def test_a_zero_gauss_newton_matrix_warns_once_per_optimizer():
+    """The warning above, from an optimizer's curvature refreshes: once, not once per refresh (L1Loss
+    is a generic loss stage, whose catch_warnings() reset Python's once-per-location registry: 20 copies
+    in 200 steps, found by a review)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    X, T = torch.randn(200, 6), torch.randn(200, 3)
+    opt = hessinv.optim.Newton(net, nn.L1Loss(), seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for k in range(0, 200, 8):  # 25 steps on new batches: 3 curvature refreshes
+            opt.step(X[k : k + 8], T[k : k + 8])
+    zero = [w for w in caught if "Gauss-Newton matrix is zero" in str(w.message)]
+    assert opt.preconditioner is not None and opt.preconditioner.state["refreshes"] >= 3
+    assert len(zero) == 1

@@ -1551,7 +1551,11 @@ class Chain:
             and loss_blocks.softmax_p is None
             and not bool(loss_blocks._Lam.any())
             and bool(loss_blocks.G.any())
+            and not self.__dict__.get("_warned_zero_gauss_newton")
         ):
+            # once per chain (an optimizer's refreshes share it): Python's once-per-location rule does not
+            # hold here, since a generic stage's catch_warnings() resets the registry (20 copies in 200 steps)
+            self._warned_zero_gauss_newton = True
             warnings.warn(
                 f"{loss_stage.name}: the loss's second derivative in the model's outputs is zero on this "
                 "batch (a loss linear in them: KLDivLoss or NLLLoss on log-probabilities computed inside a "
