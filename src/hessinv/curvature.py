@@ -909,8 +909,9 @@ class CurvatureOperator:
         dense ``eigh`` at once (``n <= 4096``). ``H = 0``: zero values and the first ``k`` unit
         vectors, certified only for ``k = n``.
         A residual beyond ``sqrt(max(tol, u)) ||H||`` (Lanczos through a float32 factorization at a shift
-        on an eigenvalue can resolve a pair that poorly) reruns with dense ``eigh`` up to ``n = 4096``;
-        larger operators return such pairs uncertified, with an :class:`AccuracyWarning`.
+        on an eigenvalue can resolve a pair that poorly) reruns with dense ``eigh`` up to ``n = 4096``,
+        before any count; pairs still that inaccurate (above that size) are returned uncertified, with an
+        :class:`AccuracyWarning`.
         ``tol``: relative accuracy asked of ARPACK. ARPACK gets 100 restarts; where it does not
         converge (or ``k > n / 8``) eigenvalues of ``n <= 4096`` come from dense ``eigh`` (then
         certified the same way), larger ones raise :class:`~hessinv.errors.ConvergenceError`.
@@ -1004,31 +1005,33 @@ class CurvatureOperator:
             pad = max(delta + float(res.max()), floor)
             if ends == "smallest":
                 vals, vecs, res = vals[:k], vecs[:, :k], res[:k]
+            elif ends == "largest":
+                vals, vecs, res = vals[-k:], vecs[:, -k:], res[-k:]
+            else:  # nearest the asked sigma (the factorization's s may have moved off an eigenvalue)
+                assert sigma is not None
+                idx = torch.argsort((vals - sigma).abs())[:k].sort().values
+                vals, vecs, res = vals[idx], vecs[:, idx], res[idx]
+            if float(res.max()) > reach and ns > 0 and n <= _DENSE_EIG_MAX:
+                # a residual beyond the accuracy asked: Lanczos through a float32 factorization at a
+                # shift on (or next to) an eigenvalue resolved a pair poorly (a value 1e-2 ||H|| off,
+                # returned uncertified and unflagged before): dense, before any count
+                dense = True
+                continue
+            # (the counts are exact or flagged -- see _count -- whatever the shift factorization's
+            # own certificate: it only preconditions Lanczos)
+            if ends == "smallest":
                 lo, hi = s, float(vals[-1]) + pad
                 count = self._count_below(hi)
                 sweeps += 1
             elif ends == "largest":
-                vals, vecs, res = vals[-k:], vecs[:, -k:], res[-k:]
                 lo, hi = float(vals[0]) - pad, s
                 count = n - self._count_below(lo)
                 sweeps += 1
             else:
-                # nearest the asked sigma (the factorization's s may have moved off an eigenvalue)
-                assert sigma is not None
-                idx = torch.argsort((vals - sigma).abs())[:k].sort().values
-                vals, vecs, res = vals[idx], vecs[:, idx], res[idx]
                 r = float((vals - sigma).abs().max()) + pad
                 lo, hi = sigma - r, sigma + r
                 count = self._count_below(hi) - self._count_below(lo)
                 sweeps += 2
-            # (the counts are exact or flagged -- see _count -- whatever the shift factorization's
-            # own certificate: it only preconditions Lanczos)
-            if float(res.max()) > reach and ns > 0 and n <= _DENSE_EIG_MAX:
-                # a residual beyond the accuracy asked: Lanczos through a float32 factorization at a
-                # shift on (or next to) an eigenvalue resolved a pair poorly (a value 1e-2 ||H|| off,
-                # returned uncertified and unflagged before), and its interval's count means little: dense
-                dense = True
-                continue
             certified = True
             if count == k:
                 break
@@ -1196,7 +1199,9 @@ class CurvatureOperator:
         targets = self.targets.to(dtype) if self.targets.is_floating_point() else self.targets
         inputs = self.inputs.to(dtype) if self.inputs.is_floating_point() else self.inputs  # token ids stay
         try:
-            return type(self)(model, loss_in_dtype(self.loss_fn, dtype), inputs, targets)
+            with warnings.catch_warnings():  # (said once already, by this operator's own construction)
+                warnings.filterwarnings("ignore", message=".*Gauss-Newton matrix is zero")
+                return type(self)(model, loss_in_dtype(self.loss_fn, dtype), inputs, targets)
         except HessinvError as e:
             # (a cast in forward -- x.float(), a no-op in the model's own dtype -- is refused in the copy:
             # a float64 model would be refused too, so the remedy is to remove the cast)

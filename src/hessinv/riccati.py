@@ -109,9 +109,11 @@ class Pivot:
     - ``perturb`` (factorizations for solves, :class:`~hessinv.Factorization`): static pivot perturbation as
       in sparse direct solvers (MUMPS, SuperLU_DIST, PARDISO): each such eigenvalue of a ``D`` block is
       replaced by ``sign * tau`` with ``tau = p u max(max|Qxx|, hscale)`` (:data:`PERTURB_THRESHOLD` overrides
-      ``p u``), so the sweep factors a matrix within about ``max|L|^2 tau`` of ``H + eps I`` (Bunch-Kaufman's
-      lower form, whose ``L`` stays small on graded pivots: :func:`hessinv.linalg.ldl`); solves are
-      recovered by iterative refinement or a Krylov method
+      ``p u``), so the sweep factors a matrix within about ``max|L|^2 tau`` of ``H + eps I`` (Bunch-Kaufman
+      does not bound ``L``: a pivot to perturb whose ``L`` has an entry above :data:`PERTURB_MAX_L` is also
+      factored in the reversed order, and the smaller ``L`` kept -- a graded pivot eliminated from its small
+      end gave 1.5e7, from its large end 1e2); solves are recovered by iterative refinement or a Krylov
+      method
       preconditioned by the perturbed factorization. ``perturbed`` counts the replaced eigenvalues (the
       inertia is then no longer certified).
     - ``strict`` without ``perturb``: an eigenvalue of ``D`` below ``p * u * max|Qxx|`` raises
@@ -207,6 +209,17 @@ class Pivot:
                     stage=self.stage,
                     damping=self.damping,
                 )
+            if lo < tau and self.p > 1 and _maxabs_np(T) > PERTURB_MAX_L:
+                # the perturbation is scaled by L's entries, which Bunch-Kaufman does not bound: on a
+                # graded, nearly rank-deficient pivot the elimination order decides (small end first:
+                # max|L| 1.5e7, the perturbed solve's residual 1.0; large end first: below 1): the
+                # reversed order too, keeping the smaller L (P^T J Q J P = T D T^T: Q's perm = p-1-perm)
+                Tr, pr, dr, er, kr = linalg.ldl(Qc.flip(0, 1))
+                if _maxabs_np(Tr) < _maxabs_np(T):
+                    T, perm, d, e, k = Tr, (self.p - 1) - pr, dr, er, kr
+                    ev = _block_eigenvalues(d, e, k)
+                    aev = np.abs(ev)
+                    lo = float(aev.min())
             if lo < tau:
                 d, e, ev, self.perturbed = _map_blocks(
                     d, e, k, ev, lambda x: np.where(np.abs(x) < tau, np.where(x < 0, -tau, tau), x)
@@ -332,6 +345,17 @@ class Pivot:
         W, Wl, scale = _normalize(W, Wl, Qzz, 1.0 if self.cholesky else 1.5 * self.top)
         S = _sym_update(Qzz, Wl, W, scale, overwrite)
         return flush_negligible(S, _diagmax(S), inplace=True)
+
+
+#: a pivot to be perturbed whose factor has an entry above this is also factored in the reversed order
+#: (:meth:`Pivot._factor_indefinite`)
+PERTURB_MAX_L = 1e3
+
+
+def _maxabs_np(T: np.ndarray) -> float:
+    """``max |T_ij|`` over the strict lower triangle of a unit lower triangular factor (its upper
+    triangle and diagonal hold other numbers: :func:`hessinv.linalg.ldl`)."""
+    return float(np.abs(np.tril(T, -1)).max()) if T.shape[0] > 1 else 0.0
 
 
 def _block_eigenvalues(d: np.ndarray, e: np.ndarray, k: np.ndarray) -> np.ndarray:

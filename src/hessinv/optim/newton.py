@@ -96,7 +96,7 @@ _MODES = ("auto", "trust-region", "precondition")
 DIAGONAL_DAMPING = 200.0
 #: ``mode="auto"`` takes the trust region for full-batch training only where one factorization costs at
 #: most this (a few tenths of a second on one core, a trust-region step spending 2-4; the memorization
-#: benchmark's: 1.3e8; a 30-16-2 MLP on 455 examples, 1.1e9, took 1.7-2.7 s per step, 1300-2000x Adam's)
+#: benchmark's: 1.3e8; a 30-16-2 MLP on 455 examples, 1.9e9, took 1.7-2.7 s per step, 1300-2000x Adam's)
 TRUST_REGION_MAX_FLOPS = 3e8
 #: ``mode="auto"`` leaves the trust region for preconditioning when its radius falls below this times
 #: ``sqrt(u) max(1, ||x||)``: steps that small change the loss by rounding-level amounts, and the quadratic
