@@ -1142,3 +1142,23 @@ def test_a_small_model_on_a_large_batch_takes_the_dense_route():
     F = H.factor(1e-3)
     x = F.solve(H.gradient)
     torch.testing.assert_close((Hd + 1e-3 * torch.eye(193, dtype=torch.float64)) @ x, H.gradient)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_reversed_order_factor_of_a_perturbed_pivot(monkeypatch, seed):
+    """The reversed-order Bunch-Kaufman of a pivot to perturb (taken where the forward factor has an
+    entry above PERTURB_MAX_L; forced here by a bound of 0): its permutation maps back to Q's order,
+    P^T Q P = L D L^T within the perturbation, and a consistent system is solved."""
+    monkeypatch.setattr(ric, "PERTURB_MAX_L", 0.0)
+    g = torch.Generator().manual_seed(seed)
+    V = torch.randn(24, 8, generator=g, dtype=torch.float64)
+    Q = V @ torch.diag(torch.randn(8, generator=g, dtype=torch.float64)) @ V.T  # rank 8, indefinite
+    piv = Pivot(Q.clone(), 0, "q", 0.0, perturb=True, cholesky_first=False)
+    assert piv.perturbed == 16
+    L = piv.L.tril(-1) + torch.eye(24, dtype=torch.float64)
+    Dinv = piv._dsolve(torch.eye(24, dtype=torch.float64))
+    Qp = Q[piv.perm][:, piv.perm]
+    tau = ric._perturb_tau(torch.float64, float(Q.abs().max()), 24)
+    assert float((L @ torch.linalg.inv(Dinv) @ L.T - Qp).abs().max()) <= 10 * tau * float(L.abs().max()) ** 2
+    b = Q @ torch.randn(24, 1, generator=g, dtype=torch.float64)
+    assert float((Q @ piv.solve(b) - b).norm() / b.norm()) < 1e-6
