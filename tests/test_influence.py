@@ -210,6 +210,8 @@ def test_influence_after_the_weights_moved_and_numpy_vectors_are_named():
         inf.influences(X[:2], y[:2])
     with pytest.raises(InvalidArgumentError, match="parameters changed since"):
         inf.self_influence(X[:2], y[:2])
+    with pytest.raises(InvalidArgumentError, match="parameters changed since"):
+        inf.self_influence()  # (the stored training gradients: the fit point's values, silently, before)
     assert inf.fit(X, y).influences(X[:2], y[:2]).shape == (2, 12)
 
 

@@ -254,7 +254,7 @@ def test_prior_mean_checked_again_at_fit_when_parameters_were_frozen():
         (
             lambda la, X: Laplace(la.model, "classification", prior_precision=torch.ones(5)),
             InvalidArgumentError,
-            "prior_precision must be a real number",
+            "prior_precision must be one positive number",
         ),
         (
             lambda la, X: la.log_marginal_likelihood(prior_precision="1"),
@@ -553,3 +553,12 @@ def test_regression_targets_of_minus_100_are_values():
     la = Laplace(net, "regression").fit(X, y.double())
     assert math.isfinite(la.log_marginal_likelihood())
     Laplace(net, "regression").fit(X, y)
+
+
+def test_a_per_parameter_prior_precision_is_refused_briefly():
+    """A tensor prior precision (laplace-torch takes per-parameter ones) is refused by name and shape --
+    the message printed the whole tensor before (a review)."""
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    with pytest.raises(InvalidArgumentError, match=r"shape \(38,\): per-parameter") as e:
+        Laplace(net, "classification", prior_precision=torch.ones(38, dtype=torch.float64))
+    assert len(str(e.value)) < 200

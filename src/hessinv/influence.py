@@ -398,6 +398,10 @@ class InfluenceFunction:
         if inputs is None:
             if self.train_gradients is None:
                 raise NotFittedError("call fit(inputs, targets) first")
+            # the stored gradients are the fit point's, like the factorization: a moved model gets the same
+            # named error as influences() (self_influence() returned the fit point's values silently)
+            if self.operator is not None and self._at is not None:
+                self.operator.chain.check_params(self._at, "the influence function", self._buffers)
             return self.train_gradients
         return self._gradients(inputs, targets)
 

@@ -138,6 +138,11 @@ class Laplace:
 
     @staticmethod
     def _positive(v: float, name: str) -> float:
+        if isinstance(v, Tensor) and v.dim() > 0 and v.numel() > 1:  # (check_real would print all of it)
+            raise InvalidArgumentError(
+                f"{name} must be one positive number (an isotropic prior / noise), got a tensor of shape "
+                f"{tuple(v.shape)}: per-parameter values are not supported"
+            )
         v = check_real(v, name)
         if not (v > 0 and math.isfinite(v)):
             raise InvalidArgumentError(f"{name} must be a positive number, got {v}")

@@ -536,8 +536,9 @@ def load_dataset(
         numeric = yy.dtype.kind in "biuf"
         if unseen:
             shown = ", ".join(map(str, unseen[:5])) + (", ..." if len(unseen) > 5 else "")
-            # numbers with many distinct values (an age, a count): maybe targets
-            many = numeric and len(np.unique(yy)) > min(len(yy) // 2, 20)
+            # numbers with many distinct values (an age, a count): maybe targets -- not said of a handful of
+            # examples (2 examples of 2 classes were told --task regression; a review)
+            many = numeric and len(yy) >= 10 and len(np.unique(yy)) > min(len(yy) // 2, 20)
             raise DataError(
                 f"{label}: the test labels have classes the training labels do not ({shown}), which a "
                 "classifier cannot learn; "
