@@ -477,6 +477,8 @@ def test_predictives_of_outputs_n_and_of_token_ids():
     glm_mu, glm_var = la(X[:3])
     assert mu.shape == var.shape == glm_var.shape == (3,)
     torch.testing.assert_close(var, glm_var, rtol=0.15, atol=0.0)  # a 4000-sample estimate
+    with pytest.raises(InvalidArgumentError, match="at least 2"):  # one draw has no spread (it gave 0)
+        la(X[:3], pred_type="nn", n_samples=1)
 
     emb = torch.nn.Sequential(torch.nn.Embedding(6, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
     ids, labels = torch.arange(12) % 6, torch.arange(12) % 2

@@ -437,6 +437,12 @@ class Laplace:
                 return torch.softmax(f, dim=-1).mean(0)
             raise InvalidArgumentError(f"link_approx must be 'probit' or 'mc', got {link_approx!r}")
         if pred_type == "nn":
+            if self.likelihood == "regression" and self._count(n_samples, "n_samples") < 2:
+                # (one draw has no spread: its sample variance came out exactly 0, unremarked -- a review)
+                raise InvalidArgumentError(
+                    "pred_type='nn' estimates a regression's predictive variance from the samples' spread: "
+                    f"n_samples must be at least 2, got {n_samples}"
+                )
             with torch.no_grad():
                 fs = torch.stack([self._outputs(X, th) for th in self.sample(n_samples, generator)])
             if self.likelihood == "classification":
