@@ -398,8 +398,9 @@ class Laplace:
         of shape (N,); add ``sigma_noise^2`` for the predictive of ``y``); classification returns class
         probabilities with ``link_approx`` ``"probit"`` (``softmax(f_mu / sqrt(1 + pi/8 diag f_var))``)
         or ``"mc"`` (mean softmax of ``n_samples`` draws of ``f``). ``pred_type="nn"``: the network at
-        ``n_samples`` posterior samples of the parameters (mean probabilities; or output mean and
-        covariance for regression). Outputs of shape (N, C, T) (per position) are refused here.
+        ``n_samples`` posterior samples of the parameters (mean probabilities; or output mean and sample
+        covariance for regression, ``n_samples >= 2``). Outputs of shape (N, C, T) (per position) are
+        refused here.
         """
         self._op().chain.check_params(self.mean, "the Laplace approximation", self._buffers)
         if not isinstance(X, Tensor):
