@@ -26,8 +26,8 @@ eigenvalues replaced by their absolute value (:meth:`hessinv.Hessian.factor` wit
 a positive definite ``L |D| L^T`` equal to ``H + lambda I`` wherever that is positive definite). Its
 direction is not scaled like the Gauss-Newton default's (an Adam step of size ``1 / delta`` off the
 curvature): it is clipped to the norm ``||g|| / lambda``, so where the curvature is small or the
-factorization ill-conditioned across stages it is a gradient step of length ``||g|| / lambda`` -- choose
-the optimizer's learning rate for that (with ``lambda = 1``, SGD with ``lr = 1`` and momentum 0.9
+factorization ill-conditioned across stages its length is that of a gradient step of size ``1 / lambda``
+-- choose the optimizer's learning rate for that (with ``lambda = 1``, SGD with ``lr = 1`` and momentum 0.9
 diverged on a small ReLU CNN whose every step was clipped; a review).
 
 The same object serves two uses: :class:`hessinv.optim.Newton` (momentum, then this preconditioner)
