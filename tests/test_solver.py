@@ -1137,6 +1137,8 @@ def test_a_small_model_on_a_large_batch_takes_the_dense_route():
     sizes, widths = [b.p for b in H.blocks[:-1]], [b.d_in for b in H.blocks[:-1]]
     chain, dense = hc._factorization_costs(sizes, widths, [442] * len(sizes))
     assert chain > 3 * dense and hc.factorization_flops(sizes, widths, 442) == dense
+    # (another device keeps the previous floor, 1e9 flops: not measured there)
+    assert hc.factorization_flops(sizes, widths, 442, cpu=False) == chain < hc.DENSE_ROUTE_MIN_FLOPS_DEVICE
     assert len(H._swept().blocks) == 1  # the dense view
     _, Hd = autograd_gradient_hessian(net, nn.MSELoss(), X, t)
     F = H.factor(1e-3)

@@ -173,12 +173,16 @@ DENSE_ROUTE_MAX_N = 6144
 #: (n = 193, ``a = 7072`` activations at its last stage: 8.6e8 modelled flops, mostly memory-bound passes
 #: over ``a^2`` numbers) took 0.83 s per factorization and solve by the sweep, 11 ms by the dense route
 DENSE_ROUTE_MIN_FLOPS = 1e7
+#: ... on other devices (not measured there: the rule before 2026-12-04, when a dense indefinite ``H``
+#: is factored on the CPU -- the pivots' ``LDL^T`` bookkeeping runs in numpy -- after a copy off the device)
+DENSE_ROUTE_MIN_FLOPS_DEVICE = 1e9
 
 
-def _dense_route(chain: float, dense: float, n: int) -> bool:
+def _dense_route(chain: float, dense: float, n: int, cpu: bool = True) -> bool:
     """Whether a factorization takes the dense route, by the modelled flops of the chain's sweep and of
-    the dense route (:func:`_factorization_costs`) and the size ``n``."""
-    return n <= DENSE_ROUTE_MAX_N and chain > DENSE_ROUTE_MIN_FLOPS and chain > 3 * dense
+    the dense route (:func:`_factorization_costs`), the size ``n`` and the device (CPU or not)."""
+    floor = DENSE_ROUTE_MIN_FLOPS if cpu else DENSE_ROUTE_MIN_FLOPS_DEVICE
+    return n <= DENSE_ROUTE_MAX_N and chain > floor and chain > 3 * dense
 
 
 def _factorization_costs(
@@ -198,13 +202,13 @@ def _factorization_costs(
     return chain, n**3 / 3 + n * sum(8.0 * p * b for p, b in zip(sizes, batches, strict=True))
 
 
-def factorization_flops(sizes: Sequence[int], widths: Sequence[int], batch: int) -> float:
+def factorization_flops(sizes: Sequence[int], widths: Sequence[int], batch: int, cpu: bool = True) -> float:
     """The flops of one factorization of a chain's curvature on ``batch`` examples, before any is built
     (:func:`_factorization_costs`): the Riccati sweep's, or the dense route's where the factorization
-    takes it (:func:`_dense_route`; :meth:`CurvatureOperator._swept` also takes it where the sweep would
-    not fit in memory)."""
+    takes it (:func:`_dense_route`, on the CPU or, ``cpu=False``, another device;
+    :meth:`CurvatureOperator._swept` also takes it where the sweep would not fit in memory)."""
     chain, dense = _factorization_costs(sizes, widths, [batch] * len(sizes))
-    return dense if _dense_route(chain, dense, sum(sizes)) else chain
+    return dense if _dense_route(chain, dense, sum(sizes), cpu) else chain
 
 
 class _DenseMatrixBlocks(Blocks):
@@ -343,7 +347,7 @@ class CurvatureOperator:
         chain_flops, dense_flops = _factorization_costs(
             [b.p for b in stages], [b.d_in for b in stages], [b.batch for b in stages]
         )
-        if _dense_route(chain_flops, dense_flops, n):
+        if _dense_route(chain_flops, dense_flops, n, self.device.type == "cpu"):
             return True
         try:
             check_memory(self.blocks, self._names, self.dtype, self.device)

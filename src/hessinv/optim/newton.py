@@ -836,7 +836,8 @@ class Newton(torch.optim.Optimizer):
         with torch.no_grad():
             zs = self.chain.forward(inputs[:1])
         widths = [int(z[0].numel()) for z in zs[:-1]]
-        return factorization_flops(self.chain.sizes, widths, batch) <= TRUST_REGION_MAX_FLOPS
+        cpu = self.chain.device.type == "cpu"
+        return factorization_flops(self.chain.sizes, widths, batch, cpu) <= TRUST_REGION_MAX_FLOPS
 
     def _run_closure(
         self, closure: Callable[[], Any], inputs: Tensor | None, targets: Tensor | None
