@@ -161,6 +161,12 @@ def test_labels_the_split_hides_get_the_split_advice(tmp_path):
         except DataError as e:
             messages.append(str(e))
     assert messages and all("test labels have classes the training labels do not" in m for m in messages)
+    # a handful of examples is not told its labels might be targets (2 examples of 2 classes were; a review)
+    two = tmp_path / "two.csv"
+    two.write_text("0.5,0\n1.5,1\n")
+    with pytest.raises(DataError, match="classes the training labels do not") as e:
+        load_dataset(str(two), test_fraction=0.5, seed=0)
+    assert "--task regression" not in str(e.value)
     ints = tmp_path / "ints.csv"
     ints.write_text("".join(f"{i * 0.1},{i * 7 + 3}\n" for i in range(60)))
     with pytest.raises(DataError, match="--task regression"):
