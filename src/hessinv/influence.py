@@ -140,7 +140,10 @@ def per_example_gradients(
     gradient of example ``i``'s own loss in the trainable parameters (``parameters_to_vector`` order),
     ``chunk`` examples at a time: by one batched backward pass through the chain where every stage
     has a per-example form (:meth:`hessinv.Chain.per_example_gradients`; ``chain``: the model's, if
-    already built), else vectorized with ``torch.func.vmap(grad)``."""
+    already built), else vectorized with ``torch.func.vmap(grad)``. A loss with class weights and the mean
+    reduction (``CrossEntropyLoss(weight=w)``, ``NLLLoss(weight=w)``) divides one example's weighted loss
+    by its own weight: its rows are those of the unweighted loss, while a curvature of the batch keeps the
+    weights -- for scores of the weighted objective, use ``reduction="sum"`` (rows ``w_i grad l_i``)."""
     chunk = _check_chunk(chunk)
     for t, what in ((inputs, "inputs"), (targets, "targets")):
         if not isinstance(t, Tensor) or t.dim() < 1 or len(t) == 0:
