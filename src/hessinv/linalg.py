@@ -255,12 +255,12 @@ def ldl(Q: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.n
     Where :func:`_scipy_ready`, scipy's ``sytrf`` reads the lower triangle of the Fortran-ordered ``Q^T``
     -- a C-ordered ``Q`` taken as it lies in memory, without a transposing copy: ``Q``'s upper triangle
     (0.29 ms at n = 256 against 0.74 ms for torch's ``ldl_factor_ex``, which reads the lower triangle,
-    elsewhere). LAPACK's ``sytrf`` stores the factor as
-    a product of permutations and elementary factors; ``syconv`` applies the permutations to its columns,
-    so that one permutation and one unit triangular matrix remain (``sytrs2``'s form), solvable with
-    ``trsm``. The lower form: ``T`` comes out column-major, the layout in which a right-sided ``trsm`` with
-    ``T^T`` (the Schur complement's) runs at Cholesky's speed -- OpenBLAS's kernel for the upper form's
-    ``T`` in row-major order is 1.3x slower. Bunch–Kaufman does not bound ``T``'s entries: on graded,
+    elsewhere). LAPACK's ``sytrf`` stores the factor as a product of permutations and elementary factors;
+    ``syconv`` applies the permutations to its columns, so that one permutation and one unit triangular
+    matrix remain (``sytrs2``'s form), solvable with ``trsm``. The lower form: ``T`` comes out
+    column-major, the layout in which a right-sided ``trsm`` with ``T^T`` (the Schur complement's) runs at
+    Cholesky's speed -- OpenBLAS's kernel for the upper form's ``T`` in row-major order is 1.3x slower.
+    Bunch–Kaufman does not bound ``T``'s entries: on graded,
     nearly rank-deficient matrices eliminated from the small end they reach 1e7 (from the large end,
     below 1e2), and a perturbed pivot (static pivoting) moves the factored matrix by about ``max|T|^2
     tau`` -- :class:`~hessinv.riccati.Pivot` factors such a pivot in the reversed order too.

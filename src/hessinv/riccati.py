@@ -209,13 +209,14 @@ class Pivot:
                     stage=self.stage,
                     damping=self.damping,
                 )
-            if lo < tau and self.p > 1 and _maxabs_np(T) > PERTURB_MAX_L:
+            tmax = _maxabs_np(T) if lo < tau else 0.0
+            if tmax > PERTURB_MAX_L:
                 # the perturbation is scaled by L's entries, which Bunch-Kaufman does not bound: on a
                 # graded, nearly rank-deficient pivot the elimination order decides (small end first:
                 # max|L| 1.5e7, the perturbed solve's residual 1.0; large end first: below 1): the
                 # reversed order too, keeping the smaller L (P^T J Q J P = T D T^T: Q's perm = p-1-perm)
                 Tr, pr, dr, er, kr = linalg.ldl(Qc.flip(0, 1))
-                if _maxabs_np(Tr) < _maxabs_np(T):
+                if _maxabs_np(Tr) < tmax:
                     T, perm, d, e, k = Tr, (self.p - 1) - pr, dr, er, kr
                     ev = _block_eigenvalues(d, e, k)
                     aev = np.abs(ev)
