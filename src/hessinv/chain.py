@@ -35,7 +35,6 @@ import math
 import numbers
 import operator
 import threading
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -55,6 +54,7 @@ from hessinv.errors import (
     NotAChainError,
     ShapeMismatchError,
     UnsupportedStageError,
+    warn,
 )
 from hessinv.stages import (
     Blocks,
@@ -1556,13 +1556,12 @@ class Chain:
             # once per chain (an optimizer's refreshes share it): Python's once-per-location rule does not
             # hold here, since a generic stage's catch_warnings() resets the registry (20 copies in 200 steps)
             self._warned_zero_gauss_newton = True
-            warnings.warn(
+            warn(
                 f"{loss_stage.name}: the loss's second derivative in the model's outputs is zero on this "
                 "batch (a loss linear in them: KLDivLoss or NLLLoss on log-probabilities computed inside a "
                 "stage, L1Loss, HuberLoss beyond delta; or saturated outputs), so its Gauss-Newton matrix "
                 "is zero: the curvature is the Hessian's or none (cross-entropy on logits, a smooth loss)",
                 UserWarning,
-                stacklevel=4,
             )
         blocks: list[Blocks] = [loss_blocks]
         b = torch.ones(1, 1, 1, dtype=self.dtype, device=self.device)

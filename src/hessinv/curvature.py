@@ -41,6 +41,7 @@ from hessinv.errors import (
     ShapeMismatchError,
     SingularError,
     TooLargeError,
+    warn,
 )
 from hessinv.lowrank import WoodburyFactor, gauss_newton_root
 from hessinv.riccati import (
@@ -583,12 +584,11 @@ class CurvatureOperator:
             tol = floor
         tol = _check_tol(tol, allow_zero=True)
         if 0 < tol < 0.5 * floor:
-            warnings.warn(
+            warn(
                 f"inertia(tol={tol:g}): next to a cluster of eigenvalues the sweep's counts are exact only "
                 f"up to about sqrt(u) ||H|| = {floor:.2g}: eigenvalues within that distance of shift +- tol "
                 "may be counted on the wrong side (use the default tol)",
                 AccuracyWarning,
-                stacklevel=2,
             )
 
         self._count_doubt = False
@@ -608,17 +608,16 @@ class CurvatureOperator:
         neg, pos = self._counts(shift + tol, 1.0).negative, self._counts(shift - tol, -1.0).positive
         return Inertia(neg, self.shape[0] - neg - pos, pos), tol
 
-    def _warn_count_doubt(self, what: str, stacklevel: int = 3) -> None:
+    def _warn_count_doubt(self, what: str) -> None:
         """The :class:`AccuracyWarning` for counts whose sweep had a pivot conditioned below ``sqrt(u)``
         on a system too large to recount densely (:meth:`_count` sets ``_count_doubt``)."""
         if self._count_doubt:
             self._count_doubt = False
-            warnings.warn(
+            warn(
                 f"{what}: a pivot of the Riccati sweep is conditioned below sqrt(u), so eigenvalues within "
                 f"about u ||H|| / (its conditioning) of the shift may be counted on the wrong side (n = "
                 f"{self.shape[0]} is above the dense recount's {DENSE_FALLBACK_N}); move the shift",
                 AccuracyWarning,
-                stacklevel=stacklevel,
             )
 
     def _count_below(self, x: float) -> int:
@@ -1070,14 +1069,13 @@ class CurvatureOperator:
         accurate = float(res.max()) <= reach
         certified = certified and count == k and not doubt and accurate
         if not accurate:
-            warnings.warn(
+            warn(
                 AccuracyWarning(
                     f"eigenpairs: residual |H v - lambda v| up to {float(res.max()):.2g} (||H|| ~ "
                     f"{scale:.2g}), beyond the {reach:.2g} asked (tol={tol:g}); the values are Rayleigh "
                     "quotients, each within its residual of an eigenvalue -- not certified (use a float64 "
                     "model, or another sigma)"
-                ),
-                stacklevel=2,
+                )
             )
         return Eigenpairs(vals, vecs, res, (lo, hi), certified, sweeps, solves)
 
@@ -1652,13 +1650,12 @@ class Factorization:
                 damping=self.damping if isinstance(self.damping, float) else None,
             )
         if not self._well_pivoted():
-            warnings.warn(
+            warn(
                 f"logdet at damping {self._damping_text()}: a Riccati pivot is ill-conditioned beyond "
                 "sqrt(u) (the sweep does not pivot across stages), so the log-determinant carries an error "
                 "of up to about u cond(H + eps I)^2 (0.35 at cond 1e9 on a LayerNorm chain); choose a larger "
                 "damping",
                 AccuracyWarning,
-                stacklevel=2,
             )
         return float(sum(f.pivot.logdet() for f in self.factors if f is not None))
 
@@ -1758,13 +1755,12 @@ class Factorization:
         :class:`SingularError` where the dense matrix has no Cholesky factor (positive definite only to
         rounding)."""
         if self.op.shape[0] > DENSE_FALLBACK_N:
-            warnings.warn(
+            warn(
                 f"{what} at damping {self._damping_text()}: a Riccati pivot was perturbed or is "
                 "ill-conditioned beyond sqrt(u) (the sweep does not pivot across stages), so the square "
                 f"root is that of a nearby matrix (n = {self.op.shape[0]} is above the dense fallback's "
                 f"{DENSE_FALLBACK_N}); choose a larger damping",
                 AccuracyWarning,
-                stacklevel=3,
             )
             return None
         if getattr(self, "_dense_chol", None) is None:
@@ -1998,10 +1994,9 @@ class Factorization:
                 "and the solution back up"
             )
         if rel > math.sqrt(torch.finfo(self.op.dtype).eps):
-            warnings.warn(
+            warn(
                 f"solve at damping {self._damping_text()} reached relative residual {rel:.2e} only",
                 AccuracyWarning,
-                stacklevel=2,
             )
         X = X64.to(self.op.dtype)
         if X.dtype != torch.float64:
@@ -2437,11 +2432,10 @@ class WoodburyFactorization(Factorization):
             if idx.numel() <= self.woodbury.rank + SMALL_DAMPING_ROWS:
                 apart = self._solver()  # (where it failed, the SingularError again)
                 return (apart if apart is not self.woodbury else self._factor_apart()).logdet()
-            warnings.warn(
+            warn(
                 f"{idx.numel()} entries of the per-parameter damping are zero or far smaller relative to "
                 "G's diagonal than the others (below 1e-3 of their median ratio), more than are factored "
                 "apart: log|det| may lose digits to cancellation",
                 AccuracyWarning,
-                stacklevel=2,
             )
         return self.woodbury.logdet()

@@ -39,6 +39,11 @@ NotFittedError             a fitted object (an influence function, a Laplace pos
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
+import warnings
+
 __all__ = [
     "HessinvError",
     "UnsupportedStageError",
@@ -137,3 +142,26 @@ class NotFittedError(HessinvError, RuntimeError):
 
 class AccuracyWarning(UserWarning):
     """A solve whose relative residual stayed above the expected accuracy after refinement."""
+
+
+@functools.lru_cache(maxsize=1)
+def _library_files() -> tuple[str, ...]:
+    """Path prefixes of the frames :func:`warn` passes over: hessinv's, and torch's and ``contextlib``'s
+    (decorators such as ``torch.no_grad()`` wrap the library's calls)."""
+    import contextlib
+
+    import torch
+
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    return here, os.path.dirname(os.path.abspath(torch.__file__)) + os.sep, contextlib.__file__
+
+
+def warn(message: str | Warning, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside hessinv (the user's line, whatever depth
+    of the library the warning comes from), so that Python shows the line to change and its
+    once-per-location rule counts the user's call sites, not the library's."""
+    skip = _library_files()
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -53,6 +52,7 @@ from hessinv.errors import (
     NotFittedError,
     ShapeMismatchError,
     UnsupportedStageError,
+    warn,
 )
 from hessinv.riccati import Inertia
 
@@ -363,11 +363,10 @@ class InfluenceFunction:
         fac = op.factor(self.damping, precision=self.precision)
         grads = per_example_gradients(self.model, self.loss_fn, inputs, targets, chain=op.chain)
         if not fac.positive_definite:
-            warnings.warn(
+            warn(
                 f"H + lambda I (lambda = {self.damping:g}) is indefinite, inertia {tuple(fac.inertia)}: "
                 "the scores are exact for this matrix, but influence functions assume a positive definite "
-                "curvature -- use curvature='gauss_newton' or a larger damping",
-                stacklevel=2,
+                "curvature -- use curvature='gauss_newton' or a larger damping"
             )
         self.operator, self.factorization = op, fac
         self._at, self._buffers = op.chain.flat_params(), op.chain.buffer_values()

@@ -26,14 +26,13 @@ from __future__ import annotations
 import abc
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
 from hessinv.curvature import CurvatureOperator, Factorization
-from hessinv.errors import InvalidArgumentError, NonFiniteError, SingularError
+from hessinv.errors import InvalidArgumentError, NonFiniteError, SingularError, warn
 
 __all__ = ["DampingRule", "LevenbergMarquardt", "FixedDamping", "Proposal", "Sweeps"]
 
@@ -293,12 +292,11 @@ class FixedDamping(DampingRule):
             # once per rule: a review passed damping=1e-2 to Newton on mini-batches (it selects this rule)
             # and every one of 100 steps met an indefinite H + eps I; the loss rose to 7e4 unremarked
             self._warned = True
-            warnings.warn(
+            warn(
                 f"FixedDamping({self.damping:g}): H + eps I is indefinite ({F.inertia.negative} negative "
                 "eigenvalues), so the step -(H + eps I)^-1 g may go uphill, and every step is taken; "
                 "damping='trust-region' (Newton's default) never steps uphill, and a larger eps or "
-                "curvature='gauss_newton' gives a positive definite system",
-                stacklevel=2,
+                "curvature='gauss_newton' gives a positive definite system"
             )
         return Proposal(-sweeps.solve(F, gradient), eps, F)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -37,6 +36,7 @@ from hessinv.errors import (
     ShapeMismatchError,
     TooLargeError,
     UnsupportedStageError,
+    warn,
 )
 from hessinv.stages.protocol import (
     ParameterFreeBlocks,
@@ -166,12 +166,11 @@ def sums_examples(loss_fn: Callable, outputs: Tensor, targets: Tensor) -> bool |
         return False
     if abs(r - 2.0) < 1e-3:
         return True
-    warnings.warn(
+    warn(
         f"{loss_name(loss_fn)}: the loss of a batch taken twice over is {r:.4g}x its loss, neither a mean "
         "over the examples (1x) nor a sum (2x): a curvature batch smaller than the batch is used as for a "
         "mean (pass curvature_batch_size=None for the whole batch's)",
         UserWarning,
-        stacklevel=2,
     )
     return False
 
