@@ -965,7 +965,11 @@ def check_real(x, what: str) -> float:
         x = x.item()
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise InvalidArgumentError(f"{what} must be a real number, got {type(x).__name__} {x!r}")
-    return float(x)
+    try:
+        return float(x)
+    except OverflowError:  # an int beyond float64's range (10**400)
+        digits = len(str(abs(int(x))))
+        raise InvalidArgumentError(f"{what} ({digits} digits) is beyond float64's range") from None
 
 
 class Chain:
@@ -1070,11 +1074,23 @@ class Chain:
             raise InvalidArgumentError(
                 "hessinv needs autograd, which torch.inference_mode() turns off: call it outside that block"
             )
+        if _autocast_on(self.device.type):  # (every step: between curvature refreshes no forward sees it)
+            raise DtypeMismatchError(
+                f"torch.autocast is on for {self.device.type}: it would run the model and hessinv's products "
+                f"in a lower precision than the model's {self.dtype}, and hessinv computes exactly in the "
+                "model's dtype; call it outside the autocast context"
+            )
         for t in self.params:
             if t.dtype != self.dtype or t.device != self.device:
                 raise DtypeMismatchError(
                     f"a parameter is now {t.dtype} on {t.device}; the model was {self.dtype} on "
                     f"{self.device} when this operator/optimizer was built: build it again after model.to()"
+                )
+            if t._backward_hooks:  # (refused at the split too: a hook added since)
+                raise UnsupportedStageError(
+                    "a parameter has a gradient hook (Tensor.register_hook) added after this operator/"
+                    "optimizer was built, which changes what autograd reports; remove it (clip or scale "
+                    "the gradient outside the backward pass)"
                 )
         values = itertools.chain.from_iterable(map(dict.values, self._held))
         if (

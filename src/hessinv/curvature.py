@@ -388,6 +388,14 @@ class CurvatureOperator:
         """``H v`` for ``v`` of shape (n,) or (n, k), in ``O(L)``."""
         V, vec = self._as_matrix(v)
         HV = self._apply(V)
+        if not bool(torch.isfinite(HV).all()):  # an intermediate overflowed: again on V scaled to unit size
+            s = _pow2_scale(V)
+            HV = self._apply(V / s) * s
+            if not bool(torch.isfinite(HV).all()):
+                raise NonFiniteError(
+                    f"H v overflows {self.dtype} (max|v| {float(V.abs().max()):.3g}); H v is linear in v: "
+                    "scale v down and the product back up"
+                )
         return HV[:, 0] if vec else HV
 
     matmul = __matmul__
@@ -1412,7 +1420,8 @@ class Factorization:
             float32 operator's is evaluated in float32, and where ``cond(H + eps I) >~ 1 / u32`` its
             count may differ from the float64 model's. False only where the recount itself had an
             ill-conditioned pivot above ``n = 2048``, or (:class:`MixedFactorization`) for the float32
-            sweep's count. Reading it runs the recount where one is due.
+            sweep's count, and for a factorization whose pivots ``modify`` changed (its counts are the
+            modified matrix's). Reading it runs the recount where one is due.
         perturbed: ``{stage index: number of perturbed pivot eigenvalues}`` (empty if none; below
             float64 only the first such stage: the sweep stops there and the float64 twin takes over).
         positive_definite: whether every pivot is positive definite (unperturbed).
@@ -1452,7 +1461,9 @@ class Factorization:
         self.perturbed: dict[int, int] = {
             l: f.pivot.perturbed for l, f in enumerate(self.factors) if f is not None and f.pivot.perturbed
         }
-        self._certified = not self.perturbed and self._well_pivoted()
+        # (a modified factorization counts its modified pivots: not H + eps I's inertia)
+        changed = modify and any(f.pivot.modified for f in self.factors if f is not None)
+        self._certified = not self.perturbed and not changed and self._well_pivoted()
         self._recount_due = not self._certified and not modify  # the pivots' counts are not exact
         self.last_info: SolveInfo | None = None
         self._f64: Factorization | None = None
@@ -1468,6 +1479,12 @@ class Factorization:
             self.positive_definite = self._f64.positive_definite
         elif self.perturbed:
             self._check_nonsingular()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(damping={self._damping_text()}, n={self.op.shape[0]}, "
+            f"dtype={self.op.dtype}, positive_definite={self.positive_definite})"
+        )
 
     @property
     def inertia(self) -> Inertia:
@@ -1574,7 +1591,13 @@ class Factorization:
                 f"{what} needs the Riccati factorization: factor a scalar damping with "
                 "method='riccati' (a per-parameter damping is factored through Woodbury only)"
             )
-        if self.modified and any(f.pivot.modified for f in self.factors if f is not None):
+        self._unmodified(what)
+
+    def _unmodified(self, what: str) -> None:
+        """Refuse ``what`` where pivots were modified (``modify="abs"``): the factorization is not one of
+        ``H + eps I``."""
+        factors = getattr(self, "factors", None) or ()
+        if self.modified and any(f.pivot.modified for f in factors if f is not None):
             raise InvalidArgumentError(
                 f"{what}: this factorization modified its pivots (modify='abs'), so it is not one of "
                 "H + eps I; factor without modify"
@@ -1592,21 +1615,53 @@ class Factorization:
         R, vector = self.op._as_matrix(v, "v")
         if not vector:
             raise ShapeMismatchError(f"v must have shape ({self.op.shape[0]},); got {tuple(v.shape)}")
+        self._unmodified("inverse_quadratic")
         if self._twin_only:
             assert self._f64 is not None
             return self._f64.inverse_quadratic(R[:, 0].double())
-        if getattr(self, "factors", None) is None or not self._pivots_exact():
+        # v scaled by a power of two (exact) to unit max-norm: a float32 sum of v of 1e19 would overflow
+        # (NaN), of 1e-20 underflow (0); the scale comes back squared in float64
+        s = _pow2_scale(R)
+        if (
+            getattr(self, "factors", None) is None
+            or not self._pivots_exact()
+            or self._sweep_dtype != self.op.dtype  # a mixed-precision sweep: its float32 sum is ~ cond u32
+        ):
             # Woodbury (one solve is good to about u cond(K), and K holds 1 / D_j: cond(K) can exceed
             # cond(G + D) by orders -- 18% off at one D_j = 1e-17 among 0.1s, cond(G + D) = 77), or a
-            # sweep whose pivots cannot give the sum: v^T x of the refined solve
-            R64 = R.double()
-            return float((R64 * self._solve64(R64, max_refine=5)[0]).sum())
-        sop = self._sweep_op
-        # v scaled by a power of two (exact) to unit max-norm, as in _raw: a float32 sum of v of 1e19 would
-        # overflow (NaN), of 1e-20 underflow (0); the scale comes back squared in float64
-        s = _pow2_scale(R)
-        q = riccati_quadratic(sop.blocks, self.factors, sop._split((R / s).to(sop.dtype)))[0]
-        return float(q) * float(s) ** 2
+            # sweep whose pivots cannot give the sum: v^T x of the refined solve, with its first-order
+            # correction x^T r (r = v - (H + eps I) x: v^T (H + eps I)^-1 v = v^T x + x^T r + r^T (H + eps
+            # I)^-1 r exactly). A scalar shows no residual: a refined residual above u^(1/4) raises (G +
+            # 1e-30 I gave -1.8e18 where the truth is 3.8e31), above sqrt(u) warns as solve does
+            R64 = (R / s).double()
+            X64, info = self._solve64(R64, max_refine=5)
+            q = float((R64 * X64).sum() + (X64 * (R64 - self._apply64(X64))).sum())
+            u = torch.finfo(self.op.dtype).eps
+            if info.residual > u**0.25 or not math.isfinite(q):
+                raise SingularError(
+                    f"inverse_quadratic at damping {self._damping_text()}: the refined solve reached "
+                    f"relative residual {info.residual:.2e} only -- H + eps I is singular or nearly so at "
+                    "working precision, and v^T (H + eps I)^-1 v has no reliable value; choose another "
+                    "damping",
+                    damping=self.damping if isinstance(self.damping, float) else None,
+                )
+            if info.residual > math.sqrt(u):
+                warn(
+                    f"inverse_quadratic at damping {self._damping_text()}: the refined solve reached "
+                    f"relative residual {info.residual:.2e} only; the value carries an error of about that "
+                    "relative size",
+                    AccuracyWarning,
+                )
+        else:
+            sop = self._sweep_op
+            q = float(riccati_quadratic(sop.blocks, self.factors, sop._split((R / s).to(sop.dtype)))[0])
+        out = q * float(s) * float(s)  # (float products overflow to inf, ** raises)
+        if not math.isfinite(out):
+            raise NonFiniteError(
+                f"inverse_quadratic: v^T (H + eps I)^-1 v = {q:.3g} x {float(s):.3g}^2 overflows float64; "
+                "it is quadratic in v: scale v down and the result back up"
+            )
+        return out
 
     def slogdet(self) -> tuple[float, float]:
         """``(sign, log|det(H + eps I)|)`` like :func:`torch.linalg.slogdet`: the sign is
@@ -1732,20 +1787,28 @@ class Factorization:
                 f"H + eps I at damping {self.damping:g} has {self.inertia.negative} negative eigenvalues: "
                 "no Gaussian with this precision exists; use the Gauss-Newton matrix or a larger damping"
             )
+        s = _pow2_scale(R)  # each column to unit size and back (exact): Z of 1e308 gave NaN
+        X = self._inverse_sqrt(R / s) * s
+        if not bool(torch.isfinite(X).all()):
+            raise NonFiniteError(
+                f"inverse_sqrt at damping {self._damping_text()}: S Z overflows {X.dtype}; it is linear in Z:"
+                " scale Z down and the result back up"
+            )
+        return X[:, 0] if vec else X
+
+    def _inverse_sqrt(self, R: Tensor) -> Tensor:
+        """:meth:`inverse_sqrt` of ``R`` (n, k)."""
         if self._twin_only:
             assert self._f64 is not None
-            X = self._f64.inverse_sqrt(R.double()).to(self.op.dtype)
-            return X[:, 0] if vec else X
+            return self._f64.inverse_sqrt(R.double()).to(self.op.dtype)
         if not self._pivots_exact():
             L = self._dense_cholesky("inverse_sqrt")
             if L is not None:  # S = L^{-T} for H + eps I = L L^T
-                X = torch.linalg.solve_triangular(L.mT, R.double(), upper=True).to(R.dtype)
-                return X[:, 0] if vec else X
+                return torch.linalg.solve_triangular(L.mT, R.double(), upper=True).to(R.dtype)
         sw = self.op._swept()
         zs = sw._split(R)
         ks = [None if f is None else f.pivot.inverse_sqrt(z) for f, z in zip(self.factors, zs, strict=True)]
-        X = torch.cat(riccati_forward(sw.blocks, self.factors, ks), dim=0)
-        return X[:, 0] if vec else X
+        return torch.cat(riccati_forward(sw.blocks, self.factors, ks), dim=0)
 
     def _dense_cholesky(self, what: str) -> Tensor | None:
         """The Cholesky factor ``L`` of the dense float64 ``H + eps I`` (``n <=`` :data:`DENSE_FALLBACK_N`),
@@ -1781,6 +1844,8 @@ class Factorization:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise InvalidArgumentError(f"k (the number of samples) must be an integer >= 1, got {k!r}")
         k = int(k)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise InvalidArgumentError(f"generator must be a torch.Generator or None, got {generator!r}")
         dev = generator.device if generator is not None else self.op.device
         z = torch.randn(self.op.shape[0], k, generator=generator, dtype=self.op.dtype, device=dev)
         return self.inverse_sqrt(z.to(self.op.device))
@@ -1978,6 +2043,8 @@ class Factorization:
         R, vec = self.op._as_matrix(rhs, "rhs")
         if isinstance(max_refine, bool) or not isinstance(max_refine, numbers.Integral) or max_refine < 0:
             raise InvalidArgumentError(f"max_refine must be an integer >= 0, got {max_refine!r}")
+        if not isinstance(refine, (bool, np.bool_)):  # ("no" is truthy, None falsy)
+            raise InvalidArgumentError(f"refine must be True or False, got {refine!r}")
         X = self._raw(R)
         if not refine or getattr(
             self, "modified", False
@@ -2071,16 +2138,6 @@ class MixedFactorization(Factorization):
     def inverse_sqrt(self, Z: Tensor) -> Tensor:
         return super().inverse_sqrt(Z) if self._low is None else self._float64().inverse_sqrt(Z)
 
-    def inverse_quadratic(self, v: Tensor) -> float:
-        """``v^T x`` with ``x`` the refined float64 solve (the float32 sweep's own sum is good to about
-        ``cond u32``: 3e-3 at cond 1e4)."""
-        if self._low is None:
-            return super().inverse_quadratic(v)
-        R, vector = self.op._as_matrix(v, "v")
-        if not vector:
-            raise ShapeMismatchError(f"v must have shape ({self.op.shape[0]},); got {tuple(v.shape)}")
-        return float(R[:, 0].double() @ self.solve(R[:, 0]).double())
-
 
 def _scaled_norm(x: Tensor) -> float:
     """``||x||_2`` computed as ``m ||x / m||`` with ``m = max|x|``: no underflow of the squares (entries of
@@ -2092,9 +2149,11 @@ def _scaled_norm(x: Tensor) -> float:
 
 
 def _pow2_scale(R: Tensor) -> Tensor:
-    """Per column of ``R`` (n, k): the power of two nearest its max-norm (1 for a zero column), (1, k)."""
+    """Per column of ``R`` (n, k): the largest power of two not above its max-norm (1 for a zero or
+    non-finite column), (1, k): ``R / s`` has max-norm in ``[1, 2)`` (``2^e`` with ``e`` frexp's exponent
+    overflowed for a max-norm of 1.7e308)."""
     m = R.abs().amax(dim=0, keepdim=True)
-    e = torch.where(m > 0, torch.frexp(m).exponent, 0).to(R.dtype)
+    e = torch.where((m > 0) & torch.isfinite(m), torch.frexp(m).exponent - 1, 0).to(R.dtype)
     return torch.pow(torch.tensor(2.0, dtype=R.dtype, device=R.device), e)
 
 
@@ -2251,8 +2310,20 @@ class WoodburyFactorization(Factorization):
             if not math.isfinite(damping):
                 raise NonFiniteArgumentError(f"damping must be finite, got {damping}")
         if isinstance(damping, Tensor):
+            if (
+                damping.layout != torch.strided
+                or damping.is_complex()
+                or damping.dtype == torch.bool
+                or damping.device.type == "meta"
+            ):
+                raise InvalidArgumentError(
+                    "the per-parameter damping must be a dense real tensor with values (float or integer), "
+                    f"got a {damping.layout} {damping.dtype} tensor on {damping.device}"
+                )
             damping = damping.detach().clone()
-            if damping.is_floating_point() and not bool(torch.isfinite(damping).all()):
+            if not damping.is_floating_point():  # integers: the entries' values (their zeros too)
+                damping = damping.to(op.dtype)
+            if not bool(torch.isfinite(damping).all()):
                 raise NonFiniteArgumentError(
                     "the per-parameter damping has a NaN or infinite entry: give every entry a finite value"
                 )

@@ -80,6 +80,7 @@ from hessinv.optim.precondition import (
     BASIS_MAX_DIM,
     MAX_RANK,
     Preconditioner,
+    _cast_state,
     _plain,
     _positive,
     curvature_batch,
@@ -503,8 +504,12 @@ class Newton(torch.optim.Optimizer):
         optimizer's. What cannot be restored into this object -- another model, ``curvature``,
         ``damping`` rule or ``basis`` kind, or a precondition-mode state into the trust-region mode -- is
         an :class:`~hessinv.errors.InvalidArgumentError`, and a refused load changes nothing."""
+        if not isinstance(state_dict, dict):
+            raise InvalidArgumentError(f"a state dict is a dict, got {type(state_dict).__name__}")
         sd = dict(state_dict)
         ns = sd.pop("newton", None)
+        # the checkpoint's tensors in this model's dtype and device (as torch.optim casts its state)
+        ns = _cast_state(ns, self.chain.dtype, self.chain.device)
         if not isinstance(ns, dict) or not {"step", "rule", "rng"} <= set(ns):
             raise InvalidArgumentError("not a Newton optimizer state dict (no 'newton' entry)")
         # (a state in precondition mode stays there -- only "auto" or a trust region from it changes mode --

@@ -131,6 +131,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _cast_state(obj: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """``obj`` (a state dict, or a part of one) with every floating-point tensor in ``dtype`` on ``device``,
+    as ``torch.optim`` casts a loaded state to its parameters' (a float64 checkpoint into a float32 model
+    crashed at the next step); other values as they are (the generators' byte states stay on the CPU)."""
+    if isinstance(obj, Tensor):
+        return obj.to(device=device, dtype=dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _cast_state(v, dtype, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_cast_state(v, dtype, device) for v in obj)
+    return obj
+
+
 def generator_from_seed(seed: Any) -> torch.Generator:
     """A CPU generator seeded with ``seed`` (an int in ``[-2^63, 2^64)``, as ``torch.manual_seed`` takes
     it; None: drawn from torch's global generator); a named error for anything else."""
@@ -640,7 +653,9 @@ class Preconditioner:
 
     def _loaded(self, sd: dict[str, Any]) -> dict[str, Any]:
         """What :meth:`load_state_dict` sets from ``sd``, built and checked without changing ``self``."""
-        sd = dict(sd)
+        if not isinstance(sd, dict):
+            raise InvalidArgumentError(f"a state dict is a dict, got {type(sd).__name__}")
+        sd = _cast_state(dict(sd), self.chain.dtype, self.chain.device)
         n = self.chain.num_params
         v = sd.get("v")
         if not isinstance(v, Tensor) or v.shape != (n,):
@@ -885,7 +900,20 @@ class Preconditioner:
     def precondition_(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """Turn every ``p.grad`` into the preconditioned direction ``(C + D)^{-1} g`` (in place), for any
         ``torch.optim`` optimizer to apply; ``(inputs, targets)`` is the batch the gradient came from
-        (its curvature batch is drawn from it). Returns the direction (flat)."""
+        (its curvature batch is drawn from it). Returns the direction (flat; its entries for a parameter
+        whose grad is None -- counted as a zero gradient -- are not written: its grad stays None, so
+        that the optimizer skips it, as torch's do). The grads this call wrote, unchanged since (no
+        ``backward()`` in between), are an :class:`InvalidArgumentError`: they are a direction, not a
+        gradient."""
+        written = self.__dict__.get("_written")
+        if written is not None and all(
+            p.grad is w and (w is None or w._version == v)
+            for p, (w, v) in zip(self.params, written, strict=True)
+        ):
+            raise InvalidArgumentError(
+                "precondition_: every p.grad is still the direction the last call wrote (no backward() "
+                "since); compute the new batch's gradient (zero_grad(), loss.backward()) first"
+            )
         g = self.gradient()
         inputs, targets = _tensor(inputs, "inputs"), _tensor(targets, "targets")
         if not bool(torch.isfinite(g).all()):  # before it enters (and poisons) the second moments
@@ -901,9 +929,12 @@ class Preconditioner:
             self.observe(g)
             self.update(inputs, targets)
             d = self.solve(g)
-        offset = 0
+        offset, written = 0, []
         for p in self.params:
             k = p.numel()
-            p.grad = d[offset : offset + k].view_as(p).clone()
+            if p.grad is not None:
+                p.grad = d[offset : offset + k].view_as(p).clone()
+            written.append((p.grad, None if p.grad is None else p.grad._version))
             offset += k
+        self._written = written
         return d

@@ -1,0 +1,132 @@
+"""Edges of the operator / factorization API found by a review (2026-12-04): quadratic forms of singular
+systems, modified factorizations, extreme scales, argument kinds. References: plain autograd double
+backward (tests/reference.py) and dense float64 linear algebra."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from reference import autograd_gauss_newton, autograd_hessian
+from torch import nn
+
+import hessinv
+
+
+def _mlp(seed: int = 0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    return net, nn.CrossEntropyLoss(), X, y
+
+
+def test_inverse_quadratic_of_a_singular_system_is_refused_not_a_wrong_number():
+    """At eps = -lambda_min(H), H + eps I is singular to rounding: the refined solve cannot reach a
+    residual, and v^T x was -1.8e14 silently (the truth is not a finite number at working precision)."""
+    net, loss, X, y = _mlp()
+    H = hessinv.hessian(net, loss, X, y)
+    lam = torch.linalg.eigvalsh(autograd_hessian(net, loss, X, y))
+    F = H.factor(-float(lam[0]))
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(hessinv.SingularError, match="no reliable value"):
+        F.inverse_quadratic(v)
+    # a nonsingular shift nearby answers, and right
+    eps = -float(lam[0]) + 1e-2
+    A = autograd_hessian(net, loss, X, y) + eps * torch.eye(len(v), dtype=torch.float64)
+    ref = float(v @ torch.linalg.solve(A, v))
+    assert H.factor(eps).inverse_quadratic(v) == pytest.approx(ref, rel=1e-9)
+
+
+def test_woodbury_inverse_quadratic_tiny_damping():
+    """G + 1e-30 I (G of low rank): Woodbury returned -1.8e18 for a positive definite matrix (truth 3.8e31);
+    now the named error; at 1e-4 the value matches the dense reference."""
+    net, loss, X, y = _mlp()
+    G = hessinv.gauss_newton(net, loss, X, y)
+    Gd = autograd_gauss_newton(net, loss, X, y)
+    v = torch.randn(G.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    D = torch.full((G.shape[0],), 1e-30, dtype=torch.float64)
+    with pytest.raises(hessinv.SingularError):
+        G.factor(D).inverse_quadratic(v)
+    D = torch.full((G.shape[0],), 1e-4, dtype=torch.float64)
+    ref = float(v @ torch.linalg.solve(Gd + 1e-4 * torch.eye(len(v), dtype=torch.float64), v))
+    assert G.factor(D).inverse_quadratic(v) == pytest.approx(ref, rel=1e-8)
+
+
+def test_modified_factorization_quadratic_refused_and_inertia_not_certified():
+    """modify='abs' factors |D| instead of D: its quadratic form (4895 against 362) and its counts are
+    another matrix's."""
+    net, loss, X, y = _mlp()
+    H = hessinv.hessian(net, loss, X, y)
+    lam = torch.linalg.eigvalsh(autograd_hessian(net, loss, X, y))
+    assert lam[0] < -1e-3  # the premise: indefinite
+    F = H.factor(1e-3, modify="abs")
+    with pytest.raises(hessinv.InvalidArgumentError, match="modified its pivots"):
+        F.inverse_quadratic(torch.ones(H.shape[0], dtype=torch.float64))
+    assert F.inertia.negative == 0 and not F.inertia_certified
+    assert H.factor(1e-3).inertia_certified  # (unmodified: certified)
+
+
+def test_extreme_scales_give_numbers_or_named_errors():
+    """A vector of 1.7e308 gave an all-NaN product (the true one is finite), inverse_sqrt NaN entries, and
+    inverse_quadratic a bare OverflowError."""
+    net, _, X, y = _mlp()
+    loss = nn.CrossEntropyLoss(reduction="sum")  # ||H|| ~ 10
+    H = hessinv.hessian(net, loss, X, y)
+    Hd = autograd_hessian(net, loss, X, y)
+    lam, U = torch.linalg.eigh(Hd)
+    assert lam[-1] > 2  # the premise: the top eigenvector's product overflows from max|v| = 1.7e308
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    v = v / v.abs().max()
+    s = 1.7e308 / float((Hd @ v).abs().max())  # H (s v) just below the float64 maximum
+    Hv = H @ (v * s)
+    assert bool(torch.isfinite(Hv).all())
+    torch.testing.assert_close(Hv / s, Hd @ v)
+    u = U[:, -1] / U[:, -1].abs().max()
+    with pytest.raises(hessinv.NonFiniteError, match="scale v down"):
+        H @ (u * 1.7e308)
+    F = H.factor(10.0)
+    S = F.inverse_sqrt(v[:, None] * 1.7e308)
+    assert bool(torch.isfinite(S).all())
+    torch.testing.assert_close(S / 1.7e308, F.inverse_sqrt(v[:, None]))
+    with pytest.raises(hessinv.NonFiniteError, match="overflows float64"):
+        F.inverse_quadratic(v * 1e200)
+    assert F.inverse_quadratic(v * 1e100) == pytest.approx(F.inverse_quadratic(v) * 1e200, rel=1e-12)
+
+
+def test_argument_kinds_are_named():
+    net, loss, X, y = _mlp()
+    H = hessinv.hessian(net, loss, X, y)
+    G = hessinv.gauss_newton(net, loss, X, y)
+    n = H.shape[0]
+    with pytest.raises(hessinv.InvalidArgumentError, match="float64's range"):
+        H.factor(10**400)
+    for bad in (
+        torch.ones(n, dtype=torch.complex128),
+        torch.ones(n, dtype=torch.bool),
+        torch.ones(n, dtype=torch.float64).to_sparse(),
+        torch.ones(n, dtype=torch.float64, device="meta"),
+    ):
+        with pytest.raises(hessinv.InvalidArgumentError, match="dense real tensor"):
+            G.factor(bad)
+    # an integer per-parameter damping: its values, zeros included where G covers them
+    Fi, Ff = G.factor(torch.full((n,), 2)), G.factor(torch.full((n,), 2.0, dtype=torch.float64))
+    torch.testing.assert_close(Fi.solve(G.gradient), Ff.solve(G.gradient))
+    F = H.factor(1.0)
+    with pytest.raises(hessinv.InvalidArgumentError, match="torch.Generator"):
+        F.sample(2, generator="seed")  # type: ignore[arg-type]
+    for bad in ("no", None, 1.0):
+        with pytest.raises(hessinv.InvalidArgumentError, match="refine must be"):
+            F.solve(H.gradient, refine=bad)  # type: ignore[arg-type]
+    assert repr(F).startswith("Factorization(damping=1, n=")
+
+
+def test_warnings_point_at_the_callers_line():
+    """hessinv.errors.warn attributes a warning to the first frame outside the library."""
+    net, loss, X, y = _mlp()
+    H = hessinv.hessian(net, loss, X, y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        H.inertia(0.0, tol=1e-20)  # a tolerance below the counts' resolution warns
+    ours = [w for w in caught if issubclass(w.category, hessinv.AccuracyWarning)]
+    assert ours and all(w.filename == __file__ for w in ours)
