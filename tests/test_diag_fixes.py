@@ -275,3 +275,37 @@ def test_validation_of_arguments():
         dg.stochastic_contraction(
             torch.full((2, 3), float("nan"), dtype=f64), torch.ones(3), torch.zeros(3), 0.1
         )
+
+
+def test_estimate_minimizer_strict_only_beyond_rounding():
+    """Least squares with 2 examples and 3 weights: a line of minimizers, lambda_min exactly 0, computed
+    as +1e-17..+2e-15 (8 of 12 seeds 'certified' a strict minimizer by its sign); with 4 examples the
+    minimizer is strict."""
+    for seed in range(6):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(3, 1, bias=False)).double()
+        X, y = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 1, dtype=torch.float64)
+        est = dg.estimate_minimizer(net, nn.MSELoss(), X, y)
+        assert est.converged and not est.strict
+        X, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+        est = dg.estimate_minimizer(net, nn.MSELoss(), X, y)
+        assert est.converged and est.strict and est.min_eigenvalue > 1e-3
+
+
+def test_alignment_with_a_null_direction_of_the_metric_is_nan():
+    """|d|_G = 0 for d in the null space of a Gauss-Newton metric: the cosine is undefined (rounding gave
+    anything in [-1, 1], best_step +-1e15)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    X, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    G = hessinv.gauss_newton(net, nn.MSELoss(), X, y)
+    w, V = torch.linalg.eigh(G.to_dense())
+    assert float(w[0]).__abs__() < 1e-12 * float(w[-1])  # the premise: a null space
+    x = dg.flat_parameters(net)
+    for i in range(4):
+        assert math.isnan(dg.alignment(V[:, i], x, x - V[:, -1], metric=G))
+        assert math.isnan(dg.best_step(V[:, i], x, x - V[:, -1], metric=G))
+        assert dg.step_ratio(V[:, i], x, x - V[:, -1], metric=G) == 0.0
+    # a direction with a real component along the range still has its cosine
+    c = dg.alignment(V[:, 0] + V[:, -1], x, x - V[:, -1], metric=G)
+    assert c == pytest.approx(1.0, abs=1e-8)

@@ -167,13 +167,16 @@ def _gram(u: Tensor, v: Tensor, metric: Metric, names: tuple[str, str]) -> tuple
     """``(u^T W u, u^T W v, v^T W v)`` (two products with ``W``). ``W`` must be positive semi-definite on the
     span of ``u`` and ``v``: :class:`InvalidArgumentError` where it is not by more than rounding (a
     negative ``u^T W u``: no norm; or ``|u^T W v| > |u|_W |v|_W``: Cauchy-Schwarz fails, and a ratio is
-    no cosine). Rounding-level negative squares (a vector in the null space of a PSD ``W``) are 0."""
+    no cosine). Rounding-level squares of either sign (a vector in the null space of a PSD ``W``: its
+    norm is 0, and a cosine with it undefined, not the rounding's -0.74) are 0."""
     Wu, Wv = (u, v) if metric is None else (_apply(metric, u), _apply(metric, v))
     uu, uv, vv = float(u @ Wu), float(u @ Wv), float(v @ Wv)
-    if min(uu, vv) < 0 or uv * uv > uu * vv:  # an error, or rounding: measure the rounding
+    if metric is not None or uv * uv > uu * vv:  # measure the rounding
         dtype = metric.dtype if isinstance(metric, (Tensor, CurvatureOperator)) else torch.float64
         eps = u.numel() * torch.finfo(dtype).eps * _metric_norm(metric, ((u, Wu), (v, Wv)))  # W's rounding
         nu, nv = float(u.norm()), float(v.norm())
+        uu = 0.0 if 0 <= uu <= eps * nu * nu else uu
+        vv = 0.0 if 0 <= vv <= eps * nv * nv else vv
         for q, n, name in ((uu, nu, names[0]), (vv, nv, names[1])):
             if q < -eps * n * n:
                 raise InvalidArgumentError(
@@ -855,8 +858,12 @@ class MinimizerEstimate:
         iterations: Newton iterations taken.
         converged: ``gradient_norm <= gtol``.
         min_eigenvalue: ``lambda_min`` of the *Hessian* at ``x``, whichever ``curvature`` took the steps
-            (> 0 with ``converged``: a strict local minimizer; the Gauss-Newton matrix is positive
-            semi-definite at a saddle too, so its eigenvalues certify nothing).
+            (the Gauss-Newton matrix is positive semi-definite at a saddle too, so its eigenvalues certify
+            nothing).
+        strict: ``converged`` with ``min_eigenvalue`` above the resolution of its computation (``2 n u
+            ||H||`` for the dense ``eigvalsh`` of ``n <= 2000``, ``2e-8 ||H||`` above): a strict local
+            minimizer. False where ``lambda_min`` is zero to rounding -- a degenerate minimizer (one of a
+            line of minimizers: ``lambda_min`` came out as +1e-17 to +2e-15) -- or negative.
         history: ``(loss, |g|, lambda)`` per iteration.
         stopped: why the iteration ended: ``"converged"``, ``"max_iter"``, ``"no_progress"`` (no step
             size lowered the loss or the gradient norm) or ``"stalled"`` (the step no longer changes
@@ -872,6 +879,7 @@ class MinimizerEstimate:
     min_eigenvalue: float
     history: list[tuple[float, float, float]]
     stopped: str = "converged"
+    strict: bool = False
 
 
 def estimate_minimizer(
@@ -895,10 +903,11 @@ def estimate_minimizer(
     tenfold after a rejected one, so the iteration ends as pure Newton, quadratically convergent at a
     nondegenerate minimizer (theory.md §6). Which minimizer it finds depends on ``x0`` (symmetries:
     theory.md §6). ``min_eigenvalue`` is the Hessian's at the end (also with
-    ``curvature="gauss_newton"``, which may converge to a saddle): positive with ``converged``, it
-    certifies a strict local minimizer. The iteration also stops, with ``converged=False`` and the
-    reason in ``stopped``, when a step no longer changes ``x`` or makes no progress. ``gtol`` must be
-    finite and ``>= 0``, ``max_iter`` an integer ``>= 0`` (else :class:`~hessinv.InvalidArgumentError`).
+    ``curvature="gauss_newton"``, which may converge to a saddle); ``strict`` says whether it certifies
+    a strict local minimizer (positive beyond its rounding, with ``converged``). The iteration also
+    stops, with ``converged=False`` and the reason in ``stopped``, when a step no longer changes ``x``
+    or makes no progress. ``gtol`` must be finite and ``>= 0``, ``max_iter`` an integer ``>= 0`` (else
+    :class:`~hessinv.InvalidArgumentError`).
 
     >>> import torch
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -988,6 +997,8 @@ def estimate_minimizer(
         op if isinstance(op, curvature_class("hessian")) else curvature_class("hessian")(net, loss_fn, X, Y)
     )
     lam_min = _min_eigenvalue(hessian)
+    n = hessian.shape[0]
+    resolution = 2 * (n * torch.finfo(torch.float64).eps if n <= 2000 else 1e-8) * hessian.norm_estimate()
     return MinimizerEstimate(
         x=flat_parameters(net),
         gradient_norm=gnorm,
@@ -997,4 +1008,5 @@ def estimate_minimizer(
         min_eigenvalue=lam_min,
         history=history,
         stopped=stopped,
+        strict=gnorm <= gtol and lam_min > resolution,
     )
