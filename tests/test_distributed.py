@@ -290,6 +290,15 @@ def _probe_worker(rank: int, world: int, out: str) -> None:
         res[f"uneven/{strategy}"] = _error(
             partial(_closure_steps, opt, DDP(model), lf, X, y, _five_and_seven, 3)
         )
+    # the closure loop without DDP: each rank's gradient is its own shard's (the replicas drifted apart)
+    model = _model()
+    opt = hd.distribute(_newton(model, lf, **IDENTITY))
+    res["no-ddp"] = _error(partial(_closure_steps, opt, model, lf, X, y, _halves, 2))
+    # another activation on rank 1 (the same parameter shapes)
+    model = _model()
+    if rank == 1:
+        model[1] = nn.ReLU()
+    res["stages"] = _error(partial(hd.distribute, _newton(model, lf, **IDENTITY)))
     # settings that differ on rank 1
     for key, kw in (
         ("lr", {"lr": 0.1}),
@@ -353,6 +362,19 @@ def test_settings_that_differ_between_ranks_are_refused_by_name(probe_results, k
     msg = probe_results[f"settings/{key}"]
     assert msg is not None and "settings differ between ranks" in msg and f"{key}:" in msg
     assert probe_results[f"settings/{key}/untouched"]  # refused before anything changed
+
+
+def test_gradients_that_differ_between_ranks_are_refused(probe_results):
+    """A closure loop without DistributedDataParallel: each rank stepped on its own shard's gradient and the
+    replicas drifted apart (0.045 after 10 steps), silently."""
+    msg = probe_results["no-ddp"]
+    assert msg is not None and "gradient differs between ranks" in msg and "DistributedDataParallel" in msg
+
+
+def test_a_different_function_with_the_same_shapes_is_refused(probe_results):
+    """ReLU on rank 1 where rank 0 has Tanh: DDP's averaged gradient trained the average of two networks."""
+    msg = probe_results["stages"]
+    assert msg is not None and "settings differ between ranks" in msg and "ReLU()" in msg
 
 
 def test_sharded_mse_with_a_budgeted_root_matches_one_process(probe_results):
