@@ -159,3 +159,42 @@ def test_python_dash_m_hessinv_is_the_console_script(capsys):
     )
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == expected and expected.startswith("hessinv ")
+
+
+def test_target_column_by_name_or_number(tmp_path):
+    """The label in the first column: without --target the last feature was taken as a regression target,
+    silently; --target picks the column by header name or number (negative from the end)."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 3))
+    y = (X[:, 0] > 0).astype(int)
+    path = tmp_path / "first.csv"
+    rows = "".join(f"{c},{r[0]},{r[1]},{r[2]}\n" for c, r in zip(y, X, strict=True))
+    path.write_text("kind,a,b,c\n" + rows)
+    for target in ("kind", "1", "-4"):
+        ds = load_dataset(str(path), target=target)
+        assert ds.task == "classification" and ds.n_classes == 2 and ds.input_dim == 3
+        Xf, yf, _, _ = load_file(path, target)
+        np.testing.assert_array_equal(yf, y)
+        np.testing.assert_array_equal(Xf, X)
+    for bad, match in (("5", "outside the file's columns 1..4"), ("species", "no column 'species'")):
+        with pytest.raises(DataError, match=match):
+            load_file(path, bad)
+    with pytest.raises(DataError, match="a column of a .csv file"):
+        load_dataset("digits", target="1")
+
+
+def test_file_regression_targets_are_standardized(tmp_path):
+    """A file's targets of any scale (diabetes: 152 +- 77) are standardized with the training split's
+    statistics: a loss of 1 is predicting the training mean, and the description says so."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(50, 2))
+    t = 150 + 70 * X[:, 0] + rng.normal(size=50)
+    path = tmp_path / "reg.csv"
+    path.write_text("".join(f"{a},{b},{c}\n" for (a, b), c in zip(X, t, strict=True)))
+    ds = load_dataset(str(path), task="regression")
+    assert abs(float(ds.y_train.mean())) < 1e-12 and abs(float(ds.y_train.std(unbiased=False)) - 1) < 1e-12
+    assert ds.target_mean is not None and ds.target_std is not None
+    back = ds.y_test[:, 0].numpy() * ds.target_std[0] + ds.target_mean[0]
+    assert all(np.isclose(t, v, rtol=0, atol=1e-9).any() for v in back)  # the test targets, unscaled
+    assert "predicting the training mean scores MSE 1" in ds.describe()
+    assert load_dataset("regression").target_std is None  # (the built-in task keeps its units)

@@ -424,10 +424,13 @@ def test_regression_targets_beyond_the_dtypes_range_are_named(tmp_path):
     rng = np.random.default_rng(1)
     X = rng.normal(size=(60, 3))
     np.savez(tmp_path / "big.npz", X=X, y=X[:, 0] * 1e20)
-    ds = load_dataset(str(tmp_path / "big.npz"), task="regression")
+    ds = load_dataset(str(tmp_path / "big.npz"), task="regression", standardize=False)
     ds.to(dtype=torch.float64)  # (fine in float64)
     with pytest.raises(DataError, match="rescale the targets"):
         ds.to(dtype=torch.float32)
+    # standardized (the default for a file's targets): in range
+    ds = load_dataset(str(tmp_path / "big.npz"), task="regression")
+    assert float(ds.to(dtype=torch.float32).y_train.abs().max()) < 10
 
 
 @pytest.mark.parametrize(

@@ -78,12 +78,14 @@ data files (--data PATH):
         flattened per example; y (or labels, targets, target, label): N labels or (N, k) targets;
         optionally X_test and y_test (the file's own split: --test-fraction and --samples are refused).
   .csv  (also .tsv, .txt) one example per row, separated by commas, semicolons, tabs or spaces; the
-        LAST column is the label or target; an optional header line is skipped (names, or pandas'
-        column numbers 0,1,...; a first row whose only non-numbers are missing values is data).
+        LAST column is the label or target (--target NAME or --target NUMBER picks another); an
+        optional header line is skipped (names, or pandas' column numbers 0,1,...; a first row whose
+        only non-numbers are missing values is data).
   Labels that are class names (strings), or integer-valued numbers with at most 100 distinct
   values, make a classification task (the classes of the training labels, mapped to 0..C-1; a test
-  label outside them is an error); anything else regression (--task overrides). Features are
-  standardized with the training split's mean and standard deviation. Nothing is downloaded."""
+  label outside them is an error); anything else regression (--task overrides). Features -- and a
+  file's regression targets, so that a loss of 1 is predicting the training mean -- are standardized
+  with the training split's mean and standard deviation. Nothing is downloaded."""
 # activation name -> its torch.nn module class
 ACTIVATIONS = {
     "tanh": "Tanh",

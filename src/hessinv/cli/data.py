@@ -47,7 +47,9 @@ class Dataset:
     """A train/test split as tensors.
 
     Classification targets are ``int64`` class indices ``0..n_classes-1``; regression targets are
-    ``(N, k)`` floats. ``output_dim`` is the width the model's last layer needs.
+    ``(N, k)`` floats -- a file's standardized, ``(y - target_mean) / target_std`` per column with the
+    training split's statistics (None where not). ``output_dim`` is the width the model's last layer
+    needs.
     """
 
     name: str
@@ -57,6 +59,8 @@ class Dataset:
     X_test: Tensor
     y_test: Tensor
     n_classes: int | None = None
+    target_mean: tuple[float, ...] | None = None
+    target_std: tuple[float, ...] | None = None
 
     @property
     def input_dim(self) -> int:
@@ -86,15 +90,22 @@ class Dataset:
             cv(self.X_test, True),
             cv(self.y_test, reg),
             self.n_classes,
+            self.target_mean,
+            self.target_std,
         )
 
     def describe(self) -> str:
         kind = (
             f"{self.n_classes} classes" if self.task == "classification" else f"{self.output_dim} target(s)"
         )
+        scaled = ""
+        if self.target_std is not None:  # the losses are in these units: the mean's MSE on train is 1
+            pairs = zip(self.target_mean or (), self.target_std, strict=True)
+            stats = ", ".join(f"{m:.4g} +- {s:.4g}" for m, s in pairs)
+            scaled = f" standardized ({stats}: predicting the training mean scores MSE 1)"
         return (
             f"{self.name}: {len(self.X_train)} train / {len(self.X_test)} test examples, "
-            f"{self.input_dim} features, {kind}"
+            f"{self.input_dim} features, {kind}{scaled}"
         )
 
 
@@ -274,9 +285,29 @@ def _dialect(body: str, suffix: str) -> type[csv.Dialect] | csv.Dialect:
     return _Spaces if spaced and len(head[0].split()) > 1 else csv.excel
 
 
-def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Features (floats) and labels (floats, or strings: class names) of a delimited text file;
-    errors name the line of the file (1-based, the header included) and the column."""
+def _target_index(target: str, head: list[str] | None, width: int, path: Path) -> int:
+    """The 0-based column of ``target``: a header name, or a 1-based column number (negative: from the end,
+    ``-1`` the last)."""
+    names = [c.strip() for c in head] if head is not None else None
+    if names is not None and target.strip() in names:
+        return names.index(target.strip())
+    try:
+        k = int(target)
+    except ValueError:
+        have = f"the header names {names}" if names is not None else "no header line"
+        raise DataError(
+            f"{path}: no column {target!r} for --target ({have}); give a header name or a column number "
+            f"1..{width} (negative: from the end)"
+        ) from None
+    if not (1 <= k <= width or -width <= k <= -1):
+        raise DataError(f"{path}: --target {k} is outside the file's columns 1..{width} (or -{width}..-1)")
+    return k - 1 if k > 0 else width + k
+
+
+def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Features (floats) and labels (floats, or strings: class names) of a delimited text file: the label
+    is the last column, or ``target`` (a header name or a column number, :func:`_target_index`); errors
+    name the line of the file (1-based, the header included) and the column."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:  # (-sig: a byte-order mark is no cell)
             text = fh.read()
@@ -298,8 +329,11 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
         rows = [(n, r[:-1]) for n, r in rows]
 
     # (a '#' line above was the header: numpy.savetxt's)
+    head = None
     if not skipped and _is_header(rows[0][1], [r for _, r in rows[1:]]):
-        rows = rows[1:]
+        head, rows = rows[0][1], rows[1:]
+    elif skipped:
+        head = next(csv.reader([lines[skipped - 1].lstrip().lstrip("#")], dialect), None)
     if not rows:
         raise DataError(f"{path} has a header but no data rows")
     width = Counter(len(r) for _, r in rows).most_common(1)[0][0]
@@ -314,14 +348,20 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
             )
     if len(rows[0][1]) < 2:
         raise DataError(f"{path}: need at least 2 columns (features..., label); got {len(rows[0][1])}")
+    if target is not None:  # that column to the end (the checks below name the columns of the file)
+        t = _target_index(target, head if head is not None and len(head) == width else None, width, path)
+        order = [k for k in range(width) if k != t] + [t]
+        rows = [(n, [r[k] for k in order]) for n, r in rows]
+    else:
+        order = list(range(width))
     for n, r in rows:
         for k, c in enumerate(r):
             if not c.strip():
-                raise DataError(f"{path}: line {n}, column {k + 1} is empty")
+                raise DataError(f"{path}: line {n}, column {order[k] + 1} is empty")
             if k < len(r) - 1 and not _is_number(c):
                 raise DataError(
-                    f"{path}: line {n}, column {k + 1}: {c.strip()!r} is not a number (features must be "
-                    "numeric; only the label, in the last column, may be a class name)"
+                    f"{path}: line {n}, column {order[k] + 1}: {c.strip()!r} is not a number (features "
+                    "must be numeric; only the label, the last column or --target's, may be a class name)"
                 )
     X = np.array([[float(c) for c in r[:-1]] for _, r in rows], dtype=np.float64)
     labels = [r[-1].strip() for _, r in rows]
@@ -331,14 +371,17 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if any(numeric):
         i, j = numeric.index(False), numeric.index(True)
         raise DataError(
-            f"{path}: the label column (the last) mixes class names and numbers (line {rows[i][0]}: "
+            f"{path}: the label column mixes class names and numbers (line {rows[i][0]}: "
             f"{labels[i]!r}, line {rows[j][0]}: {labels[j]!r}); use numbers or names throughout"
         )
     return X, np.array(labels)  # class names
 
 
-def load_file(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """``(X, y, X_test, y_test)`` from a ``.npz`` or ``.csv`` file (the test arrays may be None)."""
+def load_file(
+    path: str | Path, target: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """``(X, y, X_test, y_test)`` from a ``.npz`` or ``.csv`` file (the test arrays may be None);
+    ``target``: the label column of a ``.csv`` file (:func:`_read_csv`; default the last)."""
     if not str(path).strip():  # (Path("") is ".", a directory)
         raise DataError(
             "the data path is empty (an unset variable?): give a file (.npz, .csv) or one of "
@@ -351,9 +394,11 @@ def load_file(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | No
         raise DataError(f"{path} is not a file")
     suffix = path.suffix.lower()
     if suffix == ".npz":
+        if target is not None:
+            raise DataError(f"{path}: --target picks a column of a .csv file; an .npz file names its arrays")
         return _read_npz(path)
     if suffix in (".csv", ".tsv", ".txt"):
-        X, y = _read_csv(path)
+        X, y = _read_csv(path, target)
         return X, y, None, None
     raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .npz or .csv")
 
@@ -432,14 +477,16 @@ def load_dataset(
     n_samples: int | None = None,
     task: str = "auto",
     standardize: bool = True,
+    target: str | None = None,
 ) -> Dataset:
     """A :class:`Dataset` (float64 CPU tensors) by name or file path; deterministic in ``seed``.
 
     ``n_samples`` caps the number of examples (train + test; built-ins generate that many), and
     ``test_fraction`` (default :data:`TEST_FRACTION`) is held out as the test split; a file with its own
     test split (``X_test``/``y_test``) takes neither. Classification classes are those of the
-    training labels. Raises :class:`DataError` for an unknown name, an unreadable/malformed file, or
-    data these settings cannot apply to.
+    training labels; ``target`` picks a ``.csv`` file's label column (a header name or a 1-based column
+    number; default the last). Raises :class:`DataError` for an unknown name, an unreadable/malformed
+    file, or data these settings cannot apply to.
     """
     if test_fraction is not None and not 0.0 < test_fraction < 1.0:
         raise DataError(f"test fraction must be in (0, 1), got {test_fraction}")
@@ -448,6 +495,7 @@ def load_dataset(
             f"the number of examples must be an integer >= 2 (a training and a test example), got {n_samples}"
         )
     Xt = yt = None
+    from_file = False
     key = name.lower()
     if key == "digits":
         X, y = _digits()
@@ -463,10 +511,13 @@ def load_dataset(
         or Path(name).exists()
         or not key.strip()  # (load_file says it is empty)
     ):
-        X, y, Xt, yt = load_file(name)
+        X, y, Xt, yt = load_file(name, target)
         label = Path(name).name
+        from_file = True
     else:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or a .npz/.csv file")
+    if target is not None and key in ("digits", "mnist1d", "regression"):
+        raise DataError(f"--target picks a column of a .csv file; {name} has its own labels")
 
     X = _as_features(X, label)
     y = np.asarray(y)
@@ -524,6 +575,7 @@ def load_dataset(
         X, Xt, y, yt = X[tr], X[te], y[tr], y[te]
 
     n_classes = None
+    target_stats: tuple[tuple[float, ...] | None, tuple[float, ...] | None] = (None, None)
     if task == "classification":
         yy = np.concatenate([y.reshape(-1), yt.reshape(-1)])  # one dtype for both splits
         if yy.dtype.kind == "f" and not np.isfinite(yy).all():
@@ -566,6 +618,15 @@ def load_dataset(
         yt = yt.reshape(len(yt), -1).astype(np.float64)
         if not (np.isfinite(y).all() and np.isfinite(yt).all()):
             raise DataError(f"{label}: targets contain NaN or infinity")
+        if standardize and from_file and len(y):
+            # a file's targets have any scale (diabetes: 152 +- 77; 2000 steps ended above the MSE of
+            # predicting the mean): standardized like the features, the statistics kept for the report
+            top = np.abs(y).max(0)
+            top = np.where(np.isfinite(top) & (top > 0), top, 1.0)
+            mu_y, sd_y = (y / top).mean(0) * top, (y / top).std(0) * top
+            sd_y = np.where(sd_y > 64 * np.finfo(np.float64).eps * top, sd_y, 1.0)
+            y, yt = (y - mu_y) / sd_y, (yt - mu_y) / sd_y
+            target_stats = (tuple(map(float, mu_y)), tuple(map(float, sd_y)))
         ytr_t, yte_t = torch.from_numpy(y), torch.from_numpy(yt)
 
     if standardize:
@@ -585,4 +646,5 @@ def load_dataset(
         torch.from_numpy(np.ascontiguousarray(Xt)),
         yte_t,
         n_classes,
+        *target_stats,
     )

@@ -68,6 +68,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "(default: digits)",
     )
     s.add_argument(
+        "--target",
+        default=None,
+        metavar="COLUMN",
+        help="the label column of a .csv file: a header name or a column number (default: the last)",
+    )
+    s.add_argument(
         "--samples",
         type=_positive_int,
         default=None,
@@ -180,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     from hessinv.errors import SingularError
 
     try:
-        ds = load_dataset(args.data, seed=args.seed, n_samples=args.samples)
+        ds = load_dataset(args.data, seed=args.seed, n_samples=args.samples, target=args.target)
     except DataError as e:
         raise UserError(str(e)) from None
     out = output_directory(args.out)  # (after the data: a bad --data leaves no empty folder behind)
