@@ -530,7 +530,8 @@ class CurvatureOperator:
         return self.factor_if_positive_definite(_check_shift(shift, self.dtype)) is not None
 
     def norm_estimate(self, iters: int = 30) -> float:
-        """An estimate of ``||H||_2`` by power iteration (a lower bound, usually within 1%); cached, and
+        """An estimate of ``||H||_2`` by power iteration (a lower bound, usually within a few percent: 3.4%
+        low on a model with a zero-initialized last layer); cached, and
         recomputed only for more ``iters`` than the cached one had. The norms are taken scaled by the
         vector's largest entry: a Hessian of scale 1e-200 has squared entries below float64's range
         (its estimate was 0, and ``min_eigenvalue`` then returned 0)."""

@@ -184,6 +184,8 @@ def num_negative_eigenvalues(op: CurvatureOperator, tol: float | None = None) ->
     """``#{lambda < -tol}``; ``tol`` defaults to ``sqrt(u) ||H||`` (eigenvalues zero up to rounding are
     not counted; ``tol=0`` counts ``N(0)``). See :meth:`CurvatureOperator.inertia`."""
     _check_operator(op)
+    if isinstance(tol, bool):  # (False == 0: it counted N(0))
+        raise InvalidArgumentError(f"tol must be a number or None, got {tol!r}")
     if tol == 0:
         return int(eigenvalue_counts(op, [0.0])[0])
     return op.inertia(0.0, tol).negative

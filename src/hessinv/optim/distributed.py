@@ -447,16 +447,6 @@ class DistributedPreconditioner(Preconditioner):
                 "ranks' mean gradients are averaged with equal weights): split each global batch evenly "
                 "(hessinv.optim.distributed.shard)"
             )
-        sums, l1 = [v[2] for v in values], [v[3] for v in values]
-        tol = math.sqrt(torch.finfo(self.chain.dtype).eps) * max(l1)
-        if all(map(math.isfinite, sums + l1)) and (max(sums) - min(sums) > tol or max(l1) - min(l1) > tol):
-            raise DistributedError(
-                "the gradient differs between ranks (sums "
-                + ", ".join(f"rank {r} {x:.6g}" for r, x in enumerate(sums))
-                + "): each rank's .grad must be the global batch's, DDP's all-reduce of the "
-                "ranks' gradients; compute it through DistributedDataParallel(model) in the closure (module "
-                "docstring), or use DataParallel.step(X_global, y_global)"
-            )
         for i, key in enumerate(k for k in _STEP_SETTINGS for _ in groups):
             seen = [v[4 + i] for v in values]
             if len(set(seen)) > 1:
@@ -468,6 +458,17 @@ class DistributedPreconditioner(Preconditioner):
                     "every rank, and feed ReduceLROnPlateau the global batch's loss (DataParallel.step "
                     "returns it; a closure's loss is this rank's own)"
                 )
+        # (after the settings: a weight decay that differs makes the penalized gradients differ too)
+        sums, l1 = [v[2] for v in values], [v[3] for v in values]
+        tol = math.sqrt(torch.finfo(self.chain.dtype).eps) * max(l1)
+        if all(map(math.isfinite, sums + l1)) and (max(sums) - min(sums) > tol or max(l1) - min(l1) > tol):
+            raise DistributedError(
+                "the gradient differs between ranks (sums "
+                + ", ".join(f"rank {r} {x:.6g}" for r, x in enumerate(sums))
+                + "): each rank's .grad must be the global batch's, DDP's all-reduce of the "
+                "ranks' gradients; compute it through DistributedDataParallel(model) in the closure (module "
+                "docstring), or use DataParallel.step(X_global, y_global)"
+            )
         labelled = [c[1] for c in counts]
         if 0 in labelled and any(labelled):
             raise DistributedError(
