@@ -1039,6 +1039,7 @@ class Chain:
         mods = (
             list(model.modules()) if isinstance(model, nn.Module) else [m for x in model for m in x.modules()]
         )
+        self._mods = mods  # (for _state_kept)
         # deterministic and per-example only in eval mode (Dropout and RReLU became an identity / an
         # activation at the split): a later model.train() would change the function unseen
         self._mode_watch = [(m, m.training) for m in mods if isinstance(m, _MODE_DEPENDENT)]
@@ -1362,7 +1363,53 @@ class Chain:
         """``[z_0, z_1, ..., z_{L-1}]``: the input and every stage's output. A traced submodule whose
         pieces pass values that are not batch-first (``torch.stack`` of branches, a transpose to
         sequence-first and back) is called whole instead (:meth:`_guarded`)."""
-        return self._guarded(lambda: self._forward(inputs))
+        with self._state_kept():
+            return self._guarded(lambda: self._forward(inputs))
+
+    @contextlib.contextmanager
+    def _state_kept(self):
+        """Run the block with the modules' plain attributes kept: one a module sets where it had none (a
+        stashed activation, ``self.feat = a``) is removed again; one it turns from None into a tensor is
+        a memo -- ``self._s = self.log_s.exp()`` on the first call, read back by every later call: this
+        pass's tensor, computed without a graph here, made the parameter's derivatives read as zero (27%
+        off), for the user's later calls too -- undone and refused. So is a parametrization inside
+        ``torch.nn.utils.parametrize.cached()`` (its cache is torch's: the gradient was 12% off)."""
+        if getattr(torch.nn.utils.parametrize, "_cache_enabled", 0) and any(
+            torch.nn.utils.parametrize.is_parametrized(m) for m in self._mods
+        ):
+            raise UnsupportedStageError(
+                "hessinv was called inside torch.nn.utils.parametrize.cached(): the parametrized weights "
+                "would be computed once, in a pass without derivatives, and kept (the gradient came out 12% "
+                "off, H 45%); call it outside that context"
+            )
+        mods = self.__dict__.get("_mods") or []
+        before = [{k for k, v in vars(m).items() if v is None} for m in mods]
+        keys = [set(vars(m)) for m in mods]
+
+        def undone() -> tuple[nn.Module, str] | None:  # the first memo met, if any
+            memo = None
+            for m, nones, had in zip(mods, before, keys, strict=True):
+                for k, v in list(vars(m).items()):
+                    if k not in had:
+                        delattr(m, k)
+                    elif k in nones and isinstance(v, Tensor):
+                        setattr(m, k, None)
+                        memo = memo or (m, k)
+            return memo
+
+        try:
+            yield
+        except BaseException:
+            undone()
+            raise
+        memo = undone()
+        if memo is not None:
+            raise UnsupportedStageError(
+                f"{type(memo[0]).__name__} set its attribute {memo[1]!r} from None to a tensor during its "
+                "forward: a memo computed from the parameters and read back by later calls has no Hessian "
+                "that a pass can evaluate (hessinv calls the model many times, some passes without "
+                "derivatives); compute the value in forward every call"
+            )
 
     def _forward(self, inputs: Tensor) -> list[Tensor]:
         zs = [inputs]
@@ -1422,7 +1469,8 @@ class Chain:
         by piece) gets the submodule called whole (:meth:`_guarded`); where that mixes too, the piece's
         refusal stands.
         """
-        return self._guarded(lambda: self._linearize(inputs, targets, second_order))
+        with self._state_kept():
+            return self._guarded(lambda: self._linearize(inputs, targets, second_order))
 
     def _split_at_logits(
         self, zs: list[Tensor], targets: Tensor
