@@ -115,7 +115,8 @@ def test_argument_kinds_are_named():
     F = H.factor(1.0)
     with pytest.raises(hessinv.InvalidArgumentError, match="torch.Generator"):
         F.sample(2, generator="seed")  # type: ignore[arg-type]
-    for bad in ("no", None, 1.0):
+    F.solve(H.gradient, refine=1), F.solve(H.gradient, refine=0)  # (integers 0 and 1: as before)
+    for bad in ("no", None, 1.0, 2):
         with pytest.raises(hessinv.InvalidArgumentError, match="refine must be"):
             F.solve(H.gradient, refine=bad)  # type: ignore[arg-type]
     assert repr(F).startswith("Factorization(damping=1, n=")

@@ -181,6 +181,17 @@ def test_target_column_by_name_or_number(tmp_path):
             load_file(path, bad)
     with pytest.raises(DataError, match="a column of a .csv file"):
         load_dataset("digits", target="1")
+    # a number is a column number, also where the header names its columns 0, 1, ... (pandas); without
+    # a header, class names in the first column keep the first row (it is data)
+    path.write_text("0,1,2,3\n" + rows)
+    np.testing.assert_array_equal(load_file(path, "1")[1], y)
+    names = np.array(["cat", "dog"])[y]
+    path.write_text("".join(f"{c},{r[0]},{r[1]},{r[2]}\n" for c, r in zip(names, X, strict=True)))
+    Xf, yf, _, _ = load_file(path, "1")
+    assert len(yf) == 40 and list(yf) == list(names)
+    # numpy.savetxt's '# kind a b c' header, space-separated
+    np.savetxt(path.with_suffix(".txt"), np.column_stack([y, X]), header="kind a b c")
+    np.testing.assert_array_equal(load_file(path.with_suffix(".txt"), "kind")[1], y)
 
 
 def test_file_regression_targets_are_standardized(tmp_path):

@@ -309,3 +309,17 @@ def test_alignment_with_a_null_direction_of_the_metric_is_nan():
     # a direction with a real component along the range still has its cosine
     c = dg.alignment(V[:, 0] + V[:, -1], x, x - V[:, -1], metric=G)
     assert c == pytest.approx(1.0, abs=1e-8)
+
+
+def test_a_small_but_real_metric_norm_is_not_taken_for_zero():
+    """float32 diag(1, ..., 1, 1e-3) (n = 1000): e_n's norm 1e-3 is far above the product's rounding; the
+    first rounding bound (n u ||W||_F) zeroed it and every cosine with it came out nan."""
+    n = 1000
+    w = torch.ones(n)
+    w[-1] = 1e-3
+    e, z = torch.zeros(n), torch.zeros(n)
+    e[-1] = 1.0
+    W = torch.diag(w)
+    assert dg.alignment(e, e, z, metric=W) == pytest.approx(1.0)
+    assert dg.best_step(e, e, z, metric=W) == pytest.approx(1.0)
+    assert dg.step_ratio(e, e, z, metric=W) == pytest.approx(1.0)

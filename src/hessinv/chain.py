@@ -1066,8 +1066,9 @@ class Chain:
     def check_model(self, autograd: bool = True) -> None:
         """Raise a named error if the model changed since the split in a way the stages cannot see: a
         submodule, list element or parameter replaced, a layer frozen, a parameter's dtype or device
-        (``model.double()``), the mode of a Dropout, RReLU or BatchNorm module; or if autograd is off
-        (``torch.inference_mode``; not checked with ``autograd=False``). Hooks added or removed, or a
+        (``model.double()``), the mode of a Dropout, RReLU or BatchNorm module, a gradient hook added to a
+        parameter; or if autograd is off (``torch.inference_mode``; not checked with ``autograd=False``) or
+        ``torch.autocast`` would lower a float32 model's precision. Module hooks added or removed, or a
         plain attribute that a traced ``forward`` read (a temperature, ``self.training``) changed: the
         model is split again (an attribute whose change leaves the traced code as it was is not watched
         from then on: a call counter). A microsecond or so per module."""
@@ -1075,7 +1076,8 @@ class Chain:
             raise InvalidArgumentError(
                 "hessinv needs autograd, which torch.inference_mode() turns off: call it outside that block"
             )
-        if _autocast_on(self.device.type):  # (every step: between curvature refreshes no forward sees it)
+        # (every step: between curvature refreshes no forward sees it; autocast leaves float64 as it is)
+        if self.dtype != torch.float64 and _autocast_on(self.device.type):
             raise DtypeMismatchError(
                 f"torch.autocast is on for {self.device.type}: it would run the model and hessinv's products "
                 f"in a lower precision than the model's {self.dtype}, and hessinv computes exactly in the "

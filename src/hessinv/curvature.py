@@ -2044,7 +2044,7 @@ class Factorization:
         R, vec = self.op._as_matrix(rhs, "rhs")
         if isinstance(max_refine, bool) or not isinstance(max_refine, numbers.Integral) or max_refine < 0:
             raise InvalidArgumentError(f"max_refine must be an integer >= 0, got {max_refine!r}")
-        if not isinstance(refine, (bool, np.bool_)):  # ("no" is truthy, None falsy)
+        if not isinstance(refine, (bool, np.bool_, numbers.Integral)) or refine not in (0, 1):  # ("no", None)
             raise InvalidArgumentError(f"refine must be True or False, got {refine!r}")
         X = self._raw(R)
         if not refine or getattr(

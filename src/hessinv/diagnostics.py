@@ -163,6 +163,22 @@ def _metric_norm(metric: Metric, pairs: Sequence[tuple[Tensor, Tensor]]) -> floa
     return max((float(Wx.norm()) / float(x.norm()) for x, Wx in pairs if float(x.norm()) > 0), default=0.0)
 
 
+def _metric_norm2(metric: Metric, pairs: Sequence[tuple[Tensor, Tensor]]) -> float:
+    """An estimate of ``||W||_2`` (not an upper bound): an operator's power iteration, 20 power steps on a
+    matrix, else the largest ``|W x| / |x|`` of the ``(x, W x)`` pairs."""
+    if isinstance(metric, Tensor):
+        W = metric.detach().to(torch.float64)
+        x = torch.ones(W.shape[0], dtype=torch.float64)
+        for _ in range(20):
+            y = W @ x
+            ny = float(y.norm())
+            if ny == 0.0 or not math.isfinite(ny):
+                return ny
+            x = y / ny
+        return float((W @ x).norm())
+    return _metric_norm(metric, pairs)
+
+
 def _gram(u: Tensor, v: Tensor, metric: Metric, names: tuple[str, str]) -> tuple[float, float, float]:
     """``(u^T W u, u^T W v, v^T W v)`` (two products with ``W``). ``W`` must be positive semi-definite on the
     span of ``u`` and ``v``: :class:`InvalidArgumentError` where it is not by more than rounding (a
@@ -175,8 +191,12 @@ def _gram(u: Tensor, v: Tensor, metric: Metric, names: tuple[str, str]) -> tuple
         dtype = metric.dtype if isinstance(metric, (Tensor, CurvatureOperator)) else torch.float64
         eps = u.numel() * torch.finfo(dtype).eps * _metric_norm(metric, ((u, Wu), (v, Wv)))  # W's rounding
         nu, nv = float(u.norm()), float(v.norm())
-        uu = 0.0 if 0 <= uu <= eps * nu * nu else uu
-        vv = 0.0 if 0 <= vv <= eps * nv * nv else vv
+        # a positive square at the rounding of the product itself (~ u ||W||_2 |u|^2: a null vector of W
+        # gave 1e-17 ||W||) is a zero norm; the bound above, pessimistic by up to n ||W||_F / ||W||_2, only
+        # tells rounding from an indefinite W (it zeroed a float32 eigenvalue of 1e-3: cosines went nan)
+        zero = 16 * torch.finfo(dtype).eps * _metric_norm2(metric, ((u, Wu), (v, Wv)))
+        uu = 0.0 if 0 <= uu <= zero * nu * nu else uu
+        vv = 0.0 if 0 <= vv <= zero * nv * nv else vv
         for q, n, name in ((uu, nu, names[0]), (vv, nv, names[1])):
             if q < -eps * n * n:
                 raise InvalidArgumentError(
@@ -860,10 +880,10 @@ class MinimizerEstimate:
         min_eigenvalue: ``lambda_min`` of the *Hessian* at ``x``, whichever ``curvature`` took the steps
             (the Gauss-Newton matrix is positive semi-definite at a saddle too, so its eigenvalues certify
             nothing).
-        strict: ``converged`` with ``min_eigenvalue`` above the resolution of its computation (``2 n u
-            ||H||`` for the dense ``eigvalsh`` of ``n <= 2000``, ``2e-8 ||H||`` above): a strict local
-            minimizer. False where ``lambda_min`` is zero to rounding -- a degenerate minimizer (one of a
-            line of minimizers: ``lambda_min`` came out as +1e-17 to +2e-15) -- or negative.
+        strict: ``converged`` with ``min_eigenvalue`` above ``sqrt(u) ||H||`` (``zero_tolerance``: the
+            resolution of eigenvalues that rounding and the gradient left can move): a strict local
+            minimizer. False where ``lambda_min`` is zero to that resolution -- a degenerate minimizer (one
+            of a line of minimizers came out +1e-17 to +2e-15; a rescaling symmetry +1e-13) -- or negative.
         history: ``(loss, |g|, lambda)`` per iteration.
         stopped: why the iteration ended: ``"converged"``, ``"max_iter"``, ``"no_progress"`` (no step
             size lowered the loss or the gradient norm) or ``"stalled"`` (the step no longer changes
@@ -997,8 +1017,9 @@ def estimate_minimizer(
         op if isinstance(op, curvature_class("hessian")) else curvature_class("hessian")(net, loss_fn, X, Y)
     )
     lam_min = _min_eigenvalue(hessian)
-    n = hessian.shape[0]
-    resolution = 2 * (n * torch.finfo(torch.float64).eps if n <= 2000 else 1e-8) * hessian.norm_estimate()
+    # zero up to rounding and to what the gradient left (a rescaling symmetry's lambda_min = 0 came out
+    # +1e-13 at |g| = 7e-14): sqrt(u) ||H||, the inertia counts' resolution
+    resolution = hessian.zero_tolerance()
     return MinimizerEstimate(
         x=flat_parameters(net),
         gradient_norm=gnorm,

@@ -229,11 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"{' | '.join(DATASETS)} | path to a .npz/.csv file (format below) (default: digits)",
     )
     g.add_argument(
-        "--target",
+        "--target-column",
         default=None,
         metavar="COLUMN",
-        help="the label column of a .csv file: a header name or a column number (1-based; negative from the "
-        "end) (default: the last column)",
+        help="the label/target column of a .csv file: a column number (1-based; negative from the end) or a "
+        "header name (default: the last column)",
     )
     g.add_argument(
         "--task",
@@ -510,7 +510,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             test_fraction=args.test_fraction,
             n_samples=args.samples,
             task=args.task,
-            target=args.target,
+            target=args.target_column,
         )
     except DataError as e:
         raise UserError(str(e)) from None

@@ -78,7 +78,7 @@ data files (--data PATH):
         flattened per example; y (or labels, targets, target, label): N labels or (N, k) targets;
         optionally X_test and y_test (the file's own split: --test-fraction and --samples are refused).
   .csv  (also .tsv, .txt) one example per row, separated by commas, semicolons, tabs or spaces; the
-        LAST column is the label or target (--target NAME or --target NUMBER picks another); an
+        LAST column is the label or target (--target-column NUMBER or NAME picks another); an
         optional header line is skipped (names, or pandas' column numbers 0,1,...; a first row whose
         only non-numbers are missing values is data).
   Labels that are class names (strings), or integer-valued numbers with at most 100 distinct

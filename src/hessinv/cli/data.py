@@ -48,8 +48,8 @@ class Dataset:
 
     Classification targets are ``int64`` class indices ``0..n_classes-1``; regression targets are
     ``(N, k)`` floats -- a file's standardized, ``(y - target_mean) / target_std`` per column with the
-    training split's statistics (None where not). ``output_dim`` is the width the model's last layer
-    needs.
+    training split's statistics (None where not; a constant column: ``target_std`` 0, only centered).
+    ``output_dim`` is the width the model's last layer needs.
     """
 
     name: str
@@ -101,8 +101,9 @@ class Dataset:
         scaled = ""
         if self.target_std is not None:  # the losses are in these units: the mean's MSE on train is 1
             pairs = zip(self.target_mean or (), self.target_std, strict=True)
-            stats = ", ".join(f"{m:.4g} +- {s:.4g}" for m, s in pairs)
-            scaled = f" standardized ({stats}: predicting the training mean scores MSE 1)"
+            stats = ", ".join(f"{m:.4g} +- {s:.4g}" if s > 0 else f"{m:.4g}, constant" for m, s in pairs)
+            mean = ": predicting the training mean scores MSE 1" if all(self.target_std) else ""
+            scaled = f" standardized ({stats}{mean})"
         return (
             f"{self.name}: {len(self.X_train)} train / {len(self.X_test)} test examples, "
             f"{self.input_dim} features, {kind}{scaled}"
@@ -285,28 +286,30 @@ def _dialect(body: str, suffix: str) -> type[csv.Dialect] | csv.Dialect:
     return _Spaces if spaced and len(head[0].split()) > 1 else csv.excel
 
 
-def _target_index(target: str, head: list[str] | None, width: int, path: Path) -> int:
-    """The 0-based column of ``target``: a header name, or a 1-based column number (negative: from the end,
-    ``-1`` the last)."""
-    names = [c.strip() for c in head] if head is not None else None
-    if names is not None and target.strip() in names:
-        return names.index(target.strip())
+def _target_column(target: str, names: list[str] | None, width: int, path: Path) -> int:
+    """The 0-based column of ``--target-column``: a 1-based column number (negative: from the end, ``-1``
+    the last) -- a number is always one, also where a header names its columns 0, 1, ... -- or else a
+    header name."""
     try:
         k = int(target)
     except ValueError:
+        if names is not None and target.strip() in names:
+            return names.index(target.strip())
         have = f"the header names {names}" if names is not None else "no header line"
         raise DataError(
-            f"{path}: no column {target!r} for --target ({have}); give a header name or a column number "
-            f"1..{width} (negative: from the end)"
+            f"{path}: no column {target!r} for --target-column ({have}); give a header name or a column "
+            f"number 1..{width} (negative: from the end)"
         ) from None
     if not (1 <= k <= width or -width <= k <= -1):
-        raise DataError(f"{path}: --target {k} is outside the file's columns 1..{width} (or -{width}..-1)")
+        raise DataError(
+            f"{path}: --target-column {k} is outside the file's columns 1..{width} (or -{width}..-1)"
+        )
     return k - 1 if k > 0 else width + k
 
 
 def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Features (floats) and labels (floats, or strings: class names) of a delimited text file: the label
-    is the last column, or ``target`` (a header name or a column number, :func:`_target_index`); errors
+    is the last column, or ``target`` (a column number or a header name, :func:`_target_column`); errors
     name the line of the file (1-based, the header included) and the column."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:  # (-sig: a byte-order mark is no cell)
@@ -328,15 +331,30 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
     elif all(r[-1].strip() == "" for _, r in rows):  # a delimiter at the end of every line
         rows = [(n, r[:-1]) for n, r in rows]
 
-    # (a '#' line above was the header: numpy.savetxt's)
-    head = None
-    if not skipped and _is_header(rows[0][1], [r for _, r in rows[1:]]):
-        head, rows = rows[0][1], rows[1:]
-    elif skipped:
-        head = next(csv.reader([lines[skipped - 1].lstrip().lstrip("#")], dialect), None)
+    width = Counter(len(r) for _, r in rows).most_common(1)[0][0]
+    order = list(range(width))
+    numbered = target is not None and target.strip().lstrip("+-").isdigit()
+    if target is not None and not numbered:  # a name: of the '#' header, or of the first row (then skipped)
+        cells: list[str] = []
+        if skipped:  # numpy.savetxt's '# a b c' (its cells without the '#' and the empty ones)
+            cells = next(csv.reader([lines[skipped - 1].lstrip().lstrip("#").strip()], dialect), [])
+        elif target.strip() in [c.strip() for c in rows[0][1]]:
+            cells = rows[0][1]
+            rows = rows[1:]
+        named = [c.strip() for c in cells if c.strip()]
+        t = _target_column(target, named if len(named) == width else None, width, path)
+    elif target is not None:
+        t = _target_column(target, None, width, path)
+    # pandas' column numbers as the header, in the file's order (moved, the label's may look like data)
+    pandas = numbered and [c.strip() for c in rows[0][1]] == [str(k) for k in range(width)]
+    if target is not None:  # that column to the end: the checks below read the label as the last
+        order = [k for k in range(width) if k != t] + [t]
+        rows = [(n, [r[k] for k in order] if len(r) == width else r) for n, r in rows]
+    headed = (target is None or numbered) and not skipped and rows  # ('#' line above: the header)
+    if headed and (pandas or _is_header(rows[0][1], [r for _, r in rows[1:]])):
+        rows = rows[1:]
     if not rows:
         raise DataError(f"{path} has a header but no data rows")
-    width = Counter(len(r) for _, r in rows).most_common(1)[0][0]
     for n, r in rows:
         if len(r) != width:
             comment = r[0].lstrip().startswith("#")
@@ -348,12 +366,6 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
             )
     if len(rows[0][1]) < 2:
         raise DataError(f"{path}: need at least 2 columns (features..., label); got {len(rows[0][1])}")
-    if target is not None:  # that column to the end (the checks below name the columns of the file)
-        t = _target_index(target, head if head is not None and len(head) == width else None, width, path)
-        order = [k for k in range(width) if k != t] + [t]
-        rows = [(n, [r[k] for k in order]) for n, r in rows]
-    else:
-        order = list(range(width))
     for n, r in rows:
         for k, c in enumerate(r):
             if not c.strip():
@@ -361,7 +373,8 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
             if k < len(r) - 1 and not _is_number(c):
                 raise DataError(
                     f"{path}: line {n}, column {order[k] + 1}: {c.strip()!r} is not a number (features "
-                    "must be numeric; only the label, the last column or --target's, may be a class name)"
+                    "must be numeric; only the label, the last column or --target-column's, may be a class "
+                    "name)"
                 )
     X = np.array([[float(c) for c in r[:-1]] for _, r in rows], dtype=np.float64)
     labels = [r[-1].strip() for _, r in rows]
@@ -395,7 +408,9 @@ def load_file(
     suffix = path.suffix.lower()
     if suffix == ".npz":
         if target is not None:
-            raise DataError(f"{path}: --target picks a column of a .csv file; an .npz file names its arrays")
+            raise DataError(
+                f"{path}: --target-column picks a column of a .csv file; an .npz file names its arrays"
+            )
         return _read_npz(path)
     if suffix in (".csv", ".tsv", ".txt"):
         X, y = _read_csv(path, target)
@@ -484,8 +499,8 @@ def load_dataset(
     ``n_samples`` caps the number of examples (train + test; built-ins generate that many), and
     ``test_fraction`` (default :data:`TEST_FRACTION`) is held out as the test split; a file with its own
     test split (``X_test``/``y_test``) takes neither. Classification classes are those of the
-    training labels; ``target`` picks a ``.csv`` file's label column (a header name or a 1-based column
-    number; default the last). Raises :class:`DataError` for an unknown name, an unreadable/malformed
+    training labels; ``target`` picks a ``.csv`` file's label column (a 1-based column number, or a header
+    name; default the last). Raises :class:`DataError` for an unknown name, an unreadable/malformed
     file, or data these settings cannot apply to.
     """
     if test_fraction is not None and not 0.0 < test_fraction < 1.0:
@@ -517,7 +532,7 @@ def load_dataset(
     else:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or a .npz/.csv file")
     if target is not None and key in ("digits", "mnist1d", "regression"):
-        raise DataError(f"--target picks a column of a .csv file; {name} has its own labels")
+        raise DataError(f"--target-column picks a column of a .csv file; {name} has its own labels")
 
     X = _as_features(X, label)
     y = np.asarray(y)
@@ -624,8 +639,8 @@ def load_dataset(
             top = np.abs(y).max(0)
             top = np.where(np.isfinite(top) & (top > 0), top, 1.0)
             mu_y, sd_y = (y / top).mean(0) * top, (y / top).std(0) * top
-            sd_y = np.where(sd_y > 64 * np.finfo(np.float64).eps * top, sd_y, 1.0)
-            y, yt = (y - mu_y) / sd_y, (yt - mu_y) / sd_y
+            sd_y = np.where(sd_y > 64 * np.finfo(np.float64).eps * top, sd_y, 0.0)  # 0: constant
+            y, yt = (y - mu_y) / np.where(sd_y > 0, sd_y, 1.0), (yt - mu_y) / np.where(sd_y > 0, sd_y, 1.0)
             target_stats = (tuple(map(float, mu_y)), tuple(map(float, sd_y)))
         ytr_t, yte_t = torch.from_numpy(y), torch.from_numpy(yt)
 

@@ -68,10 +68,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "(default: digits)",
     )
     s.add_argument(
-        "--target",
+        "--target-column",
         default=None,
         metavar="COLUMN",
-        help="the label column of a .csv file: a header name or a column number (default: the last)",
+        help="the label/target column of a .csv file: a column number (1-based) or a header name (default: "
+        "the last)",
     )
     s.add_argument(
         "--samples",
@@ -186,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     from hessinv.errors import SingularError
 
     try:
-        ds = load_dataset(args.data, seed=args.seed, n_samples=args.samples, target=args.target)
+        ds = load_dataset(args.data, seed=args.seed, n_samples=args.samples, target=args.target_column)
     except DataError as e:
         raise UserError(str(e)) from None
     out = output_directory(args.out)  # (after the data: a bad --data leaves no empty folder behind)

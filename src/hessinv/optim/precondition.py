@@ -134,11 +134,15 @@ def _plain(value: Any) -> Any:
 def _cast_state(obj: Any, dtype: torch.dtype, device: torch.device) -> Any:
     """``obj`` (a state dict, or a part of one) with every floating-point tensor in ``dtype`` on ``device``,
     as ``torch.optim`` casts a loaded state to its parameters' (a float64 checkpoint into a float32 model
-    crashed at the next step); other values as they are (the generators' byte states stay on the CPU)."""
+    crashed at the next step; the Woodbury factor's ``K``, float64 in every run, keeps its dtype); other
+    values as they are (the generators' byte states stay on the CPU)."""
     if isinstance(obj, Tensor):
         return obj.to(device=device, dtype=dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return {k: _cast_state(v, dtype, device) for k, v in obj.items()}
+    if isinstance(obj, dict):  # (the Woodbury factor's K is float64 in any run: its device only)
+        return {
+            k: v.to(device) if k == "K" and isinstance(v, Tensor) else _cast_state(v, dtype, device)
+            for k, v in obj.items()
+        }
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
         return type(obj)(_cast_state(v, dtype, device) for v in obj)
     return obj
@@ -906,9 +910,9 @@ class Preconditioner:
         ``backward()`` in between), are an :class:`InvalidArgumentError`: they are a direction, not a
         gradient."""
         written = self.__dict__.get("_written")
-        if written is not None and all(
-            p.grad is w and (w is None or w._version == v)
-            for p, (w, v) in zip(self.params, written, strict=True)
+        if written is not None and all(  # (values too: p.grad.data.copy_(g) keeps the version counter)
+            p.grad is w and (w is None or (w._version == v and torch.equal(w, c)))
+            for p, (w, v, c) in zip(self.params, written, strict=True)
         ):
             raise InvalidArgumentError(
                 "precondition_: every p.grad is still the direction the last call wrote (no backward() "
@@ -934,7 +938,8 @@ class Preconditioner:
             k = p.numel()
             if p.grad is not None:
                 p.grad = d[offset : offset + k].view_as(p).clone()
-            written.append((p.grad, None if p.grad is None else p.grad._version))
+            grad = p.grad
+            written.append((grad, None, None) if grad is None else (grad, grad._version, grad.clone()))
             offset += k
         self._written = written
         return d
