@@ -490,3 +490,54 @@ def test_a_zero_gauss_newton_matrix_through_a_generic_stage_has_an_empty_root():
         G = hessinv.gauss_newton(m, nn.HuberLoss(delta=0.5), X, y)
         U, S = G.root()
     assert U.shape[0] == 0 or float(U.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("op", ["sort", "topk", "max"])
+def test_values_of_an_op_that_returns_several_tensors(op):
+    """``torch.sort(h).values`` (fx: getattr on the op's result): the chain was cut between the op and the
+    attribute, and the piece refused as returning a tuple; ``[0]`` was accepted. Now both, exact."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(5 if op == "sort" else 3 if op == "topk" else 1, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            r = (
+                torch.sort(h, dim=1)
+                if op == "sort"
+                else torch.topk(h, 3, dim=1)
+                if op == "topk"
+                else h.max(1, keepdim=True)
+            )
+            return self.b(r.values**2)
+
+    torch.manual_seed(0)
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    net = Net().double()
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    torch.testing.assert_close(H.to_dense(), autograd_gradient_hessian(net, nn.CrossEntropyLoss(), X, y)[1])
+
+
+def test_a_complex_intermediate_is_named_and_the_whole_call_is_exact():
+    """``torch.fft.rfft(h).abs()``: the chain was cut at the complex value and refused as having no
+    derivative ("compute them outside the model"); plain autograd differentiates it twice."""
+
+    class FFTNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.b(torch.fft.rfft(self.a(x), dim=-1).abs())
+
+    torch.manual_seed(0)
+    X, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    loss = nn.CrossEntropyLoss()
+    with pytest.raises(hessinv.NotAChainError, match="complex values.*nn.Sequential"):
+        hessinv.hessian(FFTNet().double(), loss, X, y)
+    net = nn.Sequential(FFTNet()).double()
+    torch.testing.assert_close(
+        hessinv.hessian(net, loss, X, y).to_dense(), autograd_gradient_hessian(net, loss, X, y)[1]
+    )

@@ -667,7 +667,9 @@ def _graph_specs(gm: nn.Module, g: fx.Graph, owner: str) -> list[tuple]:
     for k in range(1, len(dep)):
         n = dep[k]
         if k == len(dep) - 1 or (
-            alive <= k and not any(u.op == "call_function" and u.target is operator.getitem for u in n.users)
+            alive <= k
+            # (not between an op that returns several tensors and the getitem / .values that picks one)
+            and not any(u.op == "call_function" and u.target in (operator.getitem, getattr) for u in n.users)
         ):
             specs.extend(_segment_spec(gm, dep[start], dep[start + 1 : k + 1], owner))
             start = k
@@ -1443,6 +1445,16 @@ class Chain:
                 raise DtypeMismatchError(
                     f"{s.name} returns {z.dtype} in a {self.dtype} model; hessinv computes in one dtype: "
                     "remove the cast"
+                )
+            if isinstance(z, Tensor) and z.is_complex():  # (differentiable, but no real block between stages)
+                self._piece_failed(
+                    s,
+                    NotAChainError(
+                        f"{s.name} returns complex values; the stages of a chain pass real tensors: keep the "
+                        "complex part inside one module (with what makes it real, e.g. .abs()), or pass "
+                        "nn.Sequential(model) to have the model called whole as one stage (exact; dense "
+                        "blocks)"
+                    ),
                 )
             if not isinstance(z, Tensor) or z.dim() < 1 or z.shape[0] != inputs.shape[0]:
                 what = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
