@@ -642,7 +642,9 @@ def _graph_specs(gm: nn.Module, g: fx.Graph, owner: str) -> list[tuple]:
     result = out_node.args[0]
     if not isinstance(result, fx.Node):
         raise NotAChainError(
-            f"{owner}.forward returns {type(result).__name__}, not one tensor; a chain has one output"
+            f"{owner}.forward returns {type(result).__name__}, not one tensor; a chain has one output: "
+            "wrap the model in a module whose forward returns the tensor the loss reads (e.g. "
+            "model(x)[0], or torch.cat of the outputs with a loss_fn that splits them)"
         )
     # nodes that depend on the input, in graph order; the rest (parameters, constants) are free
     dep: list[fx.Node] = [inputs[0]]

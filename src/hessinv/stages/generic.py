@@ -242,10 +242,13 @@ class GenericStage(Stage):
         with _math_attention():
             out = self.module(z.clone())
         if not isinstance(out, Tensor):
+            mods = self.module.modules() if isinstance(self.module, nn.Module) else ()
+            rnn = isinstance(out, tuple) and any(isinstance(m, nn.RNNBase) for m in mods)
             hint = (
                 " (nn.RNN/LSTM/GRU return (output, state): wrap the module to return output or output[:, -1])"
-                if isinstance(out, tuple)
-                else ""
+                if rnn
+                else "; a chain's stages pass one tensor: wrap the module in one whose forward returns the "
+                "tensor the next stage (or the loss) reads, e.g. out[0] or out['logits']"
             )
             raise NotAChainError(f"{self.name} returns {type(out).__name__}, not one tensor{hint}")
         return out
