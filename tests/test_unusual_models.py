@@ -541,3 +541,38 @@ def test_a_complex_intermediate_is_named_and_the_whole_call_is_exact():
     torch.testing.assert_close(
         hessinv.hessian(net, loss, X, y).to_dense(), autograd_gradient_hessian(net, loss, X, y)[1]
     )
+
+
+def test_a_memo_of_the_parameters_is_refused_and_undone():
+    """A module that memoizes ``log_s.exp()`` on its first call kept hessinv's graph-less tensor: the
+    parameter's derivatives read as zero (gradient 27% off) there and in the user's later calls; the
+    same inside ``torch.nn.utils.parametrize.cached()`` (gradient 12% off)."""
+    import torch.nn.utils.parametrize as P
+
+    class CachedScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.log_s, self._s = nn.Parameter(torch.zeros(4)), None
+
+        def forward(self, h):
+            if self._s is None:
+                self._s = self.log_s.exp()
+            return h * self._s
+
+    torch.manual_seed(0)
+    X, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), CachedScale(), nn.Linear(4, 3)).double()
+    with pytest.raises(hessinv.UnsupportedStageError, match="memo"):
+        hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    assert net[2]._s is None  # undone: the user's next call computes it with its graph
+
+    class Sym(nn.Module):
+        def forward(self, W):
+            return W.triu() + W.triu(1).T
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    P.register_parametrization(net[0], "weight", Sym())
+    with P.cached(), pytest.raises(hessinv.UnsupportedStageError, match="parametrize.cached"):
+        hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)  # outside it: exact
+    torch.testing.assert_close(H.to_dense(), autograd_gradient_hessian(net, nn.CrossEntropyLoss(), X, y)[1])

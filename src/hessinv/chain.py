@@ -70,7 +70,7 @@ from hessinv.stages import (
 )
 from hessinv.stages.generic import MISSING, IdentityBlocks, LazyBlocks, hook_dicts, same_value, watchable
 from hessinv.stages.losses import closed_form, loss_name, plain_module, prepare_targets, uncompiled
-from hessinv.stages.protocol import compiled_module
+from hessinv.stages.protocol import compiled_module, defined_in_torch
 
 #: a loss: ``loss_fn(outputs, targets) -> scalar`` (a module such as ``nn.CrossEntropyLoss()``, a function
 #: such as ``F.cross_entropy``, or a lambda)
@@ -1043,7 +1043,9 @@ class Chain:
         mods = (
             list(model.modules()) if isinstance(model, nn.Module) else [m for x in model for m in x.modules()]
         )
-        self._mods = mods  # (for _state_kept)
+        # the user's own modules (torch's keep no memo; parametrizations are checked apart): _state_kept
+        self._own = [m for m in mods if not defined_in_torch(type(m))]
+        self._parametrized = any(torch.nn.utils.parametrize.is_parametrized(m) for m in mods)
         # deterministic and per-example only in eval mode (Dropout and RReLU became an identity / an
         # activation at the split): a later model.train() would change the function unseen
         self._mode_watch = [(m, m.training) for m in mods if isinstance(m, _MODE_DEPENDENT)]
@@ -1380,15 +1382,13 @@ class Chain:
         pass's tensor, computed without a graph here, made the parameter's derivatives read as zero (27%
         off), for the user's later calls too -- undone and refused. So is a parametrization inside
         ``torch.nn.utils.parametrize.cached()`` (its cache is torch's: the gradient was 12% off)."""
-        if getattr(torch.nn.utils.parametrize, "_cache_enabled", 0) and any(
-            torch.nn.utils.parametrize.is_parametrized(m) for m in self._mods
-        ):
+        if self.__dict__.get("_parametrized") and getattr(torch.nn.utils.parametrize, "_cache_enabled", 0):
             raise UnsupportedStageError(
                 "hessinv was called inside torch.nn.utils.parametrize.cached(): the parametrized weights "
                 "would be computed once, in a pass without derivatives, and kept (the gradient came out 12% "
                 "off, H 45%); call it outside that context"
             )
-        mods = self.__dict__.get("_mods") or []
+        mods = self.__dict__.get("_own") or []
         before = [{k for k, v in vars(m).items() if v is None} for m in mods]
         keys = [set(vars(m)) for m in mods]
 
