@@ -564,3 +564,20 @@ def test_a_per_parameter_prior_precision_is_refused_briefly():
     with pytest.raises(InvalidArgumentError, match=r"shape \(38,\): per-parameter") as e:
         Laplace(net, "classification", prior_precision=torch.ones(38, dtype=torch.float64))
     assert len(str(e.value)) < 200
+
+
+def test_extreme_noise_and_a_boundary_optimum_are_named():
+    """sigma_noise = 1e-200 passed the constructor and failed later with a ZeroDivisionError (sigma^2
+    underflowed); an optimum at the search's bound came back without a word."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    X = torch.randn(20, 3, dtype=torch.float64)
+    y = X[:, :1].sin()
+    for sigma in (1e-200, 1e200):
+        with pytest.raises(InvalidArgumentError, match="leaves float64's range"):
+            Laplace(net, "regression", sigma_noise=sigma)
+    la = Laplace(net, "regression").fit(X, y)
+    with pytest.raises(InvalidArgumentError, match="prior precision"):
+        la.log_marginal_likelihood(prior_precision=1e200)
+    with pytest.warns(UserWarning, match="at the search's bound"):
+        la.optimize_prior_precision(bounds=(1e-6, 1e-5))

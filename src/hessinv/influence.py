@@ -417,7 +417,7 @@ class InfluenceFunction:
                 "convert with torch.as_tensor"
             )
         chunk = _check_chunk(chunk)
-        if vectors.dim() not in (1, 2):
+        if vectors.dim() not in (1, 2) or vectors.shape[-1] != fac.op.shape[0]:
             raise ShapeMismatchError(
                 f"vectors must have shape (k, n) or (n,), n = {fac.op.shape[0]}; got {tuple(vectors.shape)}"
             )

@@ -58,6 +58,7 @@ from hessinv.errors import (
     NonFiniteError,
     NotFittedError,
     ShapeMismatchError,
+    warn,
 )
 from hessinv.influence import _collect, _trainable, output_jacobians
 from hessinv.riccati import check_dense_memory
@@ -146,6 +147,11 @@ class Laplace:
         v = check_real(v, name)
         if not (v > 0 and math.isfinite(v)):
             raise InvalidArgumentError(f"{name} must be a positive number, got {v}")
+        if name.startswith("sigma") and not 1e-150 <= v <= 1e150:  # (sigma^2 and 1 / sigma^2 in range)
+            raise InvalidArgumentError(
+                f"{name} = {v:g}: sigma^2 leaves float64's range (1e-150 <= sigma <= 1e150); rescale the "
+                "targets"
+            )
         return v
 
     @staticmethod
@@ -213,7 +219,14 @@ class Laplace:
         c = self._scale(sigma)
         d = delta / c
         if self._cache is None or self._cache[0] != d:
-            self._cache = (d, self._op().factor(d))
+            try:
+                self._cache = (d, self._op().factor(d))
+            except InvalidArgumentError as e:  # (its message speaks of a damping the user never gave)
+                raise InvalidArgumentError(
+                    f"the prior precision {delta:g} over c = {c:g} (c = 1 / (2 sigma_noise^2), regression) "
+                    f"is the damping of G + (delta / c) I: {e}; choose a smaller prior precision or a larger "
+                    "sigma_noise"
+                ) from None
         fac = self._cache[1]
         if not fac.positive_definite:
             raise IndefiniteError(
@@ -312,6 +325,12 @@ class Laplace:
             t = min(max(float(rr.x[0]), lo), hi)
             self.sigma_noise = math.exp(min(max(float(rr.x[1]), slo), shi))
         self.prior_precision = math.exp(t)
+        if min(t - lo, hi - t) <= 2 * tol:  # at a bound: the evidence may still grow beyond it
+            warn(
+                f"optimize_prior_precision: the optimum {self.prior_precision:.6g} is at the search's bound "
+                f"{bounds}: the evidence may have no maximum inside; widen bounds=",
+                UserWarning,
+            )
         return self.prior_precision
 
     def _check_bounded(self, bounds: tuple[float, float], sigma_bounds: tuple[float, float] | None) -> None:
