@@ -1,9 +1,10 @@
 """Dense autograd references for every curvature quantity, and random chains.
 
-The one place tests get "the truth" from: gradient and Hessian of the loss as a function of the flat
-parameter vector by reverse-over-reverse autograd (``torch.autograd.functional.hessian``; the
-``autograd_*`` helpers below do plain double backward row by row); the Gauss-Newton matrix as
-``J^T Lambda J`` with ``J = jacrev`` of the outputs and ``Lambda`` the loss Hessian in the outputs.
+The one place tests get "the truth" from: gradient and Hessian of the loss in the trainable parameters by
+plain double backward, row by row (the ``autograd_*`` helpers; ``dense_*`` are their older names); the
+Gauss-Newton matrix as ``J^T Lambda J`` with ``J`` the outputs' Jacobian and ``Lambda`` the loss Hessian
+in the outputs, both by plain autograd. No ``torch.func`` (its affine ``layer_norm`` second derivative is
+wrong in torch 2.13).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev
+from torch.func import functional_call
 
 ACTIVATIONS = {
     "tanh": nn.Tanh,
@@ -64,22 +65,15 @@ def flat_loss_fn(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: 
 
 
 def dense_gradient_hessian(model, loss_fn, inputs, targets) -> tuple[Tensor, Tensor]:
-    """Gradient and Hessian of the loss in the flat parameters by reverse-over-reverse autograd
-    (``torch.autograd.functional.hessian``, batched over rows): not ``torch.func.hessian``, whose
-    mixed second derivative of an affine ``layer_norm`` is wrong in torch 2.13 (a non-symmetric
-    matrix)."""
-    x0, loss, _ = flat_loss_fn(model, loss_fn, inputs, targets)
-    x = x0.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(loss(x), x)
-    return g.detach(), torch.autograd.functional.hessian(loss, x0, vectorize=True)
+    """Gradient and Hessian of the loss in the flat parameters: :func:`autograd_gradient_hessian` (plain
+    double backward, row by row; not ``torch.func.hessian``, whose mixed second derivative of an affine
+    ``layer_norm`` is wrong in torch 2.13, nor a vmap-batched one)."""
+    return autograd_gradient_hessian(model, loss_fn, inputs, targets)
 
 
 def dense_gauss_newton(model, loss_fn, inputs, targets) -> Tensor:
-    x0, _, outputs = flat_loss_fn(model, loss_fn, inputs, targets)
-    y = outputs(x0).detach()
-    J = jacrev(outputs)(x0).reshape(y.numel(), -1)
-    Lam = torch.func.hessian(lambda yy: loss_fn(yy, targets))(y).reshape(y.numel(), y.numel())
-    return J.T @ Lam @ J
+    """``J^T Lambda J``: :func:`autograd_gauss_newton` (plain autograd, row by row)."""
+    return autograd_gauss_newton(model, loss_fn, inputs, targets)
 
 
 @dataclass

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
+from reference import autograd_gauss_newton, autograd_gradient_hessian
 from torch import nn
-from torch.func import functional_call, hessian, jacrev
 
 import hessinv
 from hessinv.cli.baselines import FirstOrder, HessianFree, conjugate_gradient
@@ -24,27 +24,8 @@ def tiny_problem(loss: str = "ce", seed: int = 0):
 
 
 def dense_ggn_and_gradient(net, loss_fn, X, y):
-    """``G = J^T Lambda J`` and ``g`` with torch.func (Jacobian of the outputs, Hessian of the loss)."""
-    names = [n for n, _ in net.named_parameters()]
-    shapes = [p.shape for _, p in net.named_parameters()]
-    x0 = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
-
-    def unflat(x):
-        out, i = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            k = math.prod(s)
-            out[n] = x[i : i + k].reshape(s)
-            i += k
-        return out
-
-    def outputs(x):
-        return functional_call(net, unflat(x), (X,))
-
-    out = outputs(x0).detach()
-    J = jacrev(outputs)(x0).reshape(out.numel(), -1)
-    Lam = hessian(lambda o: loss_fn(o, y))(out).reshape(out.numel(), out.numel())
-    g = jacrev(lambda x: loss_fn(outputs(x), y))(x0)
-    return J.T @ Lam @ J, g
+    """``G = J^T Lambda J`` and ``g`` by plain autograd (tests/reference.py; no torch.func)."""
+    return autograd_gauss_newton(net, loss_fn, X, y), autograd_gradient_hessian(net, loss_fn, X, y)[0]
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse"])
