@@ -767,3 +767,24 @@ def test_a_zero_gauss_newton_matrix_warns_once_per_optimizer():
     zero = [w for w in caught if "Gauss-Newton matrix is zero" in str(w.message)]
     assert opt.preconditioner is not None and opt.preconditioner.state["refreshes"] >= 3
     assert len(zero) == 1
+
+
+def test_min_eigenvalue_and_inertia_refuse_before_their_products(monkeypatch):
+    """A sweep that does not fit was refused only after min_eigenvalue's Lanczos (17-125 s on wide
+    MLPs) or inertia's norm estimate (7 s) had run: now before any product."""
+    import hessinv.riccati as ric
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    X, y = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    H._swept()  # (the route, decided with the machine's memory)
+    monkeypatch.setattr(ric, "_capacity_bytes", lambda device: 2**16)
+    monkeypatch.setattr(ric, "_memory_bytes", lambda device: 2**16)
+    calls = []
+    apply = H._apply
+    monkeypatch.setattr(H, "_apply", lambda V: calls.append(1) or apply(V))
+    for call in (H.min_eigenvalue, H.inertia):
+        with pytest.raises(hessinv.TooLargeError):
+            call()
+    assert not calls

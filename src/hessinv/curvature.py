@@ -356,6 +356,13 @@ class CurvatureOperator:
             return True
         return False
 
+    def _check_sweep_memory(self) -> None:
+        """:func:`~hessinv.riccati.check_memory` for the sweep this operator's factorizations run, before
+        the products that come first (``min_eigenvalue``'s Lanczos ran 17-125 s, ``inertia``'s norm
+        estimate 7 s, before the sweep refused)."""
+        sw = self._swept()
+        check_memory(sw.blocks, sw._names, sw.dtype, sw.device)
+
     def _dense_view(self) -> CurvatureOperator:
         view = copy.copy(self)
         A = self.to_dense()
@@ -588,6 +595,7 @@ class CurvatureOperator:
         negative or not finite.
         """
         shift = _check_shift(shift, self.dtype)
+        self._check_sweep_memory()  # (before the norm estimate's products)
         floor = self.zero_tolerance()
         if tol is None:
             tol = floor
@@ -1116,6 +1124,8 @@ class CurvatureOperator:
         # the sweep decides definiteness up to its backward error: a certificate shift closer to
         # lambda than a few ulps of ||H|| (float32 operators) proves nothing
         slack = 10 * torch.finfo(self.dtype).eps
+        if n > _DENSE_EIG:
+            self._check_sweep_memory()
         if n <= _DENSE_EIG:  # small: the dense matrix, then the same certificate
             A = self.to_dense().double().cpu()
             if not bool(A.any()):  # H = 0 (a relative accuracy of 0)
