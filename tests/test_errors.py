@@ -788,3 +788,25 @@ def test_min_eigenvalue_and_inertia_refuse_before_their_products(monkeypatch):
         with pytest.raises(hessinv.TooLargeError):
             call()
     assert not calls
+
+
+def test_generic_stages_too_large_are_refused_up_front_for_all_of_them(monkeypatch):
+    """A small CNN on 28 x 28 inputs, batch 8: hessian() built a convolution's dense blocks (4.6 s, 2 GiB)
+    before refusing with 'at most 7 examples', and at 7 a pooling stage refused with 'at most 1'. Every
+    generic stage is checked before any block is built, the advice the smallest batch over all (here with
+    a lower limit: the convolution exceeds it first, the pooling stage fits fewer examples)."""
+    from hessinv.stages.generic import GenericStage
+
+    monkeypatch.setattr(GenericStage, "MAX_BLOCK_ENTRIES", 2**19)
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
+    ).double()  # fmt: skip
+    X, y = torch.randn(24, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (24,))
+    with pytest.raises(hessinv.TooLargeError, match=r"at most (\d+) examples") as err:
+        hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    fits = int(re.search(r"at most (\d+) examples", str(err.value)).group(1))
+    assert 1 <= fits < 24
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X[:fits], y[:fits])  # and it fits at every stage
+    assert H.shape[0] == sum(p.numel() for p in net.parameters())

@@ -316,29 +316,51 @@ class GenericStage(Stage):
             )
         return f"{self.name}: output of shape {tuple(out.shape)} per batch"
 
+    def dense_fits(self, B: int, d_in: int, d_out: int) -> tuple[int, int]:
+        """``(numbers, examples)``: what this stage's dense blocks (``Jx, Jz, Hxx, Hxz, Hzz``) hold for
+        ``B`` examples, and the most examples whose blocks stay within :attr:`MAX_BLOCK_ENTRIES`."""
+        p = self.p
+        size = B * d_out * (p + d_in) + p * p + B * d_in * (p + d_in)
+        per = (size - p * p) / B if B else 0  # per example
+        return size, int((self.MAX_BLOCK_ENTRIES - p * p) // per) if per else B
+
+    def check_dense_size(self, B: int, d_in: int, d_out: int, fits: int | None = None) -> None:
+        """:class:`TooLargeError` where the dense blocks for ``B`` examples exceed :attr:`MAX_BLOCK_ENTRIES`;
+        ``fits``: the batch to suggest (default: this stage's; the chain passes the smallest over its
+        stages, so that the advice holds for all of them)."""
+        size, own = self.dense_fits(B, d_in, d_out)
+        if size <= self.MAX_BLOCK_ENTRIES:
+            return
+        fits = own if fits is None else fits
+        p = self.p
+        if p * p > self.MAX_BLOCK_ENTRIES:  # (an embedding table of 5000 x 32: no batch helps)
+            what = (
+                f"its {p} parameters' p x p block alone exceeds it, whatever the batch; the optimizers "
+                "(Newton, Preconditioner) need no such blocks"
+            )
+        elif fits >= 1:
+            what = (
+                f"a batch of at most {fits} examples for the curvature (Newton/Preconditioner: "
+                f"curvature_batch_size={fits}) fits; else use smaller inputs to it, or split it into a chain "
+                "of smaller stages"
+            )
+        else:
+            what = "use smaller inputs to it, or split it into a chain of smaller stages"
+        raise TooLargeError(
+            f"{self.name}: its dense per-example blocks would hold {size:.3g} numbers (p={p}, "
+            f"d_in={d_in}, d_out={d_out}, B={B}; the limit is {self.MAX_BLOCK_ENTRIES:.3g}): a stage "
+            "without a structured form (convolutions, pooling, normalization, lookups) is stored densely "
+            f"per example: {what}"
+        )
+
     def _linearize(self, z_in: Tensor, b_out: Tensor, second_order: bool) -> DenseBlocks:
         B = z_in.shape[0]
         params = self.params
         z, call = self.differentiable_input(z_in, b_out.dtype)
         u = b_out.detach().reshape(B, -1).clone().requires_grad_(True)
         zf = z.reshape(B, -1)
-        d_in, d_out, p = zf.shape[1], u.shape[1], self.p
-        size = B * d_out * (p + d_in) + p * p + B * d_in * (p + d_in)
-        if size > self.MAX_BLOCK_ENTRIES:
-            per = (size - p * p) / B  # per example
-            fits = int((self.MAX_BLOCK_ENTRIES - p * p) // per) if per else 0
-            hint = (
-                f"A batch of at most {fits} examples for the curvature (Newton/Preconditioner: "
-                f"curvature_batch_size={fits}) fits; else use"
-                if fits >= 1
-                else "Use"
-            )
-            raise TooLargeError(
-                f"{self.name}: its dense per-example blocks would hold {size:.3g} numbers (p={p}, "
-                f"d_in={d_in}, d_out={d_out}, B={B}; the limit is {self.MAX_BLOCK_ENTRIES:.3g}): a stage "
-                "without a structured form (convolutions, pooling, normalization) is stored densely per "
-                f"example. {hint} smaller inputs to it, or split it into a chain of smaller stages"
-            )
+        self.check_dense_size(B, zf.shape[1], u.shape[1])
+        d_in, p = zf.shape[1], self.p
         with torch.enable_grad():
             out = call(z).reshape(B, -1)
             if out.shape != u.shape:
