@@ -158,3 +158,21 @@ def test_solve_reports_the_worst_columns_residual_and_refines_little_when_well_c
     # a float32 sweep (mixed precision) needs refinement: each step gains log10(1 / (cond u32)) digits
     _, info = H.factor(eps, precision="mixed").solve(R, return_info=True)
     assert 1 <= info.refinement_steps <= 4 and info.krylov_iterations == 0 and info.residual < 1e-13
+
+
+def test_inertia_tolerance_band_on_placed_eigenvalues():
+    """A mutation that shrank inertia's negative-side tolerance 4x passed the random-chain test (it skips
+    chains with eigenvalues near the band's edges); here eigenvalues of H + shift I are placed at
+    +-0.5 tol and +-2 tol, against the dense counts."""
+    net, loss, X, y = _mlp(7)
+    H = hessinv.hessian(net, loss, X, y)
+    lam = torch.linalg.eigvalsh(autograd_hessian(net, loss, X, y))
+    gaps = torch.diff(lam)
+    k = int(torch.argmax(torch.minimum(gaps[:-1], gaps[1:]))) + 1  # the eigenvalue farthest from the others
+    tol = 0.05 * float(torch.minimum(gaps[k - 1], gaps[k]))
+    assert tol > 10 * H.zero_tolerance()  # (the premise: the band is above the counts' resolution)
+    for place in (-2.0, -0.5, 0.5, 2.0):
+        shift = -float(lam[k]) + place * tol
+        mu = lam + shift
+        want = (int((mu < -tol).sum()), int((mu.abs() <= tol).sum()), int((mu > tol).sum()))
+        assert tuple(H.inertia(shift, tol)) == want, place

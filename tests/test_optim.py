@@ -1165,8 +1165,8 @@ def test_subsample_draws_among_labelled_examples():
     y = y.clone()
     y[5:] = -100
     opt = ho.Newton(net, nn.CrossEntropyLoss(), mode="trust-region", curvature_batch_size=4, seed=0)
-    for _ in range(10):
-        opt.step(X, y)  # used to raise "every target equals ignore_index" on some draws
+    losses = [float(opt.step(X, y)) for _ in range(10)]  # used to raise "every target equals ignore_index"
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]  # and it trains on the labelled
 
 
 def test_preconditioner_refuses_a_non_finite_gradient_before_its_moments():
@@ -1629,7 +1629,13 @@ def test_settings_each_mode_takes_are_accepted():
         dict(mode="auto", diagonal_damping=100.0),
         dict(damping="levenberg-marquardt"),
     ]:
-        ho.Newton(_small(), nn.CrossEntropyLoss(), seed=0, **kw)
+        opt = ho.Newton(_small(), nn.CrossEntropyLoss(), seed=0, **kw)
+        if "mode" in kw:
+            assert opt.mode == kw["mode"]
+        if "diagonal_damping" in kw:  # (the preconditioner's)
+            assert opt.preconditioner is not None and float(opt.preconditioner.damping) == 100.0
+        if kw.get("damping") == "levenberg-marquardt":
+            assert opt.rule.name == "levenberg-marquardt"
 
 
 @pytest.mark.parametrize("seed", ["a", 2**70, 1.5, True])
