@@ -396,13 +396,7 @@ class CurvatureOperator:
         V, vec = self._as_matrix(v)
         HV = self._apply(V)
         if not bool(torch.isfinite(HV).all()):  # an intermediate overflowed: again on V scaled to unit size
-            s = _pow2_scale(V)
-            HV = self._apply(V / s) * s
-            if not bool(torch.isfinite(HV).all()):
-                raise NonFiniteError(
-                    f"H v overflows {self.dtype} (max|v| {float(V.abs().max()):.3g}); H v is linear in v: "
-                    "scale v down and the product back up"
-                )
+            HV = _linear_scaled(self._apply, V, "H v")
         return HV[:, 0] if vec else HV
 
     matmul = __matmul__
@@ -1798,13 +1792,7 @@ class Factorization:
                 f"H + eps I at damping {self.damping:g} has {self.inertia.negative} negative eigenvalues: "
                 "no Gaussian with this precision exists; use the Gauss-Newton matrix or a larger damping"
             )
-        s = _pow2_scale(R)  # each column to unit size and back (exact): Z of 1e308 gave NaN
-        X = self._inverse_sqrt(R / s) * s
-        if not bool(torch.isfinite(X).all()):
-            raise NonFiniteError(
-                f"inverse_sqrt at damping {self._damping_text()}: S Z overflows {X.dtype}; it is linear in Z:"
-                " scale Z down and the result back up"
-            )
+        X = _linear_scaled(self._inverse_sqrt, R, f"inverse_sqrt at damping {self._damping_text()}: S Z")
         return X[:, 0] if vec else X
 
     def _inverse_sqrt(self, R: Tensor) -> Tensor:
@@ -2157,6 +2145,20 @@ def _scaled_norm(x: Tensor) -> float:
     if m == 0.0 or not math.isfinite(m):
         return m
     return m * float((x / m).norm())
+
+
+def _linear_scaled(fn: Callable[[Tensor], Tensor], R: Tensor, what: str) -> Tensor:
+    """``fn(R)`` for a linear ``fn``, on ``R``'s columns scaled by powers of two to unit size and scaled
+    back (exact): intermediates that would overflow do not (a product with a vector of 1.7e308 was all
+    NaN, its true value finite); a result beyond the dtype's range is a :class:`NonFiniteError`."""
+    s = _pow2_scale(R)
+    X = fn(R / s) * s
+    if not bool(torch.isfinite(X).all()):
+        raise NonFiniteError(
+            f"{what} overflows {X.dtype} (max|input| {float(R.abs().max()):.3g}); it is linear in its input: "
+            "scale it down and the result back up"
+        )
+    return X
 
 
 def _pow2_scale(R: Tensor) -> Tensor:
