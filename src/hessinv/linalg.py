@@ -62,17 +62,24 @@ SMALL_BLOCKS = 512
 
 
 def machine_busy() -> bool:
-    """Whether other work keeps every other core of this machine busy now: ``/proc/loadavg``'s count of
-    runnable tasks (this thread among them) at least the number of cores (False where it cannot be read).
-    A second BLAS thread then has no core to run on and the threads wait for each other: a 2048 x 2048
-    Cholesky took 1.09 s on two threads beside a busy process against 0.10 s on one (a factorization
-    of a 128-wide MLP 32-41 s against 1.9 s)."""
+    """Whether other work keeps every other core this process may use busy now: ``/proc/loadavg``'s count
+    of runnable tasks, less this process's own running threads (its BLAS threads spin after a parallel
+    region), at least the cores of its CPU affinity less one (False where it cannot be read). A second
+    BLAS thread then has no core to run on and the threads wait for each other: a 2048 x 2048 Cholesky
+    took 1.09 s on two threads beside a busy process against 0.10 s on one (a factorization of a
+    128-wide MLP 32-41 s against 1.9 s)."""
     try:
         with open("/proc/loadavg") as f:
             runnable = int(f.read().split()[3].split("/")[0])
+        own = 0
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/stat") as f:
+                stat = f.read()
+            own += stat[stat.rfind(")") + 2 : stat.rfind(")") + 3] == "R"
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     except (OSError, ValueError, IndexError):
         return False
-    return runnable >= (os.cpu_count() or 1)
+    return runnable - own >= cores - 1 and cores > 1
 
 
 @contextlib.contextmanager
