@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python examples/digits_solve.py`` (about a minute on 2 cores).
 Prints the time of hessinv's factor+solve vs dense ``torch.func.hessian`` + ``torch.linalg.solve``,
-their agreement, ``lambda_min(H)`` (shift-invert Lanczos certified by an inertia count), and the
+their agreement, ``lambda_min(H)`` (block Lanczos certified by an inertia count), and the
 inertia of ``H`` at 0 (an ``AccuracyWarning``, if the sweep says its count may be off, is printed and
 the dense count shows whether it was).
 """

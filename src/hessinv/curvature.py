@@ -457,7 +457,8 @@ class CurvatureOperator:
 
         ``precision="mixed"`` (float64 operators): the sweep runs in float32 -- about half the time --
         and every solve is refined in float64 to float64 accuracy (:class:`MixedFactorization`); a
-        float32 model's factorization is always of this kind.
+        float32 model's factorization (a plain :class:`Factorization` of its float32 sweep) refines its
+        solves in float64 alike.
         """
         return _factorization(self, damping, modify, precision)
 

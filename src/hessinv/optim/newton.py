@@ -34,8 +34,8 @@ the step before): one call of :meth:`Newton.step` on a batch ``(X, y)``:
    times, each try judged by the same rule.
 
 After a rejected step on the same batch (same tensors, unchanged) the operator is reused: the point
-is the same, so is ``H``. Products with an operator are only valid while the parameters are those it
-was built at (its blocks read the live weights), so every product is taken before the trial points.
+is the same, so is ``H``. An operator answers for the parameters it was built at (its blocks hold the
+values taken then), so every product is taken before the trial points.
 
 ``f`` and ``actual`` are measured on the batch the gradient is taken on (which *is* the curvature batch
 unless ``curvature_batch_size`` subsamples it): the step is built to decrease that loss, so the test
