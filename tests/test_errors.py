@@ -810,3 +810,20 @@ def test_generic_stages_too_large_are_refused_up_front_for_all_of_them(monkeypat
     assert 1 <= fits < 24
     H = hessinv.hessian(net, nn.CrossEntropyLoss(), X[:fits], y[:fits])  # and it fits at every stage
     assert H.shape[0] == sum(p.numel() for p in net.parameters())
+
+
+def test_a_frozen_backbone_is_not_checked_for_dense_blocks(monkeypatch):
+    """The up-front check of generic stages sized a frozen backbone too (its blocks are never built: a
+    forward pass) and refused a Conv/Pool backbone with a Linear head that ran in 0.25 s before."""
+    from hessinv.stages.generic import GenericStage
+
+    monkeypatch.setattr(GenericStage, "MAX_BLOCK_ENTRIES", 2**12)
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+    ).double()
+    for p in net[0].parameters():
+        p.requires_grad_(False)
+    X, y = torch.randn(16, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (16,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    assert H.shape[0] == 4 * 4 * 4 * 3 + 3

@@ -671,12 +671,23 @@ def _graph_specs(gm: nn.Module, g: fx.Graph, owner: str) -> list[tuple]:
         if k == len(dep) - 1 or (
             alive <= k
             # (not between an op that returns several tensors and the getitem / .values that picks one)
-            and not any(u.op == "call_function" and u.target in (operator.getitem, getattr) for u in n.users)
+            and not any(_picks_one(u) for u in n.users)
         ):
             specs.extend(_segment_spec(gm, dep[start], dep[start + 1 : k + 1], owner))
             start = k
         alive = max(alive, last_use[k])
     return specs
+
+
+def _picks_one(u: fx.Node) -> bool:
+    """Whether node ``u`` takes one tensor out of an op that returns several: ``r[0]``, ``r.values``,
+    ``r.indices`` (not ``h.shape`` or ``h.T``, also attribute reads in fx, which must not glue a layer to
+    the next op)."""
+    if u.op != "call_function":
+        return False
+    return u.target is operator.getitem or (
+        u.target is getattr and len(u.args) > 1 and u.args[1] in ("values", "indices")
+    )
 
 
 def _check_modules(stage: Stage, mods) -> None:
@@ -1376,12 +1387,15 @@ class Chain:
 
     @contextlib.contextmanager
     def _state_kept(self):
-        """Run the block with the modules' plain attributes kept: one a module sets where it had none (a
-        stashed activation, ``self.feat = a``) is removed again; one it turns from None into a tensor is
-        a memo -- ``self._s = self.log_s.exp()`` on the first call, read back by every later call: this
-        pass's tensor, computed without a graph here, made the parameter's derivatives read as zero (27%
-        off), for the user's later calls too -- undone and refused. So is a parametrization inside
-        ``torch.nn.utils.parametrize.cached()`` (its cache is torch's: the gradient was 12% off)."""
+        """Run the block (a forward or linearizing pass) with the user's own modules' plain attributes put
+        back as they were after it: one a module creates (a stashed activation, ``self.feat = a``) is
+        removed again, one it turns from None into a tensor (a memo, ``self._s = self.log_s.exp()`` on the
+        first call and read back later, or a stash reset to None in ``__init__``) is None again. Each pass
+        computes its own memo, with the derivatives that pass takes: kept, a pass without derivatives left
+        a graph-less tensor that made the parameter's derivatives zero (27% off), in the user's later
+        calls too. A memo kept inside a container (``self._cache[k] = ...``) is not seen. A call inside
+        ``torch.nn.utils.parametrize.cached()`` is refused (its cache is torch's: the gradient was 12%
+        off)."""
         if self.__dict__.get("_parametrized") and getattr(torch.nn.utils.parametrize, "_cache_enabled", 0):
             raise UnsupportedStageError(
                 "hessinv was called inside torch.nn.utils.parametrize.cached(): the parametrized weights "
@@ -1389,33 +1403,16 @@ class Chain:
                 "off, H 45%); call it outside that context"
             )
         mods = self.__dict__.get("_own") or []
-        before = [{k for k, v in vars(m).items() if v is None} for m in mods]
-        keys = [set(vars(m)) for m in mods]
-
-        def undone() -> tuple[nn.Module, str] | None:  # the first memo met, if any
-            memo = None
-            for m, nones, had in zip(mods, before, keys, strict=True):
+        before = [({k for k, v in vars(m).items() if v is None}, set(vars(m))) for m in mods]
+        try:
+            yield
+        finally:
+            for m, (nones, had) in zip(mods, before, strict=True):
                 for k, v in list(vars(m).items()):
                     if k not in had:
                         delattr(m, k)
                     elif k in nones and isinstance(v, Tensor):
                         setattr(m, k, None)
-                        memo = memo or (m, k)
-            return memo
-
-        try:
-            yield
-        except BaseException:
-            undone()
-            raise
-        memo = undone()
-        if memo is not None:
-            raise UnsupportedStageError(
-                f"{type(memo[0]).__name__} set its attribute {memo[1]!r} from None to a tensor during its "
-                "forward: a memo computed from the parameters and read back by later calls has no Hessian "
-                "that a pass can evaluate (hessinv calls the model many times, some passes without "
-                "derivatives); compute the value in forward every call"
-            )
 
     def _forward(self, inputs: Tensor) -> list[Tensor]:
         zs = [inputs]
@@ -1600,9 +1597,11 @@ class Chain:
                     f"{tuple(z.shape)}): nothing before it reaches the loss; remove the zero-width layer"
                 )
         if second_order:  # every generic stage's dense blocks, before any is built (the advice: for all)
+            # (from the first stage with parameters: a frozen backbone before it costs a forward pass)
+            first = next((i for i, st in enumerate(self.stages) if st.p), len(self.stages))
             sizes = [
                 (st, z.shape[0], z[0].numel() if z.is_floating_point() else 0, out[0].numel())
-                for st, z, out in zip(self.stages, zs[:-1], zs[1:], strict=True)
+                for st, z, out in list(zip(self.stages, zs[:-1], zs[1:], strict=True))[first:]
                 if isinstance(st, GenericStage) and z.shape[0]
             ]
             fits = min((st.dense_fits(*a)[1] for st, *a in sizes), default=0)

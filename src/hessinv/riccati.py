@@ -72,8 +72,11 @@ def _sweep(fn):
         try:
             with linalg.flush_subnormals(), linalg.one_thread_if(small):
                 return fn(blocks, *args, **kwargs)
-        except RuntimeError as e:  # the allocator's (check_memory's estimate fell short): named
-            if "allocate" not in str(e) and "out of memory" not in str(e).lower():
+        except TooLargeError:  # (check_memory's own, a MemoryError too)
+            raise
+        except (RuntimeError, MemoryError) as e:  # the allocator's (check_memory's estimate fell short)
+            text = str(e).lower()
+            if not isinstance(e, MemoryError) and "allocate" not in text and "out of memory" not in text:
                 raise
             raise TooLargeError(
                 f"the Riccati sweep ran out of memory ({' '.join(str(e).split())[:160]}); take the curvature "
