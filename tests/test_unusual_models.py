@@ -599,3 +599,28 @@ def test_reading_a_shape_does_not_glue_a_layer_to_the_next_op():
     H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
     assert not any(type(s).__name__ == "GenericStage" and s.p for s in H.chain.stages)
     torch.testing.assert_close(H.to_dense(), autograd_gradient_hessian(net, nn.CrossEntropyLoss(), X, y)[1])
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_a_buffer_registered_or_filled_on_first_use(declared):
+    """A parameter-free mask registered as a buffer (or filled into one declared None) on the first call
+    crashed with 'zip() argument 2 is longer than argument 1' in the statefulness check; the first call is
+    taken as the module's initialization, and the Hessian is exact."""
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 6)
+            if declared:
+                self.register_buffer("mask", None, persistent=False)
+
+        def forward(self, x):
+            if getattr(self, "mask", None) is None:
+                self.register_buffer("mask", (torch.arange(x.shape[-1]) % 2).to(x.dtype), persistent=False)
+            return torch.tanh(self.lin(x)) * self.mask
+
+    torch.manual_seed(0)
+    X, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    net = nn.Sequential(Masked(), nn.Linear(6, 3)).double()
+    H = hessinv.hessian(net, nn.MSELoss(), X, y)
+    torch.testing.assert_close(H.to_dense(), autograd_gradient_hessian(net, nn.MSELoss(), X, y)[1])

@@ -258,6 +258,9 @@ class GenericStage(Stage):
             return self._call(z)
         buffers = [b.detach().clone() for b in self.module.buffers()]
         out = self._call(z)
+        if sum(1 for _ in self.module.buffers()) != len(buffers):  # one registered or filled on first use
+            buffers = [b.detach().clone() for b in self.module.buffers()]  # (a mask): from here on
+            out = self._call(z)
         again = self._call(z)
         after = [b.detach() for b in self.module.buffers()]
         changed = not _buffers_equal(buffers, after)
