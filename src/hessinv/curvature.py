@@ -1119,14 +1119,13 @@ class CurvatureOperator:
         # the sweep decides definiteness up to its backward error: a certificate shift closer to
         # lambda than a few ulps of ||H|| (float32 operators) proves nothing
         slack = 10 * torch.finfo(self.dtype).eps
-        if n > _DENSE_EIG:
-            self._check_sweep_memory()
         if n <= _DENSE_EIG:  # small: the dense matrix, then the same certificate
             A = self.to_dense().double().cpu()
             if not bool(A.any()):  # H = 0 (a relative accuracy of 0)
                 return 0.0
             v = torch.linalg.eigh(A)[1][:, 0]
         else:
+            self._check_sweep_memory()  # (the certificate's sweep: refused before the Lanczos products)
 
             def close(theta: np.ndarray, res: np.ndarray) -> bool:
                 scale = max(float(np.abs(theta).max()), _TINY64)
@@ -1468,8 +1467,7 @@ class Factorization:
             l: f.pivot.perturbed for l, f in enumerate(self.factors) if f is not None and f.pivot.perturbed
         }
         # (a modified factorization counts its modified pivots: not H + eps I's inertia)
-        changed = modify and any(f.pivot.modified for f in self.factors if f is not None)
-        self._certified = not self.perturbed and not changed and self._well_pivoted()
+        self._certified = not self.perturbed and not self._pivots_modified and self._well_pivoted()
         self._recount_due = not self._certified and not modify  # the pivots' counts are not exact
         self.last_info: SolveInfo | None = None
         self._f64: Factorization | None = None
@@ -1599,11 +1597,15 @@ class Factorization:
             )
         self._unmodified(what)
 
-    def _unmodified(self, what: str) -> None:
-        """Refuse ``what`` where pivots were modified (``modify="abs"``): the factorization is not one of
-        ``H + eps I``."""
+    @property
+    def _pivots_modified(self) -> bool:
+        """Whether ``modify="abs"`` changed a pivot: the factorization is then not one of ``H + eps I``."""
         factors = getattr(self, "factors", None) or ()
-        if self.modified and any(f.pivot.modified for f in factors if f is not None):
+        return bool(self.modified) and any(f.pivot.modified for f in factors if f is not None)
+
+    def _unmodified(self, what: str) -> None:
+        """Refuse ``what`` where pivots were modified (:attr:`_pivots_modified`)."""
+        if self._pivots_modified:
             raise InvalidArgumentError(
                 f"{what}: this factorization modified its pivots (modify='abs'), so it is not one of "
                 "H + eps I; factor without modify"

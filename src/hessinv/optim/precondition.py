@@ -909,10 +909,14 @@ class Preconditioner:
         that the optimizer skips it, as torch's do). The grads this call wrote, unchanged since (no
         ``backward()`` in between), are an :class:`InvalidArgumentError`: they are a direction, not a
         gradient."""
-        written = self.__dict__.get("_written")
-        if written is not None and all(  # (values too: p.grad.data.copy_(g) keeps the version counter)
-            p.grad is w and (w is None or (w._version == v and torch.equal(w, c)))
-            for p, (w, v, c) in zip(self.params, written, strict=True)
+        written = self.__dict__.get("_written")  # (the direction, and each grad and version it wrote)
+        if (
+            written is not None
+            and all(  # (values too: p.grad.data.copy_(g) keeps the version counter)
+                p.grad is w
+                and (w is None or (w._version == v and torch.equal(w.reshape(-1), written[0][o:e])))
+                for p, (w, v, o, e) in zip(self.params, written[1], strict=True)
+            )
         ):
             raise InvalidArgumentError(
                 "precondition_: every p.grad is still the direction the last call wrote (no backward() "
@@ -939,7 +943,7 @@ class Preconditioner:
             if p.grad is not None:
                 p.grad = d[offset : offset + k].view_as(p).clone()
             grad = p.grad
-            written.append((grad, None, None) if grad is None else (grad, grad._version, grad.clone()))
+            written.append((grad, None if grad is None else grad._version, offset, offset + k))
             offset += k
-        self._written = written
+        self._written = (d, written)
         return d
