@@ -268,7 +268,7 @@ def _structured_update(T: Tensor, Z: Tensor, n_idx: Tensor, loc: Tensor, delta: 
     Dm = torch.zeros(rows.numel(), m, dtype=torch.float64, device=T.device)
     Dm[pos, loc % m] = delta
     Z64 = Z.double()
-    w = torch.einsum("am,km,bm->abk", Z64, Dm, Z64)  # (B, B, k): Z diag(delta_i) Z^T per changed row
+    w = (Z64[:, None, :] * Z64[None, :, :]) @ Dm.T  # (B, B, k): Z diag(delta_i) Z^T per changed row
     return _pair_gram(T.double()[:, rows], n_idx, w)
 
 
@@ -494,6 +494,26 @@ class WoodburyFactor:
             _columns=self._columns,
         )
 
+    def _by_factor(self, idx: Tensor) -> tuple[list[tuple[tuple, Tensor]], Tensor]:
+        """``([(factor, inside), ...], rest)``: for each Linear weight of ``factors`` that ``idx`` (column
+        indices) enters, the mask of its entries there; ``rest``, the mask of the entries outside every
+        weight. One search over the weights' offsets, then a loop over the weights hit only (a deep
+        chain's few changed entries touch one or two of its weights)."""
+        if not self.factors:
+            return [], torch.ones_like(idx, dtype=torch.bool)
+        if "offsets" not in self._columns:
+            bounds = [(off, off + d * m) for off, d, m, *_ in self.factors]
+            self._columns["offsets"] = tuple(
+                torch.tensor(b, device=idx.device) for b in zip(*bounds, strict=True)
+            )
+        starts, ends = self._columns["offsets"]
+        order = torch.argsort(starts)
+        pos = torch.searchsorted(starts[order], idx, right=True) - 1
+        which = order[pos.clamp(min=0)]
+        inside = (pos >= 0) & (idx < ends[which])
+        groups = [(self.factors[f], inside & (which == f)) for f in torch.unique(which[inside]).tolist()]
+        return groups, ~inside
+
     def update_damping(self, idx: Tensor | list[int], values: Tensor) -> None:
         """``D[idx] = values``, in place: ``K += U_J diag(1 / values - 1 / D_J) U_J^T`` (``J = idx``) and a
         new ``r x r`` factorization; exact, for when a few entries of ``D`` moved (a gradient spike).
@@ -511,12 +531,9 @@ class WoodburyFactor:
         idx_k = idx if bool(live.all()) else idx[live]
         delta = 1.0 / values[live].double() - self._Dinv[idx_k].double()
         K = self.K.clone()
-        rest = torch.ones_like(idx_k, dtype=torch.bool)
-        for off, d, m, T, Z, n_idx in self.factors or []:  # Linear weights: through their rows' structure
-            inside = (idx_k >= off) & (idx_k < off + d * m)
-            if bool(inside.any()):
-                K += _structured_update(T, Z, n_idx, idx_k[inside] - off, delta[inside], m)
-                rest &= ~inside
+        groups, rest = self._by_factor(idx_k)
+        for (off, _d, m, T, Z, n_idx), inside in groups:  # Linear weights: through their rows' structure
+            K += _structured_update(T, Z, n_idx, idx_k[inside] - off, delta[inside], m)
         if bool(rest.any()):
             cols = idx_k[rest]
             U_J = self._U64[:, cols] if self._U64 is not None else self.columns(cols).double()
@@ -537,14 +554,12 @@ class WoodburyFactor:
         r = self.rank
         idx = idx[self.live[idx]]
         update = rebuild = 0.0
-        rest = torch.ones_like(idx, dtype=torch.bool)
-        for off, d, m, _T, Z, _n in self.factors or []:
-            B = Z.shape[0]
-            inside = (idx >= off) & (idx < off + d * m)
+        for _off, d, m, _T, Z, _n in self.factors or []:
+            rebuild += Z.shape[0] ** 2 * d * m + r * r * d
+        groups, rest = self._by_factor(idx)
+        for (off, _d, m, _T, Z, _n), inside in groups:
             rows = int(torch.unique((idx[inside] - off) // m).numel())
-            update += B * B * int(inside.sum()) + r * r * rows
-            rebuild += B * B * d * m + r * r * d
-            rest &= ~inside
+            update += Z.shape[0] ** 2 * int(inside.sum()) + r * r * rows
         update += r * r * int(rest.sum())
         gram_rest = self._live_columns("gram", self.factors or [])[0] if self.factors else self._rest
         rebuild += r * r * int(gram_rest.numel())
