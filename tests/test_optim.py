@@ -7,6 +7,7 @@ products, losses from the model itself), so the optimizer's own statistics are t
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import itertools
 import json
@@ -17,6 +18,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import hessinv
@@ -1167,6 +1169,48 @@ def test_subsample_draws_among_labelled_examples():
     opt = ho.Newton(net, nn.CrossEntropyLoss(), mode="trust-region", curvature_batch_size=4, seed=0)
     losses = [float(opt.step(X, y)) for _ in range(10)]  # used to raise "every target equals ignore_index"
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]  # and it trains on the labelled
+
+
+@pytest.mark.parametrize("form", ["per_position", "partial", "functional"])
+@pytest.mark.parametrize("mode", ["precondition", "trust-region"])
+def test_curvature_batch_drawn_among_counted_examples_of_any_cross_entropy_form(form, mode):
+    """Padding: per-position targets (B, T) of a CrossEntropyLoss(ignore_index), a functools.partial of
+    F.cross_entropy with ignore_index, F.cross_entropy itself (ignores -100): the curvature batch is
+    drawn among the examples with a counted target. It was drawn among all of them: 8 padded examples
+    of 32 had a mean of 0/0 and the step raised "the loss is nan" on a batch whose loss is finite."""
+    torch.manual_seed(0)
+    head = [nn.Unflatten(1, (3, 2))] if form == "per_position" else []
+    net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 6 if head else 3), *head).double()
+    X = torch.randn(32, 5, dtype=F64)
+    ignore = -1 if form == "partial" else -100
+    y = torch.full((32, 2) if head else (32,), ignore)
+    y[3, ...] = 1
+    y[17, ...] = 2
+    if head:
+        y[17, 0] = ignore  # one position of two counted
+    lf = {
+        "per_position": nn.CrossEntropyLoss(),
+        "partial": functools.partial(F.cross_entropy, ignore_index=-1),
+        "functional": F.cross_entropy,
+    }[form]
+    opt = ho.Newton(net, lf, mode=mode, curvature_batch_size=8, seed=0)
+    losses = [float(opt.step(X, y)) for _ in range(4)]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+def test_an_unreadable_ignore_index_gets_its_cause_named():
+    """A lambda hides its ignore_index: an all-ignored curvature batch is a NonFiniteError that names
+    the likely cause and the forms hessinv reads (it was a bare "the loss is nan")."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    X, y = torch.randn(32, 5, dtype=F64), torch.full((32,), -1)
+    y[3], y[17] = 1, 2
+    opt = ho.Newton(net, lambda o, t: F.cross_entropy(o, t, ignore_index=-1), seed=0)
+    with pytest.raises(
+        hessinv.NonFiniteError, match="curvature batch of 8 examples drawn from the batch's 32"
+    ):
+        for _ in range(3):
+            opt.step(X, y)
 
 
 def test_preconditioner_refuses_a_non_finite_gradient_before_its_moments():

@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from hessinv.chain import LossFn
 from hessinv.errors import DistributedError, InvalidArgumentError
 from hessinv.optim.precondition import Preconditioner, _counted, curvature_batch, curvature_weight, sums_on
-from hessinv.stages.losses import loss_name, loss_reduction
+from hessinv.stages.losses import ignored_index, loss_name, loss_reduction
 
 __all__ = [
     "STRATEGIES",
@@ -307,10 +307,8 @@ def _loss_refusal(loss_fn: Any) -> str | None:
 def _ignores(loss_fn: Any, targets: Tensor) -> int | None:
     """The ``ignore_index`` of a loss that averages over the targets it does not ignore (integer
     targets of ``CrossEntropyLoss`` / ``NLLLoss``), else None."""
-    ignore = getattr(loss_fn, "ignore_index", None)
-    if isinstance(ignore, int) and not isinstance(ignore, bool) and not targets.is_floating_point():
-        return ignore
-    return None
+    ignore = ignored_index(loss_fn)
+    return ignore if ignore is not None and not targets.is_floating_point() else None
 
 
 def _normalizer(loss_fn: Any, targets: Tensor) -> Tensor:

@@ -85,6 +85,7 @@ from hessinv.optim.precondition import (
     _positive,
     curvature_batch,
     curvature_weight,
+    explained_subsample,
     generator_from_seed,
 )
 from hessinv.optim.trust_region import TrustRegion
@@ -1002,7 +1003,8 @@ class Newton(torch.optim.Optimizer):
             loss0, op, g, rng = cached[1], cached[2], cached[2].gradient, ns["rng"]
         elif subsample:
             rng = self._generator.get_state()
-            op = self._operator(inputs[idx], targets[idx])
+            with explained_subsample(k, batch):
+                op = self._operator(inputs[idx], targets[idx])
             loss0, g = self._loss_and_gradient(inputs, targets)
         else:
             rng = ns["rng"]

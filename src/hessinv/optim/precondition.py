@@ -54,9 +54,10 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -67,7 +68,7 @@ from hessinv.chain import Chain, LossFn, _tensor, dense_grad
 from hessinv.curvature import GaussNewton, Hessian, normalize_curvature
 from hessinv.errors import InvalidArgumentError, NonFiniteError, NotFittedError, ShapeMismatchError
 from hessinv.lowrank import WoodburyFactor
-from hessinv.stages.losses import sums_examples
+from hessinv.stages.losses import ignored_index, sums_examples
 
 __all__ = ["Preconditioner", "EigenBasis"]
 
@@ -455,13 +456,35 @@ def _lookup_tables(model: nn.Module | Sequence[nn.Module]) -> list[Tensor]:
 
 def _counted(loss_fn: Any, targets: Tensor) -> Tensor | None:
     """The indices of the examples a loss that ignores a class index (``CrossEntropyLoss(ignore_index=
-    ...)``) counts, where it ignores some but not all; else None (all count)."""
-    ignore = getattr(loss_fn, "ignore_index", None)
-    if isinstance(ignore, int) and targets.dim() == 1 and not targets.is_floating_point():
-        valid = (targets != ignore).nonzero().flatten()
+    ...)``, :func:`hessinv.stages.losses.ignored_index`) counts -- those with a target, or with one
+    position of per-position targets ``(B, d...)`` (padding), it does not ignore -- where it ignores some
+    but not all; else None (all count)."""
+    ignore = ignored_index(loss_fn)
+    if ignore is not None and targets.dim() >= 1 and not targets.is_floating_point():
+        valid = (targets != ignore).reshape(int(targets.shape[0]), -1).any(1).nonzero().flatten()
         if 0 < valid.numel() < int(targets.shape[0]):
             return valid.cpu()
     return None
+
+
+@contextlib.contextmanager
+def explained_subsample(k: int | None, batch: int) -> Iterator[None]:
+    """Re-raise a :class:`NonFiniteError` met while building the curvature of ``k`` examples drawn from
+    a batch of ``batch`` with its likely cause: a loss whose ignored targets hessinv cannot see (inside
+    a function) and a drawn sample of ignored targets only, whose mean is 0/0."""
+    try:
+        yield
+    except NonFiniteError as e:
+        if k is None or k >= batch:
+            raise
+        raise NonFiniteError(
+            f"{e}, on the curvature batch of {k} examples drawn from the batch's {batch}. If the batch's "
+            "own loss is finite, every drawn example's target is likely one the loss ignores (a mean over "
+            "no targets: 0/0): hessinv draws among the examples a loss counts where it can read its "
+            "ignore_index -- nn.CrossEntropyLoss / nn.NLLLoss(ignore_index=...), F.cross_entropy or a "
+            "functools.partial of it, targets of shape (B,) or per position (B, d...) -- not inside a "
+            "lambda. Pass the loss in one of those forms, or a curvature_batch_size as large as the batch"
+        ) from e
 
 
 def curvature_batch(loss_fn: Any, targets: Tensor, k: int, generator: torch.Generator) -> Tensor | None:
@@ -800,33 +823,8 @@ class Preconditioner:
         t0 = time.perf_counter()
         if self.due():
             self.state["refreshes"] += 1
-            if self.curvature == "gauss_newton":
-                if self.basis is not None:  # G = U^T S U = Q (U Q)^T S (U Q) Q^T: factor in Q's basis
-                    self.basis.refresh(self.state["v"], carry)
-                self._root_factors = None
-                U, S = self.curvature_root(inputs, targets)  # rows in Q's basis (U Q)
-                # K and every solve from the Linear rows' outer-product structure where the root left
-                # it (a few ms less per refresh, and U not read per step), else from U itself
-                self._factor = WoodburyFactor(
-                    U,
-                    S,
-                    self.diagonal(),
-                    gram_tol=_GRAM_TOL,
-                    factors=self._root_factors,
-                    structured_only=self._root_structured,
-                )
-            else:
-                Xc, yc = self._curvature_batch(inputs, targets)
-                self._op = Hessian(self.model, self.loss_fn, Xc, yc, chain=self.chain)
-                if isinstance(self.weight_decay, Tensor):
-                    raise InvalidArgumentError(
-                        "curvature='hessian' takes one weight_decay for all parameters (it shifts H); "
-                        "per-group values need the Gauss-Newton curvature"
-                    )
-                # w H_k + lambda I = w (H_k + (lambda / w) I): solve() divides by w
-                self._hweight = curvature_weight(self, Xc, yc, targets)
-                shift = (self.damping + self.weight_decay) / self._hweight
-                self._factor = self._op.factor(shift, modify="abs")
+            with explained_subsample(self.curvature_batch_size, int(targets.shape[0])):
+                self._refresh_curvature(inputs, targets, carry)
         elif self.curvature == "gauss_newton":
             D = self.diagonal()
             if self.state["t"] <= self.warmup:
@@ -843,6 +841,37 @@ class Preconditioner:
                         self._factor = self._factor.with_damping(D)
                     self.state["redamped"] = self.state.get("redamped", 0) + 1
         self.time_refresh += time.perf_counter() - t0
+
+    def _refresh_curvature(self, inputs: Tensor, targets: Tensor, carry: Sequence[Tensor]) -> None:
+        """The curvature of a curvature batch drawn from ``(inputs, targets)``, factored with today's ``D``
+        (Gauss-Newton: the basis refreshed first, ``carry`` following it) or the scalar damping."""
+        if self.curvature == "gauss_newton":
+            if self.basis is not None:  # G = U^T S U = Q (U Q)^T S (U Q) Q^T: factor in Q's basis
+                self.basis.refresh(self.state["v"], carry)
+            self._root_factors = None
+            U, S = self.curvature_root(inputs, targets)  # rows in Q's basis (U Q)
+            # K and every solve from the Linear rows' outer-product structure where the root left
+            # it (a few ms less per refresh, and U not read per step), else from U itself
+            self._factor = WoodburyFactor(
+                U,
+                S,
+                self.diagonal(),
+                gram_tol=_GRAM_TOL,
+                factors=self._root_factors,
+                structured_only=self._root_structured,
+            )
+        else:
+            Xc, yc = self._curvature_batch(inputs, targets)
+            self._op = Hessian(self.model, self.loss_fn, Xc, yc, chain=self.chain)
+            if isinstance(self.weight_decay, Tensor):
+                raise InvalidArgumentError(
+                    "curvature='hessian' takes one weight_decay for all parameters (it shifts H); "
+                    "per-group values need the Gauss-Newton curvature"
+                )
+            # w H_k + lambda I = w (H_k + (lambda / w) I): solve() divides by w
+            self._hweight = curvature_weight(self, Xc, yc, targets)
+            shift = (self.damping + self.weight_decay) / self._hweight
+            self._factor = self._op.factor(shift, modify="abs")
 
     def _stale(self, D: Tensor) -> Tensor:
         """The cheap staleness test: the entries where ``D_t`` left ``[D_k / r, r D_k]`` (``r =

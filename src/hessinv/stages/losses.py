@@ -125,6 +125,19 @@ def prepare_targets(loss_fn: Callable, targets: Tensor, dtype: torch.dtype) -> T
     return targets
 
 
+def ignored_index(loss_fn: Callable) -> int | None:
+    """The class index a loss ignores (averaging over the other targets): ``ignore_index`` of a
+    ``CrossEntropyLoss`` / ``NLLLoss`` module, torch's default -100 for ``F.cross_entropy`` /
+    ``F.nll_loss``, or a ``functools.partial`` of them's keyword; None where unknown (a lambda)."""
+    ignore = getattr(loss_fn, "ignore_index", None)
+    fn, kw = loss_fn, {}
+    if isinstance(loss_fn, functools.partial):
+        fn, kw = loss_fn.func, loss_fn.keywords
+    if ignore is None and fn in (F.cross_entropy, F.nll_loss):
+        ignore = kw.get("ignore_index", -100)
+    return ignore if isinstance(ignore, int) and not isinstance(ignore, bool) else None
+
+
 def loss_reduction(loss_fn: Callable) -> str | None:
     """A loss's ``reduction`` (a module's attribute or a ``functools.partial``'s keyword), else None."""
     kw = loss_fn.keywords if isinstance(loss_fn, functools.partial) else {}
