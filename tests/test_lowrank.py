@@ -316,13 +316,11 @@ def test_lazy_blocks_refuse_changed_parameters():
     G = hessinv.gauss_newton(model, torch.nn.CrossEntropyLoss(), x.double(), torch.tensor([0, 1, 2, 0, 1]))
     with torch.no_grad():
         model[0].weight.add_(1.0)
-    with pytest.raises(
-        hessinv.InvalidArgumentError, match="parameters or buffers changed after this curvature"
-    ):
+    with pytest.raises(hessinv.InvalidArgumentError, match="changed after this curvature"):
         G @ torch.randn(G.shape[0], dtype=torch.float64)
     G = hessinv.gauss_newton(model, torch.nn.CrossEntropyLoss(), x.double(), torch.tensor([0, 1, 2, 0, 1]))
     model[0].weight.data.mul_(1.5)  # no version counter moves: the values are compared
-    with pytest.raises(hessinv.InvalidArgumentError, match="parameters or buffers changed"):
+    with pytest.raises(hessinv.InvalidArgumentError, match="changed after this curvature"):
         G.root()
 
 

@@ -55,7 +55,7 @@ from hessinv.riccati import (
     riccati_solve,
 )
 from hessinv.stages import Blocks, RiccatiBlocks
-from hessinv.stages.generic import LazyBlocks
+from hessinv.stages.generic import LazyBlocks, held_tensors
 from hessinv.stages.losses import loss_in_dtype, uncompiled
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -278,8 +278,13 @@ class CurvatureOperator:
         )
         lin = self.chain.linearize(inputs, targets, second_order=self.second_order)
         # the float64 twin's model is a copy of this one made when needed: what it must match besides the
-        # parameters (the buffers, restored; the hooks and traced attributes, checked)
-        self._buffers_point = self.chain.buffer_values() if self._point is not None else None
+        # parameters (the other tensors the model holds -- frozen parameters, buffers, plain tensor
+        # attributes -- restored from copies; the hooks and traced attributes, checked)
+        self._held_point = None
+        if self._point is not None:
+            mods = [model] if isinstance(model, nn.Module) else list(model)
+            trained = {id(t) for t in self.chain.params}
+            self._held_point = [(t, t.detach().clone()) for t in held_tensors(mods) if id(t) not in trained]
         self._model_key = self.chain.model_key()
         self.blocks, self._sizes = lin.blocks, lin.sizes + [0]
         self.gradient: Tensor = lin.gradient
@@ -1204,12 +1209,17 @@ class CurvatureOperator:
         memo: dict[int, Any] = {}
         model = copy.deepcopy(self.model, memo)
         if self._point is not None:
-            mods = [model] if isinstance(model, nn.Module) else list(model)
-            with torch.no_grad():
+            if any(id(t) not in memo for t, _ in self._held_point):
+                raise InvalidArgumentError(
+                    f"a tensor the model held when this {self.dtype} operator was built (a frozen parameter, "
+                    f"buffer or tensor attribute) was replaced since; its {dtype} copy (refined solves, "
+                    "logdet, eigenvalues) needs the model as it was: build the operator again"
+                )
+            with torch.no_grad():  # (frozen weights edited in place, BatchNorm statistics moved since)
                 for t, saved in zip(self.chain.params, self._point, strict=True):
                     memo[id(t)].copy_(saved)
-                for b, saved in zip([b for m in mods for b in m.buffers()], self._buffers_point, strict=True):
-                    b.copy_(saved)  # (BatchNorm statistics moved by a forward pass in training mode)
+                for t, saved in self._held_point:
+                    memo[id(t)].copy_(saved)
         model = model.to(dtype) if isinstance(model, nn.Module) else [m.to(dtype) for m in model]
         targets = self.targets.to(dtype) if self.targets.is_floating_point() else self.targets
         inputs = self.inputs.to(dtype) if self.inputs.is_floating_point() else self.inputs  # token ids stay

@@ -569,11 +569,14 @@ class LazyBlocks(Blocks):
         self._z_in = z_in.detach().clone()  # the caller's batch may change in place afterwards
         self.batch, self.p = z_in.shape[0], stage.p
         self._z, call = stage.differentiable_input(self._z_in, b_out.dtype)
+        mods = list(stage.module.modules())
+        # plain tensor attributes as they are before the call (a memo the call creates is the call's own)
+        self._plain = [v for m in mods for v in vars(m).values() if isinstance(v, Tensor)]
         with torch.enable_grad():
             self._out = call(self._z)
-        # after the call: a module may edit its parameters as it runs (Embedding(max_norm=...))
-        mods = list(stage.module.modules())
-        self._state = [t.detach().clone() for t in (*stage.params, *stage.module.buffers())]
+        # after the call: a module may edit its parameters as it runs (Embedding(max_norm=...)); frozen
+        # parameters and plain tensor attributes too (a frozen layer's stage has no other values)
+        self._state = [t.detach().clone() for t in self._values()]
         self._modes = [(m, m.training) for m in mods]
         # plain attributes (GroupNorm.eps, Conv's padding_mode): the dense blocks call the module later
         self._attrs = [
@@ -601,15 +604,20 @@ class LazyBlocks(Blocks):
                 return True
         return False
 
+    def _values(self) -> list[Tensor]:
+        """The tensors the stage's module reads: its parameters (frozen too) and buffers as they are now,
+        and the plain tensor attributes it had at the linearization (put back while the blocks form)."""
+        return [*held_tensors([self.stage.module], plain=False), *self._plain]
+
     def _unchanged(self) -> None:
-        now = (*self.stage.params, *self.stage.module.buffers())
+        now = self._values()
         if len(now) != len(self._state) or not all(
             a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.detach(), b)
             for a, b in zip(now, self._state, strict=False)
         ):
             raise InvalidArgumentError(
-                f"{self.stage.name}: its parameters or buffers changed after this curvature was taken; take "
-                "it again at the new point (hessinv.gauss_newton(...))"
+                f"{self.stage.name}: its parameters (frozen ones too), buffers or tensor attributes changed "
+                "after this curvature was taken; take it again at the new point (hessinv.gauss_newton(...))"
             )
         if _hook_keys(m for m, _ in self._modes) != self._hooks:  # the blocks would be the hooked module's
             raise InvalidArgumentError(
@@ -726,6 +734,19 @@ class IdentityBlocks(ParameterFreeBlocks):
 
 
 MISSING = object()
+
+
+def held_tensors(modules: Any, plain: bool = True) -> list[Tensor]:
+    """Every tensor the modules hold, once each: parameters (frozen ones too), buffers and, with
+    ``plain``, plain tensor attributes (``self.scale = torch.tensor(...)``) -- what a later call of them
+    reads besides its input, to be copied where that call must happen at today's values."""
+    seen: dict[int, Tensor] = {}
+    for top in modules:
+        for m in top.modules():
+            for t in (*m._parameters.values(), *m._buffers.values(), *(vars(m).values() if plain else ())):
+                if isinstance(t, Tensor):
+                    seen.setdefault(id(t), t)
+    return list(seen.values())
 
 
 def watchable(v: Any) -> bool:
