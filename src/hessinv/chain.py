@@ -1426,6 +1426,11 @@ class Chain:
                 if isinstance(e, HessinvError):
                     raise
                 wrong_type = any(w in str(e) for w in ("type", "Long", "Int"))
+                if len(zs) == 1 and wrong_type and "indices" in str(e):  # an Embedding's token ids
+                    raise DtypeMismatchError(
+                        f"inputs are {inputs.dtype}, which {s.name} does not take ({e}): token ids are "
+                        "integer indices, convert them with inputs.long()"
+                    ) from e
                 if len(zs) == 1 and not inputs.is_floating_point() and wrong_type:
                     raise DtypeMismatchError(
                         f"inputs are {inputs.dtype}, which {s.name} does not take ({e}); convert them with "
@@ -1574,8 +1579,14 @@ class Chain:
                 "False for its placeholders); remove such checks or write the model as an nn.Sequential"
             )
         with torch.no_grad():
-            diff = float((real.to(out.dtype) - out).abs().max()) if out.numel() else 0.0
-            scale = float(out.abs().max()) if out.numel() else 0.0
+            real = real.to(out.dtype)
+            # an overflow both compute alike (inf where the other has inf, NaN where NaN) is the same
+            # function; the loss's non-finite value is named later (NonFiniteError)
+            fin = torch.isfinite(real) & torch.isfinite(out)
+            alike = fin | (real == out) | (torch.isnan(real) & torch.isnan(out))
+            diff = float((real - out)[fin].abs().max()) if bool(fin.any()) else 0.0
+            diff = diff if bool(alike.all()) else math.inf
+            scale = float(out[fin].abs().max()) if bool(fin.any()) else 0.0
         if not diff <= math.sqrt(torch.finfo(out.dtype).eps) * max(scale, torch.finfo(out.dtype).tiny):
             raise NotAChainError(
                 f"the model's traced stages compute another function than its forward (outputs differ by "

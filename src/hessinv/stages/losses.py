@@ -125,6 +125,14 @@ def prepare_targets(loss_fn: Callable, targets: Tensor, dtype: torch.dtype) -> T
     return targets
 
 
+def _rng_state(device: torch.device) -> list[Tensor]:
+    """The states of torch's default generators a call on ``device`` may draw from (CPU, and CUDA's)."""
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
 def ignored_index(loss_fn: Callable) -> int | None:
     """The class index a loss ignores (averaging over the other targets): ``ignore_index`` of a
     ``CrossEntropyLoss`` / ``NLLLoss`` module, torch's default -100 for ``F.cross_entropy`` /
@@ -347,17 +355,27 @@ class LossStage:
                     f"{self.name}: targets {tuple(targets.shape)} != outputs {tuple(output.shape)}: the loss "
                     f"would broadcast them, every output against every target{hint}"
                 )
+            rng = _rng_state(output.device)
             with torch.enable_grad():
                 first = self.call(output.detach())
                 depends = first.requires_grad
                 y = output.detach().clone().requires_grad_(True)
                 again = self.call(y)
-            if not torch.equal(first.detach(), again.detach()) and bool(
-                torch.isfinite(first) | torch.isfinite(again)
+            # random: two values differ, or the calls drew from torch's generator (a rare dropout draw
+            # can leave both values alike while later calls differ)
+            drew = any(not torch.equal(a, b) for a, b in zip(rng, _rng_state(output.device), strict=True))
+            if drew or (
+                not torch.equal(first.detach(), again.detach())
+                and bool(torch.isfinite(first) | torch.isfinite(again))
             ):
+                seen = (
+                    "drew random numbers"
+                    if drew
+                    else f"returned {first.item():.17g} and then {again.item():.17g} for the same outputs "
+                    "and targets"
+                )
                 raise UnsupportedStageError(
-                    f"{self.name}: loss_fn returned {first.item():.17g} and then {again.item():.17g} for the "
-                    "same outputs and targets (dropout or noise inside it?); hessinv differentiates a "
+                    f"{self.name}: loss_fn {seen} (dropout or noise inside it?); hessinv differentiates a "
                     "deterministic loss: move the randomness out of loss_fn (into the model, in eval mode, "
                     "or into the data)"
                 )
