@@ -866,3 +866,10 @@ def test_a_loss_that_draws_random_numbers_is_refused_even_when_its_values_agree(
         torch.manual_seed(seed)
         with pytest.raises(UnsupportedStageError, match="drew random numbers|dropout or noise"):
             hessinv.hessian(net, lambda o, t: ((torch.nn.functional.dropout(o, 0.02) - t) ** 2).sum(), X, t)
+
+
+def test_tuple_targets_get_advice_about_targets():
+    """Tuple targets got the advice for a model of several inputs."""
+    net, X, y = small()
+    with pytest.raises(hessinv.InvalidArgumentError, match="several targets: pack them"):
+        hessinv.hessian(net, lambda o, t: ((o - t[0]) ** 2).mean(), X, (y, y))

@@ -944,6 +944,9 @@ def _tensor(x, what: str) -> Tensor:
             hint = (
                 "; a model of several inputs: pack them into one tensor (torch.cat along dim 1) and split "
                 "it at the top of a wrapper's forward"
+                if what == "inputs"
+                else "; several targets: pack them into one tensor (torch.stack or torch.cat along dim 1) "
+                "and split it at the top of loss_fn"
             )
         raise InvalidArgumentError(
             f"{what} must be a torch.Tensor, got {type(x).__module__}.{type(x).__name__}{hint}"
