@@ -1164,3 +1164,24 @@ def test_the_reversed_order_factor_of_a_perturbed_pivot(monkeypatch, seed):
     assert float((L @ torch.linalg.inv(Dinv) @ L.T - Qp).abs().max()) <= 10 * tau * float(L.abs().max()) ** 2
     b = Q @ torch.randn(24, 1, generator=g, dtype=torch.float64)
     assert float((Q @ piv.solve(b) - b).norm() / b.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("dtype,c", [(torch.float32, 1e-33), (torch.float64, 1e-300)])
+def test_a_curvature_at_the_bottom_of_the_range_is_factored_not_called_singular(dtype, c):
+    """A loss scaled by 1e-300 (float64; 1e-33 in float32), damping 5% of that: a well-conditioned
+    ``H + eps I`` (cond ~40) was refused with SingularError ("pivot Qxx is zero ... choose a damping >
+    0"): the pivot perturbation's size underflowed, and the refusal came before asking whether the
+    pivot needed one. The solution is that of the unscaled problem (autograd reference)."""
+    ce = nn.CrossEntropyLoss()
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+    X, y = torch.randn(8, 3, dtype=dtype), torch.randint(0, 3, (8,))
+    g, Hd = autograd_gradient_hessian(copy.deepcopy(m).double(), ce, X.double(), y)
+    A = Hd + 0.05 * torch.eye(Hd.shape[0], dtype=torch.float64)
+    H = hessinv.hessian(m, lambda o, t: ce(o, t) * c, X, y)
+    F = H.factor(0.05 * c)
+    x = F.solve(H.gradient)
+    xr = torch.linalg.solve(A, g)
+    assert float((x.double() - xr).norm() / xr.norm()) < (1e-5 if dtype == torch.float32 else 1e-12)
+    ev = torch.linalg.eigvalsh(A)
+    assert F.inertia.negative == int((ev < 0).sum())

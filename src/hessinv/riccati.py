@@ -213,7 +213,11 @@ class Pivot:
             # a zero pivot (to the smallest normal number) has no scale of its own: the sweep's so far
             # (scale, from the blocks downstream; the zero-initialized linear net's first pivot)
             tau = _perturb_tau(Q.dtype, max(qmax if qmax > fi.tiny else scale, hscale, fi.tiny), self.p)
-            if tau < fi.tiny:  # Qxx and every block downstream are zero
+            if tau < fi.tiny and lo >= fi.tiny:
+                # a curvature so small (a loss scaled by 1e-300) that no perturbation is representable:
+                # none is needed where the pivot is nonsingular (refinement checks the result)
+                tau = 0.0
+            elif tau < fi.tiny:  # Qxx and every block downstream are zero
                 raise SingularError(
                     f"{self.name}: pivot Qxx is zero at damping {self.damping:g}, and so is the curvature "
                     "downstream of it (the stage's parameters do not reach the loss on this batch); "
