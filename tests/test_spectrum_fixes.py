@@ -202,3 +202,17 @@ def test_histogram_infinite_range_no_numpy_warning(rng):
         warnings.simplefilter("error")
         with pytest.raises(NonFiniteArgumentError, match="range must be finite"):
             spectrum.spectral_histogram(H, 3, rng)
+
+
+def test_min_eigenvalue_beyond_the_sweeps_range_says_so():
+    """||H|| ~ 6e157 in float64: min_eigenvalue said "products with H overflow (||H|| beyond its range)"
+    -- the products did not, the norm of one did (|Hv|^2 beyond 1e308); the limit is the sweeps' shift."""
+    ce = nn.CrossEntropyLoss()
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with pytest.raises(hessinv.NonFiniteError, match="too large for torch.float64 sweeps"):
+        hessinv.hessian(m, lambda o, t: ce(o, t) * 1e158, X, y).min_eigenvalue()
+    lam = hessinv.hessian(m, lambda o, t: ce(o, t) * 1e150, X, y).min_eigenvalue() / 1e150
+    ref = float(torch.linalg.eigvalsh(autograd_hessian(m, ce, X, y))[0])
+    assert lam == pytest.approx(ref, rel=1e-6)

@@ -708,6 +708,21 @@ class CurvatureOperator:
             self._dense_h = A
         return A
 
+    def _check_sweepable(self, scale: float, what: str) -> None:
+        """A :class:`NonFiniteError` where ``||H|| ~ scale`` is beyond the shifts a sweep takes (the shifts
+        below / above the spectrum would not be representable: :func:`_shift_limit`)."""
+        limit = _shift_limit(self.dtype)
+        if 2 * scale > limit:
+            raise NonFiniteError(
+                f"{what}: ||H|| ~ {scale:.2g} is too large for {self.dtype} sweeps (their shifts must stay "
+                f"below {limit:.2g}); "
+                + (
+                    "rescale the loss or the inputs"
+                    if self.dtype == torch.float64
+                    else "use a float64 model or rescale the loss"
+                )
+            )
+
     def _overflow(self) -> None:
         """Raise the :class:`NonFiniteError` of products with ``H`` that overflow its dtype."""
         hint = "use a float64 model or rescale" if self.dtype != torch.float64 else "rescale"
@@ -962,17 +977,7 @@ class CurvatureOperator:
                 torch.zeros(k, dtype=torch.float64), (0.0, 0.0), k == n, 0, 0,
             )  # fmt: skip
         scale = max(abs(lo_r), abs(hi_r), torch.finfo(self.dtype).tiny)  # relative: ||H|| may be 1e-9
-        limit = _shift_limit(self.dtype)
-        if 2 * scale > limit:  # the shifts below / above the spectrum would not be representable
-            raise NonFiniteError(
-                f"eigenpairs: ||H|| ~ {scale:.2g} is too large for {self.dtype} sweeps (their shifts must "
-                f"stay below {limit:.2g}); "
-                + (
-                    "rescale the loss or the inputs"
-                    if self.dtype == torch.float64
-                    else "use a float64 model or rescale the loss"
-                )
-            )
+        self._check_sweepable(scale, "eigenpairs")
         step = max(beta, 1e-3 * (hi_r - lo_r), 1e-8 * scale)
         ends = which  # which end of the spectrum the pairs come from ("nearest": neither, unless sigma
         if which == "nearest":  # is beyond a definite shift: then the k smallest or largest are its nearest)
@@ -1153,12 +1158,13 @@ class CurvatureOperator:
             lam, scale = float(theta[0]), max(float(np.abs(theta).max()), _TINY64)
         else:
             op64 = self._residual_operator()
-            v = v / v.norm()
+            v = v / _scaled_norm(v)
             Hv = op64._apply(v[:, None].to(op64.dtype).to(op64.device))[:, 0].double().cpu()
             lam = float(v @ Hv)
-            scale = max(abs(lam), float(Hv.norm()), _TINY64)
+            scale = max(abs(lam), _scaled_norm(Hv), _TINY64)  # (|Hv|^2 overflows from 1e154)
         if not (math.isfinite(lam) and math.isfinite(scale)):
             self._overflow()
+        self._check_sweepable(scale, "min_eigenvalue")
         if self.is_positive_definite(-(lam - (tol + slack) * scale)):
             return lam
         with warnings.catch_warnings():  # an inaccurate pair is not used: the bisection below decides
