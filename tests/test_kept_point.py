@@ -101,3 +101,29 @@ def test_a_memo_does_not_read_as_a_changed_frozen_stage():
     ref = autograd_gauss_newton(net, nn.CrossEntropyLoss(), X, y)
     v = torch.randn(G.shape[0], dtype=F64)
     torch.testing.assert_close(G @ v, ref @ v)
+
+
+def test_a_float32_operators_float64_copy_converts_plain_tensor_attributes():
+    """``Module.to`` leaves plain tensor attributes as they are: the float64 copy multiplied float64
+    activations by a float32 matrix and was refused (ShapeMismatchError, 'use a float64 model')."""
+
+    class Proj(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.P = torch.randn(6, 6)
+
+        def forward(self, x):
+            return x @ self.P
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), Proj(), nn.Linear(6, 3))
+    X, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    ref = copy.deepcopy(net).double()
+    ref[2].P = ref[2].P.double()
+    g, Hd = autograd_gradient_hessian(ref, nn.CrossEntropyLoss(), X.double(), y)
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    x, info = H.factor(0.05).solve(H.gradient, return_info=True)
+    A = Hd + 0.05 * torch.eye(Hd.shape[0], dtype=F64)
+    assert float((g - A @ x.double()).norm() / g.norm()) < 1e-5 and info.residual < 1e-10
+    assert H.min_eigenvalue() == pytest.approx(float(torch.linalg.eigvalsh(Hd)[0]), rel=1e-6)
+    assert net[2].P.dtype == torch.float32  # the user's model untouched

@@ -1227,6 +1227,11 @@ class CurvatureOperator:
                 for t, saved in self._held_point:
                     memo[id(t)].copy_(saved)
         model = model.to(dtype) if isinstance(model, nn.Module) else [m.to(dtype) for m in model]
+        for top in [model] if isinstance(model, nn.Module) else model:
+            for m in top.modules():  # plain floating tensor attributes too (Module.to leaves them)
+                for k, v in list(vars(m).items()):
+                    if isinstance(v, Tensor) and v.is_floating_point() and v.dtype != dtype:
+                        setattr(m, k, v.to(dtype))
         targets = self.targets.to(dtype) if self.targets.is_floating_point() else self.targets
         inputs = self.inputs.to(dtype) if self.inputs.is_floating_point() else self.inputs  # token ids stay
         try:

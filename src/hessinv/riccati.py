@@ -258,10 +258,13 @@ class Pivot:
         self.inertia = Inertia(neg, self.p - nonzero, nonzero - neg)
         self._ev = ev  # log|det| from it, when asked
         self.top = hi  # max |eigenvalue| of D
-        if not math.isfinite(hi):  # sytrf overflowed on a finite pivot (entries near the maximum)
+        if not math.isfinite(hi):  # sytrf overflowed on a finite pivot: entries near the maximum, or so
+            # small that a 2x2 block's determinant underflowed and its inverse did not
+            what = "overflowed" if qmax >= 1 else "underflowed (a 2x2 block's determinant)"
             raise NonFiniteError(
-                f"{self.name}: the LDL^T factorization of the Riccati pivot Qxx overflowed (max|Qxx| "
+                f"{self.name}: the LDL^T factorization of the Riccati pivot Qxx {what} (max|Qxx| "
                 f"{qmax:.3g}); rescale the loss or the inputs"
+                + (" (or use a float64 model)" if Qc.dtype != torch.float64 else "")
             )
         # a zero 1x1 block (inertia counts only) gives inf, as it must (2x2 blocks' rows are set below)
         dinv = 1.0 / d if d.all() else np.divide(1.0, d, out=np.full_like(d, np.inf), where=d != 0)
