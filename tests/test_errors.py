@@ -873,3 +873,18 @@ def test_tuple_targets_get_advice_about_targets():
     net, X, y = small()
     with pytest.raises(hessinv.InvalidArgumentError, match="several targets: pack them"):
         hessinv.hessian(net, lambda o, t: ((o - t[0]) ** 2).mean(), X, (y, y))
+
+
+def test_a_functions_dtype_failures_are_named_with_their_fix():
+    """A lambda given int32 class indices, and a partial whose weight is float32 on a float64 model,
+    got UnsupportedStageError wrapping torch's message; both are dtype mismatches with a fix."""
+    import functools
+
+    net, X, _ = small()
+    y = torch.tensor([0, 1, 1, 0, 1])
+    F_ = torch.nn.functional
+    with pytest.raises(hessinv.DtypeMismatchError, match=r"targets\.long\(\)"):
+        hessinv.hessian(net, lambda o, t: F_.cross_entropy(o, t), X, y.int())
+    w = torch.ones(2, dtype=torch.float32)
+    with pytest.raises(hessinv.DtypeMismatchError, match="weight is torch.float32"):
+        hessinv.hessian(net, functools.partial(F_.cross_entropy, weight=w), X, y)

@@ -468,10 +468,26 @@ class LossStage:
                 for k, b in (self.loss_fn.named_buffers() if isinstance(self.loss_fn, nn.Module) else ())
                 if b.is_floating_point() and b.dtype != y.dtype
             ]
+            if isinstance(self.loss_fn, functools.partial):  # a partial's tensors (weight=...)
+                other += [
+                    f"{k} is {b.dtype}"
+                    for k, b in self.loss_fn.keywords.items()
+                    if isinstance(b, Tensor) and b.is_floating_point() and b.dtype != y.dtype
+                ]
             if other:
+                fix = (
+                    f"convert the loss module with loss_fn.to({y.dtype})"
+                    if isinstance(self.loss_fn, nn.Module)
+                    else f"pass them in {y.dtype}"
+                )
                 raise DtypeMismatchError(
-                    f"{self.name}: loss_fn's {', '.join(other)}, the outputs {y.dtype}: convert the loss "
-                    f"module with loss_fn.to({y.dtype})"
+                    f"{self.name}: loss_fn's {', '.join(other)}, the outputs {y.dtype}: {fix}"
+                ) from e
+            t = self.targets
+            if not t.is_floating_point() and t.dtype != torch.int64 and "Long" in str(e):
+                raise DtypeMismatchError(
+                    f"{self.name}: loss_fn(outputs, targets) failed on {self.targets.dtype} targets ({e}): "
+                    "class indices are int64, convert them with targets.long()"
                 ) from e
             if isinstance(self.loss_fn, nn.GaussianNLLLoss):
                 hint = (
