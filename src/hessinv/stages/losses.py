@@ -521,9 +521,17 @@ class LossStage:
             except UnsupportedStageError:  # (a RuntimeError too)
                 raise
             except RuntimeError as e:  # "derivative for aten::multi_margin_loss_backward is not implemented"
+                margin = isinstance(self.loss_fn, (nn.MultiMarginLoss, nn.MultiLabelMarginLoss))
                 raise UnsupportedStageError(
                     f"{self.name}: autograd cannot differentiate the loss twice ({e}); use a loss with a "
                     "second derivative (cross-entropy, MSE, Huber, ...)"
+                    + (
+                        "; a piecewise linear margin loss (p=1) written with clamp, e.g. (1 - o.gather(1, "
+                        "t[:, None]) + o).clamp(min=0).scatter(1, t[:, None], 0).sum(1).mean() / o.shape[1], "
+                        "is taken (its second derivative in the outputs is 0)"
+                        if margin
+                        else ""
+                    )
                 ) from e
         if self.kind == "ce":
             ell, G, (p, w) = self._softmax_derivatives(y.detach())
