@@ -391,17 +391,17 @@ def test_argument_errors_are_named():
 
 
 def test_float32_twin_failure_names_the_copy():
-    """A float32 model that does not convert to float64 (a plain tensor attribute read by forward):
-    the refined solve says that its float64 copy failed and what to do."""
+    """A float32 model that does not convert to float64 (a cast in forward, a no-op in float32): the
+    refined solve says that its float64 copy failed and what to do. (A plain tensor attribute read by
+    forward is converted with the copy: ``test_kept_point``.)"""
 
     class Kernel(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.lin = torch.nn.Linear(3, 3)
-            self.k = torch.randn(3, 3)  # not a buffer: model.double() leaves it float32
 
         def forward(self, x):
-            return self.lin(x) @ self.k
+            return torch.tanh(self.lin(x)).float()
 
     torch.manual_seed(0)
     H = hessinv.hessian(Kernel(), torch.nn.CrossEntropyLoss(), torch.randn(5, 3), torch.randint(0, 3, (5,)))
