@@ -1185,3 +1185,45 @@ def test_a_curvature_at_the_bottom_of_the_range_is_factored_not_called_singular(
     assert float((x.double() - xr).norm() / xr.norm()) < (1e-5 if dtype == torch.float32 else 1e-12)
     ev = torch.linalg.eigvalsh(A)
     assert F.inertia.negative == int((ev < 0).sum())
+
+
+@pytest.mark.parametrize("rel", [1e-15, 1e-14])
+def test_a_system_of_cond_below_one_over_u_is_solved_not_refused(rel):
+    """A ReLU net with dead units (a null space of H), eps = 1e-14 / 1e-15 |H|: cond 1e14 / 1e15, below
+    1 / u = 4.5e15, was refused as singular (the rule refused from cond ~ 1 / (100 u), on a cond estimate
+    a random right-hand side puts sqrt(n) low). It is solved, with a residual that is the true one and
+    as small as a dense LU's (found by a review of the solver)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    with torch.no_grad():
+        m[0].bias[:3] = -100.0
+        m[2].bias[:2] = -100.0
+    X, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    _, Hd = autograd_gradient_hessian(m, nn.CrossEntropyLoss(), X, y)
+    ev = torch.linalg.eigvalsh(Hd)
+    eps = rel * float(ev.abs().max())
+    A = Hd + eps * torch.eye(Hd.shape[0], dtype=torch.float64)
+    cond = float((ev + eps).abs().max() / (ev + eps).abs().min())
+    assert 1e13 < cond < 0.5 / torch.finfo(torch.float64).eps
+    b = torch.randn(Hd.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hessinv.AccuracyWarning)  # (its residual is ~ u cond)
+        F = H.factor(eps)
+        x, info = F.solve(b, return_info=True)
+    true = float((b - A @ x).norm() / b.norm())
+    lu = float((b - A @ torch.linalg.solve(A, b)).norm() / b.norm())
+    assert true == pytest.approx(info.residual, rel=0.5)
+    assert true < 3 * lu
+
+
+def test_an_exactly_singular_system_with_perturbed_pivots_is_still_refused():
+    """The other side of that rule: H of rank 3 (n = 12) at eps = 0, and at eps = -lambda_max."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 2, bias=False)).double()
+    X, y = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    H = hessinv.hessian(net, nn.MSELoss(), X, y)
+    lam = float(torch.linalg.eigvalsh(autograd_gradient_hessian(net, nn.MSELoss(), X, y)[1])[-1])
+    for eps in (0.0, -lam):
+        with pytest.raises(SingularError, match="singular to working precision"):
+            H.factor(eps)

@@ -1565,11 +1565,11 @@ class Factorization:
 
     def _check_nonsingular(self) -> None:
         """Raise :class:`SingularError` if a random right-hand side ``b`` cannot be solved to a relative
-        residual of ``sqrt(u)`` *and* the residual stays above 1e-2 or the solution says ``cond(H + eps
-        I)`` is beyond about ``1 / (100 u)`` (``|A| |x| / |b|``, ``|A|`` from
-        :meth:`CurvatureOperator.norm_estimate`): a nonsingular system of cond 1e8-1e12 can leave a
-        residual above ``sqrt(u)`` (about ``u cond``) and is solved, not refused (the solve reports its
-        residual); a singular one leaves an O(1) residual, with a solution of norm ``~ |b| / (u |A|)``."""
+        residual of ``sqrt(u)`` *and* ``cond(H + eps I)`` is beyond ``1 / u`` (singular to working
+        precision), estimated as ``|A| |A^-1 x| / |x|`` with ``x = A^-1 b`` (one step of power iteration
+        on ``A^-1``; ``|A|`` from :meth:`CurvatureOperator.norm_estimate`): a nonsingular system of cond
+        1e8-1e15 leaves a residual above ``sqrt(u)`` (about ``u cond``, as any backward-stable solver's)
+        and is solved, not refused (the solve reports its residual)."""
         g = torch.Generator(device="cpu").manual_seed(0)
         b = torch.randn(self.op.shape[0], 1, generator=g, dtype=torch.float64)
         x, info = self._solve64(b, max_refine=5)
@@ -1580,17 +1580,29 @@ class Factorization:
         if not info.residual > math.sqrt(u):
             return
         xn = float(x.norm())
-        cond = (self.op.norm_estimate() + abs(self.damping)) * xn / float(b.norm())
-        if math.isfinite(xn) and info.residual < 1e-2 and cond * u < 1e-2:
-            return  # nonsingular, ill-conditioned: the solve reports its residual
+        cond, stuck = math.inf, math.inf
+        if math.isfinite(xn) and xn > 0:
+            # one step of power iteration on A^-1 = (H + eps I)^-1 from x = A^-1 b, which leans toward
+            # the eigenvectors of the smallest |eigenvalues|: A^-1 x is solved to a residual of about
+            # u cond (a backward-stable solve: 0.02 at cond 1e14) where A is nonsingular, and not at
+            # all (about 1) where A is singular to working precision (x / |x| then lies in its null
+            # space, outside its range), whatever b's share of that space (1 / sqrt(n) for a random b:
+            # the first residual alone cannot tell); |A^-1 x| / |x| estimates 1 / min|lambda|
+            y, info2 = self._solve64(x / xn, max_refine=5)
+            stuck = info2.residual
+            inv = max(xn / float(b.norm()), float(y.norm()))
+            cond = (self.op.norm_estimate() + abs(self.damping)) * inv
+        if stuck < 0.5 and cond * u < 1:
+            return  # nonsingular, ill-conditioned (cond below 1 / u): the solve reports its residual
         stages = ", ".join(f"{self._sweep_op._names[l]} ({c})" for l, c in sorted(self.perturbed.items()))
         first = max(self.perturbed)
         raise SingularError(
             f"{stages}: pivot Qxx perturbed at damping {self.damping:g} (number of perturbed "
             "eigenvalues in parentheses), and H + eps I is singular to working precision: a random "
-            f"right-hand side still leaves relative residual {info.residual:.2e} (|A| |x| / |b| = "
-            f"{cond:.2e}) after "
-            f"{info.refinement_steps} refinement steps and {info.krylov_iterations} GMRES iterations. "
+            f"right-hand side still leaves relative residual {info.residual:.2e} after "
+            f"{info.refinement_steps} refinement steps and {info.krylov_iterations} GMRES iterations, and "
+            f"its solution x as right-hand side {stuck:.2e} (cond estimate {cond:.2e}, 1 / u = "
+            f"{1 / u:.2e}). "
             "Choose another damping (eps > 0 for a Gauss-Newton matrix; eps > -H.min_eigenvalue() "
             "for a positive definite H + eps I)",
             stage=first,
