@@ -1943,3 +1943,19 @@ def test_fixed_damping_warns_once_on_an_indefinite_system():
         warnings.simplefilter("error")
         for _ in range(3):
             opt2.step(X, y)
+
+
+def test_auto_mode_stays_preconditioning_with_per_group_weight_decay_on_a_full_batch():
+    """The README's pattern (no decay on biases) on full-batch training: auto switched to the trust
+    region at the second step, which refuses per-group weight decay, and every later step raised
+    (found by a review of the optimizer's modes). It stays with preconditioning, and trains."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    X, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    groups = [
+        {"params": [m[0].weight, m[2].weight], "weight_decay": 1e-3},
+        {"params": [m[0].bias, m[2].bias], "weight_decay": 0.0},
+    ]
+    opt = ho.Newton(m, nn.CrossEntropyLoss(), params=groups, seed=0)
+    losses = [float(opt.step(X, y)) for _ in range(20)]
+    assert opt.mode == "precondition" and losses[-1] < losses[0]

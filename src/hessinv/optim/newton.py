@@ -230,7 +230,8 @@ class Newton(torch.optim.Optimizer):
       Hessian, judged by the ratio test (see the module docstring).
     * ``"auto"`` (default): decided at the second step, for good: ``"trust-region"`` when it is given
       the same batch as the first (same values: full-batch training) and one factorization of its
-      curvature costs at most :data:`TRUST_REGION_MAX_FLOPS` (a large full batch preconditions), else
+      curvature costs at most :data:`TRUST_REGION_MAX_FLOPS` (a large full batch preconditions) and
+      the parameter groups share one ``weight_decay`` (the trust region's shift of ``H``), else
       ``"precondition"`` (a
       repeat later on, e.g. a batch of one example drawn twice, does not switch; several steps on
       the first batch do: pass ``mode="precondition"`` for that). From the trust region it goes back
@@ -800,8 +801,9 @@ class Newton(torch.optim.Optimizer):
             and torch.equal(prev[1], targets)
         )
         # full batch: the trust region, where its factorizations are affordable on the batch (a 2k-parameter
-        # MLP on 455 examples: 3 s per step, 1800x Adam's; 1437 digits: beyond memory)
-        tr = same and self._trust_region_affordable(inputs)
+        # MLP on 455 examples: 3 s per step, 1800x Adam's; 1437 digits: beyond memory) and it takes the
+        # groups' weight decay (one number: it shifts H; per-group values stay with preconditioning)
+        tr = same and not isinstance(self._weight_decay(), Tensor) and self._trust_region_affordable(inputs)
         ns["mode"] = self.mode = "trust-region" if tr else "precondition"
         ns["previous"] = None
         ns["from_auto"] = tr  # (the trust region may hand back to preconditioning: _leave_if_stalled)
