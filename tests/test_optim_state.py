@@ -320,3 +320,39 @@ def test_precondition_state_loads_whatever_the_unused_trust_region_curvature():
     o4 = ho.Newton(make(), nn.CrossEntropyLoss(), seed=0, curvature="gauss_newton")
     with pytest.raises(InvalidArgumentError, match="curvature"):
         o4.load_state_dict(o3.state_dict())
+
+
+def _tr_net(width: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(5, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 3)
+    )
+
+
+def test_trust_region_checkpoints_are_checked_like_preconditioning_ones():
+    """Found by a review of the optimizer's modes: a trust-region checkpoint of another model (same
+    number of parameter tensors) loaded silently, radius and all; one loaded into mode='precondition'
+    turned that optimizer into a trust region (its settings then ignored); a checkpoint with another
+    number of groups raised torch's plain ValueError. Each is a named refusal that changes nothing."""
+    X, y = torch.randn(16, 5, dtype=F64), torch.randint(0, 3, (16,))
+    a = ho.Newton(_tr_net(6).double(), nn.CrossEntropyLoss(), mode="trust-region")
+    for _ in range(2):
+        a.step(X, y)
+    sd = a.state_dict()
+    b = ho.Newton(_tr_net(4).double(), nn.CrossEntropyLoss(), mode="trust-region")
+    before = copy.deepcopy(b.state_dict())
+    with pytest.raises(InvalidArgumentError, match="another model"):
+        b.load_state_dict(sd)
+    assert str(b.state_dict()) == str(before)
+    c = ho.Newton(_tr_net(6).double(), nn.CrossEntropyLoss(), mode="precondition")
+    with pytest.raises(InvalidArgumentError, match="mode='trust-region'"):
+        c.load_state_dict(sd)
+    assert c.mode == "precondition"
+    net = _tr_net(6).double()
+    d = ho.Newton(net, nn.CrossEntropyLoss(), mode="trust-region", params=[
+        {"params": list(net.parameters())[:2]}, {"params": list(net.parameters())[2:]}])  # fmt: skip
+    with pytest.raises(InvalidArgumentError, match="groups"):
+        d.load_state_dict(sd)
+    e = ho.Newton(_tr_net(6).double(), nn.CrossEntropyLoss())  # auto: resumes the trust region
+    e.load_state_dict(sd)
+    assert e.mode == "trust-region"

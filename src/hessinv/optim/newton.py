@@ -397,7 +397,7 @@ class Newton(torch.optim.Optimizer):
         if mode == "auto" and (damping is not None or track_inertia or backtracking):
             mode = "trust-region"
         _check_mode_settings(mode, curvature, damping, diagonal_damping, track_inertia, backtracking)
-        self.mode = mode
+        self.mode = self._mode_asked = mode
         self.rule = _rule_from("trust-region" if damping is None or mode == "precondition" else damping)
         self.model, self.loss_fn = model, loss_fn
         self.chain = Chain(model, loss_fn)
@@ -492,6 +492,7 @@ class Newton(torch.optim.Optimizer):
             None if self._newton["previous"] is None else tuple(t.clone() for t in self._newton["previous"])
         )
         sd["newton"]["curvature_batch_size"] = self.curvature_batch_size
+        sd["newton"]["param_shapes"] = [tuple(p.shape) for p in self.chain.params]
         if self.preconditioner is not None:
             sd["newton"]["preconditioner"] = self.preconditioner.state_dict()
         return sd
@@ -526,6 +527,17 @@ class Newton(torch.optim.Optimizer):
             raise InvalidArgumentError(
                 f"state dict is for mode={ns.get('mode')!r}; this optimizer has mode='trust-region'"
             )
+        if ns.get("mode", "trust-region") == "trust-region" and self._mode_asked == "precondition":
+            raise InvalidArgumentError(
+                "state dict is for mode='trust-region'; this optimizer has mode='precondition' (its settings "
+                "would be ignored): build it with mode='trust-region' or 'auto' to resume that run"
+            )
+        shapes = ns.get("param_shapes")  # (absent: a checkpoint from before it was saved)
+        if shapes is not None and [tuple(s) for s in shapes] != [tuple(p.shape) for p in self.chain.params]:
+            raise InvalidArgumentError(
+                f"state dict is for another model: parameters of shapes {[tuple(s) for s in shapes]}; this "
+                f"optimizer's are {[tuple(p.shape) for p in self.chain.params]}"
+            )
         limit = ns.get("max_relative_step", self.max_relative_step)  # (absent: from before it was saved)
         if limit is not None:
             limit = _positive_number("max_relative_step", limit)  # before anything is loaded
@@ -538,7 +550,10 @@ class Newton(torch.optim.Optimizer):
             pc.check_state_dict(pcs)
         groups, state = self.param_groups, self.state  # (torch's load replaces both)
         try:
-            super().load_state_dict(sd)
+            try:
+                super().load_state_dict(sd)
+            except ValueError as e:  # torch's: another number or size of parameter groups
+                raise InvalidArgumentError(f"state dict does not fit this optimizer's groups: {e}") from e
             for g in self.param_groups:  # a state dict from before the momentum was a group value
                 g.setdefault("momentum", momentum)
             if pc is not None:
