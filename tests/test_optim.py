@@ -1959,3 +1959,23 @@ def test_auto_mode_stays_preconditioning_with_per_group_weight_decay_on_a_full_b
     opt = ho.Newton(m, nn.CrossEntropyLoss(), params=groups, seed=0)
     losses = [float(opt.step(X, y)) for _ in range(20)]
     assert opt.mode == "precondition" and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize(
+    "mode,curvature,kw",
+    [
+        ("trust-region", None, {"max_relative_step": 1e-6}),
+        ("trust-region", None, {"momentum": 0.5, "refresh": 3}),
+        ("trust-region", None, {"basis": "identity"}),
+        ("precondition", "hessian", {"max_rank": 8}),
+        ("auto", "hessian", {"basis": "identity"}),
+    ],
+)
+def test_settings_no_mode_reads_are_refused(mode, curvature, kw):
+    """Precondition-mode settings given to the trust region, and the Gauss-Newton preconditioner's to
+    the Hessian's, left the trajectory bit-identical to the default (found by a review of the modes);
+    like diagonal_damping with the trust region, they are named."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(hessinv.InvalidArgumentError, match=next(iter(kw))):
+        ho.Newton(net, nn.CrossEntropyLoss(), mode=mode, curvature=curvature, **kw)
+    ho.Newton(net, nn.CrossEntropyLoss(), mode=mode, curvature=curvature)  # the defaults: taken

@@ -397,6 +397,26 @@ class Newton(torch.optim.Optimizer):
         if mode == "auto" and (damping is not None or track_inertia or backtracking):
             mode = "trust-region"
         _check_mode_settings(mode, curvature, damping, diagonal_damping, track_inertia, backtracking)
+        # precondition-mode settings given where nothing reads them (no silent no-op)
+        pc_only = {
+            "max_relative_step": (max_relative_step, None), "refresh": (refresh, 10),
+            "momentum": (momentum, 0.9), "beta2": (beta2, 0.95), "basis": (basis, "eigen"),
+            "basis_max_dim": (basis_max_dim, BASIS_MAX_DIM), "max_rank": (max_rank, MAX_RANK),
+        }  # fmt: skip
+        gn_only = ("basis", "basis_max_dim", "max_rank")  # (the Gauss-Newton preconditioner's)
+        unused = [
+            k
+            for k, (v, default) in pc_only.items()
+            if v != default and (mode == "trust-region" or (curvature == "hessian" and k in gn_only))
+        ]
+        if unused:
+            raise InvalidArgumentError(
+                f"{', '.join(unused)}: precondition-mode settings, not used by the trust region; drop them, "
+                "or use mode='precondition' (or 'auto' for mini-batches)"
+                if mode == "trust-region"
+                else f"{', '.join(unused)}: settings of the Gauss-Newton preconditioner, not used with "
+                "curvature='hessian'; drop them, or use curvature='gauss_newton'"
+            )
         self.mode = self._mode_asked = mode
         self.rule = _rule_from("trust-region" if damping is None or mode == "precondition" else damping)
         self.model, self.loss_fn = model, loss_fn
