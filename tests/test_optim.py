@@ -1979,3 +1979,20 @@ def test_settings_no_mode_reads_are_refused(mode, curvature, kw):
     with pytest.raises(hessinv.InvalidArgumentError, match=next(iter(kw))):
         ho.Newton(net, nn.CrossEntropyLoss(), mode=mode, curvature=curvature, **kw)
     ho.Newton(net, nn.CrossEntropyLoss(), mode=mode, curvature=curvature)  # the defaults: taken
+
+
+def test_a_refused_hessian_step_with_per_group_weight_decay_moves_no_state():
+    """curvature='hessian' with per-group weight decay is refused -- after the preconditioner's step
+    count and second moments had moved, so a run resumed after fixing the groups differed from a clean
+    one (found by a review of the modes). The refusal comes first now."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    groups = [
+        {"params": [net[0].weight, net[2].weight], "weight_decay": 1e-2},
+        {"params": [net[0].bias, net[2].bias]},
+    ]
+    opt = ho.Newton(net, nn.CrossEntropyLoss(), mode="precondition", curvature="hessian", params=groups)
+    X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    with pytest.raises(hessinv.InvalidArgumentError, match="one weight_decay"):
+        opt.step(X, y)
+    assert opt.preconditioner.state["t"] == 0 and not bool(opt.preconditioner.state["v"].any())

@@ -953,7 +953,13 @@ class Newton(torch.optim.Optimizer):
             self._explain_failure(inputs, targets)  # e.g. every target ignored: 0/0
             raise NonFiniteError(f"the loss ({float(loss0)}) or the gradient contains NaN or infinity")
         t_deriv = time.perf_counter() - t_start
-        pc.weight_decay = self._weight_decay()  # the penalty wd/2 |x|^2: gradient wd x, curvature wd I (D)
+        wd = self._weight_decay()  # the penalty wd/2 |x|^2: gradient wd x, curvature wd I (D)
+        if isinstance(wd, Tensor) and pc.curvature == "hessian":  # (before any state moves)
+            raise InvalidArgumentError(
+                "curvature='hessian' takes one weight_decay for all parameters (it shifts H); per-group "
+                "values need the Gauss-Newton curvature"
+            )
+        pc.weight_decay = wd
         g = pc.penalized(g)
         # the momentum is kept in the preconditioner's basis (one rotation per step fewer); a basis
         # refresh carries it over

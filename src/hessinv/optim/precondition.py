@@ -863,11 +863,6 @@ class Preconditioner:
         else:
             Xc, yc = self._curvature_batch(inputs, targets)
             self._op = Hessian(self.model, self.loss_fn, Xc, yc, chain=self.chain)
-            if isinstance(self.weight_decay, Tensor):
-                raise InvalidArgumentError(
-                    "curvature='hessian' takes one weight_decay for all parameters (it shifts H); "
-                    "per-group values need the Gauss-Newton curvature"
-                )
             # w H_k + lambda I = w (H_k + (lambda / w) I): solve() divides by w
             self._hweight = curvature_weight(self, Xc, yc, targets)
             shift = (self.damping + self.weight_decay) / self._hweight
