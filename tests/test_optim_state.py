@@ -356,3 +356,17 @@ def test_trust_region_checkpoints_are_checked_like_preconditioning_ones():
     e = ho.Newton(_tr_net(6).double(), nn.CrossEntropyLoss())  # auto: resumes the trust region
     e.load_state_dict(sd)
     assert e.mode == "trust-region"
+
+
+def test_preconditioner_checkpoint_restores_its_weight_decay():
+    """weight_decay shapes the stored D (+ wd) and the gradient (+ wd x), but was not among the saved
+    settings: a preconditioner built with another value mixed the two after a load."""
+    X, y = torch.randn(16, 5, dtype=F64), torch.randint(0, 3, (16,))
+    net = _tr_net(6).double()
+    p = ho.Preconditioner(net, nn.CrossEntropyLoss(), weight_decay=0.5, damping=7.0, seed=0)
+    nn.CrossEntropyLoss()(net(X), y).backward()
+    p.precondition_(X, y)
+    q = ho.Preconditioner(net, nn.CrossEntropyLoss(), weight_decay=0.0, damping=99.0, seed=0)
+    q.load_state_dict(p.state_dict())
+    assert q.weight_decay == 0.5 and q.damping == 7.0
+    torch.testing.assert_close(q.diagonal(), p.diagonal())

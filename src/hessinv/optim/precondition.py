@@ -641,6 +641,8 @@ class Preconditioner:
         # numbers and flags only (a checkpoint compared entry by entry with torch.testing.assert_close)
         sd["settings"] = {key: getattr(self, key) for key in _SETTINGS}
         sd["settings"]["gauss_newton"] = self.curvature == "gauss_newton"
+        if not isinstance(self.weight_decay, Tensor):  # (a Newton's per-group vector: from its groups)
+            sd["settings"]["weight_decay"] = float(self.weight_decay)
         f = self._factor
         if isinstance(f, WoodburyFactor):
             U = f.U.clone()
@@ -700,6 +702,10 @@ class Preconditioner:
                 )
             settings = _checked_settings(**{key: saved[key] for key in _SETTINGS})
             gauss_newton = saved.get("gauss_newton", gauss_newton)
+            if "weight_decay" in saved:  # (it shapes D and the gradient: the checkpoint's)
+                settings["weight_decay"] = float(
+                    _positive("weight_decay", saved["weight_decay"], allow_zero=True)
+                )
         if gauss_newton is not None and bool(gauss_newton) != (self.curvature == "gauss_newton"):
             theirs = "gauss_newton" if gauss_newton else "hessian"
             raise InvalidArgumentError(
