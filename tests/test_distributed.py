@@ -49,8 +49,9 @@ def _newton(model: nn.Module, loss_fn: nn.Module | None = None, **kw) -> ho.Newt
         diagonal_damping=50.0, max_rank=CURV,
     )  # fmt: skip
     settings = {**settings, **kw}
-    if settings["mode"] == "trust-region":  # (a precondition-mode setting: refused there)
-        settings.pop("diagonal_damping")
+    if settings["mode"] == "trust-region":  # (precondition-mode settings: refused there)
+        for k in ("diagonal_damping", "refresh", "max_rank"):
+            settings.pop(k)
     return ho.Newton(model, loss_fn or nn.CrossEntropyLoss(), **settings)
 
 
