@@ -1227,3 +1227,19 @@ def test_an_exactly_singular_system_with_perturbed_pivots_is_still_refused():
     for eps in (0.0, -lam):
         with pytest.raises(SingularError, match="singular to working precision"):
             H.factor(eps)
+
+
+def test_a_singular_system_with_no_singular_pivot_is_refused_when_a_solve_finds_no_solution():
+    """eps = -lambda exactly, where no Riccati pivot is singular on its own (none perturbed): the solve
+    returned |x| ~ 1e15 with residual 0.67 and a warning (worse than x = 0; found by a solver review).
+    A solve that leaves a residual above 1e-2 now runs the factorization's singularity probe."""
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    _, Hd = autograd_gradient_hessian(m, nn.CrossEntropyLoss(), X, y)
+    lam = float(torch.linalg.eigvalsh(Hd)[46])
+    F = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y).factor(-lam)
+    assert not F.perturbed
+    b = torch.randn(Hd.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(SingularError, match="though no Riccati pivot is"):
+        F.solve(b)

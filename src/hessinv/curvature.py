@@ -1595,17 +1595,22 @@ class Factorization:
         if stuck < 0.5 and cond * u < 1:
             return  # nonsingular, ill-conditioned (cond below 1 / u): the solve reports its residual
         stages = ", ".join(f"{self._sweep_op._names[l]} ({c})" for l, c in sorted(self.perturbed.items()))
-        first = max(self.perturbed)
+        where = (
+            f"{stages}: pivot Qxx perturbed at damping {self.damping:g} (number of perturbed eigenvalues "
+            "in parentheses), and H + eps I is singular to working precision"
+            if self.perturbed
+            else f"H + eps I at damping {self.damping:g} is singular to working precision, though no Riccati "
+            "pivot is (its null space spans stages)"
+        )
         raise SingularError(
-            f"{stages}: pivot Qxx perturbed at damping {self.damping:g} (number of perturbed "
-            "eigenvalues in parentheses), and H + eps I is singular to working precision: a random "
+            f"{where}: a random "
             f"right-hand side still leaves relative residual {info.residual:.2e} after "
             f"{info.refinement_steps} refinement steps and {info.krylov_iterations} GMRES iterations, and "
             f"its solution x as right-hand side {stuck:.2e} (cond estimate {cond:.2e}, 1 / u = "
             f"{1 / u:.2e}). "
             "Choose another damping (eps > 0 for a Gauss-Newton matrix; eps > -H.min_eigenvalue() "
             "for a positive definite H + eps I)",
-            stage=first,
+            stage=max(self.perturbed) if self.perturbed else None,
             damping=self.damping,
         )
 
@@ -2095,6 +2100,11 @@ class Factorization:
                 f"(max|rhs| {float(R.abs().max()):.3g}); x is linear in the right-hand side: scale it down "
                 "and the solution back up"
             )
+        if rel > 1e-2 and not self.perturbed and not self._twin_only and not self.__dict__.get("_probed"):
+            # no solution at all (a perturbed factorization was probed when made): singular to working
+            # precision with no pivot singular on its own (eps = -lambda exactly)? SingularError if so
+            self._probed = True
+            self._check_nonsingular()
         if rel > math.sqrt(torch.finfo(self.op.dtype).eps):
             warn(
                 f"solve at damping {self._damping_text()} reached relative residual {rel:.2e} only",
