@@ -1243,3 +1243,25 @@ def test_a_singular_system_with_no_singular_pivot_is_refused_when_a_solve_finds_
     b = torch.randn(Hd.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with pytest.raises(SingularError, match="though no Riccati pivot is"):
         F.solve(b)
+
+
+def test_singular_systems_whose_probe_solution_stays_small_are_refused():
+    """A saturated tanh chain (gain 6) at eps = -lambda_i, cond 1e17-1e18: the second probe solve alone
+    accepted it (its solution never grew into the null space: cond estimate 5e10) and a random
+    right-hand side came back with residual 0.07-0.26 (found by a review of this rule). A first residual
+    above 1e-2 that x's size does not explain (more than 10 u |A| |x| / |b|) is refused."""
+    torch.manual_seed(5)
+    layers = [nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)]
+    model = nn.Sequential(*layers).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(6.0)
+    X, y = torch.randn(3, 3, dtype=torch.float64), torch.randint(0, 2, (3,))
+    _, Hd = autograd_gradient_hessian(model, nn.CrossEntropyLoss(), X, y)
+    ev = torch.linalg.eigvalsh(Hd)
+    H = hessinv.hessian(model, nn.CrossEntropyLoss(), X, y)
+    for i in (15, 28):
+        shifted = torch.linalg.eigvalsh(Hd - ev[i] * torch.eye(Hd.shape[0], dtype=torch.float64)).abs()
+        assert float(shifted.max() / shifted.min()) > 1e16  # singular to working precision
+        with pytest.raises(SingularError, match="singular to working precision"):
+            H.factor(-float(ev[i]))
