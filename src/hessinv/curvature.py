@@ -1563,18 +1563,20 @@ class Factorization:
         floor = math.sqrt(torch.finfo(self._sweep_dtype).eps)
         return all(f.pivot.conditioning() >= floor for f in self.factors if f is not None)
 
-    def _check_nonsingular(self) -> None:
+    def _check_nonsingular(self, unsolved: bool = True) -> None:
         """Raise :class:`SingularError` where ``H + eps I`` is singular to working precision: a random
         right-hand side ``b`` is not solved to a relative residual of ``sqrt(u)``, and (a) its residual
         is above 1e-2 and more than 10x what a backward-stable solve leaves (``u |A| |x| / |b|``: no
         solution was found), (b) a second solve, with ``x / |x|`` as right-hand side (one step of power
         iteration on ``A^-1``, into the near-null space), leaves 0.5 or more, or (c) the cond estimate
         ``|A| |A^-1 x| / |x|`` exceeds ``1 / u`` (``|A|`` from :meth:`CurvatureOperator.norm_estimate`).
-        A nonsingular system of cond 1e8-1e15 leaves a residual above ``sqrt(u)`` (about ``u cond``,
-        as any backward-stable solver's) and is solved, not refused (the solve reports its residual);
-        on 443 probed perturbed factorizations (eps = -lambda_i + 0 / 1e-14 / 1e-13 |H| on saturated tanh
-        chains, dead-ReLU and one-example Gauss-Newton matrices) the refusals and acceptances that
-        disagree with cond against 1 / u were all within 3x of 1 / u."""
+        Without ``unsolved``, (a) is not asked (a factorization without perturbed pivots whose solve
+        failed: a broken sweep is not a singular matrix). A nonsingular system of cond 1e8-1e15 leaves a
+        residual above ``sqrt(u)`` (about ``u cond``, as any backward-stable solver's) and is solved, not
+        refused (the solve reports its residual); on 443 probed perturbed factorizations (eps =
+        -lambda_i + 0 / 1e-14 / 1e-13 |H| on saturated tanh chains, dead-ReLU and one-example
+        Gauss-Newton matrices) the refusals and acceptances that disagree with cond against 1 / u were
+        all within 3x of 1 / u."""
         g = torch.Generator(device="cpu").manual_seed(0)
         b = torch.randn(self.op.shape[0], 1, generator=g, dtype=torch.float64)
         x, info = self._solve64(b, max_refine=5)
@@ -1598,7 +1600,8 @@ class Factorization:
             norm = self.op.norm_estimate() + abs(self.damping)
             explained = 10 * u * norm * xn / float(b.norm())  # a backward-stable solve's residual, 10x over
             cond = norm * max(xn / float(b.norm()), float(y.norm()))
-        found = info.residual < 1e-2 or info.residual <= explained  # (else: no solution, x too small)
+        # (else no solution was found, x too small to explain the residual)
+        found = not unsolved or info.residual < 1e-2 or info.residual <= explained
         if found and stuck < 0.5 and cond * u < 1:
             return  # nonsingular, ill-conditioned (cond below 1 / u): the solve reports its residual
         stages = ", ".join(f"{self._sweep_op._names[l]} ({c})" for l, c in sorted(self.perturbed.items()))
@@ -2111,7 +2114,7 @@ class Factorization:
             # no solution at all (a perturbed factorization was probed when made): singular to working
             # precision with no pivot singular on its own (eps = -lambda exactly)? SingularError if so
             self._probed = True
-            self._check_nonsingular()
+            self._check_nonsingular(unsolved=False)
         if rel > math.sqrt(torch.finfo(self.op.dtype).eps):
             warn(
                 f"solve at damping {self._damping_text()} reached relative residual {rel:.2e} only",
