@@ -127,3 +127,23 @@ def test_a_float32_operators_float64_copy_converts_plain_tensor_attributes():
     assert float((g - A @ x.double()).norm() / g.norm()) < 1e-5 and info.residual < 1e-10
     assert H.min_eigenvalue() == pytest.approx(float(torch.linalg.eigvalsh(Hd)[0]), rel=1e-6)
     assert net[2].P.dtype == torch.float32  # the user's model untouched
+
+
+def test_a_float32_operator_survives_a_forward_that_rebinds_a_tensor_attribute():
+    """A forward that keeps its last activation (self.last = x.detach(), for logging) rebinds that
+    attribute at every call: one more forward after hessian() made the float64 copy refuse ("a tensor
+    ... was replaced since"). Plain attributes are restored by their place, not their identity."""
+
+    class Keep(nn.Module):
+        def forward(self, x):
+            self.last = x.detach()
+            return torch.tanh(x)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), Keep(), nn.Linear(4, 2))
+    X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    net(X)
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    net(torch.randn(2, 3))
+    _, Hd = autograd_gradient_hessian(copy.deepcopy(net).double(), nn.CrossEntropyLoss(), X.double(), y)
+    assert H.min_eigenvalue() == pytest.approx(float(torch.linalg.eigvalsh(Hd)[0]), rel=1e-6)

@@ -280,11 +280,23 @@ class CurvatureOperator:
         # the float64 twin's model is a copy of this one made when needed: what it must match besides the
         # parameters (the other tensors the model holds -- frozen parameters, buffers, plain tensor
         # attributes -- restored from copies; the hooks and traced attributes, checked)
-        self._held_point = None
+        self._held_point: list[tuple[Tensor, Tensor]] = []
+        self._attr_point: list[tuple[int, str, str, Tensor]] = []
         if self._point is not None:
             mods = [model] if isinstance(model, nn.Module) else list(model)
             trained = {id(t) for t in self.chain.params}
-            self._held_point = [(t, t.detach().clone()) for t in held_tensors(mods) if id(t) not in trained]
+            # registered ones by identity (replaced: the model changed, refused); plain attributes by
+            # their place (a forward may rebind one: self.last = x.detach())
+            self._held_point = [
+                (t, t.detach().clone()) for t in held_tensors(mods, plain=False) if id(t) not in trained
+            ]
+            self._attr_point = [
+                (i, name, k, v.detach().clone())
+                for i, top in enumerate(mods)
+                for name, m in top.named_modules()
+                for k, v in vars(m).items()
+                if isinstance(v, Tensor)
+            ]
         self._model_key = self.chain.model_key()
         self.blocks, self._sizes = lin.blocks, lin.sizes + [0]
         self.gradient: Tensor = lin.gradient
@@ -1217,15 +1229,18 @@ class CurvatureOperator:
         if self._point is not None:
             if any(id(t) not in memo for t, _ in self._held_point):
                 raise InvalidArgumentError(
-                    f"a tensor the model held when this {self.dtype} operator was built (a frozen parameter, "
-                    f"buffer or tensor attribute) was replaced since; its {dtype} copy (refined solves, "
-                    "logdet, eigenvalues) needs the model as it was: build the operator again"
+                    f"a frozen parameter or buffer the model held when this {self.dtype} operator was built "
+                    f"was replaced since; its {dtype} copy (refined solves, logdet, eigenvalues) needs the "
+                    "model as it was: build the operator again"
                 )
             with torch.no_grad():  # (frozen weights edited in place, BatchNorm statistics moved since)
                 for t, saved in zip(self.chain.params, self._point, strict=True):
                     memo[id(t)].copy_(saved)
                 for t, saved in self._held_point:
                     memo[id(t)].copy_(saved)
+            tops = [model] if isinstance(model, nn.Module) else list(model)
+            for i, name, k, saved in self._attr_point:  # plain tensor attributes as they were
+                setattr(tops[i].get_submodule(name), k, saved.clone())
         model = model.to(dtype) if isinstance(model, nn.Module) else [m.to(dtype) for m in model]
         for top in [model] if isinstance(model, nn.Module) else model:
             for m in top.modules():  # plain floating tensor attributes too (Module.to leaves them)
