@@ -3,7 +3,9 @@ frozen layer's weight or a plain tensor attribute edited in place after the oper
 of a frozen backbone, an annealed scale). Found by a review of precision handling: a Gauss-Newton
 matrix formed a frozen layer's blocks from the edited weight (``G @ v`` 1.05 off, reported residual
 4e-16), and a float32 operator's float64 copy took the edited values (refined residual reported 1e-15,
-true 0.19; ``min_eigenvalue`` -0.352 against -0.307). References: plain autograd at the original point."""
+true 0.19; ``min_eigenvalue`` -0.352 against -0.307): a frozen weight changed since is now refused
+there (fingerprinted, not copied: a backbone may be large), a plain tensor attribute restored.
+References: plain autograd at the original point."""
 
 from __future__ import annotations
 
@@ -68,6 +70,10 @@ def test_a_float32_operators_float64_copy_is_made_at_its_point(frozen):
     g_ref, H_ref = autograd_gradient_hessian(at_point, nn.CrossEntropyLoss(), X.double(), y)
     H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
     _edit(net, frozen)  # before the first refined solve builds the float64 copy
+    if frozen == "linear":  # a frozen parameter (possibly a large backbone) is fingerprinted: refused
+        with pytest.raises(hessinv.InvalidArgumentError, match="replaced or changed since"):
+            H.factor(0.05).solve(H.gradient)
+        return
     A = H_ref + 0.05 * torch.eye(H_ref.shape[0], dtype=F64)
     x, info = H.factor(0.05).solve(H.gradient, return_info=True)
     b = g_ref

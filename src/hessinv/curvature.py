@@ -281,15 +281,19 @@ class CurvatureOperator:
         # parameters (the other tensors the model holds -- frozen parameters, buffers, plain tensor
         # attributes -- restored from copies; the hooks and traced attributes, checked)
         self._held_point: list[tuple[Tensor, Tensor]] = []
+        self._frozen_point: list[tuple[Tensor, tuple]] = []
         self._attr_point: list[tuple[int, str, str, Tensor]] = []
         if self._point is not None:
             mods = [model] if isinstance(model, nn.Module) else list(model)
             trained = {id(t) for t in self.chain.params}
             # registered ones by identity (replaced: the model changed, refused); plain attributes by
             # their place (a forward may rebind one: self.last = x.detach())
-            self._held_point = [
-                (t, t.detach().clone()) for t in held_tensors(mods, plain=False) if id(t) not in trained
-            ]
+            # (buffers copied; frozen parameters -- a backbone may be large -- fingerprinted: one changed
+            # since is refused, not restored)
+            bufs = {id(b) for top in mods for b in top.buffers()}
+            held = [t for t in held_tensors(mods, plain=False) if id(t) not in trained]
+            self._held_point = [(t, t.detach().clone()) for t in held if id(t) in bufs]
+            self._frozen_point = [(t, _fingerprint(t)) for t in held if id(t) not in bufs]
             self._attr_point = [
                 (i, name, k, v.detach().clone())
                 for i, top in enumerate(mods)
@@ -1227,11 +1231,13 @@ class CurvatureOperator:
         memo: dict[int, Any] = {}
         model = copy.deepcopy(self.model, memo)
         if self._point is not None:
-            if any(id(t) not in memo for t, _ in self._held_point):
+            if any(id(t) not in memo for t, _ in self._held_point + self._frozen_point) or any(
+                _fingerprint(t) != saved for t, saved in self._frozen_point
+            ):
                 raise InvalidArgumentError(
                     f"a frozen parameter or buffer the model held when this {self.dtype} operator was built "
-                    f"was replaced since; its {dtype} copy (refined solves, logdet, eigenvalues) needs the "
-                    "model as it was: build the operator again"
+                    f"was replaced or changed since; its {dtype} copy (refined solves, logdet, eigenvalues) "
+                    "needs the model as it was: build the operator again"
                 )
             with torch.no_grad():  # (frozen weights edited in place, BatchNorm statistics moved since)
                 for t, saved in zip(self.chain.params, self._point, strict=True):
@@ -2207,6 +2213,18 @@ class MixedFactorization(Factorization):
 
     def inverse_sqrt(self, Z: Tensor) -> Tensor:
         return super().inverse_sqrt(Z) if self._low is None else self._float64().inverse_sqrt(Z)
+
+
+def _fingerprint(t: Tensor) -> tuple:
+    """A tensor's shape, dtype and float64 sum and norm, unchanged exactly while its values are: what a
+    float32 operator keeps of a frozen parameter (a copy of a large backbone would double it)."""
+    with torch.no_grad():
+        return (
+            tuple(t.shape),
+            t.dtype,
+            float(torch.sum(t, dtype=torch.float64)),
+            float(torch.linalg.vector_norm(t, dtype=torch.float64)),
+        )
 
 
 def _scaled_norm(x: Tensor) -> float:
