@@ -394,6 +394,7 @@ class Newton(torch.optim.Optimizer):
         momentum = _plain(momentum)
         if isinstance(momentum, bool) or not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
             raise InvalidArgumentError(f"momentum must be in [0, 1), got {momentum!r}")
+        asked = mode
         if mode == "auto" and (damping is not None or track_inertia or backtracking):
             mode = "trust-region"
         _check_mode_settings(mode, curvature, damping, diagonal_damping, track_inertia, backtracking)
@@ -410,9 +411,11 @@ class Newton(torch.optim.Optimizer):
             if v != default and (mode == "trust-region" or (curvature == "hessian" and k in gn_only))
         ]
         if unused:
+            why = " (mode='auto' with damping, track_inertia or backtracking is the trust region)"
             raise InvalidArgumentError(
-                f"{', '.join(unused)}: precondition-mode settings, not used by the trust region; drop them, "
-                "or use mode='precondition' (or 'auto' for mini-batches)"
+                f"{', '.join(unused)}: precondition-mode settings, not used by the trust region"
+                f"{why if asked == 'auto' else ''}; drop them, or use mode='precondition' (or 'auto' for "
+                "mini-batches, without trust-region settings)"
                 if mode == "trust-region"
                 else f"{', '.join(unused)}: settings of the Gauss-Newton preconditioner, not used with "
                 "curvature='hessian'; drop them, or use curvature='gauss_newton'"
@@ -1046,7 +1049,7 @@ class Newton(torch.optim.Optimizer):
             loss0, op, g, rng = cached[1], cached[2], cached[2].gradient, ns["rng"]
         elif subsample:
             rng = self._generator.get_state()
-            with explained_subsample(k, batch):
+            with explained_subsample(k, self.loss_fn, targets):
                 op = self._operator(inputs[idx], targets[idx])
             loss0, g = self._loss_and_gradient(inputs, targets)
         else:

@@ -461,21 +461,24 @@ def _counted(loss_fn: Any, targets: Tensor) -> Tensor | None:
     but not all; else None (all count)."""
     ignore = ignored_index(loss_fn)
     if ignore is not None and targets.dim() >= 1 and not targets.is_floating_point():
-        valid = (targets != ignore).reshape(int(targets.shape[0]), -1).any(1).nonzero().flatten()
+        # (in int64: -100 against uint8 targets would read as class 156)
+        valid = (targets.long() != ignore).reshape(int(targets.shape[0]), -1).any(1).nonzero().flatten()
         if 0 < valid.numel() < int(targets.shape[0]):
             return valid.cpu()
     return None
 
 
 @contextlib.contextmanager
-def explained_subsample(k: int | None, batch: int) -> Iterator[None]:
+def explained_subsample(k: int | None, loss_fn: Any, targets: Tensor) -> Iterator[None]:
     """Re-raise a :class:`NonFiniteError` met while building the curvature of ``k`` examples drawn from
-    a batch of ``batch`` with its likely cause: a loss whose ignored targets hessinv cannot see (inside
-    a function) and a drawn sample of ignored targets only, whose mean is 0/0."""
+    the batch of ``targets`` with its likely cause, where it may be one: class-index targets of a loss
+    whose ignored targets hessinv cannot see (inside a function), and a drawn sample of ignored targets
+    only, whose mean is 0/0."""
     try:
         yield
     except NonFiniteError as e:
-        if k is None or k >= batch:
+        batch = int(targets.shape[0])
+        if k is None or k >= batch or targets.is_floating_point() or ignored_index(loss_fn) is not None:
             raise
         raise NonFiniteError(
             f"{e}, on the curvature batch of {k} examples drawn from the batch's {batch}. If the batch's "
@@ -829,7 +832,7 @@ class Preconditioner:
         t0 = time.perf_counter()
         if self.due():
             self.state["refreshes"] += 1
-            with explained_subsample(self.curvature_batch_size, int(targets.shape[0])):
+            with explained_subsample(self.curvature_batch_size, self.loss_fn, targets):
                 self._refresh_curvature(inputs, targets, carry)
         elif self.curvature == "gauss_newton":
             D = self.diagonal()

@@ -355,14 +355,15 @@ class LossStage:
                     f"{self.name}: targets {tuple(targets.shape)} != outputs {tuple(output.shape)}: the loss "
                     f"would broadcast them, every output against every target{hint}"
                 )
-            rng = _rng_state(output.device)
             with torch.enable_grad():
                 first = self.call(output.detach())
+                rng = _rng_state(output.device)
                 depends = first.requires_grad
                 y = output.detach().clone().requires_grad_(True)
                 again = self.call(y)
-            # random: two values differ, or the calls drew from torch's generator (a rare dropout draw
-            # can leave both values alike while later calls differ)
+            # random: two values differ, or the second call moved torch's generator on (a rare dropout
+            # draw can leave both values alike while later calls differ; a loss that seeds the generator
+            # itself leaves it where the first call did)
             drew = any(not torch.equal(a, b) for a, b in zip(rng, _rng_state(output.device), strict=True))
             if drew or (
                 not torch.equal(first.detach(), again.detach())
@@ -521,15 +522,16 @@ class LossStage:
             except UnsupportedStageError:  # (a RuntimeError too)
                 raise
             except RuntimeError as e:  # "derivative for aten::multi_margin_loss_backward is not implemented"
-                margin = isinstance(self.loss_fn, (nn.MultiMarginLoss, nn.MultiLabelMarginLoss))
+                lf = self.loss_fn
+                hinge = type(lf) is nn.MultiMarginLoss and lf.p == 1 and lf.weight is None
                 raise UnsupportedStageError(
                     f"{self.name}: autograd cannot differentiate the loss twice ({e}); use a loss with a "
                     "second derivative (cross-entropy, MSE, Huber, ...)"
                     + (
-                        "; a piecewise linear margin loss (p=1) written with clamp, e.g. (1 - o.gather(1, "
-                        "t[:, None]) + o).clamp(min=0).scatter(1, t[:, None], 0).sum(1).mean() / o.shape[1], "
-                        "is taken (its second derivative in the outputs is 0)"
-                        if margin
+                        f"; this one written with clamp, ({lf.margin:g} - o.gather(1, t[:, None]) + "
+                        "o).clamp(min=0).scatter(1, t[:, None], 0).sum(1).mean() / o.shape[1] (reduction "
+                        "'mean'), is taken: piecewise linear, its second derivative in the outputs is 0"
+                        if hinge
                         else ""
                     )
                 ) from e
