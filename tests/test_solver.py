@@ -1265,3 +1265,17 @@ def test_singular_systems_whose_probe_solution_stays_small_are_refused():
         assert float(shifted.max() / shifted.min()) > 1e16  # singular to working precision
         with pytest.raises(SingularError, match="singular to working precision"):
             H.factor(-float(ev[i]))
+
+
+def test_a_singular_system_at_the_bottom_of_the_float_range_is_named():
+    """A loss scaled by 1e-295 at eps = -lambda_i (singular): a low-rank pivot's perturbation underflowed
+    to 0 and the Schur update divided by it (a raw ZeroDivisionError; found by a review)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    X, y = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64)
+    base = lambda o, t: ((o - t) ** 2).sum()  # noqa: E731
+    _, Hd = autograd_gradient_hessian(model, base, X, y)
+    lam = float(torch.linalg.eigvalsh(Hd)[12])
+    H = hessinv.hessian(model, lambda o, t: 1e-295 * base(o, t), X, y)
+    with pytest.raises(SingularError):
+        H.factor(damping=-1e-295 * lam)

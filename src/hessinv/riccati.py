@@ -564,6 +564,15 @@ class LowRankPivot:
                     stage=stage,
                     damping=damping,
                 )
+        if k > 0 and self.eps == 0 and C is not None:  # (a perturbation below the float range)
+            raise SingularError(
+                f"{name}: pivot Qxx is zero on the {k} directions the stage's inputs do not reach, at "
+                f"damping {damping:g}, and no perturbation is representable at the curvature's scale: H + "
+                "eps I is singular to working precision (or the loss so small that its curvature leaves "
+                "the float range: scale the loss up) -- choose another damping",
+                stage=stage,
+                damping=damping,
+            )
         inner = self.inner.inertia
         self.inertia = Inertia(
             inner.negative + (k if self.eps < 0 else 0),
