@@ -2007,3 +2007,19 @@ def test_uint8_class_156_is_not_read_as_ignored():
     assert _counted(nn.CrossEntropyLoss(), y) is None  # every example counts
     y64 = torch.tensor([-100, 3, -100, 7])
     assert _counted(nn.CrossEntropyLoss(), y64).tolist() == [1, 3]
+
+
+def test_second_moments_that_overflow_float32_are_named():
+    """Gradient entries of 1e20 in a float32 model: their squares overflow, and the eigenbasis refresh
+    failed inside eigh (a raw torch._LinAlgError; found by a review)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 1))
+    with torch.no_grad():  # two equal hidden units, weighted +-1e20: a finite output, huge gradients
+        model[0].weight[1] = model[0].weight[0]
+        model[0].bias[1] = model[0].bias[0]
+        model[2].weight[:] = torch.tensor([[1e20, -1e20]])
+        model[2].bias.zero_()
+    X, y = torch.randn(16, 3), torch.randn(16, 1)
+    opt = ho.Newton(model, nn.MSELoss(), curvature_batch_size=4, seed=0)
+    with pytest.raises(hessinv.NonFiniteError, match="second moments overflowed"):
+        opt.step(X, y)

@@ -855,6 +855,14 @@ class Preconditioner:
         """The curvature of a curvature batch drawn from ``(inputs, targets)``, factored with today's ``D``
         (Gauss-Newton: the basis refreshed first, ``carry`` following it) or the scalar damping."""
         if self.curvature == "gauss_newton":
+            moments = [self.state["v"], *(self.basis._L + self.basis._R if self.basis is not None else [])]
+            if not all(bool(torch.isfinite(m).all()) for m in moments):
+                big = torch.finfo(self.chain.dtype).max ** 0.5
+                raise NonFiniteError(
+                    f"the gradients' second moments overflowed {self.chain.dtype} (gradient entries beyond "
+                    f"{big:.2g}, whose squares are not representable): rescale the loss or the model"
+                    + (", or use a float64 model" if self.chain.dtype != torch.float64 else "")
+                )
             if self.basis is not None:  # G = U^T S U = Q (U Q)^T S (U Q) Q^T: factor in Q's basis
                 self.basis.refresh(self.state["v"], carry)
             self._root_factors = None
