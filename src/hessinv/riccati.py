@@ -220,8 +220,9 @@ class Pivot:
             elif tau < fi.tiny:  # Qxx and every block downstream are zero
                 raise SingularError(
                     f"{self.name}: pivot Qxx is zero at damping {self.damping:g}, and so is the curvature "
-                    "downstream of it (the stage's parameters do not reach the loss on this batch); "
-                    "H + eps I is singular -- choose a damping > 0",
+                    "downstream of it, to the float range (the stage's parameters do not reach the loss on "
+                    "this batch, or the loss is so small that its curvature underflows: scale it up); "
+                    "H + eps I is singular to working precision -- choose a damping > 0",
                     stage=self.stage,
                     damping=self.damping,
                 )
