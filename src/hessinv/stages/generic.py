@@ -780,8 +780,12 @@ def hook_dicts(mods) -> list[dict]:
 
 
 def _hook_keys(mods) -> list[tuple]:
-    """:func:`hook_dicts` by handle id."""
-    return [tuple(d) for d in hook_dicts(mods)]
+    """:func:`hook_dicts` by handle id, and the gradient hooks of the modules' own parameters
+    (``p.register_hook``: a hook added after a curvature was taken would change the dense blocks formed
+    later)."""
+    mods = list(mods)
+    params = [p for m in mods for p in m._parameters.values() if p is not None]
+    return [tuple(d) for d in hook_dicts(mods)] + [tuple(p._backward_hooks or ()) for p in params]
 
 
 #: torch operations without a double backward, and the same function written with ones that have it
