@@ -7,7 +7,9 @@ TORCH := torch==2.13.0
 
 .PHONY: test demo bench bench-record dist-check lint clean
 
-# pip prints what it downloads and installs (the first run fetches torch, ~200 MB, and takes minutes)
+# pip prints what it downloads and installs (the first run fetches torch from pip's configured index: the
+# CPU wheel, ~200 MB, where that index serves it; stock PyPI on Linux serves the CUDA build, several GB:
+# PIP_INDEX_URL=https://download.pytorch.org/whl/cpu make test)
 $(BIN)/.installed: pyproject.toml
 	@echo "==> $(VENV): creating the virtual environment and installing hessinv[dev] with $(TORCH)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -581,3 +581,13 @@ def test_extreme_noise_and_a_boundary_optimum_are_named():
         la.log_marginal_likelihood(prior_precision=1e200)
     with pytest.warns(UserWarning, match="at the search's bound"):
         la.optimize_prior_precision(bounds=(1e-6, 1e-5))
+
+
+def test_posterior_covariance_before_fit_is_not_fitted():
+    """It raised AttributeError ('Laplace' object has no attribute 'n_params'); the README promises
+    NotFittedError for every use before fit (found by a README audit)."""
+    la = Laplace(torch.nn.Sequential(torch.nn.Linear(2, 3)), "classification")
+    from hessinv.errors import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        la.posterior_covariance()

@@ -374,6 +374,7 @@ class Laplace:
     # -- posterior -----------------------------------------------------------------------------
     def posterior_covariance(self) -> Tensor:
         """The dense ``n x n`` ``P^{-1}`` (``n`` solves; small models and tests)."""
+        self._op()  # (fitted: n_params and the mean are set by fit)
         check_dense_memory(self.n_params, self.mean.dtype, self.mean.device, "posterior_covariance()", 3.0)
         fac, c = self._factor(self.prior_precision, self.sigma_noise)
         return fac.solve(torch.eye(self.n_params, dtype=self.mean.dtype, device=self.mean.device)) / c
