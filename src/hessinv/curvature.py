@@ -278,18 +278,15 @@ class CurvatureOperator:
         )
         lin = self.chain.linearize(inputs, targets, second_order=self.second_order)
         # the float64 twin's model is a copy of this one made when needed: what it must match besides the
-        # parameters (the other tensors the model holds -- frozen parameters, buffers, plain tensor
-        # attributes -- restored from copies; the hooks and traced attributes, checked)
+        # trainable parameters -- buffers and plain tensor attributes, restored from copies (attributes by
+        # their place: a forward may rebind one, self.last = x.detach()); frozen parameters, fingerprinted
+        # (a backbone may be large: one changed since is refused); the hooks and traced attributes, checked
         self._held_point: list[tuple[Tensor, Tensor]] = []
         self._frozen_point: list[tuple[Tensor, tuple]] = []
         self._attr_point: list[tuple[int, str, str, Tensor]] = []
         if self._point is not None:
             mods = [model] if isinstance(model, nn.Module) else list(model)
             trained = {id(t) for t in self.chain.params}
-            # registered ones by identity (replaced: the model changed, refused); plain attributes by
-            # their place (a forward may rebind one: self.last = x.detach())
-            # (buffers copied; frozen parameters -- a backbone may be large -- fingerprinted: one changed
-            # since is refused, not restored)
             bufs = {id(b) for top in mods for b in top.buffers()}
             held = [t for t in held_tensors(mods, plain=False) if id(t) not in trained]
             self._held_point = [(t, t.detach().clone()) for t in held if id(t) in bufs]

@@ -317,7 +317,7 @@ def _normalizer(loss_fn: Any, targets: Tensor) -> Tensor:
     ignore = _ignores(loss_fn, targets)
     if ignore is None:
         return torch.tensor(int(targets.shape[0]), dtype=torch.int64, device=targets.device)
-    return (targets != ignore).sum().to(torch.int64)
+    return (targets.long() != ignore).sum().to(torch.int64)  # (int64: -100 is 156 as a uint8)
 
 
 def _describe(m: nn.Module) -> str:
@@ -537,7 +537,7 @@ class DistributedPreconditioner(Preconditioner):
         mine = (idx >= lo) & (idx < lo + B)
         share = int(mine.sum()) / max(int(idx.numel()), 1)
         if yg is not None:
-            kept = yg[idx] != ignore
+            kept = yg[idx].long() != ignore
             total = int(kept.sum())
             if total:
                 share = int(kept[mine].sum()) / total
