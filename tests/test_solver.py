@@ -1279,3 +1279,46 @@ def test_a_singular_system_at_the_bottom_of_the_float_range_is_named():
     H = hessinv.hessian(model, lambda o, t: 1e-295 * base(o, t), X, y)
     with pytest.raises(SingularError):
         H.factor(damping=-1e-295 * lam)
+
+
+def test_fgmres_stops_where_a_sweep_overflows_and_keeps_its_best():
+    """A preconditioner that overflowed (inf) filled GMRES's Hessenberg matrix with NaN and numpy's
+    lstsq failed ('SVD did not converge'; found by a review, at a shift of 1e-300 on a saturated chain).
+    GMRES stops there and returns what it had."""
+    import hessinv.curvature as hc
+
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    b = torch.ones(4, dtype=torch.float64)
+    calls = [0]
+
+    def prec(V):
+        calls[0] += 1
+        return V * (float("inf") if calls[0] > 2 else 1.0)
+
+    x, its = hc.fgmres(lambda X: A @ X, prec, b, torch.zeros(4, dtype=torch.float64), 1e-14, 8, 1)
+    assert torch.isfinite(x).all() and its == 2
+    assert float((b - A @ x).norm()) < float(b.norm())
+
+
+def test_shift_invert_moves_past_a_shift_whose_sweep_overflows(monkeypatch):
+    """eigenpairs(k, 'nearest', sigma) next to a cluster of ~150 zero eigenvalues (float32 Gauss-Newton):
+    the factorization at sigma overflowed (NonFiniteError) and escaped instead of moving the shift, as a
+    SingularError there does (found by a review)."""
+    import hessinv.curvature as hc
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    real = hc.Factorization.__init__
+    first = [True]
+
+    def flaky(self, op, damping, *a, **k):
+        if first[0]:
+            first[0] = False
+            raise hessinv.NonFiniteError("the Riccati pivot Qxx contains NaN or infinity")
+        real(self, op, damping, *a, **k)
+
+    monkeypatch.setattr(hc.Factorization, "__init__", flaky)
+    F, s, sweeps = H._nonsingular_shift(0.0, 1e-3)
+    assert s != 0.0 and sweeps == 2

@@ -905,7 +905,7 @@ class CurvatureOperator:
                 sweeps += 1
                 try:
                     return Factorization(self, -s), s, sweeps
-                except SingularError:
+                except (SingularError, NonFiniteError):  # (a sweep that overflowed next to singular)
                     pass
         raise SingularError(f"H - s I is singular for every shift s tried near {sigma:g}")
 
@@ -2310,6 +2310,9 @@ def fgmres(
                 w = w - Vm @ h
                 Hm[: j + 1, j] += h.numpy() if h.is_cpu else h.cpu().numpy()
             Hm[j + 1, j] = float(w.norm())
+            if not np.isfinite(Hm[: j + 2, j]).all():  # (a sweep or product that overflowed: keep the rest)
+                Z.pop()
+                break
             total += 1
             e1 = np.zeros(j + 2)
             e1[0] = beta
@@ -2322,7 +2325,8 @@ def fgmres(
                 if rate == 0.0 or math.log(tol * bnorm / beta) / rate > 1.25 * restart * max_restarts:
                     break
             V.append(w / Hm[j + 1, j])
-        x = x + torch.stack(Z, dim=1) @ torch.as_tensor(y, dtype=x.dtype, device=x.device)
+        if Z:
+            x = x + torch.stack(Z, dim=1) @ torch.as_tensor(y, dtype=x.dtype, device=x.device)
     return x, total
 
 
