@@ -1322,3 +1322,37 @@ def test_shift_invert_moves_past_a_shift_whose_sweep_overflows(monkeypatch):
     monkeypatch.setattr(hc.Factorization, "__init__", flaky)
     F, s, sweeps = H._nonsingular_shift(0.0, 1e-3)
     assert s != 0.0 and sweeps == 2
+
+
+def _saturated_gelu_chain():
+    """A GELU chain (depth 6, width 5, weights x4.62), batch 4: its Gauss-Newton matrix has about 149
+    eigenvalues at 0 (n = 152)."""
+    torch.manual_seed(1057)
+    dims = [3, 5, 5, 5, 5, 5, 2]
+    layers: list = []
+    for i in range(6):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < 5:
+            layers.append(nn.GELU())
+    model = nn.Sequential(*layers).double()
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(4.624152051366718)
+    X = torch.randn(4, 3, dtype=torch.float64)
+    return model, X, torch.randint(0, 2, (4,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_sweep_that_overflows_at_a_singular_shift_is_singular_not_non_finite(dtype):
+    """G.factor(0) on a Gauss-Newton matrix with a ~149-fold zero eigenvalue: the sweep's perturbed
+    pivots compound until a pivot overflows; that was a NonFiniteError ("the Riccati pivot contains NaN
+    or infinity") in both precisions. In float64 it is a SingularError naming the cluster; a float32
+    sweep hands over to its float64 twin, which says the same (found by a fuzz of the eigen routines)."""
+    model, X, y = _saturated_gelu_chain()
+    model, X = model.to(dtype), X.to(dtype)
+    G = hessinv.gauss_newton(model, nn.CrossEntropyLoss(), X, y)
+    with pytest.raises(SingularError):
+        G.factor(0.0)
+    e = G.eigenpairs(5, "nearest", sigma=0.0, tol=1e-8)  # shift-invert moves the shift off the cluster
+    assert float(e.values.abs().max()) < 1e-6 * float(torch.linalg.eigvalsh(G.to_dense().double())[-1])

@@ -1493,26 +1493,51 @@ class Factorization:
         self.op, self.damping, self.modified = op, damping, modify
         # below float64, a sweep that must perturb a pivot is abandoned there (the float64 twin takes
         # over, below): its remaining stages would be work thrown away
-        self.factors, self.inertia, self.positive_definite = _factors or riccati_factor(
-            op._swept().blocks,
-            damping,
-            op._swept()._names,
-            op.gradient,
-            perturb=not modify,
-            modify=modify,
-            stop_if_perturbed=op.dtype != torch.float64 and not modify,
-        )
+        overflowed = False
+        try:
+            self.factors, self.inertia, self.positive_definite = _factors or riccati_factor(
+                op._swept().blocks,
+                damping,
+                op._swept()._names,
+                op.gradient,
+                perturb=not modify,
+                modify=modify,
+                stop_if_perturbed=op.dtype != torch.float64 and not modify,
+            )
+        except NonFiniteError as e:
+            if modify or _factors is not None:
+                raise
+            if op.dtype == torch.float64:
+                try:  # an operator of moderate scale (else the overflow is its size's: re-raised)
+                    big = not op.norm_estimate() <= _shift_limit(op.dtype)
+                except HessinvError:
+                    big = True
+                if big:
+                    raise
+                raise SingularError(
+                    f"{e}: the sweep at damping {damping:g} overflowed next to singular pivots (a cluster "
+                    "of eigenvalues at -damping: H + eps I singular to working precision, or nearly) -- "
+                    "choose another damping",
+                    damping=damping,
+                ) from e
+            # a sweep below float64 that overflowed next to singular pivots (a cluster of zero
+            # eigenvalues): the float64 twin takes over, as where a pivot must be perturbed (it solves,
+            # or says SingularError where H + eps I is singular)
+            self.factors, self.inertia = [None] * len(op._swept().blocks), Inertia(0, 0, op.shape[0])
+            self.positive_definite, overflowed = False, True
         self.perturbed: dict[int, int] = {
             l: f.pivot.perturbed for l, f in enumerate(self.factors) if f is not None and f.pivot.perturbed
         }
         # (a modified factorization counts its modified pivots: not H + eps I's inertia)
-        self._certified = not self.perturbed and not self._pivots_modified and self._well_pivoted()
+        self._certified = (
+            not self.perturbed and not overflowed and not self._pivots_modified and self._well_pivoted()
+        )
         self._recount_due = not self._certified and not modify  # the pivots' counts are not exact
         self.last_info: SolveInfo | None = None
         self._f64: Factorization | None = None
         self._dense: Tensor | None = None  # H + eps I in float64, formed if the dense fallback runs
         self._dense_sld: tuple[float, float] | None = None  # its (sign, log|det|), once computed
-        self._twin_only = bool(self.perturbed) and op.dtype != torch.float64 and not modify
+        self._twin_only = (bool(self.perturbed) or overflowed) and op.dtype != torch.float64 and not modify
         if self._twin_only:
             # a sweep below float64 that had to perturb pivots: cond(H + eps I) is near 1 / sqrt(u) of
             # the model dtype or beyond, where its factorization rarely preconditions refinement or
