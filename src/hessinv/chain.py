@@ -68,7 +68,15 @@ from hessinv.stages import (
     customized,
     is_elementwise,
 )
-from hessinv.stages.generic import MISSING, IdentityBlocks, LazyBlocks, hook_dicts, same_value, watchable
+from hessinv.stages.generic import (
+    MISSING,
+    IdentityBlocks,
+    LazyBlocks,
+    hook_dicts,
+    mixing_error,
+    same_value,
+    watchable,
+)
 from hessinv.stages.losses import closed_form, loss_name, plain_module, prepare_targets, uncompiled
 from hessinv.stages.protocol import compiled_module, defined_in_torch
 
@@ -1692,13 +1700,7 @@ class Chain:
                     s, "_per_example", False
                 ):
                     if getattr(blk, "couples_examples", None) and blk.couples_examples():
-                        self._piece_failed(
-                            s,
-                            UnsupportedStageError(
-                                f"{s.name} mixes examples: its derivatives couple different examples of "
-                                "the batch"
-                            ),
-                        )
+                        self._piece_failed(s, mixing_error(s.name))
                     s._per_example = blk.batch > 1  # one example shows no coupling: test again
                 grads.append(blk.jxT(b)[:, 0])
                 b = blk.jzT(b)

@@ -512,9 +512,7 @@ class GenericStage(Stage):
                 di = products(torch.zeros_like(v), ti)
                 others = torch.arange(B, device=ti.device) != i
                 if bool((di[0][others] != 0).any() or (di[1][others] != 0).any()):
-                    raise UnsupportedStageError(
-                        f"{self.name} mixes examples: its {what} couple different examples of the batch"
-                    )
+                    raise mixing_error(self.name, what)
             raise UnsupportedStageError(
                 f"{self.name}: its per-example {what} do not reproduce autograd's products to rounding in "
                 f"{gz.dtype} (cancellation, e.g. a saturated softmax or a LayerNorm over 2 features), so "
@@ -734,6 +732,17 @@ class IdentityBlocks(ParameterFreeBlocks):
 
 
 MISSING = object()
+
+
+def mixing_error(name: str, what: str = "derivatives") -> UnsupportedStageError:
+    """The refusal of a stage whose ``what`` couple different examples of the batch (a batch-mixing op,
+    or one that moves the batch axis for a later one to move back: a piece of a forward no chain as
+    written)."""
+    return UnsupportedStageError(
+        f"{name} mixes examples: its {what} couple different examples of the batch (or it moves the batch "
+        "axis, as x.t() does, for a later op to move back: pass nn.Sequential(model) to call the model "
+        "whole)"
+    )
 
 
 def held_tensors(modules: Any, plain: bool = True) -> list[Tensor]:
