@@ -711,7 +711,9 @@ def _check_modules(stage: Stage, mods) -> None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             raise UnsupportedStageError(
                 f"{stage.name}: {kind} in training mode uses batch statistics, which mixes examples; call "
-                "model.eval() first"
+                "model.eval() first (it then normalizes with its running statistics: a fresh layer's are "
+                "mean 0, variance 1 -- run a few batches through the model in training mode under "
+                "torch.no_grad() first to fill them)"
             )
         if isinstance(m, _DROPOUT) and m.training and m.p > 0:
             raise UnsupportedStageError(
@@ -885,7 +887,9 @@ def _check_parameters(model, stages: list[Stage]) -> None:
                     "not a chain. Put the modules from the first use to the last inside one nn.Module "
                     "with its own forward (a plain nn.Sequential inside a Sequential is flattened), "
                     "which is then called whole as one generic stage (exact; dense blocks cost about "
-                    "one backward pass per parameter of that stage), or untie the parameter"
+                    "one backward pass per parameter of that stage) -- for a model whose own forward "
+                    "ties them (the model itself is split into stages), nn.Sequential(model) calls it "
+                    "whole -- or untie the parameter"
                 )
             owner[id(t)] = s.index
     flat = [id(t) for s in stages for t in s.params]
