@@ -62,6 +62,7 @@ at once):
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -399,16 +400,17 @@ class Newton(torch.optim.Optimizer):
             mode = "trust-region"
         _check_mode_settings(mode, curvature, damping, diagonal_damping, track_inertia, backtracking)
         # precondition-mode settings given where nothing reads them (no silent no-op)
-        pc_only = {
-            "max_relative_step": (max_relative_step, None), "refresh": (refresh, 10),
-            "momentum": (momentum, 0.9), "beta2": (beta2, 0.95), "basis": (basis, "eigen"),
-            "basis_max_dim": (basis_max_dim, BASIS_MAX_DIM), "max_rank": (max_rank, MAX_RANK),
+        given = {
+            "max_relative_step": max_relative_step, "refresh": refresh, "momentum": momentum, "beta2": beta2,
+            "basis": basis, "basis_max_dim": basis_max_dim, "max_rank": max_rank,
         }  # fmt: skip
+        defaults = inspect.signature(Newton.__init__).parameters
         gn_only = ("basis", "basis_max_dim", "max_rank")  # (the Gauss-Newton preconditioner's)
         unused = [
             k
-            for k, (v, default) in pc_only.items()
-            if v != default and (mode == "trust-region" or (curvature == "hessian" and k in gn_only))
+            for k, v in given.items()
+            if v != defaults[k].default
+            and (mode == "trust-region" or (curvature == "hessian" and k in gn_only))
         ]
         if unused:
             why = " (mode='auto' with damping, track_inertia or backtracking is the trust region)"
@@ -1229,12 +1231,12 @@ def _same_rows(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> bool:
     if xa.dim() == 0 or xa.shape[0] < 2:
         return False
     B = int(xa.shape[0])
+    width = xa[0].numel() + ya[0].numel()
     g = torch.Generator(device="cpu").manual_seed(0)
+    r = torch.randn(width, dtype=torch.float64, generator=g).to(xa.device)
 
     def order(x: Tensor, y: Tensor) -> Tensor:
-        rows = torch.cat([x.reshape(B, -1).double(), y.reshape(B, -1).double()], dim=1)
-        r = torch.randn(rows.shape[1], dtype=torch.float64, generator=g.manual_seed(0)).to(rows.device)
-        return torch.argsort(rows @ r)
+        return torch.argsort(torch.cat([x.reshape(B, -1).double(), y.reshape(B, -1).double()], dim=1) @ r)
 
     ia, ib = order(xa, ya), order(xb, yb)
     return torch.equal(xa[ia], xb[ib]) and torch.equal(ya[ia], yb[ib])
