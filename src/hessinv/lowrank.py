@@ -43,6 +43,7 @@ from torch import Tensor
 from hessinv.errors import InvalidArgumentError, ShapeMismatchError, SingularError
 from hessinv.riccati import Inertia
 from hessinv.stages.losses import check_output_curvature_size
+from hessinv.stages.protocol import own_rows_only
 
 __all__ = ["gauss_newton_root", "structured_gram", "WoodburyFactor"]
 
@@ -125,23 +126,29 @@ def gauss_newton_root(
     for l in range(len(blocks) - 2, -1, -1):
         blk = blocks[l]
         if blk.p:
-            rot = rotation(offsets[l], blk.p) if rotation is not None else []
+            # the weights to rotate, at their offsets within the stage's columns
+            rot = (
+                [(o - offsets[l], *q) for o, *q in rotation(offsets[l], blk.p)]
+                if rotation is not None
+                else []
+            )
             got: list | None = [] if factors is not None else None
             cols = U[:, offsets[l] : offsets[l + 1]]
             rows = None
             if hasattr(blk, "jxT_rows"):
-                skip = structured_only and got is not None and own is not None and _structured(blk)
-                rows = blk.jxT_rows(s, rot, got, own, out=cols, weight=not skip)
-            if rows is not None and got:
-                _record_factors(factors, offsets[l], got[0], n_idx, checked=own is not None)
+                skip = _STRUCTURED_SOLVE if structured_only and got is not None else None
+                rows = blk.jxT_rows(s, rot, got, own, out=cols, skip_from=skip)
+            for o, t, z, verified in got if rows is not None and got else ():
+                _record_factors(factors, offsets[l] + o, (t, z), n_idx, checked=verified)
             if rows is None:  # generic: (p, r) rows, rotated after
                 cols.copy_(blk.jxT(s).T)
                 for o, a, b, QL, QR in rot:
-                    W = cols[:, o - offsets[l] : o - offsets[l] + a * b].unflatten(1, (a, b))
+                    W = cols[:, o : o + a * b].unflatten(1, (a, b))
                     W.copy_(QL.mT @ W @ QR)
         if l > 0:
             s = blk.jzT(s)
-            own = own if blk.per_example else None
+            if not blk.per_example:  # (a generic stage's: its rows tell whether it kept examples apart)
+                own = n_idx if own_rows_only(s, n_idx) else None
     S = torch.sign(mu[n_idx, j_idx]).to(dtype)
     return U, S
 
@@ -201,12 +208,6 @@ def _top_output_curvature(
     return w[:, :k], Q @ Z[:, :, :k]
 
 
-def _structured(blk) -> bool:
-    """Whether ``blk``'s weight is one :class:`WoodburyFactor` solves through its factors."""
-    st = getattr(blk, "stage", None)
-    return st is not None and st.d * st.m >= _STRUCTURED_SOLVE
-
-
 def _record_factors(
     factors: list, offset: int, tz: tuple[Tensor, Tensor], n_idx: Tensor, checked: bool = False
 ) -> None:
@@ -215,14 +216,9 @@ def _record_factors(
     example's; a stage mixing examples would break it, and is then left to the dense Gram matrix).
     ``checked``: known to hold (every stage above keeps examples apart, ``Blocks.per_example``)."""
     t, z = tz
-    r = t.shape[-1]
-    q = torch.arange(r, device=t.device)
-    own = t[n_idx, :, q]  # (r, d)
-    if not checked:
-        others = t.clone()
-        others[n_idx, :, q] = 0
-        if bool(others.any()):
-            return
+    if not checked and not own_rows_only(t, n_idx):
+        return
+    own = t[n_idx, :, torch.arange(t.shape[-1], device=t.device)]  # (r, d)
     # z may be the caller's input batch itself (a bias-free first layer, unrotated): the factor outlives
     # the call (solves until the next refresh), so it keeps its own copy
     factors.append((offset, t.shape[1], z.shape[1], own, z.clone(), n_idx))

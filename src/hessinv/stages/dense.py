@@ -314,7 +314,7 @@ class DenseLayerBlocks(Blocks):
         factors: list | None = None,
         own: Tensor | None = None,
         out: Tensor | None = None,
-        weight: bool = True,
+        skip_from: int | None = None,
     ) -> Tensor | None:
         """``(Jx^T s)^T`` as (k, p) rows in model order, built as outer products: row ``q`` of the
         weight block is ``sum_n t_{n,q} z_n^T`` (``t = s' s``), of the bias ``sum_n t_{n,q}``. With
@@ -323,9 +323,11 @@ class DenseLayerBlocks(Blocks):
         None for any other rotation (the caller then rotates the rows). ``own`` (k,), if given, says that
         column ``q`` of ``s`` is nonzero at example ``own[q]`` only: row ``q`` is then the single outer
         product ``t_{own[q],q} z_{own[q]}^T`` (``k d m`` flops instead of ``B k d m``). ``factors``, if a
-        list, receives ``(t, z)`` of the weight rows as formed ((B, d, k) and (B, m), rotated if asked).
-        ``out`` (k, p), if given, receives the rows (e.g. a column slice of the caller's ``U``); with
-        ``weight=False`` only the bias columns are written (the weight's rows are left to ``factors``)."""
+        list, receives ``(0, t, z, own is not None)`` for the weight: its offset in the stage's columns,
+        ``t`` and ``z`` as formed ((B, d, k) and (B, m), rotated if asked), and whether its rows are known to
+        be one example's each. ``out`` (k, p), if given, receives the rows (e.g. a column slice of the
+        caller's ``U``); with ``skip_from``, a weight of at least that many entries whose rows are known to
+        be one example's each is not written (its rows are left to ``factors``)."""
         st = self.stage
         if st._orders()[0][0] != 0:  # the bias first in the model's order: the caller's generic rows
             return None
@@ -340,9 +342,10 @@ class DenseLayerBlocks(Blocks):
             tw, zw = torch.matmul(QL.mT, t), z @ QR
         k = t.shape[-1]
         if factors is not None:
-            factors.append((tw, zw))
+            factors.append((0, tw, zw, own is not None))
         out = t.new_empty(k, self.p) if out is None else out
         W = out[:, : d * m].unflatten(1, (d, m))
+        weight = skip_from is None or own is None or d * m < skip_from
         if weight and own is not None:
             q = torch.arange(k, device=t.device)
             W.copy_(tw[own, :, q][:, :, None] * zw[own][:, None, :])

@@ -56,6 +56,7 @@ from hessinv.stages.protocol import (
     RiccatiBlocks,
     Stage,
     add_blockdiag,
+    own_rows_only,
     sandwich_blockdiag,
 )
 
@@ -570,8 +571,17 @@ class LazyBlocks(Blocks):
         mods = list(stage.module.modules())
         # plain tensor attributes as they are before the call (a memo the call creates is the call's own)
         self._plain = [v for m in mods for v in vars(m).values() if isinstance(v, Tensor)]
-        with torch.enable_grad():
-            self._out = call(self._z)
+        # the calls of its plain nn.Linear layers (input, output, the output's version), for jxT_rows
+        self._linear_calls: list[tuple[nn.Module, Tensor | None, Tensor | None, int]] = []
+        self._linears: list[tuple[int, int | None, Tensor, Tensor]] | None = None
+        record = [m for m in mods if _plain_linear(m, stage.params)] if not any(hook_dicts(())) else []
+        handles = [m.register_forward_hook(self._record_linear) for m in record]
+        try:
+            with torch.enable_grad():
+                self._out = call(self._z)
+        finally:
+            for h in handles:
+                h.remove()
         # after the call: a module may edit its parameters as it runs (Embedding(max_norm=...)); frozen
         # parameters and plain tensor attributes too (a frozen layer's stage has no other values)
         self._state = [t.detach().clone() for t in self._values()]
@@ -587,6 +597,107 @@ class LazyBlocks(Blocks):
             raise UnsupportedStageError(stage._bad_output(self._out))
         self._dense_blocks: DenseBlocks | None = None
         self._memo: tuple[Tensor, str, Tensor] | None = None  # (s, which, the product not yet returned)
+
+    def _record_linear(self, m: nn.Module, args: tuple, out: Any) -> None:
+        if len(args) == 1 and isinstance(args[0], Tensor) and isinstance(out, Tensor):
+            self._linear_calls.append((m, args[0], out, out._version))
+        else:
+            self._linear_calls.append((m, None, None, -1))  # (a keyword input: not used)
+
+    def _structured_linears(self) -> list[tuple[int, int | None, Tensor, Tensor]]:
+        """``(weight index, bias index or None, z, u)`` in ``stage.params`` of each plain ``nn.Linear``
+        whose Gauss-Newton rows :meth:`jxT_rows` forms as outer products ``t z^T`` from the backward signal
+        ``t`` at its output ``u = z W^T + c``: called once, on a (B, m) input of this batch, its output
+        not modified in place afterwards, and its weight (and trainable bias) read by that call alone --
+        one edge into each of their gradient accumulators in the stage's autograd graph (a weight read
+        elsewhere too, tied or sliced, would have rows ``t z^T`` plus the other uses')."""
+        if self._linears is None:
+            self._linears = []
+            calls: dict[int, list] = {}
+            for m, z, u, version in self._linear_calls:
+                calls.setdefault(id(m), []).append((m, z, u, version))
+            edges = _leaf_edges(self._out) if calls else {}
+            index = {id(p): i for i, p in enumerate(self.stage.params)}
+            for seen in calls.values():
+                m, z, u, version = seen[0]
+                params = [m.weight] + ([m.bias] if m.bias is not None and m.bias.requires_grad else [])
+                if (
+                    len(seen) == 1
+                    and z is not None
+                    and z.dim() == 2
+                    and z.shape[0] == self.batch
+                    and u._version == version
+                    and all(edges.get(id(p)) == 1 for p in params)
+                ):
+                    bias = index[id(m.bias)] if len(params) == 2 else None
+                    self._linears.append((index[id(m.weight)], bias, z.detach(), u))
+            self._linear_calls = []
+        return self._linears
+
+    def jxT_rows(
+        self,
+        s: Tensor,
+        rotation: list,
+        factors: list | None = None,
+        own: Tensor | None = None,
+        out: Tensor | None = None,
+        skip_from: int | None = None,
+    ) -> Tensor | None:
+        """``(Jx^T s)^T`` as (k, p) rows in parameter order, as
+        :meth:`hessinv.stages.dense.DenseLayerBlocks.jxT_rows` forms them (the same arguments): one batched
+        backward pass to the stage's other parameters, its input and the outputs ``u`` of its plain
+        ``nn.Linear`` layers (:meth:`_structured_linears`); each such weight's rows are the outer products
+        ``sum_n t_{n,q} z_n^T`` of the signal ``t`` at ``u`` and the layer's input ``z`` (rotated as
+        ``(Q_L^T t)(z Q_R)`` where ``rotation`` names it), its bias's ``sum_n t_{n,q}``. Where ``own`` holds
+        and ``t`` is nonzero at example ``own[q]`` only (checked: a layer inside the stage may see its
+        examples in another order), ``factors`` receives ``(offset, t, z, True)``. None where the stage
+        has no such layer or has dense blocks already (the caller's ``jxT``); the rows of the other
+        weights that ``rotation`` names come out rotated."""
+        linears = self._structured_linears() if self._dense_blocks is None else []
+        k = s.shape[-1]
+        if not linears or k == 0:
+            return None
+        self._unchanged()
+        params = self.stage.params
+        done = {i for w, b, _, _ in linears for i in (w, b) if i is not None}
+        rest = [i for i in range(len(params)) if i not in done]
+        seeds = s.permute(2, 0, 1).reshape(k, *self._out.shape)
+        wrt = [*(params[i] for i in rest), self._z, *(u for _, _, _, u in linears)]
+        got = _backward_rows(self._out, wrt, k, lambda j, c: seeds[j : j + c], True)
+        if got is None:  # no batching rule for an operation in the stage: the caller's jxT (dense blocks)
+            return None
+        offsets = [0]
+        for p in params:
+            offsets.append(offsets[-1] + p.numel())
+        out = s.new_empty(k, self.p) if out is None else out
+        for i, g in zip(rest, got, strict=False):
+            out[:, offsets[i] : offsets[i + 1]] = g.reshape(k, -1)
+        rotated = {o: (a, b, QL, QR) for o, a, b, QL, QR in rotation}  # (offsets within the stage)
+        for (w, b, z, _), tu in zip(linears, got[len(rest) + 1 :], strict=True):
+            t, z = tu.permute(1, 2, 0).to(s.dtype), z.to(s.dtype)  # (B, d, k), (B, m)
+            d, m = params[w].shape
+            if b is not None:
+                out[:, offsets[b] : offsets[b + 1]] = t.sum(0).T
+            tw, zw = t, z
+            if offsets[w] in rotated:
+                _, _, QL, QR = rotated.pop(offsets[w])
+                tw, zw = torch.matmul(QL.mT, t), z @ QR
+            own_rows = own is not None and own_rows_only(t, own)
+            if own_rows and factors is not None:
+                factors.append((offsets[w], tw, zw, True))
+            if own_rows and skip_from is not None and d * m >= skip_from:
+                continue
+            W = out[:, offsets[w] : offsets[w + 1]].unflatten(1, (d, m))
+            if own_rows:
+                q = torch.arange(k, device=t.device)
+                W.copy_(tw[own, :, q][:, :, None] * zw[own][:, None, :])
+            else:
+                W.copy_(torch.einsum("nik,nj->kij", tw, zw))
+        for o, (a, b, QL, QR) in rotated.items():  # the other weights the rotation names
+            Wo = out[:, o : o + a * b].unflatten(1, (a, b))
+            Wo.copy_(QL.mT @ Wo @ QR)
+        self._memo = (s, "z", got[len(rest)].reshape(k, self.batch, self.d_in).permute(1, 2, 0))
+        return out
 
     def couples_examples(self) -> bool:
         """Whether a backward pass seeded on one example (the first, then the last) reaches another
@@ -645,6 +756,7 @@ class LazyBlocks(Blocks):
                     else:
                         vars(m)[k] = v
             self._out = self._z = None  # the graph is no longer needed
+            self._linears, self._linear_calls = [], []
         return self._dense_blocks
 
     def _vjp(self, s: Tensor, which: str) -> Tensor:
@@ -743,6 +855,41 @@ def mixing_error(name: str, what: str = "derivatives") -> UnsupportedStageError:
         "axis, as x.t() does, for a later op to move back: pass nn.Sequential(model) to call the model "
         "whole)"
     )
+
+
+def _leaf_edges(out: Tensor) -> dict[int, int]:
+    """For each leaf tensor that ``out`` depends on (by ``id``), how many edges of ``out``'s autograd graph
+    enter its gradient accumulator: how many operations read it."""
+    counts: dict[int, int] = {}
+    seen: set[int] = set()
+    todo = [out.grad_fn] if out.grad_fn is not None else []
+    while todo:
+        fn = todo.pop()
+        for nxt, _ in fn.next_functions:
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)
+            if isinstance(var, Tensor):
+                counts[id(var)] = counts.get(id(var), 0) + 1
+            if id(nxt) not in seen:
+                seen.add(id(nxt))
+                todo.append(nxt)
+    return counts
+
+
+def _plain_linear(m: nn.Module, params: list[Tensor]) -> bool:
+    """``m`` is an ``nn.Linear`` that computes ``F.linear(z, W, c)`` and nothing else -- torch's forward, no
+    hooks, no parametrization, no gradient hooks on its parameters -- with ``W`` among ``params`` and its
+    bias, if any, trainable only if among them too."""
+    if not isinstance(m, nn.Linear) or type(m).forward is not nn.Linear.forward:
+        return False
+    if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        return False
+    if "weight" not in m._parameters or (m.bias is not None and "bias" not in m._parameters):
+        return False  # (a parametrized weight is a property computed from others)
+    ids = {id(p) for p in params}
+    own = [m.weight] + ([m.bias] if m.bias is not None and m.bias.requires_grad else [])
+    return all(id(p) in ids and not p._backward_hooks for p in own) and m.weight.dim() == 2
 
 
 def held_tensors(modules: Any, plain: bool = True) -> list[Tensor]:

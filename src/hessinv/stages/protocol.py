@@ -42,6 +42,16 @@ def compiled_module(m: object) -> bool:
     return type(m).__name__ == "OptimizedModule" and isinstance(getattr(m, "_orig_mod", None), nn.Module)
 
 
+def own_rows_only(s: Tensor, own: Tensor) -> bool:
+    """Whether column ``q`` of ``s`` (B, d, k) is nonzero at example ``own[q]`` only (exact zeros
+    elsewhere: what a backward pass seeded on one example gives through stages that keep examples
+    apart)."""
+    q = torch.arange(s.shape[-1], device=s.device)
+    others = s.clone()
+    others[own, :, q] = 0
+    return not bool(others.any())
+
+
 @dataclass
 class RiccatiBlocks:
     """The stage's blocks of one backward Riccati step (math.md §2), damping not yet added.
