@@ -126,17 +126,20 @@ def test_rows_of_linears_inside_generic_stages(kind, w, depth, batch, seed):
     G_ref = autograd_gauss_newton(model, loss_fn, x, y)
     scale = float(G_ref.abs().max())
     params = [p for p in model.parameters() if p.requires_grad]
-    basis = EigenBasis(params)
-    for _ in range(3):
-        basis.accumulate(torch.randn(G_ref.shape[0], generator=gen, dtype=torch.float64))
-    basis.refresh()
+    bases = [EigenBasis(params), EigenBasis(params, max_dim=w - 1)]  # both sides; some on one side
+    assert any(not all(s) for s in bases[1].sides)
+    for basis in bases:
+        for _ in range(3):
+            basis.accumulate(torch.randn(G_ref.shape[0], generator=gen, dtype=torch.float64))
+        basis.refresh()
     U0, S0 = G.root()
     assert float((U0.T @ (S0[:, None] * U0) - G_ref).abs().max()) <= 1e-12 * scale
-    for rotation in (None, basis.blocks_in):
+    for basis in (None, *bases):
+        rotation = None if basis is None else basis.blocks_in
         factors: list = []
         U, S = gauss_newton_root(G.blocks, torch.float64, x.device, rotation=rotation, factors=factors)
         assert torch.equal(S, S0)
-        ref = U0 if rotation is None else basis.rotate(U0)
+        ref = U0 if basis is None else basis.rotate(U0)
         assert torch.allclose(U, ref, rtol=1e-10, atol=1e-12 * float(U0.abs().max())), kind
         assert len(factors) == 2 + depth * BLOCKS[kind][1]  # the outer Linears and each block's own
         for off, d, m, T, Z, idx in factors:

@@ -199,16 +199,16 @@ def test_root_built_in_a_rotated_basis(prob):
     G = hessinv.gauss_newton(prob.model, prob.loss_fn, prob.inputs, prob.targets)
     U, S = G.root()
     params = [p for p in prob.model.parameters() if p.requires_grad]
-    basis = EigenBasis(params)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        basis.accumulate(torch.randn(U.shape[1], generator=gen, dtype=U.dtype))
-    basis.refresh()
-    U_rot, S_rot = G.root(basis.blocks_in)
-    assert torch.equal(S_rot, S)
-    assert torch.allclose(U_rot, basis.rotate(U), rtol=1e-10, atol=1e-12 * float(U.abs().max())), (
-        prob.description
-    )
+    for basis in (EigenBasis(params, max_dim=4), EigenBasis(params)):  # (some weights on one side only)
+        for _ in range(3):
+            basis.accumulate(torch.randn(U.shape[1], generator=gen, dtype=U.dtype))
+        basis.refresh()
+        U_rot, S_rot = G.root(basis.blocks_in)
+        assert torch.equal(S_rot, S)
+        assert torch.allclose(U_rot, basis.rotate(U), rtol=1e-10, atol=1e-12 * float(U.abs().max())), (
+            prob.description
+        )
     # without a rotation the Linear stages' outer-product rows are the plain root
     U0, _ = G.root(lambda offset, size: [])
     assert torch.allclose(U0, U, rtol=1e-12, atol=1e-14 * float(U.abs().max()))

@@ -628,6 +628,8 @@ def _dense_basis(basis: ho.EigenBasis, n: int) -> torch.Tensor:
     """The orthogonal n x n matrix Q with rotate(x) = Q^T x: kron(Q_L, Q_R) on each weight's block."""
     Q = torch.eye(n, dtype=torch.float64)
     for (o, a, b), QL, QR in zip(basis.blocks, basis.QL, basis.QR, strict=True):
+        QL = QL if QL.numel() else torch.eye(a)  # (an unrotated side: the identity)
+        QR = QR if QR.numel() else torch.eye(b)
         Q[o : o + a * b, o : o + a * b] = torch.kron(QL.double(), QR.double())
     return Q
 
@@ -679,16 +681,19 @@ def test_preconditioner_does_not_alias_the_callers_batch():
     assert torch.equal(pre.solve(g), before)
 
 
-@pytest.mark.parametrize("wide", [False, True])
-def test_eigen_basis_rotation_and_moment_transport(wide):
+@pytest.mark.parametrize("wide,max_dim", [(False, 256), (True, 256), (False, 4), (True, 5)])
+def test_eigen_basis_rotation_and_moment_transport(wide, max_dim):
     """rotate = Q^T, unrotate = Q; a refresh carries the second moments over as diag(P diag(v) P^T) and a
     vector kept in the basis (the momentum) as P m. ``wide``: sides above _EIGH_MAX, whose later refreshes
-    take one step of orthogonal iteration instead of eigh."""
+    take one step of orthogonal iteration instead of eigh. A small ``max_dim``: weights rotated on one side
+    (Q = kron(I, Q_R) or kron(Q_L, I))."""
     torch.manual_seed(0)
     h = _EIGH_MAX + 6 if wide else 4
     net = nn.Sequential(nn.Linear(5, h), nn.Tanh(), nn.Linear(h, 3, bias=False)).double()
     params = list(net.parameters())
-    basis = ho.EigenBasis(params, beta=0.5)
+    basis = ho.EigenBasis(params, beta=0.5, max_dim=max_dim)
+    assert len(basis.blocks) == 2
+    assert all(basis.sides) if max_dim == 256 else not all(all(s) for s in basis.sides)
     n = sum(p.numel() for p in params)
     for _ in range(3):
         basis.accumulate(torch.randn(n, dtype=F64))
@@ -910,12 +915,15 @@ def test_precondition_mode_names_bad_batches(case):
         opt.step(Xb, yb)
 
 
-def test_basis_max_dim_leaves_wide_weights_unrotated():
+def test_basis_max_dim_rotates_wide_weights_on_their_narrow_side():
     m = nn.Sequential(nn.Linear(40, 6), nn.Tanh(), nn.Linear(6, 3))  # weights 6 x 40 and 3 x 6
     wide = ho.Newton(m, nn.CrossEntropyLoss(), seed=0, basis_max_dim=16).preconditioner.basis
     full = ho.Newton(m, nn.CrossEntropyLoss(), seed=0, basis_max_dim=40).preconditioner.basis
-    assert [b[1:] for b in wide.blocks] == [(3, 6)]
-    assert [b[1:] for b in full.blocks] == [(6, 40), (3, 6)]
+    none = ho.Newton(m, nn.CrossEntropyLoss(), seed=0, basis_max_dim=2).preconditioner.basis
+    assert [b[1:] for b in wide.blocks] == [(6, 40), (3, 6)] == [b[1:] for b in full.blocks]
+    assert wide.sides == [(True, False), (True, True)] and full.sides == [(True, True)] * 2
+    assert [tuple(q.shape) for q in wide.QR] == [(0, 0), (6, 6)]  # Q_R = I over the 40 inputs, not formed
+    assert none.blocks == []
     for bad in (0, -3, 2.5, True):
         with pytest.raises(hessinv.InvalidArgumentError, match="basis_max_dim"):
             ho.Newton(m, nn.CrossEntropyLoss(), basis_max_dim=bad)
@@ -1867,10 +1875,15 @@ def test_weights_whose_rotation_is_too_dear_stay_unrotated():
     from hessinv.optim.precondition import ROTATION_MAX_FLOPS
 
     params = [torch.zeros(512, 512), torch.zeros(512), torch.zeros(256, 256), torch.zeros(10, 512)]
-    basis = ho.EigenBasis(params)
-    shapes = [(a, b) for _, a, b in basis.blocks]
-    assert (512, 512) not in shapes and (256, 256) in shapes and (10, 512) in shapes
-    assert all(4 * a * b * (a + b) <= ROTATION_MAX_FLOPS for a, b in shapes)
+    params += [torch.zeros(200, 300)]
+    basis = ho.EigenBasis(params, max_dim=512)
+    rotated = {(a, b): lr for (_, a, b), lr in zip(basis.blocks, basis.sides, strict=True)}
+    # 512 x 512: either side alone costs 5.4e8; 200 x 300: both 1.2e8 (within), 10 x 512: both 2.7e7
+    assert rotated == {(256, 256): (True, True), (10, 512): (True, True), (200, 300): (True, True)}
+    assert ho.EigenBasis(params, max_dim=256).sides == [(True, True), (True, False), (True, False)]
+    for (a, b), (left, right) in rotated.items():
+        assert 4 * a * b * (a * left + b * right) <= ROTATION_MAX_FLOPS
+    assert hessinv.optim.precondition.rotated_sides(300, 350, 512) == (True, False)  # the narrow side: 1.3e8
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

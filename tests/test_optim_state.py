@@ -81,7 +81,8 @@ def test_load_restores_the_preconditioners_settings_and_resumes_bit_exact():
     assert _settings(opt2) != SAVED
     opt2.load_state_dict(sd)
     assert _settings(opt2) == SAVED and opt2.curvature_batch_size == 4
-    assert opt2.preconditioner.basis.blocks == opt.preconditioner.basis.blocks == [(35, 3, 5)]
+    assert opt2.preconditioner.basis.blocks == opt.preconditioner.basis.blocks == [(0, 5, 6), (35, 3, 5)]
+    assert opt2.preconditioner.basis.sides == [(True, False), (True, True)]  # the 5 x 6 on its 5 side
     for X, y in batches[7:]:
         opt2.step(X, y)
     assert torch.equal(_flat(net2), _flat(net))  # the uninterrupted run
@@ -95,7 +96,7 @@ def test_load_restores_the_preconditioners_settings_and_resumes_bit_exact():
 
 # -- a refused load changes nothing ---------------------------------------------------------------------
 def _other_checkpoint(corrupt: str) -> dict:
-    other = ho.Newton(_small(), nn.CrossEntropyLoss(), seed=7, basis_max_dim=5)  # rotates the 3x5 only
+    other = ho.Newton(_small(), nn.CrossEntropyLoss(), seed=7, basis_max_dim=5)  # the 5x6 on one side
     for X, y in _batches()[:3]:
         other.step(X, y)
     sd = copy.deepcopy(other.state_dict())
@@ -107,7 +108,7 @@ def _other_checkpoint(corrupt: str) -> dict:
 
 @pytest.mark.parametrize(
     "corrupt, message",
-    [("old checkpoint of another basis_max_dim", "weights"), ("beta2 out of range", "beta2")],
+    [("old checkpoint of another basis_max_dim", "basis_max_dim"), ("beta2 out of range", "beta2")],
 )
 def test_a_refused_newton_load_changes_nothing(corrupt, message):
     sd, batches = _other_checkpoint(corrupt), _batches()
@@ -137,7 +138,7 @@ def test_a_refused_preconditioner_load_changes_nothing():
         directions = []
         for i, (X, y) in enumerate(batches[:12]):
             if load and i == 3:
-                with pytest.raises(InvalidArgumentError, match="weights"):
+                with pytest.raises(InvalidArgumentError, match="basis_max_dim"):
                     pre.load_state_dict(sd)
             net.zero_grad()
             loss_fn(net(X), y).backward()

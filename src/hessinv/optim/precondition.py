@@ -69,6 +69,7 @@ from hessinv.curvature import GaussNewton, Hessian, normalize_curvature
 from hessinv.errors import InvalidArgumentError, NonFiniteError, NotFittedError, ShapeMismatchError
 from hessinv.lowrank import WoodburyFactor
 from hessinv.stages.losses import ignored_index, sums_examples
+from hessinv.stages.protocol import basis_product
 
 __all__ = ["Preconditioner", "EigenBasis"]
 
@@ -203,12 +204,34 @@ def _power_step(M: Tensor, Q: Tensor) -> Tensor:
     return torch.linalg.qr(Y).Q.to(M.dtype).contiguous()
 
 
-#: weights with a side above this stay out of the eigenbasis by default (:class:`EigenBasis`)
-BASIS_MAX_DIM = 512
-#: ... and so do weights whose rotation costs more than this many flops per step, ``4 a b (a + b)``: a
-#: 512 x 512 hidden weight's (1.1e9; 78 ms per step on the 2-core machine, a step 16x Adam's where 513
-#: wide, unrotated, was 4x); 256 x 256 costs 1.3e8
+#: sides of weights above this stay unrotated in the eigenbasis by default (:class:`EigenBasis`): the
+#: weight is rotated on its other side only, or not at all
+BASIS_MAX_DIM = 256
+#: ... and so does a weight's wider side while its rotation costs more than this many flops per step,
+#: ``4 a b (a [Q_L] + b [Q_R])``: a 512 x 512 hidden weight's two sides (1.1e9; 78 ms per step on the
+#: 2-core machine, a step 16x Adam's where 513 wide, unrotated, was 4x); 256 x 256 costs 1.3e8
 ROTATION_MAX_FLOPS = 1.4e8
+
+
+def rotated_sides(a: int, b: int, max_dim: int = BASIS_MAX_DIM) -> tuple[bool, bool]:
+    """Which sides of an ``a x b`` weight :class:`EigenBasis` rotates: each side up to ``max_dim``, less
+    the wider rotated side while the rotation costs more than :data:`ROTATION_MAX_FLOPS` per step. A
+    one-sided rotation (``Q_R`` alone for a 512 x 64 input layer) keeps the narrow side's basis at
+    ``4 a b^2`` flops per step and a ``b x b`` refresh, where both sides cost ``4 a b (a + b)`` and an
+    ``a x a`` eigenbasis every refresh.
+
+    >>> rotated_sides(100, 40), rotated_sides(512, 64), rotated_sides(10, 512), rotated_sides(1024, 1024)
+    ((True, True), (False, True), (True, False), (False, False))
+    """
+    left, right = a <= max_dim, b <= max_dim
+    while (left or right) and 4 * a * b * (a * left + b * right) > ROTATION_MAX_FLOPS:
+        if left and (not right or a >= b):
+            left = False
+        else:
+            right = False
+    return left, right
+
+
 #: rows of the Gauss-Newton root at most by default (:class:`Preconditioner`): the exact root of 8
 #: examples has ``8 (C - 1)`` rows for ``C`` classes, and its Woodbury solve costs ``r^2 n`` per refresh
 MAX_RANK = 256
@@ -225,12 +248,16 @@ class EigenBasis:
     eigenvectors ``Q_L``, ``Q_R``; :meth:`rotate` maps the flat parameter vector to the basis
     ``X -> Q_L^T X Q_R`` (orthogonal: :meth:`unrotate` is its inverse and transpose), the identity on
     every other parameter. Adam's second moments taken in this basis are SOAP's (Vyas et al. 2024).
-    Weights with a side above ``max_dim``, or whose rotation costs more than :data:`ROTATION_MAX_FLOPS`,
-    stay unrotated (Adam's diagonal there): rotating an ``a x b`` weight costs ``4 a b (a + b)`` flops per
-    step against ``6 B a b`` for its gradient on a batch of ``B``, and its refresh ``O(a^3 + b^3)`` --
-    on a 784-256-10 MLP (upsampled digits, batch 64; ``bench/wide_mlp.py``) the rotated input layer made
-    a step 32-33 ms against 5.2-5.8 ms unrotated (Adam: 1.1-1.2 ms), and 95% test accuracy came in
-    1.6-1.8 s against 0.3-0.5 s.
+    A side above ``max_dim`` stays unrotated (``Q = I`` there, never formed: :attr:`sides`), and so does a
+    weight's wider side while its rotation costs more than :data:`ROTATION_MAX_FLOPS`
+    (:func:`rotated_sides`); a weight with neither side rotated is left out (Adam's diagonal there):
+    rotating an ``a x b`` weight on both sides costs ``4 a b (a + b)`` flops per step against ``6 B a b``
+    for its gradient on a batch of ``B``, and its refresh ``O(a^3 + b^3)`` -- on a 784-256-10 MLP
+    (upsampled digits, batch 64; ``bench/wide_mlp.py``) the rotated input layer made a step 32-33 ms
+    against 5.2-5.8 ms unrotated (Adam: 1.1-1.2 ms), and 95% test accuracy came in 1.6-1.8 s against
+    0.3-0.5 s; on a 64-512-10 MLP (digits) rotating only the narrow sides (``Q_R`` of the 512 x 64 input
+    layer, ``Q_L`` of the 10 x 512 head) took the step from 9.9 ms to 2.1-2.3 ms (Adam 0.46 ms) and the
+    training loss after 400 steps from 1.3-1.5e-3 to 3-7e-4.
     Weights of equal shape are stacked: one batched product per shape (a deep chain of equal stages
     rotates in a few calls, not a few per stage). The tensors of ``unrotated`` stay unrotated too: a lookup
     table's rows (``nn.Embedding``) are independent parameters, each seen only when its token is in the
@@ -261,34 +288,41 @@ class EigenBasis:
     ):
         self.beta, self.max_dim = beta, max_dim
         self.blocks: list[tuple[int, int, int]] = []  # (offset, a, b)
+        self.sides: list[tuple[bool, bool]] = []  # (Q_L, Q_R) of each block rotated, or the identity
         skip = {id(t) for t in ([unrotated] if isinstance(unrotated, Tensor) else unrotated)}
         o = 0
         for p in params:
             k = p.numel()
             a = int(p.shape[0]) if p.dim() >= 2 else 1
             b = k // a
-            rotated = max(a, b) <= max_dim and 4 * a * b * (a + b) <= ROTATION_MAX_FLOPS and id(p) not in skip
-            if p.dim() >= 2 and a > 1 and b > 1 and rotated:
+            left, right = rotated_sides(a, b, max_dim)
+            if p.dim() >= 2 and a > 1 and b > 1 and (left or right) and id(p) not in skip:
                 self.blocks.append((o, a, b))
+                self.sides.append((left, right))
             o += k
         like = params[0] if len(params) else torch.zeros(())
         kw = {"dtype": like.dtype, "device": like.device}
-        # groups of equally shaped weights: (a, b, the flat indices of their entries (G a b,))
-        shapes = list(dict.fromkeys((a, b) for _, a, b in self.blocks))
+        # groups of equally shaped weights rotated alike: (a, b, left, right, their flat indices (G a b,))
+        shapes = list(
+            dict.fromkeys((a, b, *lr) for (_, a, b), lr in zip(self.blocks, self.sides, strict=True))
+        )
         self._where: list[tuple[int, int]] = []  # block i -> (group, member)
-        self._groups: list[tuple[int, int, Tensor]] = []
+        self._groups: list[tuple[int, int, bool, bool, Tensor]] = []
         self._single: list[int | None] = []  # a group's offset when it is one weight (sliced, not indexed)
-        for a, b in shapes:
-            offs = [o for o, aa, bb in self.blocks if (aa, bb) == (a, b)]
+        for key in shapes:
+            offs = [o for (o, a, b), lr in zip(self.blocks, self.sides, strict=True) if (a, b, *lr) == key]
+            a, b = key[:2]
             idx = torch.cat([torch.arange(o, o + a * b) for o in offs]).to(like.device)
-            self._groups.append((a, b, idx))
+            self._groups.append((*key, idx))
             self._single.append(offs[0] if len(offs) == 1 else None)
-        for _, a, b in self.blocks:
-            gi = shapes.index((a, b))
+        for (_, a, b), lr in zip(self.blocks, self.sides, strict=True):
+            gi = shapes.index((a, b, *lr))
             self._where.append((gi, sum(1 for w in self._where if w[0] == gi)))
+        # an unrotated side's L and Q are empty (G, 0, 0): Q_L = I there, never formed
         self._L, self._R, self._QL, self._QR = [], [], [], []
-        for a, b, idx in self._groups:
+        for a, b, left, right, idx in self._groups:
             G = int(idx.numel()) // (a * b)
+            a, b = (a if left else 0), (b if right else 0)
             self._L.append(torch.zeros(G, a, a, **kw))
             self._R.append(torch.zeros(G, b, b, **kw))
             self._QL.append(torch.eye(a, **kw).repeat(G, 1, 1))
@@ -320,7 +354,7 @@ class EigenBasis:
 
     def _gather(self, X: Tensor, g: int) -> Tensor:
         """The weights of group ``g`` in ``X`` (m, n) as (m, G, a, b) (a view for a single weight)."""
-        a, b, idx = self._groups[g]
+        a, b, _, _, idx = self._groups[g]
         o = self._single[g]
         if o is not None:
             return X[:, o : o + a * b].view(X.shape[0], 1, a, b)
@@ -328,7 +362,7 @@ class EigenBasis:
 
     def _scatter(self, X: Tensor, g: int, W: Tensor) -> None:
         """Write ``W`` (m, G, a, b) into the weights of group ``g`` in ``X`` (m, n)."""
-        a, b, idx = self._groups[g]
+        a, b, _, _, idx = self._groups[g]
         o = self._single[g]
         if o is not None:
             X[:, o : o + a * b] = W.reshape(X.shape[0], -1)
@@ -337,10 +371,12 @@ class EigenBasis:
 
     def accumulate(self, g: Tensor) -> None:
         """``L <- beta L + (1 - beta) G G^T``, ``R <- beta R + (1 - beta) G^T G`` for every weight."""
-        for gi in range(len(self._groups)):
+        for gi, (_, _, left, right, _) in enumerate(self._groups):
             G = self._gather(g[None], gi)[0]
-            self._L[gi].mul_(self.beta).baddbmm_(G, G.mT, alpha=1 - self.beta)
-            self._R[gi].mul_(self.beta).baddbmm_(G.mT, G, alpha=1 - self.beta)
+            if left:
+                self._L[gi].mul_(self.beta).baddbmm_(G, G.mT, alpha=1 - self.beta)
+            if right:
+                self._R[gi].mul_(self.beta).baddbmm_(G.mT, G, alpha=1 - self.beta)
 
     def refresh(self, v: Tensor | None = None, carry: Sequence[Tensor] = ()) -> None:
         """``Q_L, Q_R`` <- the eigenvectors of ``L, R`` (ascending eigenvalues). With ``P_L = Q_L'^T Q_L``,
@@ -348,15 +384,21 @@ class EigenBasis:
         over in place: the second moments ``v`` (n,) -- a diagonal ``diag(v)`` rotated by ``P_L (x) P_R``
         has diagonal ``(P_L o P_L) V (P_R o P_R)^T`` per weight -- and each vector of ``carry`` (n,), whose
         weight blocks ``M`` become ``P_L M P_R^T`` (e.g. a momentum kept in the basis)."""
-        for gi in range(len(self._groups)):
-            QL, QR = self._next(self._L[gi], self._QL[gi]), self._next(self._R[gi], self._QR[gi])
-            PL, PR = QL.mT @ self._QL[gi], QR.mT @ self._QR[gi]
+        for gi, (_, _, left, right, _) in enumerate(self._groups):
+            QL = self._next(self._L[gi], self._QL[gi]) if left else self._QL[gi]
+            QR = self._next(self._R[gi], self._QR[gi]) if right else self._QR[gi]
+            PL = QL.mT @ self._QL[gi] if left else None
+            PR = QR.mT @ self._QR[gi] if right else None
             if v is not None:
                 V = self._gather(v[None], gi)[0]
-                self._scatter(v[None], gi, PL.square() @ V @ PR.square().mT)
+                self._scatter(
+                    v[None],
+                    gi,
+                    basis_product(PL if PL is None else PL.square(), V, PR if PR is None else PR.square().mT),
+                )
             for c in carry:
                 M = self._gather(c[None], gi)[0]
-                self._scatter(c[None], gi, PL @ M @ PR.mT)
+                self._scatter(c[None], gi, basis_product(PL, M, PR if PR is None else PR.mT))
             self._QL[gi], self._QR[gi] = QL, QR
 
     @staticmethod
@@ -374,23 +416,29 @@ class EigenBasis:
             return X
         vec = X.dim() == 1
         Y = X.clone() if not vec else X[None].clone()
-        left = self._QL if inverse else [Q.mT for Q in self._QL]  # (G, a, a) per group
-        right = [Q.mT for Q in self._QR] if inverse else self._QR
+        # (G, a, a) per group, None for an unrotated side
+        left = [
+            (Q if inverse else Q.mT) if g[2] else None for Q, g in zip(self._QL, self._groups, strict=True)
+        ]
+        right = [
+            (Q.mT if inverse else Q) if g[3] else None for Q, g in zip(self._QR, self._groups, strict=True)
+        ]
         if Y.shape[0] == 1:  # a vector: one batched product per group of equal weights
             for gi in range(len(self._groups)):
-                self._scatter(Y, gi, left[gi] @ self._gather(Y, gi)[0] @ right[gi])
+                self._scatter(Y, gi, basis_product(left[gi], self._gather(Y, gi)[0], right[gi]))
         else:  # many rows (U at a refresh): per weight, its rows in place (GEMMs over all rows)
             for (o, a, b), (g, j) in zip(self.blocks, self._where, strict=True):
                 W = Y[:, o : o + a * b].view(-1, a, b)
-                W.copy_(left[g][j] @ W @ right[g][j])
+                L_, R_ = left[g], right[g]
+                W.copy_(basis_product(None if L_ is None else L_[j], W, None if R_ is None else R_[j]))
         return Y[0] if vec else Y
 
-    def blocks_in(self, offset: int, size: int) -> list[tuple[int, int, int, Tensor, Tensor]]:
+    def blocks_in(self, offset: int, size: int) -> list[tuple[int, int, int, Tensor | None, Tensor | None]]:
         """``(offset, a, b, Q_L, Q_R)`` of the weights inside the flat range ``[offset, offset + size)``
         (the ``rotation`` of :func:`hessinv.lowrank.gauss_newton_root`: ``U``'s rows built in the basis)."""
         return [
-            (o, a, b, self._QL[g][j], self._QR[g][j])
-            for (o, a, b), (g, j) in zip(self.blocks, self._where, strict=True)
+            (o, a, b, self._QL[g][j] if left else None, self._QR[g][j] if right else None)
+            for (o, a, b), (g, j), (left, right) in zip(self.blocks, self._where, self.sides, strict=True)
             if offset <= o and o + a * b <= offset + size
         ]
 
@@ -423,8 +471,11 @@ class EigenBasis:
             for (g, j), t in zip(self._where, got, strict=True):
                 if not isinstance(t, Tensor) or t.shape != stacks[g][j].shape:
                     shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                    here = tuple(stacks[g][j].shape)
                     raise InvalidArgumentError(
-                        f"basis state holds a {shape} factor where this model has {tuple(stacks[g][j].shape)}"
+                        f"basis state holds a {shape} factor where this basis has {here} "
+                        f"(basis_max_dim={self.max_dim}; (0, 0): a side left unrotated): build the optimizer "
+                        "for the checkpoint's model and basis_max_dim"
                     )
                 stacks[g][j] = t
             loaded[k] = stacks
@@ -553,9 +604,8 @@ class Preconditioner:
             stays damped as Adam's would.
         basis: ``"eigen"`` (default): ``D`` diagonal in each weight's eigenbasis (:class:`EigenBasis`);
             ``"identity"``: ``D`` diagonal in the parameters (Adam's). Gauss-Newton curvature only.
-        basis_max_dim: weights with a side above this stay unrotated in the eigenbasis (their rotation
-            costs ``4 a b (a + b)`` flops per step; see :class:`EigenBasis`), as do weights whose rotation
-            costs more than :data:`ROTATION_MAX_FLOPS`.
+        basis_max_dim: a weight's sides above this stay unrotated in the eigenbasis (the weight is rotated
+            on its other side, or not at all; :func:`rotated_sides`, :class:`EigenBasis`).
         max_rank: rows of the Gauss-Newton root ``U`` at most (at least one per example): where the
             curvature batch's ``B`` examples have more than ``max_rank / B`` output directions of
             curvature (many classes), each keeps its ``max(1, max_rank // B)`` leading eigenpairs

@@ -37,7 +37,14 @@ from torch import Tensor, nn
 
 from hessinv.errors import UnsupportedStageError
 from hessinv.stages.generic import GenericStage
-from hessinv.stages.protocol import Blocks, ParameterFreeBlocks, RiccatiBlocks, Stage, defined_in_torch
+from hessinv.stages.protocol import (
+    Blocks,
+    ParameterFreeBlocks,
+    RiccatiBlocks,
+    Stage,
+    basis_product,
+    defined_in_torch,
+)
 
 #: Modules treated as elementwise activations ``s`` (fused into a preceding Linear); exact types only
 #: (a subclass may override ``forward``). ReLU-type activations have ``s'' = 0`` almost everywhere,
@@ -339,7 +346,7 @@ class DenseLayerBlocks(Blocks):
             if len(rotation) != 1 or rotation[0][1:3] != (d, m):
                 return None
             QL, QR = rotation[0][3], rotation[0][4]
-            tw, zw = torch.matmul(QL.mT, t), z @ QR
+            tw, zw = basis_product(None if QL is None else QL.mT, t, None), basis_product(None, z, QR)
         k = t.shape[-1]
         if factors is not None:
             factors.append((0, tw, zw, own is not None))

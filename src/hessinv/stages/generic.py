@@ -56,6 +56,7 @@ from hessinv.stages.protocol import (
     RiccatiBlocks,
     Stage,
     add_blockdiag,
+    basis_product,
     own_rows_only,
     sandwich_blockdiag,
 )
@@ -681,7 +682,7 @@ class LazyBlocks(Blocks):
             tw, zw = t, z
             if offsets[w] in rotated:
                 _, _, QL, QR = rotated.pop(offsets[w])
-                tw, zw = torch.matmul(QL.mT, t), z @ QR
+                tw, zw = basis_product(None if QL is None else QL.mT, t, None), basis_product(None, z, QR)
             own_rows = own is not None and own_rows_only(t, own)
             if own_rows and factors is not None:
                 factors.append((offsets[w], tw, zw, True))
@@ -695,7 +696,7 @@ class LazyBlocks(Blocks):
                 W.copy_(torch.einsum("nik,nj->kij", tw, zw))
         for o, (a, b, QL, QR) in rotated.items():  # the other weights the rotation names
             Wo = out[:, o : o + a * b].unflatten(1, (a, b))
-            Wo.copy_(QL.mT @ Wo @ QR)
+            Wo.copy_(basis_product(None if QL is None else QL.mT, Wo, QR))
         self._memo = (s, "z", got[len(rest)].reshape(k, self.batch, self.d_in).permute(1, 2, 0))
         return out
 

@@ -42,6 +42,14 @@ def compiled_module(m: object) -> bool:
     return type(m).__name__ == "OptimizedModule" and isinstance(getattr(m, "_orig_mod", None), nn.Module)
 
 
+def basis_product(left: Tensor | None, X: Tensor, right: Tensor | None) -> Tensor:
+    """``left @ X @ right``, a side given as None the identity (a weight's side that
+    :class:`hessinv.optim.EigenBasis` leaves unrotated)."""
+    if left is not None:
+        X = torch.matmul(left, X)
+    return X if right is None else torch.matmul(X, right)
+
+
 def own_rows_only(s: Tensor, own: Tensor) -> bool:
     """Whether column ``q`` of ``s`` (B, d, k) is nonzero at example ``own[q]`` only (exact zeros
     elsewhere: what a backward pass seeded on one example gives through stages that keep examples
