@@ -91,7 +91,45 @@ class Positions(nn.Module):
         return x + torch.tanh(self.ln(h))
 
 
+class OutputHook(PreNorm):
+    """A gradient hook on a Linear's output (autograd.grad to that output reads the signal before it)."""
+
+    def forward(self, x):
+        u = self.fc1(self.ln(x))
+        if u.requires_grad:
+            u.register_hook(lambda g: 3.0 * g)
+        return x + self.fc2(F.gelu(u))
+
+
+class Unused(nn.Module):
+    """A Linear module called once for a value kept outside the graph; its weight read by F.linear."""
+
+    def __init__(self, w: int):
+        super().__init__()
+        self.fc, self.ln = nn.Linear(w, w), nn.LayerNorm(w)
+
+    def forward(self, x):
+        self.seen = self.fc(x).detach()  # (kept for logging)
+        h = self.ln(x)
+        return x + torch.tanh(F.linear(h, self.fc.weight, self.fc.bias))
+
+
+class Vmapped(nn.Module):
+    """A Linear applied by torch.vmap over positions (its recorded input is a functorch wrapper)."""
+
+    def __init__(self, w: int):
+        super().__init__()
+        self.fc, self.ln = nn.Linear(w // 2, w // 2), nn.LayerNorm(w)
+
+    def forward(self, x):
+        h = self.ln(x).view(x.shape[0], 2, -1)
+        return x + torch.tanh(torch.vmap(self.fc, in_dims=1, out_dims=1)(h).flatten(1))
+
+
 BLOCKS = {
+    "output_hook": (OutputHook, 1),  # fc2 only
+    "unused": (Unused, 0),
+    "vmapped": (Vmapped, 0),
     "prenorm": (PreNorm, 2),
     "prenorm_nobias": (lambda w: PreNorm(w, bias=False), 2),
     "prenorm_frozen_bias": (lambda w: PreNorm(w, frozen_bias=True), 2),

@@ -362,7 +362,9 @@ def _settings(opt: Any, strategy: str) -> dict[str, Any]:
             getattr(lf, "ignore_index", None),
             getattr(lf, "label_smoothing", None),
         ),
-        "basis_max_dim (the rotated weights)": None if pc.basis is None else tuple(pc.basis.blocks),
+        "basis_max_dim (the rotated weights)": (
+            None if pc.basis is None else tuple(zip(pc.basis.blocks, pc.basis.sides, strict=True))
+        ),
         "steps taken": (int(opt.steps), int(pc.state["t"])),
     }
 

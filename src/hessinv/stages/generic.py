@@ -120,13 +120,17 @@ class DenseBlocks(Blocks):
         return RiccatiBlocks(Qxx0, Qxz, Qzz)
 
 
-def _grads(out: Tensor, inputs: list[Tensor], create_graph: bool = False) -> list[Tensor]:
-    """``d out / d inputs`` by plain autograd; zeros for inputs ``out`` does not depend on."""
+def _grads(
+    out: Tensor, inputs: list[Tensor], create_graph: bool = False, seed: Tensor | None = None
+) -> list[Tensor]:
+    """``d out / d inputs`` (``d <seed, out> / d inputs``) by plain autograd; zeros for inputs ``out``
+    does not depend on."""
     if not out.requires_grad:
         return [torch.zeros_like(t) for t in inputs]
     gs = torch.autograd.grad(
-        out, inputs, retain_graph=True, create_graph=create_graph, allow_unused=True, materialize_grads=True
-    )
+        out, inputs, grad_outputs=seed, retain_graph=True, create_graph=create_graph, allow_unused=True,
+        materialize_grads=True,
+    )  # fmt: skip
     # an Embedding(sparse=True)'s gradient is sparse: dense, the same numbers (and differentiable)
     return [g.to_dense() if g.is_sparse else g for g in gs]
 
@@ -574,8 +578,8 @@ class LazyBlocks(Blocks):
         self._plain = [v for m in mods for v in vars(m).values() if isinstance(v, Tensor)]
         # the calls of its plain nn.Linear layers (input, output, the output's version), for jxT_rows
         self._linear_calls: list[tuple[nn.Module, Tensor | None, Tensor | None, int]] = []
-        self._linears: list[tuple[int, int | None, Tensor, Tensor]] | None = None
-        record = [m for m in mods if _plain_linear(m, stage.params)] if not any(hook_dicts(())) else []
+        self._linears: list[tuple[int, Tensor, Tensor]] | None = None
+        record = [m for m in mods if _plain_linear(m, stage.params)]
         handles = [m.register_forward_hook(self._record_linear) for m in record]
         try:
             with torch.enable_grad():
@@ -600,38 +604,29 @@ class LazyBlocks(Blocks):
         self._memo: tuple[Tensor, str, Tensor] | None = None  # (s, which, the product not yet returned)
 
     def _record_linear(self, m: nn.Module, args: tuple, out: Any) -> None:
-        if len(args) == 1 and isinstance(args[0], Tensor) and isinstance(out, Tensor):
-            self._linear_calls.append((m, args[0], out, out._version))
+        z = args[0] if len(args) == 1 and isinstance(args[0], Tensor) else None
+        wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+        if z is None or not isinstance(out, Tensor) or wrapped(z) or wrapped(out):
+            self._linear_calls.append((m, None, None, -1))  # (a keyword input, or inside torch.vmap)
         else:
-            self._linear_calls.append((m, None, None, -1))  # (a keyword input: not used)
+            self._linear_calls.append((m, z, out, out._version))
 
-    def _structured_linears(self) -> list[tuple[int, int | None, Tensor, Tensor]]:
-        """``(weight index, bias index or None, z, u)`` in ``stage.params`` of each plain ``nn.Linear``
-        whose Gauss-Newton rows :meth:`jxT_rows` forms as outer products ``t z^T`` from the backward signal
-        ``t`` at its output ``u = z W^T + c``: called once, on a (B, m) input of this batch, its output
-        not modified in place afterwards, and its weight (and trainable bias) read by that call alone --
-        one edge into each of their gradient accumulators in the stage's autograd graph (a weight read
-        elsewhere too, tied or sliced, would have rows ``t z^T`` plus the other uses')."""
+    def _structured_linears(self) -> list[tuple[int, Tensor, Tensor]]:
+        """``(weight index in stage.params, z, u)`` of each ``nn.Linear`` called once
+        on a (B, m) input of this batch, its output ``u`` not edited in place afterwards: the candidates
+        whose Gauss-Newton rows :meth:`jxT_rows` checks against the outer products ``t z^T`` of the signal
+        ``t`` at ``u`` and the input ``z``."""
         if self._linears is None:
             self._linears = []
             calls: dict[int, list] = {}
             for m, z, u, version in self._linear_calls:
                 calls.setdefault(id(m), []).append((m, z, u, version))
-            edges = _leaf_edges(self._out) if calls else {}
             index = {id(p): i for i, p in enumerate(self.stage.params)}
             for seen in calls.values():
                 m, z, u, version = seen[0]
-                params = [m.weight] + ([m.bias] if m.bias is not None and m.bias.requires_grad else [])
-                if (
-                    len(seen) == 1
-                    and z is not None
-                    and z.dim() == 2
-                    and z.shape[0] == self.batch
-                    and u._version == version
-                    and all(edges.get(id(p)) == 1 for p in params)
-                ):
-                    bias = index[id(m.bias)] if len(params) == 2 else None
-                    self._linears.append((index[id(m.weight)], bias, z.detach(), u))
+                if len(seen) == 1 and z is not None and z.dim() == 2 and z.shape[0] == self.batch:
+                    if u._version == version and u.requires_grad:
+                        self._linears.append((index[id(m.weight)], z.detach(), u))
             self._linear_calls = []
         return self._linears
 
@@ -644,27 +639,28 @@ class LazyBlocks(Blocks):
         out: Tensor | None = None,
         skip_from: int | None = None,
     ) -> Tensor | None:
-        """``(Jx^T s)^T`` as (k, p) rows in parameter order, as
-        :meth:`hessinv.stages.dense.DenseLayerBlocks.jxT_rows` forms them (the same arguments): one batched
-        backward pass to the stage's other parameters, its input and the outputs ``u`` of its plain
-        ``nn.Linear`` layers (:meth:`_structured_linears`); each such weight's rows are the outer products
-        ``sum_n t_{n,q} z_n^T`` of the signal ``t`` at ``u`` and the layer's input ``z`` (rotated as
-        ``(Q_L^T t)(z Q_R)`` where ``rotation`` names it), its bias's ``sum_n t_{n,q}``. Where ``own`` holds
-        and ``t`` is nonzero at example ``own[q]`` only (checked: a layer inside the stage may see its
-        examples in another order), ``factors`` receives ``(offset, t, z, True)``. None where the stage
-        has no such layer or has dense blocks already (the caller's ``jxT``); the rows of the other
-        weights that ``rotation`` names come out rotated."""
+        """``(Jx^T s)^T`` as (k, p) rows in parameter order, the arguments those of
+        :meth:`hessinv.stages.dense.DenseLayerBlocks.jxT_rows`: one batched backward pass to the stage's
+        parameters, its input and the outputs ``u`` of its ``nn.Linear`` layers
+        (:meth:`_structured_linears`). Where ``own`` holds, the signal ``t`` at ``u`` is nonzero at example
+        ``own[q]`` only and the weight's rows equal ``t_{own[q],q} z_{own[q]}^T`` (checked against
+        autograd's rows: a weight read elsewhere too, a hook on ``u``, a layer that sees its examples in
+        another order fail it), ``factors`` receives ``(offset, t, z, True)`` -- rotated as
+        ``(Q_L^T t, z Q_R)`` where ``rotation`` names the weight -- and the rows are left unwritten if the
+        weight has ``skip_from`` entries or more. Other rows come out as autograd gives them, rotated where
+        ``rotation`` names them. None where the stage has no such layer or has dense blocks already (the
+        caller's ``jxT``)."""
         linears = self._structured_linears() if self._dense_blocks is None else []
         k = s.shape[-1]
         if not linears or k == 0:
             return None
         self._unchanged()
         params = self.stage.params
-        done = {i for w, b, _, _ in linears for i in (w, b) if i is not None}
-        rest = [i for i in range(len(params)) if i not in done]
         seeds = s.permute(2, 0, 1).reshape(k, *self._out.shape)
-        wrt = [*(params[i] for i in rest), self._z, *(u for _, _, _, u in linears)]
-        got = _backward_rows(self._out, wrt, k, lambda j, c: seeds[j : j + c], True)
+        rows_of = lambda wrt: _backward_rows(self._out, wrt, k, lambda j, c: seeds[j : j + c], True)  # noqa: E731
+        cand = {w for w, _, _ in linears}
+        rest = [i for i in range(len(params)) if i not in cand]
+        got = rows_of([*(params[i] for i in rest), self._z, *(u for _, _, u in linears)])
         if got is None:  # no batching rule for an operation in the stage: the caller's jxT (dense blocks)
             return None
         offsets = [0]
@@ -673,27 +669,45 @@ class LazyBlocks(Blocks):
         out = s.new_empty(k, self.p) if out is None else out
         for i, g in zip(rest, got, strict=False):
             out[:, offsets[i] : offsets[i + 1]] = g.reshape(k, -1)
+        q = torch.arange(k, device=s.device)
+        outer = {}  # weight -> (t (B, d, k), z (B, m)) where t is nonzero at the row's own example only
+        for (w, z, _), tu in zip(linears, got[len(rest) + 1 :], strict=True):
+            t = tu.permute(1, 2, 0)
+            if own is not None and own_rows_only(t, own):
+                outer[w] = (t, z.to(t.dtype))
+        # checked against autograd: the weights' gradients for one random combination c of the k columns
+        # equal sum_q c_q t_q z_q^T (a weight read elsewhere too, a hook on u, ... fail it)
+        if outer:
+            c = torch.randn(k, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            c = c.to(device=s.device, dtype=seeds.dtype)
+            seed_c = torch.tensordot(c, seeds, dims=1)
+            ws = list(outer)
+            gs = _grads(self._out, [params[w] for w in ws], seed=seed_c)
+            for w, g in zip(ws, gs, strict=True):
+                t, z = outer[w]
+                to, zo = t[own, :, q] * c[:, None].to(t.dtype), z[own]  # (k, d), (k, m)
+                scale = to.abs().T @ zo.abs()
+                if not bool(((to.T @ zo - g).abs() <= 4 * k * torch.finfo(g.dtype).eps * scale).all()):
+                    del outer[w]
+        failed = [w for w in sorted(cand) if w not in outer]
+        if failed:
+            more = rows_of([params[w] for w in failed])
+            if more is None:
+                return None
+            for w, g in zip(failed, more, strict=True):
+                out[:, offsets[w] : offsets[w + 1]] = g.reshape(k, -1)
         rotated = {o: (a, b, QL, QR) for o, a, b, QL, QR in rotation}  # (offsets within the stage)
-        for (w, b, z, _), tu in zip(linears, got[len(rest) + 1 :], strict=True):
-            t, z = tu.permute(1, 2, 0).to(s.dtype), z.to(s.dtype)  # (B, d, k), (B, m)
+        for w, (t, z) in outer.items():
             d, m = params[w].shape
-            if b is not None:
-                out[:, offsets[b] : offsets[b + 1]] = t.sum(0).T
-            tw, zw = t, z
+            tw, zw = t.to(s.dtype), z.to(s.dtype)
             if offsets[w] in rotated:
                 _, _, QL, QR = rotated.pop(offsets[w])
-                tw, zw = basis_product(None if QL is None else QL.mT, t, None), basis_product(None, z, QR)
-            own_rows = own is not None and own_rows_only(t, own)
-            if own_rows and factors is not None:
+                tw, zw = basis_product(None if QL is None else QL.mT, tw, None), basis_product(None, zw, QR)
+            if factors is not None:
                 factors.append((offsets[w], tw, zw, True))
-            if own_rows and skip_from is not None and d * m >= skip_from:
-                continue
-            W = out[:, offsets[w] : offsets[w + 1]].unflatten(1, (d, m))
-            if own_rows:
-                q = torch.arange(k, device=t.device)
+            if skip_from is None or d * m < skip_from:
+                W = out[:, offsets[w] : offsets[w + 1]].unflatten(1, (d, m))
                 W.copy_(tw[own, :, q][:, :, None] * zw[own][:, None, :])
-            else:
-                W.copy_(torch.einsum("nik,nj->kij", tw, zw))
         for o, (a, b, QL, QR) in rotated.items():  # the other weights the rotation names
             Wo = out[:, o : o + a * b].unflatten(1, (a, b))
             Wo.copy_(basis_product(None if QL is None else QL.mT, Wo, QR))
@@ -858,39 +872,12 @@ def mixing_error(name: str, what: str = "derivatives") -> UnsupportedStageError:
     )
 
 
-def _leaf_edges(out: Tensor) -> dict[int, int]:
-    """For each leaf tensor that ``out`` depends on (by ``id``), how many edges of ``out``'s autograd graph
-    enter its gradient accumulator: how many operations read it."""
-    counts: dict[int, int] = {}
-    seen: set[int] = set()
-    todo = [out.grad_fn] if out.grad_fn is not None else []
-    while todo:
-        fn = todo.pop()
-        for nxt, _ in fn.next_functions:
-            if nxt is None:
-                continue
-            var = getattr(nxt, "variable", None)
-            if isinstance(var, Tensor):
-                counts[id(var)] = counts.get(id(var), 0) + 1
-            if id(nxt) not in seen:
-                seen.add(id(nxt))
-                todo.append(nxt)
-    return counts
-
-
 def _plain_linear(m: nn.Module, params: list[Tensor]) -> bool:
-    """``m`` is an ``nn.Linear`` that computes ``F.linear(z, W, c)`` and nothing else -- torch's forward, no
-    hooks, no parametrization, no gradient hooks on its parameters -- with ``W`` among ``params`` and its
-    bias, if any, trainable only if among them too."""
-    if not isinstance(m, nn.Linear) or type(m).forward is not nn.Linear.forward:
-        return False
-    if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-        return False
-    if "weight" not in m._parameters or (m.bias is not None and "bias" not in m._parameters):
+    """``m`` is an ``nn.Linear`` whose 2-D weight is among ``params``: a candidate for
+    :meth:`LazyBlocks.jxT_rows`' outer-product rows (which it checks against autograd's)."""
+    if not isinstance(m, nn.Linear) or "weight" not in m._parameters:
         return False  # (a parametrized weight is a property computed from others)
-    ids = {id(p) for p in params}
-    own = [m.weight] + ([m.bias] if m.bias is not None and m.bias.requires_grad else [])
-    return all(id(p) in ids and not p._backward_hooks for p in own) and m.weight.dim() == 2
+    return m.weight.dim() == 2 and any(p is m.weight for p in params)
 
 
 def held_tensors(modules: Any, plain: bool = True) -> list[Tensor]:
