@@ -741,3 +741,29 @@ def test_a_float32_woodbury_logdet_comes_from_float64():
     A = G64 @ torch.eye(n, dtype=torch.float64) + 1e-3 * torch.eye(n, dtype=torch.float64)
     F = G.factor(torch.full((n,), 1e-3, dtype=torch.float64))
     assert F.logdet() == pytest.approx(float(torch.linalg.slogdet(A)[1]), abs=1e-8)
+
+
+def test_a_confident_float32_softmax_gives_no_row_of_negative_sign():
+    """float32 softmax probabilities of a confident example sum to 1 + O(u), so the computed cross-entropy
+    Lambda = diag(p) - p p^T had an eigenvalue -2.9e-9 (true: 0) and the root a row of sign -1: K =
+    diag(S) + U D^-1 U^T, >= I for every convex loss, became indefinite and the optimizer raised
+    SingularError at step 130 of a BatchNorm MLP. Rows of a positive semidefinite Lambda now keep sign +1."""
+    p = torch.tensor(
+        [8.648229e-07, 3.818240e-07, 0.99999237, 1.796388e-06, 2.704939e-07,
+         1.352321e-06, 8.406568e-07, 1.785286e-07, 7.473007e-07, 1.419324e-06]
+    )  # fmt: skip
+    lin = torch.nn.Linear(3, 10)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.copy_(p.log())
+    x, y = torch.randn(8, 3), torch.full((8,), 2)
+    G = hessinv.gauss_newton(lin, torch.nn.CrossEntropyLoss(), x, y)
+    U, S = hessinv.lowrank.gauss_newton_root(G.blocks, torch.float32, x.device)
+    assert bool((S > 0).all())
+    ref = (G @ torch.eye(40)).double()  # the float32 operator's products (float32's Lambda, too)
+    Gr = (U.T @ (S[:, None] * U)).double()
+    # (the dropped eigenvalue, -2.9e-9 against the largest 1.1e-6, is float32's rounding of Lambda)
+    assert float((Gr - ref).abs().max()) <= 1e-2 * float(ref.abs().max())
+    D = torch.full((40,), 1e-6)  # D^-1 U U^T far above 1: the sign of a row shows in K
+    F = WoodburyFactor(U, S, D)
+    assert F.positive_definite and F.cholesky

@@ -35,7 +35,7 @@ import math
 import numbers
 import operator
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -86,6 +86,40 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 _DROPOUT = (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _MODE_DEPENDENT = (*_DROPOUT, nn.RReLU, nn.modules.batchnorm._BatchNorm)
+
+
+def training_layers(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+    """The model's modules in training mode whose training mode makes it random or mix examples and whose
+    eval mode is a deterministic per-example function: Dropout layers (``p > 0``), ``RReLU``, and
+    BatchNorm that tracks running statistics (eval mode normalizes with them). The optimizers take the
+    gradient with these as they are and the curvature with them in eval mode (:func:`layers_in_mode`):
+    the curvature of the deterministic network, as K-FAC and Laplace approximations take it."""
+    tops = [model] if isinstance(model, nn.Module) else list(model)
+    return [
+        m
+        for top in tops
+        for m in top.modules()
+        if m.training
+        and (
+            (isinstance(m, _DROPOUT) and m.p > 0)
+            or isinstance(m, nn.RReLU)
+            or (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None)
+        )
+    ]
+
+
+@contextlib.contextmanager
+def layers_in_mode(layers: Sequence[nn.Module], training: bool) -> Iterator[None]:
+    """``m.training = training`` for the modules ``layers`` inside the block (not their children: the
+    layers of :func:`training_layers` have none that matter), their modes put back after."""
+    before = [m.training for m in layers]
+    for m in layers:
+        m.training = training
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before, strict=True):
+            m.training = b
 
 
 def _changed(now: list, held: list) -> bool:

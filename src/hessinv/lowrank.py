@@ -111,7 +111,9 @@ def gauss_newton_root(
         Lam = 0.5 * (Lam + Lam.mT)
         mu, V = torch.linalg.eigh(Lam.double())
     top = float(mu.abs().max()) if mu.numel() else 0.0
-    keep = mu.abs() > C * torch.finfo(dtype).eps * top
+    # (a loss whose Lambda is positive semidefinite by its closed form: its negative eigenvalues are
+    # rounding, and a row of sign -1 would make K = diag(S) + U D^-1 U^T indefinite, not >= I)
+    keep = (mu if getattr(loss, "psd", False) else mu.abs()) > C * torch.finfo(dtype).eps * top
     n_idx, j_idx = keep.nonzero(as_tuple=True)
     r = int(n_idx.numel())
     # s0[n, :, q] = sqrt|mu_{n,j}| V_n[:, j] for the q-th kept (n, j): zero rows for other examples

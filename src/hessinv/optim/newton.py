@@ -73,7 +73,7 @@ import torch
 from torch import Tensor, nn
 
 from hessinv import linalg
-from hessinv.chain import Chain, _tensor, dense_grad
+from hessinv.chain import Chain, _tensor, dense_grad, layers_in_mode, training_layers
 from hessinv.curvature import CurvatureOperator, curvature_class, factorization_flops, normalize_curvature
 from hessinv.errors import HessinvError, InvalidArgumentError, NonFiniteError, SingularError
 from hessinv.optim.damping import DampingRule, FixedDamping, LevenbergMarquardt, Sweeps
@@ -242,6 +242,12 @@ class Newton(torch.optim.Optimizer):
       loss) or the gradient is zero; and where a batch of another size comes whose factorization is not
       affordable (a first phase on one small batch, then mini-batches of 1024). Passing a
       trust-region setting (``damping``, ``track_inertia``, ``backtracking``) selects ``"trust-region"``.
+
+    Dropout, RReLU and BatchNorm (with running statistics) in training mode: preconditioning takes each
+    batch's gradient as the model computes it (dropout masks, batch statistics, running statistics
+    updated) and the curvature of the deterministic network -- those layers in eval mode while it is
+    refreshed (:func:`hessinv.chain.training_layers`), their modes put back after every step. The trust
+    region models the batch loss of a deterministic network and refuses them (``"auto"`` preconditions).
 
     Args:
         model: a chain-shaped model that :func:`hessinv.hessian` accepts.
@@ -428,7 +434,8 @@ class Newton(torch.optim.Optimizer):
         self.mode = self._mode_asked = mode
         self.rule = _rule_from("trust-region" if damping is None or mode == "precondition" else damping)
         self.model, self.loss_fn = model, loss_fn
-        self.chain = Chain(model, loss_fn)
+        with layers_in_mode(training_layers(model), False):  # the deterministic network's curvature
+            self.chain = Chain(model, loss_fn)
         self.curvature = curvature or "hessian"  # the trust region's
         self.curvature_batch_size = curvature_batch_size
         self.track_inertia = bool(track_inertia)
@@ -778,19 +785,23 @@ class Newton(torch.optim.Optimizer):
                 "calls the model and loss_fn (or step(closure=..., inputs=..., targets=...))"
             )
         inputs, targets = _tensor(inputs, "inputs"), _tensor(targets, "targets")
-        self._check_batch(inputs, targets)
-        auto = self._newton["mode"] == "auto"
-        mode = self._resolve_mode(inputs, targets)
-        with linalg.one_thread_if(self.chain.small(inputs)):  # small work: more threads only wait
-            if (
-                mode == "trust-region"
-                and g is not None
-                and not self._closure_is_batch(inputs, targets, g, auto)
-            ):
-                mode = self._newton["mode"] = self.mode = "precondition"  # (auto, switching now)
-            if mode == "precondition":
-                return self._step_precondition(inputs, targets, g, loss)
-            return self._step_trust_region(inputs, targets)
+        # Dropout / BatchNorm in training mode: the gradient as the model computes it, the curvature (and
+        # every check of the chain) with them in eval mode
+        layers = training_layers(self.model)
+        with layers_in_mode(layers, False):
+            self._check_batch(inputs, targets)
+            auto = self._newton["mode"] == "auto"
+            mode = self._resolve_mode(inputs, targets, layers)
+            with linalg.one_thread_if(self.chain.small(inputs)):  # small work: more threads only wait
+                if (
+                    mode == "trust-region"
+                    and g is not None
+                    and not self._closure_is_batch(inputs, targets, g, auto)
+                ):
+                    mode = self._newton["mode"] = self.mode = "precondition"  # (auto, switching now)
+                if mode == "precondition":
+                    return self._step_precondition(inputs, targets, g, loss, layers)
+                return self._step_trust_region(inputs, targets)
 
     def _closure_is_batch(self, inputs: Tensor, targets: Tensor, g: Tensor, auto: bool) -> bool:
         """Whether a closure's gradient ``g`` is that of ``loss_fn(model(inputs), targets)``, which the trust
@@ -818,11 +829,27 @@ class Newton(torch.optim.Optimizer):
         self.chain.check_model()
         self._newton["checked"] = self.chain.check_batch_if_new(inputs, targets, self._newton.get("checked"))
 
-    def _resolve_mode(self, inputs: Tensor, targets: Tensor) -> str:
+    def _resolve_mode(self, inputs: Tensor, targets: Tensor, layers: Sequence[nn.Module] = ()) -> str:
         """``"auto"`` resolves itself for good at the second step: ``"trust-region"`` when it gets the same
         batch as the first (full-batch training), else ``"precondition"`` (mini-batches; a later repeat,
-        e.g. a batch of one example drawn twice, no longer switches)."""
+        e.g. a batch of one example drawn twice, no longer switches). ``layers``: the model's Dropout or
+        BatchNorm in training mode (:func:`hessinv.chain.training_layers`), whose batch loss the trust
+        region cannot model: ``"auto"`` preconditions, ``"trust-region"`` is refused."""
         ns = self._newton
+        random = bool(layers)
+        if random and ns["mode"] == "trust-region" and ns.get("from_auto"):
+            ns["mode"] = self.mode = "precondition"
+            ns["from_auto"] = False
+        if random and ns["mode"] == "trust-region":
+            names = sorted({type(m).__name__ for m in layers})
+            raise InvalidArgumentError(
+                f"mode='trust-region' models the batch loss of a deterministic per-example network, and "
+                f"{', '.join(names)} in training mode make it random or mix the batch's examples: call "
+                "model.eval() for the trust region, or train with mode='precondition' (or 'auto')"
+            )
+        if random and ns["mode"] == "auto":
+            ns["mode"] = self.mode = "precondition"
+            ns["previous"], ns["from_auto"] = None, False
         if ns["mode"] != "auto":
             if (
                 ns.get("from_auto")
@@ -935,20 +962,27 @@ class Newton(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _step_precondition(
-        self, inputs: Tensor, targets: Tensor, g: Tensor | None, closure_loss: Tensor | None = None
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        g: Tensor | None,
+        closure_loss: Tensor | None = None,
+        layers: Sequence[nn.Module] = (),
     ) -> Tensor:
-        """``x <- x - lr (C_k + D_t)^{-1} m_t / (1 - momentum^t)`` (see the class docstring)."""
+        """``x <- x - lr (C_k + D_t)^{-1} m_t / (1 - momentum^t)`` (see the class docstring); the batch's
+        loss and gradient with ``layers`` (:func:`hessinv.chain.training_layers`) in training mode."""
         t_start = time.perf_counter()
         ns = self._newton
         pc = self.preconditioner
         assert pc is not None
         lr = self._learning_rate()
         try:
-            if g is None:
-                loss0, g = self._loss_and_gradient(inputs, targets)
-                self._write_grad(g)
-            else:  # the closure's loss is the batch loss here (no second forward pass)
-                loss0 = closure_loss if closure_loss is not None else self._batch_loss(inputs, targets)
+            with layers_in_mode(layers, True):
+                if g is None:
+                    loss0, g = self._loss_and_gradient(inputs, targets)
+                    self._write_grad(g)
+                else:  # the closure's loss is the batch loss here (no second forward pass)
+                    loss0 = closure_loss if closure_loss is not None else self._batch_loss(inputs, targets)
         except (RuntimeError, ValueError, IndexError, TypeError):
             self._explain_failure(inputs, targets)
             raise

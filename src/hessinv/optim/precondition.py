@@ -55,16 +55,17 @@ True
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from hessinv import linalg
-from hessinv.chain import Chain, LossFn, _tensor, dense_grad
+from hessinv.chain import Chain, LossFn, _tensor, dense_grad, layers_in_mode, training_layers
 from hessinv.curvature import GaussNewton, Hessian, normalize_curvature
 from hessinv.errors import InvalidArgumentError, NonFiniteError, NotFittedError, ShapeMismatchError
 from hessinv.lowrank import WoodburyFactor
@@ -240,6 +241,18 @@ _SETTINGS = (
     "damping", "curvature_batch_size", "refresh", "beta2", "eps", "warmup", "stale_ratio", "max_rank",
     "basis_max_dim",
 )  # fmt: skip
+
+
+def _deterministic_curvature(method: Callable) -> Callable:
+    """The method run with the model's Dropout / BatchNorm layers in eval mode
+    (:func:`hessinv.chain.training_layers`): the curvature of the deterministic network."""
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with layers_in_mode(training_layers(self.model), False):
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 class EigenBasis:
@@ -652,7 +665,8 @@ class Preconditioner:
             damping, curvature_batch_size, refresh, beta2, eps, warmup, stale_ratio, max_rank, basis_max_dim
         )
         self.__dict__.update(settings)  # (the class's annotated settings)
-        self.chain = Chain(model, loss_fn)
+        with layers_in_mode(training_layers(model), False):  # the deterministic network's curvature
+            self.chain = Chain(model, loss_fn)
         self.params = self.chain.params
         self.curvature = normalize_curvature(curvature)
         if basis not in ("identity", "eigen"):
@@ -839,6 +853,7 @@ class Preconditioner:
         idx = curvature_batch(self.loss_fn, targets, self.curvature_batch_size, self.generator)
         return (inputs, targets) if idx is None else (inputs[idx], targets[idx])
 
+    @_deterministic_curvature
     def curvature_root(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """``(U, S)`` with ``G = U^T diag(S) U`` the Gauss-Newton matrix of a curvature batch drawn from
         ``(inputs, targets)`` (scaled to the batch's: :func:`curvature_weight`), ``U``'s rows in the
@@ -875,6 +890,7 @@ class Preconditioner:
             structured_only=not full,
         )
 
+    @_deterministic_curvature
     def update(self, inputs: Tensor, targets: Tensor, carry: Sequence[Tensor] = ()) -> None:
         """Rebuild the curvature on a curvature batch drawn from ``(inputs, targets)`` when due; refresh
         ``D`` when due or during warm-up. The vectors of ``carry`` (n,), kept in the preconditioner's
@@ -992,6 +1008,7 @@ class Preconditioner:
         )
 
     @torch.no_grad()
+    @_deterministic_curvature
     def precondition_(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """Turn every ``p.grad`` into the preconditioned direction ``(C + D)^{-1} g`` (in place), for any
         ``torch.optim`` optimizer to apply; ``(inputs, targets)`` is the batch the gradient came from
@@ -1019,7 +1036,7 @@ class Preconditioner:
             self.chain.check_inputs(inputs, targets)
             raise NonFiniteError("the gradient contains NaN or infinity; the step was not taken")
         # the model and batch before anything is updated: a refused call leaves the state as it was (the
-        # model every call, microseconds: a layer frozen or Dropout switched to training mode between
+        # model every call, microseconds: a layer frozen or a parameter replaced between
         # refreshes would otherwise go unseen until the next one)
         self.chain.check_model()
         self._checked = self.chain.check_batch_if_new(inputs, targets, self.__dict__.get("_checked"))

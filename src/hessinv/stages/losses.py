@@ -262,9 +262,14 @@ class LossBlocks(ParameterFreeBlocks):
     for (:attr:`Lam`: the Riccati sweep, the exact Gauss-Newton root), so that many classes do not
     cost ``B C^2`` memory where products suffice (the optimizer's budgeted root)."""
 
-    def __init__(self, G: Tensor, Lam: Tensor | None, softmax: tuple[Tensor, Tensor] | None = None):
+    def __init__(
+        self, G: Tensor, Lam: Tensor | None, softmax: tuple[Tensor, Tensor] | None = None, psd: bool = False
+    ):
         self.G, self._Lam = G, Lam
         self.softmax_p, self.softmax_w = softmax if softmax is not None else (None, None)
+        # Lambda positive semidefinite by its closed form (cross-entropy, MSE, BCE): a negative eigenvalue
+        # of the computed one is rounding (diag(p) - p p^T of a confident softmax cancels in float32)
+        self.psd = psd
         self.batch, self.d_in = G.shape
         self.d_out, self.p = 1, 0
 
@@ -537,9 +542,9 @@ class LossStage:
                 ) from e
         if self.kind == "ce":
             ell, G, (p, w) = self._softmax_derivatives(y.detach())
-            return LossBlocks(self.scale * G, None, (p, w.mul_(self.scale))), self.scale * ell.sum()
+            return LossBlocks(self.scale * G, None, (p, w.mul_(self.scale)), psd=True), self.scale * ell.sum()
         ell, G, Lam = self.derivatives(y.detach())
-        return LossBlocks(self.scale * G, Lam.mul_(self.scale)), self.scale * ell.sum()
+        return LossBlocks(self.scale * G, Lam.mul_(self.scale), psd=True), self.scale * ell.sum()
 
     def _softmax_derivatives(self, y: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
         """Cross-entropy: ``(ell, gradient, (p, |q|))`` with ``Lambda_n = |q_n| (diag p_n - p_n p_n^T)``."""
