@@ -227,3 +227,30 @@ def test_a_block_that_reorders_examples_keeps_exact_rows():
     G_ref = autograd_gauss_newton(model, loss_fn, x, y)
     assert float((U.T @ (S[:, None] * U) - G_ref).abs().max()) <= 1e-12 * float(G_ref.abs().max())
     assert len(factors) == 2
+
+
+def test_a_faint_second_read_of_a_weight_is_caught_in_float32():
+    """A float32 weight read again with a 1e-5 share of its gradient: its rows are not the outer products
+    (G off by 1.1e-5 relative where the factor was kept, against 1.8e-7 from float32 itself); the check's
+    bound, the columns' rounding over k random signs, rejects it; an honest block keeps its factors."""
+
+    class Faint(nn.Module):
+        def __init__(self, w: int, share: float):
+            super().__init__()
+            self.fc, self.ln, self.share = nn.Linear(w, w), nn.LayerNorm(w), share
+
+        def forward(self, x):
+            h = torch.tanh(self.fc(self.ln(x)))
+            return x + h + self.share * (h @ self.fc.weight)
+
+    for share, kept in ((1e-5, 2), (0.0, 3)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 16), Faint(16, share), nn.Linear(16, 32))
+        x, y = torch.randn(8, 5), torch.randint(0, 32, (8,))
+        G = hessinv.gauss_newton(model, nn.CrossEntropyLoss(), x, y)
+        factors: list = []
+        U, S = gauss_newton_root(G.blocks, torch.float32, x.device, factors=factors)
+        assert U.shape[0] == 8 * 31 and len(factors) == kept
+        ref = autograd_gauss_newton(model.double(), nn.CrossEntropyLoss(), x.double(), y)
+        err = float((U.double().T @ (S.double()[:, None] * U.double()) - ref).norm() / ref.norm())
+        assert err < 2e-6

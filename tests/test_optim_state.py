@@ -94,6 +94,39 @@ def test_load_restores_the_preconditioners_settings_and_resumes_bit_exact():
     assert _settings(opt3) == kept
 
 
+def test_a_checkpoint_of_the_two_sided_rule_resumes_bit_exact():
+    """Checkpoints saved before weights were rotated on one side (both sides or none: the 5 x 6 weight
+    unrotated at basis_max_dim=5) hold fewer factors than today's basis; they load into the rule they were
+    saved with and resume exactly as the run that saved them went on."""
+    from unittest import mock
+
+    import hessinv.optim.precondition as hp
+
+    def old_rule(a: int, b: int, max_dim: int = 256) -> tuple[bool, bool]:
+        both = max(a, b) <= max_dim and 4 * a * b * (a + b) <= hp.ROTATION_MAX_FLOPS
+        return both, both
+
+    batches, loss_fn = _batches(), nn.CrossEntropyLoss()
+    with mock.patch.object(hp, "rotated_sides", old_rule):
+        net = _small()
+        opt = ho.Newton(net, loss_fn, seed=0, mode="precondition", **SAVED)
+        assert opt.preconditioner.basis.blocks == [(35, 3, 5)]
+        for X, y in batches[:7]:
+            opt.step(X, y)
+        sd, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(net.state_dict())
+        for X, y in batches[7:]:
+            opt.step(X, y)
+    net2 = _small()
+    net2.load_state_dict(weights)
+    opt2 = ho.Newton(net2, loss_fn, seed=0, mode="precondition", **SAVED)
+    assert len(opt2.preconditioner.basis.blocks) == 2  # today's rule: the 5 x 6 on one side
+    opt2.load_state_dict(sd)
+    assert opt2.preconditioner.basis.blocks == [(35, 3, 5)]
+    for X, y in batches[7:]:
+        opt2.step(X, y)
+    assert torch.equal(_flat(net2), _flat(net))
+
+
 # -- a refused load changes nothing ---------------------------------------------------------------------
 def _other_checkpoint(corrupt: str) -> dict:
     other = ho.Newton(_small(), nn.CrossEntropyLoss(), seed=7, basis_max_dim=5)  # the 5x6 on one side

@@ -298,6 +298,7 @@ class EigenBasis:
         beta: float = 0.95,
         max_dim: int = BASIS_MAX_DIM,
         unrotated: Tensor | Sequence[Tensor] = (),
+        _two_sided: bool = False,
     ):
         self.beta, self.max_dim = beta, max_dim
         self.blocks: list[tuple[int, int, int]] = []  # (offset, a, b)
@@ -309,6 +310,8 @@ class EigenBasis:
             a = int(p.shape[0]) if p.dim() >= 2 else 1
             b = k // a
             left, right = rotated_sides(a, b, max_dim)
+            if _two_sided:  # (the rule of checkpoints before 2026-12-04's one-sided rotation: both or none)
+                left = right = max(a, b) <= max_dim and 4 * a * b * (a + b) <= ROTATION_MAX_FLOPS
             if p.dim() >= 2 and a > 1 and b > 1 and (left or right) and id(p) not in skip:
                 self.blocks.append((o, a, b))
                 self.sides.append((left, right))
@@ -795,16 +798,22 @@ class Preconditioner:
         b = sd.pop("basis", None)
         basis = self.basis
         if basis is not None:  # a fresh one (the checkpoint's rotated weights), loaded: self's untouched
-            dim, tables = settings["basis_max_dim"], _lookup_tables(self.model)
-            basis = EigenBasis(self.params, beta=basis.beta, max_dim=dim, unrotated=tables)
-            saved = b.get("L") if isinstance(b, dict) else None
-            if tables and isinstance(saved, (list, tuple)) and len(saved) != len(basis.blocks):
-                # a checkpoint from before lookup tables were left unrotated (2026-12-04) rotates them:
-                # the resumed run keeps doing so (bit-identical), if that is what the counts say
-                legacy = EigenBasis(self.params, beta=basis.beta, max_dim=dim)
-                if len(saved) == len(legacy.blocks):
-                    basis = legacy
-            basis.load(b)
+            dim, tables, beta = settings["basis_max_dim"], _lookup_tables(self.model), basis.beta
+            # the basis the checkpoint's code built: today's, or (checkpoints of 2026-12-04 and before)
+            # lookup tables rotated too, and weights rotated on both sides or not at all; the first that
+            # takes the saved factors is resumed (bit-identical), else the refusal names today's
+            kinds = [(tables, False), ((), False), (tables, True), ((), True)]
+            bases = [
+                EigenBasis(self.params, beta=beta, max_dim=dim, unrotated=u, _two_sided=two)
+                for u, two in kinds
+            ]
+            for i, basis in enumerate(bases):
+                try:
+                    basis.load(b)
+                    break
+                except InvalidArgumentError:
+                    if i == len(bases) - 1:
+                        bases[0].load(b)  # (raises: today's basis, named)
         f = sd.pop("factor", None)
         factor = None
         if f is not None:

@@ -685,11 +685,12 @@ class LazyBlocks(Blocks):
             gs = _grads(self._out, [params[w] for w in ws], seed=seed_c)
             for w, g in zip(ws, gs, strict=True):
                 t, z = outer[w]
-                to, zo = t[own, :, q] * c[:, None].to(t.dtype), z[own]  # (k, d), (k, m)
-                scale = to.abs().T @ zo.abs()
-                # (norm-wise: the backward pass of the combination rounds in its own order; a factor off
-                # by less than 1e3 u of the sums' magnitude is rounding)
-                if float((to.T @ zo - g).norm()) > 1e3 * torch.finfo(g.dtype).eps * float(scale.norm()):
+                to, zo = (t[own, :, q] * c[:, None].to(t.dtype)).double(), z[own].double()  # (k, d), (k, m)
+                # norm-wise, in float64: the rounding of the k columns' signals t and of the combination's
+                # backward pass, a few u of |t||z| summed over k random signs (~ sqrt(k) of it); a weight
+                # also read elsewhere adds its other use's share (a hook, another op)
+                bound = 64 * torch.finfo(g.dtype).eps * float((to.abs().T @ zo.abs()).norm()) / math.sqrt(k)
+                if float((to.T @ zo - g.double()).norm()) > bound:
                     del outer[w]
         failed = [w for w in sorted(cand) if w not in outer]
         if failed:
