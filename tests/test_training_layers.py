@@ -86,3 +86,69 @@ def test_the_trust_region_refuses_training_layers_and_auto_preconditions():
     model.eval()  # the deterministic network: the trust region takes it
     opt.step(X, y)
     assert opt.last_stats.mode == "trust-region"
+
+
+def test_a_refused_step_leaves_the_running_statistics_as_they_were():
+    """A batch with a NaN went through the training-mode forward (which updates BatchNorm's running
+    statistics) before the gradient's check refused it: running_mean became NaN and the next refresh
+    failed for good. A refused step now puts the statistics back; a closure that returns None runs the
+    model once per step (its own forward), not twice."""
+    model, loss_fn = _bn_model(), nn.CrossEntropyLoss()
+    X, y = _data(64)
+    opt = ho.Newton(model, loss_fn, seed=0)
+    opt.step(X[:16], y[:16])
+    held = [b.clone() for b in model[1].buffers()]
+    bad = X[16:32].clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(hessinv.NonFiniteError):
+        opt.step(bad, y[16:32])
+    assert all(torch.equal(a, b) for a, b in zip(model[1].buffers(), held, strict=True))
+    for i in range(16, 64, 16):
+        opt.step(X[i : i + 16], y[i : i + 16])
+    assert all(bool(torch.isfinite(b).all()) for b in model[1].buffers())
+
+    def closure():
+        opt.zero_grad()
+        loss_fn(model(X[:16]), y[:16]).backward()  # returns None
+
+    count = int(model[1].num_batches_tracked)
+    for _ in range(3):
+        opt.step(closure=closure, inputs=X[:16], targets=y[:16])
+    assert int(model[1].num_batches_tracked) == count + 3
+
+
+def test_attention_dropout_in_training_mode_trains():
+    """nn.TransformerEncoderLayer's dropout includes MultiheadAttention's attention dropout (a float
+    attribute, not a Dropout module): it is switched off for the curvature too."""
+    torch.manual_seed(0)
+
+    class Pool(nn.Module):
+        def forward(self, x):
+            return x.mean(1)
+
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True)
+    model = nn.Sequential(nn.Unflatten(1, (3, 2)), nn.Linear(2, 8), layer, Pool(), nn.Linear(8, 3)).double()
+    X, y = _data(32)
+    opt = ho.Newton(model, nn.CrossEntropyLoss(), seed=0)
+    for i in range(0, 32, 8):
+        opt.step(X[i : i + 8], y[i : i + 8])
+    assert layer.self_attn.training and layer.training and opt.mode == "precondition"
+
+
+def test_probability_targets_of_negative_mass_keep_their_negative_rows():
+    """Cross-entropy's Lambda_n = mass_n (diag p - p p^T) is negative semidefinite for probability targets
+    that sum to a negative number (torch accepts them): its rows keep sign -1 (the closed-form PSD flag
+    had dropped them, G off by 0.33 relative)."""
+    from hessinv.lowrank import gauss_newton_root
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X = torch.randn(4, 6, dtype=torch.float64)
+    T = torch.softmax(torch.randn(4, 3, dtype=torch.float64), -1)
+    T[1] *= -1.0
+    loss_fn = nn.CrossEntropyLoss()
+    G = hessinv.gauss_newton(model, loss_fn, X, T)
+    U, S = gauss_newton_root(G.blocks, torch.float64, X.device)
+    ref = autograd_gauss_newton(model, loss_fn, X, T)
+    assert bool((S < 0).any())
+    assert float((U.T @ (S[:, None] * U) - ref).abs().max()) <= 1e-12 * float(ref.abs().max())

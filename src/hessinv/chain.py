@@ -90,8 +90,9 @@ _MODE_DEPENDENT = (*_DROPOUT, nn.RReLU, nn.modules.batchnorm._BatchNorm)
 
 def training_layers(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     """The model's modules in training mode whose training mode makes it random or mix examples and whose
-    eval mode is a deterministic per-example function: Dropout layers (``p > 0``), ``RReLU``, and
-    BatchNorm that tracks running statistics (eval mode normalizes with them). The optimizers take the
+    eval mode is a deterministic per-example function: Dropout layers (``p > 0``), ``MultiheadAttention``
+    with attention dropout, ``RReLU``, and BatchNorm that tracks running statistics (eval mode normalizes
+    with them). The optimizers take the
     gradient with these as they are and the curvature with them in eval mode (:func:`layers_in_mode`):
     the curvature of the deterministic network, as K-FAC and Laplace approximations take it."""
     tops = [model] if isinstance(model, nn.Module) else list(model)
@@ -102,6 +103,7 @@ def training_layers(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
         if m.training
         and (
             (isinstance(m, _DROPOUT) and m.p > 0)
+            or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0)  # (its attention weights')
             or isinstance(m, nn.RReLU)
             or (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None)
         )

@@ -514,6 +514,15 @@ class DistributedPreconditioner(Preconditioner):
         if self._checked_at != self.state["t"]:  # not checked for this step yet (DataParallel checks first)
             self.check_step(inputs, targets)
         self._checked_at = None
+        if self.due():  # the curvature reads BatchNorm's running statistics (eval mode): rank 0's, as
+            # DDP's next forward will broadcast them (each rank updated its own from its shard)
+            src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+            with torch.no_grad():
+                for m in self.model.modules() if isinstance(self.model, nn.Module) else ():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                        for b in (m.running_mean, m.running_var, m.num_batches_tracked):
+                            if b is not None:
+                                dist.broadcast(b, src, group=self.group)
         super().update(inputs, targets, carry)
 
     def _global_draw(self, targets: Tensor) -> tuple[Tensor, int, float]:

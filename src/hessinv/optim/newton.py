@@ -799,9 +799,18 @@ class Newton(torch.optim.Optimizer):
                     and not self._closure_is_batch(inputs, targets, g, auto)
                 ):
                     mode = self._newton["mode"] = self.mode = "precondition"  # (auto, switching now)
-                if mode == "precondition":
+                if mode != "precondition":
+                    return self._step_trust_region(inputs, targets)
+                # a refused step leaves BatchNorm's running statistics as they were (its forward in
+                # training mode moves them before the checks of the gradient can refuse the batch)
+                held = [(b, b.clone()) for m in layers for b in m.buffers(recurse=False)]
+                try:
                     return self._step_precondition(inputs, targets, g, loss, layers)
-                return self._step_trust_region(inputs, targets)
+                except Exception:
+                    with torch.no_grad():
+                        for b, v in held:
+                            b.copy_(v)
+                    raise
 
     def _closure_is_batch(self, inputs: Tensor, targets: Tensor, g: Tensor, auto: bool) -> bool:
         """Whether a closure's gradient ``g`` is that of ``loss_fn(model(inputs), targets)``, which the trust
@@ -977,12 +986,13 @@ class Newton(torch.optim.Optimizer):
         assert pc is not None
         lr = self._learning_rate()
         try:
-            with layers_in_mode(layers, True):
-                if g is None:
+            if g is None:
+                with layers_in_mode(layers, True):
                     loss0, g = self._loss_and_gradient(inputs, targets)
-                    self._write_grad(g)
-                else:  # the closure's loss is the batch loss here (no second forward pass)
-                    loss0 = closure_loss if closure_loss is not None else self._batch_loss(inputs, targets)
+                self._write_grad(g)
+            else:  # the closure's loss is the batch loss here (no second forward pass; a closure that
+                # returns None: the deterministic network's, which moves no running statistics)
+                loss0 = closure_loss if closure_loss is not None else self._batch_loss(inputs, targets)
         except (RuntimeError, ValueError, IndexError, TypeError):
             self._explain_failure(inputs, targets)
             raise

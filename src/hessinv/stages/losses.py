@@ -542,9 +542,11 @@ class LossStage:
                 ) from e
         if self.kind == "ce":
             ell, G, (p, w) = self._softmax_derivatives(y.detach())
-            return LossBlocks(self.scale * G, None, (p, w.mul_(self.scale)), psd=True), self.scale * ell.sum()
+            # (PSD where every row's target mass is >= 0: probability targets may sum to anything)
+            psd = self.scale >= 0 and bool((w >= 0).all())
+            return LossBlocks(self.scale * G, None, (p, w.mul_(self.scale)), psd=psd), self.scale * ell.sum()
         ell, G, Lam = self.derivatives(y.detach())
-        return LossBlocks(self.scale * G, Lam.mul_(self.scale), psd=True), self.scale * ell.sum()
+        return LossBlocks(self.scale * G, Lam.mul_(self.scale), psd=self.scale >= 0), self.scale * ell.sum()
 
     def _softmax_derivatives(self, y: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
         """Cross-entropy: ``(ell, gradient, (p, |q|))`` with ``Lambda_n = |q_n| (diag p_n - p_n p_n^T)``."""
