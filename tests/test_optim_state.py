@@ -64,16 +64,22 @@ def _without_settings(sd: dict) -> dict:
     return old
 
 
+def _checkpointed_run(net: nn.Module, opt: ho.Newton) -> tuple[dict, dict]:
+    """Run ``opt`` over the batches, keeping its checkpoint and the weights after the seventh step."""
+    for X, y in _batches()[:7]:
+        opt.step(X, y)
+    sd, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(net.state_dict())
+    for X, y in _batches()[7:]:
+        opt.step(X, y)
+    return sd, weights
+
+
 # -- the settings that shape the state come back with it ---------------------------------------------
 def test_load_restores_the_preconditioners_settings_and_resumes_bit_exact():
     batches, loss_fn = _batches(), nn.CrossEntropyLoss()
     net = _small()
     opt = ho.Newton(net, loss_fn, seed=0, mode="precondition", **SAVED)
-    for X, y in batches[:7]:
-        opt.step(X, y)
-    sd, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(net.state_dict())
-    for X, y in batches[7:]:
-        opt.step(X, y)
+    sd, weights = _checkpointed_run(net, opt)
 
     net2 = _small()
     net2.load_state_dict(weights)
@@ -111,11 +117,7 @@ def test_a_checkpoint_of_the_two_sided_rule_resumes_bit_exact():
         net = _small()
         opt = ho.Newton(net, loss_fn, seed=0, mode="precondition", **SAVED)
         assert opt.preconditioner.basis.blocks == [(35, 3, 5)]
-        for X, y in batches[:7]:
-            opt.step(X, y)
-        sd, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(net.state_dict())
-        for X, y in batches[7:]:
-            opt.step(X, y)
+        sd, weights = _checkpointed_run(net, opt)
     net2 = _small()
     net2.load_state_dict(weights)
     opt2 = ho.Newton(net2, loss_fn, seed=0, mode="precondition", **SAVED)

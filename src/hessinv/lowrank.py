@@ -136,10 +136,8 @@ def gauss_newton_root(
             )
             got: list | None = [] if factors is not None else None
             cols = U[:, offsets[l] : offsets[l + 1]]
-            rows = None
-            if hasattr(blk, "jxT_rows"):
-                skip = _STRUCTURED_SOLVE if structured_only and got is not None else None
-                rows = blk.jxT_rows(s, rot, got, own, out=cols, skip_from=skip)
+            skip = _STRUCTURED_SOLVE if structured_only and got is not None else None
+            rows = blk.jxT_rows(s, rot, got, own, out=cols, skip_from=skip)
             for o, t, z, verified in got if rows is not None and got else ():
                 _record_factors(factors, offsets[l] + o, (t, z), n_idx, checked=verified)
             if rows is None:  # generic: (p, r) rows, rotated after

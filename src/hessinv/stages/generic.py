@@ -639,17 +639,17 @@ class LazyBlocks(Blocks):
         out: Tensor | None = None,
         skip_from: int | None = None,
     ) -> Tensor | None:
-        """``(Jx^T s)^T`` as (k, p) rows in parameter order, the arguments those of
-        :meth:`hessinv.stages.dense.DenseLayerBlocks.jxT_rows`: one batched backward pass to the stage's
+        """:meth:`Blocks.jxT_rows` (rows in parameter order): one batched backward pass to the stage's
         parameters, its input and the outputs ``u`` of its ``nn.Linear`` layers
         (:meth:`_structured_linears`). Where ``own`` holds, the signal ``t`` at ``u`` is nonzero at example
         ``own[q]`` only and the weight's rows equal ``t_{own[q],q} z_{own[q]}^T`` (checked against
-        autograd's rows: a weight read elsewhere too, a hook on ``u``, a layer that sees its examples in
-        another order fail it), ``factors`` receives ``(offset, t, z, True)`` -- rotated as
-        ``(Q_L^T t, z Q_R)`` where ``rotation`` names the weight -- and the rows are left unwritten if the
-        weight has ``skip_from`` entries or more. Other rows come out as autograd gives them, rotated where
-        ``rotation`` names them. None where the stage has no such layer or has dense blocks already (the
-        caller's ``jxT``)."""
+        autograd's gradient of one seeded random combination of the columns, to the columns' rounding: a
+        weight read elsewhere too, a hook on ``u``, a layer that sees its examples in another order fail
+        it; a failed weight's rows come from a second batched backward pass), ``factors`` receives
+        ``(offset, t, z, True)`` -- rotated as ``(Q_L^T t, z Q_R)`` where ``rotation`` names the weight --
+        and the rows are left unwritten if the weight has ``skip_from`` entries or more. Other rows come
+        out as autograd gives them, rotated where ``rotation`` names them. None where the stage has no
+        such layer or has dense blocks already (the caller's ``jxT``)."""
         linears = self._structured_linears() if self._dense_blocks is None else []
         k = s.shape[-1]
         if not linears or k == 0:

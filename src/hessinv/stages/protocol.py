@@ -121,6 +121,26 @@ class Blocks(abc.ABC):
         ``torch.func.vmap``)."""
         return None
 
+    def jxT_rows(
+        self,
+        s: Tensor,
+        rotation: list,
+        factors: list | None = None,
+        own: Tensor | None = None,
+        out: Tensor | None = None,
+        skip_from: int | None = None,
+    ) -> Tensor | None:
+        """``(Jx^T s)^T`` as (k, p) rows built from the stage's structure: a Linear weight's rows as outer
+        products ``t z^T`` of the signal at its output and its input
+        (:func:`hessinv.lowrank.gauss_newton_root`). ``rotation``: ``[(offset in the stage, a, b, Q_L,
+        Q_R)]``, the weights whose rows come out as ``Q_L^T G Q_R`` (a side None: the identity); ``own``
+        (k,), if given, the example each column of ``s`` is nonzero at; ``factors``, if a list, receives
+        ``(offset, t, z, verified)`` per weight whose rows are ``vec(t_q z_{own[q]}^T)`` (``verified``:
+        known to be one example's each); ``out`` (k, p) receives the rows; a verified weight of
+        ``skip_from`` entries or more is left unwritten. None (the default): no such structure, the
+        caller takes ``jxT``."""
+        return None
+
     def pivot_order(self, batch: int) -> int:
         """The order of the dense matrix the Riccati sweep factors for this stage's pivot with ``batch``
         examples: ``p``, or less where the stage hands it over in low-rank form
