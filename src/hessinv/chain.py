@@ -88,26 +88,37 @@ _DROPOUT = (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropo
 _MODE_DEPENDENT = (*_DROPOUT, nn.RReLU, nn.modules.batchnorm._BatchNorm)
 
 
-def training_layers(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+def training_layers(
+    model: nn.Module | Sequence[nn.Module], among: Sequence[nn.Module] | None = None
+) -> list[nn.Module]:
     """The model's modules in training mode whose training mode makes it random or mix examples and whose
     eval mode is a deterministic per-example function: Dropout layers (``p > 0``), ``MultiheadAttention``
     with attention dropout, ``RReLU``, and BatchNorm that tracks running statistics (eval mode normalizes
-    with them). The optimizers take the
-    gradient with these as they are and the curvature with them in eval mode (:func:`layers_in_mode`):
-    the curvature of the deterministic network, as K-FAC and Laplace approximations take it."""
+    with them). The optimizers take the gradient with these as they are and the curvature with them in
+    eval mode (:func:`layers_in_mode`): the curvature of the deterministic network, as K-FAC and Laplace
+    approximations take it. ``among``: the model's :func:`mode_modules`, if kept (a step's check costs a
+    microsecond then, not a walk over every module)."""
+    mods = mode_modules(model) if among is None else among
+    return [m for m in mods if m.training and _random_in_training(m)]
+
+
+def mode_modules(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+    """The model's modules of the kinds :func:`training_layers` looks at, in any mode (an optimizer keeps
+    the list: its model's submodules are watched, :meth:`Chain.check_model`)."""
     tops = [model] if isinstance(model, nn.Module) else list(model)
-    return [
-        m
-        for top in tops
-        for m in top.modules()
-        if m.training
-        and (
-            (isinstance(m, _DROPOUT) and m.p > 0)
-            or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0)  # (its attention weights')
-            or isinstance(m, nn.RReLU)
-            or (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None)
-        )
-    ]
+    kinds = (*_DROPOUT, nn.MultiheadAttention, nn.RReLU, nn.modules.batchnorm._BatchNorm)
+    return [m for top in tops for m in top.modules() if isinstance(m, kinds)]
+
+
+def _random_in_training(m: nn.Module) -> bool:
+    """Whether ``m`` (of :func:`mode_modules`) is random or mixes examples in training mode."""
+    if isinstance(m, _DROPOUT):
+        return m.p > 0
+    if isinstance(m, nn.MultiheadAttention):
+        return m.dropout > 0  # (its attention weights')
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return m.running_mean is not None
+    return True  # RReLU
 
 
 @contextlib.contextmanager

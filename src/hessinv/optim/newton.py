@@ -73,7 +73,7 @@ import torch
 from torch import Tensor, nn
 
 from hessinv import linalg
-from hessinv.chain import Chain, _tensor, dense_grad, layers_in_mode, training_layers
+from hessinv.chain import Chain, _tensor, dense_grad, layers_in_mode, mode_modules, training_layers
 from hessinv.curvature import CurvatureOperator, curvature_class, factorization_flops, normalize_curvature
 from hessinv.errors import HessinvError, InvalidArgumentError, NonFiniteError, SingularError
 from hessinv.optim.damping import DampingRule, FixedDamping, LevenbergMarquardt, Sweeps
@@ -434,8 +434,9 @@ class Newton(torch.optim.Optimizer):
         self.mode = self._mode_asked = mode
         self.rule = _rule_from("trust-region" if damping is None or mode == "precondition" else damping)
         self.model, self.loss_fn = model, loss_fn
-        with layers_in_mode(training_layers(model), False):  # the deterministic network's curvature
-            self.chain = Chain(model, loss_fn)
+        self._mode_modules = mode_modules(model)
+        with layers_in_mode(training_layers(model, self._mode_modules), False):  # (the deterministic
+            self.chain = Chain(model, loss_fn)  # network's curvature)
         self.curvature = curvature or "hessian"  # the trust region's
         self.curvature_batch_size = curvature_batch_size
         self.track_inertia = bool(track_inertia)
@@ -787,7 +788,7 @@ class Newton(torch.optim.Optimizer):
         inputs, targets = _tensor(inputs, "inputs"), _tensor(targets, "targets")
         # Dropout / BatchNorm in training mode: the gradient as the model computes it, the curvature (and
         # every check of the chain) with them in eval mode
-        layers = training_layers(self.model)
+        layers = training_layers(self.model, self._mode_modules)
         with layers_in_mode(layers, False):
             self._check_batch(inputs, targets)
             auto = self._newton["mode"] == "auto"

@@ -65,7 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from hessinv import linalg
-from hessinv.chain import Chain, LossFn, _tensor, dense_grad, layers_in_mode, training_layers
+from hessinv.chain import Chain, LossFn, _tensor, dense_grad, layers_in_mode, mode_modules, training_layers
 from hessinv.curvature import GaussNewton, Hessian, normalize_curvature
 from hessinv.errors import InvalidArgumentError, NonFiniteError, NotFittedError, ShapeMismatchError
 from hessinv.lowrank import WoodburyFactor
@@ -249,7 +249,7 @@ def _deterministic_curvature(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with layers_in_mode(training_layers(self.model), False):
+        with layers_in_mode(training_layers(self.model, self._mode_modules), False):
             return method(self, *args, **kwargs)
 
     return run
@@ -668,8 +668,9 @@ class Preconditioner:
             damping, curvature_batch_size, refresh, beta2, eps, warmup, stale_ratio, max_rank, basis_max_dim
         )
         self.__dict__.update(settings)  # (the class's annotated settings)
-        with layers_in_mode(training_layers(model), False):  # the deterministic network's curvature
-            self.chain = Chain(model, loss_fn)
+        self._mode_modules = mode_modules(model)
+        with layers_in_mode(training_layers(model, self._mode_modules), False):  # (the deterministic
+            self.chain = Chain(model, loss_fn)  # network's curvature)
         self.params = self.chain.params
         self.curvature = normalize_curvature(curvature)
         if basis not in ("identity", "eigen"):
