@@ -57,6 +57,7 @@ def test_checkpoint_that_rotated_the_table_resumes_bit_identically(monkeypatch):
             opt.step(X, y)
         saved_model = {k: v.clone() for k, v in net.state_dict().items()}
         saved_opt = opt.state_dict()
+        saved_opt["newton"]["preconditioner"]["basis"].pop("layout")  # (not recorded then)
         for X, y in batches[6:]:
             opt.step(X, y)
     net2 = _model(seed=5)

@@ -152,3 +152,77 @@ def test_probability_targets_of_negative_mass_keep_their_negative_rows():
     ref = autograd_gauss_newton(model, loss_fn, X, T)
     assert bool((S < 0).any())
     assert float((U.T @ (S[:, None] * U) - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
+
+
+def test_a_refused_closure_step_leaves_the_statistics_and_a_raising_callback_keeps_the_step():
+    """A closure's forward moves the running statistics too: a NaN batch refused by step(closure) had
+    left running_mean NaN (every refresh after it failed). A callback that raises after the step was
+    taken leaves the step's statistics with its parameters (they had been rolled back alone)."""
+    model, loss_fn = _bn_model(), nn.CrossEntropyLoss()
+    X, y = _data(48)
+    opt = ho.Newton(model, loss_fn, seed=0)
+
+    def closure_on(xb, yb):
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            return loss
+
+        return closure
+
+    opt.step(closure_on(X[:16], y[:16]))
+    held = [b.clone() for b in model[1].buffers()]
+    bad = X[16:32].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(hessinv.NonFiniteError):
+        opt.step(closure_on(bad, y[16:32]))
+    assert all(torch.equal(a, b) for a, b in zip(model[1].buffers(), held, strict=True))
+
+    def callback(stats):
+        raise RuntimeError("a callback that fails")
+
+    opt.callback = callback
+    with pytest.raises(RuntimeError, match="a callback that fails"):
+        opt.step(X[32:], y[32:])
+    assert opt.last_stats is not None and int(model[1].num_batches_tracked) == int(held[2]) + 1
+
+
+def test_the_named_error_for_a_bad_batch_is_the_deterministic_networks():
+    """With BatchNorm in training mode, explaining a failed batch (a class index out of range) ran the
+    chain's checks in training mode and named BatchNorm ("call model.eval()") instead of the batch."""
+    model, loss_fn = _bn_model(), nn.CrossEntropyLoss()
+    X, y = _data(16)
+    opt = ho.Newton(model, loss_fn, seed=0)
+    bad = y.clone()
+    bad[3] = 7
+    with pytest.raises(hessinv.HessinvError, match="out of bounds|class") as e:
+        opt._explain_failure(X, bad)  # (what DataParallel's closure calls after its forward failed)
+    assert "eval" not in str(e.value)
+    assert all(m.training for m in model.modules())
+
+
+def test_a_basis_state_of_another_model_is_refused_by_its_layout():
+    """Two models with as many parameters and factor shapes that fit an older rotation rule: the
+    Preconditioner loaded one's state into the other through that rule; a state records its layout now."""
+
+    class Gain(nn.Module):
+        def __init__(self, k: int):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(k, dtype=torch.float64))
+
+        def forward(self, x):
+            return x * self.w[: x.shape[1]]
+
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), Gain(32)).double()
+    b = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 8)).double()
+    assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
+    X, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    pa = ho.Preconditioner(a, nn.CrossEntropyLoss(), basis_max_dim=5, seed=0)
+    a.zero_grad()
+    nn.CrossEntropyLoss()(a(X), y).backward()
+    pa.precondition_(X, y)
+    pb = ho.Preconditioner(b, nn.CrossEntropyLoss(), basis_max_dim=5, seed=0)
+    with pytest.raises(hessinv.InvalidArgumentError, match="basis"):
+        pb.load_state_dict(pa.state_dict())

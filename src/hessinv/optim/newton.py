@@ -777,6 +777,29 @@ class Newton(torch.optim.Optimizer):
         returns the batch loss before the step."""
         if callable(inputs) and not isinstance(inputs, Tensor):
             closure, inputs = inputs, None
+        # Dropout / BatchNorm in training mode: the gradient as the model computes it, the curvature (and
+        # every check of the chain) with them in eval mode. A refused step leaves BatchNorm's running
+        # statistics as they were (the closure's forward, or the step's own in training mode, moves them
+        # before the gradient's checks can refuse the batch); not a step taken whose callback raised
+        layers = training_layers(self.model, self._mode_modules)
+        held = [(b, b.clone()) for m in layers for b in m.buffers(recurse=False)]
+        taken = self._newton["step"]
+        try:
+            return self._step(inputs, targets, closure, layers)
+        except Exception:
+            if self._newton["step"] == taken:
+                with torch.no_grad():
+                    for b, v in held:
+                        b.copy_(v)
+            raise
+
+    def _step(
+        self,
+        inputs: Tensor | None,
+        targets: Tensor | None,
+        closure: Callable[[], Any] | None,
+        layers: Sequence[nn.Module],
+    ) -> Tensor:
         g = loss = None
         if closure is not None:
             loss, (inputs, targets), g = self._run_closure(closure, inputs, targets)
@@ -786,9 +809,6 @@ class Newton(torch.optim.Optimizer):
                 "calls the model and loss_fn (or step(closure=..., inputs=..., targets=...))"
             )
         inputs, targets = _tensor(inputs, "inputs"), _tensor(targets, "targets")
-        # Dropout / BatchNorm in training mode: the gradient as the model computes it, the curvature (and
-        # every check of the chain) with them in eval mode
-        layers = training_layers(self.model, self._mode_modules)
         with layers_in_mode(layers, False):
             self._check_batch(inputs, targets)
             auto = self._newton["mode"] == "auto"
@@ -800,18 +820,9 @@ class Newton(torch.optim.Optimizer):
                     and not self._closure_is_batch(inputs, targets, g, auto)
                 ):
                     mode = self._newton["mode"] = self.mode = "precondition"  # (auto, switching now)
-                if mode != "precondition":
-                    return self._step_trust_region(inputs, targets)
-                # a refused step leaves BatchNorm's running statistics as they were (its forward in
-                # training mode moves them before the checks of the gradient can refuse the batch)
-                held = [(b, b.clone()) for m in layers for b in m.buffers(recurse=False)]
-                try:
+                if mode == "precondition":
                     return self._step_precondition(inputs, targets, g, loss, layers)
-                except Exception:
-                    with torch.no_grad():
-                        for b, v in held:
-                            b.copy_(v)
-                    raise
+                return self._step_trust_region(inputs, targets)
 
     def _closure_is_batch(self, inputs: Tensor, targets: Tensor, g: Tensor, auto: bool) -> bool:
         """Whether a closure's gradient ``g`` is that of ``loss_fn(model(inputs), targets)``, which the trust
@@ -1046,14 +1057,16 @@ class Newton(torch.optim.Optimizer):
     def _explain_failure(self, inputs: Tensor, targets: Tensor) -> None:
         """After the plain forward/backward failed on a batch: raise the named error that the chain's
         own checks give for it (inputs, then the loss stage's targets: shape, dtype, class range), if
-        any; else return, and the caller re-raises the original error."""
-        self.chain.check_inputs(inputs, targets)
-        try:
-            self.chain.linearize(inputs, targets, second_order=False)
-        except HessinvError:
-            raise
-        except Exception:  # noqa: BLE001 - not the inputs' fault: the original error explains it
-            return
+        any; else return, and the caller re-raises the original error. (The chain is the deterministic
+        network's: Dropout / BatchNorm in eval mode, as a caller in training mode may have left them.)"""
+        with layers_in_mode(training_layers(self.model, self._mode_modules), False):
+            self.chain.check_inputs(inputs, targets)
+            try:
+                self.chain.linearize(inputs, targets, second_order=False)
+            except HessinvError:
+                raise
+            except Exception:  # noqa: BLE001 - not the inputs' fault: the original error explains it
+                return
 
     def _batch_loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """The batch loss at the current parameters, through the model's own forward (the function

@@ -466,13 +466,27 @@ class EigenBasis:
         """The inverse of :meth:`rotate` (per weight ``Q_L W Q_R^T``)."""
         return self._map(X, inverse=True)
 
-    def state(self) -> dict[str, list[Tensor]]:
-        """Copies of ``L``, ``R``, ``Q_L``, ``Q_R`` of each weight (for a checkpoint)."""
-        return {k: [t.clone() for t in getattr(self, k)] for k in self._FIELDS}
+    def state(self) -> dict[str, Any]:
+        """Copies of ``L``, ``R``, ``Q_L``, ``Q_R`` of each weight, and the weights and sides rotated
+        (``layout``: what :meth:`load` compares), for a checkpoint."""
+        sd: dict[str, Any] = {k: [t.clone() for t in getattr(self, k)] for k in self._FIELDS}
+        sd["layout"] = self._layout()
+        return sd
+
+    def _layout(self) -> list[tuple[int, int, int, bool, bool]]:
+        return [(o, a, b, *lr) for (o, a, b), lr in zip(self.blocks, self.sides, strict=True)]
 
     def load(self, sd: dict[str, list[Tensor]]) -> None:
         """Restore what :meth:`state` returned; one of other weights (another model, another ``max_dim``)
-        is an :class:`InvalidArgumentError` that changes nothing."""
+        is an :class:`InvalidArgumentError` that changes nothing. A state that records its ``layout``
+        (since 2026-12-04) must have this basis's."""
+        layout = sd.get("layout") if isinstance(sd, dict) else None
+        if layout is not None and [tuple(x) for x in layout] != self._layout():
+            raise InvalidArgumentError(
+                f"basis state is for rotated weights (offset, rows, columns, Q_L, Q_R) {list(layout)}; this "
+                f"basis rotates {self._layout()} (basis_max_dim={self.max_dim}): build the optimizer for "
+                "the checkpoint's model and basis_max_dim"
+            )
         loaded = {}
         for k in self._FIELDS:
             stacks = [t.clone() for t in getattr(self, "_" + k)]
@@ -803,18 +817,19 @@ class Preconditioner:
             # the basis the checkpoint's code built: today's, or (checkpoints of 2026-12-04 and before)
             # lookup tables rotated too, and weights rotated on both sides or not at all; the first that
             # takes the saved factors is resumed (bit-identical), else the refusal names today's
-            kinds = [(tables, False), ((), False), (tables, True), ((), True)]
-            bases = [
-                EigenBasis(self.params, beta=beta, max_dim=dim, unrotated=u, _two_sided=two)
-                for u, two in kinds
-            ]
-            for i, basis in enumerate(bases):
+            kinds = [(tables, False)]
+            if not (isinstance(b, dict) and "layout" in b):  # (a checkpoint that records its layout: today's)
+                kinds += [((), False), (tables, True), ((), True)]
+            first = None
+            for i, (u, two) in enumerate(kinds):
+                basis = EigenBasis(self.params, beta=beta, max_dim=dim, unrotated=u, _two_sided=two)
+                first = first or basis
                 try:
                     basis.load(b)
                     break
                 except InvalidArgumentError:
-                    if i == len(bases) - 1:
-                        bases[0].load(b)  # (raises: today's basis, named)
+                    if i == len(kinds) - 1:
+                        first.load(b)  # (raises: today's basis, named)
         f = sd.pop("factor", None)
         factor = None
         if f is not None:
