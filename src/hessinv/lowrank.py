@@ -43,7 +43,7 @@ from torch import Tensor
 from hessinv.errors import InvalidArgumentError, ShapeMismatchError, SingularError
 from hessinv.riccati import Inertia
 from hessinv.stages.losses import check_output_curvature_size
-from hessinv.stages.protocol import basis_product, own_rows_only
+from hessinv.stages.protocol import in_basis, own_rows_only
 
 __all__ = ["gauss_newton_root", "structured_gram", "WoodburyFactor"]
 
@@ -144,7 +144,7 @@ def gauss_newton_root(
                 cols.copy_(blk.jxT(s).T)
                 for o, a, b, QL, QR in rot:
                     W = cols[:, o : o + a * b].unflatten(1, (a, b))
-                    W.copy_(basis_product(None if QL is None else QL.mT, W, QR))
+                    W.copy_(in_basis(QL, W, QR))
         if l > 0:
             s = blk.jzT(s)
             if not blk.per_example:  # (a generic stage's: its rows tell whether it kept examples apart)

@@ -42,8 +42,8 @@ from hessinv.stages.protocol import (
     ParameterFreeBlocks,
     RiccatiBlocks,
     Stage,
-    basis_product,
     defined_in_torch,
+    in_basis,
 )
 
 #: Modules treated as elementwise activations ``s`` (fused into a preceding Linear); exact types only
@@ -346,7 +346,7 @@ class DenseLayerBlocks(Blocks):
             if len(rotation) != 1 or rotation[0][1:3] != (d, m):
                 return None
             QL, QR = rotation[0][3], rotation[0][4]
-            tw, zw = basis_product(None if QL is None else QL.mT, t, None), basis_product(None, z, QR)
+            tw, zw = in_basis(QL, t, None), in_basis(None, z, QR)
         k = t.shape[-1]
         if factors is not None:
             factors.append((0, tw, zw, own is not None))

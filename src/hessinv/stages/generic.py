@@ -56,7 +56,7 @@ from hessinv.stages.protocol import (
     RiccatiBlocks,
     Stage,
     add_blockdiag,
-    basis_product,
+    in_basis,
     own_rows_only,
     sandwich_blockdiag,
 )
@@ -705,7 +705,7 @@ class LazyBlocks(Blocks):
             tw, zw = t.to(s.dtype), z.to(s.dtype)
             if offsets[w] in rotated:
                 _, _, QL, QR = rotated.pop(offsets[w])
-                tw, zw = basis_product(None if QL is None else QL.mT, tw, None), basis_product(None, zw, QR)
+                tw, zw = in_basis(QL, tw, None), in_basis(None, zw, QR)
             if factors is not None:
                 factors.append((offsets[w], tw, zw, True))
             if skip_from is None or d * m < skip_from:
@@ -713,7 +713,7 @@ class LazyBlocks(Blocks):
                 W.copy_(tw[own, :, q][:, :, None] * zw[own][:, None, :])
         for o, (a, b, QL, QR) in rotated.items():  # the other weights the rotation names
             Wo = out[:, o : o + a * b].unflatten(1, (a, b))
-            Wo.copy_(basis_product(None if QL is None else QL.mT, Wo, QR))
+            Wo.copy_(in_basis(QL, Wo, QR))
         self._memo = (s, "z", got[len(rest)].reshape(k, self.batch, self.d_in).permute(1, 2, 0))
         return out
 

@@ -50,6 +50,11 @@ def basis_product(left: Tensor | None, X: Tensor, right: Tensor | None) -> Tenso
     return X if right is None else torch.matmul(X, right)
 
 
+def in_basis(QL: Tensor | None, X: Tensor, QR: Tensor | None) -> Tensor:
+    """``Q_L^T X Q_R`` (a weight's rows ``X`` in an eigenbasis), a side given as None the identity."""
+    return basis_product(None if QL is None else QL.mT, X, QR)
+
+
 def own_rows_only(s: Tensor, own: Tensor) -> bool:
     """Whether column ``q`` of ``s`` (B, d, k) is nonzero at example ``own[q]`` only (exact zeros
     elsewhere: what a backward pass seeded on one example gives through stages that keep examples
