@@ -128,6 +128,14 @@ def test_a_checkpoint_of_the_two_sided_rule_resumes_bit_exact():
     for X, y in batches[7:]:
         opt2.step(X, y)
     assert torch.equal(_flat(net2), _flat(net))
+    # saved again (now with its layout, the older rule's) it loads again, into that rule
+    opt3 = ho.Newton(net2, loss_fn, seed=0, mode="precondition", **SAVED)
+    opt3.load_state_dict(copy.deepcopy(opt2.state_dict()))
+    assert opt3.preconditioner.basis.blocks == [(35, 3, 5)]
+    bad = copy.deepcopy(opt2.state_dict())
+    bad["newton"]["preconditioner"]["basis"]["layout"] = [1, 2]
+    with pytest.raises(InvalidArgumentError, match="layout"):
+        opt3.load_state_dict(bad)
 
 
 # -- a refused load changes nothing ---------------------------------------------------------------------

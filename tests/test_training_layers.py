@@ -202,9 +202,10 @@ def test_the_named_error_for_a_bad_batch_is_the_deterministic_networks():
     assert all(m.training for m in model.modules())
 
 
-def test_a_basis_state_of_another_model_is_refused_by_its_layout():
+def test_a_preconditioner_state_of_another_model_is_refused():
     """Two models with as many parameters and factor shapes that fit an older rotation rule: the
-    Preconditioner loaded one's state into the other through that rule; a state records its layout now."""
+    Preconditioner loaded one's state into the other through that rule. Its state records the parameter
+    shapes now, as Newton's does."""
 
     class Gain(nn.Module):
         def __init__(self, k: int):
@@ -224,5 +225,5 @@ def test_a_basis_state_of_another_model_is_refused_by_its_layout():
     nn.CrossEntropyLoss()(a(X), y).backward()
     pa.precondition_(X, y)
     pb = ho.Preconditioner(b, nn.CrossEntropyLoss(), basis_max_dim=5, seed=0)
-    with pytest.raises(hessinv.InvalidArgumentError, match="basis"):
+    with pytest.raises(hessinv.InvalidArgumentError, match="another model"):
         pb.load_state_dict(pa.state_dict())

@@ -786,7 +786,7 @@ class Newton(torch.optim.Optimizer):
         taken = self._newton["step"]
         try:
             return self._step(inputs, targets, closure, layers)
-        except Exception:
+        except BaseException:  # (an interrupt too)
             if self._newton["step"] == taken:
                 with torch.no_grad():
                     for b, v in held:

@@ -476,12 +476,23 @@ class EigenBasis:
     def _layout(self) -> list[tuple[int, int, int, bool, bool]]:
         return [(o, a, b, *lr) for (o, a, b), lr in zip(self.blocks, self.sides, strict=True)]
 
+    @staticmethod
+    def layout_of(saved: Any) -> list[tuple]:
+        """A checkpoint's ``layout`` as :meth:`state` writes it, or an :class:`InvalidArgumentError`."""
+        if not isinstance(saved, (list, tuple)) or not all(
+            isinstance(x, (list, tuple)) and len(x) == 5 for x in saved
+        ):
+            raise InvalidArgumentError(
+                f"basis state's layout must be a list of (offset, rows, columns, Q_L, Q_R), got {saved!r}"
+            )
+        return [tuple(x) for x in saved]
+
     def load(self, sd: dict[str, list[Tensor]]) -> None:
         """Restore what :meth:`state` returned; one of other weights (another model, another ``max_dim``)
         is an :class:`InvalidArgumentError` that changes nothing. A state that records its ``layout``
         (since 2026-12-04) must have this basis's."""
         layout = sd.get("layout") if isinstance(sd, dict) else None
-        if layout is not None and [tuple(x) for x in layout] != self._layout():
+        if layout is not None and self.layout_of(layout) != self._layout():
             raise InvalidArgumentError(
                 f"basis state is for rotated weights (offset, rows, columns, Q_L, Q_R) {list(layout)}; this "
                 f"basis rotates {self._layout()} (basis_max_dim={self.max_dim}): build the optimizer for "
@@ -723,6 +734,7 @@ class Preconditioner:
         rebuilt at the next call, on that call's batch (the resumed run then differs)."""
         sd = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.state.items()}
         sd["rng"] = self.generator.get_state()
+        sd["param_shapes"] = [tuple(p.shape) for p in self.params]
         # numbers and flags only (a checkpoint compared entry by entry with torch.testing.assert_close)
         sd["settings"] = {key: getattr(self, key) for key in _SETTINGS}
         sd["settings"]["gauss_newton"] = self.curvature == "gauss_newton"
@@ -777,6 +789,12 @@ class Preconditioner:
             raise InvalidArgumentError(
                 f"state dict is for a model of {got} parameters; this preconditioner's model has ({n},)"
             )
+        shapes = sd.pop("param_shapes", None)  # (absent: a checkpoint from before it was saved)
+        if shapes is not None and [tuple(s) for s in shapes] != [tuple(p.shape) for p in self.params]:
+            raise InvalidArgumentError(
+                f"state dict is for another model: parameters of shapes {[tuple(s) for s in shapes]}; this "
+                f"preconditioner's are {[tuple(p.shape) for p in self.params]}"
+            )
         saved = sd.pop("settings", None)
         settings = {key: getattr(self, key) for key in _SETTINGS}  # (a checkpoint from before they were)
         gauss_newton = True if "factor" in sd or "basis" in sd else None  # (only a Gauss-Newton one has)
@@ -817,14 +835,17 @@ class Preconditioner:
             # the basis the checkpoint's code built: today's, or (checkpoints of 2026-12-04 and before)
             # lookup tables rotated too, and weights rotated on both sides or not at all; the first that
             # takes the saved factors is resumed (bit-identical), else the refusal names today's
-            kinds = [(tables, False)]
-            if not (isinstance(b, dict) and "layout" in b):  # (a checkpoint that records its layout: today's)
-                kinds += [((), False), (tables, True), ((), True)]
+            # (a checkpoint that records its layout loads into the rule that gives that layout: one
+            # resumed from an older checkpoint keeps the older rule)
+            layout = b.get("layout") if isinstance(b, dict) else None
+            kinds = [(tables, False), ((), False), (tables, True), ((), True)]
             first = None
             for i, (u, two) in enumerate(kinds):
                 basis = EigenBasis(self.params, beta=beta, max_dim=dim, unrotated=u, _two_sided=two)
                 first = first or basis
                 try:
+                    if layout is not None and EigenBasis.layout_of(layout) != basis._layout():
+                        raise InvalidArgumentError("another layout")
                     basis.load(b)
                     break
                 except InvalidArgumentError:
