@@ -2065,3 +2065,24 @@ def test_auto_mode_recognizes_a_shuffled_full_batch():
     y2[0] = (y2[0] + 1) % 3  # one label differs: another batch
     opt2.step(X, y2)
     assert opt2.mode == "precondition"
+
+
+def test_a_trust_region_step_that_fails_at_its_trial_point_leaves_the_parameters():
+    """An error while the trial loss is evaluated (out of memory, an interrupt) left the parameters at
+    the trial point with the step not counted; they are put back before the error goes on."""
+    from unittest import mock
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(16, 4, dtype=F64), torch.randint(0, 3, (16,))
+    opt = ho.Newton(m, nn.CrossEntropyLoss(), mode="trust-region")
+    opt.step(X, y)
+    before = flat(m)
+
+    def fails(self, *args):
+        raise RuntimeError("out of memory (simulated)")
+
+    with mock.patch.object(ho.Newton, "_batch_loss", fails), pytest.raises(RuntimeError, match="simulated"):
+        opt.step(X, y)
+    assert torch.equal(flat(m), before)
+    opt.step(X, y)  # and the next step runs

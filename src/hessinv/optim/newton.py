@@ -1165,6 +1165,9 @@ class Newton(torch.optim.Optimizer):
                 f_t *= omega
             except NonFiniteError:
                 f_t = math.nan
+            except BaseException:  # (out of memory, an interrupt): the step not taken, x as it was
+                self._restore(backup)
+                raise
             if not math.isfinite(f_t) or pred_t + delta <= 0:
                 return f_t, pred_t, -math.inf
             return f_t, pred_t, (f0 - f_t + delta) / (pred_t + delta)
