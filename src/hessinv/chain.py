@@ -135,6 +135,16 @@ def layers_in_mode(layers: Sequence[nn.Module], training: bool) -> Iterator[None
             m.training = b
 
 
+def deterministic_chain(
+    model: nn.Module | Sequence[nn.Module], loss_fn: LossFn
+) -> tuple[Chain, list[nn.Module]]:
+    """The optimizers' chain: the model split with its :func:`training_layers` in eval mode (the
+    deterministic network, whose curvature they take), and its :func:`mode_modules`, which they keep."""
+    mods = mode_modules(model)
+    with layers_in_mode(training_layers(model, mods), False):
+        return Chain(model, loss_fn), mods
+
+
 def _changed(now: list, held: list) -> bool:
     """Whether the items of ``now`` are not ``held``, one by one by identity."""
     return len(now) != len(held) or any(map(operator.is_not, now, held))

@@ -518,11 +518,10 @@ class DistributedPreconditioner(Preconditioner):
             # DDP's next forward will broadcast them (each rank updated its own from its shard)
             src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
             with torch.no_grad():
-                for m in self.model.modules() if isinstance(self.model, nn.Module) else ():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                        for b in (m.running_mean, m.running_var, m.num_batches_tracked):
-                            if b is not None:
-                                dist.broadcast(b, src, group=self.group)
+                for m in self._mode_modules:
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        for b in m.buffers(recurse=False):
+                            dist.broadcast(b, src, group=self.group)
         super().update(inputs, targets, carry)
 
     def _global_draw(self, targets: Tensor) -> tuple[Tensor, int, float]:

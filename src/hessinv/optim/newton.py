@@ -73,7 +73,7 @@ import torch
 from torch import Tensor, nn
 
 from hessinv import linalg
-from hessinv.chain import Chain, _tensor, dense_grad, layers_in_mode, mode_modules, training_layers
+from hessinv.chain import _tensor, dense_grad, deterministic_chain, layers_in_mode, training_layers
 from hessinv.curvature import CurvatureOperator, curvature_class, factorization_flops, normalize_curvature
 from hessinv.errors import HessinvError, InvalidArgumentError, NonFiniteError, SingularError
 from hessinv.optim.damping import DampingRule, FixedDamping, LevenbergMarquardt, Sweeps
@@ -82,6 +82,7 @@ from hessinv.optim.precondition import (
     MAX_RANK,
     Preconditioner,
     _cast_state,
+    _deterministic_curvature,
     _plain,
     _positive,
     curvature_batch,
@@ -434,9 +435,7 @@ class Newton(torch.optim.Optimizer):
         self.mode = self._mode_asked = mode
         self.rule = _rule_from("trust-region" if damping is None or mode == "precondition" else damping)
         self.model, self.loss_fn = model, loss_fn
-        self._mode_modules = mode_modules(model)
-        with layers_in_mode(training_layers(model, self._mode_modules), False):  # (the deterministic
-            self.chain = Chain(model, loss_fn)  # network's curvature)
+        self.chain, self._mode_modules = deterministic_chain(model, loss_fn)
         self.curvature = curvature or "hessian"  # the trust region's
         self.curvature_batch_size = curvature_batch_size
         self.track_inertia = bool(track_inertia)
@@ -1054,19 +1053,19 @@ class Newton(torch.optim.Optimizer):
             self.callback(stats)
         return loss0.detach()
 
+    @_deterministic_curvature
     def _explain_failure(self, inputs: Tensor, targets: Tensor) -> None:
         """After the plain forward/backward failed on a batch: raise the named error that the chain's
         own checks give for it (inputs, then the loss stage's targets: shape, dtype, class range), if
         any; else return, and the caller re-raises the original error. (The chain is the deterministic
         network's: Dropout / BatchNorm in eval mode, as a caller in training mode may have left them.)"""
-        with layers_in_mode(training_layers(self.model, self._mode_modules), False):
-            self.chain.check_inputs(inputs, targets)
-            try:
-                self.chain.linearize(inputs, targets, second_order=False)
-            except HessinvError:
-                raise
-            except Exception:  # noqa: BLE001 - not the inputs' fault: the original error explains it
-                return
+        self.chain.check_inputs(inputs, targets)
+        try:
+            self.chain.linearize(inputs, targets, second_order=False)
+        except HessinvError:
+            raise
+        except Exception:  # noqa: BLE001 - not the inputs' fault: the original error explains it
+            return
 
     def _batch_loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """The batch loss at the current parameters, through the model's own forward (the function

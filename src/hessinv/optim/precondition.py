@@ -65,7 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from hessinv import linalg
-from hessinv.chain import Chain, LossFn, _tensor, dense_grad, layers_in_mode, mode_modules, training_layers
+from hessinv.chain import LossFn, _tensor, dense_grad, deterministic_chain, layers_in_mode, training_layers
 from hessinv.curvature import GaussNewton, Hessian, normalize_curvature
 from hessinv.errors import InvalidArgumentError, NonFiniteError, NotFittedError, ShapeMismatchError
 from hessinv.lowrank import WoodburyFactor
@@ -319,20 +319,19 @@ class EigenBasis:
         like = params[0] if len(params) else torch.zeros(())
         kw = {"dtype": like.dtype, "device": like.device}
         # groups of equally shaped weights rotated alike: (a, b, left, right, their flat indices (G a b,))
-        shapes = list(
-            dict.fromkeys((a, b, *lr) for (_, a, b), lr in zip(self.blocks, self.sides, strict=True))
-        )
+        keys = [(a, b, *lr) for (_, a, b), lr in zip(self.blocks, self.sides, strict=True)]
+        shapes = list(dict.fromkeys(keys))
         self._where: list[tuple[int, int]] = []  # block i -> (group, member)
         self._groups: list[tuple[int, int, bool, bool, Tensor]] = []
         self._single: list[int | None] = []  # a group's offset when it is one weight (sliced, not indexed)
         for key in shapes:
-            offs = [o for (o, a, b), lr in zip(self.blocks, self.sides, strict=True) if (a, b, *lr) == key]
+            offs = [o for (o, _, _), k in zip(self.blocks, keys, strict=True) if k == key]
             a, b = key[:2]
             idx = torch.cat([torch.arange(o, o + a * b) for o in offs]).to(like.device)
             self._groups.append((*key, idx))
             self._single.append(offs[0] if len(offs) == 1 else None)
-        for (_, a, b), lr in zip(self.blocks, self.sides, strict=True):
-            gi = shapes.index((a, b, *lr))
+        for key in keys:
+            gi = shapes.index(key)
             self._where.append((gi, sum(1 for w in self._where if w[0] == gi)))
         # an unrotated side's L and Q are empty (G, 0, 0): Q_L = I there, never formed
         self._L, self._R, self._QL, self._QR = [], [], [], []
@@ -410,11 +409,13 @@ class EigenBasis:
                 self._scatter(
                     v[None],
                     gi,
-                    basis_product(PL if PL is None else PL.square(), V, PR if PR is None else PR.square().mT),
+                    basis_product(
+                        None if PL is None else PL.square(), V, None if PR is None else PR.square().mT
+                    ),
                 )
             for c in carry:
                 M = self._gather(c[None], gi)[0]
-                self._scatter(c[None], gi, basis_product(PL, M, PR if PR is None else PR.mT))
+                self._scatter(c[None], gi, basis_product(PL, M, None if PR is None else PR.mT))
             self._QL[gi], self._QR[gi] = QL, QR
 
     @staticmethod
@@ -693,9 +694,7 @@ class Preconditioner:
             damping, curvature_batch_size, refresh, beta2, eps, warmup, stale_ratio, max_rank, basis_max_dim
         )
         self.__dict__.update(settings)  # (the class's annotated settings)
-        self._mode_modules = mode_modules(model)
-        with layers_in_mode(training_layers(model, self._mode_modules), False):  # (the deterministic
-            self.chain = Chain(model, loss_fn)  # network's curvature)
+        self.chain, self._mode_modules = deterministic_chain(model, loss_fn)
         self.params = self.chain.params
         self.curvature = normalize_curvature(curvature)
         if basis not in ("identity", "eigen"):
@@ -838,19 +837,17 @@ class Preconditioner:
             # (a checkpoint that records its layout loads into the rule that gives that layout: one
             # resumed from an older checkpoint keeps the older rule)
             layout = b.get("layout") if isinstance(b, dict) else None
+            want = None if layout is None else EigenBasis.layout_of(layout)
             kinds = [(tables, False), ((), False), (tables, True), ((), True)]
-            first = None
-            for i, (u, two) in enumerate(kinds):
+            for u, two in kinds:
                 basis = EigenBasis(self.params, beta=beta, max_dim=dim, unrotated=u, _two_sided=two)
-                first = first or basis
-                try:
-                    if layout is not None and EigenBasis.layout_of(layout) != basis._layout():
-                        raise InvalidArgumentError("another layout")
-                    basis.load(b)
-                    break
-                except InvalidArgumentError:
-                    if i == len(kinds) - 1:
-                        first.load(b)  # (raises: today's basis, named)
+                if want is None or want == basis._layout():
+                    with contextlib.suppress(InvalidArgumentError):
+                        basis.load(b)
+                        break
+            else:  # none takes it: today's basis names why
+                basis = EigenBasis(self.params, beta=beta, max_dim=dim, unrotated=tables)
+                basis.load(b)
         f = sd.pop("factor", None)
         factor = None
         if f is not None:
