@@ -4,6 +4,7 @@ curvature's state is refused at load) and data-parallel ranks whose step setting
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
 
 import pytest
@@ -415,3 +416,108 @@ def test_preconditioner_checkpoint_restores_its_weight_decay():
     q.load_state_dict(p.state_dict())
     assert q.weight_decay == 0.5 and q.damping == 7.0
     torch.testing.assert_close(q.diagonal(), p.diagonal())
+
+
+# -- a step that fails changes nothing ------------------------------------------------------------
+class _Injected(Exception):
+    pass
+
+
+def _fail_once(monkeypatch, owner, name: str, on_call: int) -> list[int]:
+    """Make ``owner.name`` raise on its ``on_call``-th call (1-based), once; returns the call counter."""
+    calls, real = [0], getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == on_call:
+            raise _Injected("injected failure")
+        return real(*args, **kwargs)
+
+    static = isinstance(inspect.getattr_static(owner, name), staticmethod)
+    monkeypatch.setattr(owner, name, staticmethod(wrapped) if static else wrapped)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "owner, name, on_call",
+    [
+        # the second refresh's curvature root, its batch drawn (out of memory on a large one, say)
+        (ho.Preconditioner, "_root", 2),
+        # the basis refresh half done: the second weight's eigenvectors fail after the first's are new
+        (ho.precondition.EigenBasis, "_next", 4),
+        # a step between refreshes, in the solve
+        (ho.Preconditioner, "solve", 5),
+    ],
+)
+def test_a_failed_newton_step_changes_nothing_and_its_retry_is_the_uninterrupted_run(
+    monkeypatch, owner, name, on_call
+):
+    batches, loss_fn = _batches(), nn.CrossEntropyLoss()
+    ref_net = _small()
+    ref = ho.Newton(ref_net, loss_fn, seed=0, mode="precondition", **SAVED)
+    for X, y in batches[:9]:
+        ref.step(X, y)
+
+    net = _small()
+    opt = ho.Newton(net, loss_fn, seed=0, mode="precondition", **SAVED)
+    _fail_once(monkeypatch, owner, name, on_call)
+    failures = 0
+    for X, y in batches[:9]:
+        before = (copy.deepcopy(opt.state_dict()), _flat(net).clone())
+        try:
+            opt.step(X, y)
+        except _Injected:
+            failures += 1
+            after = opt.state_dict()
+            assert torch.equal(_flat(net), before[1])
+            _assert_same(after, before[0])
+            opt.step(X, y)  # the retry
+    assert failures == 1
+    assert torch.equal(_flat(net), _flat(ref_net))
+    _assert_same(opt.state_dict(), ref.state_dict())
+
+
+def test_a_failed_precondition_call_changes_nothing(monkeypatch):
+    batches, loss_fn = _batches(), nn.CrossEntropyLoss()
+
+    def run(fail: bool) -> tuple[nn.Module, ho.Preconditioner]:
+        net = _small()
+        settings = dict(damping=50.0, refresh=3, curvature_batch_size=4, max_rank=5)
+        pc = ho.Preconditioner(net, loss_fn, seed=0, **settings)
+        sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+        for i, (X, y) in enumerate(batches[:8]):
+            for attempt in range(2):
+                sgd.zero_grad()
+                loss_fn(net(X), y).backward()
+                if fail and i == 3 and attempt == 0:
+                    before = copy.deepcopy(pc.state_dict())
+                    with monkeypatch.context() as mp:
+                        _fail_once(mp, ho.Preconditioner, "curvature_root", 1)
+                        with pytest.raises(_Injected):
+                            pc.precondition_(X, y)
+                    _assert_same(pc.state_dict(), before)
+                    continue
+                pc.precondition_(X, y)
+                sgd.step()
+                break
+        return net, pc
+
+    (net_a, pc_a), (net_b, pc_b) = run(False), run(True)
+    assert torch.equal(_flat(net_a), _flat(net_b))
+    _assert_same(pc_a.state_dict(), pc_b.state_dict())
+
+
+def _assert_same(a, b) -> None:
+    """Checkpoints equal: tensors bitwise, everything else by ``==``."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        for k in a:
+            _assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_same(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    else:
+        assert a == b or (a != a and b != b)

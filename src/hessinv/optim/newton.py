@@ -1019,23 +1019,24 @@ class Newton(torch.optim.Optimizer):
             )
         pc.weight_decay = wd
         g = pc.penalized(g)
-        # the momentum is kept in the preconditioner's basis (one rotation per step fewer); a basis
-        # refresh carries it over
-        gr = pc.observe(g)
-        m = ns["momentum"]
-        mom = self.momentum
-        m = gr * (1 - mom) if m is None else m.mul_(mom).add_(gr, alpha=1 - mom)
-        refreshed = pc.due()
-        t = time.perf_counter()
-        pc.update(inputs, targets, carry=(m,))
-        t_factor = time.perf_counter() - t
-        t = time.perf_counter()
-        step = ns["step"] + 1
-        direction = pc.solve(m / (1 - mom**step), rotated=True)
-        d = self._limited(_scaled(direction, lr))
-        self._apply(-d)
-        t_solve = time.perf_counter() - t
-        ns.update(step=step, momentum=m)
+        with pc._atomic():  # a step that fails (out of memory in a refresh, an interrupt) changes nothing
+            # the momentum is kept in the preconditioner's basis (one rotation per step fewer); a basis
+            # refresh carries it over (a new tensor: the old one stays as it was if the step fails)
+            gr = pc.observe(g)
+            m = ns["momentum"]
+            mom = self.momentum
+            m = gr * (1 - mom) if m is None else (m * mom).add_(gr, alpha=1 - mom)
+            refreshed = pc.due()
+            t = time.perf_counter()
+            pc.update(inputs, targets, carry=(m,))
+            t_factor = time.perf_counter() - t
+            t = time.perf_counter()
+            step = ns["step"] + 1
+            direction = pc.solve(m / (1 - mom**step), rotated=True)
+            d = self._limited(_scaled(direction, lr))
+            self._apply(-d)
+            t_solve = time.perf_counter() - t
+            ns.update(step=step, momentum=m)
         batch = int(inputs.shape[0])
         lr_f = float(self.param_groups[0]["lr"])
         stats = StepStats(

@@ -386,12 +386,13 @@ class EigenBasis:
 
     def accumulate(self, g: Tensor) -> None:
         """``L <- beta L + (1 - beta) G G^T``, ``R <- beta R + (1 - beta) G^T G`` for every weight."""
+        # new tensors, not in place: a step that fails later puts the old ones back (Preconditioner._atomic)
         for gi, (_, _, left, right, _) in enumerate(self._groups):
             G = self._gather(g[None], gi)[0]
             if left:
-                self._L[gi].mul_(self.beta).baddbmm_(G, G.mT, alpha=1 - self.beta)
+                self._L[gi] = (self._L[gi] * self.beta).baddbmm_(G, G.mT, alpha=1 - self.beta)
             if right:
-                self._R[gi].mul_(self.beta).baddbmm_(G.mT, G, alpha=1 - self.beta)
+                self._R[gi] = (self._R[gi] * self.beta).baddbmm_(G.mT, G, alpha=1 - self.beta)
 
     def refresh(self, v: Tensor | None = None, carry: Sequence[Tensor] = ()) -> None:
         """``Q_L, Q_R`` <- the eigenvectors of ``L, R`` (ascending eigenvalues). With ``P_L = Q_L'^T Q_L``,
@@ -873,8 +874,33 @@ class Preconditioner:
         if self.basis is not None:  # second moments in the eigenbasis (SOAP)
             self.basis.accumulate(g)
             g = self.basis.rotate(g)
-        st["v"].mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+        st["v"] = (st["v"] * self.beta2).addcmul_(g, g, value=1 - self.beta2)  # a new tensor (see _atomic)
         return g
+
+    @contextlib.contextmanager
+    def _atomic(self) -> Iterator[None]:
+        """A step's updates all or none: when the block raises (a refresh out of memory, moments that
+        overflowed, an interrupt), everything :meth:`observe`, :meth:`update` and :meth:`solve` changed is
+        put back -- the step count, second moments, Kronecker factors and basis, the stored factor and
+        the generator that draws curvature batches -- so that the step can be retried without counting
+        its gradient twice. Cheap: those methods replace tensors rather than write into them (the
+        references are kept), except :meth:`WoodburyFactor.update_damping`, whose factor stays a valid
+        one of ``C + D'`` (the next staleness test compares ``D`` again)."""
+        saved, state = dict(self.__dict__), dict(self.state)
+        fields = [] if self.basis is None else [getattr(self.basis, "_" + f) for f in EigenBasis._FIELDS]
+        basis = [list(f) for f in fields]
+        rng = self.generator.get_state()
+        try:
+            yield
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            self.state.clear()
+            self.state.update(state)
+            for f, old in zip(fields, basis, strict=True):
+                f[:] = old
+            self.generator.set_state(rng)
+            raise
 
     def penalized(self, g: Tensor) -> Tensor:
         """``g + wd x``: the gradient ``g`` (n,) of the loss plus that of the weight decay's penalty."""
@@ -1085,9 +1111,10 @@ class Preconditioner:
         self._checked = self.chain.check_batch_if_new(inputs, targets, self.__dict__.get("_checked"))
         with linalg.one_thread_if(self.chain.small(inputs)):  # small work: more threads only wait
             g = self.penalized(g)
-            self.observe(g)
-            self.update(inputs, targets)
-            d = self.solve(g)
+            with self._atomic():
+                self.observe(g)
+                self.update(inputs, targets)
+                d = self.solve(g)
         offset, written = 0, []
         for p in self.params:
             k = p.numel()
