@@ -227,3 +227,85 @@ def test_a_preconditioner_state_of_another_model_is_refused():
     pb = ho.Preconditioner(b, nn.CrossEntropyLoss(), basis_max_dim=5, seed=0)
     with pytest.raises(hessinv.InvalidArgumentError, match="another model"):
         pb.load_state_dict(pa.state_dict())
+
+
+class _FunctionalDropout(nn.Module):
+    """Dropout written as ``F.dropout(x, p, training=self.training)`` in the model's own forward."""
+
+    def __init__(self, p: float = 0.3):
+        super().__init__()
+        self.p, self.a, self.b = p, nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.dropout(torch.tanh(self.a(x)), self.p, training=self.training))
+
+
+def test_functional_dropout_reading_the_training_flag_takes_the_training_gradient_and_eval_curvature():
+    torch.manual_seed(0)
+    model, loss_fn = _FunctionalDropout().double(), nn.CrossEntropyLoss()
+    X, y = _data(16)
+    opt = ho.Newton(model, loss_fn, seed=0)
+    torch.manual_seed(5)
+    ref = torch.autograd.grad(loss_fn(model(X), y), list(model.parameters()))  # with its dropout mask
+    torch.manual_seed(5)
+    opt.step(X, y)
+    assert opt.mode == "precondition" and model.training
+    got = [p.grad for p in model.parameters()]  # the step's gradient (the optimizer writes p.grad)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    # the curvature: the eval-mode (deterministic) network's
+    pre = ho.Preconditioner(model, loss_fn, curvature_batch_size=16, basis="identity", seed=0)
+    U, S = pre.curvature_root(X, y)
+    assert model.training
+    model.eval()
+    G = autograd_gauss_newton(model, loss_fn, X, y)
+    model.train()
+    assert torch.allclose(U.T @ (S[:, None] * U), G, rtol=1e-10, atol=1e-12 * float(G.abs().max()))
+    with pytest.raises(hessinv.InvalidArgumentError, match="training mode"):
+        ho.Newton(model, loss_fn, mode="trust-region").step(X, y)
+
+
+@pytest.mark.parametrize("kind", ["parametrization", "hook"])
+def test_spectral_norm_in_training_mode_runs_its_power_iteration_in_the_gradients_forward(kind):
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 8).double()
+    if kind == "parametrization":
+        lin = torch.nn.utils.parametrizations.spectral_norm(lin)
+    else:
+        lin = torch.nn.utils.spectral_norm(lin)
+    model, loss_fn = nn.Sequential(lin, nn.Tanh(), nn.Linear(8, 3).double()), nn.CrossEntropyLoss()
+    X, y = _data(64)
+    opt = ho.Newton(model, loss_fn, seed=0)
+    u0 = [b.clone() for b in lin.buffers()]
+    first = float(loss_fn(model(X), y))
+    u1 = [b.clone() for b in lin.buffers()]  # (that forward took one power step)
+    for i in list(range(0, 64, 16)) * 4:
+        opt.step(X[i : i + 16], y[i : i + 16])
+    moved = [b for b, a in zip(lin.buffers(), u1, strict=True) if not torch.equal(a, b)]
+    assert moved and len(u0) == len(u1)  # the training-mode forwards ran the power iteration
+    assert float(loss_fn(model(X), y)) < first
+
+
+def test_a_multilayer_lstm_with_dropout_trains_in_training_mode():
+    torch.manual_seed(0)
+
+    class Last(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(2, 8, num_layers=2, dropout=0.3, batch_first=True)
+
+        def forward(self, x):
+            return self.rnn(x)[0][:, -1]
+
+    model = nn.Sequential(nn.Unflatten(1, (3, 2)), Last(), nn.Linear(8, 3)).double()
+    X, y = _data(64)
+    opt = ho.Newton(model, nn.CrossEntropyLoss(), seed=0)
+    model.eval()
+    with torch.no_grad():
+        first = float(nn.CrossEntropyLoss()(model(X), y))
+    model.train()
+    for i in list(range(0, 64, 16)) * 4:
+        opt.step(X[i : i + 16], y[i : i + 16])
+    assert opt.mode == "precondition" and model[1].rnn.training
+    model.eval()
+    with torch.no_grad():
+        assert float(nn.CrossEntropyLoss()(model(X), y)) < first

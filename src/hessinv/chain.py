@@ -91,13 +91,16 @@ _MODE_DEPENDENT = (*_DROPOUT, nn.RReLU, nn.modules.batchnorm._BatchNorm)
 def training_layers(
     model: nn.Module | Sequence[nn.Module], among: Sequence[nn.Module] | None = None
 ) -> list[nn.Module]:
-    """The model's modules in training mode whose training mode makes it random or mix examples and whose
-    eval mode is a deterministic per-example function: Dropout layers (``p > 0``), ``MultiheadAttention``
-    with attention dropout, ``RReLU``, and BatchNorm that tracks running statistics (eval mode normalizes
-    with them). The optimizers take the gradient with these as they are and the curvature with them in
-    eval mode (:func:`layers_in_mode`): the curvature of the deterministic network, as K-FAC and Laplace
-    approximations take it. ``among``: the model's :func:`mode_modules`, if kept (a step's check costs a
-    microsecond then, not a walk over every module)."""
+    """The model's modules in training mode whose training mode makes it random, stateful or mix examples
+    and whose eval mode is a deterministic per-example function: Dropout layers (``p > 0``),
+    ``MultiheadAttention`` with attention dropout, a multi-layer RNN with dropout between its layers,
+    ``RReLU``, BatchNorm that tracks running statistics (eval mode normalizes with them), spectral_norm
+    (its power iteration), and a user's module whose ``forward`` reads its ``training`` flag
+    (``F.dropout(x, p, self.training)``, ``if self.training: ...``). The optimizers take the gradient
+    with these as they are and the curvature with them in eval mode (:func:`layers_in_mode`): the
+    curvature of the deterministic network, as K-FAC and Laplace approximations take it. ``among``: the
+    model's :func:`mode_modules`, if kept (a step's check costs a microsecond then, not a walk over every
+    module)."""
     mods = mode_modules(model) if among is None else among
     return [m for m in mods if m.training and _random_in_training(m)]
 
@@ -106,19 +109,43 @@ def mode_modules(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     """The model's modules of the kinds :func:`training_layers` looks at, in any mode (an optimizer keeps
     the list: its model's submodules are watched, :meth:`Chain.check_model`)."""
     tops = [model] if isinstance(model, nn.Module) else list(model)
-    kinds = (*_DROPOUT, nn.MultiheadAttention, nn.RReLU, nn.modules.batchnorm._BatchNorm)
-    return [m for top in tops for m in top.modules() if isinstance(m, kinds)]
+    kinds = (*_DROPOUT, nn.MultiheadAttention, nn.RReLU, nn.modules.batchnorm._BatchNorm, nn.RNNBase)
+    return [m for top in tops for m in top.modules() if isinstance(m, kinds) or _reads_training(m)]
+
+
+def _reads_training(m: nn.Module) -> bool:
+    """Whether ``m``, of no kind :func:`mode_modules` names, behaves otherwise in training mode: a
+    spectral_norm parametrization or hook (a power-iteration step per call), or a module defined outside
+    torch whose class's ``forward`` mentions ``training`` (read from its source; a module without one
+    counts as not)."""
+    from torch.nn.utils.parametrizations import _SpectralNorm
+    from torch.nn.utils.spectral_norm import SpectralNorm
+
+    hooks = m._forward_pre_hooks.values()
+    if isinstance(m, _SpectralNorm) or any(isinstance(h, SpectralNorm) for h in hooks):
+        return True
+    return not defined_in_torch(type(m)) and _forward_mentions_training(type(m))
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_mentions_training(cls: type) -> bool:
+    try:
+        return "training" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
 
 
 def _random_in_training(m: nn.Module) -> bool:
-    """Whether ``m`` (of :func:`mode_modules`) is random or mixes examples in training mode."""
+    """Whether ``m`` (of :func:`mode_modules`) is random, stateful or mixes examples in training mode."""
     if isinstance(m, _DROPOUT):
         return m.p > 0
     if isinstance(m, nn.MultiheadAttention):
         return m.dropout > 0  # (its attention weights')
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         return m.running_mean is not None
-    return True  # RReLU
+    if isinstance(m, nn.RNNBase):
+        return m.dropout > 0 and m.num_layers > 1
+    return True  # RReLU, spectral_norm, a user's module that reads its training flag
 
 
 @contextlib.contextmanager
@@ -762,8 +789,9 @@ def _check_modules(stage: Stage, mods) -> None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
             raise UnsupportedStageError(
                 f"{stage.name}: {kind}(track_running_stats=False) normalizes with the batch's statistics in "
-                "eval mode too, which mixes examples: build it with track_running_stats=True (and call "
-                "model.eval()), or normalize each example (LayerNorm, GroupNorm)"
+                "eval mode too, which mixes examples: build it with track_running_stats=True (hessinv.optim "
+                "then takes the gradient with the batch's statistics and the curvature with the running "
+                "ones; the operators need model.eval()), or normalize each example (LayerNorm, GroupNorm)"
             )
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             raise UnsupportedStageError(

@@ -280,8 +280,10 @@ class GenericStage(Stage):
             raise UnsupportedStageError(
                 f"{self.name} {what} on every call: it is random or stateful (Dropout, RReLU, BatchNorm "
                 "with batch statistics, spectral_norm's power iteration in training mode); call model.eval() "
-                "-- a layer random in eval mode too (FractionalMaxPool, a forward that draws noise) has no "
-                "curvature: replace it with a deterministic one"
+                "(hessinv.optim does so for the curvature itself, for torch's layers of these kinds and a "
+                "module whose forward reads self.training) -- a layer random in eval mode too "
+                "(FractionalMaxPool, F.dropout without training=self.training, a forward that draws noise) "
+                "has no curvature: replace it with a deterministic one"
             )
         self._checked = True
         return out
