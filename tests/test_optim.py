@@ -2086,3 +2086,52 @@ def test_a_trust_region_step_that_fails_at_its_trial_point_leaves_the_parameters
         opt.step(X, y)
     assert torch.equal(flat(m), before)
     opt.step(X, y)  # and the next step runs
+
+
+class _Tokens(nn.Module):
+    """Linears on (B, T, d) tokens: the curvature root's rows are dense (no per-example outer products),
+    so rebuilding ``K`` costs ``r^2`` flops per parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mid, self.head = nn.Linear(4, 12), nn.Linear(12, 12), nn.Linear(12, 10)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(torch.tanh(self.inp(x.view(-1, 3, 4))))).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["chain", "tokens"])
+def test_warmup_rebuilds_k_every_step_only_where_that_is_cheap(monkeypatch, kind):
+    torch.manual_seed(0)
+    if kind == "chain":  # structured rows: a rebuild costs about the step's own work
+        model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 10)).double()
+    else:
+        model = _Tokens().double()
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(320, 12, generator=g, dtype=torch.float64)
+    y = X[:, :10].argmax(1)  # (10 classes: r = 80 rows, r^2 = 6400 flops per dense column)
+    opt = ho.Newton(model, nn.CrossEntropyLoss(), seed=0, mode="precondition")
+    pc = opt.preconditioner
+    rebuilds = []
+    real = hessinv.lowrank.WoodburyFactor.with_damping
+    monkeypatch.setattr(
+        hessinv.lowrank.WoodburyFactor, "with_damping", lambda f, D: rebuilds.append(1) or real(f, D)
+    )
+    first = float(nn.CrossEntropyLoss()(model(X), y))
+    for t in range(1, pc.warmup + 1):
+        i = 16 * (t % 20)
+        opt.step(X[i : i + 16], y[i : i + 16])
+        ratio = pc._factor.D / pc.diagonal()
+        if kind == "chain":  # the factor holds this step's D
+            assert torch.equal(pc._factor.D, pc.diagonal())
+        else:  # within the staleness band
+            assert float(ratio.max()) <= pc.stale_ratio and float(ratio.min()) >= 1 / pc.stale_ratio
+    cost = pc._factor.damping_update_cost(torch.zeros(0, dtype=torch.long))[1] / pc.chain.num_params
+    refreshes = pc.state["refreshes"]
+    if kind == "chain":
+        assert cost <= ho.precondition.WARMUP_REBUILD_FLOPS
+        assert len(rebuilds) == pc.warmup - refreshes
+    else:
+        assert cost > ho.precondition.WARMUP_REBUILD_FLOPS
+        assert len(rebuilds) < (pc.warmup - refreshes) // 2
+    assert float(nn.CrossEntropyLoss()(model(X), y)) < first

@@ -14,7 +14,8 @@ statistics (:class:`EigenBasis`; SOAP's basis), and ``v`` holds the second momen
 gradients: ``(G + Q D' Q^T)^{-1} = Q ((U Q)^T S (U Q) + D')^{-1} Q^T``, the same Woodbury solve on
 rotated rows of ``U`` (docs/math.md §6). ``D_t`` is refreshed with
 the factorization and, during the first ``warmup`` steps (while ``v`` is still a short average),
-every step, and between refreshes on the entries where ``D_t`` has drifted by more than ``stale_ratio``
+every step where that rebuild is cheap (:data:`WARMUP_REBUILD_FLOPS`), and between refreshes on the
+entries where ``D_t`` has drifted by more than ``stale_ratio``
 from the ``D_k`` the factorization holds (a cheap test: one pass over ``n`` numbers; typically 1-3 of
 17k entries, so ``K`` takes a rank-|J| update instead of an ``r^2 n`` rebuild). The factorization is
 :class:`hessinv.lowrank.WoodburyFactor` (``G = U^T S U`` from one
@@ -236,6 +237,13 @@ def rotated_sides(a: int, b: int, max_dim: int = BASIS_MAX_DIM) -> tuple[bool, b
 #: rows of the Gauss-Newton root at most by default (:class:`Preconditioner`): the exact root of 8
 #: examples has ``8 (C - 1)`` rows for ``C`` classes, and its Woodbury solve costs ``r^2 n`` per refresh
 MAX_RANK = 256
+
+#: during warm-up ``K`` is rebuilt with every step's ``D`` while a rebuild costs at most this many flops
+#: per parameter: a Linear weight's structured rows cost ``B^2 + r^2 / m`` per entry (``m`` its inputs;
+#: the suite's chains 180-900), dense rows ``r^2`` (Linears on (B, T, d) tokens, generic stages: 5000 at
+#: ``r = 72``; on a d-128 transformer layer 160 ms a warm-up step against 13 after it). Above it the
+#: staleness test runs from the first step, as after warm-up
+WARMUP_REBUILD_FLOPS = 2048
 #: the settings of a :class:`Preconditioner` that its ``state_dict`` saves and ``load_state_dict`` restores
 _SETTINGS = (
     "damping", "curvature_batch_size", "refresh", "beta2", "eps", "warmup", "stale_ratio", "max_rank",
@@ -640,7 +648,8 @@ class Preconditioner:
             ``n / k`` for a loss that sums over the examples: :func:`curvature_weight`).
         refresh: rebuild the curvature every this many calls.
         beta2, eps: the second-moment average of ``D``.
-        warmup: for the first ``warmup`` calls ``D`` is refreshed every call.
+        warmup: for the first ``warmup`` calls ``D`` is refreshed every call (where a rebuild of ``K``
+            costs at most :data:`WARMUP_REBUILD_FLOPS` per parameter; else as after it).
         stale_ratio: between refreshes, every entry of ``D_t`` that leaves ``[D_k / stale_ratio,
             stale_ratio D_k]`` is taken into ``K`` (same curvature; ``2 r^2`` flops per entry, a rebuild of
             ``r^2 n`` when more than ``r`` moved): a gradient spike raises ``v`` at once, and the step
@@ -971,7 +980,11 @@ class Preconditioner:
                 self._refresh_curvature(inputs, targets, carry)
         elif self.curvature == "gauss_newton":
             D = self.diagonal()
-            if self.state["t"] <= self.warmup:
+            if (
+                self.state["t"] <= self.warmup
+                and self._factor.damping_update_cost(D.new_zeros(0, dtype=torch.long))[1]
+                <= WARMUP_REBUILD_FLOPS * D.numel()
+            ):
                 self._factor = self._factor.with_damping(D)
                 self.state["redamped"] = self.state.get("redamped", 0) + 1
             else:
