@@ -309,3 +309,65 @@ def test_a_multilayer_lstm_with_dropout_trains_in_training_mode():
     model.eval()
     with torch.no_grad():
         assert float(nn.CrossEntropyLoss()(model(X), y)) < first
+
+
+class _HeadFirst(nn.Module):
+    """Submodules registered head first, and a parameter of the model itself used last (a temperature):
+    ``model.parameters()`` lists them in another order than ``forward`` uses them."""
+
+    def __init__(self):
+        super().__init__()
+        self.t = nn.Parameter(torch.tensor(1.5))
+        self.head = nn.Linear(8, 3)
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+
+    def forward(self, x):
+        return self.head(self.body(x)) * self.t
+
+
+class _Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.t = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return x * self.t
+
+
+@pytest.mark.parametrize("mode", ["precondition", "trust-region"])
+def test_the_optimizers_take_parameters_registered_in_another_order_than_forward_uses_them(mode):
+    """The operators order their vectors like ``model.parameters()`` and refuse such a model; the optimizers'
+    vectors are internal: they split it as it is, and step as on the same network registered in order."""
+    X, y = _data(32)
+    torch.manual_seed(0)
+    model = _HeadFirst().double()
+    with pytest.raises(hessinv.NotAChainError, match="other way round"):
+        hessinv.gauss_newton(model, nn.CrossEntropyLoss(), X, y)
+    ordered = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3), _Scale()).double()
+    with torch.no_grad():
+        for a, b in [(ordered[0], model.body[0]), (ordered[2], model.head)]:
+            a.weight.copy_(b.weight), a.bias.copy_(b.bias)
+    pairs = [
+        (model.body[0].weight, ordered[0].weight),
+        (model.body[0].bias, ordered[0].bias),
+        (model.head.weight, ordered[2].weight),
+        (model.head.bias, ordered[2].bias),
+        (model.t, ordered[3].t),
+    ]
+    opts = [ho.Newton(m, nn.CrossEntropyLoss(), seed=0, mode=mode) for m in (model, ordered)]
+    for i in range(0, 32, 8) if mode == "precondition" else [0, 0, 0]:
+        for opt in opts:
+            opt.step(X[i : i + 8], y[i : i + 8]) if mode == "precondition" else opt.step(X, y)
+    for a, b in pairs:
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
+    assert not torch.equal(model.t, torch.tensor(1.5, dtype=torch.float64))  # (it moved)
+    if mode == "precondition":  # Preconditioner.precondition_ writes each parameter's own direction
+        grads = []
+        for m in (model, ordered):
+            pc = ho.Preconditioner(m, nn.CrossEntropyLoss(), seed=0, curvature_batch_size=8)
+            m.zero_grad()
+            nn.CrossEntropyLoss()(m(X[:8]), y[:8]).backward()
+            pc.precondition_(X[:8], y[:8])
+            grads.append({id(p): p.grad for p in m.parameters()})
+        for a, b in pairs:
+            assert torch.allclose(grads[0][id(a)], grads[1][id(b)], rtol=1e-9, atol=1e-12)

@@ -169,7 +169,7 @@ def deterministic_chain(
     deterministic network, whose curvature they take), and its :func:`mode_modules`, which they keep."""
     mods = mode_modules(model)
     with layers_in_mode(training_layers(model, mods), False):
-        return Chain(model, loss_fn), mods
+        return Chain(model, loss_fn, ordered=False), mods
 
 
 def _changed(now: list, held: list) -> bool:
@@ -837,17 +837,18 @@ def split_stages(
     model: nn.Module | Sequence[nn.Module],
     traced: list[nn.Module] | None = None,
     whole: list[nn.Module] | None = None,
+    ordered: bool = True,
 ) -> list[Stage]:
     """The stages of ``model`` (module docstring), in chain order; the modules whose ``forward`` was
     traced through are appended to ``traced`` if given. A traced module whose pieces share a parameter
-    or use parameters out of order is split again as one stage (added to ``whole``); each
-    stage's ``origin`` is the traced module it came from (None: a module called as it is), which
-    :class:`Chain` calls whole where the pieces turn out not to be a chain on data."""
+    or (with ``ordered``) use parameters out of ``model.parameters()``'s order is split again as one stage
+    (added to ``whole``); each stage's ``origin`` is the traced module it came from (None: a module called
+    as it is), which :class:`Chain` calls whole where the pieces turn out not to be a chain on data."""
     whole = [] if whole is None else whole
     while True:
         mark = [] if traced is None else list(traced)
         try:
-            return _split(model, mark, whole)
+            return _split(model, mark, whole, ordered)
         except _CallWhole as e:
             whole.append(e.module)
         finally:
@@ -856,7 +857,7 @@ def split_stages(
 
 
 def _split(
-    model: nn.Module | Sequence[nn.Module], traced: list[nn.Module], whole: list[nn.Module]
+    model: nn.Module | Sequence[nn.Module], traced: list[nn.Module], whole: list[nn.Module], ordered: bool
 ) -> list[Stage]:
     """One attempt of :func:`split_stages`."""
     if not isinstance(model, (nn.Module, list, tuple)):
@@ -905,7 +906,7 @@ def _split(
         s = stages[-1]
         s.origin = origin
         _check_modules(s, [m for top in s.modules for m in top.modules()])
-    _check_parameters(model, stages)
+    _check_parameters(model, stages, ordered)
     return stages
 
 
@@ -941,7 +942,7 @@ def _check_model_kinds(model) -> None:
                 )
 
 
-def _check_parameters(model, stages: list[Stage]) -> None:
+def _check_parameters(model, stages: list[Stage], ordered: bool = True) -> None:
     """Each trainable parameter in exactly one stage, stages in ``model.parameters()`` order."""
     mods = list(model) if isinstance(model, (list, tuple)) else [model]
     named: list[tuple[str, nn.Parameter]] = []
@@ -984,7 +985,7 @@ def _check_parameters(model, stages: list[Stage]) -> None:
                 f"parameter {n} is trainable but the forward pass does not use it; "
                 "freeze it (requires_grad_(False)) or remove it"
             )
-    if flat != [id(t) for _, t in named]:
+    if ordered and flat != [id(t) for _, t in named]:
         first = next(j for j, (a, (_, t)) in enumerate(zip(flat, named, strict=False)) if a != id(t))
         same_origin(owner[flat[first]], owner[id(named[first][1])])
         late = named[first][0]
@@ -998,7 +999,9 @@ def _check_parameters(model, stages: list[Stage]) -> None:
         )
         raise NotAChainError(
             f"forward uses parameter {names[flat[first]]} before {late}, but model.parameters() "
-            f"lists them the other way round; hessinv orders the curvature like model.parameters(): {hint}"
+            f"lists them the other way round; hessinv orders the curvature like model.parameters(): {hint} "
+            "-- or call the model whole, nn.Sequential(model) (one generic stage: exact, dense blocks); "
+            "hessinv.optim takes the model as it is"
         )
 
 
@@ -1099,7 +1102,7 @@ class Chain:
     26
     """
 
-    def __init__(self, model: nn.Module | Sequence[nn.Module], loss_fn: LossFn):
+    def __init__(self, model: nn.Module | Sequence[nn.Module], loss_fn: LossFn, *, ordered: bool = True):
         if not callable(loss_fn):
             raise InvalidArgumentError(
                 f"loss_fn must be callable (loss_fn(outputs, targets)), got {loss_fn!r}"
@@ -1116,9 +1119,12 @@ class Chain:
         )  # attributes a re-split showed the trace does not read
         self._whole: list[nn.Module] = []  # traced modules whose pieces were not a chain: called whole
         self._eager_checked = False  # the traced stages compared with the model's own forward (once)
+        # the flat parameter vector ordered like model.parameters() (the operators' public vectors); the
+        # optimizers take the stages' order, whatever order the model registered its parameters in
+        self._ordered = ordered
 
         _check_model_kinds(model)
-        self.stages = split_stages(model, self._traced, self._whole)
+        self.stages = split_stages(model, self._traced, self._whole, ordered)
         self.params = [t for s in self.stages for t in s.params]
         if not self.params:
             raise NotAChainError("the model has no trainable parameters")
@@ -1225,7 +1231,7 @@ class Chain:
             )
         moved = [(m, k) for m, k, v in self._attrs if not same_value(vars(m).get(k, MISSING), v)]
         if moved or list(map(tuple, self._hooks)) != self._hook_keys:
-            stages = split_stages(self.model, traced := [], self._whole)
+            stages = split_stages(self.model, traced := [], self._whole, self._ordered)
             if [id(t) for s in stages for t in s.params] != [id(t) for t in self.params]:
                 raise InvalidArgumentError(
                     "the model's stages changed since this operator/optimizer was built: build it again"
@@ -1390,7 +1396,7 @@ class Chain:
 
     def _resplit(self) -> None:
         """Split again with the modules of ``_whole`` called whole (the same parameters, same order)."""
-        stages = split_stages(self.model, traced := [], self._whole)
+        stages = split_stages(self.model, traced := [], self._whole, self._ordered)
         if [id(t) for s in stages for t in s.params] != [id(t) for t in self.params]:
             raise NotAChainError("a module called whole holds other parameters than its pieces: not a chain")
         self.stages, self._traced = stages, traced
