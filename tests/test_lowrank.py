@@ -767,3 +767,24 @@ def test_a_confident_float32_softmax_gives_no_row_of_negative_sign():
     D = torch.full((40,), 1e-6)  # D^-1 U U^T far above 1: the sign of a row shows in K
     F = WoodburyFactor(U, S, D)
     assert F.positive_definite and F.cholesky
+
+
+def test_update_damping_that_fails_leaves_the_factor_as_it_was(monkeypatch):
+    """A failure inside the rank update (out of memory, say, in the refactorization after D was written)
+    changes nothing: D, K and the solves are the old factor's."""
+    g = torch.Generator().manual_seed(3)
+    U = torch.randn(5, 30, generator=g, dtype=torch.float64)
+    F = WoodburyFactor(
+        U, torch.ones(5, dtype=torch.float64), torch.rand(30, generator=g, dtype=torch.float64) + 1
+    )
+    R = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    before, D, K = F.solve(R), F.D.clone(), F.K.clone()
+
+    def oom(self, K):
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(WoodburyFactor, "_factor_K", oom)
+    with pytest.raises(MemoryError):
+        F.update_damping(torch.tensor([2, 9]), torch.tensor([7.0, 0.1], dtype=torch.float64))
+    monkeypatch.undo()
+    assert torch.equal(F.D, D) and torch.equal(F.K, K) and torch.equal(F.solve(R), before)

@@ -521,3 +521,43 @@ def _assert_same(a, b) -> None:
         assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
     else:
         assert a == b or (a != a and b != b)
+
+
+@pytest.mark.parametrize("where", ["solve after it", "inside its refactorization"])
+def test_a_step_failing_around_a_rank_update_of_the_damping_changes_nothing(monkeypatch, where):
+    """After warm-up, between refreshes, a gradient spike moves a few entries of D: the stored factor takes
+    a rank-|J| update (WoodburyFactor.update_damping). A failure after it (in the solve) or inside its
+    refactorization leaves the factor as it was, and the retry is the uninterrupted run."""
+    from hessinv.lowrank import WoodburyFactor
+
+    batches = _batches() + _batches()[:6]
+    batches[22] = (batches[22][0] * 30, batches[22][1])  # the spike (step 23: not a refresh, refresh=3)
+    updates = []
+    real_update = WoodburyFactor.update_damping
+    monkeypatch.setattr(
+        WoodburyFactor, "update_damping", lambda f, *a: updates.append(1) or real_update(f, *a)
+    )
+
+    def run(fail: bool) -> tuple[nn.Module, ho.Newton]:
+        net = _small()
+        opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0, mode="precondition", **SAVED)
+        for i, (X, y) in enumerate(batches):
+            if fail and i == 22:
+                before = (copy.deepcopy(opt.state_dict()), _flat(net).clone())
+                with monkeypatch.context() as mp:
+                    if where == "solve after it":
+                        _fail_once(mp, ho.Preconditioner, "solve", 1)
+                    else:
+                        _fail_once(mp, WoodburyFactor, "_factor_K", 1)
+                    with pytest.raises(_Injected):
+                        opt.step(X, y)
+                _assert_same(opt.state_dict(), before[0])
+                assert torch.equal(_flat(net), before[1])
+            opt.step(X, y)
+        return net, opt
+
+    ref_net, ref = run(False)
+    assert updates  # (the spike took the rank update, not a rebuild)
+    net, opt = run(True)
+    assert torch.equal(_flat(net), _flat(ref_net))
+    _assert_same(opt.state_dict(), ref.state_dict())

@@ -371,3 +371,40 @@ def test_the_optimizers_take_parameters_registered_in_another_order_than_forward
             grads.append({id(p): p.grad for p in m.parameters()})
         for a, b in pairs:
             assert torch.allclose(grads[0][id(a)], grads[1][id(b)], rtol=1e-9, atol=1e-12)
+
+
+def test_the_training_flag_is_read_from_the_forwards_code_not_its_text():
+    """A comment or another attribute that merely mentions training leaves the model deterministic (the
+    trust region takes it); a forward without a source file (exec, a REPL) that reads the flag counts."""
+    from hessinv.chain import training_layers
+
+    class Commented(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.training_steps = nn.Linear(6, 3), 0
+
+        def forward(self, x):
+            """Not random in training mode."""
+            self.training_steps += 0  # (training: nothing changes)
+            return self.a(x)
+
+    ns: dict = {"nn": nn, "F": torch.nn.functional, "torch": torch}
+    exec(  # noqa: S102  (a class with no source file)
+        "class Sourceless(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a = nn.Linear(6, 3)\n"
+        "    def forward(self, x):\n"
+        "        return (lambda h: F.dropout(h, 0.5, training=self.training))(self.a(x))\n",
+        ns,
+    )
+    torch.manual_seed(0)
+    commented, sourceless = Commented().double(), ns["Sourceless"]().double()
+    assert training_layers(commented) == [] and training_layers(sourceless) == [sourceless]
+    X, y = _data(16)
+    opt = ho.Newton(commented, nn.CrossEntropyLoss(), mode="trust-region")
+    opt.step(X, y)
+    assert opt.last_stats.mode == "trust-region"
+    opt = ho.Newton(sourceless, nn.CrossEntropyLoss(), seed=0)
+    opt.step(X, y)
+    assert opt.mode == "precondition" and sourceless.training

@@ -116,8 +116,8 @@ def mode_modules(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
 def _reads_training(m: nn.Module) -> bool:
     """Whether ``m``, of no kind :func:`mode_modules` names, behaves otherwise in training mode: a
     spectral_norm parametrization or hook (a power-iteration step per call), or a module defined outside
-    torch whose class's ``forward`` mentions ``training`` (read from its source; a module without one
-    counts as not)."""
+    torch whose class's ``forward`` reads an attribute ``training`` (its compiled code's names, and those
+    of functions defined inside it: not a comment, a string or ``self.training_steps``)."""
     from torch.nn.utils.parametrizations import _SpectralNorm
     from torch.nn.utils.spectral_norm import SpectralNorm
 
@@ -129,10 +129,14 @@ def _reads_training(m: nn.Module) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def _forward_mentions_training(cls: type) -> bool:
-    try:
-        return "training" in inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
+    code = getattr(inspect.unwrap(cls.forward), "__code__", None)
+    stack = [code] if code is not None else []
+    while stack:
+        c = stack.pop()
+        if "training" in c.co_names:
+            return True
+        stack.extend(k for k in c.co_consts if inspect.iscode(k))
+    return False
 
 
 def _random_in_training(m: nn.Module) -> bool:

@@ -523,6 +523,16 @@ class WoodburyFactor:
             raise InvalidArgumentError("update_damping: idx names an entry twice; give each index once")
         values = values.to(self.D.dtype)
         _check_damping(values)
+        # all or nothing: a failure below (out of memory, a singular K) changes nothing
+        saved = dict(self.__dict__)
+        try:
+            self._update_damping(idx, values)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
+
+    def _update_damping(self, idx: Tensor, values: Tensor) -> None:
         live = self.live[idx]  # (a zero column of U: D changes there, K does not)
         idx_k = idx if bool(live.all()) else idx[live]
         delta = 1.0 / values[live].double() - self._Dinv[idx_k].double()
@@ -538,8 +548,7 @@ class WoodburyFactor:
         self.D[idx] = values
         self._Dinv = self._Dinv.clone()
         self._Dinv[idx] = 1.0 / values
-        if self._Ud is not None:
-            self._Ud[:, idx] = self.U[:, idx] * self._Dinv[idx]
+        self._Ud = None  # (U D^-1, formed again when asked: the old one may be another factor's too)
         self._factor_K(K)
 
     def damping_update_cost(self, idx: Tensor) -> tuple[float, float]:

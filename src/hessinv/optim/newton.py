@@ -723,11 +723,11 @@ class Newton(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _apply(self, d: Tensor) -> None:
-        offset = 0
-        for p in self.chain.params:
-            k = p.numel()
-            p.add_(d[offset : offset + k].view_as(p))
-            offset += k
+        """``x <- x + d`` for the flat ``d`` (n,), in one ``_foreach_add_`` (no Python between the
+        parameters: an interrupt moves all of them or none)."""
+        params = self.chain.params
+        parts = d.split([p.numel() for p in params])
+        torch._foreach_add_(params, [x.view_as(p) for x, p in zip(parts, params, strict=True)])
 
     def _batch_key(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, ...]:
         """Copies of the batch and the parameters' values, compared by :meth:`_same_point` (tensor versions
@@ -1034,9 +1034,9 @@ class Newton(torch.optim.Optimizer):
             step = ns["step"] + 1
             direction = pc.solve(m / (1 - mom**step), rotated=True)
             d = self._limited(_scaled(direction, lr))
-            self._apply(-d)
-            t_solve = time.perf_counter() - t
-            ns.update(step=step, momentum=m)
+        self._apply(-d)  # (one foreach call: all parameters or none)
+        ns.update(step=step, momentum=m)
+        t_solve = time.perf_counter() - t
         batch = int(inputs.shape[0])
         lr_f = float(self.param_groups[0]["lr"])
         stats = StepStats(

@@ -56,6 +56,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import time
@@ -893,8 +894,8 @@ class Preconditioner:
         put back -- the step count, second moments, Kronecker factors and basis, the stored factor and
         the generator that draws curvature batches -- so that the step can be retried without counting
         its gradient twice. Cheap: those methods replace tensors rather than write into them (the
-        references are kept), except :meth:`WoodburyFactor.update_damping`, whose factor stays a valid
-        one of ``C + D'`` (the next staleness test compares ``D`` again)."""
+        references are kept; :meth:`WoodburyFactor.update_damping` runs on a shallow copy of the factor). The
+        parameters are not in it: :class:`~hessinv.optim.Newton` moves them after the block."""
         saved, state = dict(self.__dict__), dict(self.state)
         fields = [] if self.basis is None else [getattr(self.basis, "_" + f) for f in EigenBasis._FIELDS]
         basis = [list(f) for f in fields]
@@ -992,7 +993,8 @@ class Preconditioner:
                 if J.numel():  # a few entries moved (a gradient spike): a rank-|J| update of K
                     # (only entries on nonzero columns of U enter K: an Embedding's unseen tokens do not)
                     update, rebuild = self._factor.damping_update_cost(J)
-                    if update <= rebuild:
+                    if update <= rebuild:  # on a copy: the stored factor stays as it was if the step fails
+                        self._factor = copy.copy(self._factor)
                         self._factor.update_damping(J, D[J])
                     else:
                         self._factor = self._factor.with_damping(D)
