@@ -296,3 +296,48 @@ def test_fit_takes_a_loader_and_a_refused_refit_keeps_the_previous_fit():
     with pytest.raises(hessinv.ShapeMismatchError):
         f.fit(X, y[:5], curvature_inputs=X[:4], curvature_targets=y[:4])
     assert torch.equal(f.self_influence(), before)
+
+
+class _LastState(nn.Module):
+    """An RNN classifier (the output of the last step): torch.func.vmap cannot run nn.LSTM / nn.GRU."""
+
+    def __init__(self, kind: type = nn.LSTM):
+        super().__init__()
+        self.rnn, self.head = kind(3, 4, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def _own_rows(model: nn.Module, values) -> torch.Tensor:
+    """Plain autograd: for each example's values (k,), their gradients (k, n); stacked (N, k, n)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grad(c: torch.Tensor) -> torch.Tensor:
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(c, params, retain_graph=True)])
+
+    return torch.stack([torch.stack([grad(c) for c in v]) for v in values])
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+def test_per_example_gradients_and_output_jacobians_of_an_rnn(kind):
+    """vmap fails inside the RNN kernels with a broadcast error that named no vmap: per-example gradients now
+    come from the chain's own blocks (a generic stage's per-example Jx), output Jacobians one example at
+    a time; both against plain autograd per example."""
+    torch.manual_seed(0)
+    model = _LastState(kind).double()
+    X = torch.randn(5, 6, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    loss_fn = nn.CrossEntropyLoss()
+    G = per_example_gradients(model, loss_fn, X, y)
+    assert torch.equal(G, hessinv.Chain(model, loss_fn).per_example_gradients(X, y))  # (the chain's rows)
+    ref = _own_rows(model, [loss_fn(model(X[i : i + 1]), y[i : i + 1]).reshape(1) for i in range(5)])[:, 0]
+    assert torch.allclose(G, ref, rtol=1e-10, atol=1e-12)
+    J = output_jacobians(model, X)
+    ref = _own_rows(model, [model(X[i : i + 1]).reshape(-1) for i in range(5)])
+    assert torch.allclose(J, ref, rtol=1e-10, atol=1e-12)
+    from hessinv.laplace import Laplace
+
+    la = Laplace(model, "classification").fit(X, y)
+    probs = la(X[:2])
+    assert probs.shape == (2, 3) and torch.allclose(probs.sum(-1), torch.ones(2, dtype=torch.float64))

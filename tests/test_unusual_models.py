@@ -624,3 +624,19 @@ def test_a_buffer_registered_or_filled_on_first_use(declared):
     net = nn.Sequential(Masked(), nn.Linear(6, 3)).double()
     H = hessinv.hessian(net, nn.MSELoss(), X, y)
     torch.testing.assert_close(H.to_dense(), autograd_gradient_hessian(net, nn.MSELoss(), X, y)[1])
+
+
+def test_a_stage_linear_in_its_input_keeps_no_zero_second_derivative_block():
+    """Convolutions and poolings are generic stages with ``Hzz = 0`` exactly: the block is dropped (it was
+    stored as (B, d_in, d_in) and multiplied in every product); the Hessian is unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3)
+    ).double()
+    X, y = torch.randn(4, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    H = hessinv.hessian(model, nn.CrossEntropyLoss(), X, y)
+    generic = [b for b in H.blocks if hasattr(b, "Hzz")]
+    assert generic and all(b.Hzz is None for b in generic)
+    _, ref = autograd_gradient_hessian(model, nn.CrossEntropyLoss(), X, y)
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
+    assert torch.allclose(H @ V, ref @ V, rtol=1e-10, atol=1e-12)

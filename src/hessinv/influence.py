@@ -226,25 +226,27 @@ def _one_at_a_time(
 ) -> Tensor:
     """``(N, k, n)``: the gradients of the ``k`` numbers ``values(model(x_i[None]), i)`` by plain
     autograd, one example and one value at a time -- where ``vmap`` cannot run the model (an ``if`` on
-    a tensor's value); ``err`` (vmap's) is raised again where vmap was not the cause."""
-    if "vmap" not in str(err) and "data-dependent" not in str(err):
-        raise err
+    a tensor's value, an RNN's fused kernel, whose batched rule broadcasts the state wrongly); where the
+    model fails there too, that error is raised, from ``err`` (vmap's)."""
     rows = []
-    with torch.enable_grad():
-        for i in range(len(inputs)):
-            v = values(model(inputs[i : i + 1]), i)
-            per_value = []
-            for c in range(v.numel()):
-                gs = torch.autograd.grad(v[c], params, retain_graph=True, allow_unused=True)
-                per_value.append(
-                    torch.cat(
-                        [
-                            dense_grad(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                            for g, p in zip(gs, params, strict=True)
-                        ]
+    try:
+        with torch.enable_grad():
+            for i in range(len(inputs)):
+                v = values(model(inputs[i : i + 1]), i)
+                per_value = []
+                for c in range(v.numel()):
+                    gs = torch.autograd.grad(v[c], params, retain_graph=True, allow_unused=True)
+                    per_value.append(
+                        torch.cat(
+                            [
+                                dense_grad(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                for g, p in zip(gs, params, strict=True)
+                            ]
+                        )
                     )
-                )
-            rows.append(torch.stack(per_value))
+                rows.append(torch.stack(per_value))
+    except RuntimeError as e:
+        raise e from err
     return torch.stack(rows).detach()
 
 
