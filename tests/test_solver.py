@@ -873,6 +873,23 @@ def test_float32_min_eigenvalue_of_a_gauss_newton_matrix():
     assert abs(lam - float(ev[0])) <= (1e-8 + 10 * 2.2e-16) * max(float(ev[-1]), 1.0)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_min_eigenvalue_of_a_psd_gauss_newton_matrix_is_not_negative(seed):
+    """A batch of one: G has rank 2 of 45 (lambda_min = 0); its rounding gave -3e-9 to -8e-9. A loss whose
+    output curvature is indefinite (a concave lambda) keeps its negative eigenvalue."""
+    from reference import autograd_gauss_newton
+
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(1, 4, dtype=torch.float64), torch.randint(0, 3, (1,))
+    assert hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X, y).min_eigenvalue() == 0.0
+    concave = lambda out, t: -(out**2).sum()  # noqa: E731
+    G = hessinv.gauss_newton(m, concave, X, y)
+    ev = torch.linalg.eigvalsh(autograd_gauss_newton(m, concave, X, y))
+    ref = float(ev[0])
+    assert ref < -1e-3 and abs(G.min_eigenvalue() - ref) <= 1e-7 * float(ev.abs().max())
+
+
 def test_eigenpairs_of_a_float32_operator_too_large_for_its_sweeps():
     """||H|| ~ 1e22 in float32: the shifts below / above the spectrum cannot be represented; a named
     error says so (it named a "damping 6e22" the caller never passed); min_eigenvalue works (float64)."""
