@@ -561,3 +561,114 @@ def test_a_step_failing_around_a_rank_update_of_the_damping_changes_nothing(monk
     net, opt = run(True)
     assert torch.equal(_flat(net), _flat(ref_net))
     _assert_same(opt.state_dict(), ref.state_dict())
+
+
+# -- a layer frozen or unfrozen mid-training ------------------------------------------------------------
+def _offsets_of(chain) -> dict[int, slice]:
+    out, o = {}, 0
+    for t in chain.params:
+        out[id(t)] = slice(o, o + t.numel())
+        o += t.numel()
+    return out
+
+
+def test_newton_follows_a_layer_unfrozen_mid_training_keeping_the_kept_parameters_state():
+    batches, loss_fn = _batches(), nn.CrossEntropyLoss()
+    net = _small()
+    for p in net[0].parameters():
+        p.requires_grad_(False)
+    opt = ho.Newton(net, loss_fn, seed=0, mode="precondition", **SAVED)
+    for X, y in batches[:5]:
+        opt.step(X, y)
+    pc, ns = opt.preconditioner, opt._newton
+    head = [net[2].weight, net[2].bias]
+    old = _offsets_of(pc.chain)
+    before = {
+        "v": [pc.state["v"][old[id(t)]].clone() for t in head],
+        "m": [ns["momentum"][old[id(t)]].clone() for t in head],
+        "L": pc.basis.L[0].clone(),
+        "t": pc.state["t"],
+    }
+    first = net[0].weight.detach().clone()
+    for p in net[0].parameters():
+        p.requires_grad_(True)
+    opt._follow_trainable()
+    new = _offsets_of(pc.chain)
+    assert pc.chain.num_params == sum(p.numel() for p in net.parameters())
+    assert all(torch.equal(pc.state["v"][new[id(t)]], v) for t, v in zip(head, before["v"], strict=True))
+    assert all(torch.equal(ns["momentum"][new[id(t)]], m) for t, m in zip(head, before["m"], strict=True))
+    assert not bool(pc.state["v"][new[id(net[0].weight)]].any())  # new to it: zero state
+    assert pc.state["t"] == before["t"] and pc._factor is None  # the curvature is rebuilt next
+    assert pc.basis.blocks == [(0, 5, 6), (35, 3, 5)] and torch.equal(pc.basis.L[1], before["L"])
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in pc.chain.params]
+    start = float(loss_fn(net(torch.cat([b[0] for b in batches])), torch.cat([b[1] for b in batches])))
+    for X, y in batches[5:]:
+        opt.step(X, y)
+    assert not torch.equal(net[0].weight, first)  # it trains now
+    end = float(loss_fn(net(torch.cat([b[0] for b in batches])), torch.cat([b[1] for b in batches])))
+    assert end < start
+
+    # a checkpoint taken now resumes bitwise in a new optimizer built on the model as it is
+    sd, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(net.state_dict())
+    for X, y in batches[:4]:
+        opt.step(X, y)
+    net2 = _small()
+    net2.load_state_dict(weights)
+    opt2 = ho.Newton(net2, loss_fn, seed=0, mode="precondition", **SAVED)
+    opt2.load_state_dict(sd)
+    for X, y in batches[:4]:
+        opt2.step(X, y)
+    assert torch.equal(_flat(net2), _flat(net))
+
+
+@pytest.mark.parametrize("mode", ["precondition", "trust-region"])
+def test_a_layer_frozen_mid_training_stops_moving(mode):
+    batches, loss_fn = _batches(), nn.CrossEntropyLoss()
+    net = _small()
+    settings = SAVED if mode == "precondition" else {}
+    opt = ho.Newton(net, loss_fn, seed=0, mode=mode, **settings)
+    for X, y in batches[:4]:
+        opt.step(X, y)
+    net[0].weight.requires_grad_(False)
+    frozen = net[0].weight.detach().clone()
+    bias = net[0].bias.detach().clone()
+    for X, y in batches[4:10]:
+        opt.step(X, y)
+    assert torch.equal(net[0].weight, frozen) and not torch.equal(net[0].bias, bias)
+    assert opt.chain.num_params == sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+def test_a_parameter_unfrozen_that_no_group_holds_is_refused_and_changes_nothing():
+    batches, loss_fn = _batches(), nn.CrossEntropyLoss()
+    net = _small()
+    net[0].weight.requires_grad_(False)
+    groups = [{"params": [net[0].bias], "lr": 0.5}, {"params": list(net[2].parameters())}]
+    opt = ho.Newton(net, loss_fn, params=groups, seed=0, mode="precondition", **SAVED)
+    for X, y in batches[:3]:
+        opt.step(X, y)
+    sd = copy.deepcopy(opt.state_dict())
+    net[0].weight.requires_grad_(True)
+    with pytest.raises(InvalidArgumentError, match="none of Newton's 2 parameter groups"):
+        opt.step(*batches[3])
+    _assert_same(opt.state_dict(), sd)
+    net[0].weight.requires_grad_(False)  # put back: it steps on
+    opt.step(*batches[3])
+
+
+def test_precondition_follows_a_layer_unfrozen_between_calls():
+    batches, loss_fn = _batches(), nn.CrossEntropyLoss()
+    net = _small()
+    for p in net[0].parameters():
+        p.requires_grad_(False)
+    pc = ho.Preconditioner(net, loss_fn, seed=0, damping=50.0, refresh=3, curvature_batch_size=4, max_rank=5)
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    for i, (X, y) in enumerate(batches[:8]):
+        if i == 4:
+            for p in net[0].parameters():
+                p.requires_grad_(True)
+        sgd.zero_grad()
+        loss_fn(net(X), y).backward()
+        d = pc.precondition_(X, y)
+        assert d.numel() == sum(p.numel() for p in net.parameters() if p.requires_grad)
+        sgd.step()
+    assert net[0].weight.grad is not None and pc.chain.num_params == 53

@@ -1190,6 +1190,19 @@ class Chain:
         ]
         self._code = _stages_code(self.stages)
 
+    def trainable_changed(self) -> bool:
+        """Whether a parameter was frozen or unfrozen (``requires_grad_``) since the split while no
+        submodule, list element or parameter was replaced: the model is the same, its trainable set is
+        not (the optimizers follow it, :meth:`hessinv.optim.Preconditioner.follow_trainable`)."""
+        if [t.requires_grad for t in self._flag_tensors] == self._flags:
+            return False
+        values = itertools.chain.from_iterable(map(dict.values, self._held))
+        return (
+            list(map(len, self._held)) == self._held_lens
+            and not any(map(operator.is_not, values, self._held_values))
+            and not (self._top is not None and _changed(*self._top))
+        )
+
     def check_model(self, autograd: bool = True) -> None:
         """Raise a named error if the model changed since the split in a way the stages cannot see: a
         submodule, list element or parameter replaced, a layer frozen, a parameter's dtype or device

@@ -679,7 +679,8 @@ class Newton(torch.optim.Optimizer):
         if getattr(self, "_groups_frozen", False):
             raise InvalidArgumentError(
                 "Newton's parameter groups must hold exactly the model's trainable parameters; "
-                "add_param_group after construction is not supported: build a new Newton with "
+                "add_param_group after construction is not supported (a layer unfrozen with "
+                "requires_grad_(True) joins by itself at the next step): build a new Newton with "
                 "params=[{'params': ..., 'lr': ...}, ...]"
             )
         super().add_param_group(param_group)
@@ -776,6 +777,7 @@ class Newton(torch.optim.Optimizer):
         returns the batch loss before the step."""
         if callable(inputs) and not isinstance(inputs, Tensor):
             closure, inputs = inputs, None
+        self._follow_trainable()
         # Dropout / BatchNorm in training mode: the gradient as the model computes it, the curvature (and
         # every check of the chain) with them in eval mode. A refused step leaves BatchNorm's running
         # statistics as they were (the closure's forward, or the step's own in training mode, moves them
@@ -791,6 +793,42 @@ class Newton(torch.optim.Optimizer):
                     for b, v in held:
                         b.copy_(v)
             raise
+
+    def _follow_trainable(self) -> None:
+        """A layer frozen or unfrozen since the last step (``requires_grad_``; fine-tuning): the optimizer
+        follows the model's new trainable set -- the step count, and each kept parameter's momentum and
+        preconditioner state, carry over (:meth:`Preconditioner.follow_trainable`); a parameter new to
+        it starts from zero state, in the parameter group when there is one, and a frozen one leaves
+        its group. With several groups, an unfrozen parameter none of them held is an
+        :class:`InvalidArgumentError` (build a new ``Newton`` with groups that hold it)."""
+        chain = self.chain
+        if not chain.trainable_changed():
+            return  # (any other change: the model check names it)
+        new_chain, mods = deterministic_chain(self.model, self.loss_fn)
+        kept = {id(p) for p in chain.params}
+        added = [p for p in new_chain.params if id(p) not in kept]
+        now = {id(p) for p in new_chain.params}
+        if len(self.param_groups) > 1 and added:
+            raise InvalidArgumentError(
+                f"{len(added)} parameter(s) were unfrozen that none of Newton's {len(self.param_groups)} "
+                "parameter groups holds: build a new Newton with params=[...] groups that include them"
+            )
+        pc = self.preconditioner
+        m = self._newton["momentum"]
+        if pc is not None:
+            moved = pc.follow_trainable(carry=() if m is None else (m,))
+            if moved is None:  # (a data-parallel preconditioner: its model check refuses the change)
+                return
+            if m is not None:
+                self._newton["momentum"] = moved[0]
+        if len(self.param_groups) == 1:
+            self.param_groups[0]["params"] = list(new_chain.params)
+        else:
+            for group in self.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) in now]
+        self.chain, self._mode_modules = new_chain, mods
+        self._group_memo.clear()
+        self._rejected = None
 
     def _step(
         self,

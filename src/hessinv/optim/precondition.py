@@ -535,6 +535,15 @@ class EigenBasis:
             setattr(self, "_" + k, stacks)
 
 
+def _offsets(params: Sequence[Tensor]) -> list[int]:
+    """Each tensor's offset in the flat vector of ``params``."""
+    out, o = [], 0
+    for t in params:
+        out.append(o)
+        o += t.numel()
+    return out
+
+
 def _lookup_tables(model: nn.Module | Sequence[nn.Module]) -> list[Tensor]:
     """The trainable tensors of the model's lookup tables (``nn.Embedding``, ``nn.EmbeddingBag``), which
     :class:`EigenBasis` leaves unrotated: the ``weight`` parameter itself, or under a parametrization
@@ -874,6 +883,56 @@ class Preconditioner:
         state = {k: (x.clone() if isinstance(x, Tensor) else x) for k, x in sd.items()}
         return {"settings": settings, "basis": basis, "rng": rng, "state": state, "factor": factor}
 
+    def follow_trainable(self, carry: Sequence[Tensor] = ()) -> list[Tensor] | None:
+        """Follow a layer frozen or unfrozen since this preconditioner was built (``requires_grad_``, the
+        model otherwise the same): rebuilt in place for the new trainable set, keeping the step count, the
+        generator and each kept parameter's second moments and Kronecker factors and basis (the curvature
+        is rebuilt at the next :meth:`update`, on the new parameters). Returns the vectors of ``carry``
+        (n,) on the new parameters (a momentum kept in the basis; zeros for a parameter new to it), or
+        None where nothing changed. Data-parallel preconditioners do not follow (their wrapper fixes the
+        parameters): the next call's model check refuses the change there."""
+        old = self.chain
+        if type(self) is not Preconditioner or not old.trainable_changed():
+            return None
+        new = Preconditioner(
+            self.model,
+            self.loss_fn,
+            curvature=self.curvature,
+            basis="eigen" if self.basis is not None else "identity",
+            weight_decay=0.0,
+            **{k: getattr(self, k) for k in _SETTINGS},
+        )
+        new.generator.set_state(self.generator.get_state())
+        new.weight_decay, new._sums, new.time_refresh = self.weight_decay, self._sums, self.time_refresh
+        spans = {id(t): (o, t.numel()) for t, o in zip(old.params, _offsets(old.params), strict=True)}
+        pairs = [  # (old offset, new offset, size) of each kept parameter
+            (spans[id(t)][0], o, t.numel()) for t, o in zip(new.params, _offsets(new.params), strict=True)
+            if id(t) in spans
+        ]  # fmt: skip
+
+        def moved(x: Tensor) -> Tensor:
+            y = x.new_zeros(new.chain.num_params)
+            for a, b, k in pairs:
+                y[b : b + k] = x[a : a + k]
+            return y
+
+        new.state.update({k: v for k, v in self.state.items() if k != "v"})
+        new.state["v"] = moved(self.state["v"])
+        if self.basis is not None and new.basis is not None:
+            where = {
+                o: (g, j) for (o, _, _), (g, j) in zip(self.basis.blocks, self.basis._where, strict=True)
+            }
+            to_old = {b: a for a, b, _ in pairs}
+            for (o, _, _), (g, j) in zip(new.basis.blocks, new.basis._where, strict=True):
+                if to_old.get(o) in where:  # (the same weight: rotated alike)
+                    g0, j0 = where[to_old[o]]
+                    for f in EigenBasis._FIELDS:
+                        getattr(new.basis, "_" + f)[g][j].copy_(getattr(self.basis, "_" + f)[g0][j0])
+        out = [moved(c) for c in carry]
+        self.__dict__.clear()
+        self.__dict__.update(new.__dict__)
+        return out
+
     # -- the pieces -------------------------------------------------------------------------------
     def observe(self, g: Tensor) -> Tensor:
         """Add the gradient ``g`` (n,) to the second-moment average; return ``g`` in the preconditioner's
@@ -1114,6 +1173,7 @@ class Preconditioner:
                 "precondition_: every p.grad is still the direction the last call wrote (no backward() "
                 "since); compute the new batch's gradient (zero_grad(), loss.backward()) first"
             )
+        self.follow_trainable()  # (a layer frozen or unfrozen since the last call)
         g = self.gradient()
         inputs, targets = _tensor(inputs, "inputs"), _tensor(targets, "targets")
         if not bool(torch.isfinite(g).all()):  # before it enters (and poisons) the second moments
