@@ -408,3 +408,52 @@ def test_the_training_flag_is_read_from_the_forwards_code_not_its_text():
     opt = ho.Newton(sourceless, nn.CrossEntropyLoss(), seed=0)
     opt.step(X, y)
     assert opt.mode == "precondition" and sourceless.training
+
+
+class _Stacked(nn.Module):
+    """A Linear applied to a value that is not batch-first ((2, B, 8)): traced into pieces, it is called
+    whole on data; ``second`` registered before ``first``."""
+
+    def __init__(self):
+        super().__init__()
+        self.second, self.first = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = torch.tanh(self.first(torch.stack([x, 2 * x])))
+        return self.second(h[0] + h[1])
+
+
+def test_a_module_called_whole_keeps_the_optimizers_parameter_order():
+    """A model the ordered split takes (its out-of-order submodule called whole on data) keeps that chain,
+    ordered like model.parameters() -- as before the optimizers split unordered models: the unordered split
+    is only the fallback for a model the ordered one refuses (it raised "holds other parameters than its
+    pieces" at the first step, and older checkpoints of it would load permuted)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), _Stacked(), nn.Tanh(), nn.Linear(8, 3)).double()
+    X, y = _data(16)
+    opt = ho.Newton(model, nn.CrossEntropyLoss(), seed=0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert [id(p) for p in opt.chain.params] == [id(p) for p in trainable]
+    for i in range(0, 16, 8):
+        opt.step(X[i : i + 8], y[i : i + 8])
+    assert [id(p) for p in opt.chain.params] == [id(p) for p in trainable]
+    pc = ho.Preconditioner(model, nn.CrossEntropyLoss(), seed=0)
+    model.zero_grad()
+    nn.CrossEntropyLoss()(model(X), y).backward()
+    pc.precondition_(X, y)
+    assert all(p.grad is not None for p in trainable)
+
+
+def test_a_training_flag_read_by_name_counts():
+    from hessinv.chain import training_layers
+
+    class ByName(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return torch.nn.functional.dropout(self.a(x), 0.5, getattr(self, "training"))  # noqa: B009
+
+    m = ByName()
+    assert training_layers(m) == [m]

@@ -133,7 +133,7 @@ def _forward_mentions_training(cls: type) -> bool:
     stack = [code] if code is not None else []
     while stack:
         c = stack.pop()
-        if "training" in c.co_names:
+        if "training" in c.co_names or "training" in c.co_consts:  # (getattr(self, "training") too)
             return True
         stack.extend(k for k in c.co_consts if inspect.iscode(k))
     return False
@@ -173,7 +173,10 @@ def deterministic_chain(
     deterministic network, whose curvature they take), and its :func:`mode_modules`, which they keep."""
     mods = mode_modules(model)
     with layers_in_mode(training_layers(model, mods), False):
-        return Chain(model, loss_fn, ordered=False), mods
+        try:  # (ordered like model.parameters() where it can be: as every operator's chain)
+            return Chain(model, loss_fn), mods
+        except _OutOfOrder:  # the optimizers' vectors are their own: the stages' order
+            return Chain(model, loss_fn, ordered=False), mods
 
 
 def _changed(now: list, held: list) -> bool:
@@ -946,6 +949,11 @@ def _check_model_kinds(model) -> None:
                 )
 
 
+class _OutOfOrder(NotAChainError):
+    """Parameters used in another order than ``model.parameters()`` lists them (:func:`_check_parameters`):
+    the operators refuse such a model, the optimizers split it unordered (:func:`deterministic_chain`)."""
+
+
 def _check_parameters(model, stages: list[Stage], ordered: bool = True) -> None:
     """Each trainable parameter in exactly one stage, stages in ``model.parameters()`` order."""
     mods = list(model) if isinstance(model, (list, tuple)) else [model]
@@ -1001,7 +1009,7 @@ def _check_parameters(model, stages: list[Stage], ordered: bool = True) -> None:
             if own
             else "define the submodules in the order forward uses them"
         )
-        raise NotAChainError(
+        raise _OutOfOrder(
             f"forward uses parameter {names[flat[first]]} before {late}, but model.parameters() "
             f"lists them the other way round; hessinv orders the curvature like model.parameters(): {hint} "
             "-- or call the model whole, nn.Sequential(model) (one generic stage: exact, dense blocks); "
@@ -1248,7 +1256,7 @@ class Chain:
             )
         moved = [(m, k) for m, k, v in self._attrs if not same_value(vars(m).get(k, MISSING), v)]
         if moved or list(map(tuple, self._hooks)) != self._hook_keys:
-            stages = split_stages(self.model, traced := [], self._whole, self._ordered)
+            stages = self._keep_order(split_stages(self.model, traced := [], self._whole, self._ordered))
             if [id(t) for s in stages for t in s.params] != [id(t) for t in self.params]:
                 raise InvalidArgumentError(
                     "the model's stages changed since this operator/optimizer was built: build it again"
@@ -1411,9 +1419,20 @@ class Chain:
             self.check_batch(inputs, targets)
         return key
 
+    def _keep_order(self, stages: list[Stage]) -> list[Stage]:
+        """``stages`` of a split again; unordered (the optimizers' chain of a model whose forward uses its
+        parameters in another order than it lists them), each stage's parameters in this chain's order:
+        a module called whole holds its pieces' parameters, which the split lists in
+        ``model.parameters()``'s order."""
+        if not self._ordered:
+            pos = {id(t): i for i, t in enumerate(self.params)}
+            for st in stages:
+                st.params.sort(key=lambda t: pos.get(id(t), -1))
+        return stages
+
     def _resplit(self) -> None:
         """Split again with the modules of ``_whole`` called whole (the same parameters, same order)."""
-        stages = split_stages(self.model, traced := [], self._whole, self._ordered)
+        stages = self._keep_order(split_stages(self.model, traced := [], self._whole, self._ordered))
         if [id(t) for s in stages for t in s.params] != [id(t) for t in self.params]:
             raise NotAChainError("a module called whole holds other parameters than its pieces: not a chain")
         self.stages, self._traced = stages, traced

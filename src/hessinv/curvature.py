@@ -263,7 +263,9 @@ class CurvatureOperator:
     ):
         """``chain``: the :class:`~hessinv.Chain` of ``(model, loss_fn)`` when the caller already holds one
         (an optimizer that builds an operator every few steps: splitting a traced model into stages
-        costs milliseconds); by default it is built here."""
+        costs milliseconds); by default it is built here. The operator's vectors follow ``chain.params``:
+        ``model.parameters()``'s order, except for an optimizer's chain of a model whose forward uses its
+        parameters in another order (``Chain(..., ordered=False)``), which takes the stages' order."""
         if chain is not None and (chain.model is not model or chain.loss_fn is not uncompiled(loss_fn)):
             raise InvalidArgumentError("chain= must be the Chain of this model and loss_fn")
         self.chain = chain if chain is not None else Chain(model, loss_fn)

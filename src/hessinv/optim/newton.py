@@ -722,13 +722,16 @@ class Newton(torch.optim.Optimizer):
         scale = torch.where((dn > cap) & (cap > 0), cap / dn, 1.0)
         return d * scale[ids]
 
-    @torch.no_grad()
-    def _apply(self, d: Tensor) -> None:
-        """``x <- x + d`` for the flat ``d`` (n,), in one ``_foreach_add_`` (no Python between the
-        parameters: an interrupt moves all of them or none)."""
+    def _parts(self, d: Tensor) -> list[Tensor]:
+        """The flat ``d`` (n,) as views shaped like the parameters."""
         params = self.chain.params
-        parts = d.split([p.numel() for p in params])
-        torch._foreach_add_(params, [x.view_as(p) for x, p in zip(parts, params, strict=True)])
+        return [x.view_as(p) for x, p in zip(d.split([p.numel() for p in params]), params, strict=True)]
+
+    @torch.no_grad()
+    def _apply(self, d: Tensor, parts: list[Tensor] | None = None) -> None:
+        """``x <- x + d`` for the flat ``d`` (n,) (or its :meth:`_parts`), in one ``_foreach_add_`` (no
+        Python between the parameters: an interrupt moves all of them or none)."""
+        torch._foreach_add_(self.chain.params, self._parts(d) if parts is None else parts)
 
     def _batch_key(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, ...]:
         """Copies of the batch and the parameters' values, compared by :meth:`_same_point` (tensor versions
@@ -1072,7 +1075,8 @@ class Newton(torch.optim.Optimizer):
             step = ns["step"] + 1
             direction = pc.solve(m / (1 - mom**step), rotated=True)
             d = self._limited(_scaled(direction, lr))
-        self._apply(-d)  # (one foreach call: all parameters or none)
+            parts = self._parts(-d)
+        self._apply(d, parts)  # (one foreach call: all parameters or none; the state committed just before)
         ns.update(step=step, momentum=m)
         t_solve = time.perf_counter() - t
         batch = int(inputs.shape[0])
