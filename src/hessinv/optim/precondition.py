@@ -1156,8 +1156,8 @@ class Preconditioner:
         """Turn every ``p.grad`` into the preconditioned direction ``(C + D)^{-1} g`` (in place), for any
         ``torch.optim`` optimizer to apply; ``(inputs, targets)`` is the batch the gradient came from
         (its curvature batch is drawn from it). Returns the direction (flat, in :attr:`params`' order --
-        ``model.parameters()``'s, or the stages' where forward uses them in another; its entries for a parameter
-        whose grad is None -- counted as a zero gradient -- are not written: its grad stays None, so
+        ``model.parameters()``'s, or the stages' where forward uses them in another; its entries for a
+        parameter whose grad is None -- counted as a zero gradient -- are not written: its grad stays None, so
         that the optimizer skips it, as torch's do). The grads this call wrote, unchanged since (no
         ``backward()`` in between), are an :class:`InvalidArgumentError`: they are a direction, not a
         gradient."""
