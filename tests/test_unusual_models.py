@@ -640,3 +640,37 @@ def test_a_stage_linear_in_its_input_keeps_no_zero_second_derivative_block():
     _, ref = autograd_gradient_hessian(model, nn.CrossEntropyLoss(), X, y)
     V = torch.randn(H.shape[0], 3, dtype=torch.float64)
     assert torch.allclose(H @ V, ref @ V, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["cnn", "lstm"])
+def test_the_dense_matrix_by_autograd_products_is_the_chains(kind):
+    """A Hessian whose generic stages hold large dense Jz blocks (a convolution, a pooling) forms its dense
+    matrix by autograd's double backward where that is faster: the same matrix as the chain's products
+    and the plain-autograd reference (an LSTM's too, where vmap runs it; else the chain's products)."""
+    torch.manual_seed(0)
+    if kind == "cnn":
+        model = nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=1), nn.GELU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 3)
+        ).double()
+        X = torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    else:
+
+        class Last(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.rnn, self.head = nn.LSTM(2, 3, batch_first=True), nn.Linear(3, 3)
+
+            def forward(self, x):
+                return self.head(self.rnn(x)[0][:, -1])
+
+        model, X = Last().double(), torch.randn(5, 4, 2, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    H = hessinv.hessian(model, nn.CrossEntropyLoss(), X, y)
+    _, ref = autograd_gradient_hessian(model, nn.CrossEntropyLoss(), X, y)
+    V = torch.randn(H.shape[0], 70, dtype=torch.float64)  # (two blocks of 64 columns)
+    product = H._autograd_product()
+    got = None if product is None else product(V)
+    assert got is not None or kind == "lstm"  # (None: vmap could not run it)
+    assert got is None or torch.allclose(got, ref @ V, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(H._apply(V), ref @ V, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(H.to_dense(), ref, rtol=1e-10, atol=1e-12)

@@ -19,6 +19,7 @@ import copy
 import math
 import numbers
 import operator
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -438,11 +439,77 @@ class CurvatureOperator:
         width = max((b.batch * max(b.d_in, b.d_out, 1) for b in self.blocks), default=1)
         k = max(1, min(n, 2**24 // width))
         out = torch.empty(n, n, dtype=self.dtype, device=self.device)
+        product = self._columns_product(n)
         for j in range(0, n, k):  # (the identity one block of columns at a time)
             cols = torch.zeros(n, min(k, n - j), dtype=self.dtype, device=self.device)
             cols[torch.arange(j, j + cols.shape[1]), torch.arange(cols.shape[1])] = 1
-            out[:, j : j + cols.shape[1]] = self._apply(cols)
+            block = product(cols)
+            if block is None:  # (vmap failed on these columns: the chain's sweeps from here on)
+                product = self._apply
+                block = product(cols)
+            out[:, j : j + cols.shape[1]] = block
         return out
+
+    def _columns_product(self, n: int) -> Callable[[Tensor], Tensor]:
+        """The product :meth:`to_dense` forms ``H``'s columns with: the chain's sweeps (:meth:`_apply`), or,
+        for a Hessian whose generic stages hold dense per-example ``Jz`` blocks costing more per column
+        than the chain's other stages (a convolution's is ``(B, C_out H W, C_in H W)``, a pooling's alike),
+        autograd's double backward of the batch loss where a probe of 8 columns each finds it faster (both
+        exact: the same matrix up to rounding; a small CNN's ``H`` at batch 8 in 3.9 s against 5.5)."""
+        stages = self.blocks[:-1]
+        dense = sum(b.batch * b.d_out * b.d_in for b in stages if hasattr(b, "Jz") and hasattr(b, "Hzz"))
+        if not self.second_order or dense <= sum(8 * b.batch * b.p for b in stages):
+            return self._apply
+        probe = torch.zeros(n, min(8, n), dtype=self.dtype, device=self.device)
+        probe[torch.arange(probe.shape[1]), torch.arange(probe.shape[1])] = 1
+        t = time.perf_counter()
+        self._apply(probe)
+        t_chain = time.perf_counter() - t
+        t = time.perf_counter()
+        product = self._autograd_product()
+        if product is None or product(probe) is None:
+            return self._apply
+        return product if time.perf_counter() - t < t_chain else self._apply  # type: ignore[return-value]
+
+    def _autograd_product(self) -> Callable[[Tensor], Tensor | None] | None:
+        """``V -> H V`` by autograd's double backward of the batch loss through the chain's stages (the
+        gradient's graph built once; 64 columns of ``V`` vmapped at a time, ``is_grads_batched``: faster
+        than larger blocks on a CNN); it answers None where vmap cannot run the model."""
+        chain, params = self.chain, self.chain.params
+        with torch.enable_grad(), chain._state_kept():
+            out = chain._guarded(lambda: chain._forward(self.inputs))[-1]  # (forward() runs without grad)
+            loss = chain.loss_fn(out, chain.prepare_targets(self.targets))
+            g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params, create_graph=True)])
+        if not g.requires_grad:
+            return None
+
+        def product(V: Tensor) -> Tensor | None:
+            cols = []
+            for W in V.split(64, dim=1):
+                try:
+                    rows = torch.autograd.grad(
+                        g,
+                        params,
+                        W.T.contiguous(),
+                        retain_graph=True,
+                        is_grads_batched=True,
+                        allow_unused=True,
+                    )
+                except RuntimeError:
+                    return None
+                k = W.shape[1]
+                cols.append(
+                    torch.cat(
+                        [
+                            (r if r is not None else p.new_zeros(k, *p.shape)).reshape(k, -1)
+                            for r, p in zip(rows, params, strict=True)
+                        ],
+                        dim=1,
+                    ).T
+                )
+            return torch.cat(cols, dim=1).detach()
+
+        return product
 
     def as_linear_operator(self) -> scipy.sparse.linalg.LinearOperator:
         """A ``scipy.sparse.linalg.LinearOperator`` taking and returning float64 numpy arrays."""
