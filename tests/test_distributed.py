@@ -627,3 +627,21 @@ def test_batchnorm_in_training_mode_keeps_the_ranks_identical(tmp_path):
     hd.launch(_batchnorm_worker, 2, (str(tmp_path),), timeout=60, join_timeout=240, start_method=START)
     res = torch.load(tmp_path / "batchnorm.pt")
     assert res == {"replicated": 0.0, "sharded": 0.0}
+
+
+def test_a_layer_frozen_during_data_parallel_training_is_refused_by_name(one_process_group):
+    """Data-parallel training does not follow a frozen layer (DDP fixes the parameters): a named error
+    before the step's forward, nothing changed, and the run goes on once the layer is back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    X, y = torch.randn(32, 6, dtype=F64), torch.randint(0, 3, (32,))
+    opt = ho.Newton(model, nn.CrossEntropyLoss(), seed=0, mode="precondition")
+    hd.distribute(opt)
+    opt.step(X, y)
+    model[0].bias.requires_grad_(False)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(InvalidArgumentError, match="data-parallel"):
+        opt.step(X, y)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    model[0].bias.requires_grad_(True)
+    opt.step(X, y)

@@ -672,3 +672,97 @@ def test_precondition_follows_a_layer_unfrozen_between_calls():
         assert d.numel() == sum(p.numel() for p in net.parameters() if p.requires_grad)
         sgd.step()
     assert net[0].weight.grad is not None and pc.chain.num_params == 53
+
+
+def test_a_checkpoint_loads_into_an_optimizer_built_before_a_layer_was_frozen():
+    """The optimizer follows the model's trainable set before it loads: a checkpoint of the model as it is
+    now (another optimizer's) resumes bitwise, where it loaded through the stale set (shapes alike:
+    vectors on the wrong layer, silently)."""
+    loss_fn, batches = nn.CrossEntropyLoss(), _batches()
+
+    def three():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6)).double()
+
+    def freeze(net, i):
+        for p in net[i].parameters():
+            p.requires_grad_(False)
+
+    src = three()
+    freeze(src, 4)
+    ref = ho.Newton(src, loss_fn, seed=0, mode="precondition", **SAVED)
+    for X, y in batches[:6]:
+        ref.step(X, y)
+    sd, weights = copy.deepcopy(ref.state_dict()), copy.deepcopy(src.state_dict())
+    net = three()
+    freeze(net, 0)
+    opt = ho.Newton(net, loss_fn, seed=0, mode="precondition", **SAVED)  # built on layers 2 and 4
+    net.load_state_dict(weights)
+    for p in net[0].parameters():
+        p.requires_grad_(True)
+    freeze(net, 4)  # now layers 0 and 2, as the checkpoint's
+    opt.load_state_dict(sd)
+    for X, y in batches[6:10]:
+        ref.step(X, y)
+        opt.step(X, y)
+    assert torch.equal(_flat(net), _flat(src))
+
+
+def test_with_several_groups_a_layer_frozen_then_unfrozen_comes_back_to_its_group():
+    loss_fn, batches = nn.CrossEntropyLoss(), _batches()
+    net = _small()
+    opt = ho.Newton(
+        net, loss_fn, params=[{"params": net[0].parameters(), "lr": 0.0}, {"params": net[2].parameters()}],
+        seed=0, mode="precondition", **SAVED,
+    )  # fmt: skip
+    opt.step(*batches[0])
+    net[0].weight.requires_grad_(False)
+    opt.step(*batches[1])
+    assert net[0].weight.grad is None  # (left the optimizer: its grad cleared, as zero_grad would)
+    assert all(p is not net[0].weight for g in opt.param_groups for p in g["params"])
+    net[0].weight.requires_grad_(True)
+    w = net[0].weight.detach().clone()
+    for X, y in batches[2:5]:
+        opt.step(X, y)
+    assert any(p is net[0].weight for p in opt.param_groups[0]["params"])
+    assert torch.equal(net[0].weight, w)  # its group's lr 0 again
+
+
+def test_newton_recovers_when_its_preconditioner_followed_alone():
+    """The preconditioner followed (its public call, or a step interrupted after it): Newton's next step
+    follows too, its momentum moved by itself."""
+    loss_fn, batches = nn.CrossEntropyLoss(), _batches()
+    nets = [_small(), _small()]
+    opts = [ho.Newton(n, loss_fn, seed=0, mode="precondition", **SAVED) for n in nets]
+    for X, y in batches[:4]:
+        for o in opts:
+            o.step(X, y)
+    for n in nets:
+        n[0].bias.requires_grad_(False)
+    assert opts[1].preconditioner.follow_trainable()
+    for X, y in batches[4:8]:
+        for o in opts:
+            o.step(X, y)
+    assert torch.equal(_flat(nets[0]), _flat(nets[1]))
+
+
+def test_following_draws_nothing_from_torchs_generator_and_moves_a_weight_decay_vector():
+    loss_fn, batches = nn.CrossEntropyLoss(), _batches()
+    draws = []
+    for freeze in (False, True):
+        net = _small()
+        opt = ho.Newton(net, loss_fn, seed=0, mode="precondition", **SAVED)
+        torch.manual_seed(123)
+        opt.step(*batches[0])
+        if freeze:
+            net[0].bias.requires_grad_(False)
+        opt.step(*batches[1])
+        draws.append(torch.rand(3))
+    assert torch.equal(draws[0], draws[1])
+    net = _small()
+    pc = ho.Preconditioner(net, loss_fn, seed=0, damping=50.0, refresh=3, curvature_batch_size=4, max_rank=5)
+    pc.weight_decay = torch.arange(pc.chain.num_params, dtype=torch.float64)
+    net[0].bias.requires_grad_(False)
+    assert pc.follow_trainable()
+    kept = torch.cat([torch.arange(0, 30), torch.arange(35, 53)]).double()
+    assert torch.equal(pc.weight_decay, kept)

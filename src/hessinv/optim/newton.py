@@ -88,6 +88,7 @@ from hessinv.optim.precondition import (
     curvature_batch,
     curvature_weight,
     explained_subsample,
+    follow_params,
     generator_from_seed,
 )
 from hessinv.optim.trust_region import TrustRegion
@@ -544,6 +545,7 @@ class Newton(torch.optim.Optimizer):
         an :class:`~hessinv.errors.InvalidArgumentError`, and a refused load changes nothing."""
         if not isinstance(state_dict, dict):
             raise InvalidArgumentError(f"a state dict is a dict, got {type(state_dict).__name__}")
+        self._follow_trainable()  # (a layer frozen or unfrozen since: the checkpoint is of the model now)
         sd = dict(state_dict)
         ns = sd.pop("newton", None)
         # the checkpoint's tensors in this model's dtype and device (as torch.optim casts its state)
@@ -801,35 +803,44 @@ class Newton(torch.optim.Optimizer):
         """A layer frozen or unfrozen since the last step (``requires_grad_``; fine-tuning): the optimizer
         follows the model's new trainable set -- the step count, and each kept parameter's momentum and
         preconditioner state, carry over (:meth:`Preconditioner.follow_trainable`); a parameter new to
-        it starts from zero state, in the parameter group when there is one, and a frozen one leaves
-        its group. With several groups, an unfrozen parameter none of them held is an
-        :class:`InvalidArgumentError` (build a new ``Newton`` with groups that hold it)."""
+        it starts from zero state. A frozen parameter leaves its parameter group (its ``.grad`` is set to
+        None, as ``zero_grad`` would) and comes back to it when unfrozen; one no group held joins the
+        only group, and with several groups is an :class:`InvalidArgumentError` (build a new ``Newton``
+        with groups that hold it), nothing changed."""
         chain = self.chain
         if not chain.trainable_changed():
             return  # (any other change: the model check names it)
-        new_chain, mods = deterministic_chain(self.model, self.loss_fn)
+        new_chain, modes = deterministic_chain(self.model, self.loss_fn)
+        # a frozen parameter's group, by its place in the model's parameters (ids do not survive pickling)
+        homes = self.__dict__.setdefault("_homes", {})
+        mods = [self.model] if isinstance(self.model, nn.Module) else list(self.model)
+        place = {id(p): i for i, p in enumerate(p for m in mods for p in m.parameters())}
         kept = {id(p) for p in chain.params}
         added = [p for p in new_chain.params if id(p) not in kept]
-        now = {id(p) for p in new_chain.params}
-        if len(self.param_groups) > 1 and added:
+        lost = [p for p in added if place[id(p)] not in homes]
+        if len(self.param_groups) > 1 and lost:
             raise InvalidArgumentError(
-                f"{len(added)} parameter(s) were unfrozen that none of Newton's {len(self.param_groups)} "
-                "parameter groups holds: build a new Newton with params=[...] groups that include them"
+                f"{len(lost)} parameter(s) were unfrozen that none of Newton's {len(self.param_groups)} "
+                "parameter groups held: build a new Newton with params=[...] groups that include them"
             )
         pc = self.preconditioner
+        if pc is not None:  # (it may have followed already: a step interrupted after it did)
+            pc.follow_trainable()
         m = self._newton["momentum"]
-        if pc is not None:
-            moved = pc.follow_trainable(carry=() if m is None else (m,))
-            if moved is None:  # (a data-parallel preconditioner: its model check refuses the change)
-                return
-            if m is not None:
-                self._newton["momentum"] = moved[0]
-        if len(self.param_groups) == 1:
+        if m is not None:
+            self._newton["momentum"] = follow_params(m, chain.params, new_chain.params)
+        now = {id(p) for p in new_chain.params}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if id(p) not in now:
+                    homes[place[id(p)]] = gi
+                    p.grad = None
+            group["params"] = [p for p in group["params"] if id(p) in now]
+        for p in added:
+            self.param_groups[homes.pop(place[id(p)], 0)]["params"].append(p)
+        if len(self.param_groups) == 1:  # (in the chain's order, as a new optimizer's)
             self.param_groups[0]["params"] = list(new_chain.params)
-        else:
-            for group in self.param_groups:
-                group["params"] = [p for p in group["params"] if id(p) in now]
-        self.chain, self._mode_modules = new_chain, mods
+        self.chain, self._mode_modules = new_chain, modes
         self._group_memo.clear()
         self._rejected = None
 

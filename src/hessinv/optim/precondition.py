@@ -310,6 +310,8 @@ class EigenBasis:
         _two_sided: bool = False,
     ):
         self.beta, self.max_dim = beta, max_dim
+        tables = not (isinstance(unrotated, tuple) and not unrotated)  # (the default (): the older rule)
+        self._rule = (tables, _two_sided)  # (lookup tables left unrotated, the older rotation rule)
         self.blocks: list[tuple[int, int, int]] = []  # (offset, a, b)
         self.sides: list[tuple[bool, bool]] = []  # (Q_L, Q_R) of each block rotated, or the identity
         skip = {id(t) for t in ([unrotated] if isinstance(unrotated, Tensor) else unrotated)}
@@ -542,6 +544,23 @@ def _offsets(params: Sequence[Tensor]) -> list[int]:
         out.append(o)
         o += t.numel()
     return out
+
+
+def _kept_offsets(old: Sequence[Tensor], new: Sequence[Tensor]) -> list[tuple[int, int]]:
+    """``(new offset, old offset)`` of each tensor of ``new`` that ``old`` holds too."""
+    at = {id(t): o for t, o in zip(old, _offsets(old), strict=True)}
+    return [(o, at[id(t)]) for t, o in zip(new, _offsets(new), strict=True) if id(t) in at]
+
+
+def follow_params(x: Tensor, old: Sequence[Tensor], new: Sequence[Tensor]) -> Tensor:
+    """The flat vector ``x`` over the tensors ``old``, laid out over ``new`` (a layer frozen or unfrozen):
+    each kept tensor's entries moved to its place, zeros for a tensor new to it."""
+    y = x.new_zeros(sum(t.numel() for t in new))
+    at = {id(t): o for t, o in zip(old, _offsets(old), strict=True)}
+    for t, b in zip(new, _offsets(new), strict=True):
+        if id(t) in at:
+            y[b : b + t.numel()] = x[at[id(t)] : at[id(t)] + t.numel()]
+    return y
 
 
 def _lookup_tables(model: nn.Module | Sequence[nn.Module]) -> list[Tensor]:
@@ -782,6 +801,7 @@ class Preconditioner:
         object -- of another model (other parameter count), another ``basis`` or another curvature --
         gets an :class:`InvalidArgumentError`, and a refused load changes nothing
         (:meth:`check_state_dict`)."""
+        self.follow_trainable()  # (a layer frozen or unfrozen since: the checkpoint is of the model now)
         loaded = self._loaded(sd)
         self.__dict__.update(loaded["settings"])
         self.basis = loaded["basis"]
@@ -883,55 +903,59 @@ class Preconditioner:
         state = {k: (x.clone() if isinstance(x, Tensor) else x) for k, x in sd.items()}
         return {"settings": settings, "basis": basis, "rng": rng, "state": state, "factor": factor}
 
-    def follow_trainable(self, carry: Sequence[Tensor] = ()) -> list[Tensor] | None:
+    def follow_trainable(self) -> bool:
         """Follow a layer frozen or unfrozen since this preconditioner was built (``requires_grad_``, the
         model otherwise the same): rebuilt in place for the new trainable set, keeping the step count, the
-        generator and each kept parameter's second moments and Kronecker factors and basis (the curvature
-        is rebuilt at the next :meth:`update`, on the new parameters). Returns the vectors of ``carry``
-        (n,) on the new parameters (a momentum kept in the basis; zeros for a parameter new to it), or
-        None where nothing changed. Data-parallel preconditioners do not follow (their wrapper fixes the
-        parameters): the next call's model check refuses the change there."""
+        generator and each kept parameter's second moments and Kronecker factors and basis (built by the
+        same rule; the curvature is rebuilt at the next :meth:`update`, on the new parameters); a
+        per-parameter ``weight_decay`` follows too (0 for a parameter new to it). Returns whether it
+        followed. A data-parallel preconditioner refuses (its wrapper fixes the parameters)."""
         old = self.chain
-        if type(self) is not Preconditioner or not old.trainable_changed():
-            return None
+        if not old.trainable_changed():
+            return False
+        if type(self) is not Preconditioner:
+            raise InvalidArgumentError(
+                "a layer was frozen or unfrozen during data-parallel training, whose wrapper "
+                "(DistributedDataParallel) fixes the trainable parameters: build the DataParallel wrapper "
+                "again for the new set"
+            )
         new = Preconditioner(
             self.model,
             self.loss_fn,
             curvature=self.curvature,
             basis="eigen" if self.basis is not None else "identity",
-            weight_decay=0.0,
+            seed=0,  # (its generator takes this one's state below: no draw from torch's global one)
             **{k: getattr(self, k) for k in _SETTINGS},
         )
+        if self.basis is not None and self.basis._rule != (True, False):  # (an older checkpoint's rule)
+            tables, two = self.basis._rule
+            new.basis = EigenBasis(
+                new.params,
+                beta=self.basis.beta,
+                max_dim=self.basis.max_dim,
+                unrotated=_lookup_tables(self.model) if tables else (),
+                _two_sided=two,
+            )
         new.generator.set_state(self.generator.get_state())
-        new.weight_decay, new._sums, new.time_refresh = self.weight_decay, self._sums, self.time_refresh
-        spans = {id(t): (o, t.numel()) for t, o in zip(old.params, _offsets(old.params), strict=True)}
-        pairs = [  # (old offset, new offset, size) of each kept parameter
-            (spans[id(t)][0], o, t.numel()) for t, o in zip(new.params, _offsets(new.params), strict=True)
-            if id(t) in spans
-        ]  # fmt: skip
-
-        def moved(x: Tensor) -> Tensor:
-            y = x.new_zeros(new.chain.num_params)
-            for a, b, k in pairs:
-                y[b : b + k] = x[a : a + k]
-            return y
-
+        new._sums, new.time_refresh = self._sums, self.time_refresh
+        moved = functools.partial(follow_params, old=old.params, new=new.params)
+        wd = self.weight_decay
+        new.weight_decay = moved(wd) if isinstance(wd, Tensor) else wd
         new.state.update({k: v for k, v in self.state.items() if k != "v"})
         new.state["v"] = moved(self.state["v"])
         if self.basis is not None and new.basis is not None:
+            to_old = dict(_kept_offsets(old.params, new.params))
             where = {
                 o: (g, j) for (o, _, _), (g, j) in zip(self.basis.blocks, self.basis._where, strict=True)
             }
-            to_old = {b: a for a, b, _ in pairs}
             for (o, _, _), (g, j) in zip(new.basis.blocks, new.basis._where, strict=True):
                 if to_old.get(o) in where:  # (the same weight: rotated alike)
                     g0, j0 = where[to_old[o]]
                     for f in EigenBasis._FIELDS:
                         getattr(new.basis, "_" + f)[g][j].copy_(getattr(self.basis, "_" + f)[g0][j0])
-        out = [moved(c) for c in carry]
         self.__dict__.clear()
         self.__dict__.update(new.__dict__)
-        return out
+        return True
 
     # -- the pieces -------------------------------------------------------------------------------
     def observe(self, g: Tensor) -> Tensor:
