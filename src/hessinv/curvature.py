@@ -849,6 +849,7 @@ class CurvatureOperator:
             W = W.double().cpu().T.contiguous()
             A = W @ Q[j:k].T
             Qk = Q[:k]
+            w0 = float(W.norm())  # (the product's size: its rounding along the basis is u times it)
             W -= (W @ Qk.T) @ Qk
             W -= (W @ Qk.T) @ Qk  # twice is enough (Kahan-Parlett)
             # W's singular values and right singular vectors from a thin QR (a product with a (bs, bs)
@@ -866,12 +867,13 @@ class CurvatureOperator:
             res = b * np.linalg.norm((Rw / b).numpy() @ S[j:k], axis=0)
             if k + bs > m or (done is not None and done(theta, res)):  # (a full block, or none)
                 return theta, S, Qk.T, res, b
-            # W's rounding-level part along the basis comes out amplified by |W| / sigma_i in its singular
-            # vectors: where that could show (sigma_i < 1e-4 |W|), the block is orthogonalized against
-            # the basis again, and directions below 1e-12 |W| (a block that is partly an invariant
-            # subspace) are replaced by fresh random vectors
+            # W's rounding-level part along the basis (u times the product's size |H Q_j|, before the
+            # projection) comes out amplified by |H Q_j| / sigma_i in its singular vectors: where that
+            # could show (sigma_i < 1e-4 |H Q_j|: a converging block, whose W is far below the product),
+            # the block is orthogonalized against the basis again, and directions below 1e-12 |W| (a
+            # block that is partly an invariant subspace) are replaced by fresh random vectors
             C = (Qw @ U).T
-            if float(sv[-1]) < 1e-4 * b:
+            if float(sv[-1]) < 1e-4 * max(b, w0):
                 C = C[sv > 1e-12 * b]
                 C = torch.cat([C, torch.randn(bs - C.shape[0], n, generator=g, dtype=torch.float64)])
                 for _ in range(2):
