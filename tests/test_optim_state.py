@@ -766,3 +766,29 @@ def test_following_draws_nothing_from_torchs_generator_and_moves_a_weight_decay_
     assert pc.follow_trainable()
     kept = torch.cat([torch.arange(0, 30), torch.arange(35, 53)]).double()
     assert torch.equal(pc.weight_decay, kept)
+
+
+def test_a_frozen_parameters_group_survives_a_checkpoint():
+    loss_fn, batches = nn.CrossEntropyLoss(), _batches()
+
+    def build(net):
+        groups = [{"params": [p for p in net[0].parameters() if p.requires_grad], "lr": 0.0}]
+        groups.append({"params": [p for p in net[2].parameters() if p.requires_grad]})
+        return ho.Newton(net, loss_fn, params=groups, seed=0, mode="precondition", **SAVED)
+
+    net = _small()
+    opt = build(net)
+    opt.step(*batches[0])
+    net[0].weight.requires_grad_(False)
+    opt.step(*batches[1])
+    sd, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(net.state_dict())
+    net2 = _small()
+    net2.load_state_dict(weights)
+    net2[0].weight.requires_grad_(False)
+    opt2 = build(net2)  # (groups without the frozen weight)
+    opt2.load_state_dict(sd)
+    for n, o in ((net, opt), (net2, opt2)):
+        n[0].weight.requires_grad_(True)
+        o.step(*batches[2])
+    assert any(p is net2[0].weight for p in opt2.param_groups[0]["params"])
+    assert torch.equal(_flat(net2), _flat(net))

@@ -674,3 +674,35 @@ def test_the_dense_matrix_by_autograd_products_is_the_chains(kind):
     assert got is None or torch.allclose(got, ref @ V, rtol=1e-10, atol=1e-12)
     assert torch.allclose(H._apply(V), ref @ V, rtol=1e-10, atol=1e-12)
     assert torch.allclose(H.to_dense(), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("change", ["step", "buffer", "freeze", "inference_mode"])
+def test_the_dense_matrix_keeps_the_operators_point_whatever_the_model_does_since(change):
+    """The autograd products run the model as it is: after an SGD step, moved running statistics or a
+    frozen layer (or under inference_mode) the dense matrix comes from the blocks kept at the
+    operator's point (they gave another matrix, or a bare RuntimeError)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(),
+        nn.Linear(12, 3),
+    ).double().eval()  # fmt: skip
+    X, y = torch.randn(6, 1, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0, 2])
+    loss_fn = nn.CrossEntropyLoss()
+    _, ref = autograd_gradient_hessian(model, loss_fn, X, y)
+    H = hessinv.hessian(model, loss_fn, X, y)
+    assert H._autograd_product() is not None and H._at_point()
+    if change == "step":
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sub_(0.3 * torch.randn_like(p))
+    elif change == "buffer":
+        model[3].running_var.mul_(3.0)
+    elif change == "freeze":
+        model[0].bias.requires_grad_(False)
+    assert not H._at_point() or change == "inference_mode"
+    if change == "inference_mode":
+        with torch.inference_mode():
+            A = H.to_dense()
+    else:
+        A = H.to_dense()
+    assert torch.allclose(A, ref, rtol=1e-10, atol=1e-12)

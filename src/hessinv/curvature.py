@@ -287,7 +287,13 @@ class CurvatureOperator:
         self._held_point: list[tuple[Tensor, Tensor]] = []
         self._frozen_point: list[tuple[Tensor, tuple]] = []
         self._attr_point: list[tuple[int, str, str, Tensor]] = []
-        if self._point is not None:
+        # a Hessian that may form its dense matrix by autograd's products (:meth:`_columns_product`) keeps
+        # its point too: those products run the model as it is then, which they may only where it is
+        # still the model at this point
+        self._params_point = self._point
+        if self._point is None and self.second_order and _dense_jz_heavy(lin.blocks[:-1]):
+            self._params_point = [t.detach().clone() for t in self.chain.params]
+        if self._params_point is not None:
             mods = [model] if isinstance(model, nn.Module) else list(model)
             trained = {id(t) for t in self.chain.params}
             bufs = {id(b) for top in mods for b in top.buffers()}
@@ -456,9 +462,7 @@ class CurvatureOperator:
         than the chain's other stages (a convolution's is ``(B, C_out H W, C_in H W)``, a pooling's alike),
         autograd's double backward of the batch loss where a probe of 8 columns each finds it faster (both
         exact: the same matrix up to rounding; a small CNN's ``H`` at batch 8 in 3.9 s against 5.5)."""
-        stages = self.blocks[:-1]
-        dense = sum(b.batch * b.d_out * b.d_in for b in stages if hasattr(b, "Jz") and hasattr(b, "Hzz"))
-        if not self.second_order or dense <= sum(8 * b.batch * b.p for b in stages):
+        if not (self.second_order and _dense_jz_heavy(self.blocks[:-1]) and self._at_point()):
             return self._apply
         probe = torch.zeros(n, min(8, n), dtype=self.dtype, device=self.device)
         probe[torch.arange(probe.shape[1]), torch.arange(probe.shape[1])] = 1
@@ -471,15 +475,48 @@ class CurvatureOperator:
             return self._apply
         return product if time.perf_counter() - t < t_chain else self._apply  # type: ignore[return-value]
 
+    def _at_point(self) -> bool:
+        """Whether the model is still as it was at this operator's construction: its parameters, buffers,
+        frozen parameters (fingerprints) and plain tensor attributes, its hooks, traced attributes and
+        trainable set -- and autograd is on. (Its blocks hold that point; a forward now runs the model
+        as it is.)"""
+        if self.__dict__.get("_params_point") is None or torch.is_inference_mode_enabled():
+            return False
+        try:
+            self.chain.check_model()
+        except HessinvError:
+            return False
+        if self.chain.model_key() != self._model_key:
+            return False
+        tops = [self.model] if isinstance(self.model, nn.Module) else list(self.model)
+        with torch.no_grad():
+            return (
+                all(
+                    torch.equal(t, saved)
+                    for t, saved in zip(self.chain.params, self._params_point, strict=True)
+                )
+                and all(torch.equal(t, saved) for t, saved in self._held_point)
+                and all(_fingerprint(t) == saved for t, saved in self._frozen_point)
+                and all(
+                    isinstance(v := getattr(tops[i].get_submodule(name), k, None), Tensor)
+                    and v.shape == saved.shape
+                    and torch.equal(v, saved)
+                    for i, name, k, saved in self._attr_point
+                )
+            )
+
     def _autograd_product(self) -> Callable[[Tensor], Tensor | None] | None:
         """``V -> H V`` by autograd's double backward of the batch loss through the chain's stages (the
         gradient's graph built once; 64 columns of ``V`` vmapped at a time, ``is_grads_batched``: faster
         than larger blocks on a CNN); it answers None where vmap cannot run the model."""
         chain, params = self.chain, self.chain.params
-        with torch.enable_grad(), chain._state_kept():
-            out = chain._guarded(lambda: chain._forward(self.inputs))[-1]  # (forward() runs without grad)
-            loss = chain.loss_fn(out, chain.prepare_targets(self.targets))
-            g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params, create_graph=True)])
+        try:
+            with torch.enable_grad(), chain._state_kept():
+                out = chain._guarded(lambda: chain._forward(self.inputs))[-1]  # (forward() runs without grad)
+                loss = chain.loss_fn(out, chain.prepare_targets(self.targets))
+                g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params, create_graph=True)])
+        except (RuntimeError, HessinvError):
+            return None
         if not g.requires_grad:
             return None
 
@@ -2313,6 +2350,13 @@ class MixedFactorization(Factorization):
 
     def inverse_sqrt(self, Z: Tensor) -> Tensor:
         return super().inverse_sqrt(Z) if self._low is None else self._float64().inverse_sqrt(Z)
+
+
+def _dense_jz_heavy(stages: Sequence[Blocks]) -> bool:
+    """Whether generic stages' dense per-example ``Jz`` blocks (``B d_out d_in`` numbers) outweigh the
+    chain's other per-column product work (``8 B p``): where autograd's products may be cheaper."""
+    dense = sum(b.batch * b.d_out * b.d_in for b in stages if hasattr(b, "Jz") and hasattr(b, "Hzz"))
+    return dense > sum(8 * b.batch * b.p for b in stages)
 
 
 def _fingerprint(t: Tensor) -> tuple:

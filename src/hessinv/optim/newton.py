@@ -812,7 +812,7 @@ class Newton(torch.optim.Optimizer):
             return  # (any other change: the model check names it)
         new_chain, modes = deterministic_chain(self.model, self.loss_fn)
         # a frozen parameter's group, by its place in the model's parameters (ids do not survive pickling)
-        homes = self.__dict__.setdefault("_homes", {})
+        homes = dict(self._newton.get("homes", {}))  # (saved with the state: a resumed run keeps it)
         mods = [self.model] if isinstance(self.model, nn.Module) else list(self.model)
         place = {id(p): i for i, p in enumerate(p for m in mods for p in m.parameters())}
         kept = {id(p) for p in chain.params}
@@ -840,6 +840,7 @@ class Newton(torch.optim.Optimizer):
             self.param_groups[homes.pop(place[id(p)], 0)]["params"].append(p)
         if len(self.param_groups) == 1:  # (in the chain's order, as a new optimizer's)
             self.param_groups[0]["params"] = list(new_chain.params)
+        self._newton["homes"] = homes
         self.chain, self._mode_modules = new_chain, modes
         self._group_memo.clear()
         self._rejected = None
