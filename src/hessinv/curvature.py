@@ -19,7 +19,6 @@ import copy
 import math
 import numbers
 import operator
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -287,13 +286,7 @@ class CurvatureOperator:
         self._held_point: list[tuple[Tensor, Tensor]] = []
         self._frozen_point: list[tuple[Tensor, tuple]] = []
         self._attr_point: list[tuple[int, str, str, Tensor]] = []
-        # a Hessian that may form its dense matrix by autograd's products (:meth:`_columns_product`) keeps
-        # its point too: those products run the model as it is then, which they may only where it is
-        # still the model at this point
-        self._params_point = self._point
-        if self._point is None and self.second_order and _dense_jz_heavy(lin.blocks[:-1]):
-            self._params_point = [t.detach().clone() for t in self.chain.params]
-        if self._params_point is not None:
+        if self._point is not None:
             mods = [model] if isinstance(model, nn.Module) else list(model)
             trained = {id(t) for t in self.chain.params}
             bufs = {id(b) for top in mods for b in top.buffers()}
@@ -445,108 +438,11 @@ class CurvatureOperator:
         width = max((b.batch * max(b.d_in, b.d_out, 1) for b in self.blocks), default=1)
         k = max(1, min(n, 2**24 // width))
         out = torch.empty(n, n, dtype=self.dtype, device=self.device)
-        product = self._columns_product(n)
         for j in range(0, n, k):  # (the identity one block of columns at a time)
             cols = torch.zeros(n, min(k, n - j), dtype=self.dtype, device=self.device)
             cols[torch.arange(j, j + cols.shape[1]), torch.arange(cols.shape[1])] = 1
-            block = product(cols)
-            if block is None:  # (vmap failed on these columns: the chain's sweeps from here on)
-                product = self._apply
-                block = product(cols)
-            out[:, j : j + cols.shape[1]] = block
+            out[:, j : j + cols.shape[1]] = self._apply(cols)
         return out
-
-    def _columns_product(self, n: int) -> Callable[[Tensor], Tensor]:
-        """The product :meth:`to_dense` forms ``H``'s columns with: the chain's sweeps (:meth:`_apply`), or,
-        for a Hessian whose generic stages hold dense per-example ``Jz`` blocks costing more per column
-        than the chain's other stages (a convolution's is ``(B, C_out H W, C_in H W)``, a pooling's alike),
-        autograd's double backward of the batch loss where a probe of 8 columns each finds it faster (both
-        exact: the same matrix up to rounding; a small CNN's ``H`` at batch 8 in 3.9 s against 5.5)."""
-        if not (self.second_order and _dense_jz_heavy(self.blocks[:-1]) and self._at_point()):
-            return self._apply
-        probe = torch.zeros(n, min(8, n), dtype=self.dtype, device=self.device)
-        probe[torch.arange(probe.shape[1]), torch.arange(probe.shape[1])] = 1
-        t = time.perf_counter()
-        self._apply(probe)
-        t_chain = time.perf_counter() - t
-        t = time.perf_counter()
-        product = self._autograd_product()
-        if product is None or product(probe) is None:
-            return self._apply
-        return product if time.perf_counter() - t < t_chain else self._apply  # type: ignore[return-value]
-
-    def _at_point(self) -> bool:
-        """Whether the model is still as it was at this operator's construction: its parameters, buffers,
-        frozen parameters (fingerprints) and plain tensor attributes, its hooks, traced attributes and
-        trainable set -- and autograd is on. (Its blocks hold that point; a forward now runs the model
-        as it is.)"""
-        if self.__dict__.get("_params_point") is None or torch.is_inference_mode_enabled():
-            return False
-        try:
-            self.chain.check_model()
-        except HessinvError:
-            return False
-        if self.chain.model_key() != self._model_key:
-            return False
-        tops = [self.model] if isinstance(self.model, nn.Module) else list(self.model)
-        with torch.no_grad():
-            return (
-                all(
-                    torch.equal(t, saved)
-                    for t, saved in zip(self.chain.params, self._params_point, strict=True)
-                )
-                and all(torch.equal(t, saved) for t, saved in self._held_point)
-                and all(_fingerprint(t) == saved for t, saved in self._frozen_point)
-                and all(
-                    isinstance(v := getattr(tops[i].get_submodule(name), k, None), Tensor)
-                    and v.shape == saved.shape
-                    and torch.equal(v, saved)
-                    for i, name, k, saved in self._attr_point
-                )
-            )
-
-    def _autograd_product(self) -> Callable[[Tensor], Tensor | None] | None:
-        """``V -> H V`` by autograd's double backward of the batch loss through the chain's stages (the
-        gradient's graph built once; 64 columns of ``V`` vmapped at a time, ``is_grads_batched``: faster
-        than larger blocks on a CNN); it answers None where vmap cannot run the model."""
-        chain, params = self.chain, self.chain.params
-        try:
-            with torch.enable_grad(), chain._state_kept():
-                out = chain._guarded(lambda: chain._forward(self.inputs))[-1]  # (forward() runs without grad)
-                loss = chain.loss_fn(out, chain.prepare_targets(self.targets))
-                g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params, create_graph=True)])
-        except (RuntimeError, HessinvError):
-            return None
-        if not g.requires_grad:
-            return None
-
-        def product(V: Tensor) -> Tensor | None:
-            cols = []
-            for W in V.split(64, dim=1):
-                try:
-                    rows = torch.autograd.grad(
-                        g,
-                        params,
-                        W.T.contiguous(),
-                        retain_graph=True,
-                        is_grads_batched=True,
-                        allow_unused=True,
-                    )
-                except RuntimeError:
-                    return None
-                k = W.shape[1]
-                cols.append(
-                    torch.cat(
-                        [
-                            (r if r is not None else p.new_zeros(k, *p.shape)).reshape(k, -1)
-                            for r, p in zip(rows, params, strict=True)
-                        ],
-                        dim=1,
-                    ).T
-                )
-            return torch.cat(cols, dim=1).detach()
-
-        return product
 
     def as_linear_operator(self) -> scipy.sparse.linalg.LinearOperator:
         """A ``scipy.sparse.linalg.LinearOperator`` taking and returning float64 numpy arrays."""
@@ -2350,13 +2246,6 @@ class MixedFactorization(Factorization):
 
     def inverse_sqrt(self, Z: Tensor) -> Tensor:
         return super().inverse_sqrt(Z) if self._low is None else self._float64().inverse_sqrt(Z)
-
-
-def _dense_jz_heavy(stages: Sequence[Blocks]) -> bool:
-    """Whether generic stages' dense per-example ``Jz`` blocks (``B d_out d_in`` numbers) outweigh the
-    chain's other per-column product work (``8 B p``): where autograd's products may be cheaper."""
-    dense = sum(b.batch * b.d_out * b.d_in for b in stages if hasattr(b, "Jz") and hasattr(b, "Hzz"))
-    return dense > sum(8 * b.batch * b.p for b in stages)
 
 
 def _fingerprint(t: Tensor) -> tuple:
