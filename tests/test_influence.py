@@ -341,3 +341,15 @@ def test_per_example_gradients_and_output_jacobians_of_an_rnn(kind):
     la = Laplace(model, "classification").fit(X, y)
     probs = la(X[:2])
     assert probs.shape == (2, 3) and torch.allclose(probs.sum(-1), torch.ones(2, dtype=torch.float64))
+
+
+def test_output_jacobians_of_a_model_random_in_training_mode_are_refused():
+    """Dropout in training mode: vmap refuses its randomness and the one-at-a-time fallback returned the
+    Jacobians of one random draw (two calls disagreed); refused by name, exact in eval mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).double()
+    X = torch.randn(5, 4, dtype=torch.float64)
+    with pytest.raises(hessinv.UnsupportedStageError, match="Dropout in training mode"):
+        output_jacobians(model, X)
+    model.eval()
+    assert torch.equal(output_jacobians(model, X), output_jacobians(model, X))

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from hessinv.chain import Chain, LossFn, check_real, dense_grad
+from hessinv.chain import Chain, LossFn, check_real, dense_grad, training_layers
 from hessinv.curvature import CurvatureOperator, Factorization, check_precision, curvature_class
 from hessinv.errors import (
     DtypeMismatchError,
@@ -200,8 +200,17 @@ def _per_example_chain(
 
 def output_jacobians(model: nn.Module, inputs: Tensor, chunk: int = 1024) -> Tensor:
     """``(N, C, n)``: the Jacobian of each example's ``C`` outputs in the trainable parameters
-    (``torch.func.vmap(jacrev)``), for the linearized (GLM) predictive."""
+    (``torch.func.vmap(jacrev)``), for the linearized (GLM) predictive. A model with layers random in
+    training mode (Dropout, ...) in that mode is an :class:`UnsupportedStageError` (its Jacobians would be
+    of one random draw)."""
     chunk = _check_chunk(chunk)
+    random = training_layers(model)
+    if random:
+        kinds = ", ".join(sorted({type(m).__name__ for m in random}))
+        raise UnsupportedStageError(
+            f"the model's {kinds} in training mode make its outputs random: call model.eval() for its "
+            "Jacobians (the linearized predictive is of the deterministic network)"
+        )
     slots, params = _slots(model)
     _check_model_inputs(inputs, params)
     values = {k: p.detach() for k, p in slots}
