@@ -927,8 +927,9 @@ class Preconditioner:
             seed=0,  # (its generator takes this one's state below: no draw from torch's global one)
             **{k: getattr(self, k) for k in _SETTINGS},
         )
-        if self.basis is not None and self.basis._rule != (True, False):  # (an older checkpoint's rule)
-            tables, two = self.basis._rule
+        rule = getattr(self.basis, "_rule", (True, False))  # (a basis pickled before it was kept)
+        if self.basis is not None and rule != (True, False):  # (an older checkpoint's rule)
+            tables, two = rule
             new.basis = EigenBasis(
                 new.params,
                 beta=self.basis.beta,
