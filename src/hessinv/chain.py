@@ -1202,13 +1202,15 @@ class Chain:
         """Whether a parameter was frozen or unfrozen (``requires_grad_``) since the split while no
         submodule, list element or parameter was replaced: the model is the same, its trainable set is
         not (the optimizers follow it, :meth:`hessinv.optim.Preconditioner.follow_trainable`)."""
-        if [t.requires_grad for t in self._flag_tensors] == self._flags:
-            return False
+        return [t.requires_grad for t in self._flag_tensors] != self._flags and not self._replaced()
+
+    def _replaced(self) -> bool:
+        """Whether a submodule, list element or parameter of the model was replaced since the split."""
         values = itertools.chain.from_iterable(map(dict.values, self._held))
         return (
-            list(map(len, self._held)) == self._held_lens
-            and not any(map(operator.is_not, values, self._held_values))
-            and not (self._top is not None and _changed(*self._top))
+            list(map(len, self._held)) != self._held_lens
+            or any(map(operator.is_not, values, self._held_values))
+            or (self._top is not None and _changed(*self._top))
         )
 
     def check_model(self, autograd: bool = True) -> None:
@@ -1243,13 +1245,7 @@ class Chain:
                     "optimizer was built, which changes what autograd reports; remove it (clip or scale "
                     "the gradient outside the backward pass)"
                 )
-        values = itertools.chain.from_iterable(map(dict.values, self._held))
-        if (
-            list(map(len, self._held)) != self._held_lens
-            or any(map(operator.is_not, values, self._held_values))
-            or (self._top is not None and _changed(*self._top))
-            or [t.requires_grad for t in self._flag_tensors] != self._flags
-        ):
+        if self._replaced() or [t.requires_grad for t in self._flag_tensors] != self._flags:
             raise InvalidArgumentError(
                 "the model changed since this operator/optimizer was built (a submodule or parameter "
                 "replaced, a layer frozen or unfrozen): build it again for the new model"

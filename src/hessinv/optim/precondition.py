@@ -546,20 +546,18 @@ def _offsets(params: Sequence[Tensor]) -> list[int]:
     return out
 
 
-def _kept_offsets(old: Sequence[Tensor], new: Sequence[Tensor]) -> list[tuple[int, int]]:
-    """``(new offset, old offset)`` of each tensor of ``new`` that ``old`` holds too."""
+def _kept_offsets(old: Sequence[Tensor], new: Sequence[Tensor]) -> list[tuple[int, int, int]]:
+    """``(new offset, old offset, size)`` of each tensor of ``new`` that ``old`` holds too."""
     at = {id(t): o for t, o in zip(old, _offsets(old), strict=True)}
-    return [(o, at[id(t)]) for t, o in zip(new, _offsets(new), strict=True) if id(t) in at]
+    return [(o, at[id(t)], t.numel()) for t, o in zip(new, _offsets(new), strict=True) if id(t) in at]
 
 
 def follow_params(x: Tensor, old: Sequence[Tensor], new: Sequence[Tensor]) -> Tensor:
     """The flat vector ``x`` over the tensors ``old``, laid out over ``new`` (a layer frozen or unfrozen):
     each kept tensor's entries moved to its place, zeros for a tensor new to it."""
     y = x.new_zeros(sum(t.numel() for t in new))
-    at = {id(t): o for t, o in zip(old, _offsets(old), strict=True)}
-    for t, b in zip(new, _offsets(new), strict=True):
-        if id(t) in at:
-            y[b : b + t.numel()] = x[at[id(t)] : at[id(t)] + t.numel()]
+    for b, a, k in _kept_offsets(old, new):
+        y[b : b + k] = x[a : a + k]
     return y
 
 
@@ -945,7 +943,7 @@ class Preconditioner:
         new.state.update({k: v for k, v in self.state.items() if k != "v"})
         new.state["v"] = moved(self.state["v"])
         if self.basis is not None and new.basis is not None:
-            to_old = dict(_kept_offsets(old.params, new.params))
+            to_old = {b: a for b, a, _ in _kept_offsets(old.params, new.params)}
             where = {
                 o: (g, j) for (o, _, _), (g, j) in zip(self.basis.blocks, self.basis._where, strict=True)
             }
