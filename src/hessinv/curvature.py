@@ -1084,18 +1084,23 @@ class CurvatureOperator:
             # to sigma) than its k-th value by more than the counts' resolution: extra eigenvalues
             # within it of that value (a cluster, or a float32 spectrum's bulk, spaced below sqrt(u)
             # ||H||) stay in any rerun's interval, and the rerun (dense eigh up to n = 4096) only costs
+            # -- unless Lanczos missed one of those nearer eigenvalues itself (a copy of an exactly
+            # repeated one: the counts find more of them than it returned), which a rerun does find
             margin = max(delta, floor)
             if ends == "smallest":
                 inner = self._count_below(float(vals[-1]) - margin)
+                found = int((vals < float(vals[-1]) - margin).sum())
                 sweeps += 1
             elif ends == "largest":
                 inner = n - self._count_below(float(vals[0]) + margin)
+                found = int((vals > float(vals[0]) + margin).sum())
                 sweeps += 1
             else:
                 r_in = float((vals - sigma).abs().max()) - margin
                 inner = self._count_below(sigma + r_in) - self._count_below(sigma - r_in) if r_in > 0 else 0
+                found = int(((vals - sigma).abs() < r_in).sum()) if r_in > 0 else 0
                 sweeps += 2 if r_in > 0 else 0
-            if inner < k:
+            if inner < k and inner <= found:
                 break
             kk = count + (count - k)  # more Ritz pairs than there are eigenvalues in the interval
             if _DENSE_FRACTION * kk > n > _DENSE_EIG_MAX:
@@ -1354,7 +1359,9 @@ def _check_shift(shift, dtype: torch.dtype, what: str = "shift") -> float:
     limit = _shift_limit(dtype)
     if abs(shift) > limit:
         raise InvalidArgumentError(
-            f"{what} {shift:g} is too large for {dtype}: |{what}| must be <= {limit:.2g}"
+            f"{what} {shift:g} is too large for {dtype}: |{what}| must be <= {limit:.2g} (the sweep's "
+            "products would overflow); use a float64 model (model.double() and float64 inputs), or scale "
+            "the loss down and the damping with it"
         )
     return shift
 
