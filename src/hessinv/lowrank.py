@@ -242,11 +242,14 @@ def structured_gram(U: Tensor, S: Tensor, Dinv: Tensor, factors: list, rest: Ten
     r, n = U.shape
     K = torch.diag(S.double())
     Dinv64 = Dinv.double()
+    parts = []
     for off, d, m, T, Z, idx in factors:
         Dw = Dinv64[off : off + d * m].view(d, m)
         Z64 = Z.double()
         w = (Z64[:, None, :] * Z64[None, :, :]) @ Dw.T  # (B, B, d): w_ab = Dinv_W (z_a o z_b)
-        K += _pair_gram(T.double(), idx, w)
+        parts.append((T.double(), idx, w))
+    if parts:
+        K += _pair_grams(parts)
     if rest is None:
         rest = _uncovered(n, factors, U.device)
     if rest.numel():
@@ -255,17 +258,38 @@ def structured_gram(U: Tensor, S: Tensor, Dinv: Tensor, factors: list, rest: Ten
     return K
 
 
-def _structured_update(T: Tensor, Z: Tensor, n_idx: Tensor, loc: Tensor, delta: Tensor, m: int) -> Tensor:
-    """``U_J diag(delta) U_J^T`` (r x r, float64) for entries ``loc`` (flat, within the weight) of a Linear
-    weight whose rows of ``U`` are ``vec(T_q z_{n(q)}^T)``: ``sum_i T_qi T_pi (Z diag(delta_i) Z^T)_{n(q)
-    n(p)}`` over its changed rows ``i`` -- ``B^2`` flops per entry and ``r^2`` per row, where the columns
-    themselves would cost ``r^2`` per entry (a 1000-class head: 4160 entries of 64 rows)."""
+def _structured_update(
+    T: Tensor, Z: Tensor, n_idx: Tensor, loc: Tensor, delta: Tensor, m: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The :func:`_pair_gram` part ``(T_rows, n_idx, w)`` of ``U_J diag(delta) U_J^T`` (r x r, float64) for
+    entries ``loc`` (flat, within the weight) of a Linear weight whose rows of ``U`` are ``vec(T_q
+    z_{n(q)}^T)``: ``sum_i T_qi T_pi (Z diag(delta_i) Z^T)_{n(q) n(p)}`` over its changed rows ``i`` --
+    ``B^2`` flops per entry and ``r^2`` per row, where the columns themselves would cost ``r^2`` per entry
+    (a 1000-class head: 4160 entries of 64 rows)."""
     rows, pos = torch.unique(loc // m, return_inverse=True)
     Dm = torch.zeros(rows.numel(), m, dtype=torch.float64, device=T.device)
     Dm[pos, loc % m] = delta
     Z64 = Z.double()
     w = (Z64[:, None, :] * Z64[None, :, :]) @ Dm.T  # (B, B, k): Z diag(delta_i) Z^T per changed row
-    return _pair_gram(T.double()[:, rows], n_idx, w)
+    return T.double()[:, rows], n_idx, w
+
+
+def _pair_grams(parts: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+    """The sum of :func:`_pair_gram` over ``parts`` ``(T, idx, w)`` (r x r; at least one part): one call
+    for the parts whose rows belong to the same examples ``idx`` (every Linear weight of one root), their
+    ``T`` and ``w`` side by side -- the sum over ``i`` runs over all of them at once (a deep chain's 17
+    weights: one batched product instead of 17 rounds of small ones)."""
+    out: Tensor | None = None
+    while parts:
+        idx = parts[0][1]
+        same = [q for q in parts if q[1] is idx or torch.equal(q[1], idx)]
+        parts = [q for q in parts if not (q[1] is idx or torch.equal(q[1], idx))]
+        T = same[0][0] if len(same) == 1 else torch.cat([q[0] for q in same], 1)
+        w = same[0][2] if len(same) == 1 else torch.cat([q[2] for q in same], 2)
+        M = _pair_gram(T, idx, w)
+        out = M if out is None else out + M
+    assert out is not None
+    return out
 
 
 def _pair_gram(T: Tensor, idx: Tensor, w: Tensor) -> Tensor:
@@ -538,8 +562,13 @@ class WoodburyFactor:
         delta = 1.0 / values[live].double() - self._Dinv[idx_k].double()
         K = self.K.clone()
         groups, rest = self._by_factor(idx_k)
-        for (off, _d, m, T, Z, n_idx), inside in groups:  # Linear weights: through their rows' structure
-            K += _structured_update(T, Z, n_idx, idx_k[inside] - off, delta[inside], m)
+        if groups:  # Linear weights: through their rows' structure
+            K += _pair_grams(
+                [
+                    _structured_update(T, Z, n_idx, idx_k[inside] - off, delta[inside], m)
+                    for (off, _d, m, T, Z, n_idx), inside in groups
+                ]
+            )
         if bool(rest.any()):
             cols = idx_k[rest]
             U_J = self._U64[:, cols] if self._U64 is not None else self.columns(cols).double()
