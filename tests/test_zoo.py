@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import autograd_gauss_newton, autograd_gradient_hessian
+from reference import autograd_gauss_newton, autograd_gradient_hessian, autograd_hessian
 from torch import nn
 
 import hessinv
@@ -1237,8 +1237,8 @@ def test_the_whole_call_fallback_edges(monkeypatch):
     """(1) A first Gauss-Newton linearization on one example shows no mixing: the test is not cached then,
     and a later batch still calls the module whole (its dense blocks were refused as 'mixes examples').
     (2) A call that fails after a trial passed (the loss refuses the targets) undoes the trial. (3) Where
-    the whole call fails for another reason than its pieces (its size), that error is raised, with the
-    batch that fits. (4) per_example_gradients falls back as well."""
+    the whole call's dense blocks would be too large, its blocks are lazy (products by autograd), its
+    Hessian exact. (4) per_example_gradients falls back as well."""
     import hessinv
     import hessinv.stages.generic as gen
     from hessinv.influence import per_example_gradients
@@ -1259,9 +1259,10 @@ def test_the_whole_call_fallback_edges(monkeypatch):
     with pytest.raises(hessinv.ShapeMismatchError, match="class index"):
         chain.linearize(x, torch.full((5,), 7))  # the loss stage refuses after _Flipped passed whole
     assert [s.name for s in chain.stages] == names and not chain._whole
-    monkeypatch.setattr(gen.GenericStage, "MAX_BLOCK_ENTRIES", 1000)
-    with pytest.raises(hessinv.TooLargeError, match=r"stage 1 \(_Flipped\): its dense per-example blocks"):
-        hessinv.hessian(model, loss_fn, x, y)
+    monkeypatch.setattr(gen.GenericStage, "MAX_BLOCK_ENTRIES", 1000)  # beyond it: lazy blocks, exact
+    H = hessinv.hessian(model, loss_fn, x, y)
+    assert any(isinstance(b, gen.LazyBlocks) for b in H.blocks)
+    assert torch.allclose(H.to_dense(), autograd_hessian(model, loss_fn, x, y), rtol=1e-10, atol=1e-13)
 
 
 def test_tracing_puts_every_container_back_as_it_was():

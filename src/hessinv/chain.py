@@ -1745,17 +1745,6 @@ class Chain:
                     f"{st.name}: its output has no entries per example (a layer of width 0, shape "
                     f"{tuple(z.shape)}): nothing before it reaches the loss; remove the zero-width layer"
                 )
-        if second_order:  # every generic stage's dense blocks, before any is built (the advice: for all)
-            # (from the first stage with parameters: a frozen backbone before it costs a forward pass)
-            first = next((i for i, st in enumerate(self.stages) if st.p), len(self.stages))
-            sizes = [
-                (st, z.shape[0], z[0].numel() if z.is_floating_point() else 0, out[0].numel())
-                for st, z, out in list(zip(self.stages, zs[:-1], zs[1:], strict=True))[first:]
-                if isinstance(st, GenericStage) and z.shape[0]
-            ]
-            fits = min((st.dense_fits(*a)[1] for st, *a in sizes), default=0)
-            for st, *a in sizes:
-                st.check_dense_size(*a, fits=fits)
         y = zs[-1]
         # Gauss-Newton of NLLLoss after a LogSoftmax: the loss is linear in the log-probabilities, so the
         # split there gives a zero matrix; split at the logits instead (cross-entropy on them, the same

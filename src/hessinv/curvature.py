@@ -1402,6 +1402,20 @@ class GaussNewton(CurvatureOperator):
     second_order = False
     _root: tuple[Tensor, Tensor] | None = None
 
+    def to_dense(self) -> Tensor:
+        """:meth:`CurvatureOperator.to_dense`; where ``G``'s rank bound ``r = batch x outputs`` is below
+        ``n``, ``U^T diag(S) U`` from its root (:meth:`root`: one backward sweep of ``r`` right-hand sides
+        instead of ``n`` products -- a CNN of 4.8k parameters on 64 examples: 192 against 4787)."""
+        view = self.__dict__.get("_view")
+        loss = self.blocks[-1]
+        n = self.shape[0]
+        if (view is None or view is self) and loss.batch * loss.d_in < n:
+            check_dense_memory(n, self.dtype, self.device, "to_dense()")
+            U, S = self.root()
+            A = U.T @ (S[:, None] * U)
+            return 0.5 * (A + A.T)
+        return super().to_dense()
+
     def min_eigenvalue(self, tol: float = 1e-8) -> float:
         """:meth:`CurvatureOperator.min_eigenvalue`, never below 0 where ``G`` is positive semidefinite by
         construction (a loss whose output curvature is: cross-entropy with targets of nonnegative mass,
@@ -1422,6 +1436,11 @@ class GaussNewton(CurvatureOperator):
         truncates each example's output curvature to its leading eigenpairs so that ``r <= max(max_rows,
         B)`` (then ``U^T S U`` approximates ``G``); ``structured_only``: as
         :func:`hessinv.lowrank.gauss_newton_root` (none of these results is cached)."""
+        if rotation is not None and not callable(rotation):
+            raise InvalidArgumentError(
+                f"root(rotation=...) takes a callable (EigenBasis.blocks_in), got {type(rotation).__name__}: "
+                "pass max_rows by keyword, root(max_rows=...)"
+            )
         if rotation is not None or factors is not None or max_rows is not None:
             return gauss_newton_root(
                 self.blocks, self.dtype, self.device, rotation, factors, max_rows, structured_only

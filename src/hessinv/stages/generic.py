@@ -234,6 +234,8 @@ class GenericStage(Stage):
 
     #: Refuse a stage whose dense blocks (Jx, Jz, Hxx, Hxz, Hzz) would hold more numbers than this.
     MAX_BLOCK_ENTRIES = 2**28
+    #: Hessian blocks above this many numbers are taken lazily (:meth:`linearize`): 4M (32 MiB in float64)
+    LAZY_ENTRIES = 2**22
 
     def __init__(
         self,
@@ -304,10 +306,32 @@ class GenericStage(Stage):
         return out
 
     def linearize(self, z_in: Tensor, b_out: Tensor, second_order: bool) -> Blocks:
-        """Dense per-example blocks; for Gauss-Newton (``second_order=False``) :class:`LazyBlocks`, which
-        form them only when a product other than ``Jx^T s`` / ``Jz^T s`` is asked for."""
+        """Dense per-example blocks -- or :class:`LazyBlocks`, which form them only when the Riccati sweep
+        asks and take every product by autograd at the linearization point: always for Gauss-Newton
+        (``second_order=False``), and for the Hessian where the dense blocks would hold more than
+        :attr:`LAZY_ENTRIES` numbers (a convolution or pooling on images: a 10k-parameter CNN's blocks
+        took 25 s and gigabytes, one Hessian-vector product through them 0.5 s). Lazy Hessian blocks are
+        probed at once (mixing of examples, finiteness, a differentiable backward, symmetric second
+        derivatives: :meth:`LazyBlocks.probe`)."""
         if not second_order:
             return LazyBlocks(self, z_in, b_out)
+        B = z_in.shape[0]
+        d_in = z_in.reshape(B, -1).shape[1] if z_in.is_floating_point() else 0
+        if self.dense_fits(B, d_in, b_out.reshape(B, -1).shape[1])[0] > min(
+            self.LAZY_ENTRIES, self.MAX_BLOCK_ENTRIES
+        ):
+            try:
+                blk = LazyBlocks(self, z_in, b_out, second_order=True)
+                blk.probe()
+            except UnsupportedStageError:
+                raise
+            except RuntimeError as e:  # as dense_blocks says it
+                hint = next((h for op, h in _NO_DOUBLE_BACKWARD.items() if op in str(e)), "")
+                raise UnsupportedStageError(
+                    f"{self.name}: autograd cannot differentiate it twice: {str(e).rstrip('.')}. "
+                    + (hint or "Write the stage with operations autograd can differentiate twice")
+                ) from e
+            return blk
         return self.dense_blocks(z_in, b_out, second_order)
 
     def dense_blocks(self, z_in: Tensor, b_out: Tensor, second_order: bool) -> DenseBlocks:
@@ -431,13 +455,17 @@ class GenericStage(Stage):
         example). Multiplied by an exact zero elsewhere in the chain they made a Hessian of NaNs."""
         name = self._non_finite(blk)
         if name is not None:
-            raise NonFiniteError(
-                f"{self.name}: its derivatives at this batch are not finite (NaN or infinity in "
-                f"{name}; e.g. F.normalize or a norm of an all-zero vector, a square root at 0): "
-                "make the stage differentiable there (F.normalize(x, eps=...) divides by max(||x||, "
-                "eps) but autograd's second derivative at 0 is still NaN: add eps inside the norm, "
-                "x / torch.sqrt((x * x).sum(-1, keepdim=True) + eps))"
-            )
+            self.not_finite(name)
+
+    def not_finite(self, name: str) -> None:
+        """Raise the :class:`NonFiniteError` of :meth:`_check_finite` for the derivatives ``name``."""
+        raise NonFiniteError(
+            f"{self.name}: its derivatives at this batch are not finite (NaN or infinity in "
+            f"{name}; e.g. F.normalize or a norm of an all-zero vector, a square root at 0): "
+            "make the stage differentiable there (F.normalize(x, eps=...) divides by max(||x||, "
+            "eps) but autograd's second derivative at 0 is still NaN: add eps inside the norm, "
+            "x / torch.sqrt((x * x).sum(-1, keepdim=True) + eps))"
+        )
 
     @staticmethod
     def _non_finite(blk: DenseBlocks) -> str | None:
@@ -566,15 +594,21 @@ _SQRT_U64 = 1.5e-8  # sqrt(float64's unit roundoff): the probe's rounding allowa
 
 
 class LazyBlocks(Blocks):
-    """Gauss-Newton blocks of a :class:`GenericStage`, formed as needed.
+    """Blocks of a :class:`GenericStage` (Gauss-Newton, or with ``second_order`` the Hessian's), formed as
+    needed.
 
     ``Jx^T s`` and ``Jz^T s`` -- all that the gradient and the low-rank Gauss-Newton root
     (:func:`hessinv.lowrank.gauss_newton_root`, the optimizer's refresh) ask of a stage -- are one batched
     vector-Jacobian product of the stage at its linearization point (``k`` right-hand sides: one backward
     pass with ``is_grads_batched``), ``O(k)`` backward passes of the stage instead of the ``p + d_in``
     double-backward passes that dense ``Jx``, ``Jz`` cost (a 2-layer CNN's refresh on 8 examples:
-    180 -> a few ms). Any other product, or the Riccati blocks, builds the dense per-example blocks
-    (:meth:`GenericStage.dense_blocks`) once and delegates to them.
+    180 -> a few ms). The other products are autograd's too, on the graph of ``g(u) = d <u, f> / d(x,
+    z)`` at ``u = b`` (the signal at the output): ``Jx v + Jz t`` is the derivative of ``<g(u), (v, t)>``
+    in ``u`` (``g`` is linear in ``u``), and ``Jx^T s + H(b) (v, t)`` (both parts, ``H(b) = sum_k b_k
+    d^2 f_k``) the derivative of ``<s, f> + <g(b), (v, t)>`` in ``(x, z)`` -- one (double) backward pass
+    each, whatever the sizes of ``Jz`` and ``Hzz`` (a convolution on images: a Hessian-vector product
+    0.5 s through dense blocks, milliseconds so). The Riccati blocks (and products asked after them) use
+    the dense per-example blocks (:meth:`GenericStage.dense_blocks`), built once.
 
     The linearization point is kept: a copy of the stage's input, and copies of its parameters and
     buffers, the modules' train/eval modes and plain attributes, against which the module is checked
@@ -585,8 +619,10 @@ class LazyBlocks(Blocks):
 
     per_example = False  # not probed: gauss_newton_root checks the rows' structure itself
 
-    def __init__(self, stage: GenericStage, z_in: Tensor, b_out: Tensor):
-        self.stage, self._b_out = stage, b_out
+    def __init__(self, stage: GenericStage, z_in: Tensor, b_out: Tensor, second_order: bool = False):
+        self.stage, self._b_out, self.second_order = stage, b_out, second_order
+        self._g: tuple[Tensor, list[Tensor]] | None = None  # (u, g(u)) with its graph: _graph()
+        self._probed = False
         self._z_in = z_in.detach().clone()  # the caller's batch may change in place afterwards
         self.batch, self.p = z_in.shape[0], stage.p
         self._z, call = stage.differentiable_input(self._z_in, b_out.dtype)
@@ -781,7 +817,7 @@ class LazyBlocks(Blocks):
                     m.training = mode
                 for m, k, v in self._attrs:
                     vars(m)[k] = v
-                self._dense_blocks = self.stage.dense_blocks(self._z_in, self._b_out, False)
+                self._dense_blocks = self.stage.dense_blocks(self._z_in, self._b_out, self.second_order)
             finally:
                 for m, mode in now:
                     m.training = mode
@@ -790,7 +826,7 @@ class LazyBlocks(Blocks):
                         vars(m).pop(k, None)
                     else:
                         vars(m)[k] = v
-            self._out = self._z = None  # the graph is no longer needed
+            self._out = self._z = self._g = None  # the graph is no longer needed
             self._linears, self._linear_calls = [], []
         return self._dense_blocks
 
@@ -822,23 +858,236 @@ class LazyBlocks(Blocks):
     def jzT(self, s: Tensor) -> Tensor:
         return self._vjp(s, "z")
 
+    # -- the other products, by autograd at the linearization point (the class docstring) ----------------
+    def _graph(self) -> tuple[Tensor, list[Tensor]]:
+        """``(u, g(u))``: ``u`` a leaf equal to the signal ``b``, ``g(u) = d <u, f> / d(x, z)`` with its graph
+        (parameters first, then the input), built on first use."""
+        if self._g is None:
+            u = self._b_out.detach().reshape(self._out.shape).to(self._out.dtype).clone().requires_grad_(True)
+            with torch.enable_grad():
+                g = _grads((u * self._out).sum(), [*self.stage.params, self._z], create_graph=True)
+            self._g = (u, g)
+        return self._g
+
+    def _split(self, v: Tensor | None, t: Tensor | None) -> list[Tensor | None]:
+        """``v`` (p, k) and ``t`` (B, d_in, k) as seeds (k, *shape) of the parameters and the input."""
+        seeds: list[Tensor | None] = []
+        o = 0
+        for q in self.stage.params:
+            seeds.append(None if v is None else v[o : o + q.numel()].T.reshape(-1, *q.shape).to(q.dtype))
+            o += q.numel()
+        seeds.append(None if t is None else t.permute(2, 0, 1).reshape(-1, *self._z.shape).to(self._z.dtype))
+        return seeds
+
+    @staticmethod
+    def _grad_k(
+        outputs: list[Tensor], seeds: list[Tensor | None], inputs: list[Tensor], k: int
+    ) -> list[Tensor]:
+        """``d sum_o <seed_o[j], o> / d inputs`` for ``j < k``: (k, *input.shape) each, zeros where nothing
+        reaches an input. One backward pass batched over ``k`` (``is_grads_batched``, in chunks of
+        :data:`CHUNK`), one per column where an operation has no batching rule."""
+        pairs = [(o, q) for o, q in zip(outputs, seeds, strict=True) if q is not None and o.requires_grad]
+        if not pairs or k == 0:
+            return [t.new_zeros(k, *t.shape) for t in inputs]
+        outs, qs = [o for o, _ in pairs], [q for _, q in pairs]
+
+        def grad(sd: list[Tensor], batched: bool) -> list[Tensor]:
+            gs = torch.autograd.grad(
+                outs, inputs, grad_outputs=sd, retain_graph=True, allow_unused=True,
+                is_grads_batched=batched, materialize_grads=True,
+            )  # fmt: skip
+            return [g.to_dense() if g.is_sparse else g for g in gs]
+
+        if k == 1:
+            return [g[None] for g in grad([q[0] for q in qs], False)]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "no batching rule for ...": the loop below instead
+                parts = [grad([q[j : j + CHUNK] for q in qs], True) for j in range(0, k, CHUNK)]
+            return [
+                torch.cat([g if g.shape[0] == min(CHUNK, k - j) else g.expand(min(CHUNK, k - j), *t.shape)
+                           for g, j in zip(gs, range(0, k, CHUNK), strict=True)])
+                for gs, t in zip(zip(*parts, strict=True), inputs, strict=True)
+            ]  # fmt: skip
+        except RuntimeError:
+            cols = [grad([q[j] for q in qs], False) for j in range(k)]
+            return [torch.stack(gs) for gs in zip(*cols, strict=True)]
+
+    def _forward(self, v: Tensor | None, t: Tensor | None) -> Tensor:
+        """``Jx v + Jz t`` (B, d_out, k), a None part zero: the derivative of ``<g(u), (v, t)>`` in ``u``."""
+        u, g = self._graph()
+        k = (v if v is not None else t).shape[-1]  # type: ignore[union-attr]
+        (out,) = self._grad_k(g, self._split(v, t), [u], k)
+        return out.reshape(k, self.batch, self.d_out).permute(1, 2, 0)
+
+    def _backward(
+        self, s: Tensor | None, v: Tensor | None, t: Tensor | None, k: int
+    ) -> tuple[Tensor, Tensor]:
+        """``(Jx^T s + H(b)_x. (v, t), Jz^T s + H(b)_z. (v, t))`` ((p, k), (B, d_in, k)), a None part zero:
+        the derivative of ``<s, f> + <g(b), (v, t)>`` in the parameters and the input."""
+        outputs, seeds = (
+            [self._out],
+            [None if s is None else s.permute(2, 0, 1).reshape(-1, *self._out.shape)],
+        )
+        if self.second_order and (v is not None or t is not None):
+            outputs += self._graph()[1]
+            seeds += self._split(v, t)
+        seeds = [None if q is None else q.to(o.dtype) for o, q in zip(outputs, seeds, strict=True)]
+        gs = self._grad_k(outputs, seeds, [*self.stage.params, self._z], k)
+        x = torch.cat([g.reshape(k, -1) for g in gs[:-1]], 1).T if self.p else gs[-1].new_zeros(0, k)
+        return x, gs[-1].reshape(k, self.batch, self.d_in).permute(1, 2, 0)
+
+    def _ready(self) -> bool:
+        """Whether the products run on the graph (else on the dense blocks, formed by then): checked
+        unchanged, and probed once (:meth:`probe`)."""
+        if self._dense_blocks is not None:
+            return False
+        self._unchanged()
+        if not self._probed:
+            self.probe()
+        return True
+
+    def probe(self) -> None:
+        """Check, once, what the dense blocks' probe checks of a stage, on random vectors: its products
+        finite (``F.normalize`` at 0: a :class:`NonFiniteError`), ``<Jx v + Jz t, s>`` equal to ``<(v, t),
+        (Jx^T s, Jz^T s)>`` -- the forward products come from autograd's double backward, which a custom
+        ``autograd.Function`` with ``@once_differentiable`` silently zeroes -- and, with ``second_order``,
+        ``H(b)`` symmetric (``weight_norm`` has no exact double backward) and no coupling of examples
+        (the Riccati sweep's structure): each an :class:`UnsupportedStageError` as the dense probe gives."""
+        self._probed = True
+        B, p, d_in = self.batch, self.p, self.d_in
+        gen = torch.Generator(device="cpu").manual_seed(4321 + self.stage.index)
+        dt = self._out.dtype
+
+        def rand(*shape: int) -> Tensor:
+            return torch.randn(*shape, generator=gen, dtype=torch.float64).to(
+                device=self._out.device, dtype=dt
+            )
+
+        v1, t1, s1 = rand(p, 1), rand(B, d_in, 1), rand(B, self.d_out, 1)
+        v2, t2 = rand(p, 1), rand(B, d_in, 1)
+
+        def fwd_(v: Tensor, t: Tensor) -> Tensor:
+            return self._forward(v if p else None, t if d_in else None)
+
+        def hess_(v: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+            return self._backward(None, v if p else None, t if d_in else None, 1)
+
+        fwd, f2, f12 = fwd_(v1, t1), fwd_(v2, t2), fwd_(v1 + v2, t1 + t2)
+        bx, bz = self._backward(s1, None, None, 1)
+        checks = [fwd, f2, f12, bx, bz]
+        if self.second_order:
+            h1, h2, h12 = hess_(v1, t1), hess_(v2, t2), hess_(v1 + v2, t1 + t2)
+            checks += [*h1, *h2, *h12]
+        if not all(bool(torch.isfinite(c).all()) for c in checks):
+            self.stage.not_finite("its products" + (" (second derivatives)" if self.second_order else ""))
+        # autograd's own rounding in the products, as their defect of linearity: derivatives that are small
+        # differences of large terms (a LayerNorm over 2 features in float32, inputs x10) are refused where
+        # the dense probe refuses them -- rounding beyond 1e3 u sqrt(p + d_in) of the products, and (float64)
+        # beyond sqrt(u64) -- and otherwise allowed for in the checks below (10x that rounding)
+        eps = torch.finfo(dt).eps
+        allowed = 1e3 * eps * (1 + p + d_in) ** 0.5
+        if dt == torch.float64:
+            allowed = max(allowed, _SQRT_U64)
+        pairs = [(f12, fwd, f2)] + (
+            [(h12[0], h1[0], h2[0]), (h12[1], h1[1], h2[1])] if self.second_order else []
+        )
+        noise = 0.0
+        for c, a, b in pairs:
+            if not c.numel():
+                continue
+            scale = max(float(a.abs().max()), float(b.abs().max()), float(c.abs().max()))
+            defect = float((c - a - b).abs().max()) / max(scale, torch.finfo(dt).tiny)
+            if defect > allowed:
+                raise UnsupportedStageError(
+                    f"{self.stage.name}: its derivatives are small differences of large terms (autograd's "
+                    f"own products reproduce only to {defect:.1e} relative in {dt}, beyond the rounding "
+                    f"they allow), so its products cannot be taken exactly; {_remedy(dt)}"
+                )
+            noise = max(noise, defect)
+        tol = max(math.sqrt(eps) if dt == torch.float64 else 0.25, 10 * noise)
+
+        def agree(a: Tensor, b: Tensor, scale: float) -> bool:
+            return abs(float(a) - float(b)) <= tol * max(scale, torch.finfo(dt).tiny)
+
+        size = float(fwd.abs().flatten() @ s1.abs().flatten())
+        size = max(
+            size, float(v1.abs().flatten() @ bx.abs().flatten() + t1.abs().flatten() @ bz.abs().flatten())
+        )
+        if not agree((fwd * s1).sum(), (v1 * bx).sum() + (t1 * bz).sum(), size):
+            if not bool(fwd.any()):  # the double backward's rows are zeros: a backward not differentiable
+                raise UnsupportedStageError(
+                    f"{self.stage.name}: autograd's derivatives of its backward pass disagree with the "
+                    "backward pass itself (a custom autograd.Function whose backward is not differentiable, "
+                    "e.g. @once_differentiable): its Jacobian and curvature cannot be taken; make the "
+                    "backward differentiable"
+                )
+            raise UnsupportedStageError(
+                f"{self.stage.name}: autograd's derivatives of its backward pass disagree with the backward "
+                f"pass itself beyond their rounding in {dt} (cancellation -- a saturated softmax, a "
+                "LayerNorm over 2 features -- or an operation whose double backward differs from its "
+                "backward, e.g. prelu at an input of exactly 0): its Jacobian and curvature cannot be taken "
+                f"exactly; move the inputs off the kink (a nonzero initialization), or {_remedy(dt)}"
+            )
+        if self.second_order:
+            a = (h1[0] * v2).sum() + (h1[1] * t2).sum()
+            b = (h2[0] * v1).sum() + (h2[1] * t1).sum()
+            size = float(
+                h1[0].abs().flatten() @ v2.abs().flatten() + h1[1].abs().flatten() @ t2.abs().flatten()
+            )
+            if not agree(a, b, size):
+                raise UnsupportedStageError(
+                    f"{self.stage.name}: autograd's second derivatives of this stage are not symmetric: "
+                    "torch has no exact double backward for an operation in it (e.g. weight_norm's "
+                    "_weight_norm); its Hessian cannot be taken exactly (the Gauss-Newton matrix can)"
+                )
+            if self.couples_examples():
+                raise mixing_error(self.stage.name)
+
     def jx(self, v: Tensor) -> Tensor:
-        return self.dense.jx(v)
+        return self._forward(v, None) if self._ready() else self.dense.jx(v)
 
     def jz(self, t: Tensor) -> Tensor:
-        return self.dense.jz(t)
+        return self._forward(None, t) if self._ready() else self.dense.jz(t)
+
+    def hvp_forward(self, t: Tensor | None, v: Tensor | None) -> Tensor | None:
+        if t is None and v is None:
+            return None
+        return self._forward(v, t) if self._ready() else self.dense.hvp_forward(t, v)
+
+    def hvp_backward(
+        self, s: Tensor, v: Tensor | None, t: Tensor | None, need_s: bool = True
+    ) -> tuple[Tensor | None, Tensor | None]:
+        if not self._ready():
+            return self.dense.hvp_backward(s, v, t, need_s)
+        x, z = self._backward(s, v, t, s.shape[-1])
+        return (x if self.p else None), (z if need_s else None)
+
+    def _second(self, v: Tensor | None, t: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+        """``H(b) (v, t)``'s two parts; zero for Gauss-Newton."""
+        if not self.second_order:
+            ref = v if v is not None else t
+            assert ref is not None
+            return ref.new_zeros(self.p, k), ref.new_zeros(self.batch, self.d_in, k)
+        if not self._ready():
+            d = self.dense
+            if v is not None:
+                return d.hxx(v), d.hxzT(v)
+            assert t is not None
+            return d.hxz(t), d.hzz(t)
+        return self._backward(None, v, t, k)
 
     def hxx(self, v: Tensor) -> Tensor:
-        return torch.zeros_like(v)
+        return self._second(v, None, v.shape[-1])[0]
 
     def hxz(self, t: Tensor) -> Tensor:
-        return t.new_zeros(self.p, t.shape[-1])
+        return self._second(None, t, t.shape[-1])[0]
 
     def hxzT(self, v: Tensor) -> Tensor:
-        return v.new_zeros(self.batch, self.d_in, v.shape[-1])
+        return self._second(v, None, v.shape[-1])[1]
 
     def hzz(self, t: Tensor) -> Tensor:
-        return torch.zeros_like(t)
+        return self._second(None, t, t.shape[-1])[1]
 
     def riccati(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
         return self.dense.riccati(Sigma, coupled)
