@@ -209,3 +209,27 @@ def test_file_regression_targets_are_standardized(tmp_path):
     assert all(np.isclose(t, v, rtol=0, atol=1e-9).any() for v in back)  # the test targets, unscaled
     assert "predicting the training mean scores MSE 1" in ds.describe()
     assert load_dataset("regression").target_std is None  # (the built-in task keeps its units)
+
+
+def test_out_of_memory_is_one_line_not_a_traceback(monkeypatch, capsys):
+    """``hessinv train --width 100000`` asked torch for 40 GB: its allocator's RuntimeError came out as a
+    traceback (a new user's find). Out-of-memory errors are one line with what to do, exit status 2; other
+    RuntimeErrors still propagate."""
+    import hessinv.cli as cli
+
+    def oom(args):
+        raise RuntimeError(
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 40000000000 bytes"
+        )
+
+    monkeypatch.setattr(cli, "_cmd_train", oom)
+    assert cli.main(["train", "--data", "iris"]) == 2
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "--width" in err and "Traceback" not in err
+
+    def other(args):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(cli, "_cmd_train", other)
+    with pytest.raises(RuntimeError, match="something else"):
+        cli.main(["train", "--data", "iris"])

@@ -379,6 +379,34 @@ def test_a_header_of_column_numbers_is_no_example(tmp_path):
         assert ds.n_classes == 3 and len(ds.X_train) + len(ds.X_test) == 120
 
 
+@pytest.mark.parametrize("names", [True, False])
+@pytest.mark.parametrize("target", [None, "label", "4"])
+def test_pandas_index_column_is_not_a_feature(tmp_path, names, target):
+    """DataFrame.to_csv's default writes the index as a first column under an empty header cell: it was
+    read as a feature, and on rows sorted by class it leaked the label (96.7% test accuracy on noise
+    features, a new user's find). It is dropped -- named header or pandas' column numbers, the label
+    last or picked by name or number; a first column of other values under an empty cell stays."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 2)), np.repeat(np.arange(3), 20)  # sorted by class
+    head = ",a,b,label" if names else ",0,1,2"
+    if not names and target == "label":
+        target = None
+    rows = "".join(f"{i},{a:.6f},{b:.6f},{c}\n" for i, ((a, b), c) in enumerate(zip(X, y, strict=True)))
+    p = tmp_path / "frame.csv"
+    p.write_text(head + "\n" + rows)
+    Xr, yr, _, _ = load_file(p, target)
+    assert Xr.shape == (60, 2) and np.allclose(Xr, X, atol=1e-6) and np.array_equal(yr, y)
+    kept = tmp_path / "kept.csv"  # (an unnamed first column of measurements is data)
+    kept.write_text(
+        head
+        + "\n"
+        + "".join(
+            f"{i / 7:.4f},{a:.6f},{b:.6f},{c}\n" for i, ((a, b), c) in enumerate(zip(X, y, strict=True))
+        )
+    )
+    assert load_file(kept, target)[0].shape == (60, 3)
+
+
 @pytest.mark.parametrize("sep, suffix", [("\t", ".tsv"), (";", ".csv"), ("\t", ".txt")])
 def test_long_lines_of_other_delimiters(tmp_path, sep, suffix):
     """50 features written with %.6f: csv's sniffer (on a 4096-character sample that cut a line) failed

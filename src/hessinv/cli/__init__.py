@@ -307,8 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--target-loss",
-        type=_positive_float,
+        type=lambda text: "none" if text.strip().lower() == "none" else _positive_float(text),
         default=None,
+        metavar="LOSS | none",
         help="train loss of the time-to-target table (default: per dataset: "
         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_TARGET.items())
         + "; none for a data file)",
@@ -515,6 +516,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except DataError as e:
         raise UserError(str(e)) from None
     target = args.target_loss if args.target_loss is not None else DEFAULT_TARGET.get(ds.name)
+    target = None if target == "none" else target
     if args.out is None:
         out = Path(DEFAULT_OUT.format(data=Path(ds.name).stem))
     else:
@@ -622,6 +624,14 @@ def _require_extras(command: str) -> None:
         )
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is torch's out-of-memory error (its allocator's RuntimeError, CPU or device)."""
+    torch = sys.modules.get("torch")  # (loaded by whatever raised it; the CLI imports torch lazily)
+    text = str(e).lower()
+    oom = getattr(torch, "OutOfMemoryError", ()) if torch is not None else ()
+    return isinstance(e, oom) or "can't allocate memory" in text or "out of memory" in text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hessinv`` console script; returns the exit status."""
     parser = build_parser()
@@ -650,6 +660,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # e.g. writing the results failed (disk full, removed directory)
         print(f"hessinv: error: {e}", file=sys.stderr)
         return 1
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and not _out_of_memory(e):
+            raise
+        print(
+            "hessinv: error: out of memory (" + " ".join(str(e).split())[:200] + "): use a smaller model "
+            "(--width, --depth), batch or --samples",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("hessinv: interrupted", file=sys.stderr)
         return 130

@@ -310,7 +310,9 @@ def _target_column(target: str, names: list[str] | None, width: int, path: Path)
 def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Features (floats) and labels (floats, or strings: class names) of a delimited text file: the label
     is the last column, or ``target`` (a column number or a header name, :func:`_target_column`); errors
-    name the line of the file (1-based, the header included) and the column."""
+    name the line of the file (1-based, the header included) and the column. A first column under an
+    empty header cell holding distinct integers is pandas' index (``DataFrame.to_csv``), not a feature:
+    it is dropped."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:  # (-sig: a byte-order mark is no cell)
             text = fh.read()
@@ -333,15 +335,29 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
 
     width = Counter(len(r) for _, r in rows).most_common(1)[0][0]
     order = list(range(width))
+    header: list[str] | None = None  # the header line's cells, in the file's order
     numbered = target is not None and target.strip().lstrip("+-").isdigit()
     if target is not None and not numbered:  # a name: of the '#' header, or of the first row (then skipped)
         cells: list[str] = []
         if skipped:  # numpy.savetxt's '# a b c' (its cells without the '#' and the empty ones)
             cells = next(csv.reader([lines[skipped - 1].lstrip().lstrip("#").strip()], dialect), [])
         elif target.strip() in [c.strip() for c in rows[0][1]]:
-            cells = rows[0][1]
+            cells = header = rows[0][1]
             rows = rows[1:]
+        elif not all(_is_number(c) or not c.strip() for c in rows[0][1][:-1]):  # a header without it
+            raise DataError(
+                f"{path}: no column {target!r} for --target-column (the header names "
+                f"{[c.strip() for c in rows[0][1]]}); give a header name or a column number 1..{width} "
+                "(negative: from the end)"
+            )
         named = [c.strip() for c in cells if c.strip()]
+        if len(named) != width and len(cells) == width and named == [c.strip() for c in cells[1:]]:
+            named = [c.strip() for c in cells]  # pandas' header: an empty cell above its index column
+        elif len(named) != width and named:  # (a header line of other width: its names, for the message)
+            raise DataError(
+                f"{path}: no column {target!r} for --target-column: the header names {named} do not fit "
+                f"the rows' {width} columns; give a column number 1..{width} (negative: from the end)"
+            )
         t = _target_column(target, named if len(named) == width else None, width, path)
     elif target is not None:
         t = _target_column(target, None, width, path)
@@ -352,6 +368,7 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
         rows = [(n, [r[k] for k in order] if len(r) == width else r) for n, r in rows]
     headed = (target is None or numbered) and not skipped and rows  # ('#' line above: the header)
     if headed and (pandas or _is_header(rows[0][1], [r for _, r in rows[1:]])):
+        header = [rows[0][1][order.index(k)] for k in range(width)] if len(rows[0][1]) == width else None
         rows = rows[1:]
     if not rows:
         raise DataError(f"{path} has a header but no data rows")
@@ -364,6 +381,14 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
                 + (" (a '#' comment, allowed only at the top of the file)" if comment else "")
                 + "; every row needs the same columns (features..., label)"
             )
+    k0 = order.index(0)
+    if header is not None and not header[0].strip() and k0 < width - 1 and width > 2:
+        # pandas' index (DataFrame.to_csv's default): an unnamed header cell above distinct integers --
+        # row numbers, not a feature (kept, rows sorted by class would leak the label)
+        first = [r[k0].strip() for _, r in rows]
+        if all(c.lstrip("+-").isdigit() for c in first) and len(set(first)) == len(first):
+            rows = [(n, r[:k0] + r[k0 + 1 :]) for n, r in rows]
+            order = order[:k0] + order[k0 + 1 :]
     if len(rows[0][1]) < 2:
         raise DataError(f"{path}: need at least 2 columns (features..., label); got {len(rows[0][1])}")
     for n, r in rows:
