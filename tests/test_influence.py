@@ -353,3 +353,14 @@ def test_output_jacobians_of_a_model_random_in_training_mode_are_refused():
         output_jacobians(model, X)
     model.eval()
     assert torch.equal(output_jacobians(model, X), output_jacobians(model, X))
+
+
+def test_numpy_arrays_are_named_as_the_operators_name_them():
+    """``influences(X.numpy(), y.numpy())`` said ShapeMismatchError "got ndarray" where hessian() says
+    InvalidArgumentError with the conversion to make (a new user's find)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    X, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    inf = InfluenceFunction(m, nn.CrossEntropyLoss(), damping=0.1, curvature="gauss_newton").fit(X, y)
+    with pytest.raises(hessinv.InvalidArgumentError, match="torch.as_tensor"):
+        inf.influences(X.numpy(), y.numpy())

@@ -146,7 +146,11 @@ def per_example_gradients(
     weights -- for scores of the weighted objective, use ``reduction="sum"`` (rows ``w_i grad l_i``)."""
     chunk = _check_chunk(chunk)
     for t, what in ((inputs, "inputs"), (targets, "targets")):
-        if not isinstance(t, Tensor) or t.dim() < 1 or len(t) == 0:
+        if not isinstance(t, Tensor):  # (as the operators name it)
+            raise InvalidArgumentError(
+                f"{what} must be a torch.Tensor, got {type(t).__name__}: convert with torch.as_tensor"
+            )
+        if t.dim() < 1 or len(t) == 0:
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ShapeMismatchError(f"{what} must be a batch of at least one example (N, ...); got {got}")
     if len(targets) != len(inputs):
