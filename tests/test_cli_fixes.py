@@ -233,3 +233,24 @@ def test_out_of_memory_is_one_line_not_a_traceback(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_cmd_train", other)
     with pytest.raises(RuntimeError, match="something else"):
         cli.main(["train", "--data", "iris"])
+
+
+def test_messages_name_what_is_wrong(tmp_path, capsys):
+    """A new user's finds: ``--bins 100000`` is an argument error naming the limit (it was the library's
+    'at most 10001 bin edges'); non-integer test labels of an .npz name y_test."""
+    import hessinv.cli as cli
+    from hessinv.cli.data import DataError, load_dataset
+
+    assert cli.main(["spectrum", "--bins", "100000"]) == 2
+    assert "at most 10000 bins" in capsys.readouterr().err
+    rng = np.random.default_rng(0)
+    p = tmp_path / "t.npz"
+    np.savez(
+        p,
+        X=rng.normal(size=(20, 3)),
+        y=np.arange(20) % 2,
+        X_test=rng.normal(size=(4, 3)),
+        y_test=[0.5, 1, 0, 1],
+    )
+    with pytest.raises(DataError, match=r"must be integers \(in y_test\)"):
+        load_dataset(str(p))

@@ -1245,10 +1245,15 @@ class Chain:
                     "optimizer was built, which changes what autograd reports; remove it (clip or scale "
                     "the gradient outside the backward pass)"
                 )
-        if self._replaced() or [t.requires_grad for t in self._flag_tensors] != self._flags:
+        replaced = self._replaced()
+        if replaced or [t.requires_grad for t in self._flag_tensors] != self._flags:
+            what = (
+                "a submodule or parameter replaced" if replaced
+                else "a layer frozen or unfrozen; the optimizers follow that at their next step"
+            )  # fmt: skip
             raise InvalidArgumentError(
-                "the model changed since this operator/optimizer was built (a submodule or parameter "
-                "replaced, a layer frozen or unfrozen): build it again for the new model"
+                f"the model changed since this operator/optimizer was built ({what}): build it again for the "
+                "new model"
             )
         moved = [(m, k) for m, k, v in self._attrs if not same_value(vars(m).get(k, MISSING), v)]
         if moved or list(map(tuple, self._hooks)) != self._hook_keys:

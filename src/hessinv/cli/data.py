@@ -618,10 +618,18 @@ def load_dataset(
     target_stats: tuple[tuple[float, ...] | None, tuple[float, ...] | None] = (None, None)
     if task == "classification":
         yy = np.concatenate([y.reshape(-1), yt.reshape(-1)])  # one dtype for both splits
+        where = None
+        if own_test and yy.dtype.kind == "f":  # which array: an .npz's own test split names its labels
+            ok = [bool(np.isfinite(a).all() and np.all(a == np.round(a))) for a in (y, yt)]
+            where = "y" if not ok[0] else ("y_test" if not ok[1] else None)
+        of = f" (in {where})" if where else ""
         if yy.dtype.kind == "f" and not np.isfinite(yy).all():
-            raise DataError(f"{label}: classification labels contain NaN or infinity")
+            raise DataError(f"{label}: classification labels contain NaN or infinity{of}")
         if yy.dtype.kind == "f" and not np.all(yy == np.round(yy)):
-            raise DataError(f"{label}: classification labels must be integers")
+            raise DataError(
+                f"{label}: classification labels must be integers{of}; for real-valued targets use --task "
+                "regression"
+            )
         y, yt = yy[: len(y)], yy[len(y) :]
         classes = np.unique(y)
         unseen = np.setdiff1d(yt, classes).tolist()

@@ -107,7 +107,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
         default=0,
         help="Adam steps (lr 1e-2, full batch) before the analysis (default: 0)",
     )
-    s.add_argument("--bins", type=_positive_int, default=40, help="number of histogram bins (default: 40)")
+
+    def bins(text: str) -> int:
+        from hessinv.spectrum import MAX_BINS
+
+        k = _positive_int(text)
+        if k > MAX_BINS:
+            raise argparse.ArgumentTypeError(
+                f"at most {MAX_BINS} bins (each bin edge costs one factorization)"
+            )
+        return k
+
+    s.add_argument(
+        "--bins", type=bins, default=40, help="number of histogram bins (default: 40; at most 10000)"
+    )
     s.add_argument(
         "--range",
         type=_range,
