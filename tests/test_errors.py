@@ -934,3 +934,15 @@ def test_a_row_budget_passed_positionally_to_root_is_named():
         G.root(3)
     U, _ = G.root(max_rows=6)
     assert U.shape[0] == 6
+
+
+def test_sparse_inputs_are_named():
+    """A sparse input tensor gave torch's bare NotImplementedError with its dispatcher dump (a new
+    user's find): a named error with the conversion to make."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    X, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    with pytest.raises(hessinv.InvalidArgumentError, match="to_dense"):
+        hessinv.hessian(m, torch.nn.CrossEntropyLoss(), X.to_sparse(), y)
+    with pytest.raises(hessinv.InvalidArgumentError, match="to_dense"):
+        hessinv.optim.Newton(m, torch.nn.CrossEntropyLoss()).step(X.to_sparse(), y)

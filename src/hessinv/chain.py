@@ -1063,6 +1063,10 @@ def _tensor(x, what: str) -> Tensor:
         raise InvalidArgumentError(
             f"{what} must be a torch.Tensor, got {type(x).__module__}.{type(x).__name__}{hint}"
         )
+    if x.layout != torch.strided:  # (a sparse or nested tensor: most layers have no kernels for it)
+        raise InvalidArgumentError(
+            f"{what} must be a dense (strided) tensor, got layout {x.layout}: convert with x.to_dense()"
+        )
     if x.is_inference() and not torch.is_inference_mode_enabled():
         # made under torch.inference_mode() (a teacher's labels, preprocessed inputs): autograd may not
         # save it for backward; a normal copy is the same data
