@@ -614,7 +614,8 @@ class WoodburyFactor:
         flops per weight instead of ``2 r d m``, and ``U`` itself (``r n`` numbers, megabytes) is not read."""
         A = R * self._Dinv[:, None]
         if not self._solve_factors and 2 * self._rest.numel() >= self.U.shape[1]:
-            return A - self.Ud.T @ self._kinv(self.U @ A).to(R.dtype)
+            # (D^-1 U^T w rather than (U D^-1)^T w: no U D^-1 to form again after each damping update)
+            return A - self._Dinv[:, None] * (self.U.T @ self._kinv(self.U @ A).to(R.dtype))
         k = R.shape[1]
         y = self._U_rest @ A[self._rest]  # (r, k)
         for off, d, m, T, Z, idx in self._solve_factors:
