@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from reference import autograd_gauss_newton, autograd_gradient_hessian
+from test_unusual_models import _Cube
 from torch import nn
 
 import hessinv
@@ -92,24 +93,6 @@ def test_lazy_hessian_vector_products_on_random_chains(seed, batch, name):
         assert float((H @ v - H_ref @ v).abs().max()) <= 1e-11 * float(H_ref.abs().max()) * float(
             v.abs().sum()
         )
-
-
-class _CubeOnce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x**3
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * 3 * x**2
-
-
-class _Cube(nn.Module):
-    def forward(self, x):
-        return _CubeOnce.apply(x)
 
 
 class _Normalize(nn.Module):
