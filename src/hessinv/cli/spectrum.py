@@ -119,7 +119,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         return k
 
     s.add_argument(
-        "--bins", type=bins, default=40, help="number of histogram bins (default: 40; at most 10000)"
+        "--bins", type=bins, default=40, help="number of histogram bins, at most 10000 (default: 40)"
     )
     s.add_argument(
         "--range",

@@ -37,7 +37,7 @@ import contextlib
 import math
 import numbers
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -317,7 +317,8 @@ class GenericStage(Stage):
             return LazyBlocks(self, z_in, b_out)
         B = z_in.shape[0]
         d_in = z_in.reshape(B, -1).shape[1] if z_in.is_floating_point() else 0
-        if self.dense_fits(B, d_in, b_out.reshape(B, -1).shape[1])[0] > min(
+        sparse = any(getattr(m, "sparse", False) is True for m in self.module.modules())  # (LazyBlocks)
+        if not sparse and self.dense_fits(B, d_in, b_out.reshape(B, -1).shape[1])[0] > min(
             self.LAZY_ENTRIES, self.MAX_BLOCK_ENTRIES
         ):
             try:
@@ -626,6 +627,7 @@ class LazyBlocks(Blocks):
         self._z_in = z_in.detach().clone()  # the caller's batch may change in place afterwards
         self.batch, self.p = z_in.shape[0], stage.p
         self._z, call = stage.differentiable_input(self._z_in, b_out.dtype)
+        self._call = call
         mods = list(stage.module.modules())
         # plain tensor attributes as they are before the call (a memo the call creates is the call's own)
         self._plain = [v for m in mods for v in vars(m).values() if isinstance(v, Tensor)]
@@ -649,6 +651,11 @@ class LazyBlocks(Blocks):
             (m, k, v) for m in mods for k, v in vars(m).items() if k != "training" and watchable(v)
         ]
         self._hooks = _hook_keys(mods)
+        self._versions = self._graph_versions()  # (the graph's tensors: rewritten in place -> a new graph)
+        self._flags = [t.requires_grad for t in stage.params]
+        # an Embedding(sparse=True)'s gradient is a sparse tensor: its double backward through to_dense()
+        # has no graph to differentiate, so its products take the dense blocks (as before)
+        self._sparse = any(getattr(m, "sparse", False) is True for m in mods)
         self.d_in = self._z.reshape(self.batch, -1).shape[1]
         self.d_out = b_out.reshape(self.batch, -1).shape[1]
         if self._out.reshape(self.batch, -1).shape[1] != self.d_out:
@@ -799,36 +806,64 @@ class LazyBlocks(Blocks):
                 f"{self.stage.name}: its parameters (frozen ones too), buffers or tensor attributes changed "
                 "after this curvature was taken; take it again at the new point (hessinv.gauss_newton(...))"
             )
+        if [t.requires_grad for t in self.stage.params] != self._flags:
+            raise InvalidArgumentError(
+                f"{self.stage.name}: a parameter was frozen or unfrozen (requires_grad) after this curvature "
+                "was taken; take it again for the model as it is now"
+            )
         if _hook_keys(m for m, _ in self._modes) != self._hooks:  # the blocks would be the hooked module's
             raise InvalidArgumentError(
                 f"{self.stage.name}: hooks were added or removed after this curvature was taken; take it "
                 "again for the model as it is now (hessinv.gauss_newton(...))"
             )
+        if self._out is not None:
+            self._fresh_graph()
 
     @property
     def dense(self) -> DenseBlocks:
         """The dense per-example blocks (formed on first use, at the linearization point)."""
         if self._dense_blocks is None:
             self._unchanged()
-            now = [(m, m.training) for m, _ in self._modes]
-            attrs = [(m, k, vars(m).get(k, MISSING)) for m, k, _ in self._attrs]
-            try:  # the modules as they were at the linearization point: modes and plain attributes
-                for m, mode in self._modes:
-                    m.training = mode
-                for m, k, v in self._attrs:
-                    vars(m)[k] = v
+            with self._at_point():
                 self._dense_blocks = self.stage.dense_blocks(self._z_in, self._b_out, self.second_order)
-            finally:
-                for m, mode in now:
-                    m.training = mode
-                for m, k, v in attrs:
-                    if v is MISSING:
-                        vars(m).pop(k, None)
-                    else:
-                        vars(m)[k] = v
             self._out = self._z = self._g = None  # the graph is no longer needed
             self._linears, self._linear_calls = [], []
         return self._dense_blocks
+
+    @contextlib.contextmanager
+    def _at_point(self) -> Iterator[None]:
+        """The modules as they were at the linearization point (train/eval modes, plain attributes), put
+        back as they are now afterwards."""
+        now = [(m, m.training) for m, _ in self._modes]
+        attrs = [(m, k, vars(m).get(k, MISSING)) for m, k, _ in self._attrs]
+        try:
+            for m, mode in self._modes:
+                m.training = mode
+            for m, k, v in self._attrs:
+                vars(m)[k] = v
+            yield
+        finally:
+            for m, mode in now:
+                m.training = mode
+            for m, k, v in attrs:
+                if v is MISSING:
+                    vars(m).pop(k, None)
+                else:
+                    vars(m)[k] = v
+
+    def _graph_versions(self) -> list[int]:
+        return [t._version for t in held_tensors([self.stage.module], plain=False)]
+
+    def _fresh_graph(self) -> None:
+        """Where the stage's parameters or buffers were written in place with the same values since (a
+        ``load_state_dict`` of the same state; the trust region's trial step and its undo), autograd would
+        refuse the kept graph: the stage is called again at the point (same values, modes, attributes)."""
+        if self._graph_versions() == self._versions:
+            return
+        with self._at_point(), torch.enable_grad():
+            self._out = self._call(self._z)
+        self._g, self._memo, self._linears, self._linear_calls = None, None, [], []
+        self._versions = self._graph_versions()
 
     def _vjp(self, s: Tensor, which: str) -> Tensor:
         """``Jx^T s`` (``which="x"``) or ``Jz^T s`` (``"z"``) for ``s`` (B, d_out, k); the other of the pair,
@@ -884,34 +919,21 @@ class LazyBlocks(Blocks):
         outputs: list[Tensor], seeds: list[Tensor | None], inputs: list[Tensor], k: int
     ) -> list[Tensor]:
         """``d sum_o <seed_o[j], o> / d inputs`` for ``j < k``: (k, *input.shape) each, zeros where nothing
-        reaches an input. One backward pass batched over ``k`` (``is_grads_batched``, in chunks of
-        :data:`CHUNK`), one per column where an operation has no batching rule."""
+        reaches an input. One backward pass per column: a batched one (``is_grads_batched``) through the
+        second-order graph was twice as slow as the loop on a CIFAR-shaped CNN (a review), and it took a
+        parameter's unbatched zeros for a batch of ``k`` of them."""
         pairs = [(o, q) for o, q in zip(outputs, seeds, strict=True) if q is not None and o.requires_grad]
         if not pairs or k == 0:
             return [t.new_zeros(k, *t.shape) for t in inputs]
         outs, qs = [o for o, _ in pairs], [q for _, q in pairs]
-
-        def grad(sd: list[Tensor], batched: bool) -> list[Tensor]:
+        cols = []
+        for j in range(k):
             gs = torch.autograd.grad(
-                outs, inputs, grad_outputs=sd, retain_graph=True, allow_unused=True,
-                is_grads_batched=batched, materialize_grads=True,
+                outs, inputs, grad_outputs=[q[j] for q in qs], retain_graph=True, allow_unused=True,
+                materialize_grads=True,
             )  # fmt: skip
-            return [g.to_dense() if g.is_sparse else g for g in gs]
-
-        if k == 1:
-            return [g[None] for g in grad([q[0] for q in qs], False)]
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "no batching rule for ...": the loop below instead
-                parts = [grad([q[j : j + CHUNK] for q in qs], True) for j in range(0, k, CHUNK)]
-            return [
-                torch.cat([g if g.shape[0] == min(CHUNK, k - j) else g.expand(min(CHUNK, k - j), *t.shape)
-                           for g, j in zip(gs, range(0, k, CHUNK), strict=True)])
-                for gs, t in zip(zip(*parts, strict=True), inputs, strict=True)
-            ]  # fmt: skip
-        except RuntimeError:
-            cols = [grad([q[j] for q in qs], False) for j in range(k)]
-            return [torch.stack(gs) for gs in zip(*cols, strict=True)]
+            cols.append([g.to_dense() if g.is_sparse else g for g in gs])
+        return [torch.stack(gs) for gs in zip(*cols, strict=True)]
 
     def _forward(self, v: Tensor | None, t: Tensor | None) -> Tensor:
         """``Jx v + Jz t`` (B, d_out, k), a None part zero: the derivative of ``<g(u), (v, t)>`` in ``u``."""
@@ -940,7 +962,7 @@ class LazyBlocks(Blocks):
     def _ready(self) -> bool:
         """Whether the products run on the graph (else on the dense blocks, formed by then): checked
         unchanged, and probed once (:meth:`probe`)."""
-        if self._dense_blocks is not None:
+        if self._dense_blocks is not None or self._sparse:
             return False
         self._unchanged()
         if not self._probed:
@@ -949,11 +971,15 @@ class LazyBlocks(Blocks):
 
     def probe(self) -> None:
         """Check, once, what the dense blocks' probe checks of a stage, on random vectors: its products
-        finite (``F.normalize`` at 0: a :class:`NonFiniteError`), ``<Jx v + Jz t, s>`` equal to ``<(v, t),
-        (Jx^T s, Jz^T s)>`` -- the forward products come from autograd's double backward, which a custom
-        ``autograd.Function`` with ``@once_differentiable`` silently zeroes -- and, with ``second_order``,
-        ``H(b)`` symmetric (``weight_norm`` has no exact double backward) and no coupling of examples
-        (the Riccati sweep's structure): each an :class:`UnsupportedStageError` as the dense probe gives."""
+        finite (``F.normalize`` at 0: a :class:`NonFiniteError`); autograd's rounding in them, as their
+        defect of linearity, within what the dense probe allows (cancellation: a LayerNorm over 2 features
+        in float32); ``Jx^T s, Jz^T s`` differentiated out of the forward products (autograd's double
+        backward) equal, entry by entry, to the first backward's -- a custom ``autograd.Function`` with
+        ``@once_differentiable`` or prelu at exactly 0 fails it; and, with ``second_order``, ``W^T H(b) W``
+        symmetric relative to its own entries (``weight_norm`` has no exact double backward) and no
+        coupling of examples (the Riccati sweep's structure): each an :class:`UnsupportedStageError` as the
+        dense probe gives. (Comparing inner products against the sum of their terms' sizes, as a first
+        version did, let float32 errors of 60-100% through: random signs make a sum ~1/sqrt(N) of that.)"""
         self._probed = True
         B, p, d_in = self.batch, self.p, self.d_in
         gen = torch.Generator(device="cpu").manual_seed(4321 + self.stage.index)
@@ -1005,44 +1031,70 @@ class LazyBlocks(Blocks):
                     f"they allow), so its products cannot be taken exactly; {_remedy(dt)}"
                 )
             noise = max(noise, defect)
+        # the forward products rest on autograd's double backward: J^T s differentiated out of them (one more
+        # order), entry by entry against the first backward's -- a backward that is not differentiable
+        # (@once_differentiable: zeros, or garbage in float32) or whose double backward differs from it
+        # (prelu at exactly 0) fails it, as the dense blocks' first-order check fails them
+        try:
+            adj = self._adjoint_through_graph(s1)
+        except RuntimeError as e:
+            raise UnsupportedStageError(
+                f"{self.stage.name}: autograd cannot differentiate its backward pass ({str(e).rstrip('.')}): "
+                "its Jacobian and curvature cannot be taken; make the backward differentiable"
+            ) from e
+        ref = torch.cat([bx.reshape(-1), bz.reshape(-1)])
         tol = max(math.sqrt(eps) if dt == torch.float64 else 0.25, 10 * noise)
-
-        def agree(a: Tensor, b: Tensor, scale: float) -> bool:
-            return abs(float(a) - float(b)) <= tol * max(scale, torch.finfo(dt).tiny)
-
-        size = float(fwd.abs().flatten() @ s1.abs().flatten())
-        size = max(
-            size, float(v1.abs().flatten() @ bx.abs().flatten() + t1.abs().flatten() @ bz.abs().flatten())
+        scale = max(
+            float(ref.abs().max()) if ref.numel() else 0.0, float(adj.abs().max()) if adj.numel() else 0.0
         )
-        if not agree((fwd * s1).sum(), (v1 * bx).sum() + (t1 * bz).sum(), size):
-            if not bool(fwd.any()):  # the double backward's rows are zeros: a backward not differentiable
-                raise UnsupportedStageError(
-                    f"{self.stage.name}: autograd's derivatives of its backward pass disagree with the "
-                    "backward pass itself (a custom autograd.Function whose backward is not differentiable, "
-                    "e.g. @once_differentiable): its Jacobian and curvature cannot be taken; make the "
-                    "backward differentiable"
-                )
+        if adj.numel() and float((adj - ref).abs().max()) > tol * max(scale, torch.finfo(dt).tiny):
             raise UnsupportedStageError(
                 f"{self.stage.name}: autograd's derivatives of its backward pass disagree with the backward "
                 f"pass itself beyond their rounding in {dt} (cancellation -- a saturated softmax, a "
                 "LayerNorm over 2 features -- or an operation whose double backward differs from its "
-                "backward, e.g. prelu at an input of exactly 0): its Jacobian and curvature cannot be taken "
-                f"exactly; move the inputs off the kink (a nonzero initialization), or {_remedy(dt)}"
+                "backward, e.g. prelu at an input of exactly 0, or a backward not differentiable, e.g. "
+                "@once_differentiable): its Jacobian and curvature cannot be taken exactly; move the inputs "
+                f"off the kink (a nonzero initialization), make the backward differentiable, or {_remedy(dt)}"
             )
         if self.second_order:
-            a = (h1[0] * v2).sum() + (h1[1] * t2).sum()
-            b = (h2[0] * v1).sum() + (h2[1] * t1).sum()
-            size = float(
-                h1[0].abs().flatten() @ v2.abs().flatten() + h1[1].abs().flatten() @ t2.abs().flatten()
-            )
-            if not agree(a, b, size):
+            # W^T H W for two random directions, symmetric to its rounding relative to its own entries
+            # (weight_norm's double backward is not exact: 10% asymmetric in float32)
+            m12 = float((h1[0] * v2).sum() + (h1[1] * t2).sum())
+            m21 = float((h2[0] * v1).sum() + (h2[1] * t1).sum())
+            m11 = float((h1[0] * v1).sum() + (h1[1] * t1).sum())
+            m22 = float((h2[0] * v2).sum() + (h2[1] * t2).sum())
+            size = max(abs(m12), abs(m21), abs(m11), abs(m22), torch.finfo(dt).tiny)
+            if abs(m12 - m21) > max(allowed, 10 * noise) * size:
                 raise UnsupportedStageError(
-                    f"{self.stage.name}: autograd's second derivatives of this stage are not symmetric: "
-                    "torch has no exact double backward for an operation in it (e.g. weight_norm's "
-                    "_weight_norm); its Hessian cannot be taken exactly (the Gauss-Newton matrix can)"
+                    f"{self.stage.name}: autograd's second derivatives of this stage are not symmetric "
+                    f"beyond their rounding in {dt}: torch has no exact double backward for an operation in "
+                    "it (e.g. weight_norm's _weight_norm), or they are small differences of large terms (a "
+                    "saturated softmax); its Hessian cannot be taken exactly (the Gauss-Newton matrix can; "
+                    f"or {_remedy(dt)})"
                 )
             if self.couples_examples():
                 raise mixing_error(self.stage.name)
+
+    def _adjoint_through_graph(self, s: Tensor) -> Tensor:
+        """``(Jx^T s, Jz^T s)`` flattened, as the derivative in ``w`` of the forward product ``J w`` that
+        :meth:`_forward` takes (autograd's double backward, differentiated once more)."""
+        u, g = self._graph()
+        ws = [torch.zeros_like(x, requires_grad=True) for x in g]
+        pairs = [(gi, wi) for gi, wi in zip(g, ws, strict=True) if gi.requires_grad]
+        if not pairs:
+            return s.new_zeros(sum(w.numel() for w in ws))
+        with torch.enable_grad():
+            (f,) = torch.autograd.grad(
+                [gi for gi, _ in pairs], [u], grad_outputs=[wi for _, wi in pairs], retain_graph=True,
+                create_graph=True, allow_unused=True, materialize_grads=True,
+            )  # fmt: skip
+            if not f.requires_grad:  # (J w does not depend on w: the double backward's rows are zeros)
+                return s.new_zeros(sum(w.numel() for w in ws))
+            out = torch.autograd.grad(
+                f, ws, grad_outputs=s[..., 0].reshape(f.shape).to(f.dtype), retain_graph=True,
+                allow_unused=True, materialize_grads=True,
+            )  # fmt: skip
+        return torch.cat([o.reshape(-1) for o in out])
 
     def jx(self, v: Tensor) -> Tensor:
         return self._forward(v, None) if self._ready() else self.dense.jx(v)
