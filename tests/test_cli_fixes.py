@@ -254,3 +254,20 @@ def test_messages_name_what_is_wrong(tmp_path, capsys):
     )
     with pytest.raises(DataError, match=r"must be integers \(in y_test\)"):
         load_dataset(str(p))
+
+
+def test_spectrum_takes_the_task_as_train_does(monkeypatch):
+    """``hessinv spectrum`` had no ``--task``: a file of over 100 integer classes was always read as
+    regression (a new user's find)."""
+    import hessinv.cli.data as data
+    from hessinv.cli import main
+
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        raise data.DataError("stop here")
+
+    monkeypatch.setattr(data, "load_dataset", fake)
+    assert main(["spectrum", "--task", "classification"]) == 2
+    assert seen["task"] == "classification"

@@ -75,6 +75,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "the last)",
     )
     s.add_argument(
+        "--task",
+        default="auto",
+        type=_choice(("auto", "classification", "regression"), "task"),
+        help="auto | classification | regression, as for hessinv train (default: auto, from the labels)",
+    )
+    s.add_argument(
         "--samples",
         type=_positive_int,
         default=None,
@@ -200,7 +206,9 @@ def run(args: argparse.Namespace) -> int:
     from hessinv.errors import SingularError
 
     try:
-        ds = load_dataset(args.data, seed=args.seed, n_samples=args.samples, target=args.target_column)
+        ds = load_dataset(
+            args.data, seed=args.seed, n_samples=args.samples, target=args.target_column, task=args.task
+        )
     except DataError as e:
         raise UserError(str(e)) from None
     out = output_directory(args.out)  # (after the data: a bad --data leaves no empty folder behind)
