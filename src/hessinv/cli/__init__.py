@@ -396,7 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks from the repository's bench/ (run from a checkout). "
         "`hessinv bench solve --help` lists the benchmark's own options.",
     )
-    b.add_argument("what", choices=["solve"], help="which benchmark: solve (bench/solve.py)")
+    b.add_argument(
+        "what", choices=["solve"], nargs="?", default=None, help="which benchmark: solve (bench/solve.py)"
+    )
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed on to the benchmark")
 
     from hessinv.cli.spectrum import add_parser as add_spectrum
@@ -589,6 +591,8 @@ def _run_script(path: Path, argv: list[str]) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what is None:  # (argparse's own message named the optional args as required too)
+        raise UserError("hessinv bench needs the benchmark's name: hessinv bench solve [its arguments]")
     path = _find_bench(args.what)
     if path is None:
         raise UserError(
