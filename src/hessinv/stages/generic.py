@@ -594,6 +594,11 @@ class GenericStage(Stage):
 _SQRT_U64 = 1.5e-8  # sqrt(float64's unit roundoff): the probe's rounding allowance's limit
 
 
+#: :class:`LazyBlocks` form their dense blocks for a product of as many columns as they have rows (``p +
+#: d_in``) where those hold at most this many numbers (32M: 256 MiB in float64)
+DENSE_SWITCH_ENTRIES = 2**25
+
+
 class LazyBlocks(Blocks):
     """Blocks of a :class:`GenericStage` (Gauss-Newton, or with ``second_order`` the Hessian's), formed as
     needed.
@@ -959,11 +964,19 @@ class LazyBlocks(Blocks):
         x = torch.cat([g.reshape(k, -1) for g in gs[:-1]], 1).T if self.p else gs[-1].new_zeros(0, k)
         return x, gs[-1].reshape(k, self.batch, self.d_in).permute(1, 2, 0)
 
-    def _ready(self) -> bool:
-        """Whether the products run on the graph (else on the dense blocks, formed by then): checked
-        unchanged, and probed once (:meth:`probe`)."""
+    def _ready(self, k: int = 1) -> bool:
+        """Whether a product of ``k`` columns runs on the graph (else on the dense blocks): checked
+        unchanged, and probed once (:meth:`probe`). Where ``k`` reaches ``(p + d_in) / 8`` -- the dense
+        blocks cost ``p + d_in`` backward passes, batched, against two unbatched passes per column here
+        (``to_dense``: an RNN's Hessian 6-9x slower on the graph, a review) -- and the blocks hold at most
+        :data:`DENSE_SWITCH_ENTRIES` numbers, the dense blocks are formed and used from then on."""
         if self._dense_blocks is not None or self._sparse:
             return False
+        if 8 * k >= self.p + self.d_in:
+            size = self.stage.dense_fits(self.batch, self.d_in, self.d_out)[0]
+            if size <= min(DENSE_SWITCH_ENTRIES, self.stage.MAX_BLOCK_ENTRIES):
+                self.dense  # noqa: B018 - formed (checked unchanged there), kept for every later product
+                return False
         self._unchanged()
         if not self._probed:
             self.probe()
@@ -1097,20 +1110,21 @@ class LazyBlocks(Blocks):
         return torch.cat([o.reshape(-1) for o in out])
 
     def jx(self, v: Tensor) -> Tensor:
-        return self._forward(v, None) if self._ready() else self.dense.jx(v)
+        return self._forward(v, None) if self._ready(v.shape[-1]) else self.dense.jx(v)
 
     def jz(self, t: Tensor) -> Tensor:
-        return self._forward(None, t) if self._ready() else self.dense.jz(t)
+        return self._forward(None, t) if self._ready(t.shape[-1]) else self.dense.jz(t)
 
     def hvp_forward(self, t: Tensor | None, v: Tensor | None) -> Tensor | None:
         if t is None and v is None:
             return None
-        return self._forward(v, t) if self._ready() else self.dense.hvp_forward(t, v)
+        k = (v if v is not None else t).shape[-1]  # type: ignore[union-attr]
+        return self._forward(v, t) if self._ready(k) else self.dense.hvp_forward(t, v)
 
     def hvp_backward(
         self, s: Tensor, v: Tensor | None, t: Tensor | None, need_s: bool = True
     ) -> tuple[Tensor | None, Tensor | None]:
-        if not self._ready():
+        if not self._ready(s.shape[-1]):
             return self.dense.hvp_backward(s, v, t, need_s)
         x, z = self._backward(s, v, t, s.shape[-1])
         return (x if self.p else None), (z if need_s else None)
@@ -1121,7 +1135,7 @@ class LazyBlocks(Blocks):
             ref = v if v is not None else t
             assert ref is not None
             return ref.new_zeros(self.p, k), ref.new_zeros(self.batch, self.d_in, k)
-        if not self._ready():
+        if not self._ready(k):
             d = self.dense
             if v is not None:
                 return d.hxx(v), d.hxzT(v)
