@@ -594,8 +594,8 @@ class GenericStage(Stage):
 _SQRT_U64 = 1.5e-8  # sqrt(float64's unit roundoff): the probe's rounding allowance's limit
 
 
-#: :class:`LazyBlocks` form their dense blocks for a product of as many columns as they have rows (``p +
-#: d_in``) where those hold at most this many numbers (32M: 256 MiB in float64)
+#: :class:`LazyBlocks` form their dense blocks for a product of at least an eighth as many columns as they
+#: have rows (``p + d_in``) where those hold at most this many numbers (32M: 256 MiB in float64)
 DENSE_SWITCH_ENTRIES = 2**25
 
 
