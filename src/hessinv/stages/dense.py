@@ -259,6 +259,13 @@ class _StageModule(nn.Module):
         return self.stage.forward(z)
 
 
+def _lmul(A: Tensor, X: Tensor) -> Tensor:
+    """``A @ X`` for ``X`` (B, a, k): as one GEMM ``(X^T A^T)^T`` -- ``torch.matmul`` broadcasts a 2-D ``A``
+    over the batch as ``B`` small products, 10-50x slower (a 64 x 2048 weight on 64 examples: 6.3 against
+    0.37 ms; 100 x 100: 0.35 against 0.04 ms)."""
+    return (X.mT @ A.mT).mT
+
+
 class DenseLayerBlocks(Blocks):
     """Structured blocks of :class:`DenseStage` (see the module docstring for the formulas)."""
 
@@ -377,11 +384,11 @@ class DenseLayerBlocks(Blocks):
         return out
 
     def jz(self, t: Tensor) -> Tensor:
-        out = self.sp[:, :, None] * torch.matmul(self.W, t)
+        out = self.sp[:, :, None] * _lmul(self.W, t)
         return out + t if self.residual else out
 
     def jzT(self, s: Tensor) -> Tensor:
-        out = torch.matmul(self.W.T, self.sp[:, :, None] * s)
+        out = _lmul(self.W.T, self.sp[:, :, None] * s)
         return out + s if self.residual else out
 
     # -- second order ------------------------------------------------------------------------
@@ -393,7 +400,7 @@ class DenseLayerBlocks(Blocks):
     def hxz(self, t: Tensor) -> Tensor:
         if self.bpp is None:
             return t.new_zeros(self.p, t.shape[-1])
-        out = self._ZT(self.bpp[:, :, None] * torch.matmul(self.W, t)).view(self.stage.m1, self.d_out, -1)
+        out = self._ZT(self.bpp[:, :, None] * _lmul(self.W, t)).view(self.stage.m1, self.d_out, -1)
         # + sum_n bsp[n, i] t[n, j, k] on the weight rows j < m
         out[: self.d_in] += self._bsp_t(t)
         return self._model(out)
@@ -403,20 +410,20 @@ class DenseLayerBlocks(Blocks):
             return v.new_zeros(self.batch, self.d_in, v.shape[-1])
         V = self._nat(v)
         U = (self.zt @ V).view(self.batch, self.d_out, -1)
-        out = torch.matmul(self.W.T, self.bpp[:, :, None] * U)
+        out = _lmul(self.W.T, self.bpp[:, :, None] * U)
         # + sum_i bsp[n, i] V[c, i, k] for c < m
         return out + self._bsp_V(V.view(self.stage.m1, self.d_out, -1)[: self.d_in])
 
     def hzz(self, t: Tensor) -> Tensor:
         if self.bpp is None:
             return torch.zeros_like(t)
-        return torch.matmul(self.W.T, self.bpp[:, :, None] * torch.matmul(self.W, t))
+        return _lmul(self.W.T, self.bpp[:, :, None] * _lmul(self.W, t))
 
     # -- fused steps of H v (the protocol's defaults, sharing the products) ------------------
     def hvp_forward(self, t: Tensor | None, v: Tensor | None) -> Tensor | None:
         u = None if v is None else self._Z(v)
         if t is not None:
-            wt = torch.matmul(self.W, t)
+            wt = _lmul(self.W, t)
             u = wt if u is None else u + wt
         if u is None:
             return None
@@ -433,7 +440,7 @@ class DenseLayerBlocks(Blocks):
         if self.bpp is not None:
             U = None if vn is None else (self.zt @ vn).view(self.batch, self.d_out, -1)
             if t is not None:
-                wt = torch.matmul(self.W, t)
+                wt = _lmul(self.W, t)
                 U = wt if U is None else U + wt
             if U is not None:
                 G = G + self.bpp[:, :, None] * U
@@ -442,7 +449,7 @@ class DenseLayerBlocks(Blocks):
             out[: self.d_in] += self._bsp_t(t)
         s_new = None
         if need_s:
-            s_new = torch.matmul(self.W.T, G)
+            s_new = _lmul(self.W.T, G)
             if self.bsp is not None and vn is not None:
                 s_new = s_new + self._bsp_V(vn.view(self.stage.m1, self.d_out, -1)[: self.d_in])
             if self.residual:
