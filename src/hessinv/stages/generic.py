@@ -317,37 +317,42 @@ class GenericStage(Stage):
             return LazyBlocks(self, z_in, b_out)
         B = z_in.shape[0]
         d_in = z_in.reshape(B, -1).shape[1] if z_in.is_floating_point() else 0
-        sparse = any(getattr(m, "sparse", False) is True for m in self.module.modules())  # (LazyBlocks)
-        if not sparse and self.dense_fits(B, d_in, b_out.reshape(B, -1).shape[1])[0] > min(
+        if not self.sparse_grads and self.dense_fits(B, d_in, b_out.reshape(B, -1).shape[1])[0] > min(
             self.LAZY_ENTRIES, self.MAX_BLOCK_ENTRIES
         ):
-            try:
+            with self._twice():
                 blk = LazyBlocks(self, z_in, b_out, second_order=True)
                 blk.probe()
-            except UnsupportedStageError:
-                raise
-            except RuntimeError as e:  # as dense_blocks says it
-                hint = next((h for op, h in _NO_DOUBLE_BACKWARD.items() if op in str(e)), "")
-                raise UnsupportedStageError(
-                    f"{self.name}: autograd cannot differentiate it twice: {str(e).rstrip('.')}. "
-                    + (hint or "Write the stage with operations autograd can differentiate twice")
-                ) from e
             return blk
         return self.dense_blocks(z_in, b_out, second_order)
 
-    def dense_blocks(self, z_in: Tensor, b_out: Tensor, second_order: bool) -> DenseBlocks:
-        """``Jx, Jz`` (and with ``second_order`` the ``H..`` blocks) per example, by plain autograd double
-        backward, checked against whole-batch products on a random probe."""
+    @property
+    def sparse_grads(self) -> bool:
+        """Whether a module of the stage gives sparse gradients (``Embedding(sparse=True)``): their double
+        backward through ``to_dense()`` has no graph to differentiate, so :class:`LazyBlocks` take its
+        products from the dense blocks."""
+        return any(getattr(m, "sparse", False) is True for m in self.module.modules())
+
+    @contextlib.contextmanager
+    def _twice(self) -> Iterator[None]:
+        """Autograd's refusal to differentiate the stage twice (``derivative for aten::... is not
+        implemented``) as an :class:`UnsupportedStageError` saying what to do."""
         try:
-            return self._linearize(z_in, b_out, second_order)
+            yield
         except UnsupportedStageError:  # (a RuntimeError too)
             raise
-        except RuntimeError as e:  # e.g. "derivative for aten::... is not implemented"
+        except RuntimeError as e:
             hint = next((h for op, h in _NO_DOUBLE_BACKWARD.items() if op in str(e)), "")
             raise UnsupportedStageError(
                 f"{self.name}: autograd cannot differentiate it twice: {str(e).rstrip('.')}. "
                 + (hint or "Write the stage with operations autograd can differentiate twice")
             ) from e
+
+    def dense_blocks(self, z_in: Tensor, b_out: Tensor, second_order: bool) -> DenseBlocks:
+        """``Jx, Jz`` (and with ``second_order`` the ``H..`` blocks) per example, by plain autograd double
+        backward, checked against whole-batch products on a random probe."""
+        with self._twice():
+            return self._linearize(z_in, b_out, second_order)
 
     def differentiable_input(self, z_in: Tensor, dtype: torch.dtype) -> tuple[Tensor, Callable]:
         """``(z, f)``: the stage's input as a leaf that requires grad and ``f(z)`` the stage on it. Data
@@ -658,9 +663,7 @@ class LazyBlocks(Blocks):
         self._hooks = _hook_keys(mods)
         self._versions = self._graph_versions()  # (the graph's tensors: rewritten in place -> a new graph)
         self._flags = [t.requires_grad for t in stage.params]
-        # an Embedding(sparse=True)'s gradient is a sparse tensor: its double backward through to_dense()
-        # has no graph to differentiate, so its products take the dense blocks (as before)
-        self._sparse = any(getattr(m, "sparse", False) is True for m in mods)
+        self._sparse = stage.sparse_grads
         self.d_in = self._z.reshape(self.batch, -1).shape[1]
         self.d_out = b_out.reshape(self.batch, -1).shape[1]
         if self._out.reshape(self.batch, -1).shape[1] != self.d_out:
