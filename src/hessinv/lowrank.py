@@ -282,8 +282,9 @@ def _pair_grams(parts: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
     out: Tensor | None = None
     while parts:
         idx = parts[0][1]
-        same = [q for q in parts if q[1] is idx or torch.equal(q[1], idx)]
-        parts = [q for q in parts if not (q[1] is idx or torch.equal(q[1], idx))]
+        mine = [q[1] is idx or torch.equal(q[1], idx) for q in parts]
+        same = [q for q, m in zip(parts, mine, strict=True) if m]
+        parts = [q for q, m in zip(parts, mine, strict=True) if not m]
         T = same[0][0] if len(same) == 1 else torch.cat([q[0] for q in same], 1)
         w = same[0][2] if len(same) == 1 else torch.cat([q[2] for q in same], 2)
         M = _pair_gram(T, idx, w)
