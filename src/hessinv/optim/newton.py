@@ -62,6 +62,7 @@ at once):
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 import time
@@ -88,6 +89,7 @@ from hessinv.optim.precondition import (
     curvature_batch,
     curvature_weight,
     explained_subsample,
+    finite_loss_on,
     follow_params,
     generator_from_seed,
 )
@@ -236,13 +238,13 @@ class Newton(torch.optim.Optimizer):
       and one factorization of its curvature costs at most :data:`TRUST_REGION_MAX_FLOPS` (a large
       full batch preconditions) and the parameter groups share one ``weight_decay`` (the trust
       region's shift of ``H``), else ``"precondition"`` (a
-      repeat later on, e.g. a batch of one example drawn twice, does not switch; several steps on
-      the first batch do: pass ``mode="precondition"`` for that). From the trust region it goes back
-      to ``"precondition"`` for good where the radius collapses (below :data:`TRUST_REGION_STALL`
-      ``sqrt(u) max(1, ||x||)``: at a kink of a ReLU network the quadratic model fails at every
-      scale), unless the loss is fitted to rounding (at most ``sqrt(u)`` times the trust region's first
-      loss) or the gradient is zero; and where a batch of another size comes whose factorization is not
-      affordable (a first phase on one small batch, then mini-batches of 1024). Passing a
+      repeat later on, e.g. a batch of one example drawn twice, does not switch). From the trust
+      region it goes back to ``"precondition"`` for good at the first batch with other examples
+      (several steps per mini-batch, or a first phase on one small batch, then mini-batches: the
+      trust region would fit each batch's noise) and where the radius collapses (below
+      :data:`TRUST_REGION_STALL` ``sqrt(u) max(1, ||x||)``: at a kink of a ReLU network the quadratic
+      model fails at every scale), unless the loss is fitted to rounding (at most ``sqrt(u)`` times the
+      trust region's first loss) or the gradient is zero. Passing a
       trust-region setting (``damping``, ``track_inertia``, ``backtracking``) selects ``"trust-region"``.
 
     Dropout, RReLU and BatchNorm (with running statistics) in training mode: preconditioning takes each
@@ -903,9 +905,10 @@ class Newton(torch.optim.Optimizer):
         self._newton["checked"] = self.chain.check_batch_if_new(inputs, targets, self._newton.get("checked"))
 
     def _resolve_mode(self, inputs: Tensor, targets: Tensor, layers: Sequence[nn.Module] = ()) -> str:
-        """``"auto"`` resolves itself for good at the second step: ``"trust-region"`` when it gets the same
-        batch as the first (full-batch training), else ``"precondition"`` (mini-batches; a later repeat,
-        e.g. a batch of one example drawn twice, no longer switches). ``layers``: the model's Dropout or
+        """``"auto"`` resolves itself at the second step: ``"trust-region"`` when it gets the same batch as
+        the first (full-batch training), else ``"precondition"`` (mini-batches; a later repeat, e.g. a
+        batch of one example drawn twice, no longer switches); the trust region hands back to
+        preconditioning, for good, at the first batch with other examples. ``layers``: the model's Dropout or
         BatchNorm in training mode (:func:`hessinv.chain.training_layers`), whose batch loss the trust
         region cannot model: ``"auto"`` preconditions, ``"trust-region"`` is refused."""
         ns = self._newton
@@ -924,12 +927,18 @@ class Newton(torch.optim.Optimizer):
             ns["mode"] = self.mode = "precondition"
             ns["previous"], ns["from_auto"] = None, False
         if ns["mode"] != "auto":
+            rows = ns.get("trust_region_rows")  # (None: a checkpoint from before it was kept)
             if (
                 ns.get("from_auto")
                 and ns["mode"] == "trust-region"
-                and inputs.shape[:1] != tuple(ns.get("trust_region_batch", inputs.shape[:1]))
-                and not self._trust_region_affordable(inputs)
-            ):  # full-batch training was over (a first phase on one small batch): mini-batches now
+                and (
+                    not _same_signature(rows, inputs, targets)
+                    if rows is not None
+                    else inputs.shape[:1] != tuple(ns.get("trust_region_batch", inputs.shape[:1]))
+                    and not self._trust_region_affordable(inputs)
+                )
+            ):  # full-batch training was over (a first phase on one batch, or several steps per
+                # mini-batch): mini-batches now, whose trust-region steps fit the batch's noise
                 ns["mode"] = self.mode = "precondition"
                 ns["from_auto"] = False
             return ns["mode"]
@@ -945,7 +954,9 @@ class Newton(torch.optim.Optimizer):
         ns["mode"] = self.mode = "trust-region" if tr else "precondition"
         ns["previous"] = None
         ns["from_auto"] = tr  # (the trust region may hand back to preconditioning: _leave_if_stalled)
-        ns["trust_region_batch"] = list(inputs.shape[:1])  # (and where a larger batch is unaffordable)
+        ns["trust_region_batch"] = list(inputs.shape[:1])
+        # (and at the first batch with other rows: a float list, which the state dict keeps as it is)
+        ns["trust_region_rows"] = _row_signature(inputs, targets) if tr else None
         return ns["mode"]
 
     def _leave_if_stalled(self) -> None:
@@ -1151,7 +1162,8 @@ class Newton(torch.optim.Optimizer):
         subsample = k is not None and 0 < k < batch
         if subsample:
             self._generator.set_state(ns["rng"])
-            idx = curvature_batch(self.loss_fn, targets, k, self._generator)
+            finite = functools.partial(finite_loss_on, self, inputs, targets)
+            idx = curvature_batch(self.loss_fn, targets, k, self._generator, finite)
             subsample = idx is not None
 
         # 1. derivatives (reused after a rejected step on the same batch: same point, same operator)
@@ -1235,6 +1247,7 @@ class Newton(torch.optim.Optimizer):
         inertia0 = self._inertia_at_zero(op, sweeps, proposal, omega * wd)
         f1, pred, rho = trial(d, gd, dHd, step_norm, 1.0)
         if isinstance(lr, Tensor) or lr != 0:
+            proposal.taken = step_norm  # (the radius follows the step taken: d = lr s)
             rule_state, accepted = self.rule.update(ns["rule"], proposal, rho)
         else:  # lr = 0 (a schedule's warm-up): a zero step says nothing about the radius or damping
             rule_state, accepted = ns["rule"], True
@@ -1348,16 +1361,31 @@ def _same_rows(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> bool:
         return True
     if xa.dim() == 0 or xa.shape[0] < 2:
         return False
-    B = int(xa.shape[0])
-    width = xa[0].numel() + ya[0].numel()
-    g = torch.Generator(device="cpu").manual_seed(0)
-    r = torch.randn(width, dtype=torch.float64, generator=g).to(xa.device)
-
-    def order(x: Tensor, y: Tensor) -> Tensor:
-        return torch.argsort(torch.cat([x.reshape(B, -1).double(), y.reshape(B, -1).double()], dim=1) @ r)
-
-    ia, ib = order(xa, ya), order(xb, yb)
+    ia, ib = torch.argsort(_projections(xa, ya)), torch.argsort(_projections(xb, yb))
     return torch.equal(xa[ia], xb[ib]) and torch.equal(ya[ia], yb[ib])
+
+
+def _projections(x: Tensor, y: Tensor) -> Tensor:
+    """(B,) float64: each example's row of inputs and targets projected onto a fixed random direction."""
+    B = int(x.shape[0]) if x.dim() else 1
+    width = x.numel() // max(B, 1) + y.numel() // max(B, 1)
+    r = torch.randn(width, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(x.device)
+    return torch.cat([x.reshape(B, -1).double(), y.reshape(B, -1).double()], dim=1) @ r
+
+
+def _row_signature(x: Tensor, y: Tensor) -> list[float]:
+    """The batch's :func:`_projections`, sorted: the same for the same examples in any order."""
+    return _projections(x.detach(), y.detach()).sort().values.cpu().tolist()
+
+
+def _same_signature(signature: list[float], x: Tensor, y: Tensor) -> bool:
+    """Whether the batch ``(x, y)`` has the :func:`_row_signature` ``signature`` (up to the rounding of the
+    projections, which may depend on a row's place in the batch: ``1e-12`` of their largest)."""
+    now = _row_signature(x, y)
+    if len(now) != len(signature):
+        return False
+    a, b = torch.tensor(now, dtype=torch.float64), torch.tensor(signature, dtype=torch.float64)
+    return bool((a - b).abs().max() <= 1e-12 * max(1.0, float(a.abs().max()))) if len(now) else True
 
 
 def _checked_curvature_batch_size(value: Any) -> int | None:

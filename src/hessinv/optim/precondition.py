@@ -130,8 +130,11 @@ def _checked_settings(
 
 
 def _plain(value: Any) -> Any:
-    """A numpy scalar (``np.float32(0.5)``, ``np.int64(4)``) as the Python number it holds; else ``value``."""
+    """A numpy scalar (``np.float32(0.5)``, ``np.int64(4)``) or a 0-dimensional tensor (``torch.optim``
+    takes ``lr=torch.tensor(0.5)``) as the Python number it holds; else ``value``."""
     if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.requires_grad:
         return value.item()
     return value
 
@@ -619,16 +622,41 @@ def explained_subsample(k: int | None, loss_fn: Any, targets: Tensor) -> Iterato
         ) from e
 
 
-def curvature_batch(loss_fn: Any, targets: Tensor, k: int, generator: torch.Generator) -> Tensor | None:
+#: draws of a curvature batch whose loss is not finite before it doubles (:func:`curvature_batch`)
+REDRAWS = 3
+
+
+def curvature_batch(
+    loss_fn: Any,
+    targets: Tensor,
+    k: int,
+    generator: torch.Generator,
+    finite: Callable[[Tensor], bool] | None = None,
+) -> Tensor | None:
     """The sorted indices of ``k`` examples of a batch, drawn without replacement (None: the whole
     batch); with a loss that ignores a class index (``CrossEntropyLoss(ignore_index=...)``), drawn among
-    the examples it does not ignore (an all-ignored sample has no loss, hence no curvature)."""
+    the examples it does not ignore (an all-ignored sample has no loss, hence no curvature).
+
+    Where that index cannot be read (the loss is a function, or a module of the user's) and the targets
+    are class indices, ``finite(idx)`` -- whether the loss of those examples is finite -- tells a sample
+    of ignored targets only (a mean over none: 0/0) from one the loss counts: such a draw is drawn again,
+    up to :data:`REDRAWS` times, then with twice the examples, up to the whole batch. (Without ``finite``,
+    or with a draw that counts, the generator's draws are those of one sample.)"""
     B = int(targets.shape[0])
     pool = _counted(loss_fn, targets)
     if pool is None:
         if k >= B:
             return None
         idx = torch.randperm(B, generator=generator)[:k].sort().values
+        opaque = finite is not None and not targets.is_floating_point() and ignored_index(loss_fn) is None
+        tries = 0
+        while opaque and not finite(idx.to(targets.device)):
+            tries += 1
+            if tries % (REDRAWS + 1) == 0:
+                k *= 2
+            if k >= B:
+                return None
+            idx = torch.randperm(B, generator=generator)[:k].sort().values
     elif k >= len(pool):
         idx = pool
     else:
@@ -641,6 +669,13 @@ def sums_on(owner: Any, X: Tensor, y: Tensor) -> bool | None:
     with torch.no_grad():
         out = owner.chain.forward(X)[-1]
     return sums_examples(owner.loss_fn, out, owner.chain.prepare_targets(y))
+
+
+def finite_loss_on(owner: Any, X: Tensor, y: Tensor, idx: Tensor) -> bool:
+    """Whether ``owner.loss_fn`` is finite on the examples ``idx`` of ``(X, y)`` (one forward pass)."""
+    with torch.no_grad():
+        out = owner.chain.forward(X[idx])[-1]
+        return bool(torch.isfinite(owner.loss_fn(out, owner.chain.prepare_targets(y[idx]))).all())
 
 
 def curvature_weight(owner: Any, Xc: Tensor, yc: Tensor, targets: Tensor, k: int | None = None) -> float:
@@ -1011,7 +1046,8 @@ class Preconditioner:
         return self._factor is None or (self.state["t"] - 1) % self.refresh == 0
 
     def _curvature_batch(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        idx = curvature_batch(self.loss_fn, targets, self.curvature_batch_size, self.generator)
+        finite = functools.partial(finite_loss_on, self, inputs, targets)
+        idx = curvature_batch(self.loss_fn, targets, self.curvature_batch_size, self.generator, finite)
         return (inputs, targets) if idx is None else (inputs[idx], targets[idx])
 
     @_deterministic_curvature

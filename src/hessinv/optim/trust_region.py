@@ -401,9 +401,12 @@ class TrustRegion(DampingRule):
         model after a rejected step, when ``H`` is the same; a prediction otherwise)."""
         radius = float(state["radius"])
         snorm = float(proposal.step.double().norm())
+        # the ratio test judged the step taken, d = lr s: the radius shrinks below it, and grows only where
+        # d itself reached the boundary (else a schedule's lr < 1 would let the radius grow to undo it)
+        taken = snorm if proposal.taken is None else float(proposal.taken)
         if rho < 0.25:
-            radius = self.shrink * min(radius, snorm) if snorm > 0 else self.shrink * radius
-        elif rho > 0.75 and proposal.boundary:
+            radius = self.shrink * min(radius, taken) if taken > 0 else self.shrink * radius
+        elif rho > 0.75 and proposal.boundary and taken >= 0.999 * snorm:
             radius = min(self.grow * radius, self.max_radius)
         radius = max(radius, 1e-300)
         lam = proposal.damping
