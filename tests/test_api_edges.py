@@ -53,9 +53,9 @@ def test_woodbury_inverse_quadratic_tiny_damping():
     assert G.factor(D).inverse_quadratic(v) == pytest.approx(ref, rel=1e-8)
 
 
-def test_modified_factorization_quadratic_refused_and_inertia_not_certified():
-    """modify='abs' factors |D| instead of D: its quadratic form (4895 against 362) and its counts are
-    another matrix's."""
+def test_modified_factorization_quadratic_refused_and_inertia_of_h_plus_eps_i():
+    """modify='abs' factors |D| instead of D: its quadratic form (4895 against 362) is another matrix's,
+    refused; its counts are those of H + eps I (recounted), not the modified matrix's."""
     net, loss, X, y = _mlp()
     H = hessinv.hessian(net, loss, X, y)
     lam = torch.linalg.eigvalsh(autograd_hessian(net, loss, X, y))
@@ -63,8 +63,8 @@ def test_modified_factorization_quadratic_refused_and_inertia_not_certified():
     F = H.factor(1e-3, modify="abs")
     with pytest.raises(hessinv.InvalidArgumentError, match="modified its pivots"):
         F.inverse_quadratic(torch.ones(H.shape[0], dtype=torch.float64))
-    assert F.inertia.negative == 0 and not F.inertia_certified
-    assert H.factor(1e-3).inertia_certified  # (unmodified: certified)
+    assert F.inertia.negative == int((lam + 1e-3 < 0).sum()) and F.inertia_certified
+    assert F.inertia == H.factor(1e-3).inertia
 
 
 def test_extreme_scales_give_numbers_or_named_errors():
@@ -176,3 +176,19 @@ def test_inertia_tolerance_band_on_placed_eigenvalues():
         mu = lam + shift
         want = (int((mu < -tol).sum()), int((mu.abs() <= tol).sum()), int((mu > tol).sum()))
         assert tuple(H.inertia(shift, tol)) == want, place
+
+
+def test_a_numpy_array_times_the_operator_is_a_named_error():
+    """``np.ones(n) @ H`` failed inside numpy's matmul ("Input operand 1 does not have enough dimensions")
+    while ``H @ np.ones(n)`` named the tensor it takes; both do now."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    H = hessinv.hessian(
+        net, nn.CrossEntropyLoss(), torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    )
+    v = np.ones(H.shape[0])
+    for f in (lambda: H @ v, lambda: v @ H):
+        with pytest.raises(hessinv.InvalidArgumentError, match="torch.Tensor"):
+            f()

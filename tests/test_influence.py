@@ -21,6 +21,7 @@ from torch import nn
 import hessinv
 from hessinv.errors import InvalidArgumentError
 from hessinv.influence import InfluenceFunction, influence_scores, output_jacobians, per_example_gradients
+from hessinv.stages.losses import counted_examples, sums_examples
 
 REF = {"hessian": autograd_hessian, "gauss_newton": autograd_gauss_newton}
 
@@ -37,6 +38,13 @@ def test_scores_match_dense(prob, kind, damping, batch, precision):
     m, lf, X, y = prob.model, prob.loss_fn, prob.inputs, prob.targets
     Xc, yc = (X[: max(1, len(X) // 2)], y[: max(1, len(X) // 2)]) if batch else (X, y)
     D = REF[kind.replace("-", "_")](m, lf, Xc, yc)
+    if batch and sums_examples(lf, m(X).detach(), y):  # a summed loss: H ~ (N / B) H_B (fit's docstring)
+
+        def count(t):
+            idx = counted_examples(lf, t)
+            return len(t) if idx is None else len(idx)
+
+        D = D * (count(y) / count(yc))
     A = D + damping * torch.eye(D.shape[0], dtype=D.dtype)
     lam = torch.linalg.eigvalsh(A)
     if float(lam.abs().min()) < 1e-6 * max(float(lam.abs().max()), 1.0):
@@ -364,3 +372,22 @@ def test_numpy_arrays_are_named_as_the_operators_name_them():
     inf = InfluenceFunction(m, nn.CrossEntropyLoss(), damping=0.1, curvature="gauss_newton").fit(X, y)
     with pytest.raises(hessinv.InvalidArgumentError, match="torch.as_tensor"):
         inf.influences(X.numpy(), y.numpy())
+
+
+def test_a_summed_loss_on_a_curvature_batch_estimates_the_training_sets_hessian():
+    """``reduction="sum"``: the training loss sums N terms, a curvature batch's B. The batch's Hessian
+    was taken as the training set's, so the scores came out N / B = 4 times too large against the mean's
+    (which needs no weight); now ``H ~ (N / B) H_B``, and the summed loss's scores at damping ``N lambda``
+    are the mean's at ``lambda`` divided by N, as on the whole training set."""
+    torch.manual_seed(0)
+    N, B = 40, 10
+    X = torch.randn(N, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (N,))
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    lam = 1e-2
+    for kind in ("gauss_newton", "hessian"):
+        mean = InfluenceFunction(net, nn.CrossEntropyLoss(), kind, lam).fit(X, y, X[:B], y[:B])
+        summ = InfluenceFunction(net, nn.CrossEntropyLoss(reduction="sum"), kind, N * lam)
+        summ.fit(X, y, X[:B], y[:B])
+        torch.testing.assert_close(summ.influences(X[:3], y[:3]), mean.influences(X[:3], y[:3]) / N)
+        torch.testing.assert_close(summ.self_influence(), mean.self_influence() / N)

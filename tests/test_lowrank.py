@@ -118,13 +118,16 @@ def test_a_damping_that_requires_grad_is_taken_as_numbers():
 @given(chains(max_depth=5, max_width=6, max_batch=5))
 def test_abs_modified_factorization(prob):
     """modify='abs' gives a positive definite M = L|D|L^T: equal to H + eps I where that factors by
-    Cholesky, and always a descent direction (g^T M^{-1} g > 0)."""
+    Cholesky, and always a descent direction (g^T M^{-1} g > 0); its inertia is that of H + eps I."""
     H = hessinv.hessian(prob.model, prob.loss_fn, prob.inputs, prob.targets)
     n = H.shape[0]
     H_ref = H.to_dense()
     eps = 1e-3 * (float(H_ref.abs().max()) + 1e-3)
     F = H.factor(eps, modify="abs")
-    assert F.positive_definite and F.inertia == hessinv.Inertia(0, 0, n)
+    w = torch.linalg.eigvalsh(H_ref + eps * torch.eye(n, dtype=H_ref.dtype))
+    if float(w.abs().min()) > 1e-8 * float(w.abs().max()):  # (counts decidable at this precision)
+        assert F.inertia.negative == int((w < 0).sum()), prob.description
+    assert F.positive_definite == (F.inertia.negative == 0)
     g = torch.randn(n, dtype=torch.float64)
     d = F.solve(g)
     assert float(g @ d) > 0, prob.description

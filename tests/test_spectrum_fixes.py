@@ -213,7 +213,7 @@ def test_min_eigenvalue_beyond_the_sweeps_range_says_so():
     X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 3, (8,))
     with pytest.raises(hessinv.NonFiniteError, match="too large for torch.float64 sweeps"):
         hessinv.hessian(m, lambda o, t: ce(o, t) * 1e158, X, y).min_eigenvalue()
-    lam = hessinv.hessian(m, lambda o, t: ce(o, t) * 1e150, X, y).min_eigenvalue() / 1e150
+    lam = hessinv.hessian(m, lambda o, t: ce(o, t) * 1e149, X, y).min_eigenvalue() / 1e149  # (||H|| 8e148)
     ref = float(torch.linalg.eigvalsh(autograd_hessian(m, ce, X, y))[0])
     assert lam == pytest.approx(ref, rel=1e-6)
 
@@ -240,3 +240,22 @@ def test_eigenpairs_splitting_a_repeated_eigenvalue_miss_no_copy_of_a_nearer_one
     e = hessinv.hessian(m, nn.MSELoss(), X, y).eigenpairs(k, which, sigma=sigma)
     assert float((e.values - ref).abs().max()) <= 1e-10 * float(lam.abs().max())
     assert not e.certified
+
+
+def test_min_eigenvalue_of_a_singular_semidefinite_matrix_is_not_below_it():
+    """A positive semidefinite, singular curvature (least squares with more parameters than examples; a
+    Gauss-Newton matrix of (B,) outputs) of at most 64 parameters: the certificate's shift was scaled by
+    ``|H v|`` of the null vector (1e-16) instead of ``||H||``, failed, and bisection answered -3.4e-8 --
+    below ``lambda_min``, which the returned Rayleigh quotient never is (up to rounding)."""
+    torch.manual_seed(0)
+    cases = []
+    m = nn.Sequential(nn.Linear(10, 1)).double()
+    X, y = torch.randn(4, 10, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    cases.append((hessinv.hessian(m, nn.MSELoss(), X, y), autograd_hessian(m, nn.MSELoss(), X, y)))
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1), nn.Flatten(0)).double()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    cases.append((hessinv.gauss_newton(m, nn.MSELoss(), X, y), autograd_gauss_newton(m, nn.MSELoss(), X, y)))
+    for op, A in cases:
+        w = torch.linalg.eigvalsh(A)
+        lam = op.min_eigenvalue()
+        assert float(w[0]) - 1e-12 * float(w[-1]) <= lam <= float(w[0]) + 1e-8 * float(w[-1])

@@ -424,6 +424,9 @@ class CurvatureOperator:
         return HV[:, 0] if vec else HV
 
     matmul = __matmul__
+    #: numpy hands ``ndarray @ H`` to :meth:`__rmatmul__` (which names the tensor it takes) instead of
+    #: failing inside its own matmul
+    __array_ufunc__ = None
 
     def __rmatmul__(self, v: Tensor) -> Tensor:
         """``v H`` for ``v`` of shape (n,) or (k, n): ``(H v^T)^T``, ``H`` being symmetric."""
@@ -477,7 +480,9 @@ class CurvatureOperator:
         ``damping > 0``) factors instead the positive definite ``M = L |D| L^T``: each Riccati pivot's
         eigenvalues below ``damping`` replaced by ``max(|lambda|, damping)`` (modified Cholesky per pivot
         block, math.md §6); ``M = H + damping I`` where every pivot is already above ``damping``.
-        Solves with it are not refined (``M`` is not ``H + damping I``).
+        Solves with it are not refined (``M`` is not ``H + damping I``); its ``inertia`` and
+        ``positive_definite`` are still those of ``H + damping I`` (recounted by one more sweep when first
+        read, where a pivot was modified).
 
         ``precision="mixed"`` (float64 operators): the sweep runs in float32 -- about half the time --
         and every solve is refined in float64 to float64 accuracy (:class:`MixedFactorization`); a
@@ -1159,7 +1164,8 @@ class CurvatureOperator:
             A = self.to_dense().double().cpu()
             if not bool(A.any()):  # H = 0 (a relative accuracy of 0)
                 return 0.0
-            v = torch.linalg.eigh(A)[1][:, 0]
+            w, V = torch.linalg.eigh(A)
+            v, known = V[:, 0], float(w.abs().max())  # (||H||: |H v| of a null vector is no scale)
         else:
             self._check_sweep_memory()  # (the certificate's sweep: refused before the Lanczos products)
 
@@ -1174,6 +1180,7 @@ class CurvatureOperator:
                 return gap > 0 and rho * rho / gap <= tol * scale  # the estimate runs 7-15x high
 
             theta, S, Q, _, b = self._lanczos(min(n, 300), close, block=_LANCZOS_BLOCK)
+            known = float(np.abs(theta).max())  # (Ritz values: ||H|| from below)
             # H q = 0 for the random start q: H = 0 (a relative accuracy of 0). Lanczos says so itself:
             # a first call no longer pays the 30 products of a norm estimate for this test
             if b == 0.0 and not np.any(theta):
@@ -1187,7 +1194,7 @@ class CurvatureOperator:
             v = v / _scaled_norm(v)
             Hv = op64._apply(v[:, None].to(op64.dtype).to(op64.device))[:, 0].double().cpu()
             lam = float(v @ Hv)
-            scale = max(abs(lam), _scaled_norm(Hv), _TINY64)  # (|Hv|^2 overflows from 1e154)
+            scale = max(abs(lam), _scaled_norm(Hv), known, _TINY64)  # (|Hv|^2 overflows from 1e154)
         if not (math.isfinite(lam) and math.isfinite(scale)):
             self._overflow()
         self._check_sweepable(scale, "min_eigenvalue")
@@ -1500,16 +1507,17 @@ class Factorization:
             the perturbed matrix's; or one ill-conditioned beyond ``sqrt(u)``), they are recounted when
             first read, as ``op.inertia(eps, tol=0)`` does: one sweep without perturbation, and a dense
             ``LDL^T`` of ``H + eps I`` where that sweep is ill-conditioned too (``n <=``
-            :data:`DENSE_FALLBACK_N`). (A factorization with ``modify`` counts its modified pivots.)
+            :data:`DENSE_FALLBACK_N`). With ``modify``, too: the counts of ``H + eps I``, not of the
+            modified matrix ``M`` the factors hold (recounted when first read, where a pivot was modified).
         inertia_certified: whether ``inertia`` is an exact count -- of the operator's own matrix: a
             float32 operator's is evaluated in float32, and where ``cond(H + eps I) >~ 1 / u32`` its
             count may differ from the float64 model's. False only where the recount itself had an
             ill-conditioned pivot above ``n = 2048``, or (:class:`MixedFactorization`) for the float32
-            sweep's count, and for a factorization whose pivots ``modify`` changed (its counts are the
-            modified matrix's). Reading it runs the recount where one is due.
+            sweep's count. Reading it runs the recount where one is due.
         perturbed: ``{stage index: number of perturbed pivot eigenvalues}`` (empty if none; below
             float64 only the first such stage: the sweep stops there and the float64 twin takes over).
-        positive_definite: whether every pivot is positive definite (unperturbed).
+        positive_definite: whether every pivot is positive definite (unperturbed; with ``modify``:
+            unmodified, so that ``M = H + eps I``).
         last_info: the :class:`SolveInfo` of the latest solve.
     """
 
@@ -1569,11 +1577,13 @@ class Factorization:
         self.perturbed: dict[int, int] = {
             l: f.pivot.perturbed for l, f in enumerate(self.factors) if f is not None and f.pivot.perturbed
         }
-        # (a modified factorization counts its modified pivots: not H + eps I's inertia)
+        # (a modified factorization's pivots count M's eigenvalues, not those of H + eps I: recounted)
         self._certified = (
             not self.perturbed and not overflowed and not self._pivots_modified and self._well_pivoted()
         )
-        self._recount_due = not self._certified and not modify  # the pivots' counts are not exact
+        self._recount_due = not self._certified  # the pivots' counts are not exact
+        if modify:  # (the sweep's answer is M's, positive definite by construction)
+            self.positive_definite = not self._pivots_modified
         self.last_info: SolveInfo | None = None
         self._f64: Factorization | None = None
         self._dense: Tensor | None = None  # H + eps I in float64, formed if the dense fallback runs
@@ -2194,12 +2204,23 @@ class Factorization:
                 f"(max|rhs| {float(R.abs().max()):.3g}); x is linear in the right-hand side: scale it down "
                 "and the solution back up"
             )
+        poor = rel > math.sqrt(torch.finfo(self.op.dtype).eps)
+        if poor and not self.perturbed and self.inertia.zero:
+            # the factorization's own count found an eigenvalue zero to working precision (a pivot exactly
+            # singular at this damping), as logdet and inverse_quadratic do: not a solution, a refusal
+            raise SingularError(
+                f"H + eps I at damping {self._damping_text()} is singular to working precision: its inertia "
+                f"counts {self.inertia.zero} zero eigenvalue(s), and the solve reached relative residual "
+                f"{rel:.2e} only. Choose another damping (eps > -H.min_eigenvalue() for a positive "
+                "definite H + eps I)",
+                damping=self.damping if isinstance(self.damping, float) else None,
+            )
         if rel > 1e-2 and not self.perturbed and not self._twin_only and not self.__dict__.get("_probed"):
             # no solution at all (a perturbed factorization was probed when made): singular to working
             # precision with no pivot singular on its own (eps = -lambda exactly)? SingularError if so
             self._probed = True
             self._check_nonsingular(unsolved=False)
-        if rel > math.sqrt(torch.finfo(self.op.dtype).eps):
+        if poor:
             warn(
                 f"solve at damping {self._damping_text()} reached relative residual {rel:.2e} only",
                 AccuracyWarning,

@@ -55,6 +55,7 @@ from hessinv.errors import (
     warn,
 )
 from hessinv.riccati import Inertia
+from hessinv.stages.losses import counted_examples, sums_examples
 
 __all__ = [
     "InfluenceFunction",
@@ -338,8 +339,9 @@ class InfluenceFunction:
             products, so it pays when the factorization dominates -- few test points, a large curvature
             batch).
 
-    Attributes (after :meth:`fit`): ``factorization`` (of ``H + lambda I``), ``inertia``,
-    ``positive_definite``, ``train_gradients`` (N, n).
+    Attributes (after :meth:`fit`): ``factorization`` (of ``H + lambda I``; of ``H_B + (lambda B / N) I``
+    for a summed loss on a curvature batch, see :meth:`fit`), ``inertia``, ``positive_definite``,
+    ``train_gradients`` (N, n).
     """
 
     def __init__(
@@ -356,6 +358,7 @@ class InfluenceFunction:
         self.precision = check_precision(precision)
         self.operator: CurvatureOperator | None = None
         self.factorization: Factorization | None = None
+        self._weight = 1.0  # N / B for a summed loss on a curvature batch (fit)
         self.train_gradients: Tensor | None = None
         self._at: Tensor | None = None  # the parameters' values at fit
         self._buffers: list[Tensor] | None = None  # the buffers at fit
@@ -366,16 +369,25 @@ class InfluenceFunction:
         targets: Tensor | None = None,
         curvature_inputs: Tensor | None = None,
         curvature_targets: Tensor | None = None,
+        *,
+        training_examples: int | None = None,
     ) -> InfluenceFunction:
         """Factor ``H + lambda I`` on ``(curvature_inputs, curvature_targets)`` -- default the whole
         training set ``(inputs, targets)``, or ``fit(loader)`` (its batches concatenated) -- and compute
-        the per-example training gradients. A refused fit leaves the previous one as it was."""
+        the per-example training gradients. A refused fit leaves the previous one as it was.
+
+        A loss that sums over the examples (``reduction="sum"``) on a curvature batch of ``B`` of the
+        ``N`` training examples: ``H`` is estimated as ``(N / B) H_B`` (the training loss sums ``N``
+        terms, the batch's ``B``; a mean needs no weight), as the optimizers do. ``training_examples``:
+        ``N`` where ``inputs`` is a part of the training set (default: the examples of ``inputs`` the loss
+        counts)."""
         if (curvature_inputs is None) != (curvature_targets is None):
             raise InvalidArgumentError("pass both curvature_inputs and curvature_targets, or neither")
         inputs, targets = _collect(inputs, targets)
         Xc, yc = (inputs, targets) if curvature_inputs is None else (curvature_inputs, curvature_targets)
         op = self.curvature_cls(self.model, self.loss_fn, Xc, yc)
-        fac = op.factor(self.damping, precision=self.precision)
+        w = 1.0 if curvature_inputs is None else self._batch_weight(op, targets, yc, training_examples)
+        fac = op.factor(self.damping / w, precision=self.precision)  # w H + lambda I = w (H + lambda / w I)
         grads = per_example_gradients(self.model, self.loss_fn, inputs, targets, chain=op.chain)
         if not fac.positive_definite:
             warn(
@@ -383,10 +395,26 @@ class InfluenceFunction:
                 "the scores are exact for this matrix, but influence functions assume a positive definite "
                 "curvature -- use curvature='gauss_newton' or a larger damping"
             )
-        self.operator, self.factorization = op, fac
+        self.operator, self.factorization, self._weight = op, fac, w
         self._at, self._buffers = op.chain.flat_params(), op.chain.buffer_values()
         self.train_gradients = grads
         return self
+
+    def _batch_weight(self, op: CurvatureOperator, targets: Tensor, yc: Tensor, n: int | None) -> float:
+        """``N / B`` for a loss that sums over the examples (see :meth:`fit`), else 1."""
+        Xc = op.inputs
+        with torch.no_grad():
+            out = op.chain.forward(Xc[: min(2, int(Xc.shape[0]))])[-1]
+        if not sums_examples(self.loss_fn, out, op.chain.prepare_targets(yc[: int(out.shape[0])])):
+            return 1.0
+
+        def count(t: Tensor) -> int:
+            idx = counted_examples(self.loss_fn, t)
+            return int(t.shape[0]) if idx is None else int(idx.numel())
+
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+            raise InvalidArgumentError(f"training_examples must be an int >= 1, got {n!r}")
+        return (count(targets) if n is None else int(n)) / count(yc)
 
     @property
     def inertia(self) -> Inertia:
@@ -439,7 +467,8 @@ class InfluenceFunction:
         if vectors.dim() == 1:
             return self.inverse_hvp(vectors[None], chunk)[0]
         V = vectors.to(fac.op.dtype)
-        out = [fac.solve(V[i : i + chunk].T.contiguous()).T for i in range(0, len(V), chunk)]
+        w = self._weight  # (w H_B + lambda I)^-1 = (H_B + lambda / w I)^-1 / w (see fit)
+        out = [fac.solve(V[i : i + chunk].T.contiguous()).T / w for i in range(0, len(V), chunk)]
         return torch.cat(out) if out else V.clone()
 
     def influences(
@@ -516,6 +545,9 @@ def distributed_influence_scores(
         raise DistributedError(f"{n} training examples for {world} ranks: use at most {n} processes")
     Xr, yr = torch.tensor_split(X, world)[rank], torch.tensor_split(y, world)[rank]
     Xc, yc = curvature_batch if curvature_batch is not None else (X, y)
-    inf = InfluenceFunction(model, loss_fn, curvature, damping, precision).fit(Xr, yr, Xc, yc)
+    counted = counted_examples(loss_fn, y)
+    N = n if counted is None else int(counted.numel())  # (what a summed loss sums over: all ranks' examples)
+    inf = InfluenceFunction(model, loss_fn, curvature, damping, precision)
+    inf.fit(Xr, yr, Xc, yc, training_examples=N)
     block = inf.influences(*test)  # (n_test, N_r)
     return torch.cat(_gather_rows(block.T.contiguous(), group)).T

@@ -66,8 +66,8 @@ from torch import Tensor, nn
 
 from hessinv.chain import LossFn
 from hessinv.errors import DistributedError, InvalidArgumentError
-from hessinv.optim.precondition import Preconditioner, _counted, curvature_batch, curvature_weight, sums_on
-from hessinv.stages.losses import ignored_index, loss_name, loss_reduction
+from hessinv.optim.precondition import Preconditioner, curvature_batch, curvature_weight, sums_on
+from hessinv.stages.losses import counted_examples, ignored_index, loss_name, loss_reduction
 
 __all__ = [
     "STRATEGIES",
@@ -488,7 +488,7 @@ class DistributedPreconditioner(Preconditioner):
             # a function (or a module without reduction=): does it sum over the examples? (found once, on
             # examples it counts, or by the curvature's weighting)
             if self._sums is None:
-                idx = _counted(self.loss_fn, targets)
+                idx = counted_examples(self.loss_fn, targets)
                 idx = (idx if idx is not None else torch.arange(int(inputs.shape[0]))).to(inputs.device)
                 for part in (idx[:4], idx):  # a few examples; all of them where those leave a zero loss
                     self._sums = sums_on(self, inputs[part], targets[part])

@@ -71,7 +71,7 @@ from hessinv.chain import LossFn, _tensor, dense_grad, deterministic_chain, laye
 from hessinv.curvature import GaussNewton, Hessian, normalize_curvature
 from hessinv.errors import InvalidArgumentError, NonFiniteError, NotFittedError, ShapeMismatchError
 from hessinv.lowrank import WoodburyFactor
-from hessinv.stages.losses import ignored_index, sums_examples
+from hessinv.stages.losses import counted_examples, ignored_index, sums_examples
 from hessinv.stages.protocol import basis_product
 
 __all__ = ["Preconditioner", "EigenBasis"]
@@ -586,20 +586,6 @@ def _lookup_tables(model: nn.Module | Sequence[nn.Module]) -> list[Tensor]:
     return out
 
 
-def _counted(loss_fn: Any, targets: Tensor) -> Tensor | None:
-    """The indices of the examples a loss that ignores a class index (``CrossEntropyLoss(ignore_index=
-    ...)``, :func:`hessinv.stages.losses.ignored_index`) counts -- those with a target, or with one
-    position of per-position targets ``(B, d...)`` (padding), it does not ignore -- where it ignores some
-    but not all; else None (all count)."""
-    ignore = ignored_index(loss_fn)
-    if ignore is not None and targets.dim() >= 1 and not targets.is_floating_point():
-        # (in int64: -100 against uint8 targets would read as class 156)
-        valid = (targets.long() != ignore).reshape(int(targets.shape[0]), -1).any(1).nonzero().flatten()
-        if 0 < valid.numel() < int(targets.shape[0]):
-            return valid.cpu()
-    return None
-
-
 @contextlib.contextmanager
 def explained_subsample(k: int | None, loss_fn: Any, targets: Tensor) -> Iterator[None]:
     """Re-raise a :class:`NonFiniteError` met while building the curvature of ``k`` examples drawn from
@@ -643,7 +629,7 @@ def curvature_batch(
     up to :data:`REDRAWS` times, then with twice the examples, up to the whole batch. (Without ``finite``,
     or with a draw that counts, the generator's draws are those of one sample.)"""
     B = int(targets.shape[0])
-    pool = _counted(loss_fn, targets)
+    pool = counted_examples(loss_fn, targets)
     if pool is None:
         if k >= B:
             return None
@@ -688,7 +674,7 @@ def curvature_weight(owner: Any, Xc: Tensor, yc: Tensor, targets: Tensor, k: int
         owner._sums = sums_on(owner, Xc, yc)
     if not owner._sums:
         return 1.0
-    pool = _counted(owner.loss_fn, targets)
+    pool = counted_examples(owner.loss_fn, targets)
     n = int(targets.shape[0]) if pool is None else int(pool.numel())
     return n / (int(yc.shape[0]) if k is None else k)
 

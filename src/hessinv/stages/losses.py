@@ -152,6 +152,20 @@ def loss_reduction(loss_fn: Callable) -> str | None:
     return kw.get("reduction", getattr(loss_fn, "reduction", None))
 
 
+def counted_examples(loss_fn: Callable, targets: Tensor) -> Tensor | None:
+    """The indices of the examples a loss that ignores a class index (``CrossEntropyLoss(ignore_index=
+    ...)``, :func:`ignored_index`) counts -- those with a target, or with one
+    position of per-position targets ``(B, d...)`` (padding), it does not ignore -- where it ignores some
+    but not all; else None (all count)."""
+    ignore = ignored_index(loss_fn)
+    if ignore is not None and targets.dim() >= 1 and not targets.is_floating_point():
+        # (in int64: -100 against uint8 targets would read as class 156)
+        valid = (targets.long() != ignore).reshape(int(targets.shape[0]), -1).any(1).nonzero().flatten()
+        if 0 < valid.numel() < int(targets.shape[0]):
+            return valid.cpu()
+    return None
+
+
 def sums_examples(loss_fn: Callable, outputs: Tensor, targets: Tensor) -> bool | None:
     """Whether ``loss_fn`` sums its per-example terms (``reduction='sum'``: the loss of ``B`` examples
     grows like ``B``) rather than averaging them; None where it cannot tell.
