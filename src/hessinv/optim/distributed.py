@@ -573,11 +573,16 @@ class DistributedPreconditioner(Preconditioner):
                 # this shard's share of the mean over the k examples; for a loss that sums them, its sum
                 # times B / k (the curvature of the rank's loss, as its gradient is)
                 w = curvature_weight(self, Xl, yl, targets, k)
-                U = U * math.sqrt(w if self._sums else share)
+                r = math.sqrt(w if self._sums else share)
+                U = U * r
+                factors = [(o, d, m, T * r, Z, i) for o, d, m, T, Z, i in self._root_factors or []]
             else:
                 U = torch.zeros(0, n, dtype=self.chain.dtype, device=self.chain.device)
                 S = torch.zeros(0, dtype=self.chain.dtype, device=self.chain.device)
-            self._root_factors = None  # this rank's rows only: K from the gathered rows
+                factors = None
+            # the Linear weights' row factors of the gathered rows, as one process keeps them: K, the
+            # solves and the choice between a rank update of D and a rebuild (by their costs) as its
+            self._root_factors = self._gathered_factors(factors, int(local.numel()))
             return torch.cat(_gather_rows(U, self.group)), torch.cat(_gather_rows(S, self.group))
         if self.strategy == "rotate":
             _same_everywhere(int(inputs.shape[0]), "the local batch size", self.group)
@@ -601,6 +606,34 @@ class DistributedPreconditioner(Preconditioner):
             return U, S
         # replicated (global curvature batch from _curvature_batch) and average (this rank's own)
         return super().curvature_root(inputs, targets)
+
+    def _gathered_factors(self, factors: list | None, examples: int) -> list | None:
+        """Every rank's row factors ``(offset, d, m, T, Z, idx)`` of its shard of the curvature batch
+        (``examples`` examples; None: none), joined in rank order as the rows of ``U`` are: ``T``'s rows
+        and ``Z``'s examples concatenated, ``idx`` shifted by the examples of the ranks before. None on
+        every rank where the ranks' weights differ (a stage mixing examples on one shard only)."""
+        meta = None if factors is None else [(o, d, m) for o, d, m, *_ in factors]
+        metas: list = [None] * self.world_size
+        dist.all_gather_object(metas, meta, group=self.group)
+        known = [x for x in metas if x is not None]
+        if not known or any(x != known[0] for x in known):
+            return None
+        count = torch.tensor([examples], dtype=torch.int64, device=self.chain.device)
+        counts = torch.cat([count.new_zeros(1), *_gather_rows(count, self.group)])
+        starts = torch.cumsum(counts, 0)[:-1].tolist()
+        out = []
+        for j, (o, d, m) in enumerate(known[0]):
+            if factors is None:
+                dt, dev = self.chain.dtype, self.chain.device
+                T, Z = torch.zeros(0, d, dtype=dt, device=dev), torch.zeros(0, m, dtype=dt, device=dev)
+                idx = torch.zeros(0, dtype=torch.int64, device=dev)
+            else:
+                T, Z, idx = factors[j][3], factors[j][4], factors[j][5]
+            Ts, Zs = _gather_rows(T.contiguous(), self.group), _gather_rows(Z.contiguous(), self.group)
+            ids = _gather_rows(idx.to(torch.int64).contiguous(), self.group)
+            joined = torch.cat([i + s for i, s in zip(ids, starts, strict=True)]).to(idx.dtype)
+            out.append((o, d, m, torch.cat(Ts), torch.cat(Zs), joined))
+        return out
 
     def solve(self, g: Tensor, rotated: bool = False) -> Tensor:
         d = super().solve(g, rotated)
