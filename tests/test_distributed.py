@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hessinv.optim as ho
-from hessinv.errors import DistributedError, InvalidArgumentError
+from hessinv.errors import DistributedError, HessinvError, InvalidArgumentError
 from hessinv.optim import distributed as hd
 
 pytestmark = pytest.mark.skipif(
@@ -324,6 +324,19 @@ def _probe_worker(rank: int, world: int, out: str) -> None:
     for t in range(WIDE_STEPS):
         dp.step(X[t * 32 : (t + 1) * 32], y[t * 32 : (t + 1) * 32])
     res["defaults/sharded"] = _flat(model).clone()
+    # a class out of range in rank 1's shard of one batch, in a loop that skips a refused batch
+    X, y = _data(2)
+    y = y.clone()
+    y[12 + 7] = 5  # (3 classes) rank 1's rows of the second global batch
+    model = _model()
+    dp = hd.DataParallel(_newton(model, **IDENTITY), model, nn.CrossEntropyLoss(), "sharded")
+    refused = []
+    for t in range(3):
+        try:
+            dp.step(X[t * 12 : (t + 1) * 12], y[t * 12 : (t + 1) * 12])
+        except HessinvError as e:
+            refused.append((t, type(e).__name__))
+    res["bad-label"] = refused
     if rank == 0:
         torch.save(res, f"{out}/probe.pt")
 
@@ -696,3 +709,11 @@ def test_a_layer_frozen_during_data_parallel_training_is_refused_by_name(one_pro
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
     model[0].bias.requires_grad_(True)
     opt.step(X, y)
+
+
+def test_a_batch_refused_on_one_rank_is_refused_on_every_rank(probe_results):
+    """A class out of range in rank 1's shard: rank 1 raised its named error before the backward pass,
+    and rank 0 waited in DDP's all-reduce until the collective timeout, then got gloo's bare error -- a
+    loop that skips a refused batch hung. Every rank refuses that step now (rank 0's: a DistributedError
+    that points to the other rank's), and the loop goes on in step."""
+    assert probe_results["bad-label"] == [(1, "DistributedError")]

@@ -1048,6 +1048,24 @@ def test_step_arguments_are_named():
         opt.step(X.numpy(), y)
 
 
+def test_a_closure_with_another_loss_instance_is_told_to_use_the_optimizers():
+    """The documented closure loop, written with its own nn.CrossEntropyLoss() (a new instance, not the one
+    Newton was built with): the message said the closure "did not call the model and loss_fn (module)" --
+    it did call a loss, another one. It says which object it must be now."""
+    net, X, y = _clf()
+    opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.CrossEntropyLoss()(net(X), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(hessinv.InvalidArgumentError, match="another instance.*call opt.loss_fn"):
+        opt.step(closure)
+    opt.step(closure=closure, inputs=X, targets=y)
+
+
 def test_closure_on_two_batches_is_ambiguous():
     """A closure that also evaluates a validation batch: which batch the step is on cannot be guessed
     (the last call used to win); given explicitly, the step takes it."""

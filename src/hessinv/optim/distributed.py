@@ -788,11 +788,24 @@ class DataParallel:
 
         def closure() -> Tensor:
             self.opt.zero_grad()
+            error: Exception | None = None
             try:
                 loss = self.loss_fn(self.ddp(X), y)
-            except (RuntimeError, ValueError, IndexError, TypeError):
-                self.opt._explain_failure(X, y)  # the named error one process gives (a class out of range)
-                raise
+            except (RuntimeError, ValueError, IndexError, TypeError) as e:
+                error = e
+            # every rank learns of one rank's failure before the backward pass, whose all-reduce the others
+            # would wait in until the collective timeout (a class out of range in one shard: a loop that
+            # skips a refused batch hung there, then got gloo's bare error)
+            if agree_stop(error is not None, self.group):
+                if error is not None:
+                    self.opt._explain_failure(
+                        X, y
+                    )  # the named error one process gives (a class out of range)
+                    raise error
+                raise DistributedError(
+                    "another rank's shard of this batch failed in the forward pass or the loss (its error "
+                    "names the cause): the step was taken on no rank"
+                )
             (loss if weight == 1.0 else loss * weight).backward()
             return loss.detach()
 

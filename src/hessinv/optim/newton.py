@@ -1025,9 +1025,12 @@ class Newton(torch.optim.Optimizer):
         inputs = inputs if inputs is not None else _one_batch(seen["inputs"], "model", "inputs")
         targets = targets if targets is not None else _one_batch(seen["targets"], "loss_fn", "targets")
         if inputs is None or targets is None:
+            missing = "the model" if inputs is None else "this optimizer's loss_fn"
             raise InvalidArgumentError(
-                "the closure did not call the model and loss_fn (module) on a batch; pass it: "
-                "step(closure=closure, inputs=X, targets=y)"
+                f"the closure did not call {missing} on a batch (the batch is read from the calls of the "
+                "model and of the very loss module Newton was built with: another instance, e.g. a new "
+                "nn.CrossEntropyLoss() inside the closure, is not seen -- call opt.loss_fn); or pass the "
+                "batch: step(closure=closure, inputs=X, targets=y)"
             )
         if any(p.grad is None for p in self.chain.params):
             raise InvalidArgumentError(
