@@ -798,9 +798,7 @@ class DataParallel:
             # skips a refused batch hung there, then got gloo's bare error)
             if agree_stop(error is not None, self.group):
                 if error is not None:
-                    self.opt._explain_failure(
-                        X, y
-                    )  # the named error one process gives (a class out of range)
+                    self.opt._explain_failure(X, y)  # one process's named error (a class out of range)
                     raise error
                 raise DistributedError(
                     "another rank's shard of this batch failed in the forward pass or the loss (its error "
