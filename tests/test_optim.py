@@ -2065,14 +2065,14 @@ def test_a_refused_hessian_step_with_per_group_weight_decay_moves_no_state():
 
 
 def test_uint8_class_156_is_not_read_as_ignored():
-    """_counted compared uint8 targets with ignore_index -100, which casts to 156: class 156 counted as
-    ignored (found by a review of this session's commits)."""
-    from hessinv.optim.precondition import _counted
+    """counted_examples compared uint8 targets with ignore_index -100, which casts to 156: class 156
+    counted as ignored (found by a review of this session's commits)."""
+    from hessinv.stages.losses import counted_examples
 
     y = torch.tensor([156, 3, 156, 7], dtype=torch.uint8)
-    assert _counted(nn.CrossEntropyLoss(), y) is None  # every example counts
+    assert counted_examples(nn.CrossEntropyLoss(), y) is None  # every example counts
     y64 = torch.tensor([-100, 3, -100, 7])
-    assert _counted(nn.CrossEntropyLoss(), y64).tolist() == [1, 3]
+    assert counted_examples(nn.CrossEntropyLoss(), y64).tolist() == [1, 3]
 
 
 def test_second_moments_that_overflow_float32_are_named():
