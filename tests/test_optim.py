@@ -2189,7 +2189,9 @@ def test_trust_region_radius_follows_the_step_a_learning_rate_scales():
     """The ratio test judges the step taken, ``d = lr s``; the radius bounds ``s``. It grew on every
     good boundary step although ``d`` was a fraction of it, so that a decaying schedule (lr halved each
     step) left ``||d||`` at 0.5 while the radius doubled to 8192: the schedule was undone. Now the radius
-    grows only where ``d`` reached it, and a rejected step shrinks it below ``||d||``."""
+    falls with lr where lr falls, and a rejected step shrinks it below ``||d||``; a constant lr < 1 still
+    lets it grow (a review found the first version freezing it: lr 0.9 stuck at radius 1, loss 136
+    against 1e-4 after 40 steps)."""
     torch.manual_seed(0)
     X, y = torch.randn(32, 6, dtype=F64), torch.randint(0, 3, (32,))
     net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
@@ -2206,3 +2208,13 @@ def test_trust_region_radius_follows_the_step_a_learning_rate_scales():
         radius = s.radius
         sched.step()
     assert s.lr < 1e-3 and s.step_norm < 1e-3
+    # a constant lr < 1: the radius grows as with lr = 1 (least squares whose optimum is ~100 away)
+    A = torch.randn(200, 10, dtype=F64)
+    b = A @ (30 * torch.randn(10, 1, dtype=F64))
+    for lr in (1.0, 0.9, 0.5):
+        torch.manual_seed(1)
+        lin = nn.Linear(10, 1).double()
+        opt = ho.Newton(lin, nn.MSELoss(), mode="trust-region", lr=lr)
+        for _ in range(25):
+            opt.step(A, b)
+        assert float(nn.MSELoss()(lin(A), b)) < 1e-6 * float((b**2).mean())  # (frozen: 0.02-0.1)

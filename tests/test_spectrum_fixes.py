@@ -279,3 +279,12 @@ def test_a_histogram_edge_at_zero_keeps_the_null_space_whole():
     tol = H.zero_tolerance()  # sqrt(u32) ||H||: the counts' resolution next to the null space
     assert int(((w >= -tol) & (w < float(h.edges[6]))).sum()) == h.counts[5]
     assert int(((w < -tol) & (w >= float(h.edges[4]))).sum()) == h.counts[4]
+    # a small positive edge is the caller's threshold (an effective rank), counted where it is (a review
+    # found the first version moving any edge within the tolerance of 0 to -tol: the null space counted)
+    m64 = copy.deepcopy(m).double()
+    G = hessinv.gauss_newton(m64, nn.CrossEntropyLoss(), X.double(), y)
+    wg = torch.linalg.eigvalsh(autograd_gauss_newton(m64, nn.CrossEntropyLoss(), X.double(), y))
+    edge = 0.1 * G.zero_tolerance()
+    assert float(wg[wg > 1e-14].min()) > 10 * edge  # (the premise: no eigenvalue near the edge)
+    hg = spectrum.spectral_histogram(G, bins=[edge, 1e-2, 10.0])
+    assert hg.below == int((wg < edge).sum()) > 100  # the null space below the threshold

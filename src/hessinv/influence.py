@@ -379,14 +379,15 @@ class InfluenceFunction:
         A loss that sums over the examples (``reduction="sum"``) on a curvature batch of ``B`` of the
         ``N`` training examples: ``H`` is estimated as ``(N / B) H_B`` (the training loss sums ``N``
         terms, the batch's ``B``; a mean needs no weight), as the optimizers do. ``training_examples``:
-        ``N`` where ``inputs`` is a part of the training set (default: the examples of ``inputs`` the loss
-        counts)."""
+        ``N``, where ``inputs`` is not the whole training set; by default ``N`` is the examples of
+        ``inputs`` the loss counts, and a curvature batch at least that large is taken as the training
+        set's own (no weight: a few examples scored against the whole set's curvature)."""
         if (curvature_inputs is None) != (curvature_targets is None):
             raise InvalidArgumentError("pass both curvature_inputs and curvature_targets, or neither")
         inputs, targets = _collect(inputs, targets)
         Xc, yc = (inputs, targets) if curvature_inputs is None else (curvature_inputs, curvature_targets)
         op = self.curvature_cls(self.model, self.loss_fn, Xc, yc)
-        w = 1.0 if curvature_inputs is None else self._batch_weight(op, targets, yc, training_examples)
+        w = self._batch_weight(op, targets, yc, training_examples)
         fac = op.factor(self.damping / w, precision=self.precision)  # w H + lambda I = w (H + lambda / w I)
         grads = per_example_gradients(self.model, self.loss_fn, inputs, targets, chain=op.chain)
         if not fac.positive_definite:
@@ -402,6 +403,10 @@ class InfluenceFunction:
 
     def _batch_weight(self, op: CurvatureOperator, targets: Tensor, yc: Tensor, n: int | None) -> float:
         """``N / B`` for a loss that sums over the examples (see :meth:`fit`), else 1."""
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+            raise InvalidArgumentError(f"training_examples must be an int >= 1, got {n!r}")
+        if n is None and yc is targets:  # (the curvature of the training set itself)
+            return 1.0
         Xc = op.inputs
         with torch.no_grad():
             out = op.chain.forward(Xc[: min(2, int(Xc.shape[0]))])[-1]
@@ -412,9 +417,8 @@ class InfluenceFunction:
             idx = counted_examples(self.loss_fn, t)
             return int(t.shape[0]) if idx is None else int(idx.numel())
 
-        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
-            raise InvalidArgumentError(f"training_examples must be an int >= 1, got {n!r}")
-        return (count(targets) if n is None else int(n)) / count(yc)
+        B = count(yc)
+        return int(n) / B if n is not None else max(1.0, count(targets) / B)
 
     @property
     def inertia(self) -> Inertia:

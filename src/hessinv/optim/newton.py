@@ -241,7 +241,8 @@ class Newton(torch.optim.Optimizer):
       repeat later on, e.g. a batch of one example drawn twice, does not switch). From the trust
       region it goes back to ``"precondition"`` for good at the first batch with other examples
       (several steps per mini-batch, or a first phase on one small batch, then mini-batches: the
-      trust region would fit each batch's noise) and where the radius collapses (below
+      trust region would fit each batch's noise; a full batch that changes, e.g. a training set that
+      grows, too: pass ``mode="trust-region"`` to keep it) and where the radius collapses (below
       :data:`TRUST_REGION_STALL` ``sqrt(u) max(1, ||x||)``: at a kink of a ReLU network the quadratic
       model fails at every scale), unless the loss is fitted to rounding (at most ``sqrt(u)`` times the
       trust region's first loss) or the gradient is zero. Passing a
@@ -932,7 +933,7 @@ class Newton(torch.optim.Optimizer):
                 ns.get("from_auto")
                 and ns["mode"] == "trust-region"
                 and (
-                    not _same_signature(rows, inputs, targets)
+                    not self._same_batch(rows, inputs, targets)
                     if rows is not None
                     else inputs.shape[:1] != tuple(ns.get("trust_region_batch", inputs.shape[:1]))
                     and not self._trust_region_affordable(inputs)
@@ -955,9 +956,22 @@ class Newton(torch.optim.Optimizer):
         ns["previous"] = None
         ns["from_auto"] = tr  # (the trust region may hand back to preconditioning: _leave_if_stalled)
         ns["trust_region_batch"] = list(inputs.shape[:1])
-        # (and at the first batch with other rows: a float list, which the state dict keeps as it is)
-        ns["trust_region_rows"] = _row_signature(inputs, targets) if tr else None
+        # (and at the first batch with other rows: six floats, which the state dict keeps as they are)
+        ns["trust_region_rows"] = _row_fingerprint(inputs, targets) if tr else None
+        self._tr_batch = (inputs, targets, inputs._version, targets._version) if tr else None
         return ns["mode"]
+
+    def _same_batch(self, fingerprint: list[float], inputs: Tensor, targets: Tensor) -> bool:
+        """Whether ``(inputs, targets)`` holds the examples the trust region was chosen on: the very tensors
+        again, unchanged (free), or a batch of that :func:`_row_fingerprint` (a pass over the batch)."""
+        kept = self.__dict__.get("_tr_batch")
+        if kept is not None and kept[0] is inputs and kept[1] is targets:
+            if (inputs._version, targets._version) == kept[2:]:
+                return True
+        if not _same_fingerprint(fingerprint, _row_fingerprint(inputs, targets)):
+            return False
+        self._tr_batch = (inputs, targets, inputs._version, targets._version)
+        return True
 
     def _leave_if_stalled(self) -> None:
         """``mode="auto"``'s trust region: back to preconditioning, for good, where the radius collapsed
@@ -1376,19 +1390,33 @@ def _projections(x: Tensor, y: Tensor) -> Tensor:
     return torch.cat([x.reshape(B, -1).double(), y.reshape(B, -1).double()], dim=1) @ r
 
 
-def _row_signature(x: Tensor, y: Tensor) -> list[float]:
-    """The batch's :func:`_projections`, sorted: the same for the same examples in any order."""
-    return _projections(x.detach(), y.detach()).sort().values.cpu().tolist()
+def _row_fingerprint(x: Tensor, y: Tensor, chunk: int = 65536) -> list[float]:
+    """``[B, sum p, sum p^2, sum q, sum q^2, sum p q]`` for the projections ``p``, ``q`` of each example's
+    row of inputs and targets onto two fixed random directions (float64, ``chunk`` rows at a time): the
+    same for the same examples in any order, and a change of one example of ``B`` moves ``sum p^2`` by
+    about ``1 / B`` of itself (:func:`_same_fingerprint` tells those apart up to ``B ~ 1e9``)."""
+    x, y = x.detach(), y.detach()
+    B = int(x.shape[0]) if x.dim() else 1
+    xf, yf = x.reshape(B, -1), y.reshape(B, -1)
+    dx = xf.shape[1]
+    R = torch.randn(dx + yf.shape[1], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    R = R.to(x.device)
+    acc = torch.zeros(5, dtype=torch.float64, device=x.device)
+    for i in range(0, B, chunk):
+        P = xf[i : i + chunk].double() @ R[:dx] + yf[i : i + chunk].double() @ R[dx:]  # (c, 2)
+        p, q = P[:, 0], P[:, 1]
+        acc += torch.stack([p.sum(), (p * p).sum(), q.sum(), (q * q).sum(), (p * q).sum()])
+    return [float(B), *acc.cpu().tolist()]
 
 
-def _same_signature(signature: list[float], x: Tensor, y: Tensor) -> bool:
-    """Whether the batch ``(x, y)`` has the :func:`_row_signature` ``signature`` (up to the rounding of the
-    projections, which may depend on a row's place in the batch: ``1e-12`` of their largest)."""
-    now = _row_signature(x, y)
-    if len(now) != len(signature):
+def _same_fingerprint(a: list[float], b: list[float]) -> bool:
+    """Whether two :func:`_row_fingerprint` are of the same examples, up to the rounding of their sums
+    (``1e-10`` of each sum's scale: ``sqrt(B sum p^2)`` for ``sum p``)."""
+    if len(a) != len(b) or a[0] != b[0]:
         return False
-    a, b = torch.tensor(now, dtype=torch.float64), torch.tensor(signature, dtype=torch.float64)
-    return bool((a - b).abs().max() <= 1e-12 * max(1.0, float(a.abs().max()))) if len(now) else True
+    B, p2, q2 = a[0], max(a[2], 0.0), max(a[4], 0.0)
+    scales = [math.sqrt(B * p2), p2, math.sqrt(B * q2), q2, math.sqrt(p2 * q2)]
+    return all(abs(u - v) <= 1e-10 * max(s, 1e-300) for u, v, s in zip(a[1:], b[1:], scales, strict=True))
 
 
 def _checked_curvature_batch_size(value: Any) -> int | None:

@@ -401,18 +401,24 @@ class TrustRegion(DampingRule):
         model after a rejected step, when ``H`` is the same; a prediction otherwise)."""
         radius = float(state["radius"])
         snorm = float(proposal.step.double().norm())
-        # the ratio test judged the step taken, d = lr s: the radius shrinks below it, and grows only where
-        # d itself reached the boundary (else a schedule's lr < 1 would let the radius grow to undo it)
+        # the ratio test judged the step taken, d = lr s (lr = ||d|| / ||s||): the radius shrinks below it;
+        # a boundary step judged good grows it, whatever lr; and where lr fell since the step before (a
+        # schedule's decay), the radius falls with it -- else it would grow to undo the decay (lr halved
+        # each step left ||d|| at 0.5 while the radius doubled to 8192)
         taken = snorm if proposal.taken is None else float(proposal.taken)
+        lr = taken / snorm if snorm > 0 else 1.0
         if rho < 0.25:
-            radius = self.shrink * min(radius, taken) if taken > 0 else self.shrink * radius
-        elif rho > 0.75 and proposal.boundary and taken >= 0.999 * snorm:
+            radius = self.shrink * min(radius, snorm, taken) if snorm > 0 else self.shrink * radius
+        elif rho > 0.75 and proposal.boundary:
             radius = min(self.grow * radius, self.max_radius)
+        previous = state.get("lr")
+        if previous is not None and 0 < lr < previous:
+            radius *= lr / previous
         radius = max(radius, 1e-300)
         lam = proposal.damping
         if proposal.secular_slope is not None and snorm > 0:
             lam = max(lam + proposal.secular_slope * (snorm - radius) / radius, 0.0)
         direction = proposal.direction if proposal.direction is not None else state.get("direction")
         indefinite = proposal.lambda_lower > 0 or proposal.positive_definite_at_zero is False
-        new = {"radius": radius, "damping": lam, "direction": direction, "indefinite": indefinite}
+        new = {"radius": radius, "damping": lam, "direction": direction, "indefinite": indefinite, "lr": lr}
         return new, self.accept(rho)
