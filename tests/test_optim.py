@@ -2218,3 +2218,50 @@ def test_trust_region_radius_follows_the_step_a_learning_rate_scales():
         for _ in range(25):
             opt.step(A, b)
         assert float(nn.MSELoss()(lin(A), b)) < 1e-6 * float((b**2).mean())  # (frozen: 0.02-0.1)
+    # constant per-group lrs: nothing fell (a second review found ||d|| / ||s||, a blend that moves with
+    # s, read as falls: the radius ratcheted down by 0.017 over 40 steps)
+    X, y = torch.randn(64, 6, dtype=F64), torch.randint(0, 3, (64,))
+    net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    ps = list(net.parameters())
+    groups = [{"params": ps[:2], "lr": 1.0}, {"params": ps[2:], "lr": 0.3}]
+    opt = ho.Newton(net, nn.CrossEntropyLoss(), mode="trust-region", params=groups)
+    kept = None  # the radius of the step before, where that step's ratio did not ask to shrink it
+    for _ in range(40):
+        opt.step(X, y)
+        s = opt.last_stats
+        if kept is not None:
+            assert s.radius >= kept  # never ratcheted down
+        kept = s.radius if s.rho >= 0.25 and not s.fallback else None  # (a fallback: the first try shrank it)
+
+
+def test_auto_sees_other_examples_written_into_the_same_tensors():
+    """The trust region's check of the batch is free where the same tensors come again -- but a write
+    through numpy (or ``.data``) does not bump their version counter (a second review: a buffer refilled
+    with other examples kept the trust region); and its fingerprint told apart no two batches whose low
+    moments agree (a reflection of the rows, a mirrored centred set). Both are seen now."""
+    import numpy as np
+
+    from hessinv.optim.newton import _row_fingerprint, _same_fingerprint
+
+    torch.manual_seed(0)
+    buf = np.random.default_rng(0).standard_normal((32, 8))
+    X, y = torch.from_numpy(buf), torch.randint(0, 3, (32,))
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    opt = ho.Newton(net, nn.CrossEntropyLoss())
+    for _ in range(2):
+        opt.step(X, y)
+    assert opt.mode == "trust-region"
+    buf[:] = np.random.default_rng(1).standard_normal((32, 8))  # other examples, in place, unseen by torch
+    opt.step(X, y)
+    assert opt.last_stats.mode == "precondition"
+    A = torch.randn(48, 5, dtype=F64)
+    A = A - A.mean(0)
+    t = torch.zeros(48, dtype=torch.long)
+    v = torch.randn(48, 1, dtype=F64)
+    v = v - v.mean()
+    v = v / v.norm()
+    reflected = A - 2 * v @ (v.T @ A)  # the same column sums and second moments, every row moved
+    for a, b in ((A, reflected), (A, -A)):
+        assert not _same_fingerprint(_row_fingerprint(a, t), _row_fingerprint(b, t))
+    perm = torch.randperm(48)
+    assert _same_fingerprint(_row_fingerprint(A, t), _row_fingerprint(A[perm], t[perm]))

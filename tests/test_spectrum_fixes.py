@@ -279,6 +279,10 @@ def test_a_histogram_edge_at_zero_keeps_the_null_space_whole():
     tol = H.zero_tolerance()  # sqrt(u32) ||H||: the counts' resolution next to the null space
     assert int(((w >= -tol) & (w < float(h.edges[6]))).sum()) == h.counts[5]
     assert int(((w < -tol) & (w >= float(h.edges[4]))).sum()) == h.counts[4]
+    # an edge 0 up to linspace's rounding (5.6e-17 here) too (a second review)
+    hl = spectrum.spectral_histogram(H, bins=10, range=(-0.3, 0.7))
+    assert 0 < hl.edges[3] < 1e-15
+    assert int(((w >= -tol) & (w < float(hl.edges[4]))).sum()) == hl.counts[3]
     # a small positive edge is the caller's threshold (an effective rank), counted where it is (a review
     # found the first version moving any edge within the tolerance of 0 to -tol: the null space counted)
     m64 = copy.deepcopy(m).double()

@@ -151,8 +151,8 @@ class Proposal:
         fallback: a shorter step to try if ``step`` is rejected (the trust region's hard case).
         secular_slope: ``||s||^2 / s^T (H + lambda I)^{-1} s`` at a boundary step (trust region only),
             the slope of Newton's update of ``lambda`` for a new radius (None if not computed).
-        taken: ``||d||``, the norm of the step the ratio test judged, ``d = lr * s`` (set by the
-            optimizer before :meth:`DampingRule.update`; None: ``d = s``).
+        lr: the step the ratio test judged is ``d = lr * s`` (the parameter groups' largest ``lr``; set
+            by the optimizer before :meth:`DampingRule.update`; None: ``d = s``).
     """
 
     step: Tensor
@@ -167,7 +167,7 @@ class Proposal:
     fallback: Tensor | None = None
     secular_slope: float | None = None
     lambda_proved: float | None = None
-    taken: float | None = None
+    lr: float | None = None
 
 
 class DampingRule(abc.ABC):

@@ -958,19 +958,20 @@ class Newton(torch.optim.Optimizer):
         ns["trust_region_batch"] = list(inputs.shape[:1])
         # (and at the first batch with other rows: six floats, which the state dict keeps as they are)
         ns["trust_region_rows"] = _row_fingerprint(inputs, targets) if tr else None
-        self._tr_batch = (inputs, targets, inputs._version, targets._version) if tr else None
+        self._tr_batch = _storage_key(inputs, targets) if tr else None
         return ns["mode"]
 
     def _same_batch(self, fingerprint: list[float], inputs: Tensor, targets: Tensor) -> bool:
-        """Whether ``(inputs, targets)`` holds the examples the trust region was chosen on: the very tensors
-        again, unchanged (free), or a batch of that :func:`_row_fingerprint` (a pass over the batch)."""
+        """Whether ``(inputs, targets)`` holds the examples the trust region was chosen on: the same storage
+        again, unchanged by its version counter and by 64 of its rows (a few microseconds), or a batch of
+        that :func:`_row_fingerprint` (a pass over the batch)."""
         kept = self.__dict__.get("_tr_batch")
-        if kept is not None and kept[0] is inputs and kept[1] is targets:
-            if (inputs._version, targets._version) == kept[2:]:
-                return True
+        if kept is not None and _same_storage(kept, inputs, targets):
+            return True
         if not _same_fingerprint(fingerprint, _row_fingerprint(inputs, targets)):
+            self._tr_batch = None
             return False
-        self._tr_batch = (inputs, targets, inputs._version, targets._version)
+        self._tr_batch = _storage_key(inputs, targets)
         return True
 
     def _leave_if_stalled(self) -> None:
@@ -1264,7 +1265,8 @@ class Newton(torch.optim.Optimizer):
         inertia0 = self._inertia_at_zero(op, sweeps, proposal, omega * wd)
         f1, pred, rho = trial(d, gd, dHd, step_norm, 1.0)
         if isinstance(lr, Tensor) or lr != 0:
-            proposal.taken = step_norm  # (the radius follows the step taken: d = lr s)
+            # (the rule's radius bounds s; the step taken is d = lr s: the groups' largest lr)
+            proposal.lr = float(lr.max()) if isinstance(lr, Tensor) else float(lr)
             rule_state, accepted = self.rule.update(ns["rule"], proposal, rho)
         else:  # lr = 0 (a schedule's warm-up): a zero step says nothing about the radius or damping
             rule_state, accepted = ns["rule"], True
@@ -1390,32 +1392,70 @@ def _projections(x: Tensor, y: Tensor) -> Tensor:
     return torch.cat([x.reshape(B, -1).double(), y.reshape(B, -1).double()], dim=1) @ r
 
 
+def _storage_key(x: Tensor, y: Tensor) -> tuple:
+    """What :func:`_same_storage` compares: the tensors' storage, layout and version counters (no
+    reference to them: a copy of the optimizer does not carry the batch), and copies of 64 of their rows
+    (a write the version counter does not see -- through numpy, or ``.data`` -- changes them)."""
+    idx = torch.linspace(0, max(int(x.shape[0]) - 1, 0), 64).long().unique() if x.dim() else None
+
+    def key(t: Tensor) -> tuple:
+        rows = t.detach()[idx.to(t.device)].clone() if idx is not None and t.dim() else t.detach().clone()
+        return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version, rows)
+
+    return key(x), key(y), idx
+
+
+def _same_storage(kept: tuple, x: Tensor, y: Tensor) -> bool:
+    """Whether ``(x, y)`` are the tensors of :func:`_storage_key` ``kept``, unchanged as far as it sees."""
+    idx = kept[2]
+    for k, t in zip(kept[:2], (x, y), strict=True):
+        if (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version) != k[:6]:
+            return False
+        rows = t.detach()[idx.to(t.device)] if idx is not None and t.dim() else t.detach()
+        if not torch.equal(rows, k[6]):
+            return False
+    return True
+
+
+#: random frequencies and phases of :func:`_row_fingerprint`'s nonlinear sums
+_FREQUENCIES = torch.rand(4, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 6 + 1
+_PHASES = torch.rand(4, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 6.2832
+
+
 def _row_fingerprint(x: Tensor, y: Tensor, chunk: int = 65536) -> list[float]:
-    """``[B, sum p, sum p^2, sum q, sum q^2, sum p q]`` for the projections ``p``, ``q`` of each example's
-    row of inputs and targets onto two fixed random directions (float64, ``chunk`` rows at a time): the
-    same for the same examples in any order, and a change of one example of ``B`` moves ``sum p^2`` by
-    about ``1 / B`` of itself (:func:`_same_fingerprint` tells those apart up to ``B ~ 1e9``)."""
+    """``[B, sum p, sum p^2, sum q, sum q^2, sum p q, sum_i cos(w_k p_i / P + f_k) (k < 4)]`` for the
+    projections ``p``, ``q`` of each example's row of inputs and targets onto two fixed random directions
+    (float64, ``chunk`` rows at a time; ``P = max |p|``, random ``w_k``, ``f_k``): the same for the same
+    examples in any order. A change of one example of ``B`` moves ``sum p^2`` by about ``1 / B`` of
+    itself; the cosines tell apart batches whose low moments agree (a reflection of the rows, a mirrored
+    centred set), which the sums alone cannot."""
     x, y = x.detach(), y.detach()
     B = int(x.shape[0]) if x.dim() else 1
     xf, yf = x.reshape(B, -1), y.reshape(B, -1)
     dx = xf.shape[1]
     R = torch.randn(dx + yf.shape[1], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    R = R.to(x.device)
-    acc = torch.zeros(5, dtype=torch.float64, device=x.device)
-    for i in range(0, B, chunk):
-        P = xf[i : i + chunk].double() @ R[:dx] + yf[i : i + chunk].double() @ R[dx:]  # (c, 2)
+    R, w, f = R.to(x.device), _FREQUENCIES.to(x.device), _PHASES.to(x.device)
+    parts = [
+        xf[i : i + chunk].double() @ R[:dx] + yf[i : i + chunk].double() @ R[dx:] for i in range(0, B, chunk)
+    ]
+    top = max((float(P[:, 0].abs().max()) for P in parts if P.numel()), default=0.0) or 1.0
+    acc = torch.zeros(9, dtype=torch.float64, device=x.device)
+    for P in parts:
         p, q = P[:, 0], P[:, 1]
-        acc += torch.stack([p.sum(), (p * p).sum(), q.sum(), (q * q).sum(), (p * q).sum()])
+        waves = torch.cos((p / top)[:, None] * w + f).sum(0)
+        acc += torch.cat(
+            [torch.stack([p.sum(), (p * p).sum(), q.sum(), (q * q).sum(), (p * q).sum()]), waves]
+        )
     return [float(B), *acc.cpu().tolist()]
 
 
 def _same_fingerprint(a: list[float], b: list[float]) -> bool:
     """Whether two :func:`_row_fingerprint` are of the same examples, up to the rounding of their sums
-    (``1e-10`` of each sum's scale: ``sqrt(B sum p^2)`` for ``sum p``)."""
+    (``1e-10`` of each sum's scale: ``sqrt(B sum p^2)`` for ``sum p``, ``B`` for the cosines)."""
     if len(a) != len(b) or a[0] != b[0]:
         return False
     B, p2, q2 = a[0], max(a[2], 0.0), max(a[4], 0.0)
-    scales = [math.sqrt(B * p2), p2, math.sqrt(B * q2), q2, math.sqrt(p2 * q2)]
+    scales = [math.sqrt(B * p2), p2, math.sqrt(B * q2), q2, math.sqrt(p2 * q2)] + [B] * (len(a) - 6)
     return all(abs(u - v) <= 1e-10 * max(s, 1e-300) for u, v, s in zip(a[1:], b[1:], scales, strict=True))
 
 

@@ -401,19 +401,17 @@ class TrustRegion(DampingRule):
         model after a rejected step, when ``H`` is the same; a prediction otherwise)."""
         radius = float(state["radius"])
         snorm = float(proposal.step.double().norm())
-        # the ratio test judged the step taken, d = lr s (lr = ||d|| / ||s||): the radius shrinks below it;
-        # a boundary step judged good grows it, whatever lr; and where lr fell since the step before (a
-        # schedule's decay), the radius falls with it -- else it would grow to undo the decay (lr halved
-        # each step left ||d|| at 0.5 while the radius doubled to 8192)
-        taken = snorm if proposal.taken is None else float(proposal.taken)
-        lr = taken / snorm if snorm > 0 else 1.0
-        if rho < 0.25:
-            radius = self.shrink * min(radius, snorm, taken) if snorm > 0 else self.shrink * radius
-        elif rho > 0.75 and proposal.boundary:
-            radius = min(self.grow * radius, self.max_radius)
+        # the ratio test judged the step taken, d = lr s, and the radius bounds s: a rejected step shrinks
+        # it below ||s|| (the next d below shrink ||d|| at the same lr); a good boundary step grows it,
+        # whatever lr -- by less where lr fell since the step before (a schedule's decay), which the growth
+        # would otherwise undo (lr halved each step left ||d|| at 0.5 while the radius doubled to 8192)
+        lr = 1.0 if proposal.lr is None else float(proposal.lr)
         previous = state.get("lr")
-        if previous is not None and 0 < lr < previous:
-            radius *= lr / previous
+        if rho < 0.25:
+            radius = self.shrink * min(radius, snorm) if snorm > 0 else self.shrink * radius
+        elif rho > 0.75 and proposal.boundary:
+            fell = lr / previous if previous is not None and 0 < lr < previous else 1.0
+            radius = min(max(self.grow * fell, 1.0) * radius, self.max_radius)
         radius = max(radius, 1e-300)
         lam = proposal.damping
         if proposal.secular_slope is not None and snorm > 0:
