@@ -2265,3 +2265,26 @@ def test_auto_sees_other_examples_written_into_the_same_tensors():
         assert not _same_fingerprint(_row_fingerprint(a, t), _row_fingerprint(b, t))
     perm = torch.randperm(48)
     assert _same_fingerprint(_row_fingerprint(A, t), _row_fingerprint(A[perm], t[perm]))
+    # a third review: inputs with a large offset (timestamps ~1.7e9) hid shuffled labels in the sums
+    for offset in (1e5, 1.7e9):
+        Z = offset + torch.randn(500, 4, dtype=F64)
+        labels = torch.randint(0, 10, (500,))
+        shuffled = labels[torch.randperm(500)]
+        assert not _same_fingerprint(_row_fingerprint(Z, labels), _row_fingerprint(Z, shuffled))
+        p = torch.randperm(500)
+        assert _same_fingerprint(_row_fingerprint(Z, labels), _row_fingerprint(Z[p], labels[p]))
+    # ... and a checkpoint loaded into an optimizer in the trust region kept its own batch's fast path
+    Xa, Xb = torch.randn(32, 8, dtype=F64), torch.randn(32, 8, dtype=F64)
+    ya = yb = torch.randint(0, 3, (32,))
+    a = ho.Newton(
+        nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).double(), nn.CrossEntropyLoss()
+    )
+    b = ho.Newton(
+        nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).double(), nn.CrossEntropyLoss()
+    )
+    for _ in range(2):
+        a.step(Xa, ya)
+        b.step(Xb, yb)
+    b.load_state_dict(a.state_dict())  # a's run, in the trust region on Xa
+    b.step(Xb, yb)
+    assert b.last_stats.mode == "precondition"

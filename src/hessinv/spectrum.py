@@ -186,8 +186,10 @@ def spectral_histogram(
     # farther than 2 tol: no other bin moves). Only at 0 itself: a small positive edge is a threshold the
     # caller chose (an effective rank), counted where it is
     at = edges.astype(np.float64).copy()
-    # (0 up to the rounding of linspace: np.linspace(-0.3, 0.7, 11) puts that edge at 5.6e-17)
-    zero = np.flatnonzero(np.abs(at) <= 8 * np.finfo(np.float64).eps * float(np.abs(at).max()))
+    # (0 up to the rounding of linspace against its neighbours: np.linspace(-0.3, 0.7, 11) puts that edge
+    # at 5.6e-17, 1e-15 of the bin width; a log-spaced threshold 1e-10 below 1e-9 is not 0)
+    near = np.maximum(np.abs(np.r_[at[1:], 0.0]), np.abs(np.r_[0.0, at[:-1]]))
+    zero = np.flatnonzero(np.abs(at) <= 8 * np.finfo(np.float64).eps * near)
     if zero.size:
         tol, i = op.zero_tolerance(), int(zero[0])
         if i == 0 or edges[i - 1] < -2 * tol:

@@ -66,6 +66,7 @@ import functools
 import inspect
 import math
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -512,6 +513,7 @@ class Newton(torch.optim.Optimizer):
         scheduler puts on ``opt.step`` (it calls the original optimizer; ``torch.optim`` drops it too)."""
         state = self.__dict__.copy()
         state.pop("step", None)
+        state.pop("_tr_batch", None)  # (weak references to the caller's batch: the copy checks it in full)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -609,6 +611,7 @@ class Newton(torch.optim.Optimizer):
         self.mode = ns["mode"]
         self.curvature_batch_size = k
         self._rejected = None
+        self._tr_batch = None  # (the batch check's fast path was this optimizer's, not the checkpoint's)
 
     # -- one step ---------------------------------------------------------------------------------
     def _operator(self, inputs: Tensor, targets: Tensor) -> CurvatureOperator:
@@ -962,11 +965,14 @@ class Newton(torch.optim.Optimizer):
         return ns["mode"]
 
     def _same_batch(self, fingerprint: list[float], inputs: Tensor, targets: Tensor) -> bool:
-        """Whether ``(inputs, targets)`` holds the examples the trust region was chosen on: the same storage
-        again, unchanged by its version counter and by 64 of its rows (a few microseconds), or a batch of
-        that :func:`_row_fingerprint` (a pass over the batch)."""
+        """Whether ``(inputs, targets)`` holds the examples the trust region was chosen on: the same tensors
+        again, unchanged by their version counters and by 256 sampled entries (microseconds), or a batch
+        of that :func:`_row_fingerprint` (a pass over the batch). An empty batch: left to the step's own
+        named error, with no change of mode."""
         kept = self.__dict__.get("_tr_batch")
         if kept is not None and _same_storage(kept, inputs, targets):
+            return True
+        if inputs.dim() == 0 or inputs.shape[0] == 0:
             return True
         if not _same_fingerprint(fingerprint, _row_fingerprint(inputs, targets)):
             self._tr_batch = None
@@ -1393,70 +1399,88 @@ def _projections(x: Tensor, y: Tensor) -> Tensor:
 
 
 def _storage_key(x: Tensor, y: Tensor) -> tuple:
-    """What :func:`_same_storage` compares: the tensors' storage, layout and version counters (no
-    reference to them: a copy of the optimizer does not carry the batch), and copies of 64 of their rows
-    (a write the version counter does not see -- through numpy, or ``.data`` -- changes them)."""
-    idx = torch.linspace(0, max(int(x.shape[0]) - 1, 0), 64).long().unique() if x.dim() else None
+    """What :func:`_same_storage` compares: weak references to the tensors (the same objects, not kept
+    alive: a copy of the optimizer does not carry the batch), their version counters, and 256 sampled
+    entries of each (a refill written through numpy, which the version counter does not see, changes
+    them; a write to a few entries elsewhere is not seen -- :func:`_row_fingerprint` is what tells
+    batches apart)."""
 
     def key(t: Tensor) -> tuple:
-        rows = t.detach()[idx.to(t.device)].clone() if idx is not None and t.dim() else t.detach().clone()
-        return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version, rows)
+        flat = t.detach().reshape(-1)
+        idx = torch.linspace(0, max(flat.numel() - 1, 0), 256).long().unique().to(t.device)
+        return (weakref.ref(t), t._version, idx, flat[idx].clone() if flat.numel() else flat.clone())
 
-    return key(x), key(y), idx
+    return key(x), key(y)
 
 
 def _same_storage(kept: tuple, x: Tensor, y: Tensor) -> bool:
     """Whether ``(x, y)`` are the tensors of :func:`_storage_key` ``kept``, unchanged as far as it sees."""
-    idx = kept[2]
-    for k, t in zip(kept[:2], (x, y), strict=True):
-        if (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version) != k[:6]:
+    for (ref, version, idx, values), t in zip(kept, (x, y), strict=True):
+        if ref() is not t or t._version != version:
             return False
-        rows = t.detach()[idx.to(t.device)] if idx is not None and t.dim() else t.detach()
-        if not torch.equal(rows, k[6]):
+        flat = t.detach().reshape(-1)
+        if flat.numel() and not torch.equal(flat[idx], values):
             return False
     return True
 
 
-#: random frequencies and phases of :func:`_row_fingerprint`'s nonlinear sums
+#: random frequencies and phases of :func:`_row_fingerprint`'s cosine sums
 _FREQUENCIES = torch.rand(4, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 6 + 1
 _PHASES = torch.rand(4, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 6.2832
 
 
 def _row_fingerprint(x: Tensor, y: Tensor, chunk: int = 65536) -> list[float]:
-    """``[B, sum p, sum p^2, sum q, sum q^2, sum p q, sum_i cos(w_k p_i / P + f_k) (k < 4)]`` for the
-    projections ``p``, ``q`` of each example's row of inputs and targets onto two fixed random directions
-    (float64, ``chunk`` rows at a time; ``P = max |p|``, random ``w_k``, ``f_k``): the same for the same
-    examples in any order. A change of one example of ``B`` moves ``sum p^2`` by about ``1 / B`` of
-    itself; the cosines tell apart batches whose low moments agree (a reflection of the rows, a mirrored
-    centred set), which the sums alone cannot."""
+    """A batch's fingerprint, the same for the same examples in any order: the projections ``p``, ``q`` of
+    each example's row of inputs and targets onto two fixed random directions (float64, ``chunk`` rows
+    at a time), then ``[B, sum p, sum q, max|p|, max|q|]`` and, of the centred ``P = p - mean p``, ``Q``:
+    ``[sum P^2, sum Q^2, sum P Q, max|P|]`` and ``sum_i cos(w_k P_i / max|P| + f_k)`` for 4 random ``w_k``,
+    ``f_k``. Centred, a change of one example moves ``sum P^2`` by about ``1 / B`` of itself whatever the
+    data's offset (a timestamp-like 1e9), and the cosines tell apart batches whose low moments agree (a
+    reflection of the rows, a mirrored centred set, shuffled labels)."""
     x, y = x.detach(), y.detach()
     B = int(x.shape[0]) if x.dim() else 1
+    if B == 0 or x.numel() == 0:
+        return [float(B)]
     xf, yf = x.reshape(B, -1), y.reshape(B, -1)
     dx = xf.shape[1]
     R = torch.randn(dx + yf.shape[1], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    R, w, f = R.to(x.device), _FREQUENCIES.to(x.device), _PHASES.to(x.device)
-    parts = [
-        xf[i : i + chunk].double() @ R[:dx] + yf[i : i + chunk].double() @ R[dx:] for i in range(0, B, chunk)
+    R = R.to(x.device)
+    P = torch.cat(
+        [
+            xf[i : i + chunk].double() @ R[:dx] + yf[i : i + chunk].double() @ R[dx:]
+            for i in range(0, B, chunk)
+        ]
+    )  # (B, 2)
+    C = P - P.mean(0)
+    top = float(C[:, 0].abs().max()) or 1.0
+    waves = torch.cos((C[:, :1] / top) * _FREQUENCIES.to(x.device) + _PHASES.to(x.device)).sum(0)
+    head = [
+        P.sum(0),
+        P.abs().amax(0),
+        (C * C).sum(0),
+        (C[:, 0] * C[:, 1]).sum()[None],
+        C[:1, 0].new_tensor([top]),
     ]
-    top = max((float(P[:, 0].abs().max()) for P in parts if P.numel()), default=0.0) or 1.0
-    acc = torch.zeros(9, dtype=torch.float64, device=x.device)
-    for P in parts:
-        p, q = P[:, 0], P[:, 1]
-        waves = torch.cos((p / top)[:, None] * w + f).sum(0)
-        acc += torch.cat(
-            [torch.stack([p.sum(), (p * p).sum(), q.sum(), (q * q).sum(), (p * q).sum()]), waves]
-        )
-    return [float(B), *acc.cpu().tolist()]
+    return [float(B), *torch.cat([*head, waves]).cpu().tolist()]
 
 
 def _same_fingerprint(a: list[float], b: list[float]) -> bool:
-    """Whether two :func:`_row_fingerprint` are of the same examples, up to the rounding of their sums
-    (``1e-10`` of each sum's scale: ``sqrt(B sum p^2)`` for ``sum p``, ``B`` for the cosines)."""
+    """Whether two :func:`_row_fingerprint` are of the same examples, up to the rounding of their sums:
+    ``1e-10`` of each sum's scale plus the rounding the centring carries over from the raw projections
+    (``u max|p|`` per row)."""
     if len(a) != len(b) or a[0] != b[0]:
         return False
-    B, p2, q2 = a[0], max(a[2], 0.0), max(a[4], 0.0)
-    scales = [math.sqrt(B * p2), p2, math.sqrt(B * q2), q2, math.sqrt(p2 * q2)] + [B] * (len(a) - 6)
-    return all(abs(u - v) <= 1e-10 * max(s, 1e-300) for u, v, s in zip(a[1:], b[1:], scales, strict=True))
+    if len(a) == 1:
+        return True
+    B, (Mp, Mq), (Sp, Sq), top = a[0], a[3:5], a[5:7], max(a[8], 1e-300)
+    u = 1e-13  # (a generous float64 rounding per operation)
+    tols = [
+        u * B * Mp, u * B * Mq, u * Mp, u * Mq,
+        1e-10 * Sp + u * math.sqrt(B * Sp) * Mp, 1e-10 * Sq + u * math.sqrt(B * Sq) * Mq,
+        1e-10 * math.sqrt(Sp * Sq) + u * (math.sqrt(B * Sq) * Mp + math.sqrt(B * Sp) * Mq),
+        1e-10 * top + u * Mp,
+    ] + [B * (1e-10 + 10 * u * Mp / top)] * (len(a) - 9)  # fmt: skip
+    return all(abs(p - q) <= t + 1e-300 for p, q, t in zip(a[1:], b[1:], tols, strict=True))
 
 
 def _checked_curvature_batch_size(value: Any) -> int | None:
