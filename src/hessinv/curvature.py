@@ -1160,12 +1160,14 @@ class CurvatureOperator:
         # the sweep decides definiteness up to its backward error: a certificate shift closer to
         # lambda than a few ulps of ||H|| (float32 operators) proves nothing
         slack = 10 * torch.finfo(self.dtype).eps
+        known = 0.0
         if n <= _DENSE_EIG:  # small: the dense matrix, then the same certificate
             A = self.to_dense().double().cpu()
             if not bool(A.any()):  # H = 0 (a relative accuracy of 0)
                 return 0.0
             w, V = torch.linalg.eigh(A)
             v, known = V[:, 0], float(w.abs().max())  # (||H||: |H v| of a null vector is no scale)
+        # (below: the dense branch's ||H||; a float32 operator answered with its twin's above)
         else:
             self._check_sweep_memory()  # (the certificate's sweep: refused before the Lanczos products)
 
@@ -1180,7 +1182,6 @@ class CurvatureOperator:
                 return gap > 0 and rho * rho / gap <= tol * scale  # the estimate runs 7-15x high
 
             theta, S, Q, _, b = self._lanczos(min(n, 300), close, block=_LANCZOS_BLOCK)
-            known = float(np.abs(theta).max())  # (Ritz values: ||H|| from below)
             # H q = 0 for the random start q: H = 0 (a relative accuracy of 0). Lanczos says so itself:
             # a first call no longer pays the 30 products of a norm estimate for this test
             if b == 0.0 and not np.any(theta):

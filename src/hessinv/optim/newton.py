@@ -959,7 +959,7 @@ class Newton(torch.optim.Optimizer):
         ns["previous"] = None
         ns["from_auto"] = tr  # (the trust region may hand back to preconditioning: _leave_if_stalled)
         ns["trust_region_batch"] = list(inputs.shape[:1])
-        # (and at the first batch with other rows: six floats, which the state dict keeps as they are)
+        # (and at the first batch with other rows: 13 floats, which the state dict keeps as they are)
         ns["trust_region_rows"] = _row_fingerprint(inputs, targets) if tr else None
         self._tr_batch = _storage_key(inputs, targets) if tr else None
         return ns["mode"]
