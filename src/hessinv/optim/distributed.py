@@ -382,6 +382,9 @@ class DistributedPreconditioner(Preconditioner):
     strategy: str
     group: Any
     optimizer: Any
+    #: no redraw of a curvature batch whose loss is not finite (:func:`curvature_batch`): a rank's own
+    #: data would decide it, and the ranks' generators would fall out of step
+    redraw = False
 
     @classmethod
     def wrap(

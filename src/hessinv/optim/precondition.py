@@ -1031,8 +1031,11 @@ class Preconditioner:
         """Whether the next :meth:`update` rebuilds the curvature."""
         return self._factor is None or (self.state["t"] - 1) % self.refresh == 0
 
+    #: draw a curvature batch again where its loss is not finite (:func:`curvature_batch`)
+    redraw = True
+
     def _curvature_batch(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        finite = functools.partial(finite_loss_on, self, inputs, targets)
+        finite = functools.partial(finite_loss_on, self, inputs, targets) if self.redraw else None
         idx = curvature_batch(self.loss_fn, targets, self.curvature_batch_size, self.generator, finite)
         return (inputs, targets) if idx is None else (inputs[idx], targets[idx])
 
