@@ -717,3 +717,23 @@ def test_a_batch_refused_on_one_rank_is_refused_on_every_rank(probe_results):
     loop that skips a refused batch hung. Every rank refuses that step now (rank 0's: a DistributedError
     that points to the other rank's), and the loop goes on in step."""
     assert probe_results["bad-label"] == [(1, "DistributedError")]
+
+
+def test_a_trust_region_checkpoint_is_refused_by_a_data_parallel_optimizer(one_process_group):
+    """distribute() pins "precondition"; loading a single-process run's checkpoint taken in its trust
+    region brought the trust region back on every rank, where each rank's own shard then decided whether
+    it left it (a fourth review: one rank stayed, the other entered the sharded collectives). Refused by
+    name now; a checkpoint still in "auto" is pinned as distribute() pins it."""
+    X, y = _data(1)
+    model = _model()
+    single = ho.Newton(model, nn.CrossEntropyLoss())
+    for _ in range(2):
+        single.step(X[:12], y[:12])
+    assert single.mode == "trust-region"
+    model2 = _model()
+    opt = hd.distribute(_newton(model2, mode="auto"))
+    with pytest.raises(InvalidArgumentError, match="not data-parallel"):
+        opt.load_state_dict(single.state_dict())
+    fresh = ho.Newton(_model(), nn.CrossEntropyLoss())  # never stepped: "auto"
+    opt.load_state_dict(fresh.state_dict())
+    assert opt.mode == "precondition"

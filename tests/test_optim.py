@@ -2288,3 +2288,20 @@ def test_auto_sees_other_examples_written_into_the_same_tensors():
     b.load_state_dict(a.state_dict())  # a's run, in the trust region on Xa
     b.step(Xb, yb)
     assert b.last_stats.mode == "precondition"
+
+
+def test_a_trust_region_checkpoint_from_auto_mode_keeps_a_trust_region_optimizer_there():
+    """A checkpoint taken in auto mode's trust region, loaded into Newton(mode="trust-region"): its
+    "hand back when the batch changes" came with it, and the first other batch switched an optimizer that
+    has no preconditioner to preconditioning -- an AssertionError on that step and every later one (a
+    fourth review). The trust region stays, as mode="trust-region" promises."""
+    torch.manual_seed(0)
+    X, y = torch.randn(32, 6, dtype=F64), torch.randint(0, 3, (32,))
+    a = ho.Newton(_small(), nn.CrossEntropyLoss())
+    for _ in range(2):
+        a.step(X, y)
+    assert a.mode == "trust-region"
+    b = ho.Newton(_small(), nn.CrossEntropyLoss(), mode="trust-region")
+    b.load_state_dict(a.state_dict())
+    b.step(torch.randn(32, 6, dtype=F64), torch.randint(0, 3, (32,)))
+    assert b.mode == "trust-region" and b.last_stats.mode == "trust-region"

@@ -574,6 +574,12 @@ class Newton(torch.optim.Optimizer):
                 "state dict is for mode='trust-region'; this optimizer has mode='precondition' (its settings "
                 "would be ignored): build it with mode='trust-region' or 'auto' to resume that run"
             )
+        data_parallel = getattr(self.preconditioner, "strategy", None) is not None  # (distribute()d)
+        if data_parallel and ns.get("mode", "trust-region") == "trust-region":
+            raise InvalidArgumentError(
+                "state dict is for mode='trust-region' (full-batch training), which is not data-parallel: "
+                "resume it in one process, or load a checkpoint of a preconditioned run"
+            )
         shapes = ns.get("param_shapes")  # (absent: a checkpoint from before it was saved)
         if shapes is not None and [tuple(s) for s in shapes] != [tuple(p.shape) for p in self.chain.params]:
             raise InvalidArgumentError(
@@ -606,6 +612,10 @@ class Newton(torch.optim.Optimizer):
         ns.setdefault("mode", "trust-region")
         ns.setdefault("momentum", None)
         ns.setdefault("previous", None)
+        if data_parallel and ns["mode"] == "auto":  # (pinned, as distribute() pins it)
+            ns["mode"] = "precondition"
+        if self.preconditioner is None or self._mode_asked == "trust-region":
+            ns["from_auto"] = False  # (this optimizer's trust region stays: it has nothing to hand back to)
         ns["max_relative_step"] = limit
         self._newton = copy.deepcopy(ns)
         self.mode = ns["mode"]
@@ -917,6 +927,8 @@ class Newton(torch.optim.Optimizer):
         region cannot model: ``"auto"`` preconditions, ``"trust-region"`` is refused."""
         ns = self._newton
         random = bool(layers)
+        if self.preconditioner is None:  # (mode="trust-region": no preconditioning to hand back to)
+            ns["from_auto"] = False
         if random and ns["mode"] == "trust-region" and ns.get("from_auto"):
             ns["mode"] = self.mode = "precondition"
             ns["from_auto"] = False
@@ -1066,7 +1078,10 @@ class Newton(torch.optim.Optimizer):
             if isinstance(loss, Tensor)
             else torch.as_tensor(float(loss))
         )
-        return loss_t, (inputs.detach(), targets.detach()), g
+        # (the caller's own tensors where they hold no graph: the trust region's check of the batch then
+        # sees the same objects again, and takes its fast path)
+        plain = [t.detach() if t.requires_grad else t for t in (inputs, targets)]
+        return loss_t, (plain[0], plain[1]), g
 
     @torch.no_grad()
     def _step_precondition(

@@ -604,7 +604,8 @@ def explained_subsample(k: int | None, loss_fn: Any, targets: Tensor) -> Iterato
             "no targets: 0/0): hessinv draws among the examples a loss counts where it can read its "
             "ignore_index -- nn.CrossEntropyLoss / nn.NLLLoss(ignore_index=...), F.cross_entropy or a "
             "functools.partial of it, targets of shape (B,) or per position (B, d...) -- not inside a "
-            "lambda. Pass the loss in one of those forms, or a curvature_batch_size as large as the batch"
+            "lambda (one process then draws again; data-parallel ranks cannot, as their draws must agree). "
+            "Pass the loss in one of those forms, or a curvature_batch_size as large as the batch"
         ) from e
 
 
