@@ -950,6 +950,8 @@ def main() -> None:
     if args.json is None:
         quick = "_quick" if args.quick else ""
         args.json = results_dir / f"solve_{torch.device(args.device).type}{quick}.json"
+    elif args.render_only and not args.json.exists():  # (it rendered the recorded results instead, exit 0)
+        raise SystemExit(f"--json {args.json}: no such file to render")
     if not args.render_only:
         args.allocator = "default" if args.default_allocator else steady_allocator()
         run(args)

@@ -365,6 +365,22 @@ def test_bench_solve_forwards_arguments(tmp_path, capsys, monkeypatch):
     assert main(["bench", "solve", "--fail"]) == 3
 
 
+def test_bench_solve_a_message_exit_is_said_and_a_missing_json_refused(tmp_path, capsys, monkeypatch):
+    """A benchmark's ``sys.exit("message")`` was dropped (exit 1, nothing printed); and ``--render-only
+    --json`` of a file that does not exist rendered the recorded results instead, exit 0 (a new user)."""
+    script = tmp_path / "bench" / "solve.py"
+    script.parent.mkdir()
+    script.write_text("import sys\nsys.exit('no such file to render')\n")
+    monkeypatch.setattr(cli, "_find_bench", lambda name: script)
+    assert main(["bench", "solve"]) == 2
+    assert "hessinv bench solve: error: no such file to render" in capsys.readouterr().err
+    monkeypatch.undo()
+    if cli._find_bench("solve") is not None:  # (a checkout: the real script)
+        missing = tmp_path / "none.json"
+        assert main(["bench", "solve", "--render-only", "--json", str(missing), "--out", str(tmp_path)]) == 2
+        assert "no such file to render" in capsys.readouterr().err
+
+
 def test_bench_solve_missing(capsys, monkeypatch):
     monkeypatch.setattr(cli, "_find_bench", lambda name: None)
     assert main(["bench", "solve"]) == 2

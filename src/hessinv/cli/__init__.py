@@ -608,7 +608,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         _run_script(path, [prog, *args.args])
     except SystemExit as e:
         code = e.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
+        if isinstance(code, str):  # (a message: it was dropped, and the run ended with 1)
+            print(f"{prog}: error: {code}", file=sys.stderr)
+            return 2
+        return code if isinstance(code, int) else 0
     return 0
 
 

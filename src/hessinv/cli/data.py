@@ -645,8 +645,8 @@ def load_dataset(
                 + (
                     "y_test must use the classes of y"
                     if own_test
-                    else "too few examples of them: another --seed or a smaller --test-fraction (or more "
-                    "examples)"
+                    else "too few examples of them: more examples (--samples), another --seed, or (hessinv "
+                    "train) a smaller --test-fraction"
                 )
                 + ("; if the labels are numeric targets: --task regression" if many else "")
             )
