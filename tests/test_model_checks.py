@@ -303,3 +303,12 @@ def test_per_example_rows_of_a_stage_that_reads_the_batch_are_not_returned():
     grads = [torch.autograd.grad(lf(model(X[i : i + 1]), y[i : i + 1]), params) for i in range(5)]
     ref = torch.stack([torch.cat([t.reshape(-1) for t in g]) for g in grads])
     torch.testing.assert_close(per_example_gradients(model, lf, X, y), ref)
+    # an example fit to rounding has a row of rounding noise: the rows of a correct model stay (a review
+    # found the first version dropping them where example 0's own gradient was ~0)
+    for dtype in (torch.float32, torch.float64):
+        net = nn.Sequential(nn.Linear(10, 64), nn.Tanh(), nn.Linear(64, 1)).to(dtype)
+        Xr = torch.randn(64, 10, dtype=dtype)
+        with torch.no_grad():
+            yr = net(Xr) + torch.randn(64, 1, dtype=dtype)
+            yr[0] = net(Xr[:1])[0]  # example 0 fit exactly
+        assert hessinv.Chain(net, nn.MSELoss()).per_example_gradients(Xr, yr) is not None
