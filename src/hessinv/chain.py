@@ -1853,10 +1853,17 @@ class Chain:
         finally:
             _restore_attributes(saved)
 
-    def _own_loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        """``loss_fn(model(inputs), targets)`` through :meth:`_own_forward`, with autograd."""
+    def _own_gradient(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """The flat gradient of ``loss_fn(model(inputs), targets)`` in :attr:`params` by autograd through
+        :meth:`_own_forward` (zeros for a parameter the loss does not reach)."""
         with torch.enable_grad():
-            return self.loss_fn(self._own_forward(inputs), targets)
+            loss = self.loss_fn(self._own_forward(inputs), targets)
+        got = torch.autograd.grad(loss, self.params, allow_unused=True)
+        flat = [
+            (torch.zeros_like(p) if g is None else dense_grad(g)).reshape(-1)
+            for g, p in zip(got, self.params, strict=True)
+        ]
+        return torch.cat(flat)
 
     def _check_gradient(self, inputs: Tensor, targets: Tensor, gradient: Tensor, loss: float) -> None:
         """Once per split: raise :class:`NotAChainError` where the stages' gradient is not autograd's on
@@ -1867,14 +1874,10 @@ class Chain:
         if self.__dict__.get("_gradient_checked"):
             return
         try:
-            loss = self._own_loss(inputs, targets)
-            got = torch.autograd.grad(loss, self.params, allow_unused=True)
+            own = self._own_gradient(inputs, targets).detach().to(gradient.dtype)
         except Exception:  # noqa: BLE001 - the model's own forward is checked elsewhere (_check_traced)
             self._gradient_checked = True
             return
-        pairs = zip(got, self.params, strict=True)
-        own = torch.cat([(torch.zeros_like(p) if g is None else dense_grad(g)).reshape(-1) for g, p in pairs])
-        own = own.detach().to(gradient.dtype)
         if not bool(torch.isfinite(own).all()):
             self._gradient_checked = True
             return
@@ -1913,13 +1916,15 @@ class Chain:
         def own_loss(o: Tensor, t: Tensor) -> Tensor:
             return self.loss_fn(o[None], t[None])
 
+        if self.__dict__.get("_rows_refused"):  # (found another function once: the per-example route)
+            return None
         b0 = vmap(grad(own_loss))(out, self.prepare_targets(targets)).reshape(out.shape[0], -1)
         first = [zs]  # check_batch's forward serves the first try; a try after a re-split runs its own
         rows = self._guarded(
             lambda: self._per_example_rows(first.pop() if first else self.forward(inputs), b0)
         )
         if rows is None or self.__dict__.get("_rows_checked") or rows.shape[0] < 2:
-            return None if self.__dict__.get("_rows_refused") else rows
+            return rows
         # once per split: up to 16 examples' outputs alone against the batch's, and the first example's
         # row against autograd on it alone -- a stage whose behaviour depends on the batch (a branch on a
         # batch sum) keeps examples apart in its derivatives but not in its value: its rows were 82% off
@@ -1938,17 +1943,9 @@ class Chain:
         except Exception:  # noqa: BLE001 - the rows stand where the model's own forward cannot be taken
             return rows
         try:
-            own = torch.autograd.grad(
-                self._own_loss(inputs[:1], self.prepare_targets(targets[:1])), self.params, allow_unused=True
-            )
+            alone = self._own_gradient(inputs[:1], self.prepare_targets(targets[:1]))
         except Exception:  # noqa: BLE001 - the rows stand where the model's own forward cannot be taken
             return rows
-        alone = torch.cat(
-            [
-                (torch.zeros_like(p) if g is None else dense_grad(g)).reshape(-1)
-                for g, p in zip(own, self.params, strict=True)
-            ]
-        )
         diff = float((alone.to(rows.dtype) - rows[0]).double().norm())
         scale = max(
             float(alone.double().norm()), float(rows[0].double().norm()), torch.finfo(self.dtype).tiny
