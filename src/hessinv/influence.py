@@ -55,7 +55,7 @@ from hessinv.errors import (
     warn,
 )
 from hessinv.riccati import Inertia
-from hessinv.stages.losses import counted_examples, sums_examples
+from hessinv.stages.losses import count_examples, sums_examples
 
 __all__ = [
     "InfluenceFunction",
@@ -412,13 +412,8 @@ class InfluenceFunction:
             out = op.chain.forward(Xc[: min(2, int(Xc.shape[0]))])[-1]
         if not sums_examples(self.loss_fn, out, op.chain.prepare_targets(yc[: int(out.shape[0])])):
             return 1.0
-
-        def count(t: Tensor) -> int:
-            idx = counted_examples(self.loss_fn, t)
-            return int(t.shape[0]) if idx is None else int(idx.numel())
-
-        B = count(yc)
-        return int(n) / B if n is not None else max(1.0, count(targets) / B)
+        B = count_examples(self.loss_fn, yc)
+        return int(n) / B if n is not None else max(1.0, count_examples(self.loss_fn, targets) / B)
 
     @property
     def inertia(self) -> Inertia:
@@ -549,9 +544,8 @@ def distributed_influence_scores(
         raise DistributedError(f"{n} training examples for {world} ranks: use at most {n} processes")
     Xr, yr = torch.tensor_split(X, world)[rank], torch.tensor_split(y, world)[rank]
     Xc, yc = curvature_batch if curvature_batch is not None else (X, y)
-    counted = counted_examples(loss_fn, y)
-    N = n if counted is None else int(counted.numel())  # (what a summed loss sums over: all ranks' examples)
     inf = InfluenceFunction(model, loss_fn, curvature, damping, precision)
-    inf.fit(Xr, yr, Xc, yc, training_examples=N)
+    # (N: what a summed loss sums over, all ranks' examples)
+    inf.fit(Xr, yr, Xc, yc, training_examples=count_examples(loss_fn, y))
     block = inf.influences(*test)  # (n_test, N_r)
     return torch.cat(_gather_rows(block.T.contiguous(), group)).T

@@ -71,7 +71,7 @@ from hessinv.chain import LossFn, _tensor, dense_grad, deterministic_chain, laye
 from hessinv.curvature import GaussNewton, Hessian, normalize_curvature
 from hessinv.errors import InvalidArgumentError, NonFiniteError, NotFittedError, ShapeMismatchError
 from hessinv.lowrank import WoodburyFactor
-from hessinv.stages.losses import counted_examples, ignored_index, sums_examples
+from hessinv.stages.losses import count_examples, counted_examples, ignored_index, sums_examples
 from hessinv.stages.protocol import basis_product
 
 __all__ = ["Preconditioner", "EigenBasis"]
@@ -675,9 +675,7 @@ def curvature_weight(owner: Any, Xc: Tensor, yc: Tensor, targets: Tensor, k: int
         owner._sums = sums_on(owner, Xc, yc)
     if not owner._sums:
         return 1.0
-    pool = counted_examples(owner.loss_fn, targets)
-    n = int(targets.shape[0]) if pool is None else int(pool.numel())
-    return n / (int(yc.shape[0]) if k is None else k)
+    return count_examples(owner.loss_fn, targets) / (int(yc.shape[0]) if k is None else k)
 
 
 class Preconditioner:

@@ -166,6 +166,13 @@ def counted_examples(loss_fn: Callable, targets: Tensor) -> Tensor | None:
     return None
 
 
+def count_examples(loss_fn: Callable, targets: Tensor) -> int:
+    """How many examples of the batch ``targets`` the loss counts (:func:`counted_examples`: all but
+    those whose every target it ignores)."""
+    idx = counted_examples(loss_fn, targets)
+    return int(targets.shape[0]) if idx is None else int(idx.numel())
+
+
 def sums_examples(loss_fn: Callable, outputs: Tensor, targets: Tensor) -> bool | None:
     """Whether ``loss_fn`` sums its per-example terms (``reduction='sum'``: the loss of ``B`` examples
     grows like ``B``) rather than averaging them; None where it cannot tell.
