@@ -302,8 +302,8 @@ class Laplace:
         stages = op.blocks[:-1]
         sizes, batches = [b.p for b in stages], [b.batch for b in stages]
         chain, dense = _factorization_costs(sizes, [b.d_in for b in stages], batches)
-        products = n * sum(8.0 * p * b for p, b in zip(sizes, batches, strict=True))
-        if 9.0 * n**3 + products > evaluations * min(chain, dense):  # (eigvalsh: about 9 n^3 flops)
+        # the dense route's products and LDL^T (n^3 / 3), with eigvalsh (about 9 n^3) in place of the latter
+        if dense + (9.0 - 1 / 3) * n**3 > evaluations * min(chain, dense):
             return None
         # (a float32 model's G from its float64 twin, as its factorizations' log det: the float32 matrix's
         # null space is rounding noise of 1e-8 ||G||, 0.26 nats of log det at delta = 1e-6)
