@@ -929,8 +929,10 @@ def test_inertia_of_a_perturbed_factorization_is_recounted():
     want = (int((ev < 0).sum()), 0, int((ev > 0).sum()))
     F = H.factor(0.0)
     assert F.perturbed and not F._certified
-    sweep = sum((f.pivot.inertia.negative for f in F.factors if f is not None), 0)
-    assert sweep != want[0]  # what the perturbed pivots count
+    # the perturbed pivots count the perturbed matrix's eigenvalues -- (12, 0, 14) on the machine this was
+    # found on; another CPU's rounding (AVX-512 kernels) perturbs them into the right count -- so
+    # F.inertia is never theirs: it is recounted when first read
+    assert F._recount_due
     assert tuple(F.inertia) == want and F.inertia_certified
     assert F.slogdet()[0] == (-1.0 if want[0] % 2 else 1.0) == float(torch.linalg.slogdet(Hd)[0])
     assert tuple(H.inertia(0.0)) == want
