@@ -272,7 +272,8 @@ def test_a_histogram_edge_at_zero_keeps_the_null_space_whole():
     X, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
     H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
     h = spectrum.spectral_histogram(H, bins=10)
-    assert h.edges[5] == 0.0
+    # (the range is symmetric up to rounding: the middle edge is 0 or, on another CPU's rounding, 2e-16)
+    assert abs(h.edges[5]) <= 8 * np.finfo(np.float64).eps * abs(h.edges[6])
     w = torch.linalg.eigvalsh(
         autograd_hessian(copy.deepcopy(m).double(), nn.CrossEntropyLoss(), X.double(), y)
     )
