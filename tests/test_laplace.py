@@ -92,6 +92,9 @@ def test_marginal_likelihood_and_predictive_match_dense(seed, likelihood, curvat
     assert la.log_marginal_likelihood() == pytest.approx(lml, rel=1e-10, abs=1e-9 * P.shape[0])
     Pi = torch.linalg.inv(P)
     assert torch.allclose(la.posterior_covariance(), Pi, rtol=1e-8, atol=1e-11 * float(Pi.abs().max()))
+    assert torch.allclose(
+        la.posterior_variance(), Pi.diagonal(), rtol=1e-8, atol=1e-11 * float(Pi.abs().max())
+    )
     Xt = X[:4] + 0.5
     J = autograd_output_jacobian(net, Xt)
     f_var = torch.einsum("icn,nm,idm->icd", J, Pi, J)

@@ -290,8 +290,9 @@ def test_cli_spectrum_writes_json_and_plot(tmp_path, capsys):
     rec = json.loads((out / "spectrum.json").read_text())
     assert sum(rec["counts"]) + rec["below"] + rec["above"] == rec["n_params"]
     assert rec["eigenvalues_below_zero"] == 0 and rec["logdet_sign"] == 1.0  # Gauss-Newton: PSD
+    printed = capsys.readouterr().out
+    assert rec["trace"] > 0 and "trace" in printed and "eigenvalues < 0" in printed  # (PSD, not zero)
     assert (out / "spectrum.png").stat().st_size > 0
-    assert "eigenvalues < 0" in capsys.readouterr().out
     assert main([*args, "--range", "0.5,0.1", "--out", str(out)]) == 2
     assert main([*args, "--bins", "0", "--out", str(out)]) == 2
 

@@ -937,6 +937,9 @@ def test_zoo(name):
     assert rel(H.gradient, g_ref) <= 1e-10
     V = torch.randn(n, 2, dtype=DT)
     assert rel(H @ V, H_ref @ V) <= 1e-10
+    # the exact diagonal by the sweep without elimination (relative to the matrix: entries may be 0)
+    diag_ref = H_ref.diagonal()
+    assert float((H.diagonal() - diag_ref).abs().max()) <= 1e-10 * float(H_ref.abs().max())
     # a positive-definite solve at a moderate condition number
     ev = torch.linalg.eigvalsh(H_ref)
     scale = float(ev.abs().max())
@@ -944,6 +947,7 @@ def test_zoo(name):
     I = torch.eye(n, dtype=DT)
     x = H.solve(g_ref, damping=eps)
     assert rel(x, torch.linalg.solve(H_ref + eps * I, g_ref)) <= 1e-10
+    assert rel(H.factor(eps).inverse_diagonal(), torch.linalg.inv(H_ref + eps * I).diagonal()) <= 1e-10
     # inertia at a shift in the middle of the widest spectral gap
     gaps = ev[1:] - ev[:-1]
     i = int(gaps.argmax())
@@ -956,6 +960,7 @@ def test_zoo(name):
     G_ref = autograd_gauss_newton(gn_model, gn_loss, case.inputs, ref_t)
     G = hessinv.gauss_newton(*args)
     assert float((G @ V - G_ref @ V).norm()) <= 1e-10 * float((G_ref @ V).norm()) + 1e-13 * float(V.norm())
+    assert float((G.diagonal() - G_ref.diagonal()).abs().max()) <= 1e-10 * float(G_ref.abs().max()) + 1e-300
 
 
 @pytest.mark.parametrize("kind", ["weight_norm", "old_weight_norm"])

@@ -18,7 +18,8 @@ factorization, ``O(L)`` in depth, and everything is exact:
 * the linearized (GLM) predictive ``f ~ N(f(x; theta*), J(x) P^{-1} J(x)^T)`` by one batched solve,
   with the probit or Monte Carlo link for classification;
 * posterior samples ``theta* + S z`` with ``S S^T = P^{-1}`` from the factors
-  (:meth:`hessinv.Factorization.inverse_sqrt`).
+  (:meth:`hessinv.Factorization.inverse_sqrt`), and the marginal variances ``diag(P^{-1})``
+  (:meth:`Laplace.posterior_variance`, selected inversion by one forward sweep).
 
 The interface follows laplace-torch's (``fit``, ``log_marginal_likelihood``,
 ``optimize_prior_precision``, ``la(x, pred_type="glm", link_approx="probit")``, ``sample``).
@@ -437,6 +438,14 @@ class Laplace:
         check_dense_memory(self.n_params, self.mean.dtype, self.mean.device, "posterior_covariance()", 3.0)
         fac, c = self._factor(self.prior_precision, self.sigma_noise)
         return fac.solve(torch.eye(self.n_params, dtype=self.mean.dtype, device=self.mean.device)) / c
+
+    def posterior_variance(self) -> Tensor:
+        """``diag(P^{-1})`` (n,): each parameter's marginal posterior variance, exact, by one forward sweep
+        over the factorization (:meth:`hessinv.Factorization.inverse_diagonal`), never the ``n x n``
+        matrix (laplace-torch's ``posterior_variance``, which its ``diag`` and ``kron`` structures
+        approximate)."""
+        fac, c = self._factor(self.prior_precision, self.sigma_noise)
+        return fac.inverse_diagonal() / c
 
     def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
         """``(n_samples, n)`` draws of ``theta ~ N(theta*, P^{-1})``: ``theta* + S z / sqrt(c)`` with

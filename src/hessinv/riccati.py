@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -331,6 +332,15 @@ class Pivot:
             return float(lo / hi) ** 2 if float(hi) > 0 else 0.0
         return float(np.abs(self._ev).min()) / self.top if self.top > 0 else 0.0
 
+    def inverse_diagonal(self) -> Tensor:
+        """``diag(Qxx^{-1})`` (p,): the column norms of ``L^{-1}`` (Cholesky), or ``w_i^T D^{-1} w_i``
+        with ``w_i = L^{-1} P^T e_i`` (``LDL^T``); ``p^3 / 3`` flops."""
+        eye = torch.eye(self.p, dtype=self.L.dtype, device=self.L.device)
+        if self.cholesky:
+            return linalg.solve_triangular(self.L, eye, upper=False).square().sum(0)
+        W = linalg.solve_triangular(self.L, eye[self.perm], upper=False, unitriangular=True)
+        return (W * self._dsolve(W)).sum(0)
+
     def inverse_sqrt(self, Z: Tensor) -> Tensor:
         """``S Z`` for a square root ``S S^T = Qxx^{-1}`` of a positive definite pivot: ``L^{-T} Z``
         (Cholesky). Z: (p, m). ``S Z`` has covariance ``Qxx^{-1}`` for white noise ``Z``."""
@@ -609,6 +619,18 @@ class LowRankPivot:
             raise IndefiniteError("inverse_sqrt: the pivot Qxx is not positive definite (damping <= 0)")
         P = self._UT(Z)
         return self._U(self.inner.inverse_sqrt(P)) + (Z - self._U(P)) / math.sqrt(self.eps)
+
+    def inverse_diagonal(self) -> Tensor:
+        """``diag(Qxx^{-1}) = diag(U (eps I + A)^{-1} U^T) + (1 - diag(U U^T)) / eps`` (p,), ``U = Qz (x)
+        I``: ``diag[(c, i)] = sum_{s,t} Qz[c,s] Qz[c,t] Ainv[(s,i),(t,i)] + (1 - sum_s Qz[c,s]^2) / eps``."""
+        Qz = self.Qz
+        m1, rz = Qz.shape
+        inner = self.inner.solve(torch.eye(self.inner.p, dtype=Qz.dtype, device=Qz.device))
+        Ad = inner.view(rz, -1, rz, inner.shape[0] // rz).diagonal(dim1=1, dim2=3)  # (rz, rz, q): [s, t, i]
+        T = (Qz @ Ad.reshape(rz, -1)).view(m1, rz, -1)  # [c, t, i]
+        within = (T * Qz[:, :, None]).sum(1)  # (m1, q)
+        outside = (1.0 - Qz.square().sum(1, keepdim=True)) / self.eps
+        return (within + outside).reshape(-1)
 
     def _UT(self, R: Tensor) -> Tensor:
         """``U^T R``: (p, k) -> (r, k)."""
@@ -956,6 +978,93 @@ def riccati_factor(
             # rb.Qzz is the stage's own fresh tensor unless the stage passed Sigma through
             Sigma = piv.schur(rb.Qzz.reshape(a, a), Qxz, overwrite=rb.Qzz is not Sigma).view(rb.Qzz.shape)
     return out, Inertia(neg, zero, pos), pd
+
+
+@_sweep
+def curvature_diagonal(blocks: list[Blocks], like: Tensor) -> list[Tensor]:
+    """The diagonal of the curvature, per stage (model order; ``(0,)`` for parameter-free stages): the
+    backward sweep of math.md §2 without the elimination. ``P_L = 0``, and for ``l = L .. 1`` the
+    stage's ``Qxx0(P_l) = Hxx_l + Jx_l^T P_l Jx_l`` is ``H``'s diagonal block ``d^2 loss / dx_l^2``
+    and ``P_{l-1} = Qzz(P_l) = Hzz_l + Jz_l^T P_l Jz_l`` the loss's Hessian in ``z_{l-1}``
+    (:meth:`~hessinv.stages.Blocks.curvature_diagonal`). Costs a factorization's products,
+    ``O(sum_l p_l a_l^2 + a_l^2 d_l)``, with no pivot to factor; ``like`` gives dtype and device."""
+    out = [like.new_zeros(b.p) for b in blocks]
+    P = torch.zeros(1, 1, 1, 1, dtype=like.dtype, device=like.device)
+    first = _first_with_parameters(blocks)
+    for l in range(len(blocks) - 1, first - 1, -1):
+        diag, Qzz = blocks[l].curvature_diagonal(P, coupled=l > first)
+        if blocks[l].p:
+            out[l] = diag
+        if l > first:
+            assert Qzz is not None
+            P = Qzz
+    return out
+
+
+def _sandwich(apply: Callable[[Tensor], Tensor], Y: Tensor, batch: int, d_in: int) -> Tensor:
+    """``T Y T^T`` (a_out, a_out) for the map ``apply`` (``(B, d_in, k) -> (B, d_out, k)``) and a symmetric
+    ``Y`` (a_in, a_in)."""
+    TY = apply(Y.view(batch, d_in, -1)).reshape(-1, Y.shape[0])  # (a_out, a_in)
+    out = apply(TY.T.contiguous().view(batch, d_in, -1)).reshape(-1, TY.shape[0])
+    return 0.5 * (out + out.T)
+
+
+@_sweep
+def riccati_inverse_diagonal(blocks: list[Blocks], factors: list[StageFactor | None]) -> list[Tensor]:
+    """``diag((H + eps I)^{-1})`` per stage (model order), from the factors of the backward sweep by one
+    forward sweep (selected inversion; for positive definite ``H + eps I`` the marginal variances of
+    ``N(0, (H + eps I)^{-1})``, a Kalman smoother's forward pass).
+
+    The solve's forward half ``x_l = k_l - K_l y_{l-1}``, ``y_l = Jx_l x_l + Jz_l y_{l-1}``
+    (``K_l = Qxx_l^{-1} Qxz_l``) maps ``k`` with ``Cov(k_l) = Qxx_l^{-1}``, independent across stages,
+    to ``x`` with ``Cov(x) = (H + eps I)^{-1}`` (the congruence ``H + eps I = U D U^T`` read backwards;
+    algebraic, so it holds for an indefinite ``H + eps I`` too). With ``Y_l = Cov(y_l)`` (``Y_0 = 0``):
+
+        diag Cov(x_l) = diag(Qxx_l^{-1}) + diag(K_l Y_{l-1} K_l^T)
+        Y_l = Jx_l Qxx_l^{-1} Jx_l^T + (Jz_l - Jx_l K_l) Y_{l-1} (Jz_l - Jx_l K_l)^T
+
+    ``O(p^3 + p^2 a + p a^2 + a^2 d)`` per stage, as the factorization."""
+    first = _first_with_parameters(blocks)
+    last = max((l for l, f in enumerate(factors) if f is not None), default=-1)
+    like = next(f.Qxz for f in factors if f is not None)
+    out = [like.new_zeros(b.p) for b in blocks]
+    Y: Tensor | None = None  # Cov(y_{l-1}), (a_in, a_in); None: zero (the data at the first stage)
+    for l in range(first, last + 1):
+        blk, f = blocks[l], factors[l]
+        if f is None:
+            if Y is not None:
+                Y = _sandwich(blk.jz, Y, blk.batch, blk.d_in)
+            continue
+
+        def model(R: Tensor, f: StageFactor = f) -> Tensor:  # Riccati row order -> model order
+            return R if f.inverse is None else R[f.inverse]
+
+        diag = f.pivot.inverse_diagonal()
+        K = KY = None
+        if Y is not None:
+            K = f.pivot.solve(f.Qxz)  # (p, a_in), Riccati order
+            KY = _thin(K, Y) if K.shape[0] < Y.shape[0] else K @ Y
+            diag = diag + (KY * K).sum(1)
+        out[l] = model(diag)
+        if l == last:
+            break
+        a_out = blk.batch * blk.d_out
+        eye = torch.eye(a_out, dtype=like.dtype, device=like.device).view(blk.batch, blk.d_out, a_out)
+        JxT = blk.jxT(eye)  # (p, a_out), model order
+        X = f.pivot.solve(JxT if f.order is None else JxT[f.order])
+        Ynew = blk.jx(model(X)).reshape(a_out, a_out)
+        if Y is not None:
+            assert K is not None and KY is not None
+            Km, KYm = model(K), model(KY)
+
+            def step(t: Tensor, v: Tensor, blk: Blocks = blk) -> Tensor:  # (Jz - Jx K) applied: Jz t - Jx v
+                return blk.jz(t) - blk.jx(v)
+
+            T = step(Y.view(blk.batch, blk.d_in, -1), KYm).reshape(a_out, -1)  # (Jz - Jx K) Y
+            Tt = T.T.contiguous()
+            Ynew = Ynew + step(Tt.view(blk.batch, blk.d_in, a_out), Km @ Tt).reshape(a_out, a_out)
+        Y = 0.5 * (Ynew + Ynew.T)
+    return out
 
 
 def _thin(A: Tensor, X: Tensor) -> Tensor:

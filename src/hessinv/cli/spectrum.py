@@ -8,9 +8,10 @@
 
 Counts come from the inertia of ``H - s I`` at every bin edge (one Riccati factorization each,
 :mod:`hessinv.spectrum`), so they are exact, not a stochastic density estimate. Writes
-``spectrum.json`` (edges, counts, the number of negative eigenvalues, ``log|det(H + eps I)|``) and
-``spectrum.png`` to ``--out``. Eigenvalues zero up to rounding (within ``sqrt(u) ||H||`` of 0, e.g. a
-Gauss-Newton matrix's null space) count as ``>= 0``, as in :func:`hessinv.spectrum.num_negative_eigenvalues`.
+``spectrum.json`` (edges, counts, the number of negative eigenvalues, ``log|det(H + eps I)|``, the
+exact trace from :meth:`hessinv.CurvatureOperator.trace`) and ``spectrum.png`` to ``--out``.
+Eigenvalues zero up to rounding (within ``sqrt(u) ||H||`` of 0, e.g. a Gauss-Newton matrix's null
+space) count as ``>= 0``, as in :func:`hessinv.spectrum.num_negative_eigenvalues`.
 """
 
 from __future__ import annotations
@@ -234,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
     lo, hi = spectrum.spectral_range(op) if args.range is None else args.range
     hist = spectrum.spectral_histogram(op, bins=_edges(lo, hi, args.bins, tol))
     n_neg = spectrum.num_negative_eigenvalues(op, tol)
+    trace = op.trace()
     try:
         sign, logdet = spectrum.logdet(op, args.damping)
     except SingularError as e:
@@ -255,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
         "above": hist.above,
         "eigenvalues_below_zero": n_neg,
         "zero_tolerance": tol,
+        "trace": trace,
         "damping": args.damping,
         "logdet_sign": sign,
         "logabsdet": logdet,
@@ -270,7 +273,8 @@ def run(args: argparse.Namespace) -> int:
         f"{title} (eigenvalues within {tol:.2g} of 0 count as zero)\n"
         f"range [{hist.edges[0]:.4g}, {hist.edges[-1]:.4g}), {args.bins} bins, "
         f"log|det(H {'-' if args.damping < 0 else '+'} {abs(args.damping):g} I)| = {logdet:.6g} "
-        f"(sign {sign:+.0f}); {seconds:.2f} s\n"
+        f"(sign {sign:+.0f}), trace {trace:.6g} (mean eigenvalue {trace / op.shape[0]:.4g}); "
+        f"{seconds:.2f} s\n"
         f"wrote {out / 'spectrum.json'} and {png}"
     )
     return 0

@@ -485,11 +485,8 @@ class DenseLayerBlocks(Blocks):
         """
         B, d, m, m1, p = self.batch, self.d_out, self.d_in, self.stage.m1, self.p
         lowrank = self._lowrank(B) if lowrank is None else lowrank and m1 >= B
-        zt, W, sp, a = self.zt, self.W, self.sp, self.batch * self.d_out
-        M = (Sigma.reshape(B, d, B, d) * sp[:, :, None, None]).contiguous()
-        M.mul_(sp)  # diag(s') Sigma diag(s'): Sigma at the pre-activation
-        if self.bpp is not None:
-            M.view(a, a).diagonal().add_(self.bpp.reshape(-1))
+        zt, W, a = self.zt, self.W, self.batch * self.d_out
+        M = self._pre_activation(Sigma)
         ztT = zt.T
         low = None
         if lowrank:
@@ -518,11 +515,8 @@ class DenseLayerBlocks(Blocks):
             Qxx = (ztT @ Y.transpose(0, 1).reshape(B, p * d)).view(m1, p, d).transpose(0, 1).reshape(p, p)
         if not coupled:  # the first stage: its input is data, no Qxz or Qzz
             return RiccatiBlocks(Qxx, zt.new_empty(p, B, 0), None, self._r2m, self._m2r, low)
-        # R = M Wb: (n, i, n', c);  Qxz[(j,i),(n',c)] = sum_n zt[n,j] R[n,i,n',c]
-        R = (M.view(a * B, d) @ W).view(B, d, B * m)
-        if self.residual:  # R = M Wb + P, P = diag(s') Sigma (m == d)
-            P = sp[:, :, None, None] * Sigma.reshape(B, d, B, d)
-            R = R + P.view(B, d, B * m)
+        # Qxz[(j,i),(n',c)] = sum_n zt[n,j] R[n,i,n',c]
+        R, P = self._through_weight(M, Sigma)
         if Qxx is not None and not self.residual:
             # Qxz = (Z^T M) Wb from Y = Z^T M above: 2 m1 d B d m flops instead of 2 m1 B a m
             Qxz = (Y.view(p * B, d) @ W).view(m1, d, B, m)
@@ -530,11 +524,49 @@ class DenseLayerBlocks(Blocks):
             Qxz = (ztT @ R.view(B, -1)).view(m1, d, B, m)
         if self.bsp is not None:  # + (b s')_{n,i} delta_{jc}, j < m
             Qxz[:m].diagonal(dim1=0, dim2=3).add_(self.bsp.T[:, :, None])
-        Qzz = torch.matmul(W.T, R).view(B, m, B, m)
-        if self.residual:  # + (Wb^T P)^T + Sigma
-            K = torch.matmul(W.T, P.view(B, d, B * d)).view(B, m, B, m)
+        return RiccatiBlocks(Qxx, Qxz.view(p, B, m), self._qzz(R, P, Sigma), self._r2m, self._m2r, low)
+
+    def _pre_activation(self, Sigma: Tensor) -> Tensor:
+        """``M = diag(s') Sigma diag(s') + diag(b s'')`` (B, d, B, d): ``Sigma`` at the pre-activation."""
+        B, d, sp = self.batch, self.d_out, self.sp
+        M = (Sigma.reshape(B, d, B, d) * sp[:, :, None, None]).contiguous()
+        M.mul_(sp)
+        if self.bpp is not None:
+            M.view(B * d, B * d).diagonal().add_(self.bpp.reshape(-1))
+        return M
+
+    def _through_weight(self, M: Tensor, Sigma: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(R, P)``: ``R = M Wb`` (B, d, B m), plus ``P = diag(s') Sigma`` (B, d, B, d) for a residual
+        block (``R = M Wb + P``; ``P`` None otherwise)."""
+        B, d, m = self.batch, self.d_out, self.d_in
+        R = (M.view(B * d * B, d) @ self.W).view(B, d, B * m)
+        P = None
+        if self.residual:  # (m == d)
+            P = self.sp[:, :, None, None] * Sigma.reshape(B, d, B, d)
+            R = R + P.view(B, d, B * m)
+        return R, P
+
+    def _qzz(self, R: Tensor, P: Tensor | None, Sigma: Tensor) -> Tensor:
+        """``Qzz = Wb^T R`` (B, m, B, m), plus ``(Wb^T P)^T + Sigma`` for a residual block."""
+        B, d, m = self.batch, self.d_out, self.d_in
+        Qzz = torch.matmul(self.W.T, R).view(B, m, B, m)
+        if P is not None:
+            K = torch.matmul(self.W.T, P.view(B, d, B * d)).view(B, m, B, m)
             Qzz = Qzz + K.permute(2, 3, 0, 1) + Sigma.reshape(B, m, B, m)
-        return RiccatiBlocks(Qxx, Qxz.view(p, B, m), Qzz, self._r2m, self._m2r, low)
+        return Qzz
+
+    def curvature_diagonal(self, Sigma: Tensor, coupled: bool = True) -> tuple[Tensor, Tensor | None]:
+        """:meth:`Blocks.curvature_diagonal` without the ``p x p`` block:
+        ``diag(Qxx0)[(j, i)] = sum_{n, n'} zt[n, j] zt[n', j] M[n, i, n', i]`` in ``O(B^2 m d)``."""
+        B, d = self.batch, self.d_out
+        M = self._pre_activation(Sigma)
+        Md = M.diagonal(dim1=1, dim2=3)  # (B, B, d): [n, n', i]
+        X = (self.zt.T @ Md.reshape(B, B * d)).view(-1, B, d)  # [j, n', i]
+        diag = self._model((X * self.zt.T[:, :, None]).sum(1))[:, 0]
+        if not coupled:
+            return diag, None
+        R, P = self._through_weight(M, Sigma)
+        return diag, self._qzz(R, P, Sigma)
 
 
 class ElementwiseStage(Stage):

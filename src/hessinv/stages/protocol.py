@@ -208,6 +208,17 @@ class Blocks(abc.ABC):
                 s_new = s_new + self.hzz(t)
         return out, s_new
 
+    def curvature_diagonal(self, Sigma: Tensor, coupled: bool = True) -> tuple[Tensor, Tensor | None]:
+        """``(diag(Qxx0), Qzz)`` for the downstream ``Sigma`` without elimination: with ``Sigma = P_l``,
+        the Hessian of the loss in this stage's output through every later stage
+        (``P_{l-1} = Hzz_l + Jz_l^T P_l Jz_l``, ``P_L = 0``), ``Qxx0 = Hxx_l + Jx_l^T P_l Jx_l`` is the
+        diagonal block of ``H`` for the stage's parameters and ``Qzz = P_{l-1}``. The diagonal (p,) is
+        in model order; ``Qzz`` is None unless ``coupled``. Default: from :meth:`riccati`; a stage may
+        give it without forming the ``p x p`` block."""
+        rb = self.riccati(Sigma, coupled)
+        assert rb.Qxx0 is not None, "riccati() returns the dense Qxx0"
+        return rb.Qxx0.diagonal().clone(), rb.Qzz if coupled else None
+
     def riccati_native(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
         """:meth:`riccati` with parameters in the order in which the stage forms them cheapest
         (given by :attr:`RiccatiBlocks.order`); the Riccati sweep calls this one. Defaults to

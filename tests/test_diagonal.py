@@ -1,0 +1,185 @@
+"""The exact diagonal and trace of the curvature (``CurvatureOperator.diagonal`` / ``trace``) on the shapes
+the random chains of test_curvature.py and the zoo of test_zoo.py do not reach: a Linear too wide for its
+``p x p`` block, the dense route, float32, parameters listed out of stage order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import autograd_gauss_newton, autograd_gradient_hessian
+from torch import nn
+
+import hessinv
+
+
+def _mlp(sizes, act=nn.Tanh, bias=True, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b, bias=bias))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers).to(dtype)
+
+
+def test_a_linear_too_wide_for_its_block_gets_its_diagonal_without_it():
+    """p = 120,040 parameters in the first Linear: its p x p block (115 GB) is never formed; each entry
+    is checked against e_i^T (H e_i) by the O(L) product."""
+    net = _mlp([3000, 40, 5])
+    X, y = torch.randn(4, 3000, dtype=torch.float64), torch.randint(0, 5, (4,))
+    for op in (hessinv.hessian, hessinv.gauss_newton):
+        H = op(net, nn.CrossEntropyLoss(), X, y)
+        d = H.diagonal()
+        assert d.shape == (H.shape[0],)
+        idx = torch.cat(
+            [torch.randint(0, 120_040, (12,)), torch.arange(120_000, 120_040, 5), torch.tensor([-1, -3])]
+        )
+        idx = idx % H.shape[0]
+        E = torch.zeros(H.shape[0], len(idx), dtype=torch.float64)
+        E[idx, torch.arange(len(idx))] = 1.0
+        ref = (H @ E)[idx, torch.arange(len(idx))]
+        assert torch.allclose(d[idx], ref, rtol=1e-10, atol=1e-14 * float(ref.abs().max()))
+
+
+def test_the_dense_route_gives_the_same_diagonal():
+    """A large batch on a small model: the factorizations take the dense route (one n x n block), and so
+    does the diagonal."""
+    net = _mlp([4, 8, 8, 10])
+    X, y = torch.randn(800, 4, dtype=torch.float64), torch.randint(0, 10, (800,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    assert H._swept() is not H  # (the route this test is about)
+    _, H_ref = autograd_gradient_hessian(net, nn.CrossEntropyLoss(), X, y)
+    assert (H.diagonal() - H_ref.diagonal()).abs().max() <= 1e-12 * H_ref.abs().max()
+    assert H.trace() == pytest.approx(float(H_ref.trace()), rel=1e-12, abs=1e-12 * float(H_ref.abs().max()))
+
+
+def test_float32_operator_diagonal_is_float32_and_close():
+    net = _mlp([6, 10, 10, 3], dtype=torch.float32, seed=3)
+    X, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    d = H.diagonal()
+    assert d.dtype == torch.float32
+    net64 = _mlp([6, 10, 10, 3], seed=3)
+    net64.load_state_dict({k: v.double() for k, v in net.state_dict().items()})
+    _, H_ref = autograd_gradient_hessian(net64, nn.CrossEntropyLoss(), X.double(), y)
+    assert (d.double() - H_ref.diagonal()).abs().max() <= 1e-5 * H_ref.abs().max()
+
+
+def test_parameters_listed_out_of_stage_order_and_frozen_ones():
+    """The diagonal follows the operator's vector order (``model.parameters()``, trainable only): a bias
+    registered before its weight, a frozen layer."""
+    net = _mlp([5, 7, 6, 3], act=nn.Sigmoid, seed=1)
+    lin = net[2]
+    w = lin.weight
+    del lin.weight
+    lin.weight = w  # re-registered: the bias now comes first in parameters()
+    net[0].weight.requires_grad_(False)
+    X, y = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
+    for op, ref in ((hessinv.hessian, None), (hessinv.gauss_newton, autograd_gauss_newton)):
+        H = op(net, nn.CrossEntropyLoss(), X, y)
+        R = (
+            autograd_gradient_hessian(net, nn.CrossEntropyLoss(), X, y)[1]
+            if ref is None
+            else ref(net, nn.CrossEntropyLoss(), X, y)
+        )
+        assert H.shape == tuple(R.shape)
+        assert (H.diagonal() - R.diagonal()).abs().max() <= 1e-12 * R.abs().max()
+
+
+def test_per_layer_traces_from_the_diagonal():
+    """``diagonal()`` split by the parameters' sizes: each layer's trace (what Hessian-aware quantization
+    ranks layers by) equals the trace of its diagonal block of the dense Hessian."""
+    net = _mlp([4, 6, 6, 6, 2], act=nn.GELU, seed=2)
+    X, y = torch.randn(10, 4, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
+    H = hessinv.hessian(net, nn.MSELoss(), X, y)
+    _, H_ref = autograd_gradient_hessian(net, nn.MSELoss(), X, y)
+    sizes = [p.numel() for p in net.parameters()]
+    got = [float(t.sum()) for t in torch.split(H.diagonal(), sizes)]
+    blocks = torch.split(torch.arange(H.shape[0]), sizes)
+    want = [float(H_ref[i][:, i].trace()) for i in blocks]
+    assert got == pytest.approx(want, rel=1e-11, abs=1e-13)
+    assert H.trace() == pytest.approx(sum(want), rel=1e-11)
+
+
+# -- the inverse's diagonal (Factorization.inverse_diagonal) ----------------------------------------------
+def _inverse_diagonal_ref(A: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.linalg.inv(A + eps * torch.eye(A.shape[0], dtype=A.dtype)).diagonal()
+
+
+def test_inverse_diagonal_on_the_dense_route_and_a_wide_low_rank_pivot():
+    """One n x n block (the dense route), and a Linear whose pivot is factored in low-rank form (inputs
+    wider than the batch), at a positive definite and at an indefinite shift."""
+    cases = [
+        (_mlp([4, 8, 8, 10]), torch.randn(800, 4, dtype=torch.float64), 10, 800),
+        (_mlp([40, 6, 3]), torch.randn(5, 40, dtype=torch.float64), 3, 5),
+    ]
+    for net, X, C, B in cases:
+        y = torch.randint(0, C, (B,))
+        H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+        _, A = autograd_gradient_hessian(net, nn.CrossEntropyLoss(), X, y)
+        ev = torch.linalg.eigvalsh(A)
+        for eps in (-float(ev[0]) + 0.05, 0.3 * abs(float(ev[0])) + 1e-3):
+            F = H.factor(eps)
+            ref = _inverse_diagonal_ref(A, eps)
+            assert (F.inverse_diagonal() - ref).abs().max() <= 1e-10 * ref.abs().max()
+    assert any(f is not None and hasattr(f.pivot, "Qz") for f in F.factors)  # (the low-rank pivot)
+
+
+def test_inverse_diagonal_of_perturbed_pivots_falls_back_exactly(monkeypatch):
+    """A zero-initialized linear net at eps = 0: the last pivot is exactly zero and is perturbed, so the
+    sweep's factors are another matrix's; the answer comes from the dense inverse, and above the dense
+    limit from refined solves."""
+    from hessinv import curvature
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False)).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+    X, Y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    H = hessinv.hessian(m, nn.MSELoss(), X, Y)
+    _, A = autograd_gradient_hessian(m, nn.MSELoss(), X, Y)
+    inv = torch.linalg.inv(A)  # H = [[0, C], [C^T, 0]]: its inverse's diagonal is zero
+    scale = float(inv.abs().max())
+    F = H.factor(0.0)
+    assert F.perturbed
+    assert float(F.inverse_diagonal().abs().max()) <= 1e-12 * scale
+    monkeypatch.setattr(curvature, "DENSE_FALLBACK_N", 4)
+    F = H.factor(0.0)
+    assert float(F.inverse_diagonal().abs().max()) <= 1e-12 * scale
+    # at eps = 1e-3 the diagonal is not zero: entry by entry
+    F = H.factor(1e-3)
+    ref = _inverse_diagonal_ref(A, 1e-3)
+    assert float((F.inverse_diagonal() - ref).abs().max()) <= 1e-10 * float(ref.abs().max())
+
+
+def test_inverse_diagonal_below_float64_comes_from_the_float64_twin():
+    net = _mlp([6, 10, 10, 3], dtype=torch.float32, seed=3)
+    X, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    net64 = _mlp([6, 10, 10, 3], seed=3)
+    net64.load_state_dict({k: v.double() for k, v in net.state_dict().items()})
+    _, A = autograd_gradient_hessian(net64, nn.CrossEntropyLoss(), X.double(), y)
+    eps = 1e-4 - float(torch.linalg.eigvalsh(A)[0])  # cond ~ 1e4 and more: float32 alone gives ~1e-3
+    ref = _inverse_diagonal_ref(A, eps)
+    d = H.factor(eps).inverse_diagonal()
+    assert d.dtype == torch.float32
+    assert (d.double() - ref).abs().max() <= 1e-6 * ref.abs().max()
+    H64 = hessinv.hessian(net64, nn.CrossEntropyLoss(), X.double(), y)
+    d = H64.factor(eps, precision="mixed").inverse_diagonal()
+    assert d.dtype == torch.float64 and (d - ref).abs().max() <= 1e-10 * ref.abs().max()
+
+
+def test_inverse_diagonal_refuses_what_it_cannot_give():
+    net = _mlp([4, 5, 3], seed=4)
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    eps = 0.5 * abs(hessinv.hessian(net, nn.CrossEntropyLoss(), X, y).min_eigenvalue())
+    M = H.factor(eps, modify="abs")
+    if M._pivots_modified:  # (the modified matrix is not H + eps I)
+        with pytest.raises(hessinv.InvalidArgumentError, match="inverse_diagonal"):
+            M.inverse_diagonal()
+    G = hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X, y)
+    W = G.factor(torch.full((G.shape[0],), 0.1, dtype=torch.float64))
+    with pytest.raises(hessinv.InvalidArgumentError, match="inverse_diagonal needs the Riccati"):
+        W.inverse_diagonal()
