@@ -107,11 +107,14 @@ def _inverse_diagonal_ref(A: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def test_inverse_diagonal_on_the_dense_route_and_a_wide_low_rank_pivot():
-    """One n x n block (the dense route), and a Linear whose pivot is factored in low-rank form (inputs
-    wider than the batch), at a positive definite and at an indefinite shift."""
+    """One n x n block (the dense route), a Linear whose pivot is factored in low-rank form (inputs
+    wider than the batch), and a wide stage inside the chain, at a positive definite and an indefinite
+    shift."""
     cases = [
         (_mlp([4, 8, 8, 10]), torch.randn(800, 4, dtype=torch.float64), 10, 800),
         (_mlp([40, 6, 3]), torch.randn(5, 40, dtype=torch.float64), 3, 5),
+        # a wide stage between others (p = 1640 > B d = 160): the sweep keeps no p x p covariance there
+        (_mlp([3, 40, 40, 3], act=nn.Sigmoid), torch.randn(4, 3, dtype=torch.float64), 3, 4),
     ]
     for net, X, C, B in cases:
         y = torch.randint(0, C, (B,))

@@ -1039,30 +1039,48 @@ def riccati_inverse_diagonal(blocks: list[Blocks], factors: list[StageFactor | N
         def model(R: Tensor, f: StageFactor = f) -> Tensor:  # Riccati row order -> model order
             return R if f.inverse is None else R[f.inverse]
 
-        diag = f.pivot.inverse_diagonal()
-        K = KY = None
+        K = KY = KYm = None
         if Y is not None:
             K = f.pivot.solve(f.Qxz)  # (p, a_in), Riccati order
             KY = _thin(K, Y) if K.shape[0] < Y.shape[0] else K @ Y
-            diag = diag + (KY * K).sum(1)
-        out[l] = model(diag)
-        if l == last:
-            break
+            KYm = model(KY)
         a_out = blk.batch * blk.d_out
-        eye = torch.eye(a_out, dtype=like.dtype, device=like.device).view(blk.batch, blk.d_out, a_out)
-        JxT = blk.jxT(eye)  # (p, a_out), model order
-        X = f.pivot.solve(JxT if f.order is None else JxT[f.order])
-        Ynew = blk.jx(model(X)).reshape(a_out, a_out)
-        if Y is not None:
-            assert K is not None and KY is not None
-            Km, KYm = model(K), model(KY)
+        if l == last or blk.p > a_out:  # the diagonal alone; no p x p block (a wide stage's p^2)
+            diag = f.pivot.inverse_diagonal()
+            if K is not None:
+                assert KY is not None
+                diag = diag + (KY * K).sum(1)
+            out[l] = model(diag)
+            if l == last:
+                break
+            # Y_l = Jx Qxx^{-1} Jx^T + (Jz - Jx K) Y (Jz - Jx K)^T through a_out columns
+            eye = torch.eye(a_out, dtype=like.dtype, device=like.device).view(blk.batch, blk.d_out, a_out)
+            JxT = blk.jxT(eye)  # (p, a_out), model order
+            X = f.pivot.solve(JxT if f.order is None else JxT[f.order])
+            Ynew = blk.jx(model(X)).reshape(a_out, a_out)
+            if Y is not None:
+                assert K is not None and KYm is not None
 
-            def step(t: Tensor, v: Tensor, blk: Blocks = blk) -> Tensor:  # (Jz - Jx K) applied: Jz t - Jx v
-                return blk.jz(t) - blk.jx(v)
+                def step(t: Tensor, v: Tensor, blk: Blocks = blk) -> Tensor:  # (Jz - Jx K) applied
+                    return blk.jz(t) - blk.jx(v)
 
-            T = step(Y.view(blk.batch, blk.d_in, -1), KYm).reshape(a_out, -1)  # (Jz - Jx K) Y
-            Tt = T.T.contiguous()
-            Ynew = Ynew + step(Tt.view(blk.batch, blk.d_in, a_out), Km @ Tt).reshape(a_out, a_out)
+                T = step(Y.view(blk.batch, blk.d_in, -1), KYm).reshape(a_out, -1)  # (Jz - Jx K) Y
+                Tt = T.T.contiguous()
+                Ynew = Ynew + step(Tt.view(blk.batch, blk.d_in, a_out), model(K) @ Tt).reshape(a_out, a_out)
+        else:  # through x_l's covariance C = Qxx^{-1} + K Y K^T (p x p, p <= a_out): one p a^2 product
+            C = f.pivot.solve(torch.eye(blk.p, dtype=like.dtype, device=like.device))
+            if K is not None:
+                assert KY is not None
+                C = C + KY @ K.T
+            out[l] = model(C.diagonal().clone())
+            Cm = C if f.inverse is None else C[f.inverse][:, f.inverse]
+            JC = blk.jx(Cm).reshape(a_out, blk.p)  # Jx C
+            Ynew = blk.jx(JC.T.contiguous()).reshape(a_out, a_out)  # Jx C Jx^T
+            if Y is not None:  # + Jz Y Jz^T - Jx (K Y) Jz^T - its transpose (Cov(x_l, y_{l-1}) = -K Y)
+                assert KYm is not None
+                E = blk.jz(KYm.T.contiguous().view(blk.batch, blk.d_in, blk.p)).reshape(a_out, blk.p)
+                cross = blk.jx(E.T.contiguous()).reshape(a_out, a_out)
+                Ynew = Ynew + _sandwich(blk.jz, Y, blk.batch, blk.d_in) - cross - cross.T
         Y = 0.5 * (Ynew + Ynew.T)
     return out
 
