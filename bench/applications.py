@@ -9,6 +9,8 @@
   test NLL / ECE of the probit predictive.
 * spectrum: exact eigenvalue counts vs dense ``eigvalsh``; the exact histogram vs a stochastic Lanczos
   quadrature density (curvlinops) at similar time.
+* diagonal: the exact Hessian diagonal and trace (one sweep) vs the dense autograd Hessian's and
+  curvlinops' Hutchinson / XDiag / Hutch++ / XTrace estimators: time and relative error.
 
 Run under the shared lock, one thread::
 
@@ -457,10 +459,170 @@ def bench_spectrum(quick: bool) -> dict:
     return rec
 
 
+def bench_diagonal(quick: bool) -> dict:
+    """The exact Hessian diagonal and trace (``H.diagonal()``, one sweep) against the dense autograd
+    Hessian's (where it fits) and curvlinops' stochastic estimators (Hutchinson, XDiag; Hutchinson,
+    Hutch++, XTrace for the trace) at 12 / 120 / 1200 products; and the posterior variances
+    ``diag((G + delta I)^{-1})`` (``Laplace.posterior_variance``: selected inversion by one forward
+    sweep) against the dense inverse and laplace-torch's ``full`` / ``kron`` / ``diag``."""
+    ds = load_dataset("digits", seed=0)
+    cases = [("tanh", (8, 8) if quick else (24, 12), nn.Tanh)]
+    if not quick:
+        cases.append(("relu-wide", (3, 100), nn.ReLU))
+    out: dict = {}
+    for name, (depth, width), act in cases:
+        net = mlp(64, 10, depth, width, seed=0)
+        for i, m in enumerate(net):
+            if isinstance(m, nn.Tanh):
+                net[i] = act()
+        loss_fn = nn.CrossEntropyLoss()
+        train(net, loss_fn, ds.X_train[:400], ds.y_train[:400], 300)
+        out[name] = _diagonal_case(net, loss_fn, ds.X_train[:64], ds.y_train[:64], quick)
+        out[name]["model"] = f"{act.__name__} MLP depth {depth} width {width}, digits"
+        N = 200 if width < 50 else 16  # (the sweep holds (N x width)^2 numbers per stage)
+        out[name]["inverse"] = _inverse_diagonal_case(net, ds.X_train[:N], ds.y_train[:N], quick)
+    return out
+
+
+def _diagonal_case(net: nn.Module, loss_fn: nn.Module, X, y, quick: bool) -> dict:
+    import hessinv
+
+    n = sum(p.numel() for p in net.parameters())
+
+    def ours():
+        return hessinv.hessian(net, loss_fn, X, y).diagonal()
+
+    ours()  # (warm: first-call imports)
+    d, t, c = timed(ours)
+    rec: dict = {"B": len(X), "n": n, "hessinv": {"wall_s": t, "cpu_s": c, "trace": float(d.sum())}}
+    if n <= 5000:
+        Hd, t_d, c_d = timed(lambda: autograd_hessian(net, loss_fn, X, y).diagonal())
+        rec["dense_autograd"] = {"wall_s": t_d, "cpu_s": c_d}
+        rec["hessinv"]["max_rel_err_vs_dense"] = float((d - Hd).abs().max() / Hd.abs().max())
+    else:  # entries against e_i^T H e_i by autograd products at 64 random indices
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:64]
+        params = list(net.parameters())
+        grads = torch.autograd.grad(loss_fn(net(X), y), params, create_graph=True)
+        g = torch.cat([t.reshape(-1) for t in grads])
+        E = torch.zeros(64, n, dtype=g.dtype)
+        E[torch.arange(64), idx] = 1.0
+        hs = torch.autograd.grad(g, params, grad_outputs=E, retain_graph=True, is_grads_batched=True)
+        ref = torch.cat([h.reshape(64, -1) for h in hs], 1)[torch.arange(64), idx]
+        rec["hessinv"]["max_rel_err_vs_autograd_entries"] = float(
+            (d[idx] - ref).abs().max() / ref.abs().max()
+        )
+    dense = f", dense autograd {rec['dense_autograd']['wall_s']:.2f}s" if "dense_autograd" in rec else ""
+    print(f"diagonal: n={n} hessinv {t:.3f}s{dense}")
+    try:
+        import curvlinops
+    except Exception as e:  # pragma: no cover - optional dependency
+        rec["curvlinops"] = {"skipped": repr(e)}
+        return rec
+    A = curvlinops.HessianLinearOperator(net, loss_fn, list(net.parameters()), [(X, y)])
+    tr = float(d.sum())
+    for k in (12, 120) if quick else (12, 120, 1200):  # (Hutch++ needs multiples of 3, XDiag of 2)
+        row: dict = {}
+        for est in ("hutchinson_diag", "xdiag", "hutchinson_trace", "hutchpp_trace", "xtrace"):
+            torch.manual_seed(0)
+            e, t_e, c_e = timed(lambda est=est, k=k: getattr(curvlinops, est)(A, k))
+            err = (
+                float((e.reshape(-1).to(d) - d).norm() / d.norm())
+                if "diag" in est
+                else abs(float(e) - tr) / abs(tr)
+            )
+            row[est] = {"wall_s": t_e, "cpu_s": c_e, "rel_err": err}
+        rec[f"curvlinops_{k}_products"] = row
+        print(
+            f"  {k} products: "
+            + ", ".join(f"{e} {v['wall_s']:.2f}s err {v['rel_err']:.2g}" for e, v in row.items())
+        )
+    return rec
+
+
+def _inverse_diagonal_case(net: nn.Module, X, y, quick: bool) -> dict:
+    """Posterior variances of the GGN Laplace approximation (summed CE) at the prior precision the
+    evidence chooses (hessinv's ``optimize_prior_precision``; a fixed ``delta = 1`` left most variances at
+    the prior's ``1 / delta``, where any approximation is right): time of ``fit`` + ``posterior_variance``
+    at that ``delta``, and the approximations' relative errors per parameter."""
+    n = sum(p.numel() for p in net.parameters())
+    la = Laplace(net, "classification", prior_precision=1.0).fit(X, y)
+    delta = la.optimize_prior_precision()
+
+    def ours():
+        return Laplace(net, "classification", prior_precision=delta).fit(X, y).posterior_variance()
+
+    v, t, c = timed(ours)
+    moved = float(((v * delta - 1).abs() > 0.01).double().mean())  # variances the data moved (> 1%)
+    rec: dict = {"N": len(X), "prior_precision": delta, "fraction_moved_from_prior": moved}
+    rec["hessinv"] = {"wall_s": t, "cpu_s": c}
+    if n <= 5000:
+
+        def dense():
+            from hessinv.influence import output_jacobians
+
+            J = output_jacobians(net, X)
+            with torch.no_grad():
+                p = torch.softmax(net(X), -1)
+            Lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+            G = torch.einsum("icn,icd,idm->nm", J, Lam, J)
+            return torch.linalg.inv(G + delta * torch.eye(n, dtype=G.dtype)).diagonal()
+
+        ref, t_d, c_d = timed(dense)
+        rec["dense_inverse"] = {"wall_s": t_d, "cpu_s": c_d}
+        rec["hessinv"]["max_rel_err_vs_dense"] = float((v - ref).abs().max() / ref.abs().max())
+    print(
+        f"posterior variance: n={n}, delta {delta:.3g} ({moved:.0%} moved from the prior) hessinv {t:.3f}s"
+        + (f", dense {rec['dense_inverse']['wall_s']:.2f}s" if n <= 5000 else "")
+    )
+    try:
+        from laplace import Laplace as LT
+    except Exception as e:  # pragma: no cover - optional dependency
+        rec["laplace_torch"] = {"skipped": repr(e)}
+        return rec
+    from torch.utils.data import DataLoader, TensorDataset
+
+    for structure in ("kron", "diag") if n > 5000 else ("full", "kron", "diag"):  # (full: n x n)
+
+        def fit(structure=structure):
+            la = LT(
+                net,
+                "classification",
+                subset_of_weights="all",
+                hessian_structure=structure,
+                prior_precision=delta,
+            )
+            la.fit(DataLoader(TensorDataset(X, y), batch_size=100))
+            if structure == "full":
+                return la.posterior_covariance.diagonal()
+            if structure == "kron":  # (its posterior precision's eigendecomposition, raised to -1)
+                return la.posterior_precision.diag(exponent=-1)
+            return la.posterior_variance.reshape(-1)
+
+        try:
+            w, t_l, c_l = timed(fit)
+        except Exception as e:
+            rec[f"laplace_torch_{structure}"] = {"skipped": repr(e)[:300]}
+            continue
+        w = w.to(v)
+        rel = (w - v).abs() / v
+        rec[f"laplace_torch_{structure}"] = {
+            "wall_s": t_l,
+            "cpu_s": c_l,
+            "median_rel_err": float(rel.median()),
+            "p90_rel_err": float(rel.quantile(0.9)),
+            "max_rel_err": float(rel.max()),
+        }
+        print(
+            f"  laplace-torch {structure}: {t_l:.2f}s, relative error median {float(rel.median()):.2g}, "
+            f"90th percentile {float(rel.quantile(0.9)):.2g}, max {float(rel.max()):.2g}"
+        )
+    return rec
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="influence,laplace,spectrum")
+    ap.add_argument("--only", default="influence,laplace,spectrum,diagonal")
     ap.add_argument(
         "--out",
         default="runs/bench/applications.json",

@@ -186,3 +186,20 @@ def test_inverse_diagonal_refuses_what_it_cannot_give():
     W = G.factor(torch.full((G.shape[0],), 0.1, dtype=torch.float64))
     with pytest.raises(hessinv.InvalidArgumentError, match="inverse_diagonal needs the Riccati"):
         W.inverse_diagonal()
+
+
+def test_gauss_newton_diagonal_from_its_root_where_that_is_cheaper(monkeypatch):
+    """``G = U^T diag(S) U`` with ``r = B C`` rows small against the sweep's ``a x a`` blocks: the
+    diagonal is ``sum_q S_q U_q^2`` from the root, equal to the sweep's and to autograd's."""
+    from hessinv.curvature import GaussNewton
+
+    net = _mlp([6, 40, 40, 3], act=nn.ReLU, seed=5)
+    X, y = torch.randn(24, 6, dtype=torch.float64), torch.randint(0, 3, (24,))
+    G = hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X, y)
+    d = G.diagonal()
+    assert G._root is not None  # (the route this test is about)
+    ref = autograd_gauss_newton(net, nn.CrossEntropyLoss(), X, y)
+    assert (d - ref.diagonal()).abs().max() <= 1e-12 * ref.abs().max()
+    monkeypatch.setattr(GaussNewton, "ROOT_DIAGONAL_SHARE", 0.0)
+    G = hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X, y)
+    assert (G.diagonal() - d).abs().max() <= 1e-12 * ref.abs().max() and G._root is None

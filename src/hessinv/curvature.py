@@ -1469,6 +1469,25 @@ class GaussNewton(CurvatureOperator):
             return 0.5 * (A + A.T)
         return super().to_dense()
 
+    #: :meth:`diagonal` takes the root where ``r n`` (its rows times the parameters) is below this share of
+    #: the sweep's ``sum_l a_l^2 d_l`` (measured, one thread: 64-100-100-10 on 64 examples 0.17 against 0.94
+    #: s; a 784-256-10 on 32 examples, ``r n = 6.5e7``, 0.75 against 0.51 s)
+    ROOT_DIAGONAL_SHARE = 0.01
+
+    def diagonal(self) -> Tensor:
+        """:meth:`CurvatureOperator.diagonal`; where ``G``'s root ``G = U^T diag(S) U`` is small against
+        the sweep (:data:`ROOT_DIAGONAL_SHARE`), ``sum_q S_q U_qj^2`` from it: ``r = batch x outputs``
+        backward passes instead of the sweep's ``a x a`` blocks."""
+        loss, n = self.blocks[-1], self.shape[0]
+        r = loss.batch * loss.d_in
+        first = next((l for l, b in enumerate(self.blocks) if b.p), 0)  # (its input is data: no a x a)
+        sweep = sum(float(b.batch * b.d_in) ** 2 * b.d_out for b in self.blocks[first + 1 : -1])
+        view = self.__dict__.get("_view")
+        if (view is None or view is self) and r < n and r * n <= min(self.ROOT_DIAGONAL_SHARE * sweep, 2**27):
+            U, S = self.root()
+            return torch.einsum("q,qj,qj->j", S.to(U.dtype), U, U)
+        return super().diagonal()
+
     def min_eigenvalue(self, tol: float = 1e-8) -> float:
         """:meth:`CurvatureOperator.min_eigenvalue`, never below 0 where ``G`` is positive semidefinite by
         construction (a loss whose output curvature is: cross-entropy with targets of nonnegative mass,

@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -1001,12 +1000,12 @@ def curvature_diagonal(blocks: list[Blocks], like: Tensor) -> list[Tensor]:
     return out
 
 
-def _sandwich(apply: Callable[[Tensor], Tensor], Y: Tensor, batch: int, d_in: int) -> Tensor:
-    """``T Y T^T`` (a_out, a_out) for the map ``apply`` (``(B, d_in, k) -> (B, d_out, k)``) and a symmetric
-    ``Y`` (a_in, a_in)."""
-    TY = apply(Y.view(batch, d_in, -1)).reshape(-1, Y.shape[0])  # (a_out, a_in)
-    out = apply(TY.T.contiguous().view(batch, d_in, -1)).reshape(-1, TY.shape[0])
-    return 0.5 * (out + out.T)
+def _forward_map(blk: Blocks, t: Tensor | None, v: Tensor | None, k: int) -> Tensor:
+    """``Jz t + Jx v`` as an (a_out, k) matrix, for ``t`` (a_in, k) or None and ``v`` (p, k, model order) or
+    None (the stage's fused forward product, :meth:`~hessinv.stages.Blocks.hvp_forward`)."""
+    out = blk.hvp_forward(None if t is None else t.view(blk.batch, blk.d_in, k), v)
+    assert out is not None
+    return out.reshape(-1, k)
 
 
 @_sweep
@@ -1018,11 +1017,14 @@ def riccati_inverse_diagonal(blocks: list[Blocks], factors: list[StageFactor | N
     The solve's forward half ``x_l = k_l - K_l y_{l-1}``, ``y_l = Jx_l x_l + Jz_l y_{l-1}``
     (``K_l = Qxx_l^{-1} Qxz_l``) maps ``k`` with ``Cov(k_l) = Qxx_l^{-1}``, independent across stages,
     to ``x`` with ``Cov(x) = (H + eps I)^{-1}`` (the congruence ``H + eps I = U D U^T`` read backwards;
-    algebraic, so it holds for an indefinite ``H + eps I`` too). With ``Y_l = Cov(y_l)`` (``Y_0 = 0``):
+    algebraic, so it holds for an indefinite ``H + eps I`` too). With ``Y_l = Cov(y_l)`` (``Y_0 = 0``),
+    ``C_l = Cov(x_l) = Qxx_l^{-1} + K_l Y_{l-1} K_l^T`` and ``Cov(x_l, y_{l-1}) = -K_l Y_{l-1}``:
 
         diag Cov(x_l) = diag(Qxx_l^{-1}) + diag(K_l Y_{l-1} K_l^T)
-        Y_l = Jx_l Qxx_l^{-1} Jx_l^T + (Jz_l - Jx_l K_l) Y_{l-1} (Jz_l - Jx_l K_l)^T
+        Y_l = Jz (Y Jz^T - (K Y)^T Jx^T) + Jx (C Jx^T - K Y Jz^T)
 
+    -- two fused forward products (``Jz t + Jx v``) of ``a`` columns. A stage wider than its output
+    (``p > B d``) keeps no ``p x p`` ``C``: ``Y_l = Jx Qxx^{-1} Jx^T + (Jz - Jx K) Y (Jz - Jx K)^T``.
     ``O(p^3 + p^2 a + p a^2 + a^2 d)`` per stage, as the factorization."""
     first = _first_with_parameters(blocks)
     last = max((l for l, f in enumerate(factors) if f is not None), default=-1)
@@ -1031,20 +1033,20 @@ def riccati_inverse_diagonal(blocks: list[Blocks], factors: list[StageFactor | N
     Y: Tensor | None = None  # Cov(y_{l-1}), (a_in, a_in); None: zero (the data at the first stage)
     for l in range(first, last + 1):
         blk, f = blocks[l], factors[l]
+        a_out = blk.batch * blk.d_out
         if f is None:
-            if Y is not None:
-                Y = _sandwich(blk.jz, Y, blk.batch, blk.d_in)
+            if Y is not None:  # Jz Y Jz^T
+                T = _forward_map(blk, Y, None, Y.shape[0])
+                Y = _forward_map(blk, T.T.contiguous(), None, a_out)
             continue
 
         def model(R: Tensor, f: StageFactor = f) -> Tensor:  # Riccati row order -> model order
             return R if f.inverse is None else R[f.inverse]
 
-        K = KY = KYm = None
+        K = KY = None
         if Y is not None:
             K = f.pivot.solve(f.Qxz)  # (p, a_in), Riccati order
             KY = _thin(K, Y) if K.shape[0] < Y.shape[0] else K @ Y
-            KYm = model(KY)
-        a_out = blk.batch * blk.d_out
         if l == last or blk.p > a_out:  # the diagonal alone; no p x p block (a wide stage's p^2)
             diag = f.pivot.inverse_diagonal()
             if K is not None:
@@ -1053,35 +1055,33 @@ def riccati_inverse_diagonal(blocks: list[Blocks], factors: list[StageFactor | N
             out[l] = model(diag)
             if l == last:
                 break
-            # Y_l = Jx Qxx^{-1} Jx^T + (Jz - Jx K) Y (Jz - Jx K)^T through a_out columns
             eye = torch.eye(a_out, dtype=like.dtype, device=like.device).view(blk.batch, blk.d_out, a_out)
             JxT = blk.jxT(eye)  # (p, a_out), model order
             X = f.pivot.solve(JxT if f.order is None else JxT[f.order])
-            Ynew = blk.jx(model(X)).reshape(a_out, a_out)
+            Ynew = _forward_map(blk, None, model(X), a_out)  # Jx Qxx^{-1} Jx^T
             if Y is not None:
-                assert K is not None and KYm is not None
-
-                def step(t: Tensor, v: Tensor, blk: Blocks = blk) -> Tensor:  # (Jz - Jx K) applied
-                    return blk.jz(t) - blk.jx(v)
-
-                T = step(Y.view(blk.batch, blk.d_in, -1), KYm).reshape(a_out, -1)  # (Jz - Jx K) Y
+                assert K is not None and KY is not None
+                T = _forward_map(blk, Y, -model(KY), Y.shape[0])  # (Jz - Jx K) Y
                 Tt = T.T.contiguous()
-                Ynew = Ynew + step(Tt.view(blk.batch, blk.d_in, a_out), model(K) @ Tt).reshape(a_out, a_out)
-        else:  # through x_l's covariance C = Qxx^{-1} + K Y K^T (p x p, p <= a_out): one p a^2 product
+                Ynew += _forward_map(blk, Tt, -model(K @ Tt), a_out)
+        else:  # through x_l's covariance C (p x p, p <= a_out): one p a^2 product
             C = f.pivot.solve(torch.eye(blk.p, dtype=like.dtype, device=like.device))
             if K is not None:
                 assert KY is not None
                 C = C + KY @ K.T
             out[l] = model(C.diagonal().clone())
             Cm = C if f.inverse is None else C[f.inverse][:, f.inverse]
-            JC = blk.jx(Cm).reshape(a_out, blk.p)  # Jx C
-            Ynew = blk.jx(JC.T.contiguous()).reshape(a_out, a_out)  # Jx C Jx^T
-            if Y is not None:  # + Jz Y Jz^T - Jx (K Y) Jz^T - its transpose (Cov(x_l, y_{l-1}) = -K Y)
-                assert KYm is not None
-                E = blk.jz(KYm.T.contiguous().view(blk.batch, blk.d_in, blk.p)).reshape(a_out, blk.p)
-                cross = blk.jx(E.T.contiguous()).reshape(a_out, a_out)
-                Ynew = Ynew + _sandwich(blk.jz, Y, blk.batch, blk.d_in) - cross - cross.T
-        Y = 0.5 * (Ynew + Ynew.T)
+            if KY is None:  # Jx C Jx^T
+                Ynew = _forward_map(blk, None, _forward_map(blk, None, Cm, blk.p).T.contiguous(), a_out)
+            else:
+                KYm = model(KY)
+                R1t = _forward_map(blk, -KYm.T.contiguous(), Cm, blk.p)  # (C Jx^T - K Y Jz^T)^T
+                assert Y is not None
+                T = _forward_map(blk, Y, -KYm, Y.shape[0])  # Jz Y - Jx K Y
+                Ynew = _forward_map(blk, T.T.contiguous(), R1t.T.contiguous(), a_out)
+        # (Y is symmetric up to rounding, left so: a symmetrizing pass over a x a numbers cost a fifth of
+        # the sweep, and each stage's products read Y through the same side)
+        Y = Ynew
     return out
 
 
