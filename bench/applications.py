@@ -466,21 +466,44 @@ def bench_diagonal(quick: bool) -> dict:
     ``diag((G + delta I)^{-1})`` (``Laplace.posterior_variance``: selected inversion by one forward
     sweep) against the dense inverse and laplace-torch's ``full`` / ``kron`` / ``diag``."""
     ds = load_dataset("digits", seed=0)
-    cases = [("tanh", (8, 8) if quick else (24, 12), nn.Tanh)]
-    if not quick:
-        cases.append(("relu-wide", (3, 100), nn.ReLU))
-    out: dict = {}
-    for name, (depth, width), act in cases:
+
+    def trained(depth: int, width: int, act: type[nn.Module]) -> nn.Module:
         net = mlp(64, 10, depth, width, seed=0)
         for i, m in enumerate(net):
             if isinstance(m, nn.Tanh):
                 net[i] = act()
-        loss_fn = nn.CrossEntropyLoss()
-        train(net, loss_fn, ds.X_train[:400], ds.y_train[:400], 300)
-        out[name] = _diagonal_case(net, loss_fn, ds.X_train[:64], ds.y_train[:64], quick)
-        out[name]["model"] = f"{act.__name__} MLP depth {depth} width {width}, digits"
-        N = 200 if width < 50 else 16  # (the sweep holds (N x width)^2 numbers per stage)
-        out[name]["inverse"] = _inverse_diagonal_case(net, ds.X_train[:N], ds.y_train[:N], quick)
+        train(net, nn.CrossEntropyLoss(), ds.X_train[:400], ds.y_train[:400], 300)
+        return net
+
+    out: dict = {"diagonal": {}, "posterior_variance": {}}
+    # the diagonal of H on 64 examples: a deep narrow chain, a wide ReLU MLP
+    for name, depth, width, act in (
+        [("tanh", 8, 8, nn.Tanh)]
+        if quick
+        else [
+            ("tanh", 24, 12, nn.Tanh),
+            ("relu-wide", 3, 100, nn.ReLU),
+        ]
+    ):
+        rec = _diagonal_case(
+            trained(depth, width, act), nn.CrossEntropyLoss(), ds.X_train[:64], ds.y_train[:64], quick
+        )
+        out["diagonal"][name] = {"model": f"{act.__name__} MLP depth {depth} width {width}, digits", **rec}
+    # posterior variances of models whose Laplace posterior the data move (a deep narrow chain's vanishing
+    # gradients leave nearly all of its variances at the prior's): the GGN on the N training examples
+    for name, depth, width, act, N in (
+        [("tanh", 3, 8, nn.Tanh, 100)]
+        if quick
+        else [
+            ("tanh", 3, 16, nn.Tanh, 300),
+            ("relu", 3, 32, nn.ReLU, 150),
+        ]
+    ):
+        rec = _inverse_diagonal_case(trained(depth, width, act), ds.X_train[:N], ds.y_train[:N], quick)
+        out["posterior_variance"][name] = {
+            "model": f"{act.__name__} MLP depth {depth} width {width}, digits",
+            **rec,
+        }
     return out
 
 

@@ -203,3 +203,20 @@ def test_gauss_newton_diagonal_from_its_root_where_that_is_cheaper(monkeypatch):
     monkeypatch.setattr(GaussNewton, "ROOT_DIAGONAL_SHARE", 0.0)
     G = hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X, y)
     assert (G.diagonal() - d).abs().max() <= 1e-12 * ref.abs().max() and G._root is None
+
+
+def test_inverse_diagonal_takes_the_dense_inverse_where_that_is_cheaper():
+    """A batch much larger than the model (``a = 4800 > n = 1482``): the forward sweep's ``a x a`` blocks
+    cost more than forming and inverting ``G + eps I`` -- that route, and the same numbers."""
+    net = _mlp([64, 16, 16, 10], seed=6)
+    X, y = torch.randn(300, 64, dtype=torch.float64), torch.randint(0, 10, (300,))
+    G = hessinv.gauss_newton(net, nn.CrossEntropyLoss(reduction="sum"), X, y)
+    F = G.factor(0.3)
+    assert G._swept() is G and F._dense_inverse_cheaper()  # (the route this test is about)
+    ref = _inverse_diagonal_ref(autograd_gauss_newton(net, nn.CrossEntropyLoss(reduction="sum"), X, y), 0.3)
+    assert (F.inverse_diagonal() - ref).abs().max() <= 1e-10 * ref.abs().max()
+    narrow = _mlp([4] + [6] * 12 + [3], seed=6)
+    Xn, yn = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    assert (
+        not hessinv.gauss_newton(narrow, nn.CrossEntropyLoss(), Xn, yn).factor(0.3)._dense_inverse_cheaper()
+    )
