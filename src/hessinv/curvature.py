@@ -173,6 +173,14 @@ def _integer(x: object) -> int | None:
         return None
 
 
+#: :meth:`Factorization.inverse_diagonal` checks the forward sweep at this many random entries per stage
+#: against refined solves ...
+INVERSE_DIAGONAL_PROBES = 4
+#: ... and takes it where they agree to this, relative to its largest entry (positive definite systems:
+#: 1e-14; an indefinite shift inside a tanh net's spectrum at cond 1e4: 3.7e-9, where the dense inverse
+#: and refined solves give 5e-13)
+INVERSE_DIAGONAL_TOL = 1e-10
+
 #: The dense route (:meth:`CurvatureOperator._swept`) is taken up to this many parameters (``n^2`` numbers)
 DENSE_ROUTE_MAX_N = 6144
 #: ... and where the chain's sweep would cost over this many flops and three times the dense route's
@@ -454,7 +462,7 @@ class CurvatureOperator:
         return out
 
     def diagonal(self) -> Tensor:
-        """The exact diagonal of ``H`` (n,), in one backward sweep -- no ``n`` products, no probes.
+        """The exact diagonal of ``H`` (n,), in one backward sweep -- no probes.
 
         The sweep of the factorization (math.md §2) without the elimination: with ``P_l`` the Hessian
         of the loss in stage ``l``'s output through every later stage (``P_L = 0``,
@@ -462,7 +470,8 @@ class CurvatureOperator:
         is ``Hxx_l + Jx_l^T P_l Jx_l``, of which a Linear stage forms only the diagonal
         (``O(B^2 m d)``, never the ``p x p`` block). Costs about a factorization's products and memory
         (``a x a`` per stage, ``a`` = examples x width); where the factorization takes the dense route
-        (a large batch on a small model) it is the dense matrix's diagonal. Hutchinson's estimator
+        (a large batch on a small model) it is the dense matrix's diagonal (``n`` products, once for every
+        use of that route). Hutchinson's estimator
         (PyHessian, AdaHessian) needs ``O(1 / rel. error^2)`` products for the same numbers.
 
         >>> import torch, hessinv
@@ -473,12 +482,17 @@ class CurvatureOperator:
         True
         """
         sw = self._swept()
-        check_memory(sw.blocks, sw._names, sw.dtype, sw.device)
+        check_memory(sw.blocks, sw._names, sw.dtype, sw.device, diagonal=True)
         diag = torch.cat(curvature_diagonal(sw.blocks, self.gradient))
         if not bool(torch.isfinite(diag).all()):
             raise NonFiniteError(
-                f"the diagonal of the curvature is not finite in {self.dtype} (its entries overflow): "
-                "scale the loss down, or take the operator of a float64 copy of the model"
+                f"the diagonal of the curvature is not finite in {self.dtype}: its entries or the products "
+                "of the sweep overflow -- scale the loss down"
+                + (
+                    ""
+                    if self.dtype == torch.float64
+                    else ", or take the operator of a float64 copy of the model"
+                )
             )
         return diag
 
@@ -1482,6 +1496,13 @@ class GaussNewton(CurvatureOperator):
         r = loss.batch * loss.d_in
         first = next((l for l, b in enumerate(self.blocks) if b.p), 0)  # (its input is data: no a x a)
         sweep = sum(float(b.batch * b.d_in) ** 2 * b.d_out for b in self.blocks[first + 1 : -1])
+        # a generic stage (an Embedding's table, a convolution) forms its dense per-example blocks first:
+        # p + d_in backward passes, a (B d_out) x p Jacobian and a p x p Hxx
+        sweep += sum(
+            float(b.p) * (b.p + (b.batch * b.d_out) ** 2)
+            for b in self.blocks[:-1]
+            if isinstance(b, LazyBlocks)
+        )
         view = self.__dict__.get("_view")
         if (view is None or view is self) and r < n and r * n <= min(self.ROOT_DIAGONAL_SHARE * sweep, 2**27):
             U, S = self.root()
@@ -1819,18 +1840,24 @@ class Factorization:
             )
 
     def inverse_diagonal(self) -> Tensor:
-        """``diag((H + eps I)^{-1})`` (n,), exact, by one forward sweep over the factors (selected
-        inversion, :func:`~hessinv.riccati.riccati_inverse_diagonal`): about the factorization's cost,
-        where ``n`` solves with the identity's columns cost ``n`` times a solve's. For a positive definite
-        ``H + eps I`` these are the marginal variances of ``N(theta, (H + eps I)^{-1})`` (a Laplace
-        posterior's, :meth:`hessinv.laplace.Laplace.posterior_variance`); ``[(H + eps I)^{-1}]_qq`` is also
-        what Optimal Brain Surgeon's saliency ``w_q^2 / (2 [H^{-1}]_qq)`` divides by.
+        """``diag((H + eps I)^{-1})`` (n,), by one forward sweep over the factors (selected inversion,
+        :func:`~hessinv.riccati.riccati_inverse_diagonal`): about two factorizations' cost (more on stages
+        wider than ``B d``: docs/applications.md), where ``n`` solves with the identity's columns cost
+        ``n`` times a solve's. For a positive definite ``H + eps I`` these are the marginal variances of
+        ``N(theta, (H + eps I)^{-1})`` (a Laplace posterior's,
+        :meth:`hessinv.laplace.Laplace.posterior_variance`); ``[(H + eps I)^{-1}]_qq`` is also what Optimal
+        Brain Surgeon's saliency ``w_q^2 / (2 [H^{-1}]_qq)`` divides by.
 
-        Where the sweep's pivots cannot give it to working precision (a perturbed pivot, one
-        ill-conditioned beyond ``sqrt(u)``) it comes from the dense float64 inverse (``n <=``
-        :data:`DENSE_FALLBACK_N`) or from refined solves with the identity's columns; below float64 (a
-        float32 operator, ``precision="mixed"``) from the float64 twin's factorization. Refused for a
-        modified (``modify="abs"``) or Woodbury factorization.
+        The sweep is not refined, and at an indefinite shift inside the spectrum it can lose digits beyond
+        ``cond u``: its result is checked at a few entries per stage (:data:`INVERSE_DIAGONAL_PROBES`)
+        against refined solves with those columns of the identity, and taken where it agrees to
+        :data:`INVERSE_DIAGONAL_TOL` of the largest entry. Elsewhere -- a perturbed pivot, a failed check --
+        it comes from the dense float64 inverse (``n <=`` :data:`DENSE_FALLBACK_N`, or where that is
+        cheaper than the sweep) or from refined solves with all ``n`` columns of the identity (``n / 256``
+        batched solves: minutes for a large model). Below float64 (a float32 operator,
+        ``precision="mixed"``) from the float64 twin's factorization. :class:`SingularError` where ``H +
+        eps I`` is singular to working precision; refused for a modified (``modify="abs"``) or Woodbury
+        factorization.
 
         >>> import torch, hessinv
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
@@ -1844,14 +1871,34 @@ class Factorization:
         self._riccati_only("inverse_diagonal")
         if self._twin_only or self._sweep_dtype != torch.float64:
             return self._float64().inverse_diagonal().to(self.op.dtype)
-        if not self._pivots_exact():
-            return self._inverse_diagonal_by_solves()
         if self._dense_inverse_cheaper():
             return self._inverse_diagonal_by_solves(DENSE_ROUTE_MAX_N)
-        d = torch.cat(riccati_inverse_diagonal(self._sweep_op.blocks, self.factors))
-        if not bool(torch.isfinite(d).all()):
-            return self._inverse_diagonal_by_solves()
-        return d.to(self.op.dtype)
+        if not self.perturbed:
+            d = torch.cat(riccati_inverse_diagonal(self._sweep_op.blocks, self.factors))
+            if bool(torch.isfinite(d).all()) and self._inverse_diagonal_checks(d):
+                return d.to(self.op.dtype)
+        return self._inverse_diagonal_by_solves()
+
+    def _inverse_diagonal_checks(self, d: Tensor) -> bool:
+        """Whether the sweep's ``d`` agrees with refined solves at :data:`INVERSE_DIAGONAL_PROBES` random
+        entries of each stage (and at its largest entry) to :data:`INVERSE_DIAGONAL_TOL` ``max|d|``."""
+        g = torch.Generator(device="cpu").manual_seed(0)
+        idx, start = [int(d.abs().argmax())], 0
+        for size in self._sweep_op._sizes:
+            if size:
+                k = min(size, INVERSE_DIAGONAL_PROBES)
+                idx += (start + torch.randperm(size, generator=g)[:k]).tolist()
+            start += size
+        idx = sorted(set(idx))
+        E = torch.zeros(d.shape[0], len(idx), dtype=torch.float64)
+        cols = torch.arange(len(idx))
+        E[idx, cols] = 1.0
+        X, info = self._solve64(E.to(self.op.device), max_refine=5)
+        if not info.residual <= math.sqrt(torch.finfo(torch.float64).eps):
+            return False
+        exact = X[idx, cols].to(d)
+        scale = max(float(d.abs().max()), float(exact.abs().max()), torch.finfo(torch.float64).tiny)
+        return float((d[idx] - exact).abs().max()) <= INVERSE_DIAGONAL_TOL * scale
 
     def _dense_inverse_cheaper(self) -> bool:
         """Whether forming ``H`` and inverting it densely (``n^3`` flops after the products,
@@ -1875,9 +1922,19 @@ class Factorization:
         warns as :meth:`solve` does where its residual is poor)."""
         n = self.op.shape[0]
         if n <= (DENSE_FALLBACK_N if dense_limit is None else dense_limit):
-            inv, info = torch.linalg.inv_ex(self._dense_matrix())
-            if int(info) == 0 and bool(torch.isfinite(inv).all()):
-                return inv.diagonal().to(self.op.dtype)
+            A = self._dense_matrix()
+            inv, info = torch.linalg.inv_ex(A)
+            # LU rarely meets an exact zero pivot: singular to working precision where cond_1 >= 1 / u
+            cond = float(torch.linalg.matrix_norm(A, 1) * torch.linalg.matrix_norm(inv, 1))
+            u = torch.finfo(torch.float64).eps
+            if int(info) != 0 or not math.isfinite(cond) or cond * u >= 1:
+                raise SingularError(
+                    f"inverse_diagonal at damping {self._damping_text()}: H + eps I is singular to working "
+                    f"precision (1-norm condition number {cond:.2e}, 1 / u = {1 / u:.2e}); choose another "
+                    "damping (eps > -H.min_eigenvalue() for a positive definite H + eps I)",
+                    damping=self.damping if isinstance(self.damping, float) else None,
+                )
+            return inv.diagonal().to(self.op.dtype)
         out = torch.empty(n, dtype=self.op.dtype, device=self.op.device)
         for j in range(0, n, 256):
             k = min(256, n - j)

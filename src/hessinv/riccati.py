@@ -834,11 +834,14 @@ def check_dense_memory(
         )
 
 
-def check_memory(blocks: list[Blocks], names: list[str], dtype: torch.dtype, device: torch.device) -> None:
+def check_memory(
+    blocks: list[Blocks], names: list[str], dtype: torch.dtype, device: torch.device, diagonal: bool = False
+) -> None:
     """Raise :class:`TooLargeError` before a sweep whose dense blocks would not fit in the memory still
     available on the device (:func:`_memory_bytes`; an ``a x a`` matrix per stage, ``a`` = examples x the
     stage's input width, and the transients beside them: :data:`PEAK_FACTOR`), naming the number of
-    examples that fits."""
+    examples that fits. ``diagonal``: for :func:`curvature_diagonal`'s sweep (no pivot, no factor kept:
+    ``a_out^2 + p a_out + a_in^2`` per stage)."""
     item = torch.empty(0, dtype=dtype).element_size()
     model, L = blocks[:-1], len(blocks) - 1
     first = _first_with_parameters(model)
@@ -847,6 +850,10 @@ def check_memory(blocks: list[Blocks], names: list[str], dtype: torch.dtype, dev
         """At stage j: its transients, and the factors the stages after it keep."""
         if j < first:
             return 0
+        if diagonal:
+            blk = model[j]
+            a_in, a_out = (0 if j == first else batch * blk.d_in), batch * blk.d_out
+            return int(PEAK_FACTOR * (a_out * a_out + blk.p * a_out + a_in * a_in) * item)
         kept = sum(_kept_entries(model[k], batch, k == first) for k in range(j + 1, L) if model[k].p)
         held = KEPT_FACTOR * kept
         return int((PEAK_FACTOR * _sweep_entries(model[j], batch, j == first, j == L - 1) + held) * item)
@@ -869,7 +876,7 @@ def check_memory(blocks: list[Blocks], names: list[str], dtype: torch.dtype, dev
         q = blk.pivot_order(blk.batch)
         big = (
             f"a {q} x {q} pivot"
-            if q > blk.batch * d
+            if q > blk.batch * d and not diagonal
             else f"{blk.p} parameters against a = {blk.batch} examples x {d} activations = {blk.batch * d}: "
             "p x a and a x a blocks"
         )
@@ -1008,6 +1015,32 @@ def _forward_map(blk: Blocks, t: Tensor | None, v: Tensor | None, k: int) -> Ten
     return out.reshape(-1, k)
 
 
+def _check_inverse_diagonal_memory(blocks: list[Blocks], first: int, last: int, like: Tensor) -> None:
+    """:class:`TooLargeError` before a forward sweep of :func:`riccati_inverse_diagonal` whose transients
+    would not fit in the memory still available (the factors it reads are held already): at a stage,
+    ``K`` and ``K Y`` (``p x a_in`` each), ``Y`` and ``(Jz - Jx K) Y`` (``a_in^2``, ``a_out a_in``), the
+    next ``Y`` (``a_out^2``), and ``Qxx^{-1} Jx^T`` (``p x a_out``) or ``C`` (``p x p``)."""
+    item = like.element_size()
+
+    def need(l: int) -> int:
+        b = blocks[l]
+        a_in, a_out = (0 if l == first else b.batch * b.d_in), b.batch * b.d_out
+        wide = b.p * a_out if b.p > a_out else b.p * b.p
+        return PEAK_FACTOR * item * (2 * b.p * a_in + a_in * a_in + 2 * a_out * a_in + a_out * a_out + wide)
+
+    worst = max(range(first, last + 1), key=need, default=first)
+    if need(worst) * 64 <= _capacity_bytes(like.device):
+        return
+    total = _memory_bytes(like.device)
+    if total is not None and need(worst) > total:
+        b = blocks[worst]
+        raise TooLargeError(
+            f"inverse_diagonal: the forward sweep would need about {need(worst) / 2**30:.3g} GiB at stage "
+            f"{worst} ({b.p} parameters, a = {b.batch} examples x {b.d_in} inputs); {total / 2**30:.3g} GiB "
+            "is available. Take the curvature on fewer examples"
+        )
+
+
 @_sweep
 def riccati_inverse_diagonal(blocks: list[Blocks], factors: list[StageFactor | None]) -> list[Tensor]:
     """``diag((H + eps I)^{-1})`` per stage (model order), from the factors of the backward sweep by one
@@ -1029,6 +1062,7 @@ def riccati_inverse_diagonal(blocks: list[Blocks], factors: list[StageFactor | N
     first = _first_with_parameters(blocks)
     last = max((l for l, f in enumerate(factors) if f is not None), default=-1)
     like = next(f.Qxz for f in factors if f is not None)
+    _check_inverse_diagonal_memory(blocks, first, last, like)
     out = [like.new_zeros(b.p) for b in blocks]
     Y: Tensor | None = None  # Cov(y_{l-1}), (a_in, a_in); None: zero (the data at the first stage)
     for l in range(first, last + 1):

@@ -116,12 +116,21 @@ class DenseBlocks(Blocks):
         Qxz = torch.einsum("nop,noi->pni", SJx.reshape(B, o, self.p), self.Jz)
         if self.Hxz is not None:
             Qxz = Qxz + self.Hxz.transpose(0, 1)
-        Qzz = None
-        if coupled:
-            Qzz = sandwich_blockdiag(self.Jz, Sigma)
-            if self.Hzz is not None:
-                Qzz = add_blockdiag(Qzz, self.Hzz)
-        return RiccatiBlocks(Qxx0, Qxz, Qzz)
+        return RiccatiBlocks(Qxx0, Qxz, self._qzz(Sigma))
+
+    def _qzz(self, Sigma: Tensor) -> Tensor:
+        """``Qzz = Hzz + Jz^T Sigma Jz``."""
+        Qzz = sandwich_blockdiag(self.Jz, Sigma)
+        return Qzz if self.Hzz is None else add_blockdiag(Qzz, self.Hzz)
+
+    def curvature_diagonal(self, Sigma: Tensor, coupled: bool = True) -> tuple[Tensor, Tensor | None]:
+        """:meth:`Blocks.curvature_diagonal` without the ``p x p`` block: ``diag(Hxx) + colsum(Jx * (Sigma
+        Jx))``."""
+        JxF = self.Jx.reshape(self.batch * self.d_out, self.p)
+        diag = (JxF * (Sigma.reshape(JxF.shape[0], JxF.shape[0]) @ JxF)).sum(0)
+        if self.Hxx is not None:
+            diag = diag + self.Hxx.diagonal()
+        return diag, (self._qzz(Sigma) if coupled else None)
 
 
 def _without_zero_blocks(blk: DenseBlocks) -> DenseBlocks:
@@ -1160,6 +1169,9 @@ class LazyBlocks(Blocks):
 
     def riccati(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
         return self.dense.riccati(Sigma, coupled)
+
+    def curvature_diagonal(self, Sigma: Tensor, coupled: bool = True) -> tuple[Tensor, Tensor | None]:
+        return self.dense.curvature_diagonal(Sigma, coupled)
 
 
 class ReshapeStage(Stage):
