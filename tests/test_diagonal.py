@@ -240,7 +240,8 @@ def test_inverse_diagonal_of_a_singular_matrix_is_refused():
 def test_inverse_diagonal_inside_the_spectrum_is_checked_against_refined_solves():
     """An indefinite shift next to a middle eigenvalue (cond 1e4-1e6): the unrefined forward sweep lost
     up to 4e4x more than cond u (3.7e-9 at cond 1e4, 4.3e-6 at 1e6: a review); its result is checked at a
-    few entries per stage and replaced where it does not hold, so the error stays at cond u."""
+    few entries per stage and replaced where it does not hold to ``tol`` (default 1e-8 of the largest
+    entry; ``tol=1e-12`` asks for cond u)."""
     torch.manual_seed(3)
     m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     with torch.no_grad():
@@ -255,8 +256,13 @@ def test_inverse_diagonal_inside_the_spectrum_is_checked_against_refined_solves(
         eps = -float(ev[k]) + dist * top
         ref = (V**2 / (ev + eps)).sum(1)
         cond = float((ev + eps).abs().max() / (ev + eps).abs().min())
-        err = float((H.factor(eps).inverse_diagonal() - ref).abs().max() / ref.abs().max())
+        F = H.factor(eps)
+        err = float((F.inverse_diagonal(tol=1e-12) - ref).abs().max() / ref.abs().max())
         assert err <= 100 * cond * torch.finfo(torch.float64).eps, (dist, err, cond)
+        err = float((F.inverse_diagonal() - ref).abs().max() / ref.abs().max())
+        assert err <= 1e-8, (dist, err, cond)
+    with pytest.raises(hessinv.InvalidArgumentError, match="tol"):
+        F.inverse_diagonal(tol=0.0)
 
 
 def test_gauss_newton_diagonal_of_a_large_lookup_table_takes_the_root():

@@ -174,12 +174,8 @@ def _integer(x: object) -> int | None:
 
 
 #: :meth:`Factorization.inverse_diagonal` checks the forward sweep at this many random entries per stage
-#: against refined solves ...
+#: against refined solves
 INVERSE_DIAGONAL_PROBES = 4
-#: ... and takes it where they agree to this, relative to its largest entry (positive definite systems:
-#: 1e-14; an indefinite shift inside a tanh net's spectrum at cond 1e4: 3.7e-9, where the dense inverse
-#: and refined solves give 5e-13)
-INVERSE_DIAGONAL_TOL = 1e-10
 
 #: The dense route (:meth:`CurvatureOperator._swept`) is taken up to this many parameters (``n^2`` numbers)
 DENSE_ROUTE_MAX_N = 6144
@@ -1839,7 +1835,7 @@ class Factorization:
                 "H + eps I; factor without modify"
             )
 
-    def inverse_diagonal(self) -> Tensor:
+    def inverse_diagonal(self, tol: float = 1e-8) -> Tensor:
         """``diag((H + eps I)^{-1})`` (n,), by one forward sweep over the factors (selected inversion,
         :func:`~hessinv.riccati.riccati_inverse_diagonal`): about two factorizations' cost (more on stages
         wider than ``B d``: docs/applications.md), where ``n`` solves with the identity's columns cost
@@ -1848,16 +1844,18 @@ class Factorization:
         :meth:`hessinv.laplace.Laplace.posterior_variance`); ``[(H + eps I)^{-1}]_qq`` is also what Optimal
         Brain Surgeon's saliency ``w_q^2 / (2 [H^{-1}]_qq)`` divides by.
 
-        The sweep is not refined, and at an indefinite shift inside the spectrum it can lose digits beyond
-        ``cond u``: its result is checked at a few entries per stage (:data:`INVERSE_DIAGONAL_PROBES`)
-        against refined solves with those columns of the identity, and taken where it agrees to
-        :data:`INVERSE_DIAGONAL_TOL` of the largest entry. Elsewhere -- a perturbed pivot, a failed check --
-        it comes from the dense float64 inverse (``n <=`` :data:`DENSE_FALLBACK_N`, or where that is
-        cheaper than the sweep) or from refined solves with all ``n`` columns of the identity (``n / 256``
-        batched solves: minutes for a large model). Below float64 (a float32 operator,
-        ``precision="mixed"``) from the float64 twin's factorization. :class:`SingularError` where ``H +
-        eps I`` is singular to working precision; refused for a modified (``modify="abs"``) or Woodbury
-        factorization.
+        The sweep is not refined, and where pivots are ill-conditioned (an indefinite shift inside the
+        spectrum, a small damping on a wide stage) it loses digits beyond ``cond u``: its result is checked
+        at a few entries per stage (:data:`INVERSE_DIAGONAL_PROBES`, and its largest) against refined
+        solves with those columns of the identity, and taken where they agree to ``tol`` of its largest
+        entry (or ``100 u cond``, if larger; ``cond >= ||H + eps I|| max|d|``). Elsewhere -- a failed
+        check, a perturbed pivot -- it comes from the dense float64 inverse (``n <=``
+        :data:`DENSE_FALLBACK_N`, or where that is cheaper than the sweep) or from refined solves with all
+        ``n`` columns of the identity (``n / 256`` batched solves: minutes for a large model; a review's
+        wide first layer at damping 1e-2: 23 s against 0.015 s for a sweep good to 6e-10, kept by the
+        default ``tol``). Below float64 (a float32 operator, ``precision="mixed"``) from the float64
+        twin's factorization. :class:`SingularError` where ``H + eps I`` is singular to working precision;
+        refused for a modified (``modify="abs"``) or Woodbury factorization.
 
         >>> import torch, hessinv
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
@@ -1868,20 +1866,22 @@ class Factorization:
         >>> torch.allclose(F.inverse_diagonal(), torch.linalg.inv(A).diagonal())
         True
         """
+        tol = _check_tol(tol, "tol", relative=True)
         self._riccati_only("inverse_diagonal")
         if self._twin_only or self._sweep_dtype != torch.float64:
-            return self._float64().inverse_diagonal().to(self.op.dtype)
+            return self._float64().inverse_diagonal(tol).to(self.op.dtype)
         if self._dense_inverse_cheaper():
             return self._inverse_diagonal_by_solves(DENSE_ROUTE_MAX_N)
         if not self.perturbed:
             d = torch.cat(riccati_inverse_diagonal(self._sweep_op.blocks, self.factors))
-            if bool(torch.isfinite(d).all()) and self._inverse_diagonal_checks(d):
+            if bool(torch.isfinite(d).all()) and self._inverse_diagonal_checks(d, tol):
                 return d.to(self.op.dtype)
         return self._inverse_diagonal_by_solves()
 
-    def _inverse_diagonal_checks(self, d: Tensor) -> bool:
+    def _inverse_diagonal_checks(self, d: Tensor, tol: float) -> bool:
         """Whether the sweep's ``d`` agrees with refined solves at :data:`INVERSE_DIAGONAL_PROBES` random
-        entries of each stage (and at its largest entry) to :data:`INVERSE_DIAGONAL_TOL` ``max|d|``."""
+        entries of each stage (and at its largest entry) to ``max|d|`` times ``tol`` or ``100 u cond`` (a
+        lower estimate of the condition number: ``||H + eps I|| max|d|``), whichever is larger."""
         g = torch.Generator(device="cpu").manual_seed(0)
         idx, start = [int(d.abs().argmax())], 0
         for size in self._sweep_op._sizes:
@@ -1897,8 +1897,11 @@ class Factorization:
         if not info.residual <= math.sqrt(torch.finfo(torch.float64).eps):
             return False
         exact = X[idx, cols].to(d)
-        scale = max(float(d.abs().max()), float(exact.abs().max()), torch.finfo(torch.float64).tiny)
-        return float((d[idx] - exact).abs().max()) <= INVERSE_DIAGONAL_TOL * scale
+        top = max(float(d.abs().max()), float(exact.abs().max()), torch.finfo(torch.float64).tiny)
+        # what working precision allows: 100 u cond, cond >= ||H + eps I|| max_i |[(H + eps I)^{-1}]_ii|
+        cond = (self.op.norm_estimate() + abs(self.damping)) * top
+        tol = max(tol, 100 * torch.finfo(torch.float64).eps * cond)
+        return float((d[idx] - exact).abs().max()) <= tol * top
 
     def _dense_inverse_cheaper(self) -> bool:
         """Whether forming ``H`` and inverting it densely (``n^3`` flops after the products,
