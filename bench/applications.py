@@ -308,9 +308,20 @@ def bench_laplace(quick: bool) -> dict:
     return rec
 
 
+def _laplace_torch_fitted(net: nn.Module, structure: str, delta: float, loader):
+    """laplace-torch's Laplace approximation of the whole classification network, fitted."""
+    from laplace import Laplace as LT
+
+    la = LT(
+        net, "classification", subset_of_weights="all", hessian_structure=structure, prior_precision=delta
+    )
+    la.fit(loader)
+    return la
+
+
 def _laplace_torch(net, X, y, Xt, yt, delta0, lml_dense) -> dict:
     try:
-        from laplace import Laplace as LT
+        import laplace  # noqa: F401  (the optional dependency)
     except Exception as e:  # pragma: no cover - optional dependency
         return {"laplace_torch": {"skipped": repr(e)}}
     from torch.utils.data import DataLoader, TensorDataset
@@ -321,14 +332,7 @@ def _laplace_torch(net, X, y, Xt, yt, delta0, lml_dense) -> dict:
         try:
 
             def fit(structure=structure):
-                la = LT(
-                    net,
-                    "classification",
-                    subset_of_weights="all",
-                    hessian_structure=structure,
-                    prior_precision=delta0,
-                )
-                la.fit(loader)
+                la = _laplace_torch_fitted(net, structure, delta0, loader)
                 return la, float(la.log_marginal_likelihood())
 
             (la, lml), t, c = timed(fit)
@@ -598,7 +602,7 @@ def _inverse_diagonal_case(net: nn.Module, X, y, quick: bool) -> dict:
         + (f", dense {rec['dense_inverse']['wall_s']:.2f}s" if n <= 5000 else "")
     )
     try:
-        from laplace import Laplace as LT
+        import laplace  # noqa: F401  (the optional dependency)
     except Exception as e:  # pragma: no cover - optional dependency
         rec["laplace_torch"] = {"skipped": repr(e)}
         return rec
@@ -607,14 +611,7 @@ def _inverse_diagonal_case(net: nn.Module, X, y, quick: bool) -> dict:
     for structure in ("kron", "diag") if n > 5000 else ("full", "kron", "diag"):  # (full: n x n)
 
         def fit(structure=structure):
-            la = LT(
-                net,
-                "classification",
-                subset_of_weights="all",
-                hessian_structure=structure,
-                prior_precision=delta,
-            )
-            la.fit(DataLoader(TensorDataset(X, y), batch_size=100))
+            la = _laplace_torch_fitted(net, structure, delta, DataLoader(TensorDataset(X, y), batch_size=100))
             if structure == "full":
                 return la.posterior_covariance.diagonal()
             if structure == "kron":  # (its posterior precision's eigendecomposition, raised to -1)

@@ -229,3 +229,15 @@ def attainable_residual(A: Tensor, x: Tensor, b: Tensor, tol: float = 1e-12) -> 
     X, Bm = (x[:, None], b[:, None]) if x.dim() == 1 else (x, b)
     ratio = float((X.double().norm(dim=0) / Bm.double().norm(dim=0)).max())
     return max(tol, 32 * u * float(torch.linalg.matrix_norm(A.double(), 2)) * ratio)
+
+
+def zero_linear_problem() -> tuple[nn.Module, Tensor, Tensor]:
+    """A zero-initialized two-layer linear net (3 -> 3 -> 3, no biases) with MSE targets on 16 examples:
+    ``H = [[0, C], [C^T, 0]]`` at the origin, nonsingular (cond ~5), whose last Riccati pivot is exactly
+    zero at eps = 0 (the sweep must perturb it)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False)).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+    return m, torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import autograd_gauss_newton, autograd_gradient_hessian
+from reference import autograd_gauss_newton, autograd_gradient_hessian, zero_linear_problem
 from torch import nn
 
 import hessinv
@@ -134,12 +134,7 @@ def test_inverse_diagonal_of_perturbed_pivots_falls_back_exactly(monkeypatch):
     limit from refined solves."""
     from hessinv import curvature
 
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False)).double()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.zero_()
-    X, Y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    m, X, Y = zero_linear_problem()
     H = hessinv.hessian(m, nn.MSELoss(), X, Y)
     _, A = autograd_gradient_hessian(m, nn.MSELoss(), X, Y)
     inv = torch.linalg.inv(A)  # H = [[0, C], [C^T, 0]]: its inverse's diagonal is zero

@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import autograd_gradient_hessian, chains, dense_gradient_hessian
+from reference import autograd_gradient_hessian, chains, dense_gradient_hessian, zero_linear_problem
 from torch import nn
 
 import hessinv
@@ -146,12 +146,7 @@ def test_zero_pivot_of_a_nonsingular_hessian_is_solved():
     """A zero-initialized linear net: the last stage's pivot is exactly zero at eps = 0 (no scale of its
     own to perturb by), while H = [[0, C], [C^T, 0]] is nonsingular (cond ~5). It was refused with a
     NonFiniteError; the perturbation takes the blocks downstream's scale and refinement solves it."""
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False)).double()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.zero_()
-    X, Y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    m, X, Y = zero_linear_problem()
     H = hessinv.hessian(m, nn.MSELoss(), X, Y)
     _, Hd = autograd_gradient_hessian(m, nn.MSELoss(), X, Y)
     ev = torch.linalg.eigvalsh(Hd)
