@@ -333,7 +333,7 @@ class Pivot:
 
     def inverse_diagonal(self) -> Tensor:
         """``diag(Qxx^{-1})`` (p,): the column norms of ``L^{-1}`` (Cholesky), or ``w_i^T D^{-1} w_i``
-        with ``w_i = L^{-1} P^T e_i`` (``LDL^T``); ``p^3 / 3`` flops."""
+        with ``w_i = L^{-1} P^T e_i`` (``LDL^T``): a triangular solve with the identity, ``p^3`` flops."""
         eye = torch.eye(self.p, dtype=self.L.dtype, device=self.L.device)
         if self.cholesky:
             return linalg.solve_triangular(self.L, eye, upper=False).square().sum(0)
