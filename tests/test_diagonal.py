@@ -144,7 +144,7 @@ def test_inverse_diagonal_of_perturbed_pivots_falls_back_exactly(monkeypatch):
     F = H.factor(0.0)
     assert F.perturbed
     assert float(F.inverse_diagonal().abs().max()) <= 1e-12 * scale
-    monkeypatch.setattr(curvature, "DENSE_FALLBACK_N", 4)
+    monkeypatch.setattr(curvature, "DENSE_ROUTE_MAX_N", 4)
     F = H.factor(0.0)
     assert float(F.inverse_diagonal().abs().max()) <= 1e-12 * scale
     # at eps = 1e-3 the diagonal is not zero: entry by entry

@@ -47,6 +47,7 @@ from hessinv.lowrank import WoodburyFactor, gauss_newton_root
 from hessinv.riccati import (
     Inertia,
     Pivot,
+    _first_with_parameters,
     check_dense_memory,
     check_memory,
     curvature_diagonal,
@@ -160,6 +161,13 @@ def _check_tol(tol: float, name: str = "tol", allow_zero: bool = False, relative
     if t < 0 or (t == 0 and not allow_zero) or (relative and t >= 1):
         raise InvalidArgumentError(f"{name} must be {need}, got {tol!r}")
     return t
+
+
+def _identity_columns(n: int, rows: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The columns ``e_i`` of the ``n x n`` identity for ``i`` in ``rows``, as an (n, len(rows)) matrix."""
+    E = torch.zeros(n, len(rows), dtype=dtype, device=device)
+    E[torch.as_tensor(rows, device=device), torch.arange(len(rows), device=device)] = 1
+    return E
 
 
 def _integer(x: object) -> int | None:
@@ -452,8 +460,7 @@ class CurvatureOperator:
         k = max(1, min(n, 2**24 // width))
         out = torch.empty(n, n, dtype=self.dtype, device=self.device)
         for j in range(0, n, k):  # (the identity one block of columns at a time)
-            cols = torch.zeros(n, min(k, n - j), dtype=self.dtype, device=self.device)
-            cols[torch.arange(j, j + cols.shape[1]), torch.arange(cols.shape[1])] = 1
+            cols = _identity_columns(n, range(j, min(j + k, n)), self.dtype, self.device)
             out[:, j : j + cols.shape[1]] = self._apply(cols)
         return out
 
@@ -1490,7 +1497,7 @@ class GaussNewton(CurvatureOperator):
         backward passes instead of the sweep's ``a x a`` blocks."""
         loss, n = self.blocks[-1], self.shape[0]
         r = loss.batch * loss.d_in
-        first = next((l for l, b in enumerate(self.blocks) if b.p), 0)  # (its input is data: no a x a)
+        first = _first_with_parameters(self.blocks)  # (its input is data: no a x a)
         sweep = sum(float(b.batch * b.d_in) ** 2 * b.d_out for b in self.blocks[first + 1 : -1])
         # a generic stage (an Embedding's table, a convolution) forms its dense per-example blocks first:
         # p + d_in backward passes, a (B d_out) x p Jacobian and a p x p Hxx
@@ -1872,12 +1879,12 @@ class Factorization:
         if self._twin_only or self._sweep_dtype != torch.float64:
             return self._float64().inverse_diagonal(tol).to(self.op.dtype)
         if self._dense_inverse_cheaper():
-            return self._inverse_diagonal_by_solves(DENSE_ROUTE_MAX_N)
+            return self._inverse_diagonal_by_solves()
         if not self.perturbed:
             d = torch.cat(riccati_inverse_diagonal(self._sweep_op.blocks, self.factors))
             if bool(torch.isfinite(d).all()) and self._inverse_diagonal_checks(d, tol):
                 return d.to(self.op.dtype)
-        return self._inverse_diagonal_by_solves(DENSE_ROUTE_MAX_N)
+        return self._inverse_diagonal_by_solves()
 
     def _inverse_diagonal_checks(self, d: Tensor, tol: float) -> bool:
         """Whether the sweep's ``d`` agrees with solves at :data:`INVERSE_DIAGONAL_PROBES` random entries of
@@ -1899,9 +1906,8 @@ class Factorization:
                 idx += (start + torch.randperm(size, generator=g)[:k]).tolist()
             start += size
         idx = sorted(set(idx))
-        E = torch.zeros(d.shape[0], len(idx), dtype=torch.float64, device=self.op.device)
+        E = _identity_columns(d.shape[0], idx, torch.float64, self.op.device)
         cols = torch.arange(len(idx))
-        E[idx, cols] = 1.0
         X = self._raw(E)
         for _ in range(3):  # refinement with float64 residuals
             X = X + self._raw(E - self._apply64(X))
@@ -1941,12 +1947,12 @@ class Factorization:
         )
         return 2 * chain > dense + float(n) ** 3
 
-    def _inverse_diagonal_by_solves(self, dense_limit: int | None = None) -> Tensor:
-        """:meth:`inverse_diagonal` from the dense float64 inverse (``n <= dense_limit``, by default
-        :data:`DENSE_FALLBACK_N`) or from refined solves with the identity's columns, 256 at a time (each
-        warns as :meth:`solve` does where its residual is poor)."""
+    def _inverse_diagonal_by_solves(self) -> Tensor:
+        """:meth:`inverse_diagonal` from the dense float64 inverse (``n <=`` :data:`DENSE_ROUTE_MAX_N`) or
+        from refined solves with the identity's columns, 256 at a time (each warns as :meth:`solve` does
+        where its residual is poor)."""
         n = self.op.shape[0]
-        if n <= (DENSE_FALLBACK_N if dense_limit is None else dense_limit):
+        if n <= DENSE_ROUTE_MAX_N:
             A = self._dense_matrix()
             inv, info = torch.linalg.inv_ex(A)
             # LU rarely meets an exact zero pivot: singular to working precision where cond_1 >= 1 / u
@@ -1963,8 +1969,7 @@ class Factorization:
         out = torch.empty(n, dtype=self.op.dtype, device=self.op.device)
         for j in range(0, n, 256):
             k = min(256, n - j)
-            E = torch.zeros(n, k, dtype=self.op.dtype, device=self.op.device)
-            E[torch.arange(j, j + k), torch.arange(k)] = 1.0
+            E = _identity_columns(n, range(j, j + k), self.op.dtype, self.op.device)
             out[j : j + k] = self.solve(E)[torch.arange(j, j + k), torch.arange(k)]
         return out
 
