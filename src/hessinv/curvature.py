@@ -16,6 +16,7 @@ Riccati factorization of :mod:`hessinv.riccati`; no dense ``n x n`` matrix is fo
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import numbers
 import operator
@@ -302,6 +303,8 @@ class CurvatureOperator:
         # their place: a forward may rebind one, self.last = x.detach()); frozen parameters, fingerprinted
         # (a backbone may be large: one changed since is refused); the hooks and traced attributes, checked
         self._held_point: list[tuple[Tensor, Tensor]] = []
+        self._plain_point: list[tuple[int, str, str, Any]] = []
+        self._loss_point: LossFn | None = None
         self._frozen_point: list[tuple[Tensor, tuple]] = []
         self._attr_point: list[tuple[int, str, str, Tensor]] = []
         if self._point is not None:
@@ -318,6 +321,10 @@ class CurvatureOperator:
                 for k, v in vars(m).items()
                 if isinstance(v, Tensor)
             ]
+            # and the modules' plain settings (a training flag, Softplus's beta, a list of scales) and the
+            # loss (class weights, label smoothing) as they are now: the copy is made later
+            self._plain_point = _plain_settings(mods)
+            self._loss_point = _loss_snapshot(loss_fn)
         self._model_key = self.chain.model_key()
         self.blocks, self._sizes = lin.blocks, lin.sizes + [0]
         self.gradient: Tensor = lin.gradient
@@ -1327,6 +1334,8 @@ class CurvatureOperator:
             tops = [model] if isinstance(model, nn.Module) else list(model)
             for i, name, k, saved in self._attr_point:  # plain tensor attributes as they were
                 setattr(tops[i].get_submodule(name), k, saved.clone())
+            for i, name, k, saved in self._plain_point:  # and plain settings
+                setattr(tops[i].get_submodule(name), k, copy.deepcopy(saved))
         model = model.to(dtype) if isinstance(model, nn.Module) else [m.to(dtype) for m in model]
         for top in [model] if isinstance(model, nn.Module) else model:
             for m in top.modules():  # plain floating tensor attributes too (Module.to leaves them)
@@ -1338,7 +1347,8 @@ class CurvatureOperator:
         try:
             with warnings.catch_warnings():  # (said once already, by this operator's own construction)
                 warnings.filterwarnings("ignore", message=".*Gauss-Newton matrix is zero")
-                return type(self)(model, loss_in_dtype(self.loss_fn, dtype), inputs, targets)
+                loss_fn = self.loss_fn if self._loss_point is None else self._loss_point
+                return type(self)(model, loss_in_dtype(loss_fn, dtype), inputs, targets)
         except HessinvError as e:
             # (a cast in forward -- x.float(), a no-op in the model's own dtype -- is refused in the copy:
             # a float64 model would be refused too, so the remedy is to remove the cast)
@@ -2517,6 +2527,47 @@ class MixedFactorization(Factorization):
 
     def inverse_sqrt(self, Z: Tensor) -> Tensor:
         return super().inverse_sqrt(Z) if self._low is None else self._float64().inverse_sqrt(Z)
+
+
+# nn.Module's own bookkeeping (parameters, buffers, submodules, hooks: kept or checked elsewhere)
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+_PLAIN_SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+def _is_plain(v: Any, depth: int = 0) -> bool:
+    """A value made of numbers, strings, dtypes and (small, shallow) containers of them."""
+    if isinstance(v, _PLAIN_SCALARS):
+        return True
+    if depth < 4 and isinstance(v, (tuple, list, set, frozenset)) and len(v) <= 256:
+        return all(_is_plain(x, depth + 1) for x in v)
+    if depth < 4 and isinstance(v, dict) and len(v) <= 256:
+        return all(_is_plain(k, depth + 1) and _is_plain(x, depth + 1) for k, x in v.items())
+    return False
+
+
+def _plain_settings(mods: Sequence[nn.Module]) -> list[tuple[int, str, str, Any]]:
+    """Every module's plain settings (:func:`_is_plain` values of its ``__dict__``: ``training``, a
+    Softplus's ``beta``, a list of scales), copied: what a float32 operator's float64 copy of the model,
+    made when first needed, is set back to (a forward may read them untraced, in a stage called whole)."""
+    return [
+        (i, name, k, copy.deepcopy(v))
+        for i, top in enumerate(mods)
+        for name, m in top.named_modules()
+        for k, v in vars(m).items()
+        if k not in _MODULE_INTERNALS and not isinstance(v, (Tensor, nn.Module)) and _is_plain(v)
+    ]
+
+
+def _loss_snapshot(loss_fn: LossFn) -> LossFn | None:
+    """A copy of a loss module or ``functools.partial`` (its class weights, label smoothing, reduction as
+    they are now), for a float32 operator's float64 copy made later; None for a plain function (nothing
+    to change) or a loss that cannot be copied (the live one is used then)."""
+    if not isinstance(loss_fn, (nn.Module, functools.partial)):
+        return None
+    try:
+        return copy.deepcopy(loss_fn)
+    except Exception:  # (an object deepcopy cannot copy: a lock, a generator, a file)
+        return None
 
 
 def _fingerprint(t: Tensor) -> tuple:
