@@ -448,7 +448,8 @@ def test_a_float32_operator_s_float64_copy_keeps_the_settings_and_loss_of_its_po
     loss = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]))
     H = hessinv.hessian(m, loss, X, y)
     copy = __import__("copy")
-    g_ref, H_ref = autograd_gradient_hessian(copy.deepcopy(m).double(), copy.deepcopy(loss).double(), X.double(), y)
+    m64, loss64 = copy.deepcopy(m).double(), copy.deepcopy(loss).double()
+    g_ref, H_ref = autograd_gradient_hessian(m64, loss64, X.double(), y)
     if change == "beta":
         mid.beta = 4.0
     elif change == "training":
