@@ -713,7 +713,9 @@ def test_spectrum_reports_zero_negative_eigenvalues_of_a_gauss_newton_matrix(tmp
     out = tmp_path / "spec"
     args = ["--data", "regression", "--curvature", "gauss-newton", "--out", str(out)]
     assert main([*SPECTRUM, *args]) == 0
-    assert ": 0 eigenvalues < 0" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert ": 0 eigenvalues < 0" in printed
+    assert "log|det(G + 0.001 I)|" in printed  # (it said H, a review)
     rec = json.loads((out / "spectrum.json").read_text())
     assert rec["eigenvalues_below_zero"] == 0 and rec["zero_tolerance"] > 0
     edges, counts = rec["edges"], rec["counts"]

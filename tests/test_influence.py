@@ -397,3 +397,65 @@ def test_a_summed_loss_on_a_curvature_batch_estimates_the_training_sets_hessian(
     few = InfluenceFunction(net, lf, "gauss_newton", lam).fit(X[:5], y[:5], X, y)
     whole = InfluenceFunction(net, lf, "gauss_newton", lam).fit(X, y)
     torch.testing.assert_close(few.self_influence(), whole.self_influence()[:5])
+
+
+def test_a_shuffling_loader_is_refused_and_numpy_training_sets_are_named():
+    """``fit(loader)`` with ``shuffle=True`` joined the batches in the loader's random order: column i of
+    the scores was not example i (2.5 off on scores of 1.5), silently; numpy arrays to ``fit(X, y)`` got
+    "pass either fit(X, y) or fit(loader)", which is what the user did (a review)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(24, 4, dtype=torch.float64), torch.randint(0, 3, (24,))
+    inf = InfluenceFunction(m, nn.CrossEntropyLoss(), damping=0.1)
+    with pytest.raises(hessinv.InvalidArgumentError, match="shuffle=False"):
+        inf.fit(DataLoader(TensorDataset(X, y), batch_size=5, shuffle=True))
+    ordered = inf.fit(DataLoader(TensorDataset(X, y), batch_size=5)).self_influence()
+    torch.testing.assert_close(
+        ordered, InfluenceFunction(m, nn.CrossEntropyLoss(), damping=0.1).fit(X, y).self_influence()
+    )
+    for bad in (X.numpy(), X.tolist()):
+        with pytest.raises(hessinv.InvalidArgumentError, match="torch.as_tensor"):
+            inf.fit(bad, y.numpy())
+
+
+def test_a_summed_loss_whose_first_examples_are_fitted_exactly_keeps_its_weight():
+    """A summed loss passed as a function is told from a mean by its value on two examples taken twice;
+    where those had a zero loss (fitted exactly) it could not tell and the curvature batch's weight N / B
+    fell back to 1: scores 183% off (a review). The outputs are now moved off the fit for that test."""
+    torch.manual_seed(0)
+    N, B = 40, 10
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    X = torch.randn(N, 3, dtype=torch.float64)
+    with torch.no_grad():
+        y = net(X)
+    y[B:] += 0.3 * torch.randn(N - B, 2, dtype=torch.float64)  # the curvature batch X[:B] is fitted exactly
+
+    def summed(o, t):
+        return ((o - t) ** 2).sum()
+
+    assert sums_examples(summed, net(X[:2]).detach(), y[:2]) is True
+    got = InfluenceFunction(net, summed, "gauss_newton", 1.0).fit(X[B:], y[B:], X[:B], y[:B])
+    want = InfluenceFunction(net, nn.MSELoss(reduction="sum"), "gauss_newton", 1.0).fit(
+        X[B:], y[B:], X[:B], y[:B]
+    )
+    torch.testing.assert_close(got.self_influence(), want.self_influence())
+
+
+def test_per_example_gradients_of_a_loss_vmap_cannot_batch():
+    """A loss that reads ``.item()`` (or branches on a value) made ``vmap`` raise a raw RuntimeError from
+    ``Chain.per_example_gradients`` (influence's ``fit``) while ``hessian()`` took it (a review): its
+    output gradients are now taken one example at a time."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))
+
+    def loss(o, t):
+        ce = nn.functional.cross_entropy(o, t)
+        return ce * 2.0 if ce.item() > 1.0 else ce
+
+    want = autograd_per_example_gradients(m, loss, X, y)
+    got = hessinv.Chain(m, loss).per_example_gradients(X, y)
+    assert got is not None and torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(per_example_gradients(m, loss, X, y), want, rtol=1e-10, atol=1e-12)

@@ -661,3 +661,25 @@ def test_a_singular_posterior_precision_is_named_in_the_laplace_terms():
     la = Laplace(m, "classification", curvature="gauss_newton").fit(X, y)
     with pytest.raises(SingularError, match=r"prior precision delta = 1e-300.*larger prior precision"):
         la.log_marginal_likelihood(prior_precision=1e-300)
+
+
+def test_every_result_of_a_fit_refuses_a_model_trained_on_since():
+    """After training went on past ``fit``, ``la(X)`` said "fit it again" but the evidence, the prior
+    precision search, the posterior variances and the samples silently answered for the old fit (-48.2
+    against -1248.4 at the current parameters; a review)."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(30, 4, dtype=torch.float64), torch.randint(0, 3, (30,))
+    la = Laplace(net, "classification").fit(X, y)
+    la.log_marginal_likelihood(), la.posterior_variance(), la.sample(2)  # fine at the fitted point
+    with torch.no_grad():
+        net[0].weight.add_(0.1)
+    for call in (
+        la.log_marginal_likelihood,
+        la.optimize_prior_precision,
+        la.posterior_variance,
+        lambda: la.sample(2),
+        lambda: la(X[:2]),
+    ):
+        with pytest.raises(InvalidArgumentError, match="fit it again"):
+            call()

@@ -1106,6 +1106,13 @@ def check_real(x, what: str) -> float:
         raise InvalidArgumentError(f"{what} ({digits} digits) is beyond float64's range") from None
 
 
+def _loss_output_gradient(loss: Callable[[Tensor, Tensor], Tensor], o: Tensor, t: Tensor) -> Tensor:
+    """``d loss(o, t) / d o`` by plain autograd (one example's, where ``vmap`` cannot batch the loss)."""
+    with torch.enable_grad():
+        o = o.detach().requires_grad_(True)
+        return torch.autograd.grad(loss(o, t), o)[0]
+
+
 class Chain:
     """A model + loss seen as a chain of stages.
 
@@ -1918,7 +1925,12 @@ class Chain:
 
         if self.__dict__.get("_rows_refused"):  # (found another function once: the per-example route)
             return None
-        b0 = vmap(grad(own_loss))(out, self.prepare_targets(targets)).reshape(out.shape[0], -1)
+        t = self.prepare_targets(targets)
+        try:
+            b0 = vmap(grad(own_loss))(out, t)
+        except RuntimeError:  # a loss vmap cannot batch (``.item()``, a Python branch on a value): one by one
+            b0 = torch.stack([_loss_output_gradient(own_loss, out[i], t[i]) for i in range(out.shape[0])])
+        b0 = b0.reshape(out.shape[0], -1)
         first = [zs]  # check_batch's forward serves the first try; a try after a re-split runs its own
         rows = self._guarded(
             lambda: self._per_example_rows(first.pop() if first else self.forward(inputs), b0)

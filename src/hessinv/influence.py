@@ -292,15 +292,42 @@ def _check_model_inputs(inputs: Any, params: list[Tensor], what: str = "inputs")
         )
 
 
-def _collect(data: Tensor | Iterable, targets: Tensor | None) -> tuple[Tensor, Tensor]:
+def _shuffles(loader: Any) -> bool:
+    """Whether a ``torch.utils.data.DataLoader`` draws its examples in a random order (``shuffle=True``,
+    a random, subset-random or weighted sampler, a shuffling ``DistributedSampler``)."""
+    from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+
+    if not isinstance(loader, DataLoader):
+        return False
+    batch_sampler = loader.batch_sampler
+    for sampler in (loader.sampler, getattr(batch_sampler, "sampler", None)):
+        if isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)):
+            return True
+        if type(sampler).__name__ == "DistributedSampler" and getattr(sampler, "shuffle", False):
+            return True
+    return False
+
+
+def _collect(data: Tensor | Iterable, targets: Tensor | None, ordered: bool = False) -> tuple[Tensor, Tensor]:
     """``fit(X, y)`` or ``fit(loader)``: the inputs and targets as two tensors (a loader's batches
-    concatenated), with named errors for what cannot be."""
+    concatenated), with named errors for what cannot be. ``ordered``: the examples' order is the
+    caller's result (influence columns): a loader that shuffles is refused."""
     if isinstance(data, Tensor):
         if targets is None:
             raise InvalidArgumentError("fit(X, y): the targets are missing")
         return data, targets
     if targets is not None:
-        raise InvalidArgumentError("pass either fit(X, y) or fit(loader)")
+        if isinstance(data, (list, tuple)) or hasattr(data, "__array__"):
+            raise InvalidArgumentError(
+                f"fit(X, y): X must be a torch.Tensor, got {type(data).__name__}: "
+                "convert with torch.as_tensor"
+            )
+        raise InvalidArgumentError("pass either fit(X, y) with X and y tensors, or fit(loader)")
+    if ordered and _shuffles(data):
+        raise InvalidArgumentError(
+            "fit(loader): the loader shuffles (a random sampler), so the scores' columns would follow an "
+            "order nobody can recover; pass a DataLoader with shuffle=False (or fit(X, y))"
+        )
     try:
         batches = [(b[0], b[1]) for b in data]
     except (TypeError, KeyError, IndexError) as e:
@@ -384,7 +411,7 @@ class InfluenceFunction:
         set's own (no weight: a few examples scored against the whole set's curvature)."""
         if (curvature_inputs is None) != (curvature_targets is None):
             raise InvalidArgumentError("pass both curvature_inputs and curvature_targets, or neither")
-        inputs, targets = _collect(inputs, targets)
+        inputs, targets = _collect(inputs, targets, ordered=True)
         Xc, yc = (inputs, targets) if curvature_inputs is None else (curvature_inputs, curvature_targets)
         op = self.curvature_cls(self.model, self.loss_fn, Xc, yc)
         w = self._batch_weight(op, targets, yc, training_examples)

@@ -216,8 +216,11 @@ class Laplace:
         return self
 
     def _op(self) -> CurvatureOperator:
+        """The fitted operator, where the model is still at the fitted point: its evidence, posterior and
+        samples are the fit's, and a model trained on since would have them silently stale."""
         if self.operator is None:
             raise NotFittedError("call fit(X, y) first")
+        self.operator.chain.check_params(self.mean, "the Laplace approximation", self._buffers)
         return self.operator
 
     def _scale(self, sigma: float) -> float:
@@ -226,11 +229,12 @@ class Laplace:
 
     def _factor(self, delta: float, sigma: float) -> tuple[Factorization, float]:
         """The factorization of ``G + (delta / c) I`` (cached for the latest damping) and ``c``."""
+        op = self._op()
         c = self._scale(sigma)
         d = delta / c
         if self._cache is None or self._cache[0] != d:
             try:
-                self._cache = (d, self._op().factor(d))
+                self._cache = (d, op.factor(d))
             except InvalidArgumentError as e:  # (its message speaks of a damping the user never gave)
                 raise InvalidArgumentError(
                     f"the prior precision {delta:g} over c = {c:g} (c = 1 / (2 sigma_noise^2), regression) "
@@ -491,7 +495,7 @@ class Laplace:
         covariance for regression, ``n_samples >= 2``). Outputs of shape (N, C, T) (per position) are
         refused here.
         """
-        self._op().chain.check_params(self.mean, "the Laplace approximation", self._buffers)
+        self._op()  # (fitted, at the fitted point)
         if not isinstance(X, Tensor):
             raise InvalidArgumentError(f"X must be a torch.Tensor, got {type(X).__name__}")
         if X.device != self.mean.device or (X.is_floating_point() and X.dtype != self.mean.dtype):

@@ -140,7 +140,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--damping",
         type=_finite,
         default=1e-3,
-        help="eps of the reported log|det(H + eps I)| (default: 0.001)",
+        help="eps of the reported log|det(C + eps I)|, C the --curvature matrix (default: 0.001)",
     )
     s.add_argument(
         "--seed",
@@ -272,7 +272,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{title} (eigenvalues within {tol:.2g} of 0 count as zero)\n"
         f"range [{hist.edges[0]:.4g}, {hist.edges[-1]:.4g}), {args.bins} bins, "
-        f"log|det(H {'-' if args.damping < 0 else '+'} {abs(args.damping):g} I)| = {logdet:.6g} "
+        f"log|det({'H' if op.second_order else 'G'} {'-' if args.damping < 0 else '+'} "
+        f"{abs(args.damping):g} I)| = {logdet:.6g} "
         f"(sign {sign:+.0f}), trace {trace:.6g} (mean eigenvalue {trace / op.shape[0]:.4g}); "
         f"{seconds:.2f} s\n"
         f"wrote {out / 'spectrum.json'} and {png}"

@@ -200,6 +200,12 @@ def sums_examples(loss_fn: Callable, outputs: Tensor, targets: Tensor) -> bool |
         return None
     with torch.no_grad():
         one = float(loss_fn(outputs, targets))
+        if not abs(one) > 1e-30 and outputs.is_floating_point():
+            # examples the model fits exactly have a zero loss either way: away from them it tells
+            gen = torch.Generator(device=outputs.device).manual_seed(0)
+            noise = torch.randn(outputs.shape, generator=gen, dtype=outputs.dtype, device=outputs.device)
+            outputs = outputs + (1.0 + float(outputs.abs().max())) * noise
+            one = float(loss_fn(outputs, targets))
         two = float(loss_fn(torch.cat([outputs, outputs]), torch.cat([targets, targets])))
     if not (math.isfinite(one) and math.isfinite(two)) or abs(one) <= 1e-30:
         return None
