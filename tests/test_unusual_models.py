@@ -692,3 +692,24 @@ def test_a_stage_linear_in_its_input_keeps_no_zero_second_derivative_block():
     _, ref = autograd_gradient_hessian(model, nn.CrossEntropyLoss(), X, y)
     V = torch.randn(H.shape[0], 3, dtype=torch.float64)
     assert torch.allclose(H @ V, ref @ V, rtol=1e-10, atol=1e-12)
+
+
+def test_running_out_of_memory_in_a_generic_stage_s_batched_backward_is_named(monkeypatch):
+    """The batched backward of a generic stage that ran out of memory was read as "no batching rule": the
+    fallback formed dense blocks and raised a TooLargeError saying the optimizers need no such blocks,
+    from inside Newton.step (a review, under a memory limit). Now the allocation failure is named."""
+    from hessinv.stages import generic
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    X, y = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    real = torch.autograd.grad
+
+    def grad(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generic.torch.autograd, "grad", grad)
+    with pytest.raises(hessinv.TooLargeError, match="ran out of memory.*curvature_batch_size"):
+        hessinv.optim.Newton(m, nn.CrossEntropyLoss()).step(X, y)

@@ -118,6 +118,17 @@ class DistributedError(HessinvError, RuntimeError):
     """A data-parallel job could not start, one of its ranks failed, or it ran past its timeout."""
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure: Python's ``MemoryError``, torch's ``OutOfMemoryError``
+    (a device's) or the CPU allocator's ``RuntimeError`` ("can't allocate memory")."""
+    torch = sys.modules.get("torch")  # (loaded by whatever raised it)
+    oom = getattr(torch, "OutOfMemoryError", ()) if torch is not None else ()
+    text = str(e).lower()
+    return isinstance(e, (MemoryError, *((oom,) if oom else ()))) or (
+        isinstance(e, RuntimeError) and ("allocate" in text or "out of memory" in text)
+    )
+
+
 class TooLargeError(HessinvError, MemoryError):
     """The factorization would hold dense blocks larger than the memory still available (an ``a x a``
     matrix per stage, ``a = B d``: examples times the stage's input width, ``p x a`` blocks and the

@@ -40,7 +40,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hessinv import linalg
-from hessinv.errors import IndefiniteError, InvalidArgumentError, NonFiniteError, SingularError, TooLargeError
+from hessinv.errors import (
+    IndefiniteError,
+    InvalidArgumentError,
+    NonFiniteError,
+    SingularError,
+    TooLargeError,
+    out_of_memory,
+)
 from hessinv.stages import Blocks
 
 #: Sweeps whose work is mostly on blocks of at most this size run on one CPU thread
@@ -75,8 +82,7 @@ def _sweep(fn):
         except TooLargeError:  # (check_memory's own, a MemoryError too)
             raise
         except (RuntimeError, MemoryError) as e:  # the allocator's (check_memory's estimate fell short)
-            text = str(e).lower()
-            if not isinstance(e, MemoryError) and "allocate" not in text and "out of memory" not in text:
+            if not out_of_memory(e):
                 raise
             raise TooLargeError(
                 f"the Riccati sweep ran out of memory ({' '.join(str(e).split())[:160]}); take the curvature "

@@ -59,7 +59,7 @@ from hessinv.cli.choices import (
     positive_int,
     resolve_device,
 )
-from hessinv.errors import HessinvError
+from hessinv.errors import HessinvError, out_of_memory
 
 __all__ = ["main", "parse_duration", "build_parser"]
 
@@ -631,14 +631,6 @@ def _require_extras(command: str) -> None:
         )
 
 
-def _out_of_memory(e: BaseException) -> bool:
-    """Whether ``e`` is torch's out-of-memory error (its allocator's RuntimeError, CPU or device)."""
-    torch = sys.modules.get("torch")  # (loaded by whatever raised it; the CLI imports torch lazily)
-    text = str(e).lower()
-    oom = getattr(torch, "OutOfMemoryError", ()) if torch is not None else ()
-    return isinstance(e, oom) or "can't allocate memory" in text or "out of memory" in text
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hessinv`` console script; returns the exit status."""
     parser = build_parser()
@@ -668,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hessinv: error: {e}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as e:
-        if not isinstance(e, MemoryError) and not _out_of_memory(e):
+        if not out_of_memory(e):
             raise
         print(
             "hessinv: error: out of memory (" + " ".join(str(e).split())[:200] + "): use a smaller model "

@@ -49,6 +49,7 @@ from hessinv.errors import (
     NotAChainError,
     TooLargeError,
     UnsupportedStageError,
+    out_of_memory,
 )
 from hessinv.stages.protocol import (
     Blocks,
@@ -195,7 +196,13 @@ def _backward_rows(out: Tensor, wrt: list[Tensor], n: int, seeds, batched: bool)
                     out, wrt, grad_outputs=E if batched else E[0], retain_graph=True, allow_unused=True,
                     is_grads_batched=batched, materialize_grads=True,
                 )  # fmt: skip
-        except RuntimeError:
+        except RuntimeError as e:  # (no batching rule: None, the caller's exact fallback; not memory)
+            if out_of_memory(e):
+                raise TooLargeError(
+                    f"a generic stage's backward passes for {k} rows ran out of memory "
+                    f"({' '.join(str(e).split())[:160]}): take the curvature on fewer examples "
+                    "(Newton/Preconditioner: a smaller curvature_batch_size)"
+                ) from None
             if batched:
                 return None
             raise
