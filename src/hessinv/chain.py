@@ -1792,9 +1792,7 @@ class Chain:
                 loss = self.loss_fn(zs[-1], targets).to(loss.dtype).reshape(())
         if (
             not second_order
-            and loss_blocks._Lam is not None
-            and loss_blocks.softmax_p is None
-            and not bool(loss_blocks._Lam.any())
+            and loss_blocks.is_zero()
             and bool(loss_blocks.G.any())
             and not self.__dict__.get("_warned_zero_gauss_newton")
         ):

@@ -206,11 +206,13 @@ def _dense_route(chain: float, dense: float, n: int, cpu: bool = True) -> bool:
 
 
 def _factorization_costs(
-    sizes: Sequence[int], widths: Sequence[int], batches: Sequence[int]
+    sizes: Sequence[int], widths: Sequence[int], batches: Sequence[int], outputs: int = 0
 ) -> tuple[float, float]:
     """``(Riccati sweep, dense route)`` flops of one factorization: the sweep's ``sum_l (p_l^3 / 3 + 2 p_l^2
     a_l + p_l a_l^2)`` with ``a_l = batches[l] * widths[l]`` (stage ``l``'s input width; 0 at the first
-    stage with parameters), the dense route's ``n^3 / 3`` plus ``n`` products of ``sum_l 8 B_l p_l``."""
+    stage with parameters), plus the loss's coupling of the ``outputs`` (examples x outputs each) through
+    the last stage with parameters (``p a^2 + 2 p^2 a``: an image's pixels), the dense route's ``n^3 / 3``
+    plus ``n`` products of ``sum_l 8 B_l p_l``."""
     first = next((l for l, p in enumerate(sizes) if p), 0)
     chain = sum(
         p**3 / 3 + 2 * p**2 * a + p * a * a
@@ -218,16 +220,28 @@ def _factorization_costs(
         if p
         for a in [batches[l] * widths[l] if l > first else 0]
     )
+    last = next((p for p in reversed(sizes) if p), 0)
+    chain += last * float(outputs) ** 2 + 2.0 * last**2 * outputs
     n = sum(sizes)
     return chain, n**3 / 3 + n * sum(8.0 * p * b for p, b in zip(sizes, batches, strict=True))
 
 
-def factorization_flops(sizes: Sequence[int], widths: Sequence[int], batch: int, cpu: bool = True) -> float:
-    """The flops of one factorization of a chain's curvature on ``batch`` examples, before any is built
-    (:func:`_factorization_costs`): the Riccati sweep's, or the dense route's where the factorization
-    takes it (:func:`_dense_route`, on the CPU or, ``cpu=False``, another device;
+def _block_costs(blocks: Sequence[Blocks]) -> tuple[float, float]:
+    """:func:`_factorization_costs` of a linearized chain (model stages, then the loss stage)."""
+    stages, loss = blocks[:-1], blocks[-1]
+    return _factorization_costs(
+        [b.p for b in stages], [b.d_in for b in stages], [b.batch for b in stages], loss.batch * loss.d_in
+    )
+
+
+def factorization_flops(
+    sizes: Sequence[int], widths: Sequence[int], batch: int, cpu: bool = True, outputs: int = 0
+) -> float:
+    """The flops of one factorization of a chain's curvature on ``batch`` examples of ``outputs`` outputs
+    each, before any is built (:func:`_factorization_costs`): the Riccati sweep's, or the dense route's
+    where the factorization takes it (:func:`_dense_route`, on the CPU or, ``cpu=False``, another device;
     :meth:`CurvatureOperator._swept` also takes it where the sweep would not fit in memory)."""
-    chain, dense = _factorization_costs(sizes, widths, [batch] * len(sizes))
+    chain, dense = _factorization_costs(sizes, widths, [batch] * len(sizes), batch * outputs)
     return dense if _dense_route(chain, dense, sum(sizes), cpu) else chain
 
 
@@ -389,10 +403,7 @@ class CurvatureOperator:
         n = self.shape[0]
         if n > DENSE_ROUTE_MAX_N:
             return False
-        stages = self.blocks[:-1]
-        chain_flops, dense_flops = _factorization_costs(
-            [b.p for b in stages], [b.d_in for b in stages], [b.batch for b in stages]
-        )
+        chain_flops, dense_flops = _block_costs(self.blocks)
         if _dense_route(chain_flops, dense_flops, n, self.device.type == "cpu"):
             return True
         try:
@@ -1951,10 +1962,7 @@ class Factorization:
         op, n = self.op, self.op.shape[0]
         if n > DENSE_ROUTE_MAX_N or op._swept() is not op:
             return False
-        stages = op.blocks[:-1]
-        chain, dense = _factorization_costs(
-            [b.p for b in stages], [b.d_in for b in stages], [b.batch for b in stages]
-        )
+        chain, dense = _block_costs(op.blocks)
         return 2 * chain > dense + float(n) ** 3
 
     def _inverse_diagonal_by_solves(self) -> Tensor:

@@ -55,7 +55,7 @@ from hessinv.curvature import (
     CurvatureOperator,
     Factorization,
     Hessian,
-    _factorization_costs,
+    _block_costs,
     curvature_class,
 )
 from hessinv.errors import (
@@ -304,9 +304,7 @@ class Laplace:
         n = op.shape[0]
         if n > DENSE_ROUTE_MAX_N:
             return None
-        stages = op.blocks[:-1]
-        sizes, batches = [b.p for b in stages], [b.batch for b in stages]
-        chain, dense = _factorization_costs(sizes, [b.d_in for b in stages], batches)
+        chain, dense = _block_costs(op.blocks)
         # the dense route's products and LDL^T (n^3 / 3), with eigvalsh (about 9 n^3) in place of the latter
         if dense + (9.0 - 1 / 3) * n**3 > evaluations * min(chain, dense):
             return None

@@ -802,16 +802,15 @@ def _first_with_parameters(blocks: list[Blocks]) -> int:
     return next((l for l, b in enumerate(blocks) if b.p), 0)
 
 
-def _sweep_entries(blk: Blocks, batch: int, first: bool, last: bool) -> int:
+def _sweep_entries(blk: Blocks, batch: int, first: bool) -> int:
     """Numbers the sweep holds at once at stage ``blk`` for ``batch`` examples: the downstream
-    ``Sigma`` (``a_out^2``; none after the loss) and ``Jx^T Sigma`` (``p a_out``), the pivot (``p^2``) and,
+    ``Sigma`` (``a_out^2``; after the last stage, the loss's coupling of the outputs) and ``Jx^T Sigma``
+    (``p a_out``), the pivot (``p^2``) and,
     above the first stage, ``Qzz`` (``a_in^2``), ``Qxz`` (``p a_in``) and ``L^{-1} Qxz`` (``q a_in``: a
     low-rank pivot's in its ``q = r`` rows -- counted as ``p a_in`` it overestimated a 256-wide MLP's
     sweep 2.2-2.9x and refused one that ran in 5.5 of 8.3 GiB)."""
     a_in, a_out, p, q = batch * blk.d_in, batch * blk.d_out, blk.p, blk.pivot_order(batch)
-    down = (
-        0 if last else a_out * a_out + q * a_out
-    )  # (a low-rank pivot's stage forms Jx^T Sigma in its r rows)
+    down = a_out * a_out + q * a_out  # (a low-rank pivot's stage forms Jx^T Sigma in its r rows)
     return down + q * q + (0 if first else a_in * a_in + (p + q) * a_in)
 
 
@@ -862,7 +861,7 @@ def check_memory(
             return int(PEAK_FACTOR * (a_out * a_out + blk.p * a_out + a_in * a_in) * item)
         kept = sum(_kept_entries(model[k], batch, k == first) for k in range(j + 1, L) if model[k].p)
         held = KEPT_FACTOR * kept
-        return int((PEAK_FACTOR * _sweep_entries(model[j], batch, j == first, j == L - 1) + held) * item)
+        return int((PEAK_FACTOR * _sweep_entries(model[j], batch, j == first) + held) * item)
 
     # a sweep far below what the process could ever hold needs no reading of what is free (file reads)
     if max((need(i, blk.batch) for i, blk in enumerate(model)), default=0) * 64 <= _capacity_bytes(device):

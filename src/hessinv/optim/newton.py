@@ -1027,7 +1027,8 @@ class Newton(torch.optim.Optimizer):
             zs = self.chain.forward(inputs[:1])
         widths = [int(z[0].numel()) for z in zs[:-1]]
         cpu = self.chain.device.type == "cpu"
-        return factorization_flops(self.chain.sizes, widths, batch, cpu) <= TRUST_REGION_MAX_FLOPS
+        flops = factorization_flops(self.chain.sizes, widths, batch, cpu, int(zs[-1][0].numel()))
+        return flops <= TRUST_REGION_MAX_FLOPS
 
     def _run_closure(
         self, closure: Callable[[], Any], inputs: Tensor | None, targets: Tensor | None

@@ -284,15 +284,21 @@ class LossBlocks(ParameterFreeBlocks):
     """``Jz = G`` (per-example gradients, (B, C)) and ``Hzz = Lambda`` ((B, C, C), or None).
 
     With ``softmax = (p, w)`` ((B, C), (B, 1)) instead of ``Lam``, ``Lambda_n = w_n (diag(p_n) - p_n p_n^T)``
-    (cross-entropy):
+    (cross-entropy); with ``diag`` ((B, C)), ``Lambda_n = diag(diag_n)`` (a loss that sums a term per
+    output entry: MSE, BCE, Huber, ... on outputs of any shape, e.g. an image's pixels):
     products with it cost ``O(B C)`` per column, and the ``(B, C, C)`` matrix is formed only when asked
-    for (:attr:`Lam`: the Riccati sweep, the exact Gauss-Newton root), so that many classes do not
-    cost ``B C^2`` memory where products suffice (the optimizer's budgeted root)."""
+    for (:attr:`Lam`: the Riccati sweep, the exact Gauss-Newton root), so that many classes or outputs do
+    not cost ``B C^2`` memory where products suffice (the optimizer's budgeted root)."""
 
     def __init__(
-        self, G: Tensor, Lam: Tensor | None, softmax: tuple[Tensor, Tensor] | None = None, psd: bool = False
+        self,
+        G: Tensor,
+        Lam: Tensor | None,
+        softmax: tuple[Tensor, Tensor] | None = None,
+        psd: bool = False,
+        diag: Tensor | None = None,
     ):
-        self.G, self._Lam = G, Lam
+        self.G, self._Lam, self.diag = G, Lam, diag
         self.softmax_p, self.softmax_w = softmax if softmax is not None else (None, None)
         # Lambda positive semidefinite by its closed form (cross-entropy, MSE, BCE): a negative eigenvalue
         # of the computed one is rounding (diag(p) - p p^T of a confident softmax cancels in float32)
@@ -308,7 +314,16 @@ class LossBlocks(ParameterFreeBlocks):
             p, w = self.softmax_p, self.softmax_w
             check_output_curvature_size(self.batch, self.d_in, "the loss")
             self._Lam = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mul_(w[:, :, None])
+        elif self._Lam is None and self.diag is not None:
+            check_output_curvature_size(self.batch, self.d_in, "the loss")
+            self._Lam = torch.diag_embed(self.diag)
         return self._Lam
+
+    def is_zero(self) -> bool:
+        """Whether ``Lambda`` is zero (an L1 loss; the Gauss-Newton matrix is then zero)."""
+        if self.diag is not None:
+            return not bool(self.diag.any())
+        return self._Lam is not None and self.softmax_p is None and not bool(self._Lam.any())
 
     def jx(self, v: Tensor) -> Tensor:
         return v.new_zeros(1, 1, v.shape[-1])
@@ -323,6 +338,8 @@ class LossBlocks(ParameterFreeBlocks):
         if self._Lam is None and self.softmax_p is not None:
             p, w = self.softmax_p[:, :, None], self.softmax_w[:, :, None]
             return w * p * (t - (p.mT @ t))
+        if self._Lam is None and self.diag is not None:
+            return self.diag[:, :, None] * t
         Lam = self.Lam
         return torch.zeros_like(t) if Lam is None else torch.bmm(Lam, t)
 
@@ -370,11 +387,16 @@ class LossStage:
         # closed forms for (batch, classes) outputs; others (a (B,) regression output, (B, C, T) logits of
         # a per-position cross-entropy) by autograd on the per-example flattened outputs
         self.closed = closed_form(loss_fn) if output.dim() == 2 else None
+        self.elementwise = False
         if self.closed is not None:
             self.kind, self.q, self.scale = self._per_example(self.closed, targets, output)
         else:
             self.kind, self.q, self.scale = "autograd", None, 1.0
             fn = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
+            # a sum (or mean) of one term per output entry: its Lambda is diagonal
+            self.elementwise = plain_module(loss_fn) and (
+                _torch_forward(fn, _ELEMENTWISE) or fn in _ELEMENTWISE_FUNCTIONS
+            )
             if (
                 _torch_forward(fn, _ELEMENTWISE) or fn in _ELEMENTWISE_FUNCTIONS
             ) and targets.shape != output.shape:
@@ -480,15 +502,14 @@ class LossStage:
         return ("bce" if isinstance(loss_fn, nn.BCEWithLogitsLoss) else "mse"), None, scale
 
     def derivatives(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-example ``(ell (B,), gradient (B, C), Hessian (B, C, C))``, unscaled (see the class table),
-        of the MSE and BCE closed forms (the cross-entropy's: :meth:`_softmax_derivatives`)."""
+        """Per-example ``(ell (B,), gradient (B, C), Hessian diagonal (B, C))``, unscaled (see the class
+        table), of the MSE and BCE closed forms (the cross-entropy's: :meth:`_softmax_derivatives`)."""
         t = self.targets
         if self.kind == "bce":
             sig = torch.sigmoid(y)
-            return (F.softplus(y) - t * y).sum(-1), sig - t, torch.diag_embed(sig * (1 - sig))
+            return (F.softplus(y) - t * y).sum(-1), sig - t, sig * (1 - sig)
         r = y - t
-        eye = torch.eye(y.shape[1], dtype=y.dtype, device=y.device)
-        return r.square().sum(-1), 2 * r, (2 * eye).expand(y.shape[0], -1, -1).contiguous()
+        return r.square().sum(-1), 2 * r, torch.full_like(y, 2.0)
 
     def call(self, y: Tensor) -> Tensor:
         """``loss_fn(y, targets)``, its failures and non-scalar results as named errors."""
@@ -544,10 +565,6 @@ class LossStage:
     def linearize(self, y: Tensor) -> tuple[LossBlocks, Tensor]:
         """Per-example gradient and Hessian of the loss (Lambda is kept for Gauss-Newton too), and the
         loss ``scale * sum_n ell``."""
-        B = y.shape[0]
-        C = y[0].numel() if B else 0
-        if self.kind != "ce":  # the cross-entropy's Lambda is kept as (p, w) and formed only if needed
-            check_output_curvature_size(B, C, self.name)
         if self.kind == "autograd":
             try:
                 return self._autograd(y)
@@ -572,8 +589,9 @@ class LossStage:
             # (PSD where every row's target mass is >= 0: probability targets may sum to anything)
             psd = self.scale >= 0 and bool((w >= 0).all())
             return LossBlocks(self.scale * G, None, (p, w.mul_(self.scale)), psd=psd), self.scale * ell.sum()
-        ell, G, Lam = self.derivatives(y.detach())
-        return LossBlocks(self.scale * G, Lam.mul_(self.scale), psd=self.scale >= 0), self.scale * ell.sum()
+        ell, G, lam = self.derivatives(y.detach())
+        blocks = LossBlocks(self.scale * G, None, psd=self.scale >= 0, diag=lam.mul_(self.scale))
+        return blocks, self.scale * ell.sum()
 
     def _softmax_derivatives(self, y: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
         """Cross-entropy: ``(ell, gradient, (p, |q|))`` with ``Lambda_n = |q_n| (diag p_n - p_n p_n^T)``."""
@@ -636,6 +654,15 @@ class LossStage:
             if not G.requires_grad:
                 self._check_constant_gradient(y, G)
             C = G.shape[1]
+            if self.elementwise:  # torch's elementwise losses: Lambda is diagonal, the product with ones
+                lam = _grads(G.sum(), [y])[0].reshape(B, C)
+                gen = torch.Generator(device="cpu").manual_seed(4321)
+                V = torch.randn(B, C, generator=gen, dtype=torch.float64).to(G)
+                ref = _grads((G * V).sum(), [y])[0].reshape(B, C)
+                tol = 1e3 * torch.finfo(G.dtype).eps
+                if float((lam * V - ref).abs().max()) <= tol * max(float(ref.abs().max()), 1e-300):
+                    return LossBlocks(G.detach(), None, diag=lam.detach()), loss.detach()
+            check_output_curvature_size(B, C, self.name)
 
             def seeds(j: int, k: int) -> Tensor:  # rows j..j+k of every example's Lambda
                 E = G.new_zeros(k, B, C)
