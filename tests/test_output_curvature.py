@@ -109,3 +109,84 @@ def test_the_sweep_s_cost_and_memory_count_the_loss_s_coupling_of_many_outputs(m
     assert _rel(x, torch.linalg.solve(H_ref + 1e-3 * torch.eye(84, dtype=torch.float64), g_ref)) < 1e-9
     a = 16 * 3 * 32 * 32
     assert riccati._sweep_entries(H.blocks[0], 16, True) >= a * a
+
+
+class _PerPosition(nn.Module):
+    """Logits (B, C, *positions) from a small MLP."""
+
+    def __init__(self, positions: tuple[int, ...], C: int = 4):
+        super().__init__()
+        self.shape = (C, *positions)
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(8, C * int(torch.tensor(positions).prod()))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))).view(-1, *self.shape)
+
+
+CE = {
+    "plain": lambda: nn.CrossEntropyLoss(),
+    "weighted_smoothed": lambda: nn.CrossEntropyLoss(
+        weight=torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64), label_smoothing=0.1
+    ),
+    "ignore_index": lambda: nn.CrossEntropyLoss(ignore_index=2),
+    "sum": lambda: nn.CrossEntropyLoss(reduction="sum"),
+    "probabilities": lambda: nn.CrossEntropyLoss(),
+    "functional": lambda: nn.functional.cross_entropy,
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "positions"),
+    [(n, p) for n in sorted(CE) for p in [(5,), (2, 3)]] + [("weighted_smoothed", ())],  # (B, C): weighted
+)
+def test_a_cross_entropy_per_position_keeps_its_softmax_form(name, positions):
+    """Per-position logits (B, C, T) (a sequence model, segmentation) and a class-weighted (B, C)
+    cross-entropy went through autograd's dense (C T)^2 output curvature per example (a next-token model
+    of 500 classes x 16 positions: refused, or 8 s and 3 GB per refresh with 4 examples; a review)."""
+    torch.manual_seed(0)
+    m = (
+        _PerPosition(positions).double()
+        if positions
+        else nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4))
+    )
+    m = m.double()
+    X = torch.randn(6, 3, dtype=torch.float64)
+    if name == "probabilities":
+        y = torch.softmax(torch.randn(6, 4, *positions, dtype=torch.float64), 1)
+    else:
+        y = torch.randint(0, 4, (6, *positions))
+    loss = CE[name]()
+    g_ref, H_ref = autograd_gradient_hessian(m, loss, X, y)
+    G_ref = autograd_gauss_newton(m, loss, X, y)
+    H, G = hessinv.hessian(m, loss, X, y), hessinv.gauss_newton(m, loss, X, y)
+    lb = H.blocks[-1]
+    assert lb.classes == 4 and lb._Lam is None
+    assert _rel(H.to_dense(), H_ref) < 1e-10 and _rel(G.to_dense(), G_ref) < 1e-10
+    eye = torch.eye(H.shape[0], dtype=torch.float64)
+    assert _rel(H.factor(0.3).solve(g_ref), torch.linalg.solve(H_ref + 0.3 * eye, g_ref)) < 1e-9
+    U, S = G.root()
+    assert _rel(U.T @ (S[:, None] * U), G_ref) < 1e-10 and _rel(G.diagonal(), G_ref.diagonal()) < 1e-10
+
+
+def test_a_next_token_model_s_refresh_forms_no_dense_output_curvature():
+    """500 classes x 16 positions, the optimizer's default curvature batch of 8: 5e8 numbers of dense
+    output curvature (refused before)."""
+    torch.manual_seed(0)
+    V, T = 500, 16
+    m = nn.Sequential(
+        nn.Embedding(V, 16),
+        nn.Flatten(),
+        nn.Linear(16 * T, 32),
+        nn.Tanh(),
+        nn.Linear(32, V * T),
+        nn.Unflatten(1, (V, T)),
+    )
+    X = torch.randint(0, V, (32, T))
+    opt = hessinv.optim.Newton(m, nn.CrossEntropyLoss(), seed=0)
+    with torch.no_grad():
+        before = float(nn.CrossEntropyLoss()(m(X), X.roll(1, 1)))
+    for i in range(4):
+        half = slice(0, 16) if i % 2 == 0 else slice(16, 32)
+        opt.step(X[half], X.roll(1, 1)[half])
+    with torch.no_grad():
+        assert float(nn.CrossEntropyLoss()(m(X), X.roll(1, 1))) < before

@@ -297,9 +297,13 @@ class LossBlocks(ParameterFreeBlocks):
         softmax: tuple[Tensor, Tensor] | None = None,
         psd: bool = False,
         diag: Tensor | None = None,
+        classes: int | None = None,
     ):
         self.G, self._Lam, self.diag = G, Lam, diag
         self.softmax_p, self.softmax_w = softmax if softmax is not None else (None, None)
+        # per position: p (B, C T) and w (B, T) of outputs (B, C, T) flattened per example, a softmax over
+        # the C classes at each of the T positions (a per-position cross-entropy); None: over all outputs
+        self.classes = classes
         # Lambda positive semidefinite by its closed form (cross-entropy, MSE, BCE): a negative eigenvalue
         # of the computed one is rounding (diag(p) - p p^T of a confident softmax cancels in float32)
         self.psd = psd
@@ -310,7 +314,11 @@ class LossBlocks(ParameterFreeBlocks):
     def Lam(self) -> Tensor | None:
         """``Lambda`` (B, C, C), formed on first use from ``softmax``; a :class:`TooLargeError` beyond
         :data:`MAX_LAMBDA_ENTRIES`."""
-        if self._Lam is None and self.softmax_p is not None:
+        if self._Lam is None and self.softmax_p is not None and self.classes is not None:
+            check_output_curvature_size(self.batch, self.d_in, "the loss")
+            eye = torch.eye(self.d_in, dtype=self.G.dtype, device=self.G.device)
+            self._Lam = self._softmax_hzz(eye.expand(self.batch, -1, -1))
+        elif self._Lam is None and self.softmax_p is not None:
             p, w = self.softmax_p, self.softmax_w
             check_output_curvature_size(self.batch, self.d_in, "the loss")
             self._Lam = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mul_(w[:, :, None])
@@ -323,7 +331,7 @@ class LossBlocks(ParameterFreeBlocks):
         """Whether ``Lambda`` is zero (an L1 loss; the Gauss-Newton matrix is then zero)."""
         if self.diag is not None:
             return not bool(self.diag.any())
-        return self._Lam is not None and self.softmax_p is None and not bool(self._Lam.any())
+        return self.softmax_p is None and self._Lam is not None and not bool(self._Lam.any())
 
     def jx(self, v: Tensor) -> Tensor:
         return v.new_zeros(1, 1, v.shape[-1])
@@ -334,7 +342,18 @@ class LossBlocks(ParameterFreeBlocks):
     def jzT(self, s: Tensor) -> Tensor:
         return self.G[:, :, None] * s[0, 0][None, None, :]
 
+    def _softmax_hzz(self, t: Tensor) -> Tensor:
+        """``Lambda t`` for t (B, C T, k) of the per-position softmax form: at each position
+        ``w (p o t - p (p . t))`` over the classes."""
+        B, C, k = self.batch, self.classes, t.shape[-1]
+        p = self.softmax_p.view(B, C, -1, 1)
+        w = self.softmax_w.view(B, 1, -1, 1)
+        t4 = t.reshape(B, C, -1, k)
+        return (w * p * (t4 - (p * t4).sum(1, keepdim=True))).reshape(B, -1, k)
+
     def hzz(self, t: Tensor) -> Tensor:
+        if self._Lam is None and self.softmax_p is not None and self.classes is not None:
+            return self._softmax_hzz(t)
         if self._Lam is None and self.softmax_p is not None:
             p, w = self.softmax_p[:, :, None], self.softmax_w[:, :, None]
             return w * p * (t - (p.mT @ t))
@@ -387,7 +406,7 @@ class LossStage:
         # closed forms for (batch, classes) outputs; others (a (B,) regression output, (B, C, T) logits of
         # a per-position cross-entropy) by autograd on the per-example flattened outputs
         self.closed = closed_form(loss_fn) if output.dim() == 2 else None
-        self.elementwise = False
+        self.elementwise = self.softmax_classes = False
         if self.closed is not None:
             self.kind, self.q, self.scale = self._per_example(self.closed, targets, output)
         else:
@@ -396,6 +415,12 @@ class LossStage:
             # a sum (or mean) of one term per output entry: its Lambda is diagonal
             self.elementwise = plain_module(loss_fn) and (
                 _torch_forward(fn, _ELEMENTWISE) or fn in _ELEMENTWISE_FUNCTIONS
+            )
+            # a cross-entropy over axis 1 (per position, or class-weighted): a softmax form per position
+            self.softmax_classes = (
+                plain_module(loss_fn)
+                and (_torch_forward(fn, (nn.CrossEntropyLoss,)) or fn is F.cross_entropy)
+                and output.dim() >= 2
             )
             if (
                 _torch_forward(fn, _ELEMENTWISE) or fn in _ELEMENTWISE_FUNCTIONS
@@ -640,6 +665,34 @@ class LossStage:
                 "(the uncompiled function)"
             )
 
+    def _per_position_softmax(self, y: Tensor, G: Tensor) -> LossBlocks | None:
+        """A cross-entropy over the classes (axis 1) of outputs (B, C, ...): at each position its Hessian is
+        ``w (diag p - p p^T)``, ``p`` the softmax there, whatever the class weights, label smoothing,
+        ignored targets or reduction, which set the scalar ``w`` (0 where ignored). ``w`` is read from
+        one product with a seeded vector and the form checked with another (None where it does not hold:
+        the dense path then); a (B, C, C T, ...) matrix is not formed (a next-token model's C T = 8000
+        outputs per example: 64M numbers each)."""
+        from hessinv.stages.generic import _grads
+
+        B, C = y.shape[0], y.shape[1]
+        gen = torch.Generator(device="cpu").manual_seed(1234)
+        p = torch.softmax(y.detach(), dim=1).reshape(B, C, -1)
+
+        def probe() -> tuple[Tensor, Tensor]:  # (Lambda v, p o (v - p . v)) at each position
+            v = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(G).reshape(B, C, -1)
+            hv = _grads((G * v.reshape(B, -1)).sum(), [y])[0].reshape(B, C, -1)
+            return hv, p * (v - (p * v).sum(1, keepdim=True))
+
+        hv, u = probe()
+        uu = (u * u).sum(1)
+        w = torch.where(uu > 0, (hv * u).sum(1) / uu.clamp_min(torch.finfo(uu.dtype).tiny), 0.0)  # (B, T)
+        hv2, u2 = probe()
+        tol = 1e3 * torch.finfo(G.dtype).eps * (1 + C) ** 0.5
+        if float((w[:, None, :] * u2 - hv2).abs().max()) > tol * max(float(hv2.abs().max()), 1e-300):
+            return None
+        psd = bool((w >= 0).all())
+        return LossBlocks(G.detach(), None, (p.reshape(B, -1), w.detach()), psd=psd, classes=C)
+
     def _autograd(self, y: Tensor) -> tuple[LossBlocks, Tensor]:
         """``G = dL/dy`` and the per-example ``Lambda_n = d2 L / dy_n dy_n`` by plain autograd."""
         from hessinv.stages.generic import _backward_rows, _grads
@@ -654,6 +707,10 @@ class LossStage:
             if not G.requires_grad:
                 self._check_constant_gradient(y, G)
             C = G.shape[1]
+            if self.softmax_classes and G.requires_grad:
+                blocks = self._per_position_softmax(y, G)
+                if blocks is not None:
+                    return blocks, loss.detach()
             if self.elementwise:  # torch's elementwise losses: Lambda is diagonal, the product with ones
                 lam = _grads(G.sum(), [y])[0].reshape(B, C)
                 gen = torch.Generator(device="cpu").manual_seed(4321)
