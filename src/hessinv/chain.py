@@ -1110,7 +1110,10 @@ def _loss_output_gradient(loss: Callable[[Tensor, Tensor], Tensor], o: Tensor, t
     """``d loss(o, t) / d o`` by plain autograd (one example's, where ``vmap`` cannot batch the loss)."""
     with torch.enable_grad():
         o = o.detach().requires_grad_(True)
-        return torch.autograd.grad(loss(o, t), o)[0]
+        value = loss(o, t)
+        if not value.requires_grad:  # (a loss that returns a constant for this example: no gradient)
+            return torch.zeros_like(o)
+        return torch.autograd.grad(value, o, allow_unused=True, materialize_grads=True)[0]
 
 
 class Chain:

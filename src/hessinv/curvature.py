@@ -2540,42 +2540,66 @@ class MixedFactorization(Factorization):
 # nn.Module's own bookkeeping (parameters, buffers, submodules, hooks: kept or checked elsewhere)
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
 _PLAIN_SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+#: numbers a module's plain setting may hold to be copied for a float32 operator's float64 twin
+_PLAIN_MAX_LEAVES = 4096
 
 
-def _is_plain(v: Any, depth: int = 0) -> bool:
-    """A value made of numbers, strings, dtypes and (small, shallow) containers of them."""
+def _plain_leaves(v: Any, budget: int) -> int:
+    """The numbers, strings and dtypes ``v`` is made of (through tuples, lists, sets and dicts), or -1
+    where it holds anything else or more than ``budget`` of them."""
     if isinstance(v, _PLAIN_SCALARS):
-        return True
-    if depth < 4 and isinstance(v, (tuple, list, set, frozenset)) and len(v) <= 256:
-        return all(_is_plain(x, depth + 1) for x in v)
-    if depth < 4 and isinstance(v, dict) and len(v) <= 256:
-        return all(_is_plain(k, depth + 1) and _is_plain(x, depth + 1) for k, x in v.items())
-    return False
+        return 1
+    if isinstance(v, dict):
+        v = [x for kv in v.items() for x in kv]
+    elif not isinstance(v, (tuple, list, set, frozenset)) or len(v) > budget:
+        return -1
+    total = 0
+    for x in v:
+        k = _plain_leaves(x, budget - total)
+        if k < 0 or total + k > budget:
+            return -1
+        total += k
+    return total
 
 
 def _plain_settings(mods: Sequence[nn.Module]) -> list[tuple[int, str, str, Any]]:
-    """Every module's plain settings (:func:`_is_plain` values of its ``__dict__``: ``training``, a
-    Softplus's ``beta``, a list of scales), copied: what a float32 operator's float64 copy of the model,
-    made when first needed, is set back to (a forward may read them untraced, in a stage called whole)."""
+    """Every module's plain settings (values of its ``__dict__`` made of at most
+    :data:`_PLAIN_MAX_LEAVES` numbers and strings: ``training``, a Softplus's ``beta``, a list of
+    scales), copied: what a float32 operator's float64 copy of the model, made when first needed, is set
+    back to (a forward may read them untraced, in a stage called whole)."""
     return [
         (i, name, k, copy.deepcopy(v))
         for i, top in enumerate(mods)
         for name, m in top.named_modules()
         for k, v in vars(m).items()
-        if k not in _MODULE_INTERNALS and not isinstance(v, (Tensor, nn.Module)) and _is_plain(v)
+        if k not in _MODULE_INTERNALS and _plain_leaves(v, _PLAIN_MAX_LEAVES) >= 0
     ]
 
 
 def _loss_snapshot(loss_fn: LossFn) -> LossFn | None:
-    """A copy of a loss module or ``functools.partial`` (its class weights, label smoothing, reduction as
-    they are now), for a float32 operator's float64 copy made later; None for a plain function (nothing
-    to change) or a loss that cannot be copied (the live one is used then)."""
-    if not isinstance(loss_fn, (nn.Module, functools.partial)):
-        return None
-    try:
-        return copy.deepcopy(loss_fn)
-    except Exception:  # (an object deepcopy cannot copy: a lock, a generator, a file)
-        return None
+    """The loss as it is now, for a float32 operator's float64 copy made later: a loss module without
+    submodules, shallow-copied with its buffers (class weights) cloned -- up to 4M numbers each; a larger
+    one stays shared -- or a ``functools.partial`` with its tensor keywords cloned; None for anything else
+    (a plain function: nothing to change; the live loss is used). Never a deep copy: a loss may reach a
+    trainer, its data and the model (``partial(trainer.loss)``)."""
+    loss_fn = uncompiled(loss_fn)
+
+    def kept(t: Any) -> Any:
+        return t.detach().clone() if isinstance(t, Tensor) and t.numel() <= 2**22 else t
+
+    if isinstance(loss_fn, functools.partial):
+        return functools.partial(
+            loss_fn.func, *loss_fn.args, **{k: kept(v) for k, v in loss_fn.keywords.items()}
+        )
+    if isinstance(loss_fn, nn.Module) and not loss_fn._modules:
+        new = copy.copy(loss_fn)
+        new._buffers = {k: kept(b) for k, b in loss_fn._buffers.items()}
+        new._parameters = dict(loss_fn._parameters)
+        for k, v in vars(loss_fn).items():  # plain settings in containers: not shared
+            if k not in _MODULE_INTERNALS and isinstance(v, (list, dict, set)):
+                setattr(new, k, copy.deepcopy(v) if _plain_leaves(v, _PLAIN_MAX_LEAVES) >= 0 else v)
+        return new
+    return None
 
 
 def _fingerprint(t: Tensor) -> tuple:

@@ -877,7 +877,7 @@ def check_memory(
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if all(need(j, mid) <= total for j in range(L)) else (lo, mid - 1)
-        d = max(blk.d_in if i > first else 0, blk.d_out if i < L - 1 else 0)
+        d = max(blk.d_in if i > first else 0, blk.d_out)  # (after the last stage: the loss's coupling)
         q = blk.pivot_order(blk.batch)
         big = (
             f"a {q} x {q} pivot"

@@ -204,8 +204,11 @@ def sums_examples(loss_fn: Callable, outputs: Tensor, targets: Tensor) -> bool |
             # examples the model fits exactly have a zero loss either way: away from them it tells
             gen = torch.Generator(device=outputs.device).manual_seed(0)
             noise = torch.randn(outputs.shape, generator=gen, dtype=outputs.dtype, device=outputs.device)
-            outputs = outputs + (1.0 + float(outputs.abs().max())) * noise
-            one = float(loss_fn(outputs, targets))
+            moved = outputs + (1.0 + float(outputs.abs().max())) * noise
+            try:
+                one, outputs = float(loss_fn(moved, targets)), moved
+            except (RuntimeError, ValueError):  # outside the loss's domain (probabilities beyond [0, 1])
+                return None
         two = float(loss_fn(torch.cat([outputs, outputs]), torch.cat([targets, targets])))
     if not (math.isfinite(one) and math.isfinite(two)) or abs(one) <= 1e-30:
         return None
@@ -678,17 +681,20 @@ class LossStage:
         gen = torch.Generator(device="cpu").manual_seed(1234)
         p = torch.softmax(y.detach(), dim=1).reshape(B, C, -1)
 
-        def probe() -> tuple[Tensor, Tensor]:  # (Lambda v, p o (v - p . v)) at each position
+        def probe() -> tuple[Tensor, Tensor, Tensor]:  # (Lambda v, p o (v - p . v), |p o v|) per position
             v = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(G).reshape(B, C, -1)
             hv = _grads((G * v.reshape(B, -1)).sum(), [y])[0].reshape(B, C, -1)
-            return hv, p * (v - (p * v).sum(1, keepdim=True))
+            return hv, p * (v - (p * v).sum(1, keepdim=True)), (p * v).abs()
 
-        hv, u = probe()
+        hv, u, _ = probe()
         uu = (u * u).sum(1)
         w = torch.where(uu > 0, (hv * u).sum(1) / uu.clamp_min(torch.finfo(uu.dtype).tiny), 0.0)  # (B, T)
-        hv2, u2 = probe()
+        hv2, u2, pv = probe()
         tol = 1e3 * torch.finfo(G.dtype).eps * (1 + C) ** 0.5
-        if float((w[:, None, :] * u2 - hv2).abs().max()) > tol * max(float(hv2.abs().max()), 1e-300):
+        # (relative to the terms before they cancel, w |p o v|: at a confident position p o v - p (p . v)
+        # is far below them, and so is Lambda v, while its rounding is not)
+        scale = max(float(hv2.abs().max()), float((w.abs()[:, None, :] * pv).max()), 1e-300)
+        if float((w[:, None, :] * u2 - hv2).abs().max()) > tol * scale:
             return None
         psd = bool((w >= 0).all())
         return LossBlocks(G.detach(), None, (p.reshape(B, -1), w.detach()), psd=psd, classes=C)
