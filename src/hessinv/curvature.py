@@ -2542,6 +2542,7 @@ _MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
 _PLAIN_SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 #: numbers a module's plain setting may hold to be copied for a float32 operator's float64 twin
 _PLAIN_MAX_LEAVES = 4096
+_CONTAINERS = (tuple, list, set, frozenset, dict)
 
 
 def _plain_leaves(v: Any, budget: int) -> int:
@@ -2551,7 +2552,7 @@ def _plain_leaves(v: Any, budget: int) -> int:
         return 1
     if isinstance(v, dict):
         v = [x for kv in v.items() for x in kv]
-    elif not isinstance(v, (tuple, list, set, frozenset)) or len(v) > budget:
+    elif not isinstance(v, _CONTAINERS) or len(v) > budget:
         return -1
     total = 0
     for x in v:
@@ -2567,13 +2568,17 @@ def _plain_settings(mods: Sequence[nn.Module]) -> list[tuple[int, str, str, Any]
     :data:`_PLAIN_MAX_LEAVES` numbers and strings: ``training``, a Softplus's ``beta``, a list of
     scales), copied: what a float32 operator's float64 copy of the model, made when first needed, is set
     back to (a forward may read them untraced, in a stage called whole)."""
-    return [
-        (i, name, k, copy.deepcopy(v))
-        for i, top in enumerate(mods)
-        for name, m in top.named_modules()
-        for k, v in vars(m).items()
-        if k not in _MODULE_INTERNALS and _plain_leaves(v, _PLAIN_MAX_LEAVES) >= 0
-    ]
+    kept = []
+    for i, top in enumerate(mods):
+        for name, m in top.named_modules():
+            for k, v in vars(m).items():
+                if k in _MODULE_INTERNALS:
+                    continue
+                if isinstance(v, _PLAIN_SCALARS):  # (immutable: no copy)
+                    kept.append((i, name, k, v))
+                elif isinstance(v, _CONTAINERS) and _plain_leaves(v, _PLAIN_MAX_LEAVES) >= 0:
+                    kept.append((i, name, k, copy.deepcopy(v)))
+    return kept
 
 
 def _loss_snapshot(loss_fn: LossFn) -> LossFn | None:
