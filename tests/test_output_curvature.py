@@ -273,3 +273,68 @@ def test_a_float32_operator_s_snapshot_copies_settings_not_what_the_loss_reaches
     m.scales = [1.0, 2.0]
     kept = {k for _i, _n, k, _v in _plain_settings([m])}
     assert "scales" in kept and "training" in kept and "table" not in kept
+
+
+class _WrappedCE(nn.Module):
+    """A loss module holding a CrossEntropyLoss and a plain tensor attribute (not a buffer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ce = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]))
+        self.scale = torch.tensor(1.0)
+
+    def forward(self, o, t):
+        return self.ce(o, t) * self.scale
+
+
+@pytest.mark.parametrize(
+    "case", ["submodule_weight", "tensor_attribute", "partial_positional", "partial_weight"]
+)
+def test_a_float32_operator_s_float64_copy_keeps_the_loss_of_its_build(case):
+    """A fifth review: the shallow loss snapshot of the fourth one left a submodule's class weights, a
+    plain tensor attribute and a partial's positional tensors shared with the live loss (solves 0.98-71x
+    off after an edit, silently); a partial's float32 weight made every refined solve a dtype error."""
+    import functools
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3))
+    X, y = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    if case in ("submodule_weight", "tensor_attribute"):
+        loss = _WrappedCE()
+    elif case == "partial_positional":
+        loss = functools.partial(lambda w, o, t: nn.functional.cross_entropy(o, t, weight=w), torch.ones(3))
+    else:
+        loss = functools.partial(nn.functional.cross_entropy, weight=torch.tensor([1.0, 2.0, 0.5]))
+    H = hessinv.hessian(m, loss, X, y)
+    want = H.factor(0.5).solve(H.gradient)  # (the float64 copy made here, before any edit) ...
+    H = hessinv.hessian(m, loss, X, y)
+    if case == "submodule_weight":
+        loss.ce.weight.mul_(torch.tensor([3.0, 0.1, 1.0]))
+    elif case == "tensor_attribute":
+        loss.scale.fill_(3.0)
+    elif case == "partial_positional":
+        loss.args[0].mul_(torch.tensor([3.0, 0.1, 1.0]))
+    else:
+        loss.keywords["weight"].mul_(torch.tensor([3.0, 0.1, 1.0]))
+    got = H.factor(0.5).solve(H.gradient)  # ... and here, after the edit: the same system
+    assert _rel(got.double(), want.double()) < 1e-6
+
+
+def test_plain_settings_that_refer_to_themselves_or_loss_values_that_are_numbers():
+    """A self-referential dict on a float32 model raised a raw RecursionError at every build; a loss
+    that returns the Python number 0.0 for an example with nothing to learn, a raw AttributeError in
+    per-example gradients (the fifth review)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    m[0].cfg = {"name": "first"}
+    m[0].cfg["parent"] = m[0].cfg
+    X, y = torch.randn(6, 3), torch.randn(6, 2)
+    assert hessinv.hessian(m, nn.MSELoss(), X, y).shape == (26, 26)
+
+    def loss(o, t):
+        keep = (t != -999.0).all(1)
+        return nn.functional.mse_loss(o[keep], t[keep], reduction="sum") if bool(keep.any()) else 0.0
+
+    y[1] = -999.0
+    rows = hessinv.Chain(m.double(), loss).per_example_gradients(X.double(), y.double())
+    assert rows is not None and not bool(rows[1].any()) and bool(rows[0].any())

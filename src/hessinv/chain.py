@@ -1111,7 +1111,7 @@ def _loss_output_gradient(loss: Callable[[Tensor, Tensor], Tensor], o: Tensor, t
     with torch.enable_grad():
         o = o.detach().requires_grad_(True)
         value = loss(o, t)
-        if not value.requires_grad:  # (a loss that returns a constant for this example: no gradient)
+        if not isinstance(value, Tensor) or not value.requires_grad:  # (a constant for this example)
             return torch.zeros_like(o)
         return torch.autograd.grad(value, o, allow_unused=True, materialize_grads=True)[0]
 

@@ -2545,18 +2545,16 @@ _PLAIN_MAX_LEAVES = 4096
 _CONTAINERS = (tuple, list, set, frozenset, dict)
 
 
-def _plain_leaves(v: Any, budget: int) -> int:
-    """The numbers, strings and dtypes ``v`` is made of (through tuples, lists, sets and dicts), or -1
-    where it holds anything else or more than ``budget`` of them."""
+def _plain_leaves(v: Any, budget: int, depth: int = 0) -> int:
+    """The numbers, strings and dtypes ``v`` is made of (through tuples, lists, sets and dicts nested at
+    most 4 deep), or -1 where it holds anything else or more than ``budget`` of them."""
     if isinstance(v, _PLAIN_SCALARS):
         return 1
-    if isinstance(v, dict):
-        v = [x for kv in v.items() for x in kv]
-    elif not isinstance(v, _CONTAINERS) or len(v) > budget:
+    if depth >= 4 or not isinstance(v, _CONTAINERS) or len(v) > budget:
         return -1
     total = 0
-    for x in v:
-        k = _plain_leaves(x, budget - total)
+    for x in [y for kv in v.items() for y in kv] if isinstance(v, dict) else v:
+        k = _plain_leaves(x, budget - total, depth + 1)
         if k < 0 or total + k > budget:
             return -1
         total += k
@@ -2582,29 +2580,26 @@ def _plain_settings(mods: Sequence[nn.Module]) -> list[tuple[int, str, str, Any]
 
 
 def _loss_snapshot(loss_fn: LossFn) -> LossFn | None:
-    """The loss as it is now, for a float32 operator's float64 copy made later: a loss module without
-    submodules, shallow-copied with its buffers (class weights) cloned -- up to 4M numbers each; a larger
-    one stays shared -- or a ``functools.partial`` with its tensor keywords cloned; None for anything else
-    (a plain function: nothing to change; the live loss is used). Never a deep copy: a loss may reach a
-    trainer, its data and the model (``partial(trainer.loss)``)."""
+    """The loss as it is now, for a float32 operator's float64 copy made later: a copy of a loss module
+    (its buffers, tensors, settings and submodules), or a ``functools.partial`` with its tensor arguments
+    cloned and its function copied where that is a module -- not what a bound method's object reaches
+    (``partial(trainer.loss)`` would copy the trainer, its data and the model); None for a plain function
+    or a closure (the live loss is used: what it reads is not copied) or a loss that cannot be copied."""
     loss_fn = uncompiled(loss_fn)
-
-    def kept(t: Any) -> Any:
-        return t.detach().clone() if isinstance(t, Tensor) and t.numel() <= 2**22 else t
-
     if isinstance(loss_fn, functools.partial):
-        return functools.partial(
-            loss_fn.func, *loss_fn.args, **{k: kept(v) for k, v in loss_fn.keywords.items()}
-        )
-    if isinstance(loss_fn, nn.Module) and not loss_fn._modules:
-        new = copy.copy(loss_fn)
-        new._buffers = {k: kept(b) for k, b in loss_fn._buffers.items()}
-        new._parameters = dict(loss_fn._parameters)
-        for k, v in vars(loss_fn).items():  # plain settings in containers: not shared
-            if k not in _MODULE_INTERNALS and isinstance(v, (list, dict, set)):
-                setattr(new, k, copy.deepcopy(v) if _plain_leaves(v, _PLAIN_MAX_LEAVES) >= 0 else v)
-        return new
-    return None
+        func = _loss_snapshot(loss_fn.func) if isinstance(loss_fn.func, nn.Module) else loss_fn.func
+
+        def kept(t: Any) -> Any:
+            return t.detach().clone() if isinstance(t, Tensor) else t
+
+        args, kw = [kept(a) for a in loss_fn.args], {k: kept(v) for k, v in loss_fn.keywords.items()}
+        return functools.partial(func if func is not None else loss_fn.func, *args, **kw)
+    if not isinstance(loss_fn, nn.Module):
+        return None
+    try:
+        return copy.deepcopy(loss_fn)
+    except Exception:  # noqa: BLE001 - an object deepcopy cannot copy (a lock, a generator): the live loss
+        return None
 
 
 def _fingerprint(t: Tensor) -> tuple:

@@ -24,6 +24,7 @@ import copy
 import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +108,14 @@ def loss_in_dtype(loss_fn: Callable, dtype: torch.dtype) -> Callable:
     anything else returned as is."""
     if isinstance(loss_fn, nn.Module) and any(b.is_floating_point() for b in loss_fn.buffers()):
         return copy.deepcopy(loss_fn).to(dtype)
+    if isinstance(loss_fn, functools.partial):  # (its floating tensors: partial(F.cross_entropy, weight=w))
+
+        def cast(t: Any) -> Any:
+            return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+
+        func = loss_in_dtype(loss_fn.func, dtype)
+        args, kw = [cast(a) for a in loss_fn.args], {k: cast(v) for k, v in loss_fn.keywords.items()}
+        return functools.partial(func, *args, **kw)
     return loss_fn
 
 
@@ -207,7 +216,7 @@ def sums_examples(loss_fn: Callable, outputs: Tensor, targets: Tensor) -> bool |
             moved = outputs + (1.0 + float(outputs.abs().max())) * noise
             try:
                 one, outputs = float(loss_fn(moved, targets)), moved
-            except (RuntimeError, ValueError):  # outside the loss's domain (probabilities beyond [0, 1])
+            except Exception:  # noqa: BLE001 - outside the loss's domain (probabilities beyond [0, 1])
                 return None
         two = float(loss_fn(torch.cat([outputs, outputs]), torch.cat([targets, targets])))
     if not (math.isfinite(one) and math.isfinite(two)) or abs(one) <= 1e-30:
