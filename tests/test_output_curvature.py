@@ -338,3 +338,58 @@ def test_plain_settings_that_refer_to_themselves_or_loss_values_that_are_numbers
     y[1] = -999.0
     rows = hessinv.Chain(m.double(), loss).per_example_gradients(X.double(), y.double())
     assert rows is not None and not bool(rows[1].any()) and bool(rows[0].any())
+
+
+class _Weighted(nn.Module):
+    """A loss whose class weights are a frozen Parameter or a plain tensor attribute, not a buffer."""
+
+    def __init__(self, as_parameter: bool):
+        super().__init__()
+        w = torch.tensor([1.0, 2.0, 0.5])
+        self.w = nn.Parameter(w, requires_grad=False) if as_parameter else w
+
+    def forward(self, o, t):
+        return nn.functional.cross_entropy(o, t, weight=self.w)
+
+
+@pytest.mark.parametrize("case", ["nested_partial", "parameter_weight", "attribute_weight", "locked"])
+def test_a_float32_operator_s_loss_copies_of_a_sixth_review(case):
+    """An inner partial that Python does not flatten kept its tensors shared (solve 2.5x off after an
+    edit, silently); class weights held as a frozen Parameter or a plain attribute stayed float32 in the
+    float64 copy (every refined solve refused); a loss module deepcopy cannot copy raised a raw TypeError."""
+    import functools
+    import threading
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3))
+    X, y = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    if case == "nested_partial":
+        inner = functools.partial(nn.functional.cross_entropy, weight=torch.tensor([1.0, 2.0, 0.5]))
+        inner.note = "attributes keep Python from flattening it"
+        loss = functools.partial(inner, reduction="sum")
+    elif case == "locked":
+        loss = _Weighted(as_parameter=False)
+        loss.register_buffer("unused", torch.ones(3))  # (a floating buffer: the float64 copy converts it)
+        loss.lock = threading.Lock()
+    else:
+        loss = _Weighted(as_parameter=case == "parameter_weight")
+    H = hessinv.hessian(m, loss, X, y)
+    if case == "locked":  # (no copy of the loss in float64: a named error with the remedy)
+        with pytest.raises(hessinv.HessinvError, match="float64"):
+            H.factor(0.5).solve(H.gradient)
+        return
+    want = hessinv.hessian(m, loss, X, y).factor(0.5).solve(H.gradient)
+    if case == "nested_partial":
+        inner.keywords["weight"].mul_(torch.tensor([3.0, 0.1, 1.0]))
+    assert _rel(H.factor(0.5).solve(H.gradient).double(), want.double()) < 1e-6
+
+
+def test_sums_examples_of_a_loss_sized_for_the_whole_batch_cannot_tell():
+    """A partial with per-example weights of the batch's size cannot take two examples: a raw RuntimeError
+    from the sum-or-mean test (a sixth review); now "cannot tell" (None), as for any loss it cannot read."""
+    import functools
+
+    from hessinv.stages.losses import sums_examples
+
+    loss = functools.partial(nn.functional.binary_cross_entropy_with_logits, weight=torch.rand(8, 1))
+    assert sums_examples(loss, torch.randn(2, 1), torch.rand(2, 1)) is None

@@ -2587,7 +2587,8 @@ def _loss_snapshot(loss_fn: LossFn) -> LossFn | None:
     or a closure (the live loss is used: what it reads is not copied) or a loss that cannot be copied."""
     loss_fn = uncompiled(loss_fn)
     if isinstance(loss_fn, functools.partial):
-        func = _loss_snapshot(loss_fn.func) if isinstance(loss_fn.func, nn.Module) else loss_fn.func
+        inner = isinstance(loss_fn.func, (nn.Module, functools.partial))  # (not a bound method's object)
+        func = _loss_snapshot(loss_fn.func) if inner else loss_fn.func
 
         def kept(t: Any) -> Any:
             return t.detach().clone() if isinstance(t, Tensor) else t

@@ -106,8 +106,21 @@ def loss_in_dtype(loss_fn: Callable, dtype: torch.dtype) -> Callable:
     """``loss_fn`` for a model converted to ``dtype``: a loss module with floating buffers
     (``CrossEntropyLoss(weight=...)``, ``BCEWithLogitsLoss(pos_weight=...)``) is copied and converted,
     anything else returned as is."""
-    if isinstance(loss_fn, nn.Module) and any(b.is_floating_point() for b in loss_fn.buffers()):
-        return copy.deepcopy(loss_fn).to(dtype)
+    if isinstance(loss_fn, nn.Module):
+        attrs = [(m, k) for m in loss_fn.modules() for k, v in vars(m).items() if isinstance(v, Tensor)]
+        held = [*loss_fn.buffers(), *loss_fn.parameters(), *(getattr(m, k) for m, k in attrs)]
+        if not any(t.is_floating_point() and t.dtype != dtype for t in held):
+            return loss_fn
+        try:
+            new = copy.deepcopy(loss_fn)
+        except Exception:  # noqa: BLE001 - not copyable (a lock): as it is (a dtype error names the fix)
+            return loss_fn
+        new = new.to(dtype)
+        for m in new.modules():  # plain tensor attributes too (Module.to leaves them)
+            for k, v in list(vars(m).items()):
+                if isinstance(v, Tensor) and v.is_floating_point():
+                    setattr(m, k, v.to(dtype))
+        return new
     if isinstance(loss_fn, functools.partial):  # (its floating tensors: partial(F.cross_entropy, weight=w))
 
         def cast(t: Any) -> Any:
@@ -207,18 +220,19 @@ def sums_examples(loss_fn: Callable, outputs: Tensor, targets: Tensor) -> bool |
         return True
     if red is not None:  # 'none': refused where the loss is evaluated
         return None
-    with torch.no_grad():
-        one = float(loss_fn(outputs, targets))
-        if not abs(one) > 1e-30 and outputs.is_floating_point():
-            # examples the model fits exactly have a zero loss either way: away from them it tells
-            gen = torch.Generator(device=outputs.device).manual_seed(0)
-            noise = torch.randn(outputs.shape, generator=gen, dtype=outputs.dtype, device=outputs.device)
-            moved = outputs + (1.0 + float(outputs.abs().max())) * noise
-            try:
-                one, outputs = float(loss_fn(moved, targets)), moved
-            except Exception:  # noqa: BLE001 - outside the loss's domain (probabilities beyond [0, 1])
-                return None
-        two = float(loss_fn(torch.cat([outputs, outputs]), torch.cat([targets, targets])))
+    try:  # (a loss that cannot take a few examples, or twice them, or outputs moved off its domain:
+        # probabilities beyond [0, 1], weights sized for the whole batch -- cannot tell)
+        with torch.no_grad():
+            one = float(loss_fn(outputs, targets))
+            if not abs(one) > 1e-30 and outputs.is_floating_point():
+                # examples the model fits exactly have a zero loss either way: away from them it tells
+                gen = torch.Generator(device=outputs.device).manual_seed(0)
+                noise = torch.randn(outputs.shape, generator=gen, dtype=outputs.dtype, device=outputs.device)
+                outputs = outputs + (1.0 + float(outputs.abs().max())) * noise
+                one = float(loss_fn(outputs, targets))
+            two = float(loss_fn(torch.cat([outputs, outputs]), torch.cat([targets, targets])))
+    except Exception:  # noqa: BLE001
+        return None
     if not (math.isfinite(one) and math.isfinite(two)) or abs(one) <= 1e-30:
         return None
     r = two / one
