@@ -393,3 +393,18 @@ def test_sums_examples_of_a_loss_sized_for_the_whole_batch_cannot_tell():
 
     loss = functools.partial(nn.functional.binary_cross_entropy_with_logits, weight=torch.rand(8, 1))
     assert sums_examples(loss, torch.randn(2, 1), torch.rand(2, 1)) is None
+
+
+def test_full_batch_training_of_a_convolution_does_not_take_a_trust_region_it_cannot_afford():
+    """The trust region's cost gate priced a product as 8 B p flops: a convolution's 84 parameters are
+    shared by 4096 positions, so a full-batch denoiser on 3 x 64 x 64 images took the trust region at
+    2.6 s per step (Adam: 5 ms). A product now costs at least the stage's inputs and outputs."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1))
+    X = torch.randn(32, 3, 64, 64)
+    opt = hessinv.optim.Newton(m, nn.MSELoss(), seed=0)
+    for _ in range(2):
+        opt.step(X, X.roll(1, 2))  # the same batch twice: full-batch training
+    assert opt.mode == "precondition"
+    chain, dense = hessinv.curvature._factorization_costs([84], [3 * 64 * 64], [32], 32 * 3 * 64 * 64)
+    assert dense >= 84 * 8 * 32 * 2 * 3 * 64 * 64  # n products through 2 x 12288 activations per example

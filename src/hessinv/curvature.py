@@ -212,7 +212,8 @@ def _factorization_costs(
     a_l + p_l a_l^2)`` with ``a_l = batches[l] * widths[l]`` (stage ``l``'s input width; 0 at the first
     stage with parameters), plus the loss's coupling of the ``outputs`` (examples x outputs each) through
     the last stage with parameters (``p a^2 + 2 p^2 a``: an image's pixels), the dense route's ``n^3 / 3``
-    plus ``n`` products of ``sum_l 8 B_l p_l``."""
+    plus ``n`` products of ``sum_l 8 B_l max(p_l, d_in + d_out)`` (a convolution's weights are shared by
+    its positions: a product costs about its inputs and outputs, not its few parameters)."""
     first = next((l for l, p in enumerate(sizes) if p), 0)
     chain = sum(
         p**3 / 3 + 2 * p**2 * a + p * a * a
@@ -223,7 +224,9 @@ def _factorization_costs(
     last = next((p for p in reversed(sizes) if p), 0)
     chain += last * float(outputs) ** 2 + 2.0 * last**2 * outputs
     n = sum(sizes)
-    return chain, n**3 / 3 + n * sum(8.0 * p * b for p, b in zip(sizes, batches, strict=True))
+    outs = [*widths[1:], outputs / max(batches[-1], 1) if batches else 0]  # (each stage's output width)
+    product = sum(8.0 * max(p, w + o) * b for p, w, o, b in zip(sizes, widths, outs, batches, strict=True))
+    return chain, n**3 / 3 + n * product
 
 
 def _block_costs(blocks: Sequence[Blocks]) -> tuple[float, float]:
