@@ -72,6 +72,7 @@ from hessinv.stages.generic import (
     MISSING,
     IdentityBlocks,
     LazyBlocks,
+    _grads,
     hook_dicts,
     mixing_error,
     same_value,
@@ -1111,9 +1112,9 @@ def _loss_output_gradient(loss: Callable[[Tensor, Tensor], Tensor], o: Tensor, t
     with torch.enable_grad():
         o = o.detach().requires_grad_(True)
         value = loss(o, t)
-        if not isinstance(value, Tensor) or not value.requires_grad:  # (a constant for this example)
+        if not isinstance(value, Tensor):  # (a Python number for this example: a constant)
             return torch.zeros_like(o)
-        return torch.autograd.grad(value, o, allow_unused=True, materialize_grads=True)[0]
+        return _grads(value, [o])[0]  # (zeros where it does not depend on o)
 
 
 class Chain:

@@ -295,15 +295,20 @@ def _check_model_inputs(inputs: Any, params: list[Tensor], what: str = "inputs")
 def _shuffles(loader: Any) -> bool:
     """Whether a ``torch.utils.data.DataLoader`` draws its examples in a random order (``shuffle=True``,
     a random, subset-random or weighted sampler, a shuffling ``DistributedSampler``)."""
-    from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+    from torch.utils.data import (
+        DataLoader,
+        DistributedSampler,
+        RandomSampler,
+        SubsetRandomSampler,
+        WeightedRandomSampler,
+    )
 
     if not isinstance(loader, DataLoader):
         return False
-    batch_sampler = loader.batch_sampler
-    for sampler in (loader.sampler, getattr(batch_sampler, "sampler", None)):
+    for sampler in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
         if isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)):
             return True
-        if type(sampler).__name__ == "DistributedSampler" and getattr(sampler, "shuffle", False):
+        if isinstance(sampler, DistributedSampler) and sampler.shuffle:
             return True
     return False
 

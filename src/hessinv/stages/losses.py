@@ -438,19 +438,16 @@ class LossStage:
         else:
             self.kind, self.q, self.scale = "autograd", None, 1.0
             fn = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
+            elementwise = _torch_forward(fn, _ELEMENTWISE) or fn in _ELEMENTWISE_FUNCTIONS
             # a sum (or mean) of one term per output entry: its Lambda is diagonal
-            self.elementwise = plain_module(loss_fn) and (
-                _torch_forward(fn, _ELEMENTWISE) or fn in _ELEMENTWISE_FUNCTIONS
-            )
+            self.elementwise = plain_module(loss_fn) and elementwise
             # a cross-entropy over axis 1 (per position, or class-weighted): a softmax form per position
             self.softmax_classes = (
                 plain_module(loss_fn)
                 and (_torch_forward(fn, (nn.CrossEntropyLoss,)) or fn is F.cross_entropy)
                 and output.dim() >= 2
             )
-            if (
-                _torch_forward(fn, _ELEMENTWISE) or fn in _ELEMENTWISE_FUNCTIONS
-            ) and targets.shape != output.shape:
+            if elementwise and targets.shape != output.shape:
                 hint = (
                     f"; reshape them: targets.view({', '.join(['-1', *map(str, output.shape[1:])])})"
                     if targets.numel() == output.numel()
