@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -112,3 +113,79 @@ def test_tables_under_the_older_weight_norm_and_spectral_norm_hooks():
         net = nn.Sequential(spectral_norm(nn.Embedding(40, 6)), nn.Flatten(), nn.Linear(18, 4))
         opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0, mode="precondition")
         assert [o for o, _, _ in opt.preconditioner.basis.blocks] == [240]
+
+
+class _Tokens(nn.Module):
+    """Token and position tables summed, a padding token, a tanh MLP per position, mean-pooled."""
+
+    def __init__(self, V=30, D=4, tie=False):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(V, D, padding_idx=3), nn.Embedding(5, D)
+        self.mix = nn.Linear(D, D)
+        self.tie = tie
+        if tie:  # the token table also read as a Linear's weight: autograd's rows are not a scatter
+            self.head = nn.Linear(D, V, bias=False)
+            self.head.weight = self.tok.weight
+
+    def forward(self, x):
+        h = torch.tanh(self.mix(self.tok(x) + self.pos(torch.arange(x.shape[1]))))
+        return self.head(h).mean(1) if self.tie else h.mean(1)
+
+
+def _autograd_gauss_newton(net, loss_fn, X, y):
+    """J^T H J by plain autograd: J the Jacobian of the outputs in the trainable parameters (a backward
+    pass per output entry), H the loss's Hessian in the outputs."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    out = net(X)
+    rows = []
+    for e in range(out.numel()):
+        seed = torch.zeros(out.numel(), dtype=out.dtype)
+        seed[e] = 1
+        gs = torch.autograd.grad(out, params, seed.view_as(out), retain_graph=True, allow_unused=True)
+        rows.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).reshape(-1)
+                    for g, p in zip(gs, params, strict=True)
+                ]
+            )
+        )
+    J = torch.stack(rows)
+    H = torch.autograd.functional.hessian(lambda o: loss_fn(o.view_as(out), y), out.detach().reshape(-1))
+    return J.T @ H @ J
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_lookup_table_rows_are_scattered_and_equal_autograd(monkeypatch, tie):
+    """The Gauss-Newton root's rows of an Embedding's table are the signal at its output scattered into
+    the batch's token rows (no batched backward pass into a dense table per row), padding_idx's row
+    zero, repeated tokens summed; G = U^T S U equals the plain-autograd Gauss-Newton matrix. A table
+    also read as a Linear's weight (tied) is not a scatter: autograd's rows, still exact."""
+    import hessinv
+    import hessinv.stages.generic as Gm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(_Tokens(tie=tie), nn.Tanh(), nn.Linear(30 if tie else 4, 6)).double()
+    X = torch.randint(0, 30, (6, 4))
+    X[0, 1] = X[1, 2] = 3  # the padding token
+    X[2, 0] = X[2, 3]  # a token twice in one example
+    y = torch.randint(0, 6, (6,))
+    loss_fn = nn.CrossEntropyLoss()
+    table = net[0].tok.weight
+    asked = []
+    real = Gm._backward_rows
+
+    def spy(out, wrt, n, seeds, batched):
+        asked.append((n, any(t is table for t in wrt)))
+        return real(out, wrt, n, seeds, batched)
+
+    monkeypatch.setattr(Gm, "_backward_rows", spy)
+    U, S = hessinv.gauss_newton(net, loss_fn, X, y).root(factors=[])
+    monkeypatch.undo()
+    assert any(n > 1 and has for n, has in asked) == tie  # scattered unless tied
+    G = U.T @ (S[:, None] * U)
+    G_ref = _autograd_gauss_newton(net, loss_fn, X, y)
+    assert torch.allclose(G, G_ref, atol=1e-12 * float(G_ref.abs().max()), rtol=0)
+    if not tie:
+        rows_pad = U[:, 3 * 4 : 4 * 4]  # padding_idx 3's row of the table (the first parameter)
+        assert bool((rows_pad == 0).all())

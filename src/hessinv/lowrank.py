@@ -314,6 +314,10 @@ def _pair_gram(T: Tensor, idx: Tensor, w: Tensor) -> Tensor:
 _STRUCTURED_SOLVE = 2048
 
 
+#: columns per block of :meth:`WoodburyFactor._live_columns`' scan for zero columns
+_SCAN_COLUMNS = 2**14
+
+
 class WoodburyFactor:
     """``D + U^T diag(S) U`` factored through ``K = diag(S) + U D^{-1} U^T`` (r x r, float64).
 
@@ -390,9 +394,11 @@ class WoodburyFactor:
                     for a, b in zip(starts, ends, strict=True):
                         lo, hi = int(cols[a]), int(cols[b - 1]) + 1
                         # (a column's largest |entry| is nonzero: 3x faster than ne(0).any(0) across
-                        # rows; NaN stays live)
-                        if self.U.shape[0]:
-                            nz[lo:hi] = ~(self.U[:, lo:hi].abs().amax(0) == 0)
+                        # rows; NaN stays live), over blocks of columns that stay in cache (3x faster
+                        # than at once on an Embedding(50000, 64)'s 80 rows)
+                        for a in range(lo, hi, _SCAN_COLUMNS) if self.U.shape[0] else ():
+                            b = min(a + _SCAN_COLUMNS, hi)
+                            nz[a:b] = ~(self.U[:, a:b].abs().amax(0) == 0)
                 self._columns["nonzero"] = nz
             keep &= self._columns["nonzero"]
             if bool(keep.all()):

@@ -657,10 +657,13 @@ class LazyBlocks(Blocks):
         mods = list(stage.module.modules())
         # plain tensor attributes as they are before the call (a memo the call creates is the call's own)
         self._plain = [v for m in mods for v in vars(m).values() if isinstance(v, Tensor)]
-        # the calls of its plain nn.Linear layers (input, output, the output's version), for jxT_rows
+        # the calls of its plain nn.Linear and nn.Embedding layers (input, output, the output's version),
+        # for jxT_rows
         self._linear_calls: list[tuple[nn.Module, Tensor | None, Tensor | None, int]] = []
         self._linears: list[tuple[int, Tensor, Tensor]] | None = None
-        record = [m for m in mods if _plain_linear(m, stage.params)]
+        # (weight index, token ids, output, padding_idx)
+        self._tables: list[tuple[int, Tensor, Tensor, int | None]] = []
+        record = [m for m in mods if _plain_linear(m, stage.params) or _plain_embedding(m, stage.params)]
         handles = [m.register_forward_hook(self._record_linear) for m in record]
         try:
             with torch.enable_grad():
@@ -699,7 +702,8 @@ class LazyBlocks(Blocks):
         """``(weight index in stage.params, z, u)`` of each ``nn.Linear`` called once
         on a (B, m) input of this batch, its output ``u`` not edited in place afterwards: the candidates
         whose Gauss-Newton rows :meth:`jxT_rows` checks against the outer products ``t z^T`` of the signal
-        ``t`` at ``u`` and the input ``z``."""
+        ``t`` at ``u`` and the input ``z``. The same for each ``nn.Embedding`` called once on token ids
+        of this batch (``z``: the ids), into :attr:`_tables`: rows scattered into the rows of the tokens."""
         if self._linears is None:
             self._linears = []
             calls: dict[int, list] = {}
@@ -708,9 +712,15 @@ class LazyBlocks(Blocks):
             index = {id(p): i for i, p in enumerate(self.stage.params)}
             for seen in calls.values():
                 m, z, u, version = seen[0]
-                if len(seen) == 1 and z is not None and z.dim() == 2 and z.shape[0] == self.batch:
-                    if u._version == version and u.requires_grad:
-                        self._linears.append((index[id(m.weight)], z.detach(), u))
+                if len(seen) != 1 or z is None or z.dim() < 1 or z.shape[0] != self.batch:
+                    continue
+                if u._version != version or not u.requires_grad:
+                    continue
+                if isinstance(m, nn.Embedding):
+                    if not z.is_floating_point() and not z.is_complex():
+                        self._tables.append((index[id(m.weight)], z.detach(), u, m.padding_idx))
+                elif z.dim() == 2:
+                    self._linears.append((index[id(m.weight)], z.detach(), u))
             self._linear_calls = []
         return self._linears
 
@@ -735,16 +745,20 @@ class LazyBlocks(Blocks):
         out as autograd gives them, rotated where ``rotation`` names them. None where the stage has no
         such layer or has dense blocks already (the caller's ``jxT``)."""
         linears = self._structured_linears() if self._dense_blocks is None else []
+        tables = self._tables if self._dense_blocks is None else []
         k = s.shape[-1]
-        if not linears or k == 0:
+        if not (linears or tables) or k == 0:
             return None
         self._unchanged()
         params = self.stage.params
         seeds = s.permute(2, 0, 1).reshape(k, *self._out.shape)
         rows_of = lambda wrt: _backward_rows(self._out, wrt, k, lambda j, c: seeds[j : j + c], True)  # noqa: E731
         cand = {w for w, _, _ in linears}
-        rest = [i for i in range(len(params)) if i not in cand]
-        got = rows_of([*(params[i] for i in rest), self._z, *(u for _, _, u in linears)])
+        cand_tables = {w for w, *_ in tables}
+        rest = [i for i in range(len(params)) if i not in cand and i not in cand_tables]
+        got = rows_of(
+            [*(params[i] for i in rest), self._z, *(u for _, _, u in linears), *(t[2] for t in tables)]
+        )
         if got is None:  # no batching rule for an operation in the stage: the caller's jxT (dense blocks)
             return None
         offsets = [0]
@@ -755,19 +769,34 @@ class LazyBlocks(Blocks):
             out[:, offsets[i] : offsets[i + 1]] = g.reshape(k, -1)
         q = torch.arange(k, device=s.device)
         outer = {}  # weight -> (t (B, d, k), z (B, m)) where t is nonzero at the row's own example only
-        for (w, z, _), tu in zip(linears, got[len(rest) + 1 :], strict=True):
+        for (w, z, _), tu in zip(linears, got[len(rest) + 1 : len(rest) + 1 + len(linears)], strict=True):
             t = tu.permute(1, 2, 0)
             if own is not None and own_rows_only(t, own):
                 outer[w] = (t, z.to(t.dtype))
+        # a lookup table's rows: the signal at its output scattered into the rows of the batch's tokens
+        # (an Embedding(50000, 64)'s rows without a batched backward pass into a dense table per row)
+        scattered = {
+            w: (_table_rows(ids, pad), tu.reshape(k, -1, params[w].shape[1]))
+            for (w, ids, _, pad), tu in zip(tables, got[len(rest) + 1 + len(linears) :], strict=True)
+        }
         # checked against autograd: the weights' gradients for one random combination c of the k columns
-        # equal sum_q c_q t_q z_q^T (a weight read elsewhere too, a hook on u, ... fail it)
-        if outer:
+        # equal sum_q c_q t_q z_q^T (a weight read elsewhere too, a hook on u, ... fail it); a table's,
+        # the scatter of sum_q c_q t_q
+        if outer or scattered:
             c = torch.randn(k, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
             c = c.to(device=s.device, dtype=seeds.dtype)
             seed_c = torch.tensordot(c, seeds, dims=1)
-            ws = list(outer)
+            ws = [*outer, *scattered]
             gs = _grads(self._out, [params[w] for w in ws], seed=seed_c)
             for w, g in zip(ws, gs, strict=True):
+                if w in scattered:
+                    (ids, keep), t = scattered[w]
+                    tc = torch.tensordot(c.to(t.dtype), t, dims=1).double()  # (tokens, D)
+                    want = tc.new_zeros(params[w].shape).index_add_(0, ids[keep], tc[keep])
+                    bound = 64 * torch.finfo(g.dtype).eps * float(tc.norm()) / math.sqrt(k)
+                    if float((want - g.double()).norm()) > bound:
+                        del scattered[w]
+                    continue
                 t, z = outer[w]
                 to, zo = (t[own, :, q] * c[:, None].to(t.dtype)).double(), z[own].double()  # (k, d), (k, m)
                 # norm-wise, in float64: the rounding of the k columns' signals t and of the combination's
@@ -776,7 +805,12 @@ class LazyBlocks(Blocks):
                 bound = 64 * torch.finfo(g.dtype).eps * float((to.abs().T @ zo.abs()).norm()) / math.sqrt(k)
                 if float((to.T @ zo - g.double()).norm()) > bound:
                     del outer[w]
-        failed = [w for w in sorted(cand) if w not in outer]
+        for w, ((ids, keep), t) in scattered.items():
+            V, D = params[w].shape
+            W = out[:, offsets[w] : offsets[w + 1]].view(k, V, D)
+            W.zero_()
+            W.index_add_(1, ids[keep], t[:, keep].to(out.dtype))
+        failed = [w for w in sorted(cand | cand_tables) if w not in outer and w not in scattered]
         if failed:
             more = rows_of([params[w] for w in failed])
             if more is None:
@@ -851,7 +885,7 @@ class LazyBlocks(Blocks):
             with self._at_point():
                 self._dense_blocks = self.stage.dense_blocks(self._z_in, self._b_out, self.second_order)
             self._out = self._z = self._g = None  # the graph is no longer needed
-            self._linears, self._linear_calls = [], []
+            self._linears, self._linear_calls, self._tables = [], [], []
         return self._dense_blocks
 
     @contextlib.contextmanager
@@ -886,7 +920,7 @@ class LazyBlocks(Blocks):
             return
         with self._at_point(), torch.enable_grad():
             self._out = self._call(self._z)
-        self._g, self._memo, self._linears, self._linear_calls = None, None, [], []
+        self._g, self._memo, self._linears, self._linear_calls, self._tables = None, None, [], [], []
         self._versions = self._graph_versions()
 
     def _vjp(self, s: Tensor, which: str) -> Tensor:
@@ -1235,6 +1269,22 @@ def _plain_linear(m: nn.Module, params: list[Tensor]) -> bool:
     if not isinstance(m, nn.Linear) or "weight" not in m._parameters:
         return False  # (a parametrized weight is a property computed from others)
     return m.weight.dim() == 2 and any(p is m.weight for p in params)
+
+
+def _plain_embedding(m: nn.Module, params: list[Tensor]) -> bool:
+    """``m`` is an ``nn.Embedding`` whose 2-D weight is among ``params`` and that reads its rows as they
+    are (no ``max_norm``, which renormalizes them in place): a candidate for :meth:`LazyBlocks.jxT_rows`'
+    scattered rows (which it checks against autograd's)."""
+    if not isinstance(m, nn.Embedding) or "weight" not in m._parameters or m.max_norm is not None:
+        return False
+    return m.weight.dim() == 2 and any(p is m.weight for p in params)
+
+
+def _table_rows(ids: Tensor, padding_idx: int | None) -> tuple[Tensor, Tensor]:
+    """``(flat, keep)``: an Embedding's token ids flattened, and which of them its gradient reaches (all
+    but ``padding_idx``, whose row autograd leaves at zero)."""
+    flat = ids.reshape(-1)
+    return flat, (flat != padding_idx) if padding_idx is not None else torch.ones_like(flat, dtype=torch.bool)
 
 
 def held_tensors(modules: Any, plain: bool = True) -> list[Tensor]:
