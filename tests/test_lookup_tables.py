@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -189,3 +191,59 @@ def test_lookup_table_rows_are_scattered_and_equal_autograd(monkeypatch, tie):
     if not tie:
         rows_pad = U[:, 3 * 4 : 4 * 4]  # padding_idx 3's row of the table (the first parameter)
         assert bool((rows_pad == 0).all())
+
+
+def test_preconditioner_leaves_table_columns_unwritten_and_solves_as_the_full_root():
+    """The optimizer's root hands a lookup table over as the columns of the batch's tokens (``tables``):
+    U's table columns are never written nor read. Its solves, its damping updates and its columns equal
+    those of the factor of the fully written root (float64, to rounding); a checkpoint written then
+    resumes bit-identically."""
+    from hessinv.lowrank import WoodburyFactor
+
+    torch.manual_seed(0)
+    V = 500
+    net = nn.Sequential(
+        nn.Embedding(V, 8, padding_idx=0), nn.Flatten(), nn.Linear(24, 96), nn.Tanh(), nn.Linear(96, 5)
+    ).double()
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randint(0, V, (16, 3), generator=g), torch.randint(0, 5, (16,), generator=g)) for _ in range(8)
+    ]
+    opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0, mode="precondition", curvature_batch_size=4)
+    for X, y in batches[:3]:
+        opt.step(X, y)
+    pre = opt.preconditioner
+    f = pre._factor
+    assert f.tables and f.structured_only  # the table's and the wide Linear's columns unwritten
+    ((off, size, cols, vals),) = f.tables
+    assert (off, size) == (0, V * 8) and cols.numel() <= 4 * 3 * 8
+    # the same root, fully written
+    U_full = f.columns(torch.arange(f.U.shape[1]))
+    full = WoodburyFactor(U_full, f.S, f.D)
+    R = torch.randn(f.U.shape[1], 3, generator=g, dtype=torch.float64)
+    x, x_ref = f.solve(R.clone()), full.solve(R.clone())
+    assert torch.allclose(x, x_ref, rtol=0, atol=1e-10 * float(x_ref.abs().max()))
+    assert f.inertia == full.inertia and abs(f.logdet() - full.logdet()) < 1e-8 * abs(full.logdet())
+    idx = torch.cat([cols[:5], torch.tensor([size - 1, size + 3])])  # seen tokens, an unseen one, beyond
+    values = f.D[idx] * 3
+    f2 = copy.copy(f)
+    f2.update_damping(idx, values)
+    full.update_damping(idx, values)
+    assert torch.allclose(
+        f2.solve(R.clone()), full.solve(R.clone()), rtol=0, atol=1e-10 * float(x_ref.abs().max())
+    )
+    # resume from a checkpoint taken now: the same steps as the uninterrupted run
+    saved_model = {k: v.clone() for k, v in net.state_dict().items()}
+    saved_opt = opt.state_dict()
+    for X, y in batches[3:]:
+        opt.step(X, y)
+    net2 = nn.Sequential(
+        nn.Embedding(V, 8, padding_idx=0), nn.Flatten(), nn.Linear(24, 96), nn.Tanh(), nn.Linear(96, 5)
+    ).double()
+    net2.load_state_dict(saved_model)
+    opt2 = ho.Newton(net2, nn.CrossEntropyLoss(), seed=7, mode="precondition", curvature_batch_size=4)
+    opt2.load_state_dict(saved_opt)
+    for X, y in batches[3:]:
+        opt2.step(X, y)
+    for a, b in zip(net.parameters(), net2.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -1843,7 +1843,7 @@ class Chain:
                 b = blk.jzT(b)
             blocks.insert(0, blk)
         gradient = torch.cat(grads[::-1])
-        if not torch.isfinite(gradient).all():
+        if not linalg.all_finite(gradient):
             raise NonFiniteError("the gradient contains NaN or infinity")
         self._check_gradient(inputs, targets, gradient, float(loss))
         return Linearization(blocks, gradient, loss, self.sizes[first:], blocks[0].d_in, first)

@@ -1549,12 +1549,13 @@ class GaussNewton(CurvatureOperator):
         factors: list | None = None,
         max_rows: int | None = None,
         structured_only: bool = False,
+        tables: list | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``(U, S)``: ``G = U^T diag(S) U``, ``U`` of shape (r, n) (one backward sweep with ``r``
         right-hand sides, :func:`hessinv.lowrank.gauss_newton_root`; cached). With ``rotation``, ``U``'s
         rows in that basis; ``factors`` receives the Linear weights' outer-product structure; ``max_rows``
         truncates each example's output curvature to its leading eigenpairs so that ``r <= max(max_rows,
-        B)`` (then ``U^T S U`` approximates ``G``); ``structured_only``: as
+        B)`` (then ``U^T S U`` approximates ``G``); ``structured_only`` and ``tables``: as
         :func:`hessinv.lowrank.gauss_newton_root` (none of these results is cached)."""
         if rotation is not None and not callable(rotation):
             raise InvalidArgumentError(
@@ -1563,7 +1564,7 @@ class GaussNewton(CurvatureOperator):
             )
         if rotation is not None or factors is not None or max_rows is not None:
             return gauss_newton_root(
-                self.blocks, self.dtype, self.device, rotation, factors, max_rows, structured_only
+                self.blocks, self.dtype, self.device, rotation, factors, max_rows, structured_only, tables
             )
         if self._root is None:
             self._root = gauss_newton_root(self.blocks, self.dtype, self.device)

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from hessinv.errors import InvalidArgumentError, ShapeMismatchError, SingularError
+from hessinv.linalg import all_finite
 from hessinv.riccati import Inertia
 from hessinv.stages.losses import check_output_curvature_size
 from hessinv.stages.protocol import in_basis, own_rows_only
@@ -49,7 +50,12 @@ __all__ = ["gauss_newton_root", "structured_gram", "WoodburyFactor"]
 
 
 def _check_damping(Dv: Tensor) -> None:
-    if not bool((Dv != 0).all()) or not bool(torch.isfinite(Dv).all()):
+    # (a positive D, the usual: its smallest entry tells both at once)
+    if Dv.numel() and Dv.is_floating_point():
+        lo, hi = (float(x) for x in torch.aminmax(Dv))
+        if lo > 0 and math.isfinite(hi):
+            return
+    if not bool((Dv != 0).all()) or not all_finite(Dv):
         raise SingularError(
             "the diagonal damping has a zero or non-finite entry: D + G is singular there -- "
             "use a damping with every entry > 0",
@@ -70,6 +76,7 @@ def gauss_newton_root(
     factors: list | None = None,
     max_rows: int | None = None,
     structured_only: bool = False,
+    tables: list | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(U, S)`` with ``G = U^T diag(S) U`` for the Gauss-Newton matrix of ``blocks`` (model stages,
     then the loss stage): ``U`` is (r, n), ``S`` holds ``+-1`` (r,). See the module docstring.
@@ -78,6 +85,11 @@ def gauss_newton_root(
     solves through their factors (at least ``_STRUCTURED_SOLVE`` entries, rows known to be one example's
     each) are not written into ``U`` -- its memory there is left as allocated, never to be read: pass
     ``WoodburyFactor(..., structured_only=True)``. Writing them is most of a wide network's refresh.
+    ``tables`` (a list, with ``structured_only``) receives ``(offset, size, columns, values)`` for each
+    lookup table (``nn.Embedding``) whose columns of ``U`` are left unwritten likewise: its rows are
+    nonzero only on the ``c`` columns of the batch's tokens, ``U[:, columns] = values`` (r, c) -- pass
+    ``WoodburyFactor(..., tables=...)`` (an Embedding(50000, 64): 80 rows of 3.2M columns, 1 GB, not
+    written nor read).
 
     ``max_rows``: a budget for ``r`` (None: exact, ``r`` up to ``B C`` for ``B`` examples of ``C``
     outputs; at least one row per example is kept, so ``r <= max(max_rows, B)``). Where ``B C`` exceeds
@@ -137,9 +149,12 @@ def gauss_newton_root(
             got: list | None = [] if factors is not None else None
             cols = U[:, offsets[l] : offsets[l + 1]]
             skip = _STRUCTURED_SOLVE if structured_only and got is not None else None
-            rows = blk.jxT_rows(s, rot, got, own, out=cols, skip_from=skip)
+            tab: list | None = [] if tables is not None and skip is not None else None
+            rows = blk.jxT_rows(s, rot, got, own, out=cols, skip_from=skip, tables=tab)
             for o, t, z, verified in got if rows is not None and got else ():
                 _record_factors(factors, offsets[l] + o, (t, z), n_idx, checked=verified)
+            for o, size, c, vals in tab if rows is not None and tab else ():
+                tables.append((offsets[l] + o, size, offsets[l] + c, vals))  # type: ignore[union-attr]
             if rows is None:  # generic: (p, r) rows, rotated after
                 cols.copy_(blk.jxT(s).T)
                 for o, a, b, QL, QR in rot:
@@ -232,12 +247,30 @@ def _uncovered(n: int, factors: list, device: torch.device) -> Tensor:
     return (~covered).nonzero().flatten()
 
 
-def structured_gram(U: Tensor, S: Tensor, Dinv: Tensor, factors: list, rest: Tensor | None = None) -> Tensor:
+def _runs(cols: Tensor) -> list[tuple[int, int]]:
+    """``[(lo, hi), ...]``: the ascending column indices ``cols`` as ranges of consecutive columns."""
+    if not cols.numel():
+        return []
+    breaks = torch.nonzero(cols[1:] - cols[:-1] != 1).flatten() + 1
+    starts = torch.cat([cols.new_zeros(1), breaks]).tolist()
+    ends = torch.cat([breaks, cols.new_tensor([cols.numel()])]).tolist()
+    return [(int(cols[a]), int(cols[b - 1]) + 1) for a, b in zip(starts, ends, strict=True)]
+
+
+def structured_gram(
+    U: Tensor,
+    S: Tensor,
+    Dinv: Tensor,
+    factors: list,
+    rest: Tensor | None = None,
+    U_rest: Tensor | None = None,
+) -> Tensor:
     """``K = diag(S) + U diag(Dinv) U^T`` (r x r, float64) using the outer-product structure of the
     Linear weights' rows (``factors`` from :func:`gauss_newton_root`): with rows ``vec(T_q z_{n(q)}^T)``,
     ``K_qp += sum_i T_qi T_pi w_{n(q) n(p) i}``, ``w_{nn'} = Dinv_W (z_n o z_n')`` -- ``B^2 d m + r^2 d``
     flops per weight instead of ``r^2 d m``; the other columns (``rest``: default, all outside the
-    weights of ``factors``; a caller may leave out columns of ``U`` that are zero) by the dense product.
+    weights of ``factors``; a caller may leave out columns of ``U`` that are zero; ``U_rest``, if given, is
+    ``U[:, rest]``) by the dense product.
     Symmetric up to rounding (:class:`WoodburyFactor` symmetrizes what it is given)."""
     r, n = U.shape
     K = torch.diag(S.double())
@@ -253,7 +286,7 @@ def structured_gram(U: Tensor, S: Tensor, Dinv: Tensor, factors: list, rest: Ten
     if rest is None:
         rest = _uncovered(n, factors, U.device)
     if rest.numel():
-        Ur = U[:, rest].double()
+        Ur = (U[:, rest] if U_rest is None else U_rest).double()
         K += (Ur * Dinv64[rest]) @ Ur.T
     return K
 
@@ -344,6 +377,7 @@ class WoodburyFactor:
         factors: list | None = None,
         structured_only: bool = False,
         _columns: dict | None = None,
+        tables: list | None = None,
     ):
         self.U, self.S = U, S
         n = U.shape[1]
@@ -369,6 +403,10 @@ class WoodburyFactor:
         self._solve_factors = [f for f in self.factors or [] if f[1] * f[2] >= _STRUCTURED_SOLVE]
         # U's columns of these weights unwritten (gauss_newton_root(structured_only=True)): never read
         self.structured_only = structured_only and bool(self._solve_factors)
+        # lookup tables whose columns of U are unwritten: (offset, size, columns, values), gauss_newton_root's
+        self.tables = tables or None
+        # the columns of U never read: the solved-through weights', the tables'
+        self._unread = [*self._solve_factors, *((off, 1, size) for off, size, *_ in self.tables or ())]
         # which columns of U each product reads, by U alone (shared with with_damping's factorizations):
         # those outside the structured weights, less the columns that are zero (an Embedding's rows of
         # tokens outside the curvature batch: most of its columns)
@@ -386,26 +424,25 @@ class WoodburyFactor:
                 # outside the solved-through weights (whose columns may be unwritten; a superset of every
                 # key's columns), read contiguous runs of columns in place: no copy of U
                 nz = torch.zeros(n, dtype=torch.bool, device=self.U.device)
-                cols = _uncovered(n, self._solve_factors, self.U.device)
-                if cols.numel():
-                    breaks = torch.nonzero(cols[1:] - cols[:-1] != 1).flatten() + 1
-                    starts = torch.cat([cols.new_zeros(1), breaks]).tolist()
-                    ends = torch.cat([breaks, cols.new_tensor([cols.numel()])]).tolist()
-                    for a, b in zip(starts, ends, strict=True):
-                        lo, hi = int(cols[a]), int(cols[b - 1]) + 1
-                        # (a column's largest |entry| is nonzero: 3x faster than ne(0).any(0) across
-                        # rows; NaN stays live), over blocks of columns that stay in cache (3x faster
-                        # than at once on an Embedding(50000, 64)'s 80 rows)
-                        for a in range(lo, hi, _SCAN_COLUMNS) if self.U.shape[0] else ():
-                            b = min(a + _SCAN_COLUMNS, hi)
-                            nz[a:b] = ~(self.U[:, a:b].abs().amax(0) == 0)
+                for lo, hi in _runs(_uncovered(n, self._unread, self.U.device)):
+                    # (a column's largest |entry| is nonzero: 3x faster than ne(0).any(0) across rows;
+                    # NaN stays live), over blocks of columns that stay in cache (3x faster than at once
+                    # on an Embedding(50000, 64)'s 80 rows)
+                    for a in range(lo, hi, _SCAN_COLUMNS) if self.U.shape[0] else ():
+                        b = min(a + _SCAN_COLUMNS, hi)
+                        nz[a:b] = ~(self.U[:, a:b].abs().amax(0) == 0)
                 self._columns["nonzero"] = nz
             keep &= self._columns["nonzero"]
-            if bool(keep.all()):
+            if bool(keep.all()) and not self.tables:
                 self._columns[key] = (torch.arange(n, device=self.U.device), self.U)
             else:
                 idx = keep.nonzero().flatten()
-                self._columns[key] = (idx, self.U[:, idx])
+                cols = self.U[:, idx]
+                if self.tables:  # and the tables' columns from their values, in ascending order
+                    idx = torch.cat([idx, *(c for _, _, c, _ in self.tables)])
+                    order = torch.argsort(idx)
+                    idx, cols = idx[order], torch.cat([cols, *(v for *_, v in self.tables)], 1)[:, order]
+                self._columns[key] = (idx, cols)
         return self._columns[key]
 
     @property
@@ -428,16 +465,26 @@ class WoodburyFactor:
         return self._Ud
 
     def _full_U(self, what: str) -> None:
-        if self.structured_only:
+        if self.structured_only or self.tables:
             raise InvalidArgumentError(
-                f"{what}: U holds only the columns outside the structured Linear weights (built with "
-                "structured_only=True)"
+                f"{what}: U holds only the columns outside the structured Linear weights and lookup tables "
+                "(built with structured_only=True)"
             )
 
     def columns(self, idx: Tensor) -> Tensor:
         """``U[:, idx]``, the columns of structured weights (``structured_only``) from their factors:
-        ``U[q, off + i m + j] = T[q, i] Z[n(q), j]``."""
+        ``U[q, off + i m + j] = T[q, i] Z[n(q), j]``; a lookup table's (``tables``) from its values."""
         out = self.U[:, idx]
+        for off, size, cols, vals in self.tables or ():
+            inside = (idx >= off) & (idx < off + size)
+            if bool(inside.any()):
+                at = idx[inside]
+                fill = out.new_zeros(out.shape[0], at.numel())
+                if cols.numel():
+                    pos = torch.searchsorted(cols, at).clamp(max=cols.numel() - 1)
+                    hit = cols[pos] == at
+                    fill[:, hit] = vals[:, pos[hit]].to(out.dtype)
+                out[:, inside] = fill
         if self.structured_only:
             for off, d, m, T, Z, n_idx in self._solve_factors:
                 inside = (idx >= off) & (idx < off + d * m)
@@ -454,10 +501,10 @@ class WoodburyFactor:
         ``K``'s small eigenvalues."""
         U, S = self.U, self.S
         if self.factors:
-            rest = self._live_columns("gram", self.factors)[0]
-            return structured_gram(U, S, self._Dinv, self.factors, rest=rest)
+            rest, U_rest = self._live_columns("gram", self.factors)
+            return structured_gram(U, S, self._Dinv, self.factors, rest=rest, U_rest=U_rest)
         rest, U_rest = self._rest, self._U_rest
-        if 2 * rest.numel() < U.shape[1]:  # mostly zero columns: the Gram matrix of the others
+        if self.tables or 2 * rest.numel() < U.shape[1]:  # mostly zero columns: the others' Gram matrix
             U64 = U_rest.double()
             return torch.diag(S.double()) + (U64 * self._Dinv[rest].double()) @ U64.T
         if self.gram_tol is not None and U.dtype != torch.float64 and bool((S > 0).all()):
@@ -519,6 +566,7 @@ class WoodburyFactor:
             factors=self.factors,
             structured_only=self.structured_only,
             _columns=self._columns,
+            tables=self.tables,
         )
 
     def _by_factor(self, idx: Tensor) -> tuple[list[tuple[tuple, Tensor]], Tensor]:
@@ -620,7 +668,7 @@ class WoodburyFactor:
         T_q z_{n(q)}^T) = vec(Tw^T Z)`` with ``Tw[n] = sum_{n(q) = n} w_q T_q`` -- ``2 B d m + 2 r d``
         flops per weight instead of ``2 r d m``, and ``U`` itself (``r n`` numbers, megabytes) is not read."""
         A = R * self._Dinv[:, None]
-        if not self._solve_factors and 2 * self._rest.numel() >= self.U.shape[1]:
+        if not self._unread and 2 * self._rest.numel() >= self.U.shape[1]:
             # (D^-1 U^T w rather than (U D^-1)^T w: no U D^-1 to form again after each damping update)
             return A - self._Dinv[:, None] * (self.U.T @ self._kinv(self.U @ A).to(R.dtype))
         k = R.shape[1]

@@ -1111,7 +1111,7 @@ class Newton(torch.optim.Optimizer):
         except (RuntimeError, ValueError, IndexError, TypeError):
             self._explain_failure(inputs, targets)
             raise
-        if not bool(torch.isfinite(g).all()) or not bool(torch.isfinite(loss0)):
+        if not linalg.all_finite(g) or not bool(torch.isfinite(loss0)):
             self._explain_failure(inputs, targets)  # e.g. every target ignored: 0/0
             raise NonFiniteError(f"the loss ({float(loss0)}) or the gradient contains NaN or infinity")
         t_deriv = time.perf_counter() - t_start

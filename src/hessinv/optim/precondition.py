@@ -70,7 +70,7 @@ from hessinv import linalg
 from hessinv.chain import LossFn, _tensor, dense_grad, deterministic_chain, layers_in_mode, training_layers
 from hessinv.curvature import GaussNewton, Hessian, normalize_curvature
 from hessinv.errors import InvalidArgumentError, NonFiniteError, NotFittedError, ShapeMismatchError
-from hessinv.lowrank import WoodburyFactor
+from hessinv.lowrank import _STRUCTURED_SOLVE, WoodburyFactor, _runs, _uncovered
 from hessinv.stages.losses import count_examples, counted_examples, ignored_index, sums_examples
 from hessinv.stages.protocol import basis_product
 
@@ -770,6 +770,7 @@ class Preconditioner:
         }
         self._factor: WoodburyFactor | Any = None
         self._root_structured = False
+        self._root_tables: list | None = None  # (offset, size, columns, values): gauss_newton_root's
         self._root_factors: list | None = None  # the latest root's Linear factors (lowrank.structured_gram)
         self._op: Any = None
         self._hweight = 1.0  # the Hessian curvature batch's weight (_weight)
@@ -799,11 +800,13 @@ class Preconditioner:
         f = self._factor
         if isinstance(f, WoodburyFactor):
             U = f.U.clone()
-            if f.structured_only:  # columns never written (their factors are saved): zeros on disk
-                for off, d, m, *_ in f._solve_factors:
-                    U[:, off : off + d * m] = 0
+            # columns never written (their factors and tables are saved): zeros on disk
+            for off, d, m, *_ in f._unread:
+                U[:, off : off + d * m] = 0
             sd["factor"] = {"U": U, "S": f.S.clone(), "D": f.D.clone(), "K": f.K.clone()}
             sd["factor"]["structured_only"] = f.structured_only
+            if f.tables:
+                sd["factor"]["tables"] = [(o, size, c.clone(), v.clone()) for o, size, c, v in f.tables]
             if f.factors:
                 sd["factor"]["factors"] = [
                     tuple(x.clone() if isinstance(x, Tensor) else x for x in t) for t in f.factors
@@ -917,6 +920,7 @@ class Preconditioner:
                 gram_tol=_GRAM_TOL,
                 factors=f.get("factors"),
                 structured_only=bool(f.get("structured_only", False)),
+                tables=f.get("tables"),
             )
         state = {k: (x.clone() if isinstance(x, Tensor) else x) for k, x in sd.items()}
         return {"settings": settings, "basis": basis, "rng": rng, "state": state, "factor": factor}
@@ -1055,7 +1059,17 @@ class Preconditioner:
         r = math.sqrt(w)
         if self._root_factors:
             self._root_factors = [(o, d, m, T * r, Z, i) for o, d, m, T, Z, i in self._root_factors]
-        return U * r
+        if self._root_tables:
+            self._root_tables = [(o, size, c, v * r) for o, size, c, v in self._root_tables]
+        if not self._root_structured:
+            return U * r
+        # in place, on the columns written only (those of the solved-through weights and of the tables
+        # are not: an Embedding(50000, 64)'s 1 GB of U is never touched)
+        unread = [f for f in self._root_factors or () if f[1] * f[2] >= _STRUCTURED_SOLVE]
+        unread += [(o, 1, size) for o, size, *_ in self._root_tables or ()]
+        for a, b in _runs(_uncovered(U.shape[1], unread, U.device)):
+            U[:, a:b] *= r
+        return U
 
     def _root(self, X: Tensor, y: Tensor, of: int | None = None, full: bool = False) -> tuple[Tensor, Tensor]:
         """``(U, S)`` of the Gauss-Newton matrix on ``(X, y)``, rows in the basis (built there: a Linear
@@ -1066,6 +1080,7 @@ class Preconditioner:
         the ``max_rank`` rows ``X``'s examples keep."""
         op = GaussNewton(self.model, self.loss_fn, X, y, chain=self.chain)
         self._root_factors = []
+        self._root_tables = None if full else []
         self._root_structured = not full
         per_example = max(1, self.max_rank // (of or int(X.shape[0])))
         return op.root(
@@ -1073,6 +1088,7 @@ class Preconditioner:
             self._root_factors,
             max_rows=per_example * int(X.shape[0]),
             structured_only=not full,
+            tables=self._root_tables,
         )
 
     @_deterministic_curvature
@@ -1112,7 +1128,7 @@ class Preconditioner:
         (Gauss-Newton: the basis refreshed first, ``carry`` following it) or the scalar damping."""
         if self.curvature == "gauss_newton":
             moments = [self.state["v"], *(self.basis._L + self.basis._R if self.basis is not None else [])]
-            if not all(bool(torch.isfinite(m).all()) for m in moments):
+            if not all(linalg.all_finite(m) for m in moments):
                 big = torch.finfo(self.chain.dtype).max ** 0.5
                 raise NonFiniteError(
                     f"the gradients' second moments overflowed {self.chain.dtype} (gradient entries beyond "
@@ -1121,7 +1137,7 @@ class Preconditioner:
                 )
             if self.basis is not None:  # G = U^T S U = Q (U Q)^T S (U Q) Q^T: factor in Q's basis
                 self.basis.refresh(self.state["v"], carry)
-            self._root_factors = None
+            self._root_factors = self._root_tables = None
             U, S = self.curvature_root(inputs, targets)  # rows in Q's basis (U Q)
             # K and every solve from the Linear rows' outer-product structure where the root left
             # it (a few ms less per refresh, and U not read per step), else from U itself
@@ -1132,6 +1148,7 @@ class Preconditioner:
                 gram_tol=_GRAM_TOL,
                 factors=self._root_factors,
                 structured_only=self._root_structured,
+                tables=self._root_tables,
             )
         else:
             Xc, yc = self._curvature_batch(inputs, targets)
@@ -1224,7 +1241,7 @@ class Preconditioner:
         self.follow_trainable()  # (a layer frozen or unfrozen since the last call)
         g = self.gradient()
         inputs, targets = _tensor(inputs, "inputs"), _tensor(targets, "targets")
-        if not bool(torch.isfinite(g).all()):  # before it enters (and poisons) the second moments
+        if not linalg.all_finite(g):  # before it enters (and poisons) the second moments
             self.chain.check_inputs(inputs, targets)
             raise NonFiniteError("the gradient contains NaN or infinity; the step was not taken")
         # the model and batch before anything is updated: a refused call leaves the state as it was (the

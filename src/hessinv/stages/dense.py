@@ -330,6 +330,7 @@ class DenseLayerBlocks(Blocks):
         own: Tensor | None = None,
         out: Tensor | None = None,
         skip_from: int | None = None,
+        tables: list | None = None,
     ) -> Tensor | None:
         """``(Jx^T s)^T`` as (k, p) rows in model order, built as outer products: row ``q`` of the
         weight block is ``sum_n t_{n,q} z_n^T`` (``t = s' s``), of the bias ``sum_n t_{n,q}``. With

@@ -732,6 +732,7 @@ class LazyBlocks(Blocks):
         own: Tensor | None = None,
         out: Tensor | None = None,
         skip_from: int | None = None,
+        tables: list | None = None,
     ) -> Tensor | None:
         """:meth:`Blocks.jxT_rows` (rows in parameter order): one batched backward pass to the stage's
         parameters, its input and the outputs ``u`` of its ``nn.Linear`` layers
@@ -741,23 +742,26 @@ class LazyBlocks(Blocks):
         weight read elsewhere too, a hook on ``u``, a layer that sees its examples in another order fail
         it; a failed weight's rows come from a second batched backward pass), ``factors`` receives
         ``(offset, t, z, True)`` -- rotated as ``(Q_L^T t, z Q_R)`` where ``rotation`` names the weight --
-        and the rows are left unwritten if the weight has ``skip_from`` entries or more. Other rows come
+        and the rows are left unwritten if the weight has ``skip_from`` entries or more. A plain
+        ``nn.Embedding`` called once on token ids of the batch gets the signal at its output scattered
+        into its tokens' rows (checked the same way): with ``tables`` and ``skip_from``, handed over as
+        the nonzero columns only, the table's rows left unwritten. Other rows come
         out as autograd gives them, rotated where ``rotation`` names them. None where the stage has no
         such layer or has dense blocks already (the caller's ``jxT``)."""
         linears = self._structured_linears() if self._dense_blocks is None else []
-        tables = self._tables if self._dense_blocks is None else []
+        lookups = self._tables if self._dense_blocks is None else []
         k = s.shape[-1]
-        if not (linears or tables) or k == 0:
+        if not (linears or lookups) or k == 0:
             return None
         self._unchanged()
         params = self.stage.params
         seeds = s.permute(2, 0, 1).reshape(k, *self._out.shape)
         rows_of = lambda wrt: _backward_rows(self._out, wrt, k, lambda j, c: seeds[j : j + c], True)  # noqa: E731
         cand = {w for w, _, _ in linears}
-        cand_tables = {w for w, *_ in tables}
+        cand_tables = {w for w, *_ in lookups}
         rest = [i for i in range(len(params)) if i not in cand and i not in cand_tables]
         got = rows_of(
-            [*(params[i] for i in rest), self._z, *(u for _, _, u in linears), *(t[2] for t in tables)]
+            [*(params[i] for i in rest), self._z, *(u for _, _, u in linears), *(t[2] for t in lookups)]
         )
         if got is None:  # no batching rule for an operation in the stage: the caller's jxT (dense blocks)
             return None
@@ -777,7 +781,7 @@ class LazyBlocks(Blocks):
         # (an Embedding(50000, 64)'s rows without a batched backward pass into a dense table per row)
         scattered = {
             w: (_table_rows(ids, pad), tu.reshape(k, -1, params[w].shape[1]))
-            for (w, ids, _, pad), tu in zip(tables, got[len(rest) + 1 + len(linears) :], strict=True)
+            for (w, ids, _, pad), tu in zip(lookups, got[len(rest) + 1 + len(linears) :], strict=True)
         }
         # checked against autograd: the weights' gradients for one random combination c of the k columns
         # equal sum_q c_q t_q z_q^T (a weight read elsewhere too, a hook on u, ... fail it); a table's,
@@ -805,8 +809,16 @@ class LazyBlocks(Blocks):
                 bound = 64 * torch.finfo(g.dtype).eps * float((to.abs().T @ zo.abs()).norm()) / math.sqrt(k)
                 if float((to.T @ zo - g.double()).norm()) > bound:
                     del outer[w]
+        named = {o for o, *_ in rotation}
         for w, ((ids, keep), t) in scattered.items():
             V, D = params[w].shape
+            if tables is not None and skip_from is not None and offsets[w] not in named:
+                # the rows on the batch's tokens only: the table's other columns of out stay unwritten
+                tokens, at = torch.unique(ids[keep], return_inverse=True)
+                vals = t.new_zeros(k, tokens.numel(), D).index_add_(1, at, t[:, keep]).to(out.dtype)
+                cols = (tokens[:, None] * D + torch.arange(D, device=tokens.device)).reshape(-1)
+                tables.append((offsets[w], V * D, offsets[w] + cols, vals.reshape(k, -1)))
+                continue
             W = out[:, offsets[w] : offsets[w + 1]].view(k, V, D)
             W.zero_()
             W.index_add_(1, ids[keep], t[:, keep].to(out.dtype))

@@ -134,6 +134,7 @@ class Blocks(abc.ABC):
         own: Tensor | None = None,
         out: Tensor | None = None,
         skip_from: int | None = None,
+        tables: list | None = None,
     ) -> Tensor | None:
         """``(Jx^T s)^T`` as (k, p) rows built from the stage's structure: a Linear weight's rows as outer
         products ``t z^T`` of the signal at its output and its input
@@ -142,7 +143,10 @@ class Blocks(abc.ABC):
         (k,), if given, the example each column of ``s`` is nonzero at; ``factors``, if a list, receives
         ``(offset, t, z, verified)`` per weight whose rows are ``vec(t_q z_{own[q]}^T)`` (``verified``:
         known to be one example's each); ``out`` (k, p) receives the rows; a verified weight of
-        ``skip_from`` entries or more is left unwritten. None (the default): no such structure, the
+        ``skip_from`` entries or more is left unwritten; ``tables``, if a list (with ``skip_from``),
+        receives ``(offset, size, columns, values)`` per lookup table (``nn.Embedding``) whose rows are
+        nonzero on the batch's tokens only and are left unwritten: ``values`` (k, c) holds their ``c``
+        nonzero ``columns`` (ascending, offsets within the stage). None (the default): no such structure, the
         caller takes ``jxT``."""
         return None
 
