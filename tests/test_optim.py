@@ -1285,10 +1285,14 @@ def test_state_dict_of_another_setting_is_refused():
 
 
 def test_frozen_tensors_in_params_get_their_own_message():
+    """The model's frozen parameters may be in params (they join their group when unfrozen, as with
+    torch.optim); a frozen tensor of another model is named."""
     net, X, y = _clf()
     net[0].requires_grad_(False)
+    opt = ho.Newton(net, nn.CrossEntropyLoss(), params=net.parameters())
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in net[2].parameters()]
     with pytest.raises(hessinv.InvalidArgumentError, match="frozen tensor"):
-        ho.Newton(net, nn.CrossEntropyLoss(), params=net.parameters())
+        ho.Newton(net, nn.CrossEntropyLoss(), params=[*net[2].parameters(), torch.zeros(2)])
     with pytest.raises(hessinv.InvalidArgumentError, match="named_parameters"):
         ho.Newton(net, nn.CrossEntropyLoss(), params=net[2].named_parameters())
     ho.Newton(net, nn.CrossEntropyLoss(), params=[p for p in net.parameters() if p.requires_grad])

@@ -258,6 +258,22 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+def model_parts(model: Any) -> list[nn.Module]:
+    """The modules a model runs in turn: its items for a list, tuple or ``nn.ModuleList`` (which has no
+    ``forward`` of its own), else the model itself."""
+    return list(model) if isinstance(model, (list, tuple, nn.ModuleList)) else [model]
+
+
+def run_model(model: Any, inputs: Tensor) -> Tensor:
+    """``model(inputs)``; for a list, tuple or ``nn.ModuleList`` of modules, each in turn."""
+    if isinstance(model, nn.Module) and not isinstance(model, nn.ModuleList):
+        return model(inputs)
+    out = inputs
+    for m in model:
+        out = m(out)
+    return out
+
+
 def _is_container(m) -> bool:
     return isinstance(m, (list, tuple, nn.ModuleList)) or (
         isinstance(m, nn.Sequential)
@@ -1716,8 +1732,7 @@ class Chain:
         The model's plain attributes (a call counter) are put back after the call."""
         if self._eager_checked or not self._traced:
             return
-        mods = [self.model] if isinstance(self.model, nn.Module) else list(self.model)
-        mods = [m._orig_mod if compiled_module(m) else m for m in mods]
+        mods = [m._orig_mod if compiled_module(m) else m for m in model_parts(self.model)]
         saved = [a for m in mods for a in _attributes(m)]
         try:
             with torch.no_grad():

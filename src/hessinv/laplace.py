@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from hessinv.chain import check_real
+from hessinv.chain import check_real, run_model
 from hessinv.curvature import (
     DENSE_ROUTE_MAX_N,
     CurvatureOperator,
@@ -207,7 +207,8 @@ class Laplace:
         mean = torch.cat([p.detach().reshape(-1) for p in self.model.parameters() if p.requires_grad])
         prior_mean = self._check_prior_mean(self.prior_mean, mean.numel())  # requires_grad may change
         with torch.no_grad():
-            n_outputs = int(self.model(X[:1])[0].numel())  # per example: (N, C, T) outputs count C T
+            # per example: (N, C, T) outputs count C T
+            n_outputs = int(run_model(self.model, X[:1])[0].numel())
         self.operator, self.mean, self.n_params, self.prior_mean = op, mean, mean.numel(), prior_mean
         self.n_data, self.n_outputs = len(X), n_outputs
         self.loss = float(op.loss)  # summed cross-entropy, or summed squared error

@@ -75,8 +75,22 @@ import torch
 from torch import Tensor, nn
 
 from hessinv import linalg
-from hessinv.chain import _tensor, dense_grad, deterministic_chain, layers_in_mode, training_layers
-from hessinv.curvature import CurvatureOperator, curvature_class, factorization_flops, normalize_curvature
+from hessinv.chain import (
+    _tensor,
+    dense_grad,
+    deterministic_chain,
+    layers_in_mode,
+    model_parts,
+    training_layers,
+)
+from hessinv.curvature import (
+    CurvatureOperator,
+    _fingerprint,
+    _plain_settings,
+    curvature_class,
+    factorization_flops,
+    normalize_curvature,
+)
 from hessinv.errors import HessinvError, InvalidArgumentError, NonFiniteError, SingularError
 from hessinv.optim.damping import DampingRule, FixedDamping, LevenbergMarquardt, Sweeps
 from hessinv.optim.precondition import (
@@ -96,6 +110,8 @@ from hessinv.optim.precondition import (
 )
 from hessinv.optim.trust_region import TrustRegion
 from hessinv.riccati import Inertia
+from hessinv.stages.generic import held_tensors
+from hessinv.stages.losses import uncompiled
 
 __all__ = ["Newton", "StepStats"]
 
@@ -124,8 +140,9 @@ class StepStats:
 
     Attributes:
         step: steps taken so far, this one included (accepted or not).
-        loss: batch loss before the step (what ``step`` returns).
-        loss_after: batch loss at the trial point ``x + d`` (the new loss if accepted).
+        loss: batch loss before the step (what ``step`` returns); in the trust region with a weight decay,
+            the function its ratio test models: the batch loss plus the penalty ``wd/2 |x|^2``.
+        loss_after: the same at the trial point ``x + d`` (the new loss if accepted).
         predicted_decrease: ``-(g^T d + 1/2 d^T H d)`` for the step tried, ``d = lr * s``.
         actual_decrease: ``loss - loss_after``.
         rho: the ratio of the two, with the rounding guard (see the module docstring).
@@ -268,7 +285,8 @@ class Newton(torch.optim.Optimizer):
         mode: ``"auto"``, ``"precondition"`` or ``"trust-region"`` (see above).
         curvature: ``"hessian"`` or ``"gauss_newton"`` (``"gauss-newton"`` too). Default: the Hessian
             for the trust region, Gauss-Newton for preconditioning (where it trains better and is cheaper,
-            docs/benchmarks.md).
+            docs/benchmarks.md). The attribute ``opt.curvature`` is the trust region's;
+            ``opt.preconditioner.curvature`` the preconditioner's.
         damping: trust-region mode: ``"trust-region"`` (default: exact Moré–Sorensen subproblem, radius
             from the ratio test), ``"levenberg-marquardt"``, a float ``eps`` (fixed damping, every step
             taken), or a rule object (:class:`~hessinv.optim.TrustRegion`, ...). Precondition mode with
@@ -452,7 +470,8 @@ class Newton(torch.optim.Optimizer):
         self._group_memo: dict[str, tuple] = {}  # key -> (the groups' values, _group_values' answer)
         # momentum in the groups, where schedulers that cycle it (OneCycleLR, CyclicLR) find it
         defaults = {"lr": float(lr), "weight_decay": float(weight_decay), "momentum": float(momentum)}
-        super().__init__(_param_groups(params, self.chain.params), defaults)
+        groups, homes = _param_groups(params, self.chain.params, model)
+        super().__init__(groups, defaults)
         self._groups_frozen = True
         self._generator = generator_from_seed(seed)
         seed = self._generator.initial_seed()
@@ -479,6 +498,7 @@ class Newton(torch.optim.Optimizer):
             "mode": mode,
             "momentum": None,
             "previous": None,  # auto mode: the previous batch, to recognize full-batch training
+            "homes": homes,  # a frozen parameter's group (by its place in the model), for when unfrozen
             "max_relative_step": None,  # (in the state: a resumed run keeps a value changed mid-run)
         }
         self.max_relative_step = max_relative_step
@@ -612,7 +632,9 @@ class Newton(torch.optim.Optimizer):
         ns.setdefault("mode", "trust-region")
         ns.setdefault("momentum", None)
         ns.setdefault("previous", None)
-        if data_parallel and ns["mode"] == "auto":  # (pinned, as distribute() pins it)
+        if ns["mode"] == "auto" and (data_parallel or self._mode_asked == "precondition"):
+            # pinned, as distribute() pins it; or the mode this optimizer was asked for (an undecided auto
+            # run's state is a preconditioned run's)
             ns["mode"] = "precondition"
         if self.preconditioner is None or self._mode_asked == "trust-region":
             ns["from_auto"] = False  # (this optimizer's trust region stays: it has nothing to hand back to)
@@ -655,8 +677,9 @@ class Newton(torch.optim.Optimizer):
 
     def _group_values(self, key: str) -> float | Tensor:
         """The groups' common ``key``, or a per-parameter (n,) vector when they differ (kept while the
-        groups' values stay the same: a scheduler changes them between steps)."""
-        sig = tuple((g.get(key, 0.0), len(g["params"])) for g in self.param_groups)
+        groups' values stay the same: a scheduler changes them between steps -- a one-entry tensor's by
+        its number, which a scheduler changes in place, ``fill_``)."""
+        sig = tuple((_number_of(g.get(key, 0.0)), len(g["params"])) for g in self.param_groups)
         memo = self._group_memo
         if key not in memo or memo[key][0] != sig:
             memo[key] = (sig, self._group_values_now(key))
@@ -751,23 +774,56 @@ class Newton(torch.optim.Optimizer):
         Python between the parameters: an interrupt moves all of them or none)."""
         torch._foreach_add_(self.chain.params, self._parts(d) if parts is None else parts)
 
-    def _batch_key(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, ...]:
+    def _batch_key(self, inputs: Tensor, targets: Tensor) -> tuple[Any, ...]:
         """Copies of the batch and the parameters' values, compared by :meth:`_same_point` (tensor versions
-        would miss ``p.data.mul_()``, ``vector_to_parameters`` and ``p.data = ...``)."""
+        would miss ``p.data.mul_()``, ``vector_to_parameters`` and ``p.data = ...``), and what else the
+        curvature reads (:meth:`_held_state`)."""
         params = torch.cat([p.detach().reshape(-1) for p in self.chain.params])
-        return (inputs.detach().clone(), targets.detach().clone(), params)
+        return (inputs.detach().clone(), targets.detach().clone(), params, self._held_state())
 
-    def _same_point(self, key: tuple[Tensor, ...], inputs: Tensor, targets: Tensor) -> bool:
-        """Whether the batch and the parameters are those :meth:`_batch_key` recorded in ``key``."""
+    def _held_state(self) -> list[Any]:
+        """The model's and the loss module's other tensors -- buffers (an eval-mode BatchNorm's running
+        statistics, a loss's class weights) and frozen parameters, by a copy, or by a fingerprint where
+        large (a frozen backbone) -- and their plain settings (modes, ``label_smoothing``): a change in any
+        of them since a rejected step changes the curvature to take again."""
+        mods = [m for m in (self.model, uncompiled(self.loss_fn)) if isinstance(m, nn.Module)]
+        if isinstance(self.model, (list, tuple)):
+            mods += [m for m in self.model if isinstance(m, nn.Module)]
+        trained = {id(p) for p in self.chain.params}
+        held: list[Any] = [
+            t.detach().clone() if t.numel() <= _HELD_COPY else _fingerprint(t)
+            for t in held_tensors(mods)
+            if id(t) not in trained
+        ]
+        return [held, _plain_settings(mods)]
+
+    def _same_point(self, key: tuple[Any, ...], inputs: Tensor, targets: Tensor) -> bool:
+        """Whether the batch, the parameters and the rest the curvature reads are those
+        :meth:`_batch_key` recorded in ``key``."""
         now = (
             inputs.detach(),
             targets.detach(),
             torch.cat([p.detach().reshape(-1) for p in self.chain.params]),
         )
-        return all(
+        if not all(
             a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-            for a, b in zip(key, now, strict=True)
+            for a, b in zip(key[:3], now, strict=True)
+        ):
+            return False
+        (held, plain), (held_now, plain_now) = key[3], self._held_state()
+        same = len(held) == len(held_now) and all(
+            type(a) is type(b)
+            and (
+                a == b
+                if isinstance(a, tuple)
+                else a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+            )
+            for a, b in zip(held, held_now, strict=True)
         )
+        try:
+            return same and bool(plain == plain_now)
+        except Exception:  # noqa: BLE001 - settings that do not compare: take the curvature again
+            return False
 
     @torch.no_grad()
     def _restore(self, backup: list[Tensor]) -> None:
@@ -806,6 +862,13 @@ class Newton(torch.optim.Optimizer):
         layers = training_layers(self.model, self._mode_modules)
         held = [(b, b.clone()) for m in layers for b in m.buffers(recurse=False)]
         taken = self._newton["step"]
+        # and "auto"'s decision: a step that fails after it was taken (an interrupt, out of memory) has not
+        # seen the batch (retried, a mini-batch would look like full-batch training's second step)
+        decided = (
+            {k: self._newton[k] for k in _MODE_KEYS if k in self._newton},
+            self.mode,
+            self.__dict__.get("_tr_batch"),
+        )
         try:
             return self._step(inputs, targets, closure, layers)
         except BaseException:  # (an interrupt too)
@@ -813,6 +876,10 @@ class Newton(torch.optim.Optimizer):
                 with torch.no_grad():
                     for b, v in held:
                         b.copy_(v)
+                for k in _MODE_KEYS:
+                    self._newton.pop(k, None)
+                self._newton.update(decided[0])
+                self.mode, self._tr_batch = decided[1], decided[2]
             raise
 
     def _follow_trainable(self) -> None:
@@ -1035,7 +1102,7 @@ class Newton(torch.optim.Optimizer):
     ) -> tuple[Tensor | None, tuple[Tensor | None, Tensor | None], Tensor]:
         """Run a ``torch.optim`` closure, watching the model's input and the loss module's target."""
         seen: dict[str, list[Tensor]] = {"inputs": [], "targets": []}
-        first = self.model if isinstance(self.model, nn.Module) else self.model[0]
+        first = model_parts(self.model)[0]
 
         def on_model(_m: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
@@ -1176,7 +1243,7 @@ class Newton(torch.optim.Optimizer):
     def _batch_loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """The batch loss at the current parameters, through the model's own forward (the function
         itself, fastest) or, for a list of stages, their forwards."""
-        if isinstance(self.model, nn.Module):
+        if isinstance(self.model, nn.Module) and not isinstance(self.model, nn.ModuleList):
             z = self.model(inputs)
         else:
             z = inputs
@@ -1522,10 +1589,25 @@ def _is_model(model: Any) -> bool:
     return isinstance(model, (list, tuple)) and bool(model) and all(isinstance(m, nn.Module) for m in model)
 
 
-def _param_groups(params: Any, trainable: list[Tensor]) -> list[dict[str, Any]]:
-    """``torch.optim`` parameter groups over exactly the model's trainable parameters."""
+#: the entries of the state that "auto" mode's decision writes (:meth:`Newton._resolve_mode`)
+_MODE_KEYS = ("mode", "previous", "from_auto", "trust_region_batch", "trust_region_rows")
+
+#: buffers and frozen tensors of at most this many entries are copied for :meth:`Newton._held_state`;
+#: larger ones are fingerprinted (shape, dtype, float64 sum and norm)
+_HELD_COPY = 2**16
+
+
+def _number_of(v: Any) -> Any:
+    """A one-entry tensor's number (as it is now), anything else as it is."""
+    return float(v) if isinstance(v, Tensor) and v.numel() == 1 else v
+
+
+def _param_groups(params: Any, trainable: list[Tensor], model: Any) -> tuple[list[dict[str, Any]], dict]:
+    """``torch.optim`` parameter groups over exactly the model's trainable parameters, and the groups of
+    the model's frozen parameters that they name (``{place in model.parameters(): group}``: left out now,
+    they join that group when unfrozen -- gradual unfreezing with a learning rate per group)."""
     if params is None:
-        return [{"params": list(trainable)}]
+        return [{"params": list(trainable)}], {}
     items = list(params)
     if not items:
         raise InvalidArgumentError("params is empty; omit it to optimize every trainable parameter")
@@ -1535,19 +1617,25 @@ def _param_groups(params: Any, trainable: list[Tensor]) -> list[dict[str, Any]]:
     elif any(gr is None for gr in groups):
         raise InvalidArgumentError("params must be all tensors or all group dicts, not a mix")
     groups = [{**gr, "params": _as_list(gr["params"])} for gr in groups]
+    place = {id(p): i for i, p in enumerate(p for m in model_parts(model) for p in m.parameters())}
+    homes: dict[int, int] = {}
+    for gi, gr in enumerate(groups):
+        frozen = [p for p in gr["params"] if not p.requires_grad]
+        if any(id(p) not in place for p in frozen):
+            raise InvalidArgumentError(
+                "params holds a frozen tensor (requires_grad=False) that is not one of the model's "
+                "parameters; hessinv optimizes the model's trainable parameters"
+            )
+        for p in frozen:
+            homes[place[id(p)]] = gi
+        gr["params"] = [p for p in gr["params"] if p.requires_grad]
     ids = [id(p) for gr in groups for p in gr["params"]]
-    frozen = sum(1 for gr in groups for p in _as_list(gr["params"]) if not p.requires_grad)
-    if frozen:
-        raise InvalidArgumentError(
-            f"params holds {frozen} frozen tensor(s) (requires_grad=False); hessinv optimizes exactly the "
-            "trainable ones: omit params, or pass [p for p in model.parameters() if p.requires_grad]"
-        )
     if sorted(ids) != sorted(id(p) for p in trainable):
         raise InvalidArgumentError(
             "params must hold each trainable parameter of the model exactly once (the curvature is of "
             "the whole model); freeze a parameter with requires_grad_(False) to leave it out"
         )
-    return groups
+    return groups, homes
 
 
 def _as_list(params: Any) -> list[Tensor]:

@@ -1,0 +1,157 @@
+"""hessinv.optim.Newton in ordinary torch training workflows (2026-12-05, twenty-eighth session): each test
+fails on the code before its fix."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hessinv.optim import Newton
+
+X = torch.randn(48, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+Y = torch.randint(0, 3, (48,), generator=torch.Generator().manual_seed(1))
+
+
+def _mlp(seed=1):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def _flat(m):
+    return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+
+@pytest.mark.parametrize("mode", ["precondition", "trust-region"])
+def test_a_tensor_learning_rate_follows_its_scheduler(mode):
+    """torch's schedulers change a tensor ``lr`` in place (``fill_``): the steps follow it, as they follow
+    a float ``lr`` (the cached per-group value was keyed on the tensor object, equal to itself)."""
+    runs = []
+    for lr in (1.0, torch.tensor(1.0, dtype=torch.float64)):
+        m = _mlp()
+        opt = Newton(
+            m, nn.CrossEntropyLoss(), mode=mode, seed=0, params=[{"params": m.parameters(), "lr": lr}]
+        )
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+        for i in range(3):
+            xb, yb = (X, Y) if mode == "trust-region" else (X[8 * i : 8 * i + 8], Y[8 * i : 8 * i + 8])
+            opt.step(xb, yb)
+            sched.step()
+        runs.append(_flat(m))
+    assert torch.equal(runs[0], runs[1])
+
+
+def _rejected_trust_region(model, loss_fn):
+    opt = Newton(model, loss_fn, mode="trust-region")
+    for _ in range(300):
+        opt.step(X, Y)
+        if not opt.last_stats.accepted:
+            return opt
+    pytest.skip("no step was rejected")
+
+
+@pytest.mark.parametrize("change", ["running statistics", "class weights"])
+def test_a_step_after_a_rejected_one_takes_the_curvature_again_where_buffers_changed(change):
+    """After a rejected trust-region step the next call on the same batch reused the curvature whenever
+    the batch and the parameters were the same: an eval-mode BatchNorm's running statistics or a loss's
+    class weights changed in between were ignored (the returned loss 0.2522 against 0.6468). The step
+    now equals that of a fresh optimizer loaded with the same state."""
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, 3)).double()
+    with torch.no_grad():
+        m[1].running_mean.normal_()
+        m[1].running_var.uniform_(0.5, 2)
+    m.eval()
+    ce = nn.CrossEntropyLoss(weight=torch.ones(3, dtype=torch.float64))
+    opt = _rejected_trust_region(m, ce)
+    with torch.no_grad():
+        if change == "running statistics":
+            m[1].running_mean.add_(0.5)
+            m[1].running_var.mul_(1.5)
+        else:
+            ce.weight.copy_(torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64))
+    state = copy.deepcopy(opt.state_dict())
+    m_ref, ce_ref = copy.deepcopy(m), copy.deepcopy(ce)
+    opt_ref = Newton(m_ref, ce_ref, mode="trust-region")
+    opt_ref.load_state_dict(state)
+    loss, loss_ref = opt.step(X, Y), opt_ref.step(X, Y)
+    assert float(loss) == float(loss_ref)
+    assert torch.equal(_flat(m), _flat(m_ref))
+
+
+def test_an_undecided_auto_checkpoint_resumes_in_the_mode_asked():
+    """A checkpoint of mode="auto" taken before it decided (after its first step), loaded into a
+    Newton(mode="precondition"), stays preconditioning: it took trust-region steps on a repeated batch."""
+    m = _mlp()
+    a = Newton(m, nn.CrossEntropyLoss(), seed=0)
+    a.step(X, Y)
+    m2 = _mlp()
+    m2.load_state_dict(m.state_dict())
+    b = Newton(m2, nn.CrossEntropyLoss(), mode="precondition", seed=0)
+    b.load_state_dict(a.state_dict())
+    for _ in range(3):
+        b.step(X, Y)
+    assert b.mode == "precondition" and b.last_stats.mode == "precondition"
+
+
+@pytest.mark.parametrize("interrupt_at", [1, 2, 3])
+def test_an_interrupted_first_auto_step_leaves_no_decision_behind(interrupt_at):
+    """A first step of mode="auto" interrupted after it recorded its batch (a KeyboardInterrupt in a forward
+    hook) is retried on the same mini-batch: the run equals the uninterrupted one (the retry looked like
+    full-batch training's second step and took a trust-region step)."""
+    batches = [(X[i : i + 12], Y[i : i + 12]) for i in range(0, 48, 12)]
+    ref = _mlp()
+    opt_ref = Newton(ref, nn.CrossEntropyLoss(), seed=0)
+    for xb, yb in batches:
+        opt_ref.step(xb, yb)
+    m = _mlp()
+    opt = Newton(m, nn.CrossEntropyLoss(), seed=0)
+    calls = [0]
+
+    def hook(module, args):
+        calls[0] += 1
+        if calls[0] == interrupt_at:
+            raise KeyboardInterrupt
+
+    handle = m[0].register_forward_pre_hook(hook)
+    for xb, yb in batches:
+        try:
+            opt.step(xb, yb)
+        except KeyboardInterrupt:
+            opt.step(xb, yb)
+    handle.remove()
+    assert torch.equal(_flat(m), _flat(ref))
+
+
+def test_a_module_list_model_trains_as_its_modules_in_turn():
+    """An nn.ModuleList (no forward of its own), which the curvature takes as a chain, trains: the steps
+    equal those of an nn.Sequential of the same modules (a raw NotImplementedError before)."""
+    seq = _mlp()
+    lst = nn.ModuleList(copy.deepcopy(list(seq)))
+    outs = []
+    for model in (seq, lst):
+        opt = Newton(model, nn.CrossEntropyLoss(), mode="precondition", seed=0)
+        for i in range(3):
+            opt.step(X[8 * i : 8 * i + 8], Y[8 * i : 8 * i + 8])
+        outs.append(_flat(model))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_gradual_unfreezing_with_a_learning_rate_per_group():
+    """Groups may name frozen parameters (as torch.optim's do): they join their group when unfrozen, with
+    its learning rate (refused at construction before; with several groups, refused when unfrozen)."""
+    m = _mlp()
+    m[0].requires_grad_(False)
+    groups = [{"params": m[0].parameters(), "lr": 0.0}, {"params": m[2].parameters(), "lr": 1.0}]
+    opt = Newton(m, nn.CrossEntropyLoss(), mode="precondition", params=groups, seed=0)
+    w0, head0 = m[0].weight.detach().clone(), m[2].weight.detach().clone()
+    opt.step(X[:8], Y[:8])
+    m[0].requires_grad_(True)
+    opt.step(X[8:16], Y[8:16])
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
+    assert torch.equal(m[0].weight, w0) and not torch.equal(m[2].weight, head0)  # lr 0 for the backbone
+    opt.param_groups[0]["lr"] = 0.5
+    opt.step(X[16:24], Y[16:24])
+    assert not torch.equal(m[0].weight, w0)
+    with pytest.raises(Exception, match="not one of the model's parameters"):
+        Newton(_mlp(), nn.CrossEntropyLoss(), params=[torch.zeros(3)])
