@@ -56,7 +56,12 @@ def test_woodbury_against_dense(prob, seed, signed):
     ref = torch.linalg.solve(A, rhs)
     cond = float(ev.abs().max() / ev.abs().min())
     assert float((x - ref).norm() / ref.norm()) <= 1e-12 * cond + 1e-10, prob.description
-    assert F.last_info.residual <= attainable_residual(A, x, rhs)  # 1e-12 unless b leans on small eigenvalues
+    # 1e-12 unless b leans on small eigenvalues: measured with the dense matrix; the residual the solve
+    # reports is its O(L) product's, J^T Lambda J x, whose rounding is u |J|^2 |Lambda| |x| (> u |G| |x|
+    # where the product cancels: 1.07e-12 reported, on a B=1 chain whose dense residual is below 1e-12)
+    bound = attainable_residual(A, x, rhs)
+    assert float(((A @ x - rhs).norm(dim=0) / rhs.norm(dim=0)).max()) <= bound
+    assert F.last_info.residual <= 4 * bound
     assert F.inertia == hessinv.Inertia(int((ev < 0).sum()), 0, int((ev > 0).sum())), prob.description
     assert F.positive_definite == bool((ev > 0).all())
     assert abs(F.logdet() - float(ev.abs().log().sum())) <= 1e-9 * max(1.0, abs(F.logdet())), prob.description

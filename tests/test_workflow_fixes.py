@@ -155,3 +155,46 @@ def test_gradual_unfreezing_with_a_learning_rate_per_group():
     assert not torch.equal(m[0].weight, w0)
     with pytest.raises(Exception, match="not one of the model's parameters"):
         Newton(_mlp(), nn.CrossEntropyLoss(), params=[torch.zeros(3)])
+
+
+class _PaddedEncoder(nn.Module):
+    """Token embedding, one eval-mode nn.TransformerEncoder layer with a padding mask, mean pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, idx):
+        return self.head(self.enc(self.emb(idx), src_key_padding_mask=idx == 0).mean(1))
+
+
+def test_an_eval_transformer_with_a_padding_mask_is_differentiated_as_it_computes():
+    """Without gradients torch runs an eval-mode TransformerEncoder by a fused path whose padded positions
+    come out as zeros: hessinv's own forward passes (under no_grad) then disagreed with autograd's and the
+    model was refused as reading stashed values. They run with that path off (and put it back): the
+    Hessian equals plain autograd's."""
+    from reference import autograd_hessian
+
+    import hessinv
+
+    torch.manual_seed(0)
+    m = _PaddedEncoder().double().eval()
+    x = torch.randint(1, 7, (3, 3))
+    x[:1, -2:] = 0
+    y = torch.randint(0, 3, (3,))
+    with torch.no_grad():
+        fused = m(x)
+    assert float((fused - m(x)).abs().max()) > 1e-3  # the two paths differ on this model
+    H = hessinv.hessian(m, nn.CrossEntropyLoss(), x, y)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):  # (the fused CPU kernel has no double backward)
+        H_ref = autograd_hessian(m, nn.CrossEntropyLoss(), x, y)
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(H @ V, H_ref @ V, rtol=0, atol=1e-10 * float((H_ref @ V).abs().max()))
+    assert torch.backends.mha.get_fastpath_enabled()
+    opt = Newton(m, nn.CrossEntropyLoss(), mode="precondition", seed=0)
+    opt.step(x, y)

@@ -258,6 +258,25 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+@contextlib.contextmanager
+def exact_no_grad() -> Iterator[None]:
+    """``torch.no_grad()`` with torch's fused transformer inference path off: without gradients,
+    ``nn.TransformerEncoder(Layer)`` and ``nn.MultiheadAttention`` in eval mode take a "fast path" whose
+    outputs differ from the differentiable function's (a ``src_key_padding_mask``'s positions come out as
+    zeros, which a mean over positions then reads), so hessinv's forward passes compute the function
+    its derivatives are of. The setting is put back afterwards."""
+    mha = getattr(torch.backends, "mha", None)
+    was = mha.get_fastpath_enabled() if mha is not None else None
+    try:
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
+        with torch.no_grad():
+            yield
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(was)
+
+
 def model_parts(model: Any) -> list[nn.Module]:
     """The modules a model runs in turn: its items for a list, tuple or ``nn.ModuleList`` (which has no
     ``forward`` of its own), else the model itself."""
@@ -1554,7 +1573,7 @@ class Chain:
                 raise
             self._piece_failed(s, e)
 
-    @torch.no_grad()
+    @exact_no_grad()
     def forward(self, inputs: Tensor) -> list[Tensor]:
         """``[z_0, z_1, ..., z_{L-1}]``: the input and every stage's output. A traced submodule whose
         pieces pass values that are not batch-first (``torch.stack`` of branches, a transpose to
@@ -1650,7 +1669,7 @@ class Chain:
             zs.append(z)
         return zs
 
-    @torch.no_grad()
+    @exact_no_grad()
     def loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """The scalar loss ``z_L`` (no derivatives)."""
         self.check_inputs(inputs, targets)
@@ -1708,7 +1727,7 @@ class Chain:
             return None
         if kl and (targets.shape != out.shape or not targets.is_floating_point()):
             return None
-        with torch.no_grad():
+        with exact_no_grad():
             ref = torch.log_softmax(logits, dim=1)
             tol = 10 * torch.finfo(out.dtype).eps * (1.0 + float(ref.abs().max()) if ref.numel() else 1.0)
             if not bool(((out - ref).abs() <= tol).all()):
@@ -1735,7 +1754,7 @@ class Chain:
         mods = [m._orig_mod if compiled_module(m) else m for m in model_parts(self.model)]
         saved = [a for m in mods for a in _attributes(m)]
         try:
-            with torch.no_grad():
+            with exact_no_grad():
                 real = inputs
                 for m in mods:
                     real = m(real)
@@ -1754,7 +1773,7 @@ class Chain:
                 "another path when traced by torch.fx (isinstance(x, torch.Tensor) / torch.is_tensor(x) are "
                 "False for its placeholders); remove such checks or write the model as an nn.Sequential"
             )
-        with torch.no_grad():
+        with exact_no_grad():
             real = real.to(out.dtype)
             # an overflow both compute alike (inf where the other has inf, NaN where NaN) is the same
             # function; the loss's non-finite value is named later (NonFiniteError)
@@ -1794,12 +1813,12 @@ class Chain:
         )
         if ce is not None:
             y = zs[-2]
-        with torch.no_grad():
+        with exact_no_grad():
             loss_blocks, loss = loss_stage.linearize(y)
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the loss is {loss.item()}")
         if loss_stage.closed is not None:
-            with torch.no_grad():
+            with exact_no_grad():
                 reference = loss_stage.call(y)
             if not torch.allclose(loss, reference.to(loss.dtype), rtol=1e-4, atol=1e-6):
                 raise UnsupportedStageError(
@@ -1807,7 +1826,7 @@ class Chain:
                 )
             loss = reference.to(loss.dtype)
         if ce is not None:  # the loss itself (a KL divergence: the cross-entropy minus the targets' entropy)
-            with torch.no_grad():
+            with exact_no_grad():
                 loss = self.loss_fn(zs[-1], targets).to(loss.dtype).reshape(())
         if (
             not second_order
@@ -1840,7 +1859,7 @@ class Chain:
                 "result as the inputs"
             )
         for s, z_in in zip(reversed(self.stages[first:]), reversed(zs[first:-1]), strict=True):
-            with torch.no_grad():
+            with exact_no_grad():
                 if ce is not None and s is self.stages[-1]:  # the LogSoftmax, moved into the loss
                     blocks.insert(0, IdentityBlocks(z_in.shape[0], z_in[0].numel()))
                     continue
@@ -1961,7 +1980,7 @@ class Chain:
         B = int(out.shape[0])
         eps = math.sqrt(torch.finfo(self.dtype).eps)
         try:
-            with torch.no_grad():
+            with exact_no_grad():
                 for i in torch.linspace(0, B - 1, min(B, 16)).long().unique().tolist():
                     alone_out = self._own_forward(inputs[i : i + 1])
                     if not torch.allclose(
@@ -2004,7 +2023,7 @@ class Chain:
         halves = [zs[0][: B // 2], zs[0][B // 2 :]]
         for s, ref in zip(self.stages[:first], zs[1 : first + 1], strict=True):
             try:
-                with torch.no_grad():
+                with exact_no_grad():
                     halves = [s.forward(h) for h in halves]
                 out = torch.cat(halves)
             except Exception:  # noqa: BLE001 - a stage that cannot take part of the batch
@@ -2026,7 +2045,7 @@ class Chain:
         first = self._first_with_parameters()  # (a frozen backbone before it: no rows, no blocks)
         if self._prefix_mixing_stage(zs, first) is not None:
             return None  # (the caller's per-example route: each example through the model alone)
-        with torch.no_grad():
+        with exact_no_grad():
             for s, z_in in zip(reversed(self.stages[first:]), reversed(zs[first:-1]), strict=True):
                 # keeping examples apart is probed on a generic stage's dense form
                 blk = self._stage_blocks(s, z_in, b, False, dense=True)

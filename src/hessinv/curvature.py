@@ -367,6 +367,8 @@ class CurvatureOperator:
             raise InvalidArgumentError(
                 f"{what} must be a torch.Tensor, got {type(v).__module__}.{type(v).__name__}"
             )
+        if v.layout != torch.strided:  # (a sparse vector: the same numbers, dense)
+            v = v.to_dense()
         if v.dtype != self.dtype or v.device != self.device:
             raise DtypeMismatchError(
                 f"{what} is {v.dtype} on {v.device}; operator is {self.dtype} on {self.device}"
@@ -1088,6 +1090,7 @@ class CurvatureOperator:
         scale = max(abs(lo_r), abs(hi_r), torch.finfo(self.dtype).tiny)  # relative: ||H|| may be 1e-9
         self._check_sweepable(scale, "eigenpairs")
         step = max(beta, 1e-3 * (hi_r - lo_r), 1e-8 * scale)
+        missed = 0  # eigenvalues the counts find nearer than the pairs returned, where no rerun can take them
         ends = which  # which end of the spectrum the pairs come from ("nearest": neither, unless sigma
         if which == "nearest":  # is beyond a definite shift: then the k smallest or largest are its nearest)
             assert sigma is not None
@@ -1198,7 +1201,9 @@ class CurvatureOperator:
             if _DENSE_FRACTION * kk > n > _DENSE_EIG_MAX:
                 # a cluster (e.g. the null space of an over-parameterized net at sigma = 0) too large
                 # for Lanczos to resolve and the matrix too large for dense eigh: returned uncertified
-                # (below that size the rerun is dense; Lanczos with thousands of pairs took 248 s)
+                # (below that size the rerun is dense; Lanczos with thousands of pairs took 248 s), and
+                # said: eigenvalues nearer than the k-th value by more than the counts' resolution
+                missed = inner
                 break
         doubt, self._count_doubt = self._count_doubt, False  # a count that may be off certifies nothing
         # nor do residuals beyond the accuracy asked (a value is only within its residual of an eigenvalue)
@@ -1211,6 +1216,17 @@ class CurvatureOperator:
                     f"{scale:.2g}), beyond the {reach:.2g} asked (tol={tol:g}); the values are Rayleigh "
                     "quotients, each within its residual of an eigenvalue -- not certified (use a float64 "
                     "model, or another sigma)"
+                )
+            )
+        elif missed:
+            where = ends if ends in ("smallest", "largest") else f"nearest {sigma}"
+            warn(
+                AccuracyWarning(
+                    f"eigenpairs: the inertia counts {missed} eigenvalues nearer than the last of the {k} "
+                    f"values found ({count} in [{lo:.3g}, {hi:.3g}]): a cluster (e.g. a Gauss-Newton "
+                    f"matrix's null space) that Lanczos does not resolve, at n = {n} too large for dense "
+                    f"eigh; each value is within its residual of an eigenvalue, but they are not the {k} "
+                    f"{where} -- not certified"
                 )
             )
         return Eigenpairs(vals, vecs, res, (lo, hi), certified, sweeps, solves)
@@ -1584,8 +1600,8 @@ class GaussNewton(CurvatureOperator):
         sweep only), in the same positions."""
         if method not in ("auto", "riccati", "woodbury"):
             raise InvalidArgumentError(f"method must be 'auto', 'riccati' or 'woodbury', got {method!r}")
-        if isinstance(damping, Tensor) and damping.dim() == 0:
-            damping = check_real(damping, "damping")  # a number, as a 0-d tensor
+        if isinstance(damping, Tensor) and damping.numel() == 1:
+            damping = check_real(damping, "damping")  # a number, as a one-entry tensor (as Hessian.factor)
         if isinstance(damping, Tensor) or method == "woodbury":
             if method == "riccati":
                 raise InvalidArgumentError("a per-parameter damping needs method='woodbury' (or 'auto')")
@@ -1626,8 +1642,9 @@ class Factorization:
         inertia_certified: whether ``inertia`` is an exact count -- of the operator's own matrix: a
             float32 operator's is evaluated in float32, and where ``cond(H + eps I) >~ 1 / u32`` its
             count may differ from the float64 model's. False only where the recount itself had an
-            ill-conditioned pivot above ``n = 2048``, or (:class:`MixedFactorization`) for the float32
-            sweep's count. Reading it runs the recount where one is due.
+            ill-conditioned pivot above ``n = 4096`` (:data:`DENSE_FALLBACK_N`), or
+            (:class:`MixedFactorization`) for the float32 sweep's count. Reading it runs the recount
+            where one is due.
         perturbed: ``{stage index: number of perturbed pivot eigenvalues}`` (empty if none; below
             float64 only the first such stage: the sweep stops there and the float64 twin takes over).
         positive_definite: whether every pivot is positive definite (unperturbed; with ``modify``:
@@ -2429,8 +2446,9 @@ class Factorization:
         R, vec = self.op._as_matrix(rhs, "rhs")
         if isinstance(max_refine, bool) or not isinstance(max_refine, numbers.Integral) or max_refine < 0:
             raise InvalidArgumentError(f"max_refine must be an integer >= 0, got {max_refine!r}")
-        if not isinstance(refine, (bool, np.bool_, numbers.Integral)) or refine not in (0, 1):  # ("no", None)
-            raise InvalidArgumentError(f"refine must be True or False, got {refine!r}")
+        for name, flag in (("refine", refine), ("return_info", return_info)):
+            if not isinstance(flag, (bool, np.bool_, numbers.Integral)) or flag not in (0, 1):  # ("no", None)
+                raise InvalidArgumentError(f"{name} must be True or False, got {flag!r}")
         X = self._raw(R)
         if not refine or getattr(
             self, "modified", False
@@ -2492,7 +2510,9 @@ class MixedFactorization(Factorization):
 
     ``inertia`` is the float32 sweep's count: exact for ``H + eps I`` unless an eigenvalue lies within
     the float32 rounding of zero, so ``inertia_certified`` is False (``precision="working"`` certifies
-    it). :meth:`logdet`, :meth:`slogdet`, :meth:`inverse_sqrt` and :meth:`sample` use the float64
+    it); ``positive_definite`` follows that count (an eigenvalue within float32's rounding of zero may be
+    counted on either side, while :meth:`slogdet`'s sign is the float64 factorization's). :meth:`logdet`,
+    :meth:`slogdet`, :meth:`inverse_sqrt` and :meth:`sample` use the float64
     factorization, :meth:`inverse_quadratic` a refined solve. A float32 sweep that cannot run at all
     (curvature below float32's normal range) leaves the whole factorization to float64.
 
@@ -2654,7 +2674,7 @@ def _pow2_scale(R: Tensor) -> Tensor:
 #: Refined solves whose residual stays above this after refinement and GMRES fall back to a dense LU of
 #: ``H + eps I`` (formed once by ``n`` products) where ``n`` is at most :data:`DENSE_FALLBACK_N`.
 DENSE_FALLBACK_ABOVE = 1e-8
-DENSE_FALLBACK_N = 2048
+DENSE_FALLBACK_N = 4096
 #: Flexible GMRES iterations per column (one cycle) where a float32 sweep's refinement is slow, before
 #: the float64 twin is factored instead. Each is a float32 sweep plus a float64 product, measured at
 #: 1/11 to 1/17 of the twin's factorization and refined solve (kaiming tanh chains, eps 1, w 12-32, L

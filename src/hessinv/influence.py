@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from hessinv.chain import Chain, LossFn, check_real, dense_grad, training_layers
+from hessinv.chain import Chain, LossFn, check_real, dense_grad, exact_no_grad, training_layers
 from hessinv.curvature import CurvatureOperator, Factorization, check_precision, curvature_class
 from hessinv.errors import (
     DtypeMismatchError,
@@ -440,7 +440,7 @@ class InfluenceFunction:
         if n is None and yc is targets:  # (the curvature of the training set itself)
             return 1.0
         Xc = op.inputs
-        with torch.no_grad():
+        with exact_no_grad():
             out = op.chain.forward(Xc[: min(2, int(Xc.shape[0]))])[-1]
         if not sums_examples(self.loss_fn, out, op.chain.prepare_targets(yc[: int(out.shape[0])])):
             return 1.0

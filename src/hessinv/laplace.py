@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from hessinv.chain import check_real, run_model
+from hessinv.chain import check_real, exact_no_grad, run_model
 from hessinv.curvature import (
     DENSE_ROUTE_MAX_N,
     CurvatureOperator,
@@ -206,7 +206,7 @@ class Laplace:
             )
         mean = torch.cat([p.detach().reshape(-1) for p in self.model.parameters() if p.requires_grad])
         prior_mean = self._check_prior_mean(self.prior_mean, mean.numel())  # requires_grad may change
-        with torch.no_grad():
+        with exact_no_grad():
             # per example: (N, C, T) outputs count C T
             n_outputs = int(run_model(self.model, X[:1])[0].numel())
         self.operator, self.mean, self.n_params, self.prior_mean = op, mean, mean.numel(), prior_mean
@@ -536,7 +536,7 @@ class Laplace:
                     "pred_type='nn' estimates a regression's predictive variance from the samples' spread: "
                     f"n_samples must be at least 2, got {n_samples}"
                 )
-            with torch.no_grad():
+            with exact_no_grad():
                 fs = torch.stack([self._outputs(X, th) for th in self.sample(n_samples, generator)])
             if self.likelihood == "classification":
                 return torch.softmax(fs, dim=-1).mean(0)

@@ -44,7 +44,7 @@ import torch
 
 from hessinv.chain import check_real
 from hessinv.curvature import CurvatureOperator, GaussNewton, _integer
-from hessinv.errors import InvalidArgumentError, NonFiniteArgumentError
+from hessinv.errors import AccuracyWarning, InvalidArgumentError, NonFiniteArgumentError, warn
 
 __all__ = [
     "eigenvalue_counts", "spectral_histogram", "spectral_range", "Histogram", "num_negative_eigenvalues",
@@ -195,6 +195,20 @@ def spectral_histogram(
         if i == 0 or edges[i - 1] < -2 * tol:
             at[i] = -tol
     N = eigenvalue_counts(op, at)
+    if (np.diff(N) < 0).any():
+        # edges closer than the counts' resolution (a float32 operator's null space counted at edges
+        # within n u ||H|| of each other): no bin holds a negative count; those bins are merged into the
+        # one above (the running maximum of the counts), and said
+        bad = int((np.diff(N) < 0).sum())
+        N = np.maximum.accumulate(N)
+        warn(
+            AccuracyWarning(
+                f"spectral_histogram: the eigenvalue counts decrease across {bad} bin edge(s), which lie "
+                f"closer together than the counts' resolution (about {op.zero_tolerance():.2g} here): "
+                "those bins get the eigenvalues their edges cannot tell apart at the higher edge (counts "
+                "made non-decreasing); use wider bins, or a float64 operator"
+            )
+        )
     return Histogram(np.diff(N), edges, int(N[0]), int(op.shape[0] - N[-1]))
 
 
@@ -212,7 +226,7 @@ def num_negative_eigenvalues(op: CurvatureOperator, tol: float | None = None) ->
 def logdet(op: CurvatureOperator, damping: float = 0.0) -> tuple[float, float]:
     """``(sign, log|det(H + damping I)|)`` from one factorization (``sum_l log|det Qxx_l|``); like
     :func:`torch.linalg.slogdet`. Raises :class:`~hessinv.SingularError` if ``H + damping I`` is
-    singular to working precision, or, with more than 2048 parameters, so near singular that the sweep
+    singular to working precision, or, with more than 4096 parameters, so near singular that the sweep
     perturbed pivots (smaller systems then take a dense LU; :meth:`hessinv.Factorization.logdet`)."""
     _check_operator(op)
     return op.factor(damping).slogdet()  # (factor validates the damping)

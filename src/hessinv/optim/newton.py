@@ -332,7 +332,7 @@ class Newton(torch.optim.Optimizer):
             global generator). Its state is in ``state_dict``.
         track_inertia: also compute the inertia of ``H`` itself each trust-region step (two sweeps;
             where a pivot is conditioned below ``sqrt(u)``, as next to the null space of an
-            over-parameterized net, a dense ``LDL^T`` of ``H`` for ``n <= 2048``: 4-6x the step time
+            over-parameterized net, a dense ``LDL^T`` of ``H`` for ``n <= 4096``: 4-6x the step time
             at ``n ~ 2000``).
         callback: called with the :class:`StepStats` of every step.
         backtracking: trust-region mode: halve a rejected step up to this many times, judging each half

@@ -874,7 +874,8 @@ class LazyBlocks(Blocks):
         ):
             raise InvalidArgumentError(
                 f"{self.stage.name}: its parameters (frozen ones too), buffers or tensor attributes changed "
-                "after this curvature was taken; take it again at the new point (hessinv.gauss_newton(...))"
+                "after this curvature was taken; take it again at the new point (hessinv.hessian(...) or "
+                "hessinv.gauss_newton(...))"
             )
         if [t.requires_grad for t in self.stage.params] != self._flags:
             raise InvalidArgumentError(
@@ -884,7 +885,7 @@ class LazyBlocks(Blocks):
         if _hook_keys(m for m, _ in self._modes) != self._hooks:  # the blocks would be the hooked module's
             raise InvalidArgumentError(
                 f"{self.stage.name}: hooks were added or removed after this curvature was taken; take it "
-                "again for the model as it is now (hessinv.gauss_newton(...))"
+                "again for the model as it is now (hessinv.hessian(...) or hessinv.gauss_newton(...))"
             )
         if self._out is not None:
             self._fresh_graph()
