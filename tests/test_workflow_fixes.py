@@ -198,3 +198,68 @@ def test_an_eval_transformer_with_a_padding_mask_is_differentiated_as_it_compute
     assert torch.backends.mha.get_fastpath_enabled()
     opt = Newton(m, nn.CrossEntropyLoss(), mode="precondition", seed=0)
     opt.step(x, y)
+
+
+class _Masked(nn.Module):
+    """An MLP holding a large bool buffer (a causal mask of 300 x 300 entries) it does not read."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mask", torch.ones(300, 300, dtype=torch.bool))
+        self.l1, self.l2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+def test_a_step_after_a_rejected_one_with_a_large_bool_buffer():
+    """The check of what else the curvature reads after a rejected step fingerprinted large tensors by
+    a float64 norm: a raw RuntimeError for a bool buffer."""
+    torch.manual_seed(0)
+    m = _Masked().double()
+    opt = Newton(m, nn.CrossEntropyLoss(), mode="trust-region", lr=30.0)  # lr 30: steps get rejected
+    rejected = 0
+    for _ in range(8):
+        opt.step(X, Y)
+        rejected += not opt.last_stats.accepted
+    assert rejected
+
+
+def test_a_partial_loss_whose_tensor_argument_changed_after_a_rejected_step():
+    """``functools.partial(F.cross_entropy, weight=w)`` with ``w`` changed after a rejected step: the
+    curvature is taken again (the step returned the loss at the old weights, 1.19184 for 1.22509)."""
+    import functools
+
+    import torch.nn.functional as F
+
+    w = torch.ones(3, dtype=torch.float64)
+    loss_fn = functools.partial(F.cross_entropy, weight=w)
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    opt = _rejected_trust_region(m, loss_fn)
+    with torch.no_grad():
+        w.copy_(torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64))
+    state = copy.deepcopy(opt.state_dict())
+    m_ref = copy.deepcopy(m)
+    opt_ref = Newton(m_ref, functools.partial(F.cross_entropy, weight=w.clone()), mode="trust-region")
+    opt_ref.load_state_dict(state)
+    assert float(opt.step(X, Y)) == float(opt_ref.step(X, Y))
+    assert torch.equal(_flat(m), _flat(m_ref))
+
+
+def test_laplace_and_influence_take_a_list_of_modules():
+    """A Python list (or nn.ModuleList) of modules, which the curvature and Newton take as a chain: the
+    Laplace evidence and per-example gradients equal the nn.Sequential's (raw AttributeError before)."""
+    from hessinv.influence import per_example_gradients
+    from hessinv.laplace import Laplace
+
+    seq = _mlp()
+    results = []
+    for model in (seq, list(seq), nn.ModuleList(list(seq))):
+        la = Laplace(model, "classification")
+        la.fit(X, Y)
+        results.append(
+            (float(la.log_marginal_likelihood()), per_example_gradients(model, nn.CrossEntropyLoss(), X, Y))
+        )
+    for lml, G in results[1:]:
+        assert lml == results[0][0] and torch.equal(G, results[0][1])

@@ -283,14 +283,13 @@ def model_parts(model: Any) -> list[nn.Module]:
     return list(model) if isinstance(model, (list, tuple, nn.ModuleList)) else [model]
 
 
-def run_model(model: Any, inputs: Tensor) -> Tensor:
-    """``model(inputs)``; for a list, tuple or ``nn.ModuleList`` of modules, each in turn."""
-    if isinstance(model, nn.Module) and not isinstance(model, nn.ModuleList):
-        return model(inputs)
-    out = inputs
-    for m in model:
-        out = m(out)
-    return out
+def as_module(model: Any) -> Any:
+    """A list, tuple or ``nn.ModuleList`` of modules as the ``nn.Sequential`` of the same modules (their
+    parameters shared), for code that needs one module (``torch.func.functional_call``); anything else as
+    it is."""
+    if isinstance(model, (list, tuple, nn.ModuleList)) and all(isinstance(m, nn.Module) for m in model):
+        return nn.Sequential(*model)
+    return model
 
 
 def _is_container(m) -> bool:

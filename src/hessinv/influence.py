@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from hessinv.chain import Chain, LossFn, check_real, dense_grad, exact_no_grad, training_layers
+from hessinv.chain import Chain, LossFn, as_module, check_real, dense_grad, exact_no_grad, training_layers
 from hessinv.curvature import CurvatureOperator, Factorization, check_precision, curvature_class
 from hessinv.errors import (
     DtypeMismatchError,
@@ -146,6 +146,7 @@ def per_example_gradients(
     by its own weight: its rows are those of the unweighted loss, while a curvature of the batch keeps the
     weights -- for scores of the weighted objective, use ``reduction="sum"`` (rows ``w_i grad l_i``)."""
     chunk = _check_chunk(chunk)
+    model = as_module(model)
     for t, what in ((inputs, "inputs"), (targets, "targets")):
         if not isinstance(t, Tensor):  # (as the operators name it)
             raise InvalidArgumentError(
@@ -209,6 +210,7 @@ def output_jacobians(model: nn.Module, inputs: Tensor, chunk: int = 1024) -> Ten
     training mode (Dropout, ...) in that mode is an :class:`UnsupportedStageError` (its Jacobians would be
     of one random draw)."""
     chunk = _check_chunk(chunk)
+    model = as_module(model)
     random = training_layers(model)
     if random:
         kinds = ", ".join(sorted({type(m).__name__ for m in random}))
@@ -384,7 +386,7 @@ class InfluenceFunction:
         damping: float = 0.0,
         precision: str = "working",
     ):
-        self.model, self.loss_fn = model, loss_fn
+        self.model, self.loss_fn = as_module(model), loss_fn  # (a list of modules: their Sequential)
         self.curvature_cls = curvature_class(curvature)
         self.damping = check_real(damping, "damping")
         self.precision = check_precision(precision)

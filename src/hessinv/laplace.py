@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from hessinv.chain import check_real, exact_no_grad, run_model
+from hessinv.chain import as_module, check_real, exact_no_grad
 from hessinv.curvature import (
     DENSE_ROUTE_MAX_N,
     CurvatureOperator,
@@ -129,6 +129,7 @@ class Laplace:
             if likelihood == "classification"
             else None
         )  # (the string likelihood's cross-entropy: torch's default; a target of -100 was silently dropped)
+        model = as_module(model)  # (a list of modules: their Sequential)
         self.model, self.likelihood = model, likelihood
         self.curvature_cls = curvature_class(curvature)
         self.prior_precision = self._positive(prior_precision, "prior_precision")
@@ -208,7 +209,7 @@ class Laplace:
         prior_mean = self._check_prior_mean(self.prior_mean, mean.numel())  # requires_grad may change
         with exact_no_grad():
             # per example: (N, C, T) outputs count C T
-            n_outputs = int(run_model(self.model, X[:1])[0].numel())
+            n_outputs = int(self.model(X[:1])[0].numel())
         self.operator, self.mean, self.n_params, self.prior_mean = op, mean, mean.numel(), prior_mean
         self.n_data, self.n_outputs = len(X), n_outputs
         self.loss = float(op.loss)  # summed cross-entropy, or summed squared error

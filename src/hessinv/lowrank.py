@@ -473,7 +473,10 @@ class WoodburyFactor:
 
     def columns(self, idx: Tensor) -> Tensor:
         """``U[:, idx]``, the columns of structured weights (``structured_only``) from their factors:
-        ``U[q, off + i m + j] = T[q, i] Z[n(q), j]``; a lookup table's (``tables``) from its values."""
+        ``U[q, off + i m + j] = T[q, i] Z[n(q), j]``; a lookup table's (``tables``) from its values.
+        ``idx``: indices (negative ones count from the end) or a boolean mask, as ``U[:, idx]`` takes them."""
+        idx = torch.as_tensor(idx, device=self.U.device)
+        idx = idx.nonzero().flatten() if idx.dtype == torch.bool else idx.long() % self.U.shape[1]
         out = self.U[:, idx]
         for off, size, cols, vals in self.tables or ():
             inside = (idx >= off) & (idx < off + size)

@@ -85,7 +85,6 @@ from hessinv.chain import (
 )
 from hessinv.curvature import (
     CurvatureOperator,
-    _fingerprint,
     _plain_settings,
     curvature_class,
     factorization_flops,
@@ -782,17 +781,25 @@ class Newton(torch.optim.Optimizer):
         return (inputs.detach().clone(), targets.detach().clone(), params, self._held_state())
 
     def _held_state(self) -> list[Any]:
-        """The model's and the loss module's other tensors -- buffers (an eval-mode BatchNorm's running
-        statistics, a loss's class weights) and frozen parameters, by a copy, or by a fingerprint where
-        large (a frozen backbone) -- and their plain settings (modes, ``label_smoothing``): a change in any
-        of them since a rejected step changes the curvature to take again."""
-        mods = [m for m in (self.model, uncompiled(self.loss_fn)) if isinstance(m, nn.Module)]
-        if isinstance(self.model, (list, tuple)):
-            mods += [m for m in self.model if isinstance(m, nn.Module)]
+        """The model's and the loss's other tensors -- buffers (an eval-mode BatchNorm's running
+        statistics, a loss's class weights, a ``functools.partial``'s tensor arguments) and frozen
+        parameters, by a copy, or where large (a frozen backbone, a mask buffer) by their storage and
+        version counter (microseconds: an edit through ``.data`` of such a tensor is not seen) -- and their
+        plain settings (modes, ``label_smoothing``): a change in any of them since a rejected step
+        changes the curvature to take again."""
+        mods = [m for m in model_parts(self.model) if isinstance(m, nn.Module)]
+        loss, tensors = uncompiled(self.loss_fn), []
+        while isinstance(loss, functools.partial):
+            tensors += [t for t in (*loss.args, *loss.keywords.values()) if isinstance(t, Tensor)]
+            loss = uncompiled(loss.func)
+        if isinstance(loss, nn.Module):
+            mods.append(loss)
         trained = {id(p) for p in self.chain.params}
         held: list[Any] = [
-            t.detach().clone() if t.numel() <= _HELD_COPY else _fingerprint(t)
-            for t in held_tensors(mods)
+            t.detach().clone()
+            if t.numel() <= _HELD_COPY
+            else (t.data_ptr(), t._version, tuple(t.shape), t.dtype)
+            for t in [*held_tensors(mods), *tensors]
             if id(t) not in trained
         ]
         return [held, _plain_settings(mods)]
@@ -1593,7 +1600,7 @@ def _is_model(model: Any) -> bool:
 _MODE_KEYS = ("mode", "previous", "from_auto", "trust_region_batch", "trust_region_rows")
 
 #: buffers and frozen tensors of at most this many entries are copied for :meth:`Newton._held_state`;
-#: larger ones are fingerprinted (shape, dtype, float64 sum and norm)
+#: larger ones are known by their storage, version counter, shape and dtype
 _HELD_COPY = 2**16
 
 
