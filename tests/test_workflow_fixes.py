@@ -263,3 +263,50 @@ def test_laplace_and_influence_take_a_list_of_modules():
         )
     for lml, G in results[1:]:
         assert lml == results[0][0] and torch.equal(G, results[0][1])
+
+
+class _CausalBlock(nn.Module):
+    """Self-attention with a causal mask built from the input's length: torch.fx cannot trace
+    torch.ones(T, T) with T read from a shape."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, x):
+        T = x.shape[1]
+        mask = torch.tril(torch.ones(T, T)) == 0
+        h = self.ln(x)
+        return x + self.mha(h, h, h, attn_mask=mask, need_weights=False)[0]
+
+
+class _TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.block = _CausalBlock()
+        self.head = nn.Linear(4, 7)
+
+    def forward(self, idx):
+        return self.head(self.block(self.emb(idx))).transpose(1, 2)
+
+
+def test_a_submodule_torch_fx_cannot_trace_is_called_whole():
+    """One untraceable submodule refused the whole model (NotAChainError naming torch.fx); it is now one
+    stage called whole, as a piece of an nn.Sequential is, and the rest is split as before: the Hessian
+    equals plain autograd's."""
+    from reference import autograd_hessian
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import hessinv
+
+    torch.manual_seed(0)
+    m = _TinyLM().double()
+    x, y = torch.randint(0, 7, (3, 4)), torch.randint(0, 7, (3, 4))
+    H = hessinv.hessian(m, nn.CrossEntropyLoss(), x, y)
+    assert any("_CausalBlock" in name for name in H._names) and len(H._names) > 2
+    with sdpa_kernel([SDPBackend.MATH]):
+        H_ref = autograd_hessian(m, nn.CrossEntropyLoss(), x, y)
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(H @ V, H_ref @ V, rtol=0, atol=1e-10 * float((H_ref @ V).abs().max()))

@@ -250,12 +250,27 @@ def _leaf_spec(m: nn.Module, label: str | None = None) -> tuple:
 
 class _Tracer(fx.Tracer):
     """torch.fx's default tracer, except that modules whose call runs more than their ``forward``
-    (hooks, parametrizations) stay whole: they are called, hooks and all, never traced through."""
+    (hooks, parametrizations) stay whole: they are called, hooks and all, never traced through; so do
+    the modules of ``whole``. ``failed_in``: the innermost module whose ``forward`` raised while traced
+    (an untraceable piece of a model: ``torch.ones(T, T)`` with ``T`` read from the input's shape)."""
+
+    def __init__(self, whole: Sequence[nn.Module] = ()):
+        super().__init__()
+        self.whole = list(whole)
+        self.failed_in: nn.Module | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if _hooked(m) or parametrize.is_parametrized(m) or customized(m):
+        if _hooked(m) or parametrize.is_parametrized(m) or customized(m) or any(w is m for w in self.whole):
             return True
         return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # (the innermost sees it first)
+                self.failed_in = m
+            raise
 
 
 @contextlib.contextmanager
@@ -342,7 +357,7 @@ def _specs(
         return [s for child in m for s in _specs(child, False, traced, whole)]
     if not isinstance(m, nn.Module):
         raise NotAChainError(f"expected an nn.Module or a list of modules, got {type(m).__name__}")
-    tracer = _Tracer()
+    tracer = _Tracer(whole)
     if tracer.is_leaf_module(m, "") or _hooked(m) or any(w is m for w in whole):
         return [(_leaf_spec(m), None)]
     before = _attributes(m)
@@ -364,6 +379,11 @@ def _specs(
             return [(_leaf_spec(m), None)]
         if isinstance(e, HessinvError):
             raise
+        culprit = tracer.failed_in
+        if culprit is not None and culprit is not m and not any(w is culprit for w in whole):
+            # a submodule fx cannot trace through: the model split again with it called whole, as a
+            # piece of a Sequential is (one generic stage, exact)
+            raise _CallWhole(culprit) from e
         raise NotAChainError(
             f"{type(m).__name__}.forward could not be traced with torch.fx ({type(e).__name__}: {e}); "
             "pass nn.Sequential(model) to have it called whole as one stage (exact; its dense blocks cost "
