@@ -74,8 +74,10 @@ TASKS = {
 }
 
 
-def _run(task: str, steps: int, batch: int) -> dict:
-    build, loss_fn, X, Y = TASKS[task]()
+def run(tasks: dict, task: str, steps: int, batch: int) -> dict:
+    """``steps`` steps of hessinv's default optimizer and of Adam on ``tasks[task]()`` (a model builder,
+    the loss, inputs and targets): step times, peak memory growth, final loss."""
+    build, loss_fn, X, Y = tasks[task]()
     with torch.no_grad():
         outputs = int(build()(X[:1]).numel())
     out: dict = {"task": task, "outputs_per_example": outputs}
@@ -117,23 +119,27 @@ def _run(task: str, steps: int, batch: int) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(
+    tasks: dict = TASKS, name: str = "output_curvature", script: str = __file__, doc: str = __doc__
+) -> None:
+    """Each task in its own process (its peak memory its own); a line per task and ``<out>/<name>.json``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--task", type=int, default=None, help="run only this task (index), print its JSON")
-    ap.add_argument("--out", default=None, help="folder for output_curvature.json")
+    ap.add_argument("--out", default=None, help=f"folder for {name}.json")
+    ap.add_argument("--name", default=name, help="the record's file name stem")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.task is not None:
-        print(json.dumps(_run(list(TASKS)[args.task], args.steps, args.batch)))
+        print(json.dumps(run(tasks, list(tasks)[args.task], args.steps, args.batch)))
         return
-    record = {"benchmark": "output_curvature", "machine": machine_info("cpu"), "load_start": load_average()}
+    record = {"benchmark": name, "machine": machine_info("cpu"), "load_start": load_average()}
     record["tasks"] = []
-    for i, task in enumerate(TASKS):  # one process per task: its peak memory its own
+    for i, task in enumerate(tasks):  # one process per task: its peak memory its own
         cmd = [
             sys.executable,
-            __file__,
+            script,
             "--task",
             str(i),
             "--steps",
@@ -159,7 +165,7 @@ def main() -> None:
     record["load_end"] = load_average()
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "output_curvature.json").write_text(json.dumps(record, indent=1))
+        (Path(args.out) / f"{args.name}.json").write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
