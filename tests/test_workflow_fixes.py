@@ -2,6 +2,7 @@
 fails on the code before its fix."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -310,3 +311,33 @@ def test_a_submodule_torch_fx_cannot_trace_is_called_whole():
         H_ref = autograd_hessian(m, nn.CrossEntropyLoss(), x, y)
     V = torch.randn(H.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(H @ V, H_ref @ V, rtol=0, atol=1e-10 * float((H_ref @ V).abs().max()))
+
+
+def test_a_gradient_set_before_step_inputs_targets_is_said_to_be_unused():
+    """``loss.backward()`` and gradient clipping before ``step(inputs, targets)`` were silently ignored
+    (the step computes the batch gradient itself): a warning says so, once; zero_grad and the step's own
+    .grad do not warn, nor does the closure form."""
+    m, loss_fn = _mlp(), nn.CrossEntropyLoss()
+    opt = Newton(m, loss_fn, mode="precondition", seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(X[:8], Y[:8])  # no .grad yet
+        opt.step(X[8:16], Y[8:16])  # the step's own .grad
+        opt.zero_grad()
+        opt.step(X[16:24], Y[16:24])
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(m(X[:8]), Y[:8])
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    nn.functional.cross_entropy(m(X[:8]), Y[:8]).backward()
+    torch.nn.utils.clip_grad_norm_(m.parameters(), 0.01)
+    with pytest.warns(UserWarning, match="computes the batch gradient itself"):
+        opt.step(X[:8], Y[:8])
+    nn.functional.cross_entropy(m(X[:8]), Y[:8]).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(X[:8], Y[:8])  # (once)

@@ -90,7 +90,7 @@ from hessinv.curvature import (
     factorization_flops,
     normalize_curvature,
 )
-from hessinv.errors import HessinvError, InvalidArgumentError, NonFiniteError, SingularError
+from hessinv.errors import HessinvError, InvalidArgumentError, NonFiniteError, SingularError, warn
 from hessinv.optim.damping import DampingRule, FixedDamping, LevenbergMarquardt, Sweeps
 from hessinv.optim.precondition import (
     BASIS_MAX_DIM,
@@ -735,6 +735,32 @@ class Newton(torch.optim.Optimizer):
             k = p.numel()
             p.grad = g[offset : offset + k].view_as(p)
             offset += k
+        self._grads_written = {id(p): (p.grad, p.grad._version) for p in self.chain.params}
+
+    def _warn_if_grads_set(self) -> None:
+        """Warn (once) where ``.grad`` was set or changed since the last step wrote it -- a ``backward()``,
+        gradient clipping -- before ``step(inputs, targets)``, which computes the batch gradient itself
+        and would silently ignore it (``zero_grad`` is fine: no gradient, or zeros)."""
+        if self.__dict__.get("_warned_grads"):
+            return
+        written = self.__dict__.get("_grads_written", {})
+        for p in self.chain.params:
+            g = p.grad
+            if g is None:
+                continue
+            kept = written.get(id(p))
+            if kept is not None and kept[0] is g and kept[1] == g._version:
+                continue
+            if bool((g != 0).any()):
+                self._warned_grads = True
+                warn(
+                    "Newton.step(inputs, targets) computes the batch gradient itself: the .grad set or "
+                    "changed since the last step (a backward(), gradient clipping) is not used. Pass a "
+                    "closure (step(closure)) to step with your own gradient, or put a penalty into "
+                    "loss_fn / weight_decay",
+                    UserWarning,
+                )
+                return
 
     def _limited(self, d: Tensor) -> Tensor:
         """``d`` (n,) with each stage's part shortened to at most ``(c / L) max(||x_s||, sqrt(n_s / n)
@@ -871,6 +897,8 @@ class Newton(torch.optim.Optimizer):
         taken = self._newton["step"]
         # and "auto"'s decision: a step that fails after it was taken (an interrupt, out of memory) has not
         # seen the batch (retried, a mini-batch would look like full-batch training's second step)
+        if closure is None and not callable(inputs):
+            self._warn_if_grads_set()
         decided = (
             {k: self._newton[k] for k in _MODE_KEYS if k in self._newton},
             self.mode,
