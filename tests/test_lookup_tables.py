@@ -304,6 +304,14 @@ def test_columns_takes_negative_indices_and_masks_as_indexing_does():
     mask = torch.zeros(n, dtype=torch.bool)
     mask[-5:] = True
     assert torch.equal(f.columns(mask), full[:, mask])
+    for bad in (
+        torch.tensor([n]),
+        torch.tensor([-n - 1]),
+        torch.tensor([2.7]),
+        torch.ones(3, dtype=torch.bool),
+    ):
+        with pytest.raises(IndexError):  # (as U[:, bad]: an index out of range was wrapped around)
+            f.columns(bad)
 
 
 class _TableLast(nn.Module):

@@ -221,7 +221,7 @@ def test_counts_where_a_pivot_is_singular_but_h_is_not(seed):
 def test_counts_that_may_be_off_say_so(monkeypatch):
     """Above the dense recount's size an ill-conditioned sweep's count is kept, with one AccuracyWarning
     from the public call (naming the caller's shift); eigenpairs then withholds its certificate."""
-    monkeypatch.setattr(hessinv.curvature, "DENSE_FALLBACK_N", 10)
+    monkeypatch.setattr(hessinv.curvature, "DENSE_RECOUNT_N", 10)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(9, 14), torch.nn.GELU(), torch.nn.Linear(14, 1)).double()
     X, y = torch.randn(11, 9, dtype=torch.float64), torch.randn(11, 1, dtype=torch.float64)

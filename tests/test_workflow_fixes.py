@@ -341,3 +341,116 @@ def test_a_gradient_set_before_step_inputs_targets_is_said_to_be_unused():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step(X[:8], Y[:8])  # (once)
+
+
+def test_the_fused_transformer_path_stays_off_for_a_frozen_backbone_and_the_trust_region():
+    """torch also takes its fused transformer path with gradients on when no parameter of the encoder
+    requires one (a frozen backbone): the model was refused as reading stashed values. And the trust
+    region's loss after a step, computed without gradients, came from the fused path while the loss
+    before it did not (a step accepted with rho 0.026 while the loss rose). Both now use the
+    differentiable function, and the process-wide setting is put back."""
+    from reference import autograd_hessian
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import hessinv
+
+    torch.manual_seed(0)
+    m = _PaddedEncoder().double().eval()
+    m.emb.requires_grad_(False)
+    m.enc.requires_grad_(False)
+    x = torch.randint(1, 7, (3, 3))
+    x[:1, -2:] = 0
+    y = torch.randint(0, 3, (3,))
+    H = hessinv.hessian(m, nn.CrossEntropyLoss(), x, y)
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            H_ref = autograd_hessian(m, nn.CrossEntropyLoss(), x, y)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    assert torch.allclose(H.to_dense(), H_ref, rtol=0, atol=1e-10 * float(H_ref.abs().max()))
+    m.requires_grad_(True)
+    opt = Newton(m, nn.CrossEntropyLoss(), mode="trust-region")
+    for _ in range(2):
+        opt.step(x, y)
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with torch.no_grad():
+                now = float(nn.functional.cross_entropy(m(x), y))
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+        if opt.last_stats.accepted:
+            assert opt.last_stats.loss_after == pytest.approx(now, rel=1e-12)
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_the_fused_path_setting_is_put_back_when_threads_interleave():
+    """Two threads inside hessinv's exact forward passes, leaving in the other order: the setting was
+    saved and restored per call, so the first to leave turned it back on under the other and the last
+    left it off for the whole process."""
+    import threading
+
+    from hessinv.stages.generic import exact_attention
+
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with exact_attention():
+            a_in.set()
+            b_in.wait()
+        a_out.set()
+
+    def b():
+        a_in.wait()
+        with exact_attention():
+            b_in.set()
+            a_out.wait()
+            seen["b"] = torch.backends.mha.get_fastpath_enabled()
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen["b"] is False and torch.backends.mha.get_fastpath_enabled()
+
+
+class _Projected(nn.Module):
+    """A fixed random projection held as a buffer, then an MLP."""
+
+    def __init__(self, k=20):
+        super().__init__()
+        self.register_buffer("proj", torch.randn(k, 6, dtype=torch.float64) / 6**0.5)
+        self.head = nn.Sequential(nn.Linear(k, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+    def forward(self, x):
+        return self.head(torch.tanh(x @ self.proj.T))
+
+
+@pytest.mark.parametrize("mode", ["trust-region", "precondition"])
+def test_a_buffer_rebound_between_steps_is_the_one_used(mode):
+    """``m.proj = new_tensor`` between steps: the traced stages held the old buffer, and the step was the
+    old model's (returned loss 0.978 against the model's 1.222). The model is split again."""
+    torch.manual_seed(0)
+    m = _Projected()
+    opt = Newton(m, nn.CrossEntropyLoss(), mode=mode, seed=0)
+    opt.step(X[:16], Y[:16])
+    m.proj = torch.randn(20, 6, dtype=torch.float64) * 3
+    with torch.no_grad():
+        now = float(nn.functional.cross_entropy(m(X[:16]), Y[:16]))
+    assert float(opt.step(X[:16], Y[:16])) == pytest.approx(now, rel=1e-12)
+
+
+def test_a_list_model_holding_a_function_is_named():
+    """[Linear, torch.tanh, Linear] gave a raw AttributeError in Laplace and per_example_gradients."""
+    import hessinv
+    from hessinv.influence import per_example_gradients
+    from hessinv.laplace import Laplace
+
+    s = _mlp()
+    model = [s[0], torch.tanh, s[2]]
+    with pytest.raises(hessinv.HessinvError, match="not only modules"):
+        Laplace(model, "classification")
+    with pytest.raises(hessinv.HessinvError, match="not only modules"):
+        per_example_gradients(model, nn.CrossEntropyLoss(), X, Y)

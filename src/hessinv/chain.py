@@ -73,6 +73,7 @@ from hessinv.stages.generic import (
     IdentityBlocks,
     LazyBlocks,
     _grads,
+    exact_attention,
     hook_dicts,
     mixing_error,
     same_value,
@@ -275,21 +276,12 @@ class _Tracer(fx.Tracer):
 
 @contextlib.contextmanager
 def exact_no_grad() -> Iterator[None]:
-    """``torch.no_grad()`` with torch's fused transformer inference path off: without gradients,
-    ``nn.TransformerEncoder(Layer)`` and ``nn.MultiheadAttention`` in eval mode take a "fast path" whose
-    outputs differ from the differentiable function's (a ``src_key_padding_mask``'s positions come out as
-    zeros, which a mean over positions then reads), so hessinv's forward passes compute the function
-    its derivatives are of. The setting is put back afterwards."""
-    mha = getattr(torch.backends, "mha", None)
-    was = mha.get_fastpath_enabled() if mha is not None else None
-    try:
-        if mha is not None:
-            mha.set_fastpath_enabled(False)
-        with torch.no_grad():
-            yield
-    finally:
-        if mha is not None:
-            mha.set_fastpath_enabled(was)
+    """``torch.no_grad()`` with attention computed as the differentiable function computes it
+    (:func:`~hessinv.stages.generic.exact_attention`: torch's fused transformer inference path would zero a
+    padding mask's positions, which a mean over positions then reads), so hessinv's forward passes compute
+    the function its derivatives are of."""
+    with exact_attention(), torch.no_grad():
+        yield
 
 
 def model_parts(model: Any) -> list[nn.Module]:
@@ -301,8 +293,14 @@ def model_parts(model: Any) -> list[nn.Module]:
 def as_module(model: Any) -> Any:
     """A list, tuple or ``nn.ModuleList`` of modules as the ``nn.Sequential`` of the same modules (their
     parameters shared), for code that needs one module (``torch.func.functional_call``); anything else as
-    it is."""
-    if isinstance(model, (list, tuple, nn.ModuleList)) and all(isinstance(m, nn.Module) for m in model):
+    it is. A list holding anything but modules: :class:`NotAChainError`."""
+    if isinstance(model, (list, tuple, nn.ModuleList)):
+        bad = [type(m).__name__ for m in model if not isinstance(m, nn.Module)]
+        if bad:
+            raise NotAChainError(
+                f"a model given as a list holds {', '.join(sorted(set(bad)))}, not only modules: wrap each "
+                "function in a module (nn.Tanh() for torch.tanh, or an nn.Module whose forward calls it)"
+            )
         return nn.Sequential(*model)
     return model
 
@@ -1256,6 +1254,9 @@ class Chain:
         self._held_lens = list(map(len, self._held))
         self._held_values = list(itertools.chain.from_iterable(map(dict.values, self._held)))
         self._top = None if isinstance(model, nn.Module) else (model, list(model))
+        # buffers rebound by assignment (m.proj = new_tensor): the traced stages hold the old tensor
+        self._buffer_dicts = [m._buffers for m in mods]
+        self._buffer_values = [list(d.values()) for d in self._buffer_dicts]
         self._flag_tensors = [t for m in mods for t in m._parameters.values() if t is not None]
         self._flags = [t.requires_grad for t in self._flag_tensors]
         # hooks (a module with hooks is called whole) and the attributes a traced forward may bake in (a
@@ -1290,7 +1291,8 @@ class Chain:
         submodule, list element or parameter replaced, a layer frozen, a parameter's dtype or device
         (``model.double()``), the mode of a Dropout, RReLU or BatchNorm module, a gradient hook added to a
         parameter; or if autograd is off (``torch.inference_mode``; not checked with ``autograd=False``) or
-        ``torch.autocast`` would lower a float32 model's precision. Module hooks added or removed, or a
+        ``torch.autocast`` would lower a float32 model's precision. Module hooks added or removed, a buffer
+        rebound by assignment (``m.proj = new_tensor``), or a
         plain attribute that a traced ``forward`` read (a temperature, ``self.training``) changed: the
         model is split again (an attribute whose change leaves the traced code as it was is not watched
         from then on: a call counter). A microsecond or so per module."""
@@ -1328,7 +1330,11 @@ class Chain:
                 "new model"
             )
         moved = [(m, k) for m, k, v in self._attrs if not same_value(vars(m).get(k, MISSING), v)]
-        if moved or list(map(tuple, self._hooks)) != self._hook_keys:
+        rebound = any(
+            len(d) != len(v) or any(map(operator.is_not, d.values(), v))
+            for d, v in zip(self._buffer_dicts, self._buffer_values, strict=True)
+        )
+        if moved or rebound or list(map(tuple, self._hooks)) != self._hook_keys:
             stages = self._keep_order(split_stages(self.model, traced := [], self._whole, self._ordered))
             if [id(t) for s in stages for t in s.params] != [id(t) for t in self.params]:
                 raise InvalidArgumentError(
@@ -1904,13 +1910,13 @@ class Chain:
     def _own_forward(self, inputs: Tensor) -> Tensor:
         """``model(inputs)`` through the model's own forward (its modules in turn, for a list), with the
         grad mode of the caller; the modules' plain attributes (a call counter, a stashed value) put back."""
-        mods = [self.model] if isinstance(self.model, nn.Module) else list(self.model)
-        mods = [m._orig_mod if compiled_module(m) else m for m in mods]
+        mods = [m._orig_mod if compiled_module(m) else m for m in model_parts(self.model)]
         saved = [a for m in mods for a in _attributes(m)]
         try:
             out = inputs
-            for m in mods:
-                out = m(out)
+            with exact_attention():  # (as the stages are called: a frozen transformer's fused path off)
+                for m in mods:
+                    out = m(out)
             return out
         finally:
             _restore_attributes(saved)

@@ -694,7 +694,7 @@ class CurvatureOperator:
         (e.g. the null space of an over-parameterized net at ``shift = 0``) makes pivots nearly
         singular. Where a pivot is conditioned below ``sqrt(u)`` (singular to working precision while
         ``H + shift I`` is not) the count comes from a dense ``LDL^T`` instead (``n <=``
-        :data:`DENSE_FALLBACK_N`; above, an :class:`AccuracyWarning`). A ``0 < tol < sqrt(u) ||H||``
+        :data:`DENSE_RECOUNT_N`; above, an :class:`AccuracyWarning`). A ``0 < tol < sqrt(u) ||H||``
         therefore gets an :class:`AccuracyWarning` (eigenvalues within that distance of
         ``shift +- tol`` may be counted on the wrong side). Where
         ``shift +- tol`` is an eigenvalue to working precision (a pivot exactly singular), that count
@@ -742,7 +742,7 @@ class CurvatureOperator:
             warn(
                 f"{what}: a pivot of the Riccati sweep is conditioned below sqrt(u), so eigenvalues within "
                 f"about u ||H|| / (its conditioning) of the shift may be counted on the wrong side (n = "
-                f"{self.shape[0]} is above the dense recount's {DENSE_FALLBACK_N}); move the shift",
+                f"{self.shape[0]} is above the dense recount's {DENSE_RECOUNT_N}); move the shift",
                 AccuracyWarning,
             )
 
@@ -787,7 +787,7 @@ class CurvatureOperator:
         pivot is conditioned beyond ``sqrt(u)``. Otherwise the sweep -- which does not pivot across
         stages -- counts a matrix whose distance from ``H + s I`` grows like ``u / conditioning`` (a
         first-layer pivot singular at ``s = 0`` while ``H`` is not: 5 of 155 eigenvalues 2.6e-5 and more
-        from 0 were counted on the wrong side), and systems of ``n <=`` :data:`DENSE_FALLBACK_N` are
+        from 0 were counted on the wrong side), and systems of ``n <=`` :data:`DENSE_RECOUNT_N` are
         counted by a Bunch-Kaufman ``LDL^T`` of the dense float64 ``H + s I`` (``H`` formed once by
         ``n`` products and kept; backward stable); larger ones keep the sweep's count with an
         :class:`AccuracyWarning`. :class:`SingularError` where a pivot is exactly singular."""
@@ -797,7 +797,7 @@ class CurvatureOperator:
         if all(f.pivot.conditioning() >= floor for f in factors if f is not None):
             return inertia
         n = self.shape[0]
-        if n > DENSE_FALLBACK_N:
+        if n > DENSE_RECOUNT_N:
             self._count_doubt = True  # the public caller warns (or withholds a certificate)
             return inertia
         A = self._dense64().clone()
@@ -2675,6 +2675,11 @@ def _pow2_scale(R: Tensor) -> Tensor:
 #: ``H + eps I`` (formed once by ``n`` products) where ``n`` is at most :data:`DENSE_FALLBACK_N`.
 DENSE_FALLBACK_ABOVE = 1e-8
 DENSE_FALLBACK_N = 4096
+#: inertia counts whose sweep had a pivot conditioned below ``sqrt(u)`` are recounted by a dense ``LDL^T``
+#: up to this size (above it, an :class:`AccuracyWarning`): a count is asked many times (a bisection, a
+#: histogram, a trust-region step with ``track_inertia``), and a recount of n = 3605 took 3.3 s against
+#: the sweep's 0.5 s
+DENSE_RECOUNT_N = 2048
 #: Flexible GMRES iterations per column (one cycle) where a float32 sweep's refinement is slow, before
 #: the float64 twin is factored instead. Each is a float32 sweep plus a float64 product, measured at
 #: 1/11 to 1/17 of the twin's factorization and refined solve (kaiming tanh chains, eps 1, w 12-32, L

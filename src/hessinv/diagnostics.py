@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hessinv.chain import Chain, LossFn, check_real, dense_grad
+from hessinv.chain import Chain, LossFn, check_real, dense_grad, exact_no_grad
 from hessinv.curvature import CurvatureOperator, _check_tol, _integer, curvature_class
 from hessinv.errors import (
     AccuracyWarning,
@@ -547,7 +547,7 @@ def _check_batch(net: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tenso
             f"batch sizes differ: inputs {tuple(inputs.shape)}, targets {tuple(targets.shape)}"
         )
     dtype = params[0].dtype
-    with torch.no_grad():
+    with exact_no_grad():
         out = net(inputs)
     LossStage(0, loss_fn, prepare_targets(loss_fn, targets, dtype), out)
 
@@ -952,7 +952,7 @@ def estimate_minimizer(
         set_flat_parameters(net, _vec(x0, "x0"))
 
     def loss_at() -> float:
-        with torch.no_grad():
+        with exact_no_grad():  # (the function the curvature is of: no fused transformer path)
             return float(loss_fn(net(X), Y))
 
     def grad_norm() -> float:

@@ -475,8 +475,17 @@ class WoodburyFactor:
         """``U[:, idx]``, the columns of structured weights (``structured_only``) from their factors:
         ``U[q, off + i m + j] = T[q, i] Z[n(q), j]``; a lookup table's (``tables``) from its values.
         ``idx``: indices (negative ones count from the end) or a boolean mask, as ``U[:, idx]`` takes them."""
+        n = self.U.shape[1]
         idx = torch.as_tensor(idx, device=self.U.device)
-        idx = idx.nonzero().flatten() if idx.dtype == torch.bool else idx.long() % self.U.shape[1]
+        if idx.dtype == torch.bool:
+            if idx.shape != (n,):
+                raise IndexError(f"a mask of shape {tuple(idx.shape)} for {n} columns")
+            idx = idx.nonzero().flatten()
+        elif idx.is_floating_point() or idx.is_complex():
+            raise IndexError("column indices must be integers or a boolean mask")
+        elif idx.numel() and not bool(((idx >= -n) & (idx < n)).all()):
+            raise IndexError(f"a column index is out of range for {n} columns")
+        idx = idx.reshape(-1).long() % n if idx.numel() else idx.reshape(-1).long()
         out = self.U[:, idx]
         for off, size, cols, vals in self.tables or ():
             inside = (idx >= off) & (idx < off + size)

@@ -109,7 +109,7 @@ from hessinv.optim.precondition import (
 )
 from hessinv.optim.trust_region import TrustRegion
 from hessinv.riccati import Inertia
-from hessinv.stages.generic import held_tensors
+from hessinv.stages.generic import exact_attention, held_tensors
 from hessinv.stages.losses import uncompiled
 
 __all__ = ["Newton", "StepStats"]
@@ -331,7 +331,7 @@ class Newton(torch.optim.Optimizer):
             global generator). Its state is in ``state_dict``.
         track_inertia: also compute the inertia of ``H`` itself each trust-region step (two sweeps;
             where a pivot is conditioned below ``sqrt(u)``, as next to the null space of an
-            over-parameterized net, a dense ``LDL^T`` of ``H`` for ``n <= 4096``: 4-6x the step time
+            over-parameterized net, a dense ``LDL^T`` of ``H`` for ``n <= 2048``: 4-6x the step time
             at ``n ~ 2000``).
         callback: called with the :class:`StepStats` of every step.
         backtracking: trust-region mode: halve a rejected step up to this many times, judging each half
@@ -1278,12 +1278,13 @@ class Newton(torch.optim.Optimizer):
     def _batch_loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """The batch loss at the current parameters, through the model's own forward (the function
         itself, fastest) or, for a list of stages, their forwards."""
-        if isinstance(self.model, nn.Module) and not isinstance(self.model, nn.ModuleList):
-            z = self.model(inputs)
-        else:
-            z = inputs
-            for stage in self.chain.stages:
-                z = stage.forward(z)
+        with exact_attention():  # (the function the curvature is of: no fused transformer path)
+            if isinstance(self.model, nn.Module) and not isinstance(self.model, nn.ModuleList):
+                z = self.model(inputs)
+            else:
+                z = inputs
+                for stage in self.chain.stages:
+                    z = stage.forward(z)
         return self.loss_fn(z, self.chain.prepare_targets(targets))
 
     def _loss_and_gradient(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:

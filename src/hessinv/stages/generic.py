@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -217,13 +218,42 @@ def _backward_rows(out: Tensor, wrt: list[Tensor], n: int, seeds, batched: bool)
     return [torch.cat(ps) for ps in parts]
 
 
-def _math_attention():
-    """A context in which ``scaled_dot_product_attention`` uses its math (plain autograd) kernel."""
+#: threads inside :func:`exact_attention` and the fast-path setting they found (process-wide)
+_FAST_PATH = {"inside": 0, "saved": True}
+_FAST_PATH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def exact_attention() -> Iterator[None]:
+    """Attention as the differentiable function computes it: ``scaled_dot_product_attention`` through its
+    math (plain autograd) kernel -- the fused CPU/CUDA kernels have no double backward -- and torch's
+    fused transformer inference path off: without gradients, or with no parameter of the module
+    requiring one (a frozen backbone), ``nn.TransformerEncoder(Layer)`` and ``nn.MultiheadAttention`` in
+    eval mode take a "fast path" whose outputs differ (a ``src_key_padding_mask``'s positions come out as
+    zeros). That setting is process-wide: turned off while any thread is inside, put back as found when
+    the last leaves."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is not None:
+        with _FAST_PATH_LOCK:
+            if _FAST_PATH["inside"] == 0:
+                _FAST_PATH["saved"] = mha.get_fastpath_enabled()
+                mha.set_fastpath_enabled(False)
+            _FAST_PATH["inside"] += 1
     try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:  # torch < 2.3
+            kernel = contextlib.nullcontext()
+        else:
+            kernel = sdpa_kernel([SDPBackend.MATH])
+        with kernel:
+            yield
+    finally:
+        if mha is not None:
+            with _FAST_PATH_LOCK:
+                _FAST_PATH["inside"] -= 1
+                if _FAST_PATH["inside"] == 0:
+                    mha.set_fastpath_enabled(_FAST_PATH["saved"])
 
 
 def _buffers_equal(a: list[Tensor], b: list[Tensor]) -> bool:
@@ -278,7 +308,7 @@ class GenericStage(Stage):
         # a copy: in-place modules (ReLU(inplace=True), x.mul_()) must not overwrite the caller's z.
         # Attention through the math kernel of scaled_dot_product_attention: the fused CPU/CUDA kernels
         # (flash, memory-efficient) have no double backward, the math one is plain autograd
-        with _math_attention():
+        with exact_attention():
             out = self.module(z.clone())
         if not isinstance(out, Tensor):
             mods = self.module.modules() if isinstance(self.module, nn.Module) else ()
