@@ -247,6 +247,24 @@ def _uncovered(n: int, factors: list, device: torch.device) -> Tensor:
     return (~covered).nonzero().flatten()
 
 
+def written_runs(
+    n: int, factors: list | None, tables: list | None, device: torch.device
+) -> list[tuple[int, int]]:
+    """``[(lo, hi), ...]``: the columns of a root ``U`` (n columns) that :func:`gauss_newton_root` with
+    ``structured_only`` writes -- all but those of the Linear weights solved through their factors
+    (:data:`_STRUCTURED_SOLVE` entries or more) and of the lookup ``tables`` -- as ranges."""
+    return _runs(_uncovered(n, unread_spans(factors, tables), device))
+
+
+def unread_spans(factors: list | None, tables: list | None) -> list[tuple]:
+    """The ``(offset, d, m, ...)`` spans of a root's columns left unwritten (``structured_only``): the
+    Linear weights of ``factors`` solved through their structure and the lookup ``tables``."""
+    return [
+        *(f for f in factors or () if f[1] * f[2] >= _STRUCTURED_SOLVE),
+        *((off, 1, size) for off, size, *_ in tables or ()),
+    ]
+
+
 def _runs(cols: Tensor) -> list[tuple[int, int]]:
     """``[(lo, hi), ...]``: the ascending column indices ``cols`` as ranges of consecutive columns."""
     if not cols.numel():
@@ -406,7 +424,7 @@ class WoodburyFactor:
         # lookup tables whose columns of U are unwritten: (offset, size, columns, values), gauss_newton_root's
         self.tables = tables or None
         # the columns of U never read: the solved-through weights', the tables'
-        self._unread = [*self._solve_factors, *((off, 1, size) for off, size, *_ in self.tables or ())]
+        self._unread = unread_spans(self._solve_factors, self.tables)
         # which columns of U each product reads, by U alone (shared with with_damping's factorizations):
         # those outside the structured weights, less the columns that are zero (an Embedding's rows of
         # tokens outside the curvature batch: most of its columns)

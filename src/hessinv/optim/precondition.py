@@ -70,7 +70,7 @@ from hessinv import linalg
 from hessinv.chain import LossFn, _tensor, dense_grad, deterministic_chain, layers_in_mode, training_layers
 from hessinv.curvature import GaussNewton, Hessian, normalize_curvature
 from hessinv.errors import InvalidArgumentError, NonFiniteError, NotFittedError, ShapeMismatchError
-from hessinv.lowrank import _STRUCTURED_SOLVE, WoodburyFactor, _runs, _uncovered
+from hessinv.lowrank import WoodburyFactor, written_runs
 from hessinv.stages.losses import count_examples, counted_examples, ignored_index, sums_examples
 from hessinv.stages.protocol import basis_product
 
@@ -1065,9 +1065,7 @@ class Preconditioner:
             return U * r
         # in place, on the columns written only (those of the solved-through weights and of the tables
         # are not: an Embedding(50000, 64)'s 1 GB of U is never touched)
-        unread = [f for f in self._root_factors or () if f[1] * f[2] >= _STRUCTURED_SOLVE]
-        unread += [(o, 1, size) for o, size, *_ in self._root_tables or ()]
-        for a, b in _runs(_uncovered(U.shape[1], unread, U.device)):
+        for a, b in written_runs(U.shape[1], self._root_factors, self._root_tables, U.device):
             U[:, a:b] *= r
         return U
 
