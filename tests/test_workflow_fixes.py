@@ -337,6 +337,9 @@ def test_a_gradient_set_before_step_inputs_targets_is_said_to_be_unused():
     torch.nn.utils.clip_grad_norm_(m.parameters(), 0.01)
     with pytest.warns(UserWarning, match="computes the batch gradient itself"):
         opt.step(X[:8], Y[:8])
+    with warnings.catch_warnings():  # (a new optimizer's first step: the .grad is another's)
+        warnings.simplefilter("error")
+        Newton(m, loss_fn, mode="precondition", seed=0).step(X[:8], Y[:8])
     nn.functional.cross_entropy(m(X[:8]), Y[:8]).backward()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -454,3 +457,19 @@ def test_a_list_model_holding_a_function_is_named():
         Laplace(model, "classification")
     with pytest.raises(hessinv.HessinvError, match="not only modules"):
         per_example_gradients(model, nn.CrossEntropyLoss(), X, Y)
+
+
+def test_regression_targets_far_from_unit_scale_are_said():
+    """Targets of root mean square 1e4 (an unscaled regression): the default preconditioner's damping grows
+    with the residuals and its steps become Adam steps of size 1 / diagonal_damping (training loss 1.2e8,
+    barely below the mean's 1.6e8, where Adam reached 1.4e7) -- silently. A warning names it and the
+    remedy; unit-scale targets and classification do not warn."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    y = 1e4 * torch.randn(48, 1, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="Standardize the targets"):
+        Newton(m, nn.MSELoss(), mode="precondition", seed=0).step(X[:16], y[:16])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Newton(m, nn.MSELoss(), mode="precondition", seed=0).step(X[:16], y[:16] / 1e4)
+        Newton(_mlp(), nn.CrossEntropyLoss(), mode="precondition", seed=0).step(X[:16], Y[:16])

@@ -737,13 +737,33 @@ class Newton(torch.optim.Optimizer):
             offset += k
         self._grads_written = {id(p): (p.grad, p.grad._version) for p in self.chain.params}
 
-    def _warn_if_grads_set(self) -> None:
-        """Warn (once) where ``.grad`` was set or changed since the last step wrote it -- a ``backward()``,
-        gradient clipping -- before ``step(inputs, targets)``, which computes the batch gradient itself
-        and would silently ignore it (``zero_grad`` is fine: no gradient, or zeros)."""
-        if self.__dict__.get("_warned_grads"):
+    def _warn_if_unscaled_targets(self, targets: Tensor) -> None:
+        """Warn where a regression's targets are far from unit scale (root mean square above
+        :data:`UNSCALED_TARGETS`): the gradient, and with it the diagonal damping ``D ~ sqrt(v)``, grows
+        with the residuals while the Gauss-Newton matrix does not, so ``(G + D)^{-1} g`` is an Adam step
+        of size ``1 / diagonal_damping`` (targets of std 1.4e3: 16x Adam's training loss; 1.4e4: no
+        progress)."""
+        loss = uncompiled(self.loss_fn)
+        if not isinstance(loss, _REGRESSION_LOSSES) or not targets.is_floating_point() or not targets.numel():
             return
-        written = self.__dict__.get("_grads_written", {})
+        rms = float(targets.detach().double().pow(2).mean().sqrt())
+        if rms > UNSCALED_TARGETS:
+            warn(
+                f"the regression targets' root mean square is {rms:.3g}: far from unit scale, the "
+                "preconditioner's diagonal damping (which grows with the gradient, hence with the residuals) "
+                "swamps the curvature, and the steps become Adam steps of size 1 / diagonal_damping. "
+                "Standardize the targets (y - mean) / std (and the predictions back), or pass a smaller "
+                "diagonal_damping",
+                UserWarning,
+            )
+
+    def _warn_if_grads_set(self) -> None:
+        """Warn (once) where ``.grad`` was set or changed since this optimizer's last step wrote it -- a
+        ``backward()``, gradient clipping -- before ``step(inputs, targets)``, which computes the batch
+        gradient itself and would silently ignore it (``zero_grad`` is fine: no gradient, or zeros)."""
+        written = self.__dict__.get("_grads_written")
+        if self.__dict__.get("_warned_grads") or not written:  # (before its first step: another optimizer's)
+            return
         for p in self.chain.params:
             g = p.grad
             if g is None:
@@ -1200,6 +1220,8 @@ class Newton(torch.optim.Optimizer):
         t_start = time.perf_counter()
         ns = self._newton
         pc = self.preconditioner
+        if ns["step"] == 0:
+            self._warn_if_unscaled_targets(targets)
         assert pc is not None
         lr = self._learning_rate()
         try:
@@ -1624,6 +1646,10 @@ def _is_model(model: Any) -> bool:
         return True
     return isinstance(model, (list, tuple)) and bool(model) and all(isinstance(m, nn.Module) for m in model)
 
+
+#: :meth:`Newton._warn_if_unscaled_targets`: a regression loss's targets of a larger root mean square
+UNSCALED_TARGETS = 300.0
+_REGRESSION_LOSSES = (nn.MSELoss, nn.L1Loss, nn.HuberLoss, nn.SmoothL1Loss)
 
 #: the entries of the state that "auto" mode's decision writes (:meth:`Newton._resolve_mode`)
 _MODE_KEYS = ("mode", "previous", "from_auto", "trust_region_batch", "trust_region_rows")
