@@ -1865,8 +1865,10 @@ class Chain:
             warn(
                 f"{loss_stage.name}: the loss's second derivative in the model's outputs is zero on this "
                 "batch (a loss linear in them: KLDivLoss or NLLLoss on log-probabilities computed inside a "
-                "stage, L1Loss, HuberLoss beyond delta; or saturated outputs), so its Gauss-Newton matrix "
-                "is zero: the curvature is the Hessian's or none (cross-entropy on logits, a smooth loss)",
+                "stage, L1Loss, HuberLoss beyond delta; or saturated outputs), so its Gauss-Newton matrix is "
+                "zero on it (hessinv.optim's preconditioner then steps by its diagonal damping alone, "
+                "Adam-like). For curvature from the outputs, use a loss with a second derivative there "
+                "(MSELoss, cross-entropy on the logits, BCEWithLogitsLoss) or curvature='hessian'",
                 UserWarning,
             )
         blocks: list[Blocks] = [loss_blocks]
