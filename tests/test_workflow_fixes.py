@@ -393,20 +393,20 @@ def test_the_fused_path_setting_is_put_back_when_threads_interleave():
     left it off for the whole process."""
     import threading
 
-    from hessinv.stages.generic import exact_attention
+    from hessinv.stages.generic import NoFastPath
 
     a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
     seen = {}
 
     def a():
-        with exact_attention():
+        with NoFastPath():
             a_in.set()
             b_in.wait()
         a_out.set()
 
     def b():
         a_in.wait()
-        with exact_attention():
+        with NoFastPath():
             b_in.set()
             a_out.wait()
             seen["b"] = torch.backends.mha.get_fastpath_enabled()

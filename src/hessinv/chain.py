@@ -72,8 +72,8 @@ from hessinv.stages.generic import (
     MISSING,
     IdentityBlocks,
     LazyBlocks,
+    NoFastPath,
     _grads,
-    exact_attention,
     hook_dicts,
     mixing_error,
     same_value,
@@ -274,14 +274,21 @@ class _Tracer(fx.Tracer):
             raise
 
 
-@contextlib.contextmanager
-def exact_no_grad() -> Iterator[None]:
-    """``torch.no_grad()`` with attention computed as the differentiable function computes it
-    (:func:`~hessinv.stages.generic.exact_attention`: torch's fused transformer inference path would zero a
-    padding mask's positions, which a mean over positions then reads), so hessinv's forward passes compute
-    the function its derivatives are of."""
-    with exact_attention(), torch.no_grad():
-        yield
+class exact_no_grad(torch.no_grad):  # noqa: N801 - used as torch.no_grad is, a decorator too
+    """``torch.no_grad()`` with torch's fused transformer inference path off
+    (:class:`~hessinv.stages.generic.NoFastPath`: it would zero a padding mask's positions, which a mean
+    over positions then reads), so hessinv's forward passes compute the function its derivatives are of."""
+
+    def __enter__(self) -> None:
+        _NO_FAST_PATH.__enter__()
+        super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        _NO_FAST_PATH.__exit__(*exc)
+
+
+_NO_FAST_PATH = NoFastPath()  # (its state is the class's: one instance serves every call)
 
 
 def model_parts(model: Any) -> list[nn.Module]:
@@ -1256,7 +1263,8 @@ class Chain:
         self._top = None if isinstance(model, nn.Module) else (model, list(model))
         # buffers rebound by assignment (m.proj = new_tensor): the traced stages hold the old tensor
         self._buffer_dicts = [m._buffers for m in mods]
-        self._buffer_values = [list(d.values()) for d in self._buffer_dicts]
+        self._buffer_lens = list(map(len, self._buffer_dicts))
+        self._buffer_values = list(itertools.chain.from_iterable(map(dict.values, self._buffer_dicts)))
         self._flag_tensors = [t for m in mods for t in m._parameters.values() if t is not None]
         self._flags = [t.requires_grad for t in self._flag_tensors]
         # hooks (a module with hooks is called whole) and the attributes a traced forward may bake in (a
@@ -1330,9 +1338,12 @@ class Chain:
                 "new model"
             )
         moved = [(m, k) for m, k, v in self._attrs if not same_value(vars(m).get(k, MISSING), v)]
-        rebound = any(
-            len(d) != len(v) or any(map(operator.is_not, d.values(), v))
-            for d, v in zip(self._buffer_dicts, self._buffer_values, strict=True)
+        rebound = list(map(len, self._buffer_dicts)) != self._buffer_lens or any(
+            map(
+                operator.is_not,
+                itertools.chain.from_iterable(map(dict.values, self._buffer_dicts)),
+                self._buffer_values,
+            )
         )
         if moved or rebound or list(map(tuple, self._hooks)) != self._hook_keys:
             stages = self._keep_order(split_stages(self.model, traced := [], self._whole, self._ordered))
@@ -1916,7 +1927,7 @@ class Chain:
         saved = [a for m in mods for a in _attributes(m)]
         try:
             out = inputs
-            with exact_attention():  # (as the stages are called: a frozen transformer's fused path off)
+            with NoFastPath():  # (as the stages are called: a frozen transformer's fused path off)
                 for m in mods:
                     out = m(out)
             return out

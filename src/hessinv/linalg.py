@@ -65,7 +65,7 @@ def all_finite(t: Tensor) -> bool:
     """Whether every entry of ``t`` is finite: its smallest and largest are (a NaN propagates to both;
     one reduction, no tensor of flags -- 0.8 ms against 13 ms for ``isfinite(t).all()`` on 3.3M float32
     entries, a per-step check of an Embedding model's gradient)."""
-    if not t.is_floating_point() or t.numel() == 0:
+    if not t.is_floating_point() or t.numel() < 2**16:  # (small: one call is cheaper than two numbers)
         return bool(torch.isfinite(t).all())
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))

@@ -109,7 +109,7 @@ from hessinv.optim.precondition import (
 )
 from hessinv.optim.trust_region import TrustRegion
 from hessinv.riccati import Inertia
-from hessinv.stages.generic import exact_attention, held_tensors
+from hessinv.stages.generic import NoFastPath, held_tensors
 from hessinv.stages.losses import uncompiled
 
 __all__ = ["Newton", "StepStats"]
@@ -1300,7 +1300,7 @@ class Newton(torch.optim.Optimizer):
     def _batch_loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """The batch loss at the current parameters, through the model's own forward (the function
         itself, fastest) or, for a list of stages, their forwards."""
-        with exact_attention():  # (the function the curvature is of: no fused transformer path)
+        with NoFastPath():  # (the function the curvature is of: no fused transformer path)
             if isinstance(self.model, nn.Module) and not isinstance(self.model, nn.ModuleList):
                 z = self.model(inputs)
             else:

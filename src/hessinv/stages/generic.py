@@ -218,42 +218,48 @@ def _backward_rows(out: Tensor, wrt: list[Tensor], n: int, seeds, batched: bool)
     return [torch.cat(ps) for ps in parts]
 
 
-#: threads inside :func:`exact_attention` and the fast-path setting they found (process-wide)
-_FAST_PATH = {"inside": 0, "saved": True}
-_FAST_PATH_LOCK = threading.Lock()
+class NoFastPath:
+    """A context in which torch's fused transformer inference path is off: without gradients, or with no
+    parameter of the module requiring one (a frozen backbone), ``nn.TransformerEncoder(Layer)`` and
+    ``nn.MultiheadAttention`` in eval mode take a "fast path" whose outputs differ from the differentiable
+    function's (a ``src_key_padding_mask``'s positions come out as zeros, which a mean over positions then
+    reads). The setting is process-wide: off while any thread is inside, put back as found when the last
+    leaves. A class, not a generator: a microsecond, entered on every step's forward."""
+
+    _inside = 0
+    _saved = True
+    _lock = threading.Lock()
+    _mha = getattr(torch.backends, "mha", None)
+
+    def __enter__(self) -> None:
+        if self._mha is not None:
+            with self._lock:
+                if NoFastPath._inside == 0:
+                    NoFastPath._saved = self._mha.get_fastpath_enabled()
+                    self._mha.set_fastpath_enabled(False)
+                NoFastPath._inside += 1
+
+    def __exit__(self, *exc: object) -> None:
+        if self._mha is not None:
+            with self._lock:
+                NoFastPath._inside -= 1
+                if NoFastPath._inside == 0:
+                    self._mha.set_fastpath_enabled(NoFastPath._saved)
 
 
 @contextlib.contextmanager
 def exact_attention() -> Iterator[None]:
-    """Attention as the differentiable function computes it: ``scaled_dot_product_attention`` through its
-    math (plain autograd) kernel -- the fused CPU/CUDA kernels have no double backward -- and torch's
-    fused transformer inference path off: without gradients, or with no parameter of the module
-    requiring one (a frozen backbone), ``nn.TransformerEncoder(Layer)`` and ``nn.MultiheadAttention`` in
-    eval mode take a "fast path" whose outputs differ (a ``src_key_padding_mask``'s positions come out as
-    zeros). That setting is process-wide: turned off while any thread is inside, put back as found when
-    the last leaves."""
-    mha = getattr(torch.backends, "mha", None)
-    if mha is not None:
-        with _FAST_PATH_LOCK:
-            if _FAST_PATH["inside"] == 0:
-                _FAST_PATH["saved"] = mha.get_fastpath_enabled()
-                mha.set_fastpath_enabled(False)
-            _FAST_PATH["inside"] += 1
+    """Attention as plain autograd differentiates it twice: ``scaled_dot_product_attention`` through its
+    math kernel (the fused CPU/CUDA kernels have no double backward) and torch's fused transformer
+    inference path off (:class:`NoFastPath`)."""
     try:
-        try:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-        except ImportError:  # torch < 2.3
-            kernel = contextlib.nullcontext()
-        else:
-            kernel = sdpa_kernel([SDPBackend.MATH])
-        with kernel:
-            yield
-    finally:
-        if mha is not None:
-            with _FAST_PATH_LOCK:
-                _FAST_PATH["inside"] -= 1
-                if _FAST_PATH["inside"] == 0:
-                    mha.set_fastpath_enabled(_FAST_PATH["saved"])
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        kernel = contextlib.nullcontext()
+    else:
+        kernel = sdpa_kernel([SDPBackend.MATH])
+    with NoFastPath(), kernel:
+        yield
 
 
 def _buffers_equal(a: list[Tensor], b: list[Tensor]) -> bool:
