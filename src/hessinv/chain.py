@@ -177,7 +177,7 @@ def deterministic_chain(
     with layers_in_mode(training_layers(model, mods), False):
         try:  # (ordered like model.parameters() where it can be: as every operator's chain)
             return Chain(model, loss_fn), mods
-        except _OutOfOrder:  # the optimizers' vectors are their own: the stages' order
+        except ParameterOrderError:  # the optimizers' vectors are their own: the stages' order
             return Chain(model, loss_fn, ordered=False), mods
 
 
@@ -1009,7 +1009,7 @@ def _check_model_kinds(model) -> None:
                 )
 
 
-class _OutOfOrder(NotAChainError):
+class ParameterOrderError(NotAChainError):
     """Parameters used in another order than ``model.parameters()`` lists them (:func:`_check_parameters`):
     the operators refuse such a model, the optimizers split it unordered (:func:`deterministic_chain`)."""
 
@@ -1069,7 +1069,7 @@ def _check_parameters(model, stages: list[Stage], ordered: bool = True) -> None:
             if own
             else "define the submodules in the order forward uses them"
         )
-        raise _OutOfOrder(
+        raise ParameterOrderError(
             f"forward uses parameter {names[flat[first]]} before {late}, but model.parameters() "
             f"lists them the other way round; hessinv orders the curvature like model.parameters(): {hint} "
             "-- or call the model whole, nn.Sequential(model) (one generic stage: exact, dense blocks); "
