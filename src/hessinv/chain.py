@@ -1763,7 +1763,7 @@ class Chain:
             return None
         if kl and (targets.shape != out.shape or not targets.is_floating_point()):
             return None
-        with exact_no_grad():
+        with torch.no_grad():
             ref = torch.log_softmax(logits, dim=1)
             tol = 10 * torch.finfo(out.dtype).eps * (1.0 + float(ref.abs().max()) if ref.numel() else 1.0)
             if not bool(((out - ref).abs() <= tol).all()):
@@ -1809,7 +1809,7 @@ class Chain:
                 "another path when traced by torch.fx (isinstance(x, torch.Tensor) / torch.is_tensor(x) are "
                 "False for its placeholders); remove such checks or write the model as an nn.Sequential"
             )
-        with exact_no_grad():
+        with torch.no_grad():
             real = real.to(out.dtype)
             # an overflow both compute alike (inf where the other has inf, NaN where NaN) is the same
             # function; the loss's non-finite value is named later (NonFiniteError)
@@ -1849,12 +1849,12 @@ class Chain:
         )
         if ce is not None:
             y = zs[-2]
-        with exact_no_grad():
+        with torch.no_grad():
             loss_blocks, loss = loss_stage.linearize(y)
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the loss is {loss.item()}")
         if loss_stage.closed is not None:
-            with exact_no_grad():
+            with torch.no_grad():
                 reference = loss_stage.call(y)
             if not torch.allclose(loss, reference.to(loss.dtype), rtol=1e-4, atol=1e-6):
                 raise UnsupportedStageError(
@@ -1862,7 +1862,7 @@ class Chain:
                 )
             loss = reference.to(loss.dtype)
         if ce is not None:  # the loss itself (a KL divergence: the cross-entropy minus the targets' entropy)
-            with exact_no_grad():
+            with torch.no_grad():
                 loss = self.loss_fn(zs[-1], targets).to(loss.dtype).reshape(())
         if (
             not second_order

@@ -858,19 +858,11 @@ class Newton(torch.optim.Optimizer):
             targets.detach(),
             torch.cat([p.detach().reshape(-1) for p in self.chain.params]),
         )
-        if not all(
-            a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-            for a, b in zip(key[:3], now, strict=True)
-        ):
+        if not all(map(_same_tensor, key[:3], now)):
             return False
         (held, plain), (held_now, plain_now) = key[3], self._held_state()
         same = len(held) == len(held_now) and all(
-            type(a) is type(b)
-            and (
-                a == b
-                if isinstance(a, tuple)
-                else a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-            )
+            type(a) is type(b) and (a == b if isinstance(a, tuple) else _same_tensor(a, b))
             for a, b in zip(held, held_now, strict=True)
         )
         try:
@@ -915,10 +907,10 @@ class Newton(torch.optim.Optimizer):
         layers = training_layers(self.model, self._mode_modules)
         held = [(b, b.clone()) for m in layers for b in m.buffers(recurse=False)]
         taken = self._newton["step"]
+        if closure is None:
+            self._warn_if_grads_set()
         # and "auto"'s decision: a step that fails after it was taken (an interrupt, out of memory) has not
         # seen the batch (retried, a mini-batch would look like full-batch training's second step)
-        if closure is None and not callable(inputs):
-            self._warn_if_grads_set()
         decided = (
             {k: self._newton[k] for k in _MODE_KEYS if k in self._newton},
             self.mode,
@@ -951,8 +943,7 @@ class Newton(torch.optim.Optimizer):
         new_chain, modes = deterministic_chain(self.model, self.loss_fn)
         # a frozen parameter's group, by its place in the model's parameters (ids do not survive pickling)
         homes = dict(self._newton.get("homes", {}))  # (saved with the state: a resumed run keeps it)
-        mods = [self.model] if isinstance(self.model, nn.Module) else list(self.model)
-        place = {id(p): i for i, p in enumerate(p for m in mods for p in m.parameters())}
+        place = _param_places(self.model)
         kept = {id(p) for p in chain.params}
         added = [p for p in new_chain.params if id(p) not in kept]
         lost = [p for p in added if place[id(p)] not in homes]
@@ -1659,6 +1650,20 @@ _MODE_KEYS = ("mode", "previous", "from_auto", "trust_region_batch", "trust_regi
 _HELD_COPY = 2**16
 
 
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    """The same shape, dtype and values (NaN unequal, as ``torch.equal`` has it)."""
+    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+
+
+def _param_places(model: Any) -> dict[int, int]:
+    """Each parameter's place in the model's parameters (frozen ones too), by ``id``: a frozen parameter's
+    group is kept by its place (ids do not survive pickling; checkpoints store these places). A module's
+    own ``parameters()`` (an ``nn.ModuleList``'s list a parameter shared by two items once), a list's in
+    turn."""
+    mods = [model] if isinstance(model, nn.Module) else list(model)
+    return {id(p): i for i, p in enumerate(p for m in mods for p in m.parameters())}
+
+
 def _number_of(v: Any) -> Any:
     """A one-entry tensor's number (as it is now), anything else as it is."""
     return float(v) if isinstance(v, Tensor) and v.numel() == 1 else v
@@ -1679,7 +1684,7 @@ def _param_groups(params: Any, trainable: list[Tensor], model: Any) -> tuple[lis
     elif any(gr is None for gr in groups):
         raise InvalidArgumentError("params must be all tensors or all group dicts, not a mix")
     groups = [{**gr, "params": _as_list(gr["params"])} for gr in groups]
-    place = {id(p): i for i, p in enumerate(p for m in model_parts(model) for p in m.parameters())}
+    place = _param_places(model)
     homes: dict[int, int] = {}
     for gi, gr in enumerate(groups):
         frozen = [p for p in gr["params"] if not p.requires_grad]
