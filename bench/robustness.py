@@ -189,6 +189,97 @@ def lambda_min_run(w, B, L, init, bisect: bool) -> dict:
     return out
 
 
+#: the zero-cluster rows: over-parameterized tanh MLPs (widths, batch) on a few examples, whose Hessian
+#: has a cluster of zero eigenvalues larger than the rest of its spectrum, above the dense fallback's n
+ZERO_CLUSTER = [([20, 60, 60, 10], 8), ([16, 48, 48, 48, 10], 4)]
+ZERO_CLUSTER_EPS = [1e-8, 1e-10, 1e-12]  # relative to ||H||
+
+
+def zero_cluster_run(widths: list[int], B: int) -> list[dict]:
+    """Solves of ``(H + eps I) x = b`` at ``eps`` = :data:`ZERO_CLUSTER_EPS` ``||H||`` (cond 1e8-1e12):
+    hessinv's refined solve (factor + solve) against a dense float64 LU of the same matrix (its
+    ``n`` products not timed), residuals measured with the dense matrix, inertia against ``eigvalsh``."""
+    torch.manual_seed(1)
+    mods: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        mods += [nn.Linear(widths[i], widths[i + 1]), nn.Tanh()]
+    model = nn.Sequential(*mods[:-1]).double()
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(B, widths[0], generator=g, dtype=torch.float64)
+    y = torch.randint(0, widths[-1], (B,), generator=g)
+    H = hessinv.hessian(model, nn.CrossEntropyLoss(), X, y)
+    Hd = H.to_dense()
+    n = Hd.shape[0]
+    ev = torch.linalg.eigvalsh(Hd)
+    norm = float(ev.abs().max())
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    rows = []
+    for rel_eps in ZERO_CLUSTER_EPS:
+        eps = rel_eps * norm
+        A = Hd + eps * torch.eye(n, dtype=torch.float64)
+        s = ev + eps
+        lu_s, lu_cpu, x_lu = cpu_timed(torch.linalg.solve, A, b)
+        row = {
+            "widths": widths,
+            "B": B,
+            "n": n,
+            "zero_eigenvalues": int((ev.abs() < 1e-12 * norm).sum()),
+            "eps_rel": rel_eps,
+            "cond": float(s.abs().max() / s.abs().min()),
+            "lu_s": lu_s,
+            "lu_cpu_s": lu_cpu,
+            "lu_residual": float((b - A @ x_lu).norm() / b.norm()),
+        }
+
+        def factor_solve(eps=eps):
+            F = H.factor(eps)
+            return F, *F.solve(b, return_info=True)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hessinv.AccuracyWarning)
+            try:
+                t, c, (F, x, info) = cpu_timed(factor_solve)
+            except hessinv.SingularError as e:
+                row.update(refused=True, message=str(e)[:200])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                continue
+        row.update(
+            refused=False,
+            hessinv_s=t,
+            hessinv_cpu_s=c,
+            residual=float((b - A @ x).norm() / b.norm()),
+            residual_reported=info.residual,
+            error_vs_lu=float((x - x_lu).norm() / x_lu.norm()),
+            krylov_iterations=info.krylov_iterations,
+            perturbed=sum(F.perturbed.values()),
+            inertia_matches=list(F.inertia) == [int((s < 0).sum()), 0, int((s > 0).sum())],
+        )
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def render_zero_cluster(rows: list[dict]) -> str:
+    lines = [
+        "| widths, B | n (zero eigenvalues) | eps / norm H | cond | refused | hessinv factor + solve | residual "
+        "(reported) | GMRES iterations | perturbed | inertia ok | dense LU | LU residual | error vs LU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        head = f"| {r['widths']}, {r['B']} | {r['n']} ({r['zero_eigenvalues']}) | {r['eps_rel']:g} | {r['cond']:.1e} "
+        lu = f"{r['lu_s']:.2f} s | {r['lu_residual']:.1e}"
+        if r["refused"]:
+            lines.append(head + f"| **yes** | - | - | - | - | - | {lu} | - |")
+            continue
+        lines.append(
+            head + f"| no | {r['hessinv_s']:.2f} s ({r['hessinv_cpu_s']:.2f} s CPU) | {r['residual']:.1e} "
+            f"({r['residual_reported']:.1e}) | {r['krylov_iterations']} | {r['perturbed']} | "
+            f"{'yes' if r['inertia_matches'] else 'NO'} | {lu} | {r['error_vs_lu']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
 def _record_path() -> str:
     """The recorded file only when asked (HESSINV_UPDATE_REPO=1); else runs/bench/ (outside the records)."""
     if os.environ.get("HESSINV_UPDATE_REPO") == "1":
@@ -204,8 +295,22 @@ def main() -> None:
         action="store_true",
         help="re-run only the lambda_min rows, into a copy of bench/results/robustness.json's other rows",
     )
+    ap.add_argument(
+        "--only-zero-cluster",
+        action="store_true",
+        help="run only the zero-cluster rows (over-parameterized MLPs on a few examples, n above the dense "
+        "fallback), into bench/results/robustness_zero_cluster.json with HESSINV_UPDATE_REPO=1",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.only_zero_cluster:
+        rows = [r for widths, B in ZERO_CLUSTER for r in zero_cluster_run(widths, B)]
+        out = {"machine": machine_info("cpu") | {"load_average_end": load_average()}, "rows": rows}
+        path = _record_path().replace("robustness.json", "robustness_zero_cluster.json")
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+        print(render_zero_cluster(rows))
+        return
     res = {"machine": machine_info("cpu"), "cases": [], "pd_vs_indefinite": [], "lambda_min": []}
     t0 = time.perf_counter()
     if args.only_lambda_min:
