@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -167,6 +168,42 @@ def test_optimize_prior_and_noise_for_regression():
     assert la.log_marginal_likelihood() == pytest.approx(best, rel=1e-10)
     for dd, ds in [(1.05, 1), (1 / 1.05, 1), (1, 1.05), (1, 1 / 1.05)]:
         assert dense_laplace(net, X, y, "regression", "gauss_newton", delta * dd, sigma * ds)[0] < best
+
+
+@pytest.mark.parametrize("scale", [10.0, 50.0])
+def test_joint_noise_search_finds_the_dense_maximum_on_unscaled_targets(scale):
+    """Targets of scale 10-50 with the default starting sigma_noise = 1: the joint search returned the
+    prior precision's lower bound and a sigma 43-75 nats below the evidence's maximum, warning that the
+    evidence may have no maximum inside (found by a review). The evidence at the returned point is now at
+    least a dense grid's maximum over both default bounds, and no bound is reported."""
+    net, X, y = problem(6, "regression", depth=2, width=8, C=1, N=40)
+    y = scale * y
+    lf = torch.nn.MSELoss(reduction="sum")
+    ev = torch.linalg.eigvalsh(autograd_gauss_newton(net, lf, X, y))
+    theta2 = float(sum((p.detach() ** 2).sum() for p in net.parameters()))
+    with torch.no_grad():
+        sse = float(lf(net(X), y))
+    n, N = ev.numel(), y.numel()
+    d = torch.logspace(-6, 6, 241, dtype=torch.float64)[:, None]
+    s = torch.logspace(-4, 4, 321, dtype=torch.float64)[None, :]
+    c = 0.5 / s**2
+    logdet = (c[..., None] * ev + d[..., None]).log().sum(-1)  # (241, 321)
+    lml = -sse * c - N * (s * math.sqrt(2 * math.pi)).log() - 0.5 * (logdet - n * d.log() + d * theta2)
+    la = Laplace(net, "regression", sigma_noise=1.0).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "at the search's bound" warning)
+        delta = la.optimize_prior_precision(optimize_sigma_noise=True)
+    assert la.log_marginal_likelihood() >= float(lml.max()) - 1e-6
+    assert la.log_marginal_likelihood() == pytest.approx(
+        dense_laplace(net, X, y, "regression", "gauss_newton", delta, la.sigma_noise)[0], rel=1e-10
+    )
+
+
+def test_a_noise_at_its_bound_is_reported():
+    net, X, y = problem(6, "regression", depth=2, width=8, C=1, N=40)
+    la = Laplace(net, "regression").fit(X, 50.0 * y)
+    with pytest.warns(UserWarning, match="noise's optimum 80 is at the search's bound"):
+        la.optimize_prior_precision(optimize_sigma_noise=True, sigma_bounds=(80.0, 1e4))
 
 
 def test_samples_have_the_posterior_covariance():
