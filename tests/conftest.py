@@ -3,6 +3,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -10,3 +11,13 @@ _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 settings.register_profile("ci", derandomize=True, print_blob=True, **_common)
 settings.register_profile("dev", **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+@pytest.fixture(autouse=True)
+def _sweep_counts(monkeypatch):
+    """Spectrum counts by Riccati sweeps, also where one dense eigvalsh would be cheaper (the small chains of
+    the tests): the sweep's counts are what the tests check; ``test_spectrum_fixes`` turns the dense
+    shortcut back on where it tests it."""
+    import hessinv.curvature
+
+    monkeypatch.setattr(hessinv.curvature, "DENSE_COUNTS", False)

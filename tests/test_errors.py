@@ -307,7 +307,7 @@ def test_accuracy_warning_when_refinement_cannot_reach_accuracy(monkeypatch):
         warnings.simplefilter("error")
         x, info = F.solve(H.gradient, max_refine=5, return_info=True)
     assert info.refinement_steps == 5 and info.krylov_iterations > 0 and info.residual < 1e-13
-    monkeypatch.setattr(hc, "fgmres", lambda apply, prec, b, x0, *a: (x0, 1))  # GMRES gets nowhere
+    monkeypatch.setattr(hc, "fgmres", lambda apply, prec, b, x0, *a, **k: (x0, 1))  # GMRES gets nowhere
     monkeypatch.setattr(hc, "DENSE_FALLBACK_N", 0)  # and no dense LU to fall back on
     with pytest.warns(hessinv.AccuracyWarning, match="relative residual"):
         x, info = F.solve(H.gradient, max_refine=5, return_info=True)

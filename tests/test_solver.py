@@ -1462,3 +1462,82 @@ def test_a_zero_cluster_is_solved_above_the_dense_fallback(monkeypatch, seed):
         assert tuple(F.inertia) == count(ev, eps)
     with pytest.raises(SingularError, match="singular to working precision"):
         H.factor(0.0).solve(b)
+
+
+def test_shift_invert_next_to_a_zero_cluster_uses_an_invertible_shift():
+    """eigenpairs(which="nearest") just above a cluster of 3650 zero eigenvalues (n = 5530): the
+    factorization at the shift has thousands of perturbed pivots, which only the shifted-sweep GMRES can
+    solve with; its bare sweep is no inverse for Lanczos (values 3e-9 that are no eigenvalues, residuals
+    0.55 ||H||). Shift-invert refuses such a shift and moves on, as before that route existed."""
+    model = _tanh_mlp([20, 60, 60, 10], 1)
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(8, 20, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
+    H = hessinv.hessian(model, nn.CrossEntropyLoss(), X, y)
+    norm = H.norm_estimate()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hessinv.AccuracyWarning)
+        E = H.eigenpairs(3, which="nearest", sigma=1e-9 * norm)
+    residual = (H @ E.vectors - E.vectors * E.values).norm(dim=0) / norm
+    assert float(residual.max()) < 1e-2
+
+
+def test_gmres_survives_a_least_squares_that_lapack_cannot_converge():
+    """A Gauss-Newton matrix of 3 examples at eps = 1e-14 ||G|| (cond 1e14): numpy's SVD-based lstsq of
+    the GMRES Hessenberg matrix (entries 1e11 apart) raised LinAlgError out of H.factor."""
+    model = _tanh_mlp([8, 20, 20, 6], 3)
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(3, 8, generator=g, dtype=torch.float64), torch.randint(0, 6, (3,), generator=g)
+    G = hessinv.gauss_newton(model, nn.CrossEntropyLoss(), X, y)
+    Gd = G.to_dense()
+    eps = 1e-14 * float(torch.linalg.eigvalsh(Gd).abs().max())
+    b = torch.randn(G.shape[0], generator=g, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (the failing least squares was met with one thread)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hessinv.AccuracyWarning)
+            x, info = G.factor(eps).solve(b, return_info=True)
+    finally:
+        torch.set_num_threads(threads)
+    A = Gd + eps * torch.eye(G.shape[0], dtype=torch.float64)
+    assert rel(A @ x, b) <= 10 * rel(A @ torch.linalg.solve(A, b), b)
+
+
+def test_rescue_routes_cost_nothing_where_rounding_explains_the_residual(monkeypatch):
+    """An unperturbed factorization next to an eigenvalue (a shift-invert solve, cond 1e13): its residual
+    is at the rounding floor, which no GMRES lowers; the shifted-sweep route ran anyway (133 iterations
+    against 4)."""
+    monkeypatch.setattr(hessinv.curvature, "DENSE_FALLBACK_N", 0)
+    model, lf = _tanh_mlp([10, 16, 16, 16, 10], 0), nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(4, 10, generator=g, dtype=torch.float64), torch.randint(0, 10, (4,), generator=g)
+    H = hessinv.hessian(model, lf, X, y)
+    ev = torch.linalg.eigvalsh(autograd_gradient_hessian(model, lf, X, y)[1])
+    b = torch.randn(H.shape[0], generator=g, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hessinv.AccuracyWarning)
+        F = H.factor(-float(ev[0]) + 1e-13 * float(ev.abs().max()))
+        x, info = F.solve(b, return_info=True)
+    assert not F.perturbed and info.krylov_iterations <= 10 and info.residual < 1e-3
+
+
+def test_inverse_diagonal_of_a_rescued_factorization_takes_the_dense_lu(monkeypatch):
+    """Above the dense routes' sizes (set to 0 here), a factorization that only the rescue solves: its n
+    identity columns went through up to 120 iterations of GMRES each, and then the shifted sweep's
+    (inverse_diagonal of n = 7150: hours); many stalled columns now take one dense LU, factored once."""
+    monkeypatch.setattr(hessinv.curvature, "DENSE_FALLBACK_N", 0)
+    monkeypatch.setattr(hessinv.curvature, "DENSE_ROUTE_MAX_N", 0)
+    model, lf = _tanh_mlp([10, 16, 16, 16, 10], 0), nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(4, 10, generator=g, dtype=torch.float64), torch.randint(0, 10, (4,), generator=g)
+    H = hessinv.hessian(model, lf, X, y)
+    Hd = autograd_gradient_hessian(model, lf, X, y)[1]
+    eps = 1e-10 * float(torch.linalg.eigvalsh(Hd).abs().max())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hessinv.AccuracyWarning)
+        F = H.factor(eps)
+        d = F.inverse_diagonal()
+    want = torch.linalg.inv(Hd + eps * torch.eye(Hd.shape[0], dtype=torch.float64)).diagonal()
+    assert F.perturbed and F._dense_lu is not None
+    # (cond 1e10: the two float64 matrices' rounding alone moves the inverse by up to u cond = 2e-6)
+    assert float((d - want).abs().max() / want.abs().max()) < 100 * torch.finfo(torch.float64).eps * 1e10

@@ -51,11 +51,9 @@ from torch.func import functional_call
 
 from hessinv.chain import as_module, check_real, exact_no_grad
 from hessinv.curvature import (
-    DENSE_ROUTE_MAX_N,
     CurvatureOperator,
     Factorization,
     Hessian,
-    _block_costs,
     curvature_class,
 )
 from hessinv.errors import (
@@ -303,12 +301,7 @@ class Laplace:
         factorizations of ``G + (delta / c) I`` -- ``log det(G + d I) = sum log(lambda_i + d)`` then serves
         every ``(delta, sigma)`` of a search -- else None (large ``n``: a factorization per evaluation)."""
         op = self._op()
-        n = op.shape[0]
-        if n > DENSE_ROUTE_MAX_N:
-            return None
-        chain, dense = _block_costs(op.blocks)
-        # the dense route's products and LDL^T (n^3 / 3), with eigvalsh (about 9 n^3) in place of the latter
-        if dense + (9.0 - 1 / 3) * n**3 > evaluations * min(chain, dense):
+        if not op._dense_eigenvalues_cheaper(evaluations):
             return None
         # (a float32 model's G from its float64 twin, as its factorizations' log det: the float32 matrix's
         # null space is rounding noise of 1e-8 ||G||, 0.26 nats of log det at delta = 1e-6)

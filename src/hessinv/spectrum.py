@@ -90,6 +90,7 @@ def eigenvalue_counts(
     if not np.isfinite(s).all():
         raise NonFiniteArgumentError("shifts must be finite")
     op._count_doubt = False
+    op._dense_counts(s.size)
     out = np.array([op._count_below(float(v)) for v in s.reshape(-1)], dtype=np.int64)
     op._warn_count_doubt("eigenvalue_counts")
     return out.reshape(s.shape)
@@ -162,6 +163,9 @@ def spectral_histogram(
                 f"bins must be in [1, {MAX_BINS}] (each bin edge costs one factorization), got {count}"
             )
         if range is None:
+            op._dense_counts(
+                count + 6
+            )  # (the range's counts and the edges': from H's eigenvalues where cheaper)
             lo, hi = spectral_range(op)
         else:
             if isinstance(range, (str, bytes)) or not hasattr(range, "__len__") or len(range) != 2:
