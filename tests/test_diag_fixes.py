@@ -323,3 +323,23 @@ def test_a_small_but_real_metric_norm_is_not_taken_for_zero():
     assert dg.alignment(e, e, z, metric=W) == pytest.approx(1.0)
     assert dg.best_step(e, e, z, metric=W) == pytest.approx(1.0)
     assert dg.step_ratio(e, e, z, metric=W) == pytest.approx(1.0)
+
+
+def test_newton_direction_checks_the_operator_it_is_given():
+    """An operator of another model gave a direction of that model's length; one of the other curvature
+    than asked was used silently; a numpy gradient raised a raw AttributeError (found by a review)."""
+    torch.manual_seed(0)
+    X, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    lf = nn.CrossEntropyLoss()
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    other = nn.Sequential(nn.Linear(4, 3)).double()
+    with pytest.raises(hessinv.InvalidArgumentError, match="another model"):
+        dg.newton_direction(m, lf, X, y, operator=hessinv.hessian(other, lf, X, y))
+    with pytest.raises(hessinv.InvalidArgumentError, match="but operator is a Hessian"):
+        dg.newton_direction(m, lf, X, y, curvature="gauss_newton", operator=hessinv.hessian(m, lf, X, y))
+    with pytest.raises(hessinv.InvalidArgumentError, match="gradient must be a torch.Tensor"):
+        dg.newton_direction(m, lf, X, y, gradient=torch.ones(43, dtype=torch.float64).numpy())
+    G = hessinv.gauss_newton(m, lf, X, y)  # no curvature named: the operator's own
+    nd = dg.newton_direction(m, lf, X, y, operator=G, damping=0.1)
+    want = torch.linalg.solve(G.to_dense() + 0.1 * torch.eye(43, dtype=torch.float64), G.gradient)
+    assert torch.allclose(nd.direction.abs(), want.abs(), rtol=1e-10)

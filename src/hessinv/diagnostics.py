@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hessinv.chain import Chain, LossFn, check_real, dense_grad, exact_no_grad
+from hessinv.chain import Chain, LossFn, check_real, dense_grad, exact_no_grad, model_parts
 from hessinv.curvature import CurvatureOperator, _check_tol, _integer, curvature_class
 from hessinv.errors import (
     AccuracyWarning,
@@ -598,7 +598,7 @@ def newton_direction(
     inputs: Tensor,
     targets: Tensor,
     *,
-    curvature: str = "hessian",
+    curvature: str | None = None,
     damping: float | None = None,
     delta: float = 1e-8,
     operator: CurvatureOperator | None = None,
@@ -606,9 +606,10 @@ def newton_direction(
 ) -> NewtonDirection:
     r"""The (shifted) Newton direction ``d = (C + lambda I)^{-1} g`` at the model's current parameters.
 
-    ``C`` is the Hessian (``curvature="hessian"``) or the Gauss-Newton matrix (``"gauss_newton"``, also
-    spelled ``"gauss-newton"``) of the loss on ``(inputs, targets)``; pass ``operator`` to reuse one
-    already built at this point.
+    ``C`` is the Hessian (``curvature="hessian"``, the default) or the Gauss-Newton matrix
+    (``"gauss_newton"``, also spelled ``"gauss-newton"``) of the loss on ``(inputs, targets)``; pass
+    ``operator`` to reuse one already built at this point -- of this model, and of ``curvature`` where
+    both are given (else :class:`~hessinv.InvalidArgumentError`).
     ``g`` is that batch's gradient unless ``gradient`` is given (e.g. the full-batch gradient with a
     mini-batch curvature, the sub-sampled Newton direction of theory.md §4.1).
 
@@ -632,7 +633,29 @@ def newton_direction(
     (0.0, True)
     """
     delta = _check_tol(delta, "delta")  # a margin <= 0 would leave C + lambda I singular
-    op = operator if operator is not None else curvature_class(curvature)(model, loss_fn, inputs, targets)
+    if operator is None:
+        op = curvature_class(curvature or "hessian")(model, loss_fn, inputs, targets)
+    else:
+        if not isinstance(operator, CurvatureOperator):
+            raise InvalidArgumentError(
+                f"operator must be a hessinv curvature operator, got {type(operator).__name__}"
+            )
+        parts, theirs = model_parts(model), model_parts(operator.model)
+        if len(parts) != len(theirs) or any(a is not b for a, b in zip(parts, theirs, strict=False)):
+            raise InvalidArgumentError(
+                "operator was built for another model (its direction would have that model's parameters): "
+                "pass the operator of this model, or none"
+            )
+        if curvature is not None and not isinstance(operator, curvature_class(curvature)):
+            raise InvalidArgumentError(
+                f"curvature={curvature!r} but operator is a {type(operator).__name__}: pass one of them"
+            )
+        op = operator
+    if gradient is not None and not isinstance(gradient, Tensor):
+        raise InvalidArgumentError(
+            f"gradient must be a torch.Tensor of shape ({op.shape[0]},), got {type(gradient).__name__}: "
+            "convert with torch.as_tensor"
+        )
     g = op.gradient if gradient is None else gradient.detach().reshape(-1).to(op.dtype)
     lam_min: float | None = None
     if damping is not None:

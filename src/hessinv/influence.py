@@ -461,15 +461,22 @@ class InfluenceFunction:
         return self._fac().positive_definite
 
     def _fac(self) -> Factorization:
+        """The factorization of :meth:`fit` (a named error before it, or if the model moved since: its
+        solves and counts are of the fit point's curvature -- ``inverse_hvp`` and ``inertia`` answered)."""
         if self.factorization is None:
             raise NotFittedError("call fit(inputs, targets) first")
+        self._check_unmoved()
         return self.factorization
+
+    def _check_unmoved(self) -> None:
+        """A named error if the model's parameters or buffers changed since :meth:`fit`."""
+        if self.operator is not None and self._at is not None:
+            self.operator.chain.check_params(self._at, "the influence function", self._buffers)
 
     def _gradients(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """Per-example gradients at the point :meth:`fit` factored at (a named error if the model moved)."""
+        self._check_unmoved()
         chain = None if self.operator is None else self.operator.chain
-        if chain is not None and self._at is not None:
-            chain.check_params(self._at, "the influence function", self._buffers)
         return per_example_gradients(self.model, self.loss_fn, inputs, targets, chain=chain)
 
     def _train_grads(self, inputs: Tensor | None, targets: Tensor | None) -> Tensor:
@@ -478,8 +485,7 @@ class InfluenceFunction:
                 raise NotFittedError("call fit(inputs, targets) first")
             # the stored gradients are the fit point's, like the factorization: a moved model gets the same
             # named error as influences() (self_influence() returned the fit point's values silently)
-            if self.operator is not None and self._at is not None:
-                self.operator.chain.check_params(self._at, "the influence function", self._buffers)
+            self._check_unmoved()
             return self.train_gradients
         return self._gradients(inputs, targets)
 
@@ -493,6 +499,10 @@ class InfluenceFunction:
                 "convert with torch.as_tensor"
             )
         chunk = _check_chunk(chunk)
+        if vectors.is_complex():  # (.to(float) would drop the imaginary part, with torch's warning only)
+            raise InvalidArgumentError(
+                f"vectors must be real, got {vectors.dtype}: solve the real and imaginary parts separately"
+            )
         if vectors.dim() not in (1, 2) or vectors.shape[-1] != fac.op.shape[0]:
             raise ShapeMismatchError(
                 f"vectors must have shape (k, n) or (n,), n = {fac.op.shape[0]}; got {tuple(vectors.shape)}"
