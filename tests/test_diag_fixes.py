@@ -339,6 +339,9 @@ def test_newton_direction_checks_the_operator_it_is_given():
         dg.newton_direction(m, lf, X, y, curvature="gauss_newton", operator=hessinv.hessian(m, lf, X, y))
     with pytest.raises(hessinv.InvalidArgumentError, match="gradient must be a torch.Tensor"):
         dg.newton_direction(m, lf, X, y, gradient=torch.ones(43, dtype=torch.float64).numpy())
+    for model, built_on in ((list(m), m), (m, list(m)), (nn.Sequential(*m), m)):  # one model, two forms
+        d = dg.newton_direction(model, lf, X, y, operator=hessinv.hessian(built_on, lf, X, y), damping=0.1)
+        assert torch.equal(d.direction, dg.newton_direction(m, lf, X, y, damping=0.1).direction)
     G = hessinv.gauss_newton(m, lf, X, y)  # no curvature named: the operator's own
     nd = dg.newton_direction(m, lf, X, y, operator=G, damping=0.1)
     want = torch.linalg.solve(G.to_dense() + 0.1 * torch.eye(43, dtype=torch.float64), G.gradient)

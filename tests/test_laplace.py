@@ -199,6 +199,21 @@ def test_joint_noise_search_finds_the_dense_maximum_on_unscaled_targets(scale):
     )
 
 
+@pytest.mark.parametrize("N", [10, 30])
+def test_joint_noise_search_on_an_over_parameterized_model(N):
+    """More parameters (41) than outputs: G has a null space, and the joint search's smallest kappa (2e-14)
+    is below its resolution, where the Gauss-Newton factorization is not positive definite to rounding:
+    the search stopped with an IndefiniteError that named curvature='gauss_newton' (found by a review). It
+    finds the dense maximum."""
+    net, X, y = problem(7, "regression", depth=2, width=8, C=1, N=N)
+    la = Laplace(net, "regression").fit(X, y)
+    delta = la.optimize_prior_precision(optimize_sigma_noise=True)
+    best = dense_laplace(net, X, y, "regression", "gauss_newton", delta, la.sigma_noise)[0]
+    sigma = la.sigma_noise
+    for dd, ds in [(1.05, 1), (1 / 1.05, 1), (1, 1.05), (1, 1 / 1.05)]:
+        assert dense_laplace(net, X, y, "regression", "gauss_newton", delta * dd, sigma * ds)[0] < best
+
+
 def test_a_noise_at_its_bound_is_reported():
     net, X, y = problem(6, "regression", depth=2, width=8, C=1, N=40)
     la = Laplace(net, "regression").fit(X, 50.0 * y)

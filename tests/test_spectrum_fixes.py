@@ -322,3 +322,23 @@ def test_a_histogram_of_a_small_model_takes_one_dense_eigendecomposition(monkeyp
     G = hessinv.gauss_newton(net, lf, X, y)
     assert spectrum.eigenvalue_counts(G, shifts).tolist() == swept_g.tolist()  # (the null space: >= 0)
     assert "_dense_eigs" in G.__dict__
+
+
+def test_dense_counts_of_a_float32_operator_resolve_what_its_sweep_does(monkeypatch):
+    """Shifts 1e-5 ||H|| above eigenvalues of a float32 Hessian: the dense shortcut counted every one of
+    them one low (eigenvalues within n u32 ||H|| below a shift counted as above it), where the float32
+    sweep counts them right (found by a review)."""
+    import copy
+
+    torch.manual_seed(1)
+    layers = [nn.Linear(4, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 3)]
+    net, lf = nn.Sequential(*layers), nn.CrossEntropyLoss()
+    X, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    w = torch.linalg.eigvalsh(autograd_hessian(copy.deepcopy(net).double(), lf, X.double(), y))
+    picks = [0, 10, 20, 30, 40, 50, 120, 130, 140, 150, 160, 170, 180, 190, -1]
+    shifts = (w[picks] + 1e-5 * float(w.abs().max())).tolist()
+    want = [int((w < s).sum()) for s in shifts]
+    monkeypatch.setattr(hessinv.curvature, "DENSE_COUNTS", True)
+    H = hessinv.hessian(net, lf, X, y)
+    assert spectrum.eigenvalue_counts(H, shifts).tolist() == want
+    assert "_dense_eigs" in H.__dict__

@@ -640,8 +640,9 @@ def newton_direction(
             raise InvalidArgumentError(
                 f"operator must be a hessinv curvature operator, got {type(operator).__name__}"
             )
-        parts, theirs = model_parts(model), model_parts(operator.model)
-        if len(parts) != len(theirs) or any(a is not b for a, b in zip(parts, theirs, strict=False)):
+        # (the same parameters: a list of modules and the nn.Sequential of them are one model)
+        own = {id(t) for m in model_parts(model) for t in m.parameters() if t.requires_grad}
+        if {id(t) for t in operator.chain.params} != own:
             raise InvalidArgumentError(
                 "operator was built for another model (its direction would have that model's parameters): "
                 "pass the operator of this model, or none"

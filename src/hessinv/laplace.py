@@ -423,8 +423,9 @@ class Laplace:
         def neg(log_kappa: float) -> float:
             try:
                 return -self.log_marginal_likelihood(*point(log_kappa))
-            except SingularError:  # G + kappa I singular to working precision: a tiny kappa below G's
-                # resolution, where the evidence falls as (rank G / 2) log kappa -- no maximum there
+            except (SingularError, IndefiniteError):  # G + kappa I singular (or, for a Gauss-Newton G,
+                # not positive definite) to working precision: a tiny kappa below G's resolution, where the
+                # evidence falls as (rank G / 2) log kappa -- no maximum there
                 return math.inf
 
         k_lo, k_hi = math.log(2 * d_lo * v_lo), math.log(2 * d_hi * v_hi)
