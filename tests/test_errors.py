@@ -172,7 +172,7 @@ def test_not_a_chain():
     X, Y = torch.randn(4, 3), torch.randn(4, 2)
     with pytest.raises(NotAChainError, match=r"TwoInputs.forward takes 2 inputs \(x, mask\)"):
         hessinv.hessian(TwoInputs(), nn.MSELoss(), X, Y)
-    with pytest.raises(NotAChainError, match="TwoOutputs.forward returns tuple"):
+    with pytest.raises(NotAChainError, match="TwoOutputs.forward returns a tuple"):
         hessinv.hessian(TwoOutputs(), nn.MSELoss(), X, Y)
     lin = nn.Linear(3, 3)
     with pytest.raises(NotAChainError, match="shared"):

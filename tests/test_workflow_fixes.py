@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import hessinv
 from hessinv.optim import Newton
 
 X = torch.randn(48, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -473,3 +474,49 @@ def test_regression_targets_far_from_unit_scale_are_said():
         warnings.simplefilter("error")
         Newton(m, nn.MSELoss(), mode="precondition", seed=0).step(X[:16], y[:16] / 1e4)
         Newton(_mlp(), nn.CrossEntropyLoss(), mode="precondition", seed=0).step(X[:16], Y[:16])
+
+
+def test_step_takes_a_positional_closure_with_its_batch():
+    """step(closure, inputs=X, targets=y) raised a raw TypeError, and step(closure, X, y) took X as the
+    targets (a misleading shape error), though the refusal of an ambiguous closure recommends
+    step(closure=closure, inputs=X, targets=y) (found by a review). A dict-returning model's refusal named
+    fx's immutable_dict."""
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 20), torch.randint(0, 4, (64,))
+    ce = nn.CrossEntropyLoss()
+    losses = []
+    for form in range(3):
+        torch.manual_seed(1)
+        m = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 4))
+        opt = hessinv.optim.Newton(m, ce, seed=0)
+
+        def closure(m=m, opt=opt):
+            opt.zero_grad()
+            loss = 0.0
+            for s in (slice(0, 32), slice(32, 64)):  # gradient accumulation: the batch must be named
+                part = ce(m(X[s]), y[s]) / 2
+                part.backward()
+                loss = loss + part.detach()
+            return loss
+
+        if form == 0:
+            opt.step(closure=closure, inputs=X, targets=y)
+        elif form == 1:
+            opt.step(closure, inputs=X, targets=y)
+        else:
+            opt.step(closure, X, y)
+        losses.append(torch.cat([p.detach().reshape(-1) for p in m.parameters()]))
+    assert torch.equal(losses[0], losses[1]) and torch.equal(losses[0], losses[2])
+    with pytest.raises(hessinv.InvalidArgumentError, match="inputs twice"):
+        opt.step(X, y, inputs=X)
+
+    class Dict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(20, 4)
+
+        def forward(self, x):
+            return {"logits": self.a(x)}
+
+    with pytest.raises(hessinv.NotAChainError, match="returns a dict, not one tensor"):
+        hessinv.optim.Newton(Dict(), lambda o, t: ce(o["logits"], t)).step(X, y)

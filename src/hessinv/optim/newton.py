@@ -237,6 +237,25 @@ def _rule_from(damping: str | float | DampingRule) -> DampingRule:
     )
 
 
+def _step_arguments(
+    args: tuple, inputs: Any, targets: Any, closure: Any
+) -> tuple[Tensor | None, Tensor | None, Callable[[], Any] | None]:
+    """``(inputs, targets, closure)`` of :meth:`Newton.step` from its positional and keyword arguments."""
+    given = {"inputs": inputs, "targets": targets, "closure": closure}
+    names = ["inputs", "targets", "closure"]
+    if args and callable(args[0]) and not isinstance(args[0], Tensor):  # step(closure, X, y)
+        names = ["closure", "inputs", "targets"]
+    if len(args) > 3:
+        raise InvalidArgumentError(
+            f"step takes at most 3 positional arguments ({', '.join(names)}), got {len(args)}"
+        )
+    for name, value in zip(names, args, strict=False):
+        if given[name] is not None:
+            raise InvalidArgumentError(f"step got {name} twice: positionally and by keyword")
+        given[name] = value
+    return given["inputs"], given["targets"], given["closure"]
+
+
 class Newton(torch.optim.Optimizer):
     """SGD preconditioned by the exact Hessian or Gauss-Newton matrix of the loss: mini-batch and full-batch.
 
@@ -891,14 +910,16 @@ class Newton(torch.optim.Optimizer):
 
     def step(  # type: ignore[override]
         self,
-        inputs: Tensor | Callable[[], Any] | None = None,
+        *args: Any,
+        inputs: Tensor | None = None,
         targets: Tensor | None = None,
         closure: Callable[[], Any] | None = None,
     ) -> Tensor:
         """One step on the batch ``(inputs, targets)`` -- or ``step(closure)`` (see the class docstring);
-        returns the batch loss before the step."""
-        if callable(inputs) and not isinstance(inputs, Tensor):
-            closure, inputs = inputs, None
+        returns the batch loss before the step. Positional arguments are ``inputs, targets, closure``, or,
+        where the first is a closure, ``closure, inputs, targets`` (``step(closure, X, y)``, ``step(closure,
+        inputs=X, targets=y)``, as torch's ``step(closure)``); an argument given twice is refused."""
+        inputs, targets, closure = _step_arguments(args, inputs, targets, closure)
         self._follow_trainable()
         # Dropout / BatchNorm in training mode: the gradient as the model computes it, the curvature (and
         # every check of the chain) with them in eval mode. A refused step leaves BatchNorm's running
