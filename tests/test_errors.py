@@ -174,6 +174,17 @@ def test_not_a_chain():
         hessinv.hessian(TwoInputs(), nn.MSELoss(), X, Y)
     with pytest.raises(NotAChainError, match="TwoOutputs.forward returns a tuple"):
         hessinv.hessian(TwoOutputs(), nn.MSELoss(), X, Y)
+
+    class Nothing(nn.Module):  # (named as written: "returns a NoneType" before)
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            self.lin(x)
+
+    with pytest.raises(NotAChainError, match="Nothing.forward returns None, not one tensor"):
+        hessinv.hessian(Nothing(), nn.MSELoss(), X, Y)
     lin = nn.Linear(3, 3)
     with pytest.raises(NotAChainError, match="shared"):
         hessinv.Chain(nn.Sequential(lin, nn.Tanh(), lin), nn.MSELoss())

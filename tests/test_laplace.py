@@ -214,6 +214,17 @@ def test_joint_noise_search_on_an_over_parameterized_model(N):
         assert dense_laplace(net, X, y, "regression", "gauss_newton", delta * dd, sigma * ds)[0] < best
 
 
+def test_joint_search_where_no_evidence_can_be_evaluated_is_refused():
+    """Bounds where every G + kappa I is singular to working precision (an over-parameterized model, delta
+    in (1e-14, 1e-12)): the search stored its lower bounds, whose evidence then raised (found by a
+    review). Refused by name instead."""
+    net, X, y = problem(7, "regression", depth=2, width=8, C=1, N=10)
+    la = Laplace(net, "regression").fit(X, y)
+    la._spectrum = lambda evaluations: None  # (the factorization route, as for a large model)
+    with pytest.raises(SingularError, match="cannot be evaluated anywhere"):
+        la.optimize_prior_precision((1e-14, 1e-12), optimize_sigma_noise=True, sigma_bounds=(1e-4, 1e-3))
+
+
 def test_a_noise_at_its_bound_is_reported():
     net, X, y = problem(6, "regression", depth=2, width=8, C=1, N=40)
     la = Laplace(net, "regression").fit(X, 50.0 * y)

@@ -1228,8 +1228,10 @@ def test_a_system_of_cond_below_one_over_u_is_solved_not_refused(rel):
         x, info = F.solve(b, return_info=True)
     true = float((b - A @ x).norm() / b.norm())
     lu = float((b - A @ torch.linalg.solve(A, b)).norm() / b.norm())
-    assert true == pytest.approx(info.residual, rel=0.5)
-    assert true < 3 * lu
+    # (the reported residual is the O(L) product's: at cond 1e14-1e15 its rounding and a dense product's
+    # differ by up to ~3x once the dense LU's answer is refined -- which lowers both)
+    assert info.residual / 3 <= true <= 3 * info.residual
+    assert true < lu
 
 
 def test_an_exactly_singular_system_with_perturbed_pivots_is_still_refused():
@@ -1567,3 +1569,26 @@ def test_many_right_hand_sides_through_the_dense_lu_are_refined(rel_eps):
         x1 = F.solve(B[:, :1])
     lu = worst(torch.linalg.solve(A, B), B)
     assert worst(Xs, B) <= lu and worst(x1, B[:, :1]) <= lu
+
+
+def test_dense_lu_answers_of_a_per_parameter_damping_are_refined():
+    """64 columns of G + D (D ~ 1e-11 ||G|| per parameter, cond 1e11): the dense LU's refinement skipped
+    the columns whose residual was within u ||A|| |x| (46 of 64), where one step lowers the dense-measured
+    residual 5x (found by a review)."""
+    from reference import autograd_gauss_newton
+
+    model, lf = _tanh_mlp([10, 24, 24, 10], 0), nn.CrossEntropyLoss()
+    torch.manual_seed(0)
+    X, y = torch.randn(40, 10, dtype=torch.float64), torch.randint(0, 10, (40,))
+    G, Gd = hessinv.gauss_newton(model, lf, X, y), autograd_gauss_newton(model, lf, X, y)
+    n, norm = Gd.shape[0], float(torch.linalg.eigvalsh(Gd).abs().max())
+    g = torch.Generator().manual_seed(1)
+    D = 1e-11 * norm * (1 + torch.rand(n, generator=g, dtype=torch.float64))
+    D[::7] = 1e-3 * norm
+    A, B = Gd + torch.diag(D), torch.randn(n, 64, generator=g, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hessinv.AccuracyWarning)
+        Xs = G.factor(D).solve(B)
+    worst = float(((A @ Xs - B).norm(dim=0) / B.norm(dim=0)).max())
+    lu = float(((A @ torch.linalg.solve(A, B) - B).norm(dim=0) / B.norm(dim=0)).max())
+    assert worst < 0.5 * lu

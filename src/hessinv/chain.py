@@ -801,9 +801,10 @@ def _graph_specs(gm: nn.Module, g: fx.Graph, owner: str) -> list[tuple]:
     result = out_node.args[0]
     if not isinstance(result, fx.Node):
         # (fx hands a dict or list back as its immutable_dict / immutable_list: named as the user wrote it)
-        kind = next((t.__name__ for t in (dict, list, tuple) if isinstance(result, t)), type(result).__name__)
+        kind = next((f"a {t.__name__}" for t in (dict, list, tuple) if isinstance(result, t)), None)
+        kind = kind or ("None" if result is None else f"an object of type {type(result).__name__}")
         raise NotAChainError(
-            f"{owner}.forward returns a {kind}, not one tensor; a chain has one output: "
+            f"{owner}.forward returns {kind}, not one tensor; a chain has one output: "
             "wrap the model in a module whose forward returns the tensor the loss reads (e.g. "
             "model(x)[0], or torch.cat of the outputs with a loss_fn that splits them)"
         )

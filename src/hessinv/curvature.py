@@ -2565,9 +2565,9 @@ class Factorization:
     def _dense_solve(self, R64: Tensor) -> Tensor | None:
         """``(H + eps I)^{-1} R64`` by a dense float64 LU (``H`` formed once by products, and its LU
         factored once: both kept), refined with the ``O(L)`` product's residuals (up to three steps, each
-        kept per column where it halves a residual that rounding does not explain: the LU's own answer
-        left residuals 10-50x those of the sweep's refinement and GMRES on ill-conditioned systems), or
-        None where LU finds the matrix exactly singular or the result is not finite."""
+        kept per column where it halves the residual: the LU's own answer left residuals 10-50x those of
+        the sweep's refinement and GMRES on ill-conditioned systems), or None where LU finds the matrix
+        exactly singular or the result is not finite."""
         if self._dense_lu is None:
             LU, piv, info = torch.linalg.lu_factor_ex(self._dense_matrix())
             self._dense_lu = (LU, piv, int(info))
@@ -2578,21 +2578,17 @@ class Factorization:
         X = torch.linalg.lu_solve(LU, piv, R)
         if not bool(torch.isfinite(X).all()):
             return None
-        # a column whose residual rounding explains (u ||H + eps I|| |x|: a backward-stable answer) is
-        # kept as LU gives it: refinement there only fits the product's own rounding (at cond 1e15 the
-        # O(L) residual fell 2.5x while the dense-measured one rose 2.5x)
-        norm = self.op.norm_estimate() + float(torch.as_tensor(self.damping).abs().max())
-        u = torch.finfo(torch.float64).eps
+        # each step kept per column where it halves the residual (a smaller gain is the product's rounding):
+        # on 64 columns of a Gauss-Newton system at cond 1e11 the first step took the dense-measured
+        # residual from 1.2e-5 to 2.3e-6; at cond 1e14-1e15 (a dead-ReLU net) both products' residuals
+        # fell, the O(L) one's by 4-5x and a dense product's by 2.5-3x
         res = R - self._apply64(X).to(LU.device)
         rel = res.norm(dim=0)
         for _ in range(3):
-            open_ = rel > u * norm * X.norm(dim=0)
-            if not bool(open_.any()):
-                break
             cand = X + torch.linalg.lu_solve(LU, piv, res)
             res_c = R - self._apply64(cand).to(LU.device)
             rel_c = res_c.norm(dim=0)
-            better = open_ & (rel_c <= 0.5 * rel)  # (a step that does not halve it is rounding too)
+            better = rel_c <= 0.5 * rel
             if not bool(better.any()) or not bool(torch.isfinite(cand).all()):
                 break
             X = torch.where(better, cand, X)

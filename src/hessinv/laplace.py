@@ -432,6 +432,12 @@ class Laplace:
         grid = [k_lo + (k_hi - k_lo) * i / 24 for i in range(25)]
         values = [neg(k) for k in grid]
         i = min(range(len(grid)), key=values.__getitem__)
+        if not math.isfinite(values[i]):
+            raise SingularError(
+                f"optimize_prior_precision: the evidence cannot be evaluated anywhere in bounds {bounds} x "
+                f"sigma_bounds {sigma_bounds}: every G + (delta / c) I there is singular to working "
+                "precision (delta / c below G's resolution); raise the lower bounds"
+            )
         a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
         r = minimize_scalar(neg, bounds=(a, b), method="bounded", options={"xatol": tol})
         best = float(r.x) if float(r.fun) <= values[i] else grid[i]
