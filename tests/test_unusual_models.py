@@ -713,3 +713,17 @@ def test_running_out_of_memory_in_a_generic_stage_s_batched_backward_is_named(mo
     monkeypatch.setattr(generic.torch.autograd, "grad", grad)
     with pytest.raises(hessinv.TooLargeError, match="ran out of memory.*curvature_batch_size"):
         hessinv.optim.Newton(m, nn.CrossEntropyLoss()).step(X, y)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv2d])
+def test_diagonal_through_an_elementwise_stage_into_one_feature(conv):
+    """A standalone elementwise stage (Softplus after a convolution) whose next stage outputs one value per
+    example: H.diagonal() raised torch's raw "view size is not compatible" from the elementwise stage's
+    Riccati block (found by a review); the products and solves were fine."""
+    torch.manual_seed(0)
+    shape = (4, 1, 3) if conv is nn.Conv1d else (4, 1, 3, 3)
+    X, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (4,))
+    model = nn.Sequential(conv(1, 2, 2), nn.Softplus(), conv(2, 1, 2), nn.Flatten(), nn.Linear(1, 3)).double()
+    H = hessinv.hessian(model, nn.CrossEntropyLoss(), X, y)
+    want = autograd_gradient_hessian(model, nn.CrossEntropyLoss(), X, y)[1].diagonal()
+    assert torch.allclose(H.diagonal(), want, rtol=1e-10, atol=1e-13)

@@ -608,7 +608,8 @@ class ElementwiseBlocks(ParameterFreeBlocks):
         B, d = self.batch, self.d_in
         Qzz = None
         if coupled:
-            Qzz = Sigma.reshape(B, d, B, d) * self.sp[:, :, None, None] * self.sp
+            # (contiguous: with one feature per example the product's strides need not allow the view)
+            Qzz = (Sigma.reshape(B, d, B, d) * self.sp[:, :, None, None] * self.sp).contiguous()
             if self.bpp is not None:
                 Qzz.view(B * d, B * d).diagonal().add_(self.bpp.reshape(-1))
         return RiccatiBlocks(Sigma.new_zeros(0, 0), Sigma.new_zeros(0, B, d), Qzz)
