@@ -616,6 +616,25 @@ def test_one_way_mixing_is_named_mixing():
         hessinv.hessian(model, torch.nn.CrossEntropyLoss(), X, y).to_dense()
 
 
+class _MinusBatchMax(torch.nn.Module):
+    def forward(self, x):
+        return x - x.max()  # a max over the whole batch: mixing through the one example that holds it
+
+
+def test_mixing_through_one_inner_example_is_named_mixing():
+    """h - h.max() over the batch: the structural test probed the first and the last example only, and the
+    maximum sat in neither, so it was refused as 'cancellation' (found by a review). Every example is
+    probed now (only on the way to a refusal)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), _MinusBatchMax(), torch.nn.Linear(4, 3)).double()
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with torch.no_grad():
+        where = int(model[0](X).flatten().argmax()) // 4
+    assert where not in (0, 4)  # (the case under test: the maximum in an inner example)
+    with pytest.raises(hessinv.UnsupportedStageError, match="mixes examples"):
+        hessinv.hessian(model, torch.nn.CrossEntropyLoss(), X, y).to_dense()
+
+
 def test_float32_norm_estimate_of_a_large_hessian():
     """||H|| ~ 1.5e20 in float32: the power iteration's float32 norms overflowed and the estimate became
     0 (zero_tolerance 3e-34, inertia raised SingularError); norms are taken in float64."""

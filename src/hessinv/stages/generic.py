@@ -612,10 +612,11 @@ class GenericStage(Stage):
 
         def refuse(what: str) -> None:
             """Mixing, or rounding beyond what was measured: told apart structurally. With the input
-            direction on one example alone (the first, then the last: mixing can flow one way only,
-            as in ``x + x[-1:]``), a stage that acts on each example separately has exactly zero
-            derivatives at the other examples (autograd multiplies by exact zeros there)."""
-            for i in {0, B - 1} if B > 1 else ():
+            direction on one example alone (each in turn, up to 256: mixing can flow one way only, as in
+            ``x + x[-1:]``, or through one example alone, as in ``h - h.max()``), a stage that acts on each
+            example separately has exactly zero derivatives at the other examples (autograd multiplies by
+            exact zeros there). (A refusal's cost: only a stage about to be refused gets here.)"""
+            for i in range(min(B, 256)) if B > 1 else ():
                 ti = torch.zeros_like(t)
                 ti[i] = t[i]
                 di = products(torch.zeros_like(v), ti)
@@ -641,8 +642,9 @@ class GenericStage(Stage):
         if not symmetric or (B == 1 and not consistent):
             raise UnsupportedStageError(
                 f"{self.name}: autograd's second derivatives of this stage are not symmetric: torch has no "
-                "exact double backward for an operation in it (e.g. weight_norm's _weight_norm); its Hessian "
-                "cannot be taken exactly (the Gauss-Newton matrix can)"
+                "exact double backward for an operation in it (e.g. weight_norm's _weight_norm), or they are "
+                "small differences of large terms (a normalization over 2 values); its Hessian cannot be "
+                "taken exactly (the Gauss-Newton matrix can)"
             )
         if not consistent:
             refuse("second derivatives")
