@@ -1523,10 +1523,11 @@ def test_rescue_routes_cost_nothing_where_rounding_explains_the_residual(monkeyp
     assert not F.perturbed and info.krylov_iterations <= 10 and info.residual < 1e-3
 
 
-def test_inverse_diagonal_of_a_rescued_factorization_takes_the_dense_lu(monkeypatch):
+def test_inverse_diagonal_of_a_rescued_factorization_takes_a_dense_route(monkeypatch):
     """Above the dense routes' sizes (set to 0 here), a factorization that only the rescue solves: its n
     identity columns went through up to 120 iterations of GMRES each, and then the shifted sweep's
-    (inverse_diagonal of n = 7150: hours); many stalled columns now take one dense LU, factored once."""
+    (inverse_diagonal of n = 7150: hours). Up to DENSE_RESCUE_N the dense inverse answers (13.5 s at
+    n = 7150); beyond, many stalled columns take one dense LU, factored once."""
     monkeypatch.setattr(hessinv.curvature, "DENSE_FALLBACK_N", 0)
     monkeypatch.setattr(hessinv.curvature, "DENSE_ROUTE_MAX_N", 0)
     model, lf = _tanh_mlp([10, 16, 16, 16, 10], 0), nn.CrossEntropyLoss()
@@ -1540,9 +1541,14 @@ def test_inverse_diagonal_of_a_rescued_factorization_takes_the_dense_lu(monkeypa
         F = H.factor(eps)
         d = F.inverse_diagonal()
     want = torch.linalg.inv(Hd + eps * torch.eye(Hd.shape[0], dtype=torch.float64)).diagonal()
-    assert F.perturbed and F._dense_lu is not None
+    assert F.perturbed and F._dense is not None
     # (cond 1e10: the two float64 matrices' rounding alone moves the inverse by up to u cond = 2e-6)
     assert float((d - want).abs().max() / want.abs().max()) < 100 * torch.finfo(torch.float64).eps * 1e10
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hessinv.AccuracyWarning)  # (16 columns: the dense LU, refined)
+        x = F.solve(torch.eye(Hd.shape[0], dtype=torch.float64)[:, :16])
+    assert F._dense_lu is not None
+    assert float((x.diagonal() - want[:16]).abs().max() / want.abs().max()) < 1e-4
 
 
 @pytest.mark.parametrize("rel_eps", [1e-6, 1e-10])

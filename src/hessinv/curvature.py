@@ -1940,8 +1940,9 @@ class Factorization:
         largest entry (or of ``100 u cond``, or of the solves' own error, if larger:
         :meth:`_inverse_diagonal_checks`). Elsewhere -- a failed
         check, a perturbed pivot -- it comes from the dense float64 inverse (``n <=``
-        :data:`DENSE_ROUTE_MAX_N`) or from refined solves with all ``n`` columns of the identity (``n /
-        256`` batched solves: minutes for a large model). ``tol`` is relative to the largest entry: at a
+        :data:`DENSE_ROUTE_MAX_N`, or up to :data:`DENSE_RESCUE_N` where it fits in memory) or from
+        refined solves with all ``n`` columns of the identity (``n / 256`` batched solves: minutes for a
+        large model). ``tol`` is relative to the largest entry: at a
         tiny damping (``1 / eps`` variances in the curvature's null space dominate) the small entries may
         keep few digits. Below float64 (a float32 operator, ``precision="mixed"``) from the float64
         twin's factorization. :class:`SingularError` where ``H + eps I`` is singular to working precision;
@@ -2026,12 +2027,24 @@ class Factorization:
         chain, dense = _block_costs(op.blocks)
         return 2 * chain > dense + float(n) ** 3
 
+    def _dense_inverse_fits(self, n: int) -> bool:
+        """Whether ``n <=`` :data:`DENSE_RESCUE_N` and the dense inverse fits in memory: the inverse
+        diagonal that the sweep cannot give then comes from it, not from ``n`` refined solves (a perturbed
+        n = 7150 factorization: 28-107 s by dense-LU solves 256 columns at a time)."""
+        if n > DENSE_RESCUE_N:
+            return False
+        try:
+            check_dense_memory(n, torch.float64, self.op.device, "the dense inverse of H + eps I", 3.0)
+        except TooLargeError:
+            return False
+        return True
+
     def _inverse_diagonal_by_solves(self) -> Tensor:
-        """:meth:`inverse_diagonal` from the dense float64 inverse (``n <=`` :data:`DENSE_ROUTE_MAX_N`) or
-        from refined solves with the identity's columns, 256 at a time (each warns as :meth:`solve` does
-        where its residual is poor)."""
+        """:meth:`inverse_diagonal` from the dense float64 inverse (``n <=`` :data:`DENSE_ROUTE_MAX_N`, or
+        :meth:`_dense_inverse_fits`) or from refined solves with the identity's columns, 256 at a time
+        (each warns as :meth:`solve` does where its residual is poor)."""
         n = self.op.shape[0]
-        if n <= DENSE_ROUTE_MAX_N:
+        if n <= DENSE_ROUTE_MAX_N or self._dense_inverse_fits(n):
             A = self._dense_matrix()
             inv, info = torch.linalg.inv_ex(A)
             # LU rarely meets an exact zero pivot: singular to working precision where cond_1 >= 1 / u
@@ -2321,9 +2334,16 @@ class Factorization:
         op64 = self.op._residual_operator()
         dtype = self.op.dtype
         low = self._sweep_dtype != torch.float64 and not float64  # a float64 factorization can take over
+        rnorm = R64.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
+        if self._rescued and self._dense_lu is not None and not low:
+            # an earlier solve needed the dense LU: this one goes there at once (its refinement by this
+            # sweep stalls; inverse_diagonal's n columns, 256 at a time: 107 s -> 32 s at n = 7150)
+            X2 = self._dense_solve(R64)
+            if X2 is not None:
+                rel2 = float(((R64 - self._apply64(X2)).norm(dim=0) / rnorm).max())
+                return X2, SolveInfo(rel2, 0, 0)
         if X64 is None:
             X64 = self._raw(R64.to(dtype)).double()
-        rnorm = R64.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
 
         apply = self._apply64
 
@@ -2642,14 +2662,16 @@ class Factorization:
         for name, flag in (("refine", refine), ("return_info", return_info)):
             if not isinstance(flag, (bool, np.bool_, numbers.Integral)) or flag not in (0, 1):  # ("no", None)
                 raise InvalidArgumentError(f"{name} must be True or False, got {flag!r}")
-        X = self._raw(R)
         if not refine or getattr(
             self, "modified", False
         ):  # no residual either: the caller asked for the raw sweep
+            X = self._raw(R)
             self.last_info = SolveInfo(float("nan"), 0)
             out = X[:, 0] if vec else X
             return (out, self.last_info) if return_info else out
-        X64, self.last_info = self._solve64(R.double(), max_refine, X.double())
+        # (no first sweep where the dense LU answers: _solve64_unit)
+        X0 = None if self._rescued and self._dense_lu is not None else self._raw(R).double()
+        X64, self.last_info = self._solve64(R.double(), max_refine, X0)
         rel = self.last_info.residual
         if not math.isfinite(rel) or not bool(torch.isfinite(X64).all()):
             raise NonFiniteError(
