@@ -2393,6 +2393,7 @@ class Factorization:
                 X64 = X2
                 res, rel = residual(X64)
                 krylov = False
+                self._rescued = True  # (later solves: to the dense LU at once)
         if krylov and not self._rescued:
             its = self._gmres_columns(apply, R64, X64, res, rnorm, krylov_above, 30, 4)
             res, rel = residual(X64)
