@@ -2027,24 +2027,25 @@ class Factorization:
         chain, dense = _block_costs(op.blocks)
         return 2 * chain > dense + float(n) ** 3
 
-    def _dense_inverse_fits(self, n: int) -> bool:
-        """Whether ``n <=`` :data:`DENSE_RESCUE_N` and the dense inverse fits in memory: the inverse
-        diagonal that the sweep cannot give then comes from it, not from ``n`` refined solves (a perturbed
-        n = 7150 factorization: 28-107 s by dense-LU solves 256 columns at a time)."""
+    def _dense_fits(self, n: int) -> bool:
+        """Whether ``n <=`` :data:`DENSE_RESCUE_N` and ``H + eps I`` with its LU or inverse fits in memory:
+        the inverse diagonal that the sweep cannot give then comes from the dense inverse, not from ``n``
+        refined solves (a perturbed n = 7150 factorization: 13.5 s against 28-107 s by dense-LU solves 256
+        columns at a time), and many stalled columns from the dense LU (:meth:`_dense_for_columns`)."""
         if n > DENSE_RESCUE_N:
             return False
         try:
-            check_dense_memory(n, torch.float64, self.op.device, "the dense inverse of H + eps I", 3.0)
+            check_dense_memory(n, torch.float64, self.op.device, "the dense LU of H + eps I", 3.0)
         except TooLargeError:
             return False
         return True
 
     def _inverse_diagonal_by_solves(self) -> Tensor:
         """:meth:`inverse_diagonal` from the dense float64 inverse (``n <=`` :data:`DENSE_ROUTE_MAX_N`, or
-        :meth:`_dense_inverse_fits`) or from refined solves with the identity's columns, 256 at a time
+        :meth:`_dense_fits`) or from refined solves with the identity's columns, 256 at a time
         (each warns as :meth:`solve` does where its residual is poor)."""
         n = self.op.shape[0]
-        if n <= DENSE_ROUTE_MAX_N or self._dense_inverse_fits(n):
+        if n <= DENSE_ROUTE_MAX_N or self._dense_fits(n):
             A = self._dense_matrix()
             inv, info = torch.linalg.inv_ex(A)
             # LU rarely meets an exact zero pivot: singular to working precision where cond_1 >= 1 / u
@@ -2337,7 +2338,7 @@ class Factorization:
         rnorm = R64.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
         if self._rescued and self._dense_lu is not None and not low:
             # an earlier solve needed the dense LU: this one goes there at once (its refinement by this
-            # sweep stalls; inverse_diagonal's n columns, 256 at a time: 107 s -> 32 s at n = 7150)
+            # sweep stalls; inverse_diagonal's n columns by solves of 256 at a time, n = 7150: 107 s -> 54 s)
             X2 = self._dense_solve(R64)
             if X2 is not None:
                 rel2 = float(((R64 - self._apply64(X2)).norm(dim=0) / rnorm).max())
@@ -2451,19 +2452,12 @@ class Factorization:
         column (n = 7150 above the dense fallback, :meth:`_shifted_gmres`: 1.2 s a column,
         ``inverse_diagonal`` 2.8 h) -- up to :data:`DENSE_RESCUE_N` and where the matrix and its LU fit in
         memory."""
-        n = self.op.shape[0]
-        if n > DENSE_RESCUE_N:
+        if self.op.shape[0] > DENSE_RESCUE_N:
             return False
         if self._dense_lu is not None:
             return True
         stalled = int((res.norm(dim=0) / rnorm > above).sum())
-        if stalled < max(columns, DENSE_RESCUE_COLUMNS):
-            return False
-        try:
-            check_dense_memory(n, torch.float64, self.op.device, "the dense LU of H + eps I", 3.0)
-        except TooLargeError:
-            return False
-        return True
+        return stalled >= max(columns, DENSE_RESCUE_COLUMNS) and self._dense_fits(self.op.shape[0])
 
     def _shifted_gmres(
         self,
@@ -2486,7 +2480,7 @@ class Factorization:
         (lambda + eps + delta)``: the whole cluster at one point ``~ eps / delta``, the rest near 1 where
         ``|lambda| >> delta``, so GMRES converges in a few dozen iterations (measured: a 20-60-60-10 tanh
         MLP's Hessian on 8 examples, n = 5530 with 3650 zero eigenvalues, eps = 1e-8 to 1e-12 ||H||:
-        residuals 8e-9 to 8e-5, 40-80x below the dense LU's, in 90-300 iterations per solve;
+        residuals 8e-9 to 8e-5, 40-80x below the dense LU's, in 75-300 iterations per solve;
         ``bench/robustness.py --only-zero-cluster``). ``delta``
         is tried at the relative sizes :data:`SHIFTED_PRECONDITIONER` of ``||H + eps I||`` (a shift at an
         eigenvalue of an indefinite ``H`` makes a poor preconditioner: the best is kept), and the first

@@ -163,9 +163,8 @@ def spectral_histogram(
                 f"bins must be in [1, {MAX_BINS}] (each bin edge costs one factorization), got {count}"
             )
         if range is None:
-            op._dense_counts(
-                count + 6
-            )  # (the range's counts and the edges': from H's eigenvalues where cheaper)
+            # the range's counts and the edges': from H's eigenvalues where that is cheaper
+            op._dense_counts(count + 6)
             lo, hi = spectral_range(op)
         else:
             if isinstance(range, (str, bytes)) or not hasattr(range, "__len__") or len(range) != 2:
