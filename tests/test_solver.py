@@ -755,9 +755,10 @@ def test_eigenpairs_that_do_not_converge_are_named(monkeypatch):
 
 def test_logdet_of_a_perturbed_factorization(monkeypatch):
     """Pivots perturbed (H + eps I too close to singular for the sweep): the pivots' product is another
-    matrix's determinant. Up to n = DENSE_FALLBACK_N the log-determinant comes from a dense LU (it was
-    refused although H + eps I is nonsingular), above it logdet and spectrum.logdet raise; an exactly
-    singular H + eps I is refused by the dense LU too."""
+    matrix's determinant. The log-determinant comes from a dense LU (it was refused although H + eps I is
+    nonsingular) up to n = DENSE_RESCUE_N where it fits -- above DENSE_FALLBACK_N too (it was refused
+    there) --, above that logdet and spectrum.logdet raise; an exactly singular H + eps I is refused by
+    the dense LU too."""
     m, lf, X, y = _dead_relu_net(24, 16, 8)
     H = hessinv.hessian(m, lf, X, y)
     g, Hd = autograd_gradient_hessian(m, lf, X, y)
@@ -773,6 +774,8 @@ def test_logdet_of_a_perturbed_factorization(monkeypatch):
     with pytest.raises(SingularError, match="singular to working precision"):
         F.logdet()
     monkeypatch.setattr(hessinv.curvature, "DENSE_FALLBACK_N", 0)
+    assert H.factor(3e-8).slogdet() == pytest.approx((float(want[0]), float(want[1])), rel=1e-9)
+    monkeypatch.setattr(hessinv.curvature, "DENSE_RESCUE_N", Hd.shape[0] - 1)
     with pytest.raises(SingularError, match="perturbed"):
         H.factor(3e-8).logdet()
     with pytest.raises(SingularError):

@@ -2147,8 +2147,9 @@ class Factorization:
         perturbation by refinement; a determinant cannot), and where a pivot is ill-conditioned beyond
         ``sqrt(u)`` it carries an error of up to about ``u cond(H + eps I)^2``: in both cases systems of
         ``n <=`` :data:`DENSE_FALLBACK_N` take a dense float64 LU of ``H + eps I`` instead (formed by
-        ``n`` products, as the solves' fallback), larger ones raise :class:`SingularError` (perturbed;
-        also where LU finds the matrix singular) or warn (:class:`~hessinv.AccuracyWarning`).
+        ``n`` products, as the solves' fallback), and perturbed ones up to :data:`DENSE_RESCUE_N` where
+        the dense matrix fits in memory. Larger ones raise :class:`SingularError` (perturbed; also where
+        LU finds the matrix singular) or warn (:class:`~hessinv.AccuracyWarning`).
         """
         self._riccati_only("logdet")
         if self._twin_only or self._logdet_from_twin():
@@ -2162,8 +2163,8 @@ class Factorization:
                 f"logdet at damping {self._damping_text()}: pivot eigenvalues below sqrt(u) max|Qxx| were "
                 f"perturbed at {stages} (the sweep does not pivot across stages), so the factorization "
                 f"is not one of H + eps I and its log-determinant would be that of another matrix (n = "
-                f"{self.op.shape[0]} is above the dense fallback's {DENSE_FALLBACK_N}). Choose a larger "
-                "damping",
+                f"{self.op.shape[0]} is above the dense LU's {DENSE_RESCUE_N}, or its matrix does not fit "
+                "in memory). Choose a larger damping",
                 stage=max(self.perturbed),
                 damping=self.damping if isinstance(self.damping, float) else None,
             )
@@ -2192,7 +2193,8 @@ class Factorization:
     def _dense_slogdet(self) -> tuple[float, float] | None:
         """``(sign, log|det(H + eps I)|)`` by a dense float64 LU where the sweep's pivots cannot give it
         accurately (perturbed, or ill-conditioned beyond ``sqrt(u)``) and ``n <=``
-        :data:`DENSE_FALLBACK_N`; None where the pivots can (or ``n`` is larger). Raises
+        :data:`DENSE_FALLBACK_N` (perturbed: :meth:`_dense_fits`); None where the pivots can (or ``n`` is
+        larger). Raises
         :class:`SingularError` where LU finds ``H + eps I`` singular to working precision: a pivot of
         ``U`` at most ``u max|H + eps I| / n`` (partial pivoting keeps ``|L_ij| <= 1``, so
         ``sigma_min(H + eps I) <= n min|U_ii|``, and then ``cond(H + eps I) >= 1 / u``)."""
@@ -2200,7 +2202,11 @@ class Factorization:
             return self._dense_sld
         if self._twin_only or (not self.perturbed and self._well_pivoted()):
             return None
-        if self.op.shape[0] > DENSE_FALLBACK_N:
+        n = self.op.shape[0]
+        # perturbed pivots give another matrix's determinant: a dense LU rather than a refusal wherever
+        # it fits (up to DENSE_RESCUE_N, minutes at the top of that range); an ill-conditioned pivot only
+        # warns above DENSE_FALLBACK_N (its product is still the determinant of a nearby matrix)
+        if n > DENSE_FALLBACK_N and not (self.perturbed and self._dense_fits(n)):
             return None
         return self._lu_slogdet()
 

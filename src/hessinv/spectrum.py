@@ -229,7 +229,8 @@ def num_negative_eigenvalues(op: CurvatureOperator, tol: float | None = None) ->
 def logdet(op: CurvatureOperator, damping: float = 0.0) -> tuple[float, float]:
     """``(sign, log|det(H + damping I)|)`` from one factorization (``sum_l log|det Qxx_l|``); like
     :func:`torch.linalg.slogdet`. Raises :class:`~hessinv.SingularError` if ``H + damping I`` is
-    singular to working precision, or, with more than 4096 parameters, so near singular that the sweep
-    perturbed pivots (smaller systems then take a dense LU; :meth:`hessinv.Factorization.logdet`)."""
+    singular to working precision, or where the sweep perturbed pivots (``H + damping I`` near singular)
+    and the dense LU that then gives the answer does not fit (more than 12288 parameters, or too little
+    memory; :meth:`hessinv.Factorization.logdet`)."""
     _check_operator(op)
     return op.factor(damping).slogdet()  # (factor validates the damping)
