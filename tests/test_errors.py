@@ -358,6 +358,9 @@ def test_bad_arguments_are_named():
         hessinv.hessian(net, "cross_entropy", X, y)
     # a probe's list (each was a raw TypeError/RuntimeError/IndexError, or accepted: max_refine=-1, nan)
     F = H.factor(1.0)
+    for v in (torch.ones(28, dtype=torch.float64), torch.ones(26, 3, dtype=torch.float64)):
+        with pytest.raises(ShapeMismatchError, match=r"v must have shape \(26,\), one vector; got"):
+            F.inverse_quadratic(v)  # (it offered (26, k), then refused it)
     for k in (-1, 0, 2.5, "3", None):
         with pytest.raises(InvalidArgumentError, match="k .the number of samples. must be an integer >= 1"):
             F.sample(k)

@@ -1469,6 +1469,49 @@ def test_a_zero_cluster_is_solved_above_the_dense_fallback(monkeypatch, seed):
         H.factor(0.0).solve(b)
 
 
+def test_a_stalled_probe_above_the_dense_fallback_is_decided_by_the_dense_lu(monkeypatch):
+    """A two-layer tanh net's Hessian on 4 examples of 15 classes (n = 735, most eigenvalues zero) at eps
+    = 1e-9 and 1e-10 (cond 1e9-1e11): the singularity probe's second solve (x / |x|, a right-hand side in
+    the near-null space) stalled at residual 0.9 with GMRES, so above the dense fallback's size (0 here;
+    found at n = 4575) the nonsingular system was refused. The dense LU decides where it fits, and the
+    solve is as good as its own; with no room for it the refusal stands, and a singular matrix (eps =
+    0) is still refused. (Whether GMRES stalls depends on rounding -- the thread count: 4 cases, most
+    need the dense LU.)"""
+    monkeypatch.setattr(hessinv.curvature, "DENSE_FALLBACK_N", 0)
+    u = torch.finfo(torch.float64).eps
+    lf = nn.CrossEntropyLoss()
+    rescued = []
+    for seed in (9, 10):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 15)).double()
+        X, y = torch.randn(4, 20, dtype=torch.float64), torch.randint(0, 15, (4,))
+        H = hessinv.hessian(model, lf, X, y)
+        Hd = autograd_gradient_hessian(model, lf, X, y)[1]
+        ev = torch.linalg.eigvalsh(Hd)
+        b = torch.randn(Hd.shape[0], dtype=torch.float64)
+        for eps in (1e-9, 1e-10):
+            A = Hd + eps * torch.eye(Hd.shape[0], dtype=torch.float64)
+            cond = float((ev + eps).abs().max() / (ev + eps).abs().min())
+            assert 1e8 < cond < 1e12
+            x_lu = torch.linalg.solve(A, b)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", hessinv.AccuracyWarning)  # (residual ~ u cond)
+                F = H.factor(eps)
+                x, info = F.solve(b, return_info=True)
+            assert F.perturbed
+            rescued += [(H, eps)] if F._rescued else []
+            assert rel(A @ x, b) <= max(3 * rel(A @ x_lu, b), 1e-12)
+            assert info.residual <= 10 * u * cond
+            assert rel(x, x_lu) <= 100 * u * cond
+            assert tuple(F.inertia) == count(ev, eps)
+    assert rescued  # the route under test (each such case was refused before)
+    with pytest.raises(SingularError, match="singular to working precision"):
+        H.factor(0.0).solve(b)
+    monkeypatch.setattr(hessinv.curvature, "DENSE_RESCUE_N", 0)
+    with pytest.raises(SingularError, match="singular to working precision"):
+        rescued[-1][0].factor(rescued[-1][1])  # no room for the dense LU: refused, as before
+
+
 def test_shift_invert_next_to_a_zero_cluster_uses_an_invertible_shift():
     """eigenpairs(which="nearest") just above a cluster of 3650 zero eigenvalues (n = 5530): the
     factorization at the shift has thousands of perturbed pivots, which only the shifted-sweep GMRES can

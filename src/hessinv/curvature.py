@@ -1836,7 +1836,11 @@ class Factorization:
         iteration on ``A^-1``, into the near-null space), leaves 0.5 or more, or (c) the cond estimate
         ``|A| |A^-1 x| / |x|`` exceeds ``1 / u`` (``|A|`` from :meth:`CurvatureOperator.norm_estimate`).
         Without ``unsolved``, (a) is not asked (a factorization without perturbed pivots whose solve
-        failed: a broken sweep is not a singular matrix). A nonsingular system of cond 1e8-1e15 leaves a
+        failed: a broken sweep is not a singular matrix). Above :data:`DENSE_FALLBACK_N`, where the
+        dense matrix fits (:meth:`_dense_fits`), a refusal is confirmed by the same probe with a dense
+        LU (GMRES can stall on the second right-hand side of a nonsingular system), and where the LU
+        solves it, later solves go to the LU (not for shift-invert's factorizations, ``_rescue=False``).
+        A nonsingular system of cond 1e8-1e15 leaves a
         residual above ``sqrt(u)`` (about ``u cond``, as any backward-stable solver's) and is solved, not
         refused (the solve reports its residual); on 443 probed perturbed factorizations (eps =
         -lambda_i + 0 / 1e-14 / 1e-13 |H| on saturated tanh chains, dead-ReLU and one-example
@@ -1844,30 +1848,65 @@ class Factorization:
         all within 3x of 1 / u."""
         g = torch.Generator(device="cpu").manual_seed(0)
         b = torch.randn(self.op.shape[0], 1, generator=g, dtype=torch.float64)
-        x, info = self._solve64(b, max_refine=5)
+        u = torch.finfo(self.op.dtype).eps
+
+        def probe(solve: Callable[[Tensor], tuple[Tensor, float]]) -> tuple[float, float, float, float]:
+            """(residual of b, of x / |x|, cond estimate, a backward-stable residual) by ``solve``."""
+            x, residual = solve(b)
+            xn = float(x.norm())
+            cond, stuck, explained = math.inf, math.inf, 0.0
+            if residual > math.sqrt(u) and math.isfinite(xn) and xn > 0:
+                # one step of power iteration on A^-1 = (H + eps I)^-1 from x = A^-1 b, which leans
+                # toward the eigenvectors of the smallest |eigenvalues|: A^-1 x is solved to a residual
+                # of about u cond (a backward-stable solve: 0.02 at cond 1e14) where A is nonsingular,
+                # and not at all (about 1) where A is singular to working precision (x / |x| then lies
+                # in its null space, outside its range), whatever b's share of that space (1 / sqrt(n)
+                # for a random b: the first residual alone cannot tell); |A^-1 x| / |x| estimates
+                # 1 / min|lambda|
+                y, stuck = solve(x / xn)
+                norm = self.op.norm_estimate() + abs(self.damping)
+                explained = 10 * u * norm * xn / float(b.norm())  # a backward-stable residual, 10x over
+                cond = norm * max(xn / float(b.norm()), float(y.norm()))
+            # (else no solution was found, x too small to explain the residual)
+            return residual, stuck, cond, explained
+
+        def refused(residual: float, stuck: float, cond: float, explained: float) -> bool:
+            found = not unsolved or residual < 1e-2 or residual <= explained
+            return residual > math.sqrt(u) and not (found and stuck < 0.5 and cond * u < 1)
+
+        def by_sweep(r: Tensor) -> tuple[Tensor, float]:
+            x, info = self._solve64(r, max_refine=5)
+            return x, info.residual
+
+        residual, stuck, cond, explained = verdict = probe(by_sweep)
         if self._f64 is not None:  # float32 sweep too inaccurate: the float64 factorization's counts
             self._recount_due = True  # the twin's counts, when first read
             self.positive_definite = self._f64.positive_definite
-        u = torch.finfo(self.op.dtype).eps
-        if not info.residual > math.sqrt(u):
-            return
-        xn = float(x.norm())
-        cond, stuck, explained = math.inf, math.inf, 0.0
-        if math.isfinite(xn) and xn > 0:
-            # one step of power iteration on A^-1 = (H + eps I)^-1 from x = A^-1 b, which leans toward
-            # the eigenvectors of the smallest |eigenvalues|: A^-1 x is solved to a residual of about
-            # u cond (a backward-stable solve: 0.02 at cond 1e14) where A is nonsingular, and not at
-            # all (about 1) where A is singular to working precision (x / |x| then lies in its null
-            # space, outside its range), whatever b's share of that space (1 / sqrt(n) for a random b:
-            # the first residual alone cannot tell); |A^-1 x| / |x| estimates 1 / min|lambda|
-            y, info2 = self._solve64(x / xn, max_refine=5)
-            stuck = info2.residual
-            norm = self.op.norm_estimate() + abs(self.damping)
-            explained = 10 * u * norm * xn / float(b.norm())  # a backward-stable solve's residual, 10x over
-            cond = norm * max(xn / float(b.norm()), float(y.norm()))
-        # (else no solution was found, x too small to explain the residual)
-        found = not unsolved or info.residual < 1e-2 or info.residual <= explained
-        if found and stuck < 0.5 and cond * u < 1:
+        n = self.op.shape[0]
+        if (
+            refused(*verdict)
+            and self._shift_rescue  # (shift-invert's bare sweep: refused, the next shift tried)
+            and self._dense_lu is None
+            and n > DENSE_FALLBACK_N
+            and self._dense_fits(n)
+        ):
+            # above the dense fallback a stalled GMRES (a right-hand side in the near-null space of a
+            # nonsingular H + eps I of cond 3e9, n = 4575: 0.91 by the shifted sweep) is not evidence of
+            # singularity: the dense LU decides where it fits, and later solves go to it (as a stalled
+            # solve's many columns do)
+
+            def by_lu(r: Tensor) -> tuple[Tensor, float]:
+                x = self._dense_solve(r)
+                if x is None:  # LU met an exact zero pivot
+                    return torch.zeros_like(r), 1.0
+                return x, float((r - self._apply64(x)).norm() / r.norm())
+
+            dense = probe(by_lu)
+            if not refused(*dense):
+                self._rescued = True
+                return
+            residual, stuck, cond, explained = dense
+        if not refused(residual, stuck, cond, explained):
             return  # nonsingular, ill-conditioned (cond below 1 / u): the solve reports its residual
         stages = ", ".join(f"{self._sweep_op._names[l]} ({c})" for l, c in sorted(self.perturbed.items()))
         where = (
@@ -1879,8 +1918,8 @@ class Factorization:
         )
         raise SingularError(
             f"{where}: a random "
-            f"right-hand side still leaves relative residual {info.residual:.2e} after "
-            f"{info.refinement_steps} refinement steps and {info.krylov_iterations} GMRES iterations (a "
+            f"right-hand side still leaves relative residual {residual:.2e} after refinement, GMRES "
+            f"{'and a dense LU ' if self._dense_lu is not None else ''}(a "
             f"backward-stable solve: below {max(explained, 1e-2):.2e}), and its solution as right-hand side "
             f"{stuck:.2e} (cond estimate {cond:.2e}, 1 / u = {1 / u:.2e}). "
             "Choose another damping (eps > 0 for a Gauss-Newton matrix; eps > -H.min_eigenvalue() "
@@ -2075,9 +2114,13 @@ class Factorization:
         a float32 operator the sum is the float32 sweep's (about ``cond u32``: 8.5e-4 at cond 1e4): use
         ``v @ F.solve(v)`` for the float64-refined value. The Woodbury factorization (a per-parameter
         damping) answers with ``v^T x`` of a refined solve always."""
-        R, vector = self.op._as_matrix(v, "v")
-        if not vector:
-            raise ShapeMismatchError(f"v must have shape ({self.op.shape[0]},); got {tuple(v.shape)}")
+        if isinstance(v, Tensor) and (v.dim() != 1 or v.shape[0] != self.op.shape[0]):  # (_as_matrix's
+            # message would offer (n, k))
+            raise ShapeMismatchError(
+                f"v must have shape ({self.op.shape[0]},), one vector; got {tuple(v.shape)} (for the columns "
+                "of a matrix V: (V * F.solve(V)).sum(0))"
+            )
+        R, _ = self.op._as_matrix(v, "v")
         self._unmodified("inverse_quadratic")
         if self._twin_only:
             assert self._f64 is not None
