@@ -797,3 +797,39 @@ def test_update_damping_that_fails_leaves_the_factor_as_it_was(monkeypatch):
         F.update_damping(torch.tensor([2, 9]), torch.tensor([7.0, 0.1], dtype=torch.float64))
     monkeypatch.undo()
     assert torch.equal(F.D, D) and torch.equal(F.K, K) and torch.equal(F.solve(R), before)
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_per_pixel_root_pulls_each_example_alone(broken, monkeypatch):
+    """A per-pixel loss (segmentation logits (B, C, H, W)): each of the Gauss-Newton root's columns is one
+    example's, and a conv stage pulls them back through a graph of that example alone (each column had
+    gone through the whole batch: a refresh 8x the work at batch 8). Exact against plain autograd. Where
+    the one-example graphs disagree with the batch's (here made to, by a wrong pull-back: a stage that
+    treated its examples differently alone), the check sends the stage back to the batch's graph, exact."""
+    from reference import autograd_gauss_newton as autograd_gn
+
+    import hessinv.stages.generic as generic
+    from hessinv.stages.generic import LazyBlocks
+
+    if broken:
+        rows = generic._backward_rows
+
+        def wrong(out, *args):  # one example's graph: its rows scaled by 1.5
+            got = rows(out, *args)
+            return got if out.shape[0] != 1 or got is None else [1.5 * g for g in got]
+
+        monkeypatch.setattr(generic, "_backward_rows", wrong)
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 1)).double()
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (4, 3, 3), generator=torch.Generator().manual_seed(1))
+    loss_fn = nn.CrossEntropyLoss()
+    G = hessinv.gauss_newton(model, loss_fn, x, y)
+    lazy = [b for b in G.blocks if isinstance(b, LazyBlocks)]
+    assert lazy
+    U, S = G.root()
+    G_ref = autograd_gn(model, loss_fn, x, y)
+    assert float((U.T @ (S[:, None] * U) - G_ref).abs().max()) <= 1e-12 * float(G_ref.abs().max())
+    for b in lazy:
+        assert (b._apart is None, b._per_example_ok) == ((True, False) if broken else (False, True))

@@ -156,14 +156,17 @@ def gauss_newton_root(
             for o, size, c, vals in tab if rows is not None and tab else ():
                 tables.append((offsets[l] + o, size, offsets[l] + c, vals))  # type: ignore[union-attr]
             if rows is None:  # generic: (p, r) rows, rotated after
-                cols.copy_(blk.jxT(s).T)
+                pulls = getattr(blk, "pulls_per_example", False)
+                cols.copy_((blk.jxT(s, own=own) if pulls else blk.jxT(s)).T)
                 for o, a, b, QL, QR in rot:
                     W = cols[:, o : o + a * b].unflatten(1, (a, b))
                     W.copy_(in_basis(QL, W, QR))
         if l > 0:
-            s = blk.jzT(s)
+            pulls = getattr(blk, "pulls_per_example", False)
+            s_in, s = s, blk.jzT(s, own=own) if pulls else blk.jzT(s)
             if not blk.per_example:  # (a generic stage's: its rows tell whether it kept examples apart)
-                own = n_idx if own_rows_only(s, n_idx) else None
+                apart = own is not None and pulls and blk.kept_apart(s_in)
+                own = n_idx if apart or own_rows_only(s, n_idx) else None
     S = torch.sign(mu[n_idx, j_idx]).to(dtype)
     return U, S
 

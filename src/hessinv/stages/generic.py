@@ -979,9 +979,10 @@ class LazyBlocks(Blocks):
         self._g, self._memo, self._linears, self._linear_calls, self._tables = None, None, [], [], []
         self._versions = self._graph_versions()
 
-    def _vjp(self, s: Tensor, which: str) -> Tensor:
+    def _vjp(self, s: Tensor, which: str, own: Tensor | None = None) -> Tensor:
         """``Jx^T s`` (``which="x"``) or ``Jz^T s`` (``"z"``) for ``s`` (B, d_out, k); the other of the pair,
-        formed by the same backward pass, is kept for the next call with the same ``s``."""
+        formed by the same backward pass, is kept for the next call with the same ``s``. ``own``: where
+        given, column ``q`` of ``s`` is nonzero at example ``own[q]`` only (:meth:`_vjp_per_example`)."""
         if self._memo is not None and self._memo[0] is s and self._memo[1] == which:
             out, self._memo = self._memo[2], None
             return out
@@ -991,21 +992,108 @@ class LazyBlocks(Blocks):
         B, k = self.batch, s.shape[-1]
         if k == 0:  # (no columns: a zero Gauss-Newton matrix's root)
             return s.new_zeros(self.p, 0) if which == "x" else s.new_zeros(B, self.d_in, 0)
-        wrt = [*self.stage.params, self._z]
-        seeds = s.permute(2, 0, 1).reshape(k, *self._out.shape)
-        rows = _backward_rows(self._out, wrt, k, lambda j, m: seeds[j : j + m], True)
-        if rows is None:  # no batching rule for an operation in the stage: the dense blocks
-            return self.dense.jxT(s) if which == "x" else self.dense.jzT(s)
-        gx = torch.cat([g.reshape(k, -1) for g in rows[:-1]], 1).T if self.p else s.new_zeros(0, k)
-        gz = rows[-1].reshape(k, B, self.d_in).permute(1, 2, 0)
+        pair = self._vjp_per_example(s, own)
+        if pair is not None:
+            gx, gz = pair
+        else:
+            wrt = [*self.stage.params, self._z]
+            seeds = s.permute(2, 0, 1).reshape(k, *self._out.shape)
+            rows = _backward_rows(self._out, wrt, k, lambda j, m: seeds[j : j + m], True)
+            if rows is None:  # no batching rule for an operation in the stage: the dense blocks
+                return self.dense.jxT(s) if which == "x" else self.dense.jzT(s)
+            gx = torch.cat([g.reshape(k, -1) for g in rows[:-1]], 1).T if self.p else s.new_zeros(0, k)
+            gz = rows[-1].reshape(k, B, self.d_in).permute(1, 2, 0)
         self._memo = (s, "z", gz) if which == "x" else (s, "x", gx)
         return gx if which == "x" else gz
 
-    def jxT(self, s: Tensor) -> Tensor:
-        return self._vjp(s, "x")
+    #: whether :meth:`_vjp_per_example` may run on this stage (False once its check failed)
+    _per_example_ok = True
 
-    def jzT(self, s: Tensor) -> Tensor:
-        return self._vjp(s, "z")
+    #: the ``s`` last pulled back example by example (:meth:`kept_apart`)
+    _apart: Tensor | None = None
+
+    def kept_apart(self, s: Tensor) -> bool:
+        """Whether ``Jz^T s`` was formed example by example (and checked): each column then stays nonzero
+        at its own example only, without a pass over the result to tell."""
+        return self._apart is s
+
+    def _vjp_per_example(self, s: Tensor, own: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+        """``(Jx^T s, Jz^T s)`` where every column of ``s`` (B, d_out, k) is nonzero at one example at most
+        -- the Gauss-Newton root's columns, one example's outputs each (a per-pixel or per-token loss: up
+        to ``max_rank`` of them) -- by pulling each example's columns back through a graph of that example
+        alone: ``k`` backward passes of one example instead of ``k`` of the whole batch (a conv stage's
+        256 columns on 8 examples of 32 x 32: 488 -> 30 ms). Valid where the stage treats its examples
+        independently, which is checked: autograd's pull-back of one random combination of the columns
+        through the batch's graph must agree to rounding (else this stage keeps the batch's graph from
+        then on). None where it does not apply: one example, few columns, a column spanning examples, a
+        module in training mode that holds buffers (a forward would move its running statistics)."""
+        B, k = self.batch, s.shape[-1]
+        if not self._per_example_ok or B < 2 or k < 2 * B:
+            return None
+        if any(mode and any(True for _ in m.buffers(recurse=False)) for m, mode in self._modes):
+            return None
+        if own is not None and own.shape == (k,):  # (the caller knows: no pass over s)
+            nz = own[None, :] == torch.arange(B, device=own.device)[:, None]
+        else:
+            nz = s.reshape(B, -1, k).any(1)  # (B, k): the examples each column touches
+            if bool((nz.sum(0) > 1).any()):
+                return None
+        params = self.stage.params
+        gx, gz = s.new_zeros(self.p, k), s.new_zeros(B, self.d_in, k)
+        # the check (below): one random combination c of the columns, pulled back here example by example
+        # and through the batch's own graph by autograd
+        c = torch.randn(k, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        c = c.to(device=s.device, dtype=s.dtype)
+        got_x, got_z, sq = s.new_zeros(self.p), s.new_zeros(B, self.d_in), 0.0
+        devices = [s.device] if s.device.type == "cuda" else []
+        # (a random forward -- a module in training mode -- draws nothing from the caller's generator)
+        with torch.random.fork_rng(devices=devices), self._at_point(), torch.enable_grad():
+            for b in range(B):
+                cols = nz[b].nonzero().squeeze(1)
+                if cols.numel() == 0:
+                    continue
+                z_b, call = self.stage.differentiable_input(self._z_in[b : b + 1], s.dtype)
+                out_b = call(z_b)
+                if not isinstance(out_b, Tensor) or out_b.shape != (1, *self._out.shape[1:]):
+                    self._per_example_ok = False
+                    return None
+                m = int(cols.numel())
+                seeds = s[b : b + 1, :, cols].permute(2, 0, 1).reshape(m, *out_b.shape)
+                rows = _backward_rows(out_b, [*params, z_b], m, lambda j, n, e=seeds: e[j : j + n], True)
+                if rows is None:
+                    return None
+                c_b = c[cols]
+                if self.p:
+                    rx = torch.cat([g.reshape(m, -1) for g in rows[:-1]], 1)  # (m, p)
+                    gx[:, cols] = rx.T
+                    got_x += c_b @ rx
+                    sq += float(rx.square().sum())
+                rz = rows[-1].reshape(m, self.d_in)
+                gz[b, :, cols] = rz.T
+                got_z[b] = c_b @ rz
+                sq += float(rz.square().sum())
+            full = torch.autograd.grad(
+                self._out, [*params, self._z], grad_outputs=(s @ c).reshape(self._out.shape),
+                retain_graph=True, allow_unused=True, materialize_grads=True,
+            )  # fmt: skip
+        want = torch.cat([g.reshape(-1) for g in full[:-1]] + [full[-1].reshape(-1)])
+        err = float((want - torch.cat([got_x, got_z.reshape(-1)])).norm())
+        # rounding: a few u per term of |G| |c| <= ||G||_F ||c||, the terms' count's root
+        u = torch.finfo(s.dtype).eps
+        if not err <= 64 * u * math.sqrt(max(self.p + B * self.d_in, 1)) * math.sqrt(sq) * float(c.norm()):
+            self._per_example_ok = False
+            return None
+        self._apart = s
+        return gx, gz
+
+    #: jxT and jzT take ``own`` (:func:`hessinv.lowrank.gauss_newton_root` passes it)
+    pulls_per_example = True
+
+    def jxT(self, s: Tensor, own: Tensor | None = None) -> Tensor:
+        return self._vjp(s, "x", own)
+
+    def jzT(self, s: Tensor, own: Tensor | None = None) -> Tensor:
+        return self._vjp(s, "z", own)
 
     # -- the other products, by autograd at the linearization point (the class docstring) ----------------
     def _graph(self) -> tuple[Tensor, list[Tensor]]:
