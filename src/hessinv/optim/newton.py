@@ -760,8 +760,10 @@ class Newton(torch.optim.Optimizer):
         """Warn where a regression's targets are far from unit scale (root mean square above
         :data:`UNSCALED_TARGETS`): the gradient, and with it the diagonal damping ``D ~ sqrt(v)``, grows
         with the residuals while the Gauss-Newton matrix does not, so ``(G + D)^{-1} g`` is an Adam step
-        of size ``1 / diagonal_damping`` (targets of std 1.4e3: 16x Adam's training loss; 1.4e4: no
-        progress)."""
+        of size ``1 / diagonal_damping``: each weight moves by about ``1 / diagonal_damping`` a step at
+        most, however exact the curvature (targets of std 1.4e3: 16x Adam's training loss; 1.4e4: no
+        progress; linear least squares with targets of rms 4.7, an offset of 3: MSE 3.6 after 300 steps of
+        32 examples, 0.0097 -- the noise floor -- with the targets standardized, as SGD's 0.0096)."""
         loss = uncompiled(self.loss_fn)
         if not isinstance(loss, _REGRESSION_LOSSES) or not targets.is_floating_point() or not targets.numel():
             return
@@ -1660,7 +1662,7 @@ def _is_model(model: Any) -> bool:
 
 
 #: :meth:`Newton._warn_if_unscaled_targets`: a regression loss's targets of a larger root mean square
-UNSCALED_TARGETS = 300.0
+UNSCALED_TARGETS = 3.0
 _REGRESSION_LOSSES = (nn.MSELoss, nn.L1Loss, nn.HuberLoss, nn.SmoothL1Loss)
 
 #: the entries of the state that "auto" mode's decision writes (:meth:`Newton._resolve_mode`)

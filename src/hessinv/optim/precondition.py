@@ -69,7 +69,13 @@ from torch import Tensor, nn
 from hessinv import linalg
 from hessinv.chain import LossFn, _tensor, dense_grad, deterministic_chain, layers_in_mode, training_layers
 from hessinv.curvature import GaussNewton, Hessian, normalize_curvature
-from hessinv.errors import InvalidArgumentError, NonFiniteError, NotFittedError, ShapeMismatchError
+from hessinv.errors import (
+    InvalidArgumentError,
+    NonFiniteError,
+    NotFittedError,
+    ShapeMismatchError,
+    UnsupportedStageError,
+)
 from hessinv.lowrank import WoodburyFactor, written_runs
 from hessinv.stages.losses import count_examples, counted_examples, ignored_index, sums_examples
 from hessinv.stages.protocol import basis_product
@@ -594,6 +600,16 @@ def explained_subsample(k: int | None, loss_fn: Any, targets: Tensor) -> Iterato
     only, whose mean is 0/0."""
     try:
         yield
+    except UnsupportedStageError as e:  # a loss called on the drawn examples failed (a batch-sized weight)
+        batch = int(targets.shape[0])
+        if k is None or k >= batch or "loss_fn(outputs, targets) failed" not in str(e):
+            raise
+        raise UnsupportedStageError(
+            f"{e}. The curvature is taken on {k} examples drawn from the batch's {batch} "
+            "(curvature_batch_size): a loss that holds tensors sized for the whole batch (a per-example "
+            "weight) cannot be called on them -- pass curvature_batch_size at least the batch size, or a "
+            "loss without batch-sized tensors"
+        ) from e
     except NonFiniteError as e:
         batch = int(targets.shape[0])
         if k is None or k >= batch or targets.is_floating_point() or ignored_index(loss_fn) is not None:
