@@ -890,7 +890,7 @@ def main() -> None:
     ap.add_argument(
         "--quick", action="store_true", help="a ~1-2 minute run with fewer sizes (default: the full run)"
     )
-    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (cuda if available) (default: cpu)")
     ap.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: 1 on CPU, torch's choice on CUDA)"
     )
@@ -952,6 +952,16 @@ def main() -> None:
         args.json = results_dir / f"solve_{torch.device(args.device).type}{quick}.json"
     elif args.render_only and not args.json.exists():  # (it rendered the recorded results instead, exit 0)
         raise SystemExit(f"--json {args.json}: no such file to render")
+    # an output path that cannot be written: one line and exit status 2 (hessinv bench), not an errno trace
+    from hessinv.cli.choices import UserError, output_directory
+
+    try:
+        if not args.render_only:
+            output_directory(args.json.parent)
+        if not args.no_md:
+            output_directory(args.md.parent)
+    except UserError as e:
+        raise SystemExit(str(e)) from None
     if not args.render_only:
         args.allocator = "default" if args.default_allocator else steady_allocator()
         run(args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -985,3 +986,27 @@ def test_a_plot_of_runs_with_no_finite_value_is_written(tmp_path):
     run_ = RunResult("adam", 1e-3, status="diverged", steps=2, history=hist)
     path = plot_runs([run_], tmp_path / "loss.png", target=0.5, chance=0.1)
     assert path.stat().st_size > 0
+
+
+def test_probe_findings_of_the_thirtieth_session(tmp_path, capsys):
+    """A probe's CLI findings: bench solve's unwritable --out / --md exited 1 with errno text; --steps took
+    one optimizer twice (the later silently, where --lr refuses); spectrum had no --threads; its
+    too-large refusal gave the Python API's advice (curvature_batch_size) instead of --batch."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    if cli._find_bench("solve") is not None:  # (a checkout: the real script)
+        assert main(["bench", "solve", "--render-only", "--out", str(afile)]) == 2
+        assert "cannot write to the output directory" in capsys.readouterr().err
+        assert main(["bench", "solve", "--render-only", "--md", str(afile / "b.md")]) == 2
+        assert "cannot write to the output directory" in capsys.readouterr().err
+    args = ["train", "--optimizers", "adam", "--steps", "adam=3", "--steps", "adam=4", "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert "--steps gives adam twice" in capsys.readouterr().err
+    out = tmp_path / "sp"
+    common = ["spectrum", "--depth", "2", "--width", "4", "--samples", "100", "--bins", "4"]
+    common += ["--out", str(out)]
+    assert main([*common, "--threads", "1"]) == 0
+    capsys.readouterr()
+    assert main(["spectrum", "--depth", "2", "--width", "1000", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"at most \d+ examples \(--batch \d+\)", err) and "curvature_batch_size" not in err

@@ -302,6 +302,18 @@ def test_task_inference_is_the_same_for_every_source(tmp_path, distinct, task):
     assert load_dataset(str(tmp_path / "names.npz"), test_fraction=0.01).task == "classification"
 
 
+def test_huge_float_targets_are_a_regression(tmp_path):
+    """Floats of magnitude 2^53 or more are integer-valued whatever they measure: 100 continuous targets
+    of about 1e300 were taken as class labels, and a test split with values the training split lacks
+    was then refused (a probe). Integer labels stay classes."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(100, 3))
+    np.savez(tmp_path / "huge.npz", X=X, y=rng.normal(size=100) * 1e300)
+    assert load_dataset(str(tmp_path / "huge.npz")).task == "regression"
+    np.savez(tmp_path / "ids.npz", X=X, y=np.arange(100) % 3 + 2**60)  # int64 class ids
+    assert load_dataset(str(tmp_path / "ids.npz")).task == "classification"
+
+
 def test_test_labels_outside_the_training_classes_refused(tmp_path):
     rng = np.random.default_rng(7)
     np.savez(

@@ -421,15 +421,22 @@ def _parse_lrs(items: list[str], opts: list[str]) -> dict[str, float]:
 
 
 def _parse_steps(items: list[str], opts: list[str]) -> dict[str, int | None]:
-    """The step budget of each optimizer in ``opts`` from the --steps values (later ones win)."""
+    """The step budget of each optimizer in ``opts`` from the --steps values (later ones win: ``--steps
+    1000 --steps adam=5000``; one optimizer named twice is refused, as --lr does)."""
     steps: dict[str, int | None] = {o: DEFAULT_STEPS.get(o) for o in opts}  # unlisted: time budget only
+    named: set[str] = set()
 
     def count(text: str) -> int | None:
         return None if text.lower() == "none" else positive_int(text)
 
     for item in items:
         if "=" in item:
-            steps.update(parse_per_optimizer([item], "--steps", count, "N", "adam=5000", selected=opts))
+            got = parse_per_optimizer([item], "--steps", count, "N", "adam=5000", selected=opts)
+            twice = sorted(named & set(got))
+            if twice:
+                raise UserError(f"--steps gives {twice[0]} twice ({item}): give it once")
+            named |= set(got)
+            steps.update(got)
         else:
             try:
                 n = count(item.strip())
@@ -654,7 +661,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hessinv: error: {e}", file=sys.stderr)
         return 2
     except HessinvError as e:  # a value the library refused (its message says what to do)
-        print(f"hessinv: error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+        text = " ".join(str(e).split())
+        if args.command == "spectrum":  # (the library's advice in this command's terms)
+            text = re.sub(r"\(Newton/Preconditioner: curvature_batch_size=(\d+)\)", r"(--batch \1)", text)
+        print(f"hessinv: error: {type(e).__name__}: {text}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. writing the results failed (disk full, removed directory)
         print(f"hessinv: error: {e}", file=sys.stderr)

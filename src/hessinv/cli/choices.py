@@ -81,11 +81,12 @@ data files (--data PATH):
         LAST column is the label or target (--target-column NUMBER or NAME picks another); an
         optional header line is skipped (names, or pandas' column numbers 0,1,...; a first row whose
         only non-numbers are missing values is data).
-  Labels that are class names (strings), or integer-valued numbers with at most 100 distinct
-  values, make a classification task (the classes of the training labels, mapped to 0..C-1; a test
-  label outside them is an error); anything else regression (--task overrides). Features -- and a
-  file's regression targets, so that a loss of 1 is predicting the training mean -- are standardized
-  with the training split's mean and standard deviation. Nothing is downloaded."""
+  Labels that are class names (strings), or integer-valued numbers (below 2^53 in magnitude, where
+  a float can hold a fraction) with at most 100 distinct values, make a classification task (the
+  classes of the training labels, mapped to 0..C-1; a test label outside them is an error); anything
+  else regression (--task overrides). Features -- and a file's regression targets, so that a loss of
+  1 is predicting the training mean -- are standardized with the training split's mean and standard
+  deviation. Nothing is downloaded."""
 # activation name -> its torch.nn module class
 ACTIVATIONS = {
     "tanh": "Tanh",

@@ -486,7 +486,8 @@ def _as_features(X: np.ndarray, what: str) -> np.ndarray:
 
 def _infer_task(y: np.ndarray) -> str:
     """``classification`` for one label per example that is a class name (a string) or an integer
-    value (of any dtype: 3 and 3.0 alike) with at most :data:`MAX_CLASSES` distinct values; else
+    value (of any dtype: 3 and 3.0 alike; a float below 2^53 in magnitude) with at most
+    :data:`MAX_CLASSES` distinct values; else
     ``regression``: the rule of :data:`hessinv.cli.choices.DATA_FORMAT`, the same for every source."""
     y = np.asarray(y)
     if y.ndim > 1 and math.prod(y.shape[1:]) > 1:
@@ -496,8 +497,10 @@ def _infer_task(y: np.ndarray) -> str:
         return "classification"
     if v.dtype.kind not in "biuf":
         return "regression"  # refused there with the reason
+    # (a float of magnitude 2^53 or more is integer-valued whatever it measures: 1e300 is no class id)
+    small = v.dtype.kind != "f" or not bool((np.abs(v) >= 2.0**53).any())
     v = v.astype(np.float64)
-    if np.isfinite(v).all() and np.all(v == np.round(v)) and len(np.unique(v)) <= MAX_CLASSES:
+    if small and np.isfinite(v).all() and np.all(v == np.round(v)) and len(np.unique(v)) <= MAX_CLASSES:
         return "classification"
     return "regression"
 
@@ -635,7 +638,11 @@ def load_dataset(
         unseen = np.setdiff1d(yt, classes).tolist()
         numeric = yy.dtype.kind in "biuf"
         if unseen:
-            shown = ", ".join(map(str, unseen[:5])) + (", ..." if len(unseen) > 5 else "")
+            # (integer-valued labels read as floats from a file: 0, not 0.0)
+            whole = [
+                int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**53 else v for v in unseen
+            ]
+            shown = ", ".join(map(str, whole[:5])) + (", ..." if len(unseen) > 5 else "")
             # numbers with many distinct values (an age, a count): maybe targets -- not said of a handful of
             # examples (2 examples of 2 classes were told --task regression; a review)
             many = numeric and len(yy) >= 10 and len(np.unique(yy)) > min(len(yy) // 2, 20)

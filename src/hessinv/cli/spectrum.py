@@ -52,7 +52,15 @@ def _range(text: str) -> tuple[float, float]:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``spectrum`` on the ``hessinv`` subparsers; every option's help states its default."""
-    from hessinv.cli import MAX_SEED, SAMPLES_DEFAULT, _choice, _non_negative_int, _positive_int, _seed
+    from hessinv.cli import (
+        MAX_SEED,
+        SAMPLES_DEFAULT,
+        _choice,
+        _non_negative_int,
+        _positive_int,
+        _seed,
+        _threads,
+    )
     from hessinv.cli.choices import ACTIVATIONS, DATASETS  # torch-free: ``hessinv --help`` stays fast
 
     s = sub.add_parser(
@@ -72,8 +80,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--target-column",
         default=None,
         metavar="COLUMN",
-        help="the label/target column of a .csv file: a column number (1-based) or a header name (default: "
-        "the last)",
+        help="the label/target column of a .csv file: a column number (1-based; negative from the end) or "
+        "a header name (default: the last column)",
     )
     s.add_argument(
         "--task",
@@ -148,6 +156,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         default=0,
         help=f"seed of the data split and initialization, 0 to {MAX_SEED} (default: 0)",
     )
+    s.add_argument(
+        "--threads",
+        type=_threads,
+        default=1,
+        help="torch CPU threads, 0 = torch's choice, at most the CPU count (default: 1, as hessinv train: "
+        "the per-stage blocks are small)",
+    )
     s.add_argument("--out", default="runs/spectrum", help="output directory (default: runs/spectrum)")
     return s
 
@@ -206,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
     from hessinv.curvature import curvature_class
     from hessinv.errors import SingularError
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)  # within 1..os.cpu_count() (_threads)
     try:
         ds = load_dataset(
             args.data, seed=args.seed, n_samples=args.samples, target=args.target_column, task=args.task
