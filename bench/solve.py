@@ -890,7 +890,9 @@ def main() -> None:
     ap.add_argument(
         "--quick", action="store_true", help="a ~1-2 minute run with fewer sizes (default: the full run)"
     )
-    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (cuda if available) (default: cpu)")
+    ap.add_argument(
+        "--device", default="cpu", help="cpu | cuda | cuda:N | auto (cuda if available) (default: cpu)"
+    )
     ap.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: 1 on CPU, torch's choice on CUDA)"
     )

@@ -1883,8 +1883,11 @@ class Factorization:
             self._recount_due = True  # the twin's counts, when first read
             self.positive_definite = self._f64.positive_definite
         n = self.op.shape[0]
+        found = not unsolved or residual < 1e-2 or residual <= explained
         if (
             refused(*verdict)
+            and found  # only the second solve stalled, at a cond estimate below 1 / u (a singular
+            and cond * u < 1  # matrix: first residuals 30-60, cond estimates 1e18 -- no dense LU to pay)
             and self._shift_rescue  # (shift-invert's bare sweep: refused, the next shift tried)
             and self._dense_lu is None
             and n > DENSE_FALLBACK_N
@@ -2739,6 +2742,10 @@ class Factorization:
             # precision with no pivot singular on its own (eps = -lambda exactly)? SingularError if so
             self._probed = True
             self._check_nonsingular(unsolved=False)
+            if self._rescued and self._dense_lu is not None:  # the probe's dense LU solved it: this too
+                X64, self.last_info = self._solve64(R.double(), max_refine)
+                rel = self.last_info.residual
+                poor = rel > math.sqrt(torch.finfo(self.op.dtype).eps)
         if poor:
             warn(
                 f"solve at damping {self._damping_text()} reached relative residual {rel:.2e} only",

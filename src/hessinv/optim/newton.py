@@ -1234,7 +1234,10 @@ class Newton(torch.optim.Optimizer):
         t_start = time.perf_counter()
         ns = self._newton
         pc = self.preconditioner
-        if ns["step"] == 0:
+        if ns["mode"] != "auto" and not self.__dict__.get("_targets_checked"):
+            # (once the mode has settled here: auto's first step precedes a trust region that then fits
+            # unscaled targets exactly, and need not be told)
+            self._targets_checked = True
             self._warn_if_unscaled_targets(targets)
         assert pc is not None
         lr = self._learning_rate()

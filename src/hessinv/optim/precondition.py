@@ -604,6 +604,8 @@ def explained_subsample(k: int | None, loss_fn: Any, targets: Tensor) -> Iterato
         batch = int(targets.shape[0])
         if k is None or k >= batch or "loss_fn(outputs, targets) failed" not in str(e):
             raise
+        if not _holds_batch_sized(loss_fn, batch):  # (another cause: its message stands)
+            raise
         raise UnsupportedStageError(
             f"{e}. The curvature is taken on {k} examples drawn from the batch's {batch} "
             "(curvature_batch_size): a loss that holds tensors sized for the whole batch (a per-example "
@@ -623,6 +625,18 @@ def explained_subsample(k: int | None, loss_fn: Any, targets: Tensor) -> Iterato
             "lambda (one process then draws again; data-parallel ranks cannot, as their draws must agree). "
             "Pass the loss in one of those forms, or a curvature_batch_size as large as the batch"
         ) from e
+
+
+def _holds_batch_sized(loss_fn: Any, batch: int) -> bool:
+    """Whether ``loss_fn`` (a module: its tensor attributes and buffers; a ``functools.partial``: its
+    arguments) holds a tensor whose first dimension is ``batch``: a per-example weight."""
+    if isinstance(loss_fn, functools.partial):
+        values = [*loss_fn.args, *loss_fn.keywords.values()]
+    elif isinstance(loss_fn, nn.Module):
+        values = [v for m in loss_fn.modules() for v in (*vars(m).values(), *m.buffers(recurse=False))]
+    else:
+        values = []
+    return any(isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == batch for v in values)
 
 
 #: draws of a curvature batch whose loss is not finite before it doubles (:func:`curvature_batch`)
