@@ -834,3 +834,58 @@ def test_per_pixel_root_pulls_each_example_alone(broken, monkeypatch):
     assert float((U.T @ (S[:, None] * U) - G_ref).abs().max()) <= 1e-12 * float(G_ref.abs().max())
     for b in lazy:
         assert (b._apart is None, b._per_example_ok) == ((True, False) if broken else (False, True))
+
+
+class _WithBatchAttribute(torch.nn.Module):
+    """``tanh([h a, h 1 + b])``, or with ``batch`` a tensor of the batch's size in place of ``h 1``: a
+    stage that cannot run on one example."""
+
+    def __init__(self, batch: int | None):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+        self.b = torch.nn.Parameter(torch.zeros(30, dtype=torch.float64))
+        self.extra = None if batch is None else torch.randn(batch, 30, dtype=torch.float64)
+
+    def forward(self, h):
+        rest = h.sum(1, keepdim=True) if self.extra is None else self.extra
+        return torch.tanh(torch.cat([h * self.a, rest + self.b], 1))
+
+
+def test_per_example_route_falls_back_where_it_cannot_run(monkeypatch):
+    """A review's cases: a stage whose one-example forward raises (a batch-sized attribute) crashed the
+    root; a stage with a forward hook would see B more calls. Both take the batch's graph, exact, with no
+    warning; a stage with fewer outputs per example than PER_EXAMPLE_MIN_OUTPUTS too."""
+    import warnings
+
+    from reference import autograd_gauss_newton as autograd_gn
+
+    import hessinv.stages.generic as generic
+    from hessinv.stages.generic import LazyBlocks
+
+    nn = torch.nn
+    torch.manual_seed(0)
+    B = 4
+    x, y = torch.randn(B, 4, dtype=torch.float64), torch.randint(0, 5, (B,))
+    calls = []
+    for case in ("plain", "raises", "hooked", "small"):
+        monkeypatch.setattr(generic, "PER_EXAMPLE_MIN_OUTPUTS", 10**6 if case == "small" else 1)
+        stage = _WithBatchAttribute(B if case == "raises" else None)
+        stage = stage.double()
+        if case == "hooked":
+            stage.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        model = nn.Sequential(nn.Linear(4, 3), stage, nn.Linear(33, 5)).double()
+        G = hessinv.gauss_newton(model, nn.CrossEntropyLoss(), x, y)
+        lazy = [b for b in G.blocks if isinstance(b, LazyBlocks)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            U, S = G.root()
+        G_ref = autograd_gn(model, nn.CrossEntropyLoss(), x, y)
+        assert float((U.T @ (S[:, None] * U) - G_ref).abs().max()) <= 1e-12 * float(G_ref.abs().max()), case
+        # (the chain may split the stage: the piece that reads the attribute, or every piece, falls back)
+        if case == "plain":  # (the control: this stage takes the route)
+            assert lazy and all(b._apart is not None for b in lazy)
+            continue
+        assert lazy and any(b._apart is None for b in lazy), case
+        if case != "raises":
+            assert all(b._apart is None for b in lazy), case
+    assert calls and all(n == B for n in calls)  # the hook saw the batch only
