@@ -1140,6 +1140,28 @@ def test_float32_nearest_eigenpairs_on_an_eigenvalue_are_accurate():
             assert e.certified, i
 
 
+def test_a_first_stage_coupling_many_outputs_is_counted():
+    """A 30-16-2 tanh MLP on 455 examples: the first stage's Jx^T Sigma Jx on its 455 x 16 outputs was
+    left out of the sweep's modelled cost (1.9e9 flops against 2.8e10 done: 0.75 s a factorization, where
+    the dense route takes 0.15 s), and an 8-16-16-3 MLP's estimate fell from 48 to 64 examples, so that
+    Newton's mode="auto" refused the full-batch trust region at 48 examples and took it at 32 and 64 (a
+    probe). The first stage's coupling is counted: the dense route, and the trust region from 32 to 96
+    examples alike."""
+    import hessinv.curvature as hc
+
+    chain, dense = hc._factorization_costs([496, 34], [30, 16], [455, 455], 455 * 2)
+    assert chain > 2e10 and hc.factorization_flops([496, 34], [30, 16], 455, outputs=2) == dense
+    est = [hc.factorization_flops([144, 272, 51], [8, 16, 16], n, outputs=3) for n in (32, 48, 64, 96, 200)]
+    assert max(est[:4]) <= hessinv.optim.newton.TRUST_REGION_MAX_FLOPS < est[4]
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    X, y = torch.randn(48, 8), torch.randint(0, 3, (48,))
+    opt = hessinv.optim.Newton(net, nn.CrossEntropyLoss(), seed=0)
+    for _ in range(2):
+        opt.step(X, y)
+    assert opt.mode == "trust-region"
+
+
 def test_a_small_model_on_a_large_batch_takes_the_dense_route():
     """A 10-16-1 tanh MLP on 442 examples (n = 193): the sweep's last stage couples a = 7072 activations
     (8.6e8 modelled flops, memory-bound) where the dense route costs 1.3e8 (n products and n^3 / 3). The
@@ -1155,8 +1177,10 @@ def test_a_small_model_on_a_large_batch_takes_the_dense_route():
     sizes, widths = [b.p for b in H.blocks[:-1]], [b.d_in for b in H.blocks[:-1]]
     chain, dense = hc._factorization_costs(sizes, widths, [442] * len(sizes))
     assert chain > 3 * dense and hc.factorization_flops(sizes, widths, 442) == dense
-    # (another device keeps the previous floor, 1e9 flops: not measured there)
-    assert hc.factorization_flops(sizes, widths, 442, cpu=False) == chain < hc.DENSE_ROUTE_MIN_FLOPS_DEVICE
+    # another device keeps the previous floor, 1e9 flops (not measured there), which the first stage's
+    # coupling of its 7072 outputs (8.8e9 flops, counted since) exceeds too
+    assert hc.factorization_flops(sizes, widths, 442, cpu=False) == dense
+    assert chain > hc.DENSE_ROUTE_MIN_FLOPS_DEVICE
     assert len(H._swept().blocks) == 1  # the dense view
     _, Hd = autograd_gradient_hessian(net, nn.MSELoss(), X, t)
     F = H.factor(1e-3)

@@ -210,7 +210,10 @@ def _factorization_costs(
 ) -> tuple[float, float]:
     """``(Riccati sweep, dense route)`` flops of one factorization: the sweep's ``sum_l (p_l^3 / 3 + 2 p_l^2
     a_l + p_l a_l^2)`` with ``a_l = batches[l] * widths[l]`` (stage ``l``'s input width; 0 at the first
-    stage with parameters), plus the loss's coupling of the ``outputs`` (examples x outputs each) through
+    stage with parameters, whose input is data), plus that first stage's ``p a^2`` on its output's ``a``
+    (``Jx^T Sigma Jx``, ``Sigma`` the Schur complement on its ``B d_out`` outputs: a 30-16-2 MLP on 455
+    examples, 2.8e10 flops where the sum without it said 1.9e9 -- 0.75 s, against 0.15 s by the dense
+    route), plus the loss's coupling of the ``outputs`` (examples x outputs each) through
     the last stage with parameters (``p a^2 + 2 p^2 a``: an image's pixels), the dense route's ``n^3 / 3``
     plus ``n`` products of ``sum_l 8 B_l max(p_l, d_in + d_out)`` (a convolution's weights are shared by
     its positions: a product costs about its inputs and outputs, not its few parameters)."""
@@ -225,6 +228,8 @@ def _factorization_costs(
     chain += last * float(outputs) ** 2 + 2.0 * last**2 * outputs
     n = sum(sizes)
     outs = [*widths[1:], outputs / max(batches[-1], 1) if batches else 0]  # (each stage's output width)
+    if sizes and sizes[first] and any(sizes[first + 1 :]):  # (a first stage that is the last: above)
+        chain += sizes[first] * (batches[first] * float(outs[first])) ** 2
     product = sum(8.0 * max(p, w + o) * b for p, w, o, b in zip(sizes, widths, outs, batches, strict=True))
     return chain, n**3 / 3 + n * product
 
