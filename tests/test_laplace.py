@@ -746,3 +746,32 @@ def test_every_result_of_a_fit_refuses_a_model_trained_on_since():
     ):
         with pytest.raises(InvalidArgumentError, match="fit it again"):
             call()
+
+
+def test_settings_assigned_after_construction_are_checked():
+    """laplace-torch users set prior_precision / sigma_noise / prior_mean on the object: a string, 0, a
+    negative or a NaN reached the posterior's solves (TypeError, ZeroDivisionError, a sign dropped, NaN
+    evidence; a probe). Each assignment is checked as the constructor's arguments are; class probabilities
+    below 0 are refused at fit (they made G indefinite, and the message advised curvature='gauss_newton',
+    the curvature in use); a lower bound of 1e-40 no longer breaks the prior-precision search."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 4)).double()
+    X, y = torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 4, (20,))
+    la = Laplace(net, "classification").fit(X, y)
+    for bad in ("2.0", 0.0, -0.5, float("nan"), torch.ones(3)):
+        with pytest.raises(InvalidArgumentError, match="prior_precision"):
+            la.prior_precision = bad
+        with pytest.raises(InvalidArgumentError, match="sigma_noise"):
+            la.sigma_noise = bad
+    with pytest.raises(ShapeMismatchError, match="prior_mean"):
+        la.prior_mean = torch.zeros(5, dtype=torch.float64)
+    with pytest.raises(NonFiniteArgumentError, match="prior_mean"):
+        la.prior_mean = float("nan")
+    assert la.prior_precision == 1.0 and la.prior_mean == 0.0  # (unchanged by the refusals)
+    with pytest.raises(InvalidArgumentError, match=">= 0"):
+        Laplace(net, "classification").fit(X, torch.randn(20, 4, dtype=torch.float64))
+    assert math.isfinite(la.log_marginal_likelihood())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (an optimum at a bound says so)
+        la.optimize_prior_precision(bounds=(1e-40, 1e6))
+    assert 1e-40 < la.prior_precision < 1e6 and math.isfinite(la.log_marginal_likelihood())

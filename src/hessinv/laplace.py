@@ -45,6 +45,7 @@ import math
 import numbers
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -130,12 +131,11 @@ class Laplace:
         model = as_module(model)  # (a list of modules: their Sequential)
         self.model, self.likelihood = model, likelihood
         self.curvature_cls = curvature_class(curvature)
-        self.prior_precision = self._positive(prior_precision, "prior_precision")
-        self.sigma_noise = self._positive(sigma_noise, "sigma_noise")
+        self.prior_precision = prior_precision
+        self.sigma_noise = sigma_noise
         if likelihood == "classification" and sigma_noise != 1.0:
             raise InvalidArgumentError("sigma_noise is for regression only")
-        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.prior_mean = self._check_prior_mean(prior_mean, n)
+        self.prior_mean = prior_mean
         self.loss_fn: nn.Module = (
             nn.CrossEntropyLoss(reduction="sum", ignore_index=-100 if self._ignore is None else self._ignore)
             if likelihood == "classification"
@@ -145,6 +145,37 @@ class Laplace:
         self._cache: tuple[float, Factorization] | None = None
         self._search_spectrum: Tensor | None = None  # G's eigenvalues during a search (_spectrum)
         self._buffers: list[Tensor] | None = None  # the model's buffers at fit
+
+    # the settings, checked whenever set -- at construction, by optimize_prior_precision, or by the caller
+    # afterwards as laplace-torch users do (a string, 0, a negative or a NaN reached the posterior's
+    # solves unchecked: TypeError, ZeroDivisionError, a sign silently dropped, NaN evidence)
+    @property
+    def prior_precision(self) -> float:
+        """``delta`` (a positive number)."""
+        return self._prior_precision
+
+    @prior_precision.setter
+    def prior_precision(self, value: float) -> None:
+        self._prior_precision = self._positive(value, "prior_precision")
+
+    @property
+    def sigma_noise(self) -> float:
+        """The regression noise ``sigma`` (a positive number)."""
+        return self._sigma_noise
+
+    @sigma_noise.setter
+    def sigma_noise(self, value: float) -> None:
+        self._sigma_noise = self._positive(value, "sigma_noise")
+
+    @property
+    def prior_mean(self) -> float | Tensor:
+        """``mu_0``: a number or an (n,) tensor."""
+        return self._prior_mean
+
+    @prior_mean.setter
+    def prior_mean(self, value: float | Tensor) -> None:
+        n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self._prior_mean = self._check_prior_mean(value, n)
 
     @staticmethod
     def _positive(v: float, name: str) -> float:
@@ -197,6 +228,11 @@ class Laplace:
         # everything computed first, then assigned: a refused fit leaves the previous one whole (the
         # operator first: its checks name a model or batch it cannot take, e.g. on the meta device)
         op = self.curvature_cls(self.model, self.loss_fn, X, y)
+        if self.likelihood == "classification" and y.is_floating_point() and bool((y < 0).any()):
+            raise InvalidArgumentError(
+                "classification targets given as class probabilities must be >= 0 (the likelihood is the "
+                "cross-entropy against them); for real-valued targets use likelihood='regression'"
+            )
         if self._ignore is not None and not y.is_floating_point() and bool((y == self._ignore).any()):
             raise InvalidArgumentError(
                 f"the likelihood CrossEntropyLoss(ignore_index={self._ignore}) ignores "
@@ -253,10 +289,18 @@ class Laplace:
                 ) from None
         fac = self._cache[1]
         if not fac.positive_definite:
+            if self.curvature_cls is Hessian:
+                advice = "use curvature='gauss_newton' or a larger prior precision"
+            else:  # (positive semi-definite for a convex loss: the targets make the loss non-convex)
+                advice = (
+                    "the Gauss-Newton matrix of this likelihood is positive semi-definite for targets it "
+                    "defines (class indices, or class probabilities >= 0): check the targets, or use a "
+                    "larger prior precision"
+                )
+            what = "H" if self.curvature_cls is Hessian else "G"
             raise IndefiniteError(
-                f"the posterior precision c H + delta I (delta = {delta:g}) is indefinite, inertia "
-                f"{tuple(fac.inertia)}: no Laplace posterior; use curvature='gauss_newton' or a larger "
-                "prior precision"
+                f"the posterior precision c {what} + delta I (delta = {delta:g}) is indefinite, inertia "
+                f"{tuple(fac.inertia)}: no Laplace posterior; {advice}"
             )
         return fac, c
 
@@ -366,10 +410,21 @@ class Laplace:
                 sigma0 = math.exp(s0) if s0 is not None else None
 
                 def neg(t: float) -> float:
-                    return -self.log_marginal_likelihood(math.exp(t), sigma0)
+                    try:
+                        return -self.log_marginal_likelihood(math.exp(t), sigma0)
+                    except (SingularError, IndefiniteError):  # delta below G's resolution (bounds down to
+                        # 1e-40: the first probe at 3.7e-23 raised), as the joint search's
+                        return math.inf
 
-                r = minimize_scalar(neg, bounds=(lo, hi), method="bounded", options={"xatol": tol})
+                with np.errstate(invalid="ignore"):  # (Brent's steps between infinite values)
+                    r = minimize_scalar(neg, bounds=(lo, hi), method="bounded", options={"xatol": tol})
                 t = float(r.x)
+                if not math.isfinite(float(r.fun)):
+                    raise SingularError(
+                        f"optimize_prior_precision: the evidence could not be evaluated in bounds {bounds}: "
+                        "G + (delta / c) I is singular to working precision wherever it was tried (delta / c "
+                        "below G's resolution); raise the lower bound"
+                    )
         finally:
             self._search_spectrum = None
         self.prior_precision = math.exp(t)
