@@ -1645,7 +1645,18 @@ class GaussNewton(CurvatureOperator):
                     "Woodbury factorization takes G + D as it is"
                 )
             return WoodburyFactorization(self, damping)
-        return _factorization(self, damping, modify, precision)
+        try:
+            return _factorization(self, damping, modify, precision)
+        except TooLargeError:
+            # the sweep's a x a blocks do not fit (a whole training set: a = B d), but G's square root has
+            # r <= B C rows: G + eps I through it (a 20-64-64-10 MLP on 300 examples, n = 6154: the
+            # Laplace evidence refused as 18.7 GiB, answered in 4.7 s by the Woodbury form)
+            if method != "auto" or modify is not None or precision != "working" or not damping > 0:
+                raise
+            B, C = self.blocks[-1].batch, self.blocks[-1].d_in
+            if B * C >= self.shape[0]:
+                raise
+            return WoodburyFactorization(self, damping)
 
 
 class Factorization:
