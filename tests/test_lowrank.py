@@ -811,7 +811,7 @@ def test_per_pixel_root_pulls_each_example_alone(broken, monkeypatch):
     import hessinv.stages.generic as generic
     from hessinv.stages.generic import LazyBlocks
 
-    monkeypatch.setattr(generic, "PER_EXAMPLE_MIN_OUTPUTS", 1)  # (27 outputs per example here)
+    monkeypatch.setattr(generic, "PER_EXAMPLE_MIN_WORK", 1)  # (a small problem here)
     if broken:
         rows = generic._backward_rows
 
@@ -854,7 +854,7 @@ class _WithBatchAttribute(torch.nn.Module):
 def test_per_example_route_falls_back_where_it_cannot_run(monkeypatch):
     """A review's cases: a stage whose one-example forward raises (a batch-sized attribute) crashed the
     root; a stage with a forward hook would see B more calls. Both take the batch's graph, exact, with no
-    warning; a stage with fewer outputs per example than PER_EXAMPLE_MIN_OUTPUTS too."""
+    warning; a stage whose columns times inputs and outputs fall below PER_EXAMPLE_MIN_WORK too."""
     import warnings
 
     from reference import autograd_gauss_newton as autograd_gn
@@ -868,7 +868,7 @@ def test_per_example_route_falls_back_where_it_cannot_run(monkeypatch):
     x, y = torch.randn(B, 4, dtype=torch.float64), torch.randint(0, 5, (B,))
     calls = []
     for case in ("plain", "raises", "hooked", "small"):
-        monkeypatch.setattr(generic, "PER_EXAMPLE_MIN_OUTPUTS", 10**6 if case == "small" else 1)
+        monkeypatch.setattr(generic, "PER_EXAMPLE_MIN_WORK", 10**9 if case == "small" else 1)
         stage = _WithBatchAttribute(B if case == "raises" else None)
         stage = stage.double()
         if case == "hooked":

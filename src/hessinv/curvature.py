@@ -1626,10 +1626,11 @@ class GaussNewton(CurvatureOperator):
         *,
         method: str = "auto",
     ) -> Factorization:
-        """Factor ``G + D``. ``D`` is a number (``method="auto"``/``"riccati"``: the Riccati sweep;
-        ``"woodbury"``: through ``G``'s square root) or a (n,) tensor of per-parameter damping
-        (always Woodbury). ``modify``, ``precision``: as :meth:`CurvatureOperator.factor` (the Riccati
-        sweep only), in the same positions."""
+        """Factor ``G + D``. ``D`` is a number (``method="auto"``/``"riccati"``: the Riccati sweep --
+        ``"auto"``: through ``G``'s square root instead where the sweep's blocks do not fit in memory and
+        that root has fewer rows, ``B C``, than ``G`` has parameters; ``"woodbury"``: through the root)
+        or a (n,) tensor of per-parameter damping (always Woodbury). ``modify``, ``precision``: as
+        :meth:`CurvatureOperator.factor` (the Riccati sweep only), in the same positions."""
         if method not in ("auto", "riccati", "woodbury"):
             raise InvalidArgumentError(f"method must be 'auto', 'riccati' or 'woodbury', got {method!r}")
         if isinstance(damping, Tensor) and damping.numel() == 1:

@@ -1234,7 +1234,7 @@ class Newton(torch.optim.Optimizer):
         t_start = time.perf_counter()
         ns = self._newton
         pc = self.preconditioner
-        if ns["mode"] != "auto" and not self.__dict__.get("_targets_checked"):
+        if ns["mode"] != "auto" and not getattr(self, "_targets_checked", False):
             # (once the mode has settled here: auto's first step precedes a trust region that then fits
             # unscaled targets exactly, and need not be told)
             self._targets_checked = True

@@ -165,10 +165,12 @@ def _grads(
 #: Rows per vmapped backward pass (``is_grads_batched``) in :class:`GenericStage`.
 CHUNK = 128
 #: a generic stage pulls the Gauss-Newton root's columns back one example at a time
-#: (:meth:`LazyBlocks._vjp_per_example`) only where each example has at least this many outputs: below,
-#: the B one-example calls cost more than the batch's graph saves (a LayerNorm stage of 32 outputs on 64
-#: examples: 2x slower)
-PER_EXAMPLE_MIN_OUTPUTS = 256
+#: (:meth:`LazyBlocks._vjp_per_example`) only where the columns times the stage's per-example inputs and
+#: outputs reach this: each one-example call costs about 1 ms of dispatch, the batch's graph about 27 ns
+#: per column, example, input and output (a LayerNorm stage of 32 on 64 examples, 256 columns: 2x slower
+#: one example at a time; a conv stage of 600 inputs and 96 outputs on 200 examples, 2000 columns: the
+#: batch's graph took 7 s)
+PER_EXAMPLE_MIN_WORK = 65536
 
 
 def _global_hooks() -> bool:
@@ -1038,10 +1040,13 @@ class LazyBlocks(Blocks):
         256 columns on 8 examples of 32 x 32: 488 -> 30 ms). Valid where the stage treats its examples
         independently, which is checked: autograd's pull-back of one random combination of the columns
         through the batch's graph must agree to rounding (else this stage keeps the batch's graph from
-        then on). None where it does not apply: one example, few columns, a column spanning examples, a
-        module in training mode that holds buffers (a forward would move its running statistics)."""
+        then on; likewise where the one-example forward raises, a stage that reads a tensor of the batch's
+        size). None where it does not apply: one example, columns times per-example inputs and outputs
+        below :data:`PER_EXAMPLE_MIN_WORK`, a column spanning examples, a module in
+        training mode that holds buffers (a forward would move its running statistics), a forward hook
+        (it would see ``B`` more calls)."""
         B, k = self.batch, s.shape[-1]
-        if not self._per_example_ok or B < 2 or k < 2 * B or self.d_out < PER_EXAMPLE_MIN_OUTPUTS:
+        if not self._per_example_ok or B < 2 or k * (self.d_in + self.d_out) < PER_EXAMPLE_MIN_WORK:
             return None
         if any(mode and any(True for _ in m.buffers(recurse=False)) for m, mode in self._modes):
             return None
