@@ -392,7 +392,8 @@ def test_too_large_generic_stage_says_which_curvature_batch_fits():
     """A convolution on 28 x 28 images: its dense per-example blocks (and the Riccati sweep's Schur
     complements) would not fit. Products, the root and -- at 4.8k parameters -- the factorization (the
     dense route: G from its root) need none of them; with a wider head (7.9k parameters, beyond the
-    dense route) the factorization is refused, naming the curvature batch that fits."""
+    dense route) the sweep is refused, naming the curvature batch that fits, and method="auto" answers
+    through G's square root."""
 
     def model(classes: int) -> torch.nn.Module:
         torch.manual_seed(0)
@@ -418,10 +419,18 @@ def test_too_large_generic_stage_says_which_curvature_batch_fits():
     assert float((A @ x.double() - b.double()).norm()) <= 1e-5 * float(b.norm())
     wide = model(5)
     y5 = torch.randint(0, 5, (64,))
+    G5 = hessinv.gauss_newton(wide, torch.nn.CrossEntropyLoss(), X, y5)
     with pytest.raises(
         (hessinv.UnsupportedStageError, hessinv.TooLargeError), match=r"curvature_batch_size=\d+"
     ):
-        hessinv.gauss_newton(wide, torch.nn.CrossEntropyLoss(), X, y5).factor(damping=1.0)
+        G5.factor(damping=1.0, method="riccati")
+    # method="auto" answers through G's square root (64 x 4 rows, fewer than the 7.9k parameters)
+    F5 = G5.factor(damping=1.0)
+    assert isinstance(F5, hessinv.curvature.WoodburyFactorization)
+    U5, S5 = G5.root()
+    b5 = torch.randn(G5.shape[0])
+    x5 = F5.solve(b5)
+    assert float((U5.T @ (S5 * (U5 @ x5)) + x5 - b5).norm()) <= 1e-5 * float(b5.norm())
     # the default optimizer only needs the root of its curvature batch, so it steps on this model as it is
     # (three different mini-batches; the same batch at the first two steps would switch to the full-batch
     # trust region, which needs the dense blocks)
@@ -434,7 +443,9 @@ def test_too_large_generic_stage_says_which_curvature_batch_fits():
 
 def test_a_sweep_too_large_for_memory_is_named_before_it_allocates(monkeypatch):
     """A 192000 x 192000 Schur complement (64 examples x 3000 activations) is refused before the sweep
-    allocates it, naming the batch that fits (on a device of 16 GiB, whatever this machine has)."""
+    allocates it, naming the batch that fits (on a device of 16 GiB, whatever this machine has), where
+    the sweep is asked for (method="riccati"); method="auto" answers through G's square root instead (its
+    64 x 2 rows are fewer than the parameters)."""
     import hessinv.riccati
 
     monkeypatch.setattr(hessinv.riccati, "_memory_bytes", lambda device: 16 * 2**30)
@@ -443,7 +454,8 @@ def test_a_sweep_too_large_for_memory_is_named_before_it_allocates(monkeypatch):
     X, y = torch.randn(64, 30), torch.randint(0, 3, (64,))
     G = hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X, y)
     with pytest.raises(hessinv.TooLargeError, match=r"a = 64 examples x 3000 activations = 192000.*") as err:
-        G.factor(damping=1.0)
+        G.factor(damping=1.0, method="riccati")
+    assert isinstance(G.factor(damping=1.0), hessinv.curvature.WoodburyFactorization)
     fits = int(re.search(r"curvature_batch_size=(\d+)", str(err.value)).group(1))
     assert 1 <= fits < 64
     assert isinstance(err.value, MemoryError)
