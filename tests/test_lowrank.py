@@ -920,3 +920,26 @@ def test_gauss_newton_factor_takes_the_woodbury_form_where_the_sweep_does_not_fi
     X2, y2 = torch.randn(50, 6, dtype=torch.float64), torch.randint(0, 3, (50,))
     with pytest.raises(hessinv.TooLargeError):  # B C = 150 rows >= n = 123: no smaller form
         hessinv.gauss_newton(net, lf, X2, y2).factor(0.5)
+
+
+def test_gauss_newton_to_dense_takes_the_root_up_to_twice_n_rows(monkeypatch):
+    """r = batch x outputs between n and 2n: U^T S U from the root, not n products each over the whole
+    batch (a CNN of 1360 parameters on 200 examples, r = 1800: 27 s -> 2.3 s); exact against autograd."""
+    from reference import autograd_gauss_newton as autograd_gn
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    X, y = torch.randn(20, 6, dtype=torch.float64), torch.randint(0, 3, (20,))
+    lf = torch.nn.CrossEntropyLoss()
+    G = hessinv.gauss_newton(net, lf, X, y)
+    n = G.shape[0]
+    assert n < 20 * 3 < 2 * n
+    called = []
+    root = hessinv.curvature.GaussNewton.root
+    monkeypatch.setattr(
+        hessinv.curvature.GaussNewton, "root", lambda self, *a, **k: called.append(1) or root(self, *a, **k)
+    )
+    A = G.to_dense()
+    assert called
+    ref = autograd_gn(net, lf, X, y)
+    assert float((A - ref).abs().max()) <= 1e-13 * float(ref.abs().max())

@@ -1546,12 +1546,13 @@ class GaussNewton(CurvatureOperator):
 
     def to_dense(self) -> Tensor:
         """:meth:`CurvatureOperator.to_dense`; where ``G``'s rank bound ``r = batch x outputs`` is below
-        ``n``, ``U^T diag(S) U`` from its root (:meth:`root`: one backward sweep of ``r`` right-hand sides
-        instead of ``n`` products -- a CNN of 4.8k parameters on 64 examples: 192 against 4787)."""
+        ``2 n``, ``U^T diag(S) U`` from its root (:meth:`root`: one backward sweep of ``r`` right-hand sides
+        instead of ``n`` products, each a pass over the whole batch -- a CNN of 4.8k parameters on 64
+        examples: 192 against 4787; a CNN of 1360 on 200 examples, r = 2000: 4.6 s against 27 s)."""
         view = self.__dict__.get("_view")
         loss = self.blocks[-1]
         n = self.shape[0]
-        if (view is None or view is self) and loss.batch * loss.d_in < n:
+        if (view is None or view is self) and loss.batch * loss.d_in < 2 * n:
             check_dense_memory(n, self.dtype, self.device, "to_dense()")
             U, S = self.root()
             A = U.T @ (S[:, None] * U)
