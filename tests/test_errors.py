@@ -391,9 +391,9 @@ def test_bad_arguments_are_named():
 def test_too_large_generic_stage_says_which_curvature_batch_fits():
     """A convolution on 28 x 28 images: its dense per-example blocks (and the Riccati sweep's Schur
     complements) would not fit. Products, the root and -- at 4.8k parameters -- the factorization (the
-    dense route: G from its root) need none of them; with a wider head (7.9k parameters, beyond the
-    dense route) the sweep is refused, naming the curvature batch that fits, and method="auto" answers
-    through G's square root."""
+    dense route: G from its root) need none of them; with a wider head (9.5k parameters, beyond the
+    dense route's 8192) the sweep is refused, naming the curvature batch that fits, and method="auto"
+    answers through G's square root."""
 
     def model(classes: int) -> torch.nn.Module:
         torch.manual_seed(0)
@@ -417,14 +417,14 @@ def test_too_large_generic_stage_says_which_curvature_batch_fits():
     b = torch.randn(G.shape[0])
     x = G.factor(damping=1.0).solve(b)
     assert float((A @ x.double() - b.double()).norm()) <= 1e-5 * float(b.norm())
-    wide = model(5)
-    y5 = torch.randint(0, 5, (64,))
+    wide = model(6)
+    y5 = torch.randint(0, 6, (64,))
     G5 = hessinv.gauss_newton(wide, torch.nn.CrossEntropyLoss(), X, y5)
     with pytest.raises(
         (hessinv.UnsupportedStageError, hessinv.TooLargeError), match=r"curvature_batch_size=\d+"
     ):
         G5.factor(damping=1.0, method="riccati")
-    # method="auto" answers through G's square root (64 x 4 rows, fewer than the 7.9k parameters)
+    # method="auto" answers through G's square root (64 x 5 rows, fewer than the 9.5k parameters)
     F5 = G5.factor(damping=1.0)
     assert isinstance(F5, hessinv.curvature.WoodburyFactorization)
     U5, S5 = G5.root()
