@@ -775,3 +775,23 @@ def test_settings_assigned_after_construction_are_checked():
         warnings.simplefilter("ignore")  # (an optimum at a bound says so)
         la.optimize_prior_precision(bounds=(1e-40, 1e6))
     assert 1e-40 < la.prior_precision < 1e6 and math.isfinite(la.log_marginal_likelihood())
+
+
+def test_functional_variance_takes_the_covariance_where_it_has_fewer_columns():
+    """N C right-hand sides above 2 n: P^{-1} from n solves, then J P^{-1} J^T (many classes at many test
+    points on a last layer: 10000 columns against 3400); the same numbers as the N C solves."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 6)).double()
+    X, y = torch.randn(30, 3, dtype=torch.float64), torch.randint(0, 6, (30,))
+    la = Laplace(net, "classification", prior_precision=0.5).fit(X, y)
+    n = la.n_params
+    J = torch.randn(20, 6, n, dtype=torch.float64)  # 120 columns > 2 n = 92
+    assert 20 * 6 > 2 * n
+    got = la.functional_variance(J)
+    P = autograd_gauss_newton(net, nn.CrossEntropyLoss(reduction="sum"), X, y) + 0.5 * torch.eye(
+        n, dtype=torch.float64
+    )
+    want = J @ torch.linalg.solve(P, J.reshape(-1, n).T).T.reshape(20, 6, n).mT
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    few = la.functional_variance(J[:2])  # (12 columns: the solves' route)
+    torch.testing.assert_close(few, want[:2], rtol=1e-10, atol=1e-12)

@@ -66,6 +66,7 @@ from hessinv.errors import (
     NotFittedError,
     ShapeMismatchError,
     SingularError,
+    TooLargeError,
     warn,
 )
 from hessinv.influence import _collect, _trainable, output_jacobians
@@ -567,13 +568,24 @@ class Laplace:
 
     def functional_variance(self, J: Tensor) -> Tensor:
         """``J P^{-1} J^T`` per example for Jacobians ``J`` of shape (N, C, n), as (N, C, C): one solve
-        with ``N C`` right-hand sides."""
+        with ``N C`` right-hand sides, or, where those are more than ``2 n`` and the ``n x n`` matrix fits,
+        one with the ``n`` columns of the identity -- ``P^{-1}`` itself -- and products with it (200
+        classes at 50 test points on a last layer of n = 3400: 10000 right-hand sides, 11.6 s, against
+        the covariance's 7 s)."""
         fac, c = self._factor(self.prior_precision, self.sigma_noise)
         n_params = fac.op.shape[0]
         if not isinstance(J, Tensor) or J.dim() != 3 or J.shape[2] != n_params:
             got = tuple(J.shape) if isinstance(J, Tensor) else type(J).__name__
             raise ShapeMismatchError(f"J must be an (N, C, {n_params}) tensor of output Jacobians, got {got}")
         N, C, n = J.shape
+        if N * C > 2 * n:
+            try:
+                check_dense_memory(n, J.dtype, J.device, "the posterior covariance", 3.0)
+            except TooLargeError:
+                pass
+            else:
+                cov = fac.solve(torch.eye(n, dtype=J.dtype, device=J.device)) / c
+                return J @ (cov @ J.mT)  # (N, C, n) (N, n, C): per example
         S = fac.solve(J.reshape(N * C, n).T.contiguous()) / c  # (n, N C)
         return torch.einsum("icn,nid->icd", J, S.reshape(n, N, C))
 
