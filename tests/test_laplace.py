@@ -217,8 +217,9 @@ def test_joint_noise_search_on_an_over_parameterized_model(N):
 def test_joint_search_where_no_evidence_can_be_evaluated_is_refused():
     """Bounds where every G + kappa I is singular to working precision (an over-parameterized model, delta
     in (1e-14, 1e-12)): the search stored its lower bounds, whose evidence then raised (found by a
-    review). Refused by name instead."""
-    net, X, y = problem(7, "regression", depth=2, width=8, C=1, N=10)
+    review). Refused by name instead. (25 examples, 41 parameters: the Riccati route; with 10 the
+    Woodbury form answers: test_woodbury_evidence_where_the_sweep_is_singular.)"""
+    net, X, y = problem(7, "regression", depth=2, width=8, C=1, N=25)
     la = Laplace(net, "regression").fit(X, y)
     la._spectrum = lambda evaluations: None  # (the factorization route, as for a large model)
     with pytest.raises(SingularError, match="cannot be evaluated anywhere"):
@@ -644,8 +645,14 @@ def test_extreme_noise_and_a_boundary_optimum_are_named():
         with pytest.raises(InvalidArgumentError, match="leaves float64's range"):
             Laplace(net, "regression", sigma_noise=sigma)
     la = Laplace(net, "regression").fit(X, y)
+    # (a prior precision of 1e200 was refused by the sweep's overflow guard; the Woodbury form, which 20
+    # examples of 41 parameters take, answers it exactly)
+    ref = dense_laplace(net, X, y, "regression", "gauss_newton", 1e200, la.sigma_noise)[0]
+    assert la.log_marginal_likelihood(prior_precision=1e200) == pytest.approx(ref, rel=1e-12)
+    X50 = torch.randn(50, 3, dtype=torch.float64)  # (B C = 50 rows >= n / 2: the sweep, which refuses it)
+    big = Laplace(net, "regression").fit(X50, X50[:, :1].sin())
     with pytest.raises(InvalidArgumentError, match="prior precision"):
-        la.log_marginal_likelihood(prior_precision=1e200)
+        big.log_marginal_likelihood(prior_precision=1e200)
     with pytest.warns(UserWarning, match="at the search's bound"):
         la.optimize_prior_precision(bounds=(1e-6, 1e-5))
 
@@ -720,10 +727,32 @@ def test_a_singular_posterior_precision_is_named_in_the_laplace_terms():
     a "damping", pivots and GMRES, never of the prior precision the user passed."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    X, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))  # rank <= 10 of 51
+    # rank <= 20 of 51 (B C = 30 rows of G's root: the Riccati route; 5 examples take the Woodbury form,
+    # which answers: test_woodbury_evidence_where_the_sweep_is_singular)
+    X, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
     la = Laplace(m, "classification", curvature="gauss_newton").fit(X, y)
     with pytest.raises(SingularError, match=r"prior precision delta = 1e-300.*larger prior precision"):
         la.log_marginal_likelihood(prior_precision=1e-300)
+
+
+@pytest.mark.parametrize("delta", [1e-300, 1e-12, 1e-3])
+def test_woodbury_evidence_where_the_sweep_is_singular(delta):
+    """10 examples of one output, 41 parameters: ``G + kappa I`` (``kappa = delta / c``, as small as 5e-307)
+    goes through ``G``'s square root, whose log-determinant is exact where the sweep (and a dense LU)
+    call the matrix singular to working precision: ``(n - r) log kappa + sum log(mu_i + kappa)``, ``mu``
+    the nonzero eigenvalues of ``G = 2 J^T J``, those of ``2 J J^T`` (plain autograd's Jacobian)."""
+    net, X, y = problem(7, "regression", depth=2, width=8, C=1, N=10)
+    la = Laplace(net, "regression", sigma_noise=1e-3).fit(X, y)
+    J = autograd_output_jacobian(net, X).reshape(10, -1)
+    mu, n = torch.linalg.eigvalsh(2 * J @ J.T), J.shape[1]
+    c = 0.5 / la.sigma_noise**2
+    logdet = (n - 10) * math.log(delta) + float(torch.log(c * mu + delta).sum())  # of P = c G + delta I
+    theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    with torch.no_grad():
+        sse = float(((net(X) - y) ** 2).sum())
+    ll = -sse * c - 10 * math.log(la.sigma_noise * math.sqrt(2 * math.pi))
+    ref = ll - 0.5 * (logdet - n * math.log(delta) + delta * float((theta**2).sum()))
+    assert la.log_marginal_likelihood(prior_precision=delta) == pytest.approx(ref, rel=1e-10)
 
 
 def test_every_result_of_a_fit_refuses_a_model_trained_on_since():

@@ -90,7 +90,7 @@ def test_samples_have_the_inverse_as_covariance():
     net = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
     X, y = torch.randn(2, 6, dtype=torch.float64), torch.tensor([0, 1])  # wide input: low-rank pivot
     G = hessinv.gauss_newton(net, torch.nn.CrossEntropyLoss(), X, y)
-    f = G.factor(0.5)
+    f = G.factor(0.5, method="riccati")  # (auto: the Woodbury form, B C = 4 rows)
     assert any(type(fl.pivot).__name__ == "LowRankPivot" for fl in f.factors if fl is not None)
     k = 40000
     Z = f.sample(k, generator=torch.Generator().manual_seed(0))
@@ -297,7 +297,7 @@ def test_cli_spectrum_writes_json_and_plot(tmp_path, capsys):
     assert main([*args, "--bins", "0", "--out", str(out)]) == 2
 
 
-def test_riccati_only_quantities_refuse_other_factorizations():
+def test_modified_factorization_refuses_and_woodbury_answers():
     from hessinv.errors import InvalidArgumentError
 
     torch.manual_seed(4)
@@ -306,8 +306,9 @@ def test_riccati_only_quantities_refuse_other_factorizations():
     G = hessinv.gauss_newton(net, torch.nn.CrossEntropyLoss(), X, y)
     W = G.factor(0.3, method="woodbury")
     assert W.slogdet() == (1.0, pytest.approx(G.factor(0.3).logdet(), rel=1e-10))
-    with pytest.raises(InvalidArgumentError, match="Riccati"):
-        W.inverse_sqrt(torch.eye(G.shape[0], dtype=torch.float64))
+    S = W.inverse_sqrt(torch.eye(G.shape[0], dtype=torch.float64))  # (it was refused: the Woodbury form now)
+    A = G.to_dense() + 0.3 * torch.eye(G.shape[0], dtype=torch.float64)
+    assert torch.allclose(A @ S @ S.T @ A, A, atol=1e-12)
     H = hessinv.hessian(net, torch.nn.CrossEntropyLoss(), X, y)
     M = H.factor(1e-3, modify="abs")
     assert any(f.pivot.modified for f in M.factors if f is not None)

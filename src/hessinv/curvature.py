@@ -1630,8 +1630,9 @@ class GaussNewton(CurvatureOperator):
         method: str = "auto",
     ) -> Factorization:
         """Factor ``G + D``. ``D`` is a number (``method="auto"``/``"riccati"``: the Riccati sweep --
-        ``"auto"``: through ``G``'s square root instead where the sweep's blocks do not fit in memory and
-        that root has fewer rows, ``B C``, than ``G`` has parameters; ``"woodbury"``: through the root)
+        ``"auto"``: through ``G``'s square root instead where that is cheaper (:meth:`_woodbury_cheaper`),
+        or where the sweep's blocks do not fit in memory and that root has fewer rows, ``B C``, than ``G``
+        has parameters; ``"woodbury"``: through the root)
         or a (n,) tensor of per-parameter damping (always Woodbury). ``modify``, ``precision``: as
         :meth:`CurvatureOperator.factor` (the Riccati sweep only), in the same positions."""
         if method not in ("auto", "riccati", "woodbury"):
@@ -1649,6 +1650,8 @@ class GaussNewton(CurvatureOperator):
                     "Woodbury factorization takes G + D as it is"
                 )
             return WoodburyFactorization(self, damping)
+        if method == "auto" and modify is None and precision == "working" and self._woodbury_cheaper(damping):
+            return WoodburyFactorization(self, damping)
         try:
             return _factorization(self, damping, modify, precision)
         except TooLargeError:
@@ -1661,6 +1664,21 @@ class GaussNewton(CurvatureOperator):
             if B * C >= self.shape[0]:
                 raise
             return WoodburyFactorization(self, damping)
+
+    def _woodbury_cheaper(self, damping: float) -> bool:
+        """Whether ``G + eps I`` (``eps > 0``) is factored through ``G``'s square root (``r = B C`` rows)
+        rather than by the sweep or the dense route: where ``2 r < n`` and the Woodbury form's modelled
+        flops -- the root's ``8 r n``, ``K``'s ``r^2 n``, its Cholesky ``r^3 / 3`` -- are under half of the
+        route's (:func:`_factorization_costs`; the Woodbury flops are one matrix product, the route's many
+        memory-bound passes). A 20-64-64-10 MLP's Laplace posterior on 300 examples (``n = 6154``, ``r =
+        3000``): 49 s by the dense route, 2.8 s through the root."""
+        B, C = self.blocks[-1].batch, self.blocks[-1].d_in
+        r, n = float(B * C), float(self.shape[0])
+        if not damping > 0 or 2 * r >= n:
+            return False
+        chain, dense = _block_costs(self.blocks)
+        route = dense if _dense_route(chain, dense, int(n), self.device.type == "cpu") else chain
+        return 2 * (8 * r * n + r * r * n + r**3 / 3) < route
 
 
 class Factorization:
@@ -2370,14 +2388,17 @@ class Factorization:
     def sample(self, k: int = 1, generator: torch.Generator | None = None) -> Tensor:
         """``k`` independent samples of ``N(0, (H + eps I)^{-1})``, the columns of an (n, k) tensor:
         ``S z`` for white ``z`` (:meth:`inverse_sqrt`)."""
+        return self.inverse_sqrt(self._white(self.op.shape[0], k, generator))
+
+    def _white(self, rows: int, k: object, generator: torch.Generator | None) -> Tensor:
+        """``k`` columns of white noise (``rows`` each) for :meth:`sample`, on the operator's device."""
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise InvalidArgumentError(f"k (the number of samples) must be an integer >= 1, got {k!r}")
-        k = int(k)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise InvalidArgumentError(f"generator must be a torch.Generator or None, got {generator!r}")
         dev = generator.device if generator is not None else self.op.device
-        z = torch.randn(self.op.shape[0], k, generator=generator, dtype=self.op.dtype, device=dev)
-        return self.inverse_sqrt(z.to(self.op.device))
+        z = torch.randn(rows, int(k), generator=generator, dtype=self.op.dtype, device=dev)
+        return z.to(self.op.device)
 
     def _damping_text(self) -> str:
         return f"{self.damping:g}"
@@ -3314,6 +3335,101 @@ class WoodburyFactorization(Factorization):
 
     def _damping_text(self) -> str:
         return "D (per parameter)" if isinstance(self.damping, Tensor) else f"{self.damping:g}"
+
+    def _riccati_only(self, what: str) -> None:
+        """Nothing to refuse: every method has a Woodbury form (or the dense one's)."""
+
+    @property
+    def _sweep_op(self) -> CurvatureOperator:
+        """The operator itself: no sweep ran (its dense view, ``op._swept()``, would be formed by ``n``
+        products only to be read for its dtype: 2.6 s of a 3.9 s Laplace ``sample``)."""
+        return self.op
+
+    def inverse_diagonal(self, tol: float = 1e-8) -> Tensor:
+        """``diag((G + D)^{-1}) = D^{-1} - colsum(W * K^{-1} W)``, ``W = U D^{-1}`` (``2 r^2 n`` flops, no
+        ``n x n`` matrix; :meth:`hessinv.lowrank.WoodburyFactor.inverse_diagonal`), taken where its
+        rounding estimate (the difference cancels where ``G_jj >> D_j``, and ``K^{-1}`` carries ``u cond(K)``)
+        is within a tenth of ``tol`` of the largest entry; else from the dense float64 inverse or refined
+        solves, as :meth:`Factorization.inverse_diagonal`. A float32 operator answers with its float64
+        twin's.
+
+        >>> import torch, hessinv
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+        >>> X, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+        >>> G = hessinv.gauss_newton(net, torch.nn.CrossEntropyLoss(), X, y)
+        >>> F = G.factor(0.1, method="woodbury")
+        >>> A = G.to_dense() + 0.1 * torch.eye(G.shape[0], dtype=torch.float64)
+        >>> torch.allclose(F.inverse_diagonal(), torch.linalg.inv(A).diagonal())
+        True
+        """
+        tol = _check_tol(tol, "tol", relative=True)
+        if self._twin_only or self.op.dtype != torch.float64:
+            return self._float64().inverse_diagonal(tol).to(self.op.dtype)
+        if self.woodbury is None:  # the dense factorization: V diag(1 / lam) V^T
+            assert self._eig is not None
+            lam, V = self._eig
+            return ((V * V) / lam).sum(1).to(self.op.dtype)
+        W = self._solver()
+        if not (W.structured_only or W.tables):
+            d, err = W.inverse_diagonal()
+            top = float(d.abs().max()) if d.numel() else 0.0
+            if bool(torch.isfinite(d).all()) and float(err.max()) <= 0.1 * tol * top:
+                return d.to(self.op.dtype)
+        return self._inverse_diagonal_by_solves()
+
+    def sample(self, k: int = 1, generator: torch.Generator | None = None) -> Tensor:
+        """``k`` samples of ``N(0, (G + D)^{-1})`` (n, k): ``x = (G + D)^{-1} (U^T z_1 + D^{1/2} z_2)`` for
+        white ``z_1`` (r) and ``z_2`` (n) -- its covariance is ``A^{-1} (U^T U + D) A^{-1} = A^{-1}``, ``A = G
+        + D`` -- one refined solve, no square root; where ``S`` has a ``-1`` row (zero entries of ``D``
+        factored apart) or ``D`` an entry ``<= 0``, ``S z`` with the square root of :meth:`inverse_sqrt`."""
+        W = self.woodbury
+        D = self.damping
+        if (
+            self._twin_only
+            or W is None
+            or W.structured_only
+            or W.tables
+            or not bool((W.S > 0).all())
+            or not (bool((D > 0).all()) if isinstance(D, Tensor) else D > 0)
+        ):
+            return super().sample(k, generator)
+        if self.inertia.negative:  # (D > 0 and S > 0: never; as inverse_sqrt says it)
+            raise IndefiniteError(f"G + D has {self.inertia.negative} negative eigenvalues")
+        r, n = W.rank, self.op.shape[0]
+        z = self._white(r + n, k, generator)
+        root = D.sqrt().to(z)[:, None] if isinstance(D, Tensor) else math.sqrt(D)
+        rhs = W.U.T.to(z) @ z[:r] + root * z[r:]
+        x = self.solve(rhs)
+        assert isinstance(x, Tensor)
+        return x
+
+    def _inverse_sqrt(self, R: Tensor) -> Tensor:
+        """:meth:`inverse_sqrt` of ``R`` (n, k): ``D^{-1/2} (I + V^T S V)^{-1/2}`` through a thin QR of ``V^T
+        = (U D^{-1/2})^T`` (:meth:`hessinv.lowrank.WoodburyFactor.inverse_sqrt`); where ``D`` has an entry
+        ``<= 0`` (``G + D`` positive definite all the same) the dense float64 Cholesky factor's
+        (``n <=`` :data:`DENSE_FALLBACK_N`)."""
+        if self._twin_only:
+            assert self._f64 is not None
+            return self._f64.inverse_sqrt(R.double()).to(self.op.dtype)
+        if self.woodbury is None:  # the dense factorization: V diag(lam^{-1/2})
+            assert self._eig is not None
+            lam, V = self._eig
+            return (V @ ((V.mT @ R.double()) * lam.rsqrt()[:, None])).to(R.dtype)
+        W = self._solver()
+        X = None if W.structured_only or W.tables else W.inverse_sqrt(R)
+        if X is not None and bool(torch.isfinite(X).all()):
+            return X
+        if self.op.shape[0] > DENSE_FALLBACK_N:
+            raise SingularError(
+                f"inverse_sqrt at damping {self._damping_text()}: the Woodbury square root needs every entry "
+                "of D > 0 and I + V^T S V positive definite to working precision, and n = "
+                f"{self.op.shape[0]} is above the dense Cholesky's {DENSE_FALLBACK_N}: give every parameter "
+                "a damping > 0",
+                damping=self.damping if isinstance(self.damping, float) else None,
+            )
+        L = self._dense_cholesky("inverse_sqrt")
+        assert L is not None  # (n <= DENSE_FALLBACK_N)
+        return torch.linalg.solve_triangular(L.mT, R.double(), upper=True).to(R.dtype)
 
     def logdet(self) -> float:
         """``log|det(G + D)| = log|det D| + log|det K|``: from the float64 twin for a float32 operator
