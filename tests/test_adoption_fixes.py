@@ -155,3 +155,86 @@ def test_several_inputs_are_told_to_pack_them():
         hessinv.hessian(Two(), nn.CrossEntropyLoss(), X, y)
     with pytest.raises(hessinv.InvalidArgumentError, match="pack them into one tensor"):
         hessinv.hessian(nn.Linear(5, 2), nn.CrossEntropyLoss(), {"x": X, "z": Z}, y)
+
+
+def _digits_mlp(seed: int = 0):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    X, y = torch.tensor(d.data[:640] / 16, dtype=torch.float32), torch.tensor(d.target[:640])
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    return m, X, y
+
+
+def test_the_documented_hessian_damping_keeps_preconditioning():
+    """``curvature="hessian", damping=1.0`` -- the Hessian preconditioner's documented default, passed
+    explicitly -- switched mode "auto" to the fixed-damping trust region on mini-batches (digits: loss 2.5e5
+    after 25 steps against 1.7). It is the preconditioner's damping now: the same steps as the default."""
+    runs = []
+    for kw in ({}, {"damping": 1.0}):
+        m, X, y = _digits_mlp()
+        opt = ho.Newton(m, nn.CrossEntropyLoss(), curvature="hessian", seed=0, **kw)
+        for i in range(0, 640, 64):
+            opt.step(X[i : i + 64], y[i : i + 64])
+        assert opt.last_stats.mode == "precondition"
+        runs.append(torch.cat([p.detach().reshape(-1) for p in m.parameters()]))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_optimizer_settings_and_step_arguments_are_checked():
+    """``track_inertia=-1`` / NaN / "no" / [0] were taken as True (pinning mini-batches to the trust region);
+    ``step(X, y, 3)`` failed as "'int' object is not callable"; numpy integers were refused for
+    ``curvature_batch_size`` and ``backtracking`` while other settings took them."""
+    import numpy as np
+
+    m, X, y = _digits_mlp()
+    for bad in (-1, float("nan"), "no", [0]):
+        with pytest.raises(hessinv.InvalidArgumentError, match="track_inertia"):
+            ho.Newton(m, nn.CrossEntropyLoss(), track_inertia=bad)
+    ho.Newton(m, nn.CrossEntropyLoss(), curvature_batch_size=np.int64(8))
+    ho.Newton(
+        m, nn.CrossEntropyLoss(), mode="trust-region", backtracking=np.int64(2), track_inertia=np.bool_(True)
+    )
+    opt = ho.Newton(m, nn.CrossEntropyLoss())
+    for closure in (3, "loss"):
+        with pytest.raises(hessinv.InvalidArgumentError, match="closure must be callable"):
+            opt.step(X[:64], y[:64], closure)
+
+
+def test_a_step_leaves_the_thread_counts_and_the_callback_runs_with_the_callers():
+    """A step on small blocks runs on one thread and put torch's count back, but left scipy's BLAS on one
+    (scipy and sklearn after it ran single-threaded), and the callback ran inside, on one thread."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from hessinv import linalg
+
+    if linalg._scipy_blas() is None:
+        pytest.skip("scipy's BLAS threads cannot be controlled here")
+    before_torch = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        scipy_before = linalg._scipy_blas()[0].num_threads
+        seen = []
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        X, y = torch.randn(32, 8, dtype=torch.float64), torch.randint(0, 3, (32,))
+        opt = ho.Newton(m, nn.CrossEntropyLoss(), callback=lambda s: seen.append(torch.get_num_threads()))
+        for _ in range(4):  # (full batch: the trust region, small blocks)
+            opt.step(X, y)
+        assert opt.last_stats.mode == "trust-region"
+        assert seen == [2] * 4 and torch.get_num_threads() == 2
+        assert linalg._scipy_blas()[0].num_threads == scipy_before
+        assert threadpoolctl is not None
+    finally:
+        torch.set_num_threads(before_torch)
+
+
+def test_tiny_regression_targets_are_warned_about():
+    """Targets of root mean square 1e-4 (standardized diabetes times 1e-4): the fit relative to their
+    spread stalled at MSE / var 82 (0.25 at unit scale) without a word; the large-scale case warned."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    X, Y = torch.randn(32, 4), 1e-4 * torch.randn(32, 1)
+    opt = ho.Newton(m, nn.MSELoss(), mode="precondition")
+    with pytest.warns(UserWarning, match="far below unit scale"):
+        opt.step(X, Y)

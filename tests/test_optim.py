@@ -1314,18 +1314,23 @@ def test_soft_targets_that_require_grad_are_data(mode):
 
 def test_small_steps_run_on_one_thread():
     """A small model's step runs on one torch thread (more only wait for each other on a loaded
-    machine: 4.8 -> 77 ms per step beside one busy process) and the count is restored; a large batch of
-    image-sized inputs keeps torch's count."""
-    seen = []
+    machine: 4.8 -> 77 ms per step beside one busy process) and the count is restored -- the callback
+    runs after, with the caller's; a large batch of image-sized inputs keeps torch's count."""
+    inside, seen = [], []
+
+    class Watched(nn.CrossEntropyLoss):
+        def forward(self, out, t):
+            inside.append(torch.get_num_threads())
+            return super().forward(out, t)
+
     net, X, y = _clf()
-    opt = ho.Newton(
-        net, nn.CrossEntropyLoss(), seed=0, callback=lambda s: seen.append(torch.get_num_threads())
-    )
+    opt = ho.Newton(net, Watched(), seed=0, callback=lambda s: seen.append(torch.get_num_threads()))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        inside.clear()
         opt.step(X, y)
-        assert seen == [1] and torch.get_num_threads() == 2
+        assert inside[-1] == 1 and seen == [2] and torch.get_num_threads() == 2  # (the derivatives: last)
         assert not opt.chain.small(torch.zeros(64, 28 * 28 * 3))
     finally:
         torch.set_num_threads(threads)

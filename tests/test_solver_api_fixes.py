@@ -117,3 +117,27 @@ def test_a_nonsingular_system_of_2890_parameters_is_solved():
     res = lambda v: float((b - (G @ v + eps * v)).norm() / b.norm())  # noqa: E731
     assert info.residual == pytest.approx(res(x), rel=1e-6)
     assert res(x) <= 10 * res(x_lu)
+
+
+@pytest.mark.parametrize("B", [8, 2000])
+def test_a_shift_that_cancels_the_curvature_is_singular(B):
+    """``H = I`` (a linear least-squares fit on an orthogonal, centred design) at ``eps = -1``: ``H + eps
+    I`` is zero up to rounding. The pivots (8 examples: the sweep; 2000: the dense route) measured
+    themselves -- rounding noise of 1e-16 -- so nothing was perturbed: ``solve`` refused, but ``slogdet``
+    said (1.0, -361), ``inverse_diagonal`` 4e15 and the inertia (4, 0, 6), unflagged. Singularity is
+    judged against ``|eps|`` too now: every route raises SingularError."""
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(B, 4, generator=g, dtype=torch.float64)
+    Q, _ = torch.linalg.qr(M - M.mean(0))
+    X = Q * B**0.5
+    m = nn.Sequential(nn.Linear(4, 2)).double()
+    y = torch.randn(B, 2, generator=g, dtype=torch.float64)
+    H = hessinv.hessian(m, nn.MSELoss(), X, y)
+    assert (H.to_dense() - torch.eye(10, dtype=torch.float64)).abs().max() < 1e-14
+    for eps in (-1.0, -H.min_eigenvalue()):
+        with pytest.raises(hessinv.SingularError):
+            F = H.factor(eps)
+            F.slogdet()
+            F.inverse_diagonal()
+    F = H.factor(-0.5)  # (nonsingular: eigenvalues 0.5)
+    assert F.slogdet() == (1.0, pytest.approx(10 * np.log(0.5), rel=1e-12))

@@ -34,6 +34,7 @@ import itertools
 import math
 import numbers
 import operator
+import random
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -179,6 +180,47 @@ def deterministic_chain(
             return Chain(model, loss_fn), mods
         except ParameterOrderError:  # the optimizers' vectors are their own: the stages' order
             return Chain(model, loss_fn, ordered=False), mods
+
+
+def _rng_states(torch_too: bool) -> tuple:
+    """The global random number generators' states: Python's ``random``, numpy's and -- ``torch_too`` --
+    torch's (CPU, and the CUDA devices' where CUDA is initialized); hessinv draws from its own generators
+    only."""
+    st = np.random.get_state()
+    if not torch_too:
+        return random.getstate(), st[0], st[1].tobytes(), st[2:]
+    cuda = (
+        tuple(bytes(t.numpy()) for t in torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else ()
+    )
+    cpu = bytes(torch.random.get_rng_state().numpy())
+    return random.getstate(), st[0], st[1].tobytes(), st[2:], cpu, cuda
+
+
+@contextlib.contextmanager
+def no_random_draws(what: str, torch_too: bool = True) -> Iterator[None]:
+    """Refuse a model whose forward pass draws from a global random number generator inside the block
+    (:class:`UnsupportedStageError`, also in place of another refusal the draws caused, such as "a
+    parameter the forward pass does not use"): its function changes from call to call (``if
+    self.training and random.random() < p: return x``, LayerDrop or stochastic depth, gave the curvature
+    of whichever network the draws made, or a misleading refusal). Drawing always advances a generator's
+    state, so the check is exact, whatever the draws were. ``torch_too=False`` (around a whole pass, whose
+    loss has its own check: a loss may seed torch's generator itself) watches Python's and numpy's."""
+    before = _rng_states(torch_too)
+    try:
+        yield
+    except HessinvError:
+        if _rng_states(torch_too) == before:
+            raise
+        drew = True
+    else:
+        drew = _rng_states(torch_too) != before
+    if drew:
+        raise UnsupportedStageError(
+            f"{what}: the model's forward pass draws from a global random number generator (Python's "
+            "random, numpy's or torch's: LayerDrop or stochastic depth in training mode, injected noise), "
+            "so each call computes another function and it has no curvature; call model.eval() first (the "
+            "optimizers in hessinv.optim do so for the curvature), or draw from a fixed torch.Generator"
+        )
 
 
 def _changed(now: list, held: list) -> bool:
@@ -1216,7 +1258,8 @@ class Chain:
         self._ordered = ordered
 
         _check_model_kinds(model)
-        self.stages = split_stages(model, self._traced, self._whole, ordered)
+        with no_random_draws("reading the model"):  # (tracing runs the forward's Python code)
+            self.stages = split_stages(model, self._traced, self._whole, ordered)
         self.params = [t for s in self.stages for t in s.params]
         if not self.params:
             raise NotAChainError("the model has no trainable parameters")
@@ -1722,7 +1765,7 @@ class Chain:
         by piece) gets the submodule called whole (:meth:`_guarded`); where that mixes too, the piece's
         refusal stands.
         """
-        with self._state_kept():
+        with self._state_kept(), no_random_draws("the forward and backward pass", torch_too=False):
             return self._guarded(lambda: self._linearize(inputs, targets, second_order))
 
     def _split_at_logits(
@@ -1790,6 +1833,12 @@ class Chain:
         The model's plain attributes (a call counter) are put back after the call."""
         if self._eager_checked or not self._traced:
             return
+        with no_random_draws("the model's own forward"):
+            self._compare_eager(inputs, out)
+        self._eager_checked = True
+
+    def _compare_eager(self, inputs: Tensor, out: Tensor) -> None:
+        """:meth:`_check_traced`'s comparison."""
         mods = [m._orig_mod if compiled_module(m) else m for m in model_parts(self.model)]
         saved = [a for m in mods for a in _attributes(m)]
         try:
@@ -1828,7 +1877,6 @@ class Chain:
                 "(isinstance(x, torch.Tensor) / torch.is_tensor(x) are False for its placeholders); remove "
                 "such checks or write the model as an nn.Sequential of stages"
             )
-        self._eager_checked = True
 
     def _linearize(self, inputs: Tensor, targets: Tensor, second_order: bool) -> Linearization:
         self.check_inputs(inputs, targets)

@@ -200,6 +200,21 @@ DENSE_ROUTE_MIN_FLOPS = 1e7
 DENSE_ROUTE_MIN_FLOPS_DEVICE = 1e9
 
 
+def _floats_to(v: Any, dtype: torch.dtype) -> Any:
+    """``v`` with its floating tensors in ``dtype`` -- a tensor, or one held in (nested) lists, tuples
+    and dicts (a model's constant projection kept in a list: its float64 twin failed on the float32
+    copy) -- the same object where nothing changes."""
+    if isinstance(v, Tensor):
+        return v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v
+    if isinstance(v, (list, tuple)) and type(v) in (list, tuple):
+        items = [_floats_to(x, dtype) for x in v]
+        return type(v)(items) if any(a is not b for a, b in zip(items, v, strict=True)) else v
+    if type(v) is dict:
+        new = {k: _floats_to(x, dtype) for k, x in v.items()}
+        return new if any(new[k] is not v[k] for k in v) else v
+    return v
+
+
 def _dense_route(chain: float, dense: float, n: int, cpu: bool = True) -> bool:
     """Whether a factorization takes the dense route, by the modelled flops of the chain's sweep and of
     the dense route (:func:`_factorization_costs`), the size ``n`` and the device (CPU or not)."""
@@ -1402,10 +1417,11 @@ class CurvatureOperator:
                 setattr(tops[i].get_submodule(name), k, copy.deepcopy(saved))
         model = model.to(dtype) if isinstance(model, nn.Module) else [m.to(dtype) for m in model]
         for top in [model] if isinstance(model, nn.Module) else model:
-            for m in top.modules():  # plain floating tensor attributes too (Module.to leaves them)
-                for k, v in list(vars(m).items()):
-                    if isinstance(v, Tensor) and v.is_floating_point() and v.dtype != dtype:
-                        setattr(m, k, v.to(dtype))
+            for m in top.modules():  # plain floating tensor attributes too (Module.to leaves them), and
+                for k, v in list(vars(m).items()):  # those held in lists, tuples and dicts
+                    w = _floats_to(v, dtype)
+                    if w is not v:
+                        setattr(m, k, w)
         targets = self.targets.to(dtype) if self.targets.is_floating_point() else self.targets
         inputs = self.inputs.to(dtype) if self.inputs.is_floating_point() else self.inputs  # token ids stay
         try:
@@ -2129,7 +2145,9 @@ class Factorization:
             A = self._dense_matrix()
             inv, info = torch.linalg.inv_ex(A)
             # LU rarely meets an exact zero pivot: singular to working precision where cond_1 >= 1 / u
-            cond = float(torch.linalg.matrix_norm(A, 1) * torch.linalg.matrix_norm(inv, 1))
+            cond = max(float(torch.linalg.matrix_norm(A, 1)), self._damping_scale()) * float(
+                torch.linalg.matrix_norm(inv, 1)
+            )
             u = torch.finfo(torch.float64).eps
             if int(info) != 0 or not math.isfinite(cond) or cond * u >= 1:
                 raise SingularError(
@@ -2300,7 +2318,9 @@ class Factorization:
         LU, piv, _ = torch.linalg.lu_factor_ex(A)  # an exactly zero pivot is judged below
         u = LU.diagonal()
         n = A.shape[0]
-        small, top = float(u.abs().min()), float(A.abs().max())
+        # (|eps| too: H + eps I is formed with rounding u |eps| at least; a shift that cancels H leaves
+        # entries of rounding size that would measure themselves)
+        small, top = float(u.abs().min()), max(float(A.abs().max()), self._damping_scale())
         eps = torch.finfo(A.dtype).eps
         singular, ratio = not small > eps * top / n, None  # (also NaN)
         if not singular and small <= math.sqrt(eps) * top:
@@ -2309,7 +2329,7 @@ class Factorization:
             # size): decide by the singular values, cond >= 1 / (8 u) -- svdvals' own error is a small
             # multiple of u sigma_max
             sv = torch.linalg.svdvals(A)
-            ratio = float(sv[-1]) / float(sv[0])
+            ratio = float(sv[-1]) / max(float(sv[0]), self._damping_scale())
             singular = not ratio > 8 * eps
         if singular:
             extra = "" if ratio is None else f", sigma_min / sigma_max = {ratio:.3g}"
@@ -2402,6 +2422,13 @@ class Factorization:
 
     def _damping_text(self) -> str:
         return f"{self.damping:g}"
+
+    def _damping_scale(self) -> float:
+        """``max |eps|`` (of a per-parameter damping, its largest entry): ``H + eps I`` is formed with
+        rounding ``u |eps|`` at least, the scale that singularity is judged against where the shift
+        cancels ``H``."""
+        D = self.damping
+        return float(D.abs().max()) if isinstance(D, Tensor) else abs(float(D))
 
     def _shift(self, X: Tensor) -> Tensor:
         """``eps X`` (the damping's part of ``(H + eps I) X``)."""

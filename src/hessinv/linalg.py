@@ -100,11 +100,16 @@ def one_thread_if(small: bool):
     if threads == 1 or not (small or machine_busy()):
         yield
         return
+    ctl = _scipy_blas()
+    scipy_threads = ctl[0].num_threads if ctl is not None else None
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        if ctl is not None and ctl[0].num_threads != scipy_threads:  # (the block's kernels followed torch's
+            ctl[0].set_num_threads(scipy_threads)  # one thread: scipy and sklearn after it ran on one)
+            ctl[1] = scipy_threads
 
 
 #: Blocks with fewer rows than this use torch's kernels (the call overheads are about equal there).

@@ -126,8 +126,9 @@ class Pivot:
 
     - ``perturb`` (factorizations for solves, :class:`~hessinv.Factorization`): static pivot perturbation as
       in sparse direct solvers (MUMPS, SuperLU_DIST, PARDISO): each such eigenvalue of a ``D`` block is
-      replaced by ``sign * tau`` with ``tau = p u max(max|Qxx|, hscale)`` (:data:`PERTURB_THRESHOLD` overrides
-      ``p u``), so the sweep factors a matrix within about ``max|L|^2 tau`` of ``H + eps I`` (Bunch-Kaufman
+      replaced by ``sign * tau`` with ``tau = p u max(max|Qxx|, hscale, |eps|)``
+      (:data:`PERTURB_THRESHOLD` overrides ``p u``), so the sweep factors a matrix within about ``max|L|^2
+      tau`` of ``H + eps I`` (Bunch-Kaufman
       does not bound ``L``: a pivot to perturb whose ``L`` has an entry above :data:`PERTURB_MAX_L` is also
       factored in the reversed order, and the smaller ``L`` kept -- a graded pivot eliminated from its small
       end gave 1.5e7, from its large end 1e2); solves are recovered by iterative refinement or a Krylov
@@ -174,7 +175,8 @@ class Pivot:
                 if (
                     not perturb
                     or not self.p
-                    or float(L.diagonal().min()) ** 2 >= _perturb_tau(Q.dtype, max(self.qmax, hscale), self.p)
+                    or float(L.diagonal().min()) ** 2
+                    >= _perturb_tau(Q.dtype, max(self.qmax, hscale, abs(damping)), self.p)
                 ):
                     self.cholesky = True
                     self.L = L
@@ -218,7 +220,11 @@ class Pivot:
         elif perturb:
             # a zero pivot (to the smallest normal number) has no scale of its own: the sweep's so far
             # (scale, from the blocks downstream; the zero-initialized linear net's first pivot)
-            tau = _perturb_tau(Q.dtype, max(qmax if qmax > fi.tiny else scale, hscale, fi.tiny), self.p)
+            # (|eps| too: Qxx = (H's block) + eps I is formed with rounding u |eps| at least -- a shift that
+            # cancels H, H = I at eps = -1, left pivots of 1e-16 that measured themselves: nothing perturbed,
+            # and slogdet, inverse_diagonal and the inertia came back from rounding noise unflagged)
+            top = max(qmax if qmax > fi.tiny else scale, hscale, abs(self.damping), fi.tiny)
+            tau = _perturb_tau(Q.dtype, top, self.p)
             if tau < fi.tiny and lo >= fi.tiny:
                 # a curvature so small (a loss scaled by 1e-300) that no perturbation is representable:
                 # none is needed where the pivot is nonsingular (refinement checks the result)

@@ -253,7 +253,13 @@ def _step_arguments(
         if given[name] is not None:
             raise InvalidArgumentError(f"step got {name} twice: positionally and by keyword")
         given[name] = value
-    return given["inputs"], given["targets"], given["closure"]
+    closure = given["closure"]
+    if closure is not None and (not callable(closure) or isinstance(closure, Tensor)):
+        raise InvalidArgumentError(
+            f"step's closure must be callable (a function that computes the loss), got {closure!r}; the "
+            "positional arguments are inputs, targets, closure"
+        )
+    return given["inputs"], given["targets"], closure
 
 
 class Newton(torch.optim.Optimizer):
@@ -282,7 +288,8 @@ class Newton(torch.optim.Optimizer):
       :data:`TRUST_REGION_STALL` ``sqrt(u) max(1, ||x||)``: at a kink of a ReLU network the quadratic
       model fails at every scale), unless the loss is fitted to rounding (at most ``sqrt(u)`` times the
       trust region's first loss) or the gradient is zero. Passing a
-      trust-region setting (``damping``, ``track_inertia``, ``backtracking``) selects ``"trust-region"``.
+      trust-region setting (``damping`` -- but a number with ``curvature="hessian"``, which is the
+      preconditioner's damping too --, ``track_inertia``, ``backtracking``) selects ``"trust-region"``.
 
     Dropout, RReLU and BatchNorm (with running statistics) in training mode: preconditioning takes each
     batch's gradient as the model computes it (dropout masks, batch statistics, running statistics
@@ -308,7 +315,8 @@ class Newton(torch.optim.Optimizer):
         damping: trust-region mode: ``"trust-region"`` (default: exact Moré–Sorensen subproblem, radius
             from the ratio test), ``"levenberg-marquardt"``, a float ``eps`` (fixed damping, every step
             taken), or a rule object (:class:`~hessinv.optim.TrustRegion`, ...). Precondition mode with
-            ``curvature="hessian"``: the scalar damping (default 1.0).
+            ``curvature="hessian"``: the scalar damping (default 1.0) -- also with ``mode="auto"``, whose
+            trust-region phase then keeps its ratio test (fixed damping there: ``mode="trust-region"``).
         diagonal_damping: precondition mode: the scale ``delta`` of ``D = delta (sqrt(v) + eps)`` (default
             200); off the curvature batch's subspace a step is an Adam step of size ``lr / delta``.
             Settings of the other mode are refused (``diagonal_damping`` with the trust region;
@@ -439,15 +447,25 @@ class Newton(torch.optim.Optimizer):
         if curvature is not None:
             curvature = normalize_curvature(curvature)
         curvature_batch_size = _checked_curvature_batch_size(curvature_batch_size)
+        backtracking = _plain(backtracking)
         if isinstance(backtracking, bool) or not isinstance(backtracking, int) or backtracking < 0:
             raise InvalidArgumentError(f"backtracking must be an int >= 0, got {backtracking!r}")
+        track_inertia = _plain(track_inertia)
+        if not isinstance(track_inertia, bool):  # (-1, NaN, "no" and [0] were taken as True)
+            raise InvalidArgumentError(f"track_inertia must be True or False, got {track_inertia!r}")
         if callback is not None and not callable(callback):
             raise InvalidArgumentError("callback must be callable")
         momentum = _plain(momentum)
         if isinstance(momentum, bool) or not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
             raise InvalidArgumentError(f"momentum must be in [0, 1), got {momentum!r}")
         asked = mode
-        if mode == "auto" and (damping is not None or track_inertia or backtracking):
+        # a number with curvature="hessian" is also the Hessian preconditioner's damping (its documented
+        # default 1.0, passed explicitly, switched mini-batch training to the fixed-damping trust region,
+        # which diverged: loss 2.5e5 in 25 steps on digits): auto keeps it for the preconditioner, and its
+        # trust-region phase keeps the ratio test
+        number = isinstance(damping, (int, float)) and not isinstance(damping, bool)
+        pc_number = curvature == "hessian" and number
+        if mode == "auto" and ((damping is not None and not pc_number) or track_inertia or backtracking):
             mode = "trust-region"
         _check_mode_settings(mode, curvature, damping, diagonal_damping, track_inertia, backtracking)
         # precondition-mode settings given where nothing reads them (no silent no-op)
@@ -474,7 +492,7 @@ class Newton(torch.optim.Optimizer):
                 "curvature='hessian'; drop them, or use curvature='gauss_newton'"
             )
         self.mode = self._mode_asked = mode
-        self.rule = _rule_from("trust-region" if damping is None or mode == "precondition" else damping)
+        self.rule = _rule_from("trust-region" if damping is None or mode != "trust-region" else damping)
         self.model, self.loss_fn = model, loss_fn
         self.chain, self._mode_modules = deterministic_chain(model, loss_fn)
         self.curvature = curvature or "hessian"  # the trust region's
@@ -758,7 +776,8 @@ class Newton(torch.optim.Optimizer):
 
     def _warn_if_unscaled_targets(self, targets: Tensor) -> None:
         """Warn where a regression's targets are far from unit scale (root mean square above
-        :data:`UNSCALED_TARGETS`): the gradient, and with it the diagonal damping ``D ~ sqrt(v)``, grows
+        :data:`UNSCALED_TARGETS`, or below :data:`TINY_TARGETS`, where the outputs' initial scale swamps
+        them): the gradient, and with it the diagonal damping ``D ~ sqrt(v)``, grows
         with the residuals while the Gauss-Newton matrix does not, so ``(G + D)^{-1} g`` is an Adam step
         of size ``1 / diagonal_damping``: each weight moves by about ``1 / diagonal_damping`` a step at
         most, however exact the curvature (targets of std 1.4e3: 16x Adam's training loss; 1.4e4: no
@@ -768,6 +787,15 @@ class Newton(torch.optim.Optimizer):
         if not isinstance(loss, _REGRESSION_LOSSES) or not targets.is_floating_point() or not targets.numel():
             return
         rms = float(targets.detach().double().pow(2).mean().sqrt())
+        if 0 < rms < TINY_TARGETS:
+            warn(
+                f"the regression targets' root mean square is {rms:.3g}: far below unit scale, the network's "
+                "outputs at initialization are residuals many times the targets, and the fit relative to "
+                "the targets' spread stalls at that scale (standardized diabetes targets times 1e-4: MSE / "
+                "var 82 after 300 steps, 0.25 at unit scale). Standardize the targets (y - mean) / std (and "
+                "the predictions back)",
+                UserWarning,
+            )
         if rms > UNSCALED_TARGETS:
             warn(
                 f"the regression targets' root mean square is {rms:.3g}: far from unit scale, the "
@@ -1017,6 +1045,7 @@ class Newton(torch.optim.Optimizer):
             self._check_batch(inputs, targets)
             auto = self._newton["mode"] == "auto"
             mode = self._resolve_mode(inputs, targets, layers)
+            before = self.last_stats
             with linalg.one_thread_if(self.chain.small(inputs)):  # small work: more threads only wait
                 if (
                     mode == "trust-region"
@@ -1025,8 +1054,14 @@ class Newton(torch.optim.Optimizer):
                 ):
                     mode = self._newton["mode"] = self.mode = "precondition"  # (auto, switching now)
                 if mode == "precondition":
-                    return self._step_precondition(inputs, targets, g, loss, layers)
-                return self._step_trust_region(inputs, targets)
+                    out = self._step_precondition(inputs, targets, g, loss, layers)
+                else:
+                    out = self._step_trust_region(inputs, targets)
+        # the callback after the step's thread count and layer modes are put back (it ran on one thread,
+        # with Dropout / BatchNorm in eval mode: an evaluation inside it was slowed down)
+        if self.callback is not None and self.last_stats is not before and self.last_stats is not None:
+            self.callback(self.last_stats)
+        return out
 
     def _closure_is_batch(self, inputs: Tensor, targets: Tensor, g: Tensor, auto: bool) -> bool:
         """Whether a closure's gradient ``g`` is that of ``loss_fn(model(inputs), targets)``, which the trust
@@ -1296,8 +1331,6 @@ class Newton(torch.optim.Optimizer):
             refreshed=refreshed,
         )  # fmt: skip
         self.last_stats = stats
-        if self.callback is not None:
-            self.callback(stats)
         return loss0.detach()
 
     @_deterministic_curvature
@@ -1327,10 +1360,11 @@ class Newton(torch.optim.Optimizer):
         return self.loss_fn(z, self.chain.prepare_targets(targets))
 
     def _loss_and_gradient(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """The batch loss and its gradient by backprop."""
+        """The batch loss and its gradient by backprop (zero for a parameter this batch's forward did not
+        use: a block that LayerDrop or stochastic depth skipped in training mode)."""
         with torch.enable_grad():
             loss = self._batch_loss(inputs, targets)
-            grads = torch.autograd.grad(loss, self.chain.params)
+            grads = torch.autograd.grad(loss, self.chain.params, allow_unused=True, materialize_grads=True)
         return loss.detach(), torch.cat([dense_grad(gr).reshape(-1) for gr in grads])
 
     @torch.no_grad()
@@ -1483,8 +1517,6 @@ class Newton(torch.optim.Optimizer):
         )  # fmt: skip
         self.last_stats = stats
         self._leave_if_stalled()
-        if self.callback is not None:
-            self.callback(stats)
         return loss_data.detach()
 
 
@@ -1642,7 +1674,9 @@ def _same_fingerprint(a: list[float], b: list[float]) -> bool:
 
 
 def _checked_curvature_batch_size(value: Any) -> int | None:
-    """``curvature_batch_size`` (None or an int >= 1), else an :class:`InvalidArgumentError`."""
+    """``curvature_batch_size`` (None or an int >= 1, a numpy integer too), else an
+    :class:`InvalidArgumentError`."""
+    value = _plain(value)
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise InvalidArgumentError(f"curvature_batch_size must be None or an int >= 1, got {value!r}")
     return value
@@ -1666,6 +1700,8 @@ def _is_model(model: Any) -> bool:
 
 #: :meth:`Newton._warn_if_unscaled_targets`: a regression loss's targets of a larger root mean square
 UNSCALED_TARGETS = 3.0
+#: ... and below this (:meth:`Newton._warn_if_unscaled_targets`)
+TINY_TARGETS = 1e-2
 _REGRESSION_LOSSES = (nn.MSELoss, nn.L1Loss, nn.HuberLoss, nn.SmoothL1Loss)
 
 #: the entries of the state that "auto" mode's decision writes (:meth:`Newton._resolve_mode`)
