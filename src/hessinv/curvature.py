@@ -1083,6 +1083,9 @@ class CurvatureOperator:
     ) -> Eigenpairs:
         """The ``k`` smallest, largest, or nearest-``sigma`` eigenpairs of ``H``, certified by inertia.
 
+        At an end of the spectrum (a float64 operator), first block Lanczos on the products, certified
+        by one inertia count (:meth:`_lanczos_eigenpairs`); where it does not converge or the count
+        disagrees:
         Shift-invert Lanczos (ARPACK through ``scipy.sparse.linalg.eigsh``) on ``(H - s I)^{-1}``, applied
         by the sweeps of one Riccati factorization at ``s``: for ``which="smallest"`` (``"largest"``),
         ``s`` is below (above) every eigenvalue (a shift where the factorization is definite, from a
@@ -1138,6 +1141,10 @@ class CurvatureOperator:
             )  # fmt: skip
         scale = max(abs(lo_r), abs(hi_r), torch.finfo(self.dtype).tiny)  # relative: ||H|| may be 1e-9
         self._check_sweepable(scale, "eigenpairs")
+        if which != "nearest":
+            quick = self._lanczos_eigenpairs(k, which, tol, scale)
+            if quick is not None:
+                return quick
         step = max(beta, 1e-3 * (hi_r - lo_r), 1e-8 * scale)
         missed = 0  # eigenvalues the counts find nearer than the pairs returned, where no rerun can take them
         ends = which  # which end of the spectrum the pairs come from ("nearest": neither, unless sigma
@@ -1279,6 +1286,54 @@ class CurvatureOperator:
                 )
             )
         return Eigenpairs(vals, vecs, res, (lo, hi), certified, sweeps, solves)
+
+    def _lanczos_eigenpairs(self, k: int, which: str, tol: float, scale: float) -> Eigenpairs | None:
+        """:meth:`eigenpairs` at an end of the spectrum by block Lanczos on ``H`` itself (products only,
+        :meth:`_lanczos`), certified by one inertia count -- where that works: a float64 operator above
+        :data:`_DENSE_EIG` parameters, ``k <= n / 8``, the ``k`` end pairs converged within the Lanczos
+        budget (each residual within ``max(tol, 64 u) ||H||``, as shift-invert's), and the count finding
+        exactly ``k`` eigenvalues beyond the interval's inner end. Else None, and shift-invert Lanczos (a
+        factorization at a definite shift, then solves: two sweeps or more) answers. One sweep instead of
+        two or more: a 24-stage width-16 tanh chain on 64 examples (n = 6245), the 3 largest 1.1 -> 0.5 s,
+        the 3 smallest 1.4 -> 0.6 s (scipy's eigsh, uncertified: 0.12 s and 0.43 s)."""
+        n = self.shape[0]
+        if self.dtype != torch.float64 or n <= _DENSE_EIG or _DENSE_FRACTION * k > n:
+            return None
+        u = torch.finfo(torch.float64).eps
+        # residuals as ARPACK's shift-invert gives them (tol ||H||; no less than the products' rounding):
+        # a Rayleigh quotient is then within rho^2 / gap of its eigenvalue, and the vector within rho / gap
+        want = max(tol, 64 * u) * scale
+        top = which == "largest"
+
+        def done(theta: np.ndarray, res: np.ndarray) -> bool:  # (the k end pairs' residuals)
+            return len(theta) > k and bool(np.all((res[-k:] if top else res[:k]) <= want))
+
+        steps = min(n, max(300, 40 * k))
+        theta, S, Q, res, _ = self._lanczos(steps, done, block=_LANCZOS_BLOCK)
+        if len(theta) <= k or not done(theta, res):
+            return None
+        idx = np.arange(len(theta) - k, len(theta)) if top else np.arange(k)
+        V = Q @ torch.as_tensor(S[:, idx], dtype=torch.float64)
+        V = torch.linalg.qr(V)[0] * torch.sign(torch.linalg.qr(V)[1].diagonal())  # (orthonormal to rounding)
+        HV = self._apply(V.to(self.device)).double().cpu()
+        vals = (V * HV).sum(0)
+        order = torch.argsort(vals)
+        vals, V, HV = vals[order], V[:, order], HV[:, order]
+        res_t = (HV - V * vals).norm(dim=0)
+        if float(res_t.max()) > 4 * want:
+            return None
+        pad = max(tol * scale + float(res_t.max()), math.sqrt(u) * scale)
+        self._count_doubt = False
+        if top:
+            lo, hi = float(vals[0]) - pad, math.inf
+            count = n - self._count_below(lo)
+        else:
+            lo, hi = -math.inf, float(vals[-1]) + pad
+            count = self._count_below(hi)
+        doubt, self._count_doubt = self._count_doubt, False
+        if count != k or doubt:
+            return None
+        return Eigenpairs(vals, V, res_t, (lo, hi), True, 1, 0)
 
     def min_eigenvalue(self, tol: float = 1e-8) -> float:
         """``lambda_min(H)`` to within ``(tol + 10 u) * ||H||`` (``10 u``: a margin for the
