@@ -347,7 +347,7 @@ def test_dense_counts_of_a_float32_operator_resolve_what_its_sweep_does(monkeypa
 
 @pytest.mark.parametrize("which", ["smallest", "largest"])
 def test_end_eigenpairs_by_lanczos_and_one_count(which, monkeypatch):
-    """The k end eigenpairs of a 6-stage tanh chain's Hessian (n = 550): block Lanczos on the products
+    """The k end eigenpairs of a 6-stage tanh chain's Hessian (n = 550): ARPACK on the products
     converges, and one inertia count certifies them -- no factorization at a definite shift, no solves
     (a 24-stage chain at n = 6245: the 3 largest 1.1 -> 0.5 s). Against dense eigh of plain autograd."""
     m = _tanh_chain(6, 9)

@@ -136,6 +136,9 @@ class Eigenpairs(NamedTuple):
     solves: int
 
 
+#: :meth:`CurvatureOperator.eigenpairs` at an end of the spectrum tries ARPACK on ``H``'s products with
+#: about this many products before shift-invert (:meth:`CurvatureOperator._lanczos_eigenpairs`)
+LANCZOS_PRODUCTS = 1000
 #: Operators up to this size get their eigenvalue estimates from the dense matrix (then certified).
 #: zero entries of a per-parameter damping factored exactly by :class:`WoodburyFactorization`
 ZERO_DAMPING_MAX = 4096
@@ -1083,7 +1086,7 @@ class CurvatureOperator:
     ) -> Eigenpairs:
         """The ``k`` smallest, largest, or nearest-``sigma`` eigenpairs of ``H``, certified by inertia.
 
-        At an end of the spectrum (a float64 operator), first block Lanczos on the products, certified
+        At an end of the spectrum (a float64 operator), first ARPACK on the products, certified
         by one inertia count (:meth:`_lanczos_eigenpairs`); where it does not converge or the count
         disagrees:
         Shift-invert Lanczos (ARPACK through ``scipy.sparse.linalg.eigsh``) on ``(H - s I)^{-1}``, applied
@@ -1142,7 +1145,7 @@ class CurvatureOperator:
         scale = max(abs(lo_r), abs(hi_r), torch.finfo(self.dtype).tiny)  # relative: ||H|| may be 1e-9
         self._check_sweepable(scale, "eigenpairs")
         if which != "nearest":
-            quick = self._lanczos_eigenpairs(k, which, tol, scale)
+            quick = self._lanczos_eigenpairs(k, which, tol, scale, (lo_r, hi_r))
             if quick is not None:
                 return quick
         step = max(beta, 1e-3 * (hi_r - lo_r), 1e-8 * scale)
@@ -1287,42 +1290,55 @@ class CurvatureOperator:
             )
         return Eigenpairs(vals, vecs, res, (lo, hi), certified, sweeps, solves)
 
-    def _lanczos_eigenpairs(self, k: int, which: str, tol: float, scale: float) -> Eigenpairs | None:
-        """:meth:`eigenpairs` at an end of the spectrum by block Lanczos on ``H`` itself (products only,
-        :meth:`_lanczos`), certified by one inertia count -- where that works: a float64 operator above
-        :data:`_DENSE_EIG` parameters, ``k <= n / 8``, the ``k`` end pairs converged within the Lanczos
-        budget (each residual within ``max(tol, 64 u) ||H||``, as shift-invert's), and the count finding
-        exactly ``k`` eigenvalues beyond the interval's inner end. Else None, and shift-invert Lanczos (a
-        factorization at a definite shift, then solves: two sweeps or more) answers. One sweep instead of
-        two or more: a 24-stage width-16 tanh chain on 64 examples (n = 6245), the 3 largest 1.1 -> 0.5 s,
-        the 3 smallest 1.4 -> 0.6 s (scipy's eigsh, uncertified: 0.12 s and 0.43 s)."""
+    def _lanczos_eigenpairs(
+        self, k: int, which: str, tol: float, scale: float, ends: tuple[float, float]
+    ) -> Eigenpairs | None:
+        """:meth:`eigenpairs` at an end of the spectrum by implicitly restarted Lanczos on ``H`` itself
+        (ARPACK, products only), certified by one inertia count -- where that works: a float64 operator
+        above :data:`_DENSE_EIG` parameters, ``k <= n / 8``, ARPACK converged within
+        :data:`LANCZOS_PRODUCTS` products (each residual within ``max(tol, 64 u) ||H||``, as shift-invert's),
+        and the count finding exactly ``k`` eigenvalues beyond the interval's inner end. Else None, and
+        shift-invert Lanczos (a factorization at a definite shift, then solves: two sweeps or more)
+        answers. ARPACK sees ``(H - e I) / ||H|| +- 2 I`` (``e`` the end's Lanczos estimate ``ends``),
+        whose wanted eigenvalues are about ``+-2``: its test, relative to the Ritz value, is then
+        relative to ``||H||`` (at the end of a positive semi-definite ``G``, ``lambda ~ 0``, it would
+        ask for residuals of ``tol eps^(2/3)``). One sweep instead of two or more: a 24-stage width-16
+        tanh chain on 64 examples (n = 6245), the 3 largest 1.1 -> 0.5 s, the 3 smallest 1.4 -> 0.6 s
+        (scipy's eigsh on the products, uncertified: 0.12 and 0.43 s)."""
+        from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
+
         n = self.shape[0]
         if self.dtype != torch.float64 or n <= _DENSE_EIG or _DENSE_FRACTION * k > n:
             return None
         u = torch.finfo(torch.float64).eps
-        # residuals as ARPACK's shift-invert gives them (tol ||H||; no less than the products' rounding):
-        # a Rayleigh quotient is then within rho^2 / gap of its eigenvalue, and the vector within rho / gap
         want = max(tol, 64 * u) * scale
         top = which == "largest"
+        e, sign = (ends[1], -2.0) if top else (ends[0], 2.0)
 
-        def done(theta: np.ndarray, res: np.ndarray) -> bool:  # (the k end pairs' residuals)
-            return len(theta) > k and bool(np.all((res[-k:] if top else res[:k]) <= want))
+        def mm(X: np.ndarray) -> np.ndarray:
+            T = torch.as_tensor(np.asarray(X, dtype=np.float64)).reshape(n, -1)
+            HX = self._apply(T.to(self.device)).double().cpu()
+            return ((HX - e * T) / scale + sign * T).numpy()
 
-        steps = min(n, max(300, 40 * k))
-        theta, S, Q, res, _ = self._lanczos(steps, done, block=_LANCZOS_BLOCK)
-        if len(theta) <= k or not done(theta, res):
+        op = LinearOperator((n, n), matvec=lambda x: mm(x).ravel(), matmat=mm, dtype=np.float64)
+        ncv = min(n, max(2 * k + 1, 20))
+        v0 = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64).numpy()
+        try:
+            _, vecs = eigsh(
+                op, k=k, which="LA" if top else "SA", tol=max(tol, 64 * u) / 2, ncv=ncv, v0=v0,
+                maxiter=max(1, LANCZOS_PRODUCTS // max(ncv - k, 1)),
+            )  # fmt: skip
+        except (ArpackNoConvergence, ArpackError):
             return None
-        idx = np.arange(len(theta) - k, len(theta)) if top else np.arange(k)
-        V = Q @ torch.as_tensor(S[:, idx], dtype=torch.float64)
-        V = torch.linalg.qr(V)[0] * torch.sign(torch.linalg.qr(V)[1].diagonal())  # (orthonormal to rounding)
+        V = torch.linalg.qr(torch.as_tensor(vecs, dtype=torch.float64))[0]  # (orthonormal to rounding)
         HV = self._apply(V.to(self.device)).double().cpu()
         vals = (V * HV).sum(0)
         order = torch.argsort(vals)
         vals, V, HV = vals[order], V[:, order], HV[:, order]
-        res_t = (HV - V * vals).norm(dim=0)
-        if float(res_t.max()) > 4 * want:
+        res = (HV - V * vals).norm(dim=0)
+        if not float(res.max()) <= 4 * want:  # (NaN too)
             return None
-        pad = max(tol * scale + float(res_t.max()), math.sqrt(u) * scale)
+        pad = max(tol * scale + float(res.max()), math.sqrt(u) * scale)
         self._count_doubt = False
         if top:
             lo, hi = float(vals[0]) - pad, math.inf
@@ -1333,7 +1349,7 @@ class CurvatureOperator:
         doubt, self._count_doubt = self._count_doubt, False
         if count != k or doubt:
             return None
-        return Eigenpairs(vals, V, res_t, (lo, hi), True, 1, 0)
+        return Eigenpairs(vals, V, res, (lo, hi), True, 1, 0)
 
     def min_eigenvalue(self, tol: float = 1e-8) -> float:
         """``lambda_min(H)`` to within ``(tol + 10 u) * ||H||`` (``10 u``: a margin for the
