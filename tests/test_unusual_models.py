@@ -811,3 +811,33 @@ def test_a_float32_model_with_a_constant_in_a_list_has_a_float64_twin():
     ref = torch.linalg.solve(A + 0.1 * torch.eye(A.shape[0], dtype=torch.float64), g)
     assert float((x.double() - ref).norm() / ref.norm()) <= 1e-5
     assert H.min_eigenvalue() == pytest.approx(float(torch.linalg.eigvalsh(A)[0]), abs=1e-6)
+
+
+def test_a_thread_that_draws_meanwhile_does_not_refuse_a_deterministic_model():
+    """A background thread drawing from Python's and torch's global generators (an augmentation or
+    prefetch thread) moved their states during the build: a plain eval-mode MLP was refused 19 times in
+    20 as "random". The second call watches this thread's own draws."""
+    import random
+    import threading
+    import time
+
+    stop = threading.Event()
+
+    def worker():
+        while not stop.is_set():
+            random.random()
+            torch.rand(3)
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=worker, daemon=True)
+    t.start()
+    try:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
+        X, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+        for _ in range(5):
+            hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X, y).factor(0.1)
+            hessinv.hessian(m, nn.CrossEntropyLoss(), X, y).factor(0.1)
+    finally:
+        stop.set()
+        t.join()

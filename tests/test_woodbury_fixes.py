@@ -176,20 +176,22 @@ def test_twin_inverse_sqrt_checks_its_argument():
 
 
 def test_gauss_newton_factor_takes_the_root_where_that_is_cheaper():
-    """``G.factor(eps)`` (method ``"auto"``): a 10-40-40-5 MLP on 20 examples (``n = 2285``, ``B C = 100``
-    rows of the root) is factored through the root (about 2.5e7 modelled flops against the sweep's 7e9),
-    exactly: its solve, log-determinant and inertia against the dense float64 ``G + eps I``; 300 examples
-    (1500 rows, over ``n / 2``) keep the sweep."""
+    """``G.factor(eps)`` (method ``"auto"``): a 10-40-40-5 MLP on 60 examples (``n = 2285``, ``B C = 300``
+    rows of the root; the factorization would take the dense route) is factored through the root (about
+    4.4e8 modelled flops against the dense route's 6.5e9), exactly: its solve, log-determinant and inertia
+    against the dense float64 ``G + eps I``; 300 examples (1500 rows, over ``n / 2``) keep the sweep, and
+    so does a wide last layer on 8 examples (16-64-300, n = 20588: the sweep's low-rank pivots, 0.34 s,
+    against Woodbury's 3.8 s), and a damping far below the float range."""
     from reference import autograd_gauss_newton
 
     from hessinv.curvature import WoodburyFactorization
 
     torch.manual_seed(5)
     net = nn.Sequential(nn.Linear(10, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 5)).double()
-    X, y = torch.randn(20, 10, dtype=torch.float64), torch.randint(0, 5, (20,))
+    X, y = torch.randn(60, 10, dtype=torch.float64), torch.randint(0, 5, (60,))
     G = hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X, y)
     F = G.factor(1e-3)
-    assert isinstance(F, WoodburyFactorization)
+    assert isinstance(F, WoodburyFactorization) and not G._woodbury_cheaper(1e-200)
     I = torch.eye(G.shape[0], dtype=torch.float64)
     A = autograd_gauss_newton(net, nn.CrossEntropyLoss(), X, y) + 1e-3 * I
     g = G.gradient
@@ -200,3 +202,9 @@ def test_gauss_newton_factor_takes_the_root_where_that_is_cheaper():
     X3, y3 = torch.randn(300, 10, dtype=torch.float64), torch.randint(0, 5, (300,))
     G3 = hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X3, y3)
     assert not G3._woodbury_cheaper(1e-3)
+    wide = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 300)).double()
+    X8, y8 = torch.randn(8, 16, dtype=torch.float64), torch.randint(0, 300, (8,))
+    assert not hessinv.gauss_newton(wide, nn.CrossEntropyLoss(), X8, y8)._woodbury_cheaper(1e-3)
+    for bad in ("0.1", None, [0.1]):  # (a TypeError from the cost rule's comparison, once)
+        with pytest.raises(hessinv.InvalidArgumentError):
+            G.factor(bad)

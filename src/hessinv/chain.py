@@ -35,6 +35,7 @@ import math
 import numbers
 import operator
 import random
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -182,45 +183,99 @@ def deterministic_chain(
             return Chain(model, loss_fn, ordered=False), mods
 
 
+def _numpy_state() -> tuple:
+    """numpy's global ``RandomState``'s state, comparable with ``==``."""
+    st = np.random.get_state()
+    return st[0], st[1].tobytes(), *st[2:]
+
+
 def _rng_states(torch_too: bool) -> tuple:
     """The global random number generators' states: Python's ``random``, numpy's and -- ``torch_too`` --
     torch's (CPU, and the CUDA devices' where CUDA is initialized); hessinv draws from its own generators
     only."""
-    st = np.random.get_state()
     if not torch_too:
-        return random.getstate(), st[0], st[1].tobytes(), st[2:]
+        return random.getstate(), _numpy_state()
     cuda = (
         tuple(bytes(t.numpy()) for t in torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else ()
     )
-    cpu = bytes(torch.random.get_rng_state().numpy())
-    return random.getstate(), st[0], st[1].tobytes(), st[2:], cpu, cuda
+    return random.getstate(), _numpy_state(), bytes(torch.random.get_rng_state().numpy()), cuda
 
 
-@contextlib.contextmanager
-def no_random_draws(what: str, torch_too: bool = True) -> Iterator[None]:
-    """Refuse a model whose forward pass draws from a global random number generator inside the block
-    (:class:`UnsupportedStageError`, also in place of another refusal the draws caused, such as "a
-    parameter the forward pass does not use"): its function changes from call to call (``if
-    self.training and random.random() < p: return x``, LayerDrop or stochastic depth, gave the curvature
-    of whichever network the draws made, or a misleading refusal). Drawing always advances a generator's
-    state, so the check is exact, whatever the draws were. ``torch_too=False`` (around a whole pass, whose
-    loss has its own check: a loss may seed torch's generator itself) watches Python's and numpy's."""
+#: torch functions that draw from torch's default generator (unless passed a ``generator=``)
+_RANDOM_FUNCTIONS = frozenset({
+    "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "bernoulli",
+    "multinomial", "normal", "poisson", "dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d",
+    "dropout2d", "dropout3d", "rrelu", "uniform_", "normal_", "bernoulli_", "random_", "exponential_",
+    "geometric_", "log_normal_", "cauchy_", "fractional_max_pool2d", "fractional_max_pool3d",
+})  # fmt: skip
+
+
+class _OwnDraws(torch.overrides.TorchFunctionMode):
+    """Whether this thread draws from a global generator inside the block: torch's random functions
+    without a ``generator=`` (a torch function mode, which is this thread's), and -- by this thread's
+    profile hook -- calls into Python's global ``random`` instance. (numpy's global ``RandomState`` has
+    Cython methods, which the hook does not see: its state is compared, as any thread's.)"""
+
+    def __init__(self, torch_too: bool):
+        super().__init__()
+        self.torch_too, self.drew = torch_too, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if self.torch_too and kwargs.get("generator") is None:
+            self.drew |= getattr(func, "__name__", "") in _RANDOM_FUNCTIONS
+        return func(*args, **kwargs)
+
+    def _profile(self, frame: Any, event: str, arg: Any) -> None:
+        if event == "c_call" and getattr(arg, "__self__", None) is random._inst:  # (identity: not ==)
+            self.drew = True
+
+    def __enter__(self) -> _OwnDraws:
+        self._previous = sys.getprofile()
+        sys.setprofile(self._profile)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        sys.setprofile(self._previous)
+        super().__exit__(*exc)
+
+
+def without_draws(fn: Callable[[], Any], what: str, torch_too: bool = True) -> Any:
+    """``fn()``, refused (:class:`UnsupportedStageError`, also in place of another refusal the draws
+    caused, such as "a parameter the forward pass does not use") where it draws from a global random
+    number generator: the model's function changes from call to call (``if self.training and
+    random.random() < p: return x``, LayerDrop or stochastic depth, gave the curvature of whichever
+    network the draws made, or a misleading refusal). Drawing always advances a generator's state, so the
+    check is exact, whatever the draws were; the generators are shared by the process's threads, so where
+    a state moved, a second call watches this thread's own calls (:class:`_OwnDraws`: a background thread
+    that drew meanwhile -- a data loader's -- refused a deterministic model 19 times in 20).
+    ``torch_too=False`` (around a whole pass, whose loss has its own check: a loss may seed torch's
+    generator itself) watches Python's and numpy's."""
     before = _rng_states(torch_too)
     try:
-        yield
+        out = fn()
     except HessinvError:
         if _rng_states(torch_too) == before:
             raise
-        drew = True
     else:
-        drew = _rng_states(torch_too) != before
-    if drew:
-        raise UnsupportedStageError(
-            f"{what}: the model's forward pass draws from a global random number generator (Python's "
-            "random, numpy's or torch's: LayerDrop or stochastic depth in training mode, injected noise), "
-            "so each call computes another function and it has no curvature; call model.eval() first (the "
-            "optimizers in hessinv.optim do so for the curvature), or draw from a fixed torch.Generator"
-        )
+        if _rng_states(torch_too) == before:
+            return out
+    watch, numpy_before = _OwnDraws(torch_too), _numpy_state()
+    try:
+        with watch:
+            out = fn()
+    except HessinvError:
+        if not (watch.drew or _numpy_state() != numpy_before):
+            raise
+    else:
+        if not (watch.drew or _numpy_state() != numpy_before):  # (another thread moved the state)
+            return out
+    raise UnsupportedStageError(
+        f"{what}: the model's forward pass draws from a global random number generator (Python's random, "
+        "numpy's or torch's: LayerDrop or stochastic depth in training mode, injected noise), so each call "
+        "computes another function and it has no curvature; call model.eval() first (the optimizers in "
+        "hessinv.optim do so for the curvature), or draw from a fixed torch.Generator"
+    )
 
 
 def _changed(now: list, held: list) -> bool:
@@ -1258,8 +1313,14 @@ class Chain:
         self._ordered = ordered
 
         _check_model_kinds(model)
-        with no_random_draws("reading the model"):  # (tracing runs the forward's Python code)
-            self.stages = split_stages(model, self._traced, self._whole, ordered)
+
+        # (tracing runs the forward's Python code; a second trial starts from empty lists)
+        def split() -> list[Stage]:
+            self._traced.clear()
+            self._whole.clear()
+            return split_stages(model, self._traced, self._whole, ordered)
+
+        self.stages = without_draws(split, "reading the model")
         self.params = [t for s in self.stages for t in s.params]
         if not self.params:
             raise NotAChainError("the model has no trainable parameters")
@@ -1765,8 +1826,12 @@ class Chain:
         by piece) gets the submodule called whole (:meth:`_guarded`); where that mixes too, the piece's
         refusal stands.
         """
-        with self._state_kept(), no_random_draws("the forward and backward pass", torch_too=False):
-            return self._guarded(lambda: self._linearize(inputs, targets, second_order))
+        with self._state_kept():
+            return without_draws(
+                lambda: self._guarded(lambda: self._linearize(inputs, targets, second_order)),
+                "the forward and backward pass",
+                torch_too=False,
+            )
 
     def _split_at_logits(
         self, zs: list[Tensor], targets: Tensor
@@ -1833,8 +1898,7 @@ class Chain:
         The model's plain attributes (a call counter) are put back after the call."""
         if self._eager_checked or not self._traced:
             return
-        with no_random_draws("the model's own forward"):
-            self._compare_eager(inputs, out)
+        without_draws(lambda: self._compare_eager(inputs, out), "the model's own forward")
         self._eager_checked = True
 
     def _compare_eager(self, inputs: Tensor, out: Tensor) -> None:

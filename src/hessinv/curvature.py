@@ -1741,6 +1741,20 @@ class GaussNewton(CurvatureOperator):
             return WoodburyFactorization(self, damping)
         try:
             return _factorization(self, damping, modify, precision)
+        except SingularError as e:
+            # the sweep finds G + eps I singular to working precision -- a tiny eps on G's null space
+            # (cond = ||G|| / eps) -- but G + eps I = eps I + U^T S U is exact through the root, whose
+            # capacitance matrix K = S + U U^T / eps is well conditioned there: its log-determinant is
+            # (n - r) log eps + sum log(mu_i + eps) to rounding (a Laplace evidence at a prior precision of
+            # 1e-300), and its solves say their residuals
+            if method != "auto" or modify is not None or precision != "working" or not damping > 0:
+                raise
+            if self.blocks[-1].batch * self.blocks[-1].d_in >= self.shape[0]:
+                raise
+            try:
+                return WoodburyFactorization(self, damping)
+            except HessinvError:
+                raise e from None
         except TooLargeError:
             # the sweep's a x a blocks do not fit (a whole training set: a = B d), but G's square root has
             # r <= B C rows: G + eps I through it (a 20-64-64-10 MLP on 300 examples, n = 6154: the
@@ -1754,18 +1768,29 @@ class GaussNewton(CurvatureOperator):
 
     def _woodbury_cheaper(self, damping: float) -> bool:
         """Whether ``G + eps I`` (``eps > 0``) is factored through ``G``'s square root (``r = B C`` rows)
-        rather than by the sweep or the dense route: where ``2 r < n`` and the Woodbury form's modelled
-        flops -- the root's ``8 r n``, ``K``'s ``r^2 n``, its Cholesky ``r^3 / 3`` -- are under half of the
-        route's (:func:`_factorization_costs`; the Woodbury flops are one matrix product, the route's many
-        memory-bound passes). A 20-64-64-10 MLP's Laplace posterior on 300 examples (``n = 6154``, ``r =
-        3000``): 49 s by the dense route, 2.8 s through the root."""
+        rather than by the dense route: where the factorization would take the dense route
+        (:func:`_dense_route`), ``2 r < n`` and the Woodbury form's modelled flops -- the root's ``8 r n``,
+        ``K``'s ``r^2 n``, its Cholesky ``r^3 / 3`` -- are under half of the dense route's
+        (:func:`_factorization_costs`; the Woodbury flops are one matrix product, the dense route's ``n``
+        memory-bound products first). Its ``r x n`` root is then below the dense route's ``n x n``. A
+        20-64-64-10 MLP's Laplace posterior on 300 examples (``n = 6154``, ``r = 3000``): 49 s by the dense
+        route, 2.8 s through the root."""
+        try:  # (an invalid damping: the sweep's named refusal)
+            eps = _check_shift(damping, self.dtype, "damping")
+        except HessinvError:
+            return False
         B, C = self.blocks[-1].batch, self.blocks[-1].d_in
         r, n = float(B * C), float(self.shape[0])
-        if not damping > 0 or 2 * r >= n:
+        # a damping far below the float range's square root (1.5e-154 in float64): K = S + U U^T / eps
+        # may overflow, and eigh fails on it (the sweep names the system singular)
+        if not eps >= math.sqrt(torch.finfo(self.dtype).tiny) or 2 * r >= n:
             return False
         chain, dense = _block_costs(self.blocks)
-        route = dense if _dense_route(chain, dense, int(n), self.device.type == "cpu") else chain
-        return 2 * (8 * r * n + r * r * n + r**3 / 3) < route
+        # against the dense route only: the sweep's modelled p^3 / 3 per pivot ignores its rank-(B d) pivots
+        # of wide stages, 100x too high there (16-64-1000 on 8 examples: the sweep 9.7 s, Woodbury 158 s)
+        if not _dense_route(chain, dense, int(n), self.device.type == "cpu"):
+            return False
+        return 2 * (8 * r * n + r * r * n + r**3 / 3) < dense
 
 
 class Factorization:
@@ -2113,7 +2138,7 @@ class Factorization:
         tiny damping (``1 / eps`` variances in the curvature's null space dominate) the small entries may
         keep few digits. Below float64 (a float32 operator, ``precision="mixed"``) from the float64
         twin's factorization. :class:`SingularError` where ``H + eps I`` is singular to working precision;
-        refused for a modified (``modify="abs"``) or Woodbury factorization.
+        refused for a modified (``modify="abs"``) factorization (:class:`WoodburyFactorization` has its own).
 
         >>> import torch, hessinv
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
@@ -2243,7 +2268,7 @@ class Factorization:
         about ``u cond^2``: 46% at damping 1e-12 on a small tanh net), ``v^T x`` of a refined solve. For
         a float32 operator the sum is the float32 sweep's (about ``cond u32``: 8.5e-4 at cond 1e4): use
         ``v @ F.solve(v)`` for the float64-refined value. The Woodbury factorization (a per-parameter
-        damping) answers with ``v^T x`` of a refined solve always."""
+        damping, or ``G + eps I`` through ``G``'s root) answers with ``v^T x`` of a refined solve always."""
         if isinstance(v, Tensor) and (v.dim() != 1 or v.shape[0] != self.op.shape[0]):  # (_as_matrix's
             # message would offer (n, k))
             raise ShapeMismatchError(

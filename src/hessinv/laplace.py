@@ -6,20 +6,24 @@ likelihood, ``delta`` the prior precision of ``N(mu_0, delta^{-1} I)``, ``c = 1`
 (cross-entropy) and ``c = 1 / (2 sigma^2)`` for regression (``G`` of ``sum |y - f|^2`` is
 ``2 J^T J``). laplace-torch approximates ``G`` (``kron``, ``diag``, low rank) or forms it densely
 (``full``, cubic in the parameter count); here ``P = c (G + (delta / c) I)`` is one Riccati
-factorization, ``O(L)`` in depth, and everything is exact:
+factorization, ``O(L)`` in depth -- or, where ``G``'s root has few rows (``N C`` below ``n / 2``) and that
+is cheaper, one Woodbury factorization through it (:meth:`hessinv.GaussNewton.factor`) -- and everything
+is exact:
 
 * log marginal likelihood (MacKay's evidence)::
 
       log p(D) ~ log p(D | theta*) - 1/2 [ log det P - n log delta + delta |theta* - mu_0|^2 ]
 
-  with ``log det P = n log c + sum_l log det Qxx_l`` from the factorization's pivots;
+  with ``log det P = n log c + sum_l log det Qxx_l`` from the factorization's pivots (Woodbury: ``n log
+  (delta / c) + log det K``);
 * :meth:`Laplace.optimize_prior_precision`: a 1-D bounded search over ``log delta`` (and, for
   regression, ``log sigma``) -- one factorization per evaluation;
 * the linearized (GLM) predictive ``f ~ N(f(x; theta*), J(x) P^{-1} J(x)^T)`` by one batched solve,
   with the probit or Monte Carlo link for classification;
 * posterior samples ``theta* + S z`` with ``S S^T = P^{-1}`` from the factors
-  (:meth:`hessinv.Factorization.inverse_sqrt`), and the marginal variances ``diag(P^{-1})``
-  (:meth:`Laplace.posterior_variance`, selected inversion by one forward sweep).
+  (:meth:`hessinv.Factorization.sample`; Woodbury: one solve with ``U^T z_1 + D^{1/2} z_2``), and the
+  marginal variances ``diag(P^{-1})`` (:meth:`Laplace.posterior_variance`, selected inversion by one
+  forward sweep; Woodbury: ``D^{-1} - colsum(W * K^{-1} W)``).
 
 The interface follows laplace-torch's (``fit``, ``log_marginal_likelihood``,
 ``optimize_prior_precision``, ``la(x, pred_type="glm", link_approx="probit")``, ``sample``).
@@ -95,7 +99,8 @@ def _likelihood_of(likelihood) -> str:
 
 
 class Laplace:
-    """The full-network Laplace approximation with the exact (Riccati-factored) posterior precision.
+    """The full-network Laplace approximation with the exact (Riccati- or Woodbury-factored) posterior
+    precision.
 
     Args:
         model: the trained ``nn.Sequential`` chain (its parameters are the MAP estimate ``theta*``).

@@ -570,7 +570,13 @@ class WoodburyFactor:
             dg = L.diagonal().abs()
             self.k_cond = float((dg.max() / dg.min()) ** 2) if dg.numel() else 1.0  # (a lower bound)
         else:
-            lam, Vk = torch.linalg.eigh(K)
+            try:
+                lam, Vk = torch.linalg.eigh(K)
+            except torch.linalg.LinAlgError:  # (entries beyond the float range: a subnormal damping)
+                raise SingularError(
+                    "D + G is singular to working precision (its Woodbury capacitance matrix K = S + U D^-1 "
+                    "U^T cannot be decomposed: entries beyond the float range); choose a larger damping"
+                ) from None
             # the rounding K carries is U's (a float32 root: a structural null vector of G + D is only
             # zero to float32's precision)
             tol = K.shape[0] * torch.finfo(self.U.dtype).eps * float(lam.abs().max())

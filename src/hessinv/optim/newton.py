@@ -315,8 +315,8 @@ class Newton(torch.optim.Optimizer):
         damping: trust-region mode: ``"trust-region"`` (default: exact Moré–Sorensen subproblem, radius
             from the ratio test), ``"levenberg-marquardt"``, a float ``eps`` (fixed damping, every step
             taken), or a rule object (:class:`~hessinv.optim.TrustRegion`, ...). Precondition mode with
-            ``curvature="hessian"``: the scalar damping (default 1.0) -- also with ``mode="auto"``, whose
-            trust-region phase then keeps its ratio test (fixed damping there: ``mode="trust-region"``).
+            ``curvature="hessian"``: the scalar damping (default 1.0) -- with ``mode="auto"`` a number
+            ``> 0`` is both (the preconditioner's on mini-batches, the fixed damping on a full batch).
         diagonal_damping: precondition mode: the scale ``delta`` of ``D = delta (sqrt(v) + eps)`` (default
             200); off the curvature batch's subspace a step is an Adam step of size ``lr / delta``.
             Settings of the other mode are refused (``diagonal_damping`` with the trust region;
@@ -462,9 +462,9 @@ class Newton(torch.optim.Optimizer):
         # a number with curvature="hessian" is also the Hessian preconditioner's damping (its documented
         # default 1.0, passed explicitly, switched mini-batch training to the fixed-damping trust region,
         # which diverged: loss 2.5e5 in 25 steps on digits): auto keeps it for the preconditioner, and its
-        # trust-region phase keeps the ratio test
+        # trust-region phase (a full batch) takes it as the fixed damping, as before
         number = isinstance(damping, (int, float)) and not isinstance(damping, bool)
-        pc_number = curvature == "hessian" and number
+        pc_number = curvature == "hessian" and number and damping > 0  # (0: pure Newton, the trust region)
         if mode == "auto" and ((damping is not None and not pc_number) or track_inertia or backtracking):
             mode = "trust-region"
         _check_mode_settings(mode, curvature, damping, diagonal_damping, track_inertia, backtracking)
@@ -492,7 +492,7 @@ class Newton(torch.optim.Optimizer):
                 "curvature='hessian'; drop them, or use curvature='gauss_newton'"
             )
         self.mode = self._mode_asked = mode
-        self.rule = _rule_from("trust-region" if damping is None or mode != "trust-region" else damping)
+        self.rule = _rule_from("trust-region" if damping is None or mode == "precondition" else damping)
         self.model, self.loss_fn = model, loss_fn
         self.chain, self._mode_modules = deterministic_chain(model, loss_fn)
         self.curvature = curvature or "hessian"  # the trust region's
