@@ -1308,8 +1308,8 @@ class CurvatureOperator:
         from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
         n = self.shape[0]
-        if self.dtype != torch.float64 or n <= _DENSE_EIG or _DENSE_FRACTION * k > n:
-            return None
+        if self.dtype != torch.float64 or n <= _DENSE_EIG or _DENSE_FRACTION * k > n or k >= n - 1:
+            return None  # (ARPACK takes k < n - 1)
         u = torch.finfo(torch.float64).eps
         want = max(tol, 64 * u) * scale
         top = which == "largest"
