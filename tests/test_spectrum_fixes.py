@@ -362,3 +362,20 @@ def test_end_eigenpairs_by_lanczos_and_one_count(which, monkeypatch):
     assert A.shape[0] > 64 and calls == [] and e.solves == 0 and e.factorizations == 1 and e.certified
     assert float((e.values - ref).abs().max()) <= 1e-10 * nrm
     assert float((A @ e.vectors - e.vectors * e.values).norm(dim=0).max()) <= 1e-9 * nrm
+
+
+def test_end_eigenpairs_of_a_tiny_operator_without_the_dense_shortcut(monkeypatch):
+    """n = 3 with the dense shortcut off (as the hypothesis test runs it): k = n - 1 and n went to ARPACK,
+    which takes k < n - 1 only ("Cannot use scipy.linalg.eigh for LinearOperator A with k >= N")."""
+    monkeypatch.setattr(curvature, "_DENSE_EIG", 2)
+    monkeypatch.setattr(curvature, "_DENSE_FRACTION", 0)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(1, 1, bias=False), nn.ELU(), nn.Tanh(), nn.Linear(1, 2, bias=False)).double()
+    X, y = torch.tensor([[1.5410]], dtype=torch.float64), torch.tensor([1])
+    lam = torch.linalg.eigvalsh(autograd_hessian(m, nn.CrossEntropyLoss(), X, y))
+    H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    for k in (1, 2, 3):
+        for which in ("smallest", "largest"):
+            e = H.eigenpairs(k, which)
+            ref = lam[:k] if which == "smallest" else lam[-k:]
+            assert torch.allclose(e.values, ref, atol=1e-12)
