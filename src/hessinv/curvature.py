@@ -419,7 +419,8 @@ class CurvatureOperator:
         (:class:`_DenseMatrixBlocks`, ``H`` formed once by ``n`` products). The chain's sweep costs
         ``sum_l (p_l^3 / 3 + 2 p_l^2 a_l + p_l a_l^2)`` flops and ``a_l^2`` numbers per stage; the dense
         one ``n^3 / 3`` after ``n`` products of about ``sum_l 8 B p_l`` flops. Taken where ``n <=``
-        :data:`DENSE_ROUTE_MAX_N` and the sweep would not fit in memory, or costs over
+        :data:`DENSE_ROUTE_MAX_N` (:data:`DENSE_RESCUE_N` where the dense matrix and its factors fit) and the
+        sweep would not fit in memory, or costs over
         :data:`DENSE_ROUTE_MIN_FLOPS` and three times the dense route's (a rough rule -- the sweep's
         passes over ``a^2`` numbers are memory-bound, so it errs towards the sweep: on the demo's
         1618-parameter chain with 1024 examples the sweep took 41 s, the dense route 18 s; a 193-parameter
@@ -431,7 +432,7 @@ class CurvatureOperator:
 
     def _dense_cheaper(self) -> bool:
         n = self.shape[0]
-        if n > DENSE_ROUTE_MAX_N:
+        if n > DENSE_RESCUE_N:
             return False
         chain_flops, dense_flops = _block_costs(self.blocks)
         if _dense_route(chain_flops, dense_flops, n, self.device.type == "cpu"):
@@ -439,6 +440,14 @@ class CurvatureOperator:
         try:
             check_memory(self.blocks, self._names, self.dtype, self.device)
         except TooLargeError:
+            # the sweep does not fit: the dense matrix, up to DENSE_RESCUE_N where it and its factors fit
+            # (a 64-64-64-10 classifier on 1000 examples, n = 8970: the sweep's 85 GiB refused, 0.6 GB dense)
+            if n <= DENSE_ROUTE_MAX_N:
+                return True
+            try:
+                check_dense_memory(n, self.dtype, self.device, "the dense route", 3.0)
+            except TooLargeError:
+                return False
             return True
         return False
 
@@ -1769,7 +1778,7 @@ class GaussNewton(CurvatureOperator):
     def _woodbury_cheaper(self, damping: float) -> bool:
         """Whether ``G + eps I`` (``eps > 0``) is factored through ``G``'s square root (``r = B C`` rows)
         rather than by the dense route: where the factorization would take the dense route
-        (:func:`_dense_route`), ``2 r < n`` and the Woodbury form's modelled flops -- the root's ``8 r n``,
+        (:meth:`_dense_cheaper`), ``2 r < n`` and the Woodbury form's modelled flops -- the root's ``8 r n``,
         ``K``'s ``r^2 n``, its Cholesky ``r^3 / 3`` -- are under half of the dense route's
         (:func:`_factorization_costs`; the Woodbury flops are one matrix product, the dense route's ``n``
         memory-bound products first). Its ``r x n`` root is then below the dense route's ``n x n``. A
@@ -1785,11 +1794,11 @@ class GaussNewton(CurvatureOperator):
         # may overflow, and eigh fails on it (the sweep names the system singular)
         if not eps >= math.sqrt(torch.finfo(self.dtype).tiny) or 2 * r >= n:
             return False
-        chain, dense = _block_costs(self.blocks)
         # against the dense route only: the sweep's modelled p^3 / 3 per pivot ignores its rank-(B d) pivots
         # of wide stages, 100x too high there (16-64-1000 on 8 examples: the sweep 9.7 s, Woodbury 158 s)
-        if not _dense_route(chain, dense, int(n), self.device.type == "cpu"):
+        if not self._dense_cheaper():
             return False
+        _, dense = _block_costs(self.blocks)
         return 2 * (8 * r * n + r * r * n + r**3 / 3) < dense
 
 
