@@ -392,8 +392,8 @@ def test_too_large_generic_stage_says_which_curvature_batch_fits(monkeypatch):
     """A convolution on 28 x 28 images: its dense per-example blocks (and the Riccati sweep's Schur
     complements) would not fit. Products, the root and -- at 4.8k parameters -- the factorization (the
     dense route: G from its root) need none of them; with a wider head (9.5k parameters) the dense
-    route still answers method="riccati" (up to DENSE_RESCUE_N, where it fits), and beyond it the sweep
-    is refused, naming the curvature batch that fits; method="auto" answers through G's square root."""
+    route still answers method="riccati" (up to DENSE_ROUTE_MAX_N, where it fits), and beyond it the
+    sweep is refused, naming the curvature batch that fits; method="auto" answers through G's root."""
 
     def model(classes: int) -> torch.nn.Module:
         torch.manual_seed(0)
@@ -425,7 +425,7 @@ def test_too_large_generic_stage_says_which_curvature_batch_fits(monkeypatch):
     x5 = G5.factor(damping=1.0, method="riccati").solve(b5)  # the dense route: G5 from its root
     assert len(G5._swept().blocks) == 1
     assert float((U5.T @ (S5 * (U5 @ x5)) + x5 - b5).norm()) <= 1e-5 * float(b5.norm())
-    monkeypatch.setattr(hessinv.curvature, "DENSE_RESCUE_N", 8192)
+    monkeypatch.setattr(hessinv.curvature, "DENSE_ROUTE_MAX_N", 8192)
     G5 = hessinv.gauss_newton(wide, torch.nn.CrossEntropyLoss(), X, y5)
     with pytest.raises(
         (hessinv.UnsupportedStageError, hessinv.TooLargeError), match=r"curvature_batch_size=\d+"
@@ -538,12 +538,8 @@ def test_the_memory_check_counts_the_sweeps_peak_against_the_memory_still_availa
     # n = 2410: the dense route (H as one 2410 x 2410 block) takes over where the sweep would not fit
     assert len(H._swept().blocks) == 1
     H.factor(1e-3)
-    # above DENSE_ROUTE_MAX_N, up to DENSE_RESCUE_N, the dense route still takes over where it fits
     H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
-    monkeypatch.setattr(hc, "DENSE_ROUTE_MAX_N", 1000)
-    assert len(H._swept().blocks) == 1
-    H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
-    monkeypatch.setattr(hc, "DENSE_RESCUE_N", 1000)  # no dense route: the refusal
+    monkeypatch.setattr(hc, "DENSE_ROUTE_MAX_N", 1000)  # no dense route: the refusal
     with pytest.raises(hessinv.TooLargeError, match=r"GiB of the device's memory is available.*"
                        r"curvature_batch_size=2\d\d\b"):  # fmt: skip
         H.factor(1e-3)

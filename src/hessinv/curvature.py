@@ -52,6 +52,7 @@ from hessinv.riccati import (
     check_dense_memory,
     check_memory,
     curvature_diagonal,
+    examples_apart,
     riccati_factor,
     riccati_forward,
     riccati_inverse_diagonal,
@@ -189,10 +190,11 @@ def _integer(x: object) -> int | None:
 #: against refined solves
 INVERSE_DIAGONAL_PROBES = 4
 
-#: The dense route (:meth:`CurvatureOperator._swept`) is taken up to this many parameters (``n^2`` numbers;
-#: 6144 until a probe's 10-512-3 tanh MLP on 32 examples, n = 7171: the sweep took 15 s and 8.3 GB, its
-#: dense matrix and LU 10 s and 0.4 GB)
-DENSE_ROUTE_MAX_N = 8192
+#: The dense route (:meth:`CurvatureOperator._swept`) is taken up to this many parameters (``n^2`` numbers,
+#: where they fit; 6144 until a probe's 10-512-3 tanh MLP on 32 examples, n = 7171: the sweep took 15 s and
+#: 8.3 GB, its dense matrix and LU 10 s and 0.4 GB; 8192 until a 64-64-64-10 MLP on 256 examples, n = 8970:
+#: the sweep 52 s and 10 GB, the dense route 27 s and 2.5 GB, one thread)
+DENSE_ROUTE_MAX_N = 12288
 #: ... and where the chain's sweep would cost over this many flops and three times the dense route's
 #: (below, both take about a millisecond). It was 1e9: a 10-16-1 tanh MLP on the 442 diabetes examples
 #: (n = 193, ``a = 7072`` activations at its last stage: 8.6e8 modelled flops, mostly memory-bound passes
@@ -419,8 +421,8 @@ class CurvatureOperator:
         (:class:`_DenseMatrixBlocks`, ``H`` formed once by ``n`` products). The chain's sweep costs
         ``sum_l (p_l^3 / 3 + 2 p_l^2 a_l + p_l a_l^2)`` flops and ``a_l^2`` numbers per stage; the dense
         one ``n^3 / 3`` after ``n`` products of about ``sum_l 8 B p_l`` flops. Taken where ``n <=``
-        :data:`DENSE_ROUTE_MAX_N` (:data:`DENSE_RESCUE_N` where the dense matrix and its factors fit) and the
-        sweep would not fit in memory, or costs over
+        :data:`DENSE_ROUTE_MAX_N` (where the dense matrix and its factors fit) and the sweep would not fit in
+        memory, or costs over
         :data:`DENSE_ROUTE_MIN_FLOPS` and three times the dense route's (a rough rule -- the sweep's
         passes over ``a^2`` numbers are memory-bound, so it errs towards the sweep: on the demo's
         1618-parameter chain with 1024 examples the sweep took 41 s, the dense route 18 s; a 193-parameter
@@ -432,7 +434,11 @@ class CurvatureOperator:
 
     def _dense_cheaper(self) -> bool:
         n = self.shape[0]
-        if n > DENSE_RESCUE_N:
+        if n > DENSE_ROUTE_MAX_N:
+            return False
+        try:  # (the dense matrix and its factors: 3.6 GB at the largest n, float64)
+            check_dense_memory(n, self.dtype, self.device, "the dense route", 3.0)
+        except TooLargeError:
             return False
         chain_flops, dense_flops = _block_costs(self.blocks)
         if _dense_route(chain_flops, dense_flops, n, self.device.type == "cpu"):
@@ -440,14 +446,6 @@ class CurvatureOperator:
         try:
             check_memory(self.blocks, self._names, self.dtype, self.device)
         except TooLargeError:
-            # the sweep does not fit: the dense matrix, up to DENSE_RESCUE_N where it and its factors fit
-            # (a 64-64-64-10 classifier on 1000 examples, n = 8970: the sweep's 85 GiB refused, 0.6 GB dense)
-            if n <= DENSE_ROUTE_MAX_N:
-                return True
-            try:
-                check_dense_memory(n, self.dtype, self.device, "the dense route", 3.0)
-            except TooLargeError:
-                return False
             return True
         return False
 
@@ -541,8 +539,12 @@ class CurvatureOperator:
         >>> torch.allclose(H.diagonal(), H.to_dense().diagonal())
         True
         """
-        sw = self._swept()
-        check_memory(sw.blocks, sw._names, sw.dtype, sw.device, diagonal=True)
+        view = self.__dict__.get("_view")
+        if (view is None or view is self) and examples_apart(self.blocks):
+            sw = self  # (per-example blocks, B d^2 numbers: no dense route, no a x a memory to check)
+        else:
+            sw = self._swept()
+            check_memory(sw.blocks, sw._names, sw.dtype, sw.device, diagonal=True)
         diag = torch.cat(curvature_diagonal(sw.blocks, self.gradient))
         if not bool(torch.isfinite(diag).all()):
             raise NonFiniteError(
@@ -1665,7 +1667,12 @@ class GaussNewton(CurvatureOperator):
     def diagonal(self) -> Tensor:
         """:meth:`CurvatureOperator.diagonal`; where ``G``'s root ``G = U^T diag(S) U`` is small against
         the sweep (:data:`ROOT_DIAGONAL_SHARE`), ``sum_q S_q U_qj^2`` from it: ``r = batch x outputs``
-        backward passes instead of the sweep's ``a x a`` blocks."""
+        backward passes instead of the sweep's ``a x a`` blocks. Where every stage keeps examples apart
+        (Linear + activation), the sweep's per-example blocks (``O(B d^3)`` per stage) unless the root is
+        at hand."""
+        view = self.__dict__.get("_view")
+        if (view is None or view is self) and self._root is None and examples_apart(self.blocks):
+            return super().diagonal()
         loss, n = self.blocks[-1], self.shape[0]
         r = loss.batch * loss.d_in
         first = _first_with_parameters(self.blocks)  # (its input is data: no a x a)
@@ -1677,7 +1684,6 @@ class GaussNewton(CurvatureOperator):
             for b in self.blocks[:-1]
             if isinstance(b, LazyBlocks)
         )
-        view = self.__dict__.get("_view")
         if (view is None or view is self) and r < n and r * n <= min(self.ROOT_DIAGONAL_SHARE * sweep, 2**27):
             U, S = self.root()
             return torch.einsum("q,qj,qj->j", S.to(U.dtype), U, U)

@@ -998,6 +998,20 @@ def riccati_factor(
 
 
 @_sweep
+def examples_apart(blocks: list[Blocks]) -> bool:
+    """Whether :func:`curvature_diagonal` can carry ``P_l`` as per-example blocks: a loss of per-example
+    terms (its ``Lambda`` (B, C, C)) below stages that all give
+    :meth:`~hessinv.stages.Blocks.example_curvature_diagonal` (Linear + activation, elementwise) on one
+    batch."""
+    loss, first = blocks[-1], _first_with_parameters(blocks)
+    if len(blocks) < 2 or not isinstance(getattr(type(loss), "Lam", None), property):
+        return False
+    return all(  # (each stage overrides the protocol's default None)
+        type(b).example_curvature_diagonal is not Blocks.example_curvature_diagonal and b.batch == loss.batch
+        for b in blocks[first:-1]
+    )
+
+
 def curvature_diagonal(blocks: list[Blocks], like: Tensor) -> list[Tensor]:
     """The diagonal of the curvature, per stage (model order; ``(0,)`` for parameter-free stages): the
     backward sweep of math.md §2 without the elimination. ``P_L = 0``, and for ``l = L .. 1`` the
@@ -1006,8 +1020,23 @@ def curvature_diagonal(blocks: list[Blocks], like: Tensor) -> list[Tensor]:
     (:meth:`~hessinv.stages.Blocks.curvature_diagonal`). Costs a factorization's products,
     ``O(sum_l p_l a_l^2 + a_l^2 d_l)``, with no pivot to factor; ``like`` gives dtype and device."""
     out = [like.new_zeros(b.p) for b in blocks]
-    P = torch.zeros(1, 1, 1, 1, dtype=like.dtype, device=like.device)
     first = _first_with_parameters(blocks)
+    if examples_apart(blocks):
+        # P_l block-diagonal over the examples all the way down: its (B, d, d) blocks, not a x a
+        loss = blocks[-1]
+        Lam = loss.Lam
+        P = Lam if Lam is not None else like.new_zeros(loss.batch, loss.d_in, loss.d_in)
+        for l in range(len(blocks) - 2, first - 1, -1):
+            got = blocks[l].example_curvature_diagonal(P, coupled=l > first)
+            assert got is not None  # (examples_apart)
+            diag, Pin = got
+            if blocks[l].p:
+                out[l] = diag
+            if l > first:
+                assert Pin is not None
+                P = Pin
+        return out
+    P = torch.zeros(1, 1, 1, 1, dtype=like.dtype, device=like.device)
     for l in range(len(blocks) - 1, first - 1, -1):
         diag, Qzz = blocks[l].curvature_diagonal(P, coupled=l > first)
         if blocks[l].p:

@@ -569,6 +569,23 @@ class DenseLayerBlocks(Blocks):
         R, P = self._through_weight(M, Sigma)
         return diag, self._qzz(R, P, Sigma)
 
+    def example_curvature_diagonal(self, P: Tensor, coupled: bool = True) -> tuple[Tensor, Tensor | None]:
+        """:meth:`Blocks.example_curvature_diagonal`: with ``M_n = diag(s'_n) P_n diag(s'_n) +
+        diag((b s'')_n)``, ``diag(Qxx0)[(i, j)] = sum_n M_n[i, i] zt_n[j]^2`` and ``P_{l-1,n} = W^T M_n W``
+        (a residual block: ``+ P_n diag(s'_n) W + (P_n diag(s'_n) W)^T + P_n``, from ``Jz = I + diag(s')
+        W``)."""
+        M = self.sp[:, :, None] * P * self.sp[:, None, :]  # (B, d, d)
+        if self.bpp is not None:
+            M.diagonal(dim1=1, dim2=2).add_(self.bpp)
+        diag = self._model(self.zt.square().T @ M.diagonal(dim1=1, dim2=2))[:, 0]
+        if not coupled:
+            return diag, None
+        Pin = torch.matmul(self.W.T, M) @ self.W
+        if self.residual:
+            X = P @ (self.sp[:, :, None] * self.W)
+            Pin = Pin + X + X.mT + P
+        return diag, Pin
+
 
 class ElementwiseStage(Stage):
     """A standalone elementwise activation ``z_out = s(z_in)`` (no parameters): ``Jz = diag(s')``,
@@ -603,6 +620,16 @@ class ElementwiseBlocks(ParameterFreeBlocks):
 
     def hzz(self, t: Tensor) -> Tensor:
         return torch.zeros_like(t) if self.bpp is None else self.bpp[:, :, None] * t
+
+    def example_curvature_diagonal(self, P: Tensor, coupled: bool = True) -> tuple[Tensor, Tensor | None]:
+        """:meth:`Blocks.example_curvature_diagonal`: ``P_{l-1,n} = diag(s'_n) P_n diag(s'_n) +
+        diag((b s'')_n)``."""
+        if not coupled:
+            return P.new_zeros(0), None
+        Pin = self.sp[:, :, None] * P * self.sp[:, None, :]
+        if self.bpp is not None:
+            Pin.diagonal(dim1=1, dim2=2).add_(self.bpp)
+        return P.new_zeros(0), Pin
 
     def riccati(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
         B, d = self.batch, self.d_in

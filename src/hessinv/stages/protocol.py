@@ -223,6 +223,16 @@ class Blocks(abc.ABC):
         assert rb.Qxx0 is not None, "riccati() returns the dense Qxx0"
         return rb.Qxx0.diagonal().clone(), rb.Qzz if coupled else None
 
+    def example_curvature_diagonal(
+        self, P: Tensor, coupled: bool = True
+    ) -> tuple[Tensor, Tensor | None] | None:
+        """:meth:`curvature_diagonal` for a downstream ``P_l`` that is block-diagonal over the examples,
+        given as its blocks (B, d_out, d_out) -- as it is below a loss of per-example terms through stages
+        that keep examples apart: ``(diag(Qxx0), P_{l-1})`` with ``P_{l-1}`` (B, d_in, d_in) per example
+        (None unless ``coupled``), ``O(B d^3)`` instead of the ``a x a`` blocks' ``O(B^2 d^3)``. None (the
+        default): the stage has no such form."""
+        return None
+
     def riccati_native(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
         """:meth:`riccati` with parameters in the order in which the stage forms them cheapest
         (given by :attr:`RiccatiBlocks.order`); the Riccati sweep calls this one. Defaults to
