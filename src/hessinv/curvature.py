@@ -643,9 +643,73 @@ class CurvatureOperator:
         max_refine: int = 5,
         return_info: bool = False,
     ) -> Tensor | tuple[Tensor, SolveInfo]:
-        """``(H + damping I)^{-1} rhs``; shortcut for ``self.factor(damping).solve(rhs, ...)``
-        (:meth:`Factorization.solve`)."""
+        """``(H + damping I)^{-1} rhs``: ``self.factor(damping).solve(rhs, ...)``
+        (:meth:`Factorization.solve`), except where one factorization is modelled to cost over
+        :data:`KRYLOV_FIRST_RATIO` products per right-hand side (a float64 operator, a number as damping,
+        ``refine=True``): MINRES on the ``O(L)`` products is tried first, restarted from its true
+        residual, for at most :data:`KRYLOV_SHARE` of the factorization's modelled flops, and its answer
+        kept where every column's relative residual is within the factorization's own target
+        (:meth:`_krylov_solve`) -- a well-conditioned system then costs tens of products instead of a
+        factorization (a 64-64-64-10 MLP's Gauss-Newton matrix on 256 examples at damping 1: 12 products,
+        0.01 s, against 27 s). ``return_info``: the :class:`SolveInfo` (there ``krylov_iterations`` counts
+        the products, ``refinement_steps = 0``).
+        """
+        if refine is True and return_info in (True, False):
+            got = self._krylov_solve(rhs, damping)
+            if got is not None:
+                return got if return_info else got[0]
         return self.factor(damping).solve(rhs, refine=refine, max_refine=max_refine, return_info=return_info)
+
+    def _factor_flops(self) -> float:
+        """The modelled flops of one factorization (:func:`_block_costs`: the sweep's or the dense
+        route's)."""
+        chain, dense = _block_costs(self.blocks)
+        return min(chain, dense)
+
+    def _krylov_solve(self, rhs: Tensor, damping: float) -> tuple[Tensor, SolveInfo] | None:
+        """``(x, info)`` from MINRES where that is cheaper than a factorization and reaches its accuracy,
+        else None (the caller factors). Each column is kept where its true relative residual (a float64
+        product) is at most ``min(1e-12, max(1e-14, 32 u ||H + eps I|| |x| / |b|))`` -- the factorization's
+        refinement accepts the same stall at the rounding of the residual itself -- ``||H + eps I||``
+        bounded from below by the Lanczos coefficients."""
+        if self.dtype != torch.float64 or isinstance(damping, Tensor):
+            return None
+        try:
+            eps = _check_shift(damping, self.dtype, "damping")
+            R, vec = self._as_matrix(rhs, "rhs")
+        except HessinvError:
+            return None  # (the factorization names it)
+        n, k = R.shape
+        _, dense = _block_costs(self.blocks)
+        product = max((dense - float(n) ** 3 / 3) / max(n, 1), 1.0)
+        ratio = self._factor_flops() / product
+        if not ratio >= KRYLOV_FIRST_RATIO * k or not bool(torch.isfinite(R).all()):
+            return None
+        budget = int(min(KRYLOV_SHARE * ratio / k, KRYLOV_MAX_ITERATIONS))
+
+        def apply(V: Tensor) -> Tensor:
+            return self._apply(V) + eps * V
+
+        X, spent = torch.zeros_like(R), 0
+        bnorm = R.norm(dim=0)
+        Res, anorm = R, 0.0
+        u = torch.finfo(torch.float64).eps
+        for _ in range(KRYLOV_RESTARTS):
+            D, its, est, converged = minres(apply, Res, 1e-15, budget - spent)
+            spent += its
+            anorm = max(anorm, est)
+            X = X + D
+            Res = R - apply(X)
+            if not bool(torch.isfinite(Res).all()):
+                return None
+            rel = Res.norm(dim=0) / bnorm.clamp_min(1e-300)
+            accept = (32 * u * anorm * X.norm(dim=0) / bnorm.clamp_min(1e-300)).clamp(1e-14, 1e-12)
+            if bool((rel <= accept).all()):
+                info = SolveInfo(float(rel.max()), 0, spent)
+                return (X[:, 0] if vec else X), info
+            if spent >= budget or not converged:  # (given up, or out of products: the factorization)
+                return None
+        return None
 
     def factor_if_positive_definite(self, damping: float = 0.0) -> Factorization | None:
         """The factorization of ``H + damping I`` if it is positive definite, else None.
@@ -1780,6 +1844,13 @@ class GaussNewton(CurvatureOperator):
             if B * C >= self.shape[0]:
                 raise
             return WoodburyFactorization(self, damping)
+
+    def _factor_flops(self) -> float:
+        """:meth:`CurvatureOperator._factor_flops`, or the Woodbury form's (the root's ``8 r n``, ``K``'s
+        ``r^2 n`` and its ``r^3 / 3``) where it is less."""
+        loss = self.blocks[-1]
+        r, n = float(loss.batch * loss.d_in), float(self.shape[0])
+        return min(super()._factor_flops(), 8 * r * n + r * r * n + r**3 / 3)
 
     def _woodbury_cheaper(self, damping: float) -> bool:
         """Whether ``G + eps I`` (``eps > 0``) is factored through ``G``'s square root (``r = B C`` rows)
@@ -3151,6 +3222,79 @@ DENSE_RECOUNT_N = 2048
 #: iteration on their rates projected at most 10.3); fgmres's give_up stops a column from the fourth
 #: iteration where its rate projects more than 15 (1.25 times the cap) -- 12 cost as much as the twin.
 LOW_GMRES_ITERATIONS = 12
+
+
+#: :meth:`CurvatureOperator.solve` tries MINRES first where a factorization is modelled to cost more than
+#: this many products per right-hand side, spending at most :data:`KRYLOV_SHARE` of its flops (and
+#: :data:`KRYLOV_MAX_ITERATIONS` products per column, in at most :data:`KRYLOV_RESTARTS` cycles)
+KRYLOV_FIRST_RATIO = 1000.0
+KRYLOV_SHARE = 0.1
+KRYLOV_MAX_ITERATIONS = 3000
+KRYLOV_RESTARTS = 3
+
+
+def minres(
+    apply: Callable[[Tensor], Tensor], B: Tensor, tol: float, maxiter: int
+) -> tuple[Tensor, int, float, bool]:
+    """MINRES (Paige and Saunders 1975) for a symmetric, possibly indefinite ``A X = B`` from ``X = 0``,
+    the columns of ``B`` (n, k) at once: the Lanczos recurrence on each column, ``|b - A x|`` minimized
+    over its Krylov space by Givens rotations, ``x`` updated by a three-term recurrence (no basis kept).
+    Stops where every column's recursive residual estimate is at most ``tol |b|``, after ``maxiter``
+    products, or -- from the 30th -- where the slowest column's mean contraction per product so far would
+    need more than twice ``maxiter`` of them. Returns ``(X, products, a lower bound on ||A||, converged)``
+    (the bound: the largest row norm of the Lanczos tridiagonal matrix; ``converged``: the estimates
+    reached ``tol``, which drift from the true residuals by rounding -- restart from ``B - A X`` for
+    more)."""
+    n, k = B.shape
+    X = torch.zeros_like(B)
+    if maxiter < 1 or n == 0:
+        return X, 0, 0.0, n == 0
+    beta1 = B.norm(dim=0)
+    ones = torch.ones_like(beta1)
+
+    def safe(t: Tensor) -> Tensor:
+        return torch.where(t > 0, t, ones)
+
+    r1, r2, y = B, B, B
+    oldb, beta = torch.zeros_like(beta1), beta1
+    dbar, epsln, phibar = torch.zeros_like(beta1), torch.zeros_like(beta1), beta1.clone()
+    cs, sn = -ones, torch.zeros_like(beta1)
+    w, w2 = torch.zeros_like(B), torch.zeros_like(B)
+    anorm, its, worst = 0.0, 0, 1.0
+    tiny = torch.finfo(B.dtype).tiny
+    while its < maxiter:
+        its += 1
+        v = y / safe(beta)
+        y = apply(v)
+        if its >= 2:
+            y = y - (beta / safe(oldb)) * r1
+        alfa = (v * y).sum(0)
+        y = y - (alfa / safe(beta)) * r2
+        r1, r2 = r2, y
+        oldb, beta = beta, y.norm(dim=0)
+        row = alfa.square() + beta.square() + (oldb.square() if its >= 2 else 0.0)  # (beta_1 = |b|: no row)
+        anorm = max(anorm, float(row.sqrt().max()))
+        oldeps = epsln
+        delta = cs * dbar + sn * alfa
+        gbar = sn * dbar - cs * alfa
+        epsln = sn * beta
+        dbar = -cs * beta
+        gamma = torch.sqrt(gbar.square() + beta.square()).clamp_min(tiny)
+        cs, sn = gbar / gamma, beta / gamma
+        phi = cs * phibar
+        phibar = sn * phibar
+        w1, w2 = w2, w
+        w = (v - oldeps * w1 - delta * w2) / gamma
+        X = X + phi * w
+        rel = phibar / safe(beta1)
+        worst = float(rel.max())
+        if not worst > tol:  # (NaN included: the caller's true residual tells)
+            break
+        if its >= 30:
+            rate = math.log(worst) / its if 0 < worst < 1 else 0.0
+            if rate == 0.0 or math.log(tol) / rate > 2 * maxiter:
+                break
+    return X, its, anorm, worst <= tol
 
 
 def fgmres(
