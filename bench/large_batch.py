@@ -22,6 +22,7 @@ Writes ``bench/results/large_batch.json``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -70,7 +71,7 @@ def backpack_diagonal(net: nn.Module, X, y, which: str) -> torch.Tensor:
     from backpack import backpack, extend
     from backpack.extensions import DiagGGNExact, DiagHessian
 
-    model, loss_fn = extend(net), extend(nn.CrossEntropyLoss())
+    model, loss_fn = extend(copy.deepcopy(net)), extend(nn.CrossEntropyLoss())  # (its hooks: on a copy)
     model.zero_grad()
     ext = DiagHessian() if which == "hessian" else DiagGGNExact()
     with backpack(ext):

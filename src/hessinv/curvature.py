@@ -1111,14 +1111,18 @@ class CurvatureOperator:
             at = sigma if target is None else target
             idx = np.sort(np.argsort(np.abs(w - at), kind="stable")[:k])
             vecs = U[:, idx]
-        V = torch.as_tensor(vecs, dtype=torch.float64)
-        V, _ = torch.linalg.qr(V)
+        return (*self._ritz_pairs(vecs), nsolves)
+
+    def _ritz_pairs(self, vecs: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+        """``(values, vectors, residuals)`` of the orthonormalized columns ``V`` of ``vecs``, ascending:
+        Rayleigh quotients ``v^T H v`` and ``|H v - lambda v|`` with float64 products."""
+        V = torch.linalg.qr(torch.as_tensor(vecs, dtype=torch.float64))[0]  # (orthonormal to rounding)
         op64 = self._residual_operator()
         HV = op64._apply(V.to(op64.dtype).to(op64.device)).double().cpu()
         lam = (V * HV).sum(0)
         res = (HV - V * lam).norm(dim=0)
         order = torch.argsort(lam)
-        return lam[order], V[:, order], res[order], nsolves
+        return lam[order], V[:, order], res[order]
 
     def _nonsingular_shift(self, sigma: float, step: float) -> tuple[Factorization, float, int]:
         """A factorization of ``H - s I`` at ``s = sigma`` or, where ``H - sigma I`` is singular (e.g.
@@ -1405,12 +1409,7 @@ class CurvatureOperator:
             )  # fmt: skip
         except (ArpackNoConvergence, ArpackError):
             return None
-        V = torch.linalg.qr(torch.as_tensor(vecs, dtype=torch.float64))[0]  # (orthonormal to rounding)
-        HV = self._apply(V.to(self.device)).double().cpu()
-        vals = (V * HV).sum(0)
-        order = torch.argsort(vals)
-        vals, V, HV = vals[order], V[:, order], HV[:, order]
-        res = (HV - V * vals).norm(dim=0)
+        vals, V, res = self._ritz_pairs(vecs)
         if not float(res.max()) <= 4 * want:  # (NaN too)
             return None
         pad = max(tol * scale + float(res.max()), math.sqrt(u) * scale)
@@ -1818,17 +1817,25 @@ class GaussNewton(CurvatureOperator):
             return WoodburyFactorization(self, damping)
         if method == "auto" and modify is None and precision == "working" and self._woodbury_cheaper(damping):
             return WoodburyFactorization(self, damping)
+        # where the sweep cannot answer, G + eps I = eps I + U^T S U through the root may (fewer rows than
+        # parameters, a positive number as damping, the factorization of G + eps I itself)
+        root_may = (
+            method == "auto"
+            and modify is None
+            and precision == "working"
+            and isinstance(damping, numbers.Real)
+            and not isinstance(damping, bool)
+            and damping > 0
+            and self.blocks[-1].batch * self.blocks[-1].d_in < self.shape[0]
+        )
         try:
             return _factorization(self, damping, modify, precision)
         except SingularError as e:
             # the sweep finds G + eps I singular to working precision -- a tiny eps on G's null space
-            # (cond = ||G|| / eps) -- but G + eps I = eps I + U^T S U is exact through the root, whose
-            # capacitance matrix K = S + U U^T / eps is well conditioned there: its log-determinant is
-            # (n - r) log eps + sum log(mu_i + eps) to rounding (a Laplace evidence at a prior precision of
-            # 1e-300), and its solves say their residuals
-            if method != "auto" or modify is not None or precision != "working" or not damping > 0:
-                raise
-            if self.blocks[-1].batch * self.blocks[-1].d_in >= self.shape[0]:
+            # (cond = ||G|| / eps) -- but through the root the capacitance matrix K = S + U U^T / eps is
+            # well conditioned there: its log-determinant is (n - r) log eps + sum log(mu_i + eps) to
+            # rounding (a Laplace evidence at a prior precision of 1e-300), and its solves say their residuals
+            if not root_may:
                 raise
             try:
                 return WoodburyFactorization(self, damping)
@@ -1836,12 +1843,9 @@ class GaussNewton(CurvatureOperator):
                 raise e from None
         except TooLargeError:
             # the sweep's a x a blocks do not fit (a whole training set: a = B d), but G's square root has
-            # r <= B C rows: G + eps I through it (a 20-64-64-10 MLP on 300 examples, n = 6154: the
-            # Laplace evidence refused as 18.7 GiB, answered in 4.7 s by the Woodbury form)
-            if method != "auto" or modify is not None or precision != "working" or not damping > 0:
-                raise
-            B, C = self.blocks[-1].batch, self.blocks[-1].d_in
-            if B * C >= self.shape[0]:
+            # r <= B C rows (a 20-64-64-10 MLP on 300 examples, n = 6154: the Laplace evidence refused as
+            # 18.7 GiB, answered in 4.7 s by the Woodbury form)
+            if not root_may:
                 raise
             return WoodburyFactorization(self, damping)
 

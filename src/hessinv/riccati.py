@@ -49,6 +49,7 @@ from hessinv.errors import (
     out_of_memory,
 )
 from hessinv.stages import Blocks
+from hessinv.stages.protocol import ExampleCurvature
 
 #: Sweeps whose work is mostly on blocks of at most this size run on one CPU thread
 #: (:data:`hessinv.linalg.SMALL_BLOCKS`, :func:`_small_sweep`).
@@ -997,7 +998,12 @@ def riccati_factor(
     return out, Inertia(neg, zero, pos), pd
 
 
-@_sweep
+#: :func:`curvature_diagonal` starts from the loss's ``Lambda_n`` in factored form (its eigenvectors, ``R =
+#: C`` columns: Gauss-Newton keeps ``R`` there) up to this many outputs per example, and from the blocks
+#: above it
+EXAMPLE_FACTOR_MAX_OUTPUTS = 64
+
+
 def examples_apart(blocks: list[Blocks]) -> bool:
     """Whether :func:`curvature_diagonal` can carry ``P_l`` as per-example blocks: a loss of per-example
     terms (its ``Lambda`` (B, C, C)) below stages that all give
@@ -1012,6 +1018,7 @@ def examples_apart(blocks: list[Blocks]) -> bool:
     )
 
 
+@_sweep
 def curvature_diagonal(blocks: list[Blocks], like: Tensor) -> list[Tensor]:
     """The diagonal of the curvature, per stage (model order; ``(0,)`` for parameter-free stages): the
     backward sweep of math.md §2 without the elimination. ``P_L = 0``, and for ``l = L .. 1`` the
@@ -1025,9 +1032,14 @@ def curvature_diagonal(blocks: list[Blocks], like: Tensor) -> list[Tensor]:
         # P_l block-diagonal over the examples all the way down: its (B, d, d) blocks, not a x a
         loss = blocks[-1]
         Lam = loss.Lam
-        P = Lam if Lam is not None else like.new_zeros(loss.batch, loss.d_in, loss.d_in)
+        P: ExampleCurvature = Lam if Lam is not None else like.new_zeros(loss.batch, loss.d_in, loss.d_in)
+        if loss.d_in <= EXAMPLE_FACTOR_MAX_OUTPUTS:  # Lambda_n = V diag(mu) V^T: R = C columns
+            mu, V = torch.linalg.eigh(0.5 * (P + P.mT))
+            P = (V, mu)
         for l in range(len(blocks) - 2, first - 1, -1):
-            got = blocks[l].example_curvature_diagonal(P, coupled=l > first)
+            # the stages between this one and the last with parameters have none: they need P's diagonal
+            only = all(blocks[j].p == 0 for j in range(first + 1, l))
+            got = blocks[l].example_curvature_diagonal(P, coupled=l > first, only_diagonal=only)
             assert got is not None  # (examples_apart)
             diag, Pin = got
             if blocks[l].p:

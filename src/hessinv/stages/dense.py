@@ -39,6 +39,7 @@ from hessinv.errors import UnsupportedStageError
 from hessinv.stages.generic import GenericStage
 from hessinv.stages.protocol import (
     Blocks,
+    ExampleCurvature,
     ParameterFreeBlocks,
     RiccatiBlocks,
     Stage,
@@ -569,20 +570,53 @@ class DenseLayerBlocks(Blocks):
         R, P = self._through_weight(M, Sigma)
         return diag, self._qzz(R, P, Sigma)
 
-    def example_curvature_diagonal(self, P: Tensor, coupled: bool = True) -> tuple[Tensor, Tensor | None]:
+    def example_curvature_diagonal(
+        self, P: ExampleCurvature, coupled: bool = True, only_diagonal: bool = False
+    ) -> tuple[Tensor, ExampleCurvature | None]:
         """:meth:`Blocks.example_curvature_diagonal`: with ``M_n = diag(s'_n) P_n diag(s'_n) +
         diag((b s'')_n)``, ``diag(Qxx0)[(i, j)] = sum_n M_n[i, i] zt_n[j]^2`` and ``P_{l-1,n} = W^T M_n W``
         (a residual block: ``+ P_n diag(s'_n) W + (P_n diag(s'_n) W)^T + P_n``, from ``Jz = I + diag(s')
-        W``)."""
-        M = self.sp[:, :, None] * P * self.sp[:, None, :]  # (B, d, d)
-        if self.bpp is not None:
-            M.diagonal(dim1=1, dim2=2).add_(self.bpp)
-        diag = self._model(self.zt.square().T @ M.diagonal(dim1=1, dim2=2))[:, 0]
+        W``). ``P = F diag(S) F^T`` in factored form gives ``F_in = W^T diag(s') F`` (``+ F``: residual)
+        and, for ``b s'' != 0``, the columns of ``W^T`` with weights ``b s''``: ``O(B m d R)`` for ``R``
+        columns (BackPACK's form; Gauss-Newton: ``R`` = the loss's rank), full once ``R`` exceeds ``m``."""
+        sp, bpp = self.sp, self.bpp
+        if isinstance(P, tuple):
+            F, S = P
+            G = sp[:, :, None] * F  # (B, d, R)
+            Md = (G.square() * S[:, None, :]).sum(-1)
+        elif P.dim() == 2:  # (only its diagonal: the last stage of the sweep)
+            Md = sp.square() * P
+        else:
+            M = sp[:, :, None] * P * sp[:, None, :]  # (B, d, d)
+            Md = M.diagonal(dim1=1, dim2=2)
+        Md = Md + bpp if bpp is not None else Md
+        diag = self._model(self.zt.square().T @ Md)[:, 0]
         if not coupled:
             return diag, None
-        Pin = torch.matmul(self.W.T, M) @ self.W
-        if self.residual:
-            X = P @ (self.sp[:, :, None] * self.W)
+        if isinstance(P, tuple):
+            Fin = _lmul(self.W.T, G)
+            if self.residual:
+                Fin = Fin + F
+            if bpp is not None:
+                Fin = torch.cat([Fin, self.W.T.expand(self.batch, -1, -1)], dim=-1)
+                S = torch.cat([S, bpp], dim=-1)
+            if only_diagonal:
+                return diag, (Fin.square() * S[:, None, :]).sum(-1)
+            if Fin.shape[-1] <= Fin.shape[1]:
+                return diag, (Fin, S)
+            return diag, (Fin * S[:, None, :]) @ Fin.mT
+        if bpp is not None:
+            M = M.clone()
+            M.diagonal(dim1=1, dim2=2).add_(bpp)
+        MW = torch.matmul(M, self.W)  # (B, d, m)
+        X = P @ (sp[:, :, None] * self.W) if self.residual else None
+        if only_diagonal:
+            Pd = (MW * self.W).sum(1)
+            if X is not None:
+                Pd = Pd + 2 * X.diagonal(dim1=1, dim2=2) + P.diagonal(dim1=1, dim2=2)
+            return diag, Pd
+        Pin = torch.matmul(self.W.T, MW)
+        if X is not None:
             Pin = Pin + X + X.mT + P
         return diag, Pin
 
@@ -621,15 +655,30 @@ class ElementwiseBlocks(ParameterFreeBlocks):
     def hzz(self, t: Tensor) -> Tensor:
         return torch.zeros_like(t) if self.bpp is None else self.bpp[:, :, None] * t
 
-    def example_curvature_diagonal(self, P: Tensor, coupled: bool = True) -> tuple[Tensor, Tensor | None]:
+    def example_curvature_diagonal(
+        self, P: ExampleCurvature, coupled: bool = True, only_diagonal: bool = False
+    ) -> tuple[Tensor, ExampleCurvature | None]:
         """:meth:`Blocks.example_curvature_diagonal`: ``P_{l-1,n} = diag(s'_n) P_n diag(s'_n) +
-        diag((b s'')_n)``."""
+        diag((b s'')_n)`` (factored: ``F_in = diag(s') F`` while ``b s'' = 0``)."""
+        none = self.sp.new_zeros(0)
         if not coupled:
-            return P.new_zeros(0), None
-        Pin = self.sp[:, :, None] * P * self.sp[:, None, :]
-        if self.bpp is not None:
-            Pin.diagonal(dim1=1, dim2=2).add_(self.bpp)
-        return P.new_zeros(0), Pin
+            return none, None
+        sp, bpp = self.sp, self.bpp
+        if isinstance(P, tuple):
+            F = sp[:, :, None] * P[0]
+            if bpp is None and not only_diagonal:
+                return none, (F, P[1])
+            W = P[1][:, None, :]
+            P = (F.square() * W).sum(-1) if only_diagonal else (F * W) @ F.mT
+        elif P.dim() == 2:
+            P = sp.square() * P
+        else:
+            P = sp[:, :, None] * P * sp[:, None, :]
+            if only_diagonal:
+                P = P.diagonal(dim1=1, dim2=2)
+        if bpp is not None:
+            P = P + bpp if P.dim() == 2 else P + torch.diag_embed(bpp)
+        return none, P
 
     def riccati(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
         B, d = self.batch, self.d_in

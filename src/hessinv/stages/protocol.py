@@ -96,6 +96,11 @@ class RiccatiBlocks:
     lowrank: tuple[Tensor, Tensor, Tensor | None, int] | None = None
 
 
+#: A per-example curvature ``P_n`` (:meth:`Blocks.example_curvature_diagonal`): (B, d, d) blocks, a factored
+#: ``(F, S)`` with ``P_n = F_n diag(S_n) F_n^T`` (F (B, d, R), S (B, R)), or only the diagonal (B, d)
+ExampleCurvature = Tensor | tuple[Tensor, Tensor]
+
+
 class Blocks(abc.ABC):
     """First- and second-order blocks of one stage at a linearization point.
 
@@ -224,13 +229,15 @@ class Blocks(abc.ABC):
         return rb.Qxx0.diagonal().clone(), rb.Qzz if coupled else None
 
     def example_curvature_diagonal(
-        self, P: Tensor, coupled: bool = True
-    ) -> tuple[Tensor, Tensor | None] | None:
-        """:meth:`curvature_diagonal` for a downstream ``P_l`` that is block-diagonal over the examples,
-        given as its blocks (B, d_out, d_out) -- as it is below a loss of per-example terms through stages
-        that keep examples apart: ``(diag(Qxx0), P_{l-1})`` with ``P_{l-1}`` (B, d_in, d_in) per example
-        (None unless ``coupled``), ``O(B d^3)`` instead of the ``a x a`` blocks' ``O(B^2 d^3)``. None (the
-        default): the stage has no such form."""
+        self, P: ExampleCurvature, coupled: bool = True, only_diagonal: bool = False
+    ) -> tuple[Tensor, ExampleCurvature | None] | None:
+        """:meth:`curvature_diagonal` for a downstream ``P_l`` that is block-diagonal over the examples -- as
+        it is below a loss of per-example terms through stages that keep examples apart -- given per example
+        (:data:`ExampleCurvature`: ``P_n`` (B, d_out, d_out), factored as ``(F, S)`` with ``P_n = F_n
+        diag(S_n) F_n^T``, or only its diagonal (B, d_out) where no later stage needs more):
+        ``(diag(Qxx0), P_{l-1})``, ``P_{l-1}`` in one of those forms (only its diagonal where
+        ``only_diagonal``; None unless ``coupled``), ``O(B d^3)`` or ``O(B d^2 R)`` instead of the ``a x
+        a`` blocks' ``O(B^2 d^3)``. None (the default): the stage has no such form."""
         return None
 
     def riccati_native(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
