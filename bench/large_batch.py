@@ -104,6 +104,7 @@ def residual(op, eps: float, x, g: torch.Tensor) -> float:
 
 
 def run_case(name: str, repeat: int, epsilons: list[float], factor: bool) -> dict:
+    """One case's record: per curvature, the diagonal's and each damping's solve timings."""
     sizes, batch = CASES[name]
     net, X, y = problem(sizes, batch)
     rec: dict = {"case": name, "sizes": sizes, "batch": batch}
@@ -148,14 +149,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--eps", default="1,1e-3")
+    ap.add_argument("--eps", default="1,1e-3", help="dampings of the solves ('' for none)")
     ap.add_argument("--no-factor", action="store_true", help="skip the factorization route (minutes)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "large_batch.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     record = {"machine": machine_info("cpu"), "load_start": load_average(), "cases": []}
     for name in args.cases.split(","):
-        rec = run_case(name, args.repeat, [float(e) for e in args.eps.split(",")], not args.no_factor)
+        eps = [float(e) for e in args.eps.split(",") if e]
+        rec = run_case(name, args.repeat, eps, not args.no_factor)
         record["cases"].append(rec)
         for which in ("hessian", "gauss_newton"):
             r = rec[which]

@@ -130,3 +130,24 @@ def test_singular_systems_are_still_refused_by_name():
     G = hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X[:3], y[:3])
     with mock.patch.object(curvature, "KRYLOV_FIRST_RATIO", 0.0), pytest.raises(hessinv.SingularError):
         G.solve(G.gradient + 1.0, 0.0)
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-160, 1.0, 1e150])
+def test_krylov_first_at_extreme_scales_of_the_right_hand_side(scale):
+    """A right-hand side of entries 1e-300 (its squared norm underflows) or 1e150: the solution scales
+    with it (MINRES on each column scaled to unit size), not x = 0 with a reported residual of 0."""
+    net, X, y = _mlp(400)
+    G = hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X, y)
+    ref, _ = G.solve(G.gradient, 1.0, return_info=True)
+    x, info = G.solve(G.gradient * scale, 1.0, return_info=True)
+    assert info.krylov_iterations > 0 and info.residual <= 1e-12
+    assert float((x / scale - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
+
+
+def test_gauss_newton_at_zero_damping_is_left_to_the_factorization():
+    """G + 0 I is singular wherever G has fewer rows than parameters: no MINRES answer (one of many)."""
+    net, X, y = _mlp(400)
+    G = hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X, y)
+    with mock.patch.object(curvature, "minres", side_effect=AssertionError("took MINRES")):
+        with pytest.raises(hessinv.SingularError):
+            G.solve(G.gradient, 0.0)

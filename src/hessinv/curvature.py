@@ -526,10 +526,14 @@ class CurvatureOperator:
         of the loss in stage ``l``'s output through every later stage (``P_L = 0``,
         ``P_{l-1} = Hzz_l + Jz_l^T P_l Jz_l``), the diagonal block of ``H`` for stage ``l``'s parameters
         is ``Hxx_l + Jx_l^T P_l Jx_l``, of which a Linear stage forms only the diagonal
-        (``O(B^2 m d)``, never the ``p x p`` block). Costs about a factorization's products and memory
-        (``a x a`` per stage, ``a`` = examples x width); where the factorization takes the dense route
-        (a large batch on a small model) it is the dense matrix's diagonal (``n`` products, once for every
-        use of that route). Hutchinson's estimator
+        (``O(B^2 m d)``, never the ``p x p`` block). Below a loss of per-example terms through stages that
+        keep examples apart (Linear + activation, elementwise: :func:`~hessinv.riccati.examples_apart`)
+        ``P_l`` is block-diagonal over the examples and is carried per example, factored while that is
+        smaller (``O(B d^2 R)`` or ``O(B d^3)`` per stage, examples a chunk at a time: any batch size, no
+        dense route). Otherwise it costs about a factorization's products and memory (``a x a`` per
+        stage, ``a`` = examples x width), and where the factorization takes the dense route (a large batch
+        on a small model) it is the dense matrix's diagonal (``n`` products, once for every use of that
+        route). Hutchinson's estimator
         (PyHessian, AdaHessian) needs ``O(1 / rel. error^2)`` products for the same numbers.
 
         >>> import torch, hessinv
@@ -652,7 +656,10 @@ class CurvatureOperator:
         (:meth:`_krylov_solve`) -- a well-conditioned system then costs tens of products instead of a
         factorization (a 64-64-64-10 MLP's Gauss-Newton matrix on 256 examples at damping 1: 12 products,
         0.01 s, against 27 s). ``return_info``: the :class:`SolveInfo` (there ``krylov_iterations`` counts
-        the products, ``refinement_steps = 0``).
+        the products, ``refinement_steps = 0``). Gauss-Newton takes that route only at a positive damping;
+        a Hessian singular to working precision whose right-hand side lies in its range (a consistent
+        system: ``factor(eps).solve`` raises :class:`SingularError`) may get MINRES's answer there, the
+        minimum-norm solution, at the residual reported.
         """
         if refine is True and return_info in (True, False):
             got = self._krylov_solve(rhs, damping)
@@ -679,6 +686,8 @@ class CurvatureOperator:
             R, vec = self._as_matrix(rhs, "rhs")
         except HessinvError:
             return None  # (the factorization names it)
+        if isinstance(self, GaussNewton) and not eps > 0:
+            return None  # (G + eps I singular or indefinite: the factorization says which)
         n, k = R.shape
         _, dense = _block_costs(self.blocks)
         product = max((dense - float(n) ** 3 / 3) / max(n, 1), 1.0)
@@ -690,21 +699,31 @@ class CurvatureOperator:
         def apply(V: Tensor) -> Tensor:
             return self._apply(V) + eps * V
 
-        X, spent = torch.zeros_like(R), 0
-        bnorm = R.norm(dim=0)
-        Res, anorm = R, 0.0
+        # each column scaled to unit largest entry (exact: a power of 2), so that no norm underflows (a
+        # right-hand side of entries 1e-200: |b|^2 = 0) or overflows; zero columns solve to zero
+        top = R.abs().amax(0)
+        if not bool((top > 0).any()):
+            return None
+        scale = torch.where(top > 0, torch.exp2(torch.floor(torch.log2(top.clamp_min(1e-300)))), 1.0)
+        Rs = R / scale
+        X, spent = torch.zeros_like(Rs), 0
+        bnorm = Rs.norm(dim=0)
+        Res, anorm = Rs, 0.0
         u = torch.finfo(torch.float64).eps
         for _ in range(KRYLOV_RESTARTS):
             D, its, est, converged = minres(apply, Res, 1e-15, budget - spent)
-            spent += its
+            spent += its + 1  # (and the true residual's product)
             anorm = max(anorm, est)
             X = X + D
-            Res = R - apply(X)
+            Res = Rs - apply(X)
             if not bool(torch.isfinite(Res).all()):
                 return None
             rel = Res.norm(dim=0) / bnorm.clamp_min(1e-300)
             accept = (32 * u * anorm * X.norm(dim=0) / bnorm.clamp_min(1e-300)).clamp(1e-14, 1e-12)
             if bool((rel <= accept).all()):
+                X = X * scale
+                if not bool(torch.isfinite(X).all()):
+                    return None  # (beyond float64's range: the factorization's named error)
                 info = SolveInfo(float(rel.max()), 0, spent)
                 return (X[:, 0] if vec else X), info
             if spent >= budget or not converged:  # (given up, or out of products: the factorization)
@@ -2327,7 +2346,7 @@ class Factorization:
         :meth:`_dense_fits`) or from refined solves with the identity's columns, 256 at a time
         (each warns as :meth:`solve` does where its residual is poor)."""
         n = self.op.shape[0]
-        if n <= DENSE_ROUTE_MAX_N or self._dense_fits(n):
+        if self._dense_fits(n):
             A = self._dense_matrix()
             inv, info = torch.linalg.inv_ex(A)
             # LU rarely meets an exact zero pivot: singular to working precision where cond_1 >= 1 / u

@@ -1002,6 +1002,11 @@ def riccati_factor(
 #: C`` columns: Gauss-Newton keeps ``R`` there) up to this many outputs per example, and from the blocks
 #: above it
 EXAMPLE_FACTOR_MAX_OUTPUTS = 64
+#: ... and holds at most this many (B, d, d) tensors at once (P, M, M W and the next P), on examples taken
+#: a chunk at a time so that they hold at most EXAMPLE_PASS_ENTRIES numbers (any batch: the diagonal is a
+#: sum over examples)
+EXAMPLE_COPIES = 4
+EXAMPLE_PASS_ENTRIES = 2**26
 
 
 def examples_apart(blocks: list[Blocks]) -> bool:
@@ -1018,6 +1023,21 @@ def examples_apart(blocks: list[Blocks]) -> bool:
     )
 
 
+def _example_rows(blocks: list[Blocks]) -> int:
+    """How many examples :func:`curvature_diagonal`'s per-example route takes at once: all of them, or as
+    many as keep :data:`EXAMPLE_COPIES` blocks of ``d x d`` each (the widest stage's) within
+    :data:`EXAMPLE_PASS_ENTRIES` numbers and a quarter of the memory still available (at least one)."""
+    loss, first = blocks[-1], _first_with_parameters(blocks)
+    d = max((max(b.d_in, b.d_out) for b in blocks[first:-1]), default=1)
+    per = EXAMPLE_COPIES * d * d
+    rows = max(1, EXAMPLE_PASS_ENTRIES // per)
+    if rows < loss.batch:
+        total = _memory_bytes(loss.G.device)
+        if total is not None:
+            rows = max(1, min(rows, total // (4 * per * loss.G.element_size())))
+    return min(rows, max(loss.batch, 1))
+
+
 @_sweep
 def curvature_diagonal(blocks: list[Blocks], like: Tensor) -> list[Tensor]:
     """The diagonal of the curvature, per stage (model order; ``(0,)`` for parameter-free stages): the
@@ -1032,21 +1052,25 @@ def curvature_diagonal(blocks: list[Blocks], like: Tensor) -> list[Tensor]:
         # P_l block-diagonal over the examples all the way down: its (B, d, d) blocks, not a x a
         loss = blocks[-1]
         Lam = loss.Lam
-        P: ExampleCurvature = Lam if Lam is not None else like.new_zeros(loss.batch, loss.d_in, loss.d_in)
-        if loss.d_in <= EXAMPLE_FACTOR_MAX_OUTPUTS:  # Lambda_n = V diag(mu) V^T: R = C columns
-            mu, V = torch.linalg.eigh(0.5 * (P + P.mT))
-            P = (V, mu)
-        for l in range(len(blocks) - 2, first - 1, -1):
-            # the stages between this one and the last with parameters have none: they need P's diagonal
-            only = all(blocks[j].p == 0 for j in range(first + 1, l))
-            got = blocks[l].example_curvature_diagonal(P, coupled=l > first, only_diagonal=only)
-            assert got is not None  # (examples_apart)
-            diag, Pin = got
-            if blocks[l].p:
-                out[l] = diag
-            if l > first:
-                assert Pin is not None
-                P = Pin
+        step = _example_rows(blocks)
+        for r0 in range(0, loss.batch, step):
+            rows = slice(r0, min(loss.batch, r0 + step))
+            k = rows.stop - r0
+            P: ExampleCurvature = Lam[rows] if Lam is not None else like.new_zeros(k, loss.d_in, loss.d_in)
+            if loss.d_in <= EXAMPLE_FACTOR_MAX_OUTPUTS:  # Lambda_n = V diag(mu) V^T: R = C columns
+                mu, V = torch.linalg.eigh(0.5 * (P + P.mT))
+                P = (V, mu)
+            for l in range(len(blocks) - 2, first - 1, -1):
+                # the stages between this one and the last with parameters have none: they need P's diagonal
+                only = all(blocks[j].p == 0 for j in range(first + 1, l))
+                got = blocks[l].example_curvature_diagonal(P, l > first, only, rows)
+                assert got is not None  # (examples_apart)
+                diag, Pin = got
+                if blocks[l].p:
+                    out[l] += diag
+                if l > first:
+                    assert Pin is not None
+                    P = Pin
         return out
     P = torch.zeros(1, 1, 1, 1, dtype=like.dtype, device=like.device)
     for l in range(len(blocks) - 1, first - 1, -1):

@@ -571,7 +571,11 @@ class DenseLayerBlocks(Blocks):
         return diag, self._qzz(R, P, Sigma)
 
     def example_curvature_diagonal(
-        self, P: ExampleCurvature, coupled: bool = True, only_diagonal: bool = False
+        self,
+        P: ExampleCurvature,
+        coupled: bool = True,
+        only_diagonal: bool = False,
+        rows: slice = slice(None),
     ) -> tuple[Tensor, ExampleCurvature | None]:
         """:meth:`Blocks.example_curvature_diagonal`: with ``M_n = diag(s'_n) P_n diag(s'_n) +
         diag((b s'')_n)``, ``diag(Qxx0)[(i, j)] = sum_n M_n[i, i] zt_n[j]^2`` and ``P_{l-1,n} = W^T M_n W``
@@ -579,7 +583,7 @@ class DenseLayerBlocks(Blocks):
         W``). ``P = F diag(S) F^T`` in factored form gives ``F_in = W^T diag(s') F`` (``+ F``: residual)
         and, for ``b s'' != 0``, the columns of ``W^T`` with weights ``b s''``: ``O(B m d R)`` for ``R``
         columns (BackPACK's form; Gauss-Newton: ``R`` = the loss's rank), full once ``R`` exceeds ``m``."""
-        sp, bpp = self.sp, self.bpp
+        sp, bpp, zt = self.sp[rows], None if self.bpp is None else self.bpp[rows], self.zt[rows]
         if isinstance(P, tuple):
             F, S = P
             G = sp[:, :, None] * F  # (B, d, R)
@@ -590,7 +594,7 @@ class DenseLayerBlocks(Blocks):
             M = sp[:, :, None] * P * sp[:, None, :]  # (B, d, d)
             Md = M.diagonal(dim1=1, dim2=2)
         Md = Md + bpp if bpp is not None else Md
-        diag = self._model(self.zt.square().T @ Md)[:, 0]
+        diag = self._model(zt.square().T @ Md)[:, 0]
         if not coupled:
             return diag, None
         if isinstance(P, tuple):
@@ -598,7 +602,7 @@ class DenseLayerBlocks(Blocks):
             if self.residual:
                 Fin = Fin + F
             if bpp is not None:
-                Fin = torch.cat([Fin, self.W.T.expand(self.batch, -1, -1)], dim=-1)
+                Fin = torch.cat([Fin, self.W.T.expand(sp.shape[0], -1, -1)], dim=-1)
                 S = torch.cat([S, bpp], dim=-1)
             if only_diagonal:
                 return diag, (Fin.square() * S[:, None, :]).sum(-1)
@@ -656,14 +660,18 @@ class ElementwiseBlocks(ParameterFreeBlocks):
         return torch.zeros_like(t) if self.bpp is None else self.bpp[:, :, None] * t
 
     def example_curvature_diagonal(
-        self, P: ExampleCurvature, coupled: bool = True, only_diagonal: bool = False
+        self,
+        P: ExampleCurvature,
+        coupled: bool = True,
+        only_diagonal: bool = False,
+        rows: slice = slice(None),
     ) -> tuple[Tensor, ExampleCurvature | None]:
         """:meth:`Blocks.example_curvature_diagonal`: ``P_{l-1,n} = diag(s'_n) P_n diag(s'_n) +
         diag((b s'')_n)`` (factored: ``F_in = diag(s') F`` while ``b s'' = 0``)."""
         none = self.sp.new_zeros(0)
         if not coupled:
             return none, None
-        sp, bpp = self.sp, self.bpp
+        sp, bpp = self.sp[rows], None if self.bpp is None else self.bpp[rows]
         if isinstance(P, tuple):
             F = sp[:, :, None] * P[0]
             if bpp is None and not only_diagonal:

@@ -229,7 +229,11 @@ class Blocks(abc.ABC):
         return rb.Qxx0.diagonal().clone(), rb.Qzz if coupled else None
 
     def example_curvature_diagonal(
-        self, P: ExampleCurvature, coupled: bool = True, only_diagonal: bool = False
+        self,
+        P: ExampleCurvature,
+        coupled: bool = True,
+        only_diagonal: bool = False,
+        rows: slice = slice(None),
     ) -> tuple[Tensor, ExampleCurvature | None] | None:
         """:meth:`curvature_diagonal` for a downstream ``P_l`` that is block-diagonal over the examples -- as
         it is below a loss of per-example terms through stages that keep examples apart -- given per example
@@ -237,7 +241,8 @@ class Blocks(abc.ABC):
         diag(S_n) F_n^T``, or only its diagonal (B, d_out) where no later stage needs more):
         ``(diag(Qxx0), P_{l-1})``, ``P_{l-1}`` in one of those forms (only its diagonal where
         ``only_diagonal``; None unless ``coupled``), ``O(B d^3)`` or ``O(B d^2 R)`` instead of the ``a x
-        a`` blocks' ``O(B^2 d^3)``. None (the default): the stage has no such form."""
+        a`` blocks' ``O(B^2 d^3)``; ``rows``: for the batch's examples in that slice only (``P`` given
+        for them; the diagonal is theirs, a sum over examples). None (the default): no such form."""
         return None
 
     def riccati_native(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
