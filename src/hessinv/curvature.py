@@ -228,7 +228,11 @@ def _dense_route(chain: float, dense: float, n: int, cpu: bool = True) -> bool:
 
 
 def _factorization_costs(
-    sizes: Sequence[int], widths: Sequence[int], batches: Sequence[int], outputs: int = 0
+    sizes: Sequence[int],
+    widths: Sequence[int],
+    batches: Sequence[int],
+    outputs: int = 0,
+    pivots: Sequence[int] | None = None,
 ) -> tuple[float, float]:
     """``(Riccati sweep, dense route)`` flops of one factorization: the sweep's ``sum_l (p_l^3 / 3 + 2 p_l^2
     a_l + p_l a_l^2)`` with ``a_l = batches[l] * widths[l]`` (stage ``l``'s input width; 0 at the first
@@ -238,15 +242,18 @@ def _factorization_costs(
     route), plus the loss's coupling of the ``outputs`` (examples x outputs each) through
     the last stage with parameters (``p a^2 + 2 p^2 a``: an image's pixels), the dense route's ``n^3 / 3``
     plus ``n`` products of ``sum_l 8 B_l max(p_l, d_in + d_out)`` (a convolution's weights are shared by
-    its positions: a product costs about its inputs and outputs, not its few parameters)."""
+    its positions: a product costs about its inputs and outputs, not its few parameters). ``pivots``: the
+    order of each pivot as the sweep factors it (:meth:`~hessinv.stages.Blocks.pivot_order`: a wide
+    stage's rank-``B d`` pivot) in place of ``p`` in its ``p^3 / 3 + 2 p^2 a`` (default: ``sizes``)."""
     first = next((l for l, p in enumerate(sizes) if p), 0)
+    qs = sizes if pivots is None else pivots
     chain = sum(
-        p**3 / 3 + 2 * p**2 * a + p * a * a
-        for l, p in enumerate(sizes)
+        q**3 / 3 + 2 * q**2 * a + p * a * a
+        for l, (p, q) in enumerate(zip(sizes, qs, strict=True))
         if p
         for a in [batches[l] * widths[l] if l > first else 0]
     )
-    last = next((p for p in reversed(sizes) if p), 0)
+    last = next((q for p, q in zip(reversed(sizes), reversed(qs), strict=True) if p), 0)
     chain += last * float(outputs) ** 2 + 2.0 * last**2 * outputs
     n = sum(sizes)
     outs = [*widths[1:], outputs / max(batches[-1], 1) if batches else 0]  # (each stage's output width)
@@ -256,11 +263,16 @@ def _factorization_costs(
     return chain, n**3 / 3 + n * product
 
 
-def _block_costs(blocks: Sequence[Blocks]) -> tuple[float, float]:
-    """:func:`_factorization_costs` of a linearized chain (model stages, then the loss stage)."""
+def _block_costs(blocks: Sequence[Blocks], pivots: bool = False) -> tuple[float, float]:
+    """:func:`_factorization_costs` of a linearized chain (model stages, then the loss stage); ``pivots``:
+    with the pivots' orders as factored."""
     stages, loss = blocks[:-1], blocks[-1]
     return _factorization_costs(
-        [b.p for b in stages], [b.d_in for b in stages], [b.batch for b in stages], loss.batch * loss.d_in
+        [b.p for b in stages],
+        [b.d_in for b in stages],
+        [b.batch for b in stages],
+        loss.batch * loss.d_in,
+        [b.pivot_order(b.batch) for b in stages] if pivots else None,
     )
 
 
@@ -1877,13 +1889,12 @@ class GaussNewton(CurvatureOperator):
 
     def _woodbury_cheaper(self, damping: float) -> bool:
         """Whether ``G + eps I`` (``eps > 0``) is factored through ``G``'s square root (``r = B C`` rows)
-        rather than by the dense route: where the factorization would take the dense route
-        (:meth:`_dense_cheaper`), ``2 r < n`` and the Woodbury form's modelled flops -- the root's ``8 r n``,
-        ``K``'s ``r^2 n``, its Cholesky ``r^3 / 3`` -- are under half of the dense route's
-        (:func:`_factorization_costs`; the Woodbury flops are one matrix product, the dense route's ``n``
-        memory-bound products first). Its ``r x n`` root is then below the dense route's ``n x n``. A
-        20-64-64-10 MLP's Laplace posterior on 300 examples (``n = 6154``, ``r = 3000``): 49 s by the dense
-        route, 2.8 s through the root."""
+        rather than by the route the factorization would take: where ``2 r < n`` and the Woodbury form's
+        modelled flops -- the root's ``8 r n``, ``K``'s ``r^2 n``, its Cholesky ``r^3 / 3`` -- are under half
+        of that route's (:func:`_factorization_costs`: the dense route's, where :meth:`_dense_cheaper`; else
+        the sweep's with each pivot's order as factored). A 20-64-64-10 MLP's Laplace posterior on 300
+        examples (``n = 6154``, ``r = 3000``): 49 s by the dense route, 2.8 s through the root; a 64-128-64-10
+        MLP on 64 examples (``n = 17226``, ``r = 640``): 13.8 s by the sweep, 0.3 s through the root."""
         try:  # (an invalid damping: the sweep's named refusal)
             eps = _check_shift(damping, self.dtype, "damping")
         except HessinvError:
@@ -1894,12 +1905,10 @@ class GaussNewton(CurvatureOperator):
         # may overflow, and eigh fails on it (the sweep names the system singular)
         if not eps >= math.sqrt(torch.finfo(self.dtype).tiny) or 2 * r >= n:
             return False
-        # against the dense route only: the sweep's modelled p^3 / 3 per pivot ignores its rank-(B d) pivots
-        # of wide stages, 100x too high there (16-64-1000 on 8 examples: the sweep 9.7 s, Woodbury 158 s)
-        if not self._dense_cheaper():
-            return False
-        _, dense = _block_costs(self.blocks)
-        return 2 * (8 * r * n + r * r * n + r**3 / 3) < dense
+        # the sweep's cost with its rank-(B d) pivots of wide stages as factored (counted as p^3 / 3 it is
+        # 100x too high there: 16-64-1000 on 8 examples, the sweep 9.7 s, Woodbury 158 s)
+        route = _block_costs(self.blocks)[1] if self._dense_cheaper() else _block_costs(self.blocks, True)[0]
+        return 2 * (8 * r * n + r * r * n + r**3 / 3) < route
 
 
 class Factorization:
