@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_average, machine_info  # noqa: E402
+from common import load_average, machine_info, timed  # noqa: E402
 
 import hessinv  # noqa: E402
 
@@ -57,17 +55,6 @@ def models() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]]:
             (3, 32, 32), 64,
         ),
     }  # fmt: skip
-
-
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float, object]:
-    """Median (CPU seconds, wall seconds) over ``repeats`` calls, and the last result."""
-    cpu, wall, out = [], [], None
-    for _ in range(repeats):
-        c0, w0 = time.process_time(), time.perf_counter()
-        out = fn()
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - w0)
-    return statistics.median(cpu), statistics.median(wall), out
 
 
 def run(name: str, dtype: torch.dtype, repeats: int) -> dict:

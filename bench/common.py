@@ -97,6 +97,17 @@ def best_of(
     return min(times), out
 
 
+def timed(fn: Callable[[], object], repeats: int = 1) -> tuple[float, float, object]:
+    """Median (CPU seconds, wall seconds) over ``repeats`` calls, and the last result."""
+    cpu, wall, out = [], [], None
+    for _ in range(repeats):
+        c0, w0 = time.process_time(), time.perf_counter()
+        out = fn()
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return statistics.median(cpu), statistics.median(wall), out
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -25,9 +25,7 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +33,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import load_average, machine_info  # noqa: E402
+from common import load_average, machine_info, timed  # noqa: E402
 
 import hessinv  # noqa: E402
 
@@ -54,17 +52,6 @@ def problem(sizes: list[int], batch: int) -> tuple[nn.Module, torch.Tensor, torc
         layers += [nn.Linear(a, b), nn.Tanh()]
     net = nn.Sequential(*layers[:-1]).double()
     return net, torch.randn(batch, sizes[0], dtype=torch.float64), torch.randint(0, sizes[-1], (batch,))
-
-
-def timed(fn, repeat: int = 1) -> tuple[object, float, float]:
-    """(last result, median wall s, median process CPU s)."""
-    walls, cpus, out = [], [], None
-    for _ in range(repeat):
-        t, c = time.perf_counter(), time.process_time()
-        out = fn()
-        walls.append(time.perf_counter() - t)
-        cpus.append(time.process_time() - c)
-    return out, statistics.median(walls), statistics.median(cpus)
 
 
 def backpack_diagonal(net: nn.Module, X, y, which: str) -> torch.Tensor:
@@ -116,26 +103,26 @@ def run_case(name: str, repeat: int, epsilons: list[float], factor: bool) -> dic
         def fresh(make=make):  # (each timed call on a new operator: nothing cached)
             return make(net, nn.CrossEntropyLoss(), X, y)
 
-        d, w, c = timed(lambda: fresh().diagonal(), repeat)
+        c, w, d = timed(lambda: fresh().diagonal(), repeat)
         row: dict = {"hessinv_diagonal_s": w, "hessinv_diagonal_cpu_s": c}
         try:
-            ref, w2, c2 = timed(lambda which=which: backpack_diagonal(net, X, y, which), repeat)
+            c2, w2, ref = timed(lambda which=which: backpack_diagonal(net, X, y, which), repeat)
             row |= {"backpack_s": w2, "backpack_cpu_s": c2, "ratio_backpack_over_hessinv": w2 / w}
             row["agreement"] = float((d - ref).abs().max() / ref.abs().max())
         except ImportError as e:
             row["backpack"] = f"skipped: {e}"
         for eps in epsilons:
             s: dict = {}
-            (x, info), w, c = timed(lambda eps=eps, g=g: fresh().solve(g, eps, return_info=True), repeat)
+            c, w, (x, info) = timed(lambda eps=eps, g=g: fresh().solve(g, eps, return_info=True), repeat)
             s |= {"hessinv_s": w, "hessinv_cpu_s": c, "hessinv_residual": info.residual}
             # (the MINRES route: products spent, no refinement step; None: the factorization answered)
             minres = info.refinement_steps == 0 and info.krylov_iterations > 0
             s["hessinv_products"] = info.krylov_iterations if minres else None
             if factor:
-                x2, w2, c2 = timed(lambda eps=eps, g=g: fresh().factor(eps).solve(g))
+                c2, w2, x2 = timed(lambda eps=eps, g=g: fresh().factor(eps).solve(g))
                 s |= {"factor_s": w2, "factor_cpu_s": c2, "factor_residual": residual(op, eps, x2, g)}
             try:
-                (x3, its), w3, c3 = timed(
+                c3, w3, (x3, its) = timed(
                     lambda eps=eps, g=g, which=which: curvlinops_solve(net, X, y, which, eps, g), repeat
                 )
                 s |= {"curvlinops_s": w3, "curvlinops_cpu_s": c3, "curvlinops_iterations": its}

@@ -285,6 +285,14 @@ def _generic_models() -> dict:
     }
 
 
+def generic_problem(name: str) -> tuple:
+    """``(model, loss_fn, inputs, targets)``: one of :func:`_generic_models` in float64, 3 classes."""
+    model, x = _generic_models()[name]
+    x = x.double() if x.is_floating_point() else x
+    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
+    return model.double(), torch.nn.CrossEntropyLoss(), x, y
+
+
 @pytest.mark.parametrize("name", ["conv1d", "layernorm", "embedding", "linear_on_positions"])
 def test_gauss_newton_root_through_generic_stages(name):
     """Generic stages give the gradient and the Gauss-Newton root by batched vector-Jacobian products,
@@ -295,11 +303,7 @@ def test_gauss_newton_root_through_generic_stages(name):
 
     from hessinv.stages.generic import LazyBlocks
 
-    model, x = _generic_models()[name]
-    model = model.double()
-    x = x.double() if x.is_floating_point() else x
-    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
-    loss_fn = torch.nn.CrossEntropyLoss()
+    model, loss_fn, x, y = generic_problem(name)
     G = hessinv.gauss_newton(model, loss_fn, x, y)
     lazy = [b for b in G.blocks if isinstance(b, LazyBlocks)]
     assert lazy

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import autograd_gauss_newton, chains
-from test_lowrank import _generic_models
+from test_lowrank import generic_problem
 
 import hessinv
 from hessinv import lowrank
@@ -37,11 +37,7 @@ def test_root_in_passes_of_a_few_rows_is_the_gauss_newton_matrix(prob, rows):
 def test_root_in_passes_through_generic_stages(name):
     """Generic stages (their per-example pulls, a lookup table, a stage that mixes positions) in passes
     of two rows: the same ``G`` as plain autograd."""
-    model, x = _generic_models()[name]
-    model = model.double()
-    x = x.double() if x.is_floating_point() else x
-    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(1))
-    loss_fn = torch.nn.CrossEntropyLoss()
+    model, loss_fn, x, y = generic_problem(name)
     G = hessinv.gauss_newton(model, loss_fn, x, y)
     with mock.patch.object(lowrank, "ROOT_PASS_ENTRIES", _rows_of_width(G.blocks, 2)):
         U, S = G.root()
