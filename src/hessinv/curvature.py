@@ -3259,7 +3259,7 @@ LOW_GMRES_ITERATIONS = 12
 #: :meth:`CurvatureOperator.solve` tries MINRES first where a factorization is modelled to cost more than
 #: this many products per right-hand side, spending at most :data:`KRYLOV_SHARE` of its flops (and
 #: :data:`KRYLOV_MAX_ITERATIONS` products per column, in at most :data:`KRYLOV_RESTARTS` cycles)
-KRYLOV_FIRST_RATIO = 1000.0
+KRYLOV_FIRST_RATIO = 300.0
 KRYLOV_SHARE = 0.1
 KRYLOV_MAX_ITERATIONS = 3000
 KRYLOV_RESTARTS = 3
