@@ -72,3 +72,29 @@ def test_diagonal_a_few_examples_at_a_time(prob, rows):
         got = H.diagonal()
     scale = max(float(H_ref.abs().max()), 1e-300)
     assert float((got - H_ref.diagonal()).abs().max()) <= 1e-12 * scale, prob.description
+
+
+@pytest.mark.parametrize("mid", [nn.Identity, lambda: nn.Dropout(0.1), nn.Flatten, nn.Tanh])
+@pytest.mark.parametrize("width", [6, 2])  # (6 > the loss's 3 outputs: factored; 2: full blocks)
+def test_parameter_free_stages_keep_the_per_example_route(mid, width):
+    """Identity, Dropout (eval) and Flatten between the layers and above the first one pass P through
+    (its diagonal only, where no later stage needs more); the diagonals equal autograd's."""
+    torch.manual_seed(0)
+    layers = [
+        nn.Flatten(),
+        nn.Linear(4, width),
+        nn.Tanh(),
+        mid(),
+        nn.Linear(width, width),
+        mid(),
+        nn.Linear(width, 3),
+    ]
+    net = nn.Sequential(*layers).double().eval()
+    X, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    for make, ref in (
+        (hessinv.hessian, autograd_gradient_hessian(net, nn.CrossEntropyLoss(), X, y)[1]),
+        (hessinv.gauss_newton, autograd_gauss_newton(net, nn.CrossEntropyLoss(), X, y)),
+    ):
+        op = make(net, nn.CrossEntropyLoss(), X, y)
+        assert riccati.examples_apart(op.blocks)
+        assert float((op.diagonal() - ref.diagonal()).abs().max()) <= 1e-13 * float(ref.abs().max())

@@ -55,6 +55,7 @@ from hessinv.errors import (
 )
 from hessinv.stages.protocol import (
     Blocks,
+    ExampleCurvature,
     ParameterFreeBlocks,
     RiccatiBlocks,
     Stage,
@@ -1420,6 +1421,23 @@ class IdentityBlocks(ParameterFreeBlocks):
     def riccati(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
         empty = Sigma.new_zeros(0, 0)
         return RiccatiBlocks(empty, Sigma.new_zeros(0, self.batch, self.d_in), Sigma if coupled else None)
+
+    def example_curvature_diagonal(
+        self,
+        P: ExampleCurvature,
+        coupled: bool = True,
+        only_diagonal: bool = False,
+        rows: slice = slice(None),
+    ) -> tuple[Tensor, ExampleCurvature | None]:
+        """:meth:`Blocks.example_curvature_diagonal`: ``P_{l-1} = P_l`` (its diagonal where asked)."""
+        none = (P[0] if isinstance(P, tuple) else P).new_zeros(0)
+        if not coupled:
+            return none, None
+        if only_diagonal and isinstance(P, tuple):
+            return none, (P[0].square() * P[1][:, None, :]).sum(-1)
+        if only_diagonal and P.dim() == 3:
+            return none, P.diagonal(dim1=1, dim2=2)
+        return none, P
 
 
 MISSING = object()
