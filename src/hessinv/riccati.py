@@ -1045,7 +1045,11 @@ def curvature_diagonal(blocks: list[Blocks], like: Tensor) -> list[Tensor]:
     stage's ``Qxx0(P_l) = Hxx_l + Jx_l^T P_l Jx_l`` is ``H``'s diagonal block ``d^2 loss / dx_l^2``
     and ``P_{l-1} = Qzz(P_l) = Hzz_l + Jz_l^T P_l Jz_l`` the loss's Hessian in ``z_{l-1}``
     (:meth:`~hessinv.stages.Blocks.curvature_diagonal`). Costs a factorization's products,
-    ``O(sum_l p_l a_l^2 + a_l^2 d_l)``, with no pivot to factor; ``like`` gives dtype and device."""
+    ``O(sum_l p_l a_l^2 + a_l^2 d_l)``, with no pivot to factor -- except where :func:`examples_apart`:
+    ``P_l`` is then block-diagonal over the examples and goes per example
+    (:meth:`~hessinv.stages.Blocks.example_curvature_diagonal`: factored while narrower, ``O(B d^2 R)``
+    or ``O(B d^3)`` per stage, :func:`_example_rows` examples at a time). ``like`` gives dtype and
+    device."""
     out = [like.new_zeros(b.p) for b in blocks]
     first = _first_with_parameters(blocks)
     if examples_apart(blocks):
