@@ -3,6 +3,7 @@ only at the factorization's accuracy; against dense float64 references."""
 
 from __future__ import annotations
 
+import copy
 import math
 from unittest import mock
 
@@ -151,3 +152,20 @@ def test_gauss_newton_at_zero_damping_is_left_to_the_factorization():
     with mock.patch.object(curvature, "minres", side_effect=AssertionError("took MINRES")):
         with pytest.raises(hessinv.SingularError):
             G.solve(G.gradient, 0.0)
+
+
+def test_a_float32_operator_takes_minres_on_its_float64_twin():
+    """The default dtype: ``G.solve`` of a float32 MLP's operator on 400 examples takes MINRES on the
+    float64 twin's products; the float64 iterate's residual is reported, the float32 answer is that
+    iterate rounded (its own residual about u32 cond), as the factorization's refined solves give it."""
+    net, X, y = _mlp(400)
+    net32 = copy.deepcopy(net).float()
+    G = hessinv.gauss_newton(net32, nn.CrossEntropyLoss(), X.float(), y)
+    with mock.patch.object(curvature, "Factorization", side_effect=AssertionError("factored")):
+        x, info = G.solve(G.gradient, 1.0, return_info=True)
+    assert x.dtype == torch.float32 and 0 < info.krylov_iterations < 100 and info.residual <= 1e-12
+    A = autograd_gauss_newton(copy.deepcopy(net32).double(), nn.CrossEntropyLoss(), X.float().double(), y)
+    A = A + torch.eye(A.shape[0], dtype=torch.float64)
+    ref = torch.linalg.solve(A, G.gradient.double())
+    assert float((x.double() - ref).norm() / ref.norm()) <= 1e-6
+    assert 0 < info.returned_residual <= 1e-6

@@ -661,10 +661,10 @@ class CurvatureOperator:
     ) -> Tensor | tuple[Tensor, SolveInfo]:
         """``(H + damping I)^{-1} rhs``: ``self.factor(damping).solve(rhs, ...)``
         (:meth:`Factorization.solve`), except where one factorization is modelled to cost over
-        :data:`KRYLOV_FIRST_RATIO` products per right-hand side (a float64 operator, a number as damping,
-        ``refine=True``): MINRES on the ``O(L)`` products is tried first, restarted from its true
-        residual, for at most :data:`KRYLOV_SHARE` of the factorization's modelled flops, and its answer
-        kept where every column's relative residual is within the factorization's own target
+        :data:`KRYLOV_FIRST_RATIO` products per right-hand side (a number as damping, ``refine=True``):
+        MINRES on the ``O(L)`` products (a float32 operator's float64 twin's) is tried first, restarted from
+        its true residual, for at most :data:`KRYLOV_SHARE` of the factorization's modelled flops, and its
+        answer kept where every column's relative residual is within the factorization's own target
         (:meth:`_krylov_solve`) -- a well-conditioned system then costs tens of products instead of a
         factorization (a 64-64-64-10 MLP's Gauss-Newton matrix on 256 examples at damping 1: 12 products,
         0.01 s, against 27 s). ``return_info``: the :class:`SolveInfo` (there ``krylov_iterations`` counts
@@ -687,17 +687,19 @@ class CurvatureOperator:
 
     def _krylov_solve(self, rhs: Tensor, damping: float) -> tuple[Tensor, SolveInfo] | None:
         """``(x, info)`` from MINRES where that is cheaper than a factorization and reaches its accuracy,
-        else None (the caller factors). Each column is kept where its true relative residual (a float64
-        product) is at most ``min(1e-12, max(1e-14, 32 u ||H + eps I|| |x| / |b|))`` -- the factorization's
-        refinement accepts the same stall at the rounding of the residual itself -- ``||H + eps I||``
-        bounded from below by the Lanczos coefficients."""
-        if self.dtype != torch.float64 or isinstance(damping, Tensor):
+        else None (the caller factors); in float64 (a float32 operator's float64 twin: ``x`` is the
+        float64 iterate rounded, as the factorization's refined solves return it). Each column is kept
+        where its true relative residual (a float64 product) is at most ``min(1e-12, max(1e-14, 32 u ||H +
+        eps I|| |x| / |b|))`` -- the factorization's refinement accepts the same stall at the rounding of
+        the residual itself -- ``||H + eps I||`` bounded from below by the Lanczos coefficients."""
+        if isinstance(damping, Tensor):
             return None
         try:
             eps = _check_shift(damping, self.dtype, "damping")
             R, vec = self._as_matrix(rhs, "rhs")
         except HessinvError:
             return None  # (the factorization names it)
+        R = R.double()
         if isinstance(self, GaussNewton) and not eps > 0:
             return None  # (G + eps I singular or indefinite: the factorization says which)
         n, k = R.shape
@@ -707,9 +709,13 @@ class CurvatureOperator:
         if not ratio >= KRYLOV_FIRST_RATIO * k or not bool(torch.isfinite(R).all()):
             return None
         budget = int(min(KRYLOV_SHARE * ratio / k, KRYLOV_MAX_ITERATIONS))
+        try:  # (a float32 operator: MINRES on its float64 twin's products, as refinement's residuals)
+            op64 = self._residual_operator()
+        except HessinvError:
+            return None
 
         def apply(V: Tensor) -> Tensor:
-            return self._apply(V) + eps * V
+            return op64._apply(V) + eps * V
 
         # each column scaled to unit largest entry (exact: a power of 2), so that no norm underflows (a
         # right-hand side of entries 1e-200: |b|^2 = 0) or overflows; zero columns solve to zero
@@ -734,10 +740,18 @@ class CurvatureOperator:
             accept = (32 * u * anorm * X.norm(dim=0) / bnorm.clamp_min(1e-300)).clamp(1e-14, 1e-12)
             if bool((rel <= accept).all()):
                 X = X * scale
-                if not bool(torch.isfinite(X).all()):
-                    return None  # (beyond float64's range: the factorization's named error)
+                out = X.to(self.dtype)
+                if not bool(torch.isfinite(out).all()):
+                    return None  # (beyond the dtype's range: the factorization's named error)
                 info = SolveInfo(float(rel.max()), 0, spent)
-                return (X[:, 0] if vec else X), info
+                if out.dtype != torch.float64:  # (the float64 iterate's residual; the returned x's on demand)
+
+                    def returned(R: Tensor = R, x: Tensor = out) -> float:
+                        res = R - apply(x.double())
+                        return float((res.norm(dim=0) / R.norm(dim=0).clamp_min(1e-300)).max())
+
+                    info._returned = returned
+                return (out[:, 0] if vec else out), info
             if spent >= budget or not converged:  # (given up, or out of products: the factorization)
                 return None
         return None
