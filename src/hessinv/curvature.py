@@ -1800,7 +1800,13 @@ class GaussNewton(CurvatureOperator):
     def min_eigenvalue(self, tol: float = 1e-8) -> float:
         """:meth:`CurvatureOperator.min_eigenvalue`, never below 0 where ``G`` is positive semidefinite by
         construction (a loss whose output curvature is: cross-entropy with targets of nonnegative mass,
-        MSE, BCE), as its rounding could otherwise make it (-3e-9 to -8e-9 on a batch of one)."""
+        MSE, BCE), as its rounding could otherwise make it (-3e-9 to -8e-9 on a batch of one). There, with
+        fewer root rows ``r = batch x outputs`` than parameters, ``rank(G) <= r < n``: ``lambda_min = 0``
+        exactly, with no product or sweep (a 10-512-3 MLP on 32 examples, ``n = 7171``: 4.8 s for 6e-16)."""
+        loss = self.blocks[-1]
+        if getattr(loss, "psd", False) and loss.batch * loss.d_in < self.shape[0]:
+            _check_tol(tol, relative=True)
+            return 0.0
         lam = super().min_eigenvalue(tol)
         return max(lam, 0.0) if getattr(self.blocks[-1], "psd", False) else lam
 
