@@ -1057,6 +1057,9 @@ def curvature_diagonal(blocks: list[Blocks], like: Tensor) -> list[Tensor]:
         loss = blocks[-1]
         Lam = loss.Lam
         step = _example_rows(blocks)
+        # stage l's P_{l-1} is needed only on its diagonal where the stages between it and the last one
+        # with parameters have none
+        only = [all(blocks[j].p == 0 for j in range(first + 1, l)) for l in range(len(blocks))]
         for r0 in range(0, loss.batch, step):
             rows = slice(r0, min(loss.batch, r0 + step))
             k = rows.stop - r0
@@ -1065,9 +1068,7 @@ def curvature_diagonal(blocks: list[Blocks], like: Tensor) -> list[Tensor]:
                 mu, V = torch.linalg.eigh(0.5 * (P + P.mT))
                 P = (V, mu)
             for l in range(len(blocks) - 2, first - 1, -1):
-                # the stages between this one and the last with parameters have none: they need P's diagonal
-                only = all(blocks[j].p == 0 for j in range(first + 1, l))
-                got = blocks[l].example_curvature_diagonal(P, l > first, only, rows)
+                got = blocks[l].example_curvature_diagonal(P, l > first, only[l], rows)
                 assert got is not None  # (examples_apart)
                 diag, Pin = got
                 if blocks[l].p:

@@ -44,6 +44,7 @@ from hessinv.stages.protocol import (
     RiccatiBlocks,
     Stage,
     defined_in_torch,
+    example_diagonal,
     in_basis,
 )
 
@@ -584,33 +585,26 @@ class DenseLayerBlocks(Blocks):
         and, for ``b s'' != 0``, the columns of ``W^T`` with weights ``b s''``: ``O(B m d R)`` for ``R``
         columns (BackPACK's form; Gauss-Newton: ``R`` = the loss's rank), full once ``R`` exceeds ``m``."""
         sp, bpp, zt = self.sp[rows], None if self.bpp is None else self.bpp[rows], self.zt[rows]
-        if isinstance(P, tuple):
-            F, S = P
-            G = sp[:, :, None] * F  # (B, d, R)
-            Md = (G.square() * S[:, None, :]).sum(-1)
-        elif P.dim() == 2:  # (only its diagonal: the last stage of the sweep)
-            Md = sp.square() * P
-        else:
-            M = sp[:, :, None] * P * sp[:, None, :]  # (B, d, d)
-            Md = M.diagonal(dim1=1, dim2=2)
+        Md = sp.square() * example_diagonal(P)  # diag(M_n) (P given only by its diagonal: the last stage)
         Md = Md + bpp if bpp is not None else Md
         diag = self._model(zt.square().T @ Md)[:, 0]
         if not coupled:
             return diag, None
         if isinstance(P, tuple):
-            Fin = _lmul(self.W.T, G)
+            F, S = P
+            Fin = _lmul(self.W.T, sp[:, :, None] * F)
             if self.residual:
                 Fin = Fin + F
             if bpp is not None:
                 Fin = torch.cat([Fin, self.W.T.expand(sp.shape[0], -1, -1)], dim=-1)
                 S = torch.cat([S, bpp], dim=-1)
             if only_diagonal:
-                return diag, (Fin.square() * S[:, None, :]).sum(-1)
+                return diag, example_diagonal((Fin, S))
             if Fin.shape[-1] <= Fin.shape[1]:
                 return diag, (Fin, S)
             return diag, (Fin * S[:, None, :]) @ Fin.mT
+        M = sp[:, :, None] * P * sp[:, None, :]  # (B, d, d)
         if bpp is not None:
-            M = M.clone()
             M.diagonal(dim1=1, dim2=2).add_(bpp)
         MW = torch.matmul(M, self.W)  # (B, d, m)
         X = P @ (sp[:, :, None] * self.W) if self.residual else None
@@ -672,21 +666,17 @@ class ElementwiseBlocks(ParameterFreeBlocks):
         if not coupled:
             return none, None
         sp, bpp = self.sp[rows], None if self.bpp is None else self.bpp[rows]
+        if only_diagonal or (not isinstance(P, tuple) and P.dim() == 2):
+            Pd = sp.square() * example_diagonal(P)
+            return none, Pd + bpp if bpp is not None else Pd
         if isinstance(P, tuple):
             F = sp[:, :, None] * P[0]
-            if bpp is None and not only_diagonal:
+            if bpp is None:
                 return none, (F, P[1])
-            W = P[1][:, None, :]
-            P = (F.square() * W).sum(-1) if only_diagonal else (F * W) @ F.mT
-        elif P.dim() == 2:
-            P = sp.square() * P
+            P = (F * P[1][:, None, :]) @ F.mT
         else:
             P = sp[:, :, None] * P * sp[:, None, :]
-            if only_diagonal:
-                P = P.diagonal(dim1=1, dim2=2)
-        if bpp is not None:
-            P = P + bpp if P.dim() == 2 else P + torch.diag_embed(bpp)
-        return none, P
+        return none, P + torch.diag_embed(bpp) if bpp is not None else P
 
     def riccati(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
         B, d = self.batch, self.d_in

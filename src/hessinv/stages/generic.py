@@ -60,6 +60,7 @@ from hessinv.stages.protocol import (
     RiccatiBlocks,
     Stage,
     add_blockdiag,
+    example_diagonal,
     in_basis,
     own_rows_only,
     sandwich_blockdiag,
@@ -1433,11 +1434,7 @@ class IdentityBlocks(ParameterFreeBlocks):
         none = (P[0] if isinstance(P, tuple) else P).new_zeros(0)
         if not coupled:
             return none, None
-        if only_diagonal and isinstance(P, tuple):
-            return none, (P[0].square() * P[1][:, None, :]).sum(-1)
-        if only_diagonal and P.dim() == 3:
-            return none, P.diagonal(dim1=1, dim2=2)
-        return none, P
+        return none, example_diagonal(P) if only_diagonal else P
 
 
 MISSING = object()

@@ -101,6 +101,14 @@ class RiccatiBlocks:
 ExampleCurvature = Tensor | tuple[Tensor, Tensor]
 
 
+def example_diagonal(P: ExampleCurvature) -> Tensor:
+    """The diagonal (B, d) of a per-example curvature in any of its :data:`ExampleCurvature` forms:
+    ``sum_r S_r F_r^2`` factored, the blocks' diagonals, or itself."""
+    if isinstance(P, tuple):
+        return (P[0].square() * P[1][:, None, :]).sum(-1)
+    return P.diagonal(dim1=1, dim2=2) if P.dim() == 3 else P
+
+
 class Blocks(abc.ABC):
     """First- and second-order blocks of one stage at a linearization point.
 
