@@ -747,6 +747,7 @@ def test_nearest_eigenpairs_of_a_sigma_far_outside_the_spectrum(side):
 
 def test_eigenpairs_that_do_not_converge_are_named(monkeypatch):
     """ARPACK out of restarts on an operator above the dense fallback's size: ConvergenceError."""
+    monkeypatch.setattr(hessinv.curvature.GaussNewton, "EIG_ROOT_MAX_FLOPS", 0.0)  # (the shift-invert route)
     G = hessinv.gauss_newton(*_dead_relu_net(16, 8, 7))
     monkeypatch.setattr(hessinv.curvature, "_ARPACK_RESTARTS", 1)
     monkeypatch.setattr(hessinv.curvature, "_DENSE_EIG_MAX", 10)
