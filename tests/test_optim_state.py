@@ -101,6 +101,37 @@ def test_load_restores_the_preconditioners_settings_and_resumes_bit_exact():
     assert _settings(opt3) == kept
 
 
+def test_a_checkpoint_taken_right_after_freezing_a_layer_loads_and_resumes_bit_exact():
+    """Fine-tuning: a layer frozen, then a checkpoint before the next step. The state dict described the
+    trainable set of the last step (both layers), so neither this optimizer nor a fresh one on the model
+    with the layer frozen could load it ("state dict is for another model")."""
+    batches, loss_fn = _batches(), nn.CrossEntropyLoss()
+    net = _small()
+    opt = ho.Newton(net, loss_fn, seed=0, mode="precondition")
+    for X, y in batches[:5]:
+        opt.step(X, y)
+    net[0].requires_grad_(False)
+    sd, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(net.state_dict())
+    assert [tuple(s) for s in sd["newton"]["param_shapes"]] == [(3, 5), (3,)]
+    opt.load_state_dict(copy.deepcopy(sd))  # (the same optimizer: a no-op round trip)
+    for X, y in batches[5:]:
+        opt.step(X, y)
+
+    net2 = _small()
+    net2.load_state_dict(weights)
+    net2[0].requires_grad_(False)
+    opt2 = ho.Newton(net2, loss_fn, seed=0, mode="precondition")
+    opt2.load_state_dict(sd)
+    for X, y in batches[5:]:
+        opt2.step(X, y)
+    assert torch.equal(_flat(net2), _flat(net))
+
+    # loaded into the model with every layer trainable: refused, saying how to load it
+    opt3 = ho.Newton(_small(), loss_fn, seed=0, mode="precondition")
+    with pytest.raises(InvalidArgumentError, match="freeze the layers that were frozen when it was saved"):
+        opt3.load_state_dict(sd)
+
+
 def test_a_checkpoint_of_the_two_sided_rule_resumes_bit_exact():
     """Checkpoints saved before weights were rotated on one side (both sides or none: the 5 x 6 weight
     unrotated at basis_max_dim=5) hold fewer factors than today's basis; they load into the rule they were

@@ -581,7 +581,10 @@ class Newton(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` state dict plus ``"newton"``: step count, mode, rule state, momentum (in the
         preconditioner's basis), generators, ``max_relative_step``, ``curvature_batch_size`` and the
-        preconditioner's state with its settings (:meth:`Preconditioner.state_dict`)."""
+        preconditioner's state with its settings (:meth:`Preconditioner.state_dict`). Of the model's
+        trainable parameters now (a layer frozen since the last step: as that step would, and as
+        :meth:`load_state_dict` does)."""
+        self._follow_trainable()
         sd = super().state_dict()
         ns = {k: v for k, v in self._newton.items() if k != "previous"}
         sd["newton"] = copy.deepcopy(ns)
@@ -640,7 +643,8 @@ class Newton(torch.optim.Optimizer):
         if shapes is not None and [tuple(s) for s in shapes] != [tuple(p.shape) for p in self.chain.params]:
             raise InvalidArgumentError(
                 f"state dict is for another model: parameters of shapes {[tuple(s) for s in shapes]}; this "
-                f"optimizer's are {[tuple(p.shape) for p in self.chain.params]}"
+                f"optimizer's are {[tuple(p.shape) for p in self.chain.params]} (only the trainable ones count: "
+                "freeze the layers that were frozen when it was saved, load, then unfreeze)"
             )
         limit = ns.get("max_relative_step", self.max_relative_step)  # (absent: from before it was saved)
         if limit is not None:
