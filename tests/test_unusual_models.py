@@ -11,6 +11,7 @@ from reference import autograd_gauss_newton, autograd_gradient_hessian
 from torch import Tensor, nn
 
 import hessinv
+import hessinv.optim as ho
 
 
 def _rel(a: Tensor, b: Tensor) -> float:
@@ -120,6 +121,35 @@ def test_a_sparse_embedding_is_the_dense_one():
         if ref is not None:
             assert _rel(op.to_dense(), ref) < 1e-12
     assert sparse[0].sparse  # (restored after each call)
+
+
+def test_a_large_sparse_embedding_trains_as_the_dense_one():
+    """A 5000-row nn.Embedding(sparse=True): its stage went through dense p x p per-example blocks (a
+    sparse gradient's to_dense() has no graph to differentiate twice), and Newton's first step raised
+    TooLargeError (6.5e9 numbers); with a small table each refresh formed them (20x slower steps). The
+    stage is now differentiated with dense gradients (the same numbers): the dense table's steps."""
+    torch.manual_seed(0)
+    V, T = 5000, 6
+    X, y = torch.randint(0, V, (128, T)), torch.randint(0, 3, (128,))
+
+    def net(sparse: bool) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Embedding(V, 8, sparse=sparse), nn.Flatten(), nn.Linear(8 * T, 8), nn.Tanh(), nn.Linear(8, 3)
+        ).double()
+
+    a, b = net(True), net(False)
+    for m in (a, b):
+        opt = ho.Newton(m, nn.CrossEntropyLoss(), seed=0, refresh=2)
+        for i in range(0, 128, 32):
+            opt.step(X[i : i + 32], y[i : i + 32])
+    assert a[0].sparse
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=0, atol=1e-12)
+    G = hessinv.gauss_newton(a, nn.CrossEntropyLoss(), X[:4], y[:4])
+    v = torch.randn(G.shape[0], dtype=torch.float64)
+    Gb = hessinv.gauss_newton(b, nn.CrossEntropyLoss(), X[:4], y[:4])
+    assert _rel(G @ v, Gb @ v) < 1e-12
 
 
 def test_integer_outputs_inside_the_model_say_what_to_do():

@@ -55,6 +55,7 @@ from hessinv.errors import (
     warn,
 )
 from hessinv.riccati import Inertia
+from hessinv.stages.generic import dense_lookup_grads
 from hessinv.stages.losses import count_examples, sums_examples
 
 __all__ = [
@@ -104,14 +105,10 @@ def _left_intact(model: nn.Module) -> Iterator[None]:
     during it, embeddings with ``sparse=True`` give dense gradients (the same numbers: ``torch.func``
     has no sparse gradients)."""
     held = [(mod, attr, p) for mod in model.modules() for attr, p in mod.named_parameters(recurse=False)]
-    sparse = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
-    for m in sparse:
-        m.sparse = False
     try:
-        yield
+        with dense_lookup_grads(model):
+            yield
     finally:
-        for m in sparse:
-            m.sparse = True
         for mod, attr, p in held:
             if mod._parameters.get(attr) is not p:
                 mod._parameters[attr] = p

@@ -643,8 +643,8 @@ class Newton(torch.optim.Optimizer):
         if shapes is not None and [tuple(s) for s in shapes] != [tuple(p.shape) for p in self.chain.params]:
             raise InvalidArgumentError(
                 f"state dict is for another model: parameters of shapes {[tuple(s) for s in shapes]}; this "
-                f"optimizer's are {[tuple(p.shape) for p in self.chain.params]} (only the trainable ones count: "
-                "freeze the layers that were frozen when it was saved, load, then unfreeze)"
+                f"optimizer's are {[tuple(p.shape) for p in self.chain.params]} (only the trainable ones "
+                "count: freeze the layers that were frozen when it was saved, load, then unfreeze)"
             )
         limit = ns.get("max_relative_step", self.max_relative_step)  # (absent: from before it was saved)
         if limit is not None:

@@ -278,6 +278,24 @@ def exact_attention() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def dense_lookup_grads(module: Any) -> Iterator[None]:
+    """During it, ``nn.Embedding`` / ``nn.EmbeddingBag`` layers of ``module`` built with ``sparse=True``
+    give dense gradients: the same numbers (the flag changes only the gradient's layout), through a
+    graph that autograd differentiates twice and ``torch.func`` takes (a sparse gradient's
+    ``to_dense()`` has no graph: its stage could only be taken through dense ``p x p`` blocks, refused
+    at a 5000-row table)."""
+    mods = module.modules() if isinstance(module, nn.Module) else ()
+    sparse = [m for m in mods if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+    for m in sparse:
+        m.sparse = False
+    try:
+        yield
+    finally:
+        for m in sparse:
+            m.sparse = True
+
+
 def _buffers_equal(a: list[Tensor], b: list[Tensor]) -> bool:
     return all(
         x.shape == y.shape and torch.equal(torch.nan_to_num(x), torch.nan_to_num(y))
@@ -330,7 +348,7 @@ class GenericStage(Stage):
         # a copy: in-place modules (ReLU(inplace=True), x.mul_()) must not overwrite the caller's z.
         # Attention through the math kernel of scaled_dot_product_attention: the fused CPU/CUDA kernels
         # (flash, memory-efficient) have no double backward, the math one is plain autograd
-        with exact_attention():
+        with exact_attention(), dense_lookup_grads(self.module):
             out = self.module(z.clone())
         if not isinstance(out, Tensor):
             mods = self.module.modules() if isinstance(self.module, nn.Module) else ()
@@ -385,7 +403,7 @@ class GenericStage(Stage):
             return LazyBlocks(self, z_in, b_out)
         B = z_in.shape[0]
         d_in = z_in.reshape(B, -1).shape[1] if z_in.is_floating_point() else 0
-        if not self.sparse_grads and self.dense_fits(B, d_in, b_out.reshape(B, -1).shape[1])[0] > min(
+        if self.dense_fits(B, d_in, b_out.reshape(B, -1).shape[1])[0] > min(
             self.LAZY_ENTRIES, self.MAX_BLOCK_ENTRIES
         ):
             with self._twice():
@@ -393,13 +411,6 @@ class GenericStage(Stage):
                 blk.probe()
             return blk
         return self.dense_blocks(z_in, b_out, second_order)
-
-    @property
-    def sparse_grads(self) -> bool:
-        """Whether a module of the stage gives sparse gradients (``Embedding(sparse=True)``): their double
-        backward through ``to_dense()`` has no graph to differentiate, so :class:`LazyBlocks` take its
-        products from the dense blocks."""
-        return any(getattr(m, "sparse", False) is True for m in self.module.modules())
 
     @contextlib.contextmanager
     def _twice(self) -> Iterator[None]:
@@ -736,7 +747,6 @@ class LazyBlocks(Blocks):
         self._hooks = _hook_keys(mods)
         self._versions = self._graph_versions()  # (the graph's tensors: rewritten in place -> a new graph)
         self._flags = [t.requires_grad for t in stage.params]
-        self._sparse = stage.sparse_grads
         self.d_in = self._z.reshape(self.batch, -1).shape[1]
         self.d_out = b_out.reshape(self.batch, -1).shape[1]
         if self._out.reshape(self.batch, -1).shape[1] != self.d_out:
@@ -1198,7 +1208,7 @@ class LazyBlocks(Blocks):
         blocks cost ``p + d_in`` backward passes, batched, against two unbatched passes per column here
         (``to_dense``: an RNN's Hessian 6-9x slower on the graph, a review) -- and the blocks hold at most
         :data:`DENSE_SWITCH_ENTRIES` numbers, the dense blocks are formed and used from then on."""
-        if self._dense_blocks is not None or self._sparse:
+        if self._dense_blocks is not None:
             return False
         if 8 * k >= self.p + self.d_in:
             size = self.stage.dense_fits(self.batch, self.d_in, self.d_out)[0]
