@@ -152,6 +152,62 @@ def test_a_large_sparse_embedding_trains_as_the_dense_one():
     assert _rel(G @ v, Gb @ v) < 1e-12
 
 
+class _Counted(nn.Module):
+    """A forward that counts its calls in a buffer; with ``scaled``, its output depends on the count."""
+
+    def __init__(self, scaled: bool):
+        super().__init__()
+        self.a, self.b, self.scaled = nn.Linear(4, 5), nn.Linear(5, 3), scaled
+        self.register_buffer("n", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        self.n += 1
+        h = torch.tanh(self.a(x))
+        return self.b(h * (1 + 0.1 * self.n) if self.scaled else h)
+
+
+def test_a_call_counter_in_forward_is_left_as_it_was():
+    """A buffer that forward increments: hessinv's passes (and torch.fx's trace) advanced it (to 3 after
+    hessinv.hessian) although the model is to be left as it was; where the output depends on it, the
+    refusal blamed torch.fx's isinstance checks and left the counter advanced."""
+    torch.manual_seed(0)
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    m = _Counted(False).double()
+    H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    _, Hd = autograd_gradient_hessian(m, nn.CrossEntropyLoss(), X, y)
+    m.n.zero_()
+    assert _rel(H.to_dense(), Hd) < 1e-12
+    hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X, y).solve(H.gradient, 1e-2)
+    assert float(m.n) == 0.0
+    m = _Counted(True).double()
+    with pytest.raises(hessinv.NotAChainError, match=r"changes its buffer\(s\) \['n'\] in place"):
+        hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    assert float(m.n) == 0.0
+
+
+def test_a_constant_of_the_default_dtype_in_forward_is_a_dtype_error():
+    """forward creates torch.eye(5) (float32): a float32 model's products work, but its float64 copy (for
+    refinement and eigenvalues) fails -- refused as a ShapeMismatchError before, whose remedy ("use a
+    float64 model") fails the same way."""
+
+    class ConstEye(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)) @ (torch.eye(5) * 0.9))
+
+    torch.manual_seed(0)
+    H = hessinv.hessian(ConstEye(), nn.CrossEntropyLoss(), torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    with pytest.raises(hessinv.DtypeMismatchError, match=r"create such tensors with dtype=x\.dtype"):
+        H.min_eigenvalue()
+    with pytest.raises(hessinv.DtypeMismatchError, match=r"create it with dtype=x\.dtype"):
+        hessinv.hessian(
+            ConstEye().double(), nn.CrossEntropyLoss(), torch.randn(6, 4).double(), torch.zeros(6).long()
+        )
+
+
 def test_integer_outputs_inside_the_model_say_what_to_do():
     """Integer values after a trainable layer (argmax, one_hot) have no derivative: refused, with the
     remedy. As the first stage (before every parameter: preprocessing of the inputs) they are exact."""

@@ -464,7 +464,7 @@ def _specs(
         return [(_leaf_spec(m), None)]
     before = _attributes(m)
     try:
-        with _trace_guards(tracer) as inference:
+        with _trace_guards(tracer) as inference, _buffers_kept(m.modules()):
             graph = tracer.trace(m, concrete_args=_defaults_after_first(m.forward))
         if inference:
             raise UnsupportedStageError(
@@ -536,6 +536,24 @@ def _has_proxy(values: Iterable[Any]) -> bool:
             seen.add(id(x))
             stack.extend(x.values() if isinstance(x, dict) else x)
     return False
+
+
+@contextlib.contextmanager
+def _buffers_kept(mods: Iterable[nn.Module]) -> Iterator[None]:
+    """The block with every buffer that ``mods`` hold themselves put back where it changed in place (a
+    call counter in forward, ``self.n += 1``: each of hessinv's passes, and torch.fx's trace, advanced
+    it). Copies are kept up to 2^20 numbers in all (a large mask or table, which no forward updates in
+    place in practice, is not copied)."""
+    held = [b for m in mods for b in m._buffers.values() if isinstance(b, Tensor)]
+    small = sum(b.numel() for b in held) <= 2**20
+    saved = [(b, b._version, b.detach().clone()) for b in held] if small else []
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, version, value in saved:
+                if b._version != version:
+                    b.copy_(value)
 
 
 def _attributes(m: nn.Module) -> list[tuple[nn.Module, list[dict], list[tuple[Any, Any]]]]:
@@ -1729,7 +1747,9 @@ class Chain:
         """Run the block (a forward or linearizing pass) with the user's own modules' plain attributes put
         back as they were after it: one a module creates (a stashed activation, ``self.feat = a``) is
         removed again, one it turns from None into a tensor (a memo, ``self._s = self.log_s.exp()`` on the
-        first call and read back later, or a stash reset to None in ``__init__``) is None again. Each pass
+        first call and read back later, or a stash reset to None in ``__init__``) is None again, and a
+        buffer of theirs that the pass changed in place (a call counter, ``self.n += 1``) has its value
+        back. Each pass
         computes its own memo, with the derivatives that pass takes: kept, a pass without derivatives left
         a graph-less tensor that made the parameter's derivatives zero (27% off), in the user's later
         calls too. A memo kept inside a container (``self._cache[k] = ...``) is not seen. A call inside
@@ -1744,7 +1764,8 @@ class Chain:
         mods = self.__dict__.get("_own") or []
         before = [({k for k, v in vars(m).items() if v is None}, set(vars(m))) for m in mods]
         try:
-            yield
+            with _buffers_kept(mods):
+                yield
         finally:
             for m, (nones, had) in zip(mods, before, strict=True):
                 for k, v in list(vars(m).items()):
@@ -1775,6 +1796,12 @@ class Chain:
                         f"inputs are {inputs.dtype}, which {s.name} does not take ({e}); convert them with "
                         f"inputs.to({self.dtype}) (integer inputs are for a first module that takes them, "
                         "e.g. nn.Embedding)"
+                    ) from e
+                if "dtype" in str(e) or "scalar type" in str(e):  # a constant of another dtype in forward
+                    raise DtypeMismatchError(
+                        f"{s.name} failed on its {zs[-1].dtype} input: {e} -- a tensor that forward creates "
+                        "(torch.eye(5), torch.tensor(...)) has the default dtype, not the model's: create it "
+                        "with dtype=x.dtype, or register it as a buffer (model.to() then converts it)"
                     ) from e
                 raise ShapeMismatchError(
                     f"{s.name} failed on input of shape {tuple(zs[-1].shape)}: {e}"
@@ -1905,11 +1932,22 @@ class Chain:
         """:meth:`_check_traced`'s comparison."""
         mods = [m._orig_mod if compiled_module(m) else m for m in model_parts(self.model)]
         saved = [a for m in mods for a in _attributes(m)]
-        try:
+        buffers = [
+            (name, b, b._version) for m in mods if isinstance(m, nn.Module) for name, b in m.named_buffers()
+        ]
+
+        def eager() -> Any:
             with exact_no_grad():
                 real = inputs
                 for m in mods:
                     real = m(real)
+            return real
+
+        try:
+            real = eager()
+            changed = [name for name, b, version in buffers if b._version != version]
+            # a forward that changes its buffers in place (a call counter): a function of them too?
+            again = eager() if changed and isinstance(real, Tensor) else real
         except Exception as e:  # noqa: BLE001 - any failure of the real forward
             raise NotAChainError(
                 f"the model's own forward fails on these inputs ({type(e).__name__}: {e}) where its traced "
@@ -1934,6 +1972,16 @@ class Chain:
             diff = float((real - out)[fin].abs().max()) if bool(fin.any()) else 0.0
             diff = diff if bool(alike.all()) else math.inf
             scale = float(out[fin].abs().max()) if bool(fin.any()) else 0.0
+            moved = again is not real and not torch.equal(
+                torch.nan_to_num(again.to(out.dtype)), torch.nan_to_num(real)
+            )
+        if moved:
+            raise NotAChainError(
+                f"the model's forward changes its buffer(s) {changed} in place on every call (a counter, a "
+                "running statistic) and its output depends on them (two calls differ): it is no fixed "
+                "function of its parameters to differentiate -- update them outside forward (in the training "
+                "loop), or only where self.training is set and call model.eval()"
+            )
         if not diff <= math.sqrt(torch.finfo(out.dtype).eps) * max(scale, torch.finfo(out.dtype).tiny):
             raise NotAChainError(
                 f"the model's traced stages compute another function than its forward (outputs differ by "

@@ -1633,6 +1633,8 @@ class CurvatureOperator:
             fix = (
                 "remove the dtype cast from forward (the model's dtype follows its parameters)"
                 if cast
+                else "create such tensors with dtype=x.dtype (a float64 model fails the same way)"
+                if isinstance(e, DtypeMismatchError) and "default dtype" in str(e)
                 else "use a float64 model"
             )
             raise type(e)(

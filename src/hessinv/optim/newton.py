@@ -297,6 +297,13 @@ class Newton(torch.optim.Optimizer):
     refreshed (:func:`hessinv.chain.training_layers`), their modes put back after every step. The trust
     region models the batch loss of a deterministic network and refuses them (``"auto"`` preconditions).
 
+    Forward hooks and a forward's own side effects see more than one call per step: the step's forward
+    (the batch, in the model's mode), and on a refresh step the curvature's passes (the curvature batch,
+    those layers in eval mode, some without autograd) -- a hook that accumulates statistics should count
+    only the calls it wants (e.g. those with ``torch.is_grad_enabled()`` and the full batch). Buffers
+    that a user's module changes in place in forward (a call counter) are put back after the curvature's
+    passes, as are its plain attributes.
+
     Args:
         model: a chain-shaped model that :func:`hessinv.hessian` accepts.
         loss_fn: the loss module (e.g. ``nn.CrossEntropyLoss()``).
@@ -583,8 +590,12 @@ class Newton(torch.optim.Optimizer):
         preconditioner's basis), generators, ``max_relative_step``, ``curvature_batch_size`` and the
         preconditioner's state with its settings (:meth:`Preconditioner.state_dict`). Of the model's
         trainable parameters now (a layer frozen since the last step: as that step would, and as
-        :meth:`load_state_dict` does)."""
-        self._follow_trainable()
+        :meth:`load_state_dict` does; where it cannot -- a parameter unfrozen that no group held -- the
+        state of the last step, and the next step names the problem)."""
+        try:
+            self._follow_trainable()
+        except InvalidArgumentError:
+            pass
         sd = super().state_dict()
         ns = {k: v for k, v in self._newton.items() if k != "previous"}
         sd["newton"] = copy.deepcopy(ns)
