@@ -468,3 +468,12 @@ def test_gauss_newton_spectrum_from_its_root(monkeypatch, seed, widths, batch, l
     shifts = [s for s in shifts if float((lam - s).abs().min()) > 1e-8 * nrm]
     want_counts = [int((lam < s).sum()) for s in shifts]
     assert spectrum.eigenvalue_counts(G, shifts).tolist() == want_counts
+    for s in shifts:  # inertia(-s) with a tol between the eigenvalues' rounding and their distance to s
+        gap = float((lam - s).abs().min())
+        tol = max(1e-9 * nrm, 0.5 * gap) if gap > 2e-9 * nrm else 1e-9 * nrm
+        ine = G.inertia(-s, tol)
+        assert (ine.negative, ine.zero, ine.positive) == (
+            int((lam - s < -tol).sum()),
+            int(((lam - s).abs() <= tol).sum()),
+            int((lam - s > tol).sum()),
+        )

@@ -1865,6 +1865,19 @@ class GaussNewton(CurvatureOperator):
         inside = int(((values >= lo) & (values <= hi)).sum())
         return Eigenpairs(vals, vecs, res, (lo, hi), inside == k, 0, 0)
 
+    def _inertia_at(self, shift: float, tol: float) -> tuple[Inertia, float]:
+        """:meth:`CurvatureOperator._inertia_at`, counted in :meth:`_root_spectrum` where ``G`` has one (no
+        sweep; ``tol = 0`` becomes ``eigh``'s resolution ``n u ||G||``, as a singular sweep's becomes its
+        own)."""
+        spectrum = self._root_spectrum() if DENSE_COUNTS else None
+        if spectrum is None:
+            return super()._inertia_at(shift, tol)
+        w = spectrum[0] + shift
+        if tol == 0:
+            tol = w.numel() * torch.finfo(torch.float64).eps * float(spectrum[0].abs().max())
+        neg, pos = int((w < -tol).sum()), int((w > tol).sum())
+        return Inertia(neg, w.numel() - neg - pos, pos), tol
+
     def _dense_counts(self, counts: int) -> None:
         """:meth:`CurvatureOperator._dense_counts`, from :meth:`_root_spectrum` where ``G`` has one."""
         spectrum = self._root_spectrum() if DENSE_COUNTS else None
