@@ -3,6 +3,7 @@ error messages that name the line or the cause, and ``python -m hessinv``."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -99,6 +100,55 @@ def test_a_header_is_still_a_header(tmp_path):
     X, y, _, _ = load_file(p)
     assert X.shape == (20, 2)
     np.testing.assert_array_equal(y, np.arange(20) % 2)
+
+
+# -- a later probe's findings: headers that were read as data, a first row dropped, a batch said wrongly --
+def _decimal_rows(n: int, k: int, classes: int) -> str:
+    rng = np.random.default_rng(1)
+    return "".join(
+        ",".join(repr(float(v)) for v in rng.normal(size=k)) + f",{i % classes}\n" for i in range(n)
+    )
+
+
+def test_pandas_column_numbers_above_decimals_are_a_header_whatever_its_label(tmp_path):
+    """DataFrame.to_csv(index=False) over 5 decimal features and labels 0..7 writes 0,1,2,3,4,5: its
+    label 5 is a class, so the header was read as an example of class 5 (241 + 60 examples)."""
+    p = tmp_path / "pd.csv"
+    p.write_text("0,1,2,3,4,5\n" + _decimal_rows(300, 5, 8))
+    X, y, _, _ = load_file(p)
+    assert X.shape == (300, 5) and set(y.tolist()) == set(range(8))
+
+
+def test_a_header_of_years_above_integer_classes_is_no_class(tmp_path):
+    """2019,...,2024 above labels 0..2: the header became a fourth class '2024' (or, by the split, an
+    error about test classes)."""
+    p = tmp_path / "years.csv"
+    p.write_text("2019,2020,2021,2022,2023,2024\n" + _decimal_rows(300, 5, 3))
+    X, y, _, _ = load_file(p)
+    assert X.shape == (300, 5) and set(y.tolist()) == {0.0, 1.0, 2.0}
+
+
+def test_a_first_row_with_a_missing_feature_and_a_class_name_is_an_error(tmp_path):
+    """NA,...,cat on line 1 of a header-less file: the class name made the row a 'header', dropped."""
+    p = tmp_path / "na.csv"
+    p.write_text(
+        "NA,0.25,0.5,cat\n" + "".join(f"{i}.5,0.25,1.5,{'cat' if i % 2 else 'dog'}\n" for i in range(40))
+    )
+    with pytest.raises(DataError, match=re.escape("line 1, column 1: 'NA' is not a number")):
+        load_dataset(str(p))
+
+
+def test_a_batch_size_beyond_the_training_set_is_said_to_be_full_batch(tmp_path, capsys):
+    """--batch-size 100000 on 240 examples trained full batch but said 'batch 100000' (and wrote it)."""
+    p = tmp_path / "c.csv"
+    p.write_text("a,b,c,d,e,label\n" + _decimal_rows(300, 5, 3))
+    out = tmp_path / "run"
+    args = ["train", "--data", str(p), "--optimizers", "adam", "--no-tune", "--steps", "3", "--depth", "2"]
+    assert main([*args, "--batch-size", "100000", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "--batch-size 100000 is not below the 240 training examples: full-batch training" in err
+    assert "batch 100000" not in err
+    assert json.loads((out / "summary.json").read_text())["config"]["batch_size"] is None
 
 
 # -- 2. loss-axis ticks over many decades -------------------------------------------------------------

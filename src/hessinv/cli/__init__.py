@@ -524,6 +524,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     except DataError as e:
         raise UserError(str(e)) from None
+    n_train = len(ds.X_train)
+    batch_size = args.batch_size
+    if batch_size is not None and batch_size >= n_train:
+        print(
+            f"hessinv: note: --batch-size {batch_size} is not below the {n_train} training examples: "
+            "full-batch training",
+            file=sys.stderr,
+        )
+        batch_size = None
+    curvature_batch = args.curvature_batch_size
+    if curvature_batch is not None and curvature_batch >= min(batch_size or n_train, n_train):
+        print(
+            f"hessinv: note: --curvature-batch-size {curvature_batch} is not below the batch "
+            f"({batch_size or n_train} examples): the curvature is the whole batch's",
+            file=sys.stderr,
+        )
     target = args.target_loss if args.target_loss is not None else DEFAULT_TARGET.get(ds.name)
     target = None if target == "none" else target
     if args.out is None:
@@ -537,7 +553,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         activation=args.activation,
         residual=args.residual,
         init=args.init,
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         budget=budget,
         steps=steps,
         target_loss=target,

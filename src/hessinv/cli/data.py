@@ -224,29 +224,41 @@ def _is_header(head: list[str], rest: list[list[str]]) -> bool:
       pandas' header above its index column (an empty cell, then the column numbers);
     * a label unlike every other: a name above numbers, a number above names, or a name that no
       other row has (``1,2,label`` above class names);
-    * the column numbers ``0,1,...,k-1`` (or ``1..k``) whose label no other row has, where that is
-      implausible for data: some column of the other rows is written as decimals (``0.25``, ``1e-3``)
-      unlike the row's plain integers, or the other rows have at least 10 per distinct label (a first
-      row that is the only example of its class, among classes of 10 or more on average). Otherwise
-      (``0,1,2`` above ``5,3,0``, ``1,4,1``, ... or a counting series ``1,2,3``, ...) it stays data.
+    * the column numbers ``0,1,...,k-1`` (or ``1..k``, what pandas writes) where that is implausible for
+      data: some column of the other rows is written as decimals (``0.25``, ``1e-3``) unlike the row's
+      plain integers, or its label is no other row's and the other rows have at least 10 per distinct
+      label (a first row that is the only example of its class, among classes of 10 or more on average);
+    * other distinct integers (years: ``2019,...,2024``) whose label is no other row's, above classes of
+      10 or more rows on average. Otherwise (``0,1,2`` above ``5,3,0``, ``1,4,1``, ... or a counting
+      series ``1,2,3``, ...) it stays data.
     """
     cells = [c.strip() for c in head]
     labels = [r[-1].strip() for r in rest]
     if cells[0] == "" and _column_numbers(cells[1:]):
         return True
-    present = [c for c in cells if c.lower() not in _MISSING]
-    if len(present) < len(cells) and present and all(_is_number(c) for c in present):
+    # a row with a missing value (a feature's, or the label's) and numbers in the other feature cells is
+    # data -- whatever its label (a class name does not make it a header)
+    features = cells[:-1]
+    present = [c for c in features if c.lower() not in _MISSING]
+    missing = len(present) < len(features) or cells[-1].lower() in _MISSING
+    if missing and present and all(_is_number(c) for c in present):
         return False
     if not all(_is_number(c) for c in cells[:-1]):
         return True
-    if len(rest) >= 2 and _column_numbers(cells) and all(_is_number(c) for c in labels):
+    integers = all(c.lstrip("+-").isdigit() for c in cells)
+    if len(rest) >= 2 and integers and all(_is_number(c) for c in labels):
         values = {float(c) for c in labels}
         same = [[c.strip() for c in r] for r in rest if len(r) == len(cells)]
         written_as_decimals = any(
             same and all(_is_number(r[j]) and any(ch in r[j] for ch in ".eE") for r in same)
             for j in range(len(cells))
         )
-        if float(cells[-1]) not in values and (written_as_decimals or len(rest) >= 10 * len(values)):
+        alone = float(cells[-1]) not in values and len(rest) >= 10 * len(values)
+        if _column_numbers(cells) and (written_as_decimals or alone):
+            return True
+        # other integers (years: 2019,...,2024) above classes of 10 or more rows each, whose label no
+        # other row has and whose features are all distinct: a row of names, not an example
+        if alone and len(set(cells)) == len(cells):
             return True
     kinds = {_is_number(c) for c in labels}
     if len(kinds) != 1:  # no other rows, or numbers and names mixed (an error, reported later)
