@@ -253,10 +253,11 @@ def run(args: argparse.Namespace) -> int:
     hist = spectrum.spectral_histogram(op, bins=_edges(lo, hi, args.bins, tol))
     n_neg = spectrum.num_negative_eigenvalues(op, tol)
     trace = op.trace()
+    singular = None
     try:
         sign, logdet = spectrum.logdet(op, args.damping)
-    except SingularError as e:
-        raise UserError(f"--damping {args.damping:g}: {e}") from None
+    except SingularError as e:  # (the histogram stands: only the log-determinant has no value)
+        sign, logdet, singular = 0.0, -math.inf, str(e)
     seconds = time.perf_counter() - t0
     record = {
         "data": ds.name,
@@ -277,7 +278,8 @@ def run(args: argparse.Namespace) -> int:
         "trace": trace,
         "damping": args.damping,
         "logdet_sign": sign,
-        "logabsdet": logdet,
+        "logabsdet": logdet if singular is None else None,
+        "logdet_singular": singular,
         "seconds": seconds,
     }
     (out / "spectrum.json").write_text(json.dumps(record, indent=1))
@@ -291,7 +293,8 @@ def run(args: argparse.Namespace) -> int:
         f"range [{hist.edges[0]:.4g}, {hist.edges[-1]:.4g}), {args.bins} bins, "
         f"log|det({'H' if op.second_order else 'G'} {'-' if args.damping < 0 else '+'} "
         f"{abs(args.damping):g} I)| = {logdet:.6g} "
-        f"(sign {sign:+.0f}), trace {trace:.6g} (mean eigenvalue {trace / op.shape[0]:.4g}); "
+        + (f"(sign {sign:+.0f})" if singular is None else "(singular to working precision)")
+        + f", trace {trace:.6g} (mean eigenvalue {trace / op.shape[0]:.4g}); "
         f"{seconds:.2f} s\n"
         f"wrote {out / 'spectrum.json'} and {png}"
     )
