@@ -316,7 +316,7 @@ def _probe_worker(rank: int, world: int, out: str) -> None:
     dp = hd.DataParallel(_newton(model, lf, max_rank=10, **IDENTITY), model, lf, "sharded")
     _global_steps(dp, X, y)
     res["mse-budget/sharded"] = _flat(model).clone()
-    # the defaults (max_rank 256, 8 curvature examples) on a model whose root has 72 rows: the choice
+    # the defaults (max_rank 80, 8 curvature examples) on a model whose root has 72 rows: the choice
     # between a rebuild of K and a rank update of D follows their costs, which the Linear rows' factors set
     X, y = _wide_data()
     model = _wide_model()

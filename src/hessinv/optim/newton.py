@@ -348,12 +348,12 @@ class Newton(torch.optim.Optimizer):
             Adam 0.46 ms); the wider side is dropped too while the rotation costs more than
             :data:`~hessinv.optim.precondition.ROTATION_MAX_FLOPS`
             (:func:`~hessinv.optim.precondition.rotated_sides`).
-        max_rank: precondition mode (Gauss-Newton): rows of the curvature root at most (default 256);
+        max_rank: precondition mode (Gauss-Newton): rows of the curvature root at most (default 80);
             with more output directions than that in the curvature batch (many classes), each example
             keeps its leading ones (:class:`~hessinv.optim.Preconditioner`). Each refresh costs about
-            ``max_rank`` backward passes and a ``max_rank^2 n`` Gram: for sequence models with many
-            outputs per example (a transformer LM's ``vocab x length``) ``max_rank=64`` reached the same
-            accuracy in the same steps at 2.7x less CPU time (docs/training.md).
+            ``max_rank`` backward passes and a ``max_rank^2 n`` Gram: on models with many outputs per
+            example (a transformer LM's ``vocab x length``, 1000 classes) 64-80 rows made the same
+            progress per step as 256 at 1.6-2.7x less CPU time (docs/training.md; 256 until 2026-12-05).
         curvature_batch_size: build the curvature on this many examples drawn at random from each batch
             (precondition mode default 8; trust-region default: the whole batch). For a loss that sums
             over the examples (``reduction='sum'``; :func:`hessinv.stages.losses.sums_examples`) the

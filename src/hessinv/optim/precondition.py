@@ -245,8 +245,12 @@ def rotated_sides(a: int, b: int, max_dim: int = BASIS_MAX_DIM) -> tuple[bool, b
 
 
 #: rows of the Gauss-Newton root at most by default (:class:`Preconditioner`): the exact root of 8
-#: examples has ``8 (C - 1)`` rows for ``C`` classes, and its Woodbury solve costs ``r^2 n`` per refresh
-MAX_RANK = 256
+#: examples has ``8 (C - 1)`` rows for ``C`` classes (72 for 10), and a refresh costs about ``r`` backward
+#: passes and an ``r^2 n`` Gram. 80 keeps every row up to 10 outputs per example; on models with many
+#: outputs per example (a transformer LM's vocab x length, 100 or 1000 classes, a 64-output autoencoder)
+#: 64 rows gave the same progress per step as 256 at 1.4-2.7x less CPU time (docs/training.md; 256 until
+#: 2026-12-05)
+MAX_RANK = 80
 
 #: during warm-up ``K`` is rebuilt with every step's ``D`` while a rebuild costs at most this many flops
 #: per parameter: a Linear weight's structured rows cost ``B^2 + r^2 / m`` per entry (``m`` its inputs;
