@@ -170,6 +170,23 @@ def test_woodbury_update_damping_against_dense(signed):
     assert torch.allclose(F.K, WoodburyFactor(U, S, D2).K, rtol=1e-12, atol=1e-12)
 
 
+def test_woodbury_inertia_follows_damping_entries_that_change_sign():
+    """update_damping counts D's negative entries from the ones it changes (no pass over all n): entries
+    turned negative, back to positive, and negative to negative, over three updates, against dense."""
+    g = torch.Generator().manual_seed(8)
+    r, n = 5, 30
+    U = torch.randn(r, n, generator=g, dtype=torch.float64)
+    S = torch.ones(r, dtype=torch.float64)
+    D = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    D[[1, 4]] = -2.0
+    F = WoodburyFactor(U, S, D.clone())
+    for J, v in (([3, 4, 20], [-1.5, 3.0, -0.7]), ([3, 1], [-4.0, 2.0]), ([20, 7, 8], [0.9, -1.1, -3.0])):
+        D[J] = torch.tensor(v, dtype=torch.float64)
+        F.update_damping(torch.tensor(J), torch.tensor(v, dtype=torch.float64))
+        ev = torch.linalg.eigvalsh(torch.diag(D) + U.T @ torch.diag(S) @ U)
+        assert F.inertia.negative == int((ev < 0).sum()) and torch.equal(F.D, D)
+
+
 def test_woodbury_gram_in_low_precision_only_within_its_bound():
     """gram_tol: K = I + U D^{-1} U^T formed in float32 when sqrt(n r) u32 max K_ii <= gram_tol (then
     within that bound of the float64 K, relative to lambda_min(K) >= 1); otherwise -- a large D^{-1}, or
@@ -793,7 +810,7 @@ def test_update_damping_that_fails_leaves_the_factor_as_it_was(monkeypatch):
     R = torch.randn(30, 2, generator=g, dtype=torch.float64)
     before, D, K = F.solve(R), F.D.clone(), F.K.clone()
 
-    def oom(self, K):
+    def oom(self, K, d_neg=None):
         raise MemoryError("injected")
 
     monkeypatch.setattr(WoodburyFactor, "_factor_K", oom)

@@ -616,13 +616,15 @@ class WoodburyFactor:
             self._U64 = self.U.double()
         return self._U64
 
-    def _factor_K(self, K: Tensor) -> None:
-        """Cholesky of ``K`` (eigh where it is not positive definite), the inertia and ``log|det K|``."""
+    def _factor_K(self, K: Tensor, d_neg: int | None = None) -> None:
+        """Cholesky of ``K`` (eigh where it is not positive definite), the inertia and ``log|det K|``.
+        ``d_neg``: the negative entries of ``D`` where the caller knows (a pass over ``n`` numbers less)."""
         K = 0.5 * (K + K.T)
         self.K = K
         L, info = torch.linalg.cholesky_ex(K)
         self.cholesky = int(info) == 0
-        d_neg = int((self.D < 0).sum())
+        d_neg = int((self.D < 0).sum()) if d_neg is None else d_neg
+        self._d_neg = d_neg
         s_pos = int((self.S > 0).sum())
         if self.cholesky:
             self._L = L
@@ -728,12 +730,14 @@ class WoodburyFactor:
             cols = idx_k[rest]
             U_J = self._U64[:, cols] if self._U64 is not None else self.columns(cols).double()
             K += (U_J * delta[rest]) @ U_J.T
+        was = self.__dict__.get("_d_neg")  # (negative entries of D, counted at the factorization)
+        d_neg = None if was is None else was + int((values < 0).sum()) - int((self.D[idx] < 0).sum())
         self.D = self.D.clone()
         self.D[idx] = values
         self._Dinv = self._Dinv.clone()
         self._Dinv[idx] = 1.0 / values
         self._Ud = None  # (U D^-1, formed again when asked: the old one may be another factor's too)
-        self._factor_K(K)
+        self._factor_K(K, d_neg)
 
     def damping_update_cost(self, idx: Tensor) -> tuple[float, float]:
         """Flops of :meth:`update_damping` on ``idx`` and of :meth:`with_damping` (a rebuild), roughly:
