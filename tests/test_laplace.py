@@ -819,3 +819,113 @@ def test_functional_variance_takes_the_covariance_where_it_has_fewer_columns():
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     few = la.functional_variance(J[:2])  # (12 columns: the solves' route)
     torch.testing.assert_close(few, want[:2], rtol=1e-10, atol=1e-12)
+
+
+def _cnn_problem():
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Conv2d(3, 4, 2), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(4, 4),
+    ).double()  # fmt: skip
+    X = torch.randn(24, 1, 8, 8, generator=g, dtype=torch.float64)
+    return model, X, torch.randint(0, 4, (24,), generator=g)
+
+
+def test_a_prior_precision_below_the_resolution_of_g_is_singular_not_indefinite():
+    """delta = 1e-13 on a CNN's Gauss-Newton posterior (positive semi-definite G): the sweep perturbed
+    pivots, and the evidence raised IndefiniteError ('c G + delta I is indefinite ... check the targets')
+    showing an inertia with no negative eigenvalue; the influence fit warned 'indefinite' likewise."""
+    from hessinv.errors import AccuracyWarning
+    from hessinv.influence import InfluenceFunction
+
+    model, X, y = _cnn_problem()
+    la = Laplace(model, "classification").fit(X, y)
+    assert math.isfinite(la.log_marginal_likelihood(prior_precision=1.0))
+    refused = []
+    for delta in (1e-12, 1e-13, 1e-14, 1e-15):
+        try:
+            la.log_marginal_likelihood(prior_precision=delta)
+        except (SingularError, IndefiniteError) as e:
+            refused.append(e)
+    assert refused and all(type(e) is SingularError for e in refused)
+    assert all("choose a larger prior precision" in str(e) for e in refused)
+    seen = []
+    for lam in (1e-13, 1e-14, 1e-15, 1e-16):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            f = InfluenceFunction(model, nn.CrossEntropyLoss(), "gauss_newton", lam).fit(X, y)
+        assert not any("indefinite" in str(x.message) for x in w)
+        if f.factorization.perturbed:
+            seen.append(lam)
+            said = [str(x.message) for x in w if issubclass(x.category, AccuracyWarning)]
+            assert any("singular to working precision" in m for m in said)
+    assert seen  # (the case: pivots perturbed at some damping)
+
+
+def test_class_probability_targets_must_sum_to_one():
+    """Multi-label 0/1 rows (sums 0..3) were taken as class probabilities and gave an evidence of a
+    likelihood that is not categorical."""
+    model, X, y = _cnn_problem()
+    Y = (torch.rand(24, 4, generator=torch.Generator().manual_seed(1)) < 0.4).double()
+    with pytest.raises(InvalidArgumentError, match="must sum to 1 over the classes"):
+        Laplace(model, "classification").fit(X, Y)
+    P = torch.softmax(torch.randn(24, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64), 1)
+    assert math.isfinite(Laplace(model, "classification").fit(X, P).log_marginal_likelihood())
+
+
+def test_a_singular_log_det_names_the_prior_precision():
+    """Regression at delta = 1e-13: the factorization's own 'logdet at damping 2e-13 ... choose another
+    damping' named delta / c, a damping the user never gave."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 20), nn.Tanh(), nn.Linear(20, 2)).double()  # (n = 122 > 29 x 2 rows)
+    X, Y = (
+        torch.randn(29, 3, generator=g, dtype=torch.float64),
+        torch.randn(29, 2, generator=g, dtype=torch.float64),
+    )
+    la = Laplace(model, "regression").fit(X, Y)
+    refused = []
+    for delta in (1e-12, 1e-13, 1e-14, 1e-15, 1e-16):
+        try:
+            la.log_marginal_likelihood(prior_precision=delta)
+        except SingularError as e:
+            refused.append((delta, str(e)))
+    assert refused
+    for delta, m in refused:
+        assert f"prior precision delta = {delta:g}" in m and "choose a larger prior precision" in m
+
+
+def test_prior_precision_search_reads_the_root_spectrum(monkeypatch):
+    """A 10-64-3 MLP on 8 examples (n = 899, G's root 16 rows): the search's log-determinants come from
+    G's spectrum through its root (16 eigenvalues and 883 zeros), not a factorization per evaluation (a
+    10-512-3 MLP on 32 examples: 12.6 s -> 0.19 s); the optimum is the one the factorizations find."""
+    from hessinv.curvature import GaussNewton
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 64), nn.Tanh(), nn.Linear(64, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(8, 10, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+    calls = []
+    factor = GaussNewton.factor
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return factor(self, *args, **kwargs)
+
+    monkeypatch.setattr(GaussNewton, "factor", counted)
+    # (as for a model too large for one dense eigvalsh, where each evaluation factored G + (delta / c) I)
+    monkeypatch.setattr(GaussNewton, "_dense_eigenvalues_cheaper", lambda self, evaluations: False)
+    la = Laplace(m, "classification").fit(X, y)
+    d_root = la.optimize_prior_precision()
+    root_calls = len(calls)
+    monkeypatch.setattr(GaussNewton, "EIG_ROOT_MAX_FLOPS", 0.0)
+    monkeypatch.setattr(Laplace, "_spectrum", lambda self, evaluations: None)
+    calls.clear()
+    la2 = Laplace(m, "classification").fit(X, y)
+    d_fac = la2.optimize_prior_precision()
+    assert root_calls <= 2 < len(calls)
+    assert d_root == pytest.approx(d_fac, rel=1e-5)
+    assert la.log_marginal_likelihood(prior_precision=d_root) == pytest.approx(
+        la2.log_marginal_likelihood(prior_precision=d_root), rel=1e-12
+    )

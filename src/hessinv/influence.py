@@ -45,6 +45,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 from hessinv.chain import Chain, LossFn, as_module, check_real, dense_grad, exact_no_grad, training_layers
 from hessinv.curvature import CurvatureOperator, Factorization, check_precision, curvature_class
 from hessinv.errors import (
+    AccuracyWarning,
     DtypeMismatchError,
     HessinvError,
     InvalidArgumentError,
@@ -421,7 +422,14 @@ class InfluenceFunction:
         w = self._batch_weight(op, targets, yc, training_examples)
         fac = op.factor(self.damping / w, precision=self.precision)  # w H + lambda I = w (H + lambda / w I)
         grads = per_example_gradients(self.model, self.loss_fn, inputs, targets, chain=op.chain)
-        if not fac.positive_definite:
+        if not fac.positive_definite and fac.perturbed and fac.inertia.negative == 0:
+            warn(
+                f"H + lambda I (lambda = {self.damping:g}) is singular to working precision (pivots "
+                "perturbed, no eigenvalue found negative): the scores are those of the refined solves, "
+                "accurate to their reported residuals only -- use a larger damping",
+                AccuracyWarning,
+            )
+        elif not fac.positive_definite:
             warn(
                 f"H + lambda I (lambda = {self.damping:g}) is indefinite, inertia {tuple(fac.inertia)}: "
                 "the scores are exact for this matrix, but influence functions assume a positive definite "

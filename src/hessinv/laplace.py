@@ -58,6 +58,7 @@ from hessinv.chain import as_module, check_real, exact_no_grad
 from hessinv.curvature import (
     CurvatureOperator,
     Factorization,
+    GaussNewton,
     Hessian,
     curvature_class,
 )
@@ -239,6 +240,15 @@ class Laplace:
                 "classification targets given as class probabilities must be >= 0 (the likelihood is the "
                 "cross-entropy against them); for real-valued targets use likelihood='regression'"
             )
+        if self.likelihood == "classification" and y.is_floating_point() and y.dim() >= 2 and y.numel():
+            sums = y.double().sum(1)
+            if not bool(((sums - 1).abs() <= 1e-6).all()):
+                raise InvalidArgumentError(
+                    "classification targets given as class probabilities must sum to 1 over the classes "
+                    f"(dim 1); these sum to {float(sums.min()):.4g}..{float(sums.max()):.4g}. Multi-label "
+                    "0/1 targets are a Bernoulli likelihood per label, which likelihood='classification' "
+                    "(one categorical per example) does not model"
+                )
         if self._ignore is not None and not y.is_floating_point() and bool((y == self._ignore).any()):
             raise InvalidArgumentError(
                 f"the likelihood CrossEntropyLoss(ignore_index={self._ignore}) ignores "
@@ -294,6 +304,16 @@ class Laplace:
                     damping=d,
                 ) from None
         fac = self._cache[1]
+        if not fac.positive_definite and fac.perturbed and fac.inertia.negative == 0:
+            # (pivots perturbed, none negative: c G + delta I is singular to working precision, not shown
+            # indefinite -- a positive semi-definite G at a prior precision below its resolution)
+            raise SingularError(
+                f"the posterior precision at prior precision delta = {delta:g} (c = {c:g}) is singular to "
+                f"working precision (the sweep perturbed pivots at damping delta / c = {delta / c:g}; no "
+                "eigenvalue was found negative): choose a larger prior precision (bounds= of "
+                "optimize_prior_precision)",
+                damping=delta / c,
+            )
         if not fac.positive_definite:
             if self.curvature_cls is Hessian:
                 advice = "use curvature='gauss_newton' or a larger prior precision"
@@ -344,13 +364,26 @@ class Laplace:
             if float(shifted.min()) > 1e3 * w.numel() * 2.2e-16 * max(float(w.abs().max()), delta / c):
                 return self.n_params * math.log(c) + float(shifted.log().sum())
         fac, c = self._factor(delta, sigma)
-        return self.n_params * math.log(c) + fac.logdet()
+        try:
+            return self.n_params * math.log(c) + fac.logdet()
+        except SingularError as e:  # (its message names the damping delta / c, which the user never gave)
+            raise SingularError(
+                f"log det of the posterior precision at prior precision delta = {delta:g} (c = {c:g}): "
+                f"{e} -- choose a larger prior precision (bounds= of optimize_prior_precision)",
+                damping=delta / c,
+            ) from None
 
     def _spectrum(self, evaluations: int) -> Tensor | None:
-        """``G``'s eigenvalues (float64, one dense ``eigvalsh``) where that costs less than ``evaluations``
-        factorizations of ``G + (delta / c) I`` -- ``log det(G + d I) = sum log(lambda_i + d)`` then serves
-        every ``(delta, sigma)`` of a search -- else None (large ``n``: a factorization per evaluation)."""
+        """``G``'s eigenvalues (float64: from its root where that has fewer rows than ``G`` has
+        parameters, :meth:`GaussNewton._root_spectrum`; else one dense ``eigvalsh`` where that costs less
+        than ``evaluations`` factorizations of ``G + (delta / c) I``) -- ``log det(G + d I) = sum
+        log(lambda_i + d)`` then serves every ``(delta, sigma)`` of a search -- else None (large ``n``: a
+        factorization per evaluation)."""
         op = self._op()
+        if isinstance(op, GaussNewton):  # G's root has fewer rows than parameters: its spectrum, exactly
+            spectrum = op._residual_operator()._root_spectrum()
+            if spectrum is not None:
+                return spectrum[0].cpu()
         if not op._dense_eigenvalues_cheaper(evaluations):
             return None
         # (a float32 model's G from its float64 twin, as its factorizations' log det: the float32 matrix's
