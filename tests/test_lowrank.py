@@ -452,6 +452,25 @@ def test_newton_with_many_classes_keeps_the_root_small():
         hessinv.optim.Newton(model, nn.CrossEntropyLoss(), max_rank=0)
 
 
+@pytest.mark.parametrize("k, want", [(8, 80), (16, 160), (25, 250), (64, 256)])
+def test_default_root_budget_is_ten_rows_per_curvature_example(k, want):
+    """The default max_rank is min(256, 10 k): a 10-class model keeps its exact root (9 rows per example)
+    at every curvature batch, as with 256 before (at 16 examples 144 rows: a flat 80 would have cut it to
+    5 per example); 100 classes on 8 examples keep 80 rows (256 before: a refresh 1.4-2.7x the cost on
+    many-output models, for the same progress per step)."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    for C in (10, 100):
+        model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, C)).double()
+        X, y = torch.randn(k, 6, dtype=torch.float64), torch.randint(0, C, (k,))
+        opt = hessinv.optim.Newton(model, nn.CrossEntropyLoss(), curvature_batch_size=k, seed=0)
+        assert opt.preconditioner.max_rank == want
+        opt.step(X, y)  # (the first step preconditions: a refresh on the k examples)
+        assert opt.last_stats.mode == "precondition" and opt.last_stats.refreshed
+        # each example keeps min(C - 1, max_rank // k) output directions
+        assert opt.preconditioner._factor.U.shape[0] == min(C - 1, want // k) * k
+
+
 def test_budgeted_output_curvature_keeps_the_leading_directions_of_confident_softmaxes():
     """float32, 1000 classes, confident predictions: the kept eigenvalues sit below the rounding tolerance of
     the tie rule, which must not then treat them as tied (it replaced them by worse directions: 56x the

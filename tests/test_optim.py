@@ -506,9 +506,9 @@ def test_precondition_step_equals_woodbury_direction_from_outside():
     net, loss_fn = _mlp(dtype=F64), nn.CrossEntropyLoss()
     opt = ho.Newton(
         net, loss_fn, seed=3, curvature_batch_size=64, lr=0.5, basis="identity", diagonal_damping=500.0,
-        max_relative_step=None, max_rank=128,
+        max_relative_step=None,
     )  # fmt: skip
-    x0 = flat(net)  # curvature batch = the batch (its exact root: 64 x 2 rows)
+    x0 = flat(net)  # curvature batch = the batch
     Xb, yb = X[:64], y[:64]
     G = hessinv.gauss_newton(net, loss_fn, Xb, yb)
     g = G.gradient
@@ -641,15 +641,8 @@ def test_eigen_basis_step_against_dense():
     X, y = _stream(0, dtype=F64)
     net, loss_fn = _mlp(dtype=F64), nn.CrossEntropyLoss()
     opt = ho.Newton(
-        net,
-        loss_fn,
-        seed=3,
-        curvature_batch_size=64,
-        lr=0.5,
-        diagonal_damping=500.0,
-        max_relative_step=None,
-        max_rank=128,
-    )  # fmt: skip  (the exact root: 64 x 2 rows)
+        net, loss_fn, seed=3, curvature_batch_size=64, lr=0.5, diagonal_damping=500.0, max_relative_step=None
+    )
     x0 = flat(net)
     Xb, yb = X[:64], y[:64]
     G = hessinv.gauss_newton(net, loss_fn, Xb, yb)

@@ -94,7 +94,6 @@ from hessinv.errors import HessinvError, InvalidArgumentError, NonFiniteError, S
 from hessinv.optim.damping import DampingRule, FixedDamping, LevenbergMarquardt, Sweeps
 from hessinv.optim.precondition import (
     BASIS_MAX_DIM,
-    MAX_RANK,
     Preconditioner,
     _cast_state,
     _deterministic_curvature,
@@ -348,12 +347,14 @@ class Newton(torch.optim.Optimizer):
             Adam 0.46 ms); the wider side is dropped too while the rotation costs more than
             :data:`~hessinv.optim.precondition.ROTATION_MAX_FLOPS`
             (:func:`~hessinv.optim.precondition.rotated_sides`).
-        max_rank: precondition mode (Gauss-Newton): rows of the curvature root at most (default 80);
+        max_rank: precondition mode (Gauss-Newton): rows of the curvature root at most (default
+            ``min(256, 10 x curvature examples)``: 80 for the default 8);
             with more output directions than that in the curvature batch (many classes), each example
             keeps its leading ones (:class:`~hessinv.optim.Preconditioner`). Each refresh costs about
             ``max_rank`` backward passes and a ``max_rank^2 n`` Gram: on models with many outputs per
             example (a transformer LM's ``vocab x length``, 1000 classes) 64-80 rows made the same
-            progress per step as 256 at 1.6-2.7x less CPU time (docs/training.md; 256 until 2026-12-05).
+            progress per step as 256 at 1.6-2.7x less CPU time (docs/training.md; 256 at any curvature
+            batch until 2026-12-05).
         curvature_batch_size: build the curvature on this many examples drawn at random from each batch
             (precondition mode default 8; trust-region default: the whole batch). For a loss that sums
             over the examples (``reduction='sum'``; :func:`hessinv.stages.losses.sums_examples`) the
@@ -428,7 +429,7 @@ class Newton(torch.optim.Optimizer):
         max_relative_step: float | None = None,
         basis: str = "eigen",
         basis_max_dim: int = BASIS_MAX_DIM,
-        max_rank: int = MAX_RANK,
+        max_rank: int | None = None,
         curvature_batch_size: int | None = None,
         refresh: int = 10,
         momentum: float = 0.9,

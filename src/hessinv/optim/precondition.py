@@ -130,7 +130,14 @@ def _checked_settings(
         "eps": float(_positive("eps", eps)),
         "warmup": _positive("warmup", warmup, integer=True, allow_zero=True),
         "stale_ratio": stale,
-        "max_rank": _positive("max_rank", max_rank, integer=True),
+        "max_rank": (
+            min(
+                MAX_RANK,
+                ROOT_ROWS_PER_EXAMPLE * _positive("curvature_batch_size", curvature_batch_size, integer=True),
+            )
+            if max_rank is None
+            else _positive("max_rank", max_rank, integer=True)
+        ),
         "basis_max_dim": _positive("basis_max_dim", basis_max_dim, integer=True),
     }
 
@@ -246,11 +253,15 @@ def rotated_sides(a: int, b: int, max_dim: int = BASIS_MAX_DIM) -> tuple[bool, b
 
 #: rows of the Gauss-Newton root at most by default (:class:`Preconditioner`): the exact root of 8
 #: examples has ``8 (C - 1)`` rows for ``C`` classes (72 for 10), and a refresh costs about ``r`` backward
-#: passes and an ``r^2 n`` Gram. 80 keeps every row up to 10 outputs per example; on models with many
-#: outputs per example (a transformer LM's vocab x length, 100 or 1000 classes, a 64-output autoencoder)
-#: 64 rows gave the same progress per step as 256 at 1.4-2.7x less CPU time (docs/training.md; 256 until
-#: 2026-12-05)
-MAX_RANK = 80
+#: passes and an ``r^2 n`` Gram -- by default at most :data:`ROOT_ROWS_PER_EXAMPLE` rows per curvature
+#: example, and this many in all
+MAX_RANK = 256
+#: the default ``max_rank`` is ``min(MAX_RANK, ROOT_ROWS_PER_EXAMPLE x curvature examples)``: every row up
+#: to 10 outputs per example (so models of at most 11 classes keep the exact root at every curvature batch,
+#: as with 256 before 2026-12-05); on models with many outputs per example (a transformer LM's vocab x
+#: length, 100 or 1000 classes, a 64-output autoencoder) 64-80 rows of 8 examples gave the same progress
+#: per step as 256 at 1.4-2.7x less CPU time (docs/training.md)
+ROOT_ROWS_PER_EXAMPLE = 10
 
 #: during warm-up ``K`` is rebuilt with every step's ``D`` while a rebuild costs at most this many flops
 #: per parameter: a Linear weight's structured rows cost ``B^2 + r^2 / m`` per entry (``m`` its inputs;
@@ -743,7 +754,8 @@ class Preconditioner:
             curvature batch's ``B`` examples have more than ``max_rank / B`` output directions of
             curvature (many classes), each keeps its ``max(1, max_rank // B)`` leading eigenpairs
             (:func:`hessinv.lowrank.gauss_newton_root`); the exact root would cost ``(B C)^2 n`` per
-            refresh (C = 1000: seconds).
+            refresh (C = 1000: seconds). Default: ``min(MAX_RANK, ROOT_ROWS_PER_EXAMPLE x B)``, 80 at
+            ``B = 8``.
         seed: seed of the generator that draws curvature batches.
         weight_decay: ``wd`` of an L2 penalty ``wd/2 |x|^2`` on the loss: :meth:`precondition_` adds its
             gradient ``wd x`` and ``D`` its curvature ``wd I`` (exact; the attribute may be an (n,)
@@ -776,7 +788,7 @@ class Preconditioner:
         stale_ratio: float = 2.0,
         basis: str = "eigen",
         basis_max_dim: int = BASIS_MAX_DIM,
-        max_rank: int = MAX_RANK,
+        max_rank: int | None = None,
         seed: int | None = None,
         weight_decay: float = 0.0,
     ):
