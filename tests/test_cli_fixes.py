@@ -138,6 +138,29 @@ def test_a_first_row_with_a_missing_feature_and_a_class_name_is_an_error(tmp_pat
         load_dataset(str(p))
 
 
+def test_pandas_index_header_with_a_label_name_is_a_header(tmp_path):
+    """DataFrame(X) plus a 'label' column, to_csv() with its index: ',0,1,2,label' (a review: the rule for a
+    first row with a missing value read it as a data row, 'line 1, column 1 is empty')."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 3)).round(4), rng.integers(0, 2, 40)
+    rows = [f"{i}," + ",".join(map(str, X[i])) + f",{y[i]}" for i in range(40)]
+    p = tmp_path / "pl.csv"
+    p.write_text(",0,1,2,label\n" + "\n".join(rows) + "\n")
+    Xr, yr, _, _ = load_file(p)
+    assert Xr.shape == (40, 3) and np.array_equal(yr, y.astype(np.float64))
+
+
+def test_unsorted_counts_with_a_rare_class_in_the_first_row_stay_data(tmp_path):
+    """17,42,8,31,3 above count rows of classes 0-2 (20 each): an example of a rare class, not a header
+    (a review: the rule for a header of years took any distinct integers)."""
+    rng = np.random.default_rng(0)
+    rows = ["17,42,8,31,3"] + [",".join(map(str, rng.poisson(20, 4))) + f",{i % 3}" for i in range(60)]
+    p = tmp_path / "counts.csv"
+    p.write_text("\n".join(rows) + "\n")
+    _, y, _, _ = load_file(p)
+    assert len(y) == 61 and y[0] == 3
+
+
 def test_a_batch_size_beyond_the_training_set_is_said_to_be_full_batch(tmp_path, capsys):
     """--batch-size 100000 on 240 examples trained full batch but said 'batch 100000' (and wrote it)."""
     p = tmp_path / "c.csv"

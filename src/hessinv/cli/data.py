@@ -228,14 +228,14 @@ def _is_header(head: list[str], rest: list[list[str]]) -> bool:
       data: some column of the other rows is written as decimals (``0.25``, ``1e-3``) unlike the row's
       plain integers, or its label is no other row's and the other rows have at least 10 per distinct
       label (a first row that is the only example of its class, among classes of 10 or more on average);
-    * other distinct integers (years: ``2019,...,2024``) whose label is no other row's, above classes of
+    * other increasing integers (years: ``2019,...,2024``) whose label is no other row's, above classes of
       10 or more rows on average. Otherwise (``0,1,2`` above ``5,3,0``, ``1,4,1``, ... or a counting
       series ``1,2,3``, ...) it stays data.
     """
     cells = [c.strip() for c in head]
     labels = [r[-1].strip() for r in rest]
-    if cells[0] == "" and _column_numbers(cells[1:]):
-        return True
+    if cells[0] == "" and (_column_numbers(cells[1:]) or _column_numbers(cells[1:-1])):
+        return True  # (pandas' header above its index column: the column numbers, and the label's name)
     # a row with a missing value (a feature's, or the label's) and numbers in the other feature cells is
     # data -- whatever its label (a class name does not make it a header)
     features = cells[:-1]
@@ -256,9 +256,10 @@ def _is_header(head: list[str], rest: list[list[str]]) -> bool:
         alone = float(cells[-1]) not in values and len(rest) >= 10 * len(values)
         if _column_numbers(cells) and (written_as_decimals or alone):
             return True
-        # other integers (years: 2019,...,2024) above classes of 10 or more rows each, whose label no
-        # other row has and whose features are all distinct: a row of names, not an example
-        if alone and len(set(cells)) == len(cells):
+        # other integers in increasing order (years: 2019,...,2024) above classes of 10 or more rows each,
+        # whose label no other row has: a row of names, not an example (unsorted counts stay data)
+        numbers = [int(c) for c in cells]
+        if alone and all(a < b for a, b in zip(numbers[:-1], numbers[1:], strict=True)):
             return True
     kinds = {_is_number(c) for c in labels}
     if len(kinds) != 1:  # no other rows, or numbers and names mixed (an error, reported later)
