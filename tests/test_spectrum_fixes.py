@@ -477,3 +477,28 @@ def test_gauss_newton_spectrum_from_its_root(monkeypatch, seed, widths, batch, l
             int(((lam - s).abs() <= tol).sum()),
             int((lam - s > tol).sum()),
         )
+
+
+def test_root_spectrum_of_a_float32_model_and_after_a_dense_view(monkeypatch):
+    """A float32 model's spectrum is its float64 twin's (the one its Rayleigh quotients use: the float32
+    root's eigenvalues came back 1e-8 off the intervals, uncertified -- a review); an operator whose
+    inertia() built the dense view first still takes the root route (it cached None for good)."""
+    torch.manual_seed(0)
+    X, Y = torch.randn(6, 4), torch.randn(6, 3)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    G32 = hessinv.gauss_newton(net, nn.MSELoss(), X, Y)
+    A = autograd_gauss_newton(net.double(), nn.MSELoss(), X.double(), Y.double())
+    net.float()
+    lam = torch.linalg.eigvalsh(0.5 * (A + A.T))
+    for which, sigma, want in (("largest", None, lam[-1]), ("nearest", float(lam[-2]) + 1e-3, lam[-2])):
+        e = G32.eigenpairs(1, which, sigma=sigma)
+        assert e.certified and abs(float(e.values[0]) - float(want)) <= 1e-12 * float(lam.abs().max())
+    G = hessinv.gauss_newton(net.double(), nn.MSELoss(), X.double(), Y.double())
+    G.inertia()  # (n = 67: the dense view is built for the counts)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a factorization on the root route")
+
+    monkeypatch.setattr(curvature, "riccati_factor", refuse)
+    e = G.eigenpairs(3, "largest")
+    assert torch.allclose(e.values, lam[-3:], rtol=0, atol=1e-12 * float(lam.abs().max()))

@@ -542,11 +542,11 @@ def _has_proxy(values: Iterable[Any]) -> bool:
 def _buffers_kept(mods: Iterable[nn.Module]) -> Iterator[None]:
     """The block with every buffer that ``mods`` hold themselves put back where it changed in place (a
     call counter in forward, ``self.n += 1``: each of hessinv's passes, and torch.fx's trace, advanced
-    it). Copies are kept up to 2^20 numbers in all (a large mask or table, which no forward updates in
-    place in practice, is not copied)."""
-    held = [b for m in mods for b in m._buffers.values() if isinstance(b, Tensor)]
-    small = sum(b.numel() for b in held) <= 2**20
-    saved = [(b, b._version, b.detach().clone()) for b in held] if small else []
+    it). Buffers of up to 2^16 numbers are copied (counters, statistics; a large mask or table, which no
+    forward updates in place in practice, is not). A change another thread makes to such a buffer while
+    the block runs is undone too: the model is hessinv's during a pass."""
+    held = [b for m in mods for b in m._buffers.values() if isinstance(b, Tensor) and b.numel() <= 2**16]
+    saved = [(b, b._version, b.detach().clone()) for b in held]
     try:
         yield
     finally:

@@ -845,6 +845,8 @@ class CurvatureOperator:
         ``shift +- tol`` is an eigenvalue to working precision (a pivot exactly singular), that count
         is taken ``n u max(||H||, |shift|)`` further out, or that resolution where the sweep is still
         singular there: the eigenvalues passed count as zero.
+        A Gauss-Newton matrix whose root has fewer rows than parameters counts in its whole spectrum
+        instead (:meth:`GaussNewton._root_spectrum`: no sweep; ``tol = 0`` becomes ``eigh``'s resolution).
         Raises :class:`InvalidArgumentError` for a NaN or infinite ``shift`` or a ``tol`` that is
         negative or not finite.
         """
@@ -1244,6 +1246,9 @@ class CurvatureOperator:
         ``tol``: relative accuracy asked of ARPACK. ARPACK gets 100 restarts; where it does not
         converge (or ``k > n / 8``) eigenvalues of ``n <= 4096`` come from dense ``eigh`` (then
         certified the same way), larger ones raise :class:`~hessinv.errors.ConvergenceError`.
+        A Gauss-Newton matrix whose root has fewer rows than parameters takes none of these routes: its
+        whole spectrum comes from the root (:meth:`GaussNewton._root_spectrum`; ``eigh``'s accuracy,
+        whatever ``tol``), ``certified`` with the same meaning.
 
         Raises :class:`InvalidArgumentError` for a ``tol`` outside ``(0, 1)``, a NaN ``sigma`` (or one
         given with another ``which``), or a bad ``k``.
@@ -1809,6 +1814,9 @@ class GaussNewton(CurvatureOperator):
     #: :meth:`eigenpairs` takes the whole spectrum from the root where its thin QR, ``2 n r^2`` flops, is
     #: below this (about 10 s on one core of this machine)
     EIG_ROOT_MAX_FLOPS = 2.0**37
+    #: ... and where ``r n``, the numbers in each of its float64 copies of ``U`` (``U`` itself and ``Q``),
+    #: is at most this (512 MB each; above it, Lanczos on products, a few vectors of ``n``)
+    EIG_ROOT_MAX_ENTRIES = 2**26
 
     def _root_spectrum(self) -> tuple[Tensor, Tensor, Tensor] | None:
         """``(values, Q, E)``: every eigenvalue of ``G = U^T diag(S) U`` from its root where that has fewer
@@ -1816,20 +1824,27 @@ class GaussNewton(CurvatureOperator):
         n x r), ``G = Q (R S R^T) Q^T``: ``G``'s eigenvalues are those of the r x r matrix ``R S R^T = E
         diag(mu) E^T`` (eigenvectors ``Q E``) and ``n - r`` exact zeros, whose eigenvectors span the
         orthogonal complement of ``Q``; ``values`` is ``mu`` followed by those zeros (float64, on the CPU).
-        ``2 n r^2`` flops, no factorization; cached. None where ``r >= n``, on a view, or where the QR
-        would cost over :data:`EIG_ROOT_MAX_FLOPS`."""
+        ``2 n r^2`` flops, no factorization; cached. A float32 operator's is its float64 twin's (the one
+        its residuals and Rayleigh quotients use: the float32 root's eigenvalues carry ``1e-8 ||G||``).
+        None where ``r >= n``, on a dense view, or where the QR would cost over
+        :data:`EIG_ROOT_MAX_FLOPS` or its copies of ``U`` hold over :data:`EIG_ROOT_MAX_ENTRIES` numbers."""
+        if self.dtype != torch.float64:
+            twin = self._residual_operator()
+            return None if twin is self or not isinstance(twin, GaussNewton) else twin._root_spectrum()
         if "_spectrum" in self.__dict__:
             return self._spectrum
-        view = self.__dict__.get("_view")
+        if isinstance(self.blocks[-1], _DenseMatrixBlocks):  # (a dense view's one block: no root)
+            return None
         n, r = self.shape[0], self.blocks[-1].batch * self.blocks[-1].d_in
-        self._spectrum: tuple[Tensor, Tensor, Tensor] | None = None
-        if (view is None or view is self) and r < n and 2.0 * n * r * r <= self.EIG_ROOT_MAX_FLOPS:
-            U, S = self.root()
-            U64, S64 = U.detach().double().cpu(), S.detach().double().cpu()
-            r = U64.shape[0]  # (at most batch x outputs: cross-entropy's output curvature has rank C - 1)
-            Q, R = torch.linalg.qr(U64.T)
-            mu, E = torch.linalg.eigh((R * S64) @ R.T)
-            self._spectrum = (torch.cat([mu, mu.new_zeros(n - r)]), Q, E)
+        if r >= n or 2.0 * n * r * r > self.EIG_ROOT_MAX_FLOPS or r * n > self.EIG_ROOT_MAX_ENTRIES:
+            self._spectrum: tuple[Tensor, Tensor, Tensor] | None = None
+            return None
+        U, S = self.root()
+        U64, S64 = U.detach().double().cpu(), S.detach().double().cpu()
+        r = U64.shape[0]  # (at most batch x outputs: cross-entropy's output curvature has rank C - 1)
+        Q, R = torch.linalg.qr(U64.T)
+        mu, E = torch.linalg.eigh((R * S64) @ R.T)
+        self._spectrum = (torch.cat([mu, mu.new_zeros(n - r)]), Q, E)  # (kept only once it is whole)
         return self._spectrum
 
     def _eigenpairs_from_root(self, k: int, which: str, sigma: float | None) -> Eigenpairs | None:

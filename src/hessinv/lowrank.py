@@ -406,8 +406,9 @@ def _pair_gram(T: Tensor, idx: Tensor, w: Tensor) -> Tensor:
     and ``w`` (B, B, d) symmetric in its first two indices (``w_ab = w_ba``: every caller's is a product
     of ``z_a`` and ``z_b``): rows grouped by example and padded to ``C`` per example, ``M_ab = T_a
     diag(w_ab) T_b^T`` for the pairs ``a <= b`` and ``M_ba = M_ab^T`` -- ``r^2 d / 2`` flops, ``B^2 C d / 2``
-    numbers (a 1000-class head's, ``B = 8``, ``C = 32``: 16.5 against 5.1 ms), and ``M`` exactly
-    symmetric."""
+    numbers (a 1000-class head's, ``B = 8``, ``C = 32``: 16.5 against 5.1 ms); its off-diagonal blocks
+    mirror each other exactly (the diagonal ones only to rounding: :meth:`WoodburyFactor._factor_K`
+    symmetrizes)."""
     B, r, d = w.shape[0], T.shape[0], T.shape[1]
     counts = torch.bincount(idx, minlength=B)
     C = int(counts.max())

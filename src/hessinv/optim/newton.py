@@ -105,6 +105,7 @@ from hessinv.optim.precondition import (
     finite_loss_on,
     follow_params,
     generator_from_seed,
+    saved_before_a_freeze,
 )
 from hessinv.optim.trust_region import TrustRegion
 from hessinv.riccati import Inertia
@@ -592,14 +593,9 @@ class Newton(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` state dict plus ``"newton"``: step count, mode, rule state, momentum (in the
         preconditioner's basis), generators, ``max_relative_step``, ``curvature_batch_size`` and the
-        preconditioner's state with its settings (:meth:`Preconditioner.state_dict`). Of the model's
-        trainable parameters now (a layer frozen since the last step: as that step would, and as
-        :meth:`load_state_dict` does; where it cannot -- a parameter unfrozen that no group held -- the
-        state of the last step, and the next step names the problem)."""
-        try:
-            self._follow_trainable()
-        except InvalidArgumentError:
-            pass
+        preconditioner's state with its settings (:meth:`Preconditioner.state_dict`): the state of the
+        last step, for the parameters trainable then (a layer frozen since is followed at the next step,
+        or by :meth:`load_state_dict`; saving changes nothing)."""
         sd = super().state_dict()
         ns = {k: v for k, v in self._newton.items() if k != "previous"}
         sd["newton"] = copy.deepcopy(ns)
@@ -624,7 +620,14 @@ class Newton(torch.optim.Optimizer):
         an :class:`~hessinv.errors.InvalidArgumentError`, and a refused load changes nothing."""
         if not isinstance(state_dict, dict):
             raise InvalidArgumentError(f"a state dict is a dict, got {type(state_dict).__name__}")
-        self._follow_trainable()  # (a layer frozen or unfrozen since: the checkpoint is of the model now)
+        # a layer frozen or unfrozen since the last step: followed first -- unless the checkpoint is of the
+        # parameters trainable at that step and not of those trainable now (saved right after a layer was
+        # frozen, before a step followed it: loaded as it is, and the next step follows)
+        ns0 = state_dict.get("newton")
+        if not saved_before_a_freeze(
+            ns0.get("param_shapes") if isinstance(ns0, dict) else None, self.chain, self.model
+        ):
+            self._follow_trainable()
         sd = dict(state_dict)
         ns = sd.pop("newton", None)
         # the checkpoint's tensors in this model's dtype and device (as torch.optim casts its state)
@@ -658,8 +661,9 @@ class Newton(torch.optim.Optimizer):
         if shapes is not None and [tuple(s) for s in shapes] != [tuple(p.shape) for p in self.chain.params]:
             raise InvalidArgumentError(
                 f"state dict is for another model: parameters of shapes {[tuple(s) for s in shapes]}; this "
-                f"optimizer's are {[tuple(p.shape) for p in self.chain.params]} (only the trainable ones "
-                "count: freeze the layers that were frozen when it was saved, load, then unfreeze)"
+                f"optimizer's are {[tuple(p.shape) for p in self.chain.params]} (the trainable ones at the "
+                "checkpoint's last step count: freeze or unfreeze layers as they were then, load, then "
+                "change them)"
             )
         limit = ns.get("max_relative_step", self.max_relative_step)  # (absent: from before it was saved)
         if limit is not None:

@@ -561,6 +561,19 @@ class EigenBasis:
             setattr(self, "_" + k, stacks)
 
 
+def saved_before_a_freeze(shapes: Any, chain: Any, model: Any) -> bool:
+    """Whether a checkpoint's parameter ``shapes`` are those the optimizer's ``chain`` had at its last step
+    and not those of the ``model``'s trainable parameters now: saved right after a layer was frozen (or
+    unfrozen), before a step followed it -- loaded as it is, and the next step follows."""
+    if shapes is None or not chain.trainable_changed():
+        return False
+    saved = sorted(tuple(s) for s in shapes)
+    mods = [model] if isinstance(model, nn.Module) else list(model)
+    unique = {id(p): p for m in mods for p in m.parameters()}.values()
+    now = sorted(tuple(p.shape) for p in unique if p.requires_grad)
+    return saved == sorted(tuple(p.shape) for p in chain.params) and saved != now
+
+
 def _offsets(params: Sequence[Tensor]) -> list[int]:
     """Each tensor's offset in the flat vector of ``params``."""
     out, o = [], 0
@@ -868,7 +881,12 @@ class Preconditioner:
         object -- of another model (other parameter count), another ``basis`` or another curvature --
         gets an :class:`InvalidArgumentError`, and a refused load changes nothing
         (:meth:`check_state_dict`)."""
-        self.follow_trainable()  # (a layer frozen or unfrozen since: the checkpoint is of the model now)
+        # (a layer frozen or unfrozen since: the checkpoint is of the model now -- unless saved before a step
+        # followed it)
+        if not saved_before_a_freeze(
+            sd.get("param_shapes") if isinstance(sd, dict) else None, self.chain, self.model
+        ):
+            self.follow_trainable()
         loaded = self._loaded(sd)
         self.__dict__.update(loaded["settings"])
         self.basis = loaded["basis"]
