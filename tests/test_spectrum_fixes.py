@@ -502,3 +502,24 @@ def test_root_spectrum_of_a_float32_model_and_after_a_dense_view(monkeypatch):
     monkeypatch.setattr(curvature, "riccati_factor", refuse)
     e = G.eigenpairs(3, "largest")
     assert torch.allclose(e.values, lam[-3:], rtol=0, atol=1e-12 * float(lam.abs().max()))
+
+
+def test_a_root_too_large_falls_back_to_the_other_routes(monkeypatch):
+    """Where the root's passes do not fit (TooLargeError), eigenpairs and inertia take the routes on
+    products and factorizations, as before the root route."""
+    from hessinv.errors import TooLargeError
+
+    m = _tanh_chain(3, 6)
+    torch.manual_seed(1)
+    X, y = torch.randn(2, 6, dtype=torch.float64), torch.randint(0, 6, (2,))
+    A = autograd_gauss_newton(m, nn.CrossEntropyLoss(), X, y)
+    lam = torch.linalg.eigvalsh(0.5 * (A + A.T))
+
+    def too_large(self, *args, **kwargs):
+        raise TooLargeError("injected")
+
+    monkeypatch.setattr(curvature.GaussNewton, "root", too_large)
+    G = hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X, y)
+    e = G.eigenpairs(2, "largest")
+    assert torch.allclose(e.values, lam[-2:], rtol=0, atol=1e-10 * float(lam.abs().max()))
+    assert G.inertia(-0.5 * float(lam[-1])).positive == int((lam > 0.5 * lam[-1]).sum())

@@ -1839,7 +1839,10 @@ class GaussNewton(CurvatureOperator):
         if r >= n or 2.0 * n * r * r > self.EIG_ROOT_MAX_FLOPS or r * n > self.EIG_ROOT_MAX_ENTRIES:
             self._spectrum: tuple[Tensor, Tensor, Tensor] | None = None
             return None
-        U, S = self.root()
+        try:
+            U, S = self.root()
+        except TooLargeError:  # (the root's passes do not fit: the routes on products)
+            return None
         U64, S64 = U.detach().double().cpu(), S.detach().double().cpu()
         r = U64.shape[0]  # (at most batch x outputs: cross-entropy's output curvature has rank C - 1)
         Q, R = torch.linalg.qr(U64.T)
