@@ -150,6 +150,17 @@ def test_pandas_index_header_with_a_label_name_is_a_header(tmp_path):
     assert Xr.shape == (40, 3) and np.array_equal(yr, y.astype(np.float64))
 
 
+def test_a_first_row_missing_its_first_value_is_no_pandas_header(tmp_path):
+    """',0,2' above rows of two features: a data row with a missing value (an error naming line 1), not
+    pandas' index header -- a second review: the rule for ',0,1,2,label' took any ',<column numbers>,<x>'
+    (and with one feature any ',<x>')."""
+    rows = "".join(f"{i % 3}.5,{i % 2},{i % 3}\n" for i in range(20))
+    p = tmp_path / "m.csv"
+    p.write_text(",0,2\n" + rows)
+    with pytest.raises(DataError, match=re.escape("line 1, column 1 is empty")):
+        load_dataset(str(p))
+
+
 def test_unsorted_counts_with_a_rare_class_in_the_first_row_stay_data(tmp_path):
     """17,42,8,31,3 above count rows of classes 0-2 (20 each): an example of a rare class, not a header
     (a review: the rule for a header of years took any distinct integers)."""

@@ -234,7 +234,12 @@ def _is_header(head: list[str], rest: list[list[str]]) -> bool:
     """
     cells = [c.strip() for c in head]
     labels = [r[-1].strip() for r in rest]
-    if cells[0] == "" and (_column_numbers(cells[1:]) or _column_numbers(cells[1:-1])):
+    named_label = cells[-1].lower() not in _MISSING and not _is_number(cells[-1])
+    if (
+        cells[0] == ""
+        and len(cells) > 2
+        and (_column_numbers(cells[1:]) or (named_label and _column_numbers(cells[1:-1])))
+    ):
         return True  # (pandas' header above its index column: the column numbers, and the label's name)
     # a row with a missing value (a feature's, or the label's) and numbers in the other feature cells is
     # data -- whatever its label (a class name does not make it a header)

@@ -567,7 +567,10 @@ def saved_before_a_freeze(shapes: Any, chain: Any, model: Any) -> bool:
     unfrozen), before a step followed it -- loaded as it is, and the next step follows."""
     if shapes is None or not chain.trainable_changed():
         return False
-    saved = sorted(tuple(s) for s in shapes)
+    try:
+        saved = sorted(tuple(s) for s in shapes)
+    except TypeError:  # (not a list of shapes: the load's own check names it)
+        return False
     mods = [model] if isinstance(model, nn.Module) else list(model)
     unique = {id(p): p for m in mods for p in m.parameters()}.values()
     now = sorted(tuple(p.shape) for p in unique if p.requires_grad)
