@@ -828,3 +828,41 @@ def test_a_frozen_parameters_group_survives_a_checkpoint():
         o.step(*batches[2])
     assert any(p is net2[0].weight for p in opt2.param_groups[0]["params"])
     assert torch.equal(_flat(net2), _flat(net))
+
+
+def test_a_checkpoint_across_a_swap_of_frozen_layers_stays_on_its_layers():
+    """Saved at the last step's set (layers 0 and 4, layer 2 frozen), then layer 0 frozen and layer 2 --
+    of the same shapes -- unfrozen: the shapes cannot tell the sets apart, and the load followed the new
+    set first, putting layer 0's second moments and momentum on layer 2 (a second review). The checkpoint
+    records its parameters' places in the model: it loads onto layers 0 and 4, and the next step follows
+    the swap (layer 2 from zero state), as with the swap made after the load."""
+    torch.manual_seed(1)
+
+    def build():
+        torch.manual_seed(1)
+        m = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+        m[2].requires_grad_(False)
+        return m
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(64, 4, generator=g, dtype=F64), torch.randint(0, 3, (64,), generator=g)
+    runs = []
+    for swap_first in (True, False):
+        m = build()
+        opt = ho.Newton(m, nn.CrossEntropyLoss(), seed=0, mode="precondition")
+        for _ in range(3):
+            opt.step(X, y)
+        sd = copy.deepcopy(opt.state_dict())
+        v0 = sd["newton"]["preconditioner"]["v"][:20].clone()
+        if swap_first:
+            m[0].requires_grad_(False)
+            m[2].requires_grad_(True)
+        opt.load_state_dict(sd)
+        assert torch.equal(opt.preconditioner.state["v"][:20], v0)
+        assert [id(p) for p in opt.preconditioner.params[:2]] == [id(m[0].weight), id(m[0].bias)]
+        if not swap_first:
+            m[0].requires_grad_(False)
+            m[2].requires_grad_(True)
+        opt.step(X[:32], y[:32])
+        runs.append(_flat(m).clone())
+    assert torch.equal(runs[0], runs[1])

@@ -105,6 +105,7 @@ from hessinv.optim.precondition import (
     finite_loss_on,
     follow_params,
     generator_from_seed,
+    param_places,
     saved_before_a_freeze,
 )
 from hessinv.optim.trust_region import TrustRegion
@@ -604,6 +605,7 @@ class Newton(torch.optim.Optimizer):
         )
         sd["newton"]["curvature_batch_size"] = self.curvature_batch_size
         sd["newton"]["param_shapes"] = [tuple(p.shape) for p in self.chain.params]
+        sd["newton"]["param_places"] = param_places(self.model, self.chain.params)
         if self.preconditioner is not None:
             sd["newton"]["preconditioner"] = self.preconditioner.state_dict()
         return sd
@@ -624,8 +626,11 @@ class Newton(torch.optim.Optimizer):
         # parameters trainable at that step and not of those trainable now (saved right after a layer was
         # frozen, before a step followed it: loaded as it is, and the next step follows)
         ns0 = state_dict.get("newton")
-        if not saved_before_a_freeze(
-            ns0.get("param_shapes") if isinstance(ns0, dict) else None, self.chain, self.model
+        if not (
+            isinstance(ns0, dict)
+            and saved_before_a_freeze(
+                ns0.get("param_shapes"), self.chain, self.model, ns0.get("param_places")
+            )
         ):
             self._follow_trainable()
         sd = dict(state_dict)

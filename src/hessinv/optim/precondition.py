@@ -561,11 +561,26 @@ class EigenBasis:
             setattr(self, "_" + k, stacks)
 
 
-def saved_before_a_freeze(shapes: Any, chain: Any, model: Any) -> bool:
-    """Whether a checkpoint's parameter ``shapes`` are those the optimizer's ``chain`` had at its last step
-    and not those of the ``model``'s trainable parameters now: saved right after a layer was frozen (or
-    unfrozen), before a step followed it -- loaded as it is, and the next step follows."""
-    if shapes is None or not chain.trainable_changed():
+def param_places(model: Any, params: Sequence[Tensor]) -> list[int]:
+    """Each of ``params``' place in the model's parameters (frozen ones too; a module's own
+    ``parameters()``, a list's in turn), which checkpoints record: ids do not survive pickling."""
+    mods = [model] if isinstance(model, nn.Module) else list(model)
+    place = {id(p): i for i, p in enumerate(p for m in mods for p in m.parameters())}
+    return [place.get(id(p), -1) for p in params]
+
+
+def saved_before_a_freeze(shapes: Any, chain: Any, model: Any, places: Any = None) -> bool:
+    """Whether a checkpoint is of the parameters the optimizer's ``chain`` had at its last step while the
+    ``model``'s trainable set has changed since: saved right after a layer was frozen (or unfrozen),
+    before a step followed it -- loaded as it is, and the next step follows. Told by the checkpoint's
+    ``places`` in the model's parameters (one layer frozen and another of its shape unfrozen: the shapes
+    alike, the places not); a checkpoint without them, by its ``shapes``: those of the last step and not
+    those trainable now."""
+    if not chain.trainable_changed():
+        return False
+    if isinstance(places, (list, tuple)):
+        return list(places) == param_places(model, chain.params)
+    if shapes is None:
         return False
     try:
         saved = sorted(tuple(s) for s in shapes)
@@ -854,6 +869,9 @@ class Preconditioner:
         sd = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.state.items()}
         sd["rng"] = self.generator.get_state()
         sd["param_shapes"] = [tuple(p.shape) for p in self.params]
+        sd["param_places"] = param_places(
+            self.model, self.params
+        )  # (which parameters: saved_before_a_freeze)
         # numbers and flags only (a checkpoint compared entry by entry with torch.testing.assert_close)
         sd["settings"] = {key: getattr(self, key) for key in _SETTINGS}
         sd["settings"]["gauss_newton"] = self.curvature == "gauss_newton"
@@ -886,8 +904,9 @@ class Preconditioner:
         (:meth:`check_state_dict`)."""
         # (a layer frozen or unfrozen since: the checkpoint is of the model now -- unless saved before a step
         # followed it)
-        if not saved_before_a_freeze(
-            sd.get("param_shapes") if isinstance(sd, dict) else None, self.chain, self.model
+        if not (
+            isinstance(sd, dict)
+            and saved_before_a_freeze(sd.get("param_shapes"), self.chain, self.model, sd.get("param_places"))
         ):
             self.follow_trainable()
         loaded = self._loaded(sd)
@@ -917,6 +936,7 @@ class Preconditioner:
                 f"state dict is for a model of {got} parameters; this preconditioner's model has ({n},)"
             )
         shapes = sd.pop("param_shapes", None)  # (absent: a checkpoint from before it was saved)
+        sd.pop("param_places", None)  # (read by load_state_dict)
         if shapes is not None and [tuple(s) for s in shapes] != [tuple(p.shape) for p in self.params]:
             raise InvalidArgumentError(
                 f"state dict is for another model: parameters of shapes {[tuple(s) for s in shapes]}; this "
