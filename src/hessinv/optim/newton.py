@@ -97,6 +97,7 @@ from hessinv.optim.precondition import (
     Preconditioner,
     _cast_state,
     _deterministic_curvature,
+    _param_places,
     _plain,
     _positive,
     curvature_batch,
@@ -625,13 +626,7 @@ class Newton(torch.optim.Optimizer):
         # a layer frozen or unfrozen since the last step: followed first -- unless the checkpoint is of the
         # parameters trainable at that step and not of those trainable now (saved right after a layer was
         # frozen, before a step followed it: loaded as it is, and the next step follows)
-        ns0 = state_dict.get("newton")
-        if not (
-            isinstance(ns0, dict)
-            and saved_before_a_freeze(
-                ns0.get("param_shapes"), self.chain, self.model, ns0.get("param_places")
-            )
-        ):
+        if not saved_before_a_freeze(state_dict.get("newton"), self.chain, self.model):
             self._follow_trainable()
         sd = dict(state_dict)
         ns = sd.pop("newton", None)
@@ -1743,15 +1738,6 @@ _HELD_COPY = 2**16
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
     """The same shape, dtype and values (NaN unequal, as ``torch.equal`` has it)."""
     return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
-
-
-def _param_places(model: Any) -> dict[int, int]:
-    """Each parameter's place in the model's parameters (frozen ones too), by ``id``: a frozen parameter's
-    group is kept by its place (ids do not survive pickling; checkpoints store these places). A module's
-    own ``parameters()`` (an ``nn.ModuleList``'s list a parameter shared by two items once), a list's in
-    turn."""
-    mods = [model] if isinstance(model, nn.Module) else list(model)
-    return {id(p): i for i, p in enumerate(p for m in mods for p in m.parameters())}
 
 
 def _number_of(v: Any) -> Any:

@@ -561,23 +561,35 @@ class EigenBasis:
             setattr(self, "_" + k, stacks)
 
 
-def param_places(model: Any, params: Sequence[Tensor]) -> list[int]:
-    """Each of ``params``' place in the model's parameters (frozen ones too; a module's own
-    ``parameters()``, a list's in turn), which checkpoints record: ids do not survive pickling."""
+def _model_parameters(model: Any) -> list[Tensor]:
+    """The model's parameters, frozen ones too: a module's own ``parameters()`` (an ``nn.ModuleList``'s
+    lists a parameter shared by two items once), a list's in turn."""
     mods = [model] if isinstance(model, nn.Module) else list(model)
-    place = {id(p): i for i, p in enumerate(p for m in mods for p in m.parameters())}
+    return [p for m in mods for p in m.parameters()]
+
+
+def _param_places(model: Any) -> dict[int, int]:
+    """Each parameter's place in :func:`_model_parameters`, by ``id``: a frozen parameter's group is kept
+    by its place, and checkpoints record their parameters' places (ids do not survive pickling)."""
+    return {id(p): i for i, p in enumerate(_model_parameters(model))}
+
+
+def param_places(model: Any, params: Sequence[Tensor]) -> list[int]:
+    """The places of ``params`` in the model's parameters (:func:`_param_places`; -1 for none)."""
+    place = _param_places(model)
     return [place.get(id(p), -1) for p in params]
 
 
-def saved_before_a_freeze(shapes: Any, chain: Any, model: Any, places: Any = None) -> bool:
-    """Whether a checkpoint is of the parameters the optimizer's ``chain`` had at its last step while the
-    ``model``'s trainable set has changed since: saved right after a layer was frozen (or unfrozen),
-    before a step followed it -- loaded as it is, and the next step follows. Told by the checkpoint's
-    ``places`` in the model's parameters (one layer frozen and another of its shape unfrozen: the shapes
-    alike, the places not); a checkpoint without them, by its ``shapes``: those of the last step and not
-    those trainable now."""
-    if not chain.trainable_changed():
+def saved_before_a_freeze(sd: Any, chain: Any, model: Any) -> bool:
+    """Whether a checkpoint ``sd`` (a Newton's ``"newton"`` entry or a Preconditioner's state dict) is of
+    the parameters the optimizer's ``chain`` had at its last step while the ``model``'s trainable set has
+    changed since: saved right after a layer was frozen (or unfrozen), before a step followed it --
+    loaded as it is, and the next step follows. Told by its ``param_places`` in the model's parameters
+    (one layer frozen and another of its shape unfrozen: the shapes alike, the places not); a checkpoint
+    without them, by its ``param_shapes``: those of the last step and not those trainable now."""
+    if not isinstance(sd, dict) or not chain.trainable_changed():
         return False
+    places, shapes = sd.get("param_places"), sd.get("param_shapes")
     if isinstance(places, (list, tuple)):
         return list(places) == param_places(model, chain.params)
     if shapes is None:
@@ -586,8 +598,7 @@ def saved_before_a_freeze(shapes: Any, chain: Any, model: Any, places: Any = Non
         saved = sorted(tuple(s) for s in shapes)
     except TypeError:  # (not a list of shapes: the load's own check names it)
         return False
-    mods = [model] if isinstance(model, nn.Module) else list(model)
-    unique = {id(p): p for m in mods for p in m.parameters()}.values()
+    unique = {id(p): p for p in _model_parameters(model)}.values()
     now = sorted(tuple(p.shape) for p in unique if p.requires_grad)
     return saved == sorted(tuple(p.shape) for p in chain.params) and saved != now
 
@@ -869,9 +880,7 @@ class Preconditioner:
         sd = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.state.items()}
         sd["rng"] = self.generator.get_state()
         sd["param_shapes"] = [tuple(p.shape) for p in self.params]
-        sd["param_places"] = param_places(
-            self.model, self.params
-        )  # (which parameters: saved_before_a_freeze)
+        sd["param_places"] = param_places(self.model, self.params)  # (for saved_before_a_freeze)
         # numbers and flags only (a checkpoint compared entry by entry with torch.testing.assert_close)
         sd["settings"] = {key: getattr(self, key) for key in _SETTINGS}
         sd["settings"]["gauss_newton"] = self.curvature == "gauss_newton"
@@ -904,10 +913,7 @@ class Preconditioner:
         (:meth:`check_state_dict`)."""
         # (a layer frozen or unfrozen since: the checkpoint is of the model now -- unless saved before a step
         # followed it)
-        if not (
-            isinstance(sd, dict)
-            and saved_before_a_freeze(sd.get("param_shapes"), self.chain, self.model, sd.get("param_places"))
-        ):
+        if not saved_before_a_freeze(sd, self.chain, self.model):
             self.follow_trainable()
         loaded = self._loaded(sd)
         self.__dict__.update(loaded["settings"])
