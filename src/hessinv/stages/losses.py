@@ -306,6 +306,32 @@ def check_output_curvature_size(B: int, C: int, name: str) -> None:
     )
 
 
+def softmax_curvature(p: Tensor, t: Tensor, dim: int) -> Tensor:
+    r"""``(diag p - p p^T) t = p o (t - p . t)`` along ``dim``, the Hessian of ``-log softmax`` in the
+    logits times ``t``, for softmax probabilities ``p`` (broadcast against ``t``).
+
+    Formed without the cancellation of ``1 - p_i`` at a confident class ``i`` (``p_i > 1/2``: at most
+    one per position): there ``t_i - p . t = (sum_{j != i} p_j) t_i - sum_{j != i} p_j t_j``, sums over
+    the small probabilities only, each accurate relative to them. As ``t_i - p . t`` that entry carried
+    an absolute error of about ``u |t|`` while the whole matrix is of the size of those small
+    probabilities: a confidently classified batch's curvature came out wrong by 5e-11 relative at a
+    logit margin of 15 and by 4% at 36, in float64 (plain autograd's double backward: 1e-16).
+
+    >>> import torch
+    >>> p = torch.softmax(torch.tensor([[40.0, 0.0, 0.0]], dtype=torch.float64), 1)
+    >>> lam = softmax_curvature(p[:, :, None], torch.eye(3, dtype=torch.float64)[None], 1)[0]
+    >>> bool(torch.allclose(lam[0], torch.tensor([2.0, -1.0, -1.0], dtype=torch.float64) * p[0, 1],
+    ...                     rtol=1e-14, atol=0))
+    True
+    """
+    top = p > 0.5
+    rest = p.masked_fill(top, 0.0)  # the probabilities other than a confident one, exactly
+    rest_t = (rest * t).sum(dim, keepdim=True)
+    top_t = (p.masked_fill(~top, 0.0) * t).sum(dim, keepdim=True)
+    inner = torch.where(top, rest.sum(dim, keepdim=True) * t - rest_t, t - (top_t + rest_t))
+    return p * inner
+
+
 class LossBlocks(ParameterFreeBlocks):
     """``Jz = G`` (per-example gradients, (B, C)) and ``Hzz = Lambda`` ((B, C, C), or None).
 
@@ -347,7 +373,9 @@ class LossBlocks(ParameterFreeBlocks):
         elif self._Lam is None and self.softmax_p is not None:
             p, w = self.softmax_p, self.softmax_w
             check_output_curvature_size(self.batch, self.d_in, "the loss")
-            self._Lam = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mul_(w[:, :, None])
+            eye = torch.eye(self.d_in, dtype=self.G.dtype, device=self.G.device)
+            Lam = softmax_curvature(p[:, :, None], eye.expand(self.batch, -1, -1), 1)
+            self._Lam = Lam.mul_(w[:, :, None])
         elif self._Lam is None and self.diag is not None:
             check_output_curvature_size(self.batch, self.d_in, "the loss")
             self._Lam = torch.diag_embed(self.diag)
@@ -370,19 +398,17 @@ class LossBlocks(ParameterFreeBlocks):
 
     def _softmax_hzz(self, t: Tensor) -> Tensor:
         """``Lambda t`` for t (B, C T, k) of the per-position softmax form: at each position
-        ``w (p o t - p (p . t))`` over the classes."""
+        ``w (p o t - p (p . t))`` over the classes (:func:`softmax_curvature`)."""
         B, C, k = self.batch, self.classes, t.shape[-1]
         p = self.softmax_p.view(B, C, -1, 1)
         w = self.softmax_w.view(B, 1, -1, 1)
-        t4 = t.reshape(B, C, -1, k)
-        return (w * p * (t4 - (p * t4).sum(1, keepdim=True))).reshape(B, -1, k)
+        return (w * softmax_curvature(p, t.reshape(B, C, -1, k), 1)).reshape(B, -1, k)
 
     def hzz(self, t: Tensor) -> Tensor:
         if self._Lam is None and self.softmax_p is not None and self.classes is not None:
             return self._softmax_hzz(t)
         if self._Lam is None and self.softmax_p is not None:
-            p, w = self.softmax_p[:, :, None], self.softmax_w[:, :, None]
-            return w * p * (t - (p.mT @ t))
+            return self.softmax_w[:, :, None] * softmax_curvature(self.softmax_p[:, :, None], t, 1)
         if self._Lam is None and self.diag is not None:
             return self.diag[:, :, None] * t
         Lam = self.Lam
@@ -704,9 +730,12 @@ class LossStage:
         def probe() -> tuple[Tensor, Tensor, Tensor]:  # (Lambda v, p o (v - p . v), |p o v|) per position
             v = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(G).reshape(B, C, -1)
             hv = _grads((G * v.reshape(B, -1)).sum(), [y])[0].reshape(B, C, -1)
-            return hv, p * (v - (p * v).sum(1, keepdim=True)), (p * v).abs()
+            return hv, softmax_curvature(p, v, 1), (p * v).abs()
 
         hv, u, _ = probe()
+        # w from the classes other than a confident one (p > 1/2): autograd's entry there cancels (1 - p),
+        # off by u / (1 - p) relative -- 1e-10 at p = 1 - 1e-6 -- and so would w be
+        u = u.masked_fill(p > 0.5, 0.0)
         uu = (u * u).sum(1)
         w = torch.where(uu > 0, (hv * u).sum(1) / uu.clamp_min(torch.finfo(uu.dtype).tiny), 0.0)  # (B, T)
         hv2, u2, pv = probe()
