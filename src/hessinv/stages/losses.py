@@ -580,8 +580,8 @@ class LossStage:
         table), of the MSE and BCE closed forms (the cross-entropy's: :meth:`_softmax_derivatives`)."""
         t = self.targets
         if self.kind == "bce":
-            sig = torch.sigmoid(y)
-            return (F.softplus(y) - t * y).sum(-1), sig - t, sig * (1 - sig)
+            sig = torch.sigmoid(y)  # sigma (1 - sigma) as sigma(y) sigma(-y): 1 - sigma cancels at y >> 1
+            return (F.softplus(y) - t * y).sum(-1), sig - t, sig * torch.sigmoid(-y)
         r = y - t
         return r.square().sum(-1), 2 * r, torch.full_like(y, 2.0)
 
