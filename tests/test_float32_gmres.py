@@ -34,8 +34,9 @@ def relres64(H64, eps: float, x: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # (w, B, L, seed): the float32 sweep contracts by less than 10x per refinement step at eps = 1; each
-# factored the float64 twin before
-SLOW = [(12, 8, 16, 1), (16, 8, 16, 0), (16, 8, 16, 1), (16, 8, 32, 0), (12, 8, 32, 0)]
+# factored the float64 twin before ((16, 8, 16, 1) left the list when the float32 softmax curvature lost
+# its cancellation: its refinement now gets there in 5 steps)
+SLOW = [(12, 8, 16, 1), (16, 8, 16, 0), (16, 8, 32, 1), (16, 8, 32, 0), (12, 8, 32, 0)]
 
 
 @pytest.mark.parametrize("w, B, L, seed", SLOW)

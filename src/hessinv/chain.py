@@ -431,6 +431,38 @@ def _defaults_after_first(forward) -> dict | None:
     return {q.name: q.default for q in plain}
 
 
+def _differentiates(graph: fx.Graph) -> bool:
+    """A traced forward calls autograd (``torch.autograd.grad`` or ``.backward()``: a physics-informed
+    net's ``du/dx`` under ``torch.enable_grad()``), whose grad mode torch.fx does not record: its pieces
+    would run without the graph it differentiates."""
+    calls = (torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward)
+    return any(
+        (n.op == "call_function" and n.target in calls) or (n.op == "call_method" and n.target == "backward")
+        for n in graph.nodes
+    )
+
+
+def _variadic(forward) -> bool:
+    """``forward`` takes ``*args`` or ``**kwargs``: torch.fx binds one placeholder to each (``args`` would be
+    the batch itself, ``args[0]`` its first example), so it is traced through a call with one input."""
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(q.kind in (q.VAR_POSITIONAL, q.VAR_KEYWORD) for q in params)
+
+
+class _OneInput(nn.Module):
+    """``module(x)``: the one-input call through which a variadic ``forward`` is traced."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor) -> Any:
+        return self.module(x)
+
+
 class _CallWhole(Exception):
     """Internal: the stages traced out of ``module`` are not a chain where ``module`` called whole may be
     one (intermediate values not batch-first, one layer used twice, parameters used out of order, a
@@ -455,8 +487,17 @@ def _specs(
     are called whole, not traced."""
     if compiled_module(m):  # torch.compile's wrapper: the same function and parameters, traceable
         m = m._orig_mod
+    if any(w is m for w in whole):
+        return [(_leaf_spec(m), None)]
     if _is_container(m):
-        return [s for child in m for s in _specs(child, False, traced, whole)]
+        # a nested container's layers come from it as a traced module's pieces do (the origin): where
+        # they are no chain on data, it is called whole -- nn.Sequential(model) calls a Sequential model
+        # whole where its own layers pass values that are not batch-first
+        return [
+            (sp, origin if origin is not None or top else m)
+            for child in m
+            for sp, origin in _specs(child, False, traced, whole)
+        ]
     if not isinstance(m, nn.Module):
         raise NotAChainError(f"expected an nn.Module or a list of modules, got {type(m).__name__}")
     tracer = _Tracer(whole)
@@ -465,7 +506,13 @@ def _specs(
     before = _attributes(m)
     try:
         with _trace_guards(tracer) as inference, _buffers_kept(m.modules()):
-            graph = tracer.trace(m, concrete_args=_defaults_after_first(m.forward))
+            if _variadic(m.forward):  # forward(self, *args) / (self, x, **kwargs): traced as called, m(x)
+                graph = tracer.trace(_OneInput(m))
+            else:
+                graph = tracer.trace(m, concrete_args=_defaults_after_first(m.forward))
+        if _differentiates(graph):  # its real forward, called whole, differentiates as it means to
+            _restore_attributes(before)
+            return [(_leaf_spec(m), None)]
         if inference:
             raise UnsupportedStageError(
                 f"{type(m).__name__}.forward enters torch.inference_mode(), which torch.fx cannot record: "
@@ -1716,10 +1763,33 @@ class Chain:
         piece), or, if it is a module called whole on trial, give the trial up; else raise ``error``."""
         trial = self._on_trial(s)
         if trial is not None:
+            outer = self._enclosing_container(trial)
+            if outer is not None:  # (its layers pass values no call of one of them whole can fix)
+                raise _CallWhole(outer, error)
             raise _WholeFailed(trial) from error
         if s.origin is not None and s.origin is not self.model:
             raise _CallWhole(s.origin, error)
         raise error
+
+    def _enclosing_container(self, module: nn.Module) -> nn.Module | None:
+        """The innermost container (a plain ``nn.Sequential``; not the model itself) whose layers,
+        through nested containers, include ``module``; None where there is none or it is called whole
+        already. ``nn.Sequential(model)`` makes a Sequential ``model`` such a container."""
+        found: nn.Module | None = None
+
+        def walk(m: Any, inner: nn.Module | None) -> bool:
+            nonlocal found
+            for child in m:
+                if child is module:
+                    found = inner
+                    return True
+                if _is_container(child) and walk(child, child):
+                    return True
+            return False
+
+        if _is_container(self.model):
+            walk(self.model, None)
+        return None if found is None or any(w is found for w in self._whole) else found
 
     def _stage_blocks(
         self, s: Stage, z_in: Tensor, b: Tensor, second_order: bool, dense: bool = False
@@ -1828,14 +1898,20 @@ class Chain:
                 )
             if not isinstance(z, Tensor) or z.dim() < 1 or z.shape[0] != inputs.shape[0]:
                 what = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
-                self._piece_failed(
-                    s,
-                    NotAChainError(
+                if isinstance(z, Tensor) and s is self.stages[-1]:  # the output: no call whole can help
+                    error = NotAChainError(
+                        f"the model's output ({s.name}) is {what}, not a tensor with the batch dimension "
+                        f"first ({inputs.shape[0]} examples): return the outputs batch first -- a sequence "
+                        "model's logits as (B, T, classes) -- and flatten them in loss_fn, e.g. "
+                        "loss_fn = lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())"
+                    )
+                else:
+                    error = NotAChainError(
                         f"{s.name} returns {what}, not a tensor with the batch dimension first: keep the "
                         "batch first between the model's layers, or pass nn.Sequential(model) to have the "
                         "model called whole as one stage (exact; dense blocks)"
-                    ),
-                )
+                    )
+                self._piece_failed(s, error)
             zs.append(z)
         return zs
 
@@ -2053,11 +2129,16 @@ class Chain:
         # in a frozen backbone took seconds)
         first = self._first_with_parameters()
         mixing = self._prefix_mixing_stage(zs, first)
-        if mixing is not None:
-            raise UnsupportedStageError(
-                f"{mixing.name} mixes examples: its output for an example depends on the others in the "
-                "batch; make it act on each example alone, or compute it outside the model and pass the "
-                "result as the inputs"
+        if mixing is not None:  # (a piece of a submodule: called whole, which may well be per-example)
+            self._piece_failed(
+                mixing,
+                UnsupportedStageError(
+                    f"{mixing.name} mixes examples: its output for an example depends on the others in the "
+                    "batch; make it act on each example alone, or compute it outside the model and pass "
+                    "the result as the inputs (if it moves the batch axis, as x.transpose(0, 1) does for a "
+                    "sequence-first layer, for a later op to move back: pass nn.Sequential(model) to call "
+                    "the model whole)"
+                ),
             )
         for s, z_in in zip(reversed(self.stages[first:]), reversed(zs[first:-1]), strict=True):
             with exact_no_grad():
@@ -2222,10 +2303,14 @@ class Chain:
         if not first or B < 2:
             return None
         halves = [zs[0][: B // 2], zs[0][B // 2 :]]
+
+        def alone(s: Stage, h: Tensor) -> Tensor:  # a half of one example goes twice (squeeze() keeps B)
+            return s.forward(torch.cat([h, h]))[:1] if h.shape[0] == 1 else s.forward(h)
+
         for s, ref in zip(self.stages[:first], zs[1 : first + 1], strict=True):
             try:
                 with exact_no_grad():
-                    halves = [s.forward(h) for h in halves]
+                    halves = [alone(s, h) for h in halves]
                 out = torch.cat(halves)
             except Exception:  # noqa: BLE001 - a stage that cannot take part of the batch
                 return s

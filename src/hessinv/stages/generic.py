@@ -581,12 +581,20 @@ class GenericStage(Stage):
                 continue
             scale = max(float(size.max()), float(ref.abs().max()))
             if float((got - ref).abs().max()) > tol * scale:
+                dt = gz.dtype
+                rounding = (
+                    ""
+                    if dt == torch.float64
+                    else f" beyond their rounding in {dt} (cancellation -- a LayerNorm or GroupNorm over 2 "
+                    "features, large inputs -- or "
+                )
                 raise UnsupportedStageError(
                     f"{self.name}: autograd's derivatives of its backward pass disagree with the backward "
-                    "pass itself (a custom autograd.Function whose backward is not differentiable, e.g. "
-                    "@once_differentiable, or an operation whose double backward differs from its backward, "
-                    "e.g. prelu at an input of exactly 0): its Jacobian and curvature cannot be taken; make "
-                    "the backward differentiable, or move the inputs off the kink (a nonzero initialization)"
+                    f"pass itself{rounding or ' ('}a custom autograd.Function whose backward is not "
+                    "differentiable, e.g. @once_differentiable, or an operation whose double backward "
+                    "differs from its backward, e.g. prelu at an input of exactly 0): its Jacobian and "
+                    "curvature cannot be taken; make the backward differentiable, move the inputs off the "
+                    "kink (a nonzero initialization)" + (f"; or {_remedy(dt)}" if rounding else "")
                 )
 
     def _probe(self, blk: DenseBlocks, gx, gz, u, z, params, second_order: bool) -> None:
