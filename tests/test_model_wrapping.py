@@ -217,3 +217,19 @@ def test_a_float32_cancelling_stage_s_refusal_names_float64():
     G64 = hessinv.gauss_newton(m64, loss_fn, X.double(), y)
     assert _rel(G64.to_dense(), autograd_gauss_newton(m64, loss_fn, X.double(), y)) < 1e-10
     G64.factor(damping=0.3)
+
+
+def test_a_loss_without_targets_is_told_to_pass_a_placeholder_that_works():
+    """``targets=None`` for a loss that reads no targets: the refusal named no remedy; its advice (an
+    integer placeholder, one entry per example) is exact."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    X = torch.randn(5, 3, dtype=torch.float64)
+
+    def loss_fn(out, _):
+        return out.pow(2).mean()
+
+    with pytest.raises(hessinv.InvalidArgumentError, match="placeholder") as err:
+        hessinv.hessian(m, loss_fn, X, None)
+    assert "torch.zeros(len(inputs), dtype=torch.long)" in str(err.value)
+    _exact(m, loss_fn, X, torch.zeros(len(X), dtype=torch.long))

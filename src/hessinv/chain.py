@@ -1285,6 +1285,11 @@ def _tensor(x, what: str) -> Tensor:
                 else "; several targets: pack them into one tensor (torch.stack or torch.cat along dim 1) "
                 "and split it at the top of loss_fn"
             )
+        if x is None and what == "targets":
+            hint = (
+                "; a loss without targets: pass a placeholder of one entry per example, e.g. "
+                "torch.zeros(len(inputs), dtype=torch.long), which loss_fn(outputs, targets) ignores"
+            )
         raise InvalidArgumentError(
             f"{what} must be a torch.Tensor, got {type(x).__module__}.{type(x).__name__}{hint}"
         )
