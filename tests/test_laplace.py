@@ -23,6 +23,7 @@ from hessinv.errors import (
     ShapeMismatchError,
     SingularError,
 )
+from hessinv.influence import InfluenceFunction
 from hessinv.laplace import Laplace
 
 
@@ -583,6 +584,12 @@ def test_loader_batches_that_differ_are_named():
         with pytest.raises(error, match="batches' inputs differ"):
             Laplace(net, "classification").fit(batches)
     Laplace(net, "classification").fit([(X[:6], y[:6]), (X[6:], y[6:].int())])  # integer targets mix
+    # a third element (sample weights) was dropped silently: the unweighted evidence (a probe)
+    w = torch.rand(12, dtype=torch.float64)
+    with pytest.raises(InvalidArgumentError, match="got 3 elements"):
+        Laplace(net, "classification").fit([(X[:6], y[:6], w[:6]), (X[6:], y[6:], w[6:])])
+    with pytest.raises(InvalidArgumentError, match="got 3 elements"):
+        InfluenceFunction(net, nn.CrossEntropyLoss()).fit([(X, y, w)])
 
 
 def test_classification_targets_of_minus_100_are_refused_not_dropped():

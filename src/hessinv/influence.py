@@ -334,11 +334,19 @@ def _collect(data: Tensor | Iterable, targets: Tensor | None, ordered: bool = Fa
             "order nobody can recover; pass a DataLoader with shuffle=False (or fit(X, y))"
         )
     try:
-        batches = [(b[0], b[1]) for b in data]
+        batches = [(b[0], b[1], len(b)) for b in data]
     except (TypeError, KeyError, IndexError) as e:
         raise InvalidArgumentError(
             f"fit(loader): each batch must be an (inputs, targets) pair of tensors ({type(e).__name__}: {e})"
         ) from None
+    extra = max((k for _, _, k in batches), default=2)
+    if extra != 2:  # (a per-example weight, an index: not read -- the loss would be another one)
+        raise InvalidArgumentError(
+            f"fit(loader): each batch must be an (inputs, targets) pair of tensors, got {extra} elements; "
+            "hessinv would read the first two and drop the rest (sample weights, indices) silently: pass a "
+            "loader of (inputs, targets) pairs"
+        )
+    batches = [(x, y) for x, y, _ in batches]
     if not batches:
         raise InvalidArgumentError("fit(loader): the loader gave no batch")
     xs, ys = zip(*batches, strict=True)
