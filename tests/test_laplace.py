@@ -844,7 +844,6 @@ def test_a_prior_precision_below_the_resolution_of_g_is_singular_not_indefinite(
     pivots, and the evidence raised IndefiniteError ('c G + delta I is indefinite ... check the targets')
     showing an inertia with no negative eigenvalue; the influence fit warned 'indefinite' likewise."""
     from hessinv.errors import AccuracyWarning
-    from hessinv.influence import InfluenceFunction
 
     model, X, y = _cnn_problem()
     la = Laplace(model, "classification").fit(X, y)
