@@ -98,3 +98,30 @@ def test_parameter_free_stages_keep_the_per_example_route(mid, width):
         op = make(net, nn.CrossEntropyLoss(), X, y)
         assert riccati.examples_apart(op.blocks)
         assert float((op.diagonal() - ref.diagonal()).abs().max()) <= 1e-13 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.LeakyReLU])
+def test_a_piecewise_linear_activation_keeps_the_factored_curvature(act):
+    """Activations with ``s'' = 0`` (ReLU, LeakyReLU) carry no second-order weight: the Hessian's
+    per-example curvature stays factored at the loss's rank (10 columns) through every stage -- with a
+    zero weight it grew by ``m`` columns a stage and went dense (a 64-256-256-10 ReLU MLP's diagonal at
+    batch 256: 0.26 s, now 0.03 s) -- and the diagonal is autograd's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(5, 16), act(), nn.Linear(16, 16), act(), nn.Linear(16, 16), act(), nn.Linear(16, 10)
+    ).double()
+    X, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 10, (12,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    widths: list[int] = []
+    original = type(H.blocks[0]).example_curvature_diagonal
+
+    def spy(self, P, *args, **kwargs):
+        # columns of the factored form; 0: only its diagonal (B, d); -1: dense (B, d, d) blocks
+        widths.append(P[0].shape[-1] if isinstance(P, tuple) else (0 if P.dim() == 2 else -1))
+        return original(self, P, *args, **kwargs)
+
+    with mock.patch.object(type(H.blocks[0]), "example_curvature_diagonal", spy):
+        d = H.diagonal()
+    assert widths and all(0 <= w <= 10 for w in widths), widths
+    _, H_ref = autograd_gradient_hessian(net, nn.CrossEntropyLoss(), X, y)
+    assert float((d - H_ref.diagonal()).abs().max()) <= 1e-12 * float(H_ref.abs().max())
