@@ -125,3 +125,25 @@ def test_a_piecewise_linear_activation_keeps_the_factored_curvature(act):
     assert widths and all(0 <= w <= 10 for w in widths), widths
     _, H_ref = autograd_gradient_hessian(net, nn.CrossEntropyLoss(), X, y)
     assert float((d - H_ref.diagonal()).abs().max()) <= 1e-12 * float(H_ref.abs().max())
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
+def test_separate_second_order_products_keep_the_cross_term_without_s2(act):
+    """Without a second-order weight (ReLU: ``s'' = 0``) a Linear stage's ``Hxz`` still holds the
+    ``(b s')`` cross term of the weight and the input: the separate products (``hxx``, ``hxz``, ``hxzT``,
+    ``hzz``, the protocol's unfused step) equal the fused ``hvp_backward``, and ``Hxz`` is autograd's."""
+    from hessinv.stages.protocol import Blocks
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), act(), nn.Linear(5, 4), act(), nn.Linear(4, 3)).double()
+    X, y = torch.randn(7, 3, dtype=torch.float64), torch.randint(0, 3, (7,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    blk = H.blocks[1]
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(blk.batch, blk.d_out, 2, generator=g, dtype=torch.float64)
+    v = torch.randn(blk.p, 2, generator=g, dtype=torch.float64)
+    t = torch.randn(blk.batch, blk.d_in, 2, generator=g, dtype=torch.float64)
+    fused, separate = blk.hvp_backward(s, v, t), Blocks.hvp_backward(blk, s, v, t)
+    for a, b in zip(fused, separate, strict=True):
+        assert float((a - b).abs().max()) <= 1e-12 * float(a.abs().max())
+    assert float(blk.hxz(t).abs().max()) > 0  # the cross term is there

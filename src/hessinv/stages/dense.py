@@ -412,21 +412,26 @@ class DenseLayerBlocks(Blocks):
         return self._model(self._ZT(self.bpp[:, :, None] * self._Z(v)))
 
     def hxz(self, t: Tensor) -> Tensor:
-        if self.bpp is None:
+        if self.bsp is None:  # (Gauss-Newton; bpp is None then too)
             return t.new_zeros(self.p, t.shape[-1])
-        out = self._ZT(self.bpp[:, :, None] * _lmul(self.W, t)).view(self.stage.m1, self.d_out, -1)
+        if self.bpp is None:  # (s'' = 0: the bsp term alone)
+            out = t.new_zeros(self.stage.m1, self.d_out, t.shape[-1])
+        else:
+            out = self._ZT(self.bpp[:, :, None] * _lmul(self.W, t)).view(self.stage.m1, self.d_out, -1)
         # + sum_n bsp[n, i] t[n, j, k] on the weight rows j < m
         out[: self.d_in] += self._bsp_t(t)
         return self._model(out)
 
     def hxzT(self, v: Tensor) -> Tensor:
-        if self.bpp is None:
+        if self.bsp is None:
             return v.new_zeros(self.batch, self.d_in, v.shape[-1])
         V = self._nat(v)
+        # sum_i bsp[n, i] V[c, i, k] for c < m
+        out = self._bsp_V(V.view(self.stage.m1, self.d_out, -1)[: self.d_in])
+        if self.bpp is None:
+            return out
         U = (self.zt @ V).view(self.batch, self.d_out, -1)
-        out = _lmul(self.W.T, self.bpp[:, :, None] * U)
-        # + sum_i bsp[n, i] V[c, i, k] for c < m
-        return out + self._bsp_V(V.view(self.stage.m1, self.d_out, -1)[: self.d_in])
+        return out + _lmul(self.W.T, self.bpp[:, :, None] * U)
 
     def hzz(self, t: Tensor) -> Tensor:
         if self.bpp is None:
