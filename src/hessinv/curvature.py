@@ -137,6 +137,10 @@ class Eigenpairs(NamedTuple):
     solves: int
 
 
+#: :meth:`CurvatureOperator.eigenpairs` certifies its pairs by default where one factorization (an inertia
+#: count) costs at most this many flops by the cost model, which errs high (a 16 x 32 tanh chain on 32
+#: examples: 3.2e10 modelled, 0.5 s on one core here; a 64-256-256-10 MLP: 7e12 modelled, 53 s)
+CERTIFY_MAX_FLOPS = 2.0**38
 #: :meth:`CurvatureOperator.eigenpairs` at an end of the spectrum tries ARPACK on ``H``'s products with
 #: about this many products before shift-invert (:meth:`CurvatureOperator._lanczos_eigenpairs`)
 LANCZOS_PRODUCTS = 1000
@@ -1212,7 +1216,12 @@ class CurvatureOperator:
         return None
 
     def eigenpairs(
-        self, k: int = 1, which: str = "smallest", sigma: float | None = None, tol: float = 1e-10
+        self,
+        k: int = 1,
+        which: str = "smallest",
+        sigma: float | None = None,
+        tol: float = 1e-10,
+        certify: bool | None = None,
     ) -> Eigenpairs:
         """The ``k`` smallest, largest, or nearest-``sigma`` eigenpairs of ``H``, certified by inertia.
 
@@ -1250,10 +1259,32 @@ class CurvatureOperator:
         whole spectrum comes from the root (:meth:`GaussNewton._root_spectrum`; ``eigh``'s accuracy,
         whatever ``tol``), ``certified`` with the same meaning.
 
+        ``certify`` (``"smallest"`` / ``"largest"``): the inertia count costs a factorization, which on
+        wide layers is far dearer than the products (a 64-256-256-10 MLP, n = 85k, batch 32: ARPACK 0.4 s,
+        the count 53 s and 9 GB; a transformer's sweep does not fit in memory). ``None`` (default): count
+        where one factorization is within :data:`CERTIFY_MAX_FLOPS` and fits in memory, else return
+        ARPACK's pairs from the products with ``certified=False`` (each value still within its
+        ``residuals`` entry of an eigenvalue; uncertified only in that no count proves none was missed,
+        which Lanczos rarely does at an end of the spectrum). ``True``: always count (the routes above);
+        ``False``: never, where ARPACK converges. ``"nearest"`` always factors (shift-invert).
+
         Raises :class:`InvalidArgumentError` for a ``tol`` outside ``(0, 1)``, a NaN ``sigma`` (or one
-        given with another ``which``), or a bad ``k``.
+        given with another ``which``), a bad ``k`` or ``certify``.
+
+        >>> import torch, hessinv
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 30), nn.Tanh(), nn.Linear(30, 3)).double()
+        >>> X, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+        >>> H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+        >>> top = H.eigenpairs(2, "largest", certify=False)  # products only: no factorization
+        >>> bool(torch.allclose(top.values, torch.linalg.eigvalsh(H.to_dense())[-2:], atol=1e-8))
+        True
+        >>> top.certified, top.factorizations
+        (False, 0)
         """
         tol = _check_tol(tol, relative=True)
+        if certify is not None and not isinstance(certify, bool):
+            raise InvalidArgumentError(f"certify must be True, False or None, got {certify!r}")
         n = self.shape[0]
         kk = _integer(k)
         if kk is None or not 1 <= kk <= n:
@@ -1281,9 +1312,16 @@ class CurvatureOperator:
         scale = max(abs(lo_r), abs(hi_r), torch.finfo(self.dtype).tiny)  # relative: ||H|| may be 1e-9
         self._check_sweepable(scale, "eigenpairs")
         if which != "nearest":
-            quick = self._lanczos_eigenpairs(k, which, tol, scale, (lo_r, hi_r))
+            count = self._certificate_affordable() if certify is None else certify
+            quick = self._lanczos_eigenpairs(k, which, tol, scale, (lo_r, hi_r), count)
             if quick is not None:
                 return quick
+            if not count and n > _DENSE_EIG_MAX:
+                raise ConvergenceError(
+                    f"eigenpairs({k}, {which!r}): ARPACK on the products did not converge (or k > n / 8) "
+                    "and a certified route needs factorizations beyond CERTIFY_MAX_FLOPS or memory: ask for "
+                    "fewer pairs or a larger tol, or pass certify=True to factor anyway"
+                )
         step = max(beta, 1e-3 * (hi_r - lo_r), 1e-8 * scale)
         missed = 0  # eigenvalues the counts find nearer than the pairs returned, where no rerun can take them
         ends = which  # which end of the spectrum the pairs come from ("nearest": neither, unless sigma
@@ -1426,8 +1464,23 @@ class CurvatureOperator:
             )
         return Eigenpairs(vals, vecs, res, (lo, hi), certified, sweeps, solves)
 
+    def _certificate_affordable(self) -> bool:
+        """Whether one factorization (an inertia count) costs at most :data:`CERTIFY_MAX_FLOPS` by the cost
+        model of :meth:`_swept`'s routes, and fits in memory."""
+        view = self.__dict__.get("_view")
+        if view is not None and view is not self:  # the dense matrix is at hand
+            return float(self.shape[0]) ** 3 / 3 <= CERTIFY_MAX_FLOPS
+        chain, dense = _block_costs(self.blocks, pivots=True)
+        if self._dense_cheaper():
+            return dense <= CERTIFY_MAX_FLOPS
+        try:
+            check_memory(self.blocks, self._names, self.dtype, self.device)
+        except TooLargeError:
+            return False
+        return chain <= CERTIFY_MAX_FLOPS
+
     def _lanczos_eigenpairs(
-        self, k: int, which: str, tol: float, scale: float, ends: tuple[float, float]
+        self, k: int, which: str, tol: float, scale: float, ends: tuple[float, float], count: bool = True
     ) -> Eigenpairs | None:
         """:meth:`eigenpairs` at an end of the spectrum by implicitly restarted Lanczos on ``H`` itself
         (ARPACK, products only), certified by one inertia count -- where that works: a float64 operator
@@ -1440,20 +1493,27 @@ class CurvatureOperator:
         relative to ``||H||`` (at the end of a positive semi-definite ``G``, ``lambda ~ 0``, it would
         ask for residuals of ``tol eps^(2/3)``). One sweep instead of two or more: a 24-stage width-16
         tanh chain on 64 examples (n = 6245), the 3 largest 1.1 -> 0.5 s, the 3 smallest 1.4 -> 0.6 s
-        (scipy's eigsh on the products, uncertified: 0.12 and 0.43 s)."""
+        (scipy's eigsh on the products, uncertified: 0.12 and 0.43 s). ``count=False``: no count, the
+        pairs returned uncertified (a float32 operator too: ARPACK to its products' accuracy, the values
+        and residuals from float64 products)."""
         from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
         n = self.shape[0]
-        if self.dtype != torch.float64 or n <= _DENSE_EIG or _DENSE_FRACTION * k > n or k >= n - 1:
+        if (
+            (count and self.dtype != torch.float64)
+            or n <= _DENSE_EIG
+            or _DENSE_FRACTION * k > n
+            or k >= n - 1
+        ):
             return None  # (ARPACK takes k < n - 1)
-        u = torch.finfo(torch.float64).eps
+        u = torch.finfo(self.dtype).eps
         want = max(tol, 64 * u) * scale
         top = which == "largest"
         e, sign = (ends[1], -2.0) if top else (ends[0], 2.0)
 
         def mm(X: np.ndarray) -> np.ndarray:
             T = torch.as_tensor(np.asarray(X, dtype=np.float64)).reshape(n, -1)
-            HX = self._apply(T.to(self.device)).double().cpu()
+            HX = self._apply(T.to(self.device, self.dtype)).double().cpu()
             return ((HX - e * T) / scale + sign * T).numpy()
 
         op = LinearOperator((n, n), matvec=lambda x: mm(x).ravel(), matmat=mm, dtype=np.float64)
@@ -1470,6 +1530,9 @@ class CurvatureOperator:
         if not float(res.max()) <= 4 * want:  # (NaN too)
             return None
         pad = max(tol * scale + float(res.max()), math.sqrt(u) * scale)
+        if not count:
+            lo, hi = (float(vals[0]) - pad, math.inf) if top else (-math.inf, float(vals[-1]) + pad)
+            return Eigenpairs(vals, V, res, (lo, hi), False, 0, 0)
         self._count_doubt = False
         if top:
             lo, hi = float(vals[0]) - pad, math.inf
@@ -1553,7 +1616,7 @@ class CurvatureOperator:
             return lam
         with warnings.catch_warnings():  # an inaccurate pair is not used: the bisection below decides
             warnings.simplefilter("ignore", AccuracyWarning)
-            e = self.eigenpairs(1, "smallest", tol=min(tol, 1e-6))
+            e = self.eigenpairs(1, "smallest", tol=min(tol, 1e-6), certify=True)
         lam = float(e.values[0])
         scale = max(abs(e.interval[0]), abs(lam), _TINY64)  # interval[0]: the definite shift, beyond |lambda|
         if e.certified and float(e.residuals[0]) <= max(tol, slack) * scale:
