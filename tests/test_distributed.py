@@ -737,3 +737,144 @@ def test_a_trust_region_checkpoint_is_refused_by_a_data_parallel_optimizer(one_p
     fresh = ho.Newton(_model(), nn.CrossEntropyLoss())  # never stepped: "auto"
     opt.load_state_dict(fresh.state_dict())
     assert opt.mode == "precondition"
+
+
+def _drift_worker(rank: int, world: int, out: str) -> None:
+    """The cases a probe found silently drifting apart or hanging (2026-12-05)."""
+    res: dict = {}
+    lf = nn.CrossEntropyLoss()
+    X, y = _data(2)
+    Bg = 2 * LOCAL_BATCH
+    # a loss not finite on rank 1's shard alone (a huge target, float32 MSE), in a loop that skips a
+    # refused batch: rank 1 raised, rank 0 waited in the all-reduce until gloo's timeout
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    Xf, yf = X.float(), torch.randn(len(X), 2)
+    yf[Bg + LOCAL_BATCH + 1] = 3e19  # rank 1's rows of the second global batch
+    mse = nn.MSELoss()
+    dp = hd.DataParallel(_newton(model, mse, **IDENTITY), model, mse, "sharded")
+    refused = []
+    for t in range(3):
+        try:
+            dp.step(Xf[t * Bg : (t + 1) * Bg], yf[t * Bg : (t + 1) * Bg])
+        except HessinvError as e:
+            refused.append((t, type(e).__name__))
+    res["nonfinite"] = (refused, _flat(model).clone())
+    # a checkpoint loaded on rank 0 alone after DataParallel was built: the states differ, silently
+    model = _model()
+    dp = hd.DataParallel(_newton(model, **IDENTITY), model, lf, "sharded")
+    dp.step(X[:Bg], y[:Bg])
+    other = _model()
+    ref = _newton(other, **IDENTITY)
+    ref.step(X[Bg : 2 * Bg], y[Bg : 2 * Bg])
+    if rank == 0:
+        dp.load_state_dict(ref.state_dict())
+    res["state/loaded"] = _error(partial(dp.step, X[Bg : 2 * Bg], y[Bg : 2 * Bg]))
+    # each rank stepped alone (its own shard) before DataParallel
+    model = _model()
+    newton = _newton(model, **IDENTITY)
+    newton.step(
+        X[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH], y[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
+    )
+    res["state/warm-up"] = _error(partial(hd.DataParallel, newton, model, lf, "sharded"))
+    # max_relative_step set on rank 1 alone ("read at every step": compared at every step now)
+    model = _model()
+    dp = hd.DataParallel(_newton(model, **IDENTITY), model, lf, "sharded")
+    dp.step(X[:Bg], y[:Bg])
+    if rank == 1:
+        dp.opt.max_relative_step = 0.01
+    res["max_relative_step"] = _error(partial(dp.step, X[Bg : 2 * Bg], y[Bg : 2 * Bg]))
+    if rank == 0:
+        torch.save(res, f"{out}/drift.pt")
+
+
+@pytest.fixture(scope="module")
+def drift_results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("drift")
+    hd.launch(_drift_worker, 2, (str(out),), timeout=30, join_timeout=240, start_method=START)
+    return torch.load(Path(out) / "drift.pt", weights_only=False)
+
+
+def test_a_loss_not_finite_on_one_rank_is_refused_on_every_rank(drift_results):
+    """Every rank raises NonFiniteError at that step (the CLI takes it as a divergence), and the loop goes
+    on in step."""
+    refused, _ = drift_results["nonfinite"]
+    assert refused == [(1, "NonFiniteError")]
+
+
+def test_optimizer_states_that_differ_between_ranks_are_refused(drift_results):
+    for key in ("state/loaded", "state/warm-up"):
+        msg = drift_results[key]
+        assert (
+            msg is not None and "state (momentum and second moments)" in msg or "state (its momentum" in msg
+        )
+
+
+def test_a_budget_changed_on_one_rank_is_refused(drift_results):
+    msg = drift_results["max_relative_step"]
+    assert msg is not None and "max_relative_step differs between ranks" in msg
+
+
+def test_data_parallel_s_loss_must_be_the_optimizer_s(one_process_group):
+    """A Huber loss in DataParallel and MSE in Newton: the gradient from one, the curvature and weights from
+    the other, silently (a probe); an equal loss (another instance, the same settings) is fine."""
+    model = _model()
+    with pytest.raises(InvalidArgumentError, match="is not the optimizer's"):
+        hd.DataParallel(_newton(model, nn.MSELoss()), model, nn.HuberLoss(delta=0.5))
+    with pytest.raises(InvalidArgumentError, match="is not the optimizer's"):
+        hd.DataParallel(_newton(model, nn.CrossEntropyLoss(ignore_index=-1)), model, nn.CrossEntropyLoss())
+    hd.DataParallel(
+        _newton(model, nn.CrossEntropyLoss(label_smoothing=0.1)),
+        model,
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+    )
+
+
+def _sleeping_worker(rank: int, world: int, out: str) -> None:
+    Path(out, f"rank{rank}.pid").write_text(str(__import__("os").getpid()))
+    end = time.monotonic() + 120
+    while time.monotonic() < end:
+        try:
+            time.sleep(0.2)
+        except KeyboardInterrupt:  # (torch's SIGINT at the parent's death: the CLI records it and goes on)
+            pass
+
+
+def test_ranks_die_with_their_launcher(tmp_path):
+    """A launcher killed by a signal runs no finally: its ranks waited in their collectives until the
+    timeout, then (the CLI) wrote outputs over a newer job's. They are killed with it now (Linux)."""
+    import os
+    import signal
+    import subprocess
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    here, out = str(Path(__file__).parent), str(tmp_path)
+    code = (
+        f"import sys; sys.path.insert(0, {here!r}); import test_distributed as t; "
+        f"import hessinv.optim.distributed as hd; "
+        f"hd.launch(t._sleeping_worker, 2, ({out!r},), timeout=30, start_method='fork')"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    pids: list[int] = []
+    for _ in range(600):
+        pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid") if p.read_text()]
+        if len(pids) == 2:
+            break
+        time.sleep(0.1)
+    assert len(pids) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0  # (a zombie is dead)
+
+    for _ in range(50):
+        if not any(alive(p) for p in pids):
+            break
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)

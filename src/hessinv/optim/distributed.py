@@ -54,6 +54,7 @@ import datetime
 import functools
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -65,7 +66,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from hessinv.chain import LossFn
-from hessinv.errors import DistributedError, InvalidArgumentError
+from hessinv.errors import DistributedError, InvalidArgumentError, NonFiniteError
 from hessinv.optim.precondition import Preconditioner, curvature_batch, curvature_weight, sums_on
 from hessinv.stages.losses import counted_examples, ignored_index, loss_name, loss_reduction
 
@@ -144,7 +145,27 @@ def init_process_group(
     )
 
 
-def _entry(rank: int, fn: Callable, world: int, port: int, backend, device, timeout, threads, args) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: this rank is killed when the process that launched it exits (``PR_SET_PDEATHSIG``) -- a
+    launcher killed by a signal runs no ``finally``, and its ranks waited in their collectives until the
+    timeout, then wrote their outputs over a newer job's (a probe of ``hessinv train --nproc 2``)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # (it exited before the request)
+        os._exit(1)
+
+
+def _entry(
+    rank: int, fn: Callable, world: int, port: int, backend, device, timeout, threads, args, parent: int = 0
+) -> None:
+    if parent:
+        _die_with_parent(parent)
     if threads:
         torch.set_num_threads(threads)
     if device is not None and torch.device(device).type == "cuda":
@@ -186,7 +207,7 @@ def launch(
     port = free_port()
     ctx = mp.start_processes(
         _entry,
-        args=(fn, nprocs, port, backend, device, timeout, threads, tuple(args)),
+        args=(fn, nprocs, port, backend, device, timeout, threads, tuple(args), os.getpid()),
         nprocs=nprocs,
         join=False,
         start_method=start_method,
@@ -326,6 +347,16 @@ def _describe(m: nn.Module) -> str:
     return f"{type(m).__qualname__}({m.extra_repr()})" + (code if isinstance(code, str) else "")
 
 
+def _state_fingerprint(opt: Any) -> tuple[float, float, float, float]:
+    """Sums and 1-norms of the optimizer's momentum and of the preconditioner's second moments ``v``:
+    identical on every rank for every strategy (functions of the averaged gradients only), so a rank
+    that loaded another checkpoint, or stepped alone before :func:`distribute`, shows here."""
+    out: list[float] = []
+    for t in (opt._newton.get("momentum"), opt.preconditioner.state.get("v")):
+        out += [0.0, 0.0] if not isinstance(t, Tensor) else [float(t.sum()), float(t.abs().sum())]
+    return out[0], out[1], out[2], out[3]
+
+
 def _settings(opt: Any, strategy: str) -> dict[str, Any]:
     """What every rank's optimizer must agree on (compared by :func:`distribute`)."""
     pc = opt.preconditioner
@@ -366,6 +397,7 @@ def _settings(opt: Any, strategy: str) -> dict[str, Any]:
             None if pc.basis is None else tuple(zip(pc.basis.blocks, pc.basis.sides, strict=True))
         ),
         "steps taken": (int(opt.steps), int(pc.state["t"])),
+        "state (momentum and second moments)": _state_fingerprint(opt),
     }
 
 
@@ -432,9 +464,17 @@ class DistributedPreconditioner(Preconditioner):
         # this step's (NaN where not: DataParallel checks before it computes the gradient)
         fp = self.__dict__.get("_fingerprint")
         fp = fp[1:] if fp is not None and fp[0] == self.state["t"] else (math.nan, math.nan)
+        opt = getattr(self, "optimizer", None)
+        # settings read at every step besides the groups' (a None budget as -1), and the state's fingerprint
+        extras = [("damping", float(self.damping))]
+        if opt is not None:
+            budget = getattr(opt, "max_relative_step", None)
+            extras.append(("max_relative_step", -1.0 if budget is None else float(budget)))
+        state = list(_state_fingerprint(opt)) if opt is not None else [math.nan] * 4
         head = torch.tensor(
-            [float(inputs.shape[0]), float(_normalizer(self.loss_fn, targets)), *fp]
-            + [float(g.get(key, 0.0)) for key in _STEP_SETTINGS for g in groups],
+            [float(inputs.shape[0]), float(_normalizer(self.loss_fn, targets)), *fp, *state]
+            + [float(g.get(key, 0.0)) for key in _STEP_SETTINGS for g in groups]
+            + [value for _, value in extras],
             dtype=torch.float64,
         )
         if dist.get_backend(self.group) == "nccl":
@@ -450,10 +490,15 @@ class DistributedPreconditioner(Preconditioner):
                 "ranks' mean gradients are averaged with equal weights): split each global batch evenly "
                 "(hessinv.optim.distributed.shard)"
             )
-        for i, key in enumerate(k for k in _STEP_SETTINGS for _ in groups):
-            seen = [v[4 + i] for v in values]
+        names = [k for k in _STEP_SETTINGS for _ in groups] + [name for name, _ in extras]
+        for i, key in enumerate(names):
+            seen = [v[8 + i] for v in values]
             if len(set(seen)) > 1:
-                where = f" of parameter group {i % len(groups)}" if len(groups) > 1 else ""
+                where = (
+                    f" of parameter group {i % len(groups)}"
+                    if len(groups) > 1 and key in _STEP_SETTINGS
+                    else ""
+                )
                 raise DistributedError(
                     f"the {key}{where} differs between ranks ("
                     + ", ".join(f"rank {r} {x!r}" for r, x in enumerate(seen))
@@ -471,6 +516,16 @@ class DistributedPreconditioner(Preconditioner):
                 + "): each rank's .grad must be the global batch's, DDP's all-reduce of the "
                 "ranks' gradients; compute it through DistributedDataParallel(model) in the closure (module "
                 "docstring), or use DataParallel.step(X_global, y_global)"
+            )
+        # the state: bit for bit alike where it is (every rank computed it from the same numbers; after
+        # the gradient, which makes it differ from this step on where it does)
+        states = [tuple(v[4:8]) for v in values]
+        if all(map(math.isfinite, states[0])) and len(set(states)) > 1:
+            raise DistributedError(
+                "the optimizer's state (its momentum and second moments) differs between ranks: a checkpoint "
+                "loaded on some ranks only, or steps taken on a rank alone before distribute(); load the "
+                "same checkpoint on every rank (DataParallel.load_state_dict on each), and build "
+                "DataParallel before any step"
             )
         labelled = [c[1] for c in counts]
         if 0 in labelled and any(labelled):
@@ -733,6 +788,32 @@ def distribute(opt: Any, strategy: str = DEFAULT_STRATEGY, group: Any = None) ->
     return opt
 
 
+def _loss_text(loss_fn: Any) -> str:
+    if isinstance(loss_fn, nn.Module):
+        return f"{type(loss_fn).__name__}({loss_fn.extra_repr()})"
+    return getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
+
+
+def _same_loss(a: Any, b: Any) -> bool:
+    """The same loss: one object, or modules of one class whose settings (plain attributes) and tensors
+    (class weights, ``pos_weight``) are equal."""
+    if a is b:
+        return True
+    if not (isinstance(a, nn.Module) and isinstance(b, nn.Module)) or type(a) is not type(b):
+        return False
+    plain = (bool, int, float, str, type(None))
+
+    def settings(m: nn.Module) -> dict[str, Any]:
+        return {k: v for k, v in vars(m).items() if not k.startswith("_") and isinstance(v, plain)}
+
+    tensors_a, tensors_b = dict(a.named_buffers()), dict(b.named_buffers())
+    return (
+        settings(a) == settings(b)
+        and tensors_a.keys() == tensors_b.keys()
+        and all(torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a)
+    )
+
+
 class DataParallel:
     """``loss = dp.step(X, y)`` on the *global* batch: this rank's shard (:func:`shard`) through DDP, one
     :class:`~hessinv.optim.Newton` step, and the global batch loss. Each rank's loss is weighted by its
@@ -760,6 +841,12 @@ class DataParallel:
         why = _loss_refusal(loss_fn)
         if why is not None:
             raise DistributedError(why)
+        if not _same_loss(loss_fn, getattr(opt, "loss_fn", loss_fn)):
+            raise InvalidArgumentError(
+                f"DataParallel's loss_fn ({_loss_text(loss_fn)}) is not the optimizer's "
+                f"({_loss_text(opt.loss_fn)}): the gradient would come from one and the curvature from the "
+                "other; pass the same loss (DataParallel(opt, model, opt.loss_fn))"
+            )
         self.opt, self.model, self.loss_fn, self.group = (
             distribute(opt, strategy, group),
             model,
@@ -796,17 +883,32 @@ class DataParallel:
                 loss = self.loss_fn(self.ddp(X), y)
             except (RuntimeError, ValueError, IndexError, TypeError) as e:
                 error = e
+            # (a loss not finite on one rank's shard alone: its step would refuse it while the others wait
+            # in the backward pass's all-reduce until gloo's timeout)
+            finite = error is not None or bool(torch.isfinite(loss.detach()).all())
             # every rank learns of one rank's failure before the backward pass, whose all-reduce the others
             # would wait in until the collective timeout (a class out of range in one shard: a loop that
             # skips a refused batch hung there, then got gloo's bare error)
-            if agree_stop(error is not None, self.group):
-                if error is not None:
-                    self.opt._explain_failure(X, y)  # one process's named error (a class out of range)
-                    raise error
+            flags = torch.tensor([float(error is not None), float(not finite)])
+            if dist.get_backend(self.group) == "nccl":
+                flags = flags.cuda()
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+            failed, diverged = (bool(f > 0) for f in flags.tolist())
+            if error is not None:
+                self.opt._explain_failure(X, y)  # one process's named error (a class out of range)
+                raise error
+            if failed:
                 raise DistributedError(
                     "another rank's shard of this batch failed in the forward pass or the loss (its error "
                     "names the cause): the step was taken on no rank"
                 )
+            if diverged:  # (the same error class on every rank: a divergence, not one rank's failure)
+                where = (
+                    f"on rank {self.rank}'s shard is {float(loss.detach())}"
+                    if not finite
+                    else ("on another rank's shard is not finite")
+                )
+                raise NonFiniteError(f"the loss {where}: the step was taken on no rank")
             (loss if weight == 1.0 else loss * weight).backward()
             return loss.detach()
 
