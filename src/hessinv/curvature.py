@@ -640,6 +640,7 @@ class CurvatureOperator:
         *,
         refine: bool = ...,
         max_refine: int = ...,
+        rtol: float | None = ...,
         return_info: Literal[False] = ...,
     ) -> Tensor: ...
 
@@ -651,6 +652,7 @@ class CurvatureOperator:
         *,
         refine: bool = ...,
         max_refine: int = ...,
+        rtol: float | None = ...,
         return_info: Literal[True],
     ) -> tuple[Tensor, SolveInfo]: ...
 
@@ -661,6 +663,7 @@ class CurvatureOperator:
         *,
         refine: bool = True,
         max_refine: int = 5,
+        rtol: float | None = None,
         return_info: bool = False,
     ) -> Tensor | tuple[Tensor, SolveInfo]:
         """``(H + damping I)^{-1} rhs``: ``self.factor(damping).solve(rhs, ...)``
@@ -676,9 +679,26 @@ class CurvatureOperator:
         a Hessian singular to working precision whose right-hand side lies in its range (a consistent
         system: ``factor(eps).solve`` raises :class:`SingularError`) may get MINRES's answer there, the
         minimum-norm solution, at the residual reported.
+
+        ``rtol``: the relative residual ``|b - (H + eps I) x| / |b|`` asked for, where less than the
+        factorization's (about 1e-12) will do: MINRES on the products then runs first whatever the cost
+        model says, to ``rtol``, for up to a factorization's modelled flops (a 64-256-256-10 MLP's
+        Gauss-Newton at damping 1e-3, batch 32, to 1e-8: 0.94 s through its Woodbury factorization,
+        against 52 ms for CG on autograd products); where it does not get there, the factorization
+        answers (to its own accuracy). :class:`InvalidArgumentError` for an ``rtol`` outside ``(0, 1)``.
+
+        >>> import torch, hessinv
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+        >>> X, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
+        >>> G = hessinv.gauss_newton(net, torch.nn.CrossEntropyLoss(), X, y)
+        >>> x, info = G.solve(G.gradient, damping=1e-2, rtol=1e-8, return_info=True)
+        >>> info.residual <= 1e-8, info.refinement_steps
+        (True, 0)
         """
+        if rtol is not None:
+            rtol = _check_tol(rtol, "rtol", relative=True)
         if refine is True and return_info in (True, False):
-            got = self._krylov_solve(rhs, damping)
+            got = self._krylov_solve(rhs, damping, rtol)
             if got is not None:
                 return got if return_info else got[0]
         return self.factor(damping).solve(rhs, refine=refine, max_refine=max_refine, return_info=return_info)
@@ -689,13 +709,17 @@ class CurvatureOperator:
         chain, dense = _block_costs(self.blocks)
         return min(chain, dense)
 
-    def _krylov_solve(self, rhs: Tensor, damping: float) -> tuple[Tensor, SolveInfo] | None:
+    def _krylov_solve(
+        self, rhs: Tensor, damping: float, rtol: float | None = None
+    ) -> tuple[Tensor, SolveInfo] | None:
         """``(x, info)`` from MINRES where that is cheaper than a factorization and reaches its accuracy,
         else None (the caller factors); in float64 (a float32 operator's float64 twin: ``x`` is the
         float64 iterate rounded, as the factorization's refined solves return it). Each column is kept
         where its true relative residual (a float64 product) is at most ``min(1e-12, max(1e-14, 32 u ||H +
         eps I|| |x| / |b|))`` -- the factorization's refinement accepts the same stall at the rounding of
-        the residual itself -- ``||H + eps I||`` bounded from below by the Lanczos coefficients."""
+        the residual itself -- ``||H + eps I||`` bounded from below by the Lanczos coefficients; with
+        ``rtol``, at most ``max(rtol, that)``, tried whatever the cost ratio, for up to the factorization's
+        modelled flops in products."""
         if isinstance(damping, Tensor):
             return None
         try:
@@ -710,9 +734,12 @@ class CurvatureOperator:
         _, dense = _block_costs(self.blocks)
         product = max((dense - float(n) ** 3 / 3) / max(n, 1), 1.0)
         ratio = self._factor_flops() / product
-        if not ratio >= KRYLOV_FIRST_RATIO * k or not bool(torch.isfinite(R).all()):
+        if not bool(torch.isfinite(R).all()) or (rtol is None and not ratio >= KRYLOV_FIRST_RATIO * k):
             return None
-        budget = int(min(KRYLOV_SHARE * ratio / k, KRYLOV_MAX_ITERATIONS))
+        share = KRYLOV_SHARE if rtol is None else 1.0
+        budget = int(min(share * ratio / k, KRYLOV_MAX_ITERATIONS))
+        if budget < 1:
+            return None
         try:  # (a float32 operator: MINRES on its float64 twin's products, as refinement's residuals)
             op64 = self._residual_operator()
         except HessinvError:
@@ -733,7 +760,7 @@ class CurvatureOperator:
         Res, anorm = Rs, 0.0
         u = torch.finfo(torch.float64).eps
         for _ in range(KRYLOV_RESTARTS):
-            D, its, est, converged = minres(apply, Res, 1e-15, budget - spent)
+            D, its, est, converged = minres(apply, Res, 1e-15 if rtol is None else rtol / 4, budget - spent)
             spent += its + 1  # (and the true residual's product)
             anorm = max(anorm, est)
             X = X + D
@@ -742,6 +769,8 @@ class CurvatureOperator:
                 return None
             rel = Res.norm(dim=0) / bnorm.clamp_min(1e-300)
             accept = (32 * u * anorm * X.norm(dim=0) / bnorm.clamp_min(1e-300)).clamp(1e-14, 1e-12)
+            if rtol is not None:
+                accept = accept.clamp_min(rtol)
             if bool((rel <= accept).all()):
                 X = X * scale
                 out = X.to(self.dtype)
