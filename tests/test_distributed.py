@@ -106,11 +106,16 @@ def _raising_worker(rank: int, world: int) -> None:
         dp.step(X[t * 12 : (t + 1) * 12], y[t * 12 : (t + 1) * 12])
 
 
+def _two_process_job(worker, tmp_path_factory, name: str, timeout: float = 30) -> dict:
+    """``worker`` run by 2 processes; what rank 0 saved to ``<dir>/<name>.pt``."""
+    out = tmp_path_factory.mktemp(name)
+    hd.launch(worker, 2, (str(out),), timeout=timeout, join_timeout=240, start_method=START)
+    return torch.load(Path(out) / f"{name}.pt", weights_only=False)
+
+
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("dist")
-    hd.launch(_worker, 2, (str(out),), timeout=60, join_timeout=240, start_method=START)
-    return torch.load(Path(out) / "results.pt", weights_only=False)
+    return _two_process_job(_worker, tmp_path_factory, "results", timeout=60)
 
 
 def _single_process(strategy: str, data=None, loss_fn=None, **kw) -> torch.Tensor:
@@ -386,9 +391,7 @@ def test_sharded_matches_one_process_at_the_default_settings(probe_results):
 
 @pytest.fixture(scope="module")
 def probe_results(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("probe")
-    hd.launch(_probe_worker, 2, (str(out),), timeout=30, join_timeout=240, start_method=START)
-    return torch.load(Path(out) / "probe.pt", weights_only=False)
+    return _two_process_job(_probe_worker, tmp_path_factory, "probe")
 
 
 @pytest.mark.parametrize("strategy", ["sharded", "replicated"])
@@ -790,9 +793,7 @@ def _drift_worker(rank: int, world: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def drift_results(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("drift")
-    hd.launch(_drift_worker, 2, (str(out),), timeout=30, join_timeout=240, start_method=START)
-    return torch.load(Path(out) / "drift.pt", weights_only=False)
+    return _two_process_job(_drift_worker, tmp_path_factory, "drift")
 
 
 def test_a_loss_not_finite_on_one_rank_is_refused_on_every_rank(drift_results):
