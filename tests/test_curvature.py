@@ -17,6 +17,7 @@ from reference import (
     dense_gauss_newton,
     dense_gradient_hessian,
 )
+from torch import nn
 
 import hessinv
 from hessinv.riccati import riccati_quadratic
@@ -663,3 +664,42 @@ def test_vector_times_operator_and_overflowing_solves():
     with pytest.raises(hessinv.NonFiniteError, match="overflowed"):
         F.solve(torch.full((H.shape[0],), 1e307, dtype=torch.float64))
     assert torch.isfinite(F.solve(torch.full((H.shape[0],), 1e300, dtype=torch.float64))).all()
+
+
+@pytest.mark.parametrize("layout", ["bias", "no-bias", "bias-first", "residual"])
+def test_parameter_order_conversions_are_the_index_maps(layout):
+    """A Linear stage's products reorder the parameter vector between the model's order and the
+    input-major one by transposing copies (an index gather was 30% of ``H v`` on a 256-wide MLP): the same
+    numbers as the index maps that describe the layouts, for every layout a Linear can have."""
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(7, 7)
+
+        def forward(self, z):
+            return z + torch.tanh(self.lin(z))
+
+    bias = layout != "no-bias"
+    mid = Res() if layout == "residual" else nn.Linear(7, 7, bias=bias)
+    net = nn.Sequential(nn.Linear(5, 7, bias=bias), nn.Tanh(), mid, nn.Linear(7, 3, bias=bias)).double()
+    if layout == "bias-first":
+        prune.l1_unstructured(net[0], "weight", 0.3)
+        prune.remove(net[0], "weight")  # (re-registered: after the bias in parameters())
+    X, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    seen = 0
+    for blk in H.blocks[:-1]:
+        if not hasattr(blk, "_r2m"):
+            continue
+        seen += 1
+        v = torch.randn(blk.p, 3, dtype=torch.float64)
+        assert torch.equal(blk._nat(v), v[blk._r2m].view(blk.stage.m1, -1))
+        V = torch.randn(blk.stage.m1, blk.d_out * 3, dtype=torch.float64)
+        assert torch.equal(blk._model(V), V.reshape(blk.p, -1)[blk._m2r])
+    assert seen == 3
+    _, ref = autograd_gradient_hessian(net, nn.CrossEntropyLoss(), X, y)
+    assert float((H.to_dense() - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
