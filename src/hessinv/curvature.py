@@ -44,6 +44,7 @@ from hessinv.errors import (
     TooLargeError,
     warn,
 )
+from hessinv.linalg import all_finite
 from hessinv.lowrank import WoodburyFactor, gauss_newton_root
 from hessinv.riccati import (
     Inertia,
@@ -422,7 +423,7 @@ class CurvatureOperator:
             )
         if v.dim() == 2 and v.shape[1] == 0:
             raise InvalidArgumentError(f"{what} has shape {tuple(v.shape)}: no columns to multiply or solve")
-        if not torch.isfinite(v).all():
+        if not all_finite(v):
             raise NonFiniteError(f"{what} contains NaN or infinity")
         v = v.detach()  # numbers in, numbers out: no graph (and no torch warning on float())
         return (v[:, None] if v.dim() == 1 else v), v.dim() == 1
@@ -504,7 +505,7 @@ class CurvatureOperator:
         """``H v`` for ``v`` of shape (n,) or (n, k), in ``O(L)``."""
         V, vec = self._as_matrix(v)
         HV = self._apply(V)
-        if not bool(torch.isfinite(HV).all()):  # an intermediate overflowed: again on V scaled to unit size
+        if not all_finite(HV):  # an intermediate overflowed: again on V scaled to unit size
             HV = _linear_scaled(self._apply, V, "H v")
         return HV[:, 0] if vec else HV
 
