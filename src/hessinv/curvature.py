@@ -122,9 +122,11 @@ class Eigenpairs(NamedTuple):
         vectors: (n, k) float64 orthonormal eigenvectors (columns in the order of ``values``).
         residuals: (k,) ``|H v - lambda v|`` (float64 products): each ``values[i]`` is within
             ``residuals[i]`` of an eigenvalue of ``H``.
-        interval: ``(lo, hi)``: the inertia count says that ``H`` has exactly ``k`` eigenvalues in it.
-        certified: whether that count matched (no eigenvalue missed in ``interval``); False only
-            when a count could not be made exactly (a perturbed pivot) or did not match after retries.
+        interval: ``(lo, hi)``: the inertia count says that ``H`` has exactly ``k`` eigenvalues in it
+            (where none was made: the interval the pairs span, padded by their residuals).
+        certified: whether that count matched (no eigenvalue missed in ``interval``); False when a
+            count could not be made exactly (a perturbed pivot), did not match after retries, or was not
+            made (``eigenpairs(certify=False)``, or by default where a factorization is too dear).
         factorizations: Riccati sweeps used (factorizations and inertia counts).
         solves: solves with the shift-invert factorization.
     """
