@@ -233,3 +233,19 @@ def test_a_loss_without_targets_is_told_to_pass_a_placeholder_that_works():
         hessinv.hessian(m, loss_fn, X, None)
     assert "torch.zeros(len(inputs), dtype=torch.long)" in str(err.value)
     _exact(m, loss_fn, X, torch.zeros(len(X), dtype=torch.long))
+
+
+def test_a_layer_used_twice_inside_a_nested_sequential_is_called_whole():
+    """The refusal of a shared parameter advises a nested module; an nn.Sequential nested in the model
+    was flattened into the same refused layers. Its layers are now called as one stage (exact), and the
+    top level's stay refused (the model itself would be one stage)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.Sequential(lin, nn.Tanh(), lin), nn.Tanh(), nn.Linear(4, 2)
+    ).double()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    _exact(model, nn.CrossEntropyLoss(), X, y)
+    top = nn.Sequential(lin, nn.Tanh(), lin, nn.Linear(4, 2)).double()
+    with pytest.raises(hessinv.NotAChainError, match="nested in the model"):
+        hessinv.hessian(top, nn.CrossEntropyLoss(), torch.randn(6, 4, dtype=torch.float64), y)

@@ -1207,12 +1207,12 @@ def _check_parameters(model, stages: list[Stage], ordered: bool = True) -> None:
                 same_origin(owner[id(t)], s.index)
                 raise NotAChainError(
                     f"parameter {names.get(id(t), '?')} is shared by stage {owner[id(t)]} and {s.name}: "
-                    "not a chain. Put the modules from the first use to the last inside one nn.Module "
-                    "with its own forward (a plain nn.Sequential inside a Sequential is flattened), "
-                    "which is then called whole as one generic stage (exact; dense blocks cost about "
-                    "one backward pass per parameter of that stage) -- for a model whose own forward "
-                    "ties them (the model itself is split into stages), nn.Sequential(model) calls it "
-                    "whole -- or untie the parameter"
+                    "not a chain. Put the modules from the first use to the last inside one module (an "
+                    "nn.Module with its own forward, or an nn.Sequential nested in the model), which is "
+                    "then called whole as one generic stage (exact; dense blocks cost about one backward "
+                    "pass per parameter of that stage) -- for a model whose own forward ties them (the "
+                    "model itself is split into stages), nn.Sequential(model) calls it whole -- or untie "
+                    "the parameter"
                 )
             owner[id(t)] = s.index
     flat = [id(t) for s in stages for t in s.params]
@@ -2153,10 +2153,10 @@ class Chain:
                 blk = self._stage_blocks(s, z_in, b[..., 0], second_order)
                 # a generic stage's Gauss-Newton blocks are formed, and probed, only when a product asks:
                 # a piece of a traced submodule (or a submodule called whole on trial) is tested for
-                # mixing now, once per stage (two vector-Jacobian products)
-                if (s.origin is not None or self._on_trial(s) is not None) and not getattr(
-                    s, "_per_example", False
-                ):
+                # mixing now, once per stage (two vector-Jacobian products); a layer of a nested
+                # Sequential is a module called as it is, as at the top (no test)
+                traced_piece = s.origin is not None and not _is_container(s.origin)
+                if (traced_piece or self._on_trial(s) is not None) and not getattr(s, "_per_example", False):
                     if getattr(blk, "couples_examples", None) and blk.couples_examples():
                         self._piece_failed(s, mixing_error(s.name))
                     s._per_example = blk.batch > 1  # one example shows no coupling: test again
