@@ -879,3 +879,45 @@ def test_ranks_die_with_their_launcher(tmp_path):
             break
         time.sleep(0.1)
     assert not any(alive(p) for p in pids)
+
+
+def _noop_worker(rank: int, world: int) -> None:
+    torch.distributed.barrier()
+
+
+def test_a_forkserver_launch_runs():
+    """A forkserver's children are the server's, not the launcher's: the parent-death link is not set up
+    there (a review: every rank exited at once, taking its parent for dead)."""
+    if "forkserver" not in __import__("multiprocessing").get_all_start_methods():
+        pytest.skip("no forkserver here")
+    hd.launch(_noop_worker, 2, timeout=30, join_timeout=120, start_method="forkserver")
+
+
+def test_equal_losses_are_the_optimizer_s(one_process_group):
+    """Equal ``functools.partial`` objects and a loss module in another train / eval mode are the same loss
+    (a review: refused); a wrapper whose inner loss differs is another."""
+
+    class Wrapped(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, out, y):
+            return self.inner(out, y)
+
+    model = _model()
+    partial_ce = functools.partial(F.cross_entropy, label_smoothing=0.1)
+    hd.DataParallel(
+        _newton(model, partial_ce), model, functools.partial(F.cross_entropy, label_smoothing=0.1)
+    )
+    hd.DataParallel(_newton(model, nn.CrossEntropyLoss()), model, nn.CrossEntropyLoss().eval())
+    with pytest.raises(InvalidArgumentError, match="is not the optimizer's"):
+        hd.DataParallel(
+            _newton(model, Wrapped(nn.CrossEntropyLoss())),
+            model,
+            Wrapped(nn.CrossEntropyLoss(label_smoothing=0.2)),
+        )
+    with pytest.raises(InvalidArgumentError, match="is not the optimizer's"):
+        hd.DataParallel(
+            _newton(model, partial_ce), model, functools.partial(F.cross_entropy, label_smoothing=0.2)
+        )

@@ -591,6 +591,15 @@ def test_loader_batches_that_differ_are_named():
     with pytest.raises(InvalidArgumentError, match="got 3 elements"):
         InfluenceFunction(net, nn.CrossEntropyLoss()).fit([(X, y, w)])
 
+    class Batch:  # indexes like a pair, has no len() (a review: refused by the element count)
+        def __init__(self, x, t):
+            self.x, self.t = x, t
+
+        def __getitem__(self, i):
+            return (self.x, self.t)[i]
+
+    Laplace(net, "classification").fit([Batch(X[:6], y[:6]), Batch(X[6:], y[6:])])
+
 
 def test_classification_targets_of_minus_100_are_refused_not_dropped():
     """The string likelihood's cross-entropy ignored targets of -100 (torch's default ignore_index): the

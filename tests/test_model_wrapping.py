@@ -249,3 +249,19 @@ def test_a_layer_used_twice_inside_a_nested_sequential_is_called_whole():
     top = nn.Sequential(lin, nn.Tanh(), lin, nn.Linear(4, 2)).double()
     with pytest.raises(hessinv.NotAChainError, match="nested in the model"):
         hessinv.hessian(top, nn.CrossEntropyLoss(), torch.randn(6, 4, dtype=torch.float64), y)
+
+
+def test_a_scalar_output_is_named_as_such():
+    """A model returning a scalar (a loss computed inside it) got the advice for sequence logits."""
+
+    class LossInside(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(x).pow(2).mean()
+
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.zeros(5, dtype=torch.long)
+    with pytest.raises(hessinv.NotAChainError, match="is a scalar"):
+        hessinv.hessian(LossInside().double(), lambda out, t: out, X, y)

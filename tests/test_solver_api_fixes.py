@@ -183,3 +183,23 @@ def test_eigenpairs_certify_where_a_factorization_is_affordable(monkeypatch):
     assert not e32.certified and float((e32.values - ev[-2:]).abs().max()) <= 1e-4 * scale
     with pytest.raises(hessinv.InvalidArgumentError, match="certify"):
         H.eigenpairs(1, "largest", certify="yes")
+
+
+def test_eigenpairs_by_default_falls_back_to_the_certified_route(monkeypatch):
+    """Where the count is judged too dear and ARPACK on the products does not converge, the default
+    (``certify=None``) takes the certified routes, as before -- a review found it raising instead;
+    ``certify=False`` raises a ConvergenceError that says what to do."""
+    import hessinv.curvature as hc
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 30), nn.Tanh(), nn.Linear(30, 3)).double()
+    X, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    ev = torch.linalg.eigvalsh(H.to_dense())
+    monkeypatch.setattr(hc, "CERTIFY_MAX_FLOPS", 0.0)
+    monkeypatch.setattr(hc, "LANCZOS_PRODUCTS", 1)  # ARPACK gives up
+    monkeypatch.setattr(hc, "_DENSE_EIG_MAX", 64)  # (as for a large operator)
+    e = H.eigenpairs(2, "smallest")
+    assert e.certified and float((e.values - ev[:2]).abs().max()) <= 1e-8 * float(ev.abs().max())
+    with pytest.raises(hessinv.ConvergenceError, match="certify=True"):
+        H.eigenpairs(2, "smallest", certify=False)

@@ -1903,7 +1903,13 @@ class Chain:
                 )
             if not isinstance(z, Tensor) or z.dim() < 1 or z.shape[0] != inputs.shape[0]:
                 what = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
-                if isinstance(z, Tensor) and s is self.stages[-1]:  # the output: no call whole can help
+                if isinstance(z, Tensor) and z.dim() == 0 and s is self.stages[-1]:
+                    error = NotAChainError(
+                        f"the model's output ({s.name}) is a scalar, not one output per example: a loss "
+                        "computed inside the model? Return the per-example outputs and compute the loss in "
+                        "loss_fn(outputs, targets)"
+                    )
+                elif isinstance(z, Tensor) and s is self.stages[-1]:  # the output: no call whole can help
                     error = NotAChainError(
                         f"the model's output ({s.name}) is {what}, not a tensor with the batch dimension "
                         f"first ({inputs.shape[0]} examples): return the outputs batch first -- a sequence "

@@ -685,7 +685,8 @@ class CurvatureOperator:
 
         ``rtol``: the relative residual ``|b - (H + eps I) x| / |b|`` asked for, where less than the
         factorization's (about 1e-12) will do: MINRES on the products then runs first whatever the cost
-        model says, to ``rtol``, for up to a factorization's modelled flops (a 64-256-256-10 MLP's
+        model says, to ``rtol``, for up to :data:`KRYLOV_RTOL_MAX_ITERATIONS` products and a factorization's
+        modelled flops (a 64-256-256-10 MLP's
         Gauss-Newton at damping 1e-3, batch 32, to 1e-8: 0.94 s through its Woodbury factorization,
         against 52 ms for CG on autograd products); where it does not get there, the factorization
         answers (to its own accuracy). :class:`InvalidArgumentError` for an ``rtol`` outside ``(0, 1)``.
@@ -721,8 +722,8 @@ class CurvatureOperator:
         where its true relative residual (a float64 product) is at most ``min(1e-12, max(1e-14, 32 u ||H +
         eps I|| |x| / |b|))`` -- the factorization's refinement accepts the same stall at the rounding of
         the residual itself -- ``||H + eps I||`` bounded from below by the Lanczos coefficients; with
-        ``rtol``, at most ``max(rtol, that)``, tried whatever the cost ratio, for up to the factorization's
-        modelled flops in products."""
+        ``rtol``, at most ``max(rtol, that)``, tried whatever the cost ratio, for up to
+        :data:`KRYLOV_RTOL_MAX_ITERATIONS` products and the factorization's modelled flops."""
         if isinstance(damping, Tensor):
             return None
         try:
@@ -739,8 +740,10 @@ class CurvatureOperator:
         ratio = self._factor_flops() / product
         if not bool(torch.isfinite(R).all()) or (rtol is None and not ratio >= KRYLOV_FIRST_RATIO * k):
             return None
-        share = KRYLOV_SHARE if rtol is None else 1.0
-        budget = int(min(share * ratio / k, KRYLOV_MAX_ITERATIONS))
+        if rtol is None:
+            budget = int(min(KRYLOV_SHARE * ratio / k, KRYLOV_MAX_ITERATIONS))
+        else:
+            budget = int(min(ratio / k, KRYLOV_RTOL_MAX_ITERATIONS))
         if budget < 1:
             return None
         try:  # (a float32 operator: MINRES on its float64 twin's products, as refinement's residuals)
@@ -1297,8 +1300,10 @@ class CurvatureOperator:
         where one factorization is within :data:`CERTIFY_MAX_FLOPS` and fits in memory, else return
         ARPACK's pairs from the products with ``certified=False`` (each value still within its
         ``residuals`` entry of an eigenvalue; uncertified only in that no count proves none was missed,
-        which Lanczos rarely does at an end of the spectrum). ``True``: always count (the routes above);
-        ``False``: never, where ARPACK converges. ``"nearest"`` always factors (shift-invert).
+        which Lanczos rarely does at an end of the spectrum) -- where ARPACK does not converge there (or
+        ``k > n / 8``), the certified routes above, however dear. ``True``: always count (the routes
+        above); ``False``: never, and a :class:`ConvergenceError` where ARPACK does not converge above
+        ``n = 4096``. ``"nearest"`` always factors (shift-invert).
 
         Raises :class:`InvalidArgumentError` for a ``tol`` outside ``(0, 1)``, a NaN ``sigma`` (or one
         given with another ``which``), a bad ``k`` or ``certify``.
@@ -1348,7 +1353,7 @@ class CurvatureOperator:
             quick = self._lanczos_eigenpairs(k, which, tol, scale, (lo_r, hi_r), count)
             if quick is not None:
                 return quick
-            if not count and n > _DENSE_EIG_MAX:
+            if certify is False and n > _DENSE_EIG_MAX:  # (None: the certified routes, however dear)
                 raise ConvergenceError(
                     f"eigenpairs({k}, {which!r}): ARPACK on the products did not converge (or k > n / 8) "
                     "and a certified route needs factorizations beyond CERTIFY_MAX_FLOPS or memory: ask for "
@@ -3483,6 +3488,10 @@ LOW_GMRES_ITERATIONS = 12
 #: :data:`KRYLOV_MAX_ITERATIONS` products per column, in at most :data:`KRYLOV_RESTARTS` cycles)
 KRYLOV_FIRST_RATIO = 300.0
 KRYLOV_SHARE = 0.1
+#: ... and with ``solve(rtol=)``: tried whatever the cost ratio, for at most this many products and a
+#: factorization's modelled flops (a well-conditioned system reaches 1e-8 in tens; MINRES that stalls -- an
+#: indefinite system near singular -- costs at most that much on top of the factorization)
+KRYLOV_RTOL_MAX_ITERATIONS = 300
 KRYLOV_MAX_ITERATIONS = 3000
 KRYLOV_RESTARTS = 3
 

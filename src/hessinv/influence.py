@@ -334,7 +334,7 @@ def _collect(data: Tensor | Iterable, targets: Tensor | None, ordered: bool = Fa
             "order nobody can recover; pass a DataLoader with shuffle=False (or fit(X, y))"
         )
     try:
-        batches = [(b[0], b[1], len(b)) for b in data]
+        batches = [(b[0], b[1], len(b) if hasattr(b, "__len__") else 2) for b in data]
     except (TypeError, KeyError, IndexError) as e:
         raise InvalidArgumentError(
             f"fit(loader): each batch must be an (inputs, targets) pair of tensors ({type(e).__name__}: {e})"

@@ -205,9 +205,11 @@ def launch(
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise InvalidArgumentError(f"timeout must be a number of seconds > 0, got {timeout!r}")
     port = free_port()
+    parent = os.getpid() if start_method in ("spawn", "fork") else 0
     ctx = mp.start_processes(
         _entry,
-        args=(fn, nprocs, port, backend, device, timeout, threads, tuple(args), os.getpid()),
+        # (a forkserver's children are the server's: no parent to die with)
+        args=(fn, nprocs, port, backend, device, timeout, threads, tuple(args), parent),
         nprocs=nprocs,
         join=False,
         start_method=start_method,
@@ -795,23 +797,46 @@ def _loss_text(loss_fn: Any) -> str:
 
 
 def _same_loss(a: Any, b: Any) -> bool:
-    """The same loss: one object, or modules of one class whose settings (plain attributes) and tensors
-    (class weights, ``pos_weight``) are equal."""
+    """The same loss: one object; ``functools.partial`` objects of the same function, arguments and
+    keywords; or modules of one class whose settings (plain attributes but the train / eval flag), tensors
+    (class weights, ``pos_weight``) and submodules are alike."""
+
+    def same(x: Any, y: Any) -> bool:
+        if isinstance(x, Tensor) or isinstance(y, Tensor):
+            both = isinstance(x, Tensor) and isinstance(y, Tensor)
+            return both and x.shape == y.shape and torch.equal(x, y)
+        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+            return len(x) == len(y) and all(same(u, v) for u, v in zip(x, y, strict=True))
+        if isinstance(x, dict) and isinstance(y, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        return _same_loss(x, y)
+
     if a is b:
         return True
-    if not (isinstance(a, nn.Module) and isinstance(b, nn.Module)) or type(a) is not type(b):
+    if isinstance(a, functools.partial) and isinstance(b, functools.partial):
+        return same(a.func, b.func) and same(a.args, b.args) and same(a.keywords, b.keywords)
+    if isinstance(a, nn.Module) and isinstance(b, nn.Module):
+        if type(a) is not type(b):
+            return False
+
+        def settings(m: nn.Module) -> dict[str, Any]:
+            return {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
+
+        sa, sb = settings(a), settings(b)
+        bufs_a, bufs_b = dict(a.named_buffers(recurse=False)), dict(b.named_buffers(recurse=False))
+        kids_a, kids_b = dict(a.named_children()), dict(b.named_children())
+        return (
+            sa.keys() == sb.keys()
+            and all(same(sa[k], sb[k]) for k in sa)
+            and bufs_a.keys() == bufs_b.keys()
+            and all(same(bufs_a[k], bufs_b[k]) for k in bufs_a)
+            and kids_a.keys() == kids_b.keys()
+            and all(_same_loss(kids_a[k], kids_b[k]) for k in kids_a)
+        )
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - an == that does not give a truth value
         return False
-    plain = (bool, int, float, str, type(None))
-
-    def settings(m: nn.Module) -> dict[str, Any]:
-        return {k: v for k, v in vars(m).items() if not k.startswith("_") and isinstance(v, plain)}
-
-    tensors_a, tensors_b = dict(a.named_buffers()), dict(b.named_buffers())
-    return (
-        settings(a) == settings(b)
-        and tensors_a.keys() == tensors_b.keys()
-        and all(torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a)
-    )
 
 
 class DataParallel:
