@@ -689,7 +689,10 @@ class CurvatureOperator:
         modelled flops (a 64-256-256-10 MLP's
         Gauss-Newton at damping 1e-3, batch 32, to 1e-8: 0.94 s through its Woodbury factorization,
         against 52 ms for CG on autograd products); where it does not get there, the factorization
-        answers (to its own accuracy). :class:`InvalidArgumentError` for an ``rtol`` outside ``(0, 1)``.
+        answers (to its own accuracy). A float32 operator's residual is its float64 iterate's, as
+        ``SolveInfo.residual`` always reports it; the float32 ``x`` returned is within
+        ``SolveInfo.returned_residual`` (about ``u32 cond``). :class:`InvalidArgumentError` for an ``rtol``
+        outside ``(0, 1)``.
 
         >>> import torch, hessinv
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
