@@ -914,11 +914,7 @@ class DataParallel:
             # every rank learns of one rank's failure before the backward pass, whose all-reduce the others
             # would wait in until the collective timeout (a class out of range in one shard: a loop that
             # skips a refused batch hung there, then got gloo's bare error)
-            flags = torch.tensor([float(error is not None), float(not finite)])
-            if dist.get_backend(self.group) == "nccl":
-                flags = flags.cuda()
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-            failed, diverged = (bool(f > 0) for f in flags.tolist())
+            failed, diverged = _any_rank([error is not None, not finite], self.group)
             if error is not None:
                 self.opt._explain_failure(X, y)  # one process's named error (a class out of range)
                 raise error
@@ -956,14 +952,19 @@ class DataParallel:
         self.opt.load_state_dict(sd)
 
 
-def agree_stop(stop: bool, group: Any = None) -> bool:
-    """Any rank's ``stop`` (an all-reduce MAX of one number): every rank leaves a loop at the same step."""
+def _any_rank(flags: list[bool], group: Any = None) -> list[bool]:
+    """Each flag, true where any rank's is (one all-reduce MAX of a few numbers)."""
     _group_info(group)  # a named error outside a process group
-    t = torch.tensor([1.0 if stop else 0.0])
+    t = torch.tensor([1.0 if f else 0.0 for f in flags])
     if dist.get_backend(group) == "nccl":
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item() > 0)
+    return [v > 0 for v in t.tolist()]
+
+
+def agree_stop(stop: bool, group: Any = None) -> bool:
+    """Any rank's ``stop``: every rank leaves a loop at the same step."""
+    return _any_rank([stop], group)[0]
 
 
 def save_on_rank0(obj: Any, path: str | os.PathLike, group: Any = None) -> None:

@@ -197,13 +197,19 @@ class DenseStage(Stage):
         self._generic: GenericStage | None = None
         self._maps: tuple[bool, Tensor, Tensor] | None = None
 
+    @property
+    def bias_first(self) -> bool:
+        """Whether the model lists the bias before the weight (a Linear whose weight was re-registered,
+        e.g. by ``torch.nn.utils.prune.remove``)."""
+        return bool(self.bias and self.params[0] is self.linear.bias)
+
     def _orders(self) -> tuple[Tensor, Tensor]:
         """``(riccati_to_model, model_to_riccati)``: the model index of the Riccati (input-major) position
         ``j * d + i`` of the augmented weight ``[W b]``, and its inverse. The model's layout is that of
         ``params``, which the chain sorts as ``model.parameters()`` lists them: weight row-major then
         bias, or the bias first (a Linear whose weight was re-registered, e.g. by
         ``torch.nn.utils.prune.remove``)."""
-        bias_first = self.bias and self.params[0] is self.linear.bias
+        bias_first = self.bias_first
         if self._maps is None or self._maps[0] != bias_first:
             d, m = self.d, self.m
             idx = torch.arange(d * m).view(d, m) + (d if bias_first else 0)
@@ -294,7 +300,7 @@ class DenseLayerBlocks(Blocks):
         self._r2m, self._m2r = r2m.to(dev), m2r.to(dev)
         # the layout _nat / _model form by transposing copies (the one _orders' index maps describe): the
         # weight row-major, the bias after it or, re-registered (prune.remove), before it
-        self._bias_first = bool(stage.bias and stage.params[0] is stage.linear.bias)
+        self._bias_first = stage.bias_first
         # second-order weights: (b s'') and (b s'); None for Gauss-Newton or when s'' == 0
         self.bpp = _second_order_weight(b, spp)
         self.bsp = None if b is None else b * sp
@@ -374,7 +380,7 @@ class DenseLayerBlocks(Blocks):
         caller's ``U``); with ``skip_from``, a weight of at least that many entries whose rows are known to
         be one example's each is not written (its rows are left to ``factors``)."""
         st = self.stage
-        if st._orders()[0][0] != 0:  # the bias first in the model's order: the caller's generic rows
+        if st.bias_first:  # (the caller's generic rows)
             return None
         d, m = st.d, st.m
         t = self.sp[:, :, None] * s  # (B, d, k)
@@ -405,7 +411,7 @@ class DenseLayerBlocks(Blocks):
         (model order: ``weight.flatten()``, then ``bias``; None where the model lists the bias first: the
         caller's generic rows)."""
         st = self.stage
-        if st._orders()[0][0] != 0:
+        if st.bias_first:
             return None
         t = self.sp * s  # (B, d)
         out = t.new_empty(self.batch, self.p) if out is None else out
