@@ -228,11 +228,13 @@ def test_woodbury_samples_have_the_posterior_covariance():
 
 
 def test_gauss_newton_diagonal_from_its_root_where_that_is_cheaper(monkeypatch):
-    """``G = U^T diag(S) U`` with ``r = B C`` rows small against the sweep's ``a x a`` blocks (a stage
-    that does not give per-example blocks: a LayerNorm), or the root already formed: the diagonal is
+    """``G = U^T diag(S) U`` with ``r = B C`` rows small against the sweep's ``a x a`` blocks (where the
+    stages do not give per-example blocks: taken so here), or the root already formed: the diagonal is
     ``sum_q S_q U_q^2`` from the root, equal to the sweep's and to autograd's."""
+    from hessinv import curvature
     from hessinv.curvature import GaussNewton
 
+    monkeypatch.setattr(curvature, "examples_apart", lambda blocks: False)
     torch.manual_seed(5)
     net = nn.Sequential(
         nn.Linear(6, 40), nn.LayerNorm(40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 3)
@@ -247,6 +249,7 @@ def test_gauss_newton_diagonal_from_its_root_where_that_is_cheaper(monkeypatch):
     monkeypatch.setattr(GaussNewton, "ROOT_DIAGONAL_SHARE", 0.0)
     G = hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X, y)
     assert (G.diagonal() - d).abs().max() <= 1e-12 * ref.abs().max() and G._root is None
+    monkeypatch.undo()
     mlp = _mlp([6, 40, 40, 3], act=nn.ReLU, seed=5)  # examples kept apart: the root only where at hand
     ref = autograd_gauss_newton(mlp, nn.CrossEntropyLoss(), X, y)
     G = hessinv.gauss_newton(mlp, nn.CrossEntropyLoss(), X, y)

@@ -53,6 +53,7 @@ from hessinv.riccati import (
     check_dense_memory,
     check_memory,
     curvature_diagonal,
+    example_curvature_diagonal_sweep,
     examples_apart,
     riccati_factor,
     riccati_forward,
@@ -546,13 +547,15 @@ class CurvatureOperator:
         ``P_{l-1} = Hzz_l + Jz_l^T P_l Jz_l``), the diagonal block of ``H`` for stage ``l``'s parameters
         is ``Hxx_l + Jx_l^T P_l Jx_l``, of which a Linear stage forms only the diagonal
         (``O(B^2 m d)``, never the ``p x p`` block). Below a loss of per-example terms through stages that
-        keep examples apart (Linear + activation, elementwise: :func:`~hessinv.riccati.examples_apart`)
-        ``P_l`` is block-diagonal over the examples and is carried per example, factored while that is
-        smaller (``O(B d^2 R)`` or ``O(B d^3)`` per stage, examples a chunk at a time: any batch size, no
-        dense route). Otherwise it costs about a factorization's products and memory (``a x a`` per
-        stage, ``a`` = examples x width), and where the factorization takes the dense route (a large batch
-        on a small model) it is the dense matrix's diagonal (``n`` products, once for every use of that
-        route). Hutchinson's estimator
+        keep examples apart (Linear + activation, elementwise, and generic stages -- convolutions,
+        pooling, normalizations, attention over an example's tokens -- whose pull-backs stay within their
+        example: :func:`~hessinv.riccati.examples_apart`) ``P_l`` is block-diagonal over the examples and is
+        carried per example, factored while that is smaller (``O(B d^2 R)`` or ``O(B d^3)`` per stage;
+        a generic stage pulls each example's ``R`` columns back through autograd, BackPACK's form;
+        examples a chunk at a time: any batch size, no dense route). Otherwise it costs about a
+        factorization's products and memory (``a x a`` per stage, ``a`` = examples x width), and where the
+        factorization takes the dense route (a large batch on a small model) it is the dense matrix's
+        diagonal (``n`` products, once for every use of that route). Hutchinson's estimator
         (PyHessian, AdaHessian) needs ``O(1 / rel. error^2)`` products for the same numbers.
 
         >>> import torch, hessinv
@@ -563,12 +566,15 @@ class CurvatureOperator:
         True
         """
         view = self.__dict__.get("_view")
+        parts = None
         if (view is None or view is self) and examples_apart(self.blocks):
-            sw = self  # (per-example blocks, B d^2 numbers: no dense route, no a x a memory to check)
-        else:
+            # (per-example blocks, B d^2 numbers: no dense route, no a x a memory to check)
+            parts = example_curvature_diagonal_sweep(self.blocks, self.gradient)
+        if parts is None:
             sw = self._swept()
             check_memory(sw.blocks, sw._names, sw.dtype, sw.device, diagonal=True)
-        diag = torch.cat(curvature_diagonal(sw.blocks, self.gradient))
+            parts = curvature_diagonal(sw.blocks, self.gradient)
+        diag = torch.cat(parts)
         if not bool(torch.isfinite(diag).all()):
             raise NonFiniteError(
                 f"the diagonal of the curvature is not finite in {self.dtype}: its entries or the products "
@@ -1893,8 +1899,8 @@ class GaussNewton(CurvatureOperator):
         """:meth:`CurvatureOperator.diagonal`; where ``G``'s root ``G = U^T diag(S) U`` is small against
         the sweep (:data:`ROOT_DIAGONAL_SHARE`), ``sum_q S_q U_qj^2`` from it: ``r = batch x outputs``
         backward passes instead of the sweep's ``a x a`` blocks. Where every stage keeps examples apart
-        (Linear + activation), the sweep's per-example blocks (``O(B d^3)`` per stage) unless the root is
-        at hand."""
+        (Linear + activation, convolutions, ...), the sweep's per-example blocks (``O(B d^3)`` or ``O(B d^2
+        R)`` per stage) unless the root is at hand."""
         view = self.__dict__.get("_view")
         if (view is None or view is self) and self._root is None and examples_apart(self.blocks):
             return super().diagonal()

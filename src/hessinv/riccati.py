@@ -1010,17 +1010,14 @@ EXAMPLE_PASS_ENTRIES = 2**26
 
 
 def examples_apart(blocks: list[Blocks]) -> bool:
-    """Whether :func:`curvature_diagonal` can carry ``P_l`` as per-example blocks: a loss of per-example
-    terms (its ``Lambda`` (B, C, C)) below stages that all give
-    :meth:`~hessinv.stages.Blocks.example_curvature_diagonal` (Linear + activation, elementwise) on one
-    batch."""
+    """Whether :func:`example_curvature_diagonal_sweep` can carry ``P_l`` as per-example blocks: a loss of
+    per-example terms (its ``Lambda`` (B, C, C)) below stages that all give
+    :meth:`~hessinv.stages.Blocks.example_curvature_diagonal` (Linear + activation, elementwise, and
+    generic stages -- convolutions, pooling, normalizations -- that keep examples apart) on one batch."""
     loss, first = blocks[-1], _first_with_parameters(blocks)
     if len(blocks) < 2 or not isinstance(getattr(type(loss), "Lam", None), property):
         return False
-    return all(  # (each stage overrides the protocol's default None)
-        type(b).example_curvature_diagonal is not Blocks.example_curvature_diagonal and b.batch == loss.batch
-        for b in blocks[first:-1]
-    )
+    return all(b.batch == loss.batch and b.keeps_examples_apart() for b in blocks[first:-1])
 
 
 def _example_rows(blocks: list[Blocks]) -> int:
@@ -1039,44 +1036,65 @@ def _example_rows(blocks: list[Blocks]) -> int:
 
 
 @_sweep
+def example_curvature_diagonal_sweep(blocks: list[Blocks], like: Tensor) -> list[Tensor] | None:
+    """:func:`curvature_diagonal` where :func:`examples_apart`: ``P_l`` is block-diagonal over the examples
+    all the way down and goes per example (:meth:`~hessinv.stages.Blocks.example_curvature_diagonal`:
+    factored while narrower, ``O(B d^2 R)`` or ``O(B d^3)`` per stage; a generic stage pulls each
+    example's columns back through autograd), :func:`_example_rows` examples at a time -- no ``a x a``
+    blocks. None where a stage turns out to mix examples after all (its pull-backs checked): the caller's
+    sweep then. Where a generic stage's one-example graphs fail their check (at the sweep's end), the
+    sweep again, through the batch's graphs."""
+    for _ in range(2):
+        ok = [getattr(b, "_per_example_ok", True) for b in blocks]
+        out = _example_sweep(blocks, like)
+        if out is not None or ok == [getattr(b, "_per_example_ok", True) for b in blocks]:
+            return out
+    return None
+
+
+def _example_sweep(blocks: list[Blocks], like: Tensor) -> list[Tensor] | None:
+    out = [like.new_zeros(b.p) for b in blocks]
+    first = _first_with_parameters(blocks)
+    loss = blocks[-1]
+    Lam = loss.Lam
+    step = _example_rows(blocks)
+    # stage l's P_{l-1} is needed only on its diagonal where every stage from the last one with parameters
+    # (in the sweep's order) to l - 1 reads only the diagonal of its P and, but that one, has no parameters
+    only = [
+        all((j == first or blocks[j].p == 0) and blocks[j].reads_diagonal for j in range(first, l))
+        for l in range(len(blocks))
+    ]
+    for r0 in range(0, loss.batch, step):
+        rows = slice(r0, min(loss.batch, r0 + step))
+        k = rows.stop - r0
+        P: ExampleCurvature = Lam[rows] if Lam is not None else like.new_zeros(k, loss.d_in, loss.d_in)
+        if loss.d_in <= EXAMPLE_FACTOR_MAX_OUTPUTS:  # Lambda_n = V diag(mu) V^T: R = C columns
+            mu, V = torch.linalg.eigh(0.5 * (P + P.mT))
+            P = (V, mu)
+        for l in range(len(blocks) - 2, first - 1, -1):
+            got = blocks[l].example_curvature_diagonal(P, l > first, only[l], rows)
+            if got is None:  # (a generic stage whose pull-backs reach other examples)
+                return None
+            diag, Pin = got
+            if blocks[l].p:
+                out[l] += diag
+            if l > first:
+                assert Pin is not None
+                P = Pin
+    return out
+
+
+@_sweep
 def curvature_diagonal(blocks: list[Blocks], like: Tensor) -> list[Tensor]:
     """The diagonal of the curvature, per stage (model order; ``(0,)`` for parameter-free stages): the
     backward sweep of math.md §2 without the elimination. ``P_L = 0``, and for ``l = L .. 1`` the
     stage's ``Qxx0(P_l) = Hxx_l + Jx_l^T P_l Jx_l`` is ``H``'s diagonal block ``d^2 loss / dx_l^2``
     and ``P_{l-1} = Qzz(P_l) = Hzz_l + Jz_l^T P_l Jz_l`` the loss's Hessian in ``z_{l-1}``
     (:meth:`~hessinv.stages.Blocks.curvature_diagonal`). Costs a factorization's products,
-    ``O(sum_l p_l a_l^2 + a_l^2 d_l)``, with no pivot to factor -- except where :func:`examples_apart`:
-    ``P_l`` is then block-diagonal over the examples and goes per example
-    (:meth:`~hessinv.stages.Blocks.example_curvature_diagonal`: factored while narrower, ``O(B d^2 R)``
-    or ``O(B d^3)`` per stage, :func:`_example_rows` examples at a time). ``like`` gives dtype and
-    device."""
+    ``O(sum_l p_l a_l^2 + a_l^2 d_l)``, with no pivot to factor (where :func:`examples_apart`,
+    :func:`example_curvature_diagonal_sweep` is the cheaper one). ``like`` gives dtype and device."""
     out = [like.new_zeros(b.p) for b in blocks]
     first = _first_with_parameters(blocks)
-    if examples_apart(blocks):
-        # P_l block-diagonal over the examples all the way down: its (B, d, d) blocks, not a x a
-        loss = blocks[-1]
-        Lam = loss.Lam
-        step = _example_rows(blocks)
-        # stage l's P_{l-1} is needed only on its diagonal where the stages between it and the last one
-        # with parameters have none
-        only = [all(blocks[j].p == 0 for j in range(first + 1, l)) for l in range(len(blocks))]
-        for r0 in range(0, loss.batch, step):
-            rows = slice(r0, min(loss.batch, r0 + step))
-            k = rows.stop - r0
-            P: ExampleCurvature = Lam[rows] if Lam is not None else like.new_zeros(k, loss.d_in, loss.d_in)
-            if loss.d_in <= EXAMPLE_FACTOR_MAX_OUTPUTS:  # Lambda_n = V diag(mu) V^T: R = C columns
-                mu, V = torch.linalg.eigh(0.5 * (P + P.mT))
-                P = (V, mu)
-            for l in range(len(blocks) - 2, first - 1, -1):
-                got = blocks[l].example_curvature_diagonal(P, l > first, only[l], rows)
-                assert got is not None  # (examples_apart)
-                diag, Pin = got
-                if blocks[l].p:
-                    out[l] += diag
-                if l > first:
-                    assert Pin is not None
-                    P = Pin
-        return out
     P = torch.zeros(1, 1, 1, 1, dtype=like.dtype, device=like.device)
     for l in range(len(blocks) - 1, first - 1, -1):
         diag, Qzz = blocks[l].curvature_diagonal(P, coupled=l > first)

@@ -289,6 +289,7 @@ class DenseLayerBlocks(Blocks):
     """Structured blocks of :class:`DenseStage` (see the module docstring for the formulas)."""
 
     per_example = True
+    reads_diagonal = True
 
     def __init__(self, stage: DenseStage, zt: Tensor, W: Tensor, sp: Tensor, b: Tensor | None, spp: Tensor):
         self.stage, self.zt, self.W, self.sp = stage, zt, W, sp
@@ -679,6 +680,7 @@ class ElementwiseBlocks(ParameterFreeBlocks):
     """Blocks of :class:`ElementwiseStage`: diagonal per example."""
 
     per_example = True
+    reads_diagonal = True
 
     def __init__(self, sp: Tensor, bpp: Tensor | None):
         self.sp, self.bpp = sp, bpp

@@ -137,6 +137,114 @@ class DenseBlocks(Blocks):
             diag = diag + self.Hxx.diagonal()
         return diag, (self._qzz(Sigma) if coupled else None)
 
+    def example_curvature_diagonal(
+        self,
+        P: ExampleCurvature,
+        coupled: bool = True,
+        only_diagonal: bool = False,
+        rows: slice = slice(None),
+    ) -> tuple[Tensor, ExampleCurvature | None]:
+        """:meth:`Blocks.example_curvature_diagonal` from the per-example ``Jx_n``, ``Jz_n``, ``Hzz_n``
+        (:func:`example_pass`); ``diag(Hxx)`` (the batch's) with the first examples."""
+        Jx, Jz = self.Jx[rows], self.Jz[rows]
+
+        def pull(E: Tensor | tuple[int, int]) -> tuple[Tensor, Tensor]:
+            if isinstance(E, tuple):  # (the identity's columns j0 .. j1 - 1)
+                return Jx[:, E[0] : E[1]].mT, Jz[:, E[0] : E[1]].mT
+            return Jx.mT @ E, Jz.mT @ E
+
+        first = rows.start in (None, 0)
+        hxx = self.Hxx.diagonal() if self.Hxx is not None and first else None
+        hzz = None if self.Hzz is None else self.Hzz[rows]
+        return example_pass(P, pull, self.p, self.d_in, hxx, hzz, coupled, only_diagonal)
+
+
+#: a per-example sweep's pull-backs (:func:`example_pass`) take the identity's columns in chunks that keep
+#: about this many numbers at once
+EXAMPLE_PULL_ENTRIES = 2**24
+
+
+def example_pass(
+    P: ExampleCurvature,
+    pull: Callable[[Tensor | tuple[int, int]], tuple[Tensor, Tensor]],
+    p: int,
+    d_in: int,
+    hxx: Tensor | None,
+    hzz: Tensor | None,
+    coupled: bool,
+    only_diagonal: bool,
+) -> tuple[Tensor, ExampleCurvature | None]:
+    """One stage of the per-example diagonal sweep (:meth:`Blocks.example_curvature_diagonal`) for a
+    stage given by its pull-backs: ``pull(E) = (Jx_n^T E_n, Jz_n^T E_n)`` ((k, p, m), (k, d_in, m)) for
+    the ``k`` examples of ``P`` and columns ``E`` (k, d_out, m), or ``(j0, j1)`` for the identity's
+    columns ``j0 .. j1 - 1``; ``hxx`` the diagonal of ``Hxx`` to add (or None), ``hzz`` the examples'
+    ``Hzz_n`` (k, d_in, d_in) or None (zero).
+
+    ``diag(Qxx0) = hxx + sum_n diag(Jx_n^T P_n Jx_n)`` and ``P_{l-1,n} = Hzz_n + Jz_n^T P_n Jz_n``. With
+    ``P_n = F_n diag(S_n) F_n^T`` (factored, ``R`` columns): ``A = Jx_n^T F_n``, ``Z = Jz_n^T F_n``,
+    ``diag = sum_r S_r A_r^2`` and ``P_{l-1,n} = Z diag(S) Z^T`` (factored while ``R <= d_in`` and
+    ``Hzz = 0``) -- ``R`` pull-backs per example, BackPACK's form. A diagonal ``P_n`` is the factored form
+    with ``F = I``; a dense one takes the identity's columns and ``P_n``'s: ``diag = sum_j (Jx^T e_j) .
+    (Jx^T P e_j)``, ``Jz^T P Jz = sum_j (Jz^T P e_j) (Jz^T e_j)^T`` -- ``2 d_out`` pull-backs, no
+    eigendecomposition."""
+    if isinstance(P, tuple):
+        F, S = P
+        A, Z = pull(F)
+        diag = torch.einsum("kpr,kr->p", A.square(), S.to(A.dtype))
+        return _with_hxx(diag, hxx), _example_in(Z, S, hzz, coupled, only_diagonal)
+    k, d_out = P.shape[0], P.shape[1]
+    step = max(1, EXAMPLE_PULL_ENTRIES // max(1, 2 * k * (p + d_in)))
+    diag = P.new_zeros(p)
+    dense = P.dim() == 3
+    factored = not dense and hzz is None and d_out <= d_in and not only_diagonal
+    Zs: list[Tensor] = []
+    Pin = None
+    if coupled and not factored:
+        Pin = P.new_zeros(k, d_in) if only_diagonal else P.new_zeros(k, d_in, d_in)
+    for j0 in range(0, d_out, step):
+        j1 = min(d_out, j0 + step)
+        A, Z = pull((j0, j1))
+        if dense:
+            Ap, Zp = pull(P[:, :, j0:j1])
+            diag += (A * Ap).sum((0, 2))
+            if Pin is not None:
+                Pin += (Zp * Z).sum(-1) if only_diagonal else Zp @ Z.mT
+            continue
+        w = P[:, j0:j1]
+        diag += torch.einsum("kpr,kr->p", A.square(), w)
+        if factored and coupled:
+            Zs.append(Z)
+        elif Pin is not None:
+            Pin += (Z.square() * w[:, None, :]).sum(-1) if only_diagonal else (Z * w[:, None, :]) @ Z.mT
+    diag = _with_hxx(diag, hxx)
+    if not coupled:
+        return diag, None
+    if factored:
+        return diag, (torch.cat(Zs, dim=-1), P)
+    assert Pin is not None
+    if hzz is not None:
+        Pin = Pin + (hzz.diagonal(dim1=1, dim2=2) if only_diagonal else hzz)
+    return diag, Pin if only_diagonal else 0.5 * (Pin + Pin.mT)
+
+
+def _with_hxx(diag: Tensor, hxx: Tensor | None) -> Tensor:
+    return diag if hxx is None else diag + hxx.to(diag.dtype)
+
+
+def _example_in(
+    Z: Tensor, S: Tensor, hzz: Tensor | None, coupled: bool, only_diagonal: bool
+) -> ExampleCurvature | None:
+    """``P_{l-1,n} = Hzz_n + Z_n diag(S_n) Z_n^T`` in the cheapest form asked for."""
+    if not coupled:
+        return None
+    if only_diagonal:
+        d = (Z.square() * S[:, None, :]).sum(-1)
+        return d if hzz is None else d + hzz.diagonal(dim1=1, dim2=2)
+    if hzz is None and Z.shape[-1] <= Z.shape[1]:
+        return Z, S
+    M = (Z * S[:, None, :]) @ Z.mT
+    return M if hzz is None else M + hzz
+
 
 def _without_zero_blocks(blk: DenseBlocks) -> DenseBlocks:
     """``blk`` with its second-derivative blocks that are exactly zero set to None: a stage linear in its
@@ -1066,13 +1174,8 @@ class LazyBlocks(Blocks):
         training mode that holds buffers (a forward would move its running statistics), a forward hook
         (it would see ``B`` more calls)."""
         B, k = self.batch, s.shape[-1]
-        if not self._per_example_ok or B < 2 or k * (self.d_in + self.d_out) < PER_EXAMPLE_MIN_WORK:
+        if not self._one_example_calls(k):
             return None
-        if any(mode and any(True for _ in m.buffers(recurse=False)) for m, mode in self._modes):
-            return None
-        mods = [m for m, _ in self._modes]
-        if _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in mods):
-            return None  # (a hook the caller set would see B more calls, of one example each)
         if own is not None and own.shape == (k,):  # (the caller knows: no pass over s)
             nz = own[None, :] == torch.arange(B, device=own.device)[:, None]
         else:
@@ -1093,17 +1196,10 @@ class LazyBlocks(Blocks):
                 cols = nz[b].nonzero().squeeze(1)
                 if cols.numel() == 0:
                     continue
-                z_b, call = self.stage.differentiable_input(self._z_in[b : b + 1], s.dtype)
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")  # (a std over the batch: of one example here)
-                        out_b = call(z_b)
-                except Exception:  # noqa: BLE001 - a stage that cannot run on one example (an attribute of
-                    # the batch's size): the batch's graph
-                    out_b = None
-                if not isinstance(out_b, Tensor) or out_b.shape != (1, *self._out.shape[1:]):
-                    self._per_example_ok = False
+                graph = self._example_graph(b, s.dtype)
+                if graph is None:
                     return None
+                z_b, out_b = graph
                 m = int(cols.numel())
                 seeds = s[b : b + 1, :, cols].permute(2, 0, 1).reshape(m, *out_b.shape)
                 rows = _backward_rows(out_b, [*params, z_b], m, lambda j, n, e=seeds: e[j : j + n], True)
@@ -1134,6 +1230,38 @@ class LazyBlocks(Blocks):
             return None
         self._apart = weakref.ref(s)
         return gx, gz
+
+    def _one_example_calls(self, k: int, examples: int | None = None) -> bool:
+        """Whether ``k`` columns at each of ``examples`` (default: the batch's) are pulled back through
+        graphs of one example each (:meth:`_example_graph`): not where they failed before, on one
+        example, where the columns times the per-example inputs and outputs stay below
+        :data:`PER_EXAMPLE_MIN_WORK` (the batch's graph is cheaper), where a module in training mode
+        holds buffers (a forward would move its running statistics) or a forward hook is set (it would
+        see ``B`` more calls)."""
+        if not self._per_example_ok or self.batch < 2:
+            return False
+        if k * (self.d_in + self.d_out) * (examples or 1) < PER_EXAMPLE_MIN_WORK:
+            return False
+        if any(mode and any(True for _ in m.buffers(recurse=False)) for m, mode in self._modes):
+            return False
+        mods = [m for m, _ in self._modes]
+        return not (_global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in mods))
+
+    def _example_graph(self, b: int, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        """``(z_b, f(z_b))``: the stage called on example ``b`` alone, with its graph (under
+        :meth:`_at_point` and ``enable_grad``). None, and no more one-example calls on this stage, where
+        that call raises or gives another shape (a stage that reads a tensor of the batch's size)."""
+        z_b, call = self.stage.differentiable_input(self._z_in[b : b + 1], dtype)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (a std over the batch: of one example here)
+                out_b = call(z_b)
+        except Exception:  # noqa: BLE001 - a stage that cannot run on one example: the batch's graph
+            out_b = None
+        if not isinstance(out_b, Tensor) or out_b.shape != (1, *self._out.shape[1:]):
+            self._per_example_ok = False
+            return None
+        return z_b, out_b
 
     #: jxT and jzT take ``own`` (:func:`hessinv.lowrank.gauss_newton_root` passes it)
     pulls_per_example = True
@@ -1407,6 +1535,211 @@ class LazyBlocks(Blocks):
     def curvature_diagonal(self, Sigma: Tensor, coupled: bool = True) -> tuple[Tensor, Tensor | None]:
         return self.dense.curvature_diagonal(Sigma, coupled)
 
+    # -- the per-example diagonal sweep (hessinv.riccati.example_curvature_diagonal_sweep) --------------
+    #: ``Hzz_n`` of every example is formed (``d_in`` double-backward passes) where it is not zero and
+    #: the batch's blocks hold at most this many numbers; above, the stage does not take the per-example
+    #: sweep
+    EXAMPLE_HZZ_ENTRIES = 2**25
+
+    def keeps_examples_apart(self) -> bool:
+        """:meth:`Blocks.keeps_examples_apart`: where the dense blocks are formed, theirs; else where no
+        second-order part rules it out (:meth:`_second_parts`). Whether the stage really keeps its
+        examples apart is checked on the pull-backs themselves (:class:`_ExamplePulls`)."""
+        return self._dense_blocks is not None or self._second_parts() is not None
+
+    def _second_parts(self) -> tuple[Tensor | None, Tensor | None] | None:
+        """``(diag(Hxx), Hzz)`` -- the batch's ``Hxx`` diagonal (p,) and the examples' ``Hzz_n`` (B, d_in,
+        d_in), each None where zero (Gauss-Newton; a convolution, pooling, a normalization's affine
+        weights: tested by one product with a random vector, which is exactly zero there) -- formed once
+        by ``p`` and ``d_in`` double-backward passes where not zero (``Hzz_n`` all at once: the stage keeps
+        examples apart, so a unit vector at every example gives each example's column). None where
+        ``Hzz_n`` would hold over :data:`EXAMPLE_HZZ_ENTRIES` numbers."""
+        if "_parts" in self.__dict__:
+            return self._parts
+        parts: tuple[Tensor | None, Tensor | None] | None = (None, None)
+        if self.second_order:
+            self._unchanged()
+            gen = torch.Generator(device="cpu").manual_seed(1234 + self.stage.index)
+            dt, dev = self._out.dtype, self._out.device
+            v = torch.randn(self.p, 1, generator=gen, dtype=torch.float64).to(device=dev, dtype=dt)
+            t = torch.randn(self.batch, self.d_in, 1, generator=gen, dtype=torch.float64).to(dev, dt)
+            hxx = hzz = None
+            if self.p and bool((self._backward(None, v, None, 1)[0] != 0).any()):
+                hxx = v.new_empty(self.p)
+                for j0 in range(0, self.p, CHUNK):
+                    q = min(CHUNK, self.p - j0)
+                    cols = self._backward(None, _unit_rows(j0, q, self.p, v).T, None, q)[0]
+                    hxx[j0 : j0 + q] = cols[j0 + torch.arange(q), torch.arange(q)]
+            if self.d_in and bool((self._backward(None, None, t, 1)[1] != 0).any()):
+                if self.batch * self.d_in**2 > self.EXAMPLE_HZZ_ENTRIES:
+                    parts = None
+                else:
+                    hzz = t.new_empty(self.batch, self.d_in, self.d_in)
+                    for j0 in range(0, self.d_in, CHUNK):
+                        q = min(CHUNK, self.d_in - j0)
+                        T = t.new_zeros(self.batch, self.d_in, q)
+                        T[:, j0 + torch.arange(q), torch.arange(q)] = 1
+                        hzz[:, :, j0 : j0 + q] = self._backward(None, None, T, q)[1]
+                    hzz = 0.5 * (hzz + hzz.mT)
+            if parts is not None:
+                parts = (hxx, hzz)
+        self._parts = parts
+        return parts
+
+    def example_curvature_diagonal(
+        self,
+        P: ExampleCurvature,
+        coupled: bool = True,
+        only_diagonal: bool = False,
+        rows: slice = slice(None),
+    ) -> tuple[Tensor, ExampleCurvature | None] | None:
+        """:meth:`Blocks.example_curvature_diagonal` by :func:`example_pass` on the examples' pull-backs
+        (:class:`_ExamplePulls`); None where those reach other examples (the stage mixes them)."""
+        if self._dense_blocks is not None:
+            return self._dense_blocks.example_curvature_diagonal(P, coupled, only_diagonal, rows)
+        parts = self._second_parts()
+        assert parts is not None  # (keeps_examples_apart)
+        hxx, hzz = parts
+        start, stop, _ = rows.indices(self.batch)
+        hxx = hxx if start == 0 else None
+        hzz = None if hzz is None else hzz[start:stop]
+        if start == 0 or self._pulls is None:  # (a new sweep: its examples come in order)
+            self._pulls = _ExamplePulls(self)
+        pulls = self._pulls
+        pulls.start, pulls.stop = start, stop
+        try:
+            got = example_pass(P, pulls, self.p, self.d_in, hxx, hzz, coupled, only_diagonal)
+        except _MixesExamples:
+            got = None
+        if got is None or stop == self.batch:
+            self._pulls = None
+            if got is not None and not pulls.check():
+                return None  # (the sweep again, through the batch's graph: _per_example_ok is False now)
+        return got
+
+    #: the pull-backs of the sweep under way (its check is of every example's, at the last)
+    _pulls: _ExamplePulls | None = None
+
+
+class _MixesExamples(Exception):
+    """A pull-back of columns at one example reached another example's input."""
+
+
+class _ExamplePulls:
+    """``E -> (Jx_n^T E_n, Jz_n^T E_n)`` for the examples ``start .. stop - 1`` of a :class:`LazyBlocks`
+    (the ``pull`` of :func:`example_pass`; a sweep sets them, a few examples at a time): each example's
+    columns through a graph of that example alone (:meth:`LazyBlocks._example_graph`, kept for the call)
+    where the stage allows it (:meth:`LazyBlocks._one_example_calls`) -- checked by :meth:`check` at the
+    sweep's end: one random combination of every column pulled so, against autograd's pull-back through
+    the batch's graph -- else through the batch's graph with seeds at that example, whose pull-back to
+    the other examples' inputs must be exactly zero (else :class:`_MixesExamples`)."""
+
+    def __init__(self, blk: LazyBlocks):
+        self.blk, self.start, self.stop = blk, 0, blk.batch
+        self.graphs: dict[int, tuple[Tensor, Tensor]] = {}
+        self.gen = torch.Generator().manual_seed(0)
+        self.alone: bool | None = None  # (decided at the first call, by its columns)
+        self.seed: Tensor | None = None  # (B, d_out): the check's combination of the columns pulled alone
+        self.got_x: Tensor | None = None
+        self.got_z: Tensor | None = None
+        self.sq = 0.0
+
+    def __call__(self, E: Tensor | tuple[int, int]) -> tuple[Tensor, Tensor]:
+        blk, k = self.blk, self.stop - self.start
+        dt = blk._b_out.dtype if isinstance(E, tuple) else E.dtype
+        m = E[1] - E[0] if isinstance(E, tuple) else E.shape[-1]
+        if self.alone is None:
+            self.alone = blk._one_example_calls(m, blk.batch)
+        self.graphs = {b: g for b, g in self.graphs.items() if self.start <= b < self.stop}
+        A = blk._b_out.new_zeros(k, blk.p, m, dtype=dt)
+        Z = blk._b_out.new_zeros(k, blk.d_in, m, dtype=dt)
+        blk._unchanged()
+        devices = [A.device] if A.device.type == "cuda" else []
+        # (a random forward -- a module in training mode -- draws nothing from the caller's generator)
+        with torch.random.fork_rng(devices=devices), blk._at_point(), torch.enable_grad():
+            for i in range(k):
+                b = self.start + i
+                if isinstance(E, tuple):
+                    cols = A.new_zeros(blk.d_out, m)
+                    cols[E[0] + torch.arange(m), torch.arange(m)] = 1
+                else:
+                    cols = E[i]
+                if self.alone and self._alone(b, cols, A[i], Z[i]):
+                    continue
+                self._through_batch(b, cols, A[i], Z[i])
+        return A, Z
+
+    def _alone(self, b: int, cols: Tensor, A: Tensor, Z: Tensor) -> bool:
+        """Example ``b``'s columns through its own graph, into ``A`` and ``Z``; False where that graph
+        cannot be had (then no more of them)."""
+        blk = self.blk
+        graph = self.graphs.get(b)
+        if graph is None:
+            graph = blk._example_graph(b, cols.dtype)
+            if graph is None:
+                self.alone = False
+                return False
+            self.graphs[b] = graph
+        z_b, out_b = graph
+        m = cols.shape[-1]
+        seeds = cols.T.reshape(m, *out_b.shape).to(out_b.dtype)
+        got = _backward_rows(out_b, [*blk.stage.params, z_b], m, lambda j, n: seeds[j : j + n], True)
+        if got is None:  # (no batching rule: the batch's graph has none either)
+            self.alone = blk._per_example_ok = False
+            return False
+        if blk.p:
+            A.copy_(torch.cat([g.reshape(m, -1) for g in got[:-1]], 1).T)
+        Z.copy_(got[-1].reshape(m, blk.d_in).T)
+        c = torch.randn(m, generator=self.gen, dtype=torch.float64).to(device=cols.device, dtype=cols.dtype)
+        if self.seed is None or self.got_x is None or self.got_z is None:
+            self.seed = cols.new_zeros(blk.batch, blk.d_out)
+            self.got_x, self.got_z = cols.new_zeros(blk.p), cols.new_zeros(blk.batch, blk.d_in)
+        self.seed[b] += cols @ c
+        self.got_x += A @ c
+        self.got_z[b] += Z @ c
+        self.sq += float(A.square().sum() + Z.square().sum()) * float(c.square().sum())
+        return True
+
+    def _through_batch(self, b: int, cols: Tensor, A: Tensor, Z: Tensor) -> None:
+        """Example ``b``'s columns through the batch's graph (seeds zero at the other examples)."""
+        blk = self.blk
+        m, wrt = cols.shape[-1], [*blk.stage.params, blk._z]
+        step = max(1, EXAMPLE_PULL_ENTRIES // max(1, blk.batch * (blk.d_out + blk.d_in)))
+        for j0 in range(0, m, step):
+            q = min(step, m - j0)
+            seeds = cols.new_zeros(q, blk.batch, blk.d_out)
+            seeds[:, b] = cols[:, j0 : j0 + q].T
+            seeds = seeds.reshape(q, *blk._out.shape).to(blk._out.dtype)
+            got = _backward_rows(blk._out, wrt, q, lambda j, n, e=seeds: e[j : j + n], True)
+            if got is None:  # (no batching rule: a pass per column)
+                got = _backward_rows(blk._out, wrt, q, lambda j, n, e=seeds: e[j : j + n], False)
+                assert got is not None
+            gz = got[-1].reshape(q, blk.batch, blk.d_in)
+            if bool(gz[:, :b].ne(0).any() or gz[:, b + 1 :].ne(0).any()):
+                raise _MixesExamples
+            if blk.p:
+                A[:, j0 : j0 + q] = torch.cat([g.reshape(q, -1) for g in got[:-1]], 1).T
+            Z[:, j0 : j0 + q] = gz[:, b].T
+
+    def check(self) -> bool:
+        """Whether the one-example pull-backs agree with the batch's graph to rounding (their random
+        combination, as :meth:`LazyBlocks._vjp_per_example` checks its own); False -- and no more
+        one-example calls on the stage -- where not."""
+        if self.seed is None or self.got_x is None or self.got_z is None:
+            return True
+        blk = self.blk
+        with torch.enable_grad():
+            full = torch.autograd.grad(
+                blk._out, [*blk.stage.params, blk._z], grad_outputs=self.seed.reshape(blk._out.shape).to(
+                    blk._out.dtype), retain_graph=True, allow_unused=True, materialize_grads=True,
+            )  # fmt: skip
+        want = torch.cat([g.reshape(-1) for g in full[:-1]] + [full[-1].reshape(-1)]).to(self.seed.dtype)
+        err = float((want - torch.cat([self.got_x, self.got_z.reshape(-1)])).norm())
+        if err <= 64 * torch.finfo(self.seed.dtype).eps * math.sqrt(self.sq):
+            return True
+        blk._per_example_ok = False
+        return False
+
 
 class ReshapeStage(Stage):
     """``Identity`` and ``Flatten``: a no-op on per-example flattened activations (``Jz = I``)."""
@@ -1425,6 +1758,7 @@ class IdentityBlocks(ParameterFreeBlocks):
     """Blocks of ``z_out = z_in``: ``Jz = I``, no parameters, no curvature."""
 
     per_example = True
+    reads_diagonal = True
 
     def __init__(self, batch: int, d: int):
         self.batch, self.d_in, self.d_out, self.p = batch, d, d, 0

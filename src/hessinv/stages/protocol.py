@@ -123,6 +123,10 @@ class Blocks(abc.ABC):
     #: right-hand side nonzero at one example per column stays so
     #: (see :func:`hessinv.lowrank.gauss_newton_root`)
     per_example: bool = False
+    #: :meth:`example_curvature_diagonal` needs only the diagonal of ``P_l`` (its own diagonal, and that of
+    #: ``P_{l-1}`` where it passes only that on): Linear + activation, elementwise, identity -- not a
+    #: generic stage, whose Jacobian mixes its outputs
+    reads_diagonal: bool = False
 
     @abc.abstractmethod
     def jx(self, v: Tensor) -> Tensor:
@@ -252,6 +256,11 @@ class Blocks(abc.ABC):
         a`` blocks' ``O(B^2 d^3)``; ``rows``: for the batch's examples in that slice only (``P`` given
         for them; the diagonal is theirs, a sum over examples). None (the default): no such form."""
         return None
+
+    def keeps_examples_apart(self) -> bool:
+        """Whether :meth:`example_curvature_diagonal` gives this stage's part of the per-example sweep
+        (:func:`hessinv.riccati.examples_apart`). Default: where the class gives that method."""
+        return type(self).example_curvature_diagonal is not Blocks.example_curvature_diagonal
 
     def riccati_native(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
         """:meth:`riccati` with parameters in the order in which the stage forms them cheapest

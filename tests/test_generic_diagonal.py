@@ -1,0 +1,198 @@
+"""The exact diagonal through generic stages (convolutions, pooling, normalizations, attention, a user's
+module) on the per-example route, against plain autograd: no ``a x a`` blocks, no dense matrix."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from reference import autograd_gauss_newton, autograd_gradient_hessian
+from torch import Tensor, nn
+
+import hessinv
+from hessinv import riccati
+from hessinv.stages.generic import GenericStage, LazyBlocks
+
+F64 = torch.float64
+
+
+class Attention(nn.Module):
+    """Self-attention over each example's tokens: ``Hxx != 0`` (query and key weights meet)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, z: Tensor) -> Tensor:
+        a = torch.softmax(self.q(z) @ self.k(z).transpose(1, 2) / z.shape[-1] ** 0.5, dim=-1)
+        return z + a @ self.v(z)
+
+
+class Bilinear(nn.Module):
+    """``z * a * b`` elementwise (p = 2 d, ``Hxx`` nonzero off its diagonal and on it zero)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.randn(d)), nn.Parameter(torch.randn(d))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return torch.tanh(z * self.a * self.b) * self.a
+
+
+def _models() -> dict[str, tuple[nn.Module, tuple[int, ...], str]]:
+    """name -> (model, one example's input shape, loss)."""
+    torch.manual_seed(0)
+    conv = lambda act: nn.Sequential(  # noqa: E731
+        nn.Conv2d(1, 3, 3, padding=1), act(), nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 3, padding=1), act(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4, 5),
+    )  # fmt: skip
+    return {
+        "relu-cnn": (conv(nn.ReLU), (1, 4, 4), "ce"),
+        "tanh-cnn": (conv(nn.Tanh), (1, 4, 4), "ce"),
+        "batchnorm-groupnorm": (
+            nn.Sequential(
+                nn.Conv2d(2, 4, 3),
+                nn.BatchNorm2d(4),
+                nn.ReLU(),
+                nn.GroupNorm(2, 4),
+                nn.Flatten(),
+                nn.Linear(16, 3),
+            ),  # fmt: skip
+            (2, 4, 4),
+            "ce",
+        ),
+        "layernorm-mlp": (
+            nn.Sequential(
+                nn.Linear(5, 6), nn.LayerNorm(6), nn.GELU(), nn.Linear(6, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+            ),
+            (5,),
+            "ce",
+        ),
+        "attention": (nn.Sequential(Attention(4), nn.Flatten(), nn.Linear(12, 3)), (3, 4), "ce"),
+        "bilinear-mse": (nn.Sequential(nn.Linear(3, 5), Bilinear(5), nn.Linear(5, 70)), (3,), "mse"),
+        "conv-decoder-mse": (
+            nn.Sequential(
+                nn.Conv1d(1, 2, 3, padding=1), nn.Tanh(), nn.Conv1d(2, 1, 3, padding=1), nn.Flatten()
+            ),
+            (1, 9),
+            "mse",
+        ),
+    }
+
+
+MODELS = _models()
+
+
+def _problem(name: str, batch: int = 4):
+    model, shape, loss = MODELS[name]
+    model = model.to(F64).eval()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(batch, *shape, generator=g, dtype=F64)
+    if loss == "ce":
+        return model, nn.CrossEntropyLoss(), X, torch.randint(0, 3, (batch,), generator=g)
+    with torch.no_grad():
+        out = model(X)
+    return model, nn.MSELoss(), X, torch.randn(out.shape, generator=g, dtype=F64)
+
+
+def _no_batch_blocks():
+    """The ``a x a`` sweep and the dense matrix refused: the per-example route or a failure."""
+    refuse = AssertionError("took the a x a sweep")
+    return (
+        mock.patch.object(riccati, "curvature_diagonal", side_effect=refuse),
+        mock.patch("hessinv.curvature.curvature_diagonal", side_effect=refuse),
+    )
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["dense-blocks", "lazy-blocks"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_generic_stages_take_the_per_example_route(name, lazy, monkeypatch):
+    """Hessian and Gauss-Newton diagonals through generic stages equal autograd's to 1e-12, without the
+    sweep's ``a x a`` blocks; the Hessian's generic stages with dense blocks and, where those are not
+    formed (``LAZY_ENTRIES = 0``), through the examples' pull-backs (``Hxx`` of the attention and of the
+    bilinear stage, ``Hzz_n`` of the normalizations, formed by products)."""
+    if lazy:
+        monkeypatch.setattr(GenericStage, "LAZY_ENTRIES", 0)
+    model, loss_fn, X, y = _problem(name)
+    _, H_ref = autograd_gradient_hessian(model, loss_fn, X, y)
+    G_ref = autograd_gauss_newton(model, loss_fn, X, y)
+    a, b = _no_batch_blocks()
+    for make, ref in ((hessinv.hessian, H_ref), (hessinv.gauss_newton, G_ref)):
+        op = make(model, loss_fn, X, y)
+        if make is hessinv.gauss_newton:
+            op._root = None  # (the root's own diagonal is not this route)
+            monkeypatch.setattr(type(op), "ROOT_DIAGONAL_SHARE", 0.0)
+        assert any(isinstance(blk, LazyBlocks) for blk in op.blocks) == (lazy or make is hessinv.gauss_newton)
+        with a, b:
+            d = op.diagonal()
+        scale = float(ref.abs().max())
+        assert float((d - ref.diagonal()).abs().max()) <= 1e-12 * scale, (name, make.__name__)
+
+
+@pytest.mark.parametrize("name", ["relu-cnn", "layernorm-mlp", "attention"])
+def test_one_example_at_a_time_and_through_the_batch_graph(name, monkeypatch):
+    """The same diagonal with the examples taken one at a time (the caller's chunks), and with every
+    pull-back through the batch's graph instead of one-example graphs."""
+    monkeypatch.setattr(GenericStage, "LAZY_ENTRIES", 0)
+    model, loss_fn, X, y = _problem(name, batch=5)
+    _, H_ref = autograd_gradient_hessian(model, loss_fn, X, y)
+    scale = float(H_ref.abs().max())
+    for alone in (True, False):
+        H = hessinv.hessian(model, loss_fn, X, y)
+        calls: list[int] = []
+        original = LazyBlocks._one_example_calls
+
+        def spy(self, k, examples=None, alone=alone, calls=calls):
+            calls.append(k)
+            return alone and (self._per_example_ok and self.batch > 1)
+
+        with (
+            mock.patch.object(LazyBlocks, "_one_example_calls", spy),
+            mock.patch.object(riccati, "_example_rows", lambda blocks: 1),
+        ):
+            d = H.diagonal()
+        assert calls and original is LazyBlocks._one_example_calls
+        assert float((d - H_ref.diagonal()).abs().max()) <= 1e-12 * scale, alone
+
+
+def test_a_one_example_graph_that_disagrees_falls_back_to_the_batch_graph(monkeypatch):
+    """A module whose one-example call differs from its rows of the batch's call (it reads the batch's
+    size) fails the check of the one-example pull-backs: those are redone through the batch's graph."""
+
+    class BatchScaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(1, 2, 3)
+
+        def forward(self, z: Tensor) -> Tensor:
+            return self.conv(z) * (1.0 + 0.0 * z.shape[0] + (z.shape[0] == 1))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(BatchScaled(), nn.Tanh(), nn.Flatten(), nn.Linear(10, 3)).to(F64)
+    X, y = torch.randn(6, 1, 7, dtype=F64), torch.randint(0, 3, (6,))
+    monkeypatch.setattr("hessinv.stages.generic.PER_EXAMPLE_MIN_WORK", 1)
+    G = hessinv.gauss_newton(model, nn.CrossEntropyLoss(), X, y)
+    G._root = None
+    monkeypatch.setattr(type(G), "ROOT_DIAGONAL_SHARE", 0.0)
+    stage = next(b for b in G.blocks if isinstance(b, LazyBlocks))
+    d = G.diagonal()
+    assert not stage._per_example_ok  # (its one-example graphs were tried and refused)
+    ref = autograd_gauss_newton(model, nn.CrossEntropyLoss(), X, y)
+    assert float((d - ref.diagonal()).abs().max()) <= 1e-12 * float(ref.abs().max())
+
+
+def test_a_stage_that_mixes_examples_hands_back_to_the_sweep():
+    """Pull-backs of one example's columns that reach another example's input: the stage's part of the
+    per-example sweep is None (the caller then takes the ``a x a`` sweep)."""
+    torch.manual_seed(0)
+    mix = nn.Linear(3, 3).to(F64)
+
+    class Mix(nn.Module):
+        def forward(self, z: Tensor) -> Tensor:
+            return mix(z) + z.mean(0, keepdim=True)
+
+    z, b = torch.randn(4, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
+    blk = LazyBlocks(GenericStage(1, Mix(), list(mix.parameters())), z, b)
+    F, S = torch.randn(4, 3, 2, dtype=F64), torch.rand(4, 2, dtype=F64)
+    assert blk.example_curvature_diagonal((F, S), coupled=True) is None
