@@ -112,6 +112,11 @@ def gauss_newton_root(
     B, C = loss.batch, loss.d_in
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
         raise InvalidArgumentError(f"max_rows must be a positive integer or None, got {max_rows!r}")
+    # each example's eigenvalues of Lambda_n are known to about C u ||Lambda_n|| (its entries' rounding, and
+    # eigh's) -- the example's own scale: the Jacobian weighs the examples differently (a saturated sigmoid
+    # under BCELoss has Lambda ~ 1e20 and J ~ 1e-10, and a batch-wide threshold dropped every other
+    # example) -- and those of a diagonal Lambda_n (an elementwise loss) exactly: its entries
+    exact = torch.zeros(B, 1, dtype=torch.bool, device=device)
     if max_rows is not None and B * C > max_rows:
         mu, V = _top_output_curvature(loss, B, C, max(1, max_rows // B), dtype, device)
     else:
@@ -121,11 +126,12 @@ def gauss_newton_root(
         eye = torch.eye(C, dtype=dtype, device=device).expand(B, C, C).contiguous()
         Lam = loss.hzz(eye)  # (B, C, C): column j is Lambda_n e_j
         Lam = 0.5 * (Lam + Lam.mT)
+        exact = (Lam - torch.diag_embed(Lam.diagonal(dim1=1, dim2=2))).eq(0).flatten(1).all(1, keepdim=True)
         mu, V = torch.linalg.eigh(Lam.double())
-    top = float(mu.abs().max()) if mu.numel() else 0.0
+    tol = C * torch.finfo(dtype).eps * mu.abs().amax(1, keepdim=True) * ~exact
     # (a loss whose Lambda is positive semidefinite by its closed form: its negative eigenvalues are
     # rounding, and a row of sign -1 would make K = diag(S) + U D^-1 U^T indefinite, not >= I)
-    keep = (mu if getattr(loss, "psd", False) else mu.abs()) > C * torch.finfo(dtype).eps * top
+    keep = (mu if getattr(loss, "psd", False) else mu.abs()) > tol
     n_idx, j_idx = keep.nonzero(as_tuple=True)
     r = int(n_idx.numel())
     # column q of the signal: sqrt|mu_{n,j}| V_n[:, j] at example n for the q-th kept (n, j), zero elsewhere

@@ -960,6 +960,11 @@ def riccati_factor(
         if blk.p == 0:
             Sigma = rb.Qzz
             continue
+        if perturb and l > first:
+            # a zero pivot coupled to the input side is no evidence of a singular H + eps I ([[0, b], [b,
+            # c]] is not): the coupling's scale is its perturbation's too (an L1 loss's last layer, whose
+            # block of H is zero at damping 0, was refused as "not reaching the loss")
+            scale = max(scale, _maxabs(rb.Qxz))
         if rb.lowrank is not None:
             Qz, A, C, c_exp = rb.lowrank
             piv: Pivot | LowRankPivot = LowRankPivot(

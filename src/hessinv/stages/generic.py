@@ -1321,9 +1321,10 @@ class LazyBlocks(Blocks):
 
     def _forward(self, v: Tensor | None, t: Tensor | None) -> Tensor:
         """``Jx v + Jz t`` (B, d_out, k), a None part zero: the derivative of ``<g(u), (v, t)>`` in ``u``."""
-        u, g = self._graph()
         k = (v if v is not None else t).shape[-1]  # type: ignore[union-attr]
-        (out,) = self._grad_k(g, self._split(v, t), [u], k)
+        with self.stage._twice():  # (J v rests on the backward's derivative: a named refusal without it)
+            u, g = self._graph()
+            (out,) = self._grad_k(g, self._split(v, t), [u], k)
         return out.reshape(k, self.batch, self.d_out).permute(1, 2, 0)
 
     def _backward(
@@ -1339,7 +1340,8 @@ class LazyBlocks(Blocks):
             outputs += self._graph()[1]
             seeds += self._split(v, t)
         seeds = [None if q is None else q.to(o.dtype) for o, q in zip(outputs, seeds, strict=True)]
-        gs = self._grad_k(outputs, seeds, [*self.stage.params, self._z], k)
+        with self.stage._twice():
+            gs = self._grad_k(outputs, seeds, [*self.stage.params, self._z], k)
         x = torch.cat([g.reshape(k, -1) for g in gs[:-1]], 1).T if self.p else gs[-1].new_zeros(0, k)
         return x, gs[-1].reshape(k, self.batch, self.d_in).permute(1, 2, 0)
 

@@ -1,0 +1,93 @@
+"""Defects a random-model fuzzer found (float64 models against plain autograd), each reduced to its model:
+the Gauss-Newton root's truncation, a generic stage without a double backward under Gauss-Newton, and a
+zero pivot coupled to the rest at damping 0."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import autograd_gauss_newton, autograd_gradient_hessian
+from torch import Tensor, nn
+
+import hessinv
+from hessinv.errors import UnsupportedStageError
+
+F64 = torch.float64
+
+
+def _saturated_bce(batch: int):
+    """Linear-Tanh-Linear-Sigmoid under ``BCELoss``, the second output saturated (p = 1 - 1e-10):
+    ``Lambda ~ 1e20`` there, ``J ~ 1e-10``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2), nn.Sigmoid()).to(F64)
+    with torch.no_grad():
+        model[2].bias.copy_(torch.tensor([0.0, 23.0]))
+    X = torch.randn(batch, 2, dtype=F64) * 0.3
+    y = torch.rand(batch, 2, dtype=F64)
+    return model, nn.BCELoss(), X, y
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_the_gauss_newton_root_keeps_what_the_jacobian_scales_back_up(batch):
+    """The root kept only eigenvalues of ``Lambda`` above ``C u`` times the batch's largest: a saturated
+    output's ``1e20`` dropped every other output's ``~10``, whose ``J^T Lambda J`` is as large as the
+    saturated one's -- ``to_dense()``, ``root()``, ``eigenpairs``, ``inertia`` and the Woodbury
+    ``logdet`` 45% off, silently. Now per example, and a diagonal ``Lambda_n`` (an elementwise loss) keeps
+    every nonzero entry."""
+    model, loss_fn, X, y = _saturated_bce(batch)
+    G = hessinv.gauss_newton(model, loss_fn, X, y)
+    ref = autograd_gauss_newton(model, loss_fn, X, y)
+    scale = float(ref.abs().max())
+    assert float((G.to_dense() - ref).abs().max()) <= 1e-12 * scale
+    U, S = G.root()
+    assert float((U.T @ (S[:, None] * U) - ref).abs().max()) <= 1e-12 * scale
+    ev = torch.linalg.eigvalsh(ref)
+    r = int((ev > 1e-12 * float(ev.max())).sum())
+    assert G.inertia(0.0) == (0, G.shape[0] - r, r)
+    F = G.factor(1e-3)
+    sign, logabs = torch.linalg.slogdet(ref + 1e-3 * torch.eye(G.shape[0], dtype=F64))
+    assert float(sign) > 0 and abs(F.logdet() - float(logabs)) <= 1e-10 * abs(float(logabs))
+
+
+def test_gauss_newton_through_a_stage_without_double_backward_is_a_named_refusal():
+    """``F.hardsigmoid`` has no double backward: ``hessian()`` refused it with a remedy, while every
+    Gauss-Newton product (``G @ v``, solves, inertia) raised torch's bare ``RuntimeError``."""
+
+    class Block(nn.Module):
+        def __init__(self, d: int):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, d)
+
+        def forward(self, z: Tensor) -> Tensor:
+            return z + self.fc2(nn.functional.hardsigmoid(self.fc1(z)))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(4), nn.Linear(4, 3)).to(F64)
+    X, y = torch.randn(5, 4, dtype=F64), torch.randint(0, 3, (5,))
+    G = hessinv.gauss_newton(model, nn.CrossEntropyLoss(), X, y)
+    v = torch.randn(G.shape[0], dtype=F64)
+    for call in (lambda: G @ v, lambda: G.solve(G.gradient, damping=1e-2), lambda: G.inertia(0.0)):
+        with pytest.raises(UnsupportedStageError, match="hardsigmoid"):
+            call()
+
+
+def test_a_zero_pivot_coupled_to_the_rest_is_perturbed_not_refused():
+    """Under a sum of absolute errors the last layer's block of ``H`` is zero (the loss is piecewise
+    linear in the outputs) while ``H`` is nonsingular (cond 3e3) through its coupling to the layer
+    before: the sweep refused damping 0 as "parameters that do not reach the loss"; now the zero pivot is
+    perturbed at the coupling's scale and the solve refined: residual, inertia and log-determinant as
+    the dense matrix's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2, bias=False)).to(F64)
+    X, y = torch.randn(6, 3, dtype=F64), torch.randn(6, 2, dtype=F64)
+    loss_fn = nn.L1Loss(reduction="sum")
+    g, ref = autograd_gradient_hessian(model, loss_fn, X, y)
+    ev = torch.linalg.eigvalsh(ref)
+    assert float(ev.abs().min()) > 1e-6 * float(ev.abs().max())  # (nonsingular)
+    H = hessinv.hessian(model, loss_fn, X, y)
+    assert float(H.to_dense()[-8:, -8:].abs().max()) == 0.0  # (the last layer's block is zero)
+    F = H.factor(0.0)
+    x = F.solve(g)
+    assert float((ref @ x - g).norm()) <= 1e-10 * float(g.norm())
+    assert F.inertia == H.inertia(0.0, tol=0.0) == (int((ev < 0).sum()), 0, int((ev > 0).sum()))
+    assert abs(F.logdet() - float(torch.linalg.slogdet(ref)[1])) <= 1e-9
