@@ -350,12 +350,16 @@ class _Tracer(fx.Tracer):
     """torch.fx's default tracer, except that modules whose call runs more than their ``forward``
     (hooks, parametrizations) stay whole: they are called, hooks and all, never traced through; so do
     the modules of ``whole``. ``failed_in``: the innermost module whose ``forward`` raised while traced
-    (an untraceable piece of a model: ``torch.ones(T, T)`` with ``T`` read from the input's shape)."""
+    (an untraceable piece of a model: ``torch.ones(T, T)`` with ``T`` read from the input's shape).
+    Each node records the module calls it was traced in, outermost first, as numbers (``meta[_CALLS]``;
+    ``called`` maps each to its module): a leaf's ``call_module`` node ends with its own."""
 
     def __init__(self, whole: Sequence[nn.Module] = ()):
         super().__init__()
         self.whole = list(whole)
         self.failed_in: nn.Module | None = None
+        self.called: dict[int, nn.Module] = {}
+        self._calls: list[int] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if _hooked(m) or parametrize.is_parametrized(m) or customized(m) or any(w is m for w in self.whole):
@@ -363,12 +367,26 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        k = len(self.called)
+        self.called[k] = m
+        self._calls.append(k)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:  # (the innermost sees it first)
                 self.failed_in = m
             raise
+        finally:
+            self._calls.pop()
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        node.meta[_CALLS] = tuple(self._calls)
+        return node
+
+
+#: a traced node's meta key: the module calls it was traced in (:class:`_Tracer`)
+_CALLS = "hessinv_calls"
 
 
 class exact_no_grad(torch.no_grad):  # noqa: N801 - used as torch.no_grad is, a decorator too
@@ -480,29 +498,30 @@ class _WholeFailed(Exception):
 
 def _specs(
     m, top: bool, traced: list[nn.Module], whole: list[nn.Module]
-) -> list[tuple[tuple, nn.Module | None]]:
+) -> list[tuple[tuple, nn.Module | None, Uses | None]]:
     """The stage specifications of ``m`` in chain order (see :func:`split_stages`), each with the module
-    traced to find it (None for a module called as it is); the modules traced through (whose plain
-    attributes the traced code may have baked in) are appended to ``traced``. The modules in ``whole``
-    are called whole, not traced."""
+    traced to find it (None for a module called as it is) and, for a traced piece, where in that module's
+    calls it uses its parameters (:data:`Uses`); the modules traced through (whose plain attributes the
+    traced code may have baked in) are appended to ``traced``. The modules in ``whole`` are called whole,
+    not traced."""
     if compiled_module(m):  # torch.compile's wrapper: the same function and parameters, traceable
         m = m._orig_mod
     if any(w is m for w in whole):
-        return [(_leaf_spec(m), None)]
+        return [(_leaf_spec(m), None, None)]
     if _is_container(m):
         # a nested container's layers come from it as a traced module's pieces do (the origin): where
         # they are no chain on data, it is called whole -- nn.Sequential(model) calls a Sequential model
         # whole where its own layers pass values that are not batch-first
         return [
-            (sp, origin if origin is not None or top else m)
+            (sp, origin if origin is not None or top else m, uses)
             for child in m
-            for sp, origin in _specs(child, False, traced, whole)
+            for sp, origin, uses in _specs(child, False, traced, whole)
         ]
     if not isinstance(m, nn.Module):
         raise NotAChainError(f"expected an nn.Module or a list of modules, got {type(m).__name__}")
     tracer = _Tracer(whole)
     if tracer.is_leaf_module(m, "") or _hooked(m) or any(w is m for w in whole):
-        return [(_leaf_spec(m), None)]
+        return [(_leaf_spec(m), None, None)]
     before = _attributes(m)
     try:
         with _trace_guards(tracer) as inference, _buffers_kept(m.modules()):
@@ -512,7 +531,7 @@ def _specs(
                 graph = tracer.trace(m, concrete_args=_defaults_after_first(m.forward))
         if _differentiates(graph):  # its real forward, called whole, differentiates as it means to
             _restore_attributes(before)
-            return [(_leaf_spec(m), None)]
+            return [(_leaf_spec(m), None, None)]
         if inference:
             raise UnsupportedStageError(
                 f"{type(m).__name__}.forward enters torch.inference_mode(), which torch.fx cannot record: "
@@ -521,11 +540,11 @@ def _specs(
         _detach_no_grad(graph)
         _plain_constants(graph)
         _fold_parameter_metadata(graph, tracer.root)
-        specs = _graph_specs(tracer.root, graph, type(m).__name__)
+        specs = _graph_specs(tracer.root, graph, type(m).__name__, tracer.called)
     except Exception as e:  # noqa: BLE001 - any tracing failure
         _restore_attributes(before)
         if not top:  # a piece of a Sequential: call it whole (its real forward, by autograd)
-            return [(_leaf_spec(m), None)]
+            return [(_leaf_spec(m), None, None)]
         if isinstance(e, HessinvError):
             raise
         culprit = tracer.failed_in
@@ -544,7 +563,7 @@ def _specs(
         # forward stores a value computed from its input (self.state = ..., a cached activation): the
         # trace stored fx's placeholder, now removed again; called whole, its real forward runs, and a
         # state that changes its outputs or buffers call after call is refused there (GenericStage)
-        return [(_leaf_spec(m), None)]
+        return [(_leaf_spec(m), None, None)]
     if state:  # the model itself: one stage for all of it would lose the chain
         raise UnsupportedStageError(
             f"{type(m).__name__}.forward stores a value computed from its input in a buffer or parameter: "
@@ -552,7 +571,7 @@ def _specs(
             "(a cached activation in a plain attribute is fine)"
         )
     traced.extend(x for x in m.modules() if not tracer.is_leaf_module(x, "") or x is m)
-    return [(sp, m) for sp in specs]
+    return [(sp, m, uses) for sp, uses in specs]
 
 
 def _containers(values: Iterable[Any]) -> list[tuple[Any, Any]]:
@@ -931,8 +950,59 @@ def _params_of(m: nn.Module) -> list[nn.Parameter]:
     return [t for t in m.parameters() if t.requires_grad]
 
 
-def _graph_specs(gm: nn.Module, g: fx.Graph, owner: str) -> list[tuple]:
-    """Cut the graph ``g`` traced from ``gm`` into stages (module docstring)."""
+#: where a traced piece uses its trainable parameters: for each one's ``id``, one entry per use -- the
+#: module calls (number, module; outermost first, the traced module's own not among them) that the node
+#: reading it was traced in, None where that is not known (a node hessinv added)
+Uses = dict[int, list[tuple[tuple[int, nn.Module], ...] | None]]
+
+
+def _free_reads(gm: nn.Module, nodes: list[fx.Node], depset: set[fx.Node]) -> dict[fx.Node, dict]:
+    """For each node that does not depend on the input (``get_attr``, ``w.t()``, a module called on a
+    constant), the parameters it reads (by ``id``), in graph order."""
+    reach: dict[fx.Node, dict[int, nn.Parameter]] = {}
+    for n in nodes:
+        if n in depset or n.op in ("placeholder", "output"):
+            continue
+        found: dict[int, nn.Parameter] = {}
+        t = _parameter(n, gm)
+        if t is not None:
+            found[id(t)] = t
+        if n.op == "call_module":
+            found.update((id(t), t) for t in gm.get_submodule(n.target).parameters())
+        for x in n.all_input_nodes:
+            found.update(reach.get(x, {}))
+        reach[n] = found
+    return reach
+
+
+def _segment_uses(gm: nn.Module, nodes: list[fx.Node], reach: dict, called: dict[int, nn.Module]) -> Uses:
+    """The parameter uses (:data:`Uses`) of the stage made of ``nodes``: a node's own module (a leaf's
+    ``call_module``: the calls around that call) and the parameters it reads through nodes that do not
+    depend on the input (``reach``, :func:`_free_reads`)."""
+    uses: Uses = {}
+
+    def calls_of(n: fx.Node, own: nn.Module | None = None) -> tuple | None:
+        c = n.meta.get(_CALLS)
+        if c is None:
+            return None
+        if own is not None and c and called.get(c[-1]) is own:
+            c = c[:-1]
+        return tuple((k, called[k]) for k in c)
+
+    for n in nodes:
+        read = [(t, calls_of(n)) for a in n.all_input_nodes for t in reach.get(a, {}).values()]
+        if n.op == "call_module":
+            m = gm.get_submodule(n.target)
+            read += [(t, calls_of(n, m)) for t in m.parameters()]
+        for t, c in read:
+            if t.requires_grad and c not in uses.setdefault(id(t), []):
+                uses[id(t)].append(c)
+    return uses
+
+
+def _graph_specs(gm: nn.Module, g: fx.Graph, owner: str, called: dict[int, nn.Module]) -> list[tuple]:
+    """Cut the graph ``g`` traced from ``gm`` into stages (module docstring): their specifications, each
+    with its parameter uses (:data:`Uses`; ``called``: the tracer's module calls)."""
     g.owning_module = gm  # for the purity check of dead-code elimination (no GraphModule compiled)
     _check_in_place(g, gm, owner)
     g.eliminate_dead_code()
@@ -982,6 +1052,7 @@ def _graph_specs(gm: nn.Module, g: fx.Graph, owner: str) -> list[tuple]:
     if dep[-1] is not result:
         raise NotAChainError(f"{owner}: node {dep[-1].name} runs after the output {result.name} is computed")
     pos = {n: i for i, n in enumerate(dep)}
+    reach = _free_reads(gm, nodes, depset)
     last_use = []
     for n in dep:
         uses = [pos[u] for u in n.users if u in pos]
@@ -997,7 +1068,9 @@ def _graph_specs(gm: nn.Module, g: fx.Graph, owner: str) -> list[tuple]:
             # (not between an op that returns several tensors and the getitem / .values that picks one)
             and not any(_picks_one(u) for u in n.users)
         ):
-            specs.extend(_segment_spec(gm, dep[start], dep[start + 1 : k + 1], owner))
+            nodes_k = dep[start + 1 : k + 1]
+            reads = _segment_uses(gm, nodes_k, reach, called)
+            specs.extend((sp, reads) for sp in _segment_spec(gm, dep[start], nodes_k, owner))
             start = k
         alive = max(alive, last_use[k])
     return specs
@@ -1072,10 +1145,12 @@ def split_stages(
     ordered: bool = True,
 ) -> list[Stage]:
     """The stages of ``model`` (module docstring), in chain order; the modules whose ``forward`` was
-    traced through are appended to ``traced`` if given. A traced module whose pieces share a parameter
-    or (with ``ordered``) use parameters out of ``model.parameters()``'s order is split again as one stage
-    (added to ``whole``); each stage's ``origin`` is the traced module it came from (None: a module called
-    as it is), which :class:`Chain` calls whole where the pieces turn out not to be a chain on data."""
+    traced through are appended to ``traced`` if given. Where traced pieces share a parameter or (with
+    ``ordered``) use parameters out of ``model.parameters()``'s order, the innermost submodule whose one
+    call holds all those uses (the model's own ``forward`` traced as well as a nested one), else the traced
+    module (not the model itself), is split again as one stage (added to ``whole``); each stage's
+    ``origin`` is the traced module it came from (None: a module called as it is), which :class:`Chain`
+    calls whole where the pieces turn out not to be a chain on data."""
     whole = [] if whole is None else whole
     while True:
         mark = [] if traced is None else list(traced)
@@ -1115,15 +1190,17 @@ def _split(
     pairs = _specs(model, True, traced, whole)
     if not pairs:
         raise NotAChainError("the model has no stages")
-    specs = [sp for sp, _ in pairs]
+    specs = [sp for sp, _, _ in pairs]
     stages: list[Stage] = []
     i = 0
     while i < len(specs):
-        spec, k, origin = specs[i], len(stages), pairs[i][1]
+        spec, k, (_, origin, uses) = specs[i], len(stages), pairs[i]
         kind = spec[0]
         if kind == "linear":
             act = specs[i + 1][1] if i + 1 < len(specs) and specs[i + 1][0] == "act" else None
             stages.append(DenseStage(k, spec[1], act))
+            if act is not None and uses is not None:
+                uses = {**uses, **(pairs[i + 1][2] or {})}
             i += 1 if act is None else 2
         else:
             if kind == "act":
@@ -1136,9 +1213,9 @@ def _split(
                 stages.append(GenericStage(k, spec[1], spec[2], spec[3]))
             i += 1
         s = stages[-1]
-        s.origin = origin
+        s.origin, s.uses = origin, uses
         _check_modules(s, [m for top in s.modules for m in top.modules()])
-    _check_parameters(model, stages, ordered)
+    _check_parameters(model, stages, ordered, whole)
     return stages
 
 
@@ -1179,7 +1256,31 @@ class ParameterOrderError(NotAChainError):
     the operators refuse such a model, the optimizers split it unordered (:func:`deterministic_chain`)."""
 
 
-def _check_parameters(model, stages: list[Stage], ordered: bool = True) -> None:
+def _innermost_call(stages: list[Stage], params: list[nn.Parameter]) -> nn.Module | None:
+    """The module whose one call holds every use of ``params`` in ``stages`` (pieces of one traced
+    module: their :data:`Uses`), the innermost such; None where the traced module's own ``forward``
+    holds them (or where a use is not known)."""
+    found = [
+        u
+        for s in stages
+        for t in params
+        if any(p is t for p in s.params)
+        for u in (s.uses or {}).get(id(t), [None])
+    ]
+    if not found or any(u is None for u in found):
+        return None
+    common = found[0]
+    for u in found[1:]:
+        n = 0
+        while n < min(len(common), len(u)) and common[n][0] == u[n][0]:  # (the same call)
+            n += 1
+        common = common[:n]
+    return common[-1][1] if common else None
+
+
+def _check_parameters(
+    model, stages: list[Stage], ordered: bool = True, whole: Sequence[nn.Module] = ()
+) -> None:
     """Each trainable parameter in exactly one stage, stages in ``model.parameters()`` order."""
     mods = list(model) if isinstance(model, (list, tuple)) else [model]
     named: list[tuple[str, nn.Parameter]] = []
@@ -1193,18 +1294,25 @@ def _check_parameters(model, stages: list[Stage], ordered: bool = True) -> None:
     names = {id(t): n for n, t in named}
     owner: dict[int, int] = {}
 
-    def same_origin(a: int, b: int) -> None:
-        """Two stages traced out of one submodule: call it whole. Not the model itself -- one stage for
-        the whole model would lose the chain's structure, where the message below says how to keep it."""
+    def same_origin(a: int, b: int, params: list[nn.Parameter]) -> None:
+        """Two stages traced out of one module that use ``params`` (one shared, or two out of order): call
+        whole the innermost submodule whose one call holds all their uses there, else the traced module.
+        Not the model itself -- one stage for the whole model would lose the chain's structure, where the
+        message below says how to keep it."""
         origin = stages[a].origin
-        if origin is not None and origin is not model and stages[b].origin is origin:
+        if origin is None or stages[b].origin is not origin:
+            return
+        inner = _innermost_call([st for st in stages if st.origin is origin], params)
+        if inner is not None and inner is not model and not any(w is inner for w in whole):
+            raise _CallWhole(inner)
+        if origin is not model:
             raise _CallWhole(origin)
 
     for s in stages:
         s.params.sort(key=lambda t: order.get(id(t), -1))
         for t in s.params:
             if id(t) in owner:
-                same_origin(owner[id(t)], s.index)
+                same_origin(owner[id(t)], s.index, [t])
                 raise NotAChainError(
                     f"parameter {names.get(id(t), '?')} is shared by stage {owner[id(t)]} and {s.name}: "
                     "not a chain. Put the modules from the first use to the last inside one module (an "
@@ -1224,7 +1332,8 @@ def _check_parameters(model, stages: list[Stage], ordered: bool = True) -> None:
             )
     if ordered and flat != [id(t) for _, t in named]:
         first = next(j for j, (a, (_, t)) in enumerate(zip(flat, named, strict=False)) if a != id(t))
-        same_origin(owner[flat[first]], owner[id(named[first][1])])
+        early = next(t for st in stages for t in st.params if id(t) == flat[first])
+        same_origin(owner[flat[first]], owner[id(named[first][1])], [early, named[first][1]])
         late = named[first][0]
         own = "." not in late.split("].", 1)[-1]  # a parameter of the model itself, not of a submodule
         hint = (

@@ -323,6 +323,9 @@ class Stage(abc.ABC):
     #: the module traced to find this stage (a piece of its forward), None for a module called as it is
     #: (set by :func:`hessinv.chain.split_stages`)
     origin: nn.Module | None = None
+    #: for a traced piece, the module calls in which it uses each of its parameters (by ``id``), None
+    #: otherwise (``hessinv.chain.Uses``; set by :func:`hessinv.chain.split_stages`)
+    uses: dict | None = None
 
     @property
     def p(self) -> int:
