@@ -1173,15 +1173,16 @@ class LazyBlocks(Blocks):
         """``(Jx^T s, Jz^T s)`` where every column of ``s`` (B, d_out, k) is nonzero at one example at most
         -- the Gauss-Newton root's columns, one example's outputs each (a per-pixel or per-token loss: up
         to ``max_rank`` of them) -- by pulling each example's columns back through a graph of that example
-        alone: ``k`` backward passes of one example instead of ``k`` of the whole batch (a conv stage's
-        256 columns on 8 examples of 32 x 32: 488 -> 30 ms). Valid where the stage treats its examples
-        independently, which is checked: autograd's pull-back of one random combination of the columns
-        through the batch's graph must agree to rounding (else this stage keeps the batch's graph from
-        then on; likewise where the one-example forward raises, a stage that reads a tensor of the batch's
-        size). None where it does not apply: one example, columns times per-example inputs and outputs
-        below :data:`PER_EXAMPLE_MIN_WORK`, a column spanning examples, a module in
-        training mode that holds buffers (a forward would move its running statistics), a forward hook
-        (it would see ``B`` more calls)."""
+        alone (:class:`_ExamplePulls`: all examples in one ``torch.func.vmap`` where the stage allows): ``k``
+        backward passes of one example instead of ``k`` of the whole batch (a conv stage's 256 columns on
+        8 examples of 32 x 32: 488 -> 30 ms). Valid where the stage treats its examples independently,
+        which is checked: autograd's pull-back of one random combination of the columns through the
+        batch's graph must agree to rounding (else this stage keeps the batch's graph from then on;
+        likewise where the one-example forward raises, a stage that reads a tensor of the batch's size).
+        None where it does not apply: one example, columns times per-example inputs and outputs below
+        :data:`PER_EXAMPLE_MIN_WORK`, a column spanning examples, a module in training mode that holds
+        buffers (a forward would move its running statistics), a forward hook (it would see ``B`` more
+        calls)."""
         B, k = self.batch, s.shape[-1]
         if not self._one_example_calls(k):
             return None
@@ -1191,52 +1192,26 @@ class LazyBlocks(Blocks):
             nz = s.reshape(B, -1, k).any(1)  # (B, k): the examples each column touches
             if bool((nz.sum(0) > 1).any()):
                 return None
-        params = self.stage.params
-        gx, gz = s.new_zeros(self.p, k), s.new_zeros(B, self.d_in, k)
-        # the check (below): one random combination c of the columns, pulled back here example by example
-        # and through the batch's own graph by autograd
-        c = torch.randn(k, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        c = c.to(device=s.device, dtype=s.dtype)
-        got_x, got_z, sq = s.new_zeros(self.p), s.new_zeros(B, self.d_in), 0.0
-        devices = [s.device] if s.device.type == "cuda" else []
-        # (a random forward -- a module in training mode -- draws nothing from the caller's generator)
-        with torch.random.fork_rng(devices=devices), self._at_point(), torch.enable_grad():
-            for b in range(B):
-                cols = nz[b].nonzero().squeeze(1)
-                if cols.numel() == 0:
-                    continue
-                graph = self._example_graph(b, s.dtype)
-                if graph is None:
-                    return None
-                z_b, out_b = graph
-                m = int(cols.numel())
-                seeds = s[b : b + 1, :, cols].permute(2, 0, 1).reshape(m, *out_b.shape)
-                rows = _backward_rows(out_b, [*params, z_b], m, lambda j, n, e=seeds: e[j : j + n], True)
-                if rows is None:  # (no batching rule: the batch's graph has none either)
-                    self._per_example_ok = False
-                    return None
-                c_b = c[cols]
-                if self.p:
-                    rx = torch.cat([g.reshape(m, -1) for g in rows[:-1]], 1)  # (m, p)
-                    gx[:, cols] = rx.T
-                    got_x += c_b @ rx
-                    sq += float(rx.square().sum())
-                rz = rows[-1].reshape(m, self.d_in)
-                gz[b, :, cols] = rz.T
-                got_z[b] = c_b @ rz
-                sq += float(rz.square().sum())
-            full = torch.autograd.grad(
-                self._out, [*params, self._z], grad_outputs=(s @ c).reshape(self._out.shape),
-                retain_graph=True, allow_unused=True, materialize_grads=True,
-            )  # fmt: skip
-        want = torch.cat([g.reshape(-1) for g in full[:-1]] + [full[-1].reshape(-1)])
-        err = float((want - torch.cat([got_x, got_z.reshape(-1)])).norm())
-        # rounding: a few u of |G| |c|, whose norm is at most ||G||_F ||c|| (float32 conv stages: 1e-8 of
-        # it; a one-example forward 1e-3 off fails)
-        u = torch.finfo(s.dtype).eps
-        if not err <= 64 * u * math.sqrt(sq) * float(c.norm()):
+        # each example's columns side by side, zero-padded to the most any example has, pulled back by
+        # _ExamplePulls (every example at once under vmap, or one at a time; checked)
+        cols = [nz[b].nonzero().squeeze(1) for b in range(B)]
+        m = max(int(c.numel()) for c in cols)
+        E = s.new_zeros(B, self.d_out, m)
+        for b, c in enumerate(cols):
+            E[b, :, : c.numel()] = s[b][:, c]
+        pulls = _ExamplePulls(self)
+        pulls.alone = True
+        try:
+            A, Z = pulls(E)
+        except _MixesExamples:
             self._per_example_ok = False
             return None
+        if not pulls.check():
+            return None
+        gx, gz = s.new_zeros(self.p, k), s.new_zeros(B, self.d_in, k)
+        for b, c in enumerate(cols):
+            gx[:, c] = A[b, :, : c.numel()]
+            gz[b][:, c] = Z[b, :, : c.numel()]
         self._apart = weakref.ref(s)
         return gx, gz
 
