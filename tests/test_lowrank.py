@@ -844,8 +844,9 @@ def test_per_pixel_root_pulls_each_example_alone(broken, monkeypatch):
     """A per-pixel loss (segmentation logits (B, C, H, W)): each of the Gauss-Newton root's columns is one
     example's, and a conv stage pulls them back through a graph of that example alone (each column had
     gone through the whole batch: a refresh 8x the work at batch 8). Exact against plain autograd. Where
-    the one-example graphs disagree with the batch's (here made to, by a wrong pull-back: a stage that
-    treated its examples differently alone), the check sends the stage back to the batch's graph, exact."""
+    the one-example graphs disagree with the batch's (here made to, by a wrong pull-back or forward under
+    vmap: a stage that treated its examples differently alone), the check sends the stage back to the
+    batch's graph, exact."""
     from reference import autograd_gauss_newton as autograd_gn
 
     import hessinv.stages.generic as generic
@@ -860,6 +861,12 @@ def test_per_pixel_root_pulls_each_example_alone(broken, monkeypatch):
             return got if out.shape[0] != 1 or got is None else [1.5 * g for g in got]
 
         monkeypatch.setattr(generic, "_backward_rows", wrong)
+        call = torch.func.functional_call
+
+        def wrong_call(*args, **kwargs):  # all examples at once under vmap: each example's output x 1.5
+            return 1.5 * call(*args, **kwargs)
+
+        monkeypatch.setattr(torch.func, "functional_call", wrong_call)
     nn = torch.nn
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 1)).double()

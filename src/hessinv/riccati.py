@@ -1026,12 +1026,21 @@ def examples_apart(blocks: list[Blocks]) -> bool:
 
 
 def _example_rows(blocks: list[Blocks]) -> int:
-    """How many examples :func:`curvature_diagonal`'s per-example route takes at once: all of them, or as
-    many as keep :data:`EXAMPLE_COPIES` blocks of ``d x d`` each (the widest stage's) within
-    :data:`EXAMPLE_PASS_ENTRIES` numbers and a quarter of the memory still available (at least one)."""
+    """How many examples :func:`example_curvature_diagonal_sweep` takes at once: all of them, or as many
+    as keep :data:`EXAMPLE_COPIES` per-example curvatures within :data:`EXAMPLE_PASS_ENTRIES` numbers and
+    a quarter of the memory still available (at least one). A curvature is ``d x d`` (the stage's
+    width) from the loss (more than :data:`EXAMPLE_FACTOR_MAX_OUTPUTS` outputs) or the first stage that
+    adds its own (:attr:`~hessinv.stages.Blocks.adds_example_curvature`: a tanh's ``b s''``) down, and
+    ``d x C`` factored above it (a ReLU CNN's Gauss-Newton and Hessian: every example of a batch at
+    once, not one at a time for its ``8 x 28 x 28`` activations)."""
     loss, first = blocks[-1], _first_with_parameters(blocks)
-    d = max((max(b.d_in, b.d_out) for b in blocks[first:-1]), default=1)
-    per = EXAMPLE_COPIES * d * d
+    C = loss.d_in
+    dense = C > EXAMPLE_FACTOR_MAX_OUTPUTS
+    per = EXAMPLE_COPIES * C * C
+    for b in reversed(blocks[first:-1]):
+        dense = dense or b.adds_example_curvature
+        d = max(b.d_in, b.d_out)
+        per = max(per, EXAMPLE_COPIES * d * (d if dense else C))
     rows = max(1, EXAMPLE_PASS_ENTRIES // per)
     if rows < loss.batch:
         total = _memory_bytes(loss.G.device)

@@ -291,6 +291,10 @@ class DenseLayerBlocks(Blocks):
     per_example = True
     reads_diagonal = True
 
+    @property
+    def adds_example_curvature(self) -> bool:
+        return self.bpp is not None
+
     def __init__(self, stage: DenseStage, zt: Tensor, W: Tensor, sp: Tensor, b: Tensor | None, spp: Tensor):
         self.stage, self.zt, self.W, self.sp = stage, zt, W, sp
         self.residual = stage.residual
@@ -681,6 +685,10 @@ class ElementwiseBlocks(ParameterFreeBlocks):
 
     per_example = True
     reads_diagonal = True
+
+    @property
+    def adds_example_curvature(self) -> bool:
+        return self.bpp is not None
 
     def __init__(self, sp: Tensor, bpp: Tensor | None):
         self.sp, self.bpp = sp, bpp

@@ -137,6 +137,10 @@ class DenseBlocks(Blocks):
             diag = diag + self.Hxx.diagonal()
         return diag, (self._qzz(Sigma) if coupled else None)
 
+    @property
+    def adds_example_curvature(self) -> bool:
+        return self.Hzz is not None
+
     def example_curvature_diagonal(
         self,
         P: ExampleCurvature,
@@ -1169,15 +1173,16 @@ class LazyBlocks(Blocks):
         """``(Jx^T s, Jz^T s)`` where every column of ``s`` (B, d_out, k) is nonzero at one example at most
         -- the Gauss-Newton root's columns, one example's outputs each (a per-pixel or per-token loss: up
         to ``max_rank`` of them) -- by pulling each example's columns back through a graph of that example
-        alone: ``k`` backward passes of one example instead of ``k`` of the whole batch (a conv stage's
-        256 columns on 8 examples of 32 x 32: 488 -> 30 ms). Valid where the stage treats its examples
-        independently, which is checked: autograd's pull-back of one random combination of the columns
-        through the batch's graph must agree to rounding (else this stage keeps the batch's graph from
-        then on; likewise where the one-example forward raises, a stage that reads a tensor of the batch's
-        size). None where it does not apply: one example, columns times per-example inputs and outputs
-        below :data:`PER_EXAMPLE_MIN_WORK`, a column spanning examples, a module in
-        training mode that holds buffers (a forward would move its running statistics), a forward hook
-        (it would see ``B`` more calls)."""
+        alone (:class:`_ExamplePulls`: all examples in one ``torch.func.vmap`` where the stage allows): ``k``
+        backward passes of one example instead of ``k`` of the whole batch (a conv stage's 256 columns on
+        8 examples of 32 x 32: 488 -> 30 ms). Valid where the stage treats its examples independently,
+        which is checked: autograd's pull-back of one random combination of the columns through the
+        batch's graph must agree to rounding (else this stage keeps the batch's graph from then on;
+        likewise where the one-example forward raises, a stage that reads a tensor of the batch's size).
+        None where it does not apply: one example, columns times per-example inputs and outputs below
+        :data:`PER_EXAMPLE_MIN_WORK`, a column spanning examples, a module in training mode that holds
+        buffers (a forward would move its running statistics), a forward hook (it would see ``B`` more
+        calls)."""
         B, k = self.batch, s.shape[-1]
         if not self._one_example_calls(k):
             return None
@@ -1187,52 +1192,26 @@ class LazyBlocks(Blocks):
             nz = s.reshape(B, -1, k).any(1)  # (B, k): the examples each column touches
             if bool((nz.sum(0) > 1).any()):
                 return None
-        params = self.stage.params
-        gx, gz = s.new_zeros(self.p, k), s.new_zeros(B, self.d_in, k)
-        # the check (below): one random combination c of the columns, pulled back here example by example
-        # and through the batch's own graph by autograd
-        c = torch.randn(k, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        c = c.to(device=s.device, dtype=s.dtype)
-        got_x, got_z, sq = s.new_zeros(self.p), s.new_zeros(B, self.d_in), 0.0
-        devices = [s.device] if s.device.type == "cuda" else []
-        # (a random forward -- a module in training mode -- draws nothing from the caller's generator)
-        with torch.random.fork_rng(devices=devices), self._at_point(), torch.enable_grad():
-            for b in range(B):
-                cols = nz[b].nonzero().squeeze(1)
-                if cols.numel() == 0:
-                    continue
-                graph = self._example_graph(b, s.dtype)
-                if graph is None:
-                    return None
-                z_b, out_b = graph
-                m = int(cols.numel())
-                seeds = s[b : b + 1, :, cols].permute(2, 0, 1).reshape(m, *out_b.shape)
-                rows = _backward_rows(out_b, [*params, z_b], m, lambda j, n, e=seeds: e[j : j + n], True)
-                if rows is None:  # (no batching rule: the batch's graph has none either)
-                    self._per_example_ok = False
-                    return None
-                c_b = c[cols]
-                if self.p:
-                    rx = torch.cat([g.reshape(m, -1) for g in rows[:-1]], 1)  # (m, p)
-                    gx[:, cols] = rx.T
-                    got_x += c_b @ rx
-                    sq += float(rx.square().sum())
-                rz = rows[-1].reshape(m, self.d_in)
-                gz[b, :, cols] = rz.T
-                got_z[b] = c_b @ rz
-                sq += float(rz.square().sum())
-            full = torch.autograd.grad(
-                self._out, [*params, self._z], grad_outputs=(s @ c).reshape(self._out.shape),
-                retain_graph=True, allow_unused=True, materialize_grads=True,
-            )  # fmt: skip
-        want = torch.cat([g.reshape(-1) for g in full[:-1]] + [full[-1].reshape(-1)])
-        err = float((want - torch.cat([got_x, got_z.reshape(-1)])).norm())
-        # rounding: a few u of |G| |c|, whose norm is at most ||G||_F ||c|| (float32 conv stages: 1e-8 of
-        # it; a one-example forward 1e-3 off fails)
-        u = torch.finfo(s.dtype).eps
-        if not err <= 64 * u * math.sqrt(sq) * float(c.norm()):
+        # each example's columns side by side, zero-padded to the most any example has, pulled back by
+        # _ExamplePulls (every example at once under vmap, or one at a time; checked)
+        cols = [nz[b].nonzero().squeeze(1) for b in range(B)]
+        m = max(int(c.numel()) for c in cols)
+        E = s.new_zeros(B, self.d_out, m)
+        for b, c in enumerate(cols):
+            E[b, :, : c.numel()] = s[b][:, c]
+        pulls = _ExamplePulls(self)
+        pulls.alone = True
+        try:
+            A, Z = pulls(E)
+        except _MixesExamples:
             self._per_example_ok = False
             return None
+        if not pulls.check():
+            return None
+        gx, gz = s.new_zeros(self.p, k), s.new_zeros(B, self.d_in, k)
+        for b, c in enumerate(cols):
+            gx[:, c] = A[b, :, : c.numel()]
+            gz[b][:, c] = Z[b, :, : c.numel()]
         self._apart = weakref.ref(s)
         return gx, gz
 
@@ -1548,6 +1527,13 @@ class LazyBlocks(Blocks):
     #: sweep
     EXAMPLE_HZZ_ENTRIES = 2**25
 
+    @property
+    def adds_example_curvature(self) -> bool:
+        if self._dense_blocks is not None:
+            return self._dense_blocks.adds_example_curvature
+        parts = self._second_parts()
+        return parts is None or parts[1] is not None
+
     def keeps_examples_apart(self) -> bool:
         """:meth:`Blocks.keeps_examples_apart`: where the dense blocks are formed, theirs; else where no
         second-order part rules it out (:meth:`_second_parts`). Whether the stage really keeps its
@@ -1646,6 +1632,7 @@ class _ExamplePulls:
         self.graphs: dict[int, tuple[Tensor, Tensor]] = {}
         self.gen = torch.Generator().manual_seed(0)
         self.alone: bool | None = None  # (decided at the first call, by its columns)
+        self.vmap_ok = True  # (all examples at once: _vmapped)
         self.seed: Tensor | None = None  # (B, d_out): the check's combination of the columns pulled alone
         self.got_x: Tensor | None = None
         self.got_z: Tensor | None = None
@@ -1664,6 +1651,8 @@ class _ExamplePulls:
         devices = [A.device] if A.device.type == "cuda" else []
         # (a random forward -- a module in training mode -- draws nothing from the caller's generator)
         with torch.random.fork_rng(devices=devices), blk._at_point(), torch.enable_grad():
+            if self.alone and self._vmapped(E, A, Z):
+                return A, Z
             for i in range(k):
                 b = self.start + i
                 if isinstance(E, tuple):
@@ -1697,14 +1686,87 @@ class _ExamplePulls:
         if blk.p:
             A.copy_(torch.cat([g.reshape(m, -1) for g in got[:-1]], 1).T)
         Z.copy_(got[-1].reshape(m, blk.d_in).T)
-        c = torch.randn(m, generator=self.gen, dtype=torch.float64).to(device=cols.device, dtype=cols.dtype)
+        self._record(b, cols[None], A[None], Z[None])
+        return True
+
+    def _record(self, b0: int, C: Tensor, A: Tensor, Z: Tensor) -> None:
+        """Add the examples ``b0 ..``'s columns ``C`` (k, d_out, m) and their pull-backs ``A``, ``Z`` to
+        :meth:`check`'s random combination."""
+        blk, k = self.blk, C.shape[0]
+        c = torch.randn(k, C.shape[-1], generator=self.gen, dtype=torch.float64).to(C.device, C.dtype)
         if self.seed is None or self.got_x is None or self.got_z is None:
-            self.seed = cols.new_zeros(blk.batch, blk.d_out)
-            self.got_x, self.got_z = cols.new_zeros(blk.p), cols.new_zeros(blk.batch, blk.d_in)
-        self.seed[b] += cols @ c
-        self.got_x += A @ c
-        self.got_z[b] += Z @ c
-        self.sq += float(A.square().sum() + Z.square().sum()) * float(c.square().sum())
+            self.seed = C.new_zeros(blk.batch, blk.d_out)
+            self.got_x, self.got_z = C.new_zeros(blk.p), C.new_zeros(blk.batch, blk.d_in)
+        self.seed[b0 : b0 + k] += torch.einsum("kom,km->ko", C, c)
+        self.got_x += torch.einsum("kpm,km->p", A, c)
+        self.got_z[b0 : b0 + k] += torch.einsum("kim,km->ki", Z, c)
+        self.sq += float(((A.square().sum((1, 2)) + Z.square().sum((1, 2))) * c.square().sum(1)).sum())
+
+    def _vmapped(self, E: Tensor | tuple[int, int], A: Tensor, Z: Tensor) -> bool:
+        """Every example's columns at once, into ``A`` and ``Z``: ``torch.func.vmap`` over the examples of
+        the vector-Jacobian products of the stage called on one example (first derivatives only, where
+        ``torch.func`` is plain autograd's), examples a chunk at a time; recorded for :meth:`check` as the
+        one-example pull-backs are. False -- and from then on one example at a time -- where the stage
+        does not run so (its parameters not all its module's own, an operation without a batching rule,
+        a data-dependent branch)."""
+        blk = self.blk
+        module = blk.stage.module
+        if not self.vmap_ok or not isinstance(module, nn.Module):
+            return False
+        names = {id(t): name for name, t in module.named_parameters(remove_duplicate=False)}
+        if any(id(t) not in names for t in blk.stage.params):
+            self.vmap_ok = False
+            return False
+        keys = [names[id(t)] for t in blk.stage.params]
+        k, m = A.shape[0], A.shape[-1]
+        dt = A.dtype
+        z_all = blk._z_in[self.start : self.stop]
+        floating = z_all.is_floating_point()
+        if floating:
+            z_all = z_all.to(dt)
+        values = tuple(t.detach() for t in blk.stage.params)
+        out_shape = tuple(blk._out.shape[1:])
+
+        def f(ps: tuple[Tensor, ...], z: Tensor) -> Tensor:
+            with exact_attention(), dense_lookup_grads(module):
+                named = dict(zip(keys, ps, strict=True))
+                return torch.func.functional_call(module, named, (z[None].clone(),))[0]
+
+        def one(z: Tensor, cols: Tensor) -> tuple[tuple[Tensor, ...], Tensor | None]:
+            if floating:
+                _, vjp = torch.func.vjp(f, values, z)
+                gp, gz = torch.func.vmap(vjp)(cols)
+                return gp, gz
+            _, vjp = torch.func.vjp(lambda ps: f(ps, z), values)
+            (gp,) = torch.func.vmap(vjp)(cols)
+            return gp, None
+
+        step = max(1, EXAMPLE_PULL_ENTRIES // max(1, m * (blk.p + blk.d_in + blk.d_out)))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for i0 in range(0, k, step):
+                    i1 = min(k, i0 + step)
+                    if isinstance(E, tuple):
+                        cols = A.new_zeros(i1 - i0, m, blk.d_out)
+                        cols[:, torch.arange(m), E[0] + torch.arange(m)] = 1
+                    else:
+                        cols = E[i0:i1].mT
+                    cols = cols.reshape(i1 - i0, m, *out_shape).to(blk._out.dtype)
+                    gp, gz = torch.func.vmap(one)(z_all[i0:i1], cols)
+                    if blk.p:
+                        A[i0:i1] = torch.cat([g.reshape(i1 - i0, m, -1) for g in gp], -1).mT
+                    if gz is not None:
+                        Z[i0:i1] = gz.reshape(i1 - i0, m, blk.d_in).mT
+        except Exception:  # noqa: BLE001 - no batching rule, a data-dependent branch: one at a time
+            self.vmap_ok = False
+            return False
+        if isinstance(E, tuple):
+            C = A.new_zeros(k, blk.d_out, m)
+            C[:, E[0] + torch.arange(m), torch.arange(m)] = 1
+        else:
+            C = E
+        self._record(self.start, C, A, Z)
         return True
 
     def _through_batch(self, b: int, cols: Tensor, A: Tensor, Z: Tensor) -> None:
@@ -1766,6 +1828,7 @@ class IdentityBlocks(ParameterFreeBlocks):
 
     per_example = True
     reads_diagonal = True
+    adds_example_curvature = False
 
     def __init__(self, batch: int, d: int):
         self.batch, self.d_in, self.d_out, self.p = batch, d, d, 0

@@ -128,6 +128,12 @@ class Blocks(abc.ABC):
     #: generic stage, whose Jacobian mixes its outputs
     reads_diagonal: bool = False
 
+    @property
+    def adds_example_curvature(self) -> bool:
+        """Whether :meth:`example_curvature_diagonal` adds a curvature of the stage's own to ``P_{l-1}``
+        (``Hzz_n``, a ``b s''`` term) -- which makes a factored ``P`` dense -- or may (the default)."""
+        return True
+
     @abc.abstractmethod
     def jx(self, v: Tensor) -> Tensor:
         """``Jx v``: (p, k) -> (B, d_out, k)."""
