@@ -262,3 +262,34 @@ def test_a_parameter_read_through_detach_gets_zero_rows(lazy):
     for k in (2, 3):
         V = torch.randn(H.shape[0], k, dtype=F64)
         assert float((H @ V - H_ref @ V).abs().max()) <= 1e-12 * float((H_ref @ V).abs().max())
+
+
+def test_a_stage_of_plain_convolutions_and_pooling_is_not_probed(lazy, monkeypatch):
+    """A stage made of torch's convolutions, pooling, ReLU and Flatten alone passes every check of the probe
+    by construction: the probe is skipped (80% of building a CNN's Hessian), the Hessian is autograd's.
+    A subclass of one of them (its forward may differ) or a hooked one is probed as before."""
+
+    class MyConv(nn.Conv2d):
+        pass
+
+    probed: list[str] = []
+    original = LazyBlocks._adjoint_through_graph
+
+    def spy(self, s):
+        probed.append(self.stage.name)
+        return original(self, s)
+
+    monkeypatch.setattr(LazyBlocks, "_adjoint_through_graph", spy)
+    X, y = torch.randn(3, 1, 5, 5, dtype=F64), torch.randint(0, 3, (3,))
+    for conv, hooked, expect in ((nn.Conv2d, False, False), (MyConv, False, True), (nn.Conv2d, True, True)):
+        torch.manual_seed(0)
+        first = conv(1, 2, 3, padding=1)
+        if hooked:
+            first.register_forward_hook(lambda m, i, o: None)
+        model = nn.Sequential(first, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3)).to(F64)
+        probed.clear()
+        H = hessinv.hessian(model, nn.CrossEntropyLoss(), X, y)
+        assert any(isinstance(b, LazyBlocks) for b in H.blocks)
+        assert any(name.startswith("stage 0") for name in probed) == expect, (conv, hooked, probed)
+        _, ref = autograd_gradient_hessian(model, nn.CrossEntropyLoss(), X, y)
+        assert float((H.to_dense() - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
