@@ -196,3 +196,32 @@ def test_a_stage_that_mixes_examples_hands_back_to_the_sweep():
     blk = LazyBlocks(GenericStage(1, Mix(), list(mix.parameters())), z, b)
     F, S = torch.randn(4, 3, 2, dtype=F64), torch.rand(4, 2, dtype=F64)
     assert blk.example_curvature_diagonal((F, S), coupled=True) is None
+
+
+@pytest.mark.parametrize("name", ["relu-cnn", "layernorm-mlp", "attention", "conv-decoder-mse"])
+def test_every_example_at_once_under_vmap(name, monkeypatch):
+    """The one-example pull-backs of every example in one ``torch.func.vmap`` (taken where torch._dynamo
+    is imported already or after a thousand one-example pull-backs: at once here), for the diagonal and
+    the Gauss-Newton root: autograd's numbers."""
+    import hessinv.stages.generic as generic
+
+    monkeypatch.setattr(GenericStage, "LAZY_ENTRIES", 0)
+    monkeypatch.setattr(generic, "VMAP_AFTER_CALLS", 0)
+    monkeypatch.setattr(generic, "PER_EXAMPLE_MIN_WORK", 1)
+    used: list[bool] = []
+    original = generic._ExamplePulls._vmapped
+
+    def spy(self, E, A, Z):
+        used.append(original(self, E, A, Z))
+        return used[-1]
+
+    monkeypatch.setattr(generic._ExamplePulls, "_vmapped", spy)
+    model, loss_fn, X, y = _problem(name, batch=5)
+    _, H_ref = autograd_gradient_hessian(model, loss_fn, X, y)
+    G_ref = autograd_gauss_newton(model, loss_fn, X, y)
+    H = hessinv.hessian(model, loss_fn, X, y)
+    assert float((H.diagonal() - H_ref.diagonal()).abs().max()) <= 1e-12 * float(H_ref.abs().max())
+    G = hessinv.gauss_newton(model, loss_fn, X, y)
+    U, S = G.root()
+    assert float((U.T @ (S[:, None] * U) - G_ref).abs().max()) <= 1e-12 * float(G_ref.abs().max())
+    assert used and all(used), used

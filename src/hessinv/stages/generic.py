@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import sys
 import threading
 import warnings
 import weakref
@@ -163,6 +164,12 @@ class DenseBlocks(Blocks):
         return example_pass(P, pull, self.p, self.d_in, hxx, hzz, coupled, only_diagonal)
 
 
+#: :class:`_ExamplePulls` vmaps over the examples with ``torch.func``, whose first use imports
+#: ``torch._dynamo`` (1.2 s, once a process), where that is imported already or once the process has
+#: pulled this many examples back one at a time (about 1 ms each): a one-off diagonal does not pay the
+#: import, repeated ones (an optimizer's refreshes, Laplace fits) pay it once
+VMAP_AFTER_CALLS = 1000
+_LOOPED = [0]
 #: a per-example sweep's pull-backs (:func:`example_pass`) take the identity's columns in chunks that keep
 #: about this many numbers at once
 EXAMPLE_PULL_ENTRIES = 2**24
@@ -1716,6 +1723,9 @@ class _ExamplePulls:
         blk = self.blk
         module = blk.stage.module
         if not self.vmap_ok or not isinstance(module, nn.Module):
+            return False
+        if "torch._dynamo" not in sys.modules and _LOOPED[0] + A.shape[0] < VMAP_AFTER_CALLS:
+            _LOOPED[0] += A.shape[0]  # (the loop below takes them)
             return False
         names = {id(t): name for name, t in module.named_parameters(remove_duplicate=False)}
         if any(id(t) not in names for t in blk.stage.params):
