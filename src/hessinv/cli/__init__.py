@@ -53,6 +53,7 @@ from hessinv.cli.choices import (
     TEST_FRACTION,
     UserError,
     canonical,
+    install_hint,
     out_path,
     parse_per_optimizer,
     positive_float,
@@ -172,7 +173,23 @@ class _Parser(argparse.ArgumentParser):
     commands: dict[str, argparse.ArgumentParser]
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message}{_dash_value_hint(message)} (see {self.prog} --help)\n")
+
+
+_ARGV: list[str] = []  # the arguments main() parses (for the hint of _dash_value_hint)
+
+
+def _dash_value_hint(message: str) -> str:
+    """argparse's ``argument --data: expected one argument`` where the value given starts with ``-``
+    (``--data -d9.csv``, a file named so): it took the value for an option. The hint: ``--data=-d9.csv``."""
+    m = re.fullmatch(r"argument (--[\w-]+)(?:/\S+)?: expected one argument", message)
+    if not m:
+        return ""
+    for opt, value in zip(_ARGV, _ARGV[1:], strict=False):
+        if opt.startswith("--") and m.group(1).startswith(opt) and len(opt) > 2:
+            if value.startswith("-") and not value.startswith("--") and value not in ("-", "-h"):
+                return f"; a value that starts with '-' needs '=': {m.group(1)}={value}"
+    return ""
 
 
 _DASH_VALUE = re.compile(r"-\.?[0-9]")
@@ -650,15 +667,16 @@ def _require_extras(command: str) -> None:
     if missing:
         raise UserError(
             f"hessinv {command} needs the command line's extra packages (missing: {', '.join(missing)}): "
-            "pip install 'hessinv[cli]'"
+            + install_hint("cli")
         )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hessinv`` console script; returns the exit status."""
     parser = build_parser()
+    _ARGV[:] = _attach_dash_values(sys.argv[1:] if argv is None else argv)
     try:
-        args, extra = parser.parse_known_args(_attach_dash_values(sys.argv[1:] if argv is None else argv))
+        args, extra = parser.parse_known_args(_ARGV)
         if extra:  # a typo in a subcommand's options: point to that subcommand's --help
             parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:

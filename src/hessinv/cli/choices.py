@@ -33,6 +33,7 @@ __all__ = [
     "TEST_FRACTION",
     "UserError",
     "canonical",
+    "install_hint",
     "output_directory",
     "parse_per_optimizer",
     "resolve_device",
@@ -111,6 +112,15 @@ class DeviceUnavailableError(UserError):
     """The requested device (e.g. ``cuda``) does not exist on this machine."""
 
 
+def install_hint(extra: str) -> str:
+    """How to install the ``extra`` packages of hessinv (``cli``, ``bench``): the README installs from the
+    checkout (``pip install '.[cli]'``); ``'hessinv[cli]'`` only works where hessinv came from an index."""
+    return (
+        f"pip install '.[{extra}]' in the hessinv checkout (or pip install 'hessinv[{extra}]' where hessinv "
+        "was installed from a package index)"
+    )
+
+
 def canonical(name: str) -> str:
     """``name`` lower-cased and hyphenated: ``gauss_newton`` and ``Gauss-Newton`` -> ``gauss-newton``."""
     return name.strip().lower().replace("_", "-")
@@ -187,6 +197,15 @@ def output_directory(path: str | Path) -> Path:
     and removing a file in it); :class:`UserError` otherwise (a file, ``/proc``, a read-only mount, an
     empty path: what ``--out "$UNSET"`` gives, which would write into the current directory)."""
     out = out_path(path)
+    for p in (out, *out.parents):  # (mkdir's errno text, "File exists", did not say which or why)
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                where = "it" if p == out else f"{p}, in its path,"
+                raise UserError(
+                    f"cannot write to the output directory {out}: {where} is a file, not a directory (give "
+                    "a directory, new or existing)"
+                )
+            break
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".hessinv-write-check-"):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hessinv.cli.choices import DATASETS, TEST_FRACTION
+from hessinv.cli.choices import DATASETS, TEST_FRACTION, install_hint
 
 __all__ = ["DATASETS", "DataError", "Dataset", "load_dataset", "load_file", "save_dataset"]
 
@@ -125,7 +125,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - a declared dependency
         raise DataError(
-            f"the digits dataset needs scikit-learn ({e}): pip install 'hessinv[cli]' (or scikit-learn)"
+            f"the digits dataset needs scikit-learn ({e}): {install_hint('cli')}, or pip install scikit-learn"
         ) from None
     X, y = load_digits(return_X_y=True)
     return X.astype(np.float64), y.astype(np.int64)
@@ -137,7 +137,7 @@ def _mnist1d(seed: int, n_samples: int | None) -> tuple[np.ndarray, np.ndarray]:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as e:  # pragma: no cover - a declared dependency
         raise DataError(
-            f"the mnist1d package is not importable ({e}): pip install 'hessinv[cli]' (or mnist1d)"
+            f"the mnist1d package is not importable ({e}): {install_hint('cli')}, or pip install mnist1d"
         ) from e
     args = get_dataset_args()
     want = int(n_samples or args.num_samples)

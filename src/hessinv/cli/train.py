@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 import hessinv
 from hessinv.cli.baselines import PEERS, FirstOrder, HessianFree, Peer, peer_available
-from hessinv.cli.choices import DEFAULT_LR, LR_GRID, OPTIMIZERS, UserError, output_directory
+from hessinv.cli.choices import DEFAULT_LR, LR_GRID, OPTIMIZERS, UserError, install_hint, output_directory
 from hessinv.cli.data import DataError, Dataset
 from hessinv.cli.models import build_model
 
@@ -504,7 +504,7 @@ def train(
             spec = PEERS[name]
             raise UserError(
                 f"optimizer {name!r} needs the {spec.package} package; "
-                f"pip install 'hessinv[bench]' (or pip install {spec.package})"
+                f"{install_hint('bench')}, or pip install {spec.package}"
             )
     dtype = {"float64": torch.float64, "float32": torch.float32}[cfg.dtype]
     device = torch.device(cfg.device)
