@@ -5,7 +5,15 @@ only; install hints that work from a checkout; where a NaN is; the skipped heade
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import pytest
 
 import hessinv
 from hessinv.cli import main
@@ -19,6 +27,125 @@ def _run(capsys, *args: str) -> tuple[int, str, str]:
     rc = main(["train", *args])
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+# -- 1, 2. Ctrl-C with --nproc, and SIGTERM: the summary of what was measured ------------------------
+def _start(out: Path, *args: str) -> subprocess.Popen:
+    """``hessinv train`` in its own session (process group), logging into ``out``."""
+    env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "hessinv", "train", "--data", "regression", "--samples", "400", *SMALL]
+    cmd += ["--optimizers", "adam,sgd", "--steps", "none", "--budget", "60s", "--out", str(out), *args]
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+def _wait_for_steps(p: subprocess.Popen, out: Path, lines: int = 20, timeout: float = 60) -> None:
+    """Until a ``.jsonl`` log in ``out`` has ``lines`` lines (the job is training)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            pytest.fail(f"hessinv exited early ({p.returncode}): {p.communicate()[1][-2000:]}")
+        for log in out.glob("*.jsonl"):
+            if len(log.read_text().splitlines()) >= lines:
+                return
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGKILL)
+    pytest.fail("no log lines within the timeout")
+
+
+def _stopped(p: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"still running {timeout} s after the signal: {err[-2000:]}")
+    return p.returncode, out, err
+
+
+def _check_interrupted_summary(out: Path, by: str, distributed: bool) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["interrupted_by"] == by
+    assert summary["runs"]["adam"]["status"] == "interrupted" and summary["runs"]["adam"]["steps"] > 0
+    assert summary["not_run"] == ["sgd"] and ("distributed" in summary) == distributed
+    table = (out / "table.md").read_text()
+    assert "| adam |" in table and "interrupted" in table and "| sgd | — | not run |" in table
+    assert (out / "loss.png").stat().st_size > 0
+    return summary
+
+
+def _dist_available() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_gloo_available()
+
+
+@pytest.mark.skipif(not _dist_available(), reason="torch.distributed with gloo is not available")
+def test_ctrl_c_to_the_process_group_of_a_data_parallel_run_keeps_the_summary(tmp_path):
+    """SIGINT to the whole group (a terminal's Ctrl-C) stopped the launcher, which killed the ranks at
+    once: exit 130, nothing printed, only the first log (no summary.json, table.md, loss.png)."""
+    out = tmp_path / "cc"
+    p = _start(out, "--nproc", "2", "--batch-size", "32")
+    _wait_for_steps(p, out)
+    os.killpg(p.pid, signal.SIGINT)
+    rc, stdout, stderr = _stopped(p)
+    assert rc == 130, stderr[-2000:]
+    summary = _check_interrupted_summary(out, "SIGINT", distributed=True)
+    assert summary["distributed"]["processes"] == 2
+    assert "adam: interrupted: interrupted by the user after" in stderr and "Traceback" not in stderr
+    assert "| adam" in stdout or "adam" in stdout  # the table
+
+
+@pytest.mark.skipif(not _dist_available(), reason="torch.distributed with gloo is not available")
+def test_sigterm_to_the_launcher_only_reaches_the_ranks(tmp_path):
+    """``kill PID`` of the launcher: it passes the stop on to its ranks, rank 0 writes the summary."""
+    out = tmp_path / "term"
+    p = _start(out, "--nproc", "2", "--batch-size", "32", "--quiet")
+    _wait_for_steps(p, out)
+    p.send_signal(signal.SIGTERM)  # (the launcher only, not its group)
+    rc, _, stderr = _stopped(p)
+    assert rc == 143, stderr[-2000:]
+    _check_interrupted_summary(out, "SIGTERM", distributed=True)
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+
+
+def test_sigterm_keeps_the_summary_like_ctrl_c(tmp_path):
+    """SIGTERM (kill, timeout, a scheduler) ended the process silently: exit 143, only the first log."""
+    out = tmp_path / "one"
+    p = _start(out, "--quiet")
+    _wait_for_steps(p, out)
+    p.send_signal(signal.SIGTERM)
+    rc, _, stderr = _stopped(p)
+    assert rc == 143, stderr[-2000:]
+    summary = _check_interrupted_summary(out, "SIGTERM", distributed=False)
+    assert summary["runs"]["adam"]["message"].startswith("stopped by SIGTERM after")
+    assert "adam: interrupted: stopped by SIGTERM" in stderr and "Traceback" not in stderr
+
+
+# -- 9c. optimizers that never started: "not run" in the table ------------------------------------------
+def test_an_interrupt_lists_the_optimizers_not_run(tmp_path, capsys, monkeypatch):
+    from hessinv.cli import baselines
+
+    real_step = baselines.FirstOrder.step
+    calls = {"n": 0}
+
+    def step(self, inputs, targets):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step(self, inputs, targets)
+
+    monkeypatch.setattr(baselines.FirstOrder, "step", step)
+    args = ["--data", "regression", "--samples", "100", *SMALL, "--steps", "10", "--quiet"]
+    rc, out, err = _run(capsys, *args, "--optimizers", "adam,sgd,lbfgs", "--out", str(tmp_path))
+    assert rc == 130
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["runs"]) == ["adam"] and summary["not_run"] == ["sgd", "lbfgs"]
+    rows = {r["optimizer"]: r for r in summary["table"]}
+    assert rows["sgd"]["status"] == rows["lbfgs"]["status"] == "not run" and rows["sgd"]["lr"] == "—"
+    assert "| lbfgs | — | not run |" in (tmp_path / "table.md").read_text()
+    assert "not run" in out and "sgd: not run" in err
 
 
 # -- 5. install hints that work from the checkout the README installs from ----------------------------------

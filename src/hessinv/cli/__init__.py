@@ -22,8 +22,10 @@ first; the time counts optimizer steps only (evaluation excluded).
 Exit status: 0 when the job ran (at least one optimizer finished without diverging), 1 when
 every run diverged or failed (or the results could not be written), 2 for a usage error (unknown
 dataset or optimizer, unreadable data file, bad option, a value the library refuses, an output
-directory that cannot be written, unavailable device), 130 when interrupted. Errors are reported in
-one line, without a traceback.
+directory that cannot be written, unavailable device), 130 when interrupted (Ctrl-C, SIGINT) and 143
+when stopped by SIGTERM (``kill``, ``timeout``, a scheduler) -- ``hessinv train`` then writes what it
+measured, also with ``--nproc N`` (:mod:`hessinv.cli.distributed`). Errors are reported in one line,
+without a traceback.
 
 Importing this module imports neither torch nor matplotlib: ``hessinv --help`` stays fast.
 """
@@ -31,6 +33,7 @@ Importing this module imports neither torch nor matplotlib: ``hessinv --help`` s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -51,9 +54,12 @@ from hessinv.cli.choices import (
     LR_GRID,
     OPTIMIZERS,
     TEST_FRACTION,
+    Interrupted,
     UserError,
     canonical,
     install_hint,
+    interrupt_reason,
+    interrupt_signal,
     out_path,
     parse_per_optimizer,
     positive_float,
@@ -604,8 +610,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
         results, summary = train(ds, cfg, progress=rep.progress, on_run_start=rep.run_started)
     rep.finish(results, summary)
     if summary.get("interrupted"):
-        return 130
+        return interrupted_status(summary)
     return 0 if any(r.status == "ok" for r in results) else 1
+
+
+def interrupted_status(summary: dict) -> int:
+    """The exit status of a job that a signal stopped: 128 + its number (130 for Ctrl-C's SIGINT, 143 for
+    SIGTERM), as a shell reports a process the signal killed."""
+    import signal
+
+    return 128 + int(getattr(signal, str(summary.get("interrupted_by") or "SIGINT"), signal.SIGINT))
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler's time limit or preemption) raises
+    :class:`Interrupted`, a KeyboardInterrupt: the job stops as on Ctrl-C, keeping and writing what it
+    measured (it killed the process silently, losing the summary). Where SIGTERM is not at its default
+    (ignored, or a handler of the embedding program) or outside the main thread, nothing changes."""
+    import signal
+
+    def stop(signum, frame):
+        raise Interrupted(signum)
+
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous is not signal.SIG_DFL:
+            previous = None
+        else:
+            signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # (not the main thread)
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _find_bench(name: str) -> Path | None:
@@ -685,7 +725,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in _EXTRAS:
             _require_extras(args.command)
         if args.command == "train":
-            return _cmd_train(args)
+            with _sigterm_interrupts():
+                return _cmd_train(args)
         if args.command == "spectrum":
             from hessinv.cli.spectrum import run as run_spectrum
 
@@ -712,6 +753,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except KeyboardInterrupt:
-        print("hessinv: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # (before or after the training loop, which keeps its runs)
+        sig = interrupt_signal(e)
+        print(f"hessinv: {interrupt_reason(sig)}", file=sys.stderr)
+        return 128 + sig

@@ -12,6 +12,7 @@ Names are accepted in either spelling, ``gauss-newton`` or ``gauss_newton`` (the
 from __future__ import annotations
 
 import math
+import signal
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ __all__ = [
     "DEFAULT_TARGET",
     "DeviceUnavailableError",
     "INITS",
+    "Interrupted",
     "LR_GRID",
     "OPTIMIZERS",
     "PEER_LR",
@@ -34,9 +36,12 @@ __all__ = [
     "UserError",
     "canonical",
     "install_hint",
+    "interrupt_reason",
+    "interrupt_signal",
     "output_directory",
     "parse_per_optimizer",
     "resolve_device",
+    "signal_name",
 ]
 
 # Third-party optimizers (the ``bench`` extra) and their library-default learning rates; the grid
@@ -110,6 +115,34 @@ class UserError(Exception):
 
 class DeviceUnavailableError(UserError):
     """The requested device (e.g. ``cuda``) does not exist on this machine."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop asked by a signal, ``signum`` (SIGTERM: ``kill``, ``timeout``, a scheduler's time limit; in
+    the ranks of ``--nproc``, SIGINT too), handled as Ctrl-C's KeyboardInterrupt is: the runs so far are
+    kept and written, and the exit status is 128 + ``signum``."""
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        super().__init__(signal_name(self.signum))
+
+
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def interrupt_signal(e: BaseException) -> int:
+    """The signal behind a KeyboardInterrupt: an :class:`Interrupted`'s, else SIGINT (Ctrl-C)."""
+    return getattr(e, "signum", int(signal.SIGINT))
+
+
+def interrupt_reason(signum: int) -> str:
+    """``interrupted by the user`` (SIGINT: Ctrl-C) or ``stopped by SIGTERM``."""
+    return "interrupted by the user" if signum == signal.SIGINT else f"stopped by {signal_name(signum)}"
 
 
 def install_hint(extra: str) -> str:
