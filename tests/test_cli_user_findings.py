@@ -17,6 +17,7 @@ import pytest
 
 import hessinv
 from hessinv.cli import main
+from hessinv.cli.data import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = Path(hessinv.__file__).resolve().parents[1]  # (the hessinv these tests import: the subprocesses too)
@@ -146,6 +147,33 @@ def test_an_interrupt_lists_the_optimizers_not_run(tmp_path, capsys, monkeypatch
     assert rows["sgd"]["status"] == rows["lbfgs"]["status"] == "not run" and rows["sgd"]["lr"] == "—"
     assert "| lbfgs | — | not run |" in (tmp_path / "table.md").read_text()
     assert "not run" in out and "sgd: not run" in err
+
+
+# -- 3. the full-batch note: only where an optimizer factors the whole training set every step ----------
+def test_full_batch_note_only_where_the_curvature_is_factored_every_step(tmp_path, capsys):
+    """It said that full-batch newton factors the whole training set at every step: on digits with the
+    default chain newton preconditions (one factorization of 8 examples, refreshed)."""
+    rc, _, err = _run(
+        capsys, "--batch-size", "full", "--optimizers", "newton", "--steps", "2", "--no-tune", "--quiet",
+        "--out", str(tmp_path / "d"),
+    )  # fmt: skip
+    assert rc == 0 and "factor" not in err
+    modes = {json.loads(line).get("stats", {}).get("mode") for line in open(tmp_path / "d" / "newton.jsonl")}
+    assert modes - {None} == {"precondition"}
+    # a small chain on 800 examples: newton takes its trust region (a factorization below 3e8 flops)
+    rc, _, err = _run(
+        capsys, "--data", "regression", "--samples", "1000", *SMALL, "--batch-size", "full", "--quiet",
+        "--optimizers", "newton,newton-tr,adam", "--steps", "3", "--out", str(tmp_path / "r"),
+    )  # fmt: skip
+    assert rc == 0 and "note: full-batch newton, newton-tr on 800 examples factor the exact curvature" in err
+    modes = [json.loads(line).get("stats", {}).get("mode") for line in open(tmp_path / "r" / "newton.jsonl")]
+    assert modes[-1] == "trust-region"
+    from hessinv.cli.train import TrainConfig, full_batch_factorizations
+
+    ds = load_dataset("digits")
+    cfg = TrainConfig(optimizers=["newton", "newton-tr", "gauss-newton", "adam"], batch_size=None)
+    names, flops = full_batch_factorizations(cfg, ds)
+    assert names == ["newton-tr", "gauss-newton"] and flops > 3e8
 
 
 # -- 5. install hints that work from the checkout the README installs from ----------------------------------

@@ -493,7 +493,7 @@ def _refuse_unused(option: str, given: bool, users: tuple[str, ...], opts: list[
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from hessinv.cli.data import DataError, load_dataset
-    from hessinv.cli.train import TrainConfig, train
+    from hessinv.cli.train import TrainConfig, full_batch_factorizations, train
 
     names = args.optimizers.split(",")
     opts = [canonical(o) for o in names if o.strip()]
@@ -590,13 +590,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         out=out,
     )
-    exact = [o for o in cfg.optimizers if o in ("newton", "newton-tr", "gauss-newton")]
-    if cfg.batch_size is None and exact and cfg.curvature_batch_size is None and len(ds.X_train) > 512:
+    exact, flops = full_batch_factorizations(cfg, ds) if len(ds.X_train) > 512 else ([], 0.0)
+    if exact:  # (newton only where it takes its trust region; else it preconditions, one factorization)
         print(
-            f"hessinv: note: full-batch {', '.join(exact)} on {len(ds.X_train)} examples factors the exact "
-            "curvature of the whole training set at every step (minutes per step on a CPU for a deep net; "
-            "--budget is checked between steps): --batch-size 64 uses the amortized preconditioner, "
-            "--curvature-batch-size N a subsample for the curvature",
+            f"hessinv: note: full-batch {', '.join(exact)} on {len(ds.X_train)} examples "
+            f"factor{'s' if len(exact) == 1 else ''} the exact curvature of the whole training set at every "
+            f"step ({flops:.2g} flops a factorization; --budget is checked between steps): mini-batches "
+            "(--batch-size 64), or --curvature-batch-size N for a subsample of the curvature, make a step "
+            "cheaper",
             file=sys.stderr,
         )
     if args.nproc > 1:
