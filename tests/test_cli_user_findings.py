@@ -13,11 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import hessinv
 from hessinv.cli import main
-from hessinv.cli.data import load_dataset
+from hessinv.cli.data import DataError, load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = Path(hessinv.__file__).resolve().parents[1]  # (the hessinv these tests import: the subprocesses too)
@@ -176,6 +177,71 @@ def test_full_batch_note_only_where_the_curvature_is_factored_every_step(tmp_pat
     assert names == ["newton-tr", "gauss-newton"] and flops > 3e8
 
 
+# -- 4. a class that the random split puts in the test split only ------------------------------------------
+def _rare(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """200 rows, 3 classes; class 2 has one example (the user's rare.csv): the seed-0 split tested it."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(200, 4)), rng.integers(0, 2, 200)
+    y[0] = 2
+    path = tmp_path / "rare.csv"
+    path.write_text("".join(",".join(f"{v:.4f}" for v in x) + f",{c}\n" for x, c in zip(X, y, strict=True)))
+    return path, y
+
+
+def test_a_class_the_split_tests_only_is_stratified_into_training(tmp_path, capsys):
+    """It was an error advising 'more examples (--samples)', which cannot help (more rows than the file has
+    is an error): now the split is stratified by class there, and the run's header says so."""
+    path, y = _rare(tmp_path)
+    args = ["--optimizers", "adam", "--steps", "2", *SMALL, "--out", str(tmp_path / "o")]
+    rc, _, err = _run(capsys, "--data", str(path), *args)
+    assert rc == 0, err
+    err = " ".join(err.split())  # (rich wraps the header's lines)
+    assert "split: stratified by class (a random split put class 2 (1 example) in the test split only)" in err
+    assert "class 2 (1 example) is in the training split only (not tested)" in err
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["dataset"]["classes"] == 3 and summary["dataset"]["test"] == 40
+    ds = load_dataset(str(path), standardize=False)
+    assert int((ds.y_train == 2).sum()) == 1 and len(ds.y_test) == 40
+    for c in (0, 1):  # each class holds out about a fifth of its examples
+        assert abs(int((ds.y_test == c).sum()) - 0.2 * int((y == c).sum())) <= 1
+
+
+def test_a_split_that_tests_every_class_is_unchanged(tmp_path):
+    """The stratified split replaces only a split that would fail: others keep their rows."""
+    from hessinv.cli.data import _split
+
+    rng = np.random.default_rng(1)
+    X = np.column_stack([np.arange(300.0), rng.normal(size=300)])
+    np.savez(tmp_path / "d.npz", X=X, y=np.arange(300) % 3)
+    for seed in (0, 5):
+        ds = load_dataset(str(tmp_path / "d.npz"), seed=seed, standardize=False)
+        tr, te = _split(300, 0.2, seed)
+        assert (
+            ds.X_train[:, 0].long().tolist() == tr.tolist() and ds.X_test[:, 0].long().tolist() == te.tolist()
+        )
+        assert not ds.notes
+
+
+def test_unseen_test_classes_are_named_with_their_counts(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "own.npz", X=rng.normal(size=(20, 2)), y=np.arange(20) % 2,
+        X_test=rng.normal(size=(5, 2)), y_test=np.array([0, 1, 7, 7, 9]),
+    )  # fmt: skip
+    with pytest.raises(DataError) as e:
+        load_dataset(str(tmp_path / "own.npz"))
+    assert "y_test holds classes 7 (2 examples), 9 (1 example)" in str(e.value)
+    assert "drop those rows of X_test and y_test, or add examples of them to X and y" in str(e.value)
+    assert "--samples" not in str(e.value)
+    (tmp_path / "single.csv").write_text("0.5,0\n1.5,1\n2.5,2\n")  # no split can train and test a class
+    with pytest.raises(DataError) as e:
+        load_dataset(str(tmp_path / "single.csv"))
+    assert "every class has a single example (classes 0 (1 example), 1 (1 example), 2 (1 example))" in str(
+        e.value
+    )
+    assert "--samples" not in str(e.value)
+
+
 # -- 5. install hints that work from the checkout the README installs from ----------------------------------
 def test_install_hints_name_the_checkout_install(tmp_path, capsys, monkeypatch):
     """They said pip install 'hessinv[cli]', a package the README never publishes: it installs '.[cli]'."""
@@ -196,6 +262,51 @@ def test_install_hints_name_the_checkout_install(tmp_path, capsys, monkeypatch):
     assert (
         rc == 2 and "pip install '.[bench]' in the hessinv checkout" in err and "pip install heavyball" in err
     )
+
+
+# -- 6. NaN or infinity in the features: where, how many, what to do --------------------------------------
+def test_non_finite_features_are_located(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(30, 5)), np.arange(30) % 2
+    X[4, 2] = np.nan  # line 5 of the file, column 3
+    X[17, 2] = np.inf
+    path = tmp_path / "nan.csv"
+    path.write_text(
+        "".join(",".join(repr(float(v)) for v in x) + f",{c}\n" for x, c in zip(X, y, strict=True))
+    )
+    rc, _, err = _run(
+        capsys, "--data", str(path), "--optimizers", "adam", "--steps", "1", "--out", str(tmp_path)
+    )
+    assert rc == 2
+    assert "nan.csv: line 5, column 3 is 'nan': features must be finite numbers (2 rows have NaN or " in err
+    assert "drop them, or impute the values" in err
+    X2 = rng.normal(size=(30, 4))
+    X2[3, 1] = np.nan
+    np.savez(tmp_path / "nan.npz", X=X2, y=y)
+    with pytest.raises(DataError, match=r"nan\.npz: X\[3, 1\] is nan \(0-based row, column\).*drop it"):
+        load_dataset(str(tmp_path / "nan.npz"))
+
+
+# -- 7. a first row taken as a header is named in the run's header ------------------------------------------
+def test_a_skipped_header_row_is_named(tmp_path, capsys):
+    """``0,1,2,3,4,9`` above 300 rows of 3 classes was dropped as a header without a word."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(300, 5)), np.arange(300) % 3
+    rows = "".join(",".join(f"{v:.6f}" for v in x) + f",{c}\n" for x, c in zip(X, y, strict=True))
+    (tmp_path / "guess.csv").write_text("0,1,2,3,4,9\n" + rows)
+    (tmp_path / "named.csv").write_text("a,b,c,d,e,label\n" + rows)
+    (tmp_path / "plain.csv").write_text(rows)
+    args = ["--optimizers", "adam", "--steps", "1", *SMALL]
+    for name, note in (
+        ("guess", "header: line 1, 0,1,2,3,4,9 (skipped)"),
+        ("named", "header: line 1, a,b,c,d,e,label (skipped)"),
+    ):
+        rc, _, err = _run(
+            capsys, "--data", str(tmp_path / f"{name}.csv"), *args, "--out", str(tmp_path / name)
+        )
+        assert rc == 0 and note in " ".join(err.split())
+    rc, _, err = _run(capsys, "--data", str(tmp_path / "plain.csv"), *args, "--out", str(tmp_path / "p"))
+    assert rc == 0 and "header:" not in err
 
 
 # -- 9. --out a file; a --data value that starts with '-' --------------------------------------------------

@@ -85,11 +85,12 @@ data files (--data PATH):
         optionally X_test and y_test (the file's own split: --test-fraction and --samples are refused).
   .csv  (also .tsv, .txt) one example per row, separated by commas, semicolons, tabs or spaces; the
         LAST column is the label or target (--target-column NUMBER or NAME picks another); an
-        optional header line is skipped (names, or pandas' column numbers 0,1,...; a first row whose
-        only non-numbers are missing values is data).
+        optional header line is skipped, and named in the run's header (names, or pandas' column
+        numbers 0,1,...; a first row whose only non-numbers are missing values is data).
   Labels that are class names (strings), or integer-valued numbers (below 2^53 in magnitude, where
   a float can hold a fraction) with at most 100 distinct values, make a classification task (the
-  classes of the training labels, mapped to 0..C-1; a test label outside them is an error); anything
+  classes of the training labels, mapped to 0..C-1; a split that would put a class in the test split
+  only is stratified by class; a label of the file's own y_test outside them is an error); anything
   else regression (--task overrides). Features -- and a file's regression targets, so that a loss of
   1 is predicting the training mean -- are standardized with the training split's mean and standard
   deviation. Nothing is downloaded."""
