@@ -11,10 +11,12 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import hessinv
 from hessinv.cli import main
@@ -307,6 +309,28 @@ def test_a_skipped_header_row_is_named(tmp_path, capsys):
         assert rc == 0 and note in " ".join(err.split())
     rc, _, err = _run(capsys, "--data", str(tmp_path / "plain.csv"), *args, "--out", str(tmp_path / "p"))
     assert rc == 0 and "header:" not in err
+
+
+# -- 8. the README on a .grad set before step(xb, yb) --------------------------------------------------------
+def test_readme_says_when_the_grad_warning_fires():
+    """README: 'a .grad set before it ... is not used, and a warning says so' -- not at the first step."""
+    from hessinv.optim import Newton
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "is not used, and a warning says so" not in readme
+    assert "A warning says so (once) from the second step on" in readme
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    X, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
+    opt, loss_fn = Newton(net, torch.nn.CrossEntropyLoss()), torch.nn.CrossEntropyLoss()
+    seen = []
+    for _ in range(2):
+        loss_fn(net(X), y).backward()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            opt.step(X, y)
+        seen.append(any(".grad set or changed" in str(m.message) for m in w))
+    assert seen == [False, True]
 
 
 # -- 9. --out a file; a --data value that starts with '-' --------------------------------------------------
