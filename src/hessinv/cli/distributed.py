@@ -220,7 +220,10 @@ def _worker(rank: int, world: int, ds: Any, cfg: Any, quiet: bool, strategy: str
     if str(cfg.device).startswith("cuda"):  # one GPU per rank where there are enough
         cfg = dataclasses.replace(cfg, device=f"cuda:{rank % torch.cuda.device_count()}")
     T.make_optimizer = _make_optimizer_factory(T.make_optimizer, strategy, len(ds.X_train))
-    if rank != 0:
+    if rank != 0:  # (its outputs go to a temporary directory; it draws no plot: matplotlib takes seconds)
+        import hessinv.cli.plots as plots
+
+        plots.plot_runs = lambda *args, **kwargs: None  # (this process's own module: rank 0's is untouched)
         with tempfile.TemporaryDirectory() as tmp:
             T.train(ds, dataclasses.replace(cfg, out=Path(tmp)))
         return
