@@ -151,16 +151,16 @@ def test_byte_order_mark_padded_columns_and_huge_features(tmp_path):
 
 def test_labels_the_split_hides_get_the_split_advice(tmp_path):
     """Five rows, one of class 1 that the split sent to the test set: 'needs at least 2 classes' blamed
-    the file; distinct integer targets read as classes get the --task hint."""
+    the file (now the split is stratified there, the class in the training split); distinct integer
+    targets read as classes get the --task hint."""
     few = tmp_path / "few.csv"
     few.write_text("".join(f"{i},{int(i == 4)}\n" for i in range(5)))
-    messages = []
-    for seed in range(20):  # the seeds whose split sends the one class-1 row to the test set
-        try:
-            load_dataset(str(few), test_fraction=0.2, seed=seed)
-        except DataError as e:
-            messages.append(str(e))
-    assert messages and all("test labels have classes the training labels do not" in m for m in messages)
+    notes = []
+    for seed in range(20):  # the seeds whose random split sends the one class-1 row to the test set
+        ds = load_dataset(str(few), test_fraction=0.2, seed=seed)
+        assert ds.n_classes == 2 and len(ds.X_test) == 1 and int(ds.y_train.sum()) == 1
+        notes += [n for n in ds.notes if n.startswith("split: stratified")]
+    assert notes and all("class 1 (1 example)" in n for n in notes)
     # a handful of examples is not told its labels might be targets (2 examples of 2 classes were; a review)
     two = tmp_path / "two.csv"
     two.write_text("0.5,0\n1.5,1\n")
@@ -325,18 +325,17 @@ def test_test_labels_outside_the_training_classes_refused(tmp_path):
     )
     with pytest.raises(DataError, match=re.escape("classes the training labels do not (5, 6, 7)")):
         load_dataset(str(tmp_path / "t.npz"))
-    # a random split that leaves a class's only example in the test split
+    # a random split that leaves a class's only example in the test split: stratified instead
     y = np.array([0, 1] * 10 + [2])
     np.savez(tmp_path / "r.npz", X=rng.normal(size=(21, 3)), y=y)
     for seed in range(50):
-        try:
-            ds = load_dataset(str(tmp_path / "r.npz"), seed=seed)
-        except DataError as e:
-            assert "classes the training labels do not (2)" in str(e) and "another --seed" in str(e)
+        ds = load_dataset(str(tmp_path / "r.npz"), seed=seed)
+        assert ds.n_classes == 3 and int((ds.y_train == 2).sum()) == 1  # the class is in the training split
+        if ds.notes:
+            assert "class 2 (1 example)" in ds.notes[0]
             break
-        assert ds.n_classes == 3  # the class is in the training split
     else:
-        pytest.fail("no seed put the single example of class 2 in the test split")
+        pytest.fail("no seed's random split put the single example of class 2 in the test split")
 
 
 def test_numeric_looking_header_is_skipped(tmp_path):

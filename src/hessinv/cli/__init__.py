@@ -22,8 +22,10 @@ first; the time counts optimizer steps only (evaluation excluded).
 Exit status: 0 when the job ran (at least one optimizer finished without diverging), 1 when
 every run diverged or failed (or the results could not be written), 2 for a usage error (unknown
 dataset or optimizer, unreadable data file, bad option, a value the library refuses, an output
-directory that cannot be written, unavailable device), 130 when interrupted. Errors are reported in
-one line, without a traceback.
+directory that cannot be written, unavailable device), 130 when interrupted (Ctrl-C, SIGINT) and 143
+when stopped by SIGTERM (``kill``, ``timeout``, a scheduler) -- ``hessinv train`` then writes what it
+measured, also with ``--nproc N`` (:mod:`hessinv.cli.distributed`). Errors are reported in one line,
+without a traceback.
 
 Importing this module imports neither torch nor matplotlib: ``hessinv --help`` stays fast.
 """
@@ -31,6 +33,7 @@ Importing this module imports neither torch nor matplotlib: ``hessinv --help`` s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -51,8 +54,12 @@ from hessinv.cli.choices import (
     LR_GRID,
     OPTIMIZERS,
     TEST_FRACTION,
+    Interrupted,
     UserError,
     canonical,
+    install_hint,
+    interrupt_reason,
+    interrupt_signal,
     out_path,
     parse_per_optimizer,
     positive_float,
@@ -172,7 +179,23 @@ class _Parser(argparse.ArgumentParser):
     commands: dict[str, argparse.ArgumentParser]
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message}{_dash_value_hint(message)} (see {self.prog} --help)\n")
+
+
+_ARGV: list[str] = []  # the arguments main() parses (for the hint of _dash_value_hint)
+
+
+def _dash_value_hint(message: str) -> str:
+    """argparse's ``argument --data: expected one argument`` where the value given starts with ``-``
+    (``--data -d9.csv``, a file named so): it took the value for an option. The hint: ``--data=-d9.csv``."""
+    m = re.fullmatch(r"argument (--[\w-]+)(?:/\S+)?: expected one argument", message)
+    if not m:
+        return ""
+    for opt, value in zip(_ARGV, _ARGV[1:], strict=False):
+        if opt.startswith("--") and m.group(1).startswith(opt) and len(opt) > 2:
+            if value.startswith("-") and not value.startswith("--") and value not in ("-", "-h"):
+                return f"; a value that starts with '-' needs '=': {m.group(1)}={value}"
+    return ""
 
 
 _DASH_VALUE = re.compile(r"-\.?[0-9]")
@@ -470,7 +493,7 @@ def _refuse_unused(option: str, given: bool, users: tuple[str, ...], opts: list[
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from hessinv.cli.data import DataError, load_dataset
-    from hessinv.cli.train import TrainConfig, train
+    from hessinv.cli.train import TrainConfig, full_batch_factorizations, train
 
     names = args.optimizers.split(",")
     opts = [canonical(o) for o in names if o.strip()]
@@ -567,13 +590,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         out=out,
     )
-    exact = [o for o in cfg.optimizers if o in ("newton", "newton-tr", "gauss-newton")]
-    if cfg.batch_size is None and exact and cfg.curvature_batch_size is None and len(ds.X_train) > 512:
+    exact, flops = full_batch_factorizations(cfg, ds) if len(ds.X_train) > 512 else ([], 0.0)
+    if exact:  # (newton only where it takes its trust region; else it preconditions, one factorization)
         print(
-            f"hessinv: note: full-batch {', '.join(exact)} on {len(ds.X_train)} examples factors the exact "
-            "curvature of the whole training set at every step (minutes per step on a CPU for a deep net; "
-            "--budget is checked between steps): --batch-size 64 uses the amortized preconditioner, "
-            "--curvature-batch-size N a subsample for the curvature",
+            f"hessinv: note: full-batch {', '.join(exact)} on {len(ds.X_train)} examples "
+            f"factor{'s' if len(exact) == 1 else ''} the exact curvature of the whole training set at every "
+            f"step ({flops:.2g} flops a factorization; --budget is checked between steps): mini-batches "
+            "(--batch-size 64), or --curvature-batch-size N for a subsample of the curvature, make a step "
+            "cheaper",
             file=sys.stderr,
         )
     if args.nproc > 1:
@@ -587,8 +611,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
         results, summary = train(ds, cfg, progress=rep.progress, on_run_start=rep.run_started)
     rep.finish(results, summary)
     if summary.get("interrupted"):
-        return 130
+        return interrupted_status(summary)
     return 0 if any(r.status == "ok" for r in results) else 1
+
+
+def interrupted_status(summary: dict) -> int:
+    """The exit status of a job that a signal stopped: 128 + its number (130 for Ctrl-C's SIGINT, 143 for
+    SIGTERM), as a shell reports a process the signal killed."""
+    import signal
+
+    return 128 + int(getattr(signal, str(summary.get("interrupted_by") or "SIGINT"), signal.SIGINT))
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler's time limit or preemption) raises
+    :class:`Interrupted`, a KeyboardInterrupt: the job stops as on Ctrl-C, keeping and writing what it
+    measured (it killed the process silently, losing the summary). Where SIGTERM is not at its default
+    (ignored, or a handler of the embedding program) or outside the main thread, nothing changes."""
+    import signal
+
+    def stop(signum, frame):
+        raise Interrupted(signum)
+
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous is not signal.SIG_DFL:
+            previous = None
+        else:
+            signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # (not the main thread)
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _find_bench(name: str) -> Path | None:
@@ -650,15 +708,16 @@ def _require_extras(command: str) -> None:
     if missing:
         raise UserError(
             f"hessinv {command} needs the command line's extra packages (missing: {', '.join(missing)}): "
-            "pip install 'hessinv[cli]'"
+            + install_hint("cli")
         )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hessinv`` console script; returns the exit status."""
     parser = build_parser()
+    _ARGV[:] = _attach_dash_values(sys.argv[1:] if argv is None else argv)
     try:
-        args, extra = parser.parse_known_args(_attach_dash_values(sys.argv[1:] if argv is None else argv))
+        args, extra = parser.parse_known_args(_ARGV)
         if extra:  # a typo in a subcommand's options: point to that subcommand's --help
             parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:
@@ -667,7 +726,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in _EXTRAS:
             _require_extras(args.command)
         if args.command == "train":
-            return _cmd_train(args)
+            with _sigterm_interrupts():
+                return _cmd_train(args)
         if args.command == "spectrum":
             from hessinv.cli.spectrum import run as run_spectrum
 
@@ -694,6 +754,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except KeyboardInterrupt:
-        print("hessinv: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # (before or after the training loop, which keeps its runs)
+        sig = interrupt_signal(e)
+        print(f"hessinv: {interrupt_reason(sig)}", file=sys.stderr)
+        return 128 + sig

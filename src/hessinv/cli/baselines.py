@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import hessinv
-from hessinv.cli.choices import PEER_LR
+from hessinv.cli.choices import PEER_LR, install_hint
 
 __all__ = [
     "CGResult", "FirstOrder", "HFStats", "HessianFree", "FirstOrderStats", "conjugate_gradient",
@@ -397,7 +397,7 @@ def _peer_class(kind: str, on_cpu: bool) -> type:
     except ImportError as e:
         raise MissingPackage(
             f"optimizer {kind!r} needs the {spec.package} package ({e}); "
-            f"pip install 'hessinv[bench]' (or pip install {spec.package})"
+            f"{install_hint('bench')}, or pip install {spec.package}"
         ) from None
     if spec.module == "heavyball" and on_cpu:
         mod.utils.compile_mode = None  # torch.compile on CPU: minutes of compilation, no gain

@@ -12,6 +12,7 @@ Names are accepted in either spelling, ``gauss-newton`` or ``gauss_newton`` (the
 from __future__ import annotations
 
 import math
+import signal
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,15 +28,20 @@ __all__ = [
     "DEFAULT_TARGET",
     "DeviceUnavailableError",
     "INITS",
+    "Interrupted",
     "LR_GRID",
     "OPTIMIZERS",
     "PEER_LR",
     "TEST_FRACTION",
     "UserError",
     "canonical",
+    "install_hint",
+    "interrupt_reason",
+    "interrupt_signal",
     "output_directory",
     "parse_per_optimizer",
     "resolve_device",
+    "signal_name",
 ]
 
 # Third-party optimizers (the ``bench`` extra) and their library-default learning rates; the grid
@@ -79,11 +85,12 @@ data files (--data PATH):
         optionally X_test and y_test (the file's own split: --test-fraction and --samples are refused).
   .csv  (also .tsv, .txt) one example per row, separated by commas, semicolons, tabs or spaces; the
         LAST column is the label or target (--target-column NUMBER or NAME picks another); an
-        optional header line is skipped (names, or pandas' column numbers 0,1,...; a first row whose
-        only non-numbers are missing values is data).
+        optional header line is skipped, and named in the run's header (names, or pandas' column
+        numbers 0,1,...; a first row whose only non-numbers are missing values is data).
   Labels that are class names (strings), or integer-valued numbers (below 2^53 in magnitude, where
   a float can hold a fraction) with at most 100 distinct values, make a classification task (the
-  classes of the training labels, mapped to 0..C-1; a test label outside them is an error); anything
+  classes of the training labels, mapped to 0..C-1; a split that would put a class in the test split
+  only is stratified by class; a label of the file's own y_test outside them is an error); anything
   else regression (--task overrides). Features -- and a file's regression targets, so that a loss of
   1 is predicting the training mean -- are standardized with the training split's mean and standard
   deviation. Nothing is downloaded."""
@@ -109,6 +116,43 @@ class UserError(Exception):
 
 class DeviceUnavailableError(UserError):
     """The requested device (e.g. ``cuda``) does not exist on this machine."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop asked by a signal, ``signum`` (SIGTERM: ``kill``, ``timeout``, a scheduler's time limit; in
+    the ranks of ``--nproc``, SIGINT too), handled as Ctrl-C's KeyboardInterrupt is: the runs so far are
+    kept and written, and the exit status is 128 + ``signum``."""
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        super().__init__(signal_name(self.signum))
+
+
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def interrupt_signal(e: BaseException) -> int:
+    """The signal behind a KeyboardInterrupt: an :class:`Interrupted`'s, else SIGINT (Ctrl-C)."""
+    return getattr(e, "signum", int(signal.SIGINT))
+
+
+def interrupt_reason(signum: int) -> str:
+    """``interrupted by the user`` (SIGINT: Ctrl-C) or ``stopped by SIGTERM``."""
+    return "interrupted by the user" if signum == signal.SIGINT else f"stopped by {signal_name(signum)}"
+
+
+def install_hint(extra: str) -> str:
+    """How to install the ``extra`` packages of hessinv (``cli``, ``bench``): the README installs from the
+    checkout (``pip install '.[cli]'``); ``'hessinv[cli]'`` only works where hessinv came from an index."""
+    return (
+        f"pip install '.[{extra}]' in the hessinv checkout (or pip install 'hessinv[{extra}]' where hessinv "
+        "was installed from a package index)"
+    )
 
 
 def canonical(name: str) -> str:
@@ -187,6 +231,15 @@ def output_directory(path: str | Path) -> Path:
     and removing a file in it); :class:`UserError` otherwise (a file, ``/proc``, a read-only mount, an
     empty path: what ``--out "$UNSET"`` gives, which would write into the current directory)."""
     out = out_path(path)
+    for p in (out, *out.parents):  # (mkdir's errno text, "File exists", did not say which or why)
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                where = "it" if p == out else f"{p}, in its path,"
+                raise UserError(
+                    f"cannot write to the output directory {out}: {where} is a file, not a directory (give "
+                    "a directory, new or existing)"
+                )
+            break
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".hessinv-write-check-"):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hessinv.cli.choices import DATASETS, TEST_FRACTION
+from hessinv.cli.choices import DATASETS, TEST_FRACTION, install_hint
 
 __all__ = ["DATASETS", "DataError", "Dataset", "load_dataset", "load_file", "save_dataset"]
 
@@ -49,7 +49,8 @@ class Dataset:
     Classification targets are ``int64`` class indices ``0..n_classes-1``; regression targets are
     ``(N, k)`` floats -- a file's standardized, ``(y - target_mean) / target_std`` per column with the
     training split's statistics (None where not; a constant column: ``target_std`` 0, only centered).
-    ``output_dim`` is the width the model's last layer needs.
+    ``output_dim`` is the width the model's last layer needs. ``notes``: what reading the data decided
+    that a user should see (a first row skipped as a header, a stratified split), one line each.
     """
 
     name: str
@@ -61,6 +62,7 @@ class Dataset:
     n_classes: int | None = None
     target_mean: tuple[float, ...] | None = None
     target_std: tuple[float, ...] | None = None
+    notes: tuple[str, ...] = ()
 
     @property
     def input_dim(self) -> int:
@@ -92,6 +94,7 @@ class Dataset:
             self.n_classes,
             self.target_mean,
             self.target_std,
+            self.notes,
         )
 
     def describe(self) -> str:
@@ -125,7 +128,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - a declared dependency
         raise DataError(
-            f"the digits dataset needs scikit-learn ({e}): pip install 'hessinv[cli]' (or scikit-learn)"
+            f"the digits dataset needs scikit-learn ({e}): {install_hint('cli')}, or pip install scikit-learn"
         ) from None
     X, y = load_digits(return_X_y=True)
     return X.astype(np.float64), y.astype(np.int64)
@@ -137,7 +140,7 @@ def _mnist1d(seed: int, n_samples: int | None) -> tuple[np.ndarray, np.ndarray]:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as e:  # pragma: no cover - a declared dependency
         raise DataError(
-            f"the mnist1d package is not importable ({e}): pip install 'hessinv[cli]' (or mnist1d)"
+            f"the mnist1d package is not importable ({e}): {install_hint('cli')}, or pip install mnist1d"
         ) from e
     args = get_dataset_args()
     want = int(n_samples or args.num_samples)
@@ -325,8 +328,18 @@ def _target_column(target: str, names: list[str] | None, width: int, path: Path)
     return k - 1 if k > 0 else width + k
 
 
-def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Features (floats) and labels (floats, or strings: class names) of a delimited text file: the label
+def _header_note(line: int, cells: list[str]) -> str:
+    """``header: line 1, x1,x2,label (skipped)``: a first row read as a header (a guess where its cells are
+    numbers), said in the run's header so that a data row taken for one shows."""
+    cells = [c.strip() for c in cells]
+    shown = ",".join(cells if len(cells) <= 8 else [*cells[:6], "...", cells[-1]])
+    more = f" ({len(cells)} columns)" if len(cells) > 8 else ""
+    return f"header: line {line}, {shown}{more} (skipped)"
+
+
+def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """Features (floats) and labels (floats, or strings: class names) of a delimited text file, and a note
+    naming the first row where it was skipped as a header (:func:`_header_note`): the label
     is the last column, or ``target`` (a column number or a header name, :func:`_target_column`); errors
     name the line of the file (1-based, the header included) and the column. A first column under an
     empty header cell holding distinct integers is pandas' index (``DataFrame.to_csv``), not a feature:
@@ -352,6 +365,7 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
         rows = [(n, r[:-1]) for n, r in rows]
 
     width = Counter(len(r) for _, r in rows).most_common(1)[0][0]
+    first = rows[0]  # (as in the file: the note names it where it is skipped as a header)
     order = list(range(width))
     header: list[str] | None = None  # the header line's cells, in the file's order
     numbered = target is not None and target.strip().lstrip("+-").isdigit()
@@ -390,6 +404,7 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
         rows = rows[1:]
     if not rows:
         raise DataError(f"{path} has a header but no data rows")
+    note = _header_note(*first) if rows[0][0] != first[0] else None
     for n, r in rows:
         if len(r) != width:
             comment = r[0].lstrip().startswith("#")
@@ -420,17 +435,33 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
                     "name)"
                 )
     X = np.array([[float(c) for c in r[:-1]] for _, r in rows], dtype=np.float64)
+    bad = ~np.isfinite(X)
+    if bad.any():  # 'nan', 'inf' (numbers to float(), but no features)
+        hit = np.flatnonzero(bad.any(1))
+        j = int(np.flatnonzero(bad[hit[0]])[0])
+        n, r = rows[hit[0]]
+        raise DataError(
+            f"{path}: line {n}, column {order[j] + 1} is {r[j].strip()!r}: features must be finite numbers "
+            f"({_non_finite_advice(len(hit))})"
+        )
     labels = [r[-1].strip() for _, r in rows]
     numeric = [_is_number(c) for c in labels]
     if all(numeric):
-        return X, np.array([float(c) for c in labels], dtype=np.float64)
+        return X, np.array([float(c) for c in labels], dtype=np.float64), note
     if any(numeric):
         i, j = numeric.index(False), numeric.index(True)
         raise DataError(
             f"{path}: the label column mixes class names and numbers (line {rows[i][0]}: "
             f"{labels[i]!r}, line {rows[j][0]}: {labels[j]!r}); use numbers or names throughout"
         )
-    return X, np.array(labels)  # class names
+    return X, np.array(labels), note  # class names
+
+
+def _non_finite_advice(k: int) -> str:
+    """What to do about ``k`` rows with NaN or infinity in their features."""
+    if k == 1:
+        return "the only row with NaN or infinity: drop it, or impute the value, e.g. with the column's mean"
+    return f"{k} rows have NaN or infinity: drop them, or impute the values, e.g. with the columns' means"
 
 
 def load_file(
@@ -438,6 +469,13 @@ def load_file(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """``(X, y, X_test, y_test)`` from a ``.npz`` or ``.csv`` file (the test arrays may be None);
     ``target``: the label column of a ``.csv`` file (:func:`_read_csv`; default the last)."""
+    return _load_file(path, target)[:4]
+
+
+def _load_file(
+    path: str | Path, target: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, list[str]]:
+    """:func:`load_file`'s arrays, and notes for the run's header (:func:`_read_csv`'s)."""
     if not str(path).strip():  # (Path("") is ".", a directory)
         raise DataError(
             "the data path is empty (an unset variable?): give a file (.npz, .csv) or one of "
@@ -454,10 +492,10 @@ def load_file(
             raise DataError(
                 f"{path}: --target-column picks a column of a .csv file; an .npz file names its arrays"
             )
-        return _read_npz(path)
+        return (*_read_npz(path), [])
     if suffix in (".csv", ".tsv", ".txt"):
-        X, y = _read_csv(path, target)
-        return X, y, None, None
+        X, y, note = _read_csv(path, target)
+        return X, y, None, None, [note] if note else []
     raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .npz or .csv")
 
 
@@ -478,8 +516,9 @@ def save_dataset(path: str | Path, X: np.ndarray, y: np.ndarray) -> Path:
 
 
 # -- assembling a Dataset -----------------------------------------------------------------------
-def _as_features(X: np.ndarray, what: str) -> np.ndarray:
-    """``X`` as a float64 ``(N, d)`` array with ``N, d >= 1``; :class:`DataError` otherwise."""
+def _as_features(X: np.ndarray, what: str, name: str = "X") -> np.ndarray:
+    """``X`` as a float64 ``(N, d)`` array with ``N, d >= 1``; :class:`DataError` otherwise (``name``: the
+    array's, for the position of a NaN)."""
     X = np.asarray(X)
     if X.dtype.kind not in "biuf":
         raise DataError(f"{what}: features must be numeric, got dtype {X.dtype}")
@@ -491,14 +530,22 @@ def _as_features(X: np.ndarray, what: str) -> np.ndarray:
         raise DataError(f"{what}: no examples (the features have shape {X.shape})")
     if X.ndim == 1:
         X = X[:, None]
+    shape = X.shape
     X = X.reshape(len(X), -1).astype(np.float64)
     if X.shape[1] == 0:
         raise DataError(
             f"{what}: no feature columns (the features have shape {X.shape}); each example needs at "
             "least one feature"
         )
-    if not np.isfinite(X).all():
-        raise DataError(f"{what}: features contain NaN or infinity")
+    bad = ~np.isfinite(X)
+    if bad.any():
+        hit = np.flatnonzero(bad.any(1))
+        i, j = int(hit[0]), int(np.flatnonzero(bad[hit[0]])[0])
+        at = ", ".join(str(int(k)) for k in (i, *np.unravel_index(j, shape[1:] or (1,))))
+        raise DataError(
+            f"{what}: {name}[{at}] is {X[i, j]} (0-based row, column): features must be finite numbers "
+            f"({_non_finite_advice(len(hit))})"
+        )
     return X
 
 
@@ -523,11 +570,82 @@ def _infer_task(y: np.ndarray) -> str:
     return "regression"
 
 
+def _test_size(n: int, test_fraction: float) -> int:
+    return min(max(int(round(n * test_fraction)), 1), n - 1)
+
+
 def _split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
-    n_test = int(round(n * test_fraction))
-    n_test = min(max(n_test, 1), n - 1)
+    n_test = _test_size(n, test_fraction)
     return perm[n_test:], perm[:n_test]
+
+
+def _stratified_split(
+    labels: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Train and test indices with every class in the training split: each class holds out about
+    ``test_fraction`` of its examples (the largest remainders rounded up, as many test examples in all as
+    :func:`_split` where the classes leave room) but never its last one -- a class of one example is in the
+    training split only. None where no class has two examples (no test example is possible)."""
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    room = counts - 1
+    if not room.sum():
+        return None
+    n = len(labels)
+    n_test = min(_test_size(n, test_fraction), int(room.sum()))
+    share = counts * (n_test / n)
+    take = np.minimum(np.floor(share).astype(np.int64), room)
+    for c in np.argsort(take - share, kind="stable"):  # (the largest remainders first, then any room)
+        if take.sum() >= n_test:
+            break
+        take[c] += take[c] < room[c]
+    for c in range(len(classes)):
+        while take.sum() < n_test and take[c] < room[c]:
+            take[c] += 1
+    rng = np.random.default_rng(seed)
+    test = [rng.permutation(np.flatnonzero(inverse == c))[: take[c]] for c in range(len(classes))]
+    test = rng.permutation(np.concatenate(test))
+    train = rng.permutation(np.setdiff1d(np.arange(n), test))
+    return train, test
+
+
+def _classes_text(values: np.ndarray, labels: np.ndarray, counts: bool = True) -> str:
+    """``class 2 (1 example)``, ``classes 2 (1 example), 7 (3 examples)``: ``values`` and their counts in
+    ``labels`` (the first 5); ``counts=False``: ``2, 7``."""
+    values = np.asarray(values).reshape(-1)
+    shown = []
+    for v in values[:5]:
+        x = v.item() if hasattr(v, "item") else v
+        # (integer-valued labels read as floats from a file: 0, not 0.0)
+        x = int(x) if isinstance(x, float) and x.is_integer() and abs(x) < 2**53 else x
+        k = int(np.sum(labels == v))
+        shown.append(f"{x} ({k} example{'s' if k != 1 else ''})" if counts else str(x))
+    if not counts:
+        return ", ".join(shown) + (", ..." if len(values) > 5 else "")
+    more = f", ... ({len(values)} in all)" if len(values) > 5 else ""
+    return f"class{'es' if len(values) > 1 else ''} {', '.join(shown)}{more}"
+
+
+def _many_values(labels: np.ndarray) -> bool:
+    """Numbers with many distinct values (an age, a count): maybe regression targets -- not said of a
+    handful of examples (2 examples of 2 classes were told --task regression; a review)."""
+    n = len(labels)
+    return labels.dtype.kind in "biuf" and n >= 10 and len(np.unique(labels)) > min(n // 2, 20)
+
+
+def _stratified_note(labels: np.ndarray, alone: np.ndarray, targets_hint: bool) -> str:
+    """The run header's line on a stratified split (:func:`_stratified_split`)."""
+    classes, counts = np.unique(labels, return_counts=True)
+    single = classes[counts == 1]
+    text = f"split: stratified by class (a random split put {_classes_text(alone, labels)} in the test split"
+    text += " only)"
+    if len(single):
+        verb = "is" if len(single) == 1 else "are"
+        text += f"; {_classes_text(single, labels)} {verb} in the training split only (not tested)"
+    if targets_hint and _many_values(labels):
+        text += "; if the labels are numeric targets: --task regression"
+    return text
 
 
 def load_dataset(
@@ -557,6 +675,8 @@ def load_dataset(
         )
     Xt = yt = None
     from_file = False
+    asked = task
+    notes: list[str] = []
     key = name.lower()
     if key == "digits":
         X, y = _digits()
@@ -572,7 +692,7 @@ def load_dataset(
         or Path(name).exists()
         or not key.strip()  # (load_file says it is empty)
     ):
-        X, y, Xt, yt = load_file(name, target)
+        X, y, Xt, yt, notes = _load_file(name, target)
         label = Path(name).name
         from_file = True
     else:
@@ -601,7 +721,7 @@ def load_dataset(
                 f"{label} has its own test split (X_test, y_test), so {' and '.join(given)} cannot apply: "
                 "leave it out, or remove X_test and y_test from the file to split it"
             )
-        Xt = _as_features(Xt, label + " (test)")
+        Xt = _as_features(Xt, label + " (test)", "X_test")
         yt = np.asarray(yt)
         if (
             Xt.shape[1] != X.shape[1]
@@ -632,7 +752,19 @@ def load_dataset(
         if n_samples is not None and n_samples < len(X):
             keep = np.sort(np.random.default_rng(seed + 1).permutation(len(X))[:n_samples])
             X, y = X[keep], y[keep]
-        tr, te = _split(len(X), TEST_FRACTION if test_fraction is None else test_fraction, seed)
+        fraction = TEST_FRACTION if test_fraction is None else test_fraction
+        tr, te = _split(len(X), fraction, seed)
+        labels = y.reshape(-1)
+        if (
+            task == "classification"
+            and (labels.dtype.kind != "f" or np.isfinite(labels).all())  # (NaN: refused below)
+            and not np.isin(labels[te], labels[tr]).all()
+        ):  # a class in the test split only, which a classifier cannot learn: split each class instead
+            stratified = _stratified_split(labels, fraction, seed)
+            if stratified is not None:
+                alone = np.setdiff1d(labels[te], labels[tr])
+                notes.append(_stratified_note(labels, alone, targets_hint=asked == "auto"))
+                tr, te = stratified
         X, Xt, y, yt = X[tr], X[te], y[tr], y[te]
 
     n_classes = None
@@ -656,22 +788,18 @@ def load_dataset(
         unseen = np.setdiff1d(yt, classes).tolist()
         numeric = yy.dtype.kind in "biuf"
         if unseen:
-            # (integer-valued labels read as floats from a file: 0, not 0.0)
-            whole = [
-                int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**53 else v for v in unseen
-            ]
-            shown = ", ".join(map(str, whole[:5])) + (", ..." if len(unseen) > 5 else "")
-            # numbers with many distinct values (an age, a count): maybe targets -- not said of a handful of
-            # examples (2 examples of 2 classes were told --task regression; a review)
-            many = numeric and len(yy) >= 10 and len(np.unique(yy)) > min(len(yy) // 2, 20)
+            shown = _classes_text(np.asarray(unseen), yt, counts=False)
+            many = numeric and asked == "auto" and _many_values(yy)
             raise DataError(
                 f"{label}: the test labels have classes the training labels do not ({shown}), which a "
-                "classifier cannot learn; "
+                "classifier cannot learn: "
                 + (
-                    "y_test must use the classes of y"
+                    f"y_test holds {_classes_text(np.asarray(unseen), yt)}; y_test must use the classes of "
+                    "y: drop those rows of X_test and y_test, or add examples of them to X and y"
                     if own_test
-                    else "too few examples of them: more examples (--samples), another --seed, or (hessinv "
-                    "train) a smaller --test-fraction"
+                    # (the split is stratified where a class has 2 examples: here every class has one)
+                    else f"every class has a single example ({_classes_text(np.unique(yy), yy)}), so none "
+                    "can be in both splits: give at least 2 examples of a class"
                 )
                 + ("; if the labels are numeric targets: --task regression" if many else "")
             )
@@ -720,4 +848,5 @@ def load_dataset(
         yte_t,
         n_classes,
         *target_stats,
+        tuple(notes),
     )

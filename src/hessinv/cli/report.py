@@ -39,6 +39,8 @@ class Reporter:
         if not self.quiet:
             bs = "full batch" if cfg.batch_size is None else f"batch {cfg.batch_size}"
             self.err.print(f"[bold]hessinv train[/bold]  {escape(self.ds.describe())}")
+            for note in self.ds.notes:  # (a first row skipped as a header, a stratified split)
+                self.err.print(escape(note))
             self.err.print(
                 f"model: depth {cfg.depth}, width {cfg.width}, {cfg.activation}"
                 f"{', residual' if cfg.residual else ''}, "

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -30,7 +31,18 @@ from torch import Tensor, nn
 
 import hessinv
 from hessinv.cli.baselines import PEERS, FirstOrder, HessianFree, Peer, peer_available
-from hessinv.cli.choices import DEFAULT_LR, LR_GRID, OPTIMIZERS, UserError, output_directory
+from hessinv.cli.choices import (
+    DEFAULT_LR,
+    LR_GRID,
+    OPTIMIZERS,
+    Interrupted,
+    UserError,
+    install_hint,
+    interrupt_reason,
+    interrupt_signal,
+    output_directory,
+    signal_name,
+)
 from hessinv.cli.data import DataError, Dataset
 from hessinv.cli.models import build_model
 
@@ -87,7 +99,7 @@ class TrainConfig:
 class RunResult:
     name: str
     lr: float
-    status: str = "ok"  # ok | diverged | failed | interrupted
+    status: str = "ok"  # ok | diverged | failed | interrupted | not run (the job was interrupted before)
     message: str = ""
     stopped_by: str | None = None  # "steps" or "time": which budget ended an ok run
     steps: int = 0
@@ -96,6 +108,7 @@ class RunResult:
     steps_to_target: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # evaluation records
     tuning: dict[str, float] = field(default_factory=dict)  # lr -> final train loss
+    interrupted_by: str | None = None  # the signal that stopped an interrupted run: SIGINT, SIGTERM
 
     @property
     def final(self) -> dict[str, Any]:
@@ -107,6 +120,8 @@ class RunResult:
 
     def to_json(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "history"}
+        if d["interrupted_by"] is None:
+            del d["interrupted_by"]
         d["final"] = self.final
         d["best_train_loss"] = _finite_or_none(self.best("train_loss"))
         d["evaluations"] = len(self.history)
@@ -172,6 +187,37 @@ def make_optimizer(
     if name in Peer.KINDS:
         return Peer(model, loss_fn, name, lr)
     raise UserError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+def full_batch_factorizations(cfg: TrainConfig, ds: Dataset) -> tuple[list[str], float]:
+    """The optimizers of ``cfg`` that factor the curvature of the whole training split at every step, and
+    the flops of one such factorization (:func:`hessinv.curvature.factorization_flops`): on a full batch
+    without ``curvature_batch_size``, ``newton-tr`` and ``gauss-newton`` (``mode="trust-region"``), and
+    ``newton`` where ``mode="auto"`` takes its trust region -- one factorization costing at most
+    :data:`hessinv.optim.newton.TRUST_REGION_MAX_FLOPS`; else it preconditions (one factorization of a
+    curvature batch of 8, refreshed every few steps)."""
+    mini = cfg.batch_size is not None and cfg.batch_size < len(ds.X_train)
+    if mini or cfg.curvature_batch_size is not None:
+        return [], 0.0
+    exact = [o for o in cfg.optimizers if o in ("newton", "newton-tr", "gauss-newton")]
+    if not exact:
+        return [], 0.0
+    from hessinv.chain import deterministic_chain
+    from hessinv.curvature import factorization_flops
+    from hessinv.optim.newton import TRUST_REGION_MAX_FLOPS
+
+    model = build_model(
+        ds.input_dim, ds.output_dim, cfg.depth, cfg.width, cfg.activation, cfg.residual, cfg.init, cfg.seed
+    )
+    chain, _ = deterministic_chain(model, loss_for(ds))
+    with torch.no_grad():
+        zs = chain.forward(ds.X_train[:1].to(torch.float64))
+    widths = [int(z[0].numel()) for z in zs[:-1]]
+    cpu = torch.device(cfg.device).type == "cpu"
+    flops = factorization_flops(chain.sizes, widths, len(ds.X_train), cpu, int(zs[-1][0].numel()))
+    if flops > TRUST_REGION_MAX_FLOPS:  # (newton preconditions: one factorization of 8 examples)
+        exact = [o for o in exact if o != "newton"]
+    return exact, flops
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -361,8 +407,10 @@ def run_one(
             )
         elif res.status == "failed" and res.history[-1]["step"] != k:
             record({"step": k, "time": clock})  # where the failed run stopped
-    except KeyboardInterrupt:  # keep what was done; the caller stops the job
-        res.status, res.message = "interrupted", f"interrupted by the user after {k} steps"
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Interrupted): keep what was done; the caller stops
+        sig = interrupt_signal(e)
+        res.status, res.message = "interrupted", f"{interrupt_reason(sig)} after {k} steps"
+        res.interrupted_by = signal_name(sig)
         res.steps, res.train_time = k, clock
     finally:
         if log:
@@ -388,7 +436,7 @@ def tune_lr(
     for lr in LR_GRID[name]:
         r = run_one(name, lr, ds, init_model, loss_fn, cfg, short_budget, short_steps, final_only=True)
         if r.status == "interrupted":
-            raise KeyboardInterrupt
+            raise Interrupted(getattr(signal, r.interrupted_by or "SIGINT", signal.SIGINT))
         loss = r.final.get("train_loss", math.inf) if r.status == "ok" else math.inf
         scores[f"{lr:g}"] = loss if math.isfinite(loss) else math.inf
         if progress is not None:
@@ -440,15 +488,16 @@ def time_to_target_table(
     rows = []
     for r in results:
         f = r.final
+        ran = r.status != "not run"
         row = [
             r.name,
-            f"{r.lr:g}",
+            f"{r.lr:g}" if math.isfinite(r.lr) else "—",
             r.status,
             _fmt_time(r.time_to_target),
             "—" if r.steps_to_target is None else str(r.steps_to_target),
-            str(r.steps),
+            str(r.steps) if ran else "—",
             r.stopped_by or "—",
-            _fmt_time(r.train_time),
+            _fmt_time(r.train_time if ran else None),
             f"{f['train_loss']:.4g}" if "train_loss" in f else "—",
             f"{f['test_loss']:.4g}" if "test_loss" in f else "—",
         ]
@@ -504,7 +553,7 @@ def train(
             spec = PEERS[name]
             raise UserError(
                 f"optimizer {name!r} needs the {spec.package} package; "
-                f"pip install 'hessinv[bench]' (or pip install {spec.package})"
+                f"{install_hint('bench')}, or pip install {spec.package}"
             )
     dtype = {"float64": torch.float64, "float32": torch.float32}[cfg.dtype]
     device = torch.device(cfg.device)
@@ -550,13 +599,18 @@ def train(
                 out / f"{name}.jsonl",
                 progress,
             )
-        except KeyboardInterrupt:  # during tuning
-            r = RunResult(name, lr, "interrupted", "interrupted by the user while tuning")
+        except KeyboardInterrupt as e:  # during tuning
+            sig = interrupt_signal(e)
+            why = f"{interrupt_reason(sig)} while tuning"
+            r = RunResult(name, lr, "interrupted", why, interrupted_by=signal_name(sig))
         interrupted = r.status == "interrupted"
         r.tuning = tuning
         results.append(r)
         if interrupted:
             break
+    for name in cfg.optimizers[len(results) :]:  # (interrupted before them: a row each, not a silent gap)
+        results.append(RunResult(name, math.nan, "not run", "the job was interrupted before it started"))
+        (out / f"{name}.jsonl").unlink(missing_ok=True)  # (a previous job's log: this one has none)
 
     n_params = sum(p.numel() for p in init_model.parameters())
     summary = {
@@ -596,9 +650,12 @@ def train(
             "seed": cfg.seed,
             "lr_overrides": cfg.lrs,
         },
-        "runs": {r.name: r.to_json() for r in results},
+        "runs": {r.name: r.to_json() for r in results if r.status != "not run"},
         "interrupted": interrupted,
     }
+    if interrupted:  # (the signal: the exit status is 128 + its number; the table lists the runs not run)
+        summary["interrupted_by"] = next(r.interrupted_by for r in results if r.status == "interrupted")
+        summary["not_run"] = [r.name for r in results if r.status == "not run"]
     head, rows = time_to_target_table(results, cfg.target_loss, ds.task)
     summary["table"] = [dict(zip(head, r, strict=True)) for r in rows]
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
@@ -610,7 +667,8 @@ def train(
     md = f"# {title}\n\n{heading[:1].upper()}{heading[1:]}; {budget_text(cfg)}.\n\n"
     (out / "table.md").write_text(md + markdown_table(head, rows))
     try:
-        plot_runs(results, out / "loss.png", title=title, target=cfg.target_loss, chance=chance_level(ds))
+        ran = [r for r in results if r.status != "not run"]
+        plot_runs(ran, out / "loss.png", title=title, target=cfg.target_loss, chance=chance_level(ds))
     except Exception as e:  # a plotting problem must not lose the logs
         summary["plot_error"] = f"{type(e).__name__}: {e}"
         (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")

@@ -1,0 +1,351 @@
+"""Fixes of a new user's findings on the command line: interrupts (Ctrl-C with --nproc, SIGTERM) keep
+the summary; the full-batch note only where it is true; a class the random split puts in the test split
+only; install hints that work from a checkout; where a NaN is; the skipped header named; the README's
+``.grad`` warning; ``--out`` a file, ``--data -d9.csv``, optimizers not run in the table."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import hessinv
+from hessinv.cli import main
+from hessinv.cli.data import DataError, load_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = Path(hessinv.__file__).resolve().parents[1]  # (the hessinv these tests import: the subprocesses too)
+SMALL = ["--depth", "3", "--width", "4", "--no-tune"]
+
+
+def _run(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main(["train", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# -- 1, 2. Ctrl-C with --nproc, and SIGTERM: the summary of what was measured ------------------------
+def _start(out: Path, *args: str) -> subprocess.Popen:
+    """``hessinv train`` in its own session (process group), logging into ``out``."""
+    env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "hessinv", "train", "--data", "regression", "--samples", "400", *SMALL]
+    cmd += ["--optimizers", "adam,sgd", "--steps", "none", "--budget", "60s", "--out", str(out), *args]
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+def _wait_for_steps(p: subprocess.Popen, out: Path, lines: int = 20, timeout: float = 60) -> None:
+    """Until a ``.jsonl`` log in ``out`` has ``lines`` lines (the job is training)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            pytest.fail(f"hessinv exited early ({p.returncode}): {p.communicate()[1][-2000:]}")
+        for log in out.glob("*.jsonl"):
+            if len(log.read_text().splitlines()) >= lines:
+                return
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGKILL)
+    pytest.fail("no log lines within the timeout")
+
+
+def _stopped(p: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"still running {timeout} s after the signal: {err[-2000:]}")
+    return p.returncode, out, err
+
+
+def _check_interrupted_summary(out: Path, by: str, distributed: bool) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["interrupted_by"] == by
+    assert summary["runs"]["adam"]["status"] == "interrupted" and summary["runs"]["adam"]["steps"] > 0
+    assert summary["not_run"] == ["sgd"] and ("distributed" in summary) == distributed
+    table = (out / "table.md").read_text()
+    assert "| adam |" in table and "interrupted" in table and "| sgd | — | not run |" in table
+    assert (out / "loss.png").stat().st_size > 0
+    return summary
+
+
+def _dist_available() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_gloo_available()
+
+
+@pytest.mark.skipif(not _dist_available(), reason="torch.distributed with gloo is not available")
+def test_ctrl_c_to_the_process_group_of_a_data_parallel_run_keeps_the_summary(tmp_path):
+    """SIGINT to the whole group (a terminal's Ctrl-C) stopped the launcher, which killed the ranks at
+    once: exit 130, nothing printed, only the first log (no summary.json, table.md, loss.png)."""
+    out = tmp_path / "cc"
+    p = _start(out, "--nproc", "2", "--batch-size", "32")
+    _wait_for_steps(p, out)
+    os.killpg(p.pid, signal.SIGINT)
+    rc, stdout, stderr = _stopped(p)
+    assert rc == 130, stderr[-2000:]
+    summary = _check_interrupted_summary(out, "SIGINT", distributed=True)
+    assert summary["distributed"]["processes"] == 2
+    assert "adam: interrupted: interrupted by the user after" in stderr and "Traceback" not in stderr
+    assert "| adam" in stdout or "adam" in stdout  # the table
+
+
+@pytest.mark.skipif(not _dist_available(), reason="torch.distributed with gloo is not available")
+def test_sigterm_to_the_launcher_only_reaches_the_ranks(tmp_path):
+    """``kill PID`` of the launcher: it passes the stop on to its ranks, rank 0 writes the summary."""
+    out = tmp_path / "term"
+    p = _start(out, "--nproc", "2", "--batch-size", "32", "--quiet")
+    _wait_for_steps(p, out)
+    p.send_signal(signal.SIGTERM)  # (the launcher only, not its group)
+    rc, _, stderr = _stopped(p)
+    assert rc == 143, stderr[-2000:]
+    _check_interrupted_summary(out, "SIGTERM", distributed=True)
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+
+
+def test_sigterm_keeps_the_summary_like_ctrl_c(tmp_path):
+    """SIGTERM (kill, timeout, a scheduler) ended the process silently: exit 143, only the first log."""
+    out = tmp_path / "one"
+    p = _start(out, "--quiet")
+    _wait_for_steps(p, out)
+    p.send_signal(signal.SIGTERM)
+    rc, _, stderr = _stopped(p)
+    assert rc == 143, stderr[-2000:]
+    summary = _check_interrupted_summary(out, "SIGTERM", distributed=False)
+    assert summary["runs"]["adam"]["message"].startswith("stopped by SIGTERM after")
+    assert "adam: interrupted: stopped by SIGTERM" in stderr and "Traceback" not in stderr
+
+
+# -- 9c. optimizers that never started: "not run" in the table ------------------------------------------
+def test_an_interrupt_lists_the_optimizers_not_run(tmp_path, capsys, monkeypatch):
+    from hessinv.cli import baselines
+
+    real_step = baselines.FirstOrder.step
+    calls = {"n": 0}
+
+    def step(self, inputs, targets):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step(self, inputs, targets)
+
+    monkeypatch.setattr(baselines.FirstOrder, "step", step)
+    args = ["--data", "regression", "--samples", "100", *SMALL, "--steps", "10", "--quiet"]
+    rc, out, err = _run(capsys, *args, "--optimizers", "adam,sgd,lbfgs", "--out", str(tmp_path))
+    assert rc == 130
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["runs"]) == ["adam"] and summary["not_run"] == ["sgd", "lbfgs"]
+    rows = {r["optimizer"]: r for r in summary["table"]}
+    assert rows["sgd"]["status"] == rows["lbfgs"]["status"] == "not run" and rows["sgd"]["lr"] == "—"
+    assert "| lbfgs | — | not run |" in (tmp_path / "table.md").read_text()
+    assert "not run" in out and "sgd: not run" in err
+
+
+# -- 3. the full-batch note: only where an optimizer factors the whole training set every step ----------
+def test_full_batch_note_only_where_the_curvature_is_factored_every_step(tmp_path, capsys):
+    """It said that full-batch newton factors the whole training set at every step: on digits with the
+    default chain newton preconditions (one factorization of 8 examples, refreshed)."""
+    rc, _, err = _run(
+        capsys, "--batch-size", "full", "--optimizers", "newton", "--steps", "2", "--no-tune", "--quiet",
+        "--out", str(tmp_path / "d"),
+    )  # fmt: skip
+    assert rc == 0 and "factor" not in err
+    modes = {json.loads(line).get("stats", {}).get("mode") for line in open(tmp_path / "d" / "newton.jsonl")}
+    assert modes - {None} == {"precondition"}
+    # a small chain on 800 examples: newton takes its trust region (a factorization below 3e8 flops)
+    rc, _, err = _run(
+        capsys, "--data", "regression", "--samples", "1000", *SMALL, "--batch-size", "full", "--quiet",
+        "--optimizers", "newton,newton-tr,adam", "--steps", "3", "--out", str(tmp_path / "r"),
+    )  # fmt: skip
+    assert rc == 0 and "note: full-batch newton, newton-tr on 800 examples factor the exact curvature" in err
+    modes = [json.loads(line).get("stats", {}).get("mode") for line in open(tmp_path / "r" / "newton.jsonl")]
+    assert modes[-1] == "trust-region"
+    from hessinv.cli.train import TrainConfig, full_batch_factorizations
+
+    ds = load_dataset("digits")
+    cfg = TrainConfig(optimizers=["newton", "newton-tr", "gauss-newton", "adam"], batch_size=None)
+    names, flops = full_batch_factorizations(cfg, ds)
+    assert names == ["newton-tr", "gauss-newton"] and flops > 3e8
+
+
+# -- 4. a class that the random split puts in the test split only ------------------------------------------
+def _rare(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """200 rows, 3 classes; class 2 has one example (the user's rare.csv): the seed-0 split tested it."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(200, 4)), rng.integers(0, 2, 200)
+    y[0] = 2
+    path = tmp_path / "rare.csv"
+    path.write_text("".join(",".join(f"{v:.4f}" for v in x) + f",{c}\n" for x, c in zip(X, y, strict=True)))
+    return path, y
+
+
+def test_a_class_the_split_tests_only_is_stratified_into_training(tmp_path, capsys):
+    """It was an error advising 'more examples (--samples)', which cannot help (more rows than the file has
+    is an error): now the split is stratified by class there, and the run's header says so."""
+    path, y = _rare(tmp_path)
+    args = ["--optimizers", "adam", "--steps", "2", *SMALL, "--out", str(tmp_path / "o")]
+    rc, _, err = _run(capsys, "--data", str(path), *args)
+    assert rc == 0, err
+    err = " ".join(err.split())  # (rich wraps the header's lines)
+    assert "split: stratified by class (a random split put class 2 (1 example) in the test split only)" in err
+    assert "class 2 (1 example) is in the training split only (not tested)" in err
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["dataset"]["classes"] == 3 and summary["dataset"]["test"] == 40
+    ds = load_dataset(str(path), standardize=False)
+    assert int((ds.y_train == 2).sum()) == 1 and len(ds.y_test) == 40
+    for c in (0, 1):  # each class holds out about a fifth of its examples
+        assert abs(int((ds.y_test == c).sum()) - 0.2 * int((y == c).sum())) <= 1
+
+
+def test_a_split_that_tests_every_class_is_unchanged(tmp_path):
+    """The stratified split replaces only a split that would fail: others keep their rows."""
+    from hessinv.cli.data import _split
+
+    rng = np.random.default_rng(1)
+    X = np.column_stack([np.arange(300.0), rng.normal(size=300)])
+    np.savez(tmp_path / "d.npz", X=X, y=np.arange(300) % 3)
+    for seed in (0, 5):
+        ds = load_dataset(str(tmp_path / "d.npz"), seed=seed, standardize=False)
+        tr, te = _split(300, 0.2, seed)
+        assert (
+            ds.X_train[:, 0].long().tolist() == tr.tolist() and ds.X_test[:, 0].long().tolist() == te.tolist()
+        )
+        assert not ds.notes
+
+
+def test_unseen_test_classes_are_named_with_their_counts(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "own.npz", X=rng.normal(size=(20, 2)), y=np.arange(20) % 2,
+        X_test=rng.normal(size=(5, 2)), y_test=np.array([0, 1, 7, 7, 9]),
+    )  # fmt: skip
+    with pytest.raises(DataError) as e:
+        load_dataset(str(tmp_path / "own.npz"))
+    assert "y_test holds classes 7 (2 examples), 9 (1 example)" in str(e.value)
+    assert "drop those rows of X_test and y_test, or add examples of them to X and y" in str(e.value)
+    assert "--samples" not in str(e.value)
+    (tmp_path / "single.csv").write_text("0.5,0\n1.5,1\n2.5,2\n")  # no split can train and test a class
+    with pytest.raises(DataError) as e:
+        load_dataset(str(tmp_path / "single.csv"))
+    assert "every class has a single example (classes 0 (1 example), 1 (1 example), 2 (1 example))" in str(
+        e.value
+    )
+    assert "--samples" not in str(e.value)
+
+
+# -- 5. install hints that work from the checkout the README installs from ----------------------------------
+def test_install_hints_name_the_checkout_install(tmp_path, capsys, monkeypatch):
+    """They said pip install 'hessinv[cli]', a package the README never publishes: it installs '.[cli]'."""
+    import importlib.util
+
+    from hessinv.cli import train as cli_train
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "rich" else real(name, *a)
+    )
+    rc = main(["train", "--steps", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pip install '.[cli]' in the hessinv checkout" in err and "'hessinv[cli]'" in err
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    monkeypatch.setattr(cli_train, "peer_available", lambda name: False)
+    rc, _, err = _run(capsys, "--optimizers", "soap", "--steps", "1", "--out", str(tmp_path))
+    assert (
+        rc == 2 and "pip install '.[bench]' in the hessinv checkout" in err and "pip install heavyball" in err
+    )
+
+
+# -- 6. NaN or infinity in the features: where, how many, what to do --------------------------------------
+def test_non_finite_features_are_located(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(30, 5)), np.arange(30) % 2
+    X[4, 2] = np.nan  # line 5 of the file, column 3
+    X[17, 2] = np.inf
+    path = tmp_path / "nan.csv"
+    path.write_text(
+        "".join(",".join(repr(float(v)) for v in x) + f",{c}\n" for x, c in zip(X, y, strict=True))
+    )
+    rc, _, err = _run(
+        capsys, "--data", str(path), "--optimizers", "adam", "--steps", "1", "--out", str(tmp_path)
+    )
+    assert rc == 2
+    assert "nan.csv: line 5, column 3 is 'nan': features must be finite numbers (2 rows have NaN or " in err
+    assert "drop them, or impute the values" in err
+    X2 = rng.normal(size=(30, 4))
+    X2[3, 1] = np.nan
+    np.savez(tmp_path / "nan.npz", X=X2, y=y)
+    with pytest.raises(DataError, match=r"nan\.npz: X\[3, 1\] is nan \(0-based row, column\).*drop it"):
+        load_dataset(str(tmp_path / "nan.npz"))
+
+
+# -- 7. a first row taken as a header is named in the run's header ------------------------------------------
+def test_a_skipped_header_row_is_named(tmp_path, capsys):
+    """``0,1,2,3,4,9`` above 300 rows of 3 classes was dropped as a header without a word."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(300, 5)), np.arange(300) % 3
+    rows = "".join(",".join(f"{v:.6f}" for v in x) + f",{c}\n" for x, c in zip(X, y, strict=True))
+    (tmp_path / "guess.csv").write_text("0,1,2,3,4,9\n" + rows)
+    (tmp_path / "named.csv").write_text("a,b,c,d,e,label\n" + rows)
+    (tmp_path / "plain.csv").write_text(rows)
+    args = ["--optimizers", "adam", "--steps", "1", *SMALL]
+    for name, note in (
+        ("guess", "header: line 1, 0,1,2,3,4,9 (skipped)"),
+        ("named", "header: line 1, a,b,c,d,e,label (skipped)"),
+    ):
+        rc, _, err = _run(
+            capsys, "--data", str(tmp_path / f"{name}.csv"), *args, "--out", str(tmp_path / name)
+        )
+        assert rc == 0 and note in " ".join(err.split())
+    rc, _, err = _run(capsys, "--data", str(tmp_path / "plain.csv"), *args, "--out", str(tmp_path / "p"))
+    assert rc == 0 and "header:" not in err
+
+
+# -- 8. the README on a .grad set before step(xb, yb) --------------------------------------------------------
+def test_readme_says_when_the_grad_warning_fires():
+    """README: 'a .grad set before it ... is not used, and a warning says so' -- not at the first step."""
+    from hessinv.optim import Newton
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "is not used, and a warning says so" not in readme
+    assert "A warning says so (once) from the second step on" in readme
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    X, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
+    opt, loss_fn = Newton(net, torch.nn.CrossEntropyLoss()), torch.nn.CrossEntropyLoss()
+    seen = []
+    for _ in range(2):
+        loss_fn(net(X), y).backward()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            opt.step(X, y)
+        seen.append(any(".grad set or changed" in str(m.message) for m in w))
+    assert seen == [False, True]
+
+
+# -- 9. --out a file; a --data value that starts with '-' --------------------------------------------------
+def test_out_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    for out, what in (
+        (tmp_path / "afile", "afile: it is a file"),
+        (tmp_path / "afile" / "sub", "sub: " + str(tmp_path / "afile") + ", in its path, is a file"),
+    ):
+        rc, _, err = _run(capsys, "--optimizers", "adam", "--steps", "1", "--out", str(out))
+        assert rc == 2 and f"{what}, not a directory" in err and "File exists" not in err
+
+
+def test_a_data_value_starting_with_a_dash_gets_the_equals_hint(capsys):
+    rc, _, err = _run(capsys, "--data", "-d9.csv", "--steps", "1")
+    assert rc == 2 and "expected one argument; a value that starts with '-' needs '=': --data=-d9.csv" in err
+    rc, _, err = _run(capsys, "--out", "--quiet")  # (a missing value, not one that starts with '-')
+    assert rc == 2 and "needs '='" not in err
