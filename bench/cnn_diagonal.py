@@ -25,41 +25,32 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cnn_curvature  # noqa: E402
 from common import load_average, machine_info, timed  # noqa: E402
 
 import hessinv  # noqa: E402
 
 
 def models() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]]:
-    """name -> (model factory, input shape per example, batch)."""
-    relu28 = lambda: nn.Sequential(  # noqa: E731 - the thirty-fourth session's 28 x 28 CNN
+    """name -> (model factory, input shape per example, batch): bench/cnn_curvature.py's 8 x 8 and
+    CIFAR-shaped ReLU CNNs (the latter at batch 32), the thirty-fourth session's 28 x 28 CNN, a small
+    sigmoid CNN."""
+    curvature = cnn_curvature.models()
+    small, cifar = curvature["cnn-8x8 (digits-sized)"], curvature["cnn-cifar (3x32x32)"]
+    relu28 = lambda: nn.Sequential(  # noqa: E731
         nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1),
         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 7 * 7, 10),
     )  # fmt: skip
+    sigmoid8 = lambda: nn.Sequential(  # noqa: E731
+        nn.Conv2d(1, 4, 3, padding=1), nn.Sigmoid(), nn.MaxPool2d(2), nn.Conv2d(4, 8, 3, padding=1),
+        nn.Sigmoid(), nn.Flatten(), nn.Linear(128, 10),
+    )  # fmt: skip
     return {
-        "cnn-8x8 relu": (
-            lambda: nn.Sequential(
-                nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1),
-                nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(64, 10),
-            ),
-            (1, 8, 8), 64,
-        ),
+        "cnn-8x8 relu": small,
         "cnn-28x28 relu": (relu28, (1, 28, 28), 32),
-        "cnn-8x8 sigmoid": (
-            lambda: nn.Sequential(
-                nn.Conv2d(1, 4, 3, padding=1), nn.Sigmoid(), nn.MaxPool2d(2), nn.Conv2d(4, 8, 3, padding=1),
-                nn.Sigmoid(), nn.Flatten(), nn.Linear(128, 10),
-            ),
-            (1, 8, 8), 16,
-        ),
-        "cnn-cifar relu": (
-            lambda: nn.Sequential(
-                nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1),
-                nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2048, 64), nn.ReLU(), nn.Linear(64, 10),
-            ),
-            (3, 32, 32), 32,
-        ),
-    }  # fmt: skip
+        "cnn-8x8 sigmoid": (sigmoid8, (1, 8, 8), 16),
+        "cnn-cifar relu": (cifar[0], cifar[1], 32),
+    }
 
 
 def _backpack(make: Callable[[], nn.Module], state: dict, X, y, kind: str) -> torch.Tensor | None:
