@@ -1082,9 +1082,13 @@ def _example_sweep(blocks: list[Blocks], like: Tensor) -> list[Tensor] | None:
         rows = slice(r0, min(loss.batch, r0 + step))
         k = rows.stop - r0
         P: ExampleCurvature = Lam[rows] if Lam is not None else like.new_zeros(k, loss.d_in, loss.d_in)
-        if loss.d_in <= EXAMPLE_FACTOR_MAX_OUTPUTS:  # Lambda_n = V diag(mu) V^T: R = C columns
-            mu, V = torch.linalg.eigh(0.5 * (P + P.mT))
-            P = (V, mu)
+        if loss.d_in <= EXAMPLE_FACTOR_MAX_OUTPUTS:  # Lambda_n = F diag(S) F^T: R = C columns
+            exact = getattr(loss, "example_factor", lambda rows: None)(rows)  # (the closed form's, exact)
+            if exact is not None:
+                P = (exact[0].to(like.dtype), exact[1].to(like.dtype))
+            else:
+                mu, V = torch.linalg.eigh(0.5 * (P + P.mT))
+                P = (V, mu)
         for l in range(len(blocks) - 2, first - 1, -1):
             got = blocks[l].example_curvature_diagonal(P, l > first, only[l], rows)
             if got is None:  # (a generic stage whose pull-backs reach other examples)
