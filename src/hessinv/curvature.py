@@ -54,6 +54,7 @@ from hessinv.riccati import (
     check_memory,
     curvature_diagonal,
     example_curvature_diagonal_sweep,
+    example_sweep_pulls,
     examples_apart,
     riccati_factor,
     riccati_forward,
@@ -567,7 +568,11 @@ class CurvatureOperator:
         """
         view = self.__dict__.get("_view")
         parts = None
-        if (view is None or view is self) and examples_apart(self.blocks):
+        if (
+            (view is None or view is self)
+            and examples_apart(self.blocks)
+            and not (example_sweep_pulls(self.blocks) > self.shape[0] and self._dense_cheaper())
+        ):
             # (per-example blocks, B d^2 numbers: no dense route, no a x a memory to check)
             parts = example_curvature_diagonal_sweep(self.blocks, self.gradient)
         if parts is None:

@@ -1049,6 +1049,25 @@ def _example_rows(blocks: list[Blocks]) -> int:
     return min(rows, max(loss.batch, 1))
 
 
+def example_sweep_pulls(blocks: list[Blocks]) -> int:
+    """What :func:`example_curvature_diagonal_sweep` costs its generic stages, in backward passes of the
+    batch (:meth:`~hessinv.stages.generic.LazyBlocks.example_sweep_passes`): the pull-backs of every
+    example's columns where ``P`` is dense there (below a stage that adds its own curvature -- a
+    normalization's ``Hzz_n`` -- or a loss of many outputs), and the products that form ``diag(Hxx)`` and
+    ``Hzz_n``: what to weigh against the dense route's ``n`` products (a CNN with a GroupNorm on 32 x 32
+    images: 40k of them, 122 s, against 1.5k products, 16 s)."""
+    loss, first = blocks[-1], _first_with_parameters(blocks)
+    dense = loss.d_in > EXAMPLE_FACTOR_MAX_OUTPUTS
+    pulls = 0
+    for l in range(len(blocks) - 2, first - 1, -1):
+        b = blocks[l]
+        passes = getattr(b, "example_sweep_passes", None)
+        if passes is not None:
+            pulls += passes(dense, l == first)
+        dense = dense or b.adds_example_curvature
+    return pulls
+
+
 @_sweep
 def example_curvature_diagonal_sweep(blocks: list[Blocks], like: Tensor) -> list[Tensor] | None:
     """:func:`curvature_diagonal` where :func:`examples_apart`: ``P_l`` is block-diagonal over the examples

@@ -1542,53 +1542,84 @@ class LazyBlocks(Blocks):
     def adds_example_curvature(self) -> bool:
         if self._dense_blocks is not None:
             return self._dense_blocks.adds_example_curvature
-        parts = self._second_parts()
-        return parts is None or parts[1] is not None
+        return self._nonzero_second()[1]
 
     def keeps_examples_apart(self) -> bool:
-        """:meth:`Blocks.keeps_examples_apart`: where the dense blocks are formed, theirs; else where no
-        second-order part rules it out (:meth:`_second_parts`). Whether the stage really keeps its
-        examples apart is checked on the pull-backs themselves (:class:`_ExamplePulls`)."""
-        return self._dense_blocks is not None or self._second_parts() is not None
+        """:meth:`Blocks.keeps_examples_apart`: where the dense blocks are formed, theirs; else where its
+        ``Hzz_n``, if not zero, fit in :data:`EXAMPLE_HZZ_ENTRIES` numbers. Whether the stage really keeps
+        its examples apart is checked on the pull-backs themselves (:class:`_ExamplePulls`)."""
+        if self._dense_blocks is not None:
+            return True
+        return not (self._nonzero_second()[1] and self.batch * self.d_in**2 > self.EXAMPLE_HZZ_ENTRIES)
+
+    def _nonzero_second(self) -> tuple[bool, bool]:
+        """Whether ``Hxx`` and ``Hzz`` are nonzero: one product each with a random vector, which is exactly
+        zero where they are (Gauss-Newton; a convolution, pooling, a normalization's affine weights)."""
+        if "_nonzero" not in self.__dict__:
+            self._nonzero = (False, False)
+            if self.second_order:
+                self._unchanged()
+                gen = torch.Generator(device="cpu").manual_seed(1234 + self.stage.index)
+                dt, dev = self._out.dtype, self._out.device
+                v = torch.randn(self.p, 1, generator=gen, dtype=torch.float64).to(device=dev, dtype=dt)
+                t = torch.randn(self.batch, self.d_in, 1, generator=gen, dtype=torch.float64).to(dev, dt)
+                self._nonzero = (
+                    bool(self.p) and bool((self._backward(None, v, None, 1)[0] != 0).any()),
+                    bool(self.d_in) and bool((self._backward(None, None, t, 1)[1] != 0).any()),
+                )
+        return self._nonzero
 
     def _second_parts(self) -> tuple[Tensor | None, Tensor | None] | None:
         """``(diag(Hxx), Hzz)`` -- the batch's ``Hxx`` diagonal (p,) and the examples' ``Hzz_n`` (B, d_in,
-        d_in), each None where zero (Gauss-Newton; a convolution, pooling, a normalization's affine
-        weights: tested by one product with a random vector, which is exactly zero there) -- formed once
-        by ``p`` and ``d_in`` double-backward passes where not zero (``Hzz_n`` all at once: the stage keeps
-        examples apart, so a unit vector at every example gives each example's column). None where
-        ``Hzz_n`` would hold over :data:`EXAMPLE_HZZ_ENTRIES` numbers."""
+        d_in), each None where zero (:meth:`_nonzero_second`) -- formed once by ``p`` and ``d_in``
+        double-backward passes where not zero (``Hzz_n`` all at once: the stage keeps examples apart, so a
+        unit vector at every example gives each example's column). None where ``Hzz_n`` would hold over
+        :data:`EXAMPLE_HZZ_ENTRIES` numbers."""
         if "_parts" in self.__dict__:
             return self._parts
-        parts: tuple[Tensor | None, Tensor | None] | None = (None, None)
-        if self.second_order:
-            self._unchanged()
-            gen = torch.Generator(device="cpu").manual_seed(1234 + self.stage.index)
-            dt, dev = self._out.dtype, self._out.device
-            v = torch.randn(self.p, 1, generator=gen, dtype=torch.float64).to(device=dev, dtype=dt)
-            t = torch.randn(self.batch, self.d_in, 1, generator=gen, dtype=torch.float64).to(dev, dt)
-            hxx = hzz = None
-            if self.p and bool((self._backward(None, v, None, 1)[0] != 0).any()):
-                hxx = v.new_empty(self.p)
-                for j0 in range(0, self.p, CHUNK):
-                    q = min(CHUNK, self.p - j0)
-                    cols = self._backward(None, _unit_rows(j0, q, self.p, v).T, None, q)[0]
-                    hxx[j0 : j0 + q] = cols[j0 + torch.arange(q), torch.arange(q)]
-            if self.d_in and bool((self._backward(None, None, t, 1)[1] != 0).any()):
-                if self.batch * self.d_in**2 > self.EXAMPLE_HZZ_ENTRIES:
-                    parts = None
-                else:
-                    hzz = t.new_empty(self.batch, self.d_in, self.d_in)
-                    for j0 in range(0, self.d_in, CHUNK):
-                        q = min(CHUNK, self.d_in - j0)
-                        T = t.new_zeros(self.batch, self.d_in, q)
-                        T[:, j0 + torch.arange(q), torch.arange(q)] = 1
-                        hzz[:, :, j0 : j0 + q] = self._backward(None, None, T, q)[1]
-                    hzz = 0.5 * (hzz + hzz.mT)
-            if parts is not None:
-                parts = (hxx, hzz)
-        self._parts = parts
-        return parts
+        xx, zz = self._nonzero_second()
+        if zz and self.batch * self.d_in**2 > self.EXAMPLE_HZZ_ENTRIES:
+            self._parts = None
+            return None
+        like = self._b_out
+        hxx = hzz = None
+        if xx:
+            hxx = like.new_empty(self.p)
+            for j0 in range(0, self.p, CHUNK):
+                q = min(CHUNK, self.p - j0)
+                cols = self._backward(None, _unit_rows(j0, q, self.p, like).T, None, q)[0]
+                hxx[j0 : j0 + q] = cols[j0 + torch.arange(q), torch.arange(q)]
+        if zz:
+            hzz = like.new_empty(self.batch, self.d_in, self.d_in)
+            for j0 in range(0, self.d_in, CHUNK):
+                q = min(CHUNK, self.d_in - j0)
+                T = like.new_zeros(self.batch, self.d_in, q)
+                T[:, j0 + torch.arange(q), torch.arange(q)] = 1
+                hzz[:, :, j0 : j0 + q] = self._backward(None, None, T, q)[1]
+            hzz = 0.5 * (hzz + hzz.mT)
+        self._parts = (hxx, hzz)
+        return self._parts
+
+    def _dense_for_second(self) -> bool:
+        """Whether the per-example sweep takes this stage's dense blocks -- ``p + d_in`` passes, batched --
+        rather than ``diag(Hxx)`` and ``Hzz_n`` by ``p`` and ``d_in`` products one at a time: where either
+        is not zero and the blocks hold at most :data:`DENSE_SWITCH_ENTRIES` numbers (a transformer layer
+        on 8 examples: 3.6 s one product at a time, 1.5 s through the blocks)."""
+        if not any(self._nonzero_second()):
+            return False
+        size = self.stage.dense_fits(self.batch, self.d_in, self.d_out)[0]
+        return size <= min(DENSE_SWITCH_ENTRIES, self.stage.MAX_BLOCK_ENTRIES)
+
+    def example_sweep_passes(self, dense: bool, first: bool) -> int:
+        """What this stage's part of the per-example diagonal sweep costs, in backward passes of the batch
+        (:func:`hessinv.riccati.example_sweep_pulls`): ``2 d_out + d_in`` pull-backs of each example where
+        ``P`` is ``dense`` (``d_in`` not for the ``first`` stage), and ``p`` and ``d_in`` products to form
+        ``diag(Hxx)`` and ``Hzz_n`` where they are not zero."""
+        if self._dense_blocks is not None or self._dense_for_second():
+            return (self.p + self.d_in) // CHUNK if self._dense_blocks is None else 0
+        xx, zz = self._nonzero_second()
+        inputs = 0 if first else self.d_in
+        return (2 * self.d_out + inputs if dense else 0) + (self.p if xx else 0) + (inputs if zz else 0)
 
     def example_curvature_diagonal(
         self,
@@ -1599,11 +1630,18 @@ class LazyBlocks(Blocks):
     ) -> tuple[Tensor, ExampleCurvature | None] | None:
         """:meth:`Blocks.example_curvature_diagonal` by :func:`example_pass` on the examples' pull-backs
         (:class:`_ExamplePulls`); None where those reach other examples (the stage mixes them)."""
+        if self._dense_blocks is None and self._dense_for_second():
+            self.dense  # noqa: B018 - formed (p + d_in batched passes), Hxx and Hzz_n with them
         if self._dense_blocks is not None:
             return self._dense_blocks.example_curvature_diagonal(P, coupled, only_diagonal, rows)
-        parts = self._second_parts()
-        assert parts is not None  # (keeps_examples_apart)
-        hxx, hzz = parts
+        if coupled or self._nonzero_second()[0]:
+            parts = self._second_parts()
+            assert parts is not None  # (keeps_examples_apart)
+            hxx, hzz = parts
+        else:  # (the first stage: no Hzz_n to form, its input is data)
+            hxx = hzz = None
+        if not coupled:
+            hzz = None
         start, stop, _ = rows.indices(self.batch)
         hxx = hxx if start == 0 else None
         hzz = None if hzz is None else hzz[start:stop]
