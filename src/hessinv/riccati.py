@@ -1089,7 +1089,6 @@ def _example_sweep(blocks: list[Blocks], like: Tensor) -> list[Tensor] | None:
     out = [like.new_zeros(b.p) for b in blocks]
     first = _first_with_parameters(blocks)
     loss = blocks[-1]
-    Lam = loss.Lam
     step = _example_rows(blocks)
     # stage l's P_{l-1} is needed only on its diagonal where every stage from the last one with parameters
     # (in the sweep's order) to l - 1 reads only the diagonal of its P and, but that one, has no parameters
@@ -1100,12 +1099,15 @@ def _example_sweep(blocks: list[Blocks], like: Tensor) -> list[Tensor] | None:
     for r0 in range(0, loss.batch, step):
         rows = slice(r0, min(loss.batch, r0 + step))
         k = rows.stop - r0
-        P: ExampleCurvature = Lam[rows] if Lam is not None else like.new_zeros(k, loss.d_in, loss.d_in)
+        exact = None
         if loss.d_in <= EXAMPLE_FACTOR_MAX_OUTPUTS:  # Lambda_n = F diag(S) F^T: R = C columns
             exact = getattr(loss, "example_factor", lambda rows: None)(rows)  # (the closed form's, exact)
-            if exact is not None:
-                P = (exact[0].to(like.dtype), exact[1].to(like.dtype))
-            else:
+        if exact is not None:
+            P: ExampleCurvature = (exact[0].to(like.dtype), exact[1].to(like.dtype))
+        else:  # (Lambda formed only where its closed form gives no factor)
+            Lam = loss.Lam
+            P = Lam[rows] if Lam is not None else like.new_zeros(k, loss.d_in, loss.d_in)
+            if loss.d_in <= EXAMPLE_FACTOR_MAX_OUTPUTS:
                 mu, V = torch.linalg.eigh(0.5 * (P + P.mT))
                 P = (V, mu)
         for l in range(len(blocks) - 2, first - 1, -1):

@@ -1712,9 +1712,9 @@ class _ExamplePulls:
                     cols[E[0] + torch.arange(m), torch.arange(m)] = 1
                 else:
                     cols = E[i]
-                if self.alone and self._alone(b, cols, A[i], Z[i]):
-                    continue
-                self._through_batch(b, cols, A[i], Z[i])
+                if not self._alone(b, cols, A[i], Z[i]):  # (no one-example graph: the rest, the batch's)
+                    self._through_batch_all(E, A, Z, i)
+                    break
         return A, Z
 
     def _alone(self, b: int, cols: Tensor, A: Tensor, Z: Tensor) -> bool:
@@ -1824,31 +1824,11 @@ class _ExamplePulls:
         self._record(self.start, C, A, Z)
         return True
 
-    def _through_batch(self, b: int, cols: Tensor, A: Tensor, Z: Tensor) -> None:
-        """Example ``b``'s columns through the batch's graph (seeds zero at the other examples)."""
-        blk = self.blk
-        m, wrt = cols.shape[-1], [*blk.stage.params, blk._z]
-        step = max(1, EXAMPLE_PULL_ENTRIES // max(1, blk.batch * (blk.d_out + blk.d_in)))
-        for j0 in range(0, m, step):
-            q = min(step, m - j0)
-            seeds = cols.new_zeros(q, blk.batch, blk.d_out)
-            seeds[:, b] = cols[:, j0 : j0 + q].T
-            seeds = seeds.reshape(q, *blk._out.shape).to(blk._out.dtype)
-            got = _backward_rows(blk._out, wrt, q, lambda j, n, e=seeds: e[j : j + n], True)
-            if got is None:  # (no batching rule: a pass per column)
-                got = _backward_rows(blk._out, wrt, q, lambda j, n, e=seeds: e[j : j + n], False)
-                assert got is not None
-            gz = got[-1].reshape(q, blk.batch, blk.d_in)
-            if bool(gz[:, :b].ne(0).any() or gz[:, b + 1 :].ne(0).any()):
-                raise _MixesExamples
-            if blk.p:
-                A[:, j0 : j0 + q] = torch.cat([g.reshape(q, -1) for g in got[:-1]], 1).T
-            Z[:, j0 : j0 + q] = gz[:, b].T
-
-    def _through_batch_all(self, E: Tensor | tuple[int, int], A: Tensor, Z: Tensor) -> None:
-        """Every example's columns through the batch's graph, as many per batched backward pass as keep its
-        seeds within :data:`EXAMPLE_PULL_ENTRIES` numbers (one example's columns a pass, as
-        :meth:`_through_batch` takes them, cost a small stage's sweep 10x BackPACK's time)."""
+    def _through_batch_all(self, E: Tensor | tuple[int, int], A: Tensor, Z: Tensor, i0: int = 0) -> None:
+        """The columns of examples ``i0 ..`` (of this call's) through the batch's graph (seeds zero at the
+        other examples), as many per batched backward pass as keep its seeds within
+        :data:`EXAMPLE_PULL_ENTRIES` numbers (one example's columns a pass cost a small stage's sweep 10x
+        BackPACK's time); a pull-back that reaches another example's input raises :class:`_MixesExamples`."""
         blk = self.blk
         k, m = A.shape[0], A.shape[-1]
         wrt = [*blk.stage.params, blk._z]
@@ -1860,7 +1840,7 @@ class _ExamplePulls:
         C = C.reshape(k * m, blk.d_out)
         own = self.start + torch.arange(k, device=A.device).repeat_interleave(m)  # (each column's example)
         step = max(1, EXAMPLE_PULL_ENTRIES // max(1, blk.batch * (blk.d_out + blk.d_in)))
-        for c0 in range(0, k * m, step):
+        for c0 in range(i0 * m, k * m, step):
             q = min(step, k * m - c0)
             rows = torch.arange(q, device=A.device)
             b = own[c0 : c0 + q]
