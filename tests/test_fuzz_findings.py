@@ -93,13 +93,10 @@ def test_a_zero_pivot_coupled_to_the_rest_is_perturbed_not_refused():
     assert abs(F.logdet() - float(torch.linalg.slogdet(ref)[1])) <= 1e-9
 
 
-@pytest.mark.parametrize("per_pixel", [True, False])
-def test_a_confident_output_amplified_by_its_jacobian_keeps_the_diagonal_exact(per_pixel):
-    """The per-example diagonal sweep factored each example's ``Lambda_n`` by ``eigh``, whose eigenvalues
-    carry ``u ||Lambda_n||``: a confident output's ``p (1 - p) = 2e-16`` came out 10% off, and a Jacobian of
-    6e5 made that 1e-6 of the diagonal (the a x a sweep it replaced for convolutions was exact). Now the
-    closed form's exact factor ``sqrt(p_j) (e_j - p)``: a per-pixel cross-entropy through a 1 x 1
-    convolution and a per-example one through a Linear layer, against ``sum q a a^T`` written out."""
+def _confident_output(per_pixel: bool) -> tuple[nn.Module, Tensor, Tensor, Tensor]:
+    """``(model, X, y, G)``: a linear model (a 1 x 1 convolution under a per-pixel cross-entropy, or a Linear
+    layer under a per-example one) with one bright input (a logit gap of 36: ``p (1 - p) = 2e-16``, times a
+    Jacobian of 6e5), and its Gauss-Newton matrix ``sum q a a^T`` written out."""
     torch.manual_seed(0)
     if per_pixel:
         model = nn.Sequential(nn.Conv2d(1, 2, 1)).to(F64)
@@ -121,8 +118,36 @@ def test_a_confident_output_amplified_by_its_jacobian_keeps_the_diagonal_exact(p
     x = X[:, 0].reshape(-1)
     one = torch.ones_like(x)
     A = torch.stack([x, -x, one, -one], 1)  # d(z0 - z1) / d(W0, W1, b0, b1)
-    G_exact = (A.T * q) @ A
+    return model, X, y, (A.T * q) @ A
+
+
+@pytest.mark.parametrize("per_pixel", [True, False])
+def test_a_confident_output_amplified_by_its_jacobian_keeps_the_diagonal_exact(per_pixel):
+    """The per-example diagonal sweep factored each example's ``Lambda_n`` by ``eigh``, whose eigenvalues
+    carry ``u ||Lambda_n||``: a confident output's ``p (1 - p) = 2e-16`` came out 10% off, and a Jacobian of
+    6e5 made that 1e-6 of the diagonal (the a x a sweep it replaced for convolutions was exact). Now the
+    closed form's exact factor ``sqrt(p_j) (e_j - p)``: a per-pixel cross-entropy through a 1 x 1
+    convolution and a per-example one through a Linear layer, against ``sum q a a^T`` written out."""
+    model, X, y, G_exact = _confident_output(per_pixel)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     for make in (hessinv.gauss_newton, hessinv.hessian):  # (a linear model: H = G)
         d = make(model, loss_fn, X, y).diagonal()
         assert float((d - G_exact.diagonal()).abs().max()) <= 1e-13 * float(G_exact.abs().max()), make
+
+
+@pytest.mark.parametrize("per_pixel", [True, False])
+def test_a_confident_position_keeps_the_gauss_newton_root_exact(per_pixel):
+    """The Gauss-Newton root took each example's ``Lambda_n`` from ``eigh`` with a tolerance at the example's
+    scale; under a per-pixel cross-entropy ``Lambda_n`` is block diagonal over positions of different
+    scales, and a confident pixel's ``p (1 - p)`` (below ``u ||Lambda_n||``) was dropped: ``U^T S U`` was
+    1e-5 off ``G`` and the Woodbury factorization's log-determinant 1.3e-5 off. Now the closed form's
+    exact factor per position."""
+    model, X, y, G_exact = _confident_output(per_pixel)
+    G = hessinv.gauss_newton(model, nn.CrossEntropyLoss(reduction="sum"), X, y)
+    U, S = G.root()
+    assert float(((U.T * S) @ U - G_exact).abs().max()) <= 1e-13 * float(G_exact.abs().max())
+    shifted = G_exact + 1e-3 * torch.eye(4, dtype=F64)
+    F = G.factor(1e-3, method="woodbury")
+    assert abs(F.logdet() - float(torch.linalg.slogdet(shifted)[1])) <= 1e-11
+    b = torch.randn(4, dtype=F64)
+    assert float((shifted @ F.solve(b) - b).norm()) <= 1e-11 * float(b.norm())

@@ -117,7 +117,23 @@ def gauss_newton_root(
     # under BCELoss has Lambda ~ 1e20 and J ~ 1e-10, and a batch-wide threshold dropped every other
     # example) -- and those of a diagonal Lambda_n (an elementwise loss) exactly: its entries
     exact = torch.zeros(B, 1, dtype=torch.bool, device=device)
-    if max_rows is not None and B * C > max_rows:
+    classes = getattr(loss, "classes", None) or C
+    factor = None
+    per_position = C > classes and getattr(loss, "softmax_p", None) is not None
+    if per_position and (max_rows is None or B * C <= max_rows):
+        # a softmax at each of several positions (per-pixel cross-entropy): Lambda_n is block diagonal
+        # over the positions, whose scales differ, and a confident position's eigenvalues p (1 - p) sit
+        # below eigh's resolution u ||Lambda_n|| (10% off, and amplified by its Jacobian: 1e-5 of G) --
+        # the closed form's exact factor instead (C rows per position; one position keeps eigh's C - 1)
+        factor = loss.example_factor()
+    if factor is not None:
+        check_output_curvature_size(B, C, "the Gauss-Newton root of a per-position softmax")
+        F, w = factor  # Lambda_n = F_n diag(w_n) F_n^T, F_n (C, C)
+        mu = w.to(torch.float64).expand(B, C).clone()
+        mu[F.eq(0).all(1)] = 0.0  # (a column that is zero: a class of probability 0, or a weight 0)
+        V = F.to(torch.float64)
+        exact.fill_(True)
+    elif max_rows is not None and B * C > max_rows:
         mu, V = _top_output_curvature(loss, B, C, max(1, max_rows // B), dtype, device)
     else:
         check_output_curvature_size(
