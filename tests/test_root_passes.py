@@ -71,3 +71,38 @@ def test_a_root_that_does_not_fit_is_refused_before_it_is_allocated():
     assert U.shape == (r, n)  # (in 15 passes of 8 rows)
     G_ref = autograd_gauss_newton(net, torch.nn.CrossEntropyLoss(), X, y)
     assert float((U.T @ (S[:, None] * U) - G_ref).abs().max()) <= 1e-12 * float(G_ref.abs().max())
+
+
+@settings(max_examples=20, deadline=None)
+@given(chains(max_depth=4, max_width=6, max_batch=5))
+def test_an_optimizers_transient_operator_has_the_same_root(prob):
+    """The optimizer's refresh builds its operator ``_transient``: no copy of the point, the batch taken
+    as checked, and on a chain of Linear + activation stages no gradient (after the split's first,
+    checked one). Its root is the operator's, ``U^T S U = G`` (plain autograd); its float64 copy is
+    refused by name (it would be at the parameters of the moment, not the operator's)."""
+    chain = hessinv.Chain(prob.model, prob.loss_fn)
+    first = hessinv.GaussNewton(prob.model, prob.loss_fn, prob.inputs, prob.targets, chain=chain)
+    op = hessinv.GaussNewton(prob.model, prob.loss_fn, prob.inputs, prob.targets, chain=chain, _transient=True)
+    dense = all(isinstance(s, hessinv.stages.DenseStage) for s in chain.stages)
+    assert (op.gradient is None) == dense, prob.description
+    U, S = op.root()
+    G_ref = autograd_gauss_newton(prob.model, prob.loss_fn, prob.inputs, prob.targets)
+    scale = max(float(G_ref.abs().max()), 1.0)
+    assert float((U.T @ (S[:, None] * U) - G_ref).abs().max()) <= 1e-11 * scale, prob.description
+    U1, S1 = first.root()
+    assert torch.equal(U, U1) and torch.equal(S, S1)
+    with pytest.raises(hessinv.errors.InvalidArgumentError, match="one use"):
+        op._converted(torch.float32)
+
+
+def test_a_transient_operator_through_generic_stages_keeps_its_gradient():
+    """Generic stages' blocks read the backward vectors: there the transient operator's linearization
+    keeps the gradient (the full pass), and its root is the full operator's."""
+    model, loss_fn, x, y = generic_problem("conv1d")
+    chain = hessinv.Chain(model, loss_fn)
+    full = hessinv.GaussNewton(model, loss_fn, x, y, chain=chain)
+    op = hessinv.GaussNewton(model, loss_fn, x, y, chain=chain, _transient=True)
+    assert op.gradient is not None and torch.equal(op.gradient, full.gradient)
+    U, S = op.root()
+    U1, S1 = full.root()
+    assert torch.allclose(U, U1, rtol=0, atol=1e-13 * float(U1.abs().max())) and torch.equal(S, S1)

@@ -344,12 +344,19 @@ class CurvatureOperator:
         targets: Tensor,
         *,
         chain: Chain | None = None,
+        _transient: bool = False,
     ):
         """``chain``: the :class:`~hessinv.Chain` of ``(model, loss_fn)`` when the caller already holds one
         (an optimizer that builds an operator every few steps: splitting a traced model into stages
         costs milliseconds); by default it is built here. The operator's vectors follow ``chain.params``:
         ``model.parameters()``'s order, except for an optimizer's chain of a model whose forward uses its
-        parameters in another order (``Chain(..., ordered=False)``), which takes the stages' order."""
+        parameters in another order (``Chain(..., ordered=False)``), which takes the stages' order.
+
+        ``_transient`` (the library's own optimizers): a Gauss-Newton operator its caller uses at once and
+        drops -- the refresh's root, on a curvature batch drawn from a batch the caller has checked. No
+        copy of the batch or of the point is kept (no float64 twin: refined solves, ``logdet`` and
+        eigenvalues of a float32 one are refused) and, where :meth:`Chain.linearize` can leave it out,
+        no gradient (``gradient`` is None)."""
         if chain is not None and (chain.model is not model or chain.loss_fn is not uncompiled(loss_fn)):
             raise InvalidArgumentError("chain= must be the Chain of this model and loss_fn")
         self.chain = chain if chain is not None else Chain(model, loss_fn)
@@ -357,12 +364,18 @@ class CurvatureOperator:
         targets_as_data(_tensor(targets, "targets"), self.chain.params)
         # the point is kept: copies of the batch (blocks may hold the inputs; a caller's buffer is
         # refilled in place) and, for the float64 twin of a float32 operator, of the parameters
-        inputs, targets = inputs.detach().clone(), targets.detach().clone()
+        self._transient = _transient
+        if not _transient:
+            inputs, targets = inputs.detach().clone(), targets.detach().clone()
         self.model, self.loss_fn, self.inputs, self.targets = model, loss_fn, inputs, targets
         self._point = (
-            [t.detach().clone() for t in self.chain.params] if self.chain.dtype != torch.float64 else None
+            [t.detach().clone() for t in self.chain.params]
+            if self.chain.dtype != torch.float64 and not _transient
+            else None
         )
-        lin = self.chain.linearize(inputs, targets, second_order=self.second_order)
+        lin = self.chain.linearize(
+            inputs, targets, second_order=self.second_order, checked=_transient, gradient=not _transient
+        )
         # the float64 twin's model is a copy of this one made when needed: what it must match besides the
         # trainable parameters -- buffers and plain tensor attributes, restored from copies (attributes by
         # their place: a forward may rebind one, self.last = x.detach()); frozen parameters, fingerprinted
@@ -392,7 +405,7 @@ class CurvatureOperator:
             self._loss_point = _loss_snapshot(loss_fn)
         self._model_key = self.chain.model_key()
         self.blocks, self._sizes = lin.blocks, lin.sizes + [0]
-        self.gradient: Tensor = lin.gradient
+        self.gradient: Tensor = lin.gradient  # type: ignore[assignment]  # (None: _transient only)
         self.loss: Tensor = lin.loss
         self.dtype, self.device = self.chain.dtype, self.chain.device
         n = self.chain.num_params
@@ -1703,6 +1716,11 @@ class CurvatureOperator:
     def _converted(self, dtype: torch.dtype) -> CurvatureOperator:
         """The same operator on a copy of the model, inputs and targets in ``dtype``, at this operator's
         point (the parameters as they were at its construction, whatever happened to them since)."""
+        if self._transient:  # (no point was kept: the copy would be at today's parameters)
+            raise InvalidArgumentError(
+                f"this operator was built for one use (an optimizer's refresh) and has no {dtype} copy; "
+                "build the operator with hessinv.gauss_newton(...)"
+            )
         self.chain.check_model()  # a replaced layer: named
         if self.chain.model_key() != self._model_key:
             raise InvalidArgumentError(

@@ -1169,7 +1169,7 @@ class Preconditioner:
         ``U`` are not written (``structured_only``) unless ``full`` (a caller that uses ``U`` alone).
         ``of``: the size of the curvature batch ``X`` is part of (default: ``X`` itself), whose share of
         the ``max_rank`` rows ``X``'s examples keep."""
-        op = GaussNewton(self.model, self.loss_fn, X, y, chain=self.chain)
+        op = GaussNewton(self.model, self.loss_fn, X, y, chain=self.chain, _transient=True)
         self._root_factors = []
         self._root_tables = None if full else []
         self._root_structured = not full
