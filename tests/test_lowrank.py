@@ -990,3 +990,47 @@ def test_gauss_newton_to_dense_takes_the_root_up_to_twice_n_rows(monkeypatch):
     assert called
     ref = autograd_gn(net, lf, X, y)
     assert float((A - ref).abs().max()) <= 1e-13 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("biases", [(True, True, True, True), (True, False, True, False), (False, True, True, True)])
+@pytest.mark.parametrize("rotated", [False, True])
+def test_weights_of_one_shape_solved_together_equal_the_dense_solve(biases, rotated):
+    """Linear weights of one shape are solved through their rows' structure in one batched product
+    (:data:`hessinv.lowrank._STRUCTURED_GROUP`): with the same gap between consecutive weights (a view)
+    and with biases on some layers only (gathered), in the eigenbasis and not, several right-hand sides;
+    after a damping update too. Against the dense Woodbury solve and ``(U^T S U + D)^{-1}``."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    w = 6
+    layers: list = [nn.Linear(4, w, bias=biases[0]), nn.Tanh()]
+    for b in biases[1:]:
+        layers += [nn.Linear(w, w, bias=b), nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(w, 3)).double()
+    X, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    G = hessinv.gauss_newton(model, nn.CrossEntropyLoss(), X, y)
+    params = list(model.parameters())
+    basis = hessinv.optim.EigenBasis(params)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        basis.accumulate(torch.randn(G.shape[0], generator=gen, dtype=torch.float64))
+    basis.refresh()
+    factors: list = []
+    U, S = G.root(basis.blocks_in if rotated else None, factors)
+    D = torch.rand(U.shape[1], generator=gen, dtype=torch.float64) + 0.05
+    with mock.patch.object(hessinv.lowrank, "_STRUCTURED_GROUP", 3 * w * w):
+        F = WoodburyFactor(U, S, D, factors=factors)
+    together = [g for g in F._solve_groups if len(g[0]) > 1]
+    assert len(together) == 1 and len(together[0][0]) == 3
+    assert (together[0][-1] is None) == (len({b for b in biases[1:]}) > 1)  # (gathered where gaps differ)
+    A = U.T @ (S[:, None] * U) + torch.diag(D)
+    R = torch.randn(U.shape[1], 4, generator=gen, dtype=torch.float64)
+    x = F.solve(R.clone())
+    assert torch.allclose(x, torch.linalg.solve(A, R), rtol=1e-10, atol=1e-10 * float(x.abs().max()))
+    assert torch.allclose(x, WoodburyFactor(U, S, D).solve(R.clone()), rtol=1e-10, atol=1e-12)
+    J = torch.arange(0, U.shape[1], 5)
+    D2 = D.clone()
+    D2[J] *= 3.0
+    F.update_damping(J, D2[J])
+    x2 = F.solve(R[:, :1].clone())
+    ref = torch.linalg.solve(A + torch.diag(D2 - D), R[:, :1])
+    assert torch.allclose(x2, ref, rtol=1e-10, atol=1e-10 * float(ref.abs().max()))
