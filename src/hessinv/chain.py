@@ -1681,9 +1681,24 @@ class Chain:
             raise InvalidArgumentError(f"{built}: {e} (fit it again)") from None
         now = self.flat_params()
         if now.shape != saved.shape or not torch.equal(now, saved):
+            mods = [self.model] if isinstance(self.model, nn.Module) else list(self.model)
+            renorm = [
+                m
+                for top in mods
+                for m in top.modules()
+                if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+            ]
+            why = (
+                f" -- the model's {type(renorm[0]).__name__}(max_norm={renorm[0].max_norm:g}) renormalizes "
+                "the rows it looks up, in place, at every call (torch's semantics), so a call on tokens the "
+                "fit did not see changed them: renormalize every row once before fitting (under "
+                "torch.no_grad(), call the embedding on torch.arange(num_embeddings)), or set max_norm=None"
+                if renorm
+                else ""
+            )
             raise InvalidArgumentError(
                 f"the model's parameters changed since {built} was fitted: fit it again at the new "
-                "parameters (its posterior / factorization is at the old ones)"
+                "parameters (its posterior / factorization is at the old ones)" + why
             )
         if buffers is not None:
             now_b = self.buffer_values()

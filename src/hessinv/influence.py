@@ -216,6 +216,16 @@ def output_jacobians(model: nn.Module, inputs: Tensor, chunk: int = 1024) -> Ten
             f"the model's {kinds} in training mode make its outputs random: call model.eval() for its "
             "Jacobians (the linearized predictive is of the deterministic network)"
         )
+    batch_stats = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+    ]
+    if batch_stats:  # (each example alone would be normalized by its own statistics: another function)
+        raise UnsupportedStageError(
+            f"the model's {type(batch_stats[0]).__name__}(track_running_stats=False) normalizes with the "
+            "batch's statistics in eval mode too, which mixes examples: an example's output Jacobian is not "
+            "defined on its own; build it with track_running_stats=True, or normalize each example "
+            "(LayerNorm, GroupNorm)"
+        )
     slots, params = _slots(model)
     _check_model_inputs(inputs, params)
     values = {k: p.detach() for k, p in slots}
