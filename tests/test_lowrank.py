@@ -992,7 +992,9 @@ def test_gauss_newton_to_dense_takes_the_root_up_to_twice_n_rows(monkeypatch):
     assert float((A - ref).abs().max()) <= 1e-13 * float(ref.abs().max())
 
 
-@pytest.mark.parametrize("biases", [(True, True, True, True), (True, False, True, False), (False, True, True, True)])
+@pytest.mark.parametrize(
+    "biases", [(True, True, True, True), (True, False, True, False), (False, True, True, True)]
+)
 @pytest.mark.parametrize("rotated", [False, True])
 def test_weights_of_one_shape_solved_together_equal_the_dense_solve(biases, rotated):
     """Linear weights of one shape are solved through their rows' structure in one batched product

@@ -82,7 +82,9 @@ def test_an_optimizers_transient_operator_has_the_same_root(prob):
     refused by name (it would be at the parameters of the moment, not the operator's)."""
     chain = hessinv.Chain(prob.model, prob.loss_fn)
     first = hessinv.GaussNewton(prob.model, prob.loss_fn, prob.inputs, prob.targets, chain=chain)
-    op = hessinv.GaussNewton(prob.model, prob.loss_fn, prob.inputs, prob.targets, chain=chain, _transient=True)
+    op = hessinv.GaussNewton(
+        prob.model, prob.loss_fn, prob.inputs, prob.targets, chain=chain, _transient=True
+    )
     dense = all(isinstance(s, hessinv.stages.DenseStage) for s in chain.stages)
     assert (op.gradient is None) == dense, prob.description
     U, S = op.root()

@@ -2225,7 +2225,12 @@ class Chain:
             )
 
     def _linearize(
-        self, inputs: Tensor, targets: Tensor, second_order: bool, checked: bool = False, gradient: bool = True
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        second_order: bool,
+        checked: bool = False,
+        gradient: bool = True,
     ) -> Linearization:
         if not checked:
             self.check_inputs(inputs, targets)
@@ -2302,9 +2307,8 @@ class Chain:
                 ),
             )
         # (blocks without the backward vectors b: a plain Linear + activation's Gauss-Newton blocks only)
-        gradient = gradient or not all(
-            isinstance(st, DenseStage) and z.dim() == 2 for st, z in zip(self.stages[first:], zs[first:-1])
-        )
+        pairs = zip(self.stages[first:], zs[first:-1], strict=True)
+        gradient = gradient or not all(isinstance(st, DenseStage) and z.dim() == 2 for st, z in pairs)
         for s, z_in in zip(reversed(self.stages[first:]), reversed(zs[first:-1]), strict=True):
             with exact_no_grad():
                 if ce is not None and s is self.stages[-1]:  # the LogSoftmax, moved into the loss

@@ -217,7 +217,9 @@ def output_jacobians(model: nn.Module, inputs: Tensor, chunk: int = 1024) -> Ten
             "Jacobians (the linearized predictive is of the deterministic network)"
         )
     batch_stats = [
-        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
     ]
     if batch_stats:  # (each example alone would be normalized by its own statistics: another function)
         raise UnsupportedStageError(

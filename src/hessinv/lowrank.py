@@ -481,7 +481,7 @@ def _solve_groups(factors: list) -> list[tuple]:
     for (d, m, *_), fs in keyed.items():
         fs.sort(key=lambda f: f[0])
         offsets = [f[0] for f in fs]
-        gaps = {b - a for a, b in zip(offsets, offsets[1:])}
+        gaps = {b - a for a, b in zip(offsets[:-1], offsets[1:], strict=True)}
         stride = d * m if len(fs) == 1 else gaps.pop() if len(gaps) == 1 else None
         T = torch.stack([f[3] for f in fs])
         Z = torch.stack([f[4] for f in fs])
@@ -557,7 +557,8 @@ class WoodburyFactor:
         self._solve_factors = _through_factors(self.factors or [])
         self._solve_groups = _solve_groups(self._solve_factors)
         # U's columns of these weights unwritten (gauss_newton_root(structured_only=True)): never read
-        self.structured_only = structured_only and any(f[1] * f[2] >= _STRUCTURED_SOLVE for f in self._solve_factors)
+        unwritten = any(f[1] * f[2] >= _STRUCTURED_SOLVE for f in self._solve_factors)
+        self.structured_only = structured_only and unwritten
         # lookup tables whose columns of U are unwritten: (offset, size, columns, values), gauss_newton_root's
         self.tables = tables or None
         # the columns of U never read: the solved-through weights', the tables'
