@@ -820,17 +820,19 @@ class WoodburyFactor:
         weight and per other nonzero column, plus ``B^2`` per weight entry (:func:`structured_gram`)."""
         r = self.rank
         idx = idx[self.live[idx]]
-        update = rebuild = 0.0
-        for _off, d, m, _T, Z, _n in self.factors or []:
-            rebuild += Z.shape[0] ** 2 * d * m + r * r * d
+        update = 0.0
         groups, rest = self._by_factor(idx)
         for (off, _d, m, _T, Z, _n), inside in groups:
             rows = int(torch.unique((idx[inside] - off) // m).numel())
             update += Z.shape[0] ** 2 * int(inside.sum()) + r * r * rows
         update += r * r * int(rest.sum())
-        gram_rest = self._live_columns("gram", self.factors or [])[0] if self.factors else self._rest
-        rebuild += r * r * int(gram_rest.numel())
-        return update, rebuild
+        if "rebuild" not in self._columns:  # (U's and the factors' alone: one number per root)
+            rebuild = 0.0
+            for _off, d, m, _T, Z, _n in self.factors or []:
+                rebuild += Z.shape[0] ** 2 * d * m + r * r * d
+            gram_rest = self._live_columns("gram", self.factors or [])[0] if self.factors else self._rest
+            self._columns["rebuild"] = rebuild + r * r * int(gram_rest.numel())
+        return update, self._columns["rebuild"]
 
     def _kinv(self, W: Tensor) -> Tensor:
         W64 = W.double()
