@@ -112,11 +112,14 @@ from hessinv.optim.precondition import (
 from hessinv.optim.trust_region import TrustRegion
 from hessinv.riccati import Inertia
 from hessinv.stages.generic import NoFastPath, held_tensors
-from hessinv.stages.losses import uncompiled
+from hessinv.stages.losses import nothing_to_learn, uncompiled
 
 __all__ = ["Newton", "StepStats"]
 
 _MODES = ("auto", "trust-region", "precondition")
+#: a constructor ``lr`` at most this is warned about: Adam's habitual 1e-3 (3e-3, 1e-2) left a new user's
+#: loss at chance (2.329 -> 2.325 in 10 s, where lr = 1 reached 0.099)
+ADAM_SIZED_LR = 0.01
 #: the default ``diagonal_damping`` (docs/training.md: why 200)
 DIAGONAL_DAMPING = 200.0
 #: ``mode="auto"`` takes the trust region for full-batch training only where one factorization costs at
@@ -455,6 +458,14 @@ class Newton(torch.optim.Optimizer):
                 f"loss_fn(outputs, targets), got {type(loss_fn).__name__}"
             )
         _positive("lr", lr, allow_zero=True)  # a schedule may start at 0 (warm-up), as torch.optim allows
+        if 0 < float(lr) <= ADAM_SIZED_LR:  # (a new user's habit: the loss then sat at chance, silently)
+            warn(
+                f"Newton(lr={float(lr):g}): the step is already scaled (a Newton step on the curvature's "
+                "subspace, an Adam step of size 1 / diagonal_damping off it) and lr multiplies it -- an "
+                "Adam-sized lr makes every step hundreds of times too short; start from lr=1.0 (the "
+                "default; schedulers scale from there)",
+                UserWarning,
+            )
         _positive("weight_decay", weight_decay, allow_zero=True)
         if mode not in _MODES:
             raise InvalidArgumentError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -1064,6 +1075,10 @@ class Newton(torch.optim.Optimizer):
                 "calls the model and loss_fn (or step(closure=..., inputs=..., targets=...))"
             )
         inputs, targets = _tensor(inputs, "inputs"), _tensor(targets, "targets")
+        skip = nothing_to_learn(self.loss_fn, targets)
+        if skip is not None:  # (an all-padding batch: torch's loss is NaN, Adam's step a momentum step)
+            warn(f"Newton.step: {skip}", UserWarning)
+            return torch.full((), math.nan, dtype=self.chain.dtype, device=self.chain.device)
         with layers_in_mode(layers, False):
             self._check_batch(inputs, targets)
             auto = self._newton["mode"] == "auto"

@@ -75,9 +75,16 @@ from hessinv.errors import (
     NotFittedError,
     ShapeMismatchError,
     UnsupportedStageError,
+    warn,
 )
 from hessinv.lowrank import WoodburyFactor, written_runs
-from hessinv.stages.losses import count_examples, counted_examples, ignored_index, sums_examples
+from hessinv.stages.losses import (
+    count_examples,
+    counted_examples,
+    ignored_index,
+    nothing_to_learn,
+    sums_examples,
+)
 from hessinv.stages.protocol import basis_product
 
 __all__ = ["Preconditioner", "EigenBasis"]
@@ -1330,8 +1337,12 @@ class Preconditioner:
                 "since); compute the new batch's gradient (zero_grad(), loss.backward()) first"
             )
         self.follow_trainable()  # (a layer frozen or unfrozen since the last call)
-        g = self.gradient()
         inputs, targets = _tensor(inputs, "inputs"), _tensor(targets, "targets")
+        skip = nothing_to_learn(self.loss_fn, targets)
+        if skip is not None:  # (the grads stay torch's zeros: the optimizer's step is its own to take)
+            warn(f"precondition_: {skip.replace('the step was skipped', 'the grads were left as they are')}")
+            return torch.zeros(self.chain.num_params, dtype=self.chain.dtype, device=self.chain.device)
+        g = self.gradient()
         if not linalg.all_finite(g):  # before it enters (and poisons) the second moments
             self.chain.check_inputs(inputs, targets)
             raise NonFiniteError("the gradient contains NaN or infinity; the step was not taken")

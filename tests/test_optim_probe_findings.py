@@ -1,0 +1,133 @@
+"""Defects an optimizer probe found (a new user's models and losses), each reduced to its model."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import autograd_gauss_newton
+from torch import nn
+
+import hessinv
+from hessinv.errors import UnsupportedStageError
+
+F64 = torch.float64
+
+
+def _confident_classifier(scale: float = 40.0, out_shape: tuple[int, ...] = ()):
+    """A linear classifier whose logits on its own batch are scaled until every prediction is confident
+    (max probability 1 to float32's precision at scale 40)."""
+    torch.manual_seed(0)
+    C = 3
+    model = nn.Sequential(nn.Linear(4, C * max(1, len(out_shape) and out_shape[0])))
+    if out_shape:
+        model.append(nn.Unflatten(1, (out_shape[0], C)))
+    X = torch.randn(8, 4)
+    with torch.no_grad():
+        y = model(X).argmax(-1)
+        model[0].weight.mul_(scale)
+        model[0].bias.mul_(scale)
+    return model, X, y
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        lambda o, t: F.cross_entropy(o, t),
+        lambda o, t: F.nll_loss(F.log_softmax(o, -1), t),
+        lambda o, t: F.cross_entropy(o, t, label_smoothing=0.1),
+    ],
+)
+def test_a_cross_entropy_given_as_a_function_keeps_training_at_confident_outputs(loss_fn):
+    """A cross-entropy written as a function went to autograd's dense ``Lambda``, whose per-example check
+    compared values relative to their own size: at confident outputs (``p (1 - p) = 1e-17``) rounding
+    failed it, and the optimizer stopped hundreds of steps into training with "mixes examples". Now the
+    softmax form is probed for any loss (exact there), and the Gauss-Newton matrix is the loss module's."""
+    model, X, y = _confident_classifier()
+    G = hessinv.gauss_newton(model, loss_fn, X, y)
+    smoothing = 0.1 if "label_smoothing" in loss_fn.__code__.co_names else 0.0
+    ref = hessinv.gauss_newton(model, nn.CrossEntropyLoss(label_smoothing=smoothing), X, y).to_dense()
+    assert torch.allclose(G.to_dense(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+    opt = hessinv.optim.Newton(model, loss_fn, seed=0)
+    for _ in range(12):  # (two refreshes)
+        opt.step(X, y)
+
+
+def test_a_per_token_loss_over_the_last_axis_is_not_refused_at_confident_outputs():
+    """Classes on the last axis, flattened inside the loss (a tagger's ``F.cross_entropy(o.reshape(-1, C),
+    t.reshape(-1))``): no softmax form over axis 1, so autograd's ``Lambda`` -- whose per-example check
+    rounding failed at confident outputs; the examples' exact separation (no cross-example second
+    derivative) now decides. Float64: the matrix is plain autograd's."""
+    model, X, y = _confident_classifier(scale=400.0, out_shape=(2,))
+    model = model.double()
+    X = X.double()
+
+    def loss_fn(o, t):
+        return F.cross_entropy(o.reshape(-1, o.shape[-1]), t.reshape(-1))
+
+    G = hessinv.gauss_newton(model, loss_fn, X, y)
+    ref = autograd_gauss_newton(model, loss_fn, X, y)
+    assert torch.allclose(G.to_dense(), ref, rtol=1e-9, atol=1e-12 * float(ref.abs().max()))
+
+
+def test_a_loss_that_mixes_examples_is_still_refused_at_confident_outputs():
+    """The exact separation test refuses what mixes examples: logits centred over the batch."""
+    model, X, y = _confident_classifier()
+    for loss_fn in (
+        lambda o, t: F.cross_entropy(o - o.mean(0), t),
+        lambda o, t: F.cross_entropy(o, t) + 1e-3 * o.sum() ** 2,
+    ):
+        with pytest.raises(UnsupportedStageError, match="mixes examples"):
+            hessinv.gauss_newton(model, loss_fn, X, y).to_dense()
+
+
+def test_an_all_padding_batch_is_skipped_with_a_warning():
+    """Every target ``ignore_index`` (an all-padding batch in a token pipeline): torch's mean loss is 0/0
+    and its gradient zero, Adam carries on, and ``Newton.step`` raised, stopping the run. Now the step is
+    skipped with a warning and NaN returned (torch's loss); the optimizer's state is unchanged: the next
+    steps are those of an optimizer that never saw the batch. The preconditioner mode leaves the grads."""
+    torch.manual_seed(0)
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    X, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    pad = torch.full((32,), -100)
+    runs = []
+    for padded in (False, True):
+        model = make()
+        opt = hessinv.optim.Newton(model, nn.CrossEntropyLoss(), seed=0)
+        opt.step(X, y)
+        if padded:
+            before = [p.detach().clone() for p in model.parameters()]
+            with pytest.warns(UserWarning, match="ignore_index=-100 .* step was skipped"):
+                out = opt.step(X, pad)
+            assert torch.isnan(out) and opt.steps == 1
+            assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+        for _ in range(3):
+            opt.step(X, y)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    model = make()
+    pre = hessinv.optim.Preconditioner(model, nn.CrossEntropyLoss(), seed=0)
+    nn.CrossEntropyLoss()(model(X), pad).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.warns(UserWarning, match="grads were left as they are"):
+        pre.precondition_(X, pad)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("lr", [1e-3, 3e-3, 1e-2])
+def test_an_adam_sized_learning_rate_is_warned_about(lr):
+    """``Newton(model, loss_fn, lr=1e-3)`` (a new user's Adam habit) left the loss at chance, silently:
+    the direction is already scaled. Warned at construction; the default and larger values are not."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.warns(UserWarning, match="already scaled"):
+        hessinv.optim.Newton(model, nn.CrossEntropyLoss(), lr=lr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for ok in (1.0, 0.5, 0.0):  # (0: a warm-up schedule's start)
+            hessinv.optim.Newton(model, nn.CrossEntropyLoss(), lr=ok)
