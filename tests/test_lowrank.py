@@ -1036,3 +1036,55 @@ def test_weights_of_one_shape_solved_together_equal_the_dense_solve(biases, rota
     x2 = F.solve(R[:, :1].clone())
     ref = torch.linalg.solve(A + torch.diag(D2 - D), R[:, :1])
     assert torch.allclose(x2, ref, rtol=1e-10, atol=1e-10 * float(ref.abs().max()))
+
+
+def test_a_free_damping_on_the_zero_columns_is_the_solve_of_the_mixed_damping():
+    """``solve(R, free)``: U's zero columns (an Embedding's rows of tokens outside the batch, a dead
+    unit) are not in ``K``, so their damping may be today's -- the optimizer's second moments move there
+    every step -- without an update of the factor: exactly ``(U^T S U + D')^{-1} R`` with ``D'`` = ``D``
+    on the live columns and ``free`` on the others. The staleness test then looks at live entries only."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Embedding(50, 3), nn.Flatten(), nn.Tanh(), nn.Linear(6, 4)).double()
+    X, y = torch.randint(0, 10, (5, 2)), torch.randint(0, 4, (5,))  # tokens 0..9 of 50: most rows zero
+    U, S = hessinv.gauss_newton(model, nn.CrossEntropyLoss(), X, y).root()
+    gen = torch.Generator().manual_seed(3)
+    D = torch.rand(U.shape[1], generator=gen, dtype=torch.float64) + 0.1
+    free = torch.rand(U.shape[1], generator=gen, dtype=torch.float64) + 0.1
+    F = WoodburyFactor(U, S, D)
+    live = U.ne(0).any(0)
+    assert F.live_index() is not None and torch.equal(F.live, live | F.live)  # (live: at least U's nonzero)
+    mixed = torch.where(F.live, D, free)
+    R = torch.randn(U.shape[1], 2, generator=gen, dtype=torch.float64)
+    ref = torch.linalg.solve(U.T @ (S[:, None] * U) + torch.diag(mixed), R)
+    assert torch.allclose(F.solve(R.clone(), free), ref, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(F.solve(R.clone()), torch.linalg.solve(U.T @ (S[:, None] * U) + torch.diag(D), R))
+
+
+def test_the_preconditioner_steps_the_zero_columns_with_todays_damping():
+    """Between refreshes the second moments of an Embedding's unseen rows move every step; their columns
+    of ``U`` are zero, so the solve takes ``D_t`` there (``x_j = g_j / D_t,j``) and the staleness test
+    never names them (it updated the factor, two copies of ``n`` numbers, nearly every step)."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Embedding(200, 4), nn.Flatten(), nn.Tanh(), nn.Linear(8, 3))
+    pre = hessinv.optim.Preconditioner(model, nn.CrossEntropyLoss(), basis="identity", warmup=0, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    first_D = None
+    for _ in range(7):
+        X, y = torch.randint(0, 200, (16, 2), generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        model.zero_grad()
+        nn.CrossEntropyLoss()(model(X), y).backward()
+        g = pre.gradient()
+        pre.observe(g)
+        pre.update(X, y)
+        F = pre._factor
+        dead = ~F.live
+        assert bool(dead.any())
+        x = pre.solve(g)
+        D = pre.diagonal()
+        assert torch.allclose(x[dead], g[dead] / D[dead], rtol=1e-6, atol=0)
+        if first_D is None:
+            first_D = F.D.clone()
+        else:  # (between refreshes: the factor's D moved on live entries only)
+            assert torch.equal(F.D[dead], first_D[dead])

@@ -1130,6 +1130,14 @@ class Preconditioner:
         D = self.damping * ((self.state["v"] / (1 - self.beta2**t)).sqrt() + self.eps)
         return D + self.weight_decay if isinstance(self.weight_decay, Tensor) or self.weight_decay else D
 
+    def _free_damping(self) -> Tensor:
+        """``D_t`` for the solve's zero columns of ``U`` (:meth:`WoodburyFactor.solve`'s ``free``): the one
+        :meth:`update` formed this step (the same ``t`` and second moments), else formed now."""
+        kept = self.__dict__.get("_d_now")
+        if kept is not None and kept[0] == self.state["t"] and kept[1] is self.state["v"]:
+            return kept[2]
+        return self.diagonal()
+
     def due(self) -> bool:
         """Whether the next :meth:`update` rebuilds the curvature."""
         return self._factor is None or (self.state["t"] - 1) % self.refresh == 0
@@ -1201,6 +1209,7 @@ class Preconditioner:
                 self._refresh_curvature(inputs, targets, carry)
         elif self.curvature == "gauss_newton":
             D = self.diagonal()
+            self._d_now = (self.state["t"], self.state["v"], D)
             if (
                 self.state["t"] <= self.warmup
                 and self._factor.damping_update_cost(D.new_zeros(0, dtype=torch.long))[1]
@@ -1260,11 +1269,13 @@ class Preconditioner:
         """The cheap staleness test: the entries where ``D_t`` left ``[D_k / r, r D_k]`` (``r =
         stale_ratio``), e.g. after a gradient spike. The stored ``K`` then takes ``D_t`` there (same
         curvature): a rank-|J| update, or a rebuild when more than ``rank`` entries moved."""
-        ratio = D / self._factor.D
+        live = self._factor.live_index()  # (U's zero columns take D_t itself in every solve: free)
+        ratio = D / self._factor.D if live is None else D[live] / self._factor.D[live]
         lo, hi = torch.aminmax(ratio)
         if not (bool(hi > self.stale_ratio) or bool(lo < 1.0 / self.stale_ratio)):
             return ratio.new_zeros(0, dtype=torch.long)
-        return torch.nonzero((ratio > self.stale_ratio) | (ratio < 1.0 / self.stale_ratio)).flatten()
+        J = torch.nonzero((ratio > self.stale_ratio) | (ratio < 1.0 / self.stale_ratio)).flatten()
+        return J if live is None else live[J]
 
     def solve(self, g: Tensor, rotated: bool = False) -> Tensor:
         """``(C + D)^{-1} g`` with the stored factorization (no refinement), for ``g`` of shape (n,); with
@@ -1275,10 +1286,11 @@ class Preconditioner:
         if g.shape != (self.chain.num_params,):
             raise ShapeMismatchError(f"g must have shape ({self.chain.num_params},), got {tuple(g.shape)}")
         if self.curvature == "gauss_newton":
+            free = self._free_damping() if self._factor.live_index() is not None else None
             if self.basis is None:
-                return self._factor.solve(g[:, None])[:, 0]
+                return self._factor.solve(g[:, None], free)[:, 0]
             gr = g if rotated else self.basis.rotate(g)
-            return self.basis.unrotate(self._factor.solve(gr[:, None])[:, 0])
+            return self.basis.unrotate(self._factor.solve(gr[:, None], free)[:, 0])
         x = self._factor.solve(g, refine=False)
         if self._hweight != 1.0:
             x = x / self._hweight
