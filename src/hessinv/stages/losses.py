@@ -527,7 +527,7 @@ class LossStage:
         # closed forms for (batch, classes) outputs; others (a (B,) regression output, (B, C, T) logits of
         # a per-position cross-entropy) by autograd on the per-example flattened outputs
         self.closed = closed_form(loss_fn) if output.dim() == 2 else None
-        self.elementwise = self.softmax_classes = False
+        self.elementwise = self.softmax_classes = self.softmax_known = False
         if self.closed is not None:
             self.kind, self.q, self.scale = self._per_example(self.closed, targets, output)
         else:
@@ -541,6 +541,10 @@ class LossStage:
             # outputs: a function (lambda o, t: F.cross_entropy(o, t), a log-softmax then NLL, a KL
             # divergence to soft targets) is one too, whose exact form a confident batch needs
             self.softmax_classes = output.dim() >= 2 and not self.elementwise
+            # (torch's cross-entropy: the form holds by its definition, the probe reads w)
+            self.softmax_known = plain_module(loss_fn) and (
+                _torch_forward(fn, (nn.CrossEntropyLoss,)) or fn is F.cross_entropy
+            )
             if elementwise and targets.shape != output.shape:
                 hint = (
                     f"; reshape them: targets.view({', '.join(['-1', *map(str, output.shape[1:])])})"
@@ -813,9 +817,13 @@ class LossStage:
         tol = 1e3 * torch.finfo(G.dtype).eps * (1 + C) ** 0.5
         # the same w from the second product: a loss of another form (a term coupling the examples, a
         # softmax of other logits) gives a w that follows the vector, and at a confident position a
-        # large one -- which would make the test below, relative to w |p o v|, vacuous
+        # large one -- which would make the test below, relative to w |p o v|, vacuous (for torch's
+        # cross-entropy the form holds by definition, and at probabilities near the underflow w is noise
+        # that multiplies them)
         w2 = weight(hv2, u2)
-        if float((w - w2).abs().max()) > tol * max(float(w.abs().max()), float(w2.abs().max()), 1e-300):
+        if not self.softmax_known and float((w - w2).abs().max()) > tol * max(
+            float(w.abs().max()), float(w2.abs().max()), 1e-300
+        ):
             return None
         # (relative to the terms before they cancel, w |p o v|: at a confident position p o v - p (p . v)
         # is far below them, and so is Lambda v, while its rounding is not)
