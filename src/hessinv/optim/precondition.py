@@ -1270,6 +1270,8 @@ class Preconditioner:
         stale_ratio``), e.g. after a gradient spike. The stored ``K`` then takes ``D_t`` there (same
         curvature): a rank-|J| update, or a rebuild when more than ``rank`` entries moved."""
         live = self._factor.live_index()  # (U's zero columns take D_t itself in every solve: free)
+        if live is not None and not live.numel():  # (U = 0: a loss with no curvature here)
+            return live
         ratio = D / self._factor.D if live is None else D[live] / self._factor.D[live]
         lo, hi = torch.aminmax(ratio)
         if not (bool(hi > self.stale_ratio) or bool(lo < 1.0 / self.stale_ratio)):
