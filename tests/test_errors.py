@@ -509,14 +509,8 @@ def test_an_output_curvature_too_large_is_named():
     too_large = r"one 6000 x 6000 matrix per example.*curvature_batch_size=7"
     with pytest.raises(hessinv.TooLargeError, match=too_large):
         G.root()
-    with pytest.raises(hessinv.TooLargeError, match=too_large):  # (a loss by autograd: formed)
-        hessinv.gauss_newton(
-            m, lambda o, t: nn.functional.cross_entropy(o, t) + 1e-3 * o.tanh().square().sum(), X, y
-        )
-    # a cross-entropy given as a function: its softmax form is probed and kept (products, as the module's)
-    G2 = hessinv.gauss_newton(m, lambda o, t: nn.functional.cross_entropy(o, t), X, y)
-    v = torch.randn(G.shape[0])
-    assert torch.allclose(G2 @ v, G @ v, rtol=1e-4, atol=1e-6 * float((G @ v).abs().max()))
+    with pytest.raises(hessinv.TooLargeError, match=too_large):
+        hessinv.gauss_newton(m, lambda o, t: nn.functional.cross_entropy(o, t), X, y)  # autograd: formed
     opt = hessinv.optim.Newton(m, nn.CrossEntropyLoss(), seed=0)
     w0 = m.weight.detach().clone()
     for i in range(3):

@@ -1088,3 +1088,31 @@ def test_the_preconditioner_steps_the_zero_columns_with_todays_damping():
             first_D = F.D.clone()
         else:  # (between refreshes: the factor's D moved on live entries only)
             assert torch.equal(F.D[dead], first_D[dead])
+
+
+def test_zero_columns_of_weights_solved_together_are_not_live():
+    """Weights of one shape solved through their structure in a group keep their columns of ``U`` written;
+    a dead unit's columns there are zero and must take today's damping like any zero column (a fuzzer's
+    find: ``live`` counted every column of a structured weight, 10690 against 4076 of 11013, and the
+    directions left the per-weight ones by 6-10% after the warm-up)."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    layers: list = [nn.Linear(4, 8), nn.ReLU()]
+    for _ in range(4):
+        layers += [nn.Linear(8, 8), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(8, 3)).double()
+    with torch.no_grad():
+        model[2].bias.fill_(-50.0)  # the second layer's units all dead on the batch
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    factors: list = []
+    U, S = hessinv.gauss_newton(model, nn.CrossEntropyLoss(), X, y).root(None, factors)
+    D = torch.rand(U.shape[1], dtype=torch.float64) + 0.1
+    with mock.patch.object(hessinv.lowrank, "_STRUCTURED_GROUP", 4 * 64):
+        grouped = WoodburyFactor(U, S, D, factors=factors)
+    assert any(len(g[0]) > 1 for g in grouped._solve_groups)
+    nonzero = U.ne(0).any(0)
+    assert not bool(nonzero.all()) and torch.equal(grouped.live, nonzero)
+    free = torch.rand(U.shape[1], dtype=torch.float64) + 0.1
+    R = torch.randn(U.shape[1], 2, dtype=torch.float64)
+    ref = torch.linalg.solve(U.T @ (S[:, None] * U) + torch.diag(torch.where(nonzero, D, free)), R)
+    assert torch.allclose(grouped.solve(R.clone(), free), ref, rtol=1e-10, atol=1e-12)

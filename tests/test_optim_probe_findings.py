@@ -41,10 +41,11 @@ def _confident_classifier(scale: float = 40.0, out_shape: tuple[int, ...] = ()):
     ],
 )
 def test_a_cross_entropy_given_as_a_function_keeps_training_at_confident_outputs(loss_fn):
-    """A cross-entropy written as a function went to autograd's dense ``Lambda``, whose per-example check
+    """A cross-entropy written as a function goes to autograd's dense ``Lambda``, whose per-example check
     compared values relative to their own size: at confident outputs (``p (1 - p) = 1e-17``) rounding
     failed it, and the optimizer stopped hundreds of steps into training with "mixes examples". Now the
-    softmax form is probed for any loss (exact there), and the Gauss-Newton matrix is the loss module's."""
+    examples' exact separation decides there; the Gauss-Newton matrix is the loss module's (to autograd's
+    rounding at these outputs)."""
     model, X, y = _confident_classifier()
     G = hessinv.gauss_newton(model, loss_fn, X, y)
     smoothing = 0.1 if "label_smoothing" in loss_fn.__code__.co_names else 0.0
@@ -131,3 +132,23 @@ def test_an_adam_sized_learning_rate_is_warned_about(lr):
         warnings.simplefilter("error")
         for ok in (1.0, 0.5, 0.0):  # (0: a warm-up schedule's start)
             hessinv.optim.Newton(model, nn.CrossEntropyLoss(), lr=ok)
+
+
+def test_a_loss_nonlinear_in_each_cross_entropy_keeps_its_exact_curvature():
+    """A fuzzer's find in this session's first version, which probed every loss for the softmax form:
+    ``sum_n CE_n^2`` at a confidently misclassified example (target the runner-up class, ``p_t = 1e-13``)
+    made the probe's tests, relative to ``w |p o v|``, vacuous -- the form was accepted and the matrices
+    were 28% off. Such a loss takes autograd's ``Lambda`` (float64: exact to rounding here)."""
+    model = nn.Linear(2, 3, bias=False).double()
+    with torch.no_grad():  # logits [40, 10, -20] (target 1: the runner-up) and [0.5, -0.3, -0.7]
+        model.weight.copy_(torch.tensor([[40.0, 0.5], [10.0, -0.3], [-20.0, -0.7]]))
+    model = nn.Sequential(model)
+    X = torch.eye(2, dtype=F64)
+    y = torch.tensor([1, 2])
+
+    def loss_fn(o, t):
+        return F.cross_entropy(o, t, reduction="none").pow(2).sum()
+
+    ref = autograd_gauss_newton(model, loss_fn, X, y)
+    G = hessinv.gauss_newton(model, loss_fn, X, y).to_dense()
+    assert torch.allclose(G, ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max()))

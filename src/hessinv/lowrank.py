@@ -608,12 +608,20 @@ class WoodburyFactor:
 
     @property
     def live(self) -> Tensor:
-        """(n,) bool: the columns of ``U`` that may be nonzero (those of structured weights, and the other
-        nonzero ones). ``D`` changed elsewhere leaves ``K`` as it is."""
+        """(n,) bool: the columns of ``U`` that may be nonzero: those of the structured weights whose columns
+        are unwritten (``structured_only``), the lookup tables' columns of the batch's tokens, and the
+        written columns that are nonzero -- a weight solved through its structure with its columns written
+        (one of a group of equal ones, :data:`_STRUCTURED_GROUP`) by its columns too. ``D`` changed
+        elsewhere leaves ``K`` as it is."""
         if "live" not in self._columns:
-            mask = torch.ones(self.U.shape[1], dtype=torch.bool, device=self.U.device)
-            mask[_uncovered(self.U.shape[1], self._solve_factors, self.U.device)] = False
-            mask[self._rest] = True
+            if "nonzero" not in self._columns:
+                self._live_columns("solve", self._solve_factors)
+            mask = self._columns["nonzero"].clone()  # (the written columns' scan; False where unwritten)
+            for off, d, m, *_ in self._solve_factors:
+                if d * m >= _STRUCTURED_SOLVE:
+                    mask[off : off + d * m] = True
+            for _off, _size, cols, _vals in self.tables or ():
+                mask[cols] = True
             self._columns["live"] = mask
         return self._columns["live"]
 
