@@ -568,6 +568,7 @@ class WoodburyFactor:
         self.tables = tables or None
         # the columns of U never read: the solved-through weights', the tables'
         self._unread = unread_spans(self._solve_factors, self.tables)
+        self._unread_weights = unread_spans(self._solve_factors, None)  # (not scanned: live, see live)
         # which columns of U each product reads, by U alone (shared with with_damping's factorizations):
         # those outside the structured weights, less the columns that are zero (an Embedding's rows of
         # tokens outside the curvature batch: most of its columns)
@@ -616,10 +617,9 @@ class WoodburyFactor:
         if "live" not in self._columns:
             if "nonzero" not in self._columns:
                 self._live_columns("solve", self._solve_factors)
-            mask = self._columns["nonzero"].clone()  # (the written columns' scan; False where unwritten)
-            for off, d, m, *_ in self._solve_factors:
-                if d * m >= _STRUCTURED_SOLVE:
-                    mask[off : off + d * m] = True
+            mask = self._columns["nonzero"].clone()  # (the scanned columns; False on the unread ones)
+            for off, d, m, *_ in self._unread_weights:
+                mask[off : off + d * m] = True
             for _off, _size, cols, _vals in self.tables or ():
                 mask[cols] = True
             self._columns["live"] = mask
