@@ -2083,12 +2083,11 @@ class Chain:
         ``_transient``.
         """
         lean = not second_order and self.__dict__.get("_gradient_checked", False)
+        checked, gradient = checked and lean, gradient or not lean
         with self._state_kept():
             return without_draws(
                 lambda: self._guarded(
-                    lambda: self._linearize(
-                        inputs, targets, second_order, checked and lean, not (lean and not gradient)
-                    )
+                    lambda: self._linearize(inputs, targets, second_order, checked, gradient)
                 ),
                 "the forward and backward pass",
                 torch_too=False,

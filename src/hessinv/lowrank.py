@@ -556,19 +556,19 @@ class WoodburyFactor:
         self._Ud: Tensor | None = None
         self._U64, self.gram_tol = _U64, gram_tol
         self.factors = factors or None
-        # solves through the structure of the Linear weights with at least _STRUCTURED_SOLVE entries (a
-        # few small products each: for smaller weights their dispatch costs more than reading U's
-        # columns); the other columns densely
+        # solves through the structure of the Linear weights with at least _STRUCTURED_SOLVE entries, or
+        # in groups of equal ones (a few small products each: for smaller weights their dispatch costs more
+        # than reading U's columns); the other columns densely
         self._solve_factors = _through_factors(self.factors or [])
         self._solve_groups = _solve_groups(self._solve_factors)
-        # U's columns of these weights unwritten (gauss_newton_root(structured_only=True)): never read
-        unwritten = any(f[1] * f[2] >= _STRUCTURED_SOLVE for f in self._solve_factors)
-        self.structured_only = structured_only and unwritten
+        # the weights whose columns of U are never read (gauss_newton_root(structured_only=True) leaves
+        # them unwritten; not scanned for zeros: live, see live)
+        self._unread_weights = unread_spans(self._solve_factors, None)
+        self.structured_only = structured_only and bool(self._unread_weights)
         # lookup tables whose columns of U are unwritten: (offset, size, columns, values), gauss_newton_root's
         self.tables = tables or None
         # the columns of U never read: the solved-through weights', the tables'
         self._unread = unread_spans(self._solve_factors, self.tables)
-        self._unread_weights = unread_spans(self._solve_factors, None)  # (not scanned: live, see live)
         # which columns of U each product reads, by U alone (shared with with_damping's factorizations):
         # those outside the structured weights, less the columns that are zero (an Embedding's rows of
         # tokens outside the curvature batch: most of its columns)

@@ -1077,7 +1077,7 @@ class Newton(torch.optim.Optimizer):
         inputs, targets = _tensor(inputs, "inputs"), _tensor(targets, "targets")
         skip = nothing_to_learn(self.loss_fn, targets)
         if skip is not None:  # (an all-padding batch: torch's loss is NaN, Adam's step a momentum step)
-            warn(f"Newton.step: {skip}", UserWarning)
+            warn(f"Newton.step: {skip}: the step was skipped, the optimizer's state unchanged", UserWarning)
             return torch.full((), math.nan, dtype=self.chain.dtype, device=self.chain.device)
         with layers_in_mode(layers, False):
             self._check_batch(inputs, targets)

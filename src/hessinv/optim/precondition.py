@@ -1354,7 +1354,7 @@ class Preconditioner:
         inputs, targets = _tensor(inputs, "inputs"), _tensor(targets, "targets")
         skip = nothing_to_learn(self.loss_fn, targets)
         if skip is not None:  # (the grads stay torch's zeros: the optimizer's step is its own to take)
-            warn(f"precondition_: {skip.replace('the step was skipped', 'the grads were left as they are')}")
+            warn(f"precondition_: {skip}: the grads were left as they are, the state unchanged")
             return torch.zeros(self.chain.num_params, dtype=self.chain.dtype, device=self.chain.device)
         g = self.gradient()
         if not linalg.all_finite(g):  # before it enters (and poisons) the second moments

@@ -183,7 +183,7 @@ def nothing_to_learn(loss_fn: Callable, targets: Tensor) -> str | None:
         return None
     return (
         f"every target of the batch equals ignore_index={ignore} (the mean loss is 0/0: NaN, its gradient "
-        "zero), so there is nothing to learn from it: the step was skipped, the optimizer's state unchanged"
+        "zero), so there is nothing to learn from it"
     )
 
 
@@ -806,15 +806,12 @@ class LossStage:
             hv = _grads((G * v.reshape(B, -1)).sum(), [y])[0].reshape(B, C, -1)
             return hv, softmax_curvature(p, v, 1), (p * v).abs()
 
-        def weight(hv: Tensor, u: Tensor) -> Tensor:  # (B, T)
-            # w from the classes other than a confident one (p > 1/2): autograd's entry there cancels
-            # (1 - p), off by u / (1 - p) relative -- 1e-10 at p = 1 - 1e-6 -- and so would w be
-            u = u.masked_fill(p > 0.5, 0.0)
-            uu = (u * u).sum(1)
-            return torch.where(uu > 0, (hv * u).sum(1) / uu.clamp_min(torch.finfo(uu.dtype).tiny), 0.0)
-
         hv, u, _ = probe()
-        w = weight(hv, u)
+        # w from the classes other than a confident one (p > 1/2): autograd's entry there cancels (1 - p),
+        # off by u / (1 - p) relative -- 1e-10 at p = 1 - 1e-6 -- and so would w be
+        u = u.masked_fill(p > 0.5, 0.0)
+        uu = (u * u).sum(1)
+        w = torch.where(uu > 0, (hv * u).sum(1) / uu.clamp_min(torch.finfo(uu.dtype).tiny), 0.0)  # (B, T)
         hv2, u2, pv = probe()
         tol = 1e3 * torch.finfo(G.dtype).eps * (1 + C) ** 0.5
         # (relative to the terms before they cancel, w |p o v|: at a confident position p o v - p (p . v)
