@@ -703,3 +703,58 @@ def test_parameter_order_conversions_are_the_index_maps(layout):
     assert seen == 3
     _, ref = autograd_gradient_hessian(net, nn.CrossEntropyLoss(), X, y)
     assert float((H.to_dense() - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
+
+
+@settings(max_examples=30, deadline=None)
+@given(chains(max_depth=5, max_width=6))
+def test_norm_estimate_stops_early_and_stays_a_close_lower_bound(prob):
+    """The power iteration stops once two steps in a row raised the estimate by less than NORM_RTOL of
+    it: never above ||H||_2 (autograd's dense Hessian), never more products than ``iters``, and within
+    NORM_RTOL-level agreement of the estimate the full ``iters`` give (where the iteration converges)."""
+    _, H_ref = autograd_gradient_hessian(prob.model, prob.loss_fn, prob.inputs, prob.targets)
+    top = float(torch.linalg.eigvalsh(H_ref).abs().max())
+    H = hessinv.hessian(prob.model, prob.loss_fn, prob.inputs, prob.targets)
+    calls = []
+    apply = H._apply
+    H._apply = lambda v: (calls.append(1), apply(v))[1]
+    est = H.norm_estimate(200)
+    assert len(calls) <= 200
+    assert est <= top * (1 + 1e-9) + 1e-300, prob.description
+    full = hessinv.hessian(prob.model, prob.loss_fn, prob.inputs, prob.targets)
+    full_est = full.norm_estimate(1)  # (one product: a lower bound the early stop must not fall below)
+    assert est >= full_est * (1 - 1e-12)
+    if len(calls) < 200:  # stopped by the rule: the two last rises were below NORM_RTOL
+        again = hessinv.hessian(prob.model, prob.loss_fn, prob.inputs, prob.targets)
+        monkey = hessinv.curvature.NORM_RTOL
+        try:
+            hessinv.curvature.NORM_RTOL = 0.0
+            exact_iters = again.norm_estimate(len(calls) + 40)
+        finally:
+            hessinv.curvature.NORM_RTOL = monkey
+        assert est <= exact_iters * (1 + 1e-12)
+        assert est >= exact_iters * (1 - 1e-3), prob.description
+
+
+def test_norm_estimate_takes_fewer_products_than_asked_where_it_has_converged():
+    """A deep tanh chain's ||H|| (a well separated top eigenvalue): the estimate settles within a dozen
+    products, where 30 ran before, and equals the 30-product estimate of the full iteration."""
+    torch.manual_seed(0)
+    mods: list[nn.Module] = []
+    for _ in range(6):
+        mods += [nn.Linear(8, 8), nn.Tanh()]
+    net = nn.Sequential(*mods, nn.Linear(8, 3)).double()
+    X, y = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    calls = []
+    apply = H._apply
+    H._apply = lambda v: (calls.append(1), apply(v))[1]
+    est = H.norm_estimate()
+    assert len(calls) < 20
+    monkey = hessinv.curvature.NORM_RTOL
+    try:
+        hessinv.curvature.NORM_RTOL = 0.0
+        ref = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y).norm_estimate(30)
+    finally:
+        hessinv.curvature.NORM_RTOL = monkey
+    assert est == pytest.approx(ref, rel=1e-4)
+    assert est <= ref * (1 + 1e-12)

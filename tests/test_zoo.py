@@ -1433,3 +1433,39 @@ def test_gauss_newton_splits_at_the_logits_per_position_and_for_log_targets():
     g_ref, _ = autograd_gradient_hessian(m2, kl_log, X2, t)
     torch.testing.assert_close(G2.gradient, g_ref, rtol=1e-12, atol=1e-14)
     assert float(G2.loss) == pytest.approx(float(kl_log(m2(X2), t)), rel=1e-12)
+
+
+def test_attributes_a_call_sets_on_torch_modules_are_put_back():
+    """hessinv's own calls of the model leave plain attributes as they were; the save is skipped only
+    where every module is one of torch's that keeps no state in its call -- not where a user's module
+    runs, also when what it sets is an attribute of a torch module (``self.lin.calls += 1``)."""
+    from torch import nn
+
+    import hessinv
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.lin.calls = 0
+
+        def forward(self, h):
+            self.lin.calls += 1
+            return torch.tanh(self.lin(h))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    loss_fn = nn.CrossEntropyLoss()
+    for model in (nn.Sequential(Parent(), nn.Linear(4, 3)).double(), Parent().double()):
+        lf = loss_fn if isinstance(model, nn.Sequential) else nn.MSELoss()
+        t = y if isinstance(model, nn.Sequential) else torch.zeros(6, 4, dtype=torch.float64)
+        H = hessinv.hessian(model, lf, x, t)
+        lin = model.lin if isinstance(model, Parent) else model[0].lin
+        assert lin.calls == 0  # (traced, then called by the gradient check: both put back)
+        assert torch.allclose(H.to_dense(), autograd_gradient_hessian(model, lf, x, t)[1], atol=1e-12)
+    plain = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    from hessinv.chain import _attributes
+
+    assert _attributes(plain) == [] and _attributes(Parent()) != []  # (torch's own modules alone: no save)
+    lstm = nn.LSTM(4, 4)  # (its forward refreshes _flat_weights)
+    assert _attributes(nn.Sequential(lstm)) != []
