@@ -854,12 +854,12 @@ class LazyBlocks(Blocks):
         mods = list(stage.module.modules())
         # plain tensor attributes as they are before the call (a memo the call creates is the call's own)
         self._plain = [v for m in mods for v in vars(m).values() if isinstance(v, Tensor)]
-        # the calls of its plain nn.Linear and nn.Embedding layers (input, output, the output's version),
-        # for jxT_rows
+        # the calls of its plain nn.Linear, nn.Embedding and nn.EmbeddingBag layers (input, output, the
+        # output's version), for jxT_rows
         self._linear_calls: list[tuple[nn.Module, Tensor | None, Tensor | None, int]] = []
         self._linears: list[tuple[int, Tensor, Tensor]] | None = None
-        # (weight index, token ids, output, padding_idx)
-        self._tables: list[tuple[int, Tensor, Tensor, int | None]] = []
+        # (weight index, token ids, output, padding_idx, an EmbeddingBag's (bag, share) per token)
+        self._tables: list[tuple[int, Tensor, Tensor, int | None, tuple[Tensor, Tensor] | None]] = []
         record = [m for m in mods if _plain_linear(m, stage.params) or _plain_embedding(m, stage.params)]
         handles = [m.register_forward_hook(self._record_linear) for m in record]
         try:
@@ -912,9 +912,11 @@ class LazyBlocks(Blocks):
                     continue
                 if u._version != version or not u.requires_grad:
                     continue
-                if isinstance(m, nn.Embedding):
-                    if not z.is_floating_point() and not z.is_complex():
-                        self._tables.append((index[id(m.weight)], z.detach(), u, m.padding_idx))
+                if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+                    bag = isinstance(m, nn.EmbeddingBag)
+                    if not z.is_floating_point() and not z.is_complex() and (not bag or z.dim() == 2):
+                        z = z.detach()
+                        self._tables.append((index[id(m.weight)], z, u, m.padding_idx, _bag_spread(m, z)))
                 elif z.dim() == 2:
                     self._linears.append((index[id(m.weight)], z.detach(), u))
             self._linear_calls = []
@@ -976,8 +978,13 @@ class LazyBlocks(Blocks):
         # a lookup table's rows: the signal at its output scattered into the rows of the batch's tokens
         # (an Embedding(50000, 64)'s rows without a batched backward pass into a dense table per row)
         scattered = {
-            w: (_table_rows(ids, pad), tu.reshape(k, -1, params[w].shape[1]))
-            for (w, ids, _, pad), tu in zip(lookups, got[len(rest) + 1 + len(linears) :], strict=True)
+            w: (
+                _table_rows(ids, pad),
+                tu.reshape(k, -1, params[w].shape[1])
+                if spread is None  # (a bag's output: each token gets its share of its bag's signal)
+                else tu.reshape(k, -1, params[w].shape[1])[:, spread[0]] * spread[1].to(tu.dtype)[:, None],
+            )
+            for (w, ids, _, pad, spread), tu in zip(lookups, got[len(rest) + 1 + len(linears) :], strict=True)
         }
         # checked against autograd: the weights' gradients for one random combination c of the k columns
         # equal sum_q c_q t_q z_q^T (a weight read elsewhere too, a hook on u, ... fail it); a table's,
@@ -1980,12 +1987,31 @@ def _plain_linear(m: nn.Module, params: list[Tensor]) -> bool:
 
 
 def _plain_embedding(m: nn.Module, params: list[Tensor]) -> bool:
-    """``m`` is an ``nn.Embedding`` whose 2-D weight is among ``params`` and that reads its rows as they
-    are (no ``max_norm``, which renormalizes them in place): a candidate for :meth:`LazyBlocks.jxT_rows`'
-    scattered rows (which it checks against autograd's)."""
-    if not isinstance(m, nn.Embedding) or "weight" not in m._parameters or m.max_norm is not None:
+    """``m`` is an ``nn.Embedding`` -- or an ``nn.EmbeddingBag`` summing or averaging its bags -- whose 2-D
+    weight is among ``params`` and that reads its rows as they are (no ``max_norm``, which renormalizes
+    them in place): a candidate for :meth:`LazyBlocks.jxT_rows`' scattered rows (which it checks against
+    autograd's)."""
+    bag = isinstance(m, nn.EmbeddingBag) and m.mode in ("sum", "mean")
+    if not (isinstance(m, nn.Embedding) or bag) or "weight" not in m._parameters or m.max_norm is not None:
         return False
     return m.weight.dim() == 2 and any(p is m.weight for p in params)
+
+
+def _bag_spread(m: nn.Module, ids: Tensor) -> tuple[Tensor, Tensor] | None:
+    """For an ``nn.EmbeddingBag`` called on (B, T) token ids (each row a bag): ``(bag, weight)`` of each of
+    the B T tokens -- the bag it is in and its share of the bag's output (1 for ``mode="sum"``, one over
+    the bag's tokens other than ``padding_idx`` for ``"mean"``), so that the signal ``t`` at the (B, D)
+    output reaches the token's row as ``weight t[bag]``; None for a plain ``nn.Embedding`` (a token per
+    output position) and for bags of any other form (1-D ids with offsets: not taken)."""
+    if not isinstance(m, nn.EmbeddingBag):
+        return None
+    B, T = ids.shape
+    bag = torch.arange(B, device=ids.device).repeat_interleave(T)
+    if m.mode == "sum":
+        return bag, torch.ones(B * T, dtype=m.weight.dtype, device=ids.device)
+    real = ids != m.padding_idx if m.padding_idx is not None else torch.ones_like(ids, dtype=torch.bool)
+    share = 1.0 / real.sum(1).clamp(min=1).to(m.weight.dtype)
+    return bag, share.repeat_interleave(T)
 
 
 def _table_rows(ids: Tensor, padding_idx: int | None) -> tuple[Tensor, Tensor]:
