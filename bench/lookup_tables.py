@@ -1,4 +1,5 @@
-"""Models with large lookup tables (``nn.Embedding``): the default optimizer's step against Adam's.
+"""Models with large lookup tables (``nn.Embedding``, ``nn.EmbeddingBag``): the default optimizer's step
+against Adam's.
 
 A table's Gauss-Newton rows are nonzero only on the curvature batch's tokens; hessinv scatters the
 signal at the table's output into those rows and hands them to the preconditioner as a few columns
@@ -46,10 +47,26 @@ def _bag(
     )
 
 
+def _embedding_bag(
+    V: int, D: int, T: int
+) -> tuple[Callable[[], nn.Module], nn.Module, torch.Tensor, torch.Tensor]:
+    """A fastText-style classifier: ``EmbeddingBag(V, D, mode="mean")`` over ``T`` tokens per example (each
+    row a bag), a tanh layer, 10 classes (the label a function of the first token)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randint(0, V, (2048, T), generator=g)
+    return (
+        lambda: nn.Sequential(nn.EmbeddingBag(V, D, mode="mean"), nn.Tanh(), nn.Linear(D, 10)),
+        nn.CrossEntropyLoss(),
+        X,
+        X[:, 0] % 10,
+    )
+
+
 TASKS = {
     "Embedding(2000, 32), 8 tokens": lambda: _bag(2000, 32, 8),
     "Embedding(50000, 64), 8 tokens": lambda: _bag(50000, 64, 8),
     "Embedding(50000, 64), 32 tokens, a third of them one token": lambda: _bag(50000, 64, 32, 1 / 3),
+    "EmbeddingBag(20000, 64, mean), 6 tokens": lambda: _embedding_bag(20000, 64, 6),
 }
 
 

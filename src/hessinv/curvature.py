@@ -198,8 +198,8 @@ def _integer(x: object) -> int | None:
 #: :meth:`Factorization.inverse_diagonal` checks the forward sweep at this many random entries per stage
 #: against refined solves
 INVERSE_DIAGONAL_PROBES = 4
-#: :meth:`CurvatureOperator.norm_estimate` stops once two power steps in a row raised its estimate by less
-#: than this fraction of it
+#: :meth:`CurvatureOperator._rough_norm` stops once two power steps in a row raised its estimate by less than
+#: this fraction of it
 NORM_RTOL = 1e-5
 
 #: The dense route (:meth:`CurvatureOperator._swept`) is taken up to this many parameters (``n^2`` numbers,
@@ -864,36 +864,50 @@ class CurvatureOperator:
         low on a model with a zero-initialized last layer); cached, and
         recomputed only for more ``iters`` than the cached one had. The norms are taken scaled by the
         vector's largest entry: a Hessian of scale 1e-200 has squared entries below float64's range
-        (its estimate was 0, and ``min_eigenvalue`` then returned 0).
-
-        At most ``iters`` products: the estimates ``|H^{k+1} v| / |H^k v|`` of a symmetric ``H`` never
-        decrease (Cauchy-Schwarz), and the iteration stops once two steps in a row raised it by less
-        than :data:`NORM_RTOL` of itself -- on the robustness grid's chains after 5-16 products instead
-        of 30, the estimate the 30-product one's to 4 digits (a refined solve's first stall test
-        spent 310 of its 430 ms here on a 64-stage chain)."""
+        (its estimate was 0, and ``min_eigenvalue`` then returned 0)."""
         if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 1:
             raise InvalidArgumentError(f"iters must be an integer >= 1, got {iters!r}")
         if self._norm is None or self._norm_iters < iters:
-            g = torch.Generator(device="cpu").manual_seed(0)
-            v = torch.randn(self.shape[0], 1, generator=g, dtype=torch.float64).to(self.dtype).to(self.device)
-            est, rises = 0.0, [math.inf, math.inf]
-            for _ in range(int(iters)):
-                # norms in float64: a float32 w of entries ~1e20 (a finite product) has a sum of
-                # squares beyond float32's range, and the estimate collapsed to 0
-                v64 = v.double()
-                v = (v64 / _scaled_norm(v64)).to(self.dtype)
-                w = self._apply(v)
-                est, before = _scaled_norm(w.double()), est
-                if est == 0.0 or not math.isfinite(est):
-                    break
-                rises = [rises[1], abs(est - before)]
-                if max(rises) <= NORM_RTOL * est:
-                    break
-                v = w
-            if not math.isfinite(est):
-                self._overflow()
-            self._norm, self._norm_iters = est, int(iters)
+            self._norm, self._norm_iters = self._power_norm(int(iters)), int(iters)
         return self._norm
+
+    def _rough_norm(self) -> float:
+        """``||H||_2`` to its first digits, for a threshold that needs its scale only: :meth:`norm_estimate`'s
+        cached value where there is one, else power iteration stopped once two steps in a row raised the
+        estimate by less than :data:`NORM_RTOL` of it (on the robustness grid's chains after 5-16 products
+        instead of 30, equal to 4 digits: a refined solve's first stall test spent 310 of its 430 ms in
+        the 30 on a 64-stage chain). Not cached as the norm estimate: a start nearly orthogonal to the top
+        eigenvector, above a flat bulk, can stop it at the bulk's eigenvalue (a constructed ``0.5 I + 0.5
+        u u^T``: 0.5 against 1), which the full iteration grows out of."""
+        if self._norm is not None:
+            return self._norm
+        if self.__dict__.get("_rough") is None:
+            self._rough = self._power_norm(30, NORM_RTOL)
+        return self._rough
+
+    def _power_norm(self, iters: int, rtol: float = 0.0) -> float:
+        """``iters`` power-iteration steps from a fixed random start; with ``rtol``, fewer once two steps in a
+        row raised the estimate by at most ``rtol`` of it (the estimates ``|H^{k+1} v| / |H^k v|`` of a
+        symmetric ``H`` never decrease, by Cauchy-Schwarz)."""
+        g = torch.Generator(device="cpu").manual_seed(0)
+        v = torch.randn(self.shape[0], 1, generator=g, dtype=torch.float64).to(self.dtype).to(self.device)
+        est, rises = 0.0, [math.inf, math.inf]
+        for _ in range(iters):
+            # norms in float64: a float32 w of entries ~1e20 (a finite product) has a sum of
+            # squares beyond float32's range, and the estimate collapsed to 0
+            v64 = v.double()
+            v = (v64 / _scaled_norm(v64)).to(self.dtype)
+            w = self._apply(v)
+            est, before = _scaled_norm(w.double()), est
+            if est == 0.0 or not math.isfinite(est):
+                break
+            rises = [rises[1], abs(est - before)]
+            if max(rises) <= rtol * est:
+                break
+            v = w
+        if not math.isfinite(est):
+            self._overflow()
+        return est
 
     def zero_tolerance(self, iters: int = 30) -> float:
         """``sqrt(u) ||H||`` (``u`` the unit roundoff of the operator's dtype, ``||H||`` by
@@ -1801,7 +1815,7 @@ class CurvatureOperator:
         low = copy.copy(self)
         low.blocks = [_rounded_blocks(b, dtype) for b in self.blocks]
         low.gradient, low.dtype = self.gradient.to(dtype), dtype
-        low._twin, low._norm = (self if self.dtype == torch.float64 else None), None
+        low._twin, low._norm, low._rough = (self if self.dtype == torch.float64 else None), None, None
         low._dense_h = None
         low._view = low if self.__dict__.get("_view") is self else None  # a dense view stays one
         if "_root" in vars(low):  # a cached Gauss-Newton root is this operator's
@@ -2996,7 +3010,7 @@ class Factorization:
             # is solved as a backward-stable solve can -- nothing gets below it: a Laplace predictive's
             # 2000 columns (n = 3466) stalled at 2.7e-14, went to a dense LU (3.4 s of a 7.5 s solve), and
             # came back at 2.4e-14
-            norm = op64.norm_estimate() + self._damping_scale()
+            norm = op64._rough_norm() + self._damping_scale()
             floor = 32 * torch.finfo(torch.float64).eps * norm * X64.norm(dim=0) / rnorm
             krylov = bool((res.norm(dim=0) / rnorm > torch.clamp(floor, min=krylov_above)).any())
         if krylov and self._dense_for_columns(res, rnorm, krylov_above, self.op.shape[0] / 64):
