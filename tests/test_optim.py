@@ -2314,3 +2314,21 @@ def test_a_trust_region_checkpoint_from_auto_mode_keeps_a_trust_region_optimizer
     b.load_state_dict(a.state_dict())
     b.step(torch.randn(32, 6, dtype=F64), torch.randint(0, 3, (32,)))
     assert b.mode == "trust-region" and b.last_stats.mode == "trust-region"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_diagonal_damping_is_the_formula_on_zero_and_subnormal_second_moments(dtype):
+    """``D = damping (sqrt(v / (1 - beta2^t)) + eps)`` exactly, also where ``v`` is zero (a table's unseen
+    rows: the sqrt is taken of the smallest normal number instead, torch's slow path on zeros avoided) or
+    subnormal, at the default eps."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).to(dtype)
+    pre = hessinv.optim.Preconditioner(net, torch.nn.CrossEntropyLoss(), seed=0)
+    n = sum(p.numel() for p in net.parameters())
+    tiny = torch.finfo(dtype).tiny
+    v = torch.rand(n, dtype=dtype)
+    v[::3] = 0.0
+    v[1::5] = tiny / 8  # subnormal
+    pre.state["v"], pre.state["t"] = v, 7
+    want = pre.damping * ((v / (1 - pre.beta2**7)).sqrt() + pre.eps)
+    assert torch.equal(pre.diagonal(), want)
