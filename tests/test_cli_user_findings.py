@@ -349,3 +349,21 @@ def test_a_data_value_starting_with_a_dash_gets_the_equals_hint(capsys):
     assert rc == 2 and "expected one argument; a value that starts with '-' needs '=': --data=-d9.csv" in err
     rc, _, err = _run(capsys, "--out", "--quiet")  # (a missing value, not one that starts with '-')
     assert rc == 2 and "needs '='" not in err
+
+
+def test_sigterm_stops_hessinv_spectrum_with_a_message(tmp_path):
+    """``hessinv spectrum`` under SIGTERM (kill, timeout, a scheduler) died silently; it now stops as on
+    Ctrl-C: exit 143, ``stopped by SIGTERM`` said, no traceback, nothing half-written."""
+    env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1")
+    out = tmp_path / "spec"
+    cmd = [sys.executable, "-m", "hessinv", "spectrum", "--data", "regression", "--samples", "400"]
+    # (n = 7.6k: a factorization per bin edge, 400 of them -- about 20 s, far beyond the signal)
+    cmd += ["--depth", "8", "--width", "32", "--bins", "400", "--out", str(out)]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3.0)
+    assert p.poll() is None, p.communicate()[1][-2000:]
+    p.send_signal(signal.SIGTERM)
+    rc, _, stderr = _stopped(p)
+    assert rc == 143, stderr[-2000:]
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    assert not (out / "spectrum.json").exists()

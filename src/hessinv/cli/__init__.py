@@ -728,10 +728,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             with _sigterm_interrupts():
                 return _cmd_train(args)
-        if args.command == "spectrum":
+        if args.command == "spectrum":  # (SIGTERM: stopped as on Ctrl-C, said, exit 143; it died silently)
             from hessinv.cli.spectrum import run as run_spectrum
 
-            return run_spectrum(args)
+            with _sigterm_interrupts():
+                return run_spectrum(args)
         return _cmd_bench(args)
     except UserError as e:
         print(f"hessinv: error: {e}", file=sys.stderr)
