@@ -498,3 +498,41 @@ def test_inverse_hvp_and_inertia_refuse_a_moved_model_and_complex_vectors():
         inf.inverse_hvp(torch.ones(43, dtype=torch.float64))
     with pytest.raises(InvalidArgumentError):
         inf.inertia  # noqa: B018
+
+
+def test_fit_refuses_a_model_whose_output_depends_on_its_batch():
+    """A forward that branches on a batch-wide sum (``if h.sum() > 0``), wrapped in ``nn.Sequential`` as
+    the split's advice says: its batch curvature is exact, but each example's gradient alone comes from the
+    other branch (their sum 40% off the batch loss's gradient) -- influence scores of two different
+    functions, accepted silently (a probe's finding). Now a named error that says why; the same model
+    without the branch fits."""
+    from torch import nn
+
+    class DataIf(nn.Module):
+        def __init__(self, branch: bool):
+            super().__init__()
+            self.a, self.o, self.branch = nn.Linear(5, 6), nn.Linear(6, 3), branch
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            if self.branch and h.sum() > 0:
+                h = h * 2
+            return self.o(h)
+
+    torch.manual_seed(8)
+    X, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 3, (20,))
+    torch.manual_seed(0)
+    model = nn.Sequential(DataIf(True)).double()
+    with torch.no_grad():  # (the case under test: an example alone takes the other branch)
+        alone = torch.cat([model(X[i : i + 1]) for i in range(20)])
+        assert float((alone - model(X)).abs().max()) > 0.1
+    ce = nn.CrossEntropyLoss(reduction="sum")
+    inf = InfluenceFunction(model, ce, curvature="gauss_newton", damping=0.3)
+    with pytest.raises(hessinv.UnsupportedStageError, match="depends on the rest of its batch"):
+        inf.fit(X, y)
+    assert inf.train_gradients is None  # (a refused fit leaves the influence function as it was)
+    model[0].branch = False
+    inf = InfluenceFunction(model, ce, curvature="gauss_newton", damping=0.3)
+    G = inf.fit(X, y).train_gradients
+    batch = torch.autograd.grad(ce(model(X), y), list(model.parameters()))
+    assert torch.allclose(G.sum(0), torch.cat([g.reshape(-1) for g in batch]), atol=1e-12)

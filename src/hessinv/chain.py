@@ -1518,6 +1518,8 @@ class Chain:
         self._gradient_checked = False  # the stages' gradient compared with autograd's (once)
         self._rows_checked = False  # per_example_gradients' first row compared with autograd's (once)
         self._rows_refused = False  # ... and found another function: the per-example route from then on
+        # (example, max |difference|) where an example's output alone differed from its output in the batch
+        self._batch_dependent: tuple[int, float] | None = None
         # the flat parameter vector ordered like model.parameters() (the operators' public vectors); the
         # optimizers take the stages' order, whatever order the model registered its parameters in
         self._ordered = ordered
@@ -1672,6 +1674,7 @@ class Chain:
                 self._unread.update(moved)
             self.stages, self._traced = stages, traced
             self._eager_checked = self._gradient_checked = self._rows_checked = self._rows_refused = False
+            self._batch_dependent = None
             self.sizes = [s.p for s in stages]  # (a hook can merge stages: the same parameters, regrouped)
             self._watch()
         for m, mode in self._mode_watch:
@@ -2470,6 +2473,8 @@ class Chain:
                         alone_out.to(out.dtype)[0], out[i], rtol=eps, atol=eps * float(out.abs().max())
                     ):
                         self._rows_refused = True
+                        # (what a caller that pairs these rows with the batch's curvature must refuse)
+                        self._batch_dependent = (i, float((alone_out.to(out.dtype)[0] - out[i]).abs().max()))
                         return None
         except Exception:  # noqa: BLE001 - the rows stand where the model's own forward cannot be taken
             return rows

@@ -394,6 +394,11 @@ class InfluenceFunction:
     Attributes (after :meth:`fit`): ``factorization`` (of ``H + lambda I``; of ``H_B + (lambda B / N) I``
     for a summed loss on a curvature batch, see :meth:`fit`), ``inertia``, ``positive_definite``,
     ``train_gradients`` (N, n).
+
+    An example whose target the loss ignores (``ignore_index``: padding) contributes nothing to the
+    training loss -- its gradient row is zero and so are its scores, training or test (torch's loss of that
+    example alone is 0/0). A model whose output for an example depends on the rest of its batch (a branch
+    on a batch statistic) has no per-example losses: :meth:`fit` refuses it.
     """
 
     def __init__(
@@ -442,6 +447,16 @@ class InfluenceFunction:
         w = self._batch_weight(op, targets, yc, training_examples)
         fac = op.factor(self.damping / w, precision=self.precision)  # w H + lambda I = w (H + lambda / w I)
         grads = per_example_gradients(self.model, self.loss_fn, inputs, targets, chain=op.chain)
+        mixed = op.chain.__dict__.get("_batch_dependent")
+        if mixed is not None:  # (the rows are of each example alone, the curvature of the batch's function)
+            raise UnsupportedStageError(
+                "the model's output for an example depends on the rest of its batch (example "
+                f"{mixed[0]} alone gives outputs {mixed[1]:.3g} away from its outputs in the batch: a "
+                "branch on a batch statistic, a batch-wide normalization): influence scores need a "
+                "training loss that is a sum of per-example losses -- here the curvature is of the batch's "
+                "function and each training gradient of its example alone, two different functions. Make "
+                "the model act on each example separately (eval-mode BatchNorm, no branch on batch sums)"
+            )
         if not fac.positive_definite and fac.perturbed and fac.inertia.negative == 0:
             warn(
                 f"H + lambda I (lambda = {self.damping:g}) is singular to working precision (pivots "
