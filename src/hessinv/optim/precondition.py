@@ -471,11 +471,12 @@ class EigenBasis:
             return _eigenvectors(M)
         return _power_step(M, Q)
 
-    def _map(self, X: Tensor, inverse: bool) -> Tensor:
+    def _map(self, X: Tensor, inverse: bool, inplace: bool = False) -> Tensor:
         if not self.blocks:
             return X
         vec = X.dim() == 1
-        Y = X.clone() if not vec else X[None].clone()
+        Y = X[None] if vec else X
+        Y = Y if inplace else Y.clone()
         # (G, a, a) per group, None for an unrotated side
         left = [
             (Q if inverse else Q.mT) if g[2] else None for Q, g in zip(self._QL, self._groups, strict=True)
@@ -506,9 +507,10 @@ class EigenBasis:
         """``X`` (n,) or (m, n) in the eigenbasis (per weight ``Q_L^T W Q_R``)."""
         return self._map(X, inverse=False)
 
-    def unrotate(self, X: Tensor) -> Tensor:
-        """The inverse of :meth:`rotate` (per weight ``Q_L W Q_R^T``)."""
-        return self._map(X, inverse=True)
+    def unrotate(self, X: Tensor, inplace: bool = False) -> Tensor:
+        """The inverse of :meth:`rotate` (per weight ``Q_L W Q_R^T``); with ``inplace``, in ``X``'s memory (a
+        vector the caller owns: no copy of all n entries, most of them unrotated on a table's model)."""
+        return self._map(X, inverse=True, inplace=inplace)
 
     def state(self) -> dict[str, Any]:
         """Copies of ``L``, ``R``, ``Q_L``, ``Q_R`` of each weight, and the weights and sides rotated
@@ -1297,7 +1299,7 @@ class Preconditioner:
             if self.basis is None:
                 return self._factor.solve(g[:, None], free)[:, 0]
             gr = g if rotated else self.basis.rotate(g)
-            return self.basis.unrotate(self._factor.solve(gr[:, None], free)[:, 0])
+            return self.basis.unrotate(self._factor.solve(gr[:, None], free)[:, 0], inplace=True)
         x = self._factor.solve(g, refine=False)
         if self._hweight != 1.0:
             x = x / self._hweight
