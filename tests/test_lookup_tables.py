@@ -157,23 +157,12 @@ def _autograd_gauss_newton(net, loss_fn, X, y):
     return J.T @ H @ J
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_lookup_table_rows_are_scattered_and_equal_autograd(monkeypatch, tie):
-    """The Gauss-Newton root's rows of an Embedding's table are the signal at its output scattered into
-    the batch's token rows (no batched backward pass into a dense table per row), padding_idx's row
-    zero, repeated tokens summed; G = U^T S U equals the plain-autograd Gauss-Newton matrix. A table
-    also read as a Linear's weight (tied) is not a scatter: autograd's rows, still exact."""
+def _root_and_pulls(monkeypatch, net, loss_fn, X, y, table):
+    """``(U, S, asked)``: the Gauss-Newton root and, per batched backward pass it ran, ``(columns, whether
+    it reached table)`` -- a table whose rows are scattered is never pulled back with many columns."""
     import hessinv
     import hessinv.stages.generic as Gm
 
-    torch.manual_seed(0)
-    net = nn.Sequential(_Tokens(tie=tie), nn.Tanh(), nn.Linear(30 if tie else 4, 6)).double()
-    X = torch.randint(0, 30, (6, 4))
-    X[0, 1] = X[1, 2] = 3  # the padding token
-    X[2, 0] = X[2, 3]  # a token twice in one example
-    y = torch.randint(0, 6, (6,))
-    loss_fn = nn.CrossEntropyLoss()
-    table = net[0].tok.weight
     asked = []
     real = Gm._backward_rows
 
@@ -184,6 +173,24 @@ def test_lookup_table_rows_are_scattered_and_equal_autograd(monkeypatch, tie):
     monkeypatch.setattr(Gm, "_backward_rows", spy)
     U, S = hessinv.gauss_newton(net, loss_fn, X, y).root(factors=[])
     monkeypatch.undo()
+    return U, S, asked
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_lookup_table_rows_are_scattered_and_equal_autograd(monkeypatch, tie):
+    """The Gauss-Newton root's rows of an Embedding's table are the signal at its output scattered into
+    the batch's token rows (no batched backward pass into a dense table per row), padding_idx's row
+    zero, repeated tokens summed; G = U^T S U equals the plain-autograd Gauss-Newton matrix. A table
+    also read as a Linear's weight (tied) is not a scatter: autograd's rows, still exact."""
+
+    torch.manual_seed(0)
+    net = nn.Sequential(_Tokens(tie=tie), nn.Tanh(), nn.Linear(30 if tie else 4, 6)).double()
+    X = torch.randint(0, 30, (6, 4))
+    X[0, 1] = X[1, 2] = 3  # the padding token
+    X[2, 0] = X[2, 3]  # a token twice in one example
+    y = torch.randint(0, 6, (6,))
+    loss_fn = nn.CrossEntropyLoss()
+    U, S, asked = _root_and_pulls(monkeypatch, net, loss_fn, X, y, net[0].tok.weight)
     assert any(n > 1 and has for n, has in asked) == tie  # scattered unless tied
     G = U.T @ (S[:, None] * U)
     G_ref = _autograd_gauss_newton(net, loss_fn, X, y)
@@ -345,8 +352,6 @@ def test_embedding_bag_rows_are_scattered_and_equal_autograd(monkeypatch, mode, 
     backward pass into a dense table per row (a 20000-token bag model's step was 113 ms, Adam's 9 ms);
     G = U^T S U equals plain autograd's Gauss-Newton matrix, also for a bag of padding only and a token
     twice in a bag. ``mode="max"`` is not a scatter of shares: autograd's rows, exact too."""
-    import hessinv
-    import hessinv.stages.generic as Gm
 
     torch.manual_seed(0)
     net = _Bags(mode, padding_idx).double()
@@ -356,17 +361,7 @@ def test_embedding_bag_rows_are_scattered_and_equal_autograd(monkeypatch, mode, 
     X[2, 0] = X[2, 3]  # a token twice in one bag
     y = torch.randint(0, 6, (6,))
     loss_fn = nn.CrossEntropyLoss()
-    table = net.bag.weight
-    asked = []
-    real = Gm._backward_rows
-
-    def spy(out, wrt, n, seeds, batched):
-        asked.append((n, any(t is table for t in wrt)))
-        return real(out, wrt, n, seeds, batched)
-
-    monkeypatch.setattr(Gm, "_backward_rows", spy)
-    U, S = hessinv.gauss_newton(nn.Sequential(net), loss_fn, X, y).root(factors=[])
-    monkeypatch.undo()
+    U, S, asked = _root_and_pulls(monkeypatch, nn.Sequential(net), loss_fn, X, y, net.bag.weight)
     assert any(n > 1 and has for n, has in asked) == (mode == "max")
     G = U.T @ (S[:, None] * U)
     G_ref = _autograd_gauss_newton(net, loss_fn, X, y)
