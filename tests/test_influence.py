@@ -536,3 +536,36 @@ def test_fit_refuses_a_model_whose_output_depends_on_its_batch():
     G = inf.fit(X, y).train_gradients
     batch = torch.autograd.grad(ce(model(X), y), list(model.parameters()))
     assert torch.allclose(G.sum(0), torch.cat([g.reshape(-1) for g in batch]), atol=1e-12)
+
+
+def test_fit_accepts_a_float32_model_whose_batched_rounding_differs():
+    """A plain float32 MLP on unnormalized features near 1e5: its outputs alone and in the batch differ by
+    5e-4 (batched and one-row products round differently, and the outputs cancel large intermediate
+    values), above sqrt(u32) of them -- the batch-dependence check refused it (a fuzzer's finding). A float64
+    copy settles it (1e-11): accepted; a float32 model that branches on its batch is still refused."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    X = 1e5 + 10 * torch.randn(256, 8)
+    y = torch.sin(X[:, :1] - 1e5) + 0.1 * torch.randn(256, 1)
+    m = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    opt = torch.optim.Adam(m.parameters(), 1e-3)
+    for _ in range(300):
+        opt.zero_grad()
+        nn.functional.mse_loss(m(X), y).backward()
+        opt.step()
+    with torch.no_grad():
+        out = m(X)
+        worst = max(float((m(X[i : i + 1])[0] - out[i]).abs().max()) for i in range(len(X)))
+    assert worst > 3.45e-4 * float(out.abs().max())  # (the case under test: beyond sqrt(u32) |out|)
+    G = InfluenceFunction(m, nn.MSELoss(), curvature="gauss_newton", damping=1e-3).fit(X, y).train_gradients
+    assert G.shape == (256, sum(p.numel() for p in m.parameters()))
+
+    class Branch(nn.Module):
+        def forward(self, h):
+            return h * 2 if h.sum() > 0 else h
+
+    mixed = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Sequential(Branch()), nn.Linear(4, 1))
+    inf = InfluenceFunction(mixed, nn.MSELoss(), curvature="gauss_newton", damping=1e-3)
+    with pytest.raises(hessinv.UnsupportedStageError, match="depends on the rest of its batch"):
+        inf.fit(torch.randn(32, 8), torch.randn(32, 1))

@@ -2317,13 +2317,16 @@ def test_a_trust_region_checkpoint_from_auto_mode_keeps_a_trust_region_optimizer
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_diagonal_damping_is_the_formula_on_zero_and_subnormal_second_moments(dtype):
+@pytest.mark.parametrize("eps", [None, 1e-30])
+def test_diagonal_damping_is_the_formula_on_zero_and_subnormal_second_moments(dtype, eps):
     """``D = damping (sqrt(v / (1 - beta2^t)) + eps)`` exactly, also where ``v`` is zero (a table's unseen
     rows: the sqrt is taken of the smallest normal number instead, torch's slow path on zeros avoided) or
-    subnormal, at the default eps."""
+    subnormal -- at the default eps, and at an eps so small that the smallest normal number's sqrt would
+    show (there the plain sqrt; a fuzzer's case: D 1e11 times the formula's at eps = 1e-30)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).to(dtype)
-    pre = hessinv.optim.Preconditioner(net, torch.nn.CrossEntropyLoss(), seed=0)
+    kw = {} if eps is None else {"eps": eps}
+    pre = hessinv.optim.Preconditioner(net, torch.nn.CrossEntropyLoss(), seed=0, **kw)
     n = sum(p.numel() for p in net.parameters())
     tiny = torch.finfo(dtype).tiny
     v = torch.rand(n, dtype=dtype)

@@ -28,6 +28,7 @@ stage's blocks at its own ``(z_{l-1}, b_l)``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import itertools
@@ -2473,8 +2474,11 @@ class Chain:
                         alone_out.to(out.dtype)[0], out[i], rtol=eps, atol=eps * float(out.abs().max())
                     ):
                         self._rows_refused = True
-                        # (what a caller that pairs these rows with the batch's curvature must refuse)
-                        self._batch_dependent = (i, float((alone_out.to(out.dtype)[0] - out[i]).abs().max()))
+                        # (what a caller that pairs these rows with the batch's curvature must refuse -- where
+                        # a float64 copy differs too: not the rounding of batched against one-row products)
+                        if self.dtype == torch.float64 or self._alone_differs_in_float64(inputs, i):
+                            diff = float((alone_out.to(out.dtype)[0] - out[i]).abs().max())
+                            self._batch_dependent = (i, diff)
                         return None
         except Exception:  # noqa: BLE001 - the rows stand where the model's own forward cannot be taken
             return rows
@@ -2493,6 +2497,25 @@ class Chain:
             return None
         self._rows_checked = True
         return rows
+
+    def _alone_differs_in_float64(self, inputs: Tensor, i: int) -> bool:
+        """Whether example ``i``'s output alone differs from its output in the batch ``inputs`` on a float64
+        copy of the model too (to ``sqrt(u64)`` of the largest output): a float32 model's batched and
+        one-row products round differently, by far more than ``sqrt(u32)`` of the outputs where they cancel
+        large intermediate values (features near 1e5: 5e-4 against 1e-11 in float64) -- no evidence of an
+        output that depends on the batch. A copy that cannot run in float64 counts as differing."""
+        try:
+            mods = copy.deepcopy([m._orig_mod if compiled_module(m) else m for m in model_parts(self.model)])
+            x = inputs.double() if inputs.is_floating_point() else inputs
+            with exact_no_grad():
+                out, alone = x, x[i : i + 1]
+                for m in mods:
+                    m.double()
+                    out, alone = m(out), m(alone)
+            tol = math.sqrt(torch.finfo(torch.float64).eps)
+            return not torch.allclose(alone[0], out[i], rtol=tol, atol=tol * float(out.abs().max()))
+        except Exception:  # noqa: BLE001 - no float64 copy to tell: the float32 difference stands
+            return True
 
     def _first_with_parameters(self) -> int:
         """The first stage with parameters: the stages before it (a frozen backbone in front of a
