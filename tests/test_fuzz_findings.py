@@ -49,9 +49,12 @@ def test_the_gauss_newton_root_keeps_what_the_jacobian_scales_back_up(batch):
     assert float(sign) > 0 and abs(F.logdet() - float(logabs)) <= 1e-10 * abs(float(logabs))
 
 
-def test_gauss_newton_through_a_stage_without_double_backward_is_a_named_refusal():
-    """``F.hardsigmoid`` has no double backward: ``hessian()`` refused it with a remedy, while every
-    Gauss-Newton product (``G @ v``, solves, inertia) raised torch's bare ``RuntimeError``."""
+def test_gauss_newton_through_a_stage_without_double_backward(monkeypatch):
+    """``F.hardsigmoid`` has no double backward: every Gauss-Newton product (``G @ v``, solves, inertia)
+    raised torch's bare ``RuntimeError`` (an earlier fuzzer's finding), then a named refusal; the products
+    now come from ``G``'s root (``U^T S U``, first derivatives only) -- exact against plain autograd's
+    Gauss-Newton matrix -- and the Hessian, which needs the double backward, is refused with the remedy."""
+    from reference import autograd_gauss_newton
 
     class Block(nn.Module):
         def __init__(self, d: int):
@@ -64,11 +67,24 @@ def test_gauss_newton_through_a_stage_without_double_backward_is_a_named_refusal
     torch.manual_seed(0)
     model = nn.Sequential(Block(4), nn.Linear(4, 3)).to(F64)
     X, y = torch.randn(5, 4, dtype=F64), torch.randint(0, 3, (5,))
-    G = hessinv.gauss_newton(model, nn.CrossEntropyLoss(), X, y)
+    loss_fn = nn.CrossEntropyLoss()
+    G = hessinv.gauss_newton(model, loss_fn, X, y)
+    G_ref = autograd_gauss_newton(model, loss_fn, X, y)
     v = torch.randn(G.shape[0], dtype=F64)
-    for call in (lambda: G @ v, lambda: G.solve(G.gradient, damping=1e-2), lambda: G.inertia(0.0)):
-        with pytest.raises(UnsupportedStageError, match="hardsigmoid"):
-            call()
+    assert torch.allclose(G @ v, G_ref @ v, rtol=0, atol=1e-12 * float((G_ref @ v).abs().max()))
+    x = G.solve(G.gradient, damping=1e-2)
+    A = G_ref + 1e-2 * torch.eye(G.shape[0], dtype=F64)
+    assert float((A @ x - G.gradient).norm() / G.gradient.norm()) <= 1e-12
+    ev = torch.linalg.eigvalsh(G_ref)
+    tol = G.zero_tolerance()
+    monkeypatch.setattr(hessinv.curvature, "DENSE_COUNTS", True)  # (the library's default: from the root)
+    assert tuple(G.inertia(0.0)) == (
+        int((ev < -tol).sum()),
+        int((ev.abs() <= tol).sum()),
+        int((ev > tol).sum()),
+    )
+    with pytest.raises(UnsupportedStageError, match="hardsigmoid"):
+        hessinv.hessian(model, loss_fn, X, y) @ v
 
 
 def test_a_zero_pivot_coupled_to_the_rest_is_perturbed_not_refused():

@@ -75,6 +75,7 @@ from hessinv.stages.generic import (
     MISSING,
     IdentityBlocks,
     LazyBlocks,
+    NoDoubleBackward,
     NoFastPath,
     _grads,
     hook_dicts,
@@ -2455,9 +2456,12 @@ class Chain:
             b0 = torch.stack([_loss_output_gradient(own_loss, out[i], t[i]) for i in range(out.shape[0])])
         b0 = b0.reshape(out.shape[0], -1)
         first = [zs]  # check_batch's forward serves the first try; a try after a re-split runs its own
-        rows = self._guarded(
-            lambda: self._per_example_rows(first.pop() if first else self.forward(inputs), b0)
-        )
+        try:
+            rows = self._guarded(
+                lambda: self._per_example_rows(first.pop() if first else self.forward(inputs), b0)
+            )
+        except NoDoubleBackward:  # (a stage's rows from its dense blocks, a double backward: the caller's
+            return None  # per-example route, first derivatives only -- an nn.EmbeddingBag)
         if rows is None or self.__dict__.get("_rows_checked") or rows.shape[0] < 2:
             return rows
         # once per split: up to 16 examples' outputs alone against the batch's, and the first example's

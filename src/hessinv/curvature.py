@@ -63,7 +63,7 @@ from hessinv.riccati import (
     riccati_solve,
 )
 from hessinv.stages import Blocks, RiccatiBlocks
-from hessinv.stages.generic import LazyBlocks, held_tensors
+from hessinv.stages.generic import LazyBlocks, NoDoubleBackward, held_tensors
 from hessinv.stages.losses import loss_in_dtype, uncompiled
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -1923,6 +1923,19 @@ class GaussNewton(CurvatureOperator):
 
     second_order = False
     _root: tuple[Tensor, Tensor] | None = None
+
+    def _apply(self, V: Tensor) -> Tensor:
+        """``G V`` by the two ``O(L)`` sweeps -- or, through a stage autograd cannot differentiate twice (its
+        ``J v`` on the graph is a double backward: ``nn.EmbeddingBag``), from the root, ``U^T (S (U V))``:
+        exact (``G = U^T diag(S) U``), first derivatives only. A bag model's ``G @ v``, refined solves and
+        Gauss-Newton influence scores were refused where its factorization ran."""
+        if not self.__dict__.get("_by_root"):
+            try:
+                return super()._apply(V)
+            except NoDoubleBackward:
+                self._by_root = True  # (every later product too)
+        U, S = self.root()
+        return (U.T @ (S[:, None].to(U.dtype) * (U @ V.to(U.dtype)))).to(V.dtype)
 
     def to_dense(self) -> Tensor:
         """:meth:`CurvatureOperator.to_dense`; where ``G``'s rank bound ``r = batch x outputs`` is below

@@ -546,7 +546,7 @@ class GenericStage(Stage):
             raise
         except RuntimeError as e:
             hint = next((h for op, h in _NO_DOUBLE_BACKWARD.items() if op in str(e)), "")
-            raise UnsupportedStageError(
+            raise NoDoubleBackward(
                 f"{self.name}: autograd cannot differentiate it twice: {str(e).rstrip('.')}. "
                 + (hint or "Write the stage with operations autograd can differentiate twice")
             ) from e
@@ -2071,6 +2071,12 @@ def _hook_keys(mods) -> list[tuple]:
     mods = list(mods)
     params = [p for m in mods for p in m._parameters.values() if p is not None]
     return [tuple(d) for d in hook_dicts(mods)] + [tuple(p._backward_hooks or ()) for p in params]
+
+
+class NoDoubleBackward(UnsupportedStageError):
+    """A stage autograd cannot differentiate twice (:meth:`GenericStage._twice`): its ``J v`` products and
+    dense blocks rest on the double backward; :class:`hessinv.GaussNewton`'s products fall back to its
+    root, which needs first derivatives only."""
 
 
 #: torch operations without a double backward, and the same function written with ones that have it
