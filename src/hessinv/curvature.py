@@ -902,7 +902,7 @@ class CurvatureOperator:
             if est == 0.0 or not math.isfinite(est):
                 break
             rises = [rises[1], abs(est - before)]
-            if max(rises) <= rtol * est:
+            if rtol > 0 and max(rises) <= rtol * est:  # (rtol = 0: every step, as norm_estimate asks)
                 break
             v = w
         if not math.isfinite(est):
