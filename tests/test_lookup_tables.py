@@ -421,3 +421,21 @@ def test_gauss_newton_products_solves_and_influence_through_an_embedding_bag():
     assert torch.allclose(inf.self_influence(), want, rtol=1e-10)
     with pytest.raises(hessinv.UnsupportedStageError, match="cannot differentiate it twice"):
         hessinv.hessian(net, loss_fn, X, y) @ V
+
+
+def test_bag_model_factors_through_the_root_where_the_sweep_cannot_run():
+    """A bag model whose root has more rows than it has parameters (64 examples x 6 classes against 230):
+    the default factorization took the Riccati sweep, which needs the bag's dense blocks (a double
+    backward), and refused where ``method="woodbury"`` solved it to 1e-15 (a fuzzer's finding). It now
+    takes the Woodbury form there: exact against plain autograd's G."""
+    import hessinv
+
+    torch.manual_seed(0)
+    net = _Bags("mean", 3, V=50).double()
+    X, y = torch.randint(0, 50, (64, 5)), torch.randint(0, 6, (64,))
+    loss_fn = nn.CrossEntropyLoss()
+    G = hessinv.gauss_newton(net, loss_fn, X, y)
+    assert 64 * 6 > G.shape[0]  # (the case under test: the cost model's sweep)
+    x, info = G.factor(1e-3).solve(G.gradient, return_info=True)
+    A = _autograd_gauss_newton(net, loss_fn, X, y) + 1e-3 * torch.eye(G.shape[0], dtype=torch.float64)
+    assert float((A @ x - G.gradient).norm() / G.gradient.norm()) <= 1e-12 and info.residual <= 1e-12

@@ -2177,6 +2177,14 @@ class GaussNewton(CurvatureOperator):
             if not root_may:
                 raise
             return WoodburyFactorization(self, damping)
+        except NoDoubleBackward:
+            # a stage autograd cannot differentiate twice has no dense blocks for the sweep, but G's root
+            # needs first derivatives only (an nn.EmbeddingBag model with as many root rows as parameters:
+            # refused where method="woodbury" solved it to 1e-15, a fuzzer's finding)
+            plain = method == "auto" and modify is None and precision == "working"
+            if not (plain and isinstance(damping, numbers.Real) and damping > 0):
+                raise
+            return WoodburyFactorization(self, damping)
 
     def _factor_flops(self) -> float:
         """:meth:`CurvatureOperator._factor_flops`, or the Woodbury form's (the root's ``8 r n``, ``K``'s

@@ -111,7 +111,7 @@ from hessinv.optim.precondition import (
 )
 from hessinv.optim.trust_region import TrustRegion
 from hessinv.riccati import Inertia
-from hessinv.stages.generic import NoFastPath, held_tensors
+from hessinv.stages.generic import NoDoubleBackward, NoFastPath, held_tensors
 from hessinv.stages.losses import nothing_to_learn, uncompiled
 
 __all__ = ["Newton", "StepStats"]
@@ -1094,7 +1094,17 @@ class Newton(torch.optim.Optimizer):
                 if mode == "precondition":
                     out = self._step_precondition(inputs, targets, g, loss, layers)
                 else:
-                    out = self._step_trust_region(inputs, targets)
+                    try:
+                        out = self._step_trust_region(inputs, targets)
+                    except NoDoubleBackward:
+                        if not self._newton.get("from_auto"):
+                            raise
+                        # auto's full-batch trust region needs the exact Hessian, which a stage autograd
+                        # cannot differentiate twice has not (an nn.EmbeddingBag: the second step on the
+                        # same batch raised): the Gauss-Newton preconditioning it chose first, for good
+                        self._newton["mode"] = self.mode = "precondition"
+                        self._newton["from_auto"] = False
+                        out = self._step_precondition(inputs, targets, g, loss, layers)
         # the callback after the step's thread count and layer modes are put back (it ran on one thread,
         # with Dropout / BatchNorm in eval mode: an evaluation inside it was slowed down)
         if self.callback is not None and self.last_stats is not before and self.last_stats is not None:

@@ -712,7 +712,7 @@ class GenericStage(Stage):
                     else f" beyond their rounding in {dt} (cancellation -- a LayerNorm or GroupNorm over 2 "
                     "features, large inputs -- or "
                 )
-                raise UnsupportedStageError(
+                raise NoDoubleBackward(
                     f"{self.name}: autograd's derivatives of its backward pass disagree with the backward "
                     f"pass itself{rounding or ' ('}a custom autograd.Function whose backward is not "
                     "differentiable, e.g. @once_differentiable, or an operation whose double backward "
@@ -1368,8 +1368,19 @@ class LazyBlocks(Blocks):
         dense probe gives. (Comparing inner products against the sum of their terms' sizes, as a first
         version did, let float32 errors of 60-100% through: random signs make a sum ~1/sqrt(N) of that.)
         Not for a stage of :data:`PROBE_FREE` layers alone (:func:`_probe_free`), which passes every check by
-        construction (80% of building a CNN's Hessian)."""
+        construction (80% of building a CNN's Hessian). A refusal stands for every later product: the probe
+        runs again (a failed probe once marked done let the next product run on the rows it had refused:
+        25% off, a fuzzer's finding). Refusals that mean autograd cannot differentiate the stage's backward
+        pass are :class:`NoDoubleBackward` (the Gauss-Newton products take its root instead)."""
         self._probed = True
+        try:
+            self._probe_checks()
+        except BaseException:
+            self._probed = False
+            raise
+
+    def _probe_checks(self) -> None:
+        """:meth:`probe`'s checks."""
         if _probe_free(self.stage.module):
             return
         B, p, d_in = self.batch, self.p, self.d_in
@@ -1429,7 +1440,7 @@ class LazyBlocks(Blocks):
         try:
             adj = self._adjoint_through_graph(s1)
         except RuntimeError as e:
-            raise UnsupportedStageError(
+            raise NoDoubleBackward(
                 f"{self.stage.name}: autograd cannot differentiate its backward pass ({str(e).rstrip('.')}): "
                 "its Jacobian and curvature cannot be taken; make the backward differentiable"
             ) from e
@@ -1439,7 +1450,7 @@ class LazyBlocks(Blocks):
             float(ref.abs().max()) if ref.numel() else 0.0, float(adj.abs().max()) if adj.numel() else 0.0
         )
         if adj.numel() and float((adj - ref).abs().max()) > tol * max(scale, torch.finfo(dt).tiny):
-            raise UnsupportedStageError(
+            raise NoDoubleBackward(
                 f"{self.stage.name}: autograd's derivatives of its backward pass disagree with the backward "
                 f"pass itself beyond their rounding in {dt} (cancellation -- a saturated softmax, a "
                 "LayerNorm over 2 features -- or an operation whose double backward differs from its "
