@@ -712,7 +712,9 @@ class GenericStage(Stage):
                     else f" beyond their rounding in {dt} (cancellation -- a LayerNorm or GroupNorm over 2 "
                     "features, large inputs -- or "
                 )
-                raise NoDoubleBackward(
+                # (float64: a backward autograd cannot differentiate -- Gauss-Newton takes its root; below
+                # float64 cancellation may explain it too, which the root would not escape: refused)
+                raise (NoDoubleBackward if dt == torch.float64 else UnsupportedStageError)(
                     f"{self.name}: autograd's derivatives of its backward pass disagree with the backward "
                     f"pass itself{rounding or ' ('}a custom autograd.Function whose backward is not "
                     "differentiable, e.g. @once_differentiable, or an operation whose double backward "
@@ -1371,7 +1373,8 @@ class LazyBlocks(Blocks):
         construction (80% of building a CNN's Hessian). A refusal stands for every later product: the probe
         runs again (a failed probe once marked done let the next product run on the rows it had refused:
         25% off, a fuzzer's finding). Refusals that mean autograd cannot differentiate the stage's backward
-        pass are :class:`NoDoubleBackward` (the Gauss-Newton products take its root instead)."""
+        pass are :class:`NoDoubleBackward` (the Gauss-Newton products take its root instead; in float32 only
+        where the double backward is missing: a disagreement there may be cancellation)."""
         self._probed = True
         try:
             self._probe_checks()
@@ -1450,7 +1453,9 @@ class LazyBlocks(Blocks):
             float(ref.abs().max()) if ref.numel() else 0.0, float(adj.abs().max()) if adj.numel() else 0.0
         )
         if adj.numel() and float((adj - ref).abs().max()) > tol * max(scale, torch.finfo(dt).tiny):
-            raise NoDoubleBackward(
+            # (as the dense blocks' check: float64, a backward autograd cannot differentiate; below it,
+            # possibly cancellation, which the Gauss-Newton root would not escape)
+            raise (NoDoubleBackward if dt == torch.float64 else UnsupportedStageError)(
                 f"{self.stage.name}: autograd's derivatives of its backward pass disagree with the backward "
                 f"pass itself beyond their rounding in {dt} (cancellation -- a saturated softmax, a "
                 "LayerNorm over 2 features -- or an operation whose double backward differs from its "
