@@ -2198,7 +2198,7 @@ class Chain:
 
     def _compare_eager(self, inputs: Tensor, out: Tensor) -> None:
         """:meth:`_check_traced`'s comparison."""
-        mods = [m._orig_mod if compiled_module(m) else m for m in model_parts(self.model)]
+        mods = self._own_modules()
         saved = [a for m in mods for a in _attributes(m)]
         buffers = [
             (name, b, b._version) for m in mods if isinstance(m, nn.Module) for name, b in m.named_buffers()
@@ -2370,10 +2370,15 @@ class Chain:
         self._check_gradient(inputs, targets, g, float(loss))
         return Linearization(blocks, g, loss, self.sizes[first:], blocks[0].d_in, first)
 
+    def _own_modules(self) -> list[nn.Module]:
+        """The modules the model's own forward runs in turn (:func:`model_parts`; a ``torch.compile``-d one
+        as its original module)."""
+        return [m._orig_mod if compiled_module(m) else m for m in model_parts(self.model)]
+
     def _own_forward(self, inputs: Tensor) -> Tensor:
         """``model(inputs)`` through the model's own forward (its modules in turn, for a list), with the
         grad mode of the caller; the modules' plain attributes (a call counter, a stashed value) put back."""
-        mods = [m._orig_mod if compiled_module(m) else m for m in model_parts(self.model)]
+        mods = self._own_modules()
         saved = [a for m in mods for a in _attributes(m)]
         try:
             out = inputs
@@ -2509,7 +2514,7 @@ class Chain:
         large intermediate values (features near 1e5: 5e-4 against 1e-11 in float64) -- no evidence of an
         output that depends on the batch. A copy that cannot run in float64 counts as differing."""
         try:
-            mods = copy.deepcopy([m._orig_mod if compiled_module(m) else m for m in model_parts(self.model)])
+            mods = copy.deepcopy(self._own_modules())
             x = inputs.double() if inputs.is_floating_point() else inputs
             with exact_no_grad():
                 out, alone = x, x[i : i + 1]

@@ -416,6 +416,7 @@ class CurvatureOperator:
         self._names = [s.name for s in self.chain.stages[lin.first :]] + ["loss stage"]
         self._twin: CurvatureOperator | None = None
         self._norm: float | None = None
+        self._rough: float | None = None  # (_rough_norm's, where no norm estimate is cached)
         self._norm_iters = 0  # (the power iterations the cached estimate took)
         self._dense_h: Tensor | None = None  # the dense float64 matrix, for counts (formed when needed)
         self._count_doubt = False  # a count since the last reset kept an ill-conditioned sweep's result
@@ -881,7 +882,7 @@ class CurvatureOperator:
         u u^T``: 0.5 against 1), which the full iteration grows out of."""
         if self._norm is not None:
             return self._norm
-        if self.__dict__.get("_rough") is None:
+        if self._rough is None:
             self._rough = self._power_norm(30, NORM_RTOL)
         return self._rough
 
@@ -2148,15 +2149,16 @@ class GaussNewton(CurvatureOperator):
             return WoodburyFactorization(self, damping)
         # where the sweep cannot answer, G + eps I = eps I + U^T S U through the root may (fewer rows than
         # parameters, a positive number as damping, the factorization of G + eps I itself)
-        root_may = (
+        # (and where a stage has no double backward, whose dense blocks the sweep would need)
+        root_can = (
             method == "auto"
             and modify is None
             and precision == "working"
             and isinstance(damping, numbers.Real)
             and not isinstance(damping, bool)
             and damping > 0
-            and self.blocks[-1].batch * self.blocks[-1].d_in < self.shape[0]
         )
+        root_may = root_can and self.blocks[-1].batch * self.blocks[-1].d_in < self.shape[0]
         try:
             return _factorization(self, damping, modify, precision)
         except SingularError as e:
@@ -2181,8 +2183,7 @@ class GaussNewton(CurvatureOperator):
             # a stage autograd cannot differentiate twice has no dense blocks for the sweep, but G's root
             # needs first derivatives only (an nn.EmbeddingBag model with as many root rows as parameters:
             # refused where method="woodbury" solved it to 1e-15, a fuzzer's finding)
-            plain = method == "auto" and modify is None and precision == "working"
-            if not (plain and isinstance(damping, numbers.Real) and damping > 0):
+            if not root_can:
                 raise
             return WoodburyFactorization(self, damping)
 

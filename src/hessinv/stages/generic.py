@@ -980,12 +980,7 @@ class LazyBlocks(Blocks):
         # a lookup table's rows: the signal at its output scattered into the rows of the batch's tokens
         # (an Embedding(50000, 64)'s rows without a batched backward pass into a dense table per row)
         scattered = {
-            w: (
-                _table_rows(ids, pad),
-                tu.reshape(k, -1, params[w].shape[1])
-                if spread is None  # (a bag's output: each token gets its share of its bag's signal)
-                else tu.reshape(k, -1, params[w].shape[1])[:, spread[0]] * spread[1].to(tu.dtype)[:, None],
-            )
+            w: (_table_rows(ids, pad), _per_token(tu.reshape(k, -1, params[w].shape[1]), spread))
             for (w, ids, _, pad, spread), tu in zip(lookups, got[len(rest) + 1 + len(linears) :], strict=True)
         }
         # checked against autograd: the weights' gradients for one random combination c of the k columns
@@ -2025,9 +2020,16 @@ def _bag_spread(m: nn.Module, ids: Tensor) -> tuple[Tensor, Tensor] | None:
     bag = torch.arange(B, device=ids.device).repeat_interleave(T)
     if m.mode == "sum":
         return bag, torch.ones(B * T, dtype=m.weight.dtype, device=ids.device)
-    real = ids != m.padding_idx if m.padding_idx is not None else torch.ones_like(ids, dtype=torch.bool)
-    share = 1.0 / real.sum(1).clamp(min=1).to(m.weight.dtype)
+    counted = _table_rows(ids, m.padding_idx)[1].view(B, T)  # (the tokens the bag's mean counts)
+    share = 1.0 / counted.sum(1).clamp(min=1).to(m.weight.dtype)
     return bag, share.repeat_interleave(T)
+
+
+def _per_token(t: Tensor, spread: tuple[Tensor, Tensor] | None) -> Tensor:
+    """The signal at a table's output as each token's (``(k, tokens, D)``): ``t`` itself for an
+    ``nn.Embedding`` (a token per output position), each token's share of its bag's for an
+    ``nn.EmbeddingBag`` (``spread``, :func:`_bag_spread`; ``t`` then ``(k, B, D)``)."""
+    return t if spread is None else t[:, spread[0]] * spread[1].to(t.dtype)[:, None]
 
 
 def _table_rows(ids: Tensor, padding_idx: int | None) -> tuple[Tensor, Tensor]:
