@@ -278,6 +278,46 @@ def test_a_stage_reading_what_another_stage_set_is_refused_not_wrong():
             hessinv.hessian(model, nn.CrossEntropyLoss(), X, y)
 
 
+def test_a_stash_read_before_the_model_was_ever_called_is_refused_by_name():
+    """The same stash on a model never called before: hessinv's passes put the module's attributes back
+    after each one, so the stage that reads the stash, called alone, raised a raw ``AttributeError``
+    (found by a probe); a ``NotAChainError`` with the remedy now."""
+    torch.manual_seed(0)
+    st = _Stash()
+    model = nn.Sequential(nn.Linear(4, 8), st, nn.Tanh(), _AddStash(st), nn.Linear(8, 3)).double()
+    X, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    with pytest.raises(NotAChainError, match="put the modules from the one that sets it"):
+        hessinv.hessian(model, nn.CrossEntropyLoss(), X, y)
+
+
+def test_a_float32_loss_function_with_a_captured_tensor_is_told_how_to_pass_it():
+    """A lambda loss holding a float32 class weight: the float64 copy (refined solves) failed on it and
+    the refusal said 'use a float64 model', which fails the same way; it now names the captured tensor and
+    the forms the copy converts -- and the partial it suggests refines to 1e-10."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    X, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    w = torch.tensor([0.2, 1.0, 3.0])
+    H = hessinv.hessian(net, lambda o, t: F.cross_entropy(o, t, weight=w), X, y)
+    with pytest.raises(UnsupportedStageError, match=r"weight=w.to\(outputs.dtype\)"):
+        H.factor(0.1).solve(H.gradient)
+    H = hessinv.hessian(net, functools.partial(F.cross_entropy, weight=w), X, y)
+    assert H.factor(0.1).solve(H.gradient, return_info=True)[1].residual < 1e-10
+
+
+def test_a_float32_embedding_bag_with_max_norm_is_told_why_its_output_changes():
+    """``EmbeddingBag(max_norm=...)`` renormalizes rows in place at every call: in float32 the stage's
+    two calls differ, and the refusal blamed randomness (Dropout, BatchNorm) and advised model.eval(),
+    which changes nothing; it now names max_norm."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.EmbeddingBag(8, 3, mode="mean", max_norm=0.7), nn.Tanh(), nn.Linear(3, 3))
+    with torch.no_grad():
+        net[0].weight.add_(0.5 * torch.randn_like(net[0].weight))
+    ids, y = torch.randint(1, 8, (5, 4), generator=torch.Generator().manual_seed(31)), torch.arange(5) % 3
+    with pytest.raises(UnsupportedStageError, match=r"EmbeddingBag\(max_norm=0.7\) renormalizes"):
+        hessinv.hessian(net, nn.CrossEntropyLoss(), ids, y)
+
+
 class _BatchBranch(nn.Module):
     def __init__(self):
         super().__init__()

@@ -523,3 +523,59 @@ def test_a_root_too_large_falls_back_to_the_other_routes(monkeypatch):
     e = G.eigenpairs(2, "largest")
     assert torch.allclose(e.values, lam[-2:], rtol=0, atol=1e-10 * float(lam.abs().max()))
     assert G.inertia(-0.5 * float(lam[-1])).positive == int((lam > 0.5 * lam[-1]).sum())
+
+
+@pytest.mark.parametrize("sigma", [1e16, 1e100, -1e16, -1e100])
+def test_root_eigenpairs_nearest_a_shift_far_beyond_the_spectrum(sigma):
+    """The root route picked the ``k`` nearest by ``|values - sigma|``, which all round to ``|sigma|`` once
+    ``|sigma| >~ 1e16 ||G||``: the first ``k`` stored came back, ``certified=True`` (a probe's find; 0.5
+    off on n = 340). Beyond the spectrum the nearest are its end: the largest for a large positive shift;
+    for a large negative one the smallest, here zeros of a null space, which a count cannot certify."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    G = hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X, y)
+    assert G._root_spectrum() is not None  # (the route under test)
+    w = torch.linalg.eigvalsh(autograd_gauss_newton(net, nn.CrossEntropyLoss(), X, y))
+    e = G.eigenpairs(2, "nearest", sigma=sigma)
+    if sigma > 0:
+        np.testing.assert_allclose(np.sort(e.values), w[-2:].numpy(), rtol=1e-10)
+        assert e.certified
+    else:
+        assert np.abs(e.values).max() < 1e-12 and not e.certified
+
+
+def test_the_cli_histogram_keeps_a_small_range_end_the_caller_gave():
+    """``hessinv spectrum --range 1e-9,0.4`` moved its first edge, within ``zero_tolerance`` of 0, to
+    ``-tol``: the null space the threshold excluded fell into the first bin (1033 against 345 of a digits
+    Gauss-Newton matrix). An end given as 0, or an inner edge 0 up to ``linspace``'s rounding, still moves."""
+    from hessinv.cli.spectrum import _edges
+
+    tol = 4.7e-9
+    assert _edges(1e-9, 0.4, 4, tol)[0] == 1e-9
+    assert _edges(0.0, 0.4, 4, tol)[0] == -tol
+    assert _edges(-0.3, 0.7, 10, tol)[3] == -tol  # (linspace gives 5.6e-17 there)
+    assert _edges(-0.4, -1e-9, 4, tol)[-1] == -1e-9
+
+
+def test_spectrum_arguments_a_probe_found_unchecked():
+    """Raw numpy/torch errors or odd acceptances, now named: an array ``tol``; a set or dict as ``range``;
+    a range too narrow for its bins (equal edges); a meta tensor of shifts; a too-large shift of a float64
+    operator told to 'use a float64 model' and named ``x``."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    for tol in (np.array([0.0, 0.0]), torch.tensor([0.0, 1.0])):
+        with pytest.raises(InvalidArgumentError, match="tol must be a real number"):
+            spectrum.num_negative_eigenvalues(H, tol)
+    for bad in ({-1.0, 1.0}, {0: 1, 1: 2}):
+        with pytest.raises(InvalidArgumentError, match="range must be a pair"):
+            spectrum.spectral_histogram(H, 2, range=bad)
+    with pytest.raises(InvalidArgumentError, match="too narrow"):
+        spectrum.spectral_histogram(H, 5, range=(0.1, 0.1 + 2e-17))
+    with pytest.raises(InvalidArgumentError, match="meta tensor"):
+        spectrum.eigenvalue_counts(H, torch.empty(2, device="meta"))
+    with pytest.raises(InvalidArgumentError, match="shift 1e\\+200 is too large") as e:
+        spectrum.eigenvalue_counts(H, [1e200])
+    assert "float64 model" not in str(e.value)

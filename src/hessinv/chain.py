@@ -1467,6 +1467,8 @@ def targets_as_data(targets: Tensor, params: Sequence[Tensor]) -> Tensor:
 
 def check_real(x, what: str) -> float:
     """``float(x)`` for a real number (Python, numpy or 0-d tensor), else :class:`InvalidArgumentError`."""
+    if isinstance(x, Tensor) and x.device.type == "meta":
+        raise InvalidArgumentError(f"{what} must be a real number, got a meta tensor (it has no value)")
     if isinstance(x, Tensor) and x.numel() == 1 and not x.is_complex():
         x = x.item()
     if isinstance(x, bool) or not isinstance(x, numbers.Real):

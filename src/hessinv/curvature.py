@@ -42,6 +42,7 @@ from hessinv.errors import (
     ShapeMismatchError,
     SingularError,
     TooLargeError,
+    UnsupportedStageError,
     warn,
 )
 from hessinv.linalg import all_finite
@@ -128,7 +129,8 @@ class Eigenpairs(NamedTuple):
             (where none was made: the interval the pairs span, padded by their residuals).
         certified: whether that count matched (no eigenvalue missed in ``interval``); False when a
             count could not be made exactly (a perturbed pivot), did not match after retries, or was not
-            made (``eigenpairs(certify=False)``, or by default where a factorization is too dear).
+            made (``eigenpairs(certify=False)``, or by default where a factorization is too dear) -- a
+            Gauss-Newton spectrum read whole from its root is counted there, whatever ``certify`` says.
         factorizations: Riccati sweeps used (factorizations and inertia counts).
         solves: solves with the shift-invert factorization.
     """
@@ -996,7 +998,7 @@ class CurvatureOperator:
         :meth:`_dense_counts` kept the dense eigenvalues, counted from them (eigenvalues within ``n u
         max(||H||, |x|)`` below ``x`` count as ``>= x``, as the sweep's singular pivots do; ``u`` of
         float64, the eigenvalues' precision, also for a float32 operator)."""
-        x = _check_shift(x, self.dtype, "x")
+        x = _check_shift(x, self.dtype)
         w = self.__dict__.get("_dense_eigs")
         if w is not None:  # (float64 eigenvalues of this operator's matrix: float64's rounding)
             small = self.shape[0] * torch.finfo(torch.float64).eps * max(float(w.abs().max()), abs(x))
@@ -1756,6 +1758,9 @@ class CurvatureOperator:
                 "needs the model as it was: build the operator again"
             )
         memo: dict[int, Any] = {}
+        mods = [self.model] if isinstance(self.model, nn.Module) else list(self.model)
+        for t in _graph_attributes(mods):  # (deepcopy refuses a tensor with a graph: copied as numbers)
+            memo[id(t)] = t.detach().clone()
         model = copy.deepcopy(self.model, memo)
         if self._point is not None:
             if any(id(t) not in memo for t, _ in self._held_point + self._frozen_point) or any(
@@ -1785,18 +1790,34 @@ class CurvatureOperator:
                         setattr(m, k, w)
         targets = self.targets.to(dtype) if self.targets.is_floating_point() else self.targets
         inputs = self.inputs.to(dtype) if self.inputs.is_floating_point() else self.inputs  # token ids stay
+        copies = [model] if isinstance(model, nn.Module) else list(model)
         try:
             with warnings.catch_warnings():  # (said once already, by this operator's own construction)
                 warnings.filterwarnings("ignore", message=".*Gauss-Newton matrix is zero")
                 loss_fn = self.loss_fn if self._loss_point is None else self._loss_point
-                return type(self)(model, loss_in_dtype(loss_fn, dtype), inputs, targets)
+                twin = type(self)(model, loss_in_dtype(loss_fn, dtype), inputs, targets)
         except HessinvError as e:
+            leak = _reference_to(copies, mods)
+            if leak is not None:
+                raise UnsupportedStageError(_leak_message(self.dtype, dtype, leak)) from e
             # (a cast in forward -- x.float(), a no-op in the model's own dtype -- is refused in the copy:
             # a float64 model would be refused too, so the remedy is to remove the cast)
             cast = isinstance(e, DtypeMismatchError) and "cast" in str(e)
+            # (a loss function kept live, not copied -- a lambda or closure -- that uses a tensor it
+            # captured in the model's dtype, weight=w: a float64 model with that loss fails the same way)
+            captured = (
+                self._loss_point is None
+                and "loss_fn(outputs, targets) failed" in str(e)
+                and any(k in str(e) for k in ("scalar type", "dtype", "Double", "Float"))
+            )
             fix = (
                 "remove the dtype cast from forward (the model's dtype follows its parameters)"
                 if cast
+                else "the loss function uses a tensor it captured in the model's dtype, which the copy "
+                "cannot convert: convert it in the loss (weight=w.to(outputs.dtype)), or pass the loss as "
+                "a module (nn.CrossEntropyLoss(weight=w)) or a functools.partial, whose tensors the copy "
+                "converts"
+                if captured
                 else "create such tensors with dtype=x.dtype (a float64 model fails the same way)"
                 if isinstance(e, DtypeMismatchError) and "default dtype" in str(e)
                 else "use a float64 model"
@@ -1806,6 +1827,22 @@ class CurvatureOperator:
                 f"against a {dtype} copy of the model and loss, which failed ({e}): {fix}; or, for a solve "
                 "alone, solve(..., refine=False)"
             ) from e
+        # the copy must compute with its own parameters: a function kept on a module (a lambda over
+        # self, a forward wrapped on the instance) is shared by deepcopy and still reads the original's --
+        # the copy is then another function of its own parameters, and every refined solve, log-determinant
+        # and eigenvalue answers for it (a residual of 0.2 reported as 4e-16)
+        try:
+            with torch.enable_grad():
+                reached = _leaves_reached(twin.chain._own_forward(twin.inputs))
+        except Exception:  # noqa: BLE001 - the model's own forward is checked elsewhere (Chain._check_traced)
+            reached = set()
+        names = {id(t): k for top in mods for k, t in top.named_parameters()}
+        read = [names.get(id(t), "?") for t in self.chain.params if id(t) in reached]
+        if read:
+            raise UnsupportedStageError(
+                _leak_message(self.dtype, dtype, _reference_to(copies, mods), read[0])
+            )
+        return twin
 
     def _rounded(self, dtype: torch.dtype) -> CurvatureOperator:
         """This operator with its blocks and gradient rounded to ``dtype`` (the float32 sweep operator of
@@ -1885,10 +1922,10 @@ def _check_shift(shift, dtype: torch.dtype, what: str = "shift") -> float:
         raise NonFiniteArgumentError(f"{what} must be finite, got {shift}")
     limit = _shift_limit(dtype)
     if abs(shift) > limit:
+        fix = "use a float64 model (model.double() and float64 inputs), or " if dtype != torch.float64 else ""
         raise InvalidArgumentError(
             f"{what} {shift:g} is too large for {dtype}: |{what}| must be <= {limit:.2g} (the sweep's "
-            "products would overflow); use a float64 model (model.double() and float64 inputs), or scale "
-            "the loss down and the damping with it"
+            f"products would overflow); {fix}scale the loss down and the {what} with it"
         )
     return shift
 
@@ -2039,6 +2076,10 @@ class GaussNewton(CurvatureOperator):
             pick = torch.argsort(values, stable=True)[:k]
         elif which == "largest":
             pick = torch.argsort(values, descending=True, stable=True)[:k]
+        elif sigma >= float(values.max()):  # (beyond the spectrum the nearest are its end: |v - sigma|
+            pick = torch.argsort(values, descending=True, stable=True)[:k]  # ties in float64 far out,
+        elif sigma <= float(values.min()):  # sigma = 1e16 ||G||, and gave the first k stored)
+            pick = torch.argsort(values, stable=True)[:k]
         else:
             pick = torch.argsort((values - sigma).abs(), stable=True)[:k]
         null = int((pick >= r).sum())
@@ -3464,6 +3505,128 @@ def _plain_settings(mods: Sequence[nn.Module]) -> list[tuple[int, str, str, Any]
                 elif isinstance(v, _CONTAINERS) and _plain_leaves(v, _PLAIN_MAX_LEAVES) >= 0:
                     kept.append((i, name, k, copy.deepcopy(v)))
     return kept
+
+
+def _contents(v: Any) -> list:
+    """What a list, tuple, set or dict holds (a dict's values), else nothing."""
+    if isinstance(v, dict):
+        return list(v.values())
+    return list(v) if isinstance(v, (list, tuple, set, frozenset)) else []
+
+
+def _graph_attributes(mods: Sequence[nn.Module]) -> list[Tensor]:
+    """The tensors with a graph (``grad_fn``) the modules hold outside their parameters -- attributes,
+    also inside lists, tuples and dicts nested at most 4 deep: prune's, the old ``weight_norm``'s and
+    ``spectral_norm``'s computed ``weight``, an activation kept after a training step. ``copy.deepcopy``
+    refuses them."""
+    found: list[Tensor] = []
+
+    def visit(v: Any, depth: int) -> None:
+        if isinstance(v, Tensor):
+            if v.grad_fn is not None:
+                found.append(v)
+        elif depth < 4:
+            for x in _contents(v):
+                visit(x, depth + 1)
+
+    for top in mods:
+        for m in top.modules():
+            for k, v in vars(m).items():
+                if k not in ("_modules", "_parameters"):
+                    visit(v, 0)
+    return found
+
+
+def _reference_to(copies: Sequence[nn.Module], mods: Sequence[nn.Module]) -> str | None:
+    """Where a function kept by the copies' modules (an attribute or a hook: a lambda over ``self``, a
+    ``forward`` wrapped on the instance, a ``functools.partial``) refers to one of the original modules or
+    their parameters -- what ``copy.deepcopy`` shares instead of copying (a bound method it rebinds) --
+    described for a message; None where none does (followed through closures, defaults, ``__wrapped__``,
+    bound methods and partials, at most 6 deep)."""
+    names: dict[int, str] = {}
+    for top in mods:
+        for q, m in top.named_modules():
+            names[id(m)] = f"module {q or type(m).__name__!r}" if q else f"the model ({type(m).__name__})"
+        for q, t in top.named_parameters():
+            names.setdefault(id(t), f"parameter {q!r}")
+
+    def inner(v: Any) -> list:
+        if isinstance(v, functools.partial):
+            return [v.func, *v.args, *v.keywords.values()]
+        if callable(v) and hasattr(v, "__self__") and hasattr(v, "__func__"):  # a bound method
+            return [v.__self__, v.__func__]
+        if hasattr(v, "__code__"):  # a function: what its closure, defaults and wrapper hold
+            cells = []
+            for c in getattr(v, "__closure__", None) or ():
+                try:
+                    cells.append(c.cell_contents)
+                except ValueError:  # (an empty cell)
+                    pass
+            kw = getattr(v, "__kwdefaults__", None) or {}
+            return [*cells, *(getattr(v, "__defaults__", None) or ()), *kw.values(), *_wrapped(v)]
+        return _contents(v)
+
+    def search(v: Any, depth: int, seen: set[int]) -> str | None:
+        for x in inner(v):
+            if id(x) in names:
+                return names[id(x)]
+            if depth < 6 and id(x) not in seen and not isinstance(x, (nn.Module, Tensor)):
+                seen.add(id(x))
+                hit = search(x, depth + 1, seen)
+                if hit is not None:
+                    return hit
+        return None
+
+    for top in copies:
+        for q, m in top.named_modules():
+            for k, v in vars(m).items():
+                if k in ("_modules", "_parameters", "_buffers"):
+                    continue
+                hit = search(v, 0, set()) if not isinstance(v, (nn.Module, Tensor)) else None
+                if hit is not None:
+                    where = f"module {q!r}" if q else "the model"
+                    what = "a hook" if k.endswith("hooks") else f"its attribute {k!r}"
+                    return f"{where} keeps in {what} a function that refers to the original's {hit}"
+    return None
+
+
+def _wrapped(v: Any) -> list:
+    """``v.__wrapped__`` (a ``functools.wraps`` decorator's function) as a list, or nothing."""
+    try:
+        w = vars(v).get("__wrapped__")
+    except TypeError:
+        return []
+    return [] if w is None else [w]
+
+
+def _leak_message(low: torch.dtype, dtype: torch.dtype, leak: str | None, param: str | None = None) -> str:
+    """The refusal of a model whose ``dtype`` copy (``copy.deepcopy``) computes with the original's
+    parameters (:meth:`CurvatureOperator._converted`)."""
+    said = [f"that copy computes with the original model's parameter {param!r}"] if param else []
+    if leak is not None:
+        said.append(f"{leak}, which deepcopy shares between the model and its copy instead of copying it")
+    return (
+        f"a {low} operator refines its solves (and computes eigenvalues, log-determinants) against a "
+        f"{dtype} copy of the model made by copy.deepcopy, and " + "; ".join(said) + ": compute it in "
+        "forward (a method of the module, not a function stored on it), or use a float64 model; or, for a "
+        "solve alone, solve(..., refine=False)"
+    )
+
+
+def _leaves_reached(out: Tensor) -> set[int]:
+    """The ids of the leaf tensors (parameters) ``out``'s graph reaches."""
+    reached: set[int] = set()
+    stack, seen = [out.grad_fn], set()
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        v = getattr(f, "variable", None)
+        if isinstance(v, Tensor):
+            reached.add(id(v))
+        stack.extend(g for g, _ in f.next_functions)
+    return reached
 
 
 def _loss_snapshot(loss_fn: LossFn) -> LossFn | None:

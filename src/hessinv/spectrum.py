@@ -64,6 +64,8 @@ def _real_array(x: object, what: str) -> np.ndarray:
     """``x`` (a number, a sequence, an array or a tensor of real numbers) as a float64 array, else
     :class:`InvalidArgumentError` naming ``what`` (None, strings, bools, complex numbers); NaN and
     infinities are left to the caller."""
+    if isinstance(x, torch.Tensor) and x.device.type == "meta":
+        raise InvalidArgumentError(f"{what} must be real numbers, got a meta tensor (it has no values)")
     try:
         a = np.asarray(x.tolist() if isinstance(x, torch.Tensor) else x)
     except (TypeError, ValueError):  # (ragged sequences)
@@ -167,7 +169,8 @@ def spectral_histogram(
             op._dense_counts(count + 6)
             lo, hi = spectral_range(op)
         else:
-            if isinstance(range, (str, bytes)) or not hasattr(range, "__len__") or len(range) != 2:
+            pair = isinstance(range, (tuple, list, np.ndarray, torch.Tensor))  # (not a set, nor a dict)
+            if not pair or len(range) != 2:
                 raise InvalidArgumentError(f"range must be a pair (lo, hi) of numbers, got {range!r}")
             lo, hi = check_real(range[0], "range[0]"), check_real(range[1], "range[1]")
             if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -175,6 +178,10 @@ def spectral_histogram(
         if not lo < hi:
             raise InvalidArgumentError(f"range must be increasing, got {(lo, hi)}")
         edges = np.linspace(lo, hi, count + 1)
+        if not (np.diff(edges) > 0).all():
+            raise InvalidArgumentError(
+                f"range {(lo, hi)} is too narrow for {count} bins in float64 (their edges coincide)"
+            )
     else:
         edges = _real_array(bins, "bins (an int or bin edges)")
         if not np.isfinite(edges).all():
@@ -221,6 +228,8 @@ def num_negative_eigenvalues(op: CurvatureOperator, tol: float | None = None) ->
     _check_operator(op)
     if isinstance(tol, bool):  # (False == 0: it counted N(0))
         raise InvalidArgumentError(f"tol must be a number or None, got {tol!r}")
+    if tol is not None:  # (before the test for 0: an array's comparison is not a truth value)
+        tol = check_real(tol, "tol")
     if tol == 0:
         return int(eigenvalue_counts(op, [0.0])[0])
     return op.inertia(0.0, tol).negative

@@ -197,14 +197,17 @@ def plot_histogram(edges, counts, path: str | Path, title: str = "", below: int 
 
 
 def _edges(lo: float, hi: float, bins: int, tol: float):
-    """``bins`` equal bins over ``[lo, hi]``, with an edge within ``tol`` of 0 moved to ``-tol``: the
-    eigenvalues that are zero up to rounding then fall in the bin that starts at 0, as they count as
-    ``>= 0`` (the count of negative eigenvalues is ``N(-tol)``), not half of them below it."""
+    """``bins`` equal bins over ``[lo, hi]``, with an edge at 0 -- the range's end given as 0, or an inner
+    edge within ``tol`` of 0 (``linspace``'s rounding of one) -- moved to ``-tol``: the eigenvalues that are
+    zero up to rounding then fall in the bin that starts at 0, as they count as ``>= 0`` (the count of
+    negative eigenvalues is ``N(-tol)``), not half of them below it. A small nonzero end the caller gave
+    is a threshold and stays (``--range 1e-9,0.4`` put the null space in its first bin)."""
     import numpy as np
 
     edges = np.linspace(lo, hi, bins + 1)
     i = int(np.abs(edges).argmin())
-    if abs(edges[i]) <= tol and (i == 0 or edges[i - 1] < -tol):
+    given = i in (0, bins)
+    if (edges[i] == 0 if given else abs(edges[i]) <= tol) and (i == 0 or edges[i - 1] < -tol):
         edges[i] = -tol
     return edges
 

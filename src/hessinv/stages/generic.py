@@ -473,7 +473,14 @@ class GenericStage(Stage):
         # Attention through the math kernel of scaled_dot_product_attention: the fused CPU/CUDA kernels
         # (flash, memory-efficient) have no double backward, the math one is plain autograd
         with exact_attention(), dense_lookup_grads(self.module):
-            out = self.module(z.clone())
+            try:
+                out = self.module(z.clone())
+            except AttributeError as e:  # (a stash an earlier stage sets, gone when this one is called alone)
+                raise NotAChainError(
+                    f"{self.name} failed when called on its own ({e}): where it reads a value an earlier "
+                    "stage leaves on a module (a stashed activation, self.a.stash), put the modules from the "
+                    "one that sets it to the one that reads it into one module (a stage)"
+                ) from e
         if not isinstance(out, Tensor):
             mods = self.module.modules() if isinstance(self.module, nn.Module) else ()
             rnn = isinstance(out, tuple) and any(isinstance(m, nn.RNNBase) for m in mods)
@@ -502,6 +509,18 @@ class GenericStage(Stage):
                 for b, saved in zip(self.module.buffers(), buffers, strict=True):
                     b.copy_(saved)
         same = out.shape == again.shape and torch.equal(torch.nan_to_num(out), torch.nan_to_num(again))
+        renorm = [
+            m
+            for m in (self.module.modules() if isinstance(self.module, nn.Module) else ())
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+        ]
+        if not same and renorm:
+            raise UnsupportedStageError(
+                f"{self.name} returns different outputs on every call: its {type(renorm[0]).__name__}"
+                f"(max_norm={renorm[0].max_norm:g}) renormalizes the rows it looks up, in place, at every "
+                "call (torch's semantics); renormalize every row once before (under torch.no_grad(), call "
+                "the embedding on torch.arange(num_embeddings)), or set max_norm=None"
+            )
         if changed or not same:
             what = "updates its buffers" if changed else "returns different outputs"
             raise UnsupportedStageError(
