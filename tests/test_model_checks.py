@@ -299,7 +299,7 @@ def test_a_float32_loss_function_with_a_captured_tensor_is_told_how_to_pass_it()
     X, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
     w = torch.tensor([0.2, 1.0, 3.0])
     H = hessinv.hessian(net, lambda o, t: F.cross_entropy(o, t, weight=w), X, y)
-    with pytest.raises(UnsupportedStageError, match=r"weight=w.to\(outputs.dtype\)"):
+    with pytest.raises(UnsupportedStageError, match=r"\(w.to\(outputs.dtype\)"):
         H.factor(0.1).solve(H.gradient)
     H = hessinv.hessian(net, functools.partial(F.cross_entropy, weight=w), X, y)
     assert H.factor(0.1).solve(H.gradient, return_info=True)[1].residual < 1e-10

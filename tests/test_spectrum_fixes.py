@@ -574,6 +574,11 @@ def test_spectrum_arguments_a_probe_found_unchecked():
             spectrum.spectral_histogram(H, 2, range=bad)
     with pytest.raises(InvalidArgumentError, match="too narrow"):
         spectrum.spectral_histogram(H, 5, range=(0.1, 0.1 + 2e-17))
+    with pytest.raises(NonFiniteArgumentError, match="overflow"):
+        spectrum.spectral_histogram(H, 4, range=(-1e308, 1e308))
+    # (any indexable pair still is one: a range object, as numpy.histogram takes it)
+    h = spectrum.spectral_histogram(H, 3, range=range(-1, 2, 2))
+    assert h.n == H.shape[0] and h.edges[0] == -1 and h.edges[-1] == 1
     with pytest.raises(InvalidArgumentError, match="meta tensor"):
         spectrum.eigenvalue_counts(H, torch.empty(2, device="meta"))
     with pytest.raises(InvalidArgumentError, match="shift 1e\\+200 is too large") as e:

@@ -20,7 +20,9 @@ import functools
 import math
 import numbers
 import operator
+import types
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
@@ -1761,7 +1763,11 @@ class CurvatureOperator:
         mods = [self.model] if isinstance(self.model, nn.Module) else list(self.model)
         for t in _graph_attributes(mods):  # (deepcopy refuses a tensor with a graph: copied as numbers)
             memo[id(t)] = t.detach().clone()
-        model = copy.deepcopy(self.model, memo)
+        try:
+            model = copy.deepcopy(self.model, memo)
+        except Exception as e:  # noqa: BLE001 - what deepcopy cannot copy: a lock, a file, a script function
+            raise UnsupportedStageError(_copy_failed(self.dtype, dtype, e)) from e
+        _rebind(model, memo)
         if self._point is not None:
             if any(id(t) not in memo for t, _ in self._held_point + self._frozen_point) or any(
                 _fingerprint(t) != saved for t, saved in self._frozen_point
@@ -1790,16 +1796,12 @@ class CurvatureOperator:
                         setattr(m, k, w)
         targets = self.targets.to(dtype) if self.targets.is_floating_point() else self.targets
         inputs = self.inputs.to(dtype) if self.inputs.is_floating_point() else self.inputs  # token ids stay
-        copies = [model] if isinstance(model, nn.Module) else list(model)
         try:
             with warnings.catch_warnings():  # (said once already, by this operator's own construction)
                 warnings.filterwarnings("ignore", message=".*Gauss-Newton matrix is zero")
                 loss_fn = self.loss_fn if self._loss_point is None else self._loss_point
                 twin = type(self)(model, loss_in_dtype(loss_fn, dtype), inputs, targets)
         except HessinvError as e:
-            leak = _reference_to(copies, mods)
-            if leak is not None:
-                raise UnsupportedStageError(_leak_message(self.dtype, dtype, leak)) from e
             # (a cast in forward -- x.float(), a no-op in the model's own dtype -- is refused in the copy:
             # a float64 model would be refused too, so the remedy is to remove the cast)
             cast = isinstance(e, DtypeMismatchError) and "cast" in str(e)
@@ -1813,9 +1815,10 @@ class CurvatureOperator:
             fix = (
                 "remove the dtype cast from forward (the model's dtype follows its parameters)"
                 if cast
-                else "the loss function uses a tensor it captured in the model's dtype, which the copy "
-                "cannot convert: convert it in the loss (weight=w.to(outputs.dtype)), or pass the loss as "
-                "a module (nn.CrossEntropyLoss(weight=w)) or a functools.partial, whose tensors the copy "
+                else "the loss function uses a tensor in the model's dtype that the copy cannot convert, one "
+                "it captured (weight=w) or creates (torch.eye(3)): make it in the outputs' dtype "
+                "(w.to(outputs.dtype), torch.eye(3, dtype=outputs.dtype)), or pass a captured one through "
+                "a loss module (nn.CrossEntropyLoss(weight=w)) or a functools.partial, which the copy "
                 "converts"
                 if captured
                 else "create such tensors with dtype=x.dtype (a float64 model fails the same way)"
@@ -1827,10 +1830,12 @@ class CurvatureOperator:
                 f"against a {dtype} copy of the model and loss, which failed ({e}): {fix}; or, for a solve "
                 "alone, solve(..., refine=False)"
             ) from e
-        # the copy must compute with its own parameters: a function kept on a module (a lambda over
-        # self, a forward wrapped on the instance) is shared by deepcopy and still reads the original's --
-        # the copy is then another function of its own parameters, and every refined solve, log-determinant
-        # and eigenvalue answers for it (a residual of 0.2 reported as 4e-16)
+        except Exception as e:  # noqa: BLE001 - a hook that looks up the original modules (names[m])
+            raise UnsupportedStageError(_copy_failed(self.dtype, dtype, e)) from e
+        # the copy must compute with its own parameters: one the functions kept on its modules still reach
+        # (_rebind redirects closures, bound methods, partials and weak references; not a global or an
+        # object outside the model) makes it another function of its own -- every refined solve,
+        # log-determinant and eigenvalue would answer for that one (a residual of 0.2 reported as 4e-16)
         try:
             with torch.enable_grad():
                 reached = _leaves_reached(twin.chain._own_forward(twin.inputs))
@@ -1840,7 +1845,12 @@ class CurvatureOperator:
         read = [names.get(id(t), "?") for t in self.chain.params if id(t) in reached]
         if read:
             raise UnsupportedStageError(
-                _leak_message(self.dtype, dtype, _reference_to(copies, mods), read[0])
+                f"a {self.dtype} operator refines its solves (and computes eigenvalues, log-determinants) "
+                f"against a {dtype} copy of the model made by copy.deepcopy, which still computes with the "
+                f"original model's parameter {read[0]!r}, reached through what the copy cannot redirect (a "
+                "global variable, an object outside the model): reach it through the module that holds it "
+                "(self.<name> in its forward), or use a float64 model; or, for a solve alone, "
+                "solve(..., refine=False)"
             )
         return twin
 
@@ -3537,79 +3547,93 @@ def _graph_attributes(mods: Sequence[nn.Module]) -> list[Tensor]:
     return found
 
 
-def _reference_to(copies: Sequence[nn.Module], mods: Sequence[nn.Module]) -> str | None:
-    """Where a function kept by the copies' modules (an attribute or a hook: a lambda over ``self``, a
-    ``forward`` wrapped on the instance, a ``functools.partial``) refers to one of the original modules or
-    their parameters -- what ``copy.deepcopy`` shares instead of copying (a bound method it rebinds) --
-    described for a message; None where none does (followed through closures, defaults, ``__wrapped__``,
-    bound methods and partials, at most 6 deep)."""
-    names: dict[int, str] = {}
-    for top in mods:
-        for q, m in top.named_modules():
-            names[id(m)] = f"module {q or type(m).__name__!r}" if q else f"the model ({type(m).__name__})"
-        for q, t in top.named_parameters():
-            names.setdefault(id(t), f"parameter {q!r}")
+def _rebind(model: nn.Module | list[nn.Module], memo: dict[int, Any]) -> None:
+    """Redirect, in a ``copy.deepcopy`` of the model (``memo`` its memo), the functions its modules keep --
+    attributes, hooks, and those in lists, tuples and dicts -- from the original's modules, parameters and
+    buffers to their copies: deepcopy copies a function as itself, so a lambda over ``self``
+    (LayerScale's ``self.scale = lambda h: h * self.g``), a forward wrapped on the instance, or a hook
+    over the model (``o * net.mask``) still read the original (the copy was another function of its own
+    parameters, and a float32 operator's refined solves answered for it: a residual of 0.21 reported as
+    4e-16). Closures, bound methods, ``functools.partial``'s function and ``__wrapped__`` are followed (6
+    deep); a weak reference to an original is pointed at its copy. A cell shared with a function not
+    redirected stays shared unless it held an original."""
+    seen: dict[int, Any] = {}
 
-    def inner(v: Any) -> list:
+    def redirect(v: Any, depth: int) -> Any:
+        if id(v) in memo and not isinstance(v, (types.FunctionType, types.MethodType, functools.partial)):
+            return memo[id(v)]  # (an original the copy holds a copy of)
+        if depth > 6:
+            return v
+        if isinstance(v, types.MethodType):
+            f, obj = redirect(v.__func__, depth + 1), redirect(v.__self__, depth + 1)
+            return v if f is v.__func__ and obj is v.__self__ else types.MethodType(f, obj)
         if isinstance(v, functools.partial):
-            return [v.func, *v.args, *v.keywords.values()]
-        if callable(v) and hasattr(v, "__self__") and hasattr(v, "__func__"):  # a bound method
-            return [v.__self__, v.__func__]
-        if hasattr(v, "__code__"):  # a function: what its closure, defaults and wrapper hold
-            cells = []
-            for c in getattr(v, "__closure__", None) or ():
-                try:
-                    cells.append(c.cell_contents)
-                except ValueError:  # (an empty cell)
-                    pass
-            kw = getattr(v, "__kwdefaults__", None) or {}
-            return [*cells, *(getattr(v, "__defaults__", None) or ()), *kw.values(), *_wrapped(v)]
-        return _contents(v)
+            f = redirect(v.func, depth + 1)
+            return v if f is v.func else functools.partial(f, *v.args, **v.keywords)
+        if isinstance(v, weakref.ReferenceType) and type(v) is weakref.ReferenceType:
+            target = v()
+            return weakref.ref(memo[id(target)]) if target is not None and id(target) in memo else v
+        if not isinstance(v, types.FunctionType):
+            return v
+        if id(v) in seen:
+            return seen[id(v)]
+        seen[id(v)] = v  # (a function that refers to itself)
+        cells, changed = [], False
+        for c in v.__closure__ or ():
+            try:
+                x = c.cell_contents
+            except ValueError:  # (an empty cell)
+                cells.append(c)
+                continue
+            y = redirect(x, depth + 1)
+            changed |= y is not x
+            cells.append(types.CellType(y) if y is not x else c)
+        wrapped = v.__dict__.get("__wrapped__")
+        new_wrapped = redirect(wrapped, depth + 1) if wrapped is not None else None
+        if not changed and new_wrapped is wrapped:
+            return v
+        f = types.FunctionType(v.__code__, v.__globals__, v.__name__, v.__defaults__, tuple(cells))
+        f.__kwdefaults__, f.__qualname__ = v.__kwdefaults__, v.__qualname__
+        f.__dict__.update(v.__dict__)
+        if wrapped is not None:
+            f.__wrapped__ = new_wrapped  # type: ignore[attr-defined]
+        seen[id(v)] = f
+        return f
 
-    def search(v: Any, depth: int, seen: set[int]) -> str | None:
-        for x in inner(v):
-            if id(x) in names:
-                return names[id(x)]
-            if depth < 6 and id(x) not in seen and not isinstance(x, (nn.Module, Tensor)):
-                seen.add(id(x))
-                hit = search(x, depth + 1, seen)
-                if hit is not None:
-                    return hit
-        return None
+    def in_place(holder: Any) -> None:
+        """Redirect the values of a (copied) dict or list in place."""
+        keys = holder.keys() if isinstance(holder, dict) else range(len(holder))
+        for k in list(keys):
+            w = redirect(holder[k], 0)
+            if w is not holder[k]:
+                holder[k] = w
 
-    for top in copies:
-        for q, m in top.named_modules():
-            for k, v in vars(m).items():
-                if k in ("_modules", "_parameters", "_buffers"):
+    for top in [model] if isinstance(model, nn.Module) else model:
+        for m in top.modules():
+            d = vars(m)
+            for k, v in list(d.items()):
+                if k in ("_parameters", "_buffers", "_modules"):
                     continue
-                hit = search(v, 0, set()) if not isinstance(v, (nn.Module, Tensor)) else None
-                if hit is not None:
-                    where = f"module {q!r}" if q else "the model"
-                    what = "a hook" if k.endswith("hooks") else f"its attribute {k!r}"
-                    return f"{where} keeps in {what} a function that refers to the original's {hit}"
-    return None
+                if isinstance(v, (dict, list)):  # (hooks, and functions kept in containers)
+                    in_place(v)
+                elif isinstance(v, tuple) and type(v) is tuple:
+                    w = tuple(redirect(x, 0) for x in v)
+                    if any(a is not b for a, b in zip(w, v, strict=True)):
+                        d[k] = w
+                else:
+                    w = redirect(v, 0)
+                    if w is not v:
+                        d[k] = w
 
 
-def _wrapped(v: Any) -> list:
-    """``v.__wrapped__`` (a ``functools.wraps`` decorator's function) as a list, or nothing."""
-    try:
-        w = vars(v).get("__wrapped__")
-    except TypeError:
-        return []
-    return [] if w is None else [w]
-
-
-def _leak_message(low: torch.dtype, dtype: torch.dtype, leak: str | None, param: str | None = None) -> str:
-    """The refusal of a model whose ``dtype`` copy (``copy.deepcopy``) computes with the original's
-    parameters (:meth:`CurvatureOperator._converted`)."""
-    said = [f"that copy computes with the original model's parameter {param!r}"] if param else []
-    if leak is not None:
-        said.append(f"{leak}, which deepcopy shares between the model and its copy instead of copying it")
+def _copy_failed(low: torch.dtype, dtype: torch.dtype, e: BaseException) -> str:
+    """The refusal where the ``dtype`` copy of a ``low`` operator's model cannot be made or called."""
     return (
         f"a {low} operator refines its solves (and computes eigenvalues, log-determinants) against a "
-        f"{dtype} copy of the model made by copy.deepcopy, and " + "; ".join(said) + ": compute it in "
-        "forward (a method of the module, not a function stored on it), or use a float64 model; or, for a "
-        "solve alone, solve(..., refine=False)"
+        f"{dtype} copy of the model made by copy.deepcopy, which failed ({type(e).__name__}: {e}): a module "
+        "or hook that holds what deepcopy cannot copy (a lock, a file, a scripted function), or looks up "
+        "the original modules (a dict keyed by them), cannot serve the copy; use a float64 model; or, "
+        "for a solve alone, solve(..., refine=False)"
     )
 
 

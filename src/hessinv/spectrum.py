@@ -169,15 +169,18 @@ def spectral_histogram(
             op._dense_counts(count + 6)
             lo, hi = spectral_range(op)
         else:
-            pair = isinstance(range, (tuple, list, np.ndarray, torch.Tensor))  # (not a set, nor a dict)
-            if not pair or len(range) != 2:
+            unordered = isinstance(range, (set, frozenset, dict, str, bytes))  # (no first and second)
+            if unordered or not hasattr(range, "__getitem__") or len(range) != 2:
                 raise InvalidArgumentError(f"range must be a pair (lo, hi) of numbers, got {range!r}")
             lo, hi = check_real(range[0], "range[0]"), check_real(range[1], "range[1]")
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 raise NonFiniteArgumentError(f"range must be finite, got {(lo, hi)}")
         if not lo < hi:
             raise InvalidArgumentError(f"range must be increasing, got {(lo, hi)}")
-        edges = np.linspace(lo, hi, count + 1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            edges = np.linspace(lo, hi, count + 1)
+        if not np.isfinite(edges).all():
+            raise NonFiniteArgumentError(f"range {(lo, hi)}: its bin edges overflow float64")
         if not (np.diff(edges) > 0).all():
             raise InvalidArgumentError(
                 f"range {(lo, hi)} is too narrow for {count} bins in float64 (their edges coincide)"

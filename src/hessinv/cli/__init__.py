@@ -39,6 +39,7 @@ import re
 import sys
 import textwrap
 import types
+import warnings
 from pathlib import Path
 
 from hessinv import __version__
@@ -444,10 +445,12 @@ def _parse_lrs(items: list[str], opts: list[str]) -> dict[str, float]:
 
 
 def _parse_steps(items: list[str], opts: list[str]) -> dict[str, int | None]:
-    """The step budget of each optimizer in ``opts`` from the --steps values (later ones win: ``--steps
-    1000 --steps adam=5000``; one optimizer named twice is refused, as --lr does)."""
+    """The step budget of each optimizer in ``opts`` from the --steps values: a plain count for every
+    optimizer, ``NAME=N`` for one, in any order (``--steps adam=5000 --steps 1000`` keeps adam's 5000;
+    it was dropped); one optimizer named twice, or two plain counts, is refused, as --lr does."""
     steps: dict[str, int | None] = {o: DEFAULT_STEPS.get(o) for o in opts}  # unlisted: time budget only
     named: set[str] = set()
+    plain: str | None = None
 
     def count(text: str) -> int | None:
         return None if text.lower() == "none" else positive_int(text)
@@ -465,7 +468,12 @@ def _parse_steps(items: list[str], opts: list[str]) -> dict[str, int | None]:
                 n = count(item.strip())
             except ValueError as e:
                 raise UserError(f"--steps: {e} (or NAME=N, or none)") from None
-            steps = {o: n for o in opts}
+            if plain is not None:
+                raise UserError(
+                    f"--steps gives a count for every optimizer twice ({plain}, {item}): give it once"
+                )
+            plain = item
+            steps.update({o: n for o in opts if o not in named})
     return {o: steps[o] for o in opts}
 
 
@@ -569,6 +577,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out = Path(DEFAULT_OUT.format(data=Path(ds.name).stem))
     else:
         out = out_path(args.out)
+    if args.residual and args.depth < 3:  # (the blocks sit between the first and the last layer)
+        raise UserError(
+            f"--residual needs --depth 3 or more (residual blocks between the first and last "
+            f"layers); --depth {args.depth} has none"
+        )
     cfg = TrainConfig(
         optimizers=opts,
         depth=args.depth,
@@ -589,6 +602,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         device=device,
         dtype=args.dtype,
         out=out,
+        command=("hessinv", *_ARGV),
     )
     exact, flops = full_batch_factorizations(cfg, ds) if len(ds.X_train) > 512 else ([], 0.0)
     if exact:  # (newton only where it takes its trust region; else it preconditions, one factorization)
@@ -712,8 +726,21 @@ def _require_extras(command: str) -> None:
         )
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """A warning as the command line says things: ``hessinv: warning: ...`` on stderr, its library
+    keyword arguments as the options that set them (not ``<frozen runpy>:88: UserWarning: ...``)."""
+    print(f"hessinv: warning: {_as_options(str(message))}", file=sys.stderr if file is None else file)
+
+
+def _as_options(text: str) -> str:
+    """The library's keyword arguments a message suggests, as this command's options."""
+    return re.sub(r"\bcurvature_batch_size=(\d+)", r"--curvature-batch-size \1", text)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hessinv`` console script; returns the exit status."""
+    if argv is None:  # (the console script's process: its warnings in its own words)
+        warnings.showwarning = _show_warning
     parser = build_parser()
     _ARGV[:] = _attach_dash_values(sys.argv[1:] if argv is None else argv)
     try:

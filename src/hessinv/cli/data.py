@@ -315,6 +315,12 @@ def _target_column(target: str, names: list[str] | None, width: int, path: Path)
         k = int(target)
     except ValueError:
         if names is not None and target.strip() in names:
+            where = [i + 1 for i, name in enumerate(names) if name == target.strip()]
+            if len(where) > 1:  # (the first was taken: a feature as the label, the label as a feature)
+                raise DataError(
+                    f"{path}: the header names {len(where)} columns {target.strip()!r} (columns "
+                    f"{', '.join(map(str, where))}); give --target-column the label's column number"
+                ) from None
             return names.index(target.strip())
         have = f"the header names {names}" if names is not None else "no header line"
         raise DataError(
@@ -445,6 +451,17 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
             f"({_non_finite_advice(len(hit))})"
         )
     labels = [r[-1].strip() for _, r in rows]
+    missing = [i for i, c in enumerate(labels) if c.lower() in _MISSING]
+    if missing:  # (not a class of its own: 'yes', 'no' and '?' made three)
+        n = rows[missing[0]][0]
+        raise DataError(
+            f"{path}: line {n}: the label is {labels[missing[0]]!r}, a missing value"
+            + (
+                f" ({len(missing)} rows in all); remove those rows or give their labels"
+                if len(missing) > 1
+                else "; remove the row or give its label"
+            )
+        )
     numeric = [_is_number(c) for c in labels]
     if all(numeric):
         return X, np.array([float(c) for c in labels], dtype=np.float64), note
@@ -455,6 +472,10 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
             f"{labels[i]!r}, line {rows[j][0]}: {labels[j]!r}); use numbers or names throughout"
         )
     return X, np.array(labels), note  # class names
+
+
+#: label cells read as a missing value, not as a class name (case-insensitive; 'nan' is a number)
+_MISSING = frozenset({"?", "na", "n/a", "null", "none", "-", "--", "missing", "#n/a"})
 
 
 def _non_finite_advice(k: int) -> str:

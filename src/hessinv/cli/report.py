@@ -104,7 +104,10 @@ class Reporter:
         self.console.print(table)
         for r in results:
             if r.status != "ok":
-                self.err.print(f"[red]{escape(r.name)}: {escape(r.status)}[/red]: {escape(str(r.message))}")
+                from hessinv.cli import _as_options
+
+                why = escape(_as_options(str(r.message)))
+                self.err.print(f"[red]{escape(r.name)}: {escape(r.status)}[/red]: {why}")
             if r.tuning:
                 grid = ", ".join(f"{k}: {_fmt(v, '.3g')}" for k, v in r.tuning.items())
                 self.console.print(f"{r.name}: lr {r.lr:g} chosen from the grid (final train loss) {grid}")

@@ -477,9 +477,10 @@ class GenericStage(Stage):
                 out = self.module(z.clone())
             except AttributeError as e:  # (a stash an earlier stage sets, gone when this one is called alone)
                 raise NotAChainError(
-                    f"{self.name} failed when called on its own ({e}): where it reads a value an earlier "
-                    "stage leaves on a module (a stashed activation, self.a.stash), put the modules from the "
-                    "one that sets it to the one that reads it into one module (a stage)"
+                    f"{self.name} failed when called on its own ({e}): where it reads a value set elsewhere "
+                    "in the model's forward -- an activation an earlier stage stashes on a module "
+                    "(self.a.stash), an attribute a parent module sets -- put the modules from the one that "
+                    "sets it to the one that reads it into one module (a stage), or set it in __init__"
                 ) from e
         if not isinstance(out, Tensor):
             mods = self.module.modules() if isinstance(self.module, nn.Module) else ()
@@ -497,6 +498,11 @@ class GenericStage(Stage):
         if self._checked:
             return self._call(z)
         buffers = [b.detach().clone() for b in self.module.buffers()]
+        renorm = [
+            (m, m.weight.detach().clone())
+            for m in (self.module.modules() if isinstance(self.module, nn.Module) else ())
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+        ]
         out = self._call(z)
         if sum(1 for _ in self.module.buffers()) != len(buffers):  # one registered or filled on first use
             buffers = [b.detach().clone() for b in self.module.buffers()]  # (a mask): from here on
@@ -509,15 +515,11 @@ class GenericStage(Stage):
                 for b, saved in zip(self.module.buffers(), buffers, strict=True):
                     b.copy_(saved)
         same = out.shape == again.shape and torch.equal(torch.nan_to_num(out), torch.nan_to_num(again))
-        renorm = [
-            m
-            for m in (self.module.modules() if isinstance(self.module, nn.Module) else ())
-            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
-        ]
-        if not same and renorm:
+        moved = [m for m, w in renorm if not torch.equal(w, m.weight)]  # (rows renormalized by the calls)
+        if not same and moved:
             raise UnsupportedStageError(
-                f"{self.name} returns different outputs on every call: its {type(renorm[0]).__name__}"
-                f"(max_norm={renorm[0].max_norm:g}) renormalizes the rows it looks up, in place, at every "
+                f"{self.name} returns different outputs on every call: its {type(moved[0]).__name__}"
+                f"(max_norm={moved[0].max_norm:g}) renormalizes the rows it looks up, in place, at every "
                 "call (torch's semantics); renormalize every row once before (under torch.no_grad(), call "
                 "the embedding on torch.arange(num_embeddings)), or set max_norm=None"
             )
