@@ -50,11 +50,12 @@ def test_a_missing_label_is_not_a_class_of_its_own(tmp_path, marker):
         load_dataset(numeric)
 
 
-def test_the_step_that_reaches_the_target_is_the_one_reported(tmp_path):
+def test_the_step_that_reaches_the_target_is_the_one_reported(tmp_path, monkeypatch):
     """Steps and time to the target were those of the next evaluation after the crossing (every 125 steps
     of a 15,000-step run; a run checked at every step said 84 where the table said 91). The training
     loss is now checked after every step until the target is met, where that is cheap: the step the
     reference loop (the same run, evaluated at every step) finds, and ``target_resolution`` 1."""
+    monkeypatch.setattr(train_mod, "CHECK_COST", 1e9)  # (checks at every step whatever the timings)
     ds = load_dataset("digits", seed=0, n_samples=300)
     loss_fn = loss_for(ds)
     init = build_model(ds.input_dim, ds.output_dim, 3, 8, "tanh", seed=0)
@@ -68,11 +69,8 @@ def test_the_step_that_reaches_the_target_is_the_one_reported(tmp_path):
     assert r.steps_to_target == first and r.target_resolution == 1 and len(losses) == 401
     # where a check costs too much the evaluations decide, and the table says how finely
     cfg.__dict__["eval_points"] = 10
-    train_mod.CHECK_COST, saved = 0.0, train_mod.CHECK_COST
-    try:
-        coarse = run_one("adam", 3e-3, ds, init, loss_fn, cfg, None, 400, None)
-    finally:
-        train_mod.CHECK_COST = saved
+    monkeypatch.setattr(train_mod, "CHECK_COST", 0.0)
+    coarse = run_one("adam", 3e-3, ds, init, loss_fn, cfg, None, 400, None)
     assert coarse.steps_to_target >= first and coarse.target_resolution > 1
     row = train_mod.time_to_target_table([coarse], 1.5, ds.task)[1][0]
     assert row[3].startswith("≤ ") and "-" in row[4]
@@ -106,3 +104,37 @@ def test_the_summary_says_how_the_run_was_made(tmp_path, capsys):
     assert summary["command"] == ["hessinv", *args]
     assert any("header" in note for note in summary["data_notes"])
     assert summary["dataset"]["task"] == "regression" and summary["dataset"]["target_mean"][0] > 1000
+
+
+def test_an_interrupted_runs_last_row_is_at_the_step_it_stopped(tmp_path, monkeypatch):
+    """The table row of a run stopped by Ctrl-C said 4155 steps with the losses of step 3781, its last
+    evaluation, unmarked: the run is evaluated once more where it stopped."""
+    from hessinv.cli import baselines
+
+    real_step, calls = baselines.FirstOrder.step, {"n": 0}
+
+    def step(self, inputs, targets):
+        calls["n"] += 1
+        if calls["n"] == 300:
+            raise KeyboardInterrupt
+        return real_step(self, inputs, targets)
+
+    monkeypatch.setattr(baselines.FirstOrder, "step", step)
+    ds = load_dataset("digits", seed=0, n_samples=300)
+    init = build_model(ds.input_dim, ds.output_dim, 3, 8, "tanh", seed=0)
+    cfg = TrainConfig(optimizers=["adam"], depth=3, width=8, batch_size=32, out=tmp_path)
+    r = run_one("adam", 3e-3, ds, init, loss_for(ds), cfg, None, 1000, None)
+    assert r.status == "interrupted" and r.steps == 299 and r.final["step"] == 299
+
+
+def test_a_guess_of_the_task_that_may_be_wrong_is_said(tmp_path):
+    """Whole-number prices (72 values) became 72 classes at 0% accuracy, 150 species ids a regression,
+    one-hot labels two regression targets -- by the documented rule, with no word in the run's header."""
+    prices = _csv(tmp_path, _rows(80, lambda i: 1000 * (i % 72)))
+    assert any("--task regression if they are quantities" in n for n in load_dataset(prices).notes)
+    ids = _csv(tmp_path, _rows(400, lambda i: i % 150), "ids.csv")
+    assert any("--task classification if they are classes" in n for n in load_dataset(ids).notes)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "h.npz", X=rng.normal(size=(40, 3)), y=np.eye(2)[np.arange(40) % 2])
+    assert any("one-hot" in n for n in load_dataset(str(tmp_path / "h.npz")).notes)
+    assert not load_dataset("digits", seed=0, n_samples=300).notes  # (ten classes: nothing to say)

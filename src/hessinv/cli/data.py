@@ -591,6 +591,30 @@ def _infer_task(y: np.ndarray) -> str:
     return "regression"
 
 
+def _task_note(y: np.ndarray, task: str) -> str | None:
+    """A run header's line where :func:`_infer_task`'s rule may have guessed wrong: integer labels with
+    many values (classes, or counts and prices?), more integer values than :data:`MAX_CLASSES` (read as
+    quantities), or one-hot rows (read as several regression targets)."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] > 1 and y.dtype.kind in "biuf":
+        v = y.astype(np.float64)
+        if np.isin(v, (0.0, 1.0)).all() and (v.sum(1) == 1).all():
+            return (f"task: regression on {y.shape[1]} targets -- the labels look one-hot: for classes, "
+                    "give one class index per example (y.argmax(1))")  # fmt: skip
+        return None
+    v = y.reshape(-1)
+    if v.dtype.kind not in "biuf" or not np.isfinite(v.astype(np.float64)).all():
+        return None
+    whole = bool(np.all(v == np.round(v)))
+    k = len(np.unique(v))
+    if task == "classification" and whole and k > 20:
+        return f"task: classification, {k} classes (integer labels); --task regression if they are quantities"
+    if task == "regression" and whole and k > MAX_CLASSES:
+        return (f"task: regression ({k} distinct integer values, above {MAX_CLASSES} classes); "
+                "--task classification if they are classes")  # fmt: skip
+    return None
+
+
 def _test_size(n: int, test_fraction: float) -> int:
     return min(max(int(round(n * test_fraction)), 1), n - 1)
 
@@ -756,6 +780,9 @@ def load_dataset(
             )
     if task == "auto":
         task = _infer_task(y)
+        guess = _task_note(y, task)
+        if guess:
+            notes.append(guess)
     if task not in ("classification", "regression"):
         raise DataError(f"unknown task {task!r}; use auto, classification or regression")
     if task == "classification" and math.prod(y.shape[1:]) != 1:

@@ -241,7 +241,7 @@ def _remove_stale_logs(out: Path, names: Sequence[str]) -> None:
 
 #: the target is checked after every step where one check of the training loss costs at most this many
 #: steps' time (else at the evaluations: ``RunResult.target_resolution`` says how finely)
-CHECK_COST = 4.0
+CHECK_COST = 1.0
 
 
 @torch.no_grad()
@@ -330,6 +330,7 @@ def run_one(
     log = open(log_path, "w") if log_path is not None else None  # noqa: SIM115
     k, clock = 0, 0.0
     cuda = ds.X_train.device.type == "cuda"
+    finish: Callable[[dict[str, Any]], bool] | None = None  # (record, once defined: an interrupt's last row)
     interval = (budget / cfg.eval_points) if budget and steps is None else 0.0
     step_interval = max(1, (steps or 0) // cfg.eval_points)
     try:
@@ -362,6 +363,7 @@ def run_one(
                 progress(name, rec)
             return math.isfinite(ev["train_loss"])
 
+        finish = record
         # until the target is met, the training loss is checked after every step where that costs at most
         # CHECK_COST steps (not counted in the clock): the step that reaches it, not the next evaluation's
         # (every 125 steps of a 15,000-step run, against every 2 of a 250-step one)
@@ -453,6 +455,11 @@ def run_one(
         res.status, res.message = "interrupted", f"{interrupt_reason(sig)} after {k} steps"
         res.interrupted_by = signal_name(sig)
         res.steps, res.train_time = k, clock
+        if finish is not None and res.history and res.history[-1]["step"] != k:
+            try:  # (the final row's losses at the step it stopped, not the last evaluation's)
+                finish({"step": k, "time": clock})
+            except KeyboardInterrupt:  # (a second interrupt: the last evaluation's stay)
+                pass
     finally:
         if log:
             log.close()
