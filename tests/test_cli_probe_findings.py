@@ -138,3 +138,16 @@ def test_a_guess_of_the_task_that_may_be_wrong_is_said(tmp_path):
     np.savez(tmp_path / "h.npz", X=rng.normal(size=(40, 3)), y=np.eye(2)[np.arange(40) % 2])
     assert any("one-hot" in n for n in load_dataset(str(tmp_path / "h.npz")).notes)
     assert not load_dataset("digits", seed=0, n_samples=300).notes  # (ten classes: nothing to say)
+
+
+def test_a_second_job_into_one_folder_says_it_replaces_the_first(tmp_path, capsys):
+    """A second run into the same ``--out`` replaced the summary and deleted the first run's logs
+    without a word; and ``--data digits --task regression`` took digits' cross-entropy target (1.0) for
+    its MSE."""
+    common = ["train", "--data", "digits", "--samples", "200", "--depth", "3", "--width", "4", "--steps", "2",
+              "--no-tune", "--quiet", "--out", str(tmp_path)]  # fmt: skip
+    assert main([*common, "--optimizers", "adam,sgd"]) == 0
+    assert "earlier job" not in capsys.readouterr().err
+    assert main([*common, "--optimizers", "adam", "--task", "regression"]) == 0
+    assert "holds an earlier job's results (adam, sgd)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "summary.json").read_text())["config"]["target_loss"] is None

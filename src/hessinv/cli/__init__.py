@@ -571,7 +571,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"({batch_size or n_train} examples): the curvature is the whole batch's",
             file=sys.stderr,
         )
-    target = args.target_loss if args.target_loss is not None else DEFAULT_TARGET.get(ds.name)
+    native = {"digits": "classification", "mnist1d": "classification", "regression": "regression"}
+    # (a built-in dataset's default target is for its own task: digits' cross-entropy 1.0 is no MSE's)
+    default = DEFAULT_TARGET.get(ds.name) if native.get(ds.name) == ds.task else None
+    target = args.target_loss if args.target_loss is not None else default
     target = None if target == "none" else target
     if args.out is None:
         out = Path(DEFAULT_OUT.format(data=Path(ds.name).stem))
@@ -616,6 +619,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     if args.nproc > 1:
         from hessinv.cli.distributed import train_data_parallel
+
+        cpus = os.cpu_count() or 1
+        if args.nproc > cpus:  # (each rank's step waits for the slowest: its timings measure the sharing)
+            print(
+                f"hessinv: note: --nproc {args.nproc} on {cpus} CPUs: the ranks share cores, and the "
+                "times measure that sharing",
+                file=sys.stderr,
+            )
 
         return train_data_parallel(ds, cfg, args.nproc, strategy=strategy, quiet=args.quiet)
     from hessinv.cli.report import Reporter

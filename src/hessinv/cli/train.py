@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -234,6 +235,12 @@ def _remove_stale_logs(out: Path, names: Sequence[str]) -> None:
         previous = summary["runs"] if "hessinv_version" in summary else {}
     except (OSError, ValueError, KeyError, TypeError):
         return
+    if isinstance(previous, dict) and previous:  # (said: a second job into one folder replaces the first)
+        print(
+            f"hessinv: note: {out} holds an earlier job's results ({', '.join(map(str, previous))}): "
+            "this job's replace them (give --out another folder to keep both)",
+            file=sys.stderr,
+        )
     for name in previous if isinstance(previous, dict) else ():
         if name in OPTIMIZERS and name not in names:
             (out / f"{name}.jsonl").unlink(missing_ok=True)
