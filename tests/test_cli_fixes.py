@@ -83,7 +83,7 @@ def test_a_first_row_of_column_numbers_that_is_data_stays(tmp_path, text, n):
         ("?,0.25,1", "line 1, column 1: '?' is not a number"),
         (",0.25,1", "line 1, column 1 is empty"),
         ("0.5,n/a,1", "line 1, column 2: 'n/a' is not a number"),
-        ("0.5,0.25,NA", "(line 1: 'NA'"),  # a missing label among numeric labels
+        ("0.5,0.25,NA", "line 1: the label is 'NA', a missing value"),  # among numeric labels
     ],
 )
 def test_a_missing_value_in_the_first_row_is_an_error_naming_line_1(tmp_path, first, match):

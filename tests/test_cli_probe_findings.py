@@ -38,7 +38,7 @@ def test_a_repeated_header_name_is_not_taken_for_the_label(tmp_path):
     assert load_dataset(path, target="4").task == "classification"  # (its number still picks it)
 
 
-@pytest.mark.parametrize("marker", ["?", "NA", "n/a", "null"])
+@pytest.mark.parametrize("marker", ["?", "NA", "n/a", "null", "missing"])
 def test_a_missing_label_is_not_a_class_of_its_own(tmp_path, marker):
     """Labels yes/no with a '?' (or 'NA') on one line made three classes, that row trained and tested on
     as one; an error naming the line now, as a missing feature gets."""

@@ -209,8 +209,9 @@ def _is_number(text: str) -> bool:
 
 
 #: cells that mark a missing value (compared lower-cased): in a first row otherwise of numbers they make
-#: it a data row with a missing value (an error naming line 1), not a header
-_MISSING = frozenset({"", "na", "n/a", "nan", "?", "null"})
+#: it a data row with a missing value (an error naming line 1), not a header; as a label, an error naming
+#: its line (not a class of its own)
+_MISSING = frozenset({"", "na", "n/a", "nan", "?", "null", "missing", "#n/a"})
 
 
 def _column_numbers(cells: list[str]) -> bool:
@@ -472,10 +473,6 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
             f"{labels[i]!r}, line {rows[j][0]}: {labels[j]!r}); use numbers or names throughout"
         )
     return X, np.array(labels), note  # class names
-
-
-#: label cells read as a missing value, not as a class name (case-insensitive; 'nan' is a number)
-_MISSING = frozenset({"?", "na", "n/a", "null", "none", "-", "--", "missing", "#n/a"})
 
 
 def _non_finite_advice(k: int) -> str:
