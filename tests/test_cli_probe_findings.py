@@ -151,3 +151,11 @@ def test_a_second_job_into_one_folder_says_it_replaces_the_first(tmp_path, capsy
     assert main([*common, "--optimizers", "adam", "--task", "regression"]) == 0
     assert "holds an earlier job's results (adam, sgd)" in capsys.readouterr().err
     assert json.loads((tmp_path / "summary.json").read_text())["config"]["target_loss"] is None
+
+
+def test_a_missing_value_marker_as_common_as_a_class_is_a_class(tmp_path):
+    """'NA' for North America in a third of the rows was refused as a missing label (a second probe's
+    find): a marker that common is read as a class, and the run's header says so."""
+    path = _csv(tmp_path, "a,b,region\n" + _rows(60, lambda i: ["NA", "EU", "APAC"][i % 3]))
+    ds = load_dataset(path)
+    assert ds.n_classes == 3 and any("'NA' (20 rows) read as a class" in n for n in ds.notes)

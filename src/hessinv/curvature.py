@@ -1767,7 +1767,6 @@ class CurvatureOperator:
             model = copy.deepcopy(self.model, memo)
         except Exception as e:  # noqa: BLE001 - what deepcopy cannot copy: a lock, a file, a script function
             raise UnsupportedStageError(_copy_failed(self.dtype, dtype, e)) from e
-        _rebind(model, memo)
         if self._point is not None:
             if any(id(t) not in memo for t, _ in self._held_point + self._frozen_point) or any(
                 _fingerprint(t) != saved for t, saved in self._frozen_point
@@ -1794,6 +1793,7 @@ class CurvatureOperator:
                     w = _floats_to(v, dtype)
                     if w is not v:
                         setattr(m, k, w)
+        _rebind([model] if isinstance(model, nn.Module) else model, mods, memo)
         targets = self.targets.to(dtype) if self.targets.is_floating_point() else self.targets
         inputs = self.inputs.to(dtype) if self.inputs.is_floating_point() else self.inputs  # token ids stay
         try:
@@ -1851,6 +1851,28 @@ class CurvatureOperator:
                 "global variable, an object outside the model): reach it through the module that holds it "
                 "(self.<name> in its forward), or use a float64 model; or, for a solve alone, "
                 "solve(..., refine=False)"
+            )
+        # ... and must be this operator's function: one that reads something of the original the copy
+        # does not hold (a module reached through a global, a default argument, an object outside the
+        # model) computes with what that is now -- a mask, a setting changed since -- and its gradient at
+        # the point is not this operator's (beyond the float32 rounding of this one's)
+        g, g64 = self.gradient.double(), twin.gradient
+        diff = float((g64 - g).norm())
+        scale = max(float(g.norm()), float(g64.norm()), torch.finfo(torch.float64).tiny)
+        u = torch.finfo(self.dtype).eps
+        floor = 1e3 * u * abs(float(self.loss)) * math.sqrt(max(g.numel(), 1))  # (near a critical point)
+        # (30 sqrt(u): 1% in float32; a kaiming tanh chain of 64 stages rounds its float32 gradient by
+        # 2e-4, and a mask or setting changed since moved it by 30-70% in the probes)
+        if not diff <= 30 * math.sqrt(u) * scale + floor:
+            raise UnsupportedStageError(
+                f"a {self.dtype} operator refines its solves (and computes eigenvalues, log-determinants) "
+                f"against a {dtype} copy of the model made by copy.deepcopy, whose gradient at this "
+                f"operator's point differs from its own by {diff:.3g} (|gradient| {scale:.3g}): the copy "
+                "computes another function -- it reads something of the original model that changed "
+                "since this operator was built, through what the copy cannot redirect (a global variable, "
+                "a default argument, an object outside the model): build the operator again after such a "
+                "change, or reach what the forward reads through its module (self.<name>), or use a "
+                "float64 model; or, for a solve alone, solve(..., refine=False)"
             )
         return twin
 
@@ -3547,52 +3569,83 @@ def _graph_attributes(mods: Sequence[nn.Module]) -> list[Tensor]:
     return found
 
 
-def _rebind(model: nn.Module | list[nn.Module], memo: dict[int, Any]) -> None:
-    """Redirect, in a ``copy.deepcopy`` of the model (``memo`` its memo), the functions its modules keep --
-    attributes, hooks, and those in lists, tuples and dicts -- from the original's modules, parameters and
-    buffers to their copies: deepcopy copies a function as itself, so a lambda over ``self``
-    (LayerScale's ``self.scale = lambda h: h * self.g``), a forward wrapped on the instance, or a hook
-    over the model (``o * net.mask``) still read the original (the copy was another function of its own
-    parameters, and a float32 operator's refined solves answered for it: a residual of 0.21 reported as
-    4e-16). Closures, bound methods, ``functools.partial``'s function and ``__wrapped__`` are followed (6
-    deep); a weak reference to an original is pointed at its copy. A cell shared with a function not
-    redirected stays shared unless it held an original."""
+def _rebind(copies: Sequence[nn.Module], originals: Sequence[nn.Module], memo: dict[int, Any]) -> None:
+    """Redirect, in a ``copy.deepcopy`` of the model (``copies``; ``memo`` the deepcopy's memo), the
+    functions its modules keep -- attributes, hooks, and those in lists, tuples and dicts -- from the
+    original's modules, parameters, buffers and attributes to their copies: deepcopy copies a function as
+    itself, so a lambda over ``self`` (LayerScale's ``self.scale = lambda h: h * self.g``), a forward
+    wrapped on the instance, or a hook over the model (``o * net.mask``) still read the original (the copy
+    was another function of its own parameters, and a float32 operator's refined solves answered for it:
+    a residual of 0.21 reported as 4e-16). Called once the copy's attributes are final (set back to the
+    operator's point, converted to the copy's dtype): an original attribute maps to what the copy's module
+    holds in its place. Closures (each original cell replaced by one new cell, shared as it was),
+    bound methods, a plain ``functools.partial``'s function, ``__wrapped__`` and weak references are
+    followed, 6 deep; an object the copy shares with the original (deepcopy returned it) is not changed.
+    What cannot be redirected -- a global, a default argument -- is the caller's checks' business."""
+    remap: dict[int, Any] = {}  # an original attribute -> what the copy's module holds in its place
+    shared: set[int] = set()  # objects of the original (never changed here)
+    for otop, ctop in zip(originals, copies, strict=True):
+        cmods = dict(ctop.named_modules())
+        for q, om in otop.named_modules():
+            shared.add(id(om))
+            cm = cmods.get(q)
+            for k, ov in vars(om).items():
+                shared.add(id(ov))
+                cv = vars(cm).get(k) if cm is not None else None
+                if cv is not None and cv is not ov and k not in ("_parameters", "_buffers", "_modules"):
+                    remap[id(ov)] = cv
+    cells: dict[int, Any] = {}  # an original cell -> its replacement (two functions sharing one keep sharing)
     seen: dict[int, Any] = {}
 
+    def copy_of(v: Any) -> Any:
+        w = remap.get(id(v))
+        if w is None and id(v) in memo:
+            w = memo[id(v)]
+        return v if w is None else w
+
     def redirect(v: Any, depth: int) -> Any:
-        if id(v) in memo and not isinstance(v, (types.FunctionType, types.MethodType, functools.partial)):
-            return memo[id(v)]  # (an original the copy holds a copy of)
+        if not isinstance(v, (types.FunctionType, types.MethodType, functools.partial)):
+            w = copy_of(v)
+            if w is not v:
+                return w  # (an original the copy holds a copy of)
         if depth > 6:
             return v
         if isinstance(v, types.MethodType):
             f, obj = redirect(v.__func__, depth + 1), redirect(v.__self__, depth + 1)
             return v if f is v.__func__ and obj is v.__self__ else types.MethodType(f, obj)
-        if isinstance(v, functools.partial):
+        if type(v) is functools.partial:  # (a subclass may add to its call: kept as it is)
             f = redirect(v.func, depth + 1)
             return v if f is v.func else functools.partial(f, *v.args, **v.keywords)
-        if isinstance(v, weakref.ReferenceType) and type(v) is weakref.ReferenceType:
+        if type(v) is weakref.ReferenceType:
             target = v()
-            return weakref.ref(memo[id(target)]) if target is not None and id(target) in memo else v
+            w = copy_of(target) if target is not None else None
+            return weakref.ref(w) if w is not None and w is not target else v
         if not isinstance(v, types.FunctionType):
             return v
         if id(v) in seen:
             return seen[id(v)]
         seen[id(v)] = v  # (a function that refers to itself)
-        cells, changed = [], False
+        new_cells, changed = [], False
         for c in v.__closure__ or ():
+            if id(c) in cells:
+                new_cells.append(cells[id(c)])
+                changed = True
+                continue
             try:
                 x = c.cell_contents
             except ValueError:  # (an empty cell)
-                cells.append(c)
+                new_cells.append(c)
                 continue
             y = redirect(x, depth + 1)
-            changed |= y is not x
-            cells.append(types.CellType(y) if y is not x else c)
+            if y is not x:
+                cells[id(c)] = types.CellType(y)
+                changed = True
+            new_cells.append(cells.get(id(c), c))
         wrapped = v.__dict__.get("__wrapped__")
         new_wrapped = redirect(wrapped, depth + 1) if wrapped is not None else None
         if not changed and new_wrapped is wrapped:
             return v
-        f = types.FunctionType(v.__code__, v.__globals__, v.__name__, v.__defaults__, tuple(cells))
+        f = types.FunctionType(v.__code__, v.__globals__, v.__name__, v.__defaults__, tuple(new_cells))
         f.__kwdefaults__, f.__qualname__ = v.__kwdefaults__, v.__qualname__
         f.__dict__.update(v.__dict__)
         if wrapped is not None:
@@ -3602,21 +3655,25 @@ def _rebind(model: nn.Module | list[nn.Module], memo: dict[int, Any]) -> None:
 
     def in_place(holder: Any) -> None:
         """Redirect the values of a (copied) dict or list in place."""
+        if id(holder) in shared:
+            return
         keys = holder.keys() if isinstance(holder, dict) else range(len(holder))
         for k in list(keys):
             w = redirect(holder[k], 0)
             if w is not holder[k]:
                 holder[k] = w
 
-    for top in [model] if isinstance(model, nn.Module) else model:
+    for top in copies:
         for m in top.modules():
+            if id(m) in shared:  # (a module deepcopy did not copy: the original's own)
+                continue
             d = vars(m)
             for k, v in list(d.items()):
                 if k in ("_parameters", "_buffers", "_modules"):
                     continue
                 if isinstance(v, (dict, list)):  # (hooks, and functions kept in containers)
                     in_place(v)
-                elif isinstance(v, tuple) and type(v) is tuple:
+                elif type(v) is tuple:
                     w = tuple(redirect(x, 0) for x in v)
                     if any(a is not b for a, b in zip(w, v, strict=True)):
                         d[k] = w

@@ -453,7 +453,13 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
         )
     labels = [r[-1].strip() for _, r in rows]
     missing = [i for i, c in enumerate(labels) if c.lower() in _MISSING]
-    if missing:  # (not a class of its own: 'yes', 'no' and '?' made three)
+    if missing and 20 * len(missing) > len(labels):  # (as common as a class: 'NA' for North America)
+        marker = labels[missing[0]]
+        note = "\n".join(
+            [*([note] if note else []), f"labels: {marker!r} ({len(missing)} rows) read as a class, not as a "
+             "missing value (remove those rows if it marks one)"]
+        )  # fmt: skip
+    elif missing:  # (not a class of its own: 'yes', 'no' and '?' made three)
         n = rows[missing[0]][0]
         raise DataError(
             f"{path}: line {n}: the label is {labels[missing[0]]!r}, a missing value"
@@ -513,7 +519,7 @@ def _load_file(
         return (*_read_npz(path), [])
     if suffix in (".csv", ".tsv", ".txt"):
         X, y, note = _read_csv(path, target)
-        return X, y, None, None, [note] if note else []
+        return X, y, None, None, note.split("\n") if note else []
     raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .npz or .csv")
 
 
