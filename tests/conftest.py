@@ -21,3 +21,23 @@ def _sweep_counts(monkeypatch):
     import hessinv.curvature
 
     monkeypatch.setattr(hessinv.curvature, "DENSE_COUNTS", False)
+
+
+@pytest.fixture
+def interrupt_at(monkeypatch):
+    """``interrupt_at(n)``: the first-order baselines' ``n``-th step raises ``KeyboardInterrupt`` (a Ctrl-C
+    in the middle of a run)."""
+    from hessinv.cli import baselines
+
+    def arm(n: int) -> None:
+        real_step, calls = baselines.FirstOrder.step, {"n": 0}
+
+        def step(self, inputs, targets):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return real_step(self, inputs, targets)
+
+        monkeypatch.setattr(baselines.FirstOrder, "step", step)
+
+    return arm

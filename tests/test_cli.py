@@ -410,19 +410,8 @@ def test_console_script_reports_without_traceback(tmp_path):
     )
 
 
-def test_interrupt_keeps_the_partial_run(tmp_path, capsys, monkeypatch):
-    from hessinv.cli import baselines
-
-    real_step = baselines.FirstOrder.step
-    calls = {"n": 0}
-
-    def step(self, inputs, targets):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_step(self, inputs, targets)
-
-    monkeypatch.setattr(baselines.FirstOrder, "step", step)
+def test_interrupt_keeps_the_partial_run(tmp_path, capsys, interrupt_at):
+    interrupt_at(4)
     rc, _, _ = run(
         capsys,
         "--data",

@@ -106,20 +106,10 @@ def test_the_summary_says_how_the_run_was_made(tmp_path, capsys):
     assert summary["dataset"]["task"] == "regression" and summary["dataset"]["target_mean"][0] > 1000
 
 
-def test_an_interrupted_runs_last_row_is_at_the_step_it_stopped(tmp_path, monkeypatch):
+def test_an_interrupted_runs_last_row_is_at_the_step_it_stopped(tmp_path, interrupt_at):
     """The table row of a run stopped by Ctrl-C said 4155 steps with the losses of step 3781, its last
     evaluation, unmarked: the run is evaluated once more where it stopped."""
-    from hessinv.cli import baselines
-
-    real_step, calls = baselines.FirstOrder.step, {"n": 0}
-
-    def step(self, inputs, targets):
-        calls["n"] += 1
-        if calls["n"] == 300:
-            raise KeyboardInterrupt
-        return real_step(self, inputs, targets)
-
-    monkeypatch.setattr(baselines.FirstOrder, "step", step)
+    interrupt_at(300)
     ds = load_dataset("digits", seed=0, n_samples=300)
     init = build_model(ds.input_dim, ds.output_dim, 3, 8, "tanh", seed=0)
     cfg = TrainConfig(optimizers=["adam"], depth=3, width=8, batch_size=32, out=tmp_path)

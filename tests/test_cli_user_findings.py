@@ -128,19 +128,8 @@ def test_sigterm_keeps_the_summary_like_ctrl_c(tmp_path):
 
 
 # -- 9c. optimizers that never started: "not run" in the table ------------------------------------------
-def test_an_interrupt_lists_the_optimizers_not_run(tmp_path, capsys, monkeypatch):
-    from hessinv.cli import baselines
-
-    real_step = baselines.FirstOrder.step
-    calls = {"n": 0}
-
-    def step(self, inputs, targets):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_step(self, inputs, targets)
-
-    monkeypatch.setattr(baselines.FirstOrder, "step", step)
+def test_an_interrupt_lists_the_optimizers_not_run(tmp_path, capsys, interrupt_at):
+    interrupt_at(3)
     args = ["--data", "regression", "--samples", "100", *SMALL, "--steps", "10", "--quiet"]
     rc, out, err = _run(capsys, *args, "--optimizers", "adam,sgd,lbfgs", "--out", str(tmp_path))
     assert rc == 130

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from hessinv.chain import Chain, LossFn, _tensor, check_real, targets_as_data
 from hessinv.errors import (
@@ -1832,47 +1833,47 @@ class CurvatureOperator:
             ) from e
         except Exception as e:  # noqa: BLE001 - a hook that looks up the original modules (names[m])
             raise UnsupportedStageError(_copy_failed(self.dtype, dtype, e)) from e
-        # the copy must compute with its own parameters: one the functions kept on its modules still reach
-        # (_rebind redirects closures, bound methods, partials and weak references; not a global or an
-        # object outside the model) makes it another function of its own -- every refined solve,
-        # log-determinant and eigenvalue would answer for that one (a residual of 0.2 reported as 4e-16)
+        # the copy must compute with its own tensors: one the functions kept on its modules still reach
+        # (_rebind redirects closures, bound methods, partials and weak references; not a global, a
+        # default argument, a detached view) makes it another function of its own -- every refined solve,
+        # log-determinant and eigenvalue would answer for that one (a residual of 0.2 reported as 4e-16):
+        # its forward is watched for any operand whose storage is one of the original's tensors
+        out_scale, read = 0.0, None
         try:
-            with torch.enable_grad():
-                reached = _leaves_reached(twin.chain._own_forward(twin.inputs))
+            with _OriginalReads(mods) as watch:
+                out = twin.chain._own_forward(twin.inputs)
+            read = watch.hit
+            out_scale = float(out.detach().abs().max()) if out.numel() else 0.0
         except Exception:  # noqa: BLE001 - the model's own forward is checked elsewhere (Chain._check_traced)
-            reached = set()
-        names = {id(t): k for top in mods for k, t in top.named_parameters()}
-        read = [names.get(id(t), "?") for t in self.chain.params if id(t) in reached]
-        if read:
+            pass
+        if read is not None:
             raise UnsupportedStageError(
                 f"a {self.dtype} operator refines its solves (and computes eigenvalues, log-determinants) "
                 f"against a {dtype} copy of the model made by copy.deepcopy, which still computes with the "
-                f"original model's parameter {read[0]!r}, reached through what the copy cannot redirect (a "
-                "global variable, an object outside the model): reach it through the module that holds it "
-                "(self.<name> in its forward), or use a float64 model; or, for a solve alone, "
-                "solve(..., refine=False)"
+                f"original model's {read}, reached through what the copy cannot redirect (a global "
+                "variable, a default argument, an object outside the model): reach it through the module "
+                "that holds it (self.<name> in its forward), or use a float64 model; or, for a solve "
+                "alone, solve(..., refine=False)"
             )
         # ... and must be this operator's function: one that reads something of the original the copy
         # does not hold (a module reached through a global, a default argument, an object outside the
-        # model) computes with what that is now -- a mask, a setting changed since -- and its gradient at
-        # the point is not this operator's (beyond the float32 rounding of this one's)
-        g, g64 = self.gradient.double(), twin.gradient
-        diff = float((g64 - g).norm())
-        scale = max(float(g.norm()), float(g64.norm()), torch.finfo(torch.float64).tiny)
+        # model) computes with what that is now -- a mask, a setting changed since -- and its loss at the
+        # point is not this operator's beyond the float32 rounding of this one's: 30 sqrt(u) of it (1%),
+        # and 100 u of the outputs' size (at an exact fit the loss is rounding; its gradient too, which
+        # rules the gradient out as the test); a mask or setting changed since moved the loss by 5-60%
         u = torch.finfo(self.dtype).eps
-        floor = 1e3 * u * abs(float(self.loss)) * math.sqrt(max(g.numel(), 1))  # (near a critical point)
-        # (30 sqrt(u): 1% in float32; a kaiming tanh chain of 64 stages rounds its float32 gradient by
-        # 2e-4, and a mask or setting changed since moved it by 30-70% in the probes)
-        if not diff <= 30 * math.sqrt(u) * scale + floor:
+        loss, loss64 = float(self.loss), float(twin.loss)
+        diff = abs(loss64 - loss)
+        if not diff <= 30 * math.sqrt(u) * max(abs(loss), abs(loss64)) + 100 * u * out_scale:
             raise UnsupportedStageError(
                 f"a {self.dtype} operator refines its solves (and computes eigenvalues, log-determinants) "
-                f"against a {dtype} copy of the model made by copy.deepcopy, whose gradient at this "
-                f"operator's point differs from its own by {diff:.3g} (|gradient| {scale:.3g}): the copy "
-                "computes another function -- it reads something of the original model that changed "
-                "since this operator was built, through what the copy cannot redirect (a global variable, "
-                "a default argument, an object outside the model): build the operator again after such a "
-                "change, or reach what the forward reads through its module (self.<name>), or use a "
-                "float64 model; or, for a solve alone, solve(..., refine=False)"
+                f"against a {dtype} copy of the model made by copy.deepcopy, whose loss at this operator's "
+                f"point is {loss64:.6g}, not {loss:.6g}: the copy computes another function -- it reads "
+                "something of the original model that changed since this operator was built, through what "
+                "the copy cannot redirect (a global variable, a default argument, an object outside the "
+                "model): build the operator again after such a change, or reach what the forward reads "
+                "through its module (self.<name>), or use a float64 model; or, for a solve alone, "
+                "solve(..., refine=False)"
             )
         return twin
 
@@ -3613,9 +3614,16 @@ def _rebind(copies: Sequence[nn.Module], originals: Sequence[nn.Module], memo: d
         if isinstance(v, types.MethodType):
             f, obj = redirect(v.__func__, depth + 1), redirect(v.__self__, depth + 1)
             return v if f is v.__func__ and obj is v.__self__ else types.MethodType(f, obj)
-        if type(v) is functools.partial:  # (a subclass may add to its call: kept as it is)
+        if isinstance(v, functools.partial):  # (a subclass keeps its class and what it adds)
             f = redirect(v.func, depth + 1)
-            return v if f is v.func else functools.partial(f, *v.args, **v.keywords)
+            if f is v.func:
+                return v
+            try:
+                w = type(v)(f, *v.args, **v.keywords)
+                w.__dict__.update(vars(v))
+            except Exception:  # noqa: BLE001 - a subclass built otherwise: kept (the checks then judge)
+                return v
+            return w
         if type(v) is weakref.ReferenceType:
             target = v()
             w = copy_of(target) if target is not None else None
@@ -3694,20 +3702,39 @@ def _copy_failed(low: torch.dtype, dtype: torch.dtype, e: BaseException) -> str:
     )
 
 
-def _leaves_reached(out: Tensor) -> set[int]:
-    """The ids of the leaf tensors (parameters) ``out``'s graph reaches."""
-    reached: set[int] = set()
-    stack, seen = [out.grad_fn], set()
-    while stack:
-        f = stack.pop()
-        if f is None or f in seen:
-            continue
-        seen.add(f)
-        v = getattr(f, "variable", None)
-        if isinstance(v, Tensor):
-            reached.add(id(v))
-        stack.extend(g for g, _ in f.next_functions)
-    return reached
+class _OriginalReads(TorchFunctionMode):
+    """Watches a forward for an operand whose storage is one of the original model's tensors (parameters,
+    frozen ones too, buffers, tensor attributes): ``hit`` names the first one read, else None."""
+
+    def __init__(self, mods: Sequence[nn.Module]):
+        super().__init__()
+        self.names: dict[int, str] = {}
+        for top in mods:
+            for q, m in top.named_modules():
+                for k, t in [*m._parameters.items(), *m._buffers.items(), *vars(m).items()]:
+                    if isinstance(t, Tensor) and t.numel() and t.device.type != "meta":
+                        kind = (
+                            "parameter" if k in m._parameters else "buffer" if k in m._buffers else "tensor"
+                        )
+                        where = f"{q}.{k}" if q else k
+                        self.names.setdefault(t.untyped_storage().data_ptr(), f"{kind} {where!r}")
+        self.hit: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if self.hit is None:
+            flat = [*args, *kwargs.values()]
+            flat += [x for a in flat if isinstance(a, (list, tuple)) for x in a]  # (torch.cat's list)
+            for t in flat:
+                if isinstance(t, Tensor) and t.device.type != "meta":
+                    try:
+                        name = self.names.get(t.untyped_storage().data_ptr())
+                    except (RuntimeError, NotImplementedError):  # (a tensor without storage)
+                        continue
+                    if name is not None:
+                        self.hit = name
+                        break
+        return func(*args, **kwargs)
 
 
 def _loss_snapshot(loss_fn: LossFn) -> LossFn | None:

@@ -334,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda text: "none" if text.strip().lower() == "none" else _positive_float(text),
         default=None,
         metavar="LOSS | none",
-        help="train loss of the time-to-target table (default: per dataset: "
+        help="train loss of the time-to-target table, checked after every step where that costs at most "
+        "a step (else at the evaluations: a range of steps) (default: per dataset and its own task: "
         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_TARGET.items())
         + "; none for a data file)",
     )
