@@ -510,3 +510,19 @@ def test_a_float32_models_tensor_attribute_with_a_graph_is_copied_as_numbers(mak
     A = Hd + 0.1 * torch.eye(Hd.shape[0], dtype=F64)
     assert float((g - A @ x.double()).norm() / g.norm()) < 1e-5 and info.residual < 1e-10
     assert H.min_eigenvalue() == pytest.approx(float(torch.linalg.eigvalsh(Hd)[0]), rel=1e-6)
+
+
+def test_no_room_for_the_float64_copy_is_not_a_refusal_of_the_model(monkeypatch):
+    """The copy's failures are named refusals of the model -- except running out of memory, which says
+    nothing about the model and stays a ``MemoryError``."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    X, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+
+    def full(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(copy, "deepcopy", full)
+    with pytest.raises(MemoryError):
+        H.factor(0.1).solve(H.gradient)

@@ -46,6 +46,7 @@ from hessinv.errors import (
     SingularError,
     TooLargeError,
     UnsupportedStageError,
+    out_of_memory,
     warn,
 )
 from hessinv.linalg import all_finite
@@ -1767,6 +1768,8 @@ class CurvatureOperator:
         try:
             model = copy.deepcopy(self.model, memo)
         except Exception as e:  # noqa: BLE001 - what deepcopy cannot copy: a lock, a file, a script function
+            if out_of_memory(e):  # (no room for the copy: not a refusal of the model)
+                raise
             raise UnsupportedStageError(_copy_failed(self.dtype, dtype, e)) from e
         if self._point is not None:
             if any(id(t) not in memo for t, _ in self._held_point + self._frozen_point) or any(
@@ -1832,6 +1835,8 @@ class CurvatureOperator:
                 "alone, solve(..., refine=False)"
             ) from e
         except Exception as e:  # noqa: BLE001 - a hook that looks up the original modules (names[m])
+            if out_of_memory(e):
+                raise
             raise UnsupportedStageError(_copy_failed(self.dtype, dtype, e)) from e
         # the copy must compute with its own tensors: one the functions kept on its modules still reach
         # (_rebind redirects closures, bound methods, partials and weak references; not a global, a
