@@ -526,3 +526,25 @@ def test_no_room_for_the_float64_copy_is_not_a_refusal_of_the_model(monkeypatch)
     monkeypatch.setattr(copy, "deepcopy", full)
     with pytest.raises(MemoryError):
         H.factor(0.1).solve(H.gradient)
+
+
+_TEMPERATURE = {"t": 2.0}  # (a setting read through a global: no copy redirects it)
+
+
+def test_a_float32_copy_whose_loss_is_not_the_operators_says_so():
+    """A plain setting read through a global and changed after the operator was built: the copy computed
+    with the new one (true residual 1.8, reported 1e-15). No tensor of the original is read, so its loss
+    at the point against the operator's tells: an ``AccuracyWarning`` (not a refusal: a float32 forward
+    that rounds much -- a chaotic chain, a loss that cancels to ~0 -- differs as much, a second probe's
+    finding, where the float64 copy's answers are the right ones)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3))
+    net[2].register_forward_pre_hook(lambda m, a: (a[0] / _TEMPERATURE["t"],))
+    X, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    _TEMPERATURE["t"] = 0.25
+    try:
+        with pytest.warns(hessinv.AccuracyWarning, match="has the loss .* at its point, not"):
+            H.factor(0.1).solve(H.gradient)
+    finally:
+        _TEMPERATURE["t"] = 2.0
