@@ -149,3 +149,19 @@ def test_a_missing_value_marker_as_common_as_a_class_is_a_class(tmp_path):
     path = _csv(tmp_path, "a,b,region\n" + _rows(60, lambda i: ["NA", "EU", "APAC"][i % 3]))
     ds = load_dataset(path)
     assert ds.n_classes == 3 and any("'NA' (20 rows) read as a class" in n for n in ds.notes)
+
+
+def test_the_spectrum_command_says_what_it_read_and_what_fell_outside(tmp_path, capsys):
+    """``hessinv spectrum`` on a file said nothing of the data (a header skipped, a task guessed -- 72
+    integer 'classes' ran silently) and, with a narrow ``--range``, not that 25 of 30 eigenvalues fell
+    outside it (only the JSON and the plot's title did)."""
+    path = _csv(tmp_path, "a,b,price\n" + _rows(80, lambda i: 1000 * (i % 24)))
+    out = tmp_path / "s"
+    args = ["spectrum", "--data", path, "--depth", "2", "--width", "3", "--bins", "4", "--batch", "16",
+            "--range=-1e-9,1e-9", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    assert "hessinv: note: header: line 1" in printed.err and "--task regression" in printed.err
+    assert "eigenvalues below the range" in printed.out
+    rec = json.loads((out / "spectrum.json").read_text())
+    assert rec["below"] + rec["above"] > 0 and any("header" in n for n in rec["data_notes"])

@@ -232,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except DataError as e:
         raise UserError(str(e)) from None
+    for note in ds.notes:  # (what the train command's header says of the data: a header skipped, a guess)
+        print(f"hessinv: note: {note}", file=sys.stderr)
     out = output_directory(args.out)  # (after the data: a bad --data leaves no empty folder behind)
     net = build_model(ds.input_dim, ds.output_dim, args.depth, args.width, args.activation, seed=args.seed)
     loss_fn = torch.nn.CrossEntropyLoss() if ds.task == "classification" else torch.nn.MSELoss()
@@ -284,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
         "logabsdet": logdet if singular is None else None,
         "logdet_singular": singular,
         "seconds": seconds,
+        "data_notes": list(ds.notes),  # (what reading the data decided: a header skipped, a task guessed)
     }
     (out / "spectrum.json").write_text(json.dumps(record, indent=1))
     title = (
@@ -291,9 +294,14 @@ def run(args: argparse.Namespace) -> int:
         f"{args.activation}, n = {op.shape[0]}: {n_neg} eigenvalues < 0"
     )
     png = plot_histogram(hist.edges, hist.counts, out / "spectrum.png", title, hist.below, hist.above)
+    outside = (
+        f" ({hist.below} eigenvalues below the range and {hist.above} at or above it)"
+        if hist.below or hist.above
+        else ""
+    )
     print(
         f"{title} (eigenvalues within {tol:.2g} of 0 count as zero)\n"
-        f"range [{hist.edges[0]:.4g}, {hist.edges[-1]:.4g}), {args.bins} bins, "
+        f"range [{hist.edges[0]:.4g}, {hist.edges[-1]:.4g}){outside}, {args.bins} bins, "
         f"log|det({'H' if op.second_order else 'G'} {'-' if args.damping < 0 else '+'} "
         f"{abs(args.damping):g} I)| = {logdet:.6g} "
         + (f"(sign {sign:+.0f})" if singular is None else "(singular to working precision)")
