@@ -1771,6 +1771,7 @@ class CurvatureOperator:
             if out_of_memory(e):  # (no room for the copy: not a refusal of the model)
                 raise
             raise UnsupportedStageError(_copy_failed(self.dtype, dtype, e)) from e
+        copies = [model] if isinstance(model, nn.Module) else list(model)  # (Module.to keeps each)
         if self._point is not None:
             if any(id(t) not in memo for t, _ in self._held_point + self._frozen_point) or any(
                 _fingerprint(t) != saved for t, saved in self._frozen_point
@@ -1785,19 +1786,18 @@ class CurvatureOperator:
                     memo[id(t)].copy_(saved)
                 for t, saved in self._held_point:
                     memo[id(t)].copy_(saved)
-            tops = [model] if isinstance(model, nn.Module) else list(model)
             for i, name, k, saved in self._attr_point:  # plain tensor attributes as they were
-                setattr(tops[i].get_submodule(name), k, saved.clone())
+                setattr(copies[i].get_submodule(name), k, saved.clone())
             for i, name, k, saved in self._plain_point:  # and plain settings
-                setattr(tops[i].get_submodule(name), k, copy.deepcopy(saved))
+                setattr(copies[i].get_submodule(name), k, copy.deepcopy(saved))
         model = model.to(dtype) if isinstance(model, nn.Module) else [m.to(dtype) for m in model]
-        for top in [model] if isinstance(model, nn.Module) else model:
+        for top in copies:
             for m in top.modules():  # plain floating tensor attributes too (Module.to leaves them), and
                 for k, v in list(vars(m).items()):  # those held in lists, tuples and dicts
                     w = _floats_to(v, dtype)
                     if w is not v:
                         setattr(m, k, w)
-        _rebind([model] if isinstance(model, nn.Module) else model, mods, memo)
+        _rebind(copies, mods, memo)
         targets = self.targets.to(dtype) if self.targets.is_floating_point() else self.targets
         inputs = self.inputs.to(dtype) if self.inputs.is_floating_point() else self.inputs  # token ids stay
         try:
@@ -3722,7 +3722,7 @@ class _OriginalReads(TorchFunctionMode):
                         self.names.setdefault(t.untyped_storage().data_ptr(), f"{kind} {where!r}")
         self.hit: str | None = None
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_function__(self, func, _types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         if self.hit is None:
             flat = [*args, *kwargs.values()]

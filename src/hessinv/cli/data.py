@@ -344,9 +344,10 @@ def _header_note(line: int, cells: list[str]) -> str:
     return f"header: line {line}, {shown}{more} (skipped)"
 
 
-def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.ndarray, str | None]:
-    """Features (floats) and labels (floats, or strings: class names) of a delimited text file, and a note
-    naming the first row where it was skipped as a header (:func:`_header_note`): the label
+def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features (floats) and labels (floats, or strings: class names) of a delimited text file, and the
+    notes for the run's header (the first row where it was skipped as a header, :func:`_header_note`; a
+    missing-value marker as common as a class, read as one): the label
     is the last column, or ``target`` (a column number or a header name, :func:`_target_column`); errors
     name the line of the file (1-based, the header included) and the column. A first column under an
     empty header cell holding distinct integers is pandas' index (``DataFrame.to_csv``), not a feature:
@@ -411,7 +412,7 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
         rows = rows[1:]
     if not rows:
         raise DataError(f"{path} has a header but no data rows")
-    note = _header_note(*first) if rows[0][0] != first[0] else None
+    notes = [_header_note(*first)] if rows[0][0] != first[0] else []
     for n, r in rows:
         if len(r) != width:
             comment = r[0].lstrip().startswith("#")
@@ -455,10 +456,10 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
     missing = [i for i, c in enumerate(labels) if c.lower() in _MISSING]
     if missing and 20 * len(missing) > len(labels):  # (as common as a class: 'NA' for North America)
         marker = labels[missing[0]]
-        note = "\n".join(
-            [*([note] if note else []), f"labels: {marker!r} ({len(missing)} rows) read as a class, not as a "
-             "missing value (remove those rows if it marks one)"]
-        )  # fmt: skip
+        notes.append(
+            f"labels: {marker!r} ({len(missing)} rows) read as a class, not as a missing value (remove those "
+            "rows if it marks one)"
+        )
     elif missing:  # (not a class of its own: 'yes', 'no' and '?' made three)
         n = rows[missing[0]][0]
         raise DataError(
@@ -471,14 +472,14 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
         )
     numeric = [_is_number(c) for c in labels]
     if all(numeric):
-        return X, np.array([float(c) for c in labels], dtype=np.float64), note
+        return X, np.array([float(c) for c in labels], dtype=np.float64), notes
     if any(numeric):
         i, j = numeric.index(False), numeric.index(True)
         raise DataError(
             f"{path}: the label column mixes class names and numbers (line {rows[i][0]}: "
             f"{labels[i]!r}, line {rows[j][0]}: {labels[j]!r}); use numbers or names throughout"
         )
-    return X, np.array(labels), note  # class names
+    return X, np.array(labels), notes  # class names
 
 
 def _non_finite_advice(k: int) -> str:
@@ -518,8 +519,8 @@ def _load_file(
             )
         return (*_read_npz(path), [])
     if suffix in (".csv", ".tsv", ".txt"):
-        X, y, note = _read_csv(path, target)
-        return X, y, None, None, note.split("\n") if note else []
+        X, y, notes = _read_csv(path, target)
+        return X, y, None, None, notes
     raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .npz or .csv")
 
 

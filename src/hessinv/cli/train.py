@@ -252,29 +252,33 @@ CHECK_COST = 1.0
 
 
 @torch.no_grad()
+def _split_loss(
+    model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor, chunk: int, classify: bool
+) -> tuple[float, int]:
+    """The mean loss on one split, and (``classify``) how many of its examples the model gets right."""
+    tot, correct = 0.0, 0
+    for i in range(0, len(X), chunk):
+        yp = model(X[i : i + chunk])
+        yb = y[i : i + chunk]
+        tot += float(loss_fn(yp, yb)) * len(yb)
+        if classify:
+            correct += int((yp.argmax(1) == yb).sum())
+    return tot / len(X), correct
+
+
 def train_loss(model: nn.Module, loss_fn: nn.Module, ds: Dataset, chunk: int = 8192) -> float:
-    """The loss on the whole training split (what the target is set on)."""
-    X, y = ds.X_train, ds.y_train
-    return sum(
-        float(loss_fn(model(X[i : i + chunk]), y[i : i + chunk])) * len(y[i : i + chunk])
-        for i in range(0, len(X), chunk)
-    ) / len(X)
+    """The loss on the whole training split (what the target is set on; as :func:`evaluate` says it)."""
+    return _split_loss(model, loss_fn, ds.X_train, ds.y_train, chunk, False)[0]
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loss_fn: nn.Module, ds: Dataset, chunk: int = 8192) -> dict[str, float]:
     out: dict[str, float] = {}
+    classify = ds.task == "classification"
     for split, X, y in (("train", ds.X_train, ds.y_train), ("test", ds.X_test, ds.y_test)):
-        tot, correct = 0.0, 0
-        for i in range(0, len(X), chunk):
-            yp = model(X[i : i + chunk])
-            yb = y[i : i + chunk]
-            tot += float(loss_fn(yp, yb)) * len(yb)
-            if ds.task == "classification":
-                correct += int((yp.argmax(1) == yb).sum())
-        out[f"{split}_loss"] = tot / len(X)
-        if ds.task == "classification":  # (no accuracy of NaN outputs: argmax would pick a class)
-            out[f"{split}_acc"] = correct / len(X) if math.isfinite(tot) else math.nan
+        loss, correct = _split_loss(model, loss_fn, X, y, chunk, classify)
+        out[f"{split}_loss"] = loss
+        if classify:  # (no accuracy of NaN outputs: argmax would pick a class)
+            out[f"{split}_acc"] = correct / len(X) if math.isfinite(loss) else math.nan
     return out
 
 
@@ -544,17 +548,18 @@ def time_to_target_table(
     for r in results:
         f = r.final
         ran = r.status != "not run"
+        coarse = (r.target_resolution or 1) > 1  # (the crossing known to a range of steps)
         row = [
             r.name,
             f"{r.lr:g}" if math.isfinite(r.lr) else "—",
             r.status,
-            ("≤ " if (r.target_resolution or 1) > 1 else "") + _fmt_time(r.time_to_target)
+            ("≤ " if coarse else "") + _fmt_time(r.time_to_target)
             if r.time_to_target is not None
             else _fmt_time(None),
             "—"
             if r.steps_to_target is None
             else f"{r.steps_to_target - r.target_resolution + 1}-{r.steps_to_target}"
-            if (r.target_resolution or 1) > 1
+            if coarse
             else str(r.steps_to_target),
             str(r.steps) if ran else "—",
             r.stopped_by or "—",
