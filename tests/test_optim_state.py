@@ -454,6 +454,57 @@ def test_preconditioner_checkpoint_restores_its_weight_decay():
     torch.testing.assert_close(q.diagonal(), p.diagonal())
 
 
+@pytest.mark.parametrize(
+    "saved, here",
+    [
+        ({"damping": 0.1}, {"damping": 10.0}),
+        ({"damping": ho.TrustRegion(eta=0.2, grow=3.0)}, {}),
+        ({"damping": ho.LevenbergMarquardt(damping=0.5, eta=0.1)}, {"damping": "levenberg-marquardt"}),
+        ({"curvature": "hessian", "damping": 0.1}, {"curvature": "hessian", "damping": 10.0}),
+    ],
+)
+def test_a_checkpoint_restores_the_damping_rules_settings_and_resumes_bit_exact(saved, here):
+    """A probe of checkpoints: a fixed damping (and a trust region's or Levenberg-Marquardt's settings) was
+    not saved, so a run resumed into an optimizer built with another value followed that value silently
+    (5.8 apart after 3 steps) -- while the preconditioner's damping, lr and momentum are the checkpoint's."""
+    X, y = torch.randn(32, 5, dtype=F64), torch.randint(0, 3, (32,))
+    net = _tr_net(6).double()
+    opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0, **saved)
+    for _ in range(3):
+        opt.step(X, y)
+    sd = copy.deepcopy(opt.state_dict())
+    weights = copy.deepcopy(net.state_dict())
+    for _ in range(3):
+        opt.step(X, y)
+    net2 = _tr_net(6).double()
+    net2.load_state_dict(weights)
+    opt2 = ho.Newton(net2, nn.CrossEntropyLoss(), seed=0, **here)
+    opt2.load_state_dict(sd)
+    assert opt2.rule.settings() == opt.rule.settings()
+    for _ in range(3):
+        opt2.step(X, y)
+    assert torch.equal(_flat(net2), _flat(net))
+    bad = copy.deepcopy(sd)  # a setting the rule's constructor refuses: refused, and nothing loaded
+    bad["newton"]["rule_settings"]["eta" if "eta" in bad["newton"]["rule_settings"] else "damping"] = -1.0
+    before = str(opt2.state_dict())
+    with pytest.raises(InvalidArgumentError, match="must be a finite number"):
+        opt2.load_state_dict(bad)
+    assert str(opt2.state_dict()) == before
+
+
+def test_a_checkpoint_whose_momentum_does_not_fit_the_model_is_refused():
+    """Found by the same probe: a momentum vector one entry short loaded, and the next step raised torch's
+    size mismatch."""
+    net = _small()
+    opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0)
+    for X, y in _batches()[:3]:
+        opt.step(X, y)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["newton"]["momentum"] = sd["newton"]["momentum"][:-1]
+    with pytest.raises(InvalidArgumentError, match="momentum"):
+        ho.Newton(_small(), nn.CrossEntropyLoss(), seed=0).load_state_dict(sd)
+
+
 # -- a step that fails changes nothing ------------------------------------------------------------
 class _Injected(Exception):
     pass

@@ -24,6 +24,7 @@ Symbols -> names: ``lambda`` -> ``damping``, ``nu`` -> ``nu``, ``rho`` -> ``rho`
 from __future__ import annotations
 
 import abc
+import copy
 import math
 import time
 import warnings
@@ -177,6 +178,29 @@ class DampingRule(abc.ABC):
     name: str = "rule"
     #: a step is accepted iff ``rho > eta``
     eta: float = 0.0
+    #: the constructor arguments that shape the steps: saved with ``Newton``'s state dict and restored from
+    #: it, as ``torch.optim`` restores its groups' hyper-parameters
+    setting_names: tuple[str, ...] = ()
+
+    def settings(self) -> dict[str, Any]:
+        """This rule's :attr:`setting_names` and their values."""
+        return {k: getattr(self, k) for k in self.setting_names}
+
+    def with_settings(self, settings: dict[str, Any]) -> DampingRule:
+        """This rule with ``settings`` (a checkpoint's :meth:`settings`): itself where they are its own, else
+        a copy, the values validated as the constructor validates them (:class:`InvalidArgumentError`)."""
+        if not isinstance(settings, dict) or not set(settings) <= set(self.setting_names):
+            raise InvalidArgumentError(
+                f"damping rule settings {settings!r} are not {type(self).__name__}'s {self.setting_names}"
+            )
+        if all(getattr(self, k) == v for k, v in settings.items()):
+            return self
+        declared = next(c for c in type(self).__mro__ if "setting_names" in vars(c))
+        checked = declared(**{**self.settings(), **settings})  # (the constructor's validation)
+        rule = copy.copy(self)
+        for k in settings:
+            setattr(rule, k, getattr(checked, k))
+        return rule
 
     def accept(self, rho: float) -> bool:
         """Whether a step with ratio ``rho`` is accepted (used for backtracked steps too)."""
@@ -220,6 +244,7 @@ class LevenbergMarquardt(DampingRule):
     """
 
     name = "levenberg-marquardt"
+    setting_names = ("damping", "eta", "min_damping", "max_damping")
 
     def __init__(
         self,
@@ -281,6 +306,7 @@ class FixedDamping(DampingRule):
     """
 
     name = "fixed"
+    setting_names = ("damping",)
 
     def __init__(self, damping: float):
         self.damping = _check_positive("damping", damping, allow_zero=True)

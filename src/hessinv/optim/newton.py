@@ -616,6 +616,7 @@ class Newton(torch.optim.Optimizer):
             None if self._newton["previous"] is None else tuple(t.clone() for t in self._newton["previous"])
         )
         sd["newton"]["curvature_batch_size"] = self.curvature_batch_size
+        sd["newton"]["rule_settings"] = self.rule.settings()
         sd["newton"]["param_shapes"] = [tuple(p.shape) for p in self.chain.params]
         sd["newton"]["param_places"] = param_places(self.model, self.chain.params)
         if self.preconditioner is not None:
@@ -676,6 +677,23 @@ class Newton(torch.optim.Optimizer):
                 "checkpoint's last step count: freeze or unfreeze layers as they were then, load, then "
                 "change them)"
             )
+        # the rule's settings (a fixed damping's value, a trust region's eta...) are the checkpoint's; absent
+        # from a checkpoint from before they were saved, and not restored into another rule (a state in
+        # precondition mode with another rule: never used again)
+        settings = ns.get("rule_settings")
+        rule = self.rule
+        if settings is not None and ns.get("damping") == self.rule.name:
+            rule = self.rule.with_settings(settings)
+        momentum_state = ns.get("momentum")
+        n = self.chain.num_params
+        if momentum_state is not None and (
+            not isinstance(momentum_state, Tensor) or tuple(momentum_state.shape) != (n,)
+        ):
+            what = tuple(momentum_state.shape) if isinstance(momentum_state, Tensor) else type(momentum_state)
+            raise InvalidArgumentError(
+                f"state dict's momentum is {what}, not a vector of this model's {n} "
+                "trainable parameters: a checkpoint of another model or a damaged one"
+            )
         limit = ns.get("max_relative_step", self.max_relative_step)  # (absent: from before it was saved)
         if limit is not None:
             limit = _positive_number("max_relative_step", limit)  # before anything is loaded
@@ -709,6 +727,8 @@ class Newton(torch.optim.Optimizer):
         if self.preconditioner is None or self._mode_asked == "trust-region":
             ns["from_auto"] = False  # (this optimizer's trust region stays: it has nothing to hand back to)
         ns["max_relative_step"] = limit
+        ns.pop("rule_settings", None)
+        self.rule = rule
         self._newton = copy.deepcopy(ns)
         self.mode = ns["mode"]
         self.curvature_batch_size = k

@@ -333,6 +333,7 @@ class TrustRegion(DampingRule):
     """
 
     name = "trust-region"
+    setting_names = ("radius", "max_radius", "eta", "shrink", "grow", "rtol", "max_iter", "inverse_iterations")
 
     def __init__(
         self,
