@@ -294,3 +294,37 @@ def test_a_frozen_complex_parameter_in_a_float32_model_is_answered_exactly():
     x_ref = torch.linalg.solve(H_ref + 0.5 * torch.eye(len(b), dtype=torch.float64), b.float().double())
     assert float((x.double() - x_ref).norm() / x_ref.norm()) < 1e-5
     assert info.residual < 1e-10
+
+
+def test_a_loss_that_computes_in_bfloat16_inside_is_refused_by_name():
+    """A probe of dtypes: ``F.cross_entropy(o.bfloat16(), t).float()`` was accepted -- its Hessian 3.6e-3
+    off the float64 one, no warning, Newton trained on it -- as autocast around the call is refused. A loss
+    that computes in float64 inside and returns float32 stays accepted on the float32 model (exact)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    X, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    down = lambda o, t: nn.functional.cross_entropy(o.bfloat16(), t).float()  # noqa: E731
+    for call in (
+        lambda: hessinv.hessian(m, down, X, y),
+        lambda: hessinv.gauss_newton(m, down, X, y),
+        lambda: ho.Newton(m, down).step(X, y),
+    ):
+        with pytest.raises(hessinv.DtypeMismatchError, match=r"computes in torch.bfloat16 inside"):
+            call()
+    up = lambda o, t: nn.functional.cross_entropy(o.double(), t).float()  # noqa: E731
+    H, H_ce = hessinv.hessian(m, up, X, y), hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    torch.testing.assert_close(H.to_dense(), H_ce.to_dense(), rtol=0, atol=1e-6)
+
+
+def test_a_frozen_bfloat16_part_is_named_as_the_cause():
+    """The same probe: a frozen bfloat16 backbone before a float32 head was blamed on "a tensor that forward
+    creates has the default dtype"; the message names the frozen tensors and both remedies, which work."""
+    torch.manual_seed(0)
+    backbone = nn.Linear(5, 8).bfloat16().requires_grad_(False)
+    head = nn.Sequential(nn.Tanh(), nn.Linear(8, 3))
+    X, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    with pytest.raises(hessinv.DtypeMismatchError, match=r"holds torch.bfloat16 param.*pass its outputs"):
+        hessinv.hessian(nn.Sequential(backbone, *head), nn.CrossEntropyLoss(), X, y)
+    with torch.no_grad():
+        features = backbone(X.bfloat16()).float()
+    hessinv.hessian(head, nn.CrossEntropyLoss(), features, y).factor(0.1)

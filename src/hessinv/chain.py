@@ -2034,6 +2034,21 @@ class Chain:
                         f"inputs.to({self.dtype}) (integer inputs are for a first module that takes them, "
                         "e.g. nn.Embedding)"
                     ) from e
+                held = sorted(
+                    {
+                        str(t.dtype)
+                        for m in s.modules
+                        for t in m.parameters()  # (not buffers: a traced piece keeps forward's constants so)
+                        if t.is_floating_point() and t.dtype != self.dtype
+                    }
+                )
+                if held and ("dtype" in str(e) or "scalar type" in str(e)):  # (a frozen bfloat16 backbone)
+                    raise DtypeMismatchError(
+                        f"{s.name} holds {', '.join(held)} parameters (frozen) in a "
+                        f"{self.dtype} model and failed on its {zs[-1].dtype} input ({e}); hessinv "
+                        f"computes in one dtype: convert them (model.to({self.dtype})), or run the part that "
+                        "holds them first and pass its outputs as the inputs"
+                    ) from e
                 if "dtype" in str(e) or "scalar type" in str(e):  # a constant of another dtype in forward
                     raise DtypeMismatchError(
                         f"{s.name} failed on its {zs[-1].dtype} input: {e} -- a tensor that forward creates "

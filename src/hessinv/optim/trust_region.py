@@ -333,7 +333,9 @@ class TrustRegion(DampingRule):
     """
 
     name = "trust-region"
-    setting_names = ("radius", "max_radius", "eta", "shrink", "grow", "rtol", "max_iter", "inverse_iterations")
+    setting_names = (
+        "radius", "max_radius", "eta", "shrink", "grow", "rtol", "max_iter", "inverse_iterations",
+    )  # fmt: skip
 
     def __init__(
         self,

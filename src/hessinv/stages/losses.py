@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from hessinv.errors import (
     DtypeMismatchError,
@@ -494,6 +495,21 @@ def _keeps_examples_apart(G: Tensor, y: Tensor) -> bool:
     return True
 
 
+class _Precisions(TorchFunctionMode):
+    """Records the floating dtypes of the tensors the torch functions called inside it return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_function__(self, func, _types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, Tensor) and t.is_floating_point():
+                self.dtypes.add(t.dtype)
+        return out
+
+
 class LossStage:
     """The fused loss: per-example terms, their scale, and their derivatives.
 
@@ -562,7 +578,17 @@ class LossStage:
                 rng = _rng_state(output.device)
                 depends = first.requires_grad
                 y = output.detach().clone().requires_grad_(True)
-                again = self.call(y)
+                with _Precisions() as seen_dtypes:
+                    again = self.call(y)
+            low = [d for d in seen_dtypes.dtypes if torch.finfo(d).eps > torch.finfo(y.dtype).eps]
+            if low:
+                # (a cast down inside the loss -- o.bfloat16(), what autocast does to a loss --: its value and
+                # derivatives rounded to that dtype's precision, 3.6e-3 off in float32: a dtype probe's find)
+                raise DtypeMismatchError(
+                    f"{self.name}: loss_fn computes in {low[0]} inside (a cast such as .bfloat16() or "
+                    f".half()) for {y.dtype} outputs: its derivatives would have {low[0]}'s precision; "
+                    "hessinv computes in the model's dtype: compute the loss in it (no casts inside loss_fn)"
+                )
             # random: two values differ, or the second call moved torch's generator on (a rare dropout
             # draw can leave both values alike while later calls differ; a loss that seeds the generator
             # itself leaves it where the first call did)
