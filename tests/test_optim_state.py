@@ -129,12 +129,65 @@ def test_a_checkpoint_taken_right_after_freezing_a_layer_loads_and_resumes_bit_e
         opt2.step(X, y)
     assert torch.equal(_flat(net2), _flat(net))
 
-    # loaded into a model whose trainable set is not the checkpoint's: refused, saying how to load it
+    # resumed in the configuration after the freeze, as torch.optim resumes (a probe of checkpoints: this
+    # was refused): a new optimizer takes the checkpoint's trainable set, and its next step follows the freeze
     net3 = _small()
+    net3.load_state_dict(weights)
     net3[0].requires_grad_(False)
     opt3 = ho.Newton(net3, loss_fn, seed=0, mode="precondition")
+    opt3.load_state_dict(sd)
+    assert not net3[0].weight.requires_grad  # (the model's layers as they were)
+    for X, y in batches[5:]:
+        opt3.step(X, y)
+    assert torch.equal(_flat(net3), _flat(net))
+
+    # an optimizer that has stepped on another trainable set: refused, saying how to load it
+    net4 = _small()
+    net4[0].requires_grad_(False)
+    opt4 = ho.Newton(net4, loss_fn, seed=0, mode="precondition")
+    opt4.step(*batches[0])
     with pytest.raises(InvalidArgumentError, match="freeze or unfreeze layers as they were then"):
-        opt3.load_state_dict(sd)
+        opt4.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("mode", ["precondition", "trust-region"])
+def test_a_checkpoint_taken_right_after_unfreezing_resumes_in_the_new_configuration(mode):
+    """A fine-tuning schedule: a layer frozen for the first steps, unfrozen, a checkpoint, a restart with the
+    layer unfrozen (as it was when saved) -- refused ("state dict is for another model") where Adam resumes.
+    A refused load of such a checkpoint leaves the new optimizer as it was."""
+    batches, loss_fn = _batches(), nn.CrossEntropyLoss()
+    net = _small()
+    net[0].weight.requires_grad_(False)
+    opt = ho.Newton(net, loss_fn, seed=0, mode=mode)
+    for X, y in batches[:4]:
+        opt.step(X, y)
+    net[0].weight.requires_grad_(True)
+    sd, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(net.state_dict())
+    for X, y in batches[4:9]:
+        opt.step(X, y)
+
+    net2 = _small()
+    net2.load_state_dict(weights)
+    opt2 = ho.Newton(net2, loss_fn, seed=0, mode=mode)
+    opt2.load_state_dict(sd)
+    for X, y in batches[4:9]:
+        opt2.step(X, y)
+    assert torch.equal(_flat(net2), _flat(net))
+
+    bad = copy.deepcopy(sd)
+    bad["newton"]["max_relative_step"] = -1.0
+    runs = []
+    for load in (True, False):
+        net3 = _small()
+        opt3 = ho.Newton(net3, loss_fn, seed=0, mode=mode)
+        if load:
+            with pytest.raises(InvalidArgumentError, match="max_relative_step"):
+                opt3.load_state_dict(bad)
+            assert opt3.chain.num_params == sum(p.numel() for p in net3.parameters())
+        for X, y in batches[:5]:
+            opt3.step(X, y)
+        runs.append(_flat(net3))
+    assert torch.equal(*runs)
 
 
 def test_a_checkpoint_of_the_two_sided_rule_resumes_bit_exact():
@@ -740,6 +793,36 @@ def test_a_parameter_unfrozen_that_no_group_holds_is_refused_and_changes_nothing
     _assert_same(opt.state_dict(), sd)
     net[0].weight.requires_grad_(False)  # put back: it steps on
     opt.step(*batches[3])
+
+
+def test_a_preconditioner_checkpoint_taken_right_after_unfreezing_resumes_in_the_new_configuration():
+    """As Newton's (a probe of checkpoints): saved right after a layer was unfrozen, resumed into a new
+    Preconditioner of the model as it was saved (the layer trainable) -- refused before."""
+    batches, loss_fn = _batches(), nn.CrossEntropyLoss()
+
+    def calls(net: nn.Module, pc: ho.Preconditioner, chunk: list) -> None:
+        for X, y in chunk:
+            net.zero_grad()
+            loss_fn(net(X), y).backward()
+            pc.precondition_(X, y)
+            with torch.no_grad():
+                for p in net.parameters():
+                    if p.grad is not None:
+                        p -= p.grad
+
+    net = _small()
+    net[0].weight.requires_grad_(False)
+    pc = ho.Preconditioner(net, loss_fn, seed=0, damping=50.0, refresh=3, curvature_batch_size=4)
+    calls(net, pc, batches[:4])
+    net[0].weight.requires_grad_(True)
+    sd, weights = copy.deepcopy(pc.state_dict()), copy.deepcopy(net.state_dict())
+    calls(net, pc, batches[4:9])
+    net2 = _small()
+    net2.load_state_dict(weights)
+    pc2 = ho.Preconditioner(net2, loss_fn, seed=0)
+    pc2.load_state_dict(sd)
+    calls(net2, pc2, batches[4:9])
+    assert torch.equal(_flat(net2), _flat(net))
 
 
 def test_precondition_follows_a_layer_unfrozen_between_calls():

@@ -108,6 +108,8 @@ from hessinv.optim.precondition import (
     generator_from_seed,
     param_places,
     saved_before_a_freeze,
+    saved_places,
+    trainable_as,
 )
 from hessinv.optim.trust_region import TrustRegion
 from hessinv.riccati import Inertia
@@ -624,6 +626,29 @@ class Newton(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; see :meth:`_load_state_dict`. A new optimizer (no step yet)
+        takes the checkpoint's trainable set where the model's differs (saved right after a layer was
+        frozen or unfrozen, before a step followed it, and resumed in the configuration after the change,
+        as ``torch.optim`` resumes it): it loads as the optimizer that saved it, and its next step follows
+        the model's layers, as that one's would have."""
+        places = saved_places(state_dict.get("newton") if isinstance(state_dict, dict) else None, self.model)
+        if (
+            self._newton["step"] != 0
+            or places is None
+            or places == param_places(self.model, self.chain.params)
+            or self.chain.trainable_changed()
+        ):
+            self._load_state_dict(state_dict)
+            return
+        with trainable_as(self.model, places):
+            self._follow_trainable()
+        try:
+            self._load_state_dict(state_dict)
+        except BaseException:
+            self._follow_trainable()  # (back to the model's set, with the new optimizer's fresh state)
+            raise
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output. As ``torch.optim`` restores its groups' hyper-parameters
         (``lr``, ``momentum``, ``weight_decay`` here), the settings that shape the saved state are the
         checkpoint's, not this optimizer's constructor arguments: ``max_relative_step``,

@@ -589,6 +589,33 @@ def param_places(model: Any, params: Sequence[Tensor]) -> list[int]:
     return [place.get(id(p), -1) for p in params]
 
 
+@contextlib.contextmanager
+def trainable_as(model: Any, places: Sequence[int]) -> Iterator[None]:
+    """The model's parameters trainable as a checkpoint records them (``places``: their places in
+    :func:`_model_parameters`) inside the block; each put back as it was after."""
+    params, want = _model_parameters(model), set(places)
+    before = [p.requires_grad for p in params]
+    try:
+        for i, p in enumerate(params):
+            p.requires_grad_(i in want)
+        yield
+    finally:
+        for p, was in zip(params, before, strict=True):
+            p.requires_grad_(was)
+
+
+def saved_places(sd: Any, model: Any) -> list[int] | None:
+    """A checkpoint's ``param_places`` (a Newton's ``"newton"`` entry or a Preconditioner's state dict) when
+    they name the model's parameters, else None."""
+    places = sd.get("param_places") if isinstance(sd, dict) else None
+    n = len(_model_parameters(model))
+    if not isinstance(places, (list, tuple)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in places
+    ):
+        return None
+    return list(places)
+
+
 def saved_before_a_freeze(sd: Any, chain: Any, model: Any) -> bool:
     """Whether a checkpoint ``sd`` (a Newton's ``"newton"`` entry or a Preconditioner's state dict) is of
     the parameters the optimizer's ``chain`` had at its last step while the ``model``'s trainable set has
@@ -919,7 +946,28 @@ class Preconditioner:
         saved before the settings were keeps this object's). One that cannot be restored into this
         object -- of another model (other parameter count), another ``basis`` or another curvature --
         gets an :class:`InvalidArgumentError`, and a refused load changes nothing
-        (:meth:`check_state_dict`)."""
+        (:meth:`check_state_dict`). A new preconditioner (no call yet) takes the checkpoint's trainable set
+        where the model's differs (saved right after a layer was frozen or unfrozen, resumed in the
+        configuration after the change): it loads as the one that saved it, and follows at its next call."""
+        places = saved_places(sd, self.model)
+        if (
+            self.state["t"] == 0
+            and places is not None
+            and places != param_places(self.model, self.params)
+            and not self.chain.trainable_changed()
+        ):
+            with trainable_as(self.model, places):
+                self.follow_trainable()
+            try:
+                self._load_state_dict(sd)
+            except BaseException:
+                self.follow_trainable()  # (back to the model's set, with this one's fresh state)
+                raise
+            return
+        self._load_state_dict(sd)
+
+    def _load_state_dict(self, sd: dict[str, Any]) -> None:
+        """:meth:`load_state_dict` on the trainable set the model has."""
         # (a layer frozen or unfrozen since: the checkpoint is of the model now -- unless saved before a step
         # followed it)
         if not saved_before_a_freeze(sd, self.chain, self.model):
