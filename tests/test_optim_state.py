@@ -545,6 +545,26 @@ def test_a_checkpoint_restores_the_damping_rules_settings_and_resumes_bit_exact(
     assert str(opt2.state_dict()) == before
 
 
+def test_a_rule_subclass_that_cannot_take_the_checkpoints_settings_is_refused_by_name():
+    """A fuzzer's find: a TrustRegion subclass with other constructor arguments raised a raw TypeError."""
+
+    class Mine(ho.TrustRegion):
+        setting_names = (*ho.TrustRegion.setting_names, "extra")
+
+        def __init__(self, extra: float = 1.0, radius: float = 1.0):
+            super().__init__(radius=radius)
+            self.extra = extra
+
+    X, y = torch.randn(16, 5, dtype=F64), torch.randint(0, 3, (16,))
+    opt = ho.Newton(_tr_net(6).double(), nn.CrossEntropyLoss(), damping=Mine(), mode="trust-region")
+    opt.step(X, y)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["newton"]["rule_settings"]["extra"] = 2.0
+    other = ho.Newton(_tr_net(6).double(), nn.CrossEntropyLoss(), damping=Mine(), mode="trust-region")
+    with pytest.raises(InvalidArgumentError, match="cannot take the checkpoint's settings"):
+        other.load_state_dict(sd)
+
+
 def test_a_checkpoint_whose_momentum_does_not_fit_the_model_is_refused():
     """Found by the same probe: a momentum vector one entry short loaded, and the next step raised torch's
     size mismatch."""

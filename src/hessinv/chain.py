@@ -2038,13 +2038,14 @@ class Chain:
                     {
                         str(t.dtype)
                         for m in s.modules
-                        for t in m.parameters()  # (not buffers: a traced piece keeps forward's constants so)
-                        if t.is_floating_point() and t.dtype != self.dtype
+                        for k, t in [*m.named_parameters(), *m.named_buffers()]
+                        # (not a traced piece's copy of a constant that forward creates: named so by torch.fx)
+                        if t.is_floating_point() and t.dtype != self.dtype and "_tensor_constant" not in k
                     }
                 )
                 if held and ("dtype" in str(e) or "scalar type" in str(e)):  # (a frozen bfloat16 backbone)
                     raise DtypeMismatchError(
-                        f"{s.name} holds {', '.join(held)} parameters (frozen) in a "
+                        f"{s.name} holds {', '.join(held)} tensors (frozen parameters, buffers) in a "
                         f"{self.dtype} model and failed on its {zs[-1].dtype} input ({e}); hessinv "
                         f"computes in one dtype: convert them (model.to({self.dtype})), or run the part that "
                         "holds them first and pass its outputs as the inputs"

@@ -365,10 +365,14 @@ class _AutocastOff:
     other dunders aside, ``@`` included) and its properties' getters run with autocast off
     (:func:`_autocast_off`), the subclasses' too."""
 
+    #: the dunders wrapped too (a factorization's ``__init__`` runs the sweep; an operator's keeps the
+    #: refusal to be made under autocast)
+    _autocast_dunders: tuple[str, ...] = ("__matmul__", "__rmatmul__")
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         for name, value in list(vars(cls).items()):
-            if name.startswith("__") and name not in ("__matmul__", "__rmatmul__"):
+            if name.startswith("__") and name not in cls._autocast_dunders:
                 continue
             if isinstance(value, property) and value.fget is not None:
                 setattr(cls, name, property(_autocast_off(value.fget), value.fset, value.fdel, value.__doc__))
@@ -2374,6 +2378,8 @@ class Factorization(_AutocastOff):
             unmodified, so that ``M = H + eps I``).
         last_info: the :class:`SolveInfo` of the latest solve.
     """
+
+    _autocast_dunders = ("__init__",)
 
     _twin_only = False  # solves, inertia and log-det from the float64 twin alone (see __init__)
     _recount_due = False  # whether `inertia` must be recounted when first read (see _recount)

@@ -196,7 +196,12 @@ class DampingRule(abc.ABC):
         if all(getattr(self, k) == v for k, v in settings.items()):
             return self
         declared = next(c for c in type(self).__mro__ if "setting_names" in vars(c))
-        checked = declared(**{**self.settings(), **settings})  # (the constructor's validation)
+        try:
+            checked = declared(**{**self.settings(), **settings})  # (the constructor's validation)
+        except TypeError as e:  # (a subclass whose constructor takes other arguments)
+            raise InvalidArgumentError(
+                f"{type(self).__name__} cannot take the checkpoint's settings {settings!r}: {e}"
+            ) from e
         rule = copy.copy(self)
         for k in settings:
             setattr(rule, k, getattr(checked, k))

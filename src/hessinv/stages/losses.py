@@ -496,7 +496,8 @@ def _keeps_examples_apart(G: Tensor, y: Tensor) -> bool:
 
 
 class _Precisions(TorchFunctionMode):
-    """Records the floating dtypes of the tensors the torch functions called inside it return."""
+    """Records the floating dtypes of the tensors that the torch functions called inside it return and
+    that require grad: those on the derivative path (a float32 mask in a float64 loss is data)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -505,7 +506,7 @@ class _Precisions(TorchFunctionMode):
     def __torch_function__(self, func, _types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, Tensor) and t.is_floating_point():
+            if isinstance(t, Tensor) and t.is_floating_point() and t.requires_grad:
                 self.dtypes.add(t.dtype)
         return out
 
