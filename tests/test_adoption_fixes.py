@@ -107,7 +107,7 @@ def test_an_operator_made_outside_autocast_answers_the_same_inside():
     def answers():
         F = H.factor(0.1)
         direct = hessinv.Factorization(H, 0.1)  # (its constructor runs the sweep: a fuzzer's find)
-        return [direct.solve(v), hessinv.WoodburyFactorization(G, 0.1).solve(v), 
+        return [direct.solve(v), hessinv.WoodburyFactorization(G, 0.1).solve(v),
             H @ v, G @ v, H.to_dense(), H.diagonal(), torch.tensor(H.trace()), F.solve(v),
             torch.tensor(float(H.inertia(0.0).negative)), torch.tensor(F.logdet()), G.factor(0.1).solve(v),
         ]  # fmt: skip
