@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -342,6 +343,48 @@ def _probe_worker(rank: int, world: int, out: str) -> None:
         except HessinvError as e:
             refused.append((t, type(e).__name__))
     res["bad-label"] = refused
+    # the closure loop where rank 1's shard of the second batch has nothing to learn (every label ignored)
+    # or no row: refused on every rank before the step's collectives, and the loop goes on (the other rank
+    # waited in the step's all-gather until the collective timeout, then got gloo's bare error: a probe)
+    X, y = _data(2)
+    for case in ("ignored", "empty"):
+        model = _model()
+        lf = nn.CrossEntropyLoss(ignore_index=-1)
+        opt, ddp = hd.distribute(_newton(model, lf, **IDENTITY)), DDP(model)
+        outcomes = []
+        for t in range(3):
+            xl, yl = (
+                X[t * 12 + 6 * rank : t * 12 + 6 * rank + 6],
+                y[t * 12 + 6 * rank : t * 12 + 6 * rank + 6],
+            )
+            if t == 1 and rank == 1:
+                xl, yl = (xl, torch.full_like(yl, -1)) if case == "ignored" else (xl[:0], yl[:0])
+
+            def closure(xl=xl, yl=yl, lf=lf, ddp=ddp, opt=opt):
+                opt.zero_grad()
+                loss = lf(ddp(xl), yl)
+                loss.backward()
+                return loss.detach()
+
+            try:
+                opt.step(closure)
+                outcomes.append("ok")
+            except HessinvError as e:
+                outcomes.append(type(e).__name__)
+        res[f"local-refusal/{case}"] = outcomes
+    # a plain Preconditioner (and a Newton not distribute()d) in a process group: each rank's curvature its
+    # own shard's, the replicas drift apart (1.2% in 10 steps, a probe's DDP loop): warned, once each
+    model, lf = _model(), nn.CrossEntropyLoss()
+    pc, opt = ho.Preconditioner(model, lf, seed=0), _newton(_model(), lf)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(2):
+            xb, yb = X[t * 12 : t * 12 + 6], y[t * 12 : t * 12 + 6]
+            model.zero_grad()
+            lf(model(xb), yb).backward()
+            pc.precondition_(xb, yb)
+            opt.step(xb, yb)
+    res["plain-warned"] = sum("DistributedPreconditioner.wrap" in str(w.message) for w in caught)
     if rank == 0:
         torch.save(res, f"{out}/probe.pt")
 
@@ -412,6 +455,15 @@ def test_ignore_index_with_unequal_labelled_counts_matches_one_process(probe_res
 def test_closure_loop_with_unequal_labelled_counts_is_refused(probe_results):
     assert "different numbers of targets" in probe_results["ignore/closure"]
     assert "DataParallel" in probe_results["ignore/closure"]
+
+
+def test_a_plain_preconditioner_in_a_process_group_is_warned_about_once(probe_results):
+    assert probe_results["plain-warned"] == 2  # (the Preconditioner's, the plain Newton's)
+
+
+@pytest.mark.parametrize("case", ["ignored", "empty"])
+def test_a_shard_refused_in_the_closure_loop_is_refused_on_every_rank_without_a_hang(probe_results, case):
+    assert probe_results[f"local-refusal/{case}"] == ["ok", "DistributedError", "ok"]  # (rank 0's)
 
 
 def test_a_shard_without_a_labelled_target_is_refused_on_every_rank(probe_results):

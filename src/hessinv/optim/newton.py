@@ -90,7 +90,14 @@ from hessinv.curvature import (
     factorization_flops,
     normalize_curvature,
 )
-from hessinv.errors import HessinvError, InvalidArgumentError, NonFiniteError, SingularError, warn
+from hessinv.errors import (
+    DistributedError,
+    HessinvError,
+    InvalidArgumentError,
+    NonFiniteError,
+    SingularError,
+    warn,
+)
 from hessinv.optim.damping import DampingRule, FixedDamping, LevenbergMarquardt, Sweeps
 from hessinv.optim.precondition import (
     BASIS_MAX_DIM,
@@ -1121,6 +1128,8 @@ class Newton(torch.optim.Optimizer):
             )
         inputs, targets = _tensor(inputs, "inputs"), _tensor(targets, "targets")
         skip = nothing_to_learn(self.loss_fn, targets)
+        if getattr(self.preconditioner, "strategy", None) is not None:  # (data-parallel: distribute())
+            self._agree_on_the_batch(inputs, targets, skip, layers, loss)
         if skip is not None:  # (an all-padding batch: torch's loss is NaN, Adam's step a momentum step)
             warn(f"Newton.step: {skip}: the step was skipped, the optimizer's state unchanged", UserWarning)
             return torch.full((), math.nan, dtype=self.chain.dtype, device=self.chain.device)
@@ -1155,6 +1164,57 @@ class Newton(torch.optim.Optimizer):
         if self.callback is not None and self.last_stats is not before and self.last_stats is not None:
             self.callback(self.last_stats)
         return out
+
+    def _agree_on_the_batch(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        skip: str | None,
+        layers: Sequence[nn.Module],
+        loss: Tensor | None,
+    ) -> None:
+        """Data-parallel (:func:`hessinv.optim.distributed.distribute`): every rank learns whether another
+        rank's shard was refused (:meth:`_check_batch`, an empty shard), has no target the loss counts, or
+        a closure's loss that is not finite, before the step's collectives -- where the other ranks waited
+        until the collective timeout, then got gloo's bare error (a probe of the closure loop). The refusal
+        is the same on every rank; a batch with nothing to learn on every rank is skipped on every rank, as
+        one process skips it."""
+        from hessinv.optim.distributed import _any_rank
+
+        error: HessinvError | None = None
+        if skip is None:
+            try:
+                with layers_in_mode(layers, False):
+                    if inputs.dim() >= 1 and inputs.shape[0] == 0:
+                        self.chain.check_inputs(inputs, targets)  # (its named error for an empty shard)
+                    self._check_batch(inputs, targets)
+            except HessinvError as e:
+                error = e
+        finite = loss is None or bool(torch.isfinite(loss.detach()).all())
+        failed, some_skip, some_learn, diverged = _any_rank(
+            [error is not None, skip is not None, skip is None, skip is None and not finite],
+            self.preconditioner.group,
+        )
+        if error is not None:
+            raise error
+        if failed:
+            raise DistributedError(
+                "another rank's shard of this batch was refused (its error names the cause): the step was "
+                "taken on no rank"
+            )
+        if diverged:
+            where = "this rank's shard" if skip is None and not finite else "another rank's shard"
+            raise NonFiniteError(
+                f"the closure's loss on {where} is not finite: the step was taken on no rank"
+            )
+        if some_skip and some_learn:
+            where = f"this rank's shard ({skip})" if skip is not None else "another rank's shard"
+            raise DistributedError(
+                f"{where} has no target the loss counts, while others have: each rank's loss is the mean "
+                "over its own targets, which this one's has none of; the step was taken on no rank (shard "
+                "the batches so that every rank holds labelled targets, or use DataParallel.step, which "
+                "weights the ranks by their counts)"
+            )
 
     def _closure_is_batch(self, inputs: Tensor, targets: Tensor, g: Tensor, auto: bool) -> bool:
         """Whether a closure's gradient ``g`` is that of ``loss_fn(model(inputs), targets)``, which the trust
@@ -1368,6 +1428,7 @@ class Newton(torch.optim.Optimizer):
             self._targets_checked = True
             self._warn_if_unscaled_targets(targets)
         assert pc is not None
+        pc._warn_if_data_parallel()  # (a Newton not distribute()d in a process group: the replicas drift)
         lr = self._learning_rate()
         try:
             if g is None:
