@@ -113,10 +113,9 @@ from hessinv.optim.precondition import (
     finite_loss_on,
     follow_params,
     generator_from_seed,
+    load_in_saved_set,
     param_places,
     saved_before_a_freeze,
-    saved_places,
-    trainable_as,
 )
 from hessinv.optim.trust_region import TrustRegion
 from hessinv.riccati import Inertia
@@ -638,22 +637,13 @@ class Newton(torch.optim.Optimizer):
         frozen or unfrozen, before a step followed it, and resumed in the configuration after the change,
         as ``torch.optim`` resumes it): it loads as the optimizer that saved it, and its next step follows
         the model's layers, as that one's would have."""
-        places = saved_places(state_dict.get("newton") if isinstance(state_dict, dict) else None, self.model)
-        if (
-            self._newton["step"] != 0
-            or places is None
-            or places == param_places(self.model, self.chain.params)
-            or self.chain.trainable_changed()
-        ):
-            self._load_state_dict(state_dict)
-            return
-        with trainable_as(self.model, places):
-            self._follow_trainable()
-        try:
-            self._load_state_dict(state_dict)
-        except BaseException:
-            self._follow_trainable()  # (back to the model's set, with the new optimizer's fresh state)
-            raise
+        load_in_saved_set(
+            self,
+            state_dict.get("newton") if isinstance(state_dict, dict) else None,
+            self._newton["step"] == 0,
+            self._follow_trainable,
+            lambda: self._load_state_dict(state_dict),
+        )
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output. As ``torch.optim`` restores its groups' hyper-parameters

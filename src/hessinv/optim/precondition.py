@@ -604,16 +604,36 @@ def trainable_as(model: Any, places: Sequence[int]) -> Iterator[None]:
             p.requires_grad_(was)
 
 
-def saved_places(sd: Any, model: Any) -> list[int] | None:
-    """A checkpoint's ``param_places`` (a Newton's ``"newton"`` entry or a Preconditioner's state dict) when
-    they name the model's parameters, else None."""
+def load_in_saved_set(
+    owner: Any, sd: Any, fresh: bool, follow: Callable[[], Any], load: Callable[[], None]
+) -> None:
+    """``load()`` a checkpoint ``sd`` (a Newton's ``"newton"`` entry or a Preconditioner's state dict) into
+    ``owner`` (its ``model`` and ``chain``). Where ``owner`` is ``fresh`` (no step yet) and the checkpoint's
+    ``param_places`` name another set of the model's parameters than ``owner``'s, trainable as the model's
+    are (saved right after a layer was frozen or unfrozen, resumed in the configuration after the change,
+    as ``torch.optim`` resumes it): ``owner`` first ``follow()``s the checkpoint's set (the flags set so
+    for that call only, :func:`trainable_as`), then loads as the optimizer that saved it; its next step
+    follows the model's layers. A refused load follows back (``owner`` fresh again)."""
     places = sd.get("param_places") if isinstance(sd, dict) else None
-    n = len(_model_parameters(model))
-    if not isinstance(places, (list, tuple)) or not all(
+    n = len(_model_parameters(owner.model))
+    valid = isinstance(places, (list, tuple)) and all(
         isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in places
+    )
+    if (
+        not fresh
+        or not valid
+        or list(places) == param_places(owner.model, owner.chain.params)
+        or owner.chain.trainable_changed()
     ):
-        return None
-    return list(places)
+        load()
+        return
+    with trainable_as(owner.model, places):
+        follow()
+    try:
+        load()
+    except BaseException:
+        follow()  # (back to the model's set, with the owner's fresh state)
+        raise
 
 
 def saved_before_a_freeze(sd: Any, chain: Any, model: Any) -> bool:
@@ -949,22 +969,9 @@ class Preconditioner:
         (:meth:`check_state_dict`). A new preconditioner (no call yet) takes the checkpoint's trainable set
         where the model's differs (saved right after a layer was frozen or unfrozen, resumed in the
         configuration after the change): it loads as the one that saved it, and follows at its next call."""
-        places = saved_places(sd, self.model)
-        if (
-            self.state["t"] == 0
-            and places is not None
-            and places != param_places(self.model, self.params)
-            and not self.chain.trainable_changed()
-        ):
-            with trainable_as(self.model, places):
-                self.follow_trainable()
-            try:
-                self._load_state_dict(sd)
-            except BaseException:
-                self.follow_trainable()  # (back to the model's set, with this one's fresh state)
-                raise
-            return
-        self._load_state_dict(sd)
+        load_in_saved_set(
+            self, sd, self.state["t"] == 0, self.follow_trainable, lambda: self._load_state_dict(sd)
+        )
 
     def _load_state_dict(self, sd: dict[str, Any]) -> None:
         """:meth:`load_state_dict` on the trainable set the model has."""
