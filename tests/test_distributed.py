@@ -347,7 +347,7 @@ def _probe_worker(rank: int, world: int, out: str) -> None:
     # or no row: refused on every rank before the step's collectives, and the loop goes on (the other rank
     # waited in the step's all-gather until the collective timeout, then got gloo's bare error: a probe)
     X, y = _data(2)
-    for case in ("ignored", "empty"):
+    for case in ("ignored", "empty", "raises"):
         model = _model()
         lf = nn.CrossEntropyLoss(ignore_index=-1)
         opt, ddp = hd.distribute(_newton(model, lf, **IDENTITY)), DDP(model)
@@ -357,19 +357,22 @@ def _probe_worker(rank: int, world: int, out: str) -> None:
                 X[t * 12 + 6 * rank : t * 12 + 6 * rank + 6],
                 y[t * 12 + 6 * rank : t * 12 + 6 * rank + 6],
             )
-            if t == 1 and rank == 1:
+            if t == 1 and rank == 1 and case in ("ignored", "empty"):
                 xl, yl = (xl, torch.full_like(yl, -1)) if case == "ignored" else (xl[:0], yl[:0])
+            fails = t == 1 and rank == 1 and case == "raises"
 
-            def closure(xl=xl, yl=yl, lf=lf, ddp=ddp, opt=opt):
+            def closure(xl=xl, yl=yl, lf=lf, ddp=ddp, opt=opt, fails=fails):
                 opt.zero_grad()
                 loss = lf(ddp(xl), yl)
                 loss.backward()
+                if fails:  # (after the backward pass: a user's check of the loss, say)
+                    raise ValueError("the closure's own error")
                 return loss.detach()
 
             try:
                 opt.step(closure)
                 outcomes.append("ok")
-            except HessinvError as e:
+            except (HessinvError, ValueError) as e:  # (ValueError: rank 1's own, in the "raises" case)
                 outcomes.append(type(e).__name__)
         res[f"local-refusal/{case}"] = outcomes
     # a plain Preconditioner (and a Newton not distribute()d) in a process group: each rank's curvature its
@@ -378,8 +381,9 @@ def _probe_worker(rank: int, world: int, out: str) -> None:
     pc, opt = ho.Preconditioner(model, lf, seed=0), _newton(_model(), lf)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for t in range(2):
+        for t in range(3):
             xb, yb = X[t * 12 : t * 12 + 6], y[t * 12 : t * 12 + 6]
+            model[0].weight.requires_grad_(t != 1)  # (following a layer forgot that it had warned)
             model.zero_grad()
             lf(model(xb), yb).backward()
             pc.precondition_(xb, yb)
@@ -461,7 +465,7 @@ def test_a_plain_preconditioner_in_a_process_group_is_warned_about_once(probe_re
     assert probe_results["plain-warned"] == 2  # (the Preconditioner's, the plain Newton's)
 
 
-@pytest.mark.parametrize("case", ["ignored", "empty"])
+@pytest.mark.parametrize("case", ["ignored", "empty", "raises"])
 def test_a_shard_refused_in_the_closure_loop_is_refused_on_every_rank_without_a_hang(probe_results, case):
     assert probe_results[f"local-refusal/{case}"] == ["ok", "DistributedError", "ok"]  # (rank 0's)
 

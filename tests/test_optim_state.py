@@ -181,9 +181,11 @@ def test_a_checkpoint_taken_right_after_unfreezing_resumes_in_the_new_configurat
         net3 = _small()
         opt3 = ho.Newton(net3, loss_fn, seed=0, mode=mode)
         if load:
+            before = str(opt3.state_dict())
             with pytest.raises(InvalidArgumentError, match="max_relative_step"):
                 opt3.load_state_dict(bad)
             assert opt3.chain.num_params == sum(p.numel() for p in net3.parameters())
+            assert str(opt3.state_dict()) == before  # (its homes too: a fuzzer's find)
         for X, y in batches[:5]:
             opt3.step(X, y)
         runs.append(_flat(net3))
@@ -537,12 +539,20 @@ def test_a_checkpoint_restores_the_damping_rules_settings_and_resumes_bit_exact(
     for _ in range(3):
         opt2.step(X, y)
     assert torch.equal(_flat(net2), _flat(net))
-    bad = copy.deepcopy(sd)  # a setting the rule's constructor refuses: refused, and nothing loaded
-    bad["newton"]["rule_settings"]["eta" if "eta" in bad["newton"]["rule_settings"] else "damping"] = -1.0
-    before = str(opt2.state_dict())
-    with pytest.raises(InvalidArgumentError, match="must be a finite number"):
-        opt2.load_state_dict(bad)
-    assert str(opt2.state_dict()) == before
+    key = "eta" if "eta" in sd["newton"]["rule_settings"] else "damping"
+    for value, message in ((-1.0, "must be a finite number"), (float("nan"), "must be a finite number|NaN"),
+                           ("x", "as numbers"), (torch.ones(2), "as numbers")):  # fmt: skip
+        bad = copy.deepcopy(sd)  # a setting the rule's constructor refuses: refused, and nothing loaded
+        bad["newton"]["rule_settings"][key] = value
+        before = str(opt2.state_dict())
+        with pytest.raises(InvalidArgumentError, match=message):
+            opt2.load_state_dict(bad)
+        assert str(opt2.state_dict()) == before
+    if "max_iter" in sd["newton"]["rule_settings"]:  # (int(nan) raised a raw ValueError: a fuzzer's find)
+        bad = copy.deepcopy(sd)
+        bad["newton"]["rule_settings"]["max_iter"] = float("nan")
+        with pytest.raises(InvalidArgumentError, match="cannot take"):
+            opt2.load_state_dict(bad)
 
 
 def test_a_rule_subclass_that_cannot_take_the_checkpoints_settings_is_refused_by_name():

@@ -232,3 +232,62 @@ def test_gauss_newton_factor_takes_the_root_against_the_sweep_too(monkeypatch):
     x = torch.linalg.solve(A, G.gradient)
     assert float((F.solve(G.gradient) - x).norm() / x.norm()) <= 1e-10
     assert F.logdet() == pytest.approx(float(torch.linalg.slogdet(A)[1]), rel=1e-12)
+
+
+def test_woodbury_factor_names_what_it_cannot_take():
+    """A probe of hessinv.lowrank: a vector right-hand side of length n came back as an n x n matrix, a
+    (1, k) one was broadcast to n rows, S = 2 (or a zero) gave solves 2-6% off and a wrong inertia, an
+    index n + 3 of update_damping changed D[3], an integer U truncated a damping of 1.7 to 1, free = 0
+    gave NaN -- each silently; other inputs raised torch's errors. Each is exact or named now."""
+    from hessinv.errors import DtypeMismatchError, InvalidArgumentError, ShapeMismatchError, SingularError
+    from hessinv.lowrank import WoodburyFactor
+
+    g = torch.Generator().manual_seed(0)
+    n, r = 12, 4
+    U = torch.randn(r, n, generator=g, dtype=torch.float64)
+    S = torch.tensor([1.0, -1.0, 1.0, 1.0], dtype=torch.float64)
+    D = torch.rand(n, generator=g, dtype=torch.float64) + 2.0
+    F = WoodburyFactor(U, S, D)
+    A = torch.diag(D) + U.T @ torch.diag(S) @ U
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    x = F.solve(b)  # a vector in, a vector out
+    assert x.shape == (n,)
+    torch.testing.assert_close(A @ x, b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(F.solve(b[:, None])[:, 0], x, rtol=0, atol=0)
+    for bad, error in (
+        (torch.randn(1, 2, dtype=torch.float64), ShapeMismatchError),
+        (torch.randn(n + 1, dtype=torch.float64), ShapeMismatchError),
+        (b.float(), DtypeMismatchError),
+        (b.tolist(), InvalidArgumentError),
+    ):
+        with pytest.raises(error):
+            F.solve(bad)
+    with pytest.raises(SingularError):
+        F.solve(b, free=torch.zeros(n, dtype=torch.float64))
+    for S_bad in (2 * S, torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)):
+        with pytest.raises(InvalidArgumentError, match="S must hold signs"):
+            WoodburyFactor(U, S_bad, D)
+    for args, error in (
+        ((U, S[:, None], D), ShapeMismatchError),
+        ((U, S.tolist(), D), ShapeMismatchError),
+        ((U.long(), S, 1.7), InvalidArgumentError),
+        ((U.float(), S.float(), 1e39), InvalidArgumentError),
+        ((U, S, "1"), InvalidArgumentError),
+        ((U, S, 1 + 1j), InvalidArgumentError),
+    ):
+        with pytest.raises(error):
+            WoodburyFactor(*args)
+    before = F.D.clone()
+    for idx, values, error in (
+        ([n + 3], torch.tensor([5.0], dtype=torch.float64), InvalidArgumentError),
+        (torch.tensor([1.7]), torch.tensor([5.0], dtype=torch.float64), InvalidArgumentError),
+        ([1, 2], torch.tensor([5.0], dtype=torch.float64), ShapeMismatchError),
+    ):
+        with pytest.raises(error):
+            F.update_damping(idx, values)
+    assert torch.equal(F.D, before)
+    F.update_damping([-1, 3], [5.0, 6.0])  # (a list of values; negative indices count from the end)
+    A2 = A.clone()
+    A2[n - 1, n - 1] += 5.0 - D[n - 1]
+    A2[3, 3] += 6.0 - D[3]
+    torch.testing.assert_close(A2 @ F.solve(b), b, rtol=0, atol=1e-12)

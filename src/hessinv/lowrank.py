@@ -36,11 +36,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from hessinv.errors import InvalidArgumentError, ShapeMismatchError, SingularError, TooLargeError
+from hessinv.errors import (
+    DtypeMismatchError,
+    InvalidArgumentError,
+    ShapeMismatchError,
+    SingularError,
+    TooLargeError,
+)
 from hessinv.linalg import all_finite
 from hessinv.riccati import Inertia, _capacity_bytes, _memory_bytes
 from hessinv.stages.losses import check_output_curvature_size
@@ -61,6 +68,54 @@ def _check_damping(Dv: Tensor) -> None:
             "use a damping with every entry > 0",
             damping=float(Dv.abs().min()) if Dv.numel() else 0.0,
         )
+
+
+def _checked_factor_inputs(U: Any, S: Any, damping: Any) -> None:
+    """Named errors for what :class:`WoodburyFactor` cannot take (a probe found each silently wrong or a raw
+    error): ``U`` a real floating ``(r, n)`` tensor (an integer one truncated a damping of 1.7 to 1),
+    ``S`` an ``(r,)`` tensor of signs -- ``K = diag(S) + U D^{-1} U^T`` is Woodbury's capacitance matrix
+    for ``S = S^{-1}`` only (``S = 2``: solves 6% off) --, the damping a real number or a real floating
+    tensor."""
+    if not isinstance(U, Tensor) or U.dim() != 2 or not U.is_floating_point():
+        what = f"{U.dtype} of shape {tuple(U.shape)}" if isinstance(U, Tensor) else type(U).__name__
+        raise InvalidArgumentError(f"WoodburyFactor: U must be a real floating (r, n) tensor, got {what}")
+    if not isinstance(S, Tensor) or tuple(S.shape) != (U.shape[0],):
+        what = f"shape {tuple(S.shape)}" if isinstance(S, Tensor) else type(S).__name__
+        raise ShapeMismatchError(
+            f"WoodburyFactor: S must be a ({U.shape[0]},) tensor (one sign per row of U), got {what}"
+        )
+    if S.numel() and not bool(((S == 1) | (S == -1)).all()):
+        raise InvalidArgumentError(
+            "WoodburyFactor: S must hold signs (+1 or -1): D + U^T diag(S) U with another diagonal is "
+            "D + U'^T diag(sign S) U' with U' = diag(sqrt|S|) U (rows with S = 0 left out)"
+        )
+    if isinstance(damping, Tensor):
+        if not damping.is_floating_point():
+            raise InvalidArgumentError(
+                f"WoodburyFactor: a damping tensor must be real floating, got {damping.dtype}"
+            )
+    elif isinstance(damping, bool) or not isinstance(damping, (int, float)):
+        raise InvalidArgumentError(
+            f"WoodburyFactor: the damping must be a real number or tensor, got {damping!r}"
+        )
+
+
+def _checked_rhs(R: Any, n: int, dtype: torch.dtype, what: str) -> tuple[Tensor, bool]:
+    """``R`` as an ``(n, k)`` matrix of the factor's dtype, and whether it came as an ``(n,)`` vector (a
+    vector of length ``n`` broadcast into an ``n x n`` result, silently: a probe)."""
+    if not isinstance(R, Tensor):
+        raise InvalidArgumentError(f"{what}: the right-hand side must be a tensor, got {type(R).__name__}")
+    if R.dtype != dtype:
+        raise DtypeMismatchError(
+            f"{what}: the right-hand side is {R.dtype}, the factor {dtype}: convert with R.to({dtype})"
+        )
+    vector = R.dim() == 1
+    R = R[:, None] if vector else R
+    if R.dim() != 2 or R.shape[0] != n:
+        raise ShapeMismatchError(
+            f"{what}: the right-hand side must be ({n},) or ({n}, k), got {tuple(R.shape)}"
+        )
+    return R, vector
 
 
 #: ``rotation(offset, size)``: the weight blocks ``(offset, a, b, Q_L, Q_R)`` inside the flat parameter
@@ -534,6 +589,7 @@ class WoodburyFactor:
         _columns: dict | None = None,
         tables: list | None = None,
     ):
+        _checked_factor_inputs(U, S, damping)
         self.U, self.S = U, S
         n = U.shape[1]
         if isinstance(damping, Tensor):
@@ -545,7 +601,12 @@ class WoodburyFactor:
                 device=U.device, dtype=U.dtype
             )  # numbers, not a graph (solves are detached)
         else:
-            Dv = torch.full((n,), float(damping), dtype=U.dtype, device=U.device)
+            try:
+                Dv = torch.full((n,), float(damping), dtype=U.dtype, device=U.device)
+            except RuntimeError as e:  # (1e39 in float32: "cannot be converted without overflow")
+                raise InvalidArgumentError(
+                    f"WoodburyFactor: the damping {damping!r} is not a {U.dtype} number"
+                ) from e
         _check_damping(Dv)
         self.D = Dv
         self._Dinv = 1.0 / Dv
@@ -787,13 +848,32 @@ class WoodburyFactor:
         new ``r x r`` factorization; exact, for when a few entries of ``D`` moved (a gradient spike).
         ``idx``: distinct indices (a repeated one would enter ``K`` once per repeat; negative ones count
         from the end) or a boolean mask."""
+        n = self.D.numel()
         idx = torch.as_tensor(idx, device=self.D.device)
         if idx.dtype == torch.bool:  # a mask, as D[mask] = values takes it
+            if tuple(idx.shape) != (n,):
+                raise ShapeMismatchError(
+                    f"update_damping: a mask must have shape ({n},), got {tuple(idx.shape)}"
+                )
             idx = idx.nonzero().flatten()
-        idx = idx.long() % self.D.numel()  # negative indices as D[idx] reads them
+        if idx.is_floating_point() or idx.is_complex() or idx.dim() > 1:
+            raise InvalidArgumentError(
+                f"update_damping: idx must be integer indices or a mask, got {idx.dtype}"
+            )
+        idx = idx.long().reshape(-1)
+        if idx.numel() and not (
+            -n <= int(idx.min()) and int(idx.max()) < n
+        ):  # (was taken modulo n, silently)
+            raise InvalidArgumentError(f"update_damping: indices must be in [-{n}, {n}), got {idx.tolist()}")
+        idx = idx % n  # negative indices as D[idx] reads them
         if int(torch.unique(idx).numel()) != int(idx.numel()):
             raise InvalidArgumentError("update_damping: idx names an entry twice; give each index once")
-        values = values.to(self.D.dtype)
+        values = torch.as_tensor(values, device=self.D.device).to(self.D.dtype)
+        if values.numel() != idx.numel():
+            raise ShapeMismatchError(
+                f"update_damping: {values.numel()} values for {idx.numel()} indices; give one value per index"
+            )
+        values = values.reshape(-1)
         _check_damping(values)
         # all or nothing: a failure below (out of memory, a singular K) changes nothing
         saved = dict(self.__dict__)
@@ -858,7 +938,8 @@ class WoodburyFactor:
         return self._V @ ((self._V.T @ W64) / self._lam[:, None])
 
     def solve(self, R: Tensor, free: Tensor | None = None) -> Tensor:
-        """``(D + U^T S U)^{-1} R`` for R (n, k): ``A - D^{-1} U^T K^{-1} U A`` with ``A = D^{-1} R``.
+        """``(D + U^T S U)^{-1} R`` for R (n, k) (or (n,): the result a vector too): ``A - D^{-1} U^T K^{-1} U
+        A`` with ``A = D^{-1} R``.
 
         ``free`` (n,): a damping for the columns of ``U`` that are zero (not :attr:`live`: an Embedding's
         rows of tokens outside the curvature batch, a dead unit's weights), in place of ``D`` there -- they
@@ -869,6 +950,16 @@ class WoodburyFactor:
         ``U[q] = vec(T_q z_{n(q)}^T)``: ``(U A)_q = T_q . (A_W Z^T)[:, n(q)]`` and ``U^T w = vec(sum_q w_q
         T_q z_{n(q)}^T) = vec(Tw^T Z)`` with ``Tw[n] = sum_{n(q) = n} w_q T_q`` -- ``2 B d m + 2 r d``
         flops per weight instead of ``2 r d m``, and ``U`` itself (``r n`` numbers, megabytes) is not read."""
+        R, vector = _checked_rhs(R, self.U.shape[1], self.U.dtype, "solve")
+        if free is not None:
+            if not isinstance(free, Tensor) or tuple(free.shape) != (self.U.shape[1],):
+                what = tuple(free.shape) if isinstance(free, Tensor) else type(free).__name__
+                raise ShapeMismatchError(f"solve: free must be a ({self.U.shape[1]},) tensor, got {what}")
+            _check_damping(free)  # (a zero there: the solve divides by it)
+        X = self._solve(R, free)
+        return X[:, 0] if vector else X
+
+    def _solve(self, R: Tensor, free: Tensor | None) -> Tensor:
         Dinv = self._Dinv
         live = self.live_index() if free is not None else None
         if live is not None:  # (1 / free, then the live columns' own: one pass over n)
@@ -943,9 +1034,11 @@ class WoodburyFactor:
                     self._sqrt = (s, Q @ E, m.rsqrt() - 1.0)
         if self._sqrt is None:
             return None
+        R, vector = _checked_rhs(R, self.U.shape[1], self.U.dtype, "inverse_sqrt")
         s, P, c = self._sqrt
         R64 = R.double()
-        return (s[:, None] * (R64 + P @ (c[:, None] * (P.T @ R64)))).to(R.dtype)
+        X = (s[:, None] * (R64 + P @ (c[:, None] * (P.T @ R64)))).to(R.dtype)
+        return X[:, 0] if vector else X
 
     @property
     def rank(self) -> int:

@@ -189,16 +189,24 @@ class DampingRule(abc.ABC):
     def with_settings(self, settings: dict[str, Any]) -> DampingRule:
         """This rule with ``settings`` (a checkpoint's :meth:`settings`): itself where they are its own, else
         a copy, the values validated as the constructor validates them (:class:`InvalidArgumentError`)."""
-        if not isinstance(settings, dict) or not set(settings) <= set(self.setting_names):
+        if (
+            not isinstance(settings, dict)
+            or not set(settings) <= set(self.setting_names)
+            or not all(
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                for v in settings.values()
+            )
+        ):
             raise InvalidArgumentError(
-                f"damping rule settings {settings!r} are not {type(self).__name__}'s {self.setting_names}"
+                f"damping rule settings {settings!r} are not {type(self).__name__}'s {self.setting_names} "
+                "as numbers"
             )
         if all(getattr(self, k) == v for k, v in settings.items()):
             return self
         declared = next(c for c in type(self).__mro__ if "setting_names" in vars(c))
         try:
             checked = declared(**{**self.settings(), **settings})  # (the constructor's validation)
-        except TypeError as e:  # (a subclass whose constructor takes other arguments)
+        except (TypeError, ValueError, OverflowError) as e:  # (other arguments; int(nan), int(inf))
             raise InvalidArgumentError(
                 f"{type(self).__name__} cannot take the checkpoint's settings {settings!r}: {e}"
             ) from e

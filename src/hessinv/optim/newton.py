@@ -1108,18 +1108,25 @@ class Newton(torch.optim.Optimizer):
         closure: Callable[[], Any] | None,
         layers: Sequence[nn.Module],
     ) -> Tensor:
-        g = loss = None
-        if closure is not None:
-            loss, (inputs, targets), g = self._run_closure(closure, inputs, targets)
-        if inputs is None or targets is None:
-            raise InvalidArgumentError(
-                "Newton.step needs the batch: step(inputs, targets), or step(closure) with a closure that "
-                "calls the model and loss_fn (or step(closure=..., inputs=..., targets=...))"
-            )
-        inputs, targets = _tensor(inputs, "inputs"), _tensor(targets, "targets")
-        skip = nothing_to_learn(self.loss_fn, targets)
-        if getattr(self.preconditioner, "strategy", None) is not None:  # (data-parallel: distribute())
-            self._agree_on_the_batch(inputs, targets, skip, layers, loss)
+        g = loss = skip = None
+        data_parallel = getattr(self.preconditioner, "strategy", None) is not None  # (distribute())
+        failed: Exception | None = None
+        try:
+            if closure is not None:
+                loss, (inputs, targets), g = self._run_closure(closure, inputs, targets)
+            if inputs is None or targets is None:
+                raise InvalidArgumentError(
+                    "Newton.step needs the batch: step(inputs, targets), or step(closure) with a closure "
+                    "that calls the model and loss_fn (or step(closure=..., inputs=..., targets=...))"
+                )
+            inputs, targets = _tensor(inputs, "inputs"), _tensor(targets, "targets")
+            skip = nothing_to_learn(self.loss_fn, targets)
+        except Exception as e:
+            if not data_parallel:
+                raise
+            failed = e  # (the other ranks learn of it first: they would wait in the step's collectives)
+        if data_parallel:
+            self._agree_on_the_batch(inputs, targets, skip, layers, loss, failed)
         if skip is not None:  # (an all-padding batch: torch's loss is NaN, Adam's step a momentum step)
             warn(f"Newton.step: {skip}: the step was skipped, the optimizer's state unchanged", UserWarning)
             return torch.full((), math.nan, dtype=self.chain.dtype, device=self.chain.device)
@@ -1157,22 +1164,24 @@ class Newton(torch.optim.Optimizer):
 
     def _agree_on_the_batch(
         self,
-        inputs: Tensor,
-        targets: Tensor,
+        inputs: Tensor | None,
+        targets: Tensor | None,
         skip: str | None,
         layers: Sequence[nn.Module],
         loss: Tensor | None,
+        failed: Exception | None = None,
     ) -> None:
         """Data-parallel (:func:`hessinv.optim.distributed.distribute`): every rank learns whether another
-        rank's shard was refused (:meth:`_check_batch`, an empty shard), has no target the loss counts, or
-        a closure's loss that is not finite, before the step's collectives -- where the other ranks waited
-        until the collective timeout, then got gloo's bare error (a probe of the closure loop). The refusal
-        is the same on every rank; a batch with nothing to learn on every rank is skipped on every rank, as
-        one process skips it."""
+        rank's shard was refused (:meth:`_check_batch`, an empty shard; its closure raised, after its
+        backward pass), has no target the loss counts, or a closure's loss that is not finite, before the
+        step's collectives -- where the other ranks waited until the collective timeout, then got gloo's
+        bare error (probes of the closure loop). The refusal is the same on every rank; a batch with nothing
+        to learn on every rank is skipped on every rank, as one process skips it."""
         from hessinv.optim.distributed import _any_rank
 
-        error: HessinvError | None = None
-        if skip is None:
+        error: Exception | None = failed  # (the closure's own, or the batch's, on this rank)
+        if error is None and skip is None:
+            assert inputs is not None and targets is not None
             try:
                 with layers_in_mode(layers, False):
                     if inputs.dim() >= 1 and inputs.shape[0] == 0:
@@ -1180,14 +1189,14 @@ class Newton(torch.optim.Optimizer):
                     self._check_batch(inputs, targets)
             except HessinvError as e:
                 error = e
-        finite = loss is None or bool(torch.isfinite(loss.detach()).all())
-        failed, some_skip, some_learn, diverged = _any_rank(
+        finite = error is not None or loss is None or bool(torch.isfinite(loss.detach()).all())
+        refused, some_skip, some_learn, diverged = _any_rank(
             [error is not None, skip is not None, skip is None, skip is None and not finite],
             self.preconditioner.group,
         )
         if error is not None:
             raise error
-        if failed:
+        if refused:
             raise DistributedError(
                 "another rank's shard of this batch was refused (its error names the cause): the step was "
                 "taken on no rank"

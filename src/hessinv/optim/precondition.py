@@ -613,11 +613,17 @@ def load_in_saved_set(
     are (saved right after a layer was frozen or unfrozen, resumed in the configuration after the change,
     as ``torch.optim`` resumes it): ``owner`` first ``follow()``s the checkpoint's set (the flags set so
     for that call only, :func:`trainable_as`), then loads as the optimizer that saved it; its next step
-    follows the model's layers. A refused load follows back (``owner`` fresh again)."""
+    follows the model's layers. A refused load changes nothing."""
     places = sd.get("param_places") if isinstance(sd, dict) else None
-    n = len(_model_parameters(owner.model))
-    valid = isinstance(places, (list, tuple)) and all(
-        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in places
+    shapes = sd.get("param_shapes") if isinstance(sd, dict) else None
+    params = _model_parameters(owner.model)
+    valid = (
+        isinstance(places, (list, tuple))
+        and isinstance(shapes, (list, tuple))
+        and len(places) == len(shapes)
+        and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(params) for i in places)
+        # (the shapes at those places: a checkpoint of another model is refused as one, not followed)
+        and all(tuple(params[i].shape) == tuple(sh) for i, sh in zip(places, shapes, strict=True))
     )
     if (
         not fresh
@@ -627,13 +633,42 @@ def load_in_saved_set(
     ):
         load()
         return
+    saved = _snapshot(owner)
     with trainable_as(owner.model, places):
         follow()
     try:
         load()
     except BaseException:
-        follow()  # (back to the model's set, with the owner's fresh state)
+        _restore(owner, saved)  # (a refused load changes nothing: groups' order, homes and all)
         raise
+
+
+def _snapshot(owner: Any) -> dict[str, Any]:
+    """What following a trainable set rebinds in ``owner`` (a Newton or a Preconditioner) and its
+    preconditioner and parameter groups (shallow: following makes new tensors, it does not write into
+    them); :func:`_restore` puts it back."""
+    pc = getattr(owner, "preconditioner", None)
+    return {
+        "attrs": dict(owner.__dict__),
+        "newton": dict(owner._newton) if isinstance(owner.__dict__.get("_newton"), dict) else None,
+        "groups": [(g, dict(g, params=list(g["params"]))) for g in getattr(owner, "param_groups", [])],
+        "pc": None if pc is None else (pc, dict(pc.__dict__)),
+    }
+
+
+def _restore(owner: Any, saved: dict[str, Any]) -> None:
+    owner.__dict__.clear()
+    owner.__dict__.update(saved["attrs"])
+    if saved["newton"] is not None:
+        owner._newton.clear()
+        owner._newton.update(saved["newton"])
+    for g, content in saved["groups"]:
+        g.clear()
+        g.update(content)
+    if saved["pc"] is not None:
+        pc, attrs = saved["pc"]
+        pc.__dict__.clear()
+        pc.__dict__.update(attrs)
 
 
 def saved_before_a_freeze(sd: Any, chain: Any, model: Any) -> bool:
@@ -1133,8 +1168,11 @@ class Preconditioner:
                     g0, j0 = where[to_old[o]]
                     for f in EigenBasis._FIELDS:
                         getattr(new.basis, "_" + f)[g][j].copy_(getattr(self.basis, "_" + f)[g0][j0])
+        warned = self.__dict__.get("_warned_world")  # (said once per preconditioner, not per layout)
         self.__dict__.clear()
         self.__dict__.update(new.__dict__)
+        if warned:
+            self._warned_world = True
         return True
 
     # -- the pieces -------------------------------------------------------------------------------
@@ -1391,8 +1429,6 @@ class Preconditioner:
             ]
         )
 
-    @torch.no_grad()
-    @_deterministic_curvature
     def _warn_if_data_parallel(self) -> None:
         """Once: a plain preconditioner in a process group of several ranks (DDP's loop, a probe's): each
         rank draws its curvature batch from its own shard, so the replicas drift apart silently (1.2% of
@@ -1410,6 +1446,8 @@ class Preconditioner:
                 UserWarning,
             )
 
+    @torch.no_grad()
+    @_deterministic_curvature
     def precondition_(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """Turn every ``p.grad`` into the preconditioned direction ``(C + D)^{-1} g`` (in place), for any
         ``torch.optim`` optimizer to apply; ``(inputs, targets)`` is the batch the gradient came from
