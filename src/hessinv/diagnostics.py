@@ -128,13 +128,24 @@ def _along(d: Tensor, e: Tensor, name: str = "d") -> Tensor:
     return d
 
 
+def _matrix(metric: Tensor, n: int) -> Tensor:
+    """A matrix metric as float64, scaled by a power of two to max-norm in [1, 2): every quantity computed
+    with a metric is a ratio in which its scale cancels (``W = 1e200 I`` overflowed to nan). An integer or
+    bool matrix is converted (exactly up to 2^53; ``torch.finfo`` of it raised a TypeError); a complex one
+    is refused (its imaginary part was dropped)."""
+    if metric.is_complex():
+        raise InvalidArgumentError("metric is complex; pass a real symmetric positive definite matrix")
+    if metric.shape != (n, n):
+        raise InvalidArgumentError(f"metric must be a ({n}, {n}) matrix, got {tuple(metric.shape)}")
+    return _unit(metric.detach().to(torch.float64))
+
+
 def _apply(metric: Metric, v: Tensor) -> Tensor:
-    """``W v`` (float64) for a metric given as a matrix, an operator or a callable."""
+    """``W v`` (float64) for a metric given as a matrix (float64, from :func:`_matrix`), an operator or a
+    callable."""
     n = v.numel()
     if isinstance(metric, Tensor):
-        if metric.shape != (n, n):
-            raise InvalidArgumentError(f"metric must be a ({n}, {n}) matrix, got {tuple(metric.shape)}")
-        return metric.to(torch.float64) @ v
+        return metric @ v
     if isinstance(metric, CurvatureOperator):
         if metric.shape != (n, n):
             raise InvalidArgumentError(f"metric is an operator of shape {metric.shape}, the vectors have {n}")
@@ -148,6 +159,8 @@ def _apply(metric: Metric, v: Tensor) -> Tensor:
     if not isinstance(Wv, Tensor) or Wv.numel() != n:
         got = tuple(Wv.shape) if isinstance(Wv, Tensor) else type(Wv).__name__
         raise InvalidArgumentError(f"metric(v) must return {n} numbers, got {got}")
+    if Wv.is_complex():
+        raise InvalidArgumentError("metric(v) returned complex numbers; pass a real (symmetric) metric")
     return Wv.detach().reshape(-1).to(torch.float64)
 
 
@@ -184,11 +197,19 @@ def _gram(u: Tensor, v: Tensor, metric: Metric, names: tuple[str, str]) -> tuple
     span of ``u`` and ``v``: :class:`InvalidArgumentError` where it is not by more than rounding (a
     negative ``u^T W u``: no norm; or ``|u^T W v| > |u|_W |v|_W``: Cauchy-Schwarz fails, and a ratio is
     no cosine). Rounding-level squares of either sign (a vector in the null space of a PSD ``W``: its
-    norm is 0, and a cosine with it undefined, not the rounding's -0.74) are 0."""
+    norm is 0, and a cosine with it undefined, not the rounding's -0.74) are 0.
+
+    A matrix ``W`` is used scaled to unit max-norm (:func:`_matrix`): the callers' ratios do not depend on
+    its scale; an operator or callable is linear, and the callers scale ``u`` and ``v`` instead."""
+    dtype = torch.float64  # the precision of W's products, for the rounding tolerances
+    if isinstance(metric, Tensor):
+        dtype = metric.dtype if metric.is_floating_point() else torch.float64
+        metric = _matrix(metric, u.numel())
+    elif isinstance(metric, CurvatureOperator):
+        dtype = metric.dtype
     Wu, Wv = (u, v) if metric is None else (_apply(metric, u), _apply(metric, v))
     uu, uv, vv = float(u @ Wu), float(u @ Wv), float(v @ Wv)
     if metric is not None or uv * uv > uu * vv:  # measure the rounding
-        dtype = metric.dtype if isinstance(metric, (Tensor, CurvatureOperator)) else torch.float64
         eps = u.numel() * torch.finfo(dtype).eps * _metric_norm(metric, ((u, Wu), (v, Wv)))  # W's rounding
         nu, nv = float(u.norm()), float(v.norm())
         # a positive square at the rounding of the product itself (~ u ||W||_2 |u|^2: a null vector of W
@@ -213,10 +234,22 @@ def _gram(u: Tensor, v: Tensor, metric: Metric, names: tuple[str, str]) -> tuple
     return uu, uv, vv
 
 
+def _pow2_scaled(vs: tuple[Tensor, ...], top: float) -> tuple[Tensor, ...]:
+    """``vs`` all times the power of two ``2^s`` that brings ``top`` (finite, > 0) to [1, 2), applied in
+    factors a float holds: for a subnormal ``top`` (< 2^-1022) ``2^s`` is up to 2^1074, which overflows
+    (a probe's ``1e-310 * ones`` raised OverflowError). Scaling up is exact."""
+    s = 1 - math.frexp(top)[1]
+    while s != 0:
+        step = max(-1022, min(1022, s))
+        vs = tuple(v * math.ldexp(1.0, step) for v in vs)
+        s -= step
+    return vs
+
+
 def _unit(v: Tensor) -> Tensor:
     """``v`` scaled by a power of two to max-norm in [1, 2) (exact; zero and non-finite ``v`` unchanged)."""
     top = float(v.abs().max()) if v.numel() else 0.0
-    return v if not (0.0 < top < math.inf) else v * math.ldexp(1.0, -math.frexp(top)[1] + 1)
+    return v if not (0.0 < top < math.inf) else _pow2_scaled((v,), top)[0]
 
 
 def _common_unit(*vs: Tensor) -> tuple[Tensor, ...]:
@@ -224,10 +257,19 @@ def _common_unit(*vs: Tensor) -> tuple[Tensor, ...]:
     their norms unchanged, none of their squares over- or underflows unless the vectors differ in scale
     by ~1e150)."""
     top = max((float(v.abs().max()) for v in vs if v.numel()), default=0.0)
-    if not (0.0 < top < math.inf):
-        return vs
-    f = math.ldexp(1.0, -math.frexp(top)[1] + 1)
-    return tuple(v * f for v in vs)
+    return vs if not (0.0 < top < math.inf) else _pow2_scaled(vs, top)
+
+
+def _norm(v: Tensor) -> float:
+    """``|v|`` without over- or underflow of the squares (torch's norm of ``1e-170 * ones`` is 0, of
+    ``1e160 * ones`` inf): the norm of :func:`_unit` ``(v)``, scaled back."""
+    top = float(v.abs().max()) if v.numel() else 0.0
+    if not 0.0 < top < math.inf:
+        return float(v.norm())  # 0, inf or nan
+    try:
+        return math.ldexp(float(_unit(v).norm()), math.frexp(top)[1] - 1)
+    except OverflowError:  # beyond the largest float
+        return math.inf
 
 
 def alignment(d: Tensor, x: Tensor, x_star: Tensor, metric: Metric = None) -> float:
@@ -235,7 +277,10 @@ def alignment(d: Tensor, x: Tensor, x_star: Tensor, metric: Metric = None) -> fl
 
     With ``metric=W`` the inner product is ``<u, v>_W = u^T W v`` (theory.md §1). ``W`` must be positive
     definite on the span of ``d`` and ``x - x*``; where it is not (a negative ``|d|_W^2``, or a ratio
-    beyond 1 by more than rounding, which is no cosine): :class:`~hessinv.InvalidArgumentError`.
+    beyond 1 by more than rounding, which is no cosine): :class:`~hessinv.InvalidArgumentError`. ``W`` is a
+    real matrix (an integer one is converted to float64; a complex one is refused), a curvature operator
+    or a callable ``v -> W v`` (real). The cosine depends on the scale of neither ``d``, ``x - x*`` nor a
+    matrix ``W`` (each is scaled to unit size first: ``1e160 * d`` or ``1e200 * W`` gave nan).
 
     >>> import torch
     >>> e = torch.tensor([3.0, 4.0], dtype=torch.float64)
@@ -243,9 +288,8 @@ def alignment(d: Tensor, x: Tensor, x_star: Tensor, metric: Metric = None) -> fl
     (1.0, -1.0)
     """
     e = _error(x, x_star)
-    d = _along(d, e)
-    if metric is None:  # a cosine is scale-free: unit max-norm first (|d|^2 of 1e160 overflowed to nan)
-        d, e = _unit(d), _unit(e)
+    # a cosine is scale-free: unit max-norm first (|d|^2 of 1e160 overflowed to nan, with a metric too)
+    d, e = _unit(_along(d, e)), _unit(e)
     dd, de, ee = _gram(d, e, metric, ("d", "x - x_star"))
     nd, ne = math.sqrt(dd), math.sqrt(ee)
     if nd == 0.0 or ne == 0.0 or not (math.isfinite(nd) and math.isfinite(ne)):
@@ -373,7 +417,7 @@ def analyze_step(
     _error(x_next, x_star, "x_next")
     x, x_next, xs = _vec(x, "x"), _vec(x_next, "x_next"), _vec(x_star, "x_star")
     d = x - x_next
-    err, sn = float((x - xs).norm()), float(d.norm())
+    err, sn = _norm(x - xs), _norm(d)
     cos = alignment(d, x, xs)
     rho = step_ratio(d, x, xs)
     # 1 - cos^2 and 1 - 2 rho cos + rho^2 cancel catastrophically once cos ~ 1 (a step that contracts
@@ -450,7 +494,7 @@ class AlignmentTracker:
     @property
     def error(self) -> float:
         """``|x - x*|`` now."""
-        return float((self._x - self.x_star).norm())
+        return _norm(self._x - self.x_star)
 
     def reset(self) -> None:
         """Re-snapshot the parameters without recording a step (after moving them by other means)."""
@@ -498,7 +542,7 @@ class AlignmentTracker:
             "geomean_predicted_best": gmean([r.predicted_best for r in recs]),
             "max_identity_gap": max(abs(r.observed - r.predicted_step) for r in recs),
             "initial_error": recs[0].error,
-            "final_error": float((self._x - self.x_star).norm()),
+            "final_error": _norm(self._x - self.x_star),
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -510,7 +554,8 @@ class AlignmentTracker:
 def gradient_direction(
     model: nn.Module | Sequence[nn.Module], loss_fn: LossFn, inputs: Tensor, targets: Tensor
 ) -> Tensor:
-    """The gradient ``g`` of ``loss_fn(model(inputs), targets)`` (flat; model dtype), by backprop.
+    """The gradient ``g`` of ``loss_fn(model(inputs), targets)`` (flat; model dtype), by backprop; 0 on a
+    trainable parameter that the loss does not use.
 
     The batch is checked first as :class:`hessinv.Chain` checks it (on the whole model's output where the
     model is no chain): a dtype, device or batch-size mismatch, non-finite values, or targets that the
@@ -523,9 +568,21 @@ def gradient_direction(
 
 def _gradient(net: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> Tensor:
     """:func:`gradient_direction` without the batch checks (a batch checked already)."""
+    return _flat_gradient(net, _grads(net, loss_fn, inputs, targets))
+
+
+def _flat_gradient(net: nn.Module, grads: list[Tensor | None]) -> Tensor:
+    """:func:`_grads` as one flat vector, 0 for an unused parameter (the loss does not depend on it)."""
+    pairs = zip(_trainable(net), grads, strict=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in pairs])
+
+
+def _grads(net: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> list[Tensor | None]:
+    """The gradient of each trainable parameter, None for one the loss does not use (autograd raised a
+    RuntimeError for it; ``backward()`` leaves its ``.grad`` None, and Adam's step skips it)."""
     with torch.enable_grad():
-        grads = torch.autograd.grad(loss_fn(net(inputs), targets), _trainable(net))
-    return torch.cat([dense_grad(g).reshape(-1) for g in grads]).detach()
+        grads = torch.autograd.grad(loss_fn(net(inputs), targets), _trainable(net), allow_unused=True)
+    return [None if g is None else dense_grad(g).detach() for g in grads]
 
 
 def _check_batch(net: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> None:
@@ -709,16 +766,38 @@ def adam_direction(optimizer: torch.optim.Optimizer, gradient: Tensor | None = N
     ``lr`` the largest group ``lr``, a group of learning rate ``lr_g`` has its ``d`` scaled by
     ``lr_g / lr``, so that ``x+ = x - lr d`` is the step taken (with one ``lr`` for all groups, ``d``
     excludes it). The optimizer's state is not changed. ``maximize=True`` is not supported.
+    A parameter without a gradient (``p.grad`` is None: unused by the loss, or frozen after the optimizer
+    was built) is skipped by the optimizer's step, so its entries of ``d`` are 0 (a probe found it refused);
+    :class:`~hessinv.InvalidArgumentError` only where no parameter has a gradient and none is passed.
     """
-    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        raise InvalidArgumentError(f"expected torch.optim.Adam or AdamW, got {type(optimizer).__name__}")
+    _check_adam(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    grads: list[Tensor | None] = []
     if gradient is not None:
         gradient = _vec(gradient, "gradient")
         if gradient.numel() != sum(p.numel() for p in params):
             raise InvalidArgumentError("gradient has the wrong length for the optimizer's parameters")
+        offset = 0
+        for p in params:
+            grads.append(gradient[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+    else:
+        grads = [None if p.grad is None else p.grad.detach() for p in params]
+        if all(g is None for g in grads):
+            raise InvalidArgumentError("no gradient: pass `gradient` or call backward() first")
+    return torch.cat(_adam_steps(optimizer, grads))
+
+
+def _check_adam(optimizer: Any) -> None:
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        raise InvalidArgumentError(f"expected torch.optim.Adam or AdamW, got {type(optimizer).__name__}")
+
+
+def _adam_steps(optimizer: torch.optim.Optimizer, grads: Sequence[Tensor | None]) -> list[Tensor]:
+    """:func:`adam_direction`'s ``d`` per parameter of the optimizer's groups (flat, float64), for the
+    gradients ``grads`` in that order; a zero ``d`` where the gradient is None (the step skips it)."""
     out: list[Tensor] = []
-    offset = 0
+    grad_of = iter(grads)
     lrs = [check_real(group["lr"], "lr") for group in optimizer.param_groups]
     lr_max = max(lrs, default=0.0)
     for group, lr in zip(optimizer.param_groups, lrs, strict=True):
@@ -729,14 +808,11 @@ def adam_direction(optimizer: torch.optim.Optimizer, gradient: Tensor | None = N
         b1, b2, eps, wd = float(b1), float(b2), float(group["eps"]), float(group["weight_decay"])
         decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay"))
         for p in group["params"]:
-            k = p.numel()
-            if gradient is not None:
-                g = gradient[offset : offset + k].view_as(p).to(torch.float64)
-            elif p.grad is not None:
-                g = p.grad.detach().to(torch.float64)
-            else:
-                raise InvalidArgumentError("no gradient: pass `gradient` or call backward() first")
-            offset += k
+            g = next(grad_of)
+            if g is None:  # torch's step skips p (its weight decay too): no move
+                out.append(torch.zeros(p.numel(), dtype=torch.float64, device=p.device))
+                continue
+            g = dense_grad(g).to(torch.float64)
             x = p.detach().to(torch.float64)
             if wd != 0 and not decoupled:
                 g = g + wd * x
@@ -753,27 +829,26 @@ def adam_direction(optimizer: torch.optim.Optimizer, gradient: Tensor | None = N
             if wd != 0 and decoupled:
                 d = d + wd * x
             out.append(rel_lr * d.reshape(-1))
-    return torch.cat(out)
-
-
-def _in_model_order(optimizer: torch.optim.Optimizer, model: Any, g: Tensor) -> Tensor:
-    """:func:`adam_direction` for the gradient ``g`` given, and returned, in the model's flat order
-    (:func:`flat_parameters`): the optimizer reads and writes its groups' order, which may differ."""
-    mine = _trainable(model if isinstance(model, nn.Module) else nn.ModuleList(model))
-    theirs = [p for group in optimizer.param_groups for p in group["params"]]
-    if sorted(map(id, mine)) != sorted(map(id, theirs)):
-        raise InvalidArgumentError(
-            "the optimizer's parameter groups must hold exactly the model's trainable parameters"
-        )
-    offsets, off = {}, 0
-    for p in mine:
-        offsets[id(p)] = (off, p.numel())
-        off += p.numel()
-    order = torch.cat([torch.arange(o, o + k) for o, k in (offsets[id(p)] for p in theirs)])
-    d = adam_direction(optimizer, g[order.to(g.device)])
-    out = torch.empty_like(d)
-    out[order.to(d.device)] = d
     return out
+
+
+def _in_model_order(optimizer: torch.optim.Optimizer, net: nn.Module, grads: list[Tensor | None]) -> Tensor:
+    """:func:`adam_direction` for the gradients ``grads`` of the model's trainable parameters (None: unused),
+    returned in the model's flat order (:func:`flat_parameters`): the optimizer reads and writes its
+    groups' order, which may differ. A frozen parameter of the model in the optimizer
+    (``requires_grad_(False)`` after it was built) has no gradient, and the step skips it."""
+    _check_adam(optimizer)
+    mine = _trainable(net)
+    theirs = [p for group in optimizer.param_groups for p in group["params"]]
+    if not {id(p) for p in mine} <= {id(p) for p in theirs} <= {id(p) for p in net.parameters()}:
+        raise InvalidArgumentError(
+            "the optimizer's parameter groups must hold the model's trainable parameters (and may hold its "
+            "frozen ones), no other"
+        )
+    of = dict(zip(map(id, mine), grads, strict=True))
+    d = _adam_steps(optimizer, [of.get(id(p)) for p in theirs])
+    steps = dict(zip(map(id, theirs), d, strict=True))
+    return torch.cat([steps[id(p)] for p in mine])
 
 
 def direction_alignments(
@@ -791,21 +866,24 @@ def direction_alignments(
 
     ``which`` may contain ``"gradient"``, ``"newton"`` (Hessian, shifted as in :func:`newton_direction`),
     ``"gauss_newton"`` (``(G + lambda I)^{-1} g``, same rule), and ``"adam"`` (needs ``adam``: the
-    step that optimizer would take next with the gradient at this point).
+    step that optimizer would take next with the gradient at this point; it skips a parameter the loss
+    does not use, and one frozen after it was built).
     """
-    x = flat_parameters(model if isinstance(model, nn.Module) else nn.ModuleList(model))
+    net = model if isinstance(model, nn.Module) else nn.Sequential(*model)
+    x = flat_parameters(net)
     out: dict[str, float] = {}
-    g: Tensor | None = None
+    grads: list[Tensor | None] | None = None
     for name in which:
         if name == "gradient" or name == "adam":
-            if g is None:
-                g = gradient_direction(model, loss_fn, inputs, targets)
+            if grads is None:
+                _check_batch(net, loss_fn, inputs, targets)
+                grads = _grads(net, loss_fn, inputs, targets)
             if name == "gradient":
-                out[name] = alignment(g, x, x_star)
+                out[name] = alignment(_flat_gradient(net, grads), x, x_star)
             else:
                 if adam is None:
                     raise InvalidArgumentError("'adam' needs the optimizer: pass adam=<torch.optim.Adam>")
-                out[name] = alignment(_in_model_order(adam, model, g), x, x_star)
+                out[name] = alignment(_in_model_order(adam, net, grads), x, x_star)
         elif name in ("newton", "gauss_newton"):
             curvature = "hessian" if name == "newton" else name
             nd = newton_direction(model, loss_fn, inputs, targets, curvature=curvature, delta=delta)
@@ -829,6 +907,8 @@ class StochasticContraction:
         predicted: ``1 - 2 rho_bar cos_bar + (1 + nu) rho_bar^2``: the expected factor at ``eta``.
         predicted_best: ``(sin^2 + nu) / (1 + nu)`` at the best ``eta`` (1 if ``cos_bar <= 0``).
         best_eta: that ``eta``, ``<m, e> / (|m|^2 + tr Cov d)``.
+
+    At ``x = x*`` (``e = 0``) ``cos_bar``, ``rho_bar``, the factors and ``best_eta`` are ``nan``.
         observed_mean: the mean over the draws of ``|e - eta d_i|^2 / |e|^2``.
         samples: number of draws.
     """
@@ -848,7 +928,8 @@ def stochastic_contraction(samples: Tensor, x: Tensor, x_star: Tensor, eta: floa
 
     The mean ``m`` and ``tr Cov`` are those of the empirical distribution of the draws (``1/k``
     normalization), so ``predicted`` equals ``observed_mean`` up to rounding; with few draws both
-    estimate the expectation over batches.
+    estimate the expectation over batches. ``samples`` must be real, ``k >= 1`` draws of ``n >= 1``
+    entries (else :class:`~hessinv.InvalidArgumentError`).
 
     >>> import torch
     >>> e = torch.tensor([1.0, 0.0], dtype=torch.float64)
@@ -860,11 +941,15 @@ def stochastic_contraction(samples: Tensor, x: Tensor, x_star: Tensor, eta: floa
     if not isinstance(samples, Tensor) or samples.dim() < 1 or samples.shape[0] < 1:
         shape = tuple(samples.shape) if isinstance(samples, Tensor) else type(samples).__name__
         raise InvalidArgumentError(f"samples must be a (k, n) tensor of k >= 1 draws, got {shape}")
+    if samples.is_complex():  # (as d and x are: .to(float64) dropped the imaginary part)
+        raise InvalidArgumentError("samples is complex; the diagnostics are for real parameter vectors")
     eta = check_real(eta, "eta")
     D = samples.detach().to(torch.float64).reshape(samples.shape[0], -1)
     e = _error(x, x_star)
     if D.shape[1] != e.numel():
         raise InvalidArgumentError(f"samples have {D.shape[1]} entries, x - x_star has {e.numel()}")
+    if e.numel() == 0:
+        raise InvalidArgumentError("x, x_star and the samples have no entries: pass vectors of length n >= 1")
     if not (bool(torch.isfinite(D).all()) and bool(torch.isfinite(e).all())):
         raise NonFiniteArgumentError("samples, x or x_star contain NaN or infinity")
     k = D.shape[0]
@@ -884,8 +969,11 @@ def stochastic_contraction(samples: Tensor, x: Tensor, x_star: Tensor, eta: floa
         pred = 1 - 2 * rho * cos + (1 + nu) * rho**2
     else:
         pred = 1 + (float(eta) ** 2) * tr_cov / ne**2
-    best_eta = max(float(m @ e), 0.0) / (nm**2 + tr_cov) if nm**2 + tr_cov > 0 else math.nan
-    best = (1 - cos**2 + nu) / (1 + nu) if (nm > 0 and cos > 0) else 1.0
+    if ne == 0:  # x = x*: no best step either (as analyze_step; 1.0 and 0.0 were reported)
+        best_eta = best = math.nan
+    else:
+        best_eta = max(float(m @ e), 0.0) / (nm**2 + tr_cov) if nm**2 + tr_cov > 0 else math.nan
+        best = (1 - cos**2 + nu) / (1 + nu) if (nm > 0 and cos > 0) else 1.0
     obs = float(((e - float(eta) * D) ** 2).sum(1).mean()) / ne**2 if ne > 0 else math.nan
     return StochasticContraction(cos, nu, rho, pred, best, best_eta, obs, k)
 
