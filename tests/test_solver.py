@@ -1729,3 +1729,39 @@ def test_working_precision_refinement_makes_a_float32_solve_accurate_by_itself()
     assert info.refinement_steps >= 1 and residual(x) / 3 < info.residual < 3 * residual(x)
     with pytest.raises(hessinv.InvalidArgumentError, match="'working'"):
         F.solve(b, refine="float64")
+
+
+def test_working_refinement_keeps_a_twin_hand_over_accurate():
+    """A fuzzer of ``refine="working"``: (1) a float32 factorization that handed over to its float64 twin
+    (its own sweep could not precondition) was "refined" with float32 residuals, whose rounding is the
+    twin's answer's residual: forward error 1.8e-8 -> 2.3e-3; it refines as ``refine=True`` does now.
+    (2) a tensor damping in an error message raised a raw TypeError."""
+    from reference import autograd_gradient_hessian
+
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    g = torch.Generator().manual_seed(101)
+    X, y, loss_fn = (
+        torch.randn(12, 4, generator=g),
+        torch.randint(0, 3, (12,), generator=g),
+        nn.CrossEntropyLoss(),
+    )
+    H = hessinv.hessian(net, loss_fn, X, y)
+    _, A = autograd_gradient_hessian(copy.deepcopy(net).double(), loss_fn, X.double(), y)
+    eps = 1e-6 * float(torch.linalg.eigvalsh(A).abs().max())
+    F = H.factor(eps)
+    assert F._twin_only  # (the case: the float32 sweep perturbed its pivots)
+    b = torch.randn(A.shape[0], generator=g)
+    exact = torch.linalg.solve(A + eps * torch.eye(A.shape[0], dtype=torch.float64), b.double())
+    x, info = F.solve(b, refine="working", return_info=True)
+    assert float((x.double() - exact).norm() / exact.norm()) < 1e-6
+    assert info.residual < 1e-10  # (the float64 twin's refinement, as refine=True)
+
+    net64 = copy.deepcopy(net).double()
+
+    # a per-parameter damping that leaves G + D indefinite: the message names it (was a raw TypeError)
+    G = hessinv.gauss_newton(net64, loss_fn, X.double(), y)
+    D = torch.full((G.shape[0],), 0.01, dtype=torch.float64)
+    D[0] = -0.05
+    with pytest.raises(hessinv.IndefiniteError, match="D \\(per parameter\\)"):
+        G.factor(D).inverse_sqrt(torch.randn(G.shape[0], 2, dtype=torch.float64))

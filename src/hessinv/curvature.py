@@ -2612,11 +2612,11 @@ class Factorization(_AutocastOff):
             return  # nonsingular, ill-conditioned (cond below 1 / u): the solve reports its residual
         stages = ", ".join(f"{self._sweep_op._names[l]} ({c})" for l, c in sorted(self.perturbed.items()))
         where = (
-            f"{stages}: pivot Qxx perturbed at damping {self.damping:g} (number of perturbed eigenvalues "
-            "in parentheses), and H + eps I is singular to working precision"
+            f"{stages}: pivot Qxx perturbed at damping {self._damping_text()} (number of perturbed "
+            "eigenvalues in parentheses), and H + eps I is singular to working precision"
             if self.perturbed
-            else f"H + eps I at damping {self.damping:g} is singular to working precision, though no Riccati "
-            "pivot is (its null space spans stages)"
+            else f"H + eps I at damping {self._damping_text()} is singular to working precision, though no "
+            "Riccati pivot is (its null space spans stages)"
         )
         raise SingularError(
             f"{where}: a random "
@@ -3002,8 +3002,9 @@ class Factorization(_AutocastOff):
         self._riccati_only("inverse_sqrt")
         if self.inertia.negative:
             raise IndefiniteError(
-                f"H + eps I at damping {self.damping:g} has {self.inertia.negative} negative eigenvalues: "
-                "no Gaussian with this precision exists; use the Gauss-Newton matrix or a larger damping"
+                f"H + eps I at damping {self._damping_text()} has {self.inertia.negative} negative "
+                "eigenvalues: no Gaussian with this precision exists; use the Gauss-Newton matrix or a "
+                "larger damping"
             )
         X = _linear_scaled(self._inverse_sqrt, R, f"inverse_sqrt at damping {self._damping_text()}: S Z")
         return X[:, 0] if vec else X
@@ -3341,6 +3342,8 @@ class Factorization(_AutocastOff):
     def _refine_working(self, R: Tensor, max_refine: int) -> tuple[Tensor, SolveInfo]:
         """:meth:`solve` with ``refine="working"``: refinement with residuals in the model's dtype; the
         best iterate (smallest largest-column relative residual) and its residual."""
+        scale = _pow2_scale(R)  # (columns at unit size, exactly, as _raw takes them)
+        R = R / scale
         norms = R.abs().amax(0).clamp(min=torch.finfo(R.dtype).tiny)
         X = self._raw(R)
         best: tuple[Tensor, float, int] | None = None
@@ -3358,6 +3361,7 @@ class Factorization(_AutocastOff):
                 f"solve at damping {self._damping_text()}: the sweep's solution or its residual is not finite"
             )
         X, rel, steps = best
+        X = X * scale
         if rel > math.sqrt(torch.finfo(self.op.dtype).eps):
             warn(
                 f"solve at damping {self._damping_text()} reached relative residual {rel:.2e} only in "
@@ -3461,15 +3465,20 @@ class Factorization(_AutocastOff):
         (as the optimizers do), not as an answer. With ``refine="working"``, iterative refinement in the
         model's own dtype: ``x += F^{-1}(rhs - (H + eps I) x)`` with the operator's ``O(L)`` product in that
         dtype (no float64 copy of the model: a float32 solve by itself, e.g. on a GPU), up to
-        ``max_refine`` steps while the residual falls by half -- fixed-precision refinement makes the
-        solve about as accurate as a backward-stable one in that dtype (a float32 GELU/LayerNorm MLP at
-        cond 1e3: bare sweep 3.5e-2, refined 7e-7 in three steps, a float32 dense LU 1e-5; Skeel 1980);
-        ``last_info.residual`` is the residual computed in that dtype. With ``refine`` (default),
-        iterative refinement ``x += F^{-1}(rhs - (H + eps I) x)`` runs with float64 residuals (the
-        ``O(L)`` product) until the residual stops improving; if it stalls above float64 accuracy (a perturbed
-        factorization), flexible GMRES preconditioned by the factorization takes over. The achieved
-        relative residual is in ``self.last_info`` (and returned with ``return_info``); an
-        :class:`~hessinv.AccuracyWarning` is issued when it exceeds ``sqrt(u)`` of the model dtype.
+        ``max_refine`` steps while the residual falls -- fixed-precision refinement makes the solve's
+        residual about that of a backward-stable one in that dtype (a float32 GELU/LayerNorm MLP at cond
+        1e3: bare sweep 3.5e-2, refined 7e-7 in three steps, a float32 dense LU 1e-5; Skeel 1980);
+        ``last_info.residual`` is the residual computed in that dtype. It lowers the residual, not
+        necessarily the error: beyond cond ``~1 / u`` of the dtype, where the product's own rounding
+        is the residual's size, a sweep whose answer was accurate (a Woodbury factorization of a float32
+        Gauss-Newton matrix at cond 1e6) can come out less so; ``refine=True`` is then the accurate
+        choice -- and is what a factorization that handed over to its float64 twin does here too. With
+        ``refine`` (default), iterative refinement ``x += F^{-1}(rhs - (H + eps I) x)`` runs with float64
+        residuals (the ``O(L)`` product) until the residual stops improving; if it stalls above float64
+        accuracy (a perturbed factorization), flexible GMRES preconditioned by the factorization takes
+        over. The achieved relative residual is in ``self.last_info`` (and returned with
+        ``return_info``); an :class:`~hessinv.AccuracyWarning` is issued when it exceeds ``sqrt(u)`` of
+        the model dtype.
         """
         R, vec = self.op._as_matrix(rhs, "rhs")
         if isinstance(max_refine, bool) or not isinstance(max_refine, numbers.Integral) or max_refine < 0:
@@ -3479,7 +3488,7 @@ class Factorization(_AutocastOff):
             if not isinstance(flag, (bool, np.bool_, numbers.Integral)) or flag not in (0, 1):  # ("no", None)
                 more = ", or 'working'" if name == "refine" else ""
                 raise InvalidArgumentError(f"{name} must be True or False{more}, got {flag!r}")
-        if working and not getattr(self, "modified", False):
+        if working and not getattr(self, "modified", False) and not self._twin_only:
             X, self.last_info = self._refine_working(R, max_refine)
             out = X[:, 0] if vec else X
             return (out, self.last_info) if return_info else out

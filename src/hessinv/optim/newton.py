@@ -1110,7 +1110,7 @@ class Newton(torch.optim.Optimizer):
     ) -> Tensor:
         g = loss = skip = None
         data_parallel = getattr(self.preconditioner, "strategy", None) is not None  # (distribute())
-        failed: Exception | None = None
+        failed: HessinvError | None = None
         try:
             if closure is not None:
                 loss, (inputs, targets), g = self._run_closure(closure, inputs, targets)
@@ -1121,10 +1121,14 @@ class Newton(torch.optim.Optimizer):
                 )
             inputs, targets = _tensor(inputs, "inputs"), _tensor(targets, "targets")
             skip = nothing_to_learn(self.loss_fn, targets)
-        except Exception as e:
+        except HessinvError as e:
             if not data_parallel:
                 raise
-            failed = e  # (the other ranks learn of it first: they would wait in the step's collectives)
+            # hessinv's own refusal of the closure's call (after its backward pass): the other ranks learn
+            # of it first, as they would wait in the step's collectives; a user's exception from inside the
+            # closure propagates as it is (it may come before the backward pass, where the other ranks wait
+            # in DDP's all-reduce: launch() stops the job with its traceback, which an agreement here hid)
+            failed = e
         if data_parallel:
             self._agree_on_the_batch(inputs, targets, skip, layers, loss, failed)
         if skip is not None:  # (an all-padding batch: torch's loss is NaN, Adam's step a momentum step)
@@ -1172,11 +1176,11 @@ class Newton(torch.optim.Optimizer):
         failed: Exception | None = None,
     ) -> None:
         """Data-parallel (:func:`hessinv.optim.distributed.distribute`): every rank learns whether another
-        rank's shard was refused (:meth:`_check_batch`, an empty shard; its closure raised, after its
-        backward pass), has no target the loss counts, or a closure's loss that is not finite, before the
-        step's collectives -- where the other ranks waited until the collective timeout, then got gloo's
-        bare error (probes of the closure loop). The refusal is the same on every rank; a batch with nothing
-        to learn on every rank is skipped on every rank, as one process skips it."""
+        rank's shard was refused (:meth:`_check_batch`, an empty shard; its closure's call refused by
+        :meth:`_run_closure`), has no target the loss counts, or a closure's loss that is not finite,
+        before the step's collectives -- where the other ranks waited until the collective timeout, then
+        got gloo's bare error (probes of the closure loop). The refusal is the same on every rank; a batch
+        with nothing to learn on every rank is skipped on every rank, as one process skips it."""
         from hessinv.optim.distributed import _any_rank
 
         error: Exception | None = failed  # (the closure's own, or the batch's, on this rank)
