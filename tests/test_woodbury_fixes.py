@@ -286,6 +286,16 @@ def test_woodbury_factor_names_what_it_cannot_take():
         with pytest.raises(error):
             F.update_damping(idx, values)
     assert torch.equal(F.D, before)
+    # what the checks must not refuse (a fuzzer of them): numpy's scalars, a 0-d tensor, nothing to update
+    import numpy as np
+
+    for d in (np.float32(0.5), np.int64(1), torch.tensor(0.5)):
+        WoodburyFactor(U, S, d).solve(b)
+    F.update_damping([], torch.tensor([]))
+    with pytest.raises(InvalidArgumentError):
+        WoodburyFactor(U, S.to(torch.complex128), D)
+    with pytest.raises(InvalidArgumentError):
+        F.update_damping([1], torch.tensor([1 + 1j]))
     F.update_damping([-1, 3], [5.0, 6.0])  # (a list of values; negative indices count from the end)
     A2 = A.clone()
     A2[n - 1, n - 1] += 5.0 - D[n - 1]

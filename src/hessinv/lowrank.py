@@ -35,6 +35,7 @@ log|det K|`` (``|det S| = 1``).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -79,6 +80,8 @@ def _checked_factor_inputs(U: Any, S: Any, damping: Any) -> None:
     if not isinstance(U, Tensor) or U.dim() != 2 or not U.is_floating_point():
         what = f"{U.dtype} of shape {tuple(U.shape)}" if isinstance(U, Tensor) else type(U).__name__
         raise InvalidArgumentError(f"WoodburyFactor: U must be a real floating (r, n) tensor, got {what}")
+    if isinstance(S, Tensor) and S.is_complex():
+        raise InvalidArgumentError(f"WoodburyFactor: S must be real signs (+1 or -1), got {S.dtype}")
     if not isinstance(S, Tensor) or tuple(S.shape) != (U.shape[0],):
         what = f"shape {tuple(S.shape)}" if isinstance(S, Tensor) else type(S).__name__
         raise ShapeMismatchError(
@@ -94,7 +97,7 @@ def _checked_factor_inputs(U: Any, S: Any, damping: Any) -> None:
             raise InvalidArgumentError(
                 f"WoodburyFactor: a damping tensor must be real floating, got {damping.dtype}"
             )
-    elif isinstance(damping, bool) or not isinstance(damping, (int, float)):
+    elif isinstance(damping, bool) or not isinstance(damping, numbers.Real):  # (numpy's scalars too)
         raise InvalidArgumentError(
             f"WoodburyFactor: the damping must be a real number or tensor, got {damping!r}"
         )
@@ -592,6 +595,8 @@ class WoodburyFactor:
         _checked_factor_inputs(U, S, damping)
         self.U, self.S = U, S
         n = U.shape[1]
+        if isinstance(damping, Tensor) and damping.dim() == 0:  # (a number held in a tensor)
+            damping = float(damping)
         if isinstance(damping, Tensor):
             if damping.shape != (n,):
                 raise ShapeMismatchError(
@@ -850,6 +855,8 @@ class WoodburyFactor:
         from the end) or a boolean mask."""
         n = self.D.numel()
         idx = torch.as_tensor(idx, device=self.D.device)
+        if idx.numel() == 0:  # (an empty list reads as float32)
+            idx = idx.long()
         if idx.dtype == torch.bool:  # a mask, as D[mask] = values takes it
             if tuple(idx.shape) != (n,):
                 raise ShapeMismatchError(
@@ -868,7 +875,10 @@ class WoodburyFactor:
         idx = idx % n  # negative indices as D[idx] reads them
         if int(torch.unique(idx).numel()) != int(idx.numel()):
             raise InvalidArgumentError("update_damping: idx names an entry twice; give each index once")
-        values = torch.as_tensor(values, device=self.D.device).to(self.D.dtype)
+        values = torch.as_tensor(values, device=self.D.device)
+        if values.is_complex():
+            raise InvalidArgumentError(f"update_damping: the values must be real, got {values.dtype}")
+        values = values.to(self.D.dtype)
         if values.numel() != idx.numel():
             raise ShapeMismatchError(
                 f"update_damping: {values.numel()} values for {idx.numel()} indices; give one value per index"
