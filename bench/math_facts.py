@@ -135,7 +135,10 @@ def lambda_min_fact() -> None:
 
         H.is_positive_definite = counted  # type: ignore[method-assign]
         lam = H.min_eigenvalue(tol=1e-10)
-        line = f"§2 lambda_min by bisection (w=4, B=4, L={L}, n={H.shape[0]}): {calls[0]} PD tests (sweeps)"
+        line = (
+            f"§2 lambda_min by min_eigenvalue (Lanczos, certified by positive definiteness tests; w=4, B=4, "
+            f"L={L}, n={H.shape[0]}): {calls[0]} PD tests (sweeps)"
+        )
         if L == 64:
             ref = float(torch.linalg.eigvalsh(dense_hessian(P))[0])
             line += f", |error| / |lambda_min| = {abs(lam - ref) / abs(ref):.1e} vs eigvalsh"
