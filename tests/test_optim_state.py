@@ -1030,3 +1030,25 @@ def test_a_checkpoint_across_a_swap_of_frozen_layers_stays_on_its_layers():
         opt.step(X[:32], y[:32])
         runs.append(_flat(m).clone())
     assert torch.equal(runs[0], runs[1])
+
+
+def test_a_refresh_that_runs_out_of_memory_is_a_too_large_error_that_changes_nothing(monkeypatch):
+    """A probe of sizes: the default step on a width-512 transformer block died in the allocator with a raw
+    RuntimeError after 5 GB (past the curvature root's own estimate); it is a TooLargeError naming
+    curvature_batch_size and max_rank, and the refused step changes nothing."""
+    from hessinv.errors import TooLargeError
+
+    batches, net = _batches(), _small()
+    opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0, mode="precondition", refresh=2)
+    opt.step(*batches[0])
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(ho.Preconditioner, "_refresh_curvature", no_memory)
+    opt.step(*batches[1])  # (not a refresh: refresh=2)
+    before, weights = copy.deepcopy(opt.state_dict()), _flat(net).clone()
+    with pytest.raises(TooLargeError, match="curvature_batch_size.*max_rank"):
+        opt.step(*batches[2])
+    _assert_same(opt.state_dict(), before)
+    assert torch.equal(_flat(net), weights)

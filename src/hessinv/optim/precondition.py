@@ -74,7 +74,9 @@ from hessinv.errors import (
     NonFiniteError,
     NotFittedError,
     ShapeMismatchError,
+    TooLargeError,
     UnsupportedStageError,
+    out_of_memory,
     warn,
 )
 from hessinv.lowrank import WoodburyFactor, written_runs
@@ -1309,7 +1311,19 @@ class Preconditioner:
         if self.due():
             self.state["refreshes"] += 1
             with explained_subsample(self.curvature_batch_size, self.loss_fn, targets):
-                self._refresh_curvature(inputs, targets, carry)
+                try:
+                    self._refresh_curvature(inputs, targets, carry)
+                except TooLargeError:
+                    raise
+                except (RuntimeError, MemoryError) as e:  # (the allocator's, past the root's own estimate)
+                    if not out_of_memory(e):
+                        raise
+                    # (a width-512 transformer block's first step: a raw RuntimeError after 5 GB, a probe)
+                    raise TooLargeError(
+                        f"the curvature of {self.curvature_batch_size} example(s) ran out of memory "
+                        f"({' '.join(str(e).split())[:120]}); take it on fewer examples "
+                        "(curvature_batch_size=...) or with fewer rows (max_rank=...)"
+                    ) from None
         elif self.curvature == "gauss_newton":
             D = self.diagonal()
             self._d_now = (self.state["t"], self.state["v"], D)
