@@ -343,6 +343,30 @@ def _probe_worker(rank: int, world: int, out: str) -> None:
         except HessinvError as e:
             refused.append((t, type(e).__name__))
     res["bad-label"] = refused
+    # a loss that raises a plain error on one rank's shard once (not one hessinv names): the others refuse
+    # by name, that rank re-raises its own, and the next step goes on -- a second agreement in the step
+    # (this session's, for the closure loop) waited for the failing rank there until the timeout (a review)
+    flaky = {"fail": False}
+
+    class Flaky(nn.CrossEntropyLoss):
+        def forward(self, o, t):
+            if flaky["fail"]:
+                flaky["fail"] = False
+                raise RuntimeError("a flaky loss on this rank")
+            return super().forward(o, t)
+
+    X, y = _data(2)
+    model, lf = _model(), Flaky()
+    dp = hd.DataParallel(_newton(model, lf, **IDENTITY), model, lf, "sharded")
+    outcomes = []
+    for t in range(3):
+        flaky["fail"] = t == 1 and rank == 1
+        try:
+            dp.step(X[t * 12 : (t + 1) * 12], y[t * 12 : (t + 1) * 12])
+            outcomes.append("ok")
+        except (HessinvError, RuntimeError) as e:
+            outcomes.append(type(e).__name__)
+    res["raw-error"] = outcomes
     # the closure loop where rank 1's shard of the second batch has nothing to learn (every label ignored)
     # or no row: refused on every rank before the step's collectives, and the loop goes on (the other rank
     # waited in the step's all-gather until the collective timeout, then got gloo's bare error: a probe)
@@ -460,6 +484,10 @@ def test_ignore_index_with_unequal_labelled_counts_matches_one_process(probe_res
 def test_closure_loop_with_unequal_labelled_counts_is_refused(probe_results):
     assert "different numbers of targets" in probe_results["ignore/closure"]
     assert "DataParallel" in probe_results["ignore/closure"]
+
+
+def test_a_plain_error_on_one_rank_under_data_parallel_is_refused_without_a_hang(probe_results):
+    assert probe_results["raw-error"] == ["ok", "DistributedError", "ok"]  # (rank 0's)
 
 
 def test_a_plain_preconditioner_in_a_process_group_is_warned_about_once(probe_results):

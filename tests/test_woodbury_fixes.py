@@ -281,7 +281,7 @@ def test_woodbury_factor_names_what_it_cannot_take():
     for idx, values, error in (
         ([n + 3], torch.tensor([5.0], dtype=torch.float64), InvalidArgumentError),
         (torch.tensor([1.7]), torch.tensor([5.0], dtype=torch.float64), InvalidArgumentError),
-        ([1, 2], torch.tensor([5.0], dtype=torch.float64), ShapeMismatchError),
+        ([1, 2], torch.tensor([5.0, 6.0, 7.0], dtype=torch.float64), ShapeMismatchError),
     ):
         with pytest.raises(error):
             F.update_damping(idx, values)

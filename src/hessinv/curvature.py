@@ -3472,7 +3472,8 @@ class Factorization(_AutocastOff):
         necessarily the error: beyond cond ``~1 / u`` of the dtype, where the product's own rounding
         is the residual's size, a sweep whose answer was accurate (a Woodbury factorization of a float32
         Gauss-Newton matrix at cond 1e6) can come out less so; ``refine=True`` is then the accurate
-        choice -- and is what a factorization that handed over to its float64 twin does here too. With
+        choice -- and is what a factorization that handed over to its float64 twin does here too (one
+        with modified pivots, ``modify=``, is not ``H + eps I``'s: its bare sweep, as with ``refine``). With
         ``refine`` (default), iterative refinement ``x += F^{-1}(rhs - (H + eps I) x)`` runs with float64
         residuals (the ``O(L)`` product) until the residual stops improving; if it stalls above float64
         accuracy (a perturbed factorization), flexible GMRES preconditioned by the factorization takes

@@ -907,10 +907,10 @@ class StochasticContraction:
         predicted: ``1 - 2 rho_bar cos_bar + (1 + nu) rho_bar^2``: the expected factor at ``eta``.
         predicted_best: ``(sin^2 + nu) / (1 + nu)`` at the best ``eta`` (1 if ``cos_bar <= 0``).
         best_eta: that ``eta``, ``<m, e> / (|m|^2 + tr Cov d)``.
-
-    At ``x = x*`` (``e = 0``) ``cos_bar``, ``rho_bar``, the factors and ``best_eta`` are ``nan``.
         observed_mean: the mean over the draws of ``|e - eta d_i|^2 / |e|^2``.
         samples: number of draws.
+
+    At ``x = x*`` (``e = 0``) ``cos_bar``, ``rho_bar``, the factors and ``best_eta`` are ``nan``.
     """
 
     cos_bar: float

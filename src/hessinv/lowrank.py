@@ -879,6 +879,8 @@ class WoodburyFactor:
         if values.is_complex():
             raise InvalidArgumentError(f"update_damping: the values must be real, got {values.dtype}")
         values = values.to(self.D.dtype)
+        if values.numel() == 1 and idx.numel() > 1:  # (one value for every index, as D[idx] = v takes it)
+            values = values.reshape(1).expand(idx.numel())
         if values.numel() != idx.numel():
             raise ShapeMismatchError(
                 f"update_damping: {values.numel()} values for {idx.numel()} indices; give one value per index"

@@ -933,7 +933,11 @@ class DataParallel:
             (loss if weight == 1.0 else loss * weight).backward()
             return loss.detach()
 
-        loss = self.opt.step(X, y, closure=closure).detach().clone().reshape(1)
+        self.opt._batch_agreed = True  # (check_step and the closure agreed on the batch: no more collectives)
+        try:
+            loss = self.opt.step(X, y, closure=closure).detach().clone().reshape(1)
+        finally:
+            self.opt._batch_agreed = False
         if weight != 1.0:
             loss *= weight
         dist.all_reduce(loss, group=self.group)

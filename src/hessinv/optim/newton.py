@@ -649,12 +649,13 @@ class Newton(torch.optim.Optimizer):
         """Restore :meth:`state_dict`'s output. As ``torch.optim`` restores its groups' hyper-parameters
         (``lr``, ``momentum``, ``weight_decay`` here), the settings that shape the saved state are the
         checkpoint's, not this optimizer's constructor arguments: ``max_relative_step``,
-        ``curvature_batch_size`` and the preconditioner's ``diagonal_damping`` (or its ``damping``),
-        ``beta2``, ``refresh``, ``curvature_batch_size``, ``max_rank``, ``basis_max_dim``
-        (:meth:`Preconditioner.load_state_dict`); a checkpoint saved before a setting was keeps this
-        optimizer's. What cannot be restored into this object -- another model, ``curvature``,
-        ``damping`` rule or ``basis`` kind, or a precondition-mode state into the trust-region mode -- is
-        an :class:`~hessinv.errors.InvalidArgumentError`, and a refused load changes nothing."""
+        ``curvature_batch_size``, the damping rule's settings (a fixed damping's value, a trust region's
+        ``eta``...: ``self.rule`` is then a copy of the rule given, with them) and the preconditioner's
+        ``diagonal_damping`` (or its ``damping``), ``beta2``, ``refresh``, ``curvature_batch_size``,
+        ``max_rank``, ``basis_max_dim`` (:meth:`Preconditioner.load_state_dict`); a checkpoint saved before a
+        setting was keeps this optimizer's. What cannot be restored into this object -- another model,
+        ``curvature``, ``damping`` rule or ``basis`` kind, or a precondition-mode state into the trust-region
+        mode -- is an :class:`~hessinv.errors.InvalidArgumentError`, and a refused load changes nothing."""
         if not isinstance(state_dict, dict):
             raise InvalidArgumentError(f"a state dict is a dict, got {type(state_dict).__name__}")
         # a layer frozen or unfrozen since the last step: followed first -- unless the checkpoint is of the
@@ -1109,8 +1110,21 @@ class Newton(torch.optim.Optimizer):
         layers: Sequence[nn.Module],
     ) -> Tensor:
         g = loss = skip = None
-        data_parallel = getattr(self.preconditioner, "strategy", None) is not None  # (distribute())
+        # (distribute(); DataParallel.step agrees on its batch before it calls this)
+        data_parallel = getattr(self.preconditioner, "strategy", None) is not None
+        data_parallel = data_parallel and not self.__dict__.get("_batch_agreed", False)
         failed: HessinvError | None = None
+        raised_inside: list[bool] = []  # (an exception out of the closure itself, not _run_closure's check)
+        if closure is not None and data_parallel:
+            user_closure = closure
+
+            def closure() -> Any:
+                try:
+                    return user_closure()
+                except BaseException:
+                    raised_inside.append(True)
+                    raise
+
         try:
             if closure is not None:
                 loss, (inputs, targets), g = self._run_closure(closure, inputs, targets)
@@ -1122,7 +1136,9 @@ class Newton(torch.optim.Optimizer):
             inputs, targets = _tensor(inputs, "inputs"), _tensor(targets, "targets")
             skip = nothing_to_learn(self.loss_fn, targets)
         except HessinvError as e:
-            if not data_parallel:
+            if not data_parallel or raised_inside:
+                # (out of the closure: DataParallel.step's closure agrees on its forward's failures itself --
+                # a second agreement here waited for the rank whose raw error had propagated, a review)
                 raise
             # hessinv's own refusal of the closure's call (after its backward pass): the other ranks learn
             # of it first, as they would wait in the step's collectives; a user's exception from inside the
@@ -1215,8 +1231,7 @@ class Newton(torch.optim.Optimizer):
             raise DistributedError(
                 f"{where} has no target the loss counts, while others have: each rank's loss is the mean "
                 "over its own targets, which this one's has none of; the step was taken on no rank (shard "
-                "the batches so that every rank holds labelled targets, or use DataParallel.step, which "
-                "weights the ranks by their counts)"
+                "the batches so that every rank holds labelled targets)"
             )
 
     def _closure_is_batch(self, inputs: Tensor, targets: Tensor, g: Tensor, auto: bool) -> bool:

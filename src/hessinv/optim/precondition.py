@@ -1447,8 +1447,8 @@ class Preconditioner:
         """Once: a plain preconditioner in a process group of several ranks (DDP's loop, a probe's): each
         rank draws its curvature batch from its own shard, so the replicas drift apart silently (1.2% of
         the parameters' movement in 10 steps) -- :meth:`DistributedPreconditioner.wrap` shares it."""
-        if type(self) is not Preconditioner or self.__dict__.get("_warned_world"):
-            return
+        if getattr(self, "strategy", None) is not None or self.__dict__.get("_warned_world"):
+            return  # (a DistributedPreconditioner shares its curvature)
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self._warned_world = True
