@@ -5,6 +5,7 @@ All against dense float64 references (``reference.py``; ``eigvalsh`` of the dens
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import warnings
@@ -1765,3 +1766,22 @@ def test_working_refinement_keeps_a_twin_hand_over_accurate():
     D[0] = -0.05
     with pytest.raises(hessinv.IndefiniteError, match="D \\(per parameter\\)"):
         G.factor(D).inverse_sqrt(torch.randn(G.shape[0], 2, dtype=torch.float64))
+
+
+def test_a_too_large_factorization_after_minres_says_what_ran(monkeypatch):
+    """A size probe: ``H.solve`` ran MINRES for 95 s on a 64-256-256-10 MLP (batch 4096), then refused
+    the factorization, saying nothing of the MINRES run. The refusal names it now."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    X, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    clock = itertools.count(0.0, 30.0)  # (each reading 30 s after the one before)
+    monkeypatch.setattr(hessinv.curvature.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(type(H), "_krylov_solve", lambda *a, **k: None)
+
+    def too_large(*args, **kwargs):
+        raise hessinv.TooLargeError("the factorization needs 2.16e4 GiB")
+
+    monkeypatch.setattr(type(H), "factor", too_large)
+    with pytest.raises(hessinv.TooLargeError, match=r"2.16e4 GiB -- MINRES .* ran first \(30 s\)"):
+        H.solve(H.gradient, damping=1e-3)

@@ -21,6 +21,7 @@ import functools
 import math
 import numbers
 import operator
+import time
 import types
 import warnings
 import weakref
@@ -784,11 +785,23 @@ class CurvatureOperator(_AutocastOff):
         """
         if rtol is not None:
             rtol = _check_tol(rtol, "rtol", relative=True)
+        started = time.perf_counter()
         if refine is True and return_info in (True, False):
             got = self._krylov_solve(rhs, damping, rtol)
             if got is not None:
                 return got if return_info else got[0]
-        return self.factor(damping).solve(rhs, refine=refine, max_refine=max_refine, return_info=return_info)
+        spent = time.perf_counter() - started
+        try:
+            F = self.factor(damping)
+        except TooLargeError as e:
+            if spent < 1.0:
+                raise
+            # (a size probe: 95 s of MINRES, then this refusal, which said nothing of them)
+            raise TooLargeError(
+                f"{e} -- MINRES on the operator's products ran first ({spent:.0f} s) and did not reach the "
+                "accuracy asked: a looser rtol=... or a larger damping may let it"
+            ) from None
+        return F.solve(rhs, refine=refine, max_refine=max_refine, return_info=return_info)
 
     def _factor_flops(self) -> float:
         """The modelled flops of one factorization (:func:`_block_costs`: the sweep's or the dense
