@@ -252,7 +252,8 @@ def _rows_per_pass(
             f"the Gauss-Newton root U ({r} rows = examples x kept output directions, by {n} parameters) and "
             f"its working signals need about {need / 2**30:.3g} GiB, and {total / 2**30:.3g} GiB of the "
             "device's memory is available; take the curvature on fewer examples, or bound the rows "
-            "(root(max_rows=...))"
+            "(root(max_rows=...); hessinv.optim.Newton / Preconditioner: curvature_batch_size=... or "
+            "max_rank=...)"
         )
     return k
 
