@@ -1694,13 +1694,21 @@ def test_min_eigenvalue_of_a_rank_deficient_psd_gauss_newton_matrix_is_exactly_z
     assert abs(G2.min_eigenvalue() - float(ev[0])) <= 1e-7 * float(ev[-1])
 
 
+def _float32_hessian_and_reference(model: nn.Module, X: torch.Tensor, y: torch.Tensor):
+    """The cross-entropy Hessian operator of a float32 ``model`` and its dense float64 reference (plain
+    autograd's double backward on a float64 copy)."""
+    from reference import autograd_gradient_hessian
+
+    loss_fn = nn.CrossEntropyLoss()
+    _, A = autograd_gradient_hessian(copy.deepcopy(model).double(), loss_fn, X.double(), y)
+    return hessinv.hessian(model, loss_fn, X, y), A
+
+
 def test_working_precision_refinement_makes_a_float32_solve_accurate_by_itself():
     """A probe of the solver on models outside the benchmark: the bare float32 sweep of a GELU/LayerNorm
     MLP was 4e-3 to 9e-3 off at cond ~1e3-1e4 (it does not pivot across stages). ``refine="working"``
     refines with the float32 operator's own products (no float64 copy): a few steps bring it below a
     float32 dense LU's residual, and the residual it reports is within a few times of the true one."""
-    from reference import autograd_gradient_hessian
-
     torch.manual_seed(2)
     g = torch.Generator().manual_seed(2)
     w = 12
@@ -1708,13 +1716,9 @@ def test_working_precision_refinement_makes_a_float32_solve_accurate_by_itself()
         nn.Linear(10, w), nn.GELU(), nn.Linear(w, w), nn.LayerNorm(w), nn.SiLU(), nn.Linear(w, w), nn.ELU(),
         nn.Linear(w, 5),
     )  # fmt: skip
-    X, y, loss_fn = (
-        torch.randn(6, 10, generator=g),
-        torch.randint(0, 5, (6,), generator=g),
-        nn.CrossEntropyLoss(),
+    H, A = _float32_hessian_and_reference(
+        m, torch.randn(6, 10, generator=g), torch.randint(0, 5, (6,), generator=g)
     )
-    H = hessinv.hessian(m, loss_fn, X, y)
-    _, A = autograd_gradient_hessian(copy.deepcopy(m).double(), loss_fn, X.double(), y)
     n, eps = A.shape[0], 0.1
     A = A + eps * torch.eye(n, dtype=torch.float64)
     b = torch.randn(n, generator=g)
@@ -1737,8 +1741,6 @@ def test_working_refinement_keeps_a_twin_hand_over_accurate():
     (its own sweep could not precondition) was "refined" with float32 residuals, whose rounding is the
     twin's answer's residual: forward error 1.8e-8 -> 2.3e-3; it refines as ``refine=True`` does now.
     (2) a tensor damping in an error message raised a raw TypeError."""
-    from reference import autograd_gradient_hessian
-
     torch.manual_seed(1)
     net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
     g = torch.Generator().manual_seed(101)
@@ -1747,8 +1749,7 @@ def test_working_refinement_keeps_a_twin_hand_over_accurate():
         torch.randint(0, 3, (12,), generator=g),
         nn.CrossEntropyLoss(),
     )
-    H = hessinv.hessian(net, loss_fn, X, y)
-    _, A = autograd_gradient_hessian(copy.deepcopy(net).double(), loss_fn, X.double(), y)
+    H, A = _float32_hessian_and_reference(net, X, y)
     eps = 1e-6 * float(torch.linalg.eigvalsh(A).abs().max())
     F = H.factor(eps)
     assert F._twin_only  # (the case: the float32 sweep perturbed its pivots)
