@@ -1041,6 +1041,10 @@ def _example_rows(blocks: list[Blocks]) -> int:
         dense = dense or b.adds_example_curvature
         d = max(b.d_in, b.d_out)
         per = max(per, EXAMPLE_COPIES * d * (d if dense else C))
+        if getattr(b, "pulls_per_example", False):  # (a generic stage: each example's columns pulled back
+            # to its p parameters, (columns, p) numbers -- an Embedding(20000, 64)'s 1.3M: 4.8 GB at once
+            # for a batch of 32, and a 100000-row table's killed the process: a size probe)
+            per = max(per, EXAMPLE_COPIES * (d if dense else C) * b.p)
     rows = max(1, EXAMPLE_PASS_ENTRIES // per)
     if rows < loss.batch:
         total = _memory_bytes(loss.G.device)
