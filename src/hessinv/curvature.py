@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from hessinv import linalg
 from hessinv.chain import Chain, LossFn, _autocast_on, _tensor, check_real, targets_as_data
 from hessinv.errors import (
     AccuracyWarning,
@@ -481,26 +482,12 @@ class CurvatureOperator(_AutocastOff):
 
     # -- vectors --------------------------------------------------------------------------------
     def _as_matrix(self, v: Tensor, what: str = "vector") -> tuple[Tensor, bool]:
-        if not isinstance(v, Tensor):
-            raise InvalidArgumentError(
-                f"{what} must be a torch.Tensor, got {type(v).__module__}.{type(v).__name__}"
-            )
-        if v.layout != torch.strided:  # (a sparse vector: the same numbers, dense)
-            v = v.to_dense()
-        if v.dtype != self.dtype or v.device != self.device:
-            raise DtypeMismatchError(
-                f"{what} is {v.dtype} on {v.device}; operator is {self.dtype} on {self.device}"
-            )
-        if v.dim() not in (1, 2) or v.shape[0] != self.shape[0]:
-            raise ShapeMismatchError(
-                f"{what} must have shape ({self.shape[0]},) or ({self.shape[0]}, k); got {tuple(v.shape)}"
-            )
-        if v.dim() == 2 and v.shape[1] == 0:
-            raise InvalidArgumentError(f"{what} has shape {tuple(v.shape)}: no columns to multiply or solve")
-        if not all_finite(v):
+        V, vector = linalg.as_columns(v, self.shape[0], self.dtype, self.device, what)
+        if V.shape[1] == 0:
+            raise InvalidArgumentError(f"{what} has shape {tuple(V.shape)}: no columns to multiply or solve")
+        if not all_finite(V):
             raise NonFiniteError(f"{what} contains NaN or infinity")
-        v = v.detach()  # numbers in, numbers out: no graph (and no torch warning on float())
-        return (v[:, None] if v.dim() == 1 else v), v.dim() == 1
+        return V, vector
 
     def _split(self, V: Tensor) -> list[Tensor]:
         return list(torch.split(V, self._sizes, dim=0))

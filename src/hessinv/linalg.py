@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hessinv.errors import DtypeMismatchError, InvalidArgumentError, ShapeMismatchError
+
 
 def _subnormals_flushed() -> bool:
     """Whether this thread's CPU flushes subnormal numbers to zero now (``torch.set_flush_denormal``)."""
@@ -69,6 +71,30 @@ def all_finite(t: Tensor) -> bool:
         return bool(torch.isfinite(t).all())
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def as_columns(
+    v: object, n: int, dtype: torch.dtype, device: torch.device, what: str, owner: str = "operator"
+) -> tuple[Tensor, bool]:
+    """``v`` of shape ``(n,)`` or ``(n, k)`` as an ``(n, k)`` matrix (detached; a sparse one dense), and
+    whether it came as a vector: the right-hand sides and vectors of an operator or a factorization of
+    ``dtype`` on ``device``, named errors for anything else (a vector of length ``n`` taken for a matrix
+    came back ``n x n``, a probe of :class:`~hessinv.lowrank.WoodburyFactor`)."""
+    if not isinstance(v, Tensor):
+        raise InvalidArgumentError(
+            f"{what} must be a torch.Tensor, got {type(v).__module__}.{type(v).__name__}"
+        )
+    if v.layout != torch.strided:  # (a sparse vector: the same numbers, dense)
+        v = v.to_dense()
+    if v.dtype != dtype or v.device != device:
+        raise DtypeMismatchError(
+            f"{what} is {v.dtype} on {v.device}; the {owner} is {dtype} on {device}: convert it with "
+            f".to(dtype={dtype}, device={str(device)!r})"
+        )
+    if v.dim() not in (1, 2) or v.shape[0] != n:
+        raise ShapeMismatchError(f"{what} must have shape ({n},) or ({n}, k); got {tuple(v.shape)}")
+    v = v.detach()  # numbers in, numbers out: no graph (and no torch warning on float())
+    return (v[:, None] if v.dim() == 1 else v), v.dim() == 1
 
 
 def machine_busy() -> bool:

@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hessinv import linalg
 from hessinv.errors import (
-    DtypeMismatchError,
     InvalidArgumentError,
     ShapeMismatchError,
     SingularError,
@@ -101,24 +101,6 @@ def _checked_factor_inputs(U: Any, S: Any, damping: Any) -> None:
         raise InvalidArgumentError(
             f"WoodburyFactor: the damping must be a real number or tensor, got {damping!r}"
         )
-
-
-def _checked_rhs(R: Any, n: int, dtype: torch.dtype, what: str) -> tuple[Tensor, bool]:
-    """``R`` as an ``(n, k)`` matrix of the factor's dtype, and whether it came as an ``(n,)`` vector (a
-    vector of length ``n`` broadcast into an ``n x n`` result, silently: a probe)."""
-    if not isinstance(R, Tensor):
-        raise InvalidArgumentError(f"{what}: the right-hand side must be a tensor, got {type(R).__name__}")
-    if R.dtype != dtype:
-        raise DtypeMismatchError(
-            f"{what}: the right-hand side is {R.dtype}, the factor {dtype}: convert with R.to({dtype})"
-        )
-    vector = R.dim() == 1
-    R = R[:, None] if vector else R
-    if R.dim() != 2 or R.shape[0] != n:
-        raise ShapeMismatchError(
-            f"{what}: the right-hand side must be ({n},) or ({n}, k), got {tuple(R.shape)}"
-        )
-    return R, vector
 
 
 #: ``rotation(offset, size)``: the weight blocks ``(offset, a, b, Q_L, Q_R)`` inside the flat parameter
@@ -963,7 +945,7 @@ class WoodburyFactor:
         ``U[q] = vec(T_q z_{n(q)}^T)``: ``(U A)_q = T_q . (A_W Z^T)[:, n(q)]`` and ``U^T w = vec(sum_q w_q
         T_q z_{n(q)}^T) = vec(Tw^T Z)`` with ``Tw[n] = sum_{n(q) = n} w_q T_q`` -- ``2 B d m + 2 r d``
         flops per weight instead of ``2 r d m``, and ``U`` itself (``r n`` numbers, megabytes) is not read."""
-        R, vector = _checked_rhs(R, self.U.shape[1], self.U.dtype, "solve")
+        R, vector = linalg.as_columns(R, self.U.shape[1], self.U.dtype, self.U.device, "solve: R", "factor")
         if free is not None:
             if not isinstance(free, Tensor) or tuple(free.shape) != (self.U.shape[1],):
                 what = tuple(free.shape) if isinstance(free, Tensor) else type(free).__name__
@@ -1047,7 +1029,9 @@ class WoodburyFactor:
                     self._sqrt = (s, Q @ E, m.rsqrt() - 1.0)
         if self._sqrt is None:
             return None
-        R, vector = _checked_rhs(R, self.U.shape[1], self.U.dtype, "inverse_sqrt")
+        R, vector = linalg.as_columns(
+            R, self.U.shape[1], self.U.dtype, self.U.device, "inverse_sqrt: R", "factor"
+        )
         s, P, c = self._sqrt
         R64 = R.double()
         X = (s[:, None] * (R64 + P @ (c[:, None] * (P.T @ R64)))).to(R.dtype)
