@@ -2034,23 +2034,24 @@ class Chain:
                         f"inputs.to({self.dtype}) (integer inputs are for a first module that takes them, "
                         "e.g. nn.Embedding)"
                     ) from e
-                held = sorted(
-                    {
-                        str(t.dtype)
-                        for m in s.modules
-                        for k, t in [*m.named_parameters(), *m.named_buffers()]
-                        # (not a traced piece's copy of a constant that forward creates: named so by torch.fx)
-                        if t.is_floating_point() and t.dtype != self.dtype and "_tensor_constant" not in k
-                    }
-                )
-                if held and ("dtype" in str(e) or "scalar type" in str(e)):  # (a frozen bfloat16 backbone)
-                    raise DtypeMismatchError(
-                        f"{s.name} holds {', '.join(held)} tensors (frozen parameters, buffers) in a "
-                        f"{self.dtype} model and failed on its {zs[-1].dtype} input ({e}); hessinv "
-                        f"computes in one dtype: convert them (model.to({self.dtype})), or run the part that "
-                        "holds them first and pass its outputs as the inputs"
-                    ) from e
-                if "dtype" in str(e) or "scalar type" in str(e):  # a constant of another dtype in forward
+                if "dtype" in str(e) or "scalar type" in str(e):
+                    held = sorted(
+                        {
+                            str(t.dtype)
+                            for m in s.modules
+                            for k, t in [*m.named_parameters(), *m.named_buffers()]
+                            # (not a traced piece's copy of a constant forward creates: so named by torch.fx)
+                            if t.is_floating_point() and t.dtype != self.dtype and "_tensor_constant" not in k
+                        }
+                    )
+                    if held:  # (a frozen bfloat16 backbone)
+                        raise DtypeMismatchError(
+                            f"{s.name} holds {', '.join(held)} tensors (frozen parameters, buffers) in a "
+                            f"{self.dtype} model and failed on its {zs[-1].dtype} input ({e}); hessinv "
+                            f"computes in one dtype: convert them (model.to({self.dtype})), or run the part "
+                            "that holds them first and pass its outputs as the inputs"
+                        ) from e
+                    # a constant of another dtype in forward
                     raise DtypeMismatchError(
                         f"{s.name} failed on its {zs[-1].dtype} input: {e} -- a tensor that forward creates "
                         "(torch.eye(5), torch.tensor(...)) has the default dtype, not the model's: create it "
