@@ -835,6 +835,36 @@ def test_min_eigenvalue_and_inertia_refuse_before_their_products(monkeypatch):
     assert not calls
 
 
+def test_solve_on_a_sweep_too_large_gets_a_bounded_minres_then_the_refusal(monkeypatch):
+    """Where no factorization fits, ``H.solve`` has MINRES only: it ran up to 3 x 3000 products (about 50
+    min on a wide model, a size probe) before the refusal, or none at all where the cost model preferred the
+    factorization -- refusing a well-conditioned system MINRES solves in 11 products. Now MINRES runs
+    whatever the cost model says, for the products an ``rtol`` gets, and the refusal follows."""
+    import hessinv.curvature as cv
+    import hessinv.riccati as ric
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    X, y = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    g = H.gradient
+    want = torch.linalg.solve(H.to_dense() + 10.0 * torch.eye(H.shape[0], dtype=torch.float64), g)
+    monkeypatch.setattr(ric, "_capacity_bytes", lambda device: 2**16)
+    monkeypatch.setattr(ric, "_memory_bytes", lambda device: 2**16)
+    calls = []
+    apply = H._apply
+    monkeypatch.setattr(H, "_apply", lambda V: calls.append(V.shape[1]) or apply(V))
+    x, info = H.solve(g, 10.0, return_info=True)
+    assert info.residual <= 1e-12 and info.krylov_iterations == len(calls)
+    torch.testing.assert_close(x, want, rtol=1e-10, atol=0)
+    with pytest.raises(hessinv.TooLargeError, match="MINRES on the operator's products ran first"):
+        H.solve(g, 1e-6)  # (nearly singular: MINRES does not get to 1e-12)
+    calls.clear()
+    with pytest.raises(hessinv.TooLargeError):
+        H.solve(g, 1e-6)
+    assert 0 < sum(calls) <= cv.KRYLOV_RTOL_MAX_ITERATIONS + cv.KRYLOV_RESTARTS
+
+
 def test_generic_stages_too_large_for_dense_blocks_are_taken_lazily(monkeypatch):
     """A small CNN on 28 x 28 inputs, batch 8: hessian() built a convolution's dense blocks (4.6 s, 2 GiB)
     before refusing with 'at most 7 examples' (later: every generic stage checked up front, the advice the

@@ -749,7 +749,9 @@ class CurvatureOperator(_AutocastOff):
         the products, ``refinement_steps = 0``). Gauss-Newton takes that route only at a positive damping;
         a Hessian singular to working precision whose right-hand side lies in its range (a consistent
         system: ``factor(eps).solve`` raises :class:`SingularError`) may get MINRES's answer there, the
-        minimum-norm solution, at the residual reported.
+        minimum-norm solution, at the residual reported. Where no factorization fits in memory (the
+        :class:`TooLargeError` ``factor`` raises), MINRES runs whatever the cost model says, for up to
+        :data:`KRYLOV_RTOL_MAX_ITERATIONS` products, and that refusal follows if it does not get there.
 
         ``rtol``: the relative residual ``|b - (H + eps I) x| / |b|`` asked for, where less than the
         factorization's (about 1e-12) will do: MINRES on the products then runs first whatever the cost
@@ -773,19 +775,24 @@ class CurvatureOperator(_AutocastOff):
         if rtol is not None:
             rtol = _check_tol(rtol, "rtol", relative=True)
         started = time.perf_counter()
+        # a sweep that cannot fit leaves MINRES as the only route: it gets the products an rtol gets (a size
+        # probe: 3 x 3000 products, about 50 min on a wide model, then the refusal below)
+        too_large = self._sweep_too_large() if refine is True else None
         if refine is True and return_info in (True, False):
-            got = self._krylov_solve(rhs, damping, rtol)
+            got = self._krylov_solve(rhs, damping, rtol, capped=too_large is not None)
             if got is not None:
                 return got if return_info else got[0]
         spent = time.perf_counter() - started
         try:
+            if too_large is not None:
+                raise too_large
             F = self.factor(damping)
         except TooLargeError as e:
-            if spent < 1.0:
+            if spent < 1.0 and too_large is None:
                 raise
             # (a size probe: 95 s of MINRES, then this refusal, which said nothing of them)
             raise TooLargeError(
-                f"{e} -- MINRES on the operator's products ran first ({spent:.0f} s) and did not reach the "
+                f"{e} -- MINRES on the operator's products ran first ({spent:.2g} s) and did not reach the "
                 "accuracy asked: a looser rtol=... or a larger damping may let it"
             ) from None
         return F.solve(rhs, refine=refine, max_refine=max_refine, return_info=return_info)
@@ -796,8 +803,17 @@ class CurvatureOperator(_AutocastOff):
         chain, dense = _block_costs(self.blocks)
         return min(chain, dense)
 
+    def _sweep_too_large(self) -> TooLargeError | None:
+        """The refusal a factorization of this operator would end in for its size (the sweep's memory, where
+        the dense route is not taken instead), found without a product; None where it fits."""
+        try:
+            check_memory(self.blocks, self._names, self.dtype, self.device)
+        except TooLargeError as e:
+            return None if self._dense_cheaper() else e
+        return None
+
     def _krylov_solve(
-        self, rhs: Tensor, damping: float, rtol: float | None = None
+        self, rhs: Tensor, damping: float, rtol: float | None = None, capped: bool = False
     ) -> tuple[Tensor, SolveInfo] | None:
         """``(x, info)`` from MINRES where that is cheaper than a factorization and reaches its accuracy,
         else None (the caller factors); in float64 (a float32 operator's float64 twin: ``x`` is the
@@ -806,7 +822,9 @@ class CurvatureOperator(_AutocastOff):
         eps I|| |x| / |b|))`` -- the factorization's refinement accepts the same stall at the rounding of
         the residual itself -- ``||H + eps I||`` bounded from below by the Lanczos coefficients; with
         ``rtol``, at most ``max(rtol, that)``, tried whatever the cost ratio, for up to
-        :data:`KRYLOV_RTOL_MAX_ITERATIONS` products and the factorization's modelled flops."""
+        :data:`KRYLOV_RTOL_MAX_ITERATIONS` products and the factorization's modelled flops. ``capped``: no
+        factorization fits (:meth:`_sweep_too_large`): tried whatever the cost ratio, for up to
+        :data:`KRYLOV_RTOL_MAX_ITERATIONS` products."""
         if isinstance(damping, Tensor):
             return None
         try:
@@ -821,9 +839,13 @@ class CurvatureOperator(_AutocastOff):
         _, dense = _block_costs(self.blocks)
         product = max((dense - float(n) ** 3 / 3) / max(n, 1), 1.0)
         ratio = self._factor_flops() / product
-        if not bool(torch.isfinite(R).all()) or (rtol is None and not ratio >= KRYLOV_FIRST_RATIO * k):
+        if not bool(torch.isfinite(R).all()) or (
+            rtol is None and not capped and not ratio >= KRYLOV_FIRST_RATIO * k
+        ):
             return None
-        if rtol is None:
+        if capped:
+            budget = KRYLOV_RTOL_MAX_ITERATIONS
+        elif rtol is None:
             budget = int(min(KRYLOV_SHARE * ratio / k, KRYLOV_MAX_ITERATIONS))
         else:
             budget = int(min(ratio / k, KRYLOV_RTOL_MAX_ITERATIONS))
