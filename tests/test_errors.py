@@ -863,6 +863,12 @@ def test_solve_on_a_sweep_too_large_gets_a_bounded_minres_then_the_refusal(monke
     with pytest.raises(hessinv.TooLargeError):
         H.solve(g, 1e-6)
     assert 0 < sum(calls) <= cv.KRYLOV_RTOL_MAX_ITERATIONS + cv.KRYLOV_RESTARTS
+    # a narrow chain on a large batch, where the cost model prefers the factorization (it refused untried)
+    narrow = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    X2, y2 = torch.randn(64, 4, dtype=torch.float64), torch.randint(0, 3, (64,))
+    H2 = hessinv.hessian(narrow, nn.CrossEntropyLoss(), X2, y2)
+    x2, info2 = H2.solve(H2.gradient, 10.0, return_info=True)
+    assert info2.residual <= 1e-12 and info2.krylov_iterations > 0
 
 
 def test_generic_stages_too_large_for_dense_blocks_are_taken_lazily(monkeypatch):
