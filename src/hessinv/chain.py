@@ -619,6 +619,16 @@ def _has_proxy(values: Iterable[Any]) -> bool:
     return False
 
 
+def unshared(inputs: Any) -> Any:
+    """A copy of the batch ``inputs`` for one call of the user's own forward (a tensor; anything else as
+    it is). A forward may modify its input in place (``x.mul_(2)``, ``x.sub_(mean)``, a first
+    ``nn.ReLU(inplace=True)``), as plain torch allows, and hessinv calls the model on the batch it holds
+    more than once: the curvature came out at ``4 X`` for ``x.mul_(2)``, with no error (a probe), and the
+    caller's data changed under it. The stages copy their inputs likewise
+    (:meth:`~hessinv.stages.generic.GenericStage.forward`)."""
+    return inputs.clone() if isinstance(inputs, Tensor) else inputs
+
+
 @contextlib.contextmanager
 def _buffers_kept(mods: Iterable[nn.Module]) -> Iterator[None]:
     """The block with every buffer that ``mods`` hold themselves put back where it changed in place (a
@@ -2225,7 +2235,7 @@ class Chain:
 
         def eager() -> Any:
             with exact_no_grad():
-                real = inputs
+                real = unshared(inputs)
                 for m in mods:
                     real = m(real)
             return real
@@ -2400,7 +2410,7 @@ class Chain:
         mods = self._own_modules()
         saved = [a for m in mods for a in _attributes(m)]
         try:
-            out = inputs
+            out = unshared(inputs)
             with NoFastPath():  # (as the stages are called: a frozen transformer's fused path off)
                 for m in mods:
                     out = m(out)

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hessinv.chain import Chain, LossFn, check_real, dense_grad, exact_no_grad, model_parts
+from hessinv.chain import Chain, LossFn, check_real, dense_grad, exact_no_grad, model_parts, unshared
 from hessinv.curvature import CurvatureOperator, _check_tol, _integer, curvature_class
 from hessinv.errors import (
     AccuracyWarning,
@@ -581,7 +581,9 @@ def _grads(net: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> 
     """The gradient of each trainable parameter, None for one the loss does not use (autograd raised a
     RuntimeError for it; ``backward()`` leaves its ``.grad`` None, and Adam's step skips it)."""
     with torch.enable_grad():
-        grads = torch.autograd.grad(loss_fn(net(inputs), targets), _trainable(net), allow_unused=True)
+        grads = torch.autograd.grad(
+            loss_fn(net(unshared(inputs)), targets), _trainable(net), allow_unused=True
+        )
     return [None if g is None else dense_grad(g).detach() for g in grads]
 
 
@@ -605,7 +607,7 @@ def _check_batch(net: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tenso
         )
     dtype = params[0].dtype
     with exact_no_grad():
-        out = net(inputs)
+        out = net(unshared(inputs))
     LossStage(0, loss_fn, prepare_targets(loss_fn, targets, dtype), out)
 
 
@@ -1065,7 +1067,7 @@ def estimate_minimizer(
 
     def loss_at() -> float:
         with exact_no_grad():  # (the function the curvature is of: no fused transformer path)
-            return float(loss_fn(net(X), Y))
+            return float(loss_fn(net(unshared(X)), Y))
 
     def grad_norm() -> float:
         return float(_gradient(net, loss_fn, X, Y).norm())

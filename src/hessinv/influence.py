@@ -42,7 +42,16 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from hessinv.chain import Chain, LossFn, as_module, check_real, dense_grad, exact_no_grad, training_layers
+from hessinv.chain import (
+    Chain,
+    LossFn,
+    as_module,
+    check_real,
+    dense_grad,
+    exact_no_grad,
+    training_layers,
+    unshared,
+)
 from hessinv.curvature import CurvatureOperator, Factorization, check_precision, curvature_class
 from hessinv.errors import (
     AccuracyWarning,
@@ -174,7 +183,7 @@ def per_example_gradients(
     values = {k: p.detach() for k, p in slots}
 
     def loss(p: dict[str, Tensor], x: Tensor, t: Tensor) -> Tensor:
-        return loss_fn(functional_call(model, p, (x[None],), tie_weights=False), t[None])
+        return loss_fn(functional_call(model, p, (unshared(x[None]),), tie_weights=False), t[None])
 
     g = vmap(grad(loss), in_dims=(None, 0, 0))
     try:
@@ -233,7 +242,7 @@ def output_jacobians(model: nn.Module, inputs: Tensor, chunk: int = 1024) -> Ten
     values = {k: p.detach() for k, p in slots}
 
     def out(p: dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(model, p, (x[None],), tie_weights=False)[0].reshape(-1)
+        return functional_call(model, p, (unshared(x[None]),), tie_weights=False)[0].reshape(-1)
 
     J = vmap(jacrev(out), in_dims=(None, 0))
     try:
@@ -258,7 +267,7 @@ def _one_at_a_time(
     try:
         with torch.enable_grad():
             for i in range(len(inputs)):
-                v = values(model(inputs[i : i + 1]), i)
+                v = values(model(unshared(inputs[i : i + 1])), i)
                 per_value = []
                 for c in range(v.numel()):
                     gs = torch.autograd.grad(v[c], params, retain_graph=True, allow_unused=True)

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from hessinv.chain import as_module, check_real, exact_no_grad
+from hessinv.chain import as_module, check_real, exact_no_grad, unshared
 from hessinv.curvature import (
     CurvatureOperator,
     Factorization,
@@ -262,7 +262,7 @@ class Laplace:
         prior_mean = self._check_prior_mean(self.prior_mean, mean.numel())  # requires_grad may change
         with exact_no_grad():
             # per example: (N, C, T) outputs count C T
-            n_outputs = int(self.model(X[:1])[0].numel())
+            n_outputs = int(self.model(unshared(X[:1]))[0].numel())
         self.operator, self.mean, self.n_params, self.prior_mean = op, mean, mean.numel(), prior_mean
         self.n_data, self.n_outputs = len(X), n_outputs
         self.loss = float(op.loss)  # summed cross-entropy, or summed squared error

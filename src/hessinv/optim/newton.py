@@ -82,6 +82,7 @@ from hessinv.chain import (
     layers_in_mode,
     model_parts,
     training_layers,
+    unshared,
 )
 from hessinv.curvature import (
     CurvatureOperator,
@@ -1524,7 +1525,7 @@ class Newton(torch.optim.Optimizer):
         itself, fastest) or, for a list of stages, their forwards."""
         with NoFastPath():  # (the function the curvature is of: no fused transformer path)
             if isinstance(self.model, nn.Module) and not isinstance(self.model, nn.ModuleList):
-                z = self.model(inputs)
+                z = self.model(unshared(inputs))
             else:
                 z = inputs
                 for stage in self.chain.stages:
