@@ -84,7 +84,7 @@ from hessinv.stages.generic import (
     watchable,
 )
 from hessinv.stages.losses import closed_form, loss_name, plain_module, prepare_targets, uncompiled
-from hessinv.stages.protocol import compiled_module, defined_in_torch
+from hessinv.stages.protocol import compiled_module, defined_in_torch, unshared
 
 #: a loss: ``loss_fn(outputs, targets) -> scalar`` (a module such as ``nn.CrossEntropyLoss()``, a function
 #: such as ``F.cross_entropy``, or a lambda)
@@ -617,16 +617,6 @@ def _has_proxy(values: Iterable[Any]) -> bool:
             seen.add(id(x))
             stack.extend(x.values() if isinstance(x, dict) else x)
     return False
-
-
-def unshared(inputs: Any) -> Any:
-    """A copy of the batch ``inputs`` for one call of the user's own forward (a tensor; anything else as
-    it is). A forward may modify its input in place (``x.mul_(2)``, ``x.sub_(mean)``, a first
-    ``nn.ReLU(inplace=True)``), as plain torch allows, and hessinv calls the model on the batch it holds
-    more than once: the curvature came out at ``4 X`` for ``x.mul_(2)``, with no error (a probe), and the
-    caller's data changed under it. The stages copy their inputs likewise
-    (:meth:`~hessinv.stages.generic.GenericStage.forward`)."""
-    return inputs.clone() if isinstance(inputs, Tensor) else inputs
 
 
 @contextlib.contextmanager
@@ -2119,7 +2109,7 @@ class Chain:
     def loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """The scalar loss ``z_L`` (no derivatives)."""
         self.check_inputs(inputs, targets)
-        return self.loss_fn(self.forward(inputs)[-1], self.prepare_targets(targets))
+        return self.loss_fn(self.forward(inputs)[-1], unshared(self.prepare_targets(targets)))
 
     def linearize(
         self,
@@ -2331,7 +2321,7 @@ class Chain:
             loss = reference.to(loss.dtype)
         if ce is not None:  # the loss itself (a KL divergence: the cross-entropy minus the targets' entropy)
             with torch.no_grad():
-                loss = self.loss_fn(zs[-1], targets).to(loss.dtype).reshape(())
+                loss = self.loss_fn(zs[-1], unshared(targets)).to(loss.dtype).reshape(())
         if (
             not second_order
             and loss_blocks.is_zero()
@@ -2422,7 +2412,7 @@ class Chain:
         """The flat gradient of ``loss_fn(model(inputs), targets)`` in :attr:`params` by autograd through
         :meth:`_own_forward` (zeros for a parameter the loss does not reach)."""
         with torch.enable_grad():
-            loss = self.loss_fn(self._own_forward(inputs), targets)
+            loss = self.loss_fn(self._own_forward(inputs), unshared(targets))
         got = torch.autograd.grad(loss, self.params, allow_unused=True)
         flat = [
             (torch.zeros_like(p) if g is None else dense_grad(g)).reshape(-1)
@@ -2479,7 +2469,7 @@ class Chain:
         out = zs[-1].detach()
 
         def own_loss(o: Tensor, t: Tensor) -> Tensor:
-            return self.loss_fn(o[None], t[None])
+            return self.loss_fn(o[None], unshared(t[None]))
 
         if self.__dict__.get("_rows_refused"):  # (found another function once: the per-example route)
             return None

@@ -582,7 +582,7 @@ def _grads(net: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> 
     RuntimeError for it; ``backward()`` leaves its ``.grad`` None, and Adam's step skips it)."""
     with torch.enable_grad():
         grads = torch.autograd.grad(
-            loss_fn(net(unshared(inputs)), targets), _trainable(net), allow_unused=True
+            loss_fn(net(unshared(inputs)), unshared(targets)), _trainable(net), allow_unused=True
         )
     return [None if g is None else dense_grad(g).detach() for g in grads]
 
@@ -1067,7 +1067,7 @@ def estimate_minimizer(
 
     def loss_at() -> float:
         with exact_no_grad():  # (the function the curvature is of: no fused transformer path)
-            return float(loss_fn(net(unshared(X)), Y))
+            return float(loss_fn(net(unshared(X)), unshared(Y)))
 
     def grad_norm() -> float:
         return float(_gradient(net, loss_fn, X, Y).norm())

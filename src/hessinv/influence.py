@@ -191,7 +191,7 @@ def per_example_gradients(
             return _chunked(lambda X, y: _flatten(g(values, X, y), slots, params, 1), inputs, targets, chunk)
     except RuntimeError as e:  # vmap cannot run it (data-dependent control flow): one example at a time
         return _one_at_a_time(
-            e, model, params, inputs, lambda o, i: loss_fn(o, targets[i : i + 1]).reshape(1)
+            e, model, params, inputs, lambda o, i: loss_fn(o, unshared(targets[i : i + 1])).reshape(1)
         )[:, 0]
 
 

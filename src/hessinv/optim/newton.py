@@ -1530,7 +1530,7 @@ class Newton(torch.optim.Optimizer):
                 z = inputs
                 for stage in self.chain.stages:
                     z = stage.forward(z)
-        return self.loss_fn(z, self.chain.prepare_targets(targets))
+        return self.loss_fn(z, unshared(self.chain.prepare_targets(targets)))
 
     def _loss_and_gradient(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """The batch loss and its gradient by backprop (zero for a parameter this batch's forward did not

@@ -67,7 +67,15 @@ import torch
 from torch import Tensor, nn
 
 from hessinv import linalg
-from hessinv.chain import LossFn, _tensor, dense_grad, deterministic_chain, layers_in_mode, training_layers
+from hessinv.chain import (
+    LossFn,
+    _tensor,
+    dense_grad,
+    deterministic_chain,
+    layers_in_mode,
+    training_layers,
+    unshared,
+)
 from hessinv.curvature import GaussNewton, Hessian, normalize_curvature
 from hessinv.errors import (
     InvalidArgumentError,
@@ -842,7 +850,7 @@ def finite_loss_on(owner: Any, X: Tensor, y: Tensor, idx: Tensor) -> bool:
     """Whether ``owner.loss_fn`` is finite on the examples ``idx`` of ``(X, y)`` (one forward pass)."""
     with torch.no_grad():
         out = owner.chain.forward(X[idx])[-1]
-        return bool(torch.isfinite(owner.loss_fn(out, owner.chain.prepare_targets(y[idx]))).all())
+        return bool(torch.isfinite(owner.loss_fn(out, unshared(owner.chain.prepare_targets(y[idx])))).all())
 
 
 def curvature_weight(owner: Any, Xc: Tensor, yc: Tensor, targets: Tensor, k: int | None = None) -> float:

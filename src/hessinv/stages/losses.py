@@ -46,6 +46,7 @@ from hessinv.stages.protocol import (
     add_blockdiag,
     compiled_module,
     defined_in_torch,
+    unshared,
 )
 
 #: Functional forms of the closed-form losses (default arguments only) -> their modules.
@@ -243,13 +244,13 @@ def sums_examples(loss_fn: Callable, outputs: Tensor, targets: Tensor) -> bool |
     try:  # (a loss that cannot take a few examples, or twice them, or outputs moved off its domain:
         # probabilities beyond [0, 1], weights sized for the whole batch -- cannot tell)
         with torch.no_grad():
-            one = float(loss_fn(outputs, targets))
+            one = float(loss_fn(unshared(outputs), unshared(targets)))
             if not abs(one) > 1e-30 and outputs.is_floating_point():
                 # examples the model fits exactly have a zero loss either way: away from them it tells
                 gen = torch.Generator(device=outputs.device).manual_seed(0)
                 noise = torch.randn(outputs.shape, generator=gen, dtype=outputs.dtype, device=outputs.device)
                 outputs = outputs + (1.0 + float(outputs.abs().max())) * noise
-                one = float(loss_fn(outputs, targets))
+                one = float(loss_fn(unshared(outputs), unshared(targets)))
             two = float(loss_fn(torch.cat([outputs, outputs]), torch.cat([targets, targets])))
     except Exception:  # noqa: BLE001
         return None
@@ -689,7 +690,8 @@ class LossStage:
     def call(self, y: Tensor) -> Tensor:
         """``loss_fn(y, targets)``, its failures and non-scalar results as named errors."""
         try:
-            out = self.loss_fn(y, self.targets)
+            # (copies: a loss may modify its arguments in place, t.mul_(0.5), as plain torch allows once)
+            out = self.loss_fn(unshared(y), unshared(self.targets))
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
             hint = ""
             other = [

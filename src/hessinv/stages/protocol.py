@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -351,3 +352,13 @@ class Stage(abc.ABC):
     @abc.abstractmethod
     def linearize(self, z_in: Tensor, b_out: Tensor, second_order: bool) -> Blocks:
         """Blocks at input ``z_in`` (B, ...) with backprop vector ``b_out = dz_L/dz_out`` (B, d_out)."""
+
+
+def unshared(inputs: Any) -> Any:
+    """A copy of ``inputs`` for one call of the user's own forward or loss (a tensor; anything else as it
+    is). A forward may modify its input in place (``x.mul_(2)``, ``x.sub_(mean)``, a first
+    ``nn.ReLU(inplace=True)``), as plain torch allows, and hessinv calls the model on the batch it holds
+    more than once: the curvature came out at ``4 X`` for ``x.mul_(2)``, with no error (a probe), and the
+    caller's data changed under it. The stages copy their inputs likewise
+    (:meth:`~hessinv.stages.generic.GenericStage.forward`)."""
+    return inputs.clone() if isinstance(inputs, Tensor) else inputs
