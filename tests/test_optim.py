@@ -2100,6 +2100,26 @@ def test_second_moments_that_overflow_float32_are_named():
         opt.step(X, y)
 
 
+def test_second_moments_that_overflow_between_refreshes_are_named_alike():
+    """The same overflow on a step between curvature refreshes (9 steps of 10) surfaced as the factor's
+    SingularError "use a damping with every entry > 0", a setting the default optimizer's user never
+    passed (a probe): now the refresh's NonFiniteError, the parameters and step count unchanged."""
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 6), torch.randn(64, 1)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
+    opt = ho.Newton(model, nn.MSELoss(), seed=0)
+    for s in range(3):
+        opt.step(X[s * 16 : (s + 1) * 16], y[s * 16 : (s + 1) * 16])
+    with torch.no_grad():
+        model[0].weight[1] = model[0].weight[0]
+        model[0].bias[1] = model[0].bias[0]
+        model[2].weight[0, :2] = torch.tensor([1e20, -1e20])
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(hessinv.NonFiniteError, match="second moments overflowed"):
+        opt.step(X[:16], y[:16])
+    assert opt.steps == 3 and all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 def test_auto_mode_recognizes_a_shuffled_full_batch():
     """DataLoader(shuffle=True) over the whole training set hands over the same rows permuted: auto
     mode compared them with torch.equal, stayed with preconditioning and ended at loss 1.88 where the

@@ -1334,6 +1334,8 @@ class Preconditioner:
                     ) from None
         elif self.curvature == "gauss_newton":
             D = self.diagonal()
+            if not linalg.all_finite(D):  # (named as at a refresh: it was the factor's "zero damping entry")
+                raise self._overflowed()
             self._d_now = (self.state["t"], self.state["v"], D)
             if (
                 self.state["t"] <= self.warmup
@@ -1355,18 +1357,23 @@ class Preconditioner:
                     self.state["redamped"] = self.state.get("redamped", 0) + 1
         self.time_refresh += time.perf_counter() - t0
 
+    def _overflowed(self) -> NonFiniteError:
+        """The error for second moments beyond the dtype's range (gradient entries whose squares are not
+        representable), at a refresh or between refreshes alike."""
+        big = torch.finfo(self.chain.dtype).max ** 0.5
+        return NonFiniteError(
+            f"the gradients' second moments overflowed {self.chain.dtype} (gradient entries beyond "
+            f"{big:.2g}, whose squares are not representable): rescale the loss or the model"
+            + (", or use a float64 model" if self.chain.dtype != torch.float64 else "")
+        )
+
     def _refresh_curvature(self, inputs: Tensor, targets: Tensor, carry: Sequence[Tensor]) -> None:
         """The curvature of a curvature batch drawn from ``(inputs, targets)``, factored with today's ``D``
         (Gauss-Newton: the basis refreshed first, ``carry`` following it) or the scalar damping."""
         if self.curvature == "gauss_newton":
             moments = [self.state["v"], *(self.basis._L + self.basis._R if self.basis is not None else [])]
             if not all(linalg.all_finite(m) for m in moments):
-                big = torch.finfo(self.chain.dtype).max ** 0.5
-                raise NonFiniteError(
-                    f"the gradients' second moments overflowed {self.chain.dtype} (gradient entries beyond "
-                    f"{big:.2g}, whose squares are not representable): rescale the loss or the model"
-                    + (", or use a float64 model" if self.chain.dtype != torch.float64 else "")
-                )
+                raise self._overflowed()
             if self.basis is not None:  # G = U^T S U = Q (U Q)^T S (U Q) Q^T: factor in Q's basis
                 self.basis.refresh(self.state["v"], carry)
             self._root_factors = self._root_tables = None
