@@ -2304,7 +2304,17 @@ class GaussNewton(CurvatureOperator):
         )
         root_may = root_can and self.blocks[-1].batch * self.blocks[-1].d_in < self.shape[0]
         try:
-            return _factorization(self, damping, modify, precision)
+            F = _factorization(self, damping, modify, precision)
+            if root_may and not F._pivots_exact():
+                # pivots perturbed or ill-conditioned beyond sqrt(u) (eps on G's null space, far below
+                # ||G||): the solves are refined, but the log det is the perturbed matrix's, or off by up to u
+                # cond^2; through the root it is exact (a Laplace evidence refused in a band of prior
+                # precisions, 3e-3 nats off above it, while smaller ones were exact through the root: a probe)
+                try:
+                    return WoodburyFactorization(self, damping)
+                except HessinvError:
+                    pass
+            return F
         except SingularError as e:
             # the sweep finds G + eps I singular to working precision -- a tiny eps on G's null space
             # (cond = ||G|| / eps) -- but through the root the capacitance matrix K = S + U U^T / eps is
