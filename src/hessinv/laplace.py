@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,6 +98,35 @@ def _likelihood_of(likelihood) -> str:
         f"(Gaussian: nn.MSELoss), got {likelihood!r}; a weighted or smoothed cross-entropy, or another "
         "loss, is not the log-likelihood of a categorical or Gaussian model"
     )
+
+
+class _Evidence(torch.autograd.Function):
+    """:meth:`Laplace.log_marginal_likelihood` as a function of the prior precision and the noise (one-number
+    tensors, or None / a number for a constant), differentiable in both: the gradients of its docstring,
+    with ``tr P^{-1}`` from the factorization's exact inverse diagonal, formed when backward runs."""
+
+    @staticmethod
+    def forward(ctx, la: Laplace, delta: Any, sigma: Any) -> Tensor:  # type: ignore[override]
+        like = next(v for v in (delta, sigma) if isinstance(v, Tensor))
+        plain = [v.detach() if isinstance(v, Tensor) else v for v in (delta, sigma)]
+        value = la.log_marginal_likelihood(*plain)
+        ctx.la, ctx.point, ctx.args = la, la._args(*plain), plain
+        dtype = like.dtype if like.is_floating_point() else torch.float64
+        return torch.tensor(value, dtype=dtype, device=like.device)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None]:  # type: ignore[override]
+        la, (delta, sigma) = ctx.la, ctx.point
+        fac, c = la._factor(delta, sigma)
+        tr = float(fac.inverse_diagonal().double().sum()) / c  # tr P^{-1}
+        d_delta = d_sigma = None
+        if ctx.needs_input_grad[1]:  # (shaped as the input: a one-entry tensor of any shape)
+            d = -0.5 * (tr - la.n_params / delta + la.scatter(1.0))
+            d_delta = torch.full_like(ctx.args[0], d) * grad
+        if ctx.needs_input_grad[2]:
+            d = la.loss / sigma**3 - la.n_data * la.n_outputs / sigma + (la.n_params - delta * tr) / sigma
+            d_sigma = torch.full_like(ctx.args[1], d) * grad
+        return None, d_delta, d_sigma
 
 
 class Laplace:
@@ -401,11 +431,34 @@ class Laplace:
         return delta * float(((self.mean - self.prior_mean) ** 2).sum())
 
     def log_marginal_likelihood(
-        self, prior_precision: float | None = None, sigma_noise: float | None = None
-    ) -> float:
+        self, prior_precision: float | Tensor | None = None, sigma_noise: float | Tensor | None = None
+    ) -> float | Tensor:
         """The Laplace evidence ``log p(D|theta*) - 1/2 [log det P - n log delta + delta |theta* - mu_0|^2]``
         (laplace-torch's ``log_likelihood - 0.5 * (log_det_ratio + scatter)``), at the given or the
-        stored prior precision / noise. One factorization (cached for the latest value)."""
+        stored prior precision / noise. One factorization (cached for the latest value).
+
+        Given a one-number tensor that requires grad (``log_prior.exp()``, laplace-torch's tuning loop),
+        the evidence comes back as a 0-dim tensor differentiable in it: ``d/d delta = -1/2 [tr P^{-1} - n /
+        delta + |theta* - mu_0|^2]`` and, for regression, ``d/d sigma = |y - f|^2 / sigma^3 - N C / sigma +
+        (n - delta tr P^{-1}) / sigma`` (``d log det P / d sigma = -(2 / sigma)(n - delta tr P^{-1})``, as
+        ``P = c (G + (delta / c) I)`` with ``c = 1 / (2 sigma^2)``), with ``tr P^{-1}`` the sum of the exact
+        marginal variances (:meth:`posterior_variance`, one more sweep) -- computed when backward runs.
+
+        >>> import torch
+        >>> from hessinv.laplace import Laplace
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1)).double()
+        >>> X = torch.randn(20, 2, dtype=torch.float64)
+        >>> la = Laplace(net, "regression").fit(X, X.sum(1, keepdim=True))
+        >>> log_prior = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        >>> log_sigma = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        >>> evidence = la.log_marginal_likelihood(log_prior.exp(), log_sigma.exp())
+        >>> evidence.backward()
+        >>> log_prior.grad.shape, bool(torch.isfinite(log_sigma.grad))
+        (torch.Size([]), True)
+        """
+        if any(isinstance(v, Tensor) and v.requires_grad for v in (prior_precision, sigma_noise)):
+            if torch.is_grad_enabled():
+                return _Evidence.apply(self, prior_precision, sigma_noise)
         delta, sigma = self._args(prior_precision, sigma_noise)
         s = sigma if self.likelihood == "regression" else None
         log_det_ratio = self.log_det_posterior_precision(delta, s) - self.n_params * math.log(delta)
