@@ -888,7 +888,12 @@ class CurvatureOperator(_AutocastOff):
                 if not bool(torch.isfinite(out).all()):
                     return None  # (beyond the dtype's range: the factorization's named error)
                 info = SolveInfo(float(rel.max()), 0, spent)
-                if out.dtype != torch.float64:  # (the float64 iterate's residual; the returned x's on demand)
+                checked = _returned_info(out, R, info, apply, "solve by MINRES")
+                if checked is not info:
+                    info = checked
+                elif (
+                    out.dtype != torch.float64
+                ):  # (the float64 iterate's residual; the returned x's on demand)
 
                     def returned(R: Tensor = R, x: Tensor = out) -> float:
                         res = R - apply(x.double())
@@ -3371,17 +3376,32 @@ class Factorization(_AutocastOff):
                     break
         return its
 
+    def _overflowed(self, R: Tensor) -> NonFiniteError:
+        """The error for a solution (or its residual) beyond the dtype's range."""
+        return NonFiniteError(
+            f"solve at damping {self._damping_text()}: the solution or its residual overflowed "
+            f"(max|rhs| {float(R.abs().max()):.3g}); x is linear in the right-hand side: scale it down "
+            "and the solution back up"
+        )
+
+    def _as_returned(self, X: Tensor, R: Tensor, info: SolveInfo) -> SolveInfo:
+        """:func:`_returned_info` with this factorization's float64 product; a non-finite ``X`` (scaling back
+        left the dtype's range) is a :class:`NonFiniteError`."""
+        if not linalg.all_finite(X):
+            raise self._overflowed(R)
+        return _returned_info(X, R, info, self._apply64, f"solve at damping {self._damping_text()}")
+
     def _refine_working(self, R: Tensor, max_refine: int) -> tuple[Tensor, SolveInfo]:
         """:meth:`solve` with ``refine="working"``: refinement with residuals in the model's dtype; the
         best iterate (smallest largest-column relative residual) and its residual."""
         scale = _pow2_scale(R)  # (columns at unit size, exactly, as _raw takes them)
         R = R / scale
-        norms = R.abs().amax(0).clamp(min=torch.finfo(R.dtype).tiny)
+        norms = R.norm(dim=0).clamp(min=torch.finfo(R.dtype).tiny)  # (unit max-norm: no overflow)
         X = self._raw(R)
         best: tuple[Tensor, float, int] | None = None
         for step in range(max_refine + 1):
             res = R - (self.op._apply(X) + self._shift(X))
-            rel = float((res.abs().amax(0) / norms).max())
+            rel = float((res.norm(dim=0) / norms).max())
             if not math.isfinite(rel) or (best is not None and rel >= best[1]):
                 break  # (stalled: rounding of the residual itself, or the sweep cannot precondition)
             best = (X, rel, step)
@@ -3523,6 +3543,7 @@ class Factorization(_AutocastOff):
                 raise InvalidArgumentError(f"{name} must be True or False{more}, got {flag!r}")
         if working and not getattr(self, "modified", False) and not self._twin_only:
             X, self.last_info = self._refine_working(R, max_refine)
+            self.last_info = self._as_returned(X, R, self.last_info)
             out = X[:, 0] if vec else X
             return (out, self.last_info) if return_info else out
         if not refine or getattr(
@@ -3530,6 +3551,8 @@ class Factorization(_AutocastOff):
         ):  # no residual either: the caller asked for the raw sweep
             X = self._raw(R)
             self.last_info = SolveInfo(float("nan"), 0)
+            if not linalg.all_finite(X):
+                raise self._overflowed(R)
             out = X[:, 0] if vec else X
             return (out, self.last_info) if return_info else out
         # (no first sweep where the dense LU answers: _solve64_unit)
@@ -3537,11 +3560,7 @@ class Factorization(_AutocastOff):
         X64, self.last_info = self._solve64(R.double(), max_refine, X0)
         rel = self.last_info.residual
         if not math.isfinite(rel) or not bool(torch.isfinite(X64).all()):
-            raise NonFiniteError(
-                f"solve at damping {self._damping_text()}: the solution or its residual overflowed "
-                f"(max|rhs| {float(R.abs().max()):.3g}); x is linear in the right-hand side: scale it down "
-                "and the solution back up"
-            )
+            raise self._overflowed(R)
         poor = rel > math.sqrt(torch.finfo(self.op.dtype).eps)
         if poor and not self.perturbed and self.inertia.zero:
             # the factorization's own count found an eigenvalue zero to working precision (a pivot exactly
@@ -3568,7 +3587,10 @@ class Factorization(_AutocastOff):
                 AccuracyWarning,
             )
         X = X64.to(self.op.dtype)
-        if X.dtype != torch.float64:
+        checked = self._as_returned(X, R, self.last_info)
+        if checked is not self.last_info:  # (x's entries below the smallest normal number: its own residual)
+            self.last_info = checked
+        elif X.dtype != torch.float64:
             R64 = R.double()
 
             def returned() -> float:
@@ -3940,6 +3962,33 @@ def _linear_scaled(fn: Callable[[Tensor], Tensor], R: Tensor, what: str) -> Tens
             "scale it down and the result back up"
         )
     return X
+
+
+def _returned_info(
+    X: Tensor, R: Tensor, info: SolveInfo, apply64: Callable[[Tensor], Tensor], what: str
+) -> SolveInfo:
+    """``info`` for the solution ``X`` as returned (the model's dtype), whose iterate was solved and measured
+    with every column at unit size: where a column's largest entry is within ``1 / u`` of the smallest
+    normal number (a right-hand side of 1e-320, or a solution of 1e-318: entries subnormal, with a few
+    digits or none), the residual of ``X`` itself -- measured on ``X / s`` and ``R / s``, ``s`` the
+    right-hand side's power-of-two scale (exact), ``apply64`` the float64 ``(H + eps I)`` -- with an
+    :class:`AccuracyWarning` above ``sqrt(u)``: the iterate's 1e-16 had been reported for a returned ``x``
+    whose residual was 1.6e-4 (a probe). Else ``info`` itself."""
+    fi = torch.finfo(X.dtype)
+    if not bool(((X.abs().amax(0) < fi.tiny / fi.eps) & (R != 0).any(0)).any()):
+        return info
+    sc = _pow2_scale(R).double()
+    Rs = R.double() / sc
+    res = Rs - apply64(X.double() / sc)
+    rel = float((res.norm(dim=0) / Rs.norm(dim=0).clamp_min(1e-300)).max())
+    if rel > math.sqrt(fi.eps) and rel > 2 * info.residual:
+        warn(
+            f"{what}: the solution's entries reach below {X.dtype}'s smallest normal number "
+            f"({fi.tiny:.3g}) and carry fewer digits: relative residual {rel:.2e}; x is linear in the "
+            "right-hand side: scale it up and the solution back down",
+            AccuracyWarning,
+        )
+    return SolveInfo(max(rel, info.residual), info.refinement_steps, info.krylov_iterations)
 
 
 def _pow2_scale(R: Tensor) -> Tensor:
