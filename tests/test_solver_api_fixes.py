@@ -276,3 +276,29 @@ def test_refine_working_refuses_a_solution_beyond_the_range_and_measures_the_2_n
     x, info = H2.factor(0.01).solve(E, refine="working", max_refine=0, return_info=True)
     R = E - H2 @ x - 0.01 * x
     assert info.residual == pytest.approx(float((R.norm(dim=0) / E.norm(dim=0)).max()), rel=1e-6)
+
+
+def test_a_float32_modify_abs_factorization_that_modified_nothing_takes_the_twins_logdet():
+    """factor(eps, modify='abs') of a float32 model at a positive definite H + eps I modifies no pivot (M =
+    H + eps I, so logdet is allowed), but summed its float32 pivots: 3.5e-2 off where factor(eps).logdet()
+    took the float64 twin's, 4e-12 (a probe)."""
+    import copy
+
+    from reference import autograd_gradient_hessian
+
+    torch.manual_seed(3)
+    layers: list[nn.Module] = [nn.Linear(4, 6), nn.Tanh()]
+    for _ in range(8):
+        layers += [nn.Linear(6, 6), nn.Tanh()]
+    net = nn.Sequential(*layers, nn.Linear(6, 3))
+    for p in net.parameters():
+        if p.dim() == 2:
+            nn.init.normal_(p, std=2.0 / p.shape[1] ** 0.5)
+    X, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    _, Hd = autograd_gradient_hessian(copy.deepcopy(net).double(), nn.CrossEntropyLoss(), X.double(), y)
+    Hd = 0.5 * (Hd + Hd.T)
+    eps = -1.0001 * float(torch.linalg.eigvalsh(Hd)[0])
+    ref = float(torch.linalg.slogdet(Hd + eps * torch.eye(Hd.shape[0], dtype=torch.float64))[1])
+    F = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y).factor(eps, modify="abs")
+    assert F.positive_definite
+    assert F.logdet() == pytest.approx(ref, abs=1e-8)
