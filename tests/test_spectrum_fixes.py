@@ -3,6 +3,7 @@ checks of the spectrum functions, against dense autograd references."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -584,3 +585,31 @@ def test_spectrum_arguments_a_probe_found_unchecked():
     with pytest.raises(InvalidArgumentError, match="shift 1e\\+200 is too large") as e:
         spectrum.eigenvalue_counts(H, [1e200])
     assert "float64 model" not in str(e.value)
+
+
+@pytest.mark.parametrize("which", ["smallest", "largest"])
+def test_uncertified_pairs_find_every_copy_of_a_repeated_eigenvalue(which):
+    """A bias-free Linear(12, 8) with MSE on orthogonal inputs of distinct scales: H = kron(I_8, A), each of
+    12 eigenvalues repeated 8 times. eigenpairs(9, certify=False) (ARPACK on the products, no count)
+    returned 3 copies each of the three smallest, 10% of ||H|| off, with no warning (a probe): ARPACK is
+    now rerun with the pairs found deflated until a run changes none of them."""
+    from reference import autograd_gradient_hessian
+
+    torch.manual_seed(0)
+    d, m, B = 12, 8, 64
+    U = torch.linalg.qr(torch.randn(B, d, dtype=torch.float64))[0]
+    X = U * torch.linspace(1.0, 3.0, d, dtype=torch.float64)
+    net = nn.Linear(d, m, bias=False).double()
+    y = torch.randn(B, m, dtype=torch.float64)
+    _, Hd = autograd_gradient_hessian(net, nn.MSELoss(), X, y)
+    w = torch.linalg.eigvalsh(0.5 * (Hd + Hd.T))
+    H = hessinv.hessian(net, nn.MSELoss(), X, y)
+    k = 9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        e = H.eigenpairs(k, which, certify=False)
+    want = w[:k] if which == "smallest" else w[-k:]
+    assert not e.certified and e.factorizations == 0
+    torch.testing.assert_close(e.values, want, rtol=0, atol=1e-10 * float(w.abs().max()))
+    lo, hi = e.interval
+    assert lo <= float(e.values[0]) and float(e.values[-1]) <= hi and math.isfinite(lo) and math.isfinite(hi)
