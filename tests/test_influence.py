@@ -569,3 +569,22 @@ def test_fit_accepts_a_float32_model_whose_batched_rounding_differs():
     inf = InfluenceFunction(mixed, nn.MSELoss(), curvature="gauss_newton", damping=1e-3)
     with pytest.raises(hessinv.UnsupportedStageError, match="depends on the rest of its batch"):
         inf.fit(torch.randn(32, 8), torch.randn(32, 1))
+
+
+def test_fit_takes_an_inputs_targets_pair_and_names_a_nan_damping_when_made():
+    """``fit((X, y))`` (one pair, as a loader's batch) was read as a loader of 23 batches ('each batch must be
+    an (inputs, targets) pair ... got 23 elements'); a NaN damping was accepted until fit (a probe)."""
+    from hessinv.influence import InfluenceFunction
+    from hessinv.laplace import Laplace
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(23, 3, dtype=torch.float64), torch.randint(0, 2, (23,))
+    a = InfluenceFunction(net, nn.CrossEntropyLoss(), damping=0.1).fit((X, y))
+    b = InfluenceFunction(net, nn.CrossEntropyLoss(), damping=0.1).fit(X, y)
+    torch.testing.assert_close(a.self_influence(), b.self_influence(), rtol=0, atol=0)
+    assert Laplace(net, "classification").fit((X, y)).log_marginal_likelihood() == pytest.approx(
+        Laplace(net, "classification").fit(X, y).log_marginal_likelihood(), rel=1e-15
+    )
+    with pytest.raises(hessinv.NonFiniteArgumentError, match="damping"):
+        InfluenceFunction(net, nn.CrossEntropyLoss(), damping=float("nan"))

@@ -34,6 +34,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -58,6 +59,7 @@ from hessinv.errors import (
     DtypeMismatchError,
     HessinvError,
     InvalidArgumentError,
+    NonFiniteArgumentError,
     NonFiniteError,
     NotFittedError,
     ShapeMismatchError,
@@ -342,6 +344,9 @@ def _collect(data: Tensor | Iterable, targets: Tensor | None, ordered: bool = Fa
         if targets is None:
             raise InvalidArgumentError("fit(X, y): the targets are missing")
         return data, targets
+    if targets is None and isinstance(data, (list, tuple)) and len(data) == 2:
+        if all(isinstance(t, Tensor) for t in data):  # fit((X, y)): one batch, as a loader gives it
+            return data[0], data[1]
     if targets is not None:
         if isinstance(data, (list, tuple)) or hasattr(data, "__array__"):
             raise InvalidArgumentError(
@@ -421,6 +426,8 @@ class InfluenceFunction:
         self.model, self.loss_fn = as_module(model), loss_fn  # (a list of modules: their Sequential)
         self.curvature_cls = curvature_class(curvature)
         self.damping = check_real(damping, "damping")
+        if not math.isfinite(self.damping):  # (named here, not first at fit)
+            raise NonFiniteArgumentError(f"damping must be a finite number, got {self.damping}")
         self.precision = check_precision(precision)
         self.operator: CurvatureOperator | None = None
         self.factorization: Factorization | None = None
