@@ -974,9 +974,13 @@ def main() -> None:
                 files.append(args.json)
         else:
             files = [args.json]
-        results = [json.loads(f.read_text()) for f in files]
+        try:  # (a file that is not a record of this benchmark: one line, exit status 2, not a traceback)
+            results = [json.loads(f.read_text()) for f in files]
+            text = render(results)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            what = f"{type(e).__name__}: {e}" if not isinstance(e, KeyError) else f"no field {e}"
+            raise SystemExit(f"--json {args.json}: not a record of bench/solve.py ({what})") from None
         args.md.parent.mkdir(parents=True, exist_ok=True)
-        text = render(results)
         rob = ROOT / "bench" / "results" / "robustness.json"
         if rob.exists():  # the robustness grid of bench/robustness.py (issue 11), rendered by it
             from robustness import render as render_robustness

@@ -345,7 +345,7 @@ def test_missing_newton_optimizer_fails_that_run_only(tmp_path, capsys, monkeypa
 
 def test_parse_duration():
     assert parse_duration("90") == 90.0 and parse_duration("1.5m") == 90.0 and parse_duration("2min") == 120.0
-    for bad in ("", "-3s", "0s", "3 parsecs"):
+    for bad in ("", "-3s", "0s", "3 parsecs", "1e400", "1e306h"):  # (the last two: beyond any finite time)
         with pytest.raises(Exception):  # noqa: B017
             parse_duration(bad)
 
@@ -380,6 +380,13 @@ def test_bench_solve_a_message_exit_is_said_and_a_missing_json_refused(tmp_path,
         missing = tmp_path / "none.json"
         assert main(["bench", "solve", "--render-only", "--json", str(missing), "--out", str(tmp_path)]) == 2
         assert "no such file to render" in capsys.readouterr().err
+        # a file that is not a record of the benchmark: one line (it printed a KeyError's traceback)
+        for name, text in (("x.json", '{"a": 1}'), ("z.json", "zz")):
+            (tmp_path / name).write_text(text)
+            args = ["bench", "solve", "--render-only", "--json", str(tmp_path / name), "--out", str(tmp_path)]
+            assert main(args) == 2
+            err = capsys.readouterr().err
+            assert "not a record of bench/solve.py" in err and "Traceback" not in err
 
 
 def test_bench_solve_missing(capsys, monkeypatch):
@@ -1008,3 +1015,22 @@ def test_probe_findings_of_the_thirtieth_session(tmp_path, capsys):
     assert main(["spectrum", "--depth", "2", "--width", "1000", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert re.search(r"at most \d+ examples \(--batch \d+\)", err) and "curvature_batch_size" not in err
+
+
+def test_batch_size_with_full_batch_optimizers_only_says_full_batch(tmp_path, capsys):
+    """--batch-size 32 with lbfgs alone: the header and summary said 'batch 32' while lbfgs trains on the
+    full batch (a probe)."""
+    rc, _, err = run(
+        capsys,
+        "--optimizers",
+        "lbfgs",
+        "--batch-size",
+        "32",
+        "--steps",
+        "1",
+        "--no-tune",
+        "--out",
+        str(tmp_path),
+    )
+    assert rc == 0 and "full batch" in err and "batch 32" not in err
+    assert json.loads((tmp_path / "summary.json").read_text())["config"]["batch_size"] is None

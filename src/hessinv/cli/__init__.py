@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import re
 import sys
@@ -94,6 +95,8 @@ def parse_duration(text: str) -> float:
     value *= {"s": 1.0, "m": 60.0, "h": 3600.0}[unit]
     if not value > 0:
         raise argparse.ArgumentTypeError(f"the budget must be positive, got {text!r}")
+    if not math.isfinite(value):  # (1e400: beyond float's range, an endless run the guard did not see)
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: beyond any finite time; use 'none'")
     return value
 
 
@@ -502,7 +505,7 @@ def _refuse_unused(option: str, given: bool, users: tuple[str, ...], opts: list[
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from hessinv.cli.data import DataError, load_dataset
-    from hessinv.cli.train import TrainConfig, full_batch_factorizations, train
+    from hessinv.cli.train import FULL_BATCH, TrainConfig, full_batch_factorizations, train
 
     names = args.optimizers.split(",")
     opts = [canonical(o) for o in names if o.strip()]
@@ -558,7 +561,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     n_train = len(ds.X_train)
     batch_size = args.batch_size
-    if batch_size is not None and batch_size >= n_train:
+    if all(o in FULL_BATCH for o in opts):  # (the header and summary said "batch 32" for lbfgs alone)
+        batch_size = None
+    elif batch_size is not None and batch_size >= n_train:
         print(
             f"hessinv: note: --batch-size {batch_size} is not below the {n_train} training examples: "
             "full-batch training",

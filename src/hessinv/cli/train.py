@@ -344,6 +344,9 @@ def run_one(
     finish: Callable[[dict[str, Any]], bool] | None = None  # (record, once defined: an interrupt's last row)
     interval = (budget / cfg.eval_points) if budget and steps is None else 0.0
     step_interval = max(1, (steps or 0) // cfg.eval_points)
+    # torch's global generator from the seed: an optimizer that draws from it (pytorch-optimizer's
+    # AdaHessian draws its Hutchinson probes there) repeats with the seed, as the others do
+    torch.manual_seed(cfg.seed)
     try:
         try:
             opt = make_optimizer(name, model, loss_fn, lr, cfg)
