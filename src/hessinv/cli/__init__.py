@@ -79,6 +79,11 @@ MAX_SEED = 2**32 - 1  # mnist1d seeds numpy's legacy generator, which takes 32 b
 SAMPLES_DEFAULT = "all of them; digits 1797, mnist1d 5000, regression 2000"  # --samples of train, spectrum
 
 
+#: ``train`` notes, before the run, an optimizer whose every step factors a curvature of more flops than
+#: this (about a second on a CPU core)
+COSTLY_FACTORIZATION_FLOPS = 2e10
+
+
 def parse_duration(text: str) -> float:
     """Seconds from ``120``, ``120s``, ``2m``, ``2min``, ``1.5h``.
 
@@ -505,7 +510,7 @@ def _refuse_unused(option: str, given: bool, users: tuple[str, ...], opts: list[
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from hessinv.cli.data import DataError, load_dataset
-    from hessinv.cli.train import FULL_BATCH, TrainConfig, full_batch_factorizations, train
+    from hessinv.cli.train import FULL_BATCH, TrainConfig, exact_factorizations, train
 
     names = args.optimizers.split(",")
     opts = [canonical(o) for o in names if o.strip()]
@@ -613,14 +618,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out=out,
         command=("hessinv", *_ARGV),
     )
-    exact, flops = full_batch_factorizations(cfg, ds) if len(ds.X_train) > 512 else ([], 0.0)
-    if exact:  # (newton only where it takes its trust region; else it preconditions, one factorization)
+    exact, flops, covered = exact_factorizations(cfg, ds)
+    verb = "factors" if len(exact) == 1 else "factor"
+    if exact and covered == len(ds.X_train) and covered > 512:
+        # (newton only where it takes its trust region; else it preconditions, one factorization)
         print(
-            f"hessinv: note: full-batch {', '.join(exact)} on {len(ds.X_train)} examples "
-            f"factor{'s' if len(exact) == 1 else ''} the exact curvature of the whole training set at every "
-            f"step ({flops:.2g} flops a factorization; --budget is checked between steps): mini-batches "
-            "(--batch-size 64), or --curvature-batch-size N for a subsample of the curvature, make a step "
-            "cheaper",
+            f"hessinv: note: full-batch {', '.join(exact)} on {len(ds.X_train)} examples {verb} the exact "
+            f"curvature of the whole training set at every step ({flops:.2g} flops a factorization; --budget "
+            "is checked between steps): mini-batches (--batch-size 64), or --curvature-batch-size N for a "
+            "subsample of the curvature, make a step cheaper",
+            file=sys.stderr,
+        )
+    elif exact and flops > COSTLY_FACTORIZATION_FLOPS:
+        # (wide layers: one step of newton-tr took 48 s against a 3 s --budget, with no word; a probe)
+        print(
+            f"hessinv: note: {', '.join(exact)} {verb} the exact curvature of {covered} examples at every "
+            f"step, {flops:.2g} flops a factorization (about {flops / 2e10:.2g} s or more each, a few a step "
+            "for newton-tr; --budget is checked between steps): a smaller --curvature-batch-size, "
+            "--batch-size or --width makes a step cheaper",
             file=sys.stderr,
         )
     if args.nproc > 1:

@@ -194,19 +194,21 @@ def make_optimizer(
     raise UserError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
 
 
-def full_batch_factorizations(cfg: TrainConfig, ds: Dataset) -> tuple[list[str], float]:
-    """The optimizers of ``cfg`` that factor the curvature of the whole training split at every step, and
-    the flops of one such factorization (:func:`hessinv.curvature.factorization_flops`): on a full batch
-    without ``curvature_batch_size``, ``newton-tr`` and ``gauss-newton`` (``mode="trust-region"``), and
-    ``newton`` where ``mode="auto"`` takes its trust region -- one factorization costing at most
-    :data:`hessinv.optim.newton.TRUST_REGION_MAX_FLOPS`; else it preconditions (one factorization of a
-    curvature batch of 8, refreshed every few steps)."""
-    mini = cfg.batch_size is not None and cfg.batch_size < len(ds.X_train)
-    if mini or cfg.curvature_batch_size is not None:
-        return [], 0.0
-    exact = [o for o in cfg.optimizers if o in ("newton", "newton-tr", "gauss-newton")]
+def exact_factorizations(cfg: TrainConfig, ds: Dataset) -> tuple[list[str], float, int]:
+    """The optimizers of ``cfg`` that factor the exact curvature of their batch at every step, the flops of
+    one such factorization (:func:`hessinv.curvature.factorization_flops`) and the examples it covers:
+    ``newton-tr`` and ``gauss-newton`` (``mode="trust-region"``: the batch, or ``curvature_batch_size`` of
+    it), and on a full batch without ``curvature_batch_size`` ``newton`` where ``mode="auto"`` takes its
+    trust region -- one factorization costing at most :data:`hessinv.optim.newton.TRUST_REGION_MAX_FLOPS`;
+    else it preconditions (one factorization of a curvature batch of 8, refreshed every few steps)."""
+    n = len(ds.X_train)
+    mini = cfg.batch_size is not None and cfg.batch_size < n
+    batch = min(cfg.curvature_batch_size or (cfg.batch_size if mini else n) or n, n)
+    exact = [o for o in cfg.optimizers if o in ("newton-tr", "gauss-newton")]
+    if "newton" in cfg.optimizers and not mini and cfg.curvature_batch_size is None:
+        exact.insert(0, "newton")
     if not exact:
-        return [], 0.0
+        return [], 0.0, batch
     from hessinv.chain import deterministic_chain
     from hessinv.curvature import factorization_flops
     from hessinv.optim.newton import TRUST_REGION_MAX_FLOPS
@@ -219,10 +221,10 @@ def full_batch_factorizations(cfg: TrainConfig, ds: Dataset) -> tuple[list[str],
         zs = chain.forward(ds.X_train[:1].to(torch.float64))
     widths = [int(z[0].numel()) for z in zs[:-1]]
     cpu = torch.device(cfg.device).type == "cpu"
-    flops = factorization_flops(chain.sizes, widths, len(ds.X_train), cpu, int(zs[-1][0].numel()))
+    flops = factorization_flops(chain.sizes, widths, batch, cpu, int(zs[-1][0].numel()))
     if flops > TRUST_REGION_MAX_FLOPS:  # (newton preconditions: one factorization of 8 examples)
         exact = [o for o in exact if o != "newton"]
-    return exact, flops
+    return exact, flops, batch
 
 
 # -- evaluation -----------------------------------------------------------------------------------
