@@ -2355,3 +2355,32 @@ def test_diagonal_damping_is_the_formula_on_zero_and_subnormal_second_moments(dt
     pre.state["v"], pre.state["t"] = v, 7
     want = pre.damping * ((v / (1 - pre.beta2**7)).sqrt() + pre.eps)
     assert torch.equal(pre.diagonal(), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_zero_gradient_gets_a_zero_step_at_once(dtype):
+    """opt.step after an exact fit (loss and gradient exactly 0): the trust region spent max_iter = 30
+    factorizations per step in its hard case along H's null space, and a float32 run raised NonFiniteError
+    at its 4th step; at H = 0 too, the stats said negative_curvature=True beside an inertia with no negative
+    eigenvalue (a probe). Now one sweep at the resolution proves no negative curvature: a zero step."""
+    torch.manual_seed(0)
+    X, y = torch.randn(32, 10, dtype=dtype), torch.zeros(32, 1, dtype=dtype)
+    net = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+    nn.init.zeros_(net[2].weight)
+    nn.init.zeros_(net[2].bias)
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = ho.Newton(net, nn.MSELoss(), mode="trust-region")
+    for _ in range(6):
+        assert float(opt.step(X, y)) == 0.0
+        s = opt.last_stats
+        assert s.factorizations <= 2 and not s.hard_case and s.step_norm == 0.0 and not s.negative_curvature
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+    Xc = torch.randn(40, 4, dtype=dtype)
+    yc = (Xc[:, 0] > 0).long()
+    clf = nn.Sequential(nn.Linear(4, 2)).to(dtype)
+    with torch.no_grad():  # (saturated: the loss, its gradient and H exactly 0)
+        clf[0].weight.copy_(torch.tensor([[-1000.0, 0, 0, 0], [1000.0, 0, 0, 0]]))
+        clf[0].bias.zero_()
+    opt = ho.Newton(clf, nn.CrossEntropyLoss(), mode="trust-region", track_inertia=True)
+    opt.step(Xc, yc)
+    assert not opt.last_stats.negative_curvature and opt.last_stats.inertia_at_zero.negative == 0

@@ -215,6 +215,19 @@ def solve_subproblem(
     if lam == 0.0 and start_at_guess and damping_init > 0:
         lam = damping_init
     it = 0
+    if gnorm == 0.0 and lam_psd <= 0.0:
+        # g = 0 (an exact fit: loss and gradient exactly 0): s = 0 is optimal where H has no negative
+        # curvature, which one sweep at 64 u ||H|| shows (a positive semi-definite H's null space passes
+        # there) -- the iteration below ran max_iter factorizations a step there, and a float32 one
+        # overflowed (a probe); otherwise its hard case finds the direction of negative curvature (a
+        # saddle, however slight: -1e-9 against ||H|| = 2 is left)
+        it = 1
+        u64 = 64 * math.sqrt(torch.finfo(sweeps.op.dtype).eps)  # resolution = sqrt(u) ||H||: 64 u ||H||
+        F0 = sweeps.cholesky(max(u64 * sweeps.resolution(), torch.finfo(sweeps.op.dtype).tiny))
+        if F0 is not None:
+            return SubproblemSolution(
+                torch.zeros_like(g), F0.damping - sweeps.shift, F0, False, False, it, lam_psd, None, u_last
+            )
 
     def result(step: Tensor, F: Factorization, boundary: bool, hard: bool) -> SubproblemSolution:
         # lambda is the rule's: F factors H + (lambda + shift) I, the shift a weight decay's (Sweeps)
