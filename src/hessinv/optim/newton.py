@@ -878,9 +878,9 @@ class Newton(torch.optim.Optimizer):
             warn(
                 f"the regression targets' root mean square is {rms:.3g}: far from unit scale, the "
                 "preconditioner's diagonal damping (which grows with the gradient, hence with the residuals) "
-                "swamps the curvature, and the steps become Adam steps of size 1 / diagonal_damping. "
-                "Standardize the targets (y - mean) / std (and the predictions back), or pass a smaller "
-                "diagonal_damping",
+                "swamps the curvature, and the steps become Adam steps of size 1 / diagonal_damping (and a "
+                "full batch's trust region fits them slowly too). Standardize the targets (y - mean) / std "
+                "(and the predictions back), or pass a smaller diagonal_damping",
                 UserWarning,
             )
 
@@ -1441,9 +1441,9 @@ class Newton(torch.optim.Optimizer):
         t_start = time.perf_counter()
         ns = self._newton
         pc = self.preconditioner
-        if ns["mode"] != "auto" and not getattr(self, "_targets_checked", False):
-            # (once the mode has settled here: auto's first step precedes a trust region that then fits
-            # unscaled targets exactly, and need not be told)
+        if not getattr(self, "_targets_checked", False):
+            # (auto's first step too: the full-batch trust region after it fits unscaled targets slowly as
+            # well -- targets of scale 1e4: 531 steps to beat predicting their mean, 3 standardized; a probe)
             self._targets_checked = True
             self._warn_if_unscaled_targets(targets)
         assert pc is not None
