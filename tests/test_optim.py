@@ -2384,3 +2384,27 @@ def test_a_zero_gradient_gets_a_zero_step_at_once(dtype):
     opt = ho.Newton(clf, nn.CrossEntropyLoss(), mode="trust-region", track_inertia=True)
     opt.step(Xc, yc)
     assert not opt.last_stats.negative_curvature and opt.last_stats.inertia_at_zero.negative == 0
+
+
+def test_auto_hands_back_a_trust_region_whose_loss_stopped_falling():
+    """A float32 teacher regression whose trust region saturated a tanh unit: the loss sat at 1.904e-3
+    for hundreds of steps while the radius grew on rounding noise, 61 of 100 steps at max_iter (77 ms a step
+    against 8 ms), and the hand-back looked for a collapsed radius only (a probe). After
+    TRUST_REGION_PATIENCE steps without a fall of sqrt(u) of the loss, auto preconditions."""
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    Xn = rng.randn(256, 10)
+    yn = np.tanh(Xn @ rng.randn(10, 16) / 3) @ rng.randn(16, 1)
+    X = torch.tensor((Xn - Xn.mean(0)) / Xn.std(0), dtype=torch.float32)
+    y = torch.tensor((yn - yn.mean(0)) / yn.std(0), dtype=torch.float32)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = ho.Newton(net, nn.MSELoss(), seed=0)
+    modes = []
+    for _ in range(170):
+        opt.step(X, y)
+        modes.append(opt.last_stats.mode)
+    first = modes.index("precondition", 2)  # (the first step preconditions: auto's)
+    assert 60 < first < 170 and set(modes[first:]) == {"precondition"}
+    assert opt._newton["trust_region_since"] >= ho.newton.TRUST_REGION_PATIENCE
