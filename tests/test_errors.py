@@ -869,6 +869,24 @@ def test_solve_on_a_sweep_too_large_gets_a_bounded_minres_then_the_refusal(monke
     H2 = hessinv.hessian(narrow, nn.CrossEntropyLoss(), X2, y2)
     x2, info2 = H2.solve(H2.gradient, 10.0, return_info=True)
     assert info2.residual <= 1e-12 and info2.krylov_iterations > 0
+    # a Gauss-Newton matrix whose sweep does not fit factors through its root: G.solve answers as
+    # G.factor does (its first version refused after MINRES; a review)
+    import hessinv.curvature as hc
+
+    def too_big(*args, **kwargs):
+        raise hessinv.TooLargeError("the sweep's blocks need 500 GiB (simulated)")
+
+    net3 = nn.Sequential(
+        nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3)
+    ).double()
+    X3, y3 = torch.randn(40, 10, dtype=torch.float64), torch.randint(0, 3, (40,))
+    G = hessinv.gauss_newton(net3, nn.CrossEntropyLoss(), X3, y3)
+    b = torch.randn(G.shape[0], dtype=torch.float64)
+    monkeypatch.setattr(hc, "check_memory", too_big)
+    monkeypatch.setattr(hc.GaussNewton, "_dense_cheaper", lambda self, *a, **k: False)
+    F = G.factor(1e-8)
+    assert isinstance(F, hc.WoodburyFactorization)
+    torch.testing.assert_close(G.solve(b, 1e-8), F.solve(b), rtol=1e-10, atol=0)
 
 
 def test_generic_stages_too_large_for_dense_blocks_are_taken_lazily(monkeypatch):

@@ -2408,3 +2408,25 @@ def test_auto_hands_back_a_trust_region_whose_loss_stopped_falling():
     first = modes.index("precondition", 2)  # (the first step preconditions: auto's)
     assert 60 < first < 170 and set(modes[first:]) == {"precondition"}
     assert opt._newton["trust_region_since"] >= ho.newton.TRUST_REGION_PATIENCE
+
+
+@pytest.mark.parametrize("y0", [3e-4, 1e-4])
+def test_a_float32_saddle_at_a_zero_gradient_is_left(y0):
+    """Outputs (a b x, 10 c x) at a = b = c = 0: gradient exactly 0, H = [[0, -8 y0], [-8 y0, 0]] (+) 800,
+    lambda_min = -3e-6 ||H|| (or -1e-6). The zero-gradient shortcut's sweep at 64 u ||H|| passes in float32,
+    and its first version returned zero steps for good (a review); its inverse iteration finds the
+    direction, and the hard case leaves the saddle."""
+
+    class Saddle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (nn.Parameter(torch.zeros(1)) for _ in range(3))
+
+        def forward(self, x):
+            return torch.cat([self.a * self.b * x, 10 * self.c * x], 1)
+
+    m = Saddle()
+    x, y = torch.ones(4, 1), torch.cat([torch.full((4, 1), y0), torch.zeros(4, 1)], 1)
+    opt = ho.Newton(m, nn.MSELoss(reduction="sum"), mode="trust-region")
+    losses = [float(opt.step(x, y)) for _ in range(10)]
+    assert losses[-1] < 1e-3 * losses[0]

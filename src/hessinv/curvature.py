@@ -786,9 +786,7 @@ class CurvatureOperator(_AutocastOff):
             if got is not None:
                 return got if return_info else got[0]
         spent = time.perf_counter() - started
-        try:
-            if too_large is not None:
-                raise too_large
+        try:  # (where the sweep does not fit, a Gauss-Newton factorization may still: through its root)
             F = self.factor(damping)
         except TooLargeError as e:
             if spent < 1.0 and too_large is None:
@@ -891,18 +889,7 @@ class CurvatureOperator(_AutocastOff):
                 if not bool(torch.isfinite(out).all()):
                     return None  # (beyond the dtype's range: the factorization's named error)
                 info = SolveInfo(float(rel.max()), 0, spent)
-                checked = _returned_info(out, R, info, apply, "solve by MINRES")
-                if checked is not info:
-                    info = checked
-                elif (
-                    out.dtype != torch.float64
-                ):  # (the float64 iterate's residual; the returned x's on demand)
-
-                    def returned(R: Tensor = R, x: Tensor = out) -> float:
-                        res = R - apply(x.double())
-                        return float((res.norm(dim=0) / R.norm(dim=0).clamp_min(1e-300)).max())
-
-                    info._returned = returned
+                info = _returned_info(out, R, info, apply, "solve by MINRES")
                 return (out[:, 0] if vec else out), info
             if spent >= budget or not converged:  # (given up, or out of products: the factorization)
                 return None
@@ -1686,68 +1673,62 @@ class CurvatureOperator(_AutocastOff):
         top = which == "largest"
         e, sign = (ends[1], -2.0) if top else (ends[0], 2.0)
 
-        def mm(X: np.ndarray) -> np.ndarray:
-            T = torch.as_tensor(np.asarray(X, dtype=np.float64)).reshape(n, -1)
-            HX = self._apply(T.to(self.device, self.dtype)).double().cpu()
-            return ((HX - e * T) / scale + sign * T).numpy()
-
-        op = LinearOperator((n, n), matvec=lambda x: mm(x).ravel(), matmat=mm, dtype=np.float64)
         ncv = min(n, max(2 * k + 1, 20))
-        v0 = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64).numpy()
-        try:
-            _, vecs = eigsh(
-                op, k=k, which="LA" if top else "SA", tol=max(tol, 64 * u) / 2, ncv=ncv, v0=v0,
-                maxiter=max(1, LANCZOS_PRODUCTS // max(ncv - k, 1)),
-            )  # fmt: skip
-        except (ArpackNoConvergence, ArpackError):
+        g = torch.Generator().manual_seed(1)
+
+        def arpack(Q: np.ndarray | None) -> np.ndarray | None:
+            """ARPACK's k vectors at the wanted end of ``(H - e I) / ||H|| +- 2 I``, with the columns of
+            ``Q`` (orthonormal) pushed beyond the other end (``+-4``: the spectrum spans 2 to 4); None where
+            it does not converge."""
+
+            def mm(X: np.ndarray) -> np.ndarray:
+                T = torch.as_tensor(np.asarray(X, dtype=np.float64)).reshape(n, -1)
+                HX = self._apply(T.to(self.device, self.dtype)).double().cpu()
+                out = ((HX - e * T) / scale + sign * T).numpy()
+                return out if Q is None else out + 2.0 * sign * (Q @ (Q.T @ T.numpy()))
+
+            op = LinearOperator((n, n), matvec=lambda x: mm(x).ravel(), matmat=mm, dtype=np.float64)
+            try:
+                return eigsh(
+                    op, k=k, which="LA" if top else "SA", tol=max(tol, 64 * u) / 2, ncv=ncv,
+                    v0=torch.randn(n, generator=g, dtype=torch.float64).numpy(),
+                    maxiter=max(1, LANCZOS_PRODUCTS // max(ncv - k, 1)),
+                )[1]  # fmt: skip
+            except (ArpackNoConvergence, ArpackError):
+                return None
+
+        vecs = arpack(None)
+        if vecs is None:
             return None
         vals, V, res = self._ritz_pairs(vecs)
+        if not count:
+            # Lanczos from one start vector finds one copy of a repeated eigenvalue (the others, if at all,
+            # through rounding): ARPACK again with the pairs found deflated, until a run finds none that
+            # changes the k wanted (a linear layer's kron(I_m, A) block repeats each eigenvalue m times:
+            # 3 of 8 copies were returned, 10% of ||H|| off, a probe)
+            for rerun in range(DEFLATION_ROUNDS + 1):
+                if rerun == DEFLATION_ROUNDS:
+                    warn(
+                        f"eigenpairs({k}, {which!r}, certify=False): after {DEFLATION_ROUNDS} deflated "
+                        "Lanczos runs, copies of a repeated eigenvalue were still being found: some may be "
+                        "missing; certify=True counts them",
+                        AccuracyWarning,
+                    )
+                    break
+                pad = max(tol * scale + float(res.max()), math.sqrt(u) * scale)
+                more = arpack(V.numpy())
+                if more is None:
+                    break  # (the pairs at hand: found, and uncertified anyway)
+                both, W, wres = self._ritz_pairs(np.concatenate([V.numpy(), more], axis=1))
+                keep = slice(len(both) - k, None) if top else slice(0, k)
+                changed = float((both[keep] - vals).abs().max()) > pad
+                vals, V, res = both[keep], W[:, keep], wres[keep]
+                if not changed:
+                    break
         if not float(res.max()) <= 4 * want:  # (NaN too)
             return None
         pad = max(tol * scale + float(res.max()), math.sqrt(u) * scale)
-        if not count:
-            # Lanczos from one start vector finds one copy of a repeated eigenvalue (the others, if at all,
-            # through rounding): ARPACK again with the pairs found pushed beyond the other end of the
-            # spectrum (+-4 in op's units, where the spectrum spans 2 to 4), until a run finds none that
-            # changes the k wanted (a linear layer's kron(I_m, A) block repeats each eigenvalue m times:
-            # 3 of 8 copies were returned, 10% of ||H|| off, a probe)
-            g = torch.Generator().manual_seed(2)
-            for _ in range(DEFLATION_ROUNDS + 1):
-                Q = V.numpy()
-
-                def deflated(X: np.ndarray, Q: np.ndarray = Q) -> np.ndarray:
-                    X = np.asarray(X, dtype=np.float64).reshape(n, -1)
-                    return mm(X) + 2.0 * sign * (Q @ (Q.T @ X))
-
-                dop = LinearOperator(
-                    (n, n), matvec=lambda x: deflated(x).ravel(), matmat=deflated, dtype=np.float64
-                )
-                try:
-                    _, more = eigsh(
-                        dop, k=k, which="LA" if top else "SA", tol=max(tol, 64 * u) / 2, ncv=ncv,
-                        v0=torch.randn(n, generator=g, dtype=torch.float64).numpy(),
-                        maxiter=max(1, LANCZOS_PRODUCTS // max(ncv - k, 1)),
-                    )  # fmt: skip
-                except (ArpackNoConvergence, ArpackError):
-                    return None
-                both, W, wres = self._ritz_pairs(np.concatenate([Q, more], axis=1))
-                keep = slice(len(both) - k, None) if top else slice(0, k)
-                new_vals, new_V, new_res = both[keep], W[:, keep], wres[keep]
-                changed = float((new_vals - vals).abs().max()) > pad
-                vals, V, res = new_vals, new_V, new_res
-                if not changed:
-                    break
-            else:
-                warn(
-                    f"eigenpairs({k}, {which!r}, certify=False): after {DEFLATION_ROUNDS} deflated Lanczos "
-                    "runs, copies of a repeated eigenvalue were still being found: some may be missing; "
-                    "certify=True counts them",
-                    AccuracyWarning,
-                )
-            if not float(res.max()) <= 4 * want:
-                return None
-            pad = max(tol * scale + float(res.max()), math.sqrt(u) * scale)
-            # (no count: the interval the pairs span, padded by their residuals)
+        if not count:  # (no count: the interval the pairs span, padded by their residuals)
             return Eigenpairs(vals, V, res, (float(vals[0]) - pad, float(vals[-1]) + pad), False, 0, 0)
         self._count_doubt = False
         if top:
@@ -3635,17 +3616,7 @@ class Factorization(_AutocastOff):
                 AccuracyWarning,
             )
         X = X64.to(self.op.dtype)
-        checked = self._as_returned(X, R, self.last_info)
-        if checked is not self.last_info:  # (x's entries below the smallest normal number: its own residual)
-            self.last_info = checked
-        elif X.dtype != torch.float64:
-            R64 = R.double()
-
-            def returned() -> float:
-                res = R64 - self._apply64(X.double())
-                return float((res.norm(dim=0) / R64.norm(dim=0).clamp_min(1e-300)).max())
-
-            self.last_info._returned = returned
+        self.last_info = self._as_returned(X, R, self.last_info)
         out = X[:, 0] if vec else X
         return (out, self.last_info) if return_info else out
 
@@ -4021,9 +3992,18 @@ def _returned_info(
     digits or none), the residual of ``X`` itself -- measured on ``X / s`` and ``R / s``, ``s`` the
     right-hand side's power-of-two scale (exact), ``apply64`` the float64 ``(H + eps I)`` -- with an
     :class:`AccuracyWarning` above ``sqrt(u)``: the iterate's 1e-16 had been reported for a returned ``x``
-    whose residual was 1.6e-4 (a probe). Else ``info`` itself."""
+    whose residual was 1.6e-4 (a probe). Else ``info`` itself -- below float64 with the returned ``x``'s
+    residual to be measured when ``returned_residual`` is first read (one more product)."""
     fi = torch.finfo(X.dtype)
     if not bool(((X.abs().amax(0) < fi.tiny / fi.eps) & (R != 0).any(0)).any()):
+        if X.dtype != torch.float64:  # (the float64 iterate's residual; the returned x's on demand)
+            R64 = R.double()
+
+            def returned() -> float:
+                res = R64 - apply64(X.double())
+                return float((res.norm(dim=0) / R64.norm(dim=0).clamp_min(1e-300)).max())
+
+            info._returned = returned
         return info
     sc = _pow2_scale(R).double()
     Rs = R.double() / sc

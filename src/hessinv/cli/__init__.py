@@ -619,23 +619,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
         command=("hessinv", *_ARGV),
     )
     exact, flops, covered = exact_factorizations(cfg, ds)
-    verb = "factors" if len(exact) == 1 else "factor"
-    if exact and covered == len(ds.X_train) and covered > 512:
-        # (newton only where it takes its trust region; else it preconditions, one factorization)
-        print(
-            f"hessinv: note: full-batch {', '.join(exact)} on {len(ds.X_train)} examples {verb} the exact "
-            f"curvature of the whole training set at every step ({flops:.2g} flops a factorization; --budget "
-            "is checked between steps): mini-batches (--batch-size 64), or --curvature-batch-size N for a "
-            "subsample of the curvature, make a step cheaper",
-            file=sys.stderr,
+    full = covered == len(ds.X_train)
+    # (newton only where it takes its trust region; else it preconditions, one factorization of 8 examples;
+    # on mini-batches where a factorization is costly: one newton-tr step of a width-64 chain took 48 s
+    # against a 3 s --budget with no word, a probe)
+    if exact and ((full and covered > 512) or flops > COSTLY_FACTORIZATION_FLOPS):
+        verb = "factors" if len(exact) == 1 else "factor"
+        what = (
+            f"full-batch {', '.join(exact)} on {covered} examples {verb} the exact curvature of the whole "
+            "training set"
+            if full
+            else f"{', '.join(exact)} {verb} the exact curvature of {covered} examples"
         )
-    elif exact and flops > COSTLY_FACTORIZATION_FLOPS:
-        # (wide layers: one step of newton-tr took 48 s against a 3 s --budget, with no word; a probe)
         print(
-            f"hessinv: note: {', '.join(exact)} {verb} the exact curvature of {covered} examples at every "
-            f"step, {flops:.2g} flops a factorization (about {flops / 2e10:.2g} s or more each, a few a step "
-            "for newton-tr; --budget is checked between steps): a smaller --curvature-batch-size, "
-            "--batch-size or --width makes a step cheaper",
+            f"hessinv: note: {what} at every step ({flops:.2g} flops a factorization, a few a step for "
+            "newton-tr; --budget is checked between steps): "
+            + (
+                "mini-batches (--batch-size 64), or --curvature-batch-size N for a subsample of the "
+                "curvature, make a step cheaper"
+                if full
+                else "a smaller --curvature-batch-size, --batch-size or --width makes a step cheaper"
+            ),
             file=sys.stderr,
         )
     if args.nproc > 1:

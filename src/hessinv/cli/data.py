@@ -419,7 +419,9 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
             ids = [r[0].strip() for _, r in rows]
             named_rows = all(len(r) == width for _, r in rows) and len(set(ids)) == len(ids)
             if target is None and len(head) == width - 1 and width > 2 and named_rows:
-                if all(c.lstrip("+-").isdigit() or not _is_number(c) for c in ids):
+                # (R's default row names 1..N in order, or names: distinct integers of another kind may be
+                # a genuine feature under a header that leaves out the label's name -- an error, not a guess)
+                if ids == [str(k) for k in range(1, len(ids) + 1)] or not any(_is_number(c) for c in ids):
                     rows = [(n, r[1:]) for n, r in rows]
                     width, order, row_names = width - 1, list(range(width - 1)), True
             if not row_names:

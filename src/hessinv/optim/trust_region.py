@@ -217,17 +217,32 @@ def solve_subproblem(
     it = 0
     if gnorm == 0.0 and lam_psd <= 0.0:
         # g = 0 (an exact fit: loss and gradient exactly 0): s = 0 is optimal where H has no negative
-        # curvature, which one sweep at 64 u ||H|| shows (a positive semi-definite H's null space passes
-        # there) -- the iteration below ran max_iter factorizations a step there, and a float32 one
-        # overflowed (a probe); otherwise its hard case finds the direction of negative curvature (a
-        # saddle, however slight: -1e-9 against ||H|| = 2 is left)
+        # curvature -- the iteration below ran max_iter factorizations a step there, and a float32 one
+        # overflowed (a probe). One sweep at 64 u ||H|| bounds lambda_min(H) > -64 u ||H||, and inverse
+        # iteration with it finds a direction of curvature below -4 u ||H|| where there is one (a float32
+        # saddle at -3e-6 ||H||, which a review found left unescaped by the sweep alone): the hard case
+        # below takes it from there; else the step is zero
         it = 1
-        u64 = 64 * math.sqrt(torch.finfo(sweeps.op.dtype).eps)  # resolution = sqrt(u) ||H||: 64 u ||H||
-        F0 = sweeps.cholesky(max(u64 * sweeps.resolution(), torch.finfo(sweeps.op.dtype).tiny))
+        u = torch.finfo(sweeps.op.dtype).eps
+        norm = sweeps.resolution() / math.sqrt(u)  # (the resolution is sqrt(u) ||H||)
+        F0 = sweeps.cholesky(max(64 * u * norm, torch.finfo(sweeps.op.dtype).tiny))
         if F0 is not None:
-            return SubproblemSolution(
-                torch.zeros_like(g), F0.damping - sweeps.shift, F0, False, False, it, lam_psd, None, u_last
-            )
+            v, _ = _inverse_iteration(sweeps, F0, inverse_iterations, u_last)
+            rq = _dot(v, sweeps.matvec(v))  # >= lambda_min(H)
+            if not rq < -4 * u * norm:
+                return SubproblemSolution(
+                    torch.zeros_like(g),
+                    F0.damping - sweeps.shift,
+                    F0,
+                    False,
+                    False,
+                    it,
+                    lam_psd,
+                    None,
+                    u_last,
+                )
+            u_last, lam_psd, lo = v, -rq, -rq
+            lam = max(damping_init, 1.05 * lo)
 
     def result(step: Tensor, F: Factorization, boundary: bool, hard: bool) -> SubproblemSolution:
         # lambda is the rule's: F factors H + (lambda + shift) I, the shift a weight decay's (Sweeps)
