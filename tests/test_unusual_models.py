@@ -1023,3 +1023,35 @@ def test_a_loss_that_modifies_its_arguments_in_place(which):
     opt.step(X, T)
     assert torch.equal(T, T0)
     assert opt.last_stats.loss == pytest.approx(float(loss_fn(twin(X), T.clone())), rel=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_a_residual_block_before_a_frozen_one_wide_head_factors(loss):
+    """Linear -> x + tanh(Linear x) -> frozen Linear(2, 1): every Riccati method (factor, solve, inertia,
+    is_positive_definite) raised torch's 'view size is not compatible' -- the residual stage's P took a
+    transposed Sigma's strides (a fuzzer's find)."""
+    from reference import autograd_gradient_hessian
+
+    class Residual(nn.Module):
+        def __init__(self, f):
+            super().__init__()
+            self.f = f
+
+        def forward(self, x):
+            return x + self.f(x)
+
+    torch.manual_seed(0)
+    out = 1 if loss == "mse" else 3
+    head = nn.Linear(2, out, bias=False)
+    head.weight.requires_grad_(False)
+    model = nn.Sequential(nn.Linear(2, 2), Residual(nn.Sequential(nn.Linear(2, 2), nn.Tanh())), head).double()
+    X = torch.randn(3, 2, dtype=torch.float64)
+    y = torch.randn(3, 1, dtype=torch.float64) if loss == "mse" else torch.randint(0, 3, (3,))
+    loss_fn = nn.MSELoss() if loss == "mse" else nn.CrossEntropyLoss()
+    _, Hd = autograd_gradient_hessian(model, loss_fn, X, y)
+    A = Hd + 0.1 * torch.eye(Hd.shape[0], dtype=torch.float64)
+    H = hessinv.hessian(model, loss_fn, X, y)
+    F = H.factor(0.1)
+    torch.testing.assert_close(F.solve(H.gradient), torch.linalg.solve(A, H.gradient), rtol=1e-10, atol=1e-12)
+    w = torch.linalg.eigvalsh(0.5 * (A + A.T))
+    assert F.inertia.negative == int((w < 0).sum()) and F.inertia.positive == int((w > 0).sum())

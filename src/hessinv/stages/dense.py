@@ -588,7 +588,9 @@ class DenseLayerBlocks(Blocks):
         R = (M.view(B * d * B, d) @ self.W).view(B, d, B * m)
         P = None
         if self.residual:  # (m == d)
-            P = self.sp[:, :, None, None] * Sigma.reshape(B, d, B, d)
+            # (P takes Sigma's strides: a transposed Sigma -- a frozen 1-wide head after the block passes
+            # one -- made P a permuted tensor, and a view of it a RuntimeError; a fuzzer's find)
+            P = (self.sp[:, :, None, None] * Sigma.reshape(B, d, B, d)).contiguous()
             R = R + P.view(B, d, B * m)
         return R, P
 
