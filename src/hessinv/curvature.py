@@ -2876,9 +2876,11 @@ class Factorization(_AutocastOff):
     def inverse_quadratic(self, v: Tensor) -> float:
         """``v^T (H + eps I)^{-1} v`` for ``v`` of shape (n,): for the Riccati factorization
         ``sum_l k_l^T Qxx_l^{-1} k_l`` from the backward half of a solve alone (``H + eps I = U D U^T``
-        gives ``v^T (U D U^T)^{-1} v = k^T D^{-1} k`` with ``k = U^{-1} v``), unrefined -- where a pivot
-        was perturbed or is ill-conditioned beyond ``sqrt(u)`` (that sum then carries an error of up to
-        about ``u cond^2``: 46% at damping 1e-12 on a small tanh net), ``v^T x`` of a refined solve. For
+        gives ``v^T (U D U^T)^{-1} v = k^T D^{-1} k`` with ``k = U^{-1} v``), unrefined, where ``H + eps
+        I`` is positive definite (a sum of positive terms) -- where it is indefinite (terms of both signs
+        cancel), a pivot was perturbed or is ill-conditioned beyond ``sqrt(u)`` (that sum then carries an
+        error of up to about ``u cond^2``: 46% at damping 1e-12 on a small tanh net), ``v^T x`` of a
+        refined solve. For
         a float32 operator the sum is the float32 sweep's (about ``cond u32``: 8.5e-4 at cond 1e4): use
         ``v @ F.solve(v)`` for the float64-refined value. The Woodbury factorization (a per-parameter
         damping, or ``G + eps I`` through ``G``'s root) answers with ``v^T x`` of a refined solve always."""
@@ -2900,6 +2902,9 @@ class Factorization(_AutocastOff):
             getattr(self, "factors", None) is None
             or not self._pivots_exact()
             or self._sweep_dtype != self.op.dtype  # a mixed-precision sweep: its float32 sum is ~ cond u32
+            # an indefinite H + eps I: the sum's terms of both signs cancel (2.7e-7 off at cond 1e3, where
+            # the refined solve's is exact: a fuzzer's find)
+            or not self.positive_definite
         ):
             # Woodbury (one solve is good to about u cond(K), and K holds 1 / D_j: cond(K) can exceed
             # cond(G + D) by orders -- 18% off at one D_j = 1e-17 among 0.1s, cond(G + D) = 77), or a
