@@ -2430,3 +2430,29 @@ def test_a_float32_saddle_at_a_zero_gradient_is_left(y0):
     opt = ho.Newton(m, nn.MSELoss(reduction="sum"), mode="trust-region")
     losses = [float(opt.step(x, y)) for _ in range(10)]
     assert losses[-1] < 1e-3 * losses[0]
+
+
+def test_the_trust_regions_search_takes_working_precision_values_after_an_exact_fit(monkeypatch):
+    """An over-parameterized float64 regression fitted to 1.6e-28: every later step's secular iteration
+    asked inverse_quadratic for ||q||^2, whose refined solve (the pivots ill-conditioned beyond sqrt(u))
+    escalated to GMRES and a dense LU -- 2-5 s a step against 0.1 s (a probe). The search takes the
+    unrefined sweep's value there: no refined solve at all."""
+    from hessinv.curvature import Factorization
+
+    rng = np.random.RandomState(0)
+    Xn = rng.randn(256, 10)
+    yn = np.tanh(Xn @ rng.randn(10, 16) / 3) @ rng.randn(16, 1)
+    idx = rng.permutation(256)[:16]
+    Xn, yn = Xn[idx], yn[idx]
+    X = torch.tensor((Xn - Xn.mean(0)) / Xn.std(0))
+    y = torch.tensor((yn - yn.mean(0)) / yn.std(0))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1)).double()
+    opt = ho.Newton(net, nn.MSELoss(), mode="trust-region")
+    refined = []
+    real = Factorization._solve64
+    monkeypatch.setattr(
+        Factorization, "_solve64", lambda self, *a, **k: refined.append(1) or real(self, *a, **k)
+    )
+    losses = [float(opt.step(X, y)) for _ in range(13)]
+    assert losses[-1] < 1e-20 and not refined

@@ -106,16 +106,23 @@ class Sweeps:
         return x + self.solve(F, r)
 
     def quadratic(self, F: Factorization, v: Tensor) -> float:
-        """``v^T (H + damping I)^{-1} v`` from the backward sweep alone (half a solve; counted as one)."""
+        """``v^T (H + damping I)^{-1} v`` from the backward sweep alone (half a solve; counted as one) --
+        where the pivots are not exact (:meth:`Factorization._pivots_exact`), ``v^T x`` of an unrefined
+        solve: a working-precision value, as the search needs."""
         t = time.perf_counter()
         self.solves += 1
-        try:
-            with warnings.catch_warnings():  # (the search needs a working-precision value; the ratio
-                warnings.simplefilter("ignore", AccuracyWarning)  # test judges the step it leads to)
-                q = F.inverse_quadratic(v)
-        except (SingularError, NonFiniteError):
-            # a float32 factorization positive definite by rounding whose float64 twin is singular there:
-            # the working-precision value is what the search needs
+        q = None
+        # (the search needs a working-precision value: where the pivots are not exact, inverse_quadratic's
+        # refined one escalated to GMRES and a dense LU after an exact fit, 2-5 s a step against 0.1 s; a
+        # probe)
+        if F._pivots_exact():
+            try:
+                with warnings.catch_warnings():  # (the ratio test judges the step it leads to)
+                    warnings.simplefilter("ignore", AccuracyWarning)
+                    q = F.inverse_quadratic(v)
+            except (SingularError, NonFiniteError):
+                pass  # (a float32 factorization positive definite by rounding whose float64 twin is not)
+        if q is None:
             q = float(v.double() @ F.solve(v, refine=False).double())
         self.time_solve += time.perf_counter() - t
         return q
