@@ -65,6 +65,7 @@ from hessinv.stages.protocol import (
     in_basis,
     own_rows_only,
     sandwich_blockdiag,
+    unshared,
 )
 
 
@@ -469,12 +470,13 @@ class GenericStage(Stage):
         return f"stage {self.index} ({self.label})"
 
     def _call(self, z: Tensor) -> Tensor:
-        # a copy: in-place modules (ReLU(inplace=True), x.mul_()) must not overwrite the caller's z.
+        # a copy (unshared): in-place modules (ReLU(inplace=True), x.mul_()) must not overwrite the caller's
+        # z.
         # Attention through the math kernel of scaled_dot_product_attention: the fused CPU/CUDA kernels
         # (flash, memory-efficient) have no double backward, the math one is plain autograd
         with exact_attention(), dense_lookup_grads(self.module):
             try:
-                out = self.module(z.clone())
+                out = self.module(unshared(z))
             except AttributeError as e:  # (a stash an earlier stage sets, gone when this one is called alone)
                 raise NotAChainError(
                     f"{self.name} failed when called on its own ({e}): where it reads a value set elsewhere "

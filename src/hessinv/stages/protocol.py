@@ -359,6 +359,6 @@ def unshared(inputs: Any) -> Any:
     is). A forward may modify its input in place (``x.mul_(2)``, ``x.sub_(mean)``, a first
     ``nn.ReLU(inplace=True)``), as plain torch allows, and hessinv calls the model on the batch it holds
     more than once: the curvature came out at ``4 X`` for ``x.mul_(2)``, with no error (a probe), and the
-    caller's data changed under it. The stages copy their inputs likewise
+    caller's data changed under it. A generic stage copies its input by it too
     (:meth:`~hessinv.stages.generic.GenericStage.forward`)."""
     return inputs.clone() if isinstance(inputs, Tensor) else inputs
