@@ -4,6 +4,9 @@ zero pivot coupled to the rest at damping 0."""
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 from reference import autograd_gauss_newton, autograd_gradient_hessian
@@ -231,3 +234,51 @@ def test_full_batch_newton_stays_on_preconditioning_without_a_double_backward():
     opt = ho.Newton(m, nn.CrossEntropyLoss(), seed=0)
     losses = [float(opt.step(X, y)) for _ in range(6)]
     assert opt.mode == "precondition" and losses[-1] < losses[0]
+
+
+def _invariant_gauss_newton(dtype: torch.dtype, gn_eps: float, seed: int):
+    """Eval BatchNorm2d (trainable affine) -> GroupNorm without affine (which normalizes each channel again:
+    the loss sees BatchNorm's parameters only through GroupNorm's eps) -> a frozen head, MSE: ``||G||``
+    about 1e-9 (float32) or 1e-18 (float64, GroupNorm eps 1e-9) while the stage blocks are of order 1."""
+    torch.manual_seed(seed)
+    bn = nn.BatchNorm2d(2)
+    with torch.no_grad():
+        bn.weight.copy_(1 + 0.3 * torch.randn(2))
+        bn.bias.copy_(0.3 * torch.randn(2))
+        bn.running_mean.copy_(0.3 * torch.randn(2))
+        bn.running_var.copy_(0.5 + torch.rand(2))
+    head = nn.Linear(8, 1).requires_grad_(False)
+    model = nn.Sequential(bn, nn.GroupNorm(2, 2, affine=False, eps=gn_eps), nn.Flatten(), head)
+    model = model.eval().to(dtype)
+    X, y = torch.randn(8, 2, 2, 2, dtype=dtype), torch.randn(8, 1, dtype=dtype)
+    return model, nn.MSELoss(), X, y
+
+
+@pytest.mark.parametrize(
+    ("dtype", "gn_eps", "seed"), [(torch.float32, 1e-5, 5), (torch.float32, 1e-5, 0), (F64, 1e-9, 13)]
+)
+def test_a_gauss_newton_matrix_positive_definite_by_construction_is_counted_so(dtype, gn_eps, seed):
+    """``G + s I`` with ``s > 0`` and a convex loss is positive definite, but the sweep's pivots carry
+    rounding relative to the stage blocks (order 1), not to ``||G||`` (1e-9): it counted 1-3 negative
+    eigenvalues at ``s = 0.1 ||G||``, certified, and ``is_positive_definite(s)`` said False (a fuzzer's
+    find). The factorization's solve and log-determinant must be those of ``G + s I`` all the same."""
+    model, loss_fn, X, y = _invariant_gauss_newton(dtype, gn_eps, seed)
+    G = hessinv.gauss_newton(model, loss_fn, X, y)
+    ref = autograd_gauss_newton(copy.deepcopy(model).double(), loss_fn, X.double(), y.double())
+    ev = torch.linalg.eigvalsh(ref)
+    s = 0.1 * float(ev.abs().max())
+    assert G.inertia(s) == (0, 0, 4)
+    assert G.is_positive_definite(s)
+    F = G.factor(s, method="riccati")
+    assert F.inertia == (0, 0, 4) and F.inertia_certified and F.positive_definite
+    assert G.factor_if_positive_definite(s) is not None
+    A = ref + s * torch.eye(4, dtype=F64)
+    b = torch.randn(4, dtype=F64)
+    with warnings.catch_warnings():  # (float64: the solve reaches 3e-8 and says so)
+        warnings.simplefilter("ignore", hessinv.AccuracyWarning)
+        x = F.solve(b.to(dtype)).double()
+    # (G's own entries carry the cancellation: BatchNorm's Jacobian through GroupNorm is u / (its eps)
+    # relative, 1e-7 in float64 -- the reference too)
+    tol = 1e-3 if dtype == torch.float32 else 1e-5
+    assert float((A @ x - b).norm() / b.norm()) < tol
+    assert F.logdet() == pytest.approx(float(torch.linalg.slogdet(A)[1]), rel=1e-3)
