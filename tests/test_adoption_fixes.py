@@ -340,3 +340,31 @@ def test_a_frozen_bfloat16_part_is_named_as_the_cause():
     with torch.no_grad():
         features = backbone(X.bfloat16()).float()
     hessinv.hessian(head, nn.CrossEntropyLoss(), features, y).factor(0.1)
+
+
+def test_a_factorization_leaves_scipys_thread_count_as_the_user_set_it(monkeypatch):
+    """Work on large blocks on an idle machine (two threads) set scipy's BLAS thread count to torch's and
+    left it there: a user's ``OPENBLAS_NUM_THREADS=1`` (or ``threadpool_limits``) undone for the rest of the
+    process (a probe)."""
+    from hessinv import linalg
+
+    if linalg._scipy_blas() is None:
+        pytest.skip("scipy's BLAS threads cannot be controlled here")
+    monkeypatch.setattr(linalg, "machine_busy", lambda: False)
+    ctl = linalg._scipy_blas()
+    before_torch, before_scipy = torch.get_num_threads(), ctl[0].num_threads
+    torch.set_num_threads(2)
+    ctl[0].set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        m = nn.Sequential(
+            nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3)
+        ).double()
+        X, y = torch.randn(64, 32, dtype=torch.float64), torch.randint(0, 3, (64,))
+        H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+        H.factor(1e-3).solve(H.gradient)
+        assert ctl[0].num_threads == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before_torch)
+        ctl[0].set_num_threads(before_scipy)
+        ctl[1] = None

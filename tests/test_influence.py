@@ -280,6 +280,85 @@ def test_moved_buffers_are_named_like_moved_parameters():
         la(X[:2])
 
 
+class _Tempered(nn.Module):
+    """A classifier with a temperature (a plain float setting) and a counter its forward moves."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.temperature, self.calls = 1.0, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.body(x) / self.temperature
+
+
+@pytest.mark.parametrize("change", ["frozen", "setting"])
+def test_a_frozen_parameter_or_setting_changed_after_fit_is_named(change):
+    """A frozen backbone's weights changed in place after fit (a reload, an average) or a plain setting (a
+    temperature 1 -> 3): the Laplace predictive and the influence scores mixed the fit's curvature with
+    the new function, no error (an influence score 6.33 against 21.9 at fit and -3.93 refit; a probe).
+    Switching the model to eval mode after fit, and a forward that counts its calls, are no change."""
+    from hessinv.laplace import Laplace
+
+    torch.manual_seed(0)
+    X, y = torch.randn(30, 4, dtype=torch.float64), torch.randint(0, 3, (30,))
+    m = _Tempered().double()
+    m.body[0].requires_grad_(False)  # (a frozen backbone)
+    la = Laplace(m, "classification").fit(X, y)
+    inf = InfluenceFunction(m, nn.CrossEntropyLoss(), "gauss_newton", damping=0.1).fit(X, y)
+    m.eval()
+    before = inf.influences(X[:2], y[:2])
+    la(X[:2])
+    assert torch.equal(inf.influences(X[:2], y[:2]), before)  # (the counter moved, and eval(): no change)
+    with torch.no_grad():
+        if change == "frozen":
+            m.body[0].weight.add_(0.5)
+        else:
+            m.temperature = 3.0
+    with pytest.raises(InvalidArgumentError, match="frozen parameters or settings"):
+        inf.influences(X[:2], y[:2])
+    with pytest.raises(InvalidArgumentError, match="frozen parameters or settings"):
+        la(X[:2])
+
+
+class _PerExampleWeighted(nn.Module):
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.register_buffer("w", w)
+
+    def forward(self, o, t):
+        return (nn.functional.cross_entropy(o, t, reduction="none") * self.w).mean()
+
+
+def test_a_loss_holding_a_weight_per_example_is_refused_by_per_example_gradients():
+    """A loss holding one weight per training example: torch broadcasts the (N,) weights onto one example's
+    loss, so each row came out as ``mean(w) grad l_i`` (47% off ``w_i grad l_i``, no error), and
+    ``BCEWithLogitsLoss(weight=W)`` with ``W`` (N, C) gave rows 24% off (vmap broadcast what eager refuses;
+    probes). A module, a partial and a function that reads the weights are refused alike; class weights
+    are not per-example weights."""
+    torch.manual_seed(0)
+    X, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    w = torch.rand(20, dtype=torch.float64)
+    W = torch.rand(20, 3, dtype=torch.float64)
+    losses = [
+        _PerExampleWeighted(w),
+        nn.BCEWithLogitsLoss(weight=W),
+        lambda o, t: (nn.functional.cross_entropy(o, t, reduction="none") * w).mean(),
+    ]
+    for loss_fn in losses:
+        t = nn.functional.one_hot(y, 3).double() if isinstance(loss_fn, nn.BCEWithLogitsLoss) else y
+        with pytest.raises(hessinv.UnsupportedStageError, match="a weight per example"):
+            per_example_gradients(m, loss_fn, X, t)
+        with pytest.raises(hessinv.UnsupportedStageError, match="a weight per example"):
+            InfluenceFunction(m, loss_fn, "gauss_newton", damping=0.1).fit(X, t)
+    rows = per_example_gradients(
+        m, nn.CrossEntropyLoss(weight=torch.rand(3, dtype=torch.float64)), X[:3], y[:3]
+    )
+    assert rows.shape[0] == 3
+
+
 def test_influence_scores_names_a_train_argument_that_is_not_a_pair():
     """``influence_scores(net, loss, X, (Xt, yt))`` raised a raw TypeError (found by a probe)."""
     from hessinv.influence import influence_scores

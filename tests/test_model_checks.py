@@ -352,3 +352,28 @@ def test_per_example_rows_of_a_stage_that_reads_the_batch_are_not_returned():
             yr = net(Xr) + torch.randn(64, 1, dtype=dtype)
             yr[0] = net(Xr[:1])[0]  # example 0 fit exactly
         assert hessinv.Chain(net, nn.MSELoss()).per_example_gradients(Xr, yr) is not None
+
+
+@pytest.mark.parametrize("margin", [17.0, 30.0])
+def test_a_log_softmax_before_nll_at_confident_predictions_gives_the_cross_entropys_hessian(margin):
+    """The Hessian kept a LogSoftmax before NLLLoss (or KLDivLoss) as a stage of its own, whose second
+    derivatives are differences of large terms at confident predictions: 5e-10 off the cross-entropy's
+    at a logit margin of 17, refused from 20 on, and ``Newton`` on PyTorch's MNIST-example head
+    (LogSoftmax + NLLLoss) died mid-training (a probe). Split at the logits, as Gauss-Newton was."""
+    torch.manual_seed(0)
+    X, y = torch.randn(4, 3, dtype=D), torch.tensor([0, 1, 2, 0])
+    m = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).to(D)
+    with torch.no_grad():  # (logits with the margin at the targets)
+        h = torch.tanh(m[0](X))
+        target = torch.zeros(4, 3, dtype=D)
+        target[torch.arange(4), y] = margin
+        sol = torch.linalg.lstsq(torch.cat([h, torch.ones(4, 1, dtype=D)], 1), target).solution
+        m[2].weight.copy_(sol[:5].T)
+        m[2].bias.copy_(sol[5])
+    ref = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    H = hessinv.hessian(nn.Sequential(m, nn.LogSoftmax(dim=1)), nn.NLLLoss(), X, y)
+    assert _rel(H.to_dense(), ref.to_dense()) < 1e-14
+    assert _rel(H.gradient, ref.gradient) < 1e-14
+    P = torch.softmax(torch.randn(4, 3, dtype=D), 1)
+    K = hessinv.hessian(nn.Sequential(m, nn.LogSoftmax(dim=1)), nn.KLDivLoss(reduction="batchmean"), X, P)
+    assert _rel(K.to_dense(), hessinv.hessian(m, nn.CrossEntropyLoss(), X, P).to_dense()) < 1e-14

@@ -152,3 +152,18 @@ def test_a_loss_nonlinear_in_each_cross_entropy_keeps_its_exact_curvature():
     ref = autograd_gauss_newton(model, loss_fn, X, y)
     G = hessinv.gauss_newton(model, loss_fn, X, y).to_dense()
     assert torch.allclose(G, ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max()))
+
+
+def test_a_batch_sized_loss_weight_with_class_targets_is_named_at_the_curvature_batch():
+    """With class-index targets the curvature batch's draw calls the loss on the drawn examples first (to
+    skip draws of ignored targets only): a loss holding a weight per example of the batch raised torch's
+    raw "size of tensor a (8) must match" there, where float targets got the named error and its advice
+    (a probe). Both now name it, and the advice works."""
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    w = torch.rand(64)
+    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    loss_fn = lambda o, t: (F.cross_entropy(o, t, reduction="none") * w).mean()  # noqa: E731
+    with pytest.raises(hessinv.UnsupportedStageError, match="curvature_batch_size at least the batch size"):
+        hessinv.optim.Newton(m, loss_fn).step(X, y)
+    hessinv.optim.Newton(m, loss_fn, curvature_batch_size=64).step(X, y)

@@ -252,7 +252,8 @@ def test_a_float32_operator_s_snapshot_copies_settings_not_what_the_loss_reaches
     a 64 x 256 x 256 nested list added 1 s per build (a review)."""
     import functools
 
-    from hessinv.curvature import _loss_snapshot, _plain_settings
+    from hessinv.curvature import _loss_snapshot
+    from hessinv.stages.generic import plain_settings
 
     class Trainer:
         def __init__(self):
@@ -271,7 +272,7 @@ def test_a_float32_operator_s_snapshot_copies_settings_not_what_the_loss_reaches
     m = nn.Linear(2, 2)
     m.table = [[[0.0] * 256 for _ in range(256)] for _ in range(64)]
     m.scales = [1.0, 2.0]
-    kept = {k for _i, _n, k, _v in _plain_settings([m])}
+    kept = {k for _i, _n, k, _v in plain_settings([m])}
     assert "scales" in kept and "training" in kept and "table" not in kept
 
 

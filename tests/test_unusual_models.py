@@ -1055,3 +1055,40 @@ def test_a_residual_block_before_a_frozen_one_wide_head_factors(loss):
     torch.testing.assert_close(F.solve(H.gradient), torch.linalg.solve(A, H.gradient), rtol=1e-10, atol=1e-12)
     w = torch.linalg.eigvalsh(0.5 * (A + A.T))
     assert F.inertia.negative == int((w < 0).sum()) and F.inertia.positive == int((w > 0).sum())
+
+
+class _ActNorm(nn.Module):
+    """Glow's ActNorm: its first call sets its parameters from the batch (a data-dependent init)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.loc, self.logs = nn.Parameter(torch.zeros(d)), nn.Parameter(torch.zeros(d))
+        self.register_buffer("inited", torch.tensor(0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.inited.item() == 0:
+            with torch.no_grad():
+                self.loc.copy_(-x.mean(0))
+                self.logs.copy_(-torch.log(x.std(0) + 1e-6))
+                self.inited.fill_(1)
+        return (x + self.loc) * torch.exp(self.logs)
+
+
+def test_a_module_that_initializes_itself_on_its_first_call_is_named_and_left_as_it_was():
+    """ActNorm on a fresh model was refused as "updates its buffers on every call" with advice
+    (model.eval()) that does not help, and the refused call left its parameters moved (its buffer put
+    back): now named as a first-call initialization, everything put back, and one forward first makes the
+    model work (a probe)."""
+    torch.manual_seed(0)
+    X, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    m = nn.Sequential(nn.Linear(4, 6), _ActNorm(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(hessinv.UnsupportedStageError, match="first call only.*run the model once"):
+        hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    with torch.no_grad():
+        m(X)
+    H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    _, ref = autograd_gradient_hessian(m, nn.CrossEntropyLoss(), X, y)
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    assert torch.allclose(H @ v, ref @ v, rtol=1e-10, atol=1e-12)

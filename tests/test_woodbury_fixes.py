@@ -301,3 +301,17 @@ def test_woodbury_factor_names_what_it_cannot_take():
     A2[n - 1, n - 1] += 5.0 - D[n - 1]
     A2[3, 3] += 6.0 - D[3]
     torch.testing.assert_close(A2 @ F.solve(b), b, rtol=0, atol=1e-12)
+
+
+def test_a_tiny_per_parameter_damping_is_refused_by_name_like_the_same_number():
+    """``G.factor(torch.full((n,), 1e-16)).solve(v)`` raised torch's "Boolean value of Tensor with more than
+    one value is ambiguous" from the singularity test (``abs(damping)`` of a tensor), where the number 1e-16
+    gets a named SingularError (a probe)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    X, y = torch.randn(2, 3, dtype=torch.float64), torch.randint(0, 3, (2,))
+    G = hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X, y)
+    v = torch.randn(G.shape[0], dtype=torch.float64)
+    for d in (1e-16, torch.full((G.shape[0],), 1e-16, dtype=torch.float64)):
+        with pytest.raises(hessinv.SingularError, match="singular to working precision"):
+            G.factor(d).solve(v)

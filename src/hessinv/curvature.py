@@ -71,7 +71,7 @@ from hessinv.riccati import (
     riccati_solve,
 )
 from hessinv.stages import Blocks, RiccatiBlocks
-from hessinv.stages.generic import LazyBlocks, NoDoubleBackward, held_tensors
+from hessinv.stages.generic import LazyBlocks, NoDoubleBackward, held_tensors, plain_settings
 from hessinv.stages.losses import loss_in_dtype, uncompiled
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -461,7 +461,7 @@ class CurvatureOperator(_AutocastOff):
             ]
             # and the modules' plain settings (a training flag, Softplus's beta, a list of scales) and the
             # loss (class weights, label smoothing) as they are now: the copy is made later
-            self._plain_point = _plain_settings(mods)
+            self._plain_point = plain_settings(mods)
             self._loss_point = _loss_snapshot(loss_fn)
         self._model_key = self.chain.model_key()
         self.blocks, self._sizes = lin.blocks, lin.sizes + [0]
@@ -1813,7 +1813,11 @@ class CurvatureOperator(_AutocastOff):
             return lam
         with warnings.catch_warnings():  # an inaccurate pair is not used: the bisection below decides
             warnings.simplefilter("ignore", AccuracyWarning)
-            e = self.eigenpairs(1, "smallest", tol=min(tol, 1e-6), certify=True)
+            try:
+                e = self.eigenpairs(1, "smallest", tol=min(tol, 1e-6), certify=True)
+            except ConvergenceError:  # (a cluster at the bottom that Lanczos did not resolve: 4 eigenvalues
+                # of a 2-1200-2 tanh MLP on one example, n = 6002; a probe)
+                return self._min_eigenvalue_bisection(tol)
         lam = float(e.values[0])
         scale = max(abs(e.interval[0]), abs(lam), _TINY64)  # interval[0]: the definite shift, beyond |lambda|
         if e.certified and float(e.residuals[0]) <= max(tol, slack) * scale:
@@ -2681,7 +2685,7 @@ class Factorization(_AutocastOff):
                 # for a random b: the first residual alone cannot tell); |A^-1 x| / |x| estimates
                 # 1 / min|lambda|
                 y, stuck = solve(x / xn)
-                norm = self.op.norm_estimate() + abs(self.damping)
+                norm = self.op.norm_estimate() + self._damping_scale()
                 explained = 10 * u * norm * xn / float(b.norm())  # a backward-stable residual, 10x over
                 cond = norm * max(xn / float(b.norm()), float(y.norm()))
             # (else no solution was found, x too small to explain the residual)
@@ -2858,7 +2862,7 @@ class Factorization(_AutocastOff):
         top = max(float(d.abs().max()), float(exact.abs().max()), torch.finfo(torch.float64).tiny)
         err = float((d[idx] - exact).abs().max()) / top
         u = torch.finfo(torch.float64).eps
-        norm, cols_norm = self.op.norm_estimate() + abs(self.damping), X.norm(dim=0)
+        norm, cols_norm = self.op.norm_estimate() + self._damping_scale(), X.norm(dim=0)
         cond = norm * max(top, float(cols_norm.max()))
         ref = cond * float((res / (norm * cols_norm + 1.0)).max())  # (|b| = 1)
         if not ref < 1e-2:  # (NaN included)
@@ -3390,7 +3394,7 @@ class Factorization(_AutocastOff):
         shift helped) and the iterations run."""
         if not self._shift_rescue or not isinstance(self.damping, float) or self._shift_prec is False:
             return None, 0
-        norm = self.op.norm_estimate() + abs(self.damping)
+        norm = self.op.norm_estimate() + self._damping_scale()
         if not math.isfinite(norm) or norm <= 0:
             return None, 0
         rel = res.norm(dim=0) / rnorm
@@ -3741,48 +3745,6 @@ class MixedFactorization(Factorization):
 
     def inverse_sqrt(self, Z: Tensor) -> Tensor:
         return super().inverse_sqrt(Z) if self._low is None else self._float64().inverse_sqrt(Z)
-
-
-# nn.Module's own bookkeeping (parameters, buffers, submodules, hooks: kept or checked elsewhere)
-_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
-_PLAIN_SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
-#: numbers a module's plain setting may hold to be copied for a float32 operator's float64 twin
-_PLAIN_MAX_LEAVES = 4096
-_CONTAINERS = (tuple, list, set, frozenset, dict)
-
-
-def _plain_leaves(v: Any, budget: int, depth: int = 0) -> int:
-    """The numbers, strings and dtypes ``v`` is made of (through tuples, lists, sets and dicts nested at
-    most 4 deep), or -1 where it holds anything else or more than ``budget`` of them."""
-    if isinstance(v, _PLAIN_SCALARS):
-        return 1
-    if depth >= 4 or not isinstance(v, _CONTAINERS) or len(v) > budget:
-        return -1
-    total = 0
-    for x in [y for kv in v.items() for y in kv] if isinstance(v, dict) else v:
-        k = _plain_leaves(x, budget - total, depth + 1)
-        if k < 0 or total + k > budget:
-            return -1
-        total += k
-    return total
-
-
-def _plain_settings(mods: Sequence[nn.Module]) -> list[tuple[int, str, str, Any]]:
-    """Every module's plain settings (values of its ``__dict__`` made of at most
-    :data:`_PLAIN_MAX_LEAVES` numbers and strings: ``training``, a Softplus's ``beta``, a list of
-    scales), copied: what a float32 operator's float64 copy of the model, made when first needed, is set
-    back to (a forward may read them untraced, in a stage called whole)."""
-    kept = []
-    for i, top in enumerate(mods):
-        for name, m in top.named_modules():
-            for k, v in vars(m).items():
-                if k in _MODULE_INTERNALS:
-                    continue
-                if isinstance(v, _PLAIN_SCALARS):  # (immutable: no copy)
-                    kept.append((i, name, k, v))
-                elif isinstance(v, _CONTAINERS) and _plain_leaves(v, _PLAIN_MAX_LEAVES) >= 0:
-                    kept.append((i, name, k, copy.deepcopy(v)))
-    return kept
 
 
 def _contents(v: Any) -> list:

@@ -68,7 +68,7 @@ from hessinv.errors import (
 )
 from hessinv.riccati import Inertia
 from hessinv.stages.generic import dense_lookup_grads
-from hessinv.stages.losses import count_examples, sums_examples
+from hessinv.stages.losses import count_examples, holds_batch_sized, loss_name, sums_examples
 
 __all__ = [
     "InfluenceFunction",
@@ -167,6 +167,15 @@ def per_example_gradients(
     if len(targets) != len(inputs):
         raise ShapeMismatchError(
             f"batch sizes differ: inputs {tuple(inputs.shape)}, targets {tuple(targets.shape)}"
+        )
+    if holds_batch_sized(loss_fn, len(inputs)):
+        # (torch broadcasts the weights onto one example's loss: each row came out as mean(w) grad l_i
+        # instead of w_i grad l_i, 47% off, with no error; a probe)
+        raise UnsupportedStageError(
+            f"{loss_name(loss_fn)} holds a tensor sized for the batch of {len(inputs)} (a weight per "
+            "example): one example's loss, which a per-example gradient is, would be weighted by the whole "
+            "batch's weights. Pass a loss of per-example terms alone (the unweighted loss; to weight the "
+            "examples, scale their rows yourself, or carry each weight in its target and read it in the loss)"
         )
     trainable = [p for p in model.parameters() if p.requires_grad]
     chain = _per_example_chain(model, loss_fn, trainable, chain)
@@ -434,7 +443,7 @@ class InfluenceFunction:
         self._weight = 1.0  # N / B for a summed loss on a curvature batch (fit)
         self.train_gradients: Tensor | None = None
         self._at: Tensor | None = None  # the parameters' values at fit
-        self._buffers: list[Tensor] | None = None  # the buffers at fit
+        self._held: list | None = None  # what the model reads besides its parameters, at fit
 
     def fit(
         self,
@@ -487,7 +496,7 @@ class InfluenceFunction:
                 "curvature -- use curvature='gauss_newton' or a larger damping"
             )
         self.operator, self.factorization, self._weight = op, fac, w
-        self._at, self._buffers = op.chain.flat_params(), op.chain.buffer_values()
+        self._at, self._held = op.chain.flat_params(), op.chain.held_state(modes=False)
         self.train_gradients = grads
         return self
 
@@ -527,7 +536,7 @@ class InfluenceFunction:
     def _check_unmoved(self) -> None:
         """A named error if the model's parameters or buffers changed since :meth:`fit`."""
         if self.operator is not None and self._at is not None:
-            self.operator.chain.check_params(self._at, "the influence function", self._buffers)
+            self.operator.chain.check_params(self._at, "the influence function", self._held)
 
     def _gradients(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """Per-example gradients at the point :meth:`fit` factored at (a named error if the model moved)."""

@@ -187,7 +187,7 @@ class Laplace:
         self.operator: CurvatureOperator | None = None
         self._cache: tuple[float, Factorization] | None = None
         self._search_spectrum: Tensor | None = None  # G's eigenvalues during a search (_spectrum)
-        self._buffers: list[Tensor] | None = None  # the model's buffers at fit
+        self._held: list | None = None  # what the model reads besides its parameters, at fit
 
     # the settings, checked whenever set -- at construction, by optimize_prior_precision, or by the caller
     # afterwards as laplace-torch users do (a string, 0, a negative or a NaN reached the posterior's
@@ -302,7 +302,7 @@ class Laplace:
         self.operator, self.mean, self.n_params, self.prior_mean = op, mean, mean.numel(), prior_mean
         self.n_data, self.n_outputs = len(X), n_outputs
         self.loss = float(op.loss)  # summed cross-entropy, or summed squared error
-        self._buffers = op.chain.buffer_values()
+        self._held = op.chain.held_state(modes=False)
         self._cache = None
         return self
 
@@ -311,7 +311,7 @@ class Laplace:
         samples are the fit's, and a model trained on since would have them silently stale."""
         if self.operator is None:
             raise NotFittedError("call fit(X, y) first")
-        self.operator.chain.check_params(self.mean, "the Laplace approximation", self._buffers)
+        self.operator.chain.check_params(self.mean, "the Laplace approximation", self._held)
         return self.operator
 
     def _scale(self, sigma: float) -> float:

@@ -121,20 +121,22 @@ def machine_busy() -> bool:
 @contextlib.contextmanager
 def one_thread_if(small: bool):
     """Run the block on one torch thread if ``small`` or the machine is busy (:func:`machine_busy`; and
-    torch uses more threads), then restore the count."""
+    torch uses more threads), then restore the count -- and scipy's BLAS thread count, which the block's
+    scipy kernels set to torch's (:func:`_scipy_ready`): a process-wide setting of the user's (scipy and
+    sklearn after a factorization ran on torch's count, or on one)."""
     threads = torch.get_num_threads()
-    if threads == 1 or not (small or machine_busy()):
-        yield
-        return
+    one = threads > 1 and (small or machine_busy())
     ctl = _scipy_blas()
     scipy_threads = ctl[0].num_threads if ctl is not None else None
-    torch.set_num_threads(1)
+    if one:
+        torch.set_num_threads(1)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
-        if ctl is not None and ctl[0].num_threads != scipy_threads:  # (the block's kernels followed torch's
-            ctl[0].set_num_threads(scipy_threads)  # one thread: scipy and sklearn after it ran on one)
+        if one:
+            torch.set_num_threads(threads)
+        if ctl is not None and ctl[0].num_threads != scipy_threads:
+            ctl[0].set_num_threads(scipy_threads)
             ctl[1] = scipy_threads
 
 

@@ -81,12 +81,12 @@ from hessinv.chain import (
     deterministic_chain,
     layers_in_mode,
     model_parts,
+    same_tensor,
     training_layers,
     unshared,
 )
 from hessinv.curvature import (
     CurvatureOperator,
-    _plain_settings,
     curvature_class,
     factorization_flops,
     normalize_curvature,
@@ -120,7 +120,7 @@ from hessinv.optim.precondition import (
 )
 from hessinv.optim.trust_region import TrustRegion
 from hessinv.riccati import Inertia
-from hessinv.stages.generic import NoDoubleBackward, NoFastPath, held_tensors
+from hessinv.stages.generic import NoDoubleBackward, NoFastPath
 from hessinv.stages.losses import nothing_to_learn, uncompiled
 
 __all__ = ["Newton", "StepStats"]
@@ -953,33 +953,9 @@ class Newton(torch.optim.Optimizer):
     def _batch_key(self, inputs: Tensor, targets: Tensor) -> tuple[Any, ...]:
         """Copies of the batch and the parameters' values, compared by :meth:`_same_point` (tensor versions
         would miss ``p.data.mul_()``, ``vector_to_parameters`` and ``p.data = ...``), and what else the
-        curvature reads (:meth:`_held_state`)."""
+        curvature reads (:meth:`~hessinv.chain.Chain.held_state`)."""
         params = torch.cat([p.detach().reshape(-1) for p in self.chain.params])
-        return (inputs.detach().clone(), targets.detach().clone(), params, self._held_state())
-
-    def _held_state(self) -> list[Any]:
-        """The model's and the loss's other tensors -- buffers (an eval-mode BatchNorm's running
-        statistics, a loss's class weights, a ``functools.partial``'s tensor arguments) and frozen
-        parameters, by a copy, or where large (a frozen backbone, a mask buffer) by their storage and
-        version counter (microseconds: an edit through ``.data`` of such a tensor is not seen) -- and their
-        plain settings (modes, ``label_smoothing``): a change in any of them since a rejected step
-        changes the curvature to take again."""
-        mods = [m for m in model_parts(self.model) if isinstance(m, nn.Module)]
-        loss, tensors = uncompiled(self.loss_fn), []
-        while isinstance(loss, functools.partial):
-            tensors += [t for t in (*loss.args, *loss.keywords.values()) if isinstance(t, Tensor)]
-            loss = uncompiled(loss.func)
-        if isinstance(loss, nn.Module):
-            mods.append(loss)
-        trained = {id(p) for p in self.chain.params}
-        held: list[Any] = [
-            t.detach().clone()
-            if t.numel() <= _HELD_COPY
-            else (t.data_ptr(), t._version, tuple(t.shape), t.dtype)
-            for t in [*held_tensors(mods), *tensors]
-            if id(t) not in trained
-        ]
-        return [held, _plain_settings(mods)]
+        return (inputs.detach().clone(), targets.detach().clone(), params, self.chain.held_state())
 
     def _same_point(self, key: tuple[Any, ...], inputs: Tensor, targets: Tensor) -> bool:
         """Whether the batch, the parameters and the rest the curvature reads are those
@@ -989,17 +965,7 @@ class Newton(torch.optim.Optimizer):
             targets.detach(),
             torch.cat([p.detach().reshape(-1) for p in self.chain.params]),
         )
-        if not all(map(_same_tensor, key[:3], now)):
-            return False
-        (held, plain), (held_now, plain_now) = key[3], self._held_state()
-        same = len(held) == len(held_now) and all(
-            type(a) is type(b) and (a == b if isinstance(a, tuple) else _same_tensor(a, b))
-            for a, b in zip(held, held_now, strict=True)
-        )
-        try:
-            return same and bool(plain == plain_now)
-        except Exception:  # noqa: BLE001 - settings that do not compare: take the curvature again
-            return False
+        return all(map(same_tensor, key[:3], now)) and self.chain.same_held(key[3])
 
     @torch.no_grad()
     def _restore(self, backup: list[Tensor]) -> None:
@@ -1889,15 +1855,6 @@ _REGRESSION_LOSSES = (nn.MSELoss, nn.L1Loss, nn.HuberLoss, nn.SmoothL1Loss)
 
 #: the entries of the state that "auto" mode's decision writes (:meth:`Newton._resolve_mode`)
 _MODE_KEYS = ("mode", "previous", "from_auto", "trust_region_batch", "trust_region_rows")
-
-#: buffers and frozen tensors of at most this many entries are copied for :meth:`Newton._held_state`;
-#: larger ones are known by their storage, version counter, shape and dtype
-_HELD_COPY = 2**16
-
-
-def _same_tensor(a: Tensor, b: Tensor) -> bool:
-    """The same shape, dtype and values (NaN unequal, as ``torch.equal`` has it)."""
-    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
 
 
 def _number_of(v: Any) -> Any:

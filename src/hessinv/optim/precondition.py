@@ -91,6 +91,7 @@ from hessinv.lowrank import WoodburyFactor, written_runs
 from hessinv.stages.losses import (
     count_examples,
     counted_examples,
+    holds_batch_sized,
     ignored_index,
     nothing_to_learn,
     sums_examples,
@@ -762,7 +763,7 @@ def explained_subsample(k: int | None, loss_fn: Any, targets: Tensor) -> Iterato
         batch = int(targets.shape[0])
         if k is None or k >= batch or "loss_fn(outputs, targets) failed" not in str(e):
             raise
-        if not _holds_batch_sized(loss_fn, batch):  # (another cause: its message stands)
+        if not holds_batch_sized(loss_fn, batch):  # (another cause: its message stands)
             raise
         raise UnsupportedStageError(
             f"{e}. The curvature is taken on {k} examples drawn from the batch's {batch} "
@@ -783,18 +784,6 @@ def explained_subsample(k: int | None, loss_fn: Any, targets: Tensor) -> Iterato
             "lambda (one process then draws again; data-parallel ranks cannot, as their draws must agree). "
             "Pass the loss in one of those forms, or a curvature_batch_size as large as the batch"
         ) from e
-
-
-def _holds_batch_sized(loss_fn: Any, batch: int) -> bool:
-    """Whether ``loss_fn`` (a module: its tensor attributes and buffers; a ``functools.partial``: its
-    arguments) holds a tensor whose first dimension is ``batch``: a per-example weight."""
-    if isinstance(loss_fn, functools.partial):
-        values = [*loss_fn.args, *loss_fn.keywords.values()]
-    elif isinstance(loss_fn, nn.Module):
-        values = [v for m in loss_fn.modules() for v in (*vars(m).values(), *m.buffers(recurse=False))]
-    else:
-        values = []
-    return any(isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == batch for v in values)
 
 
 #: draws of a curvature batch whose loss is not finite before it doubles (:func:`curvature_batch`)
@@ -850,7 +839,14 @@ def finite_loss_on(owner: Any, X: Tensor, y: Tensor, idx: Tensor) -> bool:
     """Whether ``owner.loss_fn`` is finite on the examples ``idx`` of ``(X, y)`` (one forward pass)."""
     with torch.no_grad():
         out = owner.chain.forward(X[idx])[-1]
-        return bool(torch.isfinite(owner.loss_fn(out, unshared(owner.chain.prepare_targets(y[idx])))).all())
+        try:
+            value = owner.loss_fn(out, unshared(owner.chain.prepare_targets(y[idx])))
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:  # (named as the curvature's own call)
+            raise UnsupportedStageError(
+                f"the loss: loss_fn(outputs, targets) failed on {len(idx)} examples drawn from the batch "
+                f"({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+            ) from e
+        return bool(torch.isfinite(value).all())
 
 
 def curvature_weight(owner: Any, Xc: Tensor, yc: Tensor, targets: Tensor, k: int | None = None) -> float:

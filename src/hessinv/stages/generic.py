@@ -34,13 +34,14 @@ weight x input second derivative of an affine ``layer_norm`` is wrong, while pla
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import numbers
 import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -496,26 +497,42 @@ class GenericStage(Stage):
             raise NotAChainError(f"{self.name} returns {type(out).__name__}, not one tensor{hint}")
         return out
 
+    def _live(self) -> list[Tensor]:
+        """The module's parameters and buffers."""
+        mod = self.module
+        return [*mod.parameters(), *mod.buffers()] if isinstance(mod, nn.Module) else []
+
+    def _state(self, copy: bool = True) -> list[Tensor]:
+        """The values of :meth:`_live` (copies, or the tensors detached)."""
+        return [t.detach().clone() if copy else t.detach() for t in self._live()]
+
     def forward(self, z: Tensor) -> Tensor:
         if self._checked:
             return self._call(z)
-        buffers = [b.detach().clone() for b in self.module.buffers()]
         renorm = [
             (m, m.weight.detach().clone())
             for m in (self.module.modules() if isinstance(self.module, nn.Module) else ())
             if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
         ]
+        held = self._state()  # (the parameters too: a forward may write them, ActNorm's first call)
         out = self._call(z)
-        if sum(1 for _ in self.module.buffers()) != len(buffers):  # one registered or filled on first use
-            buffers = [b.detach().clone() for b in self.module.buffers()]  # (a mask): from here on
+        if len(self._live()) != len(held):  # one registered or filled on first use (a mask): from here on
+            held = self._state()
             out = self._call(z)
+        first = self._state()
         again = self._call(z)
-        after = [b.detach() for b in self.module.buffers()]
-        changed = not _buffers_equal(buffers, after)
-        if changed:
+        # (the rows an embedding with max_norm renormalizes at every call, torch's semantics: named below)
+        renormed = {id(m.weight) for m, _ in renorm}
+        live = self._live()
+        kept = [i for i, t in enumerate(live) if id(t) not in renormed]
+        after = self._state(copy=False)
+        changed = not _buffers_equal([held[i] for i in kept], [after[i] for i in kept])
+        # (moved on the first call only: a data-dependent initialization)
+        initialized = changed and _buffers_equal([first[i] for i in kept], [after[i] for i in kept])
+        if changed:  # put back
             with torch.no_grad():
-                for b, saved in zip(self.module.buffers(), buffers, strict=True):
-                    b.copy_(saved)
+                for i in kept:
+                    live[i].copy_(held[i])
         same = out.shape == again.shape and torch.equal(torch.nan_to_num(out), torch.nan_to_num(again))
         moved = [m for m, w in renorm if not torch.equal(w, m.weight)]  # (rows renormalized by the calls)
         if not same and moved:
@@ -525,8 +542,14 @@ class GenericStage(Stage):
                 "call (torch's semantics); renormalize every row once before (under torch.no_grad(), call "
                 "the embedding on torch.arange(num_embeddings)), or set max_norm=None"
             )
+        if initialized and same:
+            raise UnsupportedStageError(
+                f"{self.name} changed its parameters or buffers on its first call only (a data-dependent "
+                "initialization, as Glow's ActNorm does; put back as they were): run the model once on real "
+                "data (under torch.no_grad()) before using hessinv"
+            )
         if changed or not same:
-            what = "updates its buffers" if changed else "returns different outputs"
+            what = "updates its parameters or buffers" if changed else "returns different outputs"
             raise UnsupportedStageError(
                 f"{self.name} {what} on every call: it is random or stateful (Dropout, RReLU, BatchNorm "
                 "with batch statistics, spectral_norm's power iteration in training mode); call model.eval() "
@@ -2073,6 +2096,48 @@ def held_tensors(modules: Any, plain: bool = True) -> list[Tensor]:
                 if isinstance(t, Tensor):
                     seen.setdefault(id(t), t)
     return list(seen.values())
+
+
+# nn.Module's own bookkeeping (parameters, buffers, submodules, hooks: kept or checked elsewhere)
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+_PLAIN_SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+#: numbers a module's plain setting may hold to be copied for a float32 operator's float64 twin
+_PLAIN_MAX_LEAVES = 4096
+_CONTAINERS = (tuple, list, set, frozenset, dict)
+
+
+def _plain_leaves(v: Any, budget: int, depth: int = 0) -> int:
+    """The numbers, strings and dtypes ``v`` is made of (through tuples, lists, sets and dicts nested at
+    most 4 deep), or -1 where it holds anything else or more than ``budget`` of them."""
+    if isinstance(v, _PLAIN_SCALARS):
+        return 1
+    if depth >= 4 or not isinstance(v, _CONTAINERS) or len(v) > budget:
+        return -1
+    total = 0
+    for x in [y for kv in v.items() for y in kv] if isinstance(v, dict) else v:
+        k = _plain_leaves(x, budget - total, depth + 1)
+        if k < 0 or total + k > budget:
+            return -1
+        total += k
+    return total
+
+
+def plain_settings(mods: Sequence[nn.Module]) -> list[tuple[int, str, str, Any]]:
+    """Every module's plain settings (values of its ``__dict__`` made of at most
+    :data:`_PLAIN_MAX_LEAVES` numbers and strings: ``training``, a Softplus's ``beta``, a list of
+    scales), copied: what a float32 operator's float64 copy of the model, made when first needed, is set
+    back to (a forward may read them untraced, in a stage called whole)."""
+    kept = []
+    for i, top in enumerate(mods):
+        for name, m in top.named_modules():
+            for k, v in vars(m).items():
+                if k in _MODULE_INTERNALS:
+                    continue
+                if isinstance(v, _PLAIN_SCALARS):  # (immutable: no copy)
+                    kept.append((i, name, k, v))
+                elif isinstance(v, _CONTAINERS) and _plain_leaves(v, _PLAIN_MAX_LEAVES) >= 0:
+                    kept.append((i, name, k, copy.deepcopy(v)))
+    return kept
 
 
 def watchable(v: Any) -> bool:

@@ -270,6 +270,32 @@ def sums_examples(loss_fn: Callable, outputs: Tensor, targets: Tensor) -> bool |
     return False
 
 
+def holds_batch_sized(loss_fn: Any, batch: int) -> bool:
+    """Whether ``loss_fn`` holds a tensor whose first dimension is ``batch`` (more than one): a weight
+    per example, which torch broadcasts onto the examples of another batch (a curvature batch drawn from
+    it, one example alone). A module: its tensor attributes and buffers; a ``functools.partial``: its
+    arguments; a function: the tensors it closes over, reads as globals or has as defaults."""
+    if batch < 2:
+        return False
+    if isinstance(loss_fn, functools.partial):
+        values = [*loss_fn.args, *loss_fn.keywords.values()]
+    elif isinstance(loss_fn, nn.Module):
+        values = [v for m in loss_fn.modules() for v in (*vars(m).values(), *m.buffers(recurse=False))]
+        if type(loss_fn) in (nn.CrossEntropyLoss, nn.NLLLoss):  # (its weight is one per class)
+            values = [v for v in values if v is not loss_fn.weight]
+    else:
+        cells = getattr(loss_fn, "__closure__", None) or ()
+        values = list(getattr(loss_fn, "__defaults__", None) or ())
+        for c in cells:
+            try:
+                values.append(c.cell_contents)
+            except ValueError:  # (an empty cell)
+                pass
+        code, scope = getattr(loss_fn, "__code__", None), getattr(loss_fn, "__globals__", None) or {}
+        values += [scope[k] for k in (code.co_names if code is not None else ()) if k in scope]
+    return any(isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == batch for v in values)
+
+
 def plain_module(fn: Callable) -> bool:
     """Whether calling ``fn`` runs no more than its class's ``forward``: not a module, or a module (and
     submodules) without forward (pre-)hooks, backward hooks or a ``forward`` set on the instance. Only
@@ -682,8 +708,11 @@ class LossStage:
         table), of the MSE and BCE closed forms (the cross-entropy's: :meth:`_softmax_derivatives`)."""
         t = self.targets
         if self.kind == "bce":
-            sig = torch.sigmoid(y)  # sigma (1 - sigma) as sigma(y) sigma(-y): 1 - sigma cancels at y >> 1
-            return (F.softplus(y) - t * y).sum(-1), sig - t, sig * torch.sigmoid(-y)
+            sig, sig_neg = torch.sigmoid(y), torch.sigmoid(-y)  # sigma (1 - sigma) as sigma(y) sigma(-y)
+            # sigma(y) - t as (1 - t) - sigma(-y) where y > 0: sigma(y) - t cancels where both are near 1
+            # (7e-4 off the Hessian at y = 30, a probe)
+            grad = torch.where(y > 0, (1 - t) - sig_neg, sig - t)
+            return (F.softplus(y) - t * y).sum(-1), grad, sig * sig_neg
         r = y - t
         return r.square().sum(-1), 2 * r, torch.full_like(y, 2.0)
 
@@ -777,18 +806,27 @@ class LossStage:
         logp = F.log_softmax(y, -1)
         p = logp.exp()
         mass = q.sum(-1)
-        return -(q * logp).sum(-1), mass[:, None] * p - q, (p, mass[:, None])
+        g = mass[:, None] * p - q
+        if g.shape[-1] > 1:  # the likeliest class's entry as minus the others' sum (the entries sum to 0):
+            # mass p_k - q_k cancels at a confident prediction (p_k = 1 - 1e-13: the gradient 3% off at a
+            # logit margin of 36, the Hessian 4e-6; a probe), the others' entries are accurate
+            k = p.argmax(-1, keepdim=True)
+            g.scatter_(-1, k, 0.0)
+            g.scatter_(-1, k, -g.sum(-1, keepdim=True))
+        return -(q * logp).sum(-1), g, (p, mass[:, None])
 
-    def _check_constant_gradient(self, y: Tensor, G: Tensor) -> None:
-        """A gradient ``G = dL/dy`` without a graph is piecewise constant (a loss linear in the outputs, or
-        made of kinks: a hinge, ``clamp``, ``maximum``, a quantile loss -- its second derivative is zero
-        almost everywhere) or autograd cannot differentiate the loss's backward (a ``torch.compile``-d
-        function inside ``loss_fn``, a custom ``autograd.Function`` whose backward is not itself
-        differentiable) -- then the second derivative would read as zero. Told apart by the gradient at
-        ``y`` moved by ``h ~ sqrt(u) (1 + |y|)`` and by ``2 h``: a smooth gradient changes in every entry the
-        loss reads, twice as much at ``2 h``; a piecewise constant one only where an output lies that close
-        to a kink, by the same jump at both. (A loss of many outputs spaced below ``sqrt(u)`` apart that
-        it sorts can look smooth and be refused.)"""
+    def _check_second_derivative(self, y: Tensor, G: Tensor, change: Callable[[Tensor], Tensor]) -> None:
+        """Raise :class:`UnsupportedStageError` where autograd's second derivative of the loss is not the
+        change of its gradient ``G = dL/dy``: ``change(h)`` (``Lambda h`` per example, zero where ``G`` has
+        no graph) against ``G(y + h) - G(y)`` for ``h ~ sqrt(u) (1 + |y|)`` in every entry. A gradient that
+        autograd cannot differentiate -- a ``torch.compile``-d function inside ``loss_fn``, a custom
+        ``autograd.Function`` whose backward is not itself differentiable, or has a graph that does not
+        reach the outputs -- reads as zero there (47% off the Hessian, the Gauss-Newton matrix zero, with no
+        error: a probe). A piecewise constant gradient (a loss linear in the outputs, or made of kinks: a
+        hinge, ``clamp``, ``maximum``, a quantile loss) is told apart by the step ``2 h``: a smooth gradient
+        changes twice as much, one crossing a kink by the same jump at both (its second derivative, zero
+        almost everywhere, is right). (A loss of many outputs spaced below ``sqrt(u)`` apart that it sorts
+        can look smooth and be refused.)"""
         from hessinv.stages.generic import _grads
 
         if not G.numel():
@@ -797,24 +835,26 @@ class LossStage:
         dy = torch.rand(y.shape, generator=gen, dtype=torch.float64).to(y) + 0.5  # (0.5, 1.5): every entry
         eps = torch.finfo(y.dtype).eps
         step = math.sqrt(eps) * (1 + y.detach().abs()) * dy
+        G0 = G.detach()
 
         def moved(k: float) -> Tensor:  # G at y + k step, minus G
             yk = (y.detach() + k * step).requires_grad_(True)
             with torch.enable_grad():
-                return _grads(self.call(yk), [yk])[0].reshape(G.shape) - G.detach()
+                return _grads(self.call(yk), [yk])[0].reshape(G0.shape) - G0
 
         d1, d2 = moved(1.0), moved(2.0)
         # per entry, beyond its own rounding (one large residual elsewhere must not hide a change)
-        changed = d1.abs() > 10 * eps * torch.maximum(G.detach().abs(), (G.detach() + d1).abs())
+        noise = 10 * eps * torch.maximum(G0.abs(), (G0 + d1).abs())
+        changed = d1.abs() > noise
         # smooth: the change doubles with the step; a kink crossed: the same jump at both steps
         smooth = changed & ((d2 - 2 * d1).abs() <= 0.2 * d1.abs())
-        if int(smooth.sum()) and int(smooth.sum()) >= 0.5 * int(changed.sum()):
+        missed = smooth & ((d1 - change(step.reshape(G0.shape)).to(d1)).abs() > 0.1 * d1.abs() + 2 * noise)
+        if int(missed.sum()) and int(missed.sum()) >= 0.5 * int(changed.sum()):
             raise UnsupportedStageError(
-                f"{self.name}: autograd cannot differentiate the loss's gradient (its backward has no "
-                "graph: a torch.compile-d function inside loss_fn, or a custom autograd.Function whose "
-                "backward is not differentiable), while the gradient changes smoothly with the outputs: "
-                "the second derivative would read as zero. Pass a loss autograd can differentiate twice "
-                "(the uncompiled function)"
+                f"{self.name}: autograd cannot differentiate the loss's gradient (a torch.compile-d function "
+                "inside loss_fn, or a custom autograd.Function whose backward is not differentiable in the "
+                "outputs), while the gradient changes smoothly with them: the second derivative would read "
+                "as zero. Pass a loss autograd can differentiate twice (the uncompiled function)"
             )
 
     def _per_position_softmax(self, y: Tensor, G: Tensor) -> LossBlocks | None:
@@ -862,8 +902,13 @@ class LossStage:
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"{self.name}: the loss is {loss.item()}")
             G = _grads(loss, [y], create_graph=True)[0].reshape(B, -1)
+            if (
+                G.requires_grad
+                and torch.autograd.grad(G.sum(), y, retain_graph=True, allow_unused=True)[0] is None
+            ):
+                G = G.detach()  # (a graph that does not reach the outputs: none)
             if not G.requires_grad:
-                self._check_constant_gradient(y, G)
+                self._check_second_derivative(y, G, torch.zeros_like)
             C = G.shape[1]
             if self.softmax_classes and G.requires_grad:
                 blocks = self._per_position_softmax(y, G)
@@ -876,6 +921,7 @@ class LossStage:
                 ref = _grads((G * V).sum(), [y])[0].reshape(B, C)
                 tol = 1e3 * torch.finfo(G.dtype).eps
                 if float((lam * V - ref).abs().max()) <= tol * max(float(ref.abs().max()), 1e-300):
+                    self._check_second_derivative(y, G, lambda h: lam.detach() * h)
                     return LossBlocks(G.detach(), None, diag=lam.detach()), loss.detach()
             check_output_curvature_size(B, C, self.name)
 
@@ -905,4 +951,6 @@ class LossStage:
                     raise UnsupportedStageError(
                         f"{self.name} mixes examples: it is not a sum of per-example terms of the outputs"
                     )
+            if G.requires_grad:  # (else checked above)
+                self._check_second_derivative(y, G, lambda h: torch.bmm(Lam.detach(), h[:, :, None])[..., 0])
         return LossBlocks(G.detach(), Lam), loss.detach()
