@@ -192,3 +192,17 @@ def test_a_numpy_array_times_the_operator_is_a_named_error():
     for f in (lambda: H @ v, lambda: v @ H):
         with pytest.raises(hessinv.InvalidArgumentError, match="torch.Tensor"):
             f()
+
+
+def test_a_zero_dimensional_numpy_array_is_a_number_like_a_numpy_scalar():
+    """``H.factor(np.array(0.1))`` was refused ("must be a real number") while ``np.float64(0.1)`` and a 0-d
+    tensor were taken (a probe)."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    H = hessinv.hessian(m, torch.nn.CrossEntropyLoss(), X, y)
+    b = torch.randn(H.shape[0], dtype=torch.float64)
+    assert torch.equal(H.factor(np.array(0.1)).solve(b), H.factor(0.1).solve(b))
+    assert H.inertia(np.array(0.5)) == H.inertia(0.5)

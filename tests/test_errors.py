@@ -1060,3 +1060,18 @@ def test_sparse_inputs_are_named():
         hessinv.hessian(m, torch.nn.CrossEntropyLoss(), X.to_sparse(), y)
     with pytest.raises(hessinv.InvalidArgumentError, match="to_dense"):
         hessinv.optim.Newton(m, torch.nn.CrossEntropyLoss()).step(X.to_sparse(), y)
+
+
+def test_a_loss_with_no_finite_second_derivative_at_the_point_is_named():
+    """``|r|^1.5`` or a norm of the residual at a residual of exactly 0 has no second derivative there: the
+    operator was built silently, ``to_dense()`` came back NaN and every product said "overflows ... scale it
+    down", which cannot help (a probe)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X = torch.randn(4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        T = m(X) + 0.3
+        T[0] = m(X)[0]  # (example 0 fitted exactly)
+    for lf in (lambda o, t: (o - t).abs().pow(1.5).mean(), lambda o, t: (o - t).norm(dim=1).mean()):
+        with pytest.raises(hessinv.NonFiniteError, match="second derivative in the outputs is not finite"):
+            hessinv.hessian(m, lf, X, T)

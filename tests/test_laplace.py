@@ -1041,3 +1041,18 @@ def test_the_evidence_is_differentiable_in_the_prior_precision_and_noise(likelih
     lp = torch.tensor(a, dtype=torch.float64, requires_grad=True)
     with pytest.raises(InvalidArgumentError, match="not differentiable again"):
         torch.autograd.grad(la.log_marginal_likelihood(lp.exp()), lp, create_graph=True)
+
+
+def test_a_prior_precision_too_large_gets_advice_that_works():
+    """The refusal of a prior precision beyond the damping the factorization takes (``delta / c = 2
+    sigma^2 delta``) advised "a larger sigma_noise", which makes it larger, and advised sigma_noise for
+    classification, which refuses it (a probe)."""
+    torch.manual_seed(0)
+    X, yr = torch.randn(30, 4, dtype=torch.float64), torch.randn(30, 2, dtype=torch.float64)
+    yc = torch.randint(0, 2, (30,))
+    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    with pytest.raises(InvalidArgumentError, match="smaller prior precision or a smaller sigma_noise"):
+        Laplace(m, "regression", prior_precision=1e150, sigma_noise=1.0).fit(X, yr).log_marginal_likelihood()
+    Laplace(m, "regression", prior_precision=1e150, sigma_noise=1e-3).fit(X, yr).log_marginal_likelihood()
+    with pytest.raises(InvalidArgumentError, match="choose a smaller prior precision$"):
+        Laplace(m, "classification", prior_precision=1e200).fit(X, yc).log_marginal_likelihood()

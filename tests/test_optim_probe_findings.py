@@ -167,3 +167,114 @@ def test_a_batch_sized_loss_weight_with_class_targets_is_named_at_the_curvature_
     with pytest.raises(hessinv.UnsupportedStageError, match="curvature_batch_size at least the batch size"):
         hessinv.optim.Newton(m, loss_fn).step(X, y)
     hessinv.optim.Newton(m, loss_fn, curvature_batch_size=64).step(X, y)
+
+
+def test_auto_mode_hands_back_to_preconditioning_with_its_momentum_started_afresh():
+    """After full-batch trust-region steps, the first mini-batch hands back to preconditioning: the momentum
+    of the very first (preconditioned) step was kept through the trust region and the bias correction
+    counted the trust-region steps, so the first steps after were 4.6x shorter than a fresh optimizer's
+    from the same weights, and carried the initial point's gradient (a probe)."""
+    import copy
+
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(1024, 10, generator=g), torch.randint(0, 4, (1024,), generator=g)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 4))
+    lf = nn.CrossEntropyLoss()
+    opt = hessinv.optim.Newton(m, lf, seed=0)
+    for _ in range(15):
+        opt.step(X[:32], y[:32])
+    assert opt.mode == "trust-region"
+    fresh_model = copy.deepcopy(m)
+    fresh = hessinv.optim.Newton(fresh_model, lf, seed=0, mode="precondition")
+    opt.step(X[64:128], y[64:128])
+    fresh.step(X[64:128], y[64:128])
+    assert opt.mode == "precondition" and opt._newton["momentum_since"] == 15
+    assert opt.last_stats.step_norm >= 0.5 * fresh.last_stats.step_norm
+
+
+def test_closures_in_two_threads_sharing_one_loss_module_see_their_own_batch():
+    """Two threads, each with its own model and Newton, one shared ``criterion``: the closure's watch on the
+    loss module saw the other thread's calls too, and refused ("called loss_fn on 2 different batches") in
+    most runs (a probe)."""
+    import threading
+
+    crit = nn.CrossEntropyLoss()
+    errors: list[BaseException] = []
+
+    def train(seed: int) -> None:
+        try:
+            g = torch.Generator().manual_seed(seed)
+            X, y = torch.randn(256, 10, generator=g), torch.randint(0, 4, (256,), generator=g)
+            torch.manual_seed(seed)
+            m = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 4))
+            opt = hessinv.optim.Newton(m, crit, seed=seed)
+            for i in range(30):
+                xb, yb = X[32 * (i % 8) : 32 * (i % 8) + 32], y[32 * (i % 8) : 32 * (i % 8) + 32]
+
+                def closure(xb=xb, yb=yb, m=m, opt=opt):
+                    opt.zero_grad()
+                    loss = crit(m(xb), yb)
+                    loss.backward()
+                    return loss
+
+                opt.step(closure)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=train, args=(s,)) for s in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_a_closure_that_calls_the_model_with_more_than_its_input_is_warned_of():
+    """``model(x, mask)`` in the closure: the curvature is that of ``model(x)`` alone, silently (a probe)."""
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+        def forward(self, x, scale=None):
+            out = self.net(x)
+            return out if scale is None else out * scale
+
+    torch.manual_seed(0)
+    m, crit = Scaled(), nn.CrossEntropyLoss()
+    X, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    opt = hessinv.optim.Newton(m, crit)
+
+    def closure():
+        opt.zero_grad()
+        loss = crit(m(X, 2.0), y)
+        loss.backward()
+        return loss
+
+    with pytest.warns(UserWarning, match="more than its input"):
+        opt.step(closure)
+
+
+def test_a_float32_step_does_not_follow_the_rounding_of_its_inputs():
+    """The eigenbasis broke the ties of its early, rank-deficient Kronecker factors with a ramp of 1e-8,
+    below their float32 rounding (~6e-8): the null space's basis came from rounding noise, and inputs
+    changed by one ulp moved the parameters by 10% of their travel within 3 steps (a probe; float64: 1e-7).
+    The ramp is scaled to the factors' dtype."""
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(256, 10, generator=g), torch.randint(0, 4, (256,), generator=g)
+    Xp = X * (1 + 1e-7 * torch.randn(X.shape, generator=torch.Generator().manual_seed(5)))
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 4))
+    b = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 4))
+    b.load_state_dict(a.state_dict())
+    x0 = torch.cat([p.detach().reshape(-1) for p in a.parameters()])
+    oa = hessinv.optim.Newton(a, nn.CrossEntropyLoss(), seed=0)
+    ob = hessinv.optim.Newton(b, nn.CrossEntropyLoss(), seed=0)
+    for i in range(3):
+        oa.step(X[32 * i : 32 * i + 32], y[32 * i : 32 * i + 32])
+        ob.step(Xp[32 * i : 32 * i + 32], y[32 * i : 32 * i + 32])
+    xa = torch.cat([p.detach().reshape(-1) for p in a.parameters()])
+    xb = torch.cat([p.detach().reshape(-1) for p in b.parameters()])
+    assert float((xa - xb).norm() / (xa - x0).norm()) < 1e-3

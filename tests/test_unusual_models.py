@@ -1092,3 +1092,31 @@ def test_a_module_that_initializes_itself_on_its_first_call_is_named_and_left_as
     _, ref = autograd_gradient_hessian(m, nn.CrossEntropyLoss(), X, y)
     v = torch.randn(H.shape[0], dtype=torch.float64)
     assert torch.allclose(H @ v, ref @ v, rtol=1e-10, atol=1e-12)
+
+
+class _SkipBatch(ValueError):
+    pass
+
+
+class _Guard(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        if bool((x.abs() > 0.99999).any()):
+            raise _SkipBatch("saturated activations: skip this batch")
+        return x
+
+
+def test_the_users_own_exception_from_forward_comes_out_as_it_was_raised():
+    """A user's exception (a ValueError subclass a training loop catches to skip a batch) raised in forward
+    came out as ShapeMismatchError "failed on input of shape": ``except SkipBatch`` no longer caught it, and
+    the message blamed shapes (a probe)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), _Guard(), nn.Linear(6, 3))
+    X, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    opt = ho.Newton(m, nn.CrossEntropyLoss(), seed=0)
+    opt.step(X, y)
+    Xbad = X.clone()
+    Xbad[3] = 100.0
+    with pytest.raises(_SkipBatch):
+        opt.step(Xbad, y)
+    with pytest.raises(_SkipBatch):
+        hessinv.hessian(m, nn.CrossEntropyLoss(), Xbad, y)

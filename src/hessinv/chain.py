@@ -278,7 +278,8 @@ def without_draws(fn: Callable[[], Any], what: str, torch_too: bool = True) -> A
         f"{what}: the model's forward pass draws from a global random number generator (Python's random, "
         "numpy's or torch's: LayerDrop or stochastic depth in training mode, injected noise), so each call "
         "computes another function and it has no curvature; call model.eval() first (the optimizers in "
-        "hessinv.optim do so for the curvature), or draw from a fixed torch.Generator"
+        "hessinv.optim do so for the curvature), or draw from a torch.Generator seeded anew at every call "
+        "(one that advances between calls is random too)"
     )
 
 
@@ -1483,6 +1484,8 @@ def check_real(x, what: str) -> float:
         raise InvalidArgumentError(f"{what} must be a real number, got a meta tensor (it has no value)")
     if isinstance(x, Tensor) and x.numel() == 1 and not x.is_complex():
         x = x.item()
+    if isinstance(x, np.ndarray) and x.ndim == 0 and x.dtype.kind in "iuf":  # (np.array(0.1))
+        x = x.item()
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise InvalidArgumentError(f"{what} must be a real number, got {type(x).__name__} {x!r}")
     try:
@@ -2104,6 +2107,8 @@ class Chain:
                         "(torch.eye(5), torch.tensor(...)) has the default dtype, not the model's: create it "
                         "with dtype=x.dtype, or register it as a buffer (model.to() then converts it)"
                     ) from e
+                if type(e) not in (RuntimeError, ValueError, TypeError, IndexError):
+                    raise  # (the user's own exception, a subclass: theirs to catch, as from their forward)
                 raise ShapeMismatchError(
                     f"{s.name} failed on input of shape {tuple(zs[-1].shape)}: {e}"
                 ) from e
@@ -2509,8 +2514,9 @@ class Chain:
                 f"|gradient| {scale:.3g}): a stage reads a value another stage set or holds -- an activation "
                 "stashed on a module by an earlier one, a parameter reached through a reference no module "
                 "registers -- which the split takes as a constant. Put the modules from the one that sets it "
-                "to the one that reads it into one module (a stage), or register the shared parameter on "
-                "the module that uses it"
+                "to the one that reads it into one nn.Module with its own forward (a stage; a nested "
+                "nn.Sequential is split into its layers), or register the shared parameter on the module "
+                "that uses it"
             )
         self._gradient_checked = True
 

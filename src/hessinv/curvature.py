@@ -4277,6 +4277,12 @@ def _undamped_rows(
 SMALL_DAMPING_ROWS = 64
 
 
+#: :class:`WoodburyFactorization` factors ``G + D`` densely (an ``n x n`` ``eigh``, about ``9 n^3`` flops)
+#: where the root has at least this many times as many rows as there are parameters (the Woodbury system's
+#: ``r^3 / 3 + r^2 n`` is then the larger)
+DENSE_ROWS_RATIO = 3
+
+
 class WoodburyFactorization(Factorization):
     """``G + D`` for the Gauss-Newton matrix through its square root
     (:class:`hessinv.lowrank.WoodburyFactor`).
@@ -4330,9 +4336,43 @@ class WoodburyFactorization(Factorization):
                     "the per-parameter damping has a NaN or infinite entry: give every entry a finite value"
                 )
         self.op, self.damping = op, damping
+        self._f64: Factorization | None = None
+        self._apart: WoodburyFactor | None = None  # (see _solver)
+        self._dense: Tensor | None = None  # G + D in float64: a solve's dense LU fallback, _factor_dense's
+        self._dense_sld: tuple[float, float] | None = None
+        self._eig: tuple[Tensor, Tensor] | None = None  # (eigenvalues, eigenvectors) of it (_factor_dense)
+        self._small = None  # entries of D below 1e-3 c_j, for logdet (see the class docstring)
+        self.woodbury: WoodburyFactor | None  # None where the dense factorization answers (_refactor)
+        n, loss = op.shape[0], op.blocks[-1]
+        if loss.batch * loss.d_in >= DENSE_ROWS_RATIO * n and n <= DENSE_FALLBACK_N:
+            # far more root rows than parameters (a large batch of a small model): the dense n x n G + D
+            # (n products), not the root and the Woodbury system's r x r (n = 31, 4000 examples: 5-12 s
+            # for K of 8000 rows, against 0.06 s for the sweep at the same damping as a number; a probe)
+            self._factor_dense()
+            self.woodbury = None
+        else:
+            self._factor_woodbury(op, damping)
+        self.factors, self.modified = None, False
+        self.perturbed: dict[int, int] = {}
+        self.last_info = None
+        if self._twin_only:  # the float64 twin's counts (its own Woodbury or dense factorization)
+            twin = self._float64()
+            self.inertia, self.positive_definite = twin.inertia, twin.positive_definite
+            self.inertia_certified = twin.inertia_certified
+        elif self.woodbury is not None:
+            self.inertia, self.positive_definite = self.woodbury.inertia, self.woodbury.positive_definite
+            self.inertia_certified = True  # Haynsworth's inertia additivity: exact, nothing perturbed
+        else:
+            assert self._eig is not None
+            neg = int((self._eig[0] < 0).sum())
+            self.inertia, self.positive_definite = Inertia(neg, 0, op.shape[0] - neg), neg == 0
+            self.inertia_certified = True  # every |eigenvalue| beyond n u ||G + D||: Weyl (_factor_dense)
+
+    def _factor_woodbury(self, op: GaussNewton, damping: float | Tensor) -> None:
+        """``G + D`` through the root: the Woodbury factor (``woodbury``; None where the dense one answers,
+        :meth:`_refactor`), with ``D``'s zero and outlying small entries apart (see the class docstring)."""
         U, S = op.root()
         D = damping
-        self._small = None  # entries of D below 1e-3 c_j, for logdet (see the class docstring)
         if isinstance(damping, Tensor) and damping.shape == (U.shape[1],) and damping.is_floating_point():
             gjj = (U.double() * U.double()).sum(0)  # |G_jj| where S = +1 (signed S: the column's scale)
             Dd = damping.to(device=U.device, dtype=torch.float64)
@@ -4362,31 +4402,10 @@ class WoodburyFactorization(Factorization):
                     self._small = (torch.cat([zero, small]), gjj, Dd)
             if k:
                 U, S, D = _undamped_rows(U, S, damping, zero, gjj, Dd)
-        self._f64: Factorization | None = None
-        self._apart: WoodburyFactor | None = None  # (see _solver)
-        self._dense: Tensor | None = None  # G + D in float64: a solve's dense LU fallback, _factor_dense's
-        self._dense_sld: tuple[float, float] | None = None
-        self._eig: tuple[Tensor, Tensor] | None = None  # (eigenvalues, eigenvectors) of it (_factor_dense)
-        self.woodbury: WoodburyFactor | None  # None where the dense factorization answers (_refactor)
         try:
             self.woodbury = WoodburyFactor(U, S, D)
         except SingularError:
             self.woodbury = self._refactor(op, damping)
-        self.factors, self.modified = None, False
-        self.perturbed: dict[int, int] = {}
-        self.last_info = None
-        if self._twin_only:  # the float64 twin's counts (its own Woodbury or dense factorization)
-            twin = self._float64()
-            self.inertia, self.positive_definite = twin.inertia, twin.positive_definite
-            self.inertia_certified = twin.inertia_certified
-        elif self.woodbury is not None:
-            self.inertia, self.positive_definite = self.woodbury.inertia, self.woodbury.positive_definite
-            self.inertia_certified = True  # Haynsworth's inertia additivity: exact, nothing perturbed
-        else:
-            assert self._eig is not None
-            neg = int((self._eig[0] < 0).sum())
-            self.inertia, self.positive_definite = Inertia(neg, 0, op.shape[0] - neg), neg == 0
-            self.inertia_certified = True  # every |eigenvalue| beyond n u ||G + D||: Weyl (_factor_dense)
 
     def _refactor(self, op: GaussNewton, damping: float | Tensor) -> WoodburyFactor | None:
         """The factorization where ``K`` was singular to working precision: with the tiny entries of ``D``
@@ -4433,8 +4452,13 @@ class WoodburyFactorization(Factorization):
             raise SingularError(
                 f"G + D is singular to working precision: its smallest |eigenvalue| is {low:.3g} against "
                 f"||G + D|| = {top:.3g} (n = {n}; a dense float64 eigendecomposition, as the Woodbury "
-                "capacitance matrix is singular too); give the parameters with zero or tiny damping a "
-                "damping > 0, or a larger one"
+                "capacitance matrix is singular too); "
+                + (
+                    "give the parameters with zero or tiny damping a damping > 0, or a larger one"
+                    if isinstance(self.damping, Tensor)
+                    else "choose another damping (-damping is an eigenvalue of G to working precision)"
+                ),
+                damping=self.damping if isinstance(self.damping, float) else None,
             )
         self._eig = (lam, V)
         neg = int((lam < 0).sum())

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
+from hessinv import linalg
 from hessinv.chain import (
     Chain,
     LossFn,
@@ -63,6 +64,7 @@ from hessinv.errors import (
     NonFiniteError,
     NotFittedError,
     ShapeMismatchError,
+    SingularError,
     UnsupportedStageError,
     warn,
 )
@@ -177,6 +179,32 @@ def per_example_gradients(
             "batch's weights. Pass a loss of per-example terms alone (the unweighted loss; to weight the "
             "examples, scale their rows yourself, or carry each weight in its target and read it in the loss)"
         )
+    rows = _per_example_rows(model, loss_fn, inputs, targets, chunk, chain)
+    if not linalg.all_finite(rows):
+        bad = int((~torch.isfinite(rows)).any(1).nonzero()[0, 0])
+        w = loss_fn.weight if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) else None
+        zero = (
+            w is not None
+            and loss_fn.reduction == "mean"
+            and not targets.is_floating_point()
+            and bool((w[targets[bad].clamp(0, len(w) - 1)] == 0).any())
+        )
+        raise NonFiniteError(
+            f"the per-example gradient of example {bad} is not finite"
+            + (
+                ": its class weight is 0, and one example's weighted mean loss is then 0/0 -- use "
+                "reduction='sum' (its row is then 0), or drop the examples of that class"
+                if zero
+                else " (its own loss, loss_fn on that example alone, or its gradient is NaN or infinite)"
+            )
+        )
+    return rows
+
+
+def _per_example_rows(
+    model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor, chunk: int, chain: Chain | None
+) -> Tensor:
+    """:func:`per_example_gradients`' rows (its arguments checked)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     chain = _per_example_chain(model, loss_fn, trainable, chain)
     if chain is not None:
@@ -470,7 +498,20 @@ class InfluenceFunction:
         Xc, yc = (inputs, targets) if curvature_inputs is None else (curvature_inputs, curvature_targets)
         op = self.curvature_cls(self.model, self.loss_fn, Xc, yc)
         w = self._batch_weight(op, targets, yc, training_examples)
-        fac = op.factor(self.damping / w, precision=self.precision)  # w H + lambda I = w (H + lambda / w I)
+        try:
+            # (w H + lambda I = w (H + lambda / w I))
+            fac = op.factor(self.damping / w, precision=self.precision)
+        except SingularError as e:
+            # (the default damping 0 on a classifier with a last-layer bias: the logits' common shift is an
+            # exact null direction of H and G; the sweep's message names a damping the user never set)
+            raise SingularError(
+                f"{e} -- here: the curvature plus damping * I at damping={self.damping:g}; pass "
+                "InfluenceFunction(..., damping=...) > 0 (e.g. 1e-3 of the curvature's scale: a "
+                "cross-entropy model with a last-layer bias has an exact null direction, the logits' common "
+                "shift)",
+                stage=e.stage,
+                damping=e.damping,
+            ) from None
         grads = per_example_gradients(self.model, self.loss_fn, inputs, targets, chain=op.chain)
         mixed = op.chain.__dict__.get("_batch_dependent")
         if mixed is not None:  # (the rows are of each example alone, the curvature of the batch's function)

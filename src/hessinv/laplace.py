@@ -327,10 +327,13 @@ class Laplace:
             try:
                 self._cache = (d, op.factor(d))
             except InvalidArgumentError as e:  # (its message speaks of a damping the user never gave)
+                regression = self.likelihood == "regression"
                 raise InvalidArgumentError(
-                    f"the prior precision {delta:g} over c = {c:g} (c = 1 / (2 sigma_noise^2), regression) "
-                    f"is the damping of G + (delta / c) I: {e}; choose a smaller prior precision or a larger "
-                    "sigma_noise"
+                    f"the prior precision {delta:g} over c = {c:g}"
+                    + (" (c = 1 / (2 sigma_noise^2))" if regression else "")
+                    + f" is the damping of G + (delta / c) I, {d:g}, which the factorization does not take "
+                    f"({str(e).split(';')[0]}): choose a smaller prior precision"
+                    + (" or a smaller sigma_noise" if regression else "")
                 ) from None
             except SingularError as e:
                 raise SingularError(

@@ -544,8 +544,9 @@ class DistributedPreconditioner(Preconditioner):
                 "mean losses is then not the global batch's mean: use DataParallel.step (it weights each "
                 "rank's loss by its share), or give every rank the same number of labelled targets"
             )
-        if getattr(self.loss_fn, "reduction", None) is None:
-            # a function (or a module without reduction=): does it sum over the examples? (found once, on
+        if loss_reduction(self.loss_fn) is None:
+            # a function (or a module without reduction=, or with its own forward): does it sum over the
+            # examples? (found once, on
             # examples it counts, or by the curvature's weighting)
             if self._sums is None:
                 idx = counted_examples(self.loss_fn, targets)

@@ -65,6 +65,7 @@ import copy
 import functools
 import inspect
 import math
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -907,8 +908,8 @@ class Newton(torch.optim.Optimizer):
                 warn(
                     "Newton.step(inputs, targets) computes the batch gradient itself: the .grad set or "
                     "changed since the last step (a backward(), gradient clipping) is not used. Pass a "
-                    "closure (step(closure)) to step with your own gradient, or put a penalty into "
-                    "loss_fn / weight_decay",
+                    "closure (step(closure)) to step with your own gradient (a penalty, clipping), or an L2 "
+                    "penalty as weight_decay=",
                     UserWarning,
                 )
                 return
@@ -1103,6 +1104,14 @@ class Newton(torch.optim.Optimizer):
                 raise InvalidArgumentError(
                     "Newton.step needs the batch: step(inputs, targets), or step(closure) with a closure "
                     "that calls the model and loss_fn (or step(closure=..., inputs=..., targets=...))"
+                    + (
+                        " -- torch.distributed.checkpoint's set_optimizer_state_dict calls step() to create "
+                        "an empty state, and its get_optimizer_state_dict keeps only 'state' and "
+                        "'param_groups' (Newton's own state is under 'newton'): save and load Newton with "
+                        "opt.state_dict() and opt.load_state_dict()"
+                        if closure is None and inputs is None and targets is None
+                        else ""
+                    )
                 )
             inputs, targets = _tensor(inputs, "inputs"), _tensor(targets, "targets")
             skip = nothing_to_learn(self.loss_fn, targets)
@@ -1220,7 +1229,7 @@ class Newton(torch.optim.Optimizer):
             f"mode='trust-region' models loss_fn(model(inputs), targets) on the batch, but the closure's "
             f"gradient differs from that one's (by {diff:.3g}: a penalty, clipping or another loss inside "
             "the closure), which the trust region would ignore; use mode='precondition' (it takes the "
-            "closure's gradient), or put the penalty into loss_fn or weight_decay="
+            "closure's gradient), or an L2 penalty as weight_decay= (its curvature is exact)"
         )
 
     def _check_batch(self, inputs: Tensor, targets: Tensor) -> None:
@@ -1268,8 +1277,7 @@ class Newton(torch.optim.Optimizer):
                 )
             ):  # full-batch training was over (a first phase on one batch, or several steps per
                 # mini-batch): mini-batches now, whose trust-region steps fit the batch's noise
-                ns["mode"] = self.mode = "precondition"
-                ns["from_auto"] = False
+                self._hand_back()
             return ns["mode"]
         prev = ns["previous"]
         if prev is None:
@@ -1333,8 +1341,16 @@ class Newton(torch.optim.Optimizer):
         else:
             ns["trust_region_since"] = ns.get("trust_region_since", 0) + 1
         if radius < floor or ns["trust_region_since"] >= TRUST_REGION_PATIENCE:
-            ns["mode"] = self.mode = "precondition"
-            ns["from_auto"] = False
+            self._hand_back()
+
+    def _hand_back(self) -> None:
+        """``mode="auto"``'s trust region hands back to preconditioning, for good, its momentum started
+        afresh: the first step's, kept through the trust region with a bias correction that counted its
+        steps, made the first preconditioned steps after it 4.6x short (a probe)."""
+        ns = self._newton
+        ns["mode"] = self.mode = "precondition"
+        ns["from_auto"] = False
+        ns["momentum"], ns["momentum_since"] = None, ns["step"]
 
     def _trust_region_affordable(self, inputs: Tensor) -> bool:
         """Whether one factorization of the curvature of the batch ``inputs`` costs at most
@@ -1353,15 +1369,23 @@ class Newton(torch.optim.Optimizer):
         self, closure: Callable[[], Any], inputs: Tensor | None, targets: Tensor | None
     ) -> tuple[Tensor | None, tuple[Tensor | None, Tensor | None], Tensor]:
         """Run a ``torch.optim`` closure, watching the model's input and the loss module's target."""
-        seen: dict[str, list[Tensor]] = {"inputs": [], "targets": []}
+        seen: dict[str, list[Tensor]] = {"inputs": [], "targets": [], "extra": []}
         first = model_parts(self.model)[0]
+        me = threading.get_ident()  # (another thread's calls of a loss module shared with it are not ours)
 
         def on_model(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            if threading.get_ident() != me:
+                return
             x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
             if isinstance(x, Tensor):
                 seen["inputs"].append(x)
+            extra = [a for a in args[1:] if a is not None] + [v for v in kwargs.values() if v is not None]
+            if args and extra:
+                seen["extra"].append(extra)
 
         def on_loss(_m: nn.Module, args: tuple, kwargs: dict) -> None:  # (input, target), or by keyword
+            if threading.get_ident() != me:
+                return
             t = args[1] if len(args) >= 2 else kwargs.get("target")
             if isinstance(t, Tensor):
                 seen["targets"].append(t)
@@ -1375,15 +1399,28 @@ class Newton(torch.optim.Optimizer):
         finally:
             for h in handles:
                 h.remove()
+        if seen["extra"] and not self.__dict__.get("_warned_extra"):
+            self._warned_extra = True
+            warn(
+                "the closure called the model with more than its input (model(x, ...)): the curvature is "
+                "that of model(inputs) alone, the other arguments left at their defaults -- pack them into "
+                "the inputs (a module whose forward unpacks them) for a curvature of the function trained",
+                UserWarning,
+            )
         inputs = inputs if inputs is not None else _one_batch(seen["inputs"], "model", "inputs")
         targets = targets if targets is not None else _one_batch(seen["targets"], "loss_fn", "targets")
         if inputs is None or targets is None:
             missing = "the model" if inputs is None else "this optimizer's loss_fn"
+            watch = (
+                "the very loss module Newton was built with: another instance, e.g. a new "
+                "nn.CrossEntropyLoss() inside the closure, is not seen -- call opt.loss_fn); or pass the "
+                if isinstance(self.loss_fn, nn.Module)
+                else "the loss module Newton was built with, and this loss_fn is a function, which cannot "
+                "be watched); pass the "
+            )
             raise InvalidArgumentError(
                 f"the closure did not call {missing} on a batch (the batch is read from the calls of the "
-                "model and of the very loss module Newton was built with: another instance, e.g. a new "
-                "nn.CrossEntropyLoss() inside the closure, is not seen -- call opt.loss_fn); or pass the "
-                "batch: step(closure=closure, inputs=X, targets=y)"
+                f"model and of {watch}batch: step(closure=closure, inputs=X, targets=y)"
             )
         if any(p.grad is None for p in self.chain.params):
             raise InvalidArgumentError(
@@ -1461,7 +1498,7 @@ class Newton(torch.optim.Optimizer):
             t_factor = time.perf_counter() - t
             t = time.perf_counter()
             step = ns["step"] + 1
-            direction = pc.solve(m / (1 - mom**step), rotated=True)
+            direction = pc.solve(m / (1 - mom ** (step - ns.get("momentum_since", 0))), rotated=True)
             d = self._limited(_scaled(direction, lr))
             parts = self._parts(-d)
         self._apply(d, parts)  # (one foreach call: all parameters or none; the state committed just before)

@@ -202,15 +202,24 @@ def generator_from_seed(seed: Any) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
+#: the tie-break's ramp, relative to ``max|M_ii|``: at least this, and ``TIE_ROUNDINGS`` times the unit
+#: roundoff of the dtype ``M`` was accumulated in (float32: 1.2e-4)
+TIE_BREAK = 1e-8
+TIE_ROUNDINGS = 1e3
+
+
 def _tie_broken(M: Tensor) -> Tensor:
-    """``M`` (``(..., a, a)``, symmetric) in float64 plus a ramp ``i * 1e-8 max|M_ii| / a`` on the diagonal:
-    early on ``M = G G^T`` has a large null space, whose basis ``eigh`` (or an orthogonal iteration)
-    would pick from rounding noise (two processes with all-reduced gradients would then disagree with
-    one)."""
+    """``M`` (``(..., a, a)``, symmetric) in float64 plus a ramp ``i * c max|M_ii| / a`` on the diagonal,
+    ``c`` :data:`TIE_BREAK` or :data:`TIE_ROUNDINGS` times ``M``'s own rounding, the larger: early on ``M =
+    sum G G^T`` has a large null space, whose basis ``eigh`` (or an orthogonal iteration) would pick from
+    rounding noise -- two processes with all-reduced gradients would disagree with one, and in float32
+    (``M`` accumulated in it, its rounding ~6e-8 ``max|M_ii|`` above a ramp of 1e-8) a change of the inputs
+    by one ulp moved the parameters by 10% of their travel within 3 steps (a probe; 1e-4 with this ramp)."""
     M64 = M.double()
     a = M64.shape[-1]
+    c = max(TIE_BREAK, TIE_ROUNDINGS * torch.finfo(M.dtype).eps)
     top = M64.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True)  # (..., 1)
-    ramp = torch.arange(a, dtype=torch.float64, device=M.device) * (1e-8 / a) * top
+    ramp = torch.arange(a, dtype=torch.float64, device=M.device) * (c / a) * top
     return M64 + torch.diag_embed(ramp)
 
 
@@ -1474,14 +1483,17 @@ class Preconditioner:
     @torch.no_grad()
     @_deterministic_curvature
     def precondition_(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        """Turn every ``p.grad`` into the preconditioned direction ``(C + D)^{-1} g`` (in place), for any
-        ``torch.optim`` optimizer to apply; ``(inputs, targets)`` is the batch the gradient came from
+        """Replace every ``p.grad`` by the preconditioned direction ``(C + D)^{-1} g`` (a new tensor: a
+        reference to the old grad kept elsewhere still holds the gradient), for any ``torch.optim`` optimizer
+        to apply; ``(inputs, targets)`` is the batch the gradient came from
         (its curvature batch is drawn from it). Returns the direction (flat, in :attr:`params`' order --
         ``model.parameters()``'s, or the stages' where forward uses them in another; its entries for a
         parameter whose grad is None -- counted as a zero gradient -- are not written: its grad stays None, so
         that the optimizer skips it, as torch's do). The grads this call wrote, unchanged since (no
         ``backward()`` in between), are an :class:`InvalidArgumentError`: they are a direction, not a
-        gradient."""
+        gradient. With ``torch.amp.GradScaler``, call ``scaler.unscale_(optimizer)`` first: the direction is
+        not invariant to the gradient's scale (``D`` follows ``|g|``), and the scaler's later division by
+        its scale (65536) would leave steps that scale too small (the loss flat over 100 steps; a probe)."""
         written = self.__dict__.get("_written")  # (the direction, and each grad and version it wrote)
         if (
             written is not None

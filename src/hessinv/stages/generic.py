@@ -483,7 +483,8 @@ class GenericStage(Stage):
                     f"{self.name} failed when called on its own ({e}): where it reads a value set elsewhere "
                     "in the model's forward -- an activation an earlier stage stashes on a module "
                     "(self.a.stash), an attribute a parent module sets -- put the modules from the one that "
-                    "sets it to the one that reads it into one module (a stage), or set it in __init__"
+                    "sets it to the one that reads it into one nn.Module with its own forward (a stage; a "
+                    "nested nn.Sequential is split into its layers), or set it in __init__"
                 ) from e
         if not isinstance(out, Tensor):
             mods = self.module.modules() if isinstance(self.module, nn.Module) else ()

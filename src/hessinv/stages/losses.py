@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from hessinv import linalg
 from hessinv.errors import (
     DtypeMismatchError,
+    HessinvError,
     InvalidArgumentError,
     NonFiniteError,
     ShapeMismatchError,
@@ -190,9 +192,15 @@ def nothing_to_learn(loss_fn: Callable, targets: Tensor) -> str | None:
 
 
 def loss_reduction(loss_fn: Callable) -> str | None:
-    """A loss's ``reduction`` (a module's attribute or a ``functools.partial``'s keyword), else None."""
-    kw = loss_fn.keywords if isinstance(loss_fn, functools.partial) else {}
-    return kw.get("reduction", getattr(loss_fn, "reduction", None))
+    """A loss's ``reduction`` (a module's attribute or a ``functools.partial``'s keyword), else None -- and
+    None where the function is not torch's own (a subclass of torch's ``_Loss`` with its own ``forward``
+    inherits ``reduction='mean'`` whatever it computes: a sum was taken for a mean, influence scores 8.5x
+    off; a probe): what it does is then measured (:func:`sums_examples`)."""
+    if isinstance(loss_fn, functools.partial):
+        return loss_fn.keywords.get("reduction") if defined_in_torch(loss_fn.func) else None
+    if isinstance(loss_fn, nn.Module) and not defined_in_torch(type(loss_fn).forward):
+        return None
+    return getattr(loss_fn, "reduction", None)
 
 
 def counted_examples(loss_fn: Callable, targets: Tensor) -> Tensor | None:
@@ -815,6 +823,18 @@ class LossStage:
             g.scatter_(-1, k, -g.sum(-1, keepdim=True))
         return -(q * logp).sum(-1), g, (p, mass[:, None])
 
+    def _check_finite_curvature(self, lam: Tensor) -> None:
+        """A :class:`NonFiniteError` that names the loss where its second derivative in the outputs is not
+        finite (``|r|^1.5`` or a Euclidean norm at a residual of exactly 0): the operator was built, its
+        ``to_dense()`` all NaN, and every product said "overflows ... scale it down" (a probe)."""
+        if not linalg.all_finite(lam):
+            raise NonFiniteError(
+                f"{self.name}: the loss's second derivative in the outputs is not finite at these outputs "
+                "(a loss like |r|^1.5 or a norm of the residual, at a residual of exactly 0, has none): it "
+                "has no Hessian there; use a loss twice differentiable at the point (a squared norm, or add "
+                "a small epsilon inside the root)"
+            )
+
     def _check_second_derivative(self, y: Tensor, G: Tensor, change: Callable[[Tensor], Tensor]) -> None:
         """Raise :class:`UnsupportedStageError` where autograd's second derivative of the loss is not the
         change of its gradient ``G = dL/dy``: ``change(h)`` (``Lambda h`` per example, zero where ``G`` has
@@ -842,7 +862,10 @@ class LossStage:
             with torch.enable_grad():
                 return _grads(self.call(yk), [yk])[0].reshape(G0.shape) - G0
 
-        d1, d2 = moved(1.0), moved(2.0)
+        try:
+            d1, d2 = moved(1.0), moved(2.0)
+        except (HessinvError, RuntimeError, ValueError):  # (outputs moved off the loss's domain: BCELoss's
+            return  # probabilities of 1 - 1e-10 beyond 1 -- nothing to tell by)
         # per entry, beyond its own rounding (one large residual elsewhere must not hide a change)
         noise = 10 * eps * torch.maximum(G0.abs(), (G0 + d1).abs())
         changed = d1.abs() > noise
@@ -921,6 +944,7 @@ class LossStage:
                 ref = _grads((G * V).sum(), [y])[0].reshape(B, C)
                 tol = 1e3 * torch.finfo(G.dtype).eps
                 if float((lam * V - ref).abs().max()) <= tol * max(float(ref.abs().max()), 1e-300):
+                    self._check_finite_curvature(lam)
                     self._check_second_derivative(y, G, lambda h: lam.detach() * h)
                     return LossBlocks(G.detach(), None, diag=lam.detach()), loss.detach()
             check_output_curvature_size(B, C, self.name)
@@ -939,6 +963,7 @@ class LossStage:
                 Lam = y.new_zeros(B, C, C)
                 for c in range(C):
                     Lam[:, c, :] = _grads(G[:, c].sum(), [y])[0].reshape(B, C)
+            self._check_finite_curvature(Lam)
             if B > 1:
                 gen = torch.Generator(device="cpu").manual_seed(4321)
                 V = torch.randn(B, C, generator=gen, dtype=torch.float64).to(G)
