@@ -438,3 +438,30 @@ def test_inverse_diagonal_of_graded_chains_keeps_its_bound_and_takes_no_gmres(mo
         d = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y).factor(eps).inverse_diagonal()
         bound = max(1e-8, 100 * torch.finfo(torch.float64).eps * cond)
         assert float((d - truth).abs().max() / truth.abs().max()) <= bound, (depth, cond)
+
+
+def test_a_gauss_newton_diagonal_after_a_factorization_keeps_the_per_example_sweep(monkeypatch):
+    """Once a factorization had made G's root, ``G.diagonal()`` summed ``S_q U_qj^2`` over its ``r n``
+    entries instead of the per-example sweep: 94 against 1.7 ms at width 128, depth 6 (a probe). The sweep
+    stays where every stage keeps examples apart; the numbers are the same."""
+    from hessinv import curvature as cv
+
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Linear(6, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 4)
+    ).double()
+    X, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 4, (16,))
+    G = hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X, y)
+    before = G.diagonal()
+    G.factor(1e-3)
+    assert G._root is not None
+    swept = []
+    real = cv.CurvatureOperator.diagonal
+
+    def spy(self):
+        swept.append(1)
+        return real(self)
+
+    monkeypatch.setattr(cv.CurvatureOperator, "diagonal", spy)
+    after = G.diagonal()
+    assert swept and torch.allclose(after, before, rtol=1e-12, atol=0)

@@ -210,6 +210,9 @@ def _integer(x: object) -> int | None:
 #: :meth:`Factorization.inverse_diagonal` checks the forward sweep at this many random entries per stage
 #: against refined solves
 INVERSE_DIAGONAL_PROBES = 4
+#: ... and at most this many in all (stages drawn at random beyond): the check stays a few solves, linear in
+#: depth
+INVERSE_DIAGONAL_MAX_PROBES = 48
 #: :meth:`CurvatureOperator._rough_norm` stops once two power steps in a row raised its estimate by less than
 #: this fraction of it
 NORM_RTOL = 1e-5
@@ -859,6 +862,21 @@ class CurvatureOperator(_AutocastOff):
 
         def apply(V: Tensor) -> Tensor:
             return op64._apply(V) + eps * V
+
+        if rtol is None and not capped:
+            # the flop model prices a product far below its time where each stage's products are small
+            # (a 16-stage tanh chain of width 16: a factorization took the time of ~20 products, the model
+            # said 1780, and MINRES spent 77-178 products, 7-10x the factorization, before it ran; a probe):
+            # the products this solve's share buys, from one product timed against the factorization's
+            # flops at the sweep's rate (KRYLOV_FACTOR_RATE)
+            t = time.perf_counter()
+            apply(R[:, :1])
+            per_product = max(time.perf_counter() - t, 1e-9)
+            cpu = self.device.type == "cpu"
+            rate = KRYLOV_FACTOR_RATE * (max(torch.get_num_threads(), 1) if cpu else 50.0)
+            budget = min(budget, int(KRYLOV_SHARE * self._factor_flops() / rate / per_product / k))
+            if budget < KRYLOV_MIN_ITERATIONS:
+                return None
 
         # each column scaled to unit largest entry (exact: a power of 2), so that no norm underflows (a
         # right-hand side of entries 1e-200: |b|^2 = 0) or overflows; zero columns solve to zero
@@ -2139,9 +2157,11 @@ class GaussNewton(CurvatureOperator):
         the sweep (:data:`ROOT_DIAGONAL_SHARE`), ``sum_q S_q U_qj^2`` from it: ``r = batch x outputs``
         backward passes instead of the sweep's ``a x a`` blocks. Where every stage keeps examples apart
         (Linear + activation, convolutions, ...), the sweep's per-example blocks (``O(B d^3)`` or ``O(B d^2
-        R)`` per stage) unless the root is at hand."""
+        R)`` per stage), whether or not the root is at hand."""
         view = self.__dict__.get("_view")
-        if (view is None or view is self) and self._root is None and examples_apart(self.blocks):
+        # (the per-example sweep even where the root is at hand, from a factorization: sum_q S_q U_qj^2 over
+        # r n entries is memory-bound, 94 ms against 1.7 ms at width 128, depth 6; a probe)
+        if (view is None or view is self) and examples_apart(self.blocks):
             return super().diagonal()
         loss, n = self.blocks[-1], self.shape[0]
         r = loss.batch * loss.d_in
@@ -2790,15 +2810,17 @@ class Factorization(_AutocastOff):
     def inverse_diagonal(self, tol: float = 1e-8) -> Tensor:
         """``diag((H + eps I)^{-1})`` (n,), by one forward sweep over the factors (selected inversion,
         :func:`~hessinv.riccati.riccati_inverse_diagonal`): about two factorizations' cost (more on stages
-        wider than ``B d``: docs/applications.md), where ``n`` solves with the identity's columns cost
-        ``n`` times a solve's. For a positive definite ``H + eps I`` these are the marginal variances of
-        ``N(theta, (H + eps I)^{-1})`` (a Laplace posterior's,
+        wider than ``B d``: docs/applications.md), and its check a few refined solves (at depth 128, width
+        16: 2.2 s in all against a 0.35 s factorization, linear in depth), where ``n`` solves with the
+        identity's columns cost ``n`` times a solve's. For a positive definite ``H + eps I`` these are the
+        marginal variances of ``N(theta, (H + eps I)^{-1})`` (a Laplace posterior's,
         :meth:`hessinv.laplace.Laplace.posterior_variance`); ``[(H + eps I)^{-1}]_qq`` is also what Optimal
         Brain Surgeon's saliency ``w_q^2 / (2 [H^{-1}]_qq)`` divides by.
 
         The sweep is not refined, and where pivots are ill-conditioned (an indefinite shift inside the
         spectrum, a small damping on a wide stage) it loses digits beyond ``cond u``: its result is checked
-        at a few entries per stage (:data:`INVERSE_DIAGONAL_PROBES`, and its largest) against refined
+        at a few entries per stage (:data:`INVERSE_DIAGONAL_PROBES`, at most
+        :data:`INVERSE_DIAGONAL_MAX_PROBES` in all, and its largest) against refined
         solves with those columns of the identity, and taken where they agree to a tenth of ``tol`` of its
         largest entry (or of ``100 u cond``, or of the solves' own error, if larger:
         :meth:`_inverse_diagonal_checks`). Elsewhere -- a failed
@@ -2851,6 +2873,10 @@ class Factorization(_AutocastOff):
                 k = min(size, INVERSE_DIAGONAL_PROBES)
                 idx += (start + torch.randperm(size, generator=g)[:k]).tolist()
             start += size
+        if len(idx) > INVERSE_DIAGONAL_MAX_PROBES:  # (a sample of the stages': the check's solves of 4L
+            # columns made inverse_diagonal quadratic in depth, 26x a factorization at depth 128; a probe)
+            keep = torch.randperm(len(idx) - 1, generator=g)[: INVERSE_DIAGONAL_MAX_PROBES - 1] + 1
+            idx = [idx[0]] + [idx[int(i)] for i in keep]
         idx = sorted(set(idx))
         E = _identity_columns(d.shape[0], idx, torch.float64, self.op.device)
         cols = torch.arange(len(idx))
@@ -4083,6 +4109,11 @@ LOW_GMRES_ITERATIONS = 12
 #: :data:`KRYLOV_MAX_ITERATIONS` products per column, in at most :data:`KRYLOV_RESTARTS` cycles)
 KRYLOV_FIRST_RATIO = 300.0
 KRYLOV_SHARE = 0.1
+#: ... the share counted in time too: a factorization's modelled flops at this rate (per CPU thread; 50x on
+#: another device) against one product's measured time; under :data:`KRYLOV_MIN_ITERATIONS` products
+#: MINRES is not tried
+KRYLOV_FACTOR_RATE = 1e10
+KRYLOV_MIN_ITERATIONS = 8
 #: ... and with ``solve(rtol=)``: tried whatever the cost ratio, for at most this many products and a
 #: factorization's modelled flops (a well-conditioned system reaches 1e-8 in tens; MINRES that stalls -- an
 #: indefinite system near singular -- costs at most that much on top of the factorization)
