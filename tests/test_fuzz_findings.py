@@ -282,3 +282,16 @@ def test_a_gauss_newton_matrix_positive_definite_by_construction_is_counted_so(d
     tol = 1e-3 if dtype == torch.float32 else 1e-5
     assert float((A @ x - b).norm() / b.norm()) < tol
     assert F.logdet() == pytest.approx(float(torch.linalg.slogdet(A)[1]), rel=1e-3)
+
+
+def test_factor_if_positive_definite_returns_none_where_the_factorization_is_singular():
+    """``G + 1e-20 I`` is positive definite by construction but singular to working precision: the
+    fallback factorization raised SingularError where the contract is "a factorization, else None"
+    (a review; a Levenberg-Marquardt loop written against it crashed)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    X, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+    G = hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X, y)
+    assert G.is_positive_definite(1e-20)
+    assert G.factor_if_positive_definite(1e-20) is None
+    assert G.factor_if_positive_definite(1e-2) is not None

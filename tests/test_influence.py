@@ -716,3 +716,46 @@ def test_the_default_damping_on_a_classifier_names_the_argument_to_set():
     with pytest.raises(hessinv.SingularError, match=r"InfluenceFunction\(\.\.\., damping=\.\.\.\) > 0"):
         InfluenceFunction(m, nn.CrossEntropyLoss(), "gauss_newton").fit(X, y)
     InfluenceFunction(m, nn.CrossEntropyLoss(), "gauss_newton", damping=1e-3).fit(X, y)
+
+
+class _Stash(nn.Module):
+    def forward(self, h):
+        self.last = h.detach()  # (kept for inspection, never read)
+        return torch.tanh(h)
+
+
+def test_a_model_that_stashes_an_activation_is_no_change_after_fit():
+    """A forward that keeps a tensor on its module (``self.last = h``) replaced it at every call, which the
+    check of what the model reads after fit took for a change: Laplace and InfluenceFunction refused after
+    any forward, and ``Laplace(...)(X)`` raised torch's raw vmap error on the stash ``output_jacobians``
+    left (a review)."""
+    from hessinv.laplace import Laplace
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), _Stash(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    la = Laplace(net, "classification").fit(X, y)
+    v = la.log_marginal_likelihood()
+    net(torch.randn(5, 3, dtype=torch.float64))
+    assert la.log_marginal_likelihood() == v
+    assert la(X[:5]).shape == (5, 2) and la(X[:5]).shape == (5, 2)
+    inf = InfluenceFunction(net, nn.CrossEntropyLoss(), "gauss_newton", damping=1e-3).fit(X, y)
+    net(torch.randn(5, 3, dtype=torch.float64))
+    assert inf.positive_definite
+
+
+def test_class_weights_of_as_many_classes_as_examples_are_not_per_example_weights():
+    """With as many examples as classes, class weights in a partial, a function or BCE's pos_weight were
+    taken for per-example weights and refused (a review)."""
+    import functools
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    X, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    w = torch.rand(4, dtype=torch.float64) + 0.5
+    for loss_fn, t in (
+        (functools.partial(nn.functional.cross_entropy, weight=w, reduction="sum"), y),
+        (lambda o, t: nn.functional.cross_entropy(o, t, weight=w, reduction="sum"), y),
+        (nn.BCEWithLogitsLoss(pos_weight=w), nn.functional.one_hot(y, 4).double()),
+    ):
+        assert per_example_gradients(m, loss_fn, X, t).shape[0] == 4

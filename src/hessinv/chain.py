@@ -1736,7 +1736,9 @@ class Chain:
             t.detach().clone()
             if t.numel() <= HELD_COPY
             else (t.data_ptr(), t._version, tuple(t.shape), t.dtype)
-            for t in [*held_tensors(mods), *tensors]
+            # (without modes, not the tensors a forward merely stashes on a module, self.last = h: each
+            # call replaces them -- a vmapped one, from output_jacobians, cannot even be copied; a review)
+            for t in [*held_tensors(mods, plain=modes), *tensors]
             if id(t) not in trained
         ]
         plain = plain_settings(mods)

@@ -210,9 +210,11 @@ def _integer(x: object) -> int | None:
 #: :meth:`Factorization.inverse_diagonal` checks the forward sweep at this many random entries per stage
 #: against refined solves
 INVERSE_DIAGONAL_PROBES = 4
-#: ... and at most this many in all (stages drawn at random beyond): the check stays a few solves, linear in
-#: depth
+#: ... and at most this many in all (stages drawn at random beyond, but for the
+#: :data:`INVERSE_DIAGONAL_WORST_STAGES` of the worst-conditioned pivots): the check stays a few solves,
+#: linear in depth
 INVERSE_DIAGONAL_MAX_PROBES = 48
+INVERSE_DIAGONAL_WORST_STAGES = 4
 #: :meth:`CurvatureOperator._rough_norm` stops once two power steps in a row raised its estimate by less than
 #: this fraction of it
 NORM_RTOL = 1e-5
@@ -871,6 +873,8 @@ class CurvatureOperator(_AutocastOff):
             # flops at the sweep's rate (KRYLOV_FACTOR_RATE)
             t = time.perf_counter()
             apply(R[:, :1])
+            if self.device.type == "cuda":  # (the product's kernels finished, not only launched)
+                torch.cuda.synchronize(self.device)
             per_product = max(time.perf_counter() - t, 1e-9)
             cpu = self.device.type == "cpu"
             rate = KRYLOV_FACTOR_RATE * (max(torch.get_num_threads(), 1) if cpu else 50.0)
@@ -2282,7 +2286,10 @@ class GaussNewton(CurvatureOperator):
         damping = _check_shift(damping, self.dtype, "damping")
         F = super().factor_if_positive_definite(damping)
         if F is None and self._positive_definite_at(damping):
-            return Factorization(self, damping)
+            try:
+                return Factorization(self, damping)
+            except SingularError:  # (positive definite, but singular to working precision: G + 1e-20 I)
+                return None
         return F
 
     def _count(self, s: float) -> Inertia:
@@ -2867,16 +2874,24 @@ class Factorization(_AutocastOff):
         backward stable, answers); above, the sweep's ``d`` is kept with an
         :class:`~hessinv.AccuracyWarning`."""
         g = torch.Generator(device="cpu").manual_seed(0)
-        idx, start = [int(d.abs().argmax())], 0
+        per_stage, start = [], 0
         for size in self._sweep_op._sizes:
             if size:
                 k = min(size, INVERSE_DIAGONAL_PROBES)
-                idx += (start + torch.randperm(size, generator=g)[:k]).tolist()
+                per_stage.append((start + torch.randperm(size, generator=g)[:k]).tolist())
             start += size
+        idx = [int(d.abs().argmax())] + [i for probes in per_stage for i in probes]
         if len(idx) > INVERSE_DIAGONAL_MAX_PROBES:  # (a sample of the stages': the check's solves of 4L
-            # columns made inverse_diagonal quadratic in depth, 26x a factorization at depth 128; a probe)
-            keep = torch.randperm(len(idx) - 1, generator=g)[: INVERSE_DIAGONAL_MAX_PROBES - 1] + 1
-            idx = [idx[0]] + [idx[int(i)] for i in keep]
+            # columns made inverse_diagonal quadratic in depth, 26x a factorization at depth 128; a probe) --
+            # the worst-conditioned pivots' stages always among them (where the sweep loses digits)
+            conditioning = [f.pivot.conditioning() for f in self.factors if f is not None]
+            worst = sorted(range(len(per_stage)), key=conditioning.__getitem__)[
+                :INVERSE_DIAGONAL_WORST_STAGES
+            ]
+            first = [idx[0]] + [i for s_ in worst for i in per_stage[s_]]
+            rest = [i for i in idx[1:] if i not in set(first)]
+            keep = torch.randperm(len(rest), generator=g)[: max(INVERSE_DIAGONAL_MAX_PROBES - len(first), 0)]
+            idx = first + [rest[int(i)] for i in keep]
         idx = sorted(set(idx))
         E = _identity_columns(d.shape[0], idx, torch.float64, self.op.device)
         cols = torch.arange(len(idx))

@@ -170,7 +170,7 @@ def per_example_gradients(
         raise ShapeMismatchError(
             f"batch sizes differ: inputs {tuple(inputs.shape)}, targets {tuple(targets.shape)}"
         )
-    if holds_batch_sized(loss_fn, len(inputs)):
+    if holds_batch_sized(loss_fn, len(inputs)) and not _as_many_classes(model, inputs):
         # (torch broadcasts the weights onto one example's loss: each row came out as mean(w) grad l_i
         # instead of w_i grad l_i, 47% off, with no error; a probe)
         raise UnsupportedStageError(
@@ -199,6 +199,14 @@ def per_example_gradients(
             )
         )
     return rows
+
+
+def _as_many_classes(model: nn.Module, inputs: Tensor) -> bool:
+    """Whether the model has as many outputs per position (dimension 1) as the batch has examples: a tensor
+    of the batch's size that the loss holds may then be one per class (``holds_batch_sized`` cannot tell)."""
+    with torch.no_grad():
+        out = model(unshared(inputs[:1]))
+    return isinstance(out, Tensor) and out.dim() >= 2 and int(out.shape[1]) == len(inputs)
 
 
 def _per_example_rows(
@@ -505,10 +513,11 @@ class InfluenceFunction:
             # (the default damping 0 on a classifier with a last-layer bias: the logits' common shift is an
             # exact null direction of H and G; the sweep's message names a damping the user never set)
             raise SingularError(
-                f"{e} -- here: the curvature plus damping * I at damping={self.damping:g}; pass "
-                "InfluenceFunction(..., damping=...) > 0 (e.g. 1e-3 of the curvature's scale: a "
-                "cross-entropy model with a last-layer bias has an exact null direction, the logits' common "
-                "shift)",
+                f"{e} -- here: the curvature plus damping * I at the damping={self.damping:g} given (the "
+                f"sweep's {self.damping / w:g}); pass InfluenceFunction(..., damping=...) "
+                + ("> 0" if not self.damping > 0 else "larger")
+                + " (e.g. 1e-3 of the curvature's scale: a cross-entropy model with a last-layer bias has an "
+                "exact null direction, the logits' common shift)",
                 stage=e.stage,
                 damping=e.damping,
             ) from None
