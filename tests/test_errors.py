@@ -584,23 +584,37 @@ def test_a_list_holding_a_function_names_the_element():
         hessinv.hessian([nn.Linear(3, 3), torch.tanh], nn.MSELoss(), torch.randn(4, 3), torch.randn(4, 3))
 
 
+class _SquareNoGraph(torch.autograd.Function):
+    """A mean squared error whose backward has no graph (a numpy-style backward)."""
+
+    @staticmethod
+    def forward(ctx, o, t):
+        ctx.save_for_backward(o, t)
+        return ((o - t) ** 2).mean()
+
+    @staticmethod
+    def backward(ctx, g):
+        o, t = ctx.saved_tensors
+        return (g * 2 * (o - t) / o.numel()).detach(), None
+
+
+class _SquareConstGraph(_SquareNoGraph):
+    """... whose backward's graph reaches a constant that requires grad, not the outputs."""
+
+    @staticmethod
+    def backward(ctx, g):
+        o, t = ctx.saved_tensors
+        one = torch.ones((), dtype=o.dtype, requires_grad=True)
+        return g * one * 2 * (o - t).detach() / o.numel(), None
+
+
 def test_losses_autograd_cannot_differentiate_twice_are_refused_not_zero():
     """A loss whose backward autograd cannot differentiate (a custom ``autograd.Function`` with a
     numpy-style backward) had its second derivative read as zero -- a silently wrong Hessian and a zero
     Gauss-Newton matrix (found by a probe); a loss linear in the outputs (constant gradient, no graph
     either) is still accepted, its curvature exactly zero."""
 
-    class SquareNoGraph(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, o, t):
-            ctx.save_for_backward(o, t)
-            return ((o - t) ** 2).mean()
-
-        @staticmethod
-        def backward(ctx, g):
-            o, t = ctx.saved_tensors
-            return (g * 2 * (o - t) / o.numel()).detach(), None
-
+    SquareNoGraph = _SquareNoGraph
     net, X, _ = small()
     t = torch.randn(5, 2, dtype=torch.float64)
     with pytest.raises(UnsupportedStageError, match="cannot differentiate the loss's gradient"):
@@ -623,18 +637,7 @@ def test_a_loss_whose_backward_graph_misses_the_outputs_in_part_is_refused():
     reaches the outputs through the other term only): its second derivative was read as zero there, 53%
     off the Hessian and no error (as a ``torch.compile``-d function under a lambda: 47%; a probe)."""
 
-    class SquareConstGraph(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, o, t):
-            ctx.save_for_backward(o, t)
-            return ((o - t) ** 2).mean()
-
-        @staticmethod
-        def backward(ctx, g):
-            o, t = ctx.saved_tensors
-            one = torch.ones((), dtype=o.dtype, requires_grad=True)
-            return g * one * 2 * (o - t).detach() / o.numel(), None
-
+    SquareConstGraph = _SquareConstGraph
     net, X, _ = small()
     t = torch.randn(5, 2, dtype=torch.float64)
     with pytest.raises(UnsupportedStageError, match="cannot differentiate the loss's gradient"):
@@ -1093,3 +1096,26 @@ def test_a_cancelling_gradient_at_confident_logits_is_not_taken_for_a_missing_se
         ref = hessinv.hessian(net, nn.BCEWithLogitsLoss(), X, torch.ones(32, 1))
         # (autograd's own sigmoid(y) - 1 cancels in float32: a few 1e-3 off the closed form)
         assert torch.allclose(H.to_dense(), ref.to_dense(), rtol=2e-2, atol=0)
+
+
+def test_min_eigenvalue_too_large_for_its_certificate_names_the_uncertified_route(monkeypatch):
+    """``min_eigenvalue`` refused by the memory check of its certificate's sweep named only the optimizers'
+    ``curvature_batch_size``, which an operator has none of (a probe): it names ``eigenpairs(1, "smallest",
+    certify=False)``, which takes products only."""
+    import hessinv.riccati
+
+    monkeypatch.setattr(hessinv.riccati, "_memory_bytes", lambda device: 16 * 2**30)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(30, 3000), nn.Tanh(), nn.Linear(3000, 3))
+    X, y = torch.randn(64, 30), torch.randint(0, 3, (64,))
+    H = hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    with pytest.raises(hessinv.TooLargeError, match=r"eigenpairs\(1, 'smallest', certify=False\)"):
+        H.min_eigenvalue()
+
+
+def test_a_loss_that_returns_a_python_number_is_named_as_such():
+    """A loss returning ``float(...)`` was told it was "not a scalar; use reduction='mean'" (a probe)."""
+    net, X, _ = small()
+    t = torch.randn(5, 2, dtype=torch.float64)
+    with pytest.raises(UnsupportedStageError, match="returned a float, not a tensor"):
+        hessinv.hessian(net, lambda o, t: float(((o - t) ** 2).mean()), X, t)

@@ -1801,7 +1801,13 @@ class CurvatureOperator(_AutocastOff):
             v, known = V[:, 0], float(w.abs().max())  # (||H||: |H v| of a null vector is no scale)
         # (below: the dense branch's ||H||; a float32 operator answered with its twin's above)
         else:
-            self._check_sweep_memory()  # (the certificate's sweep: refused before the Lanczos products)
+            try:  # (the certificate's sweep: refused before the Lanczos products)
+                self._check_sweep_memory()
+            except TooLargeError as e:
+                raise TooLargeError(
+                    f"{e}; min_eigenvalue certifies its answer by a sweep -- eigenpairs(1, 'smallest', "
+                    "certify=False) takes products only (its answer not certified by a count)"
+                ) from None
 
             def close(theta: np.ndarray, res: np.ndarray) -> bool:
                 scale = max(float(np.abs(theta).max()), _TINY64)

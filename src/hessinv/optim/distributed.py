@@ -24,8 +24,9 @@ With ``sharded`` or ``replicated`` a run on ``W`` ranks with local batches ``B``
 run with the global batch ``W B`` (rank ``r`` holding rows ``[r B, (r + 1) B)``), up to the rounding
 of the all-reduce -- which the curvature refreshes can amplify: in float64 the parameters stayed within
 1e-8 of one process's over 30 steps (a review, 2026-12-04: a 2-process MLP), in float32 with the eigen
-basis within 5e-4 of how far they had moved after 10 steps (12% before its tie-break was scaled to the
-factors' float32 rounding, 2026-12-06), with ``basis="identity"`` 6e-8. Which trains
+basis they drifted to 12% of how far they had moved (8.7e-2 after 10 steps in a 2026-12-06 probe: the
+eigenbasis's tie-break is below float32's rounding, docs/distributed.md), with ``basis="identity"`` 6e-8.
+Which trains
 fastest per second is measured in ``bench/distributed.py`` (docs/benchmarks.md): ``sharded`` is the
 default.
 

@@ -175,7 +175,23 @@ def ignored_index(loss_fn: Callable) -> int | None:
 def nothing_to_learn(loss_fn: Callable, targets: Tensor) -> str | None:
     """Where every target of the batch is the loss's ignored class index (an all-padding batch) under
     the mean reduction -- torch's loss is 0/0 (NaN) and its gradient zero: nothing to learn from --
-    a sentence that says so, for an optimizer to skip the batch with; else None."""
+    a sentence that says so, for an optimizer to skip the batch with; else None. Likewise where every
+    target's class weight is zero (``CrossEntropyLoss(weight=w)`` or ``NLLLoss``, a dropped class)."""
+    w = loss_fn.weight if type(loss_fn) in (nn.CrossEntropyLoss, nn.NLLLoss) else None
+    if (
+        w is not None
+        and loss_fn.reduction == "mean"
+        and not targets.is_floating_point()
+        and targets.numel()
+        and bool(((targets.long() < 0) | (targets.long() >= w.numel())).logical_not().all())
+    ):
+        t = targets.long()
+        kept = t != loss_fn.ignore_index
+        if bool(kept.any()) and bool((w.to(t.device)[t[kept]] == 0).all()):
+            return (
+                "every target of the batch has class weight 0 (the weighted mean loss is 0/0: NaN, its "
+                "gradient zero), so there is nothing to learn from it"
+            )
     ignore = ignored_index(loss_fn)
     if (
         ignore is None
@@ -770,8 +786,13 @@ class LossStage:
                     "with the model predicting mean and variance"
                 )
             raise UnsupportedStageError(f"{self.name}: loss_fn(outputs, targets) failed: {e}{hint}") from e
-        if not isinstance(out, Tensor) or out.numel() != 1:
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        if not isinstance(out, Tensor):  # (a Python number: .item() or float() inside the loss)
+            raise UnsupportedStageError(
+                f"{self.name}: the loss returned a {type(out).__name__}, not a tensor: it has no derivatives "
+                "(a .item() or float() inside loss_fn); return the torch scalar itself"
+            )
+        if out.numel() != 1:
+            shape = tuple(out.shape)
             raise UnsupportedStageError(
                 f"{self.name}: the loss returned {shape}, not a scalar; use reduction='mean' or 'sum'"
             )
