@@ -947,6 +947,11 @@ class CurvatureOperator(_AutocastOff):
             return None
         return Factorization(self, damping, _factors=(factors, inertia, True)) if pd else None
 
+    def _positive_definite_at(self, damping: float | Tensor) -> bool:
+        """Whether ``H + D`` is positive definite by construction, with no sweep (:class:`GaussNewton` of a
+        convex loss: every ``D_j > 0``); False here."""
+        return False
+
     def is_positive_definite(self, shift: float = 0.0) -> bool:
         """Whether ``H + shift I`` is positive definite: every Riccati pivot has a Cholesky factor."""
         return self.factor_if_positive_definite(_check_shift(shift, self.dtype)) is not None
@@ -2594,10 +2599,7 @@ class Factorization(_AutocastOff):
         # pivot that is not: its counts, log-determinant and unrefined sums are rounding (stage blocks of
         # order 1 around a G of 1e-9), so the pivots are not taken as exact; recounted (by construction)
         self._rounding_dominated = (
-            not self.positive_definite
-            and not modify
-            and not overflowed
-            and getattr(op, "_positive_definite_at", lambda d: False)(damping)
+            not self.positive_definite and not modify and not overflowed and op._positive_definite_at(damping)
         )
         if self._rounding_dominated:
             self.positive_definite = True

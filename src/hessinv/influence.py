@@ -70,7 +70,13 @@ from hessinv.errors import (
 )
 from hessinv.riccati import Inertia
 from hessinv.stages.generic import dense_lookup_grads
-from hessinv.stages.losses import count_examples, holds_batch_sized, loss_name, sums_examples
+from hessinv.stages.losses import (
+    count_examples,
+    holds_batch_sized,
+    loss_name,
+    sums_examples,
+    zero_class_weight,
+)
 
 __all__ = [
     "InfluenceFunction",
@@ -182,13 +188,8 @@ def per_example_gradients(
     rows = _per_example_rows(model, loss_fn, inputs, targets, chunk, chain)
     if not linalg.all_finite(rows):
         bad = int((~torch.isfinite(rows)).any(1).nonzero()[0, 0])
-        w = loss_fn.weight if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) else None
-        zero = (
-            w is not None
-            and loss_fn.reduction == "mean"
-            and not targets.is_floating_point()
-            and bool((w[targets[bad].clamp(0, len(w) - 1)] == 0).any())
-        )
+        weights = zero_class_weight(loss_fn, targets)
+        zero = weights is not None and bool(weights[bad].any())
         raise NonFiniteError(
             f"the per-example gradient of example {bad} is not finite"
             + (

@@ -177,17 +177,12 @@ def nothing_to_learn(loss_fn: Callable, targets: Tensor) -> str | None:
     the mean reduction -- torch's loss is 0/0 (NaN) and its gradient zero: nothing to learn from --
     a sentence that says so, for an optimizer to skip the batch with; else None. Likewise where every
     target's class weight is zero (``CrossEntropyLoss(weight=w)`` or ``NLLLoss``, a dropped class)."""
-    w = loss_fn.weight if type(loss_fn) in (nn.CrossEntropyLoss, nn.NLLLoss) else None
-    if (
-        w is not None
-        and loss_fn.reduction == "mean"
-        and not targets.is_floating_point()
-        and targets.numel()
-        and bool(((targets.long() < 0) | (targets.long() >= w.numel())).logical_not().all())
-    ):
+    zero = zero_class_weight(loss_fn, targets)
+    if zero is not None:
         t = targets.long()
         kept = t != loss_fn.ignore_index
-        if bool(kept.any()) and bool((w.to(t.device)[t[kept]] == 0).all()):
+        inside = bool(((t >= 0) & (t < loss_fn.weight.numel())).all())
+        if inside and bool(kept.any()) and bool(zero[kept].all()):
             return (
                 "every target of the batch has class weight 0 (the weighted mean loss is 0/0: NaN, its "
                 "gradient zero), so there is nothing to learn from it"
@@ -205,6 +200,18 @@ def nothing_to_learn(loss_fn: Callable, targets: Tensor) -> str | None:
         f"every target of the batch equals ignore_index={ignore} (the mean loss is 0/0: NaN, its gradient "
         "zero), so there is nothing to learn from it"
     )
+
+
+def zero_class_weight(loss_fn: Callable, targets: Tensor) -> Tensor | None:
+    """Where ``loss_fn`` is ``CrossEntropyLoss(weight=w)`` or ``NLLLoss(weight=w)`` with the mean reduction
+    and ``targets`` are class indices: whether each target is a class of weight 0 (its example's own
+    weighted mean loss is 0/0; False for a target out of range, an ignored one); else None."""
+    w = loss_fn.weight if type(loss_fn) in (nn.CrossEntropyLoss, nn.NLLLoss) else None
+    if w is None or loss_fn.reduction != "mean" or targets.is_floating_point() or not targets.numel():
+        return None
+    t = targets.long()
+    inside = (t >= 0) & (t < w.numel())
+    return inside & (w.to(t.device)[t.clamp(0, w.numel() - 1)] == 0)
 
 
 def loss_reduction(loss_fn: Callable) -> str | None:
