@@ -3,6 +3,7 @@ references (plain autograd double backward + ``torch.linalg``), on random small 
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import warnings
@@ -22,6 +23,7 @@ from hessinv.errors import (
     NonFiniteError,
     ShapeMismatchError,
     SingularError,
+    UnsupportedStageError,
 )
 from hessinv.influence import InfluenceFunction
 from hessinv.laplace import Laplace
@@ -1056,3 +1058,70 @@ def test_a_prior_precision_too_large_gets_advice_that_works():
     Laplace(m, "regression", prior_precision=1e150, sigma_noise=1e-3).fit(X, yr).log_marginal_likelihood()
     with pytest.raises(InvalidArgumentError, match="choose a smaller prior precision$"):
         Laplace(m, "classification", prior_precision=1e200).fit(X, yc).log_marginal_likelihood()
+
+
+class _Aliased(nn.Module):
+    """A last-layer alias (``self.head = self.body[-1]``), applied once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3))
+        self.head = self.body[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class _Twice(nn.Module):
+    """One registered layer applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+        self.seq = nn.Sequential(self.a, nn.Tanh(), self.a, nn.Tanh(), self.b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seq(x)
+
+
+@pytest.mark.parametrize("cls", [_Aliased, _Twice])
+def test_nn_predictive_of_a_layer_with_two_names_leaves_the_model_intact(cls):
+    """``pred_type="nn"`` swapped the parameters of a layer reached by two paths in and out twice:
+    a raw RuntimeError, and the model left holding a posterior sample as plain tensors (a probe)."""
+    torch.manual_seed(0)
+    X, y = torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 3, (20,))
+    net = cls().double()
+    before = [(k, p, p.detach().clone()) for k, p in net.named_parameters()]
+    la = Laplace(net, "classification").fit(X, y)
+    probs = la(X[:4], pred_type="nn", n_samples=5, generator=torch.Generator().manual_seed(3))
+    for (k, p, v), (k2, p2) in zip(before, net.named_parameters(), strict=True):
+        assert k == k2 and p2 is p and isinstance(p2, nn.Parameter) and torch.equal(p2, v)
+    # against the network at the same samples, set by hand on a copy
+    samples = la.sample(5, torch.Generator().manual_seed(3))
+    ref = []
+    for th in samples:
+        m = copy.deepcopy(net)
+        torch.nn.utils.vector_to_parameters(th, m.parameters())
+        with torch.no_grad():
+            ref.append(torch.softmax(m(X[:4]), -1))
+    assert torch.allclose(probs, torch.stack(ref).mean(0), rtol=1e-12, atol=1e-14)
+
+
+class _BatchBranch(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if float(x.detach().sum()) > 0 else -x
+
+
+@pytest.mark.parametrize("pred_type", ["glm", "nn"])
+def test_predictive_of_a_model_whose_output_depends_on_its_batch_is_refused(pred_type):
+    """The GLM predictive took the batch's outputs with each example's Jacobian alone, two different
+    functions: a test point's probabilities moved by 0.16 with the other points of its call (a probe)."""
+    torch.manual_seed(0)
+    X, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 3, (16,))
+    net = nn.Sequential(nn.Linear(3, 4), _BatchBranch(), nn.Tanh(), nn.Linear(4, 3)).double()
+    la = Laplace(net, "classification").fit(X, y)
+    Xt = torch.randn(6, 3, dtype=torch.float64)
+    Xt[0] = 50.0  # its sign decides the branch for the whole batch
+    with pytest.raises(UnsupportedStageError, match="depends on the rest of its batch"):
+        la(Xt, pred_type=pred_type, n_samples=3)
+    assert la(Xt[1:2], pred_type=pred_type, n_samples=3).shape == (1, 3)  # one point: its own function

@@ -2562,24 +2562,15 @@ class Chain:
         # row against autograd on it alone -- a stage whose behaviour depends on the batch (a branch on a
         # batch sum) keeps examples apart in its derivatives but not in its value: its rows were 82% off
         # (a new user's model); None sends the caller to the per-example route
-        B = int(out.shape[0])
-        eps = math.sqrt(torch.finfo(self.dtype).eps)
         try:
-            with exact_no_grad():
-                for i in torch.linspace(0, B - 1, min(B, 16)).long().unique().tolist():
-                    alone_out = self._own_forward(inputs[i : i + 1])
-                    if not torch.allclose(
-                        alone_out.to(out.dtype)[0], out[i], rtol=eps, atol=eps * float(out.abs().max())
-                    ):
-                        self._rows_refused = True
-                        # (what a caller that pairs these rows with the batch's curvature must refuse -- where
-                        # a float64 copy differs too: not the rounding of batched against one-row products)
-                        if self.dtype == torch.float64 or self._alone_differs_in_float64(inputs, i):
-                            diff = float((alone_out.to(out.dtype)[0] - out[i]).abs().max())
-                            self._batch_dependent = (i, diff)
-                        return None
+            found = self.alone_against_batch(inputs, out)
         except Exception:  # noqa: BLE001 - the rows stand where the model's own forward cannot be taken
             return rows
+        if found is not None:
+            self._rows_refused = True
+            if found[2]:  # (what a caller that pairs these rows with the batch's curvature must refuse)
+                self._batch_dependent = found[:2]
+            return None
         try:
             alone = self._own_gradient(inputs[:1], self.prepare_targets(targets[:1]))
         except Exception:  # noqa: BLE001 - the rows stand where the model's own forward cannot be taken
@@ -2595,6 +2586,22 @@ class Chain:
             return None
         self._rows_checked = True
         return rows
+
+    def alone_against_batch(self, inputs: Tensor, out: Tensor) -> tuple[int, float, bool] | None:
+        """Up to 16 examples' outputs alone against ``out``, their outputs in the batch ``inputs`` (to
+        ``sqrt(u)`` of the largest output): the first that differs as ``(example, largest difference,
+        whether a float64 copy of the model differs too)`` -- True: the output depends on the rest of the
+        batch (a branch on a batch sum), not the rounding of batched against one-row products -- else None.
+        Errors of the model's own forward are the caller's."""
+        B = int(out.shape[0])
+        eps = math.sqrt(torch.finfo(self.dtype).eps)
+        with exact_no_grad():
+            for i in torch.linspace(0, B - 1, min(B, 16)).long().unique().tolist():
+                alone = self._own_forward(inputs[i : i + 1]).to(out.dtype)[0]
+                if not torch.allclose(alone, out[i], rtol=eps, atol=eps * float(out.abs().max())):
+                    real = self.dtype == torch.float64 or self._alone_differs_in_float64(inputs, i)
+                    return i, float((alone - out[i]).abs().max()), real
+        return None
 
     def _alone_differs_in_float64(self, inputs: Tensor, i: int) -> bool:
         """Whether example ``i``'s output alone differs from its output in the batch ``inputs`` on a float64

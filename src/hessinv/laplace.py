@@ -65,6 +65,7 @@ from hessinv.curvature import (
 )
 from hessinv.errors import (
     DtypeMismatchError,
+    HessinvError,
     IndefiniteError,
     InvalidArgumentError,
     NonFiniteArgumentError,
@@ -73,9 +74,10 @@ from hessinv.errors import (
     ShapeMismatchError,
     SingularError,
     TooLargeError,
+    UnsupportedStageError,
     warn,
 )
-from hessinv.influence import _collect, _trainable, output_jacobians
+from hessinv.influence import _collect, _left_intact, _slots, output_jacobians
 from hessinv.riccati import check_dense_memory
 
 __all__ = ["Laplace"]
@@ -693,10 +695,15 @@ class Laplace:
         return torch.einsum("icn,nid->icd", J, S.reshape(n, N, C))
 
     def _outputs(self, X: Tensor, theta: Tensor) -> Tensor:
-        names, params = _trainable(self.model)
-        sizes = [params[k].numel() for k in names]
-        tree = {k: t.view_as(params[k]) for k, t in zip(names, torch.split(theta, sizes), strict=True)}
-        return functional_call(self.model, tree, (X,))
+        """The network at the parameters ``theta`` (flat, in ``parameters()`` order): every place a
+        parameter sits (a layer reached by two names, a parameter held by two modules) takes its value,
+        and the model keeps its own parameter objects (``functional_call`` restoring a layer reached by
+        two paths left a sample in the model in their place; a probe)."""
+        slots, params = _slots(self.model)
+        values = dict(zip(map(id, params), torch.split(theta, [p.numel() for p in params]), strict=True))
+        tree = {k: values[id(p)].view_as(p) for k, p in slots}
+        with _left_intact(self.model):
+            return functional_call(self.model, tree, (X,), tie_weights=False)
 
     def __call__(
         self,
@@ -729,7 +736,22 @@ class Laplace:
             raise ShapeMismatchError(f"X must be a batch (N, features...) with N >= 1, got {tuple(X.shape)}")
         if X.is_floating_point() and not bool(torch.isfinite(X).all()):
             raise NonFiniteError("X contains NaN or infinity")
-        f_mu = self._op().chain.forward(X)[-1]  # the model's outputs; named errors for inputs it cannot take
+        chain = self._op().chain
+        f_mu = chain.forward(X)[-1]  # the model's outputs; named errors for inputs it cannot take
+        try:
+            mixed = chain.alone_against_batch(X, f_mu) if len(X) > 1 else None
+        except HessinvError:
+            raise
+        except Exception:  # noqa: BLE001 - the model alone on one example fails: nothing to compare
+            mixed = None
+        if mixed is not None and mixed[2]:  # (the GLM's Jacobians and nn's samples are of examples alone)
+            raise UnsupportedStageError(
+                "the model's output for an example depends on the rest of its batch (test example "
+                f"{mixed[0]} alone gives outputs {mixed[1]:.3g} away from its outputs in the batch: a branch "
+                "on a batch statistic, a batch-wide normalization): a predictive per test point is not "
+                "defined -- make the model act on each example separately (eval-mode BatchNorm, no branch "
+                "on batch sums)"
+            )
         if f_mu.dim() > 2:
             raise ShapeMismatchError(
                 f"the predictive needs outputs of shape (N, C) or (N,); the model gives {tuple(f_mu.shape)} "
