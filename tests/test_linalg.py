@@ -184,3 +184,22 @@ def test_one_thread_when_the_machine_is_busy(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert isinstance(hl.machine_busy(), bool)
+
+
+def test_deterministic_algorithms_keep_the_thread_count_whatever_the_load(monkeypatch):
+    """Under ``torch.use_deterministic_algorithms(True)`` only the problem's size decides the thread count:
+    a seeded float32 run ended 6% of its travel apart between an idle and a busy machine (a probe)."""
+    import hessinv.linalg as hl
+
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(hl, "machine_busy", lambda: True)
+    try:
+        torch.use_deterministic_algorithms(True)
+        with hl.one_thread_if(False):
+            assert torch.get_num_threads() == 2
+        with hl.one_thread_if(True):  # (small work: one thread, load or not)
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.use_deterministic_algorithms(det)
+        torch.set_num_threads(threads)

@@ -269,3 +269,76 @@ def test_a_batch_whose_targets_all_have_class_weight_zero_is_skipped_like_an_all
     with pytest.warns(UserWarning, match="class weight 0"):
         opt.step(X[:4], torch.zeros(4, dtype=torch.long))
     assert all(torch.equal(a, p) for a, p in zip(before, m.parameters(), strict=True))
+
+
+def _tiny(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def test_a_state_dict_loads_into_the_same_parameters_grouped_otherwise():
+    """Regrouping after unfreezing (the refusal of add_param_group advises a new Newton): the new one
+    refused the old state dict for its other number of groups, though Newton's state is per parameter."""
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(192, 6, generator=g), torch.randint(0, 3, (192,), generator=g)
+    net, CE = _tiny(), nn.CrossEntropyLoss()
+    opt = hessinv.optim.Newton(net, CE, seed=0)
+    for i in range(4):
+        opt.step(X[32 * i : 32 * i + 32], y[32 * i : 32 * i + 32])
+    twin = _tiny(5)
+    twin.load_state_dict(net.state_dict())
+    groups = [{"params": list(twin[0].parameters()), "lr": 0.5}, {"params": list(twin[2].parameters())}]
+    new = hessinv.optim.Newton(twin, CE, seed=1, params=groups)
+    with pytest.warns(UserWarning, match="grouped otherwise"):
+        new.load_state_dict(opt.state_dict())
+    assert new.steps == opt.steps and [gr["lr"] for gr in new.param_groups] == [0.5, 1.0]
+    for gr in opt.param_groups:  # the same lr everywhere: the two continue alike
+        gr["lr"] = 0.5
+    new.param_groups[1]["lr"] = 0.5
+    opt.step(X[128:160], y[128:160])
+    new.step(X[128:160], y[128:160])
+    for p, q in zip(net.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+    other = hessinv.optim.Newton(nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)), CE)
+    with pytest.raises(hessinv.HessinvError):  # (another model's parameters: refused as before)
+        other.load_state_dict(opt.state_dict())
+
+
+def test_step_stats_report_the_curvature_batch_drawn_and_the_groups_lr():
+    """StepStats said 8 curvature examples where the curvature was built on the 3 the loss counts, and
+    group 0's lr with several groups."""
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+    y[3:] = -100  # 3 labelled examples, 29 padding
+    opt = hessinv.optim.Newton(_tiny(), nn.CrossEntropyLoss(), seed=0, mode="precondition")
+    opt.step(X, y)
+    assert opt.last_stats.refreshed and opt.last_stats.curvature_batch_size == 3
+    tr = hessinv.optim.Newton(
+        _tiny(), nn.CrossEntropyLoss(), seed=0, mode="trust-region", curvature_batch_size=8
+    )
+    tr.step(X, y)
+    assert tr.last_stats.curvature_batch_size == 3
+    net = _tiny()
+    ps = list(net.parameters())
+    opt = hessinv.optim.Newton(
+        net, nn.CrossEntropyLoss(), seed=0, params=[{"params": ps[:2], "lr": 0.1}, {"params": ps[2:]}]
+    )
+    opt.step(X, torch.randint(0, 3, (32,), generator=g))
+    assert opt.last_stats.lr == 1.0
+
+
+def test_an_in_place_op_that_leaves_the_gradient_as_written_does_not_warn():
+    """Logging the gradient norm with clip_grad_norm_(..., inf) bumps .grad's version, not its values:
+    the next step warned that a changed .grad was ignored."""
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(96, 6, generator=g), torch.randint(0, 3, (96,), generator=g)
+    net = _tiny()
+    opt = hessinv.optim.Newton(net, nn.CrossEntropyLoss(), seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(3):
+            opt.step(X[32 * i : 32 * i + 32], y[32 * i : 32 * i + 32])
+            torch.nn.utils.clip_grad_norm_(net.parameters(), float("inf"))
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1e-6)  # (changed values: still said)
+    with pytest.warns(UserWarning, match="not used"):
+        opt.step(X[:32], y[:32])

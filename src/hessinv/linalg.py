@@ -123,9 +123,12 @@ def one_thread_if(small: bool):
     """Run the block on one torch thread if ``small`` or the machine is busy (:func:`machine_busy`; and
     torch uses more threads), then restore the count -- and scipy's BLAS thread count, which the block's
     scipy kernels set to torch's (:func:`_scipy_ready`): a process-wide setting of the user's (scipy and
-    sklearn after a factorization ran on torch's count, or on one)."""
+    sklearn after a factorization ran on torch's count, or on one). Under
+    ``torch.use_deterministic_algorithms(True)`` the machine's load is not consulted: a kernel's rounding
+    depends on its thread count, and a seeded run must not follow the other processes' load (a float32
+    training run, idle against busy, ended 6% of its travel apart after 30 steps; a probe)."""
     threads = torch.get_num_threads()
-    one = threads > 1 and (small or machine_busy())
+    one = threads > 1 and (small or (not torch.are_deterministic_algorithms_enabled() and machine_busy()))
     ctl = _scipy_blas()
     scipy_threads = ctl[0].num_threads if ctl is not None else None
     if one:

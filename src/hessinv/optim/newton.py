@@ -181,8 +181,11 @@ class StepStats:
             quotient, beyond the rounding ``sqrt(u) ||H||`` in the trust region: a positive
             semi-definite ``H``'s null space fails the tests at rounding level; False: it is positive
             definite; None: unknown).
-        lr: the ``lr`` of the parameter group (the step taken is ``lr * s``).
-        batch_size, curvature_batch_size: examples in the gradient and in the curvature batch.
+        lr: the ``lr`` of the parameter groups, their largest where they differ (the step taken is ``lr *
+            s``, each group's part with its own).
+        batch_size, curvature_batch_size: examples in the gradient batch, and in the curvature batch of
+            the curvature the step used (drawn among the examples the loss counts: fewer than asked
+            where fewer are counted; in the precondition mode, the last refresh's).
         factorizations, solves: Riccati sweeps spent on this step.
         fallback: the hard-case step was rejected and its interior part ``s(lambda)`` taken instead.
         backtracks: halvings of the step before it was accepted (``Newton(backtracking=k)``).
@@ -738,7 +741,15 @@ class Newton(torch.optim.Optimizer):
             try:
                 super().load_state_dict(sd)
             except ValueError as e:  # torch's: another number or size of parameter groups
-                raise InvalidArgumentError(f"state dict does not fit this optimizer's groups: {e}") from e
+                if not self._regrouped(sd):
+                    raise InvalidArgumentError(f"state dict does not fit this optimizer's groups: {e}") from e
+                # the same parameters grouped otherwise (a layer unfrozen into a group of its own): the state
+                # is per parameter (under "newton"), the groups' settings this optimizer's
+                warn(
+                    "the state dict's parameter groups differ from this optimizer's (the same parameters, "
+                    "grouped otherwise): its state is loaded, and the groups' lr, momentum and weight_decay "
+                    "are this optimizer's, not the checkpoint's"
+                )
             for g in self.param_groups:  # a state dict from before the momentum was a group value
                 g.setdefault("momentum", momentum)
             if pc is not None:
@@ -835,27 +846,44 @@ class Newton(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only while building the optimizer: the curvature is of the whole model, so a group with other
-        tensors is refused at once (build a new ``Newton`` over the model, with ``params=`` groups)."""
+        tensors is refused at once (build a new ``Newton`` over the model, with ``params=`` groups; a
+        frozen layer's group given there is filled when the layer is unfrozen)."""
         if getattr(self, "_groups_frozen", False):
             raise InvalidArgumentError(
                 "Newton's parameter groups must hold exactly the model's trainable parameters; "
                 "add_param_group after construction is not supported (a layer unfrozen with "
-                "requires_grad_(True) joins by itself at the next step): build a new Newton with "
-                "params=[{'params': ..., 'lr': ...}, ...]"
+                "requires_grad_(True) joins by itself at the next step, into group 0 -- or into its own "
+                "group, given at construction while it is frozen: params=[{'params': frozen.parameters(), "
+                "'lr': ...}, {'params': rest}]). To regroup now, build a new Newton with "
+                "params=[{'params': ..., 'lr': ...}, ...] and load this one's state_dict() into it"
             )
         super().add_param_group(param_group)
+
+    def _regrouped(self, sd: dict[str, Any]) -> bool:
+        """Whether the state dict ``sd`` is of this optimizer's parameters grouped otherwise: no
+        per-parameter entries of torch's kind (Newton's state is kept under ``"newton"``) and as many
+        parameters in its groups as in this optimizer's (their shapes were compared already)."""
+        groups = sd.get("param_groups")
+        if sd.get("state") or not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            return False
+        saved = sorted(i for g in groups for i in g.get("params", ()))
+        return saved == list(range(sum(len(g["params"]) for g in self.param_groups)))
 
     def _write_grad(self, g: Tensor) -> None:
         """``p.grad <- g`` (the batch gradient) for every trainable parameter, as views of a copy: an
         in-place edit of ``p.grad`` (gradient clipping, ``zero_grad``) must not reach the ``g`` that a
         retry after a rejected step reuses."""
-        g = g.clone()
+        kept, g = g, g.clone()
         offset = 0
+        written = {}
         for p in self.chain.params:
             k = p.numel()
             p.grad = g[offset : offset + k].view_as(p)
+            # (and the values: an in-place op that leaves them, clip_grad_norm_ at an infinite norm to log
+            # the norm, bumps the version alone -- it warned)
+            written[id(p)] = (p.grad, p.grad._version, kept[offset : offset + k])
             offset += k
-        self._grads_written = {id(p): (p.grad, p.grad._version) for p in self.chain.params}
+        self._grads_written = written
 
     def _warn_if_unscaled_targets(self, targets: Tensor) -> None:
         """Warn where a regression's targets are far from unit scale (root mean square above
@@ -901,7 +929,11 @@ class Newton(torch.optim.Optimizer):
             if g is None:
                 continue
             kept = written.get(id(p))
-            if kept is not None and kept[0] is g and kept[1] == g._version:
+            if (
+                kept is not None
+                and kept[0] is g
+                and (kept[1] == g._version or torch.equal(g.reshape(-1), kept[2]))
+            ):
                 continue
             if bool((g != 0).any()):
                 self._warned_grads = True
@@ -1505,13 +1537,13 @@ class Newton(torch.optim.Optimizer):
         ns.update(step=step, momentum=m)
         t_solve = time.perf_counter() - t
         batch = int(inputs.shape[0])
-        lr_f = float(self.param_groups[0]["lr"])
+        lr_f = max(float(g["lr"]) for g in self.param_groups)
         stats = StepStats(
             step=step, loss=float(loss0), loss_after=math.nan, predicted_decrease=float(g @ d),
             actual_decrease=math.nan, rho=math.nan, accepted=True, damping=pc.damping, radius=None,
             step_norm=float(d.norm()), boundary=False, hard_case=False, inertia=None, inertia_at_zero=None,
             negative_curvature=None, lr=lr_f, batch_size=batch,
-            curvature_batch_size=min(pc.curvature_batch_size, batch), factorizations=int(refreshed),
+            curvature_batch_size=pc.curvature_examples, factorizations=int(refreshed),
             solves=1, fallback=False, backtracks=0, time_derivatives=t_deriv, time_factor=t_factor,
             time_solve=t_solve, time_total=time.perf_counter() - t_start, mode="precondition",
             refreshed=refreshed,
@@ -1695,8 +1727,9 @@ class Newton(torch.optim.Optimizer):
             damping=proposal.damping / omega,
             radius=proposal.radius, step_norm=step_norm, boundary=proposal.boundary and not used_fallback,
             hard_case=proposal.hard_case, inertia=proposal.factor.inertia, inertia_at_zero=inertia0,
-            negative_curvature=negative_curvature, lr=float(self.param_groups[0]["lr"]), batch_size=batch,
-            curvature_batch_size=k if subsample else batch, factorizations=sweeps.factorizations,
+            negative_curvature=negative_curvature, lr=max(float(g["lr"]) for g in self.param_groups),
+            batch_size=batch, curvature_batch_size=int(idx.numel()) if subsample else batch,
+            factorizations=sweeps.factorizations,
             solves=sweeps.solves, fallback=used_fallback, backtracks=backtracks, time_derivatives=t_deriv,
             time_factor=sweeps.time_factor, time_solve=sweeps.time_solve,
             time_total=time.perf_counter() - t_start,

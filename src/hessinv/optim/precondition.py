@@ -1251,6 +1251,9 @@ class Preconditioner:
             return kept[2]
         return self.diagonal()
 
+    #: the examples of the stored curvature's batch (:meth:`_curvature_batch`), 0 before the first
+    curvature_examples = 0
+
     def due(self) -> bool:
         """Whether the next :meth:`update` rebuilds the curvature."""
         return self._factor is None or (self.state["t"] - 1) % self.refresh == 0
@@ -1261,6 +1264,7 @@ class Preconditioner:
     def _curvature_batch(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         finite = functools.partial(finite_loss_on, self, inputs, targets) if self.redraw else None
         idx = curvature_batch(self.loss_fn, targets, self.curvature_batch_size, self.generator, finite)
+        self.curvature_examples = int(targets.shape[0]) if idx is None else int(idx.numel())
         return (inputs, targets) if idx is None else (inputs[idx], targets[idx])
 
     @_deterministic_curvature
