@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from reference import autograd_gauss_newton, autograd_gradient_hessian
+from reference import autograd_gauss_newton, autograd_gradient_hessian, autograd_hessian
 from torch import Tensor, nn
 
 import hessinv
@@ -295,3 +295,23 @@ def test_factor_if_positive_definite_returns_none_where_the_factorization_is_sin
     assert G.is_positive_definite(1e-20)
     assert G.factor_if_positive_definite(1e-20) is None
     assert G.factor_if_positive_definite(1e-2) is not None
+
+
+@pytest.mark.parametrize("loss_fn", [nn.HuberLoss(), nn.SmoothL1Loss()])
+def test_a_residual_exactly_at_the_huber_kink_is_not_refused(loss_fn):
+    """A zero-initialized head with targets of +-1 puts every residual at the kink ``|r| = delta``: the loss's
+    gradient changes smoothly on one side only, and the second-derivative check refused it as a loss
+    autograd cannot differentiate (naming torch.compile). The Hessian is autograd's, one-sided."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    nn.init.zeros_(m[2].weight)
+    nn.init.zeros_(m[2].bias)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    y = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]], dtype=torch.float64)
+    H = hessinv.hessian(m, loss_fn, x, y)
+    assert torch.allclose(H.to_dense(), autograd_hessian(m, loss_fn, x, y), atol=1e-13)
+    with torch.no_grad():  # one residual at the kink among smooth ones
+        m[2].weight.normal_()
+        y2 = m(x) + torch.tensor([[1.0], [0.3], [-1.0], [2.0]], dtype=torch.float64)
+    G = hessinv.gauss_newton(m, loss_fn, x, y2)
+    assert torch.allclose(G.to_dense(), autograd_gauss_newton(m, loss_fn, x, y2), atol=1e-13)

@@ -879,8 +879,9 @@ class LossStage:
         error: a probe). A piecewise constant gradient (a loss linear in the outputs, or made of kinks: a
         hinge, ``clamp``, ``maximum``, a quantile loss) is told apart by the step ``2 h``: a smooth gradient
         changes twice as much, one crossing a kink by the same jump at both (its second derivative, zero
-        almost everywhere, is right). (A loss of many outputs spaced below ``sqrt(u)`` apart that it sorts
-        can look smooth and be refused.)"""
+        almost everywhere, is right); both ways, ``h`` and ``-h``: an output exactly at a kink changes
+        smoothly on one side only, where autograd takes the other's one-sided value. (A loss of many outputs
+        spaced below ``sqrt(u)`` apart that it sorts can look smooth and be refused.)"""
         from hessinv.stages.generic import _grads
 
         if not G.numel():
@@ -896,19 +897,29 @@ class LossStage:
             with torch.enable_grad():
                 return _grads(self.call(yk), [yk])[0].reshape(G0.shape) - G0
 
+        def side(sign: float) -> tuple[Tensor, Tensor]:
+            """(changed, missed) per entry, stepping by ``sign * step``."""
+            d1, d2 = moved(sign), moved(2 * sign)
+            # per entry, beyond its own rounding (one large residual elsewhere must not hide a change)
+            noise = 10 * eps * torch.maximum(G0.abs(), (G0 + d1).abs())
+            changed = d1.abs() > noise
+            # smooth: the change doubles with the step; a kink crossed: the same jump at both steps
+            smooth = changed & ((d2 - 2 * d1).abs() <= 0.2 * d1.abs())
+            # (missing: autograd's change below 0.4x the gradient's -- a cancelling gradient, sigmoid(y) - 1
+            # at a confident logit, moves in steps of its rounding near 1, 10-25% off its derivative: a
+            # tighter test refused lambda BCEs and BCEWithLogitsLoss(pos_weight=) at 2-6% of confident
+            # margins; a review)
+            wrong = (d1 - change(sign * step.reshape(G0.shape)).to(d1)).abs() > 0.6 * d1.abs() + 2 * noise
+            return changed, smooth & wrong
+
         try:
-            d1, d2 = moved(1.0), moved(2.0)
+            (changed, missed), (changed_back, missed_back) = side(1.0), side(-1.0)
         except (HessinvError, RuntimeError, ValueError):  # (outputs moved off the loss's domain: BCELoss's
             return  # probabilities of 1 - 1e-10 beyond 1 -- nothing to tell by)
-        # per entry, beyond its own rounding (one large residual elsewhere must not hide a change)
-        noise = 10 * eps * torch.maximum(G0.abs(), (G0 + d1).abs())
-        changed = d1.abs() > noise
-        # smooth: the change doubles with the step; a kink crossed: the same jump at both steps
-        smooth = changed & ((d2 - 2 * d1).abs() <= 0.2 * d1.abs())
-        # (missing: autograd's change below 0.4x the gradient's -- a cancelling gradient, sigmoid(y) - 1 at a
-        # confident logit, moves in steps of its rounding near 1, 10-25% off its derivative: a tighter test
-        # refused lambda BCEs and BCEWithLogitsLoss(pos_weight=) at 2-6% of confident margins; a review)
-        missed = smooth & ((d1 - change(step.reshape(G0.shape)).to(d1)).abs() > 0.6 * d1.abs() + 2 * noise)
+        # missed on both sides: an output exactly at a kink (a Huber residual of exactly delta: autograd takes
+        # the linear side's zero, one-sided as ReLU's at 0) changes smoothly on one side only (refused, a
+        # probe: a zero-initialized head with targets of +-1)
+        missed, changed = missed & missed_back, changed & changed_back
         if int(missed.sum()) and int(missed.sum()) >= 0.5 * int(changed.sum()):
             raise UnsupportedStageError(
                 f"{self.name}: autograd cannot differentiate the loss's gradient (a torch.compile-d function "
