@@ -177,6 +177,11 @@ _LOOPED = [0]
 EXAMPLE_PULL_ENTRIES = 2**24
 
 
+#: :func:`example_pass` takes a dense ``P_n`` of at most this side apart by ``eigh`` where the stage's input
+#: is wider than its output
+EXAMPLE_EIGH_SIDE = 1024
+
+
 def example_pass(
     P: ExampleCurvature,
     pull: Callable[[Tensor | tuple[int, int]], tuple[Tensor, Tensor]],
@@ -199,7 +204,14 @@ def example_pass(
     ``Hzz = 0``) -- ``R`` pull-backs per example, BackPACK's form. A diagonal ``P_n`` is the factored form
     with ``F = I``; a dense one takes the identity's columns and ``P_n``'s: ``diag = sum_j (Jx^T e_j) .
     (Jx^T P e_j)`` and ``Jz^T P Jz`` as ``Jz^T Y^T`` with ``Y = Jz^T P`` -- ``2 d_out + d_in``
-    pull-backs, no eigendecomposition."""
+    pull-backs, no eigendecomposition -- unless ``d_out < d_in`` (at most :data:`EXAMPLE_EIGH_SIDE`): then
+    ``P_n = V diag(lambda) V^T`` (``eigh``, ``9 d_out^3`` flops an example) is the factored form with
+    ``d_out`` columns, pulled back as such (a global average pooling of 16 x 12 x 12 features below a
+    20-class head: 2336 pull-backs an example, 67 s for ``G.diagonal()`` where 10 classes, factored
+    throughout, took 0.26 s; a probe)."""
+    if not isinstance(P, tuple) and P.dim() == 3 and P.shape[1] < d_in and P.shape[1] <= EXAMPLE_EIGH_SIDE:
+        lam, V = torch.linalg.eigh(0.5 * (P + P.mT))
+        P = (V, lam)
     if isinstance(P, tuple):
         F, S = P
         A, Z = pull(F)
