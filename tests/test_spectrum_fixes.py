@@ -639,3 +639,23 @@ def test_min_eigenvalue_falls_back_to_bisection_where_lanczos_does_not_converge(
     monkeypatch.setattr(type(H), "is_positive_definite", certificate_fails_once)
     lam = H.min_eigenvalue()
     assert abs(lam - truth) <= 1e-6 * abs(truth)
+
+
+@pytest.mark.parametrize("k", [10, 12])
+def test_uncertified_pairs_warn_where_the_deflated_rerun_does_not_converge(k):
+    """A 40 -> 10 linear layer under MSE: ``H = kron(I_10, A)`` repeats each eigenvalue 10 times. The
+    deflated Lanczos rerun that looks for further copies did not converge, and ``certify=False`` returned 3
+    copies each of three eigenvalues for the 10 smallest (1.5% of ||H|| off) without a word (a probe):
+    the values are right, or an AccuracyWarning says copies may be missing."""
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Linear(40, 10)).double()
+    X = torch.randn(60, 40, dtype=torch.float64, generator=g)
+    y = torch.randn(60, 10, dtype=torch.float64, generator=g)
+    lam = torch.linalg.eigvalsh(autograd_hessian(m, nn.MSELoss(), X, y))
+    H = hessinv.hessian(m, nn.MSELoss(), X, y)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        e = H.eigenpairs(k, "smallest", certify=False)
+    right = bool(torch.allclose(e.values, lam[:k], atol=1e-8 * float(lam.abs().max())))
+    assert right or any(issubclass(x.category, hessinv.AccuracyWarning) for x in w)
