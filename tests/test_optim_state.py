@@ -712,7 +712,8 @@ def test_a_step_failing_around_a_rank_update_of_the_damping_changes_nothing(monk
 
     def run(fail: bool) -> tuple[nn.Module, ho.Newton]:
         net = _small()
-        opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0, mode="precondition", **SAVED)
+        # (basis_refresh=None: step 23 would refresh the eigenbasis, which rebuilds K with the step's D)
+        opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0, mode="precondition", **SAVED, basis_refresh=None)
         for i, (X, y) in enumerate(batches):
             if fail and i == 22:
                 before = (copy.deepcopy(opt.state_dict()), _flat(net).clone())
@@ -1054,3 +1055,37 @@ def test_a_refresh_that_runs_out_of_memory_is_a_too_large_error_that_changes_not
         opt.step(*batches[2])
     _assert_same(opt.state_dict(), before)
     assert torch.equal(_flat(net), weights)
+
+
+@pytest.mark.parametrize("where", ["solve after it", "inside its refactorization"])
+def test_a_step_failing_around_a_basis_refresh_changes_nothing(monkeypatch, where):
+    """A step that refreshes the eigenbasis alone (between the curvature's refreshes) replaces the basis,
+    the second moments, the momentum and the stored factor (its root carried into the new basis): a failure
+    after it or inside its factorization leaves all as it was, and the retry is the uninterrupted run."""
+    from hessinv.lowrank import WoodburyFactor
+
+    batches = _batches() + _batches()[:6]
+
+    def run(fail: bool) -> tuple[nn.Module, ho.Newton]:
+        net = _small()
+        opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0, mode="precondition", **SAVED, basis_refresh=2)
+        for i, (X, y) in enumerate(batches):
+            if fail and i == 22:  # (step 23: the basis alone, refresh=3)
+                before = (copy.deepcopy(opt.state_dict()), _flat(net).clone())
+                with monkeypatch.context() as mp:
+                    if where == "solve after it":
+                        _fail_once(mp, ho.Preconditioner, "solve", 1)
+                    else:
+                        _fail_once(mp, WoodburyFactor, "_factor_K", 1)
+                    with pytest.raises(_Injected):
+                        opt.step(X, y)
+                _assert_same(opt.state_dict(), before[0])
+                assert torch.equal(_flat(net), before[1])
+            opt.step(X, y)
+        return net, opt
+
+    ref_net, ref = run(False)
+    assert ref.preconditioner.state["basis_refreshes"] > 0
+    net, opt = run(True)
+    assert torch.equal(_flat(net), _flat(ref_net))
+    _assert_same(opt.state_dict(), ref.state_dict())

@@ -386,6 +386,7 @@ def _settings(opt: Any, strategy: str) -> dict[str, Any]:
         "curvature_batch_size": int(pc.curvature_batch_size),
         "max_rank": int(pc.max_rank),
         "refresh": int(pc.refresh),
+        "basis_refresh": pc.basis_refresh,
         # the function: the stages and their modules (a ReLU on one rank where the others have Tanh: the same
         # shapes, and DDP's averaged gradient would train the average of two networks)
         "stages": tuple(

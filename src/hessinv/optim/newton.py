@@ -103,6 +103,7 @@ from hessinv.errors import (
 from hessinv.optim.damping import DampingRule, FixedDamping, LevenbergMarquardt, Sweeps
 from hessinv.optim.precondition import (
     BASIS_MAX_DIM,
+    BASIS_REFRESH,
     Preconditioner,
     _cast_state,
     _deterministic_curvature,
@@ -384,6 +385,10 @@ class Newton(torch.optim.Optimizer):
             ``k``-example curvature is scaled by ``n / k`` to match the batch's gradient, so that the
             steps are those of the mean-reduced loss (the trust region's model is of ``(k / n) f``).
         refresh: precondition mode: rebuild the curvature every this many steps.
+        basis_refresh: precondition mode: refresh the eigenbasis of the weights whose rotated sides are
+            all at most 64 wide every this many steps (SOAP's frequency, 2; one step of orthogonal
+            iteration), carrying the stored curvature into it (:class:`Preconditioner`); None: with the
+            curvature only (the behaviour until 2026-12-06).
         momentum, beta2: precondition mode: the gradient average (default 0.9) and the second-moment
             average of ``D`` (default 0.95, SOAP's; 0.99 until 2026-12-04: a second moment that follows a
             growing gradient within a few steps shortens the step there at once, which the deep tanh
@@ -455,6 +460,7 @@ class Newton(torch.optim.Optimizer):
         max_rank: int | None = None,
         curvature_batch_size: int | None = None,
         refresh: int = 10,
+        basis_refresh: int | None = BASIS_REFRESH,
         momentum: float = 0.9,
         beta2: float = 0.95,
         seed: int | None = None,
@@ -564,8 +570,9 @@ class Newton(torch.optim.Optimizer):
                 pc_damping = float(damping) if isinstance(damping, (int, float)) else 1.0
             self.preconditioner = Preconditioner(
                 model, loss_fn, curvature=pc_curv, damping=pc_damping,
-                curvature_batch_size=curvature_batch_size or 8, refresh=refresh, beta2=beta2,
-                basis=basis, basis_max_dim=basis_max_dim, max_rank=max_rank, seed=(seed + 1) % 2**64,
+                curvature_batch_size=curvature_batch_size or 8, refresh=refresh, basis_refresh=basis_refresh,
+                beta2=beta2, basis=basis, basis_max_dim=basis_max_dim, max_rank=max_rank,
+                seed=(seed + 1) % 2**64,
             )  # fmt: skip
         self._newton: dict[str, Any] = {
             "step": 0,
