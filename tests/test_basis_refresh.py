@@ -93,3 +93,18 @@ def test_a_basis_refresh_leaves_wide_weights_to_the_curvature_refresh():
     out = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
     ref = torch.linalg.solve(M, grad)
     assert torch.allclose(out, ref, rtol=1e-8, atol=1e-10 * float(ref.abs().max()))
+
+
+def test_a_checkpoint_from_before_basis_refresh_resumes_as_it_ran():
+    """A state dict saved before the setting existed has no ``basis_refresh``: it loads as None, the
+    basis refreshed with the curvature only, as the run that saved it did."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    X, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0)
+    opt.step(X[:32], y[:32])
+    sd = opt.state_dict()
+    del sd["newton"]["preconditioner"]["settings"]["basis_refresh"]
+    new = ho.Newton(net, nn.CrossEntropyLoss(), seed=0)
+    new.load_state_dict(sd)
+    assert new.preconditioner.basis_refresh is None and opt.preconditioner.basis_refresh == 2
