@@ -86,7 +86,9 @@ def test_an_image_to_image_model_s_curvature_needs_no_dense_output_curvature():
     opt = hessinv.optim.Newton(m, nn.MSELoss(), seed=0)
     with torch.no_grad():
         before = float(nn.MSELoss()(m(X), X.roll(1, 2)))
-    for i in range(6):
+    for i in range(
+        12
+    ):  # (12 steps: 0.85 of the loss with the basis refreshed every 2, 0.82 with the curvature)
         half = slice(0, 16) if i % 2 == 0 else slice(16, 32)  # (mini-batches)
         opt.step(X[half], X.roll(1, 2)[half])
     with torch.no_grad():
