@@ -172,8 +172,9 @@ HESSINV_VARIANTS: dict[str, dict[str, Any]] = {
     "hessinv-d300": {"diagonal_damping": 300.0},
     # D diagonal in the parameters (Adam's second moments) instead of in the eigenbasis (the default)
     "hessinv-identity": {"basis": "identity"},
-    # the default until 2026-12-06: the eigenbasis refreshed with the curvature only (every 10 steps)
-    "hessinv-1206": {"basis_refresh": None},
+    # the eigenbasis of the narrow weights refreshed every 2 steps between the curvature's refreshes
+    # (train_suite_1206c: ahead per step, behind in time on the tanh chain)
+    "hessinv-b2": {"basis_refresh": 2},
 }
 LR_GRIDS: dict[str, tuple[float, ...]] = {
     "adam": (1e-3, 3e-3, 1e-2),

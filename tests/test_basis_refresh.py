@@ -101,10 +101,10 @@ def test_a_checkpoint_from_before_basis_refresh_resumes_as_it_ran():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
     X, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
-    opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0)
+    opt = ho.Newton(net, nn.CrossEntropyLoss(), seed=0, basis_refresh=2)
     opt.step(X[:32], y[:32])
     sd = opt.state_dict()
     del sd["newton"]["preconditioner"]["settings"]["basis_refresh"]
-    new = ho.Newton(net, nn.CrossEntropyLoss(), seed=0)
+    new = ho.Newton(net, nn.CrossEntropyLoss(), seed=0, basis_refresh=2)
     new.load_state_dict(sd)
     assert new.preconditioner.basis_refresh is None and opt.preconditioner.basis_refresh == 2

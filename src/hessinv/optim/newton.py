@@ -386,9 +386,10 @@ class Newton(torch.optim.Optimizer):
             steps are those of the mean-reduced loss (the trust region's model is of ``(k / n) f``).
         refresh: precondition mode: rebuild the curvature every this many steps.
         basis_refresh: precondition mode: refresh the eigenbasis of the weights whose rotated sides are
-            all at most 64 wide every this many steps (SOAP's frequency, 2; one step of orthogonal
-            iteration), carrying the stored curvature into it (:class:`Preconditioner`); None: with the
-            curvature only (the behaviour until 2026-12-06).
+            all at most 64 wide every this many steps (2: SOAP's frequency; one step of orthogonal
+            iteration), carrying the stored curvature into it (:class:`Preconditioner`); None (default):
+            with the curvature only. ``basis_refresh=2`` gains per step on deep narrow chains at up to 2x
+            the step's time (docs/training.md: not the default).
         momentum, beta2: precondition mode: the gradient average (default 0.9) and the second-moment
             average of ``D`` (default 0.95, SOAP's; 0.99 until 2026-12-04: a second moment that follows a
             growing gradient within a few steps shortens the step there at once, which the deep tanh

@@ -249,11 +249,13 @@ def _power_step(M: Tensor, Q: Tensor) -> Tensor:
     return torch.linalg.qr(Y).Q.to(M.dtype).contiguous()
 
 
-#: :class:`Preconditioner` refreshes the eigenbasis every this many calls (one step of orthogonal iteration,
-#: SOAP's frequency), carrying the stored curvature into it, and the curvature itself every ``refresh``:
-#: on the suite's MNIST-1D tanh chain, test accuracy averaged over steps 1000-2000 of four seeds 52.9%
-#: against 48.5% with the basis refreshed with the curvature (SOAP at the same step: 53.8%; a probe)
-BASIS_REFRESH = 2
+#: :class:`Preconditioner`'s default ``basis_refresh``: None, the eigenbasis refreshed with the curvature
+#: (every ``refresh`` calls). ``basis_refresh=2`` (SOAP's frequency: one step of orthogonal iteration,
+#: the stored curvature carried into the new basis) gains per step -- the suite's MNIST-1D tanh chain at
+#: step 2000 53.2% against 49.4% (4 seeds), digits' 90% at 1000 steps against 1750 -- but its step took
+#: 1.25-1.95x as long on the suite's narrow chains, and in the suite's time protocol it lost the tanh
+#: chain's 50% to SOAP (5.84 s against 4.87; 2.57 s first before): not the default (docs/training.md)
+BASIS_REFRESH: int | None = None
 #: ... those of its weights whose rotated sides are all at most this wide (where there are any); the others
 #: with the curvature (their orthogonal iteration, ``O(a^3)``, and ``K``'s rebuild show in the step: the
 #: 40-100-100-10 MLP's step 5.7 ms against 3.3 with every weight's basis refreshed every 2 steps, Adam's
