@@ -342,3 +342,25 @@ def test_an_in_place_op_that_leaves_the_gradient_as_written_does_not_warn():
     torch.nn.utils.clip_grad_norm_(net.parameters(), 1e-6)  # (changed values: still said)
     with pytest.warns(UserWarning, match="not used"):
         opt.step(X[:32], y[:32])
+
+
+def test_a_regrouped_load_keeps_this_optimizer_s_groups_for_frozen_layers():
+    """The checkpoint's record of which group a frozen layer returns to is of its own grouping: after a
+    regrouped load, unfreezing must use this optimizer's (the checkpoint's group 2 does not exist here)."""
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    net[0].requires_grad_(False)
+    first, mid, head = (list(m.parameters()) for m in (net[0], net[2], net[4]))
+    a = hessinv.optim.Newton(
+        net, nn.CrossEntropyLoss(), seed=0, params=[{"params": mid}, {"params": head}, {"params": first}]
+    )
+    a.step(X[:32], y[:32])
+    b = hessinv.optim.Newton(
+        net, nn.CrossEntropyLoss(), seed=0, params=[{"params": first + mid, "lr": 0.5}, {"params": head}]
+    )
+    with pytest.warns(UserWarning, match="grouped otherwise"):
+        b.load_state_dict(a.state_dict())
+    net[0].requires_grad_(True)
+    b.step(X[32:], y[32:])
+    assert {id(p) for p in net[0].parameters()} <= {id(p) for p in b.param_groups[0]["params"]}

@@ -745,11 +745,13 @@ class Newton(torch.optim.Optimizer):
         if pc is not None:  # another model's, another basis's: refused before anything is loaded
             pc.check_state_dict(pcs)
         groups, state = self.param_groups, self.state  # (torch's load replaces both)
+        regrouped = False
         try:
             try:
                 super().load_state_dict(sd)
             except ValueError as e:  # torch's: another number or size of parameter groups
-                if not self._regrouped(sd):
+                regrouped = self._regrouped(sd)
+                if not regrouped:
                     raise InvalidArgumentError(f"state dict does not fit this optimizer's groups: {e}") from e
                 # the same parameters grouped otherwise (a layer unfrozen into a group of its own): the state
                 # is per parameter (under "newton"), the groups' settings this optimizer's
@@ -775,6 +777,8 @@ class Newton(torch.optim.Optimizer):
         if self.preconditioner is None or self._mode_asked == "trust-region":
             ns["from_auto"] = False  # (this optimizer's trust region stays: it has nothing to hand back to)
         ns["max_relative_step"] = limit
+        if regrouped:  # (a frozen parameter's group is one of this optimizer's groups, not the checkpoint's)
+            ns["homes"] = dict(self._newton.get("homes", {}))
         ns.pop("rule_settings", None)
         self.rule = rule
         self._newton = copy.deepcopy(ns)
