@@ -359,7 +359,7 @@ def closed_form(loss_fn: Callable) -> nn.Module | None:
     red = getattr(loss_fn, "reduction", None)
     if red not in ("mean", "sum"):
         return None
-    if type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None:
+    if type(loss_fn) is nn.CrossEntropyLoss:
         return loss_fn
     if type(loss_fn) is nn.MSELoss:
         return loss_fn
@@ -609,8 +609,11 @@ class LossStage:
         # a per-position cross-entropy) by autograd on the per-example flattened outputs
         self.closed = closed_form(loss_fn) if output.dim() == 2 else None
         self.elementwise = self.softmax_classes = False
-        if self.closed is not None:
-            self.kind, self.q, self.scale = self._per_example(self.closed, targets, output)
+        per = None if self.closed is None else self._per_example(self.closed, targets, output)
+        if per is None:  # (declined: class weights whose mean has a zero denominator here)
+            self.closed = None
+        if per is not None:
+            self.kind, self.q, self.scale = per
         else:
             self.kind, self.q, self.scale = "autograd", None, 1.0
             fn = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
@@ -689,13 +692,21 @@ class LossStage:
                     "hessinv.optim.Newton(weight_decay=...) (exact), or a damping of the operator's solves"
                 )
 
-    def _per_example(self, loss_fn: nn.Module, t: Tensor, y: Tensor) -> tuple[str, Tensor | None, float]:
+    def _per_example(
+        self, loss_fn: nn.Module, t: Tensor, y: Tensor
+    ) -> tuple[str, Tensor | None, float] | None:
         """``(kind, q, scale)``: ``q`` the smoothed target distribution (cross-entropy; zero rows for
-        ignored examples), else None."""
+        ignored examples), times the class weights where given (torch's ``-sum_c w_c q_c log p_c`` per
+        example, the mean over ``sum_n w_{y_n}`` for class indices and over ``B`` for probabilities), else
+        None; None where the closed form does not apply (class weights with a mean over a zero total: the
+        autograd path says what it says)."""
         red = loss_fn.reduction
         B, C = y.shape
         if isinstance(loss_fn, nn.CrossEntropyLoss):
             eps = float(loss_fn.label_smoothing)
+            w = None if loss_fn.weight is None else loss_fn.weight.detach().to(device=y.device, dtype=y.dtype)
+            if w is not None and tuple(w.shape) != (C,):
+                return None  # (torch's own error, from the autograd path)
             if t.is_floating_point():  # class probabilities
                 if t.shape != y.shape:
                     hint = (
@@ -707,7 +718,8 @@ class LossStage:
                     raise ShapeMismatchError(
                         f"{self.name}: probability targets {tuple(t.shape)} != outputs {tuple(y.shape)}{hint}"
                     )
-                return "ce", ((1 - eps) * t + eps / C).to(y.dtype), (1.0 / B if red == "mean" else 1.0)
+                q = ((1 - eps) * t + eps / C).to(y.dtype)
+                return "ce", (q if w is None else q * w), (1.0 / B if red == "mean" else 1.0)
             if t.shape != (B,):
                 hint = "; squeeze the last axis (targets.squeeze(1))" if t.shape == (B, 1) else ""
                 raise ShapeMismatchError(
@@ -725,7 +737,13 @@ class LossStage:
                 raise ShapeMismatchError(f"{self.name}: class index out of range [0, {C})")
             q = F.one_hot(t.clamp(0, C - 1), C).to(y.dtype).mul_(1 - eps).add_(eps / C)
             q.mul_(keep[:, None].to(y.dtype))
-            return "ce", q, (1.0 / max(kept, 1) if red == "mean" else 1.0)
+            if w is None:
+                return "ce", q, (1.0 / max(kept, 1) if red == "mean" else 1.0)
+            # (w_{y_n} on the target's entry, w_c / C on the smoothing's: q o w)
+            total = float(w[t.clamp(0, C - 1)][keep].sum())
+            if red == "mean" and not total > 0:
+                return None
+            return "ce", q.mul_(w), (1.0 / total if red == "mean" else 1.0)
         if t.shape != y.shape:
             hint = (
                 "; give the targets the outputs' shape (targets.unsqueeze(1))"
