@@ -162,7 +162,9 @@ def test_a_cross_entropy_per_position_keeps_its_softmax_form(name, positions):
     G_ref = autograd_gauss_newton(m, loss, X, y)
     H, G = hessinv.hessian(m, loss, X, y), hessinv.gauss_newton(m, loss, X, y)
     lb = H.blocks[-1]
-    assert lb.classes == 4 and lb._Lam is None
+    # (a softmax form, never a dense Lambda: per position, or the closed form's over all outputs, classes
+    # None, which (B, C) class-weighted outputs take since 2026-12-06)
+    assert lb.classes == (4 if positions else None) and lb._Lam is None and lb.softmax_p is not None
     assert _rel(H.to_dense(), H_ref) < 1e-10 and _rel(G.to_dense(), G_ref) < 1e-10
     eye = torch.eye(H.shape[0], dtype=torch.float64)
     assert _rel(H.factor(0.3).solve(g_ref), torch.linalg.solve(H_ref + 0.3 * eye, g_ref)) < 1e-9
@@ -208,7 +210,7 @@ def test_a_confident_class_weighted_classifier_keeps_its_softmax_form():
         m[2].weight.mul_(300.0)
         m[2].bias.mul_(300.0)
     G = hessinv.gauss_newton(m, lf, X, y)
-    assert G.blocks[-1].classes == C
+    assert G.blocks[-1].softmax_p is not None  # (the softmax form: the closed form's since 2026-12-06)
     assert _rel(G.to_dense(), autograd_gauss_newton(m, lf, X, y)) < 1e-8
     m32 = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, C))
     opt = torch.optim.Adam(m32.parameters(), lr=0.05)
@@ -217,7 +219,7 @@ def test_a_confident_class_weighted_classifier_keeps_its_softmax_form():
         opt.zero_grad()
         lf32(m32(X.float()), y).backward()
         opt.step()
-    assert hessinv.gauss_newton(m32, lf32, X.float(), y).blocks[-1].classes == C
+    assert hessinv.gauss_newton(m32, lf32, X.float(), y).blocks[-1].softmax_p is not None
 
 
 def test_review_edges_of_the_loss_checks():
