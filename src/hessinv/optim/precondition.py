@@ -87,7 +87,7 @@ from hessinv.errors import (
     out_of_memory,
     warn,
 )
-from hessinv.lowrank import WoodburyFactor, _uncovered_runs, written_runs
+from hessinv.lowrank import WoodburyFactor, _uncovered_runs, unread_spans, written_runs
 from hessinv.stages.losses import (
     count_examples,
     counted_examples,
@@ -492,7 +492,6 @@ class EigenBasis:
         :class:`hessinv.lowrank.WoodburyFactor` solves through ``factors``). With ``max_side``, only the
         weights whose rotated sides are all at most that wide are refreshed (:meth:`narrow`); the others keep
         their basis (``P = I``)."""
-        where = {o: k for k, (o, _, _) in enumerate(self.blocks)}
         rotated: dict[int, tuple[Tensor | None, Tensor | None]] = {}
         for gi, (a, b, left, right, _) in enumerate(self._groups):
             if max_side is not None and not self.narrow(gi, max_side):
@@ -527,6 +526,7 @@ class EigenBasis:
             self._QL[gi], self._QR[gi] = QL, QR
         if not factors:
             return factors
+        where = {o: k for k, (o, _, _) in enumerate(self.blocks)}
         out = []
         for off, d, m, T, Z, idx in factors:
             k = where.get(off)
@@ -1459,16 +1459,12 @@ class Preconditioner:
         flops, not a rotation's ``r (d^2 m + d m^2)``), other weights' columns rotated -- factored with
         today's ``D``: ``K`` rebuilt (``r^2`` per weight row and ``B^2`` per weight entry), no backward
         pass."""
-        D = self.diagonal()
-        moments = [D, *self.basis._L, *self.basis._R]
-        if not all(linalg.all_finite(m) for m in moments):
-            raise self._overflowed()
+        self._check_moments()
         f = self._factor
         # a new U (the stored factor stays as it was if the step fails): the columns outside the Linear
         # weights and tables copied, the weights' written ones formed below (the unwritten never read)
         U = torch.empty_like(f.U)
-        tables = [(off, 1, size) for off, size, *_ in f.tables or ()]
-        for lo, hi in _uncovered_runs(U.shape[1], [*(f.factors or ()), *tables]):
+        for lo, hi in _uncovered_runs(U.shape[1], [*(f.factors or ()), *unread_spans(None, f.tables)]):
             U[:, lo:hi] = f.U[:, lo:hi]
         covered = [off for off, *_ in f.factors or ()]
         factors = self.basis.refresh(
@@ -1487,6 +1483,12 @@ class Preconditioner:
         self._d_now = (self.state["t"], self.state["v"], D)
         self.state["basis_refreshes"] = self.state.get("basis_refreshes", 0) + 1
 
+    def _check_moments(self) -> None:
+        """:meth:`_overflowed`'s error where the second moments or the Kronecker factors are not finite."""
+        moments = [self.state["v"], *(self.basis._L + self.basis._R if self.basis is not None else [])]
+        if not all(linalg.all_finite(m) for m in moments):
+            raise self._overflowed()
+
     def _overflowed(self) -> NonFiniteError:
         """The error for second moments beyond the dtype's range (gradient entries whose squares are not
         representable), at a refresh or between refreshes alike."""
@@ -1501,9 +1503,7 @@ class Preconditioner:
         """The curvature of a curvature batch drawn from ``(inputs, targets)``, factored with today's ``D``
         (Gauss-Newton: the basis refreshed first, ``carry`` following it) or the scalar damping."""
         if self.curvature == "gauss_newton":
-            moments = [self.state["v"], *(self.basis._L + self.basis._R if self.basis is not None else [])]
-            if not all(linalg.all_finite(m) for m in moments):
-                raise self._overflowed()
+            self._check_moments()
             if self.basis is not None:  # G = U^T S U = Q (U Q)^T S (U Q) Q^T: factor in Q's basis
                 self.basis.refresh(self.state["v"], carry, power=self.basis_refresh is not None)
             self._root_factors = self._root_tables = None

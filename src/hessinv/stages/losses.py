@@ -610,11 +610,10 @@ class LossStage:
         self.closed = closed_form(loss_fn) if output.dim() == 2 else None
         self.elementwise = self.softmax_classes = False
         per = None if self.closed is None else self._per_example(self.closed, targets, output)
-        if per is None:  # (declined: class weights whose mean has a zero denominator here)
-            self.closed = None
         if per is not None:
             self.kind, self.q, self.scale = per
-        else:
+        else:  # (no closed form, or declined: class weights whose mean has a zero denominator here)
+            self.closed = None
             self.kind, self.q, self.scale = "autograd", None, 1.0
             fn = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
             elementwise = _torch_forward(fn, _ELEMENTWISE) or fn in _ELEMENTWISE_FUNCTIONS
