@@ -108,3 +108,58 @@ def test_a_checkpoint_from_before_basis_refresh_resumes_as_it_ran():
     new = ho.Newton(net, nn.CrossEntropyLoss(), seed=0, basis_refresh=2)
     new.load_state_dict(sd)
     assert new.preconditioner.basis_refresh is None and opt.preconditioner.basis_refresh == 2
+
+
+@pytest.mark.parametrize("width, group", [(8, 4 * 64), (48, None)])
+def test_a_basis_refresh_of_a_net_with_dead_units_keeps_zero_columns_apart(width, group):
+    """Dead ReLU units leave zero columns in ``U``; after a basis refresh (whose weights solved through
+    their factors have no columns written) the factor's ``live`` columns are the nonzero ones of ``U`` as
+    every column formed would hold them -- the weights' from their factors, the others carried over --
+    and the solve is the dense ``(G + D')^{-1}`` with ``D'`` the factor's ``D`` there, today's elsewhere.
+    ``width, group``: weights grouped by shape (``_STRUCTURED_GROUP`` lowered) or solved through one by
+    one (48 x 48 weights)."""
+    from unittest import mock
+
+    import hessinv.lowrank
+
+    torch.manual_seed(1)
+    layers: list[nn.Module] = [nn.Linear(4, width), nn.ReLU()]
+    for _ in range(4):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    net = nn.Sequential(*layers, nn.Linear(width, 3)).double()
+    with torch.no_grad():
+        net[2].bias[: width // 2] = -50.0  # half the second layer's units dead on every input
+    X, y = torch.randn(64, 4, dtype=F64), torch.randint(0, 3, (64,))
+    patch = mock.patch.object(
+        hessinv.lowrank, "_STRUCTURED_GROUP", group or hessinv.lowrank._STRUCTURED_GROUP
+    )
+    with patch:
+        pc = ho.Preconditioner(net, nn.CrossEntropyLoss(), refresh=6, basis_refresh=2, seed=0, warmup=0)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            idx = torch.randint(0, 64, (32,), generator=g)
+            net.zero_grad()
+            nn.CrossEntropyLoss()(net(X[idx]), y[idx]).backward()
+            grad = torch.cat([p.grad.reshape(-1) for p in net.parameters()]).clone()
+            pc.precondition_(X[idx], y[idx])
+            f, n = pc._factor, pc.chain.num_params
+            assert len(f._solve_factors) >= 4  # (the hidden weights solved through their structure)
+            full = f.columns(torch.arange(n))
+            nonzero = full.ne(0).any(0)
+            assert not bool(nonzero.all())
+            assert torch.equal(f.live, nonzero)
+            live = nonzero.nonzero().flatten()
+            assert torch.equal(f._rest, live[~_in_weights(f, live)])
+            _, M = _dense_parts(pc)
+            out = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+            # (a backward-stable solve's residual: the dead units' tiny damping makes M ill-conditioned)
+            assert float((M @ out - grad).norm() / grad.norm()) <= 1e-12
+    assert pc.state["basis_refreshes"] == 1  # (call 3)
+
+
+def _in_weights(f, idx: torch.Tensor) -> torch.Tensor:
+    """Which of the column indices ``idx`` lie in a weight the factor ``f`` solves through its factors."""
+    inside = torch.zeros_like(idx, dtype=torch.bool)
+    for off, d, m, *_ in f._solve_factors:
+        inside |= (idx >= off) & (idx < off + d * m)
+    return inside

@@ -425,7 +425,7 @@ def structured_gram(
     if rest is None:
         rest = _uncovered(n, factors, U.device)
     if rest.numel():
-        Ur = (U[:, rest] if U_rest is None else U_rest).double()
+        Ur = (U.index_select(1, rest) if U_rest is None else U_rest).double()
         K += (Ur * Dinv64[rest]) @ Ur.T
     return K
 
@@ -545,6 +545,9 @@ def _group_view(X: Tensor, group: tuple) -> Tensor:
 
 #: columns per block of :meth:`WoodburyFactor._live_columns`' scan for zero columns
 _SCAN_COLUMNS = 2**14
+#: columns up to which :meth:`WoodburyFactor._live_columns` picks a product's columns by a mask over all
+#: of them (a few small ops; above, run by run: an Embedding's millions of columns)
+_ONE_PASS_COLUMNS = 2**17
 
 
 class WoodburyFactor:
@@ -606,14 +609,15 @@ class WoodburyFactor:
         # than reading U's columns); the other columns densely
         self._solve_factors = _through_factors(self.factors or [])
         self._solve_groups = _solve_groups(self._solve_factors)
-        # the weights whose columns of U are never read (gauss_newton_root(structured_only=True) leaves
-        # them unwritten; not scanned for zeros: live, see live)
-        self._unread_weights = unread_spans(self._solve_factors, None)
+        # the weights whose columns of U are never read: every weight solved through its structure --
+        # gauss_newton_root(structured_only=True) leaves the large ones unwritten, a basis refresh every
+        # one (Preconditioner._refresh_basis); not scanned for zeros: live, see live
+        self._unread_weights = list(self._solve_factors)
         self.structured_only = structured_only and bool(self._unread_weights)
         # lookup tables whose columns of U are unwritten: (offset, size, columns, values), gauss_newton_root's
         self.tables = tables or None
         # the columns of U never read: the solved-through weights', the tables'
-        self._unread = unread_spans(self._solve_factors, self.tables)
+        self._unread = [*self._unread_weights, *unread_spans(None, self.tables)]
         # which columns of U each product reads, by U alone (shared with with_damping's factorizations):
         # those outside the structured weights, less the columns that are zero (an Embedding's rows of
         # tokens outside the curvature batch: most of its columns)
@@ -621,31 +625,71 @@ class WoodburyFactor:
         self._rest, self._U_rest = self._live_columns("solve", self._solve_factors)
         self._factor_K(self._gram() if K is None else K)
 
+    def _scanned(self) -> Tensor:
+        """(n,) bool (cached): the nonzero columns of ``U`` outside the Linear weights of ``factors`` and the
+        lookup tables (False there), by a pass over those columns -- in place, run by run, or (few of them:
+        a deep narrow chain's biases between its weights) gathered at once."""
+        if "scanned" not in self._columns:
+            n, dev = self.U.shape[1], self.U.device
+            nz = torch.zeros(n, dtype=torch.bool, device=dev)
+            runs = _uncovered_runs(n, [*(self.factors or ()), *unread_spans(None, self.tables)])
+            if not self.U.shape[0]:
+                runs = []
+            elif runs and sum(hi - lo for lo, hi in runs) <= _SCAN_COLUMNS:
+                at = torch.cat([torch.arange(lo, hi, device=dev) for lo, hi in runs])
+                nz[at] = ~(self.U.index_select(1, at).abs().amax(0) == 0)
+                runs = []
+            for lo, hi in runs:
+                # (a column's largest |entry| is nonzero: 3x faster than ne(0).any(0) across rows; NaN
+                # stays live), over blocks of columns that stay in cache (3x faster than at once on an
+                # Embedding(50000, 64)'s 80 rows)
+                for a in range(lo, hi, _SCAN_COLUMNS):
+                    b = min(a + _SCAN_COLUMNS, hi)
+                    nz[a:b] = ~(self.U[:, a:b].abs().amax(0) == 0)
+            self._columns["scanned"] = nz
+        return self._columns["scanned"]
+
+    def _nonzero(self) -> Tensor:
+        """(n,) bool (cached): the nonzero columns of ``U`` -- :meth:`_scanned`'s, and the Linear weights'
+        from their factors, ``U`` not read there (``structured_only`` leaves some unwritten): column
+        ``(i, j)`` of a weight is nonzero where a row has ``T_qi != 0`` and ``z_{n(q) j} != 0`` (a dead
+        unit's row, a dead input's column zero), ``(T != 0)^T (Z[n(q)] != 0) > 0`` -- ``d r m`` flops. The
+        tables' columns are False."""
+        if "nonzero" not in self._columns:
+            nz = self._scanned().clone()
+            for group in _solve_groups(self.factors or []):  # (weights of one shape at once)
+                offsets, d, m, T, Z, idx, stride = group
+                T1, Z1 = T.ne(0).to(T.dtype), Z[:, idx].ne(0).to(T.dtype)  # (G, r, d), (G, r, m)
+                hit = (T1.mT @ Z1).flatten(1).ne(0)  # (G, d m)
+                if stride is not None:
+                    _group_view(nz[:, None], group).copy_(hit[:, :, None])
+                else:
+                    for o, h in zip(offsets, hit, strict=True):
+                        nz[o : o + d * m] = h
+            self._columns["nonzero"] = nz
+        return self._columns["nonzero"]
+
     def _live_columns(self, key: str, factors: list) -> tuple[Tensor, Tensor]:
         """``(idx, U[:, idx])``: the nonzero columns of ``U`` outside the weights of ``factors`` (cached)."""
         if key not in self._columns:
             n, dev = self.U.shape[1], self.U.device
-            if "nonzero" not in self._columns:
-                # outside the solved-through weights (whose columns may be unwritten; a superset of every
-                # key's columns), read contiguous runs of columns in place: no copy of U
-                nz = torch.zeros(n, dtype=torch.bool, device=dev)
-                for lo, hi in _uncovered_runs(n, self._unread):
-                    # (a column's largest |entry| is nonzero: 3x faster than ne(0).any(0) across rows;
-                    # NaN stays live), over blocks of columns that stay in cache (3x faster than at once
-                    # on an Embedding(50000, 64)'s 80 rows)
-                    for a in range(lo, hi, _SCAN_COLUMNS) if self.U.shape[0] else ():
-                        b = min(a + _SCAN_COLUMNS, hi)
-                        nz[a:b] = ~(self.U[:, a:b].abs().amax(0) == 0)
-                self._columns["nonzero"] = nz
+            nz = self._scanned() if factors is self.factors else self._nonzero()
             # the nonzero columns outside the weights of factors, run by run (ascending): no pass over the
             # n columns (an Embedding(50000, 64)'s 3.2M: 23 ms a call, three calls a refresh, before)
-            nz = self._columns["nonzero"]
-            parts = [lo + nz[lo:hi].nonzero().flatten() for lo, hi in _uncovered_runs(n, factors)]
-            idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=dev)
+            if factors is self.factors:  # (the scanned columns: outside every weight of factors)
+                idx = nz.nonzero().flatten()
+            elif n <= _ONE_PASS_COLUMNS:  # (few columns: a mask, a few small ops in all)
+                keep = nz.clone()
+                for off, d, m, *_ in factors:
+                    keep[off : off + d * m] = False
+                idx = keep.nonzero().flatten()
+            else:
+                parts = [lo + nz[lo:hi].nonzero().flatten() for lo, hi in _uncovered_runs(n, factors)]
+                idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=dev)
             if idx.numel() == n and not self.tables:
                 self._columns[key] = (torch.arange(n, device=dev), self.U)
             else:
-                cols = self.U[:, idx]
+                cols = self.U.index_select(1, idx)  # (5x faster than U[:, idx] on row-major U)
                 if self.tables:  # and the tables' columns from their values, in ascending order
                     idx = torch.cat([idx, *(c for _, _, c, _ in self.tables)])
                     order = torch.argsort(idx)
@@ -655,17 +699,11 @@ class WoodburyFactor:
 
     @property
     def live(self) -> Tensor:
-        """(n,) bool: the columns of ``U`` that may be nonzero: those of the structured weights whose columns
-        are unwritten (``structured_only``), the lookup tables' columns of the batch's tokens, and the
-        written columns that are nonzero -- a weight solved through its structure with its columns written
-        (one of a group of equal ones, :data:`_STRUCTURED_GROUP`) by its columns too. ``D`` changed
-        elsewhere leaves ``K`` as it is."""
+        """(n,) bool: the columns of ``U`` that are nonzero -- those of the weights solved through their
+        structure as their factors say (their columns are not read, written or not) -- and the lookup
+        tables' columns of the batch's tokens. ``D`` changed elsewhere leaves ``K`` as it is."""
         if "live" not in self._columns:
-            if "nonzero" not in self._columns:
-                self._live_columns("solve", self._solve_factors)
-            mask = self._columns["nonzero"].clone()  # (the scanned columns; False on the unread ones)
-            for off, d, m, *_ in self._unread_weights:
-                mask[off : off + d * m] = True
+            mask = self._nonzero().clone()  # (False on the tables' columns)
             for _off, _size, cols, _vals in self.tables or ():
                 mask[cols] = True
             self._columns["live"] = mask
@@ -708,7 +746,7 @@ class WoodburyFactor:
         elif idx.numel() and not bool(((idx >= -n) & (idx < n)).all()):
             raise IndexError(f"a column index is out of range for {n} columns")
         idx = idx.reshape(-1).long() % n if idx.numel() else idx.reshape(-1).long()
-        out = self.U[:, idx]
+        out = self.U.index_select(1, idx)
         for off, size, cols, vals in self.tables or ():
             inside = (idx >= off) & (idx < off + size)
             if bool(inside.any()):
@@ -894,7 +932,7 @@ class WoodburyFactor:
             )
         if bool(rest.any()):
             cols = idx_k[rest]
-            U_J = self._U64[:, cols] if self._U64 is not None else self.columns(cols).double()
+            U_J = self._U64.index_select(1, cols) if self._U64 is not None else self.columns(cols).double()
             K += (U_J * delta[rest]) @ U_J.T
         was = self.__dict__.get("_d_neg")  # (negative entries of D, counted at the factorization)
         d_neg = None if was is None else was + int((values < 0).sum()) - int((self.D[idx] < 0).sum())

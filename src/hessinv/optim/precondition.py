@@ -1471,15 +1471,21 @@ class Preconditioner:
             self.state["v"], carry, rows=U, factors=f.factors, power=True, skip=covered,
             max_side=BASIS_REFRESH_MAX_SIDE,
         )  # fmt: skip
-        unwritten = {off for off, *_ in f._unread_weights} if f.structured_only else set()
+        # (the weights solved through their factors: columns never read, left unwritten)
+        unwritten = {off for off, *_ in f._unread_weights}
         for off, d, m, T, Z, idx in factors or ():
             if off not in unwritten:
                 U[:, off : off + d * m] = (T[:, :, None] * Z[idx][:, None, :]).reshape(-1, d * m)
         D = self.diagonal()  # (v rotated with the basis)
         self._root_factors = factors or []
+        # the columns outside the weights of factors and the tables are f's where no other weight rotated:
+        # their scan for zeros and their Gram matrix's columns carried over
+        rotated_only_factors = set(covered) >= {o for o, *_ in self.basis.blocks}
+        known = {k: f._columns[k] for k in ("scanned", "gram") if k in f._columns and rotated_only_factors}
         self._factor = WoodburyFactor(
-            U, f.S, D, gram_tol=_GRAM_TOL, factors=factors, structured_only=f.structured_only, tables=f.tables
-        )
+            U, f.S, D, gram_tol=_GRAM_TOL, factors=factors, structured_only=True, tables=f.tables,
+            _columns=known,
+        )  # fmt: skip
         self._d_now = (self.state["t"], self.state["v"], D)
         self.state["basis_refreshes"] = self.state.get("basis_refreshes", 0) + 1
 
