@@ -1116,3 +1116,23 @@ def test_zero_columns_of_weights_solved_together_are_not_live():
     R = torch.randn(U.shape[1], 2, dtype=torch.float64)
     ref = torch.linalg.solve(U.T @ (S[:, None] * U) + torch.diag(torch.where(nonzero, D, free)), R)
     assert torch.allclose(grouped.solve(R.clone(), free), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_editing_the_root_a_caller_got_leaves_the_operator_as_it_was():
+    """``G.root()`` hands out copies: a caller's ``U.mul_(2)`` (whitening "its" root) changed the operator's
+    cached root, and every later factorization's logdet (8 nats off), inverse diagonal and square root with
+    it, silently (a probe)."""
+    torch.manual_seed(1)
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    G = hessinv.gauss_newton(model, nn.CrossEntropyLoss(), X, y)
+    dense = G.to_dense()
+    want = float(torch.linalg.slogdet(dense + 0.01 * torch.eye(dense.shape[0], dtype=torch.float64))[1])
+    U, S = G.root()
+    assert torch.allclose(U.T @ (S[:, None] * U), dense, atol=1e-12)
+    U.mul_(2.0)
+    S.neg_()
+    U2, S2 = G.root()
+    assert torch.allclose(U2.T @ (S2[:, None] * U2), dense, atol=1e-12)
+    assert math.isclose(G.factor(0.01).logdet(), want, rel_tol=1e-10)

@@ -2158,7 +2158,7 @@ class GaussNewton(CurvatureOperator):
                 return super()._apply(V)
             except NoDoubleBackward:
                 self._by_root = True  # (every later product too)
-        U, S = self.root()
+        U, S = self._cached_root()
         return (U.T @ (S[:, None].to(U.dtype) * (U @ V.to(U.dtype)))).to(V.dtype)
 
     def to_dense(self) -> Tensor:
@@ -2171,7 +2171,7 @@ class GaussNewton(CurvatureOperator):
         n = self.shape[0]
         if (view is None or view is self) and loss.batch * loss.d_in < 2 * n:
             check_dense_memory(n, self.dtype, self.device, "to_dense()")
-            U, S = self.root()
+            U, S = self._cached_root()
             A = U.T @ (S[:, None] * U)
             return 0.5 * (A + A.T)
         return super().to_dense()
@@ -2204,7 +2204,7 @@ class GaussNewton(CurvatureOperator):
             if isinstance(b, LazyBlocks)
         )
         if (view is None or view is self) and r < n and r * n <= min(self.ROOT_DIAGONAL_SHARE * sweep, 2**27):
-            U, S = self.root()
+            U, S = self._cached_root()
             return torch.einsum("q,qj,qj->j", S.to(U.dtype), U, U)
         return super().diagonal()
 
@@ -2237,7 +2237,7 @@ class GaussNewton(CurvatureOperator):
             self._spectrum: tuple[Tensor, Tensor, Tensor] | None = None
             return None
         try:
-            U, S = self.root()
+            U, S = self._cached_root()
         except TooLargeError:  # (the root's passes do not fit: the routes on products)
             return None
         U64, S64 = U.detach().double().cpu(), S.detach().double().cpu()
@@ -2385,6 +2385,11 @@ class GaussNewton(CurvatureOperator):
             return gauss_newton_root(
                 self.blocks, self.dtype, self.device, rotation, factors, max_rows, structured_only, tables
             )
+        U, S = self._cached_root()
+        return U.clone(), S.clone()  # (the cache stays as computed: a caller's U.mul_(2) changed logdet)
+
+    def _cached_root(self) -> tuple[Tensor, Tensor]:
+        """:meth:`root`'s ``(U, S)`` as cached (not to be modified: products and factorizations read it)."""
         if self._root is None:
             self._root = gauss_newton_root(self.blocks, self.dtype, self.device)
         return self._root
@@ -4439,7 +4444,7 @@ class WoodburyFactorization(Factorization):
     def _factor_woodbury(self, op: GaussNewton, damping: float | Tensor) -> None:
         """``G + D`` through the root: the Woodbury factor (``woodbury``; None where the dense one answers,
         :meth:`_refactor`), with ``D``'s zero and outlying small entries apart (see the class docstring)."""
-        U, S = op.root()
+        U, S = op._cached_root()
         D = damping
         if isinstance(damping, Tensor) and damping.shape == (U.shape[1],) and damping.is_floating_point():
             gjj = (U.double() * U.double()).sum(0)  # |G_jj| where S = +1 (signed S: the column's scale)
@@ -4536,7 +4541,7 @@ class WoodburyFactorization(Factorization):
         """``G + D`` factored with the entries of ``_small`` apart (``D_j + c_j`` and rows ``-c_j e_j``)."""
         assert self._small is not None
         idx, gjj, Dd = self._small
-        U, S = self.op.root()
+        U, S = self.op._cached_root()
         return WoodburyFactor(*_undamped_rows(U, S, self.damping, idx, gjj, Dd))
 
     def _solver(self) -> WoodburyFactor:
