@@ -865,12 +865,13 @@ class CurvatureOperator(_AutocastOff):
         def apply(V: Tensor) -> Tensor:
             return op64._apply(V) + eps * V
 
-        if rtol is None and not capped:
+        if not capped:
             # the flop model prices a product far below its time where each stage's products are small
             # (a 16-stage tanh chain of width 16: a factorization took the time of ~20 products, the model
             # said 1780, and MINRES spent 77-178 products, 7-10x the factorization, before it ran; a probe):
             # the products this solve's share buys, from one product timed against the factorization's
-            # flops at the sweep's rate (KRYLOV_FACTOR_RATE)
+            # flops at the sweep's rate (KRYLOV_FACTOR_RATE) -- with rtol, a factorization's time (an
+            # indefinite system MINRES could not bring to rtol=1e-3 took 3.5x the default solve's time)
             t = time.perf_counter()
             apply(R[:, :1])
             if self.device.type == "cuda":  # (the product's kernels finished, not only launched)
@@ -878,7 +879,8 @@ class CurvatureOperator(_AutocastOff):
             per_product = max(time.perf_counter() - t, 1e-9)
             cpu = self.device.type == "cpu"
             rate = KRYLOV_FACTOR_RATE * (max(torch.get_num_threads(), 1) if cpu else 50.0)
-            budget = min(budget, int(KRYLOV_SHARE * self._factor_flops() / rate / per_product / k))
+            share = KRYLOV_SHARE if rtol is None else KRYLOV_RTOL_SHARE
+            budget = min(budget, int(share * self._factor_flops() / rate / per_product / k))
             if budget < KRYLOV_MIN_ITERATIONS:
                 return None
 
@@ -4160,6 +4162,9 @@ KRYLOV_MIN_ITERATIONS = 8
 #: factorization's modelled flops (a well-conditioned system reaches 1e-8 in tens; MINRES that stalls -- an
 #: indefinite system near singular -- costs at most that much on top of the factorization)
 KRYLOV_RTOL_MAX_ITERATIONS = 300
+#: ... and the share of a factorization's time they may take (timed, as for KRYLOV_SHARE): a MINRES that
+#: stalls costs at most the solve's time again
+KRYLOV_RTOL_SHARE = 1.0
 KRYLOV_MAX_ITERATIONS = 3000
 KRYLOV_RESTARTS = 3
 
