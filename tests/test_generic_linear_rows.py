@@ -136,7 +136,7 @@ BLOCKS = {
     "twice": (Twice, 0),
     "tied": (Tied, 0),
     "inplace": (InPlace, 0),
-    "hooked": (Hooked, 1),  # fc2 only
+    "hooked": (Hooked, 2),  # (fc1's own output recorded before its hook: its rows structured too)
     "positions": (Positions, 0),
 }
 

@@ -1120,3 +1120,37 @@ def test_the_users_own_exception_from_forward_comes_out_as_it_was_raised():
         opt.step(Xbad, y)
     with pytest.raises(_SkipBatch):
         hessinv.hessian(m, nn.CrossEntropyLoss(), Xbad, y)
+
+
+class _TokensToClasses(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.e, self.l = nn.Embedding(7, 4), nn.Linear(6, 3)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.l(torch.tanh(self.e(t)).reshape(t.shape[0], -1))
+
+
+def test_a_forward_hook_that_changes_a_layers_width_keeps_the_root_exact():
+    """A forward hook on an ``nn.Linear`` / ``nn.Embedding`` that returns fewer columns than the layer
+    (``o[:, :4] * o[:, 4:5]``): the Gauss-Newton root took the hook's output for the layer's own and
+    crashed on the shapes with a raw RuntimeError / IndexError (a probe). The layer's own output is
+    recorded now (before the user's hooks), its rows stay structured, and ``U^T S U`` is the dense G."""
+    from reference import autograd_gauss_newton
+
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    lin[0].register_forward_hook(lambda mod, i, o: o[:, :4] * o[:, 4:5])
+    emb = _TokensToClasses().double()
+    emb.e.register_forward_hook(lambda mod, i, o: o[..., :2] * o[..., 2:3])
+    y = torch.randint(0, 3, (6,))
+    for model, X in ((lin, torch.randn(6, 4, dtype=torch.float64)), (emb, torch.randint(0, 7, (6, 3)))):
+        G = hessinv.gauss_newton(model, nn.CrossEntropyLoss(), X, y)
+        factors: list = []
+        U, S = G.root(None, factors)
+        want = autograd_gauss_newton(model, nn.CrossEntropyLoss(), X, y)
+        assert torch.allclose(U.T @ (S[:, None] * U), want, atol=1e-12)
+        if model is lin:  # (the hooked layer's rows from its own output: structured)
+            assert (0, 6, 4) in [f[:3] for f in factors]
+    opt = hessinv.optim.Newton(lin, nn.CrossEntropyLoss(), seed=0)
+    opt.step(torch.randn(6, 4, dtype=torch.float64), y)

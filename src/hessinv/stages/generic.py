@@ -922,7 +922,8 @@ class LazyBlocks(Blocks):
         # (weight index, token ids, output, padding_idx, an EmbeddingBag's (bag, share) per token)
         self._tables: list[tuple[int, Tensor, Tensor, int | None, tuple[Tensor, Tensor] | None]] = []
         record = [m for m in mods if _plain_linear(m, stage.params) or _plain_embedding(m, stage.params)]
-        handles = [m.register_forward_hook(self._record_linear) for m in record]
+        # (before the user's forward hooks: the layer's own output, whatever a hook makes of it)
+        handles = [m.register_forward_hook(self._record_linear, prepend=True) for m in record]
         try:
             with torch.enable_grad():
                 self._out = call(self._z)
@@ -971,8 +972,8 @@ class LazyBlocks(Blocks):
                 m, z, u, version = seen[0]
                 if len(seen) != 1 or z is None or z.dim() < 1 or z.shape[0] != self.batch:
                     continue
-                if u._version != version or not u.requires_grad:
-                    continue
+                if u._version != version or not u.requires_grad or tuple(u.shape) != _own_output_shape(m, z):
+                    continue  # (edited in place, or not the layer's own output: a hook's, 4 of 6 columns)
                 if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
                     bag = isinstance(m, nn.EmbeddingBag)
                     if not z.is_floating_point() and not z.is_complex() and (not bag or z.dim() == 2):
@@ -2065,6 +2066,17 @@ def _plain_embedding(m: nn.Module, params: list[Tensor]) -> bool:
     if not (isinstance(m, nn.Embedding) or bag) or "weight" not in m._parameters or m.max_norm is not None:
         return False
     return m.weight.dim() == 2 and any(p is m.weight for p in params)
+
+
+def _own_output_shape(m: nn.Module, z: Tensor) -> tuple[int, ...] | None:
+    """The shape of what the plain layer ``m`` returns for the input ``z`` (None: not one of those)."""
+    if isinstance(m, nn.Linear):
+        return (*z.shape[:-1], m.out_features)
+    if isinstance(m, nn.EmbeddingBag):
+        return (z.shape[0], m.embedding_dim) if z.dim() == 2 else None
+    if isinstance(m, nn.Embedding):
+        return (*z.shape, m.embedding_dim)
+    return None
 
 
 def _bag_spread(m: nn.Module, ids: Tensor) -> tuple[Tensor, Tensor] | None:
