@@ -2,6 +2,7 @@
 test fails on the code before its fix."""
 
 import copy
+import re
 import warnings
 
 import numpy as np
@@ -252,6 +253,7 @@ def test_a_solution_below_the_smallest_normal_number_reports_its_own_residual(re
 def test_minres_reports_the_residual_of_a_subnormal_solution(monkeypatch):
     """The MINRES route of H.solve(..., rtol=...) measured its residual before scaling x back: 1.35e-7
     reported against a true 1.3e-4 for a right-hand side of 1e-320 (a probe)."""
+    monkeypatch.setattr(hessinv.curvature, "KRYLOV_RTOL_SHARE", 1e9)  # (MINRES, however cheap factoring is)
     H, Hd = _honesty_problem()
     n = Hd.shape[0]
     b = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 1e-320
@@ -358,3 +360,21 @@ def test_inverse_diagonals_check_takes_a_bounded_sample_of_entries(monkeypatch):
     assert seen and max(seen) <= cv.INVERSE_DIAGONAL_MAX_PROBES
     ref = torch.linalg.inv(H.to_dense() + torch.eye(H.shape[0], dtype=torch.float64)).diagonal()
     assert torch.allclose(d, ref, rtol=1e-9, atol=0)
+
+
+def test_a_singular_deep_chains_refusal_names_a_few_stages_and_a_count():
+    """A singular ``H`` (eps = 0) of a deep width-2 chain perturbs pivots at dozens of stages: the refusal
+    listed every one (5 KB at depth 200, the advice at its end; a probe); it names the first three, the
+    last and how many more, and still ends with what to do."""
+    torch.manual_seed(0)
+    layers: list = [torch.nn.Linear(2, 2)]
+    for _ in range(31):
+        layers += [torch.nn.Tanh(), torch.nn.Linear(2, 2)]
+    m = torch.nn.Sequential(*layers).double()
+    X, y = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    H = hessinv.hessian(m, torch.nn.MSELoss(), X, y)
+    with pytest.raises(hessinv.SingularError) as e:
+        H.factor(0.0).solve(torch.ones(H.shape[0], dtype=torch.float64))
+    msg = str(e.value)
+    assert re.search(r"\.\.\. \d+ more \(\d+ eigenvalues in all\) \.\.\.", msg), msg
+    assert len(msg) < 1000 and "Choose another damping" in msg

@@ -1154,3 +1154,42 @@ def test_a_forward_hook_that_changes_a_layers_width_keeps_the_root_exact():
             assert (0, 6, 4) in [f[:3] for f in factors]
     opt = hessinv.optim.Newton(lin, nn.CrossEntropyLoss(), seed=0)
     opt.step(torch.randn(6, 4, dtype=torch.float64), y)
+
+
+def test_a_stateful_forward_hook_in_eval_mode_is_named_with_advice_that_applies():
+    """A forward hook whose output changes per call (a counter) on a model already in eval mode: refused
+    (no curvature), and the message no longer leads with "call model.eval()" (a probe) -- it says the
+    stage is random or stateful in eval mode too and names the hook."""
+    calls = [0]
+
+    def hook(mod: nn.Module, inp: tuple, out: Tensor) -> Tensor:
+        calls[0] += 1
+        return out * (1 + 0.1 * calls[0])
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    m[2].register_forward_hook(hook)
+    m.eval()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(hessinv.UnsupportedStageError, match="in eval mode.*forward hook") as e:
+        hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    assert "call model.eval()" not in str(e.value)
+    m.train()  # (in training mode: the layers' mode is the first suspect, and the hook is named too)
+    with pytest.raises(hessinv.UnsupportedStageError, match="call model.eval().*forward hook"):
+        hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+
+
+def test_mixed_parameter_dtypes_get_advice_that_works():
+    """One float16 layer among float64 ones: the refusal says how to convert (it said nothing), and the
+    advice -- ``model.double()`` -- is then accepted; a complex parameter among real ones is told that
+    parameters must be real (converting to complex throughout was refused next, a probe)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    m[2].half()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(hessinv.DtypeMismatchError, match=r"model\.float\(\) or model\.double\(\)"):
+        hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    hessinv.hessian(m.double(), nn.CrossEntropyLoss(), X, y)
+    m[2].weight = nn.Parameter(m[2].weight.detach().to(torch.complex128))
+    with pytest.raises(hessinv.DtypeMismatchError, match="real float32 or float64"):
+        hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)

@@ -1558,7 +1558,18 @@ class Chain:
         dtypes = {t.dtype for t in self.params}
         devices = {t.device for t in self.params}
         if len(dtypes) > 1 or len(devices) > 1:
-            raise DtypeMismatchError(f"parameters must share one dtype and device; got {dtypes}, {devices}")
+            names = lambda xs: ", ".join(sorted(str(x) for x in xs))  # noqa: E731
+            if any(d.is_complex for d in dtypes):
+                fix = (
+                    "; hessinv works with real float32 or float64 parameters: write the model with real ones"
+                )
+            elif len(dtypes) > 1:
+                fix = "; convert the whole model with model.float() or model.double()"
+            else:
+                fix = "; move the whole model to one device with model.to(device)"
+            raise DtypeMismatchError(
+                f"parameters must share one dtype and device; got {names(dtypes)} on {names(devices)}{fix}"
+            )
         self.dtype, self.device = dtypes.pop(), devices.pop()
         if self.device.type == "meta":
             raise InvalidArgumentError(

@@ -2788,7 +2788,11 @@ class Factorization(_AutocastOff):
             residual, stuck, cond, explained = dense
         if not refused(residual, stuck, cond, explained):
             return  # nonsingular, ill-conditioned (cond below 1 / u): the solve reports its residual
-        stages = ", ".join(f"{self._sweep_op._names[l]} ({c})" for l, c in sorted(self.perturbed.items()))
+        named = [f"{self._sweep_op._names[l]} ({c})" for l, c in sorted(self.perturbed.items())]
+        if len(named) > 6:  # (a deep chain's: 163 stages, 5 KB, burying the advice at its end)
+            total = sum(self.perturbed.values())
+            named = [*named[:3], f"... {len(named) - 4} more ({total} eigenvalues in all) ...", named[-1]]
+        stages = ", ".join(named)
         where = (
             f"{stages}: pivot Qxx perturbed at damping {self._damping_text()} (number of perturbed "
             "eigenvalues in parentheses), and H + eps I is singular to working precision"

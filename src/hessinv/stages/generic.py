@@ -563,13 +563,29 @@ class GenericStage(Stage):
             )
         if changed or not same:
             what = "updates its parameters or buffers" if changed else "returns different outputs"
+            mods = list(self.module.modules()) if isinstance(self.module, nn.Module) else []
+            hooked = [m for m in mods if m._forward_hooks or m._forward_pre_hooks]
+            hooks = (
+                f"; its {type(hooked[0]).__name__} has a forward hook: a hook that keeps state between "
+                "calls (a counter, a running statistic, noise) must be removed or made a function of its "
+                "input"
+                if hooked
+                else ""
+            )
+            if mods and not any(m.training for m in mods):  # (in eval mode already: not the layers' mode)
+                raise UnsupportedStageError(
+                    f"{self.name} {what} on every call, in eval mode: it is random or stateful whatever "
+                    "its mode (FractionalMaxPool, F.dropout without training=self.training, a forward that "
+                    "draws noise or counts its calls) and has no curvature: replace it with a deterministic "
+                    "one" + hooks
+                )
             raise UnsupportedStageError(
                 f"{self.name} {what} on every call: it is random or stateful (Dropout, RReLU, BatchNorm "
                 "with batch statistics, spectral_norm's power iteration in training mode); call model.eval() "
                 "(hessinv.optim does so for the curvature itself, for torch's layers of these kinds and a "
                 "module whose forward reads self.training) -- a layer random in eval mode too "
                 "(FractionalMaxPool, F.dropout without training=self.training, a forward that draws noise) "
-                "has no curvature: replace it with a deterministic one"
+                "has no curvature: replace it with a deterministic one" + hooks
             )
         self._checked = True
         return out
