@@ -364,3 +364,20 @@ def test_a_regrouped_load_keeps_this_optimizer_s_groups_for_frozen_layers():
     net[0].requires_grad_(True)
     b.step(X[32:], y[32:])
     assert {id(p) for p in net[0].parameters()} <= {id(p) for p in b.param_groups[0]["params"]}
+
+
+def test_full_batch_regression_preconditioned_takes_the_whole_batchs_curvature():
+    """Full-batch training where the trust region is too dear (a 10-32-32-1 tanh regression on 100
+    examples): the preconditioner took an 8-example curvature, and the step outside its subspace -- Adam's
+    at a fixed lr -- left the loss wandering at 1e-5 to 1e-4 where Adam(1e-3) reached 1e-12 (a probe). It
+    takes the whole batch's curvature now, and the loss goes to float32's floor."""
+    torch.manual_seed(0)
+    X = torch.randn(100, 10)
+    with torch.no_grad():
+        y = torch.tanh(X @ torch.randn(10, 1) / 3) + 0.1 * torch.randn(100, 1)
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = hessinv.optim.Newton(model, nn.MSELoss(), seed=0)
+    losses = [float(opt.step(X, y)) for _ in range(1500)]
+    assert opt.last_stats.mode == "precondition"
+    assert opt.preconditioner.curvature_batch_size == 100 and opt.last_stats.curvature_batch_size == 100
+    assert min(losses[-100:]) < 1e-9, min(losses[-100:])

@@ -137,6 +137,10 @@ DIAGONAL_DAMPING = 200.0
 #: most this (a few tenths of a second on one core, a trust-region step spending 2-4; the memorization
 #: benchmark's: 1.3e8; a 30-16-2 MLP on 455 examples, 1.9e9, took 1.7-2.7 s per step, 1300-2000x Adam's)
 TRUST_REGION_MAX_FLOPS = 3e8
+#: ... and preconditions it where not -- on the curvature of the whole batch where its root and Gram
+#: matrix cost at most this, ``2 B^2 n`` flops per refresh (``B`` rows at least, one per example: a
+#: 10-32-32-1 regression on 100 examples, 2.8e7), else on ``curvature_batch_size`` examples
+FULL_BATCH_CURVATURE_FLOPS = 3e8
 #: ``mode="auto"`` leaves the trust region for preconditioning when its radius falls below this times
 #: ``sqrt(u) max(1, ||x||)``: steps that small change the loss by rounding-level amounts, and the quadratic
 #: model has stopped describing the loss -- the radius collapses at a kink of a ReLU network (iris,
@@ -1333,6 +1337,20 @@ class Newton(torch.optim.Optimizer):
         # groups' weight decay (one number: it shifts H; per-group values stay with preconditioning)
         tr = same and not isinstance(self._weight_decay(), Tensor) and self._trust_region_affordable(inputs)
         ns["mode"] = self.mode = "trust-region" if tr else "precondition"
+        pc = self.preconditioner
+        B = int(inputs.shape[0])
+        if (
+            same
+            and not tr
+            and pc is not None
+            and self.curvature_batch_size is None
+            and 2.0 * B * B * self.chain.num_params <= FULL_BATCH_CURVATURE_FLOPS
+        ):
+            # full-batch training, preconditioned: the curvature of the whole batch -- outside an 8-example
+            # curvature's subspace the step is Adam's at a fixed lr, whose loss floor a full-batch
+            # regression met (1e-4 against 1e-13 with the batch's curvature; 128 of 350 examples did not
+            # lift it; a probe)
+            pc.curvature_batch_size = max(pc.curvature_batch_size, B)
         ns["previous"] = None
         ns["from_auto"] = tr  # (the trust region may hand back to preconditioning: _leave_if_stalled)
         ns["trust_region_best"] = ns["trust_region_since"] = None
