@@ -374,3 +374,50 @@ def test_sigterm_stops_hessinv_spectrum_with_a_message(tmp_path):
     assert rc == 143, stderr[-2000:]
     assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
     assert not (out / "spectrum.json").exists()
+
+
+# -- a researcher's own files (a probe, 2026-12-06) ----------------------------------------------------
+def test_quiet_still_says_how_the_data_was_read(tmp_path, capsys):
+    """``--quiet`` (no live progress) dropped the data notes too: a headerless file's first row, the only
+    example of its class, taken as a header and dropped without a word."""
+    rng = np.random.default_rng(1)
+    rows = [
+        f"{a:.3f},{b:.3f},{c}"
+        for (a, b), c in zip(rng.normal(size=(30, 2)), ["rare"] + ["x", "y"] * 14 + ["x"], strict=True)
+    ]
+    (tmp_path / "noheader.csv").write_text("\n".join(rows) + "\n")
+    rc, out, err = _run(
+        capsys, "--data", str(tmp_path / "noheader.csv"), "--steps", "1", "--optimizers", "adam",
+        "--out", str(tmp_path / "o"), "--quiet", *SMALL,
+    )  # fmt: skip
+    assert rc == 0 and "header: line 1" in err
+
+
+def test_numeric_labels_with_many_missing_values_are_named_missing(tmp_path, capsys):
+    """A regression file with 10% ``NA`` targets was told its label column mixes class names and numbers
+    ('NA' read as a class, as 'NA' for North America among names is); among numbers it is a missing value."""
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(100, 3))
+    rows = [
+        ",".join(f"{v:.4f}" for v in r) + "," + ("NA" if i % 10 == 3 else f"{float(r.sum()):.4f}")
+        for i, r in enumerate(X)
+    ]
+    (tmp_path / "na.csv").write_text("a,b,c,price\n" + "\n".join(rows) + "\n")
+    rc, out, err = _run(
+        capsys, "--data", str(tmp_path / "na.csv"), "--steps", "1", "--optimizers", "adam", *SMALL
+    )
+    assert rc == 2 and "a missing value (10 rows in all); remove those rows" in err
+
+
+def test_an_npz_with_sklearns_split_names_reads_them_and_names_arrays_not_read(tmp_path):
+    """``X_train``/``y_train`` (sklearn's split names) were refused; a validation split ``X_val`` was
+    ignored without a word."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 3)), rng.integers(0, 2, 60)
+    np.savez(tmp_path / "tt.npz", X_train=X[:40], y_train=y[:40], X_test=X[40:], y_test=y[40:])
+    ds = load_dataset(str(tmp_path / "tt.npz"))
+    assert (len(ds.X_train), len(ds.X_test)) == (40, 20)
+    assert torch.equal(ds.y_test.long().cpu(), torch.as_tensor(y[40:]))
+    np.savez(tmp_path / "val.npz", X=X[:40], y=y[:40], X_val=X[40:], y_val=y[40:])
+    ds = load_dataset(str(tmp_path / "val.npz"))
+    assert any("X_val, y_val" in note for note in ds.notes)

@@ -180,7 +180,12 @@ def _pick(arrays: dict[str, np.ndarray], keys: tuple[str, ...], suffix: str, pat
     return None
 
 
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+def _read_npz(
+    path: Path,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, list[str]]:
+    """``(X, y, X_test, y_test, notes)``: the training arrays under a name of :data:`_X_KEYS` /
+    :data:`_Y_KEYS` (or with ``_train`` appended, sklearn's split), the test arrays with ``_test``; the
+    notes name the arrays not read (a validation split ``X_val``)."""
     if not zipfile.is_zipfile(path):  # np.load would try to unpickle it (and advise allow_pickle)
         raise DataError(f"cannot read {path} as .npz: it is not a .npz (zip) archive")
     try:
@@ -188,16 +193,26 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np
             arrays = {k: f[k] for k in f.files}
     except Exception as e:
         raise DataError(f"cannot read {path} as .npz: {e}") from None
-    X, y = _pick(arrays, _X_KEYS, "", path), _pick(arrays, _Y_KEYS, "", path)
+    train = ""
+    if _pick(arrays, _X_KEYS, "", path) is None and _pick(arrays, _X_KEYS, "_train", path) is not None:
+        train = "_train"
+    X, y = _pick(arrays, _X_KEYS, train, path), _pick(arrays, _Y_KEYS, train, path)
     if X is None or y is None:
         raise DataError(
             f"{path} must contain features under one of {list(_X_KEYS)} and labels/targets under one of "
-            f"{list(_Y_KEYS)}; it has {sorted(arrays)}"
+            f"{list(_Y_KEYS)} (or with _train appended); it has {sorted(arrays)}"
         )
     Xt, yt = _pick(arrays, _X_KEYS, "_test", path), _pick(arrays, _Y_KEYS, "_test", path)
     if (Xt is None) != (yt is None):
         raise DataError(f"{path}: X_test and y_test must come together")
-    return X, y, Xt, yt
+    read = {id(a) for a in (X, y, Xt, yt) if a is not None}
+    unread = sorted(k for k, a in arrays.items() if id(a) not in read)
+    notes = (
+        [f"arrays not read: {', '.join(unread)} (the test split is read from X_test and y_test)"]
+        if unread
+        else []
+    )
+    return X, y, Xt, yt, notes
 
 
 def _is_number(text: str) -> bool:
@@ -475,7 +490,11 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
         )
     labels = [r[-1].strip() for _, r in rows]
     missing = [i for i, c in enumerate(labels) if c.lower() in _MISSING]
-    if missing and 20 * len(missing) > len(labels):  # (as common as a class: 'NA' for North America)
+    others_numbers = bool(missing) and all(
+        _is_number(c) for i, c in enumerate(labels) if c.lower() not in _MISSING
+    )
+    if missing and 20 * len(missing) > len(labels) and not others_numbers:
+        # (as common as a class among class names: 'NA' for North America; among numbers, missing values)
         marker = labels[missing[0]]
         notes.append(
             f"labels: {marker!r} ({len(missing)} rows) read as a class, not as a missing value (remove those "
@@ -538,7 +557,7 @@ def _load_file(
             raise DataError(
                 f"{path}: --target-column picks a column of a .csv file; an .npz file names its arrays"
             )
-        return (*_read_npz(path), [])
+        return _read_npz(path)
     if suffix in (".csv", ".tsv", ".txt"):
         X, y, notes = _read_csv(path, target)
         return X, y, None, None, notes

@@ -36,7 +36,10 @@ class Reporter:
 
     def __enter__(self) -> Reporter:
         cfg = self.cfg
-        if not self.quiet:
+        if self.quiet:  # (how the data was read is not progress: a row taken as a header, a guessed task)
+            for note in self.ds.notes:
+                self.err.print(escape(note))
+        else:
             bs = "full batch" if cfg.batch_size is None else f"batch {cfg.batch_size}"
             self.err.print(f"[bold]hessinv train[/bold]  {escape(self.ds.describe())}")
             for note in self.ds.notes:  # (a first row skipped as a header, a stratified split)
