@@ -3693,9 +3693,10 @@ class Factorization(_AutocastOff):
         choice -- and is what a factorization that handed over to its float64 twin does here too (one
         with modified pivots, ``modify=``, is not ``H + eps I``'s: its bare sweep, as with ``refine``). With
         ``refine`` (default), iterative refinement ``x += F^{-1}(rhs - (H + eps I) x)`` runs with float64
-        residuals (the ``O(L)`` product) until the residual stops improving; if it stalls above float64
-        accuracy (a perturbed factorization), flexible GMRES preconditioned by the factorization takes
-        over. The achieved relative residual is in ``self.last_info`` (and returned with
+        residuals (the ``O(L)`` product) until the residual stops improving or ``max_refine`` steps ran;
+        if it is then above float64 accuracy (a perturbed factorization; ``max_refine=0``: the bare
+        sweep's residual), flexible GMRES preconditioned by the factorization takes over -- ``refine=False``
+        is the solve with neither. The achieved relative residual is in ``self.last_info`` (and returned with
         ``return_info``); an :class:`~hessinv.AccuracyWarning` is issued when it exceeds ``sqrt(u)`` of
         the model dtype.
         """

@@ -51,6 +51,7 @@ from hessinv.errors import (
 )
 from hessinv.linalg import all_finite
 from hessinv.riccati import Inertia, _capacity_bytes, _memory_bytes
+from hessinv.stages.dense import DenseStage
 from hessinv.stages.losses import check_output_curvature_size
 from hessinv.stages.protocol import in_basis, own_rows_only
 
@@ -198,13 +199,41 @@ def gauss_newton_root(
     # (factors and tables describe all rows at once: one pass)
     k = _rows_per_pass(blocks, r, offsets[-1], dtype, device, whole=factors is not None or tables is not None)
     U = cols.new_empty(r, offsets[-1])
+    grouped = _grouped_dense_shapes(blocks) if structured_only else set()
     for q0 in range(0, max(r, 1), k):
         q1 = min(r, q0 + k)
         s = torch.zeros(B, C, q1 - q0, dtype=dtype, device=cols.device)
         s[n_idx[q0:q1], :, torch.arange(q1 - q0, device=cols.device)] = cols[q0:q1]
-        _root_pass(blocks, s, n_idx[q0:q1], U[q0:q1], offsets, rotation, factors, structured_only, tables)
+        _root_pass(
+            blocks, s, n_idx[q0:q1], U[q0:q1], offsets, rotation, factors, structured_only, tables, grouped
+        )
+    # a grouped weight left unwritten that its factors do not solve through after all (fewer factors kept
+    # than dense stages: a stage mixing examples above some of them): its columns from its factors
+    through = {f[0] for f in _through_factors(factors or [])} if grouped else set()
+    for off, d, m, T, Z, idx in factors if grouped else ():
+        if (d, m) in grouped and off not in through:
+            U[:, off : off + d * m] = (T[:, :, None] * Z[idx][:, None, :]).reshape(-1, d * m).to(U.dtype)
     S = torch.sign(mu[n_idx, j_idx]).to(dtype)
     return U, S
+
+
+def _dense_shape(blk: Any) -> tuple[int, int] | None:
+    """``(d, m)`` of a dense Linear stage's weight (None for other stages)."""
+    st = getattr(blk, "stage", None)
+    return (st.d, st.m) if isinstance(st, DenseStage) else None
+
+
+def _grouped_dense_shapes(blocks: list) -> set[tuple[int, int]]:
+    """The weight shapes of dense Linear stages that :class:`WoodburyFactor` solves in a group
+    (:func:`_through_factors`: :data:`_STRUCTURED_GROUP` entries in all) by the dense stages alone -- a
+    lower bound of the factors' totals, so each is solved through its factors and its columns of ``U``
+    need not be written (15 of a deep narrow chain's 17 weights)."""
+    total: dict[tuple[int, int], int] = {}
+    for blk in blocks:
+        shape = _dense_shape(blk)
+        if shape is not None:
+            total[shape] = total.get(shape, 0) + shape[0] * shape[1]
+    return {sh for sh, t in total.items() if t >= _STRUCTURED_GROUP}
 
 
 #: numbers one pass of :func:`gauss_newton_root` holds in its signal ``s`` (B, width, k) at most: the
@@ -250,10 +279,11 @@ def _root_pass(
     factors: list | None,
     structured_only: bool,
     tables: list | None,
+    grouped: set[tuple[int, int]] = frozenset(),  # type: ignore[assignment]
 ) -> None:
     """Write the rows ``U`` (k, n) of the root for the signal ``s`` (B, C, k) at the loss's input (column
     ``q`` nonzero at example ``n_idx[q]`` only): one backward sweep, ``Jx^T`` read off at each stage
-    (:func:`gauss_newton_root`'s arguments)."""
+    (:func:`gauss_newton_root`'s arguments; ``grouped``: :func:`_grouped_dense_shapes`)."""
     own: Tensor | None = n_idx  # column q nonzero at example own[q] only, while no stage couples examples
     for l in range(len(blocks) - 2, -1, -1):
         blk = blocks[l]
@@ -266,7 +296,13 @@ def _root_pass(
             )
             got: list | None = [] if factors is not None else None
             cols = U[:, offsets[l] : offsets[l + 1]]
-            skip = _STRUCTURED_SOLVE if structured_only and got is not None else None
+            # (a dense stage's weight of a shape solved in a group: never read, like the large ones)
+            shape = _dense_shape(blk)
+            skip = (
+                (0 if shape in grouped else _STRUCTURED_SOLVE)
+                if structured_only and got is not None
+                else None
+            )
             tab: list | None = [] if tables is not None and skip is not None else None
             rows = blk.jxT_rows(s, rot, got, own, out=cols, skip_from=skip, tables=tab)
             for o, t, z, verified in got if rows is not None and got else ():
