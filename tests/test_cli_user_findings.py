@@ -421,3 +421,18 @@ def test_an_npz_with_sklearns_split_names_reads_them_and_names_arrays_not_read(t
     np.savez(tmp_path / "val.npz", X=X[:40], y=y[:40], X_val=X[40:], y_val=y[40:])
     ds = load_dataset(str(tmp_path / "val.npz"))
     assert any("X_val, y_val" in note for note in ds.notes)
+
+
+def test_unreadable_cells_and_files_get_advice(tmp_path):
+    """An empty cell, a decimal comma and an .npz named .csv: a message with what to do (the last was a
+    raw codec error; a probe)."""
+    (tmp_path / "empty.csv").write_text("a,b,y\n1,2,0\n3,,1\n5,6,0\n7,8,1\n")
+    with pytest.raises(DataError, match=r"is empty \(a missing value\): drop the row, or fill it in"):
+        load_dataset(str(tmp_path / "empty.csv"))
+    (tmp_path / "euro.csv").write_text('a;b;y\n"0,346";1;0\n"0,5";2;1\n"1,5";3;0\n"2,5";4;1\n')
+    with pytest.raises(DataError, match="a decimal comma"):
+        load_dataset(str(tmp_path / "euro.csv"))
+    np.savez(tmp_path / "arrays.npz", X=np.zeros((4, 2)), y=np.arange(4))
+    (tmp_path / "arrays.csv").write_bytes((tmp_path / "arrays.npz").read_bytes())
+    with pytest.raises(DataError, match=r"zip archive -- an \.npz\?"):
+        load_dataset(str(tmp_path / "arrays.csv"))

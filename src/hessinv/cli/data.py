@@ -370,7 +370,13 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:  # (-sig: a byte-order mark is no cell)
             text = fh.read()
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:
+        zipped = zipfile.is_zipfile(path)
+        raise DataError(
+            f"cannot read {path} as text (not UTF-8)"
+            + ("; it is a zip archive -- an .npz? name it with the .npz suffix" if zipped else "")
+        ) from None
+    except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from None
     lines = text.splitlines(keepends=True)
     skipped = 0
@@ -471,12 +477,16 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
     for n, r in rows:
         for k, c in enumerate(r):
             if not c.strip():
-                raise DataError(f"{path}: line {n}, column {order[k] + 1} is empty")
+                raise DataError(
+                    f"{path}: line {n}, column {order[k] + 1} is empty (a missing value): drop the row, or "
+                    "fill it in (impute the value, e.g. with the column's mean)"
+                )
             if k < len(r) - 1 and not _is_number(c):
+                comma = _is_number(c.strip().replace(",", ".", 1)) and "," in c
                 raise DataError(
                     f"{path}: line {n}, column {order[k] + 1}: {c.strip()!r} is not a number (features "
                     "must be numeric; only the label, the last column or --target-column's, may be a class "
-                    "name)"
+                    "name)" + ("; a decimal comma? write numbers with a decimal point" if comma else "")
                 )
     X = np.array([[float(c) for c in r[:-1]] for _, r in rows], dtype=np.float64)
     bad = ~np.isfinite(X)
@@ -892,6 +902,7 @@ def load_dataset(
                     # (the split is stratified where a class has 2 examples: here every class has one)
                     else f"every class has a single example ({_classes_text(np.unique(yy), yy)}), so none "
                     "can be in both splits: give at least 2 examples of a class"
+                    + (" (--samples larger)" if label in DATASETS else "")
                 )
                 + ("; if the labels are numeric targets: --task regression" if many else "")
             )
