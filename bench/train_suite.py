@@ -175,6 +175,9 @@ HESSINV_VARIANTS: dict[str, dict[str, Any]] = {
     # the eigenbasis of the narrow weights refreshed every 2 steps between the curvature's refreshes
     # (train_suite_1206c: ahead per step, behind in time on the tanh chain)
     "hessinv-b2": {"basis_refresh": 2},
+    # ... every 5 steps (a step-count probe: ahead per step on digits, the MNIST-1D chains and the MLP at
+    # 1.03-1.10x the default's step time)
+    "hessinv-b5": {"basis_refresh": 5},
 }
 LR_GRIDS: dict[str, tuple[float, ...]] = {
     "adam": (1e-3, 3e-3, 1e-2),

@@ -764,7 +764,8 @@ class CurvatureOperator(_AutocastOff):
         ``rtol``: the relative residual ``|b - (H + eps I) x| / |b|`` asked for, where less than the
         factorization's (about 1e-12) will do: MINRES on the products then runs first whatever the cost
         model says, to ``rtol``, for up to :data:`KRYLOV_RTOL_MAX_ITERATIONS` products and a factorization's
-        modelled flops (a 64-256-256-10 MLP's
+        time (its modelled flops against one product timed; under :data:`KRYLOV_MIN_ITERATIONS` products
+        it is not tried) (a 64-256-256-10 MLP's
         Gauss-Newton at damping 1e-3, batch 32, to 1e-8: 0.94 s through its Woodbury factorization,
         against 52 ms for CG on autograd products); where it does not get there, the factorization
         answers (to its own accuracy). A float32 operator's residual is its float64 iterate's, as
@@ -828,7 +829,8 @@ class CurvatureOperator(_AutocastOff):
         eps I|| |x| / |b|))`` -- the factorization's refinement accepts the same stall at the rounding of
         the residual itself -- ``||H + eps I||`` bounded from below by the Lanczos coefficients; with
         ``rtol``, at most ``max(rtol, that)``, tried whatever the cost ratio, for up to
-        :data:`KRYLOV_RTOL_MAX_ITERATIONS` products and the factorization's modelled flops. ``capped``: no
+        :data:`KRYLOV_RTOL_MAX_ITERATIONS` products and a factorization's time (:data:`KRYLOV_RTOL_SHARE`,
+        timed as the default's share). ``capped``: no
         factorization fits (:meth:`_sweep_too_large`): tried whatever the cost ratio, for up to
         :data:`KRYLOV_RTOL_MAX_ITERATIONS` products."""
         if isinstance(damping, Tensor):

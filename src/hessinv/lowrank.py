@@ -546,6 +546,22 @@ _STRUCTURED_SOLVE = 2048
 _STRUCTURED_GROUP = 8192
 
 
+def _shared_rows(factors: list) -> list:
+    """``factors`` with equal row-to-example maps ``idx`` as one tensor: :func:`_solve_groups` groups the
+    weights by it (one batched product per shape), and a checkpoint's copies -- one per weight after a
+    save and load -- split a group and changed the solve's order of sums (a resumed float32 run left the
+    uninterrupted one by 1e-3; a review)."""
+    seen: list[Tensor] = []
+    out = []
+    for off, d, m, T, Z, idx in factors:
+        same = next((i for i in seen if i is idx or (i.shape == idx.shape and torch.equal(i, idx))), None)
+        if same is None:
+            seen.append(idx)
+            same = idx
+        out.append((off, d, m, T, Z, same))
+    return out
+
+
 def _through_factors(factors: list) -> list:
     """The Linear weights of ``factors`` that :meth:`WoodburyFactor.solve` solves through their rows'
     structure: :data:`_STRUCTURED_SOLVE` entries or more, or a shape shared by weights of
@@ -651,7 +667,7 @@ class WoodburyFactor:
         self._Dinv = 1.0 / Dv
         self._Ud: Tensor | None = None
         self._U64, self.gram_tol = _U64, gram_tol
-        self.factors = factors or None
+        self.factors = _shared_rows(factors) if factors else None
         # solves through the structure of the Linear weights with at least _STRUCTURED_SOLVE entries, or
         # in groups of equal ones (a few small products each: for smaller weights their dispatch costs more
         # than reading U's columns); the other columns densely
