@@ -384,10 +384,12 @@ class Newton(torch.optim.Optimizer):
             progress per step as 256 at 1.6-2.7x less CPU time (docs/training.md; 256 at any curvature
             batch until 2026-12-05).
         curvature_batch_size: build the curvature on this many examples drawn at random from each batch
-            (precondition mode default 8; trust-region default: the whole batch). For a loss that sums
-            over the examples (``reduction='sum'``; :func:`hessinv.stages.losses.sums_examples`) the
-            ``k``-example curvature is scaled by ``n / k`` to match the batch's gradient, so that the
-            steps are those of the mean-reduced loss (the trust region's model is of ``(k / n) f``).
+            (precondition mode default 8 -- the whole batch in full-batch training where its Gauss-Newton
+            root costs at most :data:`FULL_BATCH_CURVATURE_FLOPS`; trust-region default: the whole batch).
+            For a loss that sums over the examples (``reduction='sum'``;
+            :func:`hessinv.stages.losses.sums_examples`) the ``k``-example curvature is scaled by ``n / k``
+            to match the batch's gradient, so that the steps are those of the mean-reduced loss (the trust
+            region's model is of ``(k / n) f``).
         refresh: precondition mode: rebuild the curvature every this many steps.
         basis_refresh: precondition mode: refresh the eigenbasis of the weights whose rotated sides are
             all at most 64 wide every this many steps (2: SOAP's frequency; one step of orthogonal
@@ -1343,6 +1345,7 @@ class Newton(torch.optim.Optimizer):
             same
             and not tr
             and pc is not None
+            and pc.curvature == "gauss_newton"  # (the Hessian's factorization grows as B^2 too, and more)
             and self.curvature_batch_size is None
             and 2.0 * B * B * self.chain.num_params <= FULL_BATCH_CURVATURE_FLOPS
         ):
