@@ -436,3 +436,21 @@ def test_unreadable_cells_and_files_get_advice(tmp_path):
     (tmp_path / "arrays.csv").write_bytes((tmp_path / "arrays.npz").read_bytes())
     with pytest.raises(DataError, match=r"zip archive -- an \.npz\?"):
         load_dataset(str(tmp_path / "arrays.csv"))
+
+
+def test_a_header_naming_another_column_the_label_gets_a_note(tmp_path):
+    """A header ``a,label,b,c`` (or numpy.savetxt's ``# label a b c`` above ``np.c_[y, X]``) ran as a
+    regression on the last feature without a word (the last column is the target, as documented): a note
+    says so and how to pick the named column -- and that advice works."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 3)), rng.integers(0, 2, 40)
+    rows = [f"{a:.3f},{c},{b:.3f},{d:.3f}" for (a, b, d), c in zip(X, y, strict=True)]
+    (tmp_path / "mid.csv").write_text("a,label,b,c\n" + "\n".join(rows) + "\n")
+    np.savetxt(tmp_path / "sp.txt", np.c_[y, X], header="label a b c")
+    for name, k in (("mid.csv", 2), ("sp.txt", 1)):
+        ds = load_dataset(str(tmp_path / name))
+        note = [n for n in ds.notes if n.startswith("target:")]
+        assert note and f"--target-column {k} " in note[0], ds.notes
+        ds = load_dataset(str(tmp_path / name), target=str(k))
+        assert not [n for n in ds.notes if n.startswith("target:")]
+        assert sorted(set(ds.y_train.tolist()) | set(ds.y_test.tolist())) == [0, 1]

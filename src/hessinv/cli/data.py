@@ -223,6 +223,8 @@ def _is_number(text: str) -> bool:
     return True
 
 
+#: header names (compared lower-cased) that say a column is the label: a note where one is not the last
+_LABEL_NAMES = frozenset({"label", "labels", "y", "target", "targets", "class", "classes", "outcome"})
 #: cells that mark a missing value (compared lower-cased): in a first row otherwise of numbers they make
 #: it a data row with a missing value (an error naming line 1), not a header; as a label, an error naming
 #: its line (not a class of its own)
@@ -455,6 +457,25 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
     notes = [_header_note(*first)] if rows[0][0] != first[0] else []
     if row_names:
         notes.append("column 1: row names under no header name (R's write.table), not a feature: dropped")
+    comment = lines[skipped - 1].lstrip().lstrip("#") if skipped else ""
+    comment_names = [c.strip() for c in comment.replace(dialect.delimiter, " ").split()]
+    names = (  # (the header's, or numpy.savetxt's header= on a '#' line)
+        [c.strip() for c in header]
+        if header is not None and len(header) == width
+        else comment_names
+        if len(comment_names) == width
+        else None
+    )
+    if target is None and names is not None:
+        # a header naming another column as the label: the last is the target all the same (documented;
+        # an np.c_[y, X] file ran as a regression on its last feature without a word; a probe)
+        labelled = [k for k, c in enumerate(names[:-1]) if c.lower() in _LABEL_NAMES]
+        if labelled and names[-1].lower() not in _LABEL_NAMES:
+            k = labelled[0]
+            notes.append(
+                f"target: the last column, {names[-1]!r}, though the header names column {k + 1} "
+                f"{names[k]!r}: --target-column {k + 1} to predict that one"
+            )
     for n, r in rows:
         if len(r) != width:
             comment = r[0].lstrip().startswith("#")
