@@ -212,9 +212,15 @@ def gauss_newton_root(
     through = {f[0] for f in _through_factors(factors or [])} if grouped else set()
     for off, d, m, T, Z, idx in factors if grouped else ():
         if (d, m) in grouped and off not in through:
-            U[:, off : off + d * m] = (T[:, :, None] * Z[idx][:, None, :]).reshape(-1, d * m).to(U.dtype)
+            U[:, off : off + d * m] = factor_columns(T, Z, idx).to(U.dtype)
     S = torch.sign(mu[n_idx, j_idx]).to(dtype)
     return U, S
+
+
+def factor_columns(T: Tensor, Z: Tensor, idx: Tensor) -> Tensor:
+    """A Linear weight's columns of ``U`` (r, d m) from its factors (:func:`gauss_newton_root`'s): row
+    ``q`` is ``vec(T[q] Z[idx[q]]^T)``."""
+    return (T[:, :, None] * Z[idx][:, None, :]).reshape(T.shape[0], T.shape[1] * Z.shape[1])  # (r = 0 too)
 
 
 def _dense_shape(blk: Any) -> tuple[int, int] | None:
@@ -458,7 +464,7 @@ def structured_gram(
             # few rows per example (a regression's one): the weight's columns formed, one GEMM -- the
             # structure's B^2 d m flops would match the columns' r^2 d m, through (B, B, m) temporaries
             # and B^2 / 2 pair products (256 examples of one output: 125 ms a Gram, against ~15)
-            Uw = (T.double()[:, :, None] * Z64[idx][:, None, :]).reshape(r, d * m)
+            Uw = factor_columns(T.double(), Z64, idx)
             K += (Uw * Dw.reshape(-1)) @ Uw.T
             continue
         w = (Z64[:, None, :] * Z64[None, :, :]) @ Dw.T  # (B, B, d): w_ab = Dinv_W (z_a o z_b)
@@ -673,15 +679,14 @@ class WoodburyFactor:
         # than reading U's columns); the other columns densely
         self._solve_factors = _through_factors(self.factors or [])
         self._solve_groups = _solve_groups(self._solve_factors)
-        # the weights whose columns of U are never read: every weight solved through its structure --
+        # the weights solved through their structure have columns of U never read --
         # gauss_newton_root(structured_only=True) leaves the large ones unwritten, a basis refresh every
         # one (Preconditioner._refresh_basis); not scanned for zeros: live, see live
-        self._unread_weights = list(self._solve_factors)
-        self.structured_only = structured_only and bool(self._unread_weights)
+        self.structured_only = structured_only and bool(self._solve_factors)
         # lookup tables whose columns of U are unwritten: (offset, size, columns, values), gauss_newton_root's
         self.tables = tables or None
         # the columns of U never read: the solved-through weights', the tables'
-        self._unread = [*self._unread_weights, *unread_spans(None, self.tables)]
+        self._unread = [*self._solve_factors, *unread_spans(None, self.tables)]
         # which columns of U each product reads, by U alone (shared with with_damping's factorizations):
         # those outside the structured weights, less the columns that are zero (an Embedding's rows of
         # tokens outside the curvature batch: most of its columns)
@@ -737,17 +742,15 @@ class WoodburyFactor:
         """``(idx, U[:, idx])``: the nonzero columns of ``U`` outside the weights of ``factors`` (cached)."""
         if key not in self._columns:
             n, dev = self.U.shape[1], self.U.device
-            nz = self._scanned() if factors is self.factors else self._nonzero()
-            # the nonzero columns outside the weights of factors, run by run (ascending): no pass over the
-            # n columns (an Embedding(50000, 64)'s 3.2M: 23 ms a call, three calls a refresh, before)
             if factors is self.factors:  # (the scanned columns: outside every weight of factors)
-                idx = nz.nonzero().flatten()
+                idx = self._scanned().nonzero().flatten()
             elif n <= _ONE_PASS_COLUMNS:  # (few columns: a mask, a few small ops in all)
-                keep = nz.clone()
+                keep = self._nonzero().clone()
                 for off, d, m, *_ in factors:
                     keep[off : off + d * m] = False
                 idx = keep.nonzero().flatten()
-            else:
+            else:  # run by run (ascending): no pass over the n columns (an Embedding(50000, 64)'s 3.2M)
+                nz = self._nonzero()
                 parts = [lo + nz[lo:hi].nonzero().flatten() for lo, hi in _uncovered_runs(n, factors)]
                 idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=dev)
             if idx.numel() == n and not self.tables:

@@ -87,7 +87,7 @@ from hessinv.errors import (
     out_of_memory,
     warn,
 )
-from hessinv.lowrank import WoodburyFactor, _uncovered_runs, unread_spans, written_runs
+from hessinv.lowrank import WoodburyFactor, _uncovered_runs, factor_columns, unread_spans, written_runs
 from hessinv.stages.losses import (
     count_examples,
     counted_examples,
@@ -1472,10 +1472,10 @@ class Preconditioner:
             max_side=BASIS_REFRESH_MAX_SIDE,
         )  # fmt: skip
         # (the weights solved through their factors: columns never read, left unwritten)
-        unwritten = {off for off, *_ in f._unread_weights}
+        unwritten = {off for off, *_ in f._solve_factors}
         for off, d, m, T, Z, idx in factors or ():
             if off not in unwritten:
-                U[:, off : off + d * m] = (T[:, :, None] * Z[idx][:, None, :]).reshape(-1, d * m)
+                U[:, off : off + d * m] = factor_columns(T, Z, idx)
         D = self.diagonal()  # (v rotated with the basis)
         self._root_factors = factors or []
         # the columns outside the weights of factors and the tables are f's where no other weight rotated:
