@@ -58,6 +58,7 @@ from hessinv.riccati import (
     Inertia,
     Pivot,
     _first_with_parameters,
+    _memory_bytes,
     check_dense_memory,
     check_memory,
     curvature_diagonal,
@@ -1071,7 +1072,11 @@ class CurvatureOperator(_AutocastOff):
                 return self._counts(shift), 0.0
             except (SingularError, NonFiniteError):
                 tol = self.zero_tolerance()
-        neg, pos = self._counts(shift + tol, 1.0).negative, self._counts(shift - tol, -1.0).positive
+        # (shift +- tol within the sweep's range: a float32 operator's tol = 1e60 overflowed a pivot -- a
+        # NonFiniteError naming the model -- where every eigenvalue counts as zero; none lies beyond it)
+        limit = _shift_limit(self.dtype)
+        hi, lo = min(shift + tol, limit), max(shift - tol, -limit)
+        neg, pos = self._counts(hi, 1.0).negative, self._counts(lo, -1.0).positive
         return Inertia(neg, self.shape[0] - neg - pos, pos), tol
 
     def _warn_count_doubt(self, what: str) -> None:
@@ -2098,6 +2103,12 @@ def _check_modify(modify: str | None) -> bool:
     return True
 
 
+def check_generator(generator: object) -> None:
+    """:class:`InvalidArgumentError` unless ``generator`` is a ``torch.Generator`` or None."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise InvalidArgumentError(f"generator must be a torch.Generator or None, got {generator!r}")
+
+
 def _shift_limit(dtype: torch.dtype) -> float:
     """The largest ``|shift|`` a sweep in ``dtype`` takes: ``1e-4 sqrt(max float)``."""
     return 1e-4 * math.sqrt(torch.finfo(dtype).max)
@@ -2734,7 +2745,13 @@ class Factorization(_AutocastOff):
             x, residual = solve(b)
             xn = float(x.norm())
             cond, stuck, explained = math.inf, math.inf, 0.0
-            if residual > math.sqrt(u) and math.isfinite(xn) and xn > 0:
+            norm = self.op.norm_estimate() + self._damping_scale()
+            if residual > math.sqrt(u) and math.isfinite(xn) and xn > 0 and norm * xn * u >= float(b.norm()):
+                # |A| |x| / |b| alone puts the cond estimate at 1 / u or beyond: refused whatever the second
+                # solve leaves (a 64-stage tanh chain's Hessian at eps = 0: 38 s of GMRES spared), not run
+                explained = 10 * u * norm * xn / float(b.norm())
+                cond, stuck = norm * xn / float(b.norm()), math.nan
+            elif residual > math.sqrt(u) and math.isfinite(xn) and xn > 0:
                 # one step of power iteration on A^-1 = (H + eps I)^-1 from x = A^-1 b, which leans
                 # toward the eigenvectors of the smallest |eigenvalues|: A^-1 x is solved to a residual
                 # of about u cond (a backward-stable solve: 0.02 at cond 1e14) where A is nonsingular,
@@ -2743,7 +2760,6 @@ class Factorization(_AutocastOff):
                 # for a random b: the first residual alone cannot tell); |A^-1 x| / |x| estimates
                 # 1 / min|lambda|
                 y, stuck = solve(x / xn)
-                norm = self.op.norm_estimate() + self._damping_scale()
                 explained = 10 * u * norm * xn / float(b.norm())  # a backward-stable residual, 10x over
                 cond = norm * max(xn / float(b.norm()), float(y.norm()))
             # (else no solution was found, x too small to explain the residual)
@@ -2753,8 +2769,11 @@ class Factorization(_AutocastOff):
             found = not unsolved or residual < 1e-2 or residual <= explained
             return residual > math.sqrt(u) and not (found and stuck < 0.5 and cond * u < 1)
 
+        krylov = [0]  # (the probe's Krylov iterations, for the message)
+
         def by_sweep(r: Tensor) -> tuple[Tensor, float]:
-            x, info = self._solve64(r, max_refine=5)
+            x, info = self._solve64(r, max_refine=5, singular_exit=True)
+            krylov[0] += info.krylov_iterations
             return x, info.residual
 
         residual, stuck, cond, explained = verdict = probe(by_sweep)
@@ -2804,10 +2823,11 @@ class Factorization(_AutocastOff):
         )
         raise SingularError(
             f"{where}: a random "
-            f"right-hand side still leaves relative residual {residual:.2e} after refinement, GMRES "
-            f"{'and a dense LU ' if self._dense_lu is not None else ''}(a "
-            f"backward-stable solve: below {max(explained, 1e-2):.2e}), and its solution as right-hand side "
-            f"{stuck:.2e} (cond estimate {cond:.2e}, 1 / u = {1 / u:.2e}). "
+            f"right-hand side still leaves relative residual {residual:.2e} after refinement"
+            f"{', GMRES' if krylov[0] else ''}{' and a dense LU' if self._dense_lu is not None else ''} (a "
+            f"backward-stable solve: below {max(explained, 1e-2):.2e})"
+            + ("" if math.isnan(stuck) else f", and its solution as right-hand side {stuck:.2e}")
+            + f" (cond estimate {cond:.2e}, 1 / u = {1 / u:.2e}). "
             "Choose another damping (eps > 0 for a Gauss-Newton matrix; eps > -H.min_eigenvalue() "
             "for a positive definite H + eps I)",
             stage=max(self.perturbed) if self.perturbed else None,
@@ -3259,14 +3279,22 @@ class Factorization(_AutocastOff):
     def sample(self, k: int = 1, generator: torch.Generator | None = None) -> Tensor:
         """``k`` independent samples of ``N(0, (H + eps I)^{-1})``, the columns of an (n, k) tensor:
         ``S z`` for white ``z`` (:meth:`inverse_sqrt`)."""
+        self._unmodified("sample")  # (refused by inverse_sqrt too, under the name the caller did not use)
         return self.inverse_sqrt(self._white(self.op.shape[0], k, generator))
 
     def _white(self, rows: int, k: object, generator: torch.Generator | None) -> Tensor:
         """``k`` columns of white noise (``rows`` each) for :meth:`sample`, on the operator's device."""
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise InvalidArgumentError(f"k (the number of samples) must be an integer >= 1, got {k!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise InvalidArgumentError(f"generator must be a torch.Generator or None, got {generator!r}")
+        check_generator(generator)
+        # (the noise, the samples and a solve's transients: torch's allocator error before, 208 TB)
+        need = 3 * rows * int(k) * torch.empty(0, dtype=self.op.dtype).element_size()
+        free = _memory_bytes(self.op.device)
+        if free is not None and need > free:
+            raise TooLargeError(
+                f"{k} samples of {rows} parameters need about {need / 2**30:.3g} GiB, and {free / 2**30:.3g} "
+                "GiB of the device's memory is available: draw them in smaller batches"
+            )
         dev = generator.device if generator is not None else self.op.device
         z = torch.randn(rows, int(k), generator=generator, dtype=self.op.dtype, device=dev)
         return z.to(self.op.device)
@@ -3286,23 +3314,49 @@ class Factorization(_AutocastOff):
         return self.damping * X
 
     def _solve64(
-        self, R64: Tensor, max_refine: int, X64: Tensor | None = None, float64: bool = False
+        self,
+        R64: Tensor,
+        max_refine: int,
+        X64: Tensor | None = None,
+        float64: bool = False,
+        singular_exit: bool = False,
     ) -> tuple[Tensor, SolveInfo]:
         """Refined solve of ``(H + eps I) X = R64`` in float64; returns ``X`` (float64) and its info. Each
         column is scaled by a power of two (exact) to unit max-norm first, so that the residual norms
         neither overflow (a right-hand side of 1e200: the residual was NaN) nor underflow (1e-300: 0,
-        and refinement skipped)."""
+        and refinement skipped). ``singular_exit`` (:meth:`_check_nonsingular`'s probe): no Krylov
+        method after refinement where the iterate already shows ``H + eps I`` singular to working
+        precision (:meth:`_shows_singular`)."""
         s = _pow2_scale(R64)
-        X, info = self._solve64_unit(R64 / s, max_refine, None if X64 is None else X64 / s, float64)
+        X, info = self._solve64_unit(
+            R64 / s, max_refine, None if X64 is None else X64 / s, float64, singular_exit
+        )
         return X * s, info
 
+    def _shows_singular(self, X64: Tensor, rel: float, rnorm: Tensor) -> bool:
+        """Whether an iterate ``x`` of relative residual ``rel`` proves ``A = H + eps I`` singular to working
+        precision: ``rel <= 10 u |A| |x| / |b|`` (what rounding of ``x``'s own size explains) and ``|A| |x|
+        / |b| >= 1 / u`` -- ``x`` solves a system within ``10 u |A|`` of ``A`` and ``|b| / |x| <= u |A|``,
+        so ``sigma_min(A) <= 11 u |A|`` (``u`` of the model's dtype, ``|A|`` estimated by power
+        iteration): :meth:`_check_nonsingular`'s refusal, whatever a Krylov method would add."""
+        if not self.perturbed:
+            return False
+        u = torch.finfo(self.op.dtype).eps
+        size = float((X64.norm(dim=0) / rnorm).min()) * (self.op.norm_estimate() + self._damping_scale())
+        return math.isfinite(size) and rel > math.sqrt(u) and rel <= 10 * u * size and size * u >= 1
+
     def _solve64_unit(
-        self, R64: Tensor, max_refine: int, X64: Tensor | None = None, float64: bool = False
+        self,
+        R64: Tensor,
+        max_refine: int,
+        X64: Tensor | None = None,
+        float64: bool = False,
+        singular_exit: bool = False,
     ) -> tuple[Tensor, SolveInfo]:
         """:meth:`_solve64` on right-hand sides of unit max-norm."""
         if self._twin_only and not float64:  # see __init__
             assert self._f64 is not None
-            return self._f64._solve64(R64, max_refine, X64, float64=True)
+            return self._f64._solve64(R64, max_refine, X64, float64=True, singular_exit=singular_exit)
         op64 = self.op._residual_operator()
         dtype = self.op.dtype
         low = self._sweep_dtype != torch.float64 and not float64  # a float64 factorization can take over
@@ -3352,6 +3406,10 @@ class Factorization(_AutocastOff):
                 # as preconditioner (below) needs fewer sweeps and float64 products than the steps left
                 stalled = True
                 break
+        if singular_exit and self._shows_singular(X64, rel, rnorm):
+            # (a rank-64 Gauss-Newton matrix of a 16-stage chain at eps = 0: refused in 8.7 s, 7.x of them
+            # GMRES and the shifted sweep's, before)
+            return X64, SolveInfo(rel, steps, 0)
         its = 0
         # refinement stalled above float64 accuracy, ran out of steps, or is slow on a perturbed
         # factorization (a preconditioner by design): flexible GMRES, with F as preconditioner (a
