@@ -1125,3 +1125,61 @@ def test_predictive_of_a_model_whose_output_depends_on_its_batch_is_refused(pred
     with pytest.raises(UnsupportedStageError, match="depends on the rest of its batch"):
         la(Xt, pred_type=pred_type, n_samples=3)
     assert la(Xt[1:2], pred_type=pred_type, n_samples=3).shape == (1, 3)  # one point: its own function
+
+
+def test_optimize_prior_precision_finds_the_largest_evidence_not_a_local_maximum():
+    """A Hessian Laplace's evidence rises toward the lower bound (``P`` nears singularity there) and has an
+    interior local maximum: Brent's search over the whole interval stopped at that one, 2.5 nats below
+    the bound's value, with no warning (a probe). A grid first, then Brent's search: the largest value
+    found, and the warning that it lies on a bound. Values against the evidence at a grid of deltas."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(40, 4, dtype=torch.float64), torch.randint(0, 3, (40,))
+    opt = torch.optim.LBFGS(net.parameters(), max_iter=500)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.CrossEntropyLoss(reduction="sum")(net(X), y) + 0.5 * sum(
+            (p**2).sum() for p in net.parameters()
+        )
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    la = Laplace(net, "classification", curvature="hessian").fit(X, y)
+    lo = 1.01 * -la._op().min_eigenvalue() + 1e-3  # (P positive definite on all of [lo, 1e4])
+    with pytest.warns(UserWarning, match="at the search's bound"):
+        delta = la.optimize_prior_precision(bounds=(lo, 1e4))
+    best = la.log_marginal_likelihood(delta)
+    grid = [lo * math.exp(math.log(1e4 / lo) * i / 200) for i in range(201)]
+    assert best >= max(la.log_marginal_likelihood(d) for d in grid) - 1e-6
+
+
+def test_the_applications_refuse_a_model_that_is_not_a_module_and_bad_arguments_by_name():
+    """A function, None or a tensor as the model met ``model.parameters()`` (AttributeError) in
+    ``Laplace``, ``per_example_gradients`` and ``output_jacobians``; a string generator of the MC
+    predictive, a None loss of ``per_example_gradients`` and 10^12 samples raised torch's or Python's own
+    errors (a probe). Each is a named error with advice now, as ``hessinv.hessian`` gives."""
+    from hessinv.errors import InvalidArgumentError, NotAChainError, TooLargeError
+    from hessinv.influence import output_jacobians, per_example_gradients
+
+    X, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
+    calls = (
+        lambda m: Laplace(m, "classification"),
+        lambda m: per_example_gradients(m, nn.CrossEntropyLoss(), X, y),
+        lambda m: output_jacobians(m, X),
+        lambda m: InfluenceFunction(m, nn.CrossEntropyLoss()),
+    )
+    for bad in (lambda x: 2 * x, None, torch.zeros(3)):
+        for call in calls:
+            with pytest.raises(NotAChainError, match="expected an nn.Module or a list of modules"):
+                call(bad)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    with pytest.raises(InvalidArgumentError, match="loss_fn must be callable"):
+        per_example_gradients(net, None, X, y)
+    la = Laplace(net, "classification").fit(X, y)
+    with pytest.raises(InvalidArgumentError, match="generator must be a torch.Generator"):
+        la(X[:2], link_approx="mc", generator="x")
+    with pytest.raises(TooLargeError, match="smaller batches"):
+        la.sample(10**12)

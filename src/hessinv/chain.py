@@ -440,10 +440,29 @@ def model_parts(model: Any) -> list[nn.Module]:
     return list(model) if isinstance(model, (list, tuple, nn.ModuleList)) else [model]
 
 
+_NOT_A_MODULE = (
+    "expected an nn.Module or a list of modules, got {}: wrap the function's layers in an nn.Sequential "
+    "(or a module whose forward calls them in order)"
+)
+
+
+def check_loss_fn(loss_fn: Any) -> None:
+    """:class:`InvalidArgumentError` unless ``loss_fn`` is a callable loss instance (not a class)."""
+    if not callable(loss_fn):
+        raise InvalidArgumentError(f"loss_fn must be callable (loss_fn(outputs, targets)), got {loss_fn!r}")
+    if isinstance(loss_fn, type):
+        raise InvalidArgumentError(
+            f"loss_fn is the class {loss_fn.__name__}, not a loss: pass an instance, {loss_fn.__name__}()"
+        )
+
+
 def as_module(model: Any) -> Any:
     """A list, tuple or ``nn.ModuleList`` of modules as the ``nn.Sequential`` of the same modules (their
-    parameters shared), for code that needs one module (``torch.func.functional_call``); anything else as
-    it is. A list holding anything but modules: :class:`NotAChainError`."""
+    parameters shared), for code that needs one module (``torch.func.functional_call``); a module as it
+    is. Anything else -- a function, None, a tensor, a list holding anything but modules -- is a
+    :class:`NotAChainError` (the applications' entry points met it as an AttributeError)."""
+    if not isinstance(model, (nn.Module, list, tuple)):
+        raise NotAChainError(_NOT_A_MODULE.format(type(model).__name__))
     if isinstance(model, (list, tuple, nn.ModuleList)):
         bad = [type(m).__name__ for m in model if not isinstance(m, nn.Module)]
         if bad:
@@ -1213,10 +1232,7 @@ def _split(
 ) -> list[Stage]:
     """One attempt of :func:`split_stages`."""
     if not isinstance(model, (nn.Module, list, tuple)):
-        raise NotAChainError(
-            f"expected an nn.Module or a list of modules, got {type(model).__name__}: wrap the function's "
-            "layers in an nn.Sequential (or a module whose forward calls them in order)"
-        )
+        raise NotAChainError(_NOT_A_MODULE.format(type(model).__name__))
     glob = nn.modules.module
     for what in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks"):
         if getattr(glob, what, None):
@@ -1518,14 +1534,7 @@ class Chain:
     """
 
     def __init__(self, model: nn.Module | Sequence[nn.Module], loss_fn: LossFn, *, ordered: bool = True):
-        if not callable(loss_fn):
-            raise InvalidArgumentError(
-                f"loss_fn must be callable (loss_fn(outputs, targets)), got {loss_fn!r}"
-            )
-        if isinstance(loss_fn, type):
-            raise InvalidArgumentError(
-                f"loss_fn is the class {loss_fn.__name__}, not a loss: pass an instance, {loss_fn.__name__}()"
-            )
+        check_loss_fn(loss_fn)
         # a torch.compile-d loss is differentiated through its original function (see `uncompiled`)
         self.model, self.loss_fn = model, uncompiled(loss_fn)
         self._traced: list[nn.Module] = []

@@ -48,6 +48,7 @@ from hessinv.chain import (
     Chain,
     LossFn,
     as_module,
+    check_loss_fn,
     check_real,
     dense_grad,
     exact_no_grad,
@@ -164,6 +165,7 @@ def per_example_gradients(
     weights -- for scores of the weighted objective, use ``reduction="sum"`` (rows ``w_i grad l_i``)."""
     chunk = _check_chunk(chunk)
     model = as_module(model)
+    check_loss_fn(loss_fn)
     for t, what in ((inputs, "inputs"), (targets, "targets")):
         if not isinstance(t, Tensor):  # (as the operators name it)
             raise InvalidArgumentError(
