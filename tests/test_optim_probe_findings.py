@@ -381,3 +381,22 @@ def test_full_batch_regression_preconditioned_takes_the_whole_batchs_curvature()
     assert opt.last_stats.mode == "precondition"
     assert opt.preconditioner.curvature_batch_size == 100 and opt.last_stats.curvature_batch_size == 100
     assert min(losses[-100:]) < 1e-9, min(losses[-100:])
+
+
+def test_auto_hands_back_to_preconditioning_when_the_groups_weight_decays_are_made_to_differ():
+    """``mode="auto"`` chose the trust region on a full batch with one weight decay; a scheduler-like
+    change of one group's ``weight_decay`` mid-run then raised InvalidArgumentError at every step (the
+    trust region takes one: it shifts ``H``) -- auto's choice is redone instead: it preconditions, and
+    the loss keeps falling (a probe)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 4))
+    X, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
+    groups = [{"params": m[0].parameters()}, {"params": m[2].parameters()}]
+    opt = hessinv.optim.Newton(m, nn.CrossEntropyLoss(), params=groups, seed=0)
+    for _ in range(3):
+        opt.step(X, y)
+    assert opt.last_stats.mode == "trust-region"
+    opt.param_groups[0]["weight_decay"] = 0.01
+    losses = [float(opt.step(X, y)) for _ in range(4)]
+    assert opt.last_stats.mode == "precondition" and opt.mode == "precondition"
+    assert losses[-1] < losses[0]

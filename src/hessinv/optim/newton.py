@@ -314,7 +314,8 @@ class Newton(torch.optim.Optimizer):
       grows, too: pass ``mode="trust-region"`` to keep it) and where the radius collapses (below
       :data:`TRUST_REGION_STALL` ``sqrt(u) max(1, ||x||)``: at a kink of a ReLU network the quadratic
       model fails at every scale), unless the loss is fitted to rounding (at most ``sqrt(u)`` times the
-      trust region's first loss) or the gradient is zero. Passing a
+      trust region's first loss) or the gradient is zero, and where the groups' ``weight_decay`` values
+      are made to differ (the trust region takes one). Passing a
       trust-region setting (``damping`` -- but a number with ``curvature="hessian"``, which is the
       preconditioner's damping too --, ``track_inertia``, ``backtracking``) selects ``"trust-region"``.
 
@@ -1325,8 +1326,13 @@ class Newton(torch.optim.Optimizer):
                     else inputs.shape[:1] != tuple(ns.get("trust_region_batch", inputs.shape[:1]))
                     and not self._trust_region_affordable(inputs)
                 )
+                or ns.get("from_auto")
+                and ns["mode"] == "trust-region"
+                and isinstance(self._weight_decay(), Tensor)
             ):  # full-batch training was over (a first phase on one batch, or several steps per
-                # mini-batch): mini-batches now, whose trust-region steps fit the batch's noise
+                # mini-batch): mini-batches now, whose trust-region steps fit the batch's noise; or the
+                # groups' weight decays were made to differ (the trust region takes one: it shifts H --
+                # auto's choice is redone, as at the second step, rather than refused)
                 self._hand_back()
             return ns["mode"]
         prev = ns["previous"]
