@@ -110,14 +110,18 @@ def test_a_checkpoint_from_before_basis_refresh_resumes_as_it_ran():
     assert new.preconditioner.basis_refresh is None and opt.preconditioner.basis_refresh == 2
 
 
-@pytest.mark.parametrize("width, group", [(8, 4 * 64), (48, None)])
-def test_a_basis_refresh_of_a_net_with_dead_units_keeps_zero_columns_apart(width, group):
+@pytest.mark.parametrize(
+    "width, thresholds",
+    [(8, {"_STRUCTURED_GROUP": 4 * 64}), (12, {"_STRUCTURED_SOLVE": 100, "_STRUCTURED_GROUP": 10**9})],
+)
+def test_a_basis_refresh_of_a_net_with_dead_units_keeps_zero_columns_apart(width, thresholds):
     """Dead ReLU units leave zero columns in ``U``; after a basis refresh (whose weights solved through
     their factors have no columns written) the factor's ``live`` columns are the nonzero ones of ``U`` as
     every column formed would hold them -- the weights' from their factors, the others carried over --
     and the solve is the dense ``(G + D')^{-1}`` with ``D'`` the factor's ``D`` there, today's elsewhere.
-    ``width, group``: weights grouped by shape (``_STRUCTURED_GROUP`` lowered) or solved through one by
-    one (48 x 48 weights)."""
+    ``width, thresholds``: weights grouped by shape (``_STRUCTURED_GROUP`` lowered) or solved through one
+    by one (``_STRUCTURED_SOLVE`` lowered to the 12 x 12 weights: 48 x 48 ones, above the default, made
+    the dense reference n = 9795 -- minutes of n^3 products on one core)."""
     from unittest import mock
 
     import hessinv.lowrank
@@ -130,9 +134,7 @@ def test_a_basis_refresh_of_a_net_with_dead_units_keeps_zero_columns_apart(width
     with torch.no_grad():
         net[2].bias[: width // 2] = -50.0  # half the second layer's units dead on every input
     X, y = torch.randn(64, 4, dtype=F64), torch.randint(0, 3, (64,))
-    patch = mock.patch.object(
-        hessinv.lowrank, "_STRUCTURED_GROUP", group or hessinv.lowrank._STRUCTURED_GROUP
-    )
+    patch = mock.patch.multiple(hessinv.lowrank, **thresholds)
     with patch:
         pc = ho.Preconditioner(net, nn.CrossEntropyLoss(), refresh=6, basis_refresh=2, seed=0, warmup=0)
         g = torch.Generator().manual_seed(0)
