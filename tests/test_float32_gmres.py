@@ -105,7 +105,10 @@ def test_gmres_that_cannot_finish_hands_over_to_the_float64_twin():
         warnings.simplefilter("error", hessinv.AccuracyWarning)
         x, info = F.solve(b, return_info=True)
     assert F._f64 is not None and info.residual <= 1e-9, info
-    assert 0 < info.krylov_iterations < hc.LOW_GMRES_ITERATIONS  # GMRES's 3 and the twin's
+    if F._twin_only:  # (an AMD EPYC's float32 sweep perturbed a pivot of stage 0: the twin took over at
+        assert info.krylov_iterations == 0  # the factorization, and no GMRES ran -- rounding decides)
+    else:
+        assert 0 < info.krylov_iterations < hc.LOW_GMRES_ITERATIONS  # GMRES's 3 and the twin's
 
 
 def test_fgmres_returns_its_best_iterate():

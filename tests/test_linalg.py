@@ -203,3 +203,63 @@ def test_deterministic_algorithms_keep_the_thread_count_whatever_the_load(monkey
     finally:
         torch.use_deterministic_algorithms(det)
         torch.set_num_threads(threads)
+
+
+def test_every_entry_point_runs_on_one_thread_when_the_machine_is_busy(monkeypatch):
+    """Only the sweeps and the optimizers' steps dropped to one thread on a busy machine; products,
+    refinement, an operator's construction and the applications ran on torch's threads (beside a busy
+    process on 2 cores: ``H @ V`` 66x, ``hessian()`` 41x, ``F.solve`` 40x slower than on one; a probe).
+    The outermost call into the library decides now, and the count is restored after it."""
+    import hessinv.curvature as hc
+    from hessinv.influence import per_example_gradients
+    from hessinv.laplace import Laplace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    seen: list[int] = []
+    model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    apply = hc.CurvatureOperator._apply
+
+    def recorded(self, V):
+        seen.append(torch.get_num_threads())
+        return apply(self, V)
+
+    monkeypatch.setattr(hc.CurvatureOperator, "_apply", recorded)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for busy, inside in ((True, 1), (False, 2)):
+            monkeypatch.setattr(linalg, "machine_busy", lambda busy=busy: busy)
+            seen.clear()
+            H = hessinv.hessian(model, nn.CrossEntropyLoss(), X, y)
+            H @ torch.randn(H.shape[0], dtype=torch.float64)
+            H.factor(1.0).solve(H.gradient)
+            Laplace(model, "classification").fit(X, y)
+            per_example_gradients(model, nn.CrossEntropyLoss(), X, y)
+            assert seen and set(seen) == {inside}, (busy, seen)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_factorization_leaves_the_process_environment_as_it_was():
+    """The first factorization imported threadpoolctl (scipy's BLAS threads), whose import sets
+    ``KMP_DUPLICATE_LIB_OK=True`` in ``os.environ``: Intel OpenMP's duplicate-runtime abort silenced for
+    the user's later code too (a probe). A fresh process: the variable is as it was after the first
+    factorization."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch, hessinv\n"
+        "from torch import nn\n"
+        "m = nn.Sequential(nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 3)).double()\n"
+        "X, y = torch.randn(32, 20, dtype=torch.float64), torch.randint(0, 3, (32,))\n"
+        "hessinv.hessian(m, nn.CrossEntropyLoss(), X, y).factor(1e-3)\n"
+        "assert hessinv.linalg._scipy_blas() is not None\n"
+        "print(os.environ.get('KMP_DUPLICATE_LIB_OK'))\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "KMP_DUPLICATE_LIB_OK"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "None", out.stdout

@@ -1832,7 +1832,7 @@ class Chain:
             and inputs.numel() <= 64 * n
         )
 
-    def prepare_targets(self, targets) -> Tensor:
+    def prepare_targets(self, targets: Tensor) -> Tensor:
         """``targets`` as the loss expects them (class indices of any integer dtype -> int64, ...)."""
         return prepare_targets(self.loss_fn, _tensor(targets, "targets"), self.dtype)
 

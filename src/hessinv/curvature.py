@@ -361,9 +361,7 @@ def _autocast_off(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def run(*args: Any, **kwargs: Any) -> Any:
         on = [d for d in _AUTOCAST_DEVICES if _autocast_on(d)]
-        if not on:
-            return method(*args, **kwargs)
-        with contextlib.ExitStack() as stack:
+        with contextlib.ExitStack() as stack, linalg.library_call():  # (one thread on a busy machine)
             for d in on:
                 stack.enter_context(torch.autocast(d, enabled=False))
             return method(*args, **kwargs)
@@ -374,7 +372,9 @@ def _autocast_off(method: Callable[..., Any]) -> Callable[..., Any]:
 class _AutocastOff:
     """Base of the operator and factorization classes: every method a class defines (``__init__`` and the
     other dunders aside, ``@`` included) and its properties' getters run with autocast off
-    (:func:`_autocast_off`), the subclasses' too."""
+    (:func:`_autocast_off`), the subclasses' too, and -- the outermost call on a thread -- on one torch
+    thread where the machine is busy (:func:`hessinv.linalg.library_call`; an operator's ``__init__``
+    too, which keeps autocast as it is)."""
 
     #: the dunders wrapped too (a factorization's ``__init__`` runs the sweep; an operator's keeps the
     #: refusal to be made under autocast)
@@ -383,6 +383,13 @@ class _AutocastOff:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         for name, value in list(vars(cls).items()):
+            if (
+                name == "__init__"
+                and name not in cls._autocast_dunders
+                and isinstance(value, types.FunctionType)
+            ):
+                setattr(cls, name, linalg.protect_threads(value))  # (the derivatives an operator takes)
+                continue
             if name.startswith("__") and name not in cls._autocast_dunders:
                 continue
             if isinstance(value, property) and value.fget is not None:
@@ -2379,7 +2386,7 @@ class GaussNewton(CurvatureOperator):
 
     def root(
         self,
-        rotation=None,
+        rotation: Callable[..., Any] | None = None,
         factors: list | None = None,
         max_rows: int | None = None,
         structured_only: bool = False,
@@ -2666,6 +2673,8 @@ class Factorization(_AutocastOff):
 
     @property
     def inertia(self) -> Inertia:
+        """``(negative, zero, positive)`` eigenvalue counts of ``H + eps I`` (Sylvester's law on the
+        pivots; recounted when first read where the pivots cannot certify them: the class docstring)."""
         if self._recount_due:
             self._recount()
         return self._inertia
@@ -2676,6 +2685,8 @@ class Factorization(_AutocastOff):
 
     @property
     def inertia_certified(self) -> bool:
+        """Whether :attr:`inertia` is an exact count of the operator's own matrix (the class docstring
+        says where it is not)."""
         if self._recount_due:
             self._recount()
         return self._certified
@@ -3453,6 +3464,10 @@ class Factorization(_AutocastOff):
                 return X2, SolveInfo(
                     info2.residual, steps + info2.refinement_steps, its + info2.krylov_iterations
                 )
+        if its and singular_exit and self._shows_singular(X64, rel, rnorm):
+            return X64, SolveInfo(
+                rel, steps, its
+            )  # (GMRES's iterate shows it: no dense LU, no shifted sweep)
         if rel > DENSE_FALLBACK_ABOVE and not low:
             # refinement and GMRES both failed (a perturbed sweep whose 1 / tau directions make the
             # Krylov basis too ill-conditioned): at this size a dense LU of H + eps I decides (backward

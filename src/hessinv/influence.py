@@ -147,6 +147,7 @@ def _chunked(fn: Callable[[Tensor, Tensor], Tensor], X: Tensor, y: Tensor, chunk
     return torch.cat([fn(X[i : i + chunk], y[i : i + chunk]) for i in range(0, len(X), chunk)])
 
 
+@linalg.protect_threads
 def per_example_gradients(
     model: nn.Module,
     loss_fn: LossFn,
@@ -261,6 +262,7 @@ def _per_example_chain(
     return chain if same else None
 
 
+@linalg.protect_threads
 def output_jacobians(model: nn.Module, inputs: Tensor, chunk: int = 1024) -> Tensor:
     """``(N, C, n)``: the Jacobian of each example's ``C`` outputs in the trainable parameters
     (``torch.func.vmap(jacrev)``), for the linearized (GLM) predictive. A model with layers random in
@@ -438,6 +440,7 @@ def _collect(data: Tensor | Iterable, targets: Tensor | None, ordered: bool = Fa
     return torch.cat(xs), torch.cat(ys)
 
 
+@linalg.protect_public_methods
 class InfluenceFunction:
     """Exact influence scores ``-grad L(z_test)^T (H + lambda I)^{-1} grad L(z_i)``.
 

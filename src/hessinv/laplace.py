@@ -55,6 +55,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from hessinv import linalg
 from hessinv.chain import as_module, check_real, exact_no_grad, unshared
 from hessinv.curvature import (
     CurvatureOperator,
@@ -157,6 +158,7 @@ def _grid_then_brent(
     return (float(r.x), float(r.fun)) if float(r.fun) <= values[i] else (grid[i], values[i])
 
 
+@linalg.protect_public_methods
 class Laplace:
     """The full-network Laplace approximation with the exact (Riccati- or Woodbury-factored) posterior
     precision.

@@ -19,7 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
+import threading
+import time
+import types
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -128,7 +134,7 @@ def one_thread_if(small: bool):
     depends on its thread count, and a seeded run must not follow the other processes' load (a float32
     training run, idle against busy, ended 6% of its travel apart after 30 steps; a probe)."""
     threads = torch.get_num_threads()
-    one = threads > 1 and (small or (not torch.are_deterministic_algorithms_enabled() and machine_busy()))
+    one = threads > 1 and (small or (not torch.are_deterministic_algorithms_enabled() and _busy()))
     ctl = _scipy_blas()
     scipy_threads = ctl[0].num_threads if ctl is not None else None
     if one:
@@ -141,6 +147,65 @@ def one_thread_if(small: bool):
         if ctl is not None and ctl[0].num_threads != scipy_threads:
             ctl[0].set_num_threads(scipy_threads)
             ctl[1] = scipy_threads
+
+
+#: how long a reading of :func:`machine_busy` (~0.1 ms: /proc) is taken as the machine's state
+BUSY_MAX_AGE = 0.5
+_busy_read: list[Any] = [-math.inf, False, None]  # (monotonic time, machine_busy(), the function read)
+
+
+def _busy() -> bool:
+    """:func:`machine_busy`, read at most every :data:`BUSY_MAX_AGE` seconds (a product on a small model
+    takes less than the reading; a replaced ``machine_busy`` -- a test's -- is read at once)."""
+    now = time.monotonic()
+    if now - _busy_read[0] > BUSY_MAX_AGE or _busy_read[2] is not machine_busy:
+        _busy_read[:] = [now, machine_busy(), machine_busy]
+    return bool(_busy_read[1])
+
+
+_entered = threading.local()  # (.depth: this thread's nesting of library_call)
+
+
+@contextlib.contextmanager
+def library_call() -> Iterator[None]:
+    """The outermost call into the library on this thread runs on one torch thread where the machine is
+    busy (:func:`one_thread_if`), then restores the count; calls nested in it pass through. The sweeps
+    and the optimizers' steps decide for themselves too (one thread on small blocks, busy or not); this
+    covers the rest -- products, refinement, operators' construction, the applications: on a busy
+    2-core machine ``H @ V`` of a width-16 chain took 1.16 s on torch's 2 threads against 18 ms on one,
+    ``hessian()`` 1.07 s against 26 ms, ``F.solve`` 2.1 s against 54 ms (a probe)."""
+    depth = getattr(_entered, "depth", 0)
+    _entered.depth = depth + 1
+    try:
+        if depth or torch.get_num_threads() == 1:
+            yield
+        else:
+            with one_thread_if(False):
+                yield
+    finally:
+        _entered.depth = depth
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def protect_threads(fn: _F) -> _F:
+    """``fn`` run inside :func:`library_call`."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with library_call():
+            return fn(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
+def protect_public_methods(cls: type) -> type:
+    """Class decorator: :func:`protect_threads` on ``cls``'s public methods (and ``__call__``)."""
+    for name, value in list(vars(cls).items()):
+        if isinstance(value, types.FunctionType) and (not name.startswith("_") or name == "__call__"):
+            setattr(cls, name, protect_threads(value))
+    return cls
 
 
 #: Blocks with fewer rows than this use torch's kernels (the call overheads are about equal there).
@@ -162,12 +227,22 @@ def _lapack():
 def _scipy_blas():
     """scipy's BLAS thread control (a threadpoolctl library controller), or None: scipy's kernels
     are then not used (they would run an uncontrolled number of threads)."""
+    # threadpoolctl's import sets KMP_DUPLICATE_LIB_OK=True in the process's environment (silencing Intel
+    # OpenMP's duplicate-runtime abort for the user's later code too, a probe found): put it back after
+    kmp = os.environ.get("KMP_DUPLICATE_LIB_OK")
     try:
         import scipy.linalg.lapack  # noqa: F401  (loads scipy's BLAS so threadpoolctl can see it)
         from threadpoolctl import ThreadpoolController
+
+        libs = ThreadpoolController().lib_controllers
     except ImportError:
         return None
-    for lib in ThreadpoolController().lib_controllers:
+    finally:
+        if kmp is None:
+            os.environ.pop("KMP_DUPLICATE_LIB_OK", None)
+        else:
+            os.environ["KMP_DUPLICATE_LIB_OK"] = kmp
+    for lib in libs:
         if lib.user_api == "blas" and "scipy" in str(lib.filepath) and "numpy" not in str(lib.filepath):
             return [lib, None]
     return None
