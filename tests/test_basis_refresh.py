@@ -27,8 +27,19 @@ def _dense_parts(pc: ho.Preconditioner) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @settings(max_examples=8, deadline=None)
-@given(seed=st.integers(0, 2**16), width=st.sampled_from([3, 6, 48]), depth=st.integers(1, 3))
+@given(seed=st.integers(0, 2**16), width=st.sampled_from([3, 6, 12]), depth=st.integers(1, 3))
 def test_a_basis_refresh_carries_the_curvature_and_solves_with_todays_damping(seed, width, depth):
+    # (the 12 x 12 hidden weights solved through their factors: _STRUCTURED_SOLVE lowered -- 48 x 48 ones,
+    # above the default, made the dense reference n ~ 5000 and an example minutes of n^3 products)
+    from unittest import mock
+
+    import hessinv.lowrank
+
+    with mock.patch.object(hessinv.lowrank, "_STRUCTURED_SOLVE", 100):
+        _carries_the_curvature(seed, width, depth)
+
+
+def _carries_the_curvature(seed: int, width: int, depth: int) -> None:
     torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Linear(4, width), nn.Tanh()]
     for _ in range(depth - 1):
