@@ -454,3 +454,76 @@ def test_a_header_naming_another_column_the_label_gets_a_note(tmp_path):
         ds = load_dataset(str(tmp_path / name), target=str(k))
         assert not [n for n in ds.notes if n.startswith("target:")]
         assert sorted(set(ds.y_train.tolist()) | set(ds.y_test.tolist())) == [0, 1]
+
+
+def test_a_semicolon_file_with_decimal_commas_is_read_as_written(tmp_path):
+    """A European spreadsheet's export, ``;``-separated with decimal commas and no header (``20,4;0;1``):
+    where some columns were integers the sniffer said ``,``, and each row became feature ``20`` and class
+    ``"4;0;1"`` -- 78 classes of one feature, trained without a word (a probe); where all were decimals,
+    an error. The file is read as written, and the notes say how."""
+    rng = np.random.default_rng(0)
+    temp = np.round(rng.normal(20, 2, 300), 1)
+    count = rng.integers(0, 4, 300)
+    label = (temp > 20).astype(int)
+    lines = [f"{t:.1f}".replace(".", ",") + f";{c};{k}" for t, c, k in zip(temp, count, label, strict=True)]
+    (tmp_path / "eu.csv").write_text("\n".join(lines) + "\n")
+    ds = load_dataset(str(tmp_path / "eu.csv"), standardize=False, test_fraction=0.2)
+    X = torch.cat([ds.X_train, ds.X_test])
+    assert X.shape == (300, 2) and ds.n_classes == 2
+    assert sorted(X[:, 0].tolist()) == sorted(temp.tolist())
+    assert any("decimal commas read as decimal points" in n for n in ds.notes)
+    # a comma file whose text labels hold a ';' keeps its commas
+    rows = zip(temp, count, label, strict=True)
+    (tmp_path / "c.csv").write_text("".join(f"{t:.1f},{c},a;{k}\n" for t, c, k in rows))
+    ds = load_dataset(str(tmp_path / "c.csv"), standardize=False, test_fraction=0.2)
+    assert ds.X_train.shape[1] == 2 and ds.n_classes == 2
+
+
+def test_an_npz_reads_only_the_arrays_it_uses(tmp_path):
+    """``np.savez(p, X=X, y=y, feature_names=df.columns.values)`` -- an object array beside them -- was
+    refused whole ("Object arrays cannot be loaded when allow_pickle=False", no advice); and the note on
+    unread arrays said the test split came from X_test where the file had none (a probe)."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(50, 3)), rng.integers(0, 2, 50)
+    np.savez(tmp_path / "d.npz", X=X, y=y, feature_names=np.array(["a", "b", None], dtype=object))
+    ds = load_dataset(str(tmp_path / "d.npz"), standardize=False)
+    assert len(ds.X_train) + len(ds.X_test) == 50
+    assert any("arrays not read: feature_names (the test split is drawn from X and y)" in n for n in ds.notes)
+    np.savez(tmp_path / "o.npz", X=X.astype(object), y=y)
+    with pytest.raises(DataError, match=r"array 'X' .*save it as a numeric array"):
+        load_dataset(str(tmp_path / "o.npz"))
+
+
+def test_spreadsheet_habits_are_read_or_named(tmp_path, capsys):
+    """From a probe of own files: Excel's ``sep=;`` first line was read as a header of the wrong width;
+    ``"52,300"`` was told "a decimal comma?" (following it turns 52300 into 52.3) and ``"1,204,000"`` got
+    no hint; a UTF-16 / Latin-1 file got no advice; NaN targets of an .npz were named with no count or
+    advice; float16 targets printed numpy's "overflow encountered in cast"; ``hessinv spectrum
+    --range=-1e308,1e308`` overflowed into numpy warnings and a NaN bin edge."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 2)), rng.integers(0, 2, 40)
+    body = "".join(f"{a:.3f};{b:.3f};{k}\n" for a, b, k in zip(X[:, 0], X[:, 1], y, strict=True))
+    (tmp_path / "sep.csv").write_text("sep=;\na;b;label\n" + body)
+    ds = load_dataset(str(tmp_path / "sep.csv"), standardize=False, test_fraction=0.2)
+    assert ds.X_train.shape[1] == 2 and len(ds.X_train) + len(ds.X_test) == 40
+    for cell in ('"52,300"', '"1,204,000"'):
+        (tmp_path / "t.csv").write_text(
+            f"a,b,label\n{cell},1,0\n" + "".join(f"{k},2,{k % 2}\n" for k in range(30))
+        )
+        with pytest.raises(DataError, match="a thousands separator or a decimal comma"):
+            load_dataset(str(tmp_path / "t.csv"))
+    (tmp_path / "u.csv").write_bytes("a,b,label\n1,2,0\n".encode("utf-16"))
+    with pytest.raises(DataError, match="save it as UTF-8"):
+        load_dataset(str(tmp_path / "u.csv"))
+    yr = rng.normal(size=40)
+    yr[[3, 7]] = np.nan
+    np.savez(tmp_path / "nan.npz", X=X, y=yr)
+    with pytest.raises(DataError, match=r"NaN or infinity \(2 examples\): drop those examples"):
+        load_dataset(str(tmp_path / "nan.npz"))
+    np.savez(tmp_path / "f16.npz", X=X, y=X[:, 0].astype(np.float16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_dataset(str(tmp_path / "f16.npz"))
+    capsys.readouterr()
+    rc = main(["spectrum", "--range=-1e308,1e308", "--out", str(tmp_path / "s")])
+    assert rc == 2 and "within +-1e150" in capsys.readouterr().err

@@ -1006,3 +1006,18 @@ def test_equal_losses_are_the_optimizer_s(one_process_group):
         hd.DataParallel(
             _newton(model, partial_ce), model, functools.partial(F.cross_entropy, label_smoothing=0.2)
         )
+
+
+def test_cli_nproc_full_batch_newton_warns_nothing_false(tmp_path, monkeypatch, capfd):
+    """``--nproc 2 --batch-size full``: newton steps on the same global batch on every rank (replicated,
+    the replicas identical), yet each rank printed the library's raw warning that its curvature came
+    from its own batch and the replicas drift apart, with advice about library internals (a probe)."""
+    from hessinv.cli import distributed as hcd
+    from hessinv.cli import main
+
+    monkeypatch.setattr(hcd, "START_METHOD", START)
+    args = ["train", "--steps", "2", "--optimizers", "newton", "--depth", "2", "--width", "4", "--samples",
+            "64", "--batch-size", "full", "--no-tune", "--quiet", "--nproc", "2"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    err = capfd.readouterr().err
+    assert "process group" not in err and "UserWarning" not in err, err

@@ -393,6 +393,14 @@ def test_inertia_with_a_tol_beyond_the_float32_range_counts_every_eigenvalue_as_
         for tol in (1e30, 1e60, 1e300):
             assert tuple(H.inertia(0.0, tol)) == (0, 32, 0)
         assert sum(H.inertia(0.0, 1e-30)) == 32  # (a real count still: nothing forced)
+    # eigenvalues beyond the sweep's range (float32: 1.8e15) are counted too -- clamping shift + tol to it
+    # had counted six eigenvalues of 2e16-4e16 as positive at tol = 1e17 (a review)
+    m = nn.Linear(3, 2)
+    X, Y = 2e8 * torch.randn(16, 3), torch.randn(16, 2)
+    H = hessinv.hessian(m, nn.MSELoss(), X, Y)
+    lam = torch.linalg.eigvalsh(H.to_dense().double())
+    assert float(lam.max()) > 1e16
+    assert tuple(H.inertia(0.0, 1e17)) == (0, 8, 0)
 
 
 def test_sample_of_a_modified_factorization_is_refused_under_its_own_name():

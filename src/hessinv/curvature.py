@@ -1079,12 +1079,13 @@ class CurvatureOperator(_AutocastOff):
                 return self._counts(shift), 0.0
             except (SingularError, NonFiniteError):
                 tol = self.zero_tolerance()
-        # (shift +- tol within the sweep's range: a float32 operator's tol = 1e60 overflowed a pivot -- a
-        # NonFiniteError naming the model -- where every eigenvalue counts as zero; none lies beyond it)
-        limit = _shift_limit(self.dtype)
-        hi, lo = min(shift + tol, limit), max(shift - tol, -limit)
-        neg, pos = self._counts(hi, 1.0).negative, self._counts(lo, -1.0).positive
-        return Inertia(neg, self.shape[0] - neg - pos, pos), tol
+        # H + (shift +- tol) I beyond the sweep's range and definite (|lambda| <= ||H||, twice its
+        # estimate): no negative (positive) eigenvalue, without a sweep (a float32 operator's tol = 1e60
+        # overflowed a pivot -- a NonFiniteError naming the model -- where every eigenvalue counts as zero)
+        n, limit, hi, lo = self.shape[0], _shift_limit(self.dtype), shift + tol, shift - tol
+        neg = 0 if hi > limit and hi > 2 * self.norm_estimate() else self._counts(hi, 1.0).negative
+        pos = 0 if lo < -limit and lo < -2 * self.norm_estimate() else self._counts(lo, -1.0).positive
+        return Inertia(neg, n - neg - pos, pos), tol
 
     def _warn_count_doubt(self, what: str) -> None:
         """The :class:`AccuracyWarning` for counts whose sweep had a pivot conditioned below ``sqrt(u)``
@@ -2751,9 +2752,10 @@ class Factorization(_AutocastOff):
         b = torch.randn(self.op.shape[0], 1, generator=g, dtype=torch.float64)
         u = torch.finfo(self.op.dtype).eps
 
-        def probe(solve: Callable[[Tensor], tuple[Tensor, float]]) -> tuple[float, float, float, float]:
-            """(residual of b, of x / |x|, cond estimate, a backward-stable residual) by ``solve``."""
-            x, residual = solve(b)
+        def probe(solve: Callable[[Tensor, bool], tuple[Tensor, float]]) -> tuple[float, float, float, float]:
+            """(residual of b, of x / |x|, cond estimate, a backward-stable residual) by ``solve`` (its second
+            argument: whether this is the first right-hand side)."""
+            x, residual = solve(b, True)
             xn = float(x.norm())
             cond, stuck, explained = math.inf, math.inf, 0.0
             norm = self.op.norm_estimate() + self._damping_scale()
@@ -2770,7 +2772,7 @@ class Factorization(_AutocastOff):
                 # in its null space, outside its range), whatever b's share of that space (1 / sqrt(n)
                 # for a random b: the first residual alone cannot tell); |A^-1 x| / |x| estimates
                 # 1 / min|lambda|
-                y, stuck = solve(x / xn)
+                y, stuck = solve(x / xn, False)
                 explained = 10 * u * norm * xn / float(b.norm())  # a backward-stable residual, 10x over
                 cond = norm * max(xn / float(b.norm()), float(y.norm()))
             # (else no solution was found, x too small to explain the residual)
@@ -2782,8 +2784,10 @@ class Factorization(_AutocastOff):
 
         krylov = [0]  # (the probe's Krylov iterations, for the message)
 
-        def by_sweep(r: Tensor) -> tuple[Tensor, float]:
-            x, info = self._solve64(r, max_refine=5, singular_exit=True)
+        def by_sweep(r: Tensor, first: bool) -> tuple[Tensor, float]:
+            # (the early exit on the first right-hand side only: the second's verdict -- stuck < 0.5, |y|
+            # -- was calibrated on solved iterates, and an unsolved y refused a system of cond 0.65 / u)
+            x, info = self._solve64(r, max_refine=5, singular_exit=first)
             krylov[0] += info.krylov_iterations
             return x, info.residual
 
@@ -2807,7 +2811,7 @@ class Factorization(_AutocastOff):
             # singularity: the dense LU decides where it fits, and later solves go to it (as a stalled
             # solve's many columns do)
 
-            def by_lu(r: Tensor) -> tuple[Tensor, float]:
+            def by_lu(r: Tensor, first: bool) -> tuple[Tensor, float]:
                 x = self._dense_solve(r)
                 if x is None:  # LU met an exact zero pivot
                     return torch.zeros_like(r), 1.0

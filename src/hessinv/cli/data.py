@@ -20,6 +20,7 @@ import csv
 import io
 import math
 import random
+import re
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
@@ -173,10 +174,11 @@ def _regression(seed: int, n_samples: int | None) -> tuple[np.ndarray, np.ndarra
 
 
 # -- files --------------------------------------------------------------------------------------
-def _pick(arrays: dict[str, np.ndarray], keys: tuple[str, ...], suffix: str, path: Path) -> np.ndarray | None:
+def _pick(names: list[str], keys: tuple[str, ...], suffix: str) -> str | None:
+    """The first of ``keys`` (with ``suffix``) among an archive's array ``names``."""
     for k in keys:
-        if k + suffix in arrays:
-            return arrays[k + suffix]
+        if k + suffix in names:
+            return k + suffix
     return None
 
 
@@ -190,28 +192,46 @@ def _read_npz(
         raise DataError(f"cannot read {path} as .npz: it is not a .npz (zip) archive")
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+            names = list(f.files)
+            train = ""
+            if _pick(names, _X_KEYS, "") is None and _pick(names, _X_KEYS, "_train") is not None:
+                train = "_train"
+            picked = [
+                _pick(names, _X_KEYS, train),
+                _pick(names, _Y_KEYS, train),
+                _pick(names, _X_KEYS, "_test"),
+                _pick(names, _Y_KEYS, "_test"),
+            ]
+            if picked[0] is None or picked[1] is None:
+                raise DataError(
+                    f"{path} must contain features under one of {list(_X_KEYS)} and labels/targets under one "
+                    f"of {list(_Y_KEYS)} (or with _train appended); it has {sorted(names)}"
+                )
+            if (picked[2] is None) != (picked[3] is None):
+                raise DataError(f"{path}: X_test and y_test must come together")
+            # only the arrays used are loaded: an object array beside them (np.savez(..., feature_names=
+            # df.columns.values), a common habit) refused the whole file
+            arrays = []
+            for name in picked:
+                try:
+                    arrays.append(None if name is None else f[name])
+                except ValueError as e:  # (an object array: it would need pickle)
+                    raise DataError(
+                        f"cannot read array {name!r} of {path}: {e}; save it as a numeric array "
+                        "(np.asarray(a, dtype=float), or class labels as strings or integers)"
+                    ) from None
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"cannot read {path} as .npz: {e}") from None
-    train = ""
-    if _pick(arrays, _X_KEYS, "", path) is None and _pick(arrays, _X_KEYS, "_train", path) is not None:
-        train = "_train"
-    X, y = _pick(arrays, _X_KEYS, train, path), _pick(arrays, _Y_KEYS, train, path)
-    if X is None or y is None:
-        raise DataError(
-            f"{path} must contain features under one of {list(_X_KEYS)} and labels/targets under one of "
-            f"{list(_Y_KEYS)} (or with _train appended); it has {sorted(arrays)}"
-        )
-    Xt, yt = _pick(arrays, _X_KEYS, "_test", path), _pick(arrays, _Y_KEYS, "_test", path)
-    if (Xt is None) != (yt is None):
-        raise DataError(f"{path}: X_test and y_test must come together")
-    read = {id(a) for a in (X, y, Xt, yt) if a is not None}
-    unread = sorted(k for k, a in arrays.items() if id(a) not in read)
-    notes = (
-        [f"arrays not read: {', '.join(unread)} (the test split is read from X_test and y_test)"]
-        if unread
-        else []
+    X, y, Xt, yt = arrays
+    unread = sorted(set(names) - {n for n in picked if n is not None})
+    split = (
+        "the test split is read from X_test and y_test"
+        if Xt is not None
+        else "the test split is drawn from X and y"
     )
+    notes = [f"arrays not read: {', '.join(unread)} ({split})"] if unread else []
     return X, y, Xt, yt, notes
 
 
@@ -302,6 +322,28 @@ class _Spaces(csv.excel):
     skipinitialspace = True
 
 
+#: a number written with a decimal comma (a whole cell): "20,4", "-0,132", "1,5e-3"
+_DECIMAL_COMMA = re.compile(r"^(\s*[+-]?\d+),(\d+(?:[eE][+-]?\d+)?\s*)$")
+
+
+def _decimal_commas(rows: list[tuple[int, list[str]]]) -> bool:
+    """Whether a file not separated by commas writes its numbers with decimal commas: some cell is one
+    (:data:`_DECIMAL_COMMA`) and no cell is a number with a decimal point."""
+    cells = [c.strip() for _, r in rows for c in r]
+    return any(_DECIMAL_COMMA.match(c) for c in cells) and not any("." in c and _is_number(c) for c in cells)
+
+
+def _numbers(lines: list[str], delimiter: str) -> int:
+    """How many cells of ``lines`` split at ``delimiter`` are numbers (a decimal comma as a point where
+    the delimiter is not a comma)."""
+    comma = delimiter != ","
+    return sum(
+        _is_number(cell.strip().replace(",", ".") if comma else cell.strip())
+        for line in lines
+        for cell in line.split(delimiter)
+    )
+
+
 def _dialect(body: str, suffix: str) -> type[csv.Dialect] | csv.Dialect:
     """The delimiter of the text ``body``: csv's sniffer on its first lines, else the one delimiter (tab for
     a ``.tsv``, then ``,``, ``;``) that every one of those lines holds equally often, else runs of spaces
@@ -314,9 +356,17 @@ def _dialect(body: str, suffix: str) -> type[csv.Dialect] | csv.Dialect:
     if suffix == ".tsv" and every_line("\t"):
         return csv.excel_tab
     try:
-        return csv.Sniffer().sniff("\n".join(head), delimiters=",;\t ")
+        sniffed = csv.Sniffer().sniff("\n".join(head), delimiters=",;\t ")
     except csv.Error:
         pass
+    else:
+        # a headerless ';' file with decimal commas (a European spreadsheet's "20,4;0;1") sniffs as ','
+        # where some columns are integers: the rows were split into "20" and a label "4;0;1" and trained
+        # as 78 classes of one feature, silently. ';' where it holds the same number of times on every
+        # line and its cells (decimal commas read as points) are numbers more often than ','s
+        if sniffed.delimiter == "," and every_line(";") and _numbers(head, ";") > _numbers(head, ","):
+            return type("_Delimited", (csv.excel,), {"delimiter": ";"})
+        return sniffed
     for d in ("\t", ",", ";"):
         if every_line(d):
             return csv.excel_tab if d == "\t" else type("_Delimited", (csv.excel,), {"delimiter": d})
@@ -376,24 +426,39 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
         zipped = zipfile.is_zipfile(path)
         raise DataError(
             f"cannot read {path} as text (not UTF-8)"
-            + ("; it is a zip archive -- an .npz? name it with the .npz suffix" if zipped else "")
+            + (
+                "; it is a zip archive -- an .npz? name it with the .npz suffix"
+                if zipped
+                else "; save it as UTF-8 (Excel: 'CSV UTF-8'; pandas: to_csv(..., encoding='utf-8'))"
+            )
         ) from None
     except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from None
     lines = text.splitlines(keepends=True)
+    # Excel's "sep=;" first line names the delimiter (it was read as a header of the wrong width)
+    sep = re.fullmatch(r"\s*sep=(.)\s*", lines[0]) if lines else None
+    lines = lines[1:] if sep else lines
     skipped = 0
     while skipped < len(lines) and lines[skipped].lstrip().startswith("#"):  # numpy.savetxt's header
         skipped += 1
     body = "".join(lines[skipped:])
-    dialect = _dialect(body, path.suffix.lower())
+    dialect = (
+        _dialect(body, path.suffix.lower())
+        if sep is None
+        else type("_Delimited", (csv.excel,), {"delimiter": sep.group(1)})
+    )
     reader = csv.reader(io.StringIO(body, newline=""), dialect)
-    rows = [(reader.line_num + skipped, r) for r in reader if r and any(c.strip() for c in r)]
+    rows = [(reader.line_num + skipped + bool(sep), r) for r in reader if r and any(c.strip() for c in r)]
     if not rows:
         raise DataError(f"{path} is empty")
     if dialect.delimiter == " ":  # columns aligned with runs of spaces: empty cells are separators
         rows = [(n, [c for c in r if c.strip()]) for n, r in rows]
     elif all(r[-1].strip() == "" for _, r in rows):  # a delimiter at the end of every line
         rows = [(n, r[:-1]) for n, r in rows]
+    notes: list[str] = []
+    if dialect.delimiter != "," and _decimal_commas(rows):  # (a European spreadsheet's "20,4;0;1")
+        rows = [(n, [_DECIMAL_COMMA.sub(r"\1.\2", c) for c in r]) for n, r in rows]
+        notes.append(f"decimal commas read as decimal points ({dialect.delimiter!r}-separated file)")
 
     width = Counter(len(r) for _, r in rows).most_common(1)[0][0]
     first = rows[0]  # (as in the file: the note names it where it is skipped as a header)
@@ -454,7 +519,7 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
                 )
     if not rows:
         raise DataError(f"{path} has a header but no data rows")
-    notes = [_header_note(*first)] if rows[0][0] != first[0] else []
+    notes += [_header_note(*first)] if rows[0][0] != first[0] else []
     if row_names:
         notes.append("column 1: row names under no header name (R's write.table), not a feature: dropped")
     comment = lines[skipped - 1].lstrip().lstrip("#") if skipped else ""
@@ -503,11 +568,19 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
                     "fill it in (impute the value, e.g. with the column's mean)"
                 )
             if k < len(r) - 1 and not _is_number(c):
+                thousands = re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?", c.strip()) is not None
                 comma = _is_number(c.strip().replace(",", ".", 1)) and "," in c
                 raise DataError(
                     f"{path}: line {n}, column {order[k] + 1}: {c.strip()!r} is not a number (features "
                     "must be numeric; only the label, the last column or --target-column's, may be a class "
-                    "name)" + ("; a decimal comma? write numbers with a decimal point" if comma else "")
+                    "name)"
+                    + (
+                        "; a thousands separator or a decimal comma? write plain numbers (52300, or 52.3)"
+                        if thousands
+                        else "; a decimal comma? write numbers with a decimal point"
+                        if comma
+                        else ""
+                    )
                 )
     X = np.array([[float(c) for c in r[:-1]] for _, r in rows], dtype=np.float64)
     bad = ~np.isfinite(X)
@@ -659,7 +732,8 @@ def _infer_task(y: np.ndarray) -> str:
     if v.dtype.kind not in "biuf":
         return "regression"  # refused there with the reason
     # (a float of magnitude 2^53 or more is integer-valued whatever it measures: 1e300 is no class id)
-    small = v.dtype.kind != "f" or not bool((np.abs(v) >= 2.0**53).any())
+    small = v.dtype.kind != "f" or not bool((np.abs(v.astype(np.float64)) >= 2.0**53).any())  # (float16: 2^53
+    # overflowed its cast, a warning for an ordinary file)
     v = v.astype(np.float64)
     if small and np.isfinite(v).all() and np.all(v == np.round(v)) and len(np.unique(v)) <= MAX_CLASSES:
         return "classification"
@@ -942,7 +1016,11 @@ def load_dataset(
         y = y.reshape(len(y), -1).astype(np.float64)
         yt = yt.reshape(len(yt), -1).astype(np.float64)
         if not (np.isfinite(y).all() and np.isfinite(yt).all()):
-            raise DataError(f"{label}: targets contain NaN or infinity")
+            bad = int((~np.isfinite(y).all(1)).sum() + (~np.isfinite(yt).all(1)).sum())
+            raise DataError(
+                f"{label}: targets contain NaN or infinity ({bad} example{'s' if bad > 1 else ''}): drop "
+                "those examples, or fill the values in"
+            )
         if standardize and from_file and len(y):
             # a file's targets have any scale (diabetes: 152 +- 77; 2000 steps ended above the MSE of
             # predicting the mean): standardized like the features, the statistics kept for the report

@@ -35,6 +35,7 @@ import os
 import signal
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,11 @@ class _Replicated:
         return getattr(self.opt, "last_stats", None)
 
     def step(self, inputs: Tensor, targets: Tensor):
-        return _guard(self.opt.step, inputs, targets)
+        with warnings.catch_warnings():
+            # (the library's warning that each rank's curvature comes from its own batch: here every rank
+            # steps on the same global batch with the same seed, and the replicas stay identical)
+            warnings.filterwarnings("ignore", message="Preconditioner in a process group")
+            return _guard(self.opt.step, inputs, targets)
 
     def agree_stop(self, stop: bool) -> bool:
         return _agree(stop)

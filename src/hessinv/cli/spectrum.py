@@ -27,13 +27,19 @@ __all__ = ["add_parser", "run", "plot_histogram"]
 
 
 def _finite(text: str) -> float:
-    """A finite number (``--damping``, the ends of ``--range``)."""
+    """A finite number (``--damping``, the ends of ``--range``) within the float64 sweep's range, 1e150
+    (``--range=-1e308,1e308`` overflowed the bins' width into numpy warnings and a NaN edge; ``1e200`` was
+    told to "scale the loss down", which the command line cannot)."""
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    if abs(v) > 1e150:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is beyond what a curvature sweep takes: give a value within +-1e150"
+        )
     return v
 
 
