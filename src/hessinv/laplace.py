@@ -526,9 +526,9 @@ class Laplace:
         lo, hi = math.log(bounds[0]), math.log(bounds[1])
         self._check_bounded(bounds, sigma_bounds if optimize_sigma_noise else None)
 
-        # every evaluation's log det from one eigendecomposition where that is cheaper (Brent takes about
-        # 25 evaluations, the joint search about 60): 0.14 s against 16 factorizations' 16 s at n = 610
-        # on digits
+        # every evaluation's log det from one eigendecomposition where that is cheaper (the grid and Brent
+        # take about 25 evaluations, the joint search about 60): 0.14 s against 16 factorizations' 16 s at
+        # n = 610 on digits
         self._search_spectrum = self._spectrum(60 if optimize_sigma_noise else 25)
         try:
             if optimize_sigma_noise:
