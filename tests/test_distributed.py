@@ -706,10 +706,22 @@ def _influence_problem():
 
 
 def _influence_worker(rank: int, world: int, out: str) -> None:
+    from hessinv.errors import HessinvError
     from hessinv.influence import distributed_influence_scores
 
     model, lf, train, test, cases = _influence_problem()
     got = {k: distributed_influence_scores(model, lf, train, test, **kw) for k, kw in cases.items()}
+    # a summed loss on a curvature batch larger than the training set (no N / B weight: one process's)
+    big = (torch.cat([train[0], test[0]] * 2), torch.cat([train[1], test[1]] * 2))
+    sums = nn.CrossEntropyLoss(reduction="sum")
+    got["sum_big_batch"] = distributed_influence_scores(model, sums, train, test, "gauss_newton", 1e-2, big)
+    # a class out of range in rank 1's shard only: every rank raises a named error, none waits
+    bad = train[1].clone()
+    bad[-1] = 7
+    try:
+        distributed_influence_scores(model, lf, (train[0], bad), test, "gauss_newton", 1e-2, train)
+    except HessinvError as e:
+        got["failure"] = type(e).__name__
     torch.save(got, f"{out}/influence{rank}.pt")
 
 
@@ -719,12 +731,20 @@ def test_distributed_influence_scores_match_one_process(tmp_path):
     hd.launch(_influence_worker, 2, (str(tmp_path),), timeout=30, join_timeout=120, start_method=START)
     model, lf, train, test, cases = _influence_problem()
     ranks = [torch.load(tmp_path / f"influence{r}.pt", weights_only=False) for r in range(2)]
-    for name, kw in cases.items():
-        want = influence_scores(model, lf, train, test, **kw)
+    big = (torch.cat([train[0], test[0]] * 2), torch.cat([train[1], test[1]] * 2))
+    sums = (
+        nn.CrossEntropyLoss(reduction="sum"),
+        {"curvature": "gauss_newton", "damping": 1e-2, "curvature_batch": big},
+    )
+    for name, (loss, kw) in {**{k: (lf, kw) for k, kw in cases.items()}, "sum_big_batch": sums}.items():
+        want = influence_scores(model, loss, train, test, **kw)
         assert want.shape == (3, 11) and want.dtype == F64
         for r in range(2):
             torch.testing.assert_close(ranks[r][name], want, rtol=0, atol=1e-10)
         assert torch.equal(ranks[0][name], ranks[1][name])  # every rank returns the same gathered matrix
+    # (a probe: the ranks factored 0.5 G where one process factors G, scores 0.5-9x off; the rank whose
+    # shard failed raised, the other waited in the all-gather for the collective timeout)
+    assert [ranks[r]["failure"] for r in range(2)] == ["DistributedError", "ShapeMismatchError"]
 
 
 def test_a_step_after_the_process_group_is_gone_is_a_named_error():
@@ -1021,3 +1041,19 @@ def test_cli_nproc_full_batch_newton_warns_nothing_false(tmp_path, monkeypatch, 
     assert main([*args, "--out", str(tmp_path)]) == 0
     err = capfd.readouterr().err
     assert "process group" not in err and "UserWarning" not in err, err
+
+
+def test_distributed_influence_scores_checks_its_pairs_as_influence_scores_does():
+    """``train=(X, y, w)``, a DataLoader, ``test=X`` alone: ValueError / AttributeError / TypeError (the last
+    after the whole fit) where ``influence_scores`` names the argument (a probe)."""
+    from hessinv.errors import InvalidArgumentError
+    from hessinv.influence import distributed_influence_scores
+
+    model, lf, (X, y), test, _ = _influence_problem()
+    hd.init_process_group(0, 1, hd.free_port(), timeout=30)
+    try:
+        for train, tst, what in (((X, y, y), test, "train"), ([(X, y)], test, "train"), ((X, y), X, "test")):
+            with pytest.raises(InvalidArgumentError, match=rf"{what} must be an \(inputs, targets\) pair"):
+                distributed_influence_scores(model, lf, train, tst, "gauss_newton", 1e-2)
+    finally:
+        torch.distributed.destroy_process_group()

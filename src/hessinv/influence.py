@@ -504,8 +504,8 @@ class InfluenceFunction:
         ``N`` training examples: ``H`` is estimated as ``(N / B) H_B`` (the training loss sums ``N``
         terms, the batch's ``B``; a mean needs no weight), as the optimizers do. ``training_examples``:
         ``N``, where ``inputs`` is not the whole training set; by default ``N`` is the examples of
-        ``inputs`` the loss counts, and a curvature batch at least that large is taken as the training
-        set's own (no weight: a few examples scored against the whole set's curvature)."""
+        ``inputs`` the loss counts. A curvature batch at least ``N`` large is taken as the training set's
+        own (no weight: a few examples scored against the whole set's curvature)."""
         if (curvature_inputs is None) != (curvature_targets is None):
             raise InvalidArgumentError("pass both curvature_inputs and curvature_targets, or neither")
         inputs, targets = _collect(inputs, targets, ordered=True)
@@ -567,8 +567,10 @@ class InfluenceFunction:
             out = op.chain.forward(Xc[: min(2, int(Xc.shape[0]))])[-1]
         if not sums_examples(self.loss_fn, out, op.chain.prepare_targets(yc[: int(out.shape[0])])):
             return 1.0
+        # (a curvature batch of at least N examples is the training set's own, N given or not: N / B < 1
+        # factored 0.5 H in distributed_influence_scores where influence_scores factors H; a probe)
         B = count_examples(self.loss_fn, yc)
-        return int(n) / B if n is not None else max(1.0, count_examples(self.loss_fn, targets) / B)
+        return max(1.0, (int(n) if n is not None else count_examples(self.loss_fn, targets)) / B)
 
     @property
     def inertia(self) -> Inertia:
@@ -658,6 +660,14 @@ class InfluenceFunction:
         return (self.inverse_hvp(G) * G).sum(1)
 
 
+def _check_pairs(train: object, test: object, curvature_batch: object) -> None:
+    """:class:`InvalidArgumentError` unless ``train``, ``test`` (and ``curvature_batch`` if given) are
+    ``(inputs, targets)`` pairs."""
+    for name, pair in (("train", train), ("test", test), ("curvature_batch", curvature_batch)):
+        if pair is not None and not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise InvalidArgumentError(f"{name} must be an (inputs, targets) pair, got {type(pair).__name__}")
+
+
 def influence_scores(
     model: nn.Module,
     loss_fn: LossFn,
@@ -669,9 +679,7 @@ def influence_scores(
     precision: str = "working",
 ) -> Tensor:
     """``(n_test, N)`` influence scores in one call; see :class:`InfluenceFunction`."""
-    for name, pair in (("train", train), ("test", test), ("curvature_batch", curvature_batch)):
-        if pair is not None and not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-            raise InvalidArgumentError(f"{name} must be an (inputs, targets) pair, got {type(pair).__name__}")
+    _check_pairs(train, test, curvature_batch)
     cx, cy = curvature_batch if curvature_batch is not None else (None, None)
     inf = InfluenceFunction(model, loss_fn, curvature, damping, precision).fit(*train, cx, cy)
     return inf.influences(*test)
@@ -699,9 +707,10 @@ def distributed_influence_scores(
     Run it under :func:`hessinv.optim.distributed.launch` or ``torchrun``.
     """
     from hessinv.errors import DistributedError
-    from hessinv.optim.distributed import _gather_rows, _group_info, _same_everywhere
+    from hessinv.optim.distributed import _any_rank, _gather_rows, _group_info, _same_everywhere
 
     rank, world = _group_info(group)
+    _check_pairs(train, test, curvature_batch)  # (the same on every rank: each raises it)
     X, y = train
     n = int(X.shape[0])
     _same_everywhere(n, "the number of training examples", group)
@@ -709,8 +718,18 @@ def distributed_influence_scores(
         raise DistributedError(f"{n} training examples for {world} ranks: use at most {n} processes")
     Xr, yr = torch.tensor_split(X, world)[rank], torch.tensor_split(y, world)[rank]
     Xc, yc = curvature_batch if curvature_batch is not None else (X, y)
-    inf = InfluenceFunction(model, loss_fn, curvature, damping, precision)
-    # (N: what a summed loss sums over, all ranks' examples)
-    inf.fit(Xr, yr, Xc, yc, training_examples=count_examples(loss_fn, y))
-    block = inf.influences(*test)  # (n_test, N_r)
+    error: Exception | None = None
+    try:
+        inf = InfluenceFunction(model, loss_fn, curvature, damping, precision)
+        # (N: what a summed loss sums over, all ranks' examples)
+        inf.fit(Xr, yr, Xc, yc, training_examples=count_examples(loss_fn, y))
+        block = inf.influences(*test)  # (n_test, N_r)
+    except Exception as e:  # every rank learns of one rank's failure before the all-gather, which the
+        error = e  # others would wait in until the collective timeout (a class out of range in one shard)
+    if _any_rank([error is not None], group)[0]:
+        if error is not None:
+            raise error
+        raise DistributedError(
+            "distributed_influence_scores failed on another rank (its error names the cause): no scores"
+        )
     return torch.cat(_gather_rows(block.T.contiguous(), group)).T
