@@ -2762,13 +2762,14 @@ class Factorization(_AutocastOff):
             x, residual = solve(b, True)
             xn = float(x.norm())
             cond, stuck, explained = math.inf, math.inf, 0.0
-            norm = self.op.norm_estimate() + self._damping_scale()
-            if residual > math.sqrt(u) and math.isfinite(xn) and xn > 0 and norm * xn * u >= float(b.norm()):
-                # |A| |x| / |b| alone puts the cond estimate at 1 / u or beyond: refused whatever the second
-                # solve leaves (a 64-stage tanh chain's Hessian at eps = 0: 38 s of GMRES spared), not run
-                explained = 10 * u * norm * xn / float(b.norm())
-                cond, stuck = norm * xn / float(b.norm()), math.nan
-            elif residual > math.sqrt(u) and math.isfinite(xn) and xn > 0:
+            if residual > math.sqrt(u) and math.isfinite(xn) and xn > 0:
+                norm = self.op.norm_estimate() + self._damping_scale()
+                explained = 10 * u * norm * xn / float(b.norm())  # a backward-stable residual, 10x over
+                cond = norm * xn / float(b.norm())
+                if cond * u >= 1:
+                    # |A| |x| / |b| alone puts the cond estimate at 1 / u or beyond: refused whatever the
+                    # second solve leaves (a 64-stage tanh chain's Hessian at eps = 0: 38 s of GMRES spared)
+                    return residual, math.nan, cond, explained
                 # one step of power iteration on A^-1 = (H + eps I)^-1 from x = A^-1 b, which leans
                 # toward the eigenvectors of the smallest |eigenvalues|: A^-1 x is solved to a residual
                 # of about u cond (a backward-stable solve: 0.02 at cond 1e14) where A is nonsingular,
@@ -2777,8 +2778,7 @@ class Factorization(_AutocastOff):
                 # for a random b: the first residual alone cannot tell); |A^-1 x| / |x| estimates
                 # 1 / min|lambda|
                 y, stuck = solve(x / xn, False)
-                explained = 10 * u * norm * xn / float(b.norm())  # a backward-stable residual, 10x over
-                cond = norm * max(xn / float(b.norm()), float(y.norm()))
+                cond = max(cond, norm * float(y.norm()))
             # (else no solution was found, x too small to explain the residual)
             return residual, stuck, cond, explained
 
@@ -3358,11 +3358,11 @@ class Factorization(_AutocastOff):
         / |b| >= 1 / u`` -- ``x`` solves a system within ``10 u |A|`` of ``A`` and ``|b| / |x| <= u |A|``,
         so ``sigma_min(A) <= 11 u |A|`` (``u`` of the model's dtype, ``|A|`` estimated by power
         iteration): :meth:`_check_nonsingular`'s refusal, whatever a Krylov method would add."""
-        if not self.perturbed:
-            return False
         u = torch.finfo(self.op.dtype).eps
+        if not self.perturbed or not rel > math.sqrt(u):  # (solved: no norm estimate's products)
+            return False
         size = float((X64.norm(dim=0) / rnorm).min()) * (self.op.norm_estimate() + self._damping_scale())
-        return math.isfinite(size) and rel > math.sqrt(u) and rel <= 10 * u * size and size * u >= 1
+        return math.isfinite(size) and rel <= 10 * u * size and size * u >= 1
 
     def _solve64_unit(
         self,
@@ -3473,9 +3473,8 @@ class Factorization(_AutocastOff):
                     info2.residual, steps + info2.refinement_steps, its + info2.krylov_iterations
                 )
         if its and singular_exit and self._shows_singular(X64, rel, rnorm):
-            return X64, SolveInfo(
-                rel, steps, its
-            )  # (GMRES's iterate shows it: no dense LU, no shifted sweep)
+            # (GMRES's iterate shows it: no dense LU, no shifted sweep)
+            return X64, SolveInfo(rel, steps, its)
         if rel > DENSE_FALLBACK_ABOVE and not low:
             # refinement and GMRES both failed (a perturbed sweep whose 1 / tau directions make the
             # Krylov basis too ill-conditioned): at this size a dense LU of H + eps I decides (backward
