@@ -344,6 +344,11 @@ def _numbers(lines: list[str], delimiter: str) -> int:
     )
 
 
+def _delimited(d: str) -> type[csv.Dialect]:
+    """Excel's dialect with the delimiter ``d`` (its tab dialect for a tab)."""
+    return csv.excel_tab if d == "\t" else type("_Delimited", (csv.excel,), {"delimiter": d})
+
+
 def _dialect(body: str, suffix: str) -> type[csv.Dialect] | csv.Dialect:
     """The delimiter of the text ``body``: csv's sniffer on its first lines, else the one delimiter (tab for
     a ``.tsv``, then ``,``, ``;``) that every one of those lines holds equally often, else runs of spaces
@@ -365,11 +370,11 @@ def _dialect(body: str, suffix: str) -> type[csv.Dialect] | csv.Dialect:
         # as 78 classes of one feature, silently. ';' where it holds the same number of times on every
         # line and its cells (decimal commas read as points) are numbers more often than ','s
         if sniffed.delimiter == "," and every_line(";") and _numbers(head, ";") > _numbers(head, ","):
-            return type("_Delimited", (csv.excel,), {"delimiter": ";"})
+            return _delimited(";")
         return sniffed
     for d in ("\t", ",", ";"):
         if every_line(d):
-            return csv.excel_tab if d == "\t" else type("_Delimited", (csv.excel,), {"delimiter": d})
+            return _delimited(d)
     # columns padded with runs of spaces (numpy.savetxt with a width) defeat the sniffer
     spaced = head and "," not in body and len({len(ln.split()) for ln in head}) == 1
     return _Spaces if spaced and len(head[0].split()) > 1 else csv.excel
@@ -442,11 +447,7 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
     while skipped < len(lines) and lines[skipped].lstrip().startswith("#"):  # numpy.savetxt's header
         skipped += 1
     body = "".join(lines[skipped:])
-    dialect = (
-        _dialect(body, path.suffix.lower())
-        if sep is None
-        else type("_Delimited", (csv.excel,), {"delimiter": sep.group(1)})
-    )
+    dialect = _dialect(body, path.suffix.lower()) if sep is None else _delimited(sep.group(1))
     reader = csv.reader(io.StringIO(body, newline=""), dialect)
     rows = [(reader.line_num + skipped + bool(sep), r) for r in reader if r and any(c.strip() for c in r)]
     if not rows:
