@@ -1,4 +1,4 @@
-"""Every curvature quantity against the dense torch.func reference, on random float64 chains."""
+"""Every curvature quantity against the dense plain-autograd reference, on random float64 chains."""
 
 from __future__ import annotations
 
