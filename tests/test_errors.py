@@ -137,6 +137,27 @@ def test_training_mode_mixers_rejected_with_stage_name(mixer):
         )
 
 
+@pytest.mark.parametrize("conv", ["1d", "2d", "after a Linear"])
+def test_convolution_without_a_batch_axis_is_named(conv):
+    """A Conv1d given (B, L) inputs is torch's unbatched call: one example whose B channels are the batch,
+    so the convolution adds examples together. The refusal names that and the fix (a channel axis), not
+    only "mixes examples" with advice about nn.Sequential (an architecture probe)."""
+    B, C = 4, 3
+    g = torch.Generator().manual_seed(0)
+    if conv == "2d":
+        net, X = nn.Sequential(nn.Conv2d(B, B, 3), nn.Tanh(), nn.Flatten(), nn.Linear(9, C)), (B, 5, 5)
+    else:
+        first = [nn.Linear(7, 7), nn.Tanh()] if conv == "after a Linear" else []
+        net, X = nn.Sequential(*first, nn.Conv1d(B, B, 3), nn.Tanh(), nn.Linear(5, C)), (B, 7)
+    net = net.double()
+    x, y = torch.randn(*X, generator=g, dtype=torch.float64), torch.arange(B) % C
+    with pytest.raises(UnsupportedStageError, match=r"(?s)mixes examples.*ONE example.*x\.unsqueeze\(1\)"):
+        hessinv.hessian(net, nn.CrossEntropyLoss(), x, y)
+    # the same layer given a batch axis: accepted
+    net2 = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(10, C)).double()
+    assert hessinv.hessian(net2, nn.CrossEntropyLoss(), torch.randn(B, 1, 7, dtype=torch.float64), y).shape
+
+
 class BatchMean(nn.Module):
     def forward(self, z):
         return z - z.mean(0, keepdim=True)

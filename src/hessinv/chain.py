@@ -2454,7 +2454,7 @@ class Chain:
                 traced_piece = s.origin is not None and not _is_container(s.origin)
                 if (traced_piece or self._on_trial(s) is not None) and not getattr(s, "_per_example", False):
                     if getattr(blk, "couples_examples", None) and blk.couples_examples():
-                        self._piece_failed(s, mixing_error(s.name))
+                        self._piece_failed(s, mixing_error(s.name, module=getattr(s, "module", None), z=z_in))
                     s._per_example = blk.batch > 1  # one example shows no coupling: test again
                 if gradient:  # (else b stays the loss's: Gauss-Newton blocks do not read it)
                     grads.append(blk.jxT(b)[:, 0])

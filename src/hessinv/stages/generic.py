@@ -858,7 +858,7 @@ class GenericStage(Stage):
                 di = products(torch.zeros_like(v), ti)
                 others = torch.arange(B, device=ti.device) != i
                 if bool((di[0][others] != 0).any() or (di[1][others] != 0).any()):
-                    raise mixing_error(self.name, what)
+                    raise mixing_error(self.name, what, self.module, z)
             raise UnsupportedStageError(
                 f"{self.name}: its per-example {what} do not reproduce autograd's products to rounding in "
                 f"{gz.dtype} (cancellation, e.g. a saturated softmax or a LayerNorm over 2 features), so "
@@ -1551,7 +1551,7 @@ class LazyBlocks(Blocks):
                     f"or {_remedy(dt)})"
                 )
             if self.couples_examples():
-                raise mixing_error(self.stage.name)
+                raise mixing_error(self.stage.name, module=self.stage.module, z=self._z_in)
 
     def _adjoint_through_graph(self, s: Tensor) -> Tensor:
         """``(Jx^T s, Jz^T s)`` flattened, as the derivative in ``w`` of the forward product ``J w`` that
@@ -2030,15 +2030,41 @@ class IdentityBlocks(ParameterFreeBlocks):
 MISSING = object()
 
 
-def mixing_error(name: str, what: str = "derivatives") -> UnsupportedStageError:
+def mixing_error(
+    name: str, what: str = "derivatives", module: Any = None, z: Tensor | None = None
+) -> UnsupportedStageError:
     """The refusal of a stage whose ``what`` couple different examples of the batch (a batch-mixing op,
     or one that moves the batch axis for a later one to move back: a piece of a forward no chain as
-    written)."""
+    written); with the stage's ``module`` and input ``z``, the cause named where it is a convolution
+    called without a batch axis (:func:`_unbatched_convolution`)."""
+    conv = _unbatched_convolution(module, z)
+    if conv is not None:
+        return UnsupportedStageError(
+            f"{name} mixes examples: its {type(conv).__name__} is given inputs of shape {tuple(z.shape)} "
+            f"(batch first), which torch reads as ONE example without a batch axis whose {z.shape[0]} "
+            "channels are the batch's examples, so the convolution adds examples together; give it "
+            f"(batch, channels, ...) inputs: x.unsqueeze(1) for one channel, and {type(conv).__name__}"
+            f"(1, ...) or the channels the data has"
+        )
     return UnsupportedStageError(
         f"{name} mixes examples: its {what} couple different examples of the batch (or it moves the batch "
         "axis, as x.t() does, for a later op to move back: pass nn.Sequential(model) to call the model "
         "whole)"
     )
+
+
+def _unbatched_convolution(module: Any, z: Tensor | None) -> nn.Module | None:
+    """A convolution of ``module`` that ``z`` (batch first) reaches as an unbatched call -- ``z`` has one
+    axis more than its kernel (``(B, L)`` for a ``Conv1d``) and its batch size is the layer's
+    ``in_channels``, which torch then requires -- or None. (The first such layer: where ``module``
+    holds several, the one the input reaches is not known here; its shapes say the rest.)"""
+    if not isinstance(module, nn.Module) or z is None or z.dim() < 2:
+        return None
+    for m in module.modules():
+        if isinstance(m, nn.modules.conv._ConvNd) and z.dim() == len(m.kernel_size) + 1:
+            if m.in_channels == z.shape[0]:
+                return m
+    return None
 
 
 #: torch's layers that are linear or piecewise linear in their input and parameters (their second derivatives
