@@ -14,6 +14,7 @@ from torch import nn
 import hessinv
 from hessinv import (
     DtypeMismatchError,
+    InvalidArgumentError,
     NonFiniteError,
     NotAChainError,
     ShapeMismatchError,
@@ -308,6 +309,28 @@ def test_unsupported_losses():
         hessinv.hessian(net, nn.CosineEmbeddingLoss(), X, y)
     with pytest.raises(UnsupportedStageError, match="GaussianNLLLoss needs a variance"):
         hessinv.hessian(net, nn.GaussianNLLLoss(), X, torch.randn(5, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("make", [hessinv.hessian, hessinv.gauss_newton])
+def test_nll_loss_targets_and_empty_batches_are_named(make):
+    """A losses probe: NLLLoss after a LogSoftmax with probability targets (torch's NLLLoss takes class
+    indices only) raised torch's RuntimeError from the split at the logits; an all-ignored per-position
+    batch and a batch whose every target has class weight 0 (mean losses of 0/0) got a bare "the loss is
+    nan"; NLLLoss's refusals named the CrossEntropyLoss the split stands in for."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    logsoftmax = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3), nn.LogSoftmax(1)).double()
+    probs = torch.softmax(torch.randn(5, 3, generator=g, dtype=torch.float64), 1)
+    with pytest.raises(UnsupportedStageError, match=r"stage 3 \(NLLLoss\).*failed"):
+        make(logsoftmax, nn.NLLLoss(), X, probs)
+    with pytest.raises(InvalidArgumentError, match=r"stage 3 \(NLLLoss\): every target equals ignore_index"):
+        make(logsoftmax, nn.NLLLoss(), X, torch.full((5,), -100))
+    per_position = nn.Sequential(nn.Linear(3, 12), nn.Unflatten(1, (3, 4))).double()
+    with pytest.raises(InvalidArgumentError, match="ignore_index=-100.*at least one target"):
+        make(per_position, nn.CrossEntropyLoss(), X, torch.full((5, 4), -100))
+    w = torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)
+    with pytest.raises(InvalidArgumentError, match="class weight 0.*at least one target"):
+        make(nn.Linear(3, 3).double(), nn.CrossEntropyLoss(weight=w), X, torch.zeros(5, dtype=torch.long))
 
 
 def test_singular_damping_raises_with_stage():

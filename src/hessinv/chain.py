@@ -2262,6 +2262,8 @@ class Chain:
             return None
         if kl and (targets.shape != out.shape or not targets.is_floating_point()):
             return None
+        if not kl and (targets.is_floating_point() or targets.is_complex()):
+            return None  # (NLLLoss takes class indices only; its own call names what it got)
         with torch.no_grad():
             ref = torch.log_softmax(logits, dim=1)
             tol = 10 * torch.finfo(out.dtype).eps * (1.0 + float(ref.abs().max()) if ref.numel() else 1.0)
@@ -2380,7 +2382,11 @@ class Chain:
         split = self._split_at_logits(zs, targets)
         ce = None if split is None else split[0]
         loss_stage = LossStage(
-            len(self.stages), ce or self.loss_fn, targets if split is None else split[1], zs[-2] if ce else y
+            len(self.stages),
+            ce or self.loss_fn,
+            targets if split is None else split[1],
+            zs[-2] if ce else y,
+            named=self.loss_fn,
         )
         if ce is not None:
             y = zs[-2]

@@ -596,15 +596,20 @@ class LossStage:
         loss_fn: the loss, ``loss_fn(outputs, targets) -> scalar``.
         targets: the batch's targets (they "ride along" the chain, seed §Notation), already passed
             through :func:`prepare_targets`.
+        output: the last stage's output (its shape picks the closed form).
+        named: the loss the messages name, where ``loss_fn`` stands in for the user's (default:
+            ``loss_fn``).
     """
 
-    def __init__(self, index: int, loss_fn: Callable, targets: Tensor, output: Tensor):
+    def __init__(
+        self, index: int, loss_fn: Callable, targets: Tensor, output: Tensor, named: Callable | None = None
+    ):
         self.index, self.loss_fn, self.targets = (
             index,
             loss_fn,
             targets.detach(),
         )  # data: never differentiated
-        self.name = f"stage {index} ({loss_name(loss_fn)})"
+        self.name = f"stage {index} ({loss_name(loss_fn if named is None else named)})"
         # closed forms for (batch, classes) outputs; others (a (B,) regression output, (B, C, T) logits of
         # a per-position cross-entropy) by autograd on the per-example flattened outputs
         self.closed = closed_form(loss_fn) if output.dim() == 2 else None
@@ -988,6 +993,11 @@ class LossStage:
         with torch.enable_grad():
             loss = self.call(y)
             if not torch.isfinite(loss):
+                why = nothing_to_learn(self.loss_fn, self.targets)
+                if why is not None:  # (per-position targets, class weights: the closed form's check)
+                    raise InvalidArgumentError(
+                        f"{self.name}: {why}; give the batch at least one target to learn from"
+                    )
                 raise NonFiniteError(f"{self.name}: the loss is {loss.item()}")
             G = _grads(loss, [y], create_graph=True)[0].reshape(B, -1)
             if (
