@@ -1193,3 +1193,38 @@ def test_mixed_parameter_dtypes_get_advice_that_works():
     m[2].weight = nn.Parameter(m[2].weight.detach().to(torch.complex128))
     with pytest.raises(hessinv.DtypeMismatchError, match="real float32 or float64"):
         hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+
+
+class _StatementInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.i, self.o = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.register_buffer("m", torch.zeros(6))
+
+    def forward(self, x):
+        h = self.i(x)
+        if self.training:
+            h.add_(1.0)  # a statement: valid autograd, lost by the traced graph
+        else:
+            with torch.no_grad():  # a running mean updated in forward
+                self.m.mul_(0.5).add_(0.5 * h.mean(0))
+        return self.o(torch.tanh(h - self.m))
+
+
+def test_in_place_refusal_names_the_users_value_and_the_fixes():
+    """An architecture probe: an in-place statement was refused naming torch.fx's node ("changes i in
+    place ... and discards the result ... write it out of place (i = ...)"), not the user's value, nor
+    nn.Sequential(model), which calls the model whole; a buffer updated in forward got the same advice,
+    which would not make the model a function of its parameters."""
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.arange(5) % 3
+    m = _StatementInPlace().double()
+    with pytest.raises(hessinv.UnsupportedStageError, match=r"(?s)the output of self\.i \(Linear\).*nn\.Seq"):
+        hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    with pytest.raises(hessinv.UnsupportedStageError, match=r"self\.m in place .*update it outside forward"):
+        hessinv.hessian(m.eval(), nn.CrossEntropyLoss(), X, y)
+    # the advised wrapping is exact
+    m.train()
+    _, H_ref = autograd_gradient_hessian(nn.Sequential(m), nn.CrossEntropyLoss(), X, y)
+    H = hessinv.hessian(nn.Sequential(m), nn.CrossEntropyLoss(), X, y)
+    assert (H.to_dense() - H_ref).abs().max() <= 1e-12 * H_ref.abs().max()

@@ -920,11 +920,33 @@ def _check_in_place(g: fx.Graph, gm: nn.Module, owner: str) -> None:
             continue
         a = n.args[0]
         if not n.users or any(order[u] > order[n] for u in a.users if u is not n):
-            raise UnsupportedStageError(
-                f"{owner}.forward changes {a.name} in place ({_node_label(gm, n)}) and "
-                f"{'discards the result' if not n.users else 'reads it again afterwards'}, which the traced "
-                f"chain cannot follow; write it out of place ({a.name} = ... without inplace=True or '_')"
+            how = (
+                "as a statement (the traced graph keeps only the values it uses, so the change would be "
+                "dropped)"
+                if not n.users
+                else "and reads it again afterwards (the traced graph would read the value before the change)"
             )
+            fix = (
+                "a buffer changed in forward has no fixed curvature: update it outside forward (in the "
+                "training loop), or only where self.training is set and call model.eval()"
+                if a.op == "get_attr"
+                else "write it out of place (y = x + 1 rather than x.add_(1); no inplace=True), or pass "
+                "nn.Sequential(model) to call the model whole (plain autograd, no stages)"
+            )
+            what = f"{_operand_label(gm, a)} in place ({_node_label(gm, n)})"
+            raise UnsupportedStageError(f"{owner}.forward changes {what} {how}; {fix}")
+
+
+def _operand_label(gm: nn.Module, a: fx.Node) -> str:
+    """What the user calls the traced value ``a`` (torch.fx's node names are its own): ``self.<name>``'s
+    output, a buffer, the input, an operation's result."""
+    if a.op == "call_module":
+        return f"the output of self.{a.target} ({type(gm.get_submodule(a.target)).__name__})"
+    if a.op == "get_attr":
+        return f"self.{a.target}"
+    if a.op == "placeholder":
+        return f"its input {a.target}"
+    return f"the result of {_node_label(gm, a)}"
 
 
 def _node_label(gm: nn.Module, n: fx.Node) -> str:
