@@ -1163,3 +1163,29 @@ def test_a_loss_that_returns_a_python_number_is_named_as_such():
     t = torch.randn(5, 2, dtype=torch.float64)
     with pytest.raises(UnsupportedStageError, match="returned a float, not a tensor"):
         hessinv.hessian(net, lambda o, t: float(((o - t) ** 2).mean()), X, t)
+
+
+def test_flattened_positions_get_advice_to_keep_the_batch_axis():
+    """An architecture probe: a sequence model ending in Flatten(0, 1) (logits.view(-1, C)) with (B T,)
+    targets got only "batch sizes differ"; the message now says how to keep the batch axis, and that
+    advice works (a per-position loss on (B, T) targets)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    B, T, E, C = 4, 3, 4, 3
+    X = torch.randn(B, T, E, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (B, T), generator=g)
+    m = nn.Sequential(nn.Linear(E, E), nn.Tanh(), nn.Linear(E, C)).double()
+    with pytest.raises(ShapeMismatchError, match=r"4 x 3 positions flattened together\? Keep the batch axis"):
+        hessinv.hessian(nn.Sequential(*m, nn.Flatten(0, 1)), nn.CrossEntropyLoss(), X, y.reshape(-1))
+    with pytest.raises(
+        ShapeMismatchError, match="batch sizes differ: inputs \\(4, 3, 4\\), targets \\(5,\\)$"
+    ):
+        hessinv.hessian(m, nn.CrossEntropyLoss(), X, y.reshape(-1)[:5])
+
+    def loss(out, t):
+        return F.cross_entropy(out.flatten(0, 1), t.flatten())
+
+    _, H_ref = autograd_gradient_hessian(m, loss, X, y)
+    H = hessinv.hessian(m, loss, X, y)
+    assert (H.to_dense() - H_ref).abs().max() <= 1e-12 * H_ref.abs().max()

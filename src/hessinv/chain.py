@@ -898,6 +898,24 @@ def _function_call(cls: type) -> Callable:
     return call
 
 
+def batch_sizes_differ(inputs: Tensor, targets: Tensor) -> ShapeMismatchError:
+    """The refusal of targets whose batch size is not the inputs'; where it is the inputs' first two axes
+    together (``(B T,)`` targets of ``(B, T, ...)`` sequences), the advice to keep the batch axis: the
+    curvature's structure is per example, and a model that flattens it away (``out.view(-1, C)``) mixes
+    them for the chain."""
+    hint, (B, T) = "", (inputs.shape[:2] if inputs.dim() >= 2 else (0, 0))
+    if targets.dim() >= 1 and targets.shape[0] == B * T > 0:
+        hint = (
+            f"; targets of {B} x {T} positions flattened together? Keep the batch axis: targets "
+            f"({B}, {T}), the model's outputs (batch, positions, "
+            "classes) -- flatten inside loss_fn, e.g. lambda out, t: F.cross_entropy(out.flatten(0, 1), "
+            "t.flatten()) -- or (batch, classes, positions) for nn.CrossEntropyLoss as it is"
+        )
+    return ShapeMismatchError(
+        f"batch sizes differ: inputs {tuple(inputs.shape)}, targets {tuple(targets.shape)}{hint}"
+    )
+
+
 def _check_in_place(g: fx.Graph, gm: nn.Module, owner: str) -> None:
     """Refuse an in-place operation whose effect the traced graph would lose: one whose result is not
     used (dead-code elimination drops it, e.g. ``h.mul_(2)`` as a statement) or whose operand is read
@@ -1899,9 +1917,7 @@ class Chain:
                 f"{tuple(inputs.shape)}"
             )
         if targets.dim() < 1 or targets.shape[0] != inputs.shape[0]:
-            raise ShapeMismatchError(
-                f"batch sizes differ: inputs {tuple(inputs.shape)}, targets {tuple(targets.shape)}"
-            )
+            raise batch_sizes_differ(inputs, targets)
         if not torch.isfinite(inputs).all():
             raise NonFiniteError("inputs contain NaN or infinity")
         if targets.is_floating_point() and not torch.isfinite(targets).all():

@@ -1040,9 +1040,9 @@ class CurvatureOperator(_AutocastOff):
         (e.g. the null space of an over-parameterized net at ``shift = 0``) makes pivots nearly
         singular. Where a pivot is conditioned below ``sqrt(u)`` (singular to working precision while
         ``H + shift I`` is not) the count comes from a dense ``LDL^T`` instead (``n <=``
-        :data:`DENSE_RECOUNT_N`; above, an :class:`AccuracyWarning`). A ``0 < tol < sqrt(u) ||H||``
-        therefore gets an :class:`AccuracyWarning` (eigenvalues within that distance of
-        ``shift +- tol`` may be counted on the wrong side). Where
+        :data:`DENSE_RECOUNT_N`; above, an :class:`AccuracyWarning`). A ``0 < tol < sqrt(u) ||H|| / 2``
+        (below half of :meth:`zero_tolerance`) therefore gets an :class:`AccuracyWarning` (eigenvalues
+        within that distance of ``shift +- tol`` may be counted on the wrong side). Where
         ``shift +- tol`` is an eigenvalue to working precision (a pivot exactly singular), that count
         is taken ``n u max(||H||, |shift|)`` further out, or that resolution where the sweep is still
         singular there: the eigenvalues passed count as zero.

@@ -49,14 +49,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hessinv.chain import Chain, LossFn, check_real, dense_grad, exact_no_grad, model_parts, unshared
+from hessinv.chain import (
+    Chain,
+    LossFn,
+    batch_sizes_differ,
+    check_real,
+    dense_grad,
+    exact_no_grad,
+    model_parts,
+    unshared,
+)
 from hessinv.curvature import CurvatureOperator, _check_tol, _integer, curvature_class
 from hessinv.errors import (
     AccuracyWarning,
     HessinvError,
     InvalidArgumentError,
     NonFiniteArgumentError,
-    ShapeMismatchError,
     SingularError,
 )
 from hessinv.influence import _check_model_inputs
@@ -602,9 +610,7 @@ def _check_batch(net: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tenso
     _check_model_inputs(inputs, params)
     _check_model_inputs(targets, params, "targets")
     if len(targets) != len(inputs):
-        raise ShapeMismatchError(
-            f"batch sizes differ: inputs {tuple(inputs.shape)}, targets {tuple(targets.shape)}"
-        )
+        raise batch_sizes_differ(inputs, targets)
     dtype = params[0].dtype
     with exact_no_grad():
         out = net(unshared(inputs))

@@ -48,6 +48,7 @@ from hessinv.chain import (
     Chain,
     LossFn,
     as_module,
+    batch_sizes_differ,
     check_loss_fn,
     check_real,
     dense_grad,
@@ -176,9 +177,7 @@ def per_example_gradients(
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ShapeMismatchError(f"{what} must be a batch of at least one example (N, ...); got {got}")
     if len(targets) != len(inputs):
-        raise ShapeMismatchError(
-            f"batch sizes differ: inputs {tuple(inputs.shape)}, targets {tuple(targets.shape)}"
-        )
+        raise batch_sizes_differ(inputs, targets)
     if holds_batch_sized(loss_fn, len(inputs)) and not _as_many_classes(model, inputs):
         # (torch broadcasts the weights onto one example's loss: each row came out as mean(w) grad l_i
         # instead of w_i grad l_i, 47% off, with no error; a probe)
