@@ -164,6 +164,31 @@ class BatchMean(nn.Module):
         return z - z.mean(0, keepdim=True)
 
 
+class _Center(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.o(h - h.mean(0, keepdim=True))
+
+
+def test_mixing_model_called_whole_is_not_told_to_call_it_whole():
+    """An architecture probe: a model that really mixes examples, already wrapped as nn.Sequential(model)
+    (called whole on trial, mixing there too), was told to "pass nn.Sequential(model) to call the model
+    whole"; the advice now says its examples interact. The model unwrapped keeps that advice."""
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.arange(5) % 3
+    net = _Center().double()
+    with pytest.raises(UnsupportedStageError, match="mixes examples") as bare:
+        hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    assert "pass nn.Sequential(model)" in str(bare.value)
+    with pytest.raises(UnsupportedStageError, match="called whole, _Center mixes them too") as wrapped:
+        hessinv.hessian(nn.Sequential(net), nn.CrossEntropyLoss(), X, y)
+    assert "nn.Sequential(model)" not in str(wrapped.value)
+
+
 def test_custom_stage_that_mixes_examples_is_detected():
     net = nn.Sequential(nn.Linear(3, 4), BatchMean(), nn.Linear(4, 2)).double()
     with pytest.raises(UnsupportedStageError, match=r"stage 1 \(BatchMean: mean\+sub\) mixes examples"):

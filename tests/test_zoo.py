@@ -883,7 +883,7 @@ entry("no_grad_inside_forward_in_a_sequential")(lambda: ce_case(_Forward(_no_gra
 # an in-place statement the traced graph would lose: inside a Sequential the module is called whole
 entry("in_place_result_discarded_in_a_sequential")(lambda: ce_case(_Forward(_discarded_in_place)))
 entry("refused_in_place_result_discarded")(
-    lambda: refused(_top(_discarded_in_place), UnsupportedStageError, "in place .* discards the result")
+    lambda: refused(_top(_discarded_in_place), UnsupportedStageError, "in place .* as a statement")
 )
 entry("refused_in_place_operand_read_again")(
     lambda: refused(_top(_read_after_in_place), UnsupportedStageError, "in place .* reads it again")

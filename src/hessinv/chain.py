@@ -81,6 +81,7 @@ from hessinv.stages.generic import (
     held_tensors,
     hook_dicts,
     mixing_error,
+    mixing_too,
     plain_settings,
     same_value,
     watchable,
@@ -2019,9 +2020,10 @@ class Chain:
             if not isinstance(e, _WholeFailed):
                 raise
             cause, piece = e.__cause__, trial[id(e.args[0])][1]
-            structural = not isinstance(cause, HessinvError) or (
-                isinstance(cause, NotAChainError) or "mixes examples" in str(cause)
-            )
+            mixes = isinstance(cause, HessinvError) and "mixes examples" in str(cause)
+            structural = not isinstance(cause, HessinvError) or isinstance(cause, NotAChainError) or mixes
+            if mixes and isinstance(piece, UnsupportedStageError) and "mixes examples" in str(piece):
+                piece = mixing_too(piece, e.args[0])
             raise (piece if structural and piece is not None else cause) from cause
         finally:
             if outer:

@@ -2047,9 +2047,25 @@ def mixing_error(
             f"(1, ...) or the channels the data has"
         )
     return UnsupportedStageError(
-        f"{name} mixes examples: its {what} couple different examples of the batch (or it moves the batch "
-        "axis, as x.t() does, for a later op to move back: pass nn.Sequential(model) to call the model "
-        "whole)"
+        f"{name} mixes examples: its {what} couple different examples of the batch{MOVED_AXIS}"
+    )
+
+
+#: :func:`mixing_error`'s other cause, a piece of a forward (and its fix); :func:`mixing_too` replaces it
+MOVED_AXIS = (
+    " (or it moves the batch axis, as x.t() does, for a later op to move back: pass nn.Sequential(model) to "
+    "call the model whole)"
+)
+
+
+def mixing_too(error: UnsupportedStageError, module: nn.Module) -> UnsupportedStageError:
+    """:func:`mixing_error` of a piece of ``module`` once ``module`` called whole mixed examples too: the
+    advice to call it whole is spent -- its examples interact."""
+    return UnsupportedStageError(
+        str(error).replace(MOVED_AXIS, "")
+        + f"; called whole, {type(module).__name__} mixes them too: the batch's examples interact in it (a "
+        "statistic or an attention across the batch), so its curvature has no per-example chain to factor; "
+        "compute it per example (BatchNorm in eval mode, a LayerNorm, statistics over the features)"
     )
 
 
