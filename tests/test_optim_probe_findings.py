@@ -400,3 +400,70 @@ def test_auto_hands_back_to_preconditioning_when_the_groups_weight_decays_are_ma
     losses = [float(opt.step(X, y)) for _ in range(4)]
     assert opt.last_stats.mode == "precondition" and opt.mode == "precondition"
     assert losses[-1] < losses[0]
+
+
+def _tiny_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize(
+    "groups, match",
+    [
+        (lambda m: [{"params": m.parameters(), "beta2": 0.99}], "'beta2' is not a per-group setting"),
+        (lambda m: [{"params": m.parameters(), "diagonal_damping": 50.0}], "'diagonal_damping' is not a"),
+        (lambda m: [{"params": m.parameters(), "maximize": True}], "'maximize' is another optimizer's"),
+        (lambda m: [{"params": m.parameters(), "betas": (0.9, 0.99)}], "'betas' is another optimizer's"),
+        (lambda m: {"params": m.parameters()}, "wrap one group in a list"),
+        (lambda m: [{"lr": 0.5}], "needs a 'params' entry"),
+        (lambda m: [{"params": m}], "got a module: pass its .parameters()"),
+        (lambda m: list(m), "got a module: pass its .parameters()"),
+        (lambda m: [1, 2], "must hold tensors .*got int"),
+        (lambda m: m, "got Sequential"),
+    ],
+)
+def test_parameter_groups_refuse_what_they_would_ignore(groups, match):
+    """A lifecycle probe: a group's beta2, diagonal_damping, maximize, betas ... were accepted and had no
+    effect (bitwise the run without them); malformed params raised AttributeError/KeyError."""
+    m = _tiny_mlp()
+    with pytest.raises(hessinv.InvalidArgumentError, match=match):
+        hessinv.optim.Newton(m, nn.CrossEntropyLoss(), params=groups(m))
+
+
+def test_group_keys_that_newton_uses_or_ignores_by_design_pass():
+    """A group's own name (logging) passes, as torch's optimizers let it; lr and weight decay per group
+    act (the step scales with the group's lr); a group momentum in the trust region is refused like the
+    constructor's, and a two-entry tensor lr is a named error (a RuntimeError before)."""
+    m = _tiny_mlp()
+    X, y = torch.randn(8, 3), torch.arange(8) % 2
+    first, rest = list(m[0].parameters()), list(m[2].parameters())
+    opt = hessinv.optim.Newton(
+        m, nn.CrossEntropyLoss(), params=[{"params": first, "name": "a", "lr": 0.0}, {"params": rest}]
+    )
+    before = [p.detach().clone() for p in m.parameters()]
+    opt.step(X, y)
+    assert all(torch.equal(p, b) for p, b in zip(first, before[:2], strict=True))  # lr 0: not moved
+    assert not all(torch.equal(p, b) for p, b in zip(rest, before[2:], strict=True))
+    with pytest.raises(hessinv.InvalidArgumentError, match="'momentum' has no use in mode='trust-region'"):
+        m2 = _tiny_mlp()
+        params = [{"params": m2.parameters(), "momentum": 0.5}]
+        hessinv.optim.Newton(m2, nn.CrossEntropyLoss(), mode="trust-region", params=params)
+    opt.param_groups[1]["lr"] = torch.tensor([0.5, 0.5])
+    with pytest.raises(hessinv.InvalidArgumentError, match="lr must be a number or a one-entry tensor"):
+        opt.step(X, y)
+
+
+def test_bare_step_after_backward_says_newton_takes_the_gradient_itself():
+    """torch's loop ``loss.backward(); opt.step()`` got advice about torch.distributed.checkpoint's
+    set_optimizer_state_dict; it is told that Newton computes the gradient from the batch. Zero gradients
+    (what that checkpoint helper leaves before calling step()) keep the checkpoint advice."""
+    m = _tiny_mlp()
+    X, y = torch.randn(8, 3), torch.arange(8) % 2
+    opt = hessinv.optim.Newton(m, nn.CrossEntropyLoss())
+    nn.CrossEntropyLoss()(m(X), y).backward()
+    with pytest.raises(hessinv.InvalidArgumentError, match=r"drop loss.backward\(\) and call opt.step"):
+        opt.step()
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(hessinv.InvalidArgumentError, match="set_optimizer_state_dict"):
+        opt.step()

@@ -68,7 +68,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -562,7 +562,7 @@ class Newton(torch.optim.Optimizer):
         self._group_memo: dict[str, tuple] = {}  # key -> (the groups' values, _group_values' answer)
         # momentum in the groups, where schedulers that cycle it (OneCycleLR, CyclicLR) find it
         defaults = {"lr": float(lr), "weight_decay": float(weight_decay), "momentum": float(momentum)}
-        groups, homes = _param_groups(params, self.chain.params, model)
+        groups, homes = _param_groups(params, self.chain.params, model, mode)
         super().__init__(groups, defaults)
         self._groups_frozen = True
         self._generator = generator_from_seed(seed)
@@ -828,6 +828,13 @@ class Newton(torch.optim.Optimizer):
         """The groups' common ``key``, or a per-parameter (n,) vector when they differ (kept while the
         groups' values stay the same: a scheduler changes them between steps -- a one-entry tensor's by
         its number, which a scheduler changes in place, ``fill_``)."""
+        for g in self.param_groups:
+            v = g.get(key)
+            if isinstance(v, Tensor) and v.numel() != 1:
+                raise InvalidArgumentError(
+                    f"a parameter group's {key} must be a number or a one-entry tensor; got a tensor of "
+                    f"shape {tuple(v.shape)}"
+                )
         sig = tuple((_number_of(g.get(key, 0.0)), len(g["params"])) for g in self.param_groups)
         memo = self._group_memo
         if key not in memo or memo[key][0] != sig:
@@ -1156,10 +1163,7 @@ class Newton(torch.optim.Optimizer):
                     "Newton.step needs the batch: step(inputs, targets), or step(closure) with a closure "
                     "that calls the model and loss_fn (or step(closure=..., inputs=..., targets=...))"
                     + (
-                        " -- torch.distributed.checkpoint's set_optimizer_state_dict calls step() to create "
-                        "an empty state, and its get_optimizer_state_dict keeps only 'state' and "
-                        "'param_groups' (Newton's own state is under 'newton'): save and load Newton with "
-                        "opt.state_dict() and opt.load_state_dict()"
+                        self._bare_step_hint()
                         if closure is None and inputs is None and targets is None
                         else ""
                     )
@@ -1281,6 +1285,22 @@ class Newton(torch.optim.Optimizer):
             f"gradient differs from that one's (by {diff:.3g}: a penalty, clipping or another loss inside "
             "the closure), which the trust region would ignore; use mode='precondition' (it takes the "
             "closure's gradient), or an L2 penalty as weight_decay= (its curvature is exact)"
+        )
+
+    def _bare_step_hint(self) -> str:
+        """Why ``step()`` came without a batch, told by the gradients: torch's ``loss.backward();
+        opt.step()`` leaves nonzero ones (Newton takes the gradient itself), torch.distributed.checkpoint's
+        ``set_optimizer_state_dict`` zero ones (it calls ``step()`` to create an empty state)."""
+        grads = [p.grad for gr in self.param_groups for p in gr["params"] if p.grad is not None]
+        if any(bool(g.any()) for g in grads):
+            return (
+                " -- Newton computes the gradient (and the curvature) from the batch itself: drop "
+                "loss.backward() and call opt.step(inputs, targets)"
+            )
+        return (
+            " -- torch.distributed.checkpoint's set_optimizer_state_dict calls step() to create an empty "
+            "state, and its get_optimizer_state_dict keeps only 'state' and 'param_groups' (Newton's own "
+            "state is under 'newton'): save and load Newton with opt.state_dict() and opt.load_state_dict()"
         )
 
     def _check_batch(self, inputs: Tensor, targets: Tensor) -> None:
@@ -1971,12 +1991,22 @@ def _number_of(v: Any) -> Any:
     return float(v) if isinstance(v, Tensor) and v.numel() == 1 else v
 
 
-def _param_groups(params: Any, trainable: list[Tensor], model: Any) -> tuple[list[dict[str, Any]], dict]:
+def _param_groups(
+    params: Any, trainable: list[Tensor], model: Any, mode: str = "auto"
+) -> tuple[list[dict[str, Any]], dict]:
     """``torch.optim`` parameter groups over exactly the model's trainable parameters, and the groups of
     the model's frozen parameters that they name (``{place in model.parameters(): group}``: left out now,
     they join that group when unfrozen -- gradual unfreezing with a learning rate per group)."""
     if params is None:
         return [{"params": list(trainable)}], {}
+    if isinstance(params, (dict, Tensor, nn.Module)) or not isinstance(params, Iterable):
+        fix = {dict: "wrap one group in a list: params=[{...}]", Tensor: "wrap it in a list: params=[t]"}
+        kind = next((k for k in fix if isinstance(params, k)), None)
+        raise InvalidArgumentError(
+            "params must be an iterable of tensors or of parameter-group dicts, got "
+            f"{type(params).__name__}; "
+            + (fix[kind] if kind else "pass model.parameters() (or omit params: every trainable parameter)")
+        )
     items = list(params)
     if not items:
         raise InvalidArgumentError("params is empty; omit it to optimize every trainable parameter")
@@ -1985,6 +2015,8 @@ def _param_groups(params: Any, trainable: list[Tensor], model: Any) -> tuple[lis
         groups = [{"params": items}]
     elif any(gr is None for gr in groups):
         raise InvalidArgumentError("params must be all tensors or all group dicts, not a mix")
+    for gr in groups:
+        _check_group_keys(gr, mode)
     groups = [{**gr, "params": _as_list(gr["params"])} for gr in groups]
     place = _param_places(model)
     homes: dict[int, int] = {}
@@ -2013,10 +2045,55 @@ def _as_list(params: Any) -> list[Tensor]:
         return [params]
     if isinstance(params, dict):
         params = params.values()
+    if isinstance(params, nn.Module) or not isinstance(params, Iterable):
+        what = "a module: pass its .parameters()" if isinstance(params, nn.Module) else type(params).__name__
+        raise InvalidArgumentError(f"a parameter group's params must be tensors; got {what}")
     out = list(params)
     for p in out:
         if isinstance(p, tuple) and len(p) == 2 and isinstance(p[1], Tensor):  # named_parameters()
             raise InvalidArgumentError(
                 "params holds (name, tensor) pairs (named_parameters()); pass model.parameters() or omit it"
             )
+        if not isinstance(p, Tensor):
+            what = "a module: pass its .parameters()" if isinstance(p, nn.Module) else type(p).__name__
+            raise InvalidArgumentError(f"params must hold tensors (model.parameters()); got {what}")
     return out
+
+
+#: the settings a parameter group may change for its own parameters (the rest are the optimizer's)
+_GROUP_SETTINGS = ("lr", "weight_decay", "momentum")
+#: other torch optimizers' group settings, which Newton has no use for (refused rather than ignored)
+_FOREIGN_SETTINGS = frozenset(
+    "betas eps nesterov dampening maximize amsgrad foreach fused capturable differentiable lr_decay "
+    "initial_accumulator_value alpha centered rho momentum_decay decoupled_weight_decay".split()
+)
+
+
+def _check_group_keys(group: dict[str, Any], mode: str) -> None:
+    """A parameter group given at construction: its ``params``, and no setting it would ignore --
+    Newton's own settings are the whole optimizer's (``beta2``, ``diagonal_damping``, ...), other
+    optimizers' (``betas``, ``maximize``) have no meaning here, and the trust region takes no momentum.
+    Other keys (a group's ``name`` for logging) pass, as torch's optimizers let them."""
+    if "params" not in group:
+        raise InvalidArgumentError(
+            f"a parameter group needs a 'params' entry (its tensors); got the keys {sorted(map(str, group))}"
+        )
+    own = set(inspect.signature(Newton.__init__).parameters) - {"self", "model", "loss_fn", "params"}
+    for key in group:
+        if key in _GROUP_SETTINGS and not (key == "momentum" and mode == "trust-region"):
+            continue
+        if key == "momentum":
+            raise InvalidArgumentError(
+                "a parameter group's 'momentum' has no use in mode='trust-region' (the trust region takes "
+                "no momentum); drop it, or use mode='precondition'"
+            )
+        if key in own:
+            raise InvalidArgumentError(
+                f"a parameter group's {key!r} is not a per-group setting of Newton (per group: "
+                f"{', '.join(_GROUP_SETTINGS)}): pass Newton(..., {key}=...) for the whole model"
+            )
+        if key in _FOREIGN_SETTINGS:
+            raise InvalidArgumentError(
+                f"a parameter group's {key!r} is another optimizer's setting, which Newton does not have "
+                f"(per group: {', '.join(_GROUP_SETTINGS)}); drop it"
+            )
