@@ -467,3 +467,26 @@ def test_bare_step_after_backward_says_newton_takes_the_gradient_itself():
         p.grad = torch.zeros_like(p)
     with pytest.raises(hessinv.InvalidArgumentError, match="set_optimizer_state_dict"):
         opt.step()
+
+
+class _TrainOnlyBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.aux = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.training:
+            h = h + 0.1 * self.aux(h)
+        return self.b(h)
+
+
+def test_parameter_used_only_in_training_mode_is_named_as_such():
+    """A lifecycle probe: a parameter used only under ``if self.training`` (the model in training mode)
+    was refused as one "the forward pass does not use" -- the optimizer's chain is the network in eval
+    mode, which the message now says."""
+    torch.manual_seed(0)
+    with pytest.raises(hessinv.NotAChainError, match=r"aux\.weight .* in eval mode, where the curvature"):
+        hessinv.optim.Newton(_TrainOnlyBranch(), nn.CrossEntropyLoss()).step(
+            torch.randn(8, 3), torch.arange(8) % 2
+        )

@@ -122,6 +122,12 @@ def mode_modules(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     return [m for top in tops for m in top.modules() if isinstance(m, kinds) or _reads_training(m)]
 
 
+def _eval_for_now(m: Any) -> bool:
+    """Whether ``m`` is a user's module that reads its ``training`` flag and is in eval mode now (the
+    optimizers' chain is split with :func:`training_layers` in eval mode)."""
+    return isinstance(m, nn.Module) and not m.training and _reads_training(m)
+
+
 def _reads_training(m: nn.Module) -> bool:
     """Whether ``m``, of no kind :func:`mode_modules` names, behaves otherwise in training mode: a
     spectral_norm parametrization or hook (a power-iteration step per call), or a module defined outside
@@ -1428,8 +1434,17 @@ def _check_parameters(
     flat = [id(t) for s in stages for t in s.params]
     for n, t in named:
         if id(t) not in owner:
+            # (the optimizers split the model with its training-mode branches in eval mode: say so)
+            evaluated = [type(m).__name__ for top in mods for m in top.modules() if _eval_for_now(m)]
+            where = (
+                f" in eval mode, where the curvature is taken ({', '.join(sorted(set(evaluated)))} branch "
+                "on self.training: a parameter used only in training mode has no curvature in the "
+                "deterministic network)"
+                if evaluated
+                else ""
+            )
             raise NotAChainError(
-                f"parameter {n} is trainable but the forward pass does not use it; "
+                f"parameter {n} is trainable but the forward pass{where} does not use it; "
                 "freeze it (requires_grad_(False)) or remove it"
             )
     if ordered and flat != [id(t) for _, t in named]:
