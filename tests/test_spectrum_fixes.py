@@ -659,3 +659,30 @@ def test_uncertified_pairs_warn_where_the_deflated_rerun_does_not_converge(k):
         e = H.eigenpairs(k, "smallest", certify=False)
     right = bool(torch.allclose(e.values, lam[:k], atol=1e-8 * float(lam.abs().max())))
     assert right or any(issubclass(x.category, hessinv.AccuracyWarning) for x in w)
+
+
+class _ScaledMSE(nn.Module):
+    def __init__(self, c: float):
+        super().__init__()
+        self.c = c
+
+    def forward(self, out, y):
+        return self.c * nn.functional.mse_loss(out, y)
+
+
+@pytest.mark.parametrize("c", [1e-290, 1e-300])
+def test_positive_definite_test_of_a_tiny_singular_gauss_newton_matrix_answers(c):
+    """A spectrum probe: a Gauss-Newton matrix with a null space at a loss scale of 1e-290 (float64 holds
+    every entry) made is_positive_definite(0) raise NonFiniteError -- the pivot without a Cholesky factor
+    was then factored LDL^T for its inertia, whose 2x2 block determinant underflowed. The yes/no test
+    answers no (it is singular: rank <= 8 of 46), and min_eigenvalue returns."""
+    g = torch.Generator().manual_seed(0)
+    X, y = (
+        torch.randn(4, 3, generator=g, dtype=torch.float64),
+        torch.randn(4, 2, generator=g, dtype=torch.float64),
+    )
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    G = hessinv.gauss_newton(m, _ScaledMSE(c), X, y)
+    assert G.is_positive_definite(0.0) is False
+    assert math.isfinite(G.min_eigenvalue())

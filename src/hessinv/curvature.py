@@ -2553,12 +2553,14 @@ class Factorization(_AutocastOff):
             the perturbed matrix's; or one ill-conditioned beyond ``sqrt(u)``), they are recounted when
             first read, as ``op.inertia(eps, tol=0)`` does: one sweep without perturbation, and a dense
             ``LDL^T`` of ``H + eps I`` where that sweep is ill-conditioned too (``n <=``
-            :data:`DENSE_FALLBACK_N`). With ``modify``, too: the counts of ``H + eps I``, not of the
+            :data:`DENSE_RECOUNT_N`). With ``modify``, too: the counts of ``H + eps I``, not of the
             modified matrix ``M`` the factors hold (recounted when first read, where a pivot was modified).
         inertia_certified: whether ``inertia`` is an exact count -- of the operator's own matrix: a
             float32 operator's is evaluated in float32, and where ``cond(H + eps I) >~ 1 / u32`` its
             count may differ from the float64 model's. False only where the recount itself had an
-            ill-conditioned pivot above ``n = 4096`` (:data:`DENSE_FALLBACK_N`), or
+            ill-conditioned pivot above ``n =`` :data:`DENSE_RECOUNT_N`, where it counted at the
+            resolution (a pivot exactly singular at ``eps``: eigenvalues within ``sqrt(u) ||H||`` of
+            ``-eps`` count as zero, so ``inertia.zero`` may exceed the true nullity), or
             (:class:`MixedFactorization`) for the float32 sweep's count. Reading it runs the recount
             where one is due.
         perturbed: ``{stage index: number of perturbed pivot eigenvalues}`` (empty if none; below

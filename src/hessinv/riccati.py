@@ -972,18 +972,15 @@ def riccati_factor(
                 c_exp,
             )  # fmt: skip
         else:
-            piv = Pivot(
-                _shifted(rb.Qxx0, damping, overwrite=True),
-                l,
-                names[l],
-                damping,
-                strict,
-                perturb,
-                cholesky_first,
-                modify,
-                scale,
-                hscale,
-            )
+            Q = _shifted(rb.Qxx0, damping, overwrite=True)
+            try:
+                piv = Pivot(Q, l, names[l], damping, strict, perturb, cholesky_first, modify, scale, hscale)
+            except NonFiniteError:
+                # a finite pivot without a Cholesky factor whose LDL^T over- or underflowed (a curvature of
+                # 1e-290): for the yes/no test it is not positive definite, which is all that was asked
+                if stop_if_indefinite and bool(torch.isfinite(Q).all()):
+                    return out, Inertia(neg, zero, pos), False
+                raise
         neg, zero, pos = neg + piv.inertia.negative, zero + piv.inertia.zero, pos + piv.inertia.positive
         pd = pd and piv.positive_definite
         if pd:  # 0 < Qxx_l <= the diagonal block of H + eps I it reduces: max|Qxx_l| <= ||H + eps I||
