@@ -1100,3 +1100,30 @@ def test_a_resumed_run_with_weights_solved_in_a_group_is_bit_identical():
         opt2.step(X[i : i + 32], y[i : i + 32])
     for p, q in zip(net.parameters(), net2.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_torch_state_dict_hooks_see_newtons_whole_state():
+    """A lifecycle probe: torch.optim's state-dict post hooks got the dict before Newton added its
+    "newton" entry, load pre hooks got it with "newton" already removed (a hook reading it: KeyError), and
+    load post hooks ran before Newton's state was restored (they saw 0 steps)."""
+    X, y = _batches()[0]
+    opt = ho.Newton(_small(), nn.CrossEntropyLoss(), seed=0)
+    for _ in range(3):
+        opt.step(X, y)
+    seen: dict = {}
+    opt.register_state_dict_post_hook(lambda o, sd: seen.update(post="newton" in sd))
+    sd = opt.state_dict()
+    assert seen["post"] and "newton" in sd
+    other = ho.Newton(_small(), nn.CrossEntropyLoss(), seed=0)
+
+    def pre(o, d):  # (a pre hook may return a rewritten dict, as torch.optim's)
+        seen["pre"] = d["newton"]["step"]
+        d = dict(d)
+        d["newton"] = {**d["newton"], "step": 7}
+        return d
+
+    other.register_load_state_dict_pre_hook(pre)
+    other.register_load_state_dict_post_hook(lambda o: seen.update(after=o.steps))
+    other.load_state_dict(sd)
+    assert seen["pre"] == 3 and seen["after"] == 7 and other.steps == 7
+    assert sd["newton"]["step"] == 3  # the caller's dict is not rewritten

@@ -61,6 +61,7 @@ at once):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -68,7 +69,8 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -640,8 +642,10 @@ class Newton(torch.optim.Optimizer):
         preconditioner's basis), generators, ``max_relative_step``, ``curvature_batch_size`` and the
         preconditioner's state with its settings (:meth:`Preconditioner.state_dict`): the state of the
         last step, for the parameters trainable then (a layer frozen since is followed at the next step,
-        or by :meth:`load_state_dict`; saving changes nothing)."""
-        sd = super().state_dict()
+        or by :meth:`load_state_dict`; saving changes nothing). ``torch.optim``'s state-dict post hooks
+        (``register_state_dict_post_hook``) see the whole dict, ``"newton"`` included."""
+        with _hooks_held(self, "_optimizer_state_dict_post_hooks") as post_hooks:
+            sd = super().state_dict()
         ns = {k: v for k, v in self._newton.items() if k != "previous"}
         sd["newton"] = copy.deepcopy(ns)
         sd["newton"]["previous"] = (
@@ -653,6 +657,9 @@ class Newton(torch.optim.Optimizer):
         sd["newton"]["param_places"] = param_places(self.model, self.chain.params)
         if self.preconditioner is not None:
             sd["newton"]["preconditioner"] = self.preconditioner.state_dict()
+        for hook in post_hooks.values():
+            out = hook(self, sd)
+            sd = sd if out is None else out
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -660,14 +667,26 @@ class Newton(torch.optim.Optimizer):
         takes the checkpoint's trainable set where the model's differs (saved right after a layer was
         frozen or unfrozen, before a step followed it, and resumed in the configuration after the change,
         as ``torch.optim`` resumes it): it loads as the optimizer that saved it, and its next step follows
-        the model's layers, as that one's would have."""
-        load_in_saved_set(
-            self,
-            state_dict.get("newton") if isinstance(state_dict, dict) else None,
-            self._newton["step"] == 0,
-            self._follow_trainable,
-            lambda: self._load_state_dict(state_dict),
-        )
+        the model's layers, as that one's would have. ``torch.optim``'s load hooks run around the whole
+        load: the pre hooks (``register_load_state_dict_pre_hook``) see the dict with ``"newton"``, the
+        post hooks run once Newton's own state is restored."""
+        if isinstance(state_dict, dict):
+            state_dict = dict(state_dict)
+            for hook in self._optimizer_load_state_dict_pre_hooks.values():
+                out = hook(self, state_dict)
+                state_dict = state_dict if out is None else out
+        with _hooks_held(
+            self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"
+        ) as post_hooks:
+            load_in_saved_set(
+                self,
+                state_dict.get("newton") if isinstance(state_dict, dict) else None,
+                self._newton["step"] == 0,
+                self._follow_trainable,
+                lambda: self._load_state_dict(state_dict),
+            )
+        for hook in post_hooks.values():
+            hook(self)
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output. As ``torch.optim`` restores its groups' hyper-parameters
@@ -1984,6 +2003,21 @@ _REGRESSION_LOSSES = (nn.MSELoss, nn.L1Loss, nn.HuberLoss, nn.SmoothL1Loss)
 
 #: the entries of the state that "auto" mode's decision writes (:meth:`Newton._resolve_mode`)
 _MODE_KEYS = ("mode", "previous", "from_auto", "trust_region_batch", "trust_region_rows")
+
+
+@contextlib.contextmanager
+def _hooks_held(opt: torch.optim.Optimizer, *names: str) -> Iterator[OrderedDict]:
+    """``opt``'s ``torch.optim`` hook tables ``names`` emptied for the block (``torch.optim``'s own
+    ``state_dict`` / ``load_state_dict`` would run them on a part of Newton's dict), then put back; yields
+    the last table's hooks, for the caller to run on the whole."""
+    held = {n: getattr(opt, n) for n in names}
+    for n in names:
+        setattr(opt, n, OrderedDict())
+    try:
+        yield held[names[-1]]
+    finally:
+        for n, table in held.items():
+            setattr(opt, n, table)
 
 
 def _number_of(v: Any) -> Any:
