@@ -259,6 +259,29 @@ def test_fixed_damping_takes_the_plain_damped_step_even_uphill(indefinite_proble
     assert st.inertia.negative == int((torch.linalg.eigvalsh(H) + eps < 0).sum()) > 0  # indefinite H + eps I
 
 
+def test_fixed_damping_takes_a_step_its_model_predicts_uphill():
+    """A trust-region probe: a fixed damping's step whose predicted decrease was <= 0 (an indefinite
+    H + eps I) got rho = -inf and was rejected -- and, the rule having no state, the same step was
+    proposed and rejected at every later call: the optimizer stopped for good, silently. It is taken
+    (rho NaN), as the rule documents; the trust region still rejects such a step."""
+    torch.manual_seed(0)
+    X, y = torch.randn(4, 3, dtype=F64), torch.randn(4, 1, dtype=F64)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    opt = ho.Newton(net, nn.MSELoss(), mode="trust-region", damping=0.0)
+    uphill = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(6):
+            x0 = flat(net)
+            opt.step(X, y)
+            st = opt.last_stats
+            assert st.accepted and not torch.equal(flat(net), x0)
+            if st.predicted_decrease <= 0:
+                uphill += 1
+                assert math.isnan(st.rho)
+    assert uphill >= 1  # (the case the probe found: step 3 of this run)
+
+
 def test_inertia_statistics_match_dense_eigenvalues(indefinite_problem):
     net, X, y, _, H = indefinite_problem
     opt = ho.Newton(copy.deepcopy(net), nn.MSELoss(), track_inertia=True, seed=0)

@@ -185,6 +185,10 @@ class DampingRule(abc.ABC):
     name: str = "rule"
     #: a step is accepted iff ``rho > eta``
     eta: float = 0.0
+    #: whether the rule takes a step its model predicts no decrease for (``rho`` is then NaN, not ``-inf``):
+    #: a fixed damping's step is taken whatever the prediction (an indefinite ``H + eps I`` may predict an
+    #: increase); the trust region and Levenberg-Marquardt reject it
+    takes_every_step: bool = False
     #: the constructor arguments that shape the steps: saved with ``Newton``'s state dict and restored from
     #: it, as ``torch.optim`` restores its groups' hyper-parameters
     setting_names: tuple[str, ...] = ()
@@ -352,9 +356,12 @@ class FixedDamping(DampingRule):
             )
         return Proposal(-sweeps.solve(F, gradient), eps, F)
 
+    takes_every_step = True
+
     def accept(self, rho: float) -> bool:
-        """Every step, uphill too -- but not one to a non-finite loss (``rho = -inf``): it is undone."""
-        return rho > -math.inf
+        """Every step, uphill too (``rho`` NaN where the model predicted no decrease) -- but not one to a
+        non-finite loss (``rho = -inf``): it is undone."""
+        return rho != -math.inf
 
     def update(self, state: State, proposal: Proposal, rho: float) -> tuple[State, bool]:
         return dict(state), self.accept(rho)

@@ -170,7 +170,9 @@ class StepStats:
         loss_after: the same at the trial point ``x + d`` (the new loss if accepted).
         predicted_decrease: ``-(g^T d + 1/2 d^T H d)`` for the step tried, ``d = lr * s``.
         actual_decrease: ``loss - loss_after``.
-        rho: the ratio of the two, with the rounding guard (see the module docstring).
+        rho: the ratio of the two, with the rounding guard (see the module docstring); ``-inf`` for a trial
+            loss that is not finite or (trust region, Levenberg-Marquardt) a predicted decrease ``<= 0``,
+            NaN for the latter under a fixed damping (the step is taken).
         accepted: whether the parameters moved.
         damping: ``lambda`` of ``H + lambda I``.
         radius: the trust-region radius the step was computed for (None for other rules).
@@ -1746,8 +1748,10 @@ class Newton(torch.optim.Optimizer):
             except BaseException:  # (out of memory, an interrupt): the step not taken, x as it was
                 self._restore(backup)
                 raise
-            if not math.isfinite(f_t) or pred_t + delta <= 0:
+            if not math.isfinite(f_t):
                 return f_t, pred_t, -math.inf
+            if pred_t + delta <= 0:  # (no ratio: the model predicts no decrease -- the rule decides)
+                return f_t, pred_t, math.nan if self.rule.takes_every_step else -math.inf
             return f_t, pred_t, (f0 - f_t + delta) / (pred_t + delta)
 
         # Every product with H comes before the trial point: the operator's blocks read the live
