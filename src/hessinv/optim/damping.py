@@ -148,8 +148,9 @@ class Proposal:
         damping: ``lambda``.
         factor: the factorization of ``H + lambda I`` the step was solved with.
         radius: the trust-region radius the step was computed for (None for other rules).
-        boundary: ``||s|| = radius`` (trust region only).
-        hard_case: the Moré–Sorensen hard case occurred (trust region only).
+        boundary: ``||s|| = radius`` to the subproblem's tolerance (trust region only).
+        hard_case: the step was completed to the sphere along an approximate eigenvector of
+            ``lambda_min`` (Moré–Sorensen's ``s + tau u``; trust region only).
         lambda_lower: a lower bound on ``-lambda_min(H)`` from failed Cholesky tests (``-inf`` if none);
             the trust region's includes Rayleigh quotients.
         lambda_proved: the part of ``lambda_lower`` that proves negative curvature, above rounding

@@ -177,8 +177,10 @@ class StepStats:
         damping: ``lambda`` of ``H + lambda I``.
         radius: the trust-region radius the step was computed for (None for other rules).
         step_norm: ``||d||``.
-        boundary: the step is on the trust-region sphere.
-        hard_case: the Moré–Sorensen hard case occurred.
+        boundary: the step is on the trust-region sphere (to the subproblem's tolerance ``rtol``).
+        hard_case: the step was completed to the sphere along an approximate eigenvector of
+            ``lambda_min`` (Moré–Sorensen's ``s + tau u``: in the hard case and near it, see
+            :class:`~hessinv.optim.trust_region.SubproblemSolution`).
         inertia: inertia of ``H + lambda I`` (the factorization the step was solved with; positive
             definite except with a fixed damping).
         inertia_at_zero: inertia of the objective's Hessian without damping, ``H + wd I`` with a

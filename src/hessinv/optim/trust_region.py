@@ -91,8 +91,13 @@ class SubproblemSolution:
         step: ``s`` with ``||s|| <= radius``.
         damping: ``lambda``; ``H + lambda I`` is positive definite.
         factor: the factorization of ``H + lambda I``.
-        boundary: ``||s|| = radius``.
-        hard_case: ``s`` includes a multiple of the (approximate) eigenvector of ``lambda_min``.
+        boundary: ``||s|| = radius`` to the solver's tolerance (``| ||s|| - radius | <= rtol radius``:
+            up to ``rtol`` inside the sphere).
+        hard_case: ``s`` was completed to the sphere along an approximate eigenvector ``u`` of
+            ``lambda_min`` (``s(lambda) + tau u``, taken when Moré–Sorensen's Lemma 3.4 test stops the
+            iteration): in the hard case, and wherever that test passes first -- near it, or where the
+            step along ``u`` already gives the required model decrease. Not a diagnosis that ``g`` is
+            (nearly) orthogonal to ``u``: a probe saw it with ``|g . u1| / |g|`` up to 0.29.
         iterations: factorizations spent.
         lambda_lower: lower bound on ``-lambda_min(H)`` from the failed tests and Rayleigh quotients
             (``-inf``: none), which steers the next subproblem's start.
@@ -164,6 +169,10 @@ def _boundary_taus(s: Tensor, u: Tensor, radius: float, lam: float, uAu: float) 
     return roots[0], roots[1]
 
 
+#: the largest radius, and TrustRegion's max_radius (the subproblem squares radii in float64)
+MAX_RADIUS = 1e150
+
+
 def solve_subproblem(
     sweeps: Sweeps,
     gradient: Tensor,
@@ -181,7 +190,7 @@ def solve_subproblem(
     Args:
         sweeps: the operator ``H`` (``sweeps.op``) with counters for factorizations and solves.
         gradient: ``g`` (may differ from ``sweeps.op.gradient``, e.g. a larger batch than the curvature).
-        radius: ``Delta > 0``.
+        radius: ``Delta > 0``, at most :data:`MAX_RADIUS`.
         damping_init: a guess for ``lambda*`` (the previous step's).
         direction: a guess for the eigenvector of ``lambda_min(H)`` (the previous step's ``u``). Its
             Rayleigh quotient proves ``-lambda_min >= -u^T H u`` for one product with ``H``, which spares
@@ -194,8 +203,10 @@ def solve_subproblem(
         start_at_guess: start from ``damping_init`` (if > 0) instead of testing ``lambda = 0`` first
             (for a caller that expects ``H`` to be indefinite, e.g. because the previous one was).
     """
-    if not (math.isfinite(radius) and radius > 0):
-        raise InvalidArgumentError(f"radius must be finite and > 0, got {radius}")
+    if not (math.isfinite(radius) and 0 < radius <= MAX_RADIUS):
+        raise InvalidArgumentError(
+            f"radius must be > 0 and at most {MAX_RADIUS:g} (MAX_RADIUS), got {radius}"
+        )
     g = gradient
     gnorm = float(g.double().norm())
     sigma = rtol * (2 - rtol)
@@ -378,6 +389,11 @@ class TrustRegion(DampingRule):
     ):
         self.radius = _check_positive("radius", radius)
         self.max_radius = _check_positive("max_radius", max_radius)
+        if self.max_radius > MAX_RADIUS:
+            raise InvalidArgumentError(
+                f"max_radius {max_radius:g} is beyond {MAX_RADIUS:g}, where the subproblem's tests square it "
+                f"out of float64's range; {MAX_RADIUS:g} already bounds no step a model takes"
+            )
         self.eta = _check_positive("eta", eta, allow_zero=True)
         self.shrink = _check_positive("shrink", shrink)
         self.grow = _check_positive("grow", grow)
