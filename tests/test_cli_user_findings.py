@@ -59,6 +59,24 @@ def _wait_for_steps(p: subprocess.Popen, out: Path, lines: int = 20, timeout: fl
     pytest.fail("no log lines within the timeout")
 
 
+def _wait_until_caught(p: subprocess.Popen, signum: int, timeout: float = 120) -> None:
+    """Until the process has a handler for ``signum`` (Linux: ``SigCgt`` of ``/proc/<pid>/status``;
+    elsewhere a fixed 5 s)."""
+    status = Path(f"/proc/{p.pid}/status")
+    if not status.exists():
+        time.sleep(5.0)
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and p.poll() is None:
+        caught = next((ln for ln in status.read_text().splitlines() if ln.startswith("SigCgt:")), "SigCgt: 0")
+        if int(caught.split()[1], 16) >> (signum - 1) & 1:
+            return
+        time.sleep(0.05)
+    if p.poll() is None:
+        p.kill()
+    pytest.fail(f"no handler for signal {signum} within {timeout} s: {p.communicate()[1][-2000:]}")
+
+
 def _stopped(p: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
     try:
         out, err = p.communicate(timeout=timeout)
@@ -367,7 +385,10 @@ def test_sigterm_stops_hessinv_spectrum_with_a_message(tmp_path):
     # (n = 7.6k: a factorization per bin edge, 400 of them -- about 20 s, far beyond the signal)
     cmd += ["--depth", "8", "--width", "32", "--bins", "400", "--out", str(out)]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3.0)
+    # (a fixed 3 s sleep sent the signal before torch's import ended on a loaded machine: the default
+    # action killed it, -15; wait until the process catches SIGTERM, then let it compute a little)
+    _wait_until_caught(p, signal.SIGTERM)
+    time.sleep(1.0)
     assert p.poll() is None, p.communicate()[1][-2000:]
     p.send_signal(signal.SIGTERM)
     rc, _, stderr = _stopped(p)

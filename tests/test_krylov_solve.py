@@ -144,7 +144,10 @@ def test_krylov_first_at_extreme_scales_of_the_right_hand_side(scale):
     net, X, y = _mlp(400)
     G = hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X, y)
     ref, _ = G.solve(G.gradient, 1.0, return_info=True)
-    x, info = G.solve(G.gradient * scale, 1.0, return_info=True)
+    # (the budget in time: a product timed on a loaded machine must not decide the route here -- a full
+    # suite beside three other processes took the factorization at 1e150)
+    with mock.patch.object(curvature, "KRYLOV_FACTOR_RATE", 1e8):
+        x, info = G.solve(G.gradient * scale, 1.0, return_info=True)
     assert info.krylov_iterations > 0 and info.residual <= 1e-12
     assert float((x / scale - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
 

@@ -858,17 +858,22 @@ def check_memory(
     model, L = blocks[:-1], len(blocks) - 1
     first = _first_with_parameters(model)
 
-    def need(j: int, batch: int) -> int:
-        """At stage j: its transients, and the factors the stages after it keep."""
+    def parts(j: int, batch: int) -> tuple[int, int]:
+        """At stage j, in bytes: its own transients, and the factors the stages after it keep."""
         if j < first:
-            return 0
+            return 0, 0
         if diagonal:
             blk = model[j]
             a_in, a_out = (0 if j == first else batch * blk.d_in), batch * blk.d_out
-            return int(PEAK_FACTOR * (a_out * a_out + blk.p * a_out + a_in * a_in) * item)
+            return int(PEAK_FACTOR * (a_out * a_out + blk.p * a_out + a_in * a_in) * item), 0
         kept = sum(_kept_entries(model[k], batch, k == first) for k in range(j + 1, L) if model[k].p)
-        held = KEPT_FACTOR * kept
-        return int((PEAK_FACTOR * _sweep_entries(model[j], batch, j == first) + held) * item)
+        return int(PEAK_FACTOR * _sweep_entries(model[j], batch, j == first) * item), int(
+            KEPT_FACTOR * kept * item
+        )
+
+    def need(j: int, batch: int) -> int:
+        """At stage j: its transients, and the factors the stages after it keep."""
+        return sum(parts(j, batch))
 
     # a sweep far below what the process could ever hold needs no reading of what is free (file reads)
     if max((need(i, blk.batch) for i, blk in enumerate(model)), default=0) * 64 <= _capacity_bytes(device):
@@ -899,9 +904,17 @@ def check_memory(
             else f"Even one example does not fit ({names[worst]} needs {need(worst, 1) / 2**30:.3g} GiB with "
             "one, its blocks and the factors kept after it)"
         )
+        own, held = parts(i, blk.batch)
+        after = sum(1 for k in range(i + 1, L) if model[k].p)
+        where = (
+            f"({big})"
+            if held <= own
+            else f"(its own blocks {own / 2**30:.3g} GiB: {big}; the factors the {after} stages after it "
+            f"keep {held / 2**30:.3g} GiB)"
+        )
         raise TooLargeError(
             f"{names[i]}: the Riccati sweep would need about {need(i, blk.batch) / 2**30:.3g} GiB there "
-            f"({big}); {total / 2**30:.3g} GiB of the device's memory is available. {what}; products, the "
+            f"{where}; {total / 2**30:.3g} GiB of the device's memory is available. {what}; products, the "
             "gradient and the "
             "Gauss-Newton root (hessinv.gauss_newton(...).root()) need no such matrices"
         )

@@ -669,8 +669,10 @@ class GenericStage(Stage):
         p = self.p
         if p * p > self.MAX_BLOCK_ENTRIES:  # (an embedding table of 5000 x 32: no batch helps)
             what = (
-                f"its {p} parameters' p x p block alone exceeds it, whatever the batch; the optimizers "
-                "(Newton, Preconditioner) need no such blocks"
+                f"its {p} parameters' p x p block alone exceeds it, whatever the batch (the Hessian's "
+                "factorization, inertia and eigenvalue counts need it); H @ v, H.solve(g, damping) (a "
+                "Krylov solve on products), hessinv.gauss_newton (factored through its low-rank root) and "
+                "the optimizers (Newton, Preconditioner) need no such blocks"
             )
         elif fits >= 1:
             what = (
