@@ -154,6 +154,21 @@ def test_convolution_without_a_batch_axis_is_named(conv):
     x, y = torch.randn(*X, generator=g, dtype=torch.float64), torch.arange(B) % C
     with pytest.raises(UnsupportedStageError, match=r"(?s)mixes examples.*ONE example.*x\.unsqueeze\(1\)"):
         hessinv.hessian(net, nn.CrossEntropyLoss(), x, y)
+
+    # a module called whole that adds the channel axis itself and mixes examples otherwise: its first
+    # convolution's in_channels equal to the batch size is no evidence (a review: it was blamed)
+    class _Own(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.o = nn.Conv1d(1, B, 3), nn.Conv1d(B, 2, 3), nn.Linear(6, C)
+
+        def forward(self, x):
+            h = self.c2(torch.tanh(self.c1(x.unsqueeze(1))))
+            return self.o((h - h.mean(0)).flatten(1))
+
+    with pytest.raises(UnsupportedStageError, match="mixes examples") as err:
+        hessinv.hessian(nn.Sequential(_Own().double()), nn.CrossEntropyLoss(), torch.randn(B, 7).double(), y)
+    assert "ONE example" not in str(err.value)
     # the same layer given a batch axis: accepted
     net2 = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(10, C)).double()
     assert hessinv.hessian(net2, nn.CrossEntropyLoss(), torch.randn(B, 1, 7, dtype=torch.float64), y).shape
@@ -187,6 +202,18 @@ def test_mixing_model_called_whole_is_not_told_to_call_it_whole():
     with pytest.raises(UnsupportedStageError, match="called whole, _Center mixes them too") as wrapped:
         hessinv.hessian(nn.Sequential(net), nn.CrossEntropyLoss(), X, y)
     assert "nn.Sequential(model)" not in str(wrapped.value)
+
+    class _CenteredFirst(nn.Module):  # (mixing before the first parameter: the prefix refusal's wording)
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.a(x - x.mean(0))
+
+    with pytest.raises(UnsupportedStageError, match="mixes them too") as prefix:
+        hessinv.hessian(nn.Sequential(_CenteredFirst().double()), nn.CrossEntropyLoss(), X, y)
+    assert "nn.Sequential(model)" not in str(prefix.value)
 
 
 def test_custom_stage_that_mixes_examples_is_detected():

@@ -2482,19 +2482,27 @@ def test_the_trust_regions_search_takes_working_precision_values_after_an_exact_
     assert losses[-1] < 1e-20 and not refined
 
 
-def test_radius_beyond_float64_squares_is_refused_by_name():
+def test_radius_beyond_float64_squares_is_taken_as_the_bound():
     """A trust-region probe: TrustRegion(max_radius=1e160) passed validation, then the subproblem's
-    ``radius**2`` raised a raw OverflowError at the first step (solve_subproblem at radius 1e300 too)."""
+    ``radius**2`` raised a raw OverflowError at the first step (solve_subproblem at radius 1e300 too).
+    Radii beyond MAX_RADIUS (1e150: no step is that long) are taken as it -- refusing them (a review)
+    would have refused an older checkpoint's max_radius of 1e200, which loaded before."""
     from hessinv.optim import TrustRegion
     from hessinv.optim.trust_region import MAX_RADIUS
 
-    with pytest.raises(hessinv.InvalidArgumentError, match="max_radius 1e\\+160 is beyond"):
-        TrustRegion(radius=1e160, max_radius=1e160)
+    tr = TrustRegion(radius=1e160, max_radius=1e200)
+    assert tr.radius == tr.max_radius == MAX_RADIUS
     torch.manual_seed(0)
     X = torch.randn(32, 3, dtype=F64)
     y = X @ torch.randn(3, 1, dtype=F64)
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
-    opt = ho.Newton(net, nn.MSELoss(), damping=TrustRegion(radius=MAX_RADIUS, max_radius=MAX_RADIUS))
+    opt = ho.Newton(net, nn.MSELoss(), damping=tr)
     for _ in range(3):
         opt.step(X, y)
-    assert math.isfinite(opt.last_stats.loss)
+    assert math.isfinite(opt.last_stats.loss) and opt.last_stats.accepted
+    sd = opt.state_dict()
+    sd["newton"]["rule_settings"]["max_radius"] = 1e200  # (an older checkpoint's)
+    other = ho.Newton(copy.deepcopy(net), nn.MSELoss(), damping=TrustRegion())
+    other.load_state_dict(sd)
+    other.step(X, y)
+    assert math.isfinite(other.last_stats.loss)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -444,7 +445,7 @@ def test_group_keys_that_newton_uses_or_ignores_by_design_pass():
     opt.step(X, y)
     assert all(torch.equal(p, b) for p, b in zip(first, before[:2], strict=True))  # lr 0: not moved
     assert not all(torch.equal(p, b) for p, b in zip(rest, before[2:], strict=True))
-    with pytest.raises(hessinv.InvalidArgumentError, match="'momentum' has no use in mode='trust-region'"):
+    with pytest.raises(hessinv.InvalidArgumentError, match="'momentum' has no use in the trust region"):
         m2 = _tiny_mlp()
         params = [{"params": m2.parameters(), "momentum": 0.5}]
         hessinv.optim.Newton(m2, nn.CrossEntropyLoss(), mode="trust-region", params=params)
@@ -461,7 +462,9 @@ def test_bare_step_after_backward_says_newton_takes_the_gradient_itself():
     X, y = torch.randn(8, 3), torch.arange(8) % 2
     opt = hessinv.optim.Newton(m, nn.CrossEntropyLoss())
     nn.CrossEntropyLoss()(m(X), y).backward()
-    with pytest.raises(hessinv.InvalidArgumentError, match=r"drop loss.backward\(\) and call opt.step"):
+    with pytest.raises(
+        hessinv.InvalidArgumentError, match=r"call opt.step\(inputs, targets\), no loss.backward\(\)"
+    ):
         opt.step()
     for p in m.parameters():
         p.grad = torch.zeros_like(p)
@@ -490,3 +493,13 @@ def test_parameter_used_only_in_training_mode_is_named_as_such():
         hessinv.optim.Newton(_TrainOnlyBranch(), nn.CrossEntropyLoss()).step(
             torch.randn(8, 3), torch.arange(8) % 2
         )
+
+
+def test_a_parameter_list_is_params_as_torch_takes_it():
+    """A review: the malformed-params check refused every nn.Module, nn.ParameterList too (it iterates
+    tensors; torch's optimizers take it, and Newton did before), at the top and as a group's params."""
+    m = _tiny_mlp()
+    X, y = torch.randn(8, 3), torch.arange(8) % 2
+    for params in (nn.ParameterList(m.parameters()), [{"params": nn.ParameterList(m.parameters())}]):
+        opt = hessinv.optim.Newton(m, nn.CrossEntropyLoss(), params=params)
+        assert math.isfinite(float(opt.step(X, y)))

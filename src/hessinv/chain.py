@@ -952,8 +952,8 @@ def _check_in_place(g: fx.Graph, gm: nn.Module, owner: str) -> None:
                 else "and reads it again afterwards (the traced graph would read the value before the change)"
             )
             fix = (
-                "a buffer changed in forward has no fixed curvature: update it outside forward (in the "
-                "training loop), or only where self.training is set and call model.eval()"
+                "a parameter or buffer changed in forward has no fixed curvature: update it outside "
+                "forward (in the training loop), or only where self.training is set and call model.eval()"
                 if a.op == "get_attr"
                 else "write it out of place (y = x + 1 rather than x.add_(1); no inplace=True), or pass "
                 "nn.Sequential(model) to call the model whole (plain autograd, no stages)"

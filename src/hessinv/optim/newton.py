@@ -1317,8 +1317,8 @@ class Newton(torch.optim.Optimizer):
         grads = [p.grad for gr in self.param_groups for p in gr["params"] if p.grad is not None]
         if any(bool(g.any()) for g in grads):
             return (
-                " -- Newton computes the gradient (and the curvature) from the batch itself: drop "
-                "loss.backward() and call opt.step(inputs, targets)"
+                " -- Newton computes the gradient (and the curvature) from the batch itself: call "
+                "opt.step(inputs, targets), no loss.backward() before it"
             )
         return (
             " -- torch.distributed.checkpoint's set_optimizer_state_dict calls step() to create an empty "
@@ -2039,7 +2039,8 @@ def _param_groups(
     they join that group when unfrozen -- gradual unfreezing with a learning rate per group)."""
     if params is None:
         return [{"params": list(trainable)}], {}
-    if isinstance(params, (dict, Tensor, nn.Module)) or not isinstance(params, Iterable):
+    module = isinstance(params, nn.Module) and not isinstance(params, nn.ParameterList)  # (that one: tensors)
+    if isinstance(params, (dict, Tensor)) or module or not isinstance(params, Iterable):
         fix = {dict: "wrap one group in a list: params=[{...}]", Tensor: "wrap it in a list: params=[t]"}
         kind = next((k for k in fix if isinstance(params, k)), None)
         raise InvalidArgumentError(
@@ -2085,7 +2086,8 @@ def _as_list(params: Any) -> list[Tensor]:
         return [params]
     if isinstance(params, dict):
         params = params.values()
-    if isinstance(params, nn.Module) or not isinstance(params, Iterable):
+    module = isinstance(params, nn.Module) and not isinstance(params, nn.ParameterList)
+    if module or not isinstance(params, Iterable):
         what = "a module: pass its .parameters()" if isinstance(params, nn.Module) else type(params).__name__
         raise InvalidArgumentError(f"a parameter group's params must be tensors; got {what}")
     out = list(params)
@@ -2124,8 +2126,9 @@ def _check_group_keys(group: dict[str, Any], mode: str) -> None:
             continue
         if key == "momentum":
             raise InvalidArgumentError(
-                "a parameter group's 'momentum' has no use in mode='trust-region' (the trust region takes "
-                "no momentum); drop it, or use mode='precondition'"
+                "a parameter group's 'momentum' has no use in the trust region (mode='trust-region', or "
+                "'auto' with damping, track_inertia or backtracking): it takes no momentum; drop it, or use "
+                "mode='precondition'"
             )
         if key in own:
             raise InvalidArgumentError(

@@ -190,7 +190,7 @@ def solve_subproblem(
     Args:
         sweeps: the operator ``H`` (``sweeps.op``) with counters for factorizations and solves.
         gradient: ``g`` (may differ from ``sweeps.op.gradient``, e.g. a larger batch than the curvature).
-        radius: ``Delta > 0``, at most :data:`MAX_RADIUS`.
+        radius: ``Delta > 0`` (beyond :data:`MAX_RADIUS`, taken as it).
         damping_init: a guess for ``lambda*`` (the previous step's).
         direction: a guess for the eigenvector of ``lambda_min(H)`` (the previous step's ``u``). Its
             Rayleigh quotient proves ``-lambda_min >= -u^T H u`` for one product with ``H``, which spares
@@ -203,10 +203,9 @@ def solve_subproblem(
         start_at_guess: start from ``damping_init`` (if > 0) instead of testing ``lambda = 0`` first
             (for a caller that expects ``H`` to be indefinite, e.g. because the previous one was).
     """
-    if not (math.isfinite(radius) and 0 < radius <= MAX_RADIUS):
-        raise InvalidArgumentError(
-            f"radius must be > 0 and at most {MAX_RADIUS:g} (MAX_RADIUS), got {radius}"
-        )
+    if not (math.isfinite(radius) and radius > 0):
+        raise InvalidArgumentError(f"radius must be finite and > 0, got {radius}")
+    radius = min(radius, MAX_RADIUS)  # (its square stays a float64 number; no step is that long)
     g = gradient
     gnorm = float(g.double().norm())
     sigma = rtol * (2 - rtol)
@@ -353,8 +352,9 @@ class TrustRegion(DampingRule):
     ``rho > 0.75`` on the boundary.
 
     Args:
-        radius: the first radius ``Delta`` (in parameter units).
-        max_radius: the radius never grows beyond this.
+        radius: the first radius ``Delta`` (in parameter units; at most :data:`MAX_RADIUS`, larger
+            values are taken as it).
+        max_radius: the radius never grows beyond this (nor beyond :data:`MAX_RADIUS`).
         eta: acceptance threshold on ``rho`` (``0 <= eta < 0.25``).
         shrink, grow: radius factors after a poor (``rho < 0.25``) and a very good boundary step.
         rtol: the subproblem's boundary tolerance (its model value is within ``1 - rtol (2 - rtol)`` of
@@ -387,13 +387,10 @@ class TrustRegion(DampingRule):
         max_iter: int = 30,
         inverse_iterations: int = 3,
     ):
-        self.radius = _check_positive("radius", radius)
-        self.max_radius = _check_positive("max_radius", max_radius)
-        if self.max_radius > MAX_RADIUS:
-            raise InvalidArgumentError(
-                f"max_radius {max_radius:g} is beyond {MAX_RADIUS:g}, where the subproblem's tests square it "
-                f"out of float64's range; {MAX_RADIUS:g} already bounds no step a model takes"
-            )
+        # (beyond MAX_RADIUS the subproblem's tests would square a radius out of float64's range; no step
+        # is that long, so a larger value -- an old checkpoint's max_radius of 1e200 -- is that bound)
+        self.radius = min(_check_positive("radius", radius), MAX_RADIUS)
+        self.max_radius = min(_check_positive("max_radius", max_radius), MAX_RADIUS)
         self.eta = _check_positive("eta", eta, allow_zero=True)
         self.shrink = _check_positive("shrink", shrink)
         self.grow = _check_positive("grow", grow)
@@ -420,7 +417,7 @@ class TrustRegion(DampingRule):
         return {"radius": self.radius, "damping": 0.0, "direction": None, "indefinite": False}
 
     def propose(self, sweeps: Sweeps, gradient: Tensor, state: State) -> Proposal:
-        radius = float(state["radius"])
+        radius = min(float(state["radius"]), self.max_radius)
         sol = solve_subproblem(
             sweeps,
             gradient,
@@ -446,7 +443,7 @@ class TrustRegion(DampingRule):
         """New radius from ``rho``; the next subproblem starts from Newton's secular update of this
         step's ``lambda`` to the new radius, ``lambda + ||s||^2 / ||q||^2 (||s|| - Delta') / Delta'`` (exact
         model after a rejected step, when ``H`` is the same; a prediction otherwise)."""
-        radius = float(state["radius"])
+        radius = min(float(state["radius"]), self.max_radius)
         snorm = float(proposal.step.double().norm())
         # the ratio test judged the step taken, d = lr s, and the radius bounds s: a rejected step shrinks
         # it below ||s|| (the next d below shrink ||d|| at the same lr); a good boundary step grows it,

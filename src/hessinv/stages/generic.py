@@ -37,6 +37,7 @@ import contextlib
 import copy
 import math
 import numbers
+import re
 import sys
 import threading
 import warnings
@@ -670,9 +671,10 @@ class GenericStage(Stage):
         if p * p > self.MAX_BLOCK_ENTRIES:  # (an embedding table of 5000 x 32: no batch helps)
             what = (
                 f"its {p} parameters' p x p block alone exceeds it, whatever the batch (the Hessian's "
-                "factorization, inertia and eigenvalue counts need it); H @ v, H.solve(g, damping) (a "
-                "Krylov solve on products), hessinv.gauss_newton (factored through its low-rank root) and "
-                "the optimizers (Newton, Preconditioner) need no such blocks"
+                "factorization, inertia and eigenvalue counts need it); H @ v, hessinv.gauss_newton "
+                "(factored through its low-rank root) and the optimizers' mini-batch mode (Newton's "
+                "default, Preconditioner) need no such blocks, and H.solve(g, damping, rtol=...) answers "
+                "from H's products where MINRES reaches rtol"
             )
         elif fits >= 1:
             what = (
@@ -2063,8 +2065,10 @@ MOVED_AXIS = (
 def mixing_too(error: UnsupportedStageError, module: nn.Module) -> UnsupportedStageError:
     """:func:`mixing_error` of a piece of ``module`` once ``module`` called whole mixed examples too: the
     advice to call it whole is spent -- its examples interact."""
+    # (this stage's MOVED_AXIS, or the prefix refusal's own wording of that advice: spent either way)
+    spent = re.sub(r" \((?:or|if) it moves the batch axis.*?call the model whole\)", "", str(error))
     return UnsupportedStageError(
-        str(error).replace(MOVED_AXIS, "")
+        spent
         + f"; called whole, {type(module).__name__} mixes them too: the batch's examples interact in it (a "
         "statistic or an attention across the batch), so its curvature has no per-example chain to factor; "
         "compute it per example (BatchNorm in eval mode, a LayerNorm, statistics over the features)"
@@ -2072,16 +2076,21 @@ def mixing_too(error: UnsupportedStageError, module: nn.Module) -> UnsupportedSt
 
 
 def _unbatched_convolution(module: Any, z: Tensor | None) -> nn.Module | None:
-    """A convolution of ``module`` that ``z`` (batch first) reaches as an unbatched call -- ``z`` has one
-    axis more than its kernel (``(B, L)`` for a ``Conv1d``) and its batch size is the layer's
-    ``in_channels``, which torch then requires -- or None. (The first such layer: where ``module``
-    holds several, the one the input reaches is not known here; its shapes say the rest.)"""
+    """The convolution ``z`` (batch first) reaches first -- ``module`` itself or the first layer of a
+    Sequential -- where it takes ``z`` as an unbatched call: ``z`` has one axis more than its kernel
+    (``(B, L)`` for a ``Conv1d``) and its batch size is the layer's ``in_channels``, which torch then
+    requires; else None (a convolution inside a module's own forward: what reaches it is not known here)."""
     if not isinstance(module, nn.Module) or z is None or z.dim() < 2:
         return None
-    for m in module.modules():
-        if isinstance(m, nn.modules.conv._ConvNd) and z.dim() == len(m.kernel_size) + 1:
-            if m.in_channels == z.shape[0]:
-                return m
+    m = module
+    while isinstance(m, nn.Sequential) and len(m):  # (the layer the input reaches first)
+        m = m[0]
+    if (
+        isinstance(m, nn.modules.conv._ConvNd)
+        and z.dim() == len(m.kernel_size) + 1
+        and m.in_channels == z.shape[0]
+    ):
+        return m
     return None
 
 
