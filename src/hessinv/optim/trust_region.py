@@ -96,7 +96,9 @@ class SubproblemSolution:
         hard_case: ``s`` was completed to the sphere along an approximate eigenvector ``u`` of
             ``lambda_min`` (``s(lambda) + tau u``, taken when Moré–Sorensen's Lemma 3.4 test stops the
             iteration): in the hard case, and wherever that test passes first -- near it, or where the
-            step along ``u`` already gives the required model decrease. Not a diagnosis that ``g`` is
+            step along ``u`` already gives the required model decrease -- and when ``max_iter`` or the
+            bracket on ``lambda`` runs out (then only as accurate as the budget allowed: 0.56 of the
+            optimal model decrease at ``max_iter = 1`` in a probe). Not a diagnosis that ``g`` is
             (nearly) orthogonal to ``u``: a probe saw it with ``|g . u1| / |g|`` up to 0.29.
         iterations: factorizations spent.
         lambda_lower: lower bound on ``-lambda_min(H)`` from the failed tests and Rayleigh quotients
