@@ -236,11 +236,12 @@ DENSE_ROUTE_MIN_FLOPS_DEVICE = 1e9
 
 
 def _floats_to(v: Any, dtype: torch.dtype) -> Any:
-    """``v`` with its floating tensors in ``dtype`` -- a tensor, or one held in (nested) lists, tuples
+    """``v`` with its floating tensors in ``dtype`` (complex ones in that precision,
+    :func:`~hessinv.linalg.in_precision`) -- a tensor, or one held in (nested) lists, tuples
     and dicts (a model's constant projection kept in a list: its float64 twin failed on the float32
     copy) -- the same object where nothing changes."""
     if isinstance(v, Tensor):
-        return v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v
+        return linalg.in_precision(v, dtype)
     if isinstance(v, (list, tuple)) and type(v) in (list, tuple):
         items = [_floats_to(x, dtype) for x in v]
         return type(v)(items) if any(a is not b for a, b in zip(items, v, strict=True)) else v
@@ -1958,7 +1959,8 @@ class CurvatureOperator(_AutocastOff):
                 setattr(copies[i].get_submodule(name), k, saved.clone())
             for i, name, k, saved in self._plain_point:  # and plain settings
                 setattr(copies[i].get_submodule(name), k, copy.deepcopy(saved))
-        model = model.to(dtype) if isinstance(model, nn.Module) else [m.to(dtype) for m in model]
+        convert = functools.partial(linalg.module_in_precision, dtype=dtype)  # (complex buffers stay complex)
+        model = convert(model) if isinstance(model, nn.Module) else [convert(m) for m in model]
         for top in copies:
             for m in top.modules():  # plain floating tensor attributes too (Module.to leaves them), and
                 for k, v in list(vars(m).items()):  # those held in lists, tuples and dicts
@@ -4132,6 +4134,7 @@ def _fingerprint(t: Tensor) -> tuple:
     float32 operator keeps of a frozen parameter (a copy of a large backbone would double it)."""
     with torch.no_grad():
         r = torch.view_as_real(t) if t.is_complex() else t  # (a complex one's parts: a raw dtype error)
+        r = r if r.is_floating_point() else r.double()  # (an int8-quantized weight, a bool mask: exact)
         return (
             tuple(t.shape),
             t.dtype,

@@ -103,6 +103,32 @@ def as_columns(
     return (v[:, None] if v.dim() == 1 else v), v.dim() == 1
 
 
+#: the complex dtype of each real floating dtype's precision
+_COMPLEX_OF = {
+    torch.float64: torch.complex128,
+    torch.float32: torch.complex64,
+    torch.float16: torch.complex32,
+}
+
+
+def in_precision(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in the precision of the real floating ``dtype``: a floating tensor in ``dtype``, a complex one
+    in the complex dtype of that precision (``Module.to(torch.float64)`` casts a complex64 buffer to float64,
+    dropping its imaginary part: an FFT filter's float64 twin then computed another function), any other
+    as it is."""
+    if t.is_floating_point():
+        return t if t.dtype == dtype else t.to(dtype)
+    if t.is_complex() and dtype in _COMPLEX_OF:
+        return t if t.dtype == _COMPLEX_OF[dtype] else t.to(_COMPLEX_OF[dtype])
+    return t
+
+
+def module_in_precision(module: Any, dtype: torch.dtype) -> Any:
+    """``module`` (converted in place, and returned) with its parameters and buffers :func:`in_precision`
+    -- what ``module.to(dtype)`` does to the floating ones, without casting the complex ones to real."""
+    return module._apply(lambda t: in_precision(t, dtype))
+
+
 def machine_busy() -> bool:
     """Whether other work keeps every other core this process may use busy now: ``/proc/loadavg``'s count
     of runnable tasks, less this process's own running threads (its BLAS threads spin after a parallel
