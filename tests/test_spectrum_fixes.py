@@ -661,15 +661,6 @@ def test_uncertified_pairs_warn_where_the_deflated_rerun_does_not_converge(k):
     assert right or any(issubclass(x.category, hessinv.AccuracyWarning) for x in w)
 
 
-class _ScaledMSE(nn.Module):
-    def __init__(self, c: float):
-        super().__init__()
-        self.c = c
-
-    def forward(self, out, y):
-        return self.c * nn.functional.mse_loss(out, y)
-
-
 @pytest.mark.parametrize("c", [1e-290, 1e-300])
 def test_positive_definite_test_of_a_tiny_singular_gauss_newton_matrix_answers(c):
     """A spectrum probe: a Gauss-Newton matrix with a null space at a loss scale of 1e-290 (float64 holds
@@ -683,6 +674,6 @@ def test_positive_definite_test_of_a_tiny_singular_gauss_newton_matrix_answers(c
     )
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    G = hessinv.gauss_newton(m, _ScaledMSE(c), X, y)
+    G = hessinv.gauss_newton(m, lambda out, t: c * nn.functional.mse_loss(out, t), X, y)
     assert G.is_positive_definite(0.0) is False
     assert math.isfinite(G.min_eigenvalue())
