@@ -169,6 +169,19 @@ def test_convolution_without_a_batch_axis_is_named(conv):
     with pytest.raises(UnsupportedStageError, match="mixes examples") as err:
         hessinv.hessian(nn.Sequential(_Own().double()), nn.CrossEntropyLoss(), torch.randn(B, 7).double(), y)
     assert "ONE example" not in str(err.value)
+
+    # a convolution inside a module's own forward, given the unbatched input: found by running the module
+    class _Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.s = nn.Conv1d(B, B, 3), nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return torch.tanh(self.c(x)) * self.s  # (one stage: the conv and a parameter after it)
+
+    if conv != "2d":
+        with pytest.raises(UnsupportedStageError, match=r"its Conv1d is given inputs of shape \(4, 7\)"):
+            hessinv.hessian(nn.Sequential(_Block(), nn.Linear(5, C)).double(), nn.CrossEntropyLoss(), x, y)
     # the same layer given a batch axis: accepted
     net2 = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(10, C)).double()
     assert hessinv.hessian(net2, nn.CrossEntropyLoss(), torch.randn(B, 1, 7, dtype=torch.float64), y).shape

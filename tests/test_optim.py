@@ -2506,3 +2506,9 @@ def test_radius_beyond_float64_squares_is_taken_as_the_bound():
     other.load_state_dict(sd)
     other.step(X, y)
     assert math.isfinite(other.last_stats.loss)
+    # a float32 model: a step on a sphere of 1e100 overflowed float32 (a second review); the subproblem
+    # takes the radius at most 1e-4 sqrt(float32's largest number)
+    net32 = copy.deepcopy(net).float()
+    opt32 = ho.Newton(net32, nn.MSELoss(), damping=TrustRegion(radius=1e100, max_radius=1e150))
+    opt32.step(X.float(), y.float())
+    assert math.isfinite(opt32.last_stats.loss) and all(bool(p.isfinite().all()) for p in net32.parameters())

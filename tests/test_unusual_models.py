@@ -1294,3 +1294,48 @@ def test_float32_model_with_a_frozen_integer_parameter():
     assert float((x.double() - ref).norm() / ref.norm()) <= 1e-5
     opt = hessinv.optim.Newton(net, nn.CrossEntropyLoss())
     assert math.isfinite(float(opt.step(X, y)))
+
+
+class _SpectralLoss(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.register_buffer("M", torch.randn(c, c, dtype=torch.complex64))
+
+    def forward(self, out, y):
+        z = torch.fft.fft(out) @ self.M
+        return (z - y.to(z.dtype)).abs().pow(2).mean()
+
+
+class _ComplexMix(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.register_buffer("M", torch.randn(d, d, dtype=torch.complex64))
+        self.P = torch.randn(d, d)  # (a plain attribute: Module.double() leaves it float32)
+
+    def forward(self, x):
+        return (torch.fft.fft(x @ self.P) @ self.M).real
+
+
+def test_float64_copies_of_complex_losses_and_attributes():
+    """A second review: a loss whose only tensor is a complex64 buffer was returned unconverted for the
+    float64 twin (the conversion looked at floating tensors only; refined solves then refused it with
+    "use a float64 model", which fails the same way), and estimate_minimizer's float64 copy (Module.double())
+    kept complex64 buffers and float32 plain attributes (NotAChainError, DtypeMismatchError)."""
+    from hessinv.diagnostics import estimate_minimizer
+
+    torch.manual_seed(1)
+    X, y = torch.randn(8, 4), torch.randn(8, 3)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    loss = _SpectralLoss(3)
+    ref_loss = copy.deepcopy(loss)
+    ref_loss.M = ref_loss.M.to(torch.complex128)
+    _, H_ref = autograd_gradient_hessian(copy.deepcopy(net).double(), ref_loss, X.double(), y.double())
+    A = H_ref + 0.1 * torch.eye(H_ref.shape[0], dtype=torch.float64)
+    H = hessinv.hessian(net, loss, X, y)
+    x = H.factor(0.1).solve(H.gradient)
+    g = H.gradient.double()
+    assert float((A @ x.double() - g).norm() / g.norm()) <= 1e-6
+    torch.manual_seed(0)
+    X2, y2 = torch.randn(20, 3), torch.randn(20, 1)
+    est = estimate_minimizer(nn.Sequential(_ComplexMix(3), nn.Linear(3, 1)), nn.MSELoss(), X2, y2, max_iter=5)
+    assert math.isfinite(est.loss)

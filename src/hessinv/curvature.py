@@ -235,6 +235,19 @@ DENSE_ROUTE_MIN_FLOPS = 1e7
 DENSE_ROUTE_MIN_FLOPS_DEVICE = 1e9
 
 
+def model_in_precision(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` (converted in place, and returned) in the precision of ``dtype``: its parameters and
+    buffers (:func:`~hessinv.linalg.module_in_precision`: complex ones stay complex) and its modules' plain
+    tensor attributes, also those held in lists, tuples and dicts (``Module.to`` leaves them)."""
+    linalg.module_in_precision(model, dtype)
+    for m in model.modules():
+        for k, v in list(vars(m).items()):
+            w = _floats_to(v, dtype)
+            if w is not v:
+                setattr(m, k, w)
+    return model
+
+
 def _floats_to(v: Any, dtype: torch.dtype) -> Any:
     """``v`` with its floating tensors in ``dtype`` (complex ones in that precision,
     :func:`~hessinv.linalg.in_precision`) -- a tensor, or one held in (nested) lists, tuples
@@ -1959,14 +1972,8 @@ class CurvatureOperator(_AutocastOff):
                 setattr(copies[i].get_submodule(name), k, saved.clone())
             for i, name, k, saved in self._plain_point:  # and plain settings
                 setattr(copies[i].get_submodule(name), k, copy.deepcopy(saved))
-        convert = functools.partial(linalg.module_in_precision, dtype=dtype)  # (complex buffers stay complex)
-        model = convert(model) if isinstance(model, nn.Module) else [convert(m) for m in model]
         for top in copies:
-            for m in top.modules():  # plain floating tensor attributes too (Module.to leaves them), and
-                for k, v in list(vars(m).items()):  # those held in lists, tuples and dicts
-                    w = _floats_to(v, dtype)
-                    if w is not v:
-                        setattr(m, k, w)
+            model_in_precision(top, dtype)
         _rebind(copies, mods, memo)
         targets = self.targets.to(dtype) if self.targets.is_floating_point() else self.targets
         inputs = self.inputs.to(dtype) if self.inputs.is_floating_point() else self.inputs  # token ids stay
@@ -4134,7 +4141,7 @@ def _fingerprint(t: Tensor) -> tuple:
     float32 operator keeps of a frozen parameter (a copy of a large backbone would double it)."""
     with torch.no_grad():
         r = torch.view_as_real(t) if t.is_complex() else t  # (a complex one's parts: a raw dtype error)
-        r = r if r.is_floating_point() else r.double()  # (an int8-quantized weight, a bool mask: exact)
+        r = r if r.is_floating_point() else r.double()  # (an int8-quantized weight, a bool mask)
         return (
             tuple(t.shape),
             t.dtype,

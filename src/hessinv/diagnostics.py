@@ -59,7 +59,7 @@ from hessinv.chain import (
     model_parts,
     unshared,
 )
-from hessinv.curvature import CurvatureOperator, _check_tol, _integer, curvature_class
+from hessinv.curvature import CurvatureOperator, _check_tol, _integer, curvature_class, model_in_precision
 from hessinv.errors import (
     AccuracyWarning,
     HessinvError,
@@ -1064,7 +1064,8 @@ def estimate_minimizer(
     iters = _integer(max_iter)
     if iters is None or iters < 0:
         raise InvalidArgumentError(f"max_iter must be an integer >= 0, got {max_iter!r}")
-    net = copy.deepcopy(model if isinstance(model, nn.Module) else nn.Sequential(*model)).double()
+    net = copy.deepcopy(model if isinstance(model, nn.Module) else nn.Sequential(*model))
+    model_in_precision(net, torch.float64)  # (complex buffers and plain tensor attributes too)
     loss_fn = loss_in_dtype(loss_fn, torch.float64)
     X = inputs.detach().double() if inputs.is_floating_point() else inputs.detach()
     Y = targets.detach().double() if targets.is_floating_point() else targets.detach()

@@ -192,7 +192,8 @@ def solve_subproblem(
     Args:
         sweeps: the operator ``H`` (``sweeps.op``) with counters for factorizations and solves.
         gradient: ``g`` (may differ from ``sweeps.op.gradient``, e.g. a larger batch than the curvature).
-        radius: ``Delta > 0`` (beyond :data:`MAX_RADIUS`, taken as it).
+        radius: ``Delta > 0`` (beyond :data:`MAX_RADIUS`, or beyond ``1e-4 sqrt`` of the largest number of
+            the operator's dtype -- 1.8e15 in float32 -- taken as that).
         damping_init: a guess for ``lambda*`` (the previous step's).
         direction: a guess for the eigenvector of ``lambda_min(H)`` (the previous step's ``u``). Its
             Rayleigh quotient proves ``-lambda_min >= -u^T H u`` for one product with ``H``, which spares
@@ -207,7 +208,9 @@ def solve_subproblem(
     """
     if not (math.isfinite(radius) and radius > 0):
         raise InvalidArgumentError(f"radius must be finite and > 0, got {radius}")
-    radius = min(radius, MAX_RADIUS)  # (its square stays a float64 number; no step is that long)
+    # (its square stays a float64 number, and a step on the sphere a number of the model's dtype -- a
+    # float32 model's step of 1e100 overflowed in its product with H; no step is that long)
+    radius = min(radius, MAX_RADIUS, 1e-4 * math.sqrt(torch.finfo(sweeps.op.dtype).max))
     g = gradient
     gnorm = float(g.double().norm())
     sigma = rtol * (2 - rtol)

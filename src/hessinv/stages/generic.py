@@ -2041,14 +2041,14 @@ def mixing_error(
     or one that moves the batch axis for a later one to move back: a piece of a forward no chain as
     written); with the stage's ``module`` and input ``z``, the cause named where it is a convolution
     called without a batch axis (:func:`_unbatched_convolution`)."""
-    conv = _unbatched_convolution(module, z)
-    if conv is not None:
+    unbatched = _unbatched_convolution(module, z)
+    if unbatched is not None:
+        conv, shape = type(unbatched[0]).__name__, unbatched[1]
         return UnsupportedStageError(
-            f"{name} mixes examples: its {type(conv).__name__} is given inputs of shape {tuple(z.shape)} "
-            f"(batch first), which torch reads as ONE example without a batch axis whose {z.shape[0]} "
-            "channels are the batch's examples, so the convolution adds examples together; give it "
-            f"(batch, channels, ...) inputs: x.unsqueeze(1) for one channel, and {type(conv).__name__}"
-            f"(1, ...) or the channels the data has"
+            f"{name} mixes examples: its {conv} is given inputs of shape {shape} (batch first), which "
+            f"torch reads as ONE example without a batch axis whose {shape[0]} channels are the batch's "
+            "examples, so the convolution adds examples together; give it (batch, channels, ...) inputs: "
+            f"x.unsqueeze(1) for one channel, and {conv}(1, ...) or the channels the data has"
         )
     return UnsupportedStageError(
         f"{name} mixes examples: its {what} couple different examples of the batch{MOVED_AXIS}"
@@ -2075,23 +2075,40 @@ def mixing_too(error: UnsupportedStageError, module: nn.Module) -> UnsupportedSt
     )
 
 
-def _unbatched_convolution(module: Any, z: Tensor | None) -> nn.Module | None:
-    """The convolution ``z`` (batch first) reaches first -- ``module`` itself or the first layer of a
-    Sequential -- where it takes ``z`` as an unbatched call: ``z`` has one axis more than its kernel
-    (``(B, L)`` for a ``Conv1d``) and its batch size is the layer's ``in_channels``, which torch then
-    requires; else None (a convolution inside a module's own forward: what reaches it is not known here)."""
+def _unbatched_convolution(module: Any, z: Tensor | None) -> tuple[nn.Module, tuple[int, ...]] | None:
+    """The convolution of ``module`` that ``module(z)`` (``z`` batch first) calls as an unbatched call --
+    an input with one axis more than its kernel (``(B, L)`` for a ``Conv1d``) and ``in_channels`` equal to
+    the batch size, which torch then requires -- seen by running ``module`` once with hooks on its
+    convolutions (buffers put back after), and the shape it got; else None. (Comparing shapes alone
+    blamed a convolution that the module fed a channel axis itself; looking only at a Sequential's first
+    layer missed one inside a module's own forward: two reviews.)"""
     if not isinstance(module, nn.Module) or z is None or z.dim() < 2:
         return None
-    m = module
-    while isinstance(m, nn.Sequential) and len(m):  # (the layer the input reaches first)
-        m = m[0]
-    if (
-        isinstance(m, nn.modules.conv._ConvNd)
-        and z.dim() == len(m.kernel_size) + 1
-        and m.in_channels == z.shape[0]
-    ):
-        return m
-    return None
+    B = z.shape[0]
+    convs = [m for m in module.modules() if isinstance(m, nn.modules.conv._ConvNd) and m.in_channels == B]
+    if not convs:
+        return None
+    found: list[tuple[nn.Module, tuple[int, ...]]] = []
+
+    def seen(m: nn.Module, args: tuple) -> None:
+        x = args[0] if args else None
+        if not found and isinstance(x, Tensor) and x.dim() == len(m.kernel_size) + 1:
+            found.append((m, tuple(x.shape)))
+
+    handles = [c.register_forward_pre_hook(seen) for c in convs]
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        with torch.no_grad():
+            module(z.detach())
+    except Exception:  # noqa: BLE001 - a diagnosis only: whatever stops the call, no cause named
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+    return found[0] if found else None
 
 
 #: torch's layers that are linear or piecewise linear in their input and parameters (their second derivatives

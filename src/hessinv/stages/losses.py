@@ -107,13 +107,13 @@ def loss_name(loss_fn: Callable) -> str:
 
 
 def loss_in_dtype(loss_fn: Callable, dtype: torch.dtype) -> Callable:
-    """``loss_fn`` for a model converted to ``dtype``: a loss module with floating buffers
-    (``CrossEntropyLoss(weight=...)``, ``BCEWithLogitsLoss(pos_weight=...)``) is copied and converted,
-    anything else returned as is."""
+    """``loss_fn`` for a model converted to ``dtype``: a loss module with floating (or complex) tensors
+    (``CrossEntropyLoss(weight=...)``, ``BCEWithLogitsLoss(pos_weight=...)``) is copied and converted
+    (:func:`~hessinv.linalg.in_precision`), a partial's tensors too, anything else returned as is."""
     if isinstance(loss_fn, nn.Module):
         attrs = [(m, k) for m in loss_fn.modules() for k, v in vars(m).items() if isinstance(v, Tensor)]
         held = [*loss_fn.buffers(), *loss_fn.parameters(), *(getattr(m, k) for m, k in attrs)]
-        if not any(t.is_floating_point() and t.dtype != dtype for t in held):
+        if all(linalg.in_precision(t, dtype) is t for t in held):  # (floating or complex: to convert)
             return loss_fn
         try:
             new = copy.deepcopy(loss_fn)
@@ -128,7 +128,7 @@ def loss_in_dtype(loss_fn: Callable, dtype: torch.dtype) -> Callable:
     if isinstance(loss_fn, functools.partial):  # (its floating tensors: partial(F.cross_entropy, weight=w))
 
         def cast(t: Any) -> Any:
-            return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+            return linalg.in_precision(t, dtype) if isinstance(t, Tensor) else t
 
         func = loss_in_dtype(loss_fn.func, dtype)
         args, kw = [cast(a) for a in loss_fn.args], {k: cast(v) for k, v in loss_fn.keywords.items()}
