@@ -235,35 +235,6 @@ DENSE_ROUTE_MIN_FLOPS = 1e7
 DENSE_ROUTE_MIN_FLOPS_DEVICE = 1e9
 
 
-def model_in_precision(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``model`` (converted in place, and returned) in the precision of ``dtype``: its parameters and
-    buffers (:func:`~hessinv.linalg.module_in_precision`: complex ones stay complex) and its modules' plain
-    tensor attributes, also those held in lists, tuples and dicts (``Module.to`` leaves them)."""
-    linalg.module_in_precision(model, dtype)
-    for m in model.modules():
-        for k, v in list(vars(m).items()):
-            w = _floats_to(v, dtype)
-            if w is not v:
-                setattr(m, k, w)
-    return model
-
-
-def _floats_to(v: Any, dtype: torch.dtype) -> Any:
-    """``v`` with its floating tensors in ``dtype`` (complex ones in that precision,
-    :func:`~hessinv.linalg.in_precision`) -- a tensor, or one held in (nested) lists, tuples
-    and dicts (a model's constant projection kept in a list: its float64 twin failed on the float32
-    copy) -- the same object where nothing changes."""
-    if isinstance(v, Tensor):
-        return linalg.in_precision(v, dtype)
-    if isinstance(v, (list, tuple)) and type(v) in (list, tuple):
-        items = [_floats_to(x, dtype) for x in v]
-        return type(v)(items) if any(a is not b for a, b in zip(items, v, strict=True)) else v
-    if type(v) is dict:
-        new = {k: _floats_to(x, dtype) for k, x in v.items()}
-        return new if any(new[k] is not v[k] for k in v) else v
-    return v
-
-
 def _dense_route(chain: float, dense: float, n: int, cpu: bool = True) -> bool:
     """Whether a factorization takes the dense route, by the modelled flops of the chain's sweep and of
     the dense route (:func:`_factorization_costs`), the size ``n`` and the device (CPU or not)."""
@@ -1973,7 +1944,7 @@ class CurvatureOperator(_AutocastOff):
             for i, name, k, saved in self._plain_point:  # and plain settings
                 setattr(copies[i].get_submodule(name), k, copy.deepcopy(saved))
         for top in copies:
-            model_in_precision(top, dtype)
+            linalg.module_in_precision(top, dtype)
         _rebind(copies, mods, memo)
         targets = self.targets.to(dtype) if self.targets.is_floating_point() else self.targets
         inputs = self.inputs.to(dtype) if self.inputs.is_floating_point() else self.inputs  # token ids stay

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hessinv import linalg
 from hessinv.chain import (
     Chain,
     LossFn,
@@ -59,7 +60,7 @@ from hessinv.chain import (
     model_parts,
     unshared,
 )
-from hessinv.curvature import CurvatureOperator, _check_tol, _integer, curvature_class, model_in_precision
+from hessinv.curvature import CurvatureOperator, _check_tol, _integer, curvature_class
 from hessinv.errors import (
     AccuracyWarning,
     HessinvError,
@@ -1065,7 +1066,7 @@ def estimate_minimizer(
     if iters is None or iters < 0:
         raise InvalidArgumentError(f"max_iter must be an integer >= 0, got {max_iter!r}")
     net = copy.deepcopy(model if isinstance(model, nn.Module) else nn.Sequential(*model))
-    model_in_precision(net, torch.float64)  # (complex buffers and plain tensor attributes too)
+    linalg.module_in_precision(net, torch.float64)  # (complex buffers and plain tensor attributes too)
     loss_fn = loss_in_dtype(loss_fn, torch.float64)
     X = inputs.detach().double() if inputs.is_floating_point() else inputs.detach()
     Y = targets.detach().double() if targets.is_floating_point() else targets.detach()

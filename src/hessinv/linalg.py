@@ -124,9 +124,33 @@ def in_precision(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def module_in_precision(module: Any, dtype: torch.dtype) -> Any:
-    """``module`` (converted in place, and returned) with its parameters and buffers :func:`in_precision`
-    -- what ``module.to(dtype)`` does to the floating ones, without casting the complex ones to real."""
-    return module._apply(lambda t: in_precision(t, dtype))
+    """``module`` (converted in place, and returned) in the precision of ``dtype``: its parameters and
+    buffers :func:`in_precision` -- what ``module.to(dtype)`` does to the floating ones, without casting
+    the complex ones to real -- and its modules' plain tensor attributes, also those held in lists, tuples
+    and dicts (``Module.to`` leaves them: a model's constant projection kept in a list failed in its
+    float64 twin). The one conversion of the float64 copies: an operator's twin, a loss's,
+    ``estimate_minimizer``'s."""
+    module._apply(lambda t: in_precision(t, dtype))
+    for m in module.modules():
+        for k, v in list(vars(m).items()):
+            w = _held_in_precision(v, dtype)
+            if w is not v:
+                setattr(m, k, w)
+    return module
+
+
+def _held_in_precision(v: Any, dtype: torch.dtype) -> Any:
+    """``v`` :func:`in_precision` -- a tensor, or those held in (nested) lists, tuples and dicts -- the same
+    object where nothing changes."""
+    if isinstance(v, Tensor):
+        return in_precision(v, dtype)
+    if isinstance(v, (list, tuple)) and type(v) in (list, tuple):
+        items = [_held_in_precision(x, dtype) for x in v]
+        return type(v)(items) if any(a is not b for a, b in zip(items, v, strict=True)) else v
+    if type(v) is dict:
+        new = {k: _held_in_precision(x, dtype) for k, x in v.items()}
+        return new if any(new[k] is not v[k] for k in v) else v
+    return v
 
 
 def machine_busy() -> bool:

@@ -119,12 +119,7 @@ def loss_in_dtype(loss_fn: Callable, dtype: torch.dtype) -> Callable:
             new = copy.deepcopy(loss_fn)
         except Exception:  # noqa: BLE001 - not copyable (a lock): as it is (a dtype error names the fix)
             return loss_fn
-        new = linalg.module_in_precision(new, dtype)  # (complex buffers stay complex)
-        for m in new.modules():  # plain tensor attributes too (Module.to leaves them)
-            for k, v in list(vars(m).items()):
-                if isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex()):
-                    setattr(m, k, linalg.in_precision(v, dtype))
-        return new
+        return linalg.module_in_precision(new, dtype)  # (plain tensor attributes too; complex stays complex)
     if isinstance(loss_fn, functools.partial):  # (its floating tensors: partial(F.cross_entropy, weight=w))
 
         def cast(t: Any) -> Any:
