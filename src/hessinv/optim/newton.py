@@ -2039,8 +2039,7 @@ def _param_groups(
     they join that group when unfrozen -- gradual unfreezing with a learning rate per group)."""
     if params is None:
         return [{"params": list(trainable)}], {}
-    module = isinstance(params, nn.Module) and not isinstance(params, nn.ParameterList)  # (that one: tensors)
-    if isinstance(params, (dict, Tensor)) or module or not isinstance(params, Iterable):
+    if isinstance(params, (dict, Tensor)) or _not_tensors(params) is not None:
         fix = {dict: "wrap one group in a list: params=[{...}]", Tensor: "wrap it in a list: params=[t]"}
         kind = next((k for k in fix if isinstance(params, k)), None)
         raise InvalidArgumentError(
@@ -2086,9 +2085,8 @@ def _as_list(params: Any) -> list[Tensor]:
         return [params]
     if isinstance(params, dict):
         params = params.values()
-    module = isinstance(params, nn.Module) and not isinstance(params, nn.ParameterList)
-    if module or not isinstance(params, Iterable):
-        what = "a module: pass its .parameters()" if isinstance(params, nn.Module) else type(params).__name__
+    what = _not_tensors(params)
+    if what is not None:
         raise InvalidArgumentError(f"a parameter group's params must be tensors; got {what}")
     out = list(params)
     for p in out:
@@ -2100,6 +2098,15 @@ def _as_list(params: Any) -> list[Tensor]:
             what = "a module: pass its .parameters()" if isinstance(p, nn.Module) else type(p).__name__
             raise InvalidArgumentError(f"params must hold tensors (model.parameters()); got {what}")
     return out
+
+
+def _not_tensors(params: Any) -> str | None:
+    """What ``params`` is, for a refusal, where it cannot be an iterable of tensors -- a module other than
+    ``nn.ParameterList`` (which iterates its tensors, as torch's optimizers take it), or no iterable --
+    else None."""
+    if isinstance(params, nn.Module) and not isinstance(params, nn.ParameterList):
+        return "a module: pass its .parameters()"
+    return None if isinstance(params, Iterable) else type(params).__name__
 
 
 #: the settings a parameter group may change for its own parameters (the rest are the optimizer's)
