@@ -273,7 +273,7 @@ def _factorization_costs(
     n = sum(sizes)
     outs = [*widths[1:], outputs / max(batches[-1], 1) if batches else 0]  # (each stage's output width)
     if sizes and sizes[first] and any(sizes[first + 1 :]):  # (a first stage that is the last: above)
-        chain += sizes[first] * (batches[first] * float(outs[first])) ** 2
+        chain += qs[first] * (batches[first] * float(outs[first])) ** 2
     product = sum(8.0 * max(p, w + o) * b for p, w, o, b in zip(sizes, widths, outs, batches, strict=True))
     return chain, n**3 / 3 + n * product
 
@@ -798,9 +798,10 @@ class CurvatureOperator(_AutocastOff):
         return F.solve(rhs, refine=refine, max_refine=max_refine, return_info=return_info)
 
     def _factor_flops(self) -> float:
-        """The modelled flops of one factorization (:func:`_block_costs`: the sweep's or the dense
+        """The modelled flops of one factorization (:func:`_block_costs`: the sweep's, with its pivots'
+        orders as factored -- a lookup table's rows that the batch reads, not its ``p`` -- or the dense
         route's)."""
-        chain, dense = _block_costs(self.blocks)
+        chain, dense = _block_costs(self.blocks, pivots=True)
         return min(chain, dense)
 
     def _sweep_too_large(self) -> TooLargeError | None:

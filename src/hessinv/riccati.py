@@ -533,7 +533,9 @@ class LowRankPivot:
     A Linear+activation stage has this form (math.md §3: ``Qxx0 = Jt^T M Jt``, ``Jt = Z (x) I``,
     ``Z^T = Qz Rz``, ``A = (Rz (x) I) M (Rz (x) I)^T``); it pays when the inputs are wider than the
     batch: ``r^3 / 3 + O(p r a)`` flops instead of ``p^3 / 3 + p^2 a + 2 p a^2``. Same interface as
-    :class:`Pivot`; rows in the stage's input-major order.
+    :class:`Pivot`; rows in the stage's input-major order. ``Qz`` may also be a 1-D integer tensor of
+    ``r`` rows: ``U`` is then those unit columns of ``I_p`` (a lookup table's rows that the batch's
+    tokens read: :meth:`hessinv.stages.generic.LazyBlocks.riccati_native`).
     """
 
     def __init__(
@@ -553,7 +555,8 @@ class LowRankPivot:
         hscale: float = 0.0,
         c_exp: int = 0,
     ):
-        self.Qz, self.C, self.p, self.eps = Qz, C, p, damping
+        self.Qz, self.C, self.p, self.eps, self.dtype = Qz, C, p, damping, A.dtype
+        self.rows = Qz.dim() == 1  # (U: unit columns, the rows Qz names)
         self.c_exp = c_exp  # the C passed is 2^-c_exp times the true one (RiccatiBlocks.lowrank)
         r = A.shape[0]
         top = float((A.diagonal() + damping).abs().max()) if r else 0.0  # ~ max |eigenvalue| if PD
@@ -616,7 +619,7 @@ class LowRankPivot:
         c = self.inner.conditioning()
         if self.p > self.inner.p:
             top = self.inner.top if not self.inner.cholesky else float(self.inner.L.diagonal().max()) ** 2
-            c = min(c, abs(self.eps) / max(top, abs(self.eps), torch.finfo(self.Qz.dtype).tiny))
+            c = min(c, abs(self.eps) / max(top, abs(self.eps), torch.finfo(self.dtype).tiny))
         return c
 
     def logdet(self) -> float:
@@ -636,8 +639,10 @@ class LowRankPivot:
         """``diag(Qxx^{-1}) = diag(U (eps I + A)^{-1} U^T) + (1 - diag(U U^T)) / eps`` (p,), ``U = Qz (x)
         I``: ``diag[(c, i)] = sum_{s,t} Qz[c,s] Qz[c,t] Ainv[(s,i),(t,i)] + (1 - sum_s Qz[c,s]^2) / eps``."""
         Qz = self.Qz
+        inner = self.inner.solve(torch.eye(self.inner.p, dtype=self.dtype, device=Qz.device))
+        if self.rows:
+            return inner.new_full((self.p,), 1.0 / self.eps).index_copy_(0, Qz, inner.diagonal())
         m1, rz = Qz.shape
-        inner = self.inner.solve(torch.eye(self.inner.p, dtype=Qz.dtype, device=Qz.device))
         Ad = inner.view(rz, -1, rz, inner.shape[0] // rz).diagonal(dim1=1, dim2=3)  # (rz, rz, q): [s, t, i]
         T = (Qz @ Ad.reshape(rz, -1)).view(m1, rz, -1)  # [c, t, i]
         within = (T * Qz[:, :, None]).sum(1)  # (m1, q)
@@ -646,10 +651,14 @@ class LowRankPivot:
 
     def _UT(self, R: Tensor) -> Tensor:
         """``U^T R``: (p, k) -> (r, k)."""
+        if self.rows:
+            return R[self.Qz]
         return (self.Qz.T @ R.reshape(self.Qz.shape[0], -1)).reshape(-1, R.shape[1])
 
     def _U(self, Y: Tensor) -> Tensor:
         """``U Y``: (r, k) -> (p, k)."""
+        if self.rows:
+            return Y.new_zeros(self.p, Y.shape[1]).index_copy_(0, self.Qz, Y)
         return (self.Qz @ Y.reshape(self.Qz.shape[1], -1)).reshape(-1, Y.shape[1])
 
     def solve(self, R: Tensor) -> Tensor:

@@ -1579,7 +1579,29 @@ class LazyBlocks(Blocks):
         return torch.cat([o.reshape(-1) for o in out])
 
     def jx(self, v: Tensor) -> Tensor:
+        if self._table_only():
+            return self._table_jx(v)
         return self._forward(v, None) if self._ready(v.shape[-1]) else self.dense.jx(v)
+
+    def _table_only(self) -> bool:
+        """Whether ``Jx v`` comes from :meth:`_table_jx` (a stage on token ids that is one lookup table)."""
+        return self._dense_blocks is None and self._read_rows() is not None and self._one_table()
+
+    def _table_jx(self, v: Tensor) -> Tensor:
+        """``Jx v`` (B, d_out, k) of a stage that is one lookup table (:meth:`_one_table`): the lookup of
+        the rows of ``v`` -- the table is linear in its weight -- with ``padding_idx``'s row at zero, as
+        autograd's derivative has it; first derivatives only (an ``nn.EmbeddingBag`` has no double
+        backward, on which the graph's ``J v`` rests)."""
+        _wi, ids, _u, padding_idx, bag = self._tables[0]
+        V, D = self.stage.params[0].shape
+        k = v.shape[-1]
+        flat, counted = _table_rows(ids.to(v.device), padding_idx)
+        W = v.T.reshape(k, V, D)
+        looked = W[:, flat] * counted[None, :, None].to(v.dtype)  # (k, tokens, D)
+        if bag is not None:
+            pos, share = bag[0].to(v.device), bag[1].to(v.device, v.dtype)
+            looked = looked.new_zeros(k, self.batch, D).index_add_(1, pos, looked * share[None, :, None])
+        return looked.permute(1, 2, 0).reshape(self.batch, self.d_out, k)
 
     def jz(self, t: Tensor) -> Tensor:
         return self._forward(None, t) if self._ready(t.shape[-1]) else self.dense.jz(t)
@@ -1587,6 +1609,8 @@ class LazyBlocks(Blocks):
     def hvp_forward(self, t: Tensor | None, v: Tensor | None) -> Tensor | None:
         if t is None and v is None:
             return None
+        if v is not None and self._table_only():  # (d_in = 0: t carries nothing)
+            return self._table_jx(v)
         k = (v if v is not None else t).shape[-1]  # type: ignore[union-attr]
         return self._forward(v, t) if self._ready(k) else self.dense.hvp_forward(t, v)
 
@@ -1626,6 +1650,132 @@ class LazyBlocks(Blocks):
 
     def riccati(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
         return self.dense.riccati(Sigma, coupled)
+
+    # -- a lookup table's rows that no token reads (the pivot restricted to the rest) ------------------
+    def _read_rows(self) -> tuple[Tensor, int, int] | None:
+        """``(rows, fixed, read)`` for a stage on data (``d_in = 0``: token ids) that calls a lookup table
+        (``nn.Embedding``, an ``nn.EmbeddingBag`` summing or averaging, once, on this batch's ids): the
+        coordinates of its parameters outside which ``Jx`` and ``Hxx`` are zero -- all but the table rows
+        no token reads (``padding_idx``'s too: autograd leaves it at zero) -- with their count outside the
+        tables and in them; None where that leaves out fewer than half of the ``p`` (unless the stage is
+        the table alone, whose pivot :meth:`_table_pivot` forms without the dense blocks), or where one
+        random product ``Jx^T s + Hxx v`` is not zero outside them (the table read elsewhere too). On those
+        coordinates the pivot ``Qxx = Jx^T Sigma Jx + Hxx + eps I`` is ``eps I`` (:meth:`riccati_native`)."""
+        if "_rows" in self.__dict__:
+            return self._rows
+        self._rows: tuple[Tensor, int, int] | None = None
+        if self.d_in or not self.p or self._dense_blocks is not None:
+            return None
+        self._structured_linears()
+        if not self._tables:
+            return None
+        dev = self._out.device
+        keep = torch.ones(self.p, dtype=torch.bool, device=dev)
+        offsets = [0]
+        for q in self.stage.params:
+            offsets.append(offsets[-1] + q.numel())
+        in_tables = 0
+        for wi, ids, _u, padding_idx, _bag in self._tables:
+            V, D = self.stage.params[wi].shape
+            flat, counted = _table_rows(ids.to(dev), padding_idx)
+            read = torch.zeros(V, dtype=torch.bool, device=dev)
+            read[flat[counted]] = True
+            keep[offsets[wi] : offsets[wi + 1]] = read.repeat_interleave(D)
+            in_tables += V * D
+        rows = keep.nonzero().squeeze(1)
+        if 2 * rows.numel() > self.p and not self._one_table():  # (pulled back: p columns at most)
+            return None
+        gen = torch.Generator(device="cpu").manual_seed(4321 + self.stage.index)
+        dt = self._out.dtype
+        s = torch.randn(self.batch, self.d_out, 1, generator=gen, dtype=torch.float64).to(dev, dt)
+        v = (
+            torch.randn(self.p, 1, generator=gen, dtype=torch.float64).to(dev, dt)
+            if self.second_order
+            else None
+        )
+        self._unchanged()
+        if bool((self._backward(s, v, None, 1)[0][~keep] != 0).any()):
+            return None
+        read_in_tables = int(keep.sum()) - (self.p - in_tables)
+        self._rows = (rows, self.p - in_tables, read_in_tables)
+        return self._rows
+
+    def pivot_order(self, batch: int) -> int:
+        """``p``, or the coordinates a lookup table's tokens read (:meth:`_read_rows`; for fewer examples
+        than the batch's, the table's share of them in proportion)."""
+        found = self._read_rows()
+        if found is None:
+            return self.p
+        rows, fixed, read = found
+        return fixed + (read if batch >= self.batch else -(-read * batch // self.batch))
+
+    def riccati_native(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
+        """:meth:`riccati`, or -- a stage on token ids with table rows no token reads (:meth:`_read_rows`)
+        -- the pivot in low-rank form (:attr:`RiccatiBlocks.lowrank` with ``U`` the unit columns of the
+        ``r`` rows read): ``A = J Sigma J^T + Hxx[rows, rows]`` with ``J = (Jx^T)[rows]`` (r, B d_out), by
+        ``B d_out`` pull-backs of unit signals (each one example's: :meth:`_vjp_per_example`) and, where
+        ``Hxx`` is not zero, ``r`` second-order products; ``O(r a^2 + r^2 a)`` instead of the dense
+        blocks' ``p`` columns (an ``Embedding(20000, 32)``: a 640000 x 640000 pivot refused)."""
+        found = self._read_rows()
+        if found is None:
+            return self.riccati(Sigma, coupled)
+        rows = found[0]
+        A = self._table_pivot(Sigma)
+        if A is None:
+            A = self._pulled_pivot(Sigma, rows)
+        A = 0.5 * (A + A.T)
+        Qzz = A.new_zeros(self.batch, 0, self.batch, 0) if coupled else None
+        return RiccatiBlocks(None, A.new_zeros(self.p, self.batch, 0), Qzz, lowrank=(rows, A, None, 0))
+
+    def _table_pivot(self, Sigma: Tensor) -> Tensor | None:
+        """:meth:`riccati_native`'s ``A`` where the stage is one lookup table and returns its output: with
+        ``E`` (r_t, P) the share of each output position (a token, or an ``nn.EmbeddingBag``'s bag) that
+        each row read takes, ``A = (E (x) I_D) Sigma (E (x) I_D)^T`` (``Jx`` is ``E^T (x) I_D``; ``Hxx =
+        0``), ``O(r a P)`` flops without a pull-back; None for any other stage."""
+        if not self._one_table():
+            return None
+        _wi, ids, u, padding_idx, bag = self._tables[0]
+        D, dev = self.stage.params[0].shape[1], Sigma.device
+        flat, counted = _table_rows(ids.to(dev), padding_idx)
+        read = torch.zeros(self.stage.params[0].shape[0], dtype=torch.bool, device=dev)
+        read[flat[counted]] = True
+        rank = torch.cumsum(read.long(), 0) - 1  # (each row read: its place among them)
+        P = flat.numel() if bag is None else self.batch
+        pos = torch.arange(flat.numel(), device=dev) if bag is None else bag[0].to(dev)
+        share = torch.ones_like(flat, dtype=Sigma.dtype) if bag is None else bag[1].to(dev, Sigma.dtype)
+        E = Sigma.new_zeros(int(read.sum()), P)
+        E.index_put_((rank[flat[counted]], pos[counted]), share[counted], accumulate=True)
+        S = Sigma.reshape(P, D * P * D)
+        r = E.shape[0]
+        T = (E @ S).view(r, D, P, D).permute(0, 1, 3, 2)  # [u, i, i', P']
+        return (T.reshape(-1, P) @ E.T).view(r, D, D, r).permute(0, 1, 3, 2).reshape(r * D, r * D)
+
+    def _one_table(self) -> bool:
+        """Whether the stage is one lookup table whose output it returns (:meth:`_table_pivot`)."""
+        one = len(self._tables) == 1 and len(self.stage.params) == 1
+        return one and self._tables[0][2] is self._out
+
+    def _pulled_pivot(self, Sigma: Tensor, rows: Tensor) -> Tensor:
+        """:meth:`riccati_native`'s ``A`` for any stage: ``J = (Jx^T)[rows]`` by ``B d_out`` pull-backs of
+        unit signals, ``A = J Sigma J^T``, plus ``Hxx[rows, rows]`` by ``r`` second-order products where
+        ``Hxx`` is not zero."""
+        like, r, a, p = self._b_out, rows.numel(), self.batch * self.d_out, self.p
+        J = like.new_empty(r, a)
+        step = max(1, min(a, 2**22 // max(p, 1)))  # (columns of p numbers each: 32 MiB in float64)
+        for j0 in range(0, a, step):
+            q = min(step, a - j0)
+            S = like.new_zeros(a, q)
+            S[j0 + torch.arange(q), torch.arange(q)] = 1
+            own = torch.div(j0 + torch.arange(q, device=S.device), self.d_out, rounding_mode="floor")
+            J[:, j0 : j0 + q] = self.jxT(S.view(self.batch, self.d_out, q), own)[rows]
+        A = J @ (Sigma.reshape(a, a).to(J.dtype) @ J.T)
+        if self._nonzero_second()[0]:
+            for j0 in range(0, r, CHUNK):
+                q = min(CHUNK, r - j0)
+                V = like.new_zeros(p, q)
+                V[rows[j0 : j0 + q], torch.arange(q)] = 1
+                A[:, j0 : j0 + q] += self._backward(None, V, None, q)[0][rows]
+        return A
 
     def curvature_diagonal(self, Sigma: Tensor, coupled: bool = True) -> tuple[Tensor, Tensor | None]:
         return self.dense.curvature_diagonal(Sigma, coupled)

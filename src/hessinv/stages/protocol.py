@@ -85,7 +85,8 @@ class RiccatiBlocks:
     ``lowrank``: when not None, ``(Qz, A, C, e)`` with ``Qxx0 = U A U^T``, ``U = Qz (x) I`` (``Qz`` with
     orthonormal columns, ``A`` of size ``r < p``) and ``2^e C = Qxz^T (I - U U^T) Qxz`` (None: zero;
     ``C`` kept scaled by a power of two, as the true one can underflow at tiny Hessian scales), and
-    ``Qxx0`` is None: the sweep factors the pivot through ``eps I_r + A``
+    ``Qxx0`` is None (``Qz`` a 1-D integer tensor of ``r`` rows: ``U`` those unit columns of ``I_p``):
+    the sweep factors the pivot through ``eps I_r + A``
     (:class:`hessinv.riccati.LowRankPivot`).
     """
 

@@ -1,0 +1,124 @@
+"""The Riccati sweep through a lookup table: the pivot of an ``nn.Embedding`` / ``nn.EmbeddingBag`` stage
+restricted to the rows that the batch's tokens read (the other rows' pivot is ``eps I``), against the
+dense matrices of plain autograd in float64."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import autograd_gauss_newton, autograd_gradient_hessian
+from torch import nn
+
+import hessinv
+from hessinv.riccati import LowRankPivot
+from hessinv.stages.generic import GenericStage
+
+
+class _Tanh(nn.Module):
+    """A table and what follows it in one generic stage (``Hxx`` not zero: ``tanh''``), with a second
+    parameter (every coordinate of it kept in the pivot)."""
+
+    def __init__(self, V, D):
+        super().__init__()
+        self.tab, self.gain = nn.Embedding(V, D), nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x):
+        return torch.tanh(self.gain * self.tab(x)).flatten(1)
+
+
+def _model(kind: str, V: int, D: int, T: int, padding_idx, C: int) -> nn.Module:
+    if kind == "embedding":  # the table alone in its stage: the pivot from its closed form
+        head = [nn.Embedding(V, D, padding_idx=padding_idx), nn.Flatten()]
+    elif kind == "inside":  # the table inside a generic stage: the pivot from pull-backs
+        head = [_Tanh(V, D)]
+    else:
+        head = [nn.EmbeddingBag(V, D, mode=kind, padding_idx=padding_idx)]
+        T = 1
+    return nn.Sequential(*head, nn.Linear(D * T, 5), nn.Tanh(), nn.Linear(5, C)).double()
+
+
+def _inertia(ev: torch.Tensor) -> tuple[int, int, int]:
+    return int((ev < 0).sum()), 0, int((ev > 0).sum())
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    kind=st.sampled_from(["embedding", "inside", "sum", "mean"]),
+    padding=st.booleans(),
+    damping=st.sampled_from([1e-3, 0.05, -0.02]),
+)
+def test_table_pivot_factorization_equals_dense(seed, kind, padding, damping):
+    """Inertia, solve, log-determinant and ``diag((H + eps I)^-1)`` of the sweep whose table pivot holds
+    only the rows read equal the dense matrix's, for the Hessian (Gauss-Newton for the bags, whose
+    Hessian torch cannot take); the untouched rows' eigenvalue is ``eps``."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    V, D, T, B, C = 60, 3, 3, 5, 4
+    net = _model(kind, V, D, T, 2 if padding else None, C)
+    X = torch.randint(0, 20, (B, T), generator=g)  # tokens 20.. never read
+    if padding:
+        X[0, 0] = 2
+    y = torch.randint(0, C, (B,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    bag = kind in ("sum", "mean")
+    if bag:
+        A = autograd_gauss_newton(net, loss_fn, X, y)
+    else:
+        A = autograd_gradient_hessian(net, loss_fn, X, y)[1]
+    A = 0.5 * (A + A.T) + damping * torch.eye(A.shape[0], dtype=A.dtype)
+    ev = torch.linalg.eigvalsh(A)
+    if float(ev.abs().min()) < 1e-7:  # (a count at an eigenvalue ~0 is not what is tested)
+        return
+    with pytest.MonkeyPatch.context() as mp:  # (a table this small gets dense blocks: its pivot is p x p)
+        mp.setattr(GenericStage, "LAZY_ENTRIES", 0)
+        op = (hessinv.gauss_newton if bag else hessinv.hessian)(net, loss_fn, X, y)
+        F = op.factor(damping, method="riccati") if bag else op.factor(damping)
+    piv = F.factors[0].pivot
+    assert isinstance(piv, LowRankPivot) and piv.rows  # (the case under test)
+    assert piv.inner.p < op.blocks[0].p // 2
+    assert tuple(F.inertia) == _inertia(ev)
+    sign, logabs = torch.linalg.slogdet(A)
+    assert math.isclose(F.logdet(), float(logabs), rel_tol=1e-9, abs_tol=1e-7)
+    b = torch.randn(A.shape[0], 2, generator=g, dtype=torch.float64)
+    x = F.solve(b)
+    assert float((A @ x - b).norm() / b.norm()) <= 1e-10
+    want = torch.linalg.inv(A).diagonal()
+    assert torch.allclose(F.inverse_diagonal(), want, rtol=1e-8, atol=1e-10)
+
+
+def test_a_large_table_factors_in_the_rows_read():
+    """An ``Embedding(20000, 8)`` (160,000 parameters): the sweep was refused (a 160000 x 160000 pivot,
+    190 GiB) and the solve ran MINRES before refusing too; its pivot now holds the rows that 8 examples
+    of 4 tokens read. The reference: the same net with a table of those rows alone (the ids renumbered),
+    whose dense Hessian by autograd is ``H`` on the rows read and the other parameters (the rest of ``H``
+    is zero): inertia, log-determinant and solve."""
+    torch.manual_seed(0)
+    V, D, T, B = 20000, 8, 4, 8
+    net = nn.Sequential(nn.Embedding(V, D), nn.Flatten(), nn.Linear(T * D, 5)).double()
+    X, y = torch.randint(0, V, (B, T)), torch.randint(0, 5, (B,))
+    loss_fn = nn.CrossEntropyLoss()
+    H = hessinv.hessian(net, loss_fn, X, y)
+    eps = 1e-3
+    F = H.factor(eps)
+    x, info = F.solve(H.gradient, return_info=True)
+    assert info.krylov_iterations == 0 and info.residual <= 1e-12
+    rows, ids = torch.unique(X, return_inverse=True)
+    small = nn.Sequential(nn.Embedding(len(rows), D), nn.Flatten(), nn.Linear(T * D, 5)).double()
+    with torch.no_grad():
+        small[0].weight.copy_(net[0].weight[rows])
+        small[2].load_state_dict(net[2].state_dict())
+    g, A = autograd_gradient_hessian(small, loss_fn, ids, y)
+    A = 0.5 * (A + A.T) + eps * torch.eye(A.shape[0], dtype=A.dtype)
+    ev = torch.linalg.eigvalsh(A)
+    unread = H.shape[0] - A.shape[0]
+    assert tuple(F.inertia) == (int((ev < 0).sum()), 0, int((ev > 0).sum()) + unread)
+    assert math.isclose(F.logdet(), float(torch.linalg.slogdet(A)[1]) + unread * math.log(eps), rel_tol=1e-10)
+    keep = torch.zeros(V, D, dtype=torch.bool)
+    keep[rows] = True
+    keep = torch.cat([keep.reshape(-1), torch.ones(H.shape[0] - V * D, dtype=torch.bool)])
+    want = torch.linalg.solve(A, g)
+    assert torch.allclose(x[keep], want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+    assert not bool(x[~keep].any())
