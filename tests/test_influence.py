@@ -759,3 +759,23 @@ def test_class_weights_of_as_many_classes_as_examples_are_not_per_example_weight
         (nn.BCEWithLogitsLoss(pos_weight=w), nn.functional.one_hot(y, 4).double()),
     ):
         assert per_example_gradients(m, loss_fn, X, t).shape[0] == 4
+
+
+def test_indefinite_warning_advises_what_the_curvature_lacks():
+    """A Gauss-Newton curvature made indefinite by a negative damping was told to "use
+    curvature='gauss_newton'", which it already used (a probe): the advice is now a damping > 0; the
+    Hessian's still names the Gauss-Newton matrix."""
+    import warnings
+
+    from hessinv.influence import InfluenceFunction
+
+    torch.manual_seed(0)
+    X, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    for curvature, damping, says in (("gauss_newton", -0.1, "a damping > 0"), ("hessian", -5.0, "gauss_newton")):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            InfluenceFunction(net, nn.CrossEntropyLoss(), curvature=curvature, damping=damping).fit(X, y)
+        (msg,) = [str(x.message) for x in w if "indefinite" in str(x.message)]
+        assert says in msg
+        assert ("curvature='gauss_newton'" in msg) == (curvature == "hessian")

@@ -56,7 +56,7 @@ from hessinv.chain import (
     training_layers,
     unshared,
 )
-from hessinv.curvature import CurvatureOperator, Factorization, check_precision, curvature_class
+from hessinv.curvature import CurvatureOperator, Factorization, Hessian, check_precision, curvature_class
 from hessinv.errors import (
     AccuracyWarning,
     DtypeMismatchError,
@@ -545,10 +545,17 @@ class InfluenceFunction:
                 AccuracyWarning,
             )
         elif not fac.positive_definite:
+            hessian = self.curvature_cls is Hessian
+            advice = (
+                "use curvature='gauss_newton' or a larger damping"
+                if hessian
+                else "a damping > 0 (G is positive semi-definite for the targets its loss defines: check "
+                "the targets too)"
+            )
             warn(
-                f"H + lambda I (lambda = {self.damping:g}) is indefinite, inertia {tuple(fac.inertia)}: "
-                "the scores are exact for this matrix, but influence functions assume a positive definite "
-                "curvature -- use curvature='gauss_newton' or a larger damping"
+                f"{'H' if hessian else 'G'} + lambda I (lambda = {self.damping:g}) is indefinite, inertia "
+                f"{tuple(fac.inertia)}: the scores are exact for this matrix, but influence functions assume "
+                f"a positive definite curvature -- {advice}"
             )
         self.operator, self.factorization, self._weight = op, fac, w
         self._at, self._held = op.chain.flat_params(), op.chain.held_state(modes=False)
