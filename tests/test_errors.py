@@ -1281,3 +1281,18 @@ def test_memory_refusal_says_what_is_the_stages_own_and_what_later_stages_keep(m
     total, own, after, kept = float(m.group(1)), float(m.group(2)), int(m.group(3)), float(m.group(4))
     assert after == 7 and kept > own and abs(own + kept - total) <= 0.01 * total
     need.append(total)
+
+
+@pytest.mark.parametrize(
+    "layer", [lambda: nn.MultiheadAttention(3, 1, batch_first=True), lambda: nn.Bilinear(3, 3, 3)]
+)
+def test_a_stage_of_two_inputs_is_named_with_the_wrap_that_helps(layer):
+    """``nn.MultiheadAttention`` or ``nn.Bilinear`` placed in an ``nn.Sequential``: was a
+    ShapeMismatchError about the input's shape (a probe); the shape was fine, the stage takes more than
+    one input -- now an UnsupportedStageError that says how to wrap it."""
+    import hessinv
+
+    net = nn.Sequential(layer()).double()
+    X = torch.randn(2, 2, 3, dtype=torch.float64)
+    with pytest.raises(hessinv.UnsupportedStageError, match="more than one input.*wrap it"):
+        hessinv.hessian(net, nn.MSELoss(), X, torch.randn(2, 2, 3, dtype=torch.float64))

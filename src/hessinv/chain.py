@@ -2186,6 +2186,12 @@ class Chain:
                     ) from e
                 if type(e) not in (RuntimeError, ValueError, TypeError, IndexError):
                     raise  # (the user's own exception, a subclass: theirs to catch, as from their forward)
+                if isinstance(e, TypeError) and "required positional argument" in str(e):
+                    raise UnsupportedStageError(  # (nn.MultiheadAttention, nn.Bilinear in a Sequential)
+                        f"{s.name} takes more than one input ({e}); a stage is called with one tensor, the "
+                        "output of the stage before it: wrap it in a module whose forward(x) calls it "
+                        "(for attention, att(x, x, x)[0]; for nn.Bilinear, bil(x, x))"
+                    ) from e
                 raise ShapeMismatchError(
                     f"{s.name} failed on input of shape {tuple(zs[-1].shape)}: {e}"
                 ) from e
