@@ -772,7 +772,10 @@ def test_indefinite_warning_advises_what_the_curvature_lacks():
     torch.manual_seed(0)
     X, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
     net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    for curvature, damping, says in (("gauss_newton", -0.1, "a damping > 0"), ("hessian", -5.0, "gauss_newton")):
+    for curvature, damping, says in (
+        ("gauss_newton", -0.1, "a damping > 0"),
+        ("hessian", -5.0, "gauss_newton"),
+    ):
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             InfluenceFunction(net, nn.CrossEntropyLoss(), curvature=curvature, damping=damping).fit(X, y)

@@ -86,7 +86,8 @@ def test_table_pivot_factorization_equals_dense(seed, kind, padding, damping):
     x = F.solve(b)
     assert float((A @ x - b).norm() / b.norm()) <= 1e-10
     want = torch.linalg.inv(A).diagonal()
-    assert torch.allclose(F.inverse_diagonal(), want, rtol=1e-8, atol=1e-10)
+    # (normwise: an entry far below max|(H + eps I)^-1| -- the unread rows' 1 / eps -- is a difference)
+    assert torch.allclose(F.inverse_diagonal(), want, rtol=1e-8, atol=1e-11 * float(want.abs().max()))
 
 
 def test_a_large_table_factors_in_the_rows_read():

@@ -56,6 +56,7 @@ from hessinv.errors import (
     NonFiniteError,
     NotAChainError,
     ShapeMismatchError,
+    TooLargeError,
     UnsupportedStageError,
     warn,
 )
@@ -2641,8 +2642,10 @@ class Chain:
             rows = self._guarded(
                 lambda: self._per_example_rows(first.pop() if first else self.forward(inputs), b0)
             )
-        except NoDoubleBackward:  # (a stage's rows from its dense blocks, a double backward: the caller's
-            return None  # per-example route, first derivatives only -- an nn.EmbeddingBag)
+        except (NoDoubleBackward, TooLargeError):  # (a stage's rows from its dense blocks, a double backward
+            # or too large -- an nn.EmbeddingBag; an Embedding(20000, 16)'s 1e11 numbers: the caller's
+            # per-example route, first derivatives only)
+            return None
         if rows is None or self.__dict__.get("_rows_checked") or rows.shape[0] < 2:
             return rows
         # once per split: up to 16 examples' outputs alone against the batch's, and the first example's

@@ -1588,20 +1588,15 @@ class LazyBlocks(Blocks):
         return self._dense_blocks is None and self._read_rows() is not None and self._one_table()
 
     def _table_jx(self, v: Tensor) -> Tensor:
-        """``Jx v`` (B, d_out, k) of a stage that is one lookup table (:meth:`_one_table`): the lookup of
-        the rows of ``v`` -- the table is linear in its weight -- with ``padding_idx``'s row at zero, as
-        autograd's derivative has it; first derivatives only (an ``nn.EmbeddingBag`` has no double
-        backward, on which the graph's ``J v`` rests)."""
-        _wi, ids, _u, padding_idx, bag = self._tables[0]
-        V, D = self.stage.params[0].shape
+        """``Jx v`` (B, d_out, k) of a stage that is one lookup table (:meth:`_one_table`): ``(E^T (x) I_D)
+        v`` on the rows read (:meth:`_table_shares`; the table is linear in its weight, ``padding_idx``'s
+        row has no derivative) -- first derivatives only (an ``nn.EmbeddingBag`` has no double backward,
+        on which the graph's ``J v`` rests)."""
+        rows = self._read_rows()[0]  # type: ignore[index]
+        E, D = self._table_shares()
         k = v.shape[-1]
-        flat, counted = _table_rows(ids.to(v.device), padding_idx)
-        W = v.T.reshape(k, V, D)
-        looked = W[:, flat] * counted[None, :, None].to(v.dtype)  # (k, tokens, D)
-        if bag is not None:
-            pos, share = bag[0].to(v.device), bag[1].to(v.device, v.dtype)
-            looked = looked.new_zeros(k, self.batch, D).index_add_(1, pos, looked * share[None, :, None])
-        return looked.permute(1, 2, 0).reshape(self.batch, self.d_out, k)
+        Vr = v[rows].reshape(E.shape[0], D * k)
+        return (E.T.to(v.dtype) @ Vr).reshape(self.batch, self.d_out, k)
 
     def jz(self, t: Tensor) -> Tensor:
         return self._forward(None, t) if self._ready(t.shape[-1]) else self.dense.jz(t)
@@ -1727,27 +1722,32 @@ class LazyBlocks(Blocks):
         Qzz = A.new_zeros(self.batch, 0, self.batch, 0) if coupled else None
         return RiccatiBlocks(None, A.new_zeros(self.p, self.batch, 0), Qzz, lowrank=(rows, A, None, 0))
 
-    def _table_pivot(self, Sigma: Tensor) -> Tensor | None:
-        """:meth:`riccati_native`'s ``A`` where the stage is one lookup table and returns its output: with
-        ``E`` (r_t, P) the share of each output position (a token, or an ``nn.EmbeddingBag``'s bag) that
-        each row read takes, ``A = (E (x) I_D) Sigma (E (x) I_D)^T`` (``Jx`` is ``E^T (x) I_D``; ``Hxx =
-        0``), ``O(r a P)`` flops without a pull-back; None for any other stage."""
-        if not self._one_table():
-            return None
-        _wi, ids, u, padding_idx, bag = self._tables[0]
-        D, dev = self.stage.params[0].shape[1], Sigma.device
+    def _table_shares(self) -> tuple[Tensor, int]:
+        """``(E, D)`` of a stage that is one lookup table (:meth:`_one_table`): ``E`` (r_t, P) the share of
+        each output position (a token, or an ``nn.EmbeddingBag``'s bag) that each row read takes -- ``Jx``
+        is ``E^T (x) I_D`` in the rows read -- and the table's width ``D``."""
+        _wi, ids, _u, padding_idx, bag = self._tables[0]
+        (V, D), dev, dt = self.stage.params[0].shape, self._b_out.device, self._b_out.dtype
         flat, counted = _table_rows(ids.to(dev), padding_idx)
-        read = torch.zeros(self.stage.params[0].shape[0], dtype=torch.bool, device=dev)
+        read = torch.zeros(V, dtype=torch.bool, device=dev)
         read[flat[counted]] = True
         rank = torch.cumsum(read.long(), 0) - 1  # (each row read: its place among them)
         P = flat.numel() if bag is None else self.batch
         pos = torch.arange(flat.numel(), device=dev) if bag is None else bag[0].to(dev)
-        share = torch.ones_like(flat, dtype=Sigma.dtype) if bag is None else bag[1].to(dev, Sigma.dtype)
-        E = Sigma.new_zeros(int(read.sum()), P)
+        share = torch.ones_like(flat, dtype=dt) if bag is None else bag[1].to(dev, dt)
+        E = torch.zeros(int(read.sum()), P, dtype=dt, device=dev)
         E.index_put_((rank[flat[counted]], pos[counted]), share[counted], accumulate=True)
-        S = Sigma.reshape(P, D * P * D)
-        r = E.shape[0]
-        T = (E @ S).view(r, D, P, D).permute(0, 1, 3, 2)  # [u, i, i', P']
+        return E, D
+
+    def _table_pivot(self, Sigma: Tensor) -> Tensor | None:
+        """:meth:`riccati_native`'s ``A`` where the stage is one lookup table and returns its output
+        (:meth:`_table_shares`: ``Jx = E^T (x) I_D``, ``Hxx = 0``): ``A = (E (x) I_D) Sigma (E (x) I_D)^T``,
+        ``O(r a P)`` flops without a pull-back; None for any other stage."""
+        if not self._one_table():
+            return None
+        E, D = self._table_shares()
+        r, P = E.shape
+        T = (E @ Sigma.reshape(P, D * P * D)).view(r, D, P, D).permute(0, 1, 3, 2)  # [u, i, i', P']
         return (T.reshape(-1, P) @ E.T).view(r, D, D, r).permute(0, 1, 3, 2).reshape(r * D, r * D)
 
     def _one_table(self) -> bool:
@@ -1755,10 +1755,16 @@ class LazyBlocks(Blocks):
         one = len(self._tables) == 1 and len(self.stage.params) == 1
         return one and self._tables[0][2] is self._out
 
-    def _pulled_pivot(self, Sigma: Tensor, rows: Tensor) -> Tensor:
-        """:meth:`riccati_native`'s ``A`` for any stage: ``J = (Jx^T)[rows]`` by ``B d_out`` pull-backs of
-        unit signals, ``A = J Sigma J^T``, plus ``Hxx[rows, rows]`` by ``r`` second-order products where
-        ``Hxx`` is not zero."""
+    def read_jacobian(self) -> Tensor:
+        """``J = (Jx^T)[rows]`` (r, B d_out) on the rows of :meth:`_read_rows` (``Jx`` is zero outside them):
+        ``E (x) I_D`` for a stage that is one table (:meth:`_table_shares`), else by ``B d_out`` pull-backs
+        of unit signals (each one example's: :meth:`_vjp_per_example`)."""
+        found = self._read_rows()
+        assert found is not None, "read_jacobian: a stage without table rows left out"
+        rows = found[0]
+        if self._one_table():
+            E, D = self._table_shares()
+            return torch.kron(E, torch.eye(D, dtype=E.dtype, device=E.device))
         like, r, a, p = self._b_out, rows.numel(), self.batch * self.d_out, self.p
         J = like.new_empty(r, a)
         step = max(1, min(a, 2**22 // max(p, 1)))  # (columns of p numbers each: 32 MiB in float64)
@@ -1768,7 +1774,17 @@ class LazyBlocks(Blocks):
             S[j0 + torch.arange(q), torch.arange(q)] = 1
             own = torch.div(j0 + torch.arange(q, device=S.device), self.d_out, rounding_mode="floor")
             J[:, j0 : j0 + q] = self.jxT(S.view(self.batch, self.d_out, q), own)[rows]
+        return J
+
+    def _pulled_pivot(self, Sigma: Tensor, rows: Tensor) -> Tensor:
+        """:meth:`riccati_native`'s ``A`` for any stage: ``A = J Sigma J^T`` (:meth:`read_jacobian`), plus
+        ``Hxx[rows, rows]`` by ``r`` second-order products where ``Hxx`` is not zero."""
+        like, r, a, p = self._b_out, rows.numel(), self.batch * self.d_out, self.p
+        J = self.read_jacobian()
         A = J @ (Sigma.reshape(a, a).to(J.dtype) @ J.T)
+        if self._dense_blocks is not None:  # (formed for the pull-backs: the graph is gone)
+            Hxx = self._dense_blocks.Hxx
+            return A if Hxx is None else A + Hxx[rows][:, rows]
         if self._nonzero_second()[0]:
             for j0 in range(0, r, CHUNK):
                 q = min(CHUNK, r - j0)
