@@ -1127,3 +1127,31 @@ def test_torch_state_dict_hooks_see_newtons_whole_state():
     other.load_state_dict(sd)
     assert seen["pre"] == 3 and seen["after"] == 7 and other.steps == 7
     assert sd["newton"]["step"] == 3  # the caller's dict is not rewritten
+
+
+@pytest.mark.parametrize("frozen_at_load", [False, True])
+def test_a_layer_unfrozen_after_resuming_joins_the_group_this_optimizer_gave_it(frozen_at_load):
+    """Gradual unfreezing across a checkpoint: a layer frozen when the checkpoint was written, in group 0
+    (lr 0.5) of the optimizer that loads it. The load replaced this optimizer's record of that group by the
+    checkpoint's (none), and the step after unfreezing refused the layer with advice that, followed, met
+    the same refusal (a probe). It now joins group 0 and moves at that group's lr."""
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    lf = nn.CrossEntropyLoss()
+    m[0].requires_grad_(False)
+    opt = ho.Newton(m, lf, params=[{"params": m[2].parameters(), "lr": 0.5}, {"params": m[4].parameters()}])
+    for _ in range(3):
+        opt.step(X, y)
+    sd = opt.state_dict()
+    m[0].requires_grad_(not frozen_at_load)
+    first = list(m[0].parameters())
+    groups = [{"params": first + list(m[2].parameters()), "lr": 0.5}, {"params": m[4].parameters()}]
+    opt2 = ho.Newton(m, lf, params=groups)
+    opt2.load_state_dict(sd)
+    m[0].requires_grad_(True)
+    before = m[0].weight.detach().clone()
+    opt2.step(X, y)
+    assert not torch.equal(m[0].weight.detach(), before)
+    (home,) = [g for g in opt2.param_groups if any(p is m[0].weight for p in g["params"])]
+    assert home["lr"] == 0.5

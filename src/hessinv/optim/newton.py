@@ -809,6 +809,9 @@ class Newton(torch.optim.Optimizer):
         ns["max_relative_step"] = limit
         if regrouped:  # (a frozen parameter's group is one of this optimizer's groups, not the checkpoint's)
             ns["homes"] = dict(self._newton.get("homes", {}))
+        else:  # (a parameter the checkpoint has no group for keeps the one this optimizer gave it: a layer
+            # frozen when the checkpoint was written, in a group of this one -- unfrozen, it joins that)
+            ns["homes"] = {**self._newton.get("homes", {}), **ns.get("homes", {})}
         ns.pop("rule_settings", None)
         self.rule = rule
         self._newton = copy.deepcopy(ns)
