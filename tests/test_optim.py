@@ -1090,24 +1090,35 @@ def test_a_closure_with_another_loss_instance_is_told_to_use_the_optimizers():
 
 
 def test_closure_on_two_batches_is_ambiguous():
-    """A closure that also evaluates a validation batch: which batch the step is on cannot be guessed
-    (the last call used to win); given explicitly, the step takes it."""
+    """A closure that also evaluates a validation batch with autograd on: which batch the step is on
+    cannot be guessed (the last call used to win); given explicitly, the step takes it. A validation
+    forward (and loss) under ``torch.no_grad()`` cannot be the batch trained: the step takes the other
+    one (it was refused as ambiguous, a probe), the same step as with the batch given."""
     net, X, y = _clf()
     loss_fn = nn.CrossEntropyLoss()
-    Xv = torch.randn(8, 6)
+    Xv, yv = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    start = copy.deepcopy(net.state_dict())
+
+    def closure_with(grad: bool):
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(net(X), y)
+            loss.backward()
+            with torch.set_grad_enabled(grad):
+                loss_fn(net(Xv), yv)  # a validation forward
+            return loss
+
+        return closure
+
     opt = ho.Newton(net, loss_fn, mode="trust-region", seed=0)
-
-    def closure():
-        opt.zero_grad()
-        loss = loss_fn(net(X), y)
-        loss.backward()
-        with torch.no_grad():
-            net(Xv)  # a validation forward
-        return loss
-
     with pytest.raises(hessinv.InvalidArgumentError, match="2 different batches"):
-        opt.step(closure)
-    opt.step(closure=closure, inputs=X, targets=y)
+        opt.step(closure_with(True))
+    opt.step(closure=closure_with(True), inputs=X, targets=y)
+    after = [p.detach().clone() for p in net.parameters()]
+    net.load_state_dict(start)
+    opt = ho.Newton(net, loss_fn, mode="trust-region", seed=0)
+    opt.step(closure_with(False))
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), after, strict=True))
     assert opt.last_stats.batch_size == 32
 
 

@@ -1485,8 +1485,10 @@ class Newton(torch.optim.Optimizer):
     def _run_closure(
         self, closure: Callable[[], Any], inputs: Tensor | None, targets: Tensor | None
     ) -> tuple[Tensor | None, tuple[Tensor | None, Tensor | None], Tensor]:
-        """Run a ``torch.optim`` closure, watching the model's input and the loss module's target."""
-        seen: dict[str, list[Tensor]] = {"inputs": [], "targets": [], "extra": []}
+        """Run a ``torch.optim`` closure, watching the model's input and the loss module's target (of the
+        calls with autograd on, where there are any: a forward under ``torch.no_grad()`` -- a validation
+        batch logged inside the closure -- is not the one trained)."""
+        seen: dict[str, list[Tensor]] = {"inputs": [], "targets": [], "extra": [], "off": [], "toff": []}
         first = model_parts(self.model)[0]
         me = threading.get_ident()  # (another thread's calls of a loss module shared with it are not ours)
 
@@ -1495,7 +1497,7 @@ class Newton(torch.optim.Optimizer):
                 return
             x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
             if isinstance(x, Tensor):
-                seen["inputs"].append(x)
+                seen["inputs" if torch.is_grad_enabled() else "off"].append(x)
             extra = [a for a in args[1:] if a is not None] + [v for v in kwargs.values() if v is not None]
             if args and extra:
                 seen["extra"].append(extra)
@@ -1505,7 +1507,7 @@ class Newton(torch.optim.Optimizer):
                 return
             t = args[1] if len(args) >= 2 else kwargs.get("target")
             if isinstance(t, Tensor):
-                seen["targets"].append(t)
+                seen["targets" if torch.is_grad_enabled() else "toff"].append(t)
 
         handles = [first.register_forward_pre_hook(on_model, with_kwargs=True)]
         if isinstance(self.loss_fn, nn.Module):
@@ -1524,8 +1526,13 @@ class Newton(torch.optim.Optimizer):
                 "the inputs (a module whose forward unpacks them) for a curvature of the function trained",
                 UserWarning,
             )
-        inputs = inputs if inputs is not None else _one_batch(seen["inputs"], "model", "inputs")
-        targets = targets if targets is not None else _one_batch(seen["targets"], "loss_fn", "targets")
+        calls = seen["inputs"] or seen["off"]
+        inputs = inputs if inputs is not None else _one_batch(calls, "model", "inputs")
+        targets = (
+            targets
+            if targets is not None
+            else _one_batch(seen["targets"] or seen["toff"], "loss_fn", "targets")
+        )
         if inputs is None or targets is None:
             missing = "the model" if inputs is None else "this optimizer's loss_fn"
             watch = (
