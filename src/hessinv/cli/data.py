@@ -1022,9 +1022,12 @@ def load_dataset(
                 f"{label}: targets contain NaN or infinity ({bad} example{'s' if bad > 1 else ''}): drop "
                 "those examples, or fill the values in"
             )
-        if standardize and from_file and len(y):
+        if standardize and (from_file or key != "regression") and len(y):
             # a file's targets have any scale (diabetes: 152 +- 77; 2000 steps ended above the MSE of
-            # predicting the mean): standardized like the features, the statistics kept for the report
+            # predicting the mean), a built-in's class labels taken as targets (--task regression) too
+            # (digits' 0..9: Newton warned to standardize them, which the CLI offered no way to):
+            # standardized like the features, the statistics kept for the report; the built-in
+            # regression's teacher outputs are its own (DEFAULT_TARGET is an MSE of them)
             top = np.abs(y).max(0)
             top = np.where(np.isfinite(top) & (top > 0), top, 1.0)
             mu_y, sd_y = (y / top).mean(0) * top, (y / top).std(0) * top
