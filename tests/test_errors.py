@@ -1296,3 +1296,30 @@ def test_a_stage_of_two_inputs_is_named_with_the_wrap_that_helps(layer):
     X = torch.randn(2, 2, 3, dtype=torch.float64)
     with pytest.raises(hessinv.UnsupportedStageError, match="more than one input.*wrap it"):
         hessinv.hessian(net, nn.MSELoss(), X, torch.randn(2, 2, 3, dtype=torch.float64))
+
+
+def test_a_traced_piece_that_fails_prints_nothing_before_the_named_error(capfd):
+    """A float32 model whose forward multiplies by a float32 constant: its float64 copy (the solves'
+    refinement) fails, and torch.fx printed its report of the generated code to stderr before hessinv's
+    DtypeMismatchError said what to do (a probe). The named error alone now, and the traced piece still
+    raises where it fails (deep-copied too)."""
+    import copy
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)) @ torch.eye(4))
+
+    torch.manual_seed(0)
+    X, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    H = hessinv.hessian(M(), nn.CrossEntropyLoss(), X, y)
+    with pytest.raises(hessinv.DtypeMismatchError, match="float64 copy"):
+        H.factor(1e-2).solve(H.gradient)
+    assert "FX-traced" not in capfd.readouterr().err
+    piece = next(s.module for s in H.chain.stages if "matmul" in s.name)
+    with pytest.raises(RuntimeError, match="dtype"):
+        copy.deepcopy(piece)(torch.randn(2, 4, dtype=torch.float64))
+    assert "FX-traced" not in capfd.readouterr().err

@@ -1051,11 +1051,45 @@ def _segment_spec(gm: nn.Module, z: fx.Node, nodes: list[fx.Node], owner: str):
     for n in nodes:
         copy(n)
     graph.output(env[nodes[-1]])
-    piece = fx.GraphModule(gm, graph)
+    piece = _Piece(gm, graph)
     label = "+".join(_node_label(gm, n) for n in nodes)
     if len(label) > 60:
         label = label[:57] + "..."
     return [("generic", piece, _params_of(piece), f"{owner}: {label}")]
+
+
+class _QuietCall:
+    """A traced piece's call without torch.fx's report of an error in its generated code, which fx prints
+    to stderr before raising (a float32 model's float64 copy failing on a float32 constant: the trace
+    came before hessinv's named error, which says what to do); the error is raised as it is."""
+
+    def __init__(self, cls: type):
+        self.cls = cls
+
+    def __call__(self, obj: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return super(self.cls, obj).__call__(*args, **kwargs)
+
+
+class _Piece(fx.GraphModule):
+    """A traced piece of a model: a GraphModule whose call is :class:`_QuietCall` (each GraphModule has a
+    class of its own, made again by a deep copy -- the float64 copy of a float32 model)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        _quiet(self)
+
+    def _deepcopy_init(self) -> Callable[..., None]:
+        def init(obj: fx.GraphModule, *args: Any, **kwargs: Any) -> None:
+            fx.GraphModule.__init__(obj, *args, **kwargs)
+            _quiet(obj)
+
+        return init
+
+
+def _quiet(piece: fx.GraphModule) -> None:
+    cls = type(piece)
+    if "_wrapped_call" in vars(cls) and cls is not fx.GraphModule:  # (as this torch names it)
+        cls._wrapped_call = _QuietCall(cls)  # type: ignore[attr-defined]
 
 
 def _params_of(m: nn.Module) -> list[nn.Parameter]:
