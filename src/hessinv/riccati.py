@@ -169,6 +169,9 @@ class Pivot:
         self.perturbed = 0
         self.modified = 0  # eigenvalues of D replaced by max(|lambda|, damping) (``modify``)
         self.stage, self.name, self.damping = stage, name, damping
+        if not self.p:  # (a lookup table's pivot in the rows read, none read: LowRankPivot's inner)
+            self.qmax, self.cholesky, self.L, self.inertia = 0.0, True, Q, Inertia(0, 0, 0)
+            return
         if cholesky_first:
             L = linalg.cholesky(Q)  # None: not positive definite, or not finite
             if L is not None:
@@ -616,8 +619,10 @@ class LowRankPivot:
         """:meth:`Pivot.conditioning` of the inner pivot, and ``|eps| / max|eigenvalue|`` where the
         complement of ``range(U)`` is not empty (``eps`` is an eigenvalue there; a tiny shift makes the
         Schur complement's ``C / eps`` term dominate)."""
+        if not self.inner.p:  # (no row read: the pivot is eps I, its conditioning 1)
+            return 1.0
         c = self.inner.conditioning()
-        if self.p > self.inner.p:
+        if self.p > self.inner.p and not self.rows:  # (unit columns: eps I on rows coupled to nothing)
             top = self.inner.top if not self.inner.cholesky else float(self.inner.L.diagonal().max()) ** 2
             c = min(c, abs(self.eps) / max(top, abs(self.eps), torch.finfo(self.dtype).tiny))
         return c

@@ -1584,8 +1584,9 @@ class LazyBlocks(Blocks):
         return self._forward(v, None) if self._ready(v.shape[-1]) else self.dense.jx(v)
 
     def _table_only(self) -> bool:
-        """Whether ``Jx v`` comes from :meth:`_table_jx` (a stage on token ids that is one lookup table)."""
-        return self._dense_blocks is None and self._read_rows() is not None and self._one_table()
+        """Whether ``Jx v`` comes from :meth:`_table_jx`: a stage on token ids whose table rows not read
+        are left out (:meth:`_read_rows`), one lookup table in closed form or with ``J`` formed."""
+        return self._read_rows() is not None and (self._shares is not None or self._J is not None)
 
     def _table_jx(self, v: Tensor) -> Tensor:
         """``Jx v`` (B, d_out, k) of a stage that is one lookup table (:meth:`_one_table`): ``(E^T (x) I_D)
@@ -1593,8 +1594,10 @@ class LazyBlocks(Blocks):
         row has no derivative) -- first derivatives only (an ``nn.EmbeddingBag`` has no double backward,
         on which the graph's ``J v`` rests)."""
         rows = self._read_rows()[0]  # type: ignore[index]
-        E, D = self._table_shares()
         k = v.shape[-1]
+        if self._shares is None:  # (J = (Jx^T)[rows] formed: a bag's per_sample_weights)
+            return (self._J.T.to(v.dtype) @ v[rows]).reshape(self.batch, self.d_out, k)  # type: ignore[union-attr]
+        E, D = self._shares
         Vr = v[rows].reshape(E.shape[0], D * k)
         return (E.T.to(v.dtype) @ Vr).reshape(self.batch, self.d_out, k)
 
@@ -1659,6 +1662,8 @@ class LazyBlocks(Blocks):
         if "_rows" in self.__dict__:
             return self._rows
         self._rows: tuple[Tensor, int, int] | None = None
+        self._shares: tuple[Tensor, int] | None = None  # (E, D) where the closed form holds
+        self._J: Tensor | None = None  # (Jx^T)[rows] where formed by pull-backs (read_jacobian)
         if self.d_in or not self.p or self._dense_blocks is not None:
             return None
         self._structured_linears()
@@ -1689,8 +1694,17 @@ class LazyBlocks(Blocks):
             else None
         )
         self._unchanged()
-        if bool((self._backward(s, v, None, 1)[0][~keep] != 0).any()):
+        g = self._backward(s, v, None, 1)[0]
+        if bool((g[~keep] != 0).any()):
             return None
+        if self._one_table():  # the closed form (E (x) I_D) s against autograd's pull-back of s
+            E, D = self._table_shares()
+            got, want = (E @ s.reshape(E.shape[1], D)).reshape(-1), g[rows, 0]
+            tol = math.sqrt(torch.finfo(dt).eps) * max(
+                float(want.abs().max()) if want.numel() else 0.0, 1e-300
+            )
+            if got.shape == want.shape and bool(((got - want).abs() <= tol).all()):
+                self._shares = (E, D)
         read_in_tables = int(keep.sum()) - (self.p - in_tables)
         self._rows = (rows, self.p - in_tables, read_in_tables)
         return self._rows
@@ -1743,9 +1757,9 @@ class LazyBlocks(Blocks):
         """:meth:`riccati_native`'s ``A`` where the stage is one lookup table and returns its output
         (:meth:`_table_shares`: ``Jx = E^T (x) I_D``, ``Hxx = 0``): ``A = (E (x) I_D) Sigma (E (x) I_D)^T``,
         ``O(r a P)`` flops without a pull-back; None for any other stage."""
-        if not self._one_table():
+        if self._shares is None:
             return None
-        E, D = self._table_shares()
+        E, D = self._shares
         r, P = E.shape
         T = (E @ Sigma.reshape(P, D * P * D)).view(r, D, P, D).permute(0, 1, 3, 2)  # [u, i, i', P']
         return (T.reshape(-1, P) @ E.T).view(r, D, D, r).permute(0, 1, 3, 2).reshape(r * D, r * D)
@@ -1762,9 +1776,11 @@ class LazyBlocks(Blocks):
         found = self._read_rows()
         assert found is not None, "read_jacobian: a stage without table rows left out"
         rows = found[0]
-        if self._one_table():
-            E, D = self._table_shares()
+        if self._shares is not None:
+            E, D = self._shares
             return torch.kron(E, torch.eye(D, dtype=E.dtype, device=E.device))
+        if self._J is not None:
+            return self._J
         like, r, a, p = self._b_out, rows.numel(), self.batch * self.d_out, self.p
         J = like.new_empty(r, a)
         step = max(1, min(a, 2**22 // max(p, 1)))  # (columns of p numbers each: 32 MiB in float64)
@@ -1774,6 +1790,7 @@ class LazyBlocks(Blocks):
             S[j0 + torch.arange(q), torch.arange(q)] = 1
             own = torch.div(j0 + torch.arange(q, device=S.device), self.d_out, rounding_mode="floor")
             J[:, j0 : j0 + q] = self.jxT(S.view(self.batch, self.d_out, q), own)[rows]
+        self._J = J
         return J
 
     def _pulled_pivot(self, Sigma: Tensor, rows: Tensor) -> Tensor:
