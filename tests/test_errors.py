@@ -1323,3 +1323,26 @@ def test_a_traced_piece_that_fails_prints_nothing_before_the_named_error(capfd):
     with pytest.raises(RuntimeError, match="dtype"):
         copy.deepcopy(piece)(torch.randn(2, 4, dtype=torch.float64))
     assert "FX-traced" not in capfd.readouterr().err
+
+
+def test_a_bug_inside_a_stage_is_not_called_a_second_input():
+    """A stage whose own forward calls a helper without an argument raises the same TypeError ('missing
+    1 required positional argument') as a stage of two inputs; it was told to wrap the stage for one
+    input (a review), advice that does not apply: the stage's signature takes one input."""
+
+    def helper(x, scale):
+        return x * scale
+
+    class Buggy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return helper(self.lin(x))
+
+    net = nn.Sequential(Buggy(), nn.Linear(3, 2)).double()
+    X, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+    with pytest.raises(hessinv.HessinvError) as e:
+        hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    assert "more than one input" not in str(e.value) and "'scale'" in str(e.value)

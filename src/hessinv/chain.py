@@ -1058,6 +1058,21 @@ def _segment_spec(gm: nn.Module, z: fx.Node, nodes: list[fx.Node], owner: str):
     return [("generic", piece, _params_of(piece), f"{owner}: {label}")]
 
 
+def _takes_more(stage: Stage, z: Tensor) -> bool:
+    """Whether the module of a one-module stage cannot be called with the one input ``z`` by its
+    signature (``nn.MultiheadAttention(q, k, v)``, ``nn.Bilinear(x1, x2)``): not a bug inside it."""
+    mods = getattr(stage, "modules", ())
+    if len(mods) != 1:
+        return False
+    try:
+        inspect.signature(mods[0].forward).bind(z)
+    except TypeError:
+        return True
+    except ValueError:  # (no signature to read)
+        return False
+    return False
+
+
 class _QuietCall:
     """A traced piece's call without torch.fx's report of an error in its generated code, which fx prints
     to stderr before raising (a float32 model's float64 copy failing on a float32 constant: the trace
@@ -2221,7 +2236,7 @@ class Chain:
                     ) from e
                 if type(e) not in (RuntimeError, ValueError, TypeError, IndexError):
                     raise  # (the user's own exception, a subclass: theirs to catch, as from their forward)
-                if isinstance(e, TypeError) and "required positional argument" in str(e):
+                if isinstance(e, TypeError) and _takes_more(s, zs[-1]):
                     raise UnsupportedStageError(  # (nn.MultiheadAttention, nn.Bilinear in a Sequential)
                         f"{s.name} takes more than one input ({e}); a stage is called with one tensor, the "
                         "output of the stage before it: wrap it in a module whose forward(x) calls it "

@@ -48,7 +48,8 @@ class Dataset:
     """A train/test split as tensors.
 
     Classification targets are ``int64`` class indices ``0..n_classes-1``; regression targets are
-    ``(N, k)`` floats -- a file's standardized, ``(y - target_mean) / target_std`` per column with the
+    ``(N, k)`` floats -- a file's (and a built-in's labels taken as targets) standardized,
+    ``(y - target_mean) / target_std`` per column with the
     training split's statistics (None where not; a constant column: ``target_std`` 0, only centered).
     ``output_dim`` is the width the model's last layer needs. ``notes``: what reading the data decided
     that a user should see (a first row skipped as a header, a stratified split), one line each.
