@@ -92,8 +92,8 @@ data files (--data PATH):
   classes of the training labels, mapped to 0..C-1; a split that would put a class in the test split
   only is stratified by class; a label of the file's own y_test outside them is an error); anything
   else regression (--task overrides). Features -- and a file's regression targets (a built-in's labels
-  under --task regression too), so that a loss of 1 is predicting the training mean -- are standardized with the training split's mean and standard
-  deviation. Nothing is downloaded."""
+  under --task regression too), so that a loss of 1 is predicting the training mean -- are
+  standardized with the training split's mean and standard deviation. Nothing is downloaded."""
 # activation name -> its torch.nn module class
 ACTIVATIONS = {
     "tanh": "Tanh",
