@@ -2045,11 +2045,81 @@ class CurvatureOperator(_AutocastOff):
         return low
 
 
+class _CastBlocks(Blocks):
+    """A lazy stage's blocks answering in ``dtype``: each product and the Riccati blocks computed by the
+    stage in its own dtype and rounded (:func:`_rounded_blocks` for a lookup table's stage, whose dense
+    blocks hold every row of the table, where its pivot holds the rows read)."""
+
+    def __init__(self, blk: LazyBlocks, dtype: torch.dtype):
+        self.blk, self.dtype = blk, dtype
+        self.p, self.batch, self.d_in, self.d_out = blk.p, blk.batch, blk.d_in, blk.d_out
+        self.per_example = blk.per_example
+
+    def _in(self, t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(self.blk._b_out.dtype)
+
+    def _out(self, t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(self.dtype)
+
+    def pivot_order(self, batch: int) -> int:
+        return self.blk.pivot_order(batch)
+
+    def read_jacobian(self) -> Tensor:
+        return self.blk.read_jacobian().to(self.dtype)
+
+    def riccati_native(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
+        rb = self.blk.riccati_native(self._in(Sigma), coupled)  # type: ignore[arg-type]
+        low = rb.lowrank
+        if low is not None:
+            low = (low[0] if low[0].dim() == 1 else low[0].to(self.dtype), low[1].to(self.dtype),
+                   self._out(low[2]), low[3])  # fmt: skip
+        return RiccatiBlocks(
+            self._out(rb.Qxx0),
+            self._out(rb.Qxz),
+            self._out(rb.Qzz),
+            rb.order,
+            rb.inverse,
+            low,  # type: ignore[arg-type]
+        )
+
+    riccati = riccati_native
+
+    def jx(self, v: Tensor) -> Tensor:
+        return self._out(self.blk.jx(self._in(v)))  # type: ignore[arg-type,return-value]
+
+    def jxT(self, s: Tensor) -> Tensor:
+        return self._out(self.blk.jxT(self._in(s)))  # type: ignore[arg-type,return-value]
+
+    def jz(self, t: Tensor) -> Tensor:
+        return self._out(self.blk.jz(self._in(t)))  # type: ignore[arg-type,return-value]
+
+    def jzT(self, s: Tensor) -> Tensor:
+        return self._out(self.blk.jzT(self._in(s)))  # type: ignore[arg-type,return-value]
+
+    def hxx(self, v: Tensor) -> Tensor:
+        return self._out(self.blk.hxx(self._in(v)))  # type: ignore[arg-type,return-value]
+
+    def hxz(self, t: Tensor) -> Tensor:
+        return self._out(self.blk.hxz(self._in(t)))  # type: ignore[arg-type,return-value]
+
+    def hxzT(self, v: Tensor) -> Tensor:
+        return self._out(self.blk.hxzT(self._in(v)))  # type: ignore[arg-type,return-value]
+
+    def hzz(self, t: Tensor) -> Tensor:
+        return self._out(self.blk.hzz(self._in(t)))  # type: ignore[arg-type,return-value]
+
+    def hvp_forward(self, t: Tensor | None, v: Tensor | None) -> Tensor | None:
+        return self._out(self.blk.hvp_forward(self._in(t), self._in(v)))
+
+
 def _rounded_blocks(blk: Blocks, dtype: torch.dtype) -> Blocks:
     """A shallow copy of ``blk`` with every floating tensor attribute (and those inside tuples) in
     ``dtype``; index tensors, numbers and the stage are shared. A generic stage's lazy blocks are
-    rounded as their dense form (the module itself stays in its dtype)."""
+    rounded as their dense form (the module itself stays in its dtype), a lookup table's stage
+    (its pivot in the rows read) as it answers (:class:`_CastBlocks`)."""
     if isinstance(blk, LazyBlocks):
+        if blk.__dict__.get("_dense_blocks") is None and blk._read_rows() is not None:
+            return _CastBlocks(blk, dtype)
         blk = blk.dense
 
     def cast(v):
