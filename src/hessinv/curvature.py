@@ -2045,6 +2045,16 @@ class CurvatureOperator(_AutocastOff):
         return low
 
 
+def _cast(name: str) -> Callable[[_CastBlocks, Tensor], Tensor]:
+    """:class:`_CastBlocks`' product ``name``: the stage's, on its input in the stage's dtype, rounded."""
+
+    def product(self: _CastBlocks, x: Tensor) -> Tensor:
+        return self._out(getattr(self.blk, name)(self._in(x)))  # type: ignore[return-value]
+
+    product.__name__ = name
+    return product
+
+
 class _CastBlocks(Blocks):
     """A lazy stage's blocks answering in ``dtype``: each product and the Riccati blocks computed by the
     stage in its own dtype and rounded (:func:`_rounded_blocks` for a lookup table's stage, whose dense
@@ -2084,29 +2094,8 @@ class _CastBlocks(Blocks):
 
     riccati = riccati_native
 
-    def jx(self, v: Tensor) -> Tensor:
-        return self._out(self.blk.jx(self._in(v)))  # type: ignore[arg-type,return-value]
-
-    def jxT(self, s: Tensor) -> Tensor:
-        return self._out(self.blk.jxT(self._in(s)))  # type: ignore[arg-type,return-value]
-
-    def jz(self, t: Tensor) -> Tensor:
-        return self._out(self.blk.jz(self._in(t)))  # type: ignore[arg-type,return-value]
-
-    def jzT(self, s: Tensor) -> Tensor:
-        return self._out(self.blk.jzT(self._in(s)))  # type: ignore[arg-type,return-value]
-
-    def hxx(self, v: Tensor) -> Tensor:
-        return self._out(self.blk.hxx(self._in(v)))  # type: ignore[arg-type,return-value]
-
-    def hxz(self, t: Tensor) -> Tensor:
-        return self._out(self.blk.hxz(self._in(t)))  # type: ignore[arg-type,return-value]
-
-    def hxzT(self, v: Tensor) -> Tensor:
-        return self._out(self.blk.hxzT(self._in(v)))  # type: ignore[arg-type,return-value]
-
-    def hzz(self, t: Tensor) -> Tensor:
-        return self._out(self.blk.hzz(self._in(t)))  # type: ignore[arg-type,return-value]
+    jx, jxT, jz, jzT = _cast("jx"), _cast("jxT"), _cast("jz"), _cast("jzT")
+    hxx, hxz, hxzT, hzz = _cast("hxx"), _cast("hxz"), _cast("hxzT"), _cast("hzz")
 
     def hvp_forward(self, t: Tensor | None, v: Tensor | None) -> Tensor | None:
         return self._out(self.blk.hvp_forward(self._in(t), self._in(v)))
