@@ -389,9 +389,8 @@ def _probe_worker(rank: int, world: int, out: str) -> None:
                 opt.zero_grad()
                 loss = lf(ddp(xl), yl)
                 loss.backward()
-                if fails:  # a validation forward for logging on one rank: refused ("2 different batches")
-                    with torch.no_grad():
-                        model(xl[:2])
+                if fails:  # a second forward with autograd on, on one rank: refused ("2 different batches")
+                    model(xl[:2])
                 return loss.detach()
 
             try:
