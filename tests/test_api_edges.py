@@ -206,3 +206,35 @@ def test_a_zero_dimensional_numpy_array_is_a_number_like_a_numpy_scalar():
     b = torch.randn(H.shape[0], dtype=torch.float64)
     assert torch.equal(H.factor(np.array(0.1)).solve(b), H.factor(0.1).solve(b))
     assert H.inertia(np.array(0.5)) == H.inertia(0.5)
+
+
+def test_the_public_api_type_hints_resolve():
+    """``typing.get_type_hints`` on every public function and method of the library's modules (what
+    sphinx-autodoc-typehints, typeguard and pydantic call): ``CurvatureOperator.as_linear_operator`` raised
+    NameError, its return type naming scipy, imported for type checkers only (a probe)."""
+    import importlib
+    import inspect
+    import typing
+
+    names = ["hessinv", "hessinv.curvature", "hessinv.riccati", "hessinv.chain", "hessinv.influence"]
+    names += ["hessinv.laplace", "hessinv.spectrum", "hessinv.diagnostics", "hessinv.lowrank"]
+    names += ["hessinv.linalg", "hessinv.optim", "hessinv.optim.newton", "hessinv.optim.precondition"]
+    failed, checked = [], 0
+    for name in names:
+        mod = importlib.import_module(name)
+        for attr in getattr(mod, "__all__", []):
+            obj = getattr(mod, attr)
+            members = [obj]
+            if inspect.isclass(obj):
+                members = [
+                    m for k, m in vars(obj).items() if callable(m) and (k == "__init__" or k[0] != "_")
+                ]
+            for m in members:
+                if not callable(m) or not getattr(m, "__module__", "").startswith("hessinv"):
+                    continue
+                checked += 1
+                try:
+                    typing.get_type_hints(m)
+                except Exception as e:  # noqa: BLE001 - each failure named below
+                    failed.append(f"{name}.{attr}.{getattr(m, '__name__', m)}: {type(e).__name__} {e}")
+    assert checked > 50 and not failed, failed
