@@ -1259,8 +1259,7 @@ def riccati_inverse_diagonal(blocks: list[Blocks], factors: list[StageFactor | N
                 # (a lookup table's rows read: Jx is zero outside them, J = (Jx^T)[rows] -- no p x a_out
                 # block, 2 GB and 62 s for an Embedding(20000, 16) on 48 tokens)
                 J = blk.read_jacobian()  # type: ignore[attr-defined]
-                Ynew = J.T @ f.pivot.inner.solve(J)
-                Y = Ynew
+                Y = J.T @ f.pivot.inner.solve(J)
                 continue
             eye = torch.eye(a_out, dtype=like.dtype, device=like.device).view(blk.batch, blk.d_out, a_out)
             JxT = blk.jxT(eye)  # (p, a_out), model order

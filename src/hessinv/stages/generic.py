@@ -1677,9 +1677,7 @@ class LazyBlocks(Blocks):
         in_tables = 0
         for wi, ids, _u, padding_idx, _bag in self._tables:
             V, D = self.stage.params[wi].shape
-            flat, counted = _table_rows(ids.to(dev), padding_idx)
-            read = torch.zeros(V, dtype=torch.bool, device=dev)
-            read[flat[counted]] = True
+            read = _read_mask(V, *_table_rows(ids.to(dev), padding_idx))
             keep[offsets[wi] : offsets[wi + 1]] = read.repeat_interleave(D)
             in_tables += V * D
         rows = keep.nonzero().squeeze(1)
@@ -1743,8 +1741,7 @@ class LazyBlocks(Blocks):
         _wi, ids, _u, padding_idx, bag = self._tables[0]
         (V, D), dev, dt = self.stage.params[0].shape, self._b_out.device, self._b_out.dtype
         flat, counted = _table_rows(ids.to(dev), padding_idx)
-        read = torch.zeros(V, dtype=torch.bool, device=dev)
-        read[flat[counted]] = True
+        read = _read_mask(V, flat, counted)
         rank = torch.cumsum(read.long(), 0) - 1  # (each row read: its place among them)
         P = flat.numel() if bag is None else self.batch
         pos = torch.arange(flat.numel(), device=dev) if bag is None else bag[0].to(dev)
@@ -2377,6 +2374,13 @@ def _table_rows(ids: Tensor, padding_idx: int | None) -> tuple[Tensor, Tensor]:
     but ``padding_idx``, whose row autograd leaves at zero)."""
     flat = ids.reshape(-1)
     return flat, (flat != padding_idx) if padding_idx is not None else torch.ones_like(flat, dtype=torch.bool)
+
+
+def _read_mask(V: int, flat: Tensor, counted: Tensor) -> Tensor:
+    """Which of a table's ``V`` rows the tokens ``flat`` read (those ``counted``: :func:`_table_rows`)."""
+    read = torch.zeros(V, dtype=torch.bool, device=flat.device)
+    read[flat[counted]] = True
+    return read
 
 
 def held_tensors(modules: Any, plain: bool = True) -> list[Tensor]:
