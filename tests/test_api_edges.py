@@ -219,6 +219,10 @@ def test_the_public_api_type_hints_resolve():
     names = ["hessinv", "hessinv.curvature", "hessinv.riccati", "hessinv.chain", "hessinv.influence"]
     names += ["hessinv.laplace", "hessinv.spectrum", "hessinv.diagnostics", "hessinv.lowrank"]
     names += ["hessinv.linalg", "hessinv.optim", "hessinv.optim.newton", "hessinv.optim.precondition"]
+    names += ["hessinv.optim.damping", "hessinv.optim.trust_region", "hessinv.optim.distributed"]
+    names += ["hessinv.stages", "hessinv.stages.dense", "hessinv.stages.generic", "hessinv.stages.losses"]
+    names += [f"hessinv.cli.{m}" for m in ("train", "plots", "data", "models", "report", "spectrum")]
+    names += ["hessinv.cli.baselines", "hessinv.cli.distributed", "hessinv.cli.choices"]
     failed, checked = [], 0
     for name in names:
         mod = importlib.import_module(name)

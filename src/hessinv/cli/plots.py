@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # pragma: no cover
-    from hessinv.cli.train import RunResult
+from hessinv.cli.train import RunResult  # (a real import: typing.get_type_hints(plot_runs) resolves)
 
 __all__ = ["plot_runs"]
 
