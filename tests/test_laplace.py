@@ -162,6 +162,26 @@ def test_optimize_prior_precision_finds_the_dense_maximum():
     assert 1e-6 < delta < 1e6
 
 
+def test_optimize_prior_precision_takes_a_laplace_torch_call():
+    """laplace-torch's ``la.optimize_prior_precision(pred_type="glm", method="marglik", n_steps=...)`` (the
+    module says the interface follows it) raised a raw TypeError (a probe): the marginal-likelihood
+    search's settings are accepted (same maximum), a grid search or a per-parameter prior refused by
+    name."""
+    net, X, y = problem(3, "classification", depth=2)
+    la = Laplace(net, "classification").fit(X, y)
+    delta = la.optimize_prior_precision()
+    assert la.optimize_prior_precision(method="marglik", pred_type="glm", n_steps=50, lr=0.1) == delta
+    assert la.optimize_prior_precision("glm", prior_structure="scalar", verbose=False) == delta
+    for bad, what in [
+        ({"method": "gridsearch"}, "method='gridsearch'"),
+        ({"prior_structure": "diag"}, "prior_structure='diag'"),
+        ({"val_loader": [(X, y)]}, "got val_loader"),
+        ({"bogus": 1}, "got bogus"),
+    ]:
+        with pytest.raises(InvalidArgumentError, match=what):
+            la.optimize_prior_precision(**bad)
+
+
 def test_optimize_prior_and_noise_for_regression():
     net, X, y = problem(4, "regression", depth=2, width=3, N=10)
     la = Laplace(net, "regression", sigma_noise=1.0).fit(X, y)

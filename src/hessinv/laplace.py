@@ -25,7 +25,8 @@ is exact:
   marginal variances ``diag(P^{-1})`` (:meth:`Laplace.posterior_variance`, selected inversion by one
   forward sweep; Woodbury: ``D^{-1} - colsum(W * K^{-1} W)``).
 
-The interface follows laplace-torch's (``fit``, ``log_marginal_likelihood``,
+The posterior is the untempered one (laplace-torch's ``temperature=1``). The interface follows
+laplace-torch's (``fit``, ``log_marginal_likelihood``,
 ``optimize_prior_precision``, ``la(x, pred_type="glm", link_approx="probit")``, ``sample``).
 
 >>> import torch
@@ -156,6 +157,46 @@ def _grid_then_brent(
     with np.errstate(invalid="ignore"):  # (Brent's steps between infinite values)
         r = minimize_scalar(f, bounds=(a, b), method="bounded", options={"xatol": tol})
     return (float(r.x), float(r.fun)) if float(r.fun) <= values[i] else (grid[i], values[i])
+
+
+#: laplace-torch's ``optimize_prior_precision`` settings that do not change the marginal-likelihood search
+#: here (gradient ascent's step count and rate, its start, the predictive's settings, its printing).
+_LAPLACE_TORCH_UNUSED = {
+    "pred_type",
+    "n_steps",
+    "lr",
+    "init_prior_prec",
+    "link_approx",
+    "n_samples",
+    "verbose",
+    "progress_bar",
+}
+
+
+def _laplace_torch_search(kwargs: dict[str, Any]) -> None:
+    """Refuse the laplace-torch ``optimize_prior_precision`` arguments whose search differs from this one's
+    (a validation grid search, a per-parameter prior); accept the rest (:data:`_LAPLACE_TORCH_UNUSED`)."""
+    ours = "bounds=(low, high) for delta, optimize_sigma_noise, sigma_bounds, tol"
+    method = kwargs.pop("method", "marglik")
+    method = str(getattr(method, "value", method))  # (laplace-torch's enums carry the name as .value)
+    if method != "marglik":
+        raise InvalidArgumentError(
+            f"optimize_prior_precision(method={method!r}): only the marginal-likelihood search is offered "
+            f"(method='marglik', exact: a bracketed Brent search); its settings are {ours}"
+        )
+    structure = kwargs.pop("prior_structure", "scalar")
+    structure = str(getattr(structure, "value", structure))
+    if structure != "scalar":
+        raise InvalidArgumentError(
+            f"optimize_prior_precision(prior_structure={structure!r}): the prior here is one precision "
+            "delta for every parameter (P = c G + delta I); use prior_structure='scalar' or leave it out"
+        )
+    unknown = sorted(k for k in kwargs if k not in _LAPLACE_TORCH_UNUSED)
+    if unknown:
+        raise InvalidArgumentError(
+            f"optimize_prior_precision got {', '.join(unknown)}: a validation grid search is not offered "
+            f"(the evidence is maximized exactly instead); its settings are {ours}"
+        )
 
 
 @linalg.protect_public_methods
@@ -503,6 +544,7 @@ class Laplace:
         optimize_sigma_noise: bool = False,
         sigma_bounds: tuple[float, float] = (1e-4, 1e4),
         tol: float = 1e-6,
+        **laplace_torch: Any,
     ) -> float:
         """Maximize the log marginal likelihood over ``log delta`` in ``bounds`` (a grid of 13 points, then
         Brent's bounded search between the best point's neighbours -- the evidence need not be unimodal: a
@@ -515,7 +557,19 @@ class Laplace:
         Hessian, ``P`` is positive definite for every ``delta`` in ``bounds`` or the evidence has no
         maximum there: it grows without bound as ``delta / c`` approaches ``-lambda_min(H)`` from above
         (``log det P -> -inf``), and :class:`~hessinv.errors.IndefiniteError` says so (checked first, by
-        one factorization at the lower bound)."""
+        one factorization at the lower bound).
+
+        A laplace-torch call ports as written where it means the same search: ``method="marglik"`` (its
+        default), ``prior_structure="scalar"``, and the gradient-ascent and prediction settings
+        (``pred_type``, ``n_steps``, ``lr``, ``init_prior_prec``, ``link_approx``, ``n_samples``,
+        ``verbose``, ``progress_bar``; also ``pred_type`` given first, as laplace-torch takes it) are
+        accepted and unused -- the search here is exact. A validation grid search (``method="gridsearch"``,
+        ``val_loader``, ``loss``, ``grid_size``, ``log_prior_prec_*``) or a per-parameter prior
+        (``prior_structure="diag"`` or ``"layerwise"``) is refused by name."""
+        if isinstance(bounds, str):  # (laplace-torch's first positional argument is pred_type)
+            laplace_torch.setdefault("pred_type", bounds)
+            bounds = (1e-6, 1e6)
+        _laplace_torch_search(laplace_torch)
         self._op()
         if optimize_sigma_noise and self.likelihood != "regression":
             raise InvalidArgumentError("optimize_sigma_noise is for regression only")
