@@ -225,3 +225,49 @@ def test_mixed_precision_keeps_the_rows_read(monkeypatch):
     assert math.isclose(F.logdet(), float(torch.linalg.slogdet(A)[1]), rel_tol=1e-10)
     x = F.solve(H.gradient)
     assert float((A @ x - H.gradient).norm() / H.gradient.norm()) <= 1e-10
+
+
+@pytest.mark.parametrize("kind", ["embedding", "inside", "mean"])
+def test_a_table_factorization_applies_after_the_table_moved(monkeypatch, kind):
+    """An optimizer keeps a factorization for several steps: its solve's ``Jx^T`` went back to the graph,
+    which is stale once the step moved the table (``Newton(curvature="hessian")`` raised at its second
+    step on any Embedding model, a probe; the dense blocks had needed no graph). The solve after the move
+    equals the one before, and the optimizer trains on."""
+    _small_tables(monkeypatch)
+    torch.manual_seed(3)
+    net = _model(kind, 60, 3, 3, None, 4)
+    X, y = torch.randint(0, 20, (5, 3 if kind != "mean" else 4)), torch.randint(0, 4, (5,))
+    loss_fn = nn.CrossEntropyLoss()
+    op = (hessinv.gauss_newton if kind == "mean" else hessinv.hessian)(net, loss_fn, X, y)
+    F = op.factor(0.1, method="riccati") if kind == "mean" else op.factor(0.1)
+    assert F.factors[0].pivot.rows and op.blocks[0]._table_only()
+    b = torch.randn(op.shape[0], 2, dtype=torch.float64)
+    before = F.solve(b, refine=False)
+    with torch.no_grad():
+        for q in net.parameters():
+            q.add_(0.1 * torch.randn_like(q))
+    assert torch.allclose(F.solve(b, refine=False), before, rtol=1e-12, atol=1e-14)
+    opt = hessinv.optim.Newton(net, loss_fn, curvature="gauss_newton" if kind == "mean" else "hessian")
+    losses = [float(opt.step(X, y)) for _ in range(4)]
+    assert all(math.isfinite(v) for v in losses)
+
+
+def test_table_rows_found_again_after_a_refused_factorization():
+    """A factorization refused while the table differed from the operator's point (named, as it should
+    be) cached "no rows to leave out": once the table was put back, the same operator took the full
+    ``p x p`` pivot, refused as too large (240000 x 240000, a probe)."""
+    torch.manual_seed(0)
+    V, D, T, B = 30000, 8, 4, 8
+    net = nn.Sequential(nn.Embedding(V, D), nn.Flatten(), nn.Linear(T * D, 5), nn.Tanh(), nn.Linear(5, 3))
+    net = net.double()
+    X, y = torch.randint(0, V, (B, T)), torch.randint(0, 3, (B,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    del H.blocks[0]._rows  # (found by the gradient's pull-back now; not yet, as the probe met it)
+    saved = net[0].weight.detach().clone()
+    with torch.no_grad():
+        net[0].weight[5] += 1.0
+    with pytest.raises(hessinv.errors.InvalidArgumentError, match="changed"):
+        H.factor(1e-2)
+    with torch.no_grad():
+        net[0].weight.copy_(saved)
+    assert H.factor(1e-2).factors[0].pivot.rows

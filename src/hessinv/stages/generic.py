@@ -1230,8 +1230,10 @@ class LazyBlocks(Blocks):
             return out
         if self._dense_blocks is not None:
             return self._dense_blocks.jxT(s) if which == "x" else self._dense_blocks.jzT(s)
-        self._unchanged()
         B, k = self.batch, s.shape[-1]
+        if self._table_only():  # (no graph: the products of a factorization kept after a step still run)
+            return self._table_jxT(s) if which == "x" else s.new_zeros(B, 0, k)
+        self._unchanged()
         if k == 0:  # (no columns: a zero Gauss-Newton matrix's root)
             return s.new_zeros(self.p, 0) if which == "x" else s.new_zeros(B, self.d_in, 0)
         pair = self._vjp_per_example(s, own)
@@ -1601,6 +1603,19 @@ class LazyBlocks(Blocks):
         Vr = v[rows].reshape(E.shape[0], D * k)
         return (E.T.to(v.dtype) @ Vr).reshape(self.batch, self.d_out, k)
 
+    def _table_jxT(self, s: Tensor) -> Tensor:
+        """``Jx^T s`` (p, k) of a stage with :meth:`_table_jx`: its transpose, zero on the rows not read --
+        closed form, without the graph (an optimizer applies a factorization after its step has moved
+        the table: a pull-back through the graph is refused there, as stale)."""
+        rows, k = self._read_rows()[0], s.shape[-1]  # type: ignore[index]
+        out = s.new_zeros(self.p, k)
+        if self._shares is None:
+            out[rows] = self._J.to(s.dtype) @ s.reshape(-1, k)  # type: ignore[union-attr]
+        else:
+            E, D = self._shares
+            out[rows] = (E.to(s.dtype) @ s.reshape(E.shape[1], D * k)).reshape(-1, k)
+        return out
+
     def jz(self, t: Tensor) -> Tensor:
         return self._forward(None, t) if self._ready(t.shape[-1]) else self.dense.jz(t)
 
@@ -1659,9 +1674,12 @@ class LazyBlocks(Blocks):
         the table alone, whose pivot :meth:`_table_pivot` forms without the dense blocks), or where one
         random product ``Jx^T s + Hxx v`` is not zero outside them (the table read elsewhere too). On those
         coordinates the pivot ``Qxx = Jx^T Sigma Jx + Hxx + eps I`` is ``eps I`` (:meth:`riccati_native`)."""
-        if "_rows" in self.__dict__:
-            return self._rows
-        self._rows: tuple[Tensor, int, int] | None = None
+        if "_rows" not in self.__dict__:  # (cached once found; not where finding it raised: a stale graph)
+            self._rows: tuple[Tensor, int, int] | None = self._find_read_rows()
+        return self._rows
+
+    def _find_read_rows(self) -> tuple[Tensor, int, int] | None:
+        """:meth:`_read_rows`, found (one pull-back through the graph)."""
         self._shares: tuple[Tensor, int] | None = None  # (E, D) where the closed form holds
         self._J: Tensor | None = None  # (Jx^T)[rows] where formed by pull-backs (read_jacobian)
         if self.d_in or not self.p or self._dense_blocks is not None:
@@ -1703,9 +1721,7 @@ class LazyBlocks(Blocks):
             )
             if got.shape == want.shape and bool(((got - want).abs() <= tol).all()):
                 self._shares = (E, D)
-        read_in_tables = int(keep.sum()) - (self.p - in_tables)
-        self._rows = (rows, self.p - in_tables, read_in_tables)
-        return self._rows
+        return rows, self.p - in_tables, int(keep.sum()) - (self.p - in_tables)
 
     def pivot_order(self, batch: int) -> int:
         """``p``, or the coordinates a lookup table's tokens read (:meth:`_read_rows`; for fewer examples
