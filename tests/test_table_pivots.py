@@ -271,3 +271,31 @@ def test_table_rows_found_again_after_a_refused_factorization():
     with torch.no_grad():
         net[0].weight.copy_(saved)
     assert H.factor(1e-2).factors[0].pivot.rows
+
+
+def test_inverse_diagonal_checks_the_rows_read(monkeypatch):
+    """``inverse_diagonal``'s check compares the sweep with refined solves at a few random entries per
+    stage: on a table stage nearly all landed on rows no token reads, whose entry is ``1 / eps`` by
+    construction (a probe), so an error in the rows read went unchecked. Here the sweep's rows read are
+    spoiled by 1e-3: the check must catch it (the answer then comes from the dense inverse)."""
+    import hessinv.curvature as hc
+
+    _small_tables(monkeypatch)
+    torch.manual_seed(6)
+    net = _model("embedding", 600, 2, 3, None, 4)
+    X, y = torch.randint(0, 600, (5, 3)), torch.randint(0, 4, (5,))
+    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    F = H.factor(0.1)
+    read = F.factors[0].pivot.Qz
+    assert F.factors[0].pivot.rows and read.numel() < H.blocks[0].p // 20  # (the case under test)
+    good = F.inverse_diagonal()
+    sweep = hc.riccati_inverse_diagonal
+
+    def spoiled(blocks, factors):
+        d = sweep(blocks, factors)
+        spoil = read[read != d[0].abs().argmax()]  # (the check's one fixed probe: the largest entry)
+        d[0][spoil] *= 1 + 1e-3
+        return d
+
+    monkeypatch.setattr(hc, "riccati_inverse_diagonal", spoiled)
+    assert torch.allclose(H.factor(0.1).inverse_diagonal(), good, rtol=1e-8, atol=0)

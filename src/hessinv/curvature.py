@@ -2992,10 +2992,16 @@ class Factorization(_AutocastOff):
         :class:`~hessinv.AccuracyWarning`."""
         g = torch.Generator(device="cpu").manual_seed(0)
         per_stage, start = [], 0
-        for size in self._sweep_op._sizes:
+        for l, size in enumerate(self._sweep_op._sizes):
             if size:
-                k = min(size, INVERSE_DIAGONAL_PROBES)
-                per_stage.append((start + torch.randperm(size, generator=g)[:k]).tolist())
+                # (a lookup table's probes among the rows its tokens read: the others' entry is 1 / eps
+                # by construction, and nearly every probe landed there at a large vocabulary)
+                f = self.factors[l] if l < len(self.factors) else None
+                read = f.pivot.Qz if f is not None and getattr(f.pivot, "rows", False) else None
+                pool = read.cpu() if read is not None and read.numel() and f.order is None else None
+                n_pool = size if pool is None else pool.numel()
+                pick = torch.randperm(n_pool, generator=g)[: min(n_pool, INVERSE_DIAGONAL_PROBES)]
+                per_stage.append((start + (pick if pool is None else pool[pick])).tolist())
             start += size
         idx = [int(d.abs().argmax())] + [i for probes in per_stage for i in probes]
         if len(idx) > INVERSE_DIAGONAL_MAX_PROBES:  # (a sample of the stages': the check's solves of 4L
