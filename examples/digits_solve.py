@@ -35,6 +35,11 @@ def main(depth: int = 32, width: int = 8, batch: int = 64, damping: float = 1e-2
         f"digits: {batch} examples; chain of {depth} Linear layers (width {width}, tanh); n = {n} parameters"
     )
 
+    # torch's first double backward in a process imports sympy (about 1 s), whichever library runs first:
+    # paid here, before either timing
+    w = next(model.parameters())
+    (gw,) = torch.autograd.grad(loss_fn(model(X), y), w, create_graph=True)
+    torch.autograd.grad(gw.sum(), w)
     t0 = time.perf_counter()
     H = hessinv.hessian(model, loss_fn, X, y)
     t1 = time.perf_counter()
