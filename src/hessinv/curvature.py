@@ -2773,6 +2773,20 @@ class Factorization(_AutocastOff):
         floor = math.sqrt(torch.finfo(self._sweep_dtype).eps)
         return all(f.pivot.conditioning() >= floor for f in self.factors if f is not None)
 
+    def _logdet_error(self) -> float:
+        """An estimate of the sweep's log-determinant error without perturbed pivots: ``u / c^2`` for the
+        smallest pivot conditioning ``c`` (:meth:`~hessinv.riccati.Pivot.conditioning`) -- a pivot's
+        inverse is good to ``u / c``, and that error reaches the later Schur complements, whose small
+        eigenvalues are again ``c`` of their scale (measured on a LayerNorm/BatchNorm/Conv1d chain with 17
+        null directions: 4.6e-3 at c = 6.3e-8, 2.9e-4 at 4.2e-7, 6.9e-6 at 1.2e-6, 2.8e-9 at 7.8e-6, a
+        probe; ``u / c^2`` bounds each). A bound, often far from sharp: 7.2e-6 where the sweep was 7e-12
+        off on a dead-ReLU net -- the dense LU it sends :meth:`logdet` to is the cost of that (``n <=``
+        :data:`DENSE_FALLBACK_N`), and the warning above it is kept for estimates beyond 1e-4."""
+        if getattr(self, "_rounding_dominated", False):
+            return math.inf
+        c = min((f.pivot.conditioning() for f in self.factors if f is not None), default=1.0)
+        return torch.finfo(self._sweep_dtype).eps / max(c, 1e-300) ** 2
+
     def _check_nonsingular(self, unsolved: bool = True) -> None:
         """Raise :class:`SingularError` where ``H + eps I`` is singular to working precision: a random
         right-hand side ``b`` is not solved to a relative residual of ``sqrt(u)``, and (a) its residual
@@ -3182,12 +3196,14 @@ class Factorization(_AutocastOff):
         ``D = diag(Qxx_l)``, so ``det(H + eps I) = prod_l det Qxx_l``. Where pivots were perturbed
         (``perturbed``) the product is that of a matrix within ``sqrt(u)`` of ``H + eps I``, whose
         smallest eigenvalues -- those that moved -- it does not know (solves recover from the
-        perturbation by refinement; a determinant cannot), and where a pivot is ill-conditioned beyond
-        ``sqrt(u)`` it carries an error of up to about ``u cond(H + eps I)^2``: in both cases systems of
+        perturbation by refinement; a determinant cannot), and where a pivot is ill-conditioned it carries
+        an error of about ``u / c^2`` for the smallest pivot conditioning ``c`` (:meth:`_logdet_error`; 4.6e-3
+        at ``c = 6.3e-8``, above ``sqrt(u)``): where that exceeds :data:`LOGDET_DENSE_ERROR`, systems of
         ``n <=`` :data:`DENSE_FALLBACK_N` take a dense float64 LU of ``H + eps I`` instead (formed by
         ``n`` products, as the solves' fallback), and perturbed ones up to :data:`DENSE_RESCUE_N` where
         the dense matrix fits in memory. Larger ones raise :class:`SingularError` (perturbed; also where
-        LU finds the matrix singular) or warn (:class:`~hessinv.AccuracyWarning`).
+        LU finds the matrix singular) or warn (:class:`~hessinv.AccuracyWarning`, where the estimate
+        exceeds :data:`LOGDET_WARN_ERROR`).
         """
         self._riccati_only("logdet")
         if self._twin_only or self._logdet_from_twin():
@@ -3206,12 +3222,13 @@ class Factorization(_AutocastOff):
                 stage=max(self.perturbed),
                 damping=self.damping if isinstance(self.damping, float) else None,
             )
-        if not self._well_pivoted():
+        error = self._logdet_error()
+        if error > LOGDET_WARN_ERROR:
             warn(
-                f"logdet at damping {self._damping_text()}: a Riccati pivot is ill-conditioned beyond "
-                "sqrt(u) (the sweep does not pivot across stages), so the log-determinant carries an error "
-                "of up to about u cond(H + eps I)^2 (0.35 at cond 1e9 on a LayerNorm chain); choose a larger "
-                "damping",
+                f"logdet at damping {self._damping_text()}: a Riccati pivot is ill-conditioned (the sweep "
+                f"does not pivot across stages), so the log-determinant carries an error of up to about "
+                f"{min(error, 1e300):.1e} (u / c^2 for the smallest pivot conditioning c; n = "
+                f"{self.op.shape[0]} is above the dense LU's {DENSE_FALLBACK_N}); choose a larger damping",
                 AccuracyWarning,
             )
         return float(sum(f.pivot.logdet() for f in self.factors if f is not None))
@@ -3232,7 +3249,7 @@ class Factorization(_AutocastOff):
 
     def _dense_slogdet(self) -> tuple[float, float] | None:
         """``(sign, log|det(H + eps I)|)`` by a dense float64 LU where the sweep's pivots cannot give it
-        accurately (perturbed, or ill-conditioned beyond ``sqrt(u)``) and ``n <=``
+        accurately (perturbed, or an error estimate above :data:`LOGDET_DENSE_ERROR`) and ``n <=``
         :data:`DENSE_FALLBACK_N` (perturbed: :meth:`_dense_fits`); None where the pivots can (or ``n`` is
         larger). Raises
         :class:`SingularError` where LU finds ``H + eps I`` singular to working precision: a pivot of
@@ -3240,7 +3257,7 @@ class Factorization(_AutocastOff):
         ``sigma_min(H + eps I) <= n min|U_ii|``, and then ``cond(H + eps I) >= 1 / u``)."""
         if self._dense_sld is not None:  # the LU is not repeated by a second call
             return self._dense_sld
-        if self._twin_only or (not self.perturbed and self._well_pivoted()):
+        if self._twin_only or (not self.perturbed and self._logdet_error() <= LOGDET_DENSE_ERROR):
             return None
         n = self.op.shape[0]
         # perturbed pivots give another matrix's determinant: a dense LU rather than a refusal wherever
@@ -3524,7 +3541,16 @@ class Factorization(_AutocastOff):
         if its and singular_exit and self._shows_singular(X64, rel, rnorm):
             # (GMRES's iterate shows it: no dense LU, no shifted sweep)
             return X64, SolveInfo(rel, steps, its)
-        if rel > DENSE_FALLBACK_ABOVE and not low:
+        stalled_column = False
+        if its and not low and 1e-12 < rel <= DENSE_FALLBACK_ABOVE and op64.shape[0] <= DENSE_FALLBACK_N:
+            # GMRES stalled on a column far above what a backward-stable solve leaves (u ||A|| ||x_j|| /
+            # ||b_j||): below DENSE_FALLBACK_ABOVE, yet its error is cond times that (two columns of a
+            # perturbed factorization at cond 4.3e8: the gradient at 4.8e-9, error 1.4e-2, where alone
+            # it reached 1e-14, a probe) -- the dense LU at this size
+            norm = op64._rough_norm() + self._damping_scale()
+            floor = 1e3 * torch.finfo(torch.float64).eps * norm * X64.norm(dim=0) / rnorm
+            stalled_column = bool((res.norm(dim=0) / rnorm > torch.clamp(floor, min=1e-12)).any())
+        if (rel > DENSE_FALLBACK_ABOVE or stalled_column) and not low:
             # refinement and GMRES both failed (a perturbed sweep whose 1 / tau directions make the
             # Krylov basis too ill-conditioned): at this size a dense LU of H + eps I decides (backward
             # stable, its residual one that any float64 product confirms); above it, GMRES preconditioned
@@ -4259,6 +4285,13 @@ def _pow2_scale(R: Tensor) -> Tensor:
 #: Refined solves whose residual stays above this after refinement and GMRES fall back to a dense LU of
 #: ``H + eps I`` (formed once by ``n`` products) where ``n`` is at most :data:`DENSE_FALLBACK_N`.
 DENSE_FALLBACK_ABOVE = 1e-8
+
+#: :meth:`Factorization.logdet` takes the dense LU (``n <=`` :data:`DENSE_FALLBACK_N`) where the sweep's
+#: estimated error (:meth:`Factorization._logdet_error`, ``u / c^2``) exceeds this, and warns above it
+#: where its estimate exceeds :data:`LOGDET_WARN_ERROR` (a pivot conditioned just above ``sqrt(u)`` left
+#: 4.6e-3 unwarned)
+LOGDET_DENSE_ERROR = 1e-8
+LOGDET_WARN_ERROR = 1e-4
 #: whether :mod:`hessinv.spectrum`'s counts come from one dense ``eigvalsh`` where that is cheaper than
 #: their factorizations (:meth:`CurvatureOperator._dense_counts`); the tests turn it off, so that the sweep's
 #: counts stay tested on their small chains
