@@ -165,3 +165,39 @@ def test_the_spectrum_command_says_what_it_read_and_what_fell_outside(tmp_path, 
     assert "eigenvalues below the range" in printed.out
     rec = json.loads((out / "spectrum.json").read_text())
     assert rec["below"] + rec["above"] > 0 and any("header" in n for n in rec["data_notes"])
+
+
+def test_a_first_row_of_decimals_is_data_whatever_its_label(tmp_path):
+    """A file without a header whose first row is the only example of its class: the row was dropped as
+    a header (a label unlike all the others), with only a note (a probe). Features written as decimals
+    make it data; ``1,2,label`` above class names is still a header."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 3))
+    labels = ["zebra"] + ["cat" if v > 0 else "dog" for v in X[1:, 0]]
+    p = tmp_path / "rare.csv"
+    p.write_text(
+        "".join(",".join(f"{v:.4f}" for v in x) + f",{lab}\n" for x, lab in zip(X, labels, strict=True))
+    )
+    ds = load_dataset(str(p), seed=0)
+    assert len(ds.X_train) + len(ds.X_test) == 40 and ds.output_dim == 3
+    assert not any(n.startswith("header") for n in ds.notes)
+    q = tmp_path / "named.csv"
+    q.write_text("1,2,3,label\n" + p.read_text().split("\n", 1)[1])
+    ds = load_dataset(str(q), seed=0)
+    assert len(ds.X_train) + len(ds.X_test) == 39 and any(n.startswith("header: line 1") for n in ds.notes)
+
+
+def test_a_header_below_comment_lines_is_skipped(tmp_path):
+    """``#`` comment lines above a header line: the header was read as data, and the error blamed its
+    'a' as "not a number" (a probe). A first row naming its features is a header there too; a '#' line
+    above numbers is still numpy.savetxt's header."""
+    rows = "0.1,0.2,0\n0.3,0.1,1\n0.5,0.7,0\n0.2,0.9,1\n0.4,0.4,0\n0.8,0.3,1\n"
+    p = tmp_path / "c.csv"
+    p.write_text("# exported by my tool\n# 2026-12-07\na,b,label\n" + rows)
+    ds = load_dataset(str(p), seed=0)
+    assert len(ds.X_train) + len(ds.X_test) == 6 and ds.input_dim == 2
+    assert any(n.startswith("header: line 3") for n in ds.notes)
+    q = tmp_path / "s.csv"
+    q.write_text("# a,b,label\n" + rows)
+    ds = load_dataset(str(q), seed=0)
+    assert len(ds.X_train) + len(ds.X_test) == 6 and not any(n.startswith("header") for n in ds.notes)

@@ -313,6 +313,10 @@ def _is_header(head: list[str], rest: list[list[str]]) -> bool:
         return False
     if _is_number(cells[-1]) != kinds.pop():
         return True
+    if features and all(any(ch in c for ch in ".eE") for c in features):
+        # (features written as decimals are measurements, not names: the first example of a class seen
+        # nowhere else in a file without a header was dropped as the header, a probe)
+        return False
     return not _is_number(cells[-1]) and cells[-1] not in set(labels)
 
 
@@ -496,7 +500,12 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
     if target is not None:  # that column to the end: the checks below read the label as the last
         order = [k for k in range(width) if k != t] + [t]
         rows = [(n, [r[k] for k in order] if len(r) == width else r) for n, r in rows]
-    headed = (target is None or numbered) and not skipped and rows  # ('#' line above: the header)
+    # ('#' line above: that is the header -- unless the first row names its features too: comments above
+    # a header line, "# exported by ..." -- where its 'a' was reported as "not a number", a probe)
+    named_first = bool(rows) and not all(
+        _is_number(c) or c.strip().lower() in _MISSING for c in rows[0][1][:-1]
+    )
+    headed = (target is None or numbered) and (not skipped or named_first) and rows
     row_names = False
     if headed and (pandas or _is_header(rows[0][1], [r for _, r in rows[1:]])):
         head = rows[0][1]
