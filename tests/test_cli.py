@@ -345,7 +345,20 @@ def test_missing_newton_optimizer_fails_that_run_only(tmp_path, capsys, monkeypa
 
 def test_parse_duration():
     assert parse_duration("90") == 90.0 and parse_duration("1.5m") == 90.0 and parse_duration("2min") == 120.0
-    for bad in ("", "-3s", "0s", "3 parsecs", "1e400", "1e306h"):  # (the last two: beyond any finite time)
+    # (compound durations and upper-case units were refused as invalid, a probe)
+    assert (
+        parse_duration("1m30s") == 90.0 and parse_duration("1h 30m") == 5400.0 and parse_duration("2S") == 2.0
+    )
+    for bad in (
+        "",
+        "-3s",
+        "0s",
+        "3 parsecs",
+        "1e400",
+        "1e306h",
+        "30s1m",
+        "1m1m",
+    ):  # (1e400, 1e306h: not finite)
         with pytest.raises(Exception):  # noqa: B017
             parse_duration(bad)
 

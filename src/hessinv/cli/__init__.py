@@ -85,19 +85,25 @@ COSTLY_FACTORIZATION_FLOPS = 2e10
 
 
 def parse_duration(text: str) -> float:
-    """Seconds from ``120``, ``120s``, ``2m``, ``2min``, ``1.5h``.
+    """Seconds from ``120``, ``120s``, ``2m``, ``2min``, ``1.5h``, or parts of those in decreasing units:
+    ``1m30s``, ``1h 30m`` (units in any case).
 
-    >>> parse_duration("120s"), parse_duration("2m"), parse_duration("0.5")
-    (120.0, 120.0, 0.5)
+    >>> parse_duration("120s"), parse_duration("2m"), parse_duration("0.5"), parse_duration("1m30s")
+    (120.0, 120.0, 0.5, 90.0)
     """
-    m = re.fullmatch(
-        r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(s|sec|secs|seconds?|m|min|mins|minutes?|h|hours?)?\s*",
-        text,
-    )
+    number = r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?"
+    unit = r"(?:s|sec|secs|seconds?|m|min|mins|minutes?|h|hrs?|hours?)"
+    bad = argparse.ArgumentTypeError(f"invalid duration {text!r}; use e.g. 120s, 2m, 1m30s or 90")
+    m = re.fullmatch(rf"\s*([-+]?)((?:{number}\s*{unit}\s*)+|{number}\s*)", text.lower())
     if not m:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}; use e.g. 120s, 2m or 90")
-    value, unit = float(m.group(1)), (m.group(2) or "s")[0]
-    value *= {"s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+        raise bad
+    parts = re.findall(rf"({number})\s*({unit})?", m.group(2))
+    scale = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    units = [scale[(u or "s")[0]] for _, u in parts]
+    if any(a <= b for a, b in zip(units[:-1], units[1:], strict=True)):  # (1m30s, not 30s1m or 1m1m)
+        raise bad
+    value = sum(float(v) * u for (v, _), u in zip(parts, units, strict=True))
+    value = -value if m.group(1) == "-" else value
     if not value > 0:
         raise argparse.ArgumentTypeError(f"the budget must be positive, got {text!r}")
     if not math.isfinite(value):  # (1e400: beyond float's range, an endless run the guard did not see)
