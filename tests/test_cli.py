@@ -1047,3 +1047,16 @@ def test_batch_size_with_full_batch_optimizers_only_says_full_batch(tmp_path, ca
     )
     assert rc == 0 and "full batch" in err and "batch 32" not in err
     assert json.loads((tmp_path / "summary.json").read_text())["config"]["batch_size"] is None
+
+
+def test_spectrum_says_a_count_doubt_in_its_own_terms(tmp_path, capsys, monkeypatch):
+    """A count whose sweep had a pivot conditioned below sqrt(u) (n above the dense recount): the library's
+    advice "move the shift" was printed as is, though no option of ``hessinv spectrum`` moves the count's
+    shift (a probe); it is one note naming what does move the edges."""
+    import hessinv.curvature as hc
+
+    monkeypatch.setattr(hc, "DENSE_RECOUNT_N", 0)
+    args = ["spectrum", "--samples", "120", "--batch", "16", "--depth", "3", "--width", "6", "--bins", "4"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "move the shift" not in err and err.count("--range and --bins move the edges") == 1, err

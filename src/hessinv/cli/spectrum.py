@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 __all__ = ["add_parser", "run", "plot_histogram"]
@@ -228,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
     from hessinv.cli.models import build_model
     from hessinv.cli.train import UserError
     from hessinv.curvature import curvature_class
-    from hessinv.errors import SingularError
+    from hessinv.errors import AccuracyWarning, SingularError
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)  # within 1..os.cpu_count() (_threads)
@@ -261,8 +262,20 @@ def run(args: argparse.Namespace) -> int:
     op = curvature_class(args.curvature)(net, loss_fn, Xb, yb)
     tol = op.zero_tolerance()
     lo, hi = spectrum.spectral_range(op) if args.range is None else args.range
-    hist = spectrum.spectral_histogram(op, bins=_edges(lo, hi, args.bins, tol))
-    n_neg = spectrum.num_negative_eigenvalues(op, tol)
+    with warnings.catch_warnings(record=True) as doubts:  # (the library's advice, in this command's terms)
+        warnings.simplefilter("always", AccuracyWarning)
+        hist = spectrum.spectral_histogram(op, bins=_edges(lo, hi, args.bins, tol))
+        n_neg = spectrum.num_negative_eigenvalues(op, tol)
+    for w in doubts:
+        if not issubclass(w.category, AccuracyWarning) or "counted on the wrong side" not in str(w.message):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if any("counted on the wrong side" in str(w.message) for w in doubts):
+        print(
+            "hessinv: note: a count at a bin edge or at 0 may be off by eigenvalues within about u ||H|| / c "
+            "of that edge (a pivot of the sweep conditioned below sqrt(u) at c; n = "
+            f"{op.shape[0]} is too large to recount densely); --range and --bins move the edges",
+            file=sys.stderr,
+        )
     trace = op.trace()
     singular = None
     try:
