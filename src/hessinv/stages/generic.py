@@ -2503,7 +2503,9 @@ class NoDoubleBackward(UnsupportedStageError):
 _NO_DOUBLE_BACKWARD = {
     "hardsigmoid": "Write F.hardsigmoid(x) as torch.clamp(x / 6 + 0.5, 0, 1) (the same function)",
     "embedding_bag": "Write nn.EmbeddingBag as nn.Embedding followed by .sum(1), .mean(1) or .amax(1) "
-    "(mode 'sum', 'mean' or 'max': the same function)",
+    "(mode 'sum', 'mean' or 'max': the same function); bags of different lengths as 1-D ids with "
+    "offsets: pad them to a (B, T) tensor of ids with a padding_idx (nn.EmbeddingBag(..., padding_idx=P) "
+    "called on (B, T) ids, sum or mean, is taken without a double backward)",
 }
 
 
