@@ -320,3 +320,37 @@ def test_inverse_diagonal_check_stops_refining_once_backward_stable(monkeypatch)
     unread = torch.ones(V, dtype=torch.bool)
     unread[X.unique()] = False
     assert torch.equal(d[: V * D].view(V, D)[unread], torch.full_like(d[: V * D].view(V, D)[unread], 1 / 0.3))
+
+
+class _Offsets(nn.Module):
+    """Bags as 1-D ids with offsets (torch's form for ragged bags)."""
+
+    def __init__(self, V, D):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(V, D, mode="sum")
+
+    def forward(self, x):
+        flat = x.reshape(-1)
+        return self.bag(flat, torch.arange(0, flat.numel(), x.shape[1]))
+
+
+def test_ragged_bags_are_told_how_to_be_taken():
+    """1-D ids with offsets: refused (no double backward), with advice that did not fit ragged bags
+    (write it as Embedding + .sum(1), a probe). The advice names the (B, T) form with a padding_idx, and
+    that form is taken."""
+    torch.manual_seed(0)
+    X, y = torch.randint(1, 20, (5, 3)), torch.randint(0, 4, (5,))
+    net = nn.Sequential(_Offsets(30, 3), nn.Linear(3, 4)).double()
+    G = hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X, y)
+    with pytest.raises(
+        hessinv.errors.UnsupportedStageError, match=r"pad them to a \(B, T\) tensor of ids with a padding_idx"
+    ):
+        G.factor(1e-2, method="riccati")
+    padded = nn.Sequential(nn.EmbeddingBag(30, 3, mode="sum", padding_idx=0), nn.Linear(3, 4)).double()
+    padded.load_state_dict(net.state_dict(), strict=False)
+    with torch.no_grad():
+        padded[0].weight.copy_(net[0].bag.weight)
+    G2 = hessinv.gauss_newton(padded, nn.CrossEntropyLoss(), X, y)
+    assert torch.allclose(
+        G2.factor(1e-2, method="riccati").solve(G2.gradient), G.factor(1e-2).solve(G.gradient)
+    )
