@@ -354,3 +354,45 @@ def test_ragged_bags_are_told_how_to_be_taken():
     assert torch.allclose(
         G2.factor(1e-2, method="riccati").solve(G2.gradient), G.factor(1e-2).solve(G.gradient)
     )
+
+
+class _SkipGram(nn.Module):
+    """One table read twice in a stage (a centre and a context token), their product (``Hxx`` not zero)."""
+
+    def __init__(self, V, D):
+        super().__init__()
+        self.e = nn.Embedding(V, D)
+
+    def forward(self, x):
+        return self.e(x[:, 0]) * self.e(x[:, 1])
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "gauss_newton"])
+def test_a_table_read_twice_in_a_stage_factors_in_the_rows_read(monkeypatch, curvature):
+    """A table called twice in one stage was left out of the rows-read route (one call per layer was
+    required), so a skip-gram model at V = 30000 was refused as too large (a probe): its rows read are
+    those of both calls. Inertia, log-determinant, solve and inverse diagonal against the dense matrix;
+    the Gauss-Newton rows (jxT_rows) scatter both calls' signals."""
+    _small_tables(monkeypatch)
+    torch.manual_seed(6)
+    net = nn.Sequential(_SkipGram(60, 3), nn.Linear(3, 4)).double()
+    X, y = torch.randint(0, 20, (6, 2)), torch.randint(0, 4, (6,))
+    X[0, 1] = X[0, 0]  # (a token read by both calls)
+    loss_fn = nn.CrossEntropyLoss()
+    if curvature == "hessian":
+        op, A = hessinv.hessian(net, loss_fn, X, y), autograd_gradient_hessian(net, loss_fn, X, y)[1]
+    else:
+        op, A = hessinv.gauss_newton(net, loss_fn, X, y), autograd_gauss_newton(net, loss_fn, X, y)
+    for eps in (5e-2, -1e-3):
+        F = op.factor(eps) if curvature == "hessian" else op.factor(eps, method="riccati")
+        assert F.factors[0].pivot.rows and F.factors[0].pivot.inner.p <= 2 * 12 * 3  # (the case under test)
+        _dense_checks(F, 0.5 * (A + A.T) + eps * torch.eye(A.shape[0], dtype=A.dtype), op.gradient)
+    if curvature == "gauss_newton":  # (the default route: a root from the rows, both calls' scattered)
+        s = torch.randn(6, 3, 2, dtype=torch.float64)
+        blk = op.blocks[0]
+        assert blk._tables and len(blk._tables) == 2
+        got = blk.jxT_rows(s, [])
+        want = torch.autograd.grad(net[0](X), net[0].e.weight, s[:, :, 0])[0].reshape(-1)
+        assert got is not None and torch.allclose(got[0], want, rtol=1e-12, atol=1e-14)
+        F = op.factor(5e-2)
+        _dense_checks(F, 0.5 * (A + A.T) + 5e-2 * torch.eye(A.shape[0], dtype=A.dtype), op.gradient)

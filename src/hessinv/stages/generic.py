@@ -989,18 +989,30 @@ class LazyBlocks(Blocks):
                 calls.setdefault(id(m), []).append((m, z, u, version))
             index = {id(p): i for i, p in enumerate(self.stage.params)}
             for seen in calls.values():
-                m, z, u, version = seen[0]
-                if len(seen) != 1 or z is None or z.dim() < 1 or z.shape[0] != self.batch:
+                m = seen[0][0]
+                table = isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+                # (a table may be read more than once -- a skip-gram's centre and context: its rows read
+                # are those of every call; a Linear's rows come from one call's input)
+                if len(seen) != 1 and not table:
                     continue
-                if u._version != version or not u.requires_grad or tuple(u.shape) != _own_output_shape(m, z):
-                    continue  # (edited in place, or not the layer's own output: a hook's, 4 of 6 columns)
-                if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
-                    bag = isinstance(m, nn.EmbeddingBag)
-                    if not z.is_floating_point() and not z.is_complex() and (not bag or z.dim() == 2):
-                        z = z.detach()
+                ok = []
+                for _, z, u, version in seen:
+                    if z is None or z.dim() < 1 or z.shape[0] != self.batch or u._version != version:
+                        break
+                    if not u.requires_grad or tuple(u.shape) != _own_output_shape(m, z):
+                        break  # (edited in place, or not the layer's own output: a hook's, 4 of 6 columns)
+                    if table and (z.is_floating_point() or z.is_complex()):
+                        break
+                    if table and isinstance(m, nn.EmbeddingBag) and z.dim() != 2:
+                        break
+                    ok.append((z.detach(), u))
+                if len(ok) != len(seen):
+                    continue
+                for z, u in ok:
+                    if table:
                         self._tables.append((index[id(m.weight)], z, u, m.padding_idx, _bag_spread(m, z)))
-                elif z.dim() == 2:
-                    self._linears.append((index[id(m.weight)], z.detach(), u))
+                    elif z.dim() == 2:
+                        self._linears.append((index[id(m.weight)], z, u))
             self._linear_calls = []
         return self._linears
 
@@ -1059,10 +1071,13 @@ class LazyBlocks(Blocks):
                 outer[w] = (t, z.to(t.dtype))
         # a lookup table's rows: the signal at its output scattered into the rows of the batch's tokens
         # (an Embedding(50000, 64)'s rows without a batched backward pass into a dense table per row)
-        scattered = {
-            w: (_table_rows(ids, pad), _per_token(tu.reshape(k, -1, params[w].shape[1]), spread))
-            for (w, ids, _, pad, spread), tu in zip(lookups, got[len(rest) + 1 + len(linears) :], strict=True)
-        }
+        scattered: dict[int, tuple[tuple[Tensor, Tensor], Tensor]] = {}
+        for (w, ids, _, pad, spread), tu in zip(lookups, got[len(rest) + 1 + len(linears) :], strict=True):
+            (flat, keep), t = _table_rows(ids, pad), _per_token(tu.reshape(k, -1, params[w].shape[1]), spread)
+            if w in scattered:  # (the table read again in the stage: its tokens and signals joined)
+                (flat0, keep0), t0 = scattered[w]
+                flat, keep, t = torch.cat([flat0, flat]), torch.cat([keep0, keep]), torch.cat([t0, t], 1)
+            scattered[w] = ((flat, keep), t)
         # checked against autograd: the weights' gradients for one random combination c of the k columns
         # equal sum_q c_q t_q z_q^T (a weight read elsewhere too, a hook on u, ... fail it); a table's,
         # the scatter of sum_q c_q t_q
@@ -1692,12 +1707,15 @@ class LazyBlocks(Blocks):
         offsets = [0]
         for q in self.stage.params:
             offsets.append(offsets[-1] + q.numel())
-        in_tables = 0
+        in_tables, seen = 0, set()
         for wi, ids, _u, padding_idx, _bag in self._tables:
             V, D = self.stage.params[wi].shape
+            if wi not in seen:  # (a table read more than once: the rows of every call)
+                keep[offsets[wi] : offsets[wi + 1]] = False
+                seen.add(wi)
+                in_tables += V * D
             read = _read_mask(V, *_table_rows(ids.to(dev), padding_idx))
-            keep[offsets[wi] : offsets[wi + 1]] = read.repeat_interleave(D)
-            in_tables += V * D
+            keep[offsets[wi] : offsets[wi + 1]] |= read.repeat_interleave(D)
         rows = keep.nonzero().squeeze(1)
         if 2 * rows.numel() > self.p and not self._one_table():  # (pulled back: p columns at most)
             return None
