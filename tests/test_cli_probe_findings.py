@@ -167,24 +167,29 @@ def test_the_spectrum_command_says_what_it_read_and_what_fell_outside(tmp_path, 
     assert rec["below"] + rec["above"] > 0 and any("header" in n for n in rec["data_notes"])
 
 
-def test_a_first_row_of_decimals_is_data_whatever_its_label(tmp_path):
-    """A file without a header whose first row is the only example of its class: the row was dropped as
-    a header (a label unlike all the others), with only a note (a probe). Features written as decimals
-    make it data; ``1,2,label`` above class names is still a header."""
+def test_a_skipped_first_row_of_numbers_says_how_to_keep_it(tmp_path):
+    """A file without a header whose first row is the only example of its class is read as a header (a
+    label in no other row), as a row of wavelengths above spectra must be (``908.1,914.5,920.9,species``:
+    taken as data, it made a class 'species' of one example, a review): the note says how to keep the
+    row where the skipped row's features are all numbers (an example dropped with only the header note,
+    a probe)."""
     rng = np.random.default_rng(0)
     X = rng.normal(size=(40, 3))
     labels = ["zebra"] + ["cat" if v > 0 else "dog" for v in X[1:, 0]]
+    body = "".join(",".join(f"{v:.4f}" for v in x) + f",{lab}\n" for x, lab in zip(X, labels, strict=True))
     p = tmp_path / "rare.csv"
-    p.write_text(
-        "".join(",".join(f"{v:.4f}" for v in x) + f",{lab}\n" for x, lab in zip(X, labels, strict=True))
-    )
+    p.write_text(body)
     ds = load_dataset(str(p), seed=0)
-    assert len(ds.X_train) + len(ds.X_test) == 40 and ds.output_dim == 3
-    assert not any(n.startswith("header") for n in ds.notes)
-    q = tmp_path / "named.csv"
-    q.write_text("1,2,3,label\n" + p.read_text().split("\n", 1)[1])
+    assert len(ds.X_train) + len(ds.X_test) == 39 and ds.output_dim == 2
+    assert any("if it is an example, not a header, put a header line above it" in n for n in ds.notes)
+    q = tmp_path / "spectra.csv"
+    q.write_text("908.1,914.5,920.9,species\n" + body.split("\n", 1)[1])
     ds = load_dataset(str(q), seed=0)
-    assert len(ds.X_train) + len(ds.X_test) == 39 and any(n.startswith("header: line 1") for n in ds.notes)
+    assert len(ds.X_train) + len(ds.X_test) == 39 and ds.output_dim == 2
+    r = tmp_path / "named.csv"
+    r.write_text("a,b,c,species\n" + body.split("\n", 1)[1])
+    ds = load_dataset(str(r), seed=0)
+    assert not any("if it is an example" in n for n in ds.notes)
 
 
 def test_a_header_below_comment_lines_is_skipped(tmp_path):
@@ -197,6 +202,8 @@ def test_a_header_below_comment_lines_is_skipped(tmp_path):
     ds = load_dataset(str(p), seed=0)
     assert len(ds.X_train) + len(ds.X_test) == 6 and ds.input_dim == 2
     assert any(n.startswith("header: line 3") for n in ds.notes)
+    ds = load_dataset(str(p), seed=0, target="label")  # (named: from the header line, not a comment)
+    assert len(ds.X_train) + len(ds.X_test) == 6 and ds.input_dim == 2
     q = tmp_path / "s.csv"
     q.write_text("# a,b,label\n" + rows)
     ds = load_dataset(str(q), seed=0)

@@ -399,11 +399,12 @@ def test_sigterm_stops_hessinv_spectrum_with_a_message(tmp_path):
 
 # -- a researcher's own files (a probe, 2026-12-06) ----------------------------------------------------
 def test_quiet_still_says_how_the_data_was_read(tmp_path, capsys):
-    """``--quiet`` (no live progress) dropped the data notes too: a file's first row taken as a header and
-    dropped without a word. (A headerless file's first row of decimals is data now, whatever its label.)"""
+    """``--quiet`` (no live progress) dropped the data notes too: a headerless file's first row, the only
+    example of its class, taken as a header and dropped without a word."""
     rng = np.random.default_rng(1)
-    rows = ["1,2,label"] + [
-        f"{a:.3f},{b:.3f},{c}" for (a, b), c in zip(rng.normal(size=(30, 2)), ["x", "y"] * 15, strict=True)
+    rows = [
+        f"{a:.3f},{b:.3f},{c}"
+        for (a, b), c in zip(rng.normal(size=(30, 2)), ["rare"] + ["x", "y"] * 14 + ["x"], strict=True)
     ]
     (tmp_path / "noheader.csv").write_text("\n".join(rows) + "\n")
     rc, out, err = _run(

@@ -313,10 +313,6 @@ def _is_header(head: list[str], rest: list[list[str]]) -> bool:
         return False
     if _is_number(cells[-1]) != kinds.pop():
         return True
-    if features and all(any(ch in c for ch in ".eE") for c in features):
-        # (features written as decimals are measurements, not names: the first example of a class seen
-        # nowhere else in a file without a header was dropped as the header, a probe)
-        return False
     return not _is_number(cells[-1]) and cells[-1] not in set(labels)
 
 
@@ -473,9 +469,10 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
     numbered = target is not None and target.strip().lstrip("+-").isdigit()
     if target is not None and not numbered:  # a name: of the '#' header, or of the first row (then skipped)
         cells: list[str] = []
-        if skipped:  # numpy.savetxt's '# a b c' (its cells without the '#' and the empty ones)
+        in_first = target.strip() in [c.strip() for c in rows[0][1]]
+        if skipped and not in_first:  # numpy.savetxt's '# a b c' (its cells without the '#' and empty ones)
             cells = next(csv.reader([lines[skipped - 1].lstrip().lstrip("#").strip()], dialect), [])
-        elif target.strip() in [c.strip() for c in rows[0][1]]:
+        elif in_first:  # (a header line, below '#' comments or not)
             cells = header = rows[0][1]
             rows = rows[1:]
         elif not all(_is_number(c) or not c.strip() for c in rows[0][1][:-1]):  # a header without it
@@ -530,7 +527,14 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
                 )
     if not rows:
         raise DataError(f"{path} has a header but no data rows")
-    notes += [_header_note(*first)] if rows[0][0] != first[0] else []
+    if rows[0][0] != first[0]:
+        notes.append(_header_note(*first))
+        if all(_is_number(c) for c in first[1][:-1]):  # (a guess either way: wavelengths above spectra,
+            # or the only example of a class in a file without a header, a probe)
+            notes.append(
+                "the skipped first row's features are numbers: if it is an example, not a header, put a "
+                "header line above it"
+            )
     if row_names:
         notes.append("column 1: row names under no header name (R's write.table), not a feature: dropped")
     comment = lines[skipped - 1].lstrip().lstrip("#") if skipped else ""
