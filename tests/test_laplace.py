@@ -1203,3 +1203,17 @@ def test_the_applications_refuse_a_model_that_is_not_a_module_and_bad_arguments_
         la(X[:2], link_approx="mc", generator="x")
     with pytest.raises(TooLargeError, match="smaller batches"):
         la.sample(10**12)
+
+
+def test_optimize_prior_precision_takes_laplace_torch_positional_arguments():
+    """laplace-torch's ``optimize_prior_precision("glm", "marglik")`` put "marglik" into
+    ``optimize_sigma_noise``: a regression's noise was optimized too (delta 2.3166 instead of 2.3815),
+    a classification was told "optimize_sigma_noise is for regression only" (a review)."""
+    for likelihood in ("regression", "classification"):
+        net, X, y = problem(3, likelihood, depth=2)
+        la = Laplace(net, likelihood).fit(X, y)
+        sigma = la.sigma_noise
+        delta = la.optimize_prior_precision()
+        assert la.optimize_prior_precision("glm", "marglik") == delta and la.sigma_noise == sigma
+        with pytest.raises(InvalidArgumentError, match="optimize_sigma_noise must be True or False"):
+            la.optimize_prior_precision((1e-3, 1e3), "yes")

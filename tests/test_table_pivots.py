@@ -396,3 +396,17 @@ def test_a_table_read_twice_in_a_stage_factors_in_the_rows_read(monkeypatch, cur
         assert got is not None and torch.allclose(got[0], want, rtol=1e-12, atol=1e-14)
         F = op.factor(5e-2)
         _dense_checks(F, 0.5 * (A + A.T) + 5e-2 * torch.eye(A.shape[0], dtype=A.dtype), op.gradient)
+
+
+def test_a_zero_gauss_newton_matrix_of_a_table_model_solves():
+    """A loss with no curvature (L1): the Gauss-Newton matrix is zero, its root has no columns, and the
+    table stage's closed-form ``Jx^T`` of zero columns raised a raw RuntimeError (reshape of 0 elements,
+    a review; the answer is ``g / eps``)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.EmbeddingBag(40000, 3, mode="mean"), nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    net = net.double()
+    X, y = torch.randint(0, 40000, (5, 3)), torch.randn(5, 1, dtype=torch.float64)
+    G = hessinv.gauss_newton(net, nn.L1Loss(), X, y)
+    assert torch.allclose(G.factor(0.1, method="riccati").solve(G.gradient), G.gradient / 0.1)
+    opt = hessinv.optim.Newton(net, nn.L1Loss(), curvature="gauss_newton")
+    assert math.isfinite(float(opt.step(X, y)))

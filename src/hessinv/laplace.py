@@ -178,14 +178,14 @@ def _laplace_torch_search(kwargs: dict[str, Any]) -> None:
     (a validation grid search, a per-parameter prior); accept the rest (:data:`_LAPLACE_TORCH_UNUSED`)."""
     ours = "bounds=(low, high) for delta, optimize_sigma_noise, sigma_bounds, tol"
     method = kwargs.pop("method", "marglik")
-    method = str(getattr(method, "value", method))  # (laplace-torch's enums carry the name as .value)
+    method = str(getattr(method, "value", method)).lower()  # (laplace-torch's enums: the name is .value)
     if method != "marglik":
         raise InvalidArgumentError(
             f"optimize_prior_precision(method={method!r}): only the marginal-likelihood search is offered "
             f"(method='marglik', exact: a bracketed Brent search); its settings are {ours}"
         )
     structure = kwargs.pop("prior_structure", "scalar")
-    structure = str(getattr(structure, "value", structure))
+    structure = str(getattr(structure, "value", structure)).lower()
     if structure != "scalar":
         raise InvalidArgumentError(
             f"optimize_prior_precision(prior_structure={structure!r}): the prior here is one precision "
@@ -566,9 +566,17 @@ class Laplace:
         accepted and unused -- the search here is exact. A validation grid search (``method="gridsearch"``,
         ``val_loader``, ``loss``, ``grid_size``, ``log_prior_prec_*``) or a per-parameter prior
         (``prior_structure="diag"`` or ``"layerwise"``) is refused by name."""
-        if isinstance(bounds, str):  # (laplace-torch's first positional argument is pred_type)
+        if isinstance(bounds, str):  # (laplace-torch's positional arguments: pred_type, then method)
             laplace_torch.setdefault("pred_type", bounds)
             bounds = (1e-6, 1e6)
+            if not isinstance(optimize_sigma_noise, bool):
+                laplace_torch.setdefault("method", optimize_sigma_noise)
+                optimize_sigma_noise = False
+        if not isinstance(optimize_sigma_noise, (bool, np.bool_)):
+            raise InvalidArgumentError(
+                f"optimize_sigma_noise must be True or False, got {optimize_sigma_noise!r} (laplace-torch's "
+                "method goes by keyword, method='marglik', or after pred_type: ('glm', 'marglik'))"
+            )
         _laplace_torch_search(laplace_torch)
         self._op()
         if optimize_sigma_noise and self.likelihood != "regression":

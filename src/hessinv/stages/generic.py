@@ -1246,11 +1246,11 @@ class LazyBlocks(Blocks):
         if self._dense_blocks is not None:
             return self._dense_blocks.jxT(s) if which == "x" else self._dense_blocks.jzT(s)
         B, k = self.batch, s.shape[-1]
+        if k == 0:  # (no columns: a zero Gauss-Newton matrix's root)
+            return s.new_zeros(self.p, 0) if which == "x" else s.new_zeros(B, self.d_in, 0)
         if self._table_only():  # (no graph: the products of a factorization kept after a step still run)
             return self._table_jxT(s) if which == "x" else s.new_zeros(B, 0, k)
         self._unchanged()
-        if k == 0:  # (no columns: a zero Gauss-Newton matrix's root)
-            return s.new_zeros(self.p, 0) if which == "x" else s.new_zeros(B, self.d_in, 0)
         pair = self._vjp_per_example(s, own)
         if pair is not None:
             gx, gz = pair
