@@ -503,3 +503,23 @@ def test_a_parameter_list_is_params_as_torch_takes_it():
     for params in (nn.ParameterList(m.parameters()), [{"params": nn.ParameterList(m.parameters())}]):
         opt = hessinv.optim.Newton(m, nn.CrossEntropyLoss(), params=params)
         assert math.isfinite(float(opt.step(X, y)))
+
+
+def test_auto_falls_back_to_gauss_newton_where_the_hessian_is_not_symmetric():
+    """Full-batch ``Newton(model, loss_fn)`` on a model with weight_norm: auto switched to the exact-
+    Hessian trust region at the second step on the same batch, whose stage autograd gives asymmetric
+    second derivatives (refused, rightly), and the step raised -- its fallback caught only a missing
+    double backward (a probe). It keeps the Gauss-Newton preconditioning and trains on."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    X, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    parametrizations.weight_norm(m[2])
+    with pytest.raises(UnsupportedStageError, match="not symmetric"):
+        hessinv.hessian(m, nn.CrossEntropyLoss(), X, y).factor(1.0)
+    opt = hessinv.optim.Newton(m, nn.CrossEntropyLoss())
+    losses = [float(opt.step(X, y)) for _ in range(4)]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert opt.mode == "precondition"

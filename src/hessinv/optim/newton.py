@@ -124,7 +124,7 @@ from hessinv.optim.precondition import (
 )
 from hessinv.optim.trust_region import TrustRegion
 from hessinv.riccati import Inertia
-from hessinv.stages.generic import NoDoubleBackward, NoFastPath
+from hessinv.stages.generic import NoExactHessian, NoFastPath
 from hessinv.stages.losses import nothing_to_learn, uncompiled
 
 __all__ = ["Newton", "StepStats"]
@@ -1228,12 +1228,13 @@ class Newton(torch.optim.Optimizer):
                 else:
                     try:
                         out = self._step_trust_region(inputs, targets)
-                    except NoDoubleBackward:
+                    except NoExactHessian:
                         if not self._newton.get("from_auto"):
                             raise
                         # auto's full-batch trust region needs the exact Hessian, which a stage autograd
                         # cannot differentiate twice has not (an nn.EmbeddingBag: the second step on the
-                        # same batch raised): the Gauss-Newton preconditioning it chose first, for good
+                        # same batch raised), nor one whose second derivatives are not symmetric
+                        # (weight_norm): the Gauss-Newton preconditioning it chose first, for good
                         self._newton["mode"] = self.mode = "precondition"
                         self._newton["from_auto"] = False
                         out = self._step_precondition(inputs, targets, g, loss, layers)

@@ -880,7 +880,7 @@ class GenericStage(Stage):
             (blk.hxzT(v), blk.hzz(t)), d[1].reshape(B, d_in, 1), zs
         )
         if not symmetric or (B == 1 and not consistent):
-            raise UnsupportedStageError(
+            raise NoExactHessian(
                 f"{self.name}: autograd's second derivatives of this stage are not symmetric: torch has no "
                 "exact double backward for an operation in it (e.g. weight_norm's _weight_norm), or they are "
                 "small differences of large terms (a normalization over 2 values); its Hessian cannot be "
@@ -2511,7 +2511,13 @@ def _hook_keys(mods) -> list[tuple]:
     return [tuple(d) for d in hook_dicts(mods)] + [tuple(p._backward_hooks or ()) for p in params]
 
 
-class NoDoubleBackward(UnsupportedStageError):
+class NoExactHessian(UnsupportedStageError):
+    """A stage whose Hessian blocks cannot be taken exactly (:class:`NoDoubleBackward`, or autograd's second
+    derivatives not symmetric: weight_norm's ``_weight_norm``), while its first derivatives -- and so the
+    Gauss-Newton matrix -- can: what :class:`hessinv.optim.Newton`'s automatic mode falls back from."""
+
+
+class NoDoubleBackward(NoExactHessian):
     """A stage autograd cannot differentiate twice (:meth:`GenericStage._twice`): its ``J v`` products and
     dense blocks rest on the double backward; :class:`hessinv.GaussNewton`'s products fall back to its
     root, which needs first derivatives only."""
