@@ -523,3 +523,20 @@ def test_auto_falls_back_to_gauss_newton_where_the_hessian_is_not_symmetric():
     losses = [float(opt.step(X, y)) for _ in range(4)]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     assert opt.mode == "precondition"
+
+
+def test_a_model_partly_on_the_meta_device_is_told_how_to_materialize_it():
+    """One layer left on the meta device: the advice was ``model.to(device)``, which torch refuses for meta
+    tensors (NotImplementedError, a probe). Following the new advice works."""
+    from hessinv.errors import DtypeMismatchError
+
+    torch.manual_seed(0)
+    X, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    m = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3, device="meta"))
+    with pytest.raises(
+        DtypeMismatchError, match=r"layer.to_empty\(device='cpu'\) then layer.reset_parameters"
+    ):
+        hessinv.hessian(m, nn.CrossEntropyLoss(), X, y)
+    m[2].to_empty(device="cpu")
+    m[2].reset_parameters()
+    assert hessinv.hessian(m, nn.CrossEntropyLoss(), X, y).shape == (57, 57)

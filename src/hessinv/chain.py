@@ -1680,6 +1680,13 @@ class Chain:
                 )
             elif len(dtypes) > 1:
                 fix = "; convert the whole model with model.float() or model.double()"
+            elif any(d.type == "meta" for d in devices):  # (model.to(device) cannot copy out of meta)
+                fix = (
+                    "; some are on the meta device (no values; model.to(device) cannot copy them): "
+                    "materialize those layers, e.g. layer.to_empty(device='cpu') then "
+                    "layer.reset_parameters(), or load their values with "
+                    "model.load_state_dict(state, assign=True)"
+                )
             else:
                 fix = "; move the whole model to one device with model.to(device)"
             raise DtypeMismatchError(
