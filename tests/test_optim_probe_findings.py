@@ -540,3 +540,42 @@ def test_a_model_partly_on_the_meta_device_is_told_how_to_materialize_it():
     m[2].to_empty(device="cpu")
     m[2].reset_parameters()
     assert hessinv.hessian(m, nn.CrossEntropyLoss(), X, y).shape == (57, 57)
+
+
+class _RunningMean(nn.Module):
+    """Keeps a running mean of its input (a statistic), the output its input; ``gated``: in training only."""
+
+    def __init__(self, gated: bool):
+        super().__init__()
+        self.gated = gated
+        self.register_buffer("mu", torch.zeros(6))
+
+    def forward(self, x):
+        if self.training or not self.gated:
+            self.mu.mul_(0.9).add_(0.1 * x.detach().mean(0))
+        return x
+
+
+def test_a_running_statistic_in_forward_is_told_to_update_in_training_only():
+    """A stage that writes a buffer on every call while its output stays the same was told to call
+    model.eval(), which does not stop a forward that ignores the mode (a probe). The message says to gate
+    the update on ``self.training``, and that works (the operator, and Newton, which switches to eval)."""
+    torch.manual_seed(0)
+    X, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    for gated in (False, True):
+        m = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), _RunningMean(gated), nn.Linear(6, 3))
+        if not gated:
+            with pytest.raises(UnsupportedStageError, match=r"only under `if self.training:` and call model"):
+                hessinv.hessian(m.eval(), nn.CrossEntropyLoss(), X, y)
+            continue
+        H = hessinv.hessian(m.eval(), nn.CrossEntropyLoss(), X, y)
+        assert torch.allclose(H.to_dense(), autograd_hessian_of(m, X, y), atol=1e-5)
+        m.train()
+        opt = hessinv.optim.Newton(m, nn.CrossEntropyLoss())
+        assert all(math.isfinite(float(opt.step(X, y))) for _ in range(3))
+
+
+def autograd_hessian_of(m, X, y):
+    from reference import autograd_gradient_hessian
+
+    return autograd_gradient_hessian(m, nn.CrossEntropyLoss(), X, y)[1].to(torch.float32)

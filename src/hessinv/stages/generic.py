@@ -516,6 +516,10 @@ class GenericStage(Stage):
         mod = self.module
         return [*mod.parameters(), *mod.buffers()] if isinstance(mod, nn.Module) else []
 
+    def _modules(self) -> list[nn.Module]:
+        """The modules of the stage (none for a plain function)."""
+        return list(self.module.modules()) if isinstance(self.module, nn.Module) else []
+
     def _state(self, copy: bool = True) -> list[Tensor]:
         """The values of :meth:`_live` (copies, or the tensors detached)."""
         return [t.detach().clone() if copy else t.detach() for t in self._live()]
@@ -562,9 +566,16 @@ class GenericStage(Stage):
                 "initialization, as Glow's ActNorm does; put back as they were): run the model once on real "
                 "data (under torch.no_grad()) before using hessinv"
             )
+        if changed and same and not any(m._forward_hooks or m._forward_pre_hooks for m in self._modules()):
+            raise UnsupportedStageError(
+                f"{self.name} writes its parameters or buffers on every call, though its output stays the "
+                "same (a running statistic of its input): hessinv's own calls of it would move them; update "
+                "them only under `if self.training:` and call model.eval() (hessinv.optim does so for the "
+                "curvature itself), or update them outside forward"
+            )
         if changed or not same:
             what = "updates its parameters or buffers" if changed else "returns different outputs"
-            mods = list(self.module.modules()) if isinstance(self.module, nn.Module) else []
+            mods = self._modules()
             hooked = [m for m in mods if m._forward_hooks or m._forward_pre_hooks]
             hooks = (
                 f"; its {type(hooked[0]).__name__} has a forward hook: a hook that keeps state between "
