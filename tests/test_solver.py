@@ -312,6 +312,9 @@ def test_ill_conditioned_pivot_is_not_certified(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert F.logdet() == pytest.approx(float(ev.abs().log().sum()), abs=1e-5)  # cond 4e6
+    F = H.factor(1e-3)  # (at 1e-5 the sweep's error estimate, u / c^2 = 7e-5, sends logdet to the LU)
+    ev = torch.linalg.eigvalsh(Hd + 1e-3 * torch.eye(Hd.shape[0], dtype=torch.float64))
+    assert F.logdet() == pytest.approx(float(ev.abs().log().sum()), abs=1e-8)
     assert F._dense is None  # the pivots' product, no dense matrix formed
 
 
