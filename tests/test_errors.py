@@ -1346,3 +1346,37 @@ def test_a_bug_inside_a_stage_is_not_called_a_second_input():
     with pytest.raises(hessinv.HessinvError) as e:
         hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
     assert "more than one input" not in str(e.value) and "'scale'" in str(e.value)
+
+
+class _NextToken(torch.nn.Module):
+    """Embedding then a per-position head; ``(B, T, V)`` logits, or ``(B, V, T)`` with ``channels_first``."""
+
+    def __init__(self, V: int, channels_first: bool):
+        super().__init__()
+        self.e, self.head, self.cf = torch.nn.Embedding(V, 4), torch.nn.Linear(4, V), channels_first
+
+    def forward(self, x):
+        out = self.head(torch.tanh(self.e(x)))
+        return out.transpose(1, 2) if self.cf else out
+
+
+def test_a_flattened_sequence_cross_entropy_is_told_the_per_position_form(monkeypatch):
+    """Next-token logits ``(B, T, V)`` with a loss that flattens them (the README's advice then) get a dense
+    ``(T V)^2`` output curvature per example, refused at a large vocabulary with advice to take fewer
+    examples -- 17x the time of the per-position form (a probe). The refusal names that form, and it is
+    the same Hessian."""
+    import hessinv.stages.losses as hl
+
+    torch.manual_seed(0)
+    V, T = 12, 5
+    X, Y = torch.randint(0, V, (3, T)), torch.randint(0, V, (3, T))
+    flat = _NextToken(V, False).double()
+    loss = lambda o, y: torch.nn.functional.cross_entropy(o.reshape(-1, V), y.reshape(-1))  # noqa: E731
+    monkeypatch.setattr(hl, "MAX_LAMBDA_ENTRIES", 2 * (T * V) ** 2)
+    with pytest.raises(hessinv.errors.TooLargeError, match=r"return \(B, classes, T\) logits and use nn"):
+        hessinv.hessian(flat, loss, X, Y).factor(1.0)
+    per_position = _NextToken(V, True).double()
+    per_position.load_state_dict(flat.state_dict())
+    H = hessinv.hessian(per_position, torch.nn.CrossEntropyLoss(), X, Y)
+    monkeypatch.undo()
+    assert torch.allclose(H.to_dense(), hessinv.hessian(flat, loss, X, Y).to_dense(), rtol=1e-10, atol=1e-12)

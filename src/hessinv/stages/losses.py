@@ -382,6 +382,8 @@ def check_output_curvature_size(B: int, C: int, name: str) -> None:
             if fits
             else f"{C} outputs per example are too many for an exact output curvature"
         )
+        + "; a cross-entropy over positions written on flattened (B T, classes) logits: return (B, classes, "
+        "T) logits and use nn.CrossEntropyLoss, whose curvature is taken per position in closed form"
     )
 
 
