@@ -574,14 +574,18 @@ class LowRankPivot:
         k = p - r
         self.perturbed = self.inner.perturbed
         self.qmax = max(top, abs(damping), self.inner.qmax)
+        # (unit columns: each row no token reads holds eps alone, an exact eigenvalue coupled to nothing, so
+        # its threshold is a 1 x 1 block's -- at p's, a float32 Embedding(50000, 16) had its 797024 unread
+        # rows "perturbed" at eps = 1e-3, and its solves handed to the float64 twin, a probe)
+        width = 1 if self.rows else p
         if perturb:  # the eigenvalue eps on the complement of range(U): perturbed like a D block's
-            tau = _perturb_tau(A.dtype, max(top, abs(damping), hscale, fi.tiny), p)
+            tau = _perturb_tau(A.dtype, max(top, abs(damping), hscale, fi.tiny), width)
             if k > 0 and abs(damping) < tau:
                 self.eps = -tau if damping < 0 else tau
                 self.perturbed += k
         elif not modify:  # (modify: eps on the complement is the floor itself, never "singular")
             if strict:
-                tol = p * fi.eps * max(top, abs(damping), fi.tiny)
+                tol = width * fi.eps * max(top, abs(damping), fi.tiny)
             else:  # counts: exact down to eps = 0, but C / eps must stay representable (a float32
                 # shift of 1e-45 overflowed): below that the pivot is singular to working precision
                 tol = 1e4 * float(C.abs().max()) / fi.max if k > 0 and C is not None else 0.0
