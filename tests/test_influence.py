@@ -808,3 +808,20 @@ def test_inverse_hvp_solves_as_many_columns_as_memory_allows(monkeypatch):
     got = inf.inverse_hvp(G)
     assert max(widths) == 3 and sum(widths) == 20
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)
+
+
+def test_per_example_gradients_of_a_bag_do_not_warn():
+    """``torch.func.vmap`` over an ``nn.EmbeddingBag`` warned "There is a performance drop ..." (no
+    batching rule; 9 UserWarnings per influence call, a probe): a note on torch.func's speed, silenced."""
+    import warnings as w
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.EmbeddingBag(40, 4, mode="mean"), nn.Linear(4, 3)).double()
+    X, y = torch.randint(0, 40, (6, 3)), torch.randint(0, 3, (6,))
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        G = per_example_gradients(net, nn.CrossEntropyLoss(), X, y)
+    assert not caught and G.shape == (6, 40 * 4 + 15)
+    loss = nn.CrossEntropyLoss()(net(X[:1]), y[:1])
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(net.parameters()))])
+    assert torch.allclose(G[0], want, rtol=1e-12, atol=1e-15)

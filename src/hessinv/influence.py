@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -128,7 +129,10 @@ def _left_intact(model: nn.Module) -> Iterator[None]:
     has no sparse gradients)."""
     held = [(mod, attr, p) for mod in model.modules() for attr, p in mod.named_parameters(recurse=False)]
     try:
-        with dense_lookup_grads(model):
+        with dense_lookup_grads(model), warnings.catch_warnings():
+            # (torch's note that an operation without a batching rule runs one example at a time -- an
+            # nn.EmbeddingBag's, 9 UserWarnings per call, a probe -- about torch.func's speed, not the result)
+            warnings.filterwarnings("ignore", message=r"There is a performance drop", category=UserWarning)
             yield
     finally:
         for mod, attr, p in held:
