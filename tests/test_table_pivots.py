@@ -449,3 +449,19 @@ def test_a_float32_tables_unread_rows_are_not_perturbed():
     assert tuple(F.inertia) == tuple(F64.inertia)
     x, x64 = F.solve(H.gradient), F64.solve(H64.gradient)
     assert float((x.double() - x64).norm() / x64.norm()) < 1e-4
+
+
+def test_inverse_diagonal_still_charges_a_wide_dense_first_stage_in_full(monkeypatch):
+    """The table's rows-read charge (above) used ``pivot_order``, which a dense stage in low-rank form
+    also shrinks to ``B d_out``, though its sweep forms ``p x a``: a ``Linear(2000, 64)`` first layer ran
+    past the memory available instead of the named refusal (a review)."""
+    import hessinv.riccati as hr
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2000, 64), nn.Tanh(), nn.Linear(64, 3)).double()
+    X, y = torch.randn(8, 2000, dtype=torch.float64), torch.randint(0, 3, (8,))
+    F = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y).factor(0.1)
+    monkeypatch.setattr(hr, "_capacity_bytes", lambda device: 2**20)
+    monkeypatch.setattr(hr, "_memory_bytes", lambda device: 300 * 2**20)
+    with pytest.raises(hessinv.errors.TooLargeError, match="inverse_diagonal: the forward sweep would need"):
+        F.inverse_diagonal()

@@ -1197,7 +1197,10 @@ def _check_inverse_diagonal_memory(blocks: list[Blocks], first: int, last: int, 
         a_in, a_out = (0 if l == first else b.batch * b.d_in), b.batch * b.d_out
         # (the first stage of a lookup table: J on the rows its tokens read, r x a_out, not p x a_out -- an
         # Embedding(50000, 16) on 16 examples was refused for 30.6 GiB)
-        q = b.pivot_order(b.batch) if l == first else b.p
+        read = getattr(
+            b, "_read_rows", None
+        )  # (a table's rows read; a dense stage's low rank still forms p x a)
+        q = b.pivot_order(b.batch) if l == first and read is not None and read() is not None else b.p
         wide = q * a_out if b.p > a_out else b.p * b.p
         return PEAK_FACTOR * item * (2 * b.p * a_in + a_in * a_in + 2 * a_out * a_in + a_out * a_out + wide)
 
