@@ -1158,3 +1158,24 @@ def test_factorizations_at_other_dampings_share_the_roots_scans():
         fresh = hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X, y).factor(eps)
         assert F.logdet() == pytest.approx(fresh.logdet(), rel=1e-13)
         assert torch.allclose(F.solve(b), fresh.solve(b), rtol=1e-12, atol=1e-15)
+
+
+def test_the_gauss_newton_trust_region_factors_through_the_root_where_cheaper():
+    """``factor_if_positive_definite`` (the trust region's and Levenberg-Marquardt's test-and-factor at every
+    trial damping) ran the Riccati sweep even where ``G + eps I`` is positive definite by construction
+    and the Woodbury form 50x cheaper (1.0-1.6 s a trust-region step on an Embedding(1000, 16) model, a
+    probe): it is the Woodbury factorization there, equal to the sweep's, and the trust region trains."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(1000, 8), nn.Flatten(), nn.Linear(32, 5), nn.Tanh(), nn.Linear(5, 3))
+    X, y = torch.randint(0, 1000, (16, 4)), torch.randint(0, 3, (16,))
+    G = hessinv.gauss_newton(net.double(), nn.CrossEntropyLoss(), X, y)
+    F = G.factor_if_positive_definite(1e-2)
+    assert isinstance(F, hessinv.curvature.WoodburyFactorization)
+    R = G.factor(1e-2, method="riccati")
+    assert F.logdet() == pytest.approx(R.logdet(), rel=1e-12)
+    assert torch.allclose(F.solve(G.gradient), R.solve(G.gradient), rtol=1e-10, atol=1e-14)
+    opt = hessinv.optim.Newton(net, nn.CrossEntropyLoss(), mode="trust-region", curvature="gauss_newton")
+    losses = [float(opt.step(X, y)) for _ in range(5)]
+    assert losses[-1] < 0.9 * losses[0]

@@ -2373,6 +2373,16 @@ class GaussNewton(CurvatureOperator):
         (rounding far above ``||G||``: stage blocks of order 1 around a ``G`` of 1e-9, a model nearly
         invariant to its parameters), the factorization all the same, its solves refined."""
         damping = _check_shift(damping, self.dtype, "damping")
+        woodbury = self._positive_definite_at(damping) and self._woodbury_cheaper(damping)
+        if woodbury and damping >= 1e-8 * self.norm_estimate():  # (cond < 1e8: not singular to working
+            # precision, which the sweep's route below judges)
+            # (positive definite by construction: no test to make, and through the root where that is
+            # cheaper -- the trust region's and Levenberg-Marquardt's every trial damping ran the sweep,
+            # 0.86 s against 0.017 s on an Embedding(1000, 16) model, a probe)
+            try:
+                return WoodburyFactorization(self, damping)
+            except SingularError:
+                return None
         F = super().factor_if_positive_definite(damping)
         if F is None and self._positive_definite_at(damping):
             try:
@@ -4562,6 +4572,11 @@ class WoodburyFactorization(Factorization):
     Same interface as :class:`Factorization` (``solve`` with refinement, ``inertia``,
     ``positive_definite``, ``logdet``).
     """
+
+    def _pivots_exact(self) -> bool:
+        """No Riccati pivots: callers that take the sweep's exact quadratic form where its pivots are
+        exact (the trust region's) take ``v^T x`` of a solve instead."""
+        return False
 
     _shift_rescue = False  # (refined by its own route: see _solve64 and _factor_dense)
 
