@@ -4671,22 +4671,16 @@ class WoodburyFactorization(Factorization):
             if k:
                 U, S, D = _undamped_rows(U, S, damping, zero, gjj, Dd)
         try:
-            # (one root, many dampings -- a prior-precision search: the root's scans of its columns, kept
-            # by the first factor, are shared through with_damping; each damping rescanned a 256 x 800k
-            # root, 28.6 s of a Laplace search of which 0.6 s per damping was K's factorization, a probe)
-            # (what with_damping passes on, less the float64 copy of U: the operator keeps no factorization)
+            # (one root, many dampings -- a prior-precision search: the operator keeps the first factor's
+            # WoodburyFactor.shared, not the factor; each damping rescanned a 256 x 800k root, 28.6 s of a
+            # Laplace search of which 0.6 s per damping was K's factorization, a probe)
             held = op.__dict__.get("_woodbury_template")
             if held is not None and held[0] is U and held[1] is S:
                 self.woodbury = WoodburyFactor(U, S, D, **held[2])
             else:
-                self.woodbury = w = WoodburyFactor(U, S, D)
+                self.woodbury = WoodburyFactor(U, S, D)
                 if U is op._cached_root()[0]:
-                    shared = {
-                        "gram_tol": w.gram_tol,
-                        "factors": w.factors,
-                        "structured_only": w.structured_only,
-                    }
-                    op._woodbury_template = (U, S, {**shared, "_columns": w._columns, "tables": w.tables})
+                    op._woodbury_template = (U, S, self.woodbury.shared())
         except SingularError:
             self.woodbury = self._refactor(op, damping)
 

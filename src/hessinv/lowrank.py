@@ -904,17 +904,18 @@ class WoodburyFactor:
 
     def with_damping(self, damping: float | Tensor) -> WoodburyFactor:
         """The factorization of ``D' + G`` for a new damping ``D'`` (same ``U``, ``S``)."""
-        return WoodburyFactor(
-            self.U,
-            self.S,
-            damping,
-            _U64=self._U64,
-            gram_tol=self.gram_tol,
-            factors=self.factors,
-            structured_only=self.structured_only,
-            _columns=self._columns,
-            tables=self.tables,
-        )
+        return WoodburyFactor(self.U, self.S, damping, _U64=self._U64, **self.shared())
+
+    def shared(self) -> dict[str, Any]:
+        """What a factorization of the same ``U``, ``S`` at another damping reuses (:meth:`with_damping`),
+        less the float64 copy of ``U``: its settings and the scans of ``U``'s columns."""
+        return {
+            "gram_tol": self.gram_tol,
+            "factors": self.factors,
+            "structured_only": self.structured_only,
+            "_columns": self._columns,
+            "tables": self.tables,
+        }
 
     def _by_factor(self, idx: Tensor) -> tuple[list[tuple[tuple, Tensor]], Tensor]:
         """``([(factor, inside), ...], rest)``: for each Linear weight of ``factors`` that ``idx`` (column

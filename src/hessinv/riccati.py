@@ -1185,7 +1185,9 @@ def _forward_map(blk: Blocks, t: Tensor | None, v: Tensor | None, k: int) -> Ten
     return out.reshape(-1, k)
 
 
-def _check_inverse_diagonal_memory(blocks: list[Blocks], first: int, last: int, like: Tensor) -> None:
+def _check_inverse_diagonal_memory(
+    blocks: list[Blocks], factors: list[StageFactor | None], first: int, last: int, like: Tensor
+) -> None:
     """:class:`TooLargeError` before a forward sweep of :func:`riccati_inverse_diagonal` whose transients
     would not fit in the memory still available (the factors it reads are held already): at a stage,
     ``K`` and ``K Y`` (``p x a_in`` each), ``Y`` and ``(Jz - Jx K) Y`` (``a_in^2``, ``a_out a_in``), the
@@ -1195,12 +1197,10 @@ def _check_inverse_diagonal_memory(blocks: list[Blocks], first: int, last: int, 
     def need(l: int) -> int:
         b = blocks[l]
         a_in, a_out = (0 if l == first else b.batch * b.d_in), b.batch * b.d_out
-        # (the first stage of a lookup table: J on the rows its tokens read, r x a_out, not p x a_out -- an
-        # Embedding(50000, 16) on 16 examples was refused for 30.6 GiB)
-        read = getattr(
-            b, "_read_rows", None
-        )  # (a table's rows read; a dense stage's low rank still forms p x a)
-        q = b.pivot_order(b.batch) if l == first and read is not None and read() is not None else b.p
+        # (the first stage of a lookup table, as the sweep takes it: J on the rows its tokens read, r x a_out,
+        # not p x a_out -- an Embedding(50000, 16) on 16 examples was refused for 30.6 GiB)
+        f = factors[l]
+        q = f.pivot.inner.p if l == first and f is not None and _reads_rows(f) else b.p
         wide = q * a_out if b.p > a_out else b.p * b.p
         return PEAK_FACTOR * item * (2 * b.p * a_in + a_in * a_in + 2 * a_out * a_in + a_out * a_out + wide)
 
@@ -1215,6 +1215,11 @@ def _check_inverse_diagonal_memory(blocks: list[Blocks], first: int, last: int, 
             f"{worst} ({b.p} parameters, a = {b.batch} examples x {b.d_in} inputs); {total / 2**30:.3g} GiB "
             "is available. Take the curvature on fewer examples"
         )
+
+
+def _reads_rows(f: StageFactor) -> bool:
+    """Whether the stage's pivot holds a lookup table's rows read (:class:`LowRankPivot` on unit columns)."""
+    return isinstance(f.pivot, LowRankPivot) and f.pivot.rows
 
 
 @_sweep
@@ -1238,7 +1243,7 @@ def riccati_inverse_diagonal(blocks: list[Blocks], factors: list[StageFactor | N
     first = _first_with_parameters(blocks)
     last = max((l for l, f in enumerate(factors) if f is not None), default=-1)
     like = next(f.Qxz for f in factors if f is not None)
-    _check_inverse_diagonal_memory(blocks, first, last, like)
+    _check_inverse_diagonal_memory(blocks, factors, first, last, like)
     out = [like.new_zeros(b.p) for b in blocks]
     Y: Tensor | None = None  # Cov(y_{l-1}), (a_in, a_in); None: zero (the data at the first stage)
     for l in range(first, last + 1):
@@ -1265,7 +1270,7 @@ def riccati_inverse_diagonal(blocks: list[Blocks], factors: list[StageFactor | N
             out[l] = model(diag)
             if l == last:
                 break
-            if isinstance(f.pivot, LowRankPivot) and f.pivot.rows and Y is None:
+            if _reads_rows(f) and Y is None:
                 # (a lookup table's rows read: Jx is zero outside them, J = (Jx^T)[rows] -- no p x a_out
                 # block, 2 GB and 62 s for an Embedding(20000, 16) on 48 tokens)
                 J = blk.read_jacobian()  # type: ignore[attr-defined]

@@ -516,10 +516,6 @@ class GenericStage(Stage):
         mod = self.module
         return [*mod.parameters(), *mod.buffers()] if isinstance(mod, nn.Module) else []
 
-    def _modules(self) -> list[nn.Module]:
-        """The modules of the stage (none for a plain function)."""
-        return list(self.module.modules()) if isinstance(self.module, nn.Module) else []
-
     def _state(self, copy: bool = True) -> list[Tensor]:
         """The values of :meth:`_live` (copies, or the tensors detached)."""
         return [t.detach().clone() if copy else t.detach() for t in self._live()]
@@ -566,17 +562,17 @@ class GenericStage(Stage):
                 "initialization, as Glow's ActNorm does; put back as they were): run the model once on real "
                 "data (under torch.no_grad()) before using hessinv"
             )
-        if changed and same and not any(m._forward_hooks or m._forward_pre_hooks for m in self._modules()):
-            raise UnsupportedStageError(
-                f"{self.name} writes its parameters or buffers on every call, though its output stays the "
-                "same (a running statistic of its input): hessinv's own calls of it would move them; update "
-                "them only under `if self.training:` and call model.eval() (hessinv.optim does so for the "
-                "curvature itself), or update them outside forward"
-            )
         if changed or not same:
-            what = "updates its parameters or buffers" if changed else "returns different outputs"
-            mods = self._modules()
+            mods = list(self.module.modules()) if isinstance(self.module, nn.Module) else []
             hooked = [m for m in mods if m._forward_hooks or m._forward_pre_hooks]
+            if changed and same and not hooked:
+                raise UnsupportedStageError(
+                    f"{self.name} writes its parameters or buffers on every call, though its output stays "
+                    "the same (a running statistic of its input): hessinv's own calls of it would move them; "
+                    "update them only under `if self.training:` and call model.eval() (hessinv.optim does so "
+                    "for the curvature itself), or update them outside forward"
+                )
+            what = "updates its parameters or buffers" if changed else "returns different outputs"
             hooks = (
                 f"; its {type(hooked[0]).__name__} has a forward hook: a hook that keeps state between "
                 "calls (a counter, a running statistic, noise) must be removed or made a function of its "
