@@ -734,15 +734,100 @@ class GenericStage(Stage):
                     blocks = None
                     continue
                 try:  # vmapped backward: accepted only if the unbatched probe agrees
-                    self._probe(blocks, gx, gz, u, z, params, second_order)
+                    self._probe(blocks, gx, gz, u, z, params, second_order, out)
                     self._check_first_order(blocks, gx, gz, u)
-                    return _without_zero_blocks(blocks)
                 except UnsupportedStageError:
                     blocks = None
+                else:
+                    break
             assert blocks is not None
-            self._probe(blocks, gx, gz, u, z, params, second_order)
-            self._check_first_order(blocks, gx, gz, u)
+            if not batched:
+                self._probe(blocks, gx, gz, u, z, params, second_order, out)
+                self._check_first_order(blocks, gx, gz, u)
+            if second_order:
+                self._check_by_differences(
+                    out, z_in, u.detach(), blocks.hxx, blocks.hxz, blocks.hxzT, blocks.hzz
+                )
         return _without_zero_blocks(blocks)
+
+    def _check_by_differences(
+        self,
+        out: Tensor,
+        z_in: Tensor,
+        b: Tensor,
+        hxx: Callable[[Tensor], Tensor],
+        hxz: Callable[[Tensor], Tensor],
+        hxzT: Callable[[Tensor], Tensor],
+        hzz: Callable[[Tensor], Tensor],
+    ) -> None:
+        """Where the stage's graph holds a custom ``autograd.Function``: its second derivatives
+        ``H(b) (v, t)`` (``hxx(v) + hxz(t)``, ``hxzT(v) + hzz(t)``: autograd's double backward) against
+        central differences of its *first* backward ``g(x, z) = d <b, f(x, z)> / d(x, z)`` along a random
+        ``(v, t)``: ``(g(w + h (v, t)) - g(w - h (v, t))) / 2h``. A custom backward computed from detached
+        or non-differentiable values (``x.detach()``, ``ctx.x = x.detach()``, arithmetic under
+        ``torch.no_grad``) is exact to first order -- every other check passes -- while its derivative, the
+        Hessian, misses terms (a Swish written so: 29% off). The differences are taken at ``h`` and
+        ``2 h`` (``h = u^(1/3)`` relative to the point): the stage is refused (:class:`NoExactHessian`; the
+        Gauss-Newton matrix rests on first derivatives and stays exact) only where both agree with each
+        other to ``tol`` but not with autograd -- where the differences' own error (rounding, third
+        derivatives) is what disagrees, they tell nothing and the stage is kept."""
+        custom = _custom_functions(out)
+        if not custom:
+            return
+        module = self.module
+        names = {id(t): n for n, t in module.named_parameters(remove_duplicate=False)}
+        if not isinstance(module, nn.Module) or any(id(t) not in names for t in self.params):
+            return  # (parameters not the module's own: no functional call to perturb them with)
+        keys = [names[id(t)] for t in self.params]
+        B, dt = z_in.shape[0], b.dtype
+        floating = z_in.is_floating_point()
+        gen = torch.Generator(device="cpu").manual_seed(2718 + self.index)
+        x0 = [t.detach() for t in self.params]
+        z0 = z_in.detach().to(dt) if floating else z_in
+        v = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t) for t in x0]
+        t_ = torch.randn(z0.shape, generator=gen, dtype=torch.float64).to(z0) if floating else None
+        size = math.sqrt(
+            sum(float(q.square().sum()) for q in x0) + (float(z0.square().sum()) if floating else 0)
+        )
+        dirn = math.sqrt(
+            sum(float(q.square().sum()) for q in v) + (float(t_.square().sum()) if floating else 0)
+        )
+        if dirn == 0:
+            return
+        h = torch.finfo(dt).eps ** (1 / 3) * max(size, 1.0) / dirn
+
+        def grad_at(step: float) -> Tensor:
+            xs = [(a + step * w).requires_grad_(True) for a, w in zip(x0, v, strict=True)]
+            zs = (z0 + step * t_).requires_grad_(True) if floating else z0
+            with torch.enable_grad(), exact_attention(), dense_lookup_grads(module):
+                o = torch.func.functional_call(module, dict(zip(keys, xs, strict=True)), (zs,))
+                wrt = [*xs, zs] if floating else xs
+                gs = _grads((o.reshape(B, -1) * b).sum(), wrt)
+            return torch.cat([g.reshape(-1) for g in gs]).to(torch.float64)
+
+        try:
+            d1 = (grad_at(h) - grad_at(-h)) / (2 * h)
+            d2 = (grad_at(2 * h) - grad_at(-2 * h)) / (4 * h)
+        except Exception:  # noqa: BLE001 - a stage that cannot be called so: the check cannot be made
+            return
+        vp = torch.cat([w.reshape(-1, 1) for w in v]) if v else b.new_zeros(0, 1)
+        tz = t_.reshape(B, -1, 1) if floating else None
+        hx = hxx(vp) + (hxz(tz) if tz is not None else 0)
+        parts = [hx.reshape(-1)]
+        if floating:
+            parts.append((hxzT(vp) + hzz(tz)).reshape(-1))
+        auto = torch.cat(parts).to(torch.float64)
+        scale = max(float(d1.norm()), float(d2.norm()), float(auto.norm()), torch.finfo(dt).tiny)
+        tol = 1e-4 if dt == torch.float64 else 5e-2
+        if float((d1 - d2).norm()) <= tol * scale and float((d1 - auto).norm()) > 10 * tol * scale:
+            raise NoExactHessian(
+                _custom_backward_message(
+                    self.name,
+                    custom,
+                    f"disagree with finite differences of its first derivatives "
+                    f"({float((d1 - auto).norm()) / scale:.1%} off)",
+                )  # fmt: skip
+            )
 
     def _check_finite(self, blk: DenseBlocks) -> None:
         """A :class:`NonFiniteError` for NaN or infinite derivatives at this batch (autograd's double
@@ -809,9 +894,9 @@ class GenericStage(Stage):
                     "kink (a nonzero initialization)" + (f"; or {_remedy(dt)}" if rounding else "")
                 )
 
-    def _probe(self, blk: DenseBlocks, gx, gz, u, z, params, second_order: bool) -> None:
+    def _probe(self, blk: DenseBlocks, gx, gz, u, z, params, second_order: bool, out: Tensor) -> None:
         """Check the per-example blocks against the whole-batch autograd products on a random probe,
-        and the symmetry of the second derivatives."""
+        and the symmetry of the second derivatives (``out``: the stage's output, with its graph)."""
         B, d_in = gz.shape
         gen = torch.Generator(device="cpu").manual_seed(1234 + self.index)
         v = torch.randn(blk.p, 1, generator=gen, dtype=torch.float64).to(gz)
@@ -870,6 +955,11 @@ class GenericStage(Stage):
                 others = torch.arange(B, device=ti.device) != i
                 if bool((di[0][others] != 0).any() or (di[1][others] != 0).any()):
                     raise mixing_error(self.name, what, self.module, z)
+            custom = _custom_functions(out) if what == "second derivatives" else []
+            if custom:  # (a custom backward autograd differentiates wrongly: inconsistent, not cancelling)
+                raise NoExactHessian(
+                    _custom_backward_message(self.name, custom, "do not agree with each other")
+                )
             raise UnsupportedStageError(
                 f"{self.name}: its per-example {what} do not reproduce autograd's products to rounding in "
                 f"{gz.dtype} (cancellation, e.g. a saturated softmax or a LayerNorm over 2 features), so "
@@ -887,6 +977,9 @@ class GenericStage(Stage):
             (blk.hxzT(v), blk.hzz(t)), d[1].reshape(B, d_in, 1), zs
         )
         if not symmetric or (B == 1 and not consistent):
+            custom = _custom_functions(out)
+            if custom:
+                raise NoExactHessian(_custom_backward_message(self.name, custom, "are not symmetric"))
             raise NoExactHessian(
                 f"{self.name}: autograd's second derivatives of this stage are not symmetric: torch has no "
                 "exact double backward for an operation in it (e.g. weight_norm's _weight_norm), or they are "
@@ -1563,6 +1656,11 @@ class LazyBlocks(Blocks):
                 f"off the kink (a nonzero initialization), make the backward differentiable, or {_remedy(dt)}"
             )
         if self.second_order:
+            self.stage._check_by_differences(
+                self._out, self._z_in, self._b_out.reshape(B, -1).to(dt),
+                lambda v: self._backward(None, v, None, 1)[0], lambda t: self._backward(None, None, t, 1)[0],
+                lambda v: self._backward(None, v, None, 1)[1], lambda t: self._backward(None, None, t, 1)[1],
+            )  # fmt: skip
             # W^T H W for two random directions, symmetric to its rounding relative to its own entries
             # (weight_norm's double backward is not exact: 10% asymmetric in float32)
             m12 = float((h1[0] * v2).sum() + (h1[1] * t2).sum())
@@ -2516,6 +2614,34 @@ def _hook_keys(mods) -> list[tuple]:
     mods = list(mods)
     params = [p for m in mods for p in m._parameters.values() if p is not None]
     return [tuple(d) for d in hook_dicts(mods)] + [tuple(p._backward_hooks or ()) for p in params]
+
+
+def _custom_backward_message(name: str, custom: list[str], what: str) -> str:
+    """Why a stage's Hessian is refused where a custom ``autograd.Function``'s backward is not differentiated
+    correctly by autograd (``what``: the evidence), and what to do."""
+    return (
+        f"{name}: its second derivatives by autograd (double backward through the custom autograd.Function "
+        f"{', '.join(sorted(set(custom)))}) {what}: the Function's backward is computed from values autograd "
+        "cannot differentiate (x.detach(), a value kept as ctx.x = x.detach() rather than by "
+        "ctx.save_for_backward(x), arithmetic under torch.no_grad), so its Hessian would be wrong; write the "
+        "backward with differentiable torch operations on ctx.saved_tensors (or use the Gauss-Newton matrix, "
+        "hessinv.gauss_newton, which needs first derivatives only)"
+    )
+
+
+def _custom_functions(out: Tensor) -> list[str]:
+    """The names of the custom ``torch.autograd.Function`` nodes in ``out``'s graph (their backward is the
+    user's code: autograd differentiates it as written)."""
+    found, seen, todo = [], set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if isinstance(fn, torch.autograd.function.BackwardCFunction):
+            found.append(type(fn).__name__.removesuffix("Backward"))
+        todo.extend(f for f, _ in fn.next_functions)
+    return found
 
 
 class NoExactHessian(UnsupportedStageError):

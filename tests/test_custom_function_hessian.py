@@ -1,0 +1,180 @@
+"""Custom ``autograd.Function`` stages whose backward autograd cannot differentiate correctly: the Hessian
+refused by name, the Gauss-Newton matrix exact; a correct custom backward kept (plain-autograd float64
+references). A probe's finding (2026-12-07): a Swish whose backward detaches its saved input gave a
+Hessian 29% off, with no error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import autograd_gauss_newton, autograd_gradient_hessian, trainable
+from torch import Tensor, nn
+
+import hessinv
+from hessinv.stages.generic import NoExactHessian
+
+
+class _SwishDetached(torch.autograd.Function):
+    """x sigmoid(x), its backward computed from a detached input: right to first order only."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        x = x.detach()
+        s = torch.sigmoid(x)
+        return g * (s * (1 + x * (1 - s)))
+
+
+class _SwishExact(torch.autograd.Function):
+    """The same function, its backward differentiable (saved tensors used as they are)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return g * (s * (1 + x * (1 - s)))
+
+
+class _ScaleDetachedWeight(torch.autograd.Function):
+    """y = w * x with a parameter w; the backward's w-gradient computed under no_grad: the mixed second
+    derivative d2/dw dx is lost."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        with torch.no_grad():
+            gw = (g * x).sum(0)
+        return g * w, gw
+
+
+class _Act(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn.apply(x)
+
+
+class _Scale(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return _ScaleDetachedWeight.apply(x, self.w)
+
+
+def _model(mid: nn.Module, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 6), mid, nn.Linear(6, 3)).to(dtype)
+
+
+def _data(dtype: torch.dtype, seed: int = 0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(12, 5, generator=g, dtype=dtype), torch.randint(0, 3, (12,), generator=g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mid", ["activation", "parameter"])
+def test_a_detached_custom_backward_is_refused_for_the_hessian(dtype, mid):
+    m = _model(_Act(_SwishDetached) if mid == "activation" else nn.Sequential(nn.Tanh(), _Scale(6)), dtype)
+    X, y = _data(dtype)
+    loss = nn.CrossEntropyLoss()
+    with pytest.raises(NoExactHessian, match="custom autograd.Function"):
+        hessinv.hessian(m, loss, X, y).to_dense()
+    # the Gauss-Newton matrix needs first derivatives only: exact
+    G = hessinv.gauss_newton(m, loss, X, y).to_dense()
+    ref = autograd_gauss_newton(m, loss, X, y)
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    assert float((G - ref).abs().max() / ref.abs().max()) <= tol
+
+
+def _true_hessian_by_differences(m: nn.Module, loss, X: Tensor, y: Tensor) -> Tensor:
+    """Central differences of the (exact, first-order) gradient, float64."""
+    ps = trainable(m)
+    theta = torch.cat([p.detach().reshape(-1) for p in ps])
+
+    def grad_at(th: Tensor) -> Tensor:
+        o = 0
+        with torch.no_grad():
+            for p in ps:
+                p.copy_(th[o : o + p.numel()].view_as(p))
+                o += p.numel()
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss(m(X), y), ps)])
+
+    h = 1e-5
+    E = torch.eye(theta.numel(), dtype=theta.dtype)
+    H = torch.stack([(grad_at(theta + h * e) - grad_at(theta - h * e)) / (2 * h) for e in E])
+    grad_at(theta)
+    return H
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_an_exact_custom_backward_is_kept(seed):
+    """A custom Function whose backward is differentiable: not refused, the Hessian equal to plain autograd's
+    and to central differences of the gradient (the check's own reference, independent of it)."""
+    m = _model(_Act(_SwishExact), torch.float64, seed)
+    X, y = _data(torch.float64, seed)
+    loss = nn.CrossEntropyLoss()
+    H = hessinv.hessian(m, loss, X, y).to_dense()
+    _, ref = autograd_gradient_hessian(m, loss, X, y)
+    assert float((H - ref).abs().max() / ref.abs().max()) <= 1e-12
+    fd = _true_hessian_by_differences(m, loss, X, y)
+    assert float((H - fd).abs().max() / fd.abs().max()) <= 1e-6
+
+
+def test_an_exact_custom_backward_is_kept_in_float32():
+    m = _model(_Act(_SwishExact), torch.float32, 3)
+    X, y = _data(torch.float32, 3)
+    loss = nn.CrossEntropyLoss()
+    H = hessinv.hessian(m, loss, X, y).to_dense()
+    _, ref = autograd_gradient_hessian(m, loss, X, y)
+    assert float((H - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+class _Conv(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.conv, self.fn = nn.Conv2d(2, 3, 3, padding=1), fn
+
+    def forward(self, x):
+        return self.fn.apply(self.conv(x))
+
+
+@pytest.mark.parametrize("fn", [_SwishDetached, _SwishExact])
+def test_lazy_products_of_a_large_stage_check_a_custom_backward(fn):
+    """A convolution stage large enough that its Hessian products are taken on autograd's graph, not dense
+    blocks (LazyBlocks): the same check on the products."""
+    torch.manual_seed(0)
+    m = nn.Sequential(_Conv(fn), nn.Flatten(), nn.Linear(3 * 24 * 24, 4)).double()
+    X, y = torch.randn(16, 2, 24, 24, dtype=torch.float64), torch.randint(0, 4, (16,))
+    loss = nn.CrossEntropyLoss()
+    v = torch.randn(sum(p.numel() for p in trainable(m)), dtype=torch.float64)
+    if fn is _SwishDetached:
+        with pytest.raises(NoExactHessian, match="custom autograd.Function"):
+            hessinv.hessian(m, loss, X, y) @ v
+        return
+    H = hessinv.hessian(m, loss, X, y)
+    ps = trainable(m)
+    g = torch.autograd.grad(loss(m(X), y), ps, create_graph=True)
+    gv = sum(
+        (a * b.view_as(a)).sum() for a, b in zip(g, torch.split(v, [p.numel() for p in ps]), strict=True)
+    )
+    ref = torch.cat([t.reshape(-1) for t in torch.autograd.grad(gv, ps)])
+    assert float((H @ v - ref).norm() / ref.norm()) <= 1e-12
