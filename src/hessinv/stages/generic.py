@@ -800,7 +800,7 @@ class GenericStage(Stage):
             xs = [(a + step * w).requires_grad_(True) for a, w in zip(x0, v, strict=True)]
             zs = (z0 + step * t_).requires_grad_(True) if floating else z0
             with torch.enable_grad(), exact_attention(), dense_lookup_grads(module):
-                o = torch.func.functional_call(module, dict(zip(keys, xs, strict=True)), (zs,))
+                o = torch.func.functional_call(module, dict(zip(keys, xs, strict=True)), (unshared(zs),))
                 wrt = [*xs, zs] if floating else xs
                 gs = _grads((o.reshape(B, -1) * b).sum(), wrt)
             return torch.cat([g.reshape(-1) for g in gs]).to(torch.float64)
