@@ -11,7 +11,7 @@ from reference import autograd_gauss_newton, autograd_gradient_hessian, trainabl
 from torch import Tensor, nn
 
 import hessinv
-from hessinv.stages.generic import NoExactHessian
+from hessinv import NoExactHessian
 
 
 class _SwishDetached(torch.autograd.Function):

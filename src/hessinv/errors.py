@@ -10,6 +10,10 @@ error                      raised when
 UnsupportedStageError      a stage or loss mixes examples or is random (BatchNorm/Dropout in
                            training mode), has hooks that change gradients, or cannot be
                            differentiated exactly twice
+NoExactHessian             (an UnsupportedStageError) a stage whose Hessian cannot be taken exactly
+                           while its first derivatives -- the Gauss-Newton matrix -- can: no
+                           double backward (NoDoubleBackward), asymmetric second derivatives,
+                           a custom autograd.Function's backward autograd differentiates wrongly
 NotAChainError             the model's ``forward`` is not a chain (several inputs or outputs,
                            untraceable), a parameter is used by two stages, or a trainable
                            parameter is unused or used out of ``model.parameters()`` order
@@ -47,6 +51,8 @@ import warnings
 __all__ = [
     "HessinvError",
     "UnsupportedStageError",
+    "NoExactHessian",
+    "NoDoubleBackward",
     "NotAChainError",
     "ShapeMismatchError",
     "DtypeMismatchError",
@@ -69,6 +75,18 @@ class HessinvError(Exception):
 
 class UnsupportedStageError(HessinvError, NotImplementedError):
     """A stage (or loss) that hessinv cannot treat as a per-example chain stage."""
+
+
+class NoExactHessian(UnsupportedStageError):
+    """A stage whose Hessian blocks cannot be taken exactly (:class:`NoDoubleBackward`, or autograd's second
+    derivatives not symmetric: weight_norm's ``_weight_norm``), while its first derivatives -- and so the
+    Gauss-Newton matrix -- can: what :class:`hessinv.optim.Newton`'s automatic mode falls back from."""
+
+
+class NoDoubleBackward(NoExactHessian):
+    """A stage autograd cannot differentiate twice (``GenericStage._twice``): its ``J v`` products and dense
+    blocks rest on the double backward; :class:`hessinv.GaussNewton`'s products fall back to its root,
+    which needs first derivatives only."""
 
 
 class NotAChainError(HessinvError, TypeError):

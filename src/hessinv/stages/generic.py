@@ -50,6 +50,8 @@ from torch import Tensor, nn
 
 from hessinv.errors import (
     InvalidArgumentError,
+    NoDoubleBackward,
+    NoExactHessian,
     NonFiniteError,
     NotAChainError,
     TooLargeError,
@@ -2642,18 +2644,6 @@ def _custom_functions(out: Tensor) -> list[str]:
             found.append(type(fn).__name__.removesuffix("Backward"))
         todo.extend(f for f, _ in fn.next_functions)
     return found
-
-
-class NoExactHessian(UnsupportedStageError):
-    """A stage whose Hessian blocks cannot be taken exactly (:class:`NoDoubleBackward`, or autograd's second
-    derivatives not symmetric: weight_norm's ``_weight_norm``), while its first derivatives -- and so the
-    Gauss-Newton matrix -- can: what :class:`hessinv.optim.Newton`'s automatic mode falls back from."""
-
-
-class NoDoubleBackward(NoExactHessian):
-    """A stage autograd cannot differentiate twice (:meth:`GenericStage._twice`): its ``J v`` products and
-    dense blocks rest on the double backward; :class:`hessinv.GaussNewton`'s products fall back to its
-    root, which needs first derivatives only."""
 
 
 #: torch operations without a double backward, and the same function written with ones that have it
