@@ -1,4 +1,4 @@
-"""What a mutation probe (2026-12-07) found unpinned: each mutated line below passed the whole suite. Each
+"""What a mutation probe (2026-12-07) found unpinned: each mutated line below passed its module's tests. Each
 test fails on its mutant and passes on the code: plain-autograd float64 references, or the documented rule.
 
 - Laplace's dense functional variance (``N C > 2n``) without its ``1 / c``; ``posterior_variance`` times
