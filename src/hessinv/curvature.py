@@ -125,6 +125,12 @@ class SolveInfo:
             self._value, self._returned = self._returned(), None
         return getattr(self, "_value", self.residual)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (``torch.save`` of a factorization after a float32 solve, a fitted ``Laplace``) with
+        :attr:`returned_residual` measured: its deferred product is a closure, which does not pickle."""
+        _ = self.returned_residual
+        return dict(self.__dict__)
+
 
 class Eigenpairs(NamedTuple):
     """Eigenvalues of ``H`` found by shift-invert Lanczos, with their certificate.
@@ -4266,9 +4272,10 @@ def _returned_info(
     fi = torch.finfo(X.dtype)
     if not bool(((X.abs().amax(0) < fi.tiny / fi.eps) & (R != 0).any(0)).any()):
         if X.dtype != torch.float64:  # (the float64 iterate's residual; the returned x's on demand)
-            R64 = R.double()
+            kept = R.clone()  # (in its own dtype: exact in float64 later, half a float64 copy's memory)
 
             def returned() -> float:
+                R64 = kept.double()
                 res = R64 - apply64(X.double())
                 return float((res.norm(dim=0) / R64.norm(dim=0).clamp_min(1e-300)).max())
 

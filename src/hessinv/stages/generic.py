@@ -1032,26 +1032,10 @@ class LazyBlocks(Blocks):
         self._probed = False
         self._z_in = z_in.detach().clone()  # the caller's batch may change in place afterwards
         self.batch, self.p = z_in.shape[0], stage.p
-        self._z, call = stage.differentiable_input(self._z_in, b_out.dtype)
-        self._call = call
         mods = list(stage.module.modules())
         # plain tensor attributes as they are before the call (a memo the call creates is the call's own)
         self._plain = [v for m in mods for v in vars(m).values() if isinstance(v, Tensor)]
-        # the calls of its plain nn.Linear, nn.Embedding and nn.EmbeddingBag layers (input, output, the
-        # output's version), for jxT_rows
-        self._linear_calls: list[tuple[nn.Module, Tensor | None, Tensor | None, int]] = []
-        self._linears: list[tuple[int, Tensor, Tensor]] | None = None
-        # (weight index, token ids, output, padding_idx, an EmbeddingBag's (bag, share) per token)
-        self._tables: list[tuple[int, Tensor, Tensor, int | None, tuple[Tensor, Tensor] | None]] = []
-        record = [m for m in mods if _plain_linear(m, stage.params) or _plain_embedding(m, stage.params)]
-        # (before the user's forward hooks: the layer's own output, whatever a hook makes of it)
-        handles = [m.register_forward_hook(self._record_linear, prepend=True) for m in record]
-        try:
-            with torch.enable_grad():
-                self._out = call(self._z)
-        finally:
-            for h in handles:
-                h.remove()
+        self._run()
         # after the call: a module may edit its parameters as it runs (Embedding(max_norm=...)); frozen
         # parameters and plain tensor attributes too (a frozen layer's stage has no other values)
         self._state = [t.detach().clone() for t in self._values()]
@@ -1069,6 +1053,49 @@ class LazyBlocks(Blocks):
             raise UnsupportedStageError(stage._bad_output(self._out))
         self._dense_blocks: DenseBlocks | None = None
         self._memo: tuple[Tensor, str, Tensor] | None = None  # (s, which, the product not yet returned)
+
+    def _run(self) -> None:
+        """Call the stage on its input (a fresh leaf ``_z``) with autograd's graph into ``_out``, recording
+        the calls of its plain ``nn.Linear``, ``nn.Embedding`` and ``nn.EmbeddingBag`` layers (input, output,
+        the output's version) for :meth:`jxT_rows`."""
+        stage = self.stage
+        self._z, self._call = stage.differentiable_input(self._z_in, self._b_out.dtype)
+        self._linear_calls: list[tuple[nn.Module, Tensor | None, Tensor | None, int]] = []
+        self._linears: list[tuple[int, Tensor, Tensor]] | None = None
+        # (weight index, token ids, output, padding_idx, an EmbeddingBag's (bag, share) per token)
+        self._tables: list[tuple[int, Tensor, Tensor, int | None, tuple[Tensor, Tensor] | None]] = []
+        mods = list(stage.module.modules())
+        record = [m for m in mods if _plain_linear(m, stage.params) or _plain_embedding(m, stage.params)]
+        # (before the user's forward hooks: the layer's own output, whatever a hook makes of it)
+        handles = [m.register_forward_hook(self._record_linear, prepend=True) for m in record]
+        try:
+            with torch.enable_grad():
+                self._out = self._call(self._z)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (``torch.save``, ``copy.deepcopy``) keeps the point, not autograd's graph: a graph does
+        not survive it (the loaded tensors are cut from each other, and the products read zeros from them:
+        a LayerNorm model's Gauss-Newton products 60% off after ``torch.load``, deepcopy a raw RuntimeError).
+        The stage is called again at the kept point when the blocks are loaded (:meth:`__setstate__`)."""
+        state = dict(self.__dict__)
+        state["_graph"] = state.get("_out") is not None
+        for k in ("_z", "_call", "_out", "_g", "_memo", "_linears", "_linear_calls", "_tables", "_apart"):
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        graph = state.pop("_graph")
+        self.__dict__.update(state)
+        self._g = self._memo = self._apart = None
+        self._z = self._call = self._out = None
+        self._linears, self._linear_calls, self._tables = [], [], []
+        if graph:  # (the stage and its module are loaded before the blocks that hold them)
+            with self._at_point():
+                self._run()
+            self._versions = self._graph_versions()
 
     def _record_linear(self, m: nn.Module, args: tuple, out: Any) -> None:
         z = args[0] if len(args) == 1 and isinstance(args[0], Tensor) else None
