@@ -7,14 +7,18 @@ test fails on its mutant and passes on the code: plain-autograd float64 referenc
 - the trust region's trial loss with the weight decay counted twice;
 - the trust-region radius: shrunk from ``max(radius, ||s||)``, grown after an interior step, the secular warm
   start moved the wrong way, proven negative curvature dropped from its state;
-- Levenberg-Marquardt's ``nu`` not reset on an accepted step."""
+- Levenberg-Marquardt's ``nu`` not reset on an accepted step;
+- the trust region's predicted decrease after backtracking (``s`` for ``s^2``), or without the weight decay's
+  shift in its products;
+- the Hessian preconditioner's curvature weight inverted, its weight decay doubled, its clip bound
+  ``||g|| lambda``; a checkpoint without the factor's lookup-table rows."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from reference import autograd_hessian, autograd_output_jacobian
+from reference import autograd_gradient_hessian, autograd_hessian, autograd_output_jacobian
 from torch import nn
 
 import hessinv
@@ -179,3 +183,80 @@ def test_levenberg_marquardt_resets_nu_on_acceptance():
     assert accepted and st["nu"] == 2.0 and abs(st["damping"] - max(1 / 3, 1 - 0.8**3)) < 1e-15
     st, accepted = lm.update(st, p, -1.0)
     assert not accepted and st["damping"] == 2.0 and st["nu"] == 4.0
+
+
+def test_trust_region_predicted_decrease_is_the_quadratic_model_of_the_step_taken():
+    """``pred = -(g^T D + 1/2 D^T (H + wd I) D)`` for the parameter change ``D`` actually made, also after
+    backtracking (``D = s d`` with ``s < 1``) and with a weight decay (``g`` and ``H`` of ``f + wd/2 |x|^2``);
+    ``H`` and ``g`` by plain autograd at the step's start."""
+    backtracked = 0
+    for wd in (0.0, 0.01):
+        for seed in range(4):
+            torch.manual_seed(seed)
+            net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+            X, y = torch.randn(16, 3, dtype=F64), 3 * torch.randn(16, 1, dtype=F64)
+            opt = ho.Newton(
+                net, nn.MSELoss(), mode="trust-region", damping=TrustRegion(radius=50.0), backtracking=6,
+                weight_decay=wd,
+            )  # fmt: skip
+            for _ in range(4):
+                x0 = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+                g, H = autograd_gradient_hessian(net, nn.MSELoss(), X, y)
+                g, H = g + wd * x0, H + wd * torch.eye(len(x0), dtype=F64)
+                opt.step(X, y)
+                s = opt.last_stats
+                if not s.accepted:
+                    continue
+                D = torch.cat([p.detach().reshape(-1) for p in net.parameters()]) - x0
+                pred = -(float(g @ D) + 0.5 * float(D @ H @ D))
+                assert math.isclose(s.predicted_decrease, pred, rel_tol=1e-9, abs_tol=1e-14)
+                backtracked += s.backtracks > 0
+    assert backtracked >= 2  # (the case: steps halved before acceptance)
+
+
+def test_hessian_preconditioner_scales_and_damps_a_summed_loss():
+    """``curvature="hessian"`` on a summed loss with a curvature batch of half the batch: the direction is
+    ``(w H_k + (lambda + wd) I)^{-1} g``, ``w = n / k`` -- here (identical examples, a convex least-squares
+    model, so the pivots' absolute values change nothing) ``(H + (lambda + wd) I)^{-1} g`` with ``H`` the
+    whole batch's Hessian by plain autograd; ``lambda < 1`` so that the clip bound ``||g|| / lambda`` is not
+    met."""
+    torch.manual_seed(0)
+    net = nn.Linear(4, 2).double()
+    x0, y0 = torch.randn(1, 4, dtype=F64), torch.randn(1, 2, dtype=F64)
+    X, y = x0.repeat(16, 1), y0.repeat(16, 1)
+    loss = nn.MSELoss(reduction="sum")
+    lam, wd = 0.1, 0.05
+    pc = ho.Preconditioner(
+        net, loss, curvature="hessian", damping=lam, weight_decay=wd, curvature_batch_size=8
+    )
+    pc.update(X, y)
+    _, H = autograd_gradient_hessian(net, loss, X, y)
+    g = torch.randn(H.shape[0], dtype=F64, generator=torch.Generator().manual_seed(3))
+    ref = torch.linalg.solve(H + (lam + wd) * torch.eye(H.shape[0], dtype=F64), g)
+    assert float((pc.solve(g) - ref).norm() / ref.norm()) <= 1e-10
+
+
+def test_a_preconditioner_over_a_lookup_table_resumes_with_the_same_solves():
+    """The stored factor's lookup-table rows are part of the checkpoint: a preconditioner loaded from
+    ``state_dict`` solves as the one that saved it (bit for bit)."""
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(50, 4), nn.Flatten(), nn.Linear(12, 5))
+
+    loss = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(1)
+    X, y = torch.randint(0, 50, (16, 3), generator=gen), torch.randint(0, 5, (16,), generator=gen)
+    net = make()
+    pc = ho.Preconditioner(net, loss)
+    for _ in range(3):
+        net.zero_grad()
+        loss(net(X), y).backward()
+        pc.precondition_(X, y)
+    assert pc._factor.tables  # (the case: rows of a table in the factor)
+    net2 = make()
+    net2.load_state_dict(net.state_dict())
+    pc2 = ho.Preconditioner(net2, loss)
+    pc2.load_state_dict(pc.state_dict())
+    g = torch.randn(sum(p.numel() for p in net.parameters()), generator=gen)
+    assert torch.equal(pc2.solve(g), pc.solve(g))
