@@ -14,24 +14,8 @@ import hessinv
 from hessinv import NoExactHessian
 
 
-class _SwishDetached(torch.autograd.Function):
-    """x sigmoid(x), its backward computed from a detached input: right to first order only."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * torch.sigmoid(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        x = x.detach()
-        s = torch.sigmoid(x)
-        return g * (s * (1 + x * (1 - s)))
-
-
 class _SwishExact(torch.autograd.Function):
-    """The same function, its backward differentiable (saved tensors used as they are)."""
+    """x sigmoid(x), its backward differentiable (saved tensors used as they are)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -41,8 +25,21 @@ class _SwishExact(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        s = torch.sigmoid(x)
-        return g * (s * (1 + x * (1 - s)))
+        return g * _swish_slope(x)
+
+
+class _SwishDetached(_SwishExact):
+    """The same function, its backward computed from a detached input: right to first order only."""
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * _swish_slope(x.detach())
+
+
+def _swish_slope(x: Tensor) -> Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
 
 
 class _ScaleDetachedWeight(torch.autograd.Function):
