@@ -7,7 +7,8 @@ references.
   the spectral range not grown past an underestimated norm;
 - probability targets of negative mass taken as a positive semi-definite output curvature (G 149% off);
 - the influence weight counting ignored targets;
-- the hidden-skip (stash) checks of the gradient and of per-example rows loosened."""
+- the hidden-skip (stash) checks of the gradient and of per-example rows loosened;
+- probability targets with label smoothing uncovered; the eigenpairs interval not widened by its floor."""
 
 from unittest import mock
 
@@ -167,3 +168,40 @@ def test_per_example_rows_of_a_weak_hidden_skip_are_exact():
     ref = torch.stack([torch.cat([g.reshape(-1) for g in r]) for r in rows])
 
     assert float(((R - ref).norm(dim=1) / ref.norm(dim=1)).max()) <= 1e-12
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_probability_targets_with_label_smoothing_against_dense(weighted, reduction):
+    """Probability targets with label smoothing (and class weights): no test covered them, and the loss
+    value's own check (rtol 1e-4) would let a smoothing below ~1e-4 go uncounted."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    X, T = torch.randn(6, 3, dtype=DT), torch.softmax(torch.randn(6, 3, dtype=DT), 1)
+    w = torch.tensor([1.0, 2.0, 0.5], dtype=DT) if weighted else None
+    for eps in (0.2, 1e-5):
+        lf = nn.CrossEntropyLoss(label_smoothing=eps, weight=w, reduction=reduction)
+        g_ref, H_ref = autograd_gradient_hessian(net, lf, X, T)
+        H = hessinv.hessian(net, lf, X, T)
+        assert float((H.to_dense() - H_ref).norm()) <= 1e-12 * float(H_ref.norm())
+        assert float((H.gradient - g_ref).norm()) <= 1e-12 * float(g_ref.norm())
+        G_ref = autograd_gauss_newton(net, lf, X, T)
+        G = hessinv.gauss_newton(net, lf, X, T)
+        assert float((G.to_dense() - G_ref).norm()) <= 1e-12 * float(G_ref.norm())
+
+
+def test_eigenpairs_interval_is_widened_by_at_least_the_zero_tolerance():
+    """The certificate counts the eigenvalues in the span of the values found, widened by at least
+    ``sqrt(u) ||G||`` (a Gauss-Newton matrix's null space from the logits' common shift sits within
+    rounding of 0)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 3)).double()
+    X, y = torch.randn(12, 3, dtype=DT), torch.randint(0, 3, (12,))
+    G = hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X, y)
+    lam = torch.linalg.eigvalsh(autograd_gauss_newton(net, nn.CrossEntropyLoss(), X, y))
+    tol = G.zero_tolerance()
+    for k in (1, 2, 3):
+        e = G.eigenpairs(k, "smallest", certify=True)
+        lo, hi = e.interval
+        assert hi >= float(e.values[-1]) + tol and lo <= float(e.values[0]) - tol
+        assert torch.allclose(e.values, lam[:k], atol=1e-8 * float(lam.abs().max()))
