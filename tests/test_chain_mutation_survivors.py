@@ -45,14 +45,18 @@ def test_example_diagonal_sweep_in_chunks_adds_a_dense_stage_hxx_once():
         assert float((d - H_ref.diagonal()).abs().max()) <= 1e-12 * float(H_ref.abs().max()), rows
 
 
-def test_num_negative_eigenvalues_uses_the_tol_given():
-    """S_numneg_tol_ignored."""
+def _indefinite_hessian() -> tuple[hessinv.Hessian, torch.Tensor]:
+    """A small tanh net's Hessian and its eigenvalues by plain autograd (float64, ascending)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     X, y = torch.randn(8, 3, dtype=DT), torch.randint(0, 3, (8,))
     _, H_ref = autograd_gradient_hessian(net, nn.CrossEntropyLoss(), X, y)
-    lam = torch.linalg.eigvalsh(H_ref)
-    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    return hessinv.hessian(net, nn.CrossEntropyLoss(), X, y), torch.linalg.eigvalsh(H_ref)
+
+
+def test_num_negative_eigenvalues_uses_the_tol_given():
+    """S_numneg_tol_ignored."""
+    H, lam = _indefinite_hessian()
     for tol in (0.5 * float(-lam[0]), 2 * float(-lam[0])):
         assert spectrum.num_negative_eigenvalues(H, tol) == int((lam < -tol).sum())
 
@@ -71,12 +75,7 @@ def test_histogram_first_edge_at_zero_keeps_a_float32_null_space_in_the_first_bi
 def test_spectral_range_grows_past_an_underestimated_norm(side):
     """S_range_hi_offby1 / S_range_lo_offby1: with the start r between the two largest (smallest)
     eigenvalues, the loops must grow until every eigenvalue is inside."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    X, y = torch.randn(8, 3, dtype=DT), torch.randint(0, 3, (8,))
-    _, H_ref = autograd_gradient_hessian(net, nn.CrossEntropyLoss(), X, y)
-    lam = torch.linalg.eigvalsh(H_ref)
-    H = hessinv.hessian(net, nn.CrossEntropyLoss(), X, y)
+    H, lam = _indefinite_hessian()
     H.norm_estimate()
     mid = float(lam[-2] + lam[-1]) / 2 if side == "top" else -float(lam[0] + lam[1]) / 2
     H._norm = mid / 1.05
