@@ -201,6 +201,15 @@ def autograd_hessian(model, loss_fn, inputs: Tensor, targets: Tensor) -> Tensor:
     return autograd_gradient_hessian(model, loss_fn, inputs, targets)[1]
 
 
+def autograd_hessian_vector_product(model, loss_fn, inputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
+    """``H v`` by one plain double backward (no dense Hessian: for models too large to form it)."""
+    params = trainable(model)
+    g = torch.autograd.grad(loss_fn(_call(model, inputs), targets), params, create_graph=True)
+    parts = torch.split(v, [p.numel() for p in params])
+    gv = sum((a * b.view_as(a)).sum() for a, b in zip(g, parts, strict=True))
+    return torch.cat([t.reshape(-1) for t in torch.autograd.grad(gv, params)])
+
+
 def autograd_per_example_gradients(model, loss_fn, inputs: Tensor, targets: Tensor) -> Tensor:
     """(N, n): the gradient of each example's own loss, one backward pass each."""
     params = trainable(model)
