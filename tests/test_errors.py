@@ -307,6 +307,9 @@ def test_batch_shape_and_dtype_mismatches():
         hessinv.hessian(net, loss, X, y.double())
     with pytest.raises(ShapeMismatchError, match=r"targets.squeeze\(1\)"):
         hessinv.hessian(net, loss, X, y[:, None])
+    n_classes = net(X).shape[1]
+    with pytest.raises(ShapeMismatchError, match=r"one-hot targets: pass targets.argmax\(1\)"):
+        hessinv.hessian(net, loss, X, nn.functional.one_hot(y, n_classes))
     with pytest.raises(ShapeMismatchError, match="targets"):
         hessinv.hessian(net, nn.MSELoss(), X, torch.randn(5, 3, dtype=torch.float64))
     H = hessinv.hessian(net, loss, X, y)

@@ -722,7 +722,15 @@ class LossStage:
                 q = ((1 - eps) * t + eps / C).to(y.dtype)
                 return "ce", (q if w is None else q * w), (1.0 / B if red == "mean" else 1.0)
             if t.shape != (B,):
-                hint = "; squeeze the last axis (targets.squeeze(1))" if t.shape == (B, 1) else ""
+                if t.shape == (B, 1):
+                    hint = "; squeeze the last axis (targets.squeeze(1))"
+                elif t.shape == y.shape:
+                    hint = (
+                        "; one-hot targets: pass targets.argmax(1) as class indices, or "
+                        "targets.to(outputs.dtype) as class probabilities"
+                    )
+                else:
+                    hint = ""
                 raise ShapeMismatchError(
                     f"{self.name}: class-index targets must be ({B},); got {tuple(t.shape)}{hint}"
                 )
