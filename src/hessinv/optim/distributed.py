@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from hessinv.chain import LossFn
 from hessinv.errors import DistributedError, InvalidArgumentError, NonFiniteError
 from hessinv.optim.precondition import Preconditioner, curvature_batch, curvature_weight, sums_on
-from hessinv.stages.losses import counted_examples, ignored_index, loss_name, loss_reduction
+from hessinv.stages.losses import ignored_index, loss_name, loss_reduction
 
 __all__ = [
     "STRATEGIES",
@@ -552,12 +552,7 @@ class DistributedPreconditioner(Preconditioner):
             # examples? (found once, on
             # examples it counts, or by the curvature's weighting)
             if self._sums is None:
-                idx = counted_examples(self.loss_fn, targets)
-                idx = (idx if idx is not None else torch.arange(int(inputs.shape[0]))).to(inputs.device)
-                for part in (idx[:4], idx):  # a few examples; all of them where those leave a zero loss
-                    self._sums = sums_on(self, inputs[part], targets[part])
-                    if self._sums is not None:
-                        break
+                self._sums = sums_on(self, inputs, targets)
             if self._sums:
                 raise DistributedError(
                     f"the loss {loss_name(self.loss_fn)} sums over the examples (its loss of a batch taken "

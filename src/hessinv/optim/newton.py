@@ -396,7 +396,10 @@ class Newton(torch.optim.Optimizer):
             For a loss that sums over the examples (``reduction='sum'``;
             :func:`hessinv.stages.losses.sums_examples`) the ``k``-example curvature is scaled by ``n / k``
             to match the batch's gradient, so that the steps are those of the mean-reduced loss (the trust
-            region's model is of ``(k / n) f``).
+            region's model is of ``(k / n) f``); in precondition mode every batch's gradient is scaled to
+            the first batch's count ``n`` (:meth:`Preconditioner.reference_scale`), so that a batch of
+            another size steps as the mean's too (with the Gauss-Newton curvature; ``curvature="hessian"``
+            damps by an absolute ``lambda``, so its steps follow the loss's scale).
         refresh: precondition mode: rebuild the curvature every this many steps.
         basis_refresh: precondition mode: refresh the eigenbasis of the weights whose rotated sides are
             all at most 64 wide every this many steps (2: SOAP's frequency; one step of orthogonal
@@ -1558,8 +1561,8 @@ class Newton(torch.optim.Optimizer):
             if loss is None
             else loss.detach()
             if isinstance(loss, Tensor)
-            else torch.as_tensor(float(loss))
-        )
+            else torch.as_tensor(float(loss), dtype=self.chain.dtype, device=self.chain.device)
+        )  # (a Python number: in the model's dtype -- torch's default would round a float64 model's loss)
         # (the caller's own tensors where they hold no graph: the trust region's check of the batch then
         # sees the same objects again, and takes its fast path)
         plain = [t.detach() if t.requires_grad else t for t in (inputs, targets)]
@@ -1609,7 +1612,8 @@ class Newton(torch.optim.Optimizer):
                 "values need the Gauss-Newton curvature"
             )
         pc.weight_decay = wd
-        g = pc.penalized(g)
+        scale = pc.reference_scale(inputs, targets)  # (a summed loss: to the first batch's count)
+        g = pc.penalized(g if scale == 1.0 else g * scale)
         with pc._atomic():  # a step that fails (out of memory in a refresh, an interrupt) changes nothing
             # the momentum is kept in the preconditioner's basis (one rotation per step fewer); a basis
             # refresh carries it over (a new tensor: the old one stays as it was if the step fails)
@@ -1632,7 +1636,7 @@ class Newton(torch.optim.Optimizer):
         batch = int(inputs.shape[0])
         lr_f = max(float(g["lr"]) for g in self.param_groups)
         stats = StepStats(
-            step=step, loss=float(loss0), loss_after=math.nan, predicted_decrease=float(g @ d),
+            step=step, loss=float(loss0), loss_after=math.nan, predicted_decrease=float(g @ d) / scale,
             actual_decrease=math.nan, rho=math.nan, accepted=True, damping=pc.damping, radius=None,
             step_norm=float(d.norm()), boundary=False, hard_case=False, inertia=None, inertia_at_zero=None,
             negative_curvature=None, lr=lr_f, batch_size=batch,

@@ -901,10 +901,17 @@ def curvature_batch(
 
 
 def sums_on(owner: Any, X: Tensor, y: Tensor) -> bool | None:
-    """:func:`hessinv.stages.losses.sums_examples` of ``owner.loss_fn`` on the model's outputs for ``X``."""
-    with torch.no_grad():
-        out = owner.chain.forward(X)[-1]
-    return sums_examples(owner.loss_fn, out, owner.chain.prepare_targets(y))
+    """:func:`hessinv.stages.losses.sums_examples` of ``owner.loss_fn`` on the model's outputs for a few
+    of the examples of ``(X, y)`` it counts (all of them where those cannot tell: a zero loss)."""
+    idx = counted_examples(owner.loss_fn, y)
+    idx = (idx if idx is not None else torch.arange(int(y.shape[0]))).to(X.device)
+    for part in (idx[:4], idx):
+        with torch.no_grad():
+            out = owner.chain.forward(X[part])[-1]
+        sums = sums_examples(owner.loss_fn, out, owner.chain.prepare_targets(y[part]))
+        if sums is not None or part.numel() == idx.numel():
+            return sums
+    return None
 
 
 def finite_loss_on(owner: Any, X: Tensor, y: Tensor, idx: Tensor) -> bool:
@@ -921,17 +928,20 @@ def finite_loss_on(owner: Any, X: Tensor, y: Tensor, idx: Tensor) -> bool:
         return bool(torch.isfinite(value).all())
 
 
-def curvature_weight(owner: Any, Xc: Tensor, yc: Tensor, targets: Tensor, k: int | None = None) -> float:
+def curvature_weight(
+    owner: Any, Xc: Tensor, yc: Tensor, targets: Tensor, k: int | None = None, count: int | None = None
+) -> float:
     """``w`` such that ``w C_k`` estimates the curvature of the loss of the whole batch ``targets`` from
     that of a curvature batch ``(Xc, yc)`` of ``k`` examples (default: ``Xc``'s): 1 where
-    ``owner.loss_fn`` averages over the examples, ``n / k`` where it sums them (``n``: the examples of
-    ``targets`` the loss counts). Whether it sums is found once (:func:`sums_on`) and kept in
-    ``owner._sums``."""
+    ``owner.loss_fn`` averages over the examples, ``n / k`` where it sums them (``n``: ``count``, by
+    default the examples of ``targets`` the loss counts). Whether it sums is found once (:func:`sums_on`)
+    and kept in ``owner._sums``."""
     if owner._sums is None:
         owner._sums = sums_on(owner, Xc, yc)
     if not owner._sums:
         return 1.0
-    return count_examples(owner.loss_fn, targets) / (int(yc.shape[0]) if k is None else k)
+    n = count_examples(owner.loss_fn, targets) if count is None else count
+    return n / (int(yc.shape[0]) if k is None else k)
 
 
 class Preconditioner:
@@ -1300,6 +1310,21 @@ class Preconditioner:
             self.generator.set_state(rng)
             raise
 
+    def reference_scale(self, inputs: Tensor, targets: Tensor) -> float:
+        """The factor that brings the gradient of a batch ``(inputs, targets)`` to the units the state is
+        kept in: 1 for a loss that averages over the examples; ``N / n`` for one that sums them
+        (``reduction='sum'``), with ``n`` the examples of this batch the loss counts and ``N`` those of the
+        first batch (kept in ``state["examples"]``; the curvature is scaled to ``N`` too,
+        :func:`curvature_weight`). So a batch of another size -- an epoch's last, shorter one -- steps
+        as it would under the mean-reduced loss, instead of ``n / N`` times too far along the curvature's
+        subspace and mixing sums of other scales into the momentum and second moments."""
+        if self._sums is None:
+            self._sums = sums_on(self, inputs, targets)
+        if not self._sums:
+            return 1.0
+        n = count_examples(self.loss_fn, targets)
+        return self.state.setdefault("examples", n) / n
+
     def penalized(self, g: Tensor) -> Tensor:
         """``g + wd x``: the gradient ``g`` (n,) of the loss plus that of the weight decay's penalty."""
         wd = self.weight_decay
@@ -1351,7 +1376,7 @@ class Preconditioner:
         preconditioner's basis (the step :mod:`hessinv.optim.distributed` shares between ranks)."""
         Xc, yc = self._curvature_batch(inputs, targets)
         U, S = self._root(Xc, yc)
-        return self._weighted(U, curvature_weight(self, Xc, yc, targets)), S
+        return self._weighted(U, curvature_weight(self, Xc, yc, targets, count=self.state.get("examples"))), S
 
     def _weighted(self, U: Tensor, w: float) -> Tensor:
         """``sqrt(w) U`` (``G`` times ``w``; ``S`` stays the signs the Woodbury form needs), and the kept
@@ -1529,7 +1554,7 @@ class Preconditioner:
             Xc, yc = self._curvature_batch(inputs, targets)
             self._op = Hessian(self.model, self.loss_fn, Xc, yc, chain=self.chain)
             # w H_k + lambda I = w (H_k + (lambda / w) I): solve() divides by w
-            self._hweight = curvature_weight(self, Xc, yc, targets)
+            self._hweight = curvature_weight(self, Xc, yc, targets, count=self.state.get("examples"))
             shift = (self.damping + self.weight_decay) / self._hweight
             self._factor = self._op.factor(shift, modify="abs")
 
@@ -1655,7 +1680,8 @@ class Preconditioner:
         self.chain.check_model()
         self._checked = self.chain.check_batch_if_new(inputs, targets, self.__dict__.get("_checked"))
         with linalg.one_thread_if(self.chain.small(inputs)):  # small work: more threads only wait
-            g = self.penalized(g)
+            scale = self.reference_scale(inputs, targets)
+            g = self.penalized(g if scale == 1.0 else g * scale)
             with self._atomic():
                 self.observe(g)
                 self.update(inputs, targets)
