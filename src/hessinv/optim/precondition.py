@@ -958,7 +958,8 @@ class Preconditioner:
             ``lambda`` of ``H + lambda I`` (Hessian). Steps off the curvature subspace are Adam steps of
             size ``1 / damping``.
         curvature_batch_size: examples of each training batch the curvature is built on (scaled by
-            ``n / k`` for a loss that sums over the examples: :func:`curvature_weight`).
+            ``n / k`` for a loss that sums over the examples, ``n`` the first batch's count, to which
+            every batch's gradient is scaled: :meth:`reference_scale`, :func:`curvature_weight`).
         refresh: rebuild the curvature every this many calls.
         basis_refresh: between the curvature's refreshes, refresh the eigenbasis every this many calls
             (one step of orthogonal iteration, SOAP's refresh) for the weights whose rotated sides are
