@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import autograd_hessian, autograd_per_example_gradients
 from torch import nn
 
 import hessinv.optim as ho
@@ -714,6 +715,9 @@ def _influence_worker(rank: int, world: int, out: str) -> None:
     big = (torch.cat([train[0], test[0]] * 2), torch.cat([train[1], test[1]] * 2))
     sums = nn.CrossEntropyLoss(reduction="sum")
     got["sum_big_batch"] = distributed_influence_scores(model, sums, train, test, "gauss_newton", 1e-2, big)
+    # and on one smaller than it: H_B weighted by the whole training set's N / B on every rank
+    small = (train[0][:4], train[1][:4])
+    got["sum_small_batch"] = distributed_influence_scores(model, sums, train, test, "hessian", 0.5, small)
     # a class out of range in rank 1's shard only: every rank raises a named error, none waits
     bad = train[1].clone()
     bad[-1] = 7
@@ -741,6 +745,15 @@ def test_distributed_influence_scores_match_one_process(tmp_path):
         for r in range(2):
             torch.testing.assert_close(ranks[r][name], want, rtol=0, atol=1e-10)
         assert torch.equal(ranks[0][name], ranks[1][name])  # every rank returns the same gathered matrix
+    # the summed loss's Hessian estimated from 4 of the 11 examples as (11 / 4) H_4, dense autograd (a
+    # mutation probe: a rank that weighted by its own shard's count or by 1 went unseen)
+    sums = nn.CrossEntropyLoss(reduction="sum")
+    H = (11 / 4) * autograd_hessian(model, sums, train[0][:4], train[1][:4])
+    H += 0.5 * torch.eye(len(H), dtype=F64)
+    G_train, G_test = (autograd_per_example_gradients(model, sums, *xy) for xy in (train, test))
+    want = -G_test @ torch.linalg.solve(H, G_train.T)
+    for r in range(2):
+        torch.testing.assert_close(ranks[r]["sum_small_batch"], want, rtol=1e-9, atol=1e-12)
     # (a probe: the ranks factored 0.5 G where one process factors G, scores 0.5-9x off; the rank whose
     # shard failed raised, the other waited in the all-gather for the collective timeout)
     assert [ranks[r]["failure"] for r in range(2)] == ["DistributedError", "ShapeMismatchError"]
