@@ -400,11 +400,13 @@ def test_a_summed_loss_takes_the_steps_of_the_mean(kwargs, functional):
     [dict(basis="identity"), dict(), dict(diagonal_damping=20.0)],
 )  # (not curvature="hessian": its damping lambda of H + lambda I is absolute, not of the gradient's scale)
 @pytest.mark.parametrize("api", ["newton", "preconditioner"])
-def test_a_summed_loss_steps_as_the_mean_whatever_the_batch_sizes(kwargs, api):
+@pytest.mark.parametrize("wd", [0.0, 0.3])
+def test_a_summed_loss_steps_as_the_mean_whatever_the_batch_sizes(kwargs, api, wd):
     """Batches of other sizes (an epoch's short last batch, a refresh on one, a short first batch): a
     summed loss's gradient is scaled to the first batch's count and the curvature with it, so the steps
     stay the mean-reduced loss's (before: the curvature kept the refresh batch's n / k while the
-    gradient was another batch's sum -- steps 0.95-1.6x the mean run's)."""
+    gradient was another batch's sum -- steps 0.95-1.6x the mean run's). The penalty wd/2 |x|^2 is on
+    each batch's sum: the mean run's is wd / n (set before each of its steps)."""
     torch.manual_seed(0)
     X, y = torch.randn(400, 6, dtype=F64), torch.randint(0, 4, (400,))
     net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
@@ -425,6 +427,11 @@ def test_a_summed_loss_steps_as_the_mean_whatever_the_batch_sizes(kwargs, api):
         for b in sizes:
             before = flat(m)
             Xb, yb = X[start : start + b], y[start : start + b]
+            decay = wd / b if red == "mean" else wd
+            if api == "newton":
+                opt.param_groups[0]["weight_decay"] = decay
+            else:
+                pc.weight_decay = decay
             if api == "newton":
                 opt.step(Xb, yb)
             else:

@@ -649,6 +649,45 @@ def test_a_failed_newton_step_changes_nothing_and_its_retry_is_the_uninterrupted
     _assert_same(opt.state_dict(), ref.state_dict())
 
 
+@pytest.mark.parametrize("api", ["newton", "preconditioner"])
+def test_a_refused_first_step_of_a_summed_loss_leaves_no_reference_count(monkeypatch, api):
+    """A summed loss's state is kept in units of the first batch's count (Preconditioner.reference_scale):
+    a first step that fails (out of memory in its refresh) on a batch of 48 and a run that goes on with
+    batches of 16 is the run that started with them, bit for bit, weight decay on (before: the count 48
+    stayed, and the penalty's weight with it)."""
+    batches, loss_fn = _batches(), nn.CrossEntropyLoss(reduction="sum")
+    big = (torch.cat([b[0] for b in batches[10:13]]), torch.cat([b[1] for b in batches[10:13]]))
+
+    def run(fail: bool) -> torch.Tensor:
+        net = _small()
+        if api == "newton":
+            opt = ho.Newton(net, loss_fn, seed=0, mode="precondition", weight_decay=0.5, **SAVED)
+        else:
+            settings = dict(damping=50.0, refresh=3, curvature_batch_size=4, max_rank=5)
+            pc = ho.Preconditioner(net, loss_fn, seed=0, weight_decay=0.5, **settings)
+            opt = torch.optim.SGD(net.parameters(), lr=0.1)
+
+        def step(X, y):
+            if api == "newton":
+                opt.step(X, y)
+            else:
+                opt.zero_grad()
+                loss_fn(net(X), y).backward()
+                pc.precondition_(X, y)
+                opt.step()
+
+        if fail:
+            with monkeypatch.context() as m:
+                _fail_once(m, ho.Preconditioner, "_root", 1)
+                with pytest.raises(_Injected):
+                    step(*big)
+        for X, y in batches[:6]:
+            step(X, y)
+        return _flat(net)
+
+    assert torch.equal(run(fail=True), run(fail=False))
+
+
 def test_a_failed_precondition_call_changes_nothing(monkeypatch):
     batches, loss_fn = _batches(), nn.CrossEntropyLoss()
 

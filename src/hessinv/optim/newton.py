@@ -398,8 +398,10 @@ class Newton(torch.optim.Optimizer):
             to match the batch's gradient, so that the steps are those of the mean-reduced loss (the trust
             region's model is of ``(k / n) f``); in precondition mode every batch's gradient is scaled to
             the first batch's count ``n`` (:meth:`Preconditioner.reference_scale`), so that a batch of
-            another size steps as the mean's too (with the Gauss-Newton curvature; ``curvature="hessian"``
-            damps by an absolute ``lambda``, so its steps follow the loss's scale).
+            another size steps as the mean's too, ``weight_decay`` a penalty on that batch's sum (with the
+            Gauss-Newton curvature; ``curvature="hessian"`` damps by an absolute ``lambda``, so its steps
+            follow the loss's scale). Exact where the mean divides by the examples (with class weights or
+            per-position targets it divides by their sum or count: nearly so).
         refresh: precondition mode: rebuild the curvature every this many steps.
         basis_refresh: precondition mode: refresh the eigenbasis of the weights whose rotated sides are
             all at most 64 wide every this many steps (2: SOAP's frequency; one step of orthogonal
@@ -1612,9 +1614,9 @@ class Newton(torch.optim.Optimizer):
                 "values need the Gauss-Newton curvature"
             )
         pc.weight_decay = wd
-        scale = pc.reference_scale(inputs, targets)  # (a summed loss: to the first batch's count)
-        g = pc.penalized(g if scale == 1.0 else g * scale)
         with pc._atomic():  # a step that fails (out of memory in a refresh, an interrupt) changes nothing
+            scale = pc.reference_scale(inputs, targets)  # (a summed loss: to the first batch's count)
+            g = pc.penalized(g)
             # the momentum is kept in the preconditioner's basis (one rotation per step fewer); a basis
             # refresh carries it over (a new tensor: the old one stays as it was if the step fails)
             gr = pc.observe(g)

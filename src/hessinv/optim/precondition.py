@@ -1312,28 +1312,38 @@ class Preconditioner:
             raise
 
     def reference_scale(self, inputs: Tensor, targets: Tensor) -> float:
-        """The factor that brings the gradient of a batch ``(inputs, targets)`` to the units the state is
-        kept in: 1 for a loss that averages over the examples; ``N / n`` for one that sums them
-        (``reduction='sum'``), with ``n`` the examples of this batch the loss counts and ``N`` those of the
-        first batch (kept in ``state["examples"]``; the curvature is scaled to ``N`` too,
-        :func:`curvature_weight`). So a batch of another size -- an epoch's last, shorter one -- steps
-        as it would under the mean-reduced loss, instead of ``n / N`` times too far along the curvature's
-        subspace and mixing sums of other scales into the momentum and second moments."""
-        if self._sums is None:
-            self._sums = sums_on(self, inputs, targets)
-        if not self._sums:
-            return 1.0
-        n = count_examples(self.loss_fn, targets)
-        return self.state.setdefault("examples", n) / n
+        """The factor ``s`` that brings the batch ``(inputs, targets)``'s penalized loss to the units the
+        Gauss-Newton state is kept in, for this call's :meth:`penalized` and :meth:`diagonal`: 1 for a loss
+        that averages over the examples; ``N / n`` for one that sums them (``reduction='sum'``), with ``n``
+        the examples of this batch the loss counts and ``N`` those of the first batch (kept in
+        ``state["examples"]``; the curvature is scaled to ``N`` too, :func:`curvature_weight`). The step
+        ``(s C_n + s wd I + D)^{-1} s (g + wd x)`` is then the batch's own (``D`` follows the gradient's
+        scale): a batch of another size -- an epoch's last, shorter one -- steps as the mean-reduced loss
+        would (with the penalty ``wd/2 |x|^2`` on that batch's sum), instead of ``n / N`` times too far
+        along the curvature's subspace and mixing sums of other scales into the second moments. 1 with
+        ``curvature="hessian"``, whose damping is absolute (the curvature is scaled to each refresh's
+        batch, the gradients are not)."""
+        scale = 1.0
+        if self.curvature == "gauss_newton":
+            if self._sums is None and not self.__dict__.get("_sums_tried"):
+                self._sums, self._sums_tried = sums_on(self, inputs, targets), True
+            if self._sums:
+                n = count_examples(self.loss_fn, targets)
+                scale = self.state.setdefault("examples", n) / n
+        self._scale = scale
+        return scale
 
     def penalized(self, g: Tensor) -> Tensor:
-        """``g + wd x``: the gradient ``g`` (n,) of the loss plus that of the weight decay's penalty."""
-        wd = self.weight_decay
-        return g + wd * self.chain.flat_params() if isinstance(wd, Tensor) or wd else g
+        """``s (g + wd x)``: the gradient ``g`` (n,) of the loss plus that of the weight decay's penalty, in
+        the state's units (``s``: :meth:`reference_scale` of the call's batch, 1 for a mean)."""
+        wd, s = self.weight_decay, self.__dict__.get("_scale", 1.0)
+        g = g + wd * self.chain.flat_params() if isinstance(wd, Tensor) or wd else g
+        return g if s == 1.0 else g * s
 
     def diagonal(self) -> Tensor:
-        """``D = damping (sqrt(v / (1 - beta2^t)) + eps) + weight_decay`` (n,): the weight decay's penalty
-        ``wd/2 |x|^2`` has the curvature ``wd I`` (a number, or per parameter)."""
+        """``D = damping (sqrt(v / (1 - beta2^t)) + eps) + s weight_decay`` (n,): the weight decay's penalty
+        ``wd/2 |x|^2`` has the curvature ``wd I`` (a number, or per parameter; ``s``:
+        :meth:`reference_scale`)."""
         t = max(self.state["t"], 1)
         # (in place after the first op: three fewer n-sized tensors, the same numbers); the second moments
         # raised to the smallest normal number first where that leaves D as it is -- sqrt(tiny) (1e-19 in
@@ -1344,7 +1354,8 @@ class Preconditioner:
         if self.eps * fi.eps > 4 * math.sqrt(fi.tiny):
             X.clamp_min_(fi.tiny)
         D = X.sqrt_().add_(self.eps).mul_(self.damping)
-        return D + self.weight_decay if isinstance(self.weight_decay, Tensor) or self.weight_decay else D
+        wd = self.weight_decay * self.__dict__.get("_scale", 1.0)  # (in the state's units: reference_scale)
+        return D + wd if isinstance(wd, Tensor) or wd else D
 
     def _free_damping(self) -> Tensor:
         """``D_t`` for the solve's zero columns of ``U`` (:meth:`WoodburyFactor.solve`'s ``free``): the one
@@ -1681,9 +1692,9 @@ class Preconditioner:
         self.chain.check_model()
         self._checked = self.chain.check_batch_if_new(inputs, targets, self.__dict__.get("_checked"))
         with linalg.one_thread_if(self.chain.small(inputs)):  # small work: more threads only wait
-            scale = self.reference_scale(inputs, targets)
-            g = self.penalized(g if scale == 1.0 else g * scale)
-            with self._atomic():
+            with self._atomic():  # (reference_scale's first count too: a refused call leaves no trace)
+                self.reference_scale(inputs, targets)
+                g = self.penalized(g)
                 self.observe(g)
                 self.update(inputs, targets)
                 d = self.solve(g)
