@@ -688,6 +688,63 @@ def test_a_refused_first_step_of_a_summed_loss_leaves_no_reference_count(monkeyp
     assert torch.equal(run(fail=True), run(fail=False))
 
 
+def test_a_summed_loss_checkpoint_from_before_the_reference_count_resumes_in_its_own_units():
+    """A checkpoint saved before the first batch's count was kept (no state["examples"]): its second
+    moments are in its batches' own units, so the resumed run keeps scale 1 -- bit-identical to the
+    uninterrupted run on batches like its own, and a short batch does not become the reference (before the
+    mend: N = 16 for the rest of the run, 1e-2 off)."""
+    batches, loss_fn = _batches(), nn.CrossEntropyLoss(reduction="sum")
+    settings = dict(damping=50.0, refresh=3, curvature_batch_size=4, max_rank=5, weight_decay=0.5)
+
+    def calls(pc, net, part):
+        for X, y in part:
+            net.zero_grad()
+            loss_fn(net(X), y).backward()
+            pc.precondition_(X, y)
+            with torch.no_grad():
+                torch._foreach_add_(list(net.parameters()), [-0.1 * p.grad for p in net.parameters()])
+
+    net = _small()
+    pc = ho.Preconditioner(net, loss_fn, seed=0, **settings)
+    calls(pc, net, batches[:4])
+    sd = copy.deepcopy(pc.state_dict())
+    assert sd.pop("examples") == 16
+    saved = copy.deepcopy(net.state_dict())
+    calls(pc, net, batches[4:8])
+    net2 = _small()
+    net2.load_state_dict(saved)
+    pc2 = ho.Preconditioner(net2, loss_fn, seed=0, **settings)
+    pc2.load_state_dict(sd)
+    calls(pc2, net2, batches[4:8])
+    assert torch.equal(_flat(net2), _flat(net))
+    short = (batches[8][0][:5], batches[8][1][:5])
+    calls(pc2, net2, [short])
+    assert pc2.state["examples"] is None and pc2.state_dict()["examples"] is None
+
+
+def test_the_hessian_curvature_of_a_summed_loss_is_not_rescaled_to_an_earlier_batch():
+    """curvature='hessian' damps by an absolute lambda, so its direction is the batch's own -(w H_k +
+    lambda I)^{-1} g: with the curvature refreshed on every call and drawn from the whole batch, the
+    direction on a batch of 16 is the same after a first batch of 48 as on a fresh preconditioner (a
+    review: rescaled to the first batch's count, the steps after an auto hand-back were 12x longer)."""
+    batches, loss_fn = _batches(), nn.CrossEntropyLoss(reduction="sum")
+    big = (torch.cat([b[0] for b in batches[:3]]), torch.cat([b[1] for b in batches[:3]]))
+    X, y = batches[5]
+    settings = dict(curvature="hessian", damping=2.0, refresh=1, curvature_batch_size=64)
+
+    def direction(pc, net, X, y):
+        net.zero_grad()
+        loss_fn(net(X), y).backward()
+        return pc.precondition_(X, y)
+
+    net = _small()
+    pc = ho.Preconditioner(net, loss_fn, seed=0, **settings)
+    direction(pc, net, *big)
+    after_big = direction(pc, net, X, y)
+    fresh = direction(ho.Preconditioner(net, loss_fn, seed=0, **settings), net, X, y)
+    torch.testing.assert_close(after_big, fresh, rtol=1e-12, atol=0)
+
+
 def test_a_failed_precondition_call_changes_nothing(monkeypatch):
     batches, loss_fn = _batches(), nn.CrossEntropyLoss()
 

@@ -1213,6 +1213,8 @@ class Preconditioner:
                 tables=f.get("tables"),
             )
         state = {k: (x.clone() if isinstance(x, Tensor) else x) for k, x in sd.items()}
+        if state.get("t", 0) > 0:  # a checkpoint from before the summed loss's count was kept (2026-12-07):
+            state.setdefault("examples", None)  # its moments are in its batches' own units, as it stepped
         return {"settings": settings, "basis": basis, "rng": rng, "state": state, "factor": factor}
 
     def follow_trainable(self) -> bool:
@@ -1251,6 +1253,8 @@ class Preconditioner:
             )
         new.generator.set_state(self.generator.get_state())
         new._sums, new.time_refresh = self._sums, self.time_refresh
+        if "_sums_tried" in self.__dict__:
+            new._sums_tried = self._sums_tried
         moved = functools.partial(follow_params, old=old.params, new=new.params)
         wd = self.weight_decay
         new.weight_decay = moved(wd) if isinstance(wd, Tensor) else wd
@@ -1310,6 +1314,8 @@ class Preconditioner:
                 f[:] = old
             self.generator.set_state(rng)
             raise
+        finally:  # (the batch's scale is the step's: a later direct call of diagonal() or penalized() has 1)
+            self.__dict__.pop("_scale", None)
 
     def reference_scale(self, inputs: Tensor, targets: Tensor) -> float:
         """The factor ``s`` that brings the batch ``(inputs, targets)``'s penalized loss to the units the
@@ -1329,7 +1335,8 @@ class Preconditioner:
                 self._sums, self._sums_tried = sums_on(self, inputs, targets), True
             if self._sums:
                 n = count_examples(self.loss_fn, targets)
-                scale = self.state.setdefault("examples", n) / n
+                N = self.state.setdefault("examples", n)
+                scale = 1.0 if N is None else N / n  # (None: a checkpoint from before the count was kept)
         self._scale = scale
         return scale
 
