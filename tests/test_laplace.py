@@ -182,6 +182,31 @@ def test_optimize_prior_precision_takes_a_laplace_torch_call():
             la.optimize_prior_precision(**bad)
 
 
+def test_a_laplace_torch_constructor_call_ports_as_written():
+    """laplace-torch's ``Laplace(model, "classification", subset_of_weights="all", hessian_structure="full")``
+    was a raw TypeError (a probe): what this class computes is accepted (the same evidence as the dense
+    reference), an approximation, a temperature or a curvature backend is refused by name."""
+    net, X, y = problem(4, "classification", depth=2)
+    la = Laplace(
+        net,
+        "classification",
+        subset_of_weights="all",
+        hessian_structure="full",
+        temperature=1.0,
+        backend=None,
+    ).fit(X, y)
+    want = dense_laplace(net, X, y, "classification", "gauss_newton", 1.0, 1.0)[0]
+    assert math.isclose(la.log_marginal_likelihood(), want, rel_tol=1e-12)
+    for bad, what in [
+        ({"subset_of_weights": "last_layer"}, "subset_of_weights='last_layer'"),
+        ({"hessian_structure": "kron"}, "hessian_structure='kron'"),
+        ({"temperature": 0.5}, "temperature=0.5"),
+        ({"backend": type("AsdlHessian", (), {})}, "backend='AsdlHessian'"),
+    ]:
+        with pytest.raises(InvalidArgumentError, match=re.escape(what)):
+            Laplace(net, "classification", **bad)
+
+
 def test_optimize_prior_and_noise_for_regression():
     net, X, y = problem(4, "regression", depth=2, width=3, N=10)
     la = Laplace(net, "regression", sigma_noise=1.0).fit(X, y)

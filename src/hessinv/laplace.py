@@ -199,6 +199,32 @@ def _laplace_torch_search(kwargs: dict[str, Any]) -> None:
         )
 
 
+def _check_ported(subset_of_weights: Any, hessian_structure: Any, temperature: Any, backend: Any) -> None:
+    """Refuse laplace-torch's constructor keywords where they ask for something other than the exact,
+    full-network, untempered Laplace approximation this class computes."""
+    if subset_of_weights != "all":
+        raise InvalidArgumentError(
+            f"subset_of_weights={subset_of_weights!r}: hessinv's Laplace is of all the weights (the exact "
+            "posterior precision in time linear in depth); for a last-layer Laplace, fit it on the last "
+            "layer as the model (its inputs: the features the frozen body computes)"
+        )
+    if hessian_structure != "full":
+        raise InvalidArgumentError(
+            f"hessian_structure={hessian_structure!r}: hessinv factors the full (exact) posterior precision, "
+            "no diagonal / Kronecker / low-rank approximation; leave it 'full'"
+        )
+    if not (isinstance(temperature, (int, float)) and temperature == 1):
+        raise InvalidArgumentError(
+            f"temperature={temperature!r}: only the untempered posterior (temperature 1) is supported"
+        )
+    if backend is not None:
+        raise InvalidArgumentError(
+            f"backend={getattr(backend, '__name__', backend)!r}: hessinv computes the exact curvature "
+            "itself; pick it with curvature='gauss_newton' (laplace-torch's GGN backends) or "
+            "curvature='hessian'"
+        )
+
+
 @linalg.protect_public_methods
 class Laplace:
     """The full-network Laplace approximation with the exact (Riccati- or Woodbury-factored) posterior
@@ -214,6 +240,12 @@ class Laplace:
         prior_precision: ``delta`` (a positive number).
         sigma_noise: regression noise ``sigma``.
         prior_mean: ``mu_0`` (a number or an (n,) tensor, ``n`` the number of trainable parameters).
+        subset_of_weights, hessian_structure, temperature: laplace-torch's keywords, so that its
+            constructor call ports as written: what this class is -- ``"all"``, ``"full"``, ``1`` -- is
+            accepted; another value (``"last_layer"``, ``"kron"``, ``"diag"``, a temperature) is an
+            :class:`InvalidArgumentError` that says so (no approximation is made here).
+        backend: laplace-torch's curvature backend: refused unless None (hessinv computes the exact
+            curvature itself; ``curvature=`` picks the Gauss-Newton matrix or the Hessian).
     """
 
     def __init__(
@@ -224,7 +256,13 @@ class Laplace:
         prior_precision: float = 1.0,
         sigma_noise: float = 1.0,
         prior_mean: float | Tensor = 0.0,
+        *,
+        subset_of_weights: str = "all",
+        hessian_structure: str = "full",
+        temperature: float = 1.0,
+        backend: Any = None,
     ):
+        _check_ported(subset_of_weights, hessian_structure, temperature, backend)
         # a cross-entropy's ignore_index: refused at fit where a target is ignored (the Laplace likelihood
         # counts every example it is fitted on)
         module = likelihood if isinstance(likelihood, nn.Module) else None
@@ -734,8 +772,8 @@ class Laplace:
     def posterior_variance(self) -> Tensor:
         """``diag(P^{-1})`` (n,): each parameter's marginal posterior variance, exact, by one forward sweep
         over the factorization (:meth:`hessinv.Factorization.inverse_diagonal`), never the ``n x n``
-        matrix (laplace-torch's ``posterior_variance``, which its ``diag`` and ``kron`` structures
-        approximate)."""
+        matrix (the diagonal of laplace-torch's ``posterior_covariance`` of its ``full`` structure; its
+        ``diag`` structure's ``posterior_variance`` approximates it)."""
         fac, c = self._factor(self.prior_precision, self.sigma_noise)
         return fac.inverse_diagonal() / c
 

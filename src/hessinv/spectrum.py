@@ -101,7 +101,9 @@ def eigenvalue_counts(
 @dataclass
 class Histogram:
     """Exact eigenvalue counts per bin: ``counts[i] = #{lambda : edges[i] <= lambda < edges[i+1]}``;
-    ``below`` / ``above``: eigenvalues below ``edges[0]`` / at or above ``edges[-1]``."""
+    ``below`` / ``above``: eigenvalues below ``edges[0]`` / at or above ``edges[-1]``. One exception
+    (:func:`spectral_histogram`): at an edge of 0 the eigenvalues zero up to ``tol = sqrt(u) ||H||`` --
+    those in ``[-tol, 0)`` too -- count as ``>= 0``."""
 
     counts: np.ndarray
     edges: np.ndarray
