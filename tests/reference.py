@@ -250,3 +250,16 @@ def zero_linear_problem() -> tuple[nn.Module, Tensor, Tensor]:
         for p in m.parameters():
             p.zero_()
     return m, torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+
+
+def train_step(opt, pc, model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor) -> None:
+    """One training step: a hessinv ``Newton``'s ``opt.step(inputs, targets)`` where ``pc`` is None; else
+    torch's loop with ``pc.precondition_`` (a ``Preconditioner``) between the backward pass and
+    ``opt.step()``."""
+    if pc is None:
+        opt.step(inputs, targets)
+        return
+    opt.zero_grad()
+    loss_fn(model(inputs), targets).backward()
+    pc.precondition_(inputs, targets)
+    opt.step()

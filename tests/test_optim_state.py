@@ -4,11 +4,13 @@ curvature's state is refused at load) and data-parallel ranks whose step setting
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from pathlib import Path
 
 import pytest
 import torch
+from reference import train_step
 from test_distributed import (
     IDENTITY,
     LOCAL_BATCH,
@@ -659,22 +661,14 @@ def test_a_refused_first_step_of_a_summed_loss_leaves_no_reference_count(monkeyp
     big = (torch.cat([b[0] for b in batches[10:13]]), torch.cat([b[1] for b in batches[10:13]]))
 
     def run(fail: bool) -> torch.Tensor:
-        net = _small()
+        net, pc = _small(), None
         if api == "newton":
             opt = ho.Newton(net, loss_fn, seed=0, mode="precondition", weight_decay=0.5, **SAVED)
         else:
             settings = dict(damping=50.0, refresh=3, curvature_batch_size=4, max_rank=5)
             pc = ho.Preconditioner(net, loss_fn, seed=0, weight_decay=0.5, **settings)
             opt = torch.optim.SGD(net.parameters(), lr=0.1)
-
-        def step(X, y):
-            if api == "newton":
-                opt.step(X, y)
-            else:
-                opt.zero_grad()
-                loss_fn(net(X), y).backward()
-                pc.precondition_(X, y)
-                opt.step()
+        step = functools.partial(train_step, opt, pc, net, loss_fn)
 
         if fail:
             with monkeypatch.context() as m:
