@@ -577,6 +577,32 @@ def test_a_cross_entropy_that_ignores_a_class_is_not_taken_as_the_likelihood():
     Laplace(net, torch.nn.CrossEntropyLoss(ignore_index=-1)).fit(X, y)  # ignores none of them
 
 
+def test_per_position_targets_padded_with_an_index_that_is_no_class_are_fitted():
+    """A tagger's padding positions (targets (N, T), -100 or 255 where there is no token) were refused with
+    "drop those examples" -- which cannot be done for positions inside a sequence (a probe). The evidence
+    is that of the other tokens, as the summed loss's: against the dense textbook formula, and for both the
+    string likelihood and a loss module; an ignored class (0 <= ignore_index < C) is still refused."""
+
+    class PerPosition(torch.nn.Module):
+        def forward(self, x):
+            return x.reshape(len(x), 3, 2)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 6), PerPosition())
+    net = net.double()
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 3, (8, 2))
+    y[1, 1] = y[4, 0] = y[6, 1] = -100  # padding
+    want = dense_laplace(net, X, y, "classification", "gauss_newton", 0.7, 1.0)[0]
+    for likelihood in ("classification", torch.nn.CrossEntropyLoss(reduction="sum")):
+        la = Laplace(net, likelihood, prior_precision=0.7).fit(X, y)
+        assert math.isclose(la.log_marginal_likelihood(), want, rel_tol=1e-12)
+    y255 = torch.where(y == -100, 255, y)
+    la = Laplace(net, torch.nn.CrossEntropyLoss(ignore_index=255), prior_precision=0.7).fit(X, y255)
+    assert math.isclose(la.log_marginal_likelihood(), want, rel_tol=1e-12)
+    with pytest.raises(InvalidArgumentError, match="ignores"):
+        Laplace(net, torch.nn.CrossEntropyLoss(ignore_index=1)).fit(X, y.clamp_min(0))
+
+
 def test_predictives_of_outputs_n_and_of_token_ids():
     """Two shapes the predictive refused or crashed on (found by a probe): the ``pred_type="nn"``
     predictive of a regression model with outputs (N,) (a raw einsum error; it now gives variances

@@ -264,7 +264,8 @@ class Laplace:
     ):
         _check_ported(subset_of_weights, hessian_structure, temperature, backend)
         # a cross-entropy's ignore_index: refused at fit where a target is ignored (the Laplace likelihood
-        # counts every example it is fitted on)
+        # counts every example it is fitted on) -- but for per-position padding with an index that is no
+        # class (its positions are not data)
         module = likelihood if isinstance(likelihood, nn.Module) else None
         likelihood = _likelihood_of(likelihood)
         self._ignore = (
@@ -391,17 +392,23 @@ class Laplace:
                     "0/1 targets are a Bernoulli likelihood per label, which likelihood='classification' "
                     "(one categorical per example) does not model"
                 )
-        if self._ignore is not None and not y.is_floating_point() and bool((y == self._ignore).any()):
+        with exact_no_grad():
+            out = self.model(unshared(X[:1]))
+        ignored = (
+            int((y == self._ignore).sum()) if self._ignore is not None and not y.is_floating_point() else 0
+        )
+        # (per-position targets (N, T) padded with an index that is no class -- torch's -100, 255 -- are
+        # tokens that are not data: the likelihood is of the others, as the loss's; an ignored class, or a
+        # whole example ignored, is data dropped)
+        padding = y.dim() >= 2 and out.dim() >= 2 and not 0 <= int(self._ignore or 0) < out.shape[1]
+        if ignored and not padding:
             raise InvalidArgumentError(
-                f"the likelihood CrossEntropyLoss(ignore_index={self._ignore}) ignores "
-                f"{int((y == self._ignore).sum())} of these targets, which the Laplace likelihood would "
-                "count: drop those examples from the data"
+                f"the likelihood CrossEntropyLoss(ignore_index={self._ignore}) ignores {ignored} of these "
+                "targets, which the Laplace likelihood would count: drop those examples from the data"
             )
         mean = torch.cat([p.detach().reshape(-1) for p in self.model.parameters() if p.requires_grad])
         prior_mean = self._check_prior_mean(self.prior_mean, mean.numel())  # requires_grad may change
-        with exact_no_grad():
-            # per example: (N, C, T) outputs count C T
-            n_outputs = int(self.model(unshared(X[:1]))[0].numel())
+        n_outputs = int(out[0].numel())  # per example: (N, C, T) outputs count C T
         self.operator, self.mean, self.n_params, self.prior_mean = op, mean, mean.numel(), prior_mean
         self.n_data, self.n_outputs = len(X), n_outputs
         self.loss = float(op.loss)  # summed cross-entropy, or summed squared error
