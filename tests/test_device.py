@@ -38,3 +38,19 @@ def test_device_mismatch_is_named():
     X = torch.randn(3, 2, dtype=torch.float64, device="meta")
     with pytest.raises(hessinv.DtypeMismatchError, match="meta"):
         hessinv.hessian(net, nn.MSELoss(), X, torch.zeros(3, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("where", ["inputs", "targets", "both"])
+def test_a_meta_batch_is_named_by_the_optimizers(where):
+    # (the all-ignored-targets test read the meta targets first: a raw "Tensor.item() cannot be called on
+    # meta tensors" from Newton.step, torch.nonzero's NotImplementedError from Preconditioner.update)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    X, y = torch.randn(7, 4), torch.randint(0, 3, (7,))
+    X = X.to("meta") if where != "targets" else X
+    y = y.to("meta") if where != "inputs" else y
+    loss_fn = nn.CrossEntropyLoss(ignore_index=0)
+    with pytest.raises(hessinv.DtypeMismatchError, match="are on meta"):
+        hessinv.optim.Newton(net, loss_fn).step(X, y)
+    with pytest.raises(hessinv.DtypeMismatchError, match="are on meta"):
+        hessinv.optim.Preconditioner(net, loss_fn).update(X, y)

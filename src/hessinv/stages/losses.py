@@ -171,7 +171,11 @@ def nothing_to_learn(loss_fn: Callable, targets: Tensor) -> str | None:
     """Where every target of the batch is the loss's ignored class index (an all-padding batch) under
     the mean reduction -- torch's loss is 0/0 (NaN) and its gradient zero: nothing to learn from --
     a sentence that says so, for an optimizer to skip the batch with; else None. Likewise where every
-    target's class weight is zero (``CrossEntropyLoss(weight=w)`` or ``NLLLoss``, a dropped class)."""
+    target's class weight is zero (``CrossEntropyLoss(weight=w)`` or ``NLLLoss``, a dropped class).
+    Targets without data (the ``meta`` device) have nothing to read: None, for the batch's device check
+    to name."""
+    if targets.is_meta:
+        return None
     zero = zero_class_weight(loss_fn, targets)
     if zero is not None:
         t = targets.long()
@@ -225,9 +229,9 @@ def counted_examples(loss_fn: Callable, targets: Tensor) -> Tensor | None:
     """The indices of the examples a loss that ignores a class index (``CrossEntropyLoss(ignore_index=
     ...)``, :func:`ignored_index`) counts -- those with a target, or with one
     position of per-position targets ``(B, d...)`` (padding), it does not ignore -- where it ignores some
-    but not all; else None (all count)."""
+    but not all; else None (all count, or the targets have no data to read: the ``meta`` device)."""
     ignore = ignored_index(loss_fn)
-    if ignore is not None and targets.dim() >= 1 and not targets.is_floating_point():
+    if ignore is not None and targets.dim() >= 1 and not targets.is_floating_point() and not targets.is_meta:
         # (in int64: -100 against uint8 targets would read as class 156)
         valid = (targets.long() != ignore).reshape(int(targets.shape[0]), -1).any(1).nonzero().flatten()
         if 0 < valid.numel() < int(targets.shape[0]):
