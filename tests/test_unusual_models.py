@@ -1339,3 +1339,39 @@ def test_float64_copies_of_complex_losses_and_attributes():
     X2, y2 = torch.randn(20, 3), torch.randn(20, 1)
     est = estimate_minimizer(nn.Sequential(_ComplexMix(3), nn.Linear(3, 1)), nn.MSELoss(), X2, y2, max_iter=5)
     assert math.isfinite(est.loss)
+
+
+class _EmptyParameter(nn.Module):
+    """A trainable parameter with no entries (a (0,) or (0, 3) tensor) used in the forward pass."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.z = nn.Parameter(torch.zeros(shape, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + (self.z.sum() if self.z.dim() < 2 else self.z.sum(0))
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 4)])
+def test_a_parameter_with_no_entries_adds_nothing_to_the_curvature(shape):
+    # (a probe: a (0,) parameter inside a generic stage was refused as "cannot differentiate it twice" --
+    # hessinv's own reshape(0, -1) -- and full-batch Newton quietly preconditioned instead of taking its
+    # trust region; a (0, 3) one made the eigenbasis divide by its 0 rows: a raw ZeroDivisionError)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), _EmptyParameter(shape), nn.Linear(4, 3)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
+    loss_fn = nn.CrossEntropyLoss()
+    H = hessinv.hessian(net, loss_fn, x, y)
+    g_ref, H_ref = autograd_gradient_hessian(net, loss_fn, x, y)
+    assert H.shape == (31, 31)
+    assert _rel(H.to_dense(), H_ref) < 1e-12 and _rel(H.gradient, g_ref) < 1e-12
+    plain = copy.deepcopy(net)
+    del plain[2]
+    losses = []
+    for model in (net, plain):
+        opt = ho.Newton(model, loss_fn)
+        losses.append([float(opt.step(x, y)) for _ in range(4)])
+        assert opt.mode == "trust-region"
+    assert losses[0] == losses[1]
+    pre = ho.Newton(net, loss_fn, mode="precondition")
+    assert all(math.isfinite(float(pre.step(x[i::2], y[i::2]))) for i in (0, 1, 0))

@@ -383,7 +383,7 @@ class EigenBasis:
         for p in params:
             k = p.numel()
             a = int(p.shape[0]) if p.dim() >= 2 else 1
-            b = k // a
+            b = k // a if a else 0
             left, right = rotated_sides(a, b, max_dim)
             if _two_sided:  # (the rule of checkpoints before 2026-12-04's one-sided rotation: both or none)
                 left = right = max(a, b) <= max_dim and 4 * a * b * (a + b) <= ROTATION_MAX_FLOPS

@@ -726,7 +726,9 @@ class GenericStage(Stage):
                 Hxx = Hxz = Hzz = None
                 if second_order:
                     Hxz = R[1].reshape(p, B, d_in).permute(1, 0, 2)
-                    Hxx = torch.cat([g.reshape(p, -1) for g in R[2:]], 1) if params else z.new_zeros(0, 0)
+                    # (by each parameter's size, not (p, -1): a parameter with no entries is (p, 0))
+                    rows = [g.reshape(p, q.numel()) for g, q in zip(R[2:], params, strict=True)]
+                    Hxx = torch.cat(rows, 1) if params else z.new_zeros(0, 0)
                     Hzz = S[1].reshape(d_in, B, d_in).permute(1, 0, 2)
                 blocks = DenseBlocks(Jx, Jz, Hxx, Hxz, Hzz)
                 if not batched:
