@@ -99,7 +99,9 @@ __all__ = [
 class SolveInfo:
     """How accurate a solve is: ``residual = max_j |rhs_j - (H + eps I) x_j| / |rhs_j|``.
 
-    The residual is evaluated in float64 (also for float32 models), after ``refinement_steps``
+    The residual is evaluated in float64 (also for float32 models; but with ``solve(refine="working")``
+    in the model's own dtype, which can understate a float32 solve's by 10x and more, as its rounding is
+    the residual's size -- :attr:`returned_residual` is in float64 there too), after ``refinement_steps``
     steps of iterative refinement and, where refinement stalled or ran out of steps (or the
     factorization was perturbed, see :class:`Factorization`), ``krylov_iterations`` iterations of
     flexible GMRES preconditioned by the factorization. It is that of the float64 iterate: for a
