@@ -1040,7 +1040,8 @@ class CurvatureOperator(_AutocastOff):
         within that distance of ``shift +- tol`` may be counted on the wrong side). Where
         ``shift +- tol`` is an eigenvalue to working precision (a pivot exactly singular), that count
         is taken ``n u max(||H||, |shift|)`` further out, or that resolution where the sweep is still
-        singular there: the eigenvalues passed count as zero.
+        singular there: the eigenvalues passed count as zero (with ``tol=0``, an :class:`AccuracyWarning`
+        says so).
         A Gauss-Newton matrix whose root has fewer rows than parameters counts in its whole spectrum
         instead (:meth:`GaussNewton._root_spectrum`: no sweep; ``tol = 0`` becomes ``eigh``'s resolution).
         Raises :class:`InvalidArgumentError` for a NaN or infinite ``shift`` or a ``tol`` that is
@@ -1061,7 +1062,15 @@ class CurvatureOperator(_AutocastOff):
             )
 
         self._count_doubt = False
+        asked = tol
         out, tol = self._inertia_at(shift, tol)
+        if asked == 0 and tol > 0 and out.zero:  # (documented; said: these counts are not those asked for)
+            warn(
+                f"inertia({shift:g}, tol=0): H + shift I is singular to working precision, so the counts "
+                f"were taken at tol={tol:.3g} (the counts' resolution): the {out.zero} eigenvalue(s) "
+                "within it of -shift count as zero",
+                AccuracyWarning,
+            )
         self._warn_count_doubt(f"inertia({shift:g}, tol={tol:g})")
         return out
 
