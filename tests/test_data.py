@@ -418,6 +418,22 @@ def test_pandas_index_column_is_not_a_feature(tmp_path, names, target):
     assert load_file(kept, target)[0].shape == (60, 3)
 
 
+@pytest.mark.parametrize("target", ["2", "3", "-3"])
+def test_pandas_index_header_with_a_feature_column_as_the_target(tmp_path, target):
+    """``DataFrame(np.c_[X, y]).to_csv()`` (``,0,1,2`` above an index column) with --target-column naming a
+    column other than the last: its header was read as data once the target was moved to the end ("line 1,
+    column 1 is empty (a missing value)", a CLI probe)."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 2)), np.repeat(np.arange(3), 20)
+    rows = "".join(f"{i},{a:.6f},{b:.6f},{c}\n" for i, ((a, b), c) in enumerate(zip(X, y, strict=True)))
+    p = tmp_path / "frame.csv"
+    p.write_text(",0,1,2\n" + rows)
+    Xr, yr, _, _ = load_file(p, target)
+    t = 1 if target == "3" else 0  # (file columns 2 and -3 are X's first, 3 its second)
+    assert np.allclose(yr, X[:, t], atol=1e-6)
+    assert np.allclose(Xr, np.c_[X[:, 1 - t], y], atol=1e-6)  # (the index column dropped)
+
+
 @pytest.mark.parametrize("sep, suffix", [("\t", ".tsv"), (";", ".csv"), ("\t", ".txt")])
 def test_long_lines_of_other_delimiters(tmp_path, sep, suffix):
     """50 features written with %.6f: csv's sniffer (on a 4096-character sample that cut a line) failed

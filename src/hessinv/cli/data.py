@@ -493,7 +493,9 @@ def _read_csv(path: Path, target: str | None = None) -> tuple[np.ndarray, np.nda
     elif target is not None:
         t = _target_column(target, None, width, path)
     # pandas' column numbers as the header, in the file's order (moved, the label's may look like data)
-    pandas = numbered and [c.strip() for c in rows[0][1]] == [str(k) for k in range(width)]
+    # (with or without the empty cell above its index column: DataFrame.to_csv()'s default)
+    top = [c.strip() for c in rows[0][1]]
+    pandas = numbered and top in ([str(k) for k in range(width)], ["", *(str(k) for k in range(width - 1))])
     if target is not None:  # that column to the end: the checks below read the label as the last
         order = [k for k in range(width) if k != t] + [t]
         rows = [(n, [r[k] for k in order] if len(r) == width else r) for n, r in rows]
