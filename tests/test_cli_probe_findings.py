@@ -116,8 +116,14 @@ def test_an_interrupted_runs_last_row_is_at_the_step_it_stopped(tmp_path, interr
     ds = load_dataset("digits", seed=0, n_samples=300)
     init = build_model(ds.input_dim, ds.output_dim, 3, 8, "tanh", seed=0)
     cfg = TrainConfig(optimizers=["adam"], depth=3, width=8, batch_size=32, out=tmp_path)
-    r = run_one("adam", 3e-3, ds, init, loss_for(ds), cfg, None, 1000, None)
+    log = tmp_path / "adam.jsonl"
+    r = run_one("adam", 3e-3, ds, init, loss_for(ds), cfg, None, 1000, log)
     assert r.status == "interrupted" and r.steps == 299 and r.final["step"] == 299
+    # that row is in the log too, and the run's time is that of its last step done (a CLI probe: the
+    # summary's final losses were in no log line, its time counted the step the interrupt cut short)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert rows[-1]["step"] == 299 and rows[-1]["train_loss"] == r.final["train_loss"]
+    assert r.train_time == rows[-1]["time"] == next(x["time"] for x in rows if x["step"] == 299)
 
 
 def test_a_guess_of_the_task_that_may_be_wrong_is_said(tmp_path):

@@ -341,7 +341,7 @@ def run_one(
     batch_size = None if name in FULL_BATCH else cfg.batch_size
     batches = Batches(ds.X_train, ds.y_train, batch_size, cfg.seed)
     log = open(log_path, "w") if log_path is not None else None  # noqa: SIM115
-    k, clock = 0, 0.0
+    k, clock, done = 0, 0.0, 0.0
     cuda = ds.X_train.device.type == "cuda"
     finish: Callable[[dict[str, Any]], bool] | None = None  # (record, once defined: an interrupt's last row)
     interval = (budget / cfg.eval_points) if budget and steps is None else 0.0
@@ -379,7 +379,15 @@ def run_one(
                 progress(name, rec)
             return math.isfinite(ev["train_loss"])
 
-        finish = record
+        def last_row(rec: dict[str, Any]) -> bool:
+            """:func:`record` of a last row after the loop (the step where a run stopped between its
+            evaluations), logged too: the summary's final losses are then a row of the log."""
+            ok = record(rec)
+            if log:
+                log.write(json.dumps(_jsonable(rec)) + "\n")
+            return ok
+
+        finish = last_row
         # until the target is met, the training loss is checked after every step where that costs at most
         # CHECK_COST steps (not counted in the clock): the step that reaches it, not the next evaluation's
         # (every 125 steps of a 15,000-step run, against every 2 of a 250-step one)
@@ -421,6 +429,7 @@ def run_one(
             finally:
                 clock += time.perf_counter() - t0
             k += 1
+            done = clock  # (the clock at the last step done: an interrupt's time leaves the one it cut short)
             loss = float(loss)
             rec: dict[str, Any] = {"step": k, "time": clock, "batch_loss": loss}
             stats = getattr(opt, "last_stats", None)
@@ -459,21 +468,21 @@ def run_one(
             if res.status != "ok":
                 break
         res.steps, res.train_time = k, clock
-        if res.status == "ok" and res.history[-1]["step"] != k and not record({"step": k, "time": clock}):
+        if res.status == "ok" and res.history[-1]["step"] != k and not last_row({"step": k, "time": clock}):
             res.status, res.message = (
                 "diverged",
                 f"step {k}: the training loss is {res.history[-1]['train_loss']}",
             )
         elif res.status == "failed" and res.history[-1]["step"] != k:
-            record({"step": k, "time": clock})  # where the failed run stopped
+            last_row({"step": k, "time": clock})  # where the failed run stopped
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Interrupted): keep what was done; the caller stops
         sig = interrupt_signal(e)
         res.status, res.message = "interrupted", f"{interrupt_reason(sig)} after {k} steps"
         res.interrupted_by = signal_name(sig)
-        res.steps, res.train_time = k, clock
+        res.steps, res.train_time = k, done
         if finish is not None and res.history and res.history[-1]["step"] != k:
             try:  # (the final row's losses at the step it stopped, not the last evaluation's)
-                finish({"step": k, "time": clock})
+                finish({"step": k, "time": done})
             except KeyboardInterrupt:  # (a second interrupt: the last evaluation's stay)
                 pass
     finally:
