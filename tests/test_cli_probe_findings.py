@@ -137,6 +137,9 @@ def test_a_guess_of_the_task_that_may_be_wrong_is_said(tmp_path):
     np.savez(tmp_path / "h.npz", X=rng.normal(size=(40, 3)), y=np.eye(2)[np.arange(40) % 2])
     assert any("one-hot" in n for n in load_dataset(str(tmp_path / "h.npz")).notes)
     assert not load_dataset("digits", seed=0, n_samples=300).notes  # (ten classes: nothing to say)
+    # floats of 2^53 and more are no class ids (the task rule): nothing to say either (a probe's 1e40)
+    np.savez(tmp_path / "big.npz", X=rng.normal(size=(150, 3)), y=1e40 * np.arange(150.0))
+    assert not any("task" in n for n in load_dataset(str(tmp_path / "big.npz")).notes)
 
 
 def test_a_second_job_into_one_folder_says_it_replaces_the_first(tmp_path, capsys):

@@ -771,7 +771,10 @@ def _task_note(y: np.ndarray, task: str) -> str | None:
     v = y.reshape(-1)
     if v.dtype.kind not in "biuf" or not np.isfinite(v.astype(np.float64)).all():
         return None
-    whole = bool(np.all(v == np.round(v)))
+    # (floats of magnitude 2^53 or more are whole numbers whatever they measure: no class ids, as in
+    # _infer_task -- targets of 1e40 were noted "--task classification if they are classes")
+    big = v.dtype.kind == "f" and bool((np.abs(v.astype(np.float64)) >= 2.0**53).any())
+    whole = not big and bool(np.all(v == np.round(v)))
     k = len(np.unique(v))
     if task == "classification" and whole and k > 20:
         return f"task: classification, {k} classes (integer labels); --task regression if they are quantities"
