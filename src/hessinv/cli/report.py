@@ -116,10 +116,15 @@ class Reporter:
                 self.console.print(f"{r.name}: lr {r.lr:g} chosen from the grid (final train loss) {grid}")
         load, cpus = summary.get("load_average_at_end"), os.cpu_count() or 1
         if load and load[1] > cpus:
+            threads = summary.get("threads", 1)
+            more = (
+                " (the multi-threaded curvature sweeps more than the first-order steps)"
+                if threads > 1
+                else ""
+            )
             self.err.print(
                 f"[yellow]note[/yellow]: the load average was {load[1]:.1f} on {cpus} CPUs: other "
-                "processes slowed these timings down (the multi-threaded curvature sweeps more than "
-                "the first-order steps)"
+                f"processes slowed these timings down{more}"
             )
         plotted = "plot_error" not in summary
         self.console.print(
