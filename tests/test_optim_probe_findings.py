@@ -384,6 +384,23 @@ def test_full_batch_regression_preconditioned_takes_the_whole_batchs_curvature()
     assert min(losses[-100:]) < 1e-9, min(losses[-100:])
 
 
+def test_full_batch_preconditioning_takes_the_whole_batchs_curvature_at_once():
+    """The switch to the whole batch's curvature (the second step of the same batch) waited for the next
+    scheduled refresh: steps 2-10 still preconditioned with the first step's 8 examples (a docs probe);
+    it refreshes at the switch now, and on schedule after it (steps 11, 21, ...)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(30, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+    X, y = torch.randn(455, 30, dtype=torch.float64), torch.randint(0, 2, (455,))
+    opt = hessinv.optim.Newton(net, nn.CrossEntropyLoss())
+    seen = []
+    for _ in range(12):
+        opt.step(X, y)
+        seen.append((opt.last_stats.mode, opt.last_stats.refreshed, opt.last_stats.curvature_batch_size))
+    assert seen[0] == ("precondition", True, 8) and seen[1] == ("precondition", True, 455)
+    assert [s[1] for s in seen[2:]] == [False] * 8 + [True, False]
+    assert {s[2] for s in seen[1:]} == {455}
+
+
 def test_auto_hands_back_to_preconditioning_when_the_groups_weight_decays_are_made_to_differ():
     """``mode="auto"`` chose the trust region on a full batch with one weight decay; a scheduler-like
     change of one group's ``weight_decay`` mid-run then raised InvalidArgumentError at every step (the

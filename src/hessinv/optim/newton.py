@@ -1411,7 +1411,9 @@ class Newton(torch.optim.Optimizer):
             # curvature's subspace the step is Adam's at a fixed lr, whose loss floor a full-batch
             # regression met (1e-4 against 1e-13 with the batch's curvature; 128 of 350 examples did not
             # lift it; a probe)
-            pc.curvature_batch_size = max(pc.curvature_batch_size, B)
+            if B > pc.curvature_batch_size:  # (and now: the next refresh was nine steps away, a probe)
+                pc.curvature_batch_size = B
+                pc.refresh_at_next_update()
         ns["previous"] = None
         ns["from_auto"] = tr  # (the trust region may hand back to preconditioning: _leave_if_stalled)
         ns["trust_region_best"] = ns["trust_region_since"] = None

@@ -1379,6 +1379,11 @@ class Preconditioner:
         """Whether the next :meth:`update` rebuilds the curvature."""
         return self._factor is None or (self.state["t"] - 1) % self.refresh == 0
 
+    def refresh_at_next_update(self) -> None:
+        """Rebuild the curvature at the next :meth:`update`, whatever the schedule (e.g. after
+        ``curvature_batch_size`` changed); the schedule of later refreshes is unchanged."""
+        self._factor = None
+
     #: draw a curvature batch again where its loss is not finite (:func:`curvature_batch`)
     redraw = True
 
