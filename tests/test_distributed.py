@@ -1038,6 +1038,13 @@ def test_equal_losses_are_the_optimizer_s(one_process_group):
         hd.DataParallel(
             _newton(model, partial_ce), model, functools.partial(F.cross_entropy, label_smoothing=0.2)
         )
+    # (named by what differs: the message read "(CrossEntropyLoss()) is not the optimizer's
+    # (CrossEntropyLoss())", a docs probe)
+    differ = r"\(CrossEntropyLoss\(label_smoothing=0.1\)\) is not the optimizer's \(.*label_smoothing=0.0\)"
+    with pytest.raises(InvalidArgumentError, match=differ):
+        hd.DataParallel(
+            _newton(model, nn.CrossEntropyLoss()), model, nn.CrossEntropyLoss(label_smoothing=0.1)
+        )
 
 
 def test_cli_nproc_full_batch_newton_warns_nothing_false(tmp_path, monkeypatch, capfd):

@@ -17,7 +17,8 @@ is exact:
   with ``log det P = n log c + sum_l log det Qxx_l`` from the factorization's pivots (Woodbury: ``n log
   (delta / c) + log det K``);
 * :meth:`Laplace.optimize_prior_precision`: a 1-D bounded search over ``log delta`` (and, for
-  regression, ``log sigma``) -- one factorization per evaluation;
+  regression, ``log sigma``) -- from ``G``'s eigenvalues, taken once, where they cost less than the
+  search's factorizations (:meth:`Laplace._spectrum`), else one factorization per evaluation;
 * the linearized (GLM) predictive ``f ~ N(f(x; theta*), J(x) P^{-1} J(x)^T)`` by one batched solve,
   with the probit or Monte Carlo link for classification;
 * posterior samples ``theta* + S z`` with ``S S^T = P^{-1}`` from the factors
@@ -594,8 +595,9 @@ class Laplace:
         """Maximize the log marginal likelihood over ``log delta`` in ``bounds`` (a grid of 13 points, then
         Brent's bounded search between the best point's neighbours -- the evidence need not be unimodal: a
         Hessian's rises toward the bound where ``P`` nears singularity, and Brent's search over the whole
-        interval stopped at an interior local maximum 2.5 nats below it, unwarned; one factorization per
-        evaluation); with ``optimize_sigma_noise`` (regression) jointly over
+        interval stopped at an interior local maximum 2.5 nats below it, unwarned; each evaluation from the
+        curvature's eigenvalues, taken once where that is cheaper, else one factorization); with
+        ``optimize_sigma_noise`` (regression) jointly over
         ``(delta, sigma)`` in ``bounds`` x ``sigma_bounds``, by a search over ``kappa = delta / c`` alone
         (:meth:`_joint_search`: the noise has a closed-form optimum at each ``kappa``). Stores and returns
         ``delta`` (and stores ``sigma_noise``); warns where the optimum lies on a bound. With the

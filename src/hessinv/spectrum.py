@@ -2,7 +2,9 @@ r"""The exact spectrum of a curvature operator by counting: ``N(s) = #{lambda_i 
 
 By Sylvester's law of inertia the backward Riccati sweep of ``H - s I`` (a block congruence
 ``U D U^T``) has as many negative pivot eigenvalues as ``H`` has eigenvalues below ``s``. One
-factorization per shift, ``O(L)`` in depth, no iteration and no randomness: counts and histograms are
+factorization per shift, ``O(L)`` in depth (or, where one dense ``eigvalsh`` of ``H`` costs less than
+the shifts' factorizations, its eigenvalues, counted: :data:`hessinv.curvature.DENSE_COUNTS`), no
+iteration and no randomness: counts and histograms are
 exact for every eigenvalue farther than the sweep's backward error from the shifts -- about
 ``u ||H||`` in general, up to about ``sqrt(u) ||H||`` for a shift next to a cluster of eigenvalues
 (the sweep does not pivot across stages; :meth:`hessinv.CurvatureOperator.inertia`) -- where the
@@ -78,7 +80,8 @@ def _real_array(x: object, what: str) -> np.ndarray:
 def eigenvalue_counts(
     op: CurvatureOperator, shifts: Sequence[float] | np.ndarray | torch.Tensor
 ) -> np.ndarray:
-    """``N(s) = #{i : lambda_i(H) < s}`` for each shift (one Riccati factorization each), as int64.
+    """``N(s) = #{i : lambda_i(H) < s}`` for each shift (one Riccati factorization each, or ``H``'s dense
+    eigenvalues where one ``eigvalsh`` is cheaper: :data:`hessinv.curvature.DENSE_COUNTS`), as int64.
 
     Exact for eigenvalues farther than the sweep's backward error from ``s`` (``~ u ||H||``; up to
     ``~ sqrt(u) ||H||`` when ``s`` is next to a cluster of eigenvalues, e.g. ``s`` near 0 for an
@@ -146,7 +149,8 @@ def spectral_histogram(
     bins: int | Sequence[float] | np.ndarray = 50,
     range: tuple[float, float] | None = None,  # noqa: A002  (numpy.histogram's name)
 ) -> Histogram:
-    """The exact eigenvalue histogram of ``H``: ``bins + 1`` factorizations (``numpy.histogram``'s
+    """The exact eigenvalue histogram of ``H``: ``bins + 1`` factorizations, or one dense ``eigvalsh`` where
+    that is cheaper (:func:`eigenvalue_counts`) (``numpy.histogram``'s
     arguments: a number of equal bins over ``range`` -- default the whole spectrum, see
     :func:`spectral_range` -- or increasing bin edges). Bins are half-open ``[e_i, e_{i+1})``; at an
     edge ``e = 0`` the eigenvalues zero up to ``tol = sqrt(u) ||H||``

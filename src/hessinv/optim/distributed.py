@@ -789,10 +789,26 @@ def distribute(opt: Any, strategy: str = DEFAULT_STRATEGY, group: Any = None) ->
     return opt
 
 
-def _loss_text(loss_fn: Any) -> str:
-    if isinstance(loss_fn, nn.Module):
-        return f"{type(loss_fn).__name__}({loss_fn.extra_repr()})"
-    return getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
+def _loss_text(loss_fn: Any, other: Any = None) -> str:
+    """A loss named for a message; a module against ``other`` of its class by the settings and tensors
+    that differ (``extra_repr`` leaves most out: two ``CrossEntropyLoss()`` of different label smoothing
+    read alike)."""
+    if not isinstance(loss_fn, nn.Module):
+        return getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
+    name = type(loss_fn).__name__
+    if type(other) is not type(loss_fn):
+        return f"{name}({loss_fn.extra_repr()})"
+
+    def state(m: nn.Module) -> dict[str, Any]:
+        out = {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
+        return out | dict(m.named_buffers(recurse=False)) | dict(m.named_children())
+
+    mine, theirs = state(loss_fn), state(other)
+    differ = [k for k in mine if k not in theirs or not _same_loss(mine[k], theirs[k])]
+    shown = ", ".join(
+        f"{k}={mine[k]!r}" if not isinstance(mine[k], Tensor) else f"{k}=<tensor>" for k in differ
+    )
+    return f"{name}({shown or loss_fn.extra_repr()})"
 
 
 def _same_loss(a: Any, b: Any) -> bool:
@@ -867,9 +883,9 @@ class DataParallel:
             raise DistributedError(why)
         if not _same_loss(loss_fn, getattr(opt, "loss_fn", loss_fn)):
             raise InvalidArgumentError(
-                f"DataParallel's loss_fn ({_loss_text(loss_fn)}) is not the optimizer's "
-                f"({_loss_text(opt.loss_fn)}): the gradient would come from one and the curvature from the "
-                "other; pass the same loss (DataParallel(opt, model, opt.loss_fn))"
+                f"DataParallel's loss_fn ({_loss_text(loss_fn, opt.loss_fn)}) is not the optimizer's "
+                f"({_loss_text(opt.loss_fn, loss_fn)}): the gradient would come from one and the curvature "
+                "from the other; pass the same loss (DataParallel(opt, model, opt.loss_fn))"
             )
         self.opt, self.model, self.loss_fn, self.group = (
             distribute(opt, strategy, group),
