@@ -465,3 +465,19 @@ def test_a_gauss_newton_diagonal_after_a_factorization_keeps_the_per_example_swe
     monkeypatch.setattr(cv.CurvatureOperator, "diagonal", spy)
     after = G.diagonal()
     assert swept and torch.allclose(after, before, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("curvature", [hessinv.hessian, hessinv.gauss_newton])
+def test_float32_inputs_whose_squares_overflow_get_their_diagonal(curvature):
+    # (a probe: inputs of 1e20 in float32 -- the Linear rows' x^2 is 1e40, inf, and inf * sech^2 = 0 of a
+    # saturated unit NaN: NonFiniteError "scale the loss down", though H, its products and its solves are
+    # finite; to_dense gives the diagonal)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    X, y = torch.randn(16, 4) * 1e20, torch.randint(0, 3, (16,))
+    op = curvature(net, nn.CrossEntropyLoss(), X, y)
+    want = op.to_dense().diagonal()
+    assert bool(torch.isfinite(want).all()) and float(want.abs().max()) > 0.1
+    got = op.diagonal()
+    assert got.dtype == torch.float32 and float((got - want).norm() / want.norm()) < 1e-5
+    assert op.trace() == pytest.approx(float(want.double().sum()), rel=1e-5)

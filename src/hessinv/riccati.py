@@ -876,6 +876,20 @@ def check_memory(
     model, L = blocks[:-1], len(blocks) - 1
     first = _first_with_parameters(model)
 
+    suffixes: dict[int, list[int]] = {}
+
+    def kept_after(j: int, batch: int) -> int:
+        """sum of _kept_entries over the stages after j (suffix sums, once per batch: O(L), not O(L^2))."""
+        if batch not in suffixes:
+            acc, out = 0, [0] * (L + 1)
+            for k in range(L - 1, -1, -1):
+                out[k + 1] = acc
+                if model[k].p:
+                    acc += _kept_entries(model[k], batch, k == first)
+            out[0] = acc
+            suffixes[batch] = out
+        return suffixes[batch][j + 1]
+
     def parts(j: int, batch: int) -> tuple[int, int]:
         """At stage j, in bytes: its own transients, and the factors the stages after it keep."""
         if j < first:
@@ -884,7 +898,7 @@ def check_memory(
             blk = model[j]
             a_in, a_out = (0 if j == first else batch * blk.d_in), batch * blk.d_out
             return int(PEAK_FACTOR * (a_out * a_out + blk.p * a_out + a_in * a_in) * item), 0
-        kept = sum(_kept_entries(model[k], batch, k == first) for k in range(j + 1, L) if model[k].p)
+        kept = kept_after(j, batch)
         return int(PEAK_FACTOR * _sweep_entries(model[j], batch, j == first) * item), int(
             KEPT_FACTOR * kept * item
         )

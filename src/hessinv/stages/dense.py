@@ -632,7 +632,10 @@ class DenseLayerBlocks(Blocks):
         sp, bpp, zt = self.sp[rows], None if self.bpp is None else self.bpp[rows], self.zt[rows]
         Md = sp.square() * example_diagonal(P)  # diag(M_n) (P given only by its diagonal: the last stage)
         Md = Md + bpp if bpp is not None else Md
-        diag = self._model(zt.square().T @ Md)[:, 0]
+        W = zt.square().T @ Md
+        if zt.dtype != torch.float64 and not bool(torch.isfinite(W).all()):  # (inputs ~1e20: x^2 overflows
+            W = (zt.double().square().T @ Md.double()).to(Md.dtype)  # float32 where the diagonal does not)
+        diag = self._model(W)[:, 0]
         if not coupled:
             return diag, None
         if isinstance(P, tuple):
