@@ -123,7 +123,34 @@ def test_an_interrupted_runs_last_row_is_at_the_step_it_stopped(tmp_path, interr
     # summary's final losses were in no log line, its time counted the step the interrupt cut short)
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert rows[-1]["step"] == 299 and rows[-1]["train_loss"] == r.final["train_loss"]
-    assert r.train_time == rows[-1]["time"] == next(x["time"] for x in rows if x["step"] == 299)
+    assert r.train_time == rows[-1]["time"]
+    assert [x["step"] for x in rows] == list(range(300)) and "batch_loss" in rows[-1]  # (one row a step)
+
+
+def test_a_failed_runs_last_row_is_its_last_steps_row(tmp_path, monkeypatch):
+    """A step that raises ends the run: its last completed step is evaluated into that step's log row --
+    the evaluation had been a second row for the same step, timed with the failed step's time in it (a
+    review)."""
+    from hessinv.cli import baselines
+
+    real_step, calls = baselines.FirstOrder.step, {"n": 0}
+
+    def step(self, inputs, targets):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise RuntimeError("boom")
+        return real_step(self, inputs, targets)
+
+    monkeypatch.setattr(baselines.FirstOrder, "step", step)
+    ds = load_dataset("digits", seed=0, n_samples=300)
+    init = build_model(ds.input_dim, ds.output_dim, 3, 8, "tanh", seed=0)
+    cfg = TrainConfig(optimizers=["adam"], depth=3, width=8, batch_size=32, out=tmp_path)
+    log = tmp_path / "adam.jsonl"
+    r = run_one("adam", 3e-3, ds, init, loss_for(ds), cfg, None, 1000, log)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert r.status == "failed" and r.steps == 39 and r.final["step"] == 39
+    assert [x["step"] for x in rows] == list(range(40))
+    assert rows[-1]["train_loss"] == r.final["train_loss"] and r.train_time == rows[-1]["time"]
 
 
 def test_a_guess_of_the_task_that_may_be_wrong_is_said(tmp_path):

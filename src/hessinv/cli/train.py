@@ -344,6 +344,7 @@ def run_one(
     k, clock, done = 0, 0.0, 0.0
     cuda = ds.X_train.device.type == "cuda"
     finish: Callable[[dict[str, Any]], bool] | None = None  # (record, once defined: an interrupt's last row)
+    pending: list[dict[str, Any]] = []  # (the last step's row, not yet logged: log_row)
     interval = (budget / cfg.eval_points) if budget and steps is None else 0.0
     step_interval = max(1, (steps or 0) // cfg.eval_points)
     # torch's global generator from the seed: an optimizer that draws from it (pytorch-optimizer's
@@ -379,12 +380,21 @@ def run_one(
                 progress(name, rec)
             return math.isfinite(ev["train_loss"])
 
+        def log_row(rec: dict[str, Any]) -> None:
+            """Log a step's row once the next is known: the row held before it is written now, ``rec``
+            held (an evaluation after the loop joins it: one row per step)."""
+            if log:
+                for row in pending:
+                    log.write(json.dumps(_jsonable(row)) + "\n")
+            pending[:] = [rec]
+
         def last_row(rec: dict[str, Any]) -> bool:
             """:func:`record` of a last row after the loop (the step where a run stopped between its
-            evaluations), logged too: the summary's final losses are then a row of the log."""
-            ok = record(rec)
-            if log:
-                log.write(json.dumps(_jsonable(rec)) + "\n")
+            evaluations), into that step's row of the log: the summary's final losses are a row of it."""
+            held = pending[0] if pending and pending[0]["step"] == rec["step"] else None
+            ok = record(held or rec)
+            if held is None:
+                log_row(rec)
             return ok
 
         finish = last_row
@@ -437,8 +447,7 @@ def run_one(
                 rec["stats"] = _jsonable(stats)
             if not math.isfinite(loss):
                 res.status, res.message = "diverged", f"step {k}: the loss is {loss}"
-                if log:
-                    log.write(json.dumps(_jsonable(rec)) + "\n")
+                log_row(rec)
                 break
             check = (
                 cfg.target_loss is not None
@@ -463,23 +472,25 @@ def run_one(
                         "diverged",
                         f"step {k}: the training loss is {rec['train_loss']}",
                     )
-            if log:
-                log.write(json.dumps(_jsonable(rec)) + "\n")
+            log_row(rec)
             if res.status != "ok":
                 break
-        res.steps, res.train_time = k, clock
-        if res.status == "ok" and res.history[-1]["step"] != k and not last_row({"step": k, "time": clock}):
+        res.steps, res.train_time = k, done  # (a failed step's time is not the run's)
+        if res.status == "ok" and res.history[-1]["step"] != k and not last_row({"step": k, "time": done}):
             res.status, res.message = (
                 "diverged",
                 f"step {k}: the training loss is {res.history[-1]['train_loss']}",
             )
         elif res.status == "failed" and res.history[-1]["step"] != k:
-            last_row({"step": k, "time": clock})  # where the failed run stopped
+            last_row({"step": k, "time": done})  # where the failed run stopped
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Interrupted): keep what was done; the caller stops
         sig = interrupt_signal(e)
         res.status, res.message = "interrupted", f"{interrupt_reason(sig)} after {k} steps"
         res.interrupted_by = signal_name(sig)
         res.steps, res.train_time = k, done
+        last = res.history[-1] if res.history else None
+        if last is not None and last["step"] == k and k and not any(r is last for r in pending):
+            log_row(last)  # (evaluated, and interrupted before its row was logged: while printing it)
         if finish is not None and res.history and res.history[-1]["step"] != k:
             try:  # (the final row's losses at the step it stopped, not the last evaluation's)
                 finish({"step": k, "time": done})
@@ -487,6 +498,8 @@ def run_one(
                 pass
     finally:
         if log:
+            for row in pending:
+                log.write(json.dumps(_jsonable(row)) + "\n")
             log.close()
     return res
 
