@@ -93,6 +93,7 @@ def test_options_that_did_nothing_are_refused_or_described(tmp_path, capsys):
     # comma-separated, as the help says (a count and NAME=N in one list were refused: "expects NAME=N")
     assert _parse_steps(["7,adam=5"], ["adam", "sgd"]) == {"adam": 5, "sgd": 7}
     assert _parse_steps(["adam=5,none"], ["adam", "sgd"]) == {"adam": 5, "sgd": None}
+    assert _parse_steps(["adam=5,,sgd=7,"], ["adam", "sgd"]) == {"adam": 5, "sgd": 7}
 
 
 def test_the_summary_says_how_the_run_was_made(tmp_path, capsys):

@@ -1045,6 +1045,14 @@ def test_equal_losses_are_the_optimizer_s(one_process_group):
         hd.DataParallel(
             _newton(model, nn.CrossEntropyLoss()), model, nn.CrossEntropyLoss(label_smoothing=0.1)
         )
+    pw = torch.rand(3, dtype=torch.float64)  # (equal tensors are not named: a review)
+    ours, theirs = nn.BCEWithLogitsLoss(pos_weight=pw), nn.BCEWithLogitsLoss(pos_weight=pw.clone())
+    theirs.weight = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"\(BCEWithLogitsLoss\(weight=<tensor>\)\) is not the optimizer's \(BCEWithLogitsLoss\(\)\)",
+    ):
+        hd.DataParallel(_newton(model, ours), model, theirs)
 
 
 def test_cli_nproc_full_batch_newton_warns_nothing_false(tmp_path, monkeypatch, capfd):

@@ -470,8 +470,9 @@ def _parse_steps(items: list[str], opts: list[str]) -> dict[str, int | None]:
     def count(text: str) -> int | None:
         return None if text.lower() == "none" else positive_int(text)
 
-    # (each comma-separated part on its own: "--steps 3,adam=5" is one count for all and one for adam)
-    for item in [part for it in items for part in it.split(",")]:
+    # (each comma-separated part on its own: "--steps 3,adam=5" is one count for all and one for adam;
+    # empty parts skipped, as --lr's are: "adam=5,")
+    for item in [part for it in items for part in it.split(",") if part.strip()]:
         if "=" in item:
             got = parse_per_optimizer([item], "--steps", count, "N", "adam=5000", selected=opts)
             twice = sorted(named & set(got))

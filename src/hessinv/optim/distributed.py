@@ -804,28 +804,31 @@ def _loss_text(loss_fn: Any, other: Any = None) -> str:
         return out | dict(m.named_buffers(recurse=False)) | dict(m.named_children())
 
     mine, theirs = state(loss_fn), state(other)
-    differ = [k for k in mine if k not in theirs or not _same_loss(mine[k], theirs[k])]
+    differ = [k for k in mine if k not in theirs or not _same_value(mine[k], theirs[k])]
     shown = ", ".join(
         f"{k}={mine[k]!r}" if not isinstance(mine[k], Tensor) else f"{k}=<tensor>" for k in differ
     )
     return f"{name}({shown or loss_fn.extra_repr()})"
 
 
+def _same_value(x: Any, y: Any) -> bool:
+    """Two settings of a loss alike: tensors equal in shape and values, lists, tuples and dicts item by
+    item, anything else as :func:`_same_loss` compares losses."""
+    if isinstance(x, Tensor) or isinstance(y, Tensor):
+        both = isinstance(x, Tensor) and isinstance(y, Tensor)
+        return both and x.shape == y.shape and torch.equal(x, y)
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+        return len(x) == len(y) and all(_same_value(u, v) for u, v in zip(x, y, strict=True))
+    if isinstance(x, dict) and isinstance(y, dict):
+        return x.keys() == y.keys() and all(_same_value(x[k], y[k]) for k in x)
+    return _same_loss(x, y)
+
+
 def _same_loss(a: Any, b: Any) -> bool:
     """The same loss: one object; ``functools.partial`` objects of the same function, arguments and
     keywords; or modules of one class whose settings (plain attributes but the train / eval flag), tensors
     (class weights, ``pos_weight``) and submodules are alike."""
-
-    def same(x: Any, y: Any) -> bool:
-        if isinstance(x, Tensor) or isinstance(y, Tensor):
-            both = isinstance(x, Tensor) and isinstance(y, Tensor)
-            return both and x.shape == y.shape and torch.equal(x, y)
-        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
-            return len(x) == len(y) and all(same(u, v) for u, v in zip(x, y, strict=True))
-        if isinstance(x, dict) and isinstance(y, dict):
-            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
-        return _same_loss(x, y)
-
+    same = _same_value
     if a is b:
         return True
     if isinstance(a, functools.partial) and isinstance(b, functools.partial):
