@@ -677,3 +677,22 @@ def test_positive_definite_test_of_a_tiny_singular_gauss_newton_matrix_answers(c
     G = hessinv.gauss_newton(m, lambda out, t: c * nn.functional.mse_loss(out, t), X, y)
     assert G.is_positive_definite(0.0) is False
     assert math.isfinite(G.min_eigenvalue())
+
+
+def test_inertia_takes_its_default_tol_from_a_rough_norm(monkeypatch):
+    # (a probe: the full 30-product norm estimate behind the default tol made a first inertia() cost 11
+    # factorizations of a depth-1000 chain; ||H||'s first digits set that scale)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    H = hessinv.hessian(net, torch.nn.CrossEntropyLoss(), X, y)
+    lam = torch.linalg.eigvalsh(H.to_dense())
+    tol = 1.5e-8 * float(lam.abs().max())  # (sqrt(u) ||H||, give or take the estimate's last digits)
+    want = (int((lam < -1e-3 - tol).sum()), 0, int((lam > -1e-3 + tol).sum()))
+    assert sum(want) == len(lam)  # (no eigenvalue near the window's edges: the count is the same either way)
+
+    def refused(self, iters=30):
+        raise AssertionError("the full norm estimate was taken")
+
+    monkeypatch.setattr(hessinv.CurvatureOperator, "norm_estimate", refused)
+    assert tuple(H.inertia(1e-3)) == want
