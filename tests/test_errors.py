@@ -457,6 +457,10 @@ def test_bad_arguments_are_named():
         H.factor("1e-3")
     with pytest.raises(InvalidArgumentError, match="damping must be a real number"):
         H.solve(H.gradient, damping=None)
+    # (a vector: named by its shape, with where a per-parameter damping is taken -- it was printed whole)
+    vector = r"got a Tensor of shape \(26,\): a damping per parameter .*hessinv.gauss_newton"
+    with pytest.raises(InvalidArgumentError, match=vector):
+        H.factor(torch.ones(26, dtype=H.dtype))
     with pytest.raises(InvalidArgumentError, match=r"damping 1.7e\+308 is too large for torch.float64"):
         H.solve(H.gradient, damping=1.7e308)
     with pytest.raises(InvalidArgumentError, match=r"rhs has shape \(26, 0\): no columns"):

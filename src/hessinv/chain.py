@@ -1608,6 +1608,18 @@ def check_real(x, what: str) -> float:
         x = x.item()
     if isinstance(x, np.ndarray) and x.ndim == 0 and x.dtype.kind in "iuf":  # (np.array(0.1))
         x = x.item()
+    if isinstance(x, (Tensor, np.ndarray)) and math.prod(x.shape) != 1:  # (by its shape, not printed whole)
+        shape = tuple(x.shape)
+        hint = (
+            ": a damping per parameter (a vector) is taken by the Gauss-Newton operator's factor and "
+            "solve (hessinv.gauss_newton), whose damped matrix stays positive definite; the Hessian's "
+            "takes one number"
+            if what == "damping"
+            else ""
+        )
+        raise InvalidArgumentError(
+            f"{what} must be a real number, got a {type(x).__name__} of shape {shape}{hint}"
+        )
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise InvalidArgumentError(f"{what} must be a real number, got {type(x).__name__} {x!r}")
     try:
