@@ -930,16 +930,14 @@ class Newton(torch.optim.Optimizer):
         """``p.grad <- g`` (the batch gradient) for every trainable parameter, as views of a copy: an
         in-place edit of ``p.grad`` (gradient clipping, ``zero_grad``) must not reach the ``g`` that a
         retry after a rejected step reuses."""
-        kept, g = g, g.clone()
-        offset = 0
+        params = self.chain.params
+        sizes = [p.numel() for p in params]
         written = {}
-        for p in self.chain.params:
-            k = p.numel()
-            p.grad = g[offset : offset + k].view_as(p)
+        for p, piece, orig in zip(params, g.clone().split(sizes), g.split(sizes), strict=True):
+            p.grad = piece.view_as(p)
             # (and the values: an in-place op that leaves them, clip_grad_norm_ at an infinite norm to log
             # the norm, bumps the version alone -- it warned)
-            written[id(p)] = (p.grad, p.grad._version, kept[offset : offset + k])
-            offset += k
+            written[id(p)] = (p.grad, p.grad._version, orig)
         self._grads_written = written
 
     def _warn_if_unscaled_targets(self, targets: Tensor) -> None:
