@@ -548,3 +548,22 @@ def test_a_float32_copy_whose_loss_is_not_the_operators_says_so():
             H.factor(0.1).solve(H.gradient)
     finally:
         _TEMPERATURE["t"] = 2.0
+
+
+def test_a_float32_operators_float64_copy_is_made_after_the_model_went_to_training_mode():
+    # (a probe: model.train() after a float32 operator was built in eval mode made its refined solve and
+    # min_eigenvalue raise "Dropout was switched to training mode", while H @ v and the float64 operator
+    # answered -- the copy takes the modes of the operator's point, as its parameters)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 3)).eval()
+    X, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    loss_fn = nn.CrossEntropyLoss()
+    want = hessinv.hessian(copy.deepcopy(net).double(), loss_fn, X.double(), y).factor(0.1)
+    H = hessinv.hessian(net, loss_fn, X, y)
+    F = H.factor(0.1)
+    net.train()
+    r = torch.ones(H.shape[0])
+    x = F.solve(r)
+    ref = want.solve(r.double())
+    assert float((x.double() - ref).norm() / ref.norm()) < 1e-6
+    assert net.training and not H._converted(torch.float64).model[2].training

@@ -1777,7 +1777,7 @@ class Chain:
             or (self._top is not None and _changed(*self._top))
         )
 
-    def check_model(self, autograd: bool = True) -> None:
+    def check_model(self, autograd: bool = True, modes: bool = True) -> None:
         """Raise a named error if the model changed since the split in a way the stages cannot see: a
         submodule, list element or parameter replaced, a layer frozen, a parameter's dtype or device
         (``model.double()``), the mode of a Dropout, RReLU or BatchNorm module, a gradient hook added to a
@@ -1786,7 +1786,8 @@ class Chain:
         rebound by assignment (``m.proj = new_tensor``), or a
         plain attribute that a traced ``forward`` read (a temperature, ``self.training``) changed: the
         model is split again (an attribute whose change leaves the traced code as it was is not watched
-        from then on: a call counter). A microsecond or so per module."""
+        from then on: a call counter). A microsecond or so per module. Without ``modes``, modules switched
+        to training mode are not refused (a copy made at the operator's point restores its modes)."""
         if autograd and torch.is_inference_mode_enabled():
             raise InvalidArgumentError(
                 "hessinv needs autograd, which torch.inference_mode() turns off: call it outside that block"
@@ -1841,7 +1842,7 @@ class Chain:
             self._batch_dependent = None
             self.sizes = [s.p for s in stages]  # (a hook can merge stages: the same parameters, regrouped)
             self._watch()
-        for m, mode in self._mode_watch:
+        for m, mode in self._mode_watch if modes else ():
             if m.training and not mode and getattr(m, "p", 1) != 0:
                 raise UnsupportedStageError(
                     f"{type(m).__name__} was switched to training mode after this operator/optimizer was "

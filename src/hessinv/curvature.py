@@ -1930,7 +1930,9 @@ class CurvatureOperator(_AutocastOff):
                 f"this operator was built for one use (an optimizer's refresh) and has no {dtype} copy; "
                 "build the operator with hessinv.gauss_newton(...)"
             )
-        self.chain.check_model()  # a replaced layer: named
+        # a replaced layer: named (not a Dropout switched to training mode since: the copy takes the modes
+        # of this operator's point, as its parameters; a float32 refined solve was refused, a probe)
+        self.chain.check_model(modes=False)
         if self.chain.model_key() != self._model_key:
             raise InvalidArgumentError(
                 f"hooks were added or removed, or an attribute the traced forward reads changed, since this "
