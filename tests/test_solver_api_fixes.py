@@ -413,3 +413,40 @@ def test_sample_of_a_modified_factorization_is_refused_under_its_own_name():
     assert F._pivots_modified
     with pytest.raises(hessinv.InvalidArgumentError, match=r"^sample: .*modify='abs'.*factor without modify"):
         F.sample(2)
+
+
+def test_products_and_solves_are_differentiable_in_the_right_hand_side():
+    # (a probe: a right-hand side that requires grad was detached silently -- the gradient through
+    # G @ w, F.solve(w), G.solve(w) and inverse_hvp(w) was missing, 8-96% of it, with no word;
+    # torch.linalg.solve is differentiable in b)
+    from hessinv.influence import InfluenceFunction
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    X, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    G = hessinv.gauss_newton(net, loss_fn, X, y)
+    n = G.shape[0]
+    A = G.to_dense() + 0.1 * torch.eye(n, dtype=torch.float64)
+    a = torch.randn(n, 2, dtype=torch.float64)
+    F = G.factor(0.1)
+    infl = InfluenceFunction(net, loss_fn, curvature="gauss_newton", damping=0.1).fit(X, y)
+    maps = {
+        "G @ w": (lambda w: G @ w, A - 0.1 * torch.eye(n, dtype=torch.float64)),
+        "w @ G": (lambda w: (w.T @ G).T, A - 0.1 * torch.eye(n, dtype=torch.float64)),
+        "F.solve": (F.solve, torch.linalg.inv(A)),
+        "F.solve, return_info": (lambda w: F.solve(w, return_info=True)[0], torch.linalg.inv(A)),
+        "G.solve": (lambda w: G.solve(w, damping=0.1), torch.linalg.inv(A)),
+        "inverse_hvp": (lambda w: infl.inverse_hvp(w.T).T, torch.linalg.inv(A)),
+    }
+    for name, (f, M) in maps.items():
+        w = torch.randn(n, 2, dtype=torch.float64, requires_grad=True)
+        out = f(w)
+        assert torch.allclose(out, M @ w.detach(), rtol=1e-9, atol=1e-9), name
+        ((out * a).sum() + (w * w).sum()).backward()
+        assert torch.allclose(w.grad, M @ a + 2 * w.detach(), rtol=1e-9, atol=1e-9), name
+    x, info = F.solve(a[:, 0].clone().requires_grad_(), return_info=True)
+    x.sum().backward()
+    assert F.last_info is info  # (the backward pass's solve leaves the forward's info)
+    with torch.no_grad():  # (and no graph where grad mode is off)
+        assert not F.solve(a[:, 0].clone().requires_grad_()).requires_grad

@@ -56,7 +56,7 @@ from hessinv.errors import (
     out_of_memory,
     warn,
 )
-from hessinv.linalg import all_finite
+from hessinv.linalg import all_finite, symmetric_in_rhs
 from hessinv.lowrank import WoodburyFactor, gauss_newton_root
 from hessinv.riccati import (
     Inertia,
@@ -572,8 +572,10 @@ class CurvatureOperator(_AutocastOff):
                 s = s_new
         return torch.cat(out, dim=0)
 
+    @symmetric_in_rhs
     def __matmul__(self, v: Tensor) -> Tensor:
-        """``H v`` for ``v`` of shape (n,) or (n, k), in ``O(L)``."""
+        """``H v`` for ``v`` of shape (n,) or (n, k), in ``O(L)``; differentiable in ``v`` where it requires
+        grad (one more product in the backward pass, ``H`` being symmetric)."""
         V, vec = self._as_matrix(v)
         HV = self._apply(V)
         if not all_finite(HV):  # an intermediate overflowed: again on V scaled to unit size
@@ -585,6 +587,7 @@ class CurvatureOperator(_AutocastOff):
     #: failing inside its own matmul
     __array_ufunc__ = None
 
+    @symmetric_in_rhs
     def __rmatmul__(self, v: Tensor) -> Tensor:
         """``v H`` for ``v`` of shape (n,) or (k, n): ``(H v^T)^T``, ``H`` being symmetric."""
         if isinstance(v, Tensor) and v.dim() == 2:
@@ -737,6 +740,7 @@ class CurvatureOperator(_AutocastOff):
         return_info: Literal[True],
     ) -> tuple[Tensor, SolveInfo]: ...
 
+    @symmetric_in_rhs
     def solve(
         self,
         rhs: Tensor,
@@ -3862,6 +3866,7 @@ class Factorization(_AutocastOff):
         return_info: Literal[True],
     ) -> tuple[Tensor, SolveInfo]: ...
 
+    @symmetric_in_rhs
     def solve(
         self,
         rhs: Tensor,
@@ -3893,7 +3898,8 @@ class Factorization(_AutocastOff):
         sweep's residual), flexible GMRES preconditioned by the factorization takes over -- ``refine=False``
         is the solve with neither. The achieved relative residual is in ``self.last_info`` (and returned with
         ``return_info``); an :class:`~hessinv.AccuracyWarning` is issued when it exceeds ``sqrt(u)`` of
-        the model dtype.
+        the model dtype. Differentiable in ``rhs`` where it requires grad (one more solve in the backward
+        pass, the matrix being symmetric; first order).
         """
         R, vec = self.op._as_matrix(rhs, "rhs")
         if isinstance(max_refine, bool) or not isinstance(max_refine, numbers.Integral) or max_refine < 0:

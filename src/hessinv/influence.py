@@ -622,6 +622,7 @@ class InfluenceFunction:
             return self.train_gradients
         return self._gradients(inputs, targets)
 
+    @linalg.symmetric_in_rhs
     def inverse_hvp(self, vectors: Tensor, chunk: int = 2048) -> Tensor:
         """``(H + lambda I)^{-1} V`` for ``vectors`` V of shape (k, n), as (k, n) (one vector of shape (n,),
         as (n,)): batched solves of ``chunk`` right-hand sides, with iterative refinement -- fewer where

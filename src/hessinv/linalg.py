@@ -103,6 +103,59 @@ def as_columns(
     return (v[:, None] if v.dim() == 1 else v), v.dim() == 1
 
 
+class _SymmetricMap(torch.autograd.Function):
+    """``y = A v`` for a fixed symmetric ``A`` (``forward_fn``, ``backward_fn``: the same map, the latter
+    called in the backward pass): the vector-Jacobian product is ``A g``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, v: Tensor, forward_fn: Callable[[Tensor], Tensor], backward_fn: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        ctx.backward_fn = backward_fn  # (not ctx.apply: the node's own method)
+        return forward_fn(v.detach())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        return ctx.backward_fn(g.contiguous()), None, None
+
+
+_M = TypeVar("_M", bound=Callable[..., Any])
+
+
+def symmetric_in_rhs(method: _M) -> _M:
+    """A method ``f(self, v, ...)`` that applies a symmetric matrix to ``v`` (``H v``, ``(H + eps I)^{-1} v``;
+    with ``return_info``, ``(x, info)``), differentiable in ``v`` where ``v`` requires grad and grad mode is
+    on: ``d/dv <g, A v> = A g``, one more application in the backward pass (first order only). The
+    object's ``last_info`` is the forward call's afterwards. Elsewhere the plain call (no graph)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, v: Any, *args: Any, **kwargs: Any) -> Any:
+        if not (isinstance(v, Tensor) and v.requires_grad and torch.is_grad_enabled()):
+            return method(self, v, *args, **kwargs)
+        rest: list[Any] = []
+
+        def apply(u: Tensor) -> Tensor:
+            out = method(self, u, *args, **kwargs)
+            if isinstance(out, tuple):
+                rest[:] = out[1:]
+                out = out[0]
+            return out
+
+        def again(g: Tensor) -> Tensor:  # (the backward's application: the forward's info kept)
+            info = self.__dict__.get("last_info", None)
+            try:
+                return apply(g)
+            finally:
+                if info is not None:
+                    self.last_info = info
+
+        x = _SymmetricMap.apply(v, apply, again)
+        return (x, *rest) if rest else x
+
+    return wrapper  # type: ignore[return-value]
+
+
 #: the complex dtype of each real floating dtype's precision
 _COMPLEX_OF = {
     torch.float64: torch.complex128,
