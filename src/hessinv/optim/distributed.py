@@ -799,16 +799,19 @@ def _loss_text(loss_fn: Any, other: Any = None) -> str:
     if type(other) is not type(loss_fn):
         return f"{name}({loss_fn.extra_repr()})"
 
-    def state(m: nn.Module) -> dict[str, Any]:
-        out = {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
-        return out | dict(m.named_buffers(recurse=False)) | dict(m.named_children())
-
-    mine, theirs = state(loss_fn), state(other)
+    mine, theirs = _loss_state(loss_fn), _loss_state(other)
     differ = [k for k in mine if k not in theirs or not _same_value(mine[k], theirs[k])]
     shown = ", ".join(
         f"{k}={mine[k]!r}" if not isinstance(mine[k], Tensor) else f"{k}=<tensor>" for k in differ
     )
     return f"{name}({shown or loss_fn.extra_repr()})"
+
+
+def _loss_state(m: nn.Module) -> dict[str, Any]:
+    """A loss module's settings (plain attributes but the train / eval flag), buffers (class weights,
+    ``pos_weight``) and submodules, by name."""
+    out = {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
+    return out | dict(m.named_buffers(recurse=False)) | dict(m.named_children())
 
 
 def _same_value(x: Any, y: Any) -> bool:
@@ -834,23 +837,7 @@ def _same_loss(a: Any, b: Any) -> bool:
     if isinstance(a, functools.partial) and isinstance(b, functools.partial):
         return same(a.func, b.func) and same(a.args, b.args) and same(a.keywords, b.keywords)
     if isinstance(a, nn.Module) and isinstance(b, nn.Module):
-        if type(a) is not type(b):
-            return False
-
-        def settings(m: nn.Module) -> dict[str, Any]:
-            return {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
-
-        sa, sb = settings(a), settings(b)
-        bufs_a, bufs_b = dict(a.named_buffers(recurse=False)), dict(b.named_buffers(recurse=False))
-        kids_a, kids_b = dict(a.named_children()), dict(b.named_children())
-        return (
-            sa.keys() == sb.keys()
-            and all(same(sa[k], sb[k]) for k in sa)
-            and bufs_a.keys() == bufs_b.keys()
-            and all(same(bufs_a[k], bufs_b[k]) for k in bufs_a)
-            and kids_a.keys() == kids_b.keys()
-            and all(_same_loss(kids_a[k], kids_b[k]) for k in kids_a)
-        )
+        return type(a) is type(b) and same(_loss_state(a), _loss_state(b))
     try:
         return bool(a == b)
     except Exception:  # noqa: BLE001 - an == that does not give a truth value
