@@ -1,6 +1,6 @@
 """The optimizers inside a PyTorch training loop, as a review (2026-12-04) used them: autocast, checkpoints
-of another dtype, gradient hooks added later, ``precondition_`` on what it already wrote, and grads left
-None."""
+of another dtype, ``precondition_`` on what it already wrote, and grads left None (gradient hooks:
+test_gradient_hooks.py)."""
 
 from __future__ import annotations
 
@@ -83,19 +83,6 @@ def test_a_checkpoint_of_another_dtype_is_cast_on_load():
     net32.zero_grad()
     loss(net32(xb), yb).backward()
     assert torch.isfinite(pre32.precondition_(xb, yb)).all()
-
-
-def test_a_gradient_hook_added_after_construction_is_refused():
-    """Refused at construction, a hook added later was applied by one mode, ignored by another, and crashed
-    a third with a bare TypeError."""
-    net, loss, X, y = _task()
-    opt = ho.Newton(net, loss, seed=0)
-    opt.step(*_batch(X, y, 0))
-    handle = net[0].weight.register_hook(lambda g: 2 * g)
-    with pytest.raises(hessinv.UnsupportedStageError, match="gradient hook"):
-        opt.step(*_batch(X, y, 1))
-    handle.remove()
-    opt.step(*_batch(X, y, 1))
 
 
 def test_precondition_refuses_its_own_direction_and_keeps_none_grads():

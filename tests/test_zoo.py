@@ -660,12 +660,6 @@ def _backward_hook() -> Case:
     return case
 
 
-def _param_hook() -> Case:
-    case = ce_case(nn.Conv1d(2, 2, 3), nn.Flatten(), nn.Linear(8, C), x=X(2, 6))
-    case.model[0].weight.register_hook(lambda g: 2 * g)
-    return case
-
-
 def _shared() -> Case:
     gen(0)
     lin = nn.Linear(W, W)
@@ -749,9 +743,6 @@ entry("refused_parameter_order")(
 )  # fmt: skip
 entry("refused_backward_hook")(
     lambda: refused(_backward_hook(), UnsupportedStageError, "has a backward hook")
-)
-entry("refused_parameter_gradient_hook")(
-    lambda: refused(_param_hook(), UnsupportedStageError, "gradient hook")
 )
 entry("refused_shared_parameter")(lambda: refused(_shared(), NotAChainError, "shared by stage 1"))
 entry("refused_all_targets_ignored")(

@@ -1291,12 +1291,6 @@ def _check_modules(stage: Stage, mods) -> None:
                 f"{stage.name}: {kind} has a backward hook, which changes the gradients autograd reports; "
                 "remove it to take derivatives"
             )
-    for t in stage.params:
-        if getattr(t, "_backward_hooks", None):
-            raise UnsupportedStageError(
-                f"{stage.name}: a parameter has a gradient hook (Tensor.register_hook), which changes what "
-                "autograd reports; remove it"
-            )
 
 
 def split_stages(
@@ -1590,7 +1584,7 @@ def targets_as_data(targets: Tensor, params: Sequence[Tensor]) -> Tensor:
         return targets
     with torch.enable_grad():  # (a caller under no_grad)
         total = targets.sum()
-    grads = torch.autograd.grad(total, list(params), allow_unused=True, retain_graph=True)
+    grads = linalg.grad(total, list(params), allow_unused=True, retain_graph=True)
     if any(g is not None for g in grads):
         raise InvalidArgumentError(
             "targets depend on the model's parameters (self-distillation?): hessinv takes the targets "
@@ -1780,14 +1774,14 @@ class Chain:
     def check_model(self, autograd: bool = True, modes: bool = True) -> None:
         """Raise a named error if the model changed since the split in a way the stages cannot see: a
         submodule, list element or parameter replaced, a layer frozen, a parameter's dtype or device
-        (``model.double()``), the mode of a Dropout, RReLU or BatchNorm module, a gradient hook added to a
-        parameter; or if autograd is off (``torch.inference_mode``; not checked with ``autograd=False``) or
-        ``torch.autocast`` would lower a float32 model's precision. Module hooks added or removed, a buffer
-        rebound by assignment (``m.proj = new_tensor``), or a
-        plain attribute that a traced ``forward`` read (a temperature, ``self.training``) changed: the
-        model is split again (an attribute whose change leaves the traced code as it was is not watched
-        from then on: a call counter). A microsecond or so per module. Without ``modes``, modules switched
-        to training mode are not refused (a copy made at the operator's point restores its modes)."""
+        (``model.double()``), the mode of a Dropout, RReLU or BatchNorm module; or if autograd is off
+        (``torch.inference_mode``; not checked with ``autograd=False``) or ``torch.autocast`` would lower
+        a float32 model's precision. Module hooks added or removed, a buffer rebound by assignment
+        (``m.proj = new_tensor``), or a plain attribute that a traced ``forward`` read (a temperature,
+        ``self.training``) changed: the model is split again (an attribute whose change leaves the traced
+        code as it was is not watched from then on: a call counter). A microsecond or so per module.
+        Without ``modes``, modules switched to training mode are not refused (a copy made at the
+        operator's point restores its modes)."""
         if autograd and torch.is_inference_mode_enabled():
             raise InvalidArgumentError(
                 "hessinv needs autograd, which torch.inference_mode() turns off: call it outside that block"
@@ -1804,12 +1798,6 @@ class Chain:
                 raise DtypeMismatchError(
                     f"a parameter is now {t.dtype} on {t.device}; the model was {self.dtype} on "
                     f"{self.device} when this operator/optimizer was built: build it again after model.to()"
-                )
-            if t._backward_hooks:  # (refused at the split too: a hook added since)
-                raise UnsupportedStageError(
-                    "a parameter has a gradient hook (Tensor.register_hook) added after this operator/"
-                    "optimizer was built, which changes what autograd reports; remove it (clip or scale "
-                    "the gradient outside the backward pass)"
                 )
         replaced = self._replaced()
         if replaced or [t.requires_grad for t in self._flag_tensors] != self._flags:
@@ -2634,7 +2622,7 @@ class Chain:
                 out, out_grad = self.loss_fn(out, unshared(targets)), None
         if out_grad is not None:
             out_grad = out_grad.reshape(out.shape).to(out.dtype)
-        got = torch.autograd.grad(out, self.params, grad_outputs=out_grad, allow_unused=True)
+        got = linalg.grad(out, self.params, grad_outputs=out_grad, allow_unused=True)
         flat = [
             (torch.zeros_like(p) if g is None else dense_grad(g)).reshape(-1)
             for g, p in zip(got, self.params, strict=True)

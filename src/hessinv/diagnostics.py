@@ -590,7 +590,7 @@ def _grads(net: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> 
     """The gradient of each trainable parameter, None for one the loss does not use (autograd raised a
     RuntimeError for it; ``backward()`` leaves its ``.grad`` None, and Adam's step skips it)."""
     with torch.enable_grad():
-        grads = torch.autograd.grad(
+        grads = linalg.grad(
             loss_fn(net(unshared(inputs)), unshared(targets)), _trainable(net), allow_unused=True
         )
     return [None if g is None else dense_grad(g).detach() for g in grads]

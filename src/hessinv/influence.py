@@ -325,7 +325,7 @@ def _one_at_a_time(
                 v = values(model(unshared(inputs[i : i + 1])), i)
                 per_value = []
                 for c in range(v.numel()):
-                    gs = torch.autograd.grad(v[c], params, retain_graph=True, allow_unused=True)
+                    gs = linalg.grad(v[c], params, retain_graph=True, allow_unused=True)
                     per_value.append(
                         torch.cat(
                             [

@@ -164,6 +164,32 @@ _COMPLEX_OF = {
 }
 
 
+@contextlib.contextmanager
+def tensor_hooks_suspended(tensors: Any) -> Iterator[None]:
+    """Gradient hooks (``Tensor.register_hook``: ``wandb.watch``'s, a user's logging) of the leaves
+    among ``tensors`` (parameters) switched off for the block, then put back in their order: hessinv's
+    own derivative passes -- many per curvature, each a backward through the parameters -- are not the
+    training gradient the hooks are written for (an optimizer calls them once on the step's gradient),
+    and a hook that changes its argument would change the Hessian's blocks. (A hook on a value inside
+    the forward is part of the function autograd differentiates, and stays.)"""
+    items = [tensors] if isinstance(tensors, Tensor) else tensors
+    held = [(d, dict(d)) for t in items if isinstance(t, Tensor) and t.is_leaf and (d := t._backward_hooks)]
+    for d, _ in held:
+        d.clear()  # (torch reads the tensor's dict at each backward: emptied, no hook runs)
+    try:
+        yield
+    finally:
+        for d, saved in held:
+            d.update(saved)
+
+
+def grad(outputs: Any, inputs: Any, **kwargs: Any) -> tuple[Tensor, ...]:
+    """``torch.autograd.grad(outputs, inputs, **kwargs)`` with the gradient hooks of ``inputs`` off
+    (:func:`tensor_hooks_suspended`): every derivative hessinv takes goes through here."""
+    with tensor_hooks_suspended(inputs):
+        return torch.autograd.grad(outputs, inputs, **kwargs)
+
+
 def in_precision(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t`` in the precision of the real floating ``dtype``: a floating tensor in ``dtype``, a complex one
     in the complex dtype of that precision (``Module.to(torch.float64)`` casts a complex64 buffer to float64,

@@ -100,6 +100,7 @@ from hessinv.errors import (
     InvalidArgumentError,
     NonFiniteError,
     SingularError,
+    UnsupportedStageError,
     warn,
 )
 from hessinv.optim.damping import DampingRule, FixedDamping, LevenbergMarquardt, Sweeps
@@ -926,19 +927,36 @@ class Newton(torch.optim.Optimizer):
         saved = sorted(i for g in groups for i in g.get("params", ()))
         return saved == list(range(sum(len(g["params"]) for g in self.param_groups)))
 
-    def _write_grad(self, g: Tensor) -> None:
+    def _write_grad(self, g: Tensor) -> Tensor:
         """``p.grad <- g`` (the batch gradient) for every trainable parameter, as views of a copy: an
         in-place edit of ``p.grad`` (gradient clipping, ``zero_grad``) must not reach the ``g`` that a
-        retry after a rejected step reuses."""
+        retry after a rejected step reuses. A parameter's gradient hooks (``Tensor.register_hook``:
+        ``wandb.watch``'s) run here, once a step, on its piece of ``g`` in their order, as a backward pass
+        runs them (hessinv's own derivative passes do not: :func:`hessinv.linalg.tensor_hooks_suspended`);
+        returned: ``g`` itself, or where a hook changed a piece the gradient as the hooks left it."""
         params = self.chain.params
         sizes = [p.numel() for p in params]
-        written = {}
+        written, pieces, changed = {}, [], False
         for p, piece, orig in zip(params, g.clone().split(sizes), g.split(sizes), strict=True):
-            p.grad = piece.view_as(p)
+            piece = piece.view_as(p)
+            for hook in list((p._backward_hooks or {}).values()):
+                out = hook(piece)
+                if out is not None:
+                    if out.shape != p.shape:
+                        raise InvalidArgumentError(
+                            f"a gradient hook (Tensor.register_hook) returned a tensor of shape "
+                            f"{tuple(out.shape)} for a parameter of shape {tuple(p.shape)}"
+                        )
+                    piece = out.detach().to(p.dtype)
+            mine = bool(p._backward_hooks) and not torch.equal(piece.reshape(-1), orig)
+            changed |= mine
+            pieces.append(piece)
+            p.grad = piece
             # (and the values: an in-place op that leaves them, clip_grad_norm_ at an infinite norm to log
             # the norm, bumps the version alone -- it warned)
-            written[id(p)] = (p.grad, p.grad._version, orig)
+            written[id(p)] = (p.grad, p.grad._version, piece.reshape(-1).clone() if mine else orig)
         self._grads_written = written
+        return torch.cat([q.reshape(-1) for q in pieces]) if changed else g
 
     def _warn_if_unscaled_targets(self, targets: Tensor) -> None:
         """Warn where a regression's targets are far from unit scale (root mean square above
@@ -1596,7 +1614,7 @@ class Newton(torch.optim.Optimizer):
             if g is None:
                 with layers_in_mode(layers, True):
                     loss0, g = self._loss_and_gradient(inputs, targets)
-                self._write_grad(g)
+                g = self._write_grad(g)  # (as the parameters' gradient hooks leave it)
             else:  # the closure's loss is the batch loss here (no second forward pass; a closure that
                 # returns None: the deterministic network's, which moves no running statistics)
                 loss0 = closure_loss if closure_loss is not None else self._batch_loss(inputs, targets)
@@ -1681,7 +1699,7 @@ class Newton(torch.optim.Optimizer):
         use: a block that LayerDrop or stochastic depth skipped in training mode)."""
         with torch.enable_grad():
             loss = self._batch_loss(inputs, targets)
-            grads = torch.autograd.grad(loss, self.chain.params, allow_unused=True, materialize_grads=True)
+            grads = linalg.grad(loss, self.chain.params, allow_unused=True, materialize_grads=True)
         return loss.detach(), torch.cat([dense_grad(gr).reshape(-1) for gr in grads])
 
     @torch.no_grad()
@@ -1775,7 +1793,13 @@ class Newton(torch.optim.Optimizer):
 
         # Every product with H comes before the trial point: the operator's blocks read the live
         # parameters, which the trial moves.
-        self._write_grad(g_data)
+        if self._write_grad(g_data) is not g_data:
+            raise UnsupportedStageError(
+                "a gradient hook (Tensor.register_hook) changed the gradient: the trust region's step and "
+                "its ratio test are the loss's own derivatives and cannot follow it. Use a hook that only "
+                "reads the gradient (wandb.watch's), mode='precondition' (which preconditions the gradient "
+                "as the hooks leave it), or a closure"
+            )
         d = _scaled(proposal.step, lr)
         d64 = d.double()
         gd, dHd, step_norm = float(g64 @ d64), float(d64 @ sweeps.matvec(d).double()), float(d64.norm())

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hessinv import linalg
 from hessinv.errors import (
     InvalidArgumentError,
     NoDoubleBackward,
@@ -297,7 +298,7 @@ def _grads(
     does not depend on."""
     if not out.requires_grad:
         return [torch.zeros_like(t) for t in inputs]
-    gs = torch.autograd.grad(
+    gs = linalg.grad(
         out, inputs, grad_outputs=seed, retain_graph=True, create_graph=create_graph, allow_unused=True,
         materialize_grads=True,
     )  # fmt: skip
@@ -350,7 +351,7 @@ def _backward_rows(out: Tensor, wrt: list[Tensor], n: int, seeds, batched: bool)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "no batching rule for ...": a slower but exact fallback
-                gs = torch.autograd.grad(
+                gs = linalg.grad(
                     out, wrt, grad_outputs=E if batched else E[0], retain_graph=True, allow_unused=True,
                     is_grads_batched=batched, materialize_grads=True,
                 )  # fmt: skip
@@ -1547,7 +1548,7 @@ class LazyBlocks(Blocks):
         outs, qs = [o for o, _ in pairs], [q for _, q in pairs]
         cols = []
         for j in range(k):
-            gs = torch.autograd.grad(
+            gs = linalg.grad(
                 outs, inputs, grad_outputs=[q[j] for q in qs], retain_graph=True, allow_unused=True,
                 materialize_grads=True,
             )  # fmt: skip
@@ -1735,13 +1736,13 @@ class LazyBlocks(Blocks):
         if not pairs:
             return s.new_zeros(sum(w.numel() for w in ws))
         with torch.enable_grad():
-            (f,) = torch.autograd.grad(
+            (f,) = linalg.grad(
                 [gi for gi, _ in pairs], [u], grad_outputs=[wi for _, wi in pairs], retain_graph=True,
                 create_graph=True, allow_unused=True, materialize_grads=True,
             )  # fmt: skip
             if not f.requires_grad:  # (J w does not depend on w: the double backward's rows are zeros)
                 return s.new_zeros(sum(w.numel() for w in ws))
-            out = torch.autograd.grad(
+            out = linalg.grad(
                 f, ws, grad_outputs=s[..., 0].reshape(f.shape).to(f.dtype), retain_graph=True,
                 allow_unused=True, materialize_grads=True,
             )  # fmt: skip
@@ -2336,7 +2337,7 @@ class _ExamplePulls:
             return True
         blk = self.blk
         with torch.enable_grad():
-            full = torch.autograd.grad(
+            full = linalg.grad(
                 blk._out, [*blk.stage.params, blk._z], grad_outputs=self.seed.reshape(blk._out.shape).to(
                     blk._out.dtype), retain_graph=True, allow_unused=True, materialize_grads=True,
             )  # fmt: skip
@@ -2655,12 +2656,9 @@ def hook_dicts(mods) -> list[dict]:
 
 
 def _hook_keys(mods) -> list[tuple]:
-    """:func:`hook_dicts` by handle id, and the gradient hooks of the modules' own parameters
-    (``p.register_hook``: a hook added after a curvature was taken would change the dense blocks formed
-    later)."""
-    mods = list(mods)
-    params = [p for m in mods for p in m._parameters.values() if p is not None]
-    return [tuple(d) for d in hook_dicts(mods)] + [tuple(p._backward_hooks or ()) for p in params]
+    """:func:`hook_dicts` by handle id (the parameters' gradient hooks are off in hessinv's own
+    derivatives: :func:`hessinv.linalg.tensor_hooks_suspended`)."""
+    return [tuple(d) for d in hook_dicts(list(mods))]
 
 
 def _custom_backward_message(name: str, custom: list[str], what: str, confirmed: bool = True) -> str:
