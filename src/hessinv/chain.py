@@ -1598,6 +1598,16 @@ def check_real(x, what: str) -> float:
     """``float(x)`` for a real number (Python, numpy or 0-d tensor), else :class:`InvalidArgumentError`."""
     if isinstance(x, Tensor) and x.device.type == "meta":
         raise InvalidArgumentError(f"{what} must be a real number, got a meta tensor (it has no value)")
+    if isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled():
+        derivative = (
+            " (its derivative: d/d eps (A + eps I)^-1 b = -(A + eps I)^-1 x: one more solve of x)"
+            if what == "damping"
+            else ""
+        )
+        raise InvalidArgumentError(
+            f"{what} requires grad: hessinv takes it as a number, and its derivative through this call would "
+            f"be lost; pass {what}.detach(){derivative}"
+        )
     if isinstance(x, Tensor) and x.numel() == 1 and not x.is_complex():
         x = x.item()
     if isinstance(x, np.ndarray) and x.ndim == 0 and x.dtype.kind in "iuf":  # (np.array(0.1))
@@ -1611,6 +1621,8 @@ def check_real(x, what: str) -> float:
             if what == "damping"
             else ""
         )
+        if isinstance(x, np.ndarray):
+            hint = f" (a vector is a torch tensor here: torch.as_tensor({what})){hint}"
         raise InvalidArgumentError(
             f"{what} must be a real number, got a {type(x).__name__} of shape {shape}{hint}"
         )

@@ -4626,6 +4626,11 @@ class WoodburyFactorization(Factorization):
                     "the per-parameter damping must be a dense real tensor with values (float or integer), "
                     f"got a {damping.layout} {damping.dtype} tensor on {damping.device}"
                 )
+            if damping.requires_grad and torch.is_grad_enabled():
+                raise InvalidArgumentError(
+                    "the per-parameter damping requires grad: the factorization takes its values, and "
+                    "their derivative through it would be lost; pass damping.detach()"
+                )
             damping = damping.detach().clone()
             if not damping.is_floating_point():  # integers: the entries' values (their zeros too)
                 damping = damping.to(op.dtype)

@@ -644,9 +644,14 @@ class InfluenceFunction:
             raise ShapeMismatchError(
                 f"vectors must have shape (k, n) or (n,), n = {fac.op.shape[0]}; got {tuple(vectors.shape)}"
             )
+        if vectors.dtype != fac.op.dtype:  # (as the factorization's solve: no silent rounding or casting)
+            raise DtypeMismatchError(
+                f"vectors are {vectors.dtype}, the curvature {fac.op.dtype}: convert with "
+                f"vectors.to({fac.op.dtype})"
+            )
         if vectors.dim() == 1:
             return self.inverse_hvp(vectors[None], chunk)[0]
-        V = vectors.to(fac.op.dtype)
+        V = vectors
         free = _memory_bytes(V.device)
         if free is not None:
             chunk = max(1, min(chunk, free // (4 * SOLVE_COPIES * 8 * max(V.shape[1], 1))))

@@ -66,6 +66,7 @@ import copy
 import functools
 import inspect
 import math
+import numbers
 import threading
 import time
 import weakref
@@ -74,12 +75,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from hessinv import linalg
 from hessinv.chain import (
     _tensor,
+    check_real,
     dense_grad,
     deterministic_chain,
     layers_in_mode,
@@ -256,10 +259,11 @@ def _rule_from(damping: str | float | DampingRule) -> DampingRule:
         raise InvalidArgumentError(
             f"damping must be 'trust-region', 'levenberg-marquardt', a float >= 0 or a rule; got {damping!r}"
         )
-    if isinstance(damping, (int, float)):
-        if not (math.isfinite(damping) and damping >= 0):
+    if isinstance(damping, (numbers.Real, np.ndarray, Tensor)):  # (numpy scalars, a 0-d tensor: as factor's)
+        value = check_real(damping, "damping")
+        if not (math.isfinite(value) and value >= 0):
             raise InvalidArgumentError(f"a fixed damping must be a finite float >= 0, got {damping!r}")
-        return FixedDamping(float(damping))
+        return FixedDamping(value)
     if isinstance(damping, str):
         key = damping.lower().replace("_", "-")
         key = {"lm": "levenberg-marquardt", "tr": "trust-region"}.get(key, key)
