@@ -87,7 +87,15 @@ from hessinv.errors import (
     out_of_memory,
     warn,
 )
-from hessinv.lowrank import WoodburyFactor, _uncovered_runs, factor_columns, unread_spans, written_runs
+from hessinv.lowrank import (
+    WoodburyFactor,
+    _uncovered_runs,
+    factor_columns,
+    packed_columns,
+    unpacked_columns,
+    unread_spans,
+    written_runs,
+)
 from hessinv.stages.losses import (
     count_examples,
     counted_examples,
@@ -1076,11 +1084,10 @@ class Preconditioner:
             sd["settings"]["weight_decay"] = float(self.weight_decay)
         f = self._factor
         if isinstance(f, WoodburyFactor):
-            U = f.U.clone()
-            # columns never written (their factors and tables are saved): zeros on disk
-            for off, d, m, *_ in f._unread:
-                U[:, off : off + d * m] = 0
-            sd["factor"] = {"U": U, "S": f.S.clone(), "D": f.D.clone(), "K": f.K.clone()}
+            # columns never written (their factors and tables are saved): not saved (packed_columns)
+            runs = _uncovered_runs(f.U.shape[1], f._unread)
+            sd["factor"] = {"U": packed_columns(f.U, runs).clone(), "U_runs": runs, "U_columns": f.U.shape[1]}
+            sd["factor"] |= {"S": f.S.clone(), "D": f.D.clone(), "K": f.K.clone()}
             sd["factor"]["structured_only"] = f.structured_only
             if f.tables:
                 sd["factor"]["tables"] = [(o, size, c.clone(), v.clone()) for o, size, c, v in f.tables]
@@ -1202,8 +1209,11 @@ class Preconditioner:
         f = sd.pop("factor", None)
         factor = None
         if f is not None:
+            U = f["U"]
+            if "U_runs" in f:  # (a checkpoint of 2026-12-07 or later: the read columns alone)
+                U = unpacked_columns(U, [tuple(r) for r in f["U_runs"]], int(f["U_columns"]))
             factor = WoodburyFactor(
-                f["U"],
+                U,
                 f["S"],
                 f["D"],
                 K=f.get("K"),
