@@ -309,7 +309,9 @@ class Newton(torch.optim.Optimizer):
       ``m_t = momentum m_{t-1} + (1 - momentum) g_t`` and the step is ``-lr (C_k + D_t)^{-1} m_t / (1 -
       momentum^t)`` with a stored factorization of the damped curvature ``C_k`` of a small curvature
       batch drawn from the current batch, refreshed every ``refresh`` steps, and a per-parameter damping
-      ``D_t`` from the gradients' second moments (:class:`~hessinv.optim.Preconditioner`). Cost per
+      ``D_t`` from the gradients' second moments (:class:`~hessinv.optim.Preconditioner`; between
+      refreshes the factorization holds ``D_t`` up to a factor ``stale_ratio`` per entry: an entry is
+      updated where it drifts further). Cost per
       step: one gradient and one ``O(r n)`` solve, plus a refresh every ``refresh`` steps.
     * ``"trust-region"`` (full batch, or one fixed batch): the exact trust-region Newton step on the
       Hessian, judged by the ratio test (see the module docstring).
