@@ -423,8 +423,9 @@ def packed_columns(U: Tensor, runs: list[tuple[int, int]]) -> Tensor:
 
 
 def unpacked_columns(P: Tensor, runs: list[tuple[int, int]], n: int) -> Tensor:
-    """:func:`packed_columns`' inverse: an (r, n) tensor with ``P``'s columns in ``runs``, zeros elsewhere."""
-    U, at = P.new_zeros(P.shape[0], n), 0
+    """:func:`packed_columns`' inverse: an (r, n) tensor with ``P``'s columns in ``runs``, the others
+    unwritten (as :func:`gauss_newton_root` leaves them)."""
+    U, at = P.new_empty(P.shape[0], n), 0  # (the other columns are never read: left unwritten, no memory)
     for lo, hi in runs:
         U[:, lo:hi] = P[:, at : at + hi - lo]
         at += hi - lo
@@ -711,9 +712,16 @@ class WoodburyFactor:
         self._rest, self._U_rest = self._live_columns("solve", self._solve_factors)
         self._factor_K(self._gram() if K is None else K)
 
+    def __copy__(self) -> WoodburyFactor:
+        """A shallow copy sharing ``U`` (not through :meth:`__getstate__`'s packing: a preconditioner's
+        damping update copies the factor every few steps)."""
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        return other
+
     def __getstate__(self) -> dict[str, Any]:
         """For ``pickle`` / ``copy.deepcopy``: ``U`` (and its float64 copy, ``U D^-1``) by the columns a
-        product reads (:func:`packed_columns`); the rest is rebuilt as zeros."""
+        product reads (:func:`packed_columns`); the rest is left unwritten."""
         state = self.__dict__.copy()
         n = self.U.shape[1]
         runs = _uncovered_runs(n, self._unread)
