@@ -102,18 +102,21 @@ def test_bad_diagonal_damping_is_named():
         G.factor(0.1, method="cholesky")
 
 
-def test_a_damping_that_requires_grad_is_taken_as_numbers():
+def test_a_damping_that_requires_grad_is_refused_and_its_detached_values_taken():
     """A per-parameter damping with requires_grad (e.g. a learned prior precision) gave solves that carried
-    an autograd graph back to it (and torch's warning); solves are detached like every other input."""
+    an autograd graph back to it (and torch's warning); then solves were detached, its derivative dropped
+    without a word; now it is refused by name, and ``D.detach()`` solves."""
     torch.manual_seed(1)
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
     G = hessinv.gauss_newton(net, torch.nn.CrossEntropyLoss(), torch.randn(4, 4, dtype=torch.float64),
                              torch.tensor([0, 1, 2, 1]))  # fmt: skip
     D = torch.full((35,), 0.5, dtype=torch.float64, requires_grad=True)
     b = torch.ones(35, dtype=torch.float64)
+    with pytest.raises(hessinv.InvalidArgumentError, match="requires grad"):
+        G.factor(D)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        x = G.factor(D).solve(b)
+        x = G.factor(D.detach()).solve(b)
     assert not x.requires_grad and x.grad_fn is None
     Gd = G @ torch.eye(35, dtype=torch.float64)
     assert torch.allclose(x, torch.linalg.solve(Gd + 0.5 * torch.eye(35, dtype=torch.float64), b), atol=1e-10)

@@ -529,13 +529,35 @@ class CurvatureOperator(_AutocastOff):
         except TooLargeError:
             return False
         chain_flops, dense_flops = _block_costs(self.blocks)
-        if _dense_route(chain_flops, dense_flops, n, self.device.type == "cpu"):
-            return True
+        cpu = self.device.type == "cpu"
+        if _dense_route(chain_flops, dense_flops, n, cpu):
+            # the model prices a product at sum_l 8 B max(p_l, d_in + d_out) flops; a generic stage's runs
+            # through autograd, 10-30x slower (a 3-stage Conv1d chain of n = 3394: the dense route's n
+            # products took 5.9 s, the sweep 1.6 s; a probe): the n products priced by one timed
+            timed = self._product_seconds() * _flop_rate(self.device)
+            dense_flops = max(dense_flops, float(n) ** 3 / 3 + n * timed)
+            if _dense_route(chain_flops, dense_flops, n, cpu):
+                return True
         try:
             check_memory(self.blocks, self._names, self.dtype, self.device)
         except TooLargeError:
             return True
         return False
+
+    def _product_seconds(self) -> float:
+        """The time of one product ``H v`` (the faster of two, cached: the first may form a generic
+        stage's blocks)."""
+        if "_product_time" not in self.__dict__:
+            v = torch.ones(self.shape[0], 1, dtype=self.dtype, device=self.device)
+            times = []
+            for _ in range(2):
+                t = time.perf_counter()
+                self._apply(v)
+                if self.device.type == "cuda":  # (the product's kernels finished, not only launched)
+                    torch.cuda.synchronize(self.device)
+                times.append(time.perf_counter() - t)
+            self._product_time = max(min(times), 1e-9)
+        return self._product_time
 
     def _check_sweep_memory(self) -> None:
         """:func:`~hessinv.riccati.check_memory` for the sweep this operator's factorizations run, before
@@ -886,10 +908,9 @@ class CurvatureOperator(_AutocastOff):
             if self.device.type == "cuda":  # (the product's kernels finished, not only launched)
                 torch.cuda.synchronize(self.device)
             per_product = max(time.perf_counter() - t, 1e-9)
-            cpu = self.device.type == "cpu"
-            rate = KRYLOV_FACTOR_RATE * (max(torch.get_num_threads(), 1) if cpu else 50.0)
             share = KRYLOV_SHARE if rtol is None else KRYLOV_RTOL_SHARE
-            budget = min(budget, int(share * self._factor_flops() / rate / per_product / k))
+            factor_products = self._factor_seconds(per_product) / per_product / k
+            budget = min(budget, int(share * factor_products))
             if budget < KRYLOV_MIN_ITERATIONS:
                 return None
 
@@ -924,9 +945,32 @@ class CurvatureOperator(_AutocastOff):
                 info = SolveInfo(float(rel.max()), 0, spent)
                 info = _returned_info(out, R, info, apply, "solve by MINRES")
                 return (out[:, 0] if vec else out), info
+            if not capped and spent >= budget and rtol is None:
+                # out of products but converging: on while the contraction so far reaches the target within
+                # KRYLOV_CONTINUE_SHARE of a factorization's time (MINRES at 37 products against a
+                # 42 s factorization of a Conv1d chain, given 15; a probe)
+                worst = float((rel / accept).max())
+                rate_per = float(rel.max()) ** (1.0 / max(spent, 1))
+                if 0 < rate_per < 1 and worst > 1:
+                    more = math.ceil(1.2 * math.log(worst) / -math.log(rate_per)) + 2
+                    if spent + more <= KRYLOV_CONTINUE_SHARE * factor_products:
+                        budget = spent + more
+                        continue
             if spent >= budget or not converged:  # (given up, or out of products: the factorization)
                 return None
         return None
+
+    def _factor_seconds(self, per_product: float) -> float:
+        """The modelled time of one factorization by the route it takes (:meth:`_dense_cheaper`), at
+        :func:`_flop_rate`: the dense route's ``n`` products at ``per_product`` seconds each."""
+        rate, flops = _flop_rate(self.device), self._factor_flops()
+        chain, dense = _block_costs(self.blocks, pivots=True)
+        if flops < min(chain, dense):  # (another form: a Gauss-Newton matrix's Woodbury factorization)
+            return flops / rate
+        if self._dense_cheaper():
+            n = float(self.shape[0])
+            return max(dense / rate, n * per_product + n**3 / 3 / rate)
+        return chain / rate  # (the sweep, where its route is not the dense one however the models compare)
 
     def factor_if_positive_definite(self, damping: float = 0.0) -> Factorization | None:
         """The factorization of ``H + damping I`` if it is positive definite, else None.
@@ -4382,6 +4426,16 @@ KRYLOV_RTOL_MAX_ITERATIONS = 300
 KRYLOV_RTOL_SHARE = 1.0
 KRYLOV_MAX_ITERATIONS = 3000
 KRYLOV_RESTARTS = 3
+#: a MINRES solve out of its products goes on while its contraction so far reaches the target within this
+#: share of a factorization's modelled time (:meth:`CurvatureOperator._krylov_solve`)
+KRYLOV_CONTINUE_SHARE = 0.5
+
+
+def _flop_rate(device: torch.device) -> float:
+    """The flops a second that the cost models price a factorization at: :data:`KRYLOV_FACTOR_RATE` per
+    CPU thread, 50x it on an accelerator."""
+    cpu = device.type == "cpu"
+    return KRYLOV_FACTOR_RATE * (max(torch.get_num_threads(), 1) if cpu else 50.0)
 
 
 def minres(
