@@ -2360,7 +2360,8 @@ class Chain:
         on this batch's values) and the loss ``NLLLoss`` (module, ``F.nll_loss`` or a partial of it: the
         same function; outputs ``(B, C)`` or per position ``(B, C, ...)``) or ``KLDivLoss`` (module,
         ``F.kl_div`` or a partial of it; ``reduction`` 'batchmean', 'sum' or 'mean', the last a
-        cross-entropy with class weights ``1 / C``) of ``(B, C)`` probability targets, or
+        cross-entropy with class weights ``1 / C``) of ``(B, C)`` or per position ``(B, C, ...)``
+        probability targets, or
         log-probabilities with ``log_target=True`` (knowledge distillation: the cross-entropy with those
         probabilities, minus their entropy); else None. A loss module with hooks is not split
         (:func:`~hessinv.stages.losses.plain_module`: the hooks may change its function)."""
@@ -2384,12 +2385,7 @@ class Chain:
         if not (type(fn) is nn.NLLLoss or fn is F.nll_loss or kl) or len(zs) < 2 or self.stages[-1].p:
             return None
         logits, out = zs[-2], zs[-1]
-        if (
-            out.dim() < 2
-            or (kl and out.dim() != 2)
-            or logits.shape != out.shape
-            or not out.is_floating_point()
-        ):
+        if out.dim() < 2 or logits.shape != out.shape or not out.is_floating_point():
             return None
         if kl and (targets.shape != out.shape or not targets.is_floating_point()):
             return None
@@ -2402,10 +2398,16 @@ class Chain:
                 return None
         if kl:
             probs = targets.exp() if kl[1] else targets
-            if kl[0] == "mean":  # the mean over B C entries: the cross-entropy's mean over B, over C
-                w = torch.full((out.shape[1],), 1.0 / out.shape[1], dtype=out.dtype, device=out.device)
-                return nn.CrossEntropyLoss(weight=w), probs
-            return nn.CrossEntropyLoss(reduction="mean" if kl[0] == "batchmean" else "sum"), probs
+            if kl[0] == "sum":
+                return nn.CrossEntropyLoss(reduction="sum"), probs
+            # the cross-entropy's mean is over the B T positions (T = 1, or per position: (B, C, ...)); the
+            # KL's 'mean' over its B C T entries (class weights 1 / C), 'batchmean' over B (weights T)
+            positions = math.prod(out.shape[2:])
+            scale = 1.0 / out.shape[1] if kl[0] == "mean" else float(positions)
+            if scale == 1.0:
+                return nn.CrossEntropyLoss(), probs
+            w = torch.full((out.shape[1],), scale, dtype=out.dtype, device=out.device)
+            return nn.CrossEntropyLoss(weight=w), probs
         if fn is F.nll_loss:
             return nn.CrossEntropyLoss(**kw), targets
         ce = nn.CrossEntropyLoss(weight=fn.weight, ignore_index=fn.ignore_index, reduction=fn.reduction)
