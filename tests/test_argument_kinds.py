@@ -72,3 +72,22 @@ def test_a_numpy_damping_vector_is_told_to_become_a_tensor():
     G = hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X, y)
     with pytest.raises(hessinv.InvalidArgumentError, match=r"torch\.as_tensor\(damping\)"):
         G.factor(np.full(G.shape[0], 0.1))
+
+
+def test_mixed_precision_takes_a_damping_beyond_float32_in_float64():
+    """A float64 model's ``factor(eps, precision="mixed")`` with ``eps`` beyond float32's range (a loss in
+    raw units: ||H|| 1.7e18): refused with "use a float64 model" -- it was one; now float64 throughout, as
+    where the float32 pivots cannot precondition (a probe)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(8, 3, dtype=F64), 1e17 * torch.randn(8, 2, dtype=F64)
+    H = hessinv.hessian(model, nn.MSELoss(reduction="sum"), X, y)
+    eps = 1e-2 * float(torch.linalg.matrix_norm(H.to_dense(), 2))
+    assert eps > 1e16
+    want = torch.linalg.solve(H.to_dense() + eps * torch.eye(H.shape[0], dtype=F64), H.gradient)
+    x = H.factor(eps, precision="mixed").solve(H.gradient)
+    assert float((x - want).norm() / want.norm()) <= 1e-10
+    model32 = model.float()
+    H32 = hessinv.hessian(model32, nn.MSELoss(reduction="sum"), X.float(), torch.randn(8, 2))
+    with pytest.raises(hessinv.InvalidArgumentError, match="float64 model"):
+        H32.factor(1e16, precision="mixed")

@@ -4035,8 +4035,12 @@ class MixedFactorization(Factorization):
     """
 
     def __init__(self, op: CurvatureOperator, damping: float):
+        damping = _check_shift(damping, op.dtype, "damping")
+        if abs(damping) > _shift_limit(torch.float32):  # (a float64 model's: beyond the float32 twin's range)
+            self._low = None
+            super().__init__(op, damping)
+            return
         self._low: CurvatureOperator | None = op._swept()._rounded(torch.float32)
-        damping = _check_shift(damping, torch.float32, "damping")
         low = self._low
         try:
             factors = riccati_factor(
