@@ -705,6 +705,7 @@ class GenericStage(Stage):
         B = z_in.shape[0]
         params = self.params
         z, call = self.differentiable_input(z_in, b_out.dtype)
+        self._in_shape = tuple(z.shape)  # (for _one_element_norm's diagnosis)
         u = b_out.detach().reshape(B, -1).clone().requires_grad_(True)
         zf = z.reshape(B, -1)
         self.check_dense_size(B, zf.shape[1], u.shape[1])
@@ -898,6 +899,7 @@ class GenericStage(Stage):
                 continue
             scale = max(float(size.max()), float(ref.abs().max()))
             if float((got - ref).abs().max()) > tol * scale:
+                self._refuse_one_element_norm()
                 dt = gz.dtype
                 rounding = (
                     ""
@@ -915,6 +917,29 @@ class GenericStage(Stage):
                     "curvature cannot be taken; make the backward differentiable, move the inputs off the "
                     "kink (a nonzero initialization)" + (f"; or {_remedy(dt)}" if rounding else "")
                 )
+
+    def _refuse_one_element_norm(self) -> None:
+        """Raise the documented :class:`UnsupportedStageError` where this stage is a normalization whose
+        groups hold one element on this batch's input (a GroupNorm of one channel per group after a
+        convolution down to 1x1, ``LayerNorm(1)``): its output is its bias, and autograd's derivatives are
+        differences of large terms that cancel only at special parameters -- not a non-differentiable
+        backward, which the generic message would blame (a probe)."""
+        m, shape = self.module, getattr(self, "_in_shape", None)
+        if shape is None or len(shape) < 2:
+            return
+        size = None
+        if isinstance(m, nn.GroupNorm):
+            size = shape[1] // max(m.num_groups, 1) * math.prod(shape[2:])
+        elif isinstance(m, nn.LayerNorm):
+            size = math.prod(m.normalized_shape)
+        elif isinstance(m, nn.modules.instancenorm._InstanceNorm):
+            size = math.prod(shape[2:])
+        if size == 1:
+            raise UnsupportedStageError(
+                f"{self.name}: a normalization over one element ({type(m).__name__} on input "
+                f"{tuple(shape)}): its output is its bias, and its derivatives are differences of large "
+                "terms that do not cancel at these parameters; remove it or normalize over more elements"
+            )
 
     def _probe(self, blk: DenseBlocks, gx, gz, u, z, params, second_order: bool, out: Tensor) -> None:
         """Check the per-example blocks against the whole-batch autograd products on a random probe,
@@ -982,6 +1007,7 @@ class GenericStage(Stage):
                 raise NoExactHessian(
                     _custom_backward_message(self.name, custom, "do not agree with each other", False)
                 )
+            self._refuse_one_element_norm()
             raise UnsupportedStageError(
                 f"{self.name}: its per-example {what} do not reproduce autograd's products to rounding in "
                 f"{gz.dtype} (cancellation, e.g. a saturated softmax or a LayerNorm over 2 features), so "
@@ -1002,6 +1028,7 @@ class GenericStage(Stage):
             custom = _custom_functions(out)
             if custom:
                 raise NoExactHessian(_custom_backward_message(self.name, custom, "are not symmetric", False))
+            self._refuse_one_element_norm()
             raise NoExactHessian(
                 f"{self.name}: autograd's second derivatives of this stage are not symmetric: torch has no "
                 "exact double backward for an operation in it (e.g. weight_norm's _weight_norm), or they are "
