@@ -91,3 +91,23 @@ def test_mixed_precision_takes_a_damping_beyond_float32_in_float64():
     H32 = hessinv.hessian(model32, nn.MSELoss(reduction="sum"), X.float(), torch.randn(8, 2))
     with pytest.raises(hessinv.InvalidArgumentError, match="float64 model"):
         H32.factor(1e16, precision="mixed")
+
+
+def test_settings_that_require_grad_are_stored_as_numbers():
+    """A value tuned by autograd stored as a setting (laplace-torch's loop: ``la.prior_precision =
+    log_prior.exp()``, ``InfluenceFunction(damping=t)``, ``Newton(damping=t)``): its value, where the
+    refusal for a dropped derivative (meant for solves) named a derivative a setting never has (a review)."""
+    from hessinv.laplace import Laplace
+
+    m, X, y = _problem()
+    la = Laplace(m, "classification").fit(X, y)
+    t = torch.tensor(1.5, dtype=F64, requires_grad=True)
+    la.prior_precision = t * 1.0
+    assert la.prior_precision == 1.5
+    la.prior_mean = t * 0.0
+    assert InfluenceFunction(m, nn.CrossEntropyLoss(), "ggn", t * 1.0).damping == 1.5
+    ho.Newton(m, nn.CrossEntropyLoss(), damping=t * 1.0)
+    with pytest.raises(hessinv.InvalidArgumentError, match="one number"):
+        ho.Newton(m, nn.CrossEntropyLoss(), damping=torch.ones(3))
+    with pytest.raises(hessinv.InvalidArgumentError, match="one number"):
+        ho.Newton(m, nn.CrossEntropyLoss(), damping=np.ones(2))

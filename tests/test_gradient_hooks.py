@@ -134,3 +134,36 @@ def test_a_hook_returning_another_shape_is_named():
     net[0].bias.register_hook(lambda g: g.reshape(1, -1))
     with pytest.raises(hessinv.InvalidArgumentError, match="gradient hook"):
         opt.step(X[:16], y[:16])
+
+
+def test_auto_mode_hands_a_changing_hook_to_preconditioning():
+    """The default mode on a full batch picks the trust region at its second step; with a clipping hook it
+    raised there (a review). Now it preconditions, as with a closure whose gradient is not the batch's."""
+    net, loss, X, y = _task()
+    for p in net.parameters():
+        p.register_hook(lambda g: g.clamp(-0.05, 0.05))
+    opt = ho.Newton(net, loss, seed=0)
+    losses = [float(opt.step(X, y)) for _ in range(5)]
+    assert opt._newton["mode"] == "precondition" and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("mode", ["precondition", "trust-region", "auto"])
+def test_a_closures_backward_runs_the_hooks_once_a_step(mode):
+    """With a closure, its backward runs the hooks; the trust region ran them again on its own gradient
+    (8 calls a step for 4 parameters; a review)."""
+    net, loss, X, y = _task()
+    calls = []
+    for p in net.parameters():
+        p.register_hook(lambda g: calls.append(1))
+    opt = ho.Newton(net, loss, seed=0, mode=mode)
+
+    def closure():
+        opt.zero_grad()
+        out = loss(net(X), y)
+        out.backward()
+        return out
+
+    for _ in range(3):
+        calls.clear()
+        opt.step(X, y, closure=closure)
+        assert len(calls) == 4

@@ -529,35 +529,29 @@ class CurvatureOperator(_AutocastOff):
         except TooLargeError:
             return False
         chain_flops, dense_flops = _block_costs(self.blocks)
-        cpu = self.device.type == "cpu"
-        if _dense_route(chain_flops, dense_flops, n, cpu):
-            # the model prices a product at sum_l 8 B max(p_l, d_in + d_out) flops; a generic stage's runs
-            # through autograd, 10-30x slower (a 3-stage Conv1d chain of n = 3394: the dense route's n
-            # products took 5.9 s, the sweep 1.6 s; a probe): the n products priced by one timed
-            timed = self._product_seconds() * _flop_rate(self.device)
-            dense_flops = max(dense_flops, float(n) ** 3 / 3 + n * timed)
-            if _dense_route(chain_flops, dense_flops, n, cpu):
-                return True
+        if _dense_route(chain_flops, dense_flops, n, self.device.type == "cpu"):
+            return True
         try:
             check_memory(self.blocks, self._names, self.dtype, self.device)
         except TooLargeError:
             return True
         return False
 
-    def _product_seconds(self) -> float:
-        """The time of one product ``H v`` (the faster of two, cached: the first may form a generic
-        stage's blocks)."""
-        if "_product_time" not in self.__dict__:
-            v = torch.ones(self.shape[0], 1, dtype=self.dtype, device=self.device)
-            times = []
-            for _ in range(2):
-                t = time.perf_counter()
-                self._apply(v)
-                if self.device.type == "cuda":  # (the product's kernels finished, not only launched)
-                    torch.cuda.synchronize(self.device)
-                times.append(time.perf_counter() - t)
-            self._product_time = max(min(times), 1e-9)
-        return self._product_time
+    def _dense_columns_seconds(self) -> float:
+        """The time :meth:`to_dense` would take, from one timed product of a block of at most 16 of its
+        columns (cached): the cost model's ``8 B max(p, d_in + d_out)`` flops a column is 10-30x under a
+        generic stage's autograd products (a probe); a block of columns amortizes a product's overhead
+        in matrix stages, so the block's time per column over-prices their dense matrix a little."""
+        if "_dense_seconds" not in self.__dict__:
+            n = self.shape[0]
+            k = min(n, 16)
+            cols = _identity_columns(n, range(k), self.dtype, self.device)
+            t = time.perf_counter()
+            self._apply(cols)
+            if self.device.type == "cuda":  # (the product's kernels finished, not only launched)
+                torch.cuda.synchronize(self.device)
+            self._dense_seconds = (time.perf_counter() - t) * n / max(k, 1)
+        return self._dense_seconds
 
     def _check_sweep_memory(self) -> None:
         """:func:`~hessinv.riccati.check_memory` for the sweep this operator's factorizations run, before
@@ -909,7 +903,7 @@ class CurvatureOperator(_AutocastOff):
                 torch.cuda.synchronize(self.device)
             per_product = max(time.perf_counter() - t, 1e-9)
             share = KRYLOV_SHARE if rtol is None else KRYLOV_RTOL_SHARE
-            factor_products = self._factor_seconds(per_product) / per_product / k
+            factor_products = self._factor_seconds() / per_product / k
             budget = min(budget, int(share * factor_products))
             if budget < KRYLOV_MIN_ITERATIONS:
                 return None
@@ -960,16 +954,16 @@ class CurvatureOperator(_AutocastOff):
                 return None
         return None
 
-    def _factor_seconds(self, per_product: float) -> float:
+    def _factor_seconds(self) -> float:
         """The modelled time of one factorization by the route it takes (:meth:`_dense_cheaper`), at
-        :func:`_flop_rate`: the dense route's ``n`` products at ``per_product`` seconds each."""
+        :func:`_flop_rate`; the dense route's ``n`` products timed (:meth:`_dense_columns_seconds`)."""
         rate, flops = _flop_rate(self.device), self._factor_flops()
         chain, dense = _block_costs(self.blocks, pivots=True)
         if flops < min(chain, dense):  # (another form: a Gauss-Newton matrix's Woodbury factorization)
             return flops / rate
         if self._dense_cheaper():
             n = float(self.shape[0])
-            return max(dense / rate, n * per_product + n**3 / 3 / rate)
+            return max(dense / rate, self._dense_columns_seconds() + n**3 / 3 / rate)
         return chain / rate  # (the sweep, where its route is not the dense one however the models compare)
 
     def factor_if_positive_definite(self, damping: float = 0.0) -> Factorization | None:

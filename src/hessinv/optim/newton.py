@@ -259,8 +259,14 @@ def _rule_from(damping: str | float | DampingRule) -> DampingRule:
         raise InvalidArgumentError(
             f"damping must be 'trust-region', 'levenberg-marquardt', a float >= 0 or a rule; got {damping!r}"
         )
+    if isinstance(damping, (np.ndarray, Tensor)) and math.prod(damping.shape) != 1:
+        raise InvalidArgumentError(
+            f"Newton's damping is one number (or 'trust-region', 'levenberg-marquardt', a DampingRule), got "
+            f"a {type(damping).__name__} of shape {tuple(damping.shape)}; a damping per parameter comes from "
+            "the gradients' second moments (diagonal_damping=)"
+        )
     if isinstance(damping, (numbers.Real, np.ndarray, Tensor)):  # (numpy scalars, a 0-d tensor: as factor's)
-        value = check_real(damping, "damping")
+        value = check_real(damping.detach() if isinstance(damping, Tensor) else damping, "damping")
         if not (math.isfinite(value) and value >= 0):
             raise InvalidArgumentError(f"a fixed damping must be a finite float >= 0, got {damping!r}")
         return FixedDamping(value)
@@ -933,19 +939,20 @@ class Newton(torch.optim.Optimizer):
         saved = sorted(i for g in groups for i in g.get("params", ()))
         return saved == list(range(sum(len(g["params"]) for g in self.param_groups)))
 
-    def _write_grad(self, g: Tensor) -> Tensor:
+    def _write_grad(self, g: Tensor, run_hooks: bool = True) -> Tensor:
         """``p.grad <- g`` (the batch gradient) for every trainable parameter, as views of a copy: an
         in-place edit of ``p.grad`` (gradient clipping, ``zero_grad``) must not reach the ``g`` that a
         retry after a rejected step reuses. A parameter's gradient hooks (``Tensor.register_hook``:
         ``wandb.watch``'s) run here, once a step, on its piece of ``g`` in their order, as a backward pass
         runs them (hessinv's own derivative passes do not: :func:`hessinv.linalg.tensor_hooks_suspended`);
-        returned: ``g`` itself, or where a hook changed a piece the gradient as the hooks left it."""
+        returned: ``g`` itself, or where a hook changed a piece the gradient as the hooks left it. Without
+        ``run_hooks``, ``g`` is written as it is."""
         params = self.chain.params
         sizes = [p.numel() for p in params]
         written, pieces, changed = {}, [], False
         for p, piece, orig in zip(params, g.clone().split(sizes), g.split(sizes), strict=True):
             piece = piece.view_as(p)
-            for hook in list((p._backward_hooks or {}).values()):
+            for hook in list((p._backward_hooks or {}).values()) if run_hooks else ():
                 out = hook(piece)
                 if out is not None:
                     if out.shape != p.shape:
@@ -954,7 +961,7 @@ class Newton(torch.optim.Optimizer):
                             f"{tuple(out.shape)} for a parameter of shape {tuple(p.shape)}"
                         )
                     piece = out.detach().to(p.dtype)
-            mine = bool(p._backward_hooks) and not torch.equal(piece.reshape(-1), orig)
+            mine = run_hooks and bool(p._backward_hooks) and not torch.equal(piece.reshape(-1), orig)
             changed |= mine
             pieces.append(piece)
             p.grad = piece
@@ -1254,7 +1261,7 @@ class Newton(torch.optim.Optimizer):
                     out = self._step_precondition(inputs, targets, g, loss, layers)
                 else:
                     try:
-                        out = self._step_trust_region(inputs, targets)
+                        out = self._step_trust_region(inputs, targets, hooks_ran=g is not None)
                     except NoExactHessian:
                         if not self._newton.get("from_auto"):
                             raise
@@ -1709,8 +1716,9 @@ class Newton(torch.optim.Optimizer):
         return loss.detach(), torch.cat([dense_grad(gr).reshape(-1) for gr in grads])
 
     @torch.no_grad()
-    def _step_trust_region(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        """One trust-region Newton step on the batch ``(inputs, targets)`` (the module docstring)."""
+    def _step_trust_region(self, inputs: Tensor, targets: Tensor, hooks_ran: bool = False) -> Tensor:
+        """One trust-region Newton step on the batch ``(inputs, targets)`` (the module docstring);
+        ``hooks_ran``: the parameters' gradient hooks ran on this step's gradient (a closure's backward)."""
         t_start = time.perf_counter()
         ns = self._newton
         lr = self._learning_rate()
@@ -1750,6 +1758,17 @@ class Newton(torch.optim.Optimizer):
                 "per-group values need mode='precondition'"
             )
         loss_data, g_data = loss0, g
+        hooked = g_data if hooks_ran else self._write_grad(g_data)
+        if hooked is not g_data:
+            if ns.get("from_auto"):  # (auto's trust region: preconditioning, which follows the hooks)
+                self._hand_back()
+                return self._step_precondition(inputs, targets, hooked, loss_data)
+            raise UnsupportedStageError(
+                "a gradient hook (Tensor.register_hook) changed the gradient: the trust region's step and "
+                "its ratio test are the loss's own derivatives and cannot follow it. Use a hook that only "
+                "reads the gradient (wandb.watch's), mode='precondition' (which preconditions the gradient "
+                "as the hooks leave it), or a closure"
+            )
         if wd:
             x0 = self.chain.flat_params()
             loss0, g = loss0 + 0.5 * wd * float(x0 @ x0), g + wd * x0
@@ -1799,13 +1818,7 @@ class Newton(torch.optim.Optimizer):
 
         # Every product with H comes before the trial point: the operator's blocks read the live
         # parameters, which the trial moves.
-        if self._write_grad(g_data) is not g_data:
-            raise UnsupportedStageError(
-                "a gradient hook (Tensor.register_hook) changed the gradient: the trust region's step and "
-                "its ratio test are the loss's own derivatives and cannot follow it. Use a hook that only "
-                "reads the gradient (wandb.watch's), mode='precondition' (which preconditions the gradient "
-                "as the hooks leave it), or a closure"
-            )
+        self._write_grad(g_data, run_hooks=False)  # (the hooks ran on it above)
         d = _scaled(proposal.step, lr)
         d64 = d.double()
         gd, dHd, step_norm = float(g64 @ d64), float(d64 @ sweeps.matvec(d).double()), float(d64.norm())
