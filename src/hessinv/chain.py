@@ -1594,8 +1594,12 @@ def targets_as_data(targets: Tensor, params: Sequence[Tensor]) -> Tensor:
     return targets
 
 
-def check_real(x, what: str) -> float:
-    """``float(x)`` for a real number (Python, numpy or 0-d tensor), else :class:`InvalidArgumentError`."""
+def check_real(x, what: str, setting: bool = False) -> float:
+    """``float(x)`` for a real number (Python, numpy or 0-d tensor), else :class:`InvalidArgumentError`; a
+    tensor that requires grad is refused (its derivative would be lost), or as a ``setting`` (a value
+    stored, with no derivative to lose: a prior precision tuned by autograd) taken by its value."""
+    if setting and isinstance(x, Tensor):
+        x = x.detach()
     if isinstance(x, Tensor) and x.device.type == "meta":
         raise InvalidArgumentError(f"{what} must be a real number, got a meta tensor (it has no value)")
     if isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled():

@@ -546,11 +546,7 @@ class CurvatureOperator(_AutocastOff):
             n = self.shape[0]
             k = min(n, 16)
             cols = _identity_columns(n, range(k), self.dtype, self.device)
-            t = time.perf_counter()
-            self._apply(cols)
-            if self.device.type == "cuda":  # (the product's kernels finished, not only launched)
-                torch.cuda.synchronize(self.device)
-            self._dense_seconds = (time.perf_counter() - t) * n / max(k, 1)
+            self._dense_seconds = _seconds(lambda: self._apply(cols), self.device) * n / max(k, 1)
         return self._dense_seconds
 
     def _check_sweep_memory(self) -> None:
@@ -897,11 +893,7 @@ class CurvatureOperator(_AutocastOff):
             # the products this solve's share buys, from one product timed against the factorization's
             # flops at the sweep's rate (KRYLOV_FACTOR_RATE) -- with rtol, a factorization's time (an
             # indefinite system MINRES could not bring to rtol=1e-3 took 3.5x the default solve's time)
-            t = time.perf_counter()
-            apply(R[:, :1])
-            if self.device.type == "cuda":  # (the product's kernels finished, not only launched)
-                torch.cuda.synchronize(self.device)
-            per_product = max(time.perf_counter() - t, 1e-9)
+            per_product = max(_seconds(lambda: apply(R[:, :1]), self.device), 1e-9)
             share = KRYLOV_SHARE if rtol is None else KRYLOV_RTOL_SHARE
             factor_products = self._factor_seconds() / per_product / k
             budget = min(budget, int(share * factor_products))
@@ -4427,6 +4419,15 @@ KRYLOV_RESTARTS = 3
 #: a MINRES solve out of its products goes on while its contraction so far reaches the target within this
 #: share of a factorization's modelled time (:meth:`CurvatureOperator._krylov_solve`)
 KRYLOV_CONTINUE_SHARE = 0.5
+
+
+def _seconds(run: Callable[[], Any], device: torch.device) -> float:
+    """The wall time of ``run()`` (on CUDA, to its kernels' end, not only their launch)."""
+    t = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
 
 
 def _flop_rate(device: torch.device) -> float:

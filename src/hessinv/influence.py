@@ -479,7 +479,7 @@ class InfluenceFunction:
     ):
         self.model, self.loss_fn = as_module(model), loss_fn  # (a list of modules: their Sequential)
         self.curvature_cls = curvature_class(curvature)
-        self.damping = check_real(damping.detach() if isinstance(damping, Tensor) else damping, "damping")
+        self.damping = check_real(damping, "damping", setting=True)
         if not math.isfinite(self.damping):  # (named here, not first at fit)
             raise NonFiniteArgumentError(f"damping must be a finite number, got {self.damping}")
         self.precision = check_precision(precision)

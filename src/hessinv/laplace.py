@@ -332,7 +332,7 @@ class Laplace:
                 f"{name} must be one positive number (an isotropic prior / noise), got a tensor of shape "
                 f"{tuple(v.shape)}: per-parameter values are not supported"
             )
-        v = check_real(v.detach() if isinstance(v, Tensor) else v, name)  # (a setting: its value)
+        v = check_real(v, name, setting=True)
         if not (v > 0 and math.isfinite(v)):
             raise InvalidArgumentError(f"{name} must be a positive number, got {v}")
         if name.startswith("sigma") and not 1e-150 <= v <= 1e150:  # (sigma^2 and 1 / sigma^2 in range)
@@ -357,7 +357,7 @@ class Laplace:
                     "prior_mean must be real and finite; it has NaN or infinite entries"
                 )
             return prior_mean.detach()
-        mu = check_real(prior_mean.detach() if isinstance(prior_mean, Tensor) else prior_mean, "prior_mean")
+        mu = check_real(prior_mean, "prior_mean", setting=True)
         if not math.isfinite(mu):
             raise NonFiniteArgumentError(f"prior_mean must be finite, got {mu}")
         return mu

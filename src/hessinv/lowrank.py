@@ -723,9 +723,9 @@ class WoodburyFactor:
         """For ``pickle`` / ``copy.deepcopy``: ``U`` (and its float64 copy, ``U D^-1``) by the columns a
         product reads (:func:`packed_columns`); the rest is left unwritten."""
         state = self.__dict__.copy()
-        n = self.U.shape[1]
-        runs = _uncovered_runs(n, self._unread)
         if self._unread:
+            n = self.U.shape[1]
+            runs = _uncovered_runs(n, self._unread)
             for key in ("U", "_U64", "_Ud"):
                 if isinstance(state.get(key), Tensor):
                     state[key] = packed_columns(state[key], runs)

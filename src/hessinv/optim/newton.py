@@ -266,7 +266,7 @@ def _rule_from(damping: str | float | DampingRule) -> DampingRule:
             "the gradients' second moments (diagonal_damping=)"
         )
     if isinstance(damping, (numbers.Real, np.ndarray, Tensor)):  # (numpy scalars, a 0-d tensor: as factor's)
-        value = check_real(damping.detach() if isinstance(damping, Tensor) else damping, "damping")
+        value = check_real(damping, "damping", setting=True)
         if not (math.isfinite(value) and value >= 0):
             raise InvalidArgumentError(f"a fixed damping must be a finite float >= 0, got {damping!r}")
         return FixedDamping(value)
