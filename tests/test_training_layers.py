@@ -336,13 +336,12 @@ class _Scale(nn.Module):
 
 @pytest.mark.parametrize("mode", ["precondition", "trust-region"])
 def test_the_optimizers_take_parameters_registered_in_another_order_than_forward_uses_them(mode):
-    """The operators order their vectors like ``model.parameters()`` and refuse such a model; the optimizers'
-    vectors are internal: they split it as it is, and step as on the same network registered in order."""
+    """The operators order their vectors like ``model.parameters()`` (the stages' order permuted: the same
+    matrix as the network registered in order, rows and columns permuted); the optimizers' vectors are
+    internal: they split it as it is, and step as on the same network registered in order."""
     X, y = _data(32)
     torch.manual_seed(0)
     model = _HeadFirst().double()
-    with pytest.raises(hessinv.NotAChainError, match="other way round"):
-        hessinv.gauss_newton(model, nn.CrossEntropyLoss(), X, y)
     ordered = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3), _Scale()).double()
     with torch.no_grad():
         for a, b in [(ordered[0], model.body[0]), (ordered[2], model.head)]:
@@ -354,6 +353,12 @@ def test_the_optimizers_take_parameters_registered_in_another_order_than_forward
         (model.head.bias, ordered[2].bias),
         (model.t, ordered[3].t),
     ]
+    # model.parameters(): t, head.weight, head.bias, body[0].weight, body[0].bias; the twin's: body's
+    # weight and bias (48, 8), head's (24, 3), t -- the twin's index of each of the model's entries
+    body_w, body_b, head_w, head_b, t = torch.arange(84).split([48, 8, 24, 3, 1])
+    perm = torch.cat([t, head_w, head_b, body_w, body_b])
+    G, G_twin = (hessinv.gauss_newton(m, nn.CrossEntropyLoss(), X, y).to_dense() for m in (model, ordered))
+    assert torch.allclose(G, G_twin[perm][:, perm], rtol=1e-12, atol=1e-14)
     opts = [ho.Newton(m, nn.CrossEntropyLoss(), seed=0, mode=mode) for m in (model, ordered)]
     for i in range(0, 32, 8) if mode == "precondition" else [0, 0, 0]:
         for opt in opts:

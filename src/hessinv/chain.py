@@ -189,10 +189,19 @@ def deterministic_chain(
     deterministic network, whose curvature they take), and its :func:`mode_modules`, which they keep."""
     mods = mode_modules(model)
     with layers_in_mode(training_layers(model, mods), False):
-        try:  # (ordered like model.parameters() where it can be: as every operator's chain)
-            return Chain(model, loss_fn), mods
-        except ParameterOrderError:  # the optimizers' vectors are their own: the stages' order
-            return Chain(model, loss_fn, ordered=False), mods
+        return operator_chain(model, loss_fn), mods
+
+
+def operator_chain(model: nn.Module | Sequence[nn.Module], loss_fn: LossFn) -> Chain:
+    """The chain the operators and optimizers split ``model`` into: ordered like ``model.parameters()``
+    where it can be; a model whose forward uses its parameters in another order than it lists them is
+    split in the order of use (``Chain(..., ordered=False)``), and the operators give their vectors in
+    ``model.parameters()``'s order all the same (:meth:`Chain.to_public`; the optimizers' vectors are
+    their own)."""
+    try:
+        return Chain(model, loss_fn)
+    except ParameterOrderError:
+        return Chain(model, loss_fn, ordered=False)
 
 
 def _numpy_state() -> tuple:
@@ -607,12 +616,16 @@ def _specs(
             # a submodule fx cannot trace through: the model split again with it called whole, as a
             # piece of a Sequential is (one generic stage, exact)
             raise _CallWhole(culprit) from e
-        raise NotAChainError(
-            f"{type(m).__name__}.forward could not be traced with torch.fx ({type(e).__name__}: {e}); "
-            "pass nn.Sequential(model) to have it called whole as one stage (exact; its dense blocks cost "
-            "about one backward pass per parameter), write it as an nn.Sequential of stages, or make its "
-            "forward traceable"
-        ) from e
+        # the model itself: called whole, as one generic stage, as nn.Sequential(model) would be (exact;
+        # a forward with a loop over x.shape[1], or torch.zeros(x.shape[0], h), was refused here)
+        warn(
+            f"{type(m).__name__}.forward could not be traced with torch.fx ({type(e).__name__}: {e}); it is "
+            "called whole, as one generic stage: exact, its products by autograd, but its factorizations "
+            "form dense blocks (about one backward pass per parameter) without the chain's linear-in-depth "
+            "structure -- write it as an nn.Sequential of stages, or make its forward traceable (e.g. "
+            "x.new_zeros(...) for torch.zeros(x.shape[0], ...)), for that"
+        )
+        return [(_leaf_spec(m), None, None)]
     state, stored = _restore_attributes(before)
     if stored and not top:
         # forward stores a value computed from its input (self.state = ..., a cached activation): the
@@ -1404,8 +1417,9 @@ def _check_model_kinds(model) -> None:
 
 
 class ParameterOrderError(NotAChainError):
-    """Parameters used in another order than ``model.parameters()`` lists them (:func:`_check_parameters`):
-    the operators refuse such a model, the optimizers split it unordered (:func:`deterministic_chain`)."""
+    """Parameters used in another order than ``model.parameters()`` lists them (:func:`_check_parameters`),
+    from an ordered :class:`Chain`: the operators and optimizers split such a model unordered instead
+    (:func:`operator_chain`), the operators permuting their vectors to ``model.parameters()``'s order."""
 
 
 def _innermost_call(stages: list[Stage], params: list[nn.Parameter]) -> nn.Module | None:
@@ -1430,10 +1444,9 @@ def _innermost_call(stages: list[Stage], params: list[nn.Parameter]) -> nn.Modul
     return common[-1][1] if common else None
 
 
-def _check_parameters(
-    model, stages: list[Stage], ordered: bool = True, whole: Sequence[nn.Module] = ()
-) -> None:
-    """Each trainable parameter in exactly one stage, stages in ``model.parameters()`` order."""
+def trainable_named(model: nn.Module | Sequence[nn.Module]) -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters with their names, in ``model.parameters()``'s order (each once; a list of
+    modules: theirs in turn, named ``[i].name``) -- the order of the operators' vectors."""
     mods = list(model) if isinstance(model, (list, tuple)) else [model]
     named: list[tuple[str, nn.Parameter]] = []
     seen_ids: set[int] = set()
@@ -1442,6 +1455,15 @@ def _check_parameters(
             if t.requires_grad and id(t) not in seen_ids:
                 seen_ids.add(id(t))
                 named.append((n if len(mods) == 1 else f"[{i}].{n}", t))
+    return named
+
+
+def _check_parameters(
+    model, stages: list[Stage], ordered: bool = True, whole: Sequence[nn.Module] = ()
+) -> None:
+    """Each trainable parameter in exactly one stage, stages in ``model.parameters()`` order."""
+    mods = list(model) if isinstance(model, (list, tuple)) else [model]
+    named = trainable_named(model)
     order = {id(t): j for j, (_, t) in enumerate(named)}
     names = {id(t): n for n, t in named}
     owner: dict[int, int] = {}
@@ -1506,9 +1528,10 @@ def _check_parameters(
         )
         raise ParameterOrderError(
             f"forward uses parameter {names[flat[first]]} before {late}, but model.parameters() "
-            f"lists them the other way round; hessinv orders the curvature like model.parameters(): {hint} "
-            "-- or call the model whole, nn.Sequential(model) (one generic stage: exact, dense blocks); "
-            "hessinv.optim takes the model as it is"
+            f"lists them the other way round; this Chain orders its vectors like model.parameters(): {hint} "
+            "-- or take Chain(model, loss_fn, ordered=False), whose vectors follow its stages (chain.params; "
+            "chain.to_public permutes them). The operators (hessinv.hessian, ...) and hessinv.optim take "
+            "the model as it is"
         )
 
 
@@ -1734,7 +1757,43 @@ class Chain:
         self.sizes = [s.p for s in self.stages]
         self.num_params = sum(self.sizes)
         self._max_side = max(max(t.shape, default=1) for t in self.params)  # for small()
+        # the stages' order of the flat vector against model.parameters()'s (to_public): None where equal
+        public = [t for _, t in trainable_named(model)]
+        self._public_index: Tensor | None = None
+        if [id(t) for t in public] != [id(t) for t in self.params] and {id(t) for t in public} == {
+            id(t) for t in self.params
+        }:
+            start, at = {}, 0
+            for t in self.params:
+                start[id(t)] = at
+                at += t.numel()
+            self._public_index = torch.cat(
+                [torch.arange(start[id(t)], start[id(t)] + t.numel()) for t in public]
+            )
+            self._stage_index = torch.argsort(self._public_index)
         self._watch()
+
+    @property
+    def permuted(self) -> bool:
+        """Whether the stages hold the parameters in another order than ``model.parameters()`` lists them
+        (an unordered chain, ``ordered=False``, of a model whose forward uses them in another order)."""
+        return self._public_index is not None
+
+    def to_public(self, X: Tensor, dim: int = 0) -> Tensor:
+        """``X`` with its parameter axis ``dim`` (of length :attr:`num_params`) taken from the stages'
+        order -- the order of :attr:`params`, which every sweep works in -- to ``model.parameters()``'s
+        (``X`` itself where they agree). The operators of a model whose forward uses its parameters in
+        another order than it lists them give their vectors so (:func:`operator_chain`)."""
+        if self._public_index is None:
+            return X
+        return X.index_select(dim, self._public_index.to(X.device))
+
+    def to_stages(self, X: Tensor, dim: int = 0) -> Tensor:
+        """The inverse of :meth:`to_public`: ``X``'s parameter axis from ``model.parameters()``'s order
+        to the stages'."""
+        if self._public_index is None:
+            return X
+        return X.index_select(dim, self._stage_index.to(X.device))
 
     def _watch(self) -> None:
         """Record what the split read from the model besides tensor values (:meth:`check_model`)."""
@@ -1910,7 +1969,8 @@ class Chain:
 
     def check_params(self, saved: Tensor, built: str, held: list[Any] | None = None) -> None:
         """Raise :class:`InvalidArgumentError` where the parameters' values are no longer ``saved`` (a
-        :meth:`flat_params` copy taken when ``built`` was fitted), or the rest the model's function reads
+        :meth:`flat_params` copy taken when ``built`` was fitted, in ``model.parameters()``'s order:
+        :meth:`to_public`), or the rest the model's function reads
         no longer ``held`` (a :meth:`held_state` without modes: buffers -- BatchNorm statistics moved by a
         forward pass in training mode --, frozen parameters -- a backbone reloaded --, settings -- a
         temperature): a
@@ -1921,7 +1981,7 @@ class Chain:
             self.check_model(autograd=False)  # (a prediction under inference_mode needs none)
         except InvalidArgumentError as e:
             raise InvalidArgumentError(f"{built}: {e} (fit it again)") from None
-        now = self.flat_params()
+        now = self.to_public(self.flat_params())
         if now.shape != saved.shape or not torch.equal(now, saved):
             mods = [self.model] if isinstance(self.model, nn.Module) else list(self.model)
             renorm = [

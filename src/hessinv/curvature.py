@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from hessinv import linalg
-from hessinv.chain import Chain, LossFn, _autocast_on, _tensor, check_real, targets_as_data
+from hessinv.chain import Chain, LossFn, _autocast_on, _tensor, check_real, operator_chain, targets_as_data
 from hessinv.errors import (
     AccuracyWarning,
     ConvergenceError,
@@ -402,6 +402,10 @@ class CurvatureOperator(_AutocastOff):
     """
 
     second_order: bool = True
+    #: the chain whose :meth:`~hessinv.Chain.to_public` orders this operator's vectors where the stages
+    #: hold the parameters in another order than ``model.parameters()`` (None: the same order); such an
+    #: operator answers every call from ``_plain``, a copy of itself in the stages' order
+    _order: Chain | None = None
 
     def __init__(
         self,
@@ -415,9 +419,13 @@ class CurvatureOperator(_AutocastOff):
     ):
         """``chain``: the :class:`~hessinv.Chain` of ``(model, loss_fn)`` when the caller already holds one
         (an optimizer that builds an operator every few steps: splitting a traced model into stages
-        costs milliseconds); by default it is built here. The operator's vectors follow ``chain.params``:
-        ``model.parameters()``'s order, except for an optimizer's chain of a model whose forward uses its
-        parameters in another order (``Chain(..., ordered=False)``), which takes the stages' order.
+        costs milliseconds); by default it is built here (:func:`~hessinv.chain.operator_chain`), and the
+        vectors are ordered like ``model.parameters()`` -- also where the forward uses the parameters in
+        another order (a head registered before the body, a model's own parameter used last): that chain's
+        stages hold them in the order of use, and every vector in and out is permuted
+        (:meth:`~hessinv.Chain.to_public`). With ``chain`` given, the vectors follow ``chain.params``:
+        ``model.parameters()``'s order, except for an optimizer's chain of such a model
+        (``Chain(..., ordered=False)``), which takes the stages' order.
 
         ``_transient`` (the library's own optimizers): a Gauss-Newton operator its caller uses at once and
         drops -- the refresh's root, on a curvature batch drawn from a batch the caller has checked. No
@@ -426,7 +434,7 @@ class CurvatureOperator(_AutocastOff):
         no gradient (``gradient`` is None)."""
         if chain is not None and (chain.model is not model or chain.loss_fn is not uncompiled(loss_fn)):
             raise InvalidArgumentError("chain= must be the Chain of this model and loss_fn")
-        self.chain = chain if chain is not None else Chain(model, loss_fn)
+        self.chain = chain if chain is not None else operator_chain(model, loss_fn)
         _tensor(inputs, "inputs")  # the rest: linearize's checks (which see the copies made below)
         targets_as_data(_tensor(targets, "targets"), self.chain.params)
         # the point is kept: copies of the batch (blocks may hold the inputs; a caller's buffer is
@@ -484,6 +492,12 @@ class CurvatureOperator(_AutocastOff):
         self._norm_iters = 0  # (the power iterations the cached estimate took)
         self._dense_h: Tensor | None = None  # the dense float64 matrix, for counts (formed when needed)
         self._count_doubt = False  # a count since the last reset kept an ill-conditioned sweep's result
+        if chain is None and self.chain.permuted:
+            # the public vectors in model.parameters()'s order: every call answered by a copy in the
+            # stages' order (its products, factorizations, caches and float64 twin), permuted at the door
+            self._plain, self._order = copy.copy(self), self.chain
+            if self.gradient is not None:
+                self.gradient = self.chain.to_public(self.gradient)
 
     def __repr__(self) -> str:
         return (
@@ -501,6 +515,18 @@ class CurvatureOperator(_AutocastOff):
 
     def _split(self, V: Tensor) -> list[Tensor]:
         return list(torch.split(V, self._sizes, dim=0))
+
+    def _stage_order(self) -> CurvatureOperator:
+        """This operator with its vectors in the stages' order: itself, or where its public vectors are
+        permuted (:attr:`_order`) the copy that answers its calls."""
+        return self if self._order is None else self._plain
+
+    def _public_factor(self, F: Any) -> Any:
+        """``F``, a factorization of :meth:`_stage_order`'s (or None), with its vectors in this operator's
+        order."""
+        if F is not None and self._order is not None:
+            F._order = self._order
+        return F
 
     def _swept(self) -> CurvatureOperator:
         """The operator whose blocks the factorizations sweep: this one, or -- where a batch's coupling
@@ -589,6 +615,9 @@ class CurvatureOperator(_AutocastOff):
         """``H v`` for ``v`` of shape (n,) or (n, k), in ``O(L)``; differentiable in ``v`` where it requires
         grad (one more product in the backward pass, ``H`` being symmetric)."""
         V, vec = self._as_matrix(v)
+        if self._order is not None:
+            HV = self._order.to_public(self._plain @ self._order.to_stages(V))
+            return HV[:, 0] if vec else HV
         HV = self._apply(V)
         if not all_finite(HV):  # an intermediate overflowed: again on V scaled to unit size
             HV = _linear_scaled(self._apply, V, "H v")
@@ -609,6 +638,8 @@ class CurvatureOperator(_AutocastOff):
     def to_dense(self) -> Tensor:
         """The dense ``n x n`` matrix (``n`` products, on blocks of columns that keep each product's
         ``(B, width, k)`` tensors near 2^24 numbers; the dense route's matrix where it holds one)."""
+        if self._order is not None:
+            return self._order.to_public(self._order.to_public(self._plain.to_dense(), 0), 1)
         n = self.shape[0]
         check_dense_memory(n, self.dtype, self.device, "to_dense()")
         view = self.__dict__.get("_view")
@@ -648,6 +679,8 @@ class CurvatureOperator(_AutocastOff):
         >>> torch.allclose(H.diagonal(), H.to_dense().diagonal())
         True
         """
+        if self._order is not None:
+            return self._order.to_public(self._plain.diagonal())
         view = self.__dict__.get("_view")
         parts = None
         if (
@@ -726,6 +759,8 @@ class CurvatureOperator(_AutocastOff):
         float32 model's factorization (a plain :class:`Factorization` of its float32 sweep) refines its
         solves in float64 alike.
         """
+        if self._order is not None:
+            return self._public_factor(self._plain.factor(damping, modify, precision))
         return _factorization(self, damping, modify, precision)
 
     @overload
@@ -801,6 +836,22 @@ class CurvatureOperator(_AutocastOff):
         """
         if rtol is not None:
             rtol = _check_tol(rtol, "rtol", relative=True)
+        if self._order is not None:
+            R, vec = self._as_matrix(rhs, "rhs")
+            n = self.shape[0]
+            if isinstance(damping, Tensor) and damping.shape == (n,) and damping.layout == torch.strided:
+                damping = self._order.to_stages(damping)  # (a per-parameter damping, GaussNewton's)
+            X, info = self._plain.solve(
+                self._order.to_stages(R),
+                damping,
+                refine=refine,
+                max_refine=max_refine,
+                rtol=rtol,
+                return_info=True,
+            )
+            X = self._order.to_public(X)
+            X = X[:, 0] if vec else X
+            return (X, info) if return_info else X
         started = time.perf_counter()
         # a sweep that cannot fit leaves MINRES as the only route: it gets the products an rtol gets (a size
         # probe: 3 x 3000 products, about 50 min on a wide model, then the refusal below)
@@ -978,6 +1029,8 @@ class CurvatureOperator(_AutocastOff):
         >>> F.positive_definite, F.inertia.negative
         (True, 0)
         """
+        if self._order is not None:
+            return self._public_factor(self._plain.factor_if_positive_definite(damping))
         damping = _check_shift(damping, self.dtype, "damping")
         try:
             sw = self._swept()
@@ -1003,6 +1056,8 @@ class CurvatureOperator(_AutocastOff):
         recomputed only for more ``iters`` than the cached one had. The norms are taken scaled by the
         vector's largest entry: a Hessian of scale 1e-200 has squared entries below float64's range
         (its estimate was 0, and ``min_eigenvalue`` then returned 0)."""
+        if self._order is not None:
+            return self._plain.norm_estimate(iters)
         if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 1:
             raise InvalidArgumentError(f"iters must be an integer >= 1, got {iters!r}")
         if self._norm is None or self._norm_iters < iters:
@@ -1082,6 +1137,8 @@ class CurvatureOperator(_AutocastOff):
         Raises :class:`InvalidArgumentError` for a NaN or infinite ``shift`` or a ``tol`` that is
         negative or not finite.
         """
+        if self._order is not None:
+            return self._plain.inertia(shift, tol)
         shift = _check_shift(shift, self.dtype)
         self._check_sweep_memory()  # (before the norm estimate's products)
         # (||H|| to its first digits: the 30 products of the full estimate cost 11 factorizations of a
@@ -1536,6 +1593,9 @@ class CurvatureOperator(_AutocastOff):
         >>> top.certified, top.factorizations
         (False, 0)
         """
+        if self._order is not None:
+            e = self._plain.eigenpairs(k, which, sigma, tol, certify)
+            return e._replace(vectors=self._order.to_public(e.vectors))
         tol = _check_tol(tol, relative=True)
         if certify is not None and not isinstance(certify, bool):
             raise InvalidArgumentError(f"certify must be True, False or None, got {certify!r}")
@@ -1863,6 +1923,8 @@ class CurvatureOperator(_AutocastOff):
         ``u32 ||H||`` next to a null space (a Gauss-Newton matrix got -4.8e-6 at ``||H||`` ~ 0.2).
         Raises :class:`InvalidArgumentError` for a ``tol`` outside ``(0, 1)`` or not a number.
         """
+        if self._order is not None:
+            return self._plain.min_eigenvalue(tol)
         tol = _check_tol(tol, relative=True)
         if self.dtype != torch.float64:
             return self._residual_operator().min_eigenvalue(tol)
@@ -1949,9 +2011,10 @@ class CurvatureOperator(_AutocastOff):
         return -0.5 * (lo + hi)
 
     def _residual_operator(self) -> CurvatureOperator:
-        """This operator in float64 (itself if already float64), for refinement residuals."""
+        """This operator in float64 (itself if already float64), for refinement residuals; in the stages'
+        order (:meth:`_stage_order`)."""
         if self.dtype == torch.float64:
-            return self
+            return self._stage_order()
         if self._twin is None:
             self._twin = self._converted(torch.float64)
         return self._twin
@@ -2011,7 +2074,7 @@ class CurvatureOperator(_AutocastOff):
             with warnings.catch_warnings():  # (said once already, by this operator's own construction)
                 warnings.filterwarnings("ignore", message=".*Gauss-Newton matrix is zero")
                 loss_fn = self.loss_fn if self._loss_point is None else self._loss_point
-                twin = type(self)(model, loss_in_dtype(loss_fn, dtype), inputs, targets)
+                twin = type(self)(model, loss_in_dtype(loss_fn, dtype), inputs, targets)._stage_order()
         except HessinvError as e:
             # (a cast in forward -- x.float(), a no-op in the model's own dtype -- is refused in the copy:
             # a float64 model would be refused too, so the remedy is to remove the cast)
@@ -2287,6 +2350,8 @@ class GaussNewton(CurvatureOperator):
         ``2 n``, ``U^T diag(S) U`` from its root (:meth:`root`: one backward sweep of ``r`` right-hand sides
         instead of ``n`` products, each a pass over the whole batch -- a CNN of 4.8k parameters on 64
         examples: 192 against 4787; a CNN of 1360 on 200 examples, r = 2000: 4.6 s against 27 s)."""
+        if self._order is not None:
+            return super().to_dense()
         view = self.__dict__.get("_view")
         loss = self.blocks[-1]
         n = self.shape[0]
@@ -2308,6 +2373,8 @@ class GaussNewton(CurvatureOperator):
         backward passes instead of the sweep's ``a x a`` blocks. Where every stage keeps examples apart
         (Linear + activation, convolutions, ...), the sweep's per-example blocks (``O(B d^3)`` or ``O(B d^2
         R)`` per stage), whether or not the root is at hand."""
+        if self._order is not None:
+            return super().diagonal()
         view = self.__dict__.get("_view")
         # (the per-example sweep even where the root is at hand, from a factorization: sum_q S_q U_qj^2 over
         # r n entries is memory-bound, 94 ms against 1.7 ms at width 128, depth 6; a probe)
@@ -2429,6 +2496,8 @@ class GaussNewton(CurvatureOperator):
         definite by construction (:meth:`_positive_definite_at`) and the sweep's pivots say otherwise
         (rounding far above ``||G||``: stage blocks of order 1 around a ``G`` of 1e-9, a model nearly
         invariant to its parameters), the factorization all the same, its solves refined."""
+        if self._order is not None:
+            return super().factor_if_positive_definite(damping)
         damping = _check_shift(damping, self.dtype, "damping")
         woodbury = self._positive_definite_at(damping) and self._woodbury_cheaper(damping)
         if woodbury and damping >= 1e-8 * self.norm_estimate():  # (cond < 1e8: not singular to working
@@ -2486,6 +2555,8 @@ class GaussNewton(CurvatureOperator):
         MSE, BCE), as its rounding could otherwise make it (-3e-9 to -8e-9 on a batch of one). There, with
         fewer root rows ``r = batch x outputs`` than parameters, ``rank(G) <= r < n``: ``lambda_min = 0``
         exactly, with no product or sweep (a 10-512-3 MLP on 32 examples, ``n = 7171``: 4.8 s for 6e-16)."""
+        if self._order is not None:
+            return self._plain.min_eigenvalue(tol)
         loss = self.blocks[-1]
         if getattr(loss, "psd", False) and loss.batch * loss.d_in < self.shape[0]:
             _check_tol(tol, relative=True)
@@ -2507,6 +2578,9 @@ class GaussNewton(CurvatureOperator):
         truncates each example's output curvature to its leading eigenpairs so that ``r <= max(max_rows,
         B)`` (then ``U^T S U`` approximates ``G``); ``structured_only`` and ``tables``: as
         :func:`hessinv.lowrank.gauss_newton_root` (none of these results is cached)."""
+        if self._order is not None:
+            U, S = self._plain.root(rotation, factors, max_rows, structured_only, tables)
+            return self._order.to_public(U, 1), S
         if rotation is not None and not callable(rotation):
             raise InvalidArgumentError(
                 f"root(rotation=...) takes a callable (EigenBasis.blocks_in), got {type(rotation).__name__}: "
@@ -2539,6 +2613,11 @@ class GaussNewton(CurvatureOperator):
         has parameters; ``"woodbury"``: through the root)
         or a (n,) tensor of per-parameter damping (always Woodbury). ``modify``, ``precision``: as
         :meth:`CurvatureOperator.factor` (the Riccati sweep only), in the same positions."""
+        if self._order is not None:
+            n = self.shape[0]
+            if isinstance(damping, Tensor) and damping.shape == (n,) and damping.layout == torch.strided:
+                damping = self._order.to_stages(damping)  # (else the factorization's named refusal)
+            return self._public_factor(self._plain.factor(damping, modify, precision, method=method))
         if method not in ("auto", "riccati", "woodbury"):
             raise InvalidArgumentError(f"method must be 'auto', 'riccati' or 'woodbury', got {method!r}")
         if isinstance(damping, Tensor) and damping.numel() == 1:
@@ -2682,6 +2761,23 @@ class Factorization(_AutocastOff):
 
     _twin_only = False  # solves, inertia and log-det from the float64 twin alone (see __init__)
     _recount_due = False  # whether `inertia` must be recounted when first read (see _recount)
+    #: where the operator's public vectors are permuted (:attr:`CurvatureOperator._order`), the chain that
+    #: orders this factorization's (its ``op`` is the operator's copy in the stages' order); None: none
+    _order: Chain | None = None
+
+    def _public_factor_of(self, op: CurvatureOperator) -> CurvatureOperator:
+        """``op`` as this factorization holds it -- in the stages' order -- taking its public order."""
+        if op._order is not None:
+            self._order, op = op._order, op._plain
+        return op
+
+    def _stages(self, R: Tensor) -> Tensor:
+        """Rows of ``R`` from the public order to the stages' (:meth:`hessinv.Chain.to_stages`)."""
+        return R if self._order is None else self._order.to_stages(R)
+
+    def _public(self, X: Tensor) -> Tensor:
+        """Rows of ``X`` from the stages' order to the public one (:meth:`hessinv.Chain.to_public`)."""
+        return X if self._order is None else self._order.to_public(X)
 
     @property
     def _sweep_op(self) -> CurvatureOperator:
@@ -2705,6 +2801,7 @@ class Factorization(_AutocastOff):
         """``_rescue=False``: no :meth:`_shifted_gmres` for this factorization (shift-invert, whose
         operator is the bare sweep: a perturbed one that only the rescue solves is refused, and the next
         shift tried)."""
+        op = self._public_factor_of(op)
         damping = _check_shift(damping, op.dtype, "damping")
         if not _rescue:
             self._shift_rescue = False
@@ -3047,6 +3144,10 @@ class Factorization(_AutocastOff):
         >>> torch.allclose(F.inverse_diagonal(), torch.linalg.inv(A).diagonal())
         True
         """
+        return self._public(self._inverse_diagonal(tol))
+
+    def _inverse_diagonal(self, tol: float) -> Tensor:
+        """:meth:`inverse_diagonal` in the stages' order."""
         tol = _check_tol(tol, "tol", relative=True)
         self._riccati_only("inverse_diagonal")
         if self._twin_only or self._sweep_dtype != torch.float64:
@@ -3178,7 +3279,7 @@ class Factorization(_AutocastOff):
         for j in range(0, n, 256):
             k = min(256, n - j)
             E = _identity_columns(n, range(j, j + k), self.op.dtype, self.op.device)
-            out[j : j + k] = self.solve(E)[torch.arange(j, j + k), torch.arange(k)]
+            out[j : j + k] = self._solve(E, True, 5)[torch.arange(j, j + k), torch.arange(k)]
         return out
 
     def inverse_quadratic(self, v: Tensor) -> float:
@@ -3198,7 +3299,7 @@ class Factorization(_AutocastOff):
                 f"v must have shape ({self.op.shape[0]},), one vector; got {tuple(v.shape)} (for the columns "
                 "of a matrix V: (V * F.solve(V)).sum(0))"
             )
-        R, _ = self.op._as_matrix(v, "v")
+        R = self._stages(self.op._as_matrix(v, "v")[0])
         self._unmodified("inverse_quadratic")
         if self._twin_only:
             assert self._f64 is not None
@@ -3381,6 +3482,7 @@ class Factorization(_AutocastOff):
         definite.
         """
         R, vec = self.op._as_matrix(Z, "Z")  # (before the twin's branch: it takes R as checked here)
+        R = self._stages(R)
         self._riccati_only("inverse_sqrt")
         if self.inertia.negative:
             raise IndefiniteError(
@@ -3389,6 +3491,7 @@ class Factorization(_AutocastOff):
                 "larger damping"
             )
         X = _linear_scaled(self._inverse_sqrt, R, f"inverse_sqrt at damping {self._damping_text()}: S Z")
+        X = self._public(X)
         return X[:, 0] if vec else X
 
     def _inverse_sqrt(self, R: Tensor) -> Tensor:
@@ -3939,11 +4042,18 @@ class Factorization(_AutocastOff):
             if not isinstance(flag, (bool, np.bool_, numbers.Integral)) or flag not in (0, 1):  # ("no", None)
                 more = ", or 'working'" if name == "refine" else ""
                 raise InvalidArgumentError(f"{name} must be True or False{more}, got {flag!r}")
+        X = self._public(self._solve(self._stages(R), refine, max_refine))
+        out = X[:, 0] if vec else X
+        return (out, self.last_info) if return_info else out
+
+    def _solve(self, R: Tensor, refine: bool | Literal["working"], max_refine: int) -> Tensor:
+        """:meth:`solve` of ``R`` (n, k) in the stages' order (:meth:`_stages`), the arguments checked; sets
+        ``last_info``."""
+        working = isinstance(refine, str) and refine == "working"
         if working and not getattr(self, "modified", False) and not self._twin_only:
             X, self.last_info = self._refine_working(R, max_refine)
             self.last_info = self._as_returned(X, R, self.last_info)
-            out = X[:, 0] if vec else X
-            return (out, self.last_info) if return_info else out
+            return X
         if not refine or getattr(
             self, "modified", False
         ):  # no residual either: the caller asked for the raw sweep
@@ -3951,8 +4061,7 @@ class Factorization(_AutocastOff):
             self.last_info = SolveInfo(float("nan"), 0)
             if not linalg.all_finite(X):
                 raise self._overflowed(R)
-            out = X[:, 0] if vec else X
-            return (out, self.last_info) if return_info else out
+            return X
         # (no first sweep where the dense LU answers: _solve64_unit)
         X0 = None if self._rescued and self._dense_lu is not None else self._raw(R).double()
         X64, self.last_info = self._solve64(R.double(), max_refine, X0)
@@ -3986,8 +4095,7 @@ class Factorization(_AutocastOff):
             )
         X = X64.to(self.op.dtype)
         self.last_info = self._as_returned(X, R, self.last_info)
-        out = X[:, 0] if vec else X
-        return (out, self.last_info) if return_info else out
+        return X
 
 
 class MixedFactorization(Factorization):
@@ -4021,6 +4129,7 @@ class MixedFactorization(Factorization):
     """
 
     def __init__(self, op: CurvatureOperator, damping: float):
+        op = self._public_factor_of(op)
         damping = _check_shift(damping, op.dtype, "damping")
         if abs(damping) > _shift_limit(torch.float32):  # (a float64 model's: beyond the float32 twin's range)
             self._low = None
@@ -4054,7 +4163,11 @@ class MixedFactorization(Factorization):
         return super().slogdet() if self._low is None else self._float64().slogdet()
 
     def inverse_sqrt(self, Z: Tensor) -> Tensor:
-        return super().inverse_sqrt(Z) if self._low is None else self._float64().inverse_sqrt(Z)
+        if self._low is None:
+            return super().inverse_sqrt(Z)
+        R, vec = self.op._as_matrix(Z, "Z")
+        X = self._public(self._float64().inverse_sqrt(self._stages(R)))
+        return X[:, 0] if vec else X
 
 
 def _contents(v: Any) -> list:
@@ -4653,7 +4766,9 @@ class WoodburyFactorization(Factorization):
     larger systems are refused. A zero entry whose column of ``G`` is zero is a :class:`SingularError`.
     A zero damping of the number kind is the Riccati sweep's (``method="auto"``).
     Same interface as :class:`Factorization` (``solve`` with refinement, ``inertia``,
-    ``positive_definite``, ``logdet``).
+    ``positive_definite``, ``logdet``). The ``damping`` attribute holds a per-parameter ``D`` in the
+    sweeps' order (:meth:`hessinv.Chain.to_stages`): ``model.parameters()``'s, except for a model whose
+    forward uses its parameters in another order than it lists them.
     """
 
     def _pivots_exact(self) -> bool:
@@ -4664,6 +4779,7 @@ class WoodburyFactorization(Factorization):
     _shift_rescue = False  # (refined by its own route: see _solve64 and _factor_dense)
 
     def __init__(self, op: GaussNewton, damping: float | Tensor):
+        op = self._public_factor_of(op)
         if not isinstance(damping, Tensor):
             damping = check_real(damping, "damping")
             if not math.isfinite(damping):
@@ -4685,6 +4801,8 @@ class WoodburyFactorization(Factorization):
                     "their derivative through it would be lost; pass damping.detach()"
                 )
             damping = damping.detach().clone()
+            if self._order is not None and damping.shape == (op.shape[0],):  # (held in the stages' order)
+                damping = self._order.to_stages(damping)
             if not damping.is_floating_point():  # integers: the entries' values (their zeros too)
                 damping = damping.to(op.dtype)
             if not bool(torch.isfinite(damping).all()):
@@ -4899,6 +5017,9 @@ class WoodburyFactorization(Factorization):
         >>> torch.allclose(F.inverse_diagonal(), torch.linalg.inv(A).diagonal())
         True
         """
+        return self._public(self._inverse_diagonal(tol))
+
+    def _inverse_diagonal(self, tol: float) -> Tensor:
         tol = _check_tol(tol, "tol", relative=True)
         if self._twin_only or self.op.dtype != torch.float64:
             return self._float64().inverse_diagonal(tol).to(self.op.dtype)
@@ -4936,9 +5057,7 @@ class WoodburyFactorization(Factorization):
         z = self._white(r + n, k, generator)
         root = D.sqrt().to(z)[:, None] if isinstance(D, Tensor) else math.sqrt(D)
         rhs = W.U.T.to(z) @ z[:r] + root * z[r:]
-        x = self.solve(rhs)
-        assert isinstance(x, Tensor)
-        return x
+        return self._public(self._solve(rhs, True, 5))
 
     def _inverse_sqrt(self, R: Tensor) -> Tensor:
         """:meth:`inverse_sqrt` of ``R`` (n, k): ``D^{-1/2} (I + V^T S V)^{-1/2}`` through a thin QR of ``V^T

@@ -54,6 +54,8 @@ from hessinv.chain import (
     check_real,
     dense_grad,
     exact_no_grad,
+    operator_chain,
+    trainable_named,
     training_layers,
     unshared,
 )
@@ -225,13 +227,13 @@ def _per_example_rows(
     if chain is not None:
         G = chain.per_example_gradients(inputs[:chunk], targets[:chunk])
         if G is not None:
-            if len(inputs) <= chunk:
-                return G
-            rest = [
-                chain.per_example_gradients(inputs[i : i + chunk], targets[i : i + chunk])
-                for i in range(chunk, len(inputs), chunk)
-            ]
-            return torch.cat([G, *rest])
+            if len(inputs) > chunk:
+                rest = [
+                    chain.per_example_gradients(inputs[i : i + chunk], targets[i : i + chunk])
+                    for i in range(chunk, len(inputs), chunk)
+                ]
+                G = torch.cat([G, *rest])
+            return chain.to_public(G, 1)
     slots, params = _slots(model)
     _check_model_inputs(inputs, params)
     values = {k: p.detach() for k, p in slots}
@@ -253,15 +255,17 @@ def _per_example_chain(
     model: nn.Module, loss_fn: LossFn, params: list[Tensor], chain: Chain | None = None
 ) -> Chain | None:
     """The model as a :class:`hessinv.Chain` (``chain`` if given) whose parameters are the trainable
-    ones in ``parameters()`` order, or None (not a chain: ``vmap`` then)."""
+    ones, in ``parameters()`` order through :meth:`~hessinv.Chain.to_public` (a model whose forward uses
+    them in another order: :func:`~hessinv.chain.operator_chain`), or None (not a chain: ``vmap`` then)."""
     if chain is None:
         try:
-            chain = Chain(model, loss_fn)
+            chain = operator_chain(model, loss_fn)
         except UnsupportedStageError:  # random or batch-mixing: no per-example gradient either
             raise
         except HessinvError:
             return None
-    same = len(chain.params) == len(params) and all(a is b for a, b in zip(chain.params, params, strict=True))
+    mine = chain.params if not chain.permuted else [t for _, t in trainable_named(chain.model)]
+    same = len(mine) == len(params) and all(a is b for a, b in zip(mine, params, strict=True))
     return chain if same else None
 
 
@@ -562,7 +566,7 @@ class InfluenceFunction:
                 f"a positive definite curvature -- {advice}"
             )
         self.operator, self.factorization, self._weight = op, fac, w
-        self._at, self._held = op.chain.flat_params(), op.chain.held_state(modes=False)
+        self._at, self._held = op.chain.to_public(op.chain.flat_params()), op.chain.held_state(modes=False)
         self.train_gradients = grads
         return self
 

@@ -54,12 +54,15 @@ __all__ = [
 ]  # fmt: skip
 
 
-def _check_operator(op: object) -> None:
+def _check_operator(op: object) -> CurvatureOperator:
+    """``op``, a curvature operator (else :class:`~hessinv.InvalidArgumentError`), in the stages' order
+    (the counts here do not depend on the order of its vectors)."""
     if not isinstance(op, CurvatureOperator):
         raise InvalidArgumentError(
             f"expected a curvature operator (hessinv.hessian(...) or hessinv.gauss_newton(...)), got "
             f"{type(op).__module__}.{type(op).__name__}"
         )
+    return op._stage_order()
 
 
 def _real_array(x: object, what: str) -> np.ndarray:
@@ -90,7 +93,7 @@ def eigenvalue_counts(
     null space of a Gauss-Newton matrix at ``s = 0``) may be split either way: count negative
     eigenvalues with :func:`num_negative_eigenvalues`, whose tolerance counts those as zero.
     """
-    _check_operator(op)
+    op = _check_operator(op)
     s = _real_array(shifts, "shifts")
     if not np.isfinite(s).all():
         raise NonFiniteArgumentError("shifts must be finite")
@@ -126,7 +129,7 @@ def spectral_range(op: CurvatureOperator) -> tuple[float, float]:
     = 0`` and ``N(hi) = n``, after one count at 0 -- for a Gauss-Newton matrix (positive semi-definite)
     at ``-sqrt(u) ||G||`` (:meth:`~CurvatureOperator.zero_tolerance`): in float32 its null space counts
     partly below 0 by rounding; its ``lo`` is 0 all the same, and those are the histogram's ``below``."""
-    _check_operator(op)
+    op = _check_operator(op)
     r = 1.05 * max(op.norm_estimate(), torch.finfo(op.dtype).tiny)
     psd = isinstance(op, GaussNewton)
     n, at0 = op.shape[0], op._count_below(-op.zero_tolerance() if psd else 0.0)
@@ -158,7 +161,7 @@ def spectral_histogram(
     net falls whole into the bin that starts at 0; a count at exactly 0 could split it by rounding). Exact
     counts otherwise, to the resolution :func:`eigenvalue_counts` states.
     """
-    _check_operator(op)
+    op = _check_operator(op)
     if np.ndim(bins) == 0:  # a count: an int of any kind (Python, numpy, a 0-d integer tensor)
         count = _integer(bins)
         if count is None:
@@ -234,7 +237,7 @@ def spectral_histogram(
 def num_negative_eigenvalues(op: CurvatureOperator, tol: float | None = None) -> int:
     """``#{lambda < -tol}``; ``tol`` defaults to ``sqrt(u) ||H||`` (eigenvalues zero up to rounding are
     not counted; ``tol=0`` counts ``N(0)``). See :meth:`CurvatureOperator.inertia`."""
-    _check_operator(op)
+    op = _check_operator(op)
     if isinstance(tol, bool):  # (False == 0: it counted N(0))
         raise InvalidArgumentError(f"tol must be a number or None, got {tol!r}")
     if tol is not None:  # (before the test for 0: an array's comparison is not a truth value)
@@ -250,5 +253,5 @@ def logdet(op: CurvatureOperator, damping: float = 0.0) -> tuple[float, float]:
     singular to working precision, or where the sweep perturbed pivots (``H + damping I`` near singular)
     and the dense LU that then gives the answer does not fit (more than 12288 parameters, or too little
     memory; :meth:`hessinv.Factorization.logdet`)."""
-    _check_operator(op)
+    op = _check_operator(op)
     return op.factor(damping).slogdet()  # (factor validates the damping)
