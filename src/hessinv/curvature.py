@@ -242,6 +242,10 @@ DENSE_ROUTE_MIN_FLOPS = 1e7
 #: ... on other devices (not measured there: the rule before 2026-12-04, when a dense indefinite ``H``
 #: is factored on the CPU -- the pivots' ``LDL^T`` bookkeeping runs in numpy -- after a copy off the device)
 DENSE_ROUTE_MIN_FLOPS_DEVICE = 1e9
+#: :meth:`CurvatureOperator._dense_dearer_timed`: the dense route the flop model chose is timed where the
+#: sweep is priced above this many seconds, and left for the sweep where it is dearer by this margin
+DENSE_ROUTE_TIMED_MIN_SECONDS = 0.5
+DENSE_ROUTE_TIMED_MARGIN = 1.5
 
 
 def _dense_route(chain: float, dense: float, n: int, cpu: bool = True) -> bool:
@@ -556,12 +560,28 @@ class CurvatureOperator(_AutocastOff):
             return False
         chain_flops, dense_flops = _block_costs(self.blocks)
         if _dense_route(chain_flops, dense_flops, n, self.device.type == "cpu"):
-            return True
+            return not self._dense_dearer_timed()
         try:
             check_memory(self.blocks, self._names, self.dtype, self.device)
         except TooLargeError:
             return True
         return False
+
+    def _dense_dearer_timed(self) -> bool:
+        """Whether the dense route, which the flop model chose, is dearer than the sweep by more than
+        :data:`DENSE_ROUTE_TIMED_MARGIN` with its ``n`` products timed (:meth:`_dense_columns_seconds`)
+        and the sweep priced by its flops with the pivots' orders as factored, at :func:`_flop_rate`: the
+        model prices a product at ``8 B max(p, d_in + d_out)`` flops a column, 5-30x under a convolution's
+        or a generic stage's products (a 3-stage Conv1d chain on 8 examples, n = 3586: the dense route
+        2.6 s, the sweep 0.5 s). Only where the sweep so priced takes over
+        :data:`DENSE_ROUTE_TIMED_MIN_SECONDS`: a small problem keeps the model's route, however loaded the
+        machine."""
+        rate = _flop_rate(self.device)
+        sweep = _block_costs(self.blocks, pivots=True)[0] / rate
+        if not sweep > DENSE_ROUTE_TIMED_MIN_SECONDS:
+            return False
+        n = float(self.shape[0])
+        return self._dense_columns_seconds() + n**3 / 3 / rate > DENSE_ROUTE_TIMED_MARGIN * sweep
 
     def _dense_columns_seconds(self) -> float:
         """The time :meth:`to_dense` would take, from one timed product of a block of at most 16 of its
