@@ -168,11 +168,16 @@ def _rows(vec: Tensor, wrt: list[Tensor]) -> Tensor:
 
 
 def _call(model, inputs: Tensor) -> Tensor:
-    if isinstance(model, (list, tuple)):
-        for m in model:
-            inputs = m(inputs)
-        return inputs
-    return model(inputs)
+    """The model's output, attention on its math kernel (``scaled_dot_product_attention``'s fused CPU kernel
+    has no double backward: the references of attention models raised where hessinv answers)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        if isinstance(model, (list, tuple)):
+            for m in model:
+                inputs = m(inputs)
+            return inputs
+        return model(inputs)
 
 
 def autograd_gradient_hessian(model, loss_fn, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:

@@ -193,17 +193,30 @@ def test_the_submodule_called_whole_is_the_instance_the_model_holds():
 
 
 @pytest.mark.parametrize("build", [AcrossChildren, CalledTwice, DirectUses])
-def test_a_layer_whose_uses_only_the_model_holds_stays_refused(build):
-    """One stage for the whole model would lose the chain: refused, naming the parameter, with the
-    remedy (nn.Sequential(model) calls it whole), which is exact."""
+def test_a_layer_whose_uses_only_the_model_holds_calls_the_model_whole(build):
+    """No submodule holds every use: the model is called whole, one generic stage (exact), as
+    nn.Sequential(model) calls it, with a warning naming the parameter and how to keep the chain's
+    structure (it was refused with that advice)."""
     torch.manual_seed(2)
     model = build().double()
     X, y = _data(2)
-    with pytest.raises(hessinv.NotAChainError, match=r"parameter (a|shared)\.lin\.weight is shared by stage"):
-        hessinv.hessian(model, nn.CrossEntropyLoss(), X, y)
-    with pytest.raises(hessinv.NotAChainError, match=r"nn\.Sequential\(model\) calls it whole"):
-        Chain(model, nn.CrossEntropyLoss())
+    with pytest.warns(
+        UserWarning, match=r"parameter (a|shared)\.lin\.weight is shared by stage.*called whole"
+    ):
+        chain = Chain(model, nn.CrossEntropyLoss())
+    assert len(chain.stages) == 1
+    with pytest.warns(UserWarning, match="shared by stage"):
+        _exact(model, X, y)
     _exact(nn.Sequential(model), X, y)
+
+
+def test_modules_sharing_a_layer_in_a_list_are_refused_by_name():
+    """A list of modules has no forward to call whole: refused, naming the parameter and the remedy."""
+    torch.manual_seed(2)
+    lin = nn.Linear(4, 4)
+    mods = [nn.Linear(6, 4), lin, nn.Tanh(), lin, nn.Linear(4, 2)]
+    with pytest.raises(hessinv.NotAChainError, match=r"shared by stage .*nn\.Sequential\(nn\.Sequential"):
+        Chain([m.double() for m in mods], nn.CrossEntropyLoss())
 
 
 def test_the_optimizer_steps_a_model_with_a_layer_applied_twice():

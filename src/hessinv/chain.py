@@ -1212,7 +1212,8 @@ def _graph_specs(gm: nn.Module, g: fx.Graph, owner: str, called: dict[int, nn.Mo
         raise NotAChainError(
             f"{owner}.forward returns {kind}, not one tensor; a chain has one output: "
             "wrap the model in a module whose forward returns the tensor the loss reads (e.g. "
-            "model(x)[0], or torch.cat of the outputs with a loss_fn that splits them)"
+            + ('model(x)["logits"], the entry the loss reads' if isinstance(result, dict) else "model(x)[0]")
+            + ", or torch.cat of the outputs with a loss_fn that splits them)"
         )
     # nodes that depend on the input, in graph order; the rest (parameters, constants) are free
     dep: list[fx.Node] = [inputs[0]]
@@ -1487,17 +1488,29 @@ def _check_parameters(
         for t in s.params:
             if id(t) in owner:
                 same_origin(owner[id(t)], s.index, [t])
+                shared = f"parameter {names.get(id(t), '?')} is shared by stage {owner[id(t)]} and {s.name}"
+                keep = (
+                    "put the modules from the first use to the last inside one module (an nn.Module with "
+                    "its own forward, or an nn.Sequential nested in the model), which is then called whole "
+                    "as one generic stage, or untie the parameter"
+                )
+                if isinstance(model, nn.Module):
+                    # (tied weights across the model's own forward: the model called whole, as
+                    # nn.Sequential(model) calls it -- exact; it was refused with that advice)
+                    warn(
+                        f"{shared}: not a chain, so the model is called whole, as one generic stage: exact, "
+                        "its products by autograd, but its factorizations form dense blocks (about one "
+                        f"backward pass per parameter) without the chain's structure -- to keep it, {keep}"
+                    )
+                    raise _CallWhole(model)
                 raise NotAChainError(
-                    f"parameter {names.get(id(t), '?')} is shared by stage {owner[id(t)]} and {s.name}: "
-                    "not a chain. Put the modules from the first use to the last inside one module (an "
-                    "nn.Module with its own forward, or an nn.Sequential nested in the model), which is "
-                    "then called whole as one generic stage (exact; dense blocks cost about one backward "
-                    "pass per parameter of that stage) -- for a model whose own forward ties them (the "
-                    "model itself is split into stages), nn.Sequential(model) calls it whole -- or untie "
-                    "the parameter"
+                    f"{shared}: not a chain. To keep the chain's structure, {keep}; or pass the modules as "
+                    "one nn.Sequential nested in another, nn.Sequential(nn.Sequential(*modules)), which "
+                    "calls them whole (exact; dense blocks cost about one backward pass per parameter)"
                 )
             owner[id(t)] = s.index
     flat = [id(t) for s in stages for t in s.params]
+    unused = [n for n, t in named if id(t) not in owner]
     for n, t in named:
         if id(t) not in owner:
             # (the optimizers split the model with its training-mode branches in eval mode: say so)
@@ -1509,9 +1522,14 @@ def _check_parameters(
                 if evaluated
                 else ""
             )
+            them, it = (
+                (f"parameter {n} is", "it")
+                if len(unused) == 1
+                else (f"parameters {', '.join(unused)} are", "them")
+            )
             raise NotAChainError(
-                f"parameter {n} is trainable but the forward pass{where} does not use it; "
-                "freeze it (requires_grad_(False)) or remove it"
+                f"{them} trainable but the forward pass{where} does not use {it}; freeze {it} "
+                f"(requires_grad_(False)) or remove {it}"
             )
     if ordered and flat != [id(t) for _, t in named]:
         first = next(j for j, (a, (_, t)) in enumerate(zip(flat, named, strict=False)) if a != id(t))
@@ -2156,11 +2174,20 @@ class Chain:
         try:
             while True:
                 try:
-                    return fn()
+                    out = fn()
                 except _CallWhole as e:
                     trial[id(e.module)] = (e.module, e.error)
                     self._whole.append(e.module)
                     self._resplit()
+                    continue
+                if outer and id(self.model) in trial:
+                    warn(
+                        f"{trial[id(self.model)][1]} -- so the model is called whole, as one generic stage "
+                        "(as nn.Sequential(model) calls it): exact, its products by autograd, but its "
+                        "factorizations form dense blocks (about one backward pass per parameter) without "
+                        "the chain's structure"
+                    )
+                return out
         except BaseException as e:
             if not outer or not trial:
                 raise
@@ -2186,9 +2213,10 @@ class Chain:
         return next((m for m in s.modules if id(m) in trial), None)
 
     def _piece_failed(self, s: Stage, error: HessinvError) -> NoReturn:
-        """Stage ``s`` is not a chain stage: call its module whole (a piece of a traced submodule, not of
-        the model itself -- one stage for the whole model would lose the chain; its error names the
-        piece), or, if it is a module called whole on trial, give the trial up; else raise ``error``."""
+        """Stage ``s`` is not a chain stage: call its module whole (a piece of a traced submodule, or of the
+        model itself: then the model, one stage, with a warning where that passes; where it fails too, the
+        piece's error, which names it), or, if it is a module called whole on trial, give the trial up;
+        else raise ``error``."""
         trial = self._on_trial(s)
         if trial is not None:
             outer = self._enclosing_container(trial)
@@ -2197,6 +2225,10 @@ class Chain:
             raise _WholeFailed(trial) from error
         if s.origin is not None and s.origin is not self.model:
             raise _CallWhole(s.origin, error)
+        if isinstance(self.model, nn.Module) and not any(w is self.model for w in self._whole):
+            # the model's own pieces (or a top-level Sequential's layers): the model called whole on trial,
+            # as nn.Sequential(model) calls it -- a warning where that passes (_guarded)
+            raise _CallWhole(self.model, error)
         raise error
 
     def _enclosing_container(self, module: nn.Module) -> nn.Module | None:

@@ -1031,9 +1031,10 @@ class GenericStage(Stage):
             self._refuse_one_element_norm()
             raise NoExactHessian(
                 f"{self.name}: autograd's second derivatives of this stage are not symmetric: torch has no "
-                "exact double backward for an operation in it (e.g. weight_norm's _weight_norm), or they are "
-                "small differences of large terms (a normalization over 2 values); its Hessian cannot be "
-                "taken exactly (the Gauss-Newton matrix can)"
+                "exact double backward for an operation in it (e.g. weight_norm's _weight_norm: written out "
+                "in forward, w = g * v / v.norm(dim=1, keepdim=True), it is exact), or they are small "
+                "differences of large terms (a normalization over 2 values); its Hessian cannot be taken "
+                "exactly (the Gauss-Newton matrix can)"
             )
         if not consistent:
             refuse("second derivatives")
