@@ -68,3 +68,17 @@ def test_both_routes_give_the_same_factorization_of_the_conv_chain(monkeypatch):
         F = Hs.factor(0.1)
         assert torch.allclose(F.solve(g), ref, rtol=1e-9, atol=1e-12 * float(ref.abs().max()))
         assert F.logdet() == pytest.approx(float(torch.linalg.slogdet(A)[1]), rel=1e-10)
+
+
+def test_a_sweep_that_does_not_fit_takes_the_dense_route_even_where_it_is_timed_dearer(monkeypatch):
+    """The timing vetoes the flop model's dense pick, not the memory rule: where the sweep's blocks do not
+    fit, the dense route answers (a veto made factor() raise TooLargeError there; a review)."""
+    H = _conv_hessian(8)
+    monkeypatch.setattr(type(H), "_dense_columns_seconds", lambda self: 1e3)
+    assert not H._dense_cheaper()
+
+    def no_room(*args, **kwargs):
+        raise hessinv.TooLargeError("the sweep's blocks do not fit (a stand-in)")
+
+    monkeypatch.setattr(hc, "check_memory", no_room)
+    assert H._dense_cheaper()

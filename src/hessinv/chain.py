@@ -189,19 +189,19 @@ def deterministic_chain(
     deterministic network, whose curvature they take), and its :func:`mode_modules`, which they keep."""
     mods = mode_modules(model)
     with layers_in_mode(training_layers(model, mods), False):
-        return operator_chain(model, loss_fn), mods
+        try:  # (ordered like model.parameters() where it can be: the chain older checkpoints were saved in)
+            return Chain(model, loss_fn), mods
+        except ParameterOrderError:  # the optimizers' vectors are their own: the stages' order
+            return Chain(model, loss_fn, ordered=False), mods
 
 
 def operator_chain(model: nn.Module | Sequence[nn.Module], loss_fn: LossFn) -> Chain:
-    """The chain the operators and optimizers split ``model`` into: ordered like ``model.parameters()``
-    where it can be; a model whose forward uses its parameters in another order than it lists them is
-    split in the order of use (``Chain(..., ordered=False)``), and the operators give their vectors in
-    ``model.parameters()``'s order all the same (:meth:`Chain.to_public`; the optimizers' vectors are
-    their own)."""
-    try:
-        return Chain(model, loss_fn)
-    except ParameterOrderError:
-        return Chain(model, loss_fn, ordered=False)
+    """The chain the operators split ``model`` into: in the order ``forward`` uses the parameters
+    (``Chain(..., ordered=False)``), whatever order the model registers them in -- the operators give
+    their vectors in ``model.parameters()``'s order all the same (:meth:`Chain.to_public`). (An ordered
+    split calls whole a submodule whose children are registered out of order: 3-4x slower factorizations
+    for the same numbers.)"""
+    return Chain(model, loss_fn, ordered=False)
 
 
 def _numpy_state() -> tuple:
@@ -1473,7 +1473,8 @@ def _check_parameters(
         """Two stages traced out of one module that use ``params`` (one shared, or two out of order): call
         whole the innermost submodule whose one call holds all their uses there, else the traced module.
         Not the model itself -- one stage for the whole model would lose the chain's structure, where the
-        message below says how to keep it."""
+        message below says how to keep it (the model is called whole only where nothing smaller holds
+        every use)."""
         origin = stages[a].origin
         if origin is None or stages[b].origin is not origin:
             return
@@ -1505,8 +1506,8 @@ def _check_parameters(
                     raise _CallWhole(model)
                 raise NotAChainError(
                     f"{shared}: not a chain. To keep the chain's structure, {keep}; or pass the modules as "
-                    "one nn.Sequential nested in another, nn.Sequential(nn.Sequential(*modules)), which "
-                    "calls them whole (exact; dense blocks cost about one backward pass per parameter)"
+                    "one nn.Sequential(*modules), which is then called whole (exact; dense blocks cost about "
+                    "one backward pass per parameter)"
                 )
             owner[id(t)] = s.index
     flat = [id(t) for s in stages for t in s.params]
@@ -1804,14 +1805,22 @@ class Chain:
         another order than it lists them give their vectors so (:func:`operator_chain`)."""
         if self._public_index is None:
             return X
-        return X.index_select(dim, self._public_index.to(X.device))
+        return X.index_select(dim, self._index_on("_public_index", X.device))
+
+    def _index_on(self, name: str, device: torch.device) -> Tensor:
+        """The permutation ``name`` on ``device`` (cached: a product on an accelerator copies no index)."""
+        cache = self.__dict__.setdefault("_indices", {})
+        key = (name, device)
+        if key not in cache:
+            cache[key] = getattr(self, name).to(device)
+        return cache[key]
 
     def to_stages(self, X: Tensor, dim: int = 0) -> Tensor:
         """The inverse of :meth:`to_public`: ``X``'s parameter axis from ``model.parameters()``'s order
         to the stages'."""
         if self._public_index is None:
             return X
-        return X.index_select(dim, self._stage_index.to(X.device))
+        return X.index_select(dim, self._index_on("_stage_index", X.device))
 
     def _watch(self) -> None:
         """Record what the split read from the model besides tensor values (:meth:`check_model`)."""
@@ -2229,6 +2238,9 @@ class Chain:
             # the model's own pieces (or a top-level Sequential's layers): the model called whole on trial,
             # as nn.Sequential(model) calls it -- a warning where that passes (_guarded)
             raise _CallWhole(self.model, error)
+        if any(m is self.model for m in s.modules) and isinstance(error, UnsupportedStageError):
+            if "mixes examples" in str(error):  # (the model itself called whole: that advice is spent)
+                raise mixing_too(error, self.model)
         raise error
 
     def _enclosing_container(self, module: nn.Module) -> nn.Module | None:

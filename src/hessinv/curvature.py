@@ -559,8 +559,11 @@ class CurvatureOperator(_AutocastOff):
         except TooLargeError:
             return False
         chain_flops, dense_flops = _block_costs(self.blocks)
-        if _dense_route(chain_flops, dense_flops, n, self.device.type == "cpu"):
-            return not self._dense_dearer_timed()
+        if (
+            _dense_route(chain_flops, dense_flops, n, self.device.type == "cpu")
+            and not self._dense_dearer_timed()
+        ):
+            return True
         try:
             check_memory(self.blocks, self._names, self.dtype, self.device)
         except TooLargeError:
@@ -2033,8 +2036,10 @@ class CurvatureOperator(_AutocastOff):
     def _residual_operator(self) -> CurvatureOperator:
         """This operator in float64 (itself if already float64), for refinement residuals; in the stages'
         order (:meth:`_stage_order`)."""
+        if self._order is not None:  # (one twin: the copy that answers this operator's calls holds it)
+            return self._plain._residual_operator()
         if self.dtype == torch.float64:
-            return self._stage_order()
+            return self
         if self._twin is None:
             self._twin = self._converted(torch.float64)
         return self._twin
@@ -2599,7 +2604,13 @@ class GaussNewton(CurvatureOperator):
         B)`` (then ``U^T S U`` approximates ``G``); ``structured_only`` and ``tables``: as
         :func:`hessinv.lowrank.gauss_newton_root` (none of these results is cached)."""
         if self._order is not None:
-            U, S = self._plain.root(rotation, factors, max_rows, structured_only, tables)
+            if rotation is not None or factors is not None or tables is not None:
+                raise InvalidArgumentError(
+                    "root(rotation=, factors=, tables=) describe U's columns in the chain's stages' order, "
+                    "which is not model.parameters()'s for this model (its forward uses its parameters in "
+                    "another order): take root() or root(max_rows=...) here"
+                )
+            U, S = self._plain.root(None, None, max_rows, structured_only, None)
             return self._order.to_public(U, 1), S
         if rotation is not None and not callable(rotation):
             raise InvalidArgumentError(

@@ -601,7 +601,9 @@ def _check_batch(net: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tenso
     parameter used twice, a residual), its checks of dtypes, devices, batch sizes and finite values, and
     the loss's check of the targets against the whole model's output."""
     try:
-        chain = Chain(net, loss_fn)
+        with warnings.catch_warnings():  # (a model called whole: its factorizations' cost is not at issue)
+            warnings.filterwarnings("ignore", message=".*called whole")
+            chain = Chain(net, loss_fn)
     except HessinvError:
         chain = None
     if chain is not None:

@@ -259,7 +259,9 @@ def _per_example_chain(
     them in another order: :func:`~hessinv.chain.operator_chain`), or None (not a chain: ``vmap`` then)."""
     if chain is None:
         try:
-            chain = operator_chain(model, loss_fn)
+            with warnings.catch_warnings():  # (a model called whole: no factorization here)
+                warnings.filterwarnings("ignore", message=".*called whole")
+                chain = operator_chain(model, loss_fn)
         except UnsupportedStageError:  # random or batch-mixing: no per-example gradient either
             raise
         except HessinvError:
