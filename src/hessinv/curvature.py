@@ -2765,6 +2765,9 @@ class Factorization(_AutocastOff):
     :class:`SingularError` is raised only where it is not.
 
     Attributes:
+        op: the operator factored -- for an operator of a model whose forward uses its parameters in
+            another order than ``model.parameters()`` lists them, its copy in the stages' order (the
+            factorization's own methods take and give vectors in ``model.parameters()``'s order).
         damping: ``eps``.
         inertia: ``(negative, zero, positive)`` eigenvalue counts of ``H + eps I``, by Sylvester's law
             on the pivots. Where the pivots cannot certify them (a perturbed pivot: the counts would be
