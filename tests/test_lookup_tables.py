@@ -297,9 +297,12 @@ def test_columns_takes_negative_indices_and_masks_as_indexing_does():
     from hessinv.lowrank import WoodburyFactor, gauss_newton_root
 
     torch.manual_seed(0)
-    net = nn.Sequential(_TableLast()).double()  # called whole: one generic stage
+    net = nn.Sequential(_TableLast()).double()
     X, y = torch.randint(0, 100, (6, 3)), torch.randint(0, 5, (6,))  # tokens 100.. unseen
-    op = hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X, y)
+    # (the ordered split, as the optimizers take it: _TableLast called whole, one generic stage, its table
+    # registered last; hessinv.gauss_newton splits it in the order of use, the table first)
+    loss = nn.CrossEntropyLoss()
+    op = hessinv.GaussNewton(net, loss, X, y, chain=hessinv.Chain(net, loss))
     factors, tables = [], []
     U, S = gauss_newton_root(op.blocks, op.dtype, op.device, None, factors, None, True, tables)
     f = WoodburyFactor(U, S, 1.0, factors=factors, structured_only=True, tables=tables)
