@@ -822,3 +822,46 @@ def test_root_with_stage_structure_is_refused_and_a_float32_operator_keeps_one_t
     m32 = copy.deepcopy(case.model).float()
     H32 = hessinv.hessian(m32, nn.CrossEntropyLoss(), case.X.float(), case.y)
     assert H32._residual_operator() is H32._plain._residual_operator()
+
+
+# every public method of the operators and factorizations, by how a permuted operator treats it: a new
+# one must be added here -- and, if it takes or gives an n-vector, converted (the `_order` branch), tested
+_PUBLIC = {
+    "CurvatureOperator": {
+        "converted": {"__matmul__", "matmul", "to_dense", "diagonal", "solve", "eigenpairs"},
+        "delegated": {"factor", "factor_if_positive_definite", "inertia", "min_eigenvalue", "norm_estimate"},
+        "through others": {
+            "__rmatmul__",
+            "as_linear_operator",
+            "trace",
+            "is_positive_definite",
+            "zero_tolerance",
+        },
+    },
+    "GaussNewton": {
+        "converted": {"to_dense", "diagonal", "root", "factor"},
+        "delegated": {"factor_if_positive_definite", "min_eigenvalue"},
+        "through others": {"is_positive_definite"},
+    },
+    "Hessian": {},
+    "Factorization": {
+        "converted": {"solve", "inverse_diagonal", "inverse_quadratic", "inverse_sqrt"},
+        "through others": {"sample"},
+        "invariant": {"inertia", "inertia_certified", "logdet", "slogdet"},
+    },
+    "WoodburyFactorization": {"converted": {"inverse_diagonal", "sample"}, "invariant": {"logdet"}},
+    "MixedFactorization": {"converted": {"inverse_sqrt"}, "invariant": {"logdet", "slogdet"}},
+}
+
+
+def test_every_public_method_of_the_operators_is_classified_for_permuted_vectors():
+    for name, kinds in _PUBLIC.items():
+        cls = getattr(hessinv.curvature, name)
+        public = {
+            n
+            for n, v in vars(cls).items()
+            if (not n.startswith("_") or n in ("__matmul__", "__rmatmul__"))
+            and (callable(v) or isinstance(v, property))
+        }
+        classified = set().union(*kinds.values()) if kinds else set()
+        assert public == classified, (name, sorted(public ^ classified))
