@@ -75,3 +75,24 @@ def test_weight_norms_refusal_names_the_exact_form_and_that_form_is_exact():
     H = hessinv.hessian(exact, nn.CrossEntropyLoss(), X, y)
     ref = autograd_gradient_hessian(exact, nn.CrossEntropyLoss(), X, y)[1]
     assert torch.allclose(H.to_dense(), ref, rtol=1e-10, atol=1e-13 * float(ref.abs().max()))
+
+
+def test_a_loss_with_its_own_parameter_is_told_to_freeze_it_and_frozen_it_is_exact():
+    class LearnedTemperatureCE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.log_t = nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
+
+        def forward(self, out, y):
+            return nn.functional.cross_entropy(out / self.log_t.exp(), y)
+
+    torch.manual_seed(0)
+    X, y = _batch()
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    loss = LearnedTemperatureCE()
+    with pytest.raises(hessinv.UnsupportedStageError, match=r"requires_grad_\(False\)"):
+        hessinv.hessian(model, loss, X, y)
+    loss.log_t.requires_grad_(False)
+    H = hessinv.hessian(model, loss, X, y)
+    ref = autograd_gradient_hessian(model, loss, X, y)[1]
+    assert torch.allclose(H.to_dense(), ref, rtol=1e-10, atol=1e-13 * float(ref.abs().max()))

@@ -693,8 +693,10 @@ class LossStage:
                 raise UnsupportedStageError(
                     f"{self.name}: loss_fn depends on tensors that require grad besides the model's output "
                     "(a weight penalty or learnable loss parameters?); hessinv differentiates the loss "
-                    "through the output only: pass a loss of (outputs, targets) alone; an L2 penalty is "
-                    "hessinv.optim.Newton(weight_decay=...) (exact), or a damping of the operator's solves"
+                    "through the output only: pass a loss of (outputs, targets) alone -- a loss module's "
+                    "own parameters frozen (requires_grad_(False)) are constants of it, which is exact; an "
+                    "L2 penalty is hessinv.optim.Newton(weight_decay=...) (exact), or a damping of the "
+                    "operator's solves"
                 )
 
     def _per_example(
