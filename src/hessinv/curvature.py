@@ -525,6 +525,19 @@ class CurvatureOperator(_AutocastOff):
         permuted (:attr:`_order`) the copy that answers its calls."""
         return self if self._order is None else self._plain
 
+    def _stage_damping(self, damping: Any) -> Any:
+        """A per-parameter damping (a dense (n,) tensor: GaussNewton's) in the stages' order; anything
+        else as given (the factorization names what it cannot take)."""
+        n = self.shape[0]
+        if (
+            self._order is not None
+            and isinstance(damping, Tensor)
+            and damping.shape == (n,)
+            and damping.layout == torch.strided
+        ):
+            return self._order.to_stages(damping)
+        return damping
+
     def _public_factor(self, F: Any) -> Any:
         """``F``, a factorization of :meth:`_stage_order`'s (or None), with its vectors in this operator's
         order."""
@@ -861,12 +874,9 @@ class CurvatureOperator(_AutocastOff):
             rtol = _check_tol(rtol, "rtol", relative=True)
         if self._order is not None:
             R, vec = self._as_matrix(rhs, "rhs")
-            n = self.shape[0]
-            if isinstance(damping, Tensor) and damping.shape == (n,) and damping.layout == torch.strided:
-                damping = self._order.to_stages(damping)  # (a per-parameter damping, GaussNewton's)
             X, info = self._plain.solve(
                 self._order.to_stages(R),
-                damping,
+                self._stage_damping(damping),
                 refine=refine,
                 max_refine=max_refine,
                 rtol=rtol,
@@ -2645,9 +2655,7 @@ class GaussNewton(CurvatureOperator):
         or a (n,) tensor of per-parameter damping (always Woodbury). ``modify``, ``precision``: as
         :meth:`CurvatureOperator.factor` (the Riccati sweep only), in the same positions."""
         if self._order is not None:
-            n = self.shape[0]
-            if isinstance(damping, Tensor) and damping.shape == (n,) and damping.layout == torch.strided:
-                damping = self._order.to_stages(damping)  # (else the factorization's named refusal)
+            damping = self._stage_damping(damping)
             return self._public_factor(self._plain.factor(damping, modify, precision, method=method))
         if method not in ("auto", "riccati", "woodbury"):
             raise InvalidArgumentError(f"method must be 'auto', 'riccati' or 'woodbury', got {method!r}")
