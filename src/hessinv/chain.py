@@ -618,12 +618,10 @@ def _specs(
             raise _CallWhole(culprit) from e
         # the model itself: called whole, as one generic stage, as nn.Sequential(model) would be (exact;
         # a forward with a loop over x.shape[1], or torch.zeros(x.shape[0], h), was refused here)
-        warn(
-            f"{type(m).__name__}.forward could not be traced with torch.fx ({type(e).__name__}: {e}); it is "
-            "called whole, as one generic stage: exact, its products by autograd, but its factorizations "
-            "form dense blocks (about one backward pass per parameter) without the chain's linear-in-depth "
-            "structure -- write it as an nn.Sequential of stages, or make its forward traceable (e.g. "
-            "x.new_zeros(...) for torch.zeros(x.shape[0], ...)), for that"
+        _warn_called_whole(
+            f"{type(m).__name__}.forward could not be traced with torch.fx ({type(e).__name__}: {e})",
+            "write it as an nn.Sequential of stages, or make its forward traceable (e.g. x.new_zeros(...) "
+            "for torch.zeros(x.shape[0], ...))",
         )
         return [(_leaf_spec(m), None, None)]
     state, stored = _restore_attributes(before)
@@ -1417,6 +1415,17 @@ def _check_model_kinds(model) -> None:
                 )
 
 
+def _warn_called_whole(why: str, keep: str | None = None) -> None:
+    """Say that the model itself is called whole, one generic stage (as ``nn.Sequential(model)`` calls it),
+    because ``why``; ``keep``: how to keep the chain's structure."""
+    warn(
+        f"{why} -- so the model is called whole, as one generic stage (as nn.Sequential(model) calls it): "
+        "exact, its products by autograd, but its factorizations form dense blocks (about one backward "
+        "pass per parameter) without the chain's linear-in-depth structure"
+        + (f"; to keep that, {keep}" if keep else "")
+    )
+
+
 class ParameterOrderError(NotAChainError):
     """Parameters used in another order than ``model.parameters()`` lists them (:func:`_check_parameters`),
     from an ordered :class:`Chain`: the operators and optimizers split such a model unordered instead
@@ -1498,11 +1507,7 @@ def _check_parameters(
                 if isinstance(model, nn.Module):
                     # (tied weights across the model's own forward: the model called whole, as
                     # nn.Sequential(model) calls it -- exact; it was refused with that advice)
-                    warn(
-                        f"{shared}: not a chain, so the model is called whole, as one generic stage: exact, "
-                        "its products by autograd, but its factorizations form dense blocks (about one "
-                        f"backward pass per parameter) without the chain's structure -- to keep it, {keep}"
-                    )
+                    _warn_called_whole(f"{shared}: not a chain", keep)
                     raise _CallWhole(model)
                 raise NotAChainError(
                     f"{shared}: not a chain. To keep the chain's structure, {keep}; or pass the modules as "
@@ -2190,12 +2195,7 @@ class Chain:
                     self._resplit()
                     continue
                 if outer and id(self.model) in trial:
-                    warn(
-                        f"{trial[id(self.model)][1]} -- so the model is called whole, as one generic stage "
-                        "(as nn.Sequential(model) calls it): exact, its products by autograd, but its "
-                        "factorizations form dense blocks (about one backward pass per parameter) without "
-                        "the chain's structure"
-                    )
+                    _warn_called_whole(str(trial[id(self.model)][1]))
                 return out
         except BaseException as e:
             if not outer or not trial:
