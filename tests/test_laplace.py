@@ -1268,3 +1268,64 @@ def test_optimize_prior_precision_takes_laplace_torch_positional_arguments():
         assert la.optimize_prior_precision("glm", "marglik") == delta and la.sigma_noise == sigma
         with pytest.raises(InvalidArgumentError, match="optimize_sigma_noise must be True or False"):
             la.optimize_prior_precision((1e-3, 1e3), "yes")
+
+
+# -- the predictive's gradient in its inputs, and the evidence's scatter in float64 (an applications probe) --
+
+
+def _central_differences(f, x: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
+    out = torch.zeros(x.numel(), dtype=torch.float64)
+    for i in range(x.numel()):
+        e = torch.zeros(x.numel(), dtype=x.dtype)
+        e[i] = h
+        e = e.view_as(x)
+        out[i] = (f(x + e) - f(x - e)).detach() / (2 * h)
+    return out
+
+
+@pytest.mark.parametrize("link", ["probit", "mc", "regression"])
+def test_the_glm_predictive_is_differentiable_in_its_inputs(link):
+    """la(x) with x requiring grad: the gradient of the predictive (mean and variance together) is the
+    true one, by central differences -- the mean was computed without a graph, so the variance's term
+    alone came back (an acquisition function mu + k sigma got a silently partial gradient)."""
+    torch.manual_seed(0)
+    C = 2 if link == "regression" else 3
+    m = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, C)).double()
+    X = torch.randn(20, 4, dtype=torch.float64)
+    if link == "regression":
+        la = Laplace(m, "regression", prior_precision=0.1, sigma_noise=0.3).fit(
+            X, torch.randn(20, C, dtype=torch.float64)
+        )
+
+        def f(z):
+            mu, var = la(z)
+            return mu[0, 0] + 2.0 * var[0, 0, 0].sqrt() + var[0, 0, 1]
+    else:
+        la = Laplace(m, "classification", prior_precision=0.1).fit(X, torch.randint(0, C, (20,)))
+
+        def f(z):
+            gen = torch.Generator().manual_seed(3)  # (the same draws at every point)
+            return la(z, link_approx=link, n_samples=200, generator=gen)[0, 1]
+
+    x = torch.randn(1, 4, dtype=torch.float64)
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(f(xr), xr)
+    fd = _central_differences(f, x)
+    assert torch.allclose(g.reshape(-1), fd, rtol=1e-5, atol=1e-9), (g.reshape(-1), fd)
+    with torch.no_grad():  # (and no graph where none is asked for)
+        out = la(xr) if link == "regression" else la(xr, link_approx="probit")
+    assert not any(t.requires_grad for t in (out if isinstance(out, tuple) else (out,)))
+
+
+def test_the_evidence_scatter_of_a_float32_model_is_summed_in_float64():
+    """delta |theta* - mu_0|^2 of a float32 model, summed in float64 (its parameters are exact there):
+    summed in float32 it was 4e-8 off, 44 nats of evidence at delta = 1e8 on 667 parameters."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 24), nn.GELU(), nn.Linear(24, 16), nn.SiLU(), nn.Linear(16, 3))
+    X, y = torch.randn(8, 8), torch.randint(0, 3, (8,))
+    mu0 = torch.randn(sum(p.numel() for p in m.parameters()))
+    la = Laplace(m, "classification", prior_mean=mu0).fit(X, y)
+    th = torch.cat([p.detach().reshape(-1) for p in m.parameters()]).double() - mu0.double()
+    ref = float(th @ th)
+    assert abs(la.scatter(1.0) - ref) <= 1e-13 * ref
+    assert abs(la.scatter(1e8) - 1e8 * ref) <= 1e-13 * 1e8 * ref
