@@ -351,12 +351,25 @@ def _describe(m: nn.Module) -> str:
     return f"{type(m).__qualname__}({m.extra_repr()})" + (code if isinstance(code, str) else "")
 
 
-def _state_fingerprint(opt: Any) -> tuple[float, float, float, float]:
-    """Sums and 1-norms of the optimizer's momentum and of the preconditioner's second moments ``v``:
-    identical on every rank for every strategy (functions of the averaged gradients only), so a rank
-    that loaded another checkpoint, or stepped alone before :func:`distribute`, shows here."""
+def _state_fingerprint(opt: Any, pc: Preconditioner) -> tuple[float, float, float, float]:
+    """Sums and 1-norms of the optimizer's momentum (a ``Newton``'s; another optimizer's state tensors:
+    SGD's momentum buffers, Adam's moments -- functions of the preconditioned directions) and of the
+    preconditioner's second moments ``v``: identical on every rank for every strategy (functions of the
+    averaged gradients only), so a rank that loaded another checkpoint, or stepped alone before
+    :func:`distribute`, shows here."""
+    newton = getattr(opt, "_newton", None)
+    if newton is not None:
+        mine: list[Tensor] = [newton["momentum"]] if isinstance(newton.get("momentum"), Tensor) else []
+    else:
+        state = getattr(opt, "state", {})
+        mine = [
+            t.detach().reshape(-1).double()
+            for p in (q for g in opt.param_groups for q in g["params"])
+            for t in state.get(p, {}).values()
+            if isinstance(t, Tensor) and t.is_floating_point()
+        ]
     out: list[float] = []
-    for t in (opt._newton.get("momentum"), opt.preconditioner.state.get("v")):
+    for t in (torch.cat(mine) if mine else None, pc.state.get("v")):
         out += [0.0, 0.0] if not isinstance(t, Tensor) else [float(t.sum()), float(t.abs().sum())]
     return out[0], out[1], out[2], out[3]
 
@@ -402,7 +415,7 @@ def _settings(opt: Any, strategy: str) -> dict[str, Any]:
             None if pc.basis is None else tuple(zip(pc.basis.blocks, pc.basis.sides, strict=True))
         ),
         "steps taken": (int(opt.steps), int(pc.state["t"])),
-        "state (momentum and second moments)": _state_fingerprint(opt),
+        "state (momentum and second moments)": _state_fingerprint(opt, pc),
     }
 
 
@@ -475,7 +488,7 @@ class DistributedPreconditioner(Preconditioner):
         if opt is not None:
             budget = getattr(opt, "max_relative_step", None)
             extras.append(("max_relative_step", -1.0 if budget is None else float(budget)))
-        state = list(_state_fingerprint(opt)) if opt is not None else [math.nan] * 4
+        state = list(_state_fingerprint(opt, self)) if opt is not None else [math.nan] * 4
         head = torch.tensor(
             [float(inputs.shape[0]), float(_normalizer(self.loss_fn, targets)), *fp, *state]
             + [float(g.get(key, 0.0)) for key in _STEP_SETTINGS for g in groups]
@@ -561,6 +574,38 @@ class DistributedPreconditioner(Preconditioner):
                 )
         self._checked_at = self.state["t"] + 1  # the step whose update() needs no second check
         return counts
+
+    def _precondition_checks(self, inputs: Any, targets: Any) -> tuple[Tensor, Tensor, Tensor] | None:
+        """:meth:`Preconditioner._precondition_checks`, agreed between the ranks (one all-reduce of three
+        flags) before any collective of the step: a shard refused on one rank (an empty one, a NaN in it) is
+        refused on every rank -- the others waited in :meth:`check_step` until the collective timeout, then
+        got the backend's bare error -- and a shard with no target the loss counts, where others have some,
+        is a :class:`DistributedError` everywhere (DDP's average of the ranks' mean losses is not the global
+        batch's then; that rank left its raw gradient for its optimizer to apply)."""
+        error: Exception | None = None
+        ready = None
+        try:
+            ready = super()._precondition_checks(inputs, targets)
+        except Exception as e:  # noqa: BLE001 - re-raised below, once every rank has heard of it
+            error = e
+        failed, skipped, learning = _any_rank(
+            [error is not None, error is None and ready is None, ready is not None], self.group
+        )
+        if error is not None:
+            raise error
+        if failed:
+            raise DistributedError(
+                "another rank refused its shard of this batch (its error names the cause): no rank "
+                "preconditioned it"
+            )
+        if skipped and learning:
+            raise DistributedError(
+                "a rank's shard of this batch has no target that the loss counts (every one equals "
+                f"ignore_index={getattr(self.loss_fn, 'ignore_index', None)}), the others' have some: DDP's "
+                "average of the ranks' mean losses is then not the global batch's mean; shuffle the data so "
+                "that every shard holds a labelled target (or use one process)"
+            )
+        return ready
 
     def observe(self, g: Tensor) -> Tensor:
         """:meth:`Preconditioner.observe`, keeping a fingerprint of ``g`` (its sum and 1-norm) for

@@ -1684,6 +1684,14 @@ class Preconditioner:
         gradient. With ``torch.amp.GradScaler``, call ``scaler.unscale_(optimizer)`` first: the direction is
         not invariant to the gradient's scale (``D`` follows ``|g|``), and the scaler's later division by
         its scale (65536) would leave steps that scale too small (the loss flat over 100 steps; a probe)."""
+        ready = self._precondition_checks(inputs, targets)
+        if ready is None:
+            return torch.zeros(self.chain.num_params, dtype=self.chain.dtype, device=self.chain.device)
+        return self._precondition(*ready)
+
+    def _precondition_checks(self, inputs: Any, targets: Any) -> tuple[Tensor, Tensor, Tensor] | None:
+        """:meth:`precondition_`'s checks of the call, the batch, the model and the gradient, before any
+        state moves: ``(inputs, targets, g)``, or None where the batch has nothing to learn (warned)."""
         written = self.__dict__.get("_written")  # (the direction, and each grad and version it wrote)
         if (
             written is not None
@@ -1703,7 +1711,7 @@ class Preconditioner:
         skip = nothing_to_learn(self.loss_fn, targets)
         if skip is not None:  # (the grads stay torch's zeros: the optimizer's step is its own to take)
             warn(f"precondition_: {skip}: the grads were left as they are, the state unchanged")
-            return torch.zeros(self.chain.num_params, dtype=self.chain.dtype, device=self.chain.device)
+            return None
         g = self.gradient()
         if not linalg.all_finite(g):  # before it enters (and poisons) the second moments
             self.chain.check_inputs(inputs, targets)
@@ -1713,6 +1721,10 @@ class Preconditioner:
         # refreshes would otherwise go unseen until the next one)
         self.chain.check_model()
         self._checked = self.chain.check_batch_if_new(inputs, targets, self.__dict__.get("_checked"))
+        return inputs, targets, g
+
+    def _precondition(self, inputs: Tensor, targets: Tensor, g: Tensor) -> Tensor:
+        """:meth:`precondition_` after its checks: the state's update and the grads written."""
         with linalg.one_thread_if(self.chain.small(inputs)):  # small work: more threads only wait
             with self._atomic():  # (reference_scale's first count too: a refused call leaves no trace)
                 self.reference_scale(inputs, targets)
