@@ -170,7 +170,21 @@ def per_example_gradients(
     already built), else vectorized with ``torch.func.vmap(grad)``. A loss with class weights and the mean
     reduction (``CrossEntropyLoss(weight=w)``, ``NLLLoss(weight=w)``) divides one example's weighted loss
     by its own weight: its rows are those of the unweighted loss, while a curvature of the batch keeps the
-    weights -- for scores of the weighted objective, use ``reduction="sum"`` (rows ``w_i grad l_i``)."""
+    weights -- for scores of the weighted objective, use ``reduction="sum"`` (rows ``w_i grad l_i``).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from hessinv.influence import per_example_gradients
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> X, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    >>> R = per_example_gradients(net, nn.CrossEntropyLoss(), X, y)  # (5, 26), one backward pass
+    >>> losses = [nn.CrossEntropyLoss()(net(X[i : i + 1]), y[i : i + 1]) for i in range(5)]
+    >>> rows = [torch.autograd.grad(loss, list(net.parameters())) for loss in losses]
+    >>> loop = torch.stack([torch.cat([t.reshape(-1) for t in row]) for row in rows])
+    >>> bool(torch.allclose(R, loop))
+    True
+    """
     chunk = _check_chunk(chunk)
     model = as_module(model)
     check_loss_fn(loss_fn)
@@ -276,7 +290,19 @@ def output_jacobians(model: nn.Module, inputs: Tensor, chunk: int = 1024) -> Ten
     """``(N, C, n)``: the Jacobian of each example's ``C`` outputs in the trainable parameters
     (``torch.func.vmap(jacrev)``), for the linearized (GLM) predictive. A model with layers random in
     training mode (Dropout, ...) in that mode is an :class:`UnsupportedStageError` (its Jacobians would be
-    of one random draw)."""
+    of one random draw).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from hessinv.influence import output_jacobians
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> X = torch.randn(5, 3, dtype=torch.float64)
+    >>> J = output_jacobians(net, X)  # (5 examples, 2 outputs, 26 parameters)
+    >>> row = torch.autograd.grad(net(X[1:2])[0, 1], list(net.parameters()))
+    >>> J.shape, bool(torch.allclose(J[1, 1], torch.cat([t.reshape(-1) for t in row])))
+    (torch.Size([5, 2, 26]), True)
+    """
     chunk = _check_chunk(chunk)
     model = as_module(model)
     random = training_layers(model)
@@ -473,6 +499,23 @@ class InfluenceFunction:
     training loss -- its gradient row is zero and so are its scores, training or test (torch's loss of that
     example alone is 0/0). A model whose output for an example depends on the rest of its batch (a branch
     on a batch statistic) has no per-example losses: :meth:`fit` refuses it.
+
+    >>> import torch, hessinv
+    >>> from torch import nn
+    >>> from hessinv.influence import InfluenceFunction, per_example_gradients
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    >>> X, y = torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 3, (20,))
+    >>> inf = InfluenceFunction(net, nn.CrossEntropyLoss(), curvature="gauss_newton", damping=0.1).fit(X, y)
+    >>> scores = inf.influences(X[:2], y[:2])  # (2 test points, 20 training examples)
+    >>> scores.shape
+    torch.Size([2, 20])
+    >>> # -g_test^T (G + 0.1 I)^-1 g_i against a dense solve
+    >>> G = hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X, y).to_dense()
+    >>> G += 0.1 * torch.eye(59, dtype=torch.float64)
+    >>> gtr = per_example_gradients(net, nn.CrossEntropyLoss(), X, y)  # (20, 59)
+    >>> bool(torch.allclose(scores, -gtr[:2] @ torch.linalg.solve(G, gtr.T)))
+    True
     """
 
     def __init__(

@@ -33,6 +33,15 @@ True
 >>> h = spectrum.spectral_histogram(H, bins=4)
 >>> int(h.counts.sum()) == H.shape[0]
 True
+>>> spectrum.num_negative_eigenvalues(H) == int((lam < -1e-6).sum())
+True
+>>> lo, hi = spectrum.spectral_range(H)  # bounds on the spectrum
+>>> lo <= float(lam[0]) and float(lam[-1]) <= hi
+True
+>>> sign, logabs = spectrum.logdet(H, damping=1.0)  # like torch.linalg.slogdet(H + I)
+>>> s, l = torch.linalg.slogdet(H.to_dense() + torch.eye(H.shape[0], dtype=torch.float64))
+>>> sign == float(s), abs(logabs - float(l)) < 1e-9
+(True, True)
 """
 
 from __future__ import annotations
