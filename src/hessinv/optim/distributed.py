@@ -252,7 +252,15 @@ def _group_info(group) -> tuple[int, int]:
 
 
 def shard(x: Tensor, rank: int, world: int) -> Tensor:
-    """Rows ``[rank B, (rank + 1) B)`` of a global batch of ``world B`` rows."""
+    """Rows ``[rank B, (rank + 1) B)`` of a global batch of ``world B`` rows.
+
+    >>> import torch
+    >>> X = torch.arange(12).reshape(6, 2)
+    >>> shard(X, 1, 3).tolist()  # rank 1 of 3: rows 2 and 3
+    [[4, 5], [6, 7]]
+    >>> torch.equal(torch.cat([shard(X, r, 3) for r in range(3)]), X)
+    True
+    """
     for name, v in (("world", world), ("rank", rank)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise InvalidArgumentError(f"{name} must be an int, got {v!r}")
