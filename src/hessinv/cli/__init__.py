@@ -19,8 +19,10 @@ the optimizer's statistics, and train/test loss and accuracy where evaluated), `
 ``runs/<data>``). Each optimizer stops at its step budget or the time budget, whichever comes
 first; the time counts optimizer steps only (evaluation excluded).
 
-Exit status: 0 when the job ran (at least one optimizer finished without diverging), 1 when
-every run diverged or failed (or the results could not be written), 2 for a usage error (unknown
+Exit status: 0 when the job ran (at least one optimizer finished without diverging, none failed), 3
+when some optimizer failed with an error and another finished (a line on stderr names the failed ones;
+a diverged run is a training outcome, marked in the table), 1 when every run diverged or failed (or the
+results could not be written), 2 for a usage error (unknown
 dataset or optimizer, unreadable data file, bad option, a value the library refuses, an output
 directory that cannot be written, unavailable device), 130 when interrupted (Ctrl-C, SIGINT) and 143
 when stopped by SIGTERM (``kill``, ``timeout``, a scheduler) -- ``hessinv train`` then writes what it
@@ -670,7 +672,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     rep.finish(results, summary)
     if summary.get("interrupted"):
         return interrupted_status(summary)
-    return 0 if any(r.status == "ok" for r in results) else 1
+    return finished_status({r.name: r.status for r in results})
+
+
+#: the exit status of a job where some optimizers failed with an error and another finished
+PARTIAL_FAILURE = 3
+
+
+def finished_status(statuses: dict[str, str]) -> int:
+    """The exit status of a job that ran to its end, from each optimizer's status: 1 when none finished
+    (``ok``); else :data:`PARTIAL_FAILURE` (3, with a line on stderr naming them) when some failed with an
+    error (a diverged run is a training outcome, which the table marks: not a failure of the job); else 0."""
+    if not any(status == "ok" for status in statuses.values()):
+        return 1
+    failed = [name for name, status in statuses.items() if status == "failed"]
+    if not failed:
+        return 0
+    print(
+        f"hessinv: {len(failed)} of {len(statuses)} optimizers failed with an error: {', '.join(failed)} "
+        f"(their messages are in summary.json); exit status {PARTIAL_FAILURE}",
+        file=sys.stderr,
+    )
+    return PARTIAL_FAILURE
 
 
 def interrupted_status(summary: dict) -> int:

@@ -286,11 +286,11 @@ def train_data_parallel(ds: Any, cfg: Any, nproc: int, *, strategy: str, quiet: 
         )
         return 128 + launcher.signum
     summary = json.loads(path.read_text())
-    if summary.get("interrupted"):
-        from hessinv.cli import interrupted_status
+    from hessinv.cli import finished_status, interrupted_status
 
+    if summary.get("interrupted"):
         return interrupted_status(summary)
-    return 0 if any(r.get("status") == "ok" for r in summary.get("runs", {}).values()) else 1
+    return finished_status({name: str(r.get("status")) for name, r in summary.get("runs", {}).items()})
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from hessinv.cli.train import RunResult  # (a real import: typing.get_type_hints(plot_runs) resolves)
+from hessinv.cli.train import RunResult, target_cells  # (a real import: typing.get_type_hints(plot_runs))
 
 __all__ = ["plot_runs"]
 
@@ -79,11 +79,13 @@ def plot_runs(
     title: str = "",
     target: float | None = None,
     chance: float | None = None,
+    loss_label: str = "loss",
 ) -> Path:
     """Write the loss (and accuracy) figure to ``path`` (PNG) and return the path.
 
     ``chance``: the chance-level test accuracy to mark on the accuracy panels (None: no accuracy
-    panels unless the runs have ``test_acc``, and no chance line).
+    panels unless the runs have ``test_acc``, and no chance line). ``loss_label``: the loss axes' label
+    (what the loss is: ``hessinv.cli.train.loss_label``, e.g. the MSE of standardized targets).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -116,8 +118,9 @@ def plot_runs(
             continue
         color = colors[r.name]
         label = f"{r.name} (lr {r.lr:g})" + ("" if r.status == "ok" else f" [{r.status}]")
-        if r.time_to_target is not None:
-            label += f", target at {r.time_to_target:.3g} s / step {r.steps_to_target}"
+        if r.time_to_target is not None:  # (as the table says it: a range where checked at evaluations)
+            when, at = target_cells(r)
+            label += f", target at {when} s / step{'s' if '-' in at else ''} {at}"
         steps = [e["step"] + 1 for e in h]
         times = [e["time"] for e in h]
         for key, ls in (("train_loss", "-"), ("test_loss", "--")):
@@ -167,7 +170,7 @@ def plot_runs(
             ax.axhline(target, color="0.2", lw=1.2, ls="-.")
         _loss_axis(ax, lo, hi, positive)
         ax.set_xlabel(xl)
-        ax.set_ylabel("loss")
+        ax.set_ylabel(loss_label)
         ax.grid(True, which="major", alpha=0.3)
     _log_steps(ax_s)
     ax_s.set_title("loss vs steps")

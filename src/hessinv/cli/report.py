@@ -13,7 +13,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from hessinv.cli.data import Dataset
-from hessinv.cli.train import RunResult, TrainConfig, budget_text, target_heading, time_to_target_table
+from hessinv.cli.train import (
+    RunResult,
+    TrainConfig,
+    budget_text,
+    small_test_split_warning,
+    target_heading,
+    time_to_target_table,
+)
 
 __all__ = ["Reporter"]
 
@@ -36,14 +43,19 @@ class Reporter:
 
     def __enter__(self) -> Reporter:
         cfg = self.cfg
+        warning = small_test_split_warning(self.ds)  # (a few test examples: an accuracy of 0% or 100%)
         if self.quiet:  # (how the data was read is not progress: a row taken as a header, a guessed task)
             for note in self.ds.notes:
                 self.err.print(escape(note))
+            if warning:
+                self.err.print(f"[yellow]{escape(warning)}[/yellow]", soft_wrap=True)  # (one line)
         else:
             bs = "full batch" if cfg.batch_size is None else f"batch {cfg.batch_size}"
             self.err.print(f"[bold]hessinv train[/bold]  {escape(self.ds.describe())}")
             for note in self.ds.notes:  # (a first row skipped as a header, a stratified split)
                 self.err.print(escape(note))
+            if warning:
+                self.err.print(f"[yellow]{escape(warning)}[/yellow]", soft_wrap=True)  # (one line)
             self.err.print(
                 f"model: depth {cfg.depth}, width {cfg.width}, {cfg.activation}"
                 f"{', residual' if cfg.residual else ''}, "

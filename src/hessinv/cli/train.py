@@ -504,6 +504,14 @@ def run_one(
     return res
 
 
+def tune_budget(cfg: TrainConfig) -> float:
+    """The time cap of one grid point of the learning-rate tuning: ``--tune-budget``, else ``--budget / 10``,
+    else (no time budget) 2.5 s."""
+    if cfg.tune_budget is not None:
+        return cfg.tune_budget
+    return cfg.budget / 10 if cfg.budget is not None else 2.5
+
+
 def tune_lr(
     name: str,
     ds: Dataset,
@@ -516,9 +524,7 @@ def tune_lr(
     scores: dict[str, float] = {}
     steps = cfg.steps_for(name)
     short_steps = None if steps is None else max(1, steps // 10)
-    short_budget = cfg.tune_budget
-    if short_budget is None:
-        short_budget = cfg.budget / 10 if cfg.budget is not None else 2.5
+    short_budget = tune_budget(cfg)
     for lr in LR_GRID[name]:
         r = run_one(name, lr, ds, init_model, loss_fn, cfg, short_budget, short_steps, final_only=True)
         if r.status == "interrupted":
@@ -551,6 +557,19 @@ def target_heading(target: float | None, timing: str) -> str:
     return f"time to train loss <= {target:g} ({timing})"
 
 
+def target_cells(r: RunResult) -> tuple[str, str]:
+    """The time and the steps to the target of a run as the table (and the plot's legend) says them:
+    ``1.02`` and ``175`` where every step was checked; ``≤ 1.02`` and ``163-175`` where the target was
+    checked at the evaluations only (``target_resolution`` > 1: crossed between two); ``—`` where not
+    reached."""
+    if r.time_to_target is None or r.steps_to_target is None:
+        return _fmt_time(r.time_to_target), "—" if r.steps_to_target is None else str(r.steps_to_target)
+    resolution = r.target_resolution or 1
+    if resolution == 1:
+        return _fmt_time(r.time_to_target), str(r.steps_to_target)
+    return f"≤ {_fmt_time(r.time_to_target)}", f"{r.steps_to_target - resolution + 1}-{r.steps_to_target}"
+
+
 def time_to_target_table(
     results: list[RunResult], target: float | None, task: str
 ) -> tuple[list[str], list[list[str]]]:
@@ -575,19 +594,11 @@ def time_to_target_table(
     for r in results:
         f = r.final
         ran = r.status != "not run"
-        coarse = (r.target_resolution or 1) > 1  # (the crossing known to a range of steps)
         row = [
             r.name,
             f"{r.lr:g}" if math.isfinite(r.lr) else "—",
             r.status,
-            ("≤ " if coarse else "") + _fmt_time(r.time_to_target)
-            if r.time_to_target is not None
-            else _fmt_time(None),
-            "—"
-            if r.steps_to_target is None
-            else f"{r.steps_to_target - r.target_resolution + 1}-{r.steps_to_target}"
-            if coarse
-            else str(r.steps_to_target),
+            *target_cells(r),
             str(r.steps) if ran else "—",
             r.stopped_by or "—",
             _fmt_time(r.train_time if ran else None),
@@ -624,6 +635,57 @@ def chance_level(ds: Dataset) -> float | None:
     return float(torch.bincount(ds.y_test.cpu()).max()) / len(ds.y_test)
 
 
+#: fewer test examples than this and ``hessinv train`` warns: their loss and accuracy say little
+MIN_TEST_EXAMPLES = 20
+
+
+def small_test_split_warning(ds: Dataset) -> str | None:
+    """A one-line warning where the test split has fewer than :data:`MIN_TEST_EXAMPLES` examples (one
+    example scores 0% or 100%), else None."""
+    n = len(ds.X_test)
+    if n >= MIN_TEST_EXAMPLES:
+        return None
+    return (
+        f"warning: the test split has {n} example{'' if n == 1 else 's'} (fewer than {MIN_TEST_EXAMPLES}): "
+        "its loss and accuracy say little; a larger --test-fraction or --samples gives more"
+    )
+
+
+def _target_stats(ds: Dataset) -> str:
+    """``152.1 +- 77.09`` per standardized target column (``7, constant`` where only centered)."""
+    pairs = zip(ds.target_mean or (), ds.target_std or (), strict=True)
+    return ", ".join(f"{m:.4g} +- {s:.4g}" if s > 0 else f"{m:.4g}, constant" for m, s in pairs)
+
+
+def loss_text(ds: Dataset) -> str:
+    """What the losses of the table are, in a sentence: for standardized regression targets, the MSE in
+    standardized units with the training split's mean and spread used (not the user's units)."""
+    if ds.task == "classification":
+        return "Losses: mean cross-entropy (natural log) over the split."
+    if ds.target_std is None:
+        return "Losses: mean squared error of the targets as given (not standardized)."
+    one = len(ds.target_std) == 1
+    text = (
+        f"Losses: mean squared error of the standardized target{'' if one else 's'}, (y - mean) / std with "
+        f"the training split's mean +- std ({_target_stats(ds)}), not in the target's own units"
+    )
+    if one and ds.target_std[0] > 0:
+        sd = ds.target_std[0]
+        text += f"; times std² = {sd * sd:.4g} for the MSE in the target's units"
+    return text + "."
+
+
+def loss_label(ds: Dataset) -> str:
+    """The loss axis' label of the plot (what :func:`loss_text` says, short)."""
+    if ds.task == "classification":
+        return "cross-entropy loss"
+    if ds.target_std is None:
+        return "MSE loss"
+    if len(ds.target_std) == 1:
+        return f"MSE of standardized target ({_target_stats(ds)})"
+    return "MSE of standardized targets"
+
+
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -642,12 +704,19 @@ def train(
     for name in cfg.optimizers:
         if name not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    missing: dict[str, list[str]] = {}  # pip package -> the optimizers that need it (every one named at once)
+    for name in cfg.optimizers:
         if name in PEERS and not peer_available(name):
-            spec = PEERS[name]
-            raise UserError(
-                f"optimizer {name!r} needs the {spec.package} package; "
-                f"{install_hint('bench')}, or pip install {spec.package}"
-            )
+            missing.setdefault(PEERS[name].package, []).append(name)
+    if missing:
+        needs = "; ".join(
+            f"{', '.join(map(repr, names))} {'need' if len(names) > 1 else 'needs'} the {package} package"
+            for package, names in missing.items()
+        )
+        raise UserError(
+            f"optimizer{'s' if sum(map(len, missing.values())) > 1 else ''} {needs}: "
+            f"{install_hint('bench')}, or pip install {' '.join(missing)}"
+        )
     dtype = {"float64": torch.float64, "float32": torch.float32}[cfg.dtype]
     device = torch.device(cfg.device)
     try:
@@ -739,7 +808,8 @@ def train(
             "steps": {name: cfg.steps_for(name) for name in cfg.optimizers},
             "target_loss": cfg.target_loss,
             "tune": cfg.tune,
-            "tune_budget_s": cfg.tune_budget,
+            # (the cap used, derived or given; None where no learning rate was tuned)
+            "tune_budget_s": tune_budget(cfg) if any(r.tuning for r in results) else cfg.tune_budget,
             "newton_damping": cfg.newton_damping,
             "curvature_batch_size": cfg.curvature_batch_size,
             "seed": cfg.seed,
@@ -765,10 +835,21 @@ def train(
     )
     heading = target_heading(cfg.target_loss, "training time only, evaluation excluded")
     md = f"# {title}\n\n{heading[:1].upper()}{heading[1:]}; {budget_text(cfg)}.\n\n"
+    # (how the data was read, as the terminal's header said it; what the losses are measured in)
+    data_lines = [*ds.notes, *filter(None, [small_test_split_warning(ds)])]
+    md += f"Data: {ds.describe()}.\n" + "".join(f"- {line}\n" for line in data_lines) + "\n"
+    md += f"{loss_text(ds)}\n\n"
     (out / "table.md").write_text(md + markdown_table(head, rows))
     try:
         ran = [r for r in results if r.status != "not run"]
-        plot_runs(ran, out / "loss.png", title=title, target=cfg.target_loss, chance=chance_level(ds))
+        plot_runs(
+            ran,
+            out / "loss.png",
+            title=title,
+            target=cfg.target_loss,
+            chance=chance_level(ds),
+            loss_label=loss_label(ds),
+        )
     except Exception as e:  # a plotting problem must not lose the logs
         summary["plot_error"] = f"{type(e).__name__}: {e}"
         (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
