@@ -226,6 +226,17 @@ def _check_ported(subset_of_weights: Any, hessian_structure: Any, temperature: A
         )
 
 
+#: numbers of the right-hand sides one solve of the predictive's variance takes at most (a solve keeps a
+#: dozen copies of them in float64: 1.6 GB; 16 test points of 10 classes on a 670k-parameter MLP took ~10 GB
+#: at once -- a probe)
+PREDICTIVE_SOLVE_ENTRIES = 2**24
+
+
+def _examples_per_solve(C: int, n: int) -> int:
+    """Test examples (of ``C`` outputs, ``n`` parameters) per solve of :meth:`Laplace.functional_variance`."""
+    return max(1, PREDICTIVE_SOLVE_ENTRIES // max(C * n, 1))
+
+
 @linalg.protect_public_methods
 class Laplace:
     """The full-network Laplace approximation with the exact (Riccati- or Woodbury-factored) posterior
@@ -842,8 +853,12 @@ class Laplace:
             else:
                 cov = fac.solve(torch.eye(n, dtype=J.dtype, device=J.device)) / c
                 return J @ (cov @ J.mT)  # (N, C, n) (N, n, C): per example
-        S = fac.solve(J.reshape(N * C, n).T.contiguous()) / c  # (n, N C)
-        return torch.einsum("icn,nid->icd", J, S.reshape(n, N, C))
+        parts = []
+        for a in range(0, N, _examples_per_solve(C, n)):  # (solves of a bounded number of columns)
+            Ja = J[a : a + _examples_per_solve(C, n)]
+            S = fac.solve(Ja.reshape(-1, n).T.contiguous()) / c  # (n, m C)
+            parts.append(torch.einsum("icn,nid->icd", Ja, S.reshape(n, len(Ja), C)))
+        return torch.cat(parts)
 
     def _outputs(self, X: Tensor, theta: Tensor) -> Tensor:
         """The network at the parameters ``theta`` (flat, in ``parameters()`` order): every place a
@@ -913,7 +928,10 @@ class Laplace:
                 "functional_variance) are exact for it, the predictive is not implemented"
             )
         if pred_type == "glm":
-            f_var = self.functional_variance(output_jacobians(self.model, X))
+            m = _examples_per_solve(f_mu.shape[-1] if f_mu.dim() == 2 else 1, self.n_params)
+            # (the test points' Jacobians a block at a time: N x C x n numbers at once ran out of memory)
+            blocks = [X[a : a + m] for a in range(0, len(X), m)]
+            f_var = torch.cat([self.functional_variance(output_jacobians(self.model, Xa)) for Xa in blocks])
             if X.requires_grad and torch.is_grad_enabled():
                 # the variance is differentiable in X through its Jacobians: the mean too (detached, the
                 # predictive's gradient in X left it out silently -- a probe's acquisition mu + k sigma)

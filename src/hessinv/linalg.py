@@ -31,7 +31,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hessinv.errors import DtypeMismatchError, InvalidArgumentError, ShapeMismatchError
+from hessinv.errors import (
+    DtypeMismatchError,
+    HessinvError,
+    InvalidArgumentError,
+    ShapeMismatchError,
+    TooLargeError,
+    out_of_memory,
+)
 
 
 def _subnormals_flushed() -> bool:
@@ -311,6 +318,17 @@ def library_call() -> Iterator[None]:
         else:
             with one_thread_if(False):
                 yield
+    except (RuntimeError, MemoryError) as e:
+        # the outermost call: an allocation that failed (no size check foresaw it) as a named error, not
+        # the allocator's raw RuntimeError (a probe: Laplace's predictive and a Woodbury factorization of
+        # models of 0.3-2M parameters)
+        if depth or isinstance(e, HessinvError) or not out_of_memory(e):
+            raise
+        raise TooLargeError(
+            f"out of memory ({str(e).strip().splitlines()[0][:200]}): this call needs more memory than is "
+            "free -- take the curvature on fewer examples, pass fewer vectors or test points at once, or "
+            "use a smaller model"
+        ) from e
     finally:
         _entered.depth = depth
 
