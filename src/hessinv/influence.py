@@ -349,15 +349,18 @@ def _one_at_a_time(
     """``(N, k, n)``: the gradients of the ``k`` numbers ``values(model(x_i[None]), i)`` by plain
     autograd, one example and one value at a time -- where ``vmap`` cannot run the model (an ``if`` on
     a tensor's value, an RNN's fused kernel, whose batched rule broadcasts the state wrongly); where the
-    model fails there too, that error is raised, from ``err`` (vmap's)."""
+    model fails there too, that error is raised, from ``err`` (vmap's). Inputs that require grad (where
+    grad mode is on) keep the gradients' graph to them, as ``vmap(jacrev)`` does (the Laplace predictive's
+    variance, differentiable in its inputs: detached here, its gradient came back partial)."""
     rows = []
+    graph = inputs.requires_grad and torch.is_grad_enabled()
     try:
         with torch.enable_grad():
             for i in range(len(inputs)):
                 v = values(model(unshared(inputs[i : i + 1])), i)
                 per_value = []
                 for c in range(v.numel()):
-                    gs = linalg.grad(v[c], params, retain_graph=True, allow_unused=True)
+                    gs = linalg.grad(v[c], params, retain_graph=True, allow_unused=True, create_graph=graph)
                     per_value.append(
                         torch.cat(
                             [
@@ -369,7 +372,7 @@ def _one_at_a_time(
                 rows.append(torch.stack(per_value))
     except RuntimeError as e:
         raise e from err
-    return torch.stack(rows).detach()
+    return torch.stack(rows) if graph else torch.stack(rows).detach()
 
 
 def _check_model_inputs(inputs: Any, params: list[Tensor], what: str = "inputs") -> None:
