@@ -368,18 +368,20 @@ def _state_fingerprint(opt: Any, pc: Preconditioner) -> tuple[float, float, floa
     newton = getattr(opt, "_newton", None)
     if newton is not None:
         mine: list[Tensor] = [newton["momentum"]] if isinstance(newton.get("momentum"), Tensor) else []
-    else:
+    else:  # (each tensor summed on its own device: Adam's step counts stay on the CPU beside CUDA moments)
         state = getattr(opt, "state", {})
         mine = [
-            t.detach().reshape(-1).double()
+            t.detach()
             for p in (q for g in opt.param_groups for q in g["params"])
             for t in state.get(p, {}).values()
             if isinstance(t, Tensor) and t.is_floating_point()
         ]
-    out: list[float] = []
-    for t in (torch.cat(mine) if mine else None, pc.state.get("v")):
-        out += [0.0, 0.0] if not isinstance(t, Tensor) else [float(t.sum()), float(t.abs().sum())]
-    return out[0], out[1], out[2], out[3]
+    v = pc.state.get("v")
+    return (
+        math.fsum(float(t.double().sum()) for t in mine),
+        math.fsum(float(t.double().abs().sum()) for t in mine),
+        *((float(v.sum()), float(v.abs().sum())) if isinstance(v, Tensor) else (0.0, 0.0)),
+    )
 
 
 def _settings(opt: Any, strategy: str) -> dict[str, Any]:
@@ -590,11 +592,11 @@ class DistributedPreconditioner(Preconditioner):
         got the backend's bare error -- and a shard with no target the loss counts, where others have some,
         is a :class:`DistributedError` everywhere (DDP's average of the ranks' mean losses is not the global
         batch's then; that rank left its raw gradient for its optimizer to apply)."""
-        error: Exception | None = None
+        error: BaseException | None = None
         ready = None
         try:
             ready = super()._precondition_checks(inputs, targets)
-        except Exception as e:  # noqa: BLE001 - re-raised below, once every rank has heard of it
+        except BaseException as e:  # (an interrupt too) re-raised below, once every rank has heard of it
             error = e
         failed, skipped, learning = _any_rank(
             [error is not None, error is None and ready is None, ready is not None], self.group
@@ -603,8 +605,9 @@ class DistributedPreconditioner(Preconditioner):
             raise error
         if failed:
             raise DistributedError(
-                "another rank refused its shard of this batch (its error names the cause): no rank "
-                "preconditioned it"
+                "another rank's precondition_ was refused before the step's collectives (its own error "
+                "names the cause: its shard of the batch, its gradient, an interrupt): no rank "
+                "preconditioned this batch"
             )
         if skipped and learning:
             raise DistributedError(
