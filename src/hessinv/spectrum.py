@@ -33,7 +33,7 @@ True
 >>> h = spectrum.spectral_histogram(H, bins=4)
 >>> int(h.counts.sum()) == H.shape[0]
 True
->>> spectrum.num_negative_eigenvalues(H) == int((lam < -1e-6).sum())
+>>> spectrum.num_negative_eigenvalues(H, tol=1e-6) == int((lam < -1e-6).sum())
 True
 >>> lo, hi = spectrum.spectral_range(H)  # bounds on the spectrum
 >>> lo <= float(lam[0]) and float(lam[-1]) <= hi

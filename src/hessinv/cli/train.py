@@ -645,9 +645,10 @@ def small_test_split_warning(ds: Dataset) -> str | None:
     n = len(ds.X_test)
     if n >= MIN_TEST_EXAMPLES:
         return None
+    what = "its loss and accuracy say" if ds.task == "classification" else "its loss says"
     return (
         f"warning: the test split has {n} example{'' if n == 1 else 's'} (fewer than {MIN_TEST_EXAMPLES}): "
-        "its loss and accuracy say little; a larger --test-fraction or --samples gives more"
+        f"{what} little; a larger --test-fraction or --samples gives more"
     )
 
 

@@ -995,26 +995,6 @@ class Preconditioner:
         weight_decay: ``wd`` of an L2 penalty ``wd/2 |x|^2`` on the loss: :meth:`precondition_` adds its
             gradient ``wd x`` and ``D`` its curvature ``wd I`` (exact; the attribute may be an (n,)
             vector, one value per parameter).
-
-    >>> import torch, hessinv.optim
-    >>> from torch import nn
-    >>> _ = torch.manual_seed(0)
-    >>> net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
-    >>> X, y = torch.randn(256, 4), torch.randint(0, 3, (256,))
-    >>> loss_fn = nn.CrossEntropyLoss()
-    >>> pre = hessinv.optim.Preconditioner(net, loss_fn, seed=0)
-    >>> sgd = torch.optim.SGD(net.parameters(), lr=1.0, momentum=0.9)
-    >>> start = float(loss_fn(net(X), y))
-    >>> for step in range(50):
-    ...     idx = torch.randint(0, 256, (32,))
-    ...     sgd.zero_grad()
-    ...     loss_fn(net(X[idx]), y[idx]).backward()
-    ...     d = pre.precondition_(X[idx], y[idx])  # p.grad <- (C + D)^-1 p.grad, returned flat too
-    ...     sgd.step()
-    >>> bool(torch.equal(d, torch.cat([p.grad.reshape(-1) for p in net.parameters()])))
-    True
-    >>> float(loss_fn(net(X), y)) < start
-    True
     """
 
     # the settings that shape the state: saved by state_dict, restored by load_state_dict (_SETTINGS)
