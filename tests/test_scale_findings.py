@@ -134,3 +134,20 @@ def test_the_predictive_gradient_in_x_through_the_one_at_a_time_jacobians():
         with torch.no_grad():
             fd[i] = (f(x + e.view_as(x)) - f(x - e.view_as(x))) / 2e-6
     assert torch.allclose(g.reshape(-1), fd, rtol=1e-6, atol=1e-9)
+
+
+def test_the_diagonals_memory_refusal_names_its_own_sweep(monkeypatch):
+    """The diagonal's sweep eliminates nothing: its TooLargeError says so, and names the Gauss-Newton
+    diagonal read off the root (a transformer's Hessian diagonal was refused as "the Riccati sweep would
+    need 41 GiB" while G.diagonal() answered in 1.4 s)."""
+    import hessinv.riccati as R
+
+    model = _mlp()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    H = hessinv.hessian(model, nn.CrossEntropyLoss(), X, y)
+    monkeypatch.setattr(R, "_memory_bytes", lambda device: 1000)
+    monkeypatch.setattr(R, "_capacity_bytes", lambda device: 1000)
+    with pytest.raises(TooLargeError, match=r"the diagonal's sweep .*gauss_newton\(\.\.\.\)\.diagonal\(\)"):
+        R.check_memory(H.blocks, H._names, H.dtype, H.device, diagonal=True)
+    with pytest.raises(TooLargeError, match=r"the Riccati sweep .*root\(\)"):
+        R.check_memory(H.blocks, H._names, H.dtype, H.device)

@@ -944,11 +944,17 @@ def check_memory(
             else f"(its own blocks {own / 2**30:.3g} GiB: {big}; the factors the {after} stages after it "
             f"keep {held / 2**30:.3g} GiB)"
         )
+        sweep = "the diagonal's sweep (no elimination, but a x a blocks)" if diagonal else "the Riccati sweep"
+        instead = (
+            "a Gauss-Newton matrix's diagonal (hessinv.gauss_newton(...).diagonal()) is read off its root "
+            "where its rows (examples x outputs) are few, without such matrices"
+            if diagonal
+            else "products, the gradient and the Gauss-Newton root (hessinv.gauss_newton(...).root()) need "
+            "no such matrices"
+        )
         raise TooLargeError(
-            f"{names[i]}: the Riccati sweep would need about {need(i, blk.batch) / 2**30:.3g} GiB there "
-            f"{where}; {total / 2**30:.3g} GiB of the device's memory is available. {what}; products, the "
-            "gradient and the "
-            "Gauss-Newton root (hessinv.gauss_newton(...).root()) need no such matrices"
+            f"{names[i]}: {sweep} would need about {need(i, blk.batch) / 2**30:.3g} GiB there "
+            f"{where}; {total / 2**30:.3g} GiB of the device's memory is available. {what}; {instead}"
         )
 
 
