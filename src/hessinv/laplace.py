@@ -230,11 +230,13 @@ def _check_ported(subset_of_weights: Any, hessian_structure: Any, temperature: A
 #: dozen copies of them in float64: 1.6 GB; 16 test points of 10 classes on a 670k-parameter MLP took ~10 GB
 #: at once -- a probe)
 PREDICTIVE_SOLVE_ENTRIES = 2**24
+#: numbers of the output Jacobians (test points x outputs x parameters) the predictive forms at once
+PREDICTIVE_JACOBIAN_ENTRIES = 2**26
 
 
-def _examples_per_solve(C: int, n: int) -> int:
-    """Test examples (of ``C`` outputs, ``n`` parameters) per solve of :meth:`Laplace.functional_variance`."""
-    return max(1, PREDICTIVE_SOLVE_ENTRIES // max(C * n, 1))
+def _examples_per(entries: int, C: int, n: int) -> int:
+    """Test examples (of ``C`` outputs, ``n`` parameters) per block of ``entries`` numbers."""
+    return max(1, entries // max(C * n, 1))
 
 
 @linalg.protect_public_methods
@@ -853,9 +855,9 @@ class Laplace:
             else:
                 cov = fac.solve(torch.eye(n, dtype=J.dtype, device=J.device)) / c
                 return J @ (cov @ J.mT)  # (N, C, n) (N, n, C): per example
-        parts = []
-        for a in range(0, N, _examples_per_solve(C, n)):  # (solves of a bounded number of columns)
-            Ja = J[a : a + _examples_per_solve(C, n)]
+        parts, m = [], _examples_per(PREDICTIVE_SOLVE_ENTRIES, C, n)
+        for a in range(0, N, m):  # (solves of a bounded number of columns)
+            Ja = J[a : a + m]
             S = fac.solve(Ja.reshape(-1, n).T.contiguous()) / c  # (n, m C)
             parts.append(torch.einsum("icn,nid->icd", Ja, S.reshape(n, len(Ja), C)))
         return torch.cat(parts)
@@ -928,7 +930,8 @@ class Laplace:
                 "functional_variance) are exact for it, the predictive is not implemented"
             )
         if pred_type == "glm":
-            m = _examples_per_solve(f_mu.shape[-1] if f_mu.dim() == 2 else 1, self.n_params)
+            C = f_mu.shape[-1] if f_mu.dim() == 2 else 1
+            m = _examples_per(PREDICTIVE_JACOBIAN_ENTRIES, C, self.n_params)
             # (the test points' Jacobians a block at a time: N x C x n numbers at once ran out of memory)
             blocks = [X[a : a + m] for a in range(0, len(X), m)]
             f_var = torch.cat([self.functional_variance(output_jacobians(self.model, Xa)) for Xa in blocks])
