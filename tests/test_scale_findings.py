@@ -152,3 +152,36 @@ def test_the_diagonals_memory_refusal_names_its_own_sweep(monkeypatch):
         R.check_memory(H.blocks, H._names, H.dtype, H.device, diagonal=True)
     with pytest.raises(TooLargeError, match=r"the Riccati sweep .*root\(\)"):
         R.check_memory(H.blocks, H._names, H.dtype, H.device)
+
+
+def test_a_woodbury_factor_reading_u_whole_copies_none_of_its_columns():
+    """Most columns live, some zero (a ReLU net's dead units): the solve reads ``U`` whole, so the live
+    columns are not copied (they were, at construction: 386 MB at 670k parameters, twice in a solve);
+    the solves stay exact, and the columns come when a product needs them."""
+    g = torch.Generator().manual_seed(1)
+    r, n = 6, 200
+    U = torch.randn(r, n, generator=g, dtype=torch.float64)
+    U[:, 10:30] = 0.0  # dead columns
+    S = torch.ones(r, dtype=torch.float64)
+    D = 0.5 + torch.rand(n, generator=g, dtype=torch.float64)
+    f = lowrank.WoodburyFactor(U, S, D)
+    assert "solve" not in f._columns  # (only the index of the live columns)
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    ref = torch.linalg.solve(torch.diag(D) + U.T @ U, b)
+    assert float((f.solve(b) - ref).norm() / ref.norm()) < 1e-13
+    assert "solve" not in f._columns
+    assert torch.equal(f._U_rest, U[:, f._rest]) and f._rest.numel() == n - 20
+
+
+def test_an_allocation_failure_without_a_message_is_named_too(monkeypatch):
+    """A bare ``MemoryError()`` (numpy's, a test's) has no text to quote: still a TooLargeError."""
+    model = _mlp()
+    X, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    G = hessinv.gauss_newton(model, nn.CrossEntropyLoss(), X, y)
+
+    def fail(self):
+        raise MemoryError
+
+    monkeypatch.setattr(lowrank.WoodburyFactor, "_gram", fail)
+    with pytest.raises(TooLargeError, match=r"out of memory \(MemoryError\)"):
+        G.factor(damping=torch.full((G.shape[0],), 0.1, dtype=torch.float64))

@@ -324,8 +324,9 @@ def library_call() -> Iterator[None]:
         # models of 0.3-2M parameters)
         if depth or isinstance(e, HessinvError) or not out_of_memory(e):
             raise
+        said = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]  # (MemoryError() says nothing)
         raise TooLargeError(
-            f"out of memory ({str(e).strip().splitlines()[0][:200]}): this call needs more memory than is "
+            f"out of memory ({said}): this call needs more memory than is "
             "free -- take the curvature on fewer examples, pass fewer vectors or test points at once, or "
             "use a smaller model"
         ) from e

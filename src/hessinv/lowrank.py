@@ -727,7 +727,6 @@ class WoodburyFactor:
         # those outside the structured weights, less the columns that are zero (an Embedding's rows of
         # tokens outside the curvature batch: most of its columns)
         self._columns = {} if _columns is None else _columns
-        self._rest, self._U_rest = self._live_columns("solve", self._solve_factors)
         self._factor_K(self._gram() if K is None else K)
 
     def __copy__(self) -> WoodburyFactor:
@@ -805,6 +804,25 @@ class WoodburyFactor:
     def _live_columns(self, key: str, factors: list) -> tuple[Tensor, Tensor]:
         """``(idx, U[:, idx])``: the nonzero columns of ``U`` outside the weights of ``factors`` (cached)."""
         if key not in self._columns:
+            idx, base, order = self._live_index(key, factors)
+            if base is None:  # (every column: U itself)
+                self._columns[key] = (idx, self.U)
+            else:
+                cols = self.U.index_select(1, base)  # (5x faster than U[:, idx] on row-major U)
+                if order is not None:  # and the tables' columns from their values, in ascending order
+                    cols = torch.cat([cols, *(v for *_, v in self.tables or ())], 1)[:, order]
+                self._columns[key] = (idx, cols)
+        return self._columns[key]
+
+    def _live_index(self, key: str, factors: list) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """:meth:`_live_columns`' ``idx`` without the columns (cached: a solve that reads ``U`` whole never
+        copies them -- a ReLU net's dead units left most of ``U``, 386 MB at 670k parameters, copied):
+        ``(idx, base, order)`` with ``U``'s columns ``base`` (None: all of them) and, with lookup tables,
+        the ``order`` that sorts them together with the tables' columns."""
+        if key in self._columns:  # (the columns already taken)
+            return self._columns[key][0], None, None
+        index_key = key + " index"
+        if index_key not in self._columns:
             n, dev = self.U.shape[1], self.U.device
             if factors is self.factors:  # (the scanned columns: outside every weight of factors)
                 idx = self._scanned().nonzero().flatten()
@@ -818,15 +836,25 @@ class WoodburyFactor:
                 parts = [lo + nz[lo:hi].nonzero().flatten() for lo, hi in _uncovered_runs(n, factors)]
                 idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=dev)
             if idx.numel() == n and not self.tables:
-                self._columns[key] = (torch.arange(n, device=dev), self.U)
+                self._columns[index_key] = (torch.arange(n, device=dev), None, None)
+            elif self.tables:
+                every = torch.cat([idx, *(c for _, _, c, _ in self.tables)])
+                order = torch.argsort(every)
+                self._columns[index_key] = (every[order], idx, order)
             else:
-                cols = self.U.index_select(1, idx)  # (5x faster than U[:, idx] on row-major U)
-                if self.tables:  # and the tables' columns from their values, in ascending order
-                    idx = torch.cat([idx, *(c for _, _, c, _ in self.tables)])
-                    order = torch.argsort(idx)
-                    idx, cols = idx[order], torch.cat([cols, *(v for *_, v in self.tables)], 1)[:, order]
-                self._columns[key] = (idx, cols)
-        return self._columns[key]
+                self._columns[index_key] = (idx, idx, None)
+        return self._columns[index_key]
+
+    @property
+    def _rest(self) -> Tensor:
+        """The columns of ``U`` a solve reads densely (:meth:`_live_columns`' ``idx`` for the solve)."""
+        return self._live_index("solve", self._solve_factors)[0]
+
+    @property
+    def _U_rest(self) -> Tensor:
+        """``U[:, _rest]`` (copied where first needed: the solve through the weights' structure, the Gram
+        matrix of mostly zero columns)."""
+        return self._live_columns("solve", self._solve_factors)[1]
 
     @property
     def live(self) -> Tensor:
@@ -906,9 +934,9 @@ class WoodburyFactor:
         if self.factors:
             rest, U_rest = self._live_columns("gram", self.factors)
             return structured_gram(U, S, self._Dinv, self.factors, rest=rest, U_rest=U_rest)
-        rest, U_rest = self._rest, self._U_rest
+        rest = self._rest
         if self.tables or 2 * rest.numel() < U.shape[1]:  # mostly zero columns: the others' Gram matrix
-            U64 = U_rest.double()
+            U64 = self._U_rest.double()
             return torch.diag(S.double()) + (U64 * self._Dinv[rest].double()) @ U64.T
         if self.gram_tol is not None and U.dtype != torch.float64 and bool((S > 0).all()):
             K = torch.diag(S) + self.Ud @ U.T
