@@ -1166,7 +1166,8 @@ class CurvatureOperator(_AutocastOff):
         ``shift +- tol`` is an eigenvalue to working precision (a pivot exactly singular), that count
         is taken ``n u max(||H||, |shift|)`` further out, or that resolution where the sweep is still
         singular there: the eigenvalues passed count as zero (with ``tol=0``, an :class:`AccuracyWarning`
-        says so).
+        says so; a float64 ``tol=0`` count at a singular sweep with ``n <=`` :data:`DENSE_RECOUNT_N` is
+        taken from the dense eigenvalues at ``n u max(||H||, |shift|)``).
         A Gauss-Newton matrix whose root has fewer rows than parameters counts in its whole spectrum
         instead (:meth:`GaussNewton._root_spectrum`: no sweep; ``tol = 0`` becomes ``eigh``'s resolution).
         Raises :class:`InvalidArgumentError` for a NaN or infinite ``shift`` or a ``tol`` that is
@@ -1197,8 +1198,9 @@ class CurvatureOperator(_AutocastOff):
         if asked == 0 and tol > 0 and out.zero:  # (documented; said: these counts are not those asked for)
             warn(
                 f"inertia({shift:g}, tol=0): H + shift I is singular to working precision, so the counts "
-                f"were taken at tol={tol:.3g} (the counts' resolution): the {out.zero} eigenvalue(s) "
-                "within it of -shift count as zero",
+                f"were taken at tol={tol:.3g} (n u ||H|| on the dense eigenvalues where n <= "
+                f"{DENSE_RECOUNT_N} in float64, else the counts' resolution sqrt(u) ||H||): the {out.zero} "
+                "eigenvalue(s) within it of -shift count as zero",
                 AccuracyWarning,
             )
         self._warn_count_doubt(f"inertia({shift:g}, tol={tol:g})")
@@ -1212,6 +1214,23 @@ class CurvatureOperator(_AutocastOff):
             try:
                 return self._counts(shift), 0.0
             except (SingularError, NonFiniteError):
+                # -shift an eigenvalue to working precision: in float64, where the dense recount is
+                # affordable, those that rounding cannot tell from it (within n u max(||H||, |shift|)) count
+                # as zero, from the dense eigenvalues -- the sweeps next to it can stay singular (a 100-stage
+                # chain's pivot blocks were, and 1814 of 2006 eigenvalues counted as zero at the resolution
+                # where 14 lie within n u ||H||, a probe); else those within the resolution sqrt(u) ||H||
+                n = self.shape[0]
+                if n <= DENSE_RECOUNT_N and self.dtype == torch.float64:  # (float32: its resolution)
+                    if self.__dict__.get("_dense_eigs") is None:
+                        self._dense_eigs = torch.linalg.eigvalsh(self._dense64())
+                    w = self._dense_eigs + shift
+                    tol = (
+                        n
+                        * torch.finfo(torch.float64).eps
+                        * max(float(self._dense_eigs.abs().max()), abs(shift))
+                    )
+                    neg, pos = int((w < -tol).sum()), int((w > tol).sum())
+                    return Inertia(neg, n - neg - pos, pos), tol
                 tol = self.zero_tolerance()
         # H + (shift +- tol) I beyond the sweep's range and definite (|lambda| <= ||H||, twice its
         # estimate): no negative (positive) eigenvalue, without a sweep (a float32 operator's tol = 1e60
@@ -1307,16 +1326,24 @@ class CurvatureOperator(_AutocastOff):
         from 0 were counted on the wrong side), and systems of ``n <=`` :data:`DENSE_RECOUNT_N` are
         counted by a Bunch-Kaufman ``LDL^T`` of the dense float64 ``H + s I`` (``H`` formed once by
         ``n`` products and kept; backward stable); larger ones keep the sweep's count with an
-        :class:`AccuracyWarning`. :class:`SingularError` where a pivot is exactly singular."""
+        :class:`AccuracyWarning`. :class:`SingularError` where a pivot is exactly singular (or the sweep
+        overflows) and ``n`` is above that size or the operator float32; else the dense count decides (a
+        pivot block can be singular where ``H + s I`` is not: a 100-stage tanh chain's at ``s = 1e-12``, cond 6e12, was
+        counted at the resolution instead -- 1814 of 2006 eigenvalues as zero, a probe)."""
         sw = self._swept()
-        factors, inertia, _ = riccati_factor(sw.blocks, s, sw._names, self.gradient, strict=False)
-        floor = math.sqrt(torch.finfo(self.dtype).eps)
-        if all(f.pivot.conditioning() >= floor for f in factors if f is not None):
-            return inertia
         n = self.shape[0]
-        if n > DENSE_RECOUNT_N:
-            self._count_doubt = True  # the public caller warns (or withholds a certificate)
-            return inertia
+        try:
+            factors, inertia, _ = riccati_factor(sw.blocks, s, sw._names, self.gradient, strict=False)
+        except (SingularError, NonFiniteError):
+            if n > DENSE_RECOUNT_N or self.dtype != torch.float64:  # (float32: singular at its precision)
+                raise
+        else:
+            floor = math.sqrt(torch.finfo(self.dtype).eps)
+            if all(f.pivot.conditioning() >= floor for f in factors if f is not None):
+                return inertia
+            if n > DENSE_RECOUNT_N:
+                self._count_doubt = True  # the public caller warns (or withholds a certificate)
+                return inertia
         A = self._dense64().clone()
         A.diagonal().add_(s)
         # strict: an eigenvalue of D below n u max|H + s I| is a singular H + s I to working precision
