@@ -1328,8 +1328,8 @@ class CurvatureOperator(_AutocastOff):
         ``n`` products and kept; backward stable); larger ones keep the sweep's count with an
         :class:`AccuracyWarning`. :class:`SingularError` where a pivot is exactly singular (or the sweep
         overflows) and ``n`` is above that size or the operator float32; else the dense count decides (a
-        pivot block can be singular where ``H + s I`` is not: a 100-stage tanh chain's at ``s = 1e-12``, cond 6e12, was
-        counted at the resolution instead -- 1814 of 2006 eigenvalues as zero, a probe)."""
+        pivot block can be singular where ``H + s I`` is not: a 100-stage tanh chain's at ``s = 1e-12``,
+        cond 6e12, was counted at the resolution instead -- 1814 of 2006 eigenvalues as zero, a probe)."""
         sw = self._swept()
         n = self.shape[0]
         try:
