@@ -1262,6 +1262,17 @@ class Newton(torch.optim.Optimizer):
                 else:
                     try:
                         out = self._step_trust_region(inputs, targets, hooks_ran=g is not None)
+                    except SingularError as e:
+                        if not (self._newton.get("from_auto") and getattr(e, "beyond_range", False)):
+                            raise
+                        # auto's trust region on a curvature beyond the dtype's range (a float32 net with
+                        # outputs ~1e9: step 2 raised, a probe): the preconditioning it chose first, for good
+                        warn(
+                            f"Newton: {e}; mode='auto' goes on preconditioning the gradient",
+                            UserWarning,
+                        )
+                        self._hand_back()
+                        out = self._step_precondition(inputs, targets, g, loss, layers)
                     except NoExactHessian:
                         if not self._newton.get("from_auto"):
                             raise

@@ -286,10 +286,13 @@ def solve_subproblem(
         lam = min(lam, cap)
         F = sweeps.cholesky(lam)
         if capped and F is None:
-            raise SingularError(
+            error = SingularError(
                 f"the trust region's damping reached {cap:.3g}, the largest {sweeps.op.dtype} takes, with "
-                "H + lambda I still not positive definite: H is beyond the dtype's range"
+                "H + lambda I still not positive definite: H is beyond the dtype's range (rescale the "
+                "loss or the outputs, use a float64 model, or mode='precondition')"
             )
+            error.beyond_range = True  # (mode="auto"'s trust region hands back to preconditioning)
+            raise error
         if lam == 0.0 and pd0 is None:
             pd0 = F is not None
         if F is None:  # lam <= -lambda_min: raise the lower end
