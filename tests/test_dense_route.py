@@ -82,3 +82,32 @@ def test_a_sweep_that_does_not_fit_takes_the_dense_route_even_where_it_is_timed_
 
     monkeypatch.setattr(hc, "check_memory", no_room)
     assert H._dense_cheaper()
+
+
+def test_eigenpairs_prices_a_certificate_by_the_dense_routes_timed_products(monkeypatch):
+    """Where the sweep does not fit, the count's factorization forms ``H`` by ``n`` products: the default
+    ``certify=None`` counts only where those, timed, are within ``CERTIFY_MAX_FLOPS`` at the flop rate (a
+    ResNet with BatchNorm on 64 16x16 images, n = 1926: 28 ms a product column, 80 s for the 5 largest
+    eigenpairs against 0.7 s for ARPACK on the products; a probe). Products only then, uncertified."""
+    H = _conv_hessian(8)
+
+    def no_room(*args, **kwargs):
+        raise hessinv.TooLargeError("the sweep's blocks do not fit (a stand-in)")
+
+    monkeypatch.setattr(hc, "check_memory", no_room)
+    ref = torch.linalg.eigvalsh(H.to_dense())  # (before the stand-ins below)
+    budget = hc.CERTIFY_MAX_FLOPS / hc._flop_rate(H.device)
+    for seconds, affordable in ((2 * budget, False), (1e-3 * budget, True)):
+        Hs = hessinv.hessian(H.model, nn.CrossEntropyLoss(), H.inputs, H.targets)
+        monkeypatch.setattr(type(Hs), "_dense_columns_seconds", lambda self, s=seconds: s)
+        assert Hs._dense_cheaper()
+        assert Hs._certificate_affordable() is affordable
+    monkeypatch.setattr(type(H), "_dense_columns_seconds", lambda self: 2 * budget)
+
+    def never(self):
+        raise AssertionError("formed the dense matrix for an unaffordable certificate")
+
+    monkeypatch.setattr(type(H), "to_dense", never)
+    e = H.eigenpairs(3, "largest")
+    assert (e.certified, e.factorizations) == (False, 0)
+    assert torch.allclose(e.values, ref[-3:], rtol=0, atol=1e-8 * float(ref.abs().max()))
