@@ -1156,10 +1156,8 @@ class WoodburyFactor:
 
     def _solve(self, R: Tensor, free: Tensor | None) -> Tensor:
         Dinv = self._Dinv
-        live = self.live_index() if free is not None else None
-        if live is not None:  # (1 / free, then the live columns' own: one pass over n)
-            Dinv = free.to(Dinv.dtype).reciprocal()
-            Dinv[live] = self._Dinv[live]
+        if free is not None and self.live_index() is not None:  # (1 / free on the dead columns)
+            Dinv = torch.where(self.live, Dinv, free.to(Dinv.dtype).reciprocal())
         A = R * Dinv[:, None]
         if not self._unread and 2 * self._rest.numel() >= self.U.shape[1]:
             # (D^-1 U^T w rather than (U D^-1)^T w: no U D^-1 to form again after each damping update)

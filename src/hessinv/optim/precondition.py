@@ -1599,12 +1599,14 @@ class Preconditioner:
         live = self._factor.live_index()  # (U's zero columns take D_t itself in every solve: free)
         if live is not None and not live.numel():  # (U = 0: a loss with no curvature here)
             return live
-        ratio = D / self._factor.D if live is None else D[live] / self._factor.D[live]
+        ratio = D / self._factor.D
+        if live is not None:  # (1 is inside [1 / r, r]: the dead columns never count)
+            ratio = torch.where(self._factor.live, ratio, 1.0)
         lo, hi = torch.aminmax(ratio)
-        if not (bool(hi > self.stale_ratio) or bool(lo < 1.0 / self.stale_ratio)):
+        r = self.stale_ratio
+        if not (float(hi) > r or float(lo) < 1.0 / r):
             return ratio.new_zeros(0, dtype=torch.long)
-        J = torch.nonzero((ratio > self.stale_ratio) | (ratio < 1.0 / self.stale_ratio)).flatten()
-        return J if live is None else live[J]
+        return torch.nonzero((ratio > r) | (ratio < 1.0 / r)).flatten()
 
     def solve(self, g: Tensor, rotated: bool = False) -> Tensor:
         """``(C + D)^{-1} g`` with the stored factorization (no refinement), for ``g`` of shape (n,); with
