@@ -1379,8 +1379,12 @@ class Newton(torch.optim.Optimizer):
         """Named errors for a batch or model the steps cannot take. The model (:meth:`Chain.check_model`:
         dtype, device, Dropout/BatchNorm modes) every step, microseconds; the batch in full (shapes,
         dtypes, non-finite values, the targets against the outputs) when it differs in kind from the last
-        batch checked (:meth:`Chain.check_batch_if_new`)."""
+        batch checked (:meth:`Chain.check_batch_if_new`). The preconditioner's own split of the model,
+        through which its refreshes form the curvature, is checked alike (a traced attribute changed or a
+        hook added since: it is split again too -- it kept the old function's curvature, silently)."""
         self.chain.check_model()
+        if self.preconditioner is not None and self.preconditioner.chain is not self.chain:
+            self.preconditioner.chain.check_model()
         self._newton["checked"] = self.chain.check_batch_if_new(inputs, targets, self._newton.get("checked"))
 
     def _resolve_mode(self, inputs: Tensor, targets: Tensor, layers: Sequence[nn.Module] = ()) -> str:

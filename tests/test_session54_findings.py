@@ -1,0 +1,97 @@
+"""Findings of the fifty-fourth session's probes, each with a test that failed on the code before its fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import autograd_gauss_newton
+from torch import nn
+
+import hessinv
+from hessinv.curvature import GaussNewton
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l, self.o, self.scale = nn.Linear(3, 4), nn.Linear(4, 3), 1.0
+
+    def forward(self, x):
+        return self.o(torch.tanh(self.l(x))) * self.scale  # (an annealed logit scale)
+
+
+@pytest.mark.parametrize("change", ["attribute", "hook"])
+def test_newtons_preconditioner_follows_a_model_changed_after_it_was_built(change):
+    """Newton's mini-batch refreshes form the curvature through its preconditioner's own split of the
+    model; only the optimizer's split was checked each step, so after a traced attribute changed (or a
+    forward hook was added) the refreshes kept the old function's Gauss-Newton matrix: 0.75 off, silently
+    (a probe). Both splits now follow the model."""
+    torch.manual_seed(0)
+    model, ce = _Scaled().double(), nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(32, 3, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 3, (32,), generator=gen)
+    opt = hessinv.optim.Newton(model, ce, refresh=3)
+    opt.step(X[:8], y[:8])
+    if change == "attribute":
+        model.scale = 2.0
+    else:
+        model.o.register_forward_hook(lambda mod, inp, out: out * 2.0)
+    opt.step(X[8:16], y[8:16])
+    pc = opt.preconditioner
+    assert pc is not None
+    G = GaussNewton(model, ce, X[:8], y[:8], chain=pc.chain, _transient=True).to_dense()
+    ref = autograd_gauss_newton(model, ce, X[:8], y[:8])
+    assert torch.allclose(G, ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max()))
+
+
+class _Config:
+    scale = 1.0
+
+
+_CONFIG = _Config()
+
+
+class _ConfigScaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l, self.o = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.o(torch.tanh(self.l(x))) * _CONFIG.scale  # (a config object's field: not watched)
+
+
+def test_a_changed_unwatched_constant_is_named_with_the_fix(monkeypatch):
+    """A value the trace took as a constant, read from an object that is not one of the model's modules,
+    changed between full-batch steps: the refusal blamed ``isinstance`` checks under torch.fx, not the
+    cause, and did not say to build the optimizer again (a probe). The parameters stay as they were."""
+    torch.manual_seed(0)
+    model, ce = _ConfigScaled().double(), nn.CrossEntropyLoss()
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
+    opt = hessinv.optim.Newton(model, ce)
+    opt.step(X, y)
+    monkeypatch.setattr(_CONFIG, "scale", 2.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(hessinv.NotAChainError, match="not watched") as e:
+        opt.step(X, y)
+    assert "build the operator or optimizer again" in str(e.value)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    opt = hessinv.optim.Newton(model, ce)  # (built again: it steps)
+    assert torch.isfinite(torch.as_tensor(float(opt.step(X, y))))
+
+
+def test_messages_name_the_fix_for_a_tuple_loss_a_dataloader_and_swapped_arguments():
+    """Three refusals that pointed elsewhere (a probe): a loss returning ``(loss, aux)`` was blamed on an
+    ``.item()``; a DataLoader passed as the inputs got no hint; ``hessian(loss_fn, model, ...)`` said only
+    that the model has no trainable parameters."""
+    torch.manual_seed(0)
+    net, ce = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), nn.CrossEntropyLoss()
+    X, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    with pytest.raises(hessinv.UnsupportedStageError, match=r"returns the scalar loss alone") as e:
+        hessinv.hessian(net, lambda o, t: (ce(o, t), o.mean()), X, y).diagonal()
+    assert ".item()" not in str(e.value)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=3)
+    with pytest.raises(hessinv.InvalidArgumentError, match=r"next\(iter\(loader\)\)"):
+        hessinv.hessian(net, ce, loader, y)
+    with pytest.raises(hessinv.NotAChainError, match=r"it is a loss \(CrossEntropyLoss\)"):
+        hessinv.hessian(ce, net, X, y)
