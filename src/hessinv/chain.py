@@ -1603,6 +1603,8 @@ def _tensor(x, what: str) -> Tensor:
                 else "; several targets: pack them into one tensor (torch.stack or torch.cat along dim 1) "
                 "and split it at the top of loss_fn"
             )
+        if isinstance(x, torch.utils.data.DataLoader):
+            hint = "; pass one batch of it: inputs, targets = next(iter(loader))"
         if x is None and what == "targets":
             hint = (
                 "; a loss without targets: pass a placeholder of one entry per example, e.g. "
@@ -1738,7 +1740,12 @@ class Chain:
         self.stages = without_draws(split, "reading the model")
         self.params = [t for s in self.stages for t in s.params]
         if not self.params:
-            raise NotAChainError("the model has no trainable parameters")
+            swapped = isinstance(model, nn.modules.loss._Loss) and isinstance(self.loss_fn, nn.Module)
+            raise NotAChainError(
+                "the model has no trainable parameters"
+                + (f" -- it is a loss ({type(model).__name__}): the arguments are (model, loss_fn, ...)"
+                   if swapped else "")
+            )  # fmt: skip
         dtypes = {t.dtype for t in self.params}
         devices = {t.device for t in self.params}
         if len(dtypes) > 1 or len(devices) > 1:
@@ -2589,9 +2596,13 @@ class Chain:
         if not diff <= math.sqrt(torch.finfo(out.dtype).eps) * max(scale, torch.finfo(out.dtype).tiny):
             raise NotAChainError(
                 f"the model's traced stages compute another function than its forward (outputs differ by "
-                f"{diff:.3g}, max|output| {scale:.3g}): forward takes another path when traced by torch.fx "
-                "(isinstance(x, torch.Tensor) / torch.is_tensor(x) are False for its placeholders); remove "
-                "such checks or write the model as an nn.Sequential of stages"
+                f"{diff:.3g}, max|output| {scale:.3g}). Either forward reads a value that the trace took as "
+                "a constant and that changed since (a global, or an attribute of an object that is not one "
+                "of the model's modules: unlike the modules' own attributes, these are not watched) -- build "
+                "the operator or optimizer again after changing it, or keep the value as an attribute of "
+                "the model; or forward takes another path when traced by torch.fx (isinstance(x, "
+                "torch.Tensor) / torch.is_tensor(x) are False for its placeholders) -- remove such checks "
+                "or write the model as an nn.Sequential of stages"
             )
 
     def _linearize(

@@ -826,6 +826,11 @@ class LossStage:
                     "with the model predicting mean and variance"
                 )
             raise UnsupportedStageError(f"{self.name}: loss_fn(outputs, targets) failed: {e}{hint}") from e
+        if isinstance(out, (tuple, list, dict)):  # (a loss with auxiliary outputs)
+            raise UnsupportedStageError(
+                f"{self.name}: the loss returned a {type(out).__name__}, not a tensor: pass a loss_fn that "
+                "returns the scalar loss alone, e.g. lambda outputs, targets: my_loss(outputs, targets)[0]"
+            )
         if not isinstance(out, Tensor):  # (a Python number: .item() or float() inside the loss)
             raise UnsupportedStageError(
                 f"{self.name}: the loss returned a {type(out).__name__}, not a tensor: it has no derivatives "
