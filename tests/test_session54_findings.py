@@ -95,3 +95,27 @@ def test_messages_name_the_fix_for_a_tuple_loss_a_dataloader_and_swapped_argumen
         hessinv.hessian(net, ce, loader, y)
     with pytest.raises(hessinv.NotAChainError, match=r"it is a loss \(CrossEntropyLoss\)"):
         hessinv.hessian(ce, net, X, y)
+
+
+def test_newtons_refreshes_follow_a_changed_unwatched_constant(monkeypatch):
+    """Mini-batch refreshes on a model whose forward reads a config object's field (not watched by the
+    model checks): after the field changed, the refreshes kept forming the curvature of the function the
+    trace baked in (its gradient, from the model's own forward, was right; a probe). Every
+    ``FOLLOW_CONSTANTS_REFRESHES``-th refresh now compares the traced stages with the forward on its
+    curvature batch and splits the model again where they differ."""
+    torch.manual_seed(0)
+    model, ce = _ConfigScaled().double(), nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(48, 3, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 3, (48,), generator=gen)
+    opt = hessinv.optim.Newton(model, ce, refresh=1)
+    opt.step(X[:8], y[:8])
+    opt.step(X[8:16], y[8:16])
+    monkeypatch.setattr(_CONFIG, "scale", 3.0)
+    for i in range(2, 2 + hessinv.optim.precondition.FOLLOW_CONSTANTS_REFRESHES):
+        opt.step(X[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8])
+    pc = opt.preconditioner
+    assert pc is not None
+    G = GaussNewton(model, ce, X[:8], y[:8], chain=pc.chain, _transient=True).to_dense()
+    ref = autograd_gauss_newton(model, ce, X[:8], y[:8])
+    assert torch.allclose(G, ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max()))

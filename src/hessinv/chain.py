@@ -1932,18 +1932,7 @@ class Chain:
             )
         )
         if moved or rebound or list(map(tuple, self._hooks)) != self._hook_keys:
-            stages = self._keep_order(split_stages(self.model, traced := [], self._whole, self._ordered))
-            if [id(t) for s in stages for t in s.params] != [id(t) for t in self.params]:
-                raise InvalidArgumentError(
-                    "the model's stages changed since this operator/optimizer was built: build it again"
-                )
-            if _stages_code(stages) == self._code:  # the trace does not read them
-                self._unread.update(moved)
-            self.stages, self._traced = stages, traced
-            self._eager_checked = self._gradient_checked = self._rows_checked = self._rows_refused = False
-            self._batch_dependent = None
-            self.sizes = [s.p for s in stages]  # (a hook can merge stages: the same parameters, regrouped)
-            self._watch()
+            self._split_again(moved)
         for m, mode in self._mode_watch if modes else ():
             if m.training and not mode and getattr(m, "p", 1) != 0:
                 raise UnsupportedStageError(
@@ -1952,6 +1941,38 @@ class Chain:
                     "(BatchNorm's batch statistics) and has no exact Hessian: keep it in eval mode "
                     "(model.eval()) while using hessinv"
                 )
+
+    def _split_again(self, moved: Sequence[tuple[nn.Module, str]] = ()) -> None:
+        """Split the model again (:meth:`check_model`, :meth:`follow_constants`): the same parameters in the
+        same order, else a named error; ``moved``, the attributes that changed, are not watched from then on
+        where the new trace's code is the old one's (the trace does not read them)."""
+        stages = self._keep_order(split_stages(self.model, traced := [], self._whole, self._ordered))
+        if [id(t) for s in stages for t in s.params] != [id(t) for t in self.params]:
+            raise InvalidArgumentError(
+                "the model's stages changed since this operator/optimizer was built: build it again"
+            )
+        if _stages_code(stages) == self._code:  # the trace does not read them
+            self._unread.update(moved)
+        self.stages, self._traced = stages, traced
+        self._eager_checked = self._gradient_checked = self._rows_checked = self._rows_refused = False
+        self._batch_dependent = None
+        self.sizes = [s.p for s in stages]  # (a hook can merge stages: the same parameters, regrouped)
+        self._watch()
+
+    def follow_constants(self, inputs: Tensor) -> None:
+        """At an optimizer's curvature refresh: where the traced stages no longer compute the model's own
+        forward on ``inputs`` (the curvature batch) -- a value the trace took as a constant, read from a
+        global or from a field of an object that is not one of the model's modules (which
+        :meth:`check_model` does not watch), changed -- split the model again. One forward of each on
+        ``inputs``; the next linearization compares the new split with the forward (and names what
+        still differs). Nothing for a model that was not traced."""
+        if not self._traced or not self._eager_checked:  # (else the next linearization compares anyway)
+            return
+        out = self.forward(inputs)[-1]
+        try:
+            without_draws(lambda: self._compare_eager(inputs, out), "the model's own forward")
+        except NotAChainError:
+            self._split_again()
 
     def model_key(self) -> tuple:
         """What the split read from the model besides tensor values, as last checked: each stage's code and

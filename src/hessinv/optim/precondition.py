@@ -315,6 +315,11 @@ ROOT_ROWS_PER_EXAMPLE = 10
 #: ``r = 72``; on a d-128 transformer layer 160 ms a warm-up step against 13 after it). Above it the
 #: staleness test runs from the first step, as after warm-up
 WARMUP_REBUILD_FLOPS = 2048
+#: every this many curvature refreshes, the traced stages are compared with the model's own forward on the
+#: curvature batch, and the model split again where a value the trace took as a constant changed (a
+#: global, another object's field; :meth:`Preconditioner._follow_constants`): about 0.1 ms a step at the
+#: default ``refresh`` on a 17-stage residual chain whose steps take 3-4 ms
+FOLLOW_CONSTANTS_REFRESHES = 4
 #: the settings of a :class:`Preconditioner` that its ``state_dict`` saves and ``load_state_dict`` restores
 _SETTINGS = (
     "damping", "curvature_batch_size", "refresh", "beta2", "eps", "warmup", "stale_ratio", "max_rank",
@@ -1437,6 +1442,7 @@ class Preconditioner:
         ``U`` are not written (``structured_only``) unless ``full`` (a caller that uses ``U`` alone).
         ``of``: the size of the curvature batch ``X`` is part of (default: ``X`` itself), whose share of
         the ``max_rank`` rows ``X``'s examples keep."""
+        self._follow_constants(X)
         op = GaussNewton(self.model, self.loss_fn, X, y, chain=self.chain, _transient=True)
         self._root_factors = []
         self._root_tables = None if full else []
@@ -1586,11 +1592,20 @@ class Preconditioner:
             )
         else:
             Xc, yc = self._curvature_batch(inputs, targets)
+            self._follow_constants(Xc)
             self._op = Hessian(self.model, self.loss_fn, Xc, yc, chain=self.chain)
             # w H_k + lambda I = w (H_k + (lambda / w) I): solve() divides by w
             self._hweight = curvature_weight(self, Xc, yc, targets, count=self.state.get("examples"))
             shift = (self.damping + self.weight_decay) / self._hweight
             self._factor = self._op.factor(shift, modify="abs")
+
+    def _follow_constants(self, X: Tensor) -> None:
+        """Every :data:`FOLLOW_CONSTANTS_REFRESHES`-th refresh: the model split again where a value its
+        traced forward took as a constant -- a global, another object's field: not watched -- changed
+        (:meth:`hessinv.chain.Chain.follow_constants`; about 1 ms on a 17-stage residual chain's 8
+        examples, mostly putting its modules' attributes back)."""
+        if self.state.get("refreshes", 0) % FOLLOW_CONSTANTS_REFRESHES == 0:
+            self.chain.follow_constants(X)
 
     def _stale(self, D: Tensor) -> Tensor:
         """The cheap staleness test: the entries where ``D_t`` left ``[D_k / r, r D_k]`` (``r =
