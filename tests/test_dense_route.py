@@ -111,3 +111,21 @@ def test_eigenpairs_prices_a_certificate_by_the_dense_routes_timed_products(monk
     e = H.eigenpairs(3, "largest")
     assert (e.certified, e.factorizations) == (False, 0)
     assert torch.allclose(e.values, ref[-3:], rtol=0, atol=1e-8 * float(ref.abs().max()))
+
+
+def test_a_gauss_newton_certificate_is_priced_by_its_counts_route_not_woodburys(monkeypatch):
+    """A count is at a shift, no damping: never the Woodbury form, whose price a factorization of ``G + eps
+    I`` may take. The certificate priced by it counted where the dense route it runs cost more than
+    ``CERTIFY_MAX_FLOPS`` (a review: n ~ 9.4k-12.3k, r ~ 2.4k-4.7k at the defaults; scaled down here)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 30), nn.Tanh(), nn.Linear(30, 30), nn.Tanh(), nn.Linear(30, 3)).double()
+    X, y = torch.randn(400, 8, dtype=torch.float64), torch.randint(0, 3, (400,))
+    monkeypatch.setattr(hc.GaussNewton, "EIG_ROOT_MAX_FLOPS", 0.0)  # (no spectrum from the root)
+    G = hessinv.gauss_newton(net, nn.CrossEntropyLoss(), X, y)
+    assert G._dense_cheaper()
+    dense = G._dense_route_seconds() * hc._flop_rate(G.device)
+    assert G._factor_flops() < dense / 2  # (the Woodbury form is the cheaper factorization)
+    monkeypatch.setattr(hc, "CERTIFY_MAX_FLOPS", (G._factor_flops() + dense) / 2)
+    assert not G._certificate_affordable()
+    monkeypatch.setattr(hc, "CERTIFY_MAX_FLOPS", 2 * dense)
+    assert G._certificate_affordable()

@@ -1040,9 +1040,15 @@ class CurvatureOperator(_AutocastOff):
         if flops < min(chain, dense):  # (another form: a Gauss-Newton matrix's Woodbury factorization)
             return flops / rate
         if self._dense_cheaper():
-            n = float(self.shape[0])
-            return max(dense / rate, self._dense_columns_seconds() + n**3 / 3 / rate)
+            return self._dense_route_seconds()
         return chain / rate  # (the sweep, where its route is not the dense one however the models compare)
+
+    def _dense_route_seconds(self) -> float:
+        """The dense route's modelled time, at :func:`_flop_rate`: its ``n`` products as timed
+        (:meth:`_dense_columns_seconds`) or as modelled if dearer, and its ``n^3 / 3`` factorization."""
+        rate, n = _flop_rate(self.device), float(self.shape[0])
+        dense = _block_costs(self.blocks, pivots=True)[1]
+        return max(dense / rate, self._dense_columns_seconds() + n**3 / 3 / rate)
 
     def factor_if_positive_definite(self, damping: float = 0.0) -> Factorization | None:
         """The factorization of ``H + damping I`` if it is positive definite, else None.
@@ -1219,18 +1225,12 @@ class CurvatureOperator(_AutocastOff):
                 # as zero, from the dense eigenvalues -- the sweeps next to it can stay singular (a 100-stage
                 # chain's pivot blocks were, and 1814 of 2006 eigenvalues counted as zero at the resolution
                 # where 14 lie within n u ||H||, a probe); else those within the resolution sqrt(u) ||H||
-                n = self.shape[0]
-                if n <= DENSE_RECOUNT_N and self.dtype == torch.float64:  # (float32: its resolution)
+                if (
+                    self.shape[0] <= DENSE_RECOUNT_N and self.dtype == torch.float64
+                ):  # (float32: its resolution)
                     if self.__dict__.get("_dense_eigs") is None:
                         self._dense_eigs = torch.linalg.eigvalsh(self._dense64())
-                    w = self._dense_eigs + shift
-                    tol = (
-                        n
-                        * torch.finfo(torch.float64).eps
-                        * max(float(self._dense_eigs.abs().max()), abs(shift))
-                    )
-                    neg, pos = int((w < -tol).sum()), int((w > tol).sum())
-                    return Inertia(neg, n - neg - pos, pos), tol
+                    return _eigenvalue_inertia(self._dense_eigs, shift, 0.0)
                 tol = self.zero_tolerance()
         # H + (shift +- tol) I beyond the sweep's range and definite (|lambda| <= ||H||, twice its
         # estimate): no negative (positive) eigenvalue, without a sweep (a float32 operator's tol = 1e60
@@ -1844,16 +1844,16 @@ class CurvatureOperator(_AutocastOff):
     def _certificate_affordable(self) -> bool:
         """Whether one factorization (an inertia count) costs at most :data:`CERTIFY_MAX_FLOPS` by the cost
         model of :meth:`_swept`'s routes, and fits in memory. The dense route's ``n`` products are priced
-        as timed (:meth:`_factor_seconds`, at :func:`_flop_rate`): the model's ``8 B p`` flops a column is
-        far under a generic stage's autograd products (a ResNet with BatchNorm on 64 16x16 images,
+        as timed (:meth:`_dense_route_seconds`, at :func:`_flop_rate`): the model's ``8 B p`` flops a column
+        is far under a generic stage's autograd products (a ResNet with BatchNorm on 64 16x16 images,
         n = 1926, whose sweep does not fit: 28 ms a column, 80 s to certify the 5 largest eigenpairs
         against 0.7 s for ARPACK on the products; a probe)."""
         view = self.__dict__.get("_view")
         if view is not None and view is not self:  # the dense matrix is at hand
             return float(self.shape[0]) ** 3 / 3 <= CERTIFY_MAX_FLOPS
         chain, dense = _block_costs(self.blocks, pivots=True)
-        if self._dense_cheaper():
-            return self._factor_seconds() * _flop_rate(self.device) <= CERTIFY_MAX_FLOPS
+        if self._dense_cheaper():  # (the count's shift is no damping: never a Woodbury form, its own route)
+            return self._dense_route_seconds() * _flop_rate(self.device) <= CERTIFY_MAX_FLOPS
         try:
             check_memory(self.blocks, self._names, self.dtype, self.device)
         except TooLargeError:
@@ -2624,11 +2624,7 @@ class GaussNewton(CurvatureOperator):
         spectrum = self._root_spectrum() if DENSE_COUNTS else None
         if spectrum is None:
             return super()._inertia_at(shift, tol)
-        w = spectrum[0] + shift
-        if tol == 0:
-            tol = w.numel() * torch.finfo(torch.float64).eps * float(spectrum[0].abs().max())
-        neg, pos = int((w < -tol).sum()), int((w > tol).sum())
-        return Inertia(neg, w.numel() - neg - pos, pos), tol
+        return _eigenvalue_inertia(spectrum[0], shift, tol)
 
     def _dense_counts(self, counts: int) -> None:
         """:meth:`CurvatureOperator._dense_counts`, from :meth:`_root_spectrum` where ``G`` has one."""
@@ -4656,6 +4652,17 @@ def _seconds(run: Callable[[], Any], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t
+
+
+def _eigenvalue_inertia(eigs: Tensor, shift: float, tol: float) -> tuple[Inertia, float]:
+    """The inertia of ``diag(eigs) + shift I`` (float64 eigenvalues of ``H``), those within ``tol`` of
+    ``-shift`` counted as zero, and the ``tol`` used: ``0`` becomes what rounding cannot tell from the shift,
+    ``n u max(||H||, |shift|)``."""
+    n, w = eigs.numel(), eigs + shift
+    if tol == 0:
+        tol = n * torch.finfo(torch.float64).eps * max(float(eigs.abs().max()) if n else 0.0, abs(shift))
+    neg, pos = int((w < -tol).sum()), int((w > tol).sum())
+    return Inertia(neg, n - neg - pos, pos), tol
 
 
 def _flop_rate(device: torch.device) -> float:
