@@ -271,3 +271,25 @@ def test_one_column_off_in_float32_is_caught(by_columns, monkeypatch):
     monkeypatch.setattr(generic, "_backward_rows", rows)
     d = hessinv.hessian(model32, loss_fn, X.float(), y).diagonal()
     assert _rel(d, ref) <= 1e-5
+
+
+def test_the_diagonal_after_a_same_value_write_and_a_refusal_after_a_change(by_columns):
+    """Parameters written in place with the same values after a product (a trust region's trial step and its
+    undo): the diagonal's columns ran on the kept graph, which autograd refused (a misleading
+    NoDoubleBackward; a review). The point is checked as products check it: the same values call the stage
+    again, other values are named."""
+    model, loss_fn, X, y = _problem("layernorm")
+    ref = autograd_hessian(model, loss_fn, X, y)
+    H = hessinv.hessian(model, loss_fn, X, y)
+    H @ torch.ones(H.shape[0], dtype=F64)
+    assert all(b._nonzero_second() for b in H.blocks if isinstance(b, LazyBlocks))  # (the kept graph used)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.0)
+    assert _rel(H.diagonal(), ref) <= 1e-12
+    H = hessinv.hessian(model, loss_fn, X, y)
+    H @ torch.ones(H.shape[0], dtype=F64)
+    with torch.no_grad():
+        model[1].l1.weight.add_(0.1)
+    with pytest.raises(hessinv.InvalidArgumentError, match="changed after this curvature was taken"):
+        H.diagonal()

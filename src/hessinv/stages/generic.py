@@ -2103,6 +2103,7 @@ class LazyBlocks(Blocks):
         end, BatchNorm in eval mode: every tensor of a ResNet block), and then ``diag(H_WW)`` is zero
         without a column of it formed."""
         if "_self_nonzero" not in self.__dict__:
+            self._unchanged()  # (as a product: the point checked, the kept graph fresh)
             gen = torch.Generator(device="cpu").manual_seed(2345 + self.stage.index)
             g = self._graph()[1]
             nonzero = []
@@ -2236,6 +2237,8 @@ class LazyBlocks(Blocks):
             self.dense  # noqa: B018 - formed (p + d_in batched passes), Hxx and Hzz_n with them
         if self._dense_blocks is not None:
             return self._dense_blocks.example_curvature_diagonal(P, coupled, only_diagonal, rows)
+        if rows.indices(self.batch)[0] == 0:  # (a sweep's first examples: the point checked, as products do;
+            self._unchanged()  # the kept graph called again after a same-value write, a trust region's undo)
         if coupled or self._nonzero_second()[0]:
             parts = self._second_parts(need_zz=coupled)  # (the first stage: no Hzz_n, its input is data)
             assert parts is not None  # (keeps_examples_apart)
