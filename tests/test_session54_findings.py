@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from reference import autograd_gauss_newton
@@ -119,3 +121,31 @@ def test_newtons_refreshes_follow_a_changed_unwatched_constant(monkeypatch):
     G = GaussNewton(model, ce, X[:8], y[:8], chain=pc.chain, _transient=True).to_dense()
     ref = autograd_gauss_newton(model, ce, X[:8], y[:8])
     assert torch.allclose(G, ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2, torch.int64]
+)
+def test_all_finite_agrees_with_isfinite_for_every_dtype(dtype):
+    """``all_finite`` (one reduction, its two numbers tested in Python) agrees with ``isfinite().all()``; a
+    float8 tensor, which has no aminmax, takes the flags (a review)."""
+    from hessinv.linalg import all_finite
+
+    base = torch.linspace(-3, 3, 70_000)
+    cases = [base, base[:5], base[:0]]
+    if dtype.is_floating_point:
+        for bad in (math.nan, math.inf, -math.inf):
+            x = base[:7].clone()
+            x[3] = bad
+            cases.append(x)
+    for x in cases:
+        t = x.to(dtype)
+        assert all_finite(t) == bool(torch.isfinite(t).all())
+
+
+def test_a_dict_loss_is_told_to_index_its_loss():
+    """The refusal of a loss returning a dict names ``["loss"]``, not ``[0]`` (a review)."""
+    net, ce = nn.Sequential(nn.Linear(3, 2)), nn.CrossEntropyLoss()
+    X, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    with pytest.raises(hessinv.UnsupportedStageError, match=r'\["loss"\]'):
+        hessinv.hessian(net, lambda o, t: {"loss": ce(o, t)}, X, y).diagonal()

@@ -829,7 +829,8 @@ class LossStage:
         if isinstance(out, (tuple, list, dict)):  # (a loss with auxiliary outputs)
             raise UnsupportedStageError(
                 f"{self.name}: the loss returned a {type(out).__name__}, not a tensor: pass a loss_fn that "
-                "returns the scalar loss alone, e.g. lambda outputs, targets: my_loss(outputs, targets)[0]"
+                "returns the scalar loss alone, e.g. lambda outputs, targets: my_loss(outputs, targets)"
+                + ('["loss"]' if isinstance(out, dict) else "[0]")
             )
         if not isinstance(out, Tensor):  # (a Python number: .item() or float() inside the loss)
             raise UnsupportedStageError(
