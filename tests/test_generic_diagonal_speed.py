@@ -293,3 +293,19 @@ def test_the_diagonal_after_a_same_value_write_and_a_refusal_after_a_change(by_c
         model[1].l1.weight.add_(0.1)
     with pytest.raises(hessinv.InvalidArgumentError, match="changed after this curvature was taken"):
         H.diagonal()
+
+
+def test_a_first_stage_with_a_large_input_curvature_keeps_the_per_example_sweep(by_columns, monkeypatch):
+    """The first stage's ``Hzz_n`` is not formed (its input is data), so its size no longer sends the
+    diagonal off the per-example sweep (a review)."""
+    from hessinv.riccati import examples_apart
+
+    torch.manual_seed(0)
+    model = nn.Sequential(LNBlock(4, 5), nn.Linear(4, 3)).to(F64).eval()
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(4, 4, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g)
+    monkeypatch.setattr(LazyBlocks, "EXAMPLE_HZZ_ENTRIES", 1)  # (any Hzz_n "too large")
+    H = hessinv.hessian(model, nn.CrossEntropyLoss(), X, y)
+    assert examples_apart(H.blocks)
+    ref = autograd_hessian(model, nn.CrossEntropyLoss(), X, y)
+    assert _rel(H.diagonal(), ref) <= 1e-12

@@ -1070,7 +1070,11 @@ def examples_apart(blocks: list[Blocks]) -> bool:
     loss, first = blocks[-1], _first_with_parameters(blocks)
     if len(blocks) < 2 or not isinstance(getattr(type(loss), "Lam", None), property):
         return False
-    return all(b.batch == loss.batch and b.keeps_examples_apart() for b in blocks[first:-1])
+    return all(
+        b.batch == loss.batch and b.keeps_examples_apart(first=i == first)
+        for i, b in enumerate(blocks[:-1])
+        if i >= first
+    )
 
 
 def _example_rows(blocks: list[Blocks]) -> int:

@@ -2041,11 +2041,12 @@ class LazyBlocks(Blocks):
             return self._dense_blocks.adds_example_curvature
         return self._nonzero_second()[1]
 
-    def keeps_examples_apart(self) -> bool:
+    def keeps_examples_apart(self, first: bool = False) -> bool:
         """:meth:`Blocks.keeps_examples_apart`: where the dense blocks are formed, theirs; else where its
-        ``Hzz_n``, if not zero, fit in :data:`EXAMPLE_HZZ_ENTRIES` numbers. Whether the stage really keeps
-        its examples apart is checked on the pull-backs themselves (:class:`_ExamplePulls`)."""
-        if self._dense_blocks is not None:
+        ``Hzz_n``, if not zero and formed (not for the ``first`` stage), fit in :data:`EXAMPLE_HZZ_ENTRIES`
+        numbers. Whether the stage really keeps its examples apart is checked on the pull-backs themselves
+        (:class:`_ExamplePulls`)."""
+        if self._dense_blocks is not None or first:
             return True
         return not (self._nonzero_second()[1] and self.batch * self.d_in**2 > self.EXAMPLE_HZZ_ENTRIES)
 

@@ -265,9 +265,10 @@ class Blocks(abc.ABC):
         for them; the diagonal is theirs, a sum over examples). None (the default): no such form."""
         return None
 
-    def keeps_examples_apart(self) -> bool:
+    def keeps_examples_apart(self, first: bool = False) -> bool:
         """Whether :meth:`example_curvature_diagonal` gives this stage's part of the per-example sweep
-        (:func:`hessinv.riccati.examples_apart`). Default: where the class gives that method."""
+        (:func:`hessinv.riccati.examples_apart`); ``first``: the sweep's first stage with parameters, whose
+        input is data (no curvature in it to form). Default: where the class gives that method."""
         return type(self).example_curvature_diagonal is not Blocks.example_curvature_diagonal
 
     def riccati_native(self, Sigma: Tensor, coupled: bool = True) -> RiccatiBlocks:
