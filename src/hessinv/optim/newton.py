@@ -143,6 +143,12 @@ DIAGONAL_DAMPING = 200.0
 #: most this (a few tenths of a second on one core, a trust-region step spending 2-4; the memorization
 #: benchmark's: 1.3e8; a 30-16-2 MLP on 455 examples, 1.9e9, took 1.7-2.7 s per step, 1300-2000x Adam's)
 TRUST_REGION_MAX_FLOPS = 3e8
+#: ... and above it, up to this many modelled flops, where one factorization timed (the dense route's
+#: products included: a trust-region step forms them once and factors a few times) takes at most
+#: :data:`TRUST_REGION_MAX_SECONDS` (:meth:`Newton._trust_region_affordable`: the model prices small blocks
+#: 10-40x over their time)
+TRUST_REGION_TIMED_FLOPS = 30 * TRUST_REGION_MAX_FLOPS
+TRUST_REGION_MAX_SECONDS = 0.1
 #: ... and preconditions it where not -- on the curvature of the whole batch where its root and Gram
 #: matrix cost at most this, ``2 B^2 n`` flops per refresh (``B`` rows at least, one per example: a
 #: 10-32-32-1 regression on 100 examples, 2.8e7), else on ``curvature_batch_size`` examples
@@ -1439,7 +1445,11 @@ class Newton(torch.optim.Optimizer):
         # full batch: the trust region, where its factorizations are affordable on the batch (a 2k-parameter
         # MLP on 455 examples: 3 s per step, 1800x Adam's; 1437 digits: beyond memory) and it takes the
         # groups' weight decay (one number: it shifts H; per-group values stay with preconditioning)
-        tr = same and not isinstance(self._weight_decay(), Tensor) and self._trust_region_affordable(inputs)
+        tr = (
+            same
+            and not isinstance(self._weight_decay(), Tensor)
+            and self._trust_region_affordable(inputs, targets)
+        )
         ns["mode"] = self.mode = "trust-region" if tr else "precondition"
         pc = self.preconditioner
         B = int(inputs.shape[0])
@@ -1521,10 +1531,15 @@ class Newton(torch.optim.Optimizer):
         ns["from_auto"] = False
         ns["momentum"], ns["momentum_since"] = None, ns["step"]
 
-    def _trust_region_affordable(self, inputs: Tensor) -> bool:
+    def _trust_region_affordable(self, inputs: Tensor, targets: Tensor | None = None) -> bool:
         """Whether one factorization of the curvature of the batch ``inputs`` costs at most
         :data:`TRUST_REGION_MAX_FLOPS` (:func:`hessinv.curvature.factorization_flops`; the trust region
-        spends a few per step)."""
+        spends a few per step) -- or, priced above that but within :data:`TRUST_REGION_TIMED_FLOPS`, with
+        ``targets`` given, whether one factorization, timed, takes at most :data:`TRUST_REGION_MAX_SECONDS`:
+        on small blocks the model prices a factorization 10-40x over its time (a 64-8-10 tanh MLP on 100-200
+        digits: 5.6e8-6.7e8 flops modelled, a factorization 11-30 ms, trust-region steps of 16-25 ms; auto
+        preconditioned, loss 1.81 after 60 steps against the trust region's 0 and Adam's 0.4; a probe). The
+        timing only adds: what the model accepts is never timed."""
         k = self.curvature_batch_size
         batch = int(inputs.shape[0]) if k is None else min(k, int(inputs.shape[0]))
         with torch.no_grad():
@@ -1532,7 +1547,16 @@ class Newton(torch.optim.Optimizer):
         widths = [int(z[0].numel()) for z in zs[:-1]]
         cpu = self.chain.device.type == "cpu"
         flops = factorization_flops(self.chain.sizes, widths, batch, cpu, int(zs[-1][0].numel()))
-        return flops <= TRUST_REGION_MAX_FLOPS
+        if flops <= TRUST_REGION_MAX_FLOPS:
+            return True
+        if targets is None or flops > TRUST_REGION_TIMED_FLOPS:
+            return False
+        t0 = time.perf_counter()
+        try:  # (the operator of the first `batch` examples, factored at a unit damping: any will do for time)
+            self._operator(inputs[:batch], targets[:batch]).factor(1.0)
+        except HessinvError:
+            return False
+        return time.perf_counter() - t0 <= TRUST_REGION_MAX_SECONDS
 
     def _run_closure(
         self, closure: Callable[[], Any], inputs: Tensor | None, targets: Tensor | None
