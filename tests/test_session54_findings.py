@@ -174,3 +174,44 @@ def test_auto_times_a_factorization_the_flop_model_prices_too_high(monkeypatch, 
     opt.step(X, y)
     opt.step(X, y)
     assert opt.mode == mode
+
+
+def _digits_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("how", ["group", "assigned", "one-cycle"])
+def test_an_adam_sized_lr_from_a_group_or_a_scheduler_is_warned_at_the_first_step(how):
+    """Only the constructor's ``lr`` was checked: an Adam-sized lr in a parameter group, set in
+    ``param_groups`` or by ``OneCycleLR(max_lr=1e-3)`` trained at chance, unwarned (2.33 after 3 epochs
+    against 0.64; a probe). Warned once, at the first step."""
+    net, ce = _digits_net(), nn.CrossEntropyLoss()
+    X, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    params = [{"params": list(net.parameters()), "lr": 1e-3}] if how == "group" else None
+    opt = hessinv.optim.Newton(net, ce, params=params)
+    if how == "assigned":
+        opt.param_groups[0]["lr"] = 1e-3
+    elif how == "one-cycle":
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=10)
+    with pytest.warns(UserWarning, match="already scaled"):
+        opt.step(X, y)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        opt.step(X, y)  # (once)
+
+
+@pytest.mark.parametrize("start", [1e-3, 0.0])
+def test_a_warm_up_from_a_small_fraction_of_lr_1_is_not_warned(start):
+    """A scheduler's warm-up scales from the ``initial_lr`` it keeps (``lr=1``): not an Adam-sized lr."""
+    import warnings
+
+    net, ce = _digits_net(), nn.CrossEntropyLoss()
+    X, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    opt = hessinv.optim.Newton(net, ce)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(start, min(1.0, t / 10)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        opt.step(X, y)

@@ -312,6 +312,20 @@ def _step_arguments(
     return given["inputs"], given["targets"], closure
 
 
+def _warn_adam_sized_lr(lr: float, what: str) -> bool:
+    """Warn where ``lr`` is Adam-sized (in ``(0, ADAM_SIZED_LR]``: a new user's habit, with which the loss sat
+    at chance, silently); returns whether it warned."""
+    if not 0 < lr <= ADAM_SIZED_LR:
+        return False
+    warn(
+        f"{what}: the step is already scaled (a Newton step on the curvature's subspace, an Adam step of "
+        "size 1 / diagonal_damping off it) and lr multiplies it -- an Adam-sized lr makes every step "
+        "hundreds of times too short; start from lr=1.0 (the default; schedulers scale from there)",
+        UserWarning,
+    )
+    return True
+
+
 class Newton(torch.optim.Optimizer):
     """SGD preconditioned by the exact Hessian or Gauss-Newton matrix of the loss: mini-batch and full-batch.
 
@@ -519,14 +533,7 @@ class Newton(torch.optim.Optimizer):
                 f"loss_fn(outputs, targets), got {type(loss_fn).__name__}"
             )
         _positive("lr", lr, allow_zero=True)  # a schedule may start at 0 (warm-up), as torch.optim allows
-        if 0 < float(lr) <= ADAM_SIZED_LR:  # (a new user's habit: the loss then sat at chance, silently)
-            warn(
-                f"Newton(lr={float(lr):g}): the step is already scaled (a Newton step on the curvature's "
-                "subspace, an Adam step of size 1 / diagonal_damping off it) and lr multiplies it -- an "
-                "Adam-sized lr makes every step hundreds of times too short; start from lr=1.0 (the "
-                "default; schedulers scale from there)",
-                UserWarning,
-            )
+        self._lr_warned = _warn_adam_sized_lr(float(lr), f"Newton(lr={float(lr):g})")
         _positive("weight_decay", weight_decay, allow_zero=True)
         if mode not in _MODES:
             raise InvalidArgumentError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -1123,6 +1130,8 @@ class Newton(torch.optim.Optimizer):
         where the first is a closure, ``closure, inputs, targets`` (``step(closure, X, y)``, ``step(closure,
         inputs=X, targets=y)``, as torch's ``step(closure)``); an argument given twice is refused."""
         inputs, targets, closure = _step_arguments(args, inputs, targets, closure)
+        if self._newton["step"] == 0 and not self.__dict__.get("_lr_warned", True):
+            self._lr_warned = self._warn_group_lrs()
         self._follow_trainable()
         # Dropout / BatchNorm in training mode: the gradient as the model computes it, the curvature (and
         # every check of the chain) with them in eval mode. A refused step leaves BatchNorm's running
@@ -1530,6 +1539,21 @@ class Newton(torch.optim.Optimizer):
         ns["mode"] = self.mode = "precondition"
         ns["from_auto"] = False
         ns["momentum"], ns["momentum_since"] = None, ns["step"]
+
+    def _warn_group_lrs(self) -> bool:
+        """At the first step: :func:`_warn_adam_sized_lr` for an Adam-sized lr that came some other way than
+        the constructor's -- a parameter group's own, one set in ``param_groups`` since, or a scheduler's
+        (its ``max_lr``, or the ``initial_lr`` it scales from: a warm-up from a small fraction of ``lr=1``
+        is not one; a probe: ``OneCycleLR(max_lr=1e-3)`` sat at chance, 2.33 after 3 epochs against 0.64,
+        unwarned). Whether it warned."""
+        for i, g in enumerate(self.param_groups):
+            key = next((k for k in ("max_lr", "initial_lr") if isinstance(g.get(k), (int, float))), "lr")
+            lr = g.get(key)
+            if isinstance(lr, (int, float)) and _warn_adam_sized_lr(
+                float(lr), f"parameter group {i}'s {key} = {float(lr):g}"
+            ):
+                return True
+        return False
 
     def _trust_region_affordable(self, inputs: Tensor, targets: Tensor | None = None) -> bool:
         """Whether one factorization of the curvature of the batch ``inputs`` costs at most
