@@ -215,3 +215,26 @@ def test_a_warm_up_from_a_small_fraction_of_lr_1_is_not_warned(start):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         opt.step(X, y)
+
+
+def test_loading_a_checkpoint_says_which_settings_it_replaces():
+    """``load_state_dict`` restores the checkpoint's settings (as torch.optim restores its groups'), which
+    are not in ``param_groups``: a Newton built with ``refresh=3, diagonal_damping=50`` silently took the
+    checkpoint's 10 and 200 (a probe). Said now; the same settings load silently."""
+    import warnings
+
+    net, ce = _digits_net(), nn.CrossEntropyLoss()
+    X, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    opt = hessinv.optim.Newton(net, ce)
+    opt.step(X, y)
+    sd = opt.state_dict()
+    other = hessinv.optim.Newton(_digits_net(), ce, refresh=3, diagonal_damping=50.0)
+    with pytest.warns(UserWarning, match=r"replace this preconditioner's") as seen:
+        other.load_state_dict(sd)
+    text = " ".join(str(w.message) for w in seen)
+    assert "refresh 3 -> 10" in text and "damping 50.0 -> 200.0" in text
+    assert other.preconditioner is not None and other.preconditioner.refresh == 10
+    same = hessinv.optim.Newton(_digits_net(), ce)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        same.load_state_dict(sd)

@@ -87,8 +87,11 @@ def test_table_pivot_factorization_equals_dense(seed, kind, padding, damping):
     x = F.solve(b)
     assert float((A @ x - b).norm() / b.norm()) <= 1e-10
     want = torch.linalg.inv(A).diagonal()
-    # (normwise: an entry far below max|(H + eps I)^-1| -- the unread rows' 1 / eps -- is a difference)
-    assert torch.allclose(F.inverse_diagonal(), want, rtol=1e-8, atol=1e-11 * float(want.abs().max()))
+    # (normwise: an entry far below max|(H + eps I)^-1| -- the unread rows' 1 / eps -- is a difference; the
+    # accuracy asked, tol, is relative to the largest entry: at the default 1e-8 an indefinite shift's
+    # entries came 9e-10 of it off -- seed 582, 'embedding', -0.02 -- within the promise, not this test's)
+    got = F.inverse_diagonal(tol=1e-11)
+    assert torch.allclose(got, want, rtol=1e-8, atol=1e-11 * float(want.abs().max()))
 
 
 def test_a_large_table_factors_in_the_rows_read():

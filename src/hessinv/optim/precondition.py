@@ -1124,6 +1124,15 @@ class Preconditioner:
         if not saved_before_a_freeze(sd, self.chain, self.model):
             self.follow_trainable()
         loaded = self._loaded(sd)
+        ours = {k: getattr(self, k) for k in loaded["settings"]}
+        moved = [f"{k} {ours[k]!r} -> {v!r}" for k, v in loaded["settings"].items() if ours[k] != v]
+        if moved:  # (not in the param_groups a user sees: said, not silent; a probe)
+            warn(
+                f"load_state_dict: the checkpoint's settings replace this preconditioner's "
+                f"({', '.join(moved)}), as torch.optim restores its groups' hyper-parameters; set them again "
+                "after loading to keep them",
+                UserWarning,
+            )
         self.__dict__.update(loaded["settings"])
         self.basis = loaded["basis"]
         self.generator.set_state(loaded["rng"])

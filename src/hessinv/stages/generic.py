@@ -358,9 +358,8 @@ def _backward_rows(out: Tensor, wrt: list[Tensor], n: int, seeds, batched: bool)
                     out, wrt, grad_outputs=E if batched else E[0], retain_graph=True, allow_unused=True,
                     is_grads_batched=batched, materialize_grads=True,
                 )  # fmt: skip
-        except RuntimeError as e:  # (no batching rule, or no memory for k rows: None, the caller's exact
-            # fallback of one row at a time)
-            if out_of_memory(e) and not batched:
+        except RuntimeError as e:  # (no batching rule: None, the caller's exact fallback; not memory)
+            if out_of_memory(e):
                 raise TooLargeError(
                     f"a generic stage's backward passes for {k} rows ran out of memory "
                     f"({' '.join(str(e).split())[:160]}): take the curvature on fewer examples "
