@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from reference import autograd_hessian
+from test_generic_diagonal import Attention  # (self-attention: query and key weights meet in Hxx)
 from torch import Tensor, nn
 
 import hessinv
@@ -44,18 +45,6 @@ class ConvBN(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.act(z + self.b2(self.c2(self.act(self.b1(self.c1(z))))))
-
-
-class Attention(nn.Module):
-    """Self-attention over each example's tokens (query and key weights meet in ``Hxx``)."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-
-    def forward(self, z: Tensor) -> Tensor:
-        a = torch.softmax(self.q(z) @ self.k(z).transpose(1, 2) / z.shape[-1] ** 0.5, dim=-1)
-        return z + a @ self.v(z)
 
 
 def _bn_stats(model: nn.Module) -> nn.Module:

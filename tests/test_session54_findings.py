@@ -13,6 +13,12 @@ import hessinv
 from hessinv.curvature import GaussNewton
 
 
+def _batches(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` float64 examples of 3 features and 3 classes."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, dtype=torch.float64, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
 class _Scaled(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -30,9 +36,7 @@ def test_newtons_preconditioner_follows_a_model_changed_after_it_was_built(chang
     (a probe). Both splits now follow the model."""
     torch.manual_seed(0)
     model, ce = _Scaled().double(), nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(1)
-    X = torch.randn(32, 3, dtype=torch.float64, generator=gen)
-    y = torch.randint(0, 3, (32,), generator=gen)
+    X, y = _batches(1, 32)
     opt = hessinv.optim.Newton(model, ce, refresh=3)
     opt.step(X[:8], y[:8])
     if change == "attribute":
@@ -107,9 +111,7 @@ def test_newtons_refreshes_follow_a_changed_unwatched_constant(monkeypatch):
     curvature batch and splits the model again where they differ."""
     torch.manual_seed(0)
     model, ce = _ConfigScaled().double(), nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(3)
-    X = torch.randn(48, 3, dtype=torch.float64, generator=gen)
-    y = torch.randint(0, 3, (48,), generator=gen)
+    X, y = _batches(3, 48)
     opt = hessinv.optim.Newton(model, ce, refresh=1)
     opt.step(X[:8], y[:8])
     opt.step(X[8:16], y[8:16])
