@@ -298,3 +298,22 @@ def test_a_first_stage_with_a_large_input_curvature_keeps_the_per_example_sweep(
     assert examples_apart(H.blocks)
     ref = autograd_hessian(model, nn.CrossEntropyLoss(), X, y)
     assert _rel(H.diagonal(), ref) <= 1e-12
+
+
+def test_batched_columns_out_of_memory_are_formed_one_at_a_time(by_columns, monkeypatch):
+    """vmap keeps ``q`` copies of a stage's intermediates, which the chunk size bounds by the stage's inputs
+    and outputs only (attention's ``B h T^2`` are not counted): a batched pass out of memory falls back to
+    one column at a time rather than refuse a diagonal that used to fit (a review)."""
+    model, loss_fn, X, y = _problem("transformer-layer")
+    ref = autograd_hessian(model, loss_fn, X, y)
+    original = generic._backward_rows
+
+    def rows(out, wrt, n, seeds, batched):
+        if batched and len(wrt) == 1:  # (the columns' passes)
+            raise hessinv.TooLargeError("a generic stage's backward passes ran out of memory (a stand-in)")
+        return original(out, wrt, n, seeds, batched)
+
+    monkeypatch.setattr(generic, "_backward_rows", rows)
+    H = hessinv.hessian(model, loss_fn, X, y)
+    assert _rel(H.diagonal(), ref) <= 1e-12
+    assert by_columns and not any(c[0]._batched_second for c in by_columns)

@@ -2170,7 +2170,10 @@ class LazyBlocks(Blocks):
                 for j0 in range(0, n, step):
                     q = min(step, n - j0)
                     E = seeds(j0, q).reshape(q, *out.shape).to(out.dtype)
-                    got = _backward_rows(out, [wrt], q, lambda j, k, E=E: E[j : j + k], True)
+                    try:
+                        got = _backward_rows(out, [wrt], q, lambda j, k, E=E: E[j : j + k], True)
+                    except TooLargeError:  # (vmap's q copies of the stage's intermediates: one at a time)
+                        got = None
                     if got is None:
                         batched = self._batched_second = False
                         break
