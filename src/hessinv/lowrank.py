@@ -641,8 +641,8 @@ _ONE_PASS_COLUMNS = 2**17
 def _gram_in_blocks(U: Tensor, dinv: Tensor) -> Tensor:
     """``U diag(dinv) U^T`` in float64, over blocks of ``U``'s columns converted one at a time: no float64
     copy of ``U`` nor of ``U D^{-1}`` (a 1.9M-parameter MLP's 160-row root: 2.4 GB each, and its
-    factorization ran out of memory in their product -- a probe); one block where ``U`` is small, the
-    product of before."""
+    factorization ran out of memory in their product -- a probe); one block where ``U`` is small (the same
+    sums as the whole product's)."""
     r, n = U.shape
     step = max(1, _GRAM_BLOCK_ENTRIES // max(r, 1))
     K = U.new_zeros(r, r, dtype=torch.float64)
@@ -936,16 +936,14 @@ class WoodburyFactor:
             return structured_gram(U, S, self._Dinv, self.factors, rest=rest, U_rest=U_rest)
         rest = self._rest
         if self.tables or 2 * rest.numel() < U.shape[1]:  # mostly zero columns: the others' Gram matrix
-            U64 = self._U_rest.double()
-            return torch.diag(S.double()) + (U64 * self._Dinv[rest].double()) @ U64.T
+            return torch.diag(S.double()) + _gram_in_blocks(self._U_rest, self._Dinv[rest])
         if self.gram_tol is not None and U.dtype != torch.float64 and bool((S > 0).all()):
             K = torch.diag(S) + self.Ud @ U.T
             r, n = U.shape
             if math.sqrt(n * r) * torch.finfo(U.dtype).eps * float(K.diagonal().max()) <= self.gram_tol:
                 return K.double()
-        if self._U64 is not None:
-            return torch.diag(S.double()) + (self._U64 * self._Dinv.double()) @ self._U64.T
-        return torch.diag(S.double()) + _gram_in_blocks(U, self._Dinv)
+        # (the float64 copy where one is kept: no conversion)
+        return torch.diag(S.double()) + _gram_in_blocks(U if self._U64 is None else self._U64, self._Dinv)
 
     @property
     def U64(self) -> Tensor:

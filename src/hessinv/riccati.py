@@ -1072,8 +1072,7 @@ def examples_apart(blocks: list[Blocks]) -> bool:
         return False
     return all(
         b.batch == loss.batch and b.keeps_examples_apart(first=i == first)
-        for i, b in enumerate(blocks[:-1])
-        if i >= first
+        for i, b in enumerate(blocks[first:-1], start=first)
     )
 
 
